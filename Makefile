@@ -1,0 +1,40 @@
+# Two entry points for a fresh machine: `make demo` and `make test`. Each creates .venv,
+# installs the project with what it needs, and runs. System packages (QEMU, Debian's kernel,
+# busybox) come from `make system-deps`, which `.ci/run` calls as root.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint test-c test-pure system-deps clean
+
+$(STAMP): pyproject.toml setup.py ivshmem_comm/_fastpath.c
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	IVSHMEM_COMM_REQUIRE_FASTPATH=1 $(BIN)/pip install -q -e '.[test]'
+	$(BIN)/python -c "import ivshmem_comm._fastpath"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m host_broker.demo
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+# The whole suite runs twice: on the C fast path, then on the pure-Python reference.
+test: lint test-c test-pure
+
+test-c: $(STAMP)
+	IVSHMEM_COMM_REQUIRE_FASTPATH=1 $(BIN)/python -m pytest -p no:cacheprovider
+
+test-pure: $(STAMP)
+	IVSHMEM_COMM_PUREPYTHON=1 $(BIN)/python -m pytest -p no:cacheprovider -m "not vm"
+
+system-deps:
+	apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+		qemu-system-x86 busybox-static linux-image-amd64 linux-headers-amd64 build-essential kmod
+
+clean:
+	rm -rf $(VENV) build *.egg-info ivshmem_comm/*.so

@@ -1,0 +1,72 @@
+"""The exception types of ivshmem_comm. Every error that names shared memory names its peer."""
+
+from __future__ import annotations
+
+import builtins
+
+
+class IvshmemError(Exception):
+    """Base class of every error this package raises on purpose."""
+
+
+class RegionFormatError(IvshmemError):
+    """A mapping does not hold a region this library can read.
+
+    `field` says what is wrong: "magic", "version", "checksum", "size", "geometry", "name" or
+    a derived offset such as "queues_offset".
+    """
+
+    def __init__(self, field: str, detail: str) -> None:
+        super().__init__(f"region format: bad {field}: {detail}")
+        self.field = field
+        self.detail = detail
+
+
+class RingCorruptError(IvshmemError):
+    """A peer wrote a value into shared memory that breaks the queue protocol.
+
+    The queue is marked broken for good: every later operation on it raises this again
+    instead of acting on garbage. Other queues are unaffected. `peer` is the id of the peer
+    that owns the offending field, `field` its name, `value` what was read.
+    """
+
+    def __init__(self, peer: int, field: str, value: object, detail: str) -> None:
+        super().__init__(f"peer {peer} corrupted {field} (read {value!r}): {detail}")
+        self.peer = peer
+        self.field = field
+        self.value = value
+        self.detail = detail
+
+
+class PeerLostError(IvshmemError):
+    """The peer an operation depends on died, left, or came back as a new incarnation."""
+
+    def __init__(self, peer: int, detail: str) -> None:
+        super().__init__(f"peer {peer} lost: {detail}")
+        self.peer = peer
+        self.detail = detail
+
+
+class PeerSlotBusyError(IvshmemError):
+    """A peer slot was asked for that a live peer holds."""
+
+
+class MessageTooLargeError(IvshmemError):
+    """recv_into got a buffer smaller than the matched message; the message stays queued.
+
+    `size` is the message's length in bytes, `source` and `tag` identify it.
+    """
+
+    def __init__(self, size: int, capacity: int, source: int, tag: int) -> None:
+        super().__init__(
+            f"message of {size} bytes from peer {source} (tag {tag}) does not fit a "
+            f"{capacity}-byte buffer"
+        )
+        self.size = size
+        self.capacity = capacity
+        self.source = source
+        self.tag = tag
+
+
+class TimeoutError(IvshmemError, builtins.TimeoutError):
+    """An operation with a timeout did not complete in time; nothing was consumed or sent."""

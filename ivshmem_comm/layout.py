@@ -1,0 +1,361 @@
+"""The region format: every constant, offset and struct format of the on-memory contract.
+
+All integers are little-endian. A region is laid out as::
+
+    0                     superblock (SUPERBLOCK_SIZE bytes)
+    peer_table_offset     max_peers slots of PEER_SLOT_SIZE bytes
+    queues_offset         max_peers * (max_peers - 1) queues of queue_stride bytes
+
+A queue carries the messages of one ordered pair (src -> dst) and is laid out as::
+
+    +0                    control block: driver line (src writes), device line (dst writes)
+    +CONTROL_SIZE         virtio 1.x split virtqueue, legacy layout of vring_init(num, align):
+                            descriptor table, available ring (+used_event), padding to
+                            `align`, used ring (+avail_event); exactly vring_size(num, align)
+    +data_rel_offset      data area: an in-order byte ring of data_size bytes
+
+Descriptor addresses are offsets from the start of the region, never pointers: every guest
+maps the region at a different guest-physical address.
+
+Ownership (who may store to what) is the basis of validation: the driver (sender, peer src)
+writes the descriptor table, the available ring, the driver line and the data area; the
+device (receiver, peer dst) writes the used ring and the device line. Each side trusts
+nothing the other side wrote.
+
+This module is pure data: no I/O, no policy. It is the single place where the format lives.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import struct
+import zlib
+
+MAGIC = b"IVSHMCOM"
+FORMAT_VERSION = 1
+CACHE_LINE = 64
+PAGE_SIZE = 4096
+
+# ---------------------------------------------------------------------------------------------
+# Superblock: the first page. The immutable part (offsets 0..SB_CHECKSUM_OFFSET) is written
+# once by the creator before any peer can see the region and is covered by a CRC-32.
+# ---------------------------------------------------------------------------------------------
+SUPERBLOCK_SIZE = PAGE_SIZE
+NAME_MAX = 63  # bytes of UTF-8; the field is NUL-padded to 64
+SB_IMMUTABLE = struct.Struct("<8sIIQ16sIIIIQQIIQQ64s")
+# fields, in order:
+#   magic, version, superblock_size, region_size, uuid, max_peers, queue_num, vring_align,
+#   max_span, data_size, peer_table_offset, peer_slot_size, flags, queues_offset,
+#   queue_stride, name
+SB_CHECKSUM = struct.Struct("<I")
+SB_CHECKSUM_OFFSET = SB_IMMUTABLE.size
+# Mutable part, on its own cache line; owned by the broker (generation bumps at each broker
+# start that adopts the region; pid/heartbeat say which broker serves it).
+SB_BROKER_OFFSET = 256
+SB_BROKER = struct.Struct("<QQQ")  # generation, broker pid, broker heartbeat (CLOCK_REALTIME ns)
+
+# ---------------------------------------------------------------------------------------------
+# Peer table: one cache-line slot per peer.
+# ---------------------------------------------------------------------------------------------
+PEER_SLOT_SIZE = CACHE_LINE
+PEER_SLOT = struct.Struct("<IIIIQQQ")
+# fields: state, incarnation, pid, host_id, doorbell, heartbeat_ns, joined_ns
+PEER_STATE_OFFSET = 0  # u32
+PEER_INCARNATION_OFFSET = 4  # u32
+PEER_HEARTBEAT_OFFSET = 24  # u64
+
+PEER_FREE = 0  # never used, or released cleanly
+PEER_JOINING = 1  # claimed; the peer is resetting its queue halves
+PEER_READY = 2  # the peer sends and receives
+PEER_LEFT = 3  # closed its endpoint cleanly
+PEER_DEAD = 4  # vanished without closing (seen by the broker or by a later claimer)
+PEER_STATE_NAMES = {
+    PEER_FREE: "free",
+    PEER_JOINING: "joining",
+    PEER_READY: "ready",
+    PEER_LEFT: "left",
+    PEER_DEAD: "dead",
+}
+NO_DOORBELL = 0xFFFFFFFFFFFFFFFF
+
+# ---------------------------------------------------------------------------------------------
+# Queue control block: two cache lines, one per owner, so the two sides never write the same
+# line. Each begins with a session word (see QueueSession) and continues with counters that
+# `ivshmem-broker status` reads.
+# ---------------------------------------------------------------------------------------------
+CONTROL_SIZE = 2 * CACHE_LINE
+DRIVER_LINE_OFFSET = 0
+DEVICE_LINE_OFFSET = CACHE_LINE
+# Driver line: session, messages sent, bytes sent, waits for space (queue full), kicks sent.
+DRIVER_LINE = struct.Struct("<QQQQQ")
+# Device line: session, messages received, bytes received, sleeps (blocked waits), kicks sent.
+DEVICE_LINE = struct.Struct("<QQQQQ")
+COUNTER_NAMES_DRIVER = ("sent_messages", "sent_bytes", "full_waits", "send_kicks")
+COUNTER_NAMES_DEVICE = ("recv_messages", "recv_bytes", "sleeps", "recv_kicks")
+
+# ---------------------------------------------------------------------------------------------
+# virtio split virtqueue (struct layout of <linux/virtio_ring.h>)
+# ---------------------------------------------------------------------------------------------
+VRING_DESC = struct.Struct("<QIHH")  # addr, len, flags, next
+VRING_DESC_SIZE = VRING_DESC.size  # 16
+VRING_USED_ELEM = struct.Struct("<II")  # id, len
+VRING_DESC_F_NEXT = 1
+VRING_DESC_F_WRITE = 2
+VRING_DESC_F_INDIRECT = 4
+VRING_AVAIL_F_NO_INTERRUPT = 1
+VRING_USED_F_NO_NOTIFY = 1
+VIRTIO_RING_F_INDIRECT_DESC = 28
+VIRTIO_RING_F_EVENT_IDX = 29
+VIRTIO_F_VERSION_1 = 32
+VIRTIO_F_IN_ORDER = 35
+QUEUE_FEATURES = (
+    (1 << VIRTIO_RING_F_EVENT_IDX) | (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_F_IN_ORDER)
+)
+QUEUE_NUM_MAX = 32768
+
+# ---------------------------------------------------------------------------------------------
+# Message framing in the data area. A message is one or more spans, each one descriptor. The
+# first span starts with a SPAN_HEADER; continuation spans carry payload only. Spans start at
+# SPAN_ALIGN-aligned offsets of the data area.
+# ---------------------------------------------------------------------------------------------
+SPAN_HEADER = struct.Struct("<QiI")  # total message length, tag, header flags
+SPAN_HEADER_SIZE = SPAN_HEADER.size  # 16
+SPAN_ALIGN = 16
+HDR_F_FIRST = 1  # the only defined header flag; a header always carries it
+MAX_MESSAGE = 1 << 48  # larger total lengths are rejected as corrupt
+TAG_MIN = 0
+TAG_MAX = (1 << 31) - 1
+
+
+def align_up(value: int, align: int) -> int:
+    """Return `value` rounded up to a multiple of `align` (a power of two)."""
+    return (value + align - 1) & ~(align - 1)
+
+
+def vring_size(num: int, align: int) -> int:
+    """Bytes of a legacy split virtqueue of `num` entries; equals Linux's vring_size()."""
+    avail_end = VRING_DESC_SIZE * num + 2 * (3 + num)
+    return align_up(avail_end, align) + 2 * 3 + VRING_USED_ELEM.size * num
+
+
+def vring_offsets(num: int, align: int) -> tuple[int, int, int]:
+    """Return (desc, avail, used) offsets relative to the ring start, as vring_init() sets."""
+    avail = VRING_DESC_SIZE * num
+    used = align_up(avail + 2 * (3 + num), align)
+    return 0, avail, used
+
+
+def need_event(event_idx: int, new_idx: int, old_idx: int) -> bool:
+    """virtio's vring_need_event(): True iff moving an index old -> new passed event_idx."""
+    return ((new_idx - event_idx - 1) & 0xFFFF) < ((new_idx - old_idx) & 0xFFFF)
+
+
+def queue_index(src: int, dst: int, max_peers: int) -> int:
+    """Index of the one-way queue src -> dst among the max_peers*(max_peers-1) queues."""
+    return src * (max_peers - 1) + (dst if dst < src else dst - 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Geometry:
+    """Everything that fixes where things are in a region. Derived values are properties.
+
+    Raises ValueError from `validate()` naming the first field that is out of range.
+    """
+
+    region_size: int
+    max_peers: int
+    queue_num: int
+    vring_align: int
+    data_size: int
+    max_span: int
+
+    @property
+    def queue_count(self) -> int:
+        return self.max_peers * (self.max_peers - 1)
+
+    @property
+    def peer_table_offset(self) -> int:
+        return SUPERBLOCK_SIZE
+
+    @property
+    def queues_offset(self) -> int:
+        return align_up(self.peer_table_offset + self.max_peers * PEER_SLOT_SIZE, PAGE_SIZE)
+
+    @property
+    def ring_rel_offset(self) -> int:
+        return CONTROL_SIZE
+
+    @property
+    def data_rel_offset(self) -> int:
+        return align_up(CONTROL_SIZE + vring_size(self.queue_num, self.vring_align), PAGE_SIZE)
+
+    @property
+    def queue_stride(self) -> int:
+        return align_up(self.data_rel_offset + self.data_size, PAGE_SIZE)
+
+    @property
+    def required_size(self) -> int:
+        return self.queues_offset + self.queue_count * self.queue_stride
+
+    def queue_offset(self, src: int, dst: int) -> int:
+        return self.queues_offset + queue_index(src, dst, self.max_peers) * self.queue_stride
+
+    def validate(self) -> None:
+        if not 2 <= self.max_peers <= 256:
+            raise ValueError(f"max_peers must be 2..256, got {self.max_peers}")
+        q = self.queue_num
+        if q < 2 or q > QUEUE_NUM_MAX or q & (q - 1):
+            raise ValueError(f"queue_num must be a power of two in 2..{QUEUE_NUM_MAX}, got {q}")
+        a = self.vring_align
+        if a < 4 or a > PAGE_SIZE or a & (a - 1):
+            raise ValueError(f"vring_align must be a power of two in 4..{PAGE_SIZE}, got {a}")
+        if self.data_size < PAGE_SIZE or self.data_size % PAGE_SIZE:
+            raise ValueError(f"data_size must be a multiple of {PAGE_SIZE}, got {self.data_size}")
+        if self.data_size >= 1 << 32:
+            raise ValueError(f"data_size must be below 4 GiB, got {self.data_size}")
+        if not SPAN_ALIGN <= self.max_span <= self.data_size or self.max_span % SPAN_ALIGN:
+            raise ValueError(
+                f"max_span must be a multiple of {SPAN_ALIGN} in {SPAN_ALIGN}..data_size, "
+                f"got {self.max_span}"
+            )
+        if self.required_size > self.region_size:
+            raise ValueError(
+                f"region_size {self.region_size} is smaller than the {self.required_size} "
+                f"bytes this geometry needs"
+            )
+
+    @classmethod
+    def fit(
+        cls,
+        region_size: int,
+        max_peers: int,
+        queue_num: int = 256,
+        vring_align: int = CACHE_LINE,
+        max_span: int | None = None,
+    ) -> Geometry:
+        """Return the geometry that gives each queue the largest data area `region_size` allows.
+
+        `max_span` defaults to a quarter of the data area, capped at 1 MiB, so that a large
+        message moves in spans that the receiver copies while the sender writes the next.
+        Raises ValueError if the region is too small for one page of data per queue.
+        """
+        probe = cls(region_size, max_peers, queue_num, vring_align, PAGE_SIZE, SPAN_ALIGN)
+        overhead = probe.queues_offset + probe.queue_count * probe.data_rel_offset
+        per_queue = (region_size - overhead) // max(probe.queue_count, 1)
+        data_size = per_queue // PAGE_SIZE * PAGE_SIZE
+        if data_size >= 1 << 32:
+            data_size = (1 << 32) - PAGE_SIZE
+        if max_span is None:
+            max_span = min(1 << 20, max(SPAN_ALIGN, data_size // 4 // SPAN_ALIGN * SPAN_ALIGN))
+        geometry = cls(region_size, max_peers, queue_num, vring_align, data_size, max_span)
+        geometry.validate()
+        return geometry
+
+
+def pack_superblock(geometry: Geometry, uuid: bytes, name: str) -> bytes:
+    """Return the immutable superblock bytes followed by their CRC-32."""
+    raw_name = name.encode()
+    if len(raw_name) > NAME_MAX:
+        raise ValueError(f"region name is {len(raw_name)} bytes; at most {NAME_MAX}")
+    body = SB_IMMUTABLE.pack(
+        MAGIC,
+        FORMAT_VERSION,
+        SUPERBLOCK_SIZE,
+        geometry.region_size,
+        uuid,
+        geometry.max_peers,
+        geometry.queue_num,
+        geometry.vring_align,
+        geometry.max_span,
+        geometry.data_size,
+        geometry.peer_table_offset,
+        PEER_SLOT_SIZE,
+        QUEUE_FEATURES & 0xFFFFFFFF,
+        geometry.queues_offset,
+        geometry.queue_stride,
+        raw_name,
+    )
+    return body + SB_CHECKSUM.pack(zlib.crc32(body))
+
+
+@dataclasses.dataclass(frozen=True)
+class Superblock:
+    """The decoded immutable superblock."""
+
+    geometry: Geometry
+    uuid: bytes
+    name: str
+
+
+def unpack_superblock(raw: bytes, mapped_size: int) -> Superblock:
+    """Decode and check a superblock copied out of a mapping of `mapped_size` bytes.
+
+    Raises RegionFormatError naming the first thing that is wrong: magic, version, checksum,
+    size (the recorded region size against the mapping) or a derived offset.
+    """
+    from ivshmem_comm.errors import RegionFormatError
+
+    if len(raw) < SB_CHECKSUM_OFFSET + SB_CHECKSUM.size:
+        raise RegionFormatError("size", f"mapping of {len(raw)} bytes holds no superblock")
+    fields = SB_IMMUTABLE.unpack_from(raw)
+    (magic, version, sb_size, region_size, uuid, max_peers, queue_num, vring_align,
+     max_span, data_size, peer_table_offset, slot_size, _flags, queues_offset,
+     queue_stride, raw_name) = fields  # fmt: skip
+    if magic != MAGIC:
+        raise RegionFormatError("magic", f"expected {MAGIC!r}, found {magic!r}")
+    if version != FORMAT_VERSION:
+        raise RegionFormatError("version", f"format {version}, this library reads {FORMAT_VERSION}")
+    (checksum,) = SB_CHECKSUM.unpack_from(raw, SB_CHECKSUM_OFFSET)
+    if checksum != zlib.crc32(raw[:SB_CHECKSUM_OFFSET]):
+        raise RegionFormatError("checksum", "superblock CRC-32 does not match its contents")
+    if region_size > mapped_size:
+        raise RegionFormatError(
+            "size", f"superblock says {region_size} bytes but only {mapped_size} are mapped"
+        )
+    geometry = Geometry(region_size, max_peers, queue_num, vring_align, data_size, max_span)
+    try:
+        geometry.validate()
+    except ValueError as exc:
+        raise RegionFormatError("geometry", str(exc)) from None
+    derived = (
+        ("superblock_size", sb_size, SUPERBLOCK_SIZE),
+        ("peer_table_offset", peer_table_offset, geometry.peer_table_offset),
+        ("peer_slot_size", slot_size, PEER_SLOT_SIZE),
+        ("queues_offset", queues_offset, geometry.queues_offset),
+        ("queue_stride", queue_stride, geometry.queue_stride),
+    )
+    for field, found, expected in derived:
+        if found != expected:
+            raise RegionFormatError(field, f"found {found}, geometry implies {expected}")
+    try:
+        name = raw_name.rstrip(b"\0").decode()
+    except UnicodeDecodeError:
+        raise RegionFormatError("name", "region name is not UTF-8") from None
+    return Superblock(geometry, uuid, name)
+
+
+def session_word(driver_incarnation: int, device_incarnation: int) -> int:
+    """The 64-bit session a queue half publishes: (driver incarnation, device incarnation).
+
+    A queue carries traffic only while the driver line and the device line hold the same
+    session: both ends have reset their halves for the same pair of incarnations.
+    """
+    return (driver_incarnation << 32) | device_incarnation
+
+
+def span_count(total: int, max_span: int) -> int:
+    """Spans a contiguous message of `total` payload bytes takes: header + payload in pieces."""
+    return -(-(SPAN_HEADER_SIZE + total) // max_span)
+
+
+def is_contiguous(total: int, geometry: Geometry) -> bool:
+    """Whether a message of `total` bytes is sent as one contiguous reservation.
+
+    Both sides compute this the same way: a contiguous message is reserved whole, published in
+    pieces of at most max_span bytes laid end to end, and may be held by the receiver as one
+    zero-copy view. Any other message is streamed span by span and copied out as it arrives.
+    """
+    return (
+        SPAN_HEADER_SIZE + total <= geometry.data_size
+        and span_count(total, geometry.max_span) <= geometry.queue_num // 2
+    )
