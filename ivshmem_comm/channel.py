@@ -1,0 +1,278 @@
+"""Channels: messages on top of one queue half. `TxChannel` sends, `RxChannel` receives.
+
+A message is a header (total length, tag) followed by its payload, carried in one or more
+spans of the queue's data area. A message that `layout.is_contiguous` admits is reserved in
+one piece and published in spans laid end to end, so the receiver can hold it as a single
+zero-copy view; a larger one is streamed span by span and copied out as it arrives, so it
+may be far larger than the data area. Either way the receiver may copy spans out while the
+sender writes the next ones: that is how `recv_into` overlaps the two copies on two cores.
+
+Waiting is the endpoint's business: a channel calls `wait(deadline)`, which returns when the
+ring may have moved, or raises TimeoutError / PeerLostError.
+"""
+
+from __future__ import annotations
+
+import collections
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+from ivshmem_comm import layout
+from ivshmem_comm.errors import RingCorruptError
+from ivshmem_comm.ring import SEND_FULL, SEND_KICK
+
+Wait = Callable[[float | None], None]
+Kick = Callable[[], None]
+
+
+def byte_view(data: Any) -> memoryview:
+    """A flat, C-contiguous byte view of any buffer-protocol object (copying only if needed)."""
+    view = memoryview(data)
+    if not view.c_contiguous:
+        view = memoryview(view.tobytes())
+    return view.cast("B") if view.format != "B" or view.ndim != 1 else view
+
+
+class TxChannel:
+    """Sends messages to one peer through the driver half of one queue."""
+
+    def __init__(self, ring: Any, geometry: layout.Geometry, kick: Kick, wait: Wait) -> None:
+        self.ring = ring
+        self._geometry = geometry
+        self._small_max = geometry.max_span - layout.SPAN_HEADER_SIZE
+        self._kick = kick
+        self._wait = wait
+
+    def send(self, data: memoryview, tag: int, deadline: float | None) -> None:
+        """Send `data` (a flat byte view) with `tag`; block while the queue is full.
+
+        `deadline` (time.monotonic) bounds only the wait for the first span's space: once
+        the first span is published the message is committed and the rest follows.
+        Raises TimeoutError (nothing sent), PeerLostError, RingCorruptError.
+        """
+        ring = self.ring
+        if len(data) <= self._small_max:
+            while True:
+                status = ring.send_small(tag, data)
+                if status != SEND_FULL:
+                    if status == SEND_KICK:
+                        self._kick()
+                    return
+                self._wait_space(deadline)
+        if layout.is_contiguous(len(data), self._geometry):
+            self._send_contiguous(data, tag, deadline)
+        else:
+            self._send_streamed(data, tag, deadline)
+        ring.count_message(len(data))
+
+    def _reserve(self, nbytes: int, deadline: float | None) -> int:
+        while True:
+            offset = self.ring.reserve(nbytes)
+            if offset >= 0:
+                return offset
+            self._wait_space(deadline)
+
+    def _wait_space(self, deadline: float | None) -> None:
+        if self.ring.reclaim() == 0:
+            self.ring.count_full_wait()
+            self._wait(deadline)
+
+    def _send_contiguous(self, data: memoryview, tag: int, deadline: float | None) -> None:
+        ring, max_span = self.ring, self._geometry.max_span
+        total = len(data)
+        offset = self._reserve(layout.SPAN_HEADER_SIZE + total, deadline)
+        ring.write_header(offset, total, tag)
+        end = offset + layout.SPAN_HEADER_SIZE + total
+        piece_start, copied = offset, 0
+        while piece_start < end:
+            piece_end = min(piece_start + max_span, end)
+            chunk = piece_end - piece_start - (layout.SPAN_HEADER_SIZE if copied == 0 else 0)
+            ring.write(piece_end - chunk, data[copied : copied + chunk])
+            copied += chunk
+            if ring.publish(piece_start, piece_end - piece_start, piece_end == end):
+                self._kick()
+            piece_start = piece_end
+
+    def _send_streamed(self, data: memoryview, tag: int, deadline: float | None) -> None:
+        ring, max_span = self.ring, self._geometry.max_span
+        total = len(data)
+        first_chunk = max_span - layout.SPAN_HEADER_SIZE
+        offset = self._reserve(max_span, deadline)
+        ring.write_header(offset, total, tag)
+        ring.write(offset + layout.SPAN_HEADER_SIZE, data[:first_chunk])
+        if ring.publish(offset, max_span, True):
+            self._kick()
+        copied = first_chunk
+        while copied < total:
+            chunk = min(max_span, total - copied)
+            offset = self._reserve(chunk, None)
+            ring.write(offset, data[copied : copied + chunk])
+            copied += chunk
+            if ring.publish(offset, chunk, True):
+                self._kick()
+
+
+class Message:
+    """One received message. `data` is a read-only memoryview, zero-copy where possible.
+
+    A zero-copy view stays valid until `release()` (or leaving a `with` block); after that
+    the sender may reuse the memory. A Message collected without release is released then,
+    with a ResourceWarning. `source`, `tag` identify it; `nbytes` is its length.
+    """
+
+    __slots__ = ("_channel", "_record", "data", "nbytes", "source", "tag")
+
+    def __init__(
+        self, source: int, tag: int, data: memoryview, channel: RxChannel | None, record: Any
+    ) -> None:
+        self.source = source
+        self.tag = tag
+        self.data = data
+        self.nbytes = len(data)
+        self._channel = channel
+        self._record = record
+
+    def release(self) -> None:
+        """Give the message's spans back to the sender. Idempotent."""
+        channel, self._channel = self._channel, None
+        if channel is not None:
+            self.data.release()
+            channel.finish(self._record)
+
+    def __enter__(self) -> Message:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def __del__(self) -> None:
+        if self._channel is not None:
+            warnings.warn(
+                f"message from peer {self.source} (tag {self.tag}) was never released",
+                ResourceWarning,
+                stacklevel=1,
+            )
+            self.release()
+
+    def __repr__(self) -> str:
+        return f"Message(source={self.source}, tag={self.tag}, nbytes={self.nbytes})"
+
+
+class RxChannel:
+    """Receives messages from one peer through the device half of one queue.
+
+    Spans are completed strictly in order; a message held zero-copy blocks the completion
+    of later spans until it is released (`_pending` keeps [span count, finished] records).
+    """
+
+    def __init__(
+        self,
+        ring: Any,
+        source: int,
+        buf: memoryview,
+        geometry: layout.Geometry,
+        kick: Kick,
+        wait: Wait,
+    ) -> None:
+        self.ring = ring
+        self.source = source
+        self._buf = buf
+        self._geometry = geometry
+        self._kick = kick
+        self._wait = wait
+        self._pending: collections.deque[list[int]] = collections.deque()
+        self.head: tuple[int, int, int, int] | None = None  # offset, length, total, tag
+
+    def reset(self) -> None:
+        """Forget the peeked header and held records (the ring was reset for a new session)."""
+        self._pending.clear()
+        self.head = None
+
+    def peek(self) -> tuple[int, int] | None:
+        """(total, tag) of the next message, or None if its first span is not there yet."""
+        head = self.head
+        if head is None:
+            head = self.head = self.ring.poll_header()
+            if head is None:
+                return None
+        return head[2], head[3]
+
+    def finish(self, record: list[int]) -> None:
+        """Mark a held record finished and complete every finished span at the front."""
+        record[1] = 1
+        pending = self._pending
+        count = 0
+        while pending and pending[0][1]:
+            count += pending.popleft()[0]
+        if count and self.ring.complete(count):
+            self._kick()
+
+    def _complete_now(self, spans: int) -> None:
+        record = [spans, 0]
+        self._pending.append(record)
+        self.finish(record)
+
+    def _next_span(self) -> tuple[int, int]:
+        while True:
+            span = self.ring.poll()
+            if span is not None:
+                return span
+            self._wait(None)
+
+    def take(self) -> Message:
+        """Take the peeked message (call `peek` first): zero-copy if contiguous, else a copy."""
+        offset, length, total, tag = self.head  # type: ignore[misc]
+        self.head = None
+        self.ring.count_message(total)
+        payload = offset + layout.SPAN_HEADER_SIZE
+        if not layout.is_contiguous(total, self._geometry):
+            data = bytearray(total)
+            self._stream_into(memoryview(data), offset, length, total)
+            return Message(self.source, tag, memoryview(data).toreadonly(), None, None)
+        spans, end = 1, offset + length
+        while end < payload + total:
+            span_offset, span_length = self._next_span()
+            if span_offset != end:
+                raise self.ring_corrupt("span.addr", span_offset, f"expected contiguous {end}")
+            end += span_length
+            spans += 1
+        if end != payload + total:
+            raise self.ring_corrupt("span.len", end - payload, f"message is {total} bytes")
+        record = [spans, 0]
+        self._pending.append(record)
+        view = self._buf[payload : payload + total].toreadonly()
+        return Message(self.source, tag, view, self, record)
+
+    def take_into(self, dest: memoryview) -> tuple[int, int]:
+        """Copy the peeked message into `dest` span by span; return (nbytes, tag).
+
+        The caller has checked that it fits. Each span is completed as soon as it is copied,
+        so the sender refills it while this side copies the next.
+        """
+        offset, length, total, tag = self.head  # type: ignore[misc]
+        self.head = None
+        self.ring.count_message(total)
+        self._stream_into(dest, offset, length, total)
+        return total, tag
+
+    def _stream_into(self, dest: memoryview, offset: int, length: int, total: int) -> None:
+        contiguous = layout.is_contiguous(total, self._geometry)
+        first = length - layout.SPAN_HEADER_SIZE
+        self.ring.read_into(offset + layout.SPAN_HEADER_SIZE, dest, 0, first)
+        self._complete_now(1)
+        copied, expected = first, offset + length
+        while copied < total:
+            span_offset, span_length = self._next_span()
+            if span_length > total - copied:
+                raise self.ring_corrupt("span.len", span_length, f"{total - copied} bytes left")
+            if contiguous and span_offset != expected:
+                raise self.ring_corrupt("span.addr", span_offset, f"expected contiguous {expected}")
+            self.ring.read_into(span_offset, dest, copied, span_length)
+            self._complete_now(1)
+            copied += span_length
+            expected = span_offset + span_length
+
+    def ring_corrupt(self, field: str, value: object, detail: str) -> RingCorruptError:
+        """Break the ring for good and return the error to raise."""
+        return self.ring.mark_broken(field, value, detail)

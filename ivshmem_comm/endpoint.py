@@ -1,0 +1,444 @@
+"""Endpoint: one peer's view of a region. All its queues, matching, waiting, peer lifecycle.
+
+Joining (who writes what in the peer slot, see layout's peer table):
+1. Claim: the broker, or the endpoint itself, stores incarnation+1, pid, host id, then
+   state=JOINING last. A slot held by a live peer is refused (PeerSlotBusyError).
+2. The endpoint resets its own half of every queue with every peer that is JOINING or READY,
+   for the session (driver incarnation, device incarnation), then stores state=READY and
+   kicks everyone, so sleeping peers rescan the table and reset their halves for it.
+3. A queue carries traffic once both halves hold the same session (virtqueue.py). A peer that
+   comes back as a new incarnation resets its halves; the other side sees the session change
+   (PeerLostError), resets its own, and messages of the old incarnation are never delivered
+   to the new one.
+
+Waiting: spin for `spin_us` microseconds, then arm EVENT_IDX on the rings of interest and
+block on the notifier in slices of at most WATCH_SLICE seconds, re-checking the peers an
+operation depends on after each slice, so a lost peer is reported within that bound.
+
+An Endpoint is not thread-safe: use one per thread, or lock around it.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import time
+from typing import Any
+
+from ivshmem_comm import layout, serialize
+from ivshmem_comm.channel import Message, RxChannel, TxChannel, byte_view
+from ivshmem_comm.errors import (
+    MessageTooLargeError,
+    PeerLostError,
+    PeerSlotBusyError,
+    TimeoutError,
+)
+from ivshmem_comm.notify import Notifier, PollingNotifier, SemaphoreNotifier
+from ivshmem_comm.region import Region, host_id
+from ivshmem_comm.ring import RxRing, TxRing
+
+ANY_SOURCE = -1
+ANY_TAG = -1
+WATCH_SLICE = 0.05  # seconds: bound on the time to notice a lost peer while blocked
+DEFAULT_SPIN_US = float(os.environ.get("IVSHMEM_COMM_SPIN_US", "50"))
+_STATE_MASK = 0xFFFFFFFF
+
+
+def _ready_word(incarnation: int) -> int:
+    """The peer slot's first 8 bytes (state | incarnation << 32) of a READY peer."""
+    return layout.PEER_READY | (incarnation << 32)
+
+
+class Endpoint:
+    """Peer `peer_id` of `region`: send to and receive from every other peer.
+
+    `notifier`: how to sleep and kick (default: POSIX semaphores for a region opened by name on
+    this host, polling with backoff otherwise). `broker_assigned`: the broker already claimed
+    the slot (state JOINING); otherwise the endpoint claims it. `spin_us`: how long to spin
+    before blocking.
+    """
+
+    def __init__(
+        self,
+        region: Region,
+        peer_id: int,
+        *,
+        notifier: Notifier | None = None,
+        broker_assigned: bool = False,
+        spin_us: float = DEFAULT_SPIN_US,
+    ) -> None:
+        self.region = region
+        self.peer_id = me = peer_id
+        n = region.max_peers
+        g = region.geometry
+        region.peer_slot_offset(peer_id)  # range check
+        if notifier is None:
+            notifier = (
+                SemaphoreNotifier(region.shm_name, me, n) if region.shm_name else PollingNotifier()
+            )
+        self.notifier = notifier
+        self._spin = spin_us * 1e-6
+        self._u64 = region.u64
+        self._word_i = [region.peer_slot_offset(p) // 8 for p in range(n)]
+        self._known = [0] * n  # incarnation each pair of halves was last reset for
+        self._expect = [-1] * n  # _ready_word(known) once that peer was seen READY
+        self._unexpected: list[collections.deque[Message]] = [collections.deque() for _ in range(n)]
+        self._unexpected_count = 0
+        self._others = [p for p in range(n) if p != me]
+        self._rotation = 0
+        self._last_idle = 0.0
+        self._spin_end = 0.0
+        self._closed = False
+        self.tx: list[TxChannel | None] = [None] * n
+        self.rx: list[RxChannel | None] = [None] * n
+        self.incarnation = self._claim(broker_assigned)
+        buf = region.buf
+        for p in self._others:
+            tx_ring = TxRing(buf, region.queue_offset(me, p), g, p)
+            rx_ring = RxRing(buf, region.queue_offset(p, me), g, p)
+            self.tx[p] = TxChannel(tx_ring, g, self._kicker(p), self._waiter([tx_ring], p))
+            self.rx[p] = RxChannel(rx_ring, p, buf, g, self._kicker(p), self._waiter([rx_ring], p))
+        for p in self._others:
+            self._sync(p)
+        region.write_peer(me, state=layout.PEER_READY)
+        for p in self._others:
+            notifier.kick(p)
+
+    # ------------------------------------------------------------------ lifecycle
+    def _claim(self, broker_assigned: bool) -> int:
+        region, me = self.region, self.peer_id
+        slot = region.peer(me)
+        now = time.time_ns()
+        if broker_assigned:
+            if slot.state != layout.PEER_JOINING:
+                raise PeerSlotBusyError(
+                    f"peer slot {me} is {slot.state_name}, not joining: the broker did not "
+                    "assign it to this process"
+                )
+            region.write_peer(me, pid=os.getpid(), host_id=host_id(), heartbeat_ns=now)
+            return slot.incarnation
+        if (
+            slot.state in (layout.PEER_JOINING, layout.PEER_READY)
+            and slot.holder_alive() is not False
+        ):
+            raise PeerSlotBusyError(
+                f"peer slot {me} of region {region.name!r} is {slot.state_name}, held by pid "
+                f"{slot.pid} (incarnation {slot.incarnation})"
+            )
+        incarnation = (slot.incarnation + 1) & _STATE_MASK or 1
+        region.write_peer(
+            me,
+            incarnation=incarnation,
+            pid=os.getpid(),
+            host_id=host_id(),
+            doorbell=me,
+            heartbeat_ns=now,
+            joined_ns=now,
+            state=layout.PEER_JOINING,
+        )
+        return incarnation
+
+    def _sync(self, p: int) -> bool:
+        """Reset our halves with peer p if it joined as a new incarnation. True iff READY."""
+        word = self._u64[self._word_i[p]]
+        state, incarnation = word & _STATE_MASK, word >> 32
+        if state not in (layout.PEER_JOINING, layout.PEER_READY) or incarnation == 0:
+            return False
+        if incarnation != self._known[p]:
+            self._known[p] = incarnation
+            me_inc = self.incarnation
+            tx, rx = self.tx[p], self.rx[p]
+            assert tx is not None and rx is not None
+            tx.ring.reset(layout.session_word(me_inc, incarnation))
+            rx.ring.reset(layout.session_word(incarnation, me_inc))
+            rx.reset()
+        if state == layout.PEER_READY:
+            self._expect[p] = word
+            return True
+        return False
+
+    def _check_peer(self, p: int) -> None:
+        """Raise PeerLostError if the incarnation of p we talked to is gone; resync to a new one.
+
+        Also detects a crashed holder on this host (its pid is gone) and marks it dead.
+        """
+        word = self._u64[self._word_i[p]]
+        state, incarnation = word & _STATE_MASK, word >> 32
+        known = self._known[p]
+        if known and incarnation != known:
+            self._expect[p] = -1
+            self._sync(p)
+            raise PeerLostError(p, f"incarnation {known} is gone; incarnation {incarnation} joined")
+        if state in (layout.PEER_DEAD, layout.PEER_LEFT):
+            self._expect[p] = -1
+            name = layout.PEER_STATE_NAMES[state]
+            raise PeerLostError(p, f"{name} (incarnation {incarnation})")
+        if state == layout.PEER_READY and self.region.peer(p).holder_alive() is False:
+            # The holder crashed on this kernel without a broker to notice: record it.
+            self.region.write_peer(p, state=layout.PEER_DEAD)
+            self._expect[p] = -1
+            raise PeerLostError(p, f"process exited without leaving (incarnation {incarnation})")
+
+    def _refresh(self) -> None:
+        for p in self._others:
+            if self._u64[self._word_i[p]] != self._expect[p]:
+                self._sync(p)
+
+    def close(self) -> None:
+        """Leave: mark the slot LEFT, wake every peer so it notices, release the doorbells.
+
+        Messages not yet received are dropped with the endpoint. Idempotent.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        self.region.write_peer(self.peer_id, state=layout.PEER_LEFT)
+        for p in self._others:
+            self.notifier.kick(p)
+        self.notifier.close()
+
+    def __enter__(self) -> Endpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ waiting
+    def _kicker(self, p: int) -> Any:
+        notifier = self.notifier
+        return lambda: notifier.kick(p)
+
+    def _waiter(self, rings: list[Any], p: int) -> Any:
+        return lambda deadline: self._idle(rings, p, deadline)
+
+    def _idle(self, rings: list[Any], watch: int, deadline: float | None) -> bool:
+        """Called after a poll found nothing: spin a while, then sleep until something moves.
+
+        Returns True iff it slept. `watch` (a peer id or -1) is the peer whose loss aborts the
+        wait. Raises TimeoutError past `deadline` (time.monotonic), PeerLostError if `watch`
+        is lost.
+        """
+        now = time.monotonic()
+        if now - self._last_idle > 1e-3:  # a new episode of waiting begins with spinning
+            self._spin_end = now + self._spin
+        self._last_idle = now
+        if now < self._spin_end:
+            return False
+        for ring in rings:
+            if ring.arm():  # EVENT_IDX handshake: something arrived while arming
+                return False
+        if watch >= 0:
+            self._check_peer(watch)
+        else:
+            self._refresh()
+        slice_s = WATCH_SLICE
+        if deadline is not None:
+            if now >= deadline:
+                raise TimeoutError("timed out waiting for a peer")
+            slice_s = min(slice_s, deadline - now)
+        self.region.heartbeat(self.peer_id)
+        self.notifier.wait(slice_s)
+        self._last_idle = time.monotonic()
+        return True
+
+    # ------------------------------------------------------------------ sending
+    def _peer_arg(self, p: int) -> int:
+        if not (0 <= p < self.region.max_peers) or p == self.peer_id:
+            raise ValueError(f"peer {p} is not another peer of this region")
+        return p
+
+    def _wait_ready(self, p: int, deadline: float | None) -> None:
+        """Block until peer p is READY and our halves are synced with it."""
+        while True:
+            if self._u64[self._word_i[p]] == self._expect[p]:
+                return
+            self._check_peer(p)
+            if self._sync(p):
+                return
+            self._idle([], -1, deadline)
+
+    def send(self, dest: int, data: Any, tag: int = 0, timeout: float | None = None) -> None:
+        """Send the bytes of `data` (any buffer-protocol object) to peer `dest` with `tag`.
+
+        Blocks while `dest` has not joined yet or its queue is full. `timeout` bounds the wait
+        before the first byte is published (TimeoutError: nothing was sent). Messages to one
+        peer arrive in order. Raises PeerLostError if `dest` is gone or restarted,
+        ValueError for a bad peer or tag, RingCorruptError if the peer broke the queue.
+        """
+        if not layout.TAG_MIN <= tag <= layout.TAG_MAX:
+            raise ValueError(f"tag {tag} outside {layout.TAG_MIN}..{layout.TAG_MAX}")
+        tx = self.tx[self._peer_arg(dest)]
+        assert tx is not None
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if self._u64[self._word_i[dest]] != self._expect[dest]:
+            self._wait_ready(dest, deadline)
+        try:
+            tx.send(byte_view(data), tag, deadline)
+        except PeerLostError:
+            self._expect[dest] = -1
+            self._sync(dest)
+            raise
+
+    def send_obj(self, obj: Any, dest: int, tag: int = 0, timeout: float | None = None) -> None:
+        """Serialise `obj` (msgpack; numpy arrays keep dtype and shape) and send it."""
+        self.send(dest, serialize.dumps(obj), tag, timeout)
+
+    # ------------------------------------------------------------------ receiving
+    def _take_unexpected(self, source: int, tag: int) -> Message | None:
+        queues = self._unexpected if source == ANY_SOURCE else (self._unexpected[source],)
+        for queue in queues:
+            for message in queue:
+                if tag == ANY_TAG or message.tag == tag:
+                    return message
+        return None
+
+    def _stash(self, channel: RxChannel) -> None:
+        """Move the head message of `channel` out of shared memory (a tag did not match)."""
+        with channel.take() as message:
+            copy = Message(message.source, message.tag, memoryview(bytes(message.data)), None, None)
+        self._unexpected[channel.source].append(copy)
+        self._unexpected_count += 1
+
+    def _order(self, source: int) -> list[int]:
+        if source != ANY_SOURCE:
+            return [self._peer_arg(source)]
+        others = self._others
+        self._rotation = start = (self._rotation + 1) % len(others)
+        return others[start:] + others[:start]
+
+    def _match(self, source: int, tag: int) -> Message | RxChannel | None:
+        """The first message matching (source, tag), left in place; None if none is there."""
+        if self._unexpected_count:
+            message = self._take_unexpected(source, tag)
+            if message is not None:
+                return message
+        for p in self._order(source):
+            channel = self.rx[p]
+            assert channel is not None
+            try:
+                head = channel.peek()
+                while head is not None:
+                    if tag == ANY_TAG or head[1] == tag:
+                        return channel
+                    self._stash(channel)
+                    head = channel.peek()
+            except PeerLostError:
+                self._expect[p] = -1
+                self._sync(p)
+                if source != ANY_SOURCE:
+                    raise
+        return None
+
+    def _find(self, source: int, tag: int, timeout: float | None) -> Message | RxChannel:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if source != ANY_SOURCE:
+            self._peer_arg(source)
+        while True:
+            found = self._match(source, tag)
+            if found is not None:
+                return found
+            if source == ANY_SOURCE:
+                rings = [ch.ring for ch in self.rx if ch is not None]
+                self._idle(rings, -1, deadline)
+            else:
+                channel = self.rx[source]
+                assert channel is not None
+                if self._u64[self._word_i[source]] != self._expect[source]:
+                    self._sync(source)
+                if self._idle([channel.ring], source, deadline):
+                    channel.ring.count_sleep()
+
+    def _remove_unexpected(self, message: Message) -> Message:
+        self._unexpected[message.source].remove(message)
+        self._unexpected_count -= 1
+        return message
+
+    def recv(
+        self, source: int = ANY_SOURCE, tag: int = ANY_TAG, timeout: float | None = None
+    ) -> Message:
+        """Receive the next message matching `source` and `tag` (ANY_SOURCE / ANY_TAG match all).
+
+        Returns a Message whose `data` is a zero-copy view where the message is contiguous in
+        shared memory: release it (or use `with`) to give the space back. Messages from one
+        peer are matched in order; ANY_SOURCE serves peers round-robin. Raises TimeoutError
+        (nothing consumed), PeerLostError if `source` is gone with nothing left from it,
+        RingCorruptError if the peer broke the queue.
+        """
+        found = self._find(source, tag, timeout)
+        if isinstance(found, Message):
+            return self._remove_unexpected(found)
+        return found.take()
+
+    def recv_into(
+        self,
+        buffer: Any,
+        source: int = ANY_SOURCE,
+        tag: int = ANY_TAG,
+        timeout: float | None = None,
+    ) -> tuple[int, int, int]:
+        """Receive the next matching message into `buffer`; return (nbytes, source, tag).
+
+        Large messages are copied span by span while the sender writes the next spans.
+        Raises MessageTooLargeError if the message does not fit (it stays queued), and the
+        errors of recv().
+        """
+        dest = memoryview(buffer)
+        if dest.readonly:
+            raise ValueError("recv_into needs a writable buffer")
+        dest = dest.cast("B") if dest.format != "B" or dest.ndim != 1 else dest
+        found = self._find(source, tag, timeout)
+        if isinstance(found, Message):
+            if found.nbytes > len(dest):
+                raise MessageTooLargeError(found.nbytes, len(dest), found.source, found.tag)
+            self._remove_unexpected(found)
+            dest[: found.nbytes] = found.data
+            return found.nbytes, found.source, found.tag
+        head = found.peek()
+        assert head is not None
+        if head[0] > len(dest):
+            raise MessageTooLargeError(head[0], len(dest), found.source, head[1])
+        nbytes, msg_tag = found.take_into(dest)
+        return nbytes, found.source, msg_tag
+
+    def recv_obj(
+        self, source: int = ANY_SOURCE, tag: int = ANY_TAG, timeout: float | None = None
+    ) -> Any:
+        """Receive a message sent with send_obj and return the object (owning its memory)."""
+        with self.recv(source, tag, timeout) as message:
+            return serialize.loads(message.data)
+
+    def probe(
+        self, source: int = ANY_SOURCE, tag: int = ANY_TAG, timeout: float | None = None
+    ) -> tuple[int, int, int]:
+        """Wait for a matching message without receiving it; return (source, tag, nbytes)."""
+        found = self._find(source, tag, timeout)
+        if isinstance(found, Message):
+            return found.source, found.tag, found.nbytes
+        head = found.peek()
+        assert head is not None
+        return found.source, head[1], head[0]
+
+    def iprobe(self, source: int = ANY_SOURCE, tag: int = ANY_TAG) -> tuple[int, int, int] | None:
+        """Like probe but never blocks: None if no matching message is there now."""
+        if source != ANY_SOURCE:
+            self._peer_arg(source)
+        found = self._match(source, tag)
+        if found is None:
+            return None
+        if isinstance(found, Message):
+            return found.source, found.tag, found.nbytes
+        head = found.peek()
+        assert head is not None
+        return found.source, head[1], head[0]
+
+    # ------------------------------------------------------------------ introspection
+    def peers(self) -> list[int]:
+        """Ids of the other peers that are READY now."""
+        self._refresh()
+        return [p for p in self._others if self._expect[p] >= 0]
+
+    def __repr__(self) -> str:
+        return (
+            f"Endpoint(region={self.region.name!r}, peer={self.peer_id}, "
+            f"incarnation={self.incarnation})"
+        )

@@ -1,0 +1,190 @@
+"""Waiting and kicking: how a peer sleeps when it has nothing to do and how others wake it.
+
+A `Notifier` belongs to one endpoint: `wait` blocks on that peer's own doorbell, `kick(p)`
+rings peer p's. Kicks are hints: a woken peer re-checks its queues, so a spurious or
+coalesced kick is harmless. What makes a lost kick impossible is the EVENT_IDX handshake in
+the rings (arm, fence, re-check), not the notifier.
+
+Implementations:
+- `SemaphoreNotifier`: one named POSIX semaphore per peer slot; host processes without a
+  broker (`Region.create` / `Region.open`).
+- `EventfdNotifier`: eventfds handed out by the broker (QEMU's ivshmem-server protocol).
+- `PollingNotifier`: no doorbell at all (ivshmem-plain in a guest): sleeps with backoff.
+The guest's BAR0-doorbell / UIO notifier lives in guest_lib.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import time
+from typing import Protocol
+
+import posix_ipc
+
+
+class Notifier(Protocol):
+    """The waiting policy of one endpoint. `blocking` is False when `wait` only sleeps."""
+
+    blocking: bool
+
+    def kick(self, peer: int) -> None:
+        """Ring peer `peer`'s doorbell. Never raises for a peer that is gone."""
+
+    def wait(self, timeout: float) -> bool:
+        """Sleep until kicked or `timeout` seconds pass. True iff a kick was consumed."""
+
+    def close(self) -> None:
+        """Release what the notifier holds; safe to call twice."""
+
+
+def semaphore_name(region: str, peer: int) -> str:
+    """POSIX name of region `region`'s doorbell semaphore for peer `peer`."""
+    return f"/{region}.doorbell.{peer}"
+
+
+class SemaphoreNotifier:
+    """Doorbells as named POSIX semaphores `/<region>.doorbell.<peer>` (mode 0600)."""
+
+    blocking = True
+
+    def __init__(self, region: str, peer: int, max_peers: int) -> None:
+        self._region = region
+        self._peer = peer
+        self._sems: dict[int, posix_ipc.Semaphore] = {}
+        self._own = self._sem(peer)
+        # Kicks meant for an earlier holder of this slot would only cause one spurious wake;
+        # drain them so the first wait is not one.
+        self._drain()
+        self.max_peers = max_peers
+
+    def _sem(self, peer: int) -> posix_ipc.Semaphore:
+        sem = self._sems.get(peer)
+        if sem is None:
+            sem = posix_ipc.Semaphore(
+                semaphore_name(self._region, peer), posix_ipc.O_CREAT, mode=0o600, initial_value=0
+            )
+            self._sems[peer] = sem
+        return sem
+
+    def _drain(self) -> None:
+        try:
+            while True:
+                self._own.acquire(0)
+        except posix_ipc.BusyError:
+            pass
+
+    def kick(self, peer: int) -> None:
+        self._sem(peer).release()
+
+    def wait(self, timeout: float) -> bool:
+        try:
+            self._own.acquire(max(timeout, 0.0))
+        except posix_ipc.BusyError:
+            return False
+        self._drain()  # several kicks coalesce into this one wake
+        return True
+
+    def close(self) -> None:
+        for sem in self._sems.values():
+            sem.close()
+        self._sems.clear()
+
+    @staticmethod
+    def unlink_all(region: str, max_peers: int) -> None:
+        """Remove the semaphores of every peer slot of `region` (missing ones are skipped)."""
+        for peer in range(max_peers):
+            try:
+                posix_ipc.unlink_semaphore(semaphore_name(region, peer))
+            except posix_ipc.ExistentialError:
+                pass
+
+
+class EventfdNotifier:
+    """Doorbells as eventfds from the broker: vector 0 of each peer is its doorbell.
+
+    `own_fds` are this peer's eventfds (vector order), `peer_fds` those of the other peers;
+    the broker client updates the latter with `set_peer` / `drop_peer` as peers come and go.
+    """
+
+    blocking = True
+
+    def __init__(self, own_fds: list[int], peer_fds: dict[int, list[int]] | None = None) -> None:
+        if not own_fds:
+            raise ValueError("an eventfd notifier needs at least one own eventfd")
+        self._own = own_fds
+        self._peers: dict[int, list[int]] = dict(peer_fds or {})
+        os.set_blocking(own_fds[0], False)
+        self._poll = select.poll()
+        self._poll.register(own_fds[0], select.POLLIN)
+
+    def set_peer(self, peer: int, fds: list[int]) -> None:
+        """Take `fds` as peer `peer`'s eventfds (closing ones it replaces)."""
+        old = self._peers.get(peer)
+        self._peers[peer] = fds
+        if old and old is not fds:
+            for fd in old:
+                os.close(fd)
+
+    def drop_peer(self, peer: int) -> None:
+        """Forget peer `peer`'s eventfds and close them."""
+        for fd in self._peers.pop(peer, []):
+            os.close(fd)
+
+    def kick(self, peer: int) -> None:
+        fds = self._peers.get(peer)
+        if fds:
+            try:
+                os.eventfd_write(fds[0], 1)
+            except OSError:
+                pass  # the peer is gone; the broker announces it
+
+    def wait(self, timeout: float) -> bool:
+        if not self._poll.poll(max(int(timeout * 1000), 0)):
+            return False
+        try:
+            os.eventfd_read(self._own[0])
+        except BlockingIOError:
+            return False
+        return True
+
+    def close(self) -> None:
+        for fds in self._peers.values():
+            for fd in fds:
+                os.close(fd)
+        self._peers.clear()
+        for fd in self._own:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._own = []
+
+
+class PollingNotifier:
+    """No doorbell: `wait` sleeps with exponential backoff (50 µs doubling to 2 ms).
+
+    A wait that starts long after the previous one ended begins a new episode at 50 µs.
+    """
+
+    blocking = False
+    MIN_SLEEP = 50e-6
+    MAX_SLEEP = 2e-3
+
+    def __init__(self) -> None:
+        self._sleep = self.MIN_SLEEP
+        self._last_end = 0.0
+
+    def kick(self, peer: int) -> None:
+        pass  # nobody to wake: the peer polls
+
+    def wait(self, timeout: float) -> bool:
+        if time.monotonic() - self._last_end > 2 * self.MAX_SLEEP:
+            self._sleep = self.MIN_SLEEP
+        time.sleep(min(self._sleep, max(timeout, 0.0)))
+        self._sleep = min(self._sleep * 2, self.MAX_SLEEP)
+        self._last_end = time.monotonic()
+        return False
+
+    def close(self) -> None:
+        pass
