@@ -86,8 +86,7 @@ class Endpoint:
         self._unexpected_count = 0
         self._others = [p for p in range(n) if p != me]
         self._rotation = 0
-        self._last_idle = 0.0
-        self._spin_end = 0.0
+        self._spin_end = 0.0  # end of the current spin phase; 0: the next wait starts one
         self._closed = False
         self.tx: list[TxChannel | None] = [None] * n
         self.rx: list[RxChannel | None] = [None] * n
@@ -139,12 +138,13 @@ class Endpoint:
         return incarnation
 
     def _sync(self, p: int) -> bool:
-        """Reset our halves with peer p if it joined as a new incarnation. True iff READY."""
+        """Reset our halves with peer p if it is a new incarnation. True iff p is READY."""
         word = self._u64[self._word_i[p]]
         state, incarnation = word & _STATE_MASK, word >> 32
-        if state not in (layout.PEER_JOINING, layout.PEER_READY) or incarnation == 0:
+        if state == layout.PEER_FREE or incarnation == 0:
             return False
         if incarnation != self._known[p]:
+            # Also for a peer that already left or died: what it sent before is still ours.
             self._known[p] = incarnation
             me_inc = self.incarnation
             tx, rx = self.tx[p], self.rx[p]
@@ -219,9 +219,8 @@ class Endpoint:
         is lost.
         """
         now = time.monotonic()
-        if now - self._last_idle > 1e-3:  # a new episode of waiting begins with spinning
+        if self._spin_end == 0.0:  # a new episode of waiting begins with spinning
             self._spin_end = now + self._spin
-        self._last_idle = now
         if now < self._spin_end:
             return False
         for ring in rings:
@@ -237,8 +236,8 @@ class Endpoint:
                 raise TimeoutError("timed out waiting for a peer")
             slice_s = min(slice_s, deadline - now)
         self.region.heartbeat(self.peer_id)
-        self.notifier.wait(slice_s)
-        self._last_idle = time.monotonic()
+        if self.notifier.wait(slice_s):
+            self._spin_end = 0.0  # kicked: work is likely there, spin again before sleeping
         return True
 
     # ------------------------------------------------------------------ sending
@@ -270,6 +269,7 @@ class Endpoint:
         tx = self.tx[self._peer_arg(dest)]
         assert tx is not None
         deadline = None if timeout is None else time.monotonic() + timeout
+        self._spin_end = 0.0
         if self._u64[self._word_i[dest]] != self._expect[dest]:
             self._wait_ready(dest, deadline)
         try:
@@ -333,6 +333,7 @@ class Endpoint:
         deadline = None if timeout is None else time.monotonic() + timeout
         if source != ANY_SOURCE:
             self._peer_arg(source)
+        self._spin_end = 0.0
         while True:
             found = self._match(source, tag)
             if found is not None:
@@ -344,7 +345,10 @@ class Endpoint:
                 channel = self.rx[source]
                 assert channel is not None
                 if self._u64[self._word_i[source]] != self._expect[source]:
+                    known = self._known[source]
                     self._sync(source)
+                    if self._known[source] != known:
+                        continue  # a new session: poll it before judging the peer lost
                 if self._idle([channel.ring], source, deadline):
                     channel.ring.count_sleep()
 

@@ -183,11 +183,15 @@ class Geometry:
 
     @property
     def ring_rel_offset(self) -> int:
-        return CONTROL_SIZE
+        # vring_init() aligns the used ring on the absolute address: the ring must start on a
+        # multiple of vring_align (queues themselves start on page boundaries).
+        return align_up(CONTROL_SIZE, self.vring_align)
 
     @property
     def data_rel_offset(self) -> int:
-        return align_up(CONTROL_SIZE + vring_size(self.queue_num, self.vring_align), PAGE_SIZE)
+        return align_up(
+            self.ring_rel_offset + vring_size(self.queue_num, self.vring_align), PAGE_SIZE
+        )
 
     @property
     def queue_stride(self) -> int:

@@ -8,6 +8,7 @@ there are written by peers and the broker and are re-validated by whoever acts o
 from __future__ import annotations
 
 import dataclasses
+import functools
 import mmap
 import os
 import re
@@ -48,6 +49,7 @@ def shm_path(name: str) -> str:
     return os.path.join(SHM_DIR, validate_name(name))
 
 
+@functools.cache
 def host_id() -> int:
     """A 32-bit id of this running kernel (boot id), so a pid is only checked where it means."""
     try:
@@ -130,9 +132,12 @@ class Region:
         """
         validate_name(name)
         geometry = layout.Geometry.fit(size, max_peers, queue_num, vring_align, max_span)
-        shm = posix_ipc.SharedMemory(
-            "/" + name, posix_ipc.O_CREX, mode=0o600, size=geometry.region_size
-        )
+        try:
+            shm = posix_ipc.SharedMemory(
+                "/" + name, posix_ipc.O_CREX, mode=0o600, size=geometry.region_size
+            )
+        except posix_ipc.ExistentialError:
+            raise FileExistsError(f"{shm_path(name)} exists; refusing to overwrite it") from None
         try:
             mapping = mmap.mmap(shm.fd, geometry.region_size)
         except BaseException:

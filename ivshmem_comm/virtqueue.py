@@ -50,6 +50,11 @@ def full_fence() -> None:
     _FENCE_LOCK.release()
 
 
+def _check_tag(tag: int) -> None:
+    if not layout.TAG_MIN <= tag <= layout.TAG_MAX:
+        raise ValueError(f"tag {tag} out of range {layout.TAG_MIN}..{layout.TAG_MAX}")
+
+
 class _RingBase:
     """Offsets shared by both halves, as u16/u32/u64 element indices into the region."""
 
@@ -146,7 +151,7 @@ class TxRing(_RingBase):
 
     def check_sync(self) -> bool:
         """True once the device half holds our session ([S2] load; pairs with its reset)."""
-        if not self._synced and self._u64[self._device_line_i] == self.session:
+        if not self._synced and self.session and self._u64[self._device_line_i] == self.session:
             self._synced = True
         return self._synced
 
@@ -203,8 +208,9 @@ class TxRing(_RingBase):
     def reserve(self, nbytes: int) -> int:
         """Reserve `nbytes` contiguous bytes of the data area; return their region offset.
 
-        Returns -1 if no such space is free now (reclaim, wait, retry). The reservation is
-        then published piece by piece with `publish`. Raises ValueError if `nbytes` can never
+        Returns -1 if no such space, or not enough free descriptors for its pieces of at
+        most max_span bytes, is free now (reclaim, wait, retry). The reservation is then
+        published piece by piece with `publish`. Raises ValueError if `nbytes` can never
         fit, RuntimeError if a reservation is already open.
         """
         if self._reserve_end >= 0:
@@ -212,7 +218,8 @@ class TxRing(_RingBase):
         size = layout.align_up(nbytes, layout.SPAN_ALIGN)
         if not 0 < size <= self.data_size:
             raise ValueError(f"{nbytes} bytes never fit a {self.data_size}-byte data area")
-        if self.in_flight >= self.num:
+        pieces = -(-nbytes // self.max_span)  # descriptors the reservation will publish
+        if self.in_flight + pieces > self.num:
             return -1
         start = self._find_space(size)
         if start < 0:
@@ -245,6 +252,8 @@ class TxRing(_RingBase):
         rel = offset - self.data_offset
         if rel != self._reserve_cursor or rel + length > self._reserve_end:
             raise RuntimeError("publish outside the open reservation")
+        if self.in_flight >= self.num:
+            raise RuntimeError(f"publish with all {self.num} descriptors in flight")
         end = self._reserve_end if last else rel + layout.align_up(length, layout.SPAN_ALIGN)
         slot = self._avail_idx & self._mask
         layout.VRING_DESC.pack_into(self._buf, self._desc + 16 * slot, offset, length, 0, 0)
@@ -274,6 +283,7 @@ class TxRing(_RingBase):
         (nothing was written; reclaim, wait and retry). The caller guarantees
         SPAN_HEADER_SIZE + len(data) <= max_span.
         """
+        _check_tag(tag)
         length = layout.SPAN_HEADER_SIZE + len(data)
         offset = self.reserve(length)
         if offset < 0:
@@ -290,6 +300,7 @@ class TxRing(_RingBase):
 
     def write_header(self, offset: int, total: int, tag: int) -> None:
         """Write a first-span header at region `offset` inside the open reservation."""
+        _check_tag(tag)
         layout.SPAN_HEADER.pack_into(self._buf, offset, total, tag, layout.HDR_F_FIRST)
 
     def count_message(self, nbytes: int) -> None:
@@ -344,7 +355,7 @@ class RxRing(_RingBase):
 
     def check_sync(self) -> bool:
         """True once the driver half holds our session ([S1] load; pairs with its reset)."""
-        if not self._synced and self._u64[self._driver_line_i] == self.session:
+        if not self._synced and self.session and self._u64[self._driver_line_i] == self.session:
             self._synced = True
         return self._synced
 
