@@ -1,0 +1,1220 @@
+/* ivshmem_comm._fastpath: the C accelerator of ivshmem_comm.virtqueue.
+ *
+ * TxRing (virtio driver, the sender) and RxRing (virtio device, the receiver) with the same
+ * constructor, methods, return values, errors and byte-level behaviour as the pure-Python
+ * reference in virtqueue.py, so that a Python half and a C half interoperate on one queue.
+ * The region format lives in layout.py; the constants below mirror it.
+ *
+ * Memory ordering. Every index and session word shared with the peer is accessed with
+ * __atomic builtins; the labels are those of virtqueue.py:
+ *   [R1] driver's release store of avail.idx  <-> [A1] device's acquire load of it
+ *   [R2] device's release store of used.idx   <-> [A2] driver's acquire load of it
+ *   [F1] full fence between the driver's avail.idx store and its avail_event load, paired
+ *        with the device's fence between its avail_event store and its avail.idx re-load
+ *   [F2] the same for used.idx / used_event
+ *   [S1] driver-line session word (driver stores, device loads); [S2] device-line session word
+ * Descriptors, ring entries and span headers written by the peer are read once (relaxed
+ * atomic loads into locals: no double fetch) after the acquire load that publishes them,
+ * then validated. A violation raises RingCorruptError and marks the ring broken for good.
+ *
+ * Memory safety. The constructor checks that the whole queue lies inside the buffer it holds
+ * for its lifetime; after that every access to the rings is at an index masked by Q-1, and
+ * every access to the data area is bounds-checked against it, so no value the peer writes
+ * can make this code touch memory outside the queue.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <structmember.h>
+
+#include <stdbool.h>
+#include <stdint.h>
+#include <string.h>
+
+#if !defined(__BYTE_ORDER__) || __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+#error "the region format is little-endian and this module stores native integers"
+#endif
+
+/* Mirrors of layout.py. */
+#define CONTROL_SIZE 128
+#define DRIVER_LINE_OFFSET 0
+#define DEVICE_LINE_OFFSET 64
+#define SPAN_HEADER_SIZE 16
+#define SPAN_ALIGN 16
+#define HDR_F_FIRST 1u
+#define MAX_MESSAGE (1ULL << 48)
+#define TAG_MAX 0x7FFFFFFFL
+#define QUEUE_NUM_MAX 32768
+/* Copies at least this large run with the GIL released. */
+#define NOGIL_COPY_MIN (64 * 1024)
+
+/* Result codes of TxRing.send_small (virtqueue.SEND_*). */
+#define SEND_OK 0
+#define SEND_KICK 1
+#define SEND_FULL (-1)
+
+/* Counter words of a control line, after the session word (layout.COUNTER_NAMES_*). */
+enum { CNT_MESSAGES = 1, CNT_BYTES = 2, CNT_WAITS = 3, CNT_KICKS = 4 };
+
+static PyObject *RingCorruptError;
+static PyObject *PeerLostError;
+
+struct vring_desc_le {
+    uint64_t addr;
+    uint32_t len;
+    uint16_t flags;
+    uint16_t next;
+};
+
+struct vring_used_elem_le {
+    uint32_t id;
+    uint32_t len;
+};
+
+/* Data-relative [start, end) of one published descriptor's share of the byte ring. */
+struct span {
+    uint32_t start;
+    uint32_t end;
+};
+
+/* ------------------------------------------------------------------------------------------
+ * Ring: what both halves share. All pointers point into `view`, held for the object's life.
+ * ------------------------------------------------------------------------------------------ */
+typedef struct {
+    PyObject_HEAD
+    Py_buffer view;
+    PyObject *broken; /* the RingCorruptError that broke this ring, or NULL */
+    long long peer;   /* the other side, named in every error */
+    struct vring_desc_le *desc;
+    uint16_t *avail_flags, *avail_idx, *avail_ring, *used_event;
+    uint16_t *used_flags, *used_idx, *avail_event;
+    struct vring_used_elem_le *used_ring;
+    uint64_t *own_line;  /* the control line this half writes */
+    uint64_t *peer_line; /* the control line the other half writes */
+    unsigned char *base; /* region start */
+    Py_ssize_t data_offset, data_end, data_size, max_span;
+    unsigned long long session;
+    uint32_t num, mask;
+    bool synced;
+} Ring;
+
+typedef struct {
+    Ring ring;
+    struct span *inflight; /* Q entries, indexed by descriptor slot; live ones are
+                              [last_used, avail_shadow) */
+    uint16_t avail_shadow; /* next index to publish; never read back from shared memory */
+    uint16_t last_used;    /* next used-ring index to consume */
+    Py_ssize_t head;       /* data-relative start of the next allocation */
+    Py_ssize_t reserve_cursor, reserve_end; /* open reservation; reserve_end -1: none */
+} TxRing;
+
+typedef struct {
+    Ring ring;
+    uint16_t next_avail; /* next available-ring index to peek */
+    uint16_t avail_seen; /* last avail.idx loaded and validated */
+    uint16_t last_used;  /* shadow of used.idx */
+} RxRing;
+
+static inline bool need_event(uint16_t event, uint16_t new_idx, uint16_t old_idx)
+{
+    return (uint16_t)(new_idx - event - 1) < (uint16_t)(new_idx - old_idx);
+}
+
+static inline Py_ssize_t align_up(Py_ssize_t value, Py_ssize_t align)
+{
+    return (value + align - 1) & ~(align - 1);
+}
+
+static inline void full_fence_impl(void)
+{
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+}
+
+static void count(Ring *r, int index, uint64_t amount)
+{
+    /* Statistics only: single writer (this half owns the line), read by `status` unordered. */
+    uint64_t *word = r->own_line + index;
+    __atomic_store_n(word, __atomic_load_n(word, __ATOMIC_RELAXED) + amount, __ATOMIC_RELAXED);
+}
+
+/* Copy with the GIL released when the copy is large. Both buffers are held by the caller. */
+static void copy_bytes(unsigned char *dest, const unsigned char *src, Py_ssize_t n)
+{
+    if (n >= NOGIL_COPY_MIN) {
+        Py_BEGIN_ALLOW_THREADS
+        memmove(dest, src, (size_t)n);
+        Py_END_ALLOW_THREADS
+    } else {
+        memmove(dest, src, (size_t)n);
+    }
+}
+
+/* ------------------------------------------------------------------------------------------
+ * Errors
+ * ------------------------------------------------------------------------------------------ */
+
+/* Raise RingCorruptError(peer, field, value, detail) and keep it as `broken`. Steals the three
+ * references (any may be NULL after a failed build: the pending error is then kept). */
+static PyObject *ring_corrupt(Ring *r, PyObject *field, PyObject *value, PyObject *detail)
+{
+    if (field != NULL && value != NULL && detail != NULL) {
+        PyObject *err = PyObject_CallFunction(RingCorruptError, "LOOO", r->peer, field, value,
+                                              detail);
+        if (err != NULL) {
+            Py_XSETREF(r->broken, err);
+            PyErr_SetObject((PyObject *)Py_TYPE(err), err);
+        }
+    }
+    Py_XDECREF(field);
+    Py_XDECREF(value);
+    Py_XDECREF(detail);
+    return NULL;
+}
+
+static PyObject *raise_broken(Ring *r)
+{
+    PyErr_SetObject((PyObject *)Py_TYPE(r->broken), r->broken);
+    return NULL;
+}
+
+static PyObject *peer_lost(Ring *r, const char *detail)
+{
+    PyObject *err = PyObject_CallFunction(PeerLostError, "Ls", r->peer, detail);
+    if (err != NULL) {
+        PyErr_SetObject((PyObject *)Py_TYPE(err), err);
+        Py_DECREF(err);
+    }
+    return NULL;
+}
+
+/* ------------------------------------------------------------------------------------------
+ * Argument helpers
+ * ------------------------------------------------------------------------------------------ */
+
+/* An int argument as long long. Returns 0, 1 if it does not fit (no error set), -1 on error. */
+static int as_long_long(PyObject *obj, long long *out)
+{
+    int overflow;
+    *out = PyLong_AsLongLongAndOverflow(obj, &overflow);
+    if (overflow)
+        return 1;
+    return (*out == -1 && PyErr_Occurred()) ? -1 : 0;
+}
+
+static int as_session(PyObject *obj, unsigned long long *out)
+{
+    *out = PyLong_AsUnsignedLongLong(obj);
+    if (*out == (unsigned long long)-1 && PyErr_Occurred()) {
+        if (!PyErr_ExceptionMatches(PyExc_OverflowError))
+            return -1;
+        PyErr_Format(PyExc_ValueError, "session %S out of range 0..2**64-1", obj);
+        return -1;
+    }
+    return 0;
+}
+
+static int as_tag(PyObject *obj, long *out)
+{
+    *out = PyLong_AsLong(obj);
+    if (*out == -1 && PyErr_Occurred() && !PyErr_ExceptionMatches(PyExc_OverflowError))
+        return -1;
+    if (PyErr_Occurred() || *out < 0 || *out > TAG_MAX) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_ValueError, "tag %S out of range 0..%ld", obj, TAG_MAX);
+        return -1;
+    }
+    return 0;
+}
+
+static int check_nargs(const char *name, Py_ssize_t nargs, Py_ssize_t expected)
+{
+    if (nargs == expected)
+        return 0;
+    PyErr_Format(PyExc_TypeError, "%s() takes exactly %zd arguments (%zd given)", name, expected,
+                 nargs);
+    return -1;
+}
+
+/* ------------------------------------------------------------------------------------------
+ * Construction
+ * ------------------------------------------------------------------------------------------ */
+
+static int geometry_field(PyObject *geometry, const char *name, Py_ssize_t *out)
+{
+    PyObject *value = PyObject_GetAttrString(geometry, name);
+    if (value == NULL)
+        return -1;
+    *out = PyLong_AsSsize_t(value);
+    Py_DECREF(value);
+    return (*out == -1 && PyErr_Occurred()) ? -1 : 0;
+}
+
+static bool is_pow2(Py_ssize_t v)
+{
+    return v > 0 && (v & (v - 1)) == 0;
+}
+
+/* Check the geometry and that the queue lies inside the buffer; set every pointer. */
+static int ring_init(Ring *r, PyObject *args, PyObject *kwds, bool driver)
+{
+    static char *kwlist[] = {"region_buf", "queue_offset", "geometry", "peer", NULL};
+    PyObject *region_buf, *geometry;
+    Py_ssize_t queue_offset, q, align, data_size, max_span, ring_rel, data_rel;
+    long long peer;
+
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OnOL", kwlist, &region_buf, &queue_offset,
+                                     &geometry, &peer))
+        return -1;
+    if (geometry_field(geometry, "queue_num", &q) < 0 ||
+        geometry_field(geometry, "vring_align", &align) < 0 ||
+        geometry_field(geometry, "data_size", &data_size) < 0 ||
+        geometry_field(geometry, "max_span", &max_span) < 0 ||
+        geometry_field(geometry, "ring_rel_offset", &ring_rel) < 0 ||
+        geometry_field(geometry, "data_rel_offset", &data_rel) < 0)
+        return -1;
+    if (!is_pow2(q) || q < 2 || q > QUEUE_NUM_MAX) {
+        PyErr_Format(PyExc_ValueError, "queue_num must be a power of two in 2..%d, got %zd",
+                     QUEUE_NUM_MAX, q);
+        return -1;
+    }
+    if (!is_pow2(align) || align < 4) {
+        PyErr_Format(PyExc_ValueError, "vring_align must be a power of two >= 4, got %zd",
+                     align);
+        return -1;
+    }
+    if (data_size < SPAN_ALIGN || data_size % SPAN_ALIGN || data_size >= (Py_ssize_t)1 << 32) {
+        PyErr_Format(PyExc_ValueError,
+                     "data_size must be a multiple of %d below 4 GiB, got %zd", SPAN_ALIGN,
+                     data_size);
+        return -1;
+    }
+    if (max_span < SPAN_ALIGN || max_span > data_size || max_span % SPAN_ALIGN) {
+        PyErr_Format(PyExc_ValueError,
+                     "max_span must be a multiple of %d in %d..data_size, got %zd", SPAN_ALIGN,
+                     SPAN_ALIGN, max_span);
+        return -1;
+    }
+    Py_ssize_t used_rel = align_up(16 * q + 2 * (3 + q), align);
+    Py_ssize_t vring_bytes = used_rel + 6 + 8 * q;
+    if (ring_rel < CONTROL_SIZE || ring_rel % SPAN_ALIGN || data_rel % SPAN_ALIGN ||
+        data_rel < ring_rel + vring_bytes) {
+        PyErr_Format(PyExc_ValueError,
+                     "ring_rel_offset %zd and data_rel_offset %zd leave no room for the "
+                     "control block and a %zd-byte vring",
+                     ring_rel, data_rel, vring_bytes);
+        return -1;
+    }
+
+    Py_buffer view;
+    if (PyObject_GetBuffer(region_buf, &view, PyBUF_WRITABLE) < 0)
+        return -1;
+    if (queue_offset < 0 || queue_offset > view.len - data_rel - data_size ||
+        ((uintptr_t)view.buf + (uintptr_t)queue_offset) % 8) {
+        PyErr_Format(PyExc_ValueError,
+                     "queue at offset %zd (%zd bytes) does not lie 8-byte aligned in a "
+                     "%zd-byte buffer",
+                     queue_offset, data_rel + data_size, view.len);
+        PyBuffer_Release(&view);
+        return -1;
+    }
+    if (r->view.obj != NULL)
+        PyBuffer_Release(&r->view);
+    r->view = view;
+
+    unsigned char *queue = (unsigned char *)view.buf + queue_offset;
+    unsigned char *ring = queue + ring_rel;
+    unsigned char *avail = ring + 16 * q;
+    unsigned char *used = ring + used_rel;
+    r->base = view.buf;
+    r->peer = peer;
+    r->num = (uint32_t)q;
+    r->mask = (uint32_t)q - 1;
+    r->desc = (struct vring_desc_le *)ring;
+    r->avail_flags = (uint16_t *)avail;
+    r->avail_idx = (uint16_t *)avail + 1;
+    r->avail_ring = (uint16_t *)avail + 2;
+    r->used_event = (uint16_t *)avail + 2 + q;
+    r->used_flags = (uint16_t *)used;
+    r->used_idx = (uint16_t *)used + 1;
+    r->used_ring = (struct vring_used_elem_le *)(used + 4);
+    r->avail_event = (uint16_t *)(used + 4 + 8 * q);
+    uint64_t *driver_line = (uint64_t *)(queue + DRIVER_LINE_OFFSET);
+    uint64_t *device_line = (uint64_t *)(queue + DEVICE_LINE_OFFSET);
+    r->own_line = driver ? driver_line : device_line;
+    r->peer_line = driver ? device_line : driver_line;
+    r->data_offset = queue_offset + data_rel;
+    r->data_end = r->data_offset + data_size;
+    r->data_size = data_size;
+    r->max_span = max_span;
+    r->session = 0;
+    r->synced = false;
+    Py_CLEAR(r->broken);
+    return 0;
+}
+
+static int ring_traverse(Ring *r, visitproc visit, void *arg)
+{
+    Py_VISIT(r->broken);
+    return 0;
+}
+
+static int ring_clear(Ring *r)
+{
+    Py_CLEAR(r->broken);
+    return 0;
+}
+
+static void ring_release(Ring *r)
+{
+    PyObject_GC_UnTrack(r);
+    Py_CLEAR(r->broken);
+    if (r->view.obj != NULL)
+        PyBuffer_Release(&r->view);
+}
+
+/* ------------------------------------------------------------------------------------------
+ * Shared methods and properties
+ * ------------------------------------------------------------------------------------------ */
+
+/* True once the peer's control line holds our session ([S1] on the device, [S2] on the
+ * driver: acquire; pairs with the release store that ends the peer's reset). A half never
+ * reset (session 0) is never in sync. */
+static bool ring_sync(Ring *r)
+{
+    if (!r->synced && r->session != 0 &&
+        __atomic_load_n(r->peer_line, __ATOMIC_ACQUIRE) == r->session)
+        r->synced = true;
+    return r->synced;
+}
+
+static PyObject *ring_check_sync(Ring *r, PyObject *Py_UNUSED(ignored))
+{
+    return PyBool_FromLong(ring_sync(r));
+}
+
+static PyObject *ring_get_broken(Ring *r, void *Py_UNUSED(closure))
+{
+    return Py_NewRef(r->broken != NULL ? r->broken : Py_None);
+}
+
+/* mark_broken(field, value, detail): a caller found the peer's data wrong; returns the error. */
+static PyObject *ring_mark_broken(Ring *r, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (check_nargs("mark_broken", nargs, 3) < 0)
+        return NULL;
+    PyObject *err = PyObject_CallFunction(RingCorruptError, "LOOO", r->peer, args[0], args[1],
+                                          args[2]);
+    if (err == NULL)
+        return NULL;
+    Py_XSETREF(r->broken, Py_NewRef(err));
+    return err;
+}
+
+static PyObject *ring_count_message(Ring *r, PyObject *nbytes)
+{
+    unsigned long long n = PyLong_AsUnsignedLongLongMask(nbytes);
+    if (n == (unsigned long long)-1 && PyErr_Occurred())
+        return NULL;
+    count(r, CNT_MESSAGES, 1);
+    count(r, CNT_BYTES, n);
+    Py_RETURN_NONE;
+}
+
+/* count_full_wait on the driver, count_sleep on the device: the same counter word. */
+static PyObject *ring_count_wait(Ring *r, PyObject *Py_UNUSED(ignored))
+{
+    count(r, CNT_WAITS, 1);
+    Py_RETURN_NONE;
+}
+
+/* The session word goes to 0 first, so a peer that sees our reset indices also sees that the
+ * session it knew is over; the new session is published last. */
+static int ring_reset_begin(Ring *r, PyObject *session_obj)
+{
+    unsigned long long session;
+    if (as_session(session_obj, &session) < 0)
+        return -1;
+    /* [S1]/[S2] release: pairs with the peer's session load after its index load */
+    __atomic_store_n(r->own_line, 0, __ATOMIC_RELEASE);
+    Py_CLEAR(r->broken);
+    r->synced = false;
+    r->session = session;
+    return 0;
+}
+
+static void ring_reset_end(Ring *r)
+{
+    /* [S1]/[S2] release: after the index resets; pairs with the peer's ring_sync() */
+    __atomic_store_n(r->own_line, r->session, __ATOMIC_RELEASE);
+}
+
+static PyMemberDef ring_members[] = {
+    {"peer", T_LONGLONG, offsetof(Ring, peer), READONLY, "the other side's peer id"},
+    {"num", T_UINT, offsetof(Ring, num), READONLY, "queue size Q"},
+    {"data_offset", T_PYSSIZET, offsetof(Ring, data_offset), READONLY,
+     "region offset of the data area"},
+    {"data_size", T_PYSSIZET, offsetof(Ring, data_size), READONLY, "bytes of the data area"},
+    {"max_span", T_PYSSIZET, offsetof(Ring, max_span), READONLY, "largest descriptor length"},
+    {"session", T_ULONGLONG, offsetof(Ring, session), READONLY,
+     "the session this half was last reset for; 0: never reset"},
+    {NULL, 0, 0, 0, NULL},
+};
+
+/* ------------------------------------------------------------------------------------------
+ * TxRing: the driver half and the byte-ring allocator of the data area
+ * ------------------------------------------------------------------------------------------ */
+
+static int tx_init(TxRing *self, PyObject *args, PyObject *kwds)
+{
+    if (ring_init(&self->ring, args, kwds, true) < 0)
+        return -1;
+    struct span *inflight = PyMem_Realloc(self->inflight, self->ring.num * sizeof(*inflight));
+    if (inflight == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    self->inflight = inflight;
+    self->avail_shadow = self->last_used = 0;
+    self->head = self->reserve_cursor = 0;
+    self->reserve_end = -1;
+    return 0;
+}
+
+static void tx_dealloc(TxRing *self)
+{
+    ring_release(&self->ring);
+    PyMem_Free(self->inflight);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *tx_reset(TxRing *self, PyObject *session)
+{
+    Ring *r = &self->ring;
+    if (ring_reset_begin(r, session) < 0)
+        return NULL;
+    /* [R1] release: pairs with [A1]; the device then finds the zeroed session word */
+    __atomic_store_n(r->avail_idx, 0, __ATOMIC_RELEASE);
+    __atomic_store_n(r->avail_flags, 0, __ATOMIC_RELAXED); /* unused flags word */
+    __atomic_store_n(r->used_event, 0, __ATOMIC_RELEASE);  /* pairs with the device's [F2] */
+    self->avail_shadow = self->last_used = 0;
+    self->head = self->reserve_cursor = 0;
+    self->reserve_end = -1;
+    ring_reset_end(r);
+    Py_RETURN_NONE;
+}
+
+static uint16_t tx_in_flight(TxRing *self)
+{
+    return (uint16_t)(self->avail_shadow - self->last_used);
+}
+
+static PyObject *tx_reclaim(TxRing *self, PyObject *Py_UNUSED(ignored))
+{
+    Ring *r = &self->ring;
+    if (r->broken != NULL)
+        return raise_broken(r);
+    if (!ring_sync(r))
+        return PyLong_FromLong(0);
+    uint16_t used_idx = __atomic_load_n(r->used_idx, __ATOMIC_ACQUIRE); /* [A2]; pairs with [R2] */
+    uint16_t pending = (uint16_t)(used_idx - self->last_used);
+    if (pending == 0)
+        return PyLong_FromLong(0);
+    /* [S2] acquire, after [A2]: a reset used.idx comes with the zeroed session word */
+    if (__atomic_load_n(r->peer_line, __ATOMIC_ACQUIRE) != r->session) {
+        r->synced = false;
+        return peer_lost(r, "receiver restarted or left this queue's session");
+    }
+    uint16_t in_flight = tx_in_flight(self);
+    if (pending > in_flight)
+        return ring_corrupt(r, PyUnicode_FromString("used.idx"), PyLong_FromLong(used_idx),
+                            PyUnicode_FromFormat("%u completions but %u in flight",
+                                                 (unsigned)pending, (unsigned)in_flight));
+    for (uint16_t i = 0; i < pending; i++) {
+        uint32_t slot = self->last_used & r->mask;
+        struct vring_used_elem_le *elem = &r->used_ring[slot];
+        uint32_t used_id = __atomic_load_n(&elem->id, __ATOMIC_RELAXED);   /* after [A2] */
+        uint32_t used_len = __atomic_load_n(&elem->len, __ATOMIC_RELAXED); /* after [A2] */
+        if (used_id != slot) /* IN_ORDER: completions come back in publication order */
+            return ring_corrupt(r, PyUnicode_FromString("used.ring.id"),
+                                PyLong_FromUnsignedLong(used_id),
+                                PyUnicode_FromFormat("expected in-order id %u", slot));
+        uint32_t span_bytes = self->inflight[slot].end - self->inflight[slot].start;
+        if (used_len > span_bytes)
+            return ring_corrupt(r, PyUnicode_FromString("used.ring.len"),
+                                PyLong_FromUnsignedLong(used_len),
+                                PyUnicode_FromFormat("span is %u bytes", span_bytes));
+        self->last_used++;
+    }
+    if (self->last_used == self->avail_shadow && self->reserve_end < 0)
+        self->head = 0; /* empty: restart at the bottom, so big messages stay contiguous */
+    return PyLong_FromLong(pending);
+}
+
+/* Data-relative start of a free contiguous run of `size` bytes, or -1. */
+static Py_ssize_t tx_find_space(TxRing *self, Py_ssize_t size)
+{
+    if (tx_in_flight(self) == 0)
+        return 0;
+    Py_ssize_t tail = self->inflight[self->last_used & self->ring.mask].start;
+    Py_ssize_t head = self->head;
+    if (head > tail) {
+        if (self->ring.data_size - head >= size)
+            return head;
+        return tail >= size ? 0 : -1;
+    }
+    if (head < tail && tail - head >= size)
+        return head;
+    return -1;
+}
+
+/* Open a reservation of `nbytes`: its region offset, -1 if no room (bytes, or descriptors for
+ * its pieces of at most max_span) now, -2 with an error set. */
+static Py_ssize_t tx_reserve_impl(TxRing *self, long long nbytes)
+{
+    Ring *r = &self->ring;
+    if (self->reserve_end >= 0) {
+        PyErr_SetString(PyExc_RuntimeError, "a reservation is already open");
+        return -2;
+    }
+    if (nbytes <= 0 || nbytes > r->data_size) {
+        PyErr_Format(PyExc_ValueError, "%lld bytes never fit a %zd-byte data area", nbytes,
+                     r->data_size);
+        return -2;
+    }
+    Py_ssize_t size = align_up((Py_ssize_t)nbytes, SPAN_ALIGN);
+    long long pieces = (nbytes + r->max_span - 1) / r->max_span; /* descriptors it will take */
+    if (tx_in_flight(self) + pieces > r->num)
+        return -1;
+    Py_ssize_t start = tx_find_space(self, size);
+    if (start < 0)
+        return -1;
+    self->head = start + size;
+    self->reserve_cursor = start;
+    self->reserve_end = start + size;
+    return r->data_offset + start;
+}
+
+static PyObject *tx_reserve(TxRing *self, PyObject *nbytes)
+{
+    long long n;
+    int status = as_long_long(nbytes, &n);
+    if (status < 0)
+        return NULL;
+    if (status && self->reserve_end < 0) {
+        PyErr_Format(PyExc_ValueError, "%S bytes never fit a %zd-byte data area", nbytes,
+                     self->ring.data_size);
+        return NULL;
+    }
+    Py_ssize_t offset = tx_reserve_impl(self, n);
+    return offset == -2 ? NULL : PyLong_FromSsize_t(offset);
+}
+
+/* Make descriptor avail_shadow available: [R1], [F1], then the EVENT_IDX decision. */
+static bool tx_publish_idx(TxRing *self)
+{
+    Ring *r = &self->ring;
+    uint16_t old_idx = self->avail_shadow;
+    uint16_t new_idx = self->avail_shadow = (uint16_t)(old_idx + 1);
+    /* [R1] release: after the descriptor, ring slot and data; pairs with [A1] */
+    __atomic_store_n(r->avail_idx, new_idx, __ATOMIC_RELEASE);
+    full_fence_impl(); /* [F1] our avail.idx store before the avail_event load below */
+    /* after [F1]; pairs with the device's avail_event store in arm() */
+    uint16_t avail_event = __atomic_load_n(r->avail_event, __ATOMIC_ACQUIRE);
+    bool kick = need_event(avail_event, new_idx, old_idx) || !r->synced;
+    if (kick)
+        count(r, CNT_KICKS, 1);
+    return kick;
+}
+
+/* Publish `length` bytes at data-relative `rel` of the open reservation (checked by caller). */
+static bool tx_publish_span(TxRing *self, Py_ssize_t rel, Py_ssize_t length, bool last)
+{
+    Ring *r = &self->ring;
+    Py_ssize_t end = last ? self->reserve_end : rel + align_up(length, SPAN_ALIGN);
+    uint32_t slot = self->avail_shadow & r->mask;
+    struct vring_desc_le *d = &r->desc[slot];
+    d->addr = (uint64_t)(r->data_offset + rel);
+    d->len = (uint32_t)length;
+    d->flags = 0;
+    d->next = 0;
+    r->avail_ring[slot] = (uint16_t)slot; /* published by [R1] below */
+    self->inflight[slot].start = (uint32_t)rel;
+    self->inflight[slot].end = (uint32_t)end;
+    if (last)
+        self->reserve_end = -1;
+    else
+        self->reserve_cursor = end;
+    return tx_publish_idx(self);
+}
+
+static PyObject *tx_publish(TxRing *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    Ring *r = &self->ring;
+    long long offset, length;
+    int status;
+    if (check_nargs("publish", nargs, 3) < 0)
+        return NULL;
+    int last = PyObject_IsTrue(args[2]);
+    if (last < 0)
+        return NULL;
+    if ((status = as_long_long(args[0], &offset)) < 0)
+        return NULL;
+    int length_status = as_long_long(args[1], &length);
+    if (length_status < 0)
+        return NULL;
+    long long rel = offset - r->data_offset;
+    if (status || length_status || rel != self->reserve_cursor || self->reserve_end < 0 ||
+        length > self->reserve_end - rel) {
+        PyErr_SetString(PyExc_RuntimeError, "publish outside the open reservation");
+        return NULL;
+    }
+    if (length <= 0 || length > r->max_span) {
+        PyErr_Format(PyExc_ValueError, "a span carries 1..%zd bytes, not %lld", r->max_span,
+                     length);
+        return NULL;
+    }
+    if (tx_in_flight(self) >= r->num) {
+        PyErr_Format(PyExc_RuntimeError, "publish with all %u descriptors in flight", r->num);
+        return NULL;
+    }
+    return PyBool_FromLong(tx_publish_span(self, (Py_ssize_t)rel, (Py_ssize_t)length, last));
+}
+
+static void tx_store_header(Ring *r, Py_ssize_t offset, uint64_t total, uint32_t tag)
+{
+    unsigned char *h = r->base + offset; /* published by [R1] with its descriptor */
+    uint32_t flags = HDR_F_FIRST;
+    memcpy(h, &total, 8);
+    memcpy(h + 8, &tag, 4);
+    memcpy(h + 12, &flags, 4);
+}
+
+static PyObject *tx_send_small(TxRing *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    Ring *r = &self->ring;
+    long tag;
+    Py_buffer data;
+    if (check_nargs("send_small", nargs, 2) < 0 || as_tag(args[0], &tag) < 0)
+        return NULL;
+    if (PyObject_GetBuffer(args[1], &data, PyBUF_SIMPLE) < 0)
+        return NULL;
+    Py_ssize_t length = SPAN_HEADER_SIZE + data.len;
+    if (length > r->max_span) {
+        PyErr_Format(PyExc_ValueError, "%zd bytes do not fit one %zd-byte span", data.len,
+                     r->max_span);
+        PyBuffer_Release(&data);
+        return NULL;
+    }
+    Py_ssize_t offset = tx_reserve_impl(self, length);
+    if (offset < 0) {
+        PyBuffer_Release(&data);
+        return offset == -1 ? PyLong_FromLong(SEND_FULL) : NULL;
+    }
+    tx_store_header(r, offset, (uint64_t)data.len, (uint32_t)tag);
+    memcpy(r->base + offset + SPAN_HEADER_SIZE, data.buf, (size_t)data.len);
+    count(r, CNT_MESSAGES, 1);
+    count(r, CNT_BYTES, (uint64_t)data.len);
+    PyBuffer_Release(&data);
+    bool kick = tx_publish_span(self, offset - r->data_offset, length, true);
+    return PyLong_FromLong(kick ? SEND_KICK : SEND_OK);
+}
+
+/* Check that [offset, offset + n) lies in the open reservation's unpublished part. */
+static int tx_check_write(TxRing *self, long long offset, Py_ssize_t n, int overflow)
+{
+    long long rel = offset - self->ring.data_offset;
+    if (overflow || self->reserve_end < 0 || rel < self->reserve_cursor ||
+        n > self->reserve_end - rel) {
+        PyErr_SetString(PyExc_RuntimeError, "write outside the open reservation");
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *tx_write(TxRing *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    long long offset;
+    Py_buffer data;
+    int status;
+    if (check_nargs("write", nargs, 2) < 0 || (status = as_long_long(args[0], &offset)) < 0)
+        return NULL;
+    if (PyObject_GetBuffer(args[1], &data, PyBUF_SIMPLE) < 0)
+        return NULL;
+    if (tx_check_write(self, offset, data.len, status) < 0) {
+        PyBuffer_Release(&data);
+        return NULL;
+    }
+    copy_bytes(self->ring.base + offset, data.buf, data.len);
+    PyBuffer_Release(&data);
+    Py_RETURN_NONE;
+}
+
+static PyObject *tx_write_header(TxRing *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    long long offset;
+    long tag;
+    int status;
+    if (check_nargs("write_header", nargs, 3) < 0 ||
+        (status = as_long_long(args[0], &offset)) < 0)
+        return NULL;
+    unsigned long long total = PyLong_AsUnsignedLongLong(args[1]);
+    if ((total == (unsigned long long)-1 && PyErr_Occurred()) || total > MAX_MESSAGE) {
+        if (PyErr_Occurred() && !PyErr_ExceptionMatches(PyExc_OverflowError))
+            return NULL;
+        PyErr_Clear();
+        PyErr_Format(PyExc_ValueError, "total %S out of range 0..%llu", args[1], MAX_MESSAGE);
+        return NULL;
+    }
+    if (as_tag(args[2], &tag) < 0 || tx_check_write(self, offset, SPAN_HEADER_SIZE, status) < 0)
+        return NULL;
+    tx_store_header(&self->ring, (Py_ssize_t)offset, total, (uint32_t)tag);
+    Py_RETURN_NONE;
+}
+
+static PyObject *tx_arm(TxRing *self, PyObject *Py_UNUSED(ignored))
+{
+    Ring *r = &self->ring;
+    /* used_event store: pairs with the device's load after its [F2] */
+    __atomic_store_n(r->used_event, self->last_used, __ATOMIC_RELEASE);
+    full_fence_impl(); /* [F2] our used_event store before the used.idx load below */
+    uint16_t used_idx = __atomic_load_n(r->used_idx, __ATOMIC_ACQUIRE); /* [A2]; pairs with [R2] */
+    return PyBool_FromLong(used_idx != self->last_used || !ring_sync(r));
+}
+
+static PyObject *tx_get_in_flight(TxRing *self, void *Py_UNUSED(closure))
+{
+    return PyLong_FromLong(tx_in_flight(self));
+}
+
+static PyMethodDef tx_methods[] = {
+    {"mark_broken", (PyCFunction)(void (*)(void))ring_mark_broken, METH_FASTCALL,
+     "mark_broken(field, value, detail): break the ring for good; return the error."},
+    {"reset", (PyCFunction)tx_reset, METH_O,
+     "Forget everything in flight and start session `session` (owner: this driver)."},
+    {"check_sync", (PyCFunction)ring_check_sync, METH_NOARGS,
+     "True once the device half holds our session."},
+    {"reclaim", (PyCFunction)tx_reclaim, METH_NOARGS,
+     "Consume the used ring: free every completed descriptor's span. Returns how many."},
+    {"reserve", (PyCFunction)tx_reserve, METH_O,
+     "Reserve `nbytes` contiguous bytes of the data area; return their region offset or -1."},
+    {"publish", (PyCFunction)(void (*)(void))tx_publish, METH_FASTCALL,
+     "publish(offset, length, last): publish a piece of the open reservation; True: kick."},
+    {"send_small", (PyCFunction)(void (*)(void))tx_send_small, METH_FASTCALL,
+     "send_small(tag, data): one-span message; SEND_OK, SEND_KICK or SEND_FULL."},
+    {"write", (PyCFunction)(void (*)(void))tx_write, METH_FASTCALL,
+     "write(offset, data): copy `data` into the open reservation at region `offset`."},
+    {"write_header", (PyCFunction)(void (*)(void))tx_write_header, METH_FASTCALL,
+     "write_header(offset, total, tag): write a first-span header in the open reservation."},
+    {"count_message", (PyCFunction)ring_count_message, METH_O,
+     "Add one message of `nbytes` to the driver line's counters."},
+    {"count_full_wait", (PyCFunction)ring_count_wait, METH_NOARGS,
+     "Count one wait for space."},
+    {"arm", (PyCFunction)tx_arm, METH_NOARGS,
+     "Ask to be kicked at the next completion; True if one already arrived."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef tx_getset[] = {
+    {"broken", (getter)ring_get_broken, NULL, "the error that broke this ring, or None", NULL},
+    {"in_flight", (getter)tx_get_in_flight, NULL, "descriptors published, not completed", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject TxRingType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "ivshmem_comm._fastpath.TxRing",
+    .tp_doc = "Driver half of one queue plus the byte-ring allocator of its data area.\n\n"
+              "TxRing(region_buf, queue_offset, geometry, peer); then reset(session).",
+    .tp_basicsize = sizeof(TxRing),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)tx_init,
+    .tp_dealloc = (destructor)tx_dealloc,
+    .tp_traverse = (traverseproc)ring_traverse,
+    .tp_clear = (inquiry)ring_clear,
+    .tp_methods = tx_methods,
+    .tp_members = ring_members,
+    .tp_getset = tx_getset,
+};
+
+/* ------------------------------------------------------------------------------------------
+ * RxRing: the device half
+ * ------------------------------------------------------------------------------------------ */
+
+static int rx_init(RxRing *self, PyObject *args, PyObject *kwds)
+{
+    if (ring_init(&self->ring, args, kwds, false) < 0)
+        return -1;
+    self->next_avail = self->avail_seen = self->last_used = 0;
+    return 0;
+}
+
+static void rx_dealloc(RxRing *self)
+{
+    ring_release(&self->ring);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *rx_reset(RxRing *self, PyObject *session)
+{
+    Ring *r = &self->ring;
+    if (ring_reset_begin(r, session) < 0)
+        return NULL;
+    /* [R2] release: pairs with [A2]; the driver then finds the zeroed session word */
+    __atomic_store_n(r->used_idx, 0, __ATOMIC_RELEASE);
+    __atomic_store_n(r->used_flags, 0, __ATOMIC_RELAXED); /* unused flags word */
+    __atomic_store_n(r->avail_event, 0, __ATOMIC_RELEASE); /* pairs with the driver's [F1] */
+    self->next_avail = self->avail_seen = self->last_used = 0;
+    ring_reset_end(r);
+    Py_RETURN_NONE;
+}
+
+static uint16_t rx_held(RxRing *self)
+{
+    return (uint16_t)(self->next_avail - self->last_used);
+}
+
+/* Peek the next published span. Returns 1 with the span stored, 0 if none, -1 on error. */
+static int rx_poll_impl(RxRing *self, uint64_t *addr_out, uint32_t *len_out)
+{
+    Ring *r = &self->ring;
+    if (r->broken != NULL) {
+        raise_broken(r);
+        return -1;
+    }
+    if (self->next_avail == self->avail_seen) {
+        if (!ring_sync(r))
+            return 0;
+        uint16_t avail_idx = __atomic_load_n(r->avail_idx, __ATOMIC_ACQUIRE); /* [A1]; [R1] */
+        if (avail_idx == self->avail_seen)
+            return 0;
+        /* [S1] acquire, after [A1]: a reset avail.idx comes with the zeroed session word */
+        if (__atomic_load_n(r->peer_line, __ATOMIC_ACQUIRE) != r->session) {
+            r->synced = false;
+            peer_lost(r, "sender restarted or left this queue's session");
+            return -1;
+        }
+        if ((uint16_t)(avail_idx - self->last_used) > r->num) {
+            ring_corrupt(r, PyUnicode_FromString("avail.idx"), PyLong_FromLong(avail_idx),
+                         PyUnicode_FromFormat("more than %u entries ahead of used.idx", r->num));
+            return -1;
+        }
+        if ((uint16_t)(avail_idx - self->next_avail) > r->num) {
+            ring_corrupt(r, PyUnicode_FromString("avail.idx"), PyLong_FromLong(avail_idx),
+                         PyUnicode_FromString("moved backwards"));
+            return -1;
+        }
+        self->avail_seen = avail_idx;
+    }
+    uint32_t slot = self->next_avail & r->mask;
+    uint16_t head = __atomic_load_n(&r->avail_ring[slot], __ATOMIC_RELAXED); /* after [A1] */
+    if (head != slot) { /* IN_ORDER: descriptors are made available in table order */
+        ring_corrupt(r, PyUnicode_FromString("avail.ring"), PyLong_FromLong(head),
+                     PyUnicode_FromFormat("expected in-order head %u", slot));
+        return -1;
+    }
+    struct vring_desc_le *d = &r->desc[slot];
+    uint64_t addr = __atomic_load_n(&d->addr, __ATOMIC_RELAXED);     /* after [A1] */
+    uint32_t length = __atomic_load_n(&d->len, __ATOMIC_RELAXED);    /* after [A1] */
+    uint16_t flags = __atomic_load_n(&d->flags, __ATOMIC_RELAXED);   /* after [A1] */
+    if (flags != 0) {
+        ring_corrupt(r, PyUnicode_FromFormat("desc[%u].flags", slot), PyLong_FromLong(flags),
+                     PyUnicode_FromString("NEXT/WRITE/INDIRECT not used"));
+        return -1;
+    }
+    if (addr < (uint64_t)r->data_offset || addr % SPAN_ALIGN) {
+        ring_corrupt(r, PyUnicode_FromFormat("desc[%u].addr", slot),
+                     PyLong_FromUnsignedLongLong(addr),
+                     PyUnicode_FromString("outside this queue's data area"));
+        return -1;
+    }
+    if (length == 0 || length > (uint64_t)r->max_span || addr > (uint64_t)r->data_end ||
+        length > (uint64_t)r->data_end - addr) {
+        ring_corrupt(r, PyUnicode_FromFormat("desc[%u].len", slot),
+                     PyLong_FromUnsignedLong(length),
+                     PyUnicode_FromFormat("span at %llu must lie in the data area",
+                                          (unsigned long long)addr));
+        return -1;
+    }
+    self->next_avail++;
+    *addr_out = addr;
+    *len_out = length;
+    return 1;
+}
+
+static PyObject *rx_poll(RxRing *self, PyObject *Py_UNUSED(ignored))
+{
+    uint64_t addr;
+    uint32_t length;
+    int found = rx_poll_impl(self, &addr, &length);
+    if (found <= 0)
+        return found < 0 ? NULL : Py_NewRef(Py_None);
+    return Py_BuildValue("(KI)", (unsigned long long)addr, (unsigned int)length);
+}
+
+/* Decode the first-span header of a span inside the data area (the caller checked that
+ * [offset, offset + 16) lies there and is 8-byte aligned). 0, or -1 with the ring broken. */
+static int rx_read_header_impl(RxRing *self, Py_ssize_t offset, uint64_t length,
+                               uint64_t *total_out, int32_t *tag_out)
+{
+    Ring *r = &self->ring;
+    const unsigned char *h = r->base + offset;
+    /* span data: published by [R1] and loaded after [A1]; each field read once */
+    uint64_t total = __atomic_load_n((const uint64_t *)h, __ATOMIC_RELAXED);
+    int32_t tag = __atomic_load_n((const int32_t *)(h + 8), __ATOMIC_RELAXED);
+    uint32_t flags = __atomic_load_n((const uint32_t *)(h + 12), __ATOMIC_RELAXED);
+    if (flags != HDR_F_FIRST) {
+        ring_corrupt(r, PyUnicode_FromString("header.flags"), PyLong_FromUnsignedLong(flags),
+                     PyUnicode_FromString("expected the first-span flag"));
+        return -1;
+    }
+    if (total > MAX_MESSAGE || length - SPAN_HEADER_SIZE > total) {
+        ring_corrupt(r, PyUnicode_FromString("header.total"),
+                     PyLong_FromUnsignedLongLong(total),
+                     PyUnicode_FromFormat("first span carries %llu bytes",
+                                          (unsigned long long)length));
+        return -1;
+    }
+    if (tag < 0) {
+        ring_corrupt(r, PyUnicode_FromString("header.tag"), PyLong_FromLong(tag),
+                     PyUnicode_FromString("tags are non-negative"));
+        return -1;
+    }
+    *total_out = total;
+    *tag_out = tag;
+    return 0;
+}
+
+static PyObject *short_span(RxRing *self, PyObject *length)
+{
+    return ring_corrupt(&self->ring, PyUnicode_FromString("span.len"), Py_NewRef(length),
+                        PyUnicode_FromString("first span shorter than its header"));
+}
+
+static PyObject *rx_read_header(RxRing *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    Ring *r = &self->ring;
+    long long offset, length;
+    int status, length_status;
+    if (check_nargs("read_header", nargs, 2) < 0 ||
+        (status = as_long_long(args[0], &offset)) < 0 ||
+        (length_status = as_long_long(args[1], &length)) < 0)
+        return NULL;
+    if (!length_status && length < SPAN_HEADER_SIZE)
+        return short_span(self, args[1]);
+    if (status || length_status || offset < r->data_offset ||
+        offset > r->data_end - SPAN_HEADER_SIZE || (offset - r->data_offset) % SPAN_ALIGN) {
+        PyErr_Format(PyExc_ValueError, "no span of the data area starts at %S", args[0]);
+        return NULL;
+    }
+    uint64_t total;
+    int32_t tag;
+    if (rx_read_header_impl(self, (Py_ssize_t)offset, (uint64_t)length, &total, &tag) < 0)
+        return NULL;
+    return Py_BuildValue("(Ki)", (unsigned long long)total, (int)tag);
+}
+
+static PyObject *rx_poll_header(RxRing *self, PyObject *Py_UNUSED(ignored))
+{
+    uint64_t addr, total;
+    uint32_t length;
+    int32_t tag;
+    int found = rx_poll_impl(self, &addr, &length);
+    if (found <= 0)
+        return found < 0 ? NULL : Py_NewRef(Py_None);
+    if (length < SPAN_HEADER_SIZE) {
+        PyObject *length_obj = PyLong_FromUnsignedLong(length);
+        if (length_obj == NULL)
+            return NULL;
+        PyObject *result = short_span(self, length_obj);
+        Py_DECREF(length_obj);
+        return result;
+    }
+    if (rx_read_header_impl(self, (Py_ssize_t)addr, length, &total, &tag) < 0)
+        return NULL;
+    return Py_BuildValue("(KIKi)", (unsigned long long)addr, (unsigned int)length,
+                         (unsigned long long)total, (int)tag);
+}
+
+static PyObject *rx_complete(RxRing *self, PyObject *count_obj)
+{
+    Ring *r = &self->ring;
+    long long n;
+    int status = as_long_long(count_obj, &n);
+    if (status < 0)
+        return NULL;
+    uint16_t held = rx_held(self);
+    if (status || n <= 0 || n > held) {
+        PyErr_Format(PyExc_ValueError, "cannot complete %S of %u held spans", count_obj,
+                     (unsigned)held);
+        return NULL;
+    }
+    uint16_t old_idx = self->last_used;
+    for (uint16_t i = 0; i < n; i++) {
+        uint32_t slot = (uint16_t)(old_idx + i) & r->mask;
+        r->used_ring[slot].id = slot; /* published by [R2] below */
+        r->used_ring[slot].len = 0;
+    }
+    uint16_t new_idx = self->last_used = (uint16_t)(old_idx + n);
+    /* [R2] release: after the used elements; pairs with [A2] */
+    __atomic_store_n(r->used_idx, new_idx, __ATOMIC_RELEASE);
+    full_fence_impl(); /* [F2] our used.idx store before the used_event load below */
+    /* after [F2]; pairs with the driver's used_event store in arm() */
+    uint16_t used_event = __atomic_load_n(r->used_event, __ATOMIC_ACQUIRE);
+    bool kick = need_event(used_event, new_idx, old_idx);
+    if (kick)
+        count(r, CNT_KICKS, 1);
+    return PyBool_FromLong(kick);
+}
+
+static PyObject *rx_read_into(RxRing *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    Ring *r = &self->ring;
+    long long src, dest_offset, length;
+    int src_status, dest_status, length_status;
+    Py_buffer dest;
+    if (check_nargs("read_into", nargs, 4) < 0 ||
+        (src_status = as_long_long(args[0], &src)) < 0 ||
+        (dest_status = as_long_long(args[2], &dest_offset)) < 0 ||
+        (length_status = as_long_long(args[3], &length)) < 0)
+        return NULL;
+    if (src_status || length_status || length < 0 || src < r->data_offset ||
+        src > r->data_end || length > r->data_end - src) {
+        PyErr_Format(PyExc_ValueError, "%S bytes at %S lie outside the data area", args[3],
+                     args[0]);
+        return NULL;
+    }
+    if (PyObject_GetBuffer(args[1], &dest, PyBUF_SIMPLE) < 0)
+        return NULL;
+    if (dest.readonly) {
+        PyErr_SetString(PyExc_TypeError, "cannot modify read-only memory");
+        PyBuffer_Release(&dest);
+        return NULL;
+    }
+    if (dest_status || dest_offset < 0 || dest_offset > dest.len ||
+        length > dest.len - dest_offset) {
+        PyErr_Format(PyExc_ValueError, "%S bytes at %S do not fit a %zd-byte buffer", args[3],
+                     args[2], dest.len);
+        PyBuffer_Release(&dest);
+        return NULL;
+    }
+    copy_bytes((unsigned char *)dest.buf + dest_offset, r->base + src, (Py_ssize_t)length);
+    PyBuffer_Release(&dest);
+    Py_RETURN_NONE;
+}
+
+static PyObject *rx_arm(RxRing *self, PyObject *Py_UNUSED(ignored))
+{
+    Ring *r = &self->ring;
+    /* avail_event store: pairs with the driver's load after its [F1] */
+    __atomic_store_n(r->avail_event, self->next_avail, __ATOMIC_RELEASE);
+    full_fence_impl(); /* [F1] our avail_event store before the avail.idx load below */
+    if (!r->synced)
+        return PyBool_FromLong(ring_sync(r));
+    uint16_t avail_idx = __atomic_load_n(r->avail_idx, __ATOMIC_ACQUIRE); /* [A1]; [R1] */
+    return PyBool_FromLong(avail_idx != self->avail_seen ||
+                           self->next_avail != self->avail_seen);
+}
+
+static PyObject *rx_get_held(RxRing *self, void *Py_UNUSED(closure))
+{
+    return PyLong_FromLong(rx_held(self));
+}
+
+static PyMethodDef rx_methods[] = {
+    {"mark_broken", (PyCFunction)(void (*)(void))ring_mark_broken, METH_FASTCALL,
+     "mark_broken(field, value, detail): break the ring for good; return the error."},
+    {"reset", (PyCFunction)rx_reset, METH_O,
+     "Drop everything unread and start session `session` (owner: this device)."},
+    {"check_sync", (PyCFunction)ring_check_sync, METH_NOARGS,
+     "True once the driver half holds our session."},
+    {"poll", (PyCFunction)rx_poll, METH_NOARGS,
+     "Peek the next published span: (region offset, length), or None."},
+    {"read_header", (PyCFunction)(void (*)(void))rx_read_header, METH_FASTCALL,
+     "read_header(offset, length): decode a first-span header: (total, tag)."},
+    {"poll_header", (PyCFunction)rx_poll_header, METH_NOARGS,
+     "poll() and read_header() fused: (offset, length, total, tag), or None."},
+    {"complete", (PyCFunction)rx_complete, METH_O,
+     "Give the oldest `count` held spans back to the driver. True iff it must be kicked."},
+    {"read_into", (PyCFunction)(void (*)(void))rx_read_into, METH_FASTCALL,
+     "read_into(src_offset, dest_buffer, dest_offset, length): copy out of the data area."},
+    {"count_message", (PyCFunction)ring_count_message, METH_O,
+     "Add one message of `nbytes` to the device line's counters."},
+    {"count_sleep", (PyCFunction)ring_count_wait, METH_NOARGS, "Count one blocked wait."},
+    {"arm", (PyCFunction)rx_arm, METH_NOARGS,
+     "Ask to be kicked at the next publication; True if one already arrived."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef rx_getset[] = {
+    {"broken", (getter)ring_get_broken, NULL, "the error that broke this ring, or None", NULL},
+    {"held", (getter)rx_get_held, NULL, "spans peeked and not yet completed", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject RxRingType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "ivshmem_comm._fastpath.RxRing",
+    .tp_doc = "Device half of one queue: peeks published spans, validates them, completes "
+              "them in order.\n\nRxRing(region_buf, queue_offset, geometry, peer); then "
+              "reset(session).",
+    .tp_basicsize = sizeof(RxRing),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)rx_init,
+    .tp_dealloc = (destructor)rx_dealloc,
+    .tp_traverse = (traverseproc)ring_traverse,
+    .tp_clear = (inquiry)ring_clear,
+    .tp_methods = rx_methods,
+    .tp_members = ring_members,
+    .tp_getset = rx_getset,
+};
+
+/* ------------------------------------------------------------------------------------------
+ * Module
+ * ------------------------------------------------------------------------------------------ */
+
+static PyObject *full_fence(PyObject *Py_UNUSED(module), PyObject *Py_UNUSED(ignored))
+{
+    full_fence_impl(); /* [F1]/[F2] for callers that order their own stores and loads */
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef module_methods[] = {
+    {"full_fence", full_fence, METH_NOARGS, "A full (sequentially consistent) memory barrier."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef fastpath_module = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "ivshmem_comm._fastpath",
+    .m_doc = "C accelerator of ivshmem_comm.virtqueue: TxRing and RxRing, same names and "
+             "behaviour as the pure-Python reference.",
+    .m_size = -1,
+    .m_methods = module_methods,
+};
+
+PyMODINIT_FUNC PyInit__fastpath(void)
+{
+    PyObject *errors = PyImport_ImportModule("ivshmem_comm.errors");
+    if (errors == NULL)
+        return NULL;
+    RingCorruptError = PyObject_GetAttrString(errors, "RingCorruptError");
+    PeerLostError = PyObject_GetAttrString(errors, "PeerLostError");
+    Py_DECREF(errors);
+    if (RingCorruptError == NULL || PeerLostError == NULL)
+        return NULL;
+    if (PyType_Ready(&TxRingType) < 0 || PyType_Ready(&RxRingType) < 0)
+        return NULL;
+    PyObject *m = PyModule_Create(&fastpath_module);
+    if (m == NULL)
+        return NULL;
+    if (PyModule_AddObjectRef(m, "TxRing", (PyObject *)&TxRingType) < 0 ||
+        PyModule_AddObjectRef(m, "RxRing", (PyObject *)&RxRingType) < 0 ||
+        PyModule_AddIntConstant(m, "SEND_OK", SEND_OK) < 0 ||
+        PyModule_AddIntConstant(m, "SEND_KICK", SEND_KICK) < 0 ||
+        PyModule_AddIntConstant(m, "SEND_FULL", SEND_FULL) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

@@ -1,0 +1,817 @@
+"""The two halves of a queue, TxRing and RxRing, in both implementations and mixed pairs.
+
+Every test runs against the pure-Python reference (`virtqueue`) and the C accelerator
+(`_fastpath`), and the pair tests also against a Python driver with a C device and the
+reverse: the two implementations must agree byte for byte on one queue. Property tests drive
+random sequences of operations, differentially across all four pairings at once, and scribble
+over the memory each side does not own: the other side must raise RingCorruptError or
+PeerLostError or return sane values, never crash, never hand out an offset outside the data
+area, never hang.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import os
+import struct
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from ivshmem_comm import layout, virtqueue
+from ivshmem_comm.errors import PeerLostError, RingCorruptError
+from ivshmem_comm.region import format_buffer
+
+try:
+    from ivshmem_comm import _fastpath
+except ImportError:
+    if os.environ.get("IVSHMEM_COMM_REQUIRE_FASTPATH") == "1":
+        raise
+    _fastpath = None
+
+needs_c = pytest.mark.skipif(_fastpath is None, reason="ivshmem_comm._fastpath is not built")
+IMPLS = ["py", pytest.param("c", marks=needs_c)]
+PAIRS = [
+    ("py", "py"),
+    pytest.param("c", "c", marks=needs_c),
+    pytest.param("py", "c", marks=needs_c),
+    pytest.param("c", "py", marks=needs_c),
+]
+WORLD_PAIRS = [("py", "py")] + ([("c", "c"), ("py", "c"), ("c", "py")] if _fastpath else [])
+
+SESSION = layout.session_word(3, 5)
+PATTERN = bytes((i * 131 + 7) & 0xFF for i in range(1 << 17))
+FAST = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def tx_class(impl: str) -> Any:
+    return virtqueue.TxRing if impl == "py" else _fastpath.TxRing
+
+
+def rx_class(impl: str) -> Any:
+    return virtqueue.RxRing if impl == "py" else _fastpath.RxRing
+
+
+def small_geometry(queue_num: int = 8, data_size: int = 8192, max_span: int = 1024) -> Any:
+    """Three peers with small queues, so that indices and the byte ring wrap quickly."""
+    probe = layout.Geometry(0, 3, queue_num, 64, data_size, max_span)
+    geometry = dataclasses.replace(probe, region_size=probe.required_size)
+    geometry.validate()
+    return geometry
+
+
+def payload(seq: int, size: int) -> bytes:
+    start = seq % 251
+    return PATTERN[start : start + size]
+
+
+@dataclasses.dataclass
+class Queue:
+    """Where the fields of one queue are, for tests that look at or scribble over them."""
+
+    base: int
+    geometry: Any
+
+    @property
+    def ring(self) -> int:
+        return self.base + self.geometry.ring_rel_offset
+
+    @property
+    def avail(self) -> int:
+        return self.ring + layout.vring_offsets(self.geometry.queue_num, 64)[1]
+
+    @property
+    def used(self) -> int:
+        return self.ring + layout.vring_offsets(self.geometry.queue_num, 64)[2]
+
+    @property
+    def num(self) -> int:
+        return self.geometry.queue_num
+
+    def avail_idx(self, buf: Any) -> int:
+        return struct.unpack_from("<H", buf, self.avail + 2)[0]
+
+    def avail_event(self, buf: Any) -> int:
+        return struct.unpack_from("<H", buf, self.used + 4 + 8 * self.num)[0]
+
+    def used_event(self, buf: Any) -> int:
+        return struct.unpack_from("<H", buf, self.avail + 4 + 2 * self.num)[0]
+
+    def desc(self, buf: Any, slot: int) -> tuple[int, int, int, int]:
+        return layout.VRING_DESC.unpack_from(buf, self.ring + 16 * slot)
+
+    def driver_fields(self) -> list[tuple[int, str]]:
+        """(offset, struct format) of every field the driver owns, data area aside."""
+        fields = [(self.base + 8 * i, "<Q") for i in range(5)]
+        for slot in range(self.num):
+            d = self.ring + 16 * slot
+            fields += [(d, "<Q"), (d + 8, "<I"), (d + 12, "<H"), (d + 14, "<H")]
+        fields += [(self.avail + 2 * i, "<H") for i in range(3 + self.num)]
+        return fields
+
+    def device_fields(self) -> list[tuple[int, str]]:
+        """(offset, struct format) of every field the device owns."""
+        fields = [(self.base + layout.DEVICE_LINE_OFFSET + 8 * i, "<Q") for i in range(5)]
+        fields += [(self.used, "<H"), (self.used + 2, "<H")]
+        for slot in range(self.num):
+            fields += [(self.used + 4 + 8 * slot, "<I"), (self.used + 8 + 8 * slot, "<I")]
+        fields.append((self.used + 4 + 8 * self.num, "<H"))
+        return fields
+
+
+def make_pair(buf: Any, geometry: Any, tx_impl: str, rx_impl: str, src: int = 0, dst: int = 1):
+    offset = geometry.queue_offset(src, dst)
+    tx = tx_class(tx_impl)(buf, offset, geometry, dst)
+    rx = rx_class(rx_impl)(buf, offset, geometry, src)
+    tx.reset(SESSION)
+    rx.reset(SESSION)
+    assert tx.check_sync() and rx.check_sync()
+    return tx, rx
+
+
+def new_region(geometry: Any) -> bytearray:
+    buf = bytearray(geometry.region_size)
+    format_buffer(buf, geometry, "test-ring")
+    return buf
+
+
+def roundtrip(tx: Any, rx: Any, buf: Any, count: int = 3) -> None:
+    """Send, receive, check and complete `count` small messages on a sound pair."""
+    for seq in range(count):
+        data = payload(seq, 40 + seq)
+        assert tx.send_small(seq, data) != virtqueue.SEND_FULL
+        offset, length, total, tag = rx.poll_header()
+        assert (total, tag, length) == (len(data), seq, 16 + len(data))
+        assert bytes(buf[offset + 16 : offset + length]) == data
+        rx.complete(1)
+        assert tx.reclaim() == 1
+
+
+def outcome(call: Any, *args: Any) -> Any:
+    """The result of call(*args), or (exception type, message) if it raised."""
+    try:
+        return call(*args)
+    except Exception as exc:
+        return (type(exc).__name__, str(exc))
+
+
+# ------------------------------------------------------------------------------------------
+# Basics
+# ------------------------------------------------------------------------------------------
+
+
+@needs_c
+def test_module_constants_match_the_reference() -> None:
+    assert (_fastpath.SEND_OK, _fastpath.SEND_KICK, _fastpath.SEND_FULL) == (
+        virtqueue.SEND_OK,
+        virtqueue.SEND_KICK,
+        virtqueue.SEND_FULL,
+    )
+    assert _fastpath.full_fence() is None
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_attributes(impl: str) -> None:
+    g = small_geometry()
+    buf = new_region(g)
+    offset = g.queue_offset(2, 1)
+    tx = tx_class(impl)(buf, offset, g, 1)
+    rx = rx_class(impl)(buf, offset, g, 2)
+    for ring, peer in ((tx, 1), (rx, 2)):
+        assert ring.peer == peer
+        assert ring.num == g.queue_num
+        assert ring.data_offset == offset + g.data_rel_offset
+        assert ring.data_size == g.data_size
+        assert ring.max_span == g.max_span
+        assert ring.session == 0
+        assert ring.broken is None
+    tx.reset(SESSION)
+    assert tx.session == SESSION
+    assert not tx.check_sync()
+    rx.reset(SESSION)
+    assert tx.check_sync() and rx.check_sync()
+    assert (tx.in_flight, rx.held) == (0, 0)
+
+
+@pytest.mark.parametrize(("tx_impl", "rx_impl"), PAIRS)
+def test_small_messages_round_trip(tx_impl: str, rx_impl: str) -> None:
+    g = small_geometry()
+    buf = new_region(g)
+    tx, rx = make_pair(buf, g, tx_impl, rx_impl)
+    assert rx.poll() is None and rx.poll_header() is None
+    roundtrip(tx, rx, buf, count=20)
+    counters = struct.unpack_from("<QQQQQ", buf, g.queue_offset(0, 1))
+    assert counters[:3] == (SESSION, 20, sum(40 + i for i in range(20)))
+
+
+@pytest.mark.parametrize(("tx_impl", "rx_impl"), PAIRS)
+def test_message_in_pieces_and_read_into(tx_impl: str, rx_impl: str) -> None:
+    g = small_geometry()
+    buf = new_region(g)
+    tx, rx = make_pair(buf, g, tx_impl, rx_impl)
+    data = payload(9, 3000)
+    offset = tx.reserve(16 + len(data))
+    assert offset == tx.data_offset
+    tx.write_header(offset, len(data), 77)
+    tx.write(offset + 16, data)
+    assert tx.publish(offset, 1024, False) is True  # first publication always kicks
+    assert tx.publish(offset + 1024, 1024, False) is False
+    assert tx.publish(offset + 2048, 16 + len(data) - 2048, True) is False
+    assert tx.in_flight == 3
+    first = rx.poll_header()
+    assert first == (offset, 1024, len(data), 77)
+    assert rx.poll() == (offset + 1024, 1024)
+    assert rx.poll() == (offset + 2048, 16 + len(data) - 2048)
+    dest = bytearray(len(data) + 8)
+    rx.read_into(offset + 16, dest, 8, len(data))
+    assert bytes(dest[8:]) == data
+    assert rx.held == 3
+    rx.complete(2)
+    assert tx.reclaim() == 2
+    rx.complete(1)
+    assert tx.reclaim() == 1 and tx.in_flight == 0
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_large_write_and_read_into(impl: str) -> None:
+    """Copies of 64 KiB and more release the GIL in C; the bytes must not care."""
+    g = small_geometry(data_size=1 << 20, max_span=256 << 10)
+    buf = new_region(g)
+    tx, rx = make_pair(buf, g, impl, impl)
+    data = (PATTERN * 2)[:200_000]
+    offset = tx.reserve(16 + len(data))
+    tx.write_header(offset, len(data), 1)
+    tx.write(offset + 16, memoryview(data))
+    for start in range(0, 16 + len(data), 256 << 10):
+        length = min(256 << 10, 16 + len(data) - start)
+        tx.publish(offset + start, length, start + length == 16 + len(data))
+    head = rx.poll_header()
+    assert head[2:] == (len(data), 1)
+    dest = bytearray(len(data))
+    rx.read_into(offset + 16, dest, 0, len(data))
+    assert dest == data
+
+
+@pytest.mark.parametrize(("tx_impl", "rx_impl"), PAIRS)
+def test_send_small_full_and_accepts_any_buffer(tx_impl: str, rx_impl: str) -> None:
+    g = small_geometry(queue_num=4)
+    buf = new_region(g)
+    tx, rx = make_pair(buf, g, tx_impl, rx_impl)
+    sources = [b"abc", bytearray(b"defg"), memoryview(b"hijkl"), memoryview(b"x" * 16)[::1]]
+    for i, source in enumerate(sources):
+        assert tx.send_small(i, source) != virtqueue.SEND_FULL
+    assert tx.send_small(9, b"no room") == virtqueue.SEND_FULL
+    for i, source in enumerate(sources):
+        offset, length, _, tag = rx.poll_header()
+        assert (tag, bytes(buf[offset + 16 : offset + length])) == (i, bytes(source))
+    rx.complete(4)
+    assert tx.reclaim() == 4
+
+
+@pytest.mark.parametrize(("tx_impl", "rx_impl"), PAIRS)
+def test_indices_wrap_past_65535(tx_impl: str, rx_impl: str) -> None:
+    g = small_geometry(queue_num=4, data_size=4096, max_span=256)
+    buf = new_region(g)
+    tx, rx = make_pair(buf, g, tx_impl, rx_impl)
+    q = Queue(g.queue_offset(0, 1), g)
+    rounds = 70_000
+    for seq in range(rounds):
+        assert tx.send_small(seq, payload(seq, seq % 200)) != virtqueue.SEND_FULL
+        _, _, total, tag = rx.poll_header()
+        assert (total, tag) == (seq % 200, seq)
+        rx.complete(1)
+        if seq % 3 == 2:
+            assert tx.reclaim() == 3
+    assert q.avail_idx(buf) == rounds & 0xFFFF
+    assert struct.unpack_from("<H", buf, q.used + 2)[0] == rounds & 0xFFFF
+    assert tx.reclaim() == rounds % 3
+    roundtrip(tx, rx, buf)
+
+
+# ------------------------------------------------------------------------------------------
+# Errors: the same type and message from both implementations
+# ------------------------------------------------------------------------------------------
+
+
+def misuse(tx: Any, rx: Any) -> list[Any]:
+    results = [outcome(tx.reserve, n) for n in (0, -5, 8193, 2**70)]
+    results.append(outcome(rx.complete, 1))
+    results.append(outcome(tx.publish, tx.data_offset, 16, True))
+    offset = tx.reserve(64)
+    results += [offset, outcome(tx.reserve, 16), outcome(tx.publish, offset + 16, 16, True)]
+    results += [tx.publish(offset, 32, False), tx.publish(offset + 32, 32, True)]
+    rx.poll()
+    results.append(outcome(rx.complete, 2))
+    results.append(outcome(rx.complete, 0))
+    results.append(outcome(rx.read_header, rx.data_offset, 8))
+    with pytest.raises(ValueError):
+        tx.reset(-1)
+    return results
+
+
+@needs_c
+def test_misuse_errors_match() -> None:
+    g = small_geometry()
+    reference = misuse(*make_pair(new_region(g), g, "py", "py"))
+    assert misuse(*make_pair(new_region(g), g, "c", "c")) == reference
+    assert reference[0] == ("ValueError", "0 bytes never fit a 8192-byte data area")
+    assert reference[4] == ("ValueError", "cannot complete 1 of 0 held spans")
+    assert reference[5] == ("RuntimeError", "publish outside the open reservation")
+
+
+@needs_c
+def test_c_constructor_refuses_a_queue_outside_its_buffer() -> None:
+    g = small_geometry()
+    buf = new_region(g)
+    for offset in (-8, g.region_size - g.queue_stride + 8, g.queue_offset(0, 1) + 4):
+        with pytest.raises(ValueError, match="does not lie 8-byte aligned"):
+            _fastpath.TxRing(buf, offset, g, 1)
+    bad = dataclasses.replace(g, queue_num=6)
+    with pytest.raises(ValueError, match="queue_num"):
+        _fastpath.RxRing(buf, g.queue_offset(0, 1), bad, 0)
+    with pytest.raises(BufferError):
+        _fastpath.RxRing(bytes(g.region_size), g.queue_offset(0, 1), g, 0)
+
+
+@needs_c
+def test_c_checks_its_callers_offsets() -> None:
+    """The C path bounds-checks every caller-supplied offset (Python trusts its caller)."""
+    g = small_geometry()
+    buf = new_region(g)
+    tx, rx = make_pair(buf, g, "c", "c")
+    with pytest.raises(RuntimeError, match="write outside the open reservation"):
+        tx.write(tx.data_offset, b"x")
+    offset = tx.reserve(64)
+    with pytest.raises(RuntimeError, match="write outside"):
+        tx.write(offset + 60, b"12345")
+    with pytest.raises(RuntimeError, match="write outside"):
+        tx.write_header(offset - 16, 1, 1)
+    tx.write(offset, b"12345")
+    with pytest.raises(ValueError, match="outside the data area"):
+        rx.read_into(rx.data_offset - 1, bytearray(4), 0, 4)
+    with pytest.raises(ValueError, match="outside the data area"):
+        rx.read_into(rx.data_offset + g.data_size - 2, bytearray(4), 0, 4)
+    with pytest.raises(ValueError, match="do not fit a 4-byte buffer"):
+        rx.read_into(rx.data_offset, bytearray(4), 1, 4)
+    with pytest.raises(TypeError, match="read-only"):
+        rx.read_into(rx.data_offset, b"abcd", 0, 4)
+    with pytest.raises(ValueError, match="no span of the data area"):
+        rx.read_header(rx.data_offset + 8, 32)
+
+
+@pytest.mark.parametrize("impl", ["py", pytest.param("c", marks=needs_c)])
+def test_publish_refuses_a_descriptor_beyond_queue_size(impl: str) -> None:
+    """One reservation published in more pieces than free descriptors must not overrun."""
+    g = small_geometry(queue_num=4)
+    buf = new_region(g)
+    tx, _ = make_pair(buf, g, impl, "py")
+    for seq in range(3):
+        tx.send_small(seq, b"abc")
+    offset = tx.reserve(64)
+    tx.publish(offset, 32, False)
+    with pytest.raises(RuntimeError, match="in flight"):
+        tx.publish(offset + 32, 32, True)
+
+
+@pytest.mark.parametrize("impl", ["py", pytest.param("c", marks=needs_c)])
+def test_send_small_refuses_a_tag_the_receiver_rejects(impl: str) -> None:
+    g = small_geometry()
+    tx, _ = make_pair(new_region(g), g, impl, "py")
+    with pytest.raises(ValueError, match="tag"):
+        tx.send_small(-1, b"abc")
+    assert tx.in_flight == 0
+
+
+# ------------------------------------------------------------------------------------------
+# Differential property test: random operation sequences on all four pairings at once
+# ------------------------------------------------------------------------------------------
+
+
+class World:
+    """One pairing on its own region; every world sees the same operations."""
+
+    def __init__(self, geometry: Any, tx_impl: str, rx_impl: str) -> None:
+        self.buf = new_region(geometry)
+        self.tx, self.rx = make_pair(self.buf, geometry, tx_impl, rx_impl)
+        self.queue = Queue(geometry.queue_offset(0, 1), geometry)
+
+    def queue_bytes(self) -> bytes:
+        q = self.queue
+        return bytes(self.buf[q.base : q.base + q.geometry.queue_stride])
+
+
+@dataclasses.dataclass
+class Model:
+    """What the test knows: messages in flight and the spans they occupy."""
+
+    sent: list[tuple[int, int, int]] = dataclasses.field(default_factory=list)  # seq, off, len
+    unpolled: int = 0  # index into sent of the next span the device will see
+    seq: int = 0
+
+
+def check_sane_span(ring: Any, offset: int, length: int) -> None:
+    assert ring.data_offset <= offset and offset + length <= ring.data_offset + ring.data_size
+    assert 0 < length <= ring.max_span and offset % layout.SPAN_ALIGN == 0
+
+
+def check_no_overlap(spans: list[tuple[int, int, int]]) -> None:
+    extents = sorted((off, off + layout.align_up(n, 16)) for _, off, n in spans)
+    for (_, end), (start, _) in itertools.pairwise(extents):
+        assert end <= start, f"live spans overlap: {extents}"
+
+
+def step(worlds: list[World], model: Model, data: Any) -> None:
+    w0 = worlds[0]
+    g = w0.queue.geometry
+    op = data.draw(
+        st.sampled_from(["send", "send", "multi", "recv", "recv", "complete", "reclaim", "arm"])
+    )
+    if op == "send":
+        size = data.draw(st.one_of(st.integers(0, 64), st.integers(0, g.max_span - 16)))
+        before = [(w.queue.avail_idx(w.buf), w.queue.avail_event(w.buf)) for w in worlds]
+        results = [w.tx.send_small(model.seq, payload(model.seq, size)) for w in worlds]
+        assert len(set(results)) == 1, results
+        if results[0] == virtqueue.SEND_FULL:
+            return
+        for old, event in before:
+            kick = layout.need_event(event, (old + 1) & 0xFFFF, old)
+            assert results[0] == (virtqueue.SEND_KICK if kick else virtqueue.SEND_OK)
+        addr, length, _, _ = w0.queue.desc(w0.buf, (w0.queue.avail_idx(w0.buf) - 1) % g.queue_num)
+        check_sane_span(w0.tx, addr, length)
+        model.sent.append((model.seq, addr, length))
+        model.seq += 1
+    elif op == "multi":
+        size = data.draw(st.integers(0, min(3 * g.max_span, g.data_size) - 16))
+        piece = data.draw(st.sampled_from([16, 256, g.max_span]))
+        total = 16 + size
+        pieces = -(-total // piece)
+        if pieces + w0.tx.in_flight > g.queue_num or pieces > 6:
+            return
+        offsets = [w.tx.reserve(total) for w in worlds]
+        assert len(set(offsets)) == 1, offsets
+        if offsets[0] < 0:
+            return
+        data_bytes = payload(model.seq, size)
+        for w in worlds:
+            w.tx.write_header(offsets[0], size, model.seq)
+            w.tx.write(offsets[0] + 16, data_bytes)
+        for start in range(0, total, piece):
+            n = min(piece, total - start)
+            kicks = {w.tx.publish(offsets[0] + start, n, start + n == total) for w in worlds}
+            assert len(kicks) == 1
+            model.sent.append((model.seq if start == 0 else -1, offsets[0] + start, n))
+        model.seq += 1
+    elif op == "recv":
+        if model.unpolled == len(model.sent):
+            assert all(w.rx.poll() is None for w in worlds)
+            return
+        seq, offset, length = model.sent[model.unpolled]
+        model.unpolled += 1
+        if seq < 0:
+            assert all(w.rx.poll() == (offset, length) for w in worlds)
+            return
+        heads = [w.rx.poll_header() for w in worlds]
+        assert len(set(heads)) == 1, heads
+        assert heads[0][:2] == (offset, length) and heads[0][3] == seq
+        total = heads[0][2]
+        first = min(total, length - 16)
+        dest = bytearray(first)
+        for w in worlds:
+            w.rx.read_into(offset + 16, dest, 0, first)
+            assert dest == payload(seq, total)[:first]
+    elif op == "complete":
+        held = w0.rx.held
+        count = data.draw(st.integers(0, held + 1))
+        before = [w.queue.used_event(w.buf) for w in worlds]
+        results = [outcome(w.rx.complete, count) for w in worlds]
+        assert len(set(map(repr, results))) == 1, results
+        if 0 < count <= held:
+            for w, event in zip(worlds, before, strict=True):
+                new = struct.unpack_from("<H", w.buf, w.queue.used + 2)[0]
+                assert results[0] == layout.need_event(event, new, (new - count) & 0xFFFF)
+    elif op == "reclaim":
+        results = [w.tx.reclaim() for w in worlds]
+        assert len(set(results)) == 1, results
+        del model.sent[: results[0]]
+        model.unpolled -= results[0]
+    else:
+        results = [(w.tx.arm(), w.rx.arm()) for w in worlds]
+        assert len(set(results)) == 1, results
+    check_no_overlap(model.sent)
+    assert all(w.tx.in_flight == len(model.sent) for w in worlds)
+    reference = w0.queue_bytes()
+    for w in worlds[1:]:
+        assert w.queue_bytes() == reference
+
+
+@FAST
+@given(st.data(), st.sampled_from([(4, 4096, 512), (8, 8192, 1024), (16, 4096, 4096)]))
+def test_random_operations_agree_across_implementations(data: Any, shape: Any) -> None:
+    geometry = small_geometry(*shape)
+    worlds = [World(geometry, t, r) for t, r in WORLD_PAIRS]
+    model = Model()
+    for _ in range(data.draw(st.integers(1, 120))):
+        step(worlds, model, data)
+
+
+# ------------------------------------------------------------------------------------------
+# Sessions
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("tx_impl", "rx_impl"), PAIRS)
+def test_peer_lost_when_the_other_half_resets(tx_impl: str, rx_impl: str) -> None:
+    g = small_geometry()
+    buf = new_region(g)
+    tx, rx = make_pair(buf, g, tx_impl, rx_impl)
+    tx.send_small(1, b"abc")
+    tx.send_small(2, b"abc")
+    rx.poll()
+    rx.complete(1)
+    assert tx.reclaim() == 1
+    rx.reset(SESSION + 1)  # the receiver restarted: used.idx goes back to 0
+    with pytest.raises(PeerLostError, match="receiver restarted") as info:
+        tx.reclaim()
+    assert info.value.peer == 1
+    assert tx.reclaim() == 0 and tx.broken is None
+    tx.send_small(2, b"def")
+    tx.reset(SESSION + 2)  # the sender restarted too, into another session
+    rx2 = rx_class(rx_impl)(buf, g.queue_offset(0, 1), g, 0)
+    rx2.reset(SESSION + 1)
+    assert rx2.poll() is None
+    tx.send_small(3, b"ghi")
+    assert rx2.poll() is None and not rx2.check_sync()
+
+
+@pytest.mark.parametrize(("tx_impl", "rx_impl"), PAIRS)
+def test_a_half_never_reset_is_never_in_sync(tx_impl: str, rx_impl: str) -> None:
+    """On a fresh region both session words are 0: that must not count as a session."""
+    g = small_geometry()
+    buf = new_region(g)
+    offset = g.queue_offset(0, 1)
+    rx = rx_class(rx_impl)(buf, offset, g, 0)
+    assert not rx.check_sync() and rx.poll() is None and rx.arm() is False
+    tx = tx_class(tx_impl)(buf, offset, g, 1)
+    assert not tx.check_sync() and tx.reclaim() == 0
+    tx.reset(SESSION)
+    assert tx.send_small(1, b"abc") == virtqueue.SEND_KICK  # not in sync: always kick
+    assert rx.poll() is None and not tx.check_sync()
+    rx.reset(SESSION)
+    assert rx.poll_header()[2:] == (3, 1)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_reserve_needs_a_descriptor_per_piece(impl: str) -> None:
+    g = small_geometry(queue_num=4, data_size=8192, max_span=1024)
+    tx, _ = make_pair(new_region(g), g, impl, "py")
+    tx.send_small(0, b"a")
+    tx.send_small(1, b"b")
+    assert tx.reserve(2 * 1024 + 1) == -1  # three pieces, two descriptors free
+    offset = tx.reserve(2 * 1024)
+    assert offset >= 0
+    tx.publish(offset, 1024, False)
+    tx.publish(offset + 1024, 1024, True)
+    assert tx.in_flight == 4
+
+
+@pytest.mark.parametrize(("tx_impl", "rx_impl"), PAIRS)
+def test_receiver_sees_peer_lost_after_sender_reset(tx_impl: str, rx_impl: str) -> None:
+    g = small_geometry()
+    buf = new_region(g)
+    tx, rx = make_pair(buf, g, tx_impl, rx_impl)
+    tx.reset(SESSION + 1)
+    tx.send_small(1, b"abc")
+    with pytest.raises(PeerLostError, match="sender restarted") as info:
+        rx.poll()
+    assert info.value.peer == 0
+    assert rx.poll() is None
+
+
+# ------------------------------------------------------------------------------------------
+# Adversarial: scribbles over what the other side owns
+# ------------------------------------------------------------------------------------------
+
+EXTREMES = [0, 1, 2, 15, 16, 0x7FFF, 0x8000, 0xFFFF, 0xFFFFFFFF, 2**63, 2**64 - 1]
+
+
+def scribbles(fields: list[tuple[int, str]]) -> Any:
+    def value_for(fmt: str) -> Any:
+        bits = struct.calcsize(fmt) * 8
+        extremes = [v for v in EXTREMES if v < 1 << bits]
+        return st.one_of(st.sampled_from(extremes), st.integers(0, (1 << bits) - 1))
+
+    field = st.sampled_from(fields)
+    one = field.flatmap(lambda f: st.tuples(st.just(f), value_for(f[1])))
+    return st.lists(one, min_size=1, max_size=6)
+
+
+def apply(buf: Any, writes: list[tuple[tuple[int, str], int]]) -> None:
+    for (offset, fmt), value in writes:
+        struct.pack_into(fmt, buf, offset, value)
+
+
+def assert_other_queues_work(buf: Any, geometry: Any, tx_impl: str, rx_impl: str) -> None:
+    for src, dst in ((1, 0), (0, 2)):
+        tx, rx = make_pair(buf, geometry, tx_impl, rx_impl, src, dst)
+        roundtrip(tx, rx, buf)
+
+
+def exercise_rx(rx: Any, geometry: Any) -> RingCorruptError | None:
+    """Drive a receiver over scribbled memory; return the error that broke it, if any."""
+    error = None
+    for i in range(3 * geometry.queue_num + 4):
+        try:
+            if i % 3 == 0:
+                head = rx.poll_header()
+                if head is not None:
+                    offset, length, total, tag = head
+                    check_sane_span(rx, offset, length)
+                    assert length - 16 <= total <= layout.MAX_MESSAGE
+                    assert 0 <= tag <= layout.TAG_MAX
+            else:
+                span = rx.poll()
+                if span is not None:
+                    check_sane_span(rx, *span)
+            assert 0 <= rx.held <= geometry.queue_num
+            if rx.held and i % 2:
+                rx.complete(rx.held)
+            rx.arm()
+        except RingCorruptError as exc:
+            error = exc
+            break
+        except PeerLostError:
+            continue
+    return error
+
+
+@FAST
+@pytest.mark.parametrize(("tx_impl", "rx_impl"), PAIRS)
+@given(data=st.data())
+def test_scribbled_driver_area_never_fools_the_receiver(
+    tx_impl: str, rx_impl: str, data: Any
+) -> None:
+    g = small_geometry()
+    buf = new_region(g)
+    tx, rx = make_pair(buf, g, tx_impl, rx_impl)
+    q = Queue(g.queue_offset(0, 1), g)
+    for seq in range(data.draw(st.integers(0, g.queue_num))):
+        tx.send_small(seq, payload(seq, data.draw(st.integers(0, 100))))
+    for _ in range(data.draw(st.integers(0, 3))):
+        rx.poll()
+    fields = q.driver_fields()
+    fields += [(tx.data_offset + 16 * i, "<Q") for i in range(0, 64, 4)]  # span headers
+    apply(buf, data.draw(scribbles(fields)))
+    error = exercise_rx(rx, g)
+    if error is not None:
+        assert rx.broken is error and error.peer == 0
+        for call in (rx.poll, rx.poll_header):
+            with pytest.raises(RingCorruptError) as again:
+                call()
+            assert again.value is error
+    assert_other_queues_work(buf, g, tx_impl, rx_impl)
+
+
+@FAST
+@pytest.mark.parametrize(("tx_impl", "rx_impl"), PAIRS)
+@given(data=st.data())
+def test_scribbled_device_area_never_fools_the_sender(
+    tx_impl: str, rx_impl: str, data: Any
+) -> None:
+    g = small_geometry()
+    buf = new_region(g)
+    tx, rx = make_pair(buf, g, tx_impl, rx_impl)
+    q = Queue(g.queue_offset(0, 1), g)
+    for seq in range(data.draw(st.integers(0, g.queue_num))):
+        tx.send_small(seq, payload(seq, 30))
+    for _ in range(data.draw(st.integers(0, tx.in_flight))):
+        rx.poll()
+    if rx.held:
+        rx.complete(data.draw(st.integers(1, rx.held)))
+    apply(buf, data.draw(scribbles(q.device_fields())))
+    error = None
+    for seq in range(3 * g.queue_num):
+        try:
+            before = tx.in_flight
+            freed = tx.reclaim()
+            assert 0 <= freed <= before
+            status = tx.send_small(seq, payload(seq, 30))
+            assert status in (virtqueue.SEND_OK, virtqueue.SEND_KICK, virtqueue.SEND_FULL)
+            assert 0 <= tx.in_flight <= g.queue_num
+            slot = (q.avail_idx(buf) - 1) % g.queue_num
+            check_sane_span(tx, *q.desc(buf, slot)[:2])
+            tx.arm()
+        except RingCorruptError as exc:
+            error = exc
+            break
+        except PeerLostError:
+            continue
+    if error is not None:
+        assert tx.broken is error and error.peer == 1
+        with pytest.raises(RingCorruptError) as again:
+            tx.reclaim()
+        assert again.value is error
+    assert_other_queues_work(buf, g, tx_impl, rx_impl)
+
+
+CORRUPTIONS = {
+    # name: (memory write after one published message, the error's field)
+    "avail.idx ahead": (lambda q: (q.avail + 2, "<H", 9), "avail.idx"),
+    "avail.ring head": (lambda q: (q.avail + 4, "<H", 3), "avail.ring"),
+    "desc flags": (lambda q: (q.ring + 12, "<H", layout.VRING_DESC_F_NEXT), "desc[0].flags"),
+    "desc addr": (lambda q: (q.ring, "<Q", q.base + 16), "desc[0].addr"),
+    "desc addr unaligned": (
+        lambda q: (q.ring, "<Q", q.base + q.geometry.data_rel_offset + 8),
+        "desc[0].addr",
+    ),
+    "desc addr huge": (lambda q: (q.ring, "<Q", 2**64 - 16), "desc[0].len"),
+    "desc len": (lambda q: (q.ring + 8, "<I", 0xFFFFFFFF), "desc[0].len"),
+    "header flags": (lambda q: (q.base + q.geometry.data_rel_offset + 12, "<I", 0), "header.flags"),
+    "header total": (lambda q: (q.base + q.geometry.data_rel_offset, "<Q", 1), "header.total"),
+    "header tag": (lambda q: (q.base + q.geometry.data_rel_offset + 8, "<i", -3), "header.tag"),
+}
+
+
+def corrupt_receive(impl: str, name: str) -> tuple[str, Any, str, str]:
+    g = small_geometry()
+    buf = new_region(g)
+    tx, rx = make_pair(buf, g, "py", impl)
+    tx.send_small(5, b"0123456789")
+    offset, fmt, value = CORRUPTIONS[name][0](Queue(g.queue_offset(0, 1), g))
+    struct.pack_into(fmt, buf, offset, value)
+    with pytest.raises(RingCorruptError) as info:
+        rx.poll_header()
+    err = info.value
+    return err.field, err.value, err.detail, str(err)
+
+
+@pytest.mark.parametrize("name", sorted(CORRUPTIONS))
+def test_receiver_corruption_errors(name: str) -> None:
+    field, _, _, _ = reference = corrupt_receive("py", name)
+    assert field == CORRUPTIONS[name][1]
+    if _fastpath is not None:
+        assert corrupt_receive("c", name) == reference
+
+
+DEVICE_CORRUPTIONS = {
+    "used.idx": (lambda q: (q.used + 2, "<H", 5), "used.idx"),
+    "used.ring.id": (lambda q: (q.used + 4, "<I", 7), "used.ring.id"),
+    "used.ring.len": (lambda q: (q.used + 8, "<I", 4096), "used.ring.len"),
+}
+
+
+def corrupt_reclaim(impl: str, name: str) -> tuple[str, Any, str, str]:
+    g = small_geometry()
+    buf = new_region(g)
+    tx, rx = make_pair(buf, g, impl, "py")
+    tx.send_small(5, b"0123456789")
+    rx.poll()
+    rx.complete(1)
+    offset, fmt, value = DEVICE_CORRUPTIONS[name][0](Queue(g.queue_offset(0, 1), g))
+    struct.pack_into(fmt, buf, offset, value)
+    with pytest.raises(RingCorruptError) as info:
+        tx.reclaim()
+    err = info.value
+    return err.field, err.value, err.detail, str(err)
+
+
+@pytest.mark.parametrize("name", sorted(DEVICE_CORRUPTIONS))
+def test_sender_corruption_errors(name: str) -> None:
+    field, _, _, _ = reference = corrupt_reclaim("py", name)
+    assert field == DEVICE_CORRUPTIONS[name][1]
+    if _fastpath is not None:
+        assert corrupt_reclaim("c", name) == reference
+
+
+@pytest.mark.parametrize(("tx_impl", "rx_impl"), PAIRS)
+def test_mark_broken_and_reset(tx_impl: str, rx_impl: str) -> None:
+    g = small_geometry()
+    buf = new_region(g)
+    tx, rx = make_pair(buf, g, tx_impl, rx_impl)
+    err = rx.mark_broken("span.addr", 123, "expected contiguous 0")
+    assert isinstance(err, RingCorruptError) and rx.broken is err
+    assert str(err) == "peer 0 corrupted span.addr (read 123): expected contiguous 0"
+    with pytest.raises(RingCorruptError) as info:
+        rx.poll()
+    assert info.value is err
+    rx.reset(SESSION)
+    assert rx.broken is None
+    roundtrip(tx, rx, buf)
+
+
+# ------------------------------------------------------------------------------------------
+# On a real POSIX shm mapping
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("tx_impl", "rx_impl"), PAIRS)
+def test_on_a_shm_region(make_region: Any, tx_impl: str, rx_impl: str) -> None:
+    region = make_region(1 << 20, 3, queue_num=16)
+    g = region.geometry
+    for src, dst in ((0, 1), (2, 0)):
+        tx, rx = make_pair(region.buf, g, tx_impl, rx_impl, src, dst)
+        roundtrip(tx, rx, region.buf, count=40)
+        assert region.queue_counters(src, dst)["sent_messages"] == 40
+        del tx, rx
