@@ -1,0 +1,207 @@
+"""Endpoints between real processes: matching, sizes, zero copy, probe, errors, peer lifecycle."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+
+import ivshmem_comm as ic
+from ivshmem_comm import layout
+from tests.conftest import run_peer
+
+
+def _echo(ep, count):
+    for _ in range(count):
+        with ep.recv() as msg:
+            ep.send(msg.source, msg.data, tag=msg.tag)
+
+
+@pytest.mark.parametrize("size", [0, 1, 8, 4079, 4096, 1 << 20, 3 << 20, 9 << 20])
+def test_echo_sizes(make_region, spawn, size):
+    region = make_region(size=8 << 20)
+    proc = spawn(run_peer, _echo, region.name, 1, 1)
+    payload = os.urandom(size)
+    with region.endpoint(0) as ep:
+        ep.send(1, payload, tag=5)
+        with ep.recv(source=1, tag=5, timeout=30) as msg:
+            assert (msg.source, msg.tag, msg.nbytes) == (1, 5, size)
+            assert msg.data.readonly
+            assert bytes(msg.data) == payload
+    proc.join(30)
+    assert proc.exitcode == 0
+
+
+def test_zero_copy_view_points_into_region(make_region):
+    region = make_region(size=8 << 20)
+    with region.endpoint(0) as a, ic.Region.open(region.name) as r2, r2.endpoint(1) as b:
+        a.send(1, b"abc" * 1000)
+        msg = b.recv(0)
+        base = np.frombuffer(r2.buf, dtype=np.uint8).ctypes.data
+        view = np.frombuffer(msg.data, dtype=np.uint8).ctypes.data
+        assert base <= view < base + region.size
+        msg.release()
+        msg.release()  # idempotent
+
+
+def test_tags_any_source_and_unexpected(make_region):
+    region = make_region(size=4 << 20, max_peers=3)
+    r1, r2 = ic.Region.open(region.name), ic.Region.open(region.name)
+    with region.endpoint(0) as ep0, r1.endpoint(1) as ep1, r2.endpoint(2) as ep2:
+        for tag in (1, 2, 3):
+            ep1.send(0, b"from1-%d" % tag, tag=tag)
+        ep2.send(0, b"from2", tag=9)
+        # A later tag first: earlier messages go to the unexpected queue, order kept per tag.
+        assert bytes(ep0.recv(source=1, tag=3).data) == b"from1-3"
+        assert ep0.probe(source=ic.ANY_SOURCE, tag=9) == (2, 9, 5)
+        assert ep0.iprobe(source=1, tag=7) is None
+        got = [ep0.recv(source=1) for _ in range(2)]
+        assert [bytes(m.data) for m in got] == [b"from1-1", b"from1-2"]
+        assert bytes(ep0.recv(tag=9).data) == b"from2"
+        with pytest.raises(ic.TimeoutError):
+            ep0.recv(timeout=0.05)
+    r1.close()
+    r2.close()
+
+
+def test_any_source_is_fair(make_region):
+    region = make_region(size=8 << 20, max_peers=3)
+    r1, r2 = ic.Region.open(region.name), ic.Region.open(region.name)
+    with region.endpoint(0) as ep0, r1.endpoint(1) as ep1, r2.endpoint(2) as ep2:
+        for i in range(100):
+            ep1.send(0, b"1", tag=i)
+            ep2.send(0, b"2", tag=i)
+        sources = [ep0.recv().source for _ in range(100)]
+        assert 40 <= sources.count(1) <= 60  # neither peer starves while both have messages
+    r1.close()
+    r2.close()
+
+
+def test_recv_into_too_small_keeps_message(make_region):
+    region = make_region()
+    with region.endpoint(0) as a, ic.Region.open(region.name) as r2, r2.endpoint(1) as b:
+        a.send(1, b"x" * 100, tag=4)
+        with pytest.raises(ic.MessageTooLargeError) as err:
+            b.recv_into(bytearray(10))
+        assert (err.value.size, err.value.source, err.value.tag) == (100, 0, 4)
+        buf = np.zeros(200, dtype=np.uint8)
+        assert b.recv_into(buf) == (100, 0, 4)
+        assert bytes(buf[:100]) == b"x" * 100
+
+
+def test_numpy_and_objects(make_region):
+    region = make_region()
+    with region.endpoint(0) as a, ic.Region.open(region.name) as r2, r2.endpoint(1) as b:
+        arr = np.arange(12, dtype=np.float32).reshape(3, 4)
+        obj = {"a": arr, "t": (1, "two", None), "n": np.int64(7), "b": b"\x00raw"}
+        a.send_obj(obj, 1, tag=3)
+        got = b.recv_obj(source=0, tag=3)
+        assert got["a"].dtype == np.float32 and got["a"].shape == (3, 4)
+        assert np.array_equal(got["a"], arr) and got["a"].flags.writeable
+        assert got["t"] == (1, "two", None) and got["n"] == 7 and got["b"] == b"\x00raw"
+        a.send(1, arr[:, ::2])  # non-contiguous buffers are sent by value
+        with b.recv() as msg:
+            assert np.array_equal(np.frombuffer(msg.data, np.float32), arr[:, ::2].ravel())
+
+
+def test_slot_busy_and_bad_args(make_region):
+    region = make_region()
+    with region.endpoint(0) as ep:
+        with pytest.raises(ic.PeerSlotBusyError):
+            region.endpoint(0)
+        with pytest.raises(ValueError):
+            ep.send(0, b"self")
+        with pytest.raises(ValueError):
+            ep.send(5, b"nobody")
+        with pytest.raises(ValueError):
+            ep.send(1, b"x", tag=-3)
+
+
+def _sleep_forever(ep):
+    time.sleep(3600)
+
+
+def test_dead_peer_detected_while_blocked(make_region, spawn):
+    region = make_region()
+    proc = spawn(run_peer, _sleep_forever, region.name, 1)
+    with region.endpoint(0) as ep:
+        deadline = time.monotonic() + 10
+        while region.peer(1).state != layout.PEER_READY:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        ep.send(1, b"hello")  # joins the session with incarnation 1
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.join()
+        t0 = time.monotonic()
+        with pytest.raises(ic.PeerLostError) as err:
+            ep.recv(source=1, timeout=5)
+        assert time.monotonic() - t0 < 0.5
+        assert err.value.peer == 1
+        assert region.peer(1).state == layout.PEER_DEAD
+
+
+def test_rejoined_peer_never_sees_stale_messages(make_region):
+    region = make_region()
+    r2 = ic.Region.open(region.name)
+    with region.endpoint(0) as a:
+        b = r2.endpoint(1)
+        a.send(1, b"for the old one")
+        b.close()
+        b2 = r2.endpoint(1)
+        assert b2.incarnation == b.incarnation + 1
+        with pytest.raises(ic.PeerLostError):
+            a.send(1, b"too late for the old one")
+        a.send(1, b"for the new one")
+        with b2.recv(0, timeout=5) as msg:
+            assert bytes(msg.data) == b"for the new one"
+        b2.send(0, b"back")
+        assert bytes(a.recv(1, timeout=5).data) == b"back"
+        b2.close()
+    r2.close()
+
+
+def test_left_peer_messages_still_delivered(make_region):
+    region = make_region()
+    r2 = ic.Region.open(region.name)
+    with region.endpoint(0) as a:
+        with r2.endpoint(1) as b:
+            b.send(0, b"last words")
+        with a.recv(1, timeout=5) as msg:
+            assert bytes(msg.data) == b"last words"
+        with pytest.raises(ic.PeerLostError):
+            a.recv(1, timeout=5)
+    r2.close()
+
+
+def _late_joiner(ep):
+    ep.send(0, b"late")
+
+
+def test_send_waits_for_peer_to_join(make_region, spawn):
+    region = make_region()
+    with region.endpoint(0) as ep:
+        with pytest.raises(ic.TimeoutError):
+            ep.send(1, b"nobody yet", timeout=0.1)
+        proc = spawn(run_peer, _late_joiner, region.name, 1)
+        with ep.recv(timeout=30) as msg:
+            assert bytes(msg.data) == b"late"
+        proc.join(30)
+        assert proc.exitcode == 0
+
+
+def test_sleeping_receiver_is_woken(make_region, spawn):
+    region = make_region()
+    proc = spawn(run_peer, _echo, region.name, 1, 1)
+    with region.endpoint(0) as ep:
+        time.sleep(0.3)  # the peer is now blocked on its doorbell, not spinning
+        ep.send(1, b"wake up")
+        t0 = time.monotonic()
+        with ep.recv(1, timeout=10) as msg:
+            assert bytes(msg.data) == b"wake up"
+        assert time.monotonic() - t0 < 0.04  # woken by a kick, not by a watch slice
+    proc.join(30)
+    assert region.queue_counters(0, 1)["sleeps"] >= 0
+    assert region.queue_counters(1, 0)["recv_kicks"] + region.queue_counters(0, 1)["send_kicks"] > 0
