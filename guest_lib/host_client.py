@@ -1,0 +1,334 @@
+"""Host-process client of the broker: join a region through its socket, get an Endpoint.
+
+    from guest_lib.host_client import attach, BrokerClient
+    ep = attach("/run/ivshmem-broker/job1.sock")          # an Endpoint; ep.broker_client
+    with BrokerClient("/run/.../job1.sock") as client:     # or keep the client explicitly
+        ep = client.endpoint()
+
+The client speaks QEMU's ivshmem-server protocol (host_broker.protocol) like QEMU does: it
+receives its peer id, the region's shm fd (mapped here) and the eventfds of every peer, then
+a background thread keeps applying join/leave announcements to the endpoint's
+EventfdNotifier (`set_peer` / `drop_peer`).
+
+Broker restarts: when the socket closes while the client is open, the thread reconnects
+(backoff 10 ms doubling to 0.25 s, forever, until close()) and sends a reclaim request with
+its peer id, incarnation and own eventfds, so it keeps its id and its doorbells (see
+host_broker/broker.py). The data path never waits for this: the endpoint keeps working on
+the shared memory and the eventfds it already holds. If its slot is no longer its own (the
+restarted broker found it dead, or another incarnation holds it) the client stops trying.
+
+Closing: `close()` (or closing the endpoint) marks the slot LEFT (the Endpoint does it, or the
+client itself when no endpoint was made), then closes the socket; the broker announces it.
+
+Ownership of fds: until `endpoint()` is called the client owns every fd it received; from
+then on the EventfdNotifier does (it closes replaced ones in set_peer/drop_peer, and all of
+them in close()). The client never writes to the region; the Endpoint writes its own slot.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import mmap
+import os
+import socket
+import threading
+from typing import Any
+
+from host_broker import protocol
+from ivshmem_comm import layout
+from ivshmem_comm.endpoint import Endpoint
+from ivshmem_comm.notify import EventfdNotifier
+from ivshmem_comm.region import Region
+
+log = logging.getLogger("guest_lib.host_client")
+
+RECONNECT_MIN_S = 0.01
+RECONNECT_MAX_S = 0.25
+
+
+class _ClientNotifier(EventfdNotifier):
+    """EventfdNotifier whose close() (called by Endpoint.close) also ends the membership."""
+
+    def __init__(self, client: BrokerClient, own: list[int], peers: dict[int, list[int]]):
+        super().__init__(own, peers)
+        self._client = client
+
+    def close(self) -> None:
+        super().close()
+        client, self._client = self._client, None
+        if client is not None:
+            client._notifier_closed()
+
+
+class BrokerClient:
+    """One membership of a region served by a broker. Thread-safe for its public methods.
+
+    Attributes: `peer_id`, `incarnation`, `region` (a Region over the received shm fd),
+    `socket_path`, `connected` (threading.Event, set while a broker connection is up),
+    `reconnects` (how many times it reclaimed its slot).
+
+    Construction raises OSError if the socket cannot be reached, socket.timeout (an OSError)
+    if the broker does not complete the handshake in `timeout` seconds, ProtocolError if it
+    speaks something else, RegionFormatError if the memory holds no region.
+    """
+
+    def __init__(self, socket_path: str, *, timeout: float = 5.0, reconnect: bool = True) -> None:
+        self.socket_path = socket_path
+        self.timeout = timeout
+        self._reconnect_enabled = reconnect
+        self._lock = threading.Lock()
+        self._closing = threading.Event()
+        self._closed = False
+        self.connected = threading.Event()
+        self.reconnects = 0
+        self._own: list[int] = []  # own eventfds, vector order (owned: see module doc)
+        self._peers: dict[int, list[int]] = {}  # other peers' eventfds, vector order
+        self._notifier: _ClientNotifier | None = None
+        self._endpoint: Endpoint | None = None
+        self._session = 0  # 0: the first connection; n: the n-th reclaim
+
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(timeout)
+            sock.connect(socket_path)
+            handshake, decoder, announcements = protocol.read_handshake(sock)
+        except BaseException:
+            sock.close()
+            raise
+        try:
+            st = os.fstat(handshake.shm_fd)
+            self._shm_id = (st.st_dev, st.st_ino)
+            mapping = mmap.mmap(handshake.shm_fd, st.st_size)
+        except BaseException:
+            sock.close()
+            self._close_fds([handshake.shm_fd] + [a.fd for a in announcements if a.fd])
+            raise
+        finally:
+            with contextlib.suppress(OSError):
+                os.close(handshake.shm_fd)
+        try:
+            self.region = Region(mapping, owner=mapping)
+        except BaseException:
+            mapping.close()
+            sock.close()
+            self._close_fds([a.fd for a in announcements if a.fd is not None])
+            raise
+        self.peer_id = handshake.peer
+        _, self.incarnation = self.region.peer_state(self.peer_id)
+        for item in announcements:
+            self._apply(item)
+        sock.settimeout(None)
+        self._sock = sock
+        self._decoder = decoder
+        self.connected.set()
+        self._thread = threading.Thread(
+            target=self._run, name=f"broker-client-{self.peer_id}", daemon=True
+        )
+        self._thread.start()
+
+    # ---------------------------------------------------------------- public
+    def endpoint(self, **options: Any) -> Endpoint:
+        """Return this membership's Endpoint (once; RuntimeError the second time).
+
+        `options` go to Endpoint (e.g. spin_us). Closing the endpoint closes the client.
+        Raises PeerSlotBusyError if the slot is no longer JOINING (the broker gave it up).
+        """
+        with self._lock:
+            if self._endpoint is not None or self._notifier is not None:
+                raise RuntimeError("this client already made its endpoint")
+            if self._closed:
+                raise RuntimeError("client is closed")
+            self._notifier = _ClientNotifier(self, self._own, self._peers)
+        endpoint = self.region.endpoint(
+            self.peer_id, notifier=self._notifier, broker_assigned=True, **options
+        )
+        self._endpoint = endpoint
+        return endpoint
+
+    def own_eventfds(self) -> list[int]:
+        """This peer's eventfds (a copy of the list; the fds stay owned by the client)."""
+        with self._lock:
+            return list(self._own)
+
+    def peer_eventfds(self) -> dict[int, list[int]]:
+        """Other peers' eventfds known now (copies of the lists; fds stay owned)."""
+        with self._lock:
+            return {p: list(fds) for p, fds in self._peers.items()}
+
+    def kick(self, peer: int, vector: int = 0) -> bool:
+        """Write 1 to `peer`'s eventfd `vector`. False iff that peer/vector is unknown."""
+        with self._lock:
+            fds = self._peers.get(peer, [])
+            if vector >= len(fds):
+                return False
+            with contextlib.suppress(BlockingIOError):
+                os.eventfd_write(fds[vector], 1)
+            return True
+
+    def close(self) -> None:
+        """Leave: close the endpoint (LEFT), then the socket, then the mapping. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._closing.set()
+        endpoint = self._endpoint
+        if endpoint is not None:
+            endpoint.close()  # writes LEFT, closes the notifier and with it every eventfd
+        elif self._still_member():
+            # Ownership: the slot is this peer's own while it holds it; with no Endpoint
+            # to do it, the client records the clean leave itself (before the socket goes).
+            self.region.write_peer(self.peer_id, state=layout.PEER_LEFT)
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
+        self._sock.close()
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout=2.0)
+        with self._lock:
+            if self._notifier is None:
+                self._close_fds(self._own)
+                for fds in self._peers.values():
+                    self._close_fds(fds)
+            self._own = []
+            self._peers = {}
+        self.connected.clear()
+        if endpoint is None:
+            self.region.close()
+
+    def __enter__(self) -> BrokerClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---------------------------------------------------------------- internals
+    def _notifier_closed(self) -> None:
+        """The endpoint closed its notifier: the membership is over."""
+        if not self._closed:
+            self.close()
+
+    @staticmethod
+    def _close_fds(fds: list[int]) -> None:
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def _apply(self, item: protocol.Announcement) -> None:
+        """Apply one announcement to the fd tables (and the notifier, once there is one)."""
+        with self._lock:
+            notifier = self._notifier
+            if item.kind == "own":
+                assert item.fd is not None
+                if self._session == 0 and not self._closed:
+                    self._own.append(item.fd)
+                else:  # after a reclaim: a duplicate of what we already hold
+                    self._close_fds([item.fd])
+            elif item.kind == "vector":
+                assert item.fd is not None
+                if item.new_run or item.peer not in self._peers:
+                    fds = [item.fd]
+                    old = self._peers.get(item.peer)
+                    self._peers[item.peer] = fds
+                    if notifier is not None:
+                        notifier.set_peer(item.peer, fds)  # closes `old`
+                    elif old:
+                        self._close_fds(old)
+                else:
+                    self._peers[item.peer].append(item.fd)  # same list the notifier holds
+                log.debug("peer %d: %d eventfds", item.peer, len(self._peers[item.peer]))
+            else:
+                old = self._peers.pop(item.peer, None)
+                if notifier is not None:
+                    notifier.drop_peer(item.peer)
+                elif old:
+                    self._close_fds(old)
+                log.debug("peer %d left", item.peer)
+
+    def _still_member(self) -> bool:
+        state, incarnation = self.region.peer_state(self.peer_id)
+        return incarnation == self.incarnation and state in (
+            layout.PEER_JOINING,
+            layout.PEER_READY,
+        )
+
+    def _run(self) -> None:
+        while not self._closing.is_set():
+            try:
+                value, fd = protocol.recv_message(self._sock)
+                item = self._decoder.feed(value, fd)
+            except (protocol.ProtocolError, OSError) as exc:
+                if self._closing.is_set():
+                    return
+                self.connected.clear()
+                log.info("peer %d: broker connection lost (%s)", self.peer_id, exc)
+                if not self._reconnect_enabled or not self._reconnect():
+                    return
+                continue
+            self._apply(item)
+
+    def _reconnect(self) -> bool:
+        """Reclaim our slot from a (restarted) broker. False: gave up or closing."""
+        delay = RECONNECT_MIN_S
+        while not self._closing.is_set():
+            if not self._still_member():
+                log.warning("peer %d: slot no longer ours; not reconnecting", self.peer_id)
+                return False
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.settimeout(self.timeout)
+                sock.connect(self.socket_path)
+                with self._lock:
+                    own = list(self._own)
+                request = protocol.pack_reclaim(self.peer_id, self.incarnation, len(own))
+                socket.send_fds(sock, [request], own)
+                handshake, decoder, announcements = protocol.read_handshake(sock)
+            except (OSError, protocol.ProtocolError) as exc:
+                sock.close()
+                log.debug("peer %d: reconnect failed: %s", self.peer_id, exc)
+                self._closing.wait(delay)
+                delay = min(delay * 2, RECONNECT_MAX_S)
+                continue
+            st = os.fstat(handshake.shm_fd)
+            os.close(handshake.shm_fd)
+            if handshake.peer != self.peer_id or (st.st_dev, st.st_ino) != self._shm_id:
+                log.error("peer %d: broker answered the reclaim with another slot or region",
+                          self.peer_id)  # fmt: skip
+                sock.close()
+                self._close_fds([a.fd for a in announcements if a.fd is not None])
+                return False
+            sock.settimeout(None)
+            old, self._sock = self._sock, sock
+            old.close()
+            self._decoder = decoder
+            with self._lock:
+                self._session += 1
+            for item in announcements:
+                self._apply(item)
+            self.reconnects += 1
+            self.connected.set()
+            log.info("peer %d: reclaimed slot from the broker", self.peer_id)
+            if self._closing.is_set():  # close() raced with us: make sure the socket goes
+                sock.close()
+            return True
+        return False
+
+
+def connect(socket_path: str, *, timeout: float = 5.0, reconnect: bool = True) -> BrokerClient:
+    """Join the region served at `socket_path`; see BrokerClient for errors."""
+    return BrokerClient(socket_path, timeout=timeout, reconnect=reconnect)
+
+
+def attach(socket_path: str, *, timeout: float = 5.0, **options: Any) -> Endpoint:
+    """Join the region served at `socket_path` and return its Endpoint.
+
+    The client is `endpoint.broker_client`; closing the endpoint ends the membership.
+    """
+    client = BrokerClient(socket_path, timeout=timeout)
+    try:
+        endpoint = client.endpoint(**options)
+    except BaseException:
+        client.close()
+        raise
+    endpoint.broker_client = client  # type: ignore[attr-defined]
+    return endpoint

@@ -1,0 +1,797 @@
+"""The broker daemon: regions, listening sockets, peers, lifecycle, restart adoption.
+
+One `Broker` serves one or more regions; each region has one `RegionServer` with its own
+UNIX socket that speaks QEMU's ivshmem-server protocol (see protocol.py). Everything runs in
+one thread around one selector: accepts, client sockets (a byte or end of stream from a
+client ends its membership), pidfds of orphaned peers, the signal wake-up pipe and a 1 s
+heartbeat.
+
+State. The broker keeps no state that only lives in its memory: the region's peer table
+says who holds which slot (state, incarnation, pid, join time) and the superblock's broker
+line says which broker generation serves it. A restarted broker re-adopts a region:
+
+* slots in JOINING/READY whose process is gone (pid dead, or reused: the process started
+  after the slot's join time) are marked DEAD;
+* live ones become *orphans*: the broker watches their pid through a pidfd (so a death is
+  still seen, and announced, without a socket), and waits for them to *reclaim*;
+* a host client of this project (guest_lib.host_client) reconnects on its own, sends a
+  reclaim request (peer id + incarnation + its own eventfds, see protocol.py) and keeps its
+  id; the broker checks the request against the peer table and SO_PEERCRED (same pid,
+  same incarnation, slot still live) before it believes it, then sends the usual handshake
+  and re-announces the peer to everyone connected;
+* QEMU cannot reconnect. Its guest keeps the memory and the eventfds of the peers it knew,
+  so traffic with those peers goes on; the broker still sees its death (pidfd). What is
+  lost: peers that join after the restart cannot interrupt it, and it cannot interrupt
+  them (QEMU only learns peers through its one chardev connection).
+
+Ownership of shared fields written here (all in the region, see ivshmem_comm.layout):
+
+* superblock broker line (generation, pid, heartbeat): the broker only;
+* a peer slot's incarnation, pid, host_id, doorbell, heartbeat_ns, joined_ns and the state
+  JOINING: the broker, while handing the slot out (the slot is FREE/LEFT/DEAD and no live
+  process holds it, so nobody else writes it then);
+* the state DEAD: the broker, when the holder's socket closes or its process exits, and only
+  if the slot still holds the incarnation the broker handed out and is not LEFT;
+* READY and LEFT: the peer itself (its Endpoint), never the broker.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import errno
+import fcntl
+import json
+import logging
+import mmap
+import os
+import selectors
+import signal
+import socket
+import stat
+import struct
+import time
+from collections.abc import Callable
+from typing import Any
+
+from host_broker import protocol
+from host_broker.config import BrokerConfig, RegionConfig
+from ivshmem_comm import layout
+from ivshmem_comm.errors import RegionFormatError
+from ivshmem_comm.region import Region, host_id, shm_path
+
+log = logging.getLogger("ivshmem-broker")
+
+RECLAIM_WAIT_S = 0.5  # how long a connection from an orphan's pid may take to reclaim
+HEARTBEAT_S = 1.0
+LIVE_STATES = (layout.PEER_JOINING, layout.PEER_READY)
+FREE_STATES = (layout.PEER_FREE, layout.PEER_LEFT, layout.PEER_DEAD)
+START_TIME_SLACK_NS = 2_000_000_000  # /proc/stat btime has 1 s resolution
+
+
+class BrokerError(Exception):
+    """The broker refuses to start or to serve a region; the message says why and what to do."""
+
+
+# ------------------------------------------------------------------------------ processes
+def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the process at the other end of a UNIX socket (SO_PEERCRED)."""
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, gid = struct.unpack("3i", raw)
+    return pid, uid, gid
+
+
+def is_qemu(pid: int) -> bool:
+    """True iff process `pid` is a QEMU (its /proc/<pid>/comm starts with "qemu")."""
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().startswith("qemu")
+    except OSError:
+        return False
+
+
+def _boot_time_ns() -> int:
+    with open("/proc/stat") as f:
+        for line in f:
+            if line.startswith("btime "):
+                return int(line.split()[1]) * 1_000_000_000
+    raise OSError("no btime in /proc/stat")
+
+
+def process_start_ns(pid: int) -> int | None:
+    """CLOCK_REALTIME start time of `pid` (about 1 s precision), None if it does not exist."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            raw = f.read()
+    except OSError:
+        return None
+    fields = raw[raw.rindex(")") + 2 :].split()
+    ticks = int(fields[19])  # field 22 of proc(5), counted from field 3
+    return _boot_time_ns() + ticks * 1_000_000_000 // os.sysconf("SC_CLK_TCK")
+
+
+def holder_alive(info: Any) -> bool:
+    """True iff the process recorded in peer slot `info` (a PeerInfo) still runs here.
+
+    A slot written on another boot (host_id neither ours nor 0), with no pid, or whose pid
+    now belongs to a process started after the slot's join time, has no live holder.
+    QEMU slots carry host_id 0 but their pid is a host pid, so they are checked too.
+    """
+    if info.pid <= 0 or info.host_id not in (0, host_id()):
+        return False
+    started = process_start_ns(info.pid)
+    if started is None:
+        return False
+    return not (info.joined_ns and started > info.joined_ns + START_TIME_SLACK_NS)
+
+
+def process_cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+# ------------------------------------------------------------------------------ files
+def ensure_private_dir(path: str) -> None:
+    """Create `path` (mode 0700) if missing; raise BrokerError unless it is a directory
+    owned by this user with no group/other permissions."""
+    with contextlib.suppress(FileExistsError):
+        os.makedirs(path, mode=0o700)
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode):
+        raise BrokerError(f"{path} exists and is not a directory")
+    if st.st_uid != os.geteuid():
+        raise BrokerError(f"{path} is owned by uid {st.st_uid}, not by this user")
+    if st.st_mode & 0o077:
+        raise BrokerError(
+            f"{path} has mode {stat.S_IMODE(st.st_mode):04o}; sockets need a 0700 directory"
+        )
+
+
+def write_record(path: str, record: dict[str, Any]) -> None:
+    """Atomically write a JSON record (mode 0600)."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(record, f, indent=1)
+    os.replace(tmp, path)
+
+
+def read_record(state_dir: str, name: str) -> dict[str, Any] | None:
+    """The record a broker left for region `name` in `state_dir`, or None."""
+    try:
+        with open(os.path.join(state_dir, f"{name}.json")) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def _close(fd: int | None) -> None:
+    if fd is not None:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+def _kick(fd: int) -> None:
+    try:
+        os.eventfd_write(fd, 1)
+    except BlockingIOError:
+        pass  # counter saturated: the peer has a wake-up pending anyway
+    except OSError as exc:
+        log.debug("kick on fd %d failed: %s", fd, exc)
+
+
+# ------------------------------------------------------------------------------ peers
+@dataclasses.dataclass
+class Peer:
+    """The broker's view of one slot it handed out (or adopted). Memory only, rebuildable.
+
+    `eventfds` are the broker's own copies (closed when the peer goes); empty for an orphan
+    that has not reclaimed. `sock` is None for an orphan; `pidfd` is set only for orphans.
+    """
+
+    id: int
+    incarnation: int
+    pid: int
+    uid: int
+    qemu: bool
+    eventfds: list[int]
+    sock: socket.socket | None = None
+    pidfd: int | None = None
+
+    def describe(self) -> str:
+        kind = "qemu" if self.qemu else "process"
+        return f"peer {self.id} ({kind} pid {self.pid}, incarnation {self.incarnation})"
+
+
+@dataclasses.dataclass
+class Pending:
+    """A connection from an orphan's pid, waiting up to RECLAIM_WAIT_S for a reclaim."""
+
+    sock: socket.socket
+    pid: int
+    uid: int
+    deadline: float
+
+
+class RegionServer:
+    """One region: its shm object, its socket, its peers. Created by Broker.start()."""
+
+    def __init__(self, broker: Broker, cfg: RegionConfig, config: BrokerConfig) -> None:
+        self.broker = broker
+        self.cfg = cfg
+        self.name = cfg.name
+        self.state_dir = config.state_dir
+        self.allow_uids = config.region_allow(cfg)
+        self.socket_path = cfg.socket_path(config.state_dir)
+        self.region: Region | None = None
+        self.shm_fd: int | None = None
+        self.lock_fd: int | None = None
+        self.listener: socket.socket | None = None
+        self.socket_ino: int | None = None
+        self.generation = 0
+        self.peers: dict[int, Peer] = {}
+        self.pending: dict[int, Pending] = {}  # keyed by socket fileno
+        self.died_while_down: list[int] = []
+        self.adopted = False
+
+    # ---------------------------------------------------------------- startup
+    def open(self) -> None:
+        """Lock, create or adopt the region, bind the socket. Raises BrokerError."""
+        ensure_private_dir(self.state_dir)
+        ensure_private_dir(os.path.dirname(self.socket_path))
+        self._lock()
+        self._open_region()
+        self._bind()
+        write_record(
+            os.path.join(self.state_dir, f"{self.name}.json"),
+            {
+                "name": self.name,
+                "socket": self.socket_path,
+                "vectors": self.cfg.vectors,
+                "size": self.region.size if self.region else self.cfg.size,
+                "max_peers": self.cfg.max_peers,
+            },
+        )
+
+    def _lock(self) -> None:
+        path = os.path.join(self.state_dir, f"{self.name}.lock")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise BrokerError(
+                f"region {self.name!r}: another broker holds {path}; stop it first"
+            ) from None
+        self.lock_fd = fd
+
+    def _open_region(self) -> None:
+        cfg = self.cfg
+        path = shm_path(cfg.name)
+        try:
+            region = Region.create(
+                cfg.name,
+                cfg.size,
+                cfg.max_peers,
+                queue_num=cfg.queue_num,
+                vring_align=cfg.vring_align,
+                max_span=cfg.max_span,
+            )
+        except FileExistsError:
+            region = self._adopt(path)
+        else:
+            self.generation = 1
+        self.region = region
+        if self.shm_fd is None:
+            self.shm_fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+        region.write_broker_info(self.generation, os.getpid())
+        if self.adopted:
+            self._adopt_peers()
+        log.info(
+            "region %s: %s %s (%d bytes, %d peers, %d vectors, generation %d)",
+            self.name,
+            "adopted" if self.adopted else "created",
+            path,
+            region.size,
+            region.max_peers,
+            cfg.vectors,
+            self.generation,
+        )
+
+    def _adopt(self, path: str) -> Region:
+        """Map an existing shm object after checking it is ours and a region like ours."""
+        cfg = self.cfg
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError as exc:
+            raise BrokerError(f"{path} exists but cannot be opened: {exc.strerror}") from None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise BrokerError(f"{path} exists and is not a regular file: refusing it")
+            if st.st_uid != os.geteuid() or st.st_mode & 0o077:
+                raise BrokerError(
+                    f"{path} exists and is not ours (owner uid {st.st_uid}, mode "
+                    f"{stat.S_IMODE(st.st_mode):04o}): refusing to touch it"
+                )
+            if st.st_size < layout.SUPERBLOCK_SIZE:
+                raise BrokerError(
+                    f"{path} exists and is not a region ({st.st_size} bytes): refusing to "
+                    "overwrite it; remove it yourself if it is garbage"
+                )
+            try:
+                layout.unpack_superblock(os.pread(fd, layout.SUPERBLOCK_SIZE, 0), st.st_size)
+            except RegionFormatError as exc:
+                raise BrokerError(
+                    f"{path} exists and is not a region ({exc}): refusing to overwrite it"
+                ) from None
+            mapping = mmap.mmap(fd, st.st_size)
+            region = Region(mapping, owner=mapping, shm_name=cfg.name)
+        except BaseException:
+            os.close(fd)
+            raise
+        self.shm_fd = fd
+        g = region.geometry
+        wanted = cfg.geometry()
+        for field in ("region_size", "max_peers", "queue_num", "vring_align"):
+            if getattr(g, field) != getattr(wanted, field):
+                region.close()
+                raise BrokerError(
+                    f"region {cfg.name!r} exists with {field}={getattr(g, field)}, the "
+                    f"configuration says {getattr(wanted, field)}; run `ivshmem-broker "
+                    f"destroy {cfg.name}` first or fix the configuration"
+                )
+        generation, pid, _ = region.broker_info()
+        if pid and pid != os.getpid() and process_start_ns(pid) is not None:
+            cmd = process_cmdline(pid)
+            if "broker" in cmd:
+                region.close()
+                raise BrokerError(
+                    f"region {cfg.name!r} is served by a live broker (pid {pid}: {cmd.strip()})"
+                )
+        self.generation = generation + 1
+        self.adopted = True
+        return region
+
+    def _adopt_peers(self) -> None:
+        """Sort the slots of an adopted region into dead ones and orphans (see module doc)."""
+        region = self.region
+        assert region is not None
+        for info in region.peers():
+            if info.state not in LIVE_STATES:
+                continue
+            if not holder_alive(info):
+                # Ownership: DEAD written by the broker for a slot whose holder is gone.
+                region.write_peer(info.peer, state=layout.PEER_DEAD)
+                self.died_while_down.append(info.peer)
+                log.info(
+                    "region %s: peer %d (pid %d, incarnation %d) died while no broker ran",
+                    self.name, info.peer, info.pid, info.incarnation,
+                )  # fmt: skip
+                continue
+            try:
+                pidfd = os.pidfd_open(info.pid)
+            except OSError:
+                region.write_peer(info.peer, state=layout.PEER_DEAD)
+                self.died_while_down.append(info.peer)
+                continue
+            peer = Peer(
+                info.peer, info.incarnation, info.pid, -1, is_qemu(info.pid), [], None, pidfd
+            )
+            self.peers[peer.id] = peer
+            self.broker.watch(pidfd, lambda p=peer: self._orphan_exited(p))
+            log.info(
+                "region %s: %s is alive; waiting for it to reclaim", self.name, peer.describe()
+            )
+
+    def _bind(self) -> None:
+        path = self.socket_path
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            pass
+        else:
+            if not stat.S_ISSOCK(st.st_mode):
+                raise BrokerError(f"{path} exists and is not a socket: refusing to remove it")
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                probe.connect(path)
+            except OSError:
+                os.unlink(path)  # stale, from a broker that died
+            else:
+                raise BrokerError(f"something already listens on {path}")
+            finally:
+                probe.close()
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old_umask = os.umask(0o177)
+        try:
+            listener.bind(path)  # socket file mode 0600
+        finally:
+            os.umask(old_umask)
+        listener.listen(64)
+        listener.setblocking(False)
+        self.listener = listener
+        self.socket_ino = os.lstat(path).st_ino
+        self.broker.watch(listener, self._accept)
+        log.info("region %s: listening on %s", self.name, path)
+
+    # ---------------------------------------------------------------- connections
+    def _accept(self) -> None:
+        assert self.listener is not None
+        try:
+            conn, _ = self.listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        pid, uid, _ = peer_credentials(conn)
+        if self.allow_uids is not None and uid not in self.allow_uids:
+            log.warning(
+                "region %s: refused pid %d: uid %d is not in allow_uids", self.name, pid, uid
+            )
+            conn.close()
+            return
+        conn.setblocking(False)
+        if any(p.sock is None and p.pid == pid for p in self.peers.values()):
+            pending = Pending(conn, pid, uid, time.monotonic() + RECLAIM_WAIT_S)
+            self.pending[conn.fileno()] = pending
+            self.broker.watch(conn, lambda: self._reclaim(pending))
+            return
+        self._join(conn, pid, uid)
+
+    def _free_slot(self) -> int | None:
+        assert self.region is not None
+        for peer_id in range(self.region.max_peers):
+            if peer_id in self.peers:
+                continue
+            state, _ = self.region.peer_state(peer_id)
+            if state in FREE_STATES:
+                return peer_id
+        return None
+
+    def _join(self, conn: socket.socket, pid: int, uid: int) -> None:
+        region = self.region
+        assert region is not None and self.shm_fd is not None
+        peer_id = self._free_slot()
+        if peer_id is None:
+            log.warning(
+                "region %s: refused pid %d: all %d peer slots are taken",
+                self.name, pid, region.max_peers,
+            )  # fmt: skip
+            conn.close()
+            return
+        _, old_incarnation = region.peer_state(peer_id)
+        incarnation = (old_incarnation + 1) & 0xFFFFFFFF or 1
+        qemu = is_qemu(pid)
+        eventfds = [
+            os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(self.cfg.vectors)
+        ]
+        peer = Peer(peer_id, incarnation, pid, uid, qemu, eventfds, conn)
+        # Ownership: the broker hands the slot out; every field first, JOINING last
+        # (write_peer stores state after the rest). The peer itself writes READY later.
+        region.write_peer(
+            peer_id,
+            incarnation=incarnation,
+            pid=pid,
+            host_id=0 if qemu else host_id(),
+            doorbell=peer_id,
+            heartbeat_ns=0,
+            joined_ns=time.time_ns(),
+            state=layout.PEER_JOINING,
+        )
+        try:
+            protocol.send_initial_info(conn, peer_id, self.shm_fd)
+        except OSError as exc:
+            log.warning("region %s: pid %d gone during handshake: %s", self.name, pid, exc)
+            self.peers[peer_id] = peer
+            self._drop(peer, "handshake failed")
+            return
+        self.peers[peer_id] = peer
+        broken = self._announce(peer)
+        try:
+            for other in self.peers.values():
+                if other is not peer and other.eventfds:
+                    protocol.send_peer_vectors(conn, other.id, other.eventfds)
+            protocol.send_peer_vectors(conn, peer_id, eventfds)
+        except OSError as exc:
+            broken.append((peer, f"handshake failed: {exc}"))
+        self.broker.watch(conn, lambda: self._readable(peer))
+        log.info("region %s: %s joined", self.name, peer.describe())
+        for other, reason in broken:
+            self._drop(other, reason)
+
+    def _announce(self, peer: Peer) -> list[tuple[Peer, str]]:
+        """Send `peer`'s eventfds to every other connected peer; return those that failed."""
+        broken = []
+        for other in list(self.peers.values()):
+            if other is peer or other.sock is None:
+                continue
+            try:
+                protocol.send_peer_vectors(other.sock, peer.id, peer.eventfds)
+            except OSError as exc:
+                broken.append((other, f"cannot announce to it: {exc}"))
+        return broken
+
+    def _reclaim(self, pending: Pending) -> None:
+        """A connection from an orphan's pid spoke: it must be a valid reclaim request."""
+        conn = pending.sock
+        self.broker.unwatch(conn)
+        self.pending.pop(conn.fileno(), None)
+        conn.settimeout(0.2)
+        try:
+            request = protocol.recv_reclaim(conn)
+        except (protocol.ProtocolError, OSError) as exc:
+            log.warning("region %s: pid %d: bad reclaim request (%s); dropped", self.name,
+                        pending.pid, exc)  # fmt: skip
+            conn.close()
+            return
+        peer = self.peers.get(request.peer)
+        reason = None
+        if peer is None or peer.sock is not None:
+            reason = f"peer {request.peer} is not waiting to be reclaimed"
+        elif peer.pid != pending.pid:
+            reason = f"peer {request.peer} belongs to pid {peer.pid}"
+        elif peer.incarnation != request.incarnation:
+            reason = f"peer {request.peer} is incarnation {peer.incarnation}"
+        elif len(request.eventfds) != self.cfg.vectors:
+            reason = f"{len(request.eventfds)} eventfds, the region has {self.cfg.vectors}"
+        elif self.region is not None and self.region.peer_state(request.peer) not in (
+            (s, peer.incarnation) for s in LIVE_STATES
+        ):
+            reason = f"slot {request.peer} is no longer live"
+        if reason is not None or peer is None:
+            log.warning("region %s: pid %d: reclaim refused: %s", self.name, pending.pid, reason)
+            for fd in request.eventfds:
+                _close(fd)
+            conn.close()
+            return
+        conn.setblocking(False)
+        if peer.pidfd is not None:
+            self.broker.unwatch(peer.pidfd)
+            _close(peer.pidfd)
+            peer.pidfd = None
+        peer.uid = pending.uid
+        peer.sock = conn
+        peer.eventfds = request.eventfds  # the broker's copies from now on
+        broken: list[tuple[Peer, str]] = []
+        try:
+            assert self.shm_fd is not None
+            protocol.send_initial_info(conn, peer.id, self.shm_fd)
+            for other in self.peers.values():
+                if other is not peer and other.eventfds:
+                    protocol.send_peer_vectors(conn, other.id, other.eventfds)
+            protocol.send_peer_vectors(conn, peer.id, peer.eventfds)
+            for gone in self.died_while_down:
+                protocol.send_peer_gone(conn, gone)
+        except OSError as exc:
+            broken.append((peer, f"handshake failed: {exc}"))
+        if self.died_while_down:
+            _kick(peer.eventfds[0])
+        broken += self._announce(peer)
+        self.broker.watch(conn, lambda: self._readable(peer))
+        log.info("region %s: %s reclaimed its slot", self.name, peer.describe())
+        for other, why in broken:
+            self._drop(other, why)
+
+    def expire_pending(self, now: float) -> float | None:
+        """Turn reclaim waits past their deadline into fresh joins; return the next deadline."""
+        next_deadline = None
+        for key, pending in list(self.pending.items()):
+            if pending.deadline <= now:
+                del self.pending[key]
+                self.broker.unwatch(pending.sock)
+                self._join(pending.sock, pending.pid, pending.uid)
+            elif next_deadline is None or pending.deadline < next_deadline:
+                next_deadline = pending.deadline
+        return next_deadline
+
+    def _readable(self, peer: Peer) -> None:
+        """A client socket is readable: end of stream (left/died) or a protocol violation."""
+        assert peer.sock is not None
+        try:
+            data = peer.sock.recv(1)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if data:
+            log.warning(
+                "region %s: %s sent data, which clients never do: dropped",
+                self.name, peer.describe(),
+            )  # fmt: skip
+            self._drop(peer, "protocol violation")
+        else:
+            self._drop(peer, "socket closed")
+
+    def _orphan_exited(self, peer: Peer) -> None:
+        self._drop(peer, "process exited")
+
+    def _drop(self, peer: Peer, reason: str) -> None:
+        """End `peer`'s membership: DEAD (unless it left), announce, kick everyone's vector 0."""
+        if self.peers.get(peer.id) is not peer:
+            return
+        del self.peers[peer.id]
+        if peer.sock is not None:
+            self.broker.unwatch(peer.sock)
+            peer.sock.close()
+        if peer.pidfd is not None:
+            self.broker.unwatch(peer.pidfd)
+            _close(peer.pidfd)
+        region = self.region
+        assert region is not None
+        state, incarnation = region.peer_state(peer.id)
+        if incarnation == peer.incarnation and state in LIVE_STATES:
+            # Ownership: DEAD, written by the broker for the incarnation it handed out.
+            region.write_peer(peer.id, state=layout.PEER_DEAD)
+            outcome = "died"
+        elif incarnation == peer.incarnation and state == layout.PEER_LEFT:
+            outcome = "left"
+        else:
+            outcome = f"is gone (slot now {layout.PEER_STATE_NAMES.get(state, state)})"
+        broken = []
+        for other in list(self.peers.values()):
+            if other.sock is not None:
+                try:
+                    protocol.send_peer_gone(other.sock, peer.id)
+                except OSError as exc:
+                    broken.append((other, f"cannot announce to it: {exc}"))
+            if other.eventfds:
+                _kick(other.eventfds[0])
+        for fd in peer.eventfds:
+            _close(fd)
+        log.info("region %s: %s %s (%s)", self.name, peer.describe(), outcome, reason)
+        for other, why in broken:
+            self._drop(other, why)
+
+    # ---------------------------------------------------------------- runtime
+    def heartbeat(self) -> None:
+        if self.region is not None:
+            # Ownership: the superblock's broker line is the broker's.
+            self.region.write_broker_info(self.generation, os.getpid())
+
+    def close(self) -> None:
+        """Stop serving: close sockets and fds, keep the region (and its peers) unless
+        unlink_on_exit. Peers keep talking; host clients reconnect to the next broker."""
+        if self.listener is not None:
+            self.broker.unwatch(self.listener)
+            self.listener.close()
+            self.listener = None
+            with contextlib.suppress(OSError):
+                if os.lstat(self.socket_path).st_ino == self.socket_ino:
+                    os.unlink(self.socket_path)
+        for pending in list(self.pending.values()):
+            self.broker.unwatch(pending.sock)
+            pending.sock.close()
+        self.pending.clear()
+        for peer in list(self.peers.values()):
+            if peer.sock is not None:
+                self.broker.unwatch(peer.sock)
+                peer.sock.close()
+            if peer.pidfd is not None:
+                self.broker.unwatch(peer.pidfd)
+                _close(peer.pidfd)
+            for fd in peer.eventfds:
+                _close(fd)
+        self.peers.clear()
+        if self.region is not None:
+            generation, _, _ = self.region.broker_info()
+            if generation == self.generation:
+                self.region.write_broker_info(self.generation, 0)  # no broker serves it now
+            self.region.close()
+            self.region = None
+        _close(self.shm_fd)
+        self.shm_fd = None
+        if self.cfg.unlink_on_exit:
+            with contextlib.suppress(FileNotFoundError):
+                Region.unlink(self.name)
+            for suffix in (".json", ".lock"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(self.state_dir, self.name + suffix))
+            log.info("region %s: removed", self.name)
+        _close(self.lock_fd)
+        self.lock_fd = None
+
+
+class Broker:
+    """The daemon. `start()` opens every region (BrokerError on refusal, nothing left
+    behind), `run()` serves until `stop()` or SIGTERM/SIGINT, then closes everything."""
+
+    def __init__(self, config: BrokerConfig) -> None:
+        if not config.regions:
+            raise BrokerError("no region to serve: give --name/--size or a --config file")
+        self.config = config
+        self.selector = selectors.DefaultSelector()
+        self.regions: list[RegionServer] = []
+        self._stopping = False
+        self._closed = False
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+    def watch(self, obj: Any, callback: Callable[[], None]) -> None:
+        """Call `callback` whenever `obj` (socket or fd) is readable."""
+        self.selector.register(obj, selectors.EVENT_READ, callback)
+
+    def unwatch(self, obj: Any) -> None:
+        with contextlib.suppress(KeyError, ValueError):
+            self.selector.unregister(obj)
+
+    def start(self) -> None:
+        self.watch(self._wake_r, self._drain_wake)
+        try:
+            for cfg in self.config.regions:
+                server = RegionServer(self, cfg, self.config)
+                self.regions.append(server)
+                server.open()
+        except BaseException:
+            self.close()
+            raise
+
+    def _drain_wake(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            while os.read(self._wake_r, 512):
+                pass
+
+    def stop(self) -> None:
+        """Ask run() to return; safe from a signal handler or another thread."""
+        self._stopping = True
+        with contextlib.suppress(OSError):
+            os.write(self._wake_w, b"\0")
+
+    def install_signal_handlers(self) -> None:
+        """SIGTERM and SIGINT stop the broker cleanly."""
+
+        def handler(signum: int, _frame: object) -> None:
+            log.info("received %s: stopping", signal.Signals(signum).name)
+            self.stop()
+
+        signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, handler)
+        signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+
+    def run(self) -> None:
+        """Serve until stopped; always closes every region before returning."""
+        next_heartbeat = time.monotonic()
+        try:
+            while not self._stopping:
+                now = time.monotonic()
+                if now >= next_heartbeat:
+                    for server in self.regions:
+                        server.heartbeat()
+                    next_heartbeat = now + HEARTBEAT_S
+                deadline = next_heartbeat
+                for server in self.regions:
+                    pending = server.expire_pending(now)
+                    if pending is not None:
+                        deadline = min(deadline, pending)
+                try:
+                    events = self.selector.select(max(0.0, deadline - time.monotonic()))
+                except InterruptedError:
+                    continue
+                for key, _ in events:
+                    if self._stopping:
+                        break
+                    try:
+                        key.data()
+                    except OSError as exc:
+                        if exc.errno in (errno.EBADF,):
+                            continue
+                        log.exception("error while serving: %s", exc)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Close every region (see RegionServer.close) and the selector; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        for server in self.regions:
+            try:
+                server.close()
+            except Exception:
+                log.exception("region %s: error while closing", server.name)
+        self.regions.clear()
+        self.unwatch(self._wake_r)
+        self.selector.close()
+        for fd in (self._wake_r, self._wake_w):
+            _close(fd)
+        self._wake_r = self._wake_w = -1

@@ -1,0 +1,293 @@
+"""QEMU's ivshmem-server wire protocol, server and client sides, plus one reclaim extension.
+
+The protocol (QEMU ``docs/specs/ivshmem-spec.rst``, ``contrib/ivshmem-server``), on a UNIX
+stream socket, server -> client only:
+
+* every message is one signed 64-bit little-endian integer, optionally carrying exactly one
+  file descriptor as SCM_RIGHTS ancillary data;
+* on connect, in order: the protocol version (0); the client's own peer id; ``-1`` carrying
+  the shared-memory fd; for every existing peer its id N times, each carrying one of its N
+  eventfds (vector 0..N-1); then the client's own id N times, each carrying its own eventfds;
+* later: a peer id carrying an fd announces one eventfd of a new peer (N of them, in vector
+  order, back to back); a peer id without an fd says that peer left.
+
+Clients never send. The one exception is this project's *reclaim* request (see
+`pack_reclaim`): after a broker restart, a client of this project that already holds a peer
+id reconnects and, before the broker says anything, sends one 32-byte request carrying its
+own N eventfds, so that it keeps its id. The broker only waits for such a request from a
+process that, according to the peer table, holds a slot nobody is connected for; QEMU never
+sends it and never sees a difference.
+
+Functions here raise `ProtocolError` for a malformed message and `ConnectionClosedError`
+(a subclass) at end of stream; sockets may be blocking or have a timeout (socket.timeout
+propagates).
+"""
+
+from __future__ import annotations
+
+import array
+import dataclasses
+import os
+import socket
+import struct
+
+PROTOCOL_VERSION = 0
+SHM_MESSAGE = -1  # the value that carries the shared-memory fd
+MESSAGE = struct.Struct("<q")
+MESSAGE_SIZE = MESSAGE.size  # 8
+
+# Reclaim request (project extension, client -> broker): magic, peer id, incarnation,
+# number of eventfds attached (SCM_RIGHTS, in vector order).
+RECLAIM_MAGIC = 0x4D49414C43455256  # b"VRECLAIM" read little-endian
+RECLAIM = struct.Struct("<QqQQ")
+RECLAIM_SIZE = RECLAIM.size  # 32
+FD_SIZE = array.array("i").itemsize
+MAX_VECTORS = 64  # the most eventfds per peer the broker hands out or accepts
+
+
+class ProtocolError(Exception):
+    """The other side broke the protocol; the message says how."""
+
+
+class ConnectionClosedError(ProtocolError):
+    """End of stream: the other side closed its socket."""
+
+
+# ------------------------------------------------------------------------------ primitives
+def send_message(sock: socket.socket, value: int, fd: int | None = None) -> None:
+    """Send one message: `value` as int64 LE, with `fd` in SCM_RIGHTS when given.
+
+    Raises OSError from the socket (BlockingIOError on a full non-blocking socket: the
+    caller decides whether that client is dropped). Partial sends of 8 bytes cannot happen
+    on a UNIX stream socket with room; a short count is reported as ProtocolError.
+    """
+    data = MESSAGE.pack(value)
+    sent = socket.send_fds(sock, [data], [fd]) if fd is not None else sock.send(data)
+    if sent != MESSAGE_SIZE:
+        raise ProtocolError(f"short send: {sent} of {MESSAGE_SIZE} bytes")
+
+
+def _close_fds(fds: list[int]) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def _recv_fds(sock: socket.socket, size: int, maxfds: int) -> tuple[bytes, list[int], int]:
+    """recvmsg with room for `maxfds` fds, received close-on-exec (socket.recv_fds of
+    Python 3.11 drops its flags argument). Returns (data, fds, msg_flags)."""
+    data, ancdata, flags, _ = sock.recvmsg(
+        size, socket.CMSG_SPACE(maxfds * FD_SIZE), socket.MSG_CMSG_CLOEXEC
+    )
+    fds = array.array("i")
+    for level, kind, payload in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(payload[: len(payload) - len(payload) % FD_SIZE])
+    if len(fds) > maxfds:  # CMSG_SPACE padding can hold one more than asked for
+        flags |= socket.MSG_CTRUNC
+    return data, list(fds), flags
+
+
+def recv_message(sock: socket.socket) -> tuple[int, int | None]:
+    """Receive one message; return (value, fd or None). The caller owns the returned fd.
+
+    Received fds are close-on-exec. Raises ConnectionClosedError at end of stream (also in
+    the middle of a message), ProtocolError if a message carries more than one fd or the
+    fd arrives after the first byte.
+    """
+    data = b""
+    fds: list[int] = []
+    while len(data) < MESSAGE_SIZE:
+        chunk, got, flags = _recv_fds(sock, MESSAGE_SIZE - len(data), 1)
+        if got and (data or fds):
+            _close_fds(fds + list(got))
+            raise ProtocolError("file descriptor in the middle of a message")
+        fds.extend(got)
+        if flags & socket.MSG_CTRUNC:
+            _close_fds(fds)
+            raise ProtocolError("more than one file descriptor with one message")
+        if not chunk:
+            _close_fds(fds)
+            raise ConnectionClosedError("end of stream")
+        data += chunk
+    (value,) = MESSAGE.unpack(data)
+    return value, (fds[0] if fds else None)
+
+
+# ------------------------------------------------------------------------------ server side
+def send_initial_info(sock: socket.socket, peer: int, shm_fd: int) -> None:
+    """Send version 0, the peer id, then -1 carrying `shm_fd` (ivshmem-server's first three)."""
+    send_message(sock, PROTOCOL_VERSION)
+    send_message(sock, peer)
+    send_message(sock, SHM_MESSAGE, shm_fd)
+
+
+def send_peer_vectors(sock: socket.socket, peer: int, eventfds: list[int]) -> None:
+    """Announce `peer` with its eventfds, one message per vector, in vector order."""
+    for fd in eventfds:
+        send_message(sock, peer, fd)
+
+
+def send_peer_gone(sock: socket.socket, peer: int) -> None:
+    """Announce that `peer` left: its id with no fd."""
+    send_message(sock, peer)
+
+
+def pack_reclaim(peer: int, incarnation: int, vectors: int) -> bytes:
+    """The reclaim request a client of this project sends (with its eventfds) to keep `peer`."""
+    return RECLAIM.pack(RECLAIM_MAGIC, peer, incarnation, vectors)
+
+
+@dataclasses.dataclass
+class ReclaimRequest:
+    """A decoded reclaim request; `eventfds` are owned by whoever received them."""
+
+    peer: int
+    incarnation: int
+    eventfds: list[int]
+
+
+def recv_reclaim(sock: socket.socket) -> ReclaimRequest:
+    """Read one reclaim request (32 bytes, fds attached to the first byte).
+
+    Raises ConnectionClosedError at end of stream, ProtocolError (closing any fds received)
+    for a wrong magic, a size or fd count that does not match, or fds that are not eventfds.
+    """
+    data = b""
+    fds: list[int] = []
+    try:
+        while len(data) < RECLAIM_SIZE:
+            chunk, got, flags = _recv_fds(sock, RECLAIM_SIZE - len(data), MAX_VECTORS)
+            if got and data:
+                fds.extend(got)
+                raise ProtocolError("file descriptors in the middle of a reclaim request")
+            fds.extend(got)
+            if flags & socket.MSG_CTRUNC:
+                raise ProtocolError(f"more than {MAX_VECTORS} file descriptors")
+            if not chunk:
+                raise ConnectionClosedError("end of stream")
+            data += chunk
+        magic, peer, incarnation, count = RECLAIM.unpack(data)
+        if magic != RECLAIM_MAGIC:
+            raise ProtocolError(f"bad reclaim magic {magic:#x}")
+        if count != len(fds):
+            raise ProtocolError(f"reclaim says {count} eventfds, {len(fds)} attached")
+        for fd in fds:
+            if not is_eventfd(fd):
+                raise ProtocolError(f"reclaim fd {fd} is not an eventfd")
+        return ReclaimRequest(peer, incarnation, fds)
+    except BaseException:
+        _close_fds(fds)
+        raise
+
+
+def is_eventfd(fd: int) -> bool:
+    """True iff `fd` (in this process) is an eventfd."""
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[eventfd]"
+    except OSError:
+        return False
+
+
+# ------------------------------------------------------------------------------ client side
+@dataclasses.dataclass
+class Handshake:
+    """The first three messages a client receives. The caller owns `shm_fd`."""
+
+    version: int
+    peer: int
+    shm_fd: int
+
+
+@dataclasses.dataclass
+class Announcement:
+    """One decoded message after the handshake's first three.
+
+    kind: "vector" (one eventfd of another peer), "own" (one of the client's own eventfds)
+    or "gone" (`peer` left; `fd` is None). `new_run` is True when this fd starts a new run
+    of consecutive fd messages for `peer`: the receiver then replaces (not extends) what it
+    holds for that peer, since the broker always sends all N vectors of a peer back to back.
+    The receiver owns `fd`.
+    """
+
+    kind: str
+    peer: int
+    fd: int | None
+    new_run: bool
+
+
+class ClientDecoder:
+    """Per-connection decoder of announcements; tracks runs of fd messages (see Announcement).
+
+    The protocol never states N (vectors per peer): a client learns its own eventfds as the
+    run of messages carrying its own id, and every other peer's as a run of its id.
+    """
+
+    def __init__(self, own_peer: int) -> None:
+        self.own_peer = own_peer
+        self._run: int | None = None  # peer id of the current run of fd messages
+
+    def feed(self, value: int, fd: int | None) -> Announcement:
+        """Decode one message. Raises ProtocolError (closing `fd`) for an id out of range or
+        the announcement of our own departure."""
+        if not 0 <= value <= 0xFFFF:
+            if fd is not None:
+                _close_fds([fd])
+            raise ProtocolError(f"peer id {value} out of range")
+        if fd is None:
+            self._run = None
+            if value == self.own_peer:
+                raise ProtocolError("broker announced our own departure")
+            return Announcement("gone", value, None, False)
+        new_run = self._run != value
+        self._run = value
+        kind = "own" if value == self.own_peer else "vector"
+        return Announcement(kind, value, fd, new_run)
+
+
+def read_handshake(
+    sock: socket.socket,
+) -> tuple[Handshake, ClientDecoder, list[Announcement]]:
+    """Read version, id, shm fd, then announcements up to and including the first own eventfd.
+
+    Returns the handshake, the decoder to keep feeding with later messages, and the
+    announcements read so far (the caller owns their fds; more own vectors may follow, as
+    the protocol never says how many). Raises ProtocolError (closing all it received) if
+    the version is not 0, the id is out of range, the third message is not -1 with an fd,
+    or the stream ends first.
+    """
+    received: list[int] = []
+    announcements: list[Announcement] = []
+    try:
+        version, fd = recv_message(sock)
+        if fd is not None:
+            received.append(fd)
+            raise ProtocolError("fd attached to the version message")
+        if version != PROTOCOL_VERSION:
+            raise ProtocolError(f"server speaks version {version}, expected {PROTOCOL_VERSION}")
+        peer, fd = recv_message(sock)
+        if fd is not None:
+            received.append(fd)
+            raise ProtocolError("fd attached to the peer-id message")
+        if not 0 <= peer <= 0xFFFF:
+            raise ProtocolError(f"server assigned invalid peer id {peer}")
+        value, shm_fd = recv_message(sock)
+        if shm_fd is not None:
+            received.append(shm_fd)
+        if value != SHM_MESSAGE or shm_fd is None:
+            raise ProtocolError(f"expected -1 with the shm fd, got {value} (fd {shm_fd})")
+        decoder = ClientDecoder(peer)
+        while True:
+            value, fd = recv_message(sock)
+            if fd is not None:
+                received.append(fd)
+            item = decoder.feed(value, fd)
+            announcements.append(item)
+            if item.kind == "own":
+                break
+        return Handshake(version, peer, shm_fd), decoder, announcements
+    except BaseException:
+        _close_fds(received)
+        raise
