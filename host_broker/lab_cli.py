@@ -1,0 +1,159 @@
+"""``ivshmem-lab``: run a command in N throw-away QEMU guests (see :mod:`host_broker.lab`).
+
+    ivshmem-lab run --vms 2 [--accel auto|kvm|tcg] [--memory 512M] [--timeout 300]
+                    [--shm NAME[:SIZE] ...] [--socket PATH[:VECTORS] ...] -- CMD ARGS...
+    ivshmem-lab probe [--force]        # does KVM work here?
+    ivshmem-lab initramfs [--rebuild]  # build the guest initramfs (and the UIO driver)
+
+``run`` prints each guest's output lines prefixed ``[vmI] `` as they come, a summary on
+stderr (accelerator, boot time, exit status per guest), and exits 0 if every guest's
+command exited 0, 1 if any failed, 124 if any timed out (and none failed otherwise),
+2 on bad usage, 3 if the lab cannot run here (no QEMU / kernel).
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+
+from host_broker.lab import (
+    Lab,
+    LabError,
+    LabUnavailable,
+    build_initramfs,
+    find_kernel,
+    parse_device,
+)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ivshmem-lab", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="run a command in N guests")
+    r.add_argument("--vms", type=int, default=1, help="number of guests (default 1)")
+    r.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto")
+    r.add_argument("--memory", default="512M", help="guest RAM (default 512M)")
+    r.add_argument("--timeout", type=float, default=300.0, help="seconds per guest, boot included")
+    r.add_argument(
+        "--shm",
+        action="append",
+        default=[],
+        metavar="NAME[:SIZE]",
+        help="ivshmem-plain device over /dev/shm/NAME in every guest (repeatable)",
+    )
+    r.add_argument(
+        "--socket",
+        action="append",
+        default=[],
+        metavar="PATH[:VECTORS]",
+        help="ivshmem-doorbell device on a broker socket in every guest (repeatable)",
+    )
+    r.add_argument("--cwd", default=None, help="working directory in the guests (default: .)")
+    r.add_argument("--console", action="store_true", help="print the whole console at the end")
+    r.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD ARGS...")
+    pr = sub.add_parser("probe", help="probe whether KVM guests boot here")
+    pr.add_argument("--force", action="store_true", help="ignore the cached verdict")
+    ib = sub.add_parser("initramfs", help="build the guest initramfs and the UIO driver")
+    ib.add_argument("--rebuild", action="store_true")
+    return p
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``ivshmem-lab``; returns the exit status (see the module docstring)."""
+    args = _parser().parse_args(argv)
+    if threading.current_thread() is threading.main_thread():
+        # SIGTERM unwinds like Ctrl-C, so every guest is killed and its temp dir removed.
+        signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        if args.cmd == "probe":
+            probe = Lab(accel="auto").probe_kvm(force=args.force)
+            cached = " (cached)" if probe.cached else ""
+            print(f"kvm: {'yes' if probe.ok else 'no'}{cached}: {probe.reason}")
+            return 0 if probe.ok else 1
+        if args.cmd == "initramfs":
+            ird = build_initramfs(find_kernel(), rebuild=args.rebuild)
+            print(ird.path)
+            if not ird.uio_module:
+                print(f"uio_ivshmem not built:\n{ird.uio_build_log}", file=sys.stderr)
+            return 0
+        return _run(args)
+    except LabUnavailable as e:
+        print(f"ivshmem-lab: unavailable: {e}", file=sys.stderr)
+        return 3
+    except LabError as e:
+        print(f"ivshmem-lab: {e}", file=sys.stderr)
+        return 1
+
+
+def _run(args: argparse.Namespace) -> int:
+    command = list(args.command)
+    if command and command[0] == "--":
+        command = command[1:]
+    if not command:
+        print("ivshmem-lab run: no command given (… -- CMD ARGS)", file=sys.stderr)
+        return 2
+    if args.vms < 1:
+        print("ivshmem-lab run: --vms must be >= 1", file=sys.stderr)
+        return 2
+    try:
+        devices = [parse_device("shm:" + s) for s in args.shm]
+        devices += [parse_device("sock:" + s) for s in args.socket]
+    except ValueError as e:
+        print(f"ivshmem-lab run: {e}", file=sys.stderr)
+        return 2
+    lab = Lab(accel=args.accel, memory=args.memory)
+    ird = lab.initramfs()
+    if not ird.uio_module:
+        last = ird.uio_build_log.strip().splitlines()[-1:] or ["?"]
+        print(f"ivshmem-lab: uio_ivshmem driver not built ({last[0]})", file=sys.stderr)
+    accel = lab.accel_in_use()
+    if args.accel == "auto" and accel == "tcg" and lab._probe is not None:
+        print(f"ivshmem-lab: KVM not usable ({lab._probe.reason}); using TCG", file=sys.stderr)
+    print(f"ivshmem-lab: {args.vms} guest(s), accel {accel}", file=sys.stderr)
+    out_lock = threading.Lock()
+
+    def on_output(index: int, line: str) -> None:
+        with out_lock:
+            print(f"[vm{index}] {line}", flush=True)
+
+    results = lab.run(
+        command,
+        vms=args.vms,
+        devices=devices,
+        timeout=args.timeout,
+        cwd=args.cwd,
+        on_output=on_output,
+    )
+    failed = timed_out = False
+    for r in results:
+        boot = f"{r.boot_seconds:.1f} s" if r.boot_seconds is not None else "-"
+        if r.returncode is not None:
+            what = f"exit {r.returncode}"
+        elif r.timed_out:
+            what = "timed out"
+        else:
+            what = f"failed: {r.error}"
+        print(
+            f"ivshmem-lab: vm{r.index}: {what} (accel {r.accel}, boot {boot}, "
+            f"total {r.wall_seconds:.1f} s)",
+            file=sys.stderr,
+        )
+        if args.console:
+            for line in r.console.splitlines():
+                print(f"[vm{r.index} console] {line}", file=sys.stderr)
+        if r.timed_out:
+            timed_out = True
+        elif r.returncode != 0:
+            failed = True
+    return 1 if failed else 124 if timed_out else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
