@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import mmap
 import os
@@ -27,7 +28,7 @@ def test_create_open_describe(make_region):
     pairs = {(q["src"], q["dst"]) for q in info["queues"]}
     assert pairs == {(s, d) for s in range(4) for d in range(4) if s != d}
     spans = sorted((q["offset"], q["data_offset"] + q["data_size"]) for q in info["queues"])
-    for (_, end), (start, _) in zip(spans, spans[1:], strict=False):
+    for (_, end), (start, _) in itertools.pairwise(spans):
         assert end <= start  # queues never overlap
     assert spans[-1][1] <= region.size
     for q in info["queues"]:
