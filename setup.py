@@ -1,7 +1,7 @@
-"""Build of the optional C accelerator; all metadata lives in pyproject.toml.
+"""Build of the C accelerator of the queue halves; all metadata lives in pyproject.toml.
 
-``IVSHMEM_COMM_REQUIRE_FASTPATH=1`` (set by CI) turns a failed build into an error
-instead of a pure-Python install, so the accelerator can never silently go missing.
+A failed compile fails the install: the accelerator never silently goes missing. The
+pure-Python reference stays selectable at run time with IVSHMEM_COMM_PUREPYTHON=1.
 """
 
 from setuptools import Extension, setup

@@ -108,28 +108,46 @@ class EventfdNotifier:
     """
 
     blocking = True
+    RETIRE_DELAY = 1.0
 
     def __init__(self, own_fds: list[int], peer_fds: dict[int, list[int]] | None = None) -> None:
         if not own_fds:
             raise ValueError("an eventfd notifier needs at least one own eventfd")
         self._own = own_fds
         self._peers: dict[int, list[int]] = dict(peer_fds or {})
+        self._retired: list[tuple[float, list[int]]] = []
         os.set_blocking(own_fds[0], False)
         self._poll = select.poll()
         self._poll.register(own_fds[0], select.POLLIN)
 
     def set_peer(self, peer: int, fds: list[int]) -> None:
-        """Take `fds` as peer `peer`'s eventfds (closing ones it replaces)."""
+        """Take `fds` as peer `peer`'s eventfds (retiring ones it replaces)."""
         old = self._peers.get(peer)
         self._peers[peer] = fds
         if old and old is not fds:
-            for fd in old:
-                os.close(fd)
+            self._retire(old)
 
     def drop_peer(self, peer: int) -> None:
-        """Forget peer `peer`'s eventfds and close them."""
-        for fd in self._peers.pop(peer, []):
-            os.close(fd)
+        """Forget peer `peer`'s eventfds (retired, closed a little later)."""
+        old = self._peers.pop(peer, None)
+        if old:
+            self._retire(old)
+
+    def _retire(self, fds: list[int]) -> None:
+        # The broker client calls set_peer/drop_peer from its own thread while the endpoint's
+        # thread may be inside kick() with the old fd number in hand: closing at once could
+        # let that number be reused and the kick write 8 bytes into an unrelated file. Retired
+        # fds are closed only after RETIRE_DELAY seconds, far longer than any kick takes.
+        now = time.monotonic()
+        keep = []
+        for retired_at, old in self._retired:
+            if now - retired_at > self.RETIRE_DELAY:
+                for fd in old:
+                    os.close(fd)
+            else:
+                keep.append((retired_at, old))
+        keep.append((now, fds))
+        self._retired = keep
 
     def kick(self, peer: int) -> None:
         fds = self._peers.get(peer)
@@ -149,10 +167,11 @@ class EventfdNotifier:
         return True
 
     def close(self) -> None:
-        for fds in self._peers.values():
+        for fds in [*self._peers.values(), *(old for _, old in self._retired)]:
             for fd in fds:
                 os.close(fd)
         self._peers.clear()
+        self._retired.clear()
         for fd in self._own:
             try:
                 os.close(fd)

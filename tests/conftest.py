@@ -77,3 +77,13 @@ def run_peer(body: Callable[..., None], name: str, peer: int, *args: Any) -> Non
         traceback.print_exc()
     finally:
         os._exit(code)
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Under IVSHMEM_REQUIRE_VM=1 (CI), a machine that cannot boot lab guests is an error."""
+    if os.environ.get("IVSHMEM_REQUIRE_VM") == "1":
+        from host_broker.lab import lab_available
+
+        ok, reason = lab_available()
+        if not ok:
+            raise pytest.UsageError(f"IVSHMEM_REQUIRE_VM=1 but the VM lab is unavailable: {reason}")
