@@ -51,6 +51,7 @@
 #define SEND_OK 0
 #define SEND_KICK 1
 #define SEND_FULL (-1)
+#define SEND_TOO_BIG (-2)
 
 /* Counter words of a control line, after the session word (layout.COUNTER_NAMES_*). */
 enum { CNT_MESSAGES = 1, CNT_BYTES = 2, CNT_WAITS = 3, CNT_KICKS = 4 };
@@ -699,10 +700,8 @@ static PyObject *tx_send_small(TxRing *self, PyObject *const *args, Py_ssize_t n
         return NULL;
     Py_ssize_t length = SPAN_HEADER_SIZE + data.len;
     if (length > r->max_span) {
-        PyErr_Format(PyExc_ValueError, "%zd bytes do not fit one %zd-byte span", data.len,
-                     r->max_span);
         PyBuffer_Release(&data);
-        return NULL;
+        return PyLong_FromLong(SEND_TOO_BIG);
     }
     Py_ssize_t offset = tx_reserve_impl(self, length);
     if (offset < 0) {
@@ -799,7 +798,7 @@ static PyMethodDef tx_methods[] = {
     {"publish", (PyCFunction)(void (*)(void))tx_publish, METH_FASTCALL,
      "publish(offset, length, last): publish a piece of the open reservation; True: kick."},
     {"send_small", (PyCFunction)(void (*)(void))tx_send_small, METH_FASTCALL,
-     "send_small(tag, data): one-span message; SEND_OK, SEND_KICK or SEND_FULL."},
+     "send_small(tag, data): one-span message; SEND_OK, SEND_KICK, SEND_FULL or SEND_TOO_BIG."},
     {"write", (PyCFunction)(void (*)(void))tx_write, METH_FASTCALL,
      "write(offset, data): copy `data` into the open reservation at region `offset`."},
     {"write_header", (PyCFunction)(void (*)(void))tx_write_header, METH_FASTCALL,
@@ -1031,6 +1030,8 @@ static PyObject *rx_poll_header(RxRing *self, PyObject *Py_UNUSED(ignored))
     }
     if (rx_read_header_impl(self, (Py_ssize_t)addr, length, &total, &tag) < 0)
         return NULL;
+    count(&self->ring, CNT_MESSAGES, 1); /* a message is counted when its header is read */
+    count(&self->ring, CNT_BYTES, total);
     return Py_BuildValue("(KIKi)", (unsigned long long)addr, (unsigned int)length,
                          (unsigned long long)total, (int)tag);
 }
@@ -1212,7 +1213,8 @@ PyMODINIT_FUNC PyInit__fastpath(void)
         PyModule_AddObjectRef(m, "RxRing", (PyObject *)&RxRingType) < 0 ||
         PyModule_AddIntConstant(m, "SEND_OK", SEND_OK) < 0 ||
         PyModule_AddIntConstant(m, "SEND_KICK", SEND_KICK) < 0 ||
-        PyModule_AddIntConstant(m, "SEND_FULL", SEND_FULL) < 0) {
+        PyModule_AddIntConstant(m, "SEND_FULL", SEND_FULL) < 0 ||
+        PyModule_AddIntConstant(m, "SEND_TOO_BIG", SEND_TOO_BIG) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -20,7 +20,7 @@ from typing import Any
 
 from ivshmem_comm import layout
 from ivshmem_comm.errors import RingCorruptError
-from ivshmem_comm.ring import SEND_FULL, SEND_KICK
+from ivshmem_comm.ring import SEND_FULL, SEND_KICK, SEND_TOO_BIG
 
 Wait = Callable[[float | None], None]
 Kick = Callable[[], None]
@@ -40,7 +40,6 @@ class TxChannel:
     def __init__(self, ring: Any, geometry: layout.Geometry, kick: Kick, wait: Wait) -> None:
         self.ring = ring
         self._geometry = geometry
-        self._small_max = geometry.max_span - layout.SPAN_HEADER_SIZE
         self._kick = kick
         self._wait = wait
 
@@ -52,14 +51,14 @@ class TxChannel:
         Raises TimeoutError (nothing sent), PeerLostError, RingCorruptError.
         """
         ring = self.ring
-        if len(data) <= self._small_max:
-            while True:
-                status = ring.send_small(tag, data)
-                if status != SEND_FULL:
-                    if status == SEND_KICK:
-                        self._kick()
-                    return
-                self._wait_space(deadline)
+        status = ring.send_small(tag, data)
+        while status == SEND_FULL:
+            self._wait_space(deadline)
+            status = ring.send_small(tag, data)
+        if status == SEND_KICK:
+            self._kick()
+        if status != SEND_TOO_BIG:
+            return
         if layout.is_contiguous(len(data), self._geometry):
             self._send_contiguous(data, tag, deadline)
         else:
@@ -177,7 +176,7 @@ class RxChannel:
     ) -> None:
         self.ring = ring
         self.source = source
-        self._buf = buf
+        self._view = buf.toreadonly()  # what received messages are sliced from
         self._geometry = geometry
         self._kick = kick
         self._wait = wait
@@ -224,8 +223,11 @@ class RxChannel:
         """Take the peeked message (call `peek` first): zero-copy if contiguous, else a copy."""
         offset, length, total, tag = self.head  # type: ignore[misc]
         self.head = None
-        self.ring.count_message(total)
         payload = offset + layout.SPAN_HEADER_SIZE
+        if payload + total == offset + length:  # one span: the common, small case
+            record = [1, 0]
+            self._pending.append(record)
+            return Message(self.source, tag, self._view[payload : payload + total], self, record)
         if not layout.is_contiguous(total, self._geometry):
             data = bytearray(total)
             self._stream_into(memoryview(data), offset, length, total)
@@ -241,8 +243,7 @@ class RxChannel:
             raise self.ring_corrupt("span.len", end - payload, f"message is {total} bytes")
         record = [spans, 0]
         self._pending.append(record)
-        view = self._buf[payload : payload + total].toreadonly()
-        return Message(self.source, tag, view, self, record)
+        return Message(self.source, tag, self._view[payload : payload + total], self, record)
 
     def take_into(self, dest: memoryview) -> tuple[int, int]:
         """Copy the peeked message into `dest` span by span; return (nbytes, tag).
@@ -252,7 +253,11 @@ class RxChannel:
         """
         offset, length, total, tag = self.head  # type: ignore[misc]
         self.head = None
-        self.ring.count_message(total)
+        if not self._pending and length - layout.SPAN_HEADER_SIZE == total:  # one span
+            self.ring.read_into(offset + layout.SPAN_HEADER_SIZE, dest, 0, total)
+            if self.ring.complete(1):
+                self._kick()
+            return total, tag
         self._stream_into(dest, offset, length, total)
         return total, tag
 

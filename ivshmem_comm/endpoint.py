@@ -35,7 +35,7 @@ from ivshmem_comm.errors import (
 )
 from ivshmem_comm.notify import Notifier, PollingNotifier, SemaphoreNotifier
 from ivshmem_comm.region import Region, host_id
-from ivshmem_comm.ring import RxRing, TxRing
+from ivshmem_comm.ring import SEND_FULL, SEND_KICK, SEND_OK, RxRing, TxRing
 
 ANY_SOURCE = -1
 ANY_TAG = -1
@@ -97,6 +97,9 @@ class Endpoint:
             rx_ring = RxRing(buf, region.queue_offset(p, me), g, p)
             self.tx[p] = TxChannel(tx_ring, g, self._kicker(p), self._waiter([tx_ring], p))
             self.rx[p] = RxChannel(rx_ring, p, buf, g, self._kicker(p), self._waiter([rx_ring], p))
+        # The same channels by peer id, for the fast paths (a dict refuses bad ids for free).
+        self._tx_by_peer = {p: self.tx[p] for p in self._others}
+        self._rx_by_peer = {p: self.rx[p] for p in self._others}
         for p in self._others:
             self._sync(p)
         region.write_peer(me, state=layout.PEER_READY)
@@ -264,6 +267,21 @@ class Endpoint:
         peer arrive in order. Raises PeerLostError if `dest` is gone or restarted,
         ValueError for a bad peer or tag, RingCorruptError if the peer broke the queue.
         """
+        # Fast path: a known, ready peer and a message that fits one span with room for it.
+        tx = self._tx_by_peer.get(dest)
+        if tx is not None and self._u64[self._word_i[dest]] == self._expect[dest]:
+            try:
+                status = tx.ring.send_small(tag, data)
+            except (BufferError, TypeError, ValueError):
+                status = SEND_FULL  # a bad tag or not a flat buffer: the general path explains
+            if status == SEND_OK:
+                return
+            if status == SEND_KICK:
+                self.notifier.kick(dest)
+                return
+        self._send(dest, data, tag, timeout)
+
+    def _send(self, dest: int, data: Any, tag: int, timeout: float | None) -> None:
         if not layout.TAG_MIN <= tag <= layout.TAG_MAX:
             raise ValueError(f"tag {tag} outside {layout.TAG_MIN}..{layout.TAG_MAX}")
         tx = self.tx[self._peer_arg(dest)]
@@ -368,6 +386,19 @@ class Endpoint:
         (nothing consumed), PeerLostError if `source` is gone with nothing left from it,
         RingCorruptError if the peer broke the queue.
         """
+        channel = self._rx_by_peer.get(source)
+        if channel is not None and not self._unexpected_count:
+            # Fast path: the next message from a named source is there and matches.
+            try:
+                head = channel.head or channel.ring.poll_header()
+            except PeerLostError:
+                self._expect[source] = -1
+                self._sync(source)
+                raise
+            if head is not None:
+                channel.head = head
+                if tag == ANY_TAG or head[3] == tag:
+                    return channel.take()
         found = self._find(source, tag, timeout)
         if isinstance(found, Message):
             return self._remove_unexpected(found)
@@ -390,6 +421,18 @@ class Endpoint:
         if dest.readonly:
             raise ValueError("recv_into needs a writable buffer")
         dest = dest.cast("B") if dest.format != "B" or dest.ndim != 1 else dest
+        channel = self._rx_by_peer.get(source)
+        if channel is not None and not self._unexpected_count:
+            try:  # fast path, as in recv()
+                head = channel.head or channel.ring.poll_header()
+            except PeerLostError:
+                self._expect[source] = -1
+                self._sync(source)
+                raise
+            if head is not None:
+                channel.head = head
+                if (tag == ANY_TAG or head[3] == tag) and head[2] <= len(dest):
+                    return channel.take_into(dest)[0], source, head[3]
         found = self._find(source, tag, timeout)
         if isinstance(found, Message):
             if found.nbytes > len(dest):

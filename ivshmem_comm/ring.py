@@ -38,5 +38,14 @@ if IMPLEMENTATION == "python" and platform.machine() not in ("x86_64", "AMD64", 
 SEND_OK = virtqueue.SEND_OK
 SEND_KICK = virtqueue.SEND_KICK
 SEND_FULL = virtqueue.SEND_FULL
+SEND_TOO_BIG = virtqueue.SEND_TOO_BIG
 
-__all__ = ["IMPLEMENTATION", "SEND_FULL", "SEND_KICK", "SEND_OK", "RxRing", "TxRing"]
+__all__ = [
+    "IMPLEMENTATION",
+    "SEND_FULL",
+    "SEND_KICK",
+    "SEND_OK",
+    "SEND_TOO_BIG",
+    "RxRing",
+    "TxRing",
+]

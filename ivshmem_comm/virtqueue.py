@@ -38,6 +38,7 @@ _FENCE_LOCK = threading.Lock()
 SEND_OK = 0  # published; no kick needed
 SEND_KICK = 1  # published; the device asked to be notified
 SEND_FULL = -1  # no descriptor or no contiguous data space: reclaim/wait and retry
+SEND_TOO_BIG = -2  # the message needs more than one span: nothing was written
 
 
 def full_fence() -> None:
@@ -277,14 +278,17 @@ class TxRing(_RingBase):
         return kick
 
     def send_small(self, tag: int, data: Any) -> int:
-        """Send one message that fits one span: header + `data` (a byte memoryview).
+        """Send one message that fits one span: header + `data` (any C-contiguous buffer).
 
         Returns SEND_OK or SEND_KICK when published, SEND_FULL when there is no room now
-        (nothing was written; reclaim, wait and retry). The caller guarantees
-        SPAN_HEADER_SIZE + len(data) <= max_span.
+        (nothing was written; reclaim, wait and retry), SEND_TOO_BIG when the header and
+        `data` exceed max_span (nothing was written; send it in pieces).
         """
         _check_tag(tag)
+        data = memoryview(data).cast("B")  # any C-contiguous buffer, as the C path takes
         length = layout.SPAN_HEADER_SIZE + len(data)
+        if length > self.max_span:
+            return SEND_TOO_BIG
         offset = self.reserve(length)
         if offset < 0:
             return SEND_FULL
@@ -432,6 +436,7 @@ class RxRing(_RingBase):
         if span is None:
             return None
         total, tag = self.read_header(*span)
+        self.count_message(total)  # a message is counted when its header is read
         return span[0], span[1], total, tag
 
     def read_into(self, src_offset: int, dest: Any, dest_offset: int, length: int) -> None:
