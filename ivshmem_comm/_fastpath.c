@@ -29,6 +29,7 @@
 #include <stdbool.h>
 #include <stdint.h>
 #include <string.h>
+#include <time.h>
 
 #if !defined(__BYTE_ORDER__) || __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
 #error "the region format is little-endian and this module stores native integers"
@@ -1012,14 +1013,11 @@ static PyObject *rx_read_header(RxRing *self, PyObject *const *args, Py_ssize_t 
     return Py_BuildValue("(Ki)", (unsigned long long)total, (int)tag);
 }
 
-static PyObject *rx_poll_header(RxRing *self, PyObject *Py_UNUSED(ignored))
+/* The first-span header of the span just peeked, as poll_header() returns it. */
+static PyObject *rx_header_tuple(RxRing *self, uint64_t addr, uint32_t length)
 {
-    uint64_t addr, total;
-    uint32_t length;
+    uint64_t total;
     int32_t tag;
-    int found = rx_poll_impl(self, &addr, &length);
-    if (found <= 0)
-        return found < 0 ? NULL : Py_NewRef(Py_None);
     if (length < SPAN_HEADER_SIZE) {
         PyObject *length_obj = PyLong_FromUnsignedLong(length);
         if (length_obj == NULL)
@@ -1034,6 +1032,52 @@ static PyObject *rx_poll_header(RxRing *self, PyObject *Py_UNUSED(ignored))
     count(&self->ring, CNT_BYTES, total);
     return Py_BuildValue("(KIKi)", (unsigned long long)addr, (unsigned int)length,
                          (unsigned long long)total, (int)tag);
+}
+
+static PyObject *rx_poll_header(RxRing *self, PyObject *Py_UNUSED(ignored))
+{
+    uint64_t addr;
+    uint32_t length;
+    int found = rx_poll_impl(self, &addr, &length);
+    if (found <= 0)
+        return found < 0 ? NULL : Py_NewRef(Py_None);
+    return rx_header_tuple(self, addr, length);
+}
+
+static uint64_t monotonic_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+/* poll_header() repeated for up to `spin_ns` nanoseconds: the spin phase of a receive without
+ * a trip through the interpreter per probe. The GIL stays held: spins are a few tens of us. */
+static PyObject *rx_wait_header(RxRing *self, PyObject *spin_obj)
+{
+    long long spin_ns;
+    if (as_long_long(spin_obj, &spin_ns) < 0)
+        return NULL;
+    uint64_t end = 0;
+    uint64_t addr;
+    uint32_t length;
+    for (unsigned i = 0;; i++) {
+        int found = rx_poll_impl(self, &addr, &length);
+        if (found < 0)
+            return NULL;
+        if (found > 0)
+            return rx_header_tuple(self, addr, length);
+        if ((i & 31) == 0) {
+            uint64_t now = monotonic_ns();
+            if (end == 0)
+                end = now + (uint64_t)(spin_ns > 0 ? spin_ns : 0);
+            if (now >= end)
+                return Py_NewRef(Py_None);
+        }
+#if defined(__x86_64__) || defined(__i386__)
+        __builtin_ia32_pause();
+#endif
+    }
 }
 
 static PyObject *rx_complete(RxRing *self, PyObject *count_obj)
@@ -1134,6 +1178,8 @@ static PyMethodDef rx_methods[] = {
      "read_header(offset, length): decode a first-span header: (total, tag)."},
     {"poll_header", (PyCFunction)rx_poll_header, METH_NOARGS,
      "poll() and read_header() fused: (offset, length, total, tag), or None."},
+    {"wait_header", (PyCFunction)rx_wait_header, METH_O,
+     "wait_header(spin_ns): poll_header() repeated for up to spin_ns nanoseconds."},
     {"complete", (PyCFunction)rx_complete, METH_O,
      "Give the oldest `count` held spans back to the driver. True iff it must be kicked."},
     {"read_into", (PyCFunction)(void (*)(void))rx_read_into, METH_FASTCALL,

@@ -78,6 +78,7 @@ class Endpoint:
             )
         self.notifier = notifier
         self._spin = spin_us * 1e-6
+        self._spin_ns = int(spin_us * 1000)
         self._u64 = region.u64
         self._word_i = [region.peer_slot_offset(p) // 8 for p in range(n)]
         self._known = [0] * n  # incarnation each pair of halves was last reset for
@@ -347,11 +348,26 @@ class Endpoint:
                     raise
         return None
 
-    def _find(self, source: int, tag: int, timeout: float | None) -> Message | RxChannel:
+    def _fast_head(self, channel: RxChannel) -> tuple[int, int, int, int] | None:
+        """The head message's header of `channel`, spinning for it in C; None if none came."""
+        ring = channel.ring
+        try:
+            head = channel.head or ring.poll_header() or ring.wait_header(self._spin_ns)
+        except PeerLostError:
+            self._expect[channel.source] = -1
+            self._sync(channel.source)
+            raise
+        channel.head = head
+        return head
+
+    def _find(
+        self, source: int, tag: int, timeout: float | None, spun: bool = False
+    ) -> Message | RxChannel:
+        """Wait for a message matching (source, tag); `spun`: the spin phase is already over."""
         deadline = None if timeout is None else time.monotonic() + timeout
         if source != ANY_SOURCE:
             self._peer_arg(source)
-        self._spin_end = 0.0
+        self._spin_end = time.monotonic() if spun else 0.0
         while True:
             found = self._match(source, tag)
             if found is not None:
@@ -387,19 +403,14 @@ class Endpoint:
         RingCorruptError if the peer broke the queue.
         """
         channel = self._rx_by_peer.get(source)
+        spun = False
         if channel is not None and not self._unexpected_count:
-            # Fast path: the next message from a named source is there and matches.
-            try:
-                head = channel.head or channel.ring.poll_header()
-            except PeerLostError:
-                self._expect[source] = -1
-                self._sync(source)
-                raise
-            if head is not None:
-                channel.head = head
-                if tag == ANY_TAG or head[3] == tag:
-                    return channel.take()
-        found = self._find(source, tag, timeout)
+            # Fast path: the next message from a named source comes and matches.
+            head = self._fast_head(channel)
+            if head is not None and (tag == ANY_TAG or head[3] == tag):
+                return channel.take()
+            spun = head is None
+        found = self._find(source, tag, timeout, spun)
         if isinstance(found, Message):
             return self._remove_unexpected(found)
         return found.take()
@@ -422,18 +433,13 @@ class Endpoint:
             raise ValueError("recv_into needs a writable buffer")
         dest = dest.cast("B") if dest.format != "B" or dest.ndim != 1 else dest
         channel = self._rx_by_peer.get(source)
+        spun = False
         if channel is not None and not self._unexpected_count:
-            try:  # fast path, as in recv()
-                head = channel.head or channel.ring.poll_header()
-            except PeerLostError:
-                self._expect[source] = -1
-                self._sync(source)
-                raise
-            if head is not None:
-                channel.head = head
-                if (tag == ANY_TAG or head[3] == tag) and head[2] <= len(dest):
-                    return channel.take_into(dest)[0], source, head[3]
-        found = self._find(source, tag, timeout)
+            head = self._fast_head(channel)  # fast path, as in recv()
+            if head is not None and (tag == ANY_TAG or head[3] == tag) and head[2] <= len(dest):
+                return channel.take_into(dest)[0], source, head[3]
+            spun = head is None
+        found = self._find(source, tag, timeout, spun)
         if isinstance(found, Message):
             if found.nbytes > len(dest):
                 raise MessageTooLargeError(found.nbytes, len(dest), found.source, found.tag)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import collections
 import threading
+import time
 from typing import Any
 
 from ivshmem_comm import layout
@@ -438,6 +439,14 @@ class RxRing(_RingBase):
         total, tag = self.read_header(*span)
         self.count_message(total)  # a message is counted when its header is read
         return span[0], span[1], total, tag
+
+    def wait_header(self, spin_ns: int) -> tuple[int, int, int, int] | None:
+        """poll_header() repeated for up to `spin_ns` nanoseconds; None if nothing came."""
+        end = time.monotonic_ns() + spin_ns
+        while True:
+            head = self.poll_header()
+            if head is not None or time.monotonic_ns() >= end:
+                return head
 
     def read_into(self, src_offset: int, dest: Any, dest_offset: int, length: int) -> None:
         """Copy `length` bytes at region `src_offset` of a held span into `dest[dest_offset:]`."""
