@@ -573,6 +573,10 @@ static Py_ssize_t tx_find_space(TxRing *self, Py_ssize_t size)
 static Py_ssize_t tx_reserve_impl(TxRing *self, long long nbytes)
 {
     Ring *r = &self->ring;
+    if (r->broken != NULL) { /* a broken queue fails fast: nothing more is published */
+        raise_broken(r);
+        return -2;
+    }
     if (self->reserve_end >= 0) {
         PyErr_SetString(PyExc_RuntimeError, "a reservation is already open");
         return -2;

@@ -14,15 +14,18 @@ ring may have moved, or raises TimeoutError / PeerLostError.
 from __future__ import annotations
 
 import collections
+import time
 import warnings
 from collections.abc import Callable
 from typing import Any
 
 from ivshmem_comm import layout
-from ivshmem_comm.errors import RingCorruptError
+from ivshmem_comm.errors import RingCorruptError, TimeoutError
 from ivshmem_comm.ring import SEND_FULL, SEND_KICK, SEND_TOO_BIG
 
 Wait = Callable[[float | None], None]
+STALL_TIMEOUT = 10.0  # seconds a receiver waits for the next span inside a message
+PREALLOC_MAX = 256 << 20  # largest streamed message given all its memory up front
 Kick = Callable[[], None]
 
 
@@ -182,6 +185,7 @@ class RxChannel:
         self._wait = wait
         self._pending: collections.deque[list[int]] = collections.deque()
         self.head: tuple[int, int, int, int] | None = None  # offset, length, total, tag
+        self.stall_timeout = STALL_TIMEOUT
 
     def reset(self) -> None:
         """Forget the peeked header and held records (the ring was reset for a new session)."""
@@ -212,12 +216,25 @@ class RxChannel:
         self._pending.append(record)
         self.finish(record)
 
-    def _next_span(self) -> tuple[int, int]:
+    def _next_span(self, total: int) -> tuple[int, int]:
+        """The next span of the message being taken (of `total` bytes).
+
+        A sender is committed once a message's first span is out (a contiguous message has
+        all its space reserved; a streamed one only needs ours freed), so an honest peer
+        never stalls mid-message for long. One that publishes nothing more for
+        `stall_timeout` seconds breaks the queue (RingCorruptError) instead of hanging us.
+        """
+        deadline = time.monotonic() + self.stall_timeout
         while True:
             span = self.ring.poll()
             if span is not None:
                 return span
-            self._wait(None)
+            try:
+                self._wait(deadline)
+            except TimeoutError:
+                raise self.ring_corrupt(
+                    "message", total, f"no span for {self.stall_timeout} s inside a message"
+                ) from None
 
     def take(self) -> Message:
         """Take the peeked message (call `peek` first): zero-copy if contiguous, else a copy."""
@@ -229,12 +246,11 @@ class RxChannel:
             self._pending.append(record)
             return Message(self.source, tag, self._view[payload : payload + total], self, record)
         if not layout.is_contiguous(total, self._geometry):
-            data = bytearray(total)
-            self._stream_into(memoryview(data), offset, length, total)
+            data = self._assemble(offset, length, total)
             return Message(self.source, tag, memoryview(data).toreadonly(), None, None)
         spans, end = 1, offset + length
         while end < payload + total:
-            span_offset, span_length = self._next_span()
+            span_offset, span_length = self._next_span(total)
             if span_offset != end:
                 raise self.ring_corrupt("span.addr", span_offset, f"expected contiguous {end}")
             end += span_length
@@ -244,6 +260,30 @@ class RxChannel:
         record = [spans, 0]
         self._pending.append(record)
         return Message(self.source, tag, self._view[payload : payload + total], self, record)
+
+    def _assemble(self, offset: int, length: int, total: int) -> bytes | bytearray:
+        """Copy a streamed message out into memory of our own.
+
+        The length comes from the peer: up to PREALLOC_MAX bytes are allocated at once, a
+        larger message is gathered span by span, so memory follows what actually arrived.
+        """
+        if total <= PREALLOC_MAX:
+            data = bytearray(total)
+            self._stream_into(memoryview(data), offset, length, total)
+            return data
+        chunks = []
+        first = length - layout.SPAN_HEADER_SIZE
+        chunks.append(bytes(self._view[offset + layout.SPAN_HEADER_SIZE : offset + length]))
+        self._complete_now(1)
+        copied = first
+        while copied < total:
+            span_offset, span_length = self._next_span(total)
+            if span_length > total - copied:
+                raise self.ring_corrupt("span.len", span_length, f"{total - copied} bytes left")
+            chunks.append(bytes(self._view[span_offset : span_offset + span_length]))
+            self._complete_now(1)
+            copied += span_length
+        return b"".join(chunks)
 
     def take_into(self, dest: memoryview) -> tuple[int, int]:
         """Copy the peeked message into `dest` span by span; return (nbytes, tag).
@@ -268,7 +308,7 @@ class RxChannel:
         self._complete_now(1)
         copied, expected = first, offset + length
         while copied < total:
-            span_offset, span_length = self._next_span()
+            span_offset, span_length = self._next_span(total)
             if span_length > total - copied:
                 raise self.ring_corrupt("span.len", span_length, f"{total - copied} bytes left")
             if contiguous and span_offset != expected:

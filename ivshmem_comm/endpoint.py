@@ -26,11 +26,12 @@ import time
 from typing import Any
 
 from ivshmem_comm import layout, serialize
-from ivshmem_comm.channel import Message, RxChannel, TxChannel, byte_view
+from ivshmem_comm.channel import STALL_TIMEOUT, Message, RxChannel, TxChannel, byte_view
 from ivshmem_comm.errors import (
     MessageTooLargeError,
     PeerLostError,
     PeerSlotBusyError,
+    RingCorruptError,
     TimeoutError,
 )
 from ivshmem_comm.notify import Notifier, PollingNotifier, SemaphoreNotifier
@@ -55,7 +56,8 @@ class Endpoint:
     `notifier`: how to sleep and kick (default: POSIX semaphores for a region opened by name on
     this host, polling with backoff otherwise). `broker_assigned`: the broker already claimed
     the slot (state JOINING); otherwise the endpoint claims it. `spin_us`: how long to spin
-    before blocking.
+    before blocking. `stall_timeout`: how long a receive waits for the next span inside a
+    message before it declares the sender's queue broken.
     """
 
     def __init__(
@@ -66,6 +68,7 @@ class Endpoint:
         notifier: Notifier | None = None,
         broker_assigned: bool = False,
         spin_us: float = DEFAULT_SPIN_US,
+        stall_timeout: float = STALL_TIMEOUT,
     ) -> None:
         self.region = region
         self.peer_id = me = peer_id
@@ -85,6 +88,7 @@ class Endpoint:
         self._expect = [-1] * n  # _ready_word(known) once that peer was seen READY
         self._unexpected: list[collections.deque[Message]] = [collections.deque() for _ in range(n)]
         self._unexpected_count = 0
+        self._reported: set[int] = set()  # peers whose broken queue ANY_SOURCE has reported
         self._others = [p for p in range(n) if p != me]
         self._rotation = 0
         self._spin_end = 0.0  # end of the current spin phase; 0: the next wait starts one
@@ -98,6 +102,7 @@ class Endpoint:
             rx_ring = RxRing(buf, region.queue_offset(p, me), g, p)
             self.tx[p] = TxChannel(tx_ring, g, self._kicker(p), self._waiter([tx_ring], p))
             self.rx[p] = RxChannel(rx_ring, p, buf, g, self._kicker(p), self._waiter([rx_ring], p))
+            self.rx[p].stall_timeout = stall_timeout
         # The same channels by peer id, for the fast paths (a dict refuses bad ids for free).
         self._tx_by_peer = {p: self.tx[p] for p in self._others}
         self._rx_by_peer = {p: self.rx[p] for p in self._others}
@@ -346,7 +351,25 @@ class Endpoint:
                 self._sync(p)
                 if source != ANY_SOURCE:
                     raise
+            except RingCorruptError:
+                if self._renewed(p):
+                    continue
+                # A named source reports its broken queue every time; ANY_SOURCE reports it
+                # once and then serves the other peers until the culprit rejoins.
+                if source != ANY_SOURCE or p not in self._reported:
+                    self._reported.add(p)
+                    raise
         return None
+
+    def _renewed(self, p: int) -> bool:
+        """True (and our halves reset) if peer p rejoined as an incarnation we do not know."""
+        incarnation = self._u64[self._word_i[p]] >> 32
+        if incarnation in (0, self._known[p]):
+            return False
+        self._expect[p] = -1
+        self._reported.discard(p)
+        self._sync(p)
+        return True
 
     def _fast_head(self, channel: RxChannel) -> tuple[int, int, int, int] | None:
         """The head message's header of `channel`, spinning for it in C; None if none came."""
@@ -356,6 +379,10 @@ class Endpoint:
         except PeerLostError:
             self._expect[channel.source] = -1
             self._sync(channel.source)
+            raise
+        except RingCorruptError:
+            if self._renewed(channel.source):
+                return None
             raise
         channel.head = head
         return head

@@ -215,6 +215,8 @@ class TxRing(_RingBase):
         published piece by piece with `publish`. Raises ValueError if `nbytes` can never
         fit, RuntimeError if a reservation is already open.
         """
+        if self._broken is not None:  # a broken queue fails fast: nothing more is published
+            raise self._broken
         if self._reserve_end >= 0:
             raise RuntimeError("a reservation is already open")
         size = layout.align_up(nbytes, layout.SPAN_ALIGN)
