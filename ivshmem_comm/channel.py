@@ -176,6 +176,7 @@ class RxChannel:
         geometry: layout.Geometry,
         kick: Kick,
         wait: Wait,
+        stall_timeout: float = STALL_TIMEOUT,
     ) -> None:
         self.ring = ring
         self.source = source
@@ -185,7 +186,7 @@ class RxChannel:
         self._wait = wait
         self._pending: collections.deque[list[int]] = collections.deque()
         self.head: tuple[int, int, int, int] | None = None  # offset, length, total, tag
-        self.stall_timeout = STALL_TIMEOUT
+        self.stall_timeout = stall_timeout
 
     def reset(self) -> None:
         """Forget the peeked header and held records (the ring was reset for a new session)."""

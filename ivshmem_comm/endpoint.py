@@ -45,11 +45,6 @@ DEFAULT_SPIN_US = float(os.environ.get("IVSHMEM_COMM_SPIN_US", "50"))
 _STATE_MASK = 0xFFFFFFFF
 
 
-def _ready_word(incarnation: int) -> int:
-    """The peer slot's first 8 bytes (state | incarnation << 32) of a READY peer."""
-    return layout.PEER_READY | (incarnation << 32)
-
-
 class Endpoint:
     """Peer `peer_id` of `region`: send to and receive from every other peer.
 
@@ -85,7 +80,7 @@ class Endpoint:
         self._u64 = region.u64
         self._word_i = [region.peer_slot_offset(p) // 8 for p in range(n)]
         self._known = [0] * n  # incarnation each pair of halves was last reset for
-        self._expect = [-1] * n  # _ready_word(known) once that peer was seen READY
+        self._expect = [-1] * n  # peer slot word (READY | known << 32) once seen READY
         self._unexpected: list[collections.deque[Message]] = [collections.deque() for _ in range(n)]
         self._unexpected_count = 0
         self._reported: set[int] = set()  # peers whose broken queue ANY_SOURCE has reported
@@ -101,8 +96,9 @@ class Endpoint:
             tx_ring = TxRing(buf, region.queue_offset(me, p), g, p)
             rx_ring = RxRing(buf, region.queue_offset(p, me), g, p)
             self.tx[p] = TxChannel(tx_ring, g, self._kicker(p), self._waiter([tx_ring], p))
-            self.rx[p] = RxChannel(rx_ring, p, buf, g, self._kicker(p), self._waiter([rx_ring], p))
-            self.rx[p].stall_timeout = stall_timeout
+            self.rx[p] = RxChannel(
+                rx_ring, p, buf, g, self._kicker(p), self._waiter([rx_ring], p), stall_timeout
+            )
         # The same channels by peer id, for the fast paths (a dict refuses bad ids for free).
         self._tx_by_peer = {p: self.tx[p] for p in self._others}
         self._rx_by_peer = {p: self.rx[p] for p in self._others}
