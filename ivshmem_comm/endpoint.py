@@ -119,7 +119,9 @@ class Endpoint:
                     f"peer slot {me} is {slot.state_name}, not joining: the broker did not "
                     "assign it to this process"
                 )
-            region.write_peer(me, pid=os.getpid(), host_id=host_id(), heartbeat_ns=now)
+            # pid and host_id stay the broker's: they name the process whose socket holds the
+            # slot (QEMU for a guest), which is what the broker watches across its restarts.
+            region.write_peer(me, heartbeat_ns=now)
             return slot.incarnation
         if (
             slot.state in (layout.PEER_JOINING, layout.PEER_READY)
