@@ -19,12 +19,15 @@ How the place is chosen, first match wins:
 
 Joining a PCI device:
 
-- `ivshmem-doorbell` (has the MSI-X BAR1; only the broker can serve it): the peer id is
-  IVPosition (BAR0 offset 8), the slot the broker claimed for this VM (state JOINING), so
-  the Endpoint is made with broker_assigned=True. If a previous process in this guest has
-  left that slot (LEFT) or died, the slot is claimed again under the same id (a new
-  incarnation). Kicks go through the Doorbell register; waits block on the UIO device of
-  vector 0 (guest_lib.doorbell), or poll with backoff where uio_ivshmem is not bound.
+- `ivshmem-doorbell` (has the MSI-X BAR1; only the broker can serve it): IVPosition (BAR0
+  offset 8) is this VM's ivshmem id, which is not a peer-table slot: the VM's slot is the
+  one whose `doorbell` field holds that id (the broker writes it there, state JOINING,
+  before QEMU learns the id). The Endpoint's peer id is that slot, made with
+  broker_assigned=True. If a previous process in this guest has left that slot (LEFT), the
+  slot is claimed again under the same ivshmem id (a new incarnation; `doorbell`, pid and
+  host id stay the broker's, see `_reclaim_vm_slot`). Kicks go through the Doorbell
+  register, to the id in the target slot's `doorbell` field; waits block on the UIO device
+  of vector 0 (guest_lib.doorbell), or poll with backoff where uio_ivshmem is not bound.
 - `ivshmem-plain` (no broker, IVPosition 0, no interrupts): the process claims slot `peer`
   (or the first free one) itself and waits by polling with backoff.
 
@@ -42,7 +45,7 @@ import time
 from typing import Any
 
 from guest_lib import pci
-from guest_lib.doorbell import DoorbellNotifier
+from guest_lib.doorbell import DoorbellNotifier, region_target
 from ivshmem_comm import layout
 from ivshmem_comm.endpoint import Endpoint
 from ivshmem_comm.errors import IvshmemError, PeerSlotBusyError, RegionFormatError
@@ -180,6 +183,51 @@ def _claim_plain(region: Region, peer: int | None) -> int:
     )
 
 
+def vm_slot(region: Region, ivshmem_id: int) -> int | None:
+    """The slot of the VM whose IVPosition is `ivshmem_id`: the one whose `doorbell` holds
+    it; should several (the broker avoids it), a live one (JOINING/READY) first, then a LEFT
+    one, then the most recently joined; None if none."""
+    if not 0 < ivshmem_id <= 0xFFFF:
+        return None
+    found = [i for i in region.peers() if i.doorbell == ivshmem_id and i.state != layout.PEER_FREE]
+    if not found:
+        return None
+    live = (layout.PEER_JOINING, layout.PEER_READY)
+    best = max(found, key=lambda i: (i.state in live, i.state == layout.PEER_LEFT, i.joined_ns))
+    return best.peer
+
+
+def _reclaim_vm_slot(region: Region, slot: int, ivshmem_id: int) -> None:
+    """Make the VM's slot JOINING again for a new process in this guest (a new incarnation).
+
+    Ownership: the slot is this VM's while its QEMU holds the broker connection (the broker
+    hands out no slot of a connected peer, LEFT or not); its process writes it. Only the
+    incarnation, the heartbeat and state JOINING (last) are written: `doorbell` (the id),
+    pid and host id (QEMU's, host id 0) stay the broker's, so the broker still knows the
+    slot as this VM's (and marks it DEAD when the VM's connection closes, whatever the
+    incarnation). Raises PeerSlotBusyError for a slot held by a live process or given up.
+    """
+    info = region.peer(slot)
+    if info.doorbell != ivshmem_id:
+        raise PeerSlotBusyError(f"peer slot {slot} no longer carries ivshmem id {ivshmem_id}")
+    if info.state in (layout.PEER_JOINING, layout.PEER_READY):
+        raise PeerSlotBusyError(
+            f"peer slot {slot} (ivshmem id {ivshmem_id}) is {info.state_name}: another process "
+            "of this guest holds it"
+        )
+    if info.state != layout.PEER_LEFT:
+        raise PeerSlotBusyError(
+            f"peer slot {slot} (ivshmem id {ivshmem_id}) is {info.state_name}: the broker gave "
+            "it up; restart the VM's device (or the VM) to rejoin"
+        )
+    region.write_peer(
+        slot,
+        incarnation=(info.incarnation + 1) & 0xFFFFFFFF or 1,
+        heartbeat_ns=time.time_ns(),
+        state=layout.PEER_JOINING,
+    )
+
+
 def attach_device(
     device: pci.IvshmemDevice,
     peer: int | None = None,
@@ -213,21 +261,29 @@ def attach_device(
     notifier: Any
     try:
         if device.doorbell_model:
-            me = pci.read_ivposition(registers)
+            ivshmem_id = pci.read_ivposition(registers)
+            me = vm_slot(reg, ivshmem_id)
+            if me is None:
+                raise AttachError(
+                    "no peer slot carries this VM's ivshmem id",
+                    [(device.describe(), f"IVPosition is {ivshmem_id} (0: no broker)")],
+                )
             if peer is not None and peer != me:
                 raise AttachError(
                     "peer= does not match the broker's assignment",
-                    [(device.describe(), f"IVPosition is {me}, peer={peer} was asked for")],
-                )
-            uio = pci.uio_devices(device).get(0)
-            notifier = DoorbellNotifier(registers, uio)
-            registers = None  # the notifier owns it now
+                    [(
+                        device.describe(),
+                        f"IVPosition is {ivshmem_id} (slot {me}), peer={peer} was asked for",
+                    )],
+                )  # fmt: skip
             state, _ = reg.peer_state(me)
-            # JOINING: the broker handed the slot to this VM. Anything else: a previous
-            # process of this guest held it; Endpoint claims it anew (or refuses a live one).
-            endpoint = reg.endpoint(
-                me, notifier=notifier, broker_assigned=state == layout.PEER_JOINING, **options
-            )
+            if state != layout.PEER_JOINING:
+                # A previous process of this guest held the slot: claim it anew, same id.
+                _reclaim_vm_slot(reg, me, ivshmem_id)
+            uio = pci.uio_devices(device).get(0)
+            notifier = DoorbellNotifier(registers, uio, target_of=region_target(reg))
+            registers = None  # the notifier owns it now
+            endpoint = reg.endpoint(me, notifier=notifier, broker_assigned=True, **options)
             kind = "doorbell"
         else:
             registers.close()

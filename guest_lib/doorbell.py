@@ -2,9 +2,13 @@
 
 `DoorbellNotifier` implements ivshmem_comm.notify.Notifier for an `ivshmem-doorbell` device:
 
-- kick(p): one aligned 32-bit store of `(p << 16) | vector` to BAR0 offset 12. QEMU turns it
-  into a write to peer p's eventfd `vector` (another guest's MSI-X vector, or a host
-  process's eventfd). A doorbell to a peer that is gone is silently dropped by QEMU.
+- kick(slot): one aligned 32-bit store of `(id << 16) | vector` to BAR0 offset 12, where `id`
+  is the ivshmem id of the peer in peer-table slot `slot` (the broker hands out ids that are
+  not slots and writes each peer's id into its slot's `doorbell` field; `target_of` reads
+  it). QEMU turns the store into a write to that peer's eventfd `vector` (another guest's
+  MSI-X vector, or a host process's eventfd). A doorbell to a peer that is gone is silently
+  dropped by QEMU. The `doorbell` field is written by others: a value that is no 16-bit id
+  (or a slot out of range) makes the kick a no-op (counted in `bad_kicks`), never an error.
 - wait(timeout): poll() + read() of the `/dev/uioN` of our own vector 0 (uio_ivshmem): the
   vCPU halts, no polling. The 4-byte read returns the interrupt count and consumes every
   interrupt seen so far (several kicks coalesce into one wake). MSI-X is edge-triggered and
@@ -14,7 +18,8 @@
   (sleep with backoff; `blocking` is then False). Kicks still go through the register.
 
 Counters (plain ints, for tests and the demo): `kicks`, `waits` (calls of wait), `wakeups`
-(waits ended by an interrupt), `timeouts` (waits that ended without one).
+(waits ended by an interrupt), `timeouts` (waits that ended without one), `bad_kicks` (kicks
+not sent: the target slot carried no valid ivshmem id).
 """
 
 from __future__ import annotations
@@ -24,24 +29,55 @@ import mmap
 import os
 import select
 import struct
+from collections.abc import Callable
 
 from guest_lib.pci import REG_DOORBELL
 from ivshmem_comm.notify import PollingNotifier
+from ivshmem_comm.region import Region
+
+MAX_DOORBELL_ID = 0xFFFF  # the Doorbell register carries the target id in bits 16..31
+
+
+def region_target(region: Region) -> Callable[[int], int | None]:
+    """`target_of` for DoorbellNotifier: slot -> the ivshmem id in that slot's `doorbell`
+    field (one aligned 8-byte load), None for a slot out of range."""
+    u64 = region.u64
+    offsets = [region.peer_slot_offset(p) // 8 + 2 for p in range(region.max_peers)]
+
+    def target_of(slot: int) -> int | None:
+        if not 0 <= slot < len(offsets):
+            return None
+        try:
+            return int(u64[offsets[slot]])
+        except (ValueError, IndexError):  # the region was closed meanwhile
+            return None
+
+    return target_of
 
 
 class DoorbellNotifier:
     """Notifier over BAR0 (`registers`, a mapping of at least 16 bytes) and `uio_path`.
 
-    `uio_path`: the /dev/uioN of this device's vector 0, or None to poll. The notifier owns
+    `uio_path`: the /dev/uioN of this device's vector 0, or None to poll. `target_of` maps
+    the slot given to kick() to the ivshmem id to ring (see `region_target`); None rings
+    the slot number itself (only right where ids equal slots). The notifier owns
     `registers` and the UIO fd from here on: close() closes both. Raises OSError if
     `uio_path` cannot be opened.
     """
 
-    def __init__(self, registers: mmap.mmap, uio_path: str | None, vector: int = 0) -> None:
+    def __init__(
+        self,
+        registers: mmap.mmap,
+        uio_path: str | None,
+        vector: int = 0,
+        target_of: Callable[[int], int | None] | None = None,
+    ) -> None:
         self._registers = registers
         self._regs32 = memoryview(registers).cast("I")
         self.vector = vector
         self.uio_path = uio_path
+        self._target_of = target_of
+        self.bad_kicks = 0
         self.kicks = 0
         self.waits = 0
         self.wakeups = 0
@@ -62,13 +98,18 @@ class DoorbellNotifier:
         self.blocking = True
 
     def kick(self, peer: int) -> None:
-        """Ring `peer`'s vector `self.vector`. Never raises for a peer that is gone."""
+        """Ring the vector `self.vector` of the peer in slot `peer`. Never raises for a peer
+        that is gone or a slot whose `doorbell` field holds garbage."""
         self.kicks += 1
+        target = peer if self._target_of is None else self._target_of(peer)
+        if target is None or not 0 <= target <= MAX_DOORBELL_ID:
+            self.bad_kicks += 1  # a peer-written value that is no ivshmem id: don't ring
+            return
         # Ownership: BAR0 is this guest's own device register, not shared memory. A single
         # aligned 32-bit store (memoryview 'I' item: one mov) that QEMU traps; the ring
         # updates it announces were stored before it (x86 TSO keeps store order, and the
         # MMIO write is serialising under both KVM and TCG).
-        self._regs32[REG_DOORBELL // 4] = ((peer & 0xFFFF) << 16) | (self.vector & 0xFF)
+        self._regs32[REG_DOORBELL // 4] = (target << 16) | (self.vector & 0xFF)
 
     def wait(self, timeout: float) -> bool:
         """Sleep until our vector fires or `timeout` seconds pass. True iff it fired."""
@@ -97,6 +138,7 @@ class DoorbellNotifier:
             "waits": self.waits,
             "wakeups": self.wakeups,
             "timeouts": self.timeouts,
+            "bad_kicks": self.bad_kicks,
         }
 
     def close(self) -> None:

@@ -10,6 +10,13 @@ receives its peer id, the region's shm fd (mapped here) and the eventfds of ever
 a background thread keeps applying join/leave announcements to the endpoint's
 EventfdNotifier (`set_peer` / `drop_peer`).
 
+Ids and slots: the protocol speaks ivshmem ids (QEMU's IVPosition), which are not peer-table
+slots (host_broker/broker.py hands out ids that only increase). The broker writes a peer's
+id into its slot's `doorbell` field before it announces the id, so the client maps an
+announced id to the slot whose `doorbell` holds it (its own slot: the JOINING one with its
+id). The Endpoint, the notifier and this client's public methods speak slots; `peer_id` is
+the slot, `ivshmem_id` the id on the wire.
+
 Broker restarts: when the socket closes while the client is open, the thread reconnects
 (backoff 10 ms doubling to 0.25 s, forever, until close()) and sends a reclaim request with
 its peer id, incarnation and own eventfds, so it keeps its id and its doorbells (see
@@ -64,7 +71,8 @@ class _ClientNotifier(EventfdNotifier):
 class BrokerClient:
     """One membership of a region served by a broker. Thread-safe for its public methods.
 
-    Attributes: `peer_id`, `incarnation`, `region` (a Region over the received shm fd),
+    Attributes: `peer_id` (the peer-table slot), `ivshmem_id` (the id on the wire),
+    `incarnation`, `region` (a Region over the received shm fd),
     `socket_path`, `connected` (threading.Event, set while a broker connection is up),
     `reconnects` (how many times it reclaimed its slot).
 
@@ -83,7 +91,9 @@ class BrokerClient:
         self.connected = threading.Event()
         self.reconnects = 0
         self._own: list[int] = []  # own eventfds, vector order (owned: see module doc)
-        self._peers: dict[int, list[int]] = {}  # other peers' eventfds, vector order
+        self._peers: dict[int, list[int]] = {}  # other peers' eventfds by ivshmem id
+        self._slot_of: dict[int, int] = {}  # ivshmem id -> slot, for peers in _peers
+        self._id_at: dict[int, int] = {}  # slot -> ivshmem id (the inverse of _slot_of)
         self._notifier: _ClientNotifier | None = None
         self._endpoint: Endpoint | None = None
         self._session = 0  # 0: the first connection; n: the n-th reclaim
@@ -114,7 +124,16 @@ class BrokerClient:
             sock.close()
             self._close_fds([a.fd for a in announcements if a.fd is not None])
             raise
-        self.peer_id = handshake.peer
+        self.ivshmem_id = handshake.peer
+        slot = self._slot_for(self.ivshmem_id, own=True)
+        if slot is None:
+            sock.close()
+            self.region.close()
+            self._close_fds([a.fd for a in announcements if a.fd is not None])
+            raise protocol.ProtocolError(
+                f"no JOINING peer slot carries our ivshmem id {self.ivshmem_id}"
+            )
+        self.peer_id = slot
         _, self.incarnation = self.region.peer_state(self.peer_id)
         for item in announcements:
             self._apply(item)
@@ -139,7 +158,8 @@ class BrokerClient:
                 raise RuntimeError("this client already made its endpoint")
             if self._closed:
                 raise RuntimeError("client is closed")
-            self._notifier = _ClientNotifier(self, self._own, self._peers)
+            by_slot = {s: self._peers[i] for i, s in self._slot_of.items()}
+            self._notifier = _ClientNotifier(self, self._own, by_slot)
         endpoint = self.region.endpoint(
             self.peer_id, notifier=self._notifier, broker_assigned=True, **options
         )
@@ -152,14 +172,21 @@ class BrokerClient:
             return list(self._own)
 
     def peer_eventfds(self) -> dict[int, list[int]]:
-        """Other peers' eventfds known now (copies of the lists; fds stay owned)."""
+        """Other peers' eventfds known now, by slot (copies of the lists; fds stay owned)."""
         with self._lock:
-            return {p: list(fds) for p, fds in self._peers.items()}
+            return {s: list(self._peers[i]) for i, s in self._slot_of.items()}
+
+    def peer_ids(self) -> dict[int, int]:
+        """{slot: ivshmem id} of the other peers known now."""
+        with self._lock:
+            return dict(self._id_at)
 
     def kick(self, peer: int, vector: int = 0) -> bool:
-        """Write 1 to `peer`'s eventfd `vector`. False iff that peer/vector is unknown."""
+        """Write 1 to the eventfd `vector` of the peer in slot `peer`. False iff that
+        peer/vector is unknown."""
         with self._lock:
-            fds = self._peers.get(peer, [])
+            ivshmem_id = self._id_at.get(peer)
+            fds = self._peers.get(ivshmem_id, []) if ivshmem_id is not None else []
             if vector >= len(fds):
                 return False
             with contextlib.suppress(BlockingIOError):
@@ -192,6 +219,8 @@ class BrokerClient:
                     self._close_fds(fds)
             self._own = []
             self._peers = {}
+            self._slot_of = {}
+            self._id_at = {}
         self.connected.clear()
         if endpoint is None:
             self.region.close()
@@ -214,6 +243,27 @@ class BrokerClient:
             with contextlib.suppress(OSError):
                 os.close(fd)
 
+    def _slot_for(self, ivshmem_id: int, own: bool = False) -> int | None:
+        """The slot whose `doorbell` holds `ivshmem_id` (the broker wrote it before it sent
+        the id), live (JOINING for our own id), or None. Several (an id seen again after a
+        wrap of the 16-bit space): the live one joined last."""
+        states = (layout.PEER_JOINING,) if own else (layout.PEER_JOINING, layout.PEER_READY)
+        found = [i for i in self.region.peers() if i.doorbell == ivshmem_id and i.state in states]
+        return max(found, key=lambda i: i.joined_ns).peer if found else None
+
+    def _forget(self, ivshmem_id: int) -> None:
+        """Drop peer `ivshmem_id`'s fds and slot mapping (lock held)."""
+        notifier = self._notifier
+        old = self._peers.pop(ivshmem_id, None)
+        slot = self._slot_of.pop(ivshmem_id, None)
+        if slot is not None and self._id_at.get(slot) == ivshmem_id:
+            del self._id_at[slot]
+            if notifier is not None:
+                notifier.drop_peer(slot)  # retires (later closes) `old`
+                old = None
+        if old:
+            self._close_fds(old)
+
     def _apply(self, item: protocol.Announcement) -> None:
         """Apply one announcement to the fd tables (and the notifier, once there is one)."""
         with self._lock:
@@ -227,23 +277,34 @@ class BrokerClient:
             elif item.kind == "vector":
                 assert item.fd is not None
                 if item.new_run or item.peer not in self._peers:
+                    self._forget(item.peer)
                     fds = [item.fd]
-                    old = self._peers.get(item.peer)
                     self._peers[item.peer] = fds
-                    if notifier is not None:
-                        notifier.set_peer(item.peer, fds)  # closes `old`
-                    elif old:
-                        self._close_fds(old)
+                    slot = self._slot_for(item.peer)
+                    if slot == self.peer_id:
+                        slot = None  # a stale id in our own slot: nothing to kick there
+                    if slot is not None:
+                        previous = self._id_at.get(slot)
+                        if previous is not None:  # its departure was missed: it is gone
+                            self._forget(previous)
+                        self._slot_of[item.peer] = slot
+                        self._id_at[slot] = item.peer
+                        if notifier is not None:
+                            notifier.set_peer(slot, fds)
+                    else:
+                        # The slot already moved on (the peer left before we read this):
+                        # keep the fds until its departure is announced.
+                        log.debug("peer %d: no live slot carries its id", item.peer)
                 else:
                     self._peers[item.peer].append(item.fd)  # same list the notifier holds
-                log.debug("peer %d: %d eventfds", item.peer, len(self._peers[item.peer]))
+                log.debug(
+                    "peer %d (slot %s): %d eventfds",
+                    item.peer, self._slot_of.get(item.peer), len(self._peers[item.peer]),
+                )  # fmt: skip
             else:
-                old = self._peers.pop(item.peer, None)
-                if notifier is not None:
-                    notifier.drop_peer(item.peer)
-                elif old:
-                    self._close_fds(old)
-                log.debug("peer %d left", item.peer)
+                slot = self._slot_of.get(item.peer)
+                self._forget(item.peer)
+                log.debug("peer %d (slot %s) left", item.peer, slot)
 
     def _still_member(self) -> bool:
         state, incarnation = self.region.peer_state(self.peer_id)
@@ -280,7 +341,7 @@ class BrokerClient:
                 sock.connect(self.socket_path)
                 with self._lock:
                     own = list(self._own)
-                request = protocol.pack_reclaim(self.peer_id, self.incarnation, len(own))
+                request = protocol.pack_reclaim(self.ivshmem_id, self.incarnation, len(own))
                 socket.send_fds(sock, [request], own)
                 handshake, decoder, announcements = protocol.read_handshake(sock)
             except (OSError, protocol.ProtocolError) as exc:
@@ -291,7 +352,7 @@ class BrokerClient:
                 continue
             st = os.fstat(handshake.shm_fd)
             os.close(handshake.shm_fd)
-            if handshake.peer != self.peer_id or (st.st_dev, st.st_ino) != self._shm_id:
+            if handshake.peer != self.ivshmem_id or (st.st_dev, st.st_ino) != self._shm_id:
                 log.error("peer %d: broker answered the reclaim with another slot or region",
                           self.peer_id)  # fmt: skip
                 sock.close()

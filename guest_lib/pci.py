@@ -218,7 +218,10 @@ def map_shared_memory(device: IvshmemDevice, length: int | None = None) -> mmap.
 
 
 def read_ivposition(registers: mmap.mmap) -> int:
-    """IVPosition (BAR0 offset 8): this guest's peer id under a broker, 0 without one."""
+    """IVPosition (BAR0 offset 8): this guest's ivshmem id under a broker, 0 without one.
+
+    Not a peer-table slot: the VM's slot is the one whose `doorbell` field holds this id
+    (guest_lib.attach.vm_slot)."""
     return memoryview(registers).cast("I")[REG_IVPOSITION // 4]
 
 

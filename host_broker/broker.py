@@ -6,6 +6,16 @@ one thread around one selector: accepts, client sockets (a byte or end of stream
 client ends its membership), pidfds of orphaned peers, the signal wake-up pipe and a 1 s
 heartbeat.
 
+Peer ids. The ivshmem id a peer gets on the wire (QEMU's IVPosition, the target of a
+doorbell) is not its peer-table slot: ids only increase (1, 2, 3, ... up to MAX_IVSHMEM_ID,
+then wrap to 1 skipping ids in use, ids still in any slot's `doorbell` field and recently
+released ones), like QEMU's ivshmem-server (cur_id++). QEMU 7.2 frees a departed peer's
+eventfd array but keeps the pointer, so announcing a new peer under a reused id makes the
+next "peer gone" free it again and crashes every surviving QEMU. A peer's slot is any free
+one (FREE/LEFT/DEAD); its `doorbell` field holds its ivshmem id, which is how guests and
+host clients map ids to slots. A restarted broker reads the ids from the peer table and
+continues after the highest one seen (plus ID_RESTART_MARGIN).
+
 State. The broker keeps no state that only lives in its memory: the region's peer table
 says who holds which slot (state, incarnation, pid, join time) and the superblock's broker
 line says which broker generation serves it. A restarted broker re-adopts a region:
@@ -31,7 +41,9 @@ Ownership of shared fields written here (all in the region, see ivshmem_comm.lay
   JOINING: the broker, while handing the slot out (the slot is FREE/LEFT/DEAD and no live
   process holds it, so nobody else writes it then);
 * the state DEAD: the broker, when the holder's socket closes or its process exits, and only
-  if the slot still holds the incarnation the broker handed out and is not LEFT;
+  if the slot is live (not LEFT) and still carries the holder's ivshmem id in `doorbell`,
+  whatever its incarnation: a second process in a VM may re-claim the VM's slot (new
+  incarnation, same id), and it dies with the VM, i.e. with the QEMU connection;
 * READY and LEFT: the peer itself (its Endpoint), never the broker.
 """
 
@@ -67,6 +79,10 @@ HEARTBEAT_S = 1.0
 LIVE_STATES = (layout.PEER_JOINING, layout.PEER_READY)
 FREE_STATES = (layout.PEER_FREE, layout.PEER_LEFT, layout.PEER_DEAD)
 START_TIME_SLACK_NS = 2_000_000_000  # /proc/stat btime has 1 s resolution
+FIRST_IVSHMEM_ID = 1  # 0 is IVPosition without a server, and the doorbell of a FREE slot
+MAX_IVSHMEM_ID = 0xFFFE  # QEMU keeps peer_id + 1 <= IVSHMEM_MAX_PEERS (0xFFFF) peers
+ID_RESTART_MARGIN = 64  # a restarted broker skips this many ids past the highest seen
+ID_RECENT = 4096  # how many released ids are kept out of reuse after a wrap
 
 
 class BrokerError(Exception):
@@ -188,11 +204,14 @@ def _kick(fd: int) -> None:
 class Peer:
     """The broker's view of one slot it handed out (or adopted). Memory only, rebuildable.
 
-    `eventfds` are the broker's own copies (closed when the peer goes); empty for an orphan
-    that has not reclaimed. `sock` is None for an orphan; `pidfd` is set only for orphans.
+    `id` is the ivshmem id (on the wire, and in the slot's `doorbell`), `slot` the index
+    of its peer-table slot. `eventfds` are the broker's own copies (closed when the peer
+    goes); empty for an orphan that has not reclaimed. `sock` is None for an orphan;
+    `pidfd` is set only for orphans.
     """
 
     id: int
+    slot: int
     incarnation: int
     pid: int
     uid: int
@@ -203,7 +222,10 @@ class Peer:
 
     def describe(self) -> str:
         kind = "qemu" if self.qemu else "process"
-        return f"peer {self.id} ({kind} pid {self.pid}, incarnation {self.incarnation})"
+        return (
+            f"peer {self.id} (slot {self.slot}, {kind} pid {self.pid}, "
+            f"incarnation {self.incarnation})"
+        )
 
 
 @dataclasses.dataclass
@@ -232,7 +254,9 @@ class RegionServer:
         self.listener: socket.socket | None = None
         self.socket_ino: int | None = None
         self.generation = 0
-        self.peers: dict[int, Peer] = {}
+        self.peers: dict[int, Peer] = {}  # keyed by ivshmem id
+        self.last_id = FIRST_IVSHMEM_ID - 1  # the last ivshmem id handed out
+        self.recent_ids: dict[int, None] = {}  # released ids, oldest first (ID_RECENT)
         self.pending: dict[int, Pending] = {}  # keyed by socket fileno
         self.died_while_down: list[int] = []
         self.adopted = False
@@ -360,26 +384,45 @@ class RegionServer:
         """Sort the slots of an adopted region into dead ones and orphans (see module doc)."""
         region = self.region
         assert region is not None
-        for info in region.peers():
+        infos = region.peers()
+        seen = [i.doorbell for i in infos if 0 < i.doorbell <= MAX_IVSHMEM_ID]
+        if seen:
+            # Ids stay stable across restarts: continue past the highest one in the table.
+            self.last_id = (max(seen) + ID_RESTART_MARGIN - 1) % MAX_IVSHMEM_ID + 1
+        for info in infos:
             if info.state not in LIVE_STATES:
                 continue
-            if not holder_alive(info):
-                # Ownership: DEAD written by the broker for a slot whose holder is gone.
+            ivshmem_id = info.doorbell
+            bad_id = not 0 <= ivshmem_id <= MAX_IVSHMEM_ID or ivshmem_id in self.peers
+            if bad_id or not holder_alive(info):
+                # Ownership: DEAD written by the broker for a slot whose holder is gone (or
+                # whose doorbell field holds no usable ivshmem id: nobody can reach it).
                 region.write_peer(info.peer, state=layout.PEER_DEAD)
-                self.died_while_down.append(info.peer)
+                if not bad_id:
+                    self.died_while_down.append(ivshmem_id)
                 log.info(
-                    "region %s: peer %d (pid %d, incarnation %d) died while no broker ran",
-                    self.name, info.peer, info.pid, info.incarnation,
+                    "region %s: peer %d (slot %d, pid %d, incarnation %d) died while no "
+                    "broker ran%s",
+                    self.name, ivshmem_id, info.peer, info.pid, info.incarnation,
+                    " (bad ivshmem id)" if bad_id else "",
                 )  # fmt: skip
                 continue
             try:
                 pidfd = os.pidfd_open(info.pid)
             except OSError:
                 region.write_peer(info.peer, state=layout.PEER_DEAD)
-                self.died_while_down.append(info.peer)
+                self.died_while_down.append(ivshmem_id)
                 continue
             peer = Peer(
-                info.peer, info.incarnation, info.pid, -1, is_qemu(info.pid), [], None, pidfd
+                ivshmem_id,
+                info.peer,
+                info.incarnation,
+                info.pid,
+                -1,
+                is_qemu(info.pid),
+                [],
+                None,
+                pidfd,
             )
             self.peers[peer.id] = peer
             self.broker.watch(pidfd, lambda p=peer: self._orphan_exited(p))
@@ -441,59 +484,86 @@ class RegionServer:
         self._join(conn, pid, uid)
 
     def _free_slot(self) -> int | None:
+        """A FREE/LEFT/DEAD slot that no peer of ours holds (an orphan's or a connected
+        QEMU's slot may be LEFT/DEAD while a process inside that VM re-claims it)."""
         assert self.region is not None
-        for peer_id in range(self.region.max_peers):
-            if peer_id in self.peers:
+        held = {p.slot for p in self.peers.values()}
+        for slot in range(self.region.max_peers):
+            if slot in held:
                 continue
-            state, _ = self.region.peer_state(peer_id)
+            state, _ = self.region.peer_state(slot)
             if state in FREE_STATES:
-                return peer_id
+                return slot
         return None
+
+    def _next_id(self) -> int:
+        """The next ivshmem id: increasing, wrapping to FIRST_IVSHMEM_ID after MAX_IVSHMEM_ID,
+        never one in use, preferably none still in a slot's doorbell or recently released."""
+        assert self.region is not None
+        in_use = set(self.peers)
+        in_table = {info.doorbell for info in self.region.peers()}
+        span = MAX_IVSHMEM_ID - FIRST_IVSHMEM_ID + 1
+        for avoid in (in_use | in_table | set(self.recent_ids), in_use):
+            candidate = self.last_id
+            for _ in range(span):
+                candidate = candidate + 1 if candidate < MAX_IVSHMEM_ID else FIRST_IVSHMEM_ID
+                if candidate not in avoid:
+                    self.last_id = candidate
+                    return candidate
+        raise BrokerError("no free ivshmem id")  # unreachable: max_peers is far below span
+
+    def _release_id(self, ivshmem_id: int) -> None:
+        self.recent_ids.pop(ivshmem_id, None)
+        self.recent_ids[ivshmem_id] = None
+        while len(self.recent_ids) > ID_RECENT:
+            del self.recent_ids[next(iter(self.recent_ids))]
 
     def _join(self, conn: socket.socket, pid: int, uid: int) -> None:
         region = self.region
         assert region is not None and self.shm_fd is not None
-        peer_id = self._free_slot()
-        if peer_id is None:
+        slot = self._free_slot()
+        if slot is None:
             log.warning(
                 "region %s: refused pid %d: all %d peer slots are taken",
                 self.name, pid, region.max_peers,
             )  # fmt: skip
             conn.close()
             return
-        _, old_incarnation = region.peer_state(peer_id)
+        ivshmem_id = self._next_id()
+        _, old_incarnation = region.peer_state(slot)
         incarnation = (old_incarnation + 1) & 0xFFFFFFFF or 1
         qemu = is_qemu(pid)
         eventfds = [
             os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(self.cfg.vectors)
         ]
-        peer = Peer(peer_id, incarnation, pid, uid, qemu, eventfds, conn)
-        # Ownership: the broker hands the slot out; every field first, JOINING last
-        # (write_peer stores state after the rest). The peer itself writes READY later.
+        peer = Peer(ivshmem_id, slot, incarnation, pid, uid, qemu, eventfds, conn)
+        # Ownership: the broker hands the slot out; every field first (the ivshmem id in
+        # `doorbell` included, before anyone hears of the id), JOINING last (write_peer
+        # stores state after the rest). The peer itself writes READY later.
         region.write_peer(
-            peer_id,
+            slot,
             incarnation=incarnation,
             pid=pid,
             host_id=0 if qemu else host_id(),
-            doorbell=peer_id,
+            doorbell=ivshmem_id,
             heartbeat_ns=0,
             joined_ns=time.time_ns(),
             state=layout.PEER_JOINING,
         )
         try:
-            protocol.send_initial_info(conn, peer_id, self.shm_fd)
+            protocol.send_initial_info(conn, ivshmem_id, self.shm_fd)
         except OSError as exc:
             log.warning("region %s: pid %d gone during handshake: %s", self.name, pid, exc)
-            self.peers[peer_id] = peer
+            self.peers[ivshmem_id] = peer
             self._drop(peer, "handshake failed")
             return
-        self.peers[peer_id] = peer
+        self.peers[ivshmem_id] = peer
         broken = self._announce(peer)
         try:
             for other in self.peers.values():
                 if other is not peer and other.eventfds:
                     protocol.send_peer_vectors(conn, other.id, other.eventfds)
-            protocol.send_peer_vectors(conn, peer_id, eventfds)
+            protocol.send_peer_vectors(conn, ivshmem_id, eventfds)
         except OSError as exc:
             broken.append((peer, f"handshake failed: {exc}"))
         self.broker.watch(conn, lambda: self._readable(peer))
@@ -536,10 +606,11 @@ class RegionServer:
             reason = f"peer {request.peer} is incarnation {peer.incarnation}"
         elif len(request.eventfds) != self.cfg.vectors:
             reason = f"{len(request.eventfds)} eventfds, the region has {self.cfg.vectors}"
-        elif self.region is not None and self.region.peer_state(request.peer) not in (
-            (s, peer.incarnation) for s in LIVE_STATES
+        elif self.region is not None and (
+            self.region.peer_state(peer.slot) not in ((s, peer.incarnation) for s in LIVE_STATES)
+            or self.region.peer(peer.slot).doorbell != peer.id
         ):
-            reason = f"slot {request.peer} is no longer live"
+            reason = f"slot {peer.slot} of peer {request.peer} is no longer live"
         if reason is not None or peer is None:
             log.warning("region %s: pid %d: reclaim refused: %s", self.name, pending.pid, reason)
             for fd in request.eventfds:
@@ -620,15 +691,18 @@ class RegionServer:
             _close(peer.pidfd)
         region = self.region
         assert region is not None
-        state, incarnation = region.peer_state(peer.id)
-        if incarnation == peer.incarnation and state in LIVE_STATES:
-            # Ownership: DEAD, written by the broker for the incarnation it handed out.
-            region.write_peer(peer.id, state=layout.PEER_DEAD)
+        self._release_id(peer.id)
+        info = region.peer(peer.slot)
+        if info.doorbell == peer.id and info.state in LIVE_STATES:
+            # Ownership: DEAD, written by the broker for the slot carrying the id it handed
+            # out, whatever the incarnation: a process in a VM that re-claimed the VM's slot
+            # dies with the VM (its QEMU connection is the one that closed).
+            region.write_peer(peer.slot, state=layout.PEER_DEAD)
             outcome = "died"
-        elif incarnation == peer.incarnation and state == layout.PEER_LEFT:
+        elif info.doorbell == peer.id and info.state == layout.PEER_LEFT:
             outcome = "left"
         else:
-            outcome = f"is gone (slot now {layout.PEER_STATE_NAMES.get(state, state)})"
+            outcome = f"is gone (slot now {info.state_name}, id {info.doorbell})"
         broken = []
         for other in list(self.peers.values()):
             if other.sock is not None:

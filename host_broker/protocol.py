@@ -11,6 +11,11 @@ stream socket, server -> client only:
 * later: a peer id carrying an fd announces one eventfd of a new peer (N of them, in vector
   order, back to back); a peer id without an fd says that peer left.
 
+Peer ids here are ivshmem ids (QEMU's IVPosition, the target of a doorbell write), not
+peer-table slots: the broker hands out ids that only increase and stores each peer's id in
+its slot's `doorbell` field (see broker.py), as QEMU 7.2 crashes when a departed peer's id
+is announced again soon.
+
 Clients never send. The one exception is this project's *reclaim* request (see
 `pack_reclaim`): after a broker restart, a client of this project that already holds a peer
 id reconnects and, before the broker says anything, sends one 32-byte request carrying its
@@ -36,7 +41,7 @@ SHM_MESSAGE = -1  # the value that carries the shared-memory fd
 MESSAGE = struct.Struct("<q")
 MESSAGE_SIZE = MESSAGE.size  # 8
 
-# Reclaim request (project extension, client -> broker): magic, peer id, incarnation,
+# Reclaim request (project extension, client -> broker): magic, ivshmem id, incarnation,
 # number of eventfds attached (SCM_RIGHTS, in vector order).
 RECLAIM_MAGIC = 0x4D49414C43455256  # b"VRECLAIM" read little-endian
 RECLAIM = struct.Struct("<QqQQ")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import mmap
 import os
 import select
 import signal
@@ -61,49 +62,58 @@ def test_handshake_is_ivshmem_server_protocol_byte_for_byte(broker: BrokerProces
     first = raw_connect(broker.socket)
     got = [protocol.recv_message(first) for _ in range(5)]
     assert got[0] == (0, None)  # version
-    assert got[1] == (0, None)  # our id, no fd
+    assert got[1] == (1, None)  # our ivshmem id (ids start at 1), no fd
     assert got[2][0] == -1 and got[2][1] is not None  # shm fd
     assert os.fstat(got[2][1]).st_size == 4 << 20
-    assert [v for v, _ in got[3:]] == [0, 0]  # own id N=2 times, each an eventfd
+    assert [v for v, _ in got[3:]] == [1, 1]  # own id N=2 times, each an eventfd
     assert all(protocol.is_eventfd(fd) for _, fd in got[3:])
 
     second = raw_connect(broker.socket)
     raw = second.recv(8, socket.MSG_WAITALL)
     assert raw == (0).to_bytes(8, "little", signed=True)
-    assert second.recv(8, socket.MSG_WAITALL) == (1).to_bytes(8, "little")
+    assert second.recv(8, socket.MSG_WAITALL) == (2).to_bytes(8, "little")
     value, shm = protocol.recv_message(second)
     assert value == -1 and shm is not None
-    # the existing peer (0) x2 then itself (1) x2, each with one fd
+    # the existing peer (1) x2 then itself (2) x2, each with one fd
     rest = [protocol.recv_message(second) for _ in range(4)]
-    assert [v for v, _ in rest] == [0, 0, 1, 1]
-    # peer 0 is told: peer 1's two eventfds
+    assert [v for v, _ in rest] == [1, 1, 2, 2]
+    # peer 1 is told: peer 2's two eventfds
     told = [protocol.recv_message(first) for _ in range(2)]
-    assert [v for v, _ in told] == [1, 1] and all(fd is not None for _, fd in told)
+    assert [v for v, _ in told] == [2, 2] and all(fd is not None for _, fd in told)
     second.close()
-    # then peer 1's departure: its id with no fd
+    # then peer 2's departure: its id with no fd
     first.settimeout(2)
-    assert protocol.recv_message(first) == (1, None)
+    assert protocol.recv_message(first) == (2, None)
+    # a third peer takes the freed slot 1 but never the freed id 2 (QEMU 7.2 double free)
+    third = raw_connect(broker.socket)
+    third_hs, _, _ = protocol.read_handshake(third)
+    assert third_hs.peer == 3
+    assert Region(mmap.mmap(third_hs.shm_fd, 0)).peer(1).doorbell == 3
+    os.close(third_hs.shm_fd)
+    third.close()
     first.close()
 
 
 def test_join_writes_peer_table_and_modes(broker: BrokerProcess, clients: list) -> None:
     a = join(broker, clients)
     b = join(broker, clients)
-    assert (a.peer_id, b.peer_id) == (0, 1)
+    assert (a.peer_id, b.peer_id) == (0, 1)  # slots
+    assert (a.ivshmem_id, b.ivshmem_id) == (1, 2)  # ids on the wire
+    assert a.peer_ids() == {1: 2} and b.peer_ids() == {0: 1}
     wait_for(lambda: len(a.peer_eventfds().get(1, [])) == 2)
     wait_for(lambda: len(b.own_eventfds()) == 2)
     assert len(b.peer_eventfds()[0]) == 2
     slot = a.region.peer(1)
     assert slot.state == layout.PEER_JOINING
     assert slot.incarnation == 1 and b.incarnation == 1
-    assert slot.pid == os.getpid() and slot.host_id == host_id() and slot.doorbell == 1
+    assert slot.pid == os.getpid() and slot.host_id == host_id() and slot.doorbell == 2
     assert slot.joined_ns > 0
     assert stat.S_IMODE(os.stat(shm_path(broker.name)).st_mode) == 0o600
     assert stat.S_IMODE(os.stat(broker.state_dir).st_mode) == 0o700
     assert stat.S_IMODE(os.stat(broker.socket).st_mode) == 0o600
     generation, pid, beat = a.region.broker_info()
     assert generation == 1 and pid == broker.proc.pid and beat > 0
-    wait_for(lambda: "peer 1 (process pid" in broker.log(), timeout=2)
+    wait_for(lambda: "peer 2 (slot 1, process pid" in broker.log(), timeout=2)
 
 
 def test_kick_through_broker_eventfds(broker: BrokerProcess, clients: list) -> None:
@@ -141,6 +151,8 @@ def test_dead_peer_marked_announced_and_kicked_within_100ms(
     # the slot is reused with a new incarnation
     c = join(broker, clients)
     assert c.peer_id == 1 and c.incarnation == 2
+    assert c.ivshmem_id == 3  # a new id for the reused slot
+    assert a.peer_ids() == {1: 3} or wait_for(lambda: a.peer_ids() == {1: 3}, timeout=1)
     assert "died (socket closed)" in broker.log()
 
 
@@ -359,6 +371,7 @@ def test_restart_adopts_region_clients_reclaim_ids(broker: BrokerProcess, client
         f"command, {gap.total_seconds() * 1000:.0f} ms after the new broker was ready"
     )
     assert (a.peer_id, b.peer_id) == (0, 1)
+    assert (a.ivshmem_id, b.ivshmem_id) == (1, 2)  # ids are stable across the restart
     assert a.region.broker_info()[0] == 2  # generation bumped
     assert a.region.uuid == uuid_before
     assert [p.incarnation for p in a.region.peers()[:2]] == [1, 1]
@@ -368,6 +381,8 @@ def test_restart_adopts_region_clients_reclaim_ids(broker: BrokerProcess, client
     # a new peer after the restart gets everybody's eventfds and is announced to both
     c = join(broker, clients)
     assert c.peer_id == 2
+    assert c.ivshmem_id > 2 + 32  # past the highest id in the table, with a margin
+    assert c.region.peer(2).doorbell == c.ivshmem_id
     wait_for(lambda: {0, 1} <= set(c.peer_eventfds()))
     wait_for(lambda: 2 in a.peer_eventfds() and 2 in b.peer_eventfds())
     own_c = c.own_eventfds()[0]
@@ -409,7 +424,7 @@ def test_orphan_that_cannot_reconnect_is_watched_after_restart(
     a = join(broker, clients)
     raw = start_python(RAW_PEER, broker.socket)
     try:
-        assert int(raw.stdout.readline()) == 1
+        assert int(raw.stdout.readline()) == 2  # ivshmem id 2, slot 1
         broker.signal(signal.SIGKILL)
         broker.start()
         wait_for(lambda: a.reconnects == 1)
@@ -426,6 +441,41 @@ def test_orphan_that_cannot_reconnect_is_watched_after_restart(
         wait_for(lambda: "died (process exited)" in broker.log(), timeout=2)
     finally:
         kill(raw)
+
+
+def test_vm_death_seen_after_a_process_in_it_reclaimed_the_slot(
+    broker: BrokerProcess, clients: list
+) -> None:
+    """A process in a VM re-claims the VM's slot (new incarnation, same ivshmem id in
+    `doorbell`); when the VM's connection closes the slot is still marked DEAD."""
+    a = join(broker, clients)
+    vm = raw_connect(broker.socket)
+    hs, _, _ = protocol.read_handshake(vm)
+    os.close(hs.shm_fd)
+    wait_for(lambda: 1 in a.peer_eventfds())
+    slot = a.region.peer(1)
+    assert slot.doorbell == hs.peer
+    # what guest_lib.attach does for a second process in the guest: same id, incarnation+1
+    a.region.write_peer(1, incarnation=slot.incarnation + 1, state=layout.PEER_READY)
+    own = a.own_eventfds()[0]
+    drain_eventfd(own)
+    vm.close()
+    assert select.select([own], [], [], 1)[0]
+    wait_for(lambda: a.region.peer(1).state == layout.PEER_DEAD, timeout=1)
+    wait_for(lambda: "died (socket closed)" in broker.log(), timeout=1)
+
+
+def test_slot_reused_by_another_id_is_not_marked_dead(broker: BrokerProcess, clients: list) -> None:
+    """The broker writes DEAD only where the slot still carries the closing peer's id."""
+    a = join(broker, clients)
+    other = raw_connect(broker.socket)
+    hs, _, _ = protocol.read_handshake(other)
+    os.close(hs.shm_fd)
+    wait_for(lambda: 1 in a.peer_eventfds())
+    a.region.write_peer(1, doorbell=hs.peer + 1000, state=layout.PEER_READY)
+    other.close()
+    wait_for(lambda: "is gone (slot now ready" in broker.log(), timeout=2)
+    assert a.region.peer(1).state == layout.PEER_READY
 
 
 def test_reclaim_with_wrong_incarnation_is_refused(broker: BrokerProcess) -> None:

@@ -61,9 +61,9 @@ def test_qemu_joins_and_its_death_is_seen(broker: BrokerProcess) -> None:
             joined = time.monotonic() - start
             slot = host.region.peer(1)
             assert slot.state == layout.PEER_JOINING  # QEMU never writes READY itself
-            assert slot.pid == qemu.pid and slot.host_id == 0 and slot.doorbell == 1
+            assert slot.pid == qemu.pid and slot.host_id == 0 and slot.doorbell == 2
             assert slot.incarnation == 1
-            wait_for(lambda: "peer 1 (qemu pid" in broker.log(), timeout=2)
+            wait_for(lambda: "peer 2 (slot 1, qemu pid" in broker.log(), timeout=2)
             print(f"QEMU joined {joined * 1000:.0f} ms after its start (process start included)")
             # status sees it too, from the region
             r = cli("status", broker.name)
@@ -86,6 +86,7 @@ def test_qemu_joins_and_its_death_is_seen(broker: BrokerProcess) -> None:
         # the slot can be taken again
         with BrokerClient(broker.socket) as again:
             assert again.peer_id == 1 and again.incarnation == 2
+            assert again.ivshmem_id == 3  # never QEMU's id again (QEMU 7.2 double free)
 
 
 def test_qemu_survives_broker_restart_and_its_death_is_still_seen(

@@ -8,9 +8,12 @@ from pathlib import Path
 
 import pytest
 
+from host_broker import broker as broker_mod
 from host_broker import protocol
 from host_broker.cli import libvirt_xml, qemu_args
 from host_broker.config import ConfigError, config_from_dict, load_config, parse_size
+from ivshmem_comm import layout
+from ivshmem_comm.region import Region
 
 
 @pytest.mark.parametrize(
@@ -192,3 +195,37 @@ def test_guest_config_text() -> None:
     ]  # fmt: skip
     xml = libvirt_xml("job1", "/run/x/job1.sock", 2, 1 << 20)
     assert "<server path='/run/x/job1.sock'/>" in xml and "<size unit='B'>1048576</size>" in xml
+
+
+def _id_server(tmp_name: str) -> broker_mod.RegionServer:
+    """A RegionServer with only what _next_id/_release_id need (no socket, no broker)."""
+    server = broker_mod.RegionServer.__new__(broker_mod.RegionServer)
+    server.region = Region.create(tmp_name, 1 << 20, 4)
+    server.peers = {}
+    server.last_id = broker_mod.FIRST_IVSHMEM_ID - 1
+    server.recent_ids = {}
+    return server
+
+
+def _fake_peer(ivshmem_id: int, slot: int) -> broker_mod.Peer:
+    return broker_mod.Peer(ivshmem_id, slot, 1, 1, 0, False, [])
+
+
+def test_ivshmem_ids_increase_and_wrap_avoiding_used_ones() -> None:
+    name = f"tbu-{os.getpid()}-ids"
+    server = _id_server(name)
+    try:
+        assert [server._next_id() for _ in range(3)] == [1, 2, 3]
+        server._release_id(2)
+        assert server._next_id() == 4  # never a freed id soon after
+        # near the top of the 16-bit space: wrap to 1, skipping ids in use, ids still in
+        # a slot's doorbell and recently released ones
+        server.last_id = broker_mod.MAX_IVSHMEM_ID - 1
+        server.peers = {1: _fake_peer(1, 0)}
+        server.region.write_peer(1, doorbell=3, state=layout.PEER_LEFT)
+        assert server._next_id() == broker_mod.MAX_IVSHMEM_ID == 0xFFFE
+        assert server._next_id() == 4  # 1 in use, 2 recently released, 3 in the table
+        assert server._next_id() == 5
+    finally:
+        server.region.close()
+        Region.unlink(name)

@@ -168,14 +168,20 @@ def test_selection_by_name_and_uuid_and_errors(sysfs: Path, tmp_path: Path) -> N
 
 def test_doorbell_model_uses_ivposition_and_rings_bar0(sysfs: Path, tmp_path: Path) -> None:
     shm = _region_file(tmp_path / "r1", "job1")
-    dev_path = _fake_device(sysfs, "0000:00:04.0", shm, doorbell=True, ivposition=2)
+    # IVPosition is the ivshmem id (5), not the slot (2): the broker wrote it in `doorbell`.
+    dev_path = _fake_device(sysfs, "0000:00:04.0", shm, doorbell=True, ivposition=5)
     with open(shm, "r+b") as f, mmap.mmap(f.fileno(), SHM) as m:
         region = Region(m)
-        # The broker's part: the slot of IVPosition handed out (JOINING, incarnation 7).
-        region.write_peer(2, incarnation=7, pid=1, doorbell=2, state=layout.PEER_JOINING)
+        # The broker's part: slot 2 handed to the VM with id 5 (JOINING, incarnation 7);
+        # slot 0 still carries id 5 from before a wrap of the 16-bit id space (DEAD).
+        dead, joining = layout.PEER_DEAD, layout.PEER_JOINING
+        region.write_peer(0, incarnation=1, pid=1, doorbell=5, joined_ns=9, state=dead)
+        region.write_peer(2, incarnation=7, pid=1, doorbell=5, joined_ns=1, state=joining)
+        region.write_peer(3, incarnation=1, pid=1, doorbell=9, state=layout.PEER_READY)
+        region.write_peer(1, incarnation=1, pid=1, doorbell=0x12345, state=layout.PEER_READY)
         region.close()
     dev = pci.device_at(str(dev_path))
-    with pytest.raises(AttachError, match="IVPosition is 2, peer=1"):
+    with pytest.raises(AttachError, match=r"IVPosition is 5 \(slot 2\), peer=1"):
         attach_device(dev, peer=1)
     ep = attach_device(dev)
     try:
@@ -185,16 +191,26 @@ def test_doorbell_model_uses_ivposition_and_rings_bar0(sysfs: Path, tmp_path: Pa
         assert isinstance(notifier, DoorbellNotifier)
         assert not notifier.blocking  # no UIO device here: waits poll
         assert ep.region.peer(2).state == layout.PEER_READY
-        notifier.kick(3)
+        notifier.kick(3)  # slot 3 -> its ivshmem id 9
         regs = (dev_path / "resource0").read_bytes()
-        assert struct.unpack_from("<I", regs, 12)[0] == (3 << 16) | 0
+        assert struct.unpack_from("<I", regs, 12)[0] == (9 << 16) | 0
+        before = notifier.bad_kicks
+        notifier.kick(1)  # garbage in slot 1's doorbell field: no kick, no crash
+        notifier.kick(99)  # no such slot
+        assert notifier.bad_kicks == before + 2
+        assert struct.unpack_from("<I", (dev_path / "resource0").read_bytes(), 12)[0] == 9 << 16
     finally:
         ep.close()
         ep.region.close()
-    # A second process in the same guest re-claims the LEFT slot under the same id.
+    # A second process in the same guest re-claims the LEFT slot under the same id; the
+    # broker's fields (id, pid, host id) stay, so the broker still knows it as the VM's.
     ep2 = attach_device(dev)
     try:
         assert ep2.peer_id == 2 and ep2.incarnation == 8
+        slot = ep2.region.peer(2)
+        assert (slot.doorbell, slot.pid, slot.host_id) == (5, 1, 0)
+        with pytest.raises(PeerSlotBusyError, match="another process"):
+            attach_device(dev)  # the slot is live: a third process is refused
     finally:
         ep2.close()
         ep2.region.close()
