@@ -1,0 +1,207 @@
+"""`from guest_lib.mpi import MPI`: mpi4py's MPI names over ivshmem regions (and mpi4py).
+
+Importing this module bootstraps the process (see `bootstrap`): COMM_WORLD, COMM_SELF and
+the engine exist from then on, as with mpi4py (which initialises MPI at import). Finalize
+runs at exit (a world barrier, then the region endpoint is closed), unless an uncaught
+exception ends the program: then the endpoint is closed at once, so peers waiting on this
+rank get an error instead of hanging.
+"""
+
+from __future__ import annotations
+
+import atexit
+import socket as _socket
+import time as _time
+from typing import Any
+
+from guest_lib.mpi import bootstrap as _bootstrap
+from guest_lib.mpi import comm as _comm
+from guest_lib.mpi.buffers import Spec as _Spec  # noqa: F401 - re-exported for tools
+from guest_lib.mpi.comm import COMM_NULL, Comm, Intracomm
+from guest_lib.mpi.constants import (
+    ANY_SOURCE,
+    ANY_TAG,
+    BOTTOM,
+    CONGRUENT,
+    IDENT,
+    IN_PLACE,
+    KEY_HOST,
+    KEY_IO,
+    KEY_WTIME_IS_GLOBAL,
+    MAX_PROCESSOR_NAME,
+    PROC_NULL,
+    ROOT,
+    SIMILAR,
+    SUBVERSION,
+    TAG_UB,
+    THREAD_FUNNELED,
+    THREAD_MULTIPLE,
+    THREAD_SERIALIZED,
+    THREAD_SINGLE,
+    UNDEFINED,
+    UNEQUAL,
+    VERSION,
+)
+from guest_lib.mpi.constants import KEY_TAG_UB as _KEY_TAG_UB
+from guest_lib.mpi.datatypes import *  # noqa: F403 - every predefined datatype name
+from guest_lib.mpi.datatypes import Datatype, TypeDict
+from guest_lib.mpi.exceptions import *  # noqa: F403 - SUCCESS and the ERR_* classes
+from guest_lib.mpi.exceptions import Exception, Get_error_class, Get_error_string
+from guest_lib.mpi.group import Group
+from guest_lib.mpi.ops import (
+    BAND,
+    BOR,
+    BXOR,
+    LAND,
+    LOR,
+    LXOR,
+    MAX,
+    MAXLOC,
+    MIN,
+    MINLOC,
+    NO_OP,
+    OP_NULL,
+    PROD,
+    REPLACE,
+    SUM,
+    Op,
+)
+from guest_lib.mpi.request import REQUEST_NULL, Request
+from guest_lib.mpi.status import Status
+
+__TypeDict__ = TypeDict
+_typedict = TypeDict
+TAG_UB_VALUE = TAG_UB
+GROUP_EMPTY = Group([], -1)
+GROUP_NULL = GROUP_EMPTY
+
+_world = _bootstrap.init()
+_engine = _world.engine
+_state = {"initialized": True, "finalized": False, "failed": False}
+
+COMM_WORLD: Intracomm = _comm.Intracomm(
+    _engine, list(range(_engine.world_size)), 0, name="MPI_COMM_WORLD"
+)
+COMM_SELF: Intracomm = _comm.Intracomm(_engine, [_engine.world_rank], 2, name="MPI_COMM_SELF")
+if _engine.has_mpi:
+    _mpi_world = _world.mpi.COMM_WORLD
+    COMM_WORLD._mirror = _mpi_world.Dup()
+    COMM_WORLD._mirror_coll = _mpi_world.Dup()
+
+
+def Init() -> None:
+    """Nothing to do: importing the module initialised it (as mpi4py does by default)."""
+
+
+def Init_thread(required: int = THREAD_MULTIPLE) -> int:
+    return THREAD_SINGLE
+
+
+def Query_thread() -> int:
+    return THREAD_SINGLE
+
+
+def Is_thread_main() -> bool:
+    return True
+
+
+def Is_initialized() -> bool:
+    return _state["initialized"]
+
+
+def Is_finalized() -> bool:
+    return _state["finalized"]
+
+
+def Finalize() -> None:
+    """Barrier over COMM_WORLD (skipped after a failure), then leave the region. Idempotent."""
+    if _state["finalized"]:
+        return
+    _state["finalized"] = True
+    try:
+        if not _state["failed"] and _engine.world_size > 1:
+            COMM_WORLD.Barrier()
+    finally:
+        closer = _world.closer
+        if closer is not None:
+            closer.close()
+
+
+def _on_failure() -> None:
+    _state["failed"] = True
+    if _world.closer is not None and not _state["finalized"]:
+        _state["finalized"] = True
+        _world.closer.close()
+
+
+def Abort_local(errorcode: int = 1) -> None:
+    """Leave the job now (not part of mpi4py): close the region endpoint so that peers
+    waiting on this rank fail fast, then exit the process with `errorcode`."""
+    import os
+    import sys
+
+    _on_failure()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(errorcode)
+
+
+_bootstrap.excepthook_installer(_on_failure)
+atexit.register(Finalize)
+
+
+def Wtime() -> float:
+    """Seconds since an arbitrary point (monotonic, high resolution)."""
+    return _time.perf_counter()
+
+
+def Wtick() -> float:
+    return _time.get_clock_info("perf_counter").resolution
+
+
+def Get_processor_name() -> str:
+    return _socket.gethostname()
+
+
+def Get_version() -> tuple[int, int]:
+    return VERSION, SUBVERSION
+
+
+def Get_library_version() -> str:
+    from ivshmem_comm import IMPLEMENTATION
+
+    return f"guest_lib.mpi over ivshmem_comm ({IMPLEMENTATION} fast path), mode {_world.mode}"
+
+
+def Wait(request: Request, status: Status | None = None) -> bool:
+    return request.Wait(status)
+
+
+def get_vendor() -> tuple[str, tuple[int, int, int]]:
+    return "ivshmem_comm", (0, 1, 0)
+
+
+def Pcontrol(level: int) -> None:
+    pass
+
+
+def _internal_state() -> dict[str, Any]:
+    """For tests and tools: the bootstrap mode, region UUID and routes."""
+    return {
+        "mode": _world.mode,
+        "region_uuid": _world.region_uuid,
+        "routes": list(_engine.routes),
+        "endpoint": _world.endpoint,
+        "engine": _engine,
+    }
+
+
+KEYVAL_TAG_UB = _KEY_TAG_UB
+__all__ = [name for name in dir() if not name.startswith("_") and name != "annotations"]
+_unused = (  # names re-exported on purpose (mpi4py's MPI namespace), not used here
+    ANY_SOURCE, ANY_TAG, BOTTOM, CONGRUENT, IDENT, IN_PLACE, KEY_HOST, KEY_IO,
+    KEY_WTIME_IS_GLOBAL, MAX_PROCESSOR_NAME, PROC_NULL, ROOT, SIMILAR, THREAD_FUNNELED,
+    THREAD_SERIALIZED, UNDEFINED, UNEQUAL, COMM_NULL, Comm, Datatype, Exception,
+    Get_error_class, Get_error_string, BAND, BOR, BXOR, LAND, LOR, LXOR, MAX, MAXLOC, MIN,
+    MINLOC, NO_OP, OP_NULL, PROD, REPLACE, SUM, Op, REQUEST_NULL, TAG_UB_VALUE,
+)  # fmt: skip

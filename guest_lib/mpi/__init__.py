@@ -1,0 +1,1 @@
+"""mpi4py-compatible communicator over ivshmem (issue 5)."""

@@ -1,0 +1,192 @@
+"""Bootstrap: who am I, who are the others, and which route reaches each of them.
+
+Three ways a process starts (chosen once, at `import guest_lib.mpi.MPI`):
+- Standalone (`ivshmem-run`): IVSHMEM_MPI_RANK and IVSHMEM_MPI_SIZE give rank and size. The
+  region comes from the region variables below. Ranks learn each other's peer ids from HELLO
+  control messages in the region (the broker hands out peer ids in join order), so every
+  pair of ranks talks through the region.
+- Under mpiexec (PMI_RANK/PMI_SIZE, OMPI_COMM_WORLD_RANK or PMIX_RANK set, or
+  IVSHMEM_MPI_USE_MPI4PY=1): mpi4py gives rank and size. Each rank maps the region it can
+  reach (if any), ranks allgather (region UUID, peer id) through mpi4py — locality
+  detection — and pairs with the same UUID talk through the region, all others through
+  mpi4py. When a region is opened by name (no broker), the peer id is the rank's index among
+  the world ranks that share its UUID.
+- Singleton (none of the above): a world of one, no region.
+
+Region variables, first one set wins:
+    IVSHMEM_COMM_SOCKET=PATH   join through the broker at PATH (guest_lib.host_client)
+    IVSHMEM_COMM_REGION=NAME   open POSIX region NAME on this host (Region.open)
+    IVSHMEM_COMM_GUEST=1       in a guest: guest_lib.attach() (PCI discovery of ivshmem)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import struct
+import sys
+import time
+from typing import Any
+
+from guest_lib.mpi import engine as engine_mod
+from guest_lib.mpi.engine import ROUTE_MPI, ROUTE_SELF, ROUTE_SHM, Engine
+
+HELLO = struct.Struct("<II")  # world rank, world size
+JOIN_TIMEOUT = float(os.environ.get("IVSHMEM_MPI_JOIN_TIMEOUT", "60"))
+_MPIEXEC_VARS = ("PMI_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_RANK", "PMIX_RANK")
+
+
+@dataclasses.dataclass
+class World:
+    """What bootstrap found: the engine, the mpi4py module (or None), and the region."""
+
+    engine: Engine
+    mode: str  # "standalone", "mpiexec" or "singleton"
+    mpi: Any = None  # the mpi4py MPI module under mpiexec
+    endpoint: Any = None
+    region_uuid: str | None = None
+    closer: Any = None  # what to close at Finalize (endpoint or broker client)
+
+
+def _mode() -> str:
+    env = os.environ
+    if "IVSHMEM_MPI_RANK" in env:
+        return "standalone"
+    if env.get("IVSHMEM_MPI_USE_MPI4PY") == "1" or any(v in env for v in _MPIEXEC_VARS):
+        return "mpiexec"
+    return "singleton"
+
+
+def _open_region() -> tuple[str, Any]:
+    """("socket", endpoint) / ("name", Region) / ("guest", endpoint) / ("none", None)."""
+    env = os.environ
+    if env.get("IVSHMEM_COMM_SOCKET"):
+        from guest_lib import host_client
+
+        return "socket", host_client.attach(env["IVSHMEM_COMM_SOCKET"])
+    if env.get("IVSHMEM_COMM_REGION"):
+        from ivshmem_comm.region import Region
+
+        return "name", Region.open(env["IVSHMEM_COMM_REGION"])
+    if env.get("IVSHMEM_COMM_GUEST") == "1":
+        try:
+            from guest_lib.attach import attach  # the guest's PCI discovery (issue 4)
+        except ImportError as exc:
+            raise RuntimeError("IVSHMEM_COMM_GUEST=1 but guest_lib.attach is missing") from exc
+        found = attach()  # an Endpoint, or a Region to join by local rank like a named one
+        return ("guest", found) if hasattr(found, "peer_id") else ("name", found)
+    return "none", None
+
+
+def _exchange_hello(ep: Any, rank: int, size: int) -> dict[int, int]:
+    """Learn the world rank of every other peer of the region: {world rank: peer id}."""
+    deadline = time.monotonic() + JOIN_TIMEOUT
+    while len(ep.peers()) < size - 1:
+        if time.monotonic() > deadline:
+            raise RuntimeError(
+                f"rank {rank}: only {len(ep.peers())} of {size - 1} peers joined the region "
+                f"within {JOIN_TIMEOUT} s"
+            )
+        time.sleep(0.001)
+    tag = engine_mod.core_tag(engine_mod.KIND_CONTROL, 0, engine_mod.CTRL_HELLO)
+    peers = ep.peers()
+    for peer in peers:
+        ep.send(peer, HELLO.pack(rank, size), tag)
+    found: dict[int, int] = {rank: ep.peer_id}
+    while len(found) < size:
+        with ep.recv(-1, tag, timeout=max(deadline - time.monotonic(), 0.001)) as message:
+            other, other_size = HELLO.unpack(message.data)
+            if other_size != size or other in found:
+                raise RuntimeError(f"rank {rank}: bad HELLO {other}/{other_size} from a peer")
+            found[other] = message.source
+    return found
+
+
+def _standalone() -> World:
+    rank = int(os.environ["IVSHMEM_MPI_RANK"])
+    size = int(os.environ["IVSHMEM_MPI_SIZE"])
+    kind, thing = _open_region()
+    if kind == "none":
+        if size != 1:
+            raise RuntimeError("IVSHMEM_MPI_SIZE > 1 needs IVSHMEM_COMM_REGION or _SOCKET")
+        return _singleton()
+    ep = thing.endpoint(rank) if kind == "name" else thing
+    peer_of = _exchange_hello(ep, rank, size) if size > 1 else {rank: ep.peer_id}
+    routes = [(ROUTE_SELF, -1) if w == rank else (ROUTE_SHM, peer_of[w]) for w in range(size)]
+    engine = Engine(rank, size, ep, routes)
+    return World(engine, "standalone", None, ep, str(ep.region.uuid), ep)
+
+
+def _mpiexec() -> World:
+    from mpi4py import MPI as _M
+
+    world = _M.COMM_WORLD
+    rank, size = world.Get_rank(), world.Get_size()
+    kind, thing = _open_region()
+    ep = None
+    region_uuid: str | None = None
+    peer: int | None = None
+    if kind == "name":
+        region_uuid = str(thing.uuid)
+    elif kind != "none":
+        ep = thing
+        region_uuid, peer = str(ep.region.uuid), ep.peer_id
+    info = world.allgather((region_uuid, peer, socket.gethostname()))
+    if kind == "name":
+        mates = [w for w in range(size) if info[w][0] == region_uuid]
+        peer = mates.index(rank)
+        if peer >= thing.max_peers:
+            raise RuntimeError(
+                f"rank {rank}: {len(mates)} ranks share region {thing.name!r} of "
+                f"{thing.max_peers} peers"
+            )
+        ep = thing.endpoint(peer)
+        info = world.allgather((region_uuid, peer, info[rank][2]))
+    routes: list[tuple[int, int]] = []
+    for w, (other_uuid, other_peer, _host) in enumerate(info):
+        if w == rank:
+            routes.append((ROUTE_SELF, -1))
+        elif region_uuid is not None and other_uuid == region_uuid:
+            routes.append((ROUTE_SHM, other_peer))
+        else:
+            routes.append((ROUTE_MPI, w))
+    engine = Engine(rank, size, ep, routes)
+    world.Barrier()  # every endpoint exists before anyone talks
+    return World(engine, "mpiexec", _M, ep, region_uuid, ep)
+
+
+def _singleton() -> World:
+    return World(Engine(0, 1, None, [(ROUTE_SELF, -1)]), "singleton")
+
+
+def init() -> World:
+    """Run the bootstrap that fits the environment (see the module docstring)."""
+    mode = _mode()
+    if mode == "standalone":
+        return _standalone()
+    if mode == "mpiexec":
+        return _mpiexec()
+    return _singleton()
+
+
+def region_groups(world: World) -> list[int]:
+    """For each world rank, an id of the region it sits in (its own id when none)."""
+    engine = world.engine
+    return [
+        -1 if route in (ROUTE_SELF, ROUTE_SHM) else w + 1
+        for w, (route, _) in enumerate(engine.routes)
+    ]
+
+
+def excepthook_installer(on_failure: Any) -> None:
+    """Call `on_failure()` before the default hook when an exception ends the program."""
+    previous = sys.excepthook
+
+    def hook(*args: Any) -> None:
+        try:
+            on_failure()
+        finally:
+            previous(*args)
+
+    sys.excepthook = hook

@@ -1,0 +1,222 @@
+"""Message specs: mpi4py's ways of naming a buffer, resolved to a flat byte view.
+
+Accepted forms (`buf` is anything with the buffer protocol: numpy array, bytes, bytearray,
+memoryview, array.array, mmap; or None for an empty message):
+    buf                                  datatype from the buffer's format, count = all of it
+    [buf, datatype]                      datatype a Datatype or a typecode string ("d", "i4")
+    [buf, count]                         datatype inferred
+    [buf, count, datatype]
+    [buf, (count, displ), datatype]
+    [buf, count, displ, datatype]        displ in elements of datatype
+Vector specs (the v-collectives) take counts and displs sequences in those places.
+
+A `Spec` carries `view` (a flat unsigned-byte memoryview of exactly count*extent bytes,
+writable when asked for), `count` and `datatype`. Errors: TypeError for something that is
+not a buffer or a malformed spec, BufferError for a read-only buffer where one is written,
+ValueError when count/displ run past the end of the buffer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from guest_lib.mpi import datatypes
+from guest_lib.mpi.datatypes import BYTE, Datatype
+
+_EMPTY = memoryview(bytearray(0))
+
+
+class Spec(NamedTuple):
+    view: memoryview
+    count: int
+    datatype: Datatype
+
+    def array(self) -> np.ndarray:
+        """The data as a numpy array of the datatype's base element type (zero-copy)."""
+        dtype = self.datatype.base.dtype
+        assert dtype is not None
+        return np.frombuffer(self.view, dtype=dtype) if len(self.view) else np.empty(0, dtype)
+
+
+def _as_bytes(buf: Any, writable: bool) -> tuple[memoryview, Datatype | None]:
+    """A flat byte view of `buf` and the datatype its format implies (None if unknown)."""
+    if buf is None:
+        return _EMPTY, None
+    if isinstance(buf, np.ndarray):
+        if not (buf.flags.c_contiguous or buf.flags.f_contiguous):
+            raise ValueError("message buffer must be contiguous")
+        if writable and not buf.flags.writeable:
+            raise BufferError("message buffer is read-only")
+        try:
+            datatype: Datatype | None = datatypes.from_dtype(buf.dtype)
+        except KeyError:
+            datatype = None
+        flat = buf.reshape(-1, order="A") if buf.ndim != 1 else buf
+        return memoryview(flat.view(np.uint8)), datatype
+    try:
+        view = memoryview(buf)
+    except TypeError:
+        raise TypeError(f"message: expecting a buffer, got {type(buf).__name__}") from None
+    if writable and view.readonly:
+        raise BufferError("message buffer is read-only")
+    if not view.contiguous:
+        raise ValueError("message buffer must be contiguous")
+    fmt = view.format.lstrip("@=<")
+    try:
+        datatype = BYTE if fmt in ("B", "c") else datatypes.from_code(fmt)
+    except KeyError:
+        datatype = None
+    if view.format != "B" or view.ndim != 1:
+        view = view.cast("B") if view.c_contiguous else memoryview(np.asarray(view)).cast("B")
+    return view, datatype
+
+
+def _datatype(value: Any) -> Datatype:
+    if isinstance(value, Datatype):
+        return value
+    if isinstance(value, str):
+        try:
+            return datatypes.from_code(value)
+        except KeyError:
+            raise TypeError(f"unknown datatype code {value!r}") from None
+    raise TypeError(f"expecting a datatype, got {type(value).__name__}")
+
+
+def _is_datatype(value: Any) -> bool:
+    return isinstance(value, Datatype | str)
+
+
+def parse(spec: Any, *, writable: bool = False) -> Spec:
+    """Resolve a message spec (see module doc) to a Spec."""
+    count: int | None = None
+    displ = 0
+    datatype: Datatype | None = None
+    if isinstance(spec, list | tuple):
+        items = list(spec)
+        if not 1 <= len(items) <= 4:
+            raise TypeError(f"message: expecting 1..4 items, got {len(items)}")
+        buf = items[0]
+        if len(items) == 2:
+            if _is_datatype(items[1]):
+                datatype = _datatype(items[1])
+            else:
+                count, displ = _count_displ(items[1])
+        elif len(items) == 3:
+            count, displ = _count_displ(items[1])
+            datatype = _datatype(items[2])
+        elif len(items) == 4:
+            count, displ = int(items[1]), int(items[2])
+            datatype = _datatype(items[3])
+    else:
+        buf = spec
+    view, implied = _as_bytes(buf, writable)
+    if datatype is None:
+        datatype = implied if implied is not None else BYTE
+    extent = datatype.Get_size()
+    if count is None:
+        if extent == 0:
+            count = 0
+        else:
+            count, rest = divmod(len(view) - displ * extent, extent)
+            if rest:
+                raise ValueError(
+                    f"message: buffer length {len(view)} is not a multiple of {datatype.name}'s "
+                    f"extent {extent}"
+                )
+    start, stop = displ * extent, (displ + count) * extent
+    if count < 0 or displ < 0 or stop > len(view):
+        raise ValueError(
+            f"message: count {count} at displacement {displ} of {datatype.name} runs past a "
+            f"{len(view)}-byte buffer"
+        )
+    if start or stop != len(view):
+        view = view[start:stop]
+    return Spec(view, count, datatype)
+
+
+def _count_displ(value: Any) -> tuple[int, int]:
+    if isinstance(value, list | tuple):
+        if len(value) != 2:
+            raise TypeError("message: expecting (count, displ)")
+        return int(value[0]), int(value[1])
+    return int(value), 0
+
+
+class VSpec(NamedTuple):
+    """A vector spec: the whole buffer, per-rank counts and displacements (in elements)."""
+
+    view: memoryview
+    counts: list[int]
+    displs: list[int]
+    datatype: Datatype
+
+    def part(self, rank: int) -> memoryview:
+        extent = self.datatype.Get_size()
+        start = self.displs[rank] * extent
+        return self.view[start : start + self.counts[rank] * extent]
+
+
+def parse_vector(spec: Any, size: int, *, writable: bool = False) -> VSpec:
+    """Resolve a vector spec for `size` ranks.
+
+    Forms: buf, [buf, datatype], [buf, counts], [buf, counts, displs], [buf, counts,
+    datatype], [buf, (counts, displs), datatype], [buf, counts, displs, datatype]. A single
+    int count means that count for every rank; missing displs are the running sums.
+    """
+    counts: Any = None
+    displs: Any = None
+    datatype: Datatype | None = None
+    if isinstance(spec, list | tuple):
+        items = list(spec)
+        buf = items[0]
+        rest = items[1:]
+        if rest and _is_datatype(rest[-1]):
+            datatype = _datatype(rest.pop())
+        if len(rest) == 1:
+            if isinstance(rest[0], tuple) and len(rest[0]) == 2 and not _is_int(rest[0][0]):
+                counts, displs = rest[0]
+            else:
+                counts = rest[0]
+        elif len(rest) == 2:
+            counts, displs = rest
+        elif rest:
+            raise TypeError("message: malformed vector spec")
+    else:
+        buf = spec
+    view, implied = _as_bytes(buf, writable)
+    if datatype is None:
+        datatype = implied if implied is not None else BYTE
+    extent = datatype.Get_size() or 1
+    if counts is None:
+        total = len(view) // extent
+        if total % size:
+            raise ValueError(f"message: {total} elements do not split evenly over {size} ranks")
+        counts = [total // size] * size
+    elif _is_int(counts):
+        counts = [int(counts)] * size
+    counts = [int(c) for c in counts]
+    if displs is None:
+        displs, running = [], 0
+        for c in counts:
+            displs.append(running)
+            running += c
+    elif _is_int(displs):
+        displs = [int(displs) + sum(counts[:i]) for i in range(size)]
+    displs = [int(d) for d in displs]
+    if len(counts) != size or len(displs) != size:
+        raise ValueError(f"message: expecting {size} counts and displacements")
+    for c, d in zip(counts, displs, strict=True):
+        if c < 0 or d < 0 or (d + c) * extent > len(view):
+            raise ValueError("message: counts/displacements run past the buffer")
+    return VSpec(view, counts, displs, datatype)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int | np.integer)
+
+
+def is_sequence(value: Any) -> bool:
+    return isinstance(value, Sequence) and not isinstance(value, str | bytes | bytearray)

@@ -1,0 +1,619 @@
+"""Collective operations of an intra-communicator, on its collective context (ctx + 1).
+
+Shared memory is used directly where the queues allow it:
+- reductions read every remote operand where it lies: a receive *sink* gets each arriving
+  piece as a zero-copy view of the queue and folds it into the result in place
+  (`Op.reduce_into` / `Op.combine_to`), so an operand is never copied out first;
+- Allreduce of two ranks is one exchange with both sides computing `a0 op a1` straight from
+  the peer's view (identical results on both ranks);
+- Reduce_scatter_block folds each block at its owner the same way.
+A broadcast is a binomial tree of queue writes; one write read by every rank would need a
+region area outside the per-pair queues (a core layout change; not done).
+
+Across regions (`_hier` is set when members sit in more than one region and mpi4py is up):
+Barrier, Bcast, Reduce, Allreduce and their object forms run hierarchically: within each
+region over shared memory to the region's leader (lowest rank), between leaders with
+mpi4py's own collective on a leaders' communicator, and back within each region. The other
+collectives use the point-to-point algorithms below, which are correct over any mix of
+routes.
+
+Message order: every collective uses a fixed internal tag; as all members call collectives in
+the same order and pairs are non-overtaking, successive collectives never mix.
+Non-commutative user ops are folded in rank order: x0 op x1 op ... op x(p-1).
+"""
+
+from __future__ import annotations
+
+import functools
+import pickle
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from guest_lib.mpi import buffers, constants, exceptions, ops
+from guest_lib.mpi.constants import IN_PLACE
+from guest_lib.mpi.engine import Op
+from guest_lib.mpi.request import Request, unpickle
+
+if TYPE_CHECKING:
+    from guest_lib.mpi.engine import Engine
+
+T_BARRIER, T_BCAST, T_GATHER, T_SCATTER, T_ALLGATHER, T_ALLTOALL = 1, 2, 3, 4, 5, 6
+T_REDUCE, T_ALLREDUCE, T_SCAN, T_EXSCAN, T_RSB, T_CTX = 7, 8, 9, 10, 11, 12
+
+_PICKLE = pickle.HIGHEST_PROTOCOL
+
+
+def _dumps(obj: Any) -> memoryview:
+    return memoryview(pickle.dumps(obj, _PICKLE))
+
+
+def _op_func(op: Any) -> Callable[[Any, Any], Any]:
+    return op if callable(op) else ops.SUM
+
+
+def _raw(array: np.ndarray) -> memoryview:
+    """A flat byte view of a contiguous array (an empty view for no elements)."""
+    if not array.nbytes:
+        return memoryview(bytearray(0))  # writable: also serves as a receive buffer
+    return memoryview(np.ascontiguousarray(array).view(np.uint8)).cast("B")
+
+
+def _array(view: memoryview, spec_type: Any) -> np.ndarray:
+    dtype = spec_type.base.dtype
+    return np.frombuffer(view, dtype=dtype) if len(view) else np.empty(0, dtype)
+
+
+class Collectives:
+    """Mixin of Intracomm: collectives built on the communicator's p2p internals."""
+
+    # provided by Comm
+    _engine: Engine | None
+    _group: list[int]
+    _rank: int
+    _ctx: int
+    _rank_of: dict[int, int]
+    _isend_op: Callable[..., Op]
+    _irecv_op: Callable[..., Op]
+    _check: Callable[[], Engine]
+    _has_mpi: bool
+    _hier: Any
+    _route: list[tuple[int, int]]
+    _mirror_coll: Any
+    _alloc_ctx: Callable[[], int]
+
+    # ------------------------------------------------------------------ internals
+    def _c_isend(self, view: memoryview, dest: int, tag: int) -> Op:
+        return self._isend_op(view, dest, tag, self._ctx + 1, False)
+
+    def _c_irecv(self, view: memoryview | None, source: int, tag: int, sink: Any = None) -> Op:
+        return self._irecv_op(view, source, tag, self._ctx + 1, sink)
+
+    def _c_wait(self, pending: list[Op]) -> None:
+        engine = self._check()
+        if not all(op.done for op in pending):
+            engine.wait_until(lambda: all(op.done for op in pending))
+        for op in pending:
+            if op.error:
+                raise exceptions.Exception(op.error, "in a collective operation")
+
+    def _c_recv_obj(self, source: int, tag: int) -> Any:
+        op = self._c_irecv(None, source, tag)
+        self._c_wait([op])
+        return unpickle(op)
+
+    def _sizes(self) -> tuple[int, int]:
+        self._check()
+        return len(self._group), self._rank
+
+    def _allreduce_int_or(self, value: int) -> int:
+        result = 0
+        for item in self.allgather(value):
+            result |= item
+        return result
+
+    def _bcast_view(self, view: memoryview | None, root: int, tag: int) -> memoryview | bytes:
+        """Binomial broadcast of bytes. `view`: the root's data, or a receive buffer of the
+        right size on the others (None: receive whatever size comes). Returns the data."""
+        size, rank = self._sizes()
+        rel = (rank - root) % size
+        data: Any = view
+        mask = 1
+        while mask < size:
+            if rel & mask:
+                parent = (rank - mask) % size
+                op = self._c_irecv(view, parent, tag)
+                self._c_wait([op])
+                data = view if view is not None else op.obj
+                break
+            mask <<= 1
+        mask >>= 1
+        sends = []
+        payload = memoryview(data) if data is not None else memoryview(b"")
+        while mask > 0:
+            if rel + mask < size:
+                sends.append(self._c_isend(payload, (rank + mask) % size, tag))
+            mask >>= 1
+        self._c_wait(sends)
+        return data
+
+    # ------------------------------------------------------------------ hierarchy
+    def _hierarchy(self) -> tuple[Any, Any, list[int], dict[int, int], list[int]]:
+        """(local comm, leaders' mpi4py comm or None, leader of each rank, leader -> index
+        in the leaders' comm, comm ranks of my region). Made on first use (collective)."""
+        if self._hier is None:
+            from guest_lib.mpi.comm import Intracomm
+            from guest_lib.mpi.engine import ROUTE_MPI
+
+            engine = self._check()
+            local = [r for r, (route, _) in enumerate(self._route) if route != ROUTE_MPI]
+            leaders = self.allgather(local[0])
+            ctx = self._alloc_ctx()
+            local_comm = Intracomm(engine, [self._group[r] for r in local], ctx)
+            is_leader = self._rank == local[0]
+            from mpi4py import MPI as _M
+
+            lead = self._mirror_coll.Split(0 if is_leader else _M.UNDEFINED, self._rank)
+            index = {r: i for i, r in enumerate(sorted(set(leaders)))}
+            self._hier = (local_comm, lead if is_leader else None, leaders, index, local)
+        return self._hier
+
+    def _native(self, op: ops.Op, datatype: Any) -> tuple[Any, Any] | None:
+        """mpi4py's (Op, Datatype) for a predefined op on a predefined type, else None."""
+        from mpi4py import MPI as _M
+
+        if not op.is_predefined or not datatype.base.is_predefined:
+            return None
+        mop = getattr(_M, op.name, None)
+        mtype = getattr(_M, datatype.base.name, None)
+        return None if mop is None or mtype is None else (mop, mtype)
+
+    def _h_barrier(self) -> None:
+        local, lead, _, _, _ = self._hierarchy()
+        local.Barrier()
+        if lead is not None:
+            lead.Barrier()
+        local.Barrier()
+
+    def _h_bcast(self, buf: Any, root: int, objects: bool) -> Any:
+        """Within root's region from root, between leaders (mpi4py), within the others."""
+        local, lead, leaders, index, mine = self._hierarchy()
+        root_leader, my_leader = leaders[root], leaders[self._rank]
+        if my_leader == root_leader:
+            if objects:
+                buf = local.bcast(buf, mine.index(root))
+            else:
+                local.Bcast(buf, mine.index(root))
+        if lead is not None:
+            if objects:
+                buf = lead.bcast(buf, index[root_leader])
+            else:
+                spec = buffers.parse(buf, writable=True)
+                lead.Bcast([spec.view, len(spec.view), "B"], index[root_leader])
+        if my_leader != root_leader:
+            if objects:
+                buf = local.bcast(buf, 0)
+            else:
+                local.Bcast(buf, 0)
+        return buf
+
+    def _h_allreduce(self, sendbuf: Any, recvbuf: Any, op: ops.Op) -> None:
+        local, lead, _, _, _ = self._hierarchy()
+        rspec = buffers.parse(recvbuf, writable=True)
+        if local.Get_rank() == 0:
+            local.Reduce(sendbuf, recvbuf, op, 0)
+        else:
+            local.Reduce(recvbuf if sendbuf is IN_PLACE else sendbuf, None, op, 0)
+        if lead is not None:
+            out = _array(rspec.view, rspec.datatype)
+            native = self._native(op, rspec.datatype)
+            if native is not None:
+                lead.Allreduce(_M_IN_PLACE(), [out, native[1]], native[0])
+            else:
+                parts = lead.allgather(out.copy())
+                result = parts[-1].copy()
+                for part in reversed(parts[:-1]):
+                    op.reduce_into(result, part, rspec.datatype)
+                out[...] = result
+        local.Bcast(rspec.view, 0)
+
+    def _h_allreduce_obj(self, sendobj: Any, op: Any) -> Any:
+        local, lead, _, _, _ = self._hierarchy()
+        pairs = local.gather((self._rank, sendobj), 0)
+        result = None
+        if lead is not None:
+            everything = sorted(p for chunk in lead.allgather(pairs) for p in chunk)
+            result = functools.reduce(_op_func(op), [obj for _, obj in everything])
+        return local.bcast(result, 0)
+
+    # ------------------------------------------------------------------ barrier
+    def Barrier(self) -> None:
+        """Dissemination barrier: ceil(log2 p) rounds of empty messages."""
+        if self._has_mpi:
+            self._h_barrier()
+            return
+        size, rank = self._sizes()
+        empty = memoryview(b"")
+        step = 1
+        while step < size:
+            recv = self._c_irecv(memoryview(bytearray(0)), (rank - step) % size, T_BARRIER)
+            send = self._c_isend(empty, (rank + step) % size, T_BARRIER)
+            self._c_wait([recv, send])
+            step <<= 1
+
+    def barrier(self) -> None:
+        self.Barrier()
+
+    # ------------------------------------------------------------------ broadcast
+    def bcast(self, obj: Any = None, root: int = 0) -> Any:
+        """Broadcast a picklable object from `root`; every rank returns it."""
+        size, rank = self._sizes()
+        self._root(root)
+        if size == 1:
+            return obj
+        if self._has_mpi:
+            return self._h_bcast(obj, root, objects=True)
+        if rank == root:
+            self._bcast_view(_dumps(obj), root, T_BCAST)
+            return obj
+        return pickle.loads(self._bcast_view(None, root, T_BCAST))
+
+    def Bcast(self, buf: Any, root: int = 0) -> None:
+        """Broadcast a buffer from `root` into `buf` on every rank."""
+        size, rank = self._sizes()
+        self._root(root)
+        if self._has_mpi:
+            self._h_bcast(buf, root, objects=False)
+            return
+        spec = buffers.parse(buf, writable=rank != root)
+        if size > 1:
+            self._bcast_view(spec.view, root, T_BCAST)
+
+    def _root(self, root: int) -> None:
+        if not 0 <= root < len(self._group):
+            raise exceptions.Exception(exceptions.ERR_ROOT, f"root {root}")
+
+    # ------------------------------------------------------------------ gather / scatter
+    def gather(self, sendobj: Any, root: int = 0) -> list[Any] | None:
+        size, rank = self._sizes()
+        self._root(root)
+        if rank != root:
+            self._c_wait([self._c_isend(_dumps(sendobj), root, T_GATHER)])
+            return None
+        recvs = {r: self._c_irecv(None, r, T_GATHER) for r in range(size) if r != rank}
+        self._c_wait(list(recvs.values()))
+        return [sendobj if r == rank else unpickle(recvs[r]) for r in range(size)]
+
+    def scatter(self, sendobj: Any = None, root: int = 0) -> Any:
+        size, rank = self._sizes()
+        self._root(root)
+        if rank != root:
+            return self._c_recv_obj(root, T_SCATTER)
+        items = list(sendobj) if sendobj is not None else [None] * size
+        if len(items) != size:
+            raise ValueError(f"scatter: expecting {size} items, got {len(items)}")
+        sends = [self._c_isend(_dumps(items[r]), r, T_SCATTER) for r in range(size) if r != rank]
+        self._c_wait(sends)
+        return items[rank]
+
+    def allgather(self, sendobj: Any) -> list[Any]:
+        size, rank = self._sizes()
+        if size == 1:
+            return [sendobj]
+        data = _dumps(sendobj)
+        recvs = {r: self._c_irecv(None, r, T_ALLGATHER) for r in range(size) if r != rank}
+        sends = [self._c_isend(data, r, T_ALLGATHER) for r in range(size) if r != rank]
+        self._c_wait([*recvs.values(), *sends])
+        return [sendobj if r == rank else unpickle(recvs[r]) for r in range(size)]
+
+    def alltoall(self, sendobj: Any) -> list[Any]:
+        size, rank = self._sizes()
+        items = list(sendobj)
+        if len(items) != size:
+            raise ValueError(f"alltoall: expecting {size} items, got {len(items)}")
+        recvs = {r: self._c_irecv(None, r, T_ALLTOALL) for r in range(size) if r != rank}
+        sends = [self._c_isend(_dumps(items[r]), r, T_ALLTOALL) for r in range(size) if r != rank]
+        self._c_wait([*recvs.values(), *sends])
+        return [items[rank] if r == rank else unpickle(recvs[r]) for r in range(size)]
+
+    def Gather(self, sendbuf: Any, recvbuf: Any, root: int = 0) -> None:
+        self._gatherv(sendbuf, recvbuf, root)
+
+    def Gatherv(self, sendbuf: Any, recvbuf: Any, root: int = 0) -> None:
+        self._gatherv(sendbuf, recvbuf, root)
+
+    def _gatherv(self, sendbuf: Any, recvbuf: Any, root: int) -> None:
+        size, rank = self._sizes()
+        self._root(root)
+        if rank != root:
+            self._c_wait([self._c_isend(buffers.parse(sendbuf).view, root, T_GATHER)])
+            return
+        spec = buffers.parse_vector(recvbuf, size, writable=True)
+        if sendbuf is not IN_PLACE:
+            own = buffers.parse(sendbuf).view
+            spec.part(rank)[: len(own)] = own
+        recvs = [self._c_irecv(spec.part(r), r, T_GATHER) for r in range(size) if r != rank]
+        self._c_wait(recvs)
+
+    def Scatter(self, sendbuf: Any, recvbuf: Any, root: int = 0) -> None:
+        self._scatterv(sendbuf, recvbuf, root)
+
+    def Scatterv(self, sendbuf: Any, recvbuf: Any, root: int = 0) -> None:
+        self._scatterv(sendbuf, recvbuf, root)
+
+    def _scatterv(self, sendbuf: Any, recvbuf: Any, root: int) -> None:
+        size, rank = self._sizes()
+        self._root(root)
+        if rank != root:
+            view = buffers.parse(recvbuf, writable=True).view
+            self._c_wait([self._c_irecv(view, root, T_SCATTER)])
+            return
+        spec = buffers.parse_vector(sendbuf, size)
+        sends = [self._c_isend(spec.part(r), r, T_SCATTER) for r in range(size) if r != rank]
+        if recvbuf is not IN_PLACE:
+            own = buffers.parse(recvbuf, writable=True).view
+            part = spec.part(rank)
+            own[: len(part)] = part
+        self._c_wait(sends)
+
+    def Allgather(self, sendbuf: Any, recvbuf: Any) -> None:
+        self._allgatherv(sendbuf, recvbuf)
+
+    def Allgatherv(self, sendbuf: Any, recvbuf: Any) -> None:
+        self._allgatherv(sendbuf, recvbuf)
+
+    def _allgatherv(self, sendbuf: Any, recvbuf: Any) -> None:
+        size, rank = self._sizes()
+        spec = buffers.parse_vector(recvbuf, size, writable=True)
+        mine = spec.part(rank)
+        if sendbuf is not IN_PLACE:
+            own = buffers.parse(sendbuf).view
+            mine[: len(own)] = own
+        recvs = [self._c_irecv(spec.part(r), r, T_ALLGATHER) for r in range(size) if r != rank]
+        sends = [self._c_isend(mine, r, T_ALLGATHER) for r in range(size) if r != rank]
+        self._c_wait(recvs + sends)
+
+    def Alltoall(self, sendbuf: Any, recvbuf: Any) -> None:
+        self._alltoallv(sendbuf, recvbuf)
+
+    def Alltoallv(self, sendbuf: Any, recvbuf: Any) -> None:
+        self._alltoallv(sendbuf, recvbuf)
+
+    def _alltoallv(self, sendbuf: Any, recvbuf: Any) -> None:
+        size, rank = self._sizes()
+        rspec = buffers.parse_vector(recvbuf, size, writable=True)
+        if sendbuf is IN_PLACE:
+            sspec = buffers.VSpec(memoryview(bytes(rspec.view)), rspec.counts, rspec.displs,
+                                  rspec.datatype)  # fmt: skip
+        else:
+            sspec = buffers.parse_vector(sendbuf, size)
+        own = sspec.part(rank)
+        rspec.part(rank)[: len(own)] = own
+        recvs = [self._c_irecv(rspec.part(r), r, T_ALLTOALL) for r in range(size) if r != rank]
+        sends = [self._c_isend(sspec.part(r), r, T_ALLTOALL) for r in range(size) if r != rank]
+        self._c_wait(recvs + sends)
+
+    # ------------------------------------------------------------------ reductions (objects)
+    def reduce(self, sendobj: Any, op: Any = ops.SUM, root: int = 0) -> Any:
+        """Fold the objects in rank order at `root`; None elsewhere."""
+        if self._has_mpi:
+            result = self._h_allreduce_obj(sendobj, op)
+            return result if self._rank == root else None
+        items = self.gather(sendobj, root)
+        if items is None:
+            return None
+        return functools.reduce(_op_func(op), items)
+
+    def allreduce(self, sendobj: Any, op: Any = ops.SUM) -> Any:
+        """Fold the objects in rank order; every rank gets the same result."""
+        if self._has_mpi:
+            return self._h_allreduce_obj(sendobj, op)
+        return functools.reduce(_op_func(op), self.allgather(sendobj))
+
+    def scan(self, sendobj: Any, op: Any = ops.SUM) -> Any:
+        items = self.allgather(sendobj)
+        return functools.reduce(_op_func(op), items[: self._rank + 1])
+
+    def exscan(self, sendobj: Any, op: Any = ops.SUM) -> Any:
+        items = self.allgather(sendobj)
+        if self._rank == 0:
+            return None
+        return functools.reduce(_op_func(op), items[: self._rank])
+
+    # ------------------------------------------------------------------ reductions (buffers)
+    def _reduce_sink(self, acc: np.ndarray, op: ops.Op, datatype: Any) -> Callable[..., None]:
+        itemsize = acc.itemsize
+
+        def sink(offset: int, data: Any) -> None:
+            start = offset // itemsize
+            operand = np.frombuffer(data, dtype=acc.dtype)
+            op.reduce_into(acc[start : start + len(operand)], operand, datatype)
+
+        return sink
+
+    def _combine_sink(
+        self, out: np.ndarray, local: np.ndarray, op: ops.Op, local_is_left: bool
+    ) -> Callable[..., None]:
+        itemsize = out.itemsize
+
+        def sink(offset: int, data: Any) -> None:
+            start = offset // itemsize
+            remote = np.frombuffer(data, dtype=out.dtype)
+            stop = start + len(remote)
+            if local_is_left:
+                op.combine_to(out[start:stop], local[start:stop], remote)
+            else:
+                op.combine_to(out[start:stop], remote, local[start:stop])
+
+        return sink
+
+    def Reduce(self, sendbuf: Any, recvbuf: Any, op: ops.Op = ops.SUM, root: int = 0) -> None:
+        """Reduce to `root`: operands are folded there as they arrive, read in place."""
+        size, rank = self._sizes()
+        self._root(root)
+        if self._has_mpi and op.is_commutative:
+            spec = buffers.parse(sendbuf if sendbuf is not IN_PLACE else recvbuf)
+            scratch = np.array(_array(spec.view, spec.datatype))
+            self._h_allreduce(sendbuf if sendbuf is not IN_PLACE else scratch,
+                              [scratch, spec.datatype], op)  # fmt: skip
+            if rank == root:
+                rspec = buffers.parse(recvbuf, writable=True)
+                rspec.view[:] = _raw(scratch)
+            return
+        if rank != root:
+            self._c_wait([self._c_isend(buffers.parse(sendbuf).view, root, T_REDUCE)])
+            return
+        rspec = buffers.parse(recvbuf, writable=True)
+        acc = _array(rspec.view, rspec.datatype)
+        if sendbuf is not IN_PLACE:
+            acc[...] = _array(buffers.parse(sendbuf).view, rspec.datatype)
+        self._fold_at_me(acc, op, rspec.datatype, T_REDUCE, range(size))
+
+    def _fold_at_me(
+        self, acc: np.ndarray, op: ops.Op, datatype: Any, tag: int, sources: Any,
+        block: Callable[[int], slice] | None = None,
+    ) -> None:  # fmt: skip
+        """acc (holding this rank's operand) := fold of every source's operand, in place."""
+        rank = self._rank
+        others = [r for r in sources if r != rank]
+        if op.is_commutative:
+            recvs = [
+                self._c_irecv(None, r, tag, self._reduce_sink(acc, op, datatype)) for r in others
+            ]
+            self._c_wait(recvs)
+            return
+        temps = {r: np.empty_like(acc) for r in others}
+        recvs = [self._c_irecv(_raw(temps[r]), r, tag) for r in others]
+        self._c_wait(recvs)
+        temps[rank] = acc.copy()
+        ordered = sorted(temps)
+        result = temps[ordered[-1]].copy()
+        for r in reversed(ordered[:-1]):
+            op.reduce_into(result, temps[r], datatype)
+        acc[...] = result
+
+    def Allreduce(self, sendbuf: Any, recvbuf: Any, op: ops.Op = ops.SUM) -> None:
+        """Every rank gets the fold of all operands (the same bits on every rank)."""
+        size, rank = self._sizes()
+        if self._has_mpi and op.is_commutative:
+            self._h_allreduce(sendbuf, recvbuf, op)
+            return
+        rspec = buffers.parse(recvbuf, writable=True)
+        out = _array(rspec.view, rspec.datatype)
+        if sendbuf is IN_PLACE:
+            local = out.copy()
+        else:
+            local = _array(buffers.parse(sendbuf).view, rspec.datatype)
+        if size == 1:
+            if sendbuf is not IN_PLACE:
+                out[...] = local
+            return
+        if size == 2:
+            peer = 1 - rank
+            sink = self._combine_sink(out, local, op, local_is_left=rank == 0)
+            recv = self._c_irecv(None, peer, T_ALLREDUCE, sink)
+            send = self._c_isend(_raw(local), peer, T_ALLREDUCE)
+            self._c_wait([recv, send])
+            if local.nbytes == 0:
+                return
+            return
+        if sendbuf is not IN_PLACE:
+            out[...] = local
+        if rank == 0:
+            self._fold_at_me(out, op, rspec.datatype, T_ALLREDUCE, range(size))
+        else:
+            self._c_wait([self._c_isend(_raw(local), 0, T_ALLREDUCE)])
+        self._bcast_view(rspec.view, 0, T_BCAST)
+
+    def Reduce_scatter_block(self, sendbuf: Any, recvbuf: Any, op: ops.Op = ops.SUM) -> None:
+        """Block r of the fold of every rank's sendbuf ends in rank r's recvbuf; each block
+        is folded at its owner, reading the other ranks' blocks in place."""
+        size, rank = self._sizes()
+        rspec = buffers.parse(recvbuf, writable=True)
+        if sendbuf is IN_PLACE:
+            full = _array(rspec.view, rspec.datatype).copy()
+            count = len(full) // size
+            out = _array(rspec.view, rspec.datatype)[:count]
+        else:
+            sspec = buffers.parse(sendbuf)
+            full = _array(sspec.view, rspec.datatype)
+            count = len(full) // size
+            out = _array(rspec.view, rspec.datatype)[:count]
+        blocks = [full[r * count : (r + 1) * count] for r in range(size)]
+        out[...] = blocks[rank]
+        sends = [self._c_isend(_raw(blocks[r]), r, T_RSB) for r in range(size) if r != rank]
+        self._fold_at_me(out, op, rspec.datatype, T_RSB, range(size))
+        self._c_wait(sends)
+
+    def Reduce_scatter(
+        self, sendbuf: Any, recvbuf: Any, recvcounts: Any = None, op: ops.Op = ops.SUM
+    ) -> None:
+        """Like Reduce_scatter_block with per-rank counts (Reduce to 0, then Scatterv)."""
+        size, rank = self._sizes()
+        rspec = buffers.parse(recvbuf, writable=True)
+        counts = list(recvcounts) if recvcounts is not None else [rspec.count] * size
+        total = sum(counts)
+        dtype = rspec.datatype.base.dtype
+        if sendbuf is IN_PLACE:
+            full = _array(rspec.view, rspec.datatype)[:total].copy()
+        else:
+            full = _array(buffers.parse(sendbuf).view, rspec.datatype)[:total].copy()
+        result = np.empty(total, dtype) if rank == 0 else full
+        if rank == 0:
+            result[...] = full
+            self._fold_at_me(result, op, rspec.datatype, T_REDUCE, range(size))
+        else:
+            self._c_wait([self._c_isend(_raw(full), 0, T_REDUCE)])
+        self._scatterv([result, counts, rspec.datatype] if rank == 0 else None,
+                       [rspec.view, counts[rank] * dtype.itemsize, "B"], 0)  # fmt: skip
+
+    def Scan(self, sendbuf: Any, recvbuf: Any, op: ops.Op = ops.SUM) -> None:
+        """Inclusive prefix fold along the ranks (a chain)."""
+        self._scan(sendbuf, recvbuf, op, inclusive=True)
+
+    def Exscan(self, sendbuf: Any, recvbuf: Any, op: ops.Op = ops.SUM) -> None:
+        """Exclusive prefix fold; rank 0's recvbuf is left as it was."""
+        self._scan(sendbuf, recvbuf, op, inclusive=False)
+
+    def _scan(self, sendbuf: Any, recvbuf: Any, op: ops.Op, inclusive: bool) -> None:
+        size, rank = self._sizes()
+        rspec = buffers.parse(recvbuf, writable=True)
+        out = _array(rspec.view, rspec.datatype)
+        local = out.copy() if sendbuf is IN_PLACE else _array(buffers.parse(sendbuf).view,
+                                                               rspec.datatype)  # fmt: skip
+        tag = T_SCAN if inclusive else T_EXSCAN
+        if rank == 0:
+            running = local
+            if inclusive:
+                out[...] = local
+        else:
+            prefix = np.empty_like(out)
+            self._c_wait([self._c_irecv(_raw(prefix), rank - 1, tag)])
+            running = np.empty_like(out)
+            op.combine_to(running, prefix, local)
+            out[...] = running if inclusive else prefix
+        if rank + 1 < size:
+            self._c_wait([self._c_isend(_raw(running), rank + 1, tag)])
+
+    # ------------------------------------------------------------------ nonblocking forms
+    def Ibarrier(self) -> Request:
+        self.Barrier()
+        return Request()
+
+    def Ibcast(self, buf: Any, root: int = 0) -> Request:
+        self.Bcast(buf, root)
+        return Request()
+
+    def Iallreduce(self, sendbuf: Any, recvbuf: Any, op: ops.Op = ops.SUM) -> Request:
+        self.Allreduce(sendbuf, recvbuf, op)
+        return Request()
+
+
+def _M_IN_PLACE() -> Any:
+    from mpi4py import MPI as _M
+
+    return _M.IN_PLACE
+
+
+_unused = constants

@@ -1,0 +1,652 @@
+"""Communicators: point-to-point operations and communicator management.
+
+A communicator is a group of world ranks (index = rank in the communicator) and a context
+id: `ctx` (even) carries point-to-point traffic and `ctx + 1` the collectives, so the two
+never match each other. Context ids are agreed on by the members (a bitwise OR of the ids
+each member has in use, reduced over the parent) and recycled by Free. 0/1 belong to
+COMM_WORLD, 2/3 to COMM_SELF. When some member pairs talk through mpi4py (no shared
+region), the communicator keeps mpi4py mirrors (`_mirror` for p2p, `_mirror_coll` for
+collectives) with the same group and rank order, made by the same Dup/Split.
+
+Lowercase methods move Python objects (pickled, protocol 5, like mpi4py); uppercase ones move
+buffers given as message specs (see `buffers`). Blocking calls take a fast path straight
+into the core when the engine has nothing else in flight (see `engine`).
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import sys
+from typing import Any
+
+from guest_lib.mpi import buffers, constants, exceptions
+from guest_lib.mpi.collectives import Collectives
+from guest_lib.mpi.engine import (
+    KIND_DATA,
+    ROUTE_MPI,
+    ROUTE_SELF,
+    ROUTE_SHM,
+    DoneOp,
+    Engine,
+    MpiOp,
+    Op,
+    RecvOp,
+    core_tag,
+)
+from guest_lib.mpi.request import Request, unpickle
+from guest_lib.mpi.status import Status
+
+PICKLE_PROTOCOL = pickle.HIGHEST_PROTOCOL
+_EMPTY = memoryview(b"")
+
+
+def _dumps(obj: Any) -> memoryview:
+    return memoryview(pickle.dumps(obj, PICKLE_PROTOCOL))
+
+
+class Comm:
+    """Base communicator (mpi4py's `Comm`); see the module docstring."""
+
+    def __init__(
+        self,
+        engine: Engine | None,
+        group: list[int],
+        ctx: int,
+        mirror: Any = None,
+        mirror_coll: Any = None,
+        name: str = "",
+    ) -> None:
+        self._engine = engine
+        self._group = group
+        self._ctx = ctx
+        self._mirror = mirror
+        self._mirror_coll = mirror_coll
+        self._name = name
+        self._null = engine is None
+        if engine is not None:
+            self._rank = group.index(engine.world_rank)
+            self._rank_of = {w: i for i, w in enumerate(group)}
+            self._route = [engine.routes[w] for w in group]
+            self._has_mpi = any(route == ROUTE_MPI for route, _ in self._route)
+            self._all_mpi = all(route != ROUTE_SHM for route, _ in self._route)
+        else:
+            self._rank, self._rank_of, self._route, self._has_mpi = -1, {}, [], False
+            self._all_mpi = False
+        self._hier: Any = None  # (local comm, leaders' mpi4py comm, leader of each rank)
+
+    # ------------------------------------------------------------------ basics
+    def _check(self) -> Engine:
+        if self._engine is None:
+            raise exceptions.Exception(exceptions.ERR_COMM, "null communicator")
+        return self._engine
+
+    def Get_rank(self) -> int:
+        self._check()
+        return self._rank
+
+    def Get_size(self) -> int:
+        self._check()
+        return len(self._group)
+
+    @property
+    def rank(self) -> int:
+        return self.Get_rank()
+
+    @property
+    def size(self) -> int:
+        return self.Get_size()
+
+    def Get_name(self) -> str:
+        return self._name
+
+    def Set_name(self, name: str) -> None:
+        self._name = name
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    def Is_inter(self) -> bool:
+        return False
+
+    def Is_intra(self) -> bool:
+        return True
+
+    @property
+    def is_inter(self) -> bool:
+        return False
+
+    @property
+    def is_intra(self) -> bool:
+        return True
+
+    def Get_topology(self) -> int:
+        return constants.UNDEFINED
+
+    def Get_attr(self, keyval: int) -> Any:
+        if keyval == constants.KEY_TAG_UB:
+            return constants.TAG_UB
+        if keyval in (constants.KEY_HOST, constants.KEY_IO):
+            return constants.PROC_NULL if keyval == constants.KEY_HOST else constants.ANY_SOURCE
+        if keyval == constants.KEY_WTIME_IS_GLOBAL:
+            return False
+        return None
+
+    def __bool__(self) -> bool:
+        return not self._null
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Comm):
+            return NotImplemented
+        if self._null or other._null:
+            return self._null and other._null
+        return self._ctx == other._ctx and self._group == other._group
+
+    def __hash__(self) -> int:
+        return hash((self._ctx, tuple(self._group)))
+
+    def __repr__(self) -> str:
+        if self._null:
+            return "<Comm NULL>"
+        return f"<Intracomm {self._name or 'ctx=' + str(self._ctx)} rank {self._rank}/{self.size}>"
+
+    # ------------------------------------------------------------------ argument checks
+    def _dest(self, rank: int) -> None:
+        if not 0 <= rank < len(self._group) and rank != constants.PROC_NULL:
+            raise exceptions.Exception(exceptions.ERR_RANK, f"rank {rank} of {len(self._group)}")
+
+    def _source(self, rank: int) -> None:
+        if (
+            not 0 <= rank < len(self._group)
+            and rank != constants.ANY_SOURCE
+            and rank != constants.PROC_NULL
+        ):
+            raise exceptions.Exception(exceptions.ERR_RANK, f"rank {rank} of {len(self._group)}")
+
+    @staticmethod
+    def _send_tag(tag: int) -> None:
+        if not 0 <= tag <= constants.TAG_UB:
+            raise exceptions.Exception(
+                exceptions.ERR_TAG, f"tag {tag} outside 0..{constants.TAG_UB}"
+            )
+
+    @staticmethod
+    def _recv_tag(tag: int) -> None:
+        if not 0 <= tag <= constants.TAG_UB and tag != constants.ANY_TAG:
+            raise exceptions.Exception(
+                exceptions.ERR_TAG, f"tag {tag} outside 0..{constants.TAG_UB}"
+            )
+
+    # ------------------------------------------------------------------ p2p internals
+    def _isend_op(self, data: memoryview, dest: int, tag: int, ctx: int, sync: bool) -> Op:
+        engine = self._check()
+        if dest == constants.PROC_NULL:
+            return DoneOp()
+        route, peer = self._route[dest]
+        if route == ROUTE_SHM:
+            return engine.isend_shm(peer, ctx, tag, data, sync)
+        if route == ROUTE_SELF:
+            return engine.send_self(ctx, tag, data)
+        from mpi4py import MPI as _M
+
+        mirror = self._mirror if ctx == self._ctx else self._mirror_coll
+        spec = [data, len(data), _M.BYTE]
+        engine.mpi_messages += 1
+        request = mirror.Issend(spec, dest, tag) if sync else mirror.Isend(spec, dest, tag)
+        return engine.track(MpiOp(request))
+
+    def _send_bytes(self, data: memoryview, dest: int, tag: int, ctx: int, sync: bool) -> None:
+        engine = self._check()
+        if dest == constants.PROC_NULL:
+            return
+        route, peer = self._route[dest]
+        if (
+            route == ROUTE_SHM
+            and not sync
+            and engine.fast_send(peer, core_tag(KIND_DATA, ctx, tag), data)
+        ):
+            return
+        if route == ROUTE_MPI and engine.quiet():
+            from mpi4py import MPI as _M
+
+            mirror = self._mirror if ctx == self._ctx else self._mirror_coll
+            spec = [data, len(data), _M.BYTE]
+            engine.mpi_messages += 1
+            mirror.Ssend(spec, dest, tag) if sync else mirror.Send(spec, dest, tag)
+            return
+        op = self._isend_op(data, dest, tag, ctx, sync)
+        if not op.done:
+            engine.wait(op)
+
+    def _irecv_op(
+        self,
+        view: memoryview | None,
+        source: int,
+        tag: int,
+        ctx: int,
+        sink: Any = None,
+    ) -> Op:
+        engine = self._check()
+        if source == constants.PROC_NULL:
+            return DoneOp(constants.PROC_NULL, constants.ANY_TAG)
+        if source == constants.ANY_SOURCE:
+            src, peer, route = constants.ANY_SOURCE, -1, -1
+        else:
+            src = self._group[source]
+            route, peer = self._route[source]
+            if route != ROUTE_SHM:
+                peer = -1
+        op = RecvOp(ctx, src, tag, view, sink, peer)
+        if self._has_mpi and (route == ROUTE_MPI or source == constants.ANY_SOURCE):
+            op.mpi = self._mirror if ctx == self._ctx else self._mirror_coll
+            op.mpi_src = source
+            op.mpi_world = self._group
+        return engine.post(op)
+
+    def _recv_bytes(
+        self, view: memoryview, source: int, tag: int, ctx: int, status: Status | None
+    ) -> None:
+        engine = self._check()
+        if source >= 0:
+            route, peer = self._route[source]
+            if route == ROUTE_SHM:
+                got = engine.fast_recv(peer, ctx, tag, view)
+                if got is not None:
+                    if status is not None:
+                        status._set(source, got[1], got[0])
+                    return
+            elif route == ROUTE_MPI and engine.quiet():
+                self._native_recv(view, source, tag, ctx, status)
+                return
+        elif source == constants.ANY_SOURCE and self._all_mpi and engine.quiet():
+            self._native_recv(view, source, tag, ctx, status)
+            return
+        op = self._irecv_op(view, source, tag, ctx)
+        if not op.done:
+            engine.wait(op)
+        Request(op, engine, self._rank_of)._fill(status)
+
+    def _native_recv(
+        self, view: memoryview | None, source: int, tag: int, ctx: int, status: Status | None
+    ) -> bytes | None:
+        """Blocking receive through mpi4py itself (MPI-routed source, nothing else pending).
+
+        `view` None: receive whatever size comes and return its bytes (object receives)."""
+        from mpi4py import MPI as _M
+
+        mirror = self._mirror if ctx == self._ctx else self._mirror_coll
+        mstatus = _M.Status()
+        msrc = _M.ANY_SOURCE if source == constants.ANY_SOURCE else source
+        mtag = _M.ANY_TAG if tag == constants.ANY_TAG else tag
+        message = mirror.Mprobe(msrc, mtag, mstatus)
+        nbytes = mstatus.Get_count(_M.BYTE)
+        data: bytes | None = None
+        error = 0
+        if view is None:
+            scratch = bytearray(nbytes)
+            message.Recv([scratch, _M.BYTE])
+            data = bytes(scratch)
+        elif nbytes > len(view):
+            scratch = bytearray(nbytes)
+            message.Recv([scratch, _M.BYTE])
+            view[:] = scratch[: len(view)]
+            error, nbytes = exceptions.ERR_TRUNCATE, len(view)
+        else:
+            message.Recv([view, nbytes, _M.BYTE])
+        if status is not None:
+            status._set(mstatus.Get_source(), mstatus.Get_tag(), nbytes, error)
+        if error:
+            raise exceptions.Exception(error, f"receive from rank {mstatus.Get_source()}")
+        return data
+
+    def _recv_obj(self, source: int, tag: int, ctx: int, status: Status | None) -> Any:
+        engine = self._check()
+        if engine.quiet() and (
+            (source >= 0 and self._route[source][0] == ROUTE_MPI)
+            or (source == constants.ANY_SOURCE and self._all_mpi)
+        ):
+            return pickle.loads(self._native_recv(None, source, tag, ctx, status) or b"")
+        op = self._irecv_op(None, source, tag, ctx)
+        if not op.done:
+            engine.wait(op)
+        return Request(op, engine, self._rank_of, unpickle)._fill(status)
+
+    # ------------------------------------------------------------------ p2p objects
+    def send(self, obj: Any, dest: int, tag: int = 0) -> None:
+        """Send a picklable object (blocking; returns once the bytes are in the queue)."""
+        self._dest(dest)
+        self._send_tag(tag)
+        self._send_bytes(_dumps(obj), dest, tag, self._ctx, False)
+
+    def ssend(self, obj: Any, dest: int, tag: int = 0) -> None:
+        """Synchronous send: returns once the matching receive has started."""
+        self._dest(dest)
+        self._send_tag(tag)
+        self._send_bytes(_dumps(obj), dest, tag, self._ctx, True)
+
+    bsend = send
+    rsend = send
+
+    def recv(
+        self,
+        buf: Any = None,
+        source: int = constants.ANY_SOURCE,
+        tag: int = constants.ANY_TAG,
+        status: Status | None = None,
+    ) -> Any:
+        """Receive and return an object (`buf` is accepted and ignored, as in mpi4py)."""
+        self._source(source)
+        self._recv_tag(tag)
+        return self._recv_obj(source, tag, self._ctx, status)
+
+    def isend(self, obj: Any, dest: int, tag: int = 0) -> Request:
+        self._dest(dest)
+        self._send_tag(tag)
+        return Request(self._isend_op(_dumps(obj), dest, tag, self._ctx, False), self._engine)
+
+    def issend(self, obj: Any, dest: int, tag: int = 0) -> Request:
+        self._dest(dest)
+        self._send_tag(tag)
+        return Request(self._isend_op(_dumps(obj), dest, tag, self._ctx, True), self._engine)
+
+    ibsend = isend
+    irsend = isend
+
+    def irecv(
+        self,
+        buf: Any = None,
+        source: int = constants.ANY_SOURCE,
+        tag: int = constants.ANY_TAG,
+    ) -> Request:
+        """Post an object receive; `wait()` returns the object."""
+        self._source(source)
+        self._recv_tag(tag)
+        op = self._irecv_op(None, source, tag, self._ctx)
+        return Request(op, self._engine, self._rank_of, unpickle)
+
+    def sendrecv(
+        self,
+        sendobj: Any,
+        dest: int,
+        sendtag: int = 0,
+        recvbuf: Any = None,
+        source: int = constants.ANY_SOURCE,
+        recvtag: int = constants.ANY_TAG,
+        status: Status | None = None,
+    ) -> Any:
+        """Send `sendobj` to `dest` and receive an object from `source`, deadlock-free."""
+        self._dest(dest)
+        self._source(source)
+        self._send_tag(sendtag)
+        self._recv_tag(recvtag)
+        engine = self._check()
+        rop = self._irecv_op(None, source, recvtag, self._ctx)
+        sop = self._isend_op(_dumps(sendobj), dest, sendtag, self._ctx, False)
+        engine.wait_until(lambda: rop.done and sop.done)
+        return Request(rop, engine, self._rank_of, unpickle)._fill(status)
+
+    def probe(
+        self,
+        source: int = constants.ANY_SOURCE,
+        tag: int = constants.ANY_TAG,
+        status: Status | None = None,
+    ) -> bool:
+        """Block until a matching message is there (not received); True."""
+        return self.Probe(source, tag, status)
+
+    def iprobe(
+        self,
+        source: int = constants.ANY_SOURCE,
+        tag: int = constants.ANY_TAG,
+        status: Status | None = None,
+    ) -> bool:
+        return self.Iprobe(source, tag, status)
+
+    # ------------------------------------------------------------------ p2p buffers
+    def Send(self, buf: Any, dest: int, tag: int = 0) -> None:
+        """Send a buffer (message spec). Returns once the data is in the queue or MPI."""
+        self._dest(dest)
+        self._send_tag(tag)
+        self._send_bytes(buffers.parse(buf).view, dest, tag, self._ctx, False)
+
+    def Ssend(self, buf: Any, dest: int, tag: int = 0) -> None:
+        self._dest(dest)
+        self._send_tag(tag)
+        self._send_bytes(buffers.parse(buf).view, dest, tag, self._ctx, True)
+
+    Bsend = Send
+    Rsend = Send
+
+    def Recv(
+        self,
+        buf: Any,
+        source: int = constants.ANY_SOURCE,
+        tag: int = constants.ANY_TAG,
+        status: Status | None = None,
+    ) -> None:
+        """Receive into a buffer. Raises MPI.Exception(ERR_TRUNCATE) if the message is
+        longer than the buffer (the message is consumed; the buffer holds its prefix)."""
+        self._source(source)
+        self._recv_tag(tag)
+        spec = buffers.parse(buf, writable=True)
+        self._recv_bytes(spec.view, source, tag, self._ctx, status)
+
+    def Isend(self, buf: Any, dest: int, tag: int = 0) -> Request:
+        self._dest(dest)
+        self._send_tag(tag)
+        view = buffers.parse(buf).view
+        return Request(self._isend_op(view, dest, tag, self._ctx, False), self._engine)
+
+    def Issend(self, buf: Any, dest: int, tag: int = 0) -> Request:
+        self._dest(dest)
+        self._send_tag(tag)
+        view = buffers.parse(buf).view
+        return Request(self._isend_op(view, dest, tag, self._ctx, True), self._engine)
+
+    Ibsend = Isend
+    Irsend = Isend
+
+    def Irecv(
+        self,
+        buf: Any,
+        source: int = constants.ANY_SOURCE,
+        tag: int = constants.ANY_TAG,
+    ) -> Request:
+        self._source(source)
+        self._recv_tag(tag)
+        view = buffers.parse(buf, writable=True).view
+        return Request(self._irecv_op(view, source, tag, self._ctx), self._engine, self._rank_of)
+
+    def Sendrecv(
+        self,
+        sendbuf: Any,
+        dest: int,
+        sendtag: int = 0,
+        recvbuf: Any = None,
+        source: int = constants.ANY_SOURCE,
+        recvtag: int = constants.ANY_TAG,
+        status: Status | None = None,
+    ) -> None:
+        """Send and receive at once (deadlock-free however large the messages)."""
+        self._dest(dest)
+        self._source(source)
+        self._send_tag(sendtag)
+        self._recv_tag(recvtag)
+        engine = self._check()
+        rview = buffers.parse(recvbuf, writable=True).view
+        sview = buffers.parse(sendbuf).view
+        rop = self._irecv_op(rview, source, recvtag, self._ctx)
+        sop = self._isend_op(sview, dest, sendtag, self._ctx, False)
+        engine.wait_until(lambda: rop.done and sop.done)
+        Request(rop, engine, self._rank_of)._fill(status)
+
+    def Sendrecv_replace(
+        self,
+        buf: Any,
+        dest: int,
+        sendtag: int = 0,
+        source: int = constants.ANY_SOURCE,
+        recvtag: int = constants.ANY_TAG,
+        status: Status | None = None,
+    ) -> None:
+        view = buffers.parse(buf, writable=True).view
+        self.Sendrecv(bytes(view), dest, sendtag, [view, len(view), "B"], source, recvtag, status)
+
+    def Probe(
+        self,
+        source: int = constants.ANY_SOURCE,
+        tag: int = constants.ANY_TAG,
+        status: Status | None = None,
+    ) -> bool:
+        """Block until a matching message can be received; fill `status`. True."""
+        self._source(source)
+        self._recv_tag(tag)
+        engine = self._check()
+        watch = -1
+        if source >= 0 and self._route[source][0] == ROUTE_SHM:
+            watch = self._route[source][1]
+        engine.wait_until(lambda: self._iprobe(source, tag, status), watch)
+        return True
+
+    def Iprobe(
+        self,
+        source: int = constants.ANY_SOURCE,
+        tag: int = constants.ANY_TAG,
+        status: Status | None = None,
+    ) -> bool:
+        """True (status filled) iff a matching message can be received now."""
+        self._source(source)
+        self._recv_tag(tag)
+        engine = self._check()
+        if self._iprobe(source, tag, status):
+            return True
+        engine.progress()
+        return self._iprobe(source, tag, status)
+
+    def _iprobe(self, source: int, tag: int, status: Status | None) -> bool:
+        if source == constants.PROC_NULL:
+            if status is not None:
+                status._set(constants.PROC_NULL, constants.ANY_TAG, 0)
+            return True
+        engine = self._check()
+        src = constants.ANY_SOURCE if source == constants.ANY_SOURCE else self._group[source]
+        entry = engine.find_unexpected(self._ctx, src, tag)
+        if entry is not None:
+            if not entry.complete:
+                return False
+            if status is not None:
+                status._set(self._rank_of[entry.src], entry.tag, entry.nbytes)
+            return True
+        if self._has_mpi and (
+            source == constants.ANY_SOURCE or self._route[source][0] == ROUTE_MPI
+        ):
+            from mpi4py import MPI as _M
+
+            mstatus = _M.Status()
+            msrc = _M.ANY_SOURCE if source == constants.ANY_SOURCE else source
+            mtag = _M.ANY_TAG if tag == constants.ANY_TAG else tag
+            if self._mirror.Iprobe(msrc, mtag, mstatus):
+                if status is not None:
+                    status._set(mstatus.Get_source(), mstatus.Get_tag(), mstatus.Get_count())
+                return True
+        return False
+
+    # ------------------------------------------------------------------ management
+    def _alloc_ctx(self) -> int:
+        """Agree on a free context pair with every member (collective over self)."""
+        engine = self._check()
+        used = 0
+        for ctx in engine.used_ctx:
+            used |= 1 << ctx
+        union = self._allreduce_int_or(used)
+        ctx = 4
+        while union >> ctx & 3:
+            ctx += 2
+        if ctx + 1 > constants.MAX_CONTEXT:
+            raise exceptions.Exception(exceptions.ERR_INTERN, "out of communicator contexts")
+        engine.used_ctx.update((ctx, ctx + 1))
+        return ctx
+
+    def Dup(self, info: Any = None) -> Intracomm:
+        """A new communicator with the same group and a new context (collective)."""
+        ctx = self._alloc_ctx()
+        mirror = mirror_coll = None
+        if self._has_mpi:
+            mirror, mirror_coll = self._mirror.Dup(), self._mirror_coll.Dup()
+        return Intracomm(self._engine, list(self._group), ctx, mirror, mirror_coll)
+
+    Clone = Dup
+
+    def Split(self, color: int = 0, key: int = 0) -> Intracomm:
+        """Partition by `color` (UNDEFINED: COMM_NULL), order by (key, rank). Collective."""
+        pairs = self.allgather((color, key))
+        ctx = self._alloc_ctx()
+        mirror = mirror_coll = None
+        if self._has_mpi:
+            mirror = self._mirror.Split(color, key)
+            mirror_coll = self._mirror_coll.Split(color, key)
+        if color == constants.UNDEFINED:
+            self._check().used_ctx.difference_update((ctx, ctx + 1))
+            return COMM_NULL
+        members = sorted((k, r) for r, (c, k) in enumerate(pairs) if c == color)
+        group = [self._group[r] for _, r in members]
+        engine = self._check()
+        routes_mpi = any(engine.routes[w][0] == ROUTE_MPI for w in group)
+        if not routes_mpi and mirror is not None:
+            mirror.Free()
+            mirror_coll.Free()
+            mirror = mirror_coll = None
+        return Intracomm(engine, group, ctx, mirror, mirror_coll)
+
+    def Free(self) -> None:
+        """Release the context (collective in MPI; local bookkeeping here)."""
+        if self._engine is not None and self._ctx >= 4:
+            self._engine.used_ctx.difference_update((self._ctx, self._ctx + 1))
+            if self._mirror is not None:
+                self._mirror.Free()
+                self._mirror_coll.Free()
+        self._engine = None
+        self._null = True
+
+    def Abort(self, errorcode: int = 0) -> None:
+        """Terminate every process of the job (MPI_Abort under mpiexec, else this process)."""
+        if self._has_mpi or "mpi4py.MPI" in sys.modules:
+            from mpi4py import MPI as _M
+
+            _M.COMM_WORLD.Abort(errorcode)
+        sys.stderr.flush()
+        os._exit(errorcode or 1)
+
+    def Get_group(self) -> Any:
+        from guest_lib.mpi.group import Group
+
+        return Group(list(self._group), self._engine.world_rank if self._engine else -1)
+
+    def Create(self, group: Any) -> Intracomm:
+        """The communicator of `group` (a subgroup of this one). Collective."""
+        members = set(group._ranks)
+        me = self._engine.world_rank if self._engine else -1
+        color = 0 if me in members else constants.UNDEFINED
+        order = {w: i for i, w in enumerate(group._ranks)}
+        key = order.get(me, 0)
+        return self.Split(color, key)
+
+    Create_group = Create
+
+    @staticmethod
+    def Compare(comm1: Comm, comm2: Comm) -> int:
+        if comm1._ctx == comm2._ctx and comm1._group == comm2._group:
+            return constants.IDENT
+        if comm1._group == comm2._group:
+            return constants.CONGRUENT
+        if sorted(comm1._group) == sorted(comm2._group):
+            return constants.SIMILAR
+        return constants.UNEQUAL
+
+
+class Intracomm(Collectives, Comm):
+    """An intra-communicator: p2p, collectives and management."""
+
+
+COMM_NULL = Intracomm(None, [], -1)

@@ -1,0 +1,672 @@
+"""Progress engine: MPI matching and protocols on top of the core's endpoints (and mpi4py).
+
+One Engine per process. It knows every world rank's *route*: SELF, SHM (a peer id of the
+region this process shares with it) or MPI (an mpi4py rank, for pairs that share no region).
+Everything here counts in world ranks; communicators translate.
+
+Wire format over shared memory (one core tag per message, 31 bits):
+    bit 29-30 kind: 0 DATA, 2 PIECE, 3 CONTROL      bits 18-28 context      bits 0-17 user tag
+- A message of n < `chunk` bytes is one DATA message (eager) carrying exactly its bytes.
+- A message of n >= `chunk` bytes is a DATA message of exactly `chunk` bytes (its first
+  piece) followed by PIECE messages of at most `chunk` bytes, the last one with bit 0 of
+  the tag field set (possibly empty). Pieces of one message are never interleaved with other
+  data to the same peer (per-destination FIFO), so the receiver appends them in order.
+  `chunk` is derived from the region geometry (same on both sides), at most a quarter of a
+  queue's data area, so every piece is contiguous in the queue: a send of a piece either goes
+  whole or not at all (timeout 0), and two ranks that send each other huge messages never
+  block inside the core: the engine keeps receiving while it waits for space.
+- CONTROL messages: ACK (payload: sequence number) completes a synchronous send; SYNC (same
+  payload) announces that the next DATA message from that peer is synchronous; HELLO carries
+  bootstrap data.
+Why the first piece is a DATA message recognised by its length rather than its own kind: the
+blocking-Recv fast path then is a single core `recv_into(source, ANY_TAG)`; whatever it got
+that is not the awaited message is handed to the engine, in order, so nothing overtakes.
+
+Matching (MPI rules): a receive is first matched against the unexpected list (arrival order),
+else queued in `posted` (post order); each arriving DATA message goes to the first posted
+receive whose (context, source, tag) matches, else to the unexpected list (copied out of
+shared memory). Messages from one peer arrive in FIFO order: non-overtaking holds per
+(source, tag, communicator). Receives that can match an MPI-routed source are matched with
+mpi4py's matched probe (`improbe`) on the communicator's mirror, in post order too.
+
+Progress happens only inside library calls (Wait/Test/blocking calls/Iprobe): sends waiting
+for queue space are retried, arriving messages are matched, MPI requests are tested.
+"""
+
+from __future__ import annotations
+
+import collections
+import struct
+from collections.abc import Callable
+from typing import Any
+
+from guest_lib.mpi import constants, exceptions
+from ivshmem_comm.errors import MessageTooLargeError, PeerLostError
+from ivshmem_comm.errors import TimeoutError as CoreTimeout
+
+KIND_DATA = 0
+KIND_PIECE = 2
+KIND_CONTROL = 3
+CTRL_ACK = 0
+CTRL_SYNC = 1
+CTRL_HELLO = 2
+PIECE_LAST = 1
+SEQ = struct.Struct("<Q")
+
+ROUTE_SELF = 0
+ROUTE_SHM = 1
+ROUTE_MPI = 2
+
+_TAG_MASK = constants.TAG_UB
+_CTX_SHIFT = constants.TAG_BITS
+_KIND_SHIFT = constants.TAG_BITS + constants.CTX_BITS
+
+FAST_TIMEOUT = 0.002  # s: how long a blocking fast path waits inside the core before the engine
+IDLE_TIMEOUT = 0.005  # s: the longest nap of the engine between progress passes
+MAX_PULL = 64  # messages taken from shared memory per progress pass
+
+
+def core_tag(kind: int, ctx: int, tag: int) -> int:
+    return (kind << _KIND_SHIFT) | (ctx << _CTX_SHIFT) | tag
+
+
+def chunk_size(data_size: int) -> int:
+    """The piece size for a queue data area of `data_size` bytes: 3 * 2**k <= data_size / 4.
+
+    A multiple of 48 (so every element size up to 48 divides it), at most 3 MiB.
+    """
+    target = min(data_size // 4, 3 << 20)
+    size = 3 << 4
+    while size * 2 <= target:
+        size *= 2
+    return size
+
+
+def translate_error(exc: BaseException) -> exceptions.Exception:
+    """The MPI.Exception for a core error (peer lost, corrupt ring, timeout)."""
+    return exceptions.Exception(exceptions.ERR_OTHER, f"{type(exc).__name__}: {exc}")
+
+
+class Op:
+    """An operation in flight: what a Request waits for. `done` is set once, by the engine."""
+
+    __slots__ = ("cancelled", "count", "done", "error", "obj", "source", "tag")
+
+    def __init__(self) -> None:
+        self.done = False
+        self.error = 0
+        self.source = constants.ANY_SOURCE  # world rank once matched
+        self.tag = constants.ANY_TAG
+        self.count = 0
+        self.cancelled = False
+        self.obj: Any = None
+
+    def cancel(self, engine: Engine) -> bool:
+        return False
+
+    def watch(self) -> int:
+        """The shm peer whose loss should abort a wait on this op, or -1."""
+        return -1
+
+
+class DoneOp(Op):
+    """Already complete (PROC_NULL, self sends): status fields given."""
+
+    __slots__ = ()
+
+    def __init__(self, source: int = constants.PROC_NULL, tag: int = constants.ANY_TAG) -> None:
+        super().__init__()
+        self.done = True
+        self.source, self.tag = source, tag
+
+
+class SendOp(Op):
+    """A send through shared memory, queued per destination peer."""
+
+    __slots__ = ("coretag", "ctx", "data", "peer", "pos", "seq", "sync", "user_tag")
+
+    def __init__(
+        self, peer: int, ctx: int, tag: int, data: memoryview, sync: bool, seq: int
+    ) -> None:
+        super().__init__()
+        self.peer, self.ctx, self.user_tag, self.data = peer, ctx, tag, data
+        self.coretag = core_tag(KIND_DATA, ctx, tag)
+        self.sync, self.seq = sync, seq
+        self.pos = -2 if sync else -1  # -2: SYNC notice next; -1: first message next
+
+    def watch(self) -> int:
+        return self.peer
+
+
+class ControlOp(SendOp):
+    """A control message (ACK) queued like data, completing when written."""
+
+    __slots__ = ()
+
+
+class MpiOp(Op):
+    """An mpi4py request; `finish(status)` runs once it completes."""
+
+    __slots__ = ("finish", "request")
+
+    def __init__(self, request: Any, finish: Callable[[Any], None] | None = None) -> None:
+        super().__init__()
+        self.request = request
+        self.finish = finish
+
+
+class RecvOp(Op):
+    """A receive. Data goes to `view` (copied, clipped: ERR_TRUNCATE), or `sink(offset, data)`
+    when given, or, with neither, is collected and kept as bytes in `obj` (object receives).
+
+    `src` is a world rank or ANY_SOURCE; `mpi` the mpi4py mirror to poll (None if no MPI
+    source can match) with `mpi_src` the mirror's rank or its ANY_SOURCE.
+    """
+
+    __slots__ = (
+        "ctx", "mpi", "mpi_src", "mpi_world", "parts", "peer", "sink", "src", "view", "want_tag",
+    )  # fmt: skip
+
+    def __init__(
+        self,
+        ctx: int,
+        src: int,
+        tag: int,
+        view: memoryview | None,
+        sink: Callable[[int, memoryview], None] | None = None,
+        peer: int = -1,
+    ) -> None:
+        super().__init__()
+        self.ctx, self.src, self.want_tag = ctx, src, tag
+        self.view, self.sink = view, sink
+        self.parts: list[bytes] | None = None
+        self.mpi: Any = None
+        self.mpi_src = 0
+        self.mpi_world: list[int] = []
+        self.peer = peer
+
+    def matches(self, ctx: int, src: int, tag: int) -> bool:
+        return (
+            ctx == self.ctx
+            and (self.src == constants.ANY_SOURCE or self.src == src)
+            and (self.want_tag == constants.ANY_TAG or self.want_tag == tag)
+        )
+
+    def begin(self, src: int, tag: int) -> None:
+        self.source, self.tag, self.count = src, tag, 0
+
+    def write(self, offset: int, data: Any) -> None:
+        n = len(data)
+        if self.sink is not None:
+            self.sink(offset, data)
+        elif self.view is not None:
+            room = len(self.view) - offset
+            if n > room:
+                self.error = exceptions.ERR_TRUNCATE
+                if room > 0:
+                    self.view[offset:] = data[:room]
+            elif n:
+                self.view[offset : offset + n] = data
+        else:
+            if self.parts is None:
+                self.parts = []
+            self.parts.append(bytes(data))
+        self.count = offset + n
+
+    def finish(self) -> None:
+        if self.view is not None and self.count > len(self.view):
+            self.count = len(self.view)
+        if self.view is None and self.sink is None:
+            parts = self.parts or []
+            self.obj = parts[0] if len(parts) == 1 else b"".join(parts)
+            self.parts = None
+        self.done = True
+
+    def cancel(self, engine: Engine) -> bool:
+        if self.done:
+            return False
+        if self in engine.posted:
+            engine.posted.remove(self)
+            self.cancelled = True
+            self.done = True
+            return True
+        return False
+
+    def watch(self) -> int:
+        return self.peer
+
+
+class Unexpected:
+    """A message that arrived before its receive was posted (its bytes copied out)."""
+
+    __slots__ = ("complete", "ctx", "parts", "peer", "src", "sync_seq", "tag")
+
+    def __init__(self, src: int, ctx: int, tag: int, peer: int, sync_seq: int | None) -> None:
+        self.src, self.ctx, self.tag, self.peer = src, ctx, tag, peer
+        self.parts: list[bytes] = []
+        self.complete = False
+        self.sync_seq = sync_seq
+
+    @property
+    def nbytes(self) -> int:
+        return sum(len(p) for p in self.parts)
+
+    def write(self, offset: int, data: Any) -> None:
+        self.parts.append(bytes(data))
+
+    def finish(self) -> None:
+        self.complete = True
+
+
+class _Inflow:
+    """A chunked message being received from one peer: where its next piece goes."""
+
+    __slots__ = ("offset", "sink")
+
+    def __init__(self, sink: RecvOp | Unexpected, offset: int) -> None:
+        self.sink, self.offset = sink, offset
+
+
+class Engine:
+    """Routes, queues and matching of one process (see the module docstring).
+
+    `endpoint` is the core Endpoint (None without a region); `routes[w]` is (route, peer)
+    for world rank w; `world_rank`/`world_size` this process's place.
+    """
+
+    def __init__(
+        self,
+        world_rank: int,
+        world_size: int,
+        endpoint: Any = None,
+        routes: list[tuple[int, int]] | None = None,
+    ) -> None:
+        self.world_rank = world_rank
+        self.world_size = world_size
+        self.ep = endpoint
+        self.routes = routes or [(ROUTE_SELF, -1)]
+        self.world_of_peer: dict[int, int] = {
+            peer: w for w, (route, peer) in enumerate(self.routes) if route == ROUTE_SHM
+        }
+        self.chunk = chunk_size(endpoint.region.geometry.data_size) if endpoint else 3 << 20
+        self.sendq: dict[int, collections.deque[SendOp]] = {}
+        self.posted: list[RecvOp] = []
+        self.unexpected: list[Unexpected] = []
+        self.inflow: dict[int, _Inflow] = {}
+        self.sync_next: dict[int, int] = {}  # peer -> seq of its next (synchronous) message
+        self.await_ack: dict[tuple[int, int], SendOp] = {}
+        self.mpi_active: list[MpiOp] = []
+        self.mpi_polling = 0  # posted receives with an MPI side
+        self.hello: dict[int, bytes] = {}
+        self.used_ctx: set[int] = {0, 1, 2, 3}
+        self.mpi_messages = 0  # messages this process handed to mpi4py (sends)
+        self._seq = 0
+        self.has_mpi = any(route == ROUTE_MPI for route, _ in self.routes)
+
+    # ------------------------------------------------------------------ state
+    def quiet(self) -> bool:
+        """True when nothing is queued, posted, unexpected or in flight."""
+        return not (self.sendq or self.posted or self.unexpected or self.inflow or self.mpi_active)
+
+    def next_seq(self) -> int:
+        self._seq += 1
+        return self._seq
+
+    # ------------------------------------------------------------------ sending
+    def isend_shm(self, peer: int, ctx: int, tag: int, data: memoryview, sync: bool) -> SendOp:
+        """Queue a send to shm peer `peer` and try to push it now."""
+        op = SendOp(peer, ctx, tag, data, sync, self.next_seq() if sync else 0)
+        queue = self.sendq.get(peer)
+        if queue is None:
+            queue = self.sendq[peer] = collections.deque()
+        queue.append(op)
+        if len(queue) == 1:
+            self._push(peer, queue, 0.0)
+        return op
+
+    def send_self(self, ctx: int, tag: int, data: memoryview) -> Op:
+        """A send to this very process: delivered or stored at once (buffered semantics)."""
+        me = self.world_rank
+        op = self._match_posted(me, ctx, tag)
+        if op is not None:
+            op.begin(me, tag)
+            op.write(0, data)
+            op.finish()
+        else:
+            entry = Unexpected(me, ctx, tag, -1, None)
+            entry.parts.append(bytes(data))
+            entry.complete = True
+            self.unexpected.append(entry)
+        return DoneOp(me, tag)
+
+    def _push(self, peer: int, queue: collections.deque[SendOp], timeout: float) -> bool:
+        """Send what fits of the queued sends to `peer`. True iff anything was written.
+
+        An op leaves the queue right after its last message is written, so an op still at
+        the head with `pos >= chunk` has pieces left (maybe only the empty last one).
+        """
+        ep, chunk = self.ep, self.chunk
+        moved = False
+        try:
+            while queue:
+                op = queue[0]
+                if isinstance(op, ControlOp):
+                    ep.send(peer, op.data, op.coretag, timeout)
+                    queue.popleft()
+                    op.done = moved = True
+                    continue
+                data = op.data
+                total = len(data)
+                if op.pos == -2:
+                    ep.send(peer, SEQ.pack(op.seq), core_tag(KIND_CONTROL, 0, CTRL_SYNC), timeout)
+                    op.pos = -1
+                    self.await_ack[(peer, op.seq)] = op
+                    moved = True
+                if op.pos == -1:
+                    if total < chunk:
+                        ep.send(peer, data, op.coretag, timeout)
+                        op.pos = total
+                        queue.popleft()
+                        op.done = op.done or not op.sync
+                        moved = True
+                        continue
+                    ep.send(peer, data[:chunk], op.coretag, timeout)
+                    op.pos = chunk
+                    moved = True
+                while True:
+                    n = min(chunk, total - op.pos)
+                    last = op.pos + n == total
+                    piece = core_tag(KIND_PIECE, op.ctx, PIECE_LAST if last else 0)
+                    ep.send(peer, data[op.pos : op.pos + n], piece, timeout)
+                    op.pos += n
+                    moved = True
+                    if last:
+                        break
+                queue.popleft()
+                op.done = op.done or not op.sync
+        except CoreTimeout:
+            pass
+        except PeerLostError as exc:
+            raise translate_error(exc) from exc
+        if not queue:
+            self.sendq.pop(peer, None)
+        return moved
+
+    def send_control(self, peer: int, kind_tag: int, payload: bytes) -> None:
+        op = ControlOp(peer, 0, kind_tag, memoryview(payload), False, 0)
+        op.coretag = core_tag(KIND_CONTROL, 0, kind_tag)
+        queue = self.sendq.get(peer)
+        if queue is None:
+            queue = self.sendq[peer] = collections.deque()
+        queue.append(op)
+        if len(queue) == 1:
+            self._push(peer, queue, 0.0)
+
+    # ------------------------------------------------------------------ receiving
+    def _match_posted(self, src: int, ctx: int, tag: int) -> RecvOp | None:
+        for op in self.posted:
+            if op.matches(ctx, src, tag):
+                self.posted.remove(op)
+                if op.mpi is not None:
+                    self.mpi_polling -= 1
+                return op
+        return None
+
+    def post(self, op: RecvOp) -> RecvOp:
+        """Match `op` against the unexpected messages, else queue it (MPI: also polled)."""
+        for entry in self.unexpected:
+            if op.matches(entry.ctx, entry.src, entry.tag):
+                self.unexpected.remove(entry)
+                self._deliver_unexpected(op, entry)
+                return op
+        self.posted.append(op)
+        if op.mpi is not None:
+            self.mpi_polling += 1
+            self._poll_mpi()
+        return op
+
+    def _deliver_unexpected(self, op: RecvOp, entry: Unexpected) -> None:
+        op.begin(entry.src, entry.tag)
+        offset = 0
+        for part in entry.parts:
+            op.write(offset, part)
+            offset += len(part)
+        op.count = offset
+        if entry.sync_seq is not None:
+            self.send_control(entry.peer, CTRL_ACK, SEQ.pack(entry.sync_seq))
+        if entry.complete:
+            op.finish()
+        else:  # the rest of it is still arriving: send the remaining pieces straight to op
+            flow = self.inflow[entry.peer]
+            assert flow.sink is entry
+            flow.sink = op
+
+    def find_unexpected(self, ctx: int, src: int, tag: int) -> Unexpected | None:
+        """The first unexpected message matching (ctx, src, tag), complete or not."""
+        for entry in self.unexpected:
+            if (
+                entry.ctx == ctx
+                and (src == constants.ANY_SOURCE or entry.src == src)
+                and (tag == constants.ANY_TAG or entry.tag == tag)
+            ):
+                return entry
+        return None
+
+    def dispatch(self, peer: int, coretag: int, nbytes: int, data: Any = None) -> None:
+        """Handle one message from shm peer `peer` (`data` given: already taken from the core)."""
+        kind = coretag >> _KIND_SHIFT
+        ctx = (coretag >> _CTX_SHIFT) & constants.MAX_CONTEXT
+        tag = coretag & _TAG_MASK
+        ep = self.ep
+        if kind == KIND_PIECE:
+            flow = self.inflow.get(peer)
+            if flow is None:
+                raise exceptions.Exception(
+                    exceptions.ERR_INTERN, f"peer {peer} sent a piece of no message"
+                )
+            if data is None:
+                with ep.recv(peer, coretag) as message:
+                    flow.sink.write(flow.offset, message.data)
+            else:
+                flow.sink.write(flow.offset, data)
+            flow.offset += nbytes
+            if tag & PIECE_LAST:
+                del self.inflow[peer]
+                flow.sink.finish()
+            return
+        if kind == KIND_CONTROL:
+            if data is None:
+                with ep.recv(peer, coretag) as message:
+                    payload = bytes(message.data)
+            else:
+                payload = bytes(data)
+            if tag == CTRL_ACK:
+                (seq,) = SEQ.unpack(payload)
+                sent = self.await_ack.pop((peer, seq), None)
+                if sent is not None:
+                    sent.done = True
+            elif tag == CTRL_SYNC:
+                (self.sync_next[peer],) = SEQ.unpack(payload)
+            elif tag == CTRL_HELLO:
+                self.hello[peer] = payload
+            return
+        if kind != KIND_DATA:
+            raise exceptions.Exception(exceptions.ERR_INTERN, f"peer {peer}: bad kind {kind}")
+        src = self.world_of_peer[peer]
+        sync_seq = self.sync_next.pop(peer, None)
+        first_piece = nbytes >= self.chunk
+        op = self._match_posted(src, ctx, tag)
+        sink: RecvOp | Unexpected
+        if op is None:
+            sink = Unexpected(src, ctx, tag, peer, sync_seq)
+            self.unexpected.append(sink)
+        else:
+            sink = op
+            op.begin(src, tag)
+            if sync_seq is not None:
+                self.send_control(peer, CTRL_ACK, SEQ.pack(sync_seq))
+        if data is not None:
+            sink.write(0, data)
+        elif (
+            isinstance(sink, RecvOp)
+            and sink.sink is None
+            and sink.view is not None
+            and nbytes <= len(sink.view)
+        ):
+            ep.recv_into(sink.view, peer, coretag)
+            sink.count = nbytes
+        else:
+            with ep.recv(peer, coretag) as message:
+                sink.write(0, message.data)
+        if first_piece:
+            self.inflow[peer] = _Inflow(sink, nbytes)
+        else:
+            sink.finish()
+
+    # ------------------------------------------------------------------ MPI side
+    def _poll_mpi(self) -> bool:
+        from mpi4py import MPI as _M
+
+        moved = False
+        for op in list(self.posted):
+            if op.mpi is None:
+                continue
+            status = _M.Status()
+            tag = _M.ANY_TAG if op.want_tag == constants.ANY_TAG else op.want_tag
+            src = _M.ANY_SOURCE if op.mpi_src == constants.ANY_SOURCE else op.mpi_src
+            message = op.mpi.improbe(src, tag, status)
+            if message is None:
+                continue
+            self.posted.remove(op)
+            self.mpi_polling -= 1
+            nbytes = status.Get_count(_M.BYTE)
+            op.begin(op.mpi_world[status.Get_source()], status.Get_tag())
+            if op.sink is None and op.view is not None and nbytes <= len(op.view):
+                request = message.Irecv([op.view, nbytes, _M.BYTE])
+                self._track_mpi(op, request, nbytes, None)
+            else:
+                scratch = bytearray(nbytes)
+                request = message.Irecv([scratch, _M.BYTE])
+                self._track_mpi(op, request, nbytes, scratch)
+            moved = True
+        return moved
+
+    def _track_mpi(self, op: RecvOp, request: Any, nbytes: int, scratch: Any) -> None:
+        def finish(_status: Any) -> None:
+            if scratch is not None:
+                op.write(0, memoryview(scratch))
+            op.count = nbytes
+            op.finish()
+
+        tracker = MpiOp(request, finish)
+        tracker.obj = op
+        self.mpi_active.append(tracker)
+
+    def track(self, op: MpiOp) -> MpiOp:
+        """Test an mpi4py request in every progress pass until it completes."""
+        self.mpi_active.append(op)
+        return op
+
+    def _test_mpi(self) -> bool:
+        moved = False
+        for tracker in list(self.mpi_active):
+            if tracker.request.Test():
+                self.mpi_active.remove(tracker)
+                if tracker.finish is not None:
+                    tracker.finish(None)
+                tracker.done = True
+                moved = True
+        return moved
+
+    # ------------------------------------------------------------------ progress
+    def progress(self) -> bool:
+        """One pass: push sends, take arrived messages, poll MPI. True iff anything moved."""
+        moved = False
+        if self.sendq:
+            for peer, queue in list(self.sendq.items()):
+                if self._push(peer, queue, 0.0):
+                    moved = True
+        ep = self.ep
+        if ep is not None:
+            try:
+                for _ in range(MAX_PULL):
+                    head = ep.iprobe()
+                    if head is None:
+                        break
+                    self.dispatch(*head)
+                    moved = True
+            except PeerLostError as exc:
+                raise translate_error(exc) from exc
+        if self.mpi_polling and self._poll_mpi():
+            moved = True
+        if self.mpi_active and self._test_mpi():
+            moved = True
+        return moved
+
+    def idle(self, watch: int = -1) -> None:
+        """Nap until something may have moved (bounded by IDLE_TIMEOUT)."""
+        ep = self.ep
+        if ep is None:
+            return  # only mpi4py to wait for: progress() polls it; spin
+        spin_only = self.has_mpi and (self.mpi_polling or self.mpi_active)
+        try:
+            if self.sendq:
+                peer, queue = next(iter(self.sendq.items()))
+                busy = self.posted or self.inflow or spin_only
+                self._push(peer, queue, 0.0 if busy else IDLE_TIMEOUT)
+                return
+            source = watch if watch >= 0 else -1
+            ep.probe(source, -1, 0.0 if spin_only else IDLE_TIMEOUT)
+        except CoreTimeout:
+            pass
+        except PeerLostError as exc:
+            raise translate_error(exc) from exc
+
+    def wait(self, op: Op) -> None:
+        """Drive progress until `op` is done."""
+        while not op.done:
+            if not self.progress() and not op.done:
+                self.idle(op.watch())
+
+    def wait_until(self, predicate: Callable[[], bool], watch: int = -1) -> None:
+        while not predicate():
+            if not self.progress() and not predicate():
+                self.idle(watch)
+
+    # ------------------------------------------------------------------ fast paths
+    def fast_recv(self, peer: int, ctx: int, tag: int, view: memoryview) -> tuple[int, int] | None:
+        """Blocking receive from shm peer straight into `view` when nothing else is pending.
+
+        Returns (nbytes, tag) on success; None if the caller must take the engine path (what
+        was received meanwhile has been dispatched in order).
+        """
+        if not self.quiet():
+            return None
+        ep = self.ep
+        try:
+            nbytes, _, coretag = ep.recv_into(view, peer, -1, FAST_TIMEOUT)
+        except (CoreTimeout, MessageTooLargeError):
+            return None
+        except PeerLostError as exc:
+            raise translate_error(exc) from exc
+        if (
+            coretag >> _CTX_SHIFT == ctx  # kind DATA and this context
+            and nbytes < self.chunk
+            and (tag == constants.ANY_TAG or coretag & _TAG_MASK == tag)
+            and peer not in self.sync_next
+        ):
+            return nbytes, coretag & _TAG_MASK
+        self.dispatch(peer, coretag, nbytes, bytes(view[:nbytes]))
+        return None
+
+    def fast_send(self, peer: int, coretag: int, data: memoryview) -> bool:
+        """Blocking eager send when the queue to `peer` is idle. False: use the engine."""
+        if len(data) >= self.chunk or peer in self.sendq:
+            return False
+        try:
+            self.ep.send(peer, data, coretag, FAST_TIMEOUT)
+        except CoreTimeout:
+            return False
+        except PeerLostError as exc:
+            raise translate_error(exc) from exc
+        return True

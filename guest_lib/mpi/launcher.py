@@ -1,0 +1,199 @@
+"""`ivshmem-run`: start N ranks of a program on this host, talking through one region.
+
+    ivshmem-run -n N [--region NAME] [--size 64M] [--broker] [--timeout S] prog.py [args...]
+    ivshmem-run -n N -m package.module [args...]
+    ivshmem-run -n N -- python prog.py [args...]         (any command)
+
+It creates the region (POSIX shm, 0600; a unique name unless --region), or with --broker
+starts `python -m host_broker serve` for it (peers then get eventfd doorbells and broker-
+assigned peer ids), starts N processes with IVSHMEM_MPI_RANK, IVSHMEM_MPI_SIZE and
+IVSHMEM_COMM_REGION (or IVSHMEM_COMM_SOCKET) set, waits for them, and removes the region
+(and its doorbell semaphores) and stops the broker afterwards. If a rank fails (non-zero exit
+or signal), the others are terminated after a grace period of 2 s, as mpiexec does.
+Exit status: 0 if every rank exited 0, else the first failing rank's status (128+signal for a
+signal), 124 after --timeout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Sequence
+
+GRACE_S = 2.0
+
+
+def parse_size(text: str) -> int:
+    """'64M' -> 67108864; accepts K, M, G suffixes (powers of 1024)."""
+    text = text.strip().upper()
+    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+    return int(float(text[:-1] if scale != 1 else text) * scale)
+
+
+def default_size(n: int) -> int:
+    """64 MiB, or 8 MiB per one-way queue when that is more."""
+    return max(64 << 20, n * (n - 1) * (8 << 20))
+
+
+def _command(args: argparse.Namespace) -> list[str]:
+    if args.module:
+        return [sys.executable, "-m", args.module, *args.args]
+    if not args.args:
+        raise SystemExit("ivshmem-run: no program given")
+    first = args.args[0]
+    if first.endswith(".py"):
+        return [sys.executable, *args.args]
+    return list(args.args)
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ivshmem-run", description=__doc__.split("\n\n")[0])
+    parser.add_argument("-n", "-np", dest="n", type=int, required=True, help="number of ranks")
+    parser.add_argument("--region", help="region name (default: a unique one)")
+    parser.add_argument("--size", help="region size, e.g. 64M (default: 64M or 8M per queue)")
+    parser.add_argument("--broker", action="store_true", help="serve the region by a broker")
+    parser.add_argument(
+        "--max-span",
+        default=os.environ.get("IVSHMEM_MPI_MAX_SPAN", "128K"),
+        help="largest span published at once (smaller: more pipelining)",
+    )
+    parser.add_argument("--timeout", type=float, help="kill everything after S seconds")
+    parser.add_argument("-m", dest="module", help="run a module (python -m)")
+    parser.add_argument("args", nargs=argparse.REMAINDER, help="program and its arguments")
+    return parser
+
+
+def _wait_socket(path: str, broker: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        if broker.poll() is not None:
+            raise SystemExit(f"ivshmem-run: the broker exited with status {broker.returncode}")
+        if time.monotonic() > deadline:
+            raise SystemExit("ivshmem-run: the broker did not open its socket in time")
+        time.sleep(0.02)
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    """Parse `argv`, run the job, return the exit status (see the module docstring)."""
+    from ivshmem_comm.notify import SemaphoreNotifier
+    from ivshmem_comm.region import Region
+
+    args = make_parser().parse_args(argv)
+    if args.args and args.args[0] == "--":
+        args.args = args.args[1:]
+    n = args.n
+    if n < 1:
+        raise SystemExit("ivshmem-run: -n must be at least 1")
+    command = _command(args)
+    name = args.region or f"mpi-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    size = parse_size(args.size) if args.size else default_size(n)
+    env = dict(os.environ)
+    for var in ("IVSHMEM_COMM_REGION", "IVSHMEM_COMM_SOCKET", "IVSHMEM_COMM_GUEST"):
+        env.pop(var, None)
+    for var in ("PMI_RANK", "PMI_SIZE", "PMI_FD", "OMPI_COMM_WORLD_RANK", "PMIX_RANK"):
+        env.pop(var, None)
+    broker = None
+    region = None
+    tmpdir = None
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        if args.broker:
+            tmpdir = tempfile.mkdtemp(prefix="ivshmem-run-")
+            sock = os.path.join(tmpdir, "broker.sock")
+            broker = subprocess.Popen(
+                [sys.executable, "-m", "host_broker", "serve", "--name", name,
+                 "--size", str(size), "--max-peers", str(max(n, 2)), "--socket", sock,
+                 "--state-dir", tmpdir, "--unlink-on-exit", "--log-level", "warning",
+                 "--max-span", str(parse_size(args.max_span))],
+            )  # fmt: skip
+            _wait_socket(sock, broker)
+            env["IVSHMEM_COMM_SOCKET"] = sock
+        elif n > 1:
+            region = Region.create(name, size, n, max_span=parse_size(args.max_span))
+            env["IVSHMEM_COMM_REGION"] = name
+        for rank in range(n):
+            rank_env = dict(env, IVSHMEM_MPI_RANK=str(rank), IVSHMEM_MPI_SIZE=str(n))
+            # Own process group per rank, so that killing a rank kills what it started.
+            procs.append(subprocess.Popen(command, env=rank_env, start_new_session=True))
+        return _supervise(procs, args.timeout)
+    finally:
+        for proc in procs:
+            _signal_group(proc, signal.SIGKILL)
+            proc.wait()
+        if broker is not None:
+            broker.send_signal(signal.SIGTERM)
+            try:
+                broker.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                broker.kill()
+                broker.wait()
+        if region is not None:
+            region.close()
+            try:
+                Region.unlink(name)
+            except FileNotFoundError:
+                pass
+        if n > 1:
+            SemaphoreNotifier.unlink_all(name, max(n, 2))
+        if tmpdir is not None:
+            import shutil
+
+            shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def _signal_group(proc: subprocess.Popen[bytes], sig: int) -> None:
+    """Signal the rank's process group (the rank and whatever it started)."""
+    try:
+        os.killpg(proc.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _status(code: int) -> int:
+    return 128 - code if code < 0 else code
+
+
+def _supervise(procs: list[subprocess.Popen[bytes]], timeout: float | None) -> int:
+    deadline = None if timeout is None else time.monotonic() + timeout
+    failed: int | None = None
+    fail_time = 0.0
+    while True:
+        codes = [p.poll() for p in procs]
+        if all(c is not None for c in codes):
+            if failed is not None:
+                return failed
+            bad = [c for c in codes if c]
+            return _status(bad[0]) if bad else 0
+        if failed is None:
+            for code in codes:
+                if code:
+                    failed, fail_time = _status(code), time.monotonic()
+                    break
+        now = time.monotonic()
+        if failed is not None and now - fail_time > GRACE_S:
+            for proc in procs:
+                _signal_group(proc, signal.SIGTERM)
+            time.sleep(0.2)
+            for proc in procs:
+                _signal_group(proc, signal.SIGKILL)
+        if deadline is not None and now > deadline:
+            for proc in procs:
+                _signal_group(proc, signal.SIGKILL)
+            print("ivshmem-run: timed out", file=sys.stderr)
+            return 124
+        time.sleep(0.01)
+
+
+def main() -> None:
+    """Console entry point (`ivshmem-run`)."""
+    sys.exit(run())
+
+
+if __name__ == "__main__":
+    main()

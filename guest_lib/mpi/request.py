@@ -1,0 +1,308 @@
+"""Requests: handles of nonblocking operations, with mpi4py's Wait/Test family.
+
+A Request wraps one engine `Op`. `Wait`/`Test` drive the engine's progress (that is the only
+place progress happens besides blocking calls), fill a Status if given, and turn the request
+into a null request once complete. A receive whose message did not fit raises
+`MPI.Exception` with ERR_TRUNCATE from Wait/Test (the status then says so too). Lowercase
+`wait`/`test` also return the received object of an object receive (None for sends).
+`REQUEST_NULL` is a Request with no operation: waiting on it returns at once with an empty
+status.
+"""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from guest_lib.mpi import constants, exceptions
+from guest_lib.mpi.engine import Engine, Op
+from guest_lib.mpi.status import Status
+
+
+class Request:
+    """A nonblocking operation in flight (or a null request)."""
+
+    __slots__ = ("_engine", "_finish", "_op", "_rank_of")
+
+    def __init__(
+        self,
+        op: Op | None = None,
+        engine: Engine | None = None,
+        rank_of: dict[int, int] | None = None,
+        finish: Callable[[Op], Any] | None = None,
+    ) -> None:
+        self._op = op
+        self._engine = engine
+        self._rank_of = rank_of
+        self._finish = finish
+
+    # ------------------------------------------------------------------ internals
+    def _fill(self, status: Status | None) -> Any:
+        """Completion: status, error, result object; the request becomes null."""
+        op = self._op
+        if op is None:
+            if status is not None:
+                status._set(constants.ANY_SOURCE, constants.ANY_TAG, 0)
+            return None
+        source = op.source
+        if self._rank_of is not None and source >= 0:
+            source = self._rank_of.get(source, source)
+        if status is not None:
+            status._set(source, op.tag, op.count, op.error)
+            status.cancelled = op.cancelled
+        finish = self._finish
+        self._op = None
+        if op.error:
+            raise exceptions.Exception(
+                op.error, f"receive of {op.count} bytes from rank {source} (tag {op.tag})"
+            )
+        if op.cancelled:
+            return None
+        if finish is not None:
+            return finish(op)
+        return None
+
+    def _progress(self) -> None:
+        if self._engine is not None:
+            self._engine.progress()
+
+    # ------------------------------------------------------------------ single
+    def Wait(self, status: Status | None = None) -> bool:
+        """Block until complete; always True. Raises MPI.Exception (e.g. ERR_TRUNCATE)."""
+        if self._op is not None and not self._op.done:
+            assert self._engine is not None
+            self._engine.wait(self._op)
+        self._fill(status)
+        return True
+
+    def wait(self, status: Status | None = None) -> Any:
+        """Block until complete; return the received object (None for a send)."""
+        if self._op is not None and not self._op.done:
+            assert self._engine is not None
+            self._engine.wait(self._op)
+        return self._fill(status)
+
+    def Test(self, status: Status | None = None) -> bool:
+        """Make progress once; True (and the request becomes null) iff complete."""
+        op = self._op
+        if op is not None and not op.done:
+            self._progress()
+            if not op.done:
+                return False
+        self._fill(status)
+        return True
+
+    def test(self, status: Status | None = None) -> tuple[bool, Any]:
+        """(flag, object): the object of a completed object receive, else None."""
+        op = self._op
+        if op is not None and not op.done:
+            self._progress()
+            if not op.done:
+                return False, None
+        return True, self._fill(status)
+
+    def Get_status(self, status: Status | None = None) -> bool:
+        """True iff complete, without freeing the request."""
+        op = self._op
+        if op is None:
+            return True
+        if not op.done:
+            self._progress()
+        if op.done and status is not None:
+            source = op.source
+            if self._rank_of is not None and source >= 0:
+                source = self._rank_of.get(source, source)
+            status._set(source, op.tag, op.count, op.error)
+        return op.done
+
+    def get_status(self, status: Status | None = None) -> bool:
+        return self.Get_status(status)
+
+    def Cancel(self) -> None:
+        """Cancel a receive not matched yet (its status then says cancelled); else no-op."""
+        if self._op is not None and self._engine is not None:
+            self._op.cancel(self._engine)
+
+    cancel = Cancel
+
+    def Free(self) -> None:
+        """Forget the request; the operation still completes in the background."""
+        self._op = None
+
+    free = Free
+
+    def __bool__(self) -> bool:
+        return self._op is not None
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Request):
+            return NotImplemented
+        return self._op is other._op
+
+    def __hash__(self) -> int:
+        return id(self._op)
+
+    # ------------------------------------------------------------------ many
+    @staticmethod
+    def _engine_of(requests: Sequence[Request]) -> Engine | None:
+        for request in requests:
+            if request._engine is not None:
+                return request._engine
+        return None
+
+    @classmethod
+    def Waitall(cls, requests: Sequence[Request], statuses: list[Status] | None = None) -> bool:
+        """Wait for every request; fill `statuses` (extended as needed). Always True."""
+        cls.waitall(requests, statuses)
+        return True
+
+    @classmethod
+    def waitall(
+        cls, requests: Sequence[Request], statuses: list[Status] | None = None
+    ) -> list[Any]:
+        """Wait for every request; return their objects (None for sends)."""
+        engine = cls._engine_of(requests)
+        if engine is not None:
+            ops = [r._op for r in requests if r._op is not None]
+            engine.wait_until(lambda: all(op.done for op in ops))
+        results = []
+        error: BaseException | None = None
+        for index, request in enumerate(requests):
+            status = _status_at(statuses, index)
+            try:
+                results.append(request._fill(status))
+            except exceptions.Exception as exc:
+                results.append(None)
+                error = error or exc
+        if error is not None:
+            raise error
+        return results
+
+    @classmethod
+    def Testall(cls, requests: Sequence[Request], statuses: list[Status] | None = None) -> bool:
+        """True (and all complete, statuses filled) iff every request is done."""
+        flag, _ = cls.testall(requests, statuses)
+        return flag
+
+    @classmethod
+    def testall(
+        cls, requests: Sequence[Request], statuses: list[Status] | None = None
+    ) -> tuple[bool, list[Any] | None]:
+        engine = cls._engine_of(requests)
+        if engine is not None:
+            engine.progress()
+        if not all(r._op is None or r._op.done for r in requests):
+            return False, None
+        return True, cls.waitall(requests, statuses)
+
+    @classmethod
+    def Waitany(cls, requests: Sequence[Request], status: Status | None = None) -> int:
+        """Index of a request that completed (UNDEFINED if all are null)."""
+        index, _ = cls.waitany(requests, status)
+        return index
+
+    @classmethod
+    def waitany(cls, requests: Sequence[Request], status: Status | None = None) -> tuple[int, Any]:
+        active = [(i, r) for i, r in enumerate(requests) if r._op is not None]
+        if not active:
+            if status is not None:
+                status._set(constants.ANY_SOURCE, constants.ANY_TAG, 0)
+            return constants.UNDEFINED, None
+        engine = cls._engine_of(requests)
+        found: list[int] = []
+
+        def any_done() -> bool:
+            for i, r in active:
+                if r._op is not None and r._op.done:
+                    found.append(i)
+                    return True
+            return False
+
+        if engine is not None:
+            engine.wait_until(any_done)
+        else:
+            any_done()
+        index = found[0]
+        return index, requests[index]._fill(status)
+
+    @classmethod
+    def Testany(cls, requests: Sequence[Request], status: Status | None = None) -> tuple[int, bool]:
+        """(index, flag): flag True with the index of a completed request (UNDEFINED when
+        all are null), False with UNDEFINED when none is complete yet."""
+        index, flag, _ = cls._testany(requests, status)
+        return index, flag
+
+    @classmethod
+    def testany(
+        cls, requests: Sequence[Request], status: Status | None = None
+    ) -> tuple[int, bool, Any]:
+        return cls._testany(requests, status)
+
+    @classmethod
+    def _testany(cls, requests: Sequence[Request], status: Status | None) -> tuple[int, bool, Any]:
+        engine = cls._engine_of(requests)
+        if engine is not None:
+            engine.progress()
+        active = False
+        for i, r in enumerate(requests):
+            if r._op is None:
+                continue
+            active = True
+            if r._op.done:
+                return i, True, r._fill(status)
+        if not active:
+            if status is not None:
+                status._set(constants.ANY_SOURCE, constants.ANY_TAG, 0)
+            return constants.UNDEFINED, True, None
+        return constants.UNDEFINED, False, None
+
+    @classmethod
+    def Waitsome(
+        cls, requests: Sequence[Request], statuses: list[Status] | None = None
+    ) -> list[int] | None:
+        """Indices of the requests that completed (at least one); None if all are null."""
+        if all(r._op is None for r in requests):
+            return None
+        engine = cls._engine_of(requests)
+        if engine is not None:
+            engine.wait_until(lambda: any(r._op is not None and r._op.done for r in requests))
+        return cls._collect(requests, statuses)
+
+    @classmethod
+    def Testsome(
+        cls, requests: Sequence[Request], statuses: list[Status] | None = None
+    ) -> list[int] | None:
+        if all(r._op is None for r in requests):
+            return None
+        engine = cls._engine_of(requests)
+        if engine is not None:
+            engine.progress()
+        return cls._collect(requests, statuses)
+
+    @classmethod
+    def _collect(cls, requests: Sequence[Request], statuses: list[Status] | None) -> list[int]:
+        indices = [i for i, r in enumerate(requests) if r._op is not None and r._op.done]
+        for k, i in enumerate(indices):
+            requests[i]._fill(_status_at(statuses, k))
+        return indices
+
+    def __repr__(self) -> str:
+        return "<Request null>" if self._op is None else f"<Request {type(self._op).__name__}>"
+
+
+def _status_at(statuses: list[Status] | None, index: int) -> Status | None:
+    if statuses is None:
+        return None
+    while len(statuses) <= index:
+        statuses.append(Status())
+    return statuses[index]
+
+
+def unpickle(op: Op) -> Any:
+    """Finish of an object receive: the object from the received bytes."""
+    data = op.obj
+    return None if data is None else pickle.loads(data)
+
+
+REQUEST_NULL = Request()

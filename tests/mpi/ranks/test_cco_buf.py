@@ -1,0 +1,146 @@
+"""Collectives with buffers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from guest_lib.mpi import MPI
+
+TYPECODES = "ilfd"
+
+
+@pytest.mark.parametrize("typecode", TYPECODES)
+def test_bcast(comm, typecode):
+    size, rank = comm.Get_size(), comm.Get_rank()
+    for root in range(size):
+        for count in (0, 1, 100, 300_000):
+            buf = np.arange(count, dtype=typecode) if rank == root else np.zeros(count, typecode)
+            comm.Bcast(buf, root)
+            assert np.array_equal(buf, np.arange(count, dtype=typecode))
+
+
+@pytest.mark.parametrize("typecode", TYPECODES)
+def test_gather_scatter(comm, typecode):
+    size, rank = comm.Get_size(), comm.Get_rank()
+    for root in range(size):
+        sbuf = np.full(3, rank, typecode)
+        rbuf = np.full(3 * size, -1, typecode) if rank == root else None
+        comm.Gather(sbuf, rbuf, root)
+        if rank == root:
+            assert np.array_equal(rbuf, np.repeat(np.arange(size, dtype=typecode), 3))
+        sbuf = np.repeat(np.arange(size, dtype=typecode), 2) if rank == root else None
+        rbuf = np.full(2, -1, typecode)
+        comm.Scatter(sbuf, rbuf, root)
+        assert list(rbuf) == [rank, rank]
+
+
+def test_gatherv_scatterv_allgatherv(comm):
+    size, rank = comm.Get_size(), comm.Get_rank()
+    counts = [r + 1 for r in range(size)]
+    displs = [sum(counts[:r]) for r in range(size)]
+    sbuf = np.full(rank + 1, rank, "d")
+    rbuf = np.full(sum(counts), -1.0)
+    comm.Gatherv(sbuf, [rbuf, counts, displs, MPI.DOUBLE], root=0)
+    expect = np.concatenate([np.full(r + 1, r, "d") for r in range(size)])
+    if rank == 0:
+        assert np.array_equal(rbuf, expect)
+    rbuf[:] = -1
+    comm.Allgatherv(sbuf, [rbuf, counts, displs, MPI.DOUBLE])
+    assert np.array_equal(rbuf, expect)
+    part = np.zeros(rank + 1)
+    comm.Scatterv([expect, counts, displs, MPI.DOUBLE] if rank == 0 else None, part, root=0)
+    assert list(part) == [rank] * (rank + 1)
+
+
+@pytest.mark.parametrize("typecode", TYPECODES)
+def test_allgather_alltoall(comm, typecode):
+    size, rank = comm.Get_size(), comm.Get_rank()
+    rbuf = np.full(2 * size, -1, typecode)
+    comm.Allgather(np.full(2, rank, typecode), rbuf)
+    assert np.array_equal(rbuf, np.repeat(np.arange(size, dtype=typecode), 2))
+    rbuf[:] = rank
+    comm.Allgather(MPI.IN_PLACE, rbuf) if size == 1 else None
+    sbuf = np.array([rank * 100 + d for d in range(size)], typecode)
+    rbuf = np.full(size, -1, typecode)
+    comm.Alltoall(sbuf, rbuf)
+    assert list(rbuf) == [src * 100 + rank for src in range(size)]
+
+
+@pytest.mark.parametrize("typecode", TYPECODES)
+@pytest.mark.parametrize("op", [MPI.SUM, MPI.PROD, MPI.MAX, MPI.MIN])
+def test_reduce_allreduce(comm, typecode, op):
+    size, rank = comm.Get_size(), comm.Get_rank()
+    for count in (1, 10, 1000):
+        sbuf = np.full(count, rank + 1, typecode)
+        values = np.arange(1, size + 1, dtype=typecode)
+        expect = {"SUM": values.sum(), "PROD": values.prod(), "MAX": values.max(),
+                  "MIN": values.min()}[op.name]  # fmt: skip
+        for root in range(size):
+            rbuf = np.zeros(count, typecode)
+            comm.Reduce(sbuf, rbuf if rank == root else None, op, root)
+            if rank == root:
+                assert np.all(rbuf == expect)
+        rbuf = np.zeros(count, typecode)
+        comm.Allreduce(sbuf, rbuf, op)
+        assert np.all(rbuf == expect)
+        rbuf = sbuf.copy()
+        comm.Allreduce(MPI.IN_PLACE, rbuf, op)
+        assert np.all(rbuf == expect)
+
+
+def test_allreduce_large(comm):
+    size, rank = comm.Get_size(), comm.Get_rank()
+    sbuf = np.arange(1_000_000, dtype="d") * (rank + 1)
+    rbuf = np.empty_like(sbuf)
+    comm.Allreduce(sbuf, rbuf, MPI.SUM)
+    assert np.array_equal(rbuf, np.arange(1_000_000, dtype="d") * (size * (size + 1) // 2))
+
+
+def test_bitwise_logical(comm):
+    size, rank = comm.Get_size(), comm.Get_rank()
+    rbuf = np.zeros(1, "i")
+    comm.Allreduce(np.array([1 << rank], "i"), rbuf, MPI.BOR)
+    assert rbuf[0] == (1 << size) - 1
+    comm.Allreduce(np.array([rank == 0], "i"), rbuf, MPI.LAND)
+    assert rbuf[0] == (1 if size == 1 else 0)
+    comm.Allreduce(np.array([rank == 0], "i"), rbuf, MPI.LOR)
+    assert rbuf[0] == 1
+
+
+def test_maxloc_minloc(comm):
+    size, rank = comm.Get_size(), comm.Get_rank()
+    dtype = MPI.DOUBLE_INT.dtype
+    sbuf = np.zeros(2, dtype)
+    sbuf["v"] = [rank % 2, -rank]
+    sbuf["i"] = rank
+    rbuf = np.zeros(2, dtype)
+    comm.Allreduce(sbuf, [rbuf, MPI.DOUBLE_INT], MPI.MAXLOC)
+    assert rbuf["v"][0] == (1 if size > 1 else 0) and rbuf["i"][0] == (1 if size > 1 else 0)
+    assert rbuf["v"][1] == 0 and rbuf["i"][1] == 0
+    comm.Allreduce(sbuf, [rbuf, MPI.DOUBLE_INT], MPI.MINLOC)
+    assert rbuf["i"][1] == size - 1 and rbuf["v"][1] == -(size - 1)
+
+
+def test_reduce_scatter_block(comm):
+    size, rank = comm.Get_size(), comm.Get_rank()
+    sbuf = np.arange(3 * size, dtype="d") + rank
+    rbuf = np.zeros(3)
+    comm.Reduce_scatter_block(sbuf, rbuf, MPI.SUM)
+    base = np.arange(3 * size, dtype="d")[3 * rank : 3 * rank + 3]
+    assert np.array_equal(rbuf, base * size + sum(range(size)))
+
+
+def test_scan_exscan(comm):
+    rank = comm.Get_rank()
+    rbuf = np.zeros(4, "i")
+    comm.Scan(np.full(4, rank + 1, "i"), rbuf, MPI.SUM)
+    assert list(rbuf) == [sum(range(1, rank + 2))] * 4
+    rbuf[:] = -7
+    comm.Exscan(np.full(4, rank + 1, "i"), rbuf, MPI.SUM)
+    assert list(rbuf) == ([-7] * 4 if rank == 0 else [sum(range(1, rank + 1))] * 4)
+
+
+def test_barrier(comm):
+    for _ in range(10):
+        comm.Barrier()

@@ -1,0 +1,113 @@
+"""Point-to-point with Python objects (pickled)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from guest_lib.mpi import MPI
+
+MESSAGES = [
+    None, True, False, 7, -(2**70), 3.25, 1 + 2j, "", "text", b"bytes",
+    [], [1, 2, 3], (1, "a"), {"k": [1, 2]}, {1, 2}, list(range(1000)),
+]  # fmt: skip
+
+
+def ring(comm: MPI.Intracomm) -> tuple[int, int, int, int]:
+    size, rank = comm.Get_size(), comm.Get_rank()
+    return size, rank, (rank + 1) % size, (rank - 1) % size
+
+
+def test_send_recv_ring(comm):
+    _, _, dest, source = ring(comm)
+    for message in MESSAGES:
+        comm.send(message, dest, tag=1)
+        assert comm.recv(source=source, tag=1) == message
+
+
+def test_sendrecv(comm):
+    _, _, dest, source = ring(comm)
+    for message in MESSAGES:
+        status = MPI.Status()
+        got = comm.sendrecv(message, dest, 3, None, source, 3, status)
+        assert got == message
+        assert status.Get_source() == source and status.Get_tag() == 3
+
+
+def test_isend_irecv(comm):
+    _, _, dest, source = ring(comm)
+    for message in MESSAGES:
+        rreq = comm.irecv(source=source, tag=2)
+        sreq = comm.isend(message, dest, tag=2)
+        assert rreq.wait() == message
+        assert sreq.wait() is None
+
+
+def test_ssend(comm):
+    _, _, dest, source = ring(comm)
+    rreq = comm.irecv(source=source, tag=4)
+    comm.ssend({"sync": True}, dest, tag=4)
+    assert rreq.wait() == {"sync": True}
+    sreq = comm.issend("x", dest, tag=5)
+    assert comm.recv(source=source, tag=5) == "x"
+    sreq.wait()
+
+
+def test_proc_null(comm):
+    comm.send("lost", MPI.PROC_NULL)
+    status = MPI.Status()
+    assert comm.recv(source=MPI.PROC_NULL, status=status) is None
+    assert status.Get_source() == MPI.PROC_NULL
+    assert comm.sendrecv("x", MPI.PROC_NULL, source=MPI.PROC_NULL) is None
+    assert comm.isend(1, MPI.PROC_NULL).wait() is None
+    assert comm.irecv(source=MPI.PROC_NULL).wait() is None
+
+
+def test_any_source_any_tag(comm):
+    _, rank, dest, _ = ring(comm)
+    comm.send(rank, dest, tag=rank + 10)
+    status = MPI.Status()
+    got = comm.recv(source=MPI.ANY_SOURCE, tag=MPI.ANY_TAG, status=status)
+    assert got == status.Get_source() and status.Get_tag() == got + 10
+
+
+def test_non_overtaking(comm):
+    _, _, dest, source = ring(comm)
+    for i in range(50):
+        comm.send(i, dest, tag=7)
+    assert [comm.recv(source=source, tag=7) for _ in range(50)] == list(range(50))
+
+
+def test_unexpected_tags_out_of_order(comm):
+    _, _, dest, source = ring(comm)
+    for tag in (3, 2, 1):
+        comm.send(tag * 100, dest, tag=tag)
+    assert [comm.recv(source=source, tag=t) for t in (1, 2, 3)] == [100, 200, 300]
+
+
+def test_probe(comm):
+    _, _, dest, source = ring(comm)
+    comm.send("probe me", dest, tag=9)
+    status = MPI.Status()
+    assert comm.probe(source, 9, status)
+    assert status.Get_source() == source and status.Get_tag() == 9 and status.Get_count() > 0
+    assert comm.iprobe(source, 9)
+    assert comm.recv(source=source, tag=9) == "probe me"
+    comm.Barrier()
+    assert not comm.iprobe(source, 9)
+
+
+def test_large_object(comm):
+    _, rank, dest, source = ring(comm)
+    blob = np.full(3_000_000, rank, np.float64)  # 24 MB: many pieces
+    got = comm.sendrecv(blob, dest, 11, None, source, 11)
+    assert got.shape == blob.shape and got[0] == source and got[-1] == source
+
+
+def test_bad_rank_and_tag(comm):
+    with pytest.raises(MPI.Exception) as info:
+        comm.send(1, comm.Get_size())
+    assert info.value.Get_error_class() == MPI.ERR_RANK
+    with pytest.raises(MPI.Exception) as info:
+        comm.send(1, 0, tag=MPI.TAG_UB + 1)
+    assert info.value.Get_error_class() == MPI.ERR_TAG
