@@ -226,6 +226,8 @@ class Endpoint:
         is lost.
         """
         now = time.monotonic()
+        if deadline is not None and now >= deadline:
+            raise TimeoutError("timed out waiting for a peer")
         if self._spin_end == 0.0:  # a new episode of waiting begins with spinning
             self._spin_end = now + self._spin
         if now < self._spin_end:
@@ -237,11 +239,7 @@ class Endpoint:
             self._check_peer(watch)
         else:
             self._refresh()
-        slice_s = WATCH_SLICE
-        if deadline is not None:
-            if now >= deadline:
-                raise TimeoutError("timed out waiting for a peer")
-            slice_s = min(slice_s, deadline - now)
+        slice_s = WATCH_SLICE if deadline is None else min(WATCH_SLICE, deadline - now)
         self.region.heartbeat(self.peer_id)
         if self.notifier.wait(slice_s):
             self._spin_end = 0.0  # kicked: work is likely there, spin again before sleeping
@@ -369,11 +367,17 @@ class Endpoint:
         self._sync(p)
         return True
 
-    def _fast_head(self, channel: RxChannel) -> tuple[int, int, int, int] | None:
-        """The head message's header of `channel`, spinning for it in C; None if none came."""
+    def _fast_head(
+        self, channel: RxChannel, timeout: float | None
+    ) -> tuple[int, int, int, int] | None:
+        """The head message's header of `channel`, spinning for it in C; None if none came.
+
+        The spin lasts spin_us, or `timeout` if that is shorter.
+        """
         ring = channel.ring
+        spin_ns = self._spin_ns if timeout is None else min(self._spin_ns, int(timeout * 1e9))
         try:
-            head = channel.head or ring.poll_header() or ring.wait_header(self._spin_ns)
+            head = channel.head or ring.poll_header() or ring.wait_header(spin_ns)
         except PeerLostError:
             self._expect[channel.source] = -1
             self._sync(channel.source)
@@ -431,7 +435,7 @@ class Endpoint:
         spun = False
         if channel is not None and not self._unexpected_count:
             # Fast path: the next message from a named source comes and matches.
-            head = self._fast_head(channel)
+            head = self._fast_head(channel, timeout)
             if head is not None and (tag == ANY_TAG or head[3] == tag):
                 return channel.take()
             spun = head is None
@@ -460,7 +464,7 @@ class Endpoint:
         channel = self._rx_by_peer.get(source)
         spun = False
         if channel is not None and not self._unexpected_count:
-            head = self._fast_head(channel)  # fast path, as in recv()
+            head = self._fast_head(channel, timeout)  # fast path, as in recv()
             if head is not None and (tag == ANY_TAG or head[3] == tag) and head[2] <= len(dest):
                 return channel.take_into(dest)[0], source, head[3]
             spun = head is None
