@@ -736,6 +736,7 @@ class Guest:
                 _command_script(self.command, self.cwd, self.env, self.index, self.vms)
             )
             (ctl / "rootopts").write_text(lab.root_mount_options + "\n")
+            (ctl / "cwd").write_text(self.cwd + "\n")  # /init keeps it visible under /tmp
             self._argv = lab._qemu_argv(self, initrd.path, ctl)
             argv = self._argv
             setpriv = shutil.which("setpriv")

@@ -54,7 +54,23 @@ mount -t devtmpfs devtmpfs /mnt/dev || fail "cannot mount /dev in the host root"
 mkdir -p /mnt/dev/shm /mnt/dev/pts
 mount -t tmpfs -o mode=1777 shm /mnt/dev/shm
 mount -t devpts devpts /mnt/dev/pts 2>/dev/null
+# The guest's /tmp is a private tmpfs, but the command's working directory may live under the
+# host's /tmp (a CI checkout, say): keep the host's view of its top folder there, read-only.
+mkdir -p /hosttmp
+mount --bind /mnt/tmp /hosttmp || fail "cannot bind the host's /tmp"
 mount -t tmpfs -o mode=1777 tmp /mnt/tmp || fail "cannot mount /tmp in the host root"
+cwd=$(cat /ctl/cwd 2>/dev/null)
+case "$cwd" in
+    /tmp/?*)
+        top="${cwd#/tmp/}"
+        top="${top%%/*}"
+        if [ -d "/hosttmp/$top" ]; then
+            mkdir -p "/mnt/tmp/$top"
+            mount --bind "/hosttmp/$top" "/mnt/tmp/$top" \
+                || fail "cannot bind the working directory's folder /tmp/$top"
+        fi
+        ;;
+esac
 mount -t tmpfs -o mode=755 run /mnt/run || fail "cannot mount /run in the host root"
 mkdir -p /mnt/run/ivshmem-lab
 mount --bind /ctl /mnt/run/ivshmem-lab || fail "cannot bind the control directory"
