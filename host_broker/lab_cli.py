@@ -2,6 +2,7 @@
 
     ivshmem-lab run --vms 2 [--accel auto|kvm|tcg] [--memory 512M] [--timeout 300]
                     [--shm NAME[:SIZE] ...] [--socket PATH[:VECTORS] ...] -- CMD ARGS...
+    ivshmem-lab run --vms V -n N [...] -- python prog.py ARGS...   # an MPI job (lab_mpi)
     ivshmem-lab probe [--force]        # does KVM work here?
     ivshmem-lab initramfs [--rebuild]  # build the guest initramfs (and the UIO driver)
 
@@ -9,6 +10,11 @@
 stderr (accelerator, boot time, exit status per guest), and exits 0 if every guest's
 command exited 0, 1 if any failed, 124 if any timed out (and none failed otherwise),
 2 on bad usage, 3 if the lab cannot run here (no QEMU / kernel).
+
+With ``-n N`` the command is an MPI program (guest_lib.mpi): N ranks are dealt round robin
+over the V guests (a bare ``-n``: N = V), over a region the lab's own broker serves for the job
+(see :mod:`host_broker.lab_mpi`); output lines read ``[vmI] [rank R] ...``, the summary
+gives each rank's exit status, and the exit status is 0 only if every rank exited 0.
 """
 
 from __future__ import annotations
@@ -50,6 +56,18 @@ def _parser() -> argparse.ArgumentParser:
         default=[],
         metavar="PATH[:VECTORS]",
         help="ivshmem-doorbell device on a broker socket in every guest (repeatable)",
+    )
+    r.add_argument(
+        "-n",
+        "--np",
+        dest="np",
+        type=int,
+        nargs="?",
+        const=0,
+        default=None,
+        metavar="N",
+        help="run CMD as an MPI job of N ranks (bare -n: one per guest), round robin "
+        "over the guests (host_broker.lab_mpi)",
     )
     r.add_argument("--cwd", default=None, help="working directory in the guests (default: .)")
     r.add_argument("--console", action="store_true", help="print the whole console at the end")
@@ -108,6 +126,10 @@ def _run(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"ivshmem-lab run: {e}", file=sys.stderr)
         return 2
+    mpi_n = args.np or (args.vms if args.np == 0 else None)
+    if mpi_n is not None and mpi_n < args.vms:
+        print("ivshmem-lab run: -n must be >= --vms", file=sys.stderr)
+        return 2
     lab = Lab(accel=args.accel, memory=args.memory)
     ird = lab.initramfs()
     if not ird.uio_module:
@@ -123,6 +145,8 @@ def _run(args: argparse.Namespace) -> int:
         with out_lock:
             print(f"[vm{index}] {line}", flush=True)
 
+    if mpi_n is not None:
+        return _run_mpi(lab, args, command, mpi_n, on_output)
     results = lab.run(
         command,
         vms=args.vms,
@@ -153,6 +177,36 @@ def _run(args: argparse.Namespace) -> int:
         elif r.returncode != 0:
             failed = True
     return 1 if failed else 124 if timed_out else 0
+
+
+def _run_mpi(lab: Lab, args: argparse.Namespace, command: list[str], n: int, on_output) -> int:
+    from host_broker.lab_mpi import run_job
+
+    print(f"ivshmem-lab: MPI job of {n} rank(s) over {args.vms} guest(s)", file=sys.stderr)
+    job = run_job(
+        lab, command, vms=args.vms, n=n, timeout=args.timeout, cwd=args.cwd, on_output=on_output
+    )
+    for r in job.guests:
+        boot = f"{r.boot_seconds:.1f} s" if r.boot_seconds is not None else "-"
+        what = (
+            f"exit {r.returncode}"
+            if r.returncode is not None
+            else "timed out"
+            if r.timed_out
+            else f"failed: {r.error}"
+        )
+        print(
+            f"ivshmem-lab: vm{r.index}: {what} (accel {r.accel}, boot {boot}, "
+            f"total {r.wall_seconds:.1f} s)",
+            file=sys.stderr,
+        )
+        if args.console:
+            for line in r.console.splitlines():
+                print(f"[vm{r.index} console] {line}", file=sys.stderr)
+    for rank, code in sorted(job.rank_exit.items()):
+        what = "no exit status reported" if code is None else f"exit {code}"
+        print(f"ivshmem-lab: rank {rank} (vm{rank % args.vms}): {what}", file=sys.stderr)
+    return job.status
 
 
 if __name__ == "__main__":

@@ -1,0 +1,257 @@
+"""MPI jobs across VM-lab guests: ``ivshmem-lab run --vms V -n N -- CMD`` (issue 5).
+
+Host side (:func:`run_job`): start a broker for a fresh region (``--vectors 2``), boot V
+guests where guest g gets one ``ivshmem-doorbell`` device per rank it hosts (ranks are dealt
+round robin: rank r runs in guest ``r % V``), and run this module's guest side in each.
+
+Guest side (``python -m host_broker.lab_mpi guest --ranks 0,2 --size N -- CMD``): start
+one process per local rank with ``IVSHMEM_MPI_RANK``, ``IVSHMEM_MPI_SIZE`` and
+``IVSHMEM_COMM_GUEST=1`` (the MPI bootstrap then calls ``guest_lib.attach()``), and, when
+the guest hosts several ranks, ``IVSHMEM_COMM_DEVICE`` = the rank's own doorbell device (one
+broker slot per device). Each output line is printed ``[rank R] LINE``; at the end one
+``ivshmem-lab-mpi: rank R exit C`` line per rank. If a rank fails, the guest's other ranks
+are killed after a grace period (as ``ivshmem-run`` does); the guest side exits with the
+first failing status.
+
+The host collects those lines, prints a per-rank summary, stops the broker and removes its
+state directory, socket and the region. Exit status: 0 if every rank exited 0, 1 if any
+rank or guest failed, 124 if a guest timed out (and nothing failed otherwise).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+EXIT_LINE = re.compile(r"^ivshmem-lab-mpi: rank (\d+) exit (-?\d+)$")
+RANK_LINE = re.compile(r"^\[rank (\d+)\] ")
+
+
+def placement(n: int, vms: int) -> list[list[int]]:
+    """Ranks of each guest, round robin: guest g runs ranks g, g+V, g+2V, ..."""
+    return [list(range(g, n, vms)) for g in range(vms)]
+
+
+def region_size(n: int) -> int:
+    """The launcher's default size rounded up to a power of two (QEMU wants one)."""
+    from guest_lib.mpi.launcher import default_size
+
+    size = default_size(n)
+    return 1 << (size - 1).bit_length()
+
+
+# --------------------------------------------------------------------------------------------
+# Host side
+
+
+@dataclass
+class JobResult:
+    """What :func:`run_job` saw: exit code per rank (None: never reported) and per guest."""
+
+    rank_exit: dict[int, int | None]
+    guests: list = field(default_factory=list)  # host_broker.lab.GuestResult per guest
+    status: int = 0
+
+
+def _start_broker(name: str, size: int, peers: int, tmpdir: str) -> tuple[subprocess.Popen, str]:
+    sock = os.path.join(tmpdir, "broker.sock")
+    log = open(os.path.join(tmpdir, "broker.log"), "wb")  # noqa: SIM115 - the child keeps it
+    broker = subprocess.Popen(
+        [sys.executable, "-m", "host_broker", "serve", "--name", name, "--size", str(size),
+         "--max-peers", str(max(peers, 2)), "--vectors", "2", "--socket", sock,
+         "--state-dir", tmpdir, "--unlink-on-exit", "--log-level", "warning"],
+        stdout=log, stderr=log,
+    )  # fmt: skip
+    log.close()
+    deadline = time.monotonic() + 20
+    while not os.path.exists(sock):
+        if broker.poll() is not None or time.monotonic() > deadline:
+            with open(os.path.join(tmpdir, "broker.log"), errors="replace") as f:
+                text = f.read()[-2000:]
+            with contextlib.suppress(ProcessLookupError):
+                broker.kill()
+            broker.wait()
+            from host_broker.lab import LabError
+
+            raise LabError(f"the job's broker did not start (status {broker.poll()}):\n{text}")
+        time.sleep(0.02)
+    return broker, sock
+
+
+def _stop_broker(broker: subprocess.Popen, name: str) -> None:
+    if broker.poll() is None:
+        broker.send_signal(signal.SIGTERM)
+        try:
+            broker.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            broker.kill()
+            broker.wait()
+    from ivshmem_comm.region import Region
+
+    with contextlib.suppress(OSError):
+        Region.unlink(name)
+
+
+def run_job(
+    lab,
+    command: Sequence[str],
+    *,
+    vms: int,
+    n: int,
+    timeout: float | None = 300.0,
+    cwd: str | None = None,
+    on_output: Callable[[int, str], None] | None = None,
+) -> JobResult:
+    """Run an N-rank MPI job over V guests of `lab` (see the module docstring)."""
+    from host_broker.lab import DoorbellDevice
+
+    if vms < 1 or n < vms:
+        raise ValueError(f"need 1 <= vms <= n (vms={vms}, n={n})")
+    places = placement(n, vms)
+    name = f"labmpi-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmpdir = tempfile.mkdtemp(prefix="ivshmem-lab-mpi-")
+    broker = None
+    rank_exit: dict[int, int | None] = dict.fromkeys(range(n))
+
+    def collect(index: int, line: str) -> None:
+        m = EXIT_LINE.match(line)
+        if m:
+            rank_exit[int(m.group(1))] = int(m.group(2))
+        if on_output is not None:
+            on_output(index, line)
+
+    try:
+        broker, sock = _start_broker(name, region_size(n), n, tmpdir)
+        commands = [
+            [sys.executable, "-m", "host_broker.lab_mpi", "guest",
+             "--ranks", ",".join(map(str, ranks)), "--size", str(n), "--", *command]
+            for ranks in places
+        ]  # fmt: skip
+        devices = [[DoorbellDevice(sock, 2)] * len(ranks) for ranks in places]
+        env = {"IVSHMEM_COMM_SOCKET": "", "IVSHMEM_COMM_REGION": ""}
+        results = lab.run_many(
+            commands,
+            guest_devices=devices,
+            timeout=timeout,
+            cwd=cwd,
+            env=env,
+            on_output=collect,
+        )
+    finally:
+        if broker is not None:
+            _stop_broker(broker, name)
+        shutil.rmtree(tmpdir, ignore_errors=True)
+    failed = any(code != 0 for code in rank_exit.values()) or any(
+        r.returncode not in (0, None) or (r.returncode is None and not r.timed_out) for r in results
+    )
+    timed_out = any(r.timed_out for r in results)
+    status = 124 if timed_out and not any(c not in (0, None) for c in rank_exit.values()) else 0
+    if failed and status == 0:
+        status = 1
+    return JobResult(rank_exit, list(results), status)
+
+
+# --------------------------------------------------------------------------------------------
+# Guest side
+
+
+def _doorbell_devices() -> list[str]:
+    from guest_lib import pci
+
+    return [d.path for d in pci.scan() if d.doorbell_model]
+
+
+def _pump(rank: int, stream, lock: threading.Lock) -> None:
+    for raw in iter(stream.readline, b""):
+        line = raw.decode(errors="replace").rstrip("\n")
+        with lock:
+            sys.stdout.write(f"[rank {rank}] {line}\n")
+            sys.stdout.flush()
+    stream.close()
+
+
+def guest_main(ranks: list[int], size: int, command: list[str], timeout: float | None) -> int:
+    """Start this guest's ranks, relay their output, return the first failing status."""
+    from guest_lib.mpi.launcher import _signal_group, _supervise
+
+    env = dict(os.environ)
+    for var in ("IVSHMEM_COMM_REGION", "IVSHMEM_COMM_SOCKET", "IVSHMEM_COMM_DEVICE"):
+        env.pop(var, None)
+    for var in ("PMI_RANK", "PMI_SIZE", "PMI_FD", "OMPI_COMM_WORLD_RANK", "PMIX_RANK"):
+        env.pop(var, None)
+    env["PYTHONUNBUFFERED"] = "1"
+    devices = _doorbell_devices()
+    if len(ranks) > 1 and len(devices) != len(ranks):
+        print(
+            f"ivshmem-lab-mpi: {len(ranks)} ranks but {len(devices)} doorbell devices here",
+            file=sys.stderr,
+        )
+        for rank in ranks:
+            print(f"ivshmem-lab-mpi: rank {rank} exit 125", flush=True)
+        return 125
+    lock = threading.Lock()
+    procs: list[subprocess.Popen[bytes]] = []
+    pumps: list[threading.Thread] = []
+    try:
+        for i, rank in enumerate(ranks):
+            rank_env = dict(
+                env, IVSHMEM_MPI_RANK=str(rank), IVSHMEM_MPI_SIZE=str(size), IVSHMEM_COMM_GUEST="1"
+            )
+            if len(ranks) > 1:
+                rank_env["IVSHMEM_COMM_DEVICE"] = devices[i]
+            proc = subprocess.Popen(
+                command,
+                env=rank_env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+            procs.append(proc)
+            t = threading.Thread(target=_pump, args=(rank, proc.stdout, lock), daemon=True)
+            t.start()
+            pumps.append(t)
+        status = _supervise(procs, timeout)
+    finally:
+        for proc in procs:
+            _signal_group(proc, signal.SIGKILL)
+            proc.wait()
+    for t in pumps:
+        t.join(timeout=5)
+    for rank, proc in zip(ranks, procs, strict=True):
+        code = proc.returncode
+        print(f"ivshmem-lab-mpi: rank {rank} exit {128 - code if code < 0 else code}", flush=True)
+    return status
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m host_broker.lab_mpi")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    g = sub.add_parser("guest", help="run this guest's ranks (inside a lab guest)")
+    g.add_argument("--ranks", required=True, help="comma-separated world ranks")
+    g.add_argument("--size", type=int, required=True, help="world size")
+    g.add_argument("--timeout", type=float, default=None)
+    g.add_argument("command", nargs=argparse.REMAINDER)
+    args = p.parse_args(argv)
+    command = list(args.command)
+    if command and command[0] == "--":
+        command = command[1:]
+    if not command:
+        p.error("no command given")
+    ranks = [int(r) for r in args.ranks.split(",") if r]
+    return guest_main(ranks, args.size, command, args.timeout)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
