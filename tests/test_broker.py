@@ -462,7 +462,9 @@ def test_vm_death_seen_after_a_process_in_it_reclaimed_the_slot(
     vm.close()
     assert select.select([own], [], [], 1)[0]
     wait_for(lambda: a.region.peer(1).state == layout.PEER_DEAD, timeout=1)
-    wait_for(lambda: "died (socket closed)" in broker.log(), timeout=1)
+    # "died", whatever the reason: the raw client may close before the broker finished
+    # sending the handshake (broken pipe) or after (socket closed).
+    wait_for(lambda: ") died (" in broker.log(), timeout=10)
 
 
 def test_slot_reused_by_another_id_is_not_marked_dead(broker: BrokerProcess, clients: list) -> None:
