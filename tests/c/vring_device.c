@@ -15,79 +15,17 @@
  * vring_need_event(used_event) says so, and sleeps with EVENT_IDX (avail_event, full fence,
  * re-check) when the ring is empty: a sleep that no kick ends within 10 s is a lost wake-up.
  */
-#define _GNU_SOURCE
-#include <fcntl.h>
-#include <linux/virtio_ring.h>
-#include <poll.h>
-#include <stdarg.h>
-#include <stdint.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-#include <sys/mman.h>
-#include <sys/stat.h>
-#include <unistd.h>
+#include "vring_peer.h"
 
 #define SPIN 2000
-#define WAKE_TIMEOUT_MS 10000
 #define SLOW_EVERY 4096 /* stall now and then so that the driver fills the ring and waits */
 
-static struct vring vr;
-static unsigned char *base;
 static uint64_t data_offset, data_size;
-
-static void die(const char *fmt, ...)
-{
-    va_list ap;
-    fputs("FAIL ", stderr);
-    va_start(ap, fmt);
-    vfprintf(stderr, fmt, ap);
-    va_end(ap);
-    fputc('\n', stderr);
-    exit(2);
-}
-
-static unsigned long long arg(char **argv, int i)
-{
-    char *end;
-    unsigned long long v = strtoull(argv[i], &end, 0);
-    if (*argv[i] == '\0' || *end != '\0')
-        die("bad argument %d: %s", i, argv[i]);
-    return v;
-}
-
-/* Block until the driver kicks (or closes the pipe when `eof_ok`); return the bytes read. */
-static unsigned wait_kick(int eof_ok)
-{
-    struct pollfd p = {.fd = 0, .events = POLLIN};
-    char buf[4096];
-    if (poll(&p, 1, WAKE_TIMEOUT_MS) == 0)
-        die("lost wake-up: no kick within %d ms", WAKE_TIMEOUT_MS);
-    ssize_t got = read(0, buf, sizeof buf);
-    if (got < 0 || (got == 0 && !eof_ok))
-        die("kick pipe closed while waiting");
-    return (unsigned)got;
-}
 
 static void kick(void)
 {
     if (write(1, "k", 1) != 1)
         die("kick write failed");
-}
-
-static unsigned char *map_region(const char *name)
-{
-    char path[256];
-    struct stat st;
-    snprintf(path, sizeof path, "/dev/shm/%s", name);
-    int fd = open(path, O_RDWR);
-    if (fd < 0 || fstat(fd, &st) < 0)
-        die("cannot open %s", path);
-    void *p = mmap(NULL, (size_t)st.st_size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-    if (p == MAP_FAILED)
-        die("cannot map %s", path);
-    close(fd);
-    return p;
 }
 
 static void check_message(unsigned slot, unsigned msg)
@@ -133,15 +71,7 @@ int main(int argc, char **argv)
     uint64_t session = arg(argv, 11);
     unsigned count = (unsigned)arg(argv, 12);
 
-    if (vring_size(num, align) != ring_size)
-        die("vring_size(%u, %lu) = %u, the layout says %lu", num, align, vring_size(num, align),
-            ring_size);
-    vring_init(&vr, num, base + ring_offset, align);
-    if ((unsigned char *)vr.avail - base != (long)avail_offset ||
-        (unsigned char *)vr.used - base != (long)used_offset)
-        die("vring_init places avail/used at %ld/%ld, the layout at %llu/%llu",
-            (long)((unsigned char *)vr.avail - base), (long)((unsigned char *)vr.used - base),
-            (unsigned long long)avail_offset, (unsigned long long)used_offset);
+    init_vring(num, align, ring_offset, ring_size, avail_offset, used_offset);
 
     uint64_t *driver_line = (uint64_t *)(base + queue_offset);
     uint64_t *device_line = (uint64_t *)(base + queue_offset + 64);
