@@ -25,6 +25,7 @@ from ivshmem_comm.ring import SEND_FULL, SEND_KICK, SEND_TOO_BIG
 
 Wait = Callable[[float | None], None]
 STALL_TIMEOUT = 10.0  # seconds a receiver waits for the next span inside a message
+MID_MESSAGE_SPIN = 200e-6  # seconds a receiver spins for the next span of a message
 PREALLOC_MAX = 256 << 20  # largest streamed message given all its memory up front
 Kick = Callable[[], None]
 
@@ -225,11 +226,17 @@ class RxChannel:
         never stalls mid-message for long. One that publishes nothing more for
         `stall_timeout` seconds breaks the queue (RingCorruptError) instead of hanging us.
         """
-        deadline = time.monotonic() + self.stall_timeout
+        now = time.monotonic()
+        deadline = now + self.stall_timeout
+        # The next span is being written right now: spin for it rather than sleep and be
+        # woken per span (the endpoint's spin phase was spent on the message's first span).
+        spin_end = now + MID_MESSAGE_SPIN
         while True:
             span = self.ring.poll()
             if span is not None:
                 return span
+            if time.monotonic() < spin_end:
+                continue
             try:
                 self._wait(deadline)
             except TimeoutError:
