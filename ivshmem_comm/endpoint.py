@@ -36,10 +36,18 @@ from ivshmem_comm.errors import (
 )
 from ivshmem_comm.notify import Notifier, PollingNotifier, SemaphoreNotifier
 from ivshmem_comm.region import Region, host_id
-from ivshmem_comm.ring import SEND_FULL, SEND_KICK, SEND_OK, RxRing, TxRing
+from ivshmem_comm.ring import (
+    SEND_FULL,
+    SEND_KICK,
+    SEND_OK,
+    RxRing,
+    TxRing,
+    compare_exchange_u64,
+)
 
 ANY_SOURCE = -1
 ANY_TAG = -1
+JOIN_GRACE_NS = 5_000_000_000  # a JOINING slot is someone's for this long after its heartbeat
 WATCH_SLICE = 0.05  # seconds: bound on the time to notice a lost peer while blocked
 DEFAULT_SPIN_US = float(os.environ.get("IVSHMEM_COMM_SPIN_US", "50"))
 _STATE_MASK = 0xFFFFFFFF
@@ -123,7 +131,13 @@ class Endpoint:
             # slot (QEMU for a guest), which is what the broker watches across its restarts.
             region.write_peer(me, heartbeat_ns=now)
             return slot.incarnation
-        if (
+        # A slot whose holder is alive, or cannot be checked from here, is busy. So is a
+        # JOINING slot until JOIN_GRACE has passed since its claimer's heartbeat: between the
+        # claimer's compare-and-swap and its pid store the slot still shows the previous pid.
+        joining_recently = (
+            slot.state == layout.PEER_JOINING and now - slot.heartbeat_ns < JOIN_GRACE_NS
+        )
+        if joining_recently or (
             slot.state in (layout.PEER_JOINING, layout.PEER_READY)
             and slot.holder_alive() is not False
         ):
@@ -132,16 +146,24 @@ class Endpoint:
                 f"{slot.pid} (incarnation {slot.incarnation})"
             )
         incarnation = (slot.incarnation + 1) & _STATE_MASK or 1
-        region.write_peer(
-            me,
-            incarnation=incarnation,
-            pid=os.getpid(),
-            host_id=host_id(),
-            doorbell=me,
-            heartbeat_ns=now,
-            joined_ns=now,
-            state=layout.PEER_JOINING,
-        )
+        # The claim itself: one compare-and-swap of the slot's first word (state, incarnation)
+        # from what we judged claimable to JOINING with our incarnation. Of several claimers,
+        # with or without a broker, in one kernel or several VMs, exactly one swaps it.
+        offset = region.peer_slot_offset(me)
+        seen = slot.state | (slot.incarnation << 32)
+        mine = layout.PEER_JOINING | (incarnation << 32)
+        # A fresh heartbeat first (TSO: visible before the swap below), so that any other
+        # claimer that sees our JOINING also sees it fresh and leaves the slot alone. A claimer
+        # that loses the swap has only refreshed the winner's advisory heartbeat.
+        region.write_peer(me, heartbeat_ns=now)
+        if not compare_exchange_u64(region.buf, offset, seen, mine):
+            raise PeerSlotBusyError(
+                f"peer slot {me} of region {region.name!r} was claimed by another process "
+                "at the same time"
+            )
+        region.write_peer(me, pid=os.getpid(), host_id=host_id(), doorbell=me, joined_ns=now)
+        if region.u64[offset // 8] != mine:  # taken over before our pid was there to see
+            raise PeerSlotBusyError(f"peer slot {me} of region {region.name!r} was taken over")
         return incarnation
 
     def _sync(self, p: int) -> bool:

@@ -17,16 +17,22 @@ IMPLEMENTATION: str
 
 if os.environ.get("IVSHMEM_COMM_PUREPYTHON") == "1":
     TxRing, RxRing = virtqueue.TxRing, virtqueue.RxRing
+    compare_exchange_u64 = virtqueue.compare_exchange_u64
     IMPLEMENTATION = "python"
 else:
     try:
-        from ivshmem_comm._fastpath import RxRing, TxRing  # type: ignore[no-redef]
+        from ivshmem_comm._fastpath import (  # type: ignore[no-redef]
+            RxRing,
+            TxRing,
+            compare_exchange_u64,
+        )
 
         IMPLEMENTATION = "c"
     except ImportError:
         if os.environ.get("IVSHMEM_COMM_REQUIRE_FASTPATH") == "1":
             raise
         TxRing, RxRing = virtqueue.TxRing, virtqueue.RxRing
+        compare_exchange_u64 = virtqueue.compare_exchange_u64
         IMPLEMENTATION = "python"
 
 if IMPLEMENTATION == "python" and platform.machine() not in ("x86_64", "AMD64", "i686"):
@@ -48,4 +54,5 @@ __all__ = [
     "SEND_TOO_BIG",
     "RxRing",
     "TxRing",
+    "compare_exchange_u64",
 ]

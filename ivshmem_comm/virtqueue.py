@@ -57,6 +57,23 @@ def _check_tag(tag: int) -> None:
         raise ValueError(f"tag {tag} out of range {layout.TAG_MIN}..{layout.TAG_MAX}")
 
 
+def compare_exchange_u64(buffer: Any, offset: int, expected: int, desired: int) -> bool:
+    """Store `desired` at aligned word `offset` if it holds `expected`; True if it did.
+
+    The reference cannot be atomic between processes (Python has no compare-and-swap): this
+    is a load, a compare and a store, serialised only within this process. The C accelerator's
+    version is one LOCK CMPXCHG.
+    """
+    if offset < 0 or offset % 8:
+        raise ValueError(f"offset {offset} is not an aligned word")
+    words = memoryview(buffer).cast("B")[offset : offset + 8].cast("Q")
+    with _FENCE_LOCK:
+        if words[0] != expected:
+            return False
+        words[0] = desired
+        return True
+
+
 class _RingBase:
     """Offsets shared by both halves, as u16/u32/u64 element indices into the region."""
 

@@ -205,3 +205,44 @@ def test_sleeping_receiver_is_woken(make_region, spawn):
     proc.join(30)
     assert region.queue_counters(0, 1)["sleeps"] >= 0
     assert region.queue_counters(1, 0)["recv_kicks"] + region.queue_counters(0, 1)["send_kicks"] > 0
+
+
+def _race_for_slot(name, start, done, results):
+    region = ic.Region.open(name)
+    start.wait()
+    try:
+        ep = region.endpoint(1)
+    except ic.PeerSlotBusyError:
+        results.put("busy")
+        os._exit(0)
+    except BaseException as exc:
+        results.put(repr(exc))
+        os._exit(1)
+    results.put("won")
+    done.wait(30)  # hold the slot until every claimer has had its try
+    ep.close()
+    os._exit(0)
+
+
+@pytest.mark.skipif(ic.IMPLEMENTATION != "c", reason="an atomic claim needs the C accelerator")
+def test_concurrent_claims_of_one_slot_have_one_winner(make_region):
+    import multiprocessing
+
+    region = make_region()
+    ctx = multiprocessing.get_context("fork")
+    for _ in range(10):
+        start, done = ctx.Event(), ctx.Event()
+        results = ctx.SimpleQueue()  # put() is written before _exit
+        procs = [
+            ctx.Process(target=_race_for_slot, args=(region.name, start, done, results))
+            for _ in range(6)
+        ]
+        for proc in procs:
+            proc.start()
+        start.set()
+        outcomes = sorted(results.get() for _ in procs)
+        done.set()
+        for proc in procs:
+            proc.join(30)
+        assert outcomes == ["busy"] * 5 + ["won"]
+    assert region.peer(1).incarnation == 10
