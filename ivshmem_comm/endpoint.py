@@ -203,8 +203,10 @@ class Endpoint:
             name = layout.PEER_STATE_NAMES[state]
             raise PeerLostError(p, f"{name} (incarnation {incarnation})")
         if state == layout.PEER_READY and self.region.peer(p).holder_alive() is False:
-            # The holder crashed on this kernel without a broker to notice: record it.
-            self.region.write_peer(p, state=layout.PEER_DEAD)
+            # The holder crashed on this kernel without a broker to notice: record it, but only
+            # over the word we judged (a new holder may have claimed the slot since).
+            dead = layout.PEER_DEAD | (incarnation << 32)
+            compare_exchange_u64(self.region.buf, self._word_i[p] * 8, word, dead)
             self._expect[p] = -1
             raise PeerLostError(p, f"process exited without leaving (incarnation {incarnation})")
 
