@@ -1084,19 +1084,11 @@ static PyObject *rx_wait_header(RxRing *self, PyObject *spin_obj)
     }
 }
 
-static PyObject *rx_complete(RxRing *self, PyObject *count_obj)
+/* Give the oldest n held spans (the caller checked there are that many) back to the driver.
+ * Returns whether the driver must be kicked. */
+static bool rx_complete_impl(RxRing *self, uint16_t n)
 {
     Ring *r = &self->ring;
-    long long n;
-    int status = as_long_long(count_obj, &n);
-    if (status < 0)
-        return NULL;
-    uint16_t held = rx_held(self);
-    if (status || n <= 0 || n > held) {
-        PyErr_Format(PyExc_ValueError, "cannot complete %S of %u held spans", count_obj,
-                     (unsigned)held);
-        return NULL;
-    }
     uint16_t old_idx = self->last_used;
     for (uint16_t i = 0; i < n; i++) {
         uint32_t slot = (uint16_t)(old_idx + i) & r->mask;
@@ -1112,7 +1104,22 @@ static PyObject *rx_complete(RxRing *self, PyObject *count_obj)
     bool kick = need_event(used_event, new_idx, old_idx);
     if (kick)
         count(r, CNT_KICKS, 1);
-    return PyBool_FromLong(kick);
+    return kick;
+}
+
+static PyObject *rx_complete(RxRing *self, PyObject *count_obj)
+{
+    long long n;
+    int status = as_long_long(count_obj, &n);
+    if (status < 0)
+        return NULL;
+    uint16_t held = rx_held(self);
+    if (status || n <= 0 || n > held) {
+        PyErr_Format(PyExc_ValueError, "cannot complete %S of %u held spans", count_obj,
+                     (unsigned)held);
+        return NULL;
+    }
+    return PyBool_FromLong(rx_complete_impl(self, (uint16_t)n));
 }
 
 static PyObject *rx_read_into(RxRing *self, PyObject *const *args, Py_ssize_t nargs)
@@ -1151,6 +1158,77 @@ static PyObject *rx_read_into(RxRing *self, PyObject *const *args, Py_ssize_t na
     Py_RETURN_NONE;
 }
 
+/* The rest of a message being taken, copied into dest[copied:] span by span, each span completed
+ * as soon as it is copied (the caller holds no span). Stops when `total` bytes are in, when a
+ * completion must be kicked, or when no span came for `spin_ns`; returns (copied, expected,
+ * kick) for the caller to kick and/or wait and call again. `expected` is the region offset the
+ * next span must start at (a contiguous message), or -1 for any. Breaks the ring on a span that
+ * runs past the message ("span.len") or lies elsewhere than expected ("span.addr"). */
+static PyObject *rx_stream_into(RxRing *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    Ring *r = &self->ring;
+    long long copied, total, expected, spin_ns;
+    Py_buffer dest;
+    if (check_nargs("stream_into", nargs, 5) < 0 || as_long_long(args[1], &copied) ||
+        as_long_long(args[2], &total) || as_long_long(args[3], &expected) ||
+        as_long_long(args[4], &spin_ns)) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_ValueError, "stream_into: arguments out of range");
+        return NULL;
+    }
+    if (PyObject_GetBuffer(args[0], &dest, PyBUF_WRITABLE) < 0)
+        return NULL;
+    if (copied < 0 || total < copied || total > dest.len) {
+        PyErr_Format(PyExc_ValueError, "%lld of %lld bytes do not fit a %zd-byte buffer", copied,
+                     total, dest.len);
+        PyBuffer_Release(&dest);
+        return NULL;
+    }
+    bool kick = false;
+    uint64_t idle_since = 0;
+    for (unsigned i = 0; copied < total && !kick; i++) {
+        uint64_t addr;
+        uint32_t length;
+        int found = rx_poll_impl(self, &addr, &length);
+        if (found < 0)
+            goto fail;
+        if (found == 0) {
+            if ((i & 31) == 0) {
+                uint64_t now = monotonic_ns();
+                if (idle_since == 0)
+                    idle_since = now;
+                else if (now - idle_since >= (uint64_t)(spin_ns > 0 ? spin_ns : 0))
+                    break;
+            }
+#if defined(__x86_64__) || defined(__i386__)
+            __builtin_ia32_pause();
+#endif
+            continue;
+        }
+        idle_since = 0;
+        if (length > (uint64_t)(total - copied)) {
+            ring_corrupt(r, PyUnicode_FromString("span.len"), PyLong_FromUnsignedLong(length),
+                         PyUnicode_FromFormat("%lld bytes left", total - copied));
+            goto fail;
+        }
+        if (expected >= 0 && addr != (uint64_t)expected) {
+            ring_corrupt(r, PyUnicode_FromString("span.addr"), PyLong_FromUnsignedLongLong(addr),
+                         PyUnicode_FromFormat("expected contiguous %lld", expected));
+            goto fail;
+        }
+        copy_bytes((unsigned char *)dest.buf + copied, r->base + addr, (Py_ssize_t)length);
+        copied += length;
+        if (expected >= 0)
+            expected = (long long)(addr + length);
+        kick = rx_complete_impl(self, 1);
+    }
+    PyBuffer_Release(&dest);
+    return Py_BuildValue("(LLO)", copied, expected, kick ? Py_True : Py_False);
+fail:
+    PyBuffer_Release(&dest);
+    return NULL;
+}
+
 static PyObject *rx_arm(RxRing *self, PyObject *Py_UNUSED(ignored))
 {
     Ring *r = &self->ring;
@@ -1186,6 +1264,8 @@ static PyMethodDef rx_methods[] = {
      "wait_header(spin_ns): poll_header() repeated for up to spin_ns nanoseconds."},
     {"complete", (PyCFunction)rx_complete, METH_O,
      "Give the oldest `count` held spans back to the driver. True iff it must be kicked."},
+    {"stream_into", (PyCFunction)(void (*)(void))rx_stream_into, METH_FASTCALL,
+     "stream_into(dest, copied, total, expected, spin_ns) -> (copied, expected, kick)"},
     {"read_into", (PyCFunction)(void (*)(void))rx_read_into, METH_FASTCALL,
      "read_into(src_offset, dest_buffer, dest_offset, length): copy out of the data area."},
     {"count_message", (PyCFunction)ring_count_message, METH_O,

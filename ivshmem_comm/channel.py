@@ -26,6 +26,7 @@ from ivshmem_comm.ring import SEND_FULL, SEND_KICK, SEND_TOO_BIG
 Wait = Callable[[float | None], None]
 STALL_TIMEOUT = 10.0  # seconds a receiver waits for the next span inside a message
 MID_MESSAGE_SPIN = 200e-6  # seconds a receiver spins for the next span of a message
+STREAM_SPIN_NS = 200_000  # the same spin, inside the ring's stream_into
 PREALLOC_MAX = 256 << 20  # largest streamed message given all its memory up front
 Kick = Callable[[], None]
 
@@ -316,6 +317,14 @@ class RxChannel:
         self._complete_now(1)
         copied, expected = first, offset + length
         while copied < total:
+            if not self._pending:  # nothing held: the ring copies and completes what is there
+                copied, expected, kick = self.ring.stream_into(
+                    dest, copied, total, expected if contiguous else -1, STREAM_SPIN_NS
+                )
+                if kick:
+                    self._kick()
+                if copied == total:
+                    break
             span_offset, span_length = self._next_span(total)
             if span_length > total - copied:
                 raise self.ring_corrupt("span.len", span_length, f"{total - copied} bytes left")

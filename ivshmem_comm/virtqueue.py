@@ -472,6 +472,46 @@ class RxRing(_RingBase):
         view = memoryview(dest).cast("B") if not isinstance(dest, memoryview) else dest
         view[dest_offset : dest_offset + length] = self._buf[src_offset : src_offset + length]
 
+    def stream_into(
+        self, dest: Any, copied: int, total: int, expected: int, spin_ns: int
+    ) -> tuple[int, int, bool]:
+        """Copy the rest of a message being taken into `dest[copied:]`, span by span.
+
+        Each span is completed as soon as it is copied (the caller holds no span). Stops when
+        `total` bytes are in, when a completion must be kicked, or when no span came for
+        `spin_ns` nanoseconds; returns (copied, expected, kick) for the caller to kick and/or
+        wait and call again. `expected` is the region offset the next span must start at (a
+        contiguous message), or -1 for any. Raises RingCorruptError (ring broken) for a span
+        that runs past the message ("span.len") or lies elsewhere than expected ("span.addr"),
+        ValueError if `total` bytes do not fit `dest`.
+        """
+        view = memoryview(dest).cast("B") if not isinstance(dest, memoryview) else dest
+        if not 0 <= copied <= total <= len(view):
+            raise ValueError(f"{copied} of {total} bytes do not fit a {len(view)}-byte buffer")
+        kick = False
+        idle_since = None
+        while copied < total and not kick:
+            span = self.poll()
+            if span is None:
+                now = time.monotonic_ns()
+                if idle_since is None:
+                    idle_since = now
+                elif now - idle_since >= spin_ns:
+                    break
+                continue
+            idle_since = None
+            offset, length = span
+            if length > total - copied:
+                raise self._corrupt("span.len", length, f"{total - copied} bytes left")
+            if expected >= 0 and offset != expected:
+                raise self._corrupt("span.addr", offset, f"expected contiguous {expected}")
+            self.read_into(offset, view, copied, length)
+            copied += length
+            if expected >= 0:
+                expected = offset + length
+            kick = self.complete(1)
+        return copied, expected, kick
+
     def complete(self, count: int) -> bool:
         """Give the oldest `count` held spans back to the driver. True iff it must be kicked.
 
