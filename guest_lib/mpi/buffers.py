@@ -27,6 +27,7 @@ from guest_lib.mpi import datatypes
 from guest_lib.mpi.datatypes import BYTE, Datatype
 
 _EMPTY = memoryview(bytearray(0))
+_IMPLIED: dict[np.dtype, Datatype | None] = {}  # numpy dtype -> its datatype (a cache)
 
 
 class Spec(NamedTuple):
@@ -46,14 +47,18 @@ def _as_bytes(buf: Any, writable: bool) -> tuple[memoryview, Datatype | None]:
     if buf is None:
         return _EMPTY, None
     if isinstance(buf, np.ndarray):
-        if not (buf.flags.c_contiguous or buf.flags.f_contiguous):
-            raise ValueError("message buffer must be contiguous")
         if writable and not buf.flags.writeable:
             raise BufferError("message buffer is read-only")
+        dtype = buf.dtype
         try:
-            datatype: Datatype | None = datatypes.from_dtype(buf.dtype)
+            datatype = _IMPLIED[dtype]
         except KeyError:
-            datatype = None
+            datatype = _IMPLIED[dtype] = _implied_by(dtype)
+        if buf.flags.c_contiguous and dtype.kind not in "mM":  # memoryview can't hold those
+            view = memoryview(buf)
+            return (view if view.ndim == 1 and view.format == "B" else view.cast("B")), datatype
+        if not buf.flags.f_contiguous:
+            raise ValueError("message buffer must be contiguous")
         flat = buf.reshape(-1, order="A") if buf.ndim != 1 else buf
         return memoryview(flat.view(np.uint8)), datatype
     try:
@@ -64,14 +69,23 @@ def _as_bytes(buf: Any, writable: bool) -> tuple[memoryview, Datatype | None]:
         raise BufferError("message buffer is read-only")
     if not view.contiguous:
         raise ValueError("message buffer must be contiguous")
-    fmt = view.format.lstrip("@=<")
+    fmt = view.format
+    if fmt == "B" and view.ndim == 1:
+        return view, BYTE
+    fmt = fmt.lstrip("@=<")
     try:
         datatype = BYTE if fmt in ("B", "c") else datatypes.from_code(fmt)
     except KeyError:
         datatype = None
-    if view.format != "B" or view.ndim != 1:
-        view = view.cast("B") if view.c_contiguous else memoryview(np.asarray(view)).cast("B")
+    view = view.cast("B") if view.c_contiguous else memoryview(np.asarray(view)).cast("B")
     return view, datatype
+
+
+def _implied_by(dtype: np.dtype) -> Datatype | None:
+    try:
+        return datatypes.from_dtype(dtype)
+    except KeyError:
+        return None
 
 
 def _datatype(value: Any) -> Datatype:
@@ -91,27 +105,37 @@ def _is_datatype(value: Any) -> bool:
 
 def parse(spec: Any, *, writable: bool = False) -> Spec:
     """Resolve a message spec (see module doc) to a Spec."""
+    if not isinstance(spec, list | tuple):  # a bare buffer: all of it, its own datatype
+        view, implied = _as_bytes(spec, writable)
+        datatype = BYTE if implied is None else implied
+        extent = datatype.size
+        if extent == 1:
+            return Spec(view, len(view), datatype)
+        count, rest = divmod(len(view), extent) if extent else (0, 0)
+        if rest:
+            raise ValueError(
+                f"message: buffer length {len(view)} is not a multiple of {datatype.name}'s "
+                f"extent {extent}"
+            )
+        return Spec(view, count, datatype)
     count: int | None = None
     displ = 0
-    datatype: Datatype | None = None
-    if isinstance(spec, list | tuple):
-        items = list(spec)
-        if not 1 <= len(items) <= 4:
-            raise TypeError(f"message: expecting 1..4 items, got {len(items)}")
-        buf = items[0]
-        if len(items) == 2:
-            if _is_datatype(items[1]):
-                datatype = _datatype(items[1])
-            else:
-                count, displ = _count_displ(items[1])
-        elif len(items) == 3:
+    datatype = None
+    items = list(spec)
+    if not 1 <= len(items) <= 4:
+        raise TypeError(f"message: expecting 1..4 items, got {len(items)}")
+    buf = items[0]
+    if len(items) == 2:
+        if _is_datatype(items[1]):
+            datatype = _datatype(items[1])
+        else:
             count, displ = _count_displ(items[1])
-            datatype = _datatype(items[2])
-        elif len(items) == 4:
-            count, displ = int(items[1]), int(items[2])
-            datatype = _datatype(items[3])
-    else:
-        buf = spec
+    elif len(items) == 3:
+        count, displ = _count_displ(items[1])
+        datatype = _datatype(items[2])
+    elif len(items) == 4:
+        count, displ = int(items[1]), int(items[2])
+        datatype = _datatype(items[3])
     view, implied = _as_bytes(buf, writable)
     if datatype is None:
         datatype = implied if implied is not None else BYTE

@@ -20,6 +20,8 @@ import pickle
 import sys
 from typing import Any
 
+import numpy as np
+
 from guest_lib.mpi import buffers, constants, exceptions
 from guest_lib.mpi.collectives import Collectives
 from guest_lib.mpi.engine import (
@@ -38,6 +40,9 @@ from guest_lib.mpi.request import Request, unpickle
 from guest_lib.mpi.status import Status
 
 PICKLE_PROTOCOL = pickle.HIGHEST_PROTOCOL
+# numpy type characters of arrays the fast paths hand to the core as they are (plain numbers)
+_PLAIN_DTYPES = "?bBhHiIlLqQefdgFDG"
+_CTX_SHIFT = constants.TAG_BITS
 _EMPTY = memoryview(b"")
 
 
@@ -70,7 +75,11 @@ class Comm:
             self._route = [engine.routes[w] for w in group]
             self._has_mpi = any(route == ROUTE_MPI for route, _ in self._route)
             self._all_mpi = all(route != ROUTE_SHM for route, _ in self._route)
+            self._shm_peer = {  # comm rank -> core peer id, for ranks on shared memory
+                r: peer for r, (route, peer) in enumerate(self._route) if route == ROUTE_SHM
+            }
         else:
+            self._shm_peer = {}
             self._rank, self._rank_of, self._route, self._has_mpi = -1, {}, [], False
             self._all_mpi = False
         self._hier: Any = None  # (local comm, leaders' mpi4py comm, leader of each rank)
@@ -252,9 +261,13 @@ class Comm:
             route, peer = self._route[source]
             if route == ROUTE_SHM:
                 got = engine.fast_recv(peer, ctx, tag, view)
-                if got is not None:
+                if type(got) is tuple:
                     if status is not None:
                         status._set(source, got[1], got[0])
+                    return
+                if got is not None:  # a large message, coming in straight after its head
+                    engine.wait(got)
+                    Request(got, engine, self._rank_of)._fill(status)
                     return
             elif route == ROUTE_MPI and engine.quiet():
                 self._native_recv(view, source, tag, ctx, status)
@@ -406,6 +419,16 @@ class Comm:
     # ------------------------------------------------------------------ p2p buffers
     def Send(self, buf: Any, dest: int, tag: int = 0) -> None:
         """Send a buffer (message spec). Returns once the data is in the queue or MPI."""
+        peer = self._shm_peer.get(dest)
+        if (  # fast path: a plain array to a peer on shared memory, straight into the queue
+            peer is not None
+            and type(buf) is np.ndarray
+            and buf.flags.c_contiguous
+            and buf.dtype.char in _PLAIN_DTYPES
+            and 0 <= tag <= constants.TAG_UB
+            and self._engine.fast_send(peer, self._ctx << _CTX_SHIFT | tag, buf)
+        ):
+            return
         self._dest(dest)
         self._send_tag(tag)
         self._send_bytes(buffers.parse(buf).view, dest, tag, self._ctx, False)
@@ -427,6 +450,25 @@ class Comm:
     ) -> None:
         """Receive into a buffer. Raises MPI.Exception(ERR_TRUNCATE) if the message is
         longer than the buffer (the message is consumed; the buffer holds its prefix)."""
+        peer = self._shm_peer.get(source)
+        if (  # fast path: from a peer on shared memory straight into a plain array
+            peer is not None
+            and type(buf) is np.ndarray
+            and buf.flags.c_contiguous
+            and buf.flags.writeable
+            and buf.dtype.char in _PLAIN_DTYPES
+            and (0 <= tag <= constants.TAG_UB or tag == constants.ANY_TAG)
+        ):
+            engine = self._engine
+            got = engine.fast_recv(peer, self._ctx, tag, buf)
+            if type(got) is tuple:
+                if status is not None:
+                    status._set(source, got[1], got[0])
+                return
+            if got is not None:  # a large message, coming in straight after its head
+                engine.wait(got)
+                Request(got, engine, self._rank_of)._fill(status)
+                return
         self._source(source)
         self._recv_tag(tag)
         spec = buffers.parse(buf, writable=True)
@@ -607,6 +649,7 @@ class Comm:
                 self._mirror.Free()
                 self._mirror_coll.Free()
         self._engine = None
+        self._shm_peer = {}
         self._null = True
 
     def Abort(self, errorcode: int = 0) -> None:

@@ -5,22 +5,24 @@ region this process shares with it) or MPI (an mpi4py rank, for pairs that share
 Everything here counts in world ranks; communicators translate.
 
 Wire format over shared memory (one core tag per message, 31 bits):
-    bit 29-30 kind: 0 DATA, 2 PIECE, 3 CONTROL      bits 18-28 context      bits 0-17 user tag
-- A message of n < `chunk` bytes is one DATA message (eager) carrying exactly its bytes.
-- A message of n >= `chunk` bytes is a DATA message of exactly `chunk` bytes (its first
-  piece) followed by PIECE messages of at most `chunk` bytes, the last one with bit 0 of
-  the tag field set (possibly empty). Pieces of one message are never interleaved with other
-  data to the same peer (per-destination FIFO), so the receiver appends them in order.
-  `chunk` is derived from the region geometry (same on both sides), at most a quarter of a
-  queue's data area, so every piece is contiguous in the queue: a send of a piece either goes
-  whole or not at all (timeout 0), and two ranks that send each other huge messages never
-  block inside the core: the engine keeps receiving while it waits for space.
+    bit 29-30 kind: 0 DATA, 1 FIRST, 2 PIECE, 3 CONTROL   bits 18-28 context   bits 0-17 tag
+- A message of n <= `whole_max` bytes is one DATA message carrying exactly its bytes: the
+  core reserves it contiguously in the queue at once (so a send of it either goes whole or
+  not at all: timeout 0 never leaves half a message) and publishes it in max_span pieces
+  that the receiver's `recv_into` copies while the sender writes the next.
+- A larger message is a FIRST message of `chunk` bytes followed by PIECE messages of at most
+  `chunk` bytes, the last one with bit 0 of the tag field set (possibly empty). Pieces of one
+  message are never interleaved with other data to the same peer (per-destination FIFO), so
+  the receiver appends them in order. `chunk` is at most a quarter of a queue's data area:
+  two ranks that send each other huge messages never block inside the core: the engine
+  keeps receiving while it waits for space.
+  `whole_max` and `chunk` are derived from the region geometry (the same on both sides).
 - CONTROL messages: ACK (payload: sequence number) completes a synchronous send; SYNC (same
   payload) announces that the next DATA message from that peer is synchronous; HELLO carries
   bootstrap data.
-Why the first piece is a DATA message recognised by its length rather than its own kind: the
-blocking-Recv fast path then is a single core `recv_into(source, ANY_TAG)`; whatever it got
-that is not the awaited message is handed to the engine, in order, so nothing overtakes.
+The blocking-Recv fast path is a single core `recv_into(source, ANY_TAG)` that accepts a DATA
+message of its context and tag; whatever else it got is handed to the engine, in order, so
+nothing overtakes.
 
 Matching (MPI rules): a receive is first matched against the unexpected list (arrival order),
 else queued in `posted` (post order); each arriving DATA message goes to the first posted
@@ -41,10 +43,12 @@ from collections.abc import Callable
 from typing import Any
 
 from guest_lib.mpi import constants, exceptions
+from ivshmem_comm import layout
 from ivshmem_comm.errors import MessageTooLargeError, PeerLostError
 from ivshmem_comm.errors import TimeoutError as CoreTimeout
 
 KIND_DATA = 0
+KIND_FIRST = 1
 KIND_PIECE = 2
 KIND_CONTROL = 3
 CTRL_ACK = 0
@@ -80,6 +84,20 @@ def chunk_size(data_size: int) -> int:
     while size * 2 <= target:
         size *= 2
     return size
+
+
+def whole_max(geometry: layout.Geometry) -> int:
+    """The largest message the core sends as one contiguous reservation in a queue."""
+    limit = geometry.data_size - layout.SPAN_HEADER_SIZE
+    while limit > 0 and not layout.is_contiguous(limit, geometry):
+        limit -= geometry.max_span
+    return max(limit, 0)
+
+
+def _bytes_of(buf: Any) -> memoryview:
+    """A flat byte view of a flat byte view or a C-contiguous numpy array."""
+    view = memoryview(buf)
+    return view if view.format == "B" and view.ndim == 1 else view.cast("B")
 
 
 def translate_error(exc: BaseException) -> exceptions.Exception:
@@ -288,7 +306,9 @@ class Engine:
         self.world_of_peer: dict[int, int] = {
             peer: w for w, (route, peer) in enumerate(self.routes) if route == ROUTE_SHM
         }
-        self.chunk = chunk_size(endpoint.region.geometry.data_size) if endpoint else 3 << 20
+        geometry = endpoint.region.geometry if endpoint else None
+        self.chunk = chunk_size(geometry.data_size) if geometry else 3 << 20
+        self.whole_max = whole_max(geometry) if geometry else 3 << 20
         self.sendq: dict[int, collections.deque[SendOp]] = {}
         self.posted: list[RecvOp] = []
         self.unexpected: list[Unexpected] = []
@@ -363,14 +383,15 @@ class Engine:
                     self.await_ack[(peer, op.seq)] = op
                     moved = True
                 if op.pos == -1:
-                    if total < chunk:
+                    if total <= self.whole_max:
                         ep.send(peer, data, op.coretag, timeout)
                         op.pos = total
                         queue.popleft()
                         op.done = op.done or not op.sync
                         moved = True
                         continue
-                    ep.send(peer, data[:chunk], op.coretag, timeout)
+                    first = core_tag(KIND_FIRST, op.ctx, op.user_tag)
+                    ep.send(peer, data[:chunk], first, timeout)
                     op.pos = chunk
                     moved = True
                 while True:
@@ -464,11 +485,7 @@ class Engine:
                 raise exceptions.Exception(
                     exceptions.ERR_INTERN, f"peer {peer} sent a piece of no message"
                 )
-            if data is None:
-                with ep.recv(peer, coretag) as message:
-                    flow.sink.write(flow.offset, message.data)
-            else:
-                flow.sink.write(flow.offset, data)
+            self._fill(flow.sink, flow.offset, peer, coretag, nbytes, data)
             flow.offset += nbytes
             if tag & PIECE_LAST:
                 del self.inflow[peer]
@@ -490,11 +507,8 @@ class Engine:
             elif tag == CTRL_HELLO:
                 self.hello[peer] = payload
             return
-        if kind != KIND_DATA:
-            raise exceptions.Exception(exceptions.ERR_INTERN, f"peer {peer}: bad kind {kind}")
         src = self.world_of_peer[peer]
         sync_seq = self.sync_next.pop(peer, None)
-        first_piece = nbytes >= self.chunk
         op = self._match_posted(src, ctx, tag)
         sink: RecvOp | Unexpected
         if op is None:
@@ -505,23 +519,37 @@ class Engine:
             op.begin(src, tag)
             if sync_seq is not None:
                 self.send_control(peer, CTRL_ACK, SEQ.pack(sync_seq))
+        self._fill(sink, 0, peer, coretag, nbytes, data)
+        if kind == KIND_FIRST:
+            self.inflow[peer] = _Inflow(sink, nbytes)
+        else:
+            sink.finish()
+
+    def _fill(
+        self,
+        sink: RecvOp | Unexpected,
+        offset: int,
+        peer: int,
+        coretag: int,
+        nbytes: int,
+        data: Any,
+    ) -> None:
+        """Write a message of `nbytes` at `offset` of `sink`: `data` if given (already taken
+        from the core), else the head message from `peer`, copied straight into a receive
+        buffer where it fits (the core pipelines that copy span by span)."""
         if data is not None:
-            sink.write(0, data)
+            sink.write(offset, data)
         elif (
             isinstance(sink, RecvOp)
             and sink.sink is None
             and sink.view is not None
-            and nbytes <= len(sink.view)
+            and offset + nbytes <= len(sink.view)
         ):
-            ep.recv_into(sink.view, peer, coretag)
-            sink.count = nbytes
+            self.ep.recv_into(sink.view[offset:] if offset else sink.view, peer, coretag)
+            sink.count = offset + nbytes
         else:
-            with ep.recv(peer, coretag) as message:
-                sink.write(0, message.data)
-        if first_piece:
-            self.inflow[peer] = _Inflow(sink, nbytes)
-        else:
-            sink.finish()
+            with self.ep.recv(peer, coretag) as message:
+                sink.write(offset, message.data)
 
     # ------------------------------------------------------------------ MPI side
     def _poll_mpi(self) -> bool:
@@ -634,34 +662,44 @@ class Engine:
                 self.idle(watch)
 
     # ------------------------------------------------------------------ fast paths
-    def fast_recv(self, peer: int, ctx: int, tag: int, view: memoryview) -> tuple[int, int] | None:
-        """Blocking receive from shm peer straight into `view` when nothing else is pending.
+    def fast_recv(self, peer: int, ctx: int, tag: int, buf: Any) -> tuple[int, int] | RecvOp | None:
+        """Blocking receive from shm peer straight into `buf` when nothing else is pending.
 
-        Returns (nbytes, tag) on success; None if the caller must take the engine path (what
-        was received meanwhile has been dispatched in order).
+        `buf` is a writable flat byte view or a writable C-contiguous numpy array.
+        Returns (nbytes, tag) on success; a RecvOp to wait for when the message is a large one
+        whose first piece is already in `view` (the rest follows straight into it); None if
+        the caller must take the engine path (what was received meanwhile has been
+        dispatched in order).
         """
         if not self.quiet():
             return None
         ep = self.ep
         try:
-            nbytes, _, coretag = ep.recv_into(view, peer, -1, FAST_TIMEOUT)
+            nbytes, _, coretag = ep.recv_into(buf, peer, -1, FAST_TIMEOUT)
         except (CoreTimeout, MessageTooLargeError):
             return None
         except PeerLostError as exc:
             raise translate_error(exc) from exc
-        if (
-            coretag >> _CTX_SHIFT == ctx  # kind DATA and this context
-            and nbytes < self.chunk
-            and (tag == constants.ANY_TAG or coretag & _TAG_MASK == tag)
-            and peer not in self.sync_next
-        ):
-            return nbytes, coretag & _TAG_MASK
-        self.dispatch(peer, coretag, nbytes, bytes(view[:nbytes]))
+        if (tag == constants.ANY_TAG or coretag & _TAG_MASK == tag) and peer not in self.sync_next:
+            head = coretag >> _CTX_SHIFT
+            if head == ctx:  # kind DATA and this context
+                return nbytes, coretag & _TAG_MASK
+            if head == KIND_FIRST << constants.CTX_BITS | ctx:
+                op = RecvOp(ctx, self.world_of_peer[peer], tag, _bytes_of(buf), None, peer)
+                op.begin(op.src, coretag & _TAG_MASK)
+                op.count = nbytes
+                self.inflow[peer] = _Inflow(op, nbytes)
+                return op
+        self.dispatch(peer, coretag, nbytes, bytes(_bytes_of(buf)[:nbytes]))
         return None
 
-    def fast_send(self, peer: int, coretag: int, data: memoryview) -> bool:
-        """Blocking eager send when the queue to `peer` is idle. False: use the engine."""
-        if len(data) >= self.chunk or peer in self.sendq:
+    def fast_send(self, peer: int, coretag: int, data: Any) -> bool:
+        """Blocking send of a whole message when the queue to `peer` is idle.
+
+        `data` is a flat byte view or a C-contiguous numpy array. Returns True once it is in
+        the queue; False if the engine must take it (too large, queue busy or full).
+        """
+        if data.nbytes > self.whole_max or peer in self.sendq:
             return False
         try:
             self.ep.send(peer, data, coretag, FAST_TIMEOUT)

@@ -63,6 +63,12 @@ def make_parser() -> argparse.ArgumentParser:
         default=os.environ.get("IVSHMEM_MPI_MAX_SPAN", "128K"),
         help="largest span published at once (smaller: more pipelining)",
     )
+    parser.add_argument(
+        "--queue-num",
+        type=int,
+        default=int(os.environ.get("IVSHMEM_MPI_QUEUE_NUM", "1024")),
+        help="descriptors per queue (a message of up to queue-num/2 spans goes whole)",
+    )
     parser.add_argument("--timeout", type=float, help="kill everything after S seconds")
     parser.add_argument("-m", dest="module", help="run a module (python -m)")
     parser.add_argument("args", nargs=argparse.REMAINDER, help="program and its arguments")
@@ -110,12 +116,15 @@ def run(argv: Sequence[str] | None = None) -> int:
                 [sys.executable, "-m", "host_broker", "serve", "--name", name,
                  "--size", str(size), "--max-peers", str(max(n, 2)), "--socket", sock,
                  "--state-dir", tmpdir, "--unlink-on-exit", "--log-level", "warning",
-                 "--max-span", str(parse_size(args.max_span))],
+                 "--max-span", str(parse_size(args.max_span)),
+                 "--queue-num", str(args.queue_num)],
             )  # fmt: skip
             _wait_socket(sock, broker)
             env["IVSHMEM_COMM_SOCKET"] = sock
         elif n > 1:
-            region = Region.create(name, size, n, max_span=parse_size(args.max_span))
+            region = Region.create(
+                name, size, n, queue_num=args.queue_num, max_span=parse_size(args.max_span)
+            )
             env["IVSHMEM_COMM_REGION"] = name
         for rank in range(n):
             rank_env = dict(env, IVSHMEM_MPI_RANK=str(rank), IVSHMEM_MPI_SIZE=str(n))
