@@ -41,6 +41,8 @@ if TYPE_CHECKING:
 
 T_BARRIER, T_BCAST, T_GATHER, T_SCATTER, T_ALLGATHER, T_ALLTOALL = 1, 2, 3, 4, 5, 6
 T_REDUCE, T_ALLREDUCE, T_SCAN, T_EXSCAN, T_RSB, T_CTX = 7, 8, 9, 10, 11, 12
+T_ALLREDUCE_GATHER = 13
+RSAG_MIN = 64 << 10  # bytes from which Allreduce is a reduce-scatter and an allgather
 
 _PICKLE = pickle.HIGHEST_PROTOCOL
 
@@ -509,6 +511,9 @@ class Collectives:
             if sendbuf is not IN_PLACE:
                 out[...] = local
             return
+        if op.is_commutative and out.nbytes >= RSAG_MIN and len(out) >= size:
+            self._allreduce_blocks(out if sendbuf is IN_PLACE else local, out, op, rspec.datatype)
+            return
         if size == 2:
             peer = 1 - rank
             sink = self._combine_sink(out, local, op, local_is_left=rank == 0)
@@ -525,6 +530,34 @@ class Collectives:
         else:
             self._c_wait([self._c_isend(_raw(local), 0, T_ALLREDUCE)])
         self._bcast_view(rspec.view, 0, T_BCAST)
+
+    def _allreduce_blocks(
+        self, local: np.ndarray, out: np.ndarray, op: ops.Op, datatype: Any
+    ) -> None:
+        """Allreduce of a large operand (commutative op): a reduce-scatter, then an allgather.
+
+        Rank j folds block j of every operand (1/size of the data), reading the other ranks'
+        blocks in place in its queues as they arrive, and sends the folded block to every
+        other rank, which receives it straight into its `out`. Each element is folded by one
+        rank only, so every rank gets the same bits. `local` is `out` for IN_PLACE.
+        """
+        size, rank = self._sizes()
+        bounds = [j * len(out) // size for j in range(size + 1)]
+        blocks = [slice(bounds[j], bounds[j + 1]) for j in range(size)]
+        others = [j for j in range(size) if j != rank]
+        mine = out[blocks[rank]]
+        if size == 2 and local is not out:  # one pass: out = lower rank's op higher rank's
+            sink = self._combine_sink(mine, local[blocks[rank]], op, local_is_left=rank == 0)
+        else:
+            if local is not out:
+                mine[...] = local[blocks[rank]]
+            sink = self._reduce_sink(mine, op, datatype)
+        folds = [self._c_irecv(None, j, T_ALLREDUCE, sink) for j in others]
+        gathers = [self._c_irecv(_raw(out[blocks[j]]), j, T_ALLREDUCE_GATHER) for j in others]
+        sends = [self._c_isend(_raw(local[blocks[j]]), j, T_ALLREDUCE) for j in others]
+        self._c_wait(folds)
+        sends += [self._c_isend(_raw(mine), j, T_ALLREDUCE_GATHER) for j in others]
+        self._c_wait(sends + gathers)
 
     def Reduce_scatter_block(self, sendbuf: Any, recvbuf: Any, op: ops.Op = ops.SUM) -> None:
         """Block r of the fold of every rank's sendbuf ends in rank r's recvbuf; each block

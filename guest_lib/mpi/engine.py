@@ -607,8 +607,12 @@ class Engine:
         return moved
 
     # ------------------------------------------------------------------ progress
-    def progress(self) -> bool:
-        """One pass: push sends, take arrived messages, poll MPI. True iff anything moved."""
+    def progress(self, until: Callable[[], bool] | None = None) -> bool:
+        """One pass: push sends, take arrived messages, poll MPI. True iff anything moved.
+
+        `until`: stop taking messages as soon as it holds (what the caller waits for is
+        done), so that messages sent ahead stay in the queue, to be received in place once
+        their receive is posted, rather than copied out as unexpected."""
         moved = False
         if self.sendq:
             for peer, queue in list(self.sendq.items()):
@@ -618,6 +622,8 @@ class Engine:
         if ep is not None:
             try:
                 for _ in range(MAX_PULL):
+                    if until is not None and until():
+                        break
                     head = ep.iprobe()
                     if head is None:
                         break
@@ -652,13 +658,17 @@ class Engine:
 
     def wait(self, op: Op) -> None:
         """Drive progress until `op` is done."""
+
+        def done() -> bool:
+            return op.done
+
         while not op.done:
-            if not self.progress() and not op.done:
+            if not self.progress(done) and not op.done:
                 self.idle(op.watch())
 
     def wait_until(self, predicate: Callable[[], bool], watch: int = -1) -> None:
         while not predicate():
-            if not self.progress() and not predicate():
+            if not self.progress(predicate) and not predicate():
                 self.idle(watch)
 
     # ------------------------------------------------------------------ fast paths

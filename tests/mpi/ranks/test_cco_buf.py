@@ -97,6 +97,30 @@ def test_allreduce_large(comm):
     assert np.array_equal(rbuf, np.arange(1_000_000, dtype="d") * (size * (size + 1) // 2))
 
 
+@pytest.mark.parametrize("count", [100_003, 1 << 20])
+def test_allreduce_large_blocks(comm, count):
+    """Large operands (reduce-scatter + allgather): uneven blocks, IN_PLACE, MAXLOC, and the
+    very same bits on every rank for a floating-point sum."""
+    size, rank = comm.Get_size(), comm.Get_rank()
+    sbuf = np.random.default_rng(rank).random(count)
+    rbuf = np.empty_like(sbuf)
+    comm.Allreduce(sbuf, rbuf, MPI.SUM)
+    everyone = comm.allgather(sbuf)
+    assert np.allclose(rbuf, np.sum(everyone, axis=0), rtol=1e-12, atol=0)
+    assert all(r.tobytes() == rbuf.tobytes() for r in comm.allgather(rbuf))
+    inplace = sbuf.copy()
+    comm.Allreduce(MPI.IN_PLACE, inplace, MPI.MAX)
+    assert np.array_equal(inplace, np.max(everyone, axis=0))
+    pairs = np.zeros(count // 4, MPI.DOUBLE_INT.dtype)
+    pairs["v"] = sbuf[: count // 4]
+    pairs["i"] = rank
+    best = np.zeros_like(pairs)
+    comm.Allreduce(pairs, [best, MPI.DOUBLE_INT], MPI.MAXLOC)
+    values = np.array([e[: count // 4] for e in everyone])
+    assert np.array_equal(best["v"], values.max(axis=0))
+    assert np.array_equal(best["i"], values.argmax(axis=0))
+
+
 def test_bitwise_logical(comm):
     size, rank = comm.Get_size(), comm.Get_rank()
     rbuf = np.zeros(1, "i")
