@@ -1017,23 +1017,33 @@ static PyObject *rx_read_header(RxRing *self, PyObject *const *args, Py_ssize_t 
     return Py_BuildValue("(Ki)", (unsigned long long)total, (int)tag);
 }
 
+/* Decode and count the first-span header of the span just peeked. 0, or -1 with the ring
+ * broken. */
+static int rx_header(RxRing *self, uint64_t addr, uint32_t length, uint64_t *total,
+                     int32_t *tag)
+{
+    if (length < SPAN_HEADER_SIZE) {
+        PyObject *length_obj = PyLong_FromUnsignedLong(length);
+        if (length_obj != NULL) {
+            Py_XDECREF(short_span(self, length_obj));
+            Py_DECREF(length_obj);
+        }
+        return -1;
+    }
+    if (rx_read_header_impl(self, (Py_ssize_t)addr, length, total, tag) < 0)
+        return -1;
+    count(&self->ring, CNT_MESSAGES, 1); /* a message is counted when its header is read */
+    count(&self->ring, CNT_BYTES, *total);
+    return 0;
+}
+
 /* The first-span header of the span just peeked, as poll_header() returns it. */
 static PyObject *rx_header_tuple(RxRing *self, uint64_t addr, uint32_t length)
 {
     uint64_t total;
     int32_t tag;
-    if (length < SPAN_HEADER_SIZE) {
-        PyObject *length_obj = PyLong_FromUnsignedLong(length);
-        if (length_obj == NULL)
-            return NULL;
-        PyObject *result = short_span(self, length_obj);
-        Py_DECREF(length_obj);
-        return result;
-    }
-    if (rx_read_header_impl(self, (Py_ssize_t)addr, length, &total, &tag) < 0)
+    if (rx_header(self, addr, length, &total, &tag) < 0)
         return NULL;
-    count(&self->ring, CNT_MESSAGES, 1); /* a message is counted when its header is read */
-    count(&self->ring, CNT_BYTES, total);
     return Py_BuildValue("(KIKi)", (unsigned long long)addr, (unsigned int)length,
                          (unsigned long long)total, (int)tag);
 }
@@ -1055,33 +1065,84 @@ static uint64_t monotonic_ns(void)
     return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
 }
 
-/* poll_header() repeated for up to `spin_ns` nanoseconds: the spin phase of a receive without
- * a trip through the interpreter per probe. The GIL stays held: spins are a few tens of us. */
-static PyObject *rx_wait_header(RxRing *self, PyObject *spin_obj)
+/* rx_poll_impl() repeated for up to `spin_ns` nanoseconds: 1 with a span, 0 if none came, -1
+ * with the ring broken. The GIL stays held: spins are a few tens of us. */
+static int rx_spin_poll(RxRing *self, long long spin_ns, uint64_t *addr, uint32_t *length)
 {
-    long long spin_ns;
-    if (as_long_long(spin_obj, &spin_ns) < 0)
-        return NULL;
     uint64_t end = 0;
-    uint64_t addr;
-    uint32_t length;
     for (unsigned i = 0;; i++) {
-        int found = rx_poll_impl(self, &addr, &length);
-        if (found < 0)
-            return NULL;
-        if (found > 0)
-            return rx_header_tuple(self, addr, length);
+        int found = rx_poll_impl(self, addr, length);
+        if (found != 0)
+            return found;
         if ((i & 31) == 0) {
             uint64_t now = monotonic_ns();
             if (end == 0)
                 end = now + (uint64_t)(spin_ns > 0 ? spin_ns : 0);
             if (now >= end)
-                return Py_NewRef(Py_None);
+                return 0;
         }
 #if defined(__x86_64__) || defined(__i386__)
         __builtin_ia32_pause();
 #endif
     }
+}
+
+/* poll_header() repeated for up to `spin_ns` nanoseconds: the spin phase of a receive without
+ * a trip through the interpreter per probe. */
+static PyObject *rx_wait_header(RxRing *self, PyObject *spin_obj)
+{
+    long long spin_ns;
+    if (as_long_long(spin_obj, &spin_ns) < 0)
+        return NULL;
+    uint64_t addr;
+    uint32_t length;
+    int found = rx_spin_poll(self, spin_ns, &addr, &length);
+    if (found <= 0)
+        return found < 0 ? NULL : Py_NewRef(Py_None);
+    return rx_header_tuple(self, addr, length);
+}
+
+static bool rx_complete_impl(RxRing *self, uint16_t n);
+
+/* The receive of a small message in one call: wait_header(spin_ns) and, when the message that
+ * came is one span that fits `dest` and carries `want_tag` (any if negative), its copy into
+ * `dest` and its completion. Returns (nbytes, tag, kick) when taken; the header as
+ * poll_header() gives it when a message came but is not taken (the caller keeps it as the
+ * peeked head); None when none came. The caller holds no span. BufferError (nothing taken)
+ * if `dest` is not a writable contiguous buffer. */
+static PyObject *rx_recv_small_into(RxRing *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    long long want_tag, spin_ns;
+    Py_buffer dest;
+    if (check_nargs("recv_small_into", nargs, 3) < 0 || as_long_long(args[1], &want_tag) ||
+        as_long_long(args[2], &spin_ns)) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_ValueError, "recv_small_into: arguments out of range");
+        return NULL;
+    }
+    if (PyObject_GetBuffer(args[0], &dest, PyBUF_WRITABLE) < 0)
+        return NULL;
+    uint64_t addr, total;
+    uint32_t length;
+    int32_t tag;
+    PyObject *result = NULL;
+    int found = rx_spin_poll(self, spin_ns, &addr, &length);
+    if (found == 0)
+        result = Py_NewRef(Py_None);
+    else if (found > 0 && rx_header(self, addr, length, &total, &tag) == 0) {
+        if (length - SPAN_HEADER_SIZE == total && total <= (uint64_t)dest.len &&
+            (want_tag < 0 || tag == want_tag)) {
+            copy_bytes(dest.buf, self->ring.base + addr + SPAN_HEADER_SIZE, (Py_ssize_t)total);
+            bool kick = rx_complete_impl(self, 1);
+            result = Py_BuildValue("(KiO)", (unsigned long long)total, (int)tag,
+                                   kick ? Py_True : Py_False);
+        } else {
+            result = Py_BuildValue("(KIKi)", (unsigned long long)addr, (unsigned int)length,
+                                   (unsigned long long)total, (int)tag);
+        }
+    }
+    PyBuffer_Release(&dest);
+    return result;
 }
 
 /* Give the oldest n held spans (the caller checked there are that many) back to the driver.
@@ -1264,6 +1325,8 @@ static PyMethodDef rx_methods[] = {
      "wait_header(spin_ns): poll_header() repeated for up to spin_ns nanoseconds."},
     {"complete", (PyCFunction)rx_complete, METH_O,
      "Give the oldest `count` held spans back to the driver. True iff it must be kicked."},
+    {"recv_small_into", (PyCFunction)(void (*)(void))rx_recv_small_into, METH_FASTCALL,
+     "recv_small_into(dest, want_tag, spin_ns) -> (nbytes, tag, kick) | header | None"},
     {"stream_into", (PyCFunction)(void (*)(void))rx_stream_into, METH_FASTCALL,
      "stream_into(dest, copied, total, expected, spin_ns) -> (copied, expected, kick)"},
     {"read_into", (PyCFunction)(void (*)(void))rx_read_into, METH_FASTCALL,

@@ -204,6 +204,27 @@ class RxChannel:
                 return None
         return head[2], head[3]
 
+    @property
+    def busy(self) -> bool:
+        """True while a header is peeked or a message is held (take_small_into can't run)."""
+        return self.head is not None or bool(self._pending)
+
+    def take_small_into(self, dest: Any, want_tag: int, spin_ns: int) -> tuple[int, int] | None:
+        """Wait up to `spin_ns` for the next message and take it into `dest` if it is one span
+        that fits with tag `want_tag` (any if negative): return (nbytes, tag). Else None, with
+        its header peeked (`head`) if a message came. Only while not `busy`. Raises
+        BufferError (nothing taken) if `dest` is not writable, and the ring's errors.
+        """
+        got = self.ring.recv_small_into(dest, want_tag, spin_ns)
+        if got is None:
+            return None
+        if len(got) == 4:
+            self.head = got
+            return None
+        if got[2]:
+            self._kick()
+        return got[0], got[1]
+
     def finish(self, record: list[int]) -> None:
         """Mark a held record finished and complete every finished span at the front."""
         record[1] = 1

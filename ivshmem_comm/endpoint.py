@@ -319,8 +319,7 @@ class Endpoint:
         try:
             tx.send(byte_view(data), tag, deadline)
         except PeerLostError:
-            self._expect[dest] = -1
-            self._sync(dest)
+            self._lost(dest)
             raise
 
     def send_obj(self, obj: Any, dest: int, tag: int = 0, timeout: float | None = None) -> None:
@@ -367,8 +366,7 @@ class Endpoint:
                     self._stash(channel)
                     head = channel.peek()
             except PeerLostError:
-                self._expect[p] = -1
-                self._sync(p)
+                self._lost(p)
                 if source != ANY_SOURCE:
                     raise
             except RingCorruptError:
@@ -403,8 +401,7 @@ class Endpoint:
         try:
             head = channel.head or ring.poll_header() or ring.wait_header(spin_ns)
         except PeerLostError:
-            self._expect[channel.source] = -1
-            self._sync(channel.source)
+            self._lost(channel.source)
             raise
         except RingCorruptError:
             if self._renewed(channel.source):
@@ -412,6 +409,33 @@ class Endpoint:
             raise
         channel.head = head
         return head
+
+    def _fast_into(
+        self, channel: RxChannel, buffer: Any, tag: int, timeout: float | None
+    ) -> tuple[int, int] | None:
+        """recv_into's fast path: spin for the head message of `channel` as _fast_head does
+        and, if it is one span that fits `buffer` with the wanted tag, take it in the same C
+        call: return (nbytes, tag). Else None, with the head peeked if one came."""
+        if channel.busy:
+            self._fast_head(channel, timeout)
+            return None
+        spin_ns = self._spin_ns if timeout is None else min(self._spin_ns, int(timeout * 1e9))
+        try:
+            return channel.take_small_into(buffer, tag, spin_ns)
+        except BufferError:
+            return None  # not a writable buffer: recv_into says so
+        except PeerLostError:
+            self._lost(channel.source)
+            raise
+        except RingCorruptError:
+            if self._renewed(channel.source):
+                return None
+            raise
+
+    def _lost(self, p: int) -> None:
+        """Peer p's queue said it is gone: forget its session (the next call reports it)."""
+        self._expect[p] = -1
+        self._sync(p)
 
     def _find(
         self, source: int, tag: int, timeout: float | None, spun: bool = False
@@ -481,17 +505,20 @@ class Endpoint:
         Raises MessageTooLargeError if the message does not fit (it stays queued), and the
         errors of recv().
         """
+        channel = self._rx_by_peer.get(source)
+        spun = False
+        if channel is not None and not self._unexpected_count:
+            taken = self._fast_into(channel, buffer, tag, timeout)  # fast path, as in recv()
+            if taken is not None:
+                return taken[0], source, taken[1]
+            spun = channel.head is None
         dest = memoryview(buffer)
         if dest.readonly:
             raise ValueError("recv_into needs a writable buffer")
         dest = dest.cast("B") if dest.format != "B" or dest.ndim != 1 else dest
-        channel = self._rx_by_peer.get(source)
-        spun = False
-        if channel is not None and not self._unexpected_count:
-            head = self._fast_head(channel, timeout)  # fast path, as in recv()
-            if head is not None and (tag == ANY_TAG or head[3] == tag) and head[2] <= len(dest):
-                return channel.take_into(dest)[0], source, head[3]
-            spun = head is None
+        head = channel.head if channel is not None and not self._unexpected_count else None
+        if head is not None and (tag == ANY_TAG or head[3] == tag) and head[2] <= len(dest):
+            return channel.take_into(dest)[0], source, head[3]  # type: ignore[union-attr]
         found = self._find(source, tag, timeout, spun)
         if isinstance(found, Message):
             if found.nbytes > len(dest):

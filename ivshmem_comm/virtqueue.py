@@ -467,6 +467,31 @@ class RxRing(_RingBase):
             if head is not None or time.monotonic_ns() >= end:
                 return head
 
+    def recv_small_into(
+        self, dest: Any, want_tag: int, spin_ns: int
+    ) -> tuple[int, int, bool] | tuple[int, int, int, int] | None:
+        """wait_header(spin_ns) and, if the message that came is one span that fits `dest` and
+        carries `want_tag` (any if negative), its copy into `dest` and its completion.
+
+        Returns (nbytes, tag, kick) when taken; the header as poll_header() gives it when a
+        message came but is not taken (the caller keeps it as the peeked head); None when
+        none came. The caller holds no span. BufferError (nothing taken) if `dest` is not a
+        writable buffer.
+        """
+        view = memoryview(dest)
+        if view.readonly:
+            raise BufferError("recv_small_into needs a writable buffer")
+        head = self.wait_header(spin_ns)
+        if head is None:
+            return None
+        offset, length, total, tag = head
+        if length - layout.SPAN_HEADER_SIZE != total or total > view.nbytes:
+            return head
+        if want_tag >= 0 and tag != want_tag:
+            return head
+        self.read_into(offset + layout.SPAN_HEADER_SIZE, view.cast("B"), 0, total)
+        return total, tag, self.complete(1)
+
     def read_into(self, src_offset: int, dest: Any, dest_offset: int, length: int) -> None:
         """Copy `length` bytes at region `src_offset` of a held span into `dest[dest_offset:]`."""
         view = memoryview(dest).cast("B") if not isinstance(dest, memoryview) else dest

@@ -235,6 +235,61 @@ def test_message_in_pieces_and_read_into(tx_impl: str, rx_impl: str) -> None:
     assert tx.reclaim() == 1 and tx.in_flight == 0
 
 
+@pytest.mark.parametrize(("tx_impl", "rx_impl"), PAIRS)
+def test_recv_small_into_takes_only_what_fits(tx_impl: str, rx_impl: str) -> None:
+    g = small_geometry()
+    buf = new_region(g)
+    tx, rx = make_pair(buf, g, tx_impl, rx_impl)
+    dest = bytearray(64)
+    assert rx.recv_small_into(dest, -1, 1000) is None
+    with pytest.raises(BufferError):
+        rx.recv_small_into(b"read-only", -1, 0)
+    tx.send_small(5, payload(1, 40))
+    assert rx.recv_small_into(dest, -1, 0)[:2] == (40, 5)
+    assert bytes(dest[:40]) == payload(1, 40) and rx.held == 0
+    tx.send_small(6, payload(2, 40))
+    head = rx.recv_small_into(dest, 7, 0)  # another tag: peeked, not taken
+    assert head[2:] == (40, 6) and rx.held == 1
+    rx.complete(1)
+    tx.send_small(8, payload(3, 100))
+    head = rx.recv_small_into(dest, -1, 0)  # does not fit: peeked, not taken
+    assert head[2:] == (100, 8) and rx.held == 1
+
+
+@pytest.mark.parametrize(("tx_impl", "rx_impl"), PAIRS)
+def test_stream_into_copies_completes_and_checks_spans(tx_impl: str, rx_impl: str) -> None:
+    g = small_geometry()
+    buf = new_region(g)
+    tx, rx = make_pair(buf, g, tx_impl, rx_impl)
+    data = payload(4, 3000)
+    offset = tx.reserve(16 + len(data))
+    tx.write_header(offset, len(data), 3)
+    tx.write(offset + 16, data)
+    tx.publish(offset, 1024, False)
+    tx.publish(offset + 1024, 1024, False)
+    first = rx.poll_header()
+    dest = bytearray(len(data))
+    rx.read_into(offset + 16, dest, 0, 1024 - 16)
+    rx.complete(1)
+    got = rx.stream_into(dest, 1008, len(data), offset + 1024, 100_000)
+    assert got[:2] == (2032, offset + 2048) and rx.held == 0  # one span there, then none came
+    tx.publish(offset + 2048, 16 + len(data) - 2048, True)
+    end = offset + 16 + len(data)
+    assert rx.stream_into(dest, 2032, len(data), offset + 2048, 0)[:2] == (len(data), end)
+    assert bytes(dest) == data and first[2:] == (len(data), 3)
+    assert tx.reclaim() == 3
+    # A span somewhere else than the contiguous message's next one breaks the ring.
+    offset = tx.reserve(16 + 2000)
+    tx.write_header(offset, 2000, 4)
+    tx.publish(offset, 1024, False)
+    tx.publish(offset + 1024, 16 + 2000 - 1024, True)
+    rx.poll_header()
+    rx.complete(1)
+    with pytest.raises(RingCorruptError, match=r"span\.addr"):
+        rx.stream_into(bytearray(2000), 1008, 2000, offset + 4096, 0)
+    assert rx.broken is not None
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_large_write_and_read_into(impl: str) -> None:
     """Copies of 64 KiB and more release the GIL in C; the bytes must not care."""
