@@ -652,9 +652,31 @@ static bool tx_publish_span(TxRing *self, Py_ssize_t rel, Py_ssize_t length, boo
     return tx_publish_idx(self);
 }
 
-static PyObject *tx_publish(TxRing *self, PyObject *const *args, Py_ssize_t nargs)
+/* publish() after its checks: -1 with an error, else whether the device must be kicked. */
+static int tx_publish_checked(TxRing *self, long long offset, long long length, int overflow,
+                              int last)
 {
     Ring *r = &self->ring;
+    long long rel = offset - r->data_offset;
+    if (overflow || rel != self->reserve_cursor || self->reserve_end < 0 ||
+        length > self->reserve_end - rel) {
+        PyErr_SetString(PyExc_RuntimeError, "publish outside the open reservation");
+        return -1;
+    }
+    if (length <= 0 || length > r->max_span) {
+        PyErr_Format(PyExc_ValueError, "a span carries 1..%zd bytes, not %lld", r->max_span,
+                     length);
+        return -1;
+    }
+    if (tx_in_flight(self) >= r->num) {
+        PyErr_Format(PyExc_RuntimeError, "publish with all %u descriptors in flight", r->num);
+        return -1;
+    }
+    return tx_publish_span(self, (Py_ssize_t)rel, (Py_ssize_t)length, last);
+}
+
+static PyObject *tx_publish(TxRing *self, PyObject *const *args, Py_ssize_t nargs)
+{
     long long offset, length;
     int status;
     if (check_nargs("publish", nargs, 3) < 0)
@@ -667,22 +689,57 @@ static PyObject *tx_publish(TxRing *self, PyObject *const *args, Py_ssize_t narg
     int length_status = as_long_long(args[1], &length);
     if (length_status < 0)
         return NULL;
-    long long rel = offset - r->data_offset;
-    if (status || length_status || rel != self->reserve_cursor || self->reserve_end < 0 ||
-        length > self->reserve_end - rel) {
-        PyErr_SetString(PyExc_RuntimeError, "publish outside the open reservation");
+    int kick = tx_publish_checked(self, offset, length, status || length_status, last);
+    return kick < 0 ? NULL : PyBool_FromLong(kick);
+}
+
+static int tx_check_write(TxRing *self, long long offset, Py_ssize_t n, int overflow);
+
+/* The rest of a contiguous message whose reservation starts at region `start` (its header
+ * written there): payload bytes from `data[copied:]` written and published in spans of at most
+ * max_span laid end to end, the first span carrying the header. Stops when all is published or
+ * after a publication that must be kicked; returns (copied, kick) for the caller to kick and
+ * call again. */
+static PyObject *tx_publish_payload(TxRing *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    Ring *r = &self->ring;
+    long long start, copied;
+    Py_buffer data;
+    if (check_nargs("publish_payload", nargs, 3) < 0 || as_long_long(args[0], &start) ||
+        as_long_long(args[2], &copied)) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_ValueError, "publish_payload: arguments out of range");
         return NULL;
     }
-    if (length <= 0 || length > r->max_span) {
-        PyErr_Format(PyExc_ValueError, "a span carries 1..%zd bytes, not %lld", r->max_span,
-                     length);
+    if (PyObject_GetBuffer(args[1], &data, PyBUF_SIMPLE) < 0)
+        return NULL;
+    if (copied < 0 || copied > data.len) {
+        PyErr_Format(PyExc_ValueError, "%lld of %zd bytes copied", copied, data.len);
+        PyBuffer_Release(&data);
         return NULL;
     }
-    if (tx_in_flight(self) >= r->num) {
-        PyErr_Format(PyExc_RuntimeError, "publish with all %u descriptors in flight", r->num);
-        return NULL;
+    long long end = start + SPAN_HEADER_SIZE + data.len;
+    long long piece_start = copied ? start + SPAN_HEADER_SIZE + copied : start;
+    int kick = 0;
+    while (piece_start < end && !kick) {
+        long long piece_end = piece_start + r->max_span < end ? piece_start + r->max_span : end;
+        long long chunk = piece_end - piece_start - (copied ? 0 : SPAN_HEADER_SIZE);
+        if (tx_check_write(self, piece_end - chunk, (Py_ssize_t)chunk, 0) < 0)
+            goto fail;
+        copy_bytes(r->base + piece_end - chunk, (const unsigned char *)data.buf + copied,
+                   (Py_ssize_t)chunk);
+        copied += chunk;
+        kick = tx_publish_checked(self, piece_start, piece_end - piece_start, 0,
+                                  piece_end == end);
+        if (kick < 0)
+            goto fail;
+        piece_start = piece_end;
     }
-    return PyBool_FromLong(tx_publish_span(self, (Py_ssize_t)rel, (Py_ssize_t)length, last));
+    PyBuffer_Release(&data);
+    return Py_BuildValue("(LO)", copied, kick ? Py_True : Py_False);
+fail:
+    PyBuffer_Release(&data);
+    return NULL;
 }
 
 static void tx_store_header(Ring *r, Py_ssize_t offset, uint64_t total, uint32_t tag)
@@ -802,6 +859,8 @@ static PyMethodDef tx_methods[] = {
      "Reserve `nbytes` contiguous bytes of the data area; return their region offset or -1."},
     {"publish", (PyCFunction)(void (*)(void))tx_publish, METH_FASTCALL,
      "publish(offset, length, last): publish a piece of the open reservation; True: kick."},
+    {"publish_payload", (PyCFunction)(void (*)(void))tx_publish_payload, METH_FASTCALL,
+     "publish_payload(start, data, copied) -> (copied, kick)"},
     {"send_small", (PyCFunction)(void (*)(void))tx_send_small, METH_FASTCALL,
      "send_small(tag, data): one-span message; SEND_OK, SEND_KICK, SEND_FULL or SEND_TOO_BIG."},
     {"write", (PyCFunction)(void (*)(void))tx_write, METH_FASTCALL,

@@ -83,20 +83,16 @@ class TxChannel:
             self._wait(deadline)
 
     def _send_contiguous(self, data: memoryview, tag: int, deadline: float | None) -> None:
-        ring, max_span = self.ring, self._geometry.max_span
-        total = len(data)
-        offset = self._reserve(layout.SPAN_HEADER_SIZE + total, deadline)
-        ring.write_header(offset, total, tag)
-        end = offset + layout.SPAN_HEADER_SIZE + total
-        piece_start, copied = offset, 0
-        while piece_start < end:
-            piece_end = min(piece_start + max_span, end)
-            chunk = piece_end - piece_start - (layout.SPAN_HEADER_SIZE if copied == 0 else 0)
-            ring.write(piece_end - chunk, data[copied : copied + chunk])
-            copied += chunk
-            if ring.publish(piece_start, piece_end - piece_start, piece_end == end):
+        ring = self.ring
+        offset = self._reserve(layout.SPAN_HEADER_SIZE + len(data), deadline)
+        ring.write_header(offset, len(data), tag)
+        copied = 0
+        while True:  # the ring returns after each publication that must be kicked
+            copied, kick = ring.publish_payload(offset, data, copied)
+            if kick:
                 self._kick()
-            piece_start = piece_end
+            if copied == len(data):
+                return
 
     def _send_streamed(self, data: memoryview, tag: int, deadline: float | None) -> None:
         ring, max_span = self.ring, self._geometry.max_span

@@ -257,6 +257,26 @@ def test_recv_small_into_takes_only_what_fits(tx_impl: str, rx_impl: str) -> Non
 
 
 @pytest.mark.parametrize(("tx_impl", "rx_impl"), PAIRS)
+def test_publish_payload_spans_and_resumes_after_a_kick(tx_impl: str, rx_impl: str) -> None:
+    g = small_geometry()
+    buf = new_region(g)
+    tx, rx = make_pair(buf, g, tx_impl, rx_impl)
+    data = payload(6, 3000)
+    offset = tx.reserve(16 + len(data))
+    tx.write_header(offset, len(data), 9)
+    assert tx.publish_payload(offset, data, 0) == (1024 - 16, True)  # the first always kicks
+    spans = [rx.poll_header()[:2]]
+    rx.arm()  # the device goes to sleep: the next publication kicks again
+    assert tx.publish_payload(offset, data, 1008) == (2032, True)
+    assert tx.publish_payload(offset, data, 2032) == (len(data), False)
+    spans += [rx.poll(), rx.poll()]
+    assert spans == [(offset, 1024), (offset + 1024, 1024), (offset + 2048, 16 + 3000 - 2048)]
+    dest = bytearray(len(data))
+    rx.read_into(offset + 16, dest, 0, len(data))
+    assert bytes(dest) == data and tx.in_flight == 3
+
+
+@pytest.mark.parametrize(("tx_impl", "rx_impl"), PAIRS)
 def test_stream_into_copies_completes_and_checks_spans(tx_impl: str, rx_impl: str) -> None:
     g = small_geometry()
     buf = new_region(g)
