@@ -89,6 +89,13 @@ class PeerInfo:
         return True
 
 
+
+def _map(fd: int, size: int) -> mmap.mmap:
+    """Map a shm object shared, its page tables filled at once (MAP_POPULATE): the first pass
+    of messages through a queue's data area would otherwise fault on every page, in both
+    processes (measured: 1 MiB messages took 13x longer until the data area had wrapped)."""
+    return mmap.mmap(fd, size, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
+
 class Region:
     """A mapped, checked region. Create with `create`, `open` or `attach`.
 
@@ -139,7 +146,10 @@ class Region:
         except posix_ipc.ExistentialError:
             raise FileExistsError(f"{shm_path(name)} exists; refusing to overwrite it") from None
         try:
-            mapping = mmap.mmap(shm.fd, geometry.region_size)
+            # Allocate every page now: a full /dev/shm fails here (ENOSPC), not later with a
+            # SIGBUS in the middle of a message.
+            os.posix_fallocate(shm.fd, 0, geometry.region_size)
+            mapping = _map(shm.fd, geometry.region_size)
         except BaseException:
             shm.close_fd()
             shm.unlink()
@@ -163,7 +173,7 @@ class Region:
             size = os.fstat(shm.fd).st_size
             if size < layout.SUPERBLOCK_SIZE:
                 raise RegionFormatError("size", f"{shm_path(name)} is only {size} bytes")
-            mapping = mmap.mmap(shm.fd, size)
+            mapping = _map(shm.fd, size)
         finally:
             shm.close_fd()
         try:
