@@ -89,12 +89,12 @@ class PeerInfo:
         return True
 
 
-
 def _map(fd: int, size: int) -> mmap.mmap:
     """Map a shm object shared, its page tables filled at once (MAP_POPULATE): the first pass
     of messages through a queue's data area would otherwise fault on every page, in both
     processes (measured: 1 MiB messages took 13x longer until the data area had wrapped)."""
     return mmap.mmap(fd, size, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
+
 
 class Region:
     """A mapped, checked region. Create with `create`, `open` or `attach`.

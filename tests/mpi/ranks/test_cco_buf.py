@@ -101,7 +101,7 @@ def test_allreduce_large(comm):
 def test_allreduce_large_blocks(comm, count):
     """Large operands (reduce-scatter + allgather): uneven blocks, IN_PLACE, MAXLOC, and the
     very same bits on every rank for a floating-point sum."""
-    size, rank = comm.Get_size(), comm.Get_rank()
+    rank = comm.Get_rank()
     sbuf = np.random.default_rng(rank).random(count)
     rbuf = np.empty_like(sbuf)
     comm.Allreduce(sbuf, rbuf, MPI.SUM)
