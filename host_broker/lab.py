@@ -5,8 +5,12 @@ built here on the fly (busybox-static, the kernel's virtio-pci / 9p / uio module
 project's ``uio_ivshmem`` driver). Its ``/init`` mounts the host root read-only over 9p,
 chroots into it and runs the command in the caller's working directory with the caller's
 environment plus ``IVSHMEM_LAB_GUEST=<index>`` and ``IVSHMEM_LAB_VMS=<count>``, then powers
-off. No disk image, no network. Inside the guest ``/tmp``, ``/run``, ``/dev/shm`` are fresh
-tmpfs, so a working directory under ``/tmp`` of the host is *not* visible there.
+off. No disk image, and no network unless a guest is given a
+:class:`~host_broker.lab_net.GuestNetwork` (``network=``): then it has ``host0`` (slirp, the
+host's loopback as 10.0.2.2) and ``lan0`` (a LAN between the lab's guests only), its
+``/etc/hosts`` names the guests ``vm0``.. and the host ``lab-host`` (see
+:mod:`host_broker.lab_net`). Inside the guest ``/tmp``, ``/run``, ``/dev/shm`` are fresh
+tmpfs; of the host's ``/tmp`` only the top folder of the working directory is visible.
 
 Guests get ivshmem devices: :class:`ShmDevice` (``ivshmem-plain`` over a ``/dev/shm`` file)
 or :class:`DoorbellDevice` (``ivshmem-doorbell`` connected to a broker's UNIX socket).
@@ -53,6 +57,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from host_broker.lab_net import GuestNetwork, hosts_file, qemu_net_args
+
 __all__ = [
     "DoorbellDevice",
     "Guest",
@@ -76,9 +82,10 @@ Accel = Literal["auto", "kvm", "tcg"]
 Command = str | Sequence[str]
 
 #: Bumped whenever the initramfs layout or the /init protocol changes (part of the cache key).
-INITRAMFS_FORMAT = 1
+INITRAMFS_FORMAT = 2
 #: Kernel modules the guest needs (with their modules.dep dependencies), in load order.
-GUEST_MODULES = ("virtio_pci", "9pnet_virtio", "9p", "uio")
+#: virtio_net is always there (loading it costs nothing without a NIC) for networked guests.
+GUEST_MODULES = ("virtio_pci", "9pnet_virtio", "9p", "uio", "virtio_net")
 HOSTROOT_TAG = "hostroot"
 CTL_TAG = "labctl"
 
@@ -651,6 +658,7 @@ class Guest:
         accel: str | None = None,
         on_output: Callable[[int, str], None] | None = None,
         extra_qemu_args: Sequence[str] = (),
+        network: GuestNetwork | None = None,
     ) -> None:
         self.lab = lab
         self.index = index
@@ -664,6 +672,7 @@ class Guest:
         self.accel = accel or lab.accel_in_use()
         self.on_output = on_output
         self.extra_qemu_args = list(extra_qemu_args)
+        self.network = network
         self._nonce = secrets.token_hex(8)
         self._proc: subprocess.Popen[bytes] | None = None
         self._tmp: str | None = None
@@ -737,6 +746,9 @@ class Guest:
             )
             (ctl / "rootopts").write_text(lab.root_mount_options + "\n")
             (ctl / "cwd").write_text(self.cwd + "\n")  # /init keeps it visible under /tmp
+            if self.network is not None:
+                (ctl / "net").write_text(self.network.config_lines())
+                (ctl / "hosts").write_text(hosts_file(self.network.vms))
             self._argv = lab._qemu_argv(self, initrd.path, ctl)
             argv = self._argv
             setpriv = shutil.which("setpriv")
@@ -1134,6 +1146,9 @@ class Lab:
         )
         if "," in str(ctl):
             raise LabError(f"temporary directory {ctl} contains a comma")
+        net: list[str] = []
+        if guest.network is not None:
+            net = qemu_net_args(guest.network)
         return [
             self.qemu,
             "-machine", self.machine,
@@ -1150,6 +1165,7 @@ class Lab:
             "multidevs=remap",
             "-virtfs", f"local,path={ctl},mount_tag={CTL_TAG},security_model=none",
             *_device_args(guest.devices),
+            *net,
             *guest.extra_qemu_args,
         ]  # fmt: skip
 
@@ -1165,6 +1181,7 @@ class Lab:
         vms: int = 1,
         on_output: Callable[[int, str], None] | None = None,
         extra_qemu_args: Sequence[str] = (),
+        network: GuestNetwork | None = None,
     ) -> Guest:
         """A not yet started :class:`Guest` (``with lab.guest(...) as g:`` starts it).
 
@@ -1172,7 +1189,7 @@ class Lab:
         ``cwd`` defaults to the caller's cwd; the environment is the caller's (unless
         ``inherit_env=False``) updated with ``env``, plus ``IVSHMEM_LAB_GUEST=index`` and
         ``IVSHMEM_LAB_VMS=vms``. ``on_output(index, line)`` is called from a reader thread
-        for each output line.
+        for each output line. ``network``: the guest's NICs (see :mod:`host_broker.lab_net`).
         """
         return Guest(
             self,
@@ -1185,6 +1202,7 @@ class Lab:
             vms=vms,
             on_output=on_output,
             extra_qemu_args=extra_qemu_args,
+            network=network,
         )
 
     def run_many(

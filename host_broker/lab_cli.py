@@ -3,6 +3,10 @@
     ivshmem-lab run --vms 2 [--accel auto|kvm|tcg] [--memory 512M] [--timeout 300]
                     [--shm NAME[:SIZE] ...] [--socket PATH[:VECTORS] ...] -- CMD ARGS...
     ivshmem-lab run --vms V -n N [...] -- python prog.py ARGS...   # an MPI job (lab_mpi)
+    ivshmem-lab up --vms 2 [--name NAME] [--accel ..] [--memory ..]   # stays up until down
+    ivshmem-lab exec [--lab NAME] vmI -- CMD ARGS...                   # run CMD in guest vmI
+    ivshmem-lab down [--lab NAME]
+    ivshmem-lab mpiexec --vms 2 [-n N] [--timeout S] -- python prog.py # hydra across guests
     ivshmem-lab probe [--force]        # does KVM work here?
     ivshmem-lab initramfs [--rebuild]  # build the guest initramfs (and the UIO driver)
 
@@ -15,14 +19,30 @@ With ``-n N`` the command is an MPI program (guest_lib.mpi): N ranks are dealt r
 over the V guests (a bare ``-n``: N = V), over a region the lab's own broker serves for the job
 (see :mod:`host_broker.lab_mpi`); output lines read ``[vmI] [rank R] ...``, the summary
 gives each rank's exit status, and the exit status is 0 only if every rank exited 0.
+
+``up`` boots networked guests that run an exec agent, with a broker serving one doorbell
+device per guest (:mod:`host_broker.lab_cluster`); it prints where the lab's state lives,
+the ``exec`` and ``mpiexec`` command lines to use, then ``ready``, and stays in the
+foreground until SIGTERM/SIGINT or ``down`` (then it tears everything down and exits 0; 1 if
+a guest died first). ``exec`` runs CMD in a guest with stdin/stdout/stderr relayed and exits
+with CMD's status (255 if the lab or the guest cannot be reached). ``down`` stops a lab
+(status 1 if there is none). ``mpiexec`` = ``up`` + MPICH's real ``mpiexec`` (hydra, ssh
+launcher = the lab's exec) running CMD as N ranks, one per guest (default N = V) + ``down``;
+it exits with mpiexec's status (124 past ``--timeout``). ``--lab`` is a name or a directory
+(default ``$IVSHMEM_LAB``, then ``default``); hydra's ``-launcher-exec`` can also be the
+``ivshmem-lab-ssh`` command, which takes ssh's argv (see :mod:`host_broker.lab_exec`).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import shlex
+import shutil
 import signal
 import sys
 import threading
+import time
 from collections.abc import Sequence
 
 from host_broker.lab import (
@@ -72,6 +92,22 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--cwd", default=None, help="working directory in the guests (default: .)")
     r.add_argument("--console", action="store_true", help="print the whole console at the end")
     r.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD ARGS...")
+    up = sub.add_parser("up", help="boot networked guests that accept exec (until down)")
+    mp = sub.add_parser("mpiexec", help="run CMD under MPICH's mpiexec across new guests")
+    for q in (up, mp):
+        q.add_argument("--vms", type=int, default=2, help="number of guests (default 2)")
+        q.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto")
+        q.add_argument("--memory", default="512M", help="guest RAM (default 512M)")
+    up.add_argument("--name", default=None, help="lab name (default $IVSHMEM_LAB or default)")
+    mp.add_argument("-n", "--np", dest="np", type=int, default=None, help="ranks (default V)")
+    mp.add_argument("--timeout", type=float, default=600.0, help="seconds for mpiexec")
+    mp.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD ARGS...")
+    ex = sub.add_parser("exec", help="run a command in a guest of a lab that is up")
+    dn = sub.add_parser("down", help="stop a lab that is up")
+    for q in (ex, dn):
+        q.add_argument("--lab", default=None, help="name or directory (default $IVSHMEM_LAB)")
+    ex.add_argument("guest", help="vm0, vm1, ...")
+    ex.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD ARGS...")
     pr = sub.add_parser("probe", help="probe whether KVM guests boot here")
     pr.add_argument("--force", action="store_true", help="ignore the cached verdict")
     ib = sub.add_parser("initramfs", help="build the guest initramfs and the UIO driver")
@@ -101,6 +137,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not ird.uio_module:
                 print(f"uio_ivshmem not built:\n{ird.uio_build_log}", file=sys.stderr)
             return 0
+        if args.cmd == "up":
+            return _up(args)
+        if args.cmd == "exec":
+            return _exec(args)
+        if args.cmd == "down":
+            return _down(args)
+        if args.cmd == "mpiexec":
+            return _mpiexec(args)
         return _run(args)
     except LabUnavailable as e:
         print(f"ivshmem-lab: unavailable: {e}", file=sys.stderr)
@@ -110,10 +154,103 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
-def _run(args: argparse.Namespace) -> int:
+def _command(args: argparse.Namespace) -> list[str]:
     command = list(args.command)
-    if command and command[0] == "--":
-        command = command[1:]
+    return command[1:] if command and command[0] == "--" else command
+
+
+def _up(args: argparse.Namespace) -> int:
+    from host_broker.lab_cluster import LabCluster, mpiexec_argv
+
+    name = args.name or os.environ.get("IVSHMEM_LAB") or "default"
+    if args.vms < 1:
+        print("ivshmem-lab up: --vms must be >= 1", file=sys.stderr)
+        return 2
+    died = threading.Event()
+    with LabCluster(args.vms, name=name, accel=args.accel, memory=args.memory) as cluster:
+        print(f"ivshmem-lab: lab {name} up: {args.vms} guest(s), accel "
+              f"{cluster.lab.accel_in_use()}, state in {cluster.directory}")  # fmt: skip
+        print(f"ivshmem-lab: exec: ivshmem-lab exec --lab {name} vm0 -- CMD")
+        print(f"ivshmem-lab: mpiexec: {shlex.join(mpiexec_argv(cluster, ['CMD']))}")
+        print("ready", flush=True)
+
+        def watch() -> None:
+            for g in cluster.guests:
+                g.wait(None)
+            died.set()
+
+        threading.Thread(target=watch, daemon=True).start()
+        try:
+            while not died.wait(1.0):
+                pass
+        except (KeyboardInterrupt, SystemExit):  # Ctrl-C, or SIGTERM (what `down` sends)
+            return 0
+        print("ivshmem-lab: a guest stopped; tearing the lab down", file=sys.stderr)
+    return 1
+
+
+def _down(args: argparse.Namespace) -> int:
+    from host_broker.lab_exec import LabState, resolve_lab
+
+    directory = resolve_lab(args.lab)
+    try:
+        state = LabState.load(directory)
+    except (OSError, ValueError, KeyError):
+        print(f"ivshmem-lab down: no lab at {directory}", file=sys.stderr)
+        return 1
+    try:
+        os.kill(state.pid, signal.SIGTERM)
+    except ProcessLookupError:  # died without cleaning up: remove what it left
+        shutil.rmtree(directory, ignore_errors=True)
+        return 0
+    deadline = time.monotonic() + 60
+    while directory.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if directory.exists():
+        print(f"ivshmem-lab down: lab {state.name} (pid {state.pid}) did not stop",
+              file=sys.stderr)  # fmt: skip
+        return 1
+    return 0
+
+
+def _exec(args: argparse.Namespace) -> int:
+    from host_broker.lab_exec import run_in_guest
+
+    command = _command(args)
+    if not command:
+        print("ivshmem-lab exec: no command given (… vmI -- CMD ARGS)", file=sys.stderr)
+        return 2
+    return run_in_guest(args.lab, args.guest, command, stdin=sys.stdin.fileno())
+
+
+def _mpiexec(args: argparse.Namespace) -> int:
+    from host_broker.lab_cluster import run_mpiexec
+
+    command = _command(args)
+    if not command:
+        print("ivshmem-lab mpiexec: no command given (… -- CMD ARGS)", file=sys.stderr)
+        return 2
+    if args.np is not None and not 1 <= args.np <= args.vms:
+        print("ivshmem-lab mpiexec: -n must be 1..--vms (one rank per guest)", file=sys.stderr)
+        return 2
+
+    def ready(cluster, argv: list[str]) -> None:
+        print(f"ivshmem-lab: {args.vms} guest(s) up (accel {cluster.lab.accel_in_use()}); "
+              f"running {shlex.join(argv)}", file=sys.stderr, flush=True)  # fmt: skip
+
+    return run_mpiexec(
+        command,
+        vms=args.vms,
+        n=args.np,
+        timeout=args.timeout,
+        memory=args.memory,
+        accel=args.accel,
+        on_ready=ready,
+    )
+
+
+def _run(args: argparse.Namespace) -> int:
+    command = _command(args)
     if not command:
         print("ivshmem-lab run: no command given (… -- CMD ARGS)", file=sys.stderr)
         return 2

@@ -3,7 +3,8 @@
 # Loads the modules listed in /lib/lab-modules/order, mounts the host root read-only over 9p
 # (tag hostroot) at /mnt and the per-guest control directory (tag labctl) at /ctl, chroots
 # into /mnt and runs /run/ivshmem-lab/cmd.sh (written by the host), then reports the exit
-# status on the console and in /ctl/rc and powers off.
+# status on the console and in /ctl/rc and powers off. If the host wrote /ctl/net and
+# /ctl/hosts, the NICs are named and addressed and /ctl/hosts is bound over /etc/hosts.
 # Console protocol (NONCE comes from ivshmem_lab.nonce= on the kernel command line):
 #   IVSHMEM-LAB-BEGIN NONCE        the command starts; what follows is its output
 #   IVSHMEM-LAB-EXIT NONCE RC      the command exited with status RC
@@ -45,12 +46,30 @@ ip link set lo up 2>/dev/null
 
 mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144 labctl /ctl \
     || fail "cannot mount the control directory (9p tag labctl)"
+# Networking, only when the host wrote /ctl/net: one "MAC NAME ADDRESS/PREFIX" line per NIC.
+# The NIC with that MAC is renamed NAME and gets ADDRESS; no default route is set.
+if [ -f /ctl/net ]; then
+    while read -r mac name addr; do
+        [ -n "$mac" ] || continue
+        dev=""
+        for d in /sys/class/net/*; do
+            [ "$(cat "$d/address" 2>/dev/null)" = "$mac" ] && dev="${d##*/}"
+        done
+        [ -n "$dev" ] || fail "no network interface with MAC $mac"
+        ip link set dev "$dev" name "$name" || fail "cannot rename $dev to $name"
+        ip addr add "$addr" dev "$name" || fail "cannot give $name the address $addr"
+        ip link set dev "$name" up || fail "cannot bring $name up"
+    done < /ctl/net
+fi
 # shellcheck disable=SC2046
 mount -t 9p -o $(cat /ctl/rootopts) hostroot /mnt \
     || fail "cannot mount the host root (9p tag hostroot)"
 mount -t proc proc /mnt/proc || fail "cannot mount /proc in the host root"
 mount -t sysfs sysfs /mnt/sys || fail "cannot mount /sys in the host root"
 mount -t devtmpfs devtmpfs /mnt/dev || fail "cannot mount /dev in the host root"
+if [ -f /ctl/hosts ]; then
+    mount --bind /ctl/hosts /mnt/etc/hosts || fail "cannot bind /etc/hosts"
+fi
 mkdir -p /mnt/dev/shm /mnt/dev/pts
 mount -t tmpfs -o mode=1777 shm /mnt/dev/shm
 mount -t devpts devpts /mnt/dev/pts 2>/dev/null

@@ -1,0 +1,317 @@
+"""A lab that stays up: networked guests with an exec agent, a broker, and ``mpiexec`` (issue 5).
+
+:class:`LabCluster` boots V guests on a private network (:mod:`host_broker.lab_net`), each
+running the exec agent of :mod:`host_broker.lab_exec` and holding one ``ivshmem-doorbell``
+device (2 vectors) of a region its own broker serves (as :mod:`host_broker.lab_mpi` does).
+Its state lives in a private (0700) directory, ``<labs root>/<name>/``
+(:func:`host_broker.lab_exec.labs_root`):
+
+    lab.json   name, owner pid, region, host port of each guest's agent (the ports once
+               every agent is ready; a lab whose owner pid is alive holds its name)
+    token      the secret every exec connection presents (0600)
+    ssh        an ssh-compatible launcher for this lab (hydra's ``-launcher-exec``)
+    lan.sock   the LAN hub           broker/   the broker's socket, record and log
+
+``start()`` returns once every agent is ready; it raises :class:`LabError` if the name is
+taken by a live lab, a guest fails to boot or an agent does not come up within the timeout
+(everything started is torn down first). ``close()`` kills the guests and the broker,
+removes the region and the directory; it is idempotent.
+
+:func:`mpiexec_argv` is the real hydra command line that runs ranks in the guests:
+``mpiexec -launcher ssh -launcher-exec <lab>/ssh -localhost lab-host -hosts vm0:1,vm1:1 -n N
+-genv IVSHMEM_COMM_GUEST 1 -genv UCX_NET_DEVICES lan0 ... CMD``. The proxies reach mpiexec's
+control port at ``lab-host`` (10.0.2.2 = the host's loopback through slirp); MPICH (UCX or
+libfabric over TCP) talks between guests over ``lan0``; the ranks' data moves through the
+ivshmem region (``guest_lib.mpi`` routes ranks that share a region through it). One rank
+per guest: a guest has one doorbell device, i.e. one slot of the region.
+:func:`run_mpiexec` boots a cluster, runs that command with this process's stdout/stderr,
+tears the cluster down and returns mpiexec's exit status.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from host_broker.lab import Accel, DoorbellDevice, Guest, Lab, LabError, LabUnavailable
+from host_broker.lab_exec import AGENT_PORT, TOKEN_ENV, LabState, labs_root
+from host_broker.lab_mpi import _start_broker, _stop_broker, region_size
+from host_broker.lab_net import HOST_ALIAS, LAN_IFACE, LanHub, guest_network
+
+__all__ = ["LabCluster", "find_mpiexec", "mpi_guest_env", "mpiexec_argv", "run_mpiexec"]
+
+_REPO_ROOT = Path(__file__).resolve().parent.parent
+_READY = r"^ivshmem-lab-agent: ready"
+#: Variables that would point ranks at a region of the host instead of their guest's device.
+_HOST_REGION_VARS = ("IVSHMEM_COMM_SOCKET", "IVSHMEM_COMM_REGION", "IVSHMEM_COMM_DEVICE")
+
+
+def mpi_guest_env() -> dict[str, str]:
+    """What ranks in the guests need: attach the guest's device, MPICH over ``lan0``."""
+    return {
+        "IVSHMEM_COMM_GUEST": "1",
+        "UCX_NET_DEVICES": LAN_IFACE,
+        "UCX_TLS": "tcp,self,sm",
+        "FI_PROVIDER": "tcp",
+        "FI_TCP_IFACE": LAN_IFACE,
+    }
+
+
+def _private_dir(path: Path) -> None:
+    """Create ``path`` 0700 if missing; refuse it unless it is our own private directory."""
+    with contextlib.suppress(FileExistsError):
+        path.mkdir(mode=0o700)
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+        raise LabError(f"{path} is not a private directory of this user (mode 0700)")
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        pass
+    return True
+
+
+class LabCluster:
+    """V networked guests with exec agents and a broker (see the module docstring).
+
+    ``name`` defaults to a fresh unique one; ``lab`` to ``Lab(accel, memory)``; ``cwd`` (the
+    guests' working directory, default the caller's) must be visible in the guests (a
+    folder under the host's /tmp is, through /init's bind). ``on_output(index, line)`` gets
+    the guests' console output lines (the agents' own messages, not the commands').
+    """
+
+    def __init__(
+        self,
+        vms: int = 2,
+        *,
+        name: str | None = None,
+        lab: Lab | None = None,
+        accel: Accel = "auto",
+        memory: str = "512M",
+        cwd: str | None = None,
+        on_output: Callable[[int, str], None] | None = None,
+    ) -> None:
+        if not 1 <= vms <= 64:
+            raise ValueError(f"vms={vms}: expected 1..64")
+        name = name or f"lab-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", name):
+            raise ValueError(f"bad lab name {name!r} (letters, digits, - _ .)")
+        self.vms = vms
+        self.name = name
+        self.lab = lab or Lab(accel=accel, memory=memory)
+        self.cwd = cwd or os.getcwd()
+        self.on_output = on_output
+        self.directory = labs_root() / name
+        self.guests: list[Guest] = []
+        self.region = f"lab-{name}-{uuid.uuid4().hex[:6]}"
+        self._hub: LanHub | None = None
+        self._broker: subprocess.Popen[bytes] | None = None
+        self._made_dir = False
+        self._closed = False
+
+    @property
+    def hosts(self) -> list[str]:
+        """The guests' host names, ``vm0`` ...."""
+        return [f"vm{i}" for i in range(self.vms)]
+
+    @property
+    def ssh(self) -> str:
+        """Path of this lab's ssh-compatible launcher (for hydra's ``-launcher-exec``)."""
+        return str(self.directory / "ssh")
+
+    def start(self, timeout: float = 180.0) -> LabCluster:
+        """Boot everything; return when every agent is ready (see the module docstring)."""
+        try:
+            self._start(timeout)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def _claim_directory(self) -> None:
+        _private_dir(self.directory.parent)
+        with contextlib.suppress(FileNotFoundError, ValueError, KeyError):
+            old = LabState.load(self.directory)
+            if _alive(old.pid):
+                raise LabError(f"lab {self.name} is already up (pid {old.pid}, {self.directory})")
+        if self.directory.exists():
+            shutil.rmtree(self.directory)  # a lab that died without cleaning up
+        try:
+            self.directory.mkdir(mode=0o700)
+        except FileExistsError:
+            raise LabError(f"lab {self.name} is being started by another process") from None
+        self._made_dir = True
+        self._write_state({})  # claims the name while booting (pid alive)
+
+    def _write_state(self, ports: dict[str, int]) -> None:
+        state = {"name": self.name, "pid": os.getpid(), "ports": ports, "region": self.region}
+        tmp = self.directory / "lab.json.tmp"
+        tmp.write_text(json.dumps(state, indent=1) + "\n")
+        os.replace(tmp, self.directory / "lab.json")
+
+    def _start(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        self.lab.initramfs()
+        self.lab.accel_in_use()
+        self._claim_directory()
+        d = self.directory
+        token = secrets.token_hex(32)
+        fd = os.open(d / "token", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(token + "\n")
+        self._hub = LanHub(str(d / "lan.sock")).start()
+        (d / "broker").mkdir(mode=0o700)
+        self._broker, sock = _start_broker(
+            self.region, region_size(self.vms), self.vms, str(d / "broker")
+        )
+        ports = _free_ports(self.vms)
+        env = {TOKEN_ENV: token, "IVSHMEM_COMM_GUEST": "1"}
+        env.update(dict.fromkeys(_HOST_REGION_VARS, ""))
+        agent = [sys.executable, "-m", "host_broker.lab_exec", "agent", "--port", str(AGENT_PORT)]
+        for i in range(self.vms):
+            net = guest_network(i, self.vms, self._hub.path, [(ports[i], AGENT_PORT)])
+            g = self.lab.guest(
+                i, agent, devices=[DoorbellDevice(sock, 2)], cwd=self.cwd, env=env,
+                vms=self.vms, on_output=self.on_output, network=net,
+            )  # fmt: skip
+            self.guests.append(g)
+            g.start()
+        for g in self.guests:
+            left = max(1.0, deadline - time.monotonic())
+            try:
+                g.wait_for_line(_READY, timeout=left)
+            except TimeoutError as e:
+                raise LabError(f"vm{g.index}: exec agent not ready within {timeout} s") from e
+        ssh = d / "ssh"
+        ssh.write_text(
+            f"#!{sys.executable}\n"
+            f"# ssh-compatible launcher of VM lab {self.name} (host_broker.lab_cluster)\n"
+            "import sys\n"
+            f"sys.path.insert(0, {str(_REPO_ROOT)!r})\n"
+            "from host_broker.lab_exec import ssh_main\n"
+            f"sys.exit(ssh_main(lab={str(d)!r}))\n"
+        )
+        ssh.chmod(0o700)
+        self._write_state({f"vm{i}": p for i, p in enumerate(ports)})
+
+    def close(self) -> None:
+        """Kill the guests and the broker, remove the region and the lab's directory."""
+        if self._closed:
+            return
+        self._closed = True
+        for g in self.guests:
+            g.close()
+        if self._broker is not None:
+            _stop_broker(self._broker, self.region)
+        if self._hub is not None:
+            self._hub.close()
+        if self._made_dir:
+            shutil.rmtree(self.directory, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                self.directory.parent.rmdir()  # only if no other lab is up
+
+    def __enter__(self) -> LabCluster:
+        if not self.guests:
+            self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def find_mpiexec() -> str:
+    """MPICH's hydra ``mpiexec`` next to this Python (the ``mpich`` wheel's), else on PATH.
+
+    Raises :class:`LabUnavailable` if there is none.
+    """
+    beside = Path(sys.executable).with_name("mpiexec")
+    found = str(beside) if os.access(beside, os.X_OK) else shutil.which("mpiexec")
+    if not found:
+        raise LabUnavailable("no mpiexec found (pip install mpich)")
+    return found
+
+
+def mpiexec_argv(
+    cluster: LabCluster,
+    command: Sequence[str],
+    *,
+    n: int | None = None,
+    mpiexec: str | None = None,
+    extra: Sequence[str] = (),
+) -> list[str]:
+    """The hydra command line that runs ``command`` as ``n`` ranks (default: one per guest)
+    in ``cluster``'s guests; ``extra`` goes before the command (more mpiexec options)."""
+    n = cluster.vms if n is None else n
+    if not 1 <= n <= cluster.vms:
+        raise ValueError(f"-n {n}: one rank per guest, so 1..{cluster.vms}")
+    argv = [mpiexec or find_mpiexec(), "-launcher", "ssh", "-launcher-exec", cluster.ssh,
+            "-localhost", HOST_ALIAS, "-hosts", ",".join(f"{h}:1" for h in cluster.hosts),
+            "-n", str(n)]  # fmt: skip
+    for key, value in mpi_guest_env().items():
+        argv += ["-genv", key, value]
+    return [*argv, *extra, *command]
+
+
+def run_mpiexec(
+    command: Sequence[str],
+    *,
+    vms: int = 2,
+    n: int | None = None,
+    timeout: float | None = 600.0,
+    lab: Lab | None = None,
+    memory: str = "512M",
+    accel: Accel = "auto",
+    extra: Sequence[str] = (),
+    on_ready: Callable[[LabCluster, list[str]], None] | None = None,
+) -> int:
+    """Boot a :class:`LabCluster` of ``vms`` guests, run :func:`mpiexec_argv` with this
+    process's stdout/stderr, tear everything down; return mpiexec's exit status (124 if it
+    ran past ``timeout`` seconds and was killed). ``on_ready(cluster, argv)`` is called just
+    before mpiexec starts. Raises LabError/LabUnavailable if the cluster cannot start."""
+    mpiexec = find_mpiexec()
+    env = {k: v for k, v in os.environ.items() if k not in _HOST_REGION_VARS}
+    for var in ("PMI_RANK", "PMI_SIZE", "PMI_FD", "PMI_PORT", "IVSHMEM_MPI_RANK"):
+        env.pop(var, None)
+    with LabCluster(vms, lab=lab, memory=memory, accel=accel) as cluster:
+        argv = mpiexec_argv(cluster, command, n=n, mpiexec=mpiexec, extra=extra)
+        if on_ready is not None:
+            on_ready(cluster, argv)
+        proc = subprocess.Popen(argv, env=env, start_new_session=True)
+        try:
+            return proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return 124
+        finally:
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()

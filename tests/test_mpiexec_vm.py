@@ -1,0 +1,193 @@
+"""MPICH's real ``mpiexec`` (hydra) launching ranks inside VM-lab guests (issue 5).
+
+- ``ivshmem-lab mpiexec --vms 2 -- python tests/mpi/programs/vm_mpiexec.py``: hydra's ssh
+  launcher is the lab's exec (its ``-launcher-exec``), its proxies run in guests vm0 and vm1
+  and reach mpiexec through slirp (``lab-host`` = 10.0.2.2 = the host's loopback). Each rank
+  runs tests/mpi/programs/vm_job.py (p2p and collectives, checked there) and prints one
+  ``RESULT`` line that shows where it ran
+  (hostname, the ivshmem PCI device, QEMU's DMI vendor), that the rank-to-rank data moved
+  through the region's queues (counters; nothing handed to mpi4py), and which TCP
+  connections the guest had: MPICH's own between the guests' LAN addresses, hydra's
+  control connection to 10.0.2.2.
+- ``ivshmem-lab up`` / ``exec`` / ``down``: a lab that stays up, commands run in named
+  guests (stdin, exit status, hydra's ssh argv form, a wrong token refused), the printed
+  mpiexec command line used as is, and nothing left behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from host_broker import lab as L
+from host_broker.lab_exec import HELLO, labs_root, read_frame, write_frame
+
+REPO = Path(__file__).resolve().parent.parent
+PROGRAM = "tests/mpi/programs/vm_mpiexec.py"
+ROUTE_SHM = 1  # guest_lib.mpi.engine.ROUTE_SHM
+
+
+_available, _why = L.lab_available()
+LAB_CLI = [sys.executable, "-m", "host_broker.lab_cli"]
+
+
+def vm(test):  # the marks of a test that boots guests (skipped without the lab)
+    marks = (
+        pytest.mark.vm,
+        pytest.mark.skipif(not _available, reason=f"VM lab unavailable: {_why}"),
+        pytest.mark.timeout(240),
+    )
+    for mark in marks:
+        test = mark(test)
+    return test
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    found = []
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if text.encode() in cmdline:
+                found.append(int(pid))
+    return found
+
+
+def _shm_regions() -> set[str]:
+    return {n for n in os.listdir("/dev/shm") if n.startswith("lab-")}
+
+
+def _check_results(out: str) -> list[dict]:
+    # hydra relays each rank's writes as they come: a line may run into another rank's
+    decoder = json.JSONDecoder()
+    results = sorted(
+        (decoder.raw_decode(out, m.end())[0] for m in re.finditer("RESULT ", out)),
+        key=lambda r: r["rank"],
+    )
+    assert [r["rank"] for r in results] == [0, 1], out
+    for r in results:
+        rank, other = r["rank"], 1 - r["rank"]
+        # ran inside guest vm<rank>, a QEMU machine with our ivshmem device
+        assert r["hostname"] == f"vm{rank}", r
+        assert r["dmi_vendor"] == "QEMU" and len(r["ivshmem_pci"]) == 1, r
+        assert r["mode"] == "mpiexec" and r["attached"] == "doorbell", r
+        # the other rank is reached through the shared region, and the data went there
+        assert r["routes"][other][0] == ROUTE_SHM, r
+        sent = r["shm_after"]["sent_bytes"] - r["shm_before"]["sent_bytes"]
+        assert sent >= 2_400_000, r  # vm_job's 2.4 MB buffer at least
+        assert r["shm_after"]["recv_messages"] > r["shm_before"]["recv_messages"], r
+        assert r["mpi_messages"] == 0, r
+        # MPICH's own connections are between the guests' LAN addresses; hydra's proxy
+        # talks to mpiexec through slirp (10.0.2.2 = the host's loopback)
+        me, peer = f"10.0.3.{10 + rank}", f"10.0.3.{10 + other}"
+        lan = [c for c in r["tcp"] if c[0].startswith(me + ":") and c[1].startswith(peer + ":")]
+        assert lan, r["tcp"]
+        assert any(c[1].startswith("10.0.2.2:") for c in r["tcp"]), r["tcp"]
+    assert results[0]["region"] == results[1]["region"]
+    return results
+
+
+@vm
+def test_mpiexec_runs_ranks_in_two_guests() -> None:
+    shm_before = _shm_regions()
+    t0 = time.monotonic()
+    proc = subprocess.run(
+        [*LAB_CLI, "mpiexec", "--vms", "2", "--timeout", "150", "--",
+         sys.executable, PROGRAM],
+        cwd=REPO, capture_output=True, text=True, timeout=220,
+    )  # fmt: skip
+    dt = time.monotonic() - t0
+    out, err = proc.stdout, proc.stderr
+    assert proc.returncode == 0, f"status {proc.returncode}\n{out}\n{err}"
+    m = re.search(r"running (.*mpiexec .*)$", err, re.M)
+    assert m, err
+    argv = shlex.split(m.group(1))
+    assert argv[0].endswith("mpiexec") and argv[1:3] == ["-launcher", "ssh"], argv
+    lab_dir = os.path.dirname(argv[argv.index("-launcher-exec") + 1])
+    for rank in (0, 1):
+        assert f"rank {rank}/2 ok attached=doorbell" in out, out
+    results = _check_results(out)
+    # torn down: no QEMU, broker or agent left, no lab directory, no region
+    assert not _processes_mentioning(lab_dir)
+    assert not os.path.exists(lab_dir)
+    assert _shm_regions() <= shm_before
+    sent = [r["shm_after"]["sent_bytes"] - r["shm_before"]["sent_bytes"] for r in results]
+    print(f"\nmpiexec across 2 guests: {dt:.1f} s wall (boot included); shm bytes sent {sent}")
+
+
+def _lab(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*LAB_CLI, *args], cwd=REPO, input=stdin, capture_output=True,
+                          text=True, timeout=60)  # fmt: skip
+
+
+def _read_until(stream, pattern: str, timeout: float) -> list[str]:
+    lines: list[str] = []
+    done = threading.Event()
+
+    def reader() -> None:
+        for line in stream:
+            lines.append(line.rstrip("\n"))
+            if re.search(pattern, line):
+                break
+        done.set()
+
+    threading.Thread(target=reader, daemon=True).start()
+    done.wait(timeout)
+    return lines
+
+
+@vm
+def test_up_exec_down() -> None:
+    name = f"t{os.getpid()}"
+    t0 = time.monotonic()
+    up = subprocess.Popen(
+        [*LAB_CLI, "up", "--vms", "2", "--name", name],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    lab_dir = labs_root() / name
+    try:
+        lines = _read_until(up.stdout, r"^ready$", 150)
+        assert lines and lines[-1] == "ready", (lines, up.poll())
+        t_up = time.monotonic() - t0
+
+        done = _lab("exec", "--lab", name, "vm1", "--", "sh", "-c", "hostname; cat; exit 7",
+                   stdin="hello\n")  # fmt: skip
+        assert (done.returncode, done.stdout) == (7, "vm1\nhello\n"), done
+        ssh = str(lab_dir / "ssh")  # hydra's form: options, host, quoted words for sh -c
+        done = subprocess.run([ssh, "-x", "vm0", '"/bin/echo"', "a", "b"], capture_output=True,
+                              text=True, timeout=60, stdin=subprocess.DEVNULL)  # fmt: skip
+        assert (done.returncode, done.stdout) == (0, "a b\n"), done
+        # a connection without the lab's token runs nothing
+        port = json.loads((lab_dir / "lab.json").read_text())["ports"]["vm0"]
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+            write_frame(s, HELLO, json.dumps({"token": "0" * 64, "argv": ["true"]}).encode())
+            frames = [read_frame(s), read_frame(s)]
+        assert frames == [(b"E", b"ivshmem-lab agent: permission denied\n"), (b"X", b"255")]
+        # the printed mpiexec line works as is (CMD replaced by a command)
+        line = next(x for x in lines if x.startswith("ivshmem-lab: mpiexec: "))
+        argv = shlex.split(line.split(": ", 2)[2])
+        done = subprocess.run([*argv[:-1], "hostname"], cwd=REPO, capture_output=True,
+                              text=True, timeout=60)  # fmt: skip
+        assert done.returncode == 0 and sorted(done.stdout.split()) == ["vm0", "vm1"], done
+        assert _lab("down", "--lab", name).returncode == 0
+        assert up.wait(30) == 0
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.wait()
+    assert not lab_dir.exists()
+    assert not _processes_mentioning(str(lab_dir))
+    assert _lab("down", "--lab", name).returncode == 1  # no such lab any more
+    print(f"\nup (2 guests) in {t_up:.1f} s; up/exec/down {time.monotonic() - t0:.1f} s")
