@@ -564,6 +564,16 @@ class Endpoint:
         assert head is not None
         return found.source, head[1], head[0]
 
+    def expect_incarnation(self, p: int, incarnation: int) -> None:
+        """Declare that the holder of peer slot p to talk to is `incarnation`, learnt out of
+        band (an MPI job's allgather): any other incarnation of p this endpoint has seen, such
+        as the previous job's holder that left, is forgotten without a PeerLostError, and the
+        session starts with this one when it is READY. Raises ValueError for a bad peer."""
+        self._peer_arg(p)
+        if self._known[p] != incarnation:
+            self._known[p] = 0
+            self._expect[p] = -1
+
     # ------------------------------------------------------------------ introspection
     def peers(self) -> list[int]:
         """Ids of the other peers that are READY now."""

@@ -246,3 +246,23 @@ def test_concurrent_claims_of_one_slot_have_one_winner(make_region):
             proc.join(30)
         assert outcomes == ["busy"] * 5 + ["won"]
     assert region.peer(1).incarnation == 10
+
+
+def test_expect_incarnation_skips_a_previous_holder_that_left(make_region):
+    """A job's rank may first see the previous job's holder of a slot (LEFT): once told the
+    incarnation that belongs to its job, it talks to that one without a PeerLostError."""
+    region = make_region(size=4 << 20)
+    with ic.Region.open(region.name) as r1:
+        with r1.endpoint(1) as old:
+            first = old.incarnation
+        with region.endpoint(0) as ep0, ic.Region.open(region.name) as r2:
+            assert ep0.iprobe(1) is None  # sees slot 1 LEFT by incarnation `first`
+            with r2.endpoint(1) as new:
+                assert new.incarnation != first
+                with pytest.raises(ic.PeerLostError, match="is gone"):
+                    ep0.send(1, b"x", timeout=5)
+            with ic.Region.open(region.name) as r3, r3.endpoint(1) as newer:
+                ep0.expect_incarnation(1, newer.incarnation)
+                ep0.send(1, b"hello", tag=3, timeout=5)
+                with newer.recv(0, 3, timeout=5) as msg:
+                    assert bytes(msg.data) == b"hello"

@@ -132,7 +132,8 @@ def _mpiexec() -> World:
     elif kind != "none":
         ep = thing
         region_uuid, peer = str(ep.region.uuid), ep.peer_id
-    info = world.allgather((region_uuid, peer, socket.gethostname()))
+    incarnation = ep.incarnation if ep is not None else 0
+    info = world.allgather((region_uuid, peer, incarnation, socket.gethostname()))
     if kind == "name":
         mates = [w for w in range(size) if info[w][0] == region_uuid]
         peer = mates.index(rank)
@@ -142,13 +143,15 @@ def _mpiexec() -> World:
                 f"{thing.max_peers} peers"
             )
         ep = thing.endpoint(peer)
-        info = world.allgather((region_uuid, peer, info[rank][2]))
+        info = world.allgather((region_uuid, peer, ep.incarnation, info[rank][3]))
     routes: list[tuple[int, int]] = []
-    for w, (other_uuid, other_peer, _host) in enumerate(info):
+    for w, (other_uuid, other_peer, other_incarnation, _host) in enumerate(info):
         if w == rank:
             routes.append((ROUTE_SELF, -1))
         elif region_uuid is not None and other_uuid == region_uuid:
             routes.append((ROUTE_SHM, other_peer))
+            # The slot may still show a previous job's holder: talk to this job's one.
+            ep.expect_incarnation(other_peer, other_incarnation)
         else:
             routes.append((ROUTE_MPI, w))
     engine = Engine(rank, size, ep, routes)
