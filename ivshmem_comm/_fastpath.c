@@ -43,6 +43,7 @@
 #define SPAN_ALIGN 16
 #define HDR_F_FIRST 1u
 #define MAX_MESSAGE (1ULL << 48)
+#define CACHE_WINDOW (4 << 20) /* layout.CACHE_WINDOW */
 #define TAG_MAX 0x7FFFFFFFL
 #define QUEUE_NUM_MAX 32768
 /* Copies at least this large run with the GIL released. */
@@ -559,6 +560,10 @@ static Py_ssize_t tx_find_space(TxRing *self, Py_ssize_t size)
     Py_ssize_t tail = self->inflight[self->last_used & self->ring.mask].start;
     Py_ssize_t head = self->head;
     if (head > tail) {
+        /* past the cache window with the whole window free at the bottom: wrap early
+         * (layout.CACHE_WINDOW) */
+        if (head >= CACHE_WINDOW && tail >= CACHE_WINDOW && tail >= size)
+            return 0;
         if (self->ring.data_size - head >= size)
             return head;
         return tail >= size ? 0 : -1;
@@ -1499,6 +1504,7 @@ PyMODINIT_FUNC PyInit__fastpath(void)
     if (PyModule_AddObjectRef(m, "TxRing", (PyObject *)&TxRingType) < 0 ||
         PyModule_AddObjectRef(m, "RxRing", (PyObject *)&RxRingType) < 0 ||
         PyModule_AddIntConstant(m, "SEND_OK", SEND_OK) < 0 ||
+        PyModule_AddIntConstant(m, "CACHE_WINDOW", CACHE_WINDOW) < 0 ||
         PyModule_AddIntConstant(m, "SEND_KICK", SEND_KICK) < 0 ||
         PyModule_AddIntConstant(m, "SEND_FULL", SEND_FULL) < 0 ||
         PyModule_AddIntConstant(m, "SEND_TOO_BIG", SEND_TOO_BIG) < 0) {

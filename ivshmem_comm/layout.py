@@ -123,6 +123,12 @@ SPAN_HEADER_SIZE = SPAN_HEADER.size  # 16
 SPAN_ALIGN = 16
 HDR_F_FIRST = 1  # the only defined header flag; a header always carries it
 MAX_MESSAGE = 1 << 48  # larger total lengths are rejected as corrupt
+# Sender-side placement, not part of the format: once a queue's allocation head is past this
+# many bytes of its data area and that many bytes at the bottom are free, the next reservation
+# wraps to the bottom early (so at least this much stays usable after the wrap): a stream of
+# messages cycles through a few MiB that stay in cache instead of walking the whole data area
+# (16 MiB MPI ping-pong in pieces: 1190 -> 860 us one way).
+CACHE_WINDOW = 4 << 20
 TAG_MIN = 0
 TAG_MAX = (1 << 31) - 1
 

@@ -256,6 +256,9 @@ class TxRing(_RingBase):
         if tail < 0:
             return 0 if size <= self.data_size else -1
         if head > tail:
+            window = layout.CACHE_WINDOW
+            if head >= window and tail >= window and tail >= size:  # wrap early: in cache
+                return 0
             if self.data_size - head >= size:
                 return head
             return 0 if tail >= size else -1

@@ -171,6 +171,7 @@ def test_module_constants_match_the_reference() -> None:
         virtqueue.SEND_FULL,
     )
     assert _fastpath.full_fence() is None
+    assert _fastpath.CACHE_WINDOW == layout.CACHE_WINDOW
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -233,6 +234,33 @@ def test_message_in_pieces_and_read_into(tx_impl: str, rx_impl: str) -> None:
     assert tx.reclaim() == 2
     rx.complete(1)
     assert tx.reclaim() == 1 and tx.in_flight == 0
+
+
+@pytest.mark.parametrize(("tx_impl", "rx_impl"), PAIRS)
+def test_allocation_wraps_early_past_the_cache_window(tx_impl: str, rx_impl: str) -> None:
+    mib = 1 << 20
+    g = small_geometry(queue_num=64, data_size=3 * layout.CACHE_WINDOW, max_span=mib)
+    buf = new_region(g)
+    tx, rx = make_pair(buf, g, tx_impl, rx_impl)
+
+    def send_mib() -> int:
+        offset = tx.reserve(mib)
+        assert offset >= 0
+        tx.publish(offset, mib, True)
+        return offset - tx.data_offset
+
+    window = layout.CACHE_WINDOW // mib
+    assert [send_mib() for _ in range(window + 1)] == [i * mib for i in range(window + 1)]
+    rx.poll()
+    rx.complete(1)  # only the bottom MiB is free: on past the window
+    tx.reclaim()
+    assert send_mib() == (window + 1) * mib
+    for _ in range(window - 1):
+        rx.poll()
+    rx.complete(window - 1)  # the whole window is free, the head is past it: wrap early
+    tx.reclaim()
+    assert send_mib() == 0
+    assert send_mib() == mib
 
 
 @pytest.mark.parametrize(("tx_impl", "rx_impl"), PAIRS)

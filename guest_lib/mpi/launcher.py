@@ -66,8 +66,8 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--queue-num",
         type=int,
-        default=int(os.environ.get("IVSHMEM_MPI_QUEUE_NUM", "1024")),
-        help="descriptors per queue (a message of up to queue-num/2 spans goes whole)",
+        default=int(os.environ.get("IVSHMEM_MPI_QUEUE_NUM", "256")),
+        help="descriptors per queue (default 256)",
     )
     parser.add_argument("--timeout", type=float, help="kill everything after S seconds")
     parser.add_argument("-m", dest="module", help="run a module (python -m)")

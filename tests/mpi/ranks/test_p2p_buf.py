@@ -119,6 +119,23 @@ def test_truncation_large(comm):
     req.Wait()
 
 
+def test_truncation_inside_a_large_message(comm):
+    """A buffer that holds the first pieces of a message sent in pieces, not all of them."""
+    _, rank, dest, source = ring(comm)
+    req = comm.Isend(np.full(3_000_000, rank, np.float64), dest, 10)  # 24 MB: in pieces
+    part = np.zeros(1_000_000)
+    status = MPI.Status()
+    with pytest.raises(MPI.Exception) as info:
+        comm.Recv(part, source, 10, status)
+    assert info.value.Get_error_class() == MPI.ERR_TRUNCATE
+    assert part[0] == source and part[-1] == source
+    req.Wait()
+    comm.Send(np.array([rank], "i"), dest, 10)  # the truncated one was consumed whole
+    nxt = np.zeros(1, "i")
+    comm.Recv(nxt, source, 10)
+    assert nxt[0] == source
+
+
 def test_any_source_any_tag_status(comm):
     _, rank, dest, _ = ring(comm)
     comm.Send(np.array([rank], "i"), dest, 20 + rank)
