@@ -23,6 +23,7 @@ from __future__ import annotations
 import collections
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 from ivshmem_comm import layout, serialize
@@ -51,6 +52,11 @@ JOIN_GRACE_NS = 5_000_000_000  # a JOINING slot is someone's for this long after
 WATCH_SLICE = 0.05  # seconds: bound on the time to notice a lost peer while blocked
 DEFAULT_SPIN_US = float(os.environ.get("IVSHMEM_COMM_SPIN_US", "50"))
 _STATE_MASK = 0xFFFFFFFF
+
+
+def _poll_or_spin(ring: Any, spin_ns: int) -> tuple[int, int, int, int] | None:
+    """The ring's head header now, or after spinning up to `spin_ns` for it (None: none)."""
+    return ring.poll_header() or ring.wait_header(spin_ns)
 
 
 class Endpoint:
@@ -396,17 +402,8 @@ class Endpoint:
 
         The spin lasts spin_us, or `timeout` if that is shorter.
         """
-        ring = channel.ring
         spin_ns = self._spin_ns if timeout is None else min(self._spin_ns, int(timeout * 1e9))
-        try:
-            head = channel.head or ring.poll_header() or ring.wait_header(spin_ns)
-        except PeerLostError:
-            self._lost(channel.source)
-            raise
-        except RingCorruptError:
-            if self._renewed(channel.source):
-                return None
-            raise
+        head = channel.head or self._guarded(channel, _poll_or_spin, channel.ring, spin_ns)
         channel.head = head
         return head
 
@@ -421,9 +418,16 @@ class Endpoint:
             return None
         spin_ns = self._spin_ns if timeout is None else min(self._spin_ns, int(timeout * 1e9))
         try:
-            return channel.take_small_into(buffer, tag, spin_ns)
+            return self._guarded(channel, channel.take_small_into, buffer, tag, spin_ns)
         except BufferError:
             return None  # not a writable buffer: recv_into says so
+
+    def _guarded(self, channel: RxChannel, call: Callable[..., Any], *args: Any) -> Any:
+        """call(*args) on `channel` with the peer-loss bookkeeping: PeerLostError forgets the
+        peer's session and propagates; RingCorruptError from a peer that came back as a new
+        incarnation (our halves now reset) gives None, any other propagates."""
+        try:
+            return call(*args)
         except PeerLostError:
             self._lost(channel.source)
             raise

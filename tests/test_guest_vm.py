@@ -33,17 +33,13 @@ from test_broker_support import ENV, BrokerProcess
 
 from guest_lib.host_client import attach as host_attach
 from host_broker import lab as L
+from tests.conftest import vm_marks
 
 REPO = Path(__file__).resolve().parent.parent
 PY = sys.executable  # the venv's python: visible in the guest (host root over 9p)
 EXCHANGE_COUNT = int(os.environ.get("IVSHMEM_VM_EXCHANGE_COUNT", "10000"))  # each way
 
-_available, _why = L.lab_available()
-pytestmark = [
-    pytest.mark.vm,
-    pytest.mark.skipif(not _available, reason=f"VM lab unavailable: {_why}"),
-    pytest.mark.timeout(400),
-]
+pytestmark = vm_marks(400)
 
 
 @pytest.fixture(scope="module")

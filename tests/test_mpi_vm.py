@@ -16,26 +16,13 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
-from host_broker import lab as L
 from host_broker.lab_mpi import placement, region_size
+from tests.conftest import vm_test
 
 REPO = Path(__file__).resolve().parent.parent
 PROGRAM = "tests/mpi/programs/vm_job.py"
 
-_available, _why = L.lab_available()
-
-
-def vm(test):  # the marks of a test that boots guests (skipped without the lab)
-    marks = (
-        pytest.mark.vm,
-        pytest.mark.skipif(not _available, reason=f"VM lab unavailable: {_why}"),
-        pytest.mark.timeout(180),
-    )
-    for mark in marks:
-        test = mark(test)
-    return test
+vm = vm_test(180)  # the marks of a test that boots guests
 
 
 def _lab(*args: str, timeout: float = 150) -> tuple[subprocess.CompletedProcess[str], float]:

@@ -27,29 +27,16 @@ import threading
 import time
 from pathlib import Path
 
-import pytest
-
-from host_broker import lab as L
 from host_broker.lab_exec import HELLO, labs_root, read_frame, write_frame
+from tests.conftest import vm_marks
 
 REPO = Path(__file__).resolve().parent.parent
 PROGRAM = "tests/mpi/programs/vm_mpiexec.py"
 ROUTE_SHM = 1  # guest_lib.mpi.engine.ROUTE_SHM
 
 
-_available, _why = L.lab_available()
 LAB_CLI = [sys.executable, "-m", "host_broker.lab_cli"]
-
-
-def vm(test):  # the marks of a test that boots guests (skipped without the lab)
-    marks = (
-        pytest.mark.vm,
-        pytest.mark.skipif(not _available, reason=f"VM lab unavailable: {_why}"),
-        pytest.mark.timeout(240),
-    )
-    for mark in marks:
-        test = mark(test)
-    return test
+pytestmark = vm_marks(240)
 
 
 def _processes_mentioning(text: str) -> list[int]:
@@ -99,7 +86,6 @@ def _check_results(out: str) -> list[dict]:
     return results
 
 
-@vm
 def test_mpiexec_runs_ranks_in_two_guests() -> None:
     shm_before = _shm_regions()
     t0 = time.monotonic()
@@ -148,7 +134,6 @@ def _read_until(stream, pattern: str, timeout: float) -> list[str]:
     return lines
 
 
-@vm
 def test_up_exec_down() -> None:
     name = f"t{os.getpid()}"
     t0 = time.monotonic()

@@ -260,14 +260,7 @@ class Comm:
         if source >= 0:
             route, peer = self._route[source]
             if route == ROUTE_SHM:
-                got = engine.fast_recv(peer, ctx, tag, view)
-                if type(got) is tuple:
-                    if status is not None:
-                        status._set(source, got[1], got[0])
-                    return
-                if got is not None:  # a large message, coming in straight after its head
-                    engine.wait(got)
-                    Request(got, engine, self._rank_of)._fill(status)
+                if self._shm_recv(engine, peer, source, tag, ctx, view, status):
                     return
             elif route == ROUTE_MPI and engine.quiet():
                 self._native_recv(view, source, tag, ctx, status)
@@ -279,6 +272,30 @@ class Comm:
         if not op.done:
             engine.wait(op)
         Request(op, engine, self._rank_of)._fill(status)
+
+    def _shm_recv(
+        self,
+        engine: Engine,
+        peer: int,
+        source: int,
+        tag: int,
+        ctx: int,
+        buf: Any,
+        status: Status | None,
+    ) -> bool:
+        """Blocking receive from `source` (core peer `peer`) by the engine's fast path into
+        `buf`. True when done (status filled; MPI.Exception on truncation); False when the
+        engine was busy or nothing came soon: the caller posts the receive."""
+        got = engine.fast_recv(peer, ctx, tag, buf)
+        if type(got) is tuple:
+            if status is not None:
+                status._set(source, got[1], got[0])
+            return True
+        if got is None:
+            return False
+        engine.wait(got)  # a large message whose rest the engine finishes
+        Request(got, engine, self._rank_of)._fill(status)
+        return True
 
     def _native_recv(
         self, view: memoryview | None, source: int, tag: int, ctx: int, status: Status | None
@@ -458,17 +475,9 @@ class Comm:
             and buf.flags.writeable
             and buf.dtype.char in _PLAIN_DTYPES
             and (0 <= tag <= constants.TAG_UB or tag == constants.ANY_TAG)
+            and self._shm_recv(self._engine, peer, source, tag, self._ctx, buf, status)
         ):
-            engine = self._engine
-            got = engine.fast_recv(peer, self._ctx, tag, buf)
-            if type(got) is tuple:
-                if status is not None:
-                    status._set(source, got[1], got[0])
-                return
-            if got is not None:  # a large message, coming in straight after its head
-                engine.wait(got)
-                Request(got, engine, self._rank_of)._fill(status)
-                return
+            return
         self._source(source)
         self._recv_tag(tag)
         spec = buffers.parse(buf, writable=True)
