@@ -30,6 +30,9 @@
 #include <stdint.h>
 #include <string.h>
 #include <time.h>
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 
 #if !defined(__BYTE_ORDER__) || __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
 #error "the region format is little-endian and this module stores native integers"
@@ -149,6 +152,40 @@ static void copy_bytes(unsigned char *dest, const unsigned char *src, Py_ssize_t
     } else {
         memmove(dest, src, (size_t)n);
     }
+}
+
+/* copy_bytes() with stores that bypass the caches, for a receiver copying out a message too
+ * large to stay there: no read for ownership of `dest`, and the queue's data and the sender's
+ * next bytes are not evicted for bytes nobody reads soon (16 MiB MPI ping-pong in pieces:
+ * ~830 -> ~720 us one way). The buffers do not overlap. */
+static void copy_bytes_streaming(unsigned char *dest, const unsigned char *src, Py_ssize_t n)
+{
+#if defined(__SSE2__)
+    Py_BEGIN_ALLOW_THREADS
+    size_t lead = (16 - ((uintptr_t)dest & 15)) & 15;
+    size_t left = (size_t)n;
+    if (lead > left)
+        lead = left;
+    memcpy(dest, src, lead);
+    dest += lead;
+    src += lead;
+    left -= lead;
+    for (; left >= 64; left -= 64, src += 64, dest += 64) {
+        __m128i a = _mm_loadu_si128((const __m128i *)src);
+        __m128i b = _mm_loadu_si128((const __m128i *)(src + 16));
+        __m128i c = _mm_loadu_si128((const __m128i *)(src + 32));
+        __m128i d = _mm_loadu_si128((const __m128i *)(src + 48));
+        _mm_stream_si128((__m128i *)dest, a);
+        _mm_stream_si128((__m128i *)(dest + 16), b);
+        _mm_stream_si128((__m128i *)(dest + 32), c);
+        _mm_stream_si128((__m128i *)(dest + 48), d);
+    }
+    memcpy(dest, src, left);
+    _mm_sfence(); /* the streamed stores are done before the span is completed */
+    Py_END_ALLOW_THREADS
+#else
+    copy_bytes(dest, src, n);
+#endif
 }
 
 /* ------------------------------------------------------------------------------------------
@@ -1284,7 +1321,8 @@ static PyObject *rx_read_into(RxRing *self, PyObject *const *args, Py_ssize_t na
 }
 
 /* The rest of a message being taken, copied into dest[copied:] span by span, each span completed
- * as soon as it is copied (the caller holds no span). Stops when `total` bytes are in, when a
+ * as soon as it is copied (the caller holds no span), with stores that bypass the caches if
+ * `bypass_cache` is true. Stops when `total` bytes are in, when a
  * completion must be kicked, or when no span came for `spin_ns`; returns (copied, expected,
  * kick) for the caller to kick and/or wait and call again. `expected` is the region offset the
  * next span must start at (a contiguous message), or -1 for any. Breaks the ring on a span that
@@ -1294,13 +1332,16 @@ static PyObject *rx_stream_into(RxRing *self, PyObject *const *args, Py_ssize_t 
     Ring *r = &self->ring;
     long long copied, total, expected, spin_ns;
     Py_buffer dest;
-    if (check_nargs("stream_into", nargs, 5) < 0 || as_long_long(args[1], &copied) ||
+    if (check_nargs("stream_into", nargs, 6) < 0 || as_long_long(args[1], &copied) ||
         as_long_long(args[2], &total) || as_long_long(args[3], &expected) ||
         as_long_long(args[4], &spin_ns)) {
         if (!PyErr_Occurred())
             PyErr_SetString(PyExc_ValueError, "stream_into: arguments out of range");
         return NULL;
     }
+    int bypass_cache = PyObject_IsTrue(args[5]);
+    if (bypass_cache < 0)
+        return NULL;
     if (PyObject_GetBuffer(args[0], &dest, PyBUF_WRITABLE) < 0)
         return NULL;
     if (copied < 0 || total < copied || total > dest.len) {
@@ -1341,7 +1382,11 @@ static PyObject *rx_stream_into(RxRing *self, PyObject *const *args, Py_ssize_t 
                          PyUnicode_FromFormat("expected contiguous %lld", expected));
             goto fail;
         }
-        copy_bytes((unsigned char *)dest.buf + copied, r->base + addr, (Py_ssize_t)length);
+        if (bypass_cache)
+            copy_bytes_streaming((unsigned char *)dest.buf + copied, r->base + addr,
+                                 (Py_ssize_t)length);
+        else
+            copy_bytes((unsigned char *)dest.buf + copied, r->base + addr, (Py_ssize_t)length);
         copied += length;
         if (expected >= 0)
             expected = (long long)(addr + length);
@@ -1392,7 +1437,8 @@ static PyMethodDef rx_methods[] = {
     {"recv_small_into", (PyCFunction)(void (*)(void))rx_recv_small_into, METH_FASTCALL,
      "recv_small_into(dest, want_tag, spin_ns) -> (nbytes, tag, kick) | header | None"},
     {"stream_into", (PyCFunction)(void (*)(void))rx_stream_into, METH_FASTCALL,
-     "stream_into(dest, copied, total, expected, spin_ns) -> (copied, expected, kick)"},
+     "stream_into(dest, copied, total, expected, spin_ns, bypass_cache) -> (copied, expected, "
+     "kick)"},
     {"read_into", (PyCFunction)(void (*)(void))rx_read_into, METH_FASTCALL,
      "read_into(src_offset, dest_buffer, dest_offset, length): copy out of the data area."},
     {"count_message", (PyCFunction)ring_count_message, METH_O,

@@ -316,11 +316,12 @@ class RxChannel:
             copied += span_length
         return b"".join(chunks)
 
-    def take_into(self, dest: memoryview) -> tuple[int, int]:
+    def take_into(self, dest: memoryview, bypass_cache: bool = False) -> tuple[int, int]:
         """Copy the peeked message into `dest` span by span; return (nbytes, tag).
 
         The caller has checked that it fits. Each span is completed as soon as it is copied,
-        so the sender refills it while this side copies the next.
+        so the sender refills it while this side copies the next; `bypass_cache`: with stores
+        that bypass the caches (see Endpoint.recv_into).
         """
         offset, length, total, tag = self.head  # type: ignore[misc]
         self.head = None
@@ -329,10 +330,12 @@ class RxChannel:
             if self.ring.complete(1):
                 self._kick()
             return total, tag
-        self._stream_into(dest, offset, length, total)
+        self._stream_into(dest, offset, length, total, bypass_cache)
         return total, tag
 
-    def _stream_into(self, dest: memoryview, offset: int, length: int, total: int) -> None:
+    def _stream_into(
+        self, dest: memoryview, offset: int, length: int, total: int, bypass_cache: bool = False
+    ) -> None:
         contiguous = layout.is_contiguous(total, self._geometry)
         first = length - layout.SPAN_HEADER_SIZE
         self.ring.read_into(offset + layout.SPAN_HEADER_SIZE, dest, 0, first)
@@ -341,7 +344,12 @@ class RxChannel:
         while copied < total:
             if not self._pending:  # nothing held: the ring copies and completes what is there
                 copied, expected, kick = self.ring.stream_into(
-                    dest, copied, total, expected if contiguous else -1, STREAM_SPIN_NS
+                    dest,
+                    copied,
+                    total,
+                    expected if contiguous else -1,
+                    STREAM_SPIN_NS,
+                    bypass_cache,
                 )
                 if kick:
                     self._kick()

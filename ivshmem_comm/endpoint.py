@@ -502,12 +502,15 @@ class Endpoint:
         source: int = ANY_SOURCE,
         tag: int = ANY_TAG,
         timeout: float | None = None,
+        *,
+        bypass_cache: bool = False,
     ) -> tuple[int, int, int]:
         """Receive the next matching message into `buffer`; return (nbytes, source, tag).
 
-        Large messages are copied span by span while the sender writes the next spans.
-        Raises MessageTooLargeError if the message does not fit (it stays queued), and the
-        errors of recv().
+        Large messages are copied span by span while the sender writes the next spans;
+        `bypass_cache` copies them with stores that bypass the CPU caches (x86 with the C
+        ring), for a large buffer that will not be read soon. Raises MessageTooLargeError if
+        the message does not fit (it stays queued), and the errors of recv().
         """
         channel = self._rx_by_peer.get(source)
         spun = False
@@ -522,7 +525,8 @@ class Endpoint:
         dest = dest.cast("B") if dest.format != "B" or dest.ndim != 1 else dest
         head = channel.head if channel is not None and not self._unexpected_count else None
         if head is not None and (tag == ANY_TAG or head[3] == tag) and head[2] <= len(dest):
-            return channel.take_into(dest)[0], source, head[3]  # type: ignore[union-attr]
+            taken = channel.take_into(dest, bypass_cache)  # type: ignore[union-attr]
+            return taken[0], source, head[3]
         found = self._find(source, tag, timeout, spun)
         if isinstance(found, Message):
             if found.nbytes > len(dest):
@@ -534,7 +538,7 @@ class Endpoint:
         assert head is not None
         if head[0] > len(dest):
             raise MessageTooLargeError(head[0], len(dest), found.source, head[1])
-        nbytes, msg_tag = found.take_into(dest)
+        nbytes, msg_tag = found.take_into(dest, bypass_cache)
         return nbytes, found.source, msg_tag
 
     def recv_obj(

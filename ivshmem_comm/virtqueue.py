@@ -525,10 +525,12 @@ class RxRing(_RingBase):
         view[dest_offset : dest_offset + length] = self._buf[src_offset : src_offset + length]
 
     def stream_into(
-        self, dest: Any, copied: int, total: int, expected: int, spin_ns: int
+        self, dest: Any, copied: int, total: int, expected: int, spin_ns: int, bypass_cache: bool
     ) -> tuple[int, int, bool]:
         """Copy the rest of a message being taken into `dest[copied:]`, span by span.
 
+        `bypass_cache` asks for stores that bypass the caches (the C ring; this reference
+        copies plainly: the same bytes).
         Each span is completed as soon as it is copied (the caller holds no span). Stops when
         `total` bytes are in, when a completion must be kicked, or when no span came for
         `spin_ns` nanoseconds; returns (copied, expected, kick) for the caller to kick and/or

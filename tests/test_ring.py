@@ -237,6 +237,28 @@ def test_message_in_pieces_and_read_into(tx_impl: str, rx_impl: str) -> None:
 
 
 @pytest.mark.parametrize(("tx_impl", "rx_impl"), PAIRS)
+@pytest.mark.parametrize("misalign", [0, 3, 13])
+def test_stream_into_bypassing_the_cache_copies_every_byte(
+    tx_impl: str, rx_impl: str, misalign: int
+) -> None:
+    g = small_geometry(max_span=2048)
+    buf = new_region(g)
+    tx, rx = make_pair(buf, g, tx_impl, rx_impl)
+    data = payload(7, 6000 - misalign)
+    offset = tx.reserve(16 + len(data))
+    tx.write_header(offset, len(data), 1)
+    sent = 0
+    while sent < len(data):  # (kicks do not matter here)
+        sent, _ = tx.publish_payload(offset, data, sent)
+    head = rx.poll_header()
+    room = memoryview(bytearray(len(data) + misalign))[misalign:]  # an unaligned destination
+    rx.read_into(offset + 16, room, 0, head[1] - 16)
+    rx.complete(1)
+    copied, _, _ = rx.stream_into(room, head[1] - 16, len(data), offset + head[1], 0, True)
+    assert copied == len(data) and bytes(room) == data
+
+
+@pytest.mark.parametrize(("tx_impl", "rx_impl"), PAIRS)
 def test_allocation_wraps_early_past_the_cache_window(tx_impl: str, rx_impl: str) -> None:
     mib = 1 << 20
     g = small_geometry(queue_num=64, data_size=3 * layout.CACHE_WINDOW, max_span=mib)
@@ -319,11 +341,11 @@ def test_stream_into_copies_completes_and_checks_spans(tx_impl: str, rx_impl: st
     dest = bytearray(len(data))
     rx.read_into(offset + 16, dest, 0, 1024 - 16)
     rx.complete(1)
-    got = rx.stream_into(dest, 1008, len(data), offset + 1024, 100_000)
+    got = rx.stream_into(dest, 1008, len(data), offset + 1024, 100_000, False)
     assert got[:2] == (2032, offset + 2048) and rx.held == 0  # one span there, then none came
     tx.publish(offset + 2048, 16 + len(data) - 2048, True)
     end = offset + 16 + len(data)
-    assert rx.stream_into(dest, 2032, len(data), offset + 2048, 0)[:2] == (len(data), end)
+    assert rx.stream_into(dest, 2032, len(data), offset + 2048, 0, True)[:2] == (len(data), end)
     assert bytes(dest) == data and first[2:] == (len(data), 3)
     assert tx.reclaim() == 3
     # A span somewhere else than the contiguous message's next one breaks the ring.
@@ -334,7 +356,7 @@ def test_stream_into_copies_completes_and_checks_spans(tx_impl: str, rx_impl: st
     rx.poll_header()
     rx.complete(1)
     with pytest.raises(RingCorruptError, match=r"span\.addr"):
-        rx.stream_into(bytearray(2000), 1008, 2000, offset + 4096, 0)
+        rx.stream_into(bytearray(2000), 1008, 2000, offset + 4096, 0, False)
     assert rx.broken is not None
 
 

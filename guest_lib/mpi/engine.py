@@ -66,6 +66,7 @@ _TAG_MASK = constants.TAG_UB
 _CTX_SHIFT = constants.TAG_BITS
 _KIND_SHIFT = constants.TAG_BITS + constants.CTX_BITS
 
+BYPASS_CACHE_MIN = 8 << 20  # a receive buffer this large takes pieces with cache-bypassing stores
 FAST_TIMEOUT = 0.002  # s: how long a blocking fast path waits inside the core before the engine
 IDLE_TIMEOUT = 0.005  # s: the longest nap of the engine between progress passes
 MAX_PULL = 64  # messages taken from shared memory per progress pass
@@ -689,7 +690,9 @@ class Engine:
             return None
         ep = self.ep
         try:
-            nbytes, _, coretag = ep.recv_into(buf, peer, -1, FAST_TIMEOUT)
+            nbytes, _, coretag = ep.recv_into(
+                buf, peer, -1, FAST_TIMEOUT, bypass_cache=buf.nbytes >= BYPASS_CACHE_MIN
+            )
         except (CoreTimeout, MessageTooLargeError):
             return None
         except PeerLostError as exc:
@@ -713,9 +716,12 @@ class Engine:
         user_tag = coretag & _TAG_MASK
         piece_head = KIND_PIECE << constants.CTX_BITS | ctx
         ep = self.ep
+        bypass = len(view) >= BYPASS_CACHE_MIN
         while True:
             try:
-                nbytes, _, coretag = ep.recv_into(view[offset:], peer, -1, FAST_TIMEOUT)
+                nbytes, _, coretag = ep.recv_into(
+                    view[offset:], peer, -1, FAST_TIMEOUT, bypass_cache=bypass
+                )
             except (CoreTimeout, MessageTooLargeError):
                 op = RecvOp(ctx, self.world_of_peer[peer], tag, view, None, peer)
                 op.begin(op.src, user_tag)
