@@ -47,6 +47,7 @@ class TxChannel:
         self._geometry = geometry
         self._kick = kick
         self._wait = wait
+        self._placed: tuple[int, int] | None = None  # (offset, total) of a placed message
 
     def send(self, data: memoryview, tag: int, deadline: float | None) -> None:
         """Send `data` (a flat byte view) with `tag`; block while the queue is full.
@@ -69,6 +70,38 @@ class TxChannel:
         else:
             self._send_streamed(data, tag, deadline)
         ring.count_message(len(data))
+
+    def place(self, data: memoryview, tag: int, deadline: float | None) -> int:
+        """Write a message into one contiguous reservation without publishing it: return the
+        region offset of its bytes. They are this sender's alone until `publish_placed`
+        (nothing else can be sent to this peer meanwhile: the ring refuses a second
+        reservation), so other peers told the offset may read them in place meanwhile.
+        Raises ValueError if the message cannot be one reservation, TimeoutError (nothing
+        placed), PeerLostError, RingCorruptError."""
+        if not layout.is_contiguous(len(data), self._geometry):
+            raise ValueError(f"{len(data)} bytes do not fit one reservation of this queue")
+        ring = self.ring
+        if ring.in_flight:
+            ring.reclaim()  # as _send_contiguous: an emptied queue restarts at the bottom
+        offset = self._reserve(layout.SPAN_HEADER_SIZE + len(data), deadline)
+        ring.write_header(offset, len(data), tag)
+        ring.write(offset + layout.SPAN_HEADER_SIZE, data)
+        self._placed = (offset, len(data))
+        return offset + layout.SPAN_HEADER_SIZE
+
+    def publish_placed(self) -> None:
+        """Send the placed message (see `place`). RuntimeError if none is placed."""
+        if self._placed is None:
+            raise RuntimeError("no placed message to publish")
+        (offset, total), self._placed = self._placed, None
+        ring, max_span = self.ring, self._geometry.max_span
+        end = offset + layout.SPAN_HEADER_SIZE + total
+        while offset < end:
+            length = min(max_span, end - offset)
+            if ring.publish(offset, length, offset + length == end):
+                self._kick()
+            offset += length
+        ring.count_message(total)
 
     def _reserve(self, nbytes: int, deadline: float | None) -> int:
         while True:

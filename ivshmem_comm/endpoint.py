@@ -313,7 +313,56 @@ class Endpoint:
                 return
         self._send(dest, data, tag, timeout)
 
-    def _send(self, dest: int, data: Any, tag: int, timeout: float | None) -> None:
+    def place(self, dest: int, data: Any, tag: int = 0, timeout: float | None = None) -> int:
+        """Write a message for `dest` into its queue without sending it yet; return the region
+        offset of its bytes.
+
+        Until `publish_placed(dest)` sends it, the bytes stay the sender's alone, and any peer
+        of the region told that offset may copy them in place (`read_placed`): a message
+        written once and read by several. Nothing else can be sent to `dest` meanwhile
+        (RuntimeError). Raises ValueError if the message does not fit one contiguous
+        reservation of the queue; otherwise the errors of send() (TimeoutError: nothing
+        placed).
+        """
+        offset = self._send(dest, data, tag, timeout, place=True)
+        assert offset is not None
+        return offset
+
+    def publish_placed(self, dest: int) -> None:
+        """Send the message placed for `dest` (see `place`). RuntimeError if there is none."""
+        tx = self.tx[self._peer_arg(dest)]
+        assert tx is not None
+        try:
+            tx.publish_placed()
+        except PeerLostError:
+            self._lost(dest)
+            raise
+
+    def read_placed(self, src: int, dst: int, offset: int, into: Any) -> None:
+        """Copy the bytes that peer `src` placed for peer `dst` at region `offset` (as many as
+        `into` holds) into `into`. `offset` comes from `src`: ValueError naming it if those
+        bytes do not lie inside the data area of its queue to `dst`."""
+        geometry = self.region.geometry
+        if not (0 <= src < geometry.max_peers and 0 <= dst < geometry.max_peers):
+            raise ValueError(f"no queue from peer {src} to peer {dst} in this region")
+        dest = memoryview(into)
+        if dest.readonly or not dest.c_contiguous:
+            raise ValueError("read_placed needs a writable contiguous buffer")
+        dest = dest.cast("B") if dest.format != "B" or dest.ndim != 1 else dest
+        if src == dst:
+            raise ValueError(f"peer {src} placed a message for itself")
+        start = geometry.queue_offset(src, dst) + geometry.data_rel_offset
+        if not start <= offset <= start + geometry.data_size - len(dest):
+            raise ValueError(
+                f"peer {src}: {len(dest)} placed bytes at region offset {offset} lie outside "
+                f"its queue to peer {dst}"
+            )
+        dest[:] = self.region.buf[offset : offset + len(dest)]
+
+    def _send(
+        self, dest: int, data: Any, tag: int, timeout: float | None, place: bool = False
+    ) -> int | None:
+        """send() past its fast path, or (`place`) place(): the offset of the placed bytes."""
         if not layout.TAG_MIN <= tag <= layout.TAG_MAX:
             raise ValueError(f"tag {tag} outside {layout.TAG_MIN}..{layout.TAG_MAX}")
         tx = self.tx[self._peer_arg(dest)]
@@ -323,10 +372,13 @@ class Endpoint:
         if self._u64[self._word_i[dest]] != self._expect[dest]:
             self._wait_ready(dest, deadline)
         try:
+            if place:
+                return tx.place(byte_view(data), tag, deadline)
             tx.send(byte_view(data), tag, deadline)
         except PeerLostError:
             self._lost(dest)
             raise
+        return None
 
     def send_obj(self, obj: Any, dest: int, tag: int = 0, timeout: float | None = None) -> None:
         """Serialise `obj` (msgpack; numpy arrays keep dtype and shape) and send it."""

@@ -266,3 +266,35 @@ def test_expect_incarnation_skips_a_previous_holder_that_left(make_region):
                 ep0.send(1, b"hello", tag=3, timeout=5)
                 with newer.recv(0, 3, timeout=5) as msg:
                     assert bytes(msg.data) == b"hello"
+
+
+def test_a_placed_message_is_read_in_place_by_others_then_sent(make_region):
+    """place(): written once into the queue to peer 1, read there by peer 2, then sent to 1."""
+    region = make_region(size=8 << 20, max_peers=3)
+    r1, r2 = ic.Region.open(region.name), ic.Region.open(region.name)
+    with region.endpoint(0) as root, r1.endpoint(1) as holder, r2.endpoint(2) as reader:
+        payload = os.urandom(300_000)
+        holder.send(0, b"ready")
+        with root.recv(1, timeout=5):
+            pass
+        offset = root.place(1, payload, tag=4)
+        with pytest.raises(RuntimeError):
+            root.send(1, b"not while a message is placed", timeout=1)
+        assert holder.iprobe(0, 4) is None  # not sent yet
+        into = bytearray(len(payload))
+        reader.read_placed(0, 1, offset, into)
+        assert into == payload
+        with pytest.raises(ValueError, match="peer 0"):
+            reader.read_placed(0, 2, offset, into)  # not in its queue to peer 2
+        with pytest.raises(ValueError, match="peer 0"):
+            reader.read_placed(0, 1, offset - (8 << 20), into)
+        root.publish_placed(1)
+        got = bytearray(len(payload))
+        assert holder.recv_into(got, 0, 4, timeout=5) == (len(payload), 0, 4)
+        assert got == payload
+        with pytest.raises(RuntimeError):
+            root.publish_placed(1)
+        with pytest.raises(ValueError):
+            root.place(1, bytes(region.geometry.data_size), tag=4)
+    r1.close()
+    r2.close()

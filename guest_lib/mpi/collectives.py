@@ -7,8 +7,11 @@ Shared memory is used directly where the queues allow it:
 - Allreduce of two ranks is one exchange with both sides computing `a0 op a1` straight from
   the peer's view (identical results on both ranks);
 - Reduce_scatter_block folds each block at its owner the same way.
-A broadcast is a binomial tree of queue writes; one write read by every rank would need a
-region area outside the per-pair queues (a core layout change; not done).
+- Bcast of 256 KiB or more among three ranks or more is written once and read by all: the root
+  places each piece in its queue to the next rank without sending it, the other ranks copy
+  it in place from there (the core's place/read_placed, the place checked to lie in that
+  queue), and it is sent to the next rank once they all said they have it. Smaller buffers
+  and object broadcasts (whose size only the root knows) go down a binomial tree.
 
 Across regions (`_hier` is set when members sit in more than one region and mpi4py is up):
 Barrier, Bcast, Reduce, Allreduce and their object forms run hierarchically: within each
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import functools
 import pickle
+import struct
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -33,7 +37,7 @@ import numpy as np
 
 from guest_lib.mpi import buffers, constants, exceptions, ops
 from guest_lib.mpi.constants import IN_PLACE
-from guest_lib.mpi.engine import Op
+from guest_lib.mpi.engine import KIND_DATA, Op, core_tag
 from guest_lib.mpi.request import Request, unpickle
 
 if TYPE_CHECKING:
@@ -41,8 +45,11 @@ if TYPE_CHECKING:
 
 T_BARRIER, T_BCAST, T_GATHER, T_SCATTER, T_ALLGATHER, T_ALLTOALL = 1, 2, 3, 4, 5, 6
 T_REDUCE, T_ALLREDUCE, T_SCAN, T_EXSCAN, T_RSB, T_CTX = 7, 8, 9, 10, 11, 12
-T_ALLREDUCE_GATHER = 13
+T_ALLREDUCE_GATHER, T_BCAST_REF, T_BCAST_ACK = 13, 14, 15
 RSAG_MIN = 64 << 10  # bytes from which Allreduce is a reduce-scatter and an allgather
+BCAST_ONCE_MIN = 256 << 10  # bytes from which a broadcast to >= 2 others is written once
+_PLACED = struct.Struct("<QQ")  # where a placed broadcast piece lies: region offset, bytes
+_NOTHING = memoryview(bytearray(0))
 
 _PICKLE = pickle.HIGHEST_PROTOCOL
 
@@ -139,6 +146,44 @@ class Collectives:
             mask >>= 1
         self._c_wait(sends)
         return data
+
+    def _bcast_once(self, view: memoryview, root: int) -> None:
+        """Broadcast written once and read by all, piece by piece (a piece: at most what goes
+        whole in a queue). The root places the piece in its queue to the next rank (the
+        holder) without sending it, tells every other rank where it lies (T_BCAST_REF), and
+        sends it to the holder once they all copied it in place and said so (T_BCAST_ACK).
+        A reader checks that the place lies in the root's queue to the holder."""
+        engine = self._check()
+        size, rank = self._sizes()
+        holder = (root + 1) % size
+        readers = [r for r in range(size) if r not in (root, holder)]
+        holder_peer = self._route[holder][1]
+        step = engine.whole_max
+        for start in range(0, len(view), step):
+            piece = view[start : start + step]
+            if rank == root:
+                coretag = core_tag(KIND_DATA, self._ctx + 1, T_BCAST)
+                offset = engine.place(holder_peer, piece, coretag)
+                where = memoryview(_PLACED.pack(offset, len(piece)))
+                acks = [self._c_irecv(_NOTHING, r, T_BCAST_ACK) for r in readers]
+                self._c_wait([self._c_isend(where, r, T_BCAST_REF) for r in readers] + acks)
+                engine.publish_placed(holder_peer)
+            elif rank == holder:
+                self._c_wait([self._c_irecv(piece, root, T_BCAST)])
+            else:
+                where = memoryview(bytearray(_PLACED.size))
+                self._c_wait([self._c_irecv(where, root, T_BCAST_REF)])
+                offset, nbytes = _PLACED.unpack(where)
+                if nbytes != len(piece):
+                    raise exceptions.Exception(
+                        exceptions.ERR_TRUNCATE,
+                        f"rank {root} broadcasts {nbytes} bytes where {len(piece)} are expected",
+                    )
+                try:
+                    engine.ep.read_placed(self._route[root][1], holder_peer, offset, piece)
+                except ValueError as exc:
+                    raise exceptions.Exception(exceptions.ERR_OTHER, str(exc)) from exc
+                self._c_wait([self._c_isend(_NOTHING, root, T_BCAST_ACK)])
 
     # ------------------------------------------------------------------ hierarchy
     def _hierarchy(self) -> tuple[Any, Any, list[int], dict[int, int], list[int]]:
@@ -262,14 +307,17 @@ class Collectives:
         return pickle.loads(self._bcast_view(None, root, T_BCAST))
 
     def Bcast(self, buf: Any, root: int = 0) -> None:
-        """Broadcast a buffer from `root` into `buf` on every rank."""
+        """Broadcast a buffer from `root` into `buf` on every rank (written once into shared
+        memory when large: see the module docstring)."""
         size, rank = self._sizes()
         self._root(root)
         if self._has_mpi:
             self._h_bcast(buf, root, objects=False)
             return
         spec = buffers.parse(buf, writable=rank != root)
-        if size > 1:
+        if size >= 3 and len(spec.view) >= BCAST_ONCE_MIN:  # (every rank knows the size)
+            self._bcast_once(spec.view, root)
+        elif size > 1:
             self._bcast_view(spec.view, root, T_BCAST)
 
     def _root(self, root: int) -> None:

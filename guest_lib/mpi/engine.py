@@ -325,6 +325,7 @@ class Engine:
         self.hello: dict[int, bytes] = {}
         self.used_ctx: set[int] = {0, 1, 2, 3}
         self.mpi_messages = 0  # messages this process handed to mpi4py (sends)
+        self.placing = -1  # the shm peer a placed message waits for (nothing else goes there)
         self._seq = 0
         self.has_mpi = any(route == ROUTE_MPI for route, _ in self.routes)
 
@@ -345,7 +346,7 @@ class Engine:
         if queue is None:
             queue = self.sendq[peer] = collections.deque()
         queue.append(op)
-        if len(queue) == 1:
+        if len(queue) == 1 and peer != self.placing:
             self._push(peer, queue, 0.0)
         return op
 
@@ -425,7 +426,34 @@ class Engine:
         if queue is None:
             queue = self.sendq[peer] = collections.deque()
         queue.append(op)
-        if len(queue) == 1:
+        if len(queue) == 1 and peer != self.placing:
+            self._push(peer, queue, 0.0)
+
+    def place(self, peer: int, data: memoryview, coretag: int) -> int:
+        """Write a message for shm peer `peer` into its queue without sending it (core
+        Endpoint.place) once what is queued for it is out, making progress meanwhile; return
+        the region offset of its bytes. Until publish_placed(peer), sends to it wait."""
+        self.wait_until(lambda: peer not in self.sendq)
+        self.placing = peer
+        while True:
+            try:
+                return self.ep.place(peer, data, coretag, 0.0)
+            except CoreTimeout:
+                if not self.progress():
+                    self.idle(peer)
+            except PeerLostError as exc:
+                self.placing = -1
+                raise translate_error(exc) from exc
+
+    def publish_placed(self, peer: int) -> None:
+        """Send the message placed for `peer`, then what waited behind it."""
+        self.placing = -1
+        try:
+            self.ep.publish_placed(peer)
+        except PeerLostError as exc:
+            raise translate_error(exc) from exc
+        queue = self.sendq.get(peer)
+        if queue:
             self._push(peer, queue, 0.0)
 
     # ------------------------------------------------------------------ receiving
@@ -621,7 +649,7 @@ class Engine:
         moved = False
         if self.sendq:
             for peer, queue in list(self.sendq.items()):
-                if self._push(peer, queue, 0.0):
+                if peer != self.placing and self._push(peer, queue, 0.0):
                     moved = True
         ep = self.ep
         if ep is not None:
@@ -649,8 +677,9 @@ class Engine:
             return  # only mpi4py to wait for: progress() polls it; spin
         spin_only = self.has_mpi and (self.mpi_polling or self.mpi_active)
         try:
-            if self.sendq:
-                peer, queue = next(iter(self.sendq.items()))
+            pushable = [item for item in self.sendq.items() if item[0] != self.placing]
+            if pushable:
+                peer, queue = pushable[0]
                 busy = self.posted or self.inflow or spin_only
                 self._push(peer, queue, 0.0 if busy else IDLE_TIMEOUT)
                 return
@@ -744,7 +773,7 @@ class Engine:
         `data` is a flat byte view or a C-contiguous numpy array. Returns True once it is in
         the queue; False if the engine must take it (too large, queue busy or full).
         """
-        if data.nbytes > self.whole_max or peer in self.sendq:
+        if data.nbytes > self.whole_max or peer in self.sendq or peer == self.placing:
             return False
         try:
             self.ep.send(peer, data, coretag, FAST_TIMEOUT)

@@ -20,6 +20,38 @@ def test_bcast(comm, typecode):
             assert np.array_equal(buf, np.arange(count, dtype=typecode))
 
 
+def _shm_bytes_sent() -> int:
+    """Bytes this rank has sent into its region's queues so far (0 without a region)."""
+    ep = MPI._internal_state()["endpoint"]
+    if ep is None:
+        return 0
+    region = ep.region
+    return sum(
+        region.queue_counters(ep.peer_id, other)["sent_bytes"]
+        for other in range(region.max_peers)
+        if other != ep.peer_id
+    )
+
+
+def test_bcast_large_is_written_once(comm):
+    """A large Bcast among ranks of one region: the root writes the data into shared memory
+    once (in pieces of at most 4 MiB), the others only read it and acknowledge."""
+    size, rank = comm.Get_size(), comm.Get_rank()
+    expect = np.arange(5 << 20, dtype=np.uint8)  # 5 MiB: two pieces
+    one_region = all(route != 2 for route, _ in MPI._internal_state()["routes"])  # no mpi4py
+    for root in range(size):
+        buf = expect.copy() if rank == root else np.zeros_like(expect)
+        before = _shm_bytes_sent()
+        comm.Bcast(buf, root)
+        sent = _shm_bytes_sent() - before
+        assert np.array_equal(buf, expect)
+        if size >= 3 and one_region:
+            if rank == root:
+                assert expect.nbytes <= sent < expect.nbytes + 4096, sent
+            else:
+                assert sent < 4096, sent
+
+
 @pytest.mark.parametrize("typecode", TYPECODES)
 def test_gather_scatter(comm, typecode):
     size, rank = comm.Get_size(), comm.Get_rank()
