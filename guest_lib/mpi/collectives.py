@@ -30,14 +30,14 @@ from __future__ import annotations
 import functools
 import pickle
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from guest_lib.mpi import buffers, constants, exceptions, ops
 from guest_lib.mpi.constants import IN_PLACE
-from guest_lib.mpi.engine import KIND_DATA, Op, core_tag
+from guest_lib.mpi.engine import KIND_DATA, Op, StagedOp, core_tag
 from guest_lib.mpi.request import Request, unpickle
 
 if TYPE_CHECKING:
@@ -46,6 +46,7 @@ if TYPE_CHECKING:
 T_BARRIER, T_BCAST, T_GATHER, T_SCATTER, T_ALLGATHER, T_ALLTOALL = 1, 2, 3, 4, 5, 6
 T_REDUCE, T_ALLREDUCE, T_SCAN, T_EXSCAN, T_RSB, T_CTX = 7, 8, 9, 10, 11, 12
 T_ALLREDUCE_GATHER, T_BCAST_REF, T_BCAST_ACK = 13, 14, 15
+T_NONBLOCKING, NONBLOCKING_TAGS = 1024, 1 << 16  # nonblocking collective n: T_NONBLOCKING + n
 RSAG_MIN = 64 << 10  # bytes from which Allreduce is a reduce-scatter and an allgather
 BCAST_ONCE_MIN = 256 << 10  # bytes from which a broadcast to >= 2 others is written once
 _PLACED = struct.Struct("<QQ")  # where a placed broadcast piece lies: region offset, bytes
@@ -91,6 +92,7 @@ class Collectives:
     _route: list[tuple[int, int]]
     _mirror_coll: Any
     _alloc_ctx: Callable[[], int]
+    _nb_seq: int
 
     # ------------------------------------------------------------------ internals
     def _c_isend(self, view: memoryview, dest: int, tag: int) -> Op:
@@ -678,17 +680,86 @@ class Collectives:
             self._c_wait([self._c_isend(_raw(running), rank + 1, tag)])
 
     # ------------------------------------------------------------------ nonblocking forms
+    # ------------------------------------------------------------------ nonblocking
+    def _nonblocking(self, steps: Iterator[list[Op]]) -> Request:
+        """A Request for a nonblocking collective whose stages `steps` yields."""
+        engine = self._check()
+        return Request(engine.start_staged(StagedOp(steps)), engine)
+
+    def _nonblocking_tag(self) -> int:
+        """The tag of this communicator's next nonblocking collective: its own, so that its
+        messages never match those of a collective started before or after it."""
+        seq, self._nb_seq = self._nb_seq, self._nb_seq + 1
+        return T_NONBLOCKING + seq % NONBLOCKING_TAGS
+
     def Ibarrier(self) -> Request:
-        self.Barrier()
-        return Request()
+        """Nonblocking barrier (dissemination: ceil(log2 size) rounds of empty messages)."""
+        size, rank = self._sizes()
+        tag = self._nonblocking_tag()
+
+        def steps() -> Iterator[list[Op]]:
+            dist = 1
+            while dist < size:
+                yield [
+                    self._c_irecv(_NOTHING, (rank - dist) % size, tag),
+                    self._c_isend(_NOTHING, (rank + dist) % size, tag),
+                ]
+                dist <<= 1
+
+        return self._nonblocking(steps())
 
     def Ibcast(self, buf: Any, root: int = 0) -> Request:
-        self.Bcast(buf, root)
-        return Request()
+        """Nonblocking broadcast of a buffer (binomial tree; `buf` is not to be touched until
+        the request completes)."""
+        size, rank = self._sizes()
+        self._root(root)
+        view = buffers.parse(buf, writable=rank != root).view
+        tag = self._nonblocking_tag()
+
+        def steps() -> Iterator[list[Op]]:
+            rel = (rank - root) % size
+            mask = 1
+            while mask < size:
+                if rel & mask:
+                    yield [self._c_irecv(view, (rank - mask) % size, tag)]
+                    break
+                mask <<= 1
+            children = []
+            mask >>= 1
+            while mask > 0:
+                if rel + mask < size:
+                    children.append(self._c_isend(view, (rank + mask) % size, tag))
+                mask >>= 1
+            yield children
+
+        return self._nonblocking(steps())
 
     def Iallreduce(self, sendbuf: Any, recvbuf: Any, op: ops.Op = ops.SUM) -> Request:
-        self.Allreduce(sendbuf, recvbuf, op)
-        return Request()
+        """Nonblocking Allreduce: rank 0 folds every operand in rank order and sends the
+        result to all (the same bits everywhere)."""
+        size, rank = self._sizes()
+        rspec = buffers.parse(recvbuf, writable=True)
+        out = _array(rspec.view, rspec.datatype)
+        if sendbuf is IN_PLACE:
+            local = out.copy()
+        else:
+            local = _array(buffers.parse(sendbuf).view, rspec.datatype)
+        tag = self._nonblocking_tag()
+
+        def steps() -> Iterator[list[Op]]:
+            if rank != 0:
+                yield [self._c_isend(_raw(local), 0, tag), self._c_irecv(rspec.view, 0, tag)]
+                return
+            operands = {r: np.empty_like(local) for r in range(1, size)}
+            yield [self._c_irecv(_raw(operands[r]), r, tag) for r in operands]
+            operands[0] = local
+            result = operands[size - 1].copy()
+            for r in reversed(range(size - 1)):
+                op.reduce_into(result, operands[r], rspec.datatype)
+            out[...] = result
+            yield [self._c_isend(rspec.view, r, tag) for r in range(1, size)]
+
+        return self._nonblocking(steps())
 
 
 def _M_IN_PLACE() -> Any:

@@ -83,6 +83,7 @@ class Comm:
             self._rank, self._rank_of, self._route, self._has_mpi = -1, {}, [], False
             self._all_mpi = False
         self._hier: Any = None  # (local comm, leaders' mpi4py comm, leader of each rank)
+        self._nb_seq = 0  # nonblocking collectives started (the same count on every member)
 
     # ------------------------------------------------------------------ basics
     def _check(self) -> Engine:

@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import collections
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from guest_lib.mpi import constants, exceptions
@@ -165,6 +165,34 @@ class ControlOp(SendOp):
     """A control message (ACK) queued like data, completing when written."""
 
     __slots__ = ()
+
+
+class StagedOp(Op):
+    """A nonblocking collective: `steps` yields, stage by stage, the operations the next stage
+    waits for (having started them); the op is done when it returns. Every progress pass
+    advances it, so it moves on whatever call of the process is making progress."""
+
+    __slots__ = ("pending", "steps")
+
+    def __init__(self, steps: Iterator[list[Op]]) -> None:
+        super().__init__()
+        self.steps = steps
+        self.pending: list[Op] = []
+
+    def advance(self) -> bool:
+        """Start the next stages while the current one is complete. True iff it moved."""
+        moved = False
+        while not self.done and all(op.done for op in self.pending):
+            moved = True
+            failed = next((op.error for op in self.pending if op.error), 0)
+            if failed:
+                self.error, self.done = failed, True
+                break
+            try:
+                self.pending = next(self.steps)
+            except StopIteration:
+                self.done = True
+        return moved
 
 
 class MpiOp(Op):
@@ -326,13 +354,21 @@ class Engine:
         self.used_ctx: set[int] = {0, 1, 2, 3}
         self.mpi_messages = 0  # messages this process handed to mpi4py (sends)
         self.placing = -1  # the shm peer a placed message waits for (nothing else goes there)
+        self.staged: list[StagedOp] = []  # nonblocking collectives in flight
         self._seq = 0
         self.has_mpi = any(route == ROUTE_MPI for route, _ in self.routes)
 
     # ------------------------------------------------------------------ state
     def quiet(self) -> bool:
         """True when nothing is queued, posted, unexpected or in flight."""
-        return not (self.sendq or self.posted or self.unexpected or self.inflow or self.mpi_active)
+        return not (
+            self.sendq
+            or self.posted
+            or self.unexpected
+            or self.inflow
+            or self.mpi_active
+            or self.staged
+        )
 
     def next_seq(self) -> int:
         self._seq += 1
@@ -623,6 +659,13 @@ class Engine:
         tracker.obj = op
         self.mpi_active.append(tracker)
 
+    def start_staged(self, op: StagedOp) -> StagedOp:
+        """Start a nonblocking collective (its first stage) and advance it in every pass."""
+        op.advance()
+        if not op.done:
+            self.staged.append(op)
+        return op
+
     def track(self, op: MpiOp) -> MpiOp:
         """Test an mpi4py request in every progress pass until it completes."""
         self.mpi_active.append(op)
@@ -668,6 +711,11 @@ class Engine:
             moved = True
         if self.mpi_active and self._test_mpi():
             moved = True
+        for staged in list(self.staged) if self.staged else ():
+            if staged.advance():
+                moved = True
+            if staged.done:
+                self.staged.remove(staged)
         return moved
 
     def idle(self, watch: int = -1) -> None:

@@ -200,3 +200,42 @@ def test_scan_exscan(comm):
 def test_barrier(comm):
     for _ in range(10):
         comm.Barrier()
+
+
+def test_nonblocking_collectives_overlap_point_to_point(comm):
+    """Ibarrier returns before the others arrive: rank 0 starts it, then sends to everyone,
+    who receive before they start theirs (blocking inside Ibarrier would deadlock here)."""
+    size, rank = comm.Get_size(), comm.Get_rank()
+    token = np.zeros(1, "i")
+    if rank == 0:
+        barrier = comm.Ibarrier()
+        for other in range(1, size):
+            comm.Send(np.array([7], "i"), other, 30)
+    else:
+        comm.Recv(token, 0, 30)
+        assert token[0] == 7
+        barrier = comm.Ibarrier()
+    barrier.Wait()
+
+
+def test_nonblocking_collectives_in_flight_together(comm):
+    size, rank = comm.Get_size(), comm.Get_rank()
+    data = np.arange(50_000, dtype="d") if rank == size - 1 else np.zeros(50_000)
+    operand = np.random.default_rng(rank).random(1000)
+    total = np.empty_like(operand)
+    inplace = np.full(10, float(rank))
+    requests = [
+        comm.Ibcast(data, size - 1),
+        comm.Iallreduce(operand, total, MPI.SUM),
+        comm.Ibarrier(),
+        comm.Iallreduce(MPI.IN_PLACE, inplace, MPI.MAX),
+    ]
+    for request in reversed(requests):  # completed in any order
+        request.Wait()
+    assert np.array_equal(data, np.arange(50_000, dtype="d"))
+    assert np.allclose(total, np.sum(comm.allgather(operand), axis=0), rtol=1e-12, atol=0)
+    assert all(t.tobytes() == total.tobytes() for t in comm.allgather(total))
+    assert np.all(inplace == size - 1)
+    blocking = np.empty_like(operand)
+    comm.Allreduce(operand, blocking, MPI.SUM)  # blocking and nonblocking ones do not mix
+    assert np.allclose(blocking, total)
