@@ -125,6 +125,11 @@ def scan(root: str = PCI_ROOT) -> list[IvshmemDevice]:
     return [device_at(os.path.join(root, n)) for n in names if is_ivshmem(os.path.join(root, n))]
 
 
+def doorbell_devices(root: str = PCI_ROOT) -> list[str]:
+    """Sysfs paths of the ivshmem-doorbell devices under `root`, in bus order."""
+    return [device.path for device in scan(root) if device.doorbell_model]
+
+
 def enable(device: IvshmemDevice) -> None:
     """Turn on the device's memory decoding via sysfs `enable` unless it already is.
 

@@ -3,10 +3,10 @@
     ivshmem-lab run --vms 2 [--accel auto|kvm|tcg] [--memory 512M] [--timeout 300]
                     [--shm NAME[:SIZE] ...] [--socket PATH[:VECTORS] ...] -- CMD ARGS...
     ivshmem-lab run --vms V -n N [...] -- python prog.py ARGS...   # an MPI job (lab_mpi)
-    ivshmem-lab up --vms 2 [--name NAME] [--accel ..] [--memory ..]   # stays up until down
+    ivshmem-lab up --vms 2 [--slots S] [--name NAME] [--accel ..] [--memory ..]  # until down
     ivshmem-lab exec [--lab NAME] vmI -- CMD ARGS...                   # run CMD in guest vmI
     ivshmem-lab down [--lab NAME]
-    ivshmem-lab mpiexec --vms 2 [-n N] [--timeout S] -- python prog.py # hydra across guests
+    ivshmem-lab mpiexec --vms 2 [-n N] [--slots S] [--timeout T] -- python prog.py  # hydra
     ivshmem-lab probe [--force]        # does KVM work here?
     ivshmem-lab initramfs [--rebuild]  # build the guest initramfs (and the UIO driver)
 
@@ -20,14 +20,16 @@ over the V guests (a bare ``-n``: N = V), over a region the lab's own broker ser
 (see :mod:`host_broker.lab_mpi`); output lines read ``[vmI] [rank R] ...``, the summary
 gives each rank's exit status, and the exit status is 0 only if every rank exited 0.
 
-``up`` boots networked guests that run an exec agent, with a broker serving one doorbell
-device per guest (:mod:`host_broker.lab_cluster`); it prints where the lab's state lives,
-the ``exec`` and ``mpiexec`` command lines to use, then ``ready``, and stays in the
+``up`` boots networked guests that run an exec agent, with a broker serving ``--slots``
+doorbell devices per guest (default 1; :mod:`host_broker.lab_cluster`); it prints where the
+lab's state lives, the ``exec`` and ``mpiexec`` command lines to use, then ``ready``, and
+stays in the
 foreground until SIGTERM/SIGINT or ``down`` (then it tears everything down and exits 0; 1 if
 a guest died first). ``exec`` runs CMD in a guest with stdin/stdout/stderr relayed and exits
 with CMD's status (255 if the lab or the guest cannot be reached). ``down`` stops a lab
 (status 1 if there is none). ``mpiexec`` = ``up`` + MPICH's real ``mpiexec`` (hydra, ssh
-launcher = the lab's exec) running CMD as N ranks, one per guest (default N = V) + ``down``;
+launcher = the lab's exec) running CMD as N ranks, S per guest filled guest by guest
+(default S = ceil(N / V), N = V x S) + ``down``;
 it exits with mpiexec's status (124 past ``--timeout``). ``--lab`` is a name or a directory
 (default ``$IVSHMEM_LAB``, then ``default``); hydra's ``-launcher-exec`` can also be the
 ``ivshmem-lab-ssh`` command, which takes ssh's argv (see :mod:`host_broker.lab_exec`).
@@ -98,6 +100,9 @@ def _parser() -> argparse.ArgumentParser:
         q.add_argument("--vms", type=int, default=2, help="number of guests (default 2)")
         q.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto")
         q.add_argument("--memory", default="512M", help="guest RAM (default 512M)")
+        q.add_argument(
+            "--slots", type=int, default=None, help="ranks per guest (default 1, or -n / V)"
+        )
     up.add_argument("--name", default=None, help="lab name (default $IVSHMEM_LAB or default)")
     mp.add_argument("-n", "--np", dest="np", type=int, default=None, help="ranks (default V)")
     mp.add_argument("--timeout", type=float, default=600.0, help="seconds for mpiexec")
@@ -167,7 +172,10 @@ def _up(args: argparse.Namespace) -> int:
         print("ivshmem-lab up: --vms must be >= 1", file=sys.stderr)
         return 2
     died = threading.Event()
-    with LabCluster(args.vms, name=name, accel=args.accel, memory=args.memory) as cluster:
+    slots = args.slots or 1
+    with LabCluster(
+        args.vms, slots=slots, name=name, accel=args.accel, memory=args.memory
+    ) as cluster:
         print(f"ivshmem-lab: lab {name} up: {args.vms} guest(s), accel "
               f"{cluster.lab.accel_in_use()}, state in {cluster.directory}")  # fmt: skip
         print(f"ivshmem-lab: exec: ivshmem-lab exec --lab {name} vm0 -- CMD")
@@ -230,8 +238,10 @@ def _mpiexec(args: argparse.Namespace) -> int:
     if not command:
         print("ivshmem-lab mpiexec: no command given (… -- CMD ARGS)", file=sys.stderr)
         return 2
-    if args.np is not None and not 1 <= args.np <= args.vms:
-        print("ivshmem-lab mpiexec: -n must be 1..--vms (one rank per guest)", file=sys.stderr)
+    slots = args.slots or (-(-args.np // args.vms) if args.np else 1)
+    if args.np is not None and not 1 <= args.np <= args.vms * slots:
+        print(f"ivshmem-lab mpiexec: -n must be 1..{args.vms * slots} (--vms x --slots)",
+              file=sys.stderr)  # fmt: skip
         return 2
 
     def ready(cluster, argv: list[str]) -> None:
@@ -242,6 +252,7 @@ def _mpiexec(args: argparse.Namespace) -> int:
         command,
         vms=args.vms,
         n=args.np,
+        slots=slots,
         timeout=args.timeout,
         memory=args.memory,
         accel=args.accel,

@@ -1,7 +1,7 @@
 """A lab that stays up: networked guests with an exec agent, a broker, and ``mpiexec`` (issue 5).
 
 :class:`LabCluster` boots V guests on a private network (:mod:`host_broker.lab_net`), each
-running the exec agent of :mod:`host_broker.lab_exec` and holding one ``ivshmem-doorbell``
+running the exec agent of :mod:`host_broker.lab_exec` and holding ``slots`` ``ivshmem-doorbell``
 device (2 vectors) of a region its own broker serves (as :mod:`host_broker.lab_mpi` does).
 Its state lives in a private (0700) directory, ``<labs root>/<name>/``
 (:func:`host_broker.lab_exec.labs_root`):
@@ -18,12 +18,13 @@ taken by a live lab, a guest fails to boot or an agent does not come up within t
 removes the region and the directory; it is idempotent.
 
 :func:`mpiexec_argv` is the real hydra command line that runs ranks in the guests:
-``mpiexec -launcher ssh -launcher-exec <lab>/ssh -localhost lab-host -hosts vm0:1,vm1:1 -n N
+``mpiexec -launcher ssh -launcher-exec <lab>/ssh -localhost lab-host -hosts vm0:S,vm1:S -n N
 -genv IVSHMEM_COMM_GUEST 1 -genv UCX_NET_DEVICES lan0 ... CMD``. The proxies reach mpiexec's
 control port at ``lab-host`` (10.0.2.2 = the host's loopback through slirp); MPICH (UCX or
 libfabric over TCP) talks between guests over ``lan0``; the ranks' data moves through the
-ivshmem region (``guest_lib.mpi`` routes ranks that share a region through it). One rank
-per guest: a guest has one doorbell device, i.e. one slot of the region.
+ivshmem region (``guest_lib.mpi`` routes ranks that share a region through it). Up to S
+(``slots``) ranks per guest: a rank takes the doorbell device (the region slot) of its index
+among its guest's ranks (hydra's ``MPI_LOCALRANKID``, see guest_lib.mpi.bootstrap).
 :func:`run_mpiexec` boots a cluster, runs that command with this process's stdout/stderr,
 tears the cluster down and returns mpiexec's exit status.
 """
@@ -113,6 +114,7 @@ class LabCluster:
         self,
         vms: int = 2,
         *,
+        slots: int = 1,
         name: str | None = None,
         lab: Lab | None = None,
         accel: Accel = "auto",
@@ -122,10 +124,13 @@ class LabCluster:
     ) -> None:
         if not 1 <= vms <= 64:
             raise ValueError(f"vms={vms}: expected 1..64")
+        if not 1 <= slots <= 16:
+            raise ValueError(f"slots={slots}: expected 1..16")
         name = name or f"lab-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", name):
             raise ValueError(f"bad lab name {name!r} (letters, digits, - _ .)")
         self.vms = vms
+        self.slots = slots  # ranks per guest: one ivshmem-doorbell device (peer slot) each
         self.name = name
         self.lab = lab or Lab(accel=accel, memory=memory)
         self.cwd = cwd or os.getcwd()
@@ -190,9 +195,9 @@ class LabCluster:
             f.write(token + "\n")
         self._hub = LanHub(str(d / "lan.sock")).start()
         (d / "broker").mkdir(mode=0o700)
-        self._broker, sock = _start_broker(
-            self.region, region_size(self.vms), self.vms, str(d / "broker")
-        )
+        peers = self.vms * self.slots
+        size = region_size(peers)
+        self._broker, sock = _start_broker(self.region, size, peers, str(d / "broker"))
         ports = _free_ports(self.vms)
         env = {TOKEN_ENV: token, "IVSHMEM_COMM_GUEST": "1"}
         env.update(dict.fromkeys(_HOST_REGION_VARS, ""))
@@ -200,7 +205,7 @@ class LabCluster:
         for i in range(self.vms):
             net = guest_network(i, self.vms, self._hub.path, [(ports[i], AGENT_PORT)])
             g = self.lab.guest(
-                i, agent, devices=[DoorbellDevice(sock, 2)], cwd=self.cwd, env=env,
+                i, agent, devices=[DoorbellDevice(sock, 2)] * self.slots, cwd=self.cwd, env=env,
                 vms=self.vms, on_output=self.on_output, network=net,
             )  # fmt: skip
             self.guests.append(g)
@@ -268,14 +273,16 @@ def mpiexec_argv(
     mpiexec: str | None = None,
     extra: Sequence[str] = (),
 ) -> list[str]:
-    """The hydra command line that runs ``command`` as ``n`` ranks (default: one per guest)
-    in ``cluster``'s guests; ``extra`` goes before the command (more mpiexec options)."""
-    n = cluster.vms if n is None else n
-    if not 1 <= n <= cluster.vms:
-        raise ValueError(f"-n {n}: one rank per guest, so 1..{cluster.vms}")
+    """The hydra command line that runs ``command`` as ``n`` ranks (default: every slot) in
+    ``cluster``'s guests, ``cluster.slots`` per guest, filled guest by guest (hydra's order);
+    ``extra`` goes before the command (more mpiexec options)."""
+    places = cluster.vms * cluster.slots
+    n = places if n is None else n
+    if not 1 <= n <= places:
+        raise ValueError(f"-n {n}: {cluster.slots} rank(s) per guest, so 1..{places}")
+    hosts = ",".join(f"{h}:{cluster.slots}" for h in cluster.hosts)
     argv = [mpiexec or find_mpiexec(), "-launcher", "ssh", "-launcher-exec", cluster.ssh,
-            "-localhost", HOST_ALIAS, "-hosts", ",".join(f"{h}:1" for h in cluster.hosts),
-            "-n", str(n)]  # fmt: skip
+            "-localhost", HOST_ALIAS, "-hosts", hosts, "-n", str(n)]  # fmt: skip
     for key, value in mpi_guest_env().items():
         argv += ["-genv", key, value]
     return [*argv, *extra, *command]
@@ -286,6 +293,7 @@ def run_mpiexec(
     *,
     vms: int = 2,
     n: int | None = None,
+    slots: int = 1,
     timeout: float | None = 600.0,
     lab: Lab | None = None,
     memory: str = "512M",
@@ -301,7 +309,7 @@ def run_mpiexec(
     env = {k: v for k, v in os.environ.items() if k not in _HOST_REGION_VARS}
     for var in ("PMI_RANK", "PMI_SIZE", "PMI_FD", "PMI_PORT", "IVSHMEM_MPI_RANK"):
         env.pop(var, None)
-    with LabCluster(vms, lab=lab, memory=memory, accel=accel) as cluster:
+    with LabCluster(vms, slots=slots, lab=lab, memory=memory, accel=accel) as cluster:
         argv = mpiexec_argv(cluster, command, n=n, mpiexec=mpiexec, extra=extra)
         if on_ready is not None:
             on_ready(cluster, argv)

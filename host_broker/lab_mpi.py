@@ -167,12 +167,6 @@ def run_job(
 # Guest side
 
 
-def _doorbell_devices() -> list[str]:
-    from guest_lib import pci
-
-    return [d.path for d in pci.scan() if d.doorbell_model]
-
-
 def _pump(rank: int, stream, lock: threading.Lock) -> None:
     for raw in iter(stream.readline, b""):
         line = raw.decode(errors="replace").rstrip("\n")
@@ -192,7 +186,9 @@ def guest_main(ranks: list[int], size: int, command: list[str], timeout: float |
     for var in ("PMI_RANK", "PMI_SIZE", "PMI_FD", "OMPI_COMM_WORLD_RANK", "PMIX_RANK"):
         env.pop(var, None)
     env["PYTHONUNBUFFERED"] = "1"
-    devices = _doorbell_devices()
+    from guest_lib import pci
+
+    devices = pci.doorbell_devices()
     if len(ranks) > 1 and len(devices) != len(ranks):
         print(
             f"ivshmem-lab-mpi: {len(ranks)} ranks but {len(devices)} doorbell devices here",

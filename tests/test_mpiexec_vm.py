@@ -56,33 +56,34 @@ def _shm_regions() -> set[str]:
     return {n for n in os.listdir("/dev/shm") if n.startswith("lab-")}
 
 
-def _check_results(out: str) -> list[dict]:
+def _check_results(out: str, ranks: int = 2, slots: int = 1) -> list[dict]:
+    """The RESULT lines of `ranks` ranks, `slots` per guest of two (hydra fills guest by guest)."""
     # hydra relays each rank's writes as they come: a line may run into another rank's
     decoder = json.JSONDecoder()
     results = sorted(
         (decoder.raw_decode(out, m.end())[0] for m in re.finditer("RESULT ", out)),
         key=lambda r: r["rank"],
     )
-    assert [r["rank"] for r in results] == [0, 1], out
+    assert [r["rank"] for r in results] == list(range(ranks)), out
     for r in results:
-        rank, other = r["rank"], 1 - r["rank"]
-        # ran inside guest vm<rank>, a QEMU machine with our ivshmem device
-        assert r["hostname"] == f"vm{rank}", r
-        assert r["dmi_vendor"] == "QEMU" and len(r["ivshmem_pci"]) == 1, r
+        guest = r["rank"] // slots
+        # ran inside guest vm<guest>, a QEMU machine with one ivshmem device per slot
+        assert r["hostname"] == f"vm{guest}", r
+        assert r["dmi_vendor"] == "QEMU" and len(r["ivshmem_pci"]) == slots, r
         assert r["mode"] == "mpiexec" and r["attached"] == "doorbell", r
-        # the other rank is reached through the shared region, and the data went there
-        assert r["routes"][other][0] == ROUTE_SHM, r
+        # every other rank is reached through the shared region, and the data went there
+        assert all(route == ROUTE_SHM for w, (route, _) in enumerate(r["routes"]) if w != r["rank"])
         sent = r["shm_after"]["sent_bytes"] - r["shm_before"]["sent_bytes"]
         assert sent >= 2_400_000, r  # vm_job's 2.4 MB buffer at least
         assert r["shm_after"]["recv_messages"] > r["shm_before"]["recv_messages"], r
         assert r["mpi_messages"] == 0, r
         # MPICH's own connections are between the guests' LAN addresses; hydra's proxy
         # talks to mpiexec through slirp (10.0.2.2 = the host's loopback)
-        me, peer = f"10.0.3.{10 + rank}", f"10.0.3.{10 + other}"
+        me, peer = f"10.0.3.{10 + guest}", f"10.0.3.{11 - guest}"
         lan = [c for c in r["tcp"] if c[0].startswith(me + ":") and c[1].startswith(peer + ":")]
         assert lan, r["tcp"]
         assert any(c[1].startswith("10.0.2.2:") for c in r["tcp"]), r["tcp"]
-    assert results[0]["region"] == results[1]["region"]
+    assert len({r["region"] for r in results}) == 1
     return results
 
 
@@ -111,6 +112,20 @@ def test_mpiexec_runs_ranks_in_two_guests() -> None:
     assert _shm_regions() <= shm_before
     sent = [r["shm_after"]["sent_bytes"] - r["shm_before"]["sent_bytes"] for r in results]
     print(f"\nmpiexec across 2 guests: {dt:.1f} s wall (boot included); shm bytes sent {sent}")
+
+
+def test_mpiexec_two_ranks_in_each_of_two_guests() -> None:
+    """-n 4 over two guests: hydra puts ranks 0-1 in vm0 and 2-3 in vm1; each takes its own
+    doorbell device (slot) by its local rank, and all four share one region."""
+    proc = subprocess.run(
+        [*LAB_CLI, "mpiexec", "--vms", "2", "-n", "4", "--timeout", "200", "--",
+         sys.executable, PROGRAM],
+        cwd=REPO, capture_output=True, text=True, timeout=260,
+    )  # fmt: skip
+    assert proc.returncode == 0, f"status {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+    results = _check_results(proc.stdout, ranks=4, slots=2)
+    peers = {r["rank"]: r["routes"][(r["rank"] + 1) % 4][1] for r in results}
+    assert len(set(peers.values())) == 4, peers  # four distinct slots of the region
 
 
 def _lab(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:

@@ -74,7 +74,19 @@ def _open_region() -> tuple[str, Any]:
             from guest_lib.attach import attach  # the guest's PCI discovery (issue 4)
         except ImportError as exc:
             raise RuntimeError("IVSHMEM_COMM_GUEST=1 but guest_lib.attach is missing") from exc
-        found = attach()  # an Endpoint, or a Region to join by local rank like a named one
+        device = None
+        local = env.get("MPI_LOCALRANKID")  # hydra: this rank's index among its node's ranks
+        if local is not None and not env.get("IVSHMEM_COMM_DEVICE"):
+            from guest_lib import pci
+
+            devices = pci.doorbell_devices()
+            if len(devices) > 1:  # one device (peer slot) per rank of this guest
+                if int(local) >= len(devices):
+                    raise RuntimeError(
+                        f"local rank {local} in a guest with {len(devices)} ivshmem devices"
+                    )
+                device = devices[int(local)]
+        found = attach(device=device)  # an Endpoint, or a Region to join like a named one
         return ("guest", found) if hasattr(found, "peer_id") else ("name", found)
     return "none", None
 
