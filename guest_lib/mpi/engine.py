@@ -711,11 +711,12 @@ class Engine:
             moved = True
         if self.mpi_active and self._test_mpi():
             moved = True
-        for staged in list(self.staged) if self.staged else ():
-            if staged.advance():
-                moved = True
-            if staged.done:
-                self.staged.remove(staged)
+        if self.staged:
+            for staged in list(self.staged):
+                if staged.advance():
+                    moved = True
+                if staged.done:
+                    self.staged.remove(staged)
         return moved
 
     def idle(self, watch: int = -1) -> None:
@@ -759,7 +760,7 @@ class Engine:
 
         `buf` is a writable flat byte view or a writable C-contiguous numpy array.
         Returns (nbytes, tag) on success; a RecvOp to wait for when the message is a large one
-        whose first piece is already in `view` (the rest follows straight into it); None if
+        whose first pieces are already in `buf` (the engine finishes it); None if
         the caller must take the engine path (what was received meanwhile has been
         dispatched in order).
         """
