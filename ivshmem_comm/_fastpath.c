@@ -738,47 +738,47 @@ static PyObject *tx_publish(TxRing *self, PyObject *const *args, Py_ssize_t narg
 static int tx_check_write(TxRing *self, long long offset, Py_ssize_t n, int overflow);
 
 /* The rest of a contiguous message whose reservation starts at region `start` (its header
- * written there): payload bytes from `data[copied:]` written and published in spans of at most
- * max_span laid end to end, the first span carrying the header. Stops when all is published or
- * after a publication that must be kicked; returns (copied, kick) for the caller to kick and
- * call again. */
+ * written there), `published` bytes of it (header included) already out: the payload `data`
+ * written and published in spans of at most max_span laid end to end, the first span carrying
+ * the header. Stops when all is published or after a publication that must be kicked; returns
+ * (published, kick) for the caller to kick and call again. */
 static PyObject *tx_publish_payload(TxRing *self, PyObject *const *args, Py_ssize_t nargs)
 {
     Ring *r = &self->ring;
-    long long start, copied;
+    long long start, published;
     Py_buffer data;
     if (check_nargs("publish_payload", nargs, 3) < 0 || as_long_long(args[0], &start) ||
-        as_long_long(args[2], &copied)) {
+        as_long_long(args[2], &published)) {
         if (!PyErr_Occurred())
             PyErr_SetString(PyExc_ValueError, "publish_payload: arguments out of range");
         return NULL;
     }
     if (PyObject_GetBuffer(args[1], &data, PyBUF_SIMPLE) < 0)
         return NULL;
-    if (copied < 0 || copied > data.len) {
-        PyErr_Format(PyExc_ValueError, "%lld of %zd bytes copied", copied, data.len);
+    long long total = SPAN_HEADER_SIZE + data.len; /* bytes of the reservation */
+    if (published < 0 || published > total) {
+        PyErr_Format(PyExc_ValueError, "%lld of %lld bytes published", published, total);
         PyBuffer_Release(&data);
         return NULL;
     }
-    long long end = start + SPAN_HEADER_SIZE + data.len;
-    long long piece_start = copied ? start + SPAN_HEADER_SIZE + copied : start;
     int kick = 0;
-    while (piece_start < end && !kick) {
-        long long piece_end = piece_start + r->max_span < end ? piece_start + r->max_span : end;
-        long long chunk = piece_end - piece_start - (copied ? 0 : SPAN_HEADER_SIZE);
-        if (tx_check_write(self, piece_end - chunk, (Py_ssize_t)chunk, 0) < 0)
-            goto fail;
-        copy_bytes(r->base + piece_end - chunk, (const unsigned char *)data.buf + copied,
-                   (Py_ssize_t)chunk);
-        copied += chunk;
-        kick = tx_publish_checked(self, piece_start, piece_end - piece_start, 0,
-                                  piece_end == end);
+    while (published < total && !kick) {
+        long long piece = total - published < r->max_span ? total - published : r->max_span;
+        long long skip = published < SPAN_HEADER_SIZE ? SPAN_HEADER_SIZE - published : 0;
+        if (piece > skip) { /* the payload bytes of this piece (the header is written) */
+            if (tx_check_write(self, start + published + skip, (Py_ssize_t)(piece - skip), 0) < 0)
+                goto fail;
+            copy_bytes(r->base + start + published + skip,
+                       (const unsigned char *)data.buf + published + skip - SPAN_HEADER_SIZE,
+                       (Py_ssize_t)(piece - skip));
+        }
+        kick = tx_publish_checked(self, start + published, piece, 0, published + piece == total);
         if (kick < 0)
             goto fail;
-        piece_start = piece_end;
+        published += piece;
     }
     PyBuffer_Release(&data);
-    return Py_BuildValue("(LO)", copied, kick ? Py_True : Py_False);
+    return Py_BuildValue("(LO)", published, kick ? Py_True : Py_False);
 fail:
     PyBuffer_Release(&data);
     return NULL;
@@ -902,7 +902,7 @@ static PyMethodDef tx_methods[] = {
     {"publish", (PyCFunction)(void (*)(void))tx_publish, METH_FASTCALL,
      "publish(offset, length, last): publish a piece of the open reservation; True: kick."},
     {"publish_payload", (PyCFunction)(void (*)(void))tx_publish_payload, METH_FASTCALL,
-     "publish_payload(start, data, copied) -> (copied, kick)"},
+     "publish_payload(start, data, published) -> (published, kick)"},
     {"send_small", (PyCFunction)(void (*)(void))tx_send_small, METH_FASTCALL,
      "send_small(tag, data): one-span message; SEND_OK, SEND_KICK, SEND_FULL or SEND_TOO_BIG."},
     {"write", (PyCFunction)(void (*)(void))tx_write, METH_FASTCALL,

@@ -124,13 +124,11 @@ class TxChannel:
             ring.reclaim()
         offset = self._reserve(layout.SPAN_HEADER_SIZE + len(data), deadline)
         ring.write_header(offset, len(data), tag)
-        copied = 0
-        while True:  # the ring returns after each publication that must be kicked
-            copied, kick = ring.publish_payload(offset, data, copied)
+        published, total = 0, layout.SPAN_HEADER_SIZE + len(data)
+        while published < total:  # the ring returns after each publication that must be kicked
+            published, kick = ring.publish_payload(offset, data, published)
             if kick:
                 self._kick()
-            if copied == len(data):
-                return
 
     def _send_streamed(self, data: memoryview, tag: int, deadline: float | None) -> None:
         ring, max_span = self.ring, self._geometry.max_span

@@ -321,29 +321,30 @@ class TxRing(_RingBase):
         self.count_message(len(data))
         return SEND_KICK if self.publish(offset, length, True) else SEND_OK
 
-    def publish_payload(self, start: int, data: Any, copied: int) -> tuple[int, bool]:
+    def publish_payload(self, start: int, data: Any, published: int) -> tuple[int, bool]:
         """Write and publish the rest of a contiguous message reserved at region `start`.
 
-        The header is written at `start`; the payload bytes `data[copied:]` go in spans of at
-        most max_span laid end to end, the first span carrying the header. Stops when all is
-        published or after a publication that must be kicked: returns (copied, kick) for the
-        caller to kick and call again. Errors as write() and publish().
+        The header is written at `start` and `published` bytes of the reservation (header
+        included) are out; the payload `data` goes in spans of at most max_span laid end to
+        end, the first span carrying the header. Stops when all is published or after a
+        publication that must be kicked: returns (published, kick) for the caller to kick and
+        call again. ValueError for a bad `published`; otherwise errors as write()/publish().
         """
         view = memoryview(data).cast("B") if not isinstance(data, memoryview) else data
-        if not 0 <= copied <= len(view):
-            raise ValueError(f"{copied} of {len(view)} bytes copied")
         header = layout.SPAN_HEADER_SIZE
-        end = start + header + len(view)
-        piece_start = start + header + copied if copied else start
+        total = header + len(view)  # bytes of the reservation
+        if not 0 <= published <= total:
+            raise ValueError(f"{published} of {total} bytes published")
         kick = False
-        while piece_start < end and not kick:
-            piece_end = min(piece_start + self.max_span, end)
-            chunk = piece_end - piece_start - (0 if copied else header)
-            self.write(piece_end - chunk, view[copied : copied + chunk])
-            copied += chunk
-            kick = self.publish(piece_start, piece_end - piece_start, piece_end == end)
-            piece_start = piece_end
-        return copied, kick
+        while published < total and not kick:
+            piece = min(self.max_span, total - published)
+            skip = max(header - published, 0)  # the header is written already
+            if piece > skip:
+                at = published + skip - header  # where in the payload this piece starts
+                self.write(start + published + skip, view[at : at + piece - skip])
+            kick = self.publish(start + published, piece, published + piece == total)
+            published += piece
+        return published, kick
 
     def write(self, offset: int, data: Any) -> None:
         """Copy `data` (a byte memoryview) to region `offset` inside the open reservation."""

@@ -248,7 +248,7 @@ def test_stream_into_bypassing_the_cache_copies_every_byte(
     offset = tx.reserve(16 + len(data))
     tx.write_header(offset, len(data), 1)
     sent = 0
-    while sent < len(data):  # (kicks do not matter here)
+    while sent < 16 + len(data):  # (kicks do not matter here)
         sent, _ = tx.publish_payload(offset, data, sent)
     head = rx.poll_header()
     room = memoryview(bytearray(len(data) + misalign))[misalign:]  # an unaligned destination
@@ -314,16 +314,37 @@ def test_publish_payload_spans_and_resumes_after_a_kick(tx_impl: str, rx_impl: s
     data = payload(6, 3000)
     offset = tx.reserve(16 + len(data))
     tx.write_header(offset, len(data), 9)
-    assert tx.publish_payload(offset, data, 0) == (1024 - 16, True)  # the first always kicks
+    assert tx.publish_payload(offset, data, 0) == (1024, True)  # the first always kicks
     spans = [rx.poll_header()[:2]]
     rx.arm()  # the device goes to sleep: the next publication kicks again
-    assert tx.publish_payload(offset, data, 1008) == (2032, True)
-    assert tx.publish_payload(offset, data, 2032) == (len(data), False)
+    assert tx.publish_payload(offset, data, 1024) == (2048, True)
+    assert tx.publish_payload(offset, data, 2048) == (16 + len(data), False)
     spans += [rx.poll(), rx.poll()]
     assert spans == [(offset, 1024), (offset + 1024, 1024), (offset + 2048, 16 + 3000 - 2048)]
     dest = bytearray(len(data))
     rx.read_into(offset + 16, dest, 0, len(data))
     assert bytes(dest) == data and tx.in_flight == 3
+
+
+@pytest.mark.parametrize(("tx_impl", "rx_impl"), PAIRS)
+def test_publish_payload_with_a_header_only_first_span(tx_impl: str, rx_impl: str) -> None:
+    """max_span = 16: the first span is the header alone; resuming still goes on from there."""
+    g = small_geometry(max_span=16)
+    buf = new_region(g)
+    tx, rx = make_pair(buf, g, tx_impl, rx_impl)
+    data = payload(8, 20)
+    offset = tx.reserve(16 + len(data))
+    tx.write_header(offset, len(data), 2)
+    published, calls = 0, 0
+    while published < 16 + len(data):
+        published, _ = tx.publish_payload(offset, data, published)
+        calls += 1
+    assert published == 36 and calls >= 1
+    assert rx.poll_header() == (offset, 16, len(data), 2)
+    assert [rx.poll(), rx.poll()] == [(offset + 16, 16), (offset + 32, 4)]
+    dest = bytearray(len(data))
+    rx.read_into(offset + 16, dest, 0, len(data))
+    assert bytes(dest) == data
 
 
 @pytest.mark.parametrize(("tx_impl", "rx_impl"), PAIRS)
