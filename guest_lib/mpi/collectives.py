@@ -369,70 +369,95 @@ class Collectives:
         self._c_wait([*recvs.values(), *sends])
         return [items[rank] if r == rank else unpickle(recvs[r]) for r in range(size)]
 
+    # The collectives below are written once as stages (each a list of the operations the
+    # next one waits for): their blocking form runs the stages here (`_run`), their
+    # nonblocking form (Igather, ...) hands them to the engine with a tag of their own.
+    def _run(self, stages: Iterator[list[Op]]) -> None:
+        """Run a collective's stages to completion here and now (its blocking form)."""
+        for stage in stages:
+            self._c_wait(stage)
+
     def Gather(self, sendbuf: Any, recvbuf: Any, root: int = 0) -> None:
-        self._gatherv(sendbuf, recvbuf, root)
+        self._run(self._gatherv(sendbuf, recvbuf, root, T_GATHER))
 
     def Gatherv(self, sendbuf: Any, recvbuf: Any, root: int = 0) -> None:
-        self._gatherv(sendbuf, recvbuf, root)
+        self._run(self._gatherv(sendbuf, recvbuf, root, T_GATHER))
 
-    def _gatherv(self, sendbuf: Any, recvbuf: Any, root: int) -> None:
+    def Igather(self, sendbuf: Any, recvbuf: Any, root: int = 0) -> Request:
+        return self._nonblocking(self._gatherv(sendbuf, recvbuf, root, self._nonblocking_tag()))
+
+    Igatherv = Igather
+
+    def _gatherv(self, sendbuf: Any, recvbuf: Any, root: int, tag: int) -> Iterator[list[Op]]:
         size, rank = self._sizes()
         self._root(root)
         if rank != root:
-            self._c_wait([self._c_isend(buffers.parse(sendbuf).view, root, T_GATHER)])
+            yield [self._c_isend(buffers.parse(sendbuf).view, root, tag)]
             return
         spec = buffers.parse_vector(recvbuf, size, writable=True)
         if sendbuf is not IN_PLACE:
             own = buffers.parse(sendbuf).view
             spec.part(rank)[: len(own)] = own
-        recvs = [self._c_irecv(spec.part(r), r, T_GATHER) for r in range(size) if r != rank]
-        self._c_wait(recvs)
+        yield [self._c_irecv(spec.part(r), r, tag) for r in range(size) if r != rank]
 
     def Scatter(self, sendbuf: Any, recvbuf: Any, root: int = 0) -> None:
-        self._scatterv(sendbuf, recvbuf, root)
+        self._run(self._scatterv(sendbuf, recvbuf, root, T_SCATTER))
 
     def Scatterv(self, sendbuf: Any, recvbuf: Any, root: int = 0) -> None:
-        self._scatterv(sendbuf, recvbuf, root)
+        self._run(self._scatterv(sendbuf, recvbuf, root, T_SCATTER))
 
-    def _scatterv(self, sendbuf: Any, recvbuf: Any, root: int) -> None:
+    def Iscatter(self, sendbuf: Any, recvbuf: Any, root: int = 0) -> Request:
+        return self._nonblocking(self._scatterv(sendbuf, recvbuf, root, self._nonblocking_tag()))
+
+    Iscatterv = Iscatter
+
+    def _scatterv(self, sendbuf: Any, recvbuf: Any, root: int, tag: int) -> Iterator[list[Op]]:
         size, rank = self._sizes()
         self._root(root)
         if rank != root:
-            view = buffers.parse(recvbuf, writable=True).view
-            self._c_wait([self._c_irecv(view, root, T_SCATTER)])
+            yield [self._c_irecv(buffers.parse(recvbuf, writable=True).view, root, tag)]
             return
         spec = buffers.parse_vector(sendbuf, size)
-        sends = [self._c_isend(spec.part(r), r, T_SCATTER) for r in range(size) if r != rank]
+        sends = [self._c_isend(spec.part(r), r, tag) for r in range(size) if r != rank]
         if recvbuf is not IN_PLACE:
             own = buffers.parse(recvbuf, writable=True).view
             part = spec.part(rank)
             own[: len(part)] = part
-        self._c_wait(sends)
+        yield sends
 
     def Allgather(self, sendbuf: Any, recvbuf: Any) -> None:
-        self._allgatherv(sendbuf, recvbuf)
+        self._run(self._allgatherv(sendbuf, recvbuf, T_ALLGATHER))
 
     def Allgatherv(self, sendbuf: Any, recvbuf: Any) -> None:
-        self._allgatherv(sendbuf, recvbuf)
+        self._run(self._allgatherv(sendbuf, recvbuf, T_ALLGATHER))
 
-    def _allgatherv(self, sendbuf: Any, recvbuf: Any) -> None:
+    def Iallgather(self, sendbuf: Any, recvbuf: Any) -> Request:
+        return self._nonblocking(self._allgatherv(sendbuf, recvbuf, self._nonblocking_tag()))
+
+    Iallgatherv = Iallgather
+
+    def _allgatherv(self, sendbuf: Any, recvbuf: Any, tag: int) -> Iterator[list[Op]]:
         size, rank = self._sizes()
         spec = buffers.parse_vector(recvbuf, size, writable=True)
         mine = spec.part(rank)
         if sendbuf is not IN_PLACE:
             own = buffers.parse(sendbuf).view
             mine[: len(own)] = own
-        recvs = [self._c_irecv(spec.part(r), r, T_ALLGATHER) for r in range(size) if r != rank]
-        sends = [self._c_isend(mine, r, T_ALLGATHER) for r in range(size) if r != rank]
-        self._c_wait(recvs + sends)
+        recvs = [self._c_irecv(spec.part(r), r, tag) for r in range(size) if r != rank]
+        yield recvs + [self._c_isend(mine, r, tag) for r in range(size) if r != rank]
 
     def Alltoall(self, sendbuf: Any, recvbuf: Any) -> None:
-        self._alltoallv(sendbuf, recvbuf)
+        self._run(self._alltoallv(sendbuf, recvbuf, T_ALLTOALL))
 
     def Alltoallv(self, sendbuf: Any, recvbuf: Any) -> None:
-        self._alltoallv(sendbuf, recvbuf)
+        self._run(self._alltoallv(sendbuf, recvbuf, T_ALLTOALL))
 
-    def _alltoallv(self, sendbuf: Any, recvbuf: Any) -> None:
+    def Ialltoall(self, sendbuf: Any, recvbuf: Any) -> Request:
+        return self._nonblocking(self._alltoallv(sendbuf, recvbuf, self._nonblocking_tag()))
+
+    Ialltoallv = Ialltoall
+
+    def _alltoallv(self, sendbuf: Any, recvbuf: Any, tag: int) -> Iterator[list[Op]]:
         size, rank = self._sizes()
         rspec = buffers.parse_vector(recvbuf, size, writable=True)
         if sendbuf is IN_PLACE:
@@ -442,9 +467,8 @@ class Collectives:
             sspec = buffers.parse_vector(sendbuf, size)
         own = sspec.part(rank)
         rspec.part(rank)[: len(own)] = own
-        recvs = [self._c_irecv(rspec.part(r), r, T_ALLTOALL) for r in range(size) if r != rank]
-        sends = [self._c_isend(sspec.part(r), r, T_ALLTOALL) for r in range(size) if r != rank]
-        self._c_wait(recvs + sends)
+        recvs = [self._c_irecv(rspec.part(r), r, tag) for r in range(size) if r != rank]
+        yield recvs + [self._c_isend(sspec.part(r), r, tag) for r in range(size) if r != rank]
 
     # ------------------------------------------------------------------ reductions (objects)
     def reduce(self, sendobj: Any, op: Any = ops.SUM, root: int = 0) -> Any:
@@ -747,19 +771,57 @@ class Collectives:
         tag = self._nonblocking_tag()
 
         def steps() -> Iterator[list[Op]]:
-            if rank != 0:
-                yield [self._c_isend(_raw(local), 0, tag), self._c_irecv(rspec.view, 0, tag)]
-                return
-            operands = {r: np.empty_like(local) for r in range(1, size)}
-            yield [self._c_irecv(_raw(operands[r]), r, tag) for r in operands]
-            operands[0] = local
-            result = operands[size - 1].copy()
-            for r in reversed(range(size - 1)):
-                op.reduce_into(result, operands[r], rspec.datatype)
-            out[...] = result
-            yield [self._c_isend(rspec.view, r, tag) for r in range(1, size)]
+            result = [] if rank == 0 else [self._c_irecv(rspec.view, 0, tag)]
+            yield from self._fold_at(local, out, op, rspec.datatype, 0, tag, result)
+            if rank == 0:
+                yield [self._c_isend(rspec.view, r, tag) for r in range(1, size)]
 
         return self._nonblocking(steps())
+
+    def Ireduce(self, sendbuf: Any, recvbuf: Any, op: ops.Op = ops.SUM, root: int = 0) -> Request:
+        """Nonblocking Reduce: `root` folds every operand in rank order."""
+        _, rank = self._sizes()
+        self._root(root)
+        if rank == root:
+            rspec = buffers.parse(recvbuf, writable=True)
+            datatype = rspec.datatype
+            out: np.ndarray | None = _array(rspec.view, datatype)
+            if sendbuf is IN_PLACE:
+                local = out.copy()
+            else:
+                local = _array(buffers.parse(sendbuf).view, datatype)
+        else:
+            sspec = buffers.parse(sendbuf)
+            out, datatype = None, sspec.datatype
+            local = _array(sspec.view, datatype)
+        return self._nonblocking(
+            self._fold_at(local, out, op, datatype, root, self._nonblocking_tag())
+        )
+
+    def _fold_at(
+        self,
+        local: np.ndarray,
+        out: np.ndarray | None,
+        op: ops.Op,
+        datatype: Any,
+        root: int,
+        tag: int,
+        also: list[Op] | None = None,
+    ) -> Iterator[list[Op]]:
+        """Stages of a fold of every rank's `local` at `root`, in rank order (x0 op x1 op
+        ...), into `out` there. `also`: operations this rank waits for with its first stage."""
+        size, rank = self._sizes()
+        if rank != root:
+            yield [self._c_isend(_raw(local), root, tag), *(also or [])]
+            return
+        operands = {r: np.empty_like(local) for r in range(size) if r != root}
+        yield [self._c_irecv(_raw(operands[r]), r, tag) for r in operands] + (also or [])
+        operands[root] = local
+        result = operands[size - 1].copy()
+        for r in reversed(range(size - 1)):
+            op.reduce_into(result, operands[r], datatype)
+        assert out is not None
+        out[...] = result
 
 
 def _M_IN_PLACE() -> Any:

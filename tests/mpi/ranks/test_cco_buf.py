@@ -239,3 +239,36 @@ def test_nonblocking_collectives_in_flight_together(comm):
     blocking = np.empty_like(operand)
     comm.Allreduce(operand, blocking, MPI.SUM)  # blocking and nonblocking ones do not mix
     assert np.allclose(blocking, total)
+
+
+def test_nonblocking_gather_scatter_allgather_alltoall_reduce(comm):
+    """Each nonblocking collective gives what its blocking form gives, all five in flight at
+    once and completed in reverse order."""
+    size, rank = comm.Get_size(), comm.Get_rank()
+    root = size - 1
+    gathered = np.full(3 * size, -1, "i") if rank == root else None
+    scattered = np.full(2, -1, "i")
+    everyone = np.full(2 * size, -1, "i")
+    exchanged = np.full(size, -1, "i")
+    reduced = np.zeros(4) if rank == root else None
+    operand = np.random.default_rng(rank + 7).random(4)
+    requests = [
+        comm.Igather(np.full(3, rank, "i"), gathered, root),
+        comm.Iscatter(
+            np.repeat(np.arange(size, dtype="i"), 2) if rank == root else None, scattered, root
+        ),
+        comm.Iallgather(np.full(2, rank, "i"), everyone),
+        comm.Ialltoall(np.array([rank * 100 + d for d in range(size)], "i"), exchanged),
+        comm.Ireduce(operand, reduced, MPI.SUM, root),
+    ]
+    MPI.Request.Waitall(requests[::-1])
+    if rank == root:
+        assert np.array_equal(gathered, np.repeat(np.arange(size, dtype="i"), 3))
+        expect = np.zeros(4)
+        comm.Reduce(operand, expect, MPI.SUM, root)
+        assert np.allclose(reduced, expect)
+    else:
+        comm.Reduce(operand, None, MPI.SUM, root)
+    assert list(scattered) == [rank, rank]
+    assert np.array_equal(everyone, np.repeat(np.arange(size, dtype="i"), 2))
+    assert list(exchanged) == [src * 100 + rank for src in range(size)]
