@@ -282,14 +282,18 @@ class Collectives:
         if self._has_mpi:
             self._h_barrier()
             return
+        self._run(self._barrier(T_BARRIER))
+
+    def _barrier(self, tag: int) -> Iterator[list[Op]]:
+        """Stages of a dissemination barrier (Barrier, Ibarrier)."""
         size, rank = self._sizes()
-        empty = memoryview(b"")
-        step = 1
-        while step < size:
-            recv = self._c_irecv(memoryview(bytearray(0)), (rank - step) % size, T_BARRIER)
-            send = self._c_isend(empty, (rank + step) % size, T_BARRIER)
-            self._c_wait([recv, send])
-            step <<= 1
+        dist = 1
+        while dist < size:
+            yield [
+                self._c_irecv(_NOTHING, (rank - dist) % size, tag),
+                self._c_isend(_NOTHING, (rank + dist) % size, tag),
+            ]
+            dist <<= 1
 
     def barrier(self) -> None:
         self.Barrier()
@@ -380,8 +384,7 @@ class Collectives:
     def Gather(self, sendbuf: Any, recvbuf: Any, root: int = 0) -> None:
         self._run(self._gatherv(sendbuf, recvbuf, root, T_GATHER))
 
-    def Gatherv(self, sendbuf: Any, recvbuf: Any, root: int = 0) -> None:
-        self._run(self._gatherv(sendbuf, recvbuf, root, T_GATHER))
+    Gatherv = Gather
 
     def Igather(self, sendbuf: Any, recvbuf: Any, root: int = 0) -> Request:
         return self._nonblocking(self._gatherv(sendbuf, recvbuf, root, self._nonblocking_tag()))
@@ -403,8 +406,7 @@ class Collectives:
     def Scatter(self, sendbuf: Any, recvbuf: Any, root: int = 0) -> None:
         self._run(self._scatterv(sendbuf, recvbuf, root, T_SCATTER))
 
-    def Scatterv(self, sendbuf: Any, recvbuf: Any, root: int = 0) -> None:
-        self._run(self._scatterv(sendbuf, recvbuf, root, T_SCATTER))
+    Scatterv = Scatter
 
     def Iscatter(self, sendbuf: Any, recvbuf: Any, root: int = 0) -> Request:
         return self._nonblocking(self._scatterv(sendbuf, recvbuf, root, self._nonblocking_tag()))
@@ -428,8 +430,7 @@ class Collectives:
     def Allgather(self, sendbuf: Any, recvbuf: Any) -> None:
         self._run(self._allgatherv(sendbuf, recvbuf, T_ALLGATHER))
 
-    def Allgatherv(self, sendbuf: Any, recvbuf: Any) -> None:
-        self._run(self._allgatherv(sendbuf, recvbuf, T_ALLGATHER))
+    Allgatherv = Allgather
 
     def Iallgather(self, sendbuf: Any, recvbuf: Any) -> Request:
         return self._nonblocking(self._allgatherv(sendbuf, recvbuf, self._nonblocking_tag()))
@@ -449,8 +450,7 @@ class Collectives:
     def Alltoall(self, sendbuf: Any, recvbuf: Any) -> None:
         self._run(self._alltoallv(sendbuf, recvbuf, T_ALLTOALL))
 
-    def Alltoallv(self, sendbuf: Any, recvbuf: Any) -> None:
-        self._run(self._alltoallv(sendbuf, recvbuf, T_ALLTOALL))
+    Alltoallv = Alltoall
 
     def Ialltoall(self, sendbuf: Any, recvbuf: Any) -> Request:
         return self._nonblocking(self._alltoallv(sendbuf, recvbuf, self._nonblocking_tag()))
@@ -718,19 +718,7 @@ class Collectives:
 
     def Ibarrier(self) -> Request:
         """Nonblocking barrier (dissemination: ceil(log2 size) rounds of empty messages)."""
-        size, rank = self._sizes()
-        tag = self._nonblocking_tag()
-
-        def steps() -> Iterator[list[Op]]:
-            dist = 1
-            while dist < size:
-                yield [
-                    self._c_irecv(_NOTHING, (rank - dist) % size, tag),
-                    self._c_isend(_NOTHING, (rank + dist) % size, tag),
-                ]
-                dist <<= 1
-
-        return self._nonblocking(steps())
+        return self._nonblocking(self._barrier(self._nonblocking_tag()))
 
     def Ibcast(self, buf: Any, root: int = 0) -> Request:
         """Nonblocking broadcast of a buffer (binomial tree; `buf` is not to be touched until
