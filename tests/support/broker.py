@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ivshmem_comm.region import Region
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 
 

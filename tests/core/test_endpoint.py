@@ -11,7 +11,7 @@ import pytest
 
 import ivshmem_comm as ic
 from ivshmem_comm import layout
-from tests.conftest import run_peer
+from tests.support import run_peer
 
 
 def _echo(ep, count):

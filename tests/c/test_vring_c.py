@@ -32,7 +32,7 @@ except ImportError:
     _fastpath = None
 
 HEADER = Path("/usr/include/linux/virtio_ring.h")
-SOURCES = Path(__file__).parent / "c"
+SOURCES = Path(__file__).parent
 SESSION = layout.session_word(11, 13)
 COUNT = 70_000  # past 65535: the 16-bit indices wrap
 PATTERN = bytes((i * 131 + 7) & 0xFF for i in range(1 << 17))

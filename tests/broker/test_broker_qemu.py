@@ -12,10 +12,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_broker_support import BrokerProcess, cli, drain_eventfd, kill, wait_for
 
 from guest_lib.host_client import BrokerClient
 from ivshmem_comm import layout
+from tests.support.broker import BrokerProcess, cli, drain_eventfd, kill, wait_for
 
 pytestmark = [
     pytest.mark.qemu,

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import ivshmem_comm as ic
-from tests.conftest import destroy, unique_name
+from tests.support import destroy, unique_name
 
 TOTAL = int(os.environ.get("STRESS_MESSAGES", "100000"))  # both directions together
 BIG = 64 << 20

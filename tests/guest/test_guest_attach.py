@@ -14,7 +14,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_broker_support import BrokerProcess
 
 import guest_lib
 from guest_lib import pci
@@ -24,6 +23,7 @@ from ivshmem_comm import layout
 from ivshmem_comm.errors import PeerSlotBusyError
 from ivshmem_comm.notify import PollingNotifier, SemaphoreNotifier
 from ivshmem_comm.region import Region, format_buffer
+from tests.support.broker import BrokerProcess
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -324,7 +324,7 @@ def test_demo_with_host_processes_cleans_up() -> None:
     import subprocess
     import sys
 
-    from test_broker_support import ENV, ROOT
+    from tests.support.broker import ENV, ROOT
 
     before = {p for p in os.listdir("/dev/shm") if p.startswith("demo-")}
     r = subprocess.run(

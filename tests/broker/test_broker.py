@@ -15,7 +15,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_broker_support import (
+
+from guest_lib.host_client import BrokerClient
+from host_broker import protocol
+from ivshmem_comm import layout
+from ivshmem_comm.region import Region, host_id, shm_path
+from tests.support.broker import (
     CLIENT_PEER,
     RAW_PEER,
     BrokerProcess,
@@ -27,11 +32,6 @@ from test_broker_support import (
     unique_name,
     wait_for,
 )
-
-from guest_lib.host_client import BrokerClient
-from host_broker import protocol
-from ivshmem_comm import layout
-from ivshmem_comm.region import Region, host_id, shm_path
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -29,13 +29,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_broker_support import ENV, BrokerProcess
 
 from guest_lib.host_client import attach as host_attach
 from host_broker import lab as L
-from tests.conftest import vm_marks
+from tests.support import vm_marks
+from tests.support.broker import ENV, BrokerProcess
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 PY = sys.executable  # the venv's python: visible in the guest (host root over 9p)
 EXCHANGE_COUNT = int(os.environ.get("IVSHMEM_VM_EXCHANGE_COUNT", "10000"))  # each way
 

@@ -28,9 +28,9 @@ import time
 from pathlib import Path
 
 from host_broker.lab_exec import HELLO, labs_root, read_frame, write_frame
-from tests.conftest import vm_marks
+from tests.support import vm_marks
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 PROGRAM = "tests/mpi/programs/vm_mpiexec.py"
 ROUTE_SHM = 1  # guest_lib.mpi.engine.ROUTE_SHM
 

@@ -17,9 +17,9 @@ import time
 from pathlib import Path
 
 from host_broker.lab_mpi import placement, region_size
-from tests.conftest import vm_test
+from tests.support import vm_test
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 PROGRAM = "tests/mpi/programs/vm_job.py"
 
 vm = vm_test(180)  # the marks of a test that boots guests

@@ -8,7 +8,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_broker_support import BrokerProcess, kill, start_python, wait_for
+
+from tests.support.broker import BrokerProcess, kill, start_python, wait_for
 
 pytest.importorskip("ivshmem_comm.endpoint")
 

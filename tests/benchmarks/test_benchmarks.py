@@ -16,7 +16,7 @@ import pytest
 from benchmarks import pingpong
 from benchmarks._plan import QUICK_SIZES, format_size, make_step, parse_size
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _have_mpi() -> bool:

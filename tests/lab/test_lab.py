@@ -25,7 +25,7 @@ import pytest
 from host_broker import lab as L
 from host_broker.lab_cli import main as lab_main
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 PY = sys.executable  # the project's venv python: visible in the guest (host root over 9p)
 
 _available, _why = L.lab_available()

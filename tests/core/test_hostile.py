@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 import ivshmem_comm as ic
 from ivshmem_comm import layout
-from tests.conftest import run_peer
+from tests.support import run_peer
 
 
 def _echo_forever(ep):
@@ -62,7 +62,7 @@ scribble = st.lists(
 
 @pytest.fixture(scope="module")
 def world():
-    from tests.conftest import destroy, unique_name
+    from tests.support import destroy, unique_name
 
     name = unique_name("hostile")
     region = ic.Region.create(name, 4 << 20, 3, queue_num=16)

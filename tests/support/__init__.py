@@ -1,0 +1,65 @@
+"""Helpers shared by the test groups: unique region names, teardown, peer processes, VM marks."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+import ivshmem_comm as ic
+from ivshmem_comm.notify import SemaphoreNotifier
+
+
+def vm_marks(timeout: float) -> list[pytest.MarkDecorator]:
+    """The marks of a test that boots lab guests: `vm`, a skip where the lab cannot run here
+    (an error under IVSHMEM_REQUIRE_VM=1, see below), and a timeout."""
+    from host_broker.lab import lab_available
+
+    ok, why = lab_available()
+    return [
+        pytest.mark.vm,
+        pytest.mark.skipif(not ok, reason=f"VM lab unavailable: {why}"),
+        pytest.mark.timeout(timeout),
+    ]
+
+
+def vm_test(timeout: float) -> Callable[[Any], Any]:
+    """A decorator giving one test the marks of `vm_marks(timeout)`."""
+
+    def mark(test: Any) -> Any:
+        for each in vm_marks(timeout):
+            test = each(test)
+        return test
+
+    return mark
+
+
+def unique_name(prefix: str = "t") -> str:
+    return f"{prefix}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def destroy(name: str, max_peers: int) -> None:
+    try:
+        ic.Region.unlink(name)
+    except FileNotFoundError:
+        pass
+    SemaphoreNotifier.unlink_all(name, max_peers)
+
+
+def run_peer(body: Callable[..., None], name: str, peer: int, *args: Any) -> None:
+    """Process entry: open region `name`, join as `peer`, run body(ep, *args), exit 0/1."""
+    code = 1
+    try:
+        region = ic.Region.open(name)
+        with region.endpoint(peer) as ep:
+            body(ep, *args)
+        code = 0
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        os._exit(code)
