@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml setup.py ivshmem_comm/_fastpath.c
 # The demo boots two QEMU guests when QEMU and a Debian kernel are there or can be
 # installed (as root, with apt); otherwise it runs the same exchange between host processes.
 demo: maybe-system-deps $(STAMP)
-	$(BIN)/python -m host_broker.demo
+	$(BIN)/python examples/demo.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

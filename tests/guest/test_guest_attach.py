@@ -328,7 +328,7 @@ def test_demo_with_host_processes_cleans_up() -> None:
 
     before = {p for p in os.listdir("/dev/shm") if p.startswith("demo-")}
     r = subprocess.run(
-        [sys.executable, "-m", "host_broker.demo", "--hosts", "--quick"],
+        [sys.executable, "examples/demo.py", "--hosts", "--quick"],
         capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=120,
     )  # fmt: skip
     assert r.returncode == 0, r.stderr + r.stdout

@@ -31,7 +31,7 @@ from pathlib import Path
 import pytest
 
 from guest_lib.host_client import attach as host_attach
-from host_broker import lab as L
+from ivshmem_lab import lab as L
 from tests.support import vm_marks
 from tests.support.broker import ENV, BrokerProcess
 

@@ -1,4 +1,4 @@
-"""Tests of the VM lab (host_broker.lab) and the guest UIO driver (guest_lib/kmod).
+"""Tests of the VM lab (ivshmem_lab.lab) and the guest UIO driver (guest_lib/kmod).
 
 The ``vm`` tests boot real QEMU guests (TCG when KVM does not work: ~5 s each here). They
 skip only when qemu-system-x86_64, a kernel with modules or busybox-static is missing.
@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from host_broker import lab as L
-from host_broker.lab_cli import main as lab_main
+from ivshmem_lab import lab as L
+from ivshmem_lab.cli import main as lab_main
 
 REPO = Path(__file__).resolve().parents[2]
 PY = sys.executable  # the project's venv python: visible in the guest (host root over 9p)

@@ -1,5 +1,5 @@
-"""Host-only tests of the lab's LAN hub (host_broker.lab_net) and exec transport
-(host_broker.lab_exec): real sockets and a real agent process on 127.0.0.1, no QEMU."""
+"""Host-only tests of the lab's LAN hub (ivshmem_lab.net) and exec transport
+(ivshmem_lab.exec_agent): real sockets and a real agent process on 127.0.0.1, no QEMU."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from host_broker.lab_exec import (
+from ivshmem_lab.exec_agent import (
     HELLO,
     STDOUT,
     TOKEN_ENV,
@@ -23,7 +23,7 @@ from host_broker.lab_exec import (
     run_in_guest,
     write_frame,
 )
-from host_broker.lab_net import FrameReader, LanHub, encode_frame, hosts_file, lan_address
+from ivshmem_lab.net import FrameReader, LanHub, encode_frame, hosts_file, lan_address
 
 MAC = [bytes([0x52, 0x54, 0, 0, 0, i]) for i in range(3)]
 BROADCAST = b"\xff" * 6
@@ -109,7 +109,7 @@ def agent(tmp_path: Path):
     token = os.urandom(32).hex()
     env = dict(os.environ, **{TOKEN_ENV: token})
     proc = subprocess.Popen(
-        [sys.executable, "-m", "host_broker.lab_exec", "agent", "--listen", "127.0.0.1",
+        [sys.executable, "-m", "ivshmem_lab.exec_agent", "agent", "--listen", "127.0.0.1",
          "--port", str(port)],
         env=env, stdout=subprocess.PIPE, text=True,
     )  # fmt: skip

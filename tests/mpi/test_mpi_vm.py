@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from host_broker.lab_mpi import placement, region_size
+from ivshmem_lab.mpi import placement, region_size
 from tests.support import vm_test
 
 REPO = Path(__file__).resolve().parents[2]
@@ -28,7 +28,7 @@ vm = vm_test(180)  # the marks of a test that boots guests
 def _lab(*args: str, timeout: float = 150) -> tuple[subprocess.CompletedProcess[str], float]:
     t0 = time.monotonic()
     proc = subprocess.run(
-        [sys.executable, "-m", "host_broker.lab_cli", "run", "--memory", "384M",
+        [sys.executable, "-m", "ivshmem_lab.cli", "run", "--memory", "384M",
          "--timeout", "120", *args],
         cwd=REPO, capture_output=True, text=True, timeout=timeout,
     )  # fmt: skip

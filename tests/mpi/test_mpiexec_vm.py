@@ -27,7 +27,7 @@ import threading
 import time
 from pathlib import Path
 
-from host_broker.lab_exec import HELLO, labs_root, read_frame, write_frame
+from ivshmem_lab.exec_agent import HELLO, labs_root, read_frame, write_frame
 from tests.support import vm_marks
 
 REPO = Path(__file__).resolve().parents[2]
@@ -35,7 +35,7 @@ PROGRAM = "tests/mpi/programs/vm_mpiexec.py"
 ROUTE_SHM = 1  # guest_lib.mpi.engine.ROUTE_SHM
 
 
-LAB_CLI = [sys.executable, "-m", "host_broker.lab_cli"]
+LAB_CLI = [sys.executable, "-m", "ivshmem_lab.cli"]
 pytestmark = vm_marks(240)
 
 

@@ -6,10 +6,10 @@ project's ``uio_ivshmem`` driver). Its ``/init`` mounts the host root read-only 
 chroots into it and runs the command in the caller's working directory with the caller's
 environment plus ``IVSHMEM_LAB_GUEST=<index>`` and ``IVSHMEM_LAB_VMS=<count>``, then powers
 off. No disk image, and no network unless a guest is given a
-:class:`~host_broker.lab_net.GuestNetwork` (``network=``): then it has ``host0`` (slirp, the
+:class:`~ivshmem_lab.net.GuestNetwork` (``network=``): then it has ``host0`` (slirp, the
 host's loopback as 10.0.2.2) and ``lan0`` (a LAN between the lab's guests only), its
 ``/etc/hosts`` names the guests ``vm0``.. and the host ``lab-host`` (see
-:mod:`host_broker.lab_net`). Inside the guest ``/tmp``, ``/run``, ``/dev/shm`` are fresh
+:mod:`ivshmem_lab.net`). Inside the guest ``/tmp``, ``/run``, ``/dev/shm`` are fresh
 tmpfs; of the host's ``/tmp`` only the top folder of the working directory is visible.
 
 Guests get ivshmem devices: :class:`ShmDevice` (``ivshmem-plain`` over a ``/dev/shm`` file)
@@ -57,7 +57,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from host_broker.lab_net import GuestNetwork, hosts_file, qemu_net_args
+from ivshmem_lab.net import GuestNetwork, hosts_file, qemu_net_args
 
 __all__ = [
     "DoorbellDevice",
@@ -616,7 +616,7 @@ def _command_script(
         if not argv:
             raise LabError("empty command")
     lines = [
-        "# written by host_broker.lab; run by /bin/sh of the host root inside the guest",
+        "# written by ivshmem_lab.lab; run by /bin/sh of the host root inside the guest",
         f"cd -- {shlex.quote(cwd)} 2>/dev/null || {{",
         f"  echo 'ivshmem-lab: working directory {shlex.quote(cwd)} is not visible in the"
         " guest' >&2",
@@ -1189,7 +1189,7 @@ class Lab:
         ``cwd`` defaults to the caller's cwd; the environment is the caller's (unless
         ``inherit_env=False``) updated with ``env``, plus ``IVSHMEM_LAB_GUEST=index`` and
         ``IVSHMEM_LAB_VMS=vms``. ``on_output(index, line)`` is called from a reader thread
-        for each output line. ``network``: the guest's NICs (see :mod:`host_broker.lab_net`).
+        for each output line. ``network``: the guest's NICs (see :mod:`ivshmem_lab.net`).
         """
         return Guest(
             self,

@@ -4,7 +4,7 @@ Host side (:func:`run_job`): start a broker for a fresh region (``--vectors 2``)
 guests where guest g gets one ``ivshmem-doorbell`` device per rank it hosts (ranks are dealt
 round robin: rank r runs in guest ``r % V``), and run this module's guest side in each.
 
-Guest side (``python -m host_broker.lab_mpi guest --ranks 0,2 --size N -- CMD``): start
+Guest side (``python -m ivshmem_lab.mpi guest --ranks 0,2 --size N -- CMD``): start
 one process per local rank with ``IVSHMEM_MPI_RANK``, ``IVSHMEM_MPI_SIZE`` and
 ``IVSHMEM_COMM_GUEST=1`` (the MPI bootstrap then calls ``guest_lib.attach()``), and, when
 the guest hosts several ranks, ``IVSHMEM_COMM_DEVICE`` = the rank's own doorbell device (one
@@ -61,7 +61,7 @@ class JobResult:
     """What :func:`run_job` saw: exit code per rank (None: never reported) and per guest."""
 
     rank_exit: dict[int, int | None]
-    guests: list = field(default_factory=list)  # host_broker.lab.GuestResult per guest
+    guests: list = field(default_factory=list)  # ivshmem_lab.lab.GuestResult per guest
     status: int = 0
 
 
@@ -83,7 +83,7 @@ def _start_broker(name: str, size: int, peers: int, tmpdir: str) -> tuple[subpro
             with contextlib.suppress(ProcessLookupError):
                 broker.kill()
             broker.wait()
-            from host_broker.lab import LabError
+            from ivshmem_lab.lab import LabError
 
             raise LabError(f"the job's broker did not start (status {broker.poll()}):\n{text}")
         time.sleep(0.02)
@@ -115,7 +115,7 @@ def run_job(
     on_output: Callable[[int, str], None] | None = None,
 ) -> JobResult:
     """Run an N-rank MPI job over V guests of `lab` (see the module docstring)."""
-    from host_broker.lab import DoorbellDevice
+    from ivshmem_lab.lab import DoorbellDevice
 
     if vms < 1 or n < vms:
         raise ValueError(f"need 1 <= vms <= n (vms={vms}, n={n})")
@@ -135,7 +135,7 @@ def run_job(
     try:
         broker, sock = _start_broker(name, region_size(n), n, tmpdir)
         commands = [
-            [sys.executable, "-m", "host_broker.lab_mpi", "guest",
+            [sys.executable, "-m", "ivshmem_lab.mpi", "guest",
              "--ranks", ",".join(map(str, ranks)), "--size", str(n), "--", *command]
             for ranks in places
         ]  # fmt: skip
@@ -232,7 +232,7 @@ def guest_main(ranks: list[int], size: int, command: list[str], timeout: float |
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m host_broker.lab_mpi")
+    p = argparse.ArgumentParser(prog="python -m ivshmem_lab.mpi")
     sub = p.add_subparsers(dest="cmd", required=True)
     g = sub.add_parser("guest", help="run this guest's ranks (inside a lab guest)")
     g.add_argument("--ranks", required=True, help="comma-separated world ranks")

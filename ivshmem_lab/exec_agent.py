@@ -1,7 +1,7 @@
 """Run commands in the guests of a running lab (``ivshmem-lab up``): agent, client, ssh face.
 
 Transport. Each guest of a lab that is up runs :func:`agent_main` (``python -m
-host_broker.lab_exec agent``) listening on 10.0.2.15:``AGENT_PORT`` of its slirp NIC; QEMU
+ivshmem_lab.exec_agent agent``) listening on 10.0.2.15:``AGENT_PORT`` of its slirp NIC; QEMU
 forwards a port of the host's 127.0.0.1 to it (the port is in the lab's ``lab.json``). Any
 local user can reach that port, so every connection must first present the lab's secret
 token (32 random bytes, hex; kept in the lab's 0700 directory and given to the agent through
@@ -400,7 +400,7 @@ def agent_main(listen: str, port: int) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m host_broker.lab_exec")
+    p = argparse.ArgumentParser(prog="python -m ivshmem_lab.exec_agent")
     sub = p.add_subparsers(dest="cmd", required=True)
     a = sub.add_parser("agent", help="serve exec requests (inside a lab guest)")
     a.add_argument("--listen", default="10.0.2.15")

@@ -1,8 +1,8 @@
 """The README demo: two peers of a broker-served region, latency and bandwidth measured by them.
 
-    python -m host_broker.demo            # two lab guests when QEMU and a kernel are there
-    python -m host_broker.demo --hosts    # two host processes through the broker client
-    python -m host_broker.demo --quick    # fewer sizes, shorter runs
+    python examples/demo.py            # two lab guests when QEMU and a kernel are there
+    python examples/demo.py --hosts    # two host processes through the broker client
+    python examples/demo.py --quick    # fewer sizes, shorter runs
 
 What it does: starts `python -m host_broker serve` for a fresh region (private temporary
 state directory, region unlinked at exit), boots two VM-lab guests with an
@@ -170,7 +170,12 @@ class _Broker:
 
 
 def _worker_argv(quick: bool) -> list[str]:
-    return [sys.executable, "-m", "host_broker.demo", "--worker", *(["--quick"] if quick else [])]
+    return [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--worker",
+        *(["--quick"] if quick else []),
+    ]
 
 
 def _parse(outputs: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -188,7 +193,7 @@ def _parse(outputs: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def _run_guests(broker: _Broker, quick: bool) -> tuple[list[str], str]:
-    from host_broker import lab as L
+    from ivshmem_lab import lab as L
 
     lab = L.Lab(memory="384M")
     results = lab.run(
@@ -245,7 +250,7 @@ def format_table(rows: list[dict[str, Any]], title: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status (0: the demo ran and printed its table)."""
     parser = argparse.ArgumentParser(
-        prog="python -m host_broker.demo",
+        prog="python examples/demo.py",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -260,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     use_guests = not args.hosts
     why_not = ""
     if use_guests:
-        from host_broker import lab as L
+        from ivshmem_lab import lab as L
 
         use_guests, why_not = L.lab_available()
     broker = _Broker(args.size, vectors=2)

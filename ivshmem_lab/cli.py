@@ -1,4 +1,4 @@
-"""``ivshmem-lab``: run a command in N throw-away QEMU guests (see :mod:`host_broker.lab`).
+"""``ivshmem-lab``: run a command in N throw-away QEMU guests (see :mod:`ivshmem_lab.lab`).
 
     ivshmem-lab run --vms 2 [--accel auto|kvm|tcg] [--memory 512M] [--timeout 300]
                     [--shm NAME[:SIZE] ...] [--socket PATH[:VECTORS] ...] -- CMD ARGS...
@@ -17,11 +17,11 @@ command exited 0, 1 if any failed, 124 if any timed out (and none failed otherwi
 
 With ``-n N`` the command is an MPI program (guest_lib.mpi): N ranks are dealt round robin
 over the V guests (a bare ``-n``: N = V), over a region the lab's own broker serves for the job
-(see :mod:`host_broker.lab_mpi`); output lines read ``[vmI] [rank R] ...``, the summary
+(see :mod:`ivshmem_lab.mpi`); output lines read ``[vmI] [rank R] ...``, the summary
 gives each rank's exit status, and the exit status is 0 only if every rank exited 0.
 
 ``up`` boots networked guests that run an exec agent, with a broker serving ``--slots``
-doorbell devices per guest (default 1; :mod:`host_broker.lab_cluster`); it prints where the
+doorbell devices per guest (default 1; :mod:`ivshmem_lab.cluster`); it prints where the
 lab's state lives, the ``exec`` and ``mpiexec`` command lines to use, then ``ready``, and
 stays in the
 foreground until SIGTERM/SIGINT or ``down`` (then it tears everything down and exits 0; 1 if
@@ -32,7 +32,7 @@ launcher = the lab's exec) running CMD as N ranks, S per guest filled guest by g
 (default S = ceil(N / V), N = V x S) + ``down``;
 it exits with mpiexec's status (124 past ``--timeout``). ``--lab`` is a name or a directory
 (default ``$IVSHMEM_LAB``, then ``default``); hydra's ``-launcher-exec`` can also be the
-``ivshmem-lab-ssh`` command, which takes ssh's argv (see :mod:`host_broker.lab_exec`).
+``ivshmem-lab-ssh`` command, which takes ssh's argv (see :mod:`ivshmem_lab.exec_agent`).
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ import threading
 import time
 from collections.abc import Sequence
 
-from host_broker.lab import (
+from ivshmem_lab.lab import (
     Lab,
     LabError,
     LabUnavailable,
@@ -89,7 +89,7 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         metavar="N",
         help="run CMD as an MPI job of N ranks (bare -n: one per guest), round robin "
-        "over the guests (host_broker.lab_mpi)",
+        "over the guests (ivshmem_lab.mpi)",
     )
     r.add_argument("--cwd", default=None, help="working directory in the guests (default: .)")
     r.add_argument("--console", action="store_true", help="print the whole console at the end")
@@ -165,7 +165,7 @@ def _command(args: argparse.Namespace) -> list[str]:
 
 
 def _up(args: argparse.Namespace) -> int:
-    from host_broker.lab_cluster import LabCluster, mpiexec_argv
+    from ivshmem_lab.cluster import LabCluster, mpiexec_argv
 
     name = args.name or os.environ.get("IVSHMEM_LAB") or "default"
     if args.vms < 1:
@@ -198,7 +198,7 @@ def _up(args: argparse.Namespace) -> int:
 
 
 def _down(args: argparse.Namespace) -> int:
-    from host_broker.lab_exec import LabState, resolve_lab
+    from ivshmem_lab.exec_agent import LabState, resolve_lab
 
     directory = resolve_lab(args.lab)
     try:
@@ -222,7 +222,7 @@ def _down(args: argparse.Namespace) -> int:
 
 
 def _exec(args: argparse.Namespace) -> int:
-    from host_broker.lab_exec import run_in_guest
+    from ivshmem_lab.exec_agent import run_in_guest
 
     command = _command(args)
     if not command:
@@ -232,7 +232,7 @@ def _exec(args: argparse.Namespace) -> int:
 
 
 def _mpiexec(args: argparse.Namespace) -> int:
-    from host_broker.lab_cluster import run_mpiexec
+    from ivshmem_lab.cluster import run_mpiexec
 
     command = _command(args)
     if not command:
@@ -328,7 +328,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _run_mpi(lab: Lab, args: argparse.Namespace, command: list[str], n: int, on_output) -> int:
-    from host_broker.lab_mpi import run_job
+    from ivshmem_lab.mpi import run_job
 
     print(f"ivshmem-lab: MPI job of {n} rank(s) over {args.vms} guest(s)", file=sys.stderr)
     job = run_job(

@@ -1,10 +1,10 @@
 """A lab that stays up: networked guests with an exec agent, a broker, and ``mpiexec`` (issue 5).
 
-:class:`LabCluster` boots V guests on a private network (:mod:`host_broker.lab_net`), each
-running the exec agent of :mod:`host_broker.lab_exec` and holding ``slots`` ``ivshmem-doorbell``
-device (2 vectors) of a region its own broker serves (as :mod:`host_broker.lab_mpi` does).
+:class:`LabCluster` boots V guests on a private network (:mod:`ivshmem_lab.net`), each
+running the exec agent of :mod:`ivshmem_lab.exec_agent` and holding ``slots`` ``ivshmem-doorbell``
+device (2 vectors) of a region its own broker serves (as :mod:`ivshmem_lab.mpi` does).
 Its state lives in a private (0700) directory, ``<labs root>/<name>/``
-(:func:`host_broker.lab_exec.labs_root`):
+(:func:`ivshmem_lab.exec_agent.labs_root`):
 
     lab.json   name, owner pid, region, host port of each guest's agent (the ports once
                every agent is ready; a lab whose owner pid is alive holds its name)
@@ -47,10 +47,10 @@ import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from host_broker.lab import Accel, DoorbellDevice, Guest, Lab, LabError, LabUnavailable
-from host_broker.lab_exec import AGENT_PORT, TOKEN_ENV, LabState, labs_root
-from host_broker.lab_mpi import _start_broker, _stop_broker, region_size
-from host_broker.lab_net import HOST_ALIAS, LAN_IFACE, LanHub, guest_network
+from ivshmem_lab.exec_agent import AGENT_PORT, TOKEN_ENV, LabState, labs_root
+from ivshmem_lab.lab import Accel, DoorbellDevice, Guest, Lab, LabError, LabUnavailable
+from ivshmem_lab.mpi import _start_broker, _stop_broker, region_size
+from ivshmem_lab.net import HOST_ALIAS, LAN_IFACE, LanHub, guest_network
 
 __all__ = ["LabCluster", "find_mpiexec", "mpi_guest_env", "mpiexec_argv", "run_mpiexec"]
 
@@ -201,7 +201,7 @@ class LabCluster:
         ports = _free_ports(self.vms)
         env = {TOKEN_ENV: token, "IVSHMEM_COMM_GUEST": "1"}
         env.update(dict.fromkeys(_HOST_REGION_VARS, ""))
-        agent = [sys.executable, "-m", "host_broker.lab_exec", "agent", "--port", str(AGENT_PORT)]
+        agent = [sys.executable, "-m", "ivshmem_lab.exec_agent", "agent", "--port", str(AGENT_PORT)]
         for i in range(self.vms):
             net = guest_network(i, self.vms, self._hub.path, [(ports[i], AGENT_PORT)])
             g = self.lab.guest(
@@ -219,10 +219,10 @@ class LabCluster:
         ssh = d / "ssh"
         ssh.write_text(
             f"#!{sys.executable}\n"
-            f"# ssh-compatible launcher of VM lab {self.name} (host_broker.lab_cluster)\n"
+            f"# ssh-compatible launcher of VM lab {self.name} (ivshmem_lab.cluster)\n"
             "import sys\n"
             f"sys.path.insert(0, {str(_REPO_ROOT)!r})\n"
-            "from host_broker.lab_exec import ssh_main\n"
+            "from ivshmem_lab.exec_agent import ssh_main\n"
             f"sys.exit(ssh_main(lab={str(d)!r}))\n"
         )
         ssh.chmod(0o700)
