@@ -63,18 +63,6 @@ def plan_from_json(text: str) -> list[Step]:
     return [Step(**item) for item in json.loads(text)]
 
 
-def parse_size(text: str) -> int:
-    """'8', '64K', '1M', '16MiB', '1k' -> bytes."""
-    t = text.strip().upper().removesuffix("IB").removesuffix("B")
-    scale = {"K": KIB, "M": MIB, "G": 1 << 30}.get(t[-1:], 1)
-    if scale != 1:
-        t = t[:-1]
-    value = int(t) * scale
-    if value < 0:
-        raise ValueError(f"negative size {text!r}")
-    return value
-
-
 def format_size(n: int) -> str:
     """8 -> '8 B', 65536 -> '64 KiB', 1048576 -> '1 MiB'."""
     for unit, scale in (("MiB", MIB), ("KiB", KIB)):

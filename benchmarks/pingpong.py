@@ -41,9 +41,9 @@ from benchmarks._plan import (
     find_result,
     format_size,
     make_step,
-    parse_size,
     plan_to_json,
 )
+from ivshmem_comm.units import parse_size
 
 ROOT = Path(__file__).resolve().parent.parent
 REGION_HEADROOM = 64 << 20

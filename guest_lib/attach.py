@@ -14,7 +14,7 @@ How the place is chosen, first match wins:
    BAR2 holds a region of this project (superblock checked) and matches `region` / `uuid`.
    Exactly one must fit (several regions and no `region`/`uuid`: AttachError).
 5. `region=NAME` with no ivshmem device in sight (a host): the broker serving NAME if its
-   record names a live socket (`<state dir>/NAME.json`, see host_broker.config), else
+   record names a live socket (`<state dir>/NAME.json`, see ivshmem_comm.records), else
    Region.open(NAME) with POSIX-semaphore doorbells.
 
 Joining a PCI device:
@@ -50,6 +50,7 @@ from ivshmem_comm import layout
 from ivshmem_comm.endpoint import Endpoint
 from ivshmem_comm.errors import IvshmemError, PeerSlotBusyError, RegionFormatError
 from ivshmem_comm.notify import PollingNotifier
+from ivshmem_comm.records import default_state_dir, read_record
 from ivshmem_comm.region import Region, host_id
 from ivshmem_comm.virtqueue import full_fence
 
@@ -318,14 +319,8 @@ def _attach_socket(path: str, **options: Any) -> Endpoint:
 
 def _broker_socket_for(name: str) -> str | None:
     """The socket of a broker that serves region `name` on this host, if its record says so."""
-    try:
-        from host_broker.broker import read_record
-        from host_broker.config import default_state_dir
-    except ImportError:
-        return None
     record = read_record(default_state_dir(), name)
-    path = record.get("socket") if record else None
-    return path if isinstance(path, str) and os.path.exists(path) else None
+    return record["socket"] if record and os.path.exists(record["socket"]) else None
 
 
 def attach(

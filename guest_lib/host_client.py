@@ -5,7 +5,7 @@
     with BrokerClient("/run/.../job1.sock") as client:     # or keep the client explicitly
         ep = client.endpoint()
 
-The client speaks QEMU's ivshmem-server protocol (host_broker.protocol) like QEMU does: it
+The client speaks QEMU's ivshmem-server protocol (ivshmem_comm.protocol) like QEMU does: it
 receives its peer id, the region's shm fd (mapped here) and the eventfds of every peer, then
 a background thread keeps applying join/leave announcements to the endpoint's
 EventfdNotifier (`set_peer` / `drop_peer`).
@@ -42,8 +42,7 @@ import socket
 import threading
 from typing import Any
 
-from host_broker import protocol
-from ivshmem_comm import layout
+from ivshmem_comm import layout, protocol
 from ivshmem_comm.endpoint import Endpoint
 from ivshmem_comm.notify import EventfdNotifier
 from ivshmem_comm.region import Region

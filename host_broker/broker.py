@@ -53,7 +53,6 @@ import contextlib
 import dataclasses
 import errno
 import fcntl
-import json
 import logging
 import mmap
 import os
@@ -66,10 +65,12 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from host_broker import protocol
+from host_broker.access import AllowList, bind_socket, ensure_socket_dir, peer_groups
 from host_broker.config import BrokerConfig, RegionConfig
-from ivshmem_comm import layout
+from ivshmem_comm import layout, protocol
 from ivshmem_comm.errors import RegionFormatError
+from ivshmem_comm.hostos import pid_alive
+from ivshmem_comm.records import BrokerRecord, write_record
 from ivshmem_comm.region import Region, host_id, shm_path
 
 log = logging.getLogger("ivshmem-broker")
@@ -78,7 +79,6 @@ RECLAIM_WAIT_S = 0.5  # how long a connection from an orphan's pid may take to r
 HEARTBEAT_S = 1.0
 LIVE_STATES = (layout.PEER_JOINING, layout.PEER_READY)
 FREE_STATES = (layout.PEER_FREE, layout.PEER_LEFT, layout.PEER_DEAD)
-START_TIME_SLACK_NS = 2_000_000_000  # /proc/stat btime has 1 s resolution
 FIRST_IVSHMEM_ID = 1  # 0 is IVPosition without a server, and the doorbell of a FREE slot
 MAX_IVSHMEM_ID = 0xFFFE  # QEMU keeps peer_id + 1 <= IVSHMEM_MAX_PEERS (0xFFFF) peers
 ID_RESTART_MARGIN = 64  # a restarted broker skips this many ids past the highest seen
@@ -106,26 +106,6 @@ def is_qemu(pid: int) -> bool:
         return False
 
 
-def _boot_time_ns() -> int:
-    with open("/proc/stat") as f:
-        for line in f:
-            if line.startswith("btime "):
-                return int(line.split()[1]) * 1_000_000_000
-    raise OSError("no btime in /proc/stat")
-
-
-def process_start_ns(pid: int) -> int | None:
-    """CLOCK_REALTIME start time of `pid` (about 1 s precision), None if it does not exist."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            raw = f.read()
-    except OSError:
-        return None
-    fields = raw[raw.rindex(")") + 2 :].split()
-    ticks = int(fields[19])  # field 22 of proc(5), counted from field 3
-    return _boot_time_ns() + ticks * 1_000_000_000 // os.sysconf("SC_CLK_TCK")
-
-
 def holder_alive(info: Any) -> bool:
     """True iff the process recorded in peer slot `info` (a PeerInfo) still runs here.
 
@@ -133,12 +113,9 @@ def holder_alive(info: Any) -> bool:
     now belongs to a process started after the slot's join time, has no live holder.
     QEMU slots carry host_id 0 but their pid is a host pid, so they are checked too.
     """
-    if info.pid <= 0 or info.host_id not in (0, host_id()):
+    if info.host_id not in (0, host_id()):
         return False
-    started = process_start_ns(info.pid)
-    if started is None:
-        return False
-    return not (info.joined_ns and started > info.joined_ns + START_TIME_SLACK_NS)
+    return pid_alive(info.pid, started_by_ns=info.joined_ns)
 
 
 def process_cmdline(pid: int) -> str:
@@ -147,41 +124,6 @@ def process_cmdline(pid: int) -> str:
             return f.read().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
         return ""
-
-
-# ------------------------------------------------------------------------------ files
-def ensure_private_dir(path: str) -> None:
-    """Create `path` (mode 0700) if missing; raise BrokerError unless it is a directory
-    owned by this user with no group/other permissions."""
-    with contextlib.suppress(FileExistsError):
-        os.makedirs(path, mode=0o700)
-    st = os.lstat(path)
-    if not stat.S_ISDIR(st.st_mode):
-        raise BrokerError(f"{path} exists and is not a directory")
-    if st.st_uid != os.geteuid():
-        raise BrokerError(f"{path} is owned by uid {st.st_uid}, not by this user")
-    if st.st_mode & 0o077:
-        raise BrokerError(
-            f"{path} has mode {stat.S_IMODE(st.st_mode):04o}; sockets need a 0700 directory"
-        )
-
-
-def write_record(path: str, record: dict[str, Any]) -> None:
-    """Atomically write a JSON record (mode 0600)."""
-    tmp = f"{path}.{os.getpid()}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump(record, f, indent=1)
-    os.replace(tmp, path)
-
-
-def read_record(state_dir: str, name: str) -> dict[str, Any] | None:
-    """The record a broker left for region `name` in `state_dir`, or None."""
-    try:
-        with open(os.path.join(state_dir, f"{name}.json")) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
 
 
 def _close(fd: int | None) -> None:
@@ -246,7 +188,8 @@ class RegionServer:
         self.cfg = cfg
         self.name = cfg.name
         self.state_dir = config.state_dir
-        self.allow_uids = config.region_allow(cfg)
+        self.allow = AllowList(config.region_allow(cfg), config.region_allow_gids(cfg))
+        self.socket_group = config.socket_group
         self.socket_path = cfg.socket_path(config.state_dir)
         self.region: Region | None = None
         self.shm_fd: int | None = None
@@ -264,20 +207,23 @@ class RegionServer:
     # ---------------------------------------------------------------- startup
     def open(self) -> None:
         """Lock, create or adopt the region, bind the socket. Raises BrokerError."""
-        ensure_private_dir(self.state_dir)
-        ensure_private_dir(os.path.dirname(self.socket_path))
+        for path in (self.state_dir, os.path.dirname(self.socket_path)):
+            try:
+                ensure_socket_dir(path, self.socket_group)
+            except OSError as exc:
+                raise BrokerError(str(exc) if exc.filename is None else f"{path}: {exc.strerror}")
         self._lock()
         self._open_region()
         self._bind()
         write_record(
-            os.path.join(self.state_dir, f"{self.name}.json"),
-            {
-                "name": self.name,
-                "socket": self.socket_path,
-                "vectors": self.cfg.vectors,
-                "size": self.region.size if self.region else self.cfg.size,
-                "max_peers": self.cfg.max_peers,
-            },
+            self.state_dir,
+            BrokerRecord(
+                name=self.name,
+                socket=self.socket_path,
+                vectors=self.cfg.vectors,
+                size=self.region.size if self.region else self.cfg.size,
+                max_peers=self.cfg.max_peers,
+            ),
         )
 
     def _lock(self) -> None:
@@ -369,7 +315,7 @@ class RegionServer:
                     f"destroy {cfg.name}` first or fix the configuration"
                 )
         generation, pid, _ = region.broker_info()
-        if pid and pid != os.getpid() and process_start_ns(pid) is not None:
+        if pid and pid != os.getpid() and pid_alive(pid):
             cmd = process_cmdline(pid)
             if "broker" in cmd:
                 region.close()
@@ -448,13 +394,7 @@ class RegionServer:
                 raise BrokerError(f"something already listens on {path}")
             finally:
                 probe.close()
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old_umask = os.umask(0o177)
-        try:
-            listener.bind(path)  # socket file mode 0600
-        finally:
-            os.umask(old_umask)
-        listener.listen(64)
+        listener = bind_socket(path, self.socket_group)
         listener.setblocking(False)
         self.listener = listener
         self.socket_ino = os.lstat(path).st_ino
@@ -468,11 +408,10 @@ class RegionServer:
             conn, _ = self.listener.accept()
         except (BlockingIOError, InterruptedError):
             return
-        pid, uid, _ = peer_credentials(conn)
-        if self.allow_uids is not None and uid not in self.allow_uids:
-            log.warning(
-                "region %s: refused pid %d: uid %d is not in allow_uids", self.name, pid, uid
-            )
+        pid, uid, gid = peer_credentials(conn)
+        refusal = self.allow.refusal(uid, gid, peer_groups(conn) if self.allow.gids else [])
+        if refusal is not None:
+            log.warning("region %s: refused pid %d: %s", self.name, pid, refusal)
             conn.close()
             return
         conn.setblocking(False)

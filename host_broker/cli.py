@@ -18,25 +18,18 @@ import time
 from typing import Any
 from xml.sax.saxutils import escape
 
-from host_broker.broker import (
-    LIVE_STATES,
-    Broker,
-    BrokerError,
-    holder_alive,
-    process_cmdline,
-    process_start_ns,
-    read_record,
-)
+from host_broker.broker import LIVE_STATES, Broker, BrokerError, holder_alive, process_cmdline
 from host_broker.config import (
     BrokerConfig,
     ConfigError,
     check_unique,
-    default_state_dir,
     load_config,
     region_from_dict,
 )
 from ivshmem_comm import layout
 from ivshmem_comm.errors import RegionFormatError
+from ivshmem_comm.hostos import process_start_ns
+from ivshmem_comm.records import default_state_dir, read_record
 from ivshmem_comm.region import SHM_DIR, Region, shm_path, validate_name
 
 

@@ -3,7 +3,9 @@
 TOML format (every key optional except each region's ``name`` and ``size``)::
 
     state_dir = "/run/ivshmem-broker"     # sockets, locks and region records (made 0700)
+    socket_group = "libvirt-qemu"         # socket dirs 0750 and sockets 0660 of this group
     allow_uids = [1000, 1001]             # who may connect (SO_PEERCRED); default: anyone
+    allow_gids = [64055]                  # ... or whose primary/supplementary group is listed
     log_level = "info"
 
     [[region]]
@@ -16,6 +18,7 @@ TOML format (every key optional except each region's ``name`` and ``size``)::
     vring_align = 64
     max_span = "256K"                     # default: chosen by the geometry
     allow_uids = [1000]                   # replaces the global list for this region
+    allow_gids = []                       # likewise
     unlink_on_exit = false                # remove the shm object when the broker stops
 
 Every error is a `ConfigError` naming the field (``region[0].size``) and saying what is wrong.
@@ -24,17 +27,16 @@ Every error is a `ConfigError` naming the field (``region[0].size``) and saying 
 from __future__ import annotations
 
 import dataclasses
+import grp
 import os
-import re
 import tomllib
 from typing import Any
 
-from host_broker.protocol import MAX_VECTORS
 from ivshmem_comm import layout
+from ivshmem_comm.protocol import MAX_VECTORS
+from ivshmem_comm.records import default_state_dir
 from ivshmem_comm.region import validate_name
-
-_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-_SIZE_RE = re.compile(r"\s*(\d+)\s*([KMGT]?)(?:i?B)?\s*", re.IGNORECASE)
+from ivshmem_comm.units import parse_size
 
 
 class ConfigError(ValueError):
@@ -46,43 +48,19 @@ class ConfigError(ValueError):
         self.detail = detail
 
 
-def parse_size(value: int | str, field: str = "size") -> int:
-    """Return a byte count from an int or a string like "4096", "64M", "1G", "512KiB".
+def config_size(value: int | str, field: str = "size") -> int:
+    """A positive byte count from `value` in the project's size dialect
+    (:func:`ivshmem_comm.units.parse_size`: "4096", "64M", "1G", "512KiB" or an int).
 
-    Suffixes are binary (K = 1024). Raises ConfigError naming `field` for anything else,
-    including zero and negative sizes.
+    Raises ConfigError naming `field` for anything else, including zero.
     """
-    if isinstance(value, bool):
-        raise ConfigError(field, f"expected a size, got {value!r}")
-    if isinstance(value, int):
-        size = value
-    elif isinstance(value, str):
-        match = _SIZE_RE.fullmatch(value)
-        if not match:
-            raise ConfigError(field, f"cannot read size {value!r}: use e.g. 4096, 64M, 1G")
-        size = int(match.group(1)) * _UNITS[match.group(2).upper()]
-    else:
-        raise ConfigError(field, f"expected a size, got {type(value).__name__}")
+    try:
+        size = parse_size(value)
+    except ValueError as exc:
+        raise ConfigError(field, str(exc)) from None
     if size <= 0:
         raise ConfigError(field, f"size must be positive, got {size}")
     return size
-
-
-def default_state_dir() -> str:
-    """Where sockets, locks and records live unless configured.
-
-    ``$IVSHMEM_BROKER_DIR``, else ``$XDG_RUNTIME_DIR/ivshmem-broker``, else
-    ``/run/ivshmem-broker`` for root, else ``/tmp/ivshmem-broker-<uid>``.
-    """
-    explicit = os.environ.get("IVSHMEM_BROKER_DIR")
-    if explicit:
-        return explicit
-    runtime = os.environ.get("XDG_RUNTIME_DIR")
-    if runtime:
-        return os.path.join(runtime, "ivshmem-broker")
-    if os.geteuid() == 0:
-        return "/run/ivshmem-broker"
-    return f"/tmp/ivshmem-broker-{os.geteuid()}"
 
 
 @dataclasses.dataclass
@@ -98,6 +76,7 @@ class RegionConfig:
     vring_align: int = layout.CACHE_LINE
     max_span: int | None = None
     allow_uids: list[int] | None = None  # None: inherit the global list
+    allow_gids: list[int] | None = None  # None: inherit the global list
     unlink_on_exit: bool = False
 
     def socket_path(self, state_dir: str) -> str:
@@ -117,14 +96,19 @@ class BrokerConfig:
     regions: list[RegionConfig]
     state_dir: str = dataclasses.field(default_factory=default_state_dir)
     allow_uids: list[int] | None = None
+    allow_gids: list[int] | None = None
+    socket_group: int | None = None  # a gid: socket directories 0750 and sockets 0660
     log_level: str = "info"
 
     def region_allow(self, region: RegionConfig) -> list[int] | None:
         return region.allow_uids if region.allow_uids is not None else self.allow_uids
 
+    def region_allow_gids(self, region: RegionConfig) -> list[int] | None:
+        return region.allow_gids if region.allow_gids is not None else self.allow_gids
+
 
 _REGION_KEYS = {f.name for f in dataclasses.fields(RegionConfig)}
-_TOP_KEYS = {"state_dir", "allow_uids", "log_level", "region"}
+_TOP_KEYS = {"state_dir", "allow_uids", "allow_gids", "socket_group", "log_level", "region"}
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -136,10 +120,27 @@ def _int(value: Any, field: str, low: int, high: int) -> int:
     return value
 
 
-def _uids(value: Any, field: str) -> list[int]:
+def _ids(value: Any, field: str, kind: str = "uids") -> list[int]:
     if not isinstance(value, list):
-        raise ConfigError(field, f"expected a list of uids, got {value!r}")
+        raise ConfigError(field, f"expected a list of {kind}, got {value!r}")
     return [_int(v, f"{field}[{i}]", 0, 2**32 - 2) for i, v in enumerate(value)]
+
+
+def parse_group(value: Any, field: str = "socket_group") -> int:
+    """The gid of group `value`: a group name, a gid as digits, or an int.
+
+    Raises ConfigError naming `field` for an unknown name or a gid out of range.
+    """
+    if isinstance(value, str) and value.isdigit():
+        value = int(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return _int(value, field, 0, 2**32 - 2)
+    if not isinstance(value, str) or not value:
+        raise ConfigError(field, f"expected a group name or gid, got {value!r}")
+    try:
+        return grp.getgrnam(value).gr_gid
+    except KeyError:
+        raise ConfigError(field, f"no group named {value!r} on this host") from None
 
 
 def region_from_dict(raw: dict[str, Any], where: str) -> RegionConfig:
@@ -157,7 +158,7 @@ def region_from_dict(raw: dict[str, Any], where: str) -> RegionConfig:
         raise ConfigError(f"{where}.name", str(exc)) from None
     if len(name.encode()) > layout.NAME_MAX:
         raise ConfigError(f"{where}.name", f"at most {layout.NAME_MAX} bytes")
-    region = RegionConfig(name=name, size=parse_size(raw["size"], f"{where}.size"))
+    region = RegionConfig(name=name, size=config_size(raw["size"], f"{where}.size"))
     if region.size & (region.size - 1):
         # QEMU maps the region as PCI BAR2 and aborts (pci_register_bar assertion) otherwise.
         raise ConfigError(
@@ -172,13 +173,15 @@ def region_from_dict(raw: dict[str, Any], where: str) -> RegionConfig:
     if "vring_align" in raw:
         region.vring_align = _int(raw["vring_align"], f"{where}.vring_align", 4, layout.PAGE_SIZE)
     if raw.get("max_span") is not None:
-        region.max_span = parse_size(raw["max_span"], f"{where}.max_span")
+        region.max_span = config_size(raw["max_span"], f"{where}.max_span")
     if raw.get("socket") is not None:
         if not isinstance(raw["socket"], str) or not raw["socket"]:
             raise ConfigError(f"{where}.socket", f"expected a path, got {raw['socket']!r}")
         region.socket = os.path.abspath(raw["socket"])
     if raw.get("allow_uids") is not None:
-        region.allow_uids = _uids(raw["allow_uids"], f"{where}.allow_uids")
+        region.allow_uids = _ids(raw["allow_uids"], f"{where}.allow_uids")
+    if raw.get("allow_gids") is not None:
+        region.allow_gids = _ids(raw["allow_gids"], f"{where}.allow_gids", "gids")
     if "unlink_on_exit" in raw:
         if not isinstance(raw["unlink_on_exit"], bool):
             raise ConfigError(f"{where}.unlink_on_exit", "expected true or false")
@@ -205,7 +208,11 @@ def config_from_dict(raw: dict[str, Any]) -> BrokerConfig:
             raise ConfigError("state_dir", f"expected a path, got {raw['state_dir']!r}")
         config.state_dir = os.path.abspath(raw["state_dir"])
     if raw.get("allow_uids") is not None:
-        config.allow_uids = _uids(raw["allow_uids"], "allow_uids")
+        config.allow_uids = _ids(raw["allow_uids"], "allow_uids")
+    if raw.get("allow_gids") is not None:
+        config.allow_gids = _ids(raw["allow_gids"], "allow_gids", "gids")
+    if raw.get("socket_group") is not None:
+        config.socket_group = parse_group(raw["socket_group"], "socket_group")
     if "log_level" in raw:
         if raw["log_level"] not in _LOG_LEVELS:
             raise ConfigError("log_level", f"one of {', '.join(_LOG_LEVELS)}")

@@ -22,6 +22,7 @@ import posix_ipc
 
 from ivshmem_comm import layout
 from ivshmem_comm.errors import RegionFormatError
+from ivshmem_comm.hostos import pid_alive
 
 if TYPE_CHECKING:
     from ivshmem_comm.endpoint import Endpoint
@@ -77,16 +78,12 @@ class PeerInfo:
         return layout.PEER_STATE_NAMES.get(self.state, f"invalid({self.state})")
 
     def holder_alive(self) -> bool | None:
-        """True/False if the holder's pid can be checked from this kernel, None if not."""
+        """None if the holder's pid cannot be checked from this kernel (another host id, or
+        no pid); else whether it runs, as :func:`ivshmem_comm.hostos.pid_alive` says (a
+        zombie, or a pid reused since `joined_ns`, is not the holder)."""
         if self.host_id != host_id() or self.pid <= 0:
             return None
-        try:
-            os.kill(self.pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
+        return pid_alive(self.pid, started_by_ns=self.joined_ns)
 
 
 def _map(fd: int, size: int) -> mmap.mmap:

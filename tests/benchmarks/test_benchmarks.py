@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from benchmarks import pingpong
-from benchmarks._plan import QUICK_SIZES, format_size, make_step, parse_size
+from benchmarks._plan import QUICK_SIZES, format_size, make_step
+from ivshmem_comm.units import parse_size
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -17,8 +17,7 @@ from pathlib import Path
 import pytest
 
 from guest_lib.host_client import BrokerClient
-from host_broker import protocol
-from ivshmem_comm import layout
+from ivshmem_comm import layout, protocol
 from ivshmem_comm.region import Region, host_id, shm_path
 from tests.support.broker import (
     CLIENT_PEER,

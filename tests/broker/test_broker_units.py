@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 
 from host_broker import broker as broker_mod
-from host_broker import protocol
 from host_broker.cli import libvirt_xml, qemu_args
-from host_broker.config import ConfigError, config_from_dict, load_config, parse_size
-from ivshmem_comm import layout
+from host_broker.config import ConfigError, config_from_dict, config_size, load_config
+from ivshmem_comm import layout, protocol
 from ivshmem_comm.region import Region
+from ivshmem_comm.units import parse_size
 
 
 @pytest.mark.parametrize(
@@ -22,13 +22,13 @@ from ivshmem_comm.region import Region
      (8192, 8192), ("1MB", 1 << 20)],
 )  # fmt: skip
 def test_parse_size(text: str | int, size: int) -> None:
-    assert parse_size(text) == size
+    assert parse_size(text) == size == config_size(text)
 
 
 @pytest.mark.parametrize("bad", ["", "12Q", "-1", "0", "1.5G", True, 0, None])
-def test_parse_size_rejects(bad: object) -> None:
+def test_config_size_rejects(bad: object) -> None:
     with pytest.raises(ConfigError, match="config: size:"):
-        parse_size(bad)  # type: ignore[arg-type]
+        config_size(bad)  # type: ignore[arg-type]
 
 
 def test_toml_config(tmp_path: Path) -> None:

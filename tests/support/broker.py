@@ -135,7 +135,7 @@ RAW_PEER = """
     import socket, sys, time
     s = socket.socket(socket.AF_UNIX)
     s.connect(sys.argv[1])
-    from host_broker import protocol
+    from ivshmem_comm import protocol
     hs, _, _ = protocol.read_handshake(s)
     print(hs.peer, flush=True)
     while s.recv(4096):

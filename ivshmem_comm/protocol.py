@@ -1,5 +1,8 @@
 """QEMU's ivshmem-server wire protocol, server and client sides, plus one reclaim extension.
 
+Its one home: the broker (host_broker, server side) and the host client
+(guest_lib.host_client, client side) both speak it from here.
+
 The protocol (QEMU ``docs/specs/ivshmem-spec.rst``, ``contrib/ivshmem-server``), on a UNIX
 stream socket, server -> client only:
 
@@ -13,8 +16,8 @@ stream socket, server -> client only:
 
 Peer ids here are ivshmem ids (QEMU's IVPosition, the target of a doorbell write), not
 peer-table slots: the broker hands out ids that only increase and stores each peer's id in
-its slot's `doorbell` field (see broker.py), as QEMU 7.2 crashes when a departed peer's id
-is announced again soon.
+its slot's `doorbell` field (see host_broker/broker.py), as QEMU 7.2 crashes when a departed
+peer's id is announced again soon.
 
 Clients never send. The one exception is this project's *reclaim* request (see
 `pack_reclaim`): after a broker restart, a client of this project that already holds a peer
