@@ -65,7 +65,14 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from host_broker.access import AllowList, bind_socket, ensure_socket_dir, peer_groups
+from host_broker.access import (
+    AllowList,
+    bind_socket,
+    blocked_parent,
+    ensure_socket_dir,
+    group_name,
+    peer_groups,
+)
 from host_broker.config import BrokerConfig, RegionConfig
 from ivshmem_comm import layout, protocol
 from ivshmem_comm.errors import RegionFormatError
@@ -210,8 +217,17 @@ class RegionServer:
         for path in (self.state_dir, os.path.dirname(self.socket_path)):
             try:
                 ensure_socket_dir(path, self.socket_group)
-            except OSError as exc:
-                raise BrokerError(str(exc) if exc.filename is None else f"{path}: {exc.strerror}")
+            except OSError as exc:  # our own checks carry a message, system calls a filename
+                detail = str(exc) if exc.filename is None else f"{path}: {exc.strerror}"
+                raise BrokerError(detail) from None
+        blocked = self.socket_group is not None and blocked_parent(
+            os.path.dirname(self.socket_path), self.socket_group
+        )
+        if blocked:
+            log.warning(
+                "region %s: group %s cannot enter %s, so it cannot reach %s either",
+                self.name, group_name(self.socket_group), blocked, self.socket_path,
+            )  # fmt: skip
         self._lock()
         self._open_region()
         self._bind()
@@ -718,6 +734,8 @@ class Broker:
         self.regions: list[RegionServer] = []
         self._stopping = False
         self._closed = False
+        self.heartbeat_s = HEARTBEAT_S
+        self.heartbeat_hooks: list[Callable[[], None]] = []  # called at every heartbeat
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
     def watch(self, obj: Any, callback: Callable[[], None]) -> None:
@@ -770,7 +788,9 @@ class Broker:
                 if now >= next_heartbeat:
                     for server in self.regions:
                         server.heartbeat()
-                    next_heartbeat = now + HEARTBEAT_S
+                    for hook in self.heartbeat_hooks:
+                        hook()
+                    next_heartbeat = now + self.heartbeat_s
                 deadline = next_heartbeat
                 for server in self.regions:
                     pending = server.expire_pending(now)
