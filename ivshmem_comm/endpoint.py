@@ -3,13 +3,20 @@
 Joining (who writes what in the peer slot, see layout's peer table):
 1. Claim: the broker, or the endpoint itself, stores incarnation+1, pid, host id, then
    state=JOINING last. A slot held by a live peer is refused (PeerSlotBusyError).
-2. The endpoint resets its own half of every queue with every peer that is JOINING or READY,
-   for the session (driver incarnation, device incarnation), then stores state=READY and
-   kicks everyone, so sleeping peers rescan the table and reset their halves for it.
+2. The endpoint binds to every peer that is READY (resets its own half of both queues with
+   it for the session (driver incarnation, device incarnation)), then stores state=READY and
+   kicks everyone, so sleeping peers rescan the table and bind to it.
 3. A queue carries traffic once both halves hold the same session (virtqueue.py). A peer that
    comes back as a new incarnation resets its halves; the other side sees the session change
    (PeerLostError), resets its own, and messages of the old incarnation are never delivered
    to the new one.
+
+Peer identity: each endpoint is bound to at most one incarnation of each peer slot (the
+table in README.md, "Peer identity"). It binds when it first sees an incarnation READY, or at
+first contact (that incarnation reset a half of our queues for us, then maybe left before we
+looked); never to a FREE, LEFT or DEAD holder it never met, such as the previous job's.
+PeerLostError means exactly: the incarnation we are bound to is gone (LEFT, DEAD, or replaced;
+a replacement is reported once, then the endpoint binds to the new holder).
 
 Waiting: spin for `spin_us` microseconds, then arm EVENT_IDX on the rings of interest and
 block on the notifier in slices of at most WATCH_SLICE seconds, re-checking the peers an
@@ -23,7 +30,7 @@ from __future__ import annotations
 import collections
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from ivshmem_comm import layout, serialize
@@ -93,8 +100,23 @@ class Endpoint:
         self._spin_ns = int(spin_us * 1000)
         self._u64 = region.u64
         self._word_i = [region.peer_slot_offset(p) // 8 for p in range(n)]
-        self._known = [0] * n  # incarnation each pair of halves was last reset for
+        # Binding (see "Peer identity" in the module docstring): the incarnation of each peer
+        # our halves are reset for (0: none), whether its loss was reported, the incarnation
+        # expect_incarnation() asked for (0: any), and its slot word while bound and READY.
+        self._known = [0] * n
+        self._told = [False] * n
+        self._want = [0] * n
         self._expect = [-1] * n  # peer slot word (READY | known << 32) once seen READY
+        g0 = region.geometry
+        # Session words of each peer's halves of our two queues (first contact, see _contacted).
+        self._in_line_i = [
+            (g0.queue_offset(p, me) + layout.DRIVER_LINE_OFFSET) // 8 if p != me else 0
+            for p in range(n)
+        ]
+        self._out_line_i = [
+            (g0.queue_offset(me, p) + layout.DEVICE_LINE_OFFSET) // 8 if p != me else 0
+            for p in range(n)
+        ]
         self._unexpected: list[collections.deque[Message]] = [collections.deque() for _ in range(n)]
         self._unexpected_count = 0
         self._reported: set[int] = set()  # peers whose broken queue ANY_SOURCE has reported
@@ -172,49 +194,103 @@ class Endpoint:
             raise PeerSlotBusyError(f"peer slot {me} of region {region.name!r} was taken over")
         return incarnation
 
+    def _contacted(self, p: int, incarnation: int) -> bool:
+        """True iff incarnation `incarnation` of peer p reset a half of one of our queues for
+        this endpoint's incarnation: it knew us, so what it sent is ours (first contact)."""
+        me = self.incarnation
+        return self._u64[self._in_line_i[p]] == layout.session_word(incarnation, me) or (
+            self._u64[self._out_line_i[p]] == layout.session_word(me, incarnation)
+        )
+
+    def _reset_halves(self, p: int, incarnation: int) -> None:
+        """Reset our halves of both queues with p for `incarnation` of p (0: no session, so
+        they never carry traffic until the next reset)."""
+        me_inc = self.incarnation
+        tx, rx = self.tx[p], self.rx[p]
+        assert tx is not None and rx is not None
+        tx.ring.reset(layout.session_word(me_inc, incarnation) if incarnation else 0)
+        rx.ring.reset(layout.session_word(incarnation, me_inc) if incarnation else 0)
+        rx.reset()
+
     def _sync(self, p: int) -> bool:
-        """Reset our halves with peer p if it is a new incarnation. True iff p is READY."""
+        """Bind to the holder of slot p if the rules allow; True iff bound to p and p READY.
+
+        Bind to incarnation i of p (reset our halves for it) when the slot shows i READY (its
+        holder not known dead), or shows i in any other state but FREE after i reset a half
+        of ours for us (first contact: i may have sent and left before we looked), and
+        expect_incarnation() asked for i or for none. Never to a holder we never met: a
+        FREE, LEFT or DEAD slot of a previous holder, or a JOINING one. While bound to an
+        incarnation whose loss was not yet reported (_check_peer does), stay bound to it.
+        """
         word = self._u64[self._word_i[p]]
         state, incarnation = word & _STATE_MASK, word >> 32
-        if state == layout.PEER_FREE or incarnation == 0:
-            return False
-        if incarnation != self._known[p]:
-            # Also for a peer that already left or died: what it sent before is still ours.
-            self._known[p] = incarnation
-            me_inc = self.incarnation
-            tx, rx = self.tx[p], self.rx[p]
-            assert tx is not None and rx is not None
-            tx.ring.reset(layout.session_word(me_inc, incarnation))
-            rx.ring.reset(layout.session_word(incarnation, me_inc))
-            rx.reset()
+        known = self._known[p]
+        if incarnation != known:
+            if known and not self._told[p]:
+                return False
+            live = (
+                state == layout.PEER_READY and self.region.peer(p).holder_alive() is not False
+            ) or (state != layout.PEER_FREE and self._contacted(p, incarnation))
+            if incarnation and live and self._want[p] in (0, incarnation):
+                self._known[p] = incarnation
+            elif known:
+                self._known[p] = 0
+                incarnation = 0
+            else:
+                return False
+            self._told[p] = False
+            self._expect[p] = -1
+            self._reset_halves(p, incarnation)
+            if not incarnation:
+                return False
         if state == layout.PEER_READY:
             self._expect[p] = word
             return True
         return False
 
-    def _check_peer(self, p: int) -> None:
-        """Raise PeerLostError if the incarnation of p we talked to is gone; resync to a new one.
+    def _check_peer(self, p: int, rings: Sequence[Any] = ()) -> None:
+        """Raise PeerLostError if the incarnation of p we are bound to is gone.
 
-        Also detects a crashed holder on this host (its pid is gone) and marks it dead.
+        Gone: the slot shows it LEFT or DEAD (every call says so again), its holder died on
+        this kernel (the slot is marked DEAD), or another incarnation holds the slot (said
+        once; then the endpoint binds to the new holder as _sync allows). A slot we are not
+        bound to raises nothing: its holder is someone we never talked to. `rings`: the
+        waiter's rings; a receive ring with something published returns instead of raising
+        for a peer that left or died (what it sent before is still ours: poll it first).
         """
         word = self._u64[self._word_i[p]]
         state, incarnation = word & _STATE_MASK, word >> 32
         known = self._known[p]
         if known and incarnation != known:
-            self._expect[p] = -1
+            if not self._told[p]:
+                self._told[p] = True
+                self._expect[p] = -1
+                self._sync(p)
+                raise PeerLostError(
+                    p, f"incarnation {known} is gone; incarnation {incarnation} holds the slot"
+                )
             self._sync(p)
-            raise PeerLostError(p, f"incarnation {known} is gone; incarnation {incarnation} joined")
+            known = self._known[p]
         if state in (layout.PEER_DEAD, layout.PEER_LEFT):
-            self._expect[p] = -1
-            name = layout.PEER_STATE_NAMES[state]
-            raise PeerLostError(p, f"{name} (incarnation {incarnation})")
-        if state == layout.PEER_READY and self.region.peer(p).holder_alive() is False:
+            gone = f"{layout.PEER_STATE_NAMES[state]} (incarnation {incarnation})"
+        elif state == layout.PEER_READY and self.region.peer(p).holder_alive() is False:
             # The holder crashed on this kernel without a broker to notice: record it, but only
-            # over the word we judged (a new holder may have claimed the slot since).
+            # over the word we judged (a new holder may have claimed the slot since: then the
+            # next check judges that one).
             dead = layout.PEER_DEAD | (incarnation << 32)
-            compare_exchange_u64(self.region.buf, self._word_i[p] * 8, word, dead)
-            self._expect[p] = -1
-            raise PeerLostError(p, f"process exited without leaving (incarnation {incarnation})")
+            if not compare_exchange_u64(self.region.buf, self._word_i[p] * 8, word, dead):
+                return
+            gone = f"process exited without leaving (incarnation {incarnation})"
+        else:
+            return
+        if not known:
+            return
+        # Its last messages may have been published after our last poll, before it left.
+        if any(ring.arm() for ring in rings if isinstance(ring, RxRing)):
+            return
+        self._told[p] = True
+        self._expect[p] = -1
+        raise PeerLostError(p, gone)
 
     def _refresh(self) -> None:
         for p in self._others:
@@ -266,7 +342,7 @@ class Endpoint:
             if ring.arm():  # EVENT_IDX handshake: something arrived while arming
                 return False
         if watch >= 0:
-            self._check_peer(watch)
+            self._check_peer(watch, rings)
         else:
             self._refresh()
         slice_s = WATCH_SLICE if deadline is None else min(WATCH_SLICE, deadline - now)
@@ -438,14 +514,16 @@ class Endpoint:
         return None
 
     def _renewed(self, p: int) -> bool:
-        """True (and our halves reset) if peer p rejoined as an incarnation we do not know."""
+        """True (our halves reset or dropped) if slot p now holds an incarnation other than
+        the one we are bound to: the broken queue was the gone one's."""
         incarnation = self._u64[self._word_i[p]] >> 32
-        if incarnation in (0, self._known[p]):
+        known = self._known[p]
+        if incarnation in (0, known):
             return False
-        self._expect[p] = -1
+        self._told[p] = True
         self._reported.discard(p)
         self._sync(p)
-        return True
+        return self._known[p] != known
 
     def _fast_head(
         self, channel: RxChannel, timeout: float | None
@@ -489,7 +567,9 @@ class Endpoint:
             raise
 
     def _lost(self, p: int) -> None:
-        """Peer p's queue said it is gone: forget its session (the next call reports it)."""
+        """Peer p's queue said its session is over (the caller reports it, or ANY_SOURCE
+        skips it): bind to the slot's new holder as _sync allows."""
+        self._told[p] = True
         self._expect[p] = -1
         self._sync(p)
 
@@ -625,14 +705,18 @@ class Endpoint:
         return found.source, head[1], head[0]
 
     def expect_incarnation(self, p: int, incarnation: int) -> None:
-        """Declare that the holder of peer slot p to talk to is `incarnation`, learnt out of
-        band (an MPI job's allgather): any other incarnation of p this endpoint has seen, such
-        as the previous job's holder that left, is forgotten without a PeerLostError, and the
-        session starts with this one when it is READY. Raises ValueError for a bad peer."""
+        """Talk to incarnation `incarnation` of peer slot p only, learnt out of band (an MPI
+        job's allgather): if this endpoint is bound to another incarnation of p (say the
+        previous job's holder, READY when we looked), it forgets it without a PeerLostError,
+        and from now on it binds to `incarnation` alone (0: any holder again). Raises
+        ValueError for a bad peer."""
         self._peer_arg(p)
-        if self._known[p] != incarnation:
+        self._want[p] = incarnation
+        if self._known[p] not in (0, incarnation) and incarnation:
             self._known[p] = 0
+            self._told[p] = False
             self._expect[p] = -1
+            self._reset_halves(p, 0)
 
     # ------------------------------------------------------------------ introspection
     def peers(self) -> list[int]:

@@ -249,8 +249,9 @@ def test_concurrent_claims_of_one_slot_have_one_winner(make_region):
 
 
 def test_expect_incarnation_skips_a_previous_holder_that_left(make_region):
-    """A job's rank may first see the previous job's holder of a slot (LEFT): once told the
-    incarnation that belongs to its job, it talks to that one without a PeerLostError."""
+    """A holder that LEFT before we looked is never ours: the next one is talked to without a
+    PeerLostError. One we were bound to is forgotten silently once the job names another
+    incarnation (expect_incarnation), and reported as lost without that."""
     region = make_region(size=4 << 20)
     with ic.Region.open(region.name) as r1:
         with r1.endpoint(1) as old:
@@ -259,13 +260,21 @@ def test_expect_incarnation_skips_a_previous_holder_that_left(make_region):
             assert ep0.iprobe(1) is None  # sees slot 1 LEFT by incarnation `first`
             with r2.endpoint(1) as new:
                 assert new.incarnation != first
-                with pytest.raises(ic.PeerLostError, match="is gone"):
-                    ep0.send(1, b"x", timeout=5)
+                ep0.send(1, b"x", timeout=5)  # bound to `new` now
+                with new.recv(0, timeout=5) as msg:
+                    assert bytes(msg.data) == b"x"
             with ic.Region.open(region.name) as r3, r3.endpoint(1) as newer:
                 ep0.expect_incarnation(1, newer.incarnation)
                 ep0.send(1, b"hello", tag=3, timeout=5)
                 with newer.recv(0, 3, timeout=5) as msg:
                     assert bytes(msg.data) == b"hello"
+            with ic.Region.open(region.name) as r4, r4.endpoint(1) as newest:
+                ep0.expect_incarnation(1, 0)  # any holder again: `newer` was ours, and is gone
+                with pytest.raises(ic.PeerLostError, match="is gone"):
+                    ep0.send(1, b"x", timeout=5)
+                ep0.send(1, b"then the new one", timeout=5)
+                with newest.recv(0, timeout=5) as msg:
+                    assert bytes(msg.data) == b"then the new one"
 
 
 def test_a_placed_message_is_read_in_place_by_others_then_sent(make_region):
