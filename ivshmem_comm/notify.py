@@ -38,6 +38,9 @@ class Notifier(Protocol):
         """Release what the notifier holds; safe to call twice."""
 
 
+SEM_DIR = "/dev/shm"  # where glibc keeps named semaphore "/x", as file "sem.x"
+
+
 def semaphore_name(region: str, peer: int) -> str:
     """POSIX name of region `region`'s doorbell semaphore for peer `peer`."""
     return f"/{region}.doorbell.{peer}"
@@ -91,8 +94,14 @@ class SemaphoreNotifier:
         self._sems.clear()
 
     @staticmethod
-    def unlink_all(region: str, max_peers: int) -> None:
-        """Remove the semaphores of every peer slot of `region` (missing ones are skipped)."""
+    def unlink_all(region: str, max_peers: int | None = None) -> None:
+        """Remove the semaphores of every peer slot of `region` (missing ones are skipped).
+
+        `max_peers` None: those found under the region's name in SEM_DIR, however many."""
+        if max_peers is None:
+            prefix = "sem." + semaphore_name(region, 0)[1:-1]  # files "sem.<region>.doorbell.N"
+            found = [f[len(prefix) :] for f in os.listdir(SEM_DIR) if f.startswith(prefix)]
+            max_peers = max((int(n) + 1 for n in found if n.isdigit()), default=0)
         for peer in range(max_peers):
             try:
                 posix_ipc.unlink_semaphore(semaphore_name(region, peer))

@@ -93,6 +93,25 @@ def _map(fd: int, size: int) -> mmap.mmap:
     return mmap.mmap(fd, size, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
 
 
+def _max_peers_of(name: str) -> int | None:
+    """The peer slots recorded in shm object `name`'s superblock; None if it has none that
+    reads (no such object, too small, not a region)."""
+    try:
+        shm = posix_ipc.SharedMemory("/" + name)
+    except posix_ipc.ExistentialError:
+        return None
+    try:
+        size = os.fstat(shm.fd).st_size
+        if size < layout.SUPERBLOCK_SIZE:
+            return None
+        with mmap.mmap(shm.fd, layout.SUPERBLOCK_SIZE, prot=mmap.PROT_READ) as head:
+            return layout.unpack_superblock(bytes(head), size).geometry.max_peers
+    except (OSError, RegionFormatError):
+        return None
+    finally:
+        shm.close_fd()
+
+
 class Region:
     """A mapped, checked region. Create with `create`, `open` or `attach`.
 
@@ -189,12 +208,21 @@ class Region:
 
     @staticmethod
     def unlink(name: str) -> None:
-        """Remove POSIX shm object `name`. Raises FileNotFoundError if there is none."""
+        """Remove region `name` from this host: its POSIX shm object and the doorbell
+        semaphore of every peer slot (SemaphoreNotifier), counted from its superblock, or
+        found by name where the object holds none. Mappings open elsewhere stay valid until
+        closed. Raises FileNotFoundError if there is no shm object `name` (doorbells left
+        under that name are removed all the same)."""
+        from ivshmem_comm.notify import SemaphoreNotifier
+
         validate_name(name)
+        max_peers = _max_peers_of(name)
         try:
             posix_ipc.unlink_shared_memory("/" + name)
         except posix_ipc.ExistentialError:
+            SemaphoreNotifier.unlink_all(name)
             raise FileNotFoundError(f"no region {name!r} in {SHM_DIR}") from None
+        SemaphoreNotifier.unlink_all(name, max_peers)
 
     def close(self) -> None:
         """Drop this process's mapping. Views still held elsewhere keep it alive until freed."""

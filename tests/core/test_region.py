@@ -118,3 +118,36 @@ def test_geometry_fit_is_consistent(size, peers, num, align):
     assert g.data_rel_offset >= layout.CONTROL_SIZE + layout.vring_size(num, align)
     last = g.queue_offset(peers - 1, peers - 2)
     assert last + g.queue_stride <= size
+
+
+def _residue(name: str) -> list[str]:
+    return sorted(f for f in os.listdir("/dev/shm") if f == name or f.startswith(f"sem.{name}."))
+
+
+def test_unlink_removes_the_region_and_every_doorbell():
+    """The README's sequence (endpoints closed, region closed, unlink) leaves nothing in
+    /dev/shm: neither the shm object nor any peer slot's doorbell semaphore; so does unlink
+    of an object that holds no region, and of doorbells whose region is already gone."""
+    name = f"t-unlink-{os.getpid()}"
+    region = ic.Region.create(name, 4 << 20, 3)
+    with ic.Region.open(name) as other, region.endpoint(0) as a, other.endpoint(2) as b:
+        a.send(2, b"x")
+        with b.recv(0, timeout=5):
+            pass
+    region.close()
+    assert _residue(name) == sorted([name] + [f"sem.{name}.doorbell.{p}" for p in range(3)])
+    ic.Region.unlink(name)
+    assert _residue(name) == []
+    with pytest.raises(FileNotFoundError):
+        ic.Region.unlink(name)
+    with open(shm_path(name), "wb") as f:  # not a region: its doorbells are found by name
+        f.write(b"junk")
+    from ivshmem_comm.notify import SemaphoreNotifier
+
+    SemaphoreNotifier(name, 5, 6).close()
+    ic.Region.unlink(name)
+    assert _residue(name) == []
+    SemaphoreNotifier(name, 1, 2).close()
+    with pytest.raises(FileNotFoundError):
+        ic.Region.unlink(name)
+    assert _residue(name) == []
