@@ -193,8 +193,13 @@ def test_guest_config_text() -> None:
         "-chardev", "socket,path=/run/x/job1.sock,id=ivshmem_job1",
         "-device", "ivshmem-doorbell,chardev=ivshmem_job1,vectors=2",
     ]  # fmt: skip
+    # libvirt refuses <size> next to <server> (it takes the size from the broker's shm fd)
     xml = libvirt_xml("job1", "/run/x/job1.sock", 2, 1 << 20)
-    assert "<server path='/run/x/job1.sock'/>" in xml and "<size unit='B'>1048576</size>" in xml
+    assert "<server path='/run/x/job1.sock'/>" in xml and "<size" not in xml
+    assert "<msi vectors='2' ioeventfd='on'/>" in xml
+    plain = libvirt_xml("job1", "/run/x/job1.sock", 2, 1 << 20, plain=True)
+    assert "<model type='ivshmem-plain'/>" in plain and "<size unit='B'>1048576</size>" in plain
+    assert "<server" not in plain
 
 
 def _id_server(tmp_name: str) -> broker_mod.RegionServer:
