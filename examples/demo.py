@@ -25,11 +25,9 @@ directory removed).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -38,6 +36,8 @@ import time
 import uuid
 from pathlib import Path
 from typing import Any
+
+from guest_lib.launch import BrokerProcess
 
 REPO = Path(__file__).resolve().parent.parent
 SIZES = [8, 64, 512, 4096, 32768, 262144, 1 << 20, 4 << 20]
@@ -131,42 +131,21 @@ def worker(quick: bool) -> int:
 
 
 # ------------------------------------------------------------------------------ driver side
-class _Broker:
-    """`python -m host_broker serve` for one fresh region in a private temporary directory."""
-
-    def __init__(self, size: str, vectors: int) -> None:
-        self.dir = tempfile.mkdtemp(prefix="ivshmem-demo-")
-        self.name = f"demo-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-        self.socket = os.path.join(self.dir, "state", f"{self.name}.sock")
-        self.log = os.path.join(self.dir, "broker.log")
-        with open(self.log, "wb") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "host_broker", "serve", "--name", self.name,
-                 "--size", size, "--max-peers", "2", "--vectors", str(vectors),
-                 "--state-dir", os.path.join(self.dir, "state"), "--unlink-on-exit"],
-                stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
-                env={**os.environ, "PYTHONPATH": str(REPO)},
-            )  # fmt: skip
-        deadline = time.monotonic() + 15
-        while not os.path.exists(self.socket):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.close()
-                raise RuntimeError(f"broker did not start: {Path(self.log).read_text()[-800:]}")
-            time.sleep(0.02)
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        from ivshmem_comm.region import Region
-
-        with contextlib.suppress(FileNotFoundError, ValueError):
-            Region.unlink(self.name)
-        shutil.rmtree(self.dir, ignore_errors=True)
+def _broker(size: str) -> BrokerProcess:
+    """The demo's broker: a fresh region for two peers with 2 vectors each, in a private
+    temporary state directory (its log there too), everything removed by close()."""
+    name = f"demo-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    state = tempfile.mkdtemp(prefix="ivshmem-demo-")
+    return BrokerProcess(
+        name,
+        size,
+        max_peers=2,
+        vectors=2,
+        state_dir=state,
+        log=os.path.join(state, "broker.log"),
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        cwd=REPO,
+    )
 
 
 def _worker_argv(quick: bool) -> list[str]:
@@ -192,14 +171,14 @@ def _parse(outputs: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
     return measurer[0], responder[0]
 
 
-def _run_guests(broker: _Broker, quick: bool) -> tuple[list[str], str]:
-    from ivshmem_lab import lab as L
+def _run_guests(broker: BrokerProcess, quick: bool) -> tuple[list[str], str]:
+    from ivshmem_lab import DoorbellDevice, Lab
 
-    lab = L.Lab(memory="384M")
+    lab = Lab(memory="384M")
     results = lab.run(
         _worker_argv(quick),
         vms=2,
-        devices=[L.DoorbellDevice(broker.socket, 2)],
+        devices=[DoorbellDevice(broker.socket, 2)],
         cwd=REPO,
         timeout=600,
     )
@@ -212,7 +191,7 @@ def _run_guests(broker: _Broker, quick: bool) -> tuple[list[str], str]:
     return [r.output for r in results], f"two QEMU guests, {label}; {boots}"
 
 
-def _run_hosts(broker: _Broker, quick: bool) -> tuple[list[str], str]:
+def _run_hosts(broker: BrokerProcess, quick: bool) -> tuple[list[str], str]:
     env = {**os.environ, "PYTHONPATH": str(REPO), "IVSHMEM_COMM_SOCKET": broker.socket}
     procs = [
         subprocess.Popen(
@@ -265,11 +244,12 @@ def main(argv: list[str] | None = None) -> int:
     use_guests = not args.hosts
     why_not = ""
     if use_guests:
-        from ivshmem_lab import lab as L
+        from ivshmem_lab import lab_available
 
-        use_guests, why_not = L.lab_available()
-    broker = _Broker(args.size, vectors=2)
+        use_guests, why_not = lab_available()
+    broker = _broker(args.size)
     try:
+        broker.start()
         print(f"broker serving region {broker.name} at {broker.socket}", file=sys.stderr)
         if use_guests:
             print("booting two guests (VM lab)...", file=sys.stderr)
@@ -286,6 +266,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         broker.close()
+        shutil.rmtree(broker.state_dir, ignore_errors=True)
     title = (
         f"ivshmem_comm demo: {setting}\n"
         f"peer {measurer['peer']} measured ({measurer['kind']} attach, "

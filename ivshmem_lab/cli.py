@@ -47,14 +47,11 @@ import threading
 import time
 from collections.abc import Sequence
 
-from ivshmem_lab.lab import (
-    Lab,
-    LabError,
-    LabUnavailable,
-    build_initramfs,
-    find_kernel,
-    parse_device,
-)
+from ivshmem_lab.devices import parse_device
+from ivshmem_lab.errors import LabError, LabUnavailable
+from ivshmem_lab.host import find_kernel
+from ivshmem_lab.initramfs import build_initramfs
+from ivshmem_lab.lab import Lab
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -284,8 +281,8 @@ def _run(args: argparse.Namespace) -> int:
         last = ird.uio_build_log.strip().splitlines()[-1:] or ["?"]
         print(f"ivshmem-lab: uio_ivshmem driver not built ({last[0]})", file=sys.stderr)
     accel = lab.accel_in_use()
-    if args.accel == "auto" and accel == "tcg" and lab._probe is not None:
-        print(f"ivshmem-lab: KVM not usable ({lab._probe.reason}); using TCG", file=sys.stderr)
+    if args.accel == "auto" and accel == "tcg" and lab.kvm_probe is not None:
+        print(f"ivshmem-lab: KVM not usable ({lab.kvm_probe.reason}); using TCG", file=sys.stderr)
     print(f"ivshmem-lab: {args.vms} guest(s), accel {accel}", file=sys.stderr)
     out_lock = threading.Lock()
 

@@ -39,7 +39,6 @@ import secrets
 import shutil
 import signal
 import socket
-import stat
 import subprocess
 import sys
 import time
@@ -47,17 +46,20 @@ import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from guest_lib.launch import BrokerProcess, job_environ
+from ivshmem_comm.hostos import ensure_private_dir, pid_alive
+from ivshmem_lab.devices import DoorbellDevice
+from ivshmem_lab.errors import LabError, LabUnavailable
 from ivshmem_lab.exec_agent import AGENT_PORT, TOKEN_ENV, LabState, labs_root
-from ivshmem_lab.lab import Accel, DoorbellDevice, Guest, Lab, LabError, LabUnavailable
-from ivshmem_lab.mpi import _start_broker, _stop_broker, region_size
+from ivshmem_lab.guest import Guest
+from ivshmem_lab.lab import Accel, Lab
+from ivshmem_lab.mpi import job_broker, region_size
 from ivshmem_lab.net import HOST_ALIAS, LAN_IFACE, LanHub, guest_network
 
 __all__ = ["LabCluster", "find_mpiexec", "mpi_guest_env", "mpiexec_argv", "run_mpiexec"]
 
 _REPO_ROOT = Path(__file__).resolve().parent.parent
 _READY = r"^ivshmem-lab-agent: ready"
-#: Variables that would point ranks at a region of the host instead of their guest's device.
-_HOST_REGION_VARS = ("IVSHMEM_COMM_SOCKET", "IVSHMEM_COMM_REGION", "IVSHMEM_COMM_DEVICE")
 
 
 def mpi_guest_env() -> dict[str, str]:
@@ -71,15 +73,6 @@ def mpi_guest_env() -> dict[str, str]:
     }
 
 
-def _private_dir(path: Path) -> None:
-    """Create ``path`` 0700 if missing; refuse it unless it is our own private directory."""
-    with contextlib.suppress(FileExistsError):
-        path.mkdir(mode=0o700)
-    st = os.lstat(path)
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
-        raise LabError(f"{path} is not a private directory of this user (mode 0700)")
-
-
 def _free_ports(n: int) -> list[int]:
     socks = [socket.socket() for _ in range(n)]
     try:
@@ -89,16 +82,6 @@ def _free_ports(n: int) -> list[int]:
     finally:
         for s in socks:
             s.close()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, someone else's
-        pass
-    return True
 
 
 class LabCluster:
@@ -139,7 +122,7 @@ class LabCluster:
         self.guests: list[Guest] = []
         self.region = f"lab-{name}-{uuid.uuid4().hex[:6]}"
         self._hub: LanHub | None = None
-        self._broker: subprocess.Popen[bytes] | None = None
+        self._broker: BrokerProcess | None = None
         self._made_dir = False
         self._closed = False
 
@@ -163,10 +146,13 @@ class LabCluster:
         return self
 
     def _claim_directory(self) -> None:
-        _private_dir(self.directory.parent)
+        try:
+            ensure_private_dir(self.directory.parent)
+        except PermissionError as exc:
+            raise LabError(str(exc)) from None
         with contextlib.suppress(FileNotFoundError, ValueError, KeyError):
             old = LabState.load(self.directory)
-            if _alive(old.pid):
+            if pid_alive(old.pid):
                 raise LabError(f"lab {self.name} is already up (pid {old.pid}, {self.directory})")
         if self.directory.exists():
             shutil.rmtree(self.directory)  # a lab that died without cleaning up
@@ -194,19 +180,17 @@ class LabCluster:
         with os.fdopen(fd, "w") as f:
             f.write(token + "\n")
         self._hub = LanHub(str(d / "lan.sock")).start()
-        (d / "broker").mkdir(mode=0o700)
         peers = self.vms * self.slots
-        size = region_size(peers)
-        self._broker, sock = _start_broker(self.region, size, peers, str(d / "broker"))
+        self._broker = job_broker(self.region, region_size(peers), peers, str(d / "broker"))
+        sock = self._broker.start().socket
         ports = _free_ports(self.vms)
-        env = {TOKEN_ENV: token, "IVSHMEM_COMM_GUEST": "1"}
-        env.update(dict.fromkeys(_HOST_REGION_VARS, ""))
+        env = {**job_environ(), TOKEN_ENV: token, "IVSHMEM_COMM_GUEST": "1"}
         agent = [sys.executable, "-m", "ivshmem_lab.exec_agent", "agent", "--port", str(AGENT_PORT)]
         for i in range(self.vms):
             net = guest_network(i, self.vms, self._hub.path, [(ports[i], AGENT_PORT)])
             g = self.lab.guest(
                 i, agent, devices=[DoorbellDevice(sock, 2)] * self.slots, cwd=self.cwd, env=env,
-                vms=self.vms, on_output=self.on_output, network=net,
+                inherit_env=False, vms=self.vms, on_output=self.on_output, network=net,
             )  # fmt: skip
             self.guests.append(g)
             g.start()
@@ -236,7 +220,7 @@ class LabCluster:
         for g in self.guests:
             g.close()
         if self._broker is not None:
-            _stop_broker(self._broker, self.region)
+            self._broker.close()
         if self._hub is not None:
             self._hub.close()
         if self._made_dir:
@@ -306,9 +290,7 @@ def run_mpiexec(
     ran past ``timeout`` seconds and was killed). ``on_ready(cluster, argv)`` is called just
     before mpiexec starts. Raises LabError/LabUnavailable if the cluster cannot start."""
     mpiexec = find_mpiexec()
-    env = {k: v for k, v in os.environ.items() if k not in _HOST_REGION_VARS}
-    for var in ("PMI_RANK", "PMI_SIZE", "PMI_FD", "PMI_PORT", "IVSHMEM_MPI_RANK"):
-        env.pop(var, None)
+    env = job_environ()
     with LabCluster(vms, slots=slots, lab=lab, memory=memory, accel=accel) as cluster:
         argv = mpiexec_argv(cluster, command, n=n, mpiexec=mpiexec, extra=extra)
         if on_ready is not None:

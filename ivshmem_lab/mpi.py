@@ -21,19 +21,25 @@ rank or guest failed, 124 if a guest timed out (and nothing failed otherwise).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import threading
-import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import IO
+
+from guest_lib import pci
+from guest_lib.launch import BrokerProcess, BrokerStartError, job_environ
+from guest_lib.mpi.launcher import default_size
+from ivshmem_lab.devices import DoorbellDevice
+from ivshmem_lab.errors import LabError
+from ivshmem_lab.guest import GuestResult
+from ivshmem_lab.lab import Lab
 
 EXIT_LINE = re.compile(r"^ivshmem-lab-mpi: rank (\d+) exit (-?\d+)$")
 RANK_LINE = re.compile(r"^\[rank (\d+)\] ")
@@ -46,8 +52,6 @@ def placement(n: int, vms: int) -> list[list[int]]:
 
 def region_size(n: int) -> int:
     """The launcher's default size rounded up to a power of two (QEMU wants one)."""
-    from guest_lib.mpi.launcher import default_size
-
     size = default_size(n)
     return 1 << (size - 1).bit_length()
 
@@ -56,56 +60,45 @@ def region_size(n: int) -> int:
 # Host side
 
 
+def job_broker(name: str, size: int, peers: int, directory: str) -> BrokerProcess:
+    """The broker of a lab job, not yet started: region `name` of `size` bytes for `peers`
+    ranks (at least 2 slots), 2 vectors (a doorbell device per rank), state, socket
+    (``broker.sock``) and log (``broker.log``, warnings only) in `directory`, the region
+    removed when it stops. Start it with ``with job_broker(...) as broker:``; a broker that
+    does not start raises LabError with its log's tail."""
+    return _LabBroker(
+        name,
+        size,
+        max_peers=max(peers, 2),
+        vectors=2,
+        state_dir=directory,
+        socket=os.path.join(directory, "broker.sock"),
+        log=os.path.join(directory, "broker.log"),
+        log_level="warning",
+    )
+
+
+class _LabBroker(BrokerProcess):
+    """A BrokerProcess whose start failure is a LabError (what the lab's callers expect)."""
+
+    def start(self, wait: bool = True, timeout: float = 20.0) -> BrokerProcess:
+        try:
+            return super().start(wait, timeout)
+        except BrokerStartError as exc:
+            raise LabError(f"the job's broker did not start: {exc}") from None
+
+
 @dataclass
 class JobResult:
     """What :func:`run_job` saw: exit code per rank (None: never reported) and per guest."""
 
     rank_exit: dict[int, int | None]
-    guests: list = field(default_factory=list)  # ivshmem_lab.lab.GuestResult per guest
+    guests: list[GuestResult] = field(default_factory=list)  # one per guest
     status: int = 0
 
 
-def _start_broker(name: str, size: int, peers: int, tmpdir: str) -> tuple[subprocess.Popen, str]:
-    sock = os.path.join(tmpdir, "broker.sock")
-    log = open(os.path.join(tmpdir, "broker.log"), "wb")  # noqa: SIM115 - the child keeps it
-    broker = subprocess.Popen(
-        [sys.executable, "-m", "host_broker", "serve", "--name", name, "--size", str(size),
-         "--max-peers", str(max(peers, 2)), "--vectors", "2", "--socket", sock,
-         "--state-dir", tmpdir, "--unlink-on-exit", "--log-level", "warning"],
-        stdout=log, stderr=log,
-    )  # fmt: skip
-    log.close()
-    deadline = time.monotonic() + 20
-    while not os.path.exists(sock):
-        if broker.poll() is not None or time.monotonic() > deadline:
-            with open(os.path.join(tmpdir, "broker.log"), errors="replace") as f:
-                text = f.read()[-2000:]
-            with contextlib.suppress(ProcessLookupError):
-                broker.kill()
-            broker.wait()
-            from ivshmem_lab.lab import LabError
-
-            raise LabError(f"the job's broker did not start (status {broker.poll()}):\n{text}")
-        time.sleep(0.02)
-    return broker, sock
-
-
-def _stop_broker(broker: subprocess.Popen, name: str) -> None:
-    if broker.poll() is None:
-        broker.send_signal(signal.SIGTERM)
-        try:
-            broker.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            broker.kill()
-            broker.wait()
-    from ivshmem_comm.region import Region
-
-    with contextlib.suppress(OSError):
-        Region.unlink(name)
-
-
 def run_job(
-    lab,
+    lab: Lab,
     command: Sequence[str],
     *,
     vms: int,
@@ -115,14 +108,10 @@ def run_job(
     on_output: Callable[[int, str], None] | None = None,
 ) -> JobResult:
     """Run an N-rank MPI job over V guests of `lab` (see the module docstring)."""
-    from ivshmem_lab.lab import DoorbellDevice
-
     if vms < 1 or n < vms:
         raise ValueError(f"need 1 <= vms <= n (vms={vms}, n={n})")
     places = placement(n, vms)
     name = f"labmpi-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmpdir = tempfile.mkdtemp(prefix="ivshmem-lab-mpi-")
-    broker = None
     rank_exit: dict[int, int | None] = dict.fromkeys(range(n))
 
     def collect(index: int, line: str) -> None:
@@ -132,27 +121,24 @@ def run_job(
         if on_output is not None:
             on_output(index, line)
 
-    try:
-        broker, sock = _start_broker(name, region_size(n), n, tmpdir)
-        commands = [
-            [sys.executable, "-m", "ivshmem_lab.mpi", "guest",
-             "--ranks", ",".join(map(str, ranks)), "--size", str(n), "--", *command]
-            for ranks in places
-        ]  # fmt: skip
-        devices = [[DoorbellDevice(sock, 2)] * len(ranks) for ranks in places]
-        env = {"IVSHMEM_COMM_SOCKET": "", "IVSHMEM_COMM_REGION": ""}
-        results = lab.run_many(
-            commands,
-            guest_devices=devices,
-            timeout=timeout,
-            cwd=cwd,
-            env=env,
-            on_output=collect,
-        )
-    finally:
-        if broker is not None:
-            _stop_broker(broker, name)
-        shutil.rmtree(tmpdir, ignore_errors=True)
+    with tempfile.TemporaryDirectory(prefix="ivshmem-lab-mpi-") as tmpdir:
+        broker = job_broker(name, region_size(n), n, tmpdir)
+        with broker:
+            commands = [
+                [sys.executable, "-m", "ivshmem_lab.mpi", "guest",
+                 "--ranks", ",".join(map(str, ranks)), "--size", str(n), "--", *command]
+                for ranks in places
+            ]  # fmt: skip
+            devices = [[DoorbellDevice(broker.socket, 2)] * len(ranks) for ranks in places]
+            results = lab.run_many(
+                commands,
+                guest_devices=devices,
+                timeout=timeout,
+                cwd=cwd,
+                env=job_environ(),
+                inherit_env=False,
+                on_output=collect,
+            )
     failed = any(code != 0 for code in rank_exit.values()) or any(
         r.returncode not in (0, None) or (r.returncode is None and not r.timed_out) for r in results
     )
@@ -167,7 +153,7 @@ def run_job(
 # Guest side
 
 
-def _pump(rank: int, stream, lock: threading.Lock) -> None:
+def _pump(rank: int, stream: IO[bytes], lock: threading.Lock) -> None:
     for raw in iter(stream.readline, b""):
         line = raw.decode(errors="replace").rstrip("\n")
         with lock:
@@ -180,13 +166,8 @@ def guest_main(ranks: list[int], size: int, command: list[str], timeout: float |
     """Start this guest's ranks, relay their output, return the first failing status."""
     from guest_lib.mpi.launcher import _signal_group, _supervise
 
-    env = dict(os.environ)
-    for var in ("IVSHMEM_COMM_REGION", "IVSHMEM_COMM_SOCKET", "IVSHMEM_COMM_DEVICE"):
-        env.pop(var, None)
-    for var in ("PMI_RANK", "PMI_SIZE", "PMI_FD", "OMPI_COMM_WORLD_RANK", "PMIX_RANK"):
-        env.pop(var, None)
+    env = job_environ()
     env["PYTHONUNBUFFERED"] = "1"
-    from guest_lib import pci
 
     devices = pci.doorbell_devices()
     if len(ranks) > 1 and len(devices) != len(ranks):

@@ -53,7 +53,7 @@ def spawn() -> Iterator[Callable[..., multiprocessing.Process]]:
 def pytest_sessionstart(session: pytest.Session) -> None:
     """Under IVSHMEM_REQUIRE_VM=1 (CI), a machine that cannot boot lab guests is an error."""
     if os.environ.get("IVSHMEM_REQUIRE_VM") == "1":
-        from ivshmem_lab.lab import lab_available
+        from ivshmem_lab import lab_available
 
         ok, reason = lab_available()
         if not ok:

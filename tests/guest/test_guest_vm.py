@@ -30,8 +30,8 @@ from pathlib import Path
 
 import pytest
 
+import ivshmem_lab as L
 from guest_lib.host_client import attach as host_attach
-from ivshmem_lab import lab as L
 from tests.support import vm_marks
 from tests.support.broker import ENV, BrokerProcess
 
@@ -426,7 +426,6 @@ def test_two_jobs_see_only_their_own_region(lab: L.Lab, tmp_path: Path) -> None:
     ]
     try:
         for job in jobs:
-            job.state_dir.parent.mkdir(parents=True, exist_ok=True)
             job.start()
         names = [job.name for job in jobs]
         commands = [

@@ -1,4 +1,4 @@
-"""Tests of the VM lab (ivshmem_lab.lab) and the guest UIO driver (guest_lib/kmod).
+"""Tests of the VM lab (ivshmem_lab) and the guest UIO driver (guest_lib/kmod).
 
 The ``vm`` tests boot real QEMU guests (TCG when KVM does not work: ~5 s each here). They
 skip only when qemu-system-x86_64, a kernel with modules or busybox-static is missing.
@@ -22,8 +22,18 @@ from pathlib import Path
 
 import pytest
 
-from ivshmem_lab import lab as L
+import ivshmem_lab as L
 from ivshmem_lab.cli import main as lab_main
+from ivshmem_lab.devices import qemu_device_args
+from ivshmem_lab.guest import command_script
+from ivshmem_lab.host import find_kernel
+from ivshmem_lab.initramfs import (
+    GUEST_MODULES,
+    CpioWriter,
+    build_initramfs,
+    modname,
+    module_load_order,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 PY = sys.executable  # the project's venv python: visible in the guest (host root over 9p)
@@ -69,11 +79,9 @@ def _guest_py(src: str) -> list[str]:
 
 
 def test_parse_size_and_devices(tmp_path: Path) -> None:
-    assert L._parse_size("16M") == 16 << 20
-    assert L._parse_size("4096") == 4096
-    assert L._parse_size("1GiB") == 1 << 30
+    assert L.parse_device("r0:1GiB") == L.ShmDevice("r0", 1 << 30)
     with pytest.raises(ValueError):
-        L._parse_size("12 parsecs")
+        L.parse_device("r0:12 parsecs")
     assert L.parse_device("r0:1M") == L.ShmDevice("r0", 1 << 20)
     assert L.parse_device("shm:/dev/shm/x") == L.ShmDevice("/dev/shm/x", None)
     assert L.parse_device("sock:/run/b.sock:4") == L.DoorbellDevice("/run/b.sock", 4)
@@ -93,7 +101,9 @@ def test_parse_size_and_devices(tmp_path: Path) -> None:
 
 
 def test_device_args() -> None:
-    args = L._device_args([L.ShmDevice("/dev/shm/nonexistent-a", "1M"), L.DoorbellDevice("/s", 3)])
+    args = qemu_device_args(
+        [L.ShmDevice("/dev/shm/nonexistent-a", "1M"), L.DoorbellDevice("/s", 3)]
+    )
     assert args == [
         "-object",
         "memory-backend-file,id=ivm0,size=1048576,share=on,mem-path=/dev/shm/nonexistent-a",
@@ -109,7 +119,7 @@ def test_device_args() -> None:
 def test_command_script_quoting(tmp_path: Path) -> None:
     import subprocess
 
-    script = L._command_script(
+    script = command_script(
         ["printf", "%s|", "a b", "$HOME", "it's"],
         str(tmp_path),
         {"WEIRD": "x'y\"z $q", "1BAD": "skipped"},
@@ -118,7 +128,7 @@ def test_command_script_quoting(tmp_path: Path) -> None:
     )
     out = subprocess.run(["/bin/sh", "-c", script], capture_output=True, text=True, check=True)
     assert out.stdout == "a b|$HOME|it's|"
-    env_script = L._command_script(
+    env_script = command_script(
         'echo "$WEIRD/$IVSHMEM_LAB_GUEST/$IVSHMEM_LAB_VMS/$(pwd)"',
         str(tmp_path),
         {"WEIRD": "w"},
@@ -127,7 +137,7 @@ def test_command_script_quoting(tmp_path: Path) -> None:
     )
     out = subprocess.run(["/bin/sh", "-c", env_script], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == f"w/3/4/{tmp_path}"
-    missing = L._command_script("true", "/nonexistent/dir", {}, 0, 1)
+    missing = command_script("true", "/nonexistent/dir", {}, 0, 1)
     res = subprocess.run(["/bin/sh", "-c", missing], capture_output=True, text=True)
     assert res.returncode == 125
     assert "not visible" in res.stderr
@@ -151,7 +161,7 @@ def _parse_cpio(data: bytes) -> dict[str, tuple[int, bytes]]:
 
 
 def test_cpio_writer() -> None:
-    c = L._Cpio()
+    c = CpioWriter()
     c.dir("d")
     c.file("d/f", b"hello", 0o755)
     c.symlink("d/l", "f")
@@ -166,22 +176,22 @@ def test_cpio_writer() -> None:
 
 @pytest.mark.skipif(not _available, reason=f"VM lab unavailable: {_why}")
 def test_module_order_and_initramfs_contents() -> None:
-    k = L.find_kernel()
-    order = [L._modname(p.name) for p in L._module_load_order(k.moddir, L.GUEST_MODULES)]
+    k = find_kernel()
+    order = [modname(p.name) for p in module_load_order(k.moddir, GUEST_MODULES)]
     for m in ("virtio_pci", "9pnet", "9pnet_virtio", "9p", "uio"):
         assert m in order
     assert order.index("9pnet") < order.index("9pnet_virtio") < order.index("9p")
     assert order.index("virtio_ring") < order.index("virtio_pci")
     assert len(order) == len(set(order))
     with pytest.raises(L.LabError):
-        L._module_load_order(k.moddir, ["no_such_module_xyz"])
-    ird = L.build_initramfs(k)
+        module_load_order(k.moddir, ["no_such_module_xyz"])
+    ird = build_initramfs(k)
     entries = _parse_cpio(ird.path.read_bytes())
     assert "init" in entries and "bin/busybox" in entries and "dev/console" in entries
     listed = entries["lib/lab-modules/order"][1].decode().split()
     assert all(f"lib/lab-modules/{n}" in entries for n in listed)
     assert ("lib/lab-modules/extra/uio_ivshmem.ko" in entries) == ird.uio_module
-    assert L.build_initramfs(k).path == ird.path  # cached
+    assert build_initramfs(k).path == ird.path  # cached
 
 
 # ------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from ivshmem_comm.notify import SemaphoreNotifier
 def vm_marks(timeout: float) -> list[pytest.MarkDecorator]:
     """The marks of a test that boots lab guests: `vm`, a skip where the lab cannot run here
     (an error under IVSHMEM_REQUIRE_VM=1, see below), and a timeout."""
-    from ivshmem_lab.lab import lab_available
+    from ivshmem_lab import lab_available
 
     ok, why = lab_available()
     return [

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -14,7 +13,7 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-from ivshmem_comm.region import Region
+from guest_lib import launch
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -34,8 +33,10 @@ def wait_for(predicate: Callable[[], object], timeout: float = 10.0, step: float
     return time.monotonic() - start
 
 
-class BrokerProcess:
-    """`python -m host_broker serve` for one region, in a private state dir."""
+class BrokerProcess(launch.BrokerProcess):
+    """guest_lib.launch.BrokerProcess as the broker tests use it: one region in
+    ``tmp_path/state``, its log in ``tmp_path``, the region kept when the broker stops (tests
+    restart brokers over it) and removed by :meth:`cleanup`."""
 
     def __init__(
         self,
@@ -46,56 +47,26 @@ class BrokerProcess:
         max_peers: int = 4,
         vectors: int = 2,
     ) -> None:
-        self.name = name or unique_name()
-        self.state_dir = tmp_path / "state"
-        self.socket = str(self.state_dir / f"{self.name}.sock")
-        self.args = [
-            "--name", self.name, "--size", size, "--max-peers", str(max_peers),
-            "--vectors", str(vectors), "--state-dir", str(self.state_dir), *extra,
-        ]  # fmt: skip
-        self.log_path = tmp_path / f"broker-{self.name}.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.starts = 0
-
-    def start(self, wait: bool = True) -> BrokerProcess:
-        self.starts += 1
-        log = open(self.log_path, "ab")  # noqa: SIM115 - the child keeps it
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "host_broker", "serve", *self.args],
-            stdout=log,
-            stderr=log,
+        name = name or unique_name()
+        tmp_path.mkdir(parents=True, exist_ok=True)
+        super().__init__(
+            name,
+            size,
+            max_peers=max_peers,
+            vectors=vectors,
+            args=extra,
+            state_dir=tmp_path / "state",
+            log=tmp_path / f"broker-{name}.log",
+            unlink_on_exit=False,
             env=ENV,
             cwd=ROOT,
         )
-        log.close()
-        if wait:
-            wait_for(
-                lambda: self.log().count(" ready") >= self.starts or self.proc.poll() is not None
-            )
-            assert self.proc.poll() is None, self.log()
-        return self
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text()
-        except FileNotFoundError:
-            return ""
-
-    def signal(self, sig: int) -> int:
-        assert self.proc is not None
-        self.proc.send_signal(sig)
-        return self.proc.wait(timeout=10)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.signal(signal.SIGTERM)
 
     def cleanup(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        with contextlib.suppress(FileNotFoundError):
-            Region.unlink(self.name)
+        """Kill the broker at once (no orderly stop: nothing to wait for) and remove the
+        region."""
+        self.kill()
+        self.close()
 
 
 def cli(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
