@@ -8,12 +8,13 @@ number per session (sender incarnation, receiver incarnation) starting at 0, its
 tag, its payload length and a BLAKE2b-128 digest of its payload. Sizes run from 0 B to
 `--max-size`, tags over the whole range 0..TAG_MAX. Each round sends one message to every
 READY peer (a short timeout: a full queue is back-pressure, the message waits for the next
-round) and then receives, alternately from ANY_SOURCE and from each peer by name, into a
-buffer or as zero-copy views. The receiver checks every field: a sequence number other than
+round) and then receives from ANY_SOURCE and from each peer by name, into a buffer or as
+zero-copy views. The receiver checks every field: a sequence number other than
 the next one is a lost, duplicated or reordered message, a digest mismatch a corrupted one.
 
 The peer writes JSON lines to `--log`: `talk` (first contact with an incarnation of a peer),
-`lost` (PeerLostError for the incarnation it talked to, with CLOCK_REALTIME `t`), `spurious`
+`lost` (PeerLostError for the incarnation it talked to, with CLOCK_REALTIME `t` and
+`last_recv`, when the last message from that peer arrived), `spurious`
 (PeerLostError with no session to lose), `finished` (a peer left after its FIN), `violation`,
 and a final `summary`. When the `--stop` file appears it sends a FIN (sequence number =
 messages sent in the session) to every READY peer, keeps receiving until it has a FIN from
@@ -44,9 +45,9 @@ HEADER = struct.Struct("<IHHIIQIiQ16s")
 MAGIC = 0x4B434154  # b"TACK"
 F_FIN = 1
 PATTERN_SPAN = 1 << 16  # payloads start at one of this many offsets of the pattern
-SEND_TIMEOUT = 0.001  # s: a send that finds the queue full waits this long, then retries later
-RECV_TIMEOUT = 0.001  # s: a receive that finds nothing waits this long
-MAX_PULL = 32  # messages received per source per round
+SEND_TIMEOUT = 0.0005  # s: a send that finds the queue full waits this long, then retries later
+RECV_TIMEOUT = 0.0005  # s: a receive that finds nothing waits this long
+MAX_PULL = 4  # messages received per source per round
 STOP_TIMEOUT = 60.0  # s: the most the FIN exchange may take once the stop file appears
 _READY = layout.PEER_READY
 
@@ -110,6 +111,7 @@ class TrafficPeer:
         self.recv_inc = [0] * n
         self.recv_next = [0] * n
         self.talk = [0] * n  # incarnation of the peer we have a session with; 0: none
+        self.last_recv = [0.0] * n  # CLOCK_REALTIME of the last message received from each
         self.stopping = False
         self.fin_to: set[int] = set()
         self.fin_sent: set[int] = set()
@@ -141,7 +143,10 @@ class TrafficPeer:
             self.event("finished", peer=p, t=now)  # it left after its FIN: not a loss
         elif self.talk[p]:
             self.lost += 1
-            self.event("lost", peer=p, peer_inc=self.talk[p], t=now, detail=error.detail)
+            self.event(
+                "lost", peer=p, peer_inc=self.talk[p], t=now, last_recv=self.last_recv[p],
+                detail=error.detail,
+            )  # fmt: skip
             self.talk[p] = 0
         else:
             self.spurious += 1
@@ -205,8 +210,15 @@ class TrafficPeer:
             with self.ep.recv(source, ic.ANY_TAG, RECV_TIMEOUT) as message:
                 self.check(message.source, message.tag, message.data)
 
-    def recv_round(self, by_name: bool) -> None:
-        for source in self.others if by_name else [ic.ANY_SOURCE]:
+    def recv_round(self) -> None:
+        """Receive from ANY_SOURCE, then from each peer by name that is READY or that we have
+        a session with (a named receive is what reports a lost peer)."""
+        named = [
+            p
+            for p in self.others
+            if self.talk[p] or self.region.u64[self._word_i[p]] & 0xFFFFFFFF == _READY
+        ]
+        for source in [ic.ANY_SOURCE, *named]:
             for _ in range(MAX_PULL):
                 try:
                     self._recv_one(source)
@@ -246,6 +258,7 @@ class TrafficPeer:
             kind = "lost" if seq > self.recv_next[src] else "duplicated or reordered"
             self.violation(f"{where}: expected seq {self.recv_next[src]} ({kind})")
         self.recv_next[src] = seq + 1
+        self.last_recv[src] = time.time()
         self._talking(src, s_inc)
         self.counts["received"] += 1
         self.counts["received_bytes"] += len(payload)
@@ -270,7 +283,7 @@ class TrafficPeer:
                 self._begin_stop()
                 stop_deadline = time.monotonic() + STOP_TIMEOUT
             self.send_round()
-            self.recv_round(by_name=bool(rounds % 2))
+            self.recv_round()
             rounds += 1
             if self.stopping:
                 if self.fin_sent >= self.fin_to and self.fin_from >= self.fin_to:
