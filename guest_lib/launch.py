@@ -1,4 +1,5 @@
-"""Starting a job's processes on this host: a broker for its region, and clean environments.
+"""Starting a job's processes on this host: a broker for its region, clean environments, and
+supervision of the ranks.
 
 :class:`BrokerProcess` runs ``python -m host_broker serve`` for one region made for a job, as
 a context manager: started and ready on entry (its socket listens), stopped and every trace
@@ -13,6 +14,9 @@ use it from here.
 
 :func:`job_environ` is the environment of a process started for a job: the caller's, less
 every variable that would point it at another job's region or rank (see ``SCRUB_VARS``).
+:func:`supervise` waits for a job's ranks as mpiexec does (a failure stops the others after
+a grace period; a timeout kills them all); :func:`signal_group` signals one rank's process
+group.
 """
 
 from __future__ import annotations
@@ -33,7 +37,19 @@ from ivshmem_comm.hostos import ensure_private_dir
 from ivshmem_comm.records import record_path
 from ivshmem_comm.region import Region
 
-__all__ = ["SCRUB_VARS", "BrokerProcess", "BrokerStartError", "job_environ"]
+__all__ = [
+    "GRACE_S",
+    "SCRUB_VARS",
+    "BrokerProcess",
+    "BrokerStartError",
+    "exit_status",
+    "job_environ",
+    "signal_group",
+    "supervise",
+]
+
+#: Seconds the other ranks of a job may run on after one failed, before they are stopped.
+GRACE_S = 2.0
 
 #: Variables a job's process must not inherit from whoever started the job: where to attach
 #: (guest_lib.attach, guest_lib.mpi.bootstrap) and which rank it is (ours, and those of the
@@ -60,6 +76,65 @@ def job_environ(base: Mapping[str, str] | None = None) -> dict[str, str]:
     for var in SCRUB_VARS:
         env.pop(var, None)
     return env
+
+
+def signal_group(proc: subprocess.Popen[bytes], sig: int) -> None:
+    """Send `sig` to the process group `proc` leads (a rank started with
+    ``start_new_session=True``: the rank and whatever it started). A group that is gone, or
+    that this user may not signal, is left alone."""
+    try:
+        os.killpg(proc.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def exit_status(code: int) -> int:
+    """A Popen return code as a shell reports it: 128+N for a process killed by signal N."""
+    return 128 - code if code < 0 else code
+
+
+def supervise(
+    procs: Sequence[subprocess.Popen[bytes]],
+    timeout: float | None,
+    *,
+    grace: float = GRACE_S,
+    who: str = "ivshmem-run",
+) -> int:
+    """Wait until every rank in `procs` (each leading its own process group) has exited;
+    return the job's status: 0 if all exited 0, else the first failure's :func:`exit_status`.
+
+    After the first failure the others run on for `grace` seconds, then their groups get
+    SIGTERM and, 0.2 s later, SIGKILL. After `timeout` seconds (None: no limit) every group
+    gets SIGKILL, "<who>: timed out" goes to stderr and the result is 124 at once (the
+    caller reaps the processes). Polls every 10 ms."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    failed: int | None = None
+    fail_time = 0.0
+    while True:
+        codes = [p.poll() for p in procs]
+        if all(c is not None for c in codes):
+            if failed is not None:
+                return failed
+            bad = [c for c in codes if c]
+            return exit_status(bad[0]) if bad else 0
+        if failed is None:
+            for code in codes:
+                if code:
+                    failed, fail_time = exit_status(code), time.monotonic()
+                    break
+        now = time.monotonic()
+        if failed is not None and now - fail_time > grace:
+            for proc in procs:
+                signal_group(proc, signal.SIGTERM)
+            time.sleep(0.2)
+            for proc in procs:
+                signal_group(proc, signal.SIGKILL)
+        if deadline is not None and now > deadline:
+            for proc in procs:
+                signal_group(proc, signal.SIGKILL)
+            print(f"{who}: timed out", file=sys.stderr)
+            return 124
+        time.sleep(0.01)
 
 
 class BrokerStartError(RuntimeError):

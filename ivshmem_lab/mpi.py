@@ -34,7 +34,14 @@ from dataclasses import dataclass, field
 from typing import IO
 
 from guest_lib import pci
-from guest_lib.launch import BrokerProcess, BrokerStartError, job_environ
+from guest_lib.launch import (
+    BrokerProcess,
+    BrokerStartError,
+    exit_status,
+    job_environ,
+    signal_group,
+    supervise,
+)
 from guest_lib.mpi.launcher import default_size
 from ivshmem_lab.devices import DoorbellDevice
 from ivshmem_lab.errors import LabError
@@ -164,8 +171,6 @@ def _pump(rank: int, stream: IO[bytes], lock: threading.Lock) -> None:
 
 def guest_main(ranks: list[int], size: int, command: list[str], timeout: float | None) -> int:
     """Start this guest's ranks, relay their output, return the first failing status."""
-    from guest_lib.mpi.launcher import _signal_group, _supervise
-
     env = job_environ()
     env["PYTHONUNBUFFERED"] = "1"
 
@@ -199,16 +204,16 @@ def guest_main(ranks: list[int], size: int, command: list[str], timeout: float |
             t = threading.Thread(target=_pump, args=(rank, proc.stdout, lock), daemon=True)
             t.start()
             pumps.append(t)
-        status = _supervise(procs, timeout)
+        status = supervise(procs, timeout, who="ivshmem-lab-mpi")
     finally:
         for proc in procs:
-            _signal_group(proc, signal.SIGKILL)
+            signal_group(proc, signal.SIGKILL)
             proc.wait()
     for t in pumps:
         t.join(timeout=5)
     for rank, proc in zip(ranks, procs, strict=True):
         code = proc.returncode
-        print(f"ivshmem-lab-mpi: rank {rank} exit {128 - code if code < 0 else code}", flush=True)
+        print(f"ivshmem-lab-mpi: rank {rank} exit {exit_status(code)}", flush=True)
     return status
 
 

@@ -21,19 +21,14 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Sequence
 
+from guest_lib.launch import BrokerProcess, BrokerStartError, job_environ
+from ivshmem_comm.units import parse_size
+
 GRACE_S = 2.0
-
-
-def parse_size(text: str) -> int:
-    """'64M' -> 67108864; accepts K, M, G suffixes (powers of 1024)."""
-    text = text.strip().upper()
-    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
-    return int(float(text[:-1] if scale != 1 else text) * scale)
 
 
 def default_size(n: int) -> int:
@@ -56,10 +51,13 @@ def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ivshmem-run", description=__doc__.split("\n\n")[0])
     parser.add_argument("-n", "-np", dest="n", type=int, required=True, help="number of ranks")
     parser.add_argument("--region", help="region name (default: a unique one)")
-    parser.add_argument("--size", help="region size, e.g. 64M (default: 64M or 8M per queue)")
+    parser.add_argument(
+        "--size", type=parse_size, help="region size, e.g. 64M (default: 64M or 8M per queue)"
+    )
     parser.add_argument("--broker", action="store_true", help="serve the region by a broker")
     parser.add_argument(
         "--max-span",
+        type=parse_size,
         default=os.environ.get("IVSHMEM_MPI_MAX_SPAN", "128K"),
         help="largest span published at once (smaller: more pipelining)",
     )
@@ -75,16 +73,6 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _wait_socket(path: str, broker: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not os.path.exists(path):
-        if broker.poll() is not None:
-            raise SystemExit(f"ivshmem-run: the broker exited with status {broker.returncode}")
-        if time.monotonic() > deadline:
-            raise SystemExit("ivshmem-run: the broker did not open its socket in time")
-        time.sleep(0.02)
-
-
 def run(argv: Sequence[str] | None = None) -> int:
     """Parse `argv`, run the job, return the exit status (see the module docstring)."""
     from ivshmem_comm.notify import SemaphoreNotifier
@@ -98,33 +86,25 @@ def run(argv: Sequence[str] | None = None) -> int:
         raise SystemExit("ivshmem-run: -n must be at least 1")
     command = _command(args)
     name = args.region or f"mpi-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    size = parse_size(args.size) if args.size else default_size(n)
-    env = dict(os.environ)
-    for var in ("IVSHMEM_COMM_REGION", "IVSHMEM_COMM_SOCKET", "IVSHMEM_COMM_GUEST"):
-        env.pop(var, None)
-    for var in ("PMI_RANK", "PMI_SIZE", "PMI_FD", "OMPI_COMM_WORLD_RANK", "PMIX_RANK"):
-        env.pop(var, None)
+    size = args.size or default_size(n)
+    env = job_environ()
     broker = None
     region = None
-    tmpdir = None
     procs: list[subprocess.Popen[bytes]] = []
     try:
         if args.broker:
-            tmpdir = tempfile.mkdtemp(prefix="ivshmem-run-")
-            sock = os.path.join(tmpdir, "broker.sock")
-            broker = subprocess.Popen(
-                [sys.executable, "-m", "host_broker", "serve", "--name", name,
-                 "--size", str(size), "--max-peers", str(max(n, 2)), "--socket", sock,
-                 "--state-dir", tmpdir, "--unlink-on-exit", "--log-level", "warning",
-                 "--max-span", str(parse_size(args.max_span)),
-                 "--queue-num", str(args.queue_num)],
+            broker = BrokerProcess(
+                name, size, max_peers=max(n, 2), log_level="warning",
+                args=["--max-span", str(args.max_span),
+                      "--queue-num", str(args.queue_num)],
             )  # fmt: skip
-            _wait_socket(sock, broker)
-            env["IVSHMEM_COMM_SOCKET"] = sock
+            try:
+                broker.start()
+            except BrokerStartError as exc:
+                raise SystemExit(f"ivshmem-run: {exc}") from None
+            env["IVSHMEM_COMM_SOCKET"] = broker.socket
         elif n > 1:
-            region = Region.create(
-                name, size, n, queue_num=args.queue_num, max_span=parse_size(args.max_span)
-            )
+            region = Region.create(name, size, n, queue_num=args.queue_num, max_span=args.max_span)
             env["IVSHMEM_COMM_REGION"] = name
         for rank in range(n):
             rank_env = dict(env, IVSHMEM_MPI_RANK=str(rank), IVSHMEM_MPI_SIZE=str(n))
@@ -136,12 +116,7 @@ def run(argv: Sequence[str] | None = None) -> int:
             _signal_group(proc, signal.SIGKILL)
             proc.wait()
         if broker is not None:
-            broker.send_signal(signal.SIGTERM)
-            try:
-                broker.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                broker.kill()
-                broker.wait()
+            broker.close()
         if region is not None:
             region.close()
             try:
@@ -150,10 +125,6 @@ def run(argv: Sequence[str] | None = None) -> int:
                 pass
         if n > 1:
             SemaphoreNotifier.unlink_all(name, max(n, 2))
-        if tmpdir is not None:
-            import shutil
-
-            shutil.rmtree(tmpdir, ignore_errors=True)
 
 
 def _signal_group(proc: subprocess.Popen[bytes], sig: int) -> None:

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from guest_lib.launch import job_environ
+
 ROOT = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable
 MPIEXEC = str(Path(PYTHON).with_name("mpiexec"))
@@ -20,10 +22,7 @@ PYTEST_RANK_ARGS = ["-m", "pytest", RANKS, "-x", "-q", "-p", "no:cacheprovider",
 
 
 def job_env(**extra: str) -> dict[str, str]:
-    env = dict(os.environ)
-    for var in ("IVSHMEM_COMM_REGION", "IVSHMEM_COMM_SOCKET", "IVSHMEM_MPI_RANK",
-                "PMI_RANK", "PMI_SIZE", "PMI_FD"):  # fmt: skip
-        env.pop(var, None)
+    env = job_environ()
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
     env.update(extra)
     return env
