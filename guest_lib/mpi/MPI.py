@@ -66,6 +66,8 @@ from guest_lib.mpi.ops import (
     SUM,
     Op,
 )
+from guest_lib.mpi.pickling import PICKLE as pickle
+from guest_lib.mpi.pickling import Pickle
 from guest_lib.mpi.request import REQUEST_NULL, Request
 from guest_lib.mpi.status import Status
 
@@ -203,5 +205,5 @@ _unused = (  # names re-exported on purpose (mpi4py's MPI namespace), not used h
     KEY_WTIME_IS_GLOBAL, MAX_PROCESSOR_NAME, PROC_NULL, ROOT, SIMILAR, THREAD_FUNNELED,
     THREAD_SERIALIZED, UNDEFINED, UNEQUAL, COMM_NULL, Comm, Datatype, Exception,
     Get_error_class, Get_error_string, BAND, BOR, BXOR, LAND, LOR, LXOR, MAX, MAXLOC, MIN,
-    MINLOC, NO_OP, OP_NULL, PROD, REPLACE, SUM, Op, REQUEST_NULL, TAG_UB_VALUE,
+    MINLOC, NO_OP, OP_NULL, PROD, REPLACE, SUM, Op, REQUEST_NULL, TAG_UB_VALUE, Pickle, pickle,
 )  # fmt: skip

@@ -30,6 +30,7 @@ import time
 from typing import Any
 
 from guest_lib.mpi import engine as engine_mod
+from guest_lib.mpi import native
 from guest_lib.mpi.engine import ROUTE_MPI, ROUTE_SELF, ROUTE_SHM, Engine
 
 HELLO = struct.Struct("<II")  # world rank, world size
@@ -132,6 +133,8 @@ def _standalone() -> World:
 
 def _mpiexec() -> World:
     from mpi4py import MPI as _M
+
+    native.remember(_M)  # the hybrid route's mpi4py, whatever mpi4py.MPI names later
 
     world = _M.COMM_WORLD
     rank, size = world.Get_rank(), world.Get_size()

@@ -13,11 +13,14 @@ Vector specs (the v-collectives) take counts and displs sequences in those place
 A `Spec` carries `view` (a flat unsigned-byte memoryview of exactly count*extent bytes,
 writable when asked for), `count` and `datatype`. Errors: TypeError for something that is
 not a buffer or a malformed spec, BufferError for a read-only buffer where one is written,
-ValueError when count/displ run past the end of the buffer.
+ValueError when count/displ run past the end of the buffer. A buffer whose byte order is not
+the machine's (a byte-swapped numpy array, a '>' format) has no datatype of its own: as
+with mpi4py, BufferError unless the spec names a datatype.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -28,6 +31,8 @@ from guest_lib.mpi.datatypes import BYTE, Datatype
 
 _EMPTY = memoryview(bytearray(0))
 _IMPLIED: dict[np.dtype, Datatype | None] = {}  # numpy dtype -> its datatype (a cache)
+_SWAPPED = Datatype("(byte-swapped)", None)  # what a non-native byte order implies
+_FOREIGN = ">!" if sys.byteorder == "little" else "<!"  # format prefixes of swapped data
 
 
 class Spec(NamedTuple):
@@ -72,20 +77,33 @@ def _as_bytes(buf: Any, writable: bool) -> tuple[memoryview, Datatype | None]:
     fmt = view.format
     if fmt == "B" and view.ndim == 1:
         return view, BYTE
-    fmt = fmt.lstrip("@=<")
-    try:
-        datatype = BYTE if fmt in ("B", "c") else datatypes.from_code(fmt)
-    except KeyError:
-        datatype = None
+    if fmt[:1] in _FOREIGN:
+        datatype: Datatype | None = _SWAPPED
+    else:
+        fmt = fmt.lstrip("@=<>")
+        try:
+            datatype = BYTE if fmt in ("B", "c") else datatypes.from_code(fmt)
+        except KeyError:
+            datatype = None
     view = view.cast("B") if view.c_contiguous else memoryview(np.asarray(view)).cast("B")
     return view, datatype
 
 
 def _implied_by(dtype: np.dtype) -> Datatype | None:
+    if dtype.byteorder != "|" and not dtype.isnative:
+        return _SWAPPED
     try:
         return datatypes.from_dtype(dtype)
     except KeyError:
         return None
+
+
+def _implied(implied: Datatype | None) -> Datatype:
+    """The datatype a buffer's format gives (BYTE when it gives none). BufferError for a
+    byte order that is not the machine's."""
+    if implied is _SWAPPED:
+        raise BufferError("message buffer: byte order is not the machine's; name a datatype")
+    return BYTE if implied is None else implied
 
 
 def _datatype(value: Any) -> Datatype:
@@ -107,7 +125,7 @@ def parse(spec: Any, *, writable: bool = False) -> Spec:
     """Resolve a message spec (see module doc) to a Spec."""
     if not isinstance(spec, list | tuple):  # a bare buffer: all of it, its own datatype
         view, implied = _as_bytes(spec, writable)
-        datatype = BYTE if implied is None else implied
+        datatype = _implied(implied)
         extent = datatype.size
         if extent == 1:
             return Spec(view, len(view), datatype)
@@ -138,7 +156,7 @@ def parse(spec: Any, *, writable: bool = False) -> Spec:
         datatype = _datatype(items[3])
     view, implied = _as_bytes(buf, writable)
     if datatype is None:
-        datatype = implied if implied is not None else BYTE
+        datatype = _implied(implied)
     extent = datatype.Get_size()
     if count is None:
         if extent == 0:
@@ -212,7 +230,7 @@ def parse_vector(spec: Any, size: int, *, writable: bool = False) -> VSpec:
         buf = spec
     view, implied = _as_bytes(buf, writable)
     if datatype is None:
-        datatype = implied if implied is not None else BYTE
+        datatype = _implied(implied)
     extent = datatype.Get_size() or 1
     if counts is None:
         total = len(view) // extent

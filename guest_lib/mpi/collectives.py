@@ -20,24 +20,34 @@ mpi4py's own collective on a leaders' communicator, and back within each region.
 collectives use the point-to-point algorithms below, which are correct over any mix of
 routes.
 
-Message order: every collective uses a fixed internal tag; as all members call collectives in
-the same order and pairs are non-overtaking, successive collectives never mix.
+Message order: blocking collectives are numbered per communicator (the same numbers on every
+member, as all members call them in the same order), and each instance's messages carry
+tags of its own (`coll_base` of its number plus a fixed internal tag); each nonblocking one
+has a tag of its own too. Successive collectives never mix.
+
+Errors: a blocking collective that raises on one rank (a bad argument, a truncated buffer, a
+lost peer) is *abandoned* by that rank (`engine.abandon`): its receives are withdrawn, its
+messages dropped, and the other members are told; each of them then raises
+MPI.Exception(ERR_OTHER) naming that rank and its error from the same collective instead of
+waiting, and the communicator stays usable for the next collective on every rank. Argument
+errors are found before any data moves where the arguments are at hand.
 Non-commutative user ops are folded in rank order: x0 op x1 op ... op x(p-1).
 """
 
 from __future__ import annotations
 
 import functools
-import pickle
 import struct
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from guest_lib.mpi import buffers, constants, exceptions, ops
+from guest_lib.mpi import buffers, constants, exceptions, native, ops
 from guest_lib.mpi.constants import IN_PLACE
-from guest_lib.mpi.engine import KIND_DATA, Op, StagedOp, core_tag
+from guest_lib.mpi.engine import COLL_SPAN, KIND_DATA, Op, StagedOp, coll_base, core_tag
+from guest_lib.mpi.pickling import dumps as _dumps
+from guest_lib.mpi.pickling import loads as _loads
 from guest_lib.mpi.request import Request, unpickle
 
 if TYPE_CHECKING:
@@ -46,17 +56,41 @@ if TYPE_CHECKING:
 T_BARRIER, T_BCAST, T_GATHER, T_SCATTER, T_ALLGATHER, T_ALLTOALL = 1, 2, 3, 4, 5, 6
 T_REDUCE, T_ALLREDUCE, T_SCAN, T_EXSCAN, T_RSB, T_CTX = 7, 8, 9, 10, 11, 12
 T_ALLREDUCE_GATHER, T_BCAST_REF, T_BCAST_ACK = 13, 14, 15
-T_NONBLOCKING, NONBLOCKING_TAGS = 1024, 1 << 16  # nonblocking collective n: T_NONBLOCKING + n
+T_NONBLOCKING, NONBLOCKING_TAGS = 1 << 17, 1 << 16  # nonblocking collective n: T_NONBLOCKING + n
 RSAG_MIN = 64 << 10  # bytes from which Allreduce is a reduce-scatter and an allgather
 BCAST_ONCE_MIN = 256 << 10  # bytes from which a broadcast to >= 2 others is written once
 _PLACED = struct.Struct("<QQ")  # where a placed broadcast piece lies: region offset, bytes
 _NOTHING = memoryview(bytearray(0))
 
-_PICKLE = pickle.HIGHEST_PROTOCOL
 
+def collective(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Decorator of a blocking collective: numbers the instance (its messages carry its tag
+    base, see `_c_isend`), and abandons it when it raises here (see the module docstring).
+    A collective called inside another one runs as part of that instance."""
 
-def _dumps(obj: Any) -> memoryview:
-    return memoryview(pickle.dumps(obj, _PICKLE))
+    @functools.wraps(method)
+    def run(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if self._coll_active or len(self._group) < 2:
+            return method(self, *args, **kwargs)
+        engine = self._check()
+        seq = self._coll_seq
+        self._coll_seq = seq + 1
+        self._coll_base = coll_base(seq)
+        self._coll_active = True
+        # Abandoned by another member already: this rank still checks its own arguments
+        # (and raises its own error for a bad one) but then fails instead of waiting.
+        self._coll_gone = engine.entering(self._ctx + 1, seq)
+        try:
+            return method(self, *args, **kwargs)
+        except Exception as exc:
+            engine.abandon(self._ctx + 1, seq, f"{type(exc).__name__}: {exc}",
+                           [w for w in self._group if w != engine.world_rank])  # fmt: skip
+            raise
+        finally:
+            self._coll_active = False
+            self._coll_gone = None
+
+    return run
 
 
 def _op_func(op: Any) -> Callable[[Any, Any], Any]:
@@ -93,21 +127,35 @@ class Collectives:
     _mirror_coll: Any
     _alloc_ctx: Callable[[], int]
     _nb_seq: int
+    _coll_seq: int  # blocking collective instances started (the same on every member)
+    _coll_base: int  # the tag base of the current one
+    _coll_active: bool
+    _coll_gone: str | None  # why another member abandoned the current instance, if it did
 
     # ------------------------------------------------------------------ internals
+    # Internal tags below COLL_SPAN belong to the current blocking instance (its base is
+    # added); nonblocking collectives pass their own tags (>= T_NONBLOCKING) as they are.
     def _c_isend(self, view: memoryview, dest: int, tag: int) -> Op:
+        if tag < COLL_SPAN:
+            tag += self._coll_base
         return self._isend_op(view, dest, tag, self._ctx + 1, False)
 
     def _c_irecv(self, view: memoryview | None, source: int, tag: int, sink: Any = None) -> Op:
+        if tag < COLL_SPAN:
+            tag += self._coll_base
         return self._irecv_op(view, source, tag, self._ctx + 1, sink)
 
     def _c_wait(self, pending: list[Op]) -> None:
         engine = self._check()
         if not all(op.done for op in pending):
+            if self._coll_gone is not None:
+                raise exceptions.Exception(exceptions.ERR_OTHER, self._coll_gone)
             engine.wait_until(lambda: all(op.done for op in pending))
         for op in pending:
             if op.error:
-                raise exceptions.Exception(op.error, "in a collective operation")
+                record = engine.abandoned.get((self._ctx + 1, self._coll_base))
+                detail = record[1] if record is not None else "in a collective operation"
+                raise exceptions.Exception(op.error, detail)
 
     def _c_recv_obj(self, source: int, tag: int) -> Any:
         op = self._c_irecv(None, source, tag)
@@ -164,7 +212,7 @@ class Collectives:
         for start in range(0, len(view), step):
             piece = view[start : start + step]
             if rank == root:
-                coretag = core_tag(KIND_DATA, self._ctx + 1, T_BCAST)
+                coretag = core_tag(KIND_DATA, self._ctx + 1, T_BCAST + self._coll_base)
                 offset = engine.place(holder_peer, piece, coretag)
                 where = memoryview(_PLACED.pack(offset, len(piece)))
                 acks = [self._c_irecv(_NOTHING, r, T_BCAST_ACK) for r in readers]
@@ -201,8 +249,7 @@ class Collectives:
             ctx = self._alloc_ctx()
             local_comm = Intracomm(engine, [self._group[r] for r in local], ctx)
             is_leader = self._rank == local[0]
-            from mpi4py import MPI as _M
-
+            _M = native.MPI()
             lead = self._mirror_coll.Split(0 if is_leader else _M.UNDEFINED, self._rank)
             index = {r: i for i, r in enumerate(sorted(set(leaders)))}
             self._hier = (local_comm, lead if is_leader else None, leaders, index, local)
@@ -210,8 +257,7 @@ class Collectives:
 
     def _native(self, op: ops.Op, datatype: Any) -> tuple[Any, Any] | None:
         """mpi4py's (Op, Datatype) for a predefined op on a predefined type, else None."""
-        from mpi4py import MPI as _M
-
+        _M = native.MPI()
         if not op.is_predefined or not datatype.base.is_predefined:
             return None
         mop = getattr(_M, op.name, None)
@@ -256,9 +302,9 @@ class Collectives:
             local.Reduce(recvbuf if sendbuf is IN_PLACE else sendbuf, None, op, 0)
         if lead is not None:
             out = _array(rspec.view, rspec.datatype)
-            native = self._native(op, rspec.datatype)
-            if native is not None:
-                lead.Allreduce(_M_IN_PLACE(), [out, native[1]], native[0])
+            pair = self._native(op, rspec.datatype)
+            if pair is not None:
+                lead.Allreduce(_M_IN_PLACE(), [out, pair[1]], pair[0])
             else:
                 parts = lead.allgather(out.copy())
                 result = parts[-1].copy()
@@ -277,6 +323,7 @@ class Collectives:
         return local.bcast(result, 0)
 
     # ------------------------------------------------------------------ barrier
+    @collective
     def Barrier(self) -> None:
         """Dissemination barrier: ceil(log2 p) rounds of empty messages."""
         if self._has_mpi:
@@ -299,6 +346,7 @@ class Collectives:
         self.Barrier()
 
     # ------------------------------------------------------------------ broadcast
+    @collective
     def bcast(self, obj: Any = None, root: int = 0) -> Any:
         """Broadcast a picklable object from `root`; every rank returns it."""
         size, rank = self._sizes()
@@ -310,8 +358,9 @@ class Collectives:
         if rank == root:
             self._bcast_view(_dumps(obj), root, T_BCAST)
             return obj
-        return pickle.loads(self._bcast_view(None, root, T_BCAST))
+        return _loads(self._bcast_view(None, root, T_BCAST))
 
+    @collective
     def Bcast(self, buf: Any, root: int = 0) -> None:
         """Broadcast a buffer from `root` into `buf` on every rank (written once into shared
         memory when large: see the module docstring)."""
@@ -331,6 +380,7 @@ class Collectives:
             raise exceptions.Exception(exceptions.ERR_ROOT, f"root {root}")
 
     # ------------------------------------------------------------------ gather / scatter
+    @collective
     def gather(self, sendobj: Any, root: int = 0) -> list[Any] | None:
         size, rank = self._sizes()
         self._root(root)
@@ -341,6 +391,7 @@ class Collectives:
         self._c_wait(list(recvs.values()))
         return [sendobj if r == rank else unpickle(recvs[r]) for r in range(size)]
 
+    @collective
     def scatter(self, sendobj: Any = None, root: int = 0) -> Any:
         size, rank = self._sizes()
         self._root(root)
@@ -353,6 +404,7 @@ class Collectives:
         self._c_wait(sends)
         return items[rank]
 
+    @collective
     def allgather(self, sendobj: Any) -> list[Any]:
         size, rank = self._sizes()
         if size == 1:
@@ -363,6 +415,7 @@ class Collectives:
         self._c_wait([*recvs.values(), *sends])
         return [sendobj if r == rank else unpickle(recvs[r]) for r in range(size)]
 
+    @collective
     def alltoall(self, sendobj: Any) -> list[Any]:
         size, rank = self._sizes()
         items = list(sendobj)
@@ -381,6 +434,7 @@ class Collectives:
         for stage in stages:
             self._c_wait(stage)
 
+    @collective
     def Gather(self, sendbuf: Any, recvbuf: Any, root: int = 0) -> None:
         self._run(self._gatherv(sendbuf, recvbuf, root, T_GATHER))
 
@@ -403,6 +457,7 @@ class Collectives:
             spec.part(rank)[: len(own)] = own
         yield [self._c_irecv(spec.part(r), r, tag) for r in range(size) if r != rank]
 
+    @collective
     def Scatter(self, sendbuf: Any, recvbuf: Any, root: int = 0) -> None:
         self._run(self._scatterv(sendbuf, recvbuf, root, T_SCATTER))
 
@@ -420,13 +475,18 @@ class Collectives:
             yield [self._c_irecv(buffers.parse(recvbuf, writable=True).view, root, tag)]
             return
         spec = buffers.parse_vector(sendbuf, size)
-        sends = [self._c_isend(spec.part(r), r, tag) for r in range(size) if r != rank]
-        if recvbuf is not IN_PLACE:
+        if recvbuf is not IN_PLACE and recvbuf is not None:  # (None: in place, as mpi4py)
             own = buffers.parse(recvbuf, writable=True).view
             part = spec.part(rank)
+            if len(part) > len(own):
+                raise exceptions.Exception(
+                    exceptions.ERR_TRUNCATE,
+                    f"scatter: {len(part)} bytes for the root into a {len(own)}-byte buffer",
+                )
             own[: len(part)] = part
-        yield sends
+        yield [self._c_isend(spec.part(r), r, tag) for r in range(size) if r != rank]
 
+    @collective
     def Allgather(self, sendbuf: Any, recvbuf: Any) -> None:
         self._run(self._allgatherv(sendbuf, recvbuf, T_ALLGATHER))
 
@@ -447,6 +507,7 @@ class Collectives:
         recvs = [self._c_irecv(spec.part(r), r, tag) for r in range(size) if r != rank]
         yield recvs + [self._c_isend(mine, r, tag) for r in range(size) if r != rank]
 
+    @collective
     def Alltoall(self, sendbuf: Any, recvbuf: Any) -> None:
         self._run(self._alltoallv(sendbuf, recvbuf, T_ALLTOALL))
 
@@ -471,6 +532,7 @@ class Collectives:
         yield recvs + [self._c_isend(sspec.part(r), r, tag) for r in range(size) if r != rank]
 
     # ------------------------------------------------------------------ reductions (objects)
+    @collective
     def reduce(self, sendobj: Any, op: Any = ops.SUM, root: int = 0) -> Any:
         """Fold the objects in rank order at `root`; None elsewhere."""
         if self._has_mpi:
@@ -481,16 +543,19 @@ class Collectives:
             return None
         return functools.reduce(_op_func(op), items)
 
+    @collective
     def allreduce(self, sendobj: Any, op: Any = ops.SUM) -> Any:
         """Fold the objects in rank order; every rank gets the same result."""
         if self._has_mpi:
             return self._h_allreduce_obj(sendobj, op)
         return functools.reduce(_op_func(op), self.allgather(sendobj))
 
+    @collective
     def scan(self, sendobj: Any, op: Any = ops.SUM) -> Any:
         items = self.allgather(sendobj)
         return functools.reduce(_op_func(op), items[: self._rank + 1])
 
+    @collective
     def exscan(self, sendobj: Any, op: Any = ops.SUM) -> Any:
         items = self.allgather(sendobj)
         if self._rank == 0:
@@ -524,6 +589,7 @@ class Collectives:
 
         return sink
 
+    @collective
     def Reduce(self, sendbuf: Any, recvbuf: Any, op: ops.Op = ops.SUM, root: int = 0) -> None:
         """Reduce to `root`: operands are folded there as they arrive, read in place."""
         size, rank = self._sizes()
@@ -569,6 +635,7 @@ class Collectives:
             op.reduce_into(result, temps[r], datatype)
         acc[...] = result
 
+    @collective
     def Allreduce(self, sendbuf: Any, recvbuf: Any, op: ops.Op = ops.SUM) -> None:
         """Every rank gets the fold of all operands (the same bits on every rank)."""
         size, rank = self._sizes()
@@ -633,52 +700,69 @@ class Collectives:
         sends += [self._c_isend(_raw(mine), j, T_ALLREDUCE_GATHER) for j in others]
         self._c_wait(sends + gathers)
 
+    @collective
     def Reduce_scatter_block(self, sendbuf: Any, recvbuf: Any, op: ops.Op = ops.SUM) -> None:
-        """Block r of the fold of every rank's sendbuf ends in rank r's recvbuf; each block
-        is folded at its owner, reading the other ranks' blocks in place."""
-        size, rank = self._sizes()
+        """Block r (recvbuf's count elements; with IN_PLACE, 1/size of recvbuf) of the fold
+        of every rank's sendbuf ends in rank r's recvbuf; each block is folded at its owner,
+        reading the other ranks' blocks in place."""
+        size, _ = self._sizes()
         rspec = buffers.parse(recvbuf, writable=True)
-        if sendbuf is IN_PLACE:
-            full = _array(rspec.view, rspec.datatype).copy()
-            count = len(full) // size
-            out = _array(rspec.view, rspec.datatype)[:count]
-        else:
-            sspec = buffers.parse(sendbuf)
-            full = _array(sspec.view, rspec.datatype)
-            count = len(full) // size
-            out = _array(rspec.view, rspec.datatype)[:count]
-        blocks = [full[r * count : (r + 1) * count] for r in range(size)]
-        out[...] = blocks[rank]
-        sends = [self._c_isend(_raw(blocks[r]), r, T_RSB) for r in range(size) if r != rank]
-        self._fold_at_me(out, op, rspec.datatype, T_RSB, range(size))
-        self._c_wait(sends)
+        count = rspec.count // size if sendbuf is IN_PLACE else rspec.count
+        self._reduce_scatter(sendbuf, rspec, [count] * size, op)
 
+    @collective
     def Reduce_scatter(
         self, sendbuf: Any, recvbuf: Any, recvcounts: Any = None, op: ops.Op = ops.SUM
     ) -> None:
-        """Like Reduce_scatter_block with per-rank counts (Reduce to 0, then Scatterv)."""
-        size, rank = self._sizes()
+        """Like Reduce_scatter_block with `recvcounts[r]` elements for rank r. Without
+        recvcounts, each rank's is its recvbuf's count (gathered from every rank first; not
+        with IN_PLACE). ValueError for counts that do not fit the buffers."""
+        size, _ = self._sizes()
         rspec = buffers.parse(recvbuf, writable=True)
-        counts = list(recvcounts) if recvcounts is not None else [rspec.count] * size
-        total = sum(counts)
-        dtype = rspec.datatype.base.dtype
-        if sendbuf is IN_PLACE:
-            full = _array(rspec.view, rspec.datatype)[:total].copy()
+        if recvcounts is not None:
+            counts = [int(c) for c in recvcounts]
+            if len(counts) != size or min(counts) < 0:
+                raise ValueError(f"Reduce_scatter: expecting {size} counts >= 0, got {counts}")
+        elif sendbuf is IN_PLACE:
+            raise ValueError("Reduce_scatter: IN_PLACE needs recvcounts")
         else:
-            full = _array(buffers.parse(sendbuf).view, rspec.datatype)[:total].copy()
-        result = np.empty(total, dtype) if rank == 0 else full
-        if rank == 0:
-            result[...] = full
-            self._fold_at_me(result, op, rspec.datatype, T_REDUCE, range(size))
-        else:
-            self._c_wait([self._c_isend(_raw(full), 0, T_REDUCE)])
-        self._scatterv([result, counts, rspec.datatype] if rank == 0 else None,
-                       [rspec.view, counts[rank] * dtype.itemsize, "B"], 0)  # fmt: skip
+            counts = self.allgather(rspec.count)
+        self._reduce_scatter(sendbuf, rspec, counts, op)
 
+    def _reduce_scatter(
+        self, sendbuf: Any, rspec: buffers.Spec, counts: list[int], op: ops.Op
+    ) -> None:
+        """Reduce_scatter(_block) once the counts are known: every argument is checked
+        before any data moves."""
+        size, rank = self._sizes()
+        datatype = rspec.datatype
+        total = sum(counts)
+        if sendbuf is IN_PLACE:
+            full = _array(rspec.view, datatype).copy()  # the result overwrites the operand
+        else:
+            full = _array(buffers.parse(sendbuf).view, datatype)
+        if len(full) < total:
+            raise ValueError(f"Reduce_scatter: {len(full)} elements to send, {total} expected")
+        out = _array(rspec.view, datatype)
+        if len(out) < counts[rank]:
+            raise exceptions.Exception(
+                exceptions.ERR_TRUNCATE,
+                f"Reduce_scatter: {counts[rank]} elements into a {len(out)}-element buffer",
+            )
+        starts = [sum(counts[:r]) for r in range(size)]
+        blocks = [full[starts[r] : starts[r] + counts[r]] for r in range(size)]
+        out = out[: counts[rank]]
+        out[...] = blocks[rank]
+        sends = [self._c_isend(_raw(blocks[r]), r, T_RSB) for r in range(size) if r != rank]
+        self._fold_at_me(out, op, datatype, T_RSB, range(size))
+        self._c_wait(sends)
+
+    @collective
     def Scan(self, sendbuf: Any, recvbuf: Any, op: ops.Op = ops.SUM) -> None:
         """Inclusive prefix fold along the ranks (a chain)."""
         self._scan(sendbuf, recvbuf, op, inclusive=True)
 
+    @collective
     def Exscan(self, sendbuf: Any, recvbuf: Any, op: ops.Op = ops.SUM) -> None:
         """Exclusive prefix fold; rank 0's recvbuf is left as it was."""
         self._scan(sendbuf, recvbuf, op, inclusive=False)
@@ -813,8 +897,7 @@ class Collectives:
 
 
 def _M_IN_PLACE() -> Any:
-    from mpi4py import MPI as _M
-
+    _M = native.MPI()
     return _M.IN_PLACE
 
 

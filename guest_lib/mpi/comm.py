@@ -16,14 +16,13 @@ into the core when the engine has nothing else in flight (see `engine`).
 from __future__ import annotations
 
 import os
-import pickle
 import sys
 from typing import Any
 
 import numpy as np
 
-from guest_lib.mpi import buffers, constants, exceptions
-from guest_lib.mpi.collectives import Collectives
+from guest_lib.mpi import buffers, constants, exceptions, native
+from guest_lib.mpi.collectives import T_BARRIER, Collectives
 from guest_lib.mpi.engine import (
     KIND_DATA,
     ROUTE_MPI,
@@ -36,18 +35,18 @@ from guest_lib.mpi.engine import (
     RecvOp,
     core_tag,
 )
+from guest_lib.mpi.pickling import dumps as _dumps
+from guest_lib.mpi.pickling import loads as _loads
 from guest_lib.mpi.request import Request, unpickle
 from guest_lib.mpi.status import Status
 
-PICKLE_PROTOCOL = pickle.HIGHEST_PROTOCOL
-# numpy type characters of arrays the fast paths hand to the core as they are (plain numbers)
+# numpy type characters of arrays the fast paths hand to the core as they are (plain numbers,
+# in the machine's byte order)
 _PLAIN_DTYPES = "?bBhHiIlLqQefdgFDG"
 _CTX_SHIFT = constants.TAG_BITS
+_CTX_BYTES = (constants.MAX_CONTEXT + 8) // 8  # a bit map of every context
+T_GROUP = 1 << 16  # tags T_GROUP + n on a collective context: Create_group (tag n)
 _EMPTY = memoryview(b"")
-
-
-def _dumps(obj: Any) -> memoryview:
-    return memoryview(pickle.dumps(obj, PICKLE_PROTOCOL))
 
 
 class Comm:
@@ -84,6 +83,10 @@ class Comm:
             self._all_mpi = False
         self._hier: Any = None  # (local comm, leaders' mpi4py comm, leader of each rank)
         self._nb_seq = 0  # nonblocking collectives started (the same count on every member)
+        self._coll_seq = 0  # blocking collectives started (the same count on every member)
+        self._coll_base = 0  # the tag base of the blocking collective running
+        self._coll_active = False
+        self._coll_gone: str | None = None
 
     # ------------------------------------------------------------------ basics
     def _check(self) -> Engine:
@@ -197,9 +200,8 @@ class Comm:
         if route == ROUTE_SHM:
             return engine.isend_shm(peer, ctx, tag, data, sync)
         if route == ROUTE_SELF:
-            return engine.send_self(ctx, tag, data)
-        from mpi4py import MPI as _M
-
+            return engine.send_self(ctx, tag, data, sync)
+        _M = native.MPI()
         mirror = self._mirror if ctx == self._ctx else self._mirror_coll
         spec = [data, len(data), _M.BYTE]
         engine.mpi_messages += 1
@@ -218,8 +220,7 @@ class Comm:
         ):
             return
         if route == ROUTE_MPI and engine.quiet():
-            from mpi4py import MPI as _M
-
+            _M = native.MPI()
             mirror = self._mirror if ctx == self._ctx else self._mirror_coll
             spec = [data, len(data), _M.BYTE]
             engine.mpi_messages += 1
@@ -304,8 +305,7 @@ class Comm:
         """Blocking receive through mpi4py itself (MPI-routed source, nothing else pending).
 
         `view` None: receive whatever size comes and return its bytes (object receives)."""
-        from mpi4py import MPI as _M
-
+        _M = native.MPI()
         mirror = self._mirror if ctx == self._ctx else self._mirror_coll
         mstatus = _M.Status()
         msrc = _M.ANY_SOURCE if source == constants.ANY_SOURCE else source
@@ -337,7 +337,7 @@ class Comm:
             (source >= 0 and self._route[source][0] == ROUTE_MPI)
             or (source == constants.ANY_SOURCE and self._all_mpi)
         ):
-            return pickle.loads(self._native_recv(None, source, tag, ctx, status) or b"")
+            return _loads(self._native_recv(None, source, tag, ctx, status))
         op = self._irecv_op(None, source, tag, ctx)
         if not op.done:
             engine.wait(op)
@@ -443,6 +443,7 @@ class Comm:
             and type(buf) is np.ndarray
             and buf.flags.c_contiguous
             and buf.dtype.char in _PLAIN_DTYPES
+            and buf.dtype.isnative
             and 0 <= tag <= constants.TAG_UB
             and self._engine.fast_send(peer, self._ctx << _CTX_SHIFT | tag, buf)
         ):
@@ -475,6 +476,7 @@ class Comm:
             and buf.flags.c_contiguous
             and buf.flags.writeable
             and buf.dtype.char in _PLAIN_DTYPES
+            and buf.dtype.isnative
             and (0 <= tag <= constants.TAG_UB or tag == constants.ANY_TAG)
             and self._shm_recv(self._engine, peer, source, tag, self._ctx, buf, status)
         ):
@@ -593,8 +595,7 @@ class Comm:
         if self._has_mpi and (
             source == constants.ANY_SOURCE or self._route[source][0] == ROUTE_MPI
         ):
-            from mpi4py import MPI as _M
-
+            _M = native.MPI()
             mstatus = _M.Status()
             msrc = _M.ANY_SOURCE if source == constants.ANY_SOURCE else source
             mtag = _M.ANY_TAG if tag == constants.ANY_TAG else tag
@@ -605,19 +606,32 @@ class Comm:
         return False
 
     # ------------------------------------------------------------------ management
-    def _alloc_ctx(self) -> int:
-        """Agree on a free context pair with every member (collective over self)."""
+    def _alloc_ctx(self, members: list[int] | None = None, tag: int = 0) -> int:
+        """Agree on a free context pair with every member (collective over self), or with
+        the world ranks `members` only (those of a Create_group, under its `tag`).
+
+        A fence follows the agreement (a barrier, or a second exchange): whatever a member
+        sent on a freed communicator with that context came before its part of the
+        agreement, so it has arrived here (and been dropped) before this rank takes the
+        context again; the new communicator's messages come after the fence."""
         engine = self._check()
         used = 0
         for ctx in engine.used_ctx:
             used |= 1 << ctx
-        union = self._allreduce_int_or(used)
+        if members is None:
+            union = self._allreduce_int_or(used)
+        else:
+            union = self._members_or(members, used, tag)
         ctx = 4
         while union >> ctx & 3:
             ctx += 2
         if ctx + 1 > constants.MAX_CONTEXT:
             raise exceptions.Exception(exceptions.ERR_INTERN, "out of communicator contexts")
-        engine.used_ctx.update((ctx, ctx + 1))
+        engine.reuse_context((ctx, ctx + 1))
+        if members is None:
+            self._run(self._barrier(T_BARRIER))  # type: ignore[attr-defined]
+        else:
+            self._members_or(members, 0, tag)
         return ctx
 
     def Dup(self, info: Any = None) -> Intracomm:
@@ -652,9 +666,12 @@ class Comm:
         return Intracomm(engine, group, ctx, mirror, mirror_coll)
 
     def Free(self) -> None:
-        """Release the context (collective in MPI; local bookkeeping here)."""
+        """Release the context (collective in MPI; local bookkeeping here). Messages sent on
+        this communicator and not received are dropped, here and when they arrive later:
+        they never show up on a communicator that gets the context next."""
         if self._engine is not None and self._ctx >= 4:
             self._engine.used_ctx.difference_update((self._ctx, self._ctx + 1))
+            self._engine.drop_context((self._ctx, self._ctx + 1))
             if self._mirror is not None:
                 self._mirror.Free()
                 self._mirror_coll.Free()
@@ -663,11 +680,11 @@ class Comm:
         self._null = True
 
     def Abort(self, errorcode: int = 0) -> None:
-        """Terminate every process of the job (MPI_Abort under mpiexec, else this process)."""
-        if self._has_mpi or "mpi4py.MPI" in sys.modules:
-            from mpi4py import MPI as _M
-
-            _M.COMM_WORLD.Abort(errorcode)
+        """Terminate every process of the job: MPI_Abort through mpi4py's own module under
+        mpiexec, else this process (ivshmem-run then ends the other ranks)."""
+        engine = self._engine
+        if engine is not None and engine.has_mpi:
+            native.MPI().COMM_WORLD.Abort(errorcode)
         sys.stderr.flush()
         os._exit(errorcode or 1)
 
@@ -685,7 +702,46 @@ class Comm:
         key = order.get(me, 0)
         return self.Split(color, key)
 
-    Create_group = Create
+    def Create_group(self, group: Any, tag: int = 0) -> Intracomm:
+        """The communicator of `group` (a subgroup of this one), made by the group's members
+        alone: the other ranks do not call it. `tag` tells apart concurrent calls by the
+        same processes. COMM_NULL in a process outside the group; MPI.Exception(ERR_GROUP)
+        if the group has a process outside this communicator."""
+        engine = self._check()
+        members = list(group._ranks)
+        outside = [w for w in members if w not in self._rank_of]
+        if outside:
+            raise exceptions.Exception(exceptions.ERR_GROUP, f"world ranks {outside} not here")
+        if engine.world_rank not in members:
+            return COMM_NULL
+        self._send_tag(tag)
+        ctx = self._alloc_ctx(members, tag)
+        mirror = mirror_coll = None
+        if self._has_mpi and any(engine.routes[w][0] == ROUTE_MPI for w in members):
+            ranks = [self._rank_of[w] for w in members]
+            mgroup = self._mirror.Get_group().Incl(ranks)
+            mirror = self._mirror.Create_group(mgroup, tag)
+            mirror_coll = self._mirror_coll.Create_group(mgroup, tag)
+            mgroup.Free()
+        return Intracomm(engine, members, ctx, mirror, mirror_coll)
+
+    def _members_or(self, members: list[int], value: int, tag: int) -> int:
+        """Bitwise OR of `value` over the world ranks `members` (a part of this communicator
+        that this process belongs to), by messages on its collective context with tags no
+        collective of the whole communicator uses (T_GROUP + tag)."""
+        engine = self._check()
+        ranks = [self._rank_of[w] for w in members if w != engine.world_rank]
+        tag = T_GROUP + tag % T_GROUP
+        data = memoryview(value.to_bytes(_CTX_BYTES, "little"))
+        recvs = [self._irecv_op(None, r, tag, self._ctx + 1) for r in ranks]
+        sends = [self._isend_op(data, r, tag, self._ctx + 1, False) for r in ranks]
+        pending = recvs + sends
+        engine.wait_until(lambda: all(op.done for op in pending))
+        for op in recvs:
+            if op.error or len(op.obj) != _CTX_BYTES:
+                raise exceptions.Exception(exceptions.ERR_INTERN, "Create_group: bad context map")
+            value |= int.from_bytes(op.obj, "little")
+        return value
 
     @staticmethod
     def Compare(comm1: Comm, comm2: Comm) -> int:

@@ -20,7 +20,8 @@ Wire format over shared memory (one core tag per message, 31 bits):
   `whole_max` and `chunk` are derived from the region geometry (the same on both sides).
 - CONTROL messages: ACK (payload: sequence number) completes a synchronous send; SYNC (same
   payload) announces that the next DATA message from that peer is synchronous; HELLO carries
-  bootstrap data.
+  bootstrap data; ABANDON (payload: context, tag base, reason) says that the sender left one
+  instance of a collective with an error (see `abandon`).
 The blocking-Recv fast path is a single core `recv_into(source, ANY_TAG)` that accepts a DATA
 message of its context and tag; whatever else it got is handed to the engine, in order, so
 nothing overtakes.
@@ -31,6 +32,11 @@ receive whose (context, source, tag) matches, else to the unexpected list (copie
 shared memory). Messages from one peer arrive in FIFO order: non-overtaking holds per
 (source, tag, communicator). Receives that can match an MPI-routed source are matched with
 mpi4py's matched probe (`improbe`) on the communicator's mirror, in post order too.
+
+Freed contexts and abandoned collectives: messages of a context freed by Free (until the
+context is agreed on again: the agreement is a collective over a communicator that holds
+every sender, whose earlier messages therefore arrive first) and of an abandoned collective
+instance are dropped, so they never match a later receive.
 
 Progress happens only inside library calls (Wait/Test/blocking calls/Iprobe): sends waiting
 for queue space are retried, arriving messages are matched, MPI requests are tested.
@@ -43,7 +49,7 @@ import struct
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from guest_lib.mpi import constants, exceptions
+from guest_lib.mpi import constants, exceptions, native
 from ivshmem_comm import layout
 from ivshmem_comm.errors import MessageTooLargeError, PeerLostError
 from ivshmem_comm.errors import TimeoutError as CoreTimeout
@@ -55,6 +61,7 @@ KIND_CONTROL = 3
 CTRL_ACK = 0
 CTRL_SYNC = 1
 CTRL_HELLO = 2
+CTRL_ABANDON = 3
 PIECE_LAST = 1
 SEQ = struct.Struct("<Q")
 
@@ -70,6 +77,17 @@ BYPASS_CACHE_MIN = 8 << 20  # a receive buffer this large takes pieces with cach
 FAST_TIMEOUT = 0.002  # s: how long a blocking fast path waits inside the core before the engine
 IDLE_TIMEOUT = 0.005  # s: the longest nap of the engine between progress passes
 MAX_PULL = 64  # messages taken from shared memory per progress pass
+
+
+COLL_SPAN = 16  # tags of one blocking collective instance: base .. base + COLL_SPAN - 1
+COLL_INSTANCES = 4096  # blocking collective instances before a tag base comes round again
+ABANDON = struct.Struct("<IQ")  # collective context, instance number
+
+
+def coll_base(seq: int) -> int:
+    """The first tag of blocking collective instance `seq` (instances are numbered per
+    communicator, the same on every member)."""
+    return seq % COLL_INSTANCES * COLL_SPAN
 
 
 def core_tag(kind: int, ctx: int, tag: int) -> int:
@@ -290,13 +308,14 @@ class RecvOp(Op):
 class Unexpected:
     """A message that arrived before its receive was posted (its bytes copied out)."""
 
-    __slots__ = ("complete", "ctx", "parts", "peer", "src", "sync_seq", "tag")
+    __slots__ = ("complete", "ctx", "parts", "peer", "src", "sync_seq", "tag", "waiter")
 
     def __init__(self, src: int, ctx: int, tag: int, peer: int, sync_seq: int | None) -> None:
         self.src, self.ctx, self.tag, self.peer = src, ctx, tag, peer
         self.parts: list[bytes] = []
         self.complete = False
         self.sync_seq = sync_seq
+        self.waiter: Op | None = None  # a synchronous send to self: done once matched
 
     @property
     def nbytes(self) -> int:
@@ -355,6 +374,9 @@ class Engine:
         self.mpi_messages = 0  # messages this process handed to mpi4py (sends)
         self.placing = -1  # the shm peer a placed message waits for (nothing else goes there)
         self.staged: list[StagedOp] = []  # nonblocking collectives in flight
+        self.dropped_ctx: set[int] = set()  # freed contexts not agreed on again yet
+        # (collective context, tag base) of abandoned collective instances -> (number, why)
+        self.abandoned: dict[tuple[int, int], tuple[int, str]] = {}
         self._seq = 0
         self.has_mpi = any(route == ROUTE_MPI for route, _ in self.routes)
 
@@ -386,20 +408,25 @@ class Engine:
             self._push(peer, queue, 0.0)
         return op
 
-    def send_self(self, ctx: int, tag: int, data: memoryview) -> Op:
-        """A send to this very process: delivered or stored at once (buffered semantics)."""
+    def send_self(self, ctx: int, tag: int, data: memoryview, sync: bool = False) -> Op:
+        """A send to this very process: delivered, or stored (buffered semantics). The op
+        returned is done, except for a synchronous send that found no posted receive: that
+        one is done when a receive takes the stored message."""
         me = self.world_rank
         op = self._match_posted(me, ctx, tag)
         if op is not None:
             op.begin(me, tag)
             op.write(0, data)
             op.finish()
-        else:
-            entry = Unexpected(me, ctx, tag, -1, None)
-            entry.parts.append(bytes(data))
-            entry.complete = True
-            self.unexpected.append(entry)
-        return DoneOp(me, tag)
+            return DoneOp(me, tag)
+        entry = Unexpected(me, ctx, tag, -1, None)
+        entry.parts.append(bytes(data))
+        entry.complete = True
+        self.unexpected.append(entry)
+        if not sync:
+            return DoneOp(me, tag)
+        entry.waiter = Op()
+        return entry.waiter
 
     def _push(self, peer: int, queue: collections.deque[SendOp], timeout: float) -> bool:
         """Send what fits of the queued sends to `peer`. True iff anything was written.
@@ -522,14 +549,80 @@ class Engine:
             op.write(offset, part)
             offset += len(part)
         op.count = offset
-        if entry.sync_seq is not None:
-            self.send_control(entry.peer, CTRL_ACK, SEQ.pack(entry.sync_seq))
+        self._release(entry)
         if entry.complete:
             op.finish()
         else:  # the rest of it is still arriving: send the remaining pieces straight to op
             flow = self.inflow[entry.peer]
             assert flow.sink is entry
             flow.sink = op
+
+    def _release(self, entry: Unexpected) -> None:
+        """The sender of `entry` (received or dropped) may go on: ACK a synchronous one."""
+        if entry.sync_seq is not None:
+            self.send_control(entry.peer, CTRL_ACK, SEQ.pack(entry.sync_seq))
+        if entry.waiter is not None:
+            entry.waiter.done = True
+
+    def drop_context(self, ctxs: tuple[int, ...]) -> None:
+        """A communicator with these contexts was freed: forget its unexpected messages and
+        drop those still to come until `reuse_context` (see the module docstring)."""
+        self.dropped_ctx.update(ctxs)
+        self._purge(lambda entry: entry.ctx in ctxs)
+
+    def reuse_context(self, ctxs: tuple[int, ...]) -> None:
+        """The members agreed on these contexts for a new communicator: take them again
+        (what the old communicator's collectives left on record goes)."""
+        self.dropped_ctx.difference_update(ctxs)
+        self.used_ctx.update(ctxs)
+        for key in [key for key in self.abandoned if key[0] in ctxs]:
+            del self.abandoned[key]
+
+    def _purge(self, doomed: Callable[[Unexpected], bool]) -> None:
+        keep = []
+        for entry in self.unexpected:
+            if doomed(entry):
+                self._release(entry)
+            else:
+                keep.append(entry)
+        self.unexpected[:] = keep
+
+    def abandon(self, ctx: int, seq: int, reason: str, members: list[int]) -> None:
+        """This rank left blocking collective instance number `seq` of the communicator whose
+        collective context is `ctx` with an error: withdraw its receives, drop its messages
+        (those here and those to come), and tell the other `members` (world ranks) why, so
+        that they leave it too instead of waiting for this rank."""
+        base = coll_base(seq)
+        self.abandoned[(ctx, base)] = (seq, reason)
+        self._fail_posted(ctx, base, COLL_SPAN, 0)
+        self._purge(lambda entry: entry.ctx == ctx and base <= entry.tag < base + COLL_SPAN)
+        payload = ABANDON.pack(ctx, seq) + reason.encode()[:512]
+        for world in members:
+            route, peer = self.routes[world]
+            if route == ROUTE_SHM:
+                try:
+                    self.send_control(peer, CTRL_ABANDON, payload)
+                except exceptions.Exception:
+                    pass  # that peer is gone: it waits for nothing
+
+    def _fail_posted(self, ctx: int, base: int, span: int, error: int) -> None:
+        """Complete the posted receives of one collective instance: with `error`, or (0)
+        withdrawn as if cancelled."""
+        for op in [op for op in self.posted if op.ctx == ctx and base <= op.want_tag < base + span]:
+            self.posted.remove(op)
+            if op.mpi is not None:
+                self.mpi_polling -= 1
+            op.error, op.cancelled, op.done = error, not error, True
+
+    def entering(self, ctx: int, seq: int) -> str | None:
+        """Blocking collective instance `seq` of collective context `ctx` starts here: the
+        reason another member gave for abandoning it already, or None. Records of instances
+        half the numbering ago go (their tag base comes round again)."""
+        if not self.abandoned:
+            return None
+        self.abandoned.pop((ctx, coll_base(seq + COLL_INSTANCES // 2)), None)
+        record = self.abandoned.get((ctx, coll_base(seq)))
+        return record[1] if record is not None and record[0] == seq else None
 
     def find_unexpected(self, ctx: int, src: int, tag: int) -> Unexpected | None:
         """The first unexpected message matching (ctx, src, tag), complete or not."""
@@ -575,6 +668,16 @@ class Engine:
                 (self.sync_next[peer],) = SEQ.unpack(payload)
             elif tag == CTRL_HELLO:
                 self.hello[peer] = payload
+            elif tag == CTRL_ABANDON and len(payload) >= ABANDON.size:
+                actx, seq = ABANDON.unpack_from(payload)
+                if actx in self.dropped_ctx:
+                    return  # about a freed communicator
+                why = payload[ABANDON.size :].decode(errors="replace")
+                reason = f"world rank {self.world_of_peer[peer]} left this collective: {why}"
+                base = coll_base(seq)
+                self.abandoned[(actx, base)] = (seq, reason)
+                self._fail_posted(actx, base, COLL_SPAN, exceptions.ERR_OTHER)
+                self._purge(lambda e: e.ctx == actx and base <= e.tag < base + COLL_SPAN)
             return
         src = self.world_of_peer[peer]
         sync_seq = self.sync_next.pop(peer, None)
@@ -582,7 +685,10 @@ class Engine:
         sink: RecvOp | Unexpected
         if op is None:
             sink = Unexpected(src, ctx, tag, peer, sync_seq)
-            self.unexpected.append(sink)
+            if self._dropped(ctx, tag):
+                self._release(sink)  # taken (and ACKed) but kept nowhere
+            else:
+                self.unexpected.append(sink)
         else:
             sink = op
             op.begin(src, tag)
@@ -593,6 +699,12 @@ class Engine:
             self.inflow[peer] = _Inflow(sink, nbytes)
         else:
             sink.finish()
+
+    def _dropped(self, ctx: int, tag: int) -> bool:
+        """True for a message of a freed context or of an abandoned collective instance."""
+        if ctx in self.dropped_ctx:
+            return True
+        return bool(self.abandoned) and (ctx, tag & -COLL_SPAN) in self.abandoned
 
     def _fill(
         self,
@@ -622,8 +734,7 @@ class Engine:
 
     # ------------------------------------------------------------------ MPI side
     def _poll_mpi(self) -> bool:
-        from mpi4py import MPI as _M
-
+        _M = native.MPI()
         moved = False
         for op in list(self.posted):
             if op.mpi is None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from guest_lib.mpi import constants
+from guest_lib.mpi import constants, exceptions
 
 
 class Group:
@@ -38,13 +38,22 @@ class Group:
 
     def Translate_ranks(self, ranks: Sequence[int] | None = None, group: Group | None = None
                         ) -> list[int]:  # fmt: skip
-        """Ranks of this group's `ranks` in `group` (UNDEFINED where absent)."""
+        """Ranks of this group's `ranks` in `group` (UNDEFINED where absent, PROC_NULL for
+        PROC_NULL). MPI.Exception(ERR_RANK) for a rank outside this group."""
         if ranks is None:
             ranks = range(len(self._ranks))
+        ranks = [int(r) for r in ranks]
+        for r in ranks:
+            if not 0 <= r < len(self._ranks) and r != constants.PROC_NULL:
+                raise exceptions.Exception(exceptions.ERR_RANK, f"rank {r} of {len(self._ranks)}")
         if group is None:
-            return list(ranks)
+            return ranks
         where = {w: i for i, w in enumerate(group._ranks)}
-        return [where.get(self._ranks[r], constants.UNDEFINED) for r in ranks]
+        return [
+            constants.PROC_NULL if r == constants.PROC_NULL
+            else where.get(self._ranks[r], constants.UNDEFINED)
+            for r in ranks
+        ]  # fmt: skip
 
     def Free(self) -> None:
         pass

@@ -11,11 +11,10 @@ status.
 
 from __future__ import annotations
 
-import pickle
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from guest_lib.mpi import constants, exceptions
+from guest_lib.mpi import constants, exceptions, pickling
 from guest_lib.mpi.engine import Engine, Op
 from guest_lib.mpi.status import Status
 
@@ -301,8 +300,7 @@ def _status_at(statuses: list[Status] | None, index: int) -> Status | None:
 
 def unpickle(op: Op) -> Any:
     """Finish of an object receive: the object from the received bytes."""
-    data = op.obj
-    return None if data is None else pickle.loads(data)
+    return pickling.loads(op.obj)
 
 
 REQUEST_NULL = Request()
