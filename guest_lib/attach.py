@@ -52,7 +52,7 @@ from ivshmem_comm.errors import IvshmemError, PeerSlotBusyError, RegionFormatErr
 from ivshmem_comm.notify import PollingNotifier
 from ivshmem_comm.records import default_state_dir, read_record
 from ivshmem_comm.region import Region, host_id
-from ivshmem_comm.virtqueue import full_fence
+from ivshmem_comm.ring import full_fence
 
 ENV_DEVICE = "IVSHMEM_COMM_DEVICE"
 ENV_SOCKET = "IVSHMEM_COMM_SOCKET"

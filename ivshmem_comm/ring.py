@@ -4,6 +4,14 @@ The C accelerator (`ivshmem_comm._fastpath`) is used when it is built; the pure-
 reference (`ivshmem_comm.virtqueue`) otherwise, or always when `IVSHMEM_COMM_PUREPYTHON=1`.
 `IVSHMEM_COMM_REQUIRE_FASTPATH=1` makes a missing accelerator an ImportError (CI sets it).
 The pure-Python path relies on x86-64 TSO and is refused on other CPUs.
+
+The contract between the two (tests/core/test_contract.py checks it): both modules export
+TxRing, RxRing, full_fence, compare_exchange_u64 and the SEND_* codes; each ring class has
+exactly the public names in TX_API / RX_API, with the signatures of the reference (the C
+module's are declared in `_fastpath.pyi`); the layout constants `_fastpath.c` restates are
+those of `layout.py`. Code outside the two implementations takes these names from here
+only, so that it runs on the chosen one: e.g. `full_fence` here is the C fence (a real
+`mfence`-class barrier) on the C path, the reference's on the pure-Python path.
 """
 
 from __future__ import annotations
@@ -15,16 +23,36 @@ from ivshmem_comm import virtqueue
 
 IMPLEMENTATION: str
 
+#: The public names of each queue half, in both implementations.
+TX_API = frozenset(
+    {
+        "arm", "broken", "check_sync", "count_full_wait", "count_message", "data_offset",
+        "data_size", "in_flight", "mark_broken", "max_span", "num", "peer", "publish",
+        "publish_payload", "reclaim", "reserve", "reset", "send_small", "session", "write",
+        "write_header",
+    }
+)  # fmt: skip
+RX_API = frozenset(
+    {
+        "arm", "broken", "check_sync", "complete", "count_message", "count_sleep",
+        "data_offset", "data_size", "held", "mark_broken", "max_span", "num", "peer", "poll",
+        "poll_header", "read_header", "read_into", "recv_small_into", "reset", "session",
+        "stream_into", "wait_header",
+    }
+)  # fmt: skip
+
 if os.environ.get("IVSHMEM_COMM_PUREPYTHON") == "1":
     TxRing, RxRing = virtqueue.TxRing, virtqueue.RxRing
     compare_exchange_u64 = virtqueue.compare_exchange_u64
+    full_fence = virtqueue.full_fence
     IMPLEMENTATION = "python"
 else:
     try:
-        from ivshmem_comm._fastpath import (  # type: ignore[no-redef]
+        from ivshmem_comm._fastpath import (  # type: ignore[assignment]
             RxRing,
             TxRing,
             compare_exchange_u64,
+            full_fence,
         )
 
         IMPLEMENTATION = "c"
@@ -33,6 +61,7 @@ else:
             raise
         TxRing, RxRing = virtqueue.TxRing, virtqueue.RxRing
         compare_exchange_u64 = virtqueue.compare_exchange_u64
+        full_fence = virtqueue.full_fence
         IMPLEMENTATION = "python"
 
 if IMPLEMENTATION == "python" and platform.machine() not in ("x86_64", "AMD64", "i686"):
@@ -48,11 +77,14 @@ SEND_TOO_BIG = virtqueue.SEND_TOO_BIG
 
 __all__ = [
     "IMPLEMENTATION",
+    "RX_API",
     "SEND_FULL",
     "SEND_KICK",
     "SEND_OK",
     "SEND_TOO_BIG",
+    "TX_API",
     "RxRing",
     "TxRing",
     "compare_exchange_u64",
+    "full_fence",
 ]
