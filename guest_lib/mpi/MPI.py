@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import atexit
 import socket as _socket
+import threading as _threading
 import time as _time
 from typing import Any
 
@@ -185,6 +186,43 @@ def get_vendor() -> tuple[str, tuple[int, int, int]]:
 
 def Pcontrol(level: int) -> None:
     pass
+
+
+_lock_tables: dict[int, dict[Any, _threading.Lock]] = {}  # id(comm) -> key -> lock
+_lock_guard = _threading.Lock()
+
+
+def _comm_lock_table(comm: Comm) -> dict[Any, _threading.Lock]:
+    """mpi4py's internal per-communicator lock table (mpi4py.util.pkl5 and futures use it)."""
+    with _lock_guard:
+        return _lock_tables.setdefault(id(comm), {})
+
+
+def _comm_lock(comm: Comm, key: Any = None) -> _threading.Lock:
+    """The lock of `comm` for `key`, made on first use (as mpi4py's `_comm_lock`)."""
+    table = _comm_lock_table(comm)
+    with _lock_guard:
+        return table.setdefault(key, _threading.Lock())
+
+
+def _commctx_intra(comm: Intracomm) -> tuple[Intracomm, int]:
+    """(a duplicate of `comm` kept for library traffic, the next tag on it): as mpi4py's
+    `_commctx_intra`, which mpi4py.util.pkl5 builds its collectives on. Collective on the
+    first call for a communicator (its Dup)."""
+    with _lock_guard:
+        ctx = getattr(comm, "_commctx", None)
+    if ctx is None:
+        ctx = [comm.Dup(), 0]
+        comm._commctx = ctx  # type: ignore[attr-defined]
+    dup, tag = ctx
+    ctx[1] = (tag + 1) % (TAG_UB + 1)
+    return dup, tag
+
+
+def _commctx_inter(comm: Any) -> tuple[Any, int, Intracomm, bool]:
+    """mpi4py's intercommunicator counterpart of `_commctx_intra`: there are no
+    intercommunicators here yet, so MPI.Exception(ERR_COMM) saying so."""
+    raise Exception(ERR_COMM, "intercommunicators are missing (issue #11 point 3)")  # noqa: F405
 
 
 def _internal_state() -> dict[str, Any]:

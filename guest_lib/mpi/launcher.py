@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -37,13 +38,24 @@ def default_size(n: int) -> int:
 
 
 def _command(args: argparse.Namespace) -> list[str]:
+    """The command line of every rank. Python programs (prog.py, -m module, or a command
+    `python prog.py|-m mod|-c cmd ...`) run through `python -m guest_lib.mpi`, so that
+    `from mpi4py import MPI` in them gets this project's MPI (zero-change mode), unless
+    IVSHMEM_MPI_ZERO_CHANGE=0; any other command runs as given."""
+    from guest_lib.mpi import mpi4py_shim
+
+    shim = ["-m", "guest_lib.mpi"] if mpi4py_shim.enabled() else []
     if args.module:
-        return [sys.executable, "-m", args.module, *args.args]
+        return [sys.executable, *shim, "-m", args.module, *args.args]
     if not args.args:
         raise SystemExit("ivshmem-run: no program given")
     first = args.args[0]
     if first.endswith(".py"):
-        return [sys.executable, *args.args]
+        return [sys.executable, *shim, *args.args]
+    rest = args.args[1:]
+    python = re.fullmatch(r"python[0-9.]*", os.path.basename(first))
+    if shim and python and rest and (rest[0].endswith(".py") or rest[0] in ("-m", "-c")):
+        return [first, *shim, *rest]
     return list(args.args)
 
 
