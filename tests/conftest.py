@@ -2,15 +2,125 @@
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
+import re
+import shutil
+import tempfile
+import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 
 import ivshmem_comm as ic
+from ivshmem_comm.region import SHM_DIR
 from tests.support import destroy, unique_name
+
+# ------------------------------------------------------------------------------ residue
+# Other test runs may share this machine's /dev/shm: an object counts as this run's only if
+# its name carries the pid of this pytest process or of one of its descendants (test names
+# t-<pid>-<hex>, tb-..., mpit-..., ivshmem-run's mpi-<launcher pid>-<hex>). Descendants are
+# sampled while a module runs, so those gone by its end still count.
+RESIDUE_GRACE_S = 5.0  # processes a module stopped may still be removing what they made
+SAMPLE_S = 0.25
+_PID_TOKEN = re.compile(r"(?:^|[-._])([0-9]+)(?=$|[-._])")
+
+
+def _residue_places() -> list[str]:
+    """Where a test run may leave objects: POSIX shm and semaphores, the brokers' default
+    state dir, and the temporary dirs of `ivshmem-run --broker`."""
+    from ivshmem_comm.records import default_state_dir
+
+    return [SHM_DIR, default_state_dir(), tempfile.gettempdir()]
+
+
+def _snapshot() -> set[str]:
+    found = set()
+    for place in _residue_places():
+        try:
+            names = os.listdir(place)
+        except OSError:
+            continue
+        if place == tempfile.gettempdir():
+            names = [n for n in names if n.startswith("ivshmem-run-")]
+        found.update(os.path.join(place, name) for name in names)
+    return found
+
+
+def _descendants() -> set[int]:
+    """Pids of the live processes below this one."""
+    parent = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat", "rb") as f:
+                    parent[int(entry)] = int(f.read().rsplit(b")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                pass
+    found, frontier = set(), {os.getpid()}
+    while frontier:
+        frontier = {pid for pid, ppid in parent.items() if ppid in frontier} - found
+        found |= frontier
+    return found
+
+
+class _Sampler(threading.Thread):
+    """Collects the pids of this process's descendants every SAMPLE_S until stopped."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.pids = {os.getpid()}
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.wait(SAMPLE_S):
+            self.pids |= _descendants()
+
+    def stop(self) -> set[int]:
+        self.done.set()
+        self.join()
+        return self.pids | _descendants()
+
+
+def _remove(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_residue(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Fail a module that leaves shm objects, semaphores, broker sockets/records or
+    `ivshmem-run` dirs behind (new since it started, named after this run's processes), then
+    remove them. Off inside the ranks of a job (they share their launcher's objects) and with
+    IVSHMEM_RESIDUE_CHECK=0."""
+    if os.environ.get("IVSHMEM_RESIDUE_CHECK") == "0" or "IVSHMEM_MPI_RANK" in os.environ:
+        yield
+        return
+    before = _snapshot()
+    sampler = _Sampler()
+    sampler.start()
+    yield
+    ours = sampler.stop()
+    deadline = time.monotonic() + RESIDUE_GRACE_S
+    while True:
+        left = sorted(
+            path
+            for path in _snapshot() - before
+            if ours & {int(t) for t in _PID_TOKEN.findall(os.path.basename(path))}
+        )
+        if not left or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    for path in left:
+        _remove(path)
+    if left:
+        pytest.fail(f"{request.module.__name__} left behind (now removed): {', '.join(left)}")
 
 
 @pytest.fixture
