@@ -1,0 +1,48 @@
+"""The short forms of the reliability tools, run as real subprocesses the way a user runs them.
+
+`python -m tools.soak` (plain region, then through a broker) and `python -m tools.storm`
+(kill -9 of peers and of the broker) exit 0 only when no message was lost, duplicated,
+reordered or corrupted, fds and RSS stayed flat, PeerLostError came in time and every slot
+was reclaimable; their summaries are part of the failure message. Longer runs are by hand
+(README, "Reliability tools").
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from tests.support.broker import ENV, ROOT
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+
+
+def run_tool(*args: str, timeout: float) -> str:
+    done = subprocess.run(
+        [sys.executable, "-m", *args],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        cwd=ROOT,
+        timeout=timeout,
+    )
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output
+    return output
+
+
+def test_soak_short_plain_and_broker():
+    out = run_tool("tools.soak", "--seconds", "10", "--via", "both", timeout=240)
+    assert "== soak via region" in out and "== soak via broker" in out
+    assert "soak: OK, 0 violations" in out
+
+
+def test_storm_short():
+    # The full storm (50 kills) holds partners to 100 ms; this shared CI machine gets 250 ms.
+    out = run_tool(
+        "tools.storm", "--kills", "8", "--seed", "10", "--latency-limit-ms", "250", timeout=240
+    )
+    assert "storm: OK, 0 violations" in out
+    assert "PeerLostError after the kill" in out  # partners were measured, not skipped
