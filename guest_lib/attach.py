@@ -252,6 +252,7 @@ def attach_device(
     if why is not None:
         raise AttachError("the device holds another region", [(device.describe(), why)])
     registers = pci.map_registers(device)
+    owns_registers = True  # until the notifier takes BAR0 over, or it is closed
     shm = pci.map_shared_memory(device)
     try:
         reg = Region(shm, owner=shm)
@@ -283,18 +284,18 @@ def attach_device(
                 _reclaim_vm_slot(reg, me, ivshmem_id)
             uio = pci.uio_devices(device).get(0)
             notifier = DoorbellNotifier(registers, uio, target_of=region_target(reg))
-            registers = None  # the notifier owns it now
+            owns_registers = False  # the notifier owns it now
             endpoint = reg.endpoint(me, notifier=notifier, broker_assigned=True, **options)
             kind = "doorbell"
         else:
             registers.close()
-            registers = None
+            owns_registers = False
             me = _claim_plain(reg, peer)
             notifier = PollingNotifier()
             endpoint = reg.endpoint(me, notifier=notifier, broker_assigned=True, **options)
             kind = "plain"
     except BaseException:
-        if registers is not None:
+        if owns_registers:
             registers.close()
         reg.close()
         raise
@@ -357,9 +358,9 @@ def attach(
     env_socket = os.environ.get(ENV_SOCKET)
     if env_socket:
         return _attach_socket(env_socket, **options)
-    dev, looked = _find_device(region, uuid, pci_root)
-    if dev is not None:
-        return attach_device(dev, peer, region=region, uuid=uuid, **options)
+    found, looked = _find_device(region, uuid, pci_root)
+    if found is not None:
+        return attach_device(found, peer, region=region, uuid=uuid, **options)
     if region is not None and not pci.scan(pci_root):
         sock = _broker_socket_for(region)
         if sock is not None:

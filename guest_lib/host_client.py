@@ -58,7 +58,7 @@ class _ClientNotifier(EventfdNotifier):
 
     def __init__(self, client: BrokerClient, own: list[int], peers: dict[int, list[int]]):
         super().__init__(own, peers)
-        self._client = client
+        self._client: BrokerClient | None = client
 
     def close(self) -> None:
         super().close()

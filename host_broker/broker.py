@@ -53,6 +53,7 @@ import contextlib
 import dataclasses
 import errno
 import fcntl
+import functools
 import logging
 import mmap
 import os
@@ -220,13 +221,12 @@ class RegionServer:
             except OSError as exc:  # our own checks carry a message, system calls a filename
                 detail = str(exc) if exc.filename is None else f"{path}: {exc.strerror}"
                 raise BrokerError(detail) from None
-        blocked = self.socket_group is not None and blocked_parent(
-            os.path.dirname(self.socket_path), self.socket_group
-        )
-        if blocked:
+        group = self.socket_group
+        blocked = group is not None and blocked_parent(os.path.dirname(self.socket_path), group)
+        if group is not None and blocked:
             log.warning(
                 "region %s: group %s cannot enter %s, so it cannot reach %s either",
-                self.name, group_name(self.socket_group), blocked, self.socket_path,
+                self.name, group_name(group), blocked, self.socket_path,
             )  # fmt: skip
         self._lock()
         self._open_region()
@@ -387,7 +387,7 @@ class RegionServer:
                 pidfd,
             )
             self.peers[peer.id] = peer
-            self.broker.watch(pidfd, lambda p=peer: self._orphan_exited(p))
+            self.broker.watch(pidfd, functools.partial(self._orphan_exited, peer))
             log.info(
                 "region %s: %s is alive; waiting for it to reclaim", self.name, peer.describe()
             )

@@ -49,6 +49,7 @@ from collections.abc import Sequence
 
 from ivshmem_lab.devices import parse_device
 from ivshmem_lab.errors import LabError, LabUnavailable
+from ivshmem_lab.guest import GuestResult
 from ivshmem_lab.host import find_kernel
 from ivshmem_lab.initramfs import build_initramfs
 from ivshmem_lab.lab import Lab
@@ -302,26 +303,31 @@ def _run(args: argparse.Namespace) -> int:
     )
     failed = timed_out = False
     for r in results:
-        boot = f"{r.boot_seconds:.1f} s" if r.boot_seconds is not None else "-"
-        if r.returncode is not None:
-            what = f"exit {r.returncode}"
-        elif r.timed_out:
-            what = "timed out"
-        else:
-            what = f"failed: {r.error}"
-        print(
-            f"ivshmem-lab: vm{r.index}: {what} (accel {r.accel}, boot {boot}, "
-            f"total {r.wall_seconds:.1f} s)",
-            file=sys.stderr,
-        )
-        if args.console:
-            for line in r.console.splitlines():
-                print(f"[vm{r.index} console] {line}", file=sys.stderr)
+        _report_guest(r, args.console)
         if r.timed_out:
             timed_out = True
         elif r.returncode != 0:
             failed = True
     return 1 if failed else 124 if timed_out else 0
+
+
+def _report_guest(r: GuestResult, console: bool) -> None:
+    """One summary line per guest on stderr (and its serial console with ``--console``)."""
+    boot = f"{r.boot_seconds:.1f} s" if r.boot_seconds is not None else "-"
+    if r.returncode is not None:
+        what = f"exit {r.returncode}"
+    elif r.timed_out:
+        what = "timed out"
+    else:
+        what = f"failed: {r.error}"
+    print(
+        f"ivshmem-lab: vm{r.index}: {what} (accel {r.accel}, boot {boot}, "
+        f"total {r.wall_seconds:.1f} s)",
+        file=sys.stderr,
+    )
+    if console:
+        for line in r.console.splitlines():
+            print(f"[vm{r.index} console] {line}", file=sys.stderr)
 
 
 def _run_mpi(lab: Lab, args: argparse.Namespace, command: list[str], n: int, on_output) -> int:
@@ -332,22 +338,7 @@ def _run_mpi(lab: Lab, args: argparse.Namespace, command: list[str], n: int, on_
         lab, command, vms=args.vms, n=n, timeout=args.timeout, cwd=args.cwd, on_output=on_output
     )
     for r in job.guests:
-        boot = f"{r.boot_seconds:.1f} s" if r.boot_seconds is not None else "-"
-        what = (
-            f"exit {r.returncode}"
-            if r.returncode is not None
-            else "timed out"
-            if r.timed_out
-            else f"failed: {r.error}"
-        )
-        print(
-            f"ivshmem-lab: vm{r.index}: {what} (accel {r.accel}, boot {boot}, "
-            f"total {r.wall_seconds:.1f} s)",
-            file=sys.stderr,
-        )
-        if args.console:
-            for line in r.console.splitlines():
-                print(f"[vm{r.index} console] {line}", file=sys.stderr)
+        _report_guest(r, args.console)
     for rank, code in sorted(job.rank_exit.items()):
         what = "no exit status reported" if code is None else f"exit {code}"
         print(f"ivshmem-lab: rank {rank} (vm{rank % args.vms}): {what}", file=sys.stderr)

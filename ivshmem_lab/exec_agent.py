@@ -346,7 +346,7 @@ class _Session:
 
     def _pump_out(self, stream: BinaryIO, kind: bytes) -> None:
         with contextlib.suppress(OSError):
-            while data := stream.read1(65536):
+            while data := os.read(stream.fileno(), 65536):
                 self.send(kind, data)
         stream.close()
 

@@ -177,7 +177,7 @@ class Lab:
 
     def _resolve_accel(self) -> str:
         if self._accel_resolved is None:
-            want = self.accel
+            want: str = self.accel
             if want == "auto":
                 env = os.environ.get("IVSHMEM_LAB_ACCEL", "auto")
                 want = env if env in ("kvm", "tcg") else "auto"

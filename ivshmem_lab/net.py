@@ -194,7 +194,7 @@ class LanHub:
                 if sock is self._listener:
                     self._accept()
                     continue
-                port = self._ports.get(sock.fileno())
+                port = self._ports.get(key.fd)
                 if port is None:
                     continue
                 if events & selectors.EVENT_WRITE:
