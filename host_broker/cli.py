@@ -558,7 +558,7 @@ def make_parser() -> argparse.ArgumentParser:
         description="Shared memory between KVM guests and host processes.",
         epilog="Run `ivshmem-broker COMMAND --help` for a command's options and examples.",
     )
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument(
         "--state-dir",
         metavar="DIR",

@@ -203,7 +203,9 @@ def libvirt_qemu_user() -> tuple[str, str] | None:
             text = f.read()
     except OSError:
         return None
-    settings = dict(re.findall(r'^\s*(user|group)\s*=\s*"([^"]*)"', text, re.MULTILINE))
+    settings: dict[str, str] = dict(
+        re.findall(r'^\s*(user|group)\s*=\s*"([^"]*)"', text, re.MULTILINE)
+    )
     default = next((u for u in ("libvirt-qemu", "qemu") if _exists(pwd.getpwnam, u)), "root")
     user = settings.get("user", default)
     return user, settings.get("group", user if _exists(grp.getgrnam, user) else "root")
