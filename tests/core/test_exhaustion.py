@@ -17,7 +17,7 @@ import pytest
 
 import ivshmem_comm as ic
 from ivshmem_comm import layout
-from tests.support.broker import ENV, ROOT, BrokerProcess
+from tests.support.broker import ENV, ROOT, BrokerProcess, wait_for
 
 SLACK = 2.0  # s: what a loaded machine may add to a timeout
 
@@ -149,7 +149,8 @@ def test_peer_table_full_through_a_broker(tmp_path):
         took = time.monotonic() - start
         assert took < 5 + SLACK, f"the refusal took {took:.1f} s"
         assert "all 2 peer slots are taken" in broker.log()
-        second.close()  # a freed slot is handed out again
+        second.close()  # a freed slot is handed out again, once the broker saw it go
+        wait_for(lambda: ") left" in broker.log())
         third = attach(broker.socket)
         assert third.peer_id == second.peer_id
         first.close()
