@@ -244,4 +244,7 @@ def load_config(path: str) -> BrokerConfig:
         raise ConfigError("file", f"cannot read {path}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError("file", f"{path} is not valid TOML: {exc}") from None
+    except UnicodeDecodeError as exc:  # tomllib decodes before it parses (found by fuzzing)
+        detail = f"{path} is not UTF-8 text: {exc.reason} at byte {exc.start}"
+        raise ConfigError("file", detail) from None
     return config_from_dict(raw)

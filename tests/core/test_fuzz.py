@@ -1,0 +1,79 @@
+"""Fuzzing in CI: each target of tools.fuzz for a few seconds, plus the inputs it found.
+
+`python -m tools.fuzz TARGET` (atheris where installed, else random mutations) runs as a real
+subprocess and must end without a crash or a hang; longer runs are by hand (README,
+"Reliability tools"). Inputs that crashed a target once are replayed here: fixed ones must
+now give documented errors only; reported ones that are not fixed yet (targets.KNOWN) are
+strict xfails, so the fix turns them into failures that ask for the entry to be removed.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import pytest
+
+from tests.support.broker import ENV, ROOT
+from tools.fuzz import targets
+
+SECONDS = 4  # per target: five targets, under a minute of CI with the start-ups
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("name", sorted(targets.TARGETS))
+def test_target_runs_clean(name, tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "tools.fuzz", name, "--seconds", str(SECONDS), "--input-timeout",
+         "5", "--skip-known", "--artifacts", str(tmp_path)],
+        capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=100,
+    )  # fmt: skip
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-6000:]
+    runs = re.search(r"Done (\d+) runs", output)
+    assert runs and int(runs.group(1)) >= 20, output[-3000:]
+    assert not list(tmp_path.iterdir()), "crash or timeout inputs were written"
+
+
+def replay(name: str, data: bytes) -> None:
+    function, allowed, _ = targets.TARGETS[name]
+    try:
+        function(data)
+    except allowed:
+        pass
+
+
+# Inputs that crashed a target, fixed since: each must now end in a documented error only.
+FIXED = [
+    # host_broker.config.load_config: a file that is not UTF-8 raised UnicodeDecodeError
+    ("config", b'[[region]]\nname = "b"\n[[region]]\nnaegion]]\n\nsi\xffsiz/ = 2047z'),
+]
+
+
+@pytest.mark.parametrize(("name", "data"), FIXED)
+def test_fixed_crash_inputs(name, data):
+    replay(name, data)
+
+
+def test_config_that_is_not_utf8_is_a_config_error(tmp_path):
+    from host_broker.config import ConfigError, load_config
+
+    path = tmp_path / "broker.toml"
+    path.write_bytes(b'[[region]]\nname = "caf\xe9"\nsize = "64M"\n')
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        load_config(str(path))
+
+
+# Reported, not fixed (guest_lib/mpi is not this package's to change).
+KNOWN = [
+    # engine.dispatch: a CONTROL/ACK message whose payload is not 8 bytes -> struct.error
+    ("mpi_wire", b"\x01" + (3 << 29).to_bytes(4, "little") + b"\x03abc"),
+]
+
+
+@pytest.mark.xfail(strict=True, reason="issue 10: reported fuzz crash in guest_lib/mpi")
+@pytest.mark.parametrize(("name", "data"), KNOWN)
+def test_known_crash_inputs(name, data):
+    replay(name, data)

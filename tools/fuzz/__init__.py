@@ -1,0 +1,1 @@
+"""Coverage-guided fuzzing of what peers and clients control (`python -m tools.fuzz`)."""
