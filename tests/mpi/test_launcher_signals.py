@@ -1,0 +1,140 @@
+"""`ivshmem-run` as schedulers and users stop it: signals forwarded to every rank, ranks that
+die with a killed launcher, nothing left behind; ranks' output in whole lines.
+
+Each test starts a real launcher with real ranks (tests/mpi/programs/launcher_rank.py) on a
+region it creates (or, with --broker, a broker serves), signals the launcher, and checks its
+exit status, that every rank is gone and that no object named after the job is left in
+/dev/shm.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import selectors
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.mpi.conftest import PYTHON, ROOT, job_env
+
+pytestmark = pytest.mark.timeout(120)
+
+PROGRAM = str(Path(__file__).with_name("programs") / "launcher_rank.py")
+LAUNCHER = [PYTHON, "-m", "guest_lib.mpi.launcher"]
+GRACE_S = 2.0
+
+
+def _gone(pid: int) -> bool:
+    """True once process `pid` has exited (a zombie nobody reaped counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def _job_objects(launcher: int) -> list[str]:
+    return [f for f in os.listdir("/dev/shm") if f"mpi-{launcher}-" in f]
+
+
+class Job:
+    """A launcher running `ranks` ranks of the program in `mode`; its ranks' pids once known."""
+
+    def __init__(self, mode: str, ranks: int = 2, *extra: str) -> None:
+        self.proc = subprocess.Popen(
+            [*LAUNCHER, "-n", str(ranks), "--timeout", "100", *extra, PROGRAM, mode],
+            cwd=ROOT, env=job_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )  # fmt: skip
+        self.ranks = ranks
+        self.pids: dict[int, int] = {}
+        self.out = b""
+        deadline = time.monotonic() + 60
+        selector = selectors.DefaultSelector()
+        assert self.proc.stdout is not None
+        selector.register(self.proc.stdout, selectors.EVENT_READ)
+        while len(self.pids) < ranks:
+            assert time.monotonic() < deadline and self.proc.poll() is None, self.out
+            if selector.select(0.1):
+                self.out += os.read(self.proc.stdout.fileno(), 1 << 16)
+            self.pids = {int(r): int(p) for r, p in re.findall(rb"rank (\d+) pid (\d+)", self.out)}
+        selector.close()
+
+    def finish(self, timeout: float) -> int:
+        """Wait for the launcher; return its status. Then every rank must be gone and the
+        job's objects removed (within a few seconds: the guardian works after a SIGKILL)."""
+        code = self.proc.wait(timeout)
+        deadline = time.monotonic() + 10
+        while not all(_gone(pid) for pid in self.pids.values()) or _job_objects(self.proc.pid):
+            assert time.monotonic() < deadline, (
+                [pid for pid in self.pids.values() if not _gone(pid)],
+                _job_objects(self.proc.pid),
+            )
+            time.sleep(0.05)
+        self.proc.communicate(timeout=10)
+        return code
+
+
+@pytest.mark.parametrize(
+    "sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT], ids=lambda s: s.name
+)
+def test_signal_is_forwarded_to_every_rank(sig):
+    job = Job("wait", 3)
+    assert _job_objects(job.proc.pid)  # the region and its doorbells exist
+    t0 = time.monotonic()
+    job.proc.send_signal(sig)
+    assert job.finish(GRACE_S + 10) == 128 + sig
+    assert time.monotonic() - t0 < GRACE_S  # the ranks died of the signal, not of SIGKILL
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=lambda s: s.name)
+def test_ranks_that_ignore_the_signal_are_killed_after_the_grace_period(sig):
+    job = Job("stubborn", 2)
+    t0 = time.monotonic()
+    job.proc.send_signal(sig)
+    assert job.finish(GRACE_S + 10) == 128 + sig
+    assert time.monotonic() - t0 >= GRACE_S
+
+
+@pytest.mark.parametrize("broker", [False, True], ids=["region", "broker"])
+def test_ranks_die_with_a_killed_launcher_and_nothing_is_left(broker):
+    job = Job("stubborn", 2, *(["--broker"] if broker else []))
+    job.proc.send_signal(signal.SIGKILL)
+    assert job.finish(10) == -signal.SIGKILL
+
+
+def test_sigterm_with_a_broker_stops_it_and_removes_the_region():
+    job = Job("wait", 2, "--broker")
+    job.proc.send_signal(signal.SIGTERM)
+    assert job.finish(GRACE_S + 10) == 128 + signal.SIGTERM
+
+
+@pytest.mark.parametrize("prepend", [False, True], ids=["plain", "prepend_rank"])
+def test_output_arrives_in_whole_lines(prepend):
+    """Two ranks write 300 lines of 20000 characters each, on stdout and stderr, each line
+    in 1000-byte writes: every line comes out whole (with "[rank] " first if asked)."""
+    count, length = 300, 20000
+    done = subprocess.run(
+        [*LAUNCHER, "-n", "2", *(["--prepend-rank"] if prepend else []),
+         PROGRAM, "chatter", str(count), str(length)],
+        cwd=ROOT, env=job_env(), capture_output=True, timeout=100,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    pattern = re.compile(rb"(\[(\d)\] )?(\d):(\d+):(x*)")
+    for stream in (done.stdout, done.stderr):
+        seen = {0: [], 1: []}
+        for line in stream.splitlines():
+            match = pattern.fullmatch(line)
+            if match is None:
+                assert line.startswith(b"[" if prepend else b"rank ") and b"pid" in line, line[:80]
+                continue
+            assert (match[1] is not None) == prepend
+            rank = int(match[3])
+            if prepend:
+                assert int(match[2]) == rank
+            assert len(match[5]) == length
+            seen[rank].append(int(match[4]))
+        assert seen == {0: list(range(count)), 1: list(range(count))}
