@@ -14,17 +14,19 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.broker import BrokerProcess, kill, start_python
+from tests.support.broker import BrokerProcess, cli, kill, start_python
 
 pytest.importorskip("ivshmem_comm.endpoint")
 
 from guest_lib.host_client import attach
+from ivshmem_comm.region import SHM_DIR, Region
 
 pytestmark = pytest.mark.timeout(180)
 
 ECHO_ONCE = """
     import sys
     from guest_lib.host_client import attach
+from ivshmem_comm.region import SHM_DIR, Region
     ep = attach(sys.argv[1])
     print(ep.peer_id, flush=True)
     with ep.recv(timeout=30) as m:
@@ -88,3 +90,23 @@ def test_peers_after_300_garbage_connections_talk(broker: BrokerProcess) -> None
     for pair in range(10):
         _pair(broker.socket, pair)
     assert broker.proc is not None and broker.proc.poll() is None
+
+
+def test_destroy_leaves_nothing(broker: BrokerProcess) -> None:
+    """A region served by a broker and also used by plain-Region peers (doorbell semaphores),
+    its broker stopped (the region stays): `ivshmem-broker destroy` removes the shm object,
+    every doorbell, the socket, the record and the lock."""
+    _pair(broker.socket, 0)
+    with Region.open(broker.name) as region:
+        region.endpoint(3).close()  # joining rings every slot's doorbell: all of them exist
+    broker.stop()
+
+    def left() -> list[str]:
+        shm = [f for f in os.listdir(SHM_DIR) if f == broker.name or f".{broker.name}." in f]
+        state = [f for f in os.listdir(broker.state_dir) if f.startswith(broker.name)]
+        return sorted(shm + state)
+
+    assert f"sem.{broker.name}.doorbell.3" in left() and broker.name in left()
+    done = cli("destroy", broker.name, "--state-dir", broker.state_dir)
+    assert done.returncode == 0, done.stderr
+    assert left() == []
