@@ -253,6 +253,12 @@ class Geometry:
         overhead = probe.queues_offset + probe.queue_count * probe.data_rel_offset
         per_queue = (region_size - overhead) // max(probe.queue_count, 1)
         data_size = per_queue // PAGE_SIZE * PAGE_SIZE
+        if data_size < PAGE_SIZE:
+            need = overhead + max(probe.queue_count, 1) * PAGE_SIZE
+            raise ValueError(
+                f"a region of {region_size} bytes is too small for {max_peers} peers: "
+                f"their {probe.queue_count} queues need at least {need} bytes"
+            )
         if data_size >= 1 << 32:
             data_size = (1 << 32) - PAGE_SIZE
         if max_span is None:

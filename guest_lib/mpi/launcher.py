@@ -83,17 +83,25 @@ def _command(args: argparse.Namespace) -> list[str]:
     return list(args.args)
 
 
+def _size(text: str) -> int:
+    """An argparse type: parse_size, its ValueError message shown as the option's error."""
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ivshmem-run", description=__doc__.split("\n\n")[0])
     parser.add_argument("-n", "-np", dest="n", type=int, required=True, help="number of ranks")
     parser.add_argument("--region", help="region name (default: a unique one)")
     parser.add_argument(
-        "--size", type=parse_size, help="region size, e.g. 64M (default: 64M or 8M per queue)"
+        "--size", type=_size, help="region size, e.g. 64M (default: 64M or 8M per queue)"
     )
     parser.add_argument("--broker", action="store_true", help="serve the region by a broker")
     parser.add_argument(
         "--max-span",
-        type=parse_size,
+        type=_size,
         default=os.environ.get("IVSHMEM_MPI_MAX_SPAN", "128K"),
         help="largest span published at once (smaller: more pipelining)",
     )
@@ -117,8 +125,9 @@ def make_parser() -> argparse.ArgumentParser:
 
 def run(argv: Sequence[str] | None = None) -> int:
     """Parse `argv`, run the job, return the exit status (see the module docstring)."""
+    from ivshmem_comm import layout
     from ivshmem_comm.notify import SemaphoreNotifier
-    from ivshmem_comm.region import Region
+    from ivshmem_comm.region import Region, validate_name
 
     args = make_parser().parse_args(argv)
     if args.args and args.args[0] == "--":
@@ -129,6 +138,11 @@ def run(argv: Sequence[str] | None = None) -> int:
     command = _command(args)
     name = args.region or f"mpi-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     size = args.size or default_size(n)
+    try:
+        validate_name(name)
+        layout.Geometry.fit(size, max(n, 2), args.queue_num, max_span=args.max_span)
+    except ValueError as exc:  # a bad --region, or a --size/--max-span/--queue-num misfit
+        raise SystemExit(f"ivshmem-run: {exc}") from None
     env = job_environ()
     broker = None
     region = None

@@ -138,3 +138,25 @@ def test_output_arrives_in_whole_lines(prepend):
             assert len(match[5]) == length
             seen[rank].append(int(match[4]))
         assert seen == {0: list(range(count)), 1: list(range(count))}
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["--size", "12Q"], "argument --size: cannot read size '12Q'"),
+        (["--region", "a/b"], "bad region name 'a/b'"),
+        (["--size", "1K"], "a region of 1024 bytes is too small for 2 peers"),
+        (["--queue-num", "7"], "queue_num must be a power of two"),
+    ],
+    ids=["size", "name", "small", "queue_num"],
+)
+def test_mistakes_are_one_line_errors(args, says):
+    """A malformed size or region name, or a size too small for the ranks: one line naming
+    what is wrong, a failure status, nothing started and nothing left."""
+    done = subprocess.run(
+        [*LAUNCHER, "-n", "2", *args, PROGRAM, "wait"],
+        cwd=ROOT, env=job_env(), capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode != 0 and "Traceback" not in done.stderr, done.stderr
+    assert says in done.stderr.strip().splitlines()[-1], done.stderr  # after argparse's usage
+    assert "rank" not in done.stdout
