@@ -34,6 +34,14 @@ line says which broker generation serves it. A restarted broker re-adopts a regi
   lost: peers that join after the restart cannot interrupt it, and it cannot interrupt
   them (QEMU only learns peers through its one chardev connection).
 
+Unless there is an fd store (`Broker.fd_store`, ``serve --fd-store`` under systemd or
+``ivshmem-broker supervise``): then the broker hands its listening sockets and every peer's
+connection and eventfds to the service manager as it makes them (names ``l/REGION``,
+``c/REGION/ID``, ``e/REGION/ID/VECTOR``), takes them off when a peer goes, and a broker
+restarted after a crash gets them back: each live slot whose connection comes back (from the
+slot's pid, checked with SO_PEERCRED) is a connected peer again, QEMU included, and hears who
+died meanwhile; connections that arrived in between wait in the listening socket's backlog.
+
 Ownership of shared fields written here (all in the region, see ivshmem_comm.layout):
 
 * superblock broker line (generation, pid, heartbeat): the broker only;
@@ -75,6 +83,7 @@ from host_broker.access import (
     peer_groups,
 )
 from host_broker.config import BrokerConfig, RegionConfig
+from host_broker.sd_notify import FdStore
 from ivshmem_comm import layout, protocol
 from ivshmem_comm.errors import RegionFormatError
 from ivshmem_comm.hostos import pid_alive
@@ -369,6 +378,10 @@ class RegionServer:
                     " (bad ivshmem id)" if bad_id else "",
                 )  # fmt: skip
                 continue
+            restored = self._restore_peer(info)
+            if restored is not None:
+                self.peers[restored.id] = restored
+                continue
             try:
                 pidfd = os.pidfd_open(info.pid)
             except OSError:
@@ -391,9 +404,116 @@ class RegionServer:
             log.info(
                 "region %s: %s is alive; waiting for it to reclaim", self.name, peer.describe()
             )
+        for peer in list(self.peers.values()):
+            if peer.sock is not None:  # restored: tell it who died meanwhile, as a reclaim does
+                self.broker.watch(peer.sock, functools.partial(self._readable, peer))
+                try:
+                    for gone in self.died_while_down:
+                        protocol.send_peer_gone(peer.sock, gone)
+                except OSError as exc:
+                    self._drop(peer, f"cannot announce to it: {exc}")
+                    continue
+                if self.died_while_down:
+                    _kick(peer.eventfds[0])
+
+    # ---------------------------------------------------------------- fd store
+    def _fd_names(self, peer: Peer, vectors: int | None = None) -> list[str]:
+        """The fd store names of `peer`: its connection, then one per eventfd."""
+        count = len(peer.eventfds) if vectors is None else vectors
+        return [f"c/{self.name}/{peer.id}"] + [f"e/{self.name}/{peer.id}/{v}" for v in range(count)]
+
+    def _store_peer(self, peer: Peer) -> None:
+        """Hand `peer`'s connection and eventfds to the fd store (if there is one)."""
+        store = self.broker.fd_store
+        if store is None or peer.sock is None:
+            return
+        for name, fd in zip(
+            self._fd_names(peer), [peer.sock.fileno(), *peer.eventfds], strict=True
+        ):
+            store.store(name, fd)
+
+    def _unstore_peer(self, peer: Peer) -> None:
+        store = self.broker.fd_store
+        if store is not None:
+            for name in self._fd_names(peer, self.cfg.vectors):
+                store.remove(name)
+
+    def _restore_peer(self, info: Any) -> Peer | None:
+        """The connected Peer of live slot `info` rebuilt from the fd store: its connection
+        (whose SO_PEERCRED pid must be the slot's) and its eventfds, or None (the fds that
+        came back for it, if any, are closed and removed from the store)."""
+        store = self.broker.fd_store
+        if store is None:
+            return None
+        probe = Peer(info.doorbell, info.peer, info.incarnation, info.pid, -1, False, [])
+        names = self._fd_names(probe, self.cfg.vectors)
+        got = [store.take(name) for name in names]
+        if not any(got):
+            return None
+        conn: socket.socket | None = None
+        reason = None
+        if any(len(fds) != 1 for fds in got):
+            reason = "fds missing or doubled"
+        else:
+            conn = socket.socket(fileno=got[0][0])
+            eventfds = [fds[0] for fds in got[1:]]
+            if conn.family != socket.AF_UNIX or conn.type != socket.SOCK_STREAM:
+                reason = "not a UNIX stream socket"
+            elif peer_credentials(conn)[0] != info.pid:
+                reason = f"its connection belongs to pid {peer_credentials(conn)[0]}"
+            elif not all(protocol.is_eventfd(fd) for fd in eventfds):
+                reason = "an fd that is not an eventfd"
+        if reason is not None or conn is None:
+            log.warning(
+                "region %s: fd store entry of peer %d (slot %d) refused: %s",
+                self.name, info.doorbell, info.peer, reason,
+            )  # fmt: skip
+            if conn is not None:
+                conn.close()
+            for fds in got[0 if conn is None else 1 :]:
+                for fd in fds:
+                    _close(fd)
+            for name in names:
+                store.remove(name)
+            return None
+        conn.setblocking(False)
+        _, uid, _ = peer_credentials(conn)
+        peer = Peer(
+            info.doorbell, info.peer, info.incarnation, info.pid, uid, is_qemu(info.pid),
+            eventfds, conn,
+        )  # fmt: skip
+        log.info("region %s: %s restored from the fd store", self.name, peer.describe())
+        return peer
+
+    def _take_listener(self) -> socket.socket | None:
+        """The listening socket of a previous broker from the fd store, if it still listens
+        on our socket path; anything else that came back under its name is closed."""
+        store = self.broker.fd_store
+        name = f"l/{self.name}"
+        fds = store.take(name) if store is not None else []
+        listener = None
+        for fd in fds:
+            sock = socket.socket(fileno=fd)
+            if listener is None and sock.family == socket.AF_UNIX and sock.getsockname() == (
+                self.socket_path
+            ) and os.path.exists(self.socket_path):  # fmt: skip
+                listener = sock
+            else:
+                sock.close()
+        if fds and listener is None and store is not None:
+            store.remove(name)
+        return listener
 
     def _bind(self) -> None:
         path = self.socket_path
+        inherited = self._take_listener()
+        if inherited is not None:
+            inherited.setblocking(False)
+            self.listener = inherited
+            self.socket_ino = os.lstat(path).st_ino
+            self.broker.watch(inherited, self._accept)
+            log.info("region %s: listening on %s (socket from the fd store)", self.name, path)
+            return
         try:
             st = os.lstat(path)
         except FileNotFoundError:
@@ -413,6 +533,8 @@ class RegionServer:
         listener = bind_socket(path, self.socket_group)
         listener.setblocking(False)
         self.listener = listener
+        if self.broker.fd_store is not None:
+            self.broker.fd_store.store(f"l/{self.name}", listener.fileno())
         self.socket_ino = os.lstat(path).st_ino
         self.broker.watch(listener, self._accept)
         log.info("region %s: listening on %s", self.name, path)
@@ -522,6 +644,7 @@ class RegionServer:
         except OSError as exc:
             broken.append((peer, f"handshake failed: {exc}"))
         self.broker.watch(conn, lambda: self._readable(peer))
+        self._store_peer(peer)
         log.info("region %s: %s joined", self.name, peer.describe())
         for other, reason in broken:
             self._drop(other, reason)
@@ -596,6 +719,7 @@ class RegionServer:
             _kick(peer.eventfds[0])
         broken += self._announce(peer)
         self.broker.watch(conn, lambda: self._readable(peer))
+        self._store_peer(peer)
         log.info("region %s: %s reclaimed its slot", self.name, peer.describe())
         for other, why in broken:
             self._drop(other, why)
@@ -638,6 +762,7 @@ class RegionServer:
         if self.peers.get(peer.id) is not peer:
             return
         del self.peers[peer.id]
+        self._unstore_peer(peer)
         if peer.sock is not None:
             self.broker.unwatch(peer.sock)
             peer.sock.close()
@@ -681,7 +806,13 @@ class RegionServer:
 
     def close(self) -> None:
         """Stop serving: close sockets and fds, keep the region (and its peers) unless
-        unlink_on_exit. Peers keep talking; host clients reconnect to the next broker."""
+        unlink_on_exit. Peers keep talking; host clients reconnect to the next broker.
+        An orderly stop empties the fd store of this region: its connections close."""
+        if self.broker.fd_store is not None:
+            if self.listener is not None:
+                self.broker.fd_store.remove(f"l/{self.name}")
+            for peer in self.peers.values():
+                self._unstore_peer(peer)
         if self.listener is not None:
             self.broker.unwatch(self.listener)
             self.listener.close()
@@ -736,6 +867,7 @@ class Broker:
         self._closed = False
         self.heartbeat_s = HEARTBEAT_S
         self.heartbeat_hooks: list[Callable[[], None]] = []  # called at every heartbeat
+        self.fd_store: FdStore | None = None  # set before start() to keep fds across crashes
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
     def watch(self, obj: Any, callback: Callable[[], None]) -> None:

@@ -39,7 +39,7 @@ from host_broker.config import (
     parse_group,
     region_from_dict,
 )
-from host_broker.sd_notify import Notifier
+from host_broker.sd_notify import FdStore, Notifier, listen_fds
 from ivshmem_comm import layout
 from ivshmem_comm.errors import RegionFormatError
 from ivshmem_comm.hostos import pid_alive, process_start_ns
@@ -165,12 +165,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     notifier = Notifier()
     broker = Broker(config)
+    if args.fd_store:
+        if not notifier.enabled:
+            raise CliError(
+                "--fd-store needs a service manager ($NOTIFY_SOCKET): run under systemd or "
+                f"`{PROG} supervise -- serve ...`"
+            )
+        broker.fd_store = FdStore(notifier, listen_fds())
     broker.install_signal_handlers()
     try:
         broker.start()
     except (BrokerError, ConfigError, OSError, ValueError) as exc:  # ValueError: a geometry
         notifier.notify(f"STATUS=refused to start: {exc}")
         raise CliError(str(exc)) from None
+    if broker.fd_store is not None:
+        unclaimed = broker.fd_store.discard_unclaimed()
+        if unclaimed:
+            logging.getLogger("ivshmem-broker").info(
+                "fd store: closed what no live peer claimed: %s", ", ".join(unclaimed)
+            )
     last_status = [""]
 
     def heartbeat() -> None:
@@ -505,6 +518,23 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return 1 if any(f.status == "fail" for f in findings) else 0
 
 
+# ------------------------------------------------------------------------------ supervise
+def cmd_supervise(args: argparse.Namespace) -> int:
+    from host_broker.holder import supervise
+
+    serve_args = args.serve[1:] if args.serve[:1] == ["--"] else args.serve
+    if serve_args[:1] != ["serve"]:
+        raise CliError(f"supervise runs a broker: {PROG} supervise -- serve ARGS")
+    if args.state_dir and "--state-dir" not in serve_args:
+        serve_args = [*serve_args, "--state-dir", args.state_dir]
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s ivshmem-broker-supervise[%(process)d] %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    return supervise(serve_args, args.restart_delay)
+
+
 # ------------------------------------------------------------------------------ parser
 class _Parser(argparse.ArgumentParser):
     """argparse with one-line errors and exit status 1 (through CliError)."""
@@ -546,6 +576,9 @@ _EXAMPLES = {
     "destroy": """examples:
   ivshmem-broker destroy job1            refused while a broker or a live peer holds it
   ivshmem-broker destroy job1 --force""",
+    "supervise": """examples:
+  ivshmem-broker supervise -- serve --name job1 --size 64M --fd-store
+  (systemd does the same for ivshmem-broker@.service: FileDescriptorStoreMax=, Restart=)""",
     "doctor": """examples:
   ivshmem-broker doctor
   ivshmem-broker doctor --socket-group libvirt-qemu --json""",
@@ -605,6 +638,13 @@ def make_parser() -> argparse.ArgumentParser:
         help="group (name or gid) whose members may connect (primary or supplementary)",
     )
     serve.add_argument("--unlink-on-exit", action="store_true", help="remove the region at exit")
+    serve.add_argument(
+        "--fd-store",
+        action="store_true",
+        help="keep sockets and eventfds in the service manager's fd store (systemd, or "
+        "`ivshmem-broker supervise`), so that a broker restarted after a crash keeps every "
+        "connection, QEMU's included",
+    )
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
 
     status = add("status", cmd_status, "regions and peers, read from the regions themselves")
@@ -634,6 +674,16 @@ def make_parser() -> argparse.ArgumentParser:
     destroy = add("destroy", cmd_destroy, "remove region NAME, its socket and records")
     destroy.add_argument("name")
     destroy.add_argument("--force", action="store_true", help="even with live peers/broker")
+
+    supervise = add(
+        "supervise",
+        cmd_supervise,
+        "run `serve` and restart it when it dies, keeping its fd store (no systemd needed)",
+    )
+    supervise.add_argument(
+        "--restart-delay", type=_positive(float), default=0.5, metavar="S", help="default 0.5"
+    )
+    supervise.add_argument("serve", nargs=argparse.REMAINDER, help="-- serve ARGS...")
 
     doctor = add("doctor", cmd_doctor, "check this host and say what to fix")
     doctor.add_argument(

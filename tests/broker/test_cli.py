@@ -20,7 +20,7 @@ from tests.support.broker import ENV, ROOT, BrokerProcess, cli, unique_name
 
 pytestmark = pytest.mark.timeout(120)
 
-COMMANDS = ("serve", "status", "qemu-args", "libvirt-xml", "destroy", "doctor")
+COMMANDS = ("serve", "status", "qemu-args", "libvirt-xml", "destroy", "supervise", "doctor")
 
 
 @pytest.fixture
@@ -65,6 +65,9 @@ def assert_one_line_error(r: subprocess.CompletedProcess[str], *expect: str) -> 
          "config: --allow-gid"),
         (["serve", "--config", "/nonexistent/broker.toml"], "cannot read /nonexistent"),
         (["serve", "--name", "x", "--size", "4M", "--state-dir", "/proc/1/nope"], "/proc/1/nope"),
+        (["serve", "--name", "x", "--size", "4M", "--fd-store"], "--fd-store needs a service"),
+        (["supervise"], "supervise runs a broker"),
+        (["supervise", "--", "status"], "supervise runs a broker"),
         (["doctor", "--socket-group", "no-such-group-x"], "no group named"),
         (["doctor", "--bogus"], "unrecognized arguments"),
     ],

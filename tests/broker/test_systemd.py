@@ -15,12 +15,13 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from guest_lib.host_client import BrokerClient
+from ivshmem_comm import protocol
 from ivshmem_comm.region import Region, shm_path
 from tests.support.broker import ENV, ROOT, kill, unique_name
 
@@ -85,20 +86,28 @@ class NotifySocket:
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
         self.sock.bind(address.replace("@", "\0", 1) if address.startswith("@") else address)
         self.env = address
+        self.fd_messages: list[tuple[dict[str, str], list[str]]] = []  # FDSTORE*, fd kinds
 
     def receive(self, timeout: float) -> tuple[dict[str, str], int, float] | None:
         """(KEY=VALUE lines as a dict, sender pid, arrival time) or None on timeout."""
         self.sock.settimeout(timeout)
         try:
-            data, ancdata, _, _ = self.sock.recvmsg(4096, socket.CMSG_SPACE(12))
+            data, ancdata, _, _ = self.sock.recvmsg(
+                4096, socket.CMSG_SPACE(12) + socket.CMSG_SPACE(16 * 4)
+            )
         except TimeoutError:
             return None
-        pid = next(
-            struct.unpack("3i", d[:12])[0]
-            for level, kind, d in ancdata
-            if (level, kind) == (socket.SOL_SOCKET, socket.SCM_CREDENTIALS)
-        )
+        pid, fds = 0, []
+        for level, kind, d in ancdata:
+            if (level, kind) == (socket.SOL_SOCKET, socket.SCM_CREDENTIALS):
+                pid = struct.unpack("3i", d[:12])[0]
+            elif (level, kind) == (socket.SOL_SOCKET, socket.SCM_RIGHTS):
+                fds += list(struct.unpack(f"{len(d) // 4}i", d))
         fields = dict(line.split("=", 1) for line in data.decode().splitlines())
+        if "FDSTORE" in fields or "FDSTOREREMOVE" in fields:
+            self.fd_messages.append((fields, [_fd_kind(fd) for fd in fds]))
+        for fd in fds:
+            os.close(fd)
         return fields, pid, time.monotonic()
 
     def wait_for(self, key: str, timeout: float = 15) -> tuple[dict[str, str], int, float]:
@@ -111,6 +120,22 @@ class NotifySocket:
 
     def close(self) -> None:
         self.sock.close()
+
+
+def _fd_kind(fd: int) -> str:
+    """ "eventfd", "listening socket", "socket" or "other"."""
+    if protocol.is_eventfd(fd):
+        return "eventfd"
+    try:
+        sock = socket.socket(fileno=os.dup(fd))
+    except OSError:
+        return "other"
+    with sock:
+        return (
+            "listening socket"
+            if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+            else "socket"
+        )
 
 
 @pytest.fixture
@@ -260,3 +285,42 @@ def test_a_refused_start_says_why_and_is_never_ready(
     assert pid == svc.proc.pid and "READY" not in fields
     assert fields["STATUS"].startswith("refused to start: ") and "0755" in fields["STATUS"]
     assert notify_socket.receive(0.2) is None
+
+
+def test_fd_store_follows_sockets_and_peers(
+    tmp_path: Path, notify_socket: NotifySocket, services: list[Service]
+) -> None:
+    """With --fd-store (the unit's ExecStart has it), the broker stores its listening socket
+    before READY=1, each peer's connection and eventfds when it joins, removes them when it
+    goes, and empties the store on an orderly stop."""
+    svc = start(tmp_path, notify_socket, services)
+    assert svc.proc is not None and "--fd-store" in svc.argv()
+    notify_socket.wait_for("READY")
+    listen = f"l/{svc.name}"
+    assert notify_socket.fd_messages == [({"FDSTORE": "1", "FDNAME": listen}, ["listening socket"])]
+    with BrokerClient(svc.socket) as client:
+        peer = client.ivshmem_id
+        receive_until(lambda: len(notify_socket.fd_messages) == 4, notify_socket)
+    names = [f"c/{svc.name}/{peer}", f"e/{svc.name}/{peer}/0", f"e/{svc.name}/{peer}/1"]
+    assert notify_socket.fd_messages[1:] == [
+        ({"FDSTORE": "1", "FDNAME": names[0]}, ["socket"]),
+        ({"FDSTORE": "1", "FDNAME": names[1]}, ["eventfd"]),
+        ({"FDSTORE": "1", "FDNAME": names[2]}, ["eventfd"]),
+    ]
+    receive_until(lambda: len(notify_socket.fd_messages) == 7, notify_socket)
+    assert notify_socket.fd_messages[4:] == [
+        ({"FDSTOREREMOVE": "1", "FDNAME": name}, []) for name in names
+    ]
+    svc.proc.send_signal(signal.SIGTERM)
+    notify_socket.wait_for("STOPPING")
+    assert notify_socket.fd_messages[-1] == ({"FDSTOREREMOVE": "1", "FDNAME": listen}, [])
+    assert svc.proc.wait(10) == 0
+
+
+def receive_until(done: Callable[[], bool], notify: NotifySocket, timeout: float = 10) -> None:
+    """Receive notifications until `done()` (AssertionError after `timeout`)."""
+    deadline = time.monotonic() + timeout
+    while not done():
+        left = deadline - time.monotonic()
+        assert left > 0, "timed out"
+        notify.receive(min(left, 0.2))
