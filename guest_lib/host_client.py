@@ -44,6 +44,7 @@ from typing import Any
 
 from ivshmem_comm import layout, protocol
 from ivshmem_comm.endpoint import Endpoint
+from ivshmem_comm.errors import RegionFormatError
 from ivshmem_comm.notify import EventfdNotifier
 from ivshmem_comm.region import Region
 
@@ -100,8 +101,14 @@ class BrokerClient:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.settimeout(timeout)
-            sock.connect(socket_path)
+            _connect(sock, socket_path)
             handshake, decoder, announcements = protocol.read_handshake(sock)
+        except protocol.ConnectionClosedError:
+            sock.close()
+            raise protocol.ConnectionClosedError(
+                f"the broker at {socket_path} hung up before giving us a peer slot: "
+                + _refusal(socket_path)
+            ) from None
         except BaseException:
             sock.close()
             raise
@@ -372,6 +379,31 @@ class BrokerClient:
                 sock.close()
             return True
         return False
+
+
+def _connect(sock: socket.socket, path: str) -> None:
+    """sock.connect(path); its OSError names the path (or AF_UNIX's limit on its length)."""
+    try:
+        sock.connect(path)
+    except OSError as exc:
+        if exc.errno is None:  # the path does not fit a sockaddr_un
+            raise OSError(
+                f"broker socket path {path!r} is {len(os.fsencode(path))} bytes; "
+                "AF_UNIX takes at most 107"
+            ) from None
+        raise type(exc)(exc.errno, f"{exc.strerror} (is a broker serving it?)", path) from None
+
+
+def _refusal(socket_path: str) -> str:
+    """Why a broker may have hung up on a new client, as far as this host can tell."""
+    name = os.path.basename(socket_path).removesuffix(".sock")  # the default socket name
+    live = (layout.PEER_JOINING, layout.PEER_READY)
+    with contextlib.suppress(OSError, ValueError, RegionFormatError), Region.open(name) as region:
+        if all(p.state in live for p in region.peers()):
+            return (
+                f"its peer table is full (all {region.max_peers} slots of region {name!r} are held)"
+            )
+    return "its peer table may be full, or this user may not join (its log says which)"
 
 
 def connect(socket_path: str, *, timeout: float = 5.0, reconnect: bool = True) -> BrokerClient:
