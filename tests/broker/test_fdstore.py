@@ -28,7 +28,16 @@ import pytest
 from guest_lib.host_client import BrokerClient
 from ivshmem_comm import layout
 from ivshmem_comm.region import Region
-from tests.support.broker import ENV, ROOT, drain_eventfd, kill, unique_name, wait_for
+from tests.support.broker import (
+    ENV,
+    RAW_PEER,
+    ROOT,
+    drain_eventfd,
+    kill,
+    start_python,
+    unique_name,
+    wait_for,
+)
 
 pytestmark = [
     pytest.mark.qemu,
@@ -140,13 +149,14 @@ class QtestQemu:
 class Supervised:
     """`ivshmem-broker supervise -- serve ...` for one region (vectors=1) in `tmp`."""
 
-    def __init__(self, tmp: Path, fd_store: bool) -> None:
+    def __init__(self, tmp: Path, fd_store: bool, restart_delay: float = 0.2) -> None:
         self.name = unique_name()
         self.state_dir = tmp / "state"
         self.socket = str(self.state_dir / f"{self.name}.sock")
         self.log_path = tmp / "supervise.log"
         argv = [
-            sys.executable, "-m", "host_broker", "supervise", "--restart-delay", "0.2", "--",
+            sys.executable, "-m", "host_broker", "supervise", "--restart-delay",
+            str(restart_delay), "--",
             "serve", "--name", self.name, "--size", "4M", "--vectors", "1",
             "--state-dir", str(self.state_dir), *(["--fd-store"] if fd_store else []),
         ]  # fmt: skip
@@ -259,3 +269,36 @@ def test_an_orderly_stop_empties_the_store(
         assert sup.proc.wait(15) == 0
         wait_for(lambda: not host.connected.is_set(), timeout=5)
     assert "broker exited with status 0: done" in sup.log()
+
+
+def test_host_peers_stay_connected_and_deaths_meanwhile_are_seen(
+    tmp_path: Path, made: list[Supervised | QtestQemu]
+) -> None:
+    """A host client keeps its connection across the kill (it never has to reclaim); a peer
+    that dies while no broker runs has its connection dropped by the holder, its eventfds
+    closed by the next broker, its slot marked DEAD and its death told to the survivors."""
+    sup = Supervised(tmp_path, fd_store=True, restart_delay=1.5)
+    made.append(sup)
+    with BrokerClient(sup.socket) as stays:
+        doomed = start_python(RAW_PEER, sup.socket)
+        try:
+            assert doomed.stdout is not None
+            doomed_id = int(doomed.stdout.readline())
+            wait_for(lambda: 1 in stays.peer_eventfds())  # slot 1
+            os.kill(sup.broker_pid(), signal.SIGKILL)
+            wait_for(lambda: "restarting in 1.5 s with" in sup.log())
+        finally:
+            kill(doomed)
+        sup.wait_ready(2)
+        log = sup.log()
+        assert f"peer {doomed_id} (slot 1" in log and "died while no broker ran" in log
+        assert f"e/{sup.name}/{doomed_id}/0" in log  # closed unclaimed
+        wait_for(lambda: 1 not in stays.peer_eventfds(), timeout=5)  # told it died
+        assert stays.region.peer(1).state == layout.PEER_DEAD
+        assert stays.reconnects == 0 and stays.connected.is_set()
+        with BrokerClient(sup.socket) as late:
+            wait_for(lambda: late.peer_id in stays.peer_eventfds(), timeout=5)
+            own = late.own_eventfds()[0]
+            drain_eventfd(own)
+            assert stays.kick(late.peer_id, 0)
+            assert select.select([own], [], [], 2)[0]

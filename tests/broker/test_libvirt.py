@@ -111,6 +111,7 @@ class Domain:
     def remove(self) -> None:
         virsh("destroy", self.name, check=False)
         virsh("undefine", self.name, check=False)
+        Path(f"/var/log/libvirt/qemu/{self.name}.log").unlink(missing_ok=True)
 
 
 @pytest.fixture
