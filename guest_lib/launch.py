@@ -29,7 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import IO
 
@@ -99,17 +99,21 @@ def supervise(
     *,
     grace: float = GRACE_S,
     who: str = "ivshmem-run",
+    signalled: Sequence[int] = (),
+    idle: Callable[[float], None] = time.sleep,
 ) -> int:
     """Wait until every rank in `procs` (each leading its own process group) has exited;
     return the job's status: 0 if all exited 0, else the first failure's :func:`exit_status`.
 
     After the first failure the others run on for `grace` seconds, then their groups get
-    SIGTERM and, 0.2 s later, SIGKILL. After `timeout` seconds (None: no limit) every group
-    gets SIGKILL, "<who>: timed out" goes to stderr and the result is 124 at once (the
-    caller reaps the processes). Polls every 10 ms."""
+    SIGTERM and, 0.2 s later, SIGKILL. `signalled`: signals the caller forwarded to the ranks
+    (a list its handler appends to); `grace` seconds after the first, every group gets
+    SIGKILL. After `timeout` seconds (None: no limit) every group gets SIGKILL, "<who>: timed
+    out" goes to stderr and the result is 124 at once (the caller reaps the processes).
+    Between polls it calls `idle(0.01)` (default: sleep; a caller may relay output there)."""
     deadline = None if timeout is None else time.monotonic() + timeout
     failed: int | None = None
-    fail_time = 0.0
+    fail_time = signal_time = 0.0
     while True:
         codes = [p.poll() for p in procs]
         if all(c is not None for c in codes):
@@ -117,16 +121,21 @@ def supervise(
                 return failed
             bad = [c for c in codes if c]
             return exit_status(bad[0]) if bad else 0
+        now = time.monotonic()
         if failed is None:
             for code in codes:
                 if code:
-                    failed, fail_time = exit_status(code), time.monotonic()
+                    failed, fail_time = exit_status(code), now
                     break
-        now = time.monotonic()
+        if signalled and not signal_time:
+            signal_time = now
         if failed is not None and now - fail_time > grace:
             for proc in procs:
                 signal_group(proc, signal.SIGTERM)
             time.sleep(0.2)
+            for proc in procs:
+                signal_group(proc, signal.SIGKILL)
+        if signal_time and now - signal_time > grace:
             for proc in procs:
                 signal_group(proc, signal.SIGKILL)
         if deadline is not None and now > deadline:
@@ -134,7 +143,7 @@ def supervise(
                 signal_group(proc, signal.SIGKILL)
             print(f"{who}: timed out", file=sys.stderr)
             return 124
-        time.sleep(0.01)
+        idle(0.01)
 
 
 class BrokerStartError(RuntimeError):

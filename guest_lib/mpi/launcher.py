@@ -44,13 +44,12 @@ from typing import IO, Any
 from guest_lib.launch import (
     BrokerProcess,
     BrokerStartError,
-    exit_status,
     job_environ,
     signal_group,
+    supervise,
 )
 from ivshmem_comm.units import parse_size
 
-GRACE_S = 2.0
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 MAX_PARTIAL_LINE = 1 << 20  # a longer line is passed on in pieces of this size
@@ -198,7 +197,7 @@ def run(argv: Sequence[str] | None = None) -> int:
             assert proc.stdout is not None and proc.stderr is not None
             output.add(rank, proc.stdout, sys.stdout.buffer)
             output.add(rank, proc.stderr, sys.stderr.buffer)
-        status = _supervise(procs, args.timeout, output, received)
+        status = supervise(procs, args.timeout, signalled=received, idle=output.pump)
         return 128 + received[0] if received else status
     finally:
         for proc in procs:
@@ -357,52 +356,6 @@ class _Output:
         deadline = time.monotonic() + timeout
         while self.partial and time.monotonic() < deadline:
             self.pump(0.05)
-
-
-def _supervise(
-    procs: list[subprocess.Popen[bytes]],
-    timeout: float | None,
-    output: _Output,
-    received: list[int],
-) -> int:
-    """Relay output until every rank exits; the job's status as the module docstring says.
-
-    A rank's failure stops the others after GRACE_S (SIGTERM, then SIGKILL 0.2 s later); a
-    forwarded signal (`received`, filled by the handler) is followed by SIGKILL after GRACE_S;
-    --timeout kills all at once."""
-    deadline = None if timeout is None else time.monotonic() + timeout
-    failed: int | None = None
-    fail_time = signal_time = 0.0
-    while True:
-        codes = [p.poll() for p in procs]
-        if all(c is not None for c in codes):
-            if failed is not None:
-                return failed
-            bad = [c for c in codes if c]
-            return exit_status(bad[0]) if bad else 0
-        now = time.monotonic()
-        if failed is None:
-            for code in codes:
-                if code:
-                    failed, fail_time = exit_status(code), now
-                    break
-        if received and not signal_time:
-            signal_time = now
-        if failed is not None and now - fail_time > GRACE_S:
-            for proc in procs:
-                signal_group(proc, signal.SIGTERM)
-            time.sleep(0.2)
-            for proc in procs:
-                signal_group(proc, signal.SIGKILL)
-        if signal_time and now - signal_time > GRACE_S:
-            for proc in procs:
-                signal_group(proc, signal.SIGKILL)
-        if deadline is not None and now > deadline:
-            for proc in procs:
-                signal_group(proc, signal.SIGKILL)
-            print("ivshmem-run: timed out", file=sys.stderr)
-            return 124
-        output.pump(0.01)
 
 
 def main() -> None:
