@@ -666,10 +666,10 @@ class Endpoint:
             self._remove_unexpected(found)
             dest[: found.nbytes] = found.data
             return found.nbytes, found.source, found.tag
-        head = found.peek()
-        assert head is not None
-        if head[0] > len(dest):
-            raise MessageTooLargeError(head[0], len(dest), found.source, head[1])
+        first = found.peek()
+        assert first is not None
+        if first[0] > len(dest):
+            raise MessageTooLargeError(first[0], len(dest), found.source, first[1])
         nbytes, msg_tag = found.take_into(dest, bypass_cache)
         return nbytes, found.source, msg_tag
 

@@ -49,6 +49,7 @@ def test_schedule_shrinks_with_size() -> None:
     assert 2 <= quick.lat_iters < small.lat_iters
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 @pytest.mark.skipif(not _have_mpi(), reason="mpi4py and the mpich wheel are not installed")
 def test_quick_run_prints_table_and_json(tmp_path: Path) -> None:

@@ -76,6 +76,7 @@ def quick2(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(170)
 def test_quick_two_ranks_runs_every_test_and_form(quick2: Path) -> None:
     doc = json.loads((quick2 / "results.json").read_text())
@@ -97,6 +98,7 @@ def test_quick_two_ranks_runs_every_test_and_form(quick2: Path) -> None:
     assert "Latency (us)" in tables and "Avg Latency(us)" in tables and "Overlap(%)" in tables
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(150)
 def test_quick_four_ranks_oversubscribed_subset(tmp_path: Path) -> None:
     proc = _osu(
@@ -156,6 +158,7 @@ def test_wrong_data_raises() -> None:
         expect(want[:4], want, "short")
 
 
+@pytest.mark.slow  # it reuses the quick two-rank run (quick2)
 @pytest.mark.timeout(170)
 def test_update_readme_rewrites_only_its_section(quick2: Path, tmp_path: Path) -> None:
     readme = tmp_path / "README.md"

@@ -97,6 +97,7 @@ except ic.TimeoutError:
 """
 
 
+@pytest.mark.slow  # a child that blocks until its watchdog ends it
 @pytest.mark.xfail(
     strict=True,
     reason="issue 10: a streamed send to a live peer that does not receive ignores its timeout",
@@ -200,6 +201,7 @@ out.close()
 """
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_mpi_communicators_and_tags_run_out_clearly(tmp_path):
     program = tmp_path / "limits.py"

@@ -36,6 +36,7 @@ def _talk(ep: ic.Endpoint, other: int, pair: int) -> None:
         assert bytes(msg.data) == b"%d from %d" % (pair, other)
 
 
+@pytest.mark.slow
 def test_a_hundred_pairs_in_a_row_reuse_one_region(make_region, spawn):
     """Pair after pair of processes joins the same two slots, talks both ways and leaves: no
     pair mistakes the previous pair's holder (LEFT) for a partner it lost."""

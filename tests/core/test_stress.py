@@ -96,6 +96,7 @@ def _process_b(name: str) -> None:
         os._exit(1)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_100k_mixed_messages_both_ways(spawn):
     name = unique_name("stress")

@@ -20,6 +20,7 @@ import pytest
 from tests.mpi.conftest import MPIEXEC, PYTEST_RANK_ARGS, PYTHON, run_job
 
 LAUNCHER = [PYTHON, "-m", "guest_lib.mpi.launcher"]
+pytestmark = pytest.mark.slow  # whole jobs of real ranks: 7 s to 3 min each
 
 
 def passed_counts(output: str) -> list[int]:
