@@ -25,6 +25,7 @@ reported, and is a violation with `--strict`. Exit 2 if the storm itself could n
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -189,7 +190,10 @@ class Storm:
 
     # ------------------------------------------------------------------ analysis
     def report(self) -> list[float]:
-        """Print the summary; add the log findings to the violations; return the latencies."""
+        """Print the summary; add the log findings to the violations; return the latencies.
+        The kills (kind, victim, slot, incarnation, CLOCK_REALTIME) go to kills.json beside
+        the peers' logs (kept with --keep)."""
+        (self.workdir / "kills.json").write_text(json.dumps(self.kills, indent=1))
         events = {p.label: p.events() for p in self.peers}
         spurious = 0
         for label, evs in events.items():
@@ -275,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--via", choices=["broker", "region"], default="broker")
     parser.add_argument("--peers", type=int, default=4)
     parser.add_argument("--broker-share", type=float, default=0.2, help="share of broker kills")
-    parser.add_argument("--max-size", type=int, default=1 * MiB, help="largest payload, bytes")
+    parser.add_argument("--max-size", type=int, default=256 << 10, help="largest payload, bytes")
     parser.add_argument("--region-mib", type=int, default=64, help="region size, MiB")
     parser.add_argument("--pause-min", type=float, default=0.2, help="s between kills, at least")
     parser.add_argument("--pause-max", type=float, default=0.6, help="s between kills, at most")

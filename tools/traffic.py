@@ -45,8 +45,11 @@ HEADER = struct.Struct("<IHHIIQIiQ16s")
 MAGIC = 0x4B434154  # b"TACK"
 F_FIN = 1
 PATTERN_SPAN = 1 << 16  # payloads start at one of this many offsets of the pattern
-SEND_TIMEOUT = 0.0005  # s: a send that finds the queue full waits this long, then retries later
-RECV_TIMEOUT = 0.0005  # s: a receive that finds nothing waits this long
+# A round blocks at most once, in its ANY_SOURCE receive: on a loaded machine every sleep costs
+# a trip through the scheduler, and the time to notice a lost peer is about one round.
+SEND_TIMEOUT = 0.0  # s: a full queue is back-pressure: the message is retried next round
+ANY_TIMEOUT = 0.0005  # s: the ANY_SOURCE receive that finds nothing waits this long
+NAMED_TIMEOUT = 0.0001  # s: a named receive: past the spin (which checks the peer), barely
 MAX_PULL = 4  # messages received per source per round
 STOP_TIMEOUT = 60.0  # s: the most the FIN exchange may take once the stop file appears
 _READY = layout.PEER_READY
@@ -202,12 +205,13 @@ class TrafficPeer:
 
     # ------------------------------------------------------------------ receiving
     def _recv_one(self, source: int) -> None:
+        timeout = ANY_TIMEOUT if source == ic.ANY_SOURCE else NAMED_TIMEOUT
         self._taken += 1
         if self._taken % 2:
-            n, src, tag = self.ep.recv_into(self.scratch, source, ic.ANY_TAG, RECV_TIMEOUT)
+            n, src, tag = self.ep.recv_into(self.scratch, source, ic.ANY_TAG, timeout)
             self.check(src, tag, memoryview(self.scratch)[:n])
         else:
-            with self.ep.recv(source, ic.ANY_TAG, RECV_TIMEOUT) as message:
+            with self.ep.recv(source, ic.ANY_TAG, timeout) as message:
                 self.check(message.source, message.tag, message.data)
 
     def recv_round(self) -> None:
