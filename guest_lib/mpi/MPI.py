@@ -71,6 +71,7 @@ from guest_lib.mpi.pickling import PICKLE as pickle
 from guest_lib.mpi.pickling import Pickle
 from guest_lib.mpi.request import REQUEST_NULL, Request
 from guest_lib.mpi.status import Status
+from guest_lib.mpi.topology import CART, DIST_GRAPH, GRAPH, Cartcomm, Compute_dims
 
 __TypeDict__ = TypeDict
 _typedict = TypeDict
@@ -237,6 +238,8 @@ def _internal_state() -> dict[str, Any]:
 
 
 KEYVAL_TAG_UB = _KEY_TAG_UB
+KEYVAL_INVALID = 0x24000000  # MPICH's value
+APPNUM = KEYVAL_INVALID  # no MPMD application numbers: Get_attr(APPNUM) is not offered
 __all__ = [name for name in dir() if not name.startswith("_") and name != "annotations"]
 _unused = (  # names re-exported on purpose (mpi4py's MPI namespace), not used here
     ANY_SOURCE, ANY_TAG, BOTTOM, CONGRUENT, IDENT, IN_PLACE, KEY_HOST, KEY_IO,
@@ -244,4 +247,5 @@ _unused = (  # names re-exported on purpose (mpi4py's MPI namespace), not used h
     THREAD_SERIALIZED, UNDEFINED, UNEQUAL, COMM_NULL, Comm, Datatype, Exception,
     Get_error_class, Get_error_string, BAND, BOR, BXOR, LAND, LOR, LXOR, MAX, MAXLOC, MIN,
     MINLOC, NO_OP, OP_NULL, PROD, REPLACE, SUM, Op, REQUEST_NULL, TAG_UB_VALUE, Pickle, pickle,
+    CART, DIST_GRAPH, GRAPH, Cartcomm, Compute_dims,
 )  # fmt: skip

@@ -20,7 +20,9 @@ with mpi4py, BufferError unless the spec names a datatype.
 
 from __future__ import annotations
 
+import ctypes
 import sys
+import weakref
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -30,6 +32,8 @@ from guest_lib.mpi import datatypes
 from guest_lib.mpi.datatypes import BYTE, Datatype
 
 _EMPTY = memoryview(bytearray(0))
+_DL_HOST = (1, 3)  # DLPack device types of host memory (CPU, CUDA pinned host)
+_KEEP: dict[int, Any] = {}  # DLPack capsules of the arrays made over their tensors
 _IMPLIED: dict[np.dtype, Datatype | None] = {}  # numpy dtype -> its datatype (a cache)
 _SWAPPED = Datatype("(byte-swapped)", None)  # what a non-native byte order implies
 _FOREIGN = ">!" if sys.byteorder == "little" else "<!"  # format prefixes of swapped data
@@ -69,6 +73,10 @@ def _as_bytes(buf: Any, writable: bool) -> tuple[memoryview, Datatype | None]:
     try:
         view = memoryview(buf)
     except TypeError:
+        if hasattr(buf, "__dlpack__"):
+            return _as_bytes(_from_dlpack(buf), writable)
+        if hasattr(buf, "__cuda_array_interface__"):
+            raise BufferError("message: device (CUDA) buffers are not supported") from None
         raise TypeError(f"message: expecting a buffer, got {type(buf).__name__}") from None
     if writable and view.readonly:
         raise BufferError("message buffer is read-only")
@@ -87,6 +95,75 @@ def _as_bytes(buf: Any, writable: bool) -> tuple[memoryview, Datatype | None]:
             datatype = None
     view = view.cast("B") if view.c_contiguous else memoryview(np.asarray(view)).cast("B")
     return view, datatype
+
+
+class _DLTensor(ctypes.Structure):
+    _fields_ = [
+        ("data", ctypes.c_void_p),
+        ("device_type", ctypes.c_int32),
+        ("device_id", ctypes.c_int32),
+        ("ndim", ctypes.c_int32),
+        ("code", ctypes.c_uint8),
+        ("bits", ctypes.c_uint8),
+        ("lanes", ctypes.c_uint16),
+        ("shape", ctypes.POINTER(ctypes.c_int64)),
+        ("strides", ctypes.POINTER(ctypes.c_int64)),
+        ("byte_offset", ctypes.c_uint64),
+    ]
+
+
+_DL_KINDS = {0: "i", 1: "u", 2: "f", 5: "c", 6: "b"}  # DLPack type codes -> numpy kinds
+_DL_VERSIONED_HEAD = 8 + 8 + 8 + 8  # version, manager_ctx, deleter, flags before the tensor
+_capsule_pointer = ctypes.pythonapi.PyCapsule_GetPointer
+_capsule_pointer.restype = ctypes.c_void_p
+_capsule_pointer.argtypes = [ctypes.py_object, ctypes.c_char_p]
+_capsule_name = ctypes.pythonapi.PyCapsule_GetName
+_capsule_name.restype = ctypes.c_char_p
+_capsule_name.argtypes = [ctypes.py_object]
+
+
+def _from_dlpack(buf: Any) -> np.ndarray:
+    """A DLPack tensor in host memory as a numpy array over its memory (zero-copy), as mpi4py
+    reads one: the capsule is not consumed, so its owner frees the tensor when the array
+    (which holds the capsule) goes. BufferError for a tensor in device memory or one that
+    is not contiguous."""
+    if hasattr(buf, "__dlpack_device__") and buf.__dlpack_device__()[0] not in _DL_HOST:
+        raise BufferError("message: DLPack buffers in device memory are not supported")
+    capsule = buf.__dlpack__()
+    name = _capsule_name(capsule)
+    address = _capsule_pointer(capsule, name)
+    if name == b"dltensor_versioned":
+        address += _DL_VERSIONED_HEAD
+    elif name != b"dltensor":
+        raise BufferError(f"message: unknown DLPack capsule {name!r}")
+    tensor = _DLTensor.from_address(address)
+    if tensor.device_type not in _DL_HOST:
+        raise BufferError("message: DLPack buffers in device memory are not supported")
+    kind, size = _DL_KINDS.get(tensor.code), tensor.bits // 8
+    if kind == "f" and tensor.lanes == 2:  # a complex number as two lanes of floats
+        kind, size = "c", 2 * size
+    elif tensor.lanes != 1:
+        kind = None
+    if kind is None:
+        raise BufferError(f"message: DLPack type {tensor.code}x{tensor.lanes} not supported")
+    dtype = np.dtype(f"{kind}{size}") if kind != "b" else np.dtype("?")
+    shape = [tensor.shape[i] for i in range(tensor.ndim)]
+    count = 1
+    for extent in shape:
+        count *= extent
+    if tensor.strides and count > 1:
+        expect = 1
+        for axis in reversed(range(tensor.ndim)):
+            if shape[axis] != 1 and tensor.strides[axis] != expect:
+                raise BufferError("message: DLPack buffer is not C-contiguous")
+            expect *= shape[axis]
+    if count == 0 or not tensor.data:
+        return np.empty(shape, dtype)
+    raw = (ctypes.c_char * (count * dtype.itemsize)).from_address(tensor.data + tensor.byte_offset)
+    array = np.frombuffer(memoryview(raw).cast("B"), dtype=dtype).reshape(shape)
+    _KEEP[id(raw)] = capsule  # the tensor lives while `raw` (the array's base) does
+    weakref.finalize(raw, _KEEP.pop, id(raw), None)
+    return array
 
 
 def _implied_by(dtype: np.dtype) -> Datatype | None:
@@ -202,41 +279,49 @@ class VSpec(NamedTuple):
 
 
 def parse_vector(spec: Any, size: int, *, writable: bool = False) -> VSpec:
-    """Resolve a vector spec for `size` ranks.
+    """Resolve a vector spec for `size` ranks, with mpi4py's rules.
 
-    Forms: buf, [buf, datatype], [buf, counts], [buf, counts, displs], [buf, counts,
-    datatype], [buf, (counts, displs), datatype], [buf, counts, displs, datatype]. A single
-    int count means that count for every rank; missing displs are the running sums.
+    Forms: buf, [buf, datatype], [buf, counts], [buf, (counts, displs)], [buf, counts,
+    datatype], [buf, (counts, displs), datatype], [buf, counts, displs, datatype] (a tuple
+    in the counts place is (counts, displs); a list is counts). counts None: the buffer's
+    elements split as evenly as can be (the first ranks get one more); an int: that count
+    for every rank. displs None: contiguous (running sums); an int d: strided, d * rank.
     """
     counts: Any = None
     displs: Any = None
     datatype: Datatype | None = None
     if isinstance(spec, list | tuple):
         items = list(spec)
-        buf = items[0]
-        rest = items[1:]
-        if rest and _is_datatype(rest[-1]):
-            datatype = _datatype(rest.pop())
-        if len(rest) == 1:
-            if isinstance(rest[0], tuple) and len(rest[0]) == 2 and not _is_int(rest[0][0]):
-                counts, displs = rest[0]
-            else:
-                counts = rest[0]
-        elif len(rest) == 2:
-            counts, displs = rest
-        elif rest:
-            raise TypeError("message: malformed vector spec")
+        if len(items) == 2:
+            buf, counts = items
+            if _is_datatype(counts):
+                counts, datatype = None, _datatype(counts)
+            elif isinstance(counts, tuple):
+                counts, displs = counts
+        elif len(items) == 3:
+            buf, counts, datatype = items[0], items[1], _datatype(items[2])
+            if isinstance(counts, tuple):
+                counts, displs = counts
+        elif len(items) == 4:
+            buf, counts, displs, datatype = items[0], items[1], items[2], _datatype(items[3])
+        else:
+            raise ValueError("message: expecting 2 to 4 items")
     else:
         buf = spec
     view, implied = _as_bytes(buf, writable)
     if datatype is None:
         datatype = _implied(implied)
-    extent = datatype.Get_size() or 1
+    extent = datatype.Get_size()
     if counts is None:
-        total = len(view) // extent
-        if total % size:
-            raise ValueError(f"message: {total} elements do not split evenly over {size} ranks")
-        counts = [total // size] * size
+        total = 0
+        if len(view):
+            if extent <= 0 or len(view) % extent:
+                raise ValueError(
+                    f"message: cannot infer count, buffer length {len(view)} is not a "
+                    f"multiple of datatype extent {extent}"
+                )
+            total = len(view) // extent
+        counts = [total // size + (total % size > i) for i in range(size)]
     elif _is_int(counts):
         counts = [int(counts)] * size
     counts = [int(c) for c in counts]
@@ -246,7 +331,7 @@ def parse_vector(spec: Any, size: int, *, writable: bool = False) -> VSpec:
             displs.append(running)
             running += c
     elif _is_int(displs):
-        displs = [int(displs) + sum(counts[:i]) for i in range(size)]
+        displs = [int(displs) * i for i in range(size)]
     displs = [int(d) for d in displs]
     if len(counts) != size or len(displs) != size:
         raise ValueError(f"message: expecting {size} counts and displacements")

@@ -83,8 +83,9 @@ def collective(method: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return method(self, *args, **kwargs)
         except Exception as exc:
-            engine.abandon(self._ctx + 1, seq, f"{type(exc).__name__}: {exc}",
-                           [w for w in self._group if w != engine.world_rank])  # fmt: skip
+            members = [w for w in self._group if w != engine.world_rank]
+            reason = f"{type(exc).__name__}: {exc}"
+            engine.abandon(self._ctx + 1, seq, coll_base(seq), COLL_SPAN, reason, members)
             raise
         finally:
             self._coll_active = False
@@ -441,7 +442,7 @@ class Collectives:
     Gatherv = Gather
 
     def Igather(self, sendbuf: Any, recvbuf: Any, root: int = 0) -> Request:
-        return self._nonblocking(self._gatherv(sendbuf, recvbuf, root, self._nonblocking_tag()))
+        return self._nonblocking(functools.partial(self._gatherv, sendbuf, recvbuf, root))
 
     Igatherv = Igather
 
@@ -464,7 +465,7 @@ class Collectives:
     Scatterv = Scatter
 
     def Iscatter(self, sendbuf: Any, recvbuf: Any, root: int = 0) -> Request:
-        return self._nonblocking(self._scatterv(sendbuf, recvbuf, root, self._nonblocking_tag()))
+        return self._nonblocking(functools.partial(self._scatterv, sendbuf, recvbuf, root))
 
     Iscatterv = Iscatter
 
@@ -493,7 +494,7 @@ class Collectives:
     Allgatherv = Allgather
 
     def Iallgather(self, sendbuf: Any, recvbuf: Any) -> Request:
-        return self._nonblocking(self._allgatherv(sendbuf, recvbuf, self._nonblocking_tag()))
+        return self._nonblocking(functools.partial(self._allgatherv, sendbuf, recvbuf))
 
     Iallgatherv = Iallgather
 
@@ -514,7 +515,7 @@ class Collectives:
     Alltoallv = Alltoall
 
     def Ialltoall(self, sendbuf: Any, recvbuf: Any) -> Request:
-        return self._nonblocking(self._alltoallv(sendbuf, recvbuf, self._nonblocking_tag()))
+        return self._nonblocking(functools.partial(self._alltoallv, sendbuf, recvbuf))
 
     Ialltoallv = Ialltoall
 
@@ -787,32 +788,48 @@ class Collectives:
         if rank + 1 < size:
             self._c_wait([self._c_isend(_raw(running), rank + 1, tag)])
 
-    # ------------------------------------------------------------------ nonblocking forms
     # ------------------------------------------------------------------ nonblocking
-    def _nonblocking(self, steps: Iterator[list[Op]]) -> Request:
-        """A Request for a nonblocking collective whose stages `steps` yields."""
+    def _nonblocking(self, stages: Callable[[int], Iterator[list[Op]]]) -> Request:
+        """A Request for a nonblocking collective whose stages `stages(tag)` yields. The
+        instance takes its number (and tag: its own, so that its messages never match those
+        of another collective) before anything can fail, so every member numbers it alike.
+        If it fails on this rank (at the call, or later in a stage), it is abandoned as a
+        blocking one is (see the module docstring): the other members' requests then
+        complete with MPI.Exception(ERR_OTHER) instead of waiting."""
         engine = self._check()
-        return Request(engine.start_staged(StagedOp(steps)), engine)
-
-    def _nonblocking_tag(self) -> int:
-        """The tag of this communicator's next nonblocking collective: its own, so that its
-        messages never match those of a collective started before or after it."""
         seq, self._nb_seq = self._nb_seq, self._nb_seq + 1
-        return T_NONBLOCKING + seq % NONBLOCKING_TAGS
+        tag = T_NONBLOCKING + seq % NONBLOCKING_TAGS
+        ctx = self._ctx + 1
+        if len(self._group) < 2:
+            return Request(engine.start_staged(StagedOp(stages(tag))), engine)
+        members = [w for w in self._group if w != engine.world_rank]
+
+        def abandon(reason: str) -> None:
+            engine.abandon(ctx, seq, tag, 1, reason, members)
+
+        gone = engine.abandoned_already(ctx, tag, seq)
+        if gone is not None:
+            raise exceptions.Exception(exceptions.ERR_OTHER, gone)
+        op = StagedOp(stages(tag), abandon)
+        try:
+            engine.start_staged(op)
+        except Exception as exc:
+            abandon(f"{type(exc).__name__}: {exc}")
+            raise
+        return Request(op, engine)
 
     def Ibarrier(self) -> Request:
         """Nonblocking barrier (dissemination: ceil(log2 size) rounds of empty messages)."""
-        return self._nonblocking(self._barrier(self._nonblocking_tag()))
+        return self._nonblocking(self._barrier)
 
     def Ibcast(self, buf: Any, root: int = 0) -> Request:
         """Nonblocking broadcast of a buffer (binomial tree; `buf` is not to be touched until
         the request completes)."""
         size, rank = self._sizes()
-        self._root(root)
-        view = buffers.parse(buf, writable=rank != root).view
-        tag = self._nonblocking_tag()
 
-        def steps() -> Iterator[list[Op]]:
+        def steps(tag: int) -> Iterator[list[Op]]:
+            self._root(root)
+            view = buffers.parse(buf, writable=rank != root).view
             rel = (rank - root) % size
             mask = 1
             while mask < size:
@@ -828,47 +845,48 @@ class Collectives:
                 mask >>= 1
             yield children
 
-        return self._nonblocking(steps())
+        return self._nonblocking(steps)
 
     def Iallreduce(self, sendbuf: Any, recvbuf: Any, op: ops.Op = ops.SUM) -> Request:
         """Nonblocking Allreduce: rank 0 folds every operand in rank order and sends the
         result to all (the same bits everywhere)."""
         size, rank = self._sizes()
-        rspec = buffers.parse(recvbuf, writable=True)
-        out = _array(rspec.view, rspec.datatype)
-        if sendbuf is IN_PLACE:
-            local = out.copy()
-        else:
-            local = _array(buffers.parse(sendbuf).view, rspec.datatype)
-        tag = self._nonblocking_tag()
 
-        def steps() -> Iterator[list[Op]]:
+        def steps(tag: int) -> Iterator[list[Op]]:
+            rspec = buffers.parse(recvbuf, writable=True)
+            out = _array(rspec.view, rspec.datatype)
+            if sendbuf is IN_PLACE:
+                local = out.copy()
+            else:
+                local = _array(buffers.parse(sendbuf).view, rspec.datatype)
             result = [] if rank == 0 else [self._c_irecv(rspec.view, 0, tag)]
             yield from self._fold_at(local, out, op, rspec.datatype, 0, tag, result)
             if rank == 0:
                 yield [self._c_isend(rspec.view, r, tag) for r in range(1, size)]
 
-        return self._nonblocking(steps())
+        return self._nonblocking(steps)
 
     def Ireduce(self, sendbuf: Any, recvbuf: Any, op: ops.Op = ops.SUM, root: int = 0) -> Request:
         """Nonblocking Reduce: `root` folds every operand in rank order."""
         _, rank = self._sizes()
-        self._root(root)
-        if rank == root:
-            rspec = buffers.parse(recvbuf, writable=True)
-            datatype = rspec.datatype
-            out: np.ndarray | None = _array(rspec.view, datatype)
-            if sendbuf is IN_PLACE:
-                local = out.copy()
+
+        def steps(tag: int) -> Iterator[list[Op]]:
+            self._root(root)
+            if rank == root:
+                rspec = buffers.parse(recvbuf, writable=True)
+                datatype = rspec.datatype
+                out: np.ndarray | None = _array(rspec.view, datatype)
+                if sendbuf is IN_PLACE:
+                    local = out.copy()
+                else:
+                    local = _array(buffers.parse(sendbuf).view, datatype)
             else:
-                local = _array(buffers.parse(sendbuf).view, datatype)
-        else:
-            sspec = buffers.parse(sendbuf)
-            out, datatype = None, sspec.datatype
-            local = _array(sspec.view, datatype)
-        return self._nonblocking(
-            self._fold_at(local, out, op, datatype, root, self._nonblocking_tag())
-        )
+                sspec = buffers.parse(sendbuf)
+                out, datatype = None, sspec.datatype
+                local = _array(sspec.view, datatype)
+            yield from self._fold_at(local, out, op, datatype, root, tag)
+
+        return self._nonblocking(steps)
 
     def _fold_at(
         self,

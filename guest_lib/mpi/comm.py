@@ -120,6 +120,10 @@ class Comm:
     def name(self) -> str:
         return self._name
 
+    @name.setter
+    def name(self, name: str) -> None:
+        self._name = name
+
     def Is_inter(self) -> bool:
         return False
 
@@ -743,19 +747,26 @@ class Comm:
             value |= int.from_bytes(op.obj, "little")
         return value
 
-    @staticmethod
-    def Compare(comm1: Comm, comm2: Comm) -> int:
-        if comm1._ctx == comm2._ctx and comm1._group == comm2._group:
+    def Compare(self, comm: Comm) -> int:
+        """IDENT (the same communicator), CONGRUENT (same group and order), SIMILAR (same
+        members in another order) or UNEQUAL, as mpi4py's `comm.Compare(other)`."""
+        if self._ctx == comm._ctx and self._group == comm._group:
             return constants.IDENT
-        if comm1._group == comm2._group:
+        if self._group == comm._group:
             return constants.CONGRUENT
-        if sorted(comm1._group) == sorted(comm2._group):
+        if sorted(self._group) == sorted(comm._group):
             return constants.SIMILAR
         return constants.UNEQUAL
 
 
 class Intracomm(Collectives, Comm):
     """An intra-communicator: p2p, collectives and management."""
+
+    def Create_cart(self, dims: Any, periods: Any = None, reorder: bool = False) -> Intracomm:
+        """A Cartesian topology over the first prod(dims) ranks (see `topology`)."""
+        from guest_lib.mpi import topology
+
+        return topology.create_cart(self, dims, periods, reorder)
 
 
 COMM_NULL = Intracomm(None, [], -1)

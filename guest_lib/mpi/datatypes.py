@@ -177,7 +177,38 @@ INT_INT = TWOINT
 LONG_INT = _define("LONG_INT", _pair("l"))
 FLOAT_INT = _define("FLOAT_INT", _pair("f"))
 DOUBLE_INT = _define("DOUBLE_INT", _pair("d"))
+LONG_DOUBLE_INT = _define("LONG_DOUBLE_INT", _pair("g"))
 PREDEFINED["INT_INT"] = TWOINT
+FLOAT16_T = _define("FLOAT16_T", "e", "e")
+CXX_FLOAT_COMPLEX = _define("CXX_FLOAT_COMPLEX", "F", "F")
+CXX_DOUBLE_COMPLEX = _define("CXX_DOUBLE_COMPLEX", "D", "D")
+CXX_LONG_DOUBLE_COMPLEX = _define("CXX_LONG_DOUBLE_COMPLEX", "G", "G")
+# Fortran types, with gfortran's sizes (as MPICH reports them)
+CHARACTER = _define("CHARACTER", "S1", "c")
+LOGICAL = _define("LOGICAL", "i4")
+INTEGER = _define("INTEGER", "i4", "i4")
+REAL = _define("REAL", "f4", "f4")
+DOUBLE_PRECISION = _define("DOUBLE_PRECISION", "f8", "f8")
+INTEGER1 = _define("INTEGER1", "i1", "i1")
+INTEGER2 = _define("INTEGER2", "i2", "i2")
+INTEGER4 = _define("INTEGER4", "i4", "i4")
+INTEGER8 = _define("INTEGER8", "i8", "i8")
+REAL4 = _define("REAL4", "f4", "f4")
+REAL8 = _define("REAL8", "f8", "f8")
+REAL16 = _define("REAL16", "g", "g")
+COMPLEX8 = _define("COMPLEX8", "F", "F")
+COMPLEX16 = _define("COMPLEX16", "D", "D")
+COMPLEX32 = _define("COMPLEX32", "G", "G")
+# Other names of the types above (mpi4py's aliases)
+UNSIGNED_INT = UNSIGNED
+SIGNED_SHORT, SIGNED_INT, SIGNED_LONG, SIGNED_LONG_LONG = SHORT, INT, LONG, LONG_LONG
+SINT8_T, SINT16_T, SINT32_T, SINT64_T = INT8_T, INT16_T, INT32_T, INT64_T
+FLOAT32_T, FLOAT64_T = FLOAT, DOUBLE
+F_BOOL, F_INT, F_FLOAT, F_DOUBLE = LOGICAL, INTEGER, REAL, DOUBLE_PRECISION
+F_COMPLEX, F_FLOAT_COMPLEX, F_DOUBLE_COMPLEX = COMPLEX, COMPLEX, DOUBLE_COMPLEX
+# Types the MPI library has no support for (MPICH reports them as DATATYPE_NULL too)
+LOGICAL1 = LOGICAL2 = LOGICAL4 = LOGICAL8 = LOGICAL16 = DATATYPE_NULL
+INTEGER16 = REAL2 = COMPLEX4 = BFLOAT16_T = DATATYPE_NULL
 
 # Typecode -> datatype, first definition wins for each numpy dtype.
 _BY_CODE: dict[str, Datatype] = {

@@ -81,7 +81,8 @@ MAX_PULL = 64  # messages taken from shared memory per progress pass
 
 COLL_SPAN = 16  # tags of one blocking collective instance: base .. base + COLL_SPAN - 1
 COLL_INSTANCES = 4096  # blocking collective instances before a tag base comes round again
-ABANDON = struct.Struct("<IQ")  # collective context, instance number
+COLL_TAGS = COLL_INSTANCES * COLL_SPAN  # tags of blocking instances; nonblocking ones: above
+ABANDON = struct.Struct("<IQIH")  # collective context, instance number, first tag, tags
 
 
 def coll_base(seq: int) -> int:
@@ -190,27 +191,42 @@ class StagedOp(Op):
     waits for (having started them); the op is done when it returns. Every progress pass
     advances it, so it moves on whatever call of the process is making progress."""
 
-    __slots__ = ("pending", "steps")
+    __slots__ = ("on_fail", "pending", "steps")
 
-    def __init__(self, steps: Iterator[list[Op]]) -> None:
+    def __init__(
+        self, steps: Iterator[list[Op]], on_fail: Callable[[str], None] | None = None
+    ) -> None:
         super().__init__()
         self.steps = steps
         self.pending: list[Op] = []
+        self.on_fail = on_fail  # told why, when the op fails here (see Collectives)
 
-    def advance(self) -> bool:
-        """Start the next stages while the current one is complete. True iff it moved."""
+    def advance(self, propagate: bool = False) -> bool:
+        """Start the next stages while the current one is complete. True iff it moved.
+
+        A stage whose operation failed, or that raises, fails the op (error ERR_OTHER for an
+        exception, re-raised instead when `propagate`: the first stage, run by the call)."""
         moved = False
         while not self.done and all(op.done for op in self.pending):
             moved = True
             failed = next((op.error for op in self.pending if op.error), 0)
             if failed:
-                self.error, self.done = failed, True
+                self._fail(failed, f"{exceptions.Get_error_string(failed)} in a stage")
                 break
             try:
                 self.pending = next(self.steps)
             except StopIteration:
                 self.done = True
+            except Exception as exc:
+                if propagate:
+                    raise
+                self._fail(exceptions.ERR_OTHER, f"{type(exc).__name__}: {exc}")
         return moved
+
+    def _fail(self, error: int, reason: str) -> None:
+        self.error, self.done = error, True
+        if self.on_fail is not None:
+            self.on_fail(reason)
 
 
 class MpiOp(Op):
@@ -587,16 +603,18 @@ class Engine:
                 keep.append(entry)
         self.unexpected[:] = keep
 
-    def abandon(self, ctx: int, seq: int, reason: str, members: list[int]) -> None:
-        """This rank left blocking collective instance number `seq` of the communicator whose
-        collective context is `ctx` with an error: withdraw its receives, drop its messages
-        (those here and those to come), and tell the other `members` (world ranks) why, so
-        that they leave it too instead of waiting for this rank."""
-        base = coll_base(seq)
+    def abandon(
+        self, ctx: int, seq: int, base: int, span: int, reason: str, members: list[int]
+    ) -> None:
+        """This rank left collective instance number `seq` of the communicator whose
+        collective context is `ctx` with an error (its messages carry tags base ..
+        base+span-1): withdraw its receives, drop its messages (those here and those to
+        come), and tell the other `members` (world ranks) why, so that they leave it too
+        instead of waiting for this rank."""
         self.abandoned[(ctx, base)] = (seq, reason)
-        self._fail_posted(ctx, base, COLL_SPAN, 0)
-        self._purge(lambda entry: entry.ctx == ctx and base <= entry.tag < base + COLL_SPAN)
-        payload = ABANDON.pack(ctx, seq) + reason.encode()[:512]
+        self._fail_posted(ctx, base, span, 0)
+        self._purge(lambda entry: entry.ctx == ctx and base <= entry.tag < base + span)
+        payload = ABANDON.pack(ctx, seq, base, span) + reason.encode()[:512]
         for world in members:
             route, peer = self.routes[world]
             if route == ROUTE_SHM:
@@ -621,8 +639,18 @@ class Engine:
         if not self.abandoned:
             return None
         self.abandoned.pop((ctx, coll_base(seq + COLL_INSTANCES // 2)), None)
-        record = self.abandoned.get((ctx, coll_base(seq)))
-        return record[1] if record is not None and record[0] == seq else None
+        return self.abandoned_already(ctx, coll_base(seq), seq)
+
+    def abandoned_already(self, ctx: int, base: int, seq: int) -> str | None:
+        """Why another member abandoned collective instance `seq` (tags from `base`) before
+        it started here, or None (an older instance's record there goes)."""
+        record = self.abandoned.get((ctx, base))
+        if record is None:
+            return None
+        if record[0] != seq:
+            del self.abandoned[(ctx, base)]
+            return None
+        return record[1]
 
     def find_unexpected(self, ctx: int, src: int, tag: int) -> Unexpected | None:
         """The first unexpected message matching (ctx, src, tag), complete or not."""
@@ -669,15 +697,14 @@ class Engine:
             elif tag == CTRL_HELLO:
                 self.hello[peer] = payload
             elif tag == CTRL_ABANDON and len(payload) >= ABANDON.size:
-                actx, seq = ABANDON.unpack_from(payload)
+                actx, seq, base, span = ABANDON.unpack_from(payload)
                 if actx in self.dropped_ctx:
                     return  # about a freed communicator
                 why = payload[ABANDON.size :].decode(errors="replace")
                 reason = f"world rank {self.world_of_peer[peer]} left this collective: {why}"
-                base = coll_base(seq)
                 self.abandoned[(actx, base)] = (seq, reason)
-                self._fail_posted(actx, base, COLL_SPAN, exceptions.ERR_OTHER)
-                self._purge(lambda e: e.ctx == actx and base <= e.tag < base + COLL_SPAN)
+                self._fail_posted(actx, base, span, exceptions.ERR_OTHER)
+                self._purge(lambda e: e.ctx == actx and base <= e.tag < base + span)
             return
         src = self.world_of_peer[peer]
         sync_seq = self.sync_next.pop(peer, None)
@@ -704,7 +731,9 @@ class Engine:
         """True for a message of a freed context or of an abandoned collective instance."""
         if ctx in self.dropped_ctx:
             return True
-        return bool(self.abandoned) and (ctx, tag & -COLL_SPAN) in self.abandoned
+        if not self.abandoned:
+            return False
+        return (ctx, tag & -COLL_SPAN if tag < COLL_TAGS else tag) in self.abandoned
 
     def _fill(
         self,
@@ -771,8 +800,9 @@ class Engine:
         self.mpi_active.append(tracker)
 
     def start_staged(self, op: StagedOp) -> StagedOp:
-        """Start a nonblocking collective (its first stage) and advance it in every pass."""
-        op.advance()
+        """Start a nonblocking collective (its first stage, whose exceptions propagate) and
+        advance it in every pass."""
+        op.advance(propagate=True)
         if not op.done:
             self.staged.append(op)
         return op

@@ -176,3 +176,55 @@ def test_pickle_serializer_used(comm):
     data, buffers = MPI.pickle.dumps_oob(np.zeros(1 << 20))
     assert len(buffers) == 1
     assert np.array_equal(MPI.pickle.loads_oob(data, buffers), np.zeros(1 << 20))
+
+
+def test_nonblocking_collective_error_on_one_rank(comm):
+    """A bad argument at the root of an Igather: the root raises, no rank waits for
+    ever, and the next nonblocking and blocking collectives are right (every rank numbers
+    nonblocking collectives alike even when one fails at the call)."""
+    size, rank = comm.Get_size(), comm.Get_rank()
+    root = size - 1
+    rbuf = [np.zeros(size, "i"), [1] * (size + 1)] if rank == root else None
+    raised = False
+    try:
+        comm.Igather(np.zeros(1, "i"), rbuf, root).Wait()
+    except (ValueError, MPI.Exception):
+        raised = True
+    assert raised or rank != root
+    comm.Barrier()
+    assert not _engine_posted()
+    out = np.full(size, -1, "i")
+    comm.Iallgather(np.full(1, rank, "i"), out).Wait()
+    assert list(out) == list(range(size))
+    raised = False
+    try:  # a buffer too short on the receivers: they fail in a later stage
+        comm.Ibcast(np.zeros(3, "i") if rank == root else np.zeros(2, "i"), root).Wait()
+    except MPI.Exception:
+        raised = True
+    assert raised or rank == root or size == 1
+    comm.Barrier()
+    assert comm.allgather(rank) == list(range(size))
+
+
+def test_create_cart_halo_exchange(comm):
+    """Create_cart (periodic 2-D grid): coordinates, ranks, Shift, Sub, and a halo exchange
+    with Sendrecv along each dimension."""
+    size, rank = comm.Get_size(), comm.Get_rank()
+    dims = MPI.Compute_dims(size, 2)
+    cart = comm.Create_cart(dims, periods=[True, False])
+    assert cart.Get_topology() == MPI.CART
+    assert cart.Get_topo() == (dims, [True, False], cart.Get_coords(rank))
+    assert all(cart.Get_cart_rank(cart.Get_coords(r)) == r for r in range(size))
+    for direction in range(2):
+        source, dest = cart.Shift(direction, 1)
+        halo = cart.sendrecv(rank, dest=dest, source=source)
+        assert halo == (None if source == MPI.PROC_NULL else source)
+    if dims[1] == 1:
+        assert cart.Shift(1, 1) == (MPI.PROC_NULL, MPI.PROC_NULL)
+    row = cart.Sub([False, True])
+    assert row.Get_size() == dims[1] and row.dims == [dims[1]]
+    assert row.allgather(rank) == [cart.Get_cart_rank([cart.coords[0], c]) for c in range(dims[1])]
+    row.Free()
+    cart.Free()
+    with pytest.raises(ValueError):
+        comm.Create_cart([size], [True, True])

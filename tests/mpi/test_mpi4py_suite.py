@@ -1,0 +1,133 @@
+"""mpi4py's own test suite against guest_lib.mpi, at 1, 2 and 4 ranks (issue #11 point 1).
+
+The suite is the `test/` directory of the sdist of the installed (pinned) mpi4py, fetched
+once with `pip download` and kept under .venv/mpi4py-suite (IVSHMEM_MPI4PY_SUITE_CACHE
+elsewhere). Each file runs as one `ivshmem-run -n N` job of tests/mpi/programs/
+mpi4py_suite_rank.py, i.e. through the zero-change mode: the suite's `from mpi4py import
+MPI` gets this project's MPI. A test running longer than PER_TEST_S ends its rank with every
+thread's Python stack (faulthandler), reported here as a hang. tests/mpi/mpi4py_xfail.py is
+the expected-failure list: a test fails this check if it fails unlisted, or passes listed.
+
+CI runs the files of CI_FILES (the point-to-point, collective, request, status, group,
+datatype and pickle parts: ~2 min at 1/2/4 ranks). The whole suite:
+
+    IVSHMEM_MPI4PY_SUITE=all .venv/bin/python -m pytest tests/mpi/test_mpi4py_suite.py
+
+and IVSHMEM_MPI4PY_SUITE_REPORT=FILE appends one JSON line per (file, ranks) with the
+counts of each outcome (how /work/notes-style summaries are made). It runs on the C path
+only: the pure-Python path repeats the rank-side suite of this project instead.
+"""
+
+from __future__ import annotations
+
+import collections
+import importlib.metadata
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.mpi.conftest import PYTHON, ROOT, job_env
+
+VERSION = importlib.metadata.version("mpi4py")
+CACHE = Path(os.environ.get("IVSHMEM_MPI4PY_SUITE_CACHE", ROOT / ".venv" / "mpi4py-suite"))
+RANK_PROGRAM = str(Path(__file__).with_name("programs") / "mpi4py_suite_rank.py")
+XFAIL = str(Path(__file__).with_name("mpi4py_xfail.py"))
+PER_TEST_S = 60
+JOB_S = 600
+CI_FILES = [
+    "test_p2p_obj.py", "test_p2p_buf.py", "test_cco_obj.py", "test_cco_buf.py",
+    "test_cco_vec.py", "test_cco_nb_buf.py", "test_cco_nb_vec.py", "test_msgspec.py",
+    "test_msgzero.py", "test_request.py", "test_status.py", "test_group.py", "test_comm.py",
+    "test_datatype.py", "test_op.py", "test_pickle.py", "test_toplevel.py",
+    "test_errorcode.py", "test_util_dtlib.py",
+]  # fmt: skip
+pytestmark = pytest.mark.skipif(
+    os.environ.get("IVSHMEM_COMM_PUREPYTHON") == "1",
+    reason="mpi4py's suite runs on the C path; the pure path repeats the rank-side suite",
+)
+
+
+def suite_dir() -> Path:
+    """The suite's directory for the installed mpi4py version, downloaded on first use."""
+    target = CACHE / f"mpi4py-{VERSION}" / "test"
+    if (target / "runtests.py").exists():
+        return target
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+             f"mpi4py=={VERSION}", "-d", tmp],
+            check=True, capture_output=True, timeout=900,
+        )  # fmt: skip
+        (sdist,) = Path(tmp).glob("mpi4py-*.tar.gz")
+        prefix = f"mpi4py-{VERSION}/test/"
+        with tarfile.open(sdist) as archive:
+            members = [m for m in archive.getmembers() if m.name.startswith(prefix)]
+            archive.extractall(tmp, members=members, filter="data")
+        os.replace(Path(tmp) / f"mpi4py-{VERSION}", CACHE / f"mpi4py-{VERSION}")
+    return target
+
+
+def suite_files() -> list[str]:
+    if os.environ.get("IVSHMEM_MPI4PY_SUITE") == "all":
+        return sorted(p.name for p in suite_dir().glob("test_*.py"))
+    return CI_FILES
+
+
+def run_file(name: str, ranks: int, out: Path) -> tuple[subprocess.CompletedProcess[str], list]:
+    """Run one file of the suite at `ranks` ranks: (the job, each rank's outcome lines)."""
+    command = [PYTHON, "-m", "guest_lib.mpi.launcher", "-n", str(ranks), "--timeout",
+               str(JOB_S), RANK_PROGRAM, str(suite_dir()), name, str(out), str(PER_TEST_S),
+               XFAIL]  # fmt: skip
+    done = subprocess.run(command, cwd=ROOT, env=job_env(), capture_output=True, text=True,
+                          timeout=JOB_S + 60)  # fmt: skip
+    lines = []
+    for rank in range(ranks):
+        path = Path(f"{out}.{rank}")
+        lines.append([json.loads(line) for line in path.read_text().splitlines()]
+                     if path.exists() else None)  # fmt: skip
+    return done, lines
+
+
+@pytest.mark.parametrize("ranks", [1, 2, 4])
+@pytest.mark.parametrize("name", suite_files())
+def test_mpi4py_suite_file(name, ranks, tmp_path):
+    start = time.monotonic()
+    done, per_rank = run_file(name, ranks, tmp_path / "out")
+    seconds = round(time.monotonic() - start, 1)
+    problems = []
+    counts: collections.Counter[str] = collections.Counter()
+    for rank, lines in enumerate(per_rank):
+        if lines is None:
+            problems.append(f"rank {rank}: no result file")
+            continue
+        ended = {line["id"] for line in lines if line["outcome"] != "started"}
+        for line in lines:
+            outcome, test_id = line["outcome"], line["id"]
+            if outcome == "started":
+                if test_id not in ended:
+                    problems.append(f"rank {rank}: {test_id} did not end (hang or crash)")
+                    counts["hang"] += 1
+                continue
+            counts[outcome] += 1
+            if outcome in ("fail", "error"):
+                problems.append(f"rank {rank}: {test_id} {outcome}:\n{line['detail']}")
+            elif outcome == "xpass":
+                problems.append(f"rank {rank}: {test_id} passes but is listed: {line['detail']}")
+    report = os.environ.get("IVSHMEM_MPI4PY_SUITE_REPORT")
+    if report:
+        with open(report, "a") as sink:
+            entry = {"file": name, "ranks": ranks, "counts": dict(counts),
+                     "status": done.returncode, "seconds": seconds}  # fmt: skip
+            sink.write(json.dumps(entry) + "\n")
+    if done.returncode != 0 and not problems:
+        problems.append(f"the job exited {done.returncode}")
+    if problems:
+        pytest.fail("\n".join(problems)[:20000] + "\n--- job stderr ---\n" + done.stderr[-8000:])
