@@ -126,8 +126,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``ivshmem-lab``; returns the exit status (see the module docstring)."""
     args = _parser().parse_args(argv)
     if threading.current_thread() is threading.main_thread():
-        # SIGTERM unwinds like Ctrl-C, so every guest is killed and its temp dir removed.
-        signal.signal(signal.SIGTERM, _on_sigterm)
+        # SIGTERM, SIGHUP and SIGQUIT unwind like Ctrl-C, so every guest is killed and its
+        # temp dir removed.
+        for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
+            signal.signal(sig, _on_sigterm)
     try:
         if args.cmd == "probe":
             probe = Lab(accel="auto").probe_kvm(force=args.force)

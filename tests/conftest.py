@@ -17,7 +17,7 @@ import pytest
 
 import ivshmem_comm as ic
 from ivshmem_comm.region import SHM_DIR
-from tests.support import destroy, unique_name
+from tests.support import descendants, destroy, unique_name
 
 # ------------------------------------------------------------------------------ residue
 # Other test runs may share this machine's /dev/shm: an object counts as this run's only if
@@ -50,23 +50,6 @@ def _snapshot() -> set[str]:
     return found
 
 
-def _descendants() -> set[int]:
-    """Pids of the live processes below this one."""
-    parent = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat", "rb") as f:
-                    parent[int(entry)] = int(f.read().rsplit(b")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                pass
-    found, frontier = set(), {os.getpid()}
-    while frontier:
-        frontier = {pid for pid, ppid in parent.items() if ppid in frontier} - found
-        found |= frontier
-    return found
-
-
 class _Sampler(threading.Thread):
     """Collects the pids of this process's descendants every SAMPLE_S until stopped."""
 
@@ -77,12 +60,12 @@ class _Sampler(threading.Thread):
 
     def run(self) -> None:
         while not self.done.wait(SAMPLE_S):
-            self.pids |= _descendants()
+            self.pids |= set(descendants(os.getpid()))
 
     def stop(self) -> set[int]:
         self.done.set()
         self.join()
-        return self.pids | _descendants()
+        return self.pids | set(descendants(os.getpid()))
 
 
 def _remove(path: str) -> None:

@@ -14,12 +14,14 @@ import re
 import selectors
 import signal
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
 from tests.mpi.conftest import PYTHON, ROOT, job_env
+from tests.support import descendants, vm_test
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -160,3 +162,47 @@ def test_mistakes_are_one_line_errors(args, says):
     assert done.returncode != 0 and "Traceback" not in done.stderr, done.stderr
     assert says in done.stderr.strip().splitlines()[-1], done.stderr  # after argparse's usage
     assert "rank" not in done.stdout
+
+
+@vm_test(300)
+@pytest.mark.parametrize("sig", [signal.SIGHUP, signal.SIGQUIT], ids=lambda s: s.name)
+def test_lab_run_unwinds_on_hangup_and_quit(sig):
+    """`ivshmem-lab run` stopped by SIGHUP or SIGQUIT (SIGTERM and Ctrl-C already were) kills
+    its guests and removes its temporary dirs, as for SIGTERM."""
+    lab = subprocess.Popen(
+        [PYTHON, "-m", "ivshmem_lab.cli", "run", "--vms", "1", "--", "sh", "-c",
+         "echo up; sleep 600"],
+        cwd=ROOT, env=job_env(), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        assert lab.stdout is not None
+        for line in lab.stdout:
+            if line.strip() == b"[vm0] up":
+                break
+        else:
+            pytest.fail(f"the guest never said up (status {lab.wait()})")
+        qemus = [pid for pid in descendants(lab.pid) if b"qemu" in _cmdline(pid)]
+        tmp = re.escape(tempfile.gettempdir().encode())
+        dirs = {
+            d for pid in qemus for d in re.findall(tmp + rb"/ivshmem-lab-[^\0,]+", _cmdline(pid))
+        }
+        assert qemus and dirs
+        lab.send_signal(sig)
+        assert lab.wait(60) == 128 + sig
+        deadline = time.monotonic() + 10
+        while not all(_gone(pid) for pid in qemus):
+            assert time.monotonic() < deadline, qemus
+            time.sleep(0.05)
+        assert not [d for d in dirs if os.path.exists(d)]
+    finally:
+        if lab.poll() is None:
+            lab.kill()
+            lab.wait()
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+    except OSError:
+        return b""

@@ -63,3 +63,21 @@ def run_peer(body: Callable[..., None], name: str, peer: int, *args: Any) -> Non
         traceback.print_exc()
     finally:
         os._exit(code)
+
+
+def descendants(root: int) -> list[int]:
+    """Pids of the live processes below process `root` (from /proc, children first)."""
+    parent = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat", "rb") as f:
+                    parent[int(entry)] = int(f.read().rsplit(b")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                pass
+    found: list[int] = []
+    frontier = {root}
+    while frontier:
+        frontier = {pid for pid, ppid in parent.items() if ppid in frontier}
+        found.extend(frontier)
+    return found
