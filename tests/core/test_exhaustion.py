@@ -17,6 +17,7 @@ import pytest
 
 import ivshmem_comm as ic
 from ivshmem_comm import layout
+from ivshmem_comm.protocol import ProtocolError
 from tests.support.broker import ENV, ROOT, BrokerProcess, wait_for
 
 SLACK = 2.0  # s: what a loaded machine may add to a timeout
@@ -133,11 +134,6 @@ def test_peer_table_full_plain(make_region):
 
 def test_peer_table_full_through_a_broker(tmp_path):
     from guest_lib.host_client import attach
-
-    try:
-        from ivshmem_comm.protocol import ProtocolError
-    except ImportError:  # before the protocol moved into the core
-        from host_broker.protocol import ProtocolError
 
     broker = BrokerProcess(tmp_path, max_peers=2).start()
     try:

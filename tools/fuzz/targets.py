@@ -35,13 +35,8 @@ import numpy as np
 
 import ivshmem_comm as ic
 from host_broker import config as broker_config
-from ivshmem_comm import channel, layout, virtqueue
+from ivshmem_comm import channel, layout, protocol, virtqueue
 from ivshmem_comm.region import Region, format_buffer
-
-try:
-    from ivshmem_comm import protocol
-except ImportError:  # before the protocol moved into the core
-    from host_broker import protocol  # type: ignore[no-redef]
 
 try:
     from ivshmem_comm import _fastpath
@@ -176,7 +171,7 @@ def superblock_target(data: bytes) -> None:
         body = bytes(buf[: layout.SB_CHECKSUM_OFFSET])
         layout.SB_CHECKSUM.pack_into(buf, layout.SB_CHECKSUM_OFFSET, zlib.crc32(body))
     mapped = len(buf) - (4096 if fix_crc & 2 else 0)
-    region = Region(memoryview(buf)[:mapped])
+    region = Region.attach(memoryview(buf)[:mapped])
     region.describe()
     for info in region.peers():
         info.state_name  # noqa: B018 - the decoding is what is exercised
@@ -424,7 +419,14 @@ TARGETS: dict[str, Target] = {
     "mpi_wire": (
         mpi_wire_target,
         (),
-        [b"\x02" + (3 << 29 | 0).to_bytes(4, "little") + b"\x03abc" + bytes(8)],
+        [  # a DATA message (context 0, tag 5), then an ACK with its 8-byte sequence number
+            b"\x02"
+            + (5).to_bytes(4, "little")
+            + b"\x03abc"
+            + (3 << 29).to_bytes(4, "little")
+            + b"\x08"
+            + bytes(8)
+        ],
     ),
     "config": (
         config_target,
