@@ -398,4 +398,6 @@ def attach(
         want.append(f"uuid={uuid}")
     what = " ".join(want) or "any region"
     hint = f" (on a host: pass socket= or region=, or set ${ENV_SOCKET})"
+    if "IVSHMEM_LAB_GUEST" in os.environ:  # set by ivshmem-lab in its guests
+        hint = " (this lab guest has none: give ivshmem-lab run --socket PATH or --shm NAME:SIZE)"
     raise AttachError(f"no ivshmem region found for {what}{hint}", looked)

@@ -159,6 +159,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
+GUEST_OWN_DIRS = ("/tmp", "/run", "/dev/shm")  # fresh tmpfs in every guest (ivshmem_lab.lab)
+
+
+def invisible_path(command: Sequence[str], cwd: str | None) -> str | None:
+    """Why lab guests could not see `command`'s program (as PATH finds it here) or a host
+    file it names by absolute path; None if they can. Their /tmp, /run and /dev/shm are their
+    own; of the host's /tmp only the top folder of the working directory is shared."""
+    where = os.path.abspath(cwd or os.getcwd())
+    shared = "/tmp/" + where.split("/")[2] if where.startswith("/tmp/") else None
+    program = command[0] if "/" in command[0] else shutil.which(command[0]) or command[0]
+    for path in [program, *command[1:]]:
+        if path is not program and not (os.path.isabs(path) and os.path.exists(path)):
+            continue
+        path = os.path.abspath(path)
+        for own in GUEST_OWN_DIRS:
+            inside = path.startswith(own + "/")
+            if inside and not (shared and (path + "/").startswith(shared + "/")):
+                return (
+                    f"{path} is not visible in the lab guests: their {own} is a fresh tmpfs "
+                    f"(of the host's /tmp only the working directory's top folder is shared); "
+                    "put it under the project or $HOME, or run from its folder (--cwd)"
+                )
+    return None
+
+
 def _command(args: argparse.Namespace) -> list[str]:
     command = list(args.command)
     return command[1:] if command and command[0] == "--" else command
@@ -238,6 +263,10 @@ def _mpiexec(args: argparse.Namespace) -> int:
     if not command:
         print("ivshmem-lab mpiexec: no command given (… -- CMD ARGS)", file=sys.stderr)
         return 2
+    unseen = invisible_path(command, None)
+    if unseen:
+        print(f"ivshmem-lab mpiexec: {unseen}", file=sys.stderr)
+        return 2
     slots = args.slots or (-(-args.np // args.vms) if args.np else 1)
     if args.np is not None and not 1 <= args.np <= args.vms * slots:
         print(f"ivshmem-lab mpiexec: -n must be 1..{args.vms * slots} (--vms x --slots)",
@@ -267,6 +296,10 @@ def _run(args: argparse.Namespace) -> int:
         return 2
     if args.vms < 1:
         print("ivshmem-lab run: --vms must be >= 1", file=sys.stderr)
+        return 2
+    unseen = invisible_path(command, args.cwd)
+    if unseen:
+        print(f"ivshmem-lab run: {unseen}", file=sys.stderr)
         return 2
     try:
         devices = [parse_device("shm:" + s) for s in args.shm]

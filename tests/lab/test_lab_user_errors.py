@@ -1,0 +1,70 @@
+"""What `ivshmem-lab` says when asked for something its guests cannot do: run a program they
+cannot see (their /tmp, /run and /dev/shm are their own), or attach to a region they were not
+given. The first is refused before any guest boots."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ivshmem_lab.cli import invisible_path
+from tests.support import vm_test
+
+ROOT = Path(__file__).resolve().parents[2]
+ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
+
+
+def _lab(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "ivshmem_lab.cli", *args],
+        cwd=ROOT, env=env or ENV, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+
+
+@pytest.fixture
+def hidden_program(tmp_path: Path) -> Path:
+    """An executable under the host's /tmp (pytest's tmp_path), outside the project."""
+    assert str(tmp_path).startswith("/tmp/")
+    program = tmp_path / "bin" / "hello"
+    program.parent.mkdir()
+    program.write_text("#!/bin/sh\necho hello\n")
+    program.chmod(0o755)
+    return program
+
+
+@pytest.mark.parametrize("form", ["run", "mpiexec"])
+def test_a_program_under_tmp_is_refused_naming_it(hidden_program: Path, form: str) -> None:
+    done = _lab(form, "--vms", "1", "--", str(hidden_program))
+    assert done.returncode == 2, done.stderr
+    assert f"{hidden_program} is not visible in the lab guests" in done.stderr
+    assert "/tmp is a fresh tmpfs" in done.stderr and "boot" not in done.stderr
+
+
+def test_a_program_found_on_path_under_tmp_is_refused(hidden_program: Path) -> None:
+    env = {**ENV, "PATH": f"{hidden_program.parent}{os.pathsep}{ENV['PATH']}"}
+    done = _lab("run", "--vms", "1", "--", "hello", env=env)
+    assert done.returncode == 2 and f"{hidden_program} is not visible" in done.stderr
+
+
+def test_a_host_file_under_tmp_named_as_an_argument_is_refused(hidden_program: Path) -> None:
+    done = _lab("run", "--vms", "1", "--", "sh", str(hidden_program))
+    assert done.returncode == 2 and f"{hidden_program} is not visible" in done.stderr
+
+
+def test_the_working_directorys_folder_in_tmp_is_shared(hidden_program: Path) -> None:
+    top = "/" + "/".join(hidden_program.parts[1:3])  # /tmp/<first folder>
+    assert invisible_path([str(hidden_program)], top) is None
+    assert invisible_path([str(hidden_program)], str(ROOT)) is not None
+    assert invisible_path(["sh", "-c", "echo > /tmp/new"], str(ROOT)) is None
+
+
+@vm_test(300)
+def test_attach_in_a_guest_without_a_region_names_the_flags() -> None:
+    done = _lab("run", "--vms", "1", "--", sys.executable, "-c",
+                "import guest_lib; guest_lib.attach()")  # fmt: skip
+    assert done.returncode == 1
+    assert "this lab guest has none: give ivshmem-lab run --socket PATH or --shm" in done.stdout
