@@ -57,6 +57,7 @@ class Storm:
         self.region: ic.Region | None = None
         self.peers: list[harness.Managed] = []  # every peer process ever started
         self.born: dict[str, float] = {}
+        self.slots: dict[str, int] = {}  # without a broker: the slot each peer was given
         self.died: dict[str, float] = {}
         self.kills: list[dict[str, Any]] = []
         self.broker_restart_s: list[float] = []
@@ -70,10 +71,10 @@ class Storm:
         index = len(self.peers)
         if self.broker is not None:
             place: dict[str, Any] = {"socket": self.broker.socket}
-        else:
-            taken = {harness.slot_of(self.region, p.pid) for p in self.live()}  # type: ignore[arg-type]
-            free = [s for s in range(self.args.peers) if s not in {t[0] for t in taken if t}]
-            place = {"region": self.name, "slot": free[0]}
+        else:  # the lowest slot no live peer was given (a victim's, once it is killed)
+            given = {self.slots[p.label] for p in self.live()}
+            place = {"region": self.name, "slot": min(set(range(self.args.peers)) - given)}
+            self.slots[f"peer-{index}"] = place["slot"]
         peer = harness.spawn_peer(self.workdir, index, self.stop, self.args.max_size, **place)
         self.peers.append(peer)
         self.born[peer.label] = time.time()
