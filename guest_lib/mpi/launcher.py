@@ -147,7 +147,7 @@ def run(argv: Sequence[str] | None = None) -> int:
     region = None
     procs: list[subprocess.Popen[bytes]] = []
     guardian = _Guardian()
-    guardian.tell(region=name)
+    made = False  # the region is ours to remove (never one that existed before)
     output = _Output(args.prepend_rank)
     received: list[int] = []  # signals forwarded to the ranks, first one first
     old_handlers = {sig: signal.getsignal(sig) for sig in FORWARDED_SIGNALS}
@@ -174,9 +174,18 @@ def run(argv: Sequence[str] | None = None) -> int:
                 broker.wait_ready()
             except BrokerStartError as exc:
                 raise SystemExit(f"ivshmem-run: {exc}") from None
+            made = True
+            guardian.tell(region=name)
             env["IVSHMEM_COMM_SOCKET"] = broker.socket
         elif n > 1:
-            region = Region.create(name, size, n, queue_num=args.queue_num, max_span=args.max_span)
+            try:
+                region = Region.create(
+                    name, size, n, queue_num=args.queue_num, max_span=args.max_span
+                )
+            except FileExistsError as exc:
+                raise SystemExit(f"ivshmem-run: {exc}: choose another --region") from None
+            made = True
+            guardian.tell(region=name)
             env["IVSHMEM_COMM_REGION"] = name
         die_with_us = _die_with(os.getpid())
         for rank in range(n):
@@ -208,9 +217,10 @@ def run(argv: Sequence[str] | None = None) -> int:
             broker.close()
         if region is not None:
             region.close()
-        with contextlib.suppress(FileNotFoundError):
-            Region.unlink(name)
-        SemaphoreNotifier.unlink_all(name)
+        if made:
+            with contextlib.suppress(FileNotFoundError):
+                Region.unlink(name)
+            SemaphoreNotifier.unlink_all(name)
         guardian.release()
         for sig, handler in old_handlers.items():
             signal.signal(sig, handler)

@@ -206,3 +206,16 @@ def _cmdline(pid: int) -> bytes:
             return f.read()
     except OSError:
         return b""
+
+
+def test_an_existing_region_is_refused_and_left_alone(regions):
+    """--region naming a region that exists: refused in one line, and the region (someone
+    else's) is neither overwritten nor removed."""
+    name = regions(4 << 20, 2)
+    done = subprocess.run(
+        [*LAUNCHER, "-n", "2", "--region", name, PROGRAM, "wait"],
+        cwd=ROOT, env=job_env(), capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert f"{name} exists" in done.stderr and "choose another --region" in done.stderr
+    assert os.path.exists(f"/dev/shm/{name}")
