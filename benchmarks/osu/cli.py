@@ -22,6 +22,7 @@ import datetime
 import json
 import os
 import platform
+import statistics
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -57,6 +58,12 @@ def make_parser() -> argparse.ArgumentParser:
         "--quick",
         action="store_true",
         help="CI: one pass over a few sizes (0 B .. 256 KiB) and few iterations",
+    )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run everything this many times (the order rotates) and report per-row medians",
     )
     p.add_argument("--max-size", type=parse_size, help="largest message (default 4M)")
     p.add_argument(
@@ -137,34 +144,42 @@ def run(args: argparse.Namespace, tests: list[str]) -> dict[str, Any]:
     plans = {
         int(r): plan(tests, args.forms, int(r), max_size, scale, args.quick) for r in args.ranks
     }
-    total = sum(len(j.steps) for jobs in plans.values() for j in jobs) * len(args.impls)
+    rounds = args.rounds
+    load_before = os.getloadavg()
+    total = sum(len(j.steps) for jobs in plans.values() for j in jobs) * len(args.impls) * rounds
     runs: dict[str, Any] = {}
     libraries: dict[str, str] = {}
     evidence: dict[str, Any] = {}
     bar = _progress(total, not args.no_progress)
     try:
         for ranks, jobs in plans.items():
-            results: dict[str, Any] = {}
+            per_round: list[dict[tuple[str, str, str], dict[str, Any]]] = []
             groups = [jobs] if batch == "all" else _by_test(jobs)
-            for index, group in enumerate(groups):
-                k = index % len(args.impls)
-                for impl in args.impls[k:] + args.impls[:k]:
-                    bar.set_description(
-                        f"{ranks} ranks {group[0].test if batch == 'test' else 'all tests'} {impl}"
-                    )
-                    outcomes, info = driver.run_jobs(
-                        impl, ranks, group, hang_s, args.region_size, bar.update
-                    )
-                    libraries.setdefault(impl, info.get("library", "?"))
-                    if "tcp_connections" in info:
-                        evidence[f"{impl} {ranks} ranks"] = {
-                            "cpus": info.get("cpus"),
-                            "tcp_connections": info["tcp_connections"],
-                        }
-                    for job, outcome in zip(group, outcomes, strict=True):
-                        per = results.setdefault(job.test, {}).setdefault(job.form, {})
-                        per[impl] = outcome.to_json()
-            runs[str(ranks)] = results
+            for round_no in range(rounds):
+                results: dict[tuple[str, str, str], dict[str, Any]] = {}
+                for index, group in enumerate(groups):
+                    k = (index + round_no) % len(args.impls)
+                    for impl in args.impls[k:] + args.impls[:k]:
+                        what = group[0].test if batch == "test" else "all tests"
+                        bar.set_description(f"{ranks} ranks {what} {impl} round {round_no + 1}")
+                        outcomes, info = driver.run_jobs(
+                            impl, ranks, group, hang_s, args.region_size, bar.update
+                        )
+                        libraries.setdefault(impl, info.get("library", "?"))
+                        if "tcp_connections" in info:
+                            evidence[f"{impl} {ranks} ranks"] = {
+                                "cpus": info.get("cpus"),
+                                "tcp_connections": info["tcp_connections"],
+                            }
+                        for job, outcome in zip(group, outcomes, strict=True):
+                            results[job.test, job.form, impl] = outcome.to_json()
+                per_round.append(results)
+            merged: dict[str, Any] = {}
+            for key in per_round[0]:
+                test, form, impl = key
+                entry = median_entry([r[key] for r in per_round])
+                merged.setdefault(test, {}).setdefault(form, {})[impl] = entry
+            runs[str(ranks)] = merged
     finally:
         bar.close()
     iterations = "OSU defaults" if scale == 1 else f"OSU defaults x {scale:g}"
@@ -185,12 +200,35 @@ def run(args: argparse.Namespace, tests: list[str]) -> dict[str, Any]:
             "quick": args.quick,
             "batch": batch,
             "hang_timeout_s": hang_s,
+            "rounds": rounds,
+            "loadavg": {"before": load_before, "after": os.getloadavg()},
             "libraries": {driver.LABELS[i]: lib for i, lib in libraries.items()},
             "tcp_env": " ".join(f"{k}={v}" for k, v in driver.TCP_ENV.items()),
             "evidence": evidence,
         },
         "runs": runs,
     }
+
+
+def median_entry(entries: list[dict[str, Any]]) -> dict[str, Any]:
+    """One implementation's result for one job over several rounds: per size and metric the
+    median of the rounds that have it; failed if any round failed (its error kept)."""
+    merged = dict(entries[0])
+    sizes = sorted({s for e in entries for s in e["rows"]}, key=int)
+    merged["rows"] = {}
+    for size in sizes:
+        rows = [e["rows"][size] for e in entries if size in e["rows"]]
+        merged["rows"][size] = {
+            k: rows[0][k] if k == "iters" else statistics.median(r[k] for r in rows)
+            for k in rows[0]
+        }
+    bad = [e for e in entries if e["status"] != "ok"]
+    if bad:
+        for key in ("status", "failed_size", "error", "traceback"):
+            merged[key] = bad[0][key]
+    merged["wall_s"] = sum(e["wall_s"] for e in entries)
+    merged["rounds"] = len(entries)
+    return merged
 
 
 def _by_test(jobs: list[driver.Job]) -> list[list[driver.Job]]:
@@ -220,6 +258,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     unknown += [i for i in args.impls if i not in driver.IMPLS]
     if unknown:
         parser.error(f"unknown names: {', '.join(unknown)}")
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     doc = run(args, tests)
     args.out.mkdir(parents=True, exist_ok=True)
     doc["misses"] = report.misses(doc)

@@ -25,6 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from benchmarks.mpi_bench import _env  # the environment a rank program gets
 from benchmarks.osu.rank import PREFIX
 from benchmarks.osu.spec import Step
 
@@ -66,15 +67,6 @@ class Outcome:
         out = dataclasses.asdict(self)
         out["rows"] = {str(k): v for k, v in self.rows.items()}
         return out
-
-
-def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
-    for var in ("IVSHMEM_COMM_REGION", "IVSHMEM_COMM_SOCKET", "IVSHMEM_MPI_RANK"):
-        env.pop(var, None)
-    env.update(extra or {})
-    return env
 
 
 def mpiexec() -> str:

@@ -128,8 +128,11 @@ def render(doc: dict[str, Any]) -> str:
     out = [
         f"# ivshmem_comm OSU-style micro-benchmarks ({info['command']})",
         f"# {info['date']}; CPUs: {info['cpus']}; ranks pinned round-robin: {info['pinned']}",
+        f"# load average (1, 5, 15 min) before: {_load(info, 'before')}, after: "
+        f"{_load(info, 'after')} (other work on the machine competes for the CPUs)",
         f"# iterations: {info['iterations']}",
-        f"# sizes: up to {info['max_size']} B; batches: {info['batch']}",
+        f"# sizes: up to {info['max_size']} B; batches: {info['batch']}; rounds: "
+        f"{info.get('rounds', 1)} (each row: the median of the rounds)",
     ]
     for impl, lib in info.get("libraries", {}).items():
         out.append(f"# {impl}: {lib}")
@@ -149,6 +152,11 @@ def render(doc: dict[str, Any]) -> str:
     out.append(f"\n# failures: {len(failures)}")
     out += [f"#   {r} ranks {t} {f} {i}: at {s} B: {e}" for r, t, f, i, s, e in failures]
     return "\n".join(out) + "\n"
+
+
+def _load(info: dict[str, Any], when: str) -> str:
+    values = info.get("loadavg", {}).get(when)
+    return "?" if values is None else " ".join(f"{v:.1f}" for v in values)
 
 
 def failed(doc: dict[str, Any]) -> Iterable[tuple[str, str, str, str, Any, str]]:
@@ -312,7 +320,9 @@ def readme_section(docs: list[dict[str, Any]]) -> str:
             over = ", oversubscribed" if int(ranks) > info["cpus"] else ""
             lines.append(
                 f"**{ranks} ranks on {info['cpus']} CPUs{over}** ({info['date']}; "
-                f"`{info['command']}`; iterations: {info['iterations']})"
+                f"`{info['command']}`; iterations: {info['iterations']}; rounds: "
+                f"{info.get('rounds', 1)}; load average before/after: {_load(info, 'before')} / "
+                f"{_load(info, 'after')})"
             )
             lines.append("")
             sizes = [s for s in README_SIZES if s <= info["max_size"]]
