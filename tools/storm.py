@@ -264,7 +264,11 @@ class Storm:
             )
         print(f"  spurious PeerLostErrors (no session to lose): {spurious}")
         print(f"  load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
-        print(f"  violations: {len(self.violations)}")
+        late = sum(x * 1000 > self.args.latency_limit_ms for x in after_drain)
+        print(
+            f"  violations: {len(self.violations)} ({late} PeerLostErrors later than "
+            f"{self.args.latency_limit_ms:.0f} ms, {len(self.violations) - late} others)"
+        )
         for what in self.violations[:50]:
             print(f"  VIOLATION {what}")
         return latencies
