@@ -107,14 +107,13 @@ class Endpoint:
         self._told = [False] * n
         self._want = [0] * n
         self._expect = [-1] * n  # peer slot word (READY | known << 32) once seen READY
-        g0 = region.geometry
         # Session words of each peer's halves of our two queues (first contact, see _contacted).
         self._in_line_i = [
-            (g0.queue_offset(p, me) + layout.DRIVER_LINE_OFFSET) // 8 if p != me else 0
+            (g.queue_offset(p, me) + layout.DRIVER_LINE_OFFSET) // 8 if p != me else 0
             for p in range(n)
         ]
         self._out_line_i = [
-            (g0.queue_offset(me, p) + layout.DEVICE_LINE_OFFSET) // 8 if p != me else 0
+            (g.queue_offset(me, p) + layout.DEVICE_LINE_OFFSET) // 8 if p != me else 0
             for p in range(n)
         ]
         self._unexpected: list[collections.deque[Message]] = [collections.deque() for _ in range(n)]
