@@ -67,6 +67,17 @@ class Reader:
         return chunk
 
 
+_WIDTHS = {1: "<B", 2: "<H", 4: "<I", 8: "<Q"}
+
+
+def _store(buf: bytearray, start: int, end: int, r: Reader) -> None:
+    """Store a fuzzed value of a fuzzed width (1, 2, 4 or 8 bytes, aligned) at a fuzzed place
+    of buf[start:end], as a hostile peer's single store would."""
+    width = 1 << (r.uint(1) % 4)
+    where = start + (r.uint(2) % max(end - start - width, 1)) // width * width
+    struct.pack_into(_WIDTHS[width], buf, where, r.uint(8) & ((1 << (8 * width)) - 1))
+
+
 def _open_fds() -> set[str]:
     return set(os.listdir("/proc/self/fd"))
 
@@ -163,10 +174,7 @@ def superblock_target(data: bytes) -> None:
     table_end = geometry.peer_table_offset + geometry.max_peers * layout.PEER_SLOT_SIZE
     fix_crc = r.uint(1)
     for _ in range(r.uint(1) % 24):
-        where, width, value = r.uint(2) % table_end, 1 << (r.uint(1) % 4), r.uint(8)
-        where = min(where, table_end - width) // width * width
-        struct.pack_into({1: "<B", 2: "<H", 4: "<I", 8: "<Q"}[width], buf, where,
-                         value & ((1 << (8 * width)) - 1))  # fmt: skip
+        _store(buf, 0, table_end, r)
     if fix_crc & 1:  # the fields behind the checksum get reached too
         body = bytes(buf[: layout.SB_CHECKSUM_OFFSET])
         layout.SB_CHECKSUM.pack_into(buf, layout.SB_CHECKSUM_OFFSET, zlib.crc32(body))
@@ -249,10 +257,7 @@ def _ring_run(impl: Any, plan: bytes) -> list[Any]:
     areas = _owned(src, dst, driver=bool(hostile_sender))
     for _ in range(r.uint(1) % 16):
         start, end = areas[r.uint(1) % len(areas)]
-        width = 1 << (r.uint(1) % 4)
-        where = start + (r.uint(2) % max(end - start - width, 1)) // width * width
-        struct.pack_into({1: "<B", 2: "<H", 4: "<I", 8: "<Q"}[width], buf, where,
-                         r.uint(8) & ((1 << (8 * width)) - 1))  # fmt: skip
+        _store(buf, start, end, r)
     lo, hi = q + g.data_rel_offset, q + g.data_rel_offset + g.data_size
     base = np.frombuffer(buf, np.uint8).ctypes.data
     for _ in range(1 + r.uint(1) % 4):
