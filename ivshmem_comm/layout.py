@@ -5,6 +5,7 @@ All integers are little-endian. A region is laid out as::
     0                     superblock (SUPERBLOCK_SIZE bytes)
     peer_table_offset     max_peers slots of PEER_SLOT_SIZE bytes
     queues_offset         max_peers * (max_peers - 1) queues of queue_stride bytes
+    coll_offset           coll_slots collective slots of coll_slot_stride bytes (format 2)
 
 A queue carries the messages of one ordered pair (src -> dst) and is laid out as::
 
@@ -32,7 +33,9 @@ import struct
 import zlib
 
 MAGIC = b"IVSHMCOM"
-FORMAT_VERSION = 1
+# 2: the collective area (coll_offset, coll_slots, coll_slab in the superblock). A format-1
+# region is refused with an error saying so (its superblock has no room for those fields).
+FORMAT_VERSION = 2
 CACHE_LINE = 64
 PAGE_SIZE = 4096
 
@@ -42,11 +45,11 @@ PAGE_SIZE = 4096
 # ---------------------------------------------------------------------------------------------
 SUPERBLOCK_SIZE = PAGE_SIZE
 NAME_MAX = 63  # bytes of UTF-8; the field is NUL-padded to 64
-SB_IMMUTABLE = struct.Struct("<8sIIQ16sIIIIQQIIQQ64s")
+SB_IMMUTABLE = struct.Struct("<8sIIQ16sIIIIQQIIQQ64sQII")
 # fields, in order:
 #   magic, version, superblock_size, region_size, uuid, max_peers, queue_num, vring_align,
 #   max_span, data_size, peer_table_offset, peer_slot_size, flags, queues_offset,
-#   queue_stride, name
+#   queue_stride, name, coll_offset, coll_slots, coll_slab
 SB_CHECKSUM = struct.Struct("<I")
 SB_CHECKSUM_OFFSET = SB_IMMUTABLE.size
 # Mutable part, on its own cache line; owned by the broker (generation bumps at each broker
@@ -133,6 +136,38 @@ TAG_MIN = 0
 TAG_MAX = (1 << 31) - 1
 
 
+# ---------------------------------------------------------------------------------------------
+# Collective area (format 2): coll_slots slots, each serving one group of peers (a
+# communicator) at a time. A slot is::
+#
+#     +0                      header line (the claimer writes): claim word, generation
+#     +CACHE_LINE + p * coll_peer_stride   peer p's block (peer p alone writes all of it):
+#         +COLL_ARRIVE_OFFSET   arrive line: seq, nbytes, kind (seq stored last, release)
+#         +COLL_DONE_OFFSET     done line: seq (finished reading the others' slabs)
+#         +COLL_SLEEP_OFFSET    sleep line: nonzero while the peer blocks on its doorbell
+#         +COLL_SLAB_OFFSET     slab: coll_slab bytes of payload
+#
+# Claim word: 0 free, else (incarnation << 32) | (peer + 1) of the claimer; a claim whose
+# peer no longer holds that incarnation READY is stale and may be taken over (compare-and-
+# exchange). Generation: the claimer's count of claims of this slot, 1..COLL_GEN_MASK.
+# Sequence words: (generation << COLL_SEQ_BITS) | round; a member's rounds count up from 0
+# at binding, so no flag is ever reset between calls. See ivshmem_comm/collective.py.
+# ---------------------------------------------------------------------------------------------
+COLL_HEADER = struct.Struct("<QQ")  # claim word, generation
+COLL_ARRIVE = struct.Struct("<QQQ")  # seq, nbytes, kind
+COLL_ARRIVE_OFFSET = 0
+COLL_DONE_OFFSET = CACHE_LINE
+COLL_SLEEP_OFFSET = 2 * CACHE_LINE
+COLL_SLAB_OFFSET = 4 * CACHE_LINE  # one spare line keeps the slab off the sleep line's pair
+COLL_SEQ_BITS = 40
+COLL_SEQ_MASK = (1 << COLL_SEQ_BITS) - 1
+COLL_GEN_MASK = (1 << (64 - COLL_SEQ_BITS)) - 1
+COLL_SLOTS_MAX = 64
+COLL_SLOTS_DEFAULT = 8
+COLL_SLAB_MAX = 64 << 10  # a larger slab buys little: big payloads move in slab-sized rounds
+COLL_AREA_SHARE = 8  # fit() gives the collective area at most 1/8 of the region
+
+
 def align_up(value: int, align: int) -> int:
     """Return `value` rounded up to a multiple of `align` (a power of two)."""
     return (value + align - 1) & ~(align - 1)
@@ -174,6 +209,8 @@ class Geometry:
     vring_align: int
     data_size: int
     max_span: int
+    coll_slots: int = 0  # 0: no collective area (collectives go through messages)
+    coll_slab: int = 0
 
     @property
     def queue_count(self) -> int:
@@ -204,11 +241,31 @@ class Geometry:
         return align_up(self.data_rel_offset + self.data_size, PAGE_SIZE)
 
     @property
+    def coll_offset(self) -> int:
+        return self.queues_offset + self.queue_count * self.queue_stride  # page-aligned
+
+    @property
+    def coll_peer_stride(self) -> int:
+        return COLL_SLAB_OFFSET + self.coll_slab
+
+    @property
+    def coll_slot_stride(self) -> int:
+        return align_up(CACHE_LINE + self.max_peers * self.coll_peer_stride, PAGE_SIZE)
+
+    @property
     def required_size(self) -> int:
-        return self.queues_offset + self.queue_count * self.queue_stride
+        return self.coll_offset + self.coll_slots * self.coll_slot_stride
 
     def queue_offset(self, src: int, dst: int) -> int:
         return self.queues_offset + queue_index(src, dst, self.max_peers) * self.queue_stride
+
+    def coll_slot_offset(self, slot: int) -> int:
+        """Offset of collective slot `slot`'s header line (no range check)."""
+        return self.coll_offset + slot * self.coll_slot_stride
+
+    def coll_peer_offset(self, slot: int, peer: int) -> int:
+        """Offset of peer `peer`'s block (arrive line first) in collective slot `slot`."""
+        return self.coll_slot_offset(slot) + CACHE_LINE + peer * self.coll_peer_stride
 
     def validate(self) -> None:
         if not 2 <= self.max_peers <= 256:
@@ -228,6 +285,14 @@ class Geometry:
                 f"max_span must be a multiple of {SPAN_ALIGN} in {SPAN_ALIGN}..data_size, "
                 f"got {self.max_span}"
             )
+        if not 0 <= self.coll_slots <= COLL_SLOTS_MAX:
+            raise ValueError(f"coll_slots must be 0..{COLL_SLOTS_MAX}, got {self.coll_slots}")
+        slab_ok = PAGE_SIZE <= self.coll_slab <= COLL_SLAB_MAX and not self.coll_slab % PAGE_SIZE
+        if self.coll_slab if not self.coll_slots else not slab_ok:
+            raise ValueError(
+                f"coll_slab must be a multiple of {PAGE_SIZE} in {PAGE_SIZE}..{COLL_SLAB_MAX} "
+                f"(0 without collective slots), got {self.coll_slab}"
+            )
         if self.required_size > self.region_size:
             raise ValueError(
                 f"region_size {self.region_size} is smaller than the {self.required_size} "
@@ -242,15 +307,22 @@ class Geometry:
         queue_num: int = 256,
         vring_align: int = CACHE_LINE,
         max_span: int | None = None,
+        coll_slots: int = COLL_SLOTS_DEFAULT,
     ) -> Geometry:
         """Return the geometry that gives each queue the largest data area `region_size` allows.
 
         `max_span` defaults to a quarter of the data area, capped at 1 MiB, so that a large
         message moves in spans that the receiver copies while the sender writes the next.
+        The collective area gets `coll_slots` slots (fewer, down to none, if they do not fit)
+        within 1/COLL_AREA_SHARE of the region, with the largest slab up to COLL_SLAB_MAX.
         Raises ValueError if the region is too small for one page of data per queue.
         """
         probe = cls(region_size, max_peers, queue_num, vring_align, PAGE_SIZE, SPAN_ALIGN)
-        overhead = probe.queues_offset + probe.queue_count * probe.data_rel_offset
+        slots, slab = _fit_collective(region_size // COLL_AREA_SHARE, max_peers, coll_slots)
+        coll_size = (
+            slots * dataclasses.replace(probe, coll_slots=slots, coll_slab=slab).coll_slot_stride
+        )
+        overhead = probe.queues_offset + probe.queue_count * probe.data_rel_offset + coll_size
         per_queue = (region_size - overhead) // max(probe.queue_count, 1)
         data_size = per_queue // PAGE_SIZE * PAGE_SIZE
         if data_size < PAGE_SIZE:
@@ -263,9 +335,24 @@ class Geometry:
             data_size = (1 << 32) - PAGE_SIZE
         if max_span is None:
             max_span = min(1 << 20, max(SPAN_ALIGN, data_size // 4 // SPAN_ALIGN * SPAN_ALIGN))
-        geometry = cls(region_size, max_peers, queue_num, vring_align, data_size, max_span)
+        geometry = cls(
+            region_size, max_peers, queue_num, vring_align, data_size, max_span, slots, slab
+        )
         geometry.validate()
         return geometry
+
+
+def _fit_collective(budget: int, max_peers: int, slots: int) -> tuple[int, int]:
+    """(coll_slots, coll_slab) of the largest slab (pages, <= COLL_SLAB_MAX) that lets up to
+    `slots` slots fit in `budget` bytes, halving the slots while not even a page fits."""
+    while slots > 0:
+        # slot stride <= header line + page rounding + peers * (control lines + slab)
+        per_slot = budget // slots - CACHE_LINE - PAGE_SIZE
+        slab = (per_slot // max_peers - COLL_SLAB_OFFSET) // PAGE_SIZE * PAGE_SIZE
+        if slab >= PAGE_SIZE:
+            return slots, min(slab, COLL_SLAB_MAX)
+        slots //= 2
+    return 0, 0
 
 
 def pack_superblock(geometry: Geometry, uuid: bytes, name: str) -> bytes:
@@ -290,6 +377,9 @@ def pack_superblock(geometry: Geometry, uuid: bytes, name: str) -> bytes:
         geometry.queues_offset,
         geometry.queue_stride,
         raw_name,
+        geometry.coll_offset,
+        geometry.coll_slots,
+        geometry.coll_slab,
     )
     return body + SB_CHECKSUM.pack(zlib.crc32(body))
 
@@ -316,9 +406,15 @@ def unpack_superblock(raw: bytes, mapped_size: int) -> Superblock:
     fields = SB_IMMUTABLE.unpack_from(raw)
     (magic, version, sb_size, region_size, uuid, max_peers, queue_num, vring_align,
      max_span, data_size, peer_table_offset, slot_size, _flags, queues_offset,
-     queue_stride, raw_name) = fields  # fmt: skip
+     queue_stride, raw_name, coll_offset, coll_slots, coll_slab) = fields  # fmt: skip
     if magic != MAGIC:
         raise RegionFormatError("magic", f"expected {MAGIC!r}, found {magic!r}")
+    if version == 1:
+        raise RegionFormatError(
+            "version",
+            f"format 1 (no collective area) was written by an older ivshmem_comm; this "
+            f"library reads format {FORMAT_VERSION}: recreate the region with this version",
+        )
     if version != FORMAT_VERSION:
         raise RegionFormatError("version", f"format {version}, this library reads {FORMAT_VERSION}")
     (checksum,) = SB_CHECKSUM.unpack_from(raw, SB_CHECKSUM_OFFSET)
@@ -328,7 +424,9 @@ def unpack_superblock(raw: bytes, mapped_size: int) -> Superblock:
         raise RegionFormatError(
             "size", f"superblock says {region_size} bytes but only {mapped_size} are mapped"
         )
-    geometry = Geometry(region_size, max_peers, queue_num, vring_align, data_size, max_span)
+    geometry = Geometry(
+        region_size, max_peers, queue_num, vring_align, data_size, max_span, coll_slots, coll_slab
+    )
     try:
         geometry.validate()
     except ValueError as exc:
@@ -339,6 +437,7 @@ def unpack_superblock(raw: bytes, mapped_size: int) -> Superblock:
         ("peer_slot_size", slot_size, PEER_SLOT_SIZE),
         ("queues_offset", queues_offset, geometry.queues_offset),
         ("queue_stride", queue_stride, geometry.queue_stride),
+        ("coll_offset", coll_offset, geometry.coll_offset),
     )
     for field, found, expected in derived:
         if found != expected:

@@ -350,6 +350,9 @@ class Region:
             "peer_table_offset": g.peer_table_offset,
             "queues_offset": g.queues_offset,
             "queue_stride": g.queue_stride,
+            "coll_offset": g.coll_offset,
+            "coll_slots": g.coll_slots,
+            "coll_slab": g.coll_slab,
             "features": layout.QUEUE_FEATURES,
             "broker": {
                 "generation": generation,
@@ -394,6 +397,9 @@ def format_buffer(buf: Any, geometry: layout.Geometry, name: str) -> uuid_mod.UU
     for index in range(geometry.queue_count):
         base = geometry.queues_offset + index * geometry.queue_stride
         view[base : base + geometry.data_rel_offset] = bytes(geometry.data_rel_offset)
+    # The collective area: every slot free, every sequence word 0 (see collective.py).
+    coll_end = geometry.required_size
+    view[geometry.coll_offset : coll_end] = bytes(coll_end - geometry.coll_offset)
     region_uuid = uuid_mod.uuid4()
     sb = layout.pack_superblock(geometry, region_uuid.bytes, name)
     view[: len(sb)] = sb

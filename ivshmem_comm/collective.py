@@ -1,0 +1,665 @@
+"""Collectives through the region's collective area: sequence numbers and slabs, no messages.
+
+A group of peers of one region (a communicator's members there) binds to one collective slot
+(layout.py, "Collective area"). Every collective is a run of *rounds*; round k of a member:
+
+1. wait until every member's done word says round >= k-1 (all have finished reading the
+   slabs of round k-1, so slabs may be overwritten);
+2. write its contribution (if any) into its own slab, then its arrive line: nbytes and kind,
+   then seq = k last [R5];
+3. load the arrive seq [A5] of each member whose contribution it needs, wait for k, check
+   kind and nbytes, and read the slab in place (reductions read it with numpy, no copy);
+4. store done = k [R6].
+
+Sequence words carry the slot's generation in their high bits and the round in the low
+COLL_SEQ_BITS: they only ever count up, so nothing is reset between calls, and a stale word
+from the slot's previous group is told apart from this group's. Ownership is validation:
+each member writes only its own arrive, done and sleep lines and its own slab; everything
+read from another member is loaded once and checked: its generation must be ours and its
+round within [k-2, k] of ours (step 1 bounds how far any member can run ahead or lag), its
+kind and nbytes equal what this call expects. A violation raises RingCorruptError naming
+the member's peer id and marks the group broken for good; a member that died or left raises
+PeerLostError. Payloads larger than a slab move in slab-sized rounds, each written once
+and read in place by every reader.
+
+Memory ordering (labels as in virtqueue.py / _fastpath.c): [R5]/[A5] the arrive seq store
+after the slab and the nbytes/kind stores, paired with the readers' seq load before they read
+nbytes, kind and the slab; [R6]/[A6] the done seq store after the slab reads, paired with
+the load of step 1 before the slab is overwritten. On x86-64 (TSO) the aligned 8-byte stores
+and loads through region.u64 are single MOVs, seen in program order. [F3]/[F4]: the one
+store->load pair that TSO may reorder, closed by full_fence: a waiter stores its sleep flag
+then re-loads the word it waits for [F3]; a publisher stores its seq then loads the sleep
+flags [F4] and kicks the sleepers: one of the two always sees the other (no lost wake-up).
+
+Waiting spins for `spin_us`, calling os.sched_yield() between polls when the group has more
+members than this process has CPUs (spinning would steal the CPU from the peer it waits
+for), then blocks on the endpoint's doorbell in slices of WATCH_SLICE seconds, checking the
+awaited peer after each.
+
+Slots are allocated by agreement: one member (the leader) takes a free slot with
+`claim_slot` and tells the others (slot, generation) by message; each builds its
+CollectiveGroup and calls `wait_bound`. When no slot is free, callers keep to messages.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from ivshmem_comm import layout
+from ivshmem_comm.endpoint import DEFAULT_SPIN_US, WATCH_SLICE, Endpoint
+from ivshmem_comm.errors import PeerLostError, RingCorruptError, TimeoutError
+from ivshmem_comm.region import Region
+from ivshmem_comm.ring import compare_exchange_u64, full_fence
+
+# The kind stored with each arrival: members that run different collectives at once get an
+# error naming the peer instead of reading each other's slabs as the wrong thing.
+KIND_BARRIER = 1
+KIND_BCAST = 2
+KIND_GATHER = 3
+KIND_SCATTER = 4
+KIND_ALLGATHER = 5
+KIND_ALLTOALL = 6
+KIND_REDUCE = 7
+KIND_ALLREDUCE = 8
+KIND_REDUCE_SCATTER = 9
+KIND_SCAN = 10
+KIND_EXSCAN = 11
+KIND_AGREE = 12  # the size agreement that opens a v-variant
+
+ReduceOp = Callable[..., Any]  # op(acc, x, out=acc): numpy ufunc semantics, acc op x
+_WORD_MASK = 0xFFFFFFFF
+
+
+# ------------------------------------------------------------------ slot allocation
+def _claim_is_stale(region: Region, word: int) -> bool:
+    """Whether claim word `word` no longer names a READY holder of the claimed incarnation."""
+    peer, incarnation = (word & _WORD_MASK) - 1, word >> 32
+    if not 0 <= peer < region.max_peers:
+        return True  # garbage: nobody can own it
+    state, current = region.peer_state(peer)
+    if state != layout.PEER_READY or current != incarnation:
+        return True
+    return region.peer(peer).holder_alive() is False
+
+
+def claim_slot(region: Region, peer: int, incarnation: int) -> tuple[int, int] | None:
+    """Take a free (or stale) collective slot for a group led by `peer` (`incarnation`).
+
+    Returns (slot, generation) to tell the other members, or None if every slot is held by a
+    live claimer (callers then use messages). The generation is the slot's previous one + 1.
+    """
+    g = region.geometry
+    mine = (incarnation << 32) | (peer + 1)
+    for slot in range(g.coll_slots):
+        offset = g.coll_slot_offset(slot)
+        word = region.u64[offset // 8]  # one load; the CAS below re-checks it
+        if word and not _claim_is_stale(region, word):
+            continue
+        if not compare_exchange_u64(region.buf, offset, word, mine):
+            continue
+        # The header's generation word is ours while we hold the claim.
+        generation = region.u64[offset // 8 + 1] % layout.COLL_GEN_MASK + 1
+        region.u64[offset // 8 + 1] = generation
+        return slot, generation
+    return None
+
+
+def release_slot(region: Region, slot: int, peer: int, incarnation: int) -> bool:
+    """Free `slot` if `peer` (`incarnation`) holds it; True iff it did."""
+    g = region.geometry
+    if not 0 <= slot < g.coll_slots:
+        raise ValueError(f"no collective slot {slot} (the region has {g.coll_slots})")
+    mine = (incarnation << 32) | (peer + 1)
+    return compare_exchange_u64(region.buf, g.coll_slot_offset(slot), mine, 0)
+
+
+# ------------------------------------------------------------------ buffers
+def _flat(buf: Any, writable: bool) -> memoryview:
+    view = memoryview(buf)
+    if not view.c_contiguous:
+        raise ValueError("collective buffers must be contiguous")
+    if writable and view.readonly:
+        raise ValueError("a receive buffer must be writable")
+    return view.cast("B") if view.format != "B" or view.ndim != 1 else view
+
+
+def _pieces(total: int, chunk: int, index: int) -> tuple[int, int]:
+    """(start, length) of piece `index` of `total` bytes cut in `chunk`-byte pieces (length 0
+    past the end)."""
+    start = min(index * chunk, total)
+    return start, min(chunk, total - start)
+
+
+def _rounds(total: int, chunk: int) -> int:
+    return max(1, -(-total // chunk))
+
+
+class CollectiveGroup:
+    """Member `members.index(endpoint.peer_id)` of the group `members` (peer ids, rank order)
+    bound to collective slot `slot` of the endpoint's region at `generation`.
+
+    Construction publishes this member's lines; call `wait_bound` before the first
+    collective. Buffers are anything with the buffer protocol, counts and displacements in
+    bytes; reductions take numpy arrays and an `op(acc, x, out=acc)` (a numpy ufunc). Every
+    collective raises RingCorruptError naming a member that wrote something invalid or ran
+    another collective (the group is then broken for good), PeerLostError if a member it
+    waits for died or left, TimeoutError if `timeout` (seconds, None: none) passes in one
+    wait, ValueError for buffers of the wrong size. Not thread-safe.
+    """
+
+    def __init__(
+        self,
+        endpoint: Endpoint,
+        slot: int,
+        generation: int,
+        members: Sequence[int],
+        *,
+        spin_us: float = DEFAULT_SPIN_US,
+        timeout: float | None = None,
+    ) -> None:
+        region = endpoint.region
+        g = region.geometry
+        if not 0 <= slot < g.coll_slots:
+            raise ValueError(f"no collective slot {slot} (the region has {g.coll_slots})")
+        if not 1 <= generation <= layout.COLL_GEN_MASK:
+            raise ValueError(f"generation {generation} out of range 1..{layout.COLL_GEN_MASK}")
+        members = list(members)
+        if len(set(members)) != len(members) or endpoint.peer_id not in members:
+            raise ValueError(f"members {members} must be distinct and include this peer")
+        for p in members:
+            region.peer_slot_offset(p)  # range check
+        self.endpoint = endpoint
+        self.region = region
+        self.slot = slot
+        self.members = members
+        self.rank = members.index(endpoint.peer_id)
+        self.size = len(members)
+        self.timeout = timeout
+        self.slab_size = g.coll_slab
+        self._u64 = region.u64
+        blocks = [g.coll_peer_offset(slot, p) for p in members]
+        self._arrive_i = [b // 8 for b in blocks]
+        self._done_i = [(b + layout.COLL_DONE_OFFSET) // 8 for b in blocks]
+        self._sleep_i = [(b + layout.COLL_SLEEP_OFFSET) // 8 for b in blocks]
+        self._slabs = [
+            region.buf[b + layout.COLL_SLAB_OFFSET : b + layout.COLL_SLAB_OFFSET + g.coll_slab]
+            for b in blocks
+        ]
+        self._gen = generation
+        self._base = generation << layout.COLL_SEQ_BITS
+        self._round = 0
+        self._others = [r for r in range(self.size) if r != self.rank]
+        self._incarnations = [0] * self.size  # of each member, recorded once it has bound
+        self._broken: Exception | None = None
+        self._spin = spin_us * 1e-6
+        self._yield = self.size > len(os.sched_getaffinity(0))
+        me = self.rank
+        u64 = self._u64
+        u64[self._sleep_i[me]] = 0
+        u64[self._arrive_i[me] + 1] = 0
+        u64[self._arrive_i[me] + 2] = 0
+        u64[self._done_i[me]] = self._base  # [R6] round 0 of this generation
+        u64[self._arrive_i[me]] = self._base  # [R5]
+        self._incarnations[me] = endpoint.incarnation
+
+    # ------------------------------------------------------------------ binding, waiting
+    def wait_bound(self, timeout: float | None = None) -> None:
+        """Wait until every member has bound to this slot and generation.
+
+        Raises TimeoutError naming the members not bound after `timeout` seconds (None: no
+        limit), PeerLostError if one of them left or died meanwhile.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for r in self._others:
+            while (self._u64[self._done_i[r]] >> layout.COLL_SEQ_BITS) != self._gen:
+                self._check_alive(r, bound=False)
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise TimeoutError(
+                        f"peer {self.members[r]} did not bind to collective slot {self.slot}"
+                    )
+                self.endpoint.notifier.wait(min(WATCH_SLICE, 1e-3))
+            self._incarnations[r] = self.region.peer_state(self.members[r])[1]
+        self._check_all()
+
+    def _corrupt(self, r: int, field: str, value: object, detail: str) -> RingCorruptError:
+        error = RingCorruptError(
+            self.members[r], f"collective slot {self.slot} {field}", value, detail
+        )
+        self._broken = error
+        return error
+
+    def _seq(self, r: int, index: int, field: str) -> int:
+        """The round in member r's seq word u64[index], loaded once [A5]/[A6] and checked."""
+        word = self._u64[index]
+        k = self._round
+        if word >> layout.COLL_SEQ_BITS != self._gen:
+            raise self._corrupt(r, field, word, f"generation is not {self._gen}")
+        value = word & layout.COLL_SEQ_MASK
+        if not k - 2 <= value <= k:
+            raise self._corrupt(r, field, value, f"round out of the window {k - 2}..{k}")
+        return value
+
+    def _check_alive(self, r: int, bound: bool = True) -> None:
+        peer = self.members[r]
+        state, incarnation = self.region.peer_state(peer)
+        known = self._incarnations[r]
+        gone = None
+        if state in (layout.PEER_DEAD, layout.PEER_LEFT):
+            gone = layout.PEER_STATE_NAMES[state]
+        elif bound and known and incarnation != known:
+            gone = f"incarnation {known} replaced by {incarnation}"
+        elif state == layout.PEER_READY and self.region.peer(peer).holder_alive() is False:
+            gone = "process exited without leaving"
+        if gone is not None:
+            self._broken = PeerLostError(peer, gone)
+            raise self._broken
+
+    def _check_all(self) -> None:
+        for r in self._others:
+            self._check_alive(r)
+
+    def _await(self, r: int, index: int, target: int, field: str) -> None:
+        """Return once member r's seq word u64[index] reaches round `target`."""
+        if self._seq(r, index, field) >= target:
+            return
+        spin_end = time.monotonic() + self._spin
+        while time.monotonic() < spin_end:
+            if self._seq(r, index, field) >= target:
+                return
+            if self._yield:
+                os.sched_yield()
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        u64, sleep_i = self._u64, self._sleep_i[self.rank]
+        notifier = self.endpoint.notifier
+        try:
+            while True:
+                u64[sleep_i] = 1
+                full_fence()  # [F3] our sleep flag before the re-load below
+                if self._seq(r, index, field) >= target:
+                    return
+                self._check_alive(r)
+                now = time.monotonic()
+                if deadline is not None and now >= deadline:
+                    raise TimeoutError(
+                        f"peer {self.members[r]} did not reach round {target} of collective "
+                        f"slot {self.slot} in {self.timeout} s"
+                    )
+                self.region.heartbeat(self.endpoint.peer_id)
+                notifier.wait(WATCH_SLICE if deadline is None else min(WATCH_SLICE, deadline - now))
+        finally:
+            u64[sleep_i] = 0
+
+    def _wake(self) -> None:
+        full_fence()  # [F4] our seq store before the sleep-flag loads below
+        u64 = self._u64
+        for r in self._others:
+            if u64[self._sleep_i[r]]:
+                self.endpoint.notifier.kick(self.members[r])
+
+    # ------------------------------------------------------------------ one round
+    def _enter(self) -> memoryview:
+        """Step 1 of the next round; returns this member's slab, now free to overwrite."""
+        if self._broken is not None:
+            raise self._broken
+        k = self._round + 1
+        if k > layout.COLL_SEQ_MASK:
+            raise OverflowError("collective slot rounds exhausted; rebind the group")
+        self._round = k
+        for r in self._others:
+            self._await(r, self._done_i[r], k - 1, "done seq")
+        return self._slabs[self.rank]
+
+    def _publish(self, kind: int, nbytes: int) -> None:
+        """Step 2 once the slab holds what this round publishes (`nbytes`: its length)."""
+        u64, index = self._u64, self._arrive_i[self.rank]
+        u64[index + 1] = nbytes
+        u64[index + 2] = kind
+        u64[index] = self._base | self._round  # [R5] after the slab, nbytes and kind
+        self._wake()
+
+    def _begin(self, kind: int, payload: Any = b"") -> None:
+        """Steps 1-2 with `payload` (bytes-like, at most a slab) as this round's contribution."""
+        slab = self._enter()
+        nbytes = len(payload)
+        slab[:nbytes] = payload
+        self._publish(kind, nbytes)
+
+    def _take(self, r: int, kind: int, nbytes: int) -> memoryview:
+        """Step 3 for member r: wait for its arrival, check it, return its first `nbytes`
+        slab bytes (a view into the region; valid until `_end`)."""
+        index = self._arrive_i[r]
+        self._await(r, index, self._round, "arrive seq")
+        found, found_kind = self._u64[index + 1], self._u64[index + 2]  # after [A5]
+        if found_kind != kind:
+            raise self._corrupt(r, "kind", found_kind, f"this member runs kind {kind}")
+        if found != nbytes:
+            raise self._corrupt(r, "nbytes", found, f"this call expects {nbytes} bytes")
+        return self._slabs[r][:nbytes]
+
+    def _agree(self, value: int) -> int:
+        """One round in which each member publishes `value` and all read all: the maximum
+        (used to agree on the number of rounds of a v-variant)."""
+        index_of = self._arrive_i
+        self._enter()
+        self._publish(KIND_AGREE, value)
+        found = value
+        for r in self._others:
+            self._await(r, index_of[r], self._round, "arrive seq")
+            theirs, kind = self._u64[index_of[r] + 1], self._u64[index_of[r] + 2]
+            if kind != KIND_AGREE or theirs > layout.MAX_MESSAGE:
+                raise self._corrupt(r, "agreement", (kind, theirs), "not a size agreement")
+            found = max(found, theirs)
+        self._end()
+        return found
+
+    def _end(self) -> None:
+        """Step 4."""
+        self._u64[self._done_i[self.rank]] = self._base | self._round  # [R6] after the reads
+        self._wake()
+
+    # ------------------------------------------------------------------ collectives
+    def barrier(self) -> None:
+        """Return once every member has entered the barrier."""
+        self._begin(KIND_BARRIER)
+        for r in self._others:
+            self._take(r, KIND_BARRIER, 0)
+        self._end()
+
+    def bcast(self, buf: Any, root: int) -> None:
+        """Copy the bytes of `buf` at rank `root` into `buf` at every other member."""
+        view = _flat(buf, self.rank != root)
+        chunk = self.slab_size
+        for i in range(_rounds(len(view), chunk)):
+            start, length = _pieces(len(view), chunk, i)
+            if self.rank == root:
+                self._begin(KIND_BCAST, view[start : start + length])
+            else:
+                self._begin(KIND_BCAST)
+                view[start : start + length] = self._take(root, KIND_BCAST, length)
+            self._end()
+
+    def gather(self, sendbuf: Any, recvbuf: Any, root: int) -> None:
+        """Rank r's `sendbuf` lands at byte r*len(sendbuf) of `recvbuf` at `root` (ignored
+        elsewhere)."""
+        n = len(_flat(sendbuf, False))
+        self.gatherv(sendbuf, recvbuf, [n] * self.size, [r * n for r in range(self.size)], root, n)
+
+    def gatherv(
+        self,
+        sendbuf: Any,
+        recvbuf: Any,
+        counts: Sequence[int],
+        displs: Sequence[int],
+        root: int,
+        largest: int | None = None,
+    ) -> None:
+        """Rank r's `sendbuf` (counts[r] bytes) lands at byte displs[r] of `recvbuf` at
+        `root`; counts/displs/recvbuf matter at the root only. `largest`: max(counts) if
+        every rank knows it (saves the round that agrees on it)."""
+        send = _flat(sendbuf, False)
+        chunk = self.slab_size
+        is_root = self.rank == root
+        if is_root:
+            recv = _flat(recvbuf, True)
+            self._check_layout(counts, displs, len(recv), "recv")
+            if counts[root] != len(send):
+                raise ValueError(f"root sends {len(send)} bytes, counts[{root}] is {counts[root]}")
+            total = max(counts)
+        else:
+            total = len(send)
+        rounds = _rounds(self._agree(total) if largest is None else largest, chunk)
+        if is_root:
+            recv[displs[root] : displs[root] + len(send)] = send
+        for i in range(rounds):
+            start, length = _pieces(len(send), chunk, i)
+            self._begin(KIND_GATHER, b"" if is_root else send[start : start + length])
+            if is_root:
+                for r in self._others:
+                    start, length = _pieces(counts[r], chunk, i)
+                    at = displs[r] + start
+                    recv[at : at + length] = self._take(r, KIND_GATHER, length)
+            self._end()
+
+    def scatter(self, sendbuf: Any, recvbuf: Any, root: int) -> None:
+        """Rank r's `recvbuf` gets bytes r*n .. (r+1)*n of `sendbuf` at `root`, n =
+        len(recvbuf); sendbuf matters at the root only."""
+        n = len(_flat(recvbuf, True))
+        displs = [r * n for r in range(self.size)]
+        self.scatterv(sendbuf, [n] * self.size, displs, recvbuf, root, n)
+
+    def scatterv(
+        self,
+        sendbuf: Any,
+        counts: Sequence[int],
+        displs: Sequence[int],
+        recvbuf: Any,
+        root: int,
+        largest: int | None = None,
+    ) -> None:
+        """Rank r's `recvbuf` gets counts[r] bytes at displs[r] of `sendbuf` at `root`;
+        `largest` as for gatherv."""
+        recv = _flat(recvbuf, True)
+        is_root = self.rank == root
+        if is_root:
+            send = _flat(sendbuf, False)
+            self._check_layout(counts, displs, len(send), "send")
+            if counts[root] != len(recv):
+                raise ValueError(
+                    f"root receives {len(recv)} bytes, counts[{root}] is {counts[root]}"
+                )
+            recv[:] = send[displs[root] : displs[root] + len(recv)]
+            total = max(counts)
+        else:
+            total = len(recv)
+        seg = self._segment()
+        used = seg * self.size
+        for i in range(_rounds(self._agree(total) if largest is None else largest, seg)):
+            slab = self._enter()
+            if is_root:
+                for r in self._others:
+                    start, length = _pieces(counts[r], seg, i)
+                    slab[r * seg : r * seg + length] = send[displs[r] + start :][:length]
+            self._publish(KIND_SCATTER, used if is_root else 0)
+            if not is_root:
+                start, length = _pieces(len(recv), seg, i)
+                theirs = self._take(root, KIND_SCATTER, used)
+                recv[start : start + length] = theirs[self.rank * seg :][:length]
+            self._end()
+
+    def allgather(self, sendbuf: Any, recvbuf: Any) -> None:
+        """Every rank's `recvbuf` gets rank r's `sendbuf` at byte r*len(sendbuf)."""
+        n = len(_flat(sendbuf, False))
+        self.allgatherv(sendbuf, recvbuf, [n] * self.size, [r * n for r in range(self.size)])
+
+    def allgatherv(
+        self, sendbuf: Any, recvbuf: Any, counts: Sequence[int], displs: Sequence[int]
+    ) -> None:
+        """Every rank's `recvbuf` gets rank r's `sendbuf` (counts[r] bytes) at displs[r]."""
+        send, recv = _flat(sendbuf, False), _flat(recvbuf, True)
+        self._check_layout(counts, displs, len(recv), "recv")
+        me = self.rank
+        if counts[me] != len(send):
+            raise ValueError(f"rank {me} sends {len(send)} bytes, counts[{me}] is {counts[me]}")
+        recv[displs[me] : displs[me] + len(send)] = send
+        chunk = self.slab_size
+        for i in range(_rounds(max(counts), chunk)):
+            start, length = _pieces(len(send), chunk, i)
+            self._begin(KIND_ALLGATHER, send[start : start + length])
+            for r in self._others:
+                start, length = _pieces(counts[r], chunk, i)
+                at = displs[r] + start
+                recv[at : at + length] = self._take(r, KIND_ALLGATHER, length)
+            self._end()
+
+    def alltoall(self, sendbuf: Any, recvbuf: Any) -> None:
+        """Block q (len(sendbuf)/size bytes) of rank r's `sendbuf` lands as block r of rank
+        q's `recvbuf`."""
+        send = _flat(sendbuf, False)
+        n, rest = divmod(len(send), self.size)
+        if rest:
+            raise ValueError(f"alltoall: {len(send)} bytes do not split into {self.size} blocks")
+        every = [r * n for r in range(self.size)]
+        self.alltoallv(sendbuf, [n] * self.size, every, recvbuf, [n] * self.size, every)
+
+    def alltoallv(
+        self,
+        sendbuf: Any,
+        sendcounts: Sequence[int],
+        senddispls: Sequence[int],
+        recvbuf: Any,
+        recvcounts: Sequence[int],
+        recvdispls: Sequence[int],
+    ) -> None:
+        """sendcounts[q] bytes at senddispls[q] of rank r's `sendbuf` land at recvdispls[r]
+        of rank q's `recvbuf` (recvcounts[r] bytes)."""
+        send, recv = _flat(sendbuf, False), _flat(recvbuf, True)
+        self._check_layout(sendcounts, senddispls, len(send), "send")
+        self._check_layout(recvcounts, recvdispls, len(recv), "recv")
+        me = self.rank
+        if sendcounts[me] != recvcounts[me]:
+            raise ValueError(
+                f"rank {me} sends itself {sendcounts[me]} bytes, expects {recvcounts[me]}"
+            )
+        recv[recvdispls[me] :][: recvcounts[me]] = send[senddispls[me] :][: sendcounts[me]]
+        seg = self._segment()
+        used = seg * self.size
+        for i in range(_rounds(self._agree(max(*sendcounts, *recvcounts)), seg)):
+            slab = self._enter()
+            for q in self._others:
+                start, length = _pieces(sendcounts[q], seg, i)
+                slab[q * seg : q * seg + length] = send[senddispls[q] + start :][:length]
+            self._publish(KIND_ALLTOALL, used)
+            for r in self._others:
+                start, length = _pieces(recvcounts[r], seg, i)
+                theirs = self._take(r, KIND_ALLTOALL, used)
+                recv[recvdispls[r] + start :][:length] = theirs[me * seg :][:length]
+            self._end()
+
+    # ------------------------------------------------------------------ reductions
+    def reduce(
+        self, sendbuf: np.ndarray, recvbuf: np.ndarray | None, op: ReduceOp, root: int
+    ) -> None:
+        """recvbuf at `root` = sendbuf of rank 0 op rank 1 op ... (elementwise, rank order)."""
+        self._reduce(KIND_REDUCE, sendbuf, recvbuf, op, lambda r: r == root, self.size)
+
+    def allreduce(self, sendbuf: np.ndarray, recvbuf: np.ndarray, op: ReduceOp) -> None:
+        """recvbuf at every rank = sendbuf of rank 0 op rank 1 op ... (rank order)."""
+        self._reduce(KIND_ALLREDUCE, sendbuf, recvbuf, op, lambda r: True, self.size)
+
+    def scan(self, sendbuf: np.ndarray, recvbuf: np.ndarray, op: ReduceOp) -> None:
+        """recvbuf at rank r = sendbuf of ranks 0..r reduced in rank order."""
+        self._reduce(KIND_SCAN, sendbuf, recvbuf, op, lambda r: True, self.rank + 1)
+
+    def exscan(self, sendbuf: np.ndarray, recvbuf: np.ndarray, op: ReduceOp) -> None:
+        """recvbuf at rank r > 0 = sendbuf of ranks 0..r-1 reduced; rank 0's is untouched."""
+        self._reduce(KIND_EXSCAN, sendbuf, recvbuf, op, lambda r: r > 0, self.rank)
+
+    def _reduce(
+        self,
+        kind: int,
+        sendbuf: np.ndarray,
+        recvbuf: np.ndarray | None,
+        op: ReduceOp,
+        wants: Callable[[int], bool],
+        upto: int,
+    ) -> None:
+        send = np.ascontiguousarray(sendbuf).reshape(-1)
+        want = wants(self.rank)
+        recv = None
+        if want:
+            assert recvbuf is not None, "this rank receives the result"
+            recv = recvbuf.reshape(-1)
+            if recv.size != send.size or recv.dtype != send.dtype:
+                raise ValueError(
+                    f"reduction buffers differ: {send.size} {send.dtype} "
+                    f"vs {recv.size} {recv.dtype}"
+                )
+        itemsize = send.dtype.itemsize
+        per = max(1, self.slab_size // itemsize)
+        for i in range(_rounds(send.size, per)):
+            start, count = _pieces(send.size, per, i)
+            mine = send[start : start + count]
+            self._begin(kind, mine.data.cast("B"))
+            if want and upto:
+                assert recv is not None
+                acc = None
+                for r in range(upto):
+                    if r == self.rank:
+                        x = mine
+                    else:
+                        x = np.frombuffer(self._take(r, kind, count * itemsize), send.dtype)
+                    if acc is None:
+                        acc = x.copy()
+                    else:
+                        op(acc, x, out=acc)
+                recv[start : start + count] = acc
+            self._end()
+
+    def reduce_scatter_block(self, sendbuf: np.ndarray, recvbuf: np.ndarray, op: ReduceOp) -> None:
+        """recvbuf at rank r = block r (recvbuf.size elements) of every rank's sendbuf,
+        reduced in rank order."""
+        self.reduce_scatter(sendbuf, recvbuf, [np.asarray(recvbuf).size] * self.size, op)
+
+    def reduce_scatter(
+        self, sendbuf: np.ndarray, recvbuf: np.ndarray, counts: Sequence[int], op: ReduceOp
+    ) -> None:
+        """recvbuf at rank r = elements sum(counts[:r]) .. + counts[r] of every rank's
+        sendbuf, reduced in rank order (counts in elements, the same at every rank)."""
+        send = np.ascontiguousarray(sendbuf).reshape(-1)
+        recv = recvbuf.reshape(-1)
+        me = self.rank
+        if len(counts) != self.size or min(counts) < 0 or sum(counts) != send.size:
+            raise ValueError(f"reduce_scatter: counts {list(counts)} do not cover {send.size}")
+        if recv.size != counts[me] or recv.dtype != send.dtype:
+            raise ValueError(f"reduce_scatter: rank {me} receives {counts[me]} {send.dtype}")
+        firsts = np.cumsum([0, *counts[:-1]]).tolist()
+        itemsize = send.dtype.itemsize
+        seg = self._segment()
+        per = max(1, seg // itemsize)
+        used = seg * self.size
+        for i in range(_rounds(max(counts), per)):
+            slab = self._enter()
+            for q in range(self.size):
+                start, count = _pieces(counts[q], per, i)
+                piece = send[firsts[q] + start :][:count]
+                slab[q * seg : q * seg + count * itemsize] = piece.data.cast("B")
+            self._publish(KIND_REDUCE_SCATTER, used)
+            start, count = _pieces(counts[me], per, i)
+            acc = None
+            for r in range(self.size):
+                raw = self._slabs[me] if r == me else self._take(r, KIND_REDUCE_SCATTER, used)
+                x = np.frombuffer(raw[me * seg :][: count * itemsize], send.dtype)
+                if acc is None:
+                    acc = x.copy()
+                else:
+                    op(acc, x, out=acc)
+            recv[start : start + count] = acc
+            self._end()
+
+    # ------------------------------------------------------------------ helpers
+    def _segment(self) -> int:
+        """Bytes of each destination's part of a slab split among all members."""
+        return self.slab_size // self.size // layout.CACHE_LINE * layout.CACHE_LINE or 1
+
+    def _check_layout(
+        self, counts: Sequence[int], displs: Sequence[int], nbytes: int, what: str
+    ) -> None:
+        if len(counts) != self.size or len(displs) != self.size:
+            raise ValueError(f"{what} counts and displacements need {self.size} entries each")
+        for r, (count, displ) in enumerate(zip(counts, displs, strict=True)):
+            if count < 0 or displ < 0 or displ + count > nbytes:
+                raise ValueError(
+                    f"{what} block {r} ({count} bytes at {displ}) lies outside {nbytes} bytes"
+                )
+
+    def close(self) -> None:
+        """Drop the views into the region (the slot stays claimed: see release_slot)."""
+        for view in self._slabs:
+            view.release()
+        self._slabs = []
+        self._broken = self._broken or RuntimeError("collective group closed")

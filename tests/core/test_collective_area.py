@@ -1,0 +1,310 @@
+"""The collective area (ivshmem_comm.collective): real processes on a real region.
+
+A property test runs random sequences of every collective, random sizes (payloads several
+slabs long included), random roots and random groups (subsets of the region's peers in any
+rank order) and checks each result against numpy; hostile and dying peers must give errors
+naming them, never a hang; a format-1 region is refused with a clear error.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import signal
+import struct
+import time
+import zlib
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import ivshmem_comm as ic
+from ivshmem_comm import layout
+from ivshmem_comm.collective import CollectiveGroup, claim_slot, release_slot
+from tests.support import run_peer
+
+OPS = (
+    "barrier", "bcast", "gather", "gatherv", "scatter", "scatterv", "allgather", "allgatherv",
+    "alltoall", "alltoallv", "reduce", "allreduce", "reduce_scatter_block", "reduce_scatter",
+    "scan", "exscan",
+)  # fmt: skip
+UFUNCS = (np.add, np.maximum, np.subtract)  # subtract: rank order matters
+
+
+def _bytes(seed: int, index: int, rank: int, n: int) -> np.ndarray:
+    return np.random.default_rng([seed, index, rank]).integers(0, 256, n, dtype=np.uint8)
+
+
+def _ints(seed: int, index: int, rank: int, n: int) -> np.ndarray:
+    return np.random.default_rng([seed, index, rank, 1]).integers(-1000, 1000, n)
+
+
+def _counts(seed: int, index: int, size: int, shape: tuple[int, ...]) -> np.ndarray:
+    """Counts every rank derives alike: 0..size each."""
+    return np.random.default_rng([seed, index, 7]).integers(0, size + 1, shape)
+
+
+def _displs(counts: list[int]) -> list[int]:
+    return np.cumsum([0, *counts[:-1]]).tolist()
+
+
+def _check(group: CollectiveGroup, seed: int, index: int, op: tuple[str, int, int, int]) -> None:
+    """Run collective `op` = (name, size, root, ufunc index) and compare with numpy."""
+    name, size, root, which = op
+    n, me = group.size, group.rank
+    root %= n
+    ufunc = UFUNCS[which]
+    mine = _bytes(seed, index, me, size)
+    every = [_bytes(seed, index, r, size) for r in range(n)]
+    if name == "barrier":
+        group.barrier()
+    elif name == "bcast":
+        buf = every[root].copy() if me == root else np.zeros(size, np.uint8)
+        group.bcast(buf, root)
+        assert np.array_equal(buf, every[root])
+    elif name in ("gather", "allgather"):
+        out = np.zeros(n * size, np.uint8)
+        if name == "gather":
+            group.gather(mine, out, root)
+        else:
+            group.allgather(mine, out)
+        if name == "allgather" or me == root:
+            assert np.array_equal(out, np.concatenate(every))
+    elif name in ("gatherv", "allgatherv"):
+        counts = _counts(seed, index, size, (n,)).tolist()
+        parts = [_bytes(seed, index, r, counts[r]) for r in range(n)]
+        out = np.zeros(sum(counts), np.uint8)
+        if name == "gatherv":
+            group.gatherv(parts[me], out, counts, _displs(counts), root)
+        else:
+            group.allgatherv(parts[me], out, counts, _displs(counts))
+        if name == "allgatherv" or me == root:
+            assert np.array_equal(out, np.concatenate(parts))
+    elif name == "scatter":
+        whole = _bytes(seed, index, root, n * size)
+        out = np.zeros(size, np.uint8)
+        group.scatter(whole if me == root else None, out, root)
+        assert np.array_equal(out, whole[me * size : (me + 1) * size])
+    elif name == "scatterv":
+        counts = _counts(seed, index, size, (n,)).tolist()
+        whole = _bytes(seed, index, root, sum(counts))
+        out = np.zeros(counts[me], np.uint8)
+        group.scatterv(whole if me == root else None, counts, _displs(counts), out, root)
+        at = _displs(counts)[me]
+        assert np.array_equal(out, whole[at : at + counts[me]])
+    elif name == "alltoall":
+        out = np.zeros(n * size, np.uint8)
+        sends = [_bytes(seed, index, r, n * size) for r in range(n)]
+        group.alltoall(sends[me], out)
+        expect = np.concatenate([sends[r][me * size : (me + 1) * size] for r in range(n)])
+        assert np.array_equal(out, expect)
+    elif name == "alltoallv":
+        matrix = _counts(seed, index, size, (n, n))  # matrix[r][q]: bytes r sends q
+        sends = [_bytes(seed, index, r, int(matrix[r].sum())) for r in range(n)]
+        recvcounts = matrix[:, me].tolist()
+        out = np.zeros(sum(recvcounts), np.uint8)
+        sendcounts = matrix[me].tolist()
+        group.alltoallv(
+            sends[me], sendcounts, _displs(sendcounts), out, recvcounts, _displs(recvcounts)
+        )
+        expect = [sends[r][_displs(matrix[r].tolist())[me] :][: matrix[r][me]] for r in range(n)]
+        assert np.array_equal(out, np.concatenate(expect))
+    else:
+        _check_reduction(group, seed, index, name, size, root, ufunc)
+
+
+def _check_reduction(group, seed, index, name, size, root, ufunc) -> None:
+    n, me = group.size, group.rank
+    count = size // 8
+    values = [_ints(seed, index, r, count * (n if name.startswith("reduce_scatter") else 1))
+              for r in range(n)]  # fmt: skip
+
+    def folded(ranks):
+        return functools.reduce(lambda a, b: ufunc(a, b), [values[r] for r in ranks])
+
+    if name == "reduce_scatter_block":
+        out = np.zeros(count, np.int64)
+        group.reduce_scatter_block(values[me], out, ufunc)
+        assert np.array_equal(out, folded(range(n))[me * count : (me + 1) * count])
+        return
+    if name == "reduce_scatter":
+        counts = _counts(seed, index, 2 * count, (n,))
+        counts[-1] += n * count - counts.sum()  # may go negative: then use equal blocks
+        counts = counts.tolist() if counts[-1] >= 0 else [count] * n
+        out = np.zeros(counts[me], np.int64)
+        group.reduce_scatter(values[me], out, counts, ufunc)
+        at = _displs(counts)[me]
+        assert np.array_equal(out, folded(range(n))[at : at + counts[me]])
+        return
+    sentinel = np.full(count, 12345, np.int64)
+    out = sentinel.copy()
+    if name == "reduce":
+        group.reduce(values[me], out, ufunc, root)
+        expect = folded(range(n)) if me == root else sentinel
+    elif name == "allreduce":
+        group.allreduce(values[me], out, ufunc)
+        expect = folded(range(n))
+    elif name == "scan":
+        group.scan(values[me], out, ufunc)
+        expect = folded(range(me + 1))
+    else:
+        group.exscan(values[me], out, ufunc)
+        expect = folded(range(me)) if me else sentinel
+    assert np.array_equal(out, expect), (name, me)
+
+
+def _member(ep, slot, generation, members, ops, seed):
+    if ep.peer_id not in members:
+        return
+    group = CollectiveGroup(ep, slot, generation, members, timeout=60)
+    group.wait_bound(timeout=30)
+    for index, op in enumerate(ops):
+        _check(group, seed, index, op)
+    group.close()
+
+
+def _run_group(region, spawn, leader, members, ops, seed):
+    """Peers 0..max_peers-2 run `ops` as `members` in forked processes; `leader` (the last
+    peer, in this process) claims the slot and releases it after."""
+    slot, generation = claim_slot(region, leader.peer_id, leader.incarnation)
+    peers = [spawn(run_peer, _member, region.name, p, slot, generation, members, ops, seed)
+             for p in range(region.max_peers - 1)]  # fmt: skip
+    for proc in peers:
+        proc.join(timeout=120)
+    codes = [proc.exitcode for proc in peers]
+    for proc in peers:
+        if proc.is_alive():
+            proc.kill()
+    assert release_slot(region, slot, leader.peer_id, leader.incarnation)
+    assert codes == [0] * len(peers), f"members' exit codes {codes} (tracebacks above)"
+
+
+op_strategy = st.tuples(
+    st.sampled_from(OPS),
+    st.one_of(st.integers(0, 64), st.integers(0, 100_000)),  # slabs here are 28 KiB
+    st.integers(0, 7),
+    st.integers(0, len(UFUNCS) - 1),
+)
+
+
+@settings(
+    max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    ops=st.lists(op_strategy, min_size=1, max_size=10),
+    members=st.permutations(range(4)).flatmap(
+        lambda order: st.integers(1, 4).map(lambda k: list(order[:k]))
+    ),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_random_collectives_match_numpy(make_region, spawn, ops, members, seed):
+    region = make_region(8 << 20, 5)
+    assert region.geometry.coll_slots and region.geometry.coll_slab < 100_000
+    with region.endpoint(4) as leader:
+        _run_group(region, spawn, leader, members, ops, seed)
+
+
+def test_every_collective_in_one_sequence_at_four_ranks(make_region, spawn):
+    """Each collective once, at payloads of several slabs, every reduction op."""
+    region = make_region(8 << 20, 5)
+    big = 3 * region.geometry.coll_slab + 40
+    ops = [(name, size, 1, i % 3) for i, name in enumerate(OPS) for size in (0, 8, big)]
+    with region.endpoint(4) as leader:
+        _run_group(region, spawn, leader, [2, 0, 3, 1], ops, 5)
+
+
+def test_slots_are_claimed_once_and_reclaimed_from_the_dead(make_region):
+    region = make_region(8 << 20, 3)
+    g = region.geometry
+    with region.endpoint(0) as ep:
+        taken = [claim_slot(region, 0, ep.incarnation) for _ in range(g.coll_slots)]
+        assert sorted(slot for slot, _ in taken) == list(range(g.coll_slots))
+        assert claim_slot(region, 0, ep.incarnation) is None  # exhausted: use messages
+        assert release_slot(region, 2, 0, ep.incarnation)
+        assert not release_slot(region, 2, 0, ep.incarnation)
+        slot, generation = claim_slot(region, 0, ep.incarnation)
+        assert slot == 2 and generation == 2  # the generation counts claims of the slot
+    # ep left: its claims are stale, anyone may take them over
+    with region.endpoint(1) as other:
+        assert claim_slot(region, 1, other.incarnation) is not None
+
+
+# ------------------------------------------------------------------ hostile and lost peers
+def _bind_then(ep, slot, generation, members, action):
+    group = CollectiveGroup(ep, slot, generation, members, timeout=60)
+    group.wait_bound(timeout=30)
+    u64 = ep.region.u64
+    arrive = ep.region.geometry.coll_peer_offset(slot, ep.peer_id) // 8
+    base = generation << layout.COLL_SEQ_BITS
+    if action == "round":
+        u64[arrive] = base | 1000
+    elif action == "generation":
+        u64[arrive] = ((generation + 1) << layout.COLL_SEQ_BITS) | 1
+    elif action == "nbytes":  # a well-formed arrival claiming a slab longer than bcast's
+        u64[arrive + 1] = 1 << 40
+        u64[arrive + 2] = 2
+        u64[arrive] = base | 1
+    elif action == "kind":
+        u64[arrive + 2] = 99
+        u64[arrive] = base | 1
+    elif action == "die":
+        os.kill(os.getpid(), signal.SIGKILL)
+    time.sleep(30)
+
+
+@pytest.mark.parametrize(
+    ("action", "error", "field"),
+    [
+        ("round", ic.RingCorruptError, "arrive seq"),
+        ("generation", ic.RingCorruptError, "arrive seq"),
+        ("nbytes", ic.RingCorruptError, "nbytes"),
+        ("kind", ic.RingCorruptError, "kind"),
+        ("die", ic.PeerLostError, None),
+    ],
+)
+def test_hostile_or_dead_member_is_named_not_waited_for(make_region, spawn, action, error, field):
+    region = make_region(8 << 20, 2)
+    with region.endpoint(0) as ep:
+        slot, generation = claim_slot(region, 0, ep.incarnation)
+        proc = spawn(run_peer, _bind_then, region.name, 1, slot, generation, [0, 1], action)
+        group = CollectiveGroup(ep, slot, generation, [0, 1], timeout=20)
+        group.wait_bound(timeout=30)
+        time.sleep(0.3)  # the member scribbles (or dies) meanwhile
+        t0 = time.monotonic()
+        buf = bytearray(16)
+        with pytest.raises(error) as err:
+            group.bcast(buf, root=1)
+        assert time.monotonic() - t0 < 5
+        assert err.value.peer == 1
+        if field:
+            assert field in err.value.field
+            with pytest.raises(error):  # broken for good: fails fast, same error
+                group.barrier()
+        proc.kill()
+
+
+def test_format_1_region_is_refused_with_a_clear_error():
+    size = 1 << 20
+    buf = bytearray(size)
+    from ivshmem_comm.region import format_buffer
+
+    format_buffer(buf, layout.Geometry.fit(size, 2), "old")
+    struct.pack_into("<I", buf, 8, 1)  # version 1, CRC made right: a genuine old superblock
+    crc = zlib.crc32(bytes(buf[: layout.SB_CHECKSUM_OFFSET]))
+    struct.pack_into("<I", buf, layout.SB_CHECKSUM_OFFSET, crc)
+    with pytest.raises(ic.RegionFormatError, match=r"format 1 .*recreate the region") as err:
+        ic.Region.attach(buf)
+    assert err.value.field == "version"
+
+
+def test_small_region_has_no_collective_area_and_validates():
+    g = layout.Geometry.fit(64 << 10, 2, 16)
+    assert g.coll_slots == 0 and g.coll_slab == 0
+    g = layout.Geometry.fit(64 << 20, 4)
+    assert g.coll_slots == layout.COLL_SLOTS_DEFAULT and g.coll_slab == layout.COLL_SLAB_MAX
+    assert g.required_size <= 64 << 20
+    bad = layout.Geometry(64 << 20, 4, 256, 64, g.data_size, g.max_span, 2, 1000)
+    with pytest.raises(ValueError, match="coll_slab"):
+        bad.validate()
