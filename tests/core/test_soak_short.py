@@ -34,7 +34,12 @@ def run_tool(*args: str, timeout: float) -> str:
 
 
 def test_soak_short_plain_and_broker():
-    out = run_tool("tools.soak", "--seconds", "10", "--via", "both", timeout=240)
+    # Ten seconds is still warm-up for memory: a peer's footprint grows to hold a few 16 MiB
+    # messages at once (pending sends, a receive buffer), so RSS is held to the most those can
+    # take; the flat-RSS check proper is for runs of minutes (issue 10: 5-minute soak).
+    out = run_tool(
+        "tools.soak", "--seconds", "10", "--via", "both", "--rss-limit-mib", "96", timeout=240
+    )
     assert "== soak via region" in out and "== soak via broker" in out
     assert "soak: OK, 0 violations" in out
 
