@@ -126,9 +126,12 @@ class BrokerClient:
         try:
             self.region = Region(mapping, owner=mapping)
         except BaseException:
-            mapping.close()
             sock.close()
             self._close_fds([a.fd for a in announcements if a.fd is not None])
+            # The failed Region's views of the mapping live on in the traceback: then the
+            # mapping is unmapped when they go, and the error that matters is the one raised.
+            with contextlib.suppress(BufferError):
+                mapping.close()
             raise
         self.ivshmem_id = handshake.peer
         slot = self._slot_for(self.ivshmem_id, own=True)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import mmap
 import os
 import re
+import socket
 import struct
 import threading
 import uuid
@@ -336,3 +337,38 @@ def test_demo_with_host_processes_cleans_up() -> None:
     for size in ("8 B", "4 KiB", "256 KiB", "4 MiB"):
         assert re.search(rf"^\s+{size}\s+[\d.]+ us\s+[\d.]+ MB/s$", r.stdout, re.M), r.stdout
     assert {p for p in os.listdir("/dev/shm") if p.startswith("demo-")} == before
+
+
+def test_broker_handing_out_a_bad_region_is_a_format_error(tmp_path: Path) -> None:
+    """A 'broker' whose shared memory holds no region of ours: the client reports the region
+    format, and does not mask it with an error about closing its mapping."""
+    from guest_lib.host_client import BrokerClient
+    from ivshmem_comm import protocol
+    from ivshmem_comm.errors import RegionFormatError
+
+    path = str(tmp_path / "fake.sock")
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(path)
+    server.listen(1)
+    shm = os.memfd_create("not-a-region")
+    os.ftruncate(shm, 1 << 20)
+    os.pwrite(shm, b"IVSHMCOM" + b"\xff" * 56, 0)  # our magic, then garbage
+
+    def serve() -> None:
+        conn, _ = server.accept()
+        with conn:
+            protocol.send_initial_info(conn, 1, shm)
+            own = os.eventfd(0)
+            protocol.send_peer_vectors(conn, 1, [own])  # the client's own doorbell
+            os.close(own)
+            conn.recv(1)  # until the client hangs up
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        with pytest.raises(RegionFormatError):
+            BrokerClient(path, timeout=5)
+    finally:
+        thread.join(5)
+        server.close()
+        os.close(shm)
