@@ -9,9 +9,11 @@ strict xfails, so the fix turns them into failures that ask for the entry to be 
 
 from __future__ import annotations
 
+import base64
 import re
 import subprocess
 import sys
+import zlib
 
 import pytest
 
@@ -49,9 +51,19 @@ def replay(name: str, data: bytes) -> None:
 FIXED = [
     # host_broker.config.load_config: a file that is not UTF-8 raised UnicodeDecodeError
     ("config", b'[[region]]\nname = "b"\n[[region]]\nnaegion]]\n\nsi\xffsiz/ = 2047z'),
+    # the protocol target's hostile writer blocked on a full socket buffer (a hang, 5 s)
+    (
+        "protocol",
+        zlib.decompress(
+            base64.b64decode(
+                "eNpjYGRgYLACYgZGVgYwCAECBvqBNWvWsDIYMjwbDKYQArzA0EHi0ty+4RBgOAAA3XEPlw=="
+            )
+        ),
+    ),
 ]
 
 
+@pytest.mark.timeout(30)
 @pytest.mark.parametrize(("name", "data"), FIXED)
 def test_fixed_crash_inputs(name, data):
     replay(name, data)

@@ -100,7 +100,15 @@ def _make_fd(kind: int) -> int:
 
 def _write_stream(sock: socket.socket, r: Reader) -> None:
     """Write what the hostile side sends: whole 8-byte messages, with or without one or more
-    fds of any kind, and raw fragments."""
+    fds of any kind, and raw fragments; up to what the socket holds before anyone reads."""
+    sock.setblocking(False)
+    try:
+        _write_items(sock, r)
+    except BlockingIOError:
+        pass  # the socket buffer is full: the stream ends here
+
+
+def _write_items(sock: socket.socket, r: Reader) -> None:
     while r and r.pos < 2048:
         op = r.uint(1)
         if op & 3 == 0:
