@@ -43,9 +43,11 @@ CollectiveGroup and calls `wait_bound`. When no slot is free, callers keep to me
 
 from __future__ import annotations
 
+import collections
+import functools
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
 from typing import Any
 
 import numpy as np
@@ -72,6 +74,11 @@ KIND_EXSCAN = 11
 KIND_AGREE = 12  # the size agreement that opens a v-variant
 
 ReduceOp = Callable[..., Any]  # op(acc, x, out=acc): numpy ufunc semantics, acc op x
+# What a collective's steps yield when they must wait: (member rank, u64 index of its seq
+# word, round to reach, field name for errors). The blocking driver spins then sleeps on it,
+# a nonblocking request tests it once per progress call.
+Wait = tuple[int, int, int, str]
+Steps = Generator[Wait, None, None]
 _WORD_MASK = 0xFFFFFFFF
 
 
@@ -139,6 +146,95 @@ def _rounds(total: int, chunk: int) -> int:
     return max(1, -(-total // chunk))
 
 
+def _blocking(steps: Callable[..., Steps]) -> Callable[..., None]:
+    """The blocking form of a collective written as steps: complete the started ones, then
+    run these here (the docstring is the steps')."""
+
+    @functools.wraps(steps)
+    def run(self: CollectiveGroup, *args: Any, **kwargs: Any) -> None:
+        if self._pending:
+            self._complete_pending()
+        self._drive(steps(self, *args, **kwargs))
+
+    return run
+
+
+COLLECTIVES = (
+    "barrier", "bcast", "gather", "gatherv", "scatter", "scatterv", "allgather", "allgatherv",
+    "alltoall", "alltoallv", "reduce", "allreduce", "scan", "exscan", "reduce_scatter_block",
+    "reduce_scatter",
+)  # fmt: skip
+
+
+class CollectiveRequest:
+    """A started collective (CollectiveGroup.start). `test()` advances it without waiting and
+    says whether it completed; `wait()` completes it (and those started before it). Both
+    raise the collective's error, again on every later call."""
+
+    def __init__(self, group: CollectiveGroup, steps: Steps) -> None:
+        self._group = group
+        self._steps: Steps | None = steps
+        self._wait: Wait | None = None
+        self._error: BaseException | None = None
+
+    @property
+    def done(self) -> bool:
+        return self._steps is None
+
+    def _fail(self, exc: BaseException) -> None:
+        # The group is broken: the collectives started after this one fail with it.
+        for request in (self, *self._group._pending):
+            request._error = exc
+            request._steps = None
+        self._group._pending.clear()
+
+    def _advance(self) -> bool:
+        """Run until a wait that is not satisfied yet; True iff the collective completed."""
+        if self._error is not None:
+            raise self._error
+        if self._steps is None:
+            return True
+        group = self._group
+        try:
+            while True:
+                wait = self._wait
+                if wait is not None and group._seq(wait[0], wait[1], wait[3]) < wait[2]:
+                    return False
+                self._wait = next(self._steps)
+        except StopIteration:
+            self._steps = None
+            return True
+        except BaseException as exc:
+            self._fail(exc)
+            raise
+
+    def _finish(self) -> None:
+        if self._error is not None:
+            raise self._error
+        try:
+            while not self._advance():
+                assert self._wait is not None
+                self._group._await(*self._wait)
+        except BaseException as exc:
+            if self._error is None:
+                self._fail(exc)
+            raise
+
+    def test(self) -> bool:
+        """Advance the group's started collectives; True iff this one completed."""
+        self._group.progress()
+        if self._error is not None:
+            raise self._error
+        return self.done
+
+    def wait(self) -> None:
+        """Complete this collective (and the ones started before it) here."""
+        if not self.done:
+            self._group._complete_pending(self)
+        if self._error is not None:
+            raise self._error
+
+
 class CollectiveGroup:
     """Member `members.index(endpoint.peer_id)` of the group `members` (peer ids, rank order)
     bound to collective slot `slot` of the endpoint's region at `generation`.
@@ -149,7 +245,14 @@ class CollectiveGroup:
     collective raises RingCorruptError naming a member that wrote something invalid or ran
     another collective (the group is then broken for good), PeerLostError if a member it
     waits for died or left, TimeoutError if `timeout` (seconds, None: none) passes in one
-    wait, ValueError for buffers of the wrong size. Not thread-safe.
+    wait, ValueError for buffers of the wrong size. `interrupt`, if given, is called while
+    a wait is blocked, after each slice of WATCH_SLICE seconds no kick ended: whatever it
+    raises ends the wait and breaks the group (the MPI layer checks there whether another
+    member abandoned the collective). Not thread-safe.
+
+    Each collective has a blocking form (`bcast(...)`) and a nonblocking one
+    (`start("bcast", ...)` -> CollectiveRequest). Members must start collectives in the same
+    order; a blocking collective first completes the nonblocking ones started before it.
     """
 
     def __init__(
@@ -161,6 +264,7 @@ class CollectiveGroup:
         *,
         spin_us: float = DEFAULT_SPIN_US,
         timeout: float | None = None,
+        interrupt: Callable[[], None] | None = None,
     ) -> None:
         region = endpoint.region
         g = region.geometry
@@ -180,6 +284,8 @@ class CollectiveGroup:
         self.rank = members.index(endpoint.peer_id)
         self.size = len(members)
         self.timeout = timeout
+        self.interrupt = interrupt
+        self._pending: collections.deque[CollectiveRequest] = collections.deque()
         self.slab_size = g.coll_slab
         self._u64 = region.u64
         blocks = [g.coll_peer_offset(slot, p) for p in members]
@@ -195,7 +301,7 @@ class CollectiveGroup:
         self._round = 0
         self._others = [r for r in range(self.size) if r != self.rank]
         self._incarnations = [0] * self.size  # of each member, recorded once it has bound
-        self._broken: Exception | None = None
+        self._broken: BaseException | None = None
         self._spin = spin_us * 1e-6
         self._yield = self.size > len(os.sched_getaffinity(0))
         me = self.rank
@@ -223,8 +329,9 @@ class CollectiveGroup:
                         f"peer {self.members[r]} did not bind to collective slot {self.slot}"
                     )
                 self.endpoint.notifier.wait(min(WATCH_SLICE, 1e-3))
+            # Bound: a member may even have finished collectives and left since; what it
+            # published stays valid, and a wait on it checks it only when nothing comes.
             self._incarnations[r] = self.region.peer_state(self.members[r])[1]
-        self._check_all()
 
     def _corrupt(self, r: int, field: str, value: object, detail: str) -> RingCorruptError:
         error = RingCorruptError(
@@ -259,12 +366,15 @@ class CollectiveGroup:
             self._broken = PeerLostError(peer, gone)
             raise self._broken
 
-    def _check_all(self) -> None:
-        for r in self._others:
-            self._check_alive(r)
+    def _until(self, r: int, index: int, target: int, field: str) -> Generator[Wait, None, None]:
+        """Steps that end once member r's seq word u64[index] reaches round `target`."""
+        if self._seq(r, index, field) < target:
+            yield r, index, target, field
 
     def _await(self, r: int, index: int, target: int, field: str) -> None:
-        """Return once member r's seq word u64[index] reaches round `target`."""
+        """Return once member r's seq word u64[index] reaches round `target`: spin, then
+        block on the doorbell in slices, checking r (and calling `interrupt`) after each
+        slice that no kick ended."""
         if self._seq(r, index, field) >= target:
             return
         spin_end = time.monotonic() + self._spin
@@ -282,7 +392,6 @@ class CollectiveGroup:
                 full_fence()  # [F3] our sleep flag before the re-load below
                 if self._seq(r, index, field) >= target:
                     return
-                self._check_alive(r)
                 now = time.monotonic()
                 if deadline is not None and now >= deadline:
                     raise TimeoutError(
@@ -290,9 +399,26 @@ class CollectiveGroup:
                         f"slot {self.slot} in {self.timeout} s"
                     )
                 self.region.heartbeat(self.endpoint.peer_id)
-                notifier.wait(WATCH_SLICE if deadline is None else min(WATCH_SLICE, deadline - now))
+                slice_s = WATCH_SLICE if deadline is None else min(WATCH_SLICE, deadline - now)
+                if not notifier.wait(slice_s):
+                    self._check_alive(r)
+                    if self.interrupt is not None:
+                        self._interrupted()
         finally:
             u64[sleep_i] = 0
+
+    def _interrupted(self) -> None:
+        assert self.interrupt is not None
+        try:
+            self.interrupt()
+        except BaseException as exc:
+            self._broken = exc
+            raise
+
+    def _drive(self, steps: Steps) -> None:
+        """Run `steps` to the end here, waiting as they ask."""
+        for wait in steps:
+            self._await(*wait)
 
     def _wake(self) -> None:
         full_fence()  # [F4] our seq store before the sleep-flag loads below
@@ -302,7 +428,7 @@ class CollectiveGroup:
                 self.endpoint.notifier.kick(self.members[r])
 
     # ------------------------------------------------------------------ one round
-    def _enter(self) -> memoryview:
+    def _enter(self) -> Generator[Wait, None, memoryview]:
         """Step 1 of the next round; returns this member's slab, now free to overwrite."""
         if self._broken is not None:
             raise self._broken
@@ -311,7 +437,7 @@ class CollectiveGroup:
             raise OverflowError("collective slot rounds exhausted; rebind the group")
         self._round = k
         for r in self._others:
-            self._await(r, self._done_i[r], k - 1, "done seq")
+            yield from self._until(r, self._done_i[r], k - 1, "done seq")
         return self._slabs[self.rank]
 
     def _publish(self, kind: int, nbytes: int) -> None:
@@ -322,18 +448,18 @@ class CollectiveGroup:
         u64[index] = self._base | self._round  # [R5] after the slab, nbytes and kind
         self._wake()
 
-    def _begin(self, kind: int, payload: Any = b"") -> None:
+    def _begin(self, kind: int, payload: Any = b"") -> Steps:
         """Steps 1-2 with `payload` (bytes-like, at most a slab) as this round's contribution."""
-        slab = self._enter()
+        slab = yield from self._enter()
         nbytes = len(payload)
         slab[:nbytes] = payload
         self._publish(kind, nbytes)
 
-    def _take(self, r: int, kind: int, nbytes: int) -> memoryview:
+    def _take(self, r: int, kind: int, nbytes: int) -> Generator[Wait, None, memoryview]:
         """Step 3 for member r: wait for its arrival, check it, return its first `nbytes`
         slab bytes (a view into the region; valid until `_end`)."""
         index = self._arrive_i[r]
-        self._await(r, index, self._round, "arrive seq")
+        yield from self._until(r, index, self._round, "arrive seq")
         found, found_kind = self._u64[index + 1], self._u64[index + 2]  # after [A5]
         if found_kind != kind:
             raise self._corrupt(r, "kind", found_kind, f"this member runs kind {kind}")
@@ -341,15 +467,15 @@ class CollectiveGroup:
             raise self._corrupt(r, "nbytes", found, f"this call expects {nbytes} bytes")
         return self._slabs[r][:nbytes]
 
-    def _agree(self, value: int) -> int:
+    def _agree(self, value: int) -> Generator[Wait, None, int]:
         """One round in which each member publishes `value` and all read all: the maximum
         (used to agree on the number of rounds of a v-variant)."""
         index_of = self._arrive_i
-        self._enter()
+        yield from self._enter()
         self._publish(KIND_AGREE, value)
         found = value
         for r in self._others:
-            self._await(r, index_of[r], self._round, "arrive seq")
+            yield from self._until(r, index_of[r], self._round, "arrive seq")
             theirs, kind = self._u64[index_of[r] + 1], self._u64[index_of[r] + 2]
             if kind != KIND_AGREE or theirs > layout.MAX_MESSAGE:
                 raise self._corrupt(r, "agreement", (kind, theirs), "not a size agreement")
@@ -363,33 +489,35 @@ class CollectiveGroup:
         self._wake()
 
     # ------------------------------------------------------------------ collectives
-    def barrier(self) -> None:
+    def _barrier(self) -> Steps:
         """Return once every member has entered the barrier."""
-        self._begin(KIND_BARRIER)
+        yield from self._begin(KIND_BARRIER)
         for r in self._others:
-            self._take(r, KIND_BARRIER, 0)
+            yield from self._take(r, KIND_BARRIER, 0)
         self._end()
 
-    def bcast(self, buf: Any, root: int) -> None:
+    def _bcast(self, buf: Any, root: int) -> Steps:
         """Copy the bytes of `buf` at rank `root` into `buf` at every other member."""
         view = _flat(buf, self.rank != root)
         chunk = self.slab_size
         for i in range(_rounds(len(view), chunk)):
             start, length = _pieces(len(view), chunk, i)
             if self.rank == root:
-                self._begin(KIND_BCAST, view[start : start + length])
+                yield from self._begin(KIND_BCAST, view[start : start + length])
             else:
-                self._begin(KIND_BCAST)
-                view[start : start + length] = self._take(root, KIND_BCAST, length)
+                yield from self._begin(KIND_BCAST)
+                view[start : start + length] = yield from self._take(root, KIND_BCAST, length)
             self._end()
 
-    def gather(self, sendbuf: Any, recvbuf: Any, root: int) -> None:
+    def _gather(self, sendbuf: Any, recvbuf: Any, root: int) -> Steps:
         """Rank r's `sendbuf` lands at byte r*len(sendbuf) of `recvbuf` at `root` (ignored
         elsewhere)."""
         n = len(_flat(sendbuf, False))
-        self.gatherv(sendbuf, recvbuf, [n] * self.size, [r * n for r in range(self.size)], root, n)
+        yield from self._gatherv(
+            sendbuf, recvbuf, [n] * self.size, [r * n for r in range(self.size)], root, n
+        )
 
-    def gatherv(
+    def _gatherv(
         self,
         sendbuf: Any,
         recvbuf: Any,
@@ -397,7 +525,7 @@ class CollectiveGroup:
         displs: Sequence[int],
         root: int,
         largest: int | None = None,
-    ) -> None:
+    ) -> Steps:
         """Rank r's `sendbuf` (counts[r] bytes) lands at byte displs[r] of `recvbuf` at
         `root`; counts/displs/recvbuf matter at the root only. `largest`: max(counts) if
         every rank knows it (saves the round that agrees on it)."""
@@ -412,27 +540,27 @@ class CollectiveGroup:
             total = max(counts)
         else:
             total = len(send)
-        rounds = _rounds(self._agree(total) if largest is None else largest, chunk)
+        rounds = _rounds((yield from self._agree(total)) if largest is None else largest, chunk)
         if is_root:
             recv[displs[root] : displs[root] + len(send)] = send
         for i in range(rounds):
             start, length = _pieces(len(send), chunk, i)
-            self._begin(KIND_GATHER, b"" if is_root else send[start : start + length])
+            yield from self._begin(KIND_GATHER, b"" if is_root else send[start : start + length])
             if is_root:
                 for r in self._others:
                     start, length = _pieces(counts[r], chunk, i)
                     at = displs[r] + start
-                    recv[at : at + length] = self._take(r, KIND_GATHER, length)
+                    recv[at : at + length] = yield from self._take(r, KIND_GATHER, length)
             self._end()
 
-    def scatter(self, sendbuf: Any, recvbuf: Any, root: int) -> None:
+    def _scatter(self, sendbuf: Any, recvbuf: Any, root: int) -> Steps:
         """Rank r's `recvbuf` gets bytes r*n .. (r+1)*n of `sendbuf` at `root`, n =
         len(recvbuf); sendbuf matters at the root only."""
         n = len(_flat(recvbuf, True))
         displs = [r * n for r in range(self.size)]
-        self.scatterv(sendbuf, [n] * self.size, displs, recvbuf, root, n)
+        yield from self._scatterv(sendbuf, [n] * self.size, displs, recvbuf, root, n)
 
-    def scatterv(
+    def _scatterv(
         self,
         sendbuf: Any,
         counts: Sequence[int],
@@ -440,7 +568,7 @@ class CollectiveGroup:
         recvbuf: Any,
         root: int,
         largest: int | None = None,
-    ) -> None:
+    ) -> Steps:
         """Rank r's `recvbuf` gets counts[r] bytes at displs[r] of `sendbuf` at `root`;
         `largest` as for gatherv."""
         recv = _flat(recvbuf, True)
@@ -458,8 +586,10 @@ class CollectiveGroup:
             total = len(recv)
         seg = self._segment()
         used = seg * self.size
-        for i in range(_rounds(self._agree(total) if largest is None else largest, seg)):
-            slab = self._enter()
+        for i in range(
+            _rounds((yield from self._agree(total)) if largest is None else largest, seg)
+        ):
+            slab = yield from self._enter()
             if is_root:
                 for r in self._others:
                     start, length = _pieces(counts[r], seg, i)
@@ -467,18 +597,20 @@ class CollectiveGroup:
             self._publish(KIND_SCATTER, used if is_root else 0)
             if not is_root:
                 start, length = _pieces(len(recv), seg, i)
-                theirs = self._take(root, KIND_SCATTER, used)
+                theirs = yield from self._take(root, KIND_SCATTER, used)
                 recv[start : start + length] = theirs[self.rank * seg :][:length]
             self._end()
 
-    def allgather(self, sendbuf: Any, recvbuf: Any) -> None:
+    def _allgather(self, sendbuf: Any, recvbuf: Any) -> Steps:
         """Every rank's `recvbuf` gets rank r's `sendbuf` at byte r*len(sendbuf)."""
         n = len(_flat(sendbuf, False))
-        self.allgatherv(sendbuf, recvbuf, [n] * self.size, [r * n for r in range(self.size)])
+        yield from self._allgatherv(
+            sendbuf, recvbuf, [n] * self.size, [r * n for r in range(self.size)]
+        )
 
-    def allgatherv(
+    def _allgatherv(
         self, sendbuf: Any, recvbuf: Any, counts: Sequence[int], displs: Sequence[int]
-    ) -> None:
+    ) -> Steps:
         """Every rank's `recvbuf` gets rank r's `sendbuf` (counts[r] bytes) at displs[r]."""
         send, recv = _flat(sendbuf, False), _flat(recvbuf, True)
         self._check_layout(counts, displs, len(recv), "recv")
@@ -489,14 +621,14 @@ class CollectiveGroup:
         chunk = self.slab_size
         for i in range(_rounds(max(counts), chunk)):
             start, length = _pieces(len(send), chunk, i)
-            self._begin(KIND_ALLGATHER, send[start : start + length])
+            yield from self._begin(KIND_ALLGATHER, send[start : start + length])
             for r in self._others:
                 start, length = _pieces(counts[r], chunk, i)
                 at = displs[r] + start
-                recv[at : at + length] = self._take(r, KIND_ALLGATHER, length)
+                recv[at : at + length] = yield from self._take(r, KIND_ALLGATHER, length)
             self._end()
 
-    def alltoall(self, sendbuf: Any, recvbuf: Any) -> None:
+    def _alltoall(self, sendbuf: Any, recvbuf: Any) -> Steps:
         """Block q (len(sendbuf)/size bytes) of rank r's `sendbuf` lands as block r of rank
         q's `recvbuf`."""
         send = _flat(sendbuf, False)
@@ -504,9 +636,9 @@ class CollectiveGroup:
         if rest:
             raise ValueError(f"alltoall: {len(send)} bytes do not split into {self.size} blocks")
         every = [r * n for r in range(self.size)]
-        self.alltoallv(sendbuf, [n] * self.size, every, recvbuf, [n] * self.size, every)
+        yield from self._alltoallv(sendbuf, [n] * self.size, every, recvbuf, [n] * self.size, every)
 
-    def alltoallv(
+    def _alltoallv(
         self,
         sendbuf: Any,
         sendcounts: Sequence[int],
@@ -514,7 +646,7 @@ class CollectiveGroup:
         recvbuf: Any,
         recvcounts: Sequence[int],
         recvdispls: Sequence[int],
-    ) -> None:
+    ) -> Steps:
         """sendcounts[q] bytes at senddispls[q] of rank r's `sendbuf` land at recvdispls[r]
         of rank q's `recvbuf` (recvcounts[r] bytes)."""
         send, recv = _flat(sendbuf, False), _flat(recvbuf, True)
@@ -528,38 +660,38 @@ class CollectiveGroup:
         recv[recvdispls[me] :][: recvcounts[me]] = send[senddispls[me] :][: sendcounts[me]]
         seg = self._segment()
         used = seg * self.size
-        for i in range(_rounds(self._agree(max(*sendcounts, *recvcounts)), seg)):
-            slab = self._enter()
+        for i in range(_rounds((yield from self._agree(max(*sendcounts, *recvcounts))), seg)):
+            slab = yield from self._enter()
             for q in self._others:
                 start, length = _pieces(sendcounts[q], seg, i)
                 slab[q * seg : q * seg + length] = send[senddispls[q] + start :][:length]
             self._publish(KIND_ALLTOALL, used)
             for r in self._others:
                 start, length = _pieces(recvcounts[r], seg, i)
-                theirs = self._take(r, KIND_ALLTOALL, used)
+                theirs = yield from self._take(r, KIND_ALLTOALL, used)
                 recv[recvdispls[r] + start :][:length] = theirs[me * seg :][:length]
             self._end()
 
     # ------------------------------------------------------------------ reductions
-    def reduce(
-        self, sendbuf: np.ndarray, recvbuf: np.ndarray | None, op: ReduceOp, root: int
-    ) -> None:
-        """recvbuf at `root` = sendbuf of rank 0 op rank 1 op ... (elementwise, rank order)."""
-        self._reduce(KIND_REDUCE, sendbuf, recvbuf, op, lambda r: r == root, self.size)
-
-    def allreduce(self, sendbuf: np.ndarray, recvbuf: np.ndarray, op: ReduceOp) -> None:
-        """recvbuf at every rank = sendbuf of rank 0 op rank 1 op ... (rank order)."""
-        self._reduce(KIND_ALLREDUCE, sendbuf, recvbuf, op, lambda r: True, self.size)
-
-    def scan(self, sendbuf: np.ndarray, recvbuf: np.ndarray, op: ReduceOp) -> None:
-        """recvbuf at rank r = sendbuf of ranks 0..r reduced in rank order."""
-        self._reduce(KIND_SCAN, sendbuf, recvbuf, op, lambda r: True, self.rank + 1)
-
-    def exscan(self, sendbuf: np.ndarray, recvbuf: np.ndarray, op: ReduceOp) -> None:
-        """recvbuf at rank r > 0 = sendbuf of ranks 0..r-1 reduced; rank 0's is untouched."""
-        self._reduce(KIND_EXSCAN, sendbuf, recvbuf, op, lambda r: r > 0, self.rank)
-
     def _reduce(
+        self, sendbuf: np.ndarray, recvbuf: np.ndarray | None, op: ReduceOp, root: int
+    ) -> Steps:
+        """recvbuf at `root` = sendbuf of rank 0 op rank 1 op ... (elementwise, rank order)."""
+        yield from self._fold(KIND_REDUCE, sendbuf, recvbuf, op, lambda r: r == root, self.size)
+
+    def _allreduce(self, sendbuf: np.ndarray, recvbuf: np.ndarray, op: ReduceOp) -> Steps:
+        """recvbuf at every rank = sendbuf of rank 0 op rank 1 op ... (rank order)."""
+        yield from self._fold(KIND_ALLREDUCE, sendbuf, recvbuf, op, lambda r: True, self.size)
+
+    def _scan(self, sendbuf: np.ndarray, recvbuf: np.ndarray, op: ReduceOp) -> Steps:
+        """recvbuf at rank r = sendbuf of ranks 0..r reduced in rank order."""
+        yield from self._fold(KIND_SCAN, sendbuf, recvbuf, op, lambda r: True, self.rank + 1)
+
+    def _exscan(self, sendbuf: np.ndarray, recvbuf: np.ndarray, op: ReduceOp) -> Steps:
+        """recvbuf at rank r > 0 = sendbuf of ranks 0..r-1 reduced; rank 0's is untouched."""
+        yield from self._fold(KIND_EXSCAN, sendbuf, recvbuf, op, lambda r: r > 0, self.rank)
+
+    def _fold(
         self,
         kind: int,
         sendbuf: np.ndarray,
@@ -567,7 +699,7 @@ class CollectiveGroup:
         op: ReduceOp,
         wants: Callable[[int], bool],
         upto: int,
-    ) -> None:
+    ) -> Steps:
         send = np.ascontiguousarray(sendbuf).reshape(-1)
         want = wants(self.rank)
         recv = None
@@ -584,7 +716,7 @@ class CollectiveGroup:
         for i in range(_rounds(send.size, per)):
             start, count = _pieces(send.size, per, i)
             mine = send[start : start + count]
-            self._begin(kind, mine.data.cast("B"))
+            yield from self._begin(kind, mine.data.cast("B"))
             if want and upto:
                 assert recv is not None
                 acc = None
@@ -592,7 +724,9 @@ class CollectiveGroup:
                     if r == self.rank:
                         x = mine
                     else:
-                        x = np.frombuffer(self._take(r, kind, count * itemsize), send.dtype)
+                        x = np.frombuffer(
+                            (yield from self._take(r, kind, count * itemsize)), send.dtype
+                        )
                     if acc is None:
                         acc = x.copy()
                     else:
@@ -600,14 +734,18 @@ class CollectiveGroup:
                 recv[start : start + count] = acc
             self._end()
 
-    def reduce_scatter_block(self, sendbuf: np.ndarray, recvbuf: np.ndarray, op: ReduceOp) -> None:
+    def _reduce_scatter_block(
+        self, sendbuf: np.ndarray, recvbuf: np.ndarray, op: ReduceOp
+    ) -> Steps:
         """recvbuf at rank r = block r (recvbuf.size elements) of every rank's sendbuf,
         reduced in rank order."""
-        self.reduce_scatter(sendbuf, recvbuf, [np.asarray(recvbuf).size] * self.size, op)
+        yield from self._reduce_scatter(
+            sendbuf, recvbuf, [np.asarray(recvbuf).size] * self.size, op
+        )
 
-    def reduce_scatter(
+    def _reduce_scatter(
         self, sendbuf: np.ndarray, recvbuf: np.ndarray, counts: Sequence[int], op: ReduceOp
-    ) -> None:
+    ) -> Steps:
         """recvbuf at rank r = elements sum(counts[:r]) .. + counts[r] of every rank's
         sendbuf, reduced in rank order (counts in elements, the same at every rank)."""
         send = np.ascontiguousarray(sendbuf).reshape(-1)
@@ -623,7 +761,7 @@ class CollectiveGroup:
         per = max(1, seg // itemsize)
         used = seg * self.size
         for i in range(_rounds(max(counts), per)):
-            slab = self._enter()
+            slab = yield from self._enter()
             for q in range(self.size):
                 start, count = _pieces(counts[q], per, i)
                 piece = send[firsts[q] + start :][:count]
@@ -632,7 +770,11 @@ class CollectiveGroup:
             start, count = _pieces(counts[me], per, i)
             acc = None
             for r in range(self.size):
-                raw = self._slabs[me] if r == me else self._take(r, KIND_REDUCE_SCATTER, used)
+                raw = (
+                    self._slabs[me]
+                    if r == me
+                    else (yield from self._take(r, KIND_REDUCE_SCATTER, used))
+                )
                 x = np.frombuffer(raw[me * seg :][: count * itemsize], send.dtype)
                 if acc is None:
                     acc = x.copy()
@@ -640,6 +782,52 @@ class CollectiveGroup:
                     op(acc, x, out=acc)
             recv[start : start + count] = acc
             self._end()
+
+    # ------------------------------------------------------------------ the two forms
+    barrier = _blocking(_barrier)
+    bcast = _blocking(_bcast)
+    gather = _blocking(_gather)
+    gatherv = _blocking(_gatherv)
+    scatter = _blocking(_scatter)
+    scatterv = _blocking(_scatterv)
+    allgather = _blocking(_allgather)
+    allgatherv = _blocking(_allgatherv)
+    alltoall = _blocking(_alltoall)
+    alltoallv = _blocking(_alltoallv)
+    reduce = _blocking(_reduce)
+    allreduce = _blocking(_allreduce)
+    scan = _blocking(_scan)
+    exscan = _blocking(_exscan)
+    reduce_scatter_block = _blocking(_reduce_scatter_block)
+    reduce_scatter = _blocking(_reduce_scatter)
+
+    def start(self, name: str, *args: Any, **kwargs: Any) -> CollectiveRequest:
+        """Start collective `name` (one of the blocking methods' names) with that method's
+        arguments; the buffers must stay untouched until the request completes. Raises
+        ValueError for an unknown name; the collective's own errors come from the request
+        (or from here, if it fails before its first wait)."""
+        if name not in COLLECTIVES:
+            raise ValueError(f"no collective {name!r}; one of {', '.join(COLLECTIVES)}")
+        request = CollectiveRequest(self, getattr(self, "_" + name)(*args, **kwargs))
+        self._pending.append(request)
+        self.progress()
+        return request
+
+    def progress(self) -> None:
+        """Advance the started collectives as far as they go without waiting."""
+        pending = self._pending
+        while pending and pending[0]._advance():
+            pending.popleft()
+
+    def _complete_pending(self, upto: CollectiveRequest | None = None) -> None:
+        """Run the started collectives (all, or up to and including `upto`) to the end."""
+        pending = self._pending
+        while pending:
+            head = pending[0]
+            head._finish()
+            pending.popleft()
+            if head is upto:
+                return
 
     # ------------------------------------------------------------------ helpers
     def _segment(self) -> int:

@@ -50,8 +50,10 @@ def _displs(counts: list[int]) -> list[int]:
     return np.cumsum([0, *counts[:-1]]).tolist()
 
 
-def _check(group: CollectiveGroup, seed: int, index: int, op: tuple[str, int, int, int]) -> None:
-    """Run collective `op` = (name, size, root, ufunc index) and compare with numpy."""
+def _check(group: CollectiveGroup, call, seed: int, index: int, op) -> tuple[object, object]:
+    """Start collective `op` = (name, size, root, ufunc index) through `call(name, *args)`;
+    return (result buffer, what numpy says it must hold once complete), (None, None) for
+    nothing to check here."""
     name, size, root, which = op
     n, me = group.size, group.rank
     root %= n
@@ -59,63 +61,50 @@ def _check(group: CollectiveGroup, seed: int, index: int, op: tuple[str, int, in
     mine = _bytes(seed, index, me, size)
     every = [_bytes(seed, index, r, size) for r in range(n)]
     if name == "barrier":
-        group.barrier()
-    elif name == "bcast":
+        call("barrier")
+        return None, None
+    if name == "bcast":
         buf = every[root].copy() if me == root else np.zeros(size, np.uint8)
-        group.bcast(buf, root)
-        assert np.array_equal(buf, every[root])
-    elif name in ("gather", "allgather"):
+        call("bcast", buf, root)
+        return buf, every[root]
+    if name in ("gather", "allgather"):
         out = np.zeros(n * size, np.uint8)
-        if name == "gather":
-            group.gather(mine, out, root)
-        else:
-            group.allgather(mine, out)
-        if name == "allgather" or me == root:
-            assert np.array_equal(out, np.concatenate(every))
-    elif name in ("gatherv", "allgatherv"):
+        call(name, mine, out, root) if name == "gather" else call(name, mine, out)
+        return (out, np.concatenate(every)) if name == "allgather" or me == root else (None, None)
+    if name in ("gatherv", "allgatherv"):
         counts = _counts(seed, index, size, (n,)).tolist()
         parts = [_bytes(seed, index, r, counts[r]) for r in range(n)]
         out = np.zeros(sum(counts), np.uint8)
-        if name == "gatherv":
-            group.gatherv(parts[me], out, counts, _displs(counts), root)
-        else:
-            group.allgatherv(parts[me], out, counts, _displs(counts))
-        if name == "allgatherv" or me == root:
-            assert np.array_equal(out, np.concatenate(parts))
-    elif name == "scatter":
-        whole = _bytes(seed, index, root, n * size)
-        out = np.zeros(size, np.uint8)
-        group.scatter(whole if me == root else None, out, root)
-        assert np.array_equal(out, whole[me * size : (me + 1) * size])
-    elif name == "scatterv":
-        counts = _counts(seed, index, size, (n,)).tolist()
+        args = (parts[me], out, counts, _displs(counts))
+        call(name, *args, root) if name == "gatherv" else call(name, *args)
+        return (out, np.concatenate(parts)) if name == "allgatherv" or me == root else (None, None)
+    if name in ("scatter", "scatterv"):
+        counts = [size] * n if name == "scatter" else _counts(seed, index, size, (n,)).tolist()
         whole = _bytes(seed, index, root, sum(counts))
         out = np.zeros(counts[me], np.uint8)
-        group.scatterv(whole if me == root else None, counts, _displs(counts), out, root)
-        at = _displs(counts)[me]
-        assert np.array_equal(out, whole[at : at + counts[me]])
-    elif name == "alltoall":
-        out = np.zeros(n * size, np.uint8)
-        sends = [_bytes(seed, index, r, n * size) for r in range(n)]
-        group.alltoall(sends[me], out)
-        expect = np.concatenate([sends[r][me * size : (me + 1) * size] for r in range(n)])
-        assert np.array_equal(out, expect)
-    elif name == "alltoallv":
+        if name == "scatter":
+            call(name, whole if me == root else None, out, root)
+        else:
+            call(name, whole if me == root else None, counts, _displs(counts), out, root)
+        return out, whole[_displs(counts)[me] :][: counts[me]]
+    if name in ("alltoall", "alltoallv"):
         matrix = _counts(seed, index, size, (n, n))  # matrix[r][q]: bytes r sends q
+        if name == "alltoall":
+            matrix[:] = size
         sends = [_bytes(seed, index, r, int(matrix[r].sum())) for r in range(n)]
-        recvcounts = matrix[:, me].tolist()
+        recvcounts, sendcounts = matrix[:, me].tolist(), matrix[me].tolist()
         out = np.zeros(sum(recvcounts), np.uint8)
-        sendcounts = matrix[me].tolist()
-        group.alltoallv(
-            sends[me], sendcounts, _displs(sendcounts), out, recvcounts, _displs(recvcounts)
-        )
+        if name == "alltoall":
+            call(name, sends[me], out)
+        else:
+            call(name, sends[me], sendcounts, _displs(sendcounts), out, recvcounts,
+                 _displs(recvcounts))  # fmt: skip
         expect = [sends[r][_displs(matrix[r].tolist())[me] :][: matrix[r][me]] for r in range(n)]
-        assert np.array_equal(out, np.concatenate(expect))
-    else:
-        _check_reduction(group, seed, index, name, size, root, ufunc)
+        return out, np.concatenate(expect)
+    return _check_reduction(group, call, seed, index, name, size, root, ufunc)
 
 
-def _check_reduction(group, seed, index, name, size, root, ufunc) -> None:
+def _check_reduction(group, call, seed, index, name, size, root, ufunc):
     n, me = group.size, group.rank
     count = size // 8
     values = [_ints(seed, index, r, count * (n if name.startswith("reduce_scatter") else 1))
@@ -126,42 +115,69 @@ def _check_reduction(group, seed, index, name, size, root, ufunc) -> None:
 
     if name == "reduce_scatter_block":
         out = np.zeros(count, np.int64)
-        group.reduce_scatter_block(values[me], out, ufunc)
-        assert np.array_equal(out, folded(range(n))[me * count : (me + 1) * count])
-        return
+        call(name, values[me], out, ufunc)
+        return out, folded(range(n))[me * count : (me + 1) * count]
     if name == "reduce_scatter":
         counts = _counts(seed, index, 2 * count, (n,))
         counts[-1] += n * count - counts.sum()  # may go negative: then use equal blocks
         counts = counts.tolist() if counts[-1] >= 0 else [count] * n
         out = np.zeros(counts[me], np.int64)
-        group.reduce_scatter(values[me], out, counts, ufunc)
-        at = _displs(counts)[me]
-        assert np.array_equal(out, folded(range(n))[at : at + counts[me]])
-        return
+        call(name, values[me], out, counts, ufunc)
+        return out, folded(range(n))[_displs(counts)[me] :][: counts[me]]
     sentinel = np.full(count, 12345, np.int64)
     out = sentinel.copy()
     if name == "reduce":
-        group.reduce(values[me], out, ufunc, root)
-        expect = folded(range(n)) if me == root else sentinel
-    elif name == "allreduce":
-        group.allreduce(values[me], out, ufunc)
-        expect = folded(range(n))
-    elif name == "scan":
-        group.scan(values[me], out, ufunc)
-        expect = folded(range(me + 1))
-    else:
-        group.exscan(values[me], out, ufunc)
-        expect = folded(range(me)) if me else sentinel
-    assert np.array_equal(out, expect), (name, me)
+        call(name, values[me], out, ufunc, root)
+        return out, folded(range(n)) if me == root else sentinel
+    call(name, values[me], out, ufunc)
+    if name == "allreduce":
+        return out, folded(range(n))
+    if name == "scan":
+        return out, folded(range(me + 1))
+    return out, folded(range(me)) if me else sentinel
 
 
 def _member(ep, slot, generation, members, ops, seed):
+    """Run `ops`; each (name, size, root, ufunc, mode): mode 0 blocking, 1 started and
+    polled with test() until complete, 2 started and left pending until a blocking op (which
+    completes it first) or the end (wait() of the last completes the earlier ones)."""
     if ep.peer_id not in members:
         return
     group = CollectiveGroup(ep, slot, generation, members, timeout=60)
     group.wait_bound(timeout=30)
-    for index, op in enumerate(ops):
-        _check(group, seed, index, op)
+    started = []  # (request, result, expect, op) not checked yet
+    requests = []
+
+    def blocking(name, *args):
+        getattr(group, name)(*args)
+
+    def nonblocking(name, *args):
+        requests.append(group.start(name, *args))
+
+    def verify(result, expect, op):
+        if expect is not None:
+            assert np.array_equal(result, expect), (op, group.rank)
+
+    for index, (*op, mode) in enumerate(ops):
+        if mode == 0:
+            result, expect = _check(group, blocking, seed, index, op)
+            for request, *check in started:
+                assert request.done  # the blocking call completed the ones before it
+                verify(*check)
+            started = []
+            verify(result, expect, op)
+            continue
+        result, expect = _check(group, nonblocking, seed, index, op)
+        request = requests[-1]
+        if mode == 1:
+            while not request.test():
+                time.sleep(0.0001)
+        started.append((request, result, expect, op))
+    if started:
+        started[-1][0].wait()
+    for request, *check in started:
+        assert request.done
+        verify(*check)
     group.close()
 
 
@@ -186,11 +202,12 @@ op_strategy = st.tuples(
     st.one_of(st.integers(0, 64), st.integers(0, 100_000)),  # slabs here are 28 KiB
     st.integers(0, 7),
     st.integers(0, len(UFUNCS) - 1),
+    st.sampled_from([0, 0, 1, 2]),  # blocking, or nonblocking completed by test() or wait()
 )
 
 
 @settings(
-    max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(
     ops=st.lists(op_strategy, min_size=1, max_size=10),
@@ -210,7 +227,7 @@ def test_every_collective_in_one_sequence_at_four_ranks(make_region, spawn):
     """Each collective once, at payloads of several slabs, every reduction op."""
     region = make_region(8 << 20, 5)
     big = 3 * region.geometry.coll_slab + 40
-    ops = [(name, size, 1, i % 3) for i, name in enumerate(OPS) for size in (0, 8, big)]
+    ops = [(name, size, 1, i % 3, i % 3) for i, name in enumerate(OPS) for size in (0, 8, big)]
     with region.endpoint(4) as leader:
         _run_group(region, spawn, leader, [2, 0, 3, 1], ops, 5)
 
