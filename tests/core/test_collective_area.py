@@ -325,3 +325,55 @@ def test_small_region_has_no_collective_area_and_validates():
     bad = layout.Geometry(64 << 20, 4, 256, 64, g.data_size, g.max_span, 2, 1000)
     with pytest.raises(ValueError, match="coll_slab"):
         bad.validate()
+
+
+# ------------------------------------------------------------------ several groups, few CPUs
+def _two_groups(ep, slots, members_a, members_b, seed, cpus, spin_us=50.0):
+    """Member of group A and/or B (two communicators on two slots), interleaving them."""
+    if cpus:
+        os.sched_setaffinity(0, cpus)
+    groups = [
+        CollectiveGroup(ep, slot, generation, members, timeout=60, spin_us=spin_us)
+        for (slot, generation), members in zip(slots, (members_a, members_b), strict=True)
+        if ep.peer_id in members
+    ]
+    for group in groups:
+        group.wait_bound(timeout=30)
+    for index in range(40):
+        for group in groups:
+            expect = sum(range(1, group.size + 1)) * (index + seed)
+            out = np.zeros(3, np.int64)
+            group.allreduce(np.full(3, (group.rank + 1) * (index + seed)), out, np.add)
+            assert (out == expect).all(), (index, out, expect)
+            group.barrier()
+    for group in groups:
+        group.close()
+
+
+def test_two_communicators_on_two_slots_interleave(make_region, spawn):
+    """Groups {0,1,2,3} and {3,1} (another rank order) run alternately on their own slots."""
+    region = make_region(8 << 20, 5)
+    with region.endpoint(4) as leader:
+        slots = [claim_slot(region, 4, leader.incarnation) for _ in range(2)]
+        procs = [spawn(run_peer, _two_groups, region.name, p, slots, [0, 1, 2, 3], [3, 1], 3, None)
+                 for p in range(4)]  # fmt: skip
+        for proc in procs:
+            proc.join(timeout=120)
+        assert [proc.exitcode for proc in procs] == [0] * 4
+
+
+def test_four_members_on_one_cpu_do_not_collapse(make_region, spawn):
+    """4 members pinned to one CPU, spinning up to 1 s before they sleep: each yields the
+    CPU between polls (more members than CPUs), so the one it waits for runs. (Without
+    the yield, this took 10 s: every wait spun through its time slices.)"""
+    region = make_region(8 << 20, 5)
+    cpu = min(os.sched_getaffinity(0))
+    with region.endpoint(4) as leader:
+        slots = [claim_slot(region, 4, leader.incarnation) for _ in range(2)]
+        t0 = time.monotonic()
+        procs = [spawn(run_peer, _two_groups, region.name, p, slots, [0, 1, 2, 3], [0], 1, {cpu},
+                       1e6) for p in range(4)]  # fmt: skip
+        for proc in procs:
+            proc.join(timeout=120)
+        assert [proc.exitcode for proc in procs] == [0] * 4
+        assert time.monotonic() - t0 < 3
