@@ -266,6 +266,8 @@ def _bind_then(ep, slot, generation, members, action):
     elif action == "kind":
         u64[arrive + 2] = 99
         u64[arrive] = base | 1
+    elif action == "done":
+        u64[arrive + layout.COLL_DONE_OFFSET // 8] = base | (1 << 39)
     elif action == "die":
         os.kill(os.getpid(), signal.SIGKILL)
     time.sleep(30)
@@ -278,6 +280,7 @@ def _bind_then(ep, slot, generation, members, action):
         ("generation", ic.RingCorruptError, "arrive seq"),
         ("nbytes", ic.RingCorruptError, "nbytes"),
         ("kind", ic.RingCorruptError, "kind"),
+        ("done", ic.RingCorruptError, "done seq"),
         ("die", ic.PeerLostError, None),
     ],
 )
