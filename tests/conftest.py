@@ -82,7 +82,8 @@ def no_residue(request: pytest.FixtureRequest) -> Iterator[None]:
     `ivshmem-run` dirs behind (new since it started, named after this run's processes), then
     remove them. Off inside the ranks of a job (they share their launcher's objects) and with
     IVSHMEM_RESIDUE_CHECK=0."""
-    if os.environ.get("IVSHMEM_RESIDUE_CHECK") == "0" or "IVSHMEM_MPI_RANK" in os.environ:
+    ranks = ("IVSHMEM_MPI_RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK")
+    if os.environ.get("IVSHMEM_RESIDUE_CHECK") == "0" or any(v in os.environ for v in ranks):
         yield
         return
     before = _snapshot()
