@@ -46,6 +46,7 @@ from __future__ import annotations
 import collections
 import functools
 import os
+import platform
 import time
 from collections.abc import Callable, Generator, Sequence
 from typing import Any
@@ -73,6 +74,10 @@ KIND_SCAN = 10
 KIND_EXSCAN = 11
 KIND_AGREE = 12  # the size agreement that opens a v-variant
 
+# The seq words, slabs and flags are loaded and stored through plain memoryview accesses,
+# whose ordering is x86 TSO's (see the module docstring): elsewhere no slot is ever claimed,
+# so collectives keep to messages there.
+ORDERED_CPU = platform.machine() in ("x86_64", "AMD64", "i686")
 ReduceOp = Callable[..., Any]  # op(acc, x, out=acc): numpy ufunc semantics, acc op x
 # What a collective's steps yield when they must wait: (member rank, u64 index of its seq
 # word, round to reach, field name for errors). The blocking driver spins then sleeps on it,
@@ -98,9 +103,12 @@ def claim_slot(region: Region, peer: int, incarnation: int) -> tuple[int, int] |
     """Take a free (or stale) collective slot for a group led by `peer` (`incarnation`).
 
     Returns (slot, generation) to tell the other members, or None if every slot is held by a
-    live claimer (callers then use messages). The generation is the slot's previous one + 1.
+    live claimer or this CPU is not x86 (ORDERED_CPU; callers then use messages). The
+    generation is the slot's previous one + 1.
     """
     g = region.geometry
+    if not ORDERED_CPU:
+        return None
     mine = (incarnation << 32) | (peer + 1)
     for slot in range(g.coll_slots):
         offset = g.coll_slot_offset(slot)
