@@ -322,10 +322,10 @@ def test_format_1_region_is_refused_with_a_clear_error():
 def test_small_region_has_no_collective_area_and_validates():
     g = layout.Geometry.fit(64 << 10, 2, 16)
     assert g.coll_slots == 0 and g.coll_slab == 0
-    g = layout.Geometry.fit(64 << 20, 4)
+    g = layout.Geometry.fit(64 << 20, 2)
     assert g.coll_slots == layout.COLL_SLOTS_DEFAULT and g.coll_slab == layout.COLL_SLAB_MAX
     assert g.required_size <= 64 << 20
-    bad = layout.Geometry(64 << 20, 4, 256, 64, g.data_size, g.max_span, 2, 1000)
+    bad = layout.Geometry(64 << 20, 2, 256, 64, g.data_size, g.max_span, 2, 1000)
     with pytest.raises(ValueError, match="coll_slab"):
         bad.validate()
 
