@@ -72,7 +72,6 @@ KIND_ALLREDUCE = 8
 KIND_REDUCE_SCATTER = 9
 KIND_SCAN = 10
 KIND_EXSCAN = 11
-KIND_AGREE = 12  # the size agreement that opens a v-variant
 
 # The seq words, slabs and flags are loaded and stored through plain memoryview accesses,
 # whose ordering is x86 TSO's (see the module docstring): elsewhere no slot is ever claimed,
@@ -448,20 +447,22 @@ class CollectiveGroup:
             yield from self._until(r, self._done_i[r], k - 1, "done seq")
         return self._slabs[self.rank]
 
-    def _publish(self, kind: int, nbytes: int) -> None:
-        """Step 2 once the slab holds what this round publishes (`nbytes`: its length)."""
+    def _publish(self, kind: int, nbytes: int, rounds: int = 0) -> None:
+        """Step 2 once the slab holds what this round publishes (`nbytes`: its length;
+        `rounds`: the rounds of this collective, for members that cannot count them)."""
         u64, index = self._u64, self._arrive_i[self.rank]
         u64[index + 1] = nbytes
         u64[index + 2] = kind
-        u64[index] = self._base | self._round  # [R5] after the slab, nbytes and kind
+        u64[index + 3] = rounds
+        u64[index] = self._base | self._round  # [R5] after the slab, nbytes, kind, rounds
         self._wake()
 
-    def _begin(self, kind: int, payload: Any = b"") -> Steps:
+    def _begin(self, kind: int, payload: Any = b"", rounds: int = 0) -> Steps:
         """Steps 1-2 with `payload` (bytes-like, at most a slab) as this round's contribution."""
         slab = yield from self._enter()
         nbytes = len(payload)
         slab[:nbytes] = payload
-        self._publish(kind, nbytes)
+        self._publish(kind, nbytes, rounds)
 
     def _take(self, r: int, kind: int, nbytes: int) -> Generator[Wait, None, memoryview]:
         """Step 3 for member r: wait for its arrival, check it, return its first `nbytes`
@@ -475,21 +476,13 @@ class CollectiveGroup:
             raise self._corrupt(r, "nbytes", found, f"this call expects {nbytes} bytes")
         return self._slabs[r][:nbytes]
 
-    def _agree(self, value: int) -> Generator[Wait, None, int]:
-        """One round in which each member publishes `value` and all read all: the maximum
-        (used to agree on the number of rounds of a v-variant)."""
-        index_of = self._arrive_i
-        yield from self._enter()
-        self._publish(KIND_AGREE, value)
-        found = value
-        for r in self._others:
-            yield from self._until(r, index_of[r], self._round, "arrive seq")
-            theirs, kind = self._u64[index_of[r] + 1], self._u64[index_of[r] + 2]
-            if kind != KIND_AGREE or theirs > layout.MAX_MESSAGE:
-                raise self._corrupt(r, "agreement", (kind, theirs), "not a size agreement")
-            found = max(found, theirs)
-        self._end()
-        return found
+    def _rounds_of(self, r: int, least: int) -> int:
+        """The rounds word of member r's arrival, taken this round (after its [A5] load):
+        at least `least` (the rounds this member's own data needs)."""
+        value = self._u64[self._arrive_i[r] + 3]
+        if not least <= value <= _rounds(layout.MAX_MESSAGE, self._segment()):
+            raise self._corrupt(r, "rounds", value, f"this member needs {least} or more")
+        return value
 
     def _end(self) -> None:
         """Step 4."""
@@ -536,7 +529,7 @@ class CollectiveGroup:
     ) -> Steps:
         """Rank r's `sendbuf` (counts[r] bytes) lands at byte displs[r] of `recvbuf` at
         `root`; counts/displs/recvbuf matter at the root only. `largest`: max(counts) if
-        every rank knows it (saves the round that agrees on it)."""
+        every rank knows it (else the root's first arrival says how many rounds)."""
         send = _flat(sendbuf, False)
         chunk = self.slab_size
         is_root = self.rank == root
@@ -545,21 +538,26 @@ class CollectiveGroup:
             self._check_layout(counts, displs, len(recv), "recv")
             if counts[root] != len(send):
                 raise ValueError(f"root sends {len(send)} bytes, counts[{root}] is {counts[root]}")
-            total = max(counts)
+            rounds: int | None = _rounds(max(counts) if largest is None else largest, chunk)
         else:
-            total = len(send)
-        rounds = _rounds((yield from self._agree(total)) if largest is None else largest, chunk)
+            rounds = None if largest is None else _rounds(largest, chunk)
         if is_root:
             recv[displs[root] : displs[root] + len(send)] = send
-        for i in range(rounds):
+        i = 0
+        while rounds is None or i < rounds:
             start, length = _pieces(len(send), chunk, i)
-            yield from self._begin(KIND_GATHER, b"" if is_root else send[start : start + length])
+            payload = b"" if is_root else send[start : start + length]
+            yield from self._begin(KIND_GATHER, payload, rounds or 0)
             if is_root:
                 for r in self._others:
                     start, length = _pieces(counts[r], chunk, i)
                     at = displs[r] + start
                     recv[at : at + length] = yield from self._take(r, KIND_GATHER, length)
+            elif rounds is None:  # the root says how many rounds
+                yield from self._take(root, KIND_GATHER, 0)
+                rounds = self._rounds_of(root, _rounds(len(send), chunk))
             self._end()
+            i += 1
 
     def _scatter(self, sendbuf: Any, recvbuf: Any, root: int) -> Steps:
         """Rank r's `recvbuf` gets bytes r*n .. (r+1)*n of `sendbuf` at `root`, n =
@@ -589,25 +587,28 @@ class CollectiveGroup:
                     f"root receives {len(recv)} bytes, counts[{root}] is {counts[root]}"
                 )
             recv[:] = send[displs[root] : displs[root] + len(recv)]
-            total = max(counts)
-        else:
-            total = len(recv)
         seg = self._segment()
         used = seg * self.size
-        for i in range(
-            _rounds((yield from self._agree(total)) if largest is None else largest, seg)
-        ):
+        if is_root:
+            rounds: int | None = _rounds(max(counts) if largest is None else largest, seg)
+        else:
+            rounds = None if largest is None else _rounds(largest, seg)
+        i = 0
+        while rounds is None or i < rounds:
             slab = yield from self._enter()
             if is_root:
                 for r in self._others:
                     start, length = _pieces(counts[r], seg, i)
                     slab[r * seg : r * seg + length] = send[displs[r] + start :][:length]
-            self._publish(KIND_SCATTER, used if is_root else 0)
+            self._publish(KIND_SCATTER, used if is_root else 0, rounds or 0)
             if not is_root:
                 start, length = _pieces(len(recv), seg, i)
                 theirs = yield from self._take(root, KIND_SCATTER, used)
+                if rounds is None:  # the root says how many rounds
+                    rounds = self._rounds_of(root, _rounds(len(recv), seg))
                 recv[start : start + length] = theirs[self.rank * seg :][:length]
             self._end()
+            i += 1
 
     def _allgather(self, sendbuf: Any, recvbuf: Any) -> Steps:
         """Every rank's `recvbuf` gets rank r's `sendbuf` at byte r*len(sendbuf)."""
@@ -668,17 +669,23 @@ class CollectiveGroup:
         recv[recvdispls[me] :][: recvcounts[me]] = send[senddispls[me] :][: sendcounts[me]]
         seg = self._segment()
         used = seg * self.size
-        for i in range(_rounds((yield from self._agree(max(*sendcounts, *recvcounts))), seg)):
+        mine = _rounds(max(*sendcounts, *recvcounts), seg)
+        rounds = mine  # the most any member needs: known after the first round
+        i = 0
+        while i < rounds:
             slab = yield from self._enter()
             for q in self._others:
                 start, length = _pieces(sendcounts[q], seg, i)
                 slab[q * seg : q * seg + length] = send[senddispls[q] + start :][:length]
-            self._publish(KIND_ALLTOALL, used)
+            self._publish(KIND_ALLTOALL, used, mine)
             for r in self._others:
                 start, length = _pieces(recvcounts[r], seg, i)
                 theirs = yield from self._take(r, KIND_ALLTOALL, used)
+                if i == 0:
+                    rounds = max(rounds, self._rounds_of(r, 1))
                 recv[recvdispls[r] + start :][:length] = theirs[me * seg :][:length]
             self._end()
+            i += 1
 
     # ------------------------------------------------------------------ reductions
     def _reduce(

@@ -142,7 +142,7 @@ TAG_MAX = (1 << 31) - 1
 #
 #     +0                      header line (the claimer writes): claim word, generation
 #     +CACHE_LINE + p * coll_peer_stride   peer p's block (peer p alone writes all of it):
-#         +COLL_ARRIVE_OFFSET   arrive line: seq, nbytes, kind (seq stored last, release)
+#         +COLL_ARRIVE_OFFSET   arrive line: seq, nbytes, kind, rounds (seq stored last)
 #         +COLL_DONE_OFFSET     done line: seq (finished reading the others' slabs)
 #         +COLL_SLEEP_OFFSET    sleep line: nonzero while the peer blocks on its doorbell
 #         +COLL_SLAB_OFFSET     slab: coll_slab bytes of payload
@@ -154,7 +154,7 @@ TAG_MAX = (1 << 31) - 1
 # at binding, so no flag is ever reset between calls. See ivshmem_comm/collective.py.
 # ---------------------------------------------------------------------------------------------
 COLL_HEADER = struct.Struct("<QQ")  # claim word, generation
-COLL_ARRIVE = struct.Struct("<QQQ")  # seq, nbytes, kind
+COLL_ARRIVE = struct.Struct("<QQQQ")  # seq, nbytes, kind, rounds (of a v-variant)
 COLL_ARRIVE_OFFSET = 0
 COLL_DONE_OFFSET = CACHE_LINE
 COLL_SLEEP_OFFSET = 2 * CACHE_LINE

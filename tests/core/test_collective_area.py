@@ -266,6 +266,11 @@ def _bind_then(ep, slot, generation, members, action):
     elif action == "kind":
         u64[arrive + 2] = 99
         u64[arrive] = base | 1
+    elif action == "rounds":  # a gatherv root's arrival that gives too few rounds
+        u64[arrive + 1] = 0
+        u64[arrive + 2] = 3
+        u64[arrive + 3] = 0
+        u64[arrive] = base | 1
     elif action == "done":
         u64[arrive + layout.COLL_DONE_OFFSET // 8] = base | (1 << 39)
     elif action == "die":
@@ -281,6 +286,7 @@ def _bind_then(ep, slot, generation, members, action):
         ("nbytes", ic.RingCorruptError, "nbytes"),
         ("kind", ic.RingCorruptError, "kind"),
         ("done", ic.RingCorruptError, "done seq"),
+        ("rounds", ic.RingCorruptError, "rounds"),
         ("die", ic.PeerLostError, None),
     ],
 )
@@ -295,7 +301,10 @@ def test_hostile_or_dead_member_is_named_not_waited_for(make_region, spawn, acti
         t0 = time.monotonic()
         buf = bytearray(16)
         with pytest.raises(error) as err:
-            group.bcast(buf, root=1)
+            if action == "rounds":
+                group.gatherv(buf, None, [], [], root=1)
+            else:
+                group.bcast(buf, root=1)
         assert time.monotonic() - t0 < 5
         assert err.value.peer == 1
         if field:
