@@ -734,20 +734,36 @@ class CollectiveGroup:
             yield from self._begin(kind, mine.data.cast("B"))
             if want and upto:
                 assert recv is not None
-                acc = None
-                for r in range(upto):
-                    if r == self.rank:
-                        x = mine
-                    else:
-                        x = np.frombuffer(
-                            (yield from self._take(r, kind, count * itemsize)), send.dtype
-                        )
-                    if acc is None:
-                        acc = x.copy()
-                    else:
-                        op(acc, x, out=acc)
-                recv[start : start + count] = acc
+                nbytes = count * itemsize
+                recv[start : start + count] = yield from self._folded(
+                    kind, nbytes, upto, mine, lambda raw: raw, op
+                )
             self._end()
+
+    def _folded(
+        self,
+        kind: int,
+        nbytes: int,
+        upto: int,
+        own: np.ndarray,
+        part: Callable[[memoryview], memoryview],
+        op: ReduceOp,
+    ) -> Generator[Wait, None, np.ndarray]:
+        """The fold in rank order of the operands of ranks 0 .. upto-1 (upto >= 1): this
+        rank's is `own`, member r's is part(the `nbytes` it announced in its slab)."""
+        acc = None
+        for r in range(upto):
+            if r == self.rank:
+                x = own
+            else:
+                raw = yield from self._take(r, kind, nbytes)
+                x = np.frombuffer(part(raw), own.dtype)
+            if acc is None:
+                acc = x.copy()
+            else:
+                op(acc, x, out=acc)
+        assert acc is not None
+        return acc
 
     def _reduce_scatter_block(
         self, sendbuf: np.ndarray, recvbuf: np.ndarray, op: ReduceOp
@@ -783,19 +799,14 @@ class CollectiveGroup:
                 slab[q * seg : q * seg + count * itemsize] = piece.data.cast("B")
             self._publish(KIND_REDUCE_SCATTER, used)
             start, count = _pieces(counts[me], per, i)
-            acc = None
-            for r in range(self.size):
-                raw = (
-                    self._slabs[me]
-                    if r == me
-                    else (yield from self._take(r, KIND_REDUCE_SCATTER, used))
-                )
-                x = np.frombuffer(raw[me * seg :][: count * itemsize], send.dtype)
-                if acc is None:
-                    acc = x.copy()
-                else:
-                    op(acc, x, out=acc)
-            recv[start : start + count] = acc
+
+            def part(raw: memoryview, count: int = count) -> memoryview:
+                return raw[me * seg :][: count * itemsize]
+
+            own = np.frombuffer(part(slab), send.dtype)
+            recv[start : start + count] = yield from self._folded(
+                KIND_REDUCE_SCATTER, used, self.size, own, part, op
+            )
             self._end()
 
     # ------------------------------------------------------------------ the two forms
