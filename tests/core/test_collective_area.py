@@ -389,3 +389,32 @@ def test_four_members_on_one_cpu_do_not_collapse(make_region, spawn):
             proc.join(timeout=120)
         assert [proc.exitcode for proc in procs] == [0] * 4
         assert time.monotonic() - t0 < 3
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_interrupt_ends_a_blocked_wait_and_breaks_the_group(make_region, spawn):
+    """The interrupt hook runs while a wait is blocked (each WATCH_SLICE no kick ends);
+    what it raises ends the wait, and the group fails fast with it afterwards."""
+    region = make_region(8 << 20, 2)
+    calls = []
+
+    def interrupt():
+        calls.append(time.monotonic())
+        if len(calls) == 3:
+            raise _Stop("the MPI layer saw an abandonment")
+
+    with region.endpoint(0) as ep:
+        slot, generation = claim_slot(region, 0, ep.incarnation)
+        proc = spawn(run_peer, _bind_then, region.name, 1, slot, generation, [0, 1], "sleep")
+        group = CollectiveGroup(ep, slot, generation, [0, 1], interrupt=interrupt)
+        group.wait_bound(timeout=30)
+        t0 = time.monotonic()
+        with pytest.raises(_Stop):
+            group.barrier()  # member 1 never enters it
+        assert len(calls) == 3 and time.monotonic() - t0 < 2
+        with pytest.raises(_Stop):
+            group.bcast(bytearray(1), 0)
+        proc.kill()
