@@ -206,6 +206,7 @@ class CollectiveRequest:
             while True:
                 wait = self._wait
                 if wait is not None and group._seq(wait[0], wait[1], wait[3]) < wait[2]:
+                    group._watch(wait[0])
                     return False
                 self._wait = next(self._steps)
         except StopIteration:
@@ -293,6 +294,7 @@ class CollectiveGroup:
         self.timeout = timeout
         self.interrupt = interrupt
         self._pending: collections.deque[CollectiveRequest] = collections.deque()
+        self._watched = time.monotonic()  # when a polled request last checked its member
         self.slab_size = g.coll_slab
         self._u64 = region.u64
         blocks = [g.coll_peer_offset(slot, p) for p in members]
@@ -413,6 +415,13 @@ class CollectiveGroup:
                         self._interrupted()
         finally:
             u64[sleep_i] = 0
+
+    def _watch(self, r: int) -> None:
+        """While a nonblocking collective is polled: check member r (once per WATCH_SLICE)."""
+        now = time.monotonic()
+        if now - self._watched >= WATCH_SLICE:
+            self._watched = now
+            self._check_alive(r)
 
     def _interrupted(self) -> None:
         assert self.interrupt is not None

@@ -418,3 +418,24 @@ def test_interrupt_ends_a_blocked_wait_and_breaks_the_group(make_region, spawn):
         with pytest.raises(_Stop):
             group.bcast(bytearray(1), 0)
         proc.kill()
+
+
+def test_polled_request_reports_a_dead_member(make_region, spawn):
+    """A nonblocking collective polled with test() raises PeerLostError naming a member that
+    died, instead of returning False forever."""
+    region = make_region(8 << 20, 2)
+    with region.endpoint(0) as ep:
+        slot, generation = claim_slot(region, 0, ep.incarnation)
+        proc = spawn(run_peer, _bind_then, region.name, 1, slot, generation, [0, 1], "die")
+        group = CollectiveGroup(ep, slot, generation, [0, 1])
+        group.wait_bound(timeout=30)
+        proc.join(timeout=30)
+        request = group.start("barrier")
+        deadline = time.monotonic() + 5
+        with pytest.raises(ic.PeerLostError) as err:
+            while not request.test():
+                assert time.monotonic() < deadline, "test() never reported the dead member"
+                time.sleep(0.001)
+        assert err.value.peer == 1
+        with pytest.raises(ic.PeerLostError):
+            request.wait()
