@@ -5,8 +5,8 @@ A group of peers of one region (a communicator's members there) binds to one col
 
 1. wait until every member's done word says round >= k-1 (all have finished reading the
    slabs of round k-1, so slabs may be overwritten);
-2. write its contribution (if any) into its own slab, then its arrive line: nbytes and kind,
-   then seq = k last [R5];
+2. write its contribution (if any) into its own slab, then its arrive line: nbytes, kind and
+   rounds (how many rounds this collective takes, for a v-variant), then seq = k last [R5];
 3. load the arrive seq [A5] of each member whose contribution it needs, wait for k, check
    kind and nbytes, and read the slab in place (reductions read it with numpy, no copy);
 4. store done = k [R6].
@@ -17,14 +17,15 @@ from the slot's previous group is told apart from this group's. Ownership is val
 each member writes only its own arrive, done and sleep lines and its own slab; everything
 read from another member is loaded once and checked: its generation must be ours and its
 round within [k-2, k] of ours (step 1 bounds how far any member can run ahead or lag), its
-kind and nbytes equal what this call expects. A violation raises RingCorruptError naming
-the member's peer id and marks the group broken for good; a member that died or left raises
-PeerLostError. Payloads larger than a slab move in slab-sized rounds, each written once
-and read in place by every reader.
+kind and nbytes equal what this call expects, its rounds no fewer than this member's data
+needs. Offsets into slabs come from the reader's own arguments, never from shared memory.
+A violation raises RingCorruptError naming the member's peer id and marks the group broken
+for good; a member that died or left raises PeerLostError. Payloads larger than a slab
+move in slab-sized rounds, each written once and read in place by every reader.
 
 Memory ordering (labels as in virtqueue.py / _fastpath.c): [R5]/[A5] the arrive seq store
-after the slab and the nbytes/kind stores, paired with the readers' seq load before they read
-nbytes, kind and the slab; [R6]/[A6] the done seq store after the slab reads, paired with
+after the slab and the nbytes/kind/rounds stores, paired with the readers' seq load before
+they read those and the slab; [R6]/[A6] the done seq store after the slab reads, paired with
 the load of step 1 before the slab is overwritten. On x86-64 (TSO) the aligned 8-byte stores
 and loads through region.u64 are single MOVs, seen in program order. [F3]/[F4]: the one
 store->load pair that TSO may reorder, closed by full_fence: a waiter stores its sleep flag
@@ -34,7 +35,9 @@ flags [F4] and kicks the sleepers: one of the two always sees the other (no lost
 Waiting spins for `spin_us`, calling os.sched_yield() between polls when the group has more
 members than this process has CPUs (spinning would steal the CPU from the peer it waits
 for), then blocks on the endpoint's doorbell in slices of WATCH_SLICE seconds, checking the
-awaited peer after each.
+awaited peer after each. Every collective is written once as steps that yield what they wait
+for: the blocking form waits for each here, the nonblocking form (CollectiveRequest) tests
+them when polled.
 
 Slots are allocated by agreement: one member (the leader) takes a free slot with
 `claim_slot` and tells the others (slot, generation) by message; each builds its
