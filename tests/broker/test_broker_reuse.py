@@ -26,7 +26,6 @@ pytestmark = pytest.mark.timeout(180)
 ECHO_ONCE = """
     import sys
     from guest_lib.host_client import attach
-from ivshmem_comm.region import SHM_DIR, Region
     ep = attach(sys.argv[1])
     print(ep.peer_id, flush=True)
     with ep.recv(timeout=30) as m:
