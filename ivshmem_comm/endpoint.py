@@ -327,11 +327,14 @@ class Endpoint:
         """Called after a poll found nothing: spin a while, then sleep until something moves.
 
         Returns True iff it slept. `watch` (a peer id or -1) is the peer whose loss aborts the
-        wait. Raises TimeoutError past `deadline` (time.monotonic), PeerLostError if `watch`
-        is lost.
+        wait. Raises PeerLostError if `watch` is lost, else TimeoutError past `deadline`
+        (time.monotonic): the peer is judged before the deadline, so a poll (timeout 0) of a
+        lost peer says it is lost, never that it timed out.
         """
         now = time.monotonic()
         if deadline is not None and now >= deadline:
+            if watch >= 0:
+                self._check_peer(watch, rings)
             raise TimeoutError("timed out waiting for a peer")
         if self._spin_end == 0.0:  # a new episode of waiting begins with spinning
             self._spin_end = now + self._spin

@@ -169,6 +169,23 @@ def test_peer_killed_while_partner_sleeps_then_replaced(make_region, spawn):
         assert second.exitcode == 0
 
 
+@pytest.mark.parametrize("timeout", [0, 0.0001], ids=["poll", "short"])
+def test_a_poll_of_a_killed_peer_says_it_is_lost(make_region, spawn, timeout):
+    """recv(p, timeout=0) on a peer killed after talking: PeerLostError, not TimeoutError (the
+    peer is judged before the deadline is)."""
+    region = make_region(size=4 << 20)
+    with region.endpoint(0) as ep:
+        first = spawn(run_peer, _hold_forever, region.name, 1)
+        with ep.recv(1, timeout=10):
+            pass
+        os.kill(first.pid, signal.SIGKILL)
+        first.join(30)
+        for _ in range(3):  # said by every poll while the slot shows it dead
+            with pytest.raises(ic.PeerLostError, match=r"exited without leaving|dead"):
+                ep.recv(1, timeout=timeout)
+        assert region.peer_state(1) == (layout.PEER_DEAD, 1)
+
+
 def _die_holding_the_slot(ep: ic.Endpoint) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
