@@ -183,7 +183,10 @@ def _implied(implied: Datatype | None) -> Datatype:
     return BYTE if implied is None else implied
 
 
-def _datatype(value: Any) -> Datatype:
+def _datatype(value: Any) -> Datatype | None:
+    """A spec's datatype item: a Datatype, a typecode, or None (the buffer's own)."""
+    if value is None:
+        return None
     if isinstance(value, Datatype):
         return value
     if isinstance(value, str):
@@ -229,7 +232,8 @@ def parse(spec: Any, *, writable: bool = False) -> Spec:
         count, displ = _count_displ(items[1])
         datatype = _datatype(items[2])
     elif len(items) == 4:
-        count, displ = int(items[1]), int(items[2])
+        count = None if items[1] is None else int(items[1])
+        displ = 0 if items[2] is None else int(items[2])
         datatype = _datatype(items[3])
     view, implied = _as_bytes(buf, writable)
     if datatype is None:
@@ -256,11 +260,14 @@ def parse(spec: Any, *, writable: bool = False) -> Spec:
     return Spec(view, count, datatype)
 
 
-def _count_displ(value: Any) -> tuple[int, int]:
+def _count_displ(value: Any) -> tuple[int | None, int]:
+    """(count, displ) of a spec's count item: an int, None (count inferred) or a pair."""
+    if value is None:
+        return None, 0
     if isinstance(value, list | tuple):
         if len(value) != 2:
             raise TypeError("message: expecting (count, displ)")
-        return int(value[0]), int(value[1])
+        return None if value[0] is None else int(value[0]), int(value[1] or 0)
     return int(value), 0
 
 

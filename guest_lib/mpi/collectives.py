@@ -613,6 +613,15 @@ class Collectives:
             acc[...] = _array(buffers.parse(sendbuf).view, rspec.datatype)
         self._fold_at_me(acc, op, rspec.datatype, T_REDUCE, range(size))
 
+    def _operands(self, sendbuf: Any, recvbuf: Any) -> tuple[buffers.Spec, np.ndarray, np.ndarray]:
+        """(recvbuf's spec, recvbuf as an array, this rank's operand: a copy of recvbuf for
+        IN_PLACE, else sendbuf as an array of recvbuf's type)."""
+        rspec = buffers.parse(recvbuf, writable=True)
+        out = _array(rspec.view, rspec.datatype)
+        if sendbuf is IN_PLACE:
+            return rspec, out, out.copy()
+        return rspec, out, _array(buffers.parse(sendbuf).view, rspec.datatype)
+
     def _fold_at_me(
         self, acc: np.ndarray, op: ops.Op, datatype: Any, tag: int, sources: Any,
         block: Callable[[int], slice] | None = None,
@@ -643,12 +652,7 @@ class Collectives:
         if self._has_mpi and op.is_commutative:
             self._h_allreduce(sendbuf, recvbuf, op)
             return
-        rspec = buffers.parse(recvbuf, writable=True)
-        out = _array(rspec.view, rspec.datatype)
-        if sendbuf is IN_PLACE:
-            local = out.copy()
-        else:
-            local = _array(buffers.parse(sendbuf).view, rspec.datatype)
+        rspec, out, local = self._operands(sendbuf, recvbuf)
         if size == 1:
             if sendbuf is not IN_PLACE:
                 out[...] = local
@@ -853,12 +857,7 @@ class Collectives:
         size, rank = self._sizes()
 
         def steps(tag: int) -> Iterator[list[Op]]:
-            rspec = buffers.parse(recvbuf, writable=True)
-            out = _array(rspec.view, rspec.datatype)
-            if sendbuf is IN_PLACE:
-                local = out.copy()
-            else:
-                local = _array(buffers.parse(sendbuf).view, rspec.datatype)
+            rspec, out, local = self._operands(sendbuf, recvbuf)
             result = [] if rank == 0 else [self._c_irecv(rspec.view, 0, tag)]
             yield from self._fold_at(local, out, op, rspec.datatype, 0, tag, result)
             if rank == 0:

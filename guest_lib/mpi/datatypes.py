@@ -85,6 +85,15 @@ class Datatype:
             raise ValueError(f"datatype {self.name} has no typecode")
         return self.typechar
 
+    @classmethod
+    def fromcode(cls, code: str) -> Datatype:
+        """The predefined datatype of a typecode or type string ("d", "i4", "float64");
+        ValueError for a code that names none (as mpi4py)."""
+        try:
+            return from_code(code)
+        except KeyError:
+            raise ValueError(f"cannot map code {code!r} to MPI datatype") from None
+
     def Dup(self) -> Datatype:
         return Datatype(self.name, self.dtype, self.typechar, base=self.base, count=self.count)
 

@@ -91,7 +91,8 @@ class Recorder(unittest.TestResult):
         self._write(test.id(), "skip", reason)
 
     def addSubTest(self, test: Any, subtest: Any, err: Any) -> None:
-        super().addSubTest(test, subtest, err)
+        # (not unittest's: it formats every failing subtest's traceback, thousands in some
+        # tests of the suite; the first one is what is reported)
         if err is not None and self._bad is None:
             kind = "fail" if issubclass(err[0], test.failureException) else "error"
             self._bad = (kind, f"{subtest}: " + "".join(traceback.format_exception(*err)))
