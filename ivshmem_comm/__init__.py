@@ -19,6 +19,7 @@ from ivshmem_comm.errors import (
     PeerSlotBusyError,
     RegionFormatError,
     RingCorruptError,
+    SendIncompleteError,
     TimeoutError,
 )
 from ivshmem_comm.region import PeerInfo, Region
@@ -38,6 +39,7 @@ __all__ = [
     "Region",
     "RegionFormatError",
     "RingCorruptError",
+    "SendIncompleteError",
     "TimeoutError",
     "errors",
 ]

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ivshmem_comm import layout
-from ivshmem_comm.errors import RingCorruptError, TimeoutError
+from ivshmem_comm.errors import RingCorruptError, SendIncompleteError, TimeoutError
 from ivshmem_comm.ring import SEND_FULL, SEND_KICK, SEND_TOO_BIG
 
 Wait = Callable[[float | None], None]
@@ -42,20 +42,39 @@ def byte_view(data: Any) -> memoryview:
 class TxChannel:
     """Sends messages to one peer through the driver half of one queue."""
 
-    def __init__(self, ring: Any, geometry: layout.Geometry, kick: Kick, wait: Wait) -> None:
+    def __init__(
+        self, ring: Any, geometry: layout.Geometry, kick: Kick, wait: Wait, dest: int = -1
+    ) -> None:
         self.ring = ring
+        self.dest = dest  # the receiving peer's id, for errors (-1: not known)
         self._geometry = geometry
         self._kick = kick
         self._wait = wait
         self._placed: tuple[int, int] | None = None  # (offset, total) of a placed message
+        # The unsent rest of a streamed message whose send timed out, (rest, sent, total):
+        # it must go out before any other message on this queue (see send).
+        self.tail: tuple[memoryview, int, int] | None = None
+
+    def reset(self) -> None:
+        """Drop the unsent rest of a message (the queue was reset for a new session: the
+        receiver it was for is gone)."""
+        self.tail = None
 
     def send(self, data: memoryview, tag: int, deadline: float | None) -> None:
         """Send `data` (a flat byte view) with `tag`; block while the queue is full.
 
-        `deadline` (time.monotonic) bounds only the wait for the first span's space: once
-        the first span is published the message is committed and the rest follows.
-        Raises TimeoutError (nothing sent), PeerLostError, RingCorruptError.
+        `deadline` (time.monotonic) bounds the whole call. Raises TimeoutError when nothing
+        of this message was sent; SendIncompleteError (a TimeoutError) when a streamed
+        message timed out after its first span was published: nothing is lost, the rest is
+        copied into memory of the channel's own (`tail`) and goes out first at the next send
+        or place, whose deadline bounds it (that call raises TimeoutError, its own message
+        unsent, if the rest does not fit in time). Meanwhile a receiver that is taking the
+        message waits for the rest up to its stall timeout, then raises RingCorruptError
+        naming this sender (the message is then never delivered, and both sides are told).
+        Also raises PeerLostError, RingCorruptError.
         """
+        if self.tail is not None:
+            self._send_tail(deadline)
         ring = self.ring
         status = ring.send_small(tag, data)
         while status == SEND_FULL:
@@ -80,6 +99,8 @@ class TxChannel:
         placed), PeerLostError, RingCorruptError."""
         if not layout.is_contiguous(len(data), self._geometry):
             raise ValueError(f"{len(data)} bytes do not fit one reservation of this queue")
+        if self.tail is not None:
+            self._send_tail(deadline)
         ring = self.ring
         if ring.in_flight:
             ring.reclaim()  # as _send_contiguous: an emptied queue restarts at the bottom
@@ -139,12 +160,41 @@ class TxChannel:
         ring.write(offset + layout.SPAN_HEADER_SIZE, data[:first_chunk])
         if ring.publish(offset, max_span, True):
             self._kick()
-        copied = first_chunk
-        while copied < total:
-            chunk = min(max_span, total - copied)
-            offset = self._reserve(chunk, None)
-            ring.write(offset, data[copied : copied + chunk])
-            copied += chunk
+        self._stream(data[first_chunk:], first_chunk, total, deadline, owned=False)
+
+    def _send_tail(self, deadline: float | None) -> None:
+        """Send the rest of the message a timed-out send left (see send). Raises
+        TimeoutError if it does not all go out by `deadline` (what did not stays the tail)."""
+        assert self.tail is not None
+        rest, sent, total = self.tail
+        self.tail = None
+        try:
+            self._stream(rest, sent, total, deadline, owned=True)
+        except SendIncompleteError as exc:
+            raise TimeoutError(
+                f"timed out sending to peer {self.dest}: {exc.total - exc.sent} bytes of an "
+                "earlier message still go first; nothing of this one was sent"
+            ) from None
+        self.ring.count_message(total)
+
+    def _stream(
+        self, rest: memoryview, sent: int, total: int, deadline: float | None, owned: bool
+    ) -> None:
+        """Publish `rest`, the last bytes of a streamed message of `total` bytes whose first
+        `sent` are out, span by span. At `deadline`, keep what is unsent as the tail (copied
+        unless `owned`: already the channel's memory) and raise SendIncompleteError."""
+        ring, max_span = self.ring, self._geometry.max_span
+        done = 0
+        while done < len(rest):
+            chunk = min(max_span, len(rest) - done)
+            try:
+                offset = self._reserve(chunk, deadline)
+            except TimeoutError:
+                left = rest[done:]
+                self.tail = (left if owned else memoryview(bytes(left)), sent + done, total)
+                raise SendIncompleteError(self.dest, sent + done, total) from None
+            ring.write(offset, rest[done : done + chunk])
+            done += chunk
             if ring.publish(offset, chunk, True):
                 self._kick()
 

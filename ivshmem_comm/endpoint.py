@@ -130,7 +130,7 @@ class Endpoint:
         for p in self._others:
             tx_ring = TxRing(buf, region.queue_offset(me, p), g, p)
             rx_ring = RxRing(buf, region.queue_offset(p, me), g, p)
-            self.tx[p] = TxChannel(tx_ring, g, self._kicker(p), self._waiter([tx_ring], p))
+            self.tx[p] = TxChannel(tx_ring, g, self._kicker(p), self._waiter([tx_ring], p), p)
             self.rx[p] = RxChannel(
                 rx_ring, p, buf, g, self._kicker(p), self._waiter([rx_ring], p), stall_timeout
             )
@@ -210,6 +210,7 @@ class Endpoint:
         tx.ring.reset(layout.session_word(me_inc, incarnation) if incarnation else 0)
         rx.ring.reset(layout.session_word(incarnation, me_inc) if incarnation else 0)
         rx.reset()
+        tx.reset()
 
     def _sync(self, p: int) -> bool:
         """Bind to the holder of slot p if the rules allow; True iff bound to p and p READY.
@@ -372,14 +373,22 @@ class Endpoint:
     def send(self, dest: int, data: Any, tag: int = 0, timeout: float | None = None) -> None:
         """Send the bytes of `data` (any buffer-protocol object) to peer `dest` with `tag`.
 
-        Blocks while `dest` has not joined yet or its queue is full. `timeout` bounds the wait
-        before the first byte is published (TimeoutError: nothing was sent). Messages to one
-        peer arrive in order. Raises PeerLostError if `dest` is gone or restarted,
+        Blocks while `dest` has not joined yet or its queue is full. `timeout` bounds the whole
+        call: TimeoutError if nothing of the message was sent; SendIncompleteError (a
+        TimeoutError) if a message larger than the queue's data area timed out after its
+        first part was published: its rest is kept (copied) and goes out before the next
+        message to `dest`, at the next send or place to it (see TxChannel.send). Messages to
+        one peer arrive in order, whole. Raises PeerLostError if `dest` is gone or restarted,
         ValueError for a bad peer or tag, RingCorruptError if the peer broke the queue.
         """
-        # Fast path: a known, ready peer and a message that fits one span with room for it.
+        # Fast path: a known, ready peer, no rest of an earlier message to send first, and a
+        # message that fits one span with room for it.
         tx = self._tx_by_peer.get(dest)
-        if tx is not None and self._u64[self._word_i[dest]] == self._expect[dest]:
+        if (
+            tx is not None
+            and self._u64[self._word_i[dest]] == self._expect[dest]
+            and tx.tail is None
+        ):
             try:
                 status = tx.ring.send_small(tag, data)
             except (BufferError, TypeError, ValueError):

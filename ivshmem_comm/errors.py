@@ -70,3 +70,21 @@ class MessageTooLargeError(IvshmemError):
 
 class TimeoutError(IvshmemError, builtins.TimeoutError):
     """An operation with a timeout did not complete in time; nothing was consumed or sent."""
+
+
+class SendIncompleteError(TimeoutError):
+    """A streamed send timed out after part of its message was published.
+
+    The message is not dropped: `sent` of its `total` bytes are in the queue and the rest is
+    kept by the sender (in memory of its own) and goes out, before anything else to `peer`,
+    at the sender's next send or place to that peer (bounded by that call's timeout).
+    """
+
+    def __init__(self, peer: int, sent: int, total: int) -> None:
+        super().__init__(
+            f"timed out sending to peer {peer} after {sent} of {total} bytes; the rest is "
+            "kept and goes out before the next message to that peer"
+        )
+        self.peer = peer
+        self.sent = sent
+        self.total = total
