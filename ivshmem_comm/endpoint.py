@@ -292,10 +292,15 @@ class Endpoint:
         self._expect[p] = -1
         raise PeerLostError(p, gone)
 
-    def _refresh(self) -> None:
-        for p in self._others:
+    def _refresh(self, source: int = ANY_SOURCE) -> bool:
+        """Sync with every peer (only `source` unless ANY_SOURCE) whose slot changed since we
+        last looked; True iff one had."""
+        changed = False
+        for p in self._others if source == ANY_SOURCE else (source,):
             if self._u64[self._word_i[p]] != self._expect[p]:
                 self._sync(p)
+                changed = True
+        return changed
 
     def close(self) -> None:
         """Leave: mark the slot LEFT, wake every peer so it notices, release the doorbells.
@@ -703,10 +708,13 @@ class Endpoint:
         return found.source, head[1], head[0]
 
     def iprobe(self, source: int = ANY_SOURCE, tag: int = ANY_TAG) -> tuple[int, int, int] | None:
-        """Like probe but never blocks: None if no matching message is there now."""
+        """Like probe but never blocks: None if no matching message is there now (a peer
+        that joined since we last looked is synced with first, as a blocking call would)."""
         if source != ANY_SOURCE:
             self._peer_arg(source)
         found = self._match(source, tag)
+        if found is None and self._refresh(source):
+            found = self._match(source, tag)
         if found is None:
             return None
         if isinstance(found, Message):

@@ -67,6 +67,30 @@ def test_tags_any_source_and_unexpected(make_region):
     r2.close()
 
 
+def _send_hello_and_wait(ep: ic.Endpoint) -> None:
+    ep.send(0, b"hello", tag=5, timeout=10)
+    with ep.recv(0, timeout=20) as msg:
+        assert bytes(msg.data) == b"bye"
+
+
+@pytest.mark.parametrize("source", [1, ic.ANY_SOURCE], ids=["named", "any_source"])
+def test_iprobe_sees_a_peer_that_joined_after_us(make_region, spawn, source):
+    """A program that only polls (iprobe) finds the messages of a peer that joined after it:
+    iprobe syncs with a changed slot as a blocking call would."""
+    region = make_region(size=1 << 20)
+    with region.endpoint(0) as ep0:
+        later = spawn(run_peer, _send_hello_and_wait, region.name, 1)
+        deadline = time.monotonic() + 20
+        while (head := ep0.iprobe(source)) is None:
+            assert time.monotonic() < deadline, "iprobe never saw the later peer's message"
+        assert head == (1, 5, 5)
+        with ep0.recv(1, timeout=5) as msg:
+            assert bytes(msg.data) == b"hello"
+        ep0.send(1, b"bye", timeout=10)
+        later.join(30)
+        assert later.exitcode == 0
+
+
 def test_any_source_is_fair(make_region):
     region = make_region(size=8 << 20, max_peers=3)
     r1, r2 = ic.Region.open(region.name), ic.Region.open(region.name)
