@@ -687,6 +687,13 @@ class Engine:
                     payload = bytes(message.data)
             else:
                 payload = bytes(data)
+            if tag in (CTRL_ACK, CTRL_SYNC) and len(payload) != SEQ.size:
+                raise exceptions.Exception(
+                    exceptions.ERR_INTERN,
+                    f"world rank {self.world_of_peer.get(peer, '?')} (shm peer {peer}) sent a "
+                    f"{'ACK' if tag == CTRL_ACK else 'SYNC'} of {len(payload)} bytes, not "
+                    f"{SEQ.size}",
+                )
             if tag == CTRL_ACK:
                 (seq,) = SEQ.unpack(payload)
                 sent = self.await_ack.pop((peer, seq), None)

@@ -51,6 +51,8 @@ def replay(name: str, data: bytes) -> None:
 FIXED = [
     # host_broker.config.load_config: a file that is not UTF-8 raised UnicodeDecodeError
     ("config", b'[[region]]\nname = "b"\n[[region]]\nnaegion]]\n\nsi\xffsiz/ = 2047z'),
+    # engine.dispatch: a CONTROL/ACK message whose payload is not 8 bytes -> struct.error
+    ("mpi_wire", b"\x01" + (3 << 29).to_bytes(4, "little") + b"\x03abc"),
     # the protocol target's hostile writer blocked on a full socket buffer (a hang, 5 s)
     (
         "protocol",
@@ -78,14 +80,20 @@ def test_config_that_is_not_utf8_is_a_config_error(tmp_path):
         load_config(str(path))
 
 
-# Reported, not fixed (guest_lib/mpi is not this package's to change).
-KNOWN = [
-    # engine.dispatch: a CONTROL/ACK message whose payload is not 8 bytes -> struct.error
-    ("mpi_wire", b"\x01" + (3 << 29).to_bytes(4, "little") + b"\x03abc"),
-]
+@pytest.mark.parametrize("name", ["ACK", "SYNC"])
+@pytest.mark.parametrize("size", [0, 3, 9])
+def test_control_message_of_a_wrong_size_names_its_rank(make_region, name, size):
+    """An ACK or SYNC whose payload is not a sequence number is an MPI error naming the rank
+    that sent it, not a struct.error out of the receiver's progress loop."""
+    from guest_lib.mpi import engine as mpi_engine
+    from guest_lib.mpi import exceptions as mpi_exceptions
 
-
-@pytest.mark.xfail(strict=True, reason="issue 10: reported fuzz crash in guest_lib/mpi")
-@pytest.mark.parametrize(("name", "data"), KNOWN)
-def test_known_crash_inputs(name, data):
-    replay(name, data)
+    region = make_region(1 << 20, 2)
+    with region.endpoint(0) as ep0, region.endpoint(1) as ep1:
+        routes = [(mpi_engine.ROUTE_SELF, -1), (mpi_engine.ROUTE_SHM, 1)]
+        engine = mpi_engine.Engine(0, 2, ep0, routes)
+        kind_tag = getattr(mpi_engine, f"CTRL_{name}")
+        ep1.send(0, bytes(size), tag=mpi_engine.core_tag(mpi_engine.KIND_CONTROL, 0, kind_tag))
+        with pytest.raises(mpi_exceptions.Exception, match=rf"world rank 1 .*sent a {name} of"):
+            for _ in range(100):
+                engine.progress()

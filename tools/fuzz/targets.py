@@ -374,12 +374,7 @@ def config_target(data: bytes) -> None:
 # Crashes found and reported, not fixed yet (in code this package may not change): the
 # exception type and the innermost frame (file, function) that raises it. `--skip-known`
 # lets a run go on past them; tests/core/test_fuzz.py replays each as a strict xfail.
-KNOWN: dict[str, list[tuple[type[BaseException], str, str]]] = {
-    "mpi_wire": [
-        # a CONTROL message (ACK/SYNC) whose payload is not 8 bytes
-        (struct.error, "guest_lib/mpi/engine.py", "dispatch"),
-    ],
-}
+KNOWN: dict[str, list[tuple[type[BaseException], str, str]]] = {}
 
 
 def is_known(target: str, error: BaseException) -> bool:
