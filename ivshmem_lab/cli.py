@@ -1,7 +1,8 @@
 """``ivshmem-lab``: run a command in N throw-away QEMU guests (see :mod:`ivshmem_lab.lab`).
 
     ivshmem-lab run --vms 2 [--accel auto|kvm|tcg] [--memory 512M] [--timeout 300]
-                    [--shm NAME[:SIZE] ...] [--socket PATH[:VECTORS] ...] -- CMD ARGS...
+                    [--shm NAME[:SIZE] ... | --socket PATH[:VECTORS] ... | --no-region]
+                    -- CMD ARGS...
     ivshmem-lab run --vms V -n N [...] -- python prog.py ARGS...   # an MPI job (lab_mpi)
     ivshmem-lab up --vms 2 [--slots S] [--name NAME] [--accel ..] [--memory ..]  # until down
     ivshmem-lab exec [--lab NAME] vmI -- CMD ARGS...                   # run CMD in guest vmI
@@ -13,7 +14,11 @@
 ``run`` prints each guest's output lines prefixed ``[vmI] `` as they come, a summary on
 stderr (accelerator, boot time, exit status per guest), and exits 0 if every guest's
 command exited 0, 1 if any failed, 124 if any timed out (and none failed otherwise),
-2 on bad usage, 3 if the lab cannot run here (no QEMU / kernel).
+2 on bad usage, 3 if the lab cannot run here (no QEMU / kernel). Without ``--shm`` or
+``--socket`` the guests are served a fresh region, as ``-n`` does: a broker started for the
+run (region ``labrun-PID-...``, one peer slot per guest, at least 2) gives every guest one
+ivshmem-doorbell device, so ``guest_lib.attach()`` works in them; the broker, its state and
+the region are removed when the run ends. ``--no-region`` boots the guests with no device.
 
 With ``-n N`` the command is an MPI program (guest_lib.mpi): N ranks are dealt round robin
 over the V guests (a bare ``-n``: N = V), over a region the lab's own broker serves for the job
@@ -38,16 +43,19 @@ it exits with mpiexec's status (124 past ``--timeout``). ``--lab`` is a name or 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shlex
 import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
-from collections.abc import Sequence
+import uuid
+from collections.abc import Iterator, Sequence
 
-from ivshmem_lab.devices import parse_device
+from ivshmem_lab.devices import DoorbellDevice, parse_device
 from ivshmem_lab.errors import LabError, LabUnavailable
 from ivshmem_lab.guest import GuestResult
 from ivshmem_lab.host import find_kernel
@@ -76,6 +84,12 @@ def _parser() -> argparse.ArgumentParser:
         default=[],
         metavar="PATH[:VECTORS]",
         help="ivshmem-doorbell device on a broker socket in every guest (repeatable)",
+    )
+    r.add_argument(
+        "--no-region",
+        action="store_true",
+        help="no device in the guests (default without --shm/--socket: a region the lab "
+        "serves for the run)",
     )
     r.add_argument(
         "-n",
@@ -311,6 +325,10 @@ def _run(args: argparse.Namespace) -> int:
     if mpi_n is not None and mpi_n < args.vms:
         print("ivshmem-lab run: -n must be >= --vms", file=sys.stderr)
         return 2
+    if args.no_region and (devices or mpi_n is not None):
+        print("ivshmem-lab run: --no-region goes with neither --shm, --socket nor -n",
+              file=sys.stderr)  # fmt: skip
+        return 2
     lab = Lab(accel=args.accel, memory=args.memory)
     ird = lab.initramfs()
     if not ird.uio_module:
@@ -328,14 +346,17 @@ def _run(args: argparse.Namespace) -> int:
 
     if mpi_n is not None:
         return _run_mpi(lab, args, command, mpi_n, on_output)
-    results = lab.run(
-        command,
-        vms=args.vms,
-        devices=devices,
-        timeout=args.timeout,
-        cwd=args.cwd,
-        on_output=on_output,
-    )
+    with contextlib.ExitStack() as stack:
+        if not devices and not args.no_region:
+            devices = [stack.enter_context(_served_region(args.vms))]
+        results = lab.run(
+            command,
+            vms=args.vms,
+            devices=devices,
+            timeout=args.timeout,
+            cwd=args.cwd,
+            on_output=on_output,
+        )
     failed = timed_out = False
     for r in results:
         _report_guest(r, args.console)
@@ -344,6 +365,28 @@ def _run(args: argparse.Namespace) -> int:
         elif r.returncode != 0:
             failed = True
     return 1 if failed else 124 if timed_out else 0
+
+
+@contextlib.contextmanager
+def _served_region(vms: int) -> Iterator[DoorbellDevice]:
+    """A fresh region for `vms` guests, served by a broker of the lab's (as ``-n`` does) for
+    the duration of the block: yields the doorbell device to give every guest. The broker,
+    its state directory and the region are removed after. Raises LabError if the broker does
+    not start."""
+    from ivshmem_lab.mpi import job_broker, region_size
+
+    name = f"labrun-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    size = region_size(vms)
+    with (
+        tempfile.TemporaryDirectory(prefix="ivshmem-lab-run-") as tmpdir,
+        job_broker(name, size, vms, tmpdir) as broker,
+    ):
+        print(
+            f"ivshmem-lab: serving region {name} ({size >> 20} MiB, {max(vms, 2)} peer slots) "
+            "to the guests (--socket/--shm: your own, --no-region: none)",
+            file=sys.stderr,
+        )
+        yield DoorbellDevice(broker.socket, 2)
 
 
 def _report_guest(r: GuestResult, console: bool) -> None:

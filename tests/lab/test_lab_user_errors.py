@@ -62,9 +62,30 @@ def test_the_working_directorys_folder_in_tmp_is_shared(hidden_program: Path) ->
     assert invisible_path(["sh", "-c", "echo > /tmp/new"], str(ROOT)) is None
 
 
+ATTACH = "import guest_lib; ep = guest_lib.attach(); print('attached', ep.region.max_peers)"
+
+
+@vm_test(300)
+def test_run_serves_the_guests_a_region_by_default() -> None:
+    """Without --socket/--shm the guests get a region a broker serves for the run: attach()
+    works in them; the broker and the region are gone after."""
+    done = _lab("run", "--vms", "1", "--", sys.executable, "-c", ATTACH)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "[vm0] attached 2" in done.stdout
+    name = done.stderr.split("serving region ", 1)[1].split()[0]
+    assert name.startswith("labrun-") and not os.path.exists(f"/dev/shm/{name}")
+
+
 @vm_test(300)
 def test_attach_in_a_guest_without_a_region_names_the_flags() -> None:
-    done = _lab("run", "--vms", "1", "--", sys.executable, "-c",
-                "import guest_lib; guest_lib.attach()")  # fmt: skip
+    done = _lab("run", "--vms", "1", "--no-region", "--", sys.executable, "-c", ATTACH)
     assert done.returncode == 1
     assert "this lab guest has none: give ivshmem-lab run --socket PATH or --shm" in done.stdout
+
+
+@pytest.mark.parametrize("other", [["--socket", "/nonexistent.sock"], ["--shm", "x"], ["-n"]])
+def test_no_region_with_a_region_flag_is_refused_before_boot(other: list[str]) -> None:
+    done = _lab("run", "--vms", "1", "--no-region", *other, "--", "true")
+    assert done.returncode == 2, done.stderr
+    assert "--no-region goes with neither --shm, --socket nor -n" in done.stderr
+    assert "guest(s)" not in done.stderr  # refused before the lab started
