@@ -48,10 +48,13 @@ CI_FILES = [
     "test_datatype.py", "test_op.py", "test_pickle.py", "test_toplevel.py",
     "test_errorcode.py", "test_util_dtlib.py",
 ]  # fmt: skip
-pytestmark = pytest.mark.skipif(
-    os.environ.get("IVSHMEM_COMM_PUREPYTHON") == "1",
-    reason="mpi4py's suite runs on the C path; the pure path repeats the rank-side suite",
-)
+pytestmark = [
+    pytest.mark.slow,  # whole jobs of 5-70 s each: out of `make check`, in `make test`
+    pytest.mark.skipif(
+        os.environ.get("IVSHMEM_COMM_PUREPYTHON") == "1",
+        reason="mpi4py's suite runs on the C path; the pure path repeats the rank-side suite",
+    ),
+]
 
 
 def suite_dir() -> Path:
