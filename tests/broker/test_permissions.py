@@ -31,8 +31,8 @@ OTHER_UID, OTHER_GID, EXTRA_GID, ALLOWED_UID = 4242, 4243, 4244, 4245
 
 def connect_as(path: str, uid: int, gid: int, groups: tuple[int, ...] = ()) -> str:
     """Connect to `path` from a forked child running as uid:gid with exactly `groups` as
-    supplementary groups, and read the first protocol message. The outcome: "joined"
-    (handshake received), "closed" (the broker hung up) or "EACCES" (the filesystem said no).
+    supplementary groups, and read the broker's handshake. The outcome: "joined" (its first
+    message received), "closed" (the broker hung up) or "EACCES" (the filesystem said no).
     """
     r, w = os.pipe()
     pid = os.fork()
@@ -48,6 +48,14 @@ def connect_as(path: str, uid: int, gid: int, groups: tuple[int, ...] = ()) -> s
             try:
                 s.connect(path)
                 outcome = "joined" if len(s.recv(8, socket.MSG_WAITALL)) == 8 else "closed"
+                # Stay until the broker has sent the whole handshake (a client that hangs up
+                # after the first message makes the broker log "handshake failed").
+                s.settimeout(0.5)
+                try:
+                    while s.recv(4096):
+                        pass
+                except TimeoutError:
+                    pass
             except PermissionError:
                 outcome = "EACCES"
             who = (os.getuid(), os.getgid(), sorted(os.getgroups()))
