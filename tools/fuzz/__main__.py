@@ -79,6 +79,7 @@ def run_atheris(name: str, args: argparse.Namespace, corpus: Path, artifacts: Pa
         "-rss_limit_mb=4096",
         f"-artifact_prefix={artifacts}/",
         "-print_final_stats=1",
+        *([f"-seed={args.seed}"] if args.seed is not None else []),
     ]
     atheris.Setup([sys.argv[0], *flags, str(corpus)], one_input)
     atheris.Fuzz()  # exits the process: libFuzzer prints "Done N runs in S second(s)"
@@ -192,7 +193,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--engine", choices=["atheris", "random"], default=default_engine)
     parser.add_argument("--corpus", type=Path, help="corpus directory (default: a temporary one)")
     parser.add_argument("--artifacts", type=Path, default=Path("."), help="where crashes go")
-    parser.add_argument("--seed", type=int, default=None, help="random engine's seed")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="the engine's seed (both engines); default: a new one each run",
+    )
     parser.add_argument(
         "--skip-known", action="store_true", help="go on past the crashes listed in targets.KNOWN"
     )

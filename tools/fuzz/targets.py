@@ -142,9 +142,9 @@ def protocol_target(data: bytes) -> None:
             received += [item.fd for item in items if item.fd is not None]
             while True:
                 value, fd = protocol.recv_message(ours)
+                item = decoder.feed(value, fd)  # on ProtocolError it has closed fd itself
                 if fd is not None:
                     received.append(fd)
-                item = decoder.feed(value, fd)
                 assert item.kind in ("gone", "own", "vector"), item
         else:  # the broker reading a reclaim request
             request = protocol.recv_reclaim(ours)
