@@ -48,7 +48,7 @@ from guest_lib.mpi.datatypes import *  # noqa: F403 - every predefined datatype 
 from guest_lib.mpi.datatypes import Datatype, TypeDict
 from guest_lib.mpi.exceptions import *  # noqa: F403 - SUCCESS and the ERR_* classes
 from guest_lib.mpi.exceptions import Exception, Get_error_class, Get_error_string
-from guest_lib.mpi.group import Group
+from guest_lib.mpi.group import GROUP_EMPTY, GROUP_NULL, Group
 from guest_lib.mpi.ops import (
     BAND,
     BOR,
@@ -76,8 +76,6 @@ from guest_lib.mpi.topology import CART, DIST_GRAPH, GRAPH, Cartcomm, Compute_di
 __TypeDict__ = TypeDict
 _typedict = TypeDict
 TAG_UB_VALUE = TAG_UB
-GROUP_EMPTY = Group([], -1)
-GROUP_NULL = GROUP_EMPTY
 
 _world = _bootstrap.init()
 _engine = _world.engine
@@ -247,5 +245,5 @@ _unused = (  # names re-exported on purpose (mpi4py's MPI namespace), not used h
     THREAD_SERIALIZED, UNDEFINED, UNEQUAL, COMM_NULL, Comm, Datatype, Exception,
     Get_error_class, Get_error_string, BAND, BOR, BXOR, LAND, LOR, LXOR, MAX, MAXLOC, MIN,
     MINLOC, NO_OP, OP_NULL, PROD, REPLACE, SUM, Op, REQUEST_NULL, TAG_UB_VALUE, Pickle, pickle,
-    CART, DIST_GRAPH, GRAPH, Cartcomm, Compute_dims,
+    CART, DIST_GRAPH, GRAPH, Cartcomm, Compute_dims, GROUP_EMPTY, GROUP_NULL, Group,
 )  # fmt: skip

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import sys
+import zlib
 from typing import Any
 
 import numpy as np
@@ -699,10 +700,10 @@ class Comm:
 
     def Create(self, group: Any) -> Intracomm:
         """The communicator of `group` (a subgroup of this one). Collective."""
-        members = set(group._ranks)
+        members = set(group._members())
         me = self._engine.world_rank if self._engine else -1
         color = 0 if me in members else constants.UNDEFINED
-        order = {w: i for i, w in enumerate(group._ranks)}
+        order = {w: i for i, w in enumerate(group._members())}
         key = order.get(me, 0)
         return self.Split(color, key)
 
@@ -712,7 +713,7 @@ class Comm:
         same processes. COMM_NULL in a process outside the group; MPI.Exception(ERR_GROUP)
         if the group has a process outside this communicator."""
         engine = self._check()
-        members = list(group._ranks)
+        members = list(group._members())
         outside = [w for w in members if w not in self._rank_of]
         if outside:
             raise exceptions.Exception(exceptions.ERR_GROUP, f"world ranks {outside} not here")
@@ -767,6 +768,18 @@ class Intracomm(Collectives, Comm):
         from guest_lib.mpi import topology
 
         return topology.create_cart(self, dims, periods, reorder)
+
+    @classmethod
+    def Create_from_group(
+        cls, group: Any, stringtag: str = "org.mpi4py", info: Any = None, errhandler: Any = None
+    ) -> Intracomm:
+        """MPI-4's communicator of `group` without a parent communicator: called by the
+        group's members only (a Create_group over COMM_WORLD; `stringtag` tells apart
+        concurrent calls by the same processes). COMM_NULL outside the group."""
+        from guest_lib.mpi import MPI
+
+        tag = zlib.crc32(str(stringtag).encode()) % (constants.TAG_UB + 1)
+        return MPI.COMM_WORLD.Create_group(group, tag)
 
 
 COMM_NULL = Intracomm(None, [], -1)
