@@ -39,6 +39,7 @@ from host_broker.config import (
     parse_group,
     region_from_dict,
 )
+from host_broker.qemu import ivshmem_args
 from host_broker.sd_notify import FdStore, Notifier, listen_fds
 from ivshmem_comm import layout
 from ivshmem_comm.errors import RegionFormatError
@@ -394,26 +395,18 @@ def guest_params(args: argparse.Namespace) -> dict[str, Any]:
 def qemu_args(
     name: str, socket_path: str, vectors: int, size: int | None, plain: bool
 ) -> list[str]:
-    """QEMU flags attaching region `name`: ivshmem-doorbell through the broker socket, or
-    (plain) ivshmem-plain over the shm file directly (no peer id, no interrupts).
+    """QEMU flags attaching region `name` (:func:`host_broker.qemu.ivshmem_args` with the id
+    ``ivshmem_<name>``): ivshmem-doorbell through the broker socket, or (plain) ivshmem-plain
+    over the shm file directly (no peer id, no interrupts).
 
-    Raises CliError for plain without a size."""
+    Raises CliError for what ivshmem_args refuses (plain without a size, ...)."""
     dev = f"ivshmem_{name}".replace(".", "_").replace("-", "_")
-    if plain:
-        if size is None:
-            raise CliError(f"region {name!r}: its size is needed for ivshmem-plain")
-        return [
-            "-object",
-            f"memory-backend-file,id={dev}_mem,size={size},share=on,mem-path={shm_path(name)}",
-            "-device",
-            f"ivshmem-plain,memdev={dev}_mem",
-        ]
-    return [
-        "-chardev",
-        f"socket,path={socket_path},id={dev}",
-        "-device",
-        f"ivshmem-doorbell,chardev={dev},vectors={vectors}",
-    ]
+    try:
+        if plain:
+            return ivshmem_args(dev + "_mem", mem_path=shm_path(name), size=size)
+        return ivshmem_args(dev, socket=socket_path, vectors=vectors)
+    except ValueError as exc:
+        raise CliError(f"region {name!r}: {exc}") from None
 
 
 def _attr(value: str) -> str:

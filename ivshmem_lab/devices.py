@@ -14,7 +14,7 @@ import stat
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ivshmem_comm.protocol import MAX_VECTORS
+from host_broker.qemu import ivshmem_args
 from ivshmem_comm.units import parse_size
 from ivshmem_lab.errors import LabError
 
@@ -43,9 +43,10 @@ class ShmDevice:
         return "/dev/shm/" + n.lstrip("/")
 
     def resolved_size(self) -> int:
-        """Size for QEMU: the file's size if it exists, else ``size``.
+        """Size for QEMU: the file's size if it exists, else ``size`` (whether QEMU takes
+        it, a power of two, is checked by :func:`qemu_device_args`).
 
-        Raises :class:`LabError` if neither is known or the size is not a power of two.
+        Raises :class:`LabError` if neither is known.
         """
         try:
             size = os.stat(self.path).st_size
@@ -55,8 +56,6 @@ class ShmDevice:
             if self.size is None:
                 raise LabError(f"{self.path} does not exist and no size was given")
             size = parse_size(self.size)
-        if size < 4096 or size & (size - 1):
-            raise LabError(f"ivshmem size {size} of {self.path} is not a power of two >= 4096")
         return size
 
 
@@ -102,28 +101,21 @@ def parse_device(spec: DeviceSpec) -> ShmDevice | DoorbellDevice:
 
 
 def qemu_device_args(devices: Sequence[ShmDevice | DoorbellDevice]) -> list[str]:
-    """QEMU options giving a guest `devices`, in order (PCI ids ``ivm<i>``/``ivc<i>`` by
-    position, so one socket may back several doorbell devices of one guest). Raises
-    LabError for a size that QEMU would refuse, a socket path with a comma, or vectors
-    outside 1..MAX_VECTORS (the broker's limit)."""
+    """QEMU options giving a guest `devices`, in order (:func:`host_broker.qemu.ivshmem_args`
+    with ids ``ivm<i>``/``ivc<i>`` by position, so one socket may back several doorbell
+    devices of one guest). Raises LabError for what ivshmem_args refuses (a size QEMU would
+    refuse, vectors outside 1..MAX_VECTORS, ...) or an object that is not a device."""
     args: list[str] = []
     for i, dev in enumerate(devices):
-        if isinstance(dev, ShmDevice):
-            size = dev.resolved_size()
-            args += [
-                "-object",
-                f"memory-backend-file,id=ivm{i},size={size},share=on,mem-path={dev.path}",
-                "-device",
-                f"ivshmem-plain,memdev=ivm{i}",
-            ]
-        elif isinstance(dev, DoorbellDevice):
-            if "," in dev.socket:
-                raise LabError(f"socket path {dev.socket!r} contains a comma")
-            if not 1 <= dev.vectors <= MAX_VECTORS:
-                raise LabError(f"vectors={dev.vectors}: expected 1..{MAX_VECTORS}")
-            opts = f"ivshmem-doorbell,chardev=ivc{i},vectors={dev.vectors}"
-            opts += f",ioeventfd={'on' if dev.ioeventfd else 'off'}"
-            args += ["-chardev", f"socket,path={dev.socket},id=ivc{i}", "-device", opts]
-        else:
-            raise LabError(f"not a device: {dev!r}")
+        try:
+            if isinstance(dev, ShmDevice):
+                args += ivshmem_args(f"ivm{i}", mem_path=dev.path, size=dev.resolved_size())
+            elif isinstance(dev, DoorbellDevice):
+                args += ivshmem_args(
+                    f"ivc{i}", socket=dev.socket, vectors=dev.vectors, ioeventfd=dev.ioeventfd
+                )
+            else:
+                raise LabError(f"not a device: {dev!r}")
+        except ValueError as exc:
+            raise LabError(str(exc)) from None
     return args

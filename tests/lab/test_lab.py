@@ -10,8 +10,10 @@ import array
 import glob
 import mmap
 import os
+import shutil
 import socket
 import struct
+import subprocess
 import sys
 import tempfile
 import textwrap
@@ -95,7 +97,7 @@ def test_parse_size_and_devices(tmp_path: Path) -> None:
     assert L.ShmDevice("r0").path == "/dev/shm/r0"
     assert L.ShmDevice("/r0").path == "/dev/shm/r0"
     with pytest.raises(L.LabError, match="power of two"):
-        L.ShmDevice(f"nonexistent-{uuid.uuid4().hex}", 3 << 20).resolved_size()
+        qemu_device_args([L.ShmDevice(f"nonexistent-{uuid.uuid4().hex}", 3 << 20)])
     with pytest.raises(L.LabError, match="no size"):
         L.ShmDevice(f"nonexistent-{uuid.uuid4().hex}").resolved_size()
 
@@ -116,8 +118,47 @@ def test_device_args() -> None:
     ]
 
 
+@pytest.mark.qemu
+@pytest.mark.timeout(120)
+@pytest.mark.skipif(not shutil.which("qemu-system-x86_64"), reason="no qemu-system-x86")
+def test_device_args_start_qemu_even_with_a_comma_in_a_path(tmp_path: Path) -> None:
+    """The lab's devices and `ivshmem-broker qemu-args` come from one function
+    (host_broker.qemu.ivshmem_args); its options make a real QEMU join a real broker through
+    a socket path with a comma in it (escaped as QEMU does: doubled), next to a plain device
+    over a file whose path has one too."""
+    from guest_lib.launch import BrokerProcess
+    from host_broker.cli import qemu_args
+
+    folder = tmp_path / "a,b"
+    folder.mkdir(mode=0o700)
+    name = f"labqemu-{uuid.uuid4().hex[:8]}"
+    plain = folder / "plain"
+    with BrokerProcess(name, "1M", vectors=2, socket=folder / "s.sock", log=tmp_path / "log") as b:
+        assert qemu_args(name, b.socket, 2, None, False) == [
+            "-chardev", f"socket,path={str(folder).replace(',', ',,')}/s.sock,"
+            f"id=ivshmem_{name.replace('-', '_')}", "-device",
+            f"ivshmem-doorbell,chardev=ivshmem_{name.replace('-', '_')},vectors=2",
+        ]  # fmt: skip
+        devices = [L.DoorbellDevice(b.socket, 2), L.ShmDevice(str(plain), 1 << 20)]
+        qemu = subprocess.Popen(
+            ["qemu-system-x86_64", "-S", "-display", "none", "-nodefaults", "-machine", "pc",
+             *qemu_device_args(devices)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        try:
+            deadline = time.monotonic() + 60
+            while "qemu pid" not in b.log() and qemu.poll() is None:
+                assert time.monotonic() < deadline, b.log()
+                time.sleep(0.05)
+            assert qemu.poll() is None, qemu.communicate()[0]
+            assert f"qemu pid {qemu.pid}" in b.log()
+            assert plain.stat().st_size == 1 << 20  # QEMU made the plain device's file
+        finally:
+            qemu.kill()
+            qemu.wait()
+
+
 def test_command_script_quoting(tmp_path: Path) -> None:
-    import subprocess
 
     script = command_script(
         ["printf", "%s|", "a b", "$HOME", "it's"],
