@@ -67,6 +67,7 @@ from guest_lib.mpi.ops import (
     SUM,
     Op,
 )
+from guest_lib.mpi.persistent import Prequest
 from guest_lib.mpi.pickling import PICKLE as pickle
 from guest_lib.mpi.pickling import Pickle
 from guest_lib.mpi.request import REQUEST_NULL, Request
@@ -246,4 +247,5 @@ _unused = (  # names re-exported on purpose (mpi4py's MPI namespace), not used h
     Get_error_class, Get_error_string, BAND, BOR, BXOR, LAND, LOR, LXOR, MAX, MAXLOC, MIN,
     MINLOC, NO_OP, OP_NULL, PROD, REPLACE, SUM, Op, REQUEST_NULL, TAG_UB_VALUE, Pickle, pickle,
     CART, DIST_GRAPH, GRAPH, Cartcomm, Compute_dims, GROUP_EMPTY, GROUP_NULL, Group,
+    Prequest,
 )  # fmt: skip

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from guest_lib.mpi import buffers, constants, exceptions, native
+from guest_lib.mpi import buffers, constants, exceptions, native, persistent
 from guest_lib.mpi.collectives import T_BARRIER, Collectives
 from guest_lib.mpi.engine import (
     KIND_DATA,
@@ -551,6 +551,14 @@ class Comm:
     ) -> None:
         view = buffers.parse(buf, writable=True).view
         self.Sendrecv(bytes(view), dest, sendtag, [view, len(view), "B"], source, recvtag, status)
+
+    # persistent requests and Isendrecv (see `persistent`)
+    Send_init = persistent.send_init
+    Bsend_init = Rsend_init = Send_init
+    Ssend_init = persistent.ssend_init
+    Recv_init = persistent.recv_init
+    Isendrecv = persistent.isendrecv
+    Isendrecv_replace = persistent.isendrecv_replace
 
     def Probe(
         self,

@@ -260,31 +260,47 @@ class Request:
     def Waitsome(
         cls, requests: Sequence[Request], statuses: list[Status] | None = None
     ) -> list[int] | None:
-        """Indices of the requests that completed (at least one); None if all are null."""
-        if all(r._op is None for r in requests):
-            return None
-        engine = cls._engine_of(requests)
-        if engine is not None:
-            engine.wait_until(lambda: any(r._op is not None and r._op.done for r in requests))
-        return cls._collect(requests, statuses)
+        """Indices of the requests that completed (at least one); None if all are null.
+        `statuses[k]` is filled for the k-th index."""
+        return cls._some(requests, statuses, True)[0]
 
     @classmethod
     def Testsome(
         cls, requests: Sequence[Request], statuses: list[Status] | None = None
     ) -> list[int] | None:
-        if all(r._op is None for r in requests):
-            return None
-        engine = cls._engine_of(requests)
-        if engine is not None:
-            engine.progress()
-        return cls._collect(requests, statuses)
+        """As Waitsome, but without waiting: [] when none is complete yet."""
+        return cls._some(requests, statuses, False)[0]
 
     @classmethod
-    def _collect(cls, requests: Sequence[Request], statuses: list[Status] | None) -> list[int]:
+    def waitsome(
+        cls, requests: Sequence[Request], statuses: list[Status] | None = None
+    ) -> tuple[list[int] | None, list[Any] | None]:
+        """(indices, objects) of the requests that completed (at least one; the object of
+        each, None for sends); (None, None) if all are null."""
+        return cls._some(requests, statuses, True)
+
+    @classmethod
+    def testsome(
+        cls, requests: Sequence[Request], statuses: list[Status] | None = None
+    ) -> tuple[list[int] | None, list[Any] | None]:
+        """As waitsome, but without waiting: ([], []) when none is complete yet."""
+        return cls._some(requests, statuses, False)
+
+    @classmethod
+    def _some(
+        cls, requests: Sequence[Request], statuses: list[Status] | None, wait: bool
+    ) -> tuple[list[int] | None, list[Any] | None]:
+        if all(r._op is None for r in requests):
+            return None, None
+        engine = cls._engine_of(requests)
+        if engine is not None:
+            if wait:
+                engine.wait_until(lambda: any(r._op is not None and r._op.done for r in requests))
+            else:
+                engine.progress()
         indices = [i for i, r in enumerate(requests) if r._op is not None and r._op.done]
-        for k, i in enumerate(indices):
-            requests[i]._fill(_status_at(statuses, k))
-        return indices
+        results = [requests[i]._fill(_status_at(statuses, k)) for k, i in enumerate(indices)]
+        return indices, results
 
     def __repr__(self) -> str:
         return "<Request null>" if self._op is None else f"<Request {type(self._op).__name__}>"

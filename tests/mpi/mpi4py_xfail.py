@@ -1329,26 +1329,11 @@ ENTRIES: list[tuple[str, str, str]] = [
         "missing: Send_init (issue #11 point 3)",
     ),
     (
-        "test_p2p_buf.TestP2PBufSelf.testISendrecv",
-        "xfail",
-        "missing: Isendrecv (issue #11 point 3)",
-    ),
-    (
-        "test_p2p_buf.TestP2PBufSelf.testISendrecvReplace",
-        "xfail",
-        "missing: Isendrecv_replace (issue #11 point 3)",
-    ),
-    (
         "test_p2p_buf.TestP2PBufSelf.testPersistent",
         "xfail",
         "missing: Send_init (issue #11 point 3)",
     ),
     ("test_p2p_buf.TestP2PBufSelf.testProcNull", "xfail", "missing: Alloc_mem (issue #11 point 3)"),
-    (
-        "test_p2p_buf.TestP2PBufSelf.testProcNullISendrecv",
-        "xfail",
-        "missing: Isendrecv (issue #11 point 3)",
-    ),
     (
         "test_p2p_buf.TestP2PBufSelf.testProcNullPersistent",
         "xfail",
@@ -1365,16 +1350,6 @@ ENTRIES: list[tuple[str, str, str]] = [
         "missing: Send_init (issue #11 point 3)",
     ),
     (
-        "test_p2p_buf.TestP2PBufSelfDup.testISendrecv",
-        "xfail",
-        "missing: Isendrecv (issue #11 point 3)",
-    ),
-    (
-        "test_p2p_buf.TestP2PBufSelfDup.testISendrecvReplace",
-        "xfail",
-        "missing: Isendrecv_replace (issue #11 point 3)",
-    ),
-    (
         "test_p2p_buf.TestP2PBufSelfDup.testPersistent",
         "xfail",
         "missing: Send_init (issue #11 point 3)",
@@ -1383,11 +1358,6 @@ ENTRIES: list[tuple[str, str, str]] = [
         "test_p2p_buf.TestP2PBufSelfDup.testProcNull",
         "xfail",
         "missing: Alloc_mem (issue #11 point 3)",
-    ),
-    (
-        "test_p2p_buf.TestP2PBufSelfDup.testProcNullISendrecv",
-        "xfail",
-        "missing: Isendrecv (issue #11 point 3)",
     ),
     (
         "test_p2p_buf.TestP2PBufSelfDup.testProcNullPersistent",
@@ -1405,16 +1375,6 @@ ENTRIES: list[tuple[str, str, str]] = [
         "missing: Send_init (issue #11 point 3)",
     ),
     (
-        "test_p2p_buf.TestP2PBufWorld.testISendrecv",
-        "xfail",
-        "missing: Isendrecv (issue #11 point 3)",
-    ),
-    (
-        "test_p2p_buf.TestP2PBufWorld.testISendrecvReplace",
-        "xfail",
-        "missing: Isendrecv_replace (issue #11 point 3)",
-    ),
-    (
         "test_p2p_buf.TestP2PBufWorld.testPersistent",
         "xfail",
         "missing: Send_init (issue #11 point 3)",
@@ -1423,11 +1383,6 @@ ENTRIES: list[tuple[str, str, str]] = [
         "test_p2p_buf.TestP2PBufWorld.testProcNull",
         "xfail",
         "missing: Alloc_mem (issue #11 point 3)",
-    ),
-    (
-        "test_p2p_buf.TestP2PBufWorld.testProcNullISendrecv",
-        "xfail",
-        "missing: Isendrecv (issue #11 point 3)",
     ),
     (
         "test_p2p_buf.TestP2PBufWorld.testProcNullPersistent",
@@ -1445,16 +1400,6 @@ ENTRIES: list[tuple[str, str, str]] = [
         "missing: Send_init (issue #11 point 3)",
     ),
     (
-        "test_p2p_buf.TestP2PBufWorldDup.testISendrecv",
-        "xfail",
-        "missing: Isendrecv (issue #11 point 3)",
-    ),
-    (
-        "test_p2p_buf.TestP2PBufWorldDup.testISendrecvReplace",
-        "xfail",
-        "missing: Isendrecv_replace (issue #11 point 3)",
-    ),
-    (
         "test_p2p_buf.TestP2PBufWorldDup.testPersistent",
         "xfail",
         "missing: Send_init (issue #11 point 3)",
@@ -1463,11 +1408,6 @@ ENTRIES: list[tuple[str, str, str]] = [
         "test_p2p_buf.TestP2PBufWorldDup.testProcNull",
         "xfail",
         "missing: Alloc_mem (issue #11 point 3)",
-    ),
-    (
-        "test_p2p_buf.TestP2PBufWorldDup.testProcNullISendrecv",
-        "xfail",
-        "missing: Isendrecv (issue #11 point 3)",
     ),
     (
         "test_p2p_buf.TestP2PBufWorldDup.testProcNullPersistent",
@@ -1502,26 +1442,6 @@ ENTRIES: list[tuple[str, str, str]] = [
         "wrong: recv() given a buffer must warn (UserWarning) as mpi4py does (issue #11)",
     ),
     (
-        "test_p2p_obj.TestP2PObjSelf.testTestSomeRecv",
-        "xfail",
-        "missing: testsome (issue #11 point 3)",
-    ),
-    (
-        "test_p2p_obj.TestP2PObjSelf.testTestSomeSend",
-        "xfail",
-        "missing: testsome (issue #11 point 3)",
-    ),
-    (
-        "test_p2p_obj.TestP2PObjSelf.testWaitSomeRecv",
-        "xfail",
-        "missing: waitsome (issue #11 point 3)",
-    ),
-    (
-        "test_p2p_obj.TestP2PObjSelf.testWaitSomeSend",
-        "xfail",
-        "missing: waitsome (issue #11 point 3)",
-    ),
-    (
         "test_p2p_obj.TestP2PObjSelfDup.testCommLock",
         "xfail",
         "wrong: object collectives do not take MPI._comm_lock(comm, name) (issue #11)",
@@ -1540,26 +1460,6 @@ ENTRIES: list[tuple[str, str, str]] = [
         "test_p2p_obj.TestP2PObjSelfDup.testRecvObjArg",
         "xfail",
         "wrong: recv() given a buffer must warn (UserWarning) as mpi4py does (issue #11)",
-    ),
-    (
-        "test_p2p_obj.TestP2PObjSelfDup.testTestSomeRecv",
-        "xfail",
-        "missing: testsome (issue #11 point 3)",
-    ),
-    (
-        "test_p2p_obj.TestP2PObjSelfDup.testTestSomeSend",
-        "xfail",
-        "missing: testsome (issue #11 point 3)",
-    ),
-    (
-        "test_p2p_obj.TestP2PObjSelfDup.testWaitSomeRecv",
-        "xfail",
-        "missing: waitsome (issue #11 point 3)",
-    ),
-    (
-        "test_p2p_obj.TestP2PObjSelfDup.testWaitSomeSend",
-        "xfail",
-        "missing: waitsome (issue #11 point 3)",
     ),
     (
         "test_p2p_obj.TestP2PObjWorld.testCommLock",
@@ -1582,26 +1482,6 @@ ENTRIES: list[tuple[str, str, str]] = [
         "wrong: recv() given a buffer must warn (UserWarning) as mpi4py does (issue #11)",
     ),
     (
-        "test_p2p_obj.TestP2PObjWorld.testTestSomeRecv",
-        "xfail",
-        "missing: testsome (issue #11 point 3)",
-    ),
-    (
-        "test_p2p_obj.TestP2PObjWorld.testTestSomeSend",
-        "xfail",
-        "missing: testsome (issue #11 point 3)",
-    ),
-    (
-        "test_p2p_obj.TestP2PObjWorld.testWaitSomeRecv",
-        "xfail",
-        "missing: waitsome (issue #11 point 3)",
-    ),
-    (
-        "test_p2p_obj.TestP2PObjWorld.testWaitSomeSend",
-        "xfail",
-        "missing: waitsome (issue #11 point 3)",
-    ),
-    (
         "test_p2p_obj.TestP2PObjWorldDup.testCommLock",
         "xfail",
         "wrong: object collectives do not take MPI._comm_lock(comm, name) (issue #11)",
@@ -1620,26 +1500,6 @@ ENTRIES: list[tuple[str, str, str]] = [
         "test_p2p_obj.TestP2PObjWorldDup.testRecvObjArg",
         "xfail",
         "wrong: recv() given a buffer must warn (UserWarning) as mpi4py does (issue #11)",
-    ),
-    (
-        "test_p2p_obj.TestP2PObjWorldDup.testTestSomeRecv",
-        "xfail",
-        "missing: testsome (issue #11 point 3)",
-    ),
-    (
-        "test_p2p_obj.TestP2PObjWorldDup.testTestSomeSend",
-        "xfail",
-        "missing: testsome (issue #11 point 3)",
-    ),
-    (
-        "test_p2p_obj.TestP2PObjWorldDup.testWaitSomeRecv",
-        "xfail",
-        "missing: waitsome (issue #11 point 3)",
-    ),
-    (
-        "test_p2p_obj.TestP2PObjWorldDup.testWaitSomeSend",
-        "xfail",
-        "missing: waitsome (issue #11 point 3)",
     ),
     ("test_p2p_obj_matched.*", "xfail", "missing: MESSAGE_NULL (issue #11 point 3)"),
     ("test_pack.*", "xfail", "missing: Pack_external_size (issue #11 point 3)"),

@@ -1,0 +1,181 @@
+"""Persistent requests (`Send_init`, `Recv_init`, `Prequest.Start`) and `Isendrecv`.
+
+A `Prequest` keeps what a nonblocking call needs (the parsed buffer view, peer, tag,
+context) from its `*_init` call, and `Start` begins one such operation: the request is then
+active until a Wait/Test completes it, when it becomes inactive again (not null: it can be
+started any number of times) until `Free`, which makes it the null request. An inactive
+persistent request counts as null in Waitany/Waitsome/Testall... (MPI's rule): waiting
+on it returns at once with an empty status.
+
+`Isendrecv`/`Isendrecv_replace` start the receive and the send at once and give one
+request that completes when both have (its status is the receive's).
+
+The functions here are methods of `Comm` (bound there), written against its internals.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from guest_lib.mpi import buffers, constants, exceptions
+from guest_lib.mpi.engine import Op, StagedOp
+from guest_lib.mpi.request import Request
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    from guest_lib.mpi.comm import Comm
+
+
+class Prequest(Request):
+    """A persistent request; see the module docstring."""
+
+    __slots__ = ("_starter",)
+
+    def __init__(self, starter: Callable[[], Request] | Prequest | None = None) -> None:
+        super().__init__()
+        if isinstance(starter, Prequest):  # mpi4py's Prequest(preq): the same request
+            self._starter: Callable[[], Request] | None = starter._starter
+        else:
+            self._starter = starter
+
+    def Start(self) -> None:
+        """Begin the operation. MPI.Exception(ERR_REQUEST) if the request is freed (null)
+        or still active."""
+        if self._starter is None:
+            raise exceptions.Exception(exceptions.ERR_REQUEST, "start of a null request")
+        if self._op is not None:
+            raise exceptions.Exception(exceptions.ERR_REQUEST, "start of an active request")
+        started = self._starter()
+        self._op, self._engine = started._op, started._engine
+        self._rank_of, self._finish = started._rank_of, started._finish
+
+    start = Start
+
+    @classmethod
+    def Startall(cls, requests: Sequence[Prequest]) -> None:
+        """Start every request of the list (errors as Start, at the first bad one)."""
+        for request in requests:
+            request.Start()
+
+    startall = Startall
+
+    def Free(self) -> None:
+        """Make this the null request; an operation still active completes in the
+        background."""
+        self._op = None
+        self._starter = None
+
+    free = Free
+
+    def __bool__(self) -> bool:
+        return self._starter is not None
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Request):
+            return NotImplemented
+        if isinstance(other, Prequest):
+            return self._starter is other._starter
+        return self._starter is None and other._op is None  # both null
+
+    def __hash__(self) -> int:
+        return id(self._starter)
+
+    def __repr__(self) -> str:
+        state = "null" if self._starter is None else "active" if self._op else "inactive"
+        return f"<Prequest {state}>"
+
+
+def _send_init(comm: Comm, buf: Any, dest: int, tag: int, sync: bool) -> Prequest:
+    comm._dest(dest)
+    comm._send_tag(tag)
+    engine = comm._check()
+    view = buffers.parse(buf).view
+    return Prequest(lambda: Request(comm._isend_op(view, dest, tag, comm._ctx, sync), engine))
+
+
+def send_init(comm: Comm, buf: Any, dest: int, tag: int = 0) -> Prequest:
+    """A persistent standard send of `buf` (message spec, read at each Start) to `dest`."""
+    return _send_init(comm, buf, dest, tag, False)
+
+
+def ssend_init(comm: Comm, buf: Any, dest: int, tag: int = 0) -> Prequest:
+    """A persistent synchronous send: each one completes once its receive has started."""
+    return _send_init(comm, buf, dest, tag, True)
+
+
+def recv_init(
+    comm: Comm, buf: Any, source: int = constants.ANY_SOURCE, tag: int = constants.ANY_TAG
+) -> Prequest:
+    """A persistent receive into `buf`; each completion raises MPI.Exception(ERR_TRUNCATE)
+    from Wait/Test if its message was longer than the buffer (as Irecv)."""
+    comm._source(source)
+    comm._recv_tag(tag)
+    engine = comm._check()
+    view = buffers.parse(buf, writable=True).view
+    return Prequest(
+        lambda: Request(comm._irecv_op(view, source, tag, comm._ctx), engine, comm._rank_of)
+    )
+
+
+def isendrecv(
+    comm: Comm,
+    sendbuf: Any,
+    dest: int,
+    sendtag: int = 0,
+    recvbuf: Any = None,
+    source: int = constants.ANY_SOURCE,
+    recvtag: int = constants.ANY_TAG,
+) -> Request:
+    """Nonblocking Sendrecv: one request, complete when both the send and the receive are;
+    its status is the receive's (ERR_TRUNCATE from Wait/Test as Irecv)."""
+    comm._dest(dest)
+    comm._source(source)
+    comm._send_tag(sendtag)
+    comm._recv_tag(recvtag)
+    rview = buffers.parse(recvbuf, writable=True).view
+    sview = buffers.parse(sendbuf).view
+    return _pair(comm, rview, sview, dest, sendtag, source, recvtag)
+
+
+def isendrecv_replace(
+    comm: Comm,
+    buf: Any,
+    dest: int,
+    sendtag: int = 0,
+    source: int = constants.ANY_SOURCE,
+    recvtag: int = constants.ANY_TAG,
+) -> Request:
+    """Nonblocking Sendrecv_replace: `buf` is sent, then receives the message (the data to
+    send is copied at the call)."""
+    comm._dest(dest)
+    comm._source(source)
+    comm._send_tag(sendtag)
+    comm._recv_tag(recvtag)
+    view = buffers.parse(buf, writable=True).view
+    return _pair(comm, view, memoryview(bytes(view)), dest, sendtag, source, recvtag)
+
+
+def _pair(
+    comm: Comm,
+    rview: memoryview,
+    sview: memoryview,
+    dest: int,
+    sendtag: int,
+    source: int,
+    recvtag: int,
+) -> Request:
+    engine = comm._check()
+    recv = comm._irecv_op(rview, source, recvtag, comm._ctx)
+    send = comm._isend_op(sview, dest, sendtag, comm._ctx, False)
+    both = StagedOp(_both(recv, send, lambda: both))
+    return Request(engine.start_staged(both), engine, comm._rank_of)
+
+
+def _both(recv: Op, send: Op, this: Callable[[], StagedOp]) -> Iterator[list[Op]]:
+    """Stages of an Isendrecv: wait for both operations, then take the receive's status."""
+    yield [recv, send]
+    op = this()
+    op.source, op.tag, op.count = recv.source, recv.tag, recv.count
+    op.cancelled = recv.cancelled

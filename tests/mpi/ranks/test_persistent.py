@@ -1,0 +1,123 @@
+"""Persistent requests, Isendrecv(_replace), Waitsome/Testsome (issue #11 point 3)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from guest_lib.mpi import MPI
+
+
+def test_persistent_ring_reused(comm):
+    """One Send_init/Recv_init pair started 50 times around the ring, the send buffer
+    changed between starts (each Start reads it anew); the requests stay non-null while
+    inactive, Free makes them null."""
+    size, rank = comm.Get_size(), comm.Get_rank()
+    dest, source = (rank + 1) % size, (rank - 1) % size
+    sbuf = np.zeros(1000, "d")
+    rbuf = np.zeros(1000, "d")
+    send = comm.Send_init(sbuf, dest, 7)
+    recv = comm.Recv_init(rbuf, source, 7)
+    for i in range(50):
+        sbuf[:] = rank * 1000 + i
+        MPI.Prequest.Startall([recv, send])
+        statuses: list[MPI.Status] = []
+        MPI.Request.Waitall([send, recv], statuses)
+        assert np.all(rbuf == source * 1000 + i)
+        assert statuses[1].Get_source() == source and statuses[1].Get_tag() == 7
+        assert send != MPI.REQUEST_NULL and recv != MPI.REQUEST_NULL and send and recv
+    assert MPI.Request.Waitany([send, recv]) == MPI.UNDEFINED  # inactive counts as null
+    with pytest.raises(MPI.Exception):
+        send.Start()
+        send.Start()  # already active
+    send.Wait()
+    recv.Start()
+    recv.Wait()
+    send.Free()
+    recv.Free()
+    assert send == MPI.REQUEST_NULL and not send
+    with pytest.raises(MPI.Exception):
+        send.Start()
+
+
+def test_persistent_ssend_waitany(comm):
+    size, rank = comm.Get_size(), comm.Get_rank()
+    dest, source = (rank + 1) % size, (rank - 1) % size
+    rbuf = np.zeros(3, "i")
+    reqs = [comm.Ssend_init(np.full(3, rank, "i"), dest, 1), comm.Recv_init(rbuf, source, 1)]
+    for _ in range(5):
+        rbuf[:] = -1
+        MPI.Prequest.Startall(reqs)
+        first = MPI.Request.Waitany(reqs)
+        second = MPI.Request.Waitany(reqs)
+        assert {first, second} == {0, 1}
+        assert MPI.Request.Waitany(reqs) == MPI.UNDEFINED
+        assert list(rbuf) == [source] * 3
+    for r in reqs:
+        r.Free()
+    nul = comm.Recv_init(None, MPI.PROC_NULL)
+    nul.Start()
+    status = MPI.Status()
+    nul.Wait(status)
+    assert status.Get_source() == MPI.PROC_NULL
+    nul.Free()
+
+
+def test_isendrecv(comm):
+    size, rank = comm.Get_size(), comm.Get_rank()
+    dest, source = (rank + 1) % size, (rank - 1) % size
+    sbuf = np.arange(10, dtype="i") + rank
+    rbuf = np.zeros(10, "i")
+    req = comm.Isendrecv(sbuf, dest, 3, rbuf, source, 3)
+    status = MPI.Status()
+    req.Wait(status)
+    assert list(rbuf) == list(np.arange(10) + source)
+    assert status.Get_source() == source and status.Get_tag() == 3
+    assert status.Get_count(MPI.INT) == 10
+    buf = np.full(5, rank, "d")
+    req = comm.Isendrecv_replace(buf, dest, 4, source, 4)
+    req.Wait()
+    assert list(buf) == [source] * 5
+
+
+def test_isendrecv_truncate(comm):
+    size, rank = comm.Get_size(), comm.Get_rank()
+    dest, source = (rank + 1) % size, (rank - 1) % size
+    rbuf = np.zeros(2, "i")
+    req = comm.Isendrecv(np.ones(4, "i"), dest, 5, rbuf, source, 5)
+    with pytest.raises(MPI.Exception) as info:
+        req.Wait()
+    assert info.value.Get_error_class() == MPI.ERR_TRUNCATE
+
+
+def test_waitsome_testsome_objects(comm):
+    size, rank = comm.Get_size(), comm.Get_rank()
+    dest, source = (rank + 1) % size, (rank - 1) % size
+    reqs = [comm.irecv(source=source, tag=40 + t) for t in range(3)]
+    assert MPI.Request.testsome(reqs) == ([], [])  # nothing sent before the barrier
+    comm.Barrier()
+    for t in range(3):
+        comm.send({"t": t, "from": rank}, dest, 40 + t)
+    got: dict[int, object] = {}
+    statuses: list[MPI.Status] = []
+    while len(got) < 3:
+        indices, objects = MPI.Request.waitsome(reqs, statuses)
+        assert indices is not None and objects is not None
+        for k, (i, obj) in enumerate(zip(indices, objects, strict=True)):
+            assert statuses[k].Get_tag() == 40 + i
+            got[i] = obj
+    assert got == {t: {"t": t, "from": source} for t in range(3)}
+    assert MPI.Request.waitsome(reqs) == (None, None)
+    assert MPI.Request.testsome([MPI.REQUEST_NULL]) == (None, None)
+
+
+def test_null_requests_in_lists():
+    statuses = [MPI.Status() for _ in range(2)]
+    for s in statuses:
+        s.Set_source(5)
+    assert MPI.Request.Waitall([MPI.REQUEST_NULL, MPI.REQUEST_NULL], statuses)
+    assert [s.Get_source() for s in statuses] == [MPI.ANY_SOURCE] * 2
+    assert MPI.Request.Testall([MPI.REQUEST_NULL])
+    assert MPI.Request.Testany([MPI.REQUEST_NULL]) == (MPI.UNDEFINED, True)
+    assert MPI.Request.Waitsome([MPI.REQUEST_NULL]) is None
+    assert MPI.Request.Testsome([MPI.REQUEST_NULL]) is None
