@@ -17,6 +17,7 @@ from typing import Any
 
 from guest_lib.mpi import bootstrap as _bootstrap
 from guest_lib.mpi import comm as _comm
+from guest_lib.mpi import native as _native
 from guest_lib.mpi.buffers import Spec as _Spec  # noqa: F401 - re-exported for tools
 from guest_lib.mpi.comm import COMM_NULL, Comm, Intracomm
 from guest_lib.mpi.constants import (
@@ -87,9 +88,7 @@ COMM_WORLD: Intracomm = _comm.Intracomm(
 )
 COMM_SELF: Intracomm = _comm.Intracomm(_engine, [_engine.world_rank], 2, name="MPI_COMM_SELF")
 if _engine.has_mpi:
-    _mpi_world = _world.mpi.COMM_WORLD
-    COMM_WORLD._mirror = _mpi_world.Dup()
-    COMM_WORLD._mirror_coll = _mpi_world.Dup()
+    COMM_WORLD._mirror, COMM_WORLD._mirror_coll = _native.world_mirrors()
 
 
 def Init() -> None:
@@ -230,7 +229,7 @@ def _internal_state() -> dict[str, Any]:
     return {
         "mode": _world.mode,
         "region_uuid": _world.region_uuid,
-        "routes": list(_engine.routes),
+        "routes": [(route.code, route.peer) for route in _engine.routes],
         "endpoint": _world.endpoint,
         "engine": _engine,
     }

@@ -29,9 +29,9 @@ import sys
 import time
 from typing import Any
 
-from guest_lib.mpi import engine as engine_mod
-from guest_lib.mpi import native
-from guest_lib.mpi.engine import ROUTE_MPI, ROUTE_SELF, ROUTE_SHM, Engine
+from guest_lib.mpi import native, wire
+from guest_lib.mpi.engine import Engine
+from guest_lib.mpi.routes import Route, SelfRoute, ShmRoute
 
 HELLO = struct.Struct("<II")  # world rank, world size
 JOIN_TIMEOUT = float(os.environ.get("IVSHMEM_MPI_JOIN_TIMEOUT", "60"))
@@ -40,11 +40,10 @@ _MPIEXEC_VARS = ("PMI_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_RANK", "PMIX_RANK")
 
 @dataclasses.dataclass
 class World:
-    """What bootstrap found: the engine, the mpi4py module (or None), and the region."""
+    """What bootstrap found: the engine (with the route to every world rank) and the region."""
 
     engine: Engine
     mode: str  # "standalone", "mpiexec" or "singleton"
-    mpi: Any = None  # the mpi4py MPI module under mpiexec
     endpoint: Any = None
     region_uuid: str | None = None
     closer: Any = None  # what to close at Finalize (endpoint or broker client)
@@ -102,7 +101,7 @@ def _exchange_hello(ep: Any, rank: int, size: int) -> dict[int, int]:
                 f"within {JOIN_TIMEOUT} s"
             )
         time.sleep(0.001)
-    tag = engine_mod.core_tag(engine_mod.KIND_CONTROL, 0, engine_mod.CTRL_HELLO)
+    tag = wire.core_tag(wire.KIND_CONTROL, 0, wire.CTRL_HELLO)
     peers = ep.peers()
     for peer in peers:
         ep.send(peer, HELLO.pack(rank, size), tag)
@@ -126,18 +125,13 @@ def _standalone() -> World:
         return _singleton()
     ep = thing.endpoint(rank) if kind == "name" else thing
     peer_of = _exchange_hello(ep, rank, size) if size > 1 else {rank: ep.peer_id}
-    routes = [(ROUTE_SELF, -1) if w == rank else (ROUTE_SHM, peer_of[w]) for w in range(size)]
+    routes: list[Route] = [SelfRoute() if w == rank else ShmRoute(peer_of[w]) for w in range(size)]
     engine = Engine(rank, size, ep, routes)
-    return World(engine, "standalone", None, ep, str(ep.region.uuid), ep)
+    return World(engine, "standalone", ep, str(ep.region.uuid), ep)
 
 
 def _mpiexec() -> World:
-    from mpi4py import MPI as _M
-
-    native.remember(_M)  # the hybrid route's mpi4py, whatever mpi4py.MPI names later
-
-    world = _M.COMM_WORLD
-    rank, size = world.Get_rank(), world.Get_size()
+    rank, size = native.world_rank_size()  # imports mpi4py, kept for the mpi4py route
     kind, thing = _open_region()
     ep = None
     region_uuid: str | None = None
@@ -148,7 +142,7 @@ def _mpiexec() -> World:
         ep = thing
         region_uuid, peer = str(ep.region.uuid), ep.peer_id
     incarnation = ep.incarnation if ep is not None else 0
-    info = world.allgather((region_uuid, peer, incarnation, socket.gethostname()))
+    info = native.allgather((region_uuid, peer, incarnation, socket.gethostname()))
     if kind == "name":
         mates = [w for w in range(size) if info[w][0] == region_uuid]
         peer = mates.index(rank)
@@ -158,24 +152,25 @@ def _mpiexec() -> World:
                 f"{thing.max_peers} peers"
             )
         ep = thing.endpoint(peer)
-        info = world.allgather((region_uuid, peer, ep.incarnation, info[rank][3]))
-    routes: list[tuple[int, int]] = []
+        info = native.allgather((region_uuid, peer, ep.incarnation, info[rank][3]))
+    mpi_route = native.MpiRoute()
+    routes: list[Route] = []
     for w, (other_uuid, other_peer, other_incarnation, _host) in enumerate(info):
         if w == rank:
-            routes.append((ROUTE_SELF, -1))
-        elif region_uuid is not None and other_uuid == region_uuid:
-            routes.append((ROUTE_SHM, other_peer))
+            routes.append(SelfRoute())
+        elif ep is not None and other_uuid == region_uuid:  # (ep: iff region_uuid)
+            routes.append(ShmRoute(other_peer))
             # The slot may still show a previous job's holder: talk to this job's one.
             ep.expect_incarnation(other_peer, other_incarnation)
         else:
-            routes.append((ROUTE_MPI, w))
+            routes.append(mpi_route)
     engine = Engine(rank, size, ep, routes)
-    world.Barrier()  # every endpoint exists before anyone talks
-    return World(engine, "mpiexec", _M, ep, region_uuid, ep)
+    native.barrier()  # every endpoint exists before anyone talks
+    return World(engine, "mpiexec", ep, region_uuid, ep)
 
 
 def _singleton() -> World:
-    return World(Engine(0, 1, None, [(ROUTE_SELF, -1)]), "singleton")
+    return World(Engine(0, 1, None, [SelfRoute()]), "singleton")
 
 
 def init() -> World:
@@ -191,10 +186,7 @@ def init() -> World:
 def region_groups(world: World) -> list[int]:
     """For each world rank, an id of the region it sits in (its own id when none)."""
     engine = world.engine
-    return [
-        -1 if route in (ROUTE_SELF, ROUTE_SHM) else w + 1
-        for w, (route, _) in enumerate(engine.routes)
-    ]
+    return [-1 if route.local else w + 1 for w, route in enumerate(engine.routes)]
 
 
 def excepthook_installer(on_failure: Any) -> None:

@@ -45,13 +45,16 @@ import numpy as np
 
 from guest_lib.mpi import buffers, constants, exceptions, native, ops
 from guest_lib.mpi.constants import IN_PLACE
-from guest_lib.mpi.engine import COLL_SPAN, KIND_DATA, Op, StagedOp, coll_base, core_tag
+from guest_lib.mpi.engine import StagedOp
+from guest_lib.mpi.matching import Op
 from guest_lib.mpi.pickling import dumps as _dumps
 from guest_lib.mpi.pickling import loads as _loads
 from guest_lib.mpi.request import Request, unpickle
+from guest_lib.mpi.wire import COLL_SPAN, KIND_DATA, coll_base, core_tag
 
 if TYPE_CHECKING:
     from guest_lib.mpi.engine import Engine
+    from guest_lib.mpi.routes import Route
 
 T_BARRIER, T_BCAST, T_GATHER, T_SCATTER, T_ALLGATHER, T_ALLTOALL = 1, 2, 3, 4, 5, 6
 T_REDUCE, T_ALLREDUCE, T_SCAN, T_EXSCAN, T_RSB, T_CTX = 7, 8, 9, 10, 11, 12
@@ -124,9 +127,9 @@ class Collectives:
     _check: Callable[[], Engine]
     _has_mpi: bool
     _hier: Any
-    _route: list[tuple[int, int]]
+    _route: list[Route]
     _mirror_coll: Any
-    _alloc_ctx: Callable[[], int]
+    _alloc_ctx: Callable[..., int]
     _nb_seq: int
     _coll_seq: int  # blocking collective instances started (the same on every member)
     _coll_base: int  # the tag base of the current one
@@ -208,7 +211,7 @@ class Collectives:
         size, rank = self._sizes()
         holder = (root + 1) % size
         readers = [r for r in range(size) if r not in (root, holder)]
-        holder_peer = self._route[holder][1]
+        holder_peer = self._route[holder].peer
         step = engine.whole_max
         for start in range(0, len(view), step):
             piece = view[start : start + step]
@@ -231,7 +234,7 @@ class Collectives:
                         f"rank {root} broadcasts {nbytes} bytes where {len(piece)} are expected",
                     )
                 try:
-                    engine.ep.read_placed(self._route[root][1], holder_peer, offset, piece)
+                    engine.ep.read_placed(self._route[root].peer, holder_peer, offset, piece)
                 except ValueError as exc:
                     raise exceptions.Exception(exceptions.ERR_OTHER, str(exc)) from exc
                 self._c_wait([self._c_isend(_NOTHING, root, T_BCAST_ACK)])
@@ -242,10 +245,9 @@ class Collectives:
         in the leaders' comm, comm ranks of my region). Made on first use (collective)."""
         if self._hier is None:
             from guest_lib.mpi.comm import Intracomm
-            from guest_lib.mpi.engine import ROUTE_MPI
 
             engine = self._check()
-            local = [r for r, (route, _) in enumerate(self._route) if route != ROUTE_MPI]
+            local = [r for r, route in enumerate(self._route) if route.local]
             leaders = self.allgather(local[0])
             ctx = self._alloc_ctx()
             local_comm = Intracomm(engine, [self._group[r] for r in local], ctx)

@@ -18,27 +18,18 @@ from __future__ import annotations
 import os
 import sys
 import zlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from guest_lib.mpi import buffers, constants, exceptions, native, persistent
 from guest_lib.mpi.collectives import T_BARRIER, Collectives
-from guest_lib.mpi.engine import (
-    KIND_DATA,
-    ROUTE_MPI,
-    ROUTE_SELF,
-    ROUTE_SHM,
-    DoneOp,
-    Engine,
-    MpiOp,
-    Op,
-    RecvOp,
-    core_tag,
-)
+from guest_lib.mpi.engine import Engine
+from guest_lib.mpi.matching import DoneOp, Op, RecvOp
 from guest_lib.mpi.pickling import dumps as _dumps
 from guest_lib.mpi.pickling import loads as _loads
 from guest_lib.mpi.request import Request, unpickle
+from guest_lib.mpi.routes import ANY, Route, shm_recv
 from guest_lib.mpi.status import Status
 
 # numpy type characters of arrays the fast paths hand to the core as they are (plain numbers,
@@ -72,22 +63,37 @@ class Comm:
         if engine is not None:
             self._rank = group.index(engine.world_rank)
             self._rank_of = {w: i for i, w in enumerate(group)}
-            self._route = [engine.routes[w] for w in group]
-            self._has_mpi = any(route == ROUTE_MPI for route, _ in self._route)
-            self._all_mpi = all(route != ROUTE_SHM for route, _ in self._route)
+            self._route: list[Route] = [engine.routes[w] for w in group]
+            self._has_mpi = any(not route.local for route in self._route)
+            self._any = self._any_route()  # the route of ANY_SOURCE receives
             self._shm_peer = {  # comm rank -> core peer id, for ranks on shared memory
-                r: peer for r, (route, peer) in enumerate(self._route) if route == ROUTE_SHM
+                r: route.peer for r, route in enumerate(self._route) if route.peer >= 0
             }
         else:
             self._shm_peer = {}
             self._rank, self._rank_of, self._route, self._has_mpi = -1, {}, [], False
-            self._all_mpi = False
+            self._any = ANY
         self._hier: Any = None  # (local comm, leaders' mpi4py comm, leader of each rank)
         self._nb_seq = 0  # nonblocking collectives started (the same count on every member)
         self._coll_seq = 0  # blocking collectives started (the same count on every member)
         self._coll_base = 0  # the tag base of the blocking collective running
         self._coll_active = False
         self._coll_gone: str | None = None
+
+    if TYPE_CHECKING:  # from Collectives, which every communicator but COMM_NULL mixes in
+
+        def _allreduce_int_or(self, value: int) -> int: ...
+        def allgather(self, sendobj: Any) -> list[Any]: ...
+        def _run(self, stages: Any) -> None: ...
+        def _barrier(self, tag: int) -> Any: ...
+
+    def _any_route(self) -> Route:
+        """ANY_SOURCE's route: `ANY` without mpi4py-routed ranks; the mpi4py route when no
+        rank is on shared memory (blocking calls may go straight to mpi4py), else one that
+        posts receives matched on both sides."""
+        if not self._has_mpi:
+            return ANY
+        return native.MpiRoute(direct=all(route.peer < 0 for route in self._route))
 
     # ------------------------------------------------------------------ basics
     def _check(self) -> Engine:
@@ -197,43 +203,20 @@ class Comm:
             )
 
     # ------------------------------------------------------------------ p2p internals
+    def _route_of(self, rank: int) -> Route:
+        """The route of `rank` (a rank of this communicator, or ANY_SOURCE)."""
+        return self._any if rank == constants.ANY_SOURCE else self._route[rank]
+
     def _isend_op(self, data: memoryview, dest: int, tag: int, ctx: int, sync: bool) -> Op:
-        engine = self._check()
+        self._check()
         if dest == constants.PROC_NULL:
             return DoneOp()
-        route, peer = self._route[dest]
-        if route == ROUTE_SHM:
-            return engine.isend_shm(peer, ctx, tag, data, sync)
-        if route == ROUTE_SELF:
-            return engine.send_self(ctx, tag, data, sync)
-        _M = native.MPI()
-        mirror = self._mirror if ctx == self._ctx else self._mirror_coll
-        spec = [data, len(data), _M.BYTE]
-        engine.mpi_messages += 1
-        request = mirror.Issend(spec, dest, tag) if sync else mirror.Isend(spec, dest, tag)
-        return engine.track(MpiOp(request))
+        return self._route[dest].isend(self, data, dest, tag, ctx, sync)
 
     def _send_bytes(self, data: memoryview, dest: int, tag: int, ctx: int, sync: bool) -> None:
-        engine = self._check()
-        if dest == constants.PROC_NULL:
-            return
-        route, peer = self._route[dest]
-        if (
-            route == ROUTE_SHM
-            and not sync
-            and engine.fast_send(peer, core_tag(KIND_DATA, ctx, tag), data)
-        ):
-            return
-        if route == ROUTE_MPI and engine.quiet():
-            _M = native.MPI()
-            mirror = self._mirror if ctx == self._ctx else self._mirror_coll
-            spec = [data, len(data), _M.BYTE]
-            engine.mpi_messages += 1
-            mirror.Ssend(spec, dest, tag) if sync else mirror.Send(spec, dest, tag)
-            return
-        op = self._isend_op(data, dest, tag, ctx, sync)
-        if not op.done:
-            engine.wait(op)
+        self._check()
+        if dest != constants.PROC_NULL:
+            self._route[dest].send(self, data, dest, tag, ctx, sync)
 
     def _irecv_op(
         self,
@@ -243,106 +226,32 @@ class Comm:
         ctx: int,
         sink: Any = None,
     ) -> Op:
-        engine = self._check()
+        self._check()
         if source == constants.PROC_NULL:
             return DoneOp(constants.PROC_NULL, constants.ANY_TAG)
-        if source == constants.ANY_SOURCE:
-            src, peer, route = constants.ANY_SOURCE, -1, -1
-        else:
-            src = self._group[source]
-            route, peer = self._route[source]
-            if route != ROUTE_SHM:
-                peer = -1
-        op = RecvOp(ctx, src, tag, view, sink, peer)
-        if self._has_mpi and (route == ROUTE_MPI or source == constants.ANY_SOURCE):
-            op.mpi = self._mirror if ctx == self._ctx else self._mirror_coll
-            op.mpi_src = source
-            op.mpi_world = self._group
-        return engine.post(op)
+        route = self._route_of(source)
+        src = source if source == constants.ANY_SOURCE else self._group[source]
+        return route.post(self, RecvOp(ctx, src, tag, view, sink, route.peer), source)
 
     def _recv_bytes(
         self, view: memoryview, source: int, tag: int, ctx: int, status: Status | None
     ) -> None:
         engine = self._check()
-        if source >= 0:
-            route, peer = self._route[source]
-            if route == ROUTE_SHM:
-                if self._shm_recv(engine, peer, source, tag, ctx, view, status):
-                    return
-            elif route == ROUTE_MPI and engine.quiet():
-                self._native_recv(view, source, tag, ctx, status)
-                return
-        elif source == constants.ANY_SOURCE and self._all_mpi and engine.quiet():
-            self._native_recv(view, source, tag, ctx, status)
+        if source != constants.PROC_NULL and self._route_of(source).recv_into(
+            self, view, source, tag, ctx, status
+        ):
             return
         op = self._irecv_op(view, source, tag, ctx)
         if not op.done:
             engine.wait(op)
         Request(op, engine, self._rank_of)._fill(status)
 
-    def _shm_recv(
-        self,
-        engine: Engine,
-        peer: int,
-        source: int,
-        tag: int,
-        ctx: int,
-        buf: Any,
-        status: Status | None,
-    ) -> bool:
-        """Blocking receive from `source` (core peer `peer`) by the engine's fast path into
-        `buf`. True when done (status filled; MPI.Exception on truncation); False when the
-        engine was busy or nothing came soon: the caller posts the receive."""
-        got = engine.fast_recv(peer, ctx, tag, buf)
-        if type(got) is tuple:
-            if status is not None:
-                status._set(source, got[1], got[0])
-            return True
-        if got is None:
-            return False
-        engine.wait(got)  # a large message whose rest the engine finishes
-        Request(got, engine, self._rank_of)._fill(status)
-        return True
-
-    def _native_recv(
-        self, view: memoryview | None, source: int, tag: int, ctx: int, status: Status | None
-    ) -> bytes | None:
-        """Blocking receive through mpi4py itself (MPI-routed source, nothing else pending).
-
-        `view` None: receive whatever size comes and return its bytes (object receives)."""
-        _M = native.MPI()
-        mirror = self._mirror if ctx == self._ctx else self._mirror_coll
-        mstatus = _M.Status()
-        msrc = _M.ANY_SOURCE if source == constants.ANY_SOURCE else source
-        mtag = _M.ANY_TAG if tag == constants.ANY_TAG else tag
-        message = mirror.Mprobe(msrc, mtag, mstatus)
-        nbytes = mstatus.Get_count(_M.BYTE)
-        data: bytes | None = None
-        error = 0
-        if view is None:
-            scratch = bytearray(nbytes)
-            message.Recv([scratch, _M.BYTE])
-            data = bytes(scratch)
-        elif nbytes > len(view):
-            scratch = bytearray(nbytes)
-            message.Recv([scratch, _M.BYTE])
-            view[:] = scratch[: len(view)]
-            error, nbytes = exceptions.ERR_TRUNCATE, len(view)
-        else:
-            message.Recv([view, nbytes, _M.BYTE])
-        if status is not None:
-            status._set(mstatus.Get_source(), mstatus.Get_tag(), nbytes, error)
-        if error:
-            raise exceptions.Exception(error, f"receive from rank {mstatus.Get_source()}")
-        return data
-
     def _recv_obj(self, source: int, tag: int, ctx: int, status: Status | None) -> Any:
         engine = self._check()
-        if engine.quiet() and (
-            (source >= 0 and self._route[source][0] == ROUTE_MPI)
-            or (source == constants.ANY_SOURCE and self._all_mpi)
-        ):
-            return _loads(self._native_recv(None, source, tag, ctx, status))
+        if source != constants.PROC_NULL:
+            data = self._route_of(source).recv_bytes(self, source, tag, ctx, status)
+            if data is not None:
+                return _loads(data)
         op = self._irecv_op(None, source, tag, ctx)
         if not op.done:
             engine.wait(op)
@@ -450,7 +359,9 @@ class Comm:
             and buf.dtype.char in _PLAIN_DTYPES
             and buf.dtype.isnative
             and 0 <= tag <= constants.TAG_UB
-            and self._engine.fast_send(peer, self._ctx << _CTX_SHIFT | tag, buf)
+            and self._engine.fast_send(  # type: ignore[union-attr]  # a peer: an engine
+                peer, self._ctx << _CTX_SHIFT | tag, buf
+            )
         ):
             return
         self._dest(dest)
@@ -483,7 +394,7 @@ class Comm:
             and buf.dtype.char in _PLAIN_DTYPES
             and buf.dtype.isnative
             and (0 <= tag <= constants.TAG_UB or tag == constants.ANY_TAG)
-            and self._shm_recv(self._engine, peer, source, tag, self._ctx, buf, status)
+            and shm_recv(self, peer, source, tag, self._ctx, buf, status)
         ):
             return
         self._source(source)
@@ -570,9 +481,7 @@ class Comm:
         self._source(source)
         self._recv_tag(tag)
         engine = self._check()
-        watch = -1
-        if source >= 0 and self._route[source][0] == ROUTE_SHM:
-            watch = self._route[source][1]
+        watch = self._route[source].peer if source >= 0 else -1
         engine.wait_until(lambda: self._iprobe(source, tag, status), watch)
         return True
 
@@ -605,18 +514,7 @@ class Comm:
             if status is not None:
                 status._set(self._rank_of[entry.src], entry.tag, entry.nbytes)
             return True
-        if self._has_mpi and (
-            source == constants.ANY_SOURCE or self._route[source][0] == ROUTE_MPI
-        ):
-            _M = native.MPI()
-            mstatus = _M.Status()
-            msrc = _M.ANY_SOURCE if source == constants.ANY_SOURCE else source
-            mtag = _M.ANY_TAG if tag == constants.ANY_TAG else tag
-            if self._mirror.Iprobe(msrc, mtag, mstatus):
-                if status is not None:
-                    status._set(mstatus.Get_source(), mstatus.Get_tag(), mstatus.Get_count())
-                return True
-        return False
+        return self._route_of(source).iprobe(self, source, tag, status)
 
     # ------------------------------------------------------------------ management
     def _alloc_ctx(self, members: list[int] | None = None, tag: int = 0) -> int:
@@ -642,7 +540,7 @@ class Comm:
             raise exceptions.Exception(exceptions.ERR_INTERN, "out of communicator contexts")
         engine.reuse_context((ctx, ctx + 1))
         if members is None:
-            self._run(self._barrier(T_BARRIER))  # type: ignore[attr-defined]
+            self._run(self._barrier(T_BARRIER))
         else:
             self._members_or(members, 0, tag)
         return ctx
@@ -652,7 +550,7 @@ class Comm:
         ctx = self._alloc_ctx()
         mirror = mirror_coll = None
         if self._has_mpi:
-            mirror, mirror_coll = self._mirror.Dup(), self._mirror_coll.Dup()
+            mirror, mirror_coll = native.dup_mirrors(self)
         return Intracomm(self._engine, list(self._group), ctx, mirror, mirror_coll)
 
     Clone = Dup
@@ -663,18 +561,15 @@ class Comm:
         ctx = self._alloc_ctx()
         mirror = mirror_coll = None
         if self._has_mpi:
-            mirror = self._mirror.Split(color, key)
-            mirror_coll = self._mirror_coll.Split(color, key)
+            mirror, mirror_coll = native.split_mirrors(self, color, key)
         if color == constants.UNDEFINED:
             self._check().used_ctx.difference_update((ctx, ctx + 1))
             return COMM_NULL
         members = sorted((k, r) for r, (c, k) in enumerate(pairs) if c == color)
         group = [self._group[r] for _, r in members]
         engine = self._check()
-        routes_mpi = any(engine.routes[w][0] == ROUTE_MPI for w in group)
-        if not routes_mpi and mirror is not None:
-            mirror.Free()
-            mirror_coll.Free()
+        if mirror is not None and all(engine.routes[w].local for w in group):
+            native.free_mirrors((mirror, mirror_coll))
             mirror = mirror_coll = None
         return Intracomm(engine, group, ctx, mirror, mirror_coll)
 
@@ -686,8 +581,7 @@ class Comm:
             self._engine.used_ctx.difference_update((self._ctx, self._ctx + 1))
             self._engine.drop_context((self._ctx, self._ctx + 1))
             if self._mirror is not None:
-                self._mirror.Free()
-                self._mirror_coll.Free()
+                native.free_mirrors((self._mirror, self._mirror_coll))
         self._engine = None
         self._shm_peer = {}
         self._null = True
@@ -697,7 +591,7 @@ class Comm:
         mpiexec, else this process (ivshmem-run then ends the other ranks)."""
         engine = self._engine
         if engine is not None and engine.has_mpi:
-            native.MPI().COMM_WORLD.Abort(errorcode)
+            native.abort(errorcode)
         sys.stderr.flush()
         os._exit(errorcode or 1)
 
@@ -730,12 +624,9 @@ class Comm:
         self._send_tag(tag)
         ctx = self._alloc_ctx(members, tag)
         mirror = mirror_coll = None
-        if self._has_mpi and any(engine.routes[w][0] == ROUTE_MPI for w in members):
+        if self._has_mpi and not all(engine.routes[w].local for w in members):
             ranks = [self._rank_of[w] for w in members]
-            mgroup = self._mirror.Get_group().Incl(ranks)
-            mirror = self._mirror.Create_group(mgroup, tag)
-            mirror_coll = self._mirror_coll.Create_group(mgroup, tag)
-            mgroup.Free()
+            mirror, mirror_coll = native.group_mirrors(self, ranks, tag)
         return Intracomm(engine, members, ctx, mirror, mirror_coll)
 
     def _members_or(self, members: list[int], value: int, tag: int) -> int:

@@ -1,22 +1,42 @@
-"""The real mpi4py, for the hybrid route, whatever `mpi4py.MPI` answers with in this process.
+"""The mpi4py route: ranks that share no region talk through the real mpi4py (MPICH).
 
-In the zero-change mode (`guest_lib.mpi.mpi4py_shim`) `import mpi4py.MPI` gives this
-project's module; the code that hands traffic between regions to MPICH must still reach
-mpi4py's own extension module. `MPI()` returns it: the module bootstrap imported (recorded
-here by `remember`), else mpi4py's, imported past the shim.
+The only module of the MPI face that uses mpi4py. It holds:
+- `MPI()`: mpi4py's own extension module, whatever `mpi4py.MPI` answers with in this
+  process. In the zero-change mode (`guest_lib.mpi.mpi4py_shim`) `import mpi4py.MPI` gives
+  this project's module; the code that hands traffic between regions to MPICH must still
+  reach mpi4py's. `MPI()` returns the module bootstrap imported (recorded by `remember`),
+  else mpi4py's, imported past the shim.
+- the world under mpiexec (`world_rank_size`, `allgather`, `barrier`, `abort`);
+- `MpiRoute`, the route (see `routes`) of an mpi4py-routed rank, and `MpiOp`, an mpi4py
+  request the engine tests in every progress pass (`progress`);
+- the communicators' mirrors: mpi4py communicators with the same group and rank order as
+  a communicator of this face, one for its point-to-point context and one for its
+  collective context (`world_mirrors`, `dup_mirrors`, `split_mirrors`, `group_mirrors`,
+  `free_mirrors`).
 """
 
 from __future__ import annotations
 
 import importlib
 import sys
+from collections.abc import Callable
 from types import ModuleType
+from typing import TYPE_CHECKING, Any
+
+from guest_lib.mpi import constants, exceptions
+from guest_lib.mpi.matching import Op, RecvOp
+from guest_lib.mpi.routes import MPI4PY, Route
+
+if TYPE_CHECKING:
+    from guest_lib.mpi.comm import Comm
+    from guest_lib.mpi.engine import Engine
+    from guest_lib.mpi.status import Status
 
 _real: list[ModuleType] = []
 
 
 def remember(module: ModuleType) -> None:
-    """Record mpi4py's own MPI module (bootstrap calls this under mpiexec)."""
+    """Record mpi4py's own MPI module."""
     if not _real:
         _real.append(module)
 
@@ -40,3 +60,241 @@ def MPI() -> ModuleType:
                 package.MPI = shown  # type: ignore[attr-defined]
     remember(module)
     return module
+
+
+# ---------------------------------------------------------------------- the world
+def world_rank_size() -> tuple[int, int]:
+    """(rank, size) in mpi4py's COMM_WORLD."""
+    world = MPI().COMM_WORLD
+    return world.Get_rank(), world.Get_size()
+
+
+def allgather(item: Any) -> list[Any]:
+    """mpi4py's COMM_WORLD.allgather(item)."""
+    result: list[Any] = MPI().COMM_WORLD.allgather(item)
+    return result
+
+
+def barrier() -> None:
+    MPI().COMM_WORLD.Barrier()
+
+
+def abort(errorcode: int) -> None:
+    """MPI_Abort of the whole job through mpi4py (does not return)."""
+    MPI().COMM_WORLD.Abort(errorcode)
+
+
+# ---------------------------------------------------------------------- mirrors
+def world_mirrors() -> tuple[Any, Any]:
+    """COMM_WORLD's mirrors (point-to-point, collective)."""
+    world = MPI().COMM_WORLD
+    return world.Dup(), world.Dup()
+
+
+def dup_mirrors(comm: Comm) -> tuple[Any, Any]:
+    """The mirrors of a Dup of `comm` (collective over it)."""
+    return comm._mirror.Dup(), comm._mirror_coll.Dup()
+
+
+def split_mirrors(comm: Comm, color: int, key: int) -> tuple[Any, Any]:
+    """The mirrors of a Split of `comm` (collective over it; COMM_NULLs for UNDEFINED)."""
+    return comm._mirror.Split(color, key), comm._mirror_coll.Split(color, key)
+
+
+def group_mirrors(comm: Comm, ranks: list[int], tag: int) -> tuple[Any, Any]:
+    """The mirrors of a Create_group of `comm`'s `ranks` (collective over them)."""
+    group = comm._mirror.Get_group().Incl(ranks)
+    try:
+        return comm._mirror.Create_group(group, tag), comm._mirror_coll.Create_group(group, tag)
+    finally:
+        group.Free()
+
+
+def free_mirrors(mirrors: tuple[Any, Any]) -> None:
+    for mirror in mirrors:
+        mirror.Free()
+
+
+# ---------------------------------------------------------------------- requests
+class MpiOp(Op):
+    """An mpi4py request; `finish(status)` runs once it completes."""
+
+    __slots__ = ("finish", "request")
+
+    def __init__(self, request: Any, finish: Callable[[Any], None] | None = None) -> None:
+        super().__init__()
+        self.request = request
+        self.finish = finish
+
+
+def track(engine: Engine, op: MpiOp) -> MpiOp:
+    """Test an mpi4py request in every progress pass until it completes."""
+    engine.mpi_active.append(op)
+    return op
+
+
+def progress(engine: Engine) -> bool:
+    """Match posted receives with mpi4py sources, test mpi4py requests. True iff any moved."""
+    moved = bool(engine.mpi_polling) and poll(engine)
+    for tracker in list(engine.mpi_active):
+        if tracker.request.Test():
+            engine.mpi_active.remove(tracker)
+            if tracker.finish is not None:
+                tracker.finish(None)
+            tracker.done = moved = True
+    return moved
+
+
+def poll(engine: Engine) -> bool:
+    """Match the posted receives that have an mpi4py side (`op.mpi`), in post order, by
+    mpi4py's matched probe; start the receive of each that matched. True iff any did."""
+    _M = MPI()
+    moved = False
+    for op in list(engine.posted):
+        if op.mpi is None:
+            continue
+        status = _M.Status()
+        tag = _M.ANY_TAG if op.want_tag == constants.ANY_TAG else op.want_tag
+        src = _M.ANY_SOURCE if op.mpi_src == constants.ANY_SOURCE else op.mpi_src
+        message = op.mpi.improbe(src, tag, status)
+        if message is None:
+            continue
+        engine.withdraw(op)
+        nbytes = status.Get_count(_M.BYTE)
+        op.begin(op.mpi_world[status.Get_source()], status.Get_tag())
+        if op.sink is None and op.view is not None and nbytes <= len(op.view):
+            request = message.Irecv([op.view, nbytes, _M.BYTE])
+            _track_recv(engine, op, request, nbytes, None)
+        else:
+            scratch = bytearray(nbytes)
+            request = message.Irecv([scratch, _M.BYTE])
+            _track_recv(engine, op, request, nbytes, scratch)
+        moved = True
+    return moved
+
+
+def _track_recv(engine: Engine, op: RecvOp, request: Any, nbytes: int, scratch: Any) -> None:
+    def finish(_status: Any) -> None:
+        if scratch is not None:
+            op.write(0, memoryview(scratch))
+        op.count = nbytes
+        op.finish()
+
+    tracker = MpiOp(request, finish)
+    tracker.obj = op
+    engine.mpi_active.append(tracker)
+
+
+# ---------------------------------------------------------------------- the route
+class MpiRoute(Route):
+    """A rank reached through mpi4py, on the communicator's mirror (same rank numbers).
+
+    `direct`: blocking calls may go straight to mpi4py when the engine is quiet (every
+    rank the route stands for is on mpi4py). ANY_SOURCE on a communicator with ranks on
+    both kinds of route uses `direct=False`: receives are posted, matched on both sides."""
+
+    __slots__ = ("direct",)
+    code = MPI4PY
+    local = False
+
+    def __init__(self, direct: bool = True) -> None:
+        self.direct = direct
+
+    @staticmethod
+    def _mirror(comm: Comm, ctx: int) -> Any:
+        return comm._mirror if ctx == comm._ctx else comm._mirror_coll
+
+    def isend(self, comm: Comm, data: memoryview, rank: int, tag: int, ctx: int, sync: bool) -> Op:
+        engine = comm._engine
+        assert engine is not None
+        mirror = self._mirror(comm, ctx)
+        spec = [data, len(data), MPI().BYTE]
+        engine.mpi_messages += 1
+        request = mirror.Issend(spec, rank, tag) if sync else mirror.Isend(spec, rank, tag)
+        return track(engine, MpiOp(request))
+
+    def send(self, comm: Comm, data: memoryview, rank: int, tag: int, ctx: int, sync: bool) -> None:
+        engine = comm._engine
+        assert engine is not None
+        if not engine.quiet():
+            super().send(comm, data, rank, tag, ctx, sync)
+            return
+        mirror = self._mirror(comm, ctx)
+        spec = [data, len(data), MPI().BYTE]
+        engine.mpi_messages += 1
+        if sync:
+            mirror.Ssend(spec, rank, tag)
+        else:
+            mirror.Send(spec, rank, tag)
+
+    def post(self, comm: Comm, op: RecvOp, rank: int) -> RecvOp:
+        op.mpi = self._mirror(comm, op.ctx)
+        op.mpi_src = rank
+        op.mpi_world = comm._group
+        return comm._engine.post(op)  # type: ignore[union-attr]
+
+    def recv_into(
+        self,
+        comm: Comm,
+        view: memoryview,
+        rank: int,
+        tag: int,
+        ctx: int,
+        status: Status | None,
+    ) -> bool:
+        if not self.direct or not comm._engine.quiet():  # type: ignore[union-attr]
+            return False
+        _recv(comm, view, rank, tag, ctx, status)
+        return True
+
+    def recv_bytes(
+        self, comm: Comm, rank: int, tag: int, ctx: int, status: Status | None
+    ) -> bytes | None:
+        if not self.direct or not comm._engine.quiet():  # type: ignore[union-attr]
+            return None
+        return _recv(comm, None, rank, tag, ctx, status)
+
+    def iprobe(self, comm: Comm, rank: int, tag: int, status: Status | None) -> bool:
+        _M = MPI()
+        mstatus = _M.Status()
+        msrc = _M.ANY_SOURCE if rank == constants.ANY_SOURCE else rank
+        mtag = _M.ANY_TAG if tag == constants.ANY_TAG else tag
+        if not comm._mirror.Iprobe(msrc, mtag, mstatus):
+            return False
+        if status is not None:
+            status._set(mstatus.Get_source(), mstatus.Get_tag(), mstatus.Get_count())
+        return True
+
+
+def _recv(
+    comm: Comm, view: memoryview | None, rank: int, tag: int, ctx: int, status: Status | None
+) -> bytes:
+    """Blocking receive through mpi4py itself into `view`; `view` None: whatever size comes
+    (object receives). Returns the bytes received (empty when they went to `view`).
+    MPI.Exception(ERR_TRUNCATE) (status filled, `view` holding the prefix) if the message is
+    longer than `view`."""
+    _M = MPI()
+    mirror = MpiRoute._mirror(comm, ctx)
+    mstatus = _M.Status()
+    msrc = _M.ANY_SOURCE if rank == constants.ANY_SOURCE else rank
+    mtag = _M.ANY_TAG if tag == constants.ANY_TAG else tag
+    message = mirror.Mprobe(msrc, mtag, mstatus)
+    nbytes = mstatus.Get_count(_M.BYTE)
+    data = b""
+    error = 0
+    if view is None:
+        scratch = bytearray(nbytes)
+        message.Recv([scratch, _M.BYTE])
+        data = bytes(scratch)
+    elif nbytes > len(view):
+        scratch = bytearray(nbytes)
+        message.Recv([scratch, _M.BYTE])
+        view[:] = scratch[: len(view)]
+        error, nbytes = exceptions.ERR_TRUNCATE, len(view)
+    else:
+        message.Recv([view, nbytes, _M.BYTE])
+    if status is not None:
+        status._set(mstatus.Get_source(), mstatus.Get_tag(), nbytes, error)
+    if error:
+        raise exceptions.Exception(error, f"receive from rank {mstatus.Get_source()}")
+    return data

@@ -15,7 +15,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from guest_lib.mpi import constants, exceptions, pickling
-from guest_lib.mpi.engine import Engine, Op
+from guest_lib.mpi.engine import Engine
+from guest_lib.mpi.matching import Op
 from guest_lib.mpi.status import Status
 
 

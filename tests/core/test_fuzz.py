@@ -91,15 +91,16 @@ def test_config_that_is_not_utf8_is_a_config_error(tmp_path):
 def test_control_message_of_a_wrong_size_names_its_rank(make_region, name, size):
     """An ACK or SYNC whose payload is not a sequence number is an MPI error naming the rank
     that sent it, not a struct.error out of the receiver's progress loop."""
-    from guest_lib.mpi import engine as mpi_engine
     from guest_lib.mpi import exceptions as mpi_exceptions
+    from guest_lib.mpi import wire
+    from guest_lib.mpi.engine import Engine
+    from guest_lib.mpi.routes import SelfRoute, ShmRoute
 
     region = make_region(1 << 20, 2)
     with region.endpoint(0) as ep0, region.endpoint(1) as ep1:
-        routes = [(mpi_engine.ROUTE_SELF, -1), (mpi_engine.ROUTE_SHM, 1)]
-        engine = mpi_engine.Engine(0, 2, ep0, routes)
-        kind_tag = getattr(mpi_engine, f"CTRL_{name}")
-        ep1.send(0, bytes(size), tag=mpi_engine.core_tag(mpi_engine.KIND_CONTROL, 0, kind_tag))
+        engine = Engine(0, 2, ep0, [SelfRoute(), ShmRoute(1)])
+        kind_tag = getattr(wire, f"CTRL_{name}")
+        ep1.send(0, bytes(size), tag=wire.core_tag(wire.KIND_CONTROL, 0, kind_tag))
         with pytest.raises(mpi_exceptions.Exception, match=rf"world rank 1 .*sent a {name} of"):
             for _ in range(100):
                 engine.progress()

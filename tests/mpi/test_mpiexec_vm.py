@@ -32,7 +32,7 @@ from tests.support import vm_marks
 
 REPO = Path(__file__).resolve().parents[2]
 PROGRAM = "tests/mpi/programs/vm_mpiexec.py"
-ROUTE_SHM = 1  # guest_lib.mpi.engine.ROUTE_SHM
+ROUTE_SHM = 1  # guest_lib.mpi.routes.SHM
 
 
 LAB_CLI = [sys.executable, "-m", "ivshmem_lab.cli"]

@@ -329,14 +329,15 @@ _mpi: _MpiWorld | None = None
 
 def mpi_wire_target(data: bytes) -> None:
     global _mpi
-    from guest_lib.mpi import engine as mpi_engine
     from guest_lib.mpi import exceptions as mpi_exceptions
+    from guest_lib.mpi.engine import Engine
+    from guest_lib.mpi.routes import SelfRoute, ShmRoute
 
     if _mpi is None:
         _mpi = _MpiWorld()
     world = _mpi
     world.drain()
-    engine = mpi_engine.Engine(0, 2, world.ep0, [(mpi_engine.ROUTE_SELF, -1), (1, 1)])
+    engine = Engine(0, 2, world.ep0, [SelfRoute(), ShmRoute(1)])
     r = Reader(data)
     for _ in range(r.uint(1) % 8):
         coretag = r.uint(4) & layout.TAG_MAX

@@ -1,0 +1,130 @@
+"""Fast paths of blocking point-to-point calls on shared memory: straight into the core when
+the engine has nothing else in flight.
+
+The blocking-Recv fast path is a single core `recv_into(peer, ANY_TAG)` that accepts a DATA
+message of its context and tag (or the FIRST piece of a large one, whose pieces follow with
+nothing in between); whatever else it got is handed to the engine's `dispatch`, in order,
+so nothing overtakes. The blocking-Send fast path is a single core `send` of a whole
+message when nothing is queued for that peer.
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Any
+
+from guest_lib.mpi import constants, exceptions, wire
+from guest_lib.mpi.matching import Inflow, RecvOp
+from ivshmem_comm.errors import MessageTooLargeError, PeerLostError
+from ivshmem_comm.errors import TimeoutError as CoreTimeout
+
+BYPASS_CACHE_MIN = 8 << 20  # a receive buffer this large takes pieces with cache-bypassing stores
+FAST_TIMEOUT = 0.002  # s: how long a blocking fast path waits inside the core before the engine
+
+FastRecv = tuple[int, int, RecvOp | None]
+"""What `FastPaths.fast_recv` returns when it took a message: (nbytes, tag, rest). `rest` is
+None when the whole message is in the buffer; else the RecvOp the engine finishes (wait for
+it, then its fields are the message's; nbytes and tag are what was in so far)."""
+
+
+def core_error(exc: BaseException) -> exceptions.Exception:
+    """The MPI.Exception for a core error (peer lost, corrupt ring, timeout)."""
+    return exceptions.Exception(exceptions.ERR_OTHER, f"{type(exc).__name__}: {exc}")
+
+
+def _bytes_of(buf: Any) -> memoryview:
+    """A flat byte view of a flat byte view or a C-contiguous numpy array."""
+    view = memoryview(buf)
+    return view if view.format == "B" and view.ndim == 1 else view.cast("B")
+
+
+class FastPaths:
+    """The fast paths, mixed into the Engine (which supplies the attributes below)."""
+
+    ep: Any
+    whole_max: int
+    placing: int
+    sendq: dict[int, collections.deque[Any]]
+    sync_next: dict[int, int]
+    inflow: dict[int, Inflow]
+    world_of_peer: dict[int, int]
+
+    def quiet(self) -> bool:
+        raise NotImplementedError
+
+    def dispatch(self, peer: int, coretag: int, nbytes: int, data: Any = None) -> None:
+        raise NotImplementedError
+
+    def fast_recv(self, peer: int, ctx: int, tag: int, buf: Any) -> FastRecv | None:
+        """Blocking receive from shm peer `peer` straight into `buf` when nothing else is
+        pending. `buf` is a writable flat byte view or a writable C-contiguous numpy array.
+
+        Returns a FastRecv (see there) when it took the message; None if the caller must
+        take the engine path (what was received meanwhile has been dispatched in order).
+        """
+        if not self.quiet():
+            return None
+        try:
+            nbytes, _, coretag = self.ep.recv_into(
+                buf, peer, -1, FAST_TIMEOUT, bypass_cache=buf.nbytes >= BYPASS_CACHE_MIN
+            )
+        except (CoreTimeout, MessageTooLargeError):
+            return None
+        except PeerLostError as exc:
+            raise core_error(exc) from exc
+        if (
+            tag == constants.ANY_TAG or coretag & wire.TAG_MASK == tag
+        ) and peer not in self.sync_next:
+            head = coretag >> wire.CTX_SHIFT
+            if head == ctx:  # kind DATA and this context
+                return nbytes, coretag & wire.TAG_MASK, None
+            if head == wire.head_of(wire.KIND_FIRST, ctx):
+                return self._fast_pieces(peer, ctx, tag, _bytes_of(buf), nbytes, coretag)
+        self.dispatch(peer, coretag, nbytes, bytes(_bytes_of(buf)[:nbytes]))
+        return None
+
+    def _fast_pieces(
+        self, peer: int, ctx: int, tag: int, view: memoryview, offset: int, coretag: int
+    ) -> FastRecv:
+        """The rest of a large message whose FIRST piece (`offset` bytes) is in `view`: its
+        pieces, which follow it from `peer` with nothing in between, are received straight
+        into `view`. The whole message when the last one is in; with a RecvOp for the engine
+        to finish if a piece does not come within FAST_TIMEOUT or does not fit (truncation)."""
+        user_tag = coretag & wire.TAG_MASK
+        piece_head = wire.head_of(wire.KIND_PIECE, ctx)
+        ep = self.ep
+        bypass = len(view) >= BYPASS_CACHE_MIN
+        while True:
+            try:
+                nbytes, _, coretag = ep.recv_into(
+                    view[offset:], peer, -1, FAST_TIMEOUT, bypass_cache=bypass
+                )
+            except (CoreTimeout, MessageTooLargeError):
+                op = RecvOp(ctx, self.world_of_peer[peer], tag, view, None, peer)
+                op.begin(op.src, user_tag)
+                op.count = offset
+                self.inflow[peer] = Inflow(op, offset)
+                return offset, user_tag, op
+            except PeerLostError as exc:
+                raise core_error(exc) from exc
+            if coretag >> wire.CTX_SHIFT != piece_head:
+                raise wire.piece_outside(coretag, f"peer {peer}")
+            offset += nbytes
+            if coretag & wire.PIECE_LAST:
+                return offset, user_tag, None
+
+    def fast_send(self, peer: int, coretag: int, data: Any) -> bool:
+        """Blocking send of a whole message when the queue to `peer` is idle.
+
+        `data` is a flat byte view or a C-contiguous numpy array. Returns True once it is in
+        the queue; False if the engine must take it (too large, queue busy or full).
+        """
+        if data.nbytes > self.whole_max or peer in self.sendq or peer == self.placing:
+            return False
+        try:
+            self.ep.send(peer, data, coretag, FAST_TIMEOUT)
+        except CoreTimeout:
+            return False
+        except PeerLostError as exc:
+            raise core_error(exc) from exc
+        return True

@@ -1,0 +1,374 @@
+"""Matching: operations, posted receives, the unexpected queue, freed contexts, abandoned
+collectives. No I/O here: the progress engine (`engine`) feeds arriving messages in and
+sends what matching decides (ACKs, ABANDON notices) through the hooks `send_control` and
+`poll_native`.
+
+MPI rules: a receive is first matched against the unexpected list (arrival order), else
+queued in `posted` (post order); each arriving DATA message goes to the first posted receive
+whose (context, source, tag) matches, else to the unexpected list (copied out of shared
+memory). Messages from one peer arrive in FIFO order: non-overtaking holds per (source, tag,
+communicator). Receives that can match an mpi4py-routed source are also matched by the
+mpi4py route's matched probe (`improbe`) on the communicator's mirror, in post order too.
+
+Freed contexts and abandoned collectives: messages of a context freed by Free (until the
+context is agreed on again: the agreement is a collective over a communicator that holds
+every sender, whose earlier messages therefore arrive first) and of an abandoned collective
+instance are dropped, so they never match a later receive.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from guest_lib.mpi import constants, exceptions, wire
+
+
+class Op:
+    """An operation in flight: what a Request waits for. `done` is set once, by the engine."""
+
+    __slots__ = ("cancelled", "count", "done", "error", "obj", "source", "tag")
+
+    def __init__(self) -> None:
+        self.done = False
+        self.error = 0
+        self.source = constants.ANY_SOURCE  # world rank once matched
+        self.tag = constants.ANY_TAG
+        self.count = 0
+        self.cancelled = False
+        self.obj: Any = None
+
+    def cancel(self, engine: Matching) -> bool:
+        """Withdraw the op if it has not started; True iff it was."""
+        return False
+
+    def watch(self) -> int:
+        """The shm peer whose loss should abort a wait on this op, or -1."""
+        return -1
+
+
+class DoneOp(Op):
+    """Already complete (PROC_NULL, self sends): status fields given."""
+
+    __slots__ = ()
+
+    def __init__(self, source: int = constants.PROC_NULL, tag: int = constants.ANY_TAG) -> None:
+        super().__init__()
+        self.done = True
+        self.source, self.tag = source, tag
+
+
+class RecvOp(Op):
+    """A receive. Data goes to `view` (copied, clipped: ERR_TRUNCATE), or `sink(offset, data)`
+    when given, or, with neither, is collected and kept as bytes in `obj` (object receives).
+
+    `src` is a world rank or ANY_SOURCE; `peer` the shm peer it waits for (or -1); `mpi` the
+    mpi4py mirror to poll (None if no mpi4py-routed source can match), with `mpi_src` the
+    mirror's rank or ANY_SOURCE and `mpi_world` the mirror's group in world ranks.
+    """
+
+    __slots__ = (
+        "ctx", "mpi", "mpi_src", "mpi_world", "parts", "peer", "sink", "src", "view", "want_tag",
+    )  # fmt: skip
+
+    def __init__(
+        self,
+        ctx: int,
+        src: int,
+        tag: int,
+        view: memoryview | None,
+        sink: Callable[[int, memoryview], None] | None = None,
+        peer: int = -1,
+    ) -> None:
+        super().__init__()
+        self.ctx, self.src, self.want_tag = ctx, src, tag
+        self.view, self.sink = view, sink
+        self.parts: list[bytes] | None = None
+        self.mpi: Any = None
+        self.mpi_src = 0
+        self.mpi_world: list[int] = []
+        self.peer = peer
+
+    def matches(self, ctx: int, src: int, tag: int) -> bool:
+        return (
+            ctx == self.ctx
+            and (self.src == constants.ANY_SOURCE or self.src == src)
+            and (self.want_tag == constants.ANY_TAG or self.want_tag == tag)
+        )
+
+    def begin(self, src: int, tag: int) -> None:
+        self.source, self.tag, self.count = src, tag, 0
+
+    def write(self, offset: int, data: Any) -> None:
+        n = len(data)
+        if self.sink is not None:
+            self.sink(offset, data)
+        elif self.view is not None:
+            room = len(self.view) - offset
+            if n > room:
+                self.error = exceptions.ERR_TRUNCATE
+                if room > 0:
+                    self.view[offset:] = data[:room]
+            elif n:
+                self.view[offset : offset + n] = data
+        else:
+            if self.parts is None:
+                self.parts = []
+            self.parts.append(bytes(data))
+        self.count = offset + n
+
+    def finish(self) -> None:
+        if self.view is not None and self.count > len(self.view):
+            self.count = len(self.view)
+        if self.view is None and self.sink is None:
+            parts = self.parts or []
+            self.obj = parts[0] if len(parts) == 1 else b"".join(parts)
+            self.parts = None
+        self.done = True
+
+    def cancel(self, engine: Matching) -> bool:
+        if self.done:
+            return False
+        if engine.withdraw(self):
+            self.cancelled = True
+            self.done = True
+            return True
+        return False
+
+    def watch(self) -> int:
+        return self.peer
+
+
+class Unexpected:
+    """A message that arrived before its receive was posted (its bytes copied out)."""
+
+    __slots__ = ("complete", "ctx", "parts", "peer", "src", "sync_seq", "tag", "waiter")
+
+    def __init__(self, src: int, ctx: int, tag: int, peer: int, sync_seq: int | None) -> None:
+        self.src, self.ctx, self.tag, self.peer = src, ctx, tag, peer
+        self.parts: list[bytes] = []
+        self.complete = False
+        self.sync_seq = sync_seq
+        self.waiter: Op | None = None  # a synchronous send to self: done once matched
+
+    @property
+    def nbytes(self) -> int:
+        return sum(len(p) for p in self.parts)
+
+    def write(self, offset: int, data: Any) -> None:
+        self.parts.append(bytes(data))
+
+    def finish(self) -> None:
+        self.complete = True
+
+
+class Inflow:
+    """A chunked message being received from one peer: where its next piece goes."""
+
+    __slots__ = ("offset", "sink")
+
+    def __init__(self, sink: RecvOp | Unexpected, offset: int) -> None:
+        self.sink, self.offset = sink, offset
+
+
+class Matching:
+    """The matching state of one process (see the module docstring). The engine derives
+    from it and supplies `send_control` (queue a CONTROL message to a shm peer),
+    `poll_native` (let the mpi4py route match posted receives now) and `routes`."""
+
+    routes: list[Any]  # world rank -> its Route (see `routes`)
+
+    def __init__(self) -> None:
+        self.posted: list[RecvOp] = []
+        self.unexpected: list[Unexpected] = []
+        self.inflow: dict[int, Inflow] = {}  # shm peer -> the message arriving in pieces
+        self.mpi_polling = 0  # posted receives with an mpi4py side
+        self.used_ctx: set[int] = {0, 1, 2, 3}
+        self.dropped_ctx: set[int] = set()  # freed contexts not agreed on again yet
+        # (collective context, tag base) of abandoned collective instances -> (number, why)
+        self.abandoned: dict[tuple[int, int], tuple[int, str]] = {}
+
+    def send_control(self, peer: int, kind_tag: int, payload: bytes) -> None:
+        raise NotImplementedError
+
+    def poll_native(self) -> bool:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ posted receives
+    def match_posted(self, src: int, ctx: int, tag: int) -> RecvOp | None:
+        """Take the first posted receive that matches a message (src, ctx, tag), or None."""
+        for op in self.posted:
+            if op.matches(ctx, src, tag):
+                self.posted.remove(op)
+                if op.mpi is not None:
+                    self.mpi_polling -= 1
+                return op
+        return None
+
+    def withdraw(self, op: RecvOp) -> bool:
+        """Take `op` out of the posted receives; True iff it was there (not yet matched)."""
+        if op not in self.posted:
+            return False
+        self.posted.remove(op)
+        if op.mpi is not None:
+            self.mpi_polling -= 1
+        return True
+
+    def post(self, op: RecvOp) -> RecvOp:
+        """Match `op` against the unexpected messages, else queue it (an mpi4py side: also
+        polled at once)."""
+        for entry in self.unexpected:
+            if op.matches(entry.ctx, entry.src, entry.tag):
+                self.unexpected.remove(entry)
+                self._deliver_unexpected(op, entry)
+                return op
+        self.posted.append(op)
+        if op.mpi is not None:
+            self.mpi_polling += 1
+            self.poll_native()
+        return op
+
+    def _deliver_unexpected(self, op: RecvOp, entry: Unexpected) -> None:
+        op.begin(entry.src, entry.tag)
+        offset = 0
+        for part in entry.parts:
+            op.write(offset, part)
+            offset += len(part)
+        op.count = offset
+        self.release(entry)
+        if entry.complete:
+            op.finish()
+        else:  # the rest of it is still arriving: send the remaining pieces straight to op
+            flow = self.inflow[entry.peer]
+            assert flow.sink is entry
+            flow.sink = op
+
+    # ------------------------------------------------------------------ unexpected messages
+    def arrived(
+        self, src: int, ctx: int, tag: int, peer: int, sync_seq: int | None
+    ) -> RecvOp | Unexpected:
+        """Where a DATA/FIRST message (src, ctx, tag) from shm `peer` goes: the posted
+        receive it matches (begun; its synchronous sender ACKed), else a new unexpected entry
+        (queued, or released at once when its context or collective instance is dropped)."""
+        op = self.match_posted(src, ctx, tag)
+        if op is None:
+            entry = Unexpected(src, ctx, tag, peer, sync_seq)
+            if self._dropped(ctx, tag):
+                self.release(entry)  # taken (and ACKed) but kept nowhere
+            else:
+                self.unexpected.append(entry)
+            return entry
+        op.begin(src, tag)
+        if sync_seq is not None:
+            self.send_control(peer, wire.CTRL_ACK, wire.SEQ.pack(sync_seq))
+        return op
+
+    def find_unexpected(self, ctx: int, src: int, tag: int) -> Unexpected | None:
+        """The first unexpected message matching (ctx, src, tag), complete or not."""
+        for entry in self.unexpected:
+            if (
+                entry.ctx == ctx
+                and (src == constants.ANY_SOURCE or entry.src == src)
+                and (tag == constants.ANY_TAG or entry.tag == tag)
+            ):
+                return entry
+        return None
+
+    def release(self, entry: Unexpected) -> None:
+        """The sender of `entry` (received or dropped) may go on: ACK a synchronous one."""
+        if entry.sync_seq is not None:
+            self.send_control(entry.peer, wire.CTRL_ACK, wire.SEQ.pack(entry.sync_seq))
+        if entry.waiter is not None:
+            entry.waiter.done = True
+
+    def _purge(self, doomed: Callable[[Unexpected], bool]) -> None:
+        keep = []
+        for entry in self.unexpected:
+            if doomed(entry):
+                self.release(entry)
+            else:
+                keep.append(entry)
+        self.unexpected[:] = keep
+
+    # ------------------------------------------------------------------ contexts
+    def drop_context(self, ctxs: tuple[int, ...]) -> None:
+        """A communicator with these contexts was freed: forget its unexpected messages and
+        drop those still to come until `reuse_context` (see the module docstring)."""
+        self.dropped_ctx.update(ctxs)
+        self._purge(lambda entry: entry.ctx in ctxs)
+
+    def reuse_context(self, ctxs: tuple[int, ...]) -> None:
+        """The members agreed on these contexts for a new communicator: take them again
+        (what the old communicator's collectives left on record goes)."""
+        self.dropped_ctx.difference_update(ctxs)
+        self.used_ctx.update(ctxs)
+        for key in [key for key in self.abandoned if key[0] in ctxs]:
+            del self.abandoned[key]
+
+    def _dropped(self, ctx: int, tag: int) -> bool:
+        """True for a message of a freed context or of an abandoned collective instance."""
+        if ctx in self.dropped_ctx:
+            return True
+        if not self.abandoned:
+            return False
+        key = (ctx, tag & -wire.COLL_SPAN if tag < wire.COLL_TAGS else tag)
+        return key in self.abandoned
+
+    # ------------------------------------------------------------------ abandoned collectives
+    def abandon(
+        self, ctx: int, seq: int, base: int, span: int, reason: str, members: list[int]
+    ) -> None:
+        """This rank left collective instance number `seq` of the communicator whose
+        collective context is `ctx` with an error (its messages carry tags base ..
+        base+span-1): withdraw its receives, drop its messages (those here and those to
+        come), and tell the other `members` (world ranks) why, so that they leave it too
+        instead of waiting for this rank."""
+        self.abandoned[(ctx, base)] = (seq, reason)
+        self._fail_posted(ctx, base, span, 0)
+        self._purge(lambda entry: entry.ctx == ctx and base <= entry.tag < base + span)
+        payload = wire.encode_abandon(ctx, seq, base, span, reason)
+        for world in members:
+            peer = self.routes[world].peer
+            if peer >= 0:
+                try:
+                    self.send_control(peer, wire.CTRL_ABANDON, payload)
+                except exceptions.Exception:
+                    pass  # that peer is gone: it waits for nothing
+
+    def abandoned_by(self, notice: wire.Abandon, who: str) -> None:
+        """Another member (`who`, for the reason) left a collective instance (its ABANDON
+        `notice`): fail the receives of that instance and drop its messages."""
+        if notice.ctx in self.dropped_ctx:
+            return  # about a freed communicator
+        reason = f"{who} left this collective: {notice.reason}"
+        self.abandoned[(notice.ctx, notice.base)] = (notice.seq, reason)
+        self._fail_posted(notice.ctx, notice.base, notice.span, exceptions.ERR_OTHER)
+        end = notice.base + notice.span
+        self._purge(lambda e: e.ctx == notice.ctx and notice.base <= e.tag < end)
+
+    def _fail_posted(self, ctx: int, base: int, span: int, error: int) -> None:
+        """Complete the posted receives of one collective instance: with `error`, or (0)
+        withdrawn as if cancelled."""
+        for op in [op for op in self.posted if op.ctx == ctx and base <= op.want_tag < base + span]:
+            self.withdraw(op)
+            op.error, op.cancelled, op.done = error, not error, True
+
+    def entering(self, ctx: int, seq: int) -> str | None:
+        """Blocking collective instance `seq` of collective context `ctx` starts here: the
+        reason another member gave for abandoning it already, or None. Records of instances
+        half the numbering ago go (their tag base comes round again)."""
+        if not self.abandoned:
+            return None
+        self.abandoned.pop((ctx, wire.coll_base(seq + wire.COLL_INSTANCES // 2)), None)
+        return self.abandoned_already(ctx, wire.coll_base(seq), seq)
+
+    def abandoned_already(self, ctx: int, base: int, seq: int) -> str | None:
+        """Why another member abandoned collective instance `seq` (tags from `base`) before
+        it started here, or None (an older instance's record there goes)."""
+        record = self.abandoned.get((ctx, base))
+        if record is None:
+            return None
+        if record[0] != seq:
+            del self.abandoned[(ctx, base)]
+            return None
+        return record[1]

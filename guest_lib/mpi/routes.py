@@ -1,0 +1,156 @@
+"""Routes: how this process reaches one other rank, chosen once per world rank by bootstrap.
+
+- `SelfRoute`: this very process (messages are delivered or stored, never sent).
+- `ShmRoute`: a rank in the same region, core peer `peer`, through the engine's queues and
+  its fast paths.
+- `native.MpiRoute`: a rank that shares no region with this one, through mpi4py (the only
+  module that uses mpi4py is `native`).
+- `AnyRoute`: ANY_SOURCE on a communicator none of whose ranks is on mpi4py.
+
+A communicator asks its route, never the kind of route: `isend`/`send` for sends,
+`post` to queue a receive, `recv_into`/`recv_bytes` for the blocking receive's fast path,
+`iprobe` for a probe beyond the engine's unexpected queue. Every method takes the
+communicator (`comm`, an Intracomm) and the rank in it (`rank`, or ANY_SOURCE for a receive
+from any source), as a route is shared by every communicator that holds its world rank.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from guest_lib.mpi import wire
+
+if TYPE_CHECKING:
+    from guest_lib.mpi.comm import Comm
+    from guest_lib.mpi.engine import Engine
+    from guest_lib.mpi.matching import Op, RecvOp
+    from guest_lib.mpi.status import Status
+
+SELF = 0  # Route.code values: what MPI._internal_state() shows per world rank
+SHM = 1
+MPI4PY = 2
+
+
+class Route:
+    """The way to one rank (see the module docstring). The base class is the behaviour of a
+    route with no fast path: sends go through `isend`, receives are posted to the engine."""
+
+    __slots__ = ()
+    code = -1  # SELF, SHM or MPI4PY
+    peer = -1  # the core peer id on shared memory, else -1
+    local = True  # the rank shares this process's region (or is this process)
+
+    def isend(self, comm: Comm, data: memoryview, rank: int, tag: int, ctx: int, sync: bool) -> Op:
+        """Start a send of `data` to `rank` of `comm` on context `ctx`; the op to wait for."""
+        raise NotImplementedError
+
+    def send(self, comm: Comm, data: memoryview, rank: int, tag: int, ctx: int, sync: bool) -> None:
+        """Blocking send: returns once `data` may be reused (and, `sync`, once matched)."""
+        op = self.isend(comm, data, rank, tag, ctx, sync)
+        if not op.done:
+            comm._engine.wait(op)  # type: ignore[union-attr]
+
+    def post(self, comm: Comm, op: RecvOp, rank: int) -> RecvOp:
+        """Queue the receive `op` from `rank` (or ANY_SOURCE) of `comm` with the engine."""
+        return comm._engine.post(op)  # type: ignore[union-attr]
+
+    def recv_into(
+        self,
+        comm: Comm,
+        view: memoryview,
+        rank: int,
+        tag: int,
+        ctx: int,
+        status: Status | None,
+    ) -> bool:
+        """The blocking receive's fast path: True when the message is in `view` (status
+        filled; MPI.Exception on truncation); False when the caller must post a receive."""
+        return False
+
+    def recv_bytes(
+        self, comm: Comm, rank: int, tag: int, ctx: int, status: Status | None
+    ) -> bytes | None:
+        """The blocking object receive's fast path: the message's bytes, or None when the
+        caller must post a receive."""
+        return None
+
+    def iprobe(self, comm: Comm, rank: int, tag: int, status: Status | None) -> bool:
+        """Whether a message beyond the engine's unexpected queue matches (status filled)."""
+        return False
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} peer {self.peer}>"
+
+
+class SelfRoute(Route):
+    """This process: a send is matched against its posted receives or stored."""
+
+    __slots__ = ()
+    code = SELF
+
+    def isend(self, comm: Comm, data: memoryview, rank: int, tag: int, ctx: int, sync: bool) -> Op:
+        return comm._engine.send_self(ctx, tag, data, sync)  # type: ignore[union-attr]
+
+
+class ShmRoute(Route):
+    """A rank in this process's region: core peer `peer`."""
+
+    __slots__ = ("peer",)
+    code = SHM
+
+    def __init__(self, peer: int) -> None:
+        self.peer = peer
+
+    def isend(self, comm: Comm, data: memoryview, rank: int, tag: int, ctx: int, sync: bool) -> Op:
+        return comm._engine.isend_shm(self.peer, ctx, tag, data, sync)  # type: ignore[union-attr]
+
+    def send(self, comm: Comm, data: memoryview, rank: int, tag: int, ctx: int, sync: bool) -> None:
+        engine = comm._engine
+        assert engine is not None
+        if not sync and engine.fast_send(self.peer, ctx << wire.CTX_SHIFT | tag, data):
+            return
+        op = engine.isend_shm(self.peer, ctx, tag, data, sync)
+        if not op.done:
+            engine.wait(op)
+
+    def recv_into(
+        self,
+        comm: Comm,
+        view: Any,
+        rank: int,
+        tag: int,
+        ctx: int,
+        status: Status | None,
+    ) -> bool:
+        return shm_recv(comm, self.peer, rank, tag, ctx, view, status)
+
+
+class AnyRoute(Route):
+    """ANY_SOURCE on a communicator without mpi4py-routed ranks: posted to the engine."""
+
+    __slots__ = ()
+
+
+ANY = AnyRoute()
+
+
+def shm_recv(
+    comm: Comm, peer: int, rank: int, tag: int, ctx: int, buf: Any, status: Status | None
+) -> bool:
+    """Blocking receive from `rank` of `comm` (core peer `peer`) by the engine's fast path
+    into `buf` (a writable flat byte view or C-contiguous numpy array). True when done
+    (status filled; MPI.Exception on truncation); False when the engine was busy or nothing
+    came soon: the caller posts the receive."""
+    engine: Engine = comm._engine  # type: ignore[assignment]
+    got = engine.fast_recv(peer, ctx, tag, buf)
+    if got is None:
+        return False
+    nbytes, got_tag, rest = got
+    if rest is not None:  # a large message whose rest the engine finishes
+        from guest_lib.mpi.request import Request  # (request -> engine -> native -> routes)
+
+        engine.wait(rest)
+        Request(rest, engine, comm._rank_of)._fill(status)
+    elif status is not None:
+        status._set(rank, got_tag, nbytes)
+    return True
