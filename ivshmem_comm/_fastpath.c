@@ -1207,10 +1207,11 @@ static bool rx_complete_impl(RxRing *self, uint16_t n);
 
 /* The receive of a small message in one call: wait_header(spin_ns) and, when the message that
  * came is one span that fits `dest` and carries `want_tag` (any if negative), its copy into
- * `dest` and its completion. Returns (nbytes, tag, kick) when taken; the header as
- * poll_header() gives it when a message came but is not taken (the caller keeps it as the
- * peeked head); None when none came. The caller holds no span. BufferError (nothing taken)
- * if `dest` is not a writable contiguous buffer. */
+ * `dest` and its completion. Returns None when no message came, else one shape,
+ * (nbytes, tag, kick, head): head None when taken (the caller then holds no span); when not
+ * taken, head is the header as poll_header() gives it (the caller keeps it as the peeked
+ * head, holding its span) and kick is False. BufferError (nothing taken) if `dest` is not a
+ * writable contiguous buffer. */
 static PyObject *rx_recv_small_into(RxRing *self, PyObject *const *args, Py_ssize_t nargs)
 {
     long long want_tag, spin_ns;
@@ -1235,10 +1236,11 @@ static PyObject *rx_recv_small_into(RxRing *self, PyObject *const *args, Py_ssiz
             (want_tag < 0 || tag == want_tag)) {
             copy_bytes(dest.buf, self->ring.base + addr + SPAN_HEADER_SIZE, (Py_ssize_t)total);
             bool kick = rx_complete_impl(self, 1);
-            result = Py_BuildValue("(KiO)", (unsigned long long)total, (int)tag,
-                                   kick ? Py_True : Py_False);
+            result = Py_BuildValue("(KiOO)", (unsigned long long)total, (int)tag,
+                                   kick ? Py_True : Py_False, Py_None);
         } else {
-            result = Py_BuildValue("(KIKi)", (unsigned long long)addr, (unsigned int)length,
+            result = Py_BuildValue("(KiO(KIKi))", (unsigned long long)total, (int)tag, Py_False,
+                                   (unsigned long long)addr, (unsigned int)length,
                                    (unsigned long long)total, (int)tag);
         }
     }
@@ -1435,7 +1437,7 @@ static PyMethodDef rx_methods[] = {
     {"complete", (PyCFunction)rx_complete, METH_O,
      "Give the oldest `count` held spans back to the driver. True iff it must be kicked."},
     {"recv_small_into", (PyCFunction)(void (*)(void))rx_recv_small_into, METH_FASTCALL,
-     "recv_small_into(dest, want_tag, spin_ns) -> (nbytes, tag, kick) | header | None"},
+     "recv_small_into(dest, want_tag, spin_ns) -> (nbytes, tag, kick, head) | None"},
     {"stream_into", (PyCFunction)(void (*)(void))rx_stream_into, METH_FASTCALL,
      "stream_into(dest, copied, total, expected, spin_ns, bypass_cache) -> (copied, expected, "
      "kick)"},

@@ -300,12 +300,13 @@ class RxChannel:
         got = self.ring.recv_small_into(dest, want_tag, spin_ns)
         if got is None:
             return None
-        if len(got) == 4:
-            self.head = got
+        nbytes, tag, kick, head = got
+        if head is not None:
+            self.head = head
             return None
-        if got[2]:
+        if kick:
             self._kick()
-        return got[0], got[1]
+        return nbytes, tag
 
     def finish(self, record: list[int]) -> None:
         """Mark a held record finished and complete every finished span at the front."""

@@ -497,14 +497,15 @@ class RxRing(_RingBase):
 
     def recv_small_into(
         self, dest: Any, want_tag: int, spin_ns: int
-    ) -> tuple[int, int, bool] | tuple[int, int, int, int] | None:
+    ) -> tuple[int, int, bool, tuple[int, int, int, int] | None] | None:
         """wait_header(spin_ns) and, if the message that came is one span that fits `dest` and
         carries `want_tag` (any if negative), its copy into `dest` and its completion.
 
-        Returns (nbytes, tag, kick) when taken; the header as poll_header() gives it when a
-        message came but is not taken (the caller keeps it as the peeked head); None when
-        none came. The caller holds no span. BufferError (nothing taken) if `dest` is not a
-        writable buffer.
+        Returns None when no message came, else one shape, (nbytes, tag, kick, head): `head`
+        None when the message was taken (the caller then holds no span); when not taken,
+        `head` is the header as poll_header() gives it (the caller keeps it as the peeked
+        head, holding its span) and `kick` is False. BufferError (nothing taken) if `dest`
+        is not a writable buffer.
         """
         view = memoryview(dest)
         if view.readonly:
@@ -514,11 +515,11 @@ class RxRing(_RingBase):
             return None
         offset, length, total, tag = head
         if length - layout.SPAN_HEADER_SIZE != total or total > view.nbytes:
-            return head
+            return total, tag, False, head
         if want_tag >= 0 and tag != want_tag:
-            return head
+            return total, tag, False, head
         self.read_into(offset + layout.SPAN_HEADER_SIZE, view.cast("B"), 0, total)
-        return total, tag, self.complete(1)
+        return total, tag, self.complete(1), None
 
     def read_into(self, src_offset: int, dest: Any, dest_offset: int, length: int) -> None:
         """Copy `length` bytes at region `src_offset` of a held span into `dest[dest_offset:]`."""

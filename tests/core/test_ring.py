@@ -295,15 +295,17 @@ def test_recv_small_into_takes_only_what_fits(tx_impl: str, rx_impl: str) -> Non
     with pytest.raises(BufferError):
         rx.recv_small_into(b"read-only", -1, 0)
     tx.send_small(5, payload(1, 40))
-    assert rx.recv_small_into(dest, -1, 0)[:2] == (40, 5)
+    nbytes, tag, _kick, head = rx.recv_small_into(dest, -1, 0)  # one shape, taken or not
+    assert (nbytes, tag, head) == (40, 5, None)
     assert bytes(dest[:40]) == payload(1, 40) and rx.held == 0
     tx.send_small(6, payload(2, 40))
-    head = rx.recv_small_into(dest, 7, 0)  # another tag: peeked, not taken
-    assert head[2:] == (40, 6) and rx.held == 1
+    got = rx.recv_small_into(dest, 7, 0)  # another tag: peeked, not taken
+    assert got[:3] == (40, 6, False) and got[3][2:] == (40, 6) and rx.held == 1
+    assert rx.read_header(got[3][0], got[3][1]) == (40, 6)
     rx.complete(1)
     tx.send_small(8, payload(3, 100))
-    head = rx.recv_small_into(dest, -1, 0)  # does not fit: peeked, not taken
-    assert head[2:] == (100, 8) and rx.held == 1
+    got = rx.recv_small_into(dest, -1, 0)  # does not fit: peeked, not taken
+    assert got[:3] == (100, 8, False) and got[3][2:] == (100, 8) and rx.held == 1
 
 
 @pytest.mark.parametrize(("tx_impl", "rx_impl"), PAIRS)
