@@ -16,37 +16,60 @@ use it from here.
 every variable that would point it at another job's region or rank (see ``SCRUB_VARS``).
 :func:`supervise` waits for a job's ranks as mpiexec does (a failure stops the others after
 a grace period; a timeout kills them all); :func:`signal_group` signals one rank's process
-group.
+group; :func:`forward_signals` passes SIGTERM, SIGINT, SIGHUP and SIGQUIT on to the ranks (as
+hydra does); :func:`die_with` makes a child die with the process that started it.
+
+:class:`OutputRelay` relays the ranks' output pipes to ours in whole lines (optionally each
+line prefixed, e.g. with the rank: hydra's ``-prepend-rank``), so that two ranks printing at
+once never mix within a line.
+
+:class:`Guardian` is a process that outlives a launcher to clean up after it however the
+launcher ends, SIGKILL included: the launcher (and what it starts: :class:`BrokerProcess`,
+the lab's guests) tells it, through :func:`guard`, what there is to remove.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import json
 import os
+import selectors
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from ivshmem_comm.hostos import ensure_private_dir
 from ivshmem_comm.records import record_path
 from ivshmem_comm.region import Region
 
 __all__ = [
+    "FORWARDED_SIGNALS",
     "GRACE_S",
     "SCRUB_VARS",
     "BrokerProcess",
     "BrokerStartError",
+    "Guardian",
+    "OutputRelay",
+    "die_with",
     "exit_status",
+    "forward_signals",
+    "guard",
     "job_environ",
     "signal_group",
     "supervise",
 ]
+
+#: The signals a launcher passes on to its ranks, as MPICH's mpiexec (hydra) does.
+FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+MAX_PARTIAL_LINE = 1 << 20  # OutputRelay passes a longer line on in pieces of this size
 
 #: Seconds the other ranks of a job may run on after one failed, before they are stopped.
 GRACE_S = 2.0
@@ -146,6 +169,205 @@ def supervise(
         idle(0.01)
 
 
+@contextlib.contextmanager
+def forward_signals(procs: Sequence[subprocess.Popen[bytes]]) -> Iterator[list[int]]:
+    """For the duration of the block, SIGTERM, SIGINT, SIGHUP and SIGQUIT sent to this
+    process go to the process group of every process in `procs` (a list the caller may
+    still append to; each leads its own group) instead of their usual effect. Yields the
+    list of signals received, first one first (pass it to :func:`supervise` as
+    `signalled`). The previous handlers are back after the block. Main thread only."""
+    received: list[int] = []
+
+    def forward(sig: int, frame: Any) -> None:
+        received.append(sig)
+        for proc in procs:
+            signal_group(proc, sig)
+
+    old = {sig: signal.signal(sig, forward) for sig in FORWARDED_SIGNALS}
+    try:
+        yield received
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
+def die_with(parent: int) -> Callable[[], None]:
+    """A ``preexec_fn`` that makes the child get SIGKILL when `parent` (the process, i.e.
+    the thread, that starts it: call from the main thread) dies, however it dies; a child
+    whose parent is already gone exits at once (PR_SET_PDEATHSIG)."""
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+
+    def preexec() -> None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:  # died between our fork and the prctl
+            os._exit(1)
+
+    return preexec
+
+
+class OutputRelay:
+    """Output pipes of processes relayed to our streams in whole lines.
+
+    :meth:`add` a pipe with the stream it goes to and a prefix put before each of its lines
+    (b"" for none). Single-threaded: :meth:`pump` moves what is there; the one writer never
+    interleaves two pipes within a line. A line longer than 1 MiB is passed on in pieces;
+    a last line without a newline gets one. Pass ``pump`` as :func:`supervise`'s `idle`.
+    """
+
+    def __init__(self) -> None:
+        self.selector = selectors.DefaultSelector()
+        self.partial: dict[int, bytes] = {}  # fd -> the start of its next line
+
+    def add(self, pipe: IO[bytes], out: IO[bytes], prefix: bytes = b"") -> None:
+        """Relay `pipe` (made non-blocking; closed at its end) to `out` (flushed per write)."""
+        os.set_blocking(pipe.fileno(), False)
+        self.selector.register(pipe, selectors.EVENT_READ, (prefix, out))
+        self.partial[pipe.fileno()] = b""
+
+    def pump(self, timeout: float) -> None:
+        """Relay what arrives within `timeout` seconds (at once if something is there)."""
+        if not self.partial:
+            time.sleep(timeout)
+            return
+        for key, _ in self.selector.select(timeout):
+            prefix, out = key.data
+            fd = key.fd
+            try:
+                chunk = os.read(fd, 1 << 16)
+            except BlockingIOError:
+                continue
+            data = self.partial[fd] + chunk
+            if not chunk:  # end of stream: a last line without its newline gets one
+                self.selector.unregister(key.fileobj)
+                key.fileobj.close()  # type: ignore[union-attr]
+                del self.partial[fd]
+                if data:
+                    self._write(prefix, out, data + b"\n")
+                continue
+            cut = data.rfind(b"\n") + 1
+            if not cut and len(data) >= MAX_PARTIAL_LINE:
+                cut = len(data)
+            if cut:
+                self._write(prefix, out, data[:cut])
+            self.partial[fd] = data[cut:]
+
+    @staticmethod
+    def _write(prefix: bytes, out: IO[bytes], lines: bytes) -> None:
+        if prefix:
+            lines = b"".join(prefix + line for line in lines.splitlines(keepends=True))
+        out.write(lines)
+        out.flush()
+
+    def drain(self, timeout: float) -> None:
+        """Relay what is left until every pipe ends or `timeout` seconds pass."""
+        deadline = time.monotonic() + timeout
+        while self.partial and time.monotonic() < deadline:
+            self.pump(0.05)
+
+
+_guardian: Guardian | None = None  # the one this process started, until released
+
+
+class Guardian:
+    """A process that outlives its launcher to clean up after it, however the launcher ends.
+
+    Construct it first thing (it forks; before any thread starts): it becomes this
+    process's guardian, which :func:`guard` tells what a cleanup would concern, one JSON
+    object a line over a pipe: rank or guest process `group`s, `broker` pids, `region`
+    names, `path`s (files or directories). If the pipe closes without :meth:`release` (the
+    launcher died: SIGKILL included), the guardian SIGKILLs the groups, stops the brokers
+    (SIGTERM, SIGKILL after 5 s), removes the regions with their semaphores and the paths,
+    then exits. It ignores the terminal's signals and writes nothing. Raises RuntimeError
+    if this process has a guardian already.
+    """
+
+    def __init__(self) -> None:
+        global _guardian
+        if _guardian is not None:
+            raise RuntimeError("this process has a guardian already")
+        read_fd, self._write_fd = os.pipe()  # not inherited by children (O_CLOEXEC)
+        self.pid = os.fork()
+        if self.pid == 0:
+            os.close(self._write_fd)
+            _guard(read_fd)
+        os.close(read_fd)
+        _guardian = self
+
+    def tell(self, **facts: Any) -> None:
+        """Add `facts` (see the class docstring) to what the guardian cleans up."""
+        os.write(self._write_fd, json.dumps(facts).encode() + b"\n")
+
+    def release(self) -> None:
+        """The launcher cleaned up itself: let the guardian go (and reap it)."""
+        global _guardian
+        self.tell(done=True)
+        os.close(self._write_fd)
+        os.waitpid(self.pid, 0)
+        _guardian = None
+
+    def __enter__(self) -> Guardian:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def guard(**facts: Any) -> None:
+    """Tell this process's :class:`Guardian`, if it has one, `facts` to clean up should
+    this process die: ``group=PID`` (a process group), ``broker=PID``, ``region=NAME``,
+    ``path=PATH``. Without a guardian it does nothing."""
+    if _guardian is not None:
+        _guardian.tell(**{k: v for k, v in facts.items() if v is not None})
+
+
+def _guard(read_fd: int) -> None:
+    """The guardian's life (see Guardian); never returns."""
+    from ivshmem_comm.notify import SemaphoreNotifier
+
+    try:
+        os.setsid()  # out of the launcher's terminal signals
+        for sig in FORWARDED_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(null, fd)
+        with os.fdopen(read_fd, "rb") as pipe:
+            facts = [json.loads(line) for line in pipe]
+        if any(f.get("done") for f in facts):
+            os._exit(0)
+        for f in facts:
+            if "group" in f:
+                with contextlib.suppress(OSError):
+                    os.killpg(f["group"], signal.SIGKILL)
+        for f in facts:
+            if "broker" in f:
+                _stop(f["broker"])
+        for f in facts:
+            if "region" in f:
+                with contextlib.suppress(FileNotFoundError):
+                    Region.unlink(f["region"])
+                SemaphoreNotifier.unlink_all(f["region"])
+            if "path" in f:
+                if os.path.isdir(f["path"]) and not os.path.islink(f["path"]):
+                    shutil.rmtree(f["path"], ignore_errors=True)
+                else:
+                    with contextlib.suppress(OSError):
+                        os.unlink(f["path"])
+    finally:
+        os._exit(0)
+
+
+def _stop(pid: int, timeout: float = 5.0) -> None:
+    """SIGTERM process `pid` (not our child), SIGKILL if it still runs after `timeout` s."""
+    with contextlib.suppress(OSError):
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            os.kill(pid, 0)  # raises once it is gone
+            time.sleep(0.02)
+        os.kill(pid, signal.SIGKILL)
+
+
 class BrokerStartError(RuntimeError):
     """The broker exited or did not get ready in time; the message has its log's tail."""
 
@@ -159,7 +381,9 @@ class BrokerProcess:
     `socket` if given, else ``<state_dir>/<name>.sock``. `log`: a file the broker's output
     goes to (appended; the tail goes into BrokerStartError), or None for this process's
     stdout/stderr. `unlink_on_exit`: pass ``--unlink-on-exit`` (the broker removes the
-    region, its record and lock when it stops). `env`, `cwd`: of the broker process.
+    region, its record and lock when it stops). `env`, `cwd`: of the broker process. A
+    process with a :class:`Guardian` has it told the broker, its region and (if made here)
+    the state directory at each start.
 
     Attributes: `name`, `socket`, `state_dir`, `proc` (the Popen of the last start, None
     before). Not thread-safe.
@@ -220,6 +444,8 @@ class BrokerProcess:
         finally:
             if out is not None:
                 out.close()
+        guard(broker=self.proc.pid, region=self.name,
+              path=self.state_dir if self._own_dir else None)  # fmt: skip
         if wait:
             self.wait_ready(timeout)
         return self

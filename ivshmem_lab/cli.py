@@ -22,8 +22,9 @@ the region are removed when the run ends. ``--no-region`` boots the guests with 
 
 With ``-n N`` the command is an MPI program (guest_lib.mpi): N ranks are dealt round robin
 over the V guests (a bare ``-n``: N = V), over a region the lab's own broker serves for the job
-(see :mod:`ivshmem_lab.mpi`); output lines read ``[vmI] [rank R] ...``, the summary
-gives each rank's exit status, and the exit status is 0 only if every rank exited 0.
+(see :mod:`ivshmem_lab.mpi`); the ranks' output comes in whole lines, ``[vmI] LINE``
+(``[vmI] [rank R] LINE`` with ``--prepend-rank``), the summary gives each rank's exit
+status, and the exit status is 0 only if every rank exited 0.
 
 ``up`` boots networked guests that run an exec agent, with a broker serving ``--slots``
 doorbell devices per guest (default 1; :mod:`ivshmem_lab.cluster`); it prints where the
@@ -38,6 +39,15 @@ launcher = the lab's exec) running CMD as N ranks, S per guest filled guest by g
 it exits with mpiexec's status (124 past ``--timeout``). ``--lab`` is a name or a directory
 (default ``$IVSHMEM_LAB``, then ``default``); hydra's ``-launcher-exec`` can also be the
 ``ivshmem-lab-ssh`` command, which takes ssh's argv (see :mod:`ivshmem_lab.exec_agent`).
+``mpiexec --prepend-rank`` is hydra's ``-prepend-rank``.
+
+Signals: SIGTERM, SIGINT, SIGHUP and SIGQUIT make ``run``, ``up`` and ``mpiexec`` tear
+everything down (guests killed, broker stopped, region, semaphores and state removed) and
+exit 128 + the signal; ``mpiexec`` first forwards the signal to hydra's mpiexec (which
+passes it on to the ranks) and kills it 2 s later if it still runs. Killed outright
+(SIGKILL), they leave nothing either: a guardian process (:class:`guest_lib.launch.Guardian`,
+as ``ivshmem-run`` has) kills the guests and mpiexec, stops the broker and removes the
+region, its semaphores, the lab's state and the temporary directories.
 """
 
 from __future__ import annotations
@@ -55,6 +65,7 @@ import time
 import uuid
 from collections.abc import Iterator, Sequence
 
+from guest_lib.launch import FORWARDED_SIGNALS, Guardian, guard
 from ivshmem_lab.devices import DoorbellDevice, parse_device
 from ivshmem_lab.errors import LabError, LabUnavailable
 from ivshmem_lab.guest import GuestResult
@@ -103,6 +114,12 @@ def _parser() -> argparse.ArgumentParser:
         help="run CMD as an MPI job of N ranks (bare -n: one per guest), round robin "
         "over the guests (ivshmem_lab.mpi)",
     )
+    r.add_argument(
+        "--prepend-rank",
+        "-prepend-rank",
+        action="store_true",
+        help="with -n: put '[rank R] ' before every line rank R prints",
+    )
     r.add_argument("--cwd", default=None, help="working directory in the guests (default: .)")
     r.add_argument("--console", action="store_true", help="print the whole console at the end")
     r.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD ARGS...")
@@ -118,6 +135,12 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--name", default=None, help="lab name (default $IVSHMEM_LAB or default)")
     mp.add_argument("-n", "--np", dest="np", type=int, default=None, help="ranks (default V)")
     mp.add_argument("--timeout", type=float, default=600.0, help="seconds for mpiexec")
+    mp.add_argument(
+        "--prepend-rank",
+        "-prepend-rank",
+        action="store_true",
+        help="put '[R] ' before every line rank R prints (hydra's -prepend-rank)",
+    )
     mp.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD ARGS...")
     ex = sub.add_parser("exec", help="run a command in a guest of a lab that is up")
     dn = sub.add_parser("down", help="stop a lab that is up")
@@ -132,18 +155,30 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _on_sigterm(signum: int, frame: object) -> None:
+def _on_signal(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``ivshmem-lab``; returns the exit status (see the module docstring)."""
     args = _parser().parse_args(argv)
-    if threading.current_thread() is threading.main_thread():
-        # SIGTERM, SIGHUP and SIGQUIT unwind like Ctrl-C, so every guest is killed and its
-        # temp dir removed.
-        for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
-            signal.signal(sig, _on_sigterm)
+    if threading.current_thread() is not threading.main_thread():
+        return _main(args)
+    # SIGTERM, SIGINT, SIGHUP and SIGQUIT unwind (status 128 + the signal), so every guest is
+    # killed, the broker stopped and the region and temp dirs removed (mpiexec forwards
+    # them to hydra first). A Guardian does the same if we are killed outright (SIGKILL).
+    old = {sig: signal.signal(sig, _on_signal) for sig in FORWARDED_SIGNALS}
+    try:
+        if args.cmd not in ("run", "mpiexec", "up"):
+            return _main(args)
+        with Guardian():
+            return _main(args)
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
+def _main(args: argparse.Namespace) -> int:
     try:
         if args.cmd == "probe":
             probe = Lab(accel="auto").probe_kvm(force=args.force)
@@ -299,6 +334,7 @@ def _mpiexec(args: argparse.Namespace) -> int:
         timeout=args.timeout,
         memory=args.memory,
         accel=args.accel,
+        extra=["-prepend-rank"] if args.prepend_rank else [],
         on_ready=ready,
     )
 
@@ -324,6 +360,9 @@ def _run(args: argparse.Namespace) -> int:
     mpi_n = args.np or (args.vms if args.np == 0 else None)
     if mpi_n is not None and mpi_n < args.vms:
         print("ivshmem-lab run: -n must be >= --vms", file=sys.stderr)
+        return 2
+    if args.prepend_rank and mpi_n is None:
+        print("ivshmem-lab run: --prepend-rank goes with -n", file=sys.stderr)
         return 2
     if args.no_region and (devices or mpi_n is not None):
         print("ivshmem-lab run: --no-region goes with neither --shm, --socket nor -n",
@@ -377,16 +416,15 @@ def _served_region(vms: int) -> Iterator[DoorbellDevice]:
 
     name = f"labrun-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     size = region_size(vms)
-    with (
-        tempfile.TemporaryDirectory(prefix="ivshmem-lab-run-") as tmpdir,
-        job_broker(name, size, vms, tmpdir) as broker,
-    ):
-        print(
-            f"ivshmem-lab: serving region {name} ({size >> 20} MiB, {max(vms, 2)} peer slots) "
-            "to the guests (--socket/--shm: your own, --no-region: none)",
-            file=sys.stderr,
-        )
-        yield DoorbellDevice(broker.socket, 2)
+    with tempfile.TemporaryDirectory(prefix="ivshmem-lab-run-") as tmpdir:
+        guard(path=tmpdir)
+        with job_broker(name, size, vms, tmpdir) as broker:
+            print(
+                f"ivshmem-lab: serving region {name} ({size >> 20} MiB, {max(vms, 2)} peer slots) "
+                "to the guests (--socket/--shm: your own, --no-region: none)",
+                file=sys.stderr,
+            )
+            yield DoorbellDevice(broker.socket, 2)
 
 
 def _report_guest(r: GuestResult, console: bool) -> None:
@@ -413,8 +451,9 @@ def _run_mpi(lab: Lab, args: argparse.Namespace, command: list[str], n: int, on_
 
     print(f"ivshmem-lab: MPI job of {n} rank(s) over {args.vms} guest(s)", file=sys.stderr)
     job = run_job(
-        lab, command, vms=args.vms, n=n, timeout=args.timeout, cwd=args.cwd, on_output=on_output
-    )
+        lab, command, vms=args.vms, n=n, timeout=args.timeout, cwd=args.cwd,
+        on_output=on_output, prepend_rank=args.prepend_rank,
+    )  # fmt: skip
     for r in job.guests:
         _report_guest(r, args.console)
     for rank, code in sorted(job.rank_exit.items()):

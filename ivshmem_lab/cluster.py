@@ -46,7 +46,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from guest_lib.launch import BrokerProcess, job_environ
+from guest_lib.launch import BrokerProcess, forward_signals, guard, job_environ, supervise
 from ivshmem_comm.hostos import ensure_private_dir, pid_alive
 from ivshmem_lab.devices import DoorbellDevice
 from ivshmem_lab.errors import LabError, LabUnavailable
@@ -161,6 +161,7 @@ class LabCluster:
         except FileExistsError:
             raise LabError(f"lab {self.name} is being started by another process") from None
         self._made_dir = True
+        guard(path=str(self.directory))
         self._write_state({})  # claims the name while booting (pid alive)
 
     def _write_state(self, ports: dict[str, int]) -> None:
@@ -287,21 +288,27 @@ def run_mpiexec(
 ) -> int:
     """Boot a :class:`LabCluster` of ``vms`` guests, run :func:`mpiexec_argv` with this
     process's stdout/stderr, tear everything down; return mpiexec's exit status (124 if it
-    ran past ``timeout`` seconds and was killed). ``on_ready(cluster, argv)`` is called just
-    before mpiexec starts. Raises LabError/LabUnavailable if the cluster cannot start."""
+    ran past ``timeout`` seconds and was killed). SIGTERM, SIGINT, SIGHUP and SIGQUIT
+    received while mpiexec runs go to it (hydra passes them on to the ranks); 2 s after the
+    first it is killed, and the status is 128 + that signal. ``on_ready(cluster, argv)`` is
+    called just before mpiexec starts. Raises LabError/LabUnavailable if the cluster cannot
+    start."""
     mpiexec = find_mpiexec()
     env = job_environ()
     with LabCluster(vms, slots=slots, lab=lab, memory=memory, accel=accel) as cluster:
         argv = mpiexec_argv(cluster, command, n=n, mpiexec=mpiexec, extra=extra)
         if on_ready is not None:
             on_ready(cluster, argv)
-        proc = subprocess.Popen(argv, env=env, start_new_session=True)
-        try:
-            return proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            return 124
-        finally:
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
+        procs: list[subprocess.Popen[bytes]] = []
+        with forward_signals(procs) as received:
+            proc = subprocess.Popen(argv, env=env, start_new_session=True)
+            procs.append(proc)
+            guard(group=proc.pid)
+            try:
+                status = supervise(procs, timeout, signalled=received, who="ivshmem-lab mpiexec")
+                return 128 + received[0] if received else status
+            finally:
+                if proc.poll() is None:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, TypedDict
 
+from guest_lib.launch import guard
 from ivshmem_comm.hostos import pid_alive
 from ivshmem_lab.devices import DeviceSpec, parse_device, qemu_device_args
 from ivshmem_lab.errors import LabError
@@ -289,6 +290,7 @@ class Guest:
         except BaseException:
             self._cleanup_tmp()
             raise
+        guard(group=self._proc.pid, path=self._tmp)  # QEMU leads its group (new session)
         self._state = "boot"
         _LIVE.add(self)
         for stream, fn in ((self._proc.stdout, self._read_console), (self._proc.stderr, None)):

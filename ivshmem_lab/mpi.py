@@ -8,8 +8,9 @@ Guest side (``python -m ivshmem_lab.mpi guest --ranks 0,2 --size N -- CMD``): st
 one process per local rank with ``IVSHMEM_MPI_RANK``, ``IVSHMEM_MPI_SIZE`` and
 ``IVSHMEM_COMM_GUEST=1`` (the MPI bootstrap then calls ``guest_lib.attach()``), and, when
 the guest hosts several ranks, ``IVSHMEM_COMM_DEVICE`` = the rank's own doorbell device (one
-broker slot per device). Each output line is printed ``[rank R] LINE``; at the end one
-``ivshmem-lab-mpi: rank R exit C`` line per rank. If a rank fails, the guest's other ranks
+broker slot per device). The ranks' output is relayed in whole lines (each prefixed
+``[rank R] `` with ``--prepend-rank``); at the end one ``ivshmem-lab-mpi: rank R exit C``
+line per rank. If a rank fails, the guest's other ranks
 are killed after a grace period (as ``ivshmem-run`` does); the guest side exits with the
 first failing status.
 
@@ -27,17 +28,18 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import IO
 
 from guest_lib import pci
 from guest_lib.launch import (
     BrokerProcess,
     BrokerStartError,
+    OutputRelay,
     exit_status,
+    forward_signals,
+    guard,
     job_environ,
     signal_group,
     supervise,
@@ -49,7 +51,6 @@ from ivshmem_lab.guest import GuestResult
 from ivshmem_lab.lab import Lab
 
 EXIT_LINE = re.compile(r"^ivshmem-lab-mpi: rank (\d+) exit (-?\d+)$")
-RANK_LINE = re.compile(r"^\[rank (\d+)\] ")
 
 
 def placement(n: int, vms: int) -> list[list[int]]:
@@ -113,8 +114,10 @@ def run_job(
     timeout: float | None = 300.0,
     cwd: str | None = None,
     on_output: Callable[[int, str], None] | None = None,
+    prepend_rank: bool = False,
 ) -> JobResult:
-    """Run an N-rank MPI job over V guests of `lab` (see the module docstring)."""
+    """Run an N-rank MPI job over V guests of `lab` (see the module docstring); with
+    `prepend_rank` each line a rank prints comes with ``[rank R] `` first."""
     if vms < 1 or n < vms:
         raise ValueError(f"need 1 <= vms <= n (vms={vms}, n={n})")
     places = placement(n, vms)
@@ -129,11 +132,13 @@ def run_job(
             on_output(index, line)
 
     with tempfile.TemporaryDirectory(prefix="ivshmem-lab-mpi-") as tmpdir:
+        guard(path=tmpdir)
         broker = job_broker(name, region_size(n), n, tmpdir)
         with broker:
             commands = [
                 [sys.executable, "-m", "ivshmem_lab.mpi", "guest",
-                 "--ranks", ",".join(map(str, ranks)), "--size", str(n), "--", *command]
+                 "--ranks", ",".join(map(str, ranks)), "--size", str(n),
+                 *(["--prepend-rank"] if prepend_rank else []), "--", *command]
                 for ranks in places
             ]  # fmt: skip
             devices = [[DoorbellDevice(broker.socket, 2)] * len(ranks) for ranks in places]
@@ -160,17 +165,16 @@ def run_job(
 # Guest side
 
 
-def _pump(rank: int, stream: IO[bytes], lock: threading.Lock) -> None:
-    for raw in iter(stream.readline, b""):
-        line = raw.decode(errors="replace").rstrip("\n")
-        with lock:
-            sys.stdout.write(f"[rank {rank}] {line}\n")
-            sys.stdout.flush()
-    stream.close()
-
-
-def guest_main(ranks: list[int], size: int, command: list[str], timeout: float | None) -> int:
-    """Start this guest's ranks, relay their output, return the first failing status."""
+def guest_main(
+    ranks: list[int],
+    size: int,
+    command: list[str],
+    timeout: float | None,
+    prepend_rank: bool = False,
+) -> int:
+    """Start this guest's ranks, relay their output in whole lines (``[rank R] `` first
+    with `prepend_rank`), return the first failing status. SIGTERM, SIGINT, SIGHUP and
+    SIGQUIT are forwarded to the ranks (killed 2 s after the first)."""
     env = job_environ()
     env["PYTHONUNBUFFERED"] = "1"
 
@@ -183,34 +187,38 @@ def guest_main(ranks: list[int], size: int, command: list[str], timeout: float |
         for rank in ranks:
             print(f"ivshmem-lab-mpi: rank {rank} exit 125", flush=True)
         return 125
-    lock = threading.Lock()
     procs: list[subprocess.Popen[bytes]] = []
-    pumps: list[threading.Thread] = []
-    try:
-        for i, rank in enumerate(ranks):
-            rank_env = dict(
-                env, IVSHMEM_MPI_RANK=str(rank), IVSHMEM_MPI_SIZE=str(size), IVSHMEM_COMM_GUEST="1"
+    output = OutputRelay()
+    with forward_signals(procs) as received:
+        try:
+            for i, rank in enumerate(ranks):
+                rank_env = dict(
+                    env,
+                    IVSHMEM_MPI_RANK=str(rank),
+                    IVSHMEM_MPI_SIZE=str(size),
+                    IVSHMEM_COMM_GUEST="1",
+                )
+                if len(ranks) > 1:
+                    rank_env["IVSHMEM_COMM_DEVICE"] = devices[i]
+                proc = subprocess.Popen(
+                    command,
+                    env=rank_env,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+                procs.append(proc)
+                assert proc.stdout is not None
+                prefix = f"[rank {rank}] ".encode() if prepend_rank else b""
+                output.add(proc.stdout, sys.stdout.buffer, prefix)
+            status = supervise(
+                procs, timeout, who="ivshmem-lab-mpi", signalled=received, idle=output.pump
             )
-            if len(ranks) > 1:
-                rank_env["IVSHMEM_COMM_DEVICE"] = devices[i]
-            proc = subprocess.Popen(
-                command,
-                env=rank_env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-            procs.append(proc)
-            t = threading.Thread(target=_pump, args=(rank, proc.stdout, lock), daemon=True)
-            t.start()
-            pumps.append(t)
-        status = supervise(procs, timeout, who="ivshmem-lab-mpi")
-    finally:
-        for proc in procs:
-            signal_group(proc, signal.SIGKILL)
-            proc.wait()
-    for t in pumps:
-        t.join(timeout=5)
+        finally:
+            for proc in procs:
+                signal_group(proc, signal.SIGKILL)
+                proc.wait()
+            output.drain(5.0)
     for rank, proc in zip(ranks, procs, strict=True):
         code = proc.returncode
         print(f"ivshmem-lab-mpi: rank {rank} exit {exit_status(code)}", flush=True)
@@ -224,6 +232,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     g.add_argument("--ranks", required=True, help="comma-separated world ranks")
     g.add_argument("--size", type=int, required=True, help="world size")
     g.add_argument("--timeout", type=float, default=None)
+    g.add_argument("--prepend-rank", action="store_true", help="'[rank R] ' before each line")
     g.add_argument("command", nargs=argparse.REMAINDER)
     args = p.parse_args(argv)
     command = list(args.command)
@@ -232,7 +241,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not command:
         p.error("no command given")
     ranks = [int(r) for r in args.ranks.split(",") if r]
-    return guest_main(ranks, args.size, command, args.timeout)
+    return guest_main(ranks, args.size, command, args.timeout, args.prepend_rank)
 
 
 if __name__ == "__main__":

@@ -53,7 +53,7 @@ def test_placement_round_robin() -> None:
 @vm
 def test_two_guests_p2p_and_collectives() -> None:
     shm_before = _shm_names()
-    proc, dt = _lab("--vms", "2", "-n", "2", "--", sys.executable, PROGRAM)
+    proc, dt = _lab("--prepend-rank", "--vms", "2", "-n", "2", "--", sys.executable, PROGRAM)
     out, err = proc.stdout, proc.stderr
     assert proc.returncode == 0, f"status {proc.returncode}\n{out}\n{err}"
     for rank in (0, 1):
@@ -84,7 +84,7 @@ def test_failing_rank_fails_the_job() -> None:
         "print('rank', r, 'of', os.environ['IVSHMEM_MPI_SIZE'], flush=True)\n"
         "sys.exit(3 if r == 1 else 0)\n"
     )
-    proc, dt = _lab("--vms", "2", "-n", "--", sys.executable, "-c", code)
+    proc, dt = _lab("--prepend-rank", "--vms", "2", "-n", "--", sys.executable, "-c", code)
     out, err = proc.stdout, proc.stderr
     assert proc.returncode == 1, f"status {proc.returncode}\n{out}\n{err}"
     assert "[vm0] [rank 0] rank 0 of 2" in out and "[vm1] [rank 1] rank 1 of 2" in out, out
@@ -96,7 +96,7 @@ def test_failing_rank_fails_the_job() -> None:
 @vm
 def test_three_ranks_in_two_guests() -> None:
     # guest 0 runs ranks 0 and 2, each on its own doorbell device (IVSHMEM_COMM_DEVICE)
-    proc, dt = _lab("--vms", "2", "-n", "3", "--", sys.executable, PROGRAM)
+    proc, dt = _lab("--prepend-rank", "--vms", "2", "-n", "3", "--", sys.executable, PROGRAM)
     out, err = proc.stdout, proc.stderr
     assert proc.returncode == 0, f"status {proc.returncode}\n{out}\n{err}"
     for rank in range(3):

@@ -1,0 +1,138 @@
+"""`ivshmem-lab run -n` and `ivshmem-lab mpiexec` stopped by a signal or killed outright leave
+nothing behind: no QEMU, no broker, no mpiexec, no region or semaphore in /dev/shm, no state
+or temporary directory (issue 10, item 6).
+
+Each test starts the real CLI, waits until every rank printed in its guest (QEMU guests
+booted, the job's broker serving its region), notes the processes and directories the job
+made (from /proc: the QEMUs', the broker's and mpiexec's command lines), signals the CLI and
+checks that all of them are gone within a few seconds. After SIGKILL the CLI cannot clean
+up: its guardian process (guest_lib.launch.Guardian) does.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import selectors
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.support import descendants, vm_marks
+
+REPO = Path(__file__).resolve().parents[2]
+pytestmark = vm_marks(240)
+
+RANK = "import os, time; print('up', os.environ.get('PMI_RANK', os.environ.get('IVSHMEM_MPI_RANK')), flush=True); time.sleep(600)"  # noqa: E501
+
+COMMANDS = {
+    "run": ["run", "--vms", "1", "-n", "2", "--memory", "384M"],
+    "mpiexec": ["mpiexec", "--vms", "1", "-n", "2", "--memory", "384M"],
+}
+
+
+def _cmdline(pid: int) -> list[str]:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+    except OSError:
+        return []
+
+
+def _gone(pid: int) -> bool:
+    """True once process `pid` has exited (a zombie nobody reaped counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def _shm(lab_pid: int) -> list[str]:
+    """/dev/shm entries of the job (regions and semaphores are named after the CLI's pid)."""
+    return [f for f in os.listdir("/dev/shm") if f"-{lab_pid}-" in f]
+
+
+class LabJob:
+    """The CLI running `command` until every one of its `ranks` said "up"; then what it made."""
+
+    def __init__(self, command: str, ranks: int = 2) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "ivshmem_lab.cli", *COMMANDS[command], "--",
+             sys.executable, "-c", RANK],
+            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        self.out = b""
+        selector = selectors.DefaultSelector()
+        assert self.proc.stdout is not None
+        selector.register(self.proc.stdout, selectors.EVENT_READ)
+        deadline = time.monotonic() + 180
+        while len(set(re.findall(rb"up (\d+)", self.out))) < ranks:
+            assert time.monotonic() < deadline and self.proc.poll() is None, self.out.decode()
+            if selector.select(0.2):
+                self.out += os.read(self.proc.stdout.fileno(), 1 << 16)
+        selector.close()
+        self.pids: dict[str, list[int]] = {"qemu": [], "broker": [], "mpiexec": []}
+        self.paths: set[str] = set()
+        for pid in descendants(self.proc.pid):
+            argv = _cmdline(pid)
+            text = " ".join(argv)
+            if "qemu-system" in text:
+                self.pids["qemu"].append(pid)
+                self.paths |= set(re.findall(r"path=(/tmp/ivshmem-lab-vm[^,]+)", text))
+            elif "host_broker" in argv and "serve" in argv:
+                self.pids["broker"].append(pid)
+                self.paths.add(argv[argv.index("--state-dir") + 1])
+            elif os.path.basename(argv[0] if argv else "") == "mpiexec":
+                self.pids["mpiexec"].append(pid)
+                self.paths.add(str(Path(argv[argv.index("-launcher-exec") + 1]).parent))
+        assert self.pids["qemu"] and self.pids["broker"], (self.pids, self.out.decode())
+        assert (command == "mpiexec") == bool(self.pids["mpiexec"]), self.pids
+        assert self.paths and all(os.path.exists(p) for p in self.paths), self.paths
+        assert _shm(self.proc.pid), "the job's region is not in /dev/shm"
+
+    def left(self) -> list[str]:
+        """What of the job is still there."""
+        alive = [f"{what} {pid}" for what, pids in self.pids.items() for pid in pids]
+        alive = [a for a in alive if not _gone(int(a.split()[1]))]
+        return alive + _shm(self.proc.pid) + [p for p in self.paths if os.path.exists(p)]
+
+    def finish(self, timeout: float) -> int:
+        """Wait for the CLI, then (within 15 s) for everything it made to be gone."""
+        code = self.proc.wait(timeout)
+        deadline = time.monotonic() + 15
+        while self.left():
+            assert time.monotonic() < deadline, (self.left(), self.out.decode())
+            time.sleep(0.1)
+        assert self.proc.stdout is not None
+        self.out += self.proc.stdout.read()
+        return code
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_a_killed_lab_leaves_nothing(command: str) -> None:
+    job = LabJob(command)
+    try:
+        job.proc.send_signal(signal.SIGKILL)
+        assert job.finish(10) == -signal.SIGKILL
+    finally:
+        job.close()
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_sigterm_stops_the_job_and_leaves_nothing(command: str) -> None:
+    job = LabJob(command)
+    try:
+        job.proc.send_signal(signal.SIGTERM)
+        assert job.finish(60) == 128 + signal.SIGTERM, job.out.decode()
+    finally:
+        job.close()
