@@ -31,6 +31,9 @@ from guest_lib.mpi.constants import (
     KEY_IO,
     KEY_WTIME_IS_GLOBAL,
     MAX_PROCESSOR_NAME,
+    ORDER_C,
+    ORDER_F,
+    ORDER_FORTRAN,
     PROC_NULL,
     ROOT,
     SIMILAR,
@@ -246,5 +249,5 @@ _unused = (  # names re-exported on purpose (mpi4py's MPI namespace), not used h
     Get_error_class, Get_error_string, BAND, BOR, BXOR, LAND, LOR, LXOR, MAX, MAXLOC, MIN,
     MINLOC, NO_OP, OP_NULL, PROD, REPLACE, SUM, Op, REQUEST_NULL, TAG_UB_VALUE, Pickle, pickle,
     CART, DIST_GRAPH, GRAPH, Cartcomm, Compute_dims, GROUP_EMPTY, GROUP_NULL, Group,
-    Prequest,
+    Prequest, ORDER_C, ORDER_F, ORDER_FORTRAN,
 )  # fmt: skip

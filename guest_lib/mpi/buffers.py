@@ -21,9 +21,11 @@ with mpi4py, BufferError unless the spec names a datatype.
 from __future__ import annotations
 
 import ctypes
+import functools
 import sys
+import threading
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -238,6 +240,11 @@ def parse(spec: Any, *, writable: bool = False) -> Spec:
     view, implied = _as_bytes(buf, writable)
     if datatype is None:
         datatype = _implied(implied)
+    if datatype.packs:
+        if count is None:
+            count = (len(view) - displ * datatype.extent) // datatype.extent
+        packed = _packed(view, displ * datatype.extent, count, datatype, writable)
+        return Spec(packed, count, datatype)
     extent = datatype.Get_size()
     if count is None:
         if extent == 0:
@@ -318,6 +325,22 @@ def parse_vector(spec: Any, size: int, *, writable: bool = False) -> VSpec:
     view, implied = _as_bytes(buf, writable)
     if datatype is None:
         datatype = _implied(implied)
+    if datatype.packs and counts is not None and displs is not None:
+        # a derived type's elements are packed first: element k at k * size from then on
+        counts_list = [int(counts)] * size if _is_int(counts) else [int(c) for c in counts]
+        displs_list = (
+            [int(displs) * i for i in range(size)] if _is_int(displs)
+            else [int(d) for d in displs]
+        )  # fmt: skip
+        span = max((d + c for c, d in zip(counts_list, displs_list, strict=True) if c), default=0)
+        view = _packed(view, 0, span, datatype, writable)
+        counts, displs = counts_list, displs_list
+    elif datatype.packs:
+        if counts is None:
+            raise ValueError("message: a derived datatype needs counts")
+        counts = [int(counts)] * size if _is_int(counts) else [int(c) for c in counts]
+        span = sum(counts)
+        view = _packed(view, 0, span, datatype, writable)
     extent = datatype.Get_size()
     if counts is None:
         total = 0
@@ -354,3 +377,66 @@ def _is_int(value: Any) -> bool:
 
 def is_sequence(value: Any) -> bool:
     return isinstance(value, Sequence) and not isinstance(value, str | bytes | bytearray)
+
+
+# ---------------------------------------------------------------------- derived datatypes
+_local = threading.local()  # .jobs: the unpacks the running receiving call owes, or None
+
+
+def _packed(
+    view: memoryview, start: int, count: int, datatype: Datatype, writable: bool
+) -> memoryview:
+    """The dense bytes of `count` elements of a packing `datatype` at byte `start` of
+    `view` (a copy). For a buffer written to (`writable`), the receiving call running
+    (see `unpacking`) scatters the copy back into `view` once the data is there.
+    BufferError when no such call runs (a stage of a nonblocking collective: a derived
+    type cannot be received into there); ValueError if an element lies outside `view`."""
+    positions = datatypes.byte_positions(view, start, count, datatype)
+    raw = np.frombuffer(view, np.uint8) if len(view) else np.empty(0, np.uint8)
+    packed = raw[positions]
+    if writable:
+        jobs = getattr(_local, "jobs", None)
+        if jobs is None:
+            raise BufferError(f"message: cannot receive {datatype.name} in this call")
+        jobs.append(functools.partial(raw.__setitem__, positions, packed))
+    return memoryview(packed)
+
+
+def unpacking(method: Callable[..., Any]) -> Callable[..., Any]:
+    """`method` (a call that receives into message specs) with the unpacks of its derived
+    datatypes run after it: at once when it returns (blocking calls), or when the Request
+    it returns completes (each time, for a persistent request)."""
+
+    @functools.wraps(method)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        outer = getattr(_local, "jobs", None)
+        jobs: list[Callable[[], None]] = []
+        _local.jobs = jobs
+        try:
+            result = method(*args, **kwargs)
+        finally:
+            _local.jobs = outer
+        return _after(result, jobs) if jobs else result
+
+    return run
+
+
+def _after(result: Any, jobs: list[Callable[[], None]]) -> Any:
+    """Run `jobs` now, or when the Request `result` completes (see `unpacking`)."""
+    starter = getattr(result, "_starter", None)
+    if starter is not None:  # a persistent request: every start unpacks at its completion
+        result._starter = lambda: _after(starter(), jobs)
+        return result
+    if not hasattr(result, "_finish"):
+        for job in jobs:
+            job()
+        return result
+    finish = result._finish
+
+    def done(op: Any) -> Any:
+        for job in jobs:
+            job()
+        return None if finish is None else finish(op)
+
+    result._finish = done
+    return result

@@ -681,4 +681,18 @@ class Intracomm(Collectives, Comm):
         return MPI.COMM_WORLD.Create_group(group, tag)
 
 
+# The calls that receive into message specs: derived datatypes are unpacked after them
+# (see buffers.unpacking).
+_RECEIVING = (
+    "Recv", "Irecv", "Recv_init", "Sendrecv", "Sendrecv_replace", "Isendrecv",
+    "Isendrecv_replace", "Bcast", "Ibcast", "Gather", "Igather", "Gatherv", "Igatherv",
+    "Scatter", "Iscatter", "Scatterv", "Iscatterv", "Allgather", "Iallgather", "Allgatherv",
+    "Iallgatherv", "Alltoall", "Ialltoall", "Alltoallv", "Ialltoallv", "Reduce", "Ireduce",
+    "Allreduce", "Iallreduce", "Reduce_scatter", "Reduce_scatter_block", "Scan", "Exscan",
+    "Iscan", "Iexscan", "Ireduce_scatter", "Ireduce_scatter_block", "Alltoallw", "Ialltoallw",
+)  # fmt: skip
+for _name in _RECEIVING:
+    if hasattr(Intracomm, _name):
+        setattr(Intracomm, _name, buffers.unpacking(getattr(Intracomm, _name)))
+
 COMM_NULL = Intracomm(None, [], -1)

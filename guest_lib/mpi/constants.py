@@ -56,3 +56,8 @@ class _Sentinel:
 
 IN_PLACE: Final = _Sentinel("IN_PLACE")
 BOTTOM: Final = _Sentinel("BOTTOM")
+
+# array orders of Create_subarray (MPICH's values)
+ORDER_C = 56
+ORDER_FORTRAN = 57
+ORDER_F = ORDER_FORTRAN

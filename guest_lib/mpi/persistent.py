@@ -92,7 +92,14 @@ def _send_init(comm: Comm, buf: Any, dest: int, tag: int, sync: bool) -> Preques
     comm._send_tag(tag)
     engine = comm._check()
     view = buffers.parse(buf).view
-    return Prequest(lambda: Request(comm._isend_op(view, dest, tag, comm._ctx, sync), engine))
+    if not isinstance(buf, list | tuple):  # a plain buffer: the view is its memory
+        return Prequest(lambda: Request(comm._isend_op(view, dest, tag, comm._ctx, sync), engine))
+
+    def start() -> Request:  # a spec is resolved at each start (a derived type packs anew)
+        data = buffers.parse(buf).view
+        return Request(comm._isend_op(data, dest, tag, comm._ctx, sync), engine)
+
+    return Prequest(start)
 
 
 def send_init(comm: Comm, buf: Any, dest: int, tag: int = 0) -> Prequest:

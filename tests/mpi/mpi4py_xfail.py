@@ -13,26 +13,6 @@ from __future__ import annotations
 ENTRIES: list[tuple[str, str, str]] = [
     ("test_address.*", "xfail", "missing: Get_address (issue #11 point 3)"),
     ("test_attributes.*", "xfail", "missing: WIN_NULL (issue #11 point 3)"),
-    (
-        "test_cco_buf.TestCCOBufSelf.testBcastTypeIndexed",
-        "xfail",
-        "missing: Create_indexed_block (issue #11 point 3)",
-    ),
-    (
-        "test_cco_buf.TestCCOBufSelfDup.testBcastTypeIndexed",
-        "xfail",
-        "missing: Create_indexed_block (issue #11 point 3)",
-    ),
-    (
-        "test_cco_buf.TestCCOBufWorld.testBcastTypeIndexed",
-        "xfail",
-        "missing: Create_indexed_block (issue #11 point 3)",
-    ),
-    (
-        "test_cco_buf.TestCCOBufWorldDup.testBcastTypeIndexed",
-        "xfail",
-        "missing: Create_indexed_block (issue #11 point 3)",
-    ),
     ("test_cco_buf.TestReduceLocal.*", "xfail", "missing: Reduce_local (issue #11 point 3)"),
     ("test_cco_buf_inter.*", "xfail@2,4", "missing: Create_intercomm (issue #11 point 3)"),
     (
@@ -75,11 +55,6 @@ ENTRIES: list[tuple[str, str, str]] = [
         "xfail",
         "missing: Iscan (issue #11 point 3)",
     ),
-    (
-        "test_cco_nb_buf.TestCCOBufSelf.testBcastTypeIndexed",
-        "xfail",
-        "missing: Create_indexed_block (issue #11 point 3)",
-    ),
     ("test_cco_nb_buf.TestCCOBufSelf.testExscan", "xfail", "missing: Iexscan (issue #11 point 3)"),
     (
         "test_cco_nb_buf.TestCCOBufSelf.testReduceScatter",
@@ -92,11 +67,6 @@ ENTRIES: list[tuple[str, str, str]] = [
         "missing: Ireduce_scatter_block (issue #11 point 3)",
     ),
     ("test_cco_nb_buf.TestCCOBufSelf.testScan", "xfail", "missing: Iscan (issue #11 point 3)"),
-    (
-        "test_cco_nb_buf.TestCCOBufSelfDup.testBcastTypeIndexed",
-        "xfail",
-        "missing: Create_indexed_block (issue #11 point 3)",
-    ),
     (
         "test_cco_nb_buf.TestCCOBufSelfDup.testExscan",
         "xfail",
@@ -113,11 +83,6 @@ ENTRIES: list[tuple[str, str, str]] = [
         "missing: Ireduce_scatter_block (issue #11 point 3)",
     ),
     ("test_cco_nb_buf.TestCCOBufSelfDup.testScan", "xfail", "missing: Iscan (issue #11 point 3)"),
-    (
-        "test_cco_nb_buf.TestCCOBufWorld.testBcastTypeIndexed",
-        "xfail",
-        "missing: Create_indexed_block (issue #11 point 3)",
-    ),
     ("test_cco_nb_buf.TestCCOBufWorld.testExscan", "xfail", "missing: Iexscan (issue #11 point 3)"),
     (
         "test_cco_nb_buf.TestCCOBufWorld.testReduceScatter",
@@ -130,11 +95,6 @@ ENTRIES: list[tuple[str, str, str]] = [
         "missing: Ireduce_scatter_block (issue #11 point 3)",
     ),
     ("test_cco_nb_buf.TestCCOBufWorld.testScan", "xfail", "missing: Iscan (issue #11 point 3)"),
-    (
-        "test_cco_nb_buf.TestCCOBufWorldDup.testBcastTypeIndexed",
-        "xfail",
-        "missing: Create_indexed_block (issue #11 point 3)",
-    ),
     (
         "test_cco_nb_buf.TestCCOBufWorldDup.testExscan",
         "xfail",
@@ -652,11 +612,6 @@ ENTRIES: list[tuple[str, str, str]] = [
         "test_datatype.TestDatatype.testGetSetName",
         "xfail",
         "wrong: predefined datatype names lack mpi4py's MPI_ prefix (issue #11)",
-    ),
-    (
-        "test_datatype.TestDatatype.testGetTrueExtent",
-        "xfail",
-        "missing: true_lb (issue #11 point 3)",
     ),
     (
         "test_datatype.TestDatatype.testGetValueIndex",
