@@ -316,6 +316,7 @@ class CollectiveGroup:
         self._broken: BaseException | None = None
         self._spin = spin_us * 1e-6
         self._yield = self.size > len(os.sched_getaffinity(0))
+        self._listening = False  # see listen()
         me = self.rank
         u64 = self._u64
         u64[self._sleep_i[me]] = 0
@@ -344,6 +345,14 @@ class CollectiveGroup:
             # Bound: a member may even have finished collectives and left since; what it
             # published stays valid, and a wait on it checks it only when nothing comes.
             self._incarnations[r] = self.region.peer_state(self.members[r])[1]
+
+    def listen(self, on: bool) -> None:
+        """Keep this member's sleep flag raised (True) while it waits somewhere else than in
+        this group (on the endpoint's doorbell, e.g. an engine polling nonblocking
+        collectives), so that every publication of the group kicks it; False lowers it."""
+        self._listening = on
+        self._u64[self._sleep_i[self.rank]] = int(on)
+        full_fence()  # [F3] the flag before the caller's next load of a word it waits for
 
     def _corrupt(self, r: int, field: str, value: object, detail: str) -> RingCorruptError:
         error = RingCorruptError(
@@ -417,7 +426,7 @@ class CollectiveGroup:
                     if self.interrupt is not None:
                         self._interrupted()
         finally:
-            u64[sleep_i] = 0
+            u64[sleep_i] = int(self._listening)
 
     def _watch(self, r: int) -> None:
         """While a nonblocking collective is polled: check member r (once per WATCH_SLICE)."""

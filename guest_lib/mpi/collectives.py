@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from guest_lib.mpi import buffers, constants, exceptions, native, ops
+from guest_lib.mpi import area, buffers, constants, exceptions, native, ops
 from guest_lib.mpi.constants import IN_PLACE
 from guest_lib.mpi.engine import StagedOp
 from guest_lib.mpi.matching import Op
@@ -63,7 +63,15 @@ T_NONBLOCKING, NONBLOCKING_TAGS = 1 << 17, 1 << 16  # nonblocking collective n: 
 RSAG_MIN = 64 << 10  # bytes from which Allreduce is a reduce-scatter and an allgather
 BCAST_ONCE_MIN = 256 << 10  # bytes from which a broadcast to >= 2 others is written once
 _PLACED = struct.Struct("<QQ")  # where a placed broadcast piece lies: region offset, bytes
+_OBJ_INLINE = 512  # bytes of an object collective's fixed first block in the area
+_OBJ_LEN = struct.Struct("<Q")  # its head: the pickle's length (the pickle follows if it fits)
 _NOTHING = memoryview(bytearray(0))
+
+
+# What a collective runs in the collective area: (CollectiveGroup method name, its arguments),
+# or None for messages (an op the area cannot fold). Made by the _p_* methods, which check the
+# arguments as the message path does; every member decides alike (same op, same datatypes).
+Plan = Callable[[], tuple[str, tuple[Any, ...]] | None]
 
 
 def collective(method: Callable[..., Any]) -> Callable[..., Any]:
@@ -89,6 +97,7 @@ def collective(method: Callable[..., Any]) -> Callable[..., Any]:
             members = [w for w in self._group if w != engine.world_rank]
             reason = f"{type(exc).__name__}: {exc}"
             engine.abandon(self._ctx + 1, seq, coll_base(seq), COLL_SPAN, reason, members)
+            area.failed(self)
             raise
         finally:
             self._coll_active = False
@@ -239,6 +248,153 @@ class Collectives:
                     raise exceptions.Exception(exceptions.ERR_OTHER, str(exc)) from exc
                 self._c_wait([self._c_isend(_NOTHING, root, T_BCAST_ACK)])
 
+    # ------------------------------------------------------------------ collective area
+    def _area_run(self, plan: Plan) -> bool:
+        """Run a blocking collective in the area (bound first at the communicator's first
+        collective; see area.py): True when it ran there, False to run it on messages."""
+        shared = area.bound(self)
+        if shared is None:
+            return False
+        job = plan()
+        return job is not None and shared.run(job[0], *job[1])
+
+    def _area_stages(
+        self, shared: area.Area, plan: Plan, stages: Callable[[int], Iterator[list[Op]]], tag: int
+    ) -> Iterator[list[Op]]:
+        """A nonblocking collective's stages in the area (one: the area's request), or its
+        message `stages` if `plan` gives None. The plan's argument errors raise at the call."""
+        job = plan()
+        if job is None:
+            yield from stages(tag)
+            return
+        yield [shared.start(job[0], *job[1])]
+
+    def _bytes(self, spec: buffers.VSpec) -> tuple[list[int], list[int]]:
+        """A vector spec's counts and displacements in bytes."""
+        extent = spec.datatype.Get_size()
+        return [c * extent for c in spec.counts], [d * extent for d in spec.displs]
+
+    def _p_bcast(self, buf: Any, root: int) -> tuple[str, tuple[Any, ...]]:
+        self._root(root)
+        return "bcast", (buffers.parse(buf, writable=self._rank != root).view, root)
+
+    def _p_gather(self, sendbuf: Any, recvbuf: Any, root: int) -> tuple[str, tuple[Any, ...]]:
+        size, rank = self._sizes()
+        self._root(root)
+        if rank != root:
+            return "gatherv", (buffers.parse(sendbuf).view, None, [0] * size, [0] * size, root)
+        spec = buffers.parse_vector(recvbuf, size, writable=True)
+        send = spec.part(rank) if sendbuf is IN_PLACE else buffers.parse(sendbuf).view
+        return "gatherv", (send, spec.view, *self._bytes(spec), root)
+
+    def _p_scatter(self, sendbuf: Any, recvbuf: Any, root: int) -> tuple[str, tuple[Any, ...]]:
+        size, rank = self._sizes()
+        self._root(root)
+        if rank != root:
+            recv = buffers.parse(recvbuf, writable=True).view
+            return "scatterv", (None, [0] * size, [0] * size, recv, root)
+        spec = buffers.parse_vector(sendbuf, size)
+        part = spec.part(rank)
+        if recvbuf is IN_PLACE or recvbuf is None:  # (None: in place, as mpi4py)
+            own = memoryview(bytearray(len(part)))  # the root's part stays where it is
+        else:
+            own = buffers.parse(recvbuf, writable=True).view
+            if len(part) > len(own):
+                raise exceptions.Exception(
+                    exceptions.ERR_TRUNCATE,
+                    f"scatter: {len(part)} bytes for the root into a {len(own)}-byte buffer",
+                )
+            own = own[: len(part)]
+        return "scatterv", (spec.view, *self._bytes(spec), own, root)
+
+    def _p_allgather(self, sendbuf: Any, recvbuf: Any) -> tuple[str, tuple[Any, ...]]:
+        size, rank = self._sizes()
+        spec = buffers.parse_vector(recvbuf, size, writable=True)
+        send = spec.part(rank) if sendbuf is IN_PLACE else buffers.parse(sendbuf).view
+        return "allgatherv", (send, spec.view, *self._bytes(spec))
+
+    def _p_alltoall(self, sendbuf: Any, recvbuf: Any) -> tuple[str, tuple[Any, ...]]:
+        size, _ = self._sizes()
+        rspec = buffers.parse_vector(recvbuf, size, writable=True)
+        if sendbuf is IN_PLACE:
+            sspec = rspec._replace(view=memoryview(bytes(rspec.view)))
+        else:
+            sspec = buffers.parse_vector(sendbuf, size)
+        return "alltoallv", (sspec.view, *self._bytes(sspec), rspec.view, *self._bytes(rspec))
+
+    def _p_reduce(
+        self, sendbuf: Any, recvbuf: Any, op: ops.Op, root: int
+    ) -> tuple[str, tuple[Any, ...]] | None:
+        self._root(root)
+        if self._rank == root:
+            _, out, local = self._operands(sendbuf, recvbuf)
+        else:
+            sspec = buffers.parse(sendbuf)
+            out, local = None, _array(sspec.view, sspec.datatype)
+        ufunc = area.ufunc_of(op, local)
+        return None if ufunc is None else ("reduce", (local, out, ufunc, root))
+
+    def _p_fold(
+        self, name: str, sendbuf: Any, recvbuf: Any, op: ops.Op
+    ) -> tuple[str, tuple[Any, ...]] | None:
+        """Allreduce, Scan, Exscan (`name`): every rank has a receive buffer."""
+        _, out, local = self._operands(sendbuf, recvbuf)
+        ufunc = area.ufunc_of(op, local)
+        return None if ufunc is None else (name, (local, out, ufunc))
+
+    def _area_bcast_obj(self, shared: area.Area, obj: Any, root: int) -> tuple[bool, Any]:
+        """bcast of an object in the area: a fixed first block holds the pickle's length and
+        the pickle itself when it fits, else a second broadcast carries it. (ran, object)."""
+        first = bytearray(_OBJ_INLINE)
+        data = None
+        if self._rank == root:
+            data = _dumps(obj)
+            _OBJ_LEN.pack_into(first, 0, len(data))
+            if len(data) <= _OBJ_INLINE - _OBJ_LEN.size:
+                first[_OBJ_LEN.size : _OBJ_LEN.size + len(data)] = data
+        if not shared.run("bcast", first, root):
+            return False, obj
+        if self._rank == root:
+            return True, obj
+        (n,) = _OBJ_LEN.unpack_from(first)
+        if n <= _OBJ_INLINE - _OBJ_LEN.size:
+            return True, _loads(memoryview(first)[_OBJ_LEN.size : _OBJ_LEN.size + n])
+        whole = bytearray(n)
+        if not shared.run("bcast", whole, root):
+            raise exceptions.Exception(exceptions.ERR_OTHER, "object broadcast left the area")
+        return True, _loads(whole)
+
+    def _area_allgather_obj(self, shared: area.Area, obj: Any) -> tuple[bool, list[Any]]:
+        """allgather of objects in the area: fixed first blocks (length, pickle if it fits),
+        then an allgatherv of the pickles that did not fit. (ran, objects)."""
+        size, rank = self._sizes()
+        data = _dumps(obj)
+        room = _OBJ_INLINE - _OBJ_LEN.size
+        block = bytearray(_OBJ_INLINE)
+        _OBJ_LEN.pack_into(block, 0, len(data))
+        if len(data) <= room:
+            block[_OBJ_LEN.size : _OBJ_LEN.size + len(data)] = data
+        blocks = memoryview(bytearray(_OBJ_INLINE * size))
+        if not shared.run("allgather", block, blocks):
+            return False, []
+        lengths = [_OBJ_LEN.unpack_from(blocks, r * _OBJ_INLINE)[0] for r in range(size)]
+        items: list[Any] = [None] * size
+        big = [n if n > room else 0 for n in lengths]
+        if any(big):
+            displs = [sum(big[:r]) for r in range(size)]
+            rest = memoryview(bytearray(sum(big)))
+            if not shared.run("allgatherv", data if big[rank] else b"", rest, big, displs):
+                raise exceptions.Exception(exceptions.ERR_OTHER, "object allgather left the area")
+            for r in range(size):
+                if big[r]:
+                    items[r] = _loads(rest[displs[r] : displs[r] + big[r]])
+        for r in range(size):
+            if not big[r]:
+                at = r * _OBJ_INLINE + _OBJ_LEN.size
+                items[r] = _loads(blocks[at : at + lengths[r]])
+        items[rank] = obj
+        return True, items
+
     # ------------------------------------------------------------------ hierarchy
     def _hierarchy(self) -> tuple[Any, Any, list[int], dict[int, int], list[int]]:
         """(local comm, leaders' mpi4py comm or None, leader of each rank, leader -> index
@@ -332,7 +488,9 @@ class Collectives:
         if self._has_mpi:
             self._h_barrier()
             return
-        self._run(self._barrier(T_BARRIER))
+        shared = area.bound(self)
+        if shared is None or not shared.run("barrier"):
+            self._run(self._barrier(T_BARRIER))
 
     def _barrier(self, tag: int) -> Iterator[list[Op]]:
         """Stages of a dissemination barrier (Barrier, Ibarrier)."""
@@ -358,6 +516,11 @@ class Collectives:
             return obj
         if self._has_mpi:
             return self._h_bcast(obj, root, objects=True)
+        shared = area.bound(self)
+        if shared is not None:
+            done, obj = self._area_bcast_obj(shared, obj, root)
+            if done:
+                return obj
         if rank == root:
             self._bcast_view(_dumps(obj), root, T_BCAST)
             return obj
@@ -372,7 +535,10 @@ class Collectives:
         if self._has_mpi:
             self._h_bcast(buf, root, objects=False)
             return
+        shared = area.bound(self)
         spec = buffers.parse(buf, writable=rank != root)
+        if shared is not None and shared.run("bcast", spec.view, root):
+            return
         if size >= 3 and len(spec.view) >= BCAST_ONCE_MIN:  # (every rank knows the size)
             self._bcast_once(spec.view, root)
         elif size > 1:
@@ -412,6 +578,11 @@ class Collectives:
         size, rank = self._sizes()
         if size == 1:
             return [sendobj]
+        shared = area.bound(self)
+        if shared is not None:
+            done, items = self._area_allgather_obj(shared, sendobj)
+            if done:
+                return items
         data = _dumps(sendobj)
         recvs = {r: self._c_irecv(None, r, T_ALLGATHER) for r in range(size) if r != rank}
         sends = [self._c_isend(data, r, T_ALLGATHER) for r in range(size) if r != rank]
@@ -439,12 +610,16 @@ class Collectives:
 
     @collective
     def Gather(self, sendbuf: Any, recvbuf: Any, root: int = 0) -> None:
-        self._run(self._gatherv(sendbuf, recvbuf, root, T_GATHER))
+        if not self._area_run(lambda: self._p_gather(sendbuf, recvbuf, root)):
+            self._run(self._gatherv(sendbuf, recvbuf, root, T_GATHER))
 
     Gatherv = Gather
 
     def Igather(self, sendbuf: Any, recvbuf: Any, root: int = 0) -> Request:
-        return self._nonblocking(functools.partial(self._gatherv, sendbuf, recvbuf, root))
+        return self._nonblocking(
+            functools.partial(self._gatherv, sendbuf, recvbuf, root),
+            functools.partial(self._p_gather, sendbuf, recvbuf, root),
+        )
 
     Igatherv = Igather
 
@@ -462,12 +637,16 @@ class Collectives:
 
     @collective
     def Scatter(self, sendbuf: Any, recvbuf: Any, root: int = 0) -> None:
-        self._run(self._scatterv(sendbuf, recvbuf, root, T_SCATTER))
+        if not self._area_run(lambda: self._p_scatter(sendbuf, recvbuf, root)):
+            self._run(self._scatterv(sendbuf, recvbuf, root, T_SCATTER))
 
     Scatterv = Scatter
 
     def Iscatter(self, sendbuf: Any, recvbuf: Any, root: int = 0) -> Request:
-        return self._nonblocking(functools.partial(self._scatterv, sendbuf, recvbuf, root))
+        return self._nonblocking(
+            functools.partial(self._scatterv, sendbuf, recvbuf, root),
+            functools.partial(self._p_scatter, sendbuf, recvbuf, root),
+        )
 
     Iscatterv = Iscatter
 
@@ -491,12 +670,16 @@ class Collectives:
 
     @collective
     def Allgather(self, sendbuf: Any, recvbuf: Any) -> None:
-        self._run(self._allgatherv(sendbuf, recvbuf, T_ALLGATHER))
+        if not self._area_run(lambda: self._p_allgather(sendbuf, recvbuf)):
+            self._run(self._allgatherv(sendbuf, recvbuf, T_ALLGATHER))
 
     Allgatherv = Allgather
 
     def Iallgather(self, sendbuf: Any, recvbuf: Any) -> Request:
-        return self._nonblocking(functools.partial(self._allgatherv, sendbuf, recvbuf))
+        return self._nonblocking(
+            functools.partial(self._allgatherv, sendbuf, recvbuf),
+            functools.partial(self._p_allgather, sendbuf, recvbuf),
+        )
 
     Iallgatherv = Iallgather
 
@@ -512,12 +695,16 @@ class Collectives:
 
     @collective
     def Alltoall(self, sendbuf: Any, recvbuf: Any) -> None:
-        self._run(self._alltoallv(sendbuf, recvbuf, T_ALLTOALL))
+        if not self._area_run(lambda: self._p_alltoall(sendbuf, recvbuf)):
+            self._run(self._alltoallv(sendbuf, recvbuf, T_ALLTOALL))
 
     Alltoallv = Alltoall
 
     def Ialltoall(self, sendbuf: Any, recvbuf: Any) -> Request:
-        return self._nonblocking(functools.partial(self._alltoallv, sendbuf, recvbuf))
+        return self._nonblocking(
+            functools.partial(self._alltoallv, sendbuf, recvbuf),
+            functools.partial(self._p_alltoall, sendbuf, recvbuf),
+        )
 
     Ialltoallv = Ialltoall
 
@@ -606,6 +793,8 @@ class Collectives:
                 rspec = buffers.parse(recvbuf, writable=True)
                 rspec.view[:] = _raw(scratch)
             return
+        if self._area_run(lambda: self._p_reduce(sendbuf, recvbuf, op, root)):
+            return
         if rank != root:
             self._c_wait([self._c_isend(buffers.parse(sendbuf).view, root, T_REDUCE)])
             return
@@ -653,6 +842,8 @@ class Collectives:
         size, rank = self._sizes()
         if self._has_mpi and op.is_commutative:
             self._h_allreduce(sendbuf, recvbuf, op)
+            return
+        if size > 1 and self._area_run(lambda: self._p_fold("allreduce", sendbuf, recvbuf, op)):
             return
         rspec, out, local = self._operands(sendbuf, recvbuf)
         if size == 1:
@@ -756,9 +947,13 @@ class Collectives:
                 exceptions.ERR_TRUNCATE,
                 f"Reduce_scatter: {counts[rank]} elements into a {len(out)}-element buffer",
             )
+        out = out[: counts[rank]]
+        ufunc = area.ufunc_of(op, full)
+        if self._area_run(lambda: None if ufunc is None else
+                          ("reduce_scatter", (full[:total], out, counts, ufunc))):  # fmt: skip
+            return
         starts = [sum(counts[:r]) for r in range(size)]
         blocks = [full[starts[r] : starts[r] + counts[r]] for r in range(size)]
-        out = out[: counts[rank]]
         out[...] = blocks[rank]
         sends = [self._c_isend(_raw(blocks[r]), r, T_RSB) for r in range(size) if r != rank]
         self._fold_at_me(out, op, datatype, T_RSB, range(size))
@@ -776,6 +971,9 @@ class Collectives:
 
     def _scan(self, sendbuf: Any, recvbuf: Any, op: ops.Op, inclusive: bool) -> None:
         size, rank = self._sizes()
+        name = "scan" if inclusive else "exscan"
+        if size > 1 and self._area_run(lambda: self._p_fold(name, sendbuf, recvbuf, op)):
+            return
         rspec = buffers.parse(recvbuf, writable=True)
         out = _array(rspec.view, rspec.datatype)
         local = out.copy() if sendbuf is IN_PLACE else _array(buffers.parse(sendbuf).view,
@@ -795,7 +993,9 @@ class Collectives:
             self._c_wait([self._c_isend(_raw(running), rank + 1, tag)])
 
     # ------------------------------------------------------------------ nonblocking
-    def _nonblocking(self, stages: Callable[[int], Iterator[list[Op]]]) -> Request:
+    def _nonblocking(
+        self, stages: Callable[[int], Iterator[list[Op]]], plan: Plan | None = None
+    ) -> Request:
         """A Request for a nonblocking collective whose stages `stages(tag)` yields. The
         instance takes its number (and tag: its own, so that its messages never match those
         of another collective) before anything can fail, so every member numbers it alike.
@@ -812,10 +1012,16 @@ class Collectives:
 
         def abandon(reason: str) -> None:
             engine.abandon(ctx, seq, tag, 1, reason, members)
+            area.failed(self)
 
         gone = engine.abandoned_already(ctx, tag, seq)
         if gone is not None:
+            area.failed(self)
             raise exceptions.Exception(exceptions.ERR_OTHER, gone)
+        shared = area.current(self) if plan is not None else None
+        if shared is not None:
+            assert plan is not None
+            stages = functools.partial(self._area_stages, shared, plan, stages)
         op = StagedOp(stages(tag), abandon)
         try:
             engine.start_staged(op)
@@ -825,8 +1031,9 @@ class Collectives:
         return Request(op, engine)
 
     def Ibarrier(self) -> Request:
-        """Nonblocking barrier (dissemination: ceil(log2 size) rounds of empty messages)."""
-        return self._nonblocking(self._barrier)
+        """Nonblocking barrier (in the area, else dissemination: ceil(log2 size) rounds of
+        empty messages)."""
+        return self._nonblocking(self._barrier, lambda: ("barrier", ()))
 
     def Ibcast(self, buf: Any, root: int = 0) -> Request:
         """Nonblocking broadcast of a buffer (binomial tree; `buf` is not to be touched until
@@ -851,7 +1058,7 @@ class Collectives:
                 mask >>= 1
             yield children
 
-        return self._nonblocking(steps)
+        return self._nonblocking(steps, functools.partial(self._p_bcast, buf, root))
 
     def Iallreduce(self, sendbuf: Any, recvbuf: Any, op: ops.Op = ops.SUM) -> Request:
         """Nonblocking Allreduce: rank 0 folds every operand in rank order and sends the
@@ -865,7 +1072,8 @@ class Collectives:
             if rank == 0:
                 yield [self._c_isend(rspec.view, r, tag) for r in range(1, size)]
 
-        return self._nonblocking(steps)
+        plan = functools.partial(self._p_fold, "allreduce", sendbuf, recvbuf, op)
+        return self._nonblocking(steps, plan)
 
     def Ireduce(self, sendbuf: Any, recvbuf: Any, op: ops.Op = ops.SUM, root: int = 0) -> Request:
         """Nonblocking Reduce: `root` folds every operand in rank order."""
@@ -887,7 +1095,9 @@ class Collectives:
                 local = _array(sspec.view, datatype)
             yield from self._fold_at(local, out, op, datatype, root, tag)
 
-        return self._nonblocking(steps)
+        return self._nonblocking(
+            steps, functools.partial(self._p_reduce, sendbuf, recvbuf, op, root)
+        )
 
     def _fold_at(
         self,

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from guest_lib.mpi import buffers, constants, exceptions, native, persistent
+from guest_lib.mpi import area, buffers, constants, exceptions, native, persistent
 from guest_lib.mpi.collectives import T_BARRIER, Collectives
 from guest_lib.mpi.engine import Engine
 from guest_lib.mpi.matching import DoneOp, Op, RecvOp
@@ -79,6 +79,7 @@ class Comm:
         self._coll_base = 0  # the tag base of the blocking collective running
         self._coll_active = False
         self._coll_gone: str | None = None
+        self._area: Any = None  # its collective area: see area.py (None: not bound yet)
 
     if TYPE_CHECKING:  # from Collectives, which every communicator but COMM_NULL mixes in
 
@@ -577,6 +578,7 @@ class Comm:
         """Release the context (collective in MPI; local bookkeeping here). Messages sent on
         this communicator and not received are dropped, here and when they arrive later:
         they never show up on a communicator that gets the context next."""
+        area.free(self)
         if self._engine is not None and self._ctx >= 4:
             self._engine.used_ctx.difference_update((self._ctx, self._ctx + 1))
             self._engine.drop_context((self._ctx, self._ctx + 1))

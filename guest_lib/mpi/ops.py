@@ -77,6 +77,12 @@ class Op:
     def is_predefined(self) -> bool:
         return self._user is None
 
+    @property
+    def ufunc(self) -> Any:
+        """The numpy ufunc computing `left op right` elementwise, or None (a user op, a
+        logical or location op, REPLACE, NO_OP)."""
+        return self._ufunc if self._user is None else None
+
     def __call__(self, x: Any, y: Any) -> Any:
         """Combine two objects: `x op y` (x from the lower rank)."""
         if self._user is not None:

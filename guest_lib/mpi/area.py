@@ -1,0 +1,296 @@
+"""A communicator's collectives through the region's collective area (ivshmem_comm.collective).
+
+Eligibility: a communicator of two members or more, every one of them reached through this
+rank's region (routes SELF or SHM: no mpi4py between any two), in a region that has
+collective slots, on a CPU the area's ordering holds on (claim_slot gives no slot
+elsewhere). Anything else keeps to the message-based algorithms of collectives.py.
+
+Binding and ownership: at the communicator's first blocking collective, before its
+arguments are looked at, rank 0 claims a slot (`claim_slot`) and broadcasts (slot,
+generation) by messages with that collective's own tags; every member builds its
+CollectiveGroup and waits until all have bound. No slot free: the communicator keeps to
+messages for good (so creating many communicators never exhausts anything, it only leaves
+the late ones on messages). Free releases the slot (rank 0, the claimer) after a last area
+barrier, so that no member still reads a slab the next holder overwrites. Every member
+takes each decision (bind, use, drop) at the same collective, so all agree on the path.
+
+State per communicator (`comm._area`): None (not bound yet), an `Area`, or False (messages
+for good: no slot, not eligible, or dropped).
+
+Errors: a collective that raises on a rank drops that rank's area (the decorator in
+collectives.py calls `failed`); the others learn of it by the abandonment message the
+message path sends anyway (engine.abandon). A member blocked in the area checks for such a
+record after each blocked slice (the group's interrupt hook, every WATCH_SLICE): for the
+collective it runs, it raises MPI.Exception(ERR_OTHER) with the other rank's reason, as the
+message path does; for an earlier one (this member completed that one, e.g. as a root that
+waits for nobody) it drops the area and runs the current collective again on messages
+(`Fallback`), where the failed member runs it too. A member that died or left gives the
+MPI.Exception the message path gives for a lost peer (engine.translate_error of the core's
+PeerLostError); a member writing garbage into the area, the same for RingCorruptError.
+
+Progress: a blocking area collective waits inside the core (spin, then the doorbell) when
+the engine has nothing in flight; otherwise (sends queued, receives posted) it is started
+as a nonblocking one and driven together with the engine, so that a message the peer waits
+for still moves. A nonblocking area collective is an `AreaOp` whose completion is polled by
+the engine's progress; while any is pending, this member's sleep flag stays raised so that
+every publication of the group rings its doorbell (the engine naps on it).
+
+Reductions go through the area for the predefined ops that are numpy ufuncs (SUM, PROD, MAX,
+MIN, BAND, BOR, BXOR) on numpy element types; other ops fall back to messages.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from guest_lib.mpi import exceptions
+from guest_lib.mpi.engine import ROUTE_MPI, Op, translate_error
+from ivshmem_comm.collective import CollectiveGroup, CollectiveRequest, claim_slot, release_slot
+from ivshmem_comm.errors import PeerLostError, RingCorruptError, TimeoutError
+
+if TYPE_CHECKING:
+    from guest_lib.mpi import ops
+
+T_AREA = 0  # internal tag (of the current blocking instance) of the binding broadcast
+_BIND = struct.Struct("<iI")  # slot (-1: none), generation
+_CORE_ERRORS = (PeerLostError, RingCorruptError, TimeoutError)
+
+
+class Fallback(Exception):
+    """Another member abandoned an earlier collective: the area is dropped, run this one on
+    messages."""
+
+
+class Area:
+    """The collective group of one communicator on this member. `completed` counts the
+    collectives it ran to the end (tests read it to see that the area path is taken)."""
+
+    def __init__(self, comm: Any, group: CollectiveGroup, claimed: bool) -> None:
+        self.comm = comm
+        self.group = group
+        self.claimed = claimed
+        self.completed = 0
+        self.listeners = 0  # nonblocking collectives pending (sleep flag raised)
+        engine = comm._engine
+        self._ctx = comm._ctx + 1
+        # Abandonment records that predate the binding are not about the area.
+        self._known = {(key, seq) for key, (seq, _) in engine.abandoned.items()}
+        group.interrupt = self._interrupt
+        self._current: tuple[tuple[int, int], int] | None = None
+
+    # ------------------------------------------------------------------ errors
+    def check_abandoned(self) -> None:
+        """Raise if another member abandoned a collective of this communicator since the
+        binding: MPI.Exception(ERR_OTHER) for the one running (`_current`), else Fallback."""
+        engine = self.comm._engine
+        if not engine.abandoned:
+            return
+        for key, (seq, reason) in engine.abandoned.items():
+            if key[0] != self._ctx or (key, seq) in self._known:
+                continue
+            if (key, seq) == self._current:
+                raise exceptions.Exception(exceptions.ERR_OTHER, reason)
+            raise Fallback(reason)
+
+    def _interrupt(self) -> None:
+        """The group's hook while a wait is blocked: move messages, look for abandonment."""
+        self.comm._engine.progress()
+        self.check_abandoned()
+
+    def drop(self) -> None:
+        """Leave the area for good (the slot stays claimed until Free)."""
+        self.comm._area = False
+        self.group.close()
+
+    # ------------------------------------------------------------------ running
+    def run(self, name: str, *args: Any) -> bool:
+        """Run collective `name` of the group (blocking form) with `args`. True when it ran
+        through the area; False when it must run on messages (Fallback: the area is
+        dropped). Errors: MPI.Exception for a core error or an abandoned collective, else
+        the group's own (ValueError for buffers that do not fit); the area is dropped."""
+        comm = self.comm
+        engine = comm._engine
+        self._current = ((self._ctx, comm._coll_base), comm._coll_seq - 1)
+        try:
+            if comm._coll_gone is not None:
+                raise Fallback(comm._coll_gone)  # run it as the message path does
+            if engine.quiet():
+                getattr(self.group, name)(*args)
+            else:
+                self._drive(self.group.start(name, *args))
+        except Fallback:
+            self.drop()
+            return False
+        except _CORE_ERRORS as exc:
+            self.drop()
+            raise translate_error(exc) from exc
+        except BaseException:
+            self.drop()
+            raise
+        self.completed += 1
+        return True
+
+    def _drive(self, request: CollectiveRequest) -> None:
+        """Complete `request` while the engine progresses its own operations."""
+        engine = self.comm._engine
+        self.listen(1)
+        try:
+            while not request.test():
+                if not engine.progress():
+                    self.check_abandoned()
+                    engine.idle()
+        finally:
+            self.listen(-1)
+
+    def listen(self, delta: int) -> None:
+        """Count a waiter that naps on the engine's doorbell; the sleep flag stays raised
+        while there is one."""
+        self.listeners += delta
+        self.group.listen(self.listeners > 0)
+
+    def start(self, name: str, *args: Any) -> AreaOp:
+        """Start collective `name` nonblocking; the AreaOp completes with it. Errors at the
+        start as for `run`."""
+        try:
+            request = self.group.start(name, *args)
+        except _CORE_ERRORS as exc:
+            self.drop()
+            raise translate_error(exc) from exc
+        except BaseException:
+            self.drop()
+            raise
+        return AreaOp(self, request)
+
+
+class AreaOp(Op):
+    """A nonblocking collective of the area as an engine operation: `done` polls it (and the
+    abandonment records) each time it is read; a failure completes it with ERR_OTHER and
+    drops the area."""
+
+    __slots__ = ("_area", "_finished", "_request", "_why")
+
+    def __init__(self, area: Area, request: CollectiveRequest) -> None:
+        self._finished = False
+        super().__init__()
+        self._area = area
+        self._request = request
+        self._why = ""
+        area.listen(1)
+
+    @property
+    def done(self) -> bool:
+        if self._finished:
+            return True
+        area = self._area
+        try:
+            if not self._request.test():
+                area.check_abandoned()
+                return False
+            area.completed += 1
+        except BaseException as exc:
+            self.error = exceptions.ERR_OTHER
+            self._why = f"{type(exc).__name__}: {exc}"
+            if area.comm._area is area:
+                area.drop()
+        self._finished = True
+        area.listen(-1)
+        return True
+
+    @done.setter
+    def done(self, value: bool) -> None:
+        pass  # Op.__init__ sets it; completion is the collective's
+
+
+# ------------------------------------------------------------------ binding
+def eligible(comm: Any) -> bool:
+    """Whether `comm` may use the area (see the module docstring)."""
+    engine = comm._engine
+    return (
+        engine is not None
+        and engine.ep is not None
+        and len(comm._group) >= 2
+        and not comm._has_mpi
+        and all(route != ROUTE_MPI for route, _ in comm._route)
+        and engine.ep.region.geometry.coll_slots > 0
+    )
+
+
+def bound(comm: Any) -> Area | None:
+    """The communicator's Area, bound now if this is its first blocking collective (called
+    by every member inside one, before its arguments are checked); None: messages."""
+    area = comm._area
+    if area is None:
+        area = comm._area = _bind(comm) if eligible(comm) else False
+    return area or None
+
+
+def current(comm: Any) -> Area | None:
+    """The communicator's Area if bound (nonblocking collectives never bind)."""
+    return comm._area or None
+
+
+def _bind(comm: Any) -> Area | bool:
+    engine = comm._engine
+    ep = engine.ep
+    claimed = None
+    comm._area = False  # a failure while binding leaves messages for good (on every rank)
+    if comm._rank == 0:
+        claimed = claim_slot(ep.region, ep.peer_id, ep.incarnation)
+        slot, generation = claimed or (-1, 0)
+        comm._bcast_view(memoryview(_BIND.pack(slot, generation)), 0, T_AREA)
+    else:
+        raw = bytearray(_BIND.size)
+        comm._bcast_view(memoryview(raw), 0, T_AREA)
+        slot, generation = _BIND.unpack(raw)
+    if slot < 0:
+        return False
+    peers = [ep.peer_id if r == comm._rank else comm._shm_peer[r] for r in range(len(comm._group))]
+    try:
+        group = CollectiveGroup(ep, slot, generation, peers)
+        group.wait_bound()
+    except _CORE_ERRORS as exc:
+        raise translate_error(exc) from exc
+    return Area(comm, group, claimed is not None)
+
+
+def failed(comm: Any) -> None:
+    """A collective of `comm` raised on this rank: leave the area for good."""
+    area = comm._area
+    if area:
+        area.drop()
+    elif area is None:
+        comm._area = False
+
+
+def free(comm: Any) -> None:
+    """Free of `comm` (collective): a last area barrier, then the claimer releases the slot."""
+    area = comm._area
+    comm._area = False
+    if not area:
+        return
+    group = area.group
+    try:
+        group.barrier()
+    except Exception:  # a broken group or a lost member: release anyway
+        pass
+    ep = group.endpoint
+    if area.claimed:
+        release_slot(ep.region, group.slot, ep.peer_id, ep.incarnation)
+    group.close()
+
+
+def completed(comm: Any) -> int:
+    """How many collectives of `comm` ran through the area on this rank (0 if none)."""
+    area = comm._area
+    return area.completed if area else 0
+
+
+def ufunc_of(op: ops.Op, *arrays: np.ndarray) -> Any:
+    """The numpy ufunc that folds `op` on these arrays in the area, or None (messages)."""
+    ufunc = op.ufunc
+    if ufunc is None or any(a.dtype.fields is not None for a in arrays):
+        return None
+    return ufunc
