@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from guest_lib.mpi import exceptions
-from guest_lib.mpi.engine import ROUTE_MPI, Op, translate_error
+from guest_lib.mpi.engine import COLL_TAGS, ROUTE_MPI, Op, translate_error
 from ivshmem_comm.collective import CollectiveGroup, CollectiveRequest, claim_slot, release_slot
 from ivshmem_comm.errors import PeerLostError, RingCorruptError, TimeoutError
 
@@ -74,10 +74,10 @@ class Area:
         self.claimed = claimed
         self.completed = 0
         self.listeners = 0  # nonblocking collectives pending (sleep flag raised)
-        engine = comm._engine
         self._ctx = comm._ctx + 1
-        # Abandonment records that predate the binding are not about the area.
-        self._known = {(key, seq) for key, (seq, _) in engine.abandoned.items()}
+        # Abandonment records of collectives started before the binding are not about the
+        # area: the first blocking and nonblocking instance numbers that are.
+        self._since = (comm._coll_seq - 1, comm._nb_seq)
         group.interrupt = self._interrupt
         self._current: tuple[tuple[int, int], int] | None = None
 
@@ -89,7 +89,7 @@ class Area:
         if not engine.abandoned:
             return
         for key, (seq, reason) in engine.abandoned.items():
-            if key[0] != self._ctx or (key, seq) in self._known:
+            if key[0] != self._ctx or seq < self._since[key[1] >= COLL_TAGS]:
                 continue
             if (key, seq) == self._current:
                 raise exceptions.Exception(exceptions.ERR_OTHER, reason)
@@ -257,12 +257,11 @@ def _bind(comm: Any) -> Area | bool:
 
 
 def failed(comm: Any) -> None:
-    """A collective of `comm` raised on this rank: leave the area for good."""
+    """A collective of `comm` raised on this rank: leave the area for good. (Not bound yet:
+    nothing changes; a failure inside the binding left messages for good already.)"""
     area = comm._area
     if area:
         area.drop()
-    elif area is None:
-        comm._area = False
 
 
 def free(comm: Any) -> None:

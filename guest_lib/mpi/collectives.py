@@ -180,8 +180,10 @@ class Collectives:
         return len(self._group), self._rank
 
     def _allreduce_int_or(self, value: int) -> int:
+        """Bitwise OR of `value` over the members, by messages (never the area: a context
+        agreement must come after every message a member sent before it; see _alloc_ctx)."""
         result = 0
-        for item in self.allgather(value):
+        for item in self._allgather_messages(value):
             result |= item
         return result
 
@@ -354,15 +356,14 @@ class Collectives:
                 first[_OBJ_LEN.size : _OBJ_LEN.size + len(data)] = data
         if not shared.run("bcast", first, root):
             return False, obj
-        if self._rank == root:
-            return True, obj
         (n,) = _OBJ_LEN.unpack_from(first)
         if n <= _OBJ_INLINE - _OBJ_LEN.size:
-            return True, _loads(memoryview(first)[_OBJ_LEN.size : _OBJ_LEN.size + n])
-        whole = bytearray(n)
+            inline = memoryview(first)[_OBJ_LEN.size : _OBJ_LEN.size + n]
+            return True, obj if self._rank == root else _loads(inline)
+        whole = data if data is not None else bytearray(n)
         if not shared.run("bcast", whole, root):
             raise exceptions.Exception(exceptions.ERR_OTHER, "object broadcast left the area")
-        return True, _loads(whole)
+        return True, obj if self._rank == root else _loads(whole)
 
     def _area_allgather_obj(self, shared: area.Area, obj: Any) -> tuple[bool, list[Any]]:
         """allgather of objects in the area: fixed first blocks (length, pickle if it fits),
@@ -575,14 +576,20 @@ class Collectives:
 
     @collective
     def allgather(self, sendobj: Any) -> list[Any]:
-        size, rank = self._sizes()
-        if size == 1:
+        if len(self._group) == 1:
             return [sendobj]
         shared = area.bound(self)
         if shared is not None:
             done, items = self._area_allgather_obj(shared, sendobj)
             if done:
                 return items
+        return self._allgather_messages(sendobj)
+
+    @collective
+    def _allgather_messages(self, sendobj: Any) -> list[Any]:
+        size, rank = self._sizes()
+        if size == 1:
+            return [sendobj]
         data = _dumps(sendobj)
         recvs = {r: self._c_irecv(None, r, T_ALLGATHER) for r in range(size) if r != rank}
         sends = [self._c_isend(data, r, T_ALLGATHER) for r in range(size) if r != rank]
