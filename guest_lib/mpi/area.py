@@ -25,7 +25,7 @@ collective it runs, it raises MPI.Exception(ERR_OTHER) with the other rank's rea
 message path does; for an earlier one (this member completed that one, e.g. as a root that
 waits for nobody) it drops the area and runs the current collective again on messages
 (`Fallback`), where the failed member runs it too. A member that died or left gives the
-MPI.Exception the message path gives for a lost peer (engine.translate_error of the core's
+MPI.Exception the message path gives for a lost peer (fastpath.core_error of the core's
 PeerLostError); a member writing garbage into the area, the same for RingCorruptError.
 
 Progress: a blocking area collective waits inside the core (spin, then the doorbell) when
@@ -47,7 +47,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from guest_lib.mpi import exceptions
-from guest_lib.mpi.engine import COLL_TAGS, ROUTE_MPI, Op, translate_error
+from guest_lib.mpi.fastpath import core_error
+from guest_lib.mpi.matching import Op
+from guest_lib.mpi.wire import COLL_TAGS
 from ivshmem_comm.collective import CollectiveGroup, CollectiveRequest, claim_slot, release_slot
 from ivshmem_comm.errors import PeerLostError, RingCorruptError, TimeoutError
 
@@ -126,7 +128,7 @@ class Area:
             return False
         except _CORE_ERRORS as exc:
             self.drop()
-            raise translate_error(exc) from exc
+            raise core_error(exc) from exc
         except BaseException:
             self.drop()
             raise
@@ -158,7 +160,7 @@ class Area:
             request = self.group.start(name, *args)
         except _CORE_ERRORS as exc:
             self.drop()
-            raise translate_error(exc) from exc
+            raise core_error(exc) from exc
         except BaseException:
             self.drop()
             raise
@@ -212,8 +214,7 @@ def eligible(comm: Any) -> bool:
         engine is not None
         and engine.ep is not None
         and len(comm._group) >= 2
-        and not comm._has_mpi
-        and all(route != ROUTE_MPI for route, _ in comm._route)
+        and not comm._has_mpi  # every member shares this region
         and engine.ep.region.geometry.coll_slots > 0
     )
 
@@ -252,7 +253,7 @@ def _bind(comm: Any) -> Area | bool:
         group = CollectiveGroup(ep, slot, generation, peers)
         group.wait_bound()
     except _CORE_ERRORS as exc:
-        raise translate_error(exc) from exc
+        raise core_error(exc) from exc
     return Area(comm, group, claimed is not None)
 
 
