@@ -49,6 +49,8 @@ import numpy as np
 from guest_lib.mpi import exceptions
 from guest_lib.mpi.fastpath import core_error
 from guest_lib.mpi.matching import Op
+from guest_lib.mpi.request import Request
+from guest_lib.mpi.status import Status
 from guest_lib.mpi.wire import COLL_TAGS
 from ivshmem_comm.collective import CollectiveGroup, CollectiveRequest, claim_slot, release_slot
 from ivshmem_comm.errors import PeerLostError, RingCorruptError, TimeoutError
@@ -59,6 +61,8 @@ if TYPE_CHECKING:
 T_AREA = 0  # internal tag (of the current blocking instance) of the binding broadcast
 _BIND = struct.Struct("<iI")  # slot (-1: none), generation
 _CORE_ERRORS = (PeerLostError, RingCorruptError, TimeoutError)
+NAP_S = 0.001  # longest nap of a Wait on an area request (messages it also waits for do not
+# ring the doorbell)
 
 
 class Fallback(Exception):
@@ -206,6 +210,32 @@ class AreaOp(Op):
         pass  # Op.__init__ sets it; completion is the collective's
 
 
+class AreaRequest(Request):
+    """The Request of a nonblocking collective in the area. Wait naps on the doorbell,
+    which every publication of the group rings while the collective is pending (the
+    engine's own nap waits for a message and would sleep its whole slice)."""
+
+    __slots__ = ()
+
+    def _complete(self) -> None:
+        op, engine = self._op, self._engine
+        assert op is not None and engine is not None
+        notifier = engine.ep.notifier
+        while not op.done:
+            if not engine.progress() and not op.done:
+                notifier.wait(NAP_S)
+
+    def Wait(self, status: Status | None = None) -> bool:
+        if self._op is not None:
+            self._complete()
+        return super().Wait(status)
+
+    def wait(self, status: Status | None = None) -> Any:
+        if self._op is not None:
+            self._complete()
+        return super().wait(status)
+
+
 # ------------------------------------------------------------------ binding
 def eligible(comm: Any) -> bool:
     """Whether `comm` may use the area (see the module docstring)."""
@@ -273,7 +303,7 @@ def free(comm: Any) -> None:
         return
     group = area.group
     try:
-        group.barrier()
+        area.run("barrier")  # (with the engine progressing, if it has work)
     except Exception:  # a broken group or a lost member: release anyway
         pass
     ep = group.endpoint

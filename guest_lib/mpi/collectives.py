@@ -260,15 +260,9 @@ class Collectives:
         job = plan()
         return job is not None and shared.run(job[0], *job[1])
 
-    def _area_stages(
-        self, shared: area.Area, plan: Plan, stages: Callable[[int], Iterator[list[Op]]], tag: int
-    ) -> Iterator[list[Op]]:
-        """A nonblocking collective's stages in the area (one: the area's request), or its
-        message `stages` if `plan` gives None. The plan's argument errors raise at the call."""
-        job = plan()
-        if job is None:
-            yield from stages(tag)
-            return
+    @staticmethod
+    def _area_stages(shared: area.Area, job: tuple[str, tuple[Any, ...]]) -> Iterator[list[Op]]:
+        """A nonblocking collective's one stage in the area: the area's request."""
         yield [shared.start(job[0], *job[1])]
 
     def _bytes(self, spec: buffers.VSpec) -> tuple[list[int], list[int]]:
@@ -1026,11 +1020,13 @@ class Collectives:
             area.failed(self)
             raise exceptions.Exception(exceptions.ERR_OTHER, gone)
         shared = area.current(self) if plan is not None else None
-        if shared is not None:
-            assert plan is not None
-            stages = functools.partial(self._area_stages, shared, plan, stages)
-        op = StagedOp(stages(tag), abandon)
         try:
+            job = plan() if shared is not None and plan is not None else None  # (args checked)
+            if shared is not None and job is not None:
+                op = StagedOp(self._area_stages(shared, job), abandon)
+                engine.start_staged(op)
+                return area.AreaRequest(op, engine)
+            op = StagedOp(stages(tag), abandon)
             engine.start_staged(op)
         except Exception as exc:
             abandon(f"{type(exc).__name__}: {exc}")
