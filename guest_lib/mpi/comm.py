@@ -29,7 +29,7 @@ from guest_lib.mpi.matching import DoneOp, Op, RecvOp
 from guest_lib.mpi.pickling import dumps as _dumps
 from guest_lib.mpi.pickling import loads as _loads
 from guest_lib.mpi.request import Request, unpickle
-from guest_lib.mpi.routes import ANY, Route, shm_recv
+from guest_lib.mpi.routes import ANY, Route
 from guest_lib.mpi.status import Status
 
 # numpy type characters of arrays the fast paths hand to the core as they are (plain numbers,
@@ -65,14 +65,16 @@ class Comm:
             self._rank_of = {w: i for i, w in enumerate(group)}
             self._route: list[Route] = [engine.routes[w] for w in group]
             self._has_mpi = any(not route.local for route in self._route)
-            self._any = self._any_route()  # the route of ANY_SOURCE receives
+            # the route of each rank and of ANY_SOURCE (receives)
+            self._src_route = dict(enumerate(self._route))
+            self._src_route[constants.ANY_SOURCE] = self._any_route()
             self._shm_peer = {  # comm rank -> core peer id, for ranks on shared memory
                 r: route.peer for r, route in enumerate(self._route) if route.peer >= 0
             }
         else:
             self._shm_peer = {}
             self._rank, self._rank_of, self._route, self._has_mpi = -1, {}, [], False
-            self._any = ANY
+            self._src_route = {}
         self._hier: Any = None  # (local comm, leaders' mpi4py comm, leader of each rank)
         self._nb_seq = 0  # nonblocking collectives started (the same count on every member)
         self._coll_seq = 0  # blocking collectives started (the same count on every member)
@@ -204,10 +206,6 @@ class Comm:
             )
 
     # ------------------------------------------------------------------ p2p internals
-    def _route_of(self, rank: int) -> Route:
-        """The route of `rank` (a rank of this communicator, or ANY_SOURCE)."""
-        return self._any if rank == constants.ANY_SOURCE else self._route[rank]
-
     def _isend_op(self, data: memoryview, dest: int, tag: int, ctx: int, sync: bool) -> Op:
         self._check()
         if dest == constants.PROC_NULL:
@@ -230,7 +228,7 @@ class Comm:
         self._check()
         if source == constants.PROC_NULL:
             return DoneOp(constants.PROC_NULL, constants.ANY_TAG)
-        route = self._route_of(source)
+        route = self._src_route[source]
         src = source if source == constants.ANY_SOURCE else self._group[source]
         return route.post(self, RecvOp(ctx, src, tag, view, sink, route.peer), source)
 
@@ -238,9 +236,8 @@ class Comm:
         self, view: memoryview, source: int, tag: int, ctx: int, status: Status | None
     ) -> None:
         engine = self._check()
-        if source != constants.PROC_NULL and self._route_of(source).recv_into(
-            self, view, source, tag, ctx, status
-        ):
+        route = self._src_route.get(source)  # None: PROC_NULL
+        if route is not None and route.recv_into(self, view, source, tag, ctx, status):
             return
         op = self._irecv_op(view, source, tag, ctx)
         if not op.done:
@@ -249,8 +246,9 @@ class Comm:
 
     def _recv_obj(self, source: int, tag: int, ctx: int, status: Status | None) -> Any:
         engine = self._check()
-        if source != constants.PROC_NULL:
-            data = self._route_of(source).recv_bytes(self, source, tag, ctx, status)
+        route = self._src_route.get(source)  # None: PROC_NULL
+        if route is not None:
+            data = route.recv_bytes(self, source, tag, ctx, status)
             if data is not None:
                 return _loads(data)
         op = self._irecv_op(None, source, tag, ctx)
@@ -395,7 +393,7 @@ class Comm:
             and buf.dtype.char in _PLAIN_DTYPES
             and buf.dtype.isnative
             and (0 <= tag <= constants.TAG_UB or tag == constants.ANY_TAG)
-            and shm_recv(self, peer, source, tag, self._ctx, buf, status)
+            and self._route[source].recv_into(self, buf, source, tag, self._ctx, status)
         ):
             return
         self._source(source)
@@ -515,7 +513,7 @@ class Comm:
             if status is not None:
                 status._set(self._rank_of[entry.src], entry.tag, entry.nbytes)
             return True
-        return self._route_of(source).iprobe(self, source, tag, status)
+        return self._src_route[source].iprobe(self, source, tag, status)
 
     # ------------------------------------------------------------------ management
     def _alloc_ctx(self, members: list[int] | None = None, tag: int = 0) -> int:

@@ -21,6 +21,9 @@ from ivshmem_comm.errors import TimeoutError as CoreTimeout
 BYPASS_CACHE_MIN = 8 << 20  # a receive buffer this large takes pieces with cache-bypassing stores
 FAST_TIMEOUT = 0.002  # s: how long a blocking fast path waits inside the core before the engine
 
+_TAG_MASK = wire.TAG_MASK  # module globals: read on every fast call
+_CTX_SHIFT = wire.CTX_SHIFT
+
 FastRecv = tuple[int, int, RecvOp | None]
 """What `FastPaths.fast_recv` returns when it took a message: (nbytes, tag, rest). `rest` is
 None when the whole message is in the buffer; else the RecvOp the engine finishes (wait for
@@ -72,12 +75,10 @@ class FastPaths:
             return None
         except PeerLostError as exc:
             raise core_error(exc) from exc
-        if (
-            tag == constants.ANY_TAG or coretag & wire.TAG_MASK == tag
-        ) and peer not in self.sync_next:
-            head = coretag >> wire.CTX_SHIFT
+        if (tag == constants.ANY_TAG or coretag & _TAG_MASK == tag) and peer not in self.sync_next:
+            head = coretag >> _CTX_SHIFT
             if head == ctx:  # kind DATA and this context
-                return nbytes, coretag & wire.TAG_MASK, None
+                return nbytes, coretag & _TAG_MASK, None
             if head == wire.head_of(wire.KIND_FIRST, ctx):
                 return self._fast_pieces(peer, ctx, tag, _bytes_of(buf), nbytes, coretag)
         self.dispatch(peer, coretag, nbytes, bytes(_bytes_of(buf)[:nbytes]))
@@ -90,7 +91,7 @@ class FastPaths:
         pieces, which follow it from `peer` with nothing in between, are received straight
         into `view`. The whole message when the last one is in; with a RecvOp for the engine
         to finish if a piece does not come within FAST_TIMEOUT or does not fit (truncation)."""
-        user_tag = coretag & wire.TAG_MASK
+        user_tag = coretag & _TAG_MASK
         piece_head = wire.head_of(wire.KIND_PIECE, ctx)
         ep = self.ep
         bypass = len(view) >= BYPASS_CACHE_MIN
@@ -107,7 +108,7 @@ class FastPaths:
                 return offset, user_tag, op
             except PeerLostError as exc:
                 raise core_error(exc) from exc
-            if coretag >> wire.CTX_SHIFT != piece_head:
+            if coretag >> _CTX_SHIFT != piece_head:
                 raise wire.piece_outside(coretag, f"peer {peer}")
             offset += nbytes
             if coretag & wire.PIECE_LAST:

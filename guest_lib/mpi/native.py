@@ -236,7 +236,7 @@ class MpiRoute(Route):
     def recv_into(
         self,
         comm: Comm,
-        view: memoryview,
+        view: Any,
         rank: int,
         tag: int,
         ctx: int,

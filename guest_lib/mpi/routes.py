@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from guest_lib.mpi.matching import Op, RecvOp
     from guest_lib.mpi.status import Status
 
+_CTX_SHIFT = wire.CTX_SHIFT
 SELF = 0  # Route.code values: what MPI._internal_state() shows per world rank
 SHM = 1
 MPI4PY = 2
@@ -57,7 +58,7 @@ class Route:
     def recv_into(
         self,
         comm: Comm,
-        view: memoryview,
+        view: Any,
         rank: int,
         tag: int,
         ctx: int,
@@ -107,7 +108,7 @@ class ShmRoute(Route):
     def send(self, comm: Comm, data: memoryview, rank: int, tag: int, ctx: int, sync: bool) -> None:
         engine = comm._engine
         assert engine is not None
-        if not sync and engine.fast_send(self.peer, ctx << wire.CTX_SHIFT | tag, data):
+        if not sync and engine.fast_send(self.peer, ctx << _CTX_SHIFT | tag, data):
             return
         op = engine.isend_shm(self.peer, ctx, tag, data, sync)
         if not op.done:
@@ -122,7 +123,20 @@ class ShmRoute(Route):
         ctx: int,
         status: Status | None,
     ) -> bool:
-        return shm_recv(comm, self.peer, rank, tag, ctx, view, status)
+        """The engine's fast path (`view`: also a writable C-contiguous numpy array)."""
+        engine: Engine = comm._engine  # type: ignore[assignment]
+        got = engine.fast_recv(self.peer, ctx, tag, view)
+        if got is None:
+            return False
+        nbytes, got_tag, rest = got
+        if rest is not None:  # a large message whose rest the engine finishes
+            from guest_lib.mpi.request import Request  # (request -> engine -> native -> routes)
+
+            engine.wait(rest)
+            Request(rest, engine, comm._rank_of)._fill(status)
+        elif status is not None:
+            status._set(rank, got_tag, nbytes)
+        return True
 
 
 class AnyRoute(Route):
@@ -132,25 +146,3 @@ class AnyRoute(Route):
 
 
 ANY = AnyRoute()
-
-
-def shm_recv(
-    comm: Comm, peer: int, rank: int, tag: int, ctx: int, buf: Any, status: Status | None
-) -> bool:
-    """Blocking receive from `rank` of `comm` (core peer `peer`) by the engine's fast path
-    into `buf` (a writable flat byte view or C-contiguous numpy array). True when done
-    (status filled; MPI.Exception on truncation); False when the engine was busy or nothing
-    came soon: the caller posts the receive."""
-    engine: Engine = comm._engine  # type: ignore[assignment]
-    got = engine.fast_recv(peer, ctx, tag, buf)
-    if got is None:
-        return False
-    nbytes, got_tag, rest = got
-    if rest is not None:  # a large message whose rest the engine finishes
-        from guest_lib.mpi.request import Request  # (request -> engine -> native -> routes)
-
-        engine.wait(rest)
-        Request(rest, engine, comm._rank_of)._fill(status)
-    elif status is not None:
-        status._set(rank, got_tag, nbytes)
-    return True
