@@ -12,6 +12,11 @@ class Status:
     """What a receive (or probe) matched. A fresh Status has ANY_SOURCE / ANY_TAG / 0 bytes."""
 
     __slots__ = ("cancelled", "count", "error", "source", "tag")
+    source: int
+    tag: int
+    error: int
+    count: int  # bytes
+    cancelled: bool
 
     def __init__(self, status: Status | None = None) -> None:
         if status is not None:
