@@ -24,6 +24,7 @@ from guest_lib.mpi.constants import (
     ANY_SOURCE,
     ANY_TAG,
     BOTTOM,
+    COMM_TYPE_SHARED,
     CONGRUENT,
     IDENT,
     IN_PLACE,
@@ -249,5 +250,5 @@ _unused = (  # names re-exported on purpose (mpi4py's MPI namespace), not used h
     Get_error_class, Get_error_string, BAND, BOR, BXOR, LAND, LOR, LXOR, MAX, MAXLOC, MIN,
     MINLOC, NO_OP, OP_NULL, PROD, REPLACE, SUM, Op, REQUEST_NULL, TAG_UB_VALUE, Pickle, pickle,
     CART, DIST_GRAPH, GRAPH, Cartcomm, Compute_dims, GROUP_EMPTY, GROUP_NULL, Group,
-    Prequest, ORDER_C, ORDER_F, ORDER_FORTRAN,
+    Prequest, COMM_TYPE_SHARED, ORDER_C, ORDER_F, ORDER_FORTRAN,
 )  # fmt: skip

@@ -371,6 +371,41 @@ def parse_vector(spec: Any, size: int, *, writable: bool = False) -> VSpec:
     return VSpec(view, counts, displs, datatype)
 
 
+def parse_w(spec: Any, size: int, *, writable: bool = False) -> list[memoryview]:
+    """The part of each of `size` ranks in an Alltoallw spec, [buf, (counts, displs),
+    datatypes] or [buf, counts, displs, datatypes] (displacements in bytes, a datatype per
+    rank): a view of the buffer, or for a packing datatype its packed copy (unpacked after
+    the receiving call, as in `parse`). TypeError for a malformed spec, ValueError for a
+    part outside the buffer."""
+    items = list(spec) if isinstance(spec, list | tuple) else []
+    if len(items) == 3 and isinstance(items[1], list | tuple) and len(items[1]) == 2:
+        buf, (counts, displs), types = items
+    elif len(items) == 4:
+        buf, counts, displs, types = items
+    else:
+        raise TypeError("message: expecting [buf, (counts, displs), datatypes]")
+    counts = [int(c) for c in counts]
+    displs = [int(d) for d in displs]
+    datatypes_ = [_datatype(t) for t in types]
+    if not len(counts) == len(displs) == len(datatypes_) == size:
+        raise ValueError(f"message: expecting {size} counts, displacements and datatypes")
+    view, _ = _as_bytes(buf, writable)
+    parts = []
+    for count, displ, datatype in zip(counts, displs, datatypes_, strict=True):
+        assert datatype is not None
+        if datatype.packs:
+            parts.append(_packed(view, displ, count, datatype, writable))
+            continue
+        stop = displ + count * datatype.size
+        if count < 0 or displ < 0 or stop > len(view):
+            raise ValueError(
+                f"message: {count} x {datatype.name} at byte {displ} runs past a "
+                f"{len(view)}-byte buffer"
+            )
+        parts.append(view[displ:stop])
+    return parts
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int | np.integer)
 

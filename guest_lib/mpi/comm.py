@@ -23,7 +23,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from guest_lib.mpi import area, buffers, constants, exceptions, native, persistent
-from guest_lib.mpi.collectives import T_BARRIER, Collectives
+from guest_lib.mpi.collectives import T_BARRIER
+from guest_lib.mpi.collectives_extra import ExtraCollectives
 from guest_lib.mpi.engine import Engine
 from guest_lib.mpi.matching import DoneOp, Op, RecvOp
 from guest_lib.mpi.pickling import dumps as _dumps
@@ -659,7 +660,7 @@ class Comm:
         return constants.UNEQUAL
 
 
-class Intracomm(Collectives, Comm):
+class Intracomm(ExtraCollectives, Comm):
     """An intra-communicator: p2p, collectives and management."""
 
     def Create_cart(self, dims: Any, periods: Any = None, reorder: bool = False) -> Intracomm:

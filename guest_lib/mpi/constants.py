@@ -61,3 +61,6 @@ BOTTOM: Final = _Sentinel("BOTTOM")
 ORDER_C = 56
 ORDER_FORTRAN = 57
 ORDER_F = ORDER_FORTRAN
+
+# Split_type (MPICH's value): the ranks sharing a region (one host)
+COMM_TYPE_SHARED = 1

@@ -460,7 +460,7 @@ _BY_CODE: dict[str, Datatype] = {
     "f4": FLOAT, "f8": DOUBLE, "c8": C_FLOAT_COMPLEX, "c16": C_DOUBLE_COMPLEX,
 }  # fmt: skip
 _BY_DTYPE: dict[np.dtype, Datatype] = {}
-for _datatype in PREDEFINED.values():
+for _datatype in [*_BY_CODE.values(), *PREDEFINED.values()]:  # C names first (int64: LONG)
     if _datatype.dtype is not None and _datatype.dtype.kind not in "SU":
         _BY_DTYPE.setdefault(_datatype.dtype, _datatype)
 _BY_DTYPE[np.dtype("B")] = BYTE

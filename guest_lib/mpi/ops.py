@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from guest_lib.mpi import exceptions
+from guest_lib.mpi import datatypes, exceptions
 
 
 def _loc(better: Callable[[Any, Any], bool]) -> Callable[[Any, Any], Any]:
@@ -94,6 +94,8 @@ class Op:
     def reduce_into(self, acc: np.ndarray, operand: np.ndarray, datatype: Any = None) -> None:
         """acc[:] = operand op acc, elementwise (operand from the lower rank), in place."""
         if self._user is not None:
+            if datatype is None:  # the caller did not say: the array's own predefined type
+                datatype = _datatype_of(acc.dtype)
             self._user(operand, acc, datatype)
             return
         if self._arrayfunc is None:
@@ -113,6 +115,13 @@ class Op:
 
     def __reduce__(self) -> Any:
         return (_predefined, (self.name,)) if self._user is None else object.__reduce__(self)
+
+
+def _datatype_of(dtype: np.dtype) -> Any:
+    try:
+        return datatypes.from_dtype(dtype)
+    except KeyError:
+        return None
 
 
 def _ufunc(ufunc: Any) -> Callable[[np.ndarray, np.ndarray], None]:

@@ -1,0 +1,193 @@
+"""More collectives of an intra-communicator (issue #11 point 3): the nonblocking prefix and
+reduce-scatter folds, Alltoallw/Ialltoallw, and the communicator constructors Split_type
+and Idup.
+
+They are written as stages, like the nonblocking collectives of `collectives` (each stage a
+list of the operations the next one waits for), and run through the same `_nonblocking`
+(own tag, abandoned on every member if it fails on one) or `_run` (blocking). Folds go in
+rank order, x0 op x1 op ... op x(p-1), so non-commutative user ops give MPI's result.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Generator, Iterator
+from typing import Any
+
+import numpy as np
+
+from guest_lib.mpi import buffers, constants, exceptions, ops
+from guest_lib.mpi.collectives import T_ALLTOALL, Collectives, _array, _raw, collective
+from guest_lib.mpi.constants import IN_PLACE
+from guest_lib.mpi.matching import DoneOp, Op
+from guest_lib.mpi.request import Request
+
+
+class ExtraCollectives(Collectives):
+    """Iscan, Iexscan, Ireduce_scatter(_block), Alltoallw, Ialltoallw, Split_type, Idup."""
+
+    # provided by Comm
+    Split: Callable[..., Any]
+    Dup: Callable[..., Any]
+
+    # ------------------------------------------------------------------ prefix folds
+    def Iscan(self, sendbuf: Any, recvbuf: Any, op: ops.Op = ops.SUM) -> Request:
+        """Nonblocking Scan: rank r gets x0 op ... op xr (a chain along the ranks)."""
+        return self._nonblocking(
+            functools.partial(self._prefix_steps, sendbuf, recvbuf, op, True),
+            functools.partial(self._p_fold, "scan", sendbuf, recvbuf, op),
+        )
+
+    def Iexscan(self, sendbuf: Any, recvbuf: Any, op: ops.Op = ops.SUM) -> Request:
+        """Nonblocking Exscan: rank r > 0 gets x0 op ... op x(r-1); rank 0's recvbuf is left
+        as it was."""
+        return self._nonblocking(
+            functools.partial(self._prefix_steps, sendbuf, recvbuf, op, False),
+            functools.partial(self._p_fold, "exscan", sendbuf, recvbuf, op),
+        )
+
+    def _prefix_steps(
+        self, sendbuf: Any, recvbuf: Any, op: ops.Op, inclusive: bool, tag: int
+    ) -> Iterator[list[Op]]:
+        """Stages of a prefix fold: take the prefix from rank - 1, pass it on with this
+        rank's operand folded in to rank + 1."""
+        size, rank = self._sizes()
+        _, out, local = self._operands(sendbuf, recvbuf)
+        passed_on = local
+        if rank > 0:
+            before = np.empty_like(out)
+            yield [self._c_irecv(_raw(before), rank - 1, tag)]
+            passed_on = np.empty_like(out)
+            op.combine_to(passed_on, before, local)
+            out[...] = passed_on if inclusive else before
+        elif inclusive:
+            out[...] = local
+        if rank + 1 < size:
+            yield [self._c_isend(_raw(passed_on), rank + 1, tag)]
+
+    # ------------------------------------------------------------------ reduce-scatter
+    def Ireduce_scatter_block(self, sendbuf: Any, recvbuf: Any, op: ops.Op = ops.SUM) -> Request:
+        """Nonblocking Reduce_scatter_block: block r (recvbuf's count elements; with
+        IN_PLACE, 1/size of recvbuf) of the fold of every rank's sendbuf ends in rank r's
+        recvbuf."""
+        size, _ = self._sizes()
+
+        def steps(tag: int) -> Iterator[list[Op]]:
+            rspec = buffers.parse(recvbuf, writable=True)
+            count = rspec.count // size if sendbuf is IN_PLACE else rspec.count
+            yield from self._scatter_fold(sendbuf, rspec, [count] * size, op, tag)
+
+        return self._nonblocking(steps)
+
+    def Ireduce_scatter(
+        self, sendbuf: Any, recvbuf: Any, recvcounts: Any = None, op: ops.Op = ops.SUM
+    ) -> Request:
+        """Nonblocking Reduce_scatter: `recvcounts[r]` elements for rank r; without
+        recvcounts, each rank's recvbuf count (exchanged first; not with IN_PLACE).
+        ValueError for counts that do not fit the buffers."""
+        size, _ = self._sizes()
+        if recvcounts is not None:
+            counts = [int(c) for c in recvcounts]
+            if len(counts) != size or min(counts) < 0:
+                raise ValueError(f"Reduce_scatter: expecting {size} counts >= 0, got {counts}")
+        elif sendbuf is IN_PLACE:
+            raise ValueError("Reduce_scatter: IN_PLACE needs recvcounts")
+
+        def steps(tag: int) -> Iterator[list[Op]]:
+            rspec = buffers.parse(recvbuf, writable=True)
+            if recvcounts is None:
+                every = yield from self._exchange_count(rspec.count, tag)
+            else:
+                every = counts
+            yield from self._scatter_fold(sendbuf, rspec, every, op, tag)
+
+        return self._nonblocking(steps)
+
+    def _exchange_count(self, count: int, tag: int) -> Generator[list[Op], None, list[int]]:
+        """A stage giving every rank's `count` (each sends its own to all the others)."""
+        size, rank = self._sizes()
+        mine = _raw(np.array([count], dtype="<i8"))
+        theirs = {r: np.zeros(1, dtype="<i8") for r in range(size) if r != rank}
+        recvs = [self._c_irecv(_raw(theirs[r]), r, tag) for r in theirs]
+        yield recvs + [self._c_isend(mine, r, tag) for r in theirs]
+        return [count if r == rank else int(theirs[r][0]) for r in range(size)]
+
+    def _scatter_fold(
+        self, sendbuf: Any, rspec: buffers.Spec, counts: list[int], op: ops.Op, tag: int
+    ) -> Iterator[list[Op]]:
+        """Stages of a reduce-scatter once the counts are known (arguments checked before
+        any data moves): every rank sends block r of its operand to rank r and folds the
+        blocks it gets, in rank order."""
+        size, rank = self._sizes()
+        datatype = rspec.datatype
+        out = _array(rspec.view, datatype)
+        # with IN_PLACE the result overwrites the operand: a copy of it is folded
+        full = out.copy() if sendbuf is IN_PLACE else _array(buffers.parse(sendbuf).view, datatype)
+        if len(full) < sum(counts):
+            raise ValueError(
+                f"Reduce_scatter: {len(full)} elements to send, {sum(counts)} expected"
+            )
+        if len(out) < counts[rank]:
+            raise exceptions.Exception(
+                exceptions.ERR_TRUNCATE,
+                f"Reduce_scatter: {counts[rank]} elements into a {len(out)}-element buffer",
+            )
+        starts = np.cumsum([0, *counts])
+        blocks = [full[starts[r] : starts[r + 1]] for r in range(size)]
+        operands = {r: np.empty_like(blocks[rank]) for r in range(size) if r != rank}
+        recvs = [self._c_irecv(_raw(operands[r]), r, tag) for r in operands]
+        yield recvs + [self._c_isend(_raw(blocks[r]), r, tag) for r in operands]
+        operands[rank] = blocks[rank]
+        result = operands[size - 1].copy()
+        for r in reversed(range(size - 1)):
+            op.reduce_into(result, operands[r], datatype)
+        out[: counts[rank]] = result
+
+    # ------------------------------------------------------------------ alltoallw
+    @collective
+    def Alltoallw(self, sendbuf: Any, recvbuf: Any) -> None:
+        """All-to-all with a count, a byte displacement and a datatype per rank:
+        [buf, (counts, displs), datatypes] (or [buf, counts, displs, datatypes]);
+        sendbuf IN_PLACE: the data to send is recvbuf's."""
+        self._run(self._alltoallw(sendbuf, recvbuf, T_ALLTOALL))
+
+    def Ialltoallw(self, sendbuf: Any, recvbuf: Any) -> Request:
+        """Nonblocking Alltoallw."""
+        return self._nonblocking(functools.partial(self._alltoallw, sendbuf, recvbuf))
+
+    def _alltoallw(self, sendbuf: Any, recvbuf: Any, tag: int) -> Iterator[list[Op]]:
+        size, rank = self._sizes()
+        into = buffers.parse_w(recvbuf, size, writable=True)
+        if sendbuf is IN_PLACE:
+            out = [memoryview(bytes(part)) for part in into]
+        else:
+            out = buffers.parse_w(sendbuf, size)
+        if len(out[rank]) > len(into[rank]):
+            raise exceptions.Exception(
+                exceptions.ERR_TRUNCATE,
+                f"Alltoallw: {len(out[rank])} bytes into a {len(into[rank])}-byte part",
+            )
+        into[rank][: len(out[rank])] = out[rank]
+        recvs = [self._c_irecv(into[r], r, tag) for r in range(size) if r != rank]
+        yield recvs + [self._c_isend(out[r], r, tag) for r in range(size) if r != rank]
+
+    # ------------------------------------------------------------------ constructors
+    def Split_type(self, split_type: int, key: int = 0, info: Any = None) -> Any:
+        """Split by `split_type`: COMM_TYPE_SHARED groups the ranks that share a region (one
+        host: they reach each other through shared memory), ordered by (key, rank);
+        UNDEFINED gives COMM_NULL. Collective. MPI.Exception(ERR_ARG) for another type."""
+        engine = self._check()
+        if split_type == constants.UNDEFINED:
+            return self.Split(constants.UNDEFINED, key)
+        if split_type != constants.COMM_TYPE_SHARED:
+            raise exceptions.Exception(exceptions.ERR_ARG, f"split type {split_type}")
+        local = [w for w in self._group if engine.routes[w].local]
+        return self.Split(min(local), key)
+
+    def Idup(self, info: Any = None) -> tuple[Any, Request]:
+        """(duplicate, request): a Dup whose agreement on a context is made at the call
+        (every member must call Idup before any of them returns from it, as with Dup), and
+        a request that is complete already."""
+        return self.Dup(info), Request(DoneOp(), self._check())
+
+    Idup_with_info = Idup
