@@ -11,6 +11,7 @@ message when nothing is queued for that peer.
 from __future__ import annotations
 
 import collections
+from collections.abc import Callable
 from typing import Any
 
 from guest_lib.mpi import constants, exceptions, wire
@@ -51,12 +52,8 @@ class FastPaths:
     sync_next: dict[int, int]
     inflow: dict[int, Inflow]
     world_of_peer: dict[int, int]
-
-    def quiet(self) -> bool:
-        raise NotImplementedError
-
-    def dispatch(self, peer: int, coretag: int, nbytes: int, data: Any = None) -> None:
-        raise NotImplementedError
+    quiet: Callable[[], bool]  # nothing queued, posted, unexpected or in flight
+    dispatch: Callable[[int, int, int, Any], None]  # (peer, coretag, nbytes, data taken)
 
     def fast_recv(self, peer: int, ctx: int, tag: int, buf: Any) -> FastRecv | None:
         """Blocking receive from shm peer `peer` straight into `buf` when nothing else is

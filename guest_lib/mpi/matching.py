@@ -177,6 +177,8 @@ class Matching:
     `poll_native` (let the mpi4py route match posted receives now) and `routes`."""
 
     routes: list[Any]  # world rank -> its Route (see `routes`)
+    send_control: Callable[[int, int, bytes], None]  # (shm peer, CTRL_*, payload): queue it
+    poll_native: Callable[[], bool]  # match posted receives on the mpi4py route now
 
     def __init__(self) -> None:
         self.posted: list[RecvOp] = []
@@ -187,12 +189,6 @@ class Matching:
         self.dropped_ctx: set[int] = set()  # freed contexts not agreed on again yet
         # (collective context, tag base) of abandoned collective instances -> (number, why)
         self.abandoned: dict[tuple[int, int], tuple[int, str]] = {}
-
-    def send_control(self, peer: int, kind_tag: int, payload: bytes) -> None:
-        raise NotImplementedError
-
-    def poll_native(self) -> bool:
-        raise NotImplementedError
 
     # ------------------------------------------------------------------ posted receives
     def match_posted(self, src: int, ctx: int, tag: int) -> RecvOp | None:
