@@ -168,13 +168,17 @@ class Engine(Matching, FastPaths):
     def isend_shm(self, peer: int, ctx: int, tag: int, data: memoryview, sync: bool) -> SendOp:
         """Queue a send to shm peer `peer` and try to push it now."""
         op = SendOp(peer, ctx, tag, data, sync, self.next_seq() if sync else 0)
+        self._enqueue(peer, op)
+        return op
+
+    def _enqueue(self, peer: int, op: SendOp) -> None:
+        """Queue `op` behind what waits for `peer`; push it now if it is first."""
         queue = self.sendq.get(peer)
         if queue is None:
             queue = self.sendq[peer] = collections.deque()
         queue.append(op)
         if len(queue) == 1 and peer != self.placing:
             self._push(peer, queue, 0.0)
-        return op
 
     def send_self(self, ctx: int, tag: int, data: memoryview, sync: bool = False) -> Op:
         """A send to this very process: delivered, or stored (buffered semantics). The op
@@ -253,12 +257,7 @@ class Engine(Matching, FastPaths):
     def send_control(self, peer: int, kind_tag: int, payload: bytes) -> None:
         op = ControlOp(peer, 0, kind_tag, memoryview(payload), False, 0)
         op.coretag = core_tag(KIND_CONTROL, 0, kind_tag)
-        queue = self.sendq.get(peer)
-        if queue is None:
-            queue = self.sendq[peer] = collections.deque()
-        queue.append(op)
-        if len(queue) == 1 and peer != self.placing:
-            self._push(peer, queue, 0.0)
+        self._enqueue(peer, op)
 
     def place(self, peer: int, data: memoryview, coretag: int) -> int:
         """Write a message for shm peer `peer` into its queue without sending it (core

@@ -234,13 +234,7 @@ class MpiRoute(Route):
         return comm._engine.post(op)  # type: ignore[union-attr]
 
     def recv_into(
-        self,
-        comm: Comm,
-        view: Any,
-        rank: int,
-        tag: int,
-        ctx: int,
-        status: Status | None,
+        self, comm: Comm, view: Any, rank: int, tag: int, ctx: int, status: Status | None
     ) -> bool:
         if not self.direct or not comm._engine.quiet():  # type: ignore[union-attr]
             return False

@@ -56,13 +56,7 @@ class Route:
         return comm._engine.post(op)  # type: ignore[union-attr]
 
     def recv_into(
-        self,
-        comm: Comm,
-        view: Any,
-        rank: int,
-        tag: int,
-        ctx: int,
-        status: Status | None,
+        self, comm: Comm, view: Any, rank: int, tag: int, ctx: int, status: Status | None
     ) -> bool:
         """The blocking receive's fast path: True when the message is in `view` (status
         filled; MPI.Exception on truncation); False when the caller must post a receive."""
@@ -115,13 +109,7 @@ class ShmRoute(Route):
             engine.wait(op)
 
     def recv_into(
-        self,
-        comm: Comm,
-        view: Any,
-        rank: int,
-        tag: int,
-        ctx: int,
-        status: Status | None,
+        self, comm: Comm, view: Any, rank: int, tag: int, ctx: int, status: Status | None
     ) -> bool:
         """The engine's fast path (`view`: also a writable C-contiguous numpy array)."""
         engine: Engine = comm._engine  # type: ignore[assignment]
