@@ -51,9 +51,28 @@ from guest_lib.mpi.constants import (
 from guest_lib.mpi.constants import KEY_TAG_UB as _KEY_TAG_UB
 from guest_lib.mpi.datatypes import *  # noqa: F403 - every predefined datatype name
 from guest_lib.mpi.datatypes import Datatype, TypeDict
+from guest_lib.mpi.errhandler import (
+    ERRHANDLER_NULL,
+    ERRORS_ABORT,
+    ERRORS_ARE_FATAL,
+    ERRORS_RETURN,
+    Errhandler,
+)
 from guest_lib.mpi.exceptions import *  # noqa: F403 - SUCCESS and the ERR_* classes
 from guest_lib.mpi.exceptions import Exception, Get_error_class, Get_error_string
 from guest_lib.mpi.group import GROUP_EMPTY, GROUP_NULL, Group
+from guest_lib.mpi.info import INFO_ENV, INFO_NULL, Info
+from guest_lib.mpi.memory import (
+    BSEND_OVERHEAD,
+    Aint_add,
+    Aint_diff,
+    Alloc_mem,
+    Attach_buffer,
+    Detach_buffer,
+    Free_mem,
+    Get_address,
+    buffer,
+)
 from guest_lib.mpi.ops import (
     BAND,
     BOR,
@@ -80,6 +99,7 @@ from guest_lib.mpi.status import Status
 from guest_lib.mpi.topology import CART, DIST_GRAPH, GRAPH, Cartcomm, Compute_dims
 
 __TypeDict__ = TypeDict
+memory = buffer  # mpi4py's older name
 _typedict = TypeDict
 TAG_UB_VALUE = TAG_UB
 
@@ -250,5 +270,7 @@ _unused = (  # names re-exported on purpose (mpi4py's MPI namespace), not used h
     Get_error_class, Get_error_string, BAND, BOR, BXOR, LAND, LOR, LXOR, MAX, MAXLOC, MIN,
     MINLOC, NO_OP, OP_NULL, PROD, REPLACE, SUM, Op, REQUEST_NULL, TAG_UB_VALUE, Pickle, pickle,
     CART, DIST_GRAPH, GRAPH, Cartcomm, Compute_dims, GROUP_EMPTY, GROUP_NULL, Group,
-    Prequest, COMM_TYPE_SHARED, ORDER_C, ORDER_F, ORDER_FORTRAN,
+    Prequest, COMM_TYPE_SHARED, INFO_ENV, INFO_NULL, Info, BSEND_OVERHEAD, Aint_add, Aint_diff,
+    Alloc_mem, Attach_buffer, Detach_buffer, Free_mem, Get_address, buffer, ORDER_C, ORDER_F,
+    ORDER_FORTRAN, ERRHANDLER_NULL, ERRORS_ABORT, ERRORS_ARE_FATAL, ERRORS_RETURN, Errhandler,
 )  # fmt: skip

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from guest_lib.mpi import area, buffers, constants, exceptions, native, persistent
+from guest_lib.mpi import area, buffers, constants, errhandler, exceptions, native, persistent
 from guest_lib.mpi.collectives import T_BARRIER
 from guest_lib.mpi.collectives_extra import ExtraCollectives
 from guest_lib.mpi.engine import Engine
@@ -462,6 +462,12 @@ class Comm:
     ) -> None:
         view = buffers.parse(buf, writable=True).view
         self.Sendrecv(bytes(view), dest, sendtag, [view, len(view), "B"], source, recvtag, status)
+
+    # error handlers (see `errhandler`)
+    Set_errhandler = errhandler.set_errhandler
+    Get_errhandler = errhandler.get_errhandler
+    Call_errhandler = errhandler.call_errhandler
+    Create_errhandler = staticmethod(errhandler.create_errhandler)
 
     # persistent requests and Isendrecv (see `persistent`)
     Send_init = persistent.send_init

@@ -1,0 +1,156 @@
+"""Error handlers of communicators, with mpi4py's semantics.
+
+Every communicator starts with ERRORS_RETURN, as in mpi4py (which sets it on COMM_WORLD and
+COMM_SELF at start, and MPI copies it to the communicators made from them): an error in a
+call raises `MPI.Exception`. `Set_errhandler` changes what happens when a call of that
+communicator raises MPI.Exception:
+- ERRORS_ARE_FATAL / ERRORS_ABORT: the error is printed to stderr and the job is aborted
+  (`Comm.Abort` with the error class as exit code);
+- a handler from `Comm.Create_errhandler(fn)`: `fn(comm, error_class)` is called, then the
+  exception is raised (the call "returns the error", which mpi4py turns into a raise);
+- ERRORS_RETURN: the exception is raised.
+The handler applies to the calls made on the communicator itself (errors a request reports
+later from Wait/Test are raised there, as under ERRORS_RETURN). The communicator's methods
+are wrapped per instance only while a handler other than ERRORS_RETURN is set, so the
+default costs nothing.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from guest_lib.mpi import exceptions
+
+_RETURN, _FATAL, _ABORT = "ERRORS_RETURN", "ERRORS_ARE_FATAL", "ERRORS_ABORT"
+# the methods that manage the handler itself, and Abort, stay as they are
+_UNGUARDED = frozenset({"Set_errhandler", "Get_errhandler", "Call_errhandler", "Abort",
+                        "Create_errhandler", "Free"})  # fmt: skip
+
+
+class Errhandler:
+    """An error handler handle: a predefined kind (a name), a user function, or null."""
+
+    __slots__ = ("_kind",)
+
+    def __init__(self, errhandler: Errhandler | None = None) -> None:
+        self._kind: str | Callable[..., Any] | None = (
+            None if errhandler is None else errhandler._kind
+        )
+
+    def Free(self) -> None:
+        """This handle becomes ERRHANDLER_NULL (the predefined ones stay)."""
+        if not any(self is h for h in _PREDEFINED.values()):
+            self._kind = None
+
+    def __bool__(self) -> bool:
+        return self._kind is not None
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Errhandler):
+            return NotImplemented
+        return self._kind is other._kind
+
+    def __hash__(self) -> int:
+        return id(self._kind)
+
+    def __reduce__(self) -> Any:
+        """Predefined handlers unpickle as themselves (handles on them as equal new handles);
+        user handlers raise ValueError, as in mpi4py."""
+        name = self._kind if isinstance(self._kind, str) or self._kind is None else ""
+        if name == "":
+            raise ValueError("cannot serialize a user error handler")
+        key = name or "ERRHANDLER_NULL"
+        return (_predefined, (key, self is _PREDEFINED[key]))
+
+    def __repr__(self) -> str:
+        return f"<Errhandler {self._kind!r}>"
+
+
+def _predefined(name: str, same: bool) -> Errhandler:
+    handle = _PREDEFINED[name]
+    return handle if same else Errhandler(handle)
+
+
+def _make(kind: str | None) -> Errhandler:
+    handle = Errhandler()
+    handle._kind = kind
+    return handle
+
+
+ERRHANDLER_NULL = _make(None)
+ERRORS_RETURN = _make(_RETURN)
+ERRORS_ARE_FATAL = _make(_FATAL)
+ERRORS_ABORT = _make(_ABORT)
+_PREDEFINED = {
+    "ERRHANDLER_NULL": ERRHANDLER_NULL,
+    _RETURN: ERRORS_RETURN,
+    _FATAL: ERRORS_ARE_FATAL,
+    _ABORT: ERRORS_ABORT,
+}
+
+
+def create_errhandler(function: Callable[[Any, int], None]) -> Errhandler:
+    """A handler calling `function(comm, error_class)` (mpi4py's Comm.Create_errhandler)."""
+    if not callable(function):
+        raise TypeError("Create_errhandler: expecting a callable")
+    handle = Errhandler()
+    handle._kind = function
+    return handle
+
+
+def get_errhandler(comm: Any) -> Errhandler:
+    """A new handle on the communicator's handler."""
+    comm._check()
+    return Errhandler(getattr(comm, "_errhandler", ERRORS_RETURN))
+
+
+def set_errhandler(comm: Any, errhandler: Errhandler) -> None:
+    """Make `errhandler` the communicator's (see the module docstring). MPI.Exception
+    (ERR_ARG) for ERRHANDLER_NULL, ERR_COMM for COMM_NULL."""
+    comm._check()
+    if not isinstance(errhandler, Errhandler) or not errhandler:
+        raise exceptions.Exception(exceptions.ERR_ARG, "not an error handler")
+    for name, value in list(vars(comm).items()):  # the wrappers of the previous handler
+        if getattr(value, "_errhandler_guard", False):
+            delattr(comm, name)
+    comm._errhandler = Errhandler(errhandler)
+    if errhandler._kind is _RETURN:
+        return
+    cls = type(comm)
+    for name in dir(cls):
+        if name.startswith("_") or name in _UNGUARDED or not callable(getattr(cls, name)):
+            continue
+        if isinstance(getattr(cls, name), type):
+            continue
+        setattr(comm, name, _guard(comm, getattr(comm, name), errhandler._kind))
+
+
+def call_errhandler(comm: Any, errorcode: int) -> None:
+    """Invoke the communicator's handler for `errorcode` (nothing for ERRORS_RETURN)."""
+    comm._check()
+    _handle(comm, getattr(comm, "_errhandler", ERRORS_RETURN)._kind, int(errorcode), "")
+
+
+def _guard(comm: Any, method: Callable[..., Any], kind: Any) -> Callable[..., Any]:
+    @functools.wraps(method)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(*args, **kwargs)
+        except exceptions.Exception as exc:
+            _handle(comm, kind, exc.Get_error_class(), f"{method.__name__}: {exc}")
+            raise
+
+    run._errhandler_guard = True  # type: ignore[attr-defined]
+    return run
+
+
+def _handle(comm: Any, kind: Any, error: int, what: str) -> None:
+    if kind in (_FATAL, _ABORT):
+        print(f"MPI error ({kind}) on {comm!r}: {what or exceptions.Get_error_string(error)}",
+              file=sys.stderr, flush=True)  # fmt: skip
+        comm.Abort(error or 1)
+    elif callable(kind):
+        kind(comm, error)

@@ -1,0 +1,201 @@
+"""Memory: `MPI.buffer` (mpi4py's byte buffer object), `Alloc_mem`/`Free_mem`,
+`Get_address`/`Aint_add`/`Aint_diff`, and the Bsend buffer (`Attach_buffer`/`Detach_buffer`).
+
+`buffer` is a one-dimensional unsigned-byte numpy array over some memory (an object's buffer,
+memory of its own, or a raw address), so it has the buffer protocol on every Python version;
+`obj` is the object it was made from. `release()` drops the memory: address and size read 0
+from then on. Indexing follows mpi4py: an integer or a slice with step 1 (IndexError for
+other steps or out-of-range indices, TypeError for other keys); assignment takes an integer
+or any buffer of the right length (TypeError on a read-only buffer).
+
+Sends here never need a Bsend buffer (a message is copied into the queue or handed to MPI as
+it is sent), so `Attach_buffer` only records the buffer it is given, for `Detach_buffer`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from typing import Any
+
+import numpy as np
+
+from guest_lib.mpi import constants, exceptions
+
+BSEND_OVERHEAD = 96  # MPICH's value (bytes of bookkeeping per buffered message)
+_NOTHING = object()
+
+
+class buffer(np.ndarray):  # mpi4py's name, lower case
+    """mpi4py's `MPI.buffer`; see the module docstring."""
+
+    _obj: Any
+    _released: bool
+
+    def __new__(cls, obj: Any = _NOTHING) -> buffer:
+        if obj is _NOTHING:  # an empty buffer over no memory (address 0)
+            made = _wrap(np.empty(0, np.uint8), None)
+            made._released = True
+            return made
+        if obj is None or isinstance(obj, int | float | list | tuple):
+            raise TypeError(f"buffer: expecting a buffer object, got {type(obj).__name__}")
+        view = memoryview(obj)
+        flat = view.cast("B") if view.c_contiguous else memoryview(view.tobytes())
+        return _wrap(np.frombuffer(flat, np.uint8), obj)
+
+    def __array_finalize__(self, parent: Any) -> None:
+        self._obj = getattr(parent, "_obj", None)
+        self._released = False
+
+    @classmethod
+    def allocate(cls, nbytes: int, clear: bool = False) -> buffer:
+        """`nbytes` bytes of new memory (zeroed if `clear`). TypeError for a non-integer,
+        ValueError for a negative size."""
+        if not isinstance(nbytes, int):
+            raise TypeError(f"buffer.allocate: expecting an integer, got {type(nbytes).__name__}")
+        if nbytes < 0:
+            raise ValueError(f"buffer.allocate: negative size {nbytes}")
+        memory = bytearray(nbytes)  # always zeroed: `clear` costs nothing more
+        return _wrap(np.frombuffer(memory, np.uint8) if nbytes else np.empty(1, np.uint8)[:0],
+                     memory)  # fmt: skip
+
+    @classmethod
+    def frombuffer(cls, obj: Any, readonly: bool = False) -> buffer:
+        """A buffer over `obj`'s memory (read-only if `readonly` or if `obj` is)."""
+        made = cls(obj)
+        if readonly:
+            made.flags.writeable = False
+        return made
+
+    @classmethod
+    def fromaddress(cls, address: int, nbytes: int, readonly: bool = False) -> buffer:
+        """A buffer over `nbytes` bytes at `address` (the caller keeps the memory alive).
+        ValueError for a negative size or a null address."""
+        if nbytes < 0:
+            raise ValueError(f"buffer.fromaddress: negative size {nbytes}")
+        if address == 0 and nbytes:
+            raise ValueError("buffer.fromaddress: null address")
+        raw = (ctypes.c_char * nbytes).from_address(address) if nbytes else bytearray(0)
+        made = _wrap(np.frombuffer(memoryview(raw).cast("B"), np.uint8), None)
+        if readonly:
+            made.flags.writeable = False
+        return made
+
+    # ------------------------------------------------------------------ attributes
+    @property
+    def address(self) -> int:
+        return 0 if self._released else int(self.ctypes.data)
+
+    @property
+    def obj(self) -> Any:
+        return self._obj
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self._released else len(self)
+
+    @property
+    def readonly(self) -> bool:
+        return not self._released and not self.flags.writeable
+
+    @property
+    def format(self) -> str:
+        return "B"
+
+    def release(self) -> None:
+        """Drop the memory: address and nbytes read 0 afterwards."""
+        self._released = True
+        self._obj = None
+
+    def toreadonly(self) -> buffer:
+        made = self.view(buffer)
+        made.flags.writeable = False
+        return made
+
+    def cast(self, format: str, shape: Any = None) -> memoryview:
+        """A memoryview of the bytes as `format` items (in `shape`)."""
+        view: Any = self.view(np.ndarray).data
+        return view.cast(format) if shape is None else view.cast(format, shape)
+
+    # ------------------------------------------------------------------ sequence
+    @staticmethod
+    def _key(key: Any) -> Any:
+        if isinstance(key, slice):
+            if key.step not in (None, 1):
+                raise IndexError("buffer: slices take step 1 only")
+            return key
+        if isinstance(key, int | np.integer):
+            return key
+        raise TypeError(f"buffer: indices are integers or slices, not {type(key).__name__}")
+
+    def __getitem__(self, key: Any) -> Any:
+        item = super().__getitem__(self._key(key))
+        return int(item) if isinstance(item, np.integer) else item
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        key = self._key(key)
+        if not self.flags.writeable:
+            raise TypeError("buffer is read-only")
+        if not isinstance(value, int | np.integer | np.ndarray):
+            value = np.frombuffer(memoryview(value).cast("B"), np.uint8)
+        super().__setitem__(key, value)
+
+    def __delitem__(self, key: Any) -> None:
+        raise NotImplementedError("buffer: items cannot be deleted")
+
+
+def _wrap(array: np.ndarray, obj: Any) -> buffer:
+    made = array.view(buffer)
+    made._obj = obj
+    made._released = False
+    return made
+
+
+def Alloc_mem(size: int, info: Any = None) -> buffer:
+    """`size` bytes of memory for MPI use, as a `buffer` (MPI.Exception(ERR_NO_MEM) when
+    there is not that much)."""
+    try:
+        return buffer.allocate(int(size))
+    except MemoryError:
+        raise exceptions.Exception(exceptions.ERR_NO_MEM, f"{size} bytes") from None
+
+
+def Free_mem(mem: buffer) -> None:
+    """Give back memory from Alloc_mem (the buffer reads as empty afterwards)."""
+    mem.release()
+
+
+def Get_address(location: Any) -> int:
+    """The address of `location`'s memory (anything with the buffer protocol); 0 for None
+    and BOTTOM."""
+    if location is None or location is constants.BOTTOM:
+        return 0
+    view = memoryview(location)
+    if view.nbytes == 0:
+        return 0
+    return int(np.frombuffer(view.cast("B") if view.c_contiguous else view, np.uint8).ctypes.data)
+
+
+def Aint_add(base: int, disp: int) -> int:
+    return int(base) + int(disp)
+
+
+def Aint_diff(addr1: int, addr2: int) -> int:
+    return int(addr1) - int(addr2)
+
+
+_attached: list[Any] = []
+
+
+def Attach_buffer(buf: Any) -> None:
+    """Record `buf` as the Bsend buffer (BufferError if it is read-only; MPI.Exception
+    (ERR_BUFFER) if one is attached already)."""
+    if memoryview(buf).readonly:
+        raise BufferError("Attach_buffer: the buffer is read-only")
+    if _attached:
+        raise exceptions.Exception(exceptions.ERR_BUFFER, "a buffer is attached already")
+    _attached.append(buf)
+
+
+def Detach_buffer() -> Any:
+    """The buffer Attach_buffer recorded (None when there is none)."""
+    return _attached.pop() if _attached else None
