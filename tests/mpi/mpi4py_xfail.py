@@ -16,135 +16,9 @@ ENTRIES: list[tuple[str, str, str]] = [
     ("test_cco_buf.TestReduceLocal.*", "xfail", "missing: Reduce_local (issue #11 point 3)"),
     ("test_cco_buf_inter.*", "xfail@2,4", "missing: Create_intercomm (issue #11 point 3)"),
     (
-        "test_cco_nb_buf.TestCCOBufInplaceSelf.testExscan",
-        "xfail",
-        "missing: Iexscan (issue #11 point 3)",
-    ),
-    (
-        "test_cco_nb_buf.TestCCOBufInplaceSelf.testReduceScatter",
-        "xfail",
-        "missing: Ireduce_scatter (issue #11 point 3)",
-    ),
-    (
-        "test_cco_nb_buf.TestCCOBufInplaceSelf.testReduceScatterBlock",
-        "xfail",
-        "missing: Ireduce_scatter_block (issue #11 point 3)",
-    ),
-    (
-        "test_cco_nb_buf.TestCCOBufInplaceSelf.testScan",
-        "xfail",
-        "missing: Iscan (issue #11 point 3)",
-    ),
-    (
-        "test_cco_nb_buf.TestCCOBufInplaceWorld.testExscan",
-        "xfail",
-        "missing: Iexscan (issue #11 point 3)",
-    ),
-    (
-        "test_cco_nb_buf.TestCCOBufInplaceWorld.testReduceScatter",
-        "xfail",
-        "missing: Ireduce_scatter (issue #11 point 3)",
-    ),
-    (
-        "test_cco_nb_buf.TestCCOBufInplaceWorld.testReduceScatterBlock",
-        "xfail",
-        "missing: Ireduce_scatter_block (issue #11 point 3)",
-    ),
-    (
-        "test_cco_nb_buf.TestCCOBufInplaceWorld.testScan",
-        "xfail",
-        "missing: Iscan (issue #11 point 3)",
-    ),
-    ("test_cco_nb_buf.TestCCOBufSelf.testExscan", "xfail", "missing: Iexscan (issue #11 point 3)"),
-    (
-        "test_cco_nb_buf.TestCCOBufSelf.testReduceScatter",
-        "xfail",
-        "missing: Ireduce_scatter (issue #11 point 3)",
-    ),
-    (
-        "test_cco_nb_buf.TestCCOBufSelf.testReduceScatterBlock",
-        "xfail",
-        "missing: Ireduce_scatter_block (issue #11 point 3)",
-    ),
-    ("test_cco_nb_buf.TestCCOBufSelf.testScan", "xfail", "missing: Iscan (issue #11 point 3)"),
-    (
-        "test_cco_nb_buf.TestCCOBufSelfDup.testExscan",
-        "xfail",
-        "missing: Iexscan (issue #11 point 3)",
-    ),
-    (
-        "test_cco_nb_buf.TestCCOBufSelfDup.testReduceScatter",
-        "xfail",
-        "missing: Ireduce_scatter (issue #11 point 3)",
-    ),
-    (
-        "test_cco_nb_buf.TestCCOBufSelfDup.testReduceScatterBlock",
-        "xfail",
-        "missing: Ireduce_scatter_block (issue #11 point 3)",
-    ),
-    ("test_cco_nb_buf.TestCCOBufSelfDup.testScan", "xfail", "missing: Iscan (issue #11 point 3)"),
-    ("test_cco_nb_buf.TestCCOBufWorld.testExscan", "xfail", "missing: Iexscan (issue #11 point 3)"),
-    (
-        "test_cco_nb_buf.TestCCOBufWorld.testReduceScatter",
-        "xfail",
-        "missing: Ireduce_scatter (issue #11 point 3)",
-    ),
-    (
-        "test_cco_nb_buf.TestCCOBufWorld.testReduceScatterBlock",
-        "xfail",
-        "missing: Ireduce_scatter_block (issue #11 point 3)",
-    ),
-    ("test_cco_nb_buf.TestCCOBufWorld.testScan", "xfail", "missing: Iscan (issue #11 point 3)"),
-    (
-        "test_cco_nb_buf.TestCCOBufWorldDup.testExscan",
-        "xfail",
-        "missing: Iexscan (issue #11 point 3)",
-    ),
-    (
-        "test_cco_nb_buf.TestCCOBufWorldDup.testReduceScatter",
-        "xfail",
-        "missing: Ireduce_scatter (issue #11 point 3)",
-    ),
-    (
-        "test_cco_nb_buf.TestCCOBufWorldDup.testReduceScatterBlock",
-        "xfail",
-        "missing: Ireduce_scatter_block (issue #11 point 3)",
-    ),
-    ("test_cco_nb_buf.TestCCOBufWorldDup.testScan", "xfail", "missing: Iscan (issue #11 point 3)"),
-    (
-        "test_cco_nb_vec.TestCCOVecInplaceSelf.testAlltoallw",
-        "xfail",
-        "missing: Ialltoallw (issue #11 point 3)",
-    ),
-    (
-        "test_cco_nb_vec.TestCCOVecInplaceSelf.testAlltoallw2",
-        "xfail",
-        "missing: Ialltoallw (issue #11 point 3)",
-    ),
-    (
-        "test_cco_nb_vec.TestCCOVecInplaceWorld.testAlltoallw",
-        "xfail",
-        "missing: Ialltoallw (issue #11 point 3)",
-    ),
-    (
-        "test_cco_nb_vec.TestCCOVecInplaceWorld.testAlltoallw2",
-        "xfail",
-        "missing: Ialltoallw (issue #11 point 3)",
-    ),
-    (
-        "test_cco_nb_vec.TestCCOVecSelf.testAlltoallw",
-        "xfail",
-        "missing: Ialltoallw (issue #11 point 3)",
-    ),
-    (
         "test_cco_nb_vec.TestCCOVecSelf.testAlltoallwBottom",
         "xfail",
         "missing: Get_address (issue #11 point 3)",
-    ),
-    (
-        "test_cco_nb_vec.TestCCOVecSelfDup.testAlltoallw",
-        "xfail",
-        "missing: Ialltoallw (issue #11 point 3)",
     ),
     (
         "test_cco_nb_vec.TestCCOVecSelfDup.testAlltoallwBottom",
@@ -152,19 +26,9 @@ ENTRIES: list[tuple[str, str, str]] = [
         "missing: Get_address (issue #11 point 3)",
     ),
     (
-        "test_cco_nb_vec.TestCCOVecWorld.testAlltoallw",
-        "xfail",
-        "missing: Ialltoallw (issue #11 point 3)",
-    ),
-    (
         "test_cco_nb_vec.TestCCOVecWorld.testAlltoallwBottom",
         "xfail",
         "missing: Get_address (issue #11 point 3)",
-    ),
-    (
-        "test_cco_nb_vec.TestCCOVecWorldDup.testAlltoallw",
-        "xfail",
-        "missing: Ialltoallw (issue #11 point 3)",
     ),
     (
         "test_cco_nb_vec.TestCCOVecWorldDup.testAlltoallwBottom",
@@ -178,39 +42,9 @@ ENTRIES: list[tuple[str, str, str]] = [
     ("test_cco_pr_ngh_buf.*", "xfail", "missing: Barrier_init (issue #11 point 3)"),
     ("test_cco_pr_vec.*", "xfail", "missing: Barrier_init (issue #11 point 3)"),
     (
-        "test_cco_vec.TestCCOVecInplaceSelf.testAlltoallw",
-        "xfail",
-        "missing: Alltoallw (issue #11 point 3)",
-    ),
-    (
-        "test_cco_vec.TestCCOVecInplaceSelf.testAlltoallw2",
-        "xfail",
-        "missing: Alltoallw (issue #11 point 3)",
-    ),
-    (
-        "test_cco_vec.TestCCOVecInplaceWorld.testAlltoallw",
-        "xfail",
-        "missing: Alltoallw (issue #11 point 3)",
-    ),
-    (
-        "test_cco_vec.TestCCOVecInplaceWorld.testAlltoallw2",
-        "xfail",
-        "missing: Alltoallw (issue #11 point 3)",
-    ),
-    (
-        "test_cco_vec.TestCCOVecSelf.testAlltoallw",
-        "xfail",
-        "missing: Alltoallw (issue #11 point 3)",
-    ),
-    (
         "test_cco_vec.TestCCOVecSelf.testAlltoallwBottom",
         "xfail",
         "missing: Get_address (issue #11 point 3)",
-    ),
-    (
-        "test_cco_vec.TestCCOVecSelfDup.testAlltoallw",
-        "xfail",
-        "missing: Alltoallw (issue #11 point 3)",
     ),
     (
         "test_cco_vec.TestCCOVecSelfDup.testAlltoallwBottom",
@@ -218,19 +52,9 @@ ENTRIES: list[tuple[str, str, str]] = [
         "missing: Get_address (issue #11 point 3)",
     ),
     (
-        "test_cco_vec.TestCCOVecWorld.testAlltoallw",
-        "xfail",
-        "missing: Alltoallw (issue #11 point 3)",
-    ),
-    (
         "test_cco_vec.TestCCOVecWorld.testAlltoallwBottom",
         "xfail",
         "missing: Get_address (issue #11 point 3)",
-    ),
-    (
-        "test_cco_vec.TestCCOVecWorldDup.testAlltoallw",
-        "xfail",
-        "missing: Alltoallw (issue #11 point 3)",
     ),
     (
         "test_cco_vec.TestCCOVecWorldDup.testAlltoallwBottom",
@@ -273,12 +97,6 @@ ENTRIES: list[tuple[str, str, str]] = [
     ("test_comm.TestCommSelf.testDupWithInfo", "xfail", "missing: INFO_NULL (issue #11 point 3)"),
     ("test_comm.TestCommSelf.testGetParent", "xfail", "missing: Get_parent (issue #11 point 3)"),
     ("test_comm.TestCommSelf.testGetSetInfo", "xfail", "missing: Info (issue #11 point 3)"),
-    ("test_comm.TestCommSelf.testIDup", "xfail", "missing: Idup (issue #11 point 3)"),
-    (
-        "test_comm.TestCommSelf.testIDupWithInfo",
-        "xfail",
-        "missing: Idup_with_info (issue #11 point 3)",
-    ),
     (
         "test_comm.TestCommSelf.testPickle",
         "xfail",
@@ -300,11 +118,6 @@ ENTRIES: list[tuple[str, str, str]] = [
         "xfail",
         "missing: Split_type (issue #11 point 3)",
     ),
-    (
-        "test_comm.TestCommSelf.testSplitTypeShared",
-        "xfail",
-        "missing: Split_type (issue #11 point 3)",
-    ),
     ("test_comm.TestCommSelfDup.testBuffering", "xfail", "missing: Alloc_mem (issue #11 point 3)"),
     (
         "test_comm.TestCommSelfDup.testConstructor",
@@ -318,12 +131,6 @@ ENTRIES: list[tuple[str, str, str]] = [
     ),
     ("test_comm.TestCommSelfDup.testGetParent", "xfail", "missing: Get_parent (issue #11 point 3)"),
     ("test_comm.TestCommSelfDup.testGetSetInfo", "xfail", "missing: Info (issue #11 point 3)"),
-    ("test_comm.TestCommSelfDup.testIDup", "xfail", "missing: Idup (issue #11 point 3)"),
-    (
-        "test_comm.TestCommSelfDup.testIDupWithInfo",
-        "xfail",
-        "missing: Idup_with_info (issue #11 point 3)",
-    ),
     (
         "test_comm.TestCommSelfDup.testPickle",
         "xfail",
@@ -345,11 +152,6 @@ ENTRIES: list[tuple[str, str, str]] = [
         "xfail",
         "missing: Split_type (issue #11 point 3)",
     ),
-    (
-        "test_comm.TestCommSelfDup.testSplitTypeShared",
-        "xfail",
-        "missing: Split_type (issue #11 point 3)",
-    ),
     ("test_comm.TestCommWorld.testBuffering", "xfail", "missing: Alloc_mem (issue #11 point 3)"),
     (
         "test_comm.TestCommWorld.testConstructor",
@@ -359,12 +161,6 @@ ENTRIES: list[tuple[str, str, str]] = [
     ("test_comm.TestCommWorld.testDupWithInfo", "xfail", "missing: INFO_NULL (issue #11 point 3)"),
     ("test_comm.TestCommWorld.testGetParent", "xfail", "missing: Get_parent (issue #11 point 3)"),
     ("test_comm.TestCommWorld.testGetSetInfo", "xfail", "missing: Info (issue #11 point 3)"),
-    ("test_comm.TestCommWorld.testIDup", "xfail", "missing: Idup (issue #11 point 3)"),
-    (
-        "test_comm.TestCommWorld.testIDupWithInfo",
-        "xfail",
-        "missing: Idup_with_info (issue #11 point 3)",
-    ),
     (
         "test_comm.TestCommWorld.testPickle",
         "xfail",
@@ -386,11 +182,6 @@ ENTRIES: list[tuple[str, str, str]] = [
         "xfail",
         "missing: Split_type (issue #11 point 3)",
     ),
-    (
-        "test_comm.TestCommWorld.testSplitTypeShared",
-        "xfail",
-        "missing: Split_type (issue #11 point 3)",
-    ),
     ("test_comm.TestCommWorldDup.testBuffering", "xfail", "missing: Alloc_mem (issue #11 point 3)"),
     (
         "test_comm.TestCommWorldDup.testConstructor",
@@ -408,12 +199,6 @@ ENTRIES: list[tuple[str, str, str]] = [
         "missing: Get_parent (issue #11 point 3)",
     ),
     ("test_comm.TestCommWorldDup.testGetSetInfo", "xfail", "missing: Info (issue #11 point 3)"),
-    ("test_comm.TestCommWorldDup.testIDup", "xfail", "missing: Idup (issue #11 point 3)"),
-    (
-        "test_comm.TestCommWorldDup.testIDupWithInfo",
-        "xfail",
-        "missing: Idup_with_info (issue #11 point 3)",
-    ),
     (
         "test_comm.TestCommWorldDup.testPickle",
         "xfail",
@@ -432,11 +217,6 @@ ENTRIES: list[tuple[str, str, str]] = [
     ),
     (
         "test_comm.TestCommWorldDup.testSplitTypeResourceGuided",
-        "xfail",
-        "missing: Split_type (issue #11 point 3)",
-    ),
-    (
-        "test_comm.TestCommWorldDup.testSplitTypeShared",
         "xfail",
         "missing: Split_type (issue #11 point 3)",
     ),
@@ -857,11 +637,6 @@ ENTRIES: list[tuple[str, str, str]] = [
     ),
     ("test_mpimem.*", "xfail", "missing: Alloc_mem (issue #11 point 3)"),
     (
-        "test_msgspec.TestMessageBlock.testMessageBad",
-        "xfail@2,4",
-        "missing: Alloc_mem (issue #11 point 3)",
-    ),
-    (
         "test_msgspec.TestMessageCAIBuf.testAttrEmpty",
         "xfail",
         "real limit: buffers behind __cuda_array_interface__ are device memory",
@@ -1213,11 +988,6 @@ ENTRIES: list[tuple[str, str, str]] = [
         "wrong: a 0-d numpy array as the counts of a vector spec (issue #11)",
     ),
     (
-        "test_msgspec.TestMessageVectorW.testMessageArray",
-        "xfail",
-        "missing: Alltoallw (issue #11 point 3)",
-    ),
-    (
         "test_msgspec.TestMessageVectorW.testMessageBad",
         "xfail",
         "missing: Alloc_mem (issue #11 point 3)",
@@ -1233,17 +1003,7 @@ ENTRIES: list[tuple[str, str, str]] = [
         "missing: Alltoallw (issue #11 point 3)",
     ),
     (
-        "test_msgspec.TestMessageVectorW.testMessageBytes",
-        "xfail",
-        "missing: Alltoallw (issue #11 point 3)",
-    ),
-    (
         "test_msgspec.TestMessageVectorW.testMessageCAIBuf",
-        "xfail",
-        "missing: Alltoallw (issue #11 point 3)",
-    ),
-    (
-        "test_msgspec.TestMessageVectorW.testMessageNumPy",
         "xfail",
         "missing: Alltoallw (issue #11 point 3)",
     ),
