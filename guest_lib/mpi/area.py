@@ -142,14 +142,24 @@ class Area:
     def _drive(self, request: CollectiveRequest) -> None:
         """Complete `request` while the engine progresses its own operations."""
         engine = self.comm._engine
+        notifier = engine.ep.notifier
         self.listen(1)
         try:
             while not request.test():
                 if not engine.progress():
                     self.check_abandoned()
-                    engine.idle()
+                    notifier.wait(NAP_S)  # the group rings it (listening); messages may not
         finally:
             self.listen(-1)
+
+    def fits(self, nbytes: int, split: bool = False) -> bool:
+        """Whether `nbytes` move in one round (one slab; `split`: one member's segment of
+        it). Larger payloads are faster on messages (read in place and pipelined, where the
+        area synchronises the group once per slab), so callers whose members all know the
+        size send those there; gather, scatter and alltoall (whose members do not all know
+        every size) stay in the area at any size."""
+        group = self.group
+        return nbytes <= (group.slab_size // group.size if split else group.slab_size)
 
     def listen(self, delta: int) -> None:
         """Count a waiter that naps on the engine's doorbell; the sleep flag stays raised

@@ -270,9 +270,16 @@ class Collectives:
         extent = spec.datatype.Get_size()
         return [c * extent for c in spec.counts], [d * extent for d in spec.displs]
 
-    def _p_bcast(self, buf: Any, root: int) -> tuple[str, tuple[Any, ...]]:
+    def _fits(self, nbytes: int, split: bool = False) -> bool:
+        """Whether a payload of `nbytes` (per destination when `split`), a size every member
+        knows alike, goes through the area (area.Area.fits); larger ones take messages."""
+        shared = area.current(self)
+        return shared is not None and shared.fits(nbytes, split)
+
+    def _p_bcast(self, buf: Any, root: int) -> tuple[str, tuple[Any, ...]] | None:
         self._root(root)
-        return "bcast", (buffers.parse(buf, writable=self._rank != root).view, root)
+        view = buffers.parse(buf, writable=self._rank != root).view
+        return ("bcast", (view, root)) if self._fits(len(view)) else None
 
     def _p_gather(self, sendbuf: Any, recvbuf: Any, root: int) -> tuple[str, tuple[Any, ...]]:
         size, rank = self._sizes()
@@ -303,11 +310,14 @@ class Collectives:
             own = own[: len(part)]
         return "scatterv", (spec.view, *self._bytes(spec), own, root)
 
-    def _p_allgather(self, sendbuf: Any, recvbuf: Any) -> tuple[str, tuple[Any, ...]]:
+    def _p_allgather(self, sendbuf: Any, recvbuf: Any) -> tuple[str, tuple[Any, ...]] | None:
         size, rank = self._sizes()
         spec = buffers.parse_vector(recvbuf, size, writable=True)
         send = spec.part(rank) if sendbuf is IN_PLACE else buffers.parse(sendbuf).view
-        return "allgatherv", (send, spec.view, *self._bytes(spec))
+        counts, displs = self._bytes(spec)
+        if not self._fits(max(counts)):
+            return None
+        return "allgatherv", (send, spec.view, counts, displs)
 
     def _p_alltoall(self, sendbuf: Any, recvbuf: Any) -> tuple[str, tuple[Any, ...]]:
         size, _ = self._sizes()
@@ -328,7 +338,9 @@ class Collectives:
             sspec = buffers.parse(sendbuf)
             out, local = None, _array(sspec.view, sspec.datatype)
         ufunc = area.ufunc_of(op, local)
-        return None if ufunc is None else ("reduce", (local, out, ufunc, root))
+        if ufunc is None or not self._fits(local.nbytes):
+            return None
+        return "reduce", (local, out, ufunc, root)
 
     def _p_fold(
         self, name: str, sendbuf: Any, recvbuf: Any, op: ops.Op
@@ -336,7 +348,9 @@ class Collectives:
         """Allreduce, Scan, Exscan (`name`): every rank has a receive buffer."""
         _, out, local = self._operands(sendbuf, recvbuf)
         ufunc = area.ufunc_of(op, local)
-        return None if ufunc is None else (name, (local, out, ufunc))
+        if ufunc is None or not self._fits(local.nbytes):
+            return None
+        return name, (local, out, ufunc)
 
     def _area_bcast_obj(self, shared: area.Area, obj: Any, root: int) -> tuple[bool, Any]:
         """bcast of an object in the area: a fixed first block holds the pickle's length and
@@ -354,8 +368,10 @@ class Collectives:
         if n <= _OBJ_INLINE - _OBJ_LEN.size:
             inline = memoryview(first)[_OBJ_LEN.size : _OBJ_LEN.size + n]
             return True, obj if self._rank == root else _loads(inline)
-        whole = data if data is not None else bytearray(n)
-        if not shared.run("bcast", whole, root):
+        whole = memoryview(data if data is not None else bytearray(n))
+        if not shared.fits(n):  # (every member knows n now)
+            self._bcast_view(whole, root, T_BCAST)
+        elif not shared.run("bcast", whole, root):
             raise exceptions.Exception(exceptions.ERR_OTHER, "object broadcast left the area")
         return True, obj if self._rank == root else _loads(whole)
 
@@ -375,6 +391,8 @@ class Collectives:
         lengths = [_OBJ_LEN.unpack_from(blocks, r * _OBJ_INLINE)[0] for r in range(size)]
         items: list[Any] = [None] * size
         big = [n if n > room else 0 for n in lengths]
+        if not shared.fits(max(big)):  # (every member knows every length now)
+            return True, self._allgather_messages(obj)
         if any(big):
             displs = [sum(big[:r]) for r in range(size)]
             rest = memoryview(bytearray(sum(big)))
@@ -532,7 +550,11 @@ class Collectives:
             return
         shared = area.bound(self)
         spec = buffers.parse(buf, writable=rank != root)
-        if shared is not None and shared.run("bcast", spec.view, root):
+        if (
+            shared is not None
+            and shared.fits(len(spec.view))
+            and shared.run("bcast", spec.view, root)
+        ):
             return
         if size >= 3 and len(spec.view) >= BCAST_ONCE_MIN:  # (every rank knows the size)
             self._bcast_once(spec.view, root)
@@ -950,8 +972,13 @@ class Collectives:
             )
         out = out[: counts[rank]]
         ufunc = area.ufunc_of(op, full)
-        if self._area_run(lambda: None if ufunc is None else
-                          ("reduce_scatter", (full[:total], out, counts, ufunc))):  # fmt: skip
+        if self._area_run(
+            lambda: (
+                ("reduce_scatter", (full[:total], out, counts, ufunc))
+                if ufunc is not None and self._fits(max(counts) * full.itemsize, split=True)
+                else None
+            )
+        ):
             return
         starts = [sum(counts[:r]) for r in range(size)]
         blocks = [full[starts[r] : starts[r] + counts[r]] for r in range(size)]

@@ -4,7 +4,9 @@ region's collective area. Mode (argv[1]):
 all      every collective (blocking and nonblocking, buffer forms, IN_PLACE) on COMM_WORLD
          and on a Dup, checked against numpy, and counted: the area's `completed` counter
          must grow by at least the number of collectives run (so it fails if any of them
-         took the message path; 0 at one rank, which has no area); prints "AREA OK <n>".
+         took the message path; 0 at one rank, which has no area); then payloads over a
+         slab (Bcast/Allreduce on messages, Gather/Scatter/Alltoall in several area
+         rounds); prints "AREA OK <n>".
 loop     200 Dup / collectives / Free: the slot is claimed and released each time (its claim
          word is 0 after Free, its generation grows); prints "LOOP OK <slot> <generations>".
 exhaust  Dups without Free until one finds no slot: that one runs its collectives on
@@ -39,7 +41,7 @@ def check_all(comm: MPI.Intracomm) -> int:
         nonlocal ran
         ran += n
 
-    for n in (0, 1, 8, 1000, 70_000, 300_000 // 8):
+    for n in (0, 1, 8, 1000, 5000):  # every payload within one slab (256 KiB)
         root = n % size
         # Bcast: numpy, [bytearray, count, BYTE], (array, DOUBLE)
         data = np.arange(n, dtype="f8") + 1
@@ -190,12 +192,44 @@ def check_all(comm: MPI.Intracomm) -> int:
     return got_count
 
 
+def check_large(comm: MPI.Intracomm) -> None:
+    """Payloads larger than a slab: Bcast and Allreduce take messages (every member knows
+    the size), Gather, Scatter and Alltoall run in the area in several rounds."""
+    size, rank = comm.Get_size(), comm.Get_rank()
+    n = 100_000
+    comm.Barrier()
+    before = area.completed(comm)
+    buf = np.arange(n, dtype="f8") if rank == 0 else np.zeros(n)
+    comm.Bcast(buf, 0)
+    assert np.array_equal(buf, np.arange(n))
+    out = np.zeros(n)
+    comm.Allreduce(np.full(n, rank, "f8"), out)
+    assert (out == sum(range(size))).all()
+    assert area.completed(comm) == before, "a payload over a slab went through the area"
+    mine = np.full(n, rank, "i4")
+    every = np.repeat(np.arange(size, dtype="i4"), n)
+    got = np.zeros(size * n, "i4")
+    comm.Gather(mine, got if rank == 0 else None, 0)
+    assert rank != 0 or np.array_equal(got, every)
+    part = np.zeros(n, "i4")
+    comm.Scatter(every if rank == 0 else None, part, 0)
+    assert (part == rank).all()
+    send = np.arange(size * n, dtype="i4") + rank
+    recv = np.zeros(size * n, "i4")
+    comm.Alltoall(send, recv)
+    for q in range(size):
+        assert np.array_equal(recv[q * n : (q + 1) * n], np.arange(rank * n, (rank + 1) * n) + q)
+    assert area.completed(comm) == before + 3
+
+
 def main() -> None:
     mode = sys.argv[1]
     comm = MPI.COMM_WORLD
     size, rank = comm.Get_size(), comm.Get_rank()
     if mode == "all":
         count = check_all(comm)
+        if size > 1:
+            check_large(comm)
         dup = comm.Dup()
         count += check_all(dup)
         dup.Free()
