@@ -940,14 +940,8 @@ class Collectives:
         with IN_PLACE). ValueError for counts that do not fit the buffers."""
         size, _ = self._sizes()
         rspec = buffers.parse(recvbuf, writable=True)
-        if recvcounts is not None:
-            counts = [int(c) for c in recvcounts]
-            if len(counts) != size or min(counts) < 0:
-                raise ValueError(f"Reduce_scatter: expecting {size} counts >= 0, got {counts}")
-        elif sendbuf is IN_PLACE:
-            raise ValueError("Reduce_scatter: IN_PLACE needs recvcounts")
-        else:
-            counts = self.allgather(rspec.count)
+        given = reduce_scatter_counts(recvcounts, size, sendbuf)
+        counts = self.allgather(rspec.count) if given is None else given
         self._reduce_scatter(sendbuf, rspec, counts, op)
 
     def _reduce_scatter(
@@ -1153,6 +1147,19 @@ class Collectives:
             op.reduce_into(result, operands[r], datatype)
         assert out is not None
         out[...] = result
+
+
+def reduce_scatter_counts(recvcounts: Any, size: int, sendbuf: Any) -> list[int] | None:
+    """Reduce_scatter's `recvcounts` as `size` ints >= 0, or None when not given (each rank's
+    recvbuf count is used then). ValueError for bad counts, and for none with IN_PLACE."""
+    if recvcounts is None:
+        if sendbuf is IN_PLACE:
+            raise ValueError("Reduce_scatter: IN_PLACE needs recvcounts")
+        return None
+    counts = [int(c) for c in recvcounts]
+    if len(counts) != size or min(counts) < 0:
+        raise ValueError(f"Reduce_scatter: expecting {size} counts >= 0, got {counts}")
+    return counts
 
 
 def _M_IN_PLACE() -> Any:

@@ -17,7 +17,14 @@ from typing import Any
 import numpy as np
 
 from guest_lib.mpi import buffers, constants, exceptions, ops
-from guest_lib.mpi.collectives import T_ALLTOALL, Collectives, _array, _raw, collective
+from guest_lib.mpi.collectives import (
+    T_ALLTOALL,
+    Collectives,
+    _array,
+    _raw,
+    collective,
+    reduce_scatter_counts,
+)
 from guest_lib.mpi.constants import IN_PLACE
 from guest_lib.mpi.matching import DoneOp, Op
 from guest_lib.mpi.request import Request
@@ -86,19 +93,14 @@ class ExtraCollectives(Collectives):
         recvcounts, each rank's recvbuf count (exchanged first; not with IN_PLACE).
         ValueError for counts that do not fit the buffers."""
         size, _ = self._sizes()
-        if recvcounts is not None:
-            counts = [int(c) for c in recvcounts]
-            if len(counts) != size or min(counts) < 0:
-                raise ValueError(f"Reduce_scatter: expecting {size} counts >= 0, got {counts}")
-        elif sendbuf is IN_PLACE:
-            raise ValueError("Reduce_scatter: IN_PLACE needs recvcounts")
+        given = reduce_scatter_counts(recvcounts, size, sendbuf)
 
         def steps(tag: int) -> Iterator[list[Op]]:
             rspec = buffers.parse(recvbuf, writable=True)
-            if recvcounts is None:
+            if given is None:
                 every = yield from self._exchange_count(rspec.count, tag)
             else:
-                every = counts
+                every = given
             yield from self._scatter_fold(sendbuf, rspec, every, op, tag)
 
         return self._nonblocking(steps)
