@@ -30,19 +30,31 @@ class Datatype:
     """One MPI datatype. `size` and `extent` in bytes; `dtype` the numpy element type."""
 
     __slots__ = (
-        "_align", "_committed", "_extent", "_lb", "_map", "_size", "base", "count", "dtype",
-        "name", "typechar",
+        "_align", "_combiner", "_committed", "_extent", "_lb", "_map", "_old", "_params",
+        "_root", "_size", "base", "count", "dtype", "name", "typechar",
     )  # fmt: skip
 
     def __init__(
         self,
-        name: str = "DATATYPE_NULL",
+        name: str | Datatype = "DATATYPE_NULL",
         dtype: np.dtype | None = None,
         typechar: str = "",
         *,
         base: Datatype | None = None,
         count: int = 1,
     ) -> None:
+        if isinstance(name, Datatype):  # mpi4py's Datatype(other): a second handle on it
+            for slot in Datatype.__slots__:
+                setattr(self, slot, getattr(name, slot))
+            return
+        if not isinstance(name, str):
+            raise TypeError(f"Datatype: expecting a Datatype, got {type(name).__name__}")
+        # handles on one type share their root: equality is the root's (Datatype(): null)
+        null = PREDEFINED.get("DATATYPE_NULL") if dtype is None else None
+        self._root = self if null is None else null
+        self._combiner = "NAMED"  # and how it was made (see Get_envelope / decode)
+        self._old: Datatype | None = None
+        self._params: dict[str, Any] = {}
         self.name = name
         self.dtype = dtype
         self.typechar = typechar
@@ -93,7 +105,82 @@ class Datatype:
 
     @property
     def is_predefined(self) -> bool:
-        return self.base is self
+        return self._combiner == "NAMED"
+
+    @property
+    def is_named(self) -> bool:
+        return self._combiner == "NAMED"
+
+    @property
+    def typestr(self) -> str:
+        """The numpy type string of the type's layout ("" for DATATYPE_NULL)."""
+        return "" if self.dtype is None else self.dtype.str
+
+    @property
+    def combiner(self) -> int:
+        return COMBINERS[self._combiner]
+
+    @property
+    def envelope(self) -> tuple[int, int, int, int, int]:
+        return self.Get_envelope()
+
+    @property
+    def contents(self) -> tuple[list[int], list[int], list[int], list[Datatype]]:
+        return self.Get_contents()
+
+    def Get_envelope(self) -> tuple[int, int, int, int, int]:
+        """(number of integers, addresses, large counts, datatypes, combiner) of
+        Get_contents; (0, 0, 0, 0, COMBINER_NAMED) for a predefined type."""
+        ints, addresses, counts, types = self.Get_contents()
+        return len(ints), len(addresses), len(counts), len(types), self.combiner
+
+    def Get_contents(self) -> tuple[list[int], list[int], list[int], list[Datatype]]:
+        """The arguments of the constructor that made this type, as MPI lays them out:
+        (integers, addresses, large counts, datatypes)."""
+        p, old = self._params, self._old
+        kind = self._combiner
+        if kind == "NAMED":
+            return [], [], [], []
+        if kind == "STRUCT":
+            displs = list(p["displacements"])
+            return [len(displs), *p["blocklengths"]], displs, [], list(p["datatypes"])
+        assert old is not None
+        if kind == "DUP":
+            return [], [], [], [old]
+        if kind == "CONTIGUOUS":
+            return [p["count"]], [], [], [old]
+        if kind == "VECTOR":
+            return [p["count"], p["blocklength"], p["stride"]], [], [], [old]
+        if kind == "HVECTOR":
+            return [p["count"], p["blocklength"]], [p["stride"]], [], [old]
+        if kind == "RESIZED":
+            return [], [p["lb"], p["extent"]], [], [old]
+        if kind == "SUBARRAY":
+            dims = [len(p["sizes"]), *p["sizes"], *p["subsizes"], *p["starts"], p["order"]]
+            return dims, [], [], [old]
+        displs = list(p["displacements"])
+        n = len(displs)
+        if kind == "INDEXED":
+            return [n, *p["blocklengths"], *displs], [], [], [old]
+        if kind == "HINDEXED":
+            return [n, *p["blocklengths"]], displs, [], [old]
+        if kind == "INDEXED_BLOCK":
+            return [n, p["blocklength"], *displs], [], [], [old]
+        return [n, p["blocklength"]], displs, [], [old]  # HINDEXED_BLOCK
+
+    def decode(self) -> tuple[Datatype, str, dict[str, Any]]:
+        """(old type, combiner name, the constructor's keyword arguments): a predefined type
+        gives (itself, "NAMED", {}); a struct's old type is DATATYPE_NULL. Calling
+        `old.Create_<combiner>(**arguments)` makes the type again."""
+        if self._combiner == "NAMED":
+            return self, "NAMED", {}
+        old = self._old if self._old is not None else DATATYPE_NULL
+        return old, self._combiner, dict(self._params)
+
+    def _made_from(self, new: Datatype, combiner: str, **params: Any) -> Datatype:
+        """`new`, recorded as made by `combiner` from this type with `params`."""
+        new._combiner, new._old, new._params = combiner, self, params
+        return new
 
     def Get_size(self) -> int:
         """Bytes of data in one element."""
@@ -138,12 +225,13 @@ class Datatype:
             raise ValueError(f"cannot map code {code!r} to MPI datatype") from None
 
     def Dup(self) -> Datatype:
-        """A new handle with the same type map (a predefined type's Dup is not predefined)."""
-        new = Datatype(self.name, self.dtype, self.typechar, base=self.base, count=self.count)
-        new._map, new._lb, new._extent, new._align = self._map, self._lb, self._extent, self._align
-        new._size = self._size
-        new._committed = self._committed
-        return new
+        """A new type with the same type map (a predefined type's Dup is not predefined)."""
+        self._check_handle()
+        new = Datatype(self)
+        new._root = new
+        return self._made_from(new, "DUP")
+
+    Create_dup = Dup
 
     def Commit(self) -> Datatype:
         self._committed = True
@@ -159,19 +247,26 @@ class Datatype:
     def Create_contiguous(self, count: int) -> Datatype:
         """`count` elements of this type back to back (uncommitted, as MPI)."""
         _counts(count)
-        return _derived(f"CONTIGUOUS({self.name},{count})", [(0, count, self)])
+        new = _derived(f"CONTIGUOUS({self.name},{count})", [(0, count, self)])
+        return self._made_from(new, "CONTIGUOUS", count=count)
 
     def Create_hvector(self, count: int, blocklength: int, stride: int) -> Datatype:
         """`count` blocks of `blocklength` elements, block starts `stride` bytes apart."""
         _counts(count, blocklength)
         blocks = [(i * int(stride), blocklength, self) for i in range(count)]
-        return _derived(f"HVECTOR({self.name})", blocks)
+        new = _derived(f"HVECTOR({self.name})", blocks)
+        return self._made_from(
+            new, "HVECTOR", count=count, blocklength=blocklength, stride=int(stride)
+        )
 
     def Create_vector(self, count: int, blocklength: int, stride: int) -> Datatype:
         """As Create_hvector with `stride` in extents of this type."""
         _counts(count, blocklength)
         blocks = [(i * int(stride) * self._extent, blocklength, self) for i in range(count)]
-        return _derived(f"VECTOR({self.name})", blocks)
+        new = _derived(f"VECTOR({self.name})", blocks)
+        return self._made_from(
+            new, "VECTOR", count=count, blocklength=blocklength, stride=int(stride)
+        )
 
     def Create_hindexed(self, blocklengths: Sequence[int], displacements: Sequence[int]
                         ) -> Datatype:  # fmt: skip
@@ -179,7 +274,8 @@ class Datatype:
         _same_length(blocklengths, displacements)
         _counts(*blocklengths)
         blocks = [(int(d), int(n), self) for n, d in zip(blocklengths, displacements, strict=True)]
-        return _derived(f"HINDEXED({self.name})", blocks)
+        new = _derived(f"HINDEXED({self.name})", blocks)
+        return self._made_from(new, "HINDEXED", **_lists(blocklengths, displacements))
 
     def Create_indexed(self, blocklengths: Sequence[int], displacements: Sequence[int]
                        ) -> Datatype:  # fmt: skip
@@ -188,19 +284,24 @@ class Datatype:
         _counts(*blocklengths)
         blocks = [(int(d) * self._extent, int(n), self)
                   for n, d in zip(blocklengths, displacements, strict=True)]  # fmt: skip
-        return _derived(f"INDEXED({self.name})", blocks)
+        new = _derived(f"INDEXED({self.name})", blocks)
+        return self._made_from(new, "INDEXED", **_lists(blocklengths, displacements))
 
     def Create_hindexed_block(self, blocklength: int, displacements: Sequence[int]) -> Datatype:
         """Blocks of `blocklength` elements at `displacements` bytes."""
         _counts(blocklength)
         blocks = [(int(d), blocklength, self) for d in displacements]
-        return _derived(f"HINDEXED_BLOCK({self.name})", blocks)
+        new = _derived(f"HINDEXED_BLOCK({self.name})", blocks)
+        return self._made_from(new, "HINDEXED_BLOCK", blocklength=blocklength,
+                               displacements=[int(d) for d in displacements])  # fmt: skip
 
     def Create_indexed_block(self, blocklength: int, displacements: Sequence[int]) -> Datatype:
         """As Create_hindexed_block with displacements in extents of this type."""
         _counts(blocklength)
         blocks = [(int(d) * self._extent, blocklength, self) for d in displacements]
-        return _derived(f"INDEXED_BLOCK({self.name})", blocks)
+        new = _derived(f"INDEXED_BLOCK({self.name})", blocks)
+        return self._made_from(new, "INDEXED_BLOCK", blocklength=blocklength,
+                               displacements=[int(d) for d in displacements])  # fmt: skip
 
     @classmethod
     def Create_struct(
@@ -219,7 +320,10 @@ class Datatype:
             (int(d), int(n), t)
             for n, d, t in zip(blocklengths, displacements, datatypes, strict=True)
         ]
-        return _derived("STRUCT", blocks, struct=True)
+        new = _derived("STRUCT", blocks, struct=True)
+        new._combiner, new._old = "STRUCT", None
+        new._params = dict(_lists(blocklengths, displacements), datatypes=list(datatypes))
+        return new
 
     def Create_subarray(
         self,
@@ -231,7 +335,12 @@ class Datatype:
         """The `subsizes` block at `starts` of a `sizes` array of this type (C or Fortran
         order); the extent is the whole array's. MPI.Exception(ERR_ARG) for a block that
         does not fit."""
-        sizes, subsizes, starts = list(sizes), list(subsizes), list(starts)
+        sizes, subsizes, starts = (
+            [int(n) for n in sizes],
+            [int(n) for n in subsizes],
+            [int(n) for n in starts],
+        )
+        params = {"sizes": sizes, "subsizes": subsizes, "starts": starts, "order": order}
         if not len(sizes) == len(subsizes) == len(starts) or not sizes:
             raise exceptions.Exception(exceptions.ERR_ARG, "subarray: dimensions differ")
         for n, m, s in zip(sizes, subsizes, starts, strict=True):
@@ -246,19 +355,37 @@ class Datatype:
             stride *= n
         blocks = [(int(i) * self._extent, 1, self) for i in index]
         new = _derived(f"SUBARRAY({self.name})", blocks)
-        return _resized(new, 0, stride * self._extent)
+        return self._made_from(_resized(new, 0, stride * self._extent), "SUBARRAY", **params)
 
     def Create_resized(self, lb: int, extent: int) -> Datatype:
         """This type with lower bound `lb` and extent `extent` (bytes)."""
-        return _resized(_derived(f"RESIZED({self.name})", [(0, 1, self)]), int(lb), int(extent))
+        new = _resized(_derived(f"RESIZED({self.name})", [(0, 1, self)]), int(lb), int(extent))
+        return self._made_from(new, "RESIZED", lb=int(lb), extent=int(extent))
+
+    Resized = Create_resized
 
     def __repr__(self) -> str:
         return f"<Datatype {self.name}>"
 
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Datatype):
+            return NotImplemented
+        return self._root is other._root
+
+    def __hash__(self) -> int:
+        return id(self._root)
+
+    def __bool__(self) -> bool:
+        return self.dtype is not None
+
     def __reduce__(self) -> Any:
-        if self.is_predefined and self.name in PREDEFINED:
-            return (_predefined, (self.name,))
-        return (Datatype, (self.name, self.dtype, self.typechar), {"base": None})
+        """A predefined type unpickles as itself (a second handle on one as an equal new
+        handle); a derived type is made again by its constructor (from `decode`)."""
+        if self._combiner == "NAMED":
+            name = next(k for k, v in PREDEFINED.items() if v is self._root)
+            return (_predefined, (name, self is self._root))
+        old, combiner, params = self.decode()
+        return (_rebuild, (old, combiner, params, self._committed))
 
 
 def _counts(*counts: int) -> None:
@@ -354,8 +481,38 @@ def byte_positions(view: memoryview, start: int, count: int, datatype: Datatype)
     return offsets
 
 
-def _predefined(name: str) -> Datatype:
-    return PREDEFINED[name]
+def _predefined(name: str, same: bool = True) -> Datatype:
+    return PREDEFINED[name] if same else Datatype(PREDEFINED[name])
+
+
+def _rebuild(old: Datatype, combiner: str, params: dict[str, Any], committed: bool) -> Datatype:
+    if combiner == "STRUCT":
+        new = Datatype.Create_struct(**params)
+    else:
+        new = getattr(old, "Create_" + combiner.lower())(**params)
+    new._committed = committed
+    return new
+
+
+def _lists(blocklengths: Sequence[int], displacements: Sequence[int]) -> dict[str, list[int]]:
+    return {
+        "blocklengths": [int(n) for n in blocklengths],
+        "displacements": [int(d) for d in displacements],
+    }
+
+
+# MPICH's combiner numbers
+COMBINERS = {
+    "NAMED": 1, "DUP": 2, "CONTIGUOUS": 3, "VECTOR": 4, "HVECTOR": 6, "INDEXED": 7,
+    "HINDEXED": 9, "INDEXED_BLOCK": 10, "STRUCT": 12, "SUBARRAY": 13, "DARRAY": 14,
+    "F90_REAL": 15, "F90_COMPLEX": 16, "F90_INTEGER": 17, "RESIZED": 18, "HINDEXED_BLOCK": 19,
+    "VALUE_INDEX": 20,
+}  # fmt: skip
+COMBINER_NAMED, COMBINER_DUP, COMBINER_CONTIGUOUS = 1, 2, 3
+COMBINER_VECTOR, COMBINER_HVECTOR, COMBINER_INDEXED, COMBINER_HINDEXED = 4, 6, 7, 9
+COMBINER_INDEXED_BLOCK, COMBINER_STRUCT, COMBINER_SUBARRAY, COMBINER_DARRAY = 10, 12, 13, 14
+COMBINER_F90_REAL, COMBINER_F90_COMPLEX, COMBINER_F90_INTEGER = 15, 16, 17
+COMBINER_RESIZED, COMBINER_HINDEXED_BLOCK, COMBINER_VALUE_INDEX = 18, 19, 20
 
 
 def _pair(value: str) -> np.dtype:

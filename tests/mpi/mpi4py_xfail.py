@@ -369,11 +369,6 @@ ENTRIES: list[tuple[str, str, str]] = [
     ),
     ("test_ctypes.*", "xfail", "missing: INFO_NULL (issue #11 point 3)"),
     (
-        "test_datatype.TestDatatype.testBoolEqNe",
-        "xfail",
-        "missing: Datatype() without arguments (issue #11 point 3)",
-    ),
-    (
         "test_datatype.TestDatatype.testCodeCharStr",
         "xfail",
         "missing: Create_f90_integer (issue #11 point 3)",
@@ -382,11 +377,6 @@ ENTRIES: list[tuple[str, str, str]] = [
         "test_datatype.TestDatatype.testContiguousBigMPI",
         "xfail",
         "missing: decode (issue #11 point 3)",
-    ),
-    (
-        "test_datatype.TestDatatype.testGetEnvelope",
-        "xfail",
-        "missing: Get_envelope (issue #11 point 3)",
     ),
     (
         "test_datatype.TestDatatype.testGetSetName",
@@ -404,19 +394,9 @@ ENTRIES: list[tuple[str, str, str]] = [
         "missing: TYPECLASS_LOGICAL (issue #11 point 3)",
     ),
     (
-        "test_datatype.TestDatatypeCreate.testContiguous",
-        "xfail",
-        "missing: Get_envelope (issue #11 point 3)",
-    ),
-    (
         "test_datatype.TestDatatypeCreate.testDarray",
         "xfail",
         "missing: DISTRIBUTE_BLOCK (issue #11 point 3)",
-    ),
-    (
-        "test_datatype.TestDatatypeCreate.testDup",
-        "xfail",
-        "missing: Get_envelope (issue #11 point 3)",
     ),
     (
         "test_datatype.TestDatatypeCreate.testF90ComplexDouble",
@@ -444,59 +424,9 @@ ENTRIES: list[tuple[str, str, str]] = [
         "missing: Create_f90_real (issue #11 point 3)",
     ),
     (
-        "test_datatype.TestDatatypeCreate.testHindexed",
-        "xfail",
-        "missing: Create_hindexed (issue #11 point 3)",
-    ),
-    (
-        "test_datatype.TestDatatypeCreate.testHindexedBlock",
-        "xfail",
-        "missing: Create_hindexed_block (issue #11 point 3)",
-    ),
-    (
-        "test_datatype.TestDatatypeCreate.testHvector",
-        "xfail",
-        "missing: Create_hvector (issue #11 point 3)",
-    ),
-    (
-        "test_datatype.TestDatatypeCreate.testIndexed",
-        "xfail",
-        "missing: Create_indexed (issue #11 point 3)",
-    ),
-    (
-        "test_datatype.TestDatatypeCreate.testIndexedBlock",
-        "xfail",
-        "missing: Create_indexed_block (issue #11 point 3)",
-    ),
-    (
-        "test_datatype.TestDatatypeCreate.testResized",
-        "xfail",
-        "missing: Create_resized (issue #11 point 3)",
-    ),
-    (
-        "test_datatype.TestDatatypeCreate.testStruct",
-        "xfail",
-        "missing: Create_struct (issue #11 point 3)",
-    ),
-    (
-        "test_datatype.TestDatatypeCreate.testSubarray",
-        "xfail",
-        "missing: ORDER_C (issue #11 point 3)",
-    ),
-    (
         "test_datatype.TestDatatypeCreate.testValueIndex",
         "xfail",
         "missing: Get_value_index (issue #11 point 3)",
-    ),
-    (
-        "test_datatype.TestDatatypeCreate.testVector",
-        "xfail",
-        "missing: Create_vector (issue #11 point 3)",
-    ),
-    (
-        "test_datatype.TestDatatypeNull.testConstructor",
-        "xfail",
-        "missing: Datatype() without arguments (issue #11 point 3)",
     ),
     (
         "test_datatype.TestDatatypeNull.testGetName",
@@ -504,16 +434,10 @@ ENTRIES: list[tuple[str, str, str]] = [
         "wrong: predefined datatype names lack mpi4py's MPI_ prefix (issue #11)",
     ),
     (
-        "test_datatype.TestDatatypePickle.testContiguous",
-        "xfail",
-        "missing: __dict__ (issue #11 point 3)",
-    ),
-    (
         "test_datatype.TestDatatypePickle.testDarray",
         "xfail",
         "missing: DISTRIBUTE_BLOCK (issue #11 point 3)",
     ),
-    ("test_datatype.TestDatatypePickle.testDup", "xfail", "missing: __dict__ (issue #11 point 3)"),
     (
         "test_datatype.TestDatatypePickle.testF90ComplexDouble",
         "xfail",
@@ -540,59 +464,9 @@ ENTRIES: list[tuple[str, str, str]] = [
         "missing: Create_f90_real (issue #11 point 3)",
     ),
     (
-        "test_datatype.TestDatatypePickle.testHindexed",
-        "xfail",
-        "missing: Create_hindexed (issue #11 point 3)",
-    ),
-    (
-        "test_datatype.TestDatatypePickle.testHindexedBlock",
-        "xfail",
-        "missing: Create_hindexed_block (issue #11 point 3)",
-    ),
-    (
-        "test_datatype.TestDatatypePickle.testHvector",
-        "xfail",
-        "missing: Create_hvector (issue #11 point 3)",
-    ),
-    (
-        "test_datatype.TestDatatypePickle.testIndexed",
-        "xfail",
-        "missing: Create_indexed (issue #11 point 3)",
-    ),
-    (
-        "test_datatype.TestDatatypePickle.testIndexedBlock",
-        "xfail",
-        "missing: Create_indexed_block (issue #11 point 3)",
-    ),
-    (
-        "test_datatype.TestDatatypePickle.testNamed",
-        "xfail",
-        "missing: Datatype() without arguments (issue #11 point 3)",
-    ),
-    (
-        "test_datatype.TestDatatypePickle.testResized",
-        "xfail",
-        "missing: Create_resized (issue #11 point 3)",
-    ),
-    (
-        "test_datatype.TestDatatypePickle.testStruct",
-        "xfail",
-        "missing: Create_struct (issue #11 point 3)",
-    ),
-    (
-        "test_datatype.TestDatatypePickle.testSubarray",
-        "xfail",
-        "missing: ORDER_C (issue #11 point 3)",
-    ),
-    (
         "test_datatype.TestDatatypePickle.testValueIndex",
         "xfail",
         "missing: Get_value_index (issue #11 point 3)",
-    ),
-    (
-        "test_datatype.TestDatatypePickle.testVector",
-        "xfail",
-        "missing: Create_vector (issue #11 point 3)",
     ),
     ("test_doc.*", "xfail", "missing: buffer (issue #11 point 3)"),
     ("test_dynproc.*", "xfail", "missing: Open_port (issue #11 point 3)"),

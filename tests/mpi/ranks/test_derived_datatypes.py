@@ -137,3 +137,46 @@ def test_gather_allreduce_vector(comm):
     comm.Gather([np.array([rank], "i"), 1, MPI.INT], [spread, 1, resized], root=0)
     if rank == 0:
         assert list(spread[::2]) == list(range(size)) and np.all(spread[1::2] == -1)
+
+
+def test_envelope_decode_pickle(comm):
+    """Every constructor's envelope/contents/decode, remade from decode and sent between
+    ranks pickled (the receiver rebuilds the type and uses it)."""
+    rank, dest, source = _ring(comm)
+    made = [
+        MPI.INT.Dup(),
+        MPI.INT.Create_contiguous(3),
+        MPI.INT.Create_vector(2, 1, 3),
+        MPI.INT.Create_hvector(2, 1, 12),
+        MPI.INT.Create_indexed([1, 2], [0, 3]),
+        MPI.INT.Create_hindexed([1, 2], [0, 12]),
+        MPI.INT.Create_indexed_block(2, [0, 3]),
+        MPI.INT.Create_hindexed_block(2, [0, 12]),
+        MPI.Datatype.Create_struct([1, 2], [0, 4], [MPI.INT, MPI.INT]),
+        MPI.INT.Create_subarray([4], [2], [1]),
+        MPI.INT.Create_resized(0, 16),
+    ]
+    envelopes = [(0, 0, 0, 1), (1, 0, 0, 1), (3, 0, 0, 1), (2, 1, 0, 1), (5, 0, 0, 1),
+                 (3, 2, 0, 1), (4, 0, 0, 1), (2, 2, 0, 1), (3, 2, 0, 2), (5, 0, 0, 1),
+                 (0, 2, 0, 1)]  # fmt: skip
+    for datatype, envelope in zip(made, envelopes, strict=True):
+        assert datatype.Get_envelope()[:4] == envelope and not datatype.is_predefined
+        ints, addresses, counts, types = datatype.Get_contents()
+        assert (len(ints), len(addresses), len(counts), len(types)) == envelope
+        old, combiner, params = datatype.decode()
+        again = (MPI.Datatype.Create_struct(**params) if combiner == "STRUCT" else
+                 getattr(old, "Create_" + combiner.lower())(**params))  # fmt: skip
+        assert again.Get_extent() == datatype.Get_extent() and again.size == datatype.size
+        assert datatype.combiner == getattr(MPI, "COMBINER_" + combiner)
+    assert MPI.INT.decode() == (MPI.INT, "NAMED", {}) and MPI.INT.Get_envelope()[4] == 1
+    sent = comm.sendrecv(made, dest, 5, None, source, 5)
+    for mine, theirs in zip(made, sent, strict=True):
+        assert theirs.decode()[1:] == mine.decode()[1:] and theirs != mine
+    column = sent[2].Commit()  # ints 0 and 3
+    data = np.arange(8, dtype="i") + 10 * rank
+    got = np.full(8, -1, "i")
+    comm.Sendrecv([data, 2, column], dest, 6, [got, 2, column], source, 6)
+    base = 10 * source
+    assert list(got) == [base, -1, -1, base + 3, base + 4, -1, -1, base + 7]
+    assert MPI.Datatype(MPI.INT) == MPI.INT and MPI.Datatype(MPI.INT) is not MPI.INT
+    assert MPI.Datatype() == MPI.DATATYPE_NULL and not MPI.Datatype()
