@@ -69,8 +69,10 @@ from guest_lib.mpi.memory import (
     Alloc_mem,
     Attach_buffer,
     Detach_buffer,
+    Flush_buffer,
     Free_mem,
     Get_address,
+    Iflush_buffer,
     buffer,
 )
 from guest_lib.mpi.ops import (
@@ -271,6 +273,7 @@ _unused = (  # names re-exported on purpose (mpi4py's MPI namespace), not used h
     MINLOC, NO_OP, OP_NULL, PROD, REPLACE, SUM, Op, REQUEST_NULL, TAG_UB_VALUE, Pickle, pickle,
     CART, DIST_GRAPH, GRAPH, Cartcomm, Compute_dims, GROUP_EMPTY, GROUP_NULL, Group,
     Prequest, COMM_TYPE_SHARED, INFO_ENV, INFO_NULL, Info, BSEND_OVERHEAD, Aint_add, Aint_diff,
-    Alloc_mem, Attach_buffer, Detach_buffer, Free_mem, Get_address, buffer, ORDER_C, ORDER_F,
+    Alloc_mem, Attach_buffer, Detach_buffer, Free_mem, Get_address, buffer, Flush_buffer,
+    Iflush_buffer, ORDER_C, ORDER_F,
     ORDER_FORTRAN, ERRHANDLER_NULL, ERRORS_ABORT, ERRORS_ARE_FATAL, ERRORS_RETURN, Errhandler,
 )  # fmt: skip

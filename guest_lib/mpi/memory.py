@@ -189,8 +189,9 @@ _attached: list[Any] = []
 def Attach_buffer(buf: Any) -> None:
     """Record `buf` as the Bsend buffer (BufferError if it is read-only; MPI.Exception
     (ERR_BUFFER) if one is attached already)."""
-    if memoryview(buf).readonly:
-        raise BufferError("Attach_buffer: the buffer is read-only")
+    from guest_lib.mpi.buffers import parse
+
+    parse(buf, writable=True)  # any message buffer (DLPack too); BufferError if read-only
     if _attached:
         raise exceptions.Exception(exceptions.ERR_BUFFER, "a buffer is attached already")
     _attached.append(buf)
@@ -199,3 +200,16 @@ def Attach_buffer(buf: Any) -> None:
 def Detach_buffer() -> Any:
     """The buffer Attach_buffer recorded (None when there is none)."""
     return _attached.pop() if _attached else None
+
+
+def Flush_buffer() -> None:
+    """Wait until the messages buffered by Bsend are sent: returns at once, as a Bsend here
+    has handed its message to the queue or to MPI by the time it returns."""
+
+
+def Iflush_buffer() -> Any:
+    """Nonblocking Flush_buffer: a request that is complete already (see Flush_buffer)."""
+    from guest_lib.mpi.matching import DoneOp
+    from guest_lib.mpi.request import Request
+
+    return Request(DoneOp())

@@ -11,8 +11,23 @@ those entries are the issue's to-do list, not accepted limits.
 from __future__ import annotations
 
 ENTRIES: list[tuple[str, str, str]] = [
-    ("test_address.*", "xfail", "missing: Get_address (issue #11 point 3)"),
     ("test_attributes.*", "xfail", "missing: WIN_NULL (issue #11 point 3)"),
+    (
+        "test_msgspec.TestMessageBlock.testMessageBad",
+        "skip@2,4",
+        "wrong: Alltoall with a count that does not split evenly raises ValueError on one "
+        "rank; which exception the others get depends on timing (mpi4py: ValueError on every "
+        "rank) (issue #11)",
+    ),
+    (
+        "test_errhandler.TestErrhandlerComm.testCreate",
+        "xfail",
+        "differs: mpi4py allows 32 user error handlers per class (RuntimeError for the 33rd, "
+        "its C callback table); no such limit here",
+    ),
+    ("test_errhandler.TestErrhandlerFile.*", "xfail", "missing: File (issue #11 point 3)"),
+    ("test_errhandler.TestErrhandlerSession.*", "xfail", "missing: Session (issue #11 point 3)"),
+    ("test_errhandler.TestErrhandlerWin.*", "xfail", "missing: Win (issue #11 point 3)"),
     ("test_cco_buf.TestReduceLocal.*", "xfail", "missing: Reduce_local (issue #11 point 3)"),
     ("test_cco_buf_inter.*", "xfail@2,4", "missing: Create_intercomm (issue #11 point 3)"),
     (
@@ -471,7 +486,6 @@ ENTRIES: list[tuple[str, str, str]] = [
     ("test_doc.*", "xfail", "missing: buffer (issue #11 point 3)"),
     ("test_dynproc.*", "xfail", "missing: Open_port (issue #11 point 3)"),
     ("test_environ.*", "xfail", "missing: UNIVERSE_SIZE (issue #11 point 3)"),
-    ("test_errhandler.*", "xfail", "missing: ERRORS_ABORT (issue #11 point 3)"),
     (
         "test_errorcode.TestErrorCode.testAddErrorClass",
         "xfail",
@@ -496,7 +510,6 @@ ENTRIES: list[tuple[str, str, str]] = [
     ("test_file.*", "xfail", "missing: FILE_NULL (issue #11 point 3)"),
     ("test_grequest.*", "xfail", "missing: Grequest (issue #11 point 3)"),
     ("test_handle.*", "xfail", "missing: MESSAGE_NULL (issue #11 point 3)"),
-    ("test_info.*", "xfail", "missing: Info (issue #11 point 3)"),
     ("test_io.*", "xfail", "missing: FILE_NULL (issue #11 point 3)"),
     (
         "test_mpiabi.TestMPIABI.testGetFortranInfo",
@@ -509,7 +522,6 @@ ENTRIES: list[tuple[str, str, str]] = [
         "xfail",
         "missing: Get_abi_version (issue #11 point 3)",
     ),
-    ("test_mpimem.*", "xfail", "missing: Alloc_mem (issue #11 point 3)"),
     (
         "test_msgspec.TestMessageCAIBuf.testAttrEmpty",
         "xfail",
@@ -918,45 +930,9 @@ ENTRIES: list[tuple[str, str, str]] = [
         "missing: Send_init (issue #11 point 3)",
     ),
     (
-        "test_p2p_buf.TestP2PBufSelf.testPersistent",
-        "xfail",
-        "missing: Send_init (issue #11 point 3)",
-    ),
-    ("test_p2p_buf.TestP2PBufSelf.testProcNull", "xfail", "missing: Alloc_mem (issue #11 point 3)"),
-    (
-        "test_p2p_buf.TestP2PBufSelf.testProcNullPersistent",
-        "xfail",
-        "missing: Send_init (issue #11 point 3)",
-    ),
-    (
-        "test_p2p_buf.TestP2PBufSelf.testSendRecv",
-        "xfail",
-        "missing: BSEND_OVERHEAD (issue #11 point 3)",
-    ),
-    (
         "test_p2p_buf.TestP2PBufSelfDup.testConstructor",
         "xfail",
         "missing: Send_init (issue #11 point 3)",
-    ),
-    (
-        "test_p2p_buf.TestP2PBufSelfDup.testPersistent",
-        "xfail",
-        "missing: Send_init (issue #11 point 3)",
-    ),
-    (
-        "test_p2p_buf.TestP2PBufSelfDup.testProcNull",
-        "xfail",
-        "missing: Alloc_mem (issue #11 point 3)",
-    ),
-    (
-        "test_p2p_buf.TestP2PBufSelfDup.testProcNullPersistent",
-        "xfail",
-        "missing: Send_init (issue #11 point 3)",
-    ),
-    (
-        "test_p2p_buf.TestP2PBufSelfDup.testSendRecv",
-        "xfail",
-        "missing: BSEND_OVERHEAD (issue #11 point 3)",
     ),
     (
         "test_p2p_buf.TestP2PBufWorld.testConstructor",
@@ -964,49 +940,9 @@ ENTRIES: list[tuple[str, str, str]] = [
         "missing: Send_init (issue #11 point 3)",
     ),
     (
-        "test_p2p_buf.TestP2PBufWorld.testPersistent",
-        "xfail",
-        "missing: Send_init (issue #11 point 3)",
-    ),
-    (
-        "test_p2p_buf.TestP2PBufWorld.testProcNull",
-        "xfail",
-        "missing: Alloc_mem (issue #11 point 3)",
-    ),
-    (
-        "test_p2p_buf.TestP2PBufWorld.testProcNullPersistent",
-        "xfail",
-        "missing: Send_init (issue #11 point 3)",
-    ),
-    (
-        "test_p2p_buf.TestP2PBufWorld.testSendRecv",
-        "xfail",
-        "missing: BSEND_OVERHEAD (issue #11 point 3)",
-    ),
-    (
         "test_p2p_buf.TestP2PBufWorldDup.testConstructor",
         "xfail",
         "missing: Send_init (issue #11 point 3)",
-    ),
-    (
-        "test_p2p_buf.TestP2PBufWorldDup.testPersistent",
-        "xfail",
-        "missing: Send_init (issue #11 point 3)",
-    ),
-    (
-        "test_p2p_buf.TestP2PBufWorldDup.testProcNull",
-        "xfail",
-        "missing: Alloc_mem (issue #11 point 3)",
-    ),
-    (
-        "test_p2p_buf.TestP2PBufWorldDup.testProcNullPersistent",
-        "xfail",
-        "missing: Send_init (issue #11 point 3)",
-    ),
-    (
-        "test_p2p_buf.TestP2PBufWorldDup.testSendRecv",
-        "xfail",
-        "missing: BSEND_OVERHEAD (issue #11 point 3)",
     ),
     ("test_p2p_buf_matched.*", "xfail", "missing: MESSAGE_NULL (issue #11 point 3)"),
     ("test_p2p_buf_part.*", "xfail", "missing: Psend_init (issue #11 point 3)"),
