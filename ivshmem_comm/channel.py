@@ -68,9 +68,10 @@ class TxChannel:
         message timed out after its first span was published: nothing is lost, the rest is
         copied into memory of the channel's own (`tail`) and goes out first at the next send
         or place, whose deadline bounds it (that call raises TimeoutError, its own message
-        unsent, if the rest does not fit in time). Meanwhile a receiver that is taking the
-        message waits for the rest up to its stall timeout, then raises RingCorruptError
-        naming this sender (the message is then never delivered, and both sides are told).
+        unsent, if the rest does not fit in time), or earlier through `push_tail`. Meanwhile a
+        receiver that is taking the message waits for the rest up to its stall timeout, then
+        raises RingCorruptError naming this sender (the message is then never delivered, and
+        both sides are told).
         Also raises PeerLostError, RingCorruptError.
         """
         if self.tail is not None:
@@ -162,14 +163,26 @@ class TxChannel:
             self._kick()
         self._stream(data[first_chunk:], first_chunk, total, deadline, owned=False)
 
-    def _send_tail(self, deadline: float | None) -> None:
+    def push_tail(self) -> bool:
+        """Publish what of the tail (see send) fits in the queue now, without waiting; return
+        True iff no tail is left. Raises PeerLostError or RingCorruptError as send does."""
+        if self.tail is None:
+            return True
+        try:
+            self._send_tail(None, wait=False)
+        except TimeoutError:
+            return False
+        return True
+
+    def _send_tail(self, deadline: float | None, wait: bool = True) -> None:
         """Send the rest of the message a timed-out send left (see send). Raises
-        TimeoutError if it does not all go out by `deadline` (what did not stays the tail)."""
+        TimeoutError if it does not all go out by `deadline`, or at once without `wait`
+        (what did not stays the tail)."""
         assert self.tail is not None
         rest, sent, total = self.tail
         self.tail = None
         try:
-            self._stream(rest, sent, total, deadline, owned=True)
+            self._stream(rest, sent, total, deadline, owned=True, wait=wait)
         except SendIncompleteError as exc:
             raise TimeoutError(
                 f"timed out sending to peer {self.dest}: {exc.total - exc.sent} bytes of an "
@@ -178,18 +191,31 @@ class TxChannel:
         self.ring.count_message(total)
 
     def _stream(
-        self, rest: memoryview, sent: int, total: int, deadline: float | None, owned: bool
+        self,
+        rest: memoryview,
+        sent: int,
+        total: int,
+        deadline: float | None,
+        owned: bool,
+        wait: bool = True,
     ) -> None:
         """Publish `rest`, the last bytes of a streamed message of `total` bytes whose first
-        `sent` are out, span by span. At `deadline`, keep what is unsent as the tail (copied
-        unless `owned`: already the channel's memory) and raise SendIncompleteError."""
+        `sent` are out, span by span. At `deadline`, or when the queue is full and not
+        `wait`, keep what is unsent as the tail (copied unless `owned`: already the channel's
+        memory) and raise SendIncompleteError."""
         ring, max_span = self.ring, self._geometry.max_span
         done = 0
         while done < len(rest):
             chunk = min(max_span, len(rest) - done)
-            try:
-                offset = self._reserve(chunk, deadline)
-            except TimeoutError:
+            offset = ring.reserve(chunk)
+            if offset < 0 and wait:
+                try:
+                    offset = self._reserve(chunk, deadline)
+                except TimeoutError:
+                    offset = -1
+            elif offset < 0 and ring.reclaim():
+                offset = ring.reserve(chunk)
+            if offset < 0:
                 left = rest[done:]
                 self.tail = (left if owned else memoryview(bytes(left)), sent + done, total)
                 raise SendIncompleteError(self.dest, sent + done, total) from None

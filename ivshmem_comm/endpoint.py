@@ -122,6 +122,9 @@ class Endpoint:
         self._others = [p for p in range(n) if p != me]
         self._rotation = 0
         self._spin_end = 0.0  # end of the current spin phase; 0: the next wait starts one
+        # Peers whose queue holds the rest of a timed-out send (TxChannel.tail): every wait
+        # pushes it on, so a sender that only receives afterwards still delivers it.
+        self._tailed: set[int] = set()
         self._closed = False
         self.tx: list[TxChannel | None] = [None] * n
         self.rx: list[RxChannel | None] = [None] * n
@@ -337,6 +340,8 @@ class Endpoint:
         (time.monotonic): the peer is judged before the deadline, so a poll (timeout 0) of a
         lost peer says it is lost, never that it timed out.
         """
+        if self._tailed:
+            self._push_tails()
         now = time.monotonic()
         if deadline is not None and now >= deadline:
             if watch >= 0:
@@ -349,6 +354,10 @@ class Endpoint:
         for ring in rings:
             if ring.arm():  # EVENT_IDX handshake: something arrived while arming
                 return False
+        for p in self._tailed:  # and be woken when a receiver frees room for a tail
+            tx = self.tx[p]
+            if tx is not None and tx.ring not in rings and tx.ring.arm():
+                return False
         if watch >= 0:
             self._check_peer(watch, rings)
         else:
@@ -358,6 +367,19 @@ class Endpoint:
         if self.notifier.wait(slice_s):
             self._spin_end = 0.0  # kicked: work is likely there, spin again before sleeping
         return True
+
+    def _push_tails(self) -> None:
+        """Push on the rest of every timed-out send (see send) as far as room allows now. A
+        queue that fails (its peer lost, or broken) is left to the next send to that peer,
+        which reports it: a wait for something else is not the place."""
+        for p in list(self._tailed):
+            tx = self.tx[p]
+            try:
+                done = tx is None or tx.push_tail()
+            except (PeerLostError, RingCorruptError):
+                done = True
+            if done:
+                self._tailed.discard(p)
 
     # ------------------------------------------------------------------ sending
     def _peer_arg(self, p: int) -> int:
@@ -381,8 +403,9 @@ class Endpoint:
         Blocks while `dest` has not joined yet or its queue is full. `timeout` bounds the whole
         call: TimeoutError if nothing of the message was sent; SendIncompleteError (a
         TimeoutError) if a message larger than the queue's data area timed out after its
-        first part was published: its rest is kept (copied) and goes out before the next
-        message to `dest`, at the next send or place to it (see TxChannel.send). Messages to
+        first part was published: its rest is kept (copied) and goes out as the receiver
+        frees room, during any later wait of this endpoint (a send, receive or probe, to or
+        from any peer) and before the next message to `dest` (see TxChannel.send). Messages to
         one peer arrive in order, whole. Raises PeerLostError if `dest` is gone or restarted,
         ValueError for a bad peer or tag, RingCorruptError if the peer broke the queue.
         """
@@ -470,6 +493,11 @@ class Endpoint:
         except PeerLostError:
             self._lost(dest)
             raise
+        finally:
+            if tx.tail is None:
+                self._tailed.discard(dest)
+            else:
+                self._tailed.add(dest)
         return None
 
     def send_obj(self, obj: Any, dest: int, tag: int = 0, timeout: float | None = None) -> None:

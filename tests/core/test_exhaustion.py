@@ -148,6 +148,54 @@ def test_streamed_send_honours_its_timeout_and_loses_nothing(make_region):
             child.communicate()
 
 
+# A sender whose streamed send timed out and that then only receives (it waits for a reply to
+# the message it could not finish) still delivers the rest: every wait of the endpoint pushes it
+# on as the receiver frees room. (It used to wait for a next send that never came: the receiver
+# stalled on the half message, the sender on the reply.)
+STREAMED_THEN_RECEIVE = """
+import sys
+import ivshmem_comm as ic
+region = ic.Region.open(sys.argv[1])
+ep = region.endpoint(0)
+big = bytes(range(256)) * (3 * region.geometry.data_size // 256)
+try:
+    ep.send(1, big, tag=1, timeout=0.3)
+    print("sent", flush=True)
+except ic.SendIncompleteError:
+    print("incomplete", flush=True)
+with ep.recv(1, timeout=30) as reply:
+    print("reply", bytes(reply.data).decode(), flush=True)
+ep.close()
+"""
+
+
+@pytest.mark.timeout(60)
+def test_rest_of_a_timed_out_send_goes_out_while_the_sender_only_receives(make_region):
+    region = make_region(1 << 20, 2, queue_num=8)
+    size = 3 * region.geometry.data_size
+    with region.endpoint(1) as ep1:  # alive, not receiving yet
+        child = subprocess.Popen(
+            [sys.executable, "-c", STREAMED_THEN_RECEIVE, region.name],
+            stdout=subprocess.PIPE,
+            text=True,
+            env=ENV,
+            cwd=ROOT,
+        )
+        try:
+            assert child.stdout is not None
+            assert child.stdout.readline().split() == ["incomplete"]
+            buf = bytearray(size)
+            assert ep1.recv_into(buf, 0, timeout=20) == (size, 0, 1)
+            assert buf == bytes(range(256)) * (size // 256)
+            ep1.send(0, b"thanks", tag=2, timeout=20)
+            assert child.stdout.readline().split() == ["reply", "thanks"]
+            assert child.wait(30) == 0
+        finally:
+            if child.poll() is None:
+                child.kill()
+            child.communicate()
+
+
 def test_peer_table_full_plain(make_region):
     region = make_region(1 << 20, 2)
     with region.endpoint(0), region.endpoint(1):
