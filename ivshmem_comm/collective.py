@@ -317,6 +317,8 @@ class CollectiveGroup:
         self._spin = spin_us * 1e-6
         self._yield = self.size > len(os.sched_getaffinity(0))
         self._listening = False  # see listen()
+        # True after a gatherv, scatterv or alltoallv that its members declined (see there).
+        self.declined = False
         me = self.rank
         u64 = self._u64
         u64[self._sleep_i[me]] = 0
@@ -497,13 +499,21 @@ class CollectiveGroup:
             raise self._corrupt(r, "nbytes", found, f"this call expects {nbytes} bytes")
         return self._slabs[r][:nbytes]
 
-    def _rounds_of(self, r: int, least: int) -> int:
+    def _rounds_of(self, r: int, least: int, declinable: bool = False) -> int:
         """The rounds word of member r's arrival, taken this round (after its [A5] load):
-        at least `least` (the rounds this member's own data needs)."""
+        at least `least` (the rounds this member's own data needs), or 0 where r may decline
+        the collective (`declinable`: see `declined`)."""
         value = self._u64[self._arrive_i[r] + 3]
+        if declinable and value == 0:
+            return 0
         if not least <= value <= _rounds(layout.MAX_MESSAGE, self._segment()):
             raise self._corrupt(r, "rounds", value, f"this member needs {least} or more")
         return value
+
+    def _declined(self) -> None:
+        """End the round of a declined collective (see gatherv)."""
+        self._end()
+        self.declined = True
 
     def _end(self) -> None:
         """Step 4."""
@@ -547,10 +557,15 @@ class CollectiveGroup:
         displs: Sequence[int],
         root: int,
         largest: int | None = None,
+        max_rounds: int | None = None,
     ) -> Steps:
         """Rank r's `sendbuf` (counts[r] bytes) lands at byte displs[r] of `recvbuf` at
         `root`; counts/displs/recvbuf matter at the root only. `largest`: max(counts) if
-        every rank knows it (else the root's first arrival says how many rounds)."""
+        every rank knows it (else the root's first arrival says how many rounds).
+        `max_rounds` (the same at every member): the root declines a gatherv that needs more
+        rounds (its first arrival says 0 rounds); after one round every member returns with
+        `declined` set and nothing moved, for the caller to move it otherwise."""
+        self.declined = False
         send = _flat(sendbuf, False)
         chunk = self.slab_size
         is_root = self.rank == root
@@ -562,6 +577,11 @@ class CollectiveGroup:
             rounds: int | None = _rounds(max(counts) if largest is None else largest, chunk)
         else:
             rounds = None if largest is None else _rounds(largest, chunk)
+        declinable = max_rounds is not None
+        if is_root and max_rounds is not None and rounds is not None and rounds > max_rounds:
+            yield from self._begin(KIND_GATHER, b"", 0)  # rounds word 0: declined
+            self._declined()
+            return
         if is_root:
             recv[displs[root] : displs[root] + len(send)] = send
         i = 0
@@ -576,7 +596,10 @@ class CollectiveGroup:
                     recv[at : at + length] = yield from self._take(r, KIND_GATHER, length)
             elif rounds is None:  # the root says how many rounds
                 yield from self._take(root, KIND_GATHER, 0)
-                rounds = self._rounds_of(root, _rounds(len(send), chunk))
+                rounds = self._rounds_of(root, _rounds(len(send), chunk), declinable)
+                if not rounds:
+                    self._declined()
+                    return
             self._end()
             i += 1
 
@@ -595,9 +618,11 @@ class CollectiveGroup:
         recvbuf: Any,
         root: int,
         largest: int | None = None,
+        max_rounds: int | None = None,
     ) -> Steps:
         """Rank r's `recvbuf` gets counts[r] bytes at displs[r] of `sendbuf` at `root`;
-        `largest` as for gatherv."""
+        `largest` and `max_rounds` as for gatherv."""
+        self.declined = False
         recv = _flat(recvbuf, True)
         is_root = self.rank == root
         if is_root:
@@ -614,6 +639,12 @@ class CollectiveGroup:
             rounds: int | None = _rounds(max(counts) if largest is None else largest, seg)
         else:
             rounds = None if largest is None else _rounds(largest, seg)
+        declinable = max_rounds is not None
+        if is_root and max_rounds is not None and rounds is not None and rounds > max_rounds:
+            yield from self._enter()
+            self._publish(KIND_SCATTER, used, 0)  # rounds word 0: declined
+            self._declined()
+            return
         i = 0
         while rounds is None or i < rounds:
             slab = yield from self._enter()
@@ -626,7 +657,10 @@ class CollectiveGroup:
                 start, length = _pieces(len(recv), seg, i)
                 theirs = yield from self._take(root, KIND_SCATTER, used)
                 if rounds is None:  # the root says how many rounds
-                    rounds = self._rounds_of(root, _rounds(len(recv), seg))
+                    rounds = self._rounds_of(root, _rounds(len(recv), seg), declinable)
+                    if not rounds:
+                        self._declined()
+                        return
                 recv[start : start + length] = theirs[self.rank * seg :][:length]
             self._end()
             i += 1
@@ -676,9 +710,14 @@ class CollectiveGroup:
         recvbuf: Any,
         recvcounts: Sequence[int],
         recvdispls: Sequence[int],
+        max_rounds: int | None = None,
     ) -> Steps:
         """sendcounts[q] bytes at senddispls[q] of rank r's `sendbuf` land at recvdispls[r]
-        of rank q's `recvbuf` (recvcounts[r] bytes)."""
+        of rank q's `recvbuf` (recvcounts[r] bytes). `max_rounds` (the same at every
+        member): a member whose data needs more rounds declines (its first arrival says 0
+        rounds); after one round every member returns with `declined` set (what that round
+        wrote into recvbuf is to be overwritten by the caller's other way)."""
+        self.declined = False
         send, recv = _flat(sendbuf, False), _flat(recvbuf, True)
         self._check_layout(sendcounts, senddispls, len(send), "send")
         self._check_layout(recvcounts, recvdispls, len(recv), "recv")
@@ -692,19 +731,26 @@ class CollectiveGroup:
         used = seg * self.size
         mine = _rounds(max(*sendcounts, *recvcounts), seg)
         rounds = mine  # the most any member needs: known after the first round
+        declinable = max_rounds is not None
+        declined = max_rounds is not None and mine > max_rounds
         i = 0
         while i < rounds:
             slab = yield from self._enter()
             for q in self._others:
                 start, length = _pieces(sendcounts[q], seg, i)
                 slab[q * seg : q * seg + length] = send[senddispls[q] + start :][:length]
-            self._publish(KIND_ALLTOALL, used, mine)
+            self._publish(KIND_ALLTOALL, used, 0 if declined else mine)
             for r in self._others:
                 start, length = _pieces(recvcounts[r], seg, i)
                 theirs = yield from self._take(r, KIND_ALLTOALL, used)
                 if i == 0:
-                    rounds = max(rounds, self._rounds_of(r, 1))
+                    word = self._rounds_of(r, 1, declinable)
+                    declined = declined or not word
+                    rounds = max(rounds, word)
                 recv[recvdispls[r] + start :][:length] = theirs[me * seg :][:length]
+            if declined:
+                self._declined()
+                return
             self._end()
             i += 1
 

@@ -61,6 +61,7 @@ if TYPE_CHECKING:
 T_AREA = 0  # internal tag (of the current blocking instance) of the binding broadcast
 _BIND = struct.Struct("<iI")  # slot (-1: none), generation
 _CORE_ERRORS = (PeerLostError, RingCorruptError, TimeoutError)
+_DECLINABLE = ("gatherv", "scatterv", "alltoallv")
 NAP_S = 0.001  # longest nap of a Wait on an area request (messages it also waits for do not
 # ring the doorbell)
 
@@ -115,18 +116,24 @@ class Area:
     def run(self, name: str, *args: Any) -> bool:
         """Run collective `name` of the group (blocking form) with `args`. True when it ran
         through the area; False when it must run on messages (Fallback: the area is
-        dropped). Errors: MPI.Exception for a core error or an abandoned collective, else
-        the group's own (ValueError for buffers that do not fit); the area is dropped."""
+        dropped; or the group declined a gatherv/scatterv/alltoallv larger than a slab,
+        having moved nothing: the area stays). Errors: MPI.Exception for a core error or
+        an abandoned collective, else the group's own (ValueError for buffers that do not
+        fit); the area is dropped."""
         comm = self.comm
         engine = comm._engine
         self._current = ((self._ctx, comm._coll_base), comm._coll_seq - 1)
         try:
             if comm._coll_gone is not None:
                 raise Fallback(comm._coll_gone)  # run it as the message path does
+            # Gather, scatter and alltoall, whose members cannot all size the payload, let
+            # the group decline one that needs more than one slab round (messages are
+            # faster there, see `fits`): every member learns it in the first round.
+            kwargs = {"max_rounds": 1} if name in _DECLINABLE else {}
             if engine.quiet():
-                getattr(self.group, name)(*args)
+                getattr(self.group, name)(*args, **kwargs)
             else:
-                self._drive(self.group.start(name, *args))
+                self._drive(self.group.start(name, *args, **kwargs))
         except Fallback:
             self.drop()
             return False
@@ -136,6 +143,8 @@ class Area:
         except BaseException:
             self.drop()
             raise
+        if self.group.declined:
+            return False
         self.completed += 1
         return True
 
@@ -157,7 +166,7 @@ class Area:
         it). Larger payloads are faster on messages (read in place and pipelined, where the
         area synchronises the group once per slab), so callers whose members all know the
         size send those there; gather, scatter and alltoall (whose members do not all know
-        every size) stay in the area at any size."""
+        every size) let the group decline them in their first round (`run`)."""
         group = self.group
         return nbytes <= (group.slab_size // group.size if split else group.slab_size)
 
