@@ -40,6 +40,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -170,19 +171,29 @@ def supervise(
 
 
 @contextlib.contextmanager
-def forward_signals(procs: Sequence[subprocess.Popen[bytes]]) -> Iterator[list[int]]:
+def forward_signals(
+    to: Sequence[subprocess.Popen[bytes]] | Callable[[int], None],
+) -> Iterator[list[int]]:
     """For the duration of the block, SIGTERM, SIGINT, SIGHUP and SIGQUIT sent to this
-    process go to the process group of every process in `procs` (a list the caller may
-    still append to; each leads its own group) instead of their usual effect. Yields the
-    list of signals received, first one first (pass it to :func:`supervise` as
-    `signalled`). The previous handlers are back after the block. Main thread only."""
+    process are passed on instead of having their usual effect: to the process group of
+    every process in `to` (a list the caller may still append to; each leads its own
+    group), or, if `to` is a function, by calling it with the signal. Yields the list of
+    signals received, first one first (pass it to :func:`supervise` as `signalled`). The
+    previous handlers are back after the block. Off the main thread (where Python takes no
+    handlers) it installs nothing and the list stays empty."""
     received: list[int] = []
 
     def forward(sig: int, frame: Any) -> None:
         received.append(sig)
-        for proc in procs:
-            signal_group(proc, sig)
+        if callable(to):
+            to(sig)
+        else:
+            for proc in to:
+                signal_group(proc, sig)
 
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
     old = {sig: signal.signal(sig, forward) for sig in FORWARDED_SIGNALS}
     try:
         yield received
@@ -223,6 +234,35 @@ class OutputRelay:
         os.set_blocking(pipe.fileno(), False)
         self.selector.register(pipe, selectors.EVENT_READ, (prefix, out))
         self.partial[pipe.fileno()] = b""
+
+    def start(
+        self,
+        command: Sequence[str],
+        env: Mapping[str, str],
+        prefix: bytes = b"",
+        *,
+        merge_stderr: bool = False,
+        preexec_fn: Callable[[], None] | None = None,
+    ) -> subprocess.Popen[bytes]:
+        """Start a rank: `command` with `env` in its own session (so that its process group,
+        see :func:`signal_group`, holds what it starts), its stdout relayed to ours and its
+        stderr to ours (to our stdout with `merge_stderr`), each line after `prefix`; this
+        process's :class:`Guardian`, if any, is told its group. Returns the Popen; raises
+        what Popen raises (OSError for a command that cannot start)."""
+        proc = subprocess.Popen(
+            command,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT if merge_stderr else subprocess.PIPE,
+            start_new_session=True,
+            preexec_fn=preexec_fn,
+        )
+        guard(group=proc.pid)
+        assert proc.stdout is not None
+        self.add(proc.stdout, sys.stdout.buffer, prefix)
+        if proc.stderr is not None:
+            self.add(proc.stderr, sys.stderr.buffer, prefix)
+        return proc
 
     def pump(self, timeout: float) -> None:
         """Relay what arrives within `timeout` seconds (at once if something is there)."""

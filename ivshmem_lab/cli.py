@@ -43,8 +43,10 @@ it exits with mpiexec's status (124 past ``--timeout``). ``--lab`` is a name or 
 
 Signals: SIGTERM, SIGINT, SIGHUP and SIGQUIT make ``run``, ``up`` and ``mpiexec`` tear
 everything down (guests killed, broker stopped, region, semaphores and state removed) and
-exit 128 + the signal; ``mpiexec`` first forwards the signal to hydra's mpiexec (which
-passes it on to the ranks) and kills it 2 s later if it still runs. Killed outright
+exit 128 + the signal. First they are forwarded, as hydra does: ``run`` sends the signal to
+the command in every guest (with ``-n`` the guest side passes it on to its ranks) and kills
+the guests still running 2 s later; ``mpiexec`` sends it to hydra's mpiexec (which passes it
+on to the ranks) and kills it 2 s later if it still runs. Killed outright
 (SIGKILL), they leave nothing either: a guardian process (:class:`guest_lib.launch.Guardian`,
 as ``ivshmem-run`` has) kills the guests and mpiexec, stops the broker and removes the
 region, its semaphores, the lab's state and the temporary directories.
@@ -63,10 +65,10 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
-from guest_lib.launch import FORWARDED_SIGNALS, Guardian, guard
-from ivshmem_lab.devices import DoorbellDevice, parse_device
+from guest_lib.launch import FORWARDED_SIGNALS, Guardian, forward_signals, guard
+from ivshmem_lab.devices import DoorbellDevice, ShmDevice, parse_device
 from ivshmem_lab.errors import LabError, LabUnavailable
 from ivshmem_lab.guest import GuestResult
 from ivshmem_lab.host import find_kernel
@@ -383,8 +385,24 @@ def _run(args: argparse.Namespace) -> int:
         with out_lock:
             print(f"[vm{index}] {line}", flush=True)
 
-    if mpi_n is not None:
-        return _run_mpi(lab, args, command, mpi_n, on_output)
+    # From here on a signal goes to the guests' commands (killed 2 s later if still running)
+    # and the run ends with status 128 + that signal.
+    with forward_signals(lab.signal_guests) as received:
+        if mpi_n is not None:
+            status = _run_mpi(lab, args, command, mpi_n, on_output)
+        else:
+            status = _run_plain(lab, args, command, devices, on_output)
+    return 128 + received[0] if received else status
+
+
+def _run_plain(
+    lab: Lab,
+    args: argparse.Namespace,
+    command: list[str],
+    devices: list[ShmDevice | DoorbellDevice],
+    on_output: Callable[[int, str], None],
+) -> int:
+    """``run`` without ``-n``: the command in every guest; the run's exit status."""
     with contextlib.ExitStack() as stack:
         if not devices and not args.no_region:
             devices = [stack.enter_context(_served_region(args.vms))]
@@ -446,7 +464,13 @@ def _report_guest(r: GuestResult, console: bool) -> None:
             print(f"[vm{r.index} console] {line}", file=sys.stderr)
 
 
-def _run_mpi(lab: Lab, args: argparse.Namespace, command: list[str], n: int, on_output) -> int:
+def _run_mpi(
+    lab: Lab,
+    args: argparse.Namespace,
+    command: list[str],
+    n: int,
+    on_output: Callable[[int, str], None],
+) -> int:
     from ivshmem_lab.mpi import run_job
 
     print(f"ivshmem-lab: MPI job of {n} rank(s) over {args.vms} guest(s)", file=sys.stderr)

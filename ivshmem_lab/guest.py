@@ -152,6 +152,7 @@ def command_script(command: Command, cwd: str, env: Mapping[str, str], index: in
     for k, v in full.items():
         if _ENV_NAME.match(k) and "\0" not in v:
             lines.append(f"export {k}={shlex.quote(v)}")
+    lines.append("echo $$ > /run/ivshmem-lab/pid  # where /init sends signals (Guest.signal)")
     lines.append("exec " + " ".join(shlex.quote(a) for a in argv))
     return "\n".join(lines) + "\n"
 
@@ -454,6 +455,17 @@ class Guest:
                 if left is not None and left <= 0:
                     raise TimeoutError(f"vm{self.index}: no {what} within {timeout} s")
                 self._lock.wait(0.2 if left is None else min(left, 0.2))
+
+    def signal(self, sig: int) -> None:
+        """Send signal `sig` to the guest's command, as ``kill -SIG PID`` in the guest would:
+        through the control directory, where ``/init``'s watcher looks every 0.2 s (a
+        signal sent before the command started reaches it once it starts; a second signal
+        before the first was delivered replaces it). No-op if the guest is not running."""
+        if self._tmp is None or not self.running:
+            return
+        tmp = Path(self._tmp, "signal.tmp")
+        tmp.write_text(f"{int(sig)}\n")
+        os.replace(tmp, Path(self._tmp, "signal"))
 
     def kill(self) -> None:
         """Power the guest off hard: SIGKILL to QEMU's process group. No-op if not running."""

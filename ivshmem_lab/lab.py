@@ -36,10 +36,12 @@ from __future__ import annotations
 import os
 import threading
 import time
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Literal, TypedDict, Unpack
 
+from guest_lib.launch import GRACE_S
 from ivshmem_lab.devices import DeviceSpec
 from ivshmem_lab.errors import LabUnavailable
 from ivshmem_lab.guest import Command, Guest, GuestOptions, GuestResult
@@ -113,6 +115,8 @@ class Lab:
         self._accel_resolved: str | None = None
         self._probe: KvmProbe | None = None
         self._lock = threading.RLock()
+        self._guests: weakref.WeakSet[Guest] = weakref.WeakSet()  # made by guest()
+        self._kill_timer: threading.Timer | None = None  # armed by signal_guests()
 
     @property
     def kvm_probe(self) -> KvmProbe | None:
@@ -197,7 +201,26 @@ class Lab:
         is called from a reader thread for each output line; ``extra_qemu_args`` go last on
         QEMU's command line; ``network``: the guest's NICs (see :mod:`ivshmem_lab.net`).
         """
-        return Guest(self, index, command, **options)
+        guest = Guest(self, index, command, **options)
+        self._guests.add(guest)
+        return guest
+
+    def signal_guests(self, sig: int, grace: float = GRACE_S) -> None:
+        """Send `sig` to the command of every running guest of this lab
+        (:meth:`Guest.signal`) and kill (:meth:`Guest.kill`) every guest still running
+        `grace` seconds after the first call (a timer thread), as hydra does with ranks.
+        Meant for a launcher's signal handler; returns at once."""
+        for guest in list(self._guests):
+            guest.signal(sig)
+        with self._lock:
+            if self._kill_timer is None:
+                self._kill_timer = threading.Timer(grace, self._kill_guests)
+                self._kill_timer.daemon = True
+                self._kill_timer.start()
+
+    def _kill_guests(self) -> None:
+        for guest in list(self._guests):
+            guest.kill()
 
     def run_many(
         self,

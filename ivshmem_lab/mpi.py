@@ -200,17 +200,8 @@ def guest_main(
                 )
                 if len(ranks) > 1:
                     rank_env["IVSHMEM_COMM_DEVICE"] = devices[i]
-                proc = subprocess.Popen(
-                    command,
-                    env=rank_env,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )
-                procs.append(proc)
-                assert proc.stdout is not None
                 prefix = f"[rank {rank}] ".encode() if prepend_rank else b""
-                output.add(proc.stdout, sys.stdout.buffer, prefix)
+                procs.append(output.start(command, rank_env, prefix, merge_stderr=True))
             status = supervise(
                 procs, timeout, who="ivshmem-lab-mpi", signalled=received, idle=output.pump
             )

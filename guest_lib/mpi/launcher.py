@@ -172,21 +172,8 @@ def run(argv: Sequence[str] | None = None) -> int:
                 if received:
                     break
                 rank_env = dict(env, IVSHMEM_MPI_RANK=str(rank), IVSHMEM_MPI_SIZE=str(n))
-                # Own process group per rank, so that killing a rank kills what it started.
-                proc = subprocess.Popen(
-                    command,
-                    env=rank_env,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.PIPE,
-                    start_new_session=True,
-                    preexec_fn=die_with_us,
-                )
-                procs.append(proc)
-                guard(group=proc.pid)
-                assert proc.stdout is not None and proc.stderr is not None
                 prefix = b"[%d] " % rank if args.prepend_rank else b""
-                output.add(proc.stdout, sys.stdout.buffer, prefix)
-                output.add(proc.stderr, sys.stderr.buffer, prefix)
+                procs.append(output.start(command, rank_env, prefix, preexec_fn=die_with_us))
             status = supervise(procs, args.timeout, signalled=received, idle=output.pump)
             return 128 + received[0] if received else status
         finally:

@@ -95,8 +95,21 @@ mkdir -p /mnt/run/ivshmem-lab
 mount --bind /ctl /mnt/run/ivshmem-lab || fail "cannot bind the control directory"
 
 echo "IVSHMEM-LAB-BEGIN $nonce"
+# Signals for the command (ivshmem_lab.guest Guest.signal): the host writes a signal number
+# to /ctl/signal; this watcher sends it to the command (cmd.sh writes its pid to /ctl/pid
+# just before it execs the command) and removes the file.
+(
+    while sleep 0.2; do
+        if [ -f /ctl/signal ] && [ -f /ctl/pid ]; then
+            kill -"$(cat /ctl/signal)" "$(cat /ctl/pid)"
+            rm -f /ctl/signal
+        fi
+    done
+) &
+watcher=$!
 chroot /mnt /bin/sh /run/ivshmem-lab/cmd.sh < /dev/null
 rc=$?
+kill "$watcher"
 echo "$rc" > /ctl/rc
 sync
 echo "IVSHMEM-LAB-EXIT $nonce $rc"

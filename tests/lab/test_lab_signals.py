@@ -6,7 +6,8 @@ Each test starts the real CLI, waits until every rank printed in its guest (QEMU
 booted, the job's broker serving its region), notes the processes and directories the job
 made (from /proc: the QEMUs', the broker's and mpiexec's command lines), signals the CLI and
 checks that all of them are gone within a few seconds. After SIGKILL the CLI cannot clean
-up: its guardian process (guest_lib.launch.Guardian) does.
+up: its guardian process (guest_lib.launch.Guardian) does. SIGTERM and SIGINT reach the
+ranks in the guests first.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import descendants, vm_marks
+from tests.support import cmdline, descendants, gone, vm_marks
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = vm_marks(240)
@@ -33,23 +34,6 @@ COMMANDS = {
     "run": ["run", "--vms", "1", "-n", "2", "--memory", "384M"],
     "mpiexec": ["mpiexec", "--vms", "1", "-n", "2", "--memory", "384M"],
 }
-
-
-def _cmdline(pid: int) -> list[str]:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
-    except OSError:
-        return []
-
-
-def _gone(pid: int) -> bool:
-    """True once process `pid` has exited (a zombie nobody reaped counts as gone)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except FileNotFoundError:
-        return True
 
 
 def _shm(lab_pid: int) -> list[str]:
@@ -79,7 +63,7 @@ class LabJob:
         self.pids: dict[str, list[int]] = {"qemu": [], "broker": [], "mpiexec": []}
         self.paths: set[str] = set()
         for pid in descendants(self.proc.pid):
-            argv = _cmdline(pid)
+            argv = cmdline(pid)
             text = " ".join(argv)
             if "qemu-system" in text:
                 self.pids["qemu"].append(pid)
@@ -98,7 +82,7 @@ class LabJob:
     def left(self) -> list[str]:
         """What of the job is still there."""
         alive = [f"{what} {pid}" for what, pids in self.pids.items() for pid in pids]
-        alive = [a for a in alive if not _gone(int(a.split()[1]))]
+        alive = [a for a in alive if not gone(int(a.split()[1]))]
         return alive + _shm(self.proc.pid) + [p for p in self.paths if os.path.exists(p)]
 
     def finish(self, timeout: float) -> int:
@@ -128,11 +112,23 @@ def test_a_killed_lab_leaves_nothing(command: str) -> None:
         job.close()
 
 
-@pytest.mark.parametrize("command", sorted(COMMANDS))
-def test_sigterm_stops_the_job_and_leaves_nothing(command: str) -> None:
+@pytest.mark.parametrize(
+    ("command", "sig"),
+    [("run", signal.SIGTERM), ("run", signal.SIGINT), ("mpiexec", signal.SIGTERM)],
+    ids=["run-SIGTERM", "run-SIGINT", "mpiexec-SIGTERM"],
+)
+def test_a_signal_reaches_the_ranks_then_nothing_is_left(command: str, sig: int) -> None:
+    """The signal is forwarded (run: through each guest's control directory to the guest
+    side, which passes it on to its ranks; mpiexec: to hydra, which does), then everything
+    is torn down and the CLI exits 128 + the signal."""
     job = LabJob(command)
     try:
-        job.proc.send_signal(signal.SIGTERM)
-        assert job.finish(60) == 128 + signal.SIGTERM, job.out.decode()
+        job.proc.send_signal(sig)
+        assert job.finish(60) == 128 + sig, job.out.decode()
+        if command == "run":  # each rank died of the signal itself, in its guest
+            for rank in (0, 1):
+                assert f"ivshmem-lab-mpi: rank {rank} exit {128 + sig}".encode() in job.out, (
+                    job.out.decode()
+                )
     finally:
         job.close()

@@ -21,22 +21,13 @@ from pathlib import Path
 import pytest
 
 from tests.mpi.conftest import PYTHON, ROOT, job_env
-from tests.support import descendants, vm_test
+from tests.support import cmdline, descendants, gone, vm_test
 
 pytestmark = pytest.mark.timeout(120)
 
 PROGRAM = str(Path(__file__).with_name("programs") / "launcher_rank.py")
 LAUNCHER = [PYTHON, "-m", "guest_lib.mpi.launcher"]
 GRACE_S = 2.0
-
-
-def _gone(pid: int) -> bool:
-    """True once process `pid` has exited (a zombie nobody reaped counts as gone)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except FileNotFoundError:
-        return True
 
 
 def _job_objects(launcher: int) -> list[str]:
@@ -70,9 +61,9 @@ class Job:
         job's objects removed (within a few seconds: the guardian works after a SIGKILL)."""
         code = self.proc.wait(timeout)
         deadline = time.monotonic() + 10
-        while not all(_gone(pid) for pid in self.pids.values()) or _job_objects(self.proc.pid):
+        while not all(gone(pid) for pid in self.pids.values()) or _job_objects(self.proc.pid):
             assert time.monotonic() < deadline, (
-                [pid for pid in self.pids.values() if not _gone(pid)],
+                [pid for pid in self.pids.values() if not gone(pid)],
                 _job_objects(self.proc.pid),
             )
             time.sleep(0.05)
@@ -181,16 +172,18 @@ def test_lab_run_unwinds_on_hangup_and_quit(sig):
                 break
         else:
             pytest.fail(f"the guest never said up (status {lab.wait()})")
-        qemus = [pid for pid in descendants(lab.pid) if b"qemu" in _cmdline(pid)]
-        tmp = re.escape(tempfile.gettempdir().encode())
+        qemus = [pid for pid in descendants(lab.pid) if "qemu" in " ".join(cmdline(pid))]
+        tmp = re.escape(tempfile.gettempdir())
         dirs = {
-            d for pid in qemus for d in re.findall(tmp + rb"/ivshmem-lab-[^\0,]+", _cmdline(pid))
+            d
+            for pid in qemus
+            for d in re.findall(tmp + r"/ivshmem-lab-[^\0, ]+", " ".join(cmdline(pid)))
         }
         assert qemus and dirs
         lab.send_signal(sig)
         assert lab.wait(60) == 128 + sig
         deadline = time.monotonic() + 10
-        while not all(_gone(pid) for pid in qemus):
+        while not all(gone(pid) for pid in qemus):
             assert time.monotonic() < deadline, qemus
             time.sleep(0.05)
         assert not [d for d in dirs if os.path.exists(d)]
@@ -198,14 +191,6 @@ def test_lab_run_unwinds_on_hangup_and_quit(sig):
         if lab.poll() is None:
             lab.kill()
             lab.wait()
-
-
-def _cmdline(pid: int) -> bytes:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read()
-    except OSError:
-        return b""
 
 
 def test_an_existing_region_is_refused_and_left_alone(regions):

@@ -81,3 +81,21 @@ def descendants(root: int) -> list[int]:
         frontier = {pid for pid, ppid in parent.items() if ppid in frontier}
         found.extend(frontier)
     return found
+
+
+def gone(pid: int) -> bool:
+    """True once process `pid` has exited (a zombie nobody reaped counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def cmdline(pid: int) -> list[str]:
+    """The argv of process `pid` ([] once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+    except OSError:
+        return []
