@@ -28,7 +28,12 @@ from tests.support import cmdline, descendants, gone, vm_marks
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = vm_marks(240)
 
-RANK = "import os, time; print('up', os.environ.get('PMI_RANK', os.environ.get('IVSHMEM_MPI_RANK')), flush=True); time.sleep(600)"  # noqa: E501
+# One token per rank, found even where hydra mixes two ranks' writes within a line.
+RANK = (
+    "import os, time; "
+    "r = os.environ.get('PMI_RANK', os.environ.get('IVSHMEM_MPI_RANK')); "
+    "print(f'rank-{r}-ready', flush=True); time.sleep(600)"
+)
 
 COMMANDS = {
     "run": ["run", "--vms", "1", "-n", "2", "--memory", "384M"],
@@ -42,7 +47,7 @@ def _shm(lab_pid: int) -> list[str]:
 
 
 class LabJob:
-    """The CLI running `command` until every one of its `ranks` said "up"; then what it made."""
+    """The CLI running `command` until every one of its `ranks` is ready; then what it made."""
 
     def __init__(self, command: str, ranks: int = 2) -> None:
         self.proc = subprocess.Popen(
@@ -55,7 +60,7 @@ class LabJob:
         assert self.proc.stdout is not None
         selector.register(self.proc.stdout, selectors.EVENT_READ)
         deadline = time.monotonic() + 180
-        while len(set(re.findall(rb"up (\d+)", self.out))) < ranks:
+        while len(set(re.findall(rb"rank-(\d+)-ready", self.out))) < ranks:
             assert time.monotonic() < deadline and self.proc.poll() is None, self.out.decode()
             if selector.select(0.2):
                 self.out += os.read(self.proc.stdout.fileno(), 1 << 16)
