@@ -10,7 +10,9 @@ strict xfails, so the fix turns them into failures that ask for the entry to be 
 from __future__ import annotations
 
 import base64
+import os
 import re
+import shutil
 import subprocess
 import sys
 import zlib
@@ -35,6 +37,30 @@ def test_target_runs_clean(name, tmp_path):
     )  # fmt: skip
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-6000:]
+    runs = re.search(r"Done (\d+) runs", output)
+    assert runs and int(runs.group(1)) >= 20, output[-3000:]
+    assert not list(tmp_path.iterdir()), "crash or timeout inputs were written"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_native_build_fuzzes_the_c_fast_path(tmp_path):
+    """--native: the ring target runs on a clang build of _fastpath.c with coverage and ASan
+    (tools.fuzz.native checks that the rings use that build, else the run exits 2)."""
+    if shutil.which("clang") is None:
+        if os.environ.get("IVSHMEM_REQUIRE_CLANG") == "1":
+            pytest.fail("IVSHMEM_REQUIRE_CLANG=1 but clang is not installed")
+        pytest.skip("clang is not installed (make system-deps installs it)")
+    done = subprocess.run(
+        [sys.executable, "-m", "tools.fuzz", "ring", "--native", "--seconds", str(SECONDS),
+         "--seed", str(SEED), "--artifacts", str(tmp_path)],
+        capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=200,
+    )  # fmt: skip
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-6000:]
+    assert "native: C fast path with coverage and ASan" in output, output[-3000:]
+    counters = re.search(r"Loaded 1 modules\s+\((\d+) inline 8-bit counters\)", output)
+    assert counters and int(counters.group(1)) > 100, output[-3000:]  # the C module's edges
     runs = re.search(r"Done (\d+) runs", output)
     assert runs and int(runs.group(1)) >= 20, output[-3000:]
     assert not list(tmp_path.iterdir()), "crash or timeout inputs were written"

@@ -3,6 +3,7 @@
     python -m tools.fuzz ring --seconds 3600            # one target, by hand, for long
     python -m tools.fuzz all --seconds 60                # each target in turn, a summary
     python -m tools.fuzz TARGET --corpus DIR --artifacts DIR
+    python -m tools.fuzz ring --native --seconds 600     # the C fast path instrumented too
 
 Engine: atheris (libFuzzer, coverage-guided over the Python code of ivshmem_comm,
 host_broker, guest_lib and the targets) when it is installed, else `--engine random` (mutations
@@ -10,12 +11,14 @@ of the seeds and of inputs seen so far, no coverage). Each input has `--input-ti
 seconds (libFuzzer's -timeout): a slower one is a hang. An exception that the target does
 not list as documented for hostile input is a crash: the input is written under
 `--artifacts` (crash-*/timeout-*) and the run exits non-zero. `--skip-known` goes on past the
-crashes already reported (targets.KNOWN).
+crashes already reported (targets.KNOWN). `--native` (atheris and clang) also builds the C
+fast path with coverage and AddressSanitizer and fuzzes on that build (tools.fuzz.native).
 
 Output: one target prints the engine's log, ending with `Done N runs in S second(s)`; `all`
 runs each target in its own process and prints `fuzz TARGET: N executions in S s (R/s),
 C crashes` for each.
-Exit status: 0 when no target crashed or hung, 1 otherwise, 2 for a usage error.
+Exit status: 0 when no target crashed or hung, 1 otherwise, 2 for a usage error or an
+instrumented build that cannot be made.
 """
 
 from __future__ import annotations
@@ -44,8 +47,14 @@ def _load_targets(engine: str) -> dict:
     if engine == "atheris":
         import atheris
 
+        from tools.fuzz import native
+
         with atheris.instrument_imports(include=INSTRUMENTED):
+            # The C build (--native) first: its init imports ivshmem_comm, to be instrumented.
+            instrumented = native.load_requested()
             from tools.fuzz import targets
+        if instrumented is not None:
+            print(f"native: C fast path with coverage and ASan: {instrumented}", file=sys.stderr)
     else:
         from tools.fuzz import targets
     return targets.TARGETS
@@ -152,13 +161,30 @@ def _crash(name: str, kind: str, data: bytes, artifacts: Path, runs: int, start:
     return 1
 
 
+def run_native(args: argparse.Namespace, argv: list[str]) -> int:
+    """--native: build the instrumented fast path and run this same command on it in a new
+    process (see tools.fuzz.native); its exit status."""
+    from tools.fuzz import native
+
+    with tempfile.TemporaryDirectory(prefix="fuzz-native-") as tmp:
+        try:
+            module = native.build(Path(tmp))
+            environ = native.child_environ(module)
+        except native.NativeBuildError as error:
+            print(f"fuzz: {error}", file=sys.stderr)
+            return 2
+        command = [sys.executable, "-m", "tools.fuzz", *[a for a in argv if a != "--native"]]
+        return subprocess.run(command, env=environ).returncode
+
+
 def run_all(args: argparse.Namespace) -> int:
     failed = 0
     for name in TARGET_NAMES:
         command = [sys.executable, "-m", "tools.fuzz", name, "--seconds", str(args.seconds),
                    "--input-timeout", str(args.input_timeout), "--engine", args.engine,
                    "--artifacts", str(args.artifacts),
-                   *(["--skip-known"] if args.skip_known else [])]  # fmt: skip
+                   *(["--skip-known"] if args.skip_known else []),
+                   *(["--native"] if args.native else [])]  # fmt: skip
         start = time.monotonic()
         done = subprocess.run(command, capture_output=True, text=True)
         took = time.monotonic() - start
@@ -202,11 +228,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--skip-known", action="store_true", help="go on past the crashes listed in targets.KNOWN"
     )
+    parser.add_argument(
+        "--native",
+        action="store_true",
+        help="also instrument the C fast path (coverage + AddressSanitizer; needs clang, atheris)",
+    )
+    argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     args.artifacts = args.artifacts.resolve()
     args.artifacts.mkdir(parents=True, exist_ok=True)
     if args.target == "all":
         return run_all(args)
+    if args.native:
+        if args.engine != "atheris":
+            parser.error("--native needs the atheris engine")
+        return run_native(args, argv)
     run = run_atheris if args.engine == "atheris" else run_random
     with tempfile.TemporaryDirectory(prefix=f"fuzz-{args.target}-") as tmp:
         corpus = args.corpus or Path(tmp)
