@@ -203,8 +203,52 @@ def _is_datatype(value: Any) -> bool:
     return isinstance(value, Datatype | str)
 
 
+def _fast(buf: Any, count: int | None, datatype: Datatype, writable: bool) -> Spec | None:
+    """parse's fast path for the forms real codes write on every call, `[buf, count,
+    datatype]` and `(buf, datatype)` with an int count (None: all of the buffer) and a
+    datatype whose messages are its buffer's bytes, over a C-contiguous buffer. None when
+    anything is out of the ordinary (an error, an odd buffer): the full parse decides."""
+    try:
+        view = memoryview(buf)
+    except (TypeError, ValueError, BufferError):
+        return None
+    if writable and view.readonly:
+        return None
+    if view.ndim != 1 or view.format != "B":
+        if not view.c_contiguous:
+            return None
+        view = view.cast("B")
+    extent = datatype.size
+    if count is None:
+        if not extent:
+            return None
+        count, rest = divmod(len(view), extent)
+        if rest:
+            return None
+        return Spec(view, count, datatype)
+    stop = count * extent
+    if count < 0 or stop > len(view):
+        return None
+    return Spec(view if stop == len(view) else view[:stop], count, datatype)
+
+
 def parse(spec: Any, *, writable: bool = False) -> Spec:
     """Resolve a message spec (see module doc) to a Spec."""
+    kind = type(spec)
+    if kind is list or kind is tuple:
+        n = len(spec)
+        if n == 3:
+            buf, count, datatype = spec
+            if type(count) is int and isinstance(datatype, Datatype) and not datatype.packs:
+                fast = _fast(buf, count, datatype, writable)
+                if fast is not None:
+                    return fast
+        elif n == 2:
+            buf, datatype = spec
+            if isinstance(datatype, Datatype) and not datatype.packs:
+                fast = _fast(buf, None, datatype, writable)
+                if fast is not None:
+                    return fast
     if not isinstance(spec, list | tuple):  # a bare buffer: all of it, its own datatype
         view, implied = _as_bytes(spec, writable)
         datatype = _implied(implied)

@@ -111,8 +111,9 @@ class FastPaths:
             if coretag & wire.PIECE_LAST:
                 return offset, user_tag, None
 
-    def fast_send(self, peer: int, coretag: int, data: Any) -> bool:
-        """Blocking send of a whole message when the queue to `peer` is idle.
+    def fast_send(self, peer: int, coretag: int, data: Any, timeout: float = FAST_TIMEOUT) -> bool:
+        """Send of a whole message when the queue to `peer` is idle, waiting at most `timeout`
+        seconds for room (0: only if it fits now, as a nonblocking send does).
 
         `data` is a flat byte view or a C-contiguous numpy array. Returns True once it is in
         the queue; False if the engine must take it (too large, queue busy or full).
@@ -120,7 +121,7 @@ class FastPaths:
         if data.nbytes > self.whole_max or peer in self.sendq or peer == self.placing:
             return False
         try:
-            self.ep.send(peer, data, coretag, FAST_TIMEOUT)
+            self.ep.send(peer, data, coretag, timeout)
         except CoreTimeout:
             return False
         except PeerLostError as exc:

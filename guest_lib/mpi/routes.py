@@ -19,6 +19,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from guest_lib.mpi import wire
+from guest_lib.mpi.constants import ANY_SOURCE, ANY_TAG
+from guest_lib.mpi.matching import DoneOp
 
 if TYPE_CHECKING:
     from guest_lib.mpi.comm import Comm
@@ -97,7 +99,12 @@ class ShmRoute(Route):
         self.peer = peer
 
     def isend(self, comm: Comm, data: memoryview, rank: int, tag: int, ctx: int, sync: bool) -> Op:
-        return comm._engine.isend_shm(self.peer, ctx, tag, data, sync)  # type: ignore[union-attr]
+        engine = comm._engine
+        assert engine is not None
+        # A whole message that fits the idle queue now is written at once: no queued op.
+        if not sync and engine.fast_send(self.peer, ctx << _CTX_SHIFT | tag, data, 0.0):
+            return DoneOp(ANY_SOURCE, ANY_TAG)
+        return engine.isend_shm(self.peer, ctx, tag, data, sync)
 
     def send(self, comm: Comm, data: memoryview, rank: int, tag: int, ctx: int, sync: bool) -> None:
         engine = comm._engine
