@@ -243,12 +243,14 @@ class OutputRelay:
         *,
         merge_stderr: bool = False,
         preexec_fn: Callable[[], None] | None = None,
+        keep_fds: bool = False,
     ) -> subprocess.Popen[bytes]:
         """Start a rank: `command` with `env` in its own session (so that its process group,
         see :func:`signal_group`, holds what it starts), its stdout relayed to ours and its
         stderr to ours (to our stdout with `merge_stderr`), each line after `prefix`; this
-        process's :class:`Guardian`, if any, is told its group. Returns the Popen; raises
-        what Popen raises (OSError for a command that cannot start)."""
+        process's :class:`Guardian`, if any, is told its group. `keep_fds`: the rank
+        inherits our inheritable fds (a PMI_FD from hydra). Returns the Popen; raises what
+        Popen raises (OSError for a command that cannot start)."""
         proc = subprocess.Popen(
             command,
             env=env,
@@ -256,6 +258,7 @@ class OutputRelay:
             stderr=subprocess.STDOUT if merge_stderr else subprocess.PIPE,
             start_new_session=True,
             preexec_fn=preexec_fn,
+            close_fds=not keep_fds,
         )
         guard(group=proc.pid)
         assert proc.stdout is not None
@@ -569,3 +572,35 @@ class BrokerProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def lines_main(argv: Sequence[str] | None = None) -> int:
+    """``python -m guest_lib.launch -- CMD ARGS...``: run CMD as a rank whose output leaves
+    in whole lines. A launcher that mixes its ranks' writes (hydra's mpiexec passes on
+    whatever each read of a rank's pipe gives) then mixes whole lines only. CMD inherits
+    our environment and inheritable fds (hydra's PMI_FD), dies with us (SIGKILL), gets the
+    signals we get (SIGKILL 2 s after the first). Returns CMD's :func:`exit_status`
+    (2 with a message if no command is given)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["--"]:
+        args = args[1:]
+    if not args:
+        print("usage: python -m guest_lib.launch -- CMD [ARGS...]", file=sys.stderr)
+        return 2
+    output = OutputRelay()
+    procs: list[subprocess.Popen[bytes]] = []
+    with forward_signals(procs) as received:
+        procs.append(
+            output.start(args, os.environ, preexec_fn=die_with(os.getpid()), keep_fds=True)
+        )
+        try:
+            status = supervise(procs, None, who=args[0], signalled=received, idle=output.pump)
+        finally:
+            signal_group(procs[0], signal.SIGKILL)
+            procs[0].wait()
+            output.drain(5.0)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(lines_main())

@@ -257,10 +257,13 @@ def mpiexec_argv(
     n: int | None = None,
     mpiexec: str | None = None,
     extra: Sequence[str] = (),
+    whole_lines: bool = False,
 ) -> list[str]:
     """The hydra command line that runs ``command`` as ``n`` ranks (default: every slot) in
     ``cluster``'s guests, ``cluster.slots`` per guest, filled guest by guest (hydra's order);
-    ``extra`` goes before the command (more mpiexec options)."""
+    ``extra`` goes before the command (more mpiexec options). With ``whole_lines`` each rank
+    runs under ``python -m guest_lib.launch --`` so that hydra, which passes on each rank's
+    output as it reads it, never mixes two ranks within a line."""
     places = cluster.vms * cluster.slots
     n = places if n is None else n
     if not 1 <= n <= places:
@@ -270,7 +273,8 @@ def mpiexec_argv(
             "-localhost", HOST_ALIAS, "-hosts", hosts, "-n", str(n)]  # fmt: skip
     for key, value in mpi_guest_env().items():
         argv += ["-genv", key, value]
-    return [*argv, *extra, *command]
+    wrap = [sys.executable, "-m", "guest_lib.launch", "--"] if whole_lines else []
+    return [*argv, *extra, *wrap, *command]
 
 
 def run_mpiexec(
@@ -286,17 +290,17 @@ def run_mpiexec(
     extra: Sequence[str] = (),
     on_ready: Callable[[LabCluster, list[str]], None] | None = None,
 ) -> int:
-    """Boot a :class:`LabCluster` of ``vms`` guests, run :func:`mpiexec_argv` with this
-    process's stdout/stderr, tear everything down; return mpiexec's exit status (124 if it
-    ran past ``timeout`` seconds and was killed). SIGTERM, SIGINT, SIGHUP and SIGQUIT
-    received while mpiexec runs go to it (hydra passes them on to the ranks); 2 s after the
-    first it is killed, and the status is 128 + that signal. ``on_ready(cluster, argv)`` is
-    called just before mpiexec starts. Raises LabError/LabUnavailable if the cluster cannot
-    start."""
+    """Boot a :class:`LabCluster` of ``vms`` guests, run :func:`mpiexec_argv` (ranks' output
+    in whole lines) with this process's stdout/stderr, tear everything down; return
+    mpiexec's exit status (124 if it ran past ``timeout`` seconds and was killed). SIGTERM,
+    SIGINT, SIGHUP and SIGQUIT received while mpiexec runs go to it (hydra passes them on to
+    the ranks); 2 s after the first it is killed, and the status is 128 + that signal.
+    ``on_ready(cluster, argv)`` is called just before mpiexec starts. Raises
+    LabError/LabUnavailable if the cluster cannot start."""
     mpiexec = find_mpiexec()
     env = job_environ()
     with LabCluster(vms, slots=slots, lab=lab, memory=memory, accel=accel) as cluster:
-        argv = mpiexec_argv(cluster, command, n=n, mpiexec=mpiexec, extra=extra)
+        argv = mpiexec_argv(cluster, command, n=n, mpiexec=mpiexec, extra=extra, whole_lines=True)
         if on_ready is not None:
             on_ready(cluster, argv)
         procs: list[subprocess.Popen[bytes]] = []
