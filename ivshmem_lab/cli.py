@@ -39,6 +39,8 @@ launcher = the lab's exec) running CMD as N ranks, S per guest filled guest by g
 it exits with mpiexec's status (124 past ``--timeout``). ``--lab`` is a name or a directory
 (default ``$IVSHMEM_LAB``, then ``default``); hydra's ``-launcher-exec`` can also be the
 ``ivshmem-lab-ssh`` command, which takes ssh's argv (see :mod:`ivshmem_lab.exec_agent`).
+``mpiexec`` runs each rank behind ``python -m guest_lib.launch --`` so that its output
+reaches hydra in whole lines (hydra alone mixes two ranks' partial lines);
 ``mpiexec --prepend-rank`` is hydra's ``-prepend-rank``.
 
 Signals: SIGTERM, SIGINT, SIGHUP and SIGQUIT make ``run``, ``up`` and ``mpiexec`` tear

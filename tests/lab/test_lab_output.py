@@ -55,7 +55,9 @@ def test_ranks_in_a_guest_print_whole_lines(prepend: bool) -> None:
 
 @pytest.mark.parametrize("prepend", [False, True], ids=["plain", "prepend_rank"])
 def test_ranks_under_mpiexec_print_whole_lines(prepend: bool) -> None:
-    count, length = 20, 2500
+    """Many short lines, each in two writes (the text, then its newline), from two ranks at
+    once: what hydra, reading each rank's pipe as data comes, mixed (``upup``)."""
+    count, length = 300, 20
     done = subprocess.run(
         [sys.executable, "-m", "ivshmem_lab.cli", "mpiexec", "--vms", "1", "-n", "2",
          "--memory", "384M", "--timeout", "180", *(["--prepend-rank"] if prepend else []),
