@@ -41,7 +41,9 @@ MIN, BAND, BOR, BXOR) on numpy element types; other ops fall back to messages.
 
 from __future__ import annotations
 
+import contextlib
 import struct
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -123,30 +125,37 @@ class Area:
         comm = self.comm
         engine = comm._engine
         self._current = ((self._ctx, comm._coll_base), comm._coll_seq - 1)
+        # Gather, scatter and alltoall, whose members cannot all size the payload, let the
+        # group decline one that needs more than one slab round (messages are faster
+        # there, see `fits`): every member learns it in the first round.
+        kwargs = {"max_rounds": 1} if name in _DECLINABLE else {}
         try:
-            if comm._coll_gone is not None:
-                raise Fallback(comm._coll_gone)  # run it as the message path does
-            # Gather, scatter and alltoall, whose members cannot all size the payload, let
-            # the group decline one that needs more than one slab round (messages are
-            # faster there, see `fits`): every member learns it in the first round.
-            kwargs = {"max_rounds": 1} if name in _DECLINABLE else {}
-            if engine.quiet():
-                getattr(self.group, name)(*args, **kwargs)
-            else:
-                self._drive(self.group.start(name, *args, **kwargs))
+            with self._leaving():
+                if comm._coll_gone is not None:
+                    raise Fallback(comm._coll_gone)  # run it as the message path does
+                if engine.quiet():
+                    getattr(self.group, name)(*args, **kwargs)
+                else:
+                    self._drive(self.group.start(name, *args, **kwargs))
         except Fallback:
-            self.drop()
             return False
+        if self.group.declined:
+            return False
+        self.completed += 1
+        return True
+
+    @contextlib.contextmanager
+    def _leaving(self) -> Iterator[None]:
+        """Drop the area if the block raises (Fallback included); a core error becomes the
+        MPI.Exception the message path gives for it."""
+        try:
+            yield
         except _CORE_ERRORS as exc:
             self.drop()
             raise core_error(exc) from exc
         except BaseException:
             self.drop()
             raise
-        if self.group.declined:
-            return False
-        self.completed += 1
-        return True
 
     def _drive(self, request: CollectiveRequest) -> None:
         """Complete `request` while the engine progresses its own operations."""
@@ -179,14 +188,8 @@ class Area:
     def start(self, name: str, *args: Any) -> AreaOp:
         """Start collective `name` nonblocking; the AreaOp completes with it. Errors at the
         start as for `run`."""
-        try:
+        with self._leaving():
             request = self.group.start(name, *args)
-        except _CORE_ERRORS as exc:
-            self.drop()
-            raise core_error(exc) from exc
-        except BaseException:
-            self.drop()
-            raise
         return AreaOp(self, request)
 
 
