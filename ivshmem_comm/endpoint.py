@@ -146,6 +146,20 @@ class Endpoint:
         for p in self._others:
             notifier.kick(p)
 
+    @property
+    def spin_us(self) -> float:
+        """How long (microseconds) a wait polls before it blocks on the doorbell."""
+        return self._spin_ns / 1000
+
+    @spin_us.setter
+    def spin_us(self, value: float) -> None:
+        """Set the spin of later waits (>= 0; e.g. short when ranks outnumber the CPUs, so
+        that a waiting rank does not take the CPU from the one it waits for)."""
+        if not value >= 0:
+            raise ValueError(f"spin_us must be >= 0, got {value}")
+        self._spin = value * 1e-6
+        self._spin_ns = int(value * 1000)
+
     # ------------------------------------------------------------------ lifecycle
     def _claim(self, broker_assigned: bool) -> int:
         region, me = self.region, self.peer_id

@@ -18,6 +18,7 @@ the mpi4py route, `native`), nonblocking collectives advance.
 from __future__ import annotations
 
 import collections
+import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -42,6 +43,7 @@ from ivshmem_comm.errors import PeerLostError
 from ivshmem_comm.errors import TimeoutError as CoreTimeout
 
 IDLE_TIMEOUT = 0.005  # s: the longest nap of the engine between progress passes
+CROWDED_SPIN_US = 2.0  # the endpoint's spin when ranks outnumber CPUs (see Engine.crowded)
 MAX_PULL = 64  # messages taken from shared memory per progress pass
 
 
@@ -147,6 +149,12 @@ class Engine(Matching, FastPaths):
         self.staged: list[StagedOp] = []  # nonblocking collectives in flight
         self._seq = 0
         self.has_mpi = any(not route.local for route in self.routes)
+        # Oversubscribed: more ranks on this region than CPUs this process may run on. A rank
+        # that spins then takes the CPU from the rank it waits for, so waits block on the
+        # doorbell almost at once and busy loops yield (unless IVSHMEM_COMM_SPIN_US is set).
+        self.crowded = sum(route.local for route in self.routes) > len(os.sched_getaffinity(0))
+        if self.crowded and endpoint is not None and "IVSHMEM_COMM_SPIN_US" not in os.environ:
+            endpoint.spin_us = min(endpoint.spin_us, CROWDED_SPIN_US)
 
     # ------------------------------------------------------------------ state
     def quiet(self) -> bool:
@@ -421,9 +429,12 @@ class Engine(Matching, FastPaths):
             if pushable:
                 peer, queue = pushable[0]
                 busy = self.posted or self.inflow or spin_only
-                self._push(peer, queue, 0.0 if busy else IDLE_TIMEOUT)
+                if not self._push(peer, queue, 0.0 if busy else IDLE_TIMEOUT) and self.crowded:
+                    os.sched_yield()  # a polling loop: let the rank it waits for run
                 return
             source = watch if watch >= 0 else -1
+            if spin_only and self.crowded:
+                os.sched_yield()
             ep.probe(source, -1, 0.0 if spin_only else IDLE_TIMEOUT)
         except CoreTimeout:
             pass
