@@ -10,7 +10,8 @@ communicator raises MPI.Exception:
   exception is raised (the call "returns the error", which mpi4py turns into a raise);
 - ERRORS_RETURN: the exception is raised.
 The handler applies to the calls made on the communicator itself (errors a request reports
-later from Wait/Test are raised there, as under ERRORS_RETURN). The communicator's methods
+later from Wait/Test are raised there, as under ERRORS_RETURN), and communicators made from
+it (Dup, Split, Create, ...) get it too, as MPI says. The communicator's methods
 are wrapped per instance only while a handler other than ERRORS_RETURN is set, so the
 default costs nothing.
 """
@@ -138,10 +139,14 @@ def _guard(comm: Any, method: Callable[..., Any], kind: Any) -> Callable[..., An
     @functools.wraps(method)
     def run(*args: Any, **kwargs: Any) -> Any:
         try:
-            return method(*args, **kwargs)
+            result = method(*args, **kwargs)
         except exceptions.Exception as exc:
             _handle(comm, kind, exc.Get_error_class(), f"{method.__name__}: {exc}")
             raise
+        made = result[0] if type(result) is tuple and result else result  # Idup's pair
+        if made is not comm and made and hasattr(made, "Set_errhandler"):
+            set_errhandler(made, comm._errhandler)  # a new communicator inherits it (MPI)
+        return result
 
     run._errhandler_guard = True  # type: ignore[attr-defined]
     return run

@@ -87,6 +87,13 @@ def test_errhandler_return_and_user(comm):
     comm.Call_errhandler(MPI.ERR_OTHER)
     assert calls[-1] == (comm, MPI.ERR_OTHER)
     assert comm.allreduce(1) == size  # calls still work through the handler
+    dup = comm.Dup()  # inherits the handler
+    assert dup.Get_errhandler() == handler
+    with pytest.raises(MPI.Exception):
+        dup.Send(b"x", size + 5)
+    assert calls[-1] == (dup, MPI.ERR_RANK)
+    calls.pop()
+    dup.Free()
     comm.Set_errhandler(MPI.ERRORS_RETURN)
     with pytest.raises(MPI.Exception):
         comm.Send(b"x", size + 5)
