@@ -63,8 +63,6 @@ T_NONBLOCKING, NONBLOCKING_TAGS = 1 << 17, 1 << 16  # nonblocking collective n: 
 RSAG_MIN = 64 << 10  # bytes from which Allreduce is a reduce-scatter and an allgather
 BCAST_ONCE_MIN = 256 << 10  # bytes from which a broadcast to >= 2 others is written once
 _PLACED = struct.Struct("<QQ")  # where a placed broadcast piece lies: region offset, bytes
-_OBJ_INLINE = 512  # bytes of an object collective's fixed first block in the area
-_OBJ_LEN = struct.Struct("<Q")  # its head: the pickle's length (the pickle follows if it fits)
 _NOTHING = memoryview(bytearray(0))
 
 
@@ -183,7 +181,7 @@ class Collectives:
         """Bitwise OR of `value` over the members, by messages (never the area: a context
         agreement must come after every message a member sent before it; see _alloc_ctx)."""
         result = 0
-        for item in self._allgather_messages(value):
+        for item in self.allgather(value):
             result |= item
         return result
 
@@ -352,62 +350,6 @@ class Collectives:
             return None
         return name, (local, out, ufunc)
 
-    def _area_bcast_obj(self, shared: area.Area, obj: Any, root: int) -> tuple[bool, Any]:
-        """bcast of an object in the area: a fixed first block holds the pickle's length and
-        the pickle itself when it fits, else a second broadcast carries it. (ran, object)."""
-        first = bytearray(_OBJ_INLINE)
-        data = None
-        if self._rank == root:
-            data = _dumps(obj)
-            _OBJ_LEN.pack_into(first, 0, len(data))
-            if len(data) <= _OBJ_INLINE - _OBJ_LEN.size:
-                first[_OBJ_LEN.size : _OBJ_LEN.size + len(data)] = data
-        if not shared.run("bcast", first, root):
-            return False, obj
-        (n,) = _OBJ_LEN.unpack_from(first)
-        if n <= _OBJ_INLINE - _OBJ_LEN.size:
-            inline = memoryview(first)[_OBJ_LEN.size : _OBJ_LEN.size + n]
-            return True, obj if self._rank == root else _loads(inline)
-        whole = memoryview(data if data is not None else bytearray(n))
-        if not shared.fits(n):  # (every member knows n now)
-            self._bcast_view(whole, root, T_BCAST)
-        elif not shared.run("bcast", whole, root):
-            raise exceptions.Exception(exceptions.ERR_OTHER, "object broadcast left the area")
-        return True, obj if self._rank == root else _loads(whole)
-
-    def _area_allgather_obj(self, shared: area.Area, obj: Any) -> tuple[bool, list[Any]]:
-        """allgather of objects in the area: fixed first blocks (length, pickle if it fits),
-        then an allgatherv of the pickles that did not fit. (ran, objects)."""
-        size, rank = self._sizes()
-        data = _dumps(obj)
-        room = _OBJ_INLINE - _OBJ_LEN.size
-        block = bytearray(_OBJ_INLINE)
-        _OBJ_LEN.pack_into(block, 0, len(data))
-        if len(data) <= room:
-            block[_OBJ_LEN.size : _OBJ_LEN.size + len(data)] = data
-        blocks = memoryview(bytearray(_OBJ_INLINE * size))
-        if not shared.run("allgather", block, blocks):
-            return False, []
-        lengths = [_OBJ_LEN.unpack_from(blocks, r * _OBJ_INLINE)[0] for r in range(size)]
-        items: list[Any] = [None] * size
-        big = [n if n > room else 0 for n in lengths]
-        if not shared.fits(max(big)):  # (every member knows every length now)
-            return True, self._allgather_messages(obj)
-        if any(big):
-            displs = [sum(big[:r]) for r in range(size)]
-            rest = memoryview(bytearray(sum(big)))
-            if not shared.run("allgatherv", data if big[rank] else b"", rest, big, displs):
-                raise exceptions.Exception(exceptions.ERR_OTHER, "object allgather left the area")
-            for r in range(size):
-                if big[r]:
-                    items[r] = _loads(rest[displs[r] : displs[r] + big[r]])
-        for r in range(size):
-            if not big[r]:
-                at = r * _OBJ_INLINE + _OBJ_LEN.size
-                items[r] = _loads(blocks[at : at + lengths[r]])
-        items[rank] = obj
-        return True, items
-
     # ------------------------------------------------------------------ hierarchy
     def _hierarchy(self) -> tuple[Any, Any, list[int], dict[int, int], list[int]]:
         """(local comm, leaders' mpi4py comm or None, leader of each rank, leader -> index
@@ -529,11 +471,6 @@ class Collectives:
             return obj
         if self._has_mpi:
             return self._h_bcast(obj, root, objects=True)
-        shared = area.bound(self)
-        if shared is not None:
-            done, obj = self._area_bcast_obj(shared, obj, root)
-            if done:
-                return obj
         if rank == root:
             self._bcast_view(_dumps(obj), root, T_BCAST)
             return obj
@@ -592,17 +529,8 @@ class Collectives:
 
     @collective
     def allgather(self, sendobj: Any) -> list[Any]:
-        if len(self._group) == 1:
-            return [sendobj]
-        shared = area.bound(self)
-        if shared is not None:
-            done, items = self._area_allgather_obj(shared, sendobj)
-            if done:
-                return items
-        return self._allgather_messages(sendobj)
-
-    @collective
-    def _allgather_messages(self, sendobj: Any) -> list[Any]:
+        """Every rank gets every rank's object, by messages (objects in the area measured
+        slower: see area.py)."""
         size, rank = self._sizes()
         if size == 1:
             return [sendobj]
