@@ -285,7 +285,8 @@ class Collectives:
         if rank != root:
             return "gatherv", (buffers.parse(sendbuf).view, None, [0] * size, [0] * size, root)
         spec = buffers.parse_vector(recvbuf, size, writable=True)
-        send = spec.part(rank) if sendbuf is IN_PLACE else buffers.parse(sendbuf).view
+        in_place = sendbuf is IN_PLACE or sendbuf is None  # None: in place, as on messages
+        send = spec.part(rank) if in_place else buffers.parse(sendbuf).view
         return "gatherv", (send, spec.view, *self._bytes(spec), root)
 
     def _p_scatter(self, sendbuf: Any, recvbuf: Any, root: int) -> tuple[str, tuple[Any, ...]]:
@@ -311,7 +312,8 @@ class Collectives:
     def _p_allgather(self, sendbuf: Any, recvbuf: Any) -> tuple[str, tuple[Any, ...]] | None:
         size, rank = self._sizes()
         spec = buffers.parse_vector(recvbuf, size, writable=True)
-        send = spec.part(rank) if sendbuf is IN_PLACE else buffers.parse(sendbuf).view
+        in_place = sendbuf is IN_PLACE or sendbuf is None  # None: in place, as on messages
+        send = spec.part(rank) if in_place else buffers.parse(sendbuf).view
         counts, displs = self._bytes(spec)
         if not self._fits(max(counts)):
             return None
