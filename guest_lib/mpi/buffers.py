@@ -45,6 +45,7 @@ class Spec(NamedTuple):
     view: memoryview
     count: int
     datatype: Datatype
+    unpack: Callable[[], None] | None = None  # see parse(deferred=True)
 
     def array(self) -> np.ndarray:
         """The data as a numpy array of the datatype's base element type (zero-copy)."""
@@ -232,8 +233,11 @@ def _fast(buf: Any, count: int | None, datatype: Datatype, writable: bool) -> Sp
     return Spec(view if stop == len(view) else view[:stop], count, datatype)
 
 
-def parse(spec: Any, *, writable: bool = False) -> Spec:
-    """Resolve a message spec (see module doc) to a Spec."""
+def parse(spec: Any, *, writable: bool = False, deferred: bool = False) -> Spec:
+    """Resolve a message spec (see module doc) to a Spec. A packing datatype received into
+    (`writable`) gives a packed copy to receive into: its unpack is the running receiving
+    call's (see `unpacking`), or with `deferred` the caller's: `Spec.unpack`, to call once
+    the data is there."""
     kind = type(spec)
     if kind is list or kind is tuple:
         n = len(spec)
@@ -287,7 +291,10 @@ def parse(spec: Any, *, writable: bool = False) -> Spec:
     if datatype.packs:
         if count is None:
             count = (len(view) - displ * datatype.extent) // datatype.extent
-        packed = _packed(view, displ * datatype.extent, count, datatype, writable)
+        packed, unpack = _packed(view, displ * datatype.extent, count, datatype, writable)
+        if deferred:
+            return Spec(packed, count, datatype, unpack)
+        _owed(unpack, datatype)
         return Spec(packed, count, datatype)
     extent = datatype.Get_size()
     if count is None:
@@ -377,14 +384,16 @@ def parse_vector(spec: Any, size: int, *, writable: bool = False) -> VSpec:
             else [int(d) for d in displs]
         )  # fmt: skip
         span = max((d + c for c, d in zip(counts_list, displs_list, strict=True) if c), default=0)
-        view = _packed(view, 0, span, datatype, writable)
+        view, unpack = _packed(view, 0, span, datatype, writable)
+        _owed(unpack, datatype)
         counts, displs = counts_list, displs_list
     elif datatype.packs:
         if counts is None:
             raise ValueError("message: a derived datatype needs counts")
         counts = [int(counts)] * size if _is_int(counts) else [int(c) for c in counts]
         span = sum(counts)
-        view = _packed(view, 0, span, datatype, writable)
+        view, unpack = _packed(view, 0, span, datatype, writable)
+        _owed(unpack, datatype)
     extent = datatype.Get_size()
     if counts is None:
         total = 0
@@ -438,7 +447,9 @@ def parse_w(spec: Any, size: int, *, writable: bool = False) -> list[memoryview]
     for count, displ, datatype in zip(counts, displs, datatypes_, strict=True):
         assert datatype is not None
         if datatype.packs:
-            parts.append(_packed(view, displ, count, datatype, writable))
+            part, unpack = _packed(view, displ, count, datatype, writable)
+            _owed(unpack, datatype)
+            parts.append(part)
             continue
         stop = displ + count * datatype.size
         if count < 0 or displ < 0 or stop > len(view):
@@ -464,21 +475,28 @@ _local = threading.local()  # .jobs: the unpacks the running receiving call owes
 
 def _packed(
     view: memoryview, start: int, count: int, datatype: Datatype, writable: bool
-) -> memoryview:
-    """The dense bytes of `count` elements of a packing `datatype` at byte `start` of
-    `view` (a copy). For a buffer written to (`writable`), the receiving call running
-    (see `unpacking`) scatters the copy back into `view` once the data is there.
-    BufferError when no such call runs (a stage of a nonblocking collective: a derived
-    type cannot be received into there); ValueError if an element lies outside `view`."""
+) -> tuple[memoryview, Callable[[], None] | None]:
+    """(the dense bytes of `count` elements of a packing `datatype` at byte `start` of
+    `view` (a copy), for a buffer written to (`writable`) the unpack that scatters the copy
+    back into `view` once the data is there, else None). ValueError if an element lies
+    outside `view`."""
     positions = datatypes.byte_positions(view, start, count, datatype)
     raw = np.frombuffer(view, np.uint8) if len(view) else np.empty(0, np.uint8)
     packed = raw[positions]
-    if writable:
-        jobs = getattr(_local, "jobs", None)
-        if jobs is None:
-            raise BufferError(f"message: cannot receive {datatype.name} in this call")
-        jobs.append(functools.partial(raw.__setitem__, positions, packed))
-    return memoryview(packed)
+    unpack = functools.partial(raw.__setitem__, positions, packed) if writable else None
+    return memoryview(packed), unpack
+
+
+def _owed(unpack: Callable[[], None] | None, datatype: Datatype) -> None:
+    """Hand `unpack` to the receiving call running (see `unpacking`). BufferError when none
+    runs (a later stage of a nonblocking collective: a derived type cannot be received
+    into there)."""
+    if unpack is None:
+        return
+    jobs = getattr(_local, "jobs", None)
+    if jobs is None:
+        raise BufferError(f"message: cannot receive {datatype.name} in this call")
+    jobs.append(unpack)
 
 
 def unpacking(method: Callable[..., Any]) -> Callable[..., Any]:

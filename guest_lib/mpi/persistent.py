@@ -120,10 +120,24 @@ def recv_init(
     comm._source(source)
     comm._recv_tag(tag)
     engine = comm._check()
-    view = buffers.parse(buf, writable=True).view
+    spec = buffers.parse(buf, writable=True, deferred=True)
+    finish = unpacker(spec.unpack)
     return Prequest(
-        lambda: Request(comm._irecv_op(view, source, tag, comm._ctx), engine, comm._rank_of)
+        lambda: Request(
+            comm._irecv_op(spec.view, source, tag, comm._ctx), engine, comm._rank_of, finish
+        )
     )
+
+
+def unpacker(unpack: Callable[[], None] | None) -> Callable[[Op], None] | None:
+    """A Request finish running a derived datatype's `unpack` (None: nothing to run)."""
+    if unpack is None:
+        return None
+
+    def finish(op: Op) -> None:
+        unpack()
+
+    return finish
 
 
 def isendrecv(

@@ -65,6 +65,10 @@ def test_vector_p2p(comm):
     expect[:, 0] = np.arange(24).reshape(6, 4)[:, 0] + 100 * source
     assert np.array_equal(out, expect)
     assert status.Get_count(column) == 1 and status.Get_count(MPI.DOUBLE) == 6
+    comm.Send([matrix.ravel()[3:], 1, column], dest, 2)  # a small message: sent at once
+    comm.Recv([out.ravel()[1:], 1, column], source, 2)
+    expect[:, 1] = np.arange(24).reshape(6, 4)[:, 3] + 100 * source
+    assert np.array_equal(out, expect)
     column.Free()
 
 
