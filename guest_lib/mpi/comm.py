@@ -425,6 +425,17 @@ class Comm:
         source: int = constants.ANY_SOURCE,
         tag: int = constants.ANY_TAG,
     ) -> Request:
+        route = self._src_route.get(source)  # None: PROC_NULL or not a rank (checked below)
+        engine = self._engine
+        if (  # a rank (or ANY_SOURCE) and a valid tag: post at once, the checks done
+            route is not None
+            and engine is not None
+            and (0 <= tag <= constants.TAG_UB or tag == constants.ANY_TAG)
+        ):
+            view = buffers.parse(buf, writable=True).view
+            src = source if source == constants.ANY_SOURCE else self._group[source]
+            op = route.post(self, RecvOp(self._ctx, src, tag, view, None, route.peer), source)
+            return Request(op, engine, self._rank_of)
         self._source(source)
         self._recv_tag(tag)
         spec = buffers.parse(buf, writable=True, deferred=True)
