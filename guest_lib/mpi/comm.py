@@ -426,20 +426,20 @@ class Comm:
         tag: int = constants.ANY_TAG,
     ) -> Request:
         route = self._src_route.get(source)  # None: PROC_NULL or not a rank (checked below)
-        engine = self._engine
-        if (  # a rank (or ANY_SOURCE) and a valid tag: post at once, the checks done
-            route is not None
-            and engine is not None
-            and (0 <= tag <= constants.TAG_UB or tag == constants.ANY_TAG)
+        if (  # not a rank (or ANY_SOURCE), a bad tag or a freed comm: the checks and errors
+            route is None
+            or self._engine is None
+            or not (0 <= tag <= constants.TAG_UB or tag == constants.ANY_TAG)
         ):
-            view = buffers.parse(buf, writable=True).view
-            src = source if source == constants.ANY_SOURCE else self._group[source]
-            op = route.post(self, RecvOp(self._ctx, src, tag, view, None, route.peer), source)
-            return Request(op, engine, self._rank_of)
-        self._source(source)
-        self._recv_tag(tag)
+            route = None
+            self._source(source)
+            self._recv_tag(tag)
         spec = buffers.parse(buf, writable=True, deferred=True)
-        op = self._irecv_op(spec.view, source, tag, self._ctx)
+        if route is None:
+            op = self._irecv_op(spec.view, source, tag, self._ctx)
+        else:  # post at once: the route lookup was the rank check
+            src = source if source == constants.ANY_SOURCE else self._group[source]
+            op = route.post(self, RecvOp(self._ctx, src, tag, spec.view, None, route.peer), source)
         return Request(op, self._engine, self._rank_of, persistent.unpacker(spec.unpack))
 
     def Sendrecv(
