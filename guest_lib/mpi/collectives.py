@@ -391,6 +391,11 @@ class Collectives:
         """Within root's region from root, between leaders (mpi4py), within the others."""
         local, lead, leaders, index, mine = self._hierarchy()
         root_leader, my_leader = leaders[root], leaders[self._rank]
+        if not objects:
+            # Every level moves the same bytes: a derived type's packed copy is made once
+            # here and unpacked when this Bcast returns, not re-packed (stale) by each level.
+            spec = buffers.parse(buf, writable=self._rank != root)
+            buf = spec.view
         if my_leader == root_leader:
             if objects:
                 buf = local.bcast(buf, mine.index(root))
@@ -400,8 +405,7 @@ class Collectives:
             if objects:
                 buf = lead.bcast(buf, index[root_leader])
             else:
-                spec = buffers.parse(buf, writable=True)
-                lead.Bcast([spec.view, len(spec.view), "B"], index[root_leader])
+                lead.Bcast([buf, len(buf), "B"], index[root_leader])
         if my_leader != root_leader:
             if objects:
                 buf = local.bcast(buf, 0)
@@ -411,21 +415,30 @@ class Collectives:
 
     def _h_allreduce(self, sendbuf: Any, recvbuf: Any, op: ops.Op) -> None:
         local, lead, _, _, _ = self._hierarchy()
+        # Every level reduces the same dense elements of the base type: a derived type's
+        # packed copies are made once here (the receive's unpacked when this call returns).
         rspec = buffers.parse(recvbuf, writable=True)
-        if local.Get_rank() == 0:
-            local.Reduce(sendbuf, recvbuf, op, 0)
+        element = rspec.datatype.base
+        recv = [rspec.view, len(rspec.view) // max(element.size, 1), element]
+        if sendbuf is IN_PLACE:
+            send = recv
         else:
-            local.Reduce(recvbuf if sendbuf is IN_PLACE else sendbuf, None, op, 0)
+            sspec = buffers.parse(sendbuf)
+            send = [sspec.view, len(sspec.view) // max(element.size, 1), element]
+        if local.Get_rank() == 0:
+            local.Reduce(IN_PLACE if sendbuf is IN_PLACE else send, recv, op, 0)
+        else:
+            local.Reduce(send, None, op, 0)
         if lead is not None:
-            out = _array(rspec.view, rspec.datatype)
-            pair = self._native(op, rspec.datatype)
+            out = _array(rspec.view, element)
+            pair = self._native(op, element)
             if pair is not None:
                 lead.Allreduce(_M_IN_PLACE(), [out, pair[1]], pair[0])
             else:
                 parts = lead.allgather(out.copy())
                 result = parts[-1].copy()
                 for part in reversed(parts[:-1]):
-                    op.reduce_into(result, part, rspec.datatype)
+                    op.reduce_into(result, part, element)
                 out[...] = result
         local.Bcast(rspec.view, 0)
 
