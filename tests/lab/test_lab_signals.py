@@ -119,8 +119,12 @@ def test_a_killed_lab_leaves_nothing(command: str) -> None:
 
 @pytest.mark.parametrize(
     ("command", "sig"),
-    [("run", signal.SIGTERM), ("run", signal.SIGINT), ("mpiexec", signal.SIGTERM)],
-    ids=["run-SIGTERM", "run-SIGINT", "mpiexec-SIGTERM"],
+    [
+        (command, sig)
+        for command in sorted(COMMANDS)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
+    ],
+    ids=lambda value: value if isinstance(value, str) else signal.Signals(value).name,
 )
 def test_a_signal_reaches_the_ranks_then_nothing_is_left(command: str, sig: int) -> None:
     """The signal is forwarded (run: through each guest's control directory to the guest
