@@ -142,7 +142,7 @@ class Area:
                     self._drive(self.group.start(name, *args, **kwargs))
         except Fallback:
             return False
-        if self.group.declined:
+        if name in _DECLINABLE and self.group.declined:  # (the flag outlives its call)
             return False
         self.completed += 1
         return True

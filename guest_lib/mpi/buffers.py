@@ -43,7 +43,7 @@ _FOREIGN = ">!" if sys.byteorder == "little" else "<!"  # format prefixes of swa
 
 class Spec(NamedTuple):
     view: memoryview
-    count: int
+    count: int  # type: ignore[assignment]  # MPI's name; it hides tuple.count, unused here
     datatype: Datatype
     unpack: Callable[[], None] | None = None  # see parse(deferred=True)
 
@@ -67,12 +67,12 @@ def _as_bytes(buf: Any, writable: bool) -> tuple[memoryview, Datatype | None]:
         except KeyError:
             datatype = _IMPLIED[dtype] = _implied_by(dtype)
         if buf.flags.c_contiguous and dtype.kind not in "mM":  # memoryview can't hold those
-            view = memoryview(buf)
+            view = buf.data
             return (view if view.ndim == 1 and view.format == "B" else view.cast("B")), datatype
         if not buf.flags.f_contiguous:
             raise ValueError("message buffer must be contiguous")
         flat = buf.reshape(-1, order="A") if buf.ndim != 1 else buf
-        return memoryview(flat.view(np.uint8)), datatype
+        return flat.view(np.uint8).data, datatype
     try:
         view = memoryview(buf)
     except TypeError:
@@ -89,14 +89,14 @@ def _as_bytes(buf: Any, writable: bool) -> tuple[memoryview, Datatype | None]:
     if fmt == "B" and view.ndim == 1:
         return view, BYTE
     if fmt[:1] in _FOREIGN:
-        datatype: Datatype | None = _SWAPPED
+        datatype = _SWAPPED
     else:
         fmt = fmt.lstrip("@=<>")
         try:
             datatype = BYTE if fmt in ("B", "c") else datatypes.from_code(fmt)
         except KeyError:
             datatype = None
-    view = view.cast("B") if view.c_contiguous else memoryview(np.asarray(view)).cast("B")
+    view = view.cast("B") if view.c_contiguous else np.asarray(view).data.cast("B")
     return view, datatype
 
 
@@ -266,7 +266,7 @@ def parse(spec: Any, *, writable: bool = False, deferred: bool = False) -> Spec:
                 f"extent {extent}"
             )
         return Spec(view, count, datatype)
-    count: int | None = None
+    count = None
     displ = 0
     datatype = None
     items = list(spec)

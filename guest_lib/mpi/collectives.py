@@ -112,7 +112,7 @@ def _raw(array: np.ndarray) -> memoryview:
     """A flat byte view of a contiguous array (an empty view for no elements)."""
     if not array.nbytes:
         return memoryview(bytearray(0))  # writable: also serves as a receive buffer
-    return memoryview(np.ascontiguousarray(array).view(np.uint8)).cast("B")
+    return np.ascontiguousarray(array).view(np.uint8).data.cast("B")
 
 
 def _array(view: memoryview, spec_type: Any) -> np.ndarray:
@@ -661,8 +661,18 @@ class Collectives:
 
     @collective
     def Alltoall(self, sendbuf: Any, recvbuf: Any) -> None:
-        if not self._area_run(lambda: self._p_alltoall(sendbuf, recvbuf)):
-            self._run(self._alltoallv(sendbuf, recvbuf, T_ALLTOALL))
+        planned: list[tuple[str, tuple[Any, ...]]] = []
+
+        def plan() -> tuple[str, tuple[Any, ...]]:
+            planned.append(self._p_alltoall(sendbuf, recvbuf))
+            return planned[0]
+
+        if self._area_run(plan):
+            return
+        # An area call declined after its first round has written into recvbuf: in place,
+        # the message path sends the copy the plan took before it (its first argument).
+        before = planned[0][1][0] if planned and sendbuf is IN_PLACE else None
+        self._run(self._alltoallv(sendbuf, recvbuf, T_ALLTOALL, before))
 
     Alltoallv = Alltoall
 
@@ -674,12 +684,16 @@ class Collectives:
 
     Ialltoallv = Ialltoall
 
-    def _alltoallv(self, sendbuf: Any, recvbuf: Any, tag: int) -> Iterator[list[Op]]:
+    def _alltoallv(
+        self, sendbuf: Any, recvbuf: Any, tag: int, before: memoryview | None = None
+    ) -> Iterator[list[Op]]:
+        """In place, the data sent is a copy of recvbuf, or `before` (that copy, taken
+        earlier) when given."""
         size, rank = self._sizes()
         rspec = buffers.parse_vector(recvbuf, size, writable=True)
         if sendbuf is IN_PLACE:
-            sspec = buffers.VSpec(memoryview(bytes(rspec.view)), rspec.counts, rspec.displs,
-                                  rspec.datatype)  # fmt: skip
+            sent = memoryview(bytes(rspec.view)) if before is None else before
+            sspec = rspec._replace(view=sent)
         else:
             sspec = buffers.parse_vector(sendbuf, size)
         own = sspec.part(rank)
@@ -1053,7 +1067,7 @@ class Collectives:
                 datatype = rspec.datatype
                 out: np.ndarray | None = _array(rspec.view, datatype)
                 if sendbuf is IN_PLACE:
-                    local = out.copy()
+                    local = _array(rspec.view, datatype).copy()
                 else:
                     local = _array(buffers.parse(sendbuf).view, datatype)
             else:

@@ -102,6 +102,23 @@ def test_allgather_alltoall(comm, typecode):
     assert list(rbuf) == [src * 100 + rank for src in range(size)]
 
 
+def test_alltoall_in_place_larger_than_a_slab_then_allreduce(comm):
+    """In the area a large alltoall is declined after one round that already wrote into
+    recvbuf: in place, the message path must send the data as it was before; and the
+    collective after it must run once (an in-place Allreduce run twice doubles)."""
+    size, rank = comm.Get_size(), comm.Get_rank()
+    for n in (8, 300_000):
+        buf = np.empty((size, n), np.uint8)
+        for dest in range(size):
+            buf[dest] = (rank * 7 + dest * 13) % 251
+        comm.Alltoall(MPI.IN_PLACE, buf)
+        for src in range(size):
+            assert (buf[src] == (src * 7 + rank * 13) % 251).all(), (n, src)
+        total = np.full(4, rank + 1, "i")
+        comm.Allreduce(MPI.IN_PLACE, total, MPI.SUM)
+        assert list(total) == [size * (size + 1) // 2] * 4
+
+
 @pytest.mark.parametrize("typecode", TYPECODES)
 @pytest.mark.parametrize("op", [MPI.SUM, MPI.PROD, MPI.MAX, MPI.MIN])
 def test_reduce_allreduce(comm, typecode, op):
