@@ -98,7 +98,18 @@ from guest_lib.mpi.pickling import PICKLE as pickle
 from guest_lib.mpi.pickling import Pickle
 from guest_lib.mpi.request import REQUEST_NULL, Request
 from guest_lib.mpi.status import Status
-from guest_lib.mpi.topology import CART, DIST_GRAPH, GRAPH, Cartcomm, Compute_dims
+from guest_lib.mpi.topology import (
+    CART,
+    DIST_GRAPH,
+    GRAPH,
+    UNWEIGHTED,
+    WEIGHTS_EMPTY,
+    Cartcomm,
+    Compute_dims,
+    Distgraphcomm,
+    Graphcomm,
+    Topocomm,
+)
 
 __TypeDict__ = TypeDict
 memory = buffer  # mpi4py's older name
@@ -271,7 +282,8 @@ _unused = (  # names re-exported on purpose (mpi4py's MPI namespace), not used h
     THREAD_SERIALIZED, UNDEFINED, UNEQUAL, COMM_NULL, Comm, Datatype, Exception,
     Get_error_class, Get_error_string, BAND, BOR, BXOR, LAND, LOR, LXOR, MAX, MAXLOC, MIN,
     MINLOC, NO_OP, OP_NULL, PROD, REPLACE, SUM, Op, REQUEST_NULL, TAG_UB_VALUE, Pickle, pickle,
-    CART, DIST_GRAPH, GRAPH, Cartcomm, Compute_dims, GROUP_EMPTY, GROUP_NULL, Group,
+    CART, DIST_GRAPH, GRAPH, Cartcomm, Compute_dims, Distgraphcomm, Graphcomm, Topocomm,
+    UNWEIGHTED, WEIGHTS_EMPTY, GROUP_EMPTY, GROUP_NULL, Group,
     Prequest, COMM_TYPE_SHARED, INFO_ENV, INFO_NULL, Info, BSEND_OVERHEAD, Aint_add, Aint_diff,
     Alloc_mem, Attach_buffer, Detach_buffer, Free_mem, Get_address, buffer, Flush_buffer,
     Iflush_buffer, ORDER_C, ORDER_F,

@@ -152,6 +152,19 @@ class Comm:
     def Get_topology(self) -> int:
         return constants.UNDEFINED
 
+    @property
+    def is_topo(self) -> bool:
+        """False: no process topology (see topology.Topocomm)."""
+        return False
+
+    def toint(self) -> int:
+        """-1: there is no C handle (mpi4py's `Comm.fromint` is then not applicable)."""
+        return -1
+
+    def py2f(self) -> int:
+        """-1: there is no Fortran handle."""
+        return -1
+
     def Get_attr(self, keyval: int) -> Any:
         if keyval == constants.KEY_TAG_UB:
             return constants.TAG_UB
@@ -683,11 +696,62 @@ class Comm:
 class Intracomm(ExtraCollectives, Comm):
     """An intra-communicator: p2p, collectives and management."""
 
+    # Process topologies: see topology.py (imported late: it subclasses Intracomm).
     def Create_cart(self, dims: Any, periods: Any = None, reorder: bool = False) -> Intracomm:
         """A Cartesian topology over the first prod(dims) ranks (see `topology`)."""
         from guest_lib.mpi import topology
 
         return topology.create_cart(self, dims, periods, reorder)
+
+    def Cart_map(self, dims: Any, periods: Any = None) -> int:
+        """This process's rank in Create_cart(dims, periods), or UNDEFINED."""
+        from guest_lib.mpi import topology
+
+        return topology.cart_map(self, dims, periods)
+
+    def Create_graph(self, index: Any, edges: Any, reorder: bool = False) -> Intracomm:
+        """A graph topology over the first nnodes ranks (see `topology.create_graph`)."""
+        from guest_lib.mpi import topology
+
+        return topology.create_graph(self, index, edges)
+
+    def Graph_map(self, index: Any, edges: Any) -> int:
+        """This process's rank in Create_graph(index, edges), or UNDEFINED."""
+        from guest_lib.mpi import topology
+
+        return topology.graph_map(self, index, edges)
+
+    def Create_dist_graph_adjacent(
+        self,
+        sources: Any,
+        destinations: Any,
+        sourceweights: Any = constants.UNWEIGHTED,
+        destweights: Any = constants.UNWEIGHTED,
+        info: Any = None,
+        reorder: bool = False,
+    ) -> Intracomm:
+        """A distributed graph from each rank's neighbors (see `topology`); weights None
+        mean UNWEIGHTED."""
+        from guest_lib.mpi import topology
+
+        return topology.create_dist_graph_adjacent(
+            self, sources, destinations, sourceweights, destweights
+        )
+
+    def Create_dist_graph(
+        self,
+        sources: Any,
+        degrees: Any,
+        destinations: Any,
+        weights: Any = constants.UNWEIGHTED,
+        info: Any = None,
+        reorder: bool = False,
+    ) -> Intracomm:
+        """A distributed graph from any rank's edges (see `topology`); weights None mean
+        UNWEIGHTED."""
+        from guest_lib.mpi import topology
+
+        return topology.create_dist_graph(self, sources, degrees, destinations, weights)
 
     @classmethod
     def Create_from_group(

@@ -56,6 +56,8 @@ class _Sentinel:
 
 IN_PLACE: Final = _Sentinel("IN_PLACE")
 BOTTOM: Final = _Sentinel("BOTTOM")
+UNWEIGHTED: Final = _Sentinel("UNWEIGHTED")  # MPI_UNWEIGHTED: a graph without weights
+WEIGHTS_EMPTY: Final = _Sentinel("WEIGHTS_EMPTY")  # MPI_WEIGHTS_EMPTY: weighted, no edges
 
 # array orders of Create_subarray (MPICH's values)
 ORDER_C = 56
