@@ -1,6 +1,7 @@
 """Neighbor collectives of the topology communicators (mixin of `topology.Topocomm`):
 Neighbor_allgather(v), Neighbor_alltoall(v), Neighbor_alltoallw, their nonblocking
-Ineighbor_* forms, and the object forms neighbor_allgather / neighbor_alltoall.
+Ineighbor_* and persistent Neighbor_*_init forms, and the object forms neighbor_allgather /
+neighbor_alltoall.
 
 Each is one stage of point-to-point messages on the communicator's collective context:
 a receive from every in-neighbor (slot k of the receive buffer) and a send to every
@@ -135,6 +136,30 @@ class NeighborCollectives(_Base):
         """Nonblocking Neighbor_alltoallw."""
         return self._started(self._alltoallw_stages, sendbuf, recvbuf)
 
+    # ------------------------------------------------------------------ persistent
+    def _persistent(self, start: Callable[[Any, Any], Request], sendbuf: Any, recvbuf: Any) -> Any:
+        from guest_lib.mpi.persistent import Prequest
+
+        return Prequest(functools.partial(start, sendbuf, recvbuf))
+
+    def Neighbor_allgather_init(self, sendbuf: Any, recvbuf: Any, info: Any = None) -> Any:
+        """A persistent Neighbor_allgather(v) (MPI-4): each Start runs Ineighbor_allgather
+        over the same buffers (re-read at each Start). Members start it in the same order
+        as their other nonblocking collectives on this communicator."""
+        return self._persistent(self.Ineighbor_allgather, sendbuf, recvbuf)
+
+    Neighbor_allgatherv_init = Neighbor_allgather_init
+
+    def Neighbor_alltoall_init(self, sendbuf: Any, recvbuf: Any, info: Any = None) -> Any:
+        """A persistent Neighbor_alltoall(v): each Start runs Ineighbor_alltoall."""
+        return self._persistent(self.Ineighbor_alltoall, sendbuf, recvbuf)
+
+    Neighbor_alltoallv_init = Neighbor_alltoall_init
+
+    def Neighbor_alltoallw_init(self, sendbuf: Any, recvbuf: Any, info: Any = None) -> Any:
+        """A persistent Neighbor_alltoallw: each Start runs Ineighbor_alltoallw."""
+        return self._persistent(self.Ineighbor_alltoallw, sendbuf, recvbuf)
+
     # ------------------------------------------------------------------ objects
     def _objects(self, items: Sequence[Any], tag: int) -> list[Any]:
         sends = [memoryview(_dumps(item)) for item in items]
@@ -161,11 +186,8 @@ class NeighborCollectives(_Base):
 
 # derived datatypes received into are unpacked after the call (see buffers.unpacking)
 for _name in (
-    "Neighbor_allgather", "Neighbor_alltoall", "Neighbor_alltoallw", "Ineighbor_allgather",
-    "Ineighbor_alltoall", "Ineighbor_alltoallw",
+    "Neighbor_allgather", "Neighbor_allgatherv", "Neighbor_alltoall", "Neighbor_alltoallv",
+    "Neighbor_alltoallw", "Ineighbor_allgather", "Ineighbor_allgatherv", "Ineighbor_alltoall",
+    "Ineighbor_alltoallv", "Ineighbor_alltoallw",
 ):  # fmt: skip
     setattr(NeighborCollectives, _name, buffers.unpacking(getattr(NeighborCollectives, _name)))
-for _name in ("allgatherv", "alltoallv"):
-    for _prefix in ("Neighbor_", "Ineighbor_"):
-        _base = getattr(NeighborCollectives, _prefix + _name[:-1])
-        setattr(NeighborCollectives, _prefix + _name, _base)

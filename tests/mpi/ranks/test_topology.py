@@ -214,3 +214,25 @@ def test_dist_graph_bad_arguments_on_one_rank(comm):
     with pytest.raises((ValueError, MPI.Exception)):
         comm.Create_dist_graph([rank], [1], [size if rank == size - 1 else rank])
     assert comm.allgather(rank) == list(range(size))
+
+
+def test_persistent_and_derived_types(comm):
+    """Neighbor_alltoall_init restarted with new data; a vector type received into."""
+    size, rank = comm.Get_size(), comm.Get_rank()
+    ring = comm.Create_cart([size], periods=True)
+    send, got = np.zeros(2, "i"), np.full(2, -1, "i")
+    request = ring.Neighbor_alltoall_init(send, got)
+    for step in range(3):
+        send[:] = [100 * rank + 1000 * step, 100 * rank + 1 + 1000 * step]
+        request.Start()
+        request.Wait()
+        assert got.tolist() == [v + 1000 * step for v in RING_ALLTOALL[size][rank]]
+    request.Free()
+    # two ints from each neighbor into a vector(2, 1, 2) of ints: extent 3 ints per slot
+    vector = MPI.INT.Create_vector(2, 1, 2).Commit()
+    into = np.full(6, -7, "i")
+    ring.Ineighbor_allgather(np.array([rank, -rank], "i"), [into, 1, vector]).Wait()
+    left, right = (rank - 1) % size, (rank + 1) % size
+    assert into.tolist() == [left, -7, -left, right, -7, -right]
+    vector.Free()
+    ring.Free()
