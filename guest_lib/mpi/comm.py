@@ -153,6 +153,11 @@ class Comm:
         return constants.UNDEFINED
 
     @property
+    def topology(self) -> int:
+        """Get_topology(): UNDEFINED, or CART, GRAPH, DIST_GRAPH (see topology.py)."""
+        return self.Get_topology()
+
+    @property
     def is_topo(self) -> bool:
         """False: no process topology (see topology.Topocomm)."""
         return False

@@ -58,7 +58,7 @@ class Topocomm(NeighborCollectives, Intracomm):
     slot) and the neighbor collectives over them.
 
     `Topocomm(other)` copies the handle of `other`, which must be of this class: TypeError
-    otherwise (as mpi4py, e.g. `Graphcomm(cartcomm)`)."""
+    otherwise (as mpi4py, e.g. `Graphcomm(cartcomm)`); no argument: a null handle."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         if len(args) == 1 and not kwargs and isinstance(args[0], Comm):
@@ -66,7 +66,7 @@ class Topocomm(NeighborCollectives, Intracomm):
                 raise TypeError(f"expecting a {type(self).__name__}, got {type(args[0]).__name__}")
             self.__dict__.update(args[0].__dict__)
             return
-        super().__init__(*args, **kwargs)
+        super().__init__(*(args or (None, [], -1)), **kwargs)
 
     def _sources(self) -> list[int]:
         raise NotImplementedError
@@ -77,10 +77,6 @@ class Topocomm(NeighborCollectives, Intracomm):
     @property
     def is_topo(self) -> bool:
         return True
-
-    @property
-    def topology(self) -> int:
-        return self.Get_topology()
 
     @property
     def indegree(self) -> int:

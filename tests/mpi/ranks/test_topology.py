@@ -116,7 +116,9 @@ def test_graph(comm):
     buf = np.zeros((3, 2), "i")
     graph.Ineighbor_allgather(np.array([rank, -rank], "i"), buf).Wait()
     assert buf.tolist() == [[p, -p] for p in mine]
-    assert type(graph.Dup()) is MPI.Graphcomm
+    dup = graph.Dup()
+    assert type(dup) is MPI.Graphcomm and dup.Get_topo() == graph.Get_topo()
+    dup.Free()
     assert comm.Graph_map(index, edges) == rank
     graph.Free()
     # nodes 0..0: the others get COMM_NULL
@@ -197,7 +199,11 @@ def test_constructors_and_maps():
     with pytest.raises(TypeError):
         MPI.Topocomm(self_comm)
     assert MPI.Cartcomm(cart) == cart and type(MPI.Cartcomm(cart)) is MPI.Cartcomm
-    assert type(cart.Dup()) is MPI.Cartcomm and cart.Dup().dims == [1]
+    dup = cart.Dup()
+    assert type(dup) is MPI.Cartcomm and dup.dims == [1]
+    dup.Free()
+    assert cart.topology == MPI.CART and self_comm.topology == MPI.UNDEFINED
+    assert not MPI.Graphcomm() and MPI.Graphcomm() == MPI.COMM_NULL
     cart.Free()
     size, rank = MPI.COMM_WORLD.Get_size(), MPI.COMM_WORLD.Get_rank()
     assert MPI.COMM_WORLD.Cart_map([size], True) == rank
