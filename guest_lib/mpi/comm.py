@@ -153,6 +153,29 @@ class Comm:
         return constants.UNDEFINED
 
     @property
+    def group(self) -> Any:
+        """Get_group(): a new Group of this communicator's members."""
+        return self.Get_group()
+
+    def Get_info(self) -> Any:
+        """A new Info holding the hints last given by Set_info (none are acted on)."""
+        from guest_lib.mpi.info import Info
+
+        return Info.Create(getattr(self, "_hints", None))
+
+    def Set_info(self, info: Any) -> None:
+        """Record `info`'s hints (a copy) for Get_info; none changes how this works."""
+        self._hints = dict(info.items())
+
+    @property
+    def info(self) -> Any:
+        return self.Get_info()
+
+    @info.setter
+    def info(self, info: Any) -> None:
+        self.Set_info(info)
+
+    @property
     def topology(self) -> int:
         """Get_topology(): UNDEFINED, or CART, GRAPH, DIST_GRAPH (see topology.py)."""
         return self.Get_topology()

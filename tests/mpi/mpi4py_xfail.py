@@ -136,13 +136,11 @@ ENTRIES: list[tuple[str, str, str]] = [
     ),
     ("test_comm.TestCommSelf.testDupWithInfo", "xfail", "missing: INFO_NULL (issue #11 point 3)"),
     ("test_comm.TestCommSelf.testGetParent", "xfail", "missing: Get_parent (issue #11 point 3)"),
-    ("test_comm.TestCommSelf.testGetSetInfo", "xfail", "missing: Info (issue #11 point 3)"),
     (
         "test_comm.TestCommSelf.testPickle",
         "xfail",
         "wrong: pickling predefined communicators gives new objects, not the same one (issue #11)",
     ),
-    ("test_comm.TestCommSelf.testPyProps", "xfail", "missing: topology (issue #11 point 3)"),
     (
         "test_comm.TestCommSelf.testSplitTypeHWGuided",
         "xfail",
@@ -170,13 +168,11 @@ ENTRIES: list[tuple[str, str, str]] = [
         "missing: INFO_NULL (issue #11 point 3)",
     ),
     ("test_comm.TestCommSelfDup.testGetParent", "xfail", "missing: Get_parent (issue #11 point 3)"),
-    ("test_comm.TestCommSelfDup.testGetSetInfo", "xfail", "missing: Info (issue #11 point 3)"),
     (
         "test_comm.TestCommSelfDup.testPickle",
         "xfail",
         "wrong: pickling a non-predefined handle must raise ValueError (issue #11)",
     ),
-    ("test_comm.TestCommSelfDup.testPyProps", "xfail", "missing: topology (issue #11 point 3)"),
     (
         "test_comm.TestCommSelfDup.testSplitTypeHWGuided",
         "xfail",
@@ -200,13 +196,11 @@ ENTRIES: list[tuple[str, str, str]] = [
     ),
     ("test_comm.TestCommWorld.testDupWithInfo", "xfail", "missing: INFO_NULL (issue #11 point 3)"),
     ("test_comm.TestCommWorld.testGetParent", "xfail", "missing: Get_parent (issue #11 point 3)"),
-    ("test_comm.TestCommWorld.testGetSetInfo", "xfail", "missing: Info (issue #11 point 3)"),
     (
         "test_comm.TestCommWorld.testPickle",
         "xfail",
         "wrong: pickling predefined communicators gives new objects, not the same one (issue #11)",
     ),
-    ("test_comm.TestCommWorld.testPyProps", "xfail", "missing: topology (issue #11 point 3)"),
     (
         "test_comm.TestCommWorld.testSplitTypeHWGuided",
         "xfail",
@@ -238,13 +232,11 @@ ENTRIES: list[tuple[str, str, str]] = [
         "xfail",
         "missing: Get_parent (issue #11 point 3)",
     ),
-    ("test_comm.TestCommWorldDup.testGetSetInfo", "xfail", "missing: Info (issue #11 point 3)"),
     (
         "test_comm.TestCommWorldDup.testPickle",
         "xfail",
         "wrong: pickling a non-predefined handle must raise ValueError (issue #11)",
     ),
-    ("test_comm.TestCommWorldDup.testPyProps", "xfail", "missing: topology (issue #11 point 3)"),
     (
         "test_comm.TestCommWorldDup.testSplitTypeHWGuided",
         "xfail",

@@ -242,3 +242,19 @@ def test_persistent_and_derived_types(comm):
     assert into.tolist() == [left, -7, -left, right, -7, -right]
     vector.Free()
     ring.Free()
+
+
+def test_comm_properties(comm):
+    """mpi4py's Python properties next to `topology`: group, info (hints kept by Set_info)."""
+    assert comm.topology == comm.Get_topology() == MPI.UNDEFINED and not comm.is_topo
+    group = comm.group
+    assert group.Get_size() == comm.Get_size() and group.Get_rank() == comm.Get_rank()
+    group.Free()
+    hints = MPI.Info.Create({"mpi_assert_no_any_tag": "true"})
+    comm.info = hints
+    hints.Free()
+    got = comm.Get_info()
+    assert got.items() == [("mpi_assert_no_any_tag", "true")] == comm.info.items()
+    got.Free()
+    comm.Set_info(MPI.INFO_NULL)
+    assert len(comm.info) == 0
