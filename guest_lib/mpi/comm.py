@@ -167,6 +167,12 @@ class Comm:
         """Record `info`'s hints (a copy) for Get_info; none changes how this works."""
         self._hints = dict(info.items())
 
+    def Dup_with_info(self, info: Any) -> Any:
+        """Dup (collective) whose hints are `info`'s instead of this communicator's."""
+        comm = self.Dup()
+        comm.Set_info(info)
+        return comm
+
     @property
     def info(self) -> Any:
         return self.Get_info()

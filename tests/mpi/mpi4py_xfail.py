@@ -134,7 +134,6 @@ ENTRIES: list[tuple[str, str, str]] = [
         "xfail",
         "missing: Comm() without arguments (issue #11 point 3)",
     ),
-    ("test_comm.TestCommSelf.testDupWithInfo", "xfail", "missing: INFO_NULL (issue #11 point 3)"),
     ("test_comm.TestCommSelf.testGetParent", "xfail", "missing: Get_parent (issue #11 point 3)"),
     (
         "test_comm.TestCommSelf.testPickle",
@@ -161,11 +160,6 @@ ENTRIES: list[tuple[str, str, str]] = [
         "test_comm.TestCommSelfDup.testConstructor",
         "xfail",
         "missing: Comm() without arguments (issue #11 point 3)",
-    ),
-    (
-        "test_comm.TestCommSelfDup.testDupWithInfo",
-        "xfail",
-        "missing: INFO_NULL (issue #11 point 3)",
     ),
     ("test_comm.TestCommSelfDup.testGetParent", "xfail", "missing: Get_parent (issue #11 point 3)"),
     (
@@ -194,7 +188,6 @@ ENTRIES: list[tuple[str, str, str]] = [
         "xfail",
         "missing: Comm() without arguments (issue #11 point 3)",
     ),
-    ("test_comm.TestCommWorld.testDupWithInfo", "xfail", "missing: INFO_NULL (issue #11 point 3)"),
     ("test_comm.TestCommWorld.testGetParent", "xfail", "missing: Get_parent (issue #11 point 3)"),
     (
         "test_comm.TestCommWorld.testPickle",
@@ -221,11 +214,6 @@ ENTRIES: list[tuple[str, str, str]] = [
         "test_comm.TestCommWorldDup.testConstructor",
         "xfail",
         "missing: Comm() without arguments (issue #11 point 3)",
-    ),
-    (
-        "test_comm.TestCommWorldDup.testDupWithInfo",
-        "xfail",
-        "missing: INFO_NULL (issue #11 point 3)",
     ),
     (
         "test_comm.TestCommWorldDup.testGetParent",

@@ -256,5 +256,8 @@ def test_comm_properties(comm):
     got = comm.Get_info()
     assert got.items() == [("mpi_assert_no_any_tag", "true")] == comm.info.items()
     got.Free()
+    dup = comm.Dup_with_info(MPI.Info.Create({"k": "v"}))
+    assert dup.Get_info().items() == [("k", "v")] and dup.Compare(comm) == MPI.CONGRUENT
+    dup.Free()
     comm.Set_info(MPI.INFO_NULL)
     assert len(comm.info) == 0
