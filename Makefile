@@ -27,9 +27,10 @@ lint: $(STAMP)
 	$(BIN)/mypy
 
 # The quick loop: lint and every test that boots no guest, starts no QEMU and is not marked
-# slow, on the C fast path. pytest exits 5 when it collects nothing: that fails too.
+# slow, on the C fast path, spread over the CPUs (pytest-xdist). pytest exits 5 when it
+# collects nothing: that fails too.
 check: lint
-	IVSHMEM_COMM_REQUIRE_FASTPATH=1 $(BIN)/python -m pytest -p no:cacheprovider -q \
+	IVSHMEM_COMM_REQUIRE_FASTPATH=1 $(BIN)/python -m pytest -p no:cacheprovider -q -n auto \
 		-m "not vm and not qemu and not slow"
 
 # The whole suite runs twice: on the C fast path, then on the pure-Python reference.

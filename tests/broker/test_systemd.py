@@ -14,6 +14,7 @@ import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -136,6 +137,15 @@ def _fd_kind(fd: int) -> str:
             if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
             else "socket"
         )
+
+
+@pytest.fixture
+def tmp_path() -> Iterator[Path]:
+    """This module's own short private directory: the broker's socket path under it must stay
+    within AF_UNIX's 107 bytes, which pytest's tmp_path exceeds under pytest-xdist."""
+    path = Path(tempfile.mkdtemp(prefix="sd-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture
