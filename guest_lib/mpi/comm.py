@@ -357,6 +357,15 @@ class Comm:
         op = self._irecv_op(None, source, tag, self._ctx)
         return Request(op, self._engine, self._rank_of, unpickle)
 
+    def _sendrecv_args(self, dest: int, source: int, sendtag: int, recvtag: int) -> Engine:
+        """Check a send-receive's ranks and tags (MPI.Exception naming the bad one); the
+        engine to run it on."""
+        self._dest(dest)
+        self._source(source)
+        self._send_tag(sendtag)
+        self._recv_tag(recvtag)
+        return self._check()
+
     def sendrecv(
         self,
         sendobj: Any,
@@ -368,11 +377,7 @@ class Comm:
         status: Status | None = None,
     ) -> Any:
         """Send `sendobj` to `dest` and receive an object from `source`, deadlock-free."""
-        self._dest(dest)
-        self._source(source)
-        self._send_tag(sendtag)
-        self._recv_tag(recvtag)
-        engine = self._check()
+        engine = self._sendrecv_args(dest, source, sendtag, recvtag)
         rop = self._irecv_op(None, source, recvtag, self._ctx)
         sop = self._isend_op(_dumps(sendobj), dest, sendtag, self._ctx, False)
         engine.wait_until(lambda: rop.done and sop.done)
@@ -500,11 +505,7 @@ class Comm:
         status: Status | None = None,
     ) -> None:
         """Send and receive at once (deadlock-free however large the messages)."""
-        self._dest(dest)
-        self._source(source)
-        self._send_tag(sendtag)
-        self._recv_tag(recvtag)
-        engine = self._check()
+        engine = self._sendrecv_args(dest, source, sendtag, recvtag)
         rview = buffers.parse(recvbuf, writable=True).view
         sview = buffers.parse(sendbuf).view
         rop = self._irecv_op(rview, source, recvtag, self._ctx)
