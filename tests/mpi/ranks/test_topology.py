@@ -85,7 +85,8 @@ def test_cart_grid_2x2():
     grid.Neighbor_alltoall(np.array([1000 * rank + j for j in range(4)], "i"), got)
     assert got.tolist() == GRID_ALLTOALL[rank]
     row = grid.Sub([False, True])
-    assert row.dims == [2] and row.inedges == [rank ^ 1, rank ^ 1]
+    mate = 1 - rank % 2  # the other member of this row, in the row's own ranks
+    assert row.dims == [2] and row.Get_rank() == rank % 2 and row.inedges == [mate, mate]
     assert row.neighbor_allgather(rank) == [rank ^ 1, rank ^ 1]
     row.Free()
     grid.Free()
@@ -93,27 +94,27 @@ def test_cart_grid_2x2():
 
 def test_graph(comm):
     size, rank = comm.Get_size(), comm.Get_rank()
-    # ring with a repeated edge: node i -> [i+1, i-1, i+1]
+    # ring with repeated edges (symmetric, as neighbor collectives need): i -> [i+1, i-1] x 2
     index, edges = [0], []
     for i in range(size):
-        edges += [(i + 1) % size, (i - 1) % size, (i + 1) % size]
+        edges += [(i + 1) % size, (i - 1) % size] * 2
         index.append(len(edges))
     graph = comm.Create_graph(index, edges)
     assert graph.Get_topology() == MPI.GRAPH
-    assert graph.Get_dims() == (size, 3 * size) and graph.Get_topo() == (index[1:], edges)
-    mine = [(rank + 1) % size, (rank - 1) % size, (rank + 1) % size]
-    assert graph.Get_neighbors(rank) == mine and graph.Get_neighbors_count(rank) == 3
-    assert graph.inoutedges == (mine, mine) and graph.degrees == (3, 3)
+    assert graph.Get_dims() == (size, 4 * size) and graph.Get_topo() == (index[1:], edges)
+    mine = [(rank + 1) % size, (rank - 1) % size] * 2
+    assert graph.Get_neighbors(rank) == mine and graph.Get_neighbors_count(rank) == 4
+    assert graph.inoutedges == (mine, mine) and graph.degrees == (4, 4)
     # the k-th message from a peer matches the k-th in-edge naming it
-    got = graph.neighbor_alltoall([(rank, "a"), (rank, "b"), (rank, "c")])
+    got = graph.neighbor_alltoall([(rank, "a"), (rank, "b"), (rank, "c"), (rank, "d")])
     expect = []
     for k, peer in enumerate(mine):
-        theirs = [(peer + 1) % size, (peer - 1) % size, (peer + 1) % size]
+        theirs = [(peer + 1) % size, (peer - 1) % size] * 2
         nth = mine[:k].count(peer)  # this is the nth in-edge from peer
         slot = [j for j, dest in enumerate(theirs) if dest == rank][nth]
-        expect.append((peer, "abc"[slot]))
+        expect.append((peer, "abcd"[slot]))
     assert got == expect
-    buf = np.zeros((3, 2), "i")
+    buf = np.zeros((4, 2), "i")
     graph.Ineighbor_allgather(np.array([rank, -rank], "i"), buf).Wait()
     assert buf.tolist() == [[p, -p] for p in mine]
     dup = graph.Dup()
