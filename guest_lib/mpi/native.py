@@ -150,14 +150,26 @@ def poll(engine: Engine) -> bool:
     mpi4py's matched probe; start the receive of each that matched. True iff any did."""
     _M = MPI()
     moved = False
+    unmatched: list[tuple[Any, int, int]] = []  # (mirror, src, tag) that found nothing
     for op in list(engine.posted):
         if op.mpi is None:
             continue
         status = _M.Status()
         tag = _M.ANY_TAG if op.want_tag == constants.ANY_TAG else op.want_tag
         src = _M.ANY_SOURCE if op.mpi_src == constants.ANY_SOURCE else op.mpi_src
+        # A message that arrives during this pass belongs to the first posted receive it
+        # matches (MPI's non-overtaking rule): a later receive that could share a message
+        # with an earlier one that found nothing waits for the next pass.
+        if any(
+            mirror is op.mpi
+            and (s == src or _M.ANY_SOURCE in (s, src))
+            and (t == tag or _M.ANY_TAG in (t, tag))
+            for mirror, s, t in unmatched
+        ):
+            continue
         message = op.mpi.improbe(src, tag, status)
         if message is None:
+            unmatched.append((op.mpi, src, tag))
             continue
         engine.withdraw(op)
         nbytes = status.Get_count(_M.BYTE)
