@@ -151,10 +151,7 @@ def isendrecv(
 ) -> Request:
     """Nonblocking Sendrecv: one request, complete when both the send and the receive are;
     its status is the receive's (ERR_TRUNCATE from Wait/Test as Irecv)."""
-    comm._dest(dest)
-    comm._source(source)
-    comm._send_tag(sendtag)
-    comm._recv_tag(recvtag)
+    comm._sendrecv_args(dest, source, sendtag, recvtag)
     rview = buffers.parse(recvbuf, writable=True).view
     sview = buffers.parse(sendbuf).view
     return _pair(comm, rview, sview, dest, sendtag, source, recvtag)
@@ -170,10 +167,7 @@ def isendrecv_replace(
 ) -> Request:
     """Nonblocking Sendrecv_replace: `buf` is sent, then receives the message (the data to
     send is copied at the call)."""
-    comm._dest(dest)
-    comm._source(source)
-    comm._send_tag(sendtag)
-    comm._recv_tag(recvtag)
+    comm._sendrecv_args(dest, source, sendtag, recvtag)
     view = buffers.parse(buf, writable=True).view
     return _pair(comm, view, memoryview(bytes(view)), dest, sendtag, source, recvtag)
 
