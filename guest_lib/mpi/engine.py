@@ -144,7 +144,10 @@ class Engine(Matching, FastPaths):
         self.await_ack: dict[tuple[int, int], SendOp] = {}
         self.mpi_active: list[native.MpiOp] = []  # mpi4py requests the route tests
         self.hello: dict[int, bytes] = {}
-        self.mpi_messages = 0  # messages this process handed to mpi4py (sends)
+        # messages this process handed to mpi4py through the route (sends) and their payload
+        # bytes (the leaders' exchanges of hierarchical collectives call mpi4py directly)
+        self.mpi_messages = 0
+        self.mpi_bytes = 0
         self.placing = -1  # the shm peer a placed message waits for (nothing else goes there)
         self.staged: list[StagedOp] = []  # nonblocking collectives in flight
         self._seq = 0

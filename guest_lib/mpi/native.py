@@ -222,6 +222,7 @@ class MpiRoute(Route):
         mirror = self._mirror(comm, ctx)
         spec = [data, len(data), MPI().BYTE]
         engine.mpi_messages += 1
+        engine.mpi_bytes += len(data)
         request = mirror.Issend(spec, rank, tag) if sync else mirror.Isend(spec, rank, tag)
         return track(engine, MpiOp(request))
 
@@ -234,6 +235,7 @@ class MpiRoute(Route):
         mirror = self._mirror(comm, ctx)
         spec = [data, len(data), MPI().BYTE]
         engine.mpi_messages += 1
+        engine.mpi_bytes += len(data)
         if sync:
             mirror.Ssend(spec, rank, tag)
         else:
