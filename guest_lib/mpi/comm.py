@@ -728,7 +728,7 @@ class Comm:
         return constants.UNEQUAL
 
 
-class Intracomm(ExtraCollectives, Comm):
+class Intracomm(persistent.PersistentCollectives, ExtraCollectives, Comm):
     """An intra-communicator: p2p, collectives and management."""
 
     # Process topologies: see topology.py (imported late: it subclasses Intracomm).

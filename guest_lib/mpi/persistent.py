@@ -15,10 +15,11 @@ The functions here are methods of `Comm` (bound there), written against its inte
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from guest_lib.mpi import buffers, constants, exceptions
+from guest_lib.mpi import buffers, constants, exceptions, ops
 from guest_lib.mpi.engine import Op, StagedOp
 from guest_lib.mpi.request import Request
 
@@ -194,3 +195,119 @@ def _both(recv: Op, send: Op, this: Callable[[], StagedOp]) -> Iterator[list[Op]
     op = this()
     op.source, op.tag, op.count = recv.source, recv.tag, recv.count
     op.cancelled = recv.cancelled
+
+
+class PersistentCollectives:
+    """MPI-4 persistent collectives of an intra-communicator (`Barrier_init`, `Bcast_init`,
+    ... `Exscan_init`). Each returns an inactive `Prequest`; every `Start` runs the
+    matching nonblocking collective (`Ibarrier`, `Ibcast`, ...) over the same arguments,
+    the buffers being read (and written) anew at each Start. Members start them in the same
+    order as their other nonblocking collectives on the communicator (MPI's rule for both),
+    which is what matches the operations of one Start across the members. An argument error
+    is raised by the Start that meets it, as the nonblocking call raises it. `info` is
+    accepted and not used (no hint changes what these do)."""
+
+    # provided by Comm and the collectives
+    _check: Callable[[], Any]
+    Ibarrier: Callable[..., Request]
+    Ibcast: Callable[..., Request]
+    Igather: Callable[..., Request]
+    Iscatter: Callable[..., Request]
+    Iallgather: Callable[..., Request]
+    Ialltoall: Callable[..., Request]
+    Ialltoallw: Callable[..., Request]
+    Ireduce: Callable[..., Request]
+    Iallreduce: Callable[..., Request]
+    Ireduce_scatter: Callable[..., Request]
+    Ireduce_scatter_block: Callable[..., Request]
+    Iscan: Callable[..., Request]
+    Iexscan: Callable[..., Request]
+
+    def _init(self, start: Callable[..., Request], *args: Any) -> Prequest:
+        """A Prequest whose Start calls `start(*args)`; MPI.Exception(ERR_COMM) at once
+        on a null (or freed) communicator."""
+        self._check()
+        return Prequest(functools.partial(start, *args))
+
+    def Barrier_init(self, info: Any = None) -> Prequest:
+        """A persistent Barrier."""
+        return self._init(self.Ibarrier)
+
+    def Bcast_init(self, buf: Any, root: int = 0, info: Any = None) -> Prequest:
+        """A persistent Bcast of `buf` from `root`."""
+        return self._init(self.Ibcast, buf, root)
+
+    def Gather_init(self, sendbuf: Any, recvbuf: Any, root: int = 0, info: Any = None) -> Prequest:
+        """A persistent Gather (Gatherv_init: the vector form of recvbuf)."""
+        return self._init(self.Igather, sendbuf, recvbuf, root)
+
+    Gatherv_init = Gather_init
+
+    def Scatter_init(self, sendbuf: Any, recvbuf: Any, root: int = 0, info: Any = None) -> Prequest:
+        """A persistent Scatter (Scatterv_init: the vector form of sendbuf)."""
+        return self._init(self.Iscatter, sendbuf, recvbuf, root)
+
+    Scatterv_init = Scatter_init
+
+    def Allgather_init(self, sendbuf: Any, recvbuf: Any, info: Any = None) -> Prequest:
+        """A persistent Allgather (Allgatherv_init: the vector form of recvbuf)."""
+        return self._init(self.Iallgather, sendbuf, recvbuf)
+
+    Allgatherv_init = Allgather_init
+
+    def Alltoall_init(self, sendbuf: Any, recvbuf: Any, info: Any = None) -> Prequest:
+        """A persistent Alltoall (Alltoallv_init: the vector forms)."""
+        return self._init(self.Ialltoall, sendbuf, recvbuf)
+
+    Alltoallv_init = Alltoall_init
+
+    def Alltoallw_init(self, sendbuf: Any, recvbuf: Any, info: Any = None) -> Prequest:
+        """A persistent Alltoallw."""
+        return self._init(self.Ialltoallw, sendbuf, recvbuf)
+
+    def Reduce_init(
+        self,
+        sendbuf: Any,
+        recvbuf: Any,
+        op: ops.Op = ops.SUM,
+        root: int = 0,
+        info: Any = None,
+    ) -> Prequest:
+        """A persistent Reduce with `op` to `root`."""
+        return self._init(self.Ireduce, sendbuf, recvbuf, op, root)
+
+    def Allreduce_init(
+        self, sendbuf: Any, recvbuf: Any, op: ops.Op = ops.SUM, info: Any = None
+    ) -> Prequest:
+        """A persistent Allreduce with `op`."""
+        return self._init(self.Iallreduce, sendbuf, recvbuf, op)
+
+    def Reduce_scatter_block_init(
+        self, sendbuf: Any, recvbuf: Any, op: ops.Op = ops.SUM, info: Any = None
+    ) -> Prequest:
+        """A persistent Reduce_scatter_block with `op`."""
+        return self._init(self.Ireduce_scatter_block, sendbuf, recvbuf, op)
+
+    def Reduce_scatter_init(
+        self,
+        sendbuf: Any,
+        recvbuf: Any,
+        recvcounts: Any = None,
+        op: ops.Op = ops.SUM,
+        info: Any = None,
+    ) -> Prequest:
+        """A persistent Reduce_scatter with `recvcounts` (None: each rank's recvbuf count)
+        and `op`."""
+        return self._init(self.Ireduce_scatter, sendbuf, recvbuf, recvcounts, op)
+
+    def Scan_init(
+        self, sendbuf: Any, recvbuf: Any, op: ops.Op = ops.SUM, info: Any = None
+    ) -> Prequest:
+        """A persistent Scan with `op`."""
+        return self._init(self.Iscan, sendbuf, recvbuf, op)
+
+    def Exscan_init(
+        self, sendbuf: Any, recvbuf: Any, op: ops.Op = ops.SUM, info: Any = None
+    ) -> Prequest:
+        """A persistent Exscan with `op`."""
+        return self._init(self.Iexscan, sendbuf, recvbuf, op)

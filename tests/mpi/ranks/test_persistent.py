@@ -121,3 +121,38 @@ def test_null_requests_in_lists():
     assert MPI.Request.Testany([MPI.REQUEST_NULL]) == (MPI.UNDEFINED, True)
     assert MPI.Request.Waitsome([MPI.REQUEST_NULL]) is None
     assert MPI.Request.Testsome([MPI.REQUEST_NULL]) is None
+
+
+def test_persistent_collectives_restarted(comm):
+    """MPI-4 persistent collectives: one Allreduce_init/Bcast_init/Scan_init/Barrier_init
+    set started 20 times (the operands changed between starts: each Start reads them
+    anew), interleaved with a nonblocking Iallgather (the same start order on every rank);
+    inactive between starts, null after Free."""
+    size, rank = comm.Get_size(), comm.Get_rank()
+    sbuf, rbuf = np.zeros(5, "i"), np.zeros(5, "i")
+    bbuf, scan = np.zeros(3, "d"), np.zeros(5, "i")
+    reqs = [
+        comm.Allreduce_init(sbuf, rbuf, MPI.SUM),
+        comm.Bcast_init(bbuf, root=size - 1),
+        comm.Scan_init(sbuf, scan, MPI.MAX),
+        comm.Barrier_init(),
+    ]
+    gathered = np.zeros(size, "i")
+    for i in range(20):
+        sbuf[:] = rank + i
+        bbuf[:] = i * 10 + rank if rank == size - 1 else -1
+        MPI.Prequest.Startall(reqs)
+        extra = comm.Iallgather(np.array([rank * i], "i"), gathered)
+        MPI.Request.Waitall([*reqs, extra])
+        assert list(rbuf) == [size * i + size * (size - 1) // 2] * 5
+        assert list(bbuf) == [i * 10 + size - 1] * 3
+        assert list(scan) == [rank + i] * 5
+        assert list(gathered) == [r * i for r in range(size)]
+        assert all(reqs) and MPI.Request.Testall(reqs)  # inactive: complete at once
+    for req in reqs:
+        req.Free()
+    assert not any(reqs)
+    with pytest.raises(MPI.Exception):
+        reqs[0].Start()
+    with pytest.raises(MPI.Exception):
+        MPI.COMM_NULL.Barrier_init()
