@@ -10,7 +10,8 @@ setup(
     ext_modules=[
         Extension(
             "ivshmem_comm._fastpath",
-            sources=["ivshmem_comm/_fastpath.c"],
+            sources=["ivshmem_comm/_fastpath.c", "ivshmem_comm/_typepack.c"],
+            depends=["ivshmem_comm/_typepack.h"],
             extra_compile_args=["-O2", "-std=c11", "-Wall", "-Wextra", "-Werror"],
         )
     ]

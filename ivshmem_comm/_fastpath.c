@@ -26,6 +26,8 @@
 #include <Python.h>
 #include <structmember.h>
 
+#include "_typepack.h" /* part 2: derived-datatype pack/unpack */
+
 #include <stdbool.h>
 #include <stdint.h>
 #include <string.h>
@@ -1555,7 +1557,8 @@ PyMODINIT_FUNC PyInit__fastpath(void)
         PyModule_AddIntConstant(m, "CACHE_WINDOW", CACHE_WINDOW) < 0 ||
         PyModule_AddIntConstant(m, "SEND_KICK", SEND_KICK) < 0 ||
         PyModule_AddIntConstant(m, "SEND_FULL", SEND_FULL) < 0 ||
-        PyModule_AddIntConstant(m, "SEND_TOO_BIG", SEND_TOO_BIG) < 0) {
+        PyModule_AddIntConstant(m, "SEND_TOO_BIG", SEND_TOO_BIG) < 0 ||
+        typepack_add_functions(m) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -16,6 +16,9 @@ CACHE_WINDOW: int
 
 def full_fence() -> None: ...
 def compare_exchange_u64(buffer: Any, offset: int, expected: int, desired: int) -> bool: ...
+def typed_copy(
+    gather: bool, user: Any, start: int, count: int, extent: int, runs: Any, packed: Any, limit: int
+) -> int: ...
 
 class _RingBase:
     # Stub only: what both halves share (the reference's virtqueue._RingBase; the C types

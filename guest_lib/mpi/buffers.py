@@ -477,13 +477,25 @@ def _packed(
     view: memoryview, start: int, count: int, datatype: Datatype, writable: bool
 ) -> tuple[memoryview, Callable[[], None] | None]:
     """(the dense bytes of `count` elements of a packing `datatype` at byte `start` of
-    `view` (a copy), for a buffer written to (`writable`) the unpack that scatters the copy
-    back into `view` once the data is there, else None). ValueError if an element lies
-    outside `view`."""
-    positions = datatypes.byte_positions(view, start, count, datatype)
-    raw = np.frombuffer(view, np.uint8) if len(view) else np.empty(0, np.uint8)
-    packed = raw[positions]
-    unpack = functools.partial(raw.__setitem__, positions, packed) if writable else None
+    `view` (a copy, made by the C packer on the fast path), for a buffer written to
+    (`writable`) the unpack that scatters the copy back into `view` once the data is
+    there, else None). ValueError if an element lies outside `view`."""
+    if count < 0:
+        raise ValueError(f"message: count {count} of {datatype.name}")
+    packed = bytearray(count * datatype.size)
+    try:
+        datatypes.pack_into(view, start, count, datatype, packed)
+    except ValueError:
+        raise ValueError(
+            f"message: {count} x {datatype.name} at byte {start} runs past a "
+            f"{len(view)}-byte buffer"
+        ) from None
+    if not writable:
+        return memoryview(packed), None
+
+    def unpack() -> None:
+        datatypes.unpack_from(packed, view, start, count, datatype)
+
     return memoryview(packed), unpack
 
 

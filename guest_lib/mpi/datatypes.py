@@ -18,20 +18,21 @@ then work element by element on the packed data), else BYTE.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
 from guest_lib.mpi import constants, exceptions
+from ivshmem_comm import ring
 
 
 class Datatype:
     """One MPI datatype. `size` and `extent` in bytes; `dtype` the numpy element type."""
 
     __slots__ = (
-        "_align", "_combiner", "_committed", "_extent", "_lb", "_map", "_old", "_params",
-        "_root", "_size", "base", "count", "dtype", "name", "typechar",
+        "_align", "_blocks", "_combiner", "_committed", "_extent", "_lb", "_old", "_params",
+        "_root", "_runs", "_size", "base", "count", "dtype", "name", "typechar",
     )  # fmt: skip
 
     def __init__(
@@ -61,7 +62,8 @@ class Datatype:
         self.base = base if base is not None else self
         self.count = count
         self._committed = True
-        self._map: np.ndarray | None = None  # byte offsets of a packing type, else None
+        self._blocks: np.ndarray | None = None  # the merged pieces of a packing type
+        self._runs: np.ndarray | None = None  # its compiled map (see `compiled`), made once
         self._lb = 0
         self._size = 0 if dtype is None else dtype.itemsize
         self._extent = self._size
@@ -101,7 +103,7 @@ class Datatype:
     def packs(self) -> bool:
         """True iff messages of this type are not its buffer's bytes as they lie (gaps, a
         lower bound or an extent other than the size): see the module docstring."""
-        return self._map is not None
+        return self._blocks is not None
 
     @property
     def is_predefined(self) -> bool:
@@ -192,16 +194,27 @@ class Datatype:
 
     def Get_true_extent(self) -> tuple[int, int]:
         """(true lower bound, true extent): the span of the data bytes themselves."""
-        if self._map is None:
-            return 0, self.size
-        if not len(self._map):
+        pieces = self.pieces()
+        if not len(pieces):
             return 0, 0
-        low = int(self._map.min())
-        return low, int(self._map.max()) + 1 - low
+        low = int(pieces[:, 0].min())
+        return low, int((pieces[:, 0] + pieces[:, 1]).max()) - low
 
-    def byte_map(self) -> np.ndarray:
-        """Offsets of one element's data bytes, in type-map order (int64)."""
-        return np.arange(self.size, dtype=np.int64) if self._map is None else self._map
+    def pieces(self) -> np.ndarray:
+        """The compiled type map: (byte offset, length) int64 rows of one element's data,
+        in type-map order, pieces that follow on in memory merged (made once, with the
+        type). What `pack_into`/`unpack_from` copy by."""
+        if self._blocks is not None:
+            return self._blocks
+        return np.array([[0, self._size]] if self._size else _NO_PIECES, dtype=np.int64)
+
+    def compiled(self) -> np.ndarray:
+        """The map the packers copy by: (offset, length, repeats, stride) int64 rows, each
+        `repeats` equal pieces `stride` bytes apart, in type-map order (a vector type is
+        one row). Made on first use and kept with the type."""
+        if self._runs is None:
+            self._runs = _runs(self.pieces())
+        return self._runs
 
     def Get_name(self) -> str:
         return self.name
@@ -353,8 +366,7 @@ class Datatype:
         for n, m, s in zip(reversed(sizes), reversed(subsizes), reversed(starts), strict=True):
             index = ((np.arange(s, s + m, dtype=np.int64) * stride)[:, None] + index).ravel()
             stride *= n
-        blocks = [(int(i) * self._extent, 1, self) for i in index]
-        new = _derived(f"SUBARRAY({self.name})", blocks)
+        new = _derived(f"SUBARRAY({self.name})", [(index * self._extent, 1, self)])
         return self._made_from(_resized(new, 0, stride * self._extent), "SUBARRAY", **params)
 
     def Create_resized(self, lb: int, extent: int) -> Datatype:
@@ -399,28 +411,31 @@ def _same_length(blocklengths: Sequence[int], displacements: Sequence[int]) -> N
         raise ValueError("blocklengths and displacements differ in length")
 
 
-def _derived(name: str, blocks: list[tuple[int, int, Datatype]], struct: bool = False
+def _derived(name: str, blocks: list[tuple[Any, int, Datatype]], struct: bool = False
              ) -> Datatype:  # fmt: skip
-    """The type of `blocks` (byte displacement, count, old type), uncommitted. Its lower
-    bound and upper bound are the least and greatest of its blocks' (MPI's rule), with
-    the upper bound rounded up to the strictest alignment for a struct. A type that is
-    its members back to back from byte 0 keeps no byte map (however large it is)."""
+    """The type of `blocks` (byte displacement, count, old type), uncommitted; a
+    displacement may be an int64 array: the same block at each of them. Its lower bound
+    and upper bound are the least and greatest of its blocks' (MPI's rule), with the upper
+    bound rounded up to the strictest alignment for a struct. A type that is its members
+    back to back from byte 0 keeps no map (however large it is)."""
     bases: set[Datatype] = set()
     low: int | None = None
     high: int | None = None
     align, size, plain = 1, 0, True
     for disp, count, old in blocks:
         old._check_handle()
-        if count == 0:
+        many = isinstance(disp, np.ndarray)
+        if count == 0 or (many and not len(disp)):
             continue
-        plain = plain and old._map is None and old._lb == 0 and disp == size
+        first, last = (int(disp.min()), int(disp.max())) if many else (disp, disp)
+        plain = plain and not many and old._blocks is None and old._lb == 0 and disp == size
         plain = plain and (old._extent == old._size or count == 1)
         bases.add(old.base)
-        block_lb, block_ub = disp + old._lb, disp + (count - 1) * old._extent + old.ub
+        block_lb, block_ub = first + old._lb, last + (count - 1) * old._extent + old.ub
         low = block_lb if low is None else min(low, block_lb)
         high = block_ub if high is None else max(high, block_ub)
         align = max(align, old._align)
-        size += count * old._size
+        size += count * old._size * (len(disp) if many else 1)
     lb = 0 if low is None else low
     extent = 0 if high is None else high - lb
     if struct and extent % align:
@@ -439,46 +454,162 @@ def _derived(name: str, blocks: list[tuple[int, int, Datatype]], struct: bool = 
     if plain and lb == 0 and extent == size:
         new._lb, new._extent = 0, size
         return new
-    pieces = [
-        ((disp + np.arange(count, dtype=np.int64) * old._extent)[:, None]
-         + old.byte_map()[None, :]).ravel()
-        for disp, count, old in blocks
-        if count
-    ]  # fmt: skip
-    byte_map = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64)
-    return _set_layout(new, byte_map, lb, extent)
+    pieces = [_placed(disp, count, old) for disp, count, old in blocks if count]
+    return _set_layout(new, _merged(np.concatenate(pieces) if pieces else _NO_PIECES), lb, extent)
 
 
-def _set_layout(new: Datatype, byte_map: np.ndarray, lb: int, extent: int) -> Datatype:
-    """Give `new` its map, lb and extent; a plain layout (bytes 0..size-1, lb 0, extent
-    size) keeps no map, so messages of it move as they lie."""
+_NO_PIECES = np.zeros((0, 2), dtype=np.int64)
+
+
+def _placed(disp: Any, count: int, old: Datatype) -> np.ndarray:
+    """The map pieces of `count` elements of `old` from byte `disp` (an int or an int64
+    array of starts, each one such block), in type-map order."""
+    starts = np.asarray(disp, dtype=np.int64).reshape(-1)
+    starts = (starts[:, None] + np.arange(count, dtype=np.int64) * old._extent).ravel()
+    own = old.pieces()
+    placed = np.empty((len(starts), len(own), 2), dtype=np.int64)
+    placed[:, :, 0] = starts[:, None] + own[None, :, 0]
+    placed[:, :, 1] = own[None, :, 1]
+    return placed.reshape(-1, 2)
+
+
+def _merged(pieces: np.ndarray) -> np.ndarray:
+    """`pieces` without empty ones, each run of pieces that follow on in memory as one."""
+    pieces = pieces[pieces[:, 1] > 0]
+    if len(pieces) < 2:
+        return np.ascontiguousarray(pieces)
+    ends = pieces[:, 0] + pieces[:, 1]
+    fresh = np.ones(len(pieces), dtype=bool)
+    fresh[1:] = pieces[1:, 0] != ends[:-1]
+    heads = np.flatnonzero(fresh)
+    merged = np.empty((len(heads), 2), dtype=np.int64)
+    merged[:, 0] = pieces[heads, 0]
+    merged[:, 1] = np.add.reduceat(pieces[:, 1], heads)
+    return merged
+
+
+def _runs(pieces: np.ndarray) -> np.ndarray:
+    """`pieces` folded into runs (offset, length, repeats, stride): each maximal sequence
+    of equal-length pieces at a constant stride, taken greedily in order, is one row."""
+    n = len(pieces)
+    runs = np.empty((n, 4), dtype=np.int64)
+    if n < 2:
+        runs[:, :2], runs[:, 2], runs[:, 3] = pieces, 1, 0
+        return runs
+    step = np.diff(pieces[:, 0])
+    # gap k (between pieces k and k+1) can be inside a run: equal lengths; gaps with the
+    # same step that follow on form a group, a run's possible interior
+    inner = pieces[1:, 1] == pieces[:-1, 1]
+    fresh = np.ones(n - 1, dtype=bool)
+    fresh[1:] = ~inner[1:] | ~inner[:-1] | (step[1:] != step[:-1])
+    heads = np.flatnonzero(fresh)
+    ends = np.append(heads[1:], n - 1)  # group g: gaps heads[g] .. ends[g] - 1
+    rows, piece = 0, 0
+    for head, end in zip(heads.tolist(), ends.tolist(), strict=True):
+        if not inner[head]:
+            continue
+        while piece < head:  # pieces before the group: one run each
+            runs[rows] = (pieces[piece, 0], pieces[piece, 1], 1, 0)
+            rows, piece = rows + 1, piece + 1
+        if piece >= end:  # its pieces were taken by the run before
+            continue
+        runs[rows] = (pieces[piece, 0], pieces[piece, 1], end + 1 - piece, step[head])
+        rows, piece = rows + 1, end + 1
+    while piece < n:
+        runs[rows] = (pieces[piece, 0], pieces[piece, 1], 1, 0)
+        rows, piece = rows + 1, piece + 1
+    return runs[:rows].copy()
+
+
+def _set_layout(new: Datatype, pieces: np.ndarray, lb: int, extent: int) -> Datatype:
+    """Give `new` its map (merged pieces), lb and extent; a plain layout (the bytes
+    0..size-1, lb 0, extent size) keeps no map, so messages of it move as they lie."""
     new._lb, new._extent = lb, extent
-    plain = (
-        lb == 0
-        and extent == len(byte_map)
-        and bool(np.array_equal(byte_map, np.arange(len(byte_map))))
-    )
-    new._map = None if plain else byte_map
+    size = int(pieces[:, 1].sum())
+    whole = len(pieces) == 0 or (len(pieces) == 1 and int(pieces[0, 0]) == 0)
+    new._blocks = None if whole and lb == 0 and extent == size else pieces
     return new
 
 
 def _resized(old: Datatype, lb: int, extent: int) -> Datatype:
-    return _set_layout(old, old.byte_map(), lb, extent)
+    return _set_layout(old, old.pieces(), lb, extent)
 
 
-def byte_positions(view: memoryview, start: int, count: int, datatype: Datatype) -> np.ndarray:
-    """The byte positions in `view` of `count` elements of `datatype` whose first element
-    starts at byte `start`, in message order (int64). ValueError if any lies outside."""
-    offsets = (
-        start + np.arange(count, dtype=np.int64)[:, None] * datatype._extent
-        + datatype.byte_map()[None, :]
-    ).ravel()  # fmt: skip
-    if len(offsets) and (int(offsets.min()) < 0 or int(offsets.max()) >= len(view)):
+# ------------------------------------------------------------------------ pack and unpack
+def _typed_copy_py(gather: bool, user: Any, start: int, count: int, extent: int,
+                   runs: Any, packed: Any, limit: int) -> int:  # fmt: skip
+    """The pure-Python reference of the C `typed_copy` (ivshmem_comm/_typepack.c), same
+    arguments, result and errors: move at most min(limit, len(packed), count * size)
+    packed bytes between the `count` elements of the compiled map `runs` (see
+    `Datatype.compiled`) at byte `start` of `user` and the dense `packed` (gather: user ->
+    packed). ValueError, nothing moved, for a bad map, a negative count or an element
+    outside `user`."""
+    try:
+        runs = np.frombuffer(runs, np.int64).reshape(-1, 4)
+    except ValueError:
+        raise ValueError("typed_copy: the map is not int64 runs") from None
+    if count < 0 or (runs[:, 1] < 0).any() or (runs[:, 2] < 1).any():
+        raise ValueError(f"typed_copy: bad count {count} or map")
+    out = np.frombuffer(packed, np.uint8) if len(memoryview(packed)) else np.empty(0, np.uint8)
+    full = runs[runs[:, 1] > 0]
+    sizes = full[:, 1] * full[:, 2]
+    size = int(sizes.sum())
+    budget = min(len(out), count * size)
+    if limit >= 0:
+        budget = min(budget, limit)
+    if budget <= 0:
+        return 0
+    touched = -(-budget // size)
+    span = (full[:, 2] - 1) * full[:, 3]
+    first = start + int((full[:, 0] + np.minimum(span, 0)).min()) + min(0, (touched - 1) * extent)
+    last = start + int((full[:, 0] + full[:, 1] + np.maximum(span, 0)).max())
+    last += max(0, (touched - 1) * extent)
+    view = np.frombuffer(user, np.uint8) if len(memoryview(user)) else np.empty(0, np.uint8)
+    if first < 0 or last > len(view):
         raise ValueError(
-            f"message: {count} x {datatype.name} at byte {start} runs past a "
+            f"typed_copy: {touched} elements (extent {extent}) at byte {start} run past a "
             f"{len(view)}-byte buffer"
         )
-    return offsets
+    # the byte offsets of one element, in order: each piece's start repeated over its bytes
+    piece_starts = np.repeat(full[:, 0], full[:, 2]) + np.concatenate(
+        [np.arange(r, dtype=np.int64) * d for r, d in zip(full[:, 2], full[:, 3], strict=True)]
+    )
+    piece_lengths = np.repeat(full[:, 1], full[:, 2])
+    within = np.arange(size, dtype=np.int64) - np.repeat(
+        np.cumsum(piece_lengths) - piece_lengths, piece_lengths
+    )
+    element = np.repeat(piece_starts, piece_lengths) + within
+    positions = (
+        start + np.arange(touched, dtype=np.int64)[:, None] * extent + element[None, :]
+    ).ravel()[:budget]  # fmt: skip
+    if gather:
+        out[:budget] = view[positions]
+    else:
+        view[positions] = out[:budget]
+    return budget
+
+
+typed_copy: Callable[[bool, Any, int, int, int, Any, Any, int], int] = _typed_copy_py
+if ring.IMPLEMENTATION == "c":  # the C fast path when the queues run on it
+    from ivshmem_comm import _fastpath
+
+    typed_copy = _fastpath.typed_copy
+
+
+def pack_into(view: Any, start: int, count: int, datatype: Datatype, packed: Any,
+              limit: int = -1) -> int:  # fmt: skip
+    """Gather `count` elements of `datatype` from byte `start` of `view` into the dense
+    `packed`; returns the bytes written (see `typed_copy`)."""
+    return typed_copy(True, view, start, count, datatype._extent, datatype.compiled(), packed,
+                      limit)  # fmt: skip
+
+
+def unpack_from(packed: Any, view: Any, start: int, count: int, datatype: Datatype,
+                limit: int = -1) -> int:  # fmt: skip
+    """Scatter the dense `packed` (at most `limit` bytes of it) into `count` elements of
+    `datatype` from byte `start` of the writable `view`; returns the bytes read."""
+    return typed_copy(False, view, start, count, datatype._extent, datatype.compiled(), packed,
+                      limit)  # fmt: skip
 
 
 def _predefined(name: str, same: bool = True) -> Datatype:

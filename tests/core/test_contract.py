@@ -27,9 +27,14 @@ from ivshmem_comm import layout, ring, virtqueue
 PKG = Path(ic.__file__).resolve().parent
 C_SOURCE = (PKG / "_fastpath.c").read_text()
 PYI = ast.parse((PKG / "_fastpath.pyi").read_text())
-MODULE_NAMES = {"TxRing", "RxRing", "full_fence", "compare_exchange_u64", "CACHE_WINDOW"} | {
-    n for n in ring.__all__ if n.startswith("SEND_")
-}
+MODULE_NAMES = {
+    "TxRing",
+    "RxRing",
+    "full_fence",
+    "compare_exchange_u64",
+    "CACHE_WINDOW",
+    "typed_copy",
+} | {n for n in ring.__all__ if n.startswith("SEND_")}
 
 
 def _fastpath() -> ModuleType:
