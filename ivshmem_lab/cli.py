@@ -4,10 +4,10 @@
                     [--shm NAME[:SIZE] ... | --socket PATH[:VECTORS] ... | --no-region]
                     -- CMD ARGS...
     ivshmem-lab run --vms V -n N [...] -- python prog.py ARGS...   # an MPI job (lab_mpi)
-    ivshmem-lab up --vms 2 [--slots S] [--name NAME] [--accel ..] [--memory ..]  # until down
+    ivshmem-lab up --vms 2 [--slots S] [--hosts H] [--name NAME] [--accel ..] [--memory ..]
     ivshmem-lab exec [--lab NAME] vmI -- CMD ARGS...                   # run CMD in guest vmI
     ivshmem-lab down [--lab NAME]
-    ivshmem-lab mpiexec --vms 2 [-n N] [--slots S] [--timeout T] -- python prog.py  # hydra
+    ivshmem-lab mpiexec --vms 2 [-n N] [--slots S] [--hosts H] [--timeout T] -- python prog.py
     ivshmem-lab probe [--force]        # does KVM work here?
     ivshmem-lab initramfs [--rebuild]  # build the guest initramfs (and the UIO driver)
 
@@ -36,7 +36,12 @@ with CMD's status (255 if the lab or the guest cannot be reached). ``down`` stop
 (status 1 if there is none). ``mpiexec`` = ``up`` + MPICH's real ``mpiexec`` (hydra, ssh
 launcher = the lab's exec) running CMD as N ranks, S per guest filled guest by guest
 (default S = ceil(N / V), N = V x S) + ``down``;
-it exits with mpiexec's status (124 past ``--timeout``). ``--lab`` is a name or a directory
+it exits with mpiexec's status (124 past ``--timeout``). ``--hosts H`` (``up`` and
+``mpiexec``, default 1) simulates H hosts: the guests are split into H blocks of consecutive
+guests, each with a broker and a region of its own (a guest holds devices of its host's
+region only), the LAN joining them all; a job's ranks on one host talk through their
+region, ranks on different hosts through MPICH over the LAN (the lines printed at the start
+name each host's guests and region). ``--lab`` is a name or a directory
 (default ``$IVSHMEM_LAB``, then ``default``); hydra's ``-launcher-exec`` can also be the
 ``ivshmem-lab-ssh`` command, which takes ssh's argv (see :mod:`ivshmem_lab.exec_agent`).
 ``mpiexec`` runs each rank behind ``python -m guest_lib.launch --`` so that its output
@@ -68,6 +73,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, TextIO
 
 from guest_lib.launch import FORWARDED_SIGNALS, Guardian, forward_signals, guard
 from ivshmem_lab.devices import DoorbellDevice, ShmDevice, parse_device
@@ -76,6 +82,9 @@ from ivshmem_lab.guest import GuestResult
 from ivshmem_lab.host import find_kernel
 from ivshmem_lab.initramfs import build_initramfs
 from ivshmem_lab.lab import Lab
+
+if TYPE_CHECKING:
+    from ivshmem_lab.cluster import LabCluster
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -135,6 +144,9 @@ def _parser() -> argparse.ArgumentParser:
         q.add_argument("--memory", default="512M", help="guest RAM (default 512M)")
         q.add_argument(
             "--slots", type=int, default=None, help="ranks per guest (default 1, or -n / V)"
+        )
+        q.add_argument(
+            "--hosts", type=int, default=1, help="simulated hosts, a region each (default 1)"
         )
     up.add_argument("--name", default=None, help="lab name (default $IVSHMEM_LAB or default)")
     mp.add_argument("-n", "--np", dest="np", type=int, default=None, help="ranks (default V)")
@@ -246,16 +258,17 @@ def _up(args: argparse.Namespace) -> int:
     from ivshmem_lab.cluster import LabCluster, mpiexec_argv
 
     name = args.name or os.environ.get("IVSHMEM_LAB") or "default"
-    if args.vms < 1:
-        print("ivshmem-lab up: --vms must be >= 1", file=sys.stderr)
+    if args.vms < 1 or not 1 <= args.hosts <= args.vms:
+        print("ivshmem-lab up: need --vms >= 1 and 1 <= --hosts <= --vms", file=sys.stderr)
         return 2
     died = threading.Event()
     slots = args.slots or 1
     with LabCluster(
-        args.vms, slots=slots, name=name, accel=args.accel, memory=args.memory
+        args.vms, slots=slots, hosts=args.hosts, name=name, accel=args.accel, memory=args.memory
     ) as cluster:
         print(f"ivshmem-lab: lab {name} up: {args.vms} guest(s), accel "
               f"{cluster.lab.accel_in_use()}, state in {cluster.directory}")  # fmt: skip
+        _print_hosts(cluster, sys.stdout)
         print(f"ivshmem-lab: exec: ivshmem-lab exec --lab {name} vm0 -- CMD")
         print(f"ivshmem-lab: mpiexec: {shlex.join(mpiexec_argv(cluster, ['CMD']))}")
         print("ready", flush=True)
@@ -273,6 +286,13 @@ def _up(args: argparse.Namespace) -> int:
             return 0
         print("ivshmem-lab: a guest stopped; tearing the lab down", file=sys.stderr)
     return 1
+
+
+def _print_hosts(cluster: LabCluster, stream: TextIO) -> None:
+    """One line per simulated host: ``ivshmem-lab: host H: vm0 vm1, region NAME``."""
+    for h, region in enumerate(cluster.regions):
+        guests = " ".join(g for i, g in enumerate(cluster.hosts) if cluster.host_of(i) == h)
+        print(f"ivshmem-lab: host {h}: {guests}, region {region}", file=stream, flush=True)
 
 
 def _down(args: argparse.Namespace) -> int:
@@ -325,8 +345,12 @@ def _mpiexec(args: argparse.Namespace) -> int:
         print(f"ivshmem-lab mpiexec: -n must be 1..{args.vms * slots} (--vms x --slots)",
               file=sys.stderr)  # fmt: skip
         return 2
+    if not 1 <= args.hosts <= args.vms:
+        print(f"ivshmem-lab mpiexec: --hosts must be 1..{args.vms} (--vms)", file=sys.stderr)
+        return 2
 
     def ready(cluster, argv: list[str]) -> None:
+        _print_hosts(cluster, sys.stderr)
         print(f"ivshmem-lab: {args.vms} guest(s) up (accel {cluster.lab.accel_in_use()}); "
               f"running {shlex.join(argv)}", file=sys.stderr, flush=True)  # fmt: skip
 
@@ -335,6 +359,7 @@ def _mpiexec(args: argparse.Namespace) -> int:
         vms=args.vms,
         n=args.np,
         slots=slots,
+        hosts=args.hosts,
         timeout=args.timeout,
         memory=args.memory,
         accel=args.accel,

@@ -1,28 +1,37 @@
-"""A lab that stays up: networked guests with an exec agent, a broker, and ``mpiexec`` (issue 5).
+"""A lab that stays up: networked guests with an exec agent, brokers, and ``mpiexec`` (issue 5).
 
 :class:`LabCluster` boots V guests on a private network (:mod:`ivshmem_lab.net`), each
 running the exec agent of :mod:`ivshmem_lab.exec_agent` and holding ``slots`` ``ivshmem-doorbell``
-device (2 vectors) of a region its own broker serves (as :mod:`ivshmem_lab.mpi` does).
+device (2 vectors) of a region a broker of the lab serves (as :mod:`ivshmem_lab.mpi` does).
+
+Simulated hosts (``hosts`` = H, default 1): the guests are split into H blocks of
+consecutive guests (:meth:`LabCluster.host_of`: guest i is on host ``i * H // V``), and
+each host has a broker and a region of its own that only its guests hold devices of, as
+separate physical hosts would; the LAN joins every guest of every host. A job over them
+finds which ranks share a region (guest_lib.mpi's bootstrap) and uses MPICH over the LAN
+between the hosts.
 Its state lives in a private (0700) directory, ``<labs root>/<name>/``
 (:func:`ivshmem_lab.exec_agent.labs_root`):
 
-    lab.json   name, owner pid, region, host port of each guest's agent (the ports once
-               every agent is ready; a lab whose owner pid is alive holds its name)
+    lab.json   name, owner pid, regions (one per host, host order), host port of each
+               guest's agent (the ports once every agent is ready; a lab whose owner pid
+               is alive holds its name)
     token      the secret every exec connection presents (0600)
     ssh        an ssh-compatible launcher for this lab (hydra's ``-launcher-exec``)
-    lan.sock   the LAN hub           broker/   the broker's socket, record and log
+    lan.sock   the LAN hub           brokerH/   host H's broker: socket, record and log
 
 ``start()`` returns once every agent is ready; it raises :class:`LabError` if the name is
 taken by a live lab, a guest fails to boot or an agent does not come up within the timeout
-(everything started is torn down first). ``close()`` kills the guests and the broker,
-removes the region and the directory; it is idempotent.
+(everything started is torn down first). ``close()`` kills the guests and the brokers,
+removes the regions and the directory; it is idempotent.
 
 :func:`mpiexec_argv` is the real hydra command line that runs ranks in the guests:
 ``mpiexec -launcher ssh -launcher-exec <lab>/ssh -localhost lab-host -hosts vm0:S,vm1:S -n N
 -genv IVSHMEM_COMM_GUEST 1 -genv UCX_NET_DEVICES lan0 ... CMD``. The proxies reach mpiexec's
 control port at ``lab-host`` (10.0.2.2 = the host's loopback through slirp); MPICH (UCX or
 libfabric over TCP) talks between guests over ``lan0``; the ranks' data moves through the
-ivshmem region (``guest_lib.mpi`` routes ranks that share a region through it). Up to S
+ivshmem region of their host (``guest_lib.mpi`` routes ranks that share a region through
+it, the others through MPICH; collectives are hierarchical across regions). Up to S
 (``slots``) ranks per guest: a rank takes the doorbell device (the region slot) of its index
 among its guest's ranks (hydra's ``MPI_LOCALRANKID``, see guest_lib.mpi.bootstrap).
 :func:`run_mpiexec` boots a cluster, runs that command with this process's stdout/stderr,
@@ -85,12 +94,14 @@ def _free_ports(n: int) -> list[int]:
 
 
 class LabCluster:
-    """V networked guests with exec agents and a broker (see the module docstring).
+    """V networked guests with exec agents and brokers (see the module docstring).
 
-    ``name`` defaults to a fresh unique one; ``lab`` to ``Lab(accel, memory)``; ``cwd`` (the
-    guests' working directory, default the caller's) must be visible in the guests (a
-    folder under the host's /tmp is, through /init's bind). ``on_output(index, line)`` gets
-    the guests' console output lines (the agents' own messages, not the commands').
+    ``hosts``: how many simulated hosts share the ``vms`` guests (1..vms; each its own
+    broker and region). ``name`` defaults to a fresh unique one; ``lab`` to
+    ``Lab(accel, memory)``; ``cwd`` (the guests' working directory, default the caller's)
+    must be visible in the guests (a folder under the host's /tmp is, through /init's bind).
+    ``on_output(index, line)`` gets the guests' console output lines (the agents' own
+    messages, not the commands'). Raises ValueError for a count or name out of range.
     """
 
     def __init__(
@@ -98,6 +109,7 @@ class LabCluster:
         vms: int = 2,
         *,
         slots: int = 1,
+        hosts: int = 1,
         name: str | None = None,
         lab: Lab | None = None,
         accel: Accel = "auto",
@@ -109,20 +121,25 @@ class LabCluster:
             raise ValueError(f"vms={vms}: expected 1..64")
         if not 1 <= slots <= 16:
             raise ValueError(f"slots={slots}: expected 1..16")
+        if not 1 <= hosts <= vms:
+            raise ValueError(f"hosts={hosts}: expected 1..{vms} (at least one guest each)")
         name = name or f"lab-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", name):
             raise ValueError(f"bad lab name {name!r} (letters, digits, - _ .)")
         self.vms = vms
         self.slots = slots  # ranks per guest: one ivshmem-doorbell device (peer slot) each
+        self.host_count = hosts
         self.name = name
         self.lab = lab or Lab(accel=accel, memory=memory)
         self.cwd = cwd or os.getcwd()
         self.on_output = on_output
         self.directory = labs_root() / name
         self.guests: list[Guest] = []
-        self.region = f"lab-{name}-{uuid.uuid4().hex[:6]}"
+        tag = uuid.uuid4().hex[:6]
+        # one region per simulated host (a single host keeps the plain name)
+        self.regions = [f"lab-{name}-{tag}" + (f"-h{h}" if hosts > 1 else "") for h in range(hosts)]
         self._hub: LanHub | None = None
-        self._broker: BrokerProcess | None = None
+        self._brokers: list[BrokerProcess] = []
         self._made_dir = False
         self._closed = False
 
@@ -130,6 +147,10 @@ class LabCluster:
     def hosts(self) -> list[str]:
         """The guests' host names, ``vm0`` ...."""
         return [f"vm{i}" for i in range(self.vms)]
+
+    def host_of(self, guest: int) -> int:
+        """The simulated host (0..hosts-1) that guest ``guest`` (0..vms-1) runs on."""
+        return guest * self.host_count // self.vms
 
     @property
     def ssh(self) -> str:
@@ -165,7 +186,7 @@ class LabCluster:
         self._write_state({})  # claims the name while booting (pid alive)
 
     def _write_state(self, ports: dict[str, int]) -> None:
-        state = {"name": self.name, "pid": os.getpid(), "ports": ports, "region": self.region}
+        state = {"name": self.name, "pid": os.getpid(), "ports": ports, "regions": self.regions}
         tmp = self.directory / "lab.json.tmp"
         tmp.write_text(json.dumps(state, indent=1) + "\n")
         os.replace(tmp, self.directory / "lab.json")
@@ -181,16 +202,20 @@ class LabCluster:
         with os.fdopen(fd, "w") as f:
             f.write(token + "\n")
         self._hub = LanHub(str(d / "lan.sock")).start()
-        peers = self.vms * self.slots
-        self._broker = job_broker(self.region, region_size(peers), peers, str(d / "broker"))
-        sock = self._broker.start().socket
+        sockets = []
+        for h, region in enumerate(self.regions):
+            peers = sum(self.host_of(i) == h for i in range(self.vms)) * self.slots
+            broker = job_broker(region, region_size(peers), peers, str(d / f"broker{h}"))
+            self._brokers.append(broker)
+            sockets.append(broker.start().socket)
         ports = _free_ports(self.vms)
         env = {**job_environ(), TOKEN_ENV: token, "IVSHMEM_COMM_GUEST": "1"}
         agent = [sys.executable, "-m", "ivshmem_lab.exec_agent", "agent", "--port", str(AGENT_PORT)]
         for i in range(self.vms):
             net = guest_network(i, self.vms, self._hub.path, [(ports[i], AGENT_PORT)])
+            device = DoorbellDevice(sockets[self.host_of(i)], 2)
             g = self.lab.guest(
-                i, agent, devices=[DoorbellDevice(sock, 2)] * self.slots, cwd=self.cwd, env=env,
+                i, agent, devices=[device] * self.slots, cwd=self.cwd, env=env,
                 inherit_env=False, vms=self.vms, on_output=self.on_output, network=net,
             )  # fmt: skip
             self.guests.append(g)
@@ -214,14 +239,14 @@ class LabCluster:
         self._write_state({f"vm{i}": p for i, p in enumerate(ports)})
 
     def close(self) -> None:
-        """Kill the guests and the broker, remove the region and the lab's directory."""
+        """Kill the guests and the brokers, remove the regions and the lab's directory."""
         if self._closed:
             return
         self._closed = True
         for g in self.guests:
             g.close()
-        if self._broker is not None:
-            self._broker.close()
+        for broker in self._brokers:
+            broker.close()
         if self._hub is not None:
             self._hub.close()
         if self._made_dir:
@@ -283,6 +308,7 @@ def run_mpiexec(
     vms: int = 2,
     n: int | None = None,
     slots: int = 1,
+    hosts: int = 1,
     timeout: float | None = 600.0,
     lab: Lab | None = None,
     memory: str = "512M",
@@ -290,8 +316,9 @@ def run_mpiexec(
     extra: Sequence[str] = (),
     on_ready: Callable[[LabCluster, list[str]], None] | None = None,
 ) -> int:
-    """Boot a :class:`LabCluster` of ``vms`` guests, run :func:`mpiexec_argv` (ranks' output
-    in whole lines) with this process's stdout/stderr, tear everything down; return
+    """Boot a :class:`LabCluster` of ``vms`` guests on ``hosts`` simulated hosts, run
+    :func:`mpiexec_argv` (ranks' output in whole lines) with this process's stdout/stderr,
+    tear everything down; return
     mpiexec's exit status (124 if it ran past ``timeout`` seconds and was killed). SIGTERM,
     SIGINT, SIGHUP and SIGQUIT received while mpiexec runs go to it (hydra passes them on to
     the ranks); 2 s after the first it is killed, and the status is 128 + that signal.
@@ -299,7 +326,7 @@ def run_mpiexec(
     LabError/LabUnavailable if the cluster cannot start."""
     mpiexec = find_mpiexec()
     env = job_environ()
-    with LabCluster(vms, slots=slots, lab=lab, memory=memory, accel=accel) as cluster:
+    with LabCluster(vms, slots=slots, hosts=hosts, lab=lab, memory=memory, accel=accel) as cluster:
         argv = mpiexec_argv(cluster, command, n=n, mpiexec=mpiexec, extra=extra, whole_lines=True)
         if on_ready is not None:
             on_ready(cluster, argv)

@@ -2,9 +2,9 @@
 
 :func:`build_initramfs` writes (or finds in the cache, keyed by a hash of every input) a
 ``newc`` cpio archive holding a static busybox, the host kernel's virtio-pci / 9p / uio /
-virtio-net modules in load order (:func:`module_load_order`), the project's ``uio_ivshmem``
-driver built against the kernel's headers (:func:`build_uio_module`; left out, with the
-reason, when it does not build) and ``/init`` (``init.sh`` in this package: it
+virtio-net / tcp_diag modules in load order (:func:`module_load_order`), the project's
+``uio_ivshmem`` driver built against the kernel's headers (:func:`build_uio_module`; left
+out, with the reason, when it does not build) and ``/init`` (``init.sh`` in this package: it
 mounts the host root read-only over 9p, chroots into it and runs the guest's command).
 """
 
@@ -42,8 +42,9 @@ __all__ = [
 #: Bumped whenever the initramfs layout or the /init protocol changes (part of the cache key).
 INITRAMFS_FORMAT = 2
 #: Kernel modules the guest needs (with their modules.dep dependencies), in load order.
-#: virtio_net is always there (loading it costs nothing without a NIC) for networked guests.
-GUEST_MODULES = ("virtio_pci", "9pnet_virtio", "9p", "uio", "virtio_net")
+#: virtio_net is always there (loading it costs nothing without a NIC) for networked guests;
+#: tcp_diag lets ``ss -ti`` in a guest show its TCP connections' byte counts.
+GUEST_MODULES = ("virtio_pci", "9pnet_virtio", "9p", "uio", "virtio_net", "tcp_diag")
 
 _INIT_SCRIPT = Path(__file__).resolve().parent / "init.sh"
 #: The uio_ivshmem driver's sources: guest_lib ships them (the guest side's driver).

@@ -219,7 +219,7 @@ def test_cpio_writer() -> None:
 def test_module_order_and_initramfs_contents() -> None:
     k = find_kernel()
     order = [modname(p.name) for p in module_load_order(k.moddir, GUEST_MODULES)]
-    for m in ("virtio_pci", "9pnet", "9pnet_virtio", "9p", "uio"):
+    for m in ("virtio_pci", "9pnet", "9pnet_virtio", "9p", "uio", "inet_diag", "tcp_diag"):
         assert m in order
     assert order.index("9pnet") < order.index("9pnet_virtio") < order.index("9p")
     assert order.index("virtio_ring") < order.index("virtio_pci")

@@ -9,6 +9,13 @@
   through the region's queues (counters; nothing handed to mpi4py), and which TCP
   connections the guest had: MPICH's own between the guests' LAN addresses, hydra's
   control connection to 10.0.2.2.
+- ``ivshmem-lab mpiexec --hosts 2 --vms 4``: one job over two simulated hosts (a broker and
+  a region each, the LAN between them), one rank per guest
+  (tests/mpi/programs/vm_twohosts.py): the counters show which bytes went where, phase by
+  phase: same-host bytes in the region's queues (exactly) and never over TCP, cross-host bytes
+  over TCP between those two guests only (the guests' kernels count them), and Allreduce and
+  Bcast hierarchical: the region's collective area within each host, MPICH between the two
+  leaders (ranks 0 and 2) only.
 - ``ivshmem-lab up`` / ``exec`` / ``down``: a lab that stays up, commands run in named
   guests (stdin, exit status, hydra's ssh argv form, a wrong token refused), the printed
   mpiexec command line used as is, and nothing left behind.
@@ -32,7 +39,7 @@ from tests.support import vm_marks
 
 REPO = Path(__file__).resolve().parents[2]
 PROGRAM = "tests/mpi/programs/vm_mpiexec.py"
-ROUTE_SHM = 1  # guest_lib.mpi.routes.SHM
+ROUTE_SELF, ROUTE_SHM, ROUTE_MPI4PY = 0, 1, 2  # guest_lib.mpi.routes.SELF, SHM, MPI4PY
 
 
 LAB_CLI = [sys.executable, "-m", "ivshmem_lab.cli"]
@@ -126,6 +133,92 @@ def test_mpiexec_two_ranks_in_each_of_two_guests() -> None:
     results = _check_results(proc.stdout, ranks=4, slots=2)
     peers = {r["rank"]: r["routes"][(r["rank"] + 1) % 4][1] for r in results}
     assert len(set(peers.values())) == 4, peers  # four distinct slots of the region
+
+
+def _lan_address(rank: int) -> str:
+    """The LAN address of the guest of `rank` (one rank per guest: vm<rank>)."""
+    return f"10.0.3.{10 + rank}"
+
+
+def _check_two_hosts_phases(results: list[dict], n: int, m: int, slack: int) -> None:
+    """vm_twohosts' counters, phase by phase (see the module docstring): `n` bytes sent to
+    each other rank, `m` bytes reduced and broadcast, `slack` bytes of MPICH's headers and
+    the barriers' own traffic at most."""
+    peer = {r["rank"]: r["peer"] for r in results}
+    barrier_rounds = {r["rank"]: r["phases"]["barriers"]["area"] for r in results}
+    for r in results:
+        rank, mate = r["rank"], r["rank"] ^ 1
+        leader, other_leader = rank in (0, 2), _lan_address(2 - rank)
+        remote = {_lan_address(o) for o in range(4) if o // 2 != rank // 2}
+        phases = r["phases"]
+        # every rank sent n bytes to each other rank: the same-host ones through the region's
+        # two queues, exactly, and nothing else moved in the region ...
+        p = phases["pattern"]
+        assert p["queue"] == {f"{peer[rank]}>{peer[mate]}": n, f"{peer[mate]}>{peer[rank]}": n}, r
+        # ... the cross-host ones handed to MPICH and carried by TCP between those two guests
+        assert p["mpi"] == 2 * n, r
+        assert set(p["tcp"]) == remote, r  # no TCP byte to or from the same-host guest
+        for _, got in p["tcp"].values():  # received: all in before the closing barrier
+            assert n <= got <= n + slack, r
+        tx, rx = p["lan"]  # lan0's frames: 2n and their headers, far from the 3n of all three
+        assert 2 * n <= tx <= 2.5 * n and 2 * n <= rx <= 2.5 * n, r
+        # the barriers: the area within the host, MPICH between the leaders only
+        b = phases["barriers"]
+        assert b["area"] > 0 and not any(b["queue"].values()) and b["mpi"] == 0, r
+        assert set(b["tcp"]) <= ({other_leader} if leader else set()), r
+        assert all(v <= slack for pair in b["tcp"].values() for v in pair), r
+        for name in ("allreduce", "bcast"):
+            c = phases[name]
+            # within the host: the collective area (more rounds than the barriers alone),
+            # not one byte through the queues, nothing through the p2p route to MPICH
+            assert c["area"] > barrier_rounds[rank] and not any(c["queue"].values()), (name, r)
+            assert c["mpi"] == 0, (name, r)
+            if not leader:  # not one TCP byte, and lan0 at most the noise of ARP
+                assert c["tcp"] == {} and max(c["lan"]) < 1024, (name, r)
+                continue
+            assert set(c["tcp"]) == {other_leader}, (name, r)
+            got = c["tcp"][other_leader][1]
+            # Allreduce: each leader needs the other host's m bytes; Bcast from rank 3: rank 2
+            # (its host's leader) sends m to rank 0, and gets nothing back
+            least = m if name == "allreduce" or rank == 0 else 0
+            assert least <= got <= least + slack, (name, r)
+
+
+def test_mpiexec_one_job_over_two_hosts() -> None:
+    shm_before = _shm_regions()
+    t0 = time.monotonic()
+    proc = subprocess.run(
+        [*LAB_CLI, "mpiexec", "--hosts", "2", "--vms", "4", "--timeout", "220", "--",
+         sys.executable, "tests/mpi/programs/vm_twohosts.py"],
+        cwd=REPO, capture_output=True, text=True, timeout=280,
+    )  # fmt: skip
+    dt = time.monotonic() - t0
+    out, err = proc.stdout, proc.stderr
+    assert proc.returncode == 0, f"status {proc.returncode}\n{out}\n{err}"
+    layout = re.findall(r"^ivshmem-lab: host (\d+): (.*), region (\S+)$", err, re.M)
+    assert [(h, g) for h, g, _ in layout] == [("0", "vm0 vm1"), ("1", "vm2 vm3")], err
+    assert layout[0][2] != layout[1][2]
+    decoder = json.JSONDecoder()
+    results = sorted(
+        (decoder.raw_decode(out, m.end())[0] for m in re.finditer("RESULT ", out)),
+        key=lambda r: r["rank"],
+    )
+    assert [r["rank"] for r in results] == [0, 1, 2, 3], out
+    for r in results:
+        rank = r["rank"]
+        # one rank per guest, each guest with one ivshmem device: its own host's region
+        assert r["hostname"] == f"vm{rank}" and len(r["ivshmem_pci"]) == 1, r
+        expected = [ROUTE_SELF if o == rank else ROUTE_SHM if o // 2 == rank // 2
+                    else ROUTE_MPI4PY for o in range(4)]  # fmt: skip
+        assert [code for code, _ in r["routes"]] == expected, r
+    assert results[0]["region"] == results[1]["region"] != results[2]["region"]
+    assert results[2]["region"] == results[3]["region"]
+    _check_two_hosts_phases(results, n=1 << 20, m=4096 * 8, slack=16 << 10)
+    argv = shlex.split(re.search(r"running (.*)$", err, re.M).group(1))
+    lab_dir = os.path.dirname(argv[argv.index("-launcher-exec") + 1])
+    assert not _processes_mentioning(lab_dir) and not os.path.exists(lab_dir)
+    assert _shm_regions() <= shm_before
+    print(f"\nmpiexec over 2 hosts x 2 guests: {dt:.1f} s wall (4 boots included)")
 
 
 def _lab(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
