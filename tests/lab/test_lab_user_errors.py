@@ -89,3 +89,12 @@ def test_no_region_with_a_region_flag_is_refused_before_boot(other: list[str]) -
     assert done.returncode == 2, done.stderr
     assert "--no-region goes with neither --shm, --socket nor -n" in done.stderr
     assert "guest(s)" not in done.stderr  # refused before the lab started
+
+
+@pytest.mark.parametrize("form", ["up", "mpiexec"])
+@pytest.mark.parametrize("hosts", ["0", "3"])
+def test_more_hosts_than_guests_is_refused_before_boot(form: str, hosts: str) -> None:
+    command = ["--", "true"] if form == "mpiexec" else []
+    done = _lab(form, "--vms", "2", "--hosts", hosts, *command)
+    assert done.returncode == 2, done.stderr
+    assert "--hosts" in done.stderr and "guest(s)" not in done.stderr
