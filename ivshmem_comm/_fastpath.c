@@ -31,6 +31,7 @@
 #include <stdbool.h>
 #include <stdint.h>
 #include <string.h>
+#include <sched.h>
 #include <time.h>
 #if defined(__SSE2__)
 #include <emmintrin.h>
@@ -51,6 +52,13 @@
 #define CACHE_WINDOW (4 << 20) /* layout.CACHE_WINDOW */
 #define TAG_MAX 0x7FFFFFFFL
 #define QUEUE_NUM_MAX 32768
+#define CACHE_LINE 64
+#define COLL_ARRIVE_OFFSET 0
+#define COLL_DONE_OFFSET 64
+#define COLL_SLEEP_OFFSET (2 * 64)
+#define COLL_SLAB_OFFSET (4 * 64)
+#define COLL_SEQ_BITS 40
+#define COLL_SEQ_MASK ((1ULL << 40) - 1)
 /* Copies at least this large run with the GIL released. */
 #define NOGIL_COPY_MIN (64 * 1024)
 
@@ -1478,6 +1486,840 @@ static PyTypeObject RxRingType = {
 };
 
 /* ------------------------------------------------------------------------------------------
+ * CollectiveRound: one round of the collective area's protocol (ivshmem_comm/collective.py,
+ * whose docstring defines it) for the collectives that fit one round, in one call. The same
+ * words are stored and loaded in the same order as CollectiveGroup's steps, so a member on
+ * this path and one on the Python steps interoperate. Labels as there: [R5]/[A5] arrive seq,
+ * [R6]/[A6] done seq (release stores / acquire loads), [F3]/[F4] the sleep-flag fences.
+ * Every word of another member is loaded once into a local and checked: generation ours,
+ * round within [k-2, k], then kind, nbytes, rounds; a violation raises RingCorruptError
+ * naming the member's peer and breaks this object for good. Offsets into slabs come from the
+ * caller's arguments (checked against the slab size and the buffers), never from shared
+ * memory.
+ *
+ * A call spins for at most spin_ns on each word it waits for; if that is not enough it
+ * returns (rank, u64 index, round, field) and the caller blocks on its doorbell until the
+ * word moves (CollectiveGroup._block), then calls resume(): the call's buffers and position
+ * are kept here meanwhile. Returns 0 when the round completed, 1 when a member declined it
+ * (gatherv / scatterv / alltoallv: rounds word 0).
+ * ------------------------------------------------------------------------------------------ */
+enum { CW_BARRIER, CW_BCAST, CW_GATHERV, CW_SCATTERV, CW_ALLGATHERV, CW_ALLTOALLV, CW_FOLD };
+enum { CP_ENTER, CP_PUBLISH, CP_TAKE, CP_END };
+/* Kinds: collective.KIND_*. */
+enum { CK_BARRIER = 1, CK_BCAST, CK_GATHER, CK_SCATTER, CK_ALLGATHER, CK_ALLTOALL };
+/* Element types and ops of CW_FOLD: collective.FOLD_DTYPES / FOLD_OPS. */
+enum { CD_I1, CD_I2, CD_I4, CD_I8, CD_U1, CD_U2, CD_U4, CD_U8, CD_F4, CD_F8, CD_COUNT };
+enum { CO_SUM, CO_PROD, CO_MAX, CO_MIN, CO_BAND, CO_BOR, CO_BXOR, CO_COUNT };
+
+typedef struct {
+    PyObject_HEAD
+    Py_buffer view;    /* the region, held for the object's life */
+    PyObject *kick;    /* kick(peer): ring a member's doorbell */
+    PyObject *broken;  /* the RingCorruptError that broke the group, or NULL */
+    int size, rank;
+    long long slot;
+    uint64_t gen;
+    Py_ssize_t slab_size, seg;
+    long long *peers;               /* peer id of each member */
+    uint64_t **arrive, **done, **sleep;
+    unsigned char **slab;
+    Py_ssize_t *counts, *displs, *rcounts, *rdispls; /* the call's vectors (bytes) */
+    /* the call in progress (active) */
+    bool active, declined;
+    int which, phase, pos, root, kind, dtype, op, upto;
+    bool want;
+    uint64_t k, rounds_out, rounds_seen;
+    Py_ssize_t nbytes; /* fold: bytes of each operand */
+    Py_buffer send, recv;
+    bool has_send, has_recv;
+} CollRound;
+
+static void coll_release_call(CollRound *c)
+{
+    if (c->has_send)
+        PyBuffer_Release(&c->send);
+    if (c->has_recv)
+        PyBuffer_Release(&c->recv);
+    c->has_send = c->has_recv = false;
+    c->active = false;
+}
+
+static PyObject *coll_corrupt(CollRound *c, int r, const char *field, PyObject *value,
+                              PyObject *detail)
+{
+    /* The field as CollectiveGroup._corrupt names it: "collective slot S FIELD". */
+    PyObject *name = PyUnicode_FromFormat("collective slot %lld %s", c->slot, field);
+    if (name != NULL && value != NULL && detail != NULL) {
+        PyObject *err = PyObject_CallFunction(RingCorruptError, "LOOO", c->peers[r], name, value,
+                                              detail);
+        if (err != NULL) {
+            Py_XSETREF(c->broken, err);
+            PyErr_SetObject((PyObject *)Py_TYPE(err), err);
+        }
+    }
+    Py_XDECREF(name);
+    Py_XDECREF(value);
+    Py_XDECREF(detail);
+    coll_release_call(c);
+    return NULL;
+}
+
+/* Member r's seq word, loaded once [A5]/[A6] and checked; -1 with the error set. */
+static int coll_seq(CollRound *c, int r, uint64_t *word_p, const char *field, uint64_t *out)
+{
+    uint64_t word = __atomic_load_n(word_p, __ATOMIC_ACQUIRE);
+    if (word >> COLL_SEQ_BITS != c->gen) {
+        coll_corrupt(c, r, field, PyLong_FromUnsignedLongLong(word),
+                     PyUnicode_FromFormat("generation is not %llu",
+                                          (unsigned long long)c->gen));
+        return -1;
+    }
+    uint64_t value = word & COLL_SEQ_MASK;
+    if (value + 2 < c->k || value > c->k) {
+        coll_corrupt(c, r, field, PyLong_FromUnsignedLongLong(value),
+                     PyUnicode_FromFormat("round out of the window %lld..%lld",
+                                          (long long)c->k - 2, (long long)c->k));
+        return -1;
+    }
+    *out = value;
+    return 0;
+}
+
+/* Spin up to spin_ns until member r's word reaches `target`: 1 reached, 0 not yet, -1 error. */
+static int coll_spin(CollRound *c, int r, uint64_t *word_p, uint64_t target, const char *field,
+                     long long spin_ns, bool yield)
+{
+    uint64_t end = 0;
+    for (unsigned i = 0;; i++) {
+        uint64_t value;
+        if (coll_seq(c, r, word_p, field, &value) < 0)
+            return -1;
+        if (value >= target)
+            return 1;
+        if ((i & 15) == 0) {
+            uint64_t now = monotonic_ns();
+            if (end == 0)
+                end = now + (uint64_t)(spin_ns > 0 ? spin_ns : 0);
+            if (now >= end)
+                return 0;
+        }
+        if (yield)
+            sched_yield();
+#if defined(__x86_64__) || defined(__i386__)
+        else
+            __builtin_ia32_pause();
+#endif
+    }
+}
+
+/* After our seq store: kick every other member whose sleep flag is up [F4]. */
+static int coll_wake(CollRound *c)
+{
+    full_fence_impl(); /* [F4] our seq store before the sleep-flag loads */
+    for (int r = 0; r < c->size; r++) {
+        if (r == c->rank || !__atomic_load_n(c->sleep[r], __ATOMIC_RELAXED))
+            continue;
+        PyObject *res = PyObject_CallFunction(c->kick, "L", c->peers[r]);
+        if (res == NULL)
+            return -1;
+        Py_DECREF(res);
+    }
+    return 0;
+}
+
+/* The element-wise fold acc = acc op x over n elements of type T (numpy ufunc semantics:
+ * integers wrap, float MAX/MIN propagate NaN as np.maximum / np.minimum do). */
+#define FOLD_INT(T, U)                                                                         \
+    static void fold_##T(int op, T *acc, const T *x, Py_ssize_t n)                             \
+    {                                                                                          \
+        switch (op) {                                                                          \
+        case CO_SUM: for (Py_ssize_t i = 0; i < n; i++) acc[i] = (T)((U)acc[i] + (U)x[i]); break; \
+        case CO_PROD: for (Py_ssize_t i = 0; i < n; i++) acc[i] = (T)((U)acc[i] * (U)x[i]); break; \
+        case CO_MAX: for (Py_ssize_t i = 0; i < n; i++) acc[i] = acc[i] >= x[i] ? acc[i] : x[i]; break; \
+        case CO_MIN: for (Py_ssize_t i = 0; i < n; i++) acc[i] = acc[i] <= x[i] ? acc[i] : x[i]; break; \
+        case CO_BAND: for (Py_ssize_t i = 0; i < n; i++) acc[i] &= x[i]; break;                \
+        case CO_BOR: for (Py_ssize_t i = 0; i < n; i++) acc[i] |= x[i]; break;                 \
+        default: for (Py_ssize_t i = 0; i < n; i++) acc[i] ^= x[i]; break;                     \
+        }                                                                                      \
+    }
+#define FOLD_FLOAT(T)                                                                          \
+    static void fold_##T(int op, T *acc, const T *x, Py_ssize_t n)                             \
+    {                                                                                          \
+        switch (op) {                                                                          \
+        case CO_SUM: for (Py_ssize_t i = 0; i < n; i++) acc[i] = acc[i] + x[i]; break;        \
+        case CO_PROD: for (Py_ssize_t i = 0; i < n; i++) acc[i] = acc[i] * x[i]; break;       \
+        case CO_MAX:                                                                           \
+            for (Py_ssize_t i = 0; i < n; i++)                                                 \
+                acc[i] = (acc[i] >= x[i] || acc[i] != acc[i]) ? acc[i] : x[i];                 \
+            break;                                                                             \
+        default:                                                                               \
+            for (Py_ssize_t i = 0; i < n; i++)                                                 \
+                acc[i] = (acc[i] <= x[i] || acc[i] != acc[i]) ? acc[i] : x[i];                 \
+            break;                                                                             \
+        }                                                                                      \
+    }
+FOLD_INT(int8_t, uint8_t)
+FOLD_INT(int16_t, uint16_t)
+FOLD_INT(int32_t, uint32_t)
+FOLD_INT(int64_t, uint64_t)
+FOLD_INT(uint8_t, uint8_t)
+FOLD_INT(uint16_t, uint16_t)
+FOLD_INT(uint32_t, uint32_t)
+FOLD_INT(uint64_t, uint64_t)
+FOLD_FLOAT(float)
+FOLD_FLOAT(double)
+
+static const Py_ssize_t fold_itemsize[CD_COUNT] = {1, 2, 4, 8, 1, 2, 4, 8, 4, 8};
+
+/* acc op= x; the operands are unaligned-safe only for aligned buffers: the slabs are
+ * page-aligned and the receive buffer is checked aligned to its element by the caller. */
+static void fold_into(int dtype, int op, void *acc, const void *x, Py_ssize_t n)
+{
+    switch (dtype) {
+    case CD_I1: fold_int8_t(op, acc, x, n); break;
+    case CD_I2: fold_int16_t(op, acc, x, n); break;
+    case CD_I4: fold_int32_t(op, acc, x, n); break;
+    case CD_I8: fold_int64_t(op, acc, x, n); break;
+    case CD_U1: fold_uint8_t(op, acc, x, n); break;
+    case CD_U2: fold_uint16_t(op, acc, x, n); break;
+    case CD_U4: fold_uint32_t(op, acc, x, n); break;
+    case CD_U8: fold_uint64_t(op, acc, x, n); break;
+    case CD_F4: fold_float(op, acc, x, n); break;
+    default: fold_double(op, acc, x, n); break;
+    }
+}
+
+/* The members whose arrival this call takes, in order: the pos-th one, or -1 past the end. */
+static int coll_taken(CollRound *c, int pos)
+{
+    int me = c->rank;
+    switch (c->which) {
+    case CW_BCAST:
+    case CW_SCATTERV:
+        return (me == c->root || pos > 0) ? -1 : c->root;
+    case CW_GATHERV:
+        if (me != c->root)
+            return pos > 0 ? -1 : c->root;
+        break;
+    case CW_FOLD: /* ranks 0 .. upto-1 in order, this one included (its slab) */
+        return (c->want && pos < c->upto) ? pos : -1;
+    default:
+        break;
+    }
+    /* every other member, in rank order */
+    int r = pos < me ? pos : pos + 1;
+    return r < c->size ? r : -1;
+}
+
+/* What member r's arrival must announce: kind and nbytes. */
+static void coll_expect(CollRound *c, int r, uint64_t *kind, uint64_t *nbytes)
+{
+    static const uint64_t kinds[] = {CK_BARRIER, CK_BCAST,     CK_GATHER, CK_SCATTER,
+                                     CK_ALLGATHER, CK_ALLTOALL, 0};
+    *kind = c->which == CW_FOLD ? (uint64_t)c->kind : kinds[c->which];
+    switch (c->which) {
+    case CW_BCAST: *nbytes = (uint64_t)c->recv.len; break;
+    case CW_GATHERV: *nbytes = c->rank == c->root ? (uint64_t)c->counts[r] : 0; break;
+    case CW_ALLGATHERV: *nbytes = (uint64_t)c->counts[r]; break;
+    case CW_SCATTERV:
+    case CW_ALLTOALLV: *nbytes = (uint64_t)(c->seg * c->size); break;
+    case CW_FOLD: *nbytes = (uint64_t)c->nbytes; break;
+    default: *nbytes = 0; break;
+    }
+}
+
+/* Step 2: this member's slab, then nbytes, kind, rounds, then the seq [R5]. */
+static void coll_publish(CollRound *c)
+{
+    int me = c->rank;
+    unsigned char *slab = c->slab[me];
+    const unsigned char *send = c->has_send ? c->send.buf : NULL;
+    uint64_t nbytes = 0, kind = 0;
+    coll_expect(c, me, &kind, &nbytes);
+    switch (c->which) {
+    case CW_BCAST:
+        if (me != c->root)
+            nbytes = 0;
+        else
+            memcpy(slab, c->recv.buf, (size_t)nbytes);
+        break;
+    case CW_GATHERV:
+        nbytes = me == c->root ? 0 : (uint64_t)c->send.len;
+        memcpy(slab, send, (size_t)nbytes);
+        break;
+    case CW_SCATTERV:
+        if (me != c->root) {
+            nbytes = 0;
+            break;
+        }
+        for (int q = 0; q < c->size; q++)
+            if (q != me)
+                memcpy(slab + q * c->seg, send + c->displs[q], (size_t)c->counts[q]);
+        break;
+    case CW_ALLGATHERV:
+        memcpy(slab, send, (size_t)nbytes);
+        break;
+    case CW_ALLTOALLV:
+        for (int q = 0; q < c->size; q++)
+            if (q != me)
+                memcpy(slab + q * c->seg, send + c->displs[q], (size_t)c->counts[q]);
+        break;
+    case CW_FOLD:
+        memcpy(slab, send, (size_t)nbytes);
+        break;
+    default:
+        break;
+    }
+    uint64_t *line = c->arrive[me];
+    __atomic_store_n(line + 1, nbytes, __ATOMIC_RELAXED);
+    __atomic_store_n(line + 2, kind, __ATOMIC_RELAXED);
+    __atomic_store_n(line + 3, c->rounds_out, __ATOMIC_RELAXED);
+    __atomic_store_n(line, (c->gen << COLL_SEQ_BITS) | c->k, __ATOMIC_RELEASE); /* [R5] */
+}
+
+/* Member r's rounds word (after its [A5] load): 0 (declined) or 1; else corrupt. */
+static int coll_rounds(CollRound *c, int r)
+{
+    uint64_t value = __atomic_load_n(c->arrive[r] + 3, __ATOMIC_RELAXED);
+    if (value > 1) {
+        coll_corrupt(c, r, "rounds", PyLong_FromUnsignedLongLong(value),
+                     PyUnicode_FromString("this member needs 1..1"));
+        return -1;
+    }
+    if (value == 0)
+        c->declined = true;
+    return 0;
+}
+
+/* Step 3 for member r, whose arrival is published: check it, then consume its slab. */
+static int coll_consume(CollRound *c, int r)
+{
+    int me = c->rank;
+    uint64_t want_kind, want_nbytes;
+    coll_expect(c, r, &want_kind, &want_nbytes);
+    if (r != me) {
+        uint64_t nbytes = __atomic_load_n(c->arrive[r] + 1, __ATOMIC_RELAXED); /* after [A5] */
+        uint64_t kind = __atomic_load_n(c->arrive[r] + 2, __ATOMIC_RELAXED);
+        if (kind != want_kind) {
+            coll_corrupt(c, r, "kind", PyLong_FromUnsignedLongLong(kind),
+                         PyUnicode_FromFormat("this member runs kind %llu",
+                                              (unsigned long long)want_kind));
+            return -1;
+        }
+        if (nbytes != want_nbytes) {
+            coll_corrupt(c, r, "nbytes", PyLong_FromUnsignedLongLong(nbytes),
+                         PyUnicode_FromFormat("this call expects %llu bytes",
+                                              (unsigned long long)want_nbytes));
+            return -1;
+        }
+    }
+    const unsigned char *theirs = c->slab[r];
+    unsigned char *recv = c->has_recv ? c->recv.buf : NULL;
+    switch (c->which) {
+    case CW_BCAST:
+        memcpy(recv, theirs, (size_t)want_nbytes);
+        break;
+    case CW_GATHERV:
+        if (me == c->root)
+            memcpy(recv + c->displs[r], theirs, (size_t)want_nbytes);
+        else if (coll_rounds(c, r) < 0)
+            return -1;
+        break;
+    case CW_SCATTERV:
+        if (coll_rounds(c, r) < 0)
+            return -1;
+        if (!c->declined)
+            memcpy(recv, theirs + me * c->seg, (size_t)c->recv.len);
+        break;
+    case CW_ALLGATHERV:
+        memcpy(recv + c->displs[r], theirs, (size_t)want_nbytes);
+        break;
+    case CW_ALLTOALLV:
+        if (coll_rounds(c, r) < 0)
+            return -1;
+        memcpy(recv + c->rdispls[r], theirs + me * c->seg, (size_t)c->rcounts[r]);
+        break;
+    case CW_FOLD:
+        if (r == 0)
+            memcpy(recv, theirs, (size_t)c->nbytes);
+        else
+            fold_into(c->dtype, c->op, recv, theirs, c->nbytes / fold_itemsize[c->dtype]);
+        break;
+    default:
+        break;
+    }
+    return 0;
+}
+
+static PyObject *coll_wait_tuple(CollRound *c, int r, uint64_t *word, uint64_t target,
+                                 const char *field)
+{
+    Py_ssize_t index = (unsigned char *)word - (unsigned char *)c->view.buf;
+    return Py_BuildValue("(inns)", r, index / 8, (Py_ssize_t)target, field);
+}
+
+/* Run the call from where it stands: 0 / 1 (see above), a wait tuple, or NULL. */
+static PyObject *coll_advance(CollRound *c, long long spin_ns, bool yield)
+{
+    int me = c->rank;
+    for (;;) {
+        switch (c->phase) {
+        case CP_ENTER:
+            for (; c->pos < c->size; c->pos++) {
+                int r = c->pos;
+                if (r == me)
+                    continue;
+                int got = coll_spin(c, r, c->done[r], c->k - 1, "done seq", spin_ns, yield);
+                if (got <= 0)
+                    return got < 0 ? NULL : coll_wait_tuple(c, r, c->done[r], c->k - 1,
+                                                            "done seq");
+            }
+            c->phase = CP_PUBLISH;
+            break;
+        case CP_PUBLISH:
+            coll_publish(c);
+            c->phase = CP_TAKE;
+            c->pos = 0;
+            if (coll_wake(c) < 0) {
+                coll_release_call(c);
+                return NULL;
+            }
+            break;
+        case CP_TAKE:
+            for (int r; (r = coll_taken(c, c->pos)) >= 0; c->pos++) {
+                if (r != me) {
+                    int got = coll_spin(c, r, c->arrive[r], c->k, "arrive seq", spin_ns, yield);
+                    if (got <= 0)
+                        return got < 0 ? NULL : coll_wait_tuple(c, r, c->arrive[r], c->k,
+                                                                "arrive seq");
+                }
+                if (coll_consume(c, r) < 0)
+                    return NULL;
+            }
+            c->phase = CP_END;
+            break;
+        default: /* CP_END: step 4 [R6] after the slab reads */
+            __atomic_store_n(c->done[me], (c->gen << COLL_SEQ_BITS) | c->k, __ATOMIC_RELEASE);
+            bool declined = c->declined;
+            coll_release_call(c);
+            if (coll_wake(c) < 0)
+                return NULL;
+            return PyLong_FromLong(declined);
+        }
+    }
+}
+
+static int coll_vector(CollRound *c, PyObject *obj, Py_ssize_t *out, const char *what)
+{
+    PyObject *seq = PySequence_Fast(obj, "counts and displacements must be sequences");
+    if (seq == NULL)
+        return -1;
+    if (PySequence_Fast_GET_SIZE(seq) != c->size) {
+        PyErr_Format(PyExc_ValueError, "%s needs %d entries", what, c->size);
+        Py_DECREF(seq);
+        return -1;
+    }
+    for (int r = 0; r < c->size; r++) {
+        out[r] = PyLong_AsSsize_t(PySequence_Fast_GET_ITEM(seq, r));
+        if (out[r] == -1 && PyErr_Occurred()) {
+            Py_DECREF(seq);
+            return -1;
+        }
+        if (out[r] < 0) {
+            PyErr_Format(PyExc_ValueError, "%s: negative entry %zd", what, out[r]);
+            Py_DECREF(seq);
+            return -1;
+        }
+    }
+    Py_DECREF(seq);
+    return 0;
+}
+
+/* Every block r (counts[r] bytes at displs[r]) lies in `len` bytes and in `limit` bytes. */
+static int coll_blocks(CollRound *c, const Py_ssize_t *counts, const Py_ssize_t *displs,
+                       Py_ssize_t len, Py_ssize_t limit, const char *what)
+{
+    for (int r = 0; r < c->size; r++) {
+        if (counts[r] > limit || displs[r] > len - counts[r]) {
+            PyErr_Format(PyExc_ValueError, "%s block %d (%zd bytes at %zd) does not fit", what,
+                         r, counts[r], displs[r]);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+static int coll_buffer(PyObject *obj, Py_buffer *view, bool *has, bool writable)
+{
+    if (PyObject_GetBuffer(obj, view, PyBUF_C_CONTIGUOUS | (writable ? PyBUF_WRITABLE : 0)) < 0)
+        return -1;
+    *has = true;
+    return 0;
+}
+
+static int coll_begin(CollRound *c, PyObject *k_obj)
+{
+    if (c->broken != NULL) {
+        PyErr_SetObject((PyObject *)Py_TYPE(c->broken), c->broken);
+        return -1;
+    }
+    if (c->active) {
+        PyErr_SetString(PyExc_RuntimeError, "a collective round is in progress");
+        return -1;
+    }
+    unsigned long long k = PyLong_AsUnsignedLongLong(k_obj);
+    if (k == (unsigned long long)-1 && PyErr_Occurred())
+        return -1;
+    if (k < 1 || k > COLL_SEQ_MASK) {
+        PyErr_Format(PyExc_ValueError, "round %llu out of range", k);
+        return -1;
+    }
+    c->k = k;
+    c->active = true;
+    c->declined = false;
+    c->phase = CP_ENTER;
+    c->pos = 0;
+    c->rounds_out = 0;
+    c->want = true;
+    return 0;
+}
+
+static int coll_spin_args(PyObject *spin_obj, PyObject *yield_obj, long long *spin_ns, int *yield)
+{
+    if (as_long_long(spin_obj, spin_ns) < 0)
+        return -1;
+    *yield = PyObject_IsTrue(yield_obj);
+    return *yield < 0 ? -1 : 0;
+}
+
+/* run(k, spin_ns, yield, which, send, recv, root, counts, displs, rcounts, rdispls) */
+static PyObject *coll_run(CollRound *c, PyObject *const *args, Py_ssize_t nargs)
+{
+    long long spin_ns;
+    int yield, which, root;
+    if (check_nargs("run", nargs, 11) < 0)
+        return NULL;
+    which = PyLong_AsLong(args[3]);
+    root = PyLong_AsLong(args[6]);
+    if (PyErr_Occurred() || coll_spin_args(args[1], args[2], &spin_ns, &yield) < 0)
+        return NULL;
+    if (which < CW_BARRIER || which > CW_ALLTOALLV || root < 0 || root >= c->size) {
+        PyErr_Format(PyExc_ValueError, "bad collective %d or root %d", which, root);
+        return NULL;
+    }
+    if (coll_begin(c, args[0]) < 0)
+        return NULL;
+    c->which = which;
+    c->root = root;
+    int me = c->rank;
+    bool is_root = me == root;
+    PyObject *send = args[4], *recv = args[5];
+    bool ok = true;
+    switch (which) {
+    case CW_BCAST:
+        ok = coll_buffer(send, &c->recv, &c->has_recv, !is_root) == 0;
+        if (ok && c->recv.len > c->slab_size) {
+            PyErr_SetString(PyExc_ValueError, "bcast: more than one slab");
+            ok = false;
+        }
+        break;
+    case CW_GATHERV:
+        ok = coll_buffer(send, &c->send, &c->has_send, false) == 0 &&
+             (c->send.len <= c->slab_size ||
+              (PyErr_SetString(PyExc_ValueError, "gatherv: more than one slab"), false));
+        if (ok && is_root) {
+            ok = coll_buffer(recv, &c->recv, &c->has_recv, true) == 0 &&
+                 coll_vector(c, args[7], c->counts, "recv counts") == 0 &&
+                 coll_vector(c, args[8], c->displs, "recv displacements") == 0 &&
+                 coll_blocks(c, c->counts, c->displs, c->recv.len, c->slab_size, "recv") == 0;
+            if (ok && c->counts[me] != c->send.len) {
+                PyErr_SetString(PyExc_ValueError, "gatherv: the root's count is not its send");
+                ok = false;
+            }
+            if (ok) {
+                memmove((unsigned char *)c->recv.buf + c->displs[me], c->send.buf,
+                        (size_t)c->send.len);
+                c->rounds_out = 1;
+            }
+        }
+        break;
+    case CW_SCATTERV:
+        ok = coll_buffer(recv, &c->recv, &c->has_recv, true) == 0 &&
+             (c->recv.len <= c->seg ||
+              (PyErr_SetString(PyExc_ValueError, "scatterv: more than one segment"), false));
+        if (ok && is_root) {
+            ok = coll_buffer(send, &c->send, &c->has_send, false) == 0 &&
+                 coll_vector(c, args[7], c->counts, "send counts") == 0 &&
+                 coll_vector(c, args[8], c->displs, "send displacements") == 0 &&
+                 coll_blocks(c, c->counts, c->displs, c->send.len, c->seg, "send") == 0;
+            if (ok && c->counts[me] != c->recv.len) {
+                PyErr_SetString(PyExc_ValueError, "scatterv: the root's count is not its recv");
+                ok = false;
+            }
+            if (ok) {
+                memmove(c->recv.buf, (unsigned char *)c->send.buf + c->displs[me],
+                        (size_t)c->recv.len);
+                c->rounds_out = 1;
+            }
+        }
+        break;
+    case CW_ALLGATHERV:
+        ok = coll_buffer(send, &c->send, &c->has_send, false) == 0 &&
+             coll_buffer(recv, &c->recv, &c->has_recv, true) == 0 &&
+             coll_vector(c, args[7], c->counts, "recv counts") == 0 &&
+             coll_vector(c, args[8], c->displs, "recv displacements") == 0 &&
+             coll_blocks(c, c->counts, c->displs, c->recv.len, c->slab_size, "recv") == 0;
+        if (ok && c->counts[me] != c->send.len) {
+            PyErr_SetString(PyExc_ValueError, "allgatherv: this rank's count is not its send");
+            ok = false;
+        }
+        if (ok)
+            memmove((unsigned char *)c->recv.buf + c->displs[me], c->send.buf,
+                    (size_t)c->send.len);
+        break;
+    case CW_ALLTOALLV:
+        ok = coll_buffer(send, &c->send, &c->has_send, false) == 0 &&
+             coll_buffer(recv, &c->recv, &c->has_recv, true) == 0 &&
+             coll_vector(c, args[7], c->counts, "send counts") == 0 &&
+             coll_vector(c, args[8], c->displs, "send displacements") == 0 &&
+             coll_vector(c, args[9], c->rcounts, "recv counts") == 0 &&
+             coll_vector(c, args[10], c->rdispls, "recv displacements") == 0 &&
+             coll_blocks(c, c->counts, c->displs, c->send.len, c->seg, "send") == 0 &&
+             coll_blocks(c, c->rcounts, c->rdispls, c->recv.len, c->seg, "recv") == 0;
+        if (ok && c->counts[me] != c->rcounts[me]) {
+            PyErr_SetString(PyExc_ValueError, "alltoallv: this rank's own counts differ");
+            ok = false;
+        }
+        if (ok) {
+            memmove((unsigned char *)c->recv.buf + c->rdispls[me],
+                    (unsigned char *)c->send.buf + c->displs[me], (size_t)c->counts[me]);
+            c->rounds_out = 1;
+        }
+        break;
+    default:
+        break;
+    }
+    if (!ok) {
+        coll_release_call(c);
+        return NULL;
+    }
+    return coll_advance(c, spin_ns, yield);
+}
+
+/* fold(k, spin_ns, yield, kind, send, recv, upto, dtype, op): recv (None: this rank takes
+ * no result) = the operands of ranks 0 .. upto-1 folded in rank order. */
+static PyObject *coll_fold(CollRound *c, PyObject *const *args, Py_ssize_t nargs)
+{
+    long long spin_ns;
+    int yield;
+    if (check_nargs("fold", nargs, 9) < 0 || coll_spin_args(args[1], args[2], &spin_ns, &yield) < 0)
+        return NULL;
+    int kind = PyLong_AsLong(args[3]), upto = PyLong_AsLong(args[6]);
+    int dtype = PyLong_AsLong(args[7]), op = PyLong_AsLong(args[8]);
+    if (PyErr_Occurred())
+        return NULL;
+    if (dtype < 0 || dtype >= CD_COUNT || op < 0 || op >= CO_COUNT || upto < 0 ||
+        upto > c->size || (dtype >= CD_F4 && op >= CO_BAND)) {
+        PyErr_Format(PyExc_ValueError, "fold: bad element type %d, op %d or upto %d", dtype, op,
+                     upto);
+        return NULL;
+    }
+    if (coll_begin(c, args[0]) < 0)
+        return NULL;
+    c->which = CW_FOLD;
+    c->kind = kind;
+    c->dtype = dtype;
+    c->op = op;
+    c->upto = upto;
+    c->want = args[5] != Py_None && upto > 0;
+    Py_ssize_t itemsize = fold_itemsize[dtype];
+    bool ok = coll_buffer(args[4], &c->send, &c->has_send, false) == 0;
+    if (ok && (c->send.len > c->slab_size || c->send.len % itemsize)) {
+        PyErr_SetString(PyExc_ValueError, "fold: the operand does not fit one slab");
+        ok = false;
+    }
+    c->nbytes = ok ? c->send.len : 0;
+    if (ok && c->want) {
+        ok = coll_buffer(args[5], &c->recv, &c->has_recv, true) == 0;
+        if (ok && (c->recv.len != c->nbytes || (uintptr_t)c->recv.buf % itemsize)) {
+            PyErr_SetString(PyExc_ValueError, "fold: the result buffer differs or is unaligned");
+            ok = false;
+        }
+    }
+    if (!ok) {
+        coll_release_call(c);
+        return NULL;
+    }
+    return coll_advance(c, spin_ns, yield);
+}
+
+static PyObject *coll_resume(CollRound *c, PyObject *const *args, Py_ssize_t nargs)
+{
+    long long spin_ns;
+    int yield;
+    if (check_nargs("resume", nargs, 2) < 0 || coll_spin_args(args[0], args[1], &spin_ns, &yield) < 0)
+        return NULL;
+    if (!c->active) {
+        PyErr_SetString(PyExc_RuntimeError, "no collective round in progress");
+        return NULL;
+    }
+    return coll_advance(c, spin_ns, yield);
+}
+
+static PyObject *coll_abort(CollRound *c, PyObject *Py_UNUSED(ignored))
+{
+    coll_release_call(c);
+    Py_RETURN_NONE;
+}
+
+static int coll_init(CollRound *c, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"region_buf", "blocks", "peers", "rank", "slot", "generation",
+                             "slab_size", "segment", "kick", NULL};
+    PyObject *buf, *blocks, *peers, *kick;
+    int rank;
+    long long slot;
+    unsigned long long gen;
+    Py_ssize_t slab_size, seg;
+    if (c->arrive != NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "CollectiveRound is initialised once");
+        return -1;
+    }
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOiLKnnO", kwlist, &buf, &blocks, &peers,
+                                     &rank, &slot, &gen, &slab_size, &seg, &kick))
+        return -1;
+    PyObject *bseq = PySequence_Fast(blocks, "blocks must be a sequence");
+    if (bseq == NULL)
+        return -1;
+    PyObject *pseq = PySequence_Fast(peers, "peers must be a sequence");
+    if (pseq == NULL) {
+        Py_DECREF(bseq);
+        return -1;
+    }
+    int size = (int)PySequence_Fast_GET_SIZE(bseq);
+    int rc = -1;
+    if (size < 1 || size > 4096 || PySequence_Fast_GET_SIZE(pseq) != size || rank < 0 ||
+        rank >= size || slab_size <= 0 || seg <= 0 || seg * size > slab_size || gen < 1 ||
+        gen > (1ULL << (64 - COLL_SEQ_BITS)) - 1 || !PyCallable_Check(kick)) {
+        PyErr_SetString(PyExc_ValueError, "CollectiveRound: bad members, rank, sizes or kick");
+        goto out;
+    }
+    if (PyObject_GetBuffer(buf, &c->view, PyBUF_WRITABLE) < 0)
+        goto out;
+    c->size = size;
+    c->rank = rank;
+    c->slot = slot;
+    c->gen = gen;
+    c->slab_size = slab_size;
+    c->seg = seg;
+    c->kick = Py_NewRef(kick);
+    c->peers = PyMem_Calloc((size_t)size, sizeof(long long));
+    c->arrive = PyMem_Calloc((size_t)size * 3, sizeof(uint64_t *));
+    c->slab = PyMem_Calloc((size_t)size, sizeof(unsigned char *));
+    c->counts = PyMem_Calloc((size_t)size * 4, sizeof(Py_ssize_t));
+    if (c->peers == NULL || c->arrive == NULL || c->slab == NULL || c->counts == NULL) {
+        PyErr_NoMemory();
+        goto out;
+    }
+    c->done = c->arrive + size;
+    c->sleep = c->arrive + 2 * size;
+    c->displs = c->counts + size;
+    c->rcounts = c->counts + 2 * size;
+    c->rdispls = c->counts + 3 * size;
+    unsigned char *base = c->view.buf;
+    for (int r = 0; r < size; r++) {
+        Py_ssize_t block = PyLong_AsSsize_t(PySequence_Fast_GET_ITEM(bseq, r));
+        c->peers[r] = PyLong_AsLongLong(PySequence_Fast_GET_ITEM(pseq, r));
+        if (PyErr_Occurred())
+            goto out;
+        if (block < 0 || block % CACHE_LINE ||
+            block > c->view.len - COLL_SLAB_OFFSET - slab_size) {
+            PyErr_Format(PyExc_ValueError, "member block %zd outside the region", block);
+            goto out;
+        }
+        c->arrive[r] = (uint64_t *)(base + block + COLL_ARRIVE_OFFSET);
+        c->done[r] = (uint64_t *)(base + block + COLL_DONE_OFFSET);
+        c->sleep[r] = (uint64_t *)(base + block + COLL_SLEEP_OFFSET);
+        c->slab[r] = base + block + COLL_SLAB_OFFSET;
+    }
+    rc = 0;
+out:
+    Py_DECREF(bseq);
+    Py_DECREF(pseq);
+    return rc;
+}
+
+static int coll_traverse(CollRound *c, visitproc visit, void *arg)
+{
+    Py_VISIT(c->kick);
+    Py_VISIT(c->broken);
+    return 0;
+}
+
+static int coll_clear(CollRound *c)
+{
+    Py_CLEAR(c->kick);
+    Py_CLEAR(c->broken);
+    return 0;
+}
+
+static void coll_dealloc(CollRound *c)
+{
+    PyObject_GC_UnTrack(c);
+    coll_release_call(c);
+    coll_clear(c);
+    if (c->view.obj != NULL)
+        PyBuffer_Release(&c->view);
+    PyMem_Free(c->peers);
+    PyMem_Free(c->arrive);
+    PyMem_Free(c->slab);
+    PyMem_Free(c->counts);
+    Py_TYPE(c)->tp_free((PyObject *)c);
+}
+
+static PyObject *coll_get_broken(CollRound *c, void *Py_UNUSED(closure))
+{
+    return Py_NewRef(c->broken != NULL ? c->broken : Py_None);
+}
+
+static PyMethodDef coll_methods[] = {
+    {"run", (PyCFunction)(void (*)(void))coll_run, METH_FASTCALL,
+     "run(k, spin_ns, yield_, which, send, recv, root, counts, displs, rcounts, rdispls): "
+     "round k of a one-round collective; 0 done, 1 declined, or (rank, index, round, field) "
+     "to block on before resume()."},
+    {"fold", (PyCFunction)(void (*)(void))coll_fold, METH_FASTCALL,
+     "fold(k, spin_ns, yield_, kind, send, recv, upto, dtype, op): round k of a reduction; "
+     "results as run()."},
+    {"resume", (PyCFunction)(void (*)(void))coll_resume, METH_FASTCALL,
+     "resume(spin_ns, yield_): go on with the round in progress; results as run()."},
+    {"abort", (PyCFunction)coll_abort, METH_NOARGS,
+     "Drop the round in progress (its buffers are released)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef coll_getset[] = {
+    {"broken", (getter)coll_get_broken, NULL, "the error that broke the group, or None", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject CollRoundType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "ivshmem_comm._fastpath.CollectiveRound",
+    .tp_doc = "One member's one-round collectives of a collective slot, each in one call "
+              "(see collective.py).\n\nCollectiveRound(region_buf, blocks, peers, rank, slot, "
+              "generation, slab_size, segment, kick).",
+    .tp_basicsize = sizeof(CollRound),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)coll_init,
+    .tp_dealloc = (destructor)coll_dealloc,
+    .tp_traverse = (traverseproc)coll_traverse,
+    .tp_clear = (inquiry)coll_clear,
+    .tp_methods = coll_methods,
+    .tp_getset = coll_getset,
+};
+
+/* ------------------------------------------------------------------------------------------
  * Module
  * ------------------------------------------------------------------------------------------ */
 
@@ -1546,13 +2388,15 @@ PyMODINIT_FUNC PyInit__fastpath(void)
     Py_DECREF(errors);
     if (RingCorruptError == NULL || PeerLostError == NULL)
         return NULL;
-    if (PyType_Ready(&TxRingType) < 0 || PyType_Ready(&RxRingType) < 0)
+    if (PyType_Ready(&TxRingType) < 0 || PyType_Ready(&RxRingType) < 0 ||
+        PyType_Ready(&CollRoundType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&fastpath_module);
     if (m == NULL)
         return NULL;
     if (PyModule_AddObjectRef(m, "TxRing", (PyObject *)&TxRingType) < 0 ||
         PyModule_AddObjectRef(m, "RxRing", (PyObject *)&RxRingType) < 0 ||
+        PyModule_AddObjectRef(m, "CollectiveRound", (PyObject *)&CollRoundType) < 0 ||
         PyModule_AddIntConstant(m, "SEND_OK", SEND_OK) < 0 ||
         PyModule_AddIntConstant(m, "CACHE_WINDOW", CACHE_WINDOW) < 0 ||
         PyModule_AddIntConstant(m, "SEND_KICK", SEND_KICK) < 0 ||

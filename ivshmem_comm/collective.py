@@ -56,7 +56,7 @@ from typing import Any
 
 import numpy as np
 
-from ivshmem_comm import layout
+from ivshmem_comm import layout, ring
 from ivshmem_comm.endpoint import DEFAULT_SPIN_US, WATCH_SLICE, Endpoint
 from ivshmem_comm.errors import PeerLostError, RingCorruptError, TimeoutError
 from ivshmem_comm.region import Region
@@ -87,6 +87,21 @@ ReduceOp = Callable[..., Any]  # op(acc, x, out=acc): numpy ufunc semantics, acc
 Wait = tuple[int, int, int, str]
 Steps = Generator[Wait, None, None]
 _WORD_MASK = 0xFFFFFFFF
+# What ring.CollectiveRound runs in one call (its `which`), and the element types and ops of
+# its reductions (`fold`): numpy ufunc semantics, native byte order only.
+C_BARRIER, C_BCAST, C_GATHERV, C_SCATTERV, C_ALLGATHERV, C_ALLTOALLV = range(6)
+FOLD_DTYPES = {
+    np.dtype(t): code
+    for code, t in enumerate(("=i1", "=i2", "=i4", "=i8", "=u1", "=u2", "=u4", "=u8", "=f4", "=f8"))
+}
+FOLD_OPS = {
+    ufunc: code
+    for code, ufunc in enumerate(
+        (np.add, np.multiply, np.maximum, np.minimum, np.bitwise_and, np.bitwise_or,
+         np.bitwise_xor)
+    )
+}  # fmt: skip
+_FLOAT_BITWISE = 4  # FOLD_OPS codes from here on take integers only
 
 
 # ------------------------------------------------------------------ slot allocation
@@ -156,15 +171,20 @@ def _rounds(total: int, chunk: int) -> int:
     return max(1, -(-total // chunk))
 
 
-def _blocking(steps: Callable[..., Steps]) -> Callable[..., None]:
+def _blocking(
+    steps: Callable[..., Steps], one_round: Callable[..., bool] | None = None
+) -> Callable[..., None]:
     """The blocking form of a collective written as steps: complete the started ones, then
-    run these here (the docstring is the steps')."""
+    run these here (the docstring is the steps'). `one_round`, given the same arguments, runs
+    the whole collective in one call of the C accelerator and returns True where it can
+    (one round, C built), else returns False before anything moved."""
 
     @functools.wraps(steps)
     def run(self: CollectiveGroup, *args: Any, **kwargs: Any) -> None:
         if self._pending:
             self._complete_pending()
-        self._drive(steps(self, *args, **kwargs))
+        if one_round is None or self._c is None or not one_round(self, *args, **kwargs):
+            self._drive(steps(self, *args, **kwargs))
 
     return run
 
@@ -327,6 +347,14 @@ class CollectiveGroup:
         u64[self._done_i[me]] = self._base  # [R6] round 0 of this generation
         u64[self._arrive_i[me]] = self._base  # [R5]
         self._incarnations[me] = endpoint.incarnation
+        # The C accelerator of one-round collectives (None: the steps below do them all).
+        self._spin_ns = int(spin_us * 1000)
+        self._c = None
+        if ring.CollectiveRound is not None:
+            self._c = ring.CollectiveRound(
+                region.buf, blocks, members, me, slot, generation, g.coll_slab,
+                self._segment(), endpoint.notifier.kick,
+            )  # fmt: skip
 
     # ------------------------------------------------------------------ binding, waiting
     def wait_bound(self, timeout: float | None = None) -> None:
@@ -406,6 +434,10 @@ class CollectiveGroup:
                 return
             if self._yield:
                 os.sched_yield()
+        self._block(r, index, target, field)
+
+    def _block(self, r: int, index: int, target: int, field: str) -> None:
+        """The blocking part of `_await` (no spin first)."""
         deadline = None if self.timeout is None else time.monotonic() + self.timeout
         u64, sleep_i = self._u64, self._sleep_i[self.rank]
         notifier = self.endpoint.notifier
@@ -499,15 +531,17 @@ class CollectiveGroup:
             raise self._corrupt(r, "nbytes", found, f"this call expects {nbytes} bytes")
         return self._slabs[r][:nbytes]
 
-    def _rounds_of(self, r: int, least: int, declinable: bool = False) -> int:
+    def _rounds_of(self, r: int, least: int, most: int | None = None) -> int:
         """The rounds word of member r's arrival, taken this round (after its [A5] load):
-        at least `least` (the rounds this member's own data needs), or 0 where r may decline
-        the collective (`declinable`: see `declined`)."""
+        at least `least` (the rounds this member's own data needs) and at most `most` (the
+        collective's max_rounds), or 0 where r may decline the collective (`most` given:
+        see `declined`)."""
         value = self._u64[self._arrive_i[r] + 3]
-        if declinable and value == 0:
+        if most is not None and value == 0:
             return 0
-        if not least <= value <= _rounds(layout.MAX_MESSAGE, self._segment()):
-            raise self._corrupt(r, "rounds", value, f"this member needs {least} or more")
+        top = _rounds(layout.MAX_MESSAGE, self._segment()) if most is None else most
+        if not least <= value <= top:
+            raise self._corrupt(r, "rounds", value, f"this member needs {least}..{top}")
         return value
 
     def _declined(self) -> None:
@@ -577,7 +611,6 @@ class CollectiveGroup:
             rounds: int | None = _rounds(max(counts) if largest is None else largest, chunk)
         else:
             rounds = None if largest is None else _rounds(largest, chunk)
-        declinable = max_rounds is not None
         if is_root and max_rounds is not None and rounds is not None and rounds > max_rounds:
             yield from self._begin(KIND_GATHER, b"", 0)  # rounds word 0: declined
             self._declined()
@@ -596,7 +629,7 @@ class CollectiveGroup:
                     recv[at : at + length] = yield from self._take(r, KIND_GATHER, length)
             elif rounds is None:  # the root says how many rounds
                 yield from self._take(root, KIND_GATHER, 0)
-                rounds = self._rounds_of(root, _rounds(len(send), chunk), declinable)
+                rounds = self._rounds_of(root, _rounds(len(send), chunk), max_rounds)
                 if not rounds:
                     self._declined()
                     return
@@ -639,7 +672,6 @@ class CollectiveGroup:
             rounds: int | None = _rounds(max(counts) if largest is None else largest, seg)
         else:
             rounds = None if largest is None else _rounds(largest, seg)
-        declinable = max_rounds is not None
         if is_root and max_rounds is not None and rounds is not None and rounds > max_rounds:
             yield from self._enter()
             self._publish(KIND_SCATTER, used, 0)  # rounds word 0: declined
@@ -657,7 +689,7 @@ class CollectiveGroup:
                 start, length = _pieces(len(recv), seg, i)
                 theirs = yield from self._take(root, KIND_SCATTER, used)
                 if rounds is None:  # the root says how many rounds
-                    rounds = self._rounds_of(root, _rounds(len(recv), seg), declinable)
+                    rounds = self._rounds_of(root, _rounds(len(recv), seg), max_rounds)
                     if not rounds:
                         self._declined()
                         return
@@ -731,7 +763,6 @@ class CollectiveGroup:
         used = seg * self.size
         mine = _rounds(max(*sendcounts, *recvcounts), seg)
         rounds = mine  # the most any member needs: known after the first round
-        declinable = max_rounds is not None
         declined = max_rounds is not None and mine > max_rounds
         i = 0
         while i < rounds:
@@ -744,7 +775,7 @@ class CollectiveGroup:
                 start, length = _pieces(recvcounts[r], seg, i)
                 theirs = yield from self._take(r, KIND_ALLTOALL, used)
                 if i == 0:
-                    word = self._rounds_of(r, 1, declinable)
+                    word = self._rounds_of(r, 1, max_rounds)
                     declined = declined or not word
                     rounds = max(rounds, word)
                 recv[recvdispls[r] + start :][:length] = theirs[me * seg :][:length]
@@ -876,21 +907,210 @@ class CollectiveGroup:
             )
             self._end()
 
+    # ------------------------------------------------------------------ in one C call
+    # Each `_c_*` takes the arguments of its collective's steps. Where the collective is one
+    # round and its arguments are the ones the steps accept (each check below is the steps'
+    # own, so a bad argument still gets their error, from them), it runs the round in one
+    # call of ring.CollectiveRound and returns True; else it returns False having done
+    # nothing. The C round stores and loads the same words in the same order as the steps.
+    def _in_c(self, run: Callable[..., Any], *args: Any) -> bool:
+        """Round k = this member's next of `run` (CollectiveRound.run or .fold) with `args`:
+        spin in C, block here (`_block`) when the spin ends first, resume."""
+        if self._broken is not None:
+            raise self._broken
+        k = self._round + 1
+        if k > layout.COLL_SEQ_MASK:
+            raise OverflowError("collective slot rounds exhausted; rebind the group")
+        c = self._c
+        assert c is not None
+        spin, crowded = self._spin_ns, self._yield
+        try:
+            result = run(k, spin, crowded, *args)
+        except (ValueError, TypeError, BufferError):
+            raise  # the C call's checks of its arguments, before it touched the slot
+        except BaseException as exc:
+            self._c_failed(k, exc)
+            raise
+        self._round = k
+        try:
+            while result.__class__ is tuple:
+                self._block(*result)
+                result = c.resume(spin, crowded)
+        except BaseException as exc:
+            self._c_failed(k, exc)
+            raise
+        self.declined = result == 1
+        return True
+
+    def _c_failed(self, k: int, exc: BaseException) -> None:
+        """Round k failed in C (or while blocked): it was taken; a corrupt member breaks the
+        group as in `_corrupt`."""
+        self._round = k
+        assert self._c is not None
+        self._c.abort()
+        if isinstance(exc, RingCorruptError):
+            self._broken = exc
+
+    def _c_barrier(self) -> bool:
+        return self._c_run(C_BARRIER, None, None, 0)
+
+    def _c_run(
+        self,
+        which: int,
+        send: memoryview | None,
+        recv: memoryview | None,
+        root: int,
+        counts: Sequence[int] | None = None,
+        displs: Sequence[int] | None = None,
+        rcounts: Sequence[int] | None = None,
+        rdispls: Sequence[int] | None = None,
+    ) -> bool:
+        assert self._c is not None
+        return self._in_c(self._c.run, which, send, recv, root, counts, displs, rcounts, rdispls)
+
+    def _c_bcast(self, buf: Any, root: int) -> bool:
+        view = _flat(buf, self.rank != root)
+        return len(view) <= self.slab_size and self._c_run(C_BCAST, view, view, root)
+
+    def _c_gatherv(
+        self,
+        sendbuf: Any,
+        recvbuf: Any,
+        counts: Sequence[int],
+        displs: Sequence[int],
+        root: int,
+        largest: int | None = None,
+        max_rounds: int | None = None,
+    ) -> bool:
+        if max_rounds != 1:  # (the C round expects the root's rounds word to be 0 or 1)
+            return False
+        send = _flat(sendbuf, False)
+        recv = None
+        if self.rank == root:
+            recv = _flat(recvbuf, True)
+            self._check_layout(counts, displs, len(recv), "recv")
+            if counts[root] != len(send) or max(counts) > self.slab_size:
+                return False
+        elif len(send) > self.slab_size:
+            return False
+        return self._c_run(C_GATHERV, send, recv, root, counts, displs)
+
+    def _c_scatterv(
+        self,
+        sendbuf: Any,
+        counts: Sequence[int],
+        displs: Sequence[int],
+        recvbuf: Any,
+        root: int,
+        largest: int | None = None,
+        max_rounds: int | None = None,
+    ) -> bool:
+        if max_rounds != 1:
+            return False
+        recv = _flat(recvbuf, True)
+        seg = self._segment()
+        send = None
+        if self.rank == root:
+            send = _flat(sendbuf, False)
+            self._check_layout(counts, displs, len(send), "send")
+            if counts[root] != len(recv) or max(counts) > seg:
+                return False
+        elif len(recv) > seg:
+            return False
+        return self._c_run(C_SCATTERV, send, recv, root, counts, displs)
+
+    def _c_allgather(self, sendbuf: Any, recvbuf: Any) -> bool:
+        n = len(_flat(sendbuf, False))
+        return self._c_allgatherv(
+            sendbuf, recvbuf, [n] * self.size, [r * n for r in range(self.size)]
+        )
+
+    def _c_allgatherv(
+        self, sendbuf: Any, recvbuf: Any, counts: Sequence[int], displs: Sequence[int]
+    ) -> bool:
+        send, recv = _flat(sendbuf, False), _flat(recvbuf, True)
+        self._check_layout(counts, displs, len(recv), "recv")
+        if counts[self.rank] != len(send) or max(counts) > self.slab_size:
+            return False
+        return self._c_run(C_ALLGATHERV, send, recv, 0, counts, displs)
+
+    def _c_alltoallv(
+        self,
+        sendbuf: Any,
+        sendcounts: Sequence[int],
+        senddispls: Sequence[int],
+        recvbuf: Any,
+        recvcounts: Sequence[int],
+        recvdispls: Sequence[int],
+        max_rounds: int | None = None,
+    ) -> bool:
+        if max_rounds != 1:
+            return False
+        send, recv = _flat(sendbuf, False), _flat(recvbuf, True)
+        self._check_layout(sendcounts, senddispls, len(send), "send")
+        self._check_layout(recvcounts, recvdispls, len(recv), "recv")
+        me = self.rank
+        if sendcounts[me] != recvcounts[me] or max(*sendcounts, *recvcounts) > self._segment():
+            return False
+        return self._c_run(
+            C_ALLTOALLV, send, recv, 0, sendcounts, senddispls, recvcounts, recvdispls
+        )
+
+    def _c_fold(
+        self, kind: int, sendbuf: Any, recvbuf: Any, op: ReduceOp, want: bool, upto: int
+    ) -> bool:
+        """A reduction (see `_fold`) in C: native numeric types, numpy's own ufuncs."""
+        dtype = getattr(sendbuf, "dtype", None)
+        code = FOLD_DTYPES.get(dtype)  # type: ignore[arg-type]
+        opcode = FOLD_OPS.get(op)  # type: ignore[call-overload]
+        if (
+            code is None
+            or opcode is None
+            or (opcode >= _FLOAT_BITWISE and dtype.kind == "f")  # type: ignore[union-attr]
+            or sendbuf.nbytes > self.slab_size
+            or not sendbuf.flags.c_contiguous
+        ):
+            return False
+        if want:
+            if (
+                getattr(recvbuf, "dtype", None) != dtype
+                or recvbuf.size != sendbuf.size
+                or not recvbuf.flags.c_contiguous
+                or not recvbuf.flags.aligned
+            ):
+                return False
+        else:
+            recvbuf = None
+        assert self._c is not None
+        return self._in_c(self._c.fold, kind, sendbuf, recvbuf, upto, code, opcode)
+
+    def _c_reduce(self, sendbuf: Any, recvbuf: Any, op: ReduceOp, root: int) -> bool:
+        return self._c_fold(KIND_REDUCE, sendbuf, recvbuf, op, self.rank == root, self.size)
+
+    def _c_allreduce(self, sendbuf: Any, recvbuf: Any, op: ReduceOp) -> bool:
+        return self._c_fold(KIND_ALLREDUCE, sendbuf, recvbuf, op, True, self.size)
+
+    def _c_scan(self, sendbuf: Any, recvbuf: Any, op: ReduceOp) -> bool:
+        return self._c_fold(KIND_SCAN, sendbuf, recvbuf, op, True, self.rank + 1)
+
+    def _c_exscan(self, sendbuf: Any, recvbuf: Any, op: ReduceOp) -> bool:
+        return self._c_fold(KIND_EXSCAN, sendbuf, recvbuf, op, self.rank > 0, self.rank)
+
     # ------------------------------------------------------------------ the two forms
-    barrier = _blocking(_barrier)
-    bcast = _blocking(_bcast)
+    barrier = _blocking(_barrier, _c_barrier)
+    bcast = _blocking(_bcast, _c_bcast)
     gather = _blocking(_gather)
-    gatherv = _blocking(_gatherv)
+    gatherv = _blocking(_gatherv, _c_gatherv)
     scatter = _blocking(_scatter)
-    scatterv = _blocking(_scatterv)
-    allgather = _blocking(_allgather)
-    allgatherv = _blocking(_allgatherv)
+    scatterv = _blocking(_scatterv, _c_scatterv)
+    allgather = _blocking(_allgather, _c_allgather)
+    allgatherv = _blocking(_allgatherv, _c_allgatherv)
     alltoall = _blocking(_alltoall)
-    alltoallv = _blocking(_alltoallv)
-    reduce = _blocking(_reduce)
-    allreduce = _blocking(_allreduce)
-    scan = _blocking(_scan)
-    exscan = _blocking(_exscan)
+    alltoallv = _blocking(_alltoallv, _c_alltoallv)
+    reduce = _blocking(_reduce, _c_reduce)
+    allreduce = _blocking(_allreduce, _c_allreduce)
+    scan = _blocking(_scan, _c_scan)
+    exscan = _blocking(_exscan, _c_exscan)
     reduce_scatter_block = _blocking(_reduce_scatter_block)
     reduce_scatter = _blocking(_reduce_scatter)
 
@@ -943,4 +1163,5 @@ class CollectiveGroup:
         for view in self._slabs:
             view.release()
         self._slabs = []
+        self._c = None  # (its hold on the region goes with it)
         self._broken = self._broken or RuntimeError("collective group closed")

@@ -18,10 +18,14 @@ from __future__ import annotations
 
 import os
 import platform
+from typing import Any
 
 from ivshmem_comm import virtqueue
 
 IMPLEMENTATION: str
+#: The C accelerator's one-round collectives (collective.CollectiveGroup uses them when set),
+#: None on the pure-Python path.
+CollectiveRound: Any = None
 
 #: The public names of each queue half, in both implementations.
 TX_API = frozenset(
@@ -49,6 +53,7 @@ if os.environ.get("IVSHMEM_COMM_PUREPYTHON") == "1":
 else:
     try:
         from ivshmem_comm._fastpath import (  # type: ignore[assignment]
+            CollectiveRound,
             RxRing,
             TxRing,
             compare_exchange_u64,
@@ -83,6 +88,7 @@ __all__ = [
     "SEND_OK",
     "SEND_TOO_BIG",
     "TX_API",
+    "CollectiveRound",
     "RxRing",
     "TxRing",
     "compare_exchange_u64",
