@@ -1756,8 +1756,9 @@ static void coll_publish(CollRound *c)
             if (q != me)
                 memcpy(slab + q * c->seg, send + c->displs[q], (size_t)c->counts[q]);
         break;
-    case CW_ALLGATHERV:
-        memcpy(slab, send, (size_t)nbytes);
+    case CW_ALLGATHERV: /* in place (no send): this rank's block of recv */
+        memcpy(slab, send != NULL ? send : (unsigned char *)c->recv.buf + c->displs[me],
+               (size_t)nbytes);
         break;
     case CW_ALLTOALLV:
         for (int q = 0; q < c->size; q++)
@@ -2023,24 +2024,24 @@ static PyObject *coll_run(CollRound *c, PyObject *const *args, Py_ssize_t nargs)
             ok = false;
         }
         break;
-    case CW_GATHERV:
-        ok = coll_buffer(send, &c->send, &c->has_send, false) == 0 &&
-             (c->send.len <= c->slab_size ||
-              (PyErr_SetString(PyExc_ValueError, "gatherv: more than one slab"), false));
+    case CW_GATHERV: /* the root's send None: in place (its block of recv is there) */
+        if (send != Py_None || !is_root)
+            ok = coll_buffer(send, &c->send, &c->has_send, false) == 0 &&
+                 (c->send.len <= c->slab_size ||
+                  (PyErr_SetString(PyExc_ValueError, "gatherv: more than one slab"), false));
         if (ok && is_root) {
             ok = coll_buffer(recv, &c->recv, &c->has_recv, true) == 0 &&
                  coll_vector(c, args[7], c->counts, "recv counts") == 0 &&
                  coll_vector(c, args[8], c->displs, "recv displacements") == 0 &&
                  coll_blocks(c, c->counts, c->displs, c->recv.len, c->slab_size, "recv") == 0;
-            if (ok && c->counts[me] != c->send.len) {
+            if (ok && c->has_send && c->counts[me] != c->send.len) {
                 PyErr_SetString(PyExc_ValueError, "gatherv: the root's count is not its send");
                 ok = false;
             }
-            if (ok) {
+            if (ok && c->has_send)
                 memmove((unsigned char *)c->recv.buf + c->displs[me], c->send.buf,
                         (size_t)c->send.len);
-                c->rounds_out = 1;
-            }
+            c->rounds_out = 1;
         }
         break;
     case CW_SCATTERV:
@@ -2063,17 +2064,17 @@ static PyObject *coll_run(CollRound *c, PyObject *const *args, Py_ssize_t nargs)
             }
         }
         break;
-    case CW_ALLGATHERV:
-        ok = coll_buffer(send, &c->send, &c->has_send, false) == 0 &&
+    case CW_ALLGATHERV: /* send None: in place */
+        ok = (send == Py_None || coll_buffer(send, &c->send, &c->has_send, false) == 0) &&
              coll_buffer(recv, &c->recv, &c->has_recv, true) == 0 &&
              coll_vector(c, args[7], c->counts, "recv counts") == 0 &&
              coll_vector(c, args[8], c->displs, "recv displacements") == 0 &&
              coll_blocks(c, c->counts, c->displs, c->recv.len, c->slab_size, "recv") == 0;
-        if (ok && c->counts[me] != c->send.len) {
+        if (ok && c->has_send && c->counts[me] != c->send.len) {
             PyErr_SetString(PyExc_ValueError, "allgatherv: this rank's count is not its send");
             ok = false;
         }
-        if (ok)
+        if (ok && c->has_send)
             memmove((unsigned char *)c->recv.buf + c->displs[me], c->send.buf,
                     (size_t)c->send.len);
         break;

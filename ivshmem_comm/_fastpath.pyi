@@ -74,3 +74,50 @@ class RxRing(_RingBase):
     ) -> tuple[int, int, bool]: ...
     def complete(self, count: int) -> bool: ...
     def count_sleep(self) -> None: ...
+
+# One member's one-round collectives of a collective slot (ivshmem_comm/collective.py, which
+# uses it through ring.CollectiveRound; the protocol is CollectiveGroup's). run / fold /
+# resume return 0 (done), 1 (a member declined) or (rank, u64 index, round, field) to block
+# on before resume().
+class CollectiveRound:
+    broken: RingCorruptError | None
+    def __init__(
+        self,
+        region_buf: Any,
+        blocks: Any,
+        peers: Any,
+        rank: int,
+        slot: int,
+        generation: int,
+        slab_size: int,
+        segment: int,
+        kick: Any,
+    ) -> None: ...
+    def run(
+        self,
+        k: int,
+        spin_ns: int,
+        yield_: bool,
+        which: int,
+        send: Any,
+        recv: Any,
+        root: int,
+        counts: Any,
+        displs: Any,
+        rcounts: Any,
+        rdispls: Any,
+    ) -> int | tuple[int, int, int, str]: ...
+    def fold(
+        self,
+        k: int,
+        spin_ns: int,
+        yield_: bool,
+        kind: int,
+        send: Any,
+        recv: Any,
+        upto: int,
+        dtype: int,
+        op: int,
+    ) -> int | tuple[int, int, int, str]: ...
+    def resume(self, spin_ns: int, yield_: bool) -> int | tuple[int, int, int, str]: ...
+    def abort(self) -> None: ...

@@ -90,18 +90,18 @@ _WORD_MASK = 0xFFFFFFFF
 # What ring.CollectiveRound runs in one call (its `which`), and the element types and ops of
 # its reductions (`fold`): numpy ufunc semantics, native byte order only.
 C_BARRIER, C_BCAST, C_GATHERV, C_SCATTERV, C_ALLGATHERV, C_ALLTOALLV = range(6)
-FOLD_DTYPES = {
+FOLD_DTYPES: dict[Any, int] = {
     np.dtype(t): code
     for code, t in enumerate(("=i1", "=i2", "=i4", "=i8", "=u1", "=u2", "=u4", "=u8", "=f4", "=f8"))
 }
-FOLD_OPS = {
+FOLD_OPS: dict[Any, int] = {
     ufunc: code
     for code, ufunc in enumerate(
         (np.add, np.multiply, np.maximum, np.minimum, np.bitwise_and, np.bitwise_or,
          np.bitwise_xor)
     )
 }  # fmt: skip
-_FLOAT_BITWISE = 4  # FOLD_OPS codes from here on take integers only
+FLOAT_BITWISE = 4  # FOLD_OPS codes from here on take integers only
 
 
 # ------------------------------------------------------------------ slot allocation
@@ -1061,12 +1061,12 @@ class CollectiveGroup:
     ) -> bool:
         """A reduction (see `_fold`) in C: native numeric types, numpy's own ufuncs."""
         dtype = getattr(sendbuf, "dtype", None)
-        code = FOLD_DTYPES.get(dtype)  # type: ignore[arg-type]
-        opcode = FOLD_OPS.get(op)  # type: ignore[call-overload]
+        code = FOLD_DTYPES.get(dtype)
+        opcode = FOLD_OPS.get(op)
         if (
             code is None
             or opcode is None
-            or (opcode >= _FLOAT_BITWISE and dtype.kind == "f")  # type: ignore[union-attr]
+            or (opcode >= FLOAT_BITWISE and dtype.kind == "f")  # type: ignore[union-attr]
             or sendbuf.nbytes > self.slab_size
             or not sendbuf.flags.c_contiguous
         ):

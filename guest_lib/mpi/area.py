@@ -63,6 +63,7 @@ from ivshmem_comm.errors import PeerLostError, RingCorruptError, TimeoutError
 if TYPE_CHECKING:
     from guest_lib.mpi import ops
 
+C_FOLD = -1  # Area.call's code of a reduction (CollectiveRound.fold)
 T_AREA = 0  # internal tag (of the current blocking instance) of the binding broadcast
 _BIND = struct.Struct("<iI")  # slot (-1: none), generation
 _CORE_ERRORS = (PeerLostError, RingCorruptError, TimeoutError)
@@ -145,6 +146,49 @@ class Area:
         if name in _DECLINABLE and self.group.declined:  # (the flag outlives its call)
             return False
         self.completed += 1
+        return True
+
+    def ready(self) -> bool:
+        """Whether a blocking collective may run in one C call now (`call`): the C
+        accelerator is built, no nonblocking area collective is pending, the engine has
+        nothing in flight (else `run` drives both), and no member abandoned anything."""
+        group = self.group
+        engine = self.comm._engine
+        return (
+            group._c is not None
+            and not group._pending
+            and not engine.abandoned
+            and (engine.quiet())
+        )
+
+    def call(self, which: int, *args: Any) -> bool:
+        """`run` for a collective of one round in one call of the C accelerator, the
+        arguments (CollectiveRound.run's from `send` on; `which` a collective.C_* code, or
+        C_FOLD for .fold's from `kind` on) checked by the caller so that the C call accepts
+        them (`ready()` first). True when it ran (`group.declined` says whether a member
+        declined it: then the caller moves it by messages); False: the area is dropped
+        (Fallback), run it on messages. Errors as for `run`."""
+        comm = self.comm
+        group = self.group
+        c = group._c
+        assert c is not None
+        self._current = ((self._ctx, comm._coll_base), comm._coll_seq - 1)
+        try:
+            if which == C_FOLD:
+                group._in_c(c.fold, *args)
+            else:
+                group._in_c(c.run, which, *args)
+        except Fallback:
+            self.drop()
+            return False
+        except _CORE_ERRORS as exc:
+            self.drop()
+            raise core_error(exc) from exc
+        except BaseException:
+            self.drop()
+            raise
+        if not group.declined:
+            self.completed += 1
         return True
 
     @contextlib.contextmanager

@@ -518,6 +518,12 @@ def unpacking(method: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(method)
     def run(*args: Any, **kwargs: Any) -> Any:
+        for arg in args:
+            if type(arg) is list or type(arg) is tuple:
+                break  # a spec that may name a packing datatype
+        else:
+            if not kwargs:
+                return method(*args)  # bare buffers: nothing to unpack
         outer = getattr(_local, "jobs", None)
         jobs: list[Callable[[], None]] = []
         _local.jobs = jobs

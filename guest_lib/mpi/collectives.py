@@ -51,6 +51,19 @@ from guest_lib.mpi.pickling import dumps as _dumps
 from guest_lib.mpi.pickling import loads as _loads
 from guest_lib.mpi.request import Request, unpickle
 from guest_lib.mpi.wire import COLL_SPAN, KIND_DATA, coll_base, core_tag
+from ivshmem_comm.collective import (
+    C_ALLGATHERV,
+    C_ALLTOALLV,
+    C_BARRIER,
+    C_BCAST,
+    C_GATHERV,
+    C_SCATTERV,
+    FLOAT_BITWISE,
+    FOLD_DTYPES,
+    FOLD_OPS,
+    KIND_ALLREDUCE,
+    KIND_REDUCE,
+)
 
 if TYPE_CHECKING:
     from guest_lib.mpi.engine import Engine
@@ -72,10 +85,22 @@ _NOTHING = memoryview(bytearray(0))
 Plan = Callable[[], tuple[str, tuple[Any, ...]] | None]
 
 
-def collective(method: Callable[..., Any]) -> Callable[..., Any]:
+_SLOW = object()  # what a fast lane returns when the collective's own body must run it
+
+
+def collective(
+    method: Callable[..., Any] | None = None, *, fast: Callable[..., Any] | None = None
+) -> Any:
     """Decorator of a blocking collective: numbers the instance (its messages carry its tag
     base, see `_c_isend`), and abandons it when it raises here (see the module docstring).
-    A collective called inside another one runs as part of that instance."""
+    A collective called inside another one runs as part of that instance.
+
+    `fast(self, area, *args)`: the collective's lane for the common case in the collective
+    area (`area.Area.call`: one C call), tried first when the area is bound and ready; it
+    returns the collective's result, or _SLOW having moved nothing (or after the area was
+    dropped) for the body to run it as usual."""
+    if method is None:
+        return functools.partial(collective, fast=fast)
 
     @functools.wraps(method)
     def run(self: Any, *args: Any, **kwargs: Any) -> Any:
@@ -85,6 +110,16 @@ def collective(method: Callable[..., Any]) -> Callable[..., Any]:
         seq = self._coll_seq
         self._coll_seq = seq + 1
         self._coll_base = coll_base(seq)
+        if fast is not None and not engine.abandoned:  # (abandoned: see below)
+            shared = self._area
+            if shared and shared.ready():
+                try:
+                    result = fast(self, shared, *args, **kwargs)
+                except Exception as exc:
+                    _abandon(self, engine, seq, exc)
+                    raise
+                if result is not _SLOW:
+                    return result
         self._coll_active = True
         # Abandoned by another member already: this rank still checks its own arguments
         # (and raises its own error for a bad one) but then fails instead of waiting.
@@ -92,16 +127,202 @@ def collective(method: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return method(self, *args, **kwargs)
         except Exception as exc:
-            members = [w for w in self._group if w != engine.world_rank]
-            reason = f"{type(exc).__name__}: {exc}"
-            engine.abandon(self._ctx + 1, seq, coll_base(seq), COLL_SPAN, reason, members)
-            area.failed(self)
+            _abandon(self, engine, seq, exc)
             raise
         finally:
             self._coll_active = False
             self._coll_gone = None
 
     return run
+
+
+# ------------------------------------------------------------------ fast lanes (see collective)
+# Bare numpy arrays (the form numerical codes pass on every call) and IN_PLACE, one round of
+# the collective area, in one C call; anything else (other forms, sizes over one round,
+# argument errors) takes the collective's body, which checks and reports as always.
+def _plain(buf: Any, writable: bool) -> bool:
+    """Whether `buf` is a numpy array the C round takes as is: C-contiguous, of a plain
+    element type in this machine's byte order (writable, for a receive buffer)."""
+    if type(buf) is not np.ndarray:
+        return False
+    flags = buf.flags
+    dtype = buf.dtype
+    return (
+        flags.c_contiguous
+        and (flags.writeable or not writable)
+        and dtype.kind in "biufc"
+        and dtype.isnative
+    )
+
+
+def _even(size: int, n: int) -> tuple[list[int], list[int]]:
+    """Counts and displacements (bytes) of `size` blocks of `n` bytes."""
+    return [n] * size, list(range(0, n * size, n)) if n else [0] * size
+
+
+def _f_barrier(self: Any, shared: area.Area) -> Any:
+    return None if shared.call(C_BARRIER, None, None, 0, None, None, None, None) else _SLOW
+
+
+def _f_bcast(self: Any, shared: area.Area, buf: Any, root: int = 0) -> Any:
+    if (
+        not 0 <= root < shared.group.size
+        or not _plain(buf, self._rank != root)
+        or buf.nbytes > shared.group.slab_size
+    ):
+        return _SLOW
+    return None if shared.call(C_BCAST, buf, buf, root, None, None, None, None) else _SLOW
+
+
+def _f_gather(self: Any, shared: area.Area, sendbuf: Any, recvbuf: Any, root: int = 0) -> Any:
+    group = shared.group
+    size = group.size
+    counts = displs = recv = None
+    if not 0 <= root < size:
+        return _SLOW
+    if self._rank != root:
+        if not _plain(sendbuf, False) or sendbuf.nbytes > group.slab_size:
+            return _SLOW
+        send = sendbuf
+    else:
+        if not _plain(recvbuf, True) or recvbuf.size % size:
+            return _SLOW
+        n = recvbuf.nbytes // size
+        in_place = sendbuf is IN_PLACE or sendbuf is None
+        if n > group.slab_size or not (in_place or _plain(sendbuf, False)):
+            return _SLOW
+        if not in_place and sendbuf.nbytes != n:
+            return _SLOW
+        send, recv = None if in_place else sendbuf, recvbuf
+        counts, displs = _even(size, n)
+    if not shared.call(C_GATHERV, send, recv, root, counts, displs, None, None):
+        return _SLOW
+    if group.declined:  # the root's data is more than one round: messages
+        self._run(self._gatherv(sendbuf, recvbuf, root, T_GATHER))
+    return None
+
+
+def _f_scatter(self: Any, shared: area.Area, sendbuf: Any, recvbuf: Any, root: int = 0) -> Any:
+    group = shared.group
+    size = group.size
+    seg = group._segment()
+    counts = displs = send = None
+    if not 0 <= root < size:
+        return _SLOW
+    recv = recvbuf
+    if self._rank != root:
+        if not _plain(recvbuf, True) or recvbuf.nbytes > seg:
+            return _SLOW
+    else:
+        if not _plain(sendbuf, False) or sendbuf.size % size:
+            return _SLOW
+        n = sendbuf.nbytes // size
+        if recvbuf is IN_PLACE or recvbuf is None:
+            recv = bytearray(n)  # the root's block stays where it is
+        elif not _plain(recvbuf, True) or recvbuf.nbytes != n:
+            return _SLOW
+        if n > seg:
+            return _SLOW
+        send = sendbuf
+        counts, displs = _even(size, n)
+    if not shared.call(C_SCATTERV, send, recv, root, counts, displs, None, None):
+        return _SLOW
+    if group.declined:
+        self._run(self._scatterv(sendbuf, recvbuf, root, T_SCATTER))
+    return None
+
+
+def _f_allgather(self: Any, shared: area.Area, sendbuf: Any, recvbuf: Any) -> Any:
+    group = shared.group
+    size = group.size
+    if not _plain(recvbuf, True) or recvbuf.size % size:
+        return _SLOW
+    n = recvbuf.nbytes // size
+    in_place = sendbuf is IN_PLACE or sendbuf is None
+    if n > group.slab_size or not (in_place or (_plain(sendbuf, False) and sendbuf.nbytes == n)):
+        return _SLOW
+    counts, displs = _even(size, n)
+    send = None if in_place else sendbuf
+    ran = shared.call(C_ALLGATHERV, send, recvbuf, 0, counts, displs, None, None)
+    return None if ran else _SLOW
+
+
+def _f_alltoall(self: Any, shared: area.Area, sendbuf: Any, recvbuf: Any) -> Any:
+    group = shared.group
+    size = group.size
+    if (
+        not _plain(sendbuf, False)
+        or not _plain(recvbuf, True)
+        or sendbuf.nbytes != recvbuf.nbytes
+        or sendbuf.size % size
+        or recvbuf.size % size
+        or sendbuf.nbytes // size > group._segment()
+    ):
+        return _SLOW
+    counts, displs = _even(size, sendbuf.nbytes // size)
+    if not shared.call(C_ALLTOALLV, sendbuf, recvbuf, 0, counts, displs, counts, displs):
+        return _SLOW
+    if group.declined:  # another member's data is more than one round: messages
+        self._run(self._alltoallv(sendbuf, recvbuf, T_ALLTOALL))
+    return None
+
+
+def _f_fold(
+    self: Any, shared: area.Area, kind: int, sendbuf: Any, recvbuf: Any, op: Any, want: bool
+) -> Any:
+    """Reduce (`want`: at the root) and Allreduce of predefined ops on plain numbers."""
+    if sendbuf is IN_PLACE:
+        if not want:
+            return _SLOW
+        sendbuf = recvbuf
+    if not _plain(sendbuf, False):
+        return _SLOW
+    dtype = sendbuf.dtype
+    code = FOLD_DTYPES.get(dtype)
+    opcode = FOLD_OPS.get(getattr(op, "ufunc", None))
+    if (
+        code is None
+        or opcode is None
+        or (opcode >= FLOAT_BITWISE and dtype.kind == "f")
+        or sendbuf.nbytes > shared.group.slab_size
+    ):
+        return _SLOW
+    if want:
+        if (
+            not _plain(recvbuf, True)
+            or recvbuf.dtype != dtype
+            or recvbuf.size != sendbuf.size
+            or not recvbuf.flags.aligned
+        ):
+            return _SLOW
+    else:
+        recvbuf = None
+    size = shared.group.size
+    ran = shared.call(area.C_FOLD, kind, sendbuf, recvbuf, size, code, opcode)
+    return None if ran else _SLOW
+
+
+def _f_reduce(
+    self: Any, shared: area.Area, sendbuf: Any, recvbuf: Any, op: Any = ops.SUM, root: int = 0
+) -> Any:
+    if not 0 <= root < shared.group.size:
+        return _SLOW
+    return _f_fold(self, shared, KIND_REDUCE, sendbuf, recvbuf, op, self._rank == root)
+
+
+def _f_allreduce(
+    self: Any, shared: area.Area, sendbuf: Any, recvbuf: Any, op: Any = ops.SUM
+) -> Any:
+    return _f_fold(self, shared, KIND_ALLREDUCE, sendbuf, recvbuf, op, True)
+
+
+def _abandon(comm: Any, engine: Engine, seq: int, exc: Exception) -> None:
+    """Collective instance `seq` of `comm` raised `exc` here: tell the other members, leave
+    the area (see the module docstring)."""
+    members = [w for w in comm._group if w != engine.world_rank]
+    reason = f"{type(exc).__name__}: {exc}"
+    engine.abandon(comm._ctx + 1, seq, coll_base(seq), COLL_SPAN, reason, members)
+    area.failed(comm)
 
 
 def _op_func(op: Any) -> Callable[[Any, Any], Any]:
@@ -452,7 +673,7 @@ class Collectives:
         return local.bcast(result, 0)
 
     # ------------------------------------------------------------------ barrier
-    @collective
+    @collective(fast=_f_barrier)
     def Barrier(self) -> None:
         """Dissemination barrier: ceil(log2 p) rounds of empty messages."""
         if self._has_mpi:
@@ -491,7 +712,7 @@ class Collectives:
             return obj
         return _loads(self._bcast_view(None, root, T_BCAST))
 
-    @collective
+    @collective(fast=_f_bcast)
     def Bcast(self, buf: Any, root: int = 0) -> None:
         """Broadcast a buffer from `root` into `buf` on every rank (written once into shared
         memory when large: see the module docstring)."""
@@ -574,7 +795,7 @@ class Collectives:
         for stage in stages:
             self._c_wait(stage)
 
-    @collective
+    @collective(fast=_f_gather)
     def Gather(self, sendbuf: Any, recvbuf: Any, root: int = 0) -> None:
         if not self._area_run(lambda: self._p_gather(sendbuf, recvbuf, root)):
             self._run(self._gatherv(sendbuf, recvbuf, root, T_GATHER))
@@ -601,7 +822,7 @@ class Collectives:
             spec.part(rank)[: len(own)] = own
         yield [self._c_irecv(spec.part(r), r, tag) for r in range(size) if r != rank]
 
-    @collective
+    @collective(fast=_f_scatter)
     def Scatter(self, sendbuf: Any, recvbuf: Any, root: int = 0) -> None:
         if not self._area_run(lambda: self._p_scatter(sendbuf, recvbuf, root)):
             self._run(self._scatterv(sendbuf, recvbuf, root, T_SCATTER))
@@ -634,7 +855,7 @@ class Collectives:
             own[: len(part)] = part
         yield [self._c_isend(spec.part(r), r, tag) for r in range(size) if r != rank]
 
-    @collective
+    @collective(fast=_f_allgather)
     def Allgather(self, sendbuf: Any, recvbuf: Any) -> None:
         if not self._area_run(lambda: self._p_allgather(sendbuf, recvbuf)):
             self._run(self._allgatherv(sendbuf, recvbuf, T_ALLGATHER))
@@ -659,7 +880,7 @@ class Collectives:
         recvs = [self._c_irecv(spec.part(r), r, tag) for r in range(size) if r != rank]
         yield recvs + [self._c_isend(mine, r, tag) for r in range(size) if r != rank]
 
-    @collective
+    @collective(fast=_f_alltoall)
     def Alltoall(self, sendbuf: Any, recvbuf: Any) -> None:
         planned: list[tuple[str, tuple[Any, ...]]] = []
 
@@ -759,7 +980,7 @@ class Collectives:
 
         return sink
 
-    @collective
+    @collective(fast=_f_reduce)
     def Reduce(self, sendbuf: Any, recvbuf: Any, op: ops.Op = ops.SUM, root: int = 0) -> None:
         """Reduce to `root`: operands are folded there as they arrive, read in place."""
         size, rank = self._sizes()
@@ -816,7 +1037,7 @@ class Collectives:
             op.reduce_into(result, temps[r], datatype)
         acc[...] = result
 
-    @collective
+    @collective(fast=_f_allreduce)
     def Allreduce(self, sendbuf: Any, recvbuf: Any, op: ops.Op = ops.SUM) -> None:
         """Every rank gets the fold of all operands (the same bits on every rank)."""
         size, rank = self._sizes()
