@@ -17,6 +17,7 @@ from typing import Any
 
 from guest_lib.mpi import bootstrap as _bootstrap
 from guest_lib.mpi import comm as _comm
+from guest_lib.mpi import constants as _constants
 from guest_lib.mpi import native as _native
 from guest_lib.mpi.buffers import Spec as _Spec  # noqa: F401 - re-exported for tools
 from guest_lib.mpi.comm import COMM_NULL, Comm, Intracomm
@@ -59,7 +60,17 @@ from guest_lib.mpi.errhandler import (
     Errhandler,
 )
 from guest_lib.mpi.exceptions import *  # noqa: F403 - SUCCESS and the ERR_* classes
-from guest_lib.mpi.exceptions import Exception, Get_error_class, Get_error_string
+from guest_lib.mpi.exceptions import (
+    Add_error_class,
+    Add_error_code,
+    Add_error_string,
+    Exception,
+    Get_error_class,
+    Get_error_string,
+    Remove_error_class,
+    Remove_error_code,
+    Remove_error_string,
+)
 from guest_lib.mpi.group import GROUP_EMPTY, GROUP_NULL, Group
 from guest_lib.mpi.info import INFO_ENV, INFO_NULL, Info
 from guest_lib.mpi.memory import (
@@ -274,13 +285,26 @@ def _internal_state() -> dict[str, Any]:
 
 KEYVAL_TAG_UB = _KEY_TAG_UB
 KEYVAL_INVALID = 0x24000000  # MPICH's value
-APPNUM = KEYVAL_INVALID  # no MPMD application numbers: Get_attr(APPNUM) is not offered
+APPNUM = _constants.KEY_APPNUM
+UNIVERSE_SIZE = _constants.KEY_UNIVERSE_SIZE
+LASTUSEDCODE = _constants.KEY_LASTUSEDCODE
+HOST = KEY_HOST  # mpi4py's names of the attribute keys
+IO = KEY_IO
+WTIME_IS_GLOBAL = KEY_WTIME_IS_GLOBAL
+
+
+def Get_hw_resource_info() -> Info:
+    """MPI-4.1's hardware resource information: a new, empty Info (no hardware hint is
+    known to this MPI)."""
+    return Info.Create()
 __all__ = [name for name in dir() if not name.startswith("_") and name != "annotations"]
 _unused = (  # names re-exported on purpose (mpi4py's MPI namespace), not used here
     ANY_SOURCE, ANY_TAG, BOTTOM, CONGRUENT, IDENT, IN_PLACE, KEY_HOST, KEY_IO,
     KEY_WTIME_IS_GLOBAL, MAX_PROCESSOR_NAME, PROC_NULL, ROOT, SIMILAR, THREAD_FUNNELED,
     THREAD_SERIALIZED, UNDEFINED, UNEQUAL, COMM_NULL, Comm, Datatype, Exception,
-    Get_error_class, Get_error_string, BAND, BOR, BXOR, LAND, LOR, LXOR, MAX, MAXLOC, MIN,
+    Get_error_class, Get_error_string, Add_error_class, Add_error_code, Add_error_string,
+    Remove_error_class, Remove_error_code, Remove_error_string, BAND, BOR, BXOR, LAND, LOR,
+    LXOR, MAX, MAXLOC, MIN,
     MINLOC, NO_OP, OP_NULL, PROD, REPLACE, SUM, Op, REQUEST_NULL, TAG_UB_VALUE, Pickle, pickle,
     CART, DIST_GRAPH, GRAPH, Cartcomm, Compute_dims, Distgraphcomm, Graphcomm, Topocomm,
     UNWEIGHTED, WEIGHTS_EMPTY, GROUP_EMPTY, GROUP_NULL, Group,

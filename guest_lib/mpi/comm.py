@@ -206,7 +206,11 @@ class Comm:
             return constants.PROC_NULL if keyval == constants.KEY_HOST else constants.ANY_SOURCE
         if keyval == constants.KEY_WTIME_IS_GLOBAL:
             return False
-        return None
+        if keyval == constants.KEY_UNIVERSE_SIZE:  # no Spawn: the universe is the world
+            return self._check().world_size
+        if keyval == constants.KEY_LASTUSEDCODE:
+            return exceptions.last_used_code()
+        return None  # APPNUM among them: one program, no MPMD application number to give
 
     def __bool__(self) -> bool:
         return not self._null

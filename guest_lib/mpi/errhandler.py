@@ -42,9 +42,20 @@ class Errhandler:
         )
 
     def Free(self) -> None:
-        """This handle becomes ERRHANDLER_NULL (the predefined ones stay)."""
+        """This handle becomes ERRHANDLER_NULL (the predefined ones stay); freeing a user
+        handler frees its place among the MAX_USER_ERRHANDLERS of its kind of object."""
         if not any(self is h for h in _PREDEFINED.values()):
+            for live in _user_handlers.values():
+                live.discard(self._kind)
             self._kind = None
+
+    def toint(self) -> int:
+        """-1: there is no C handle."""
+        return -1
+
+    def py2f(self) -> int:
+        """-1: there is no Fortran handle."""
+        return -1
 
     def __bool__(self) -> bool:
         return self._kind is not None
@@ -93,13 +104,35 @@ _PREDEFINED = {
 }
 
 
-def create_errhandler(function: Callable[[Any, int], None]) -> Errhandler:
-    """A handler calling `function(comm, error_class)` (mpi4py's Comm.Create_errhandler)."""
+MAX_USER_ERRHANDLERS = 32  # live user handlers per kind of object (mpi4py's limit)
+_user_handlers: dict[str, set[Any]] = {}  # kind of object -> its live user handler functions
+
+
+def create_errhandler(function: Callable[[Any, int], None], kind: str = "Comm") -> Errhandler:
+    """A handler calling `function(obj, error_class)` (mpi4py's Comm.Create_errhandler;
+    `kind` names the kind of object, Win.Create_errhandler... have theirs). TypeError for a
+    non-callable; RuntimeError if MAX_USER_ERRHANDLERS of the kind are live (as mpi4py)."""
     if not callable(function):
         raise TypeError("Create_errhandler: expecting a callable")
+    live = _user_handlers.setdefault(kind, set())
+    if len(live) >= MAX_USER_ERRHANDLERS:
+        raise RuntimeError(f"cannot create more than {MAX_USER_ERRHANDLERS} {kind} handlers")
     handle = Errhandler()
-    handle._kind = function
+    handle._kind = _Handler(function)  # each creation is a distinct handler
+    live.add(handle._kind)
     return handle
+
+
+class _Handler:
+    """A user handler function (a distinct object per Create_errhandler)."""
+
+    __slots__ = ("function",)
+
+    def __init__(self, function: Callable[[Any, int], None]) -> None:
+        self.function = function
+
+    def __call__(self, obj: Any, error: int) -> None:
+        self.function(obj, error)
 
 
 def get_errhandler(comm: Any) -> Errhandler:

@@ -40,31 +40,56 @@ def _loc_arrays(better: Any) -> Callable[[np.ndarray, np.ndarray], None]:
     return apply
 
 
-class Op:
-    """One reduction operation. Commutative unless created otherwise."""
+MAX_USER_OPS = 32  # live user ops at once (mpi4py's limit: its table of C callbacks)
+_user_ops: set[object] = set()  # the tokens of the live user ops
 
-    def __init__(
-        self,
+
+class Op:
+    """One reduction operation (a handle: `Op(op)` is a new handle on the same operation,
+    equal to it; `Op()` is OP_NULL). Commutative unless created otherwise."""
+
+    name: str
+    _pyfunc: Callable[[Any, Any], Any] | None
+    _arrayfunc: Callable[[np.ndarray, np.ndarray], None] | None
+    _commute: bool
+    _user: Callable[..., Any] | None
+    _ufunc: Any
+    _token: object  # the operation's identity, shared by every handle on it
+
+    def __init__(self, op: Op | None = None) -> None:
+        self.__dict__.update(vars(OP_NULL if op is None else op))
+
+    @classmethod
+    def _make(
+        cls,
         name: str,
         pyfunc: Callable[[Any, Any], Any] | None,
         arrayfunc: Callable[[np.ndarray, np.ndarray], None] | None,
         commute: bool = True,
         user: Callable[..., Any] | None = None,
-    ) -> None:
-        self.name = name
-        self._pyfunc = pyfunc
-        self._arrayfunc = arrayfunc
-        self._commute = commute
-        self._user = user
-        self._ufunc = getattr(arrayfunc, "ufunc", None)
+    ) -> Op:
+        op = cls.__new__(cls)
+        op.name, op._pyfunc, op._arrayfunc = name, pyfunc, arrayfunc
+        op._commute, op._user, op._token = commute, user, object()
+        op._ufunc = getattr(arrayfunc, "ufunc", None)
+        return op
 
     @classmethod
     def Create(cls, function: Callable[..., Any], commute: bool = False) -> Op:
-        """A user op; `function(inbuf, inoutbuf, datatype)` updates inoutbuf for buffers."""
-        return cls(getattr(function, "__name__", "user"), None, None, commute, function)
+        """A user op: `function(inbuf, inoutbuf, datatype)` updates inoutbuf (numpy arrays
+        of the datatype's elements) for buffers; for objects `function(x, y, None)` returns
+        the result. RuntimeError if MAX_USER_OPS user ops are live already (as mpi4py)."""
+        if len(_user_ops) >= MAX_USER_OPS:
+            raise RuntimeError(f"cannot create more than {MAX_USER_OPS} user-defined ops")
+        op = cls._make(getattr(function, "__name__", "user"), None, None, bool(commute), function)
+        _user_ops.add(op._token)
+        return op
 
     def Free(self) -> None:
-        pass
+        """A user op: release it; this handle becomes OP_NULL. Predefined ops stay."""
+        if self._user is not None:
+            _user_ops.discard(self._token)
+            self.__dict__.update(vars(OP_NULL))
 
     def Is_commutative(self) -> bool:
         return self._commute
@@ -84,12 +109,29 @@ class Op:
         return self._ufunc if self._user is None else None
 
     def __call__(self, x: Any, y: Any) -> Any:
-        """Combine two objects: `x op y` (x from the lower rank)."""
+        """Combine two objects: `x op y` (x from the lower rank). ValueError for OP_NULL."""
         if self._user is not None:
-            return self._user(x, y)
+            return self._user(x, y, None)
         if self._pyfunc is None:
-            raise exceptions.Exception(exceptions.ERR_OP, f"{self.name} has no object form")
+            raise ValueError(f"cannot call {self.name}")
         return self._pyfunc(x, y)
+
+    def Reduce_local(self, inbuf: Any, inoutbuf: Any) -> None:
+        """inoutbuf = inbuf op inoutbuf, elementwise, in this process (message specs).
+        ValueError if their counts or datatypes differ; MPI.Exception(ERR_OP) for OP_NULL
+        or an op that takes no buffers."""
+        from guest_lib.mpi import buffers
+
+        source = buffers.parse(inbuf)
+        target = buffers.parse(inoutbuf, writable=True, deferred=True)
+        if source.count != target.count or source.datatype.base != target.datatype.base:
+            raise ValueError(
+                f"Reduce_local: {source.count} x {source.datatype.name} into "
+                f"{target.count} x {target.datatype.name}"
+            )
+        self.reduce_into(target.array(), source.array(), target.datatype)
+        if target.unpack is not None:
+            target.unpack()
 
     def reduce_into(self, acc: np.ndarray, operand: np.ndarray, datatype: Any = None) -> None:
         """acc[:] = operand op acc, elementwise (operand from the lower rank), in place."""
@@ -110,11 +152,34 @@ class Op:
         out[...] = right
         self.reduce_into(out, left)
 
+    def toint(self) -> int:
+        """-1: there is no C handle."""
+        return -1
+
+    def py2f(self) -> int:
+        """-1: there is no Fortran handle."""
+        return -1
+
+    def __bool__(self) -> bool:
+        return self._token is not OP_NULL._token
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Op):
+            return NotImplemented
+        return self._token is other._token
+
+    def __hash__(self) -> int:
+        return id(self._token)
+
     def __repr__(self) -> str:
         return f"<Op {self.name}>"
 
     def __reduce__(self) -> Any:
-        return (_predefined, (self.name,)) if self._user is None else object.__reduce__(self)
+        """A predefined op unpickles as itself (a copy of one as an equal new handle); a
+        user op as a new user op of the same function (which must be picklable)."""
+        if self._user is not None:
+            return (Op.Create, (self._user, self._commute))
+        return (_predefined, (self.name, self is _OPS[self.name]))
 
 
 def _datatype_of(dtype: np.dtype) -> Any:
@@ -143,24 +208,24 @@ def _replace(acc: np.ndarray, operand: np.ndarray) -> None:
     pass  # the higher rank's value (acc) wins
 
 
-def _predefined(name: str) -> Op:
-    return _OPS[name]
+def _predefined(name: str, same: bool = True) -> Op:
+    return _OPS[name] if same else Op(_OPS[name])
 
 
-OP_NULL = Op("OP_NULL", None, None)
-MAX = Op("MAX", max, _ufunc(np.maximum))
-MIN = Op("MIN", min, _ufunc(np.minimum))
-SUM = Op("SUM", operator.add, _ufunc(np.add))
-PROD = Op("PROD", operator.mul, _ufunc(np.multiply))
-LAND = Op("LAND", lambda x, y: bool(x and y), _logical(np.logical_and))
-BAND = Op("BAND", operator.and_, _ufunc(np.bitwise_and))
-LOR = Op("LOR", lambda x, y: bool(x or y), _logical(np.logical_or))
-BOR = Op("BOR", operator.or_, _ufunc(np.bitwise_or))
-LXOR = Op("LXOR", lambda x, y: bool(x) != bool(y), _logical(np.logical_xor))
-BXOR = Op("BXOR", operator.xor, _ufunc(np.bitwise_xor))
-MAXLOC = Op("MAXLOC", _loc(operator.gt), _loc_arrays(np.greater))
-MINLOC = Op("MINLOC", _loc(operator.lt), _loc_arrays(np.less))
-REPLACE = Op("REPLACE", lambda x, y: y, _replace)
-NO_OP = Op("NO_OP", lambda x, y: x, lambda acc, operand: None)
+OP_NULL = Op._make("OP_NULL", None, None)
+MAX = Op._make("MAX", max, _ufunc(np.maximum))
+MIN = Op._make("MIN", min, _ufunc(np.minimum))
+SUM = Op._make("SUM", operator.add, _ufunc(np.add))
+PROD = Op._make("PROD", operator.mul, _ufunc(np.multiply))
+LAND = Op._make("LAND", lambda x, y: bool(x and y), _logical(np.logical_and))
+BAND = Op._make("BAND", operator.and_, _ufunc(np.bitwise_and))
+LOR = Op._make("LOR", lambda x, y: bool(x or y), _logical(np.logical_or))
+BOR = Op._make("BOR", operator.or_, _ufunc(np.bitwise_or))
+LXOR = Op._make("LXOR", lambda x, y: bool(x) != bool(y), _logical(np.logical_xor))
+BXOR = Op._make("BXOR", operator.xor, _ufunc(np.bitwise_xor))
+MAXLOC = Op._make("MAXLOC", _loc(operator.gt), _loc_arrays(np.greater))
+MINLOC = Op._make("MINLOC", _loc(operator.lt), _loc_arrays(np.less))
+REPLACE = Op._make("REPLACE", lambda x, y: y, _replace)
+NO_OP = Op._make("NO_OP", lambda x, y: x, lambda acc, operand: None)
 _OPS = {op.name: op for op in (OP_NULL, MAX, MIN, SUM, PROD, LAND, BAND, LOR, BOR, LXOR, BXOR,
                                MAXLOC, MINLOC, REPLACE, NO_OP)}  # fmt: skip

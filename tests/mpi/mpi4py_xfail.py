@@ -19,12 +19,6 @@ ENTRIES: list[tuple[str, str, str]] = [
         "rank; which exception the others get depends on timing (mpi4py: ValueError on every "
         "rank) (issue #11)",
     ),
-    (
-        "test_errhandler.TestErrhandlerComm.testCreate",
-        "xfail",
-        "differs: mpi4py allows 32 user error handlers per class (RuntimeError for the 33rd, "
-        "its C callback table); no such limit here",
-    ),
     ("test_errhandler.TestErrhandlerFile.*", "xfail", "missing: File (issue #11 point 3)"),
     ("test_errhandler.TestErrhandlerSession.*", "xfail", "missing: Session (issue #11 point 3)"),
     ("test_errhandler.TestErrhandlerWin.*", "xfail", "missing: Win (issue #11 point 3)"),
@@ -49,7 +43,6 @@ ENTRIES: list[tuple[str, str, str]] = [
         "xfail@1",
         "missing: Spawn_multiple (issue #11 point 3)",
     ),
-    ("test_cco_buf.TestReduceLocal.*", "xfail", "missing: Reduce_local (issue #11 point 3)"),
     ("test_cco_buf_inter.*", "xfail@2,4", "missing: Create_intercomm (issue #11 point 3)"),
     (
         "test_cco_nb_vec.TestCCOVecSelf.testAlltoallwBottom",
@@ -377,27 +370,6 @@ ENTRIES: list[tuple[str, str, str]] = [
     ),
     ("test_doc.*", "xfail", "missing: buffer (issue #11 point 3)"),
     ("test_dynproc.*", "xfail", "missing: Open_port (issue #11 point 3)"),
-    ("test_environ.*", "xfail", "missing: UNIVERSE_SIZE (issue #11 point 3)"),
-    (
-        "test_errorcode.TestErrorCode.testAddErrorClass",
-        "xfail",
-        "missing: Add_error_class (issue #11 point 3)",
-    ),
-    (
-        "test_errorcode.TestErrorCode.testAddErrorClassCodeString",
-        "xfail",
-        "missing: LASTUSEDCODE (issue #11 point 3)",
-    ),
-    (
-        "test_errorcode.TestErrorCode.testAddErrorCode",
-        "xfail",
-        "missing: Add_error_code (issue #11 point 3)",
-    ),
-    (
-        "test_errorcode.TestErrorCode.testException",
-        "xfail",
-        "wrong: repr(MPI.Exception) differs from mpi4py's (issue #11)",
-    ),
     ("test_exceptions.*", "xfail", "missing: Info (issue #11 point 3)"),
     ("test_file.*", "xfail", "missing: FILE_NULL (issue #11 point 3)"),
     ("test_grequest.*", "xfail", "missing: Grequest (issue #11 point 3)"),
@@ -786,36 +758,6 @@ ENTRIES: list[tuple[str, str, str]] = [
         "missing: Alltoallw (issue #11 point 3)",
     ),
     ("test_objmodel.*", "xfail", "missing: INFO_NULL (issue #11 point 3)"),
-    (
-        "test_op.TestOp.testCall",
-        "xfail",
-        "wrong: calling OP_NULL must raise as mpi4py does (issue #11)",
-    ),
-    (
-        "test_op.TestOp.testConstructor",
-        "xfail",
-        "missing: Op() without arguments (issue #11 point 3)",
-    ),
-    (
-        "test_op.TestOp.testCreate",
-        "xfail",
-        "missing: the datatype argument of Op.Create user functions (issue #11 point 3)",
-    ),
-    (
-        "test_op.TestOp.testCreateMany",
-        "xfail",
-        "wrong: no limit on the number of user Op.Create (issue #11)",
-    ),
-    (
-        "test_op.TestOp.testPicklePredefined",
-        "xfail",
-        "missing: Op() without arguments (issue #11 point 3)",
-    ),
-    (
-        "test_op.TestOp.testPickleUserDefined",
-        "xfail",
-        "missing: the datatype argument of Op.Create user functions (issue #11 point 3)",
-    ),
     (
         "test_p2p_buf.TestP2PBufSelf.testConstructor",
         "xfail",

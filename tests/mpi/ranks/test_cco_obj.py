@@ -68,5 +68,5 @@ def test_scan_exscan(comm):
 
 def test_user_op_noncommutative(comm):
     size = comm.Get_size()
-    concat = MPI.Op.Create(lambda a, b: a + b, commute=False)
+    concat = MPI.Op.Create(lambda a, b, _datatype: a + b, commute=False)
     assert comm.allreduce([comm.Get_rank()], op=concat) == list(range(size))

@@ -150,7 +150,7 @@ def test_user_op_in_reductions(comm):
     assert list(out) == _product(range(rank + 1))
     if size > 1:
         assert seen and all(d == MPI.LONG for d in seen), seen  # numpy's int64
-    assert comm.allreduce(str(rank), MPI.Op.Create(lambda a, b: a + b)) == "".join(
+    assert comm.allreduce(str(rank), MPI.Op.Create(lambda a, b, _datatype: a + b)) == "".join(
         str(r) for r in range(size)
     )
     op.Free()
