@@ -1628,7 +1628,8 @@ static int coll_wake(CollRound *c)
 }
 
 /* The element-wise fold acc = acc op x over n elements of type T (numpy ufunc semantics:
- * integers wrap, float MAX/MIN propagate NaN as np.maximum / np.minimum do). */
+ * integers wrap; float MAX/MIN propagate NaN and, between equal operands such as -0.0 and
+ * 0.0, give the second, as np.maximum / np.minimum do). */
 #define FOLD_INT(T, U)                                                                         \
     static void fold_##T(int op, T *acc, const T *x, Py_ssize_t n)                             \
     {                                                                                          \
@@ -1650,11 +1651,11 @@ static int coll_wake(CollRound *c)
         case CO_PROD: for (Py_ssize_t i = 0; i < n; i++) acc[i] = acc[i] * x[i]; break;       \
         case CO_MAX:                                                                           \
             for (Py_ssize_t i = 0; i < n; i++)                                                 \
-                acc[i] = (acc[i] >= x[i] || acc[i] != acc[i]) ? acc[i] : x[i];                 \
+                acc[i] = (acc[i] > x[i] || acc[i] != acc[i]) ? acc[i] : x[i];                  \
             break;                                                                             \
         default:                                                                               \
             for (Py_ssize_t i = 0; i < n; i++)                                                 \
-                acc[i] = (acc[i] <= x[i] || acc[i] != acc[i]) ? acc[i] : x[i];                 \
+                acc[i] = (acc[i] < x[i] || acc[i] != acc[i]) ? acc[i] : x[i];                  \
             break;                                                                             \
         }                                                                                      \
     }

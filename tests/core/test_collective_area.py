@@ -2,13 +2,17 @@
 
 A property test runs random sequences of every collective, random sizes (payloads several
 slabs long included), random roots and random groups (subsets of the region's peers in any
-rank order) and checks each result against numpy; hostile and dying peers must give errors
-naming them, never a hang; a format-1 region is refused with a clear error.
+rank order) and checks each result against numpy, with members on the C accelerator's
+one-round calls and on the Python steps mixed in one group (the two speak one protocol);
+the C reductions must match numpy bit for bit; hostile and dying peers must give errors
+naming them, never a hang, on both implementations; a format-1 region is refused with a
+clear error.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 import signal
 import struct
@@ -21,8 +25,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import ivshmem_comm as ic
-from ivshmem_comm import layout
-from ivshmem_comm.collective import CollectiveGroup, claim_slot, release_slot
+from ivshmem_comm import layout, ring
+from ivshmem_comm.collective import FOLD_DTYPES, FOLD_OPS, CollectiveGroup, claim_slot, release_slot
 from tests.support import run_peer
 
 OPS = (
@@ -30,7 +34,20 @@ OPS = (
     "alltoall", "alltoallv", "reduce", "allreduce", "reduce_scatter_block", "reduce_scatter",
     "scan", "exscan",
 )  # fmt: skip
-UFUNCS = (np.add, np.maximum, np.subtract)  # subtract: rank order matters
+UFUNCS = (np.add, np.maximum, np.subtract)  # subtract: rank order matters (Python steps only)
+DECLINABLE = ("gatherv", "scatterv", "alltoallv")
+IMPLS = ["python", pytest.param("c", marks=pytest.mark.skipif(
+    ring.CollectiveRound is None, reason="the C accelerator is not in use"))]  # fmt: skip
+
+
+def _group(ep, slot, generation, members, impl="c", **kwargs):
+    """A bound CollectiveGroup; `impl` "python": without its C accelerator (the steps run
+    every collective, as under IVSHMEM_COMM_PUREPYTHON=1)."""
+    group = CollectiveGroup(ep, slot, generation, members, **kwargs)
+    if impl == "python":
+        group._c = None
+    group.wait_bound(timeout=30)
+    return group
 
 
 def _bytes(seed: int, index: int, rank: int, n: int) -> np.ndarray:
@@ -137,19 +154,25 @@ def _check_reduction(group, call, seed, index, name, size, root, ufunc):
     return out, folded(range(me)) if me else sentinel
 
 
-def _member(ep, slot, generation, members, ops, seed):
+def _member(ep, slot, generation, members, ops, seed, python_ranks=()):
     """Run `ops`; each (name, size, root, ufunc, mode): mode 0 blocking, 1 started and
     polled with test() until complete, 2 started and left pending until a blocking op (which
-    completes it first) or the end (wait() of the last completes the earlier ones)."""
+    completes it first) or the end (wait() of the last completes the earlier ones), 3
+    blocking with max_rounds=1 for gatherv/scatterv/alltoallv (declined when larger: then
+    nothing is checked). Members at `python_ranks` run without the C accelerator."""
     if ep.peer_id not in members:
         return
-    group = CollectiveGroup(ep, slot, generation, members, timeout=60)
-    group.wait_bound(timeout=30)
+    impl = "python" if members.index(ep.peer_id) in python_ranks else "c"
+    group = _group(ep, slot, generation, members, impl, timeout=60)
     started = []  # (request, result, expect, op) not checked yet
     requests = []
+    limited = False
 
     def blocking(name, *args):
-        getattr(group, name)(*args)
+        if limited and name in DECLINABLE:
+            getattr(group, name)(*args, max_rounds=1)
+        else:
+            getattr(group, name)(*args)
 
     def nonblocking(name, *args):
         requests.append(group.start(name, *args))
@@ -159,8 +182,12 @@ def _member(ep, slot, generation, members, ops, seed):
             assert np.array_equal(result, expect), (op, group.rank)
 
     for index, (*op, mode) in enumerate(ops):
-        if mode == 0:
+        if mode in (0, 3):
+            limited = mode == 3
             result, expect = _check(group, blocking, seed, index, op)
+            if limited and op[0] in DECLINABLE and group.declined:
+                assert op[1] > 64  # (smaller payloads are one round at any group size here)
+                result = expect = None
             for request, *check in started:
                 assert request.done  # the blocking call completed the ones before it
                 verify(*check)
@@ -181,12 +208,12 @@ def _member(ep, slot, generation, members, ops, seed):
     group.close()
 
 
-def _run_group(region, spawn, leader, members, ops, seed):
-    """Peers 0..max_peers-2 run `ops` as `members` in forked processes; `leader` (the last
-    peer, in this process) claims the slot and releases it after."""
+def _run_group(region, spawn, leader, members, ops, seed, python_ranks=(), body=_member):
+    """Peers 0..max_peers-2 run `ops` as `members` in forked processes (`body`); `leader`
+    (the last peer, in this process) claims the slot and releases it after."""
     slot, generation = claim_slot(region, leader.peer_id, leader.incarnation)
-    peers = [spawn(run_peer, _member, region.name, p, slot, generation, members, ops, seed)
-             for p in range(region.max_peers - 1)]  # fmt: skip
+    peers = [spawn(run_peer, body, region.name, p, slot, generation, members, ops, seed,
+                   python_ranks) for p in range(region.max_peers - 1)]  # fmt: skip
     for proc in peers:
         proc.join(timeout=120)
     codes = [proc.exitcode for proc in peers]
@@ -202,7 +229,8 @@ op_strategy = st.tuples(
     st.one_of(st.integers(0, 64), st.integers(0, 100_000)),  # slabs here are 28 KiB
     st.integers(0, 7),
     st.integers(0, len(UFUNCS) - 1),
-    st.sampled_from([0, 0, 1, 2]),  # blocking, or nonblocking completed by test() or wait()
+    # blocking, nonblocking completed by test() or wait(), blocking with max_rounds=1
+    st.sampled_from([0, 0, 1, 2, 3, 3]),
 )
 
 
@@ -215,12 +243,61 @@ op_strategy = st.tuples(
         lambda order: st.integers(1, 4).map(lambda k: list(order[:k]))
     ),
     seed=st.integers(0, 2**32 - 1),
+    python_ranks=st.sets(st.integers(0, 3)),
 )
-def test_random_collectives_match_numpy(make_region, spawn, ops, members, seed):
+def test_random_collectives_match_numpy(make_region, spawn, ops, members, seed, python_ranks):
     region = make_region(8 << 20, 5)
     assert region.geometry.coll_slots and region.geometry.coll_slab < 100_000
     with region.endpoint(4) as leader:
-        _run_group(region, spawn, leader, members, ops, seed)
+        _run_group(region, spawn, leader, members, ops, seed, python_ranks)
+
+
+def _fold_values(dtype: np.dtype, rank: int) -> np.ndarray:
+    """Operands with every edge case of `dtype`: extremes and wrap-around for integers; NaN,
+    infinities, signed zeros and rounding for floats."""
+    rng = np.random.default_rng([rank, dtype.num])
+    if dtype.kind == "f":
+        special = np.array([np.nan, np.inf, -np.inf, 0.0, -0.0, 1e-30, 3.0, -7.5], dtype)
+        return np.concatenate([np.roll(special, rank), rng.standard_normal(56).astype(dtype)])
+    info = np.iinfo(dtype)
+    special = np.array([info.min, info.max, 0, 1, info.max - 1, info.min + 1], dtype)
+    return np.concatenate([np.roll(special, rank), rng.integers(info.min, info.max, 58, dtype)])
+
+
+def _fold_member(ep, slot, generation, members, ops, seed, python_ranks):
+    """Allreduce, Reduce, Scan and Exscan of every element type and op on the C path (or
+    the Python steps at `python_ranks`), each result compared bit for bit with numpy's fold
+    in rank order."""
+    if ep.peer_id not in members:
+        return
+    me = members.index(ep.peer_id)
+    group = _group(ep, slot, generation, members, "python" if me in python_ranks else "c")
+    n = len(members)
+    for dtype in FOLD_DTYPES:
+        operands = [_fold_values(dtype, r) for r in range(n)]
+        for ufunc in FOLD_OPS:
+            if dtype.kind == "f" and ufunc in (np.bitwise_and, np.bitwise_or, np.bitwise_xor):
+                continue
+            with np.errstate(all="ignore"):
+                folds = list(itertools.accumulate(operands, ufunc))
+            for name, want, upto in (("allreduce", True, n), ("reduce", me == 1, n),
+                                     ("scan", True, me + 1), ("exscan", me > 0, me)):  # fmt: skip
+                out = np.full_like(operands[0], 99)
+                args = (operands[me], out, ufunc, 1) if name == "reduce" else (
+                    operands[me], out, ufunc)  # fmt: skip
+                with np.errstate(all="ignore"):
+                    getattr(group, name)(*args)
+                if want and upto:
+                    expect = folds[upto - 1]
+                    assert out.tobytes() == expect.tobytes(), (name, dtype, ufunc, me, out, expect)
+    group.close()
+
+
+@pytest.mark.parametrize("python_ranks", [(), (0, 2)], ids=["c", "mixed"])
+def test_c_reductions_match_numpy_bit_for_bit(make_region, spawn, python_ranks):
+    region = make_region(8 << 20, 4)
+    with region.endpoint(3) as leader:
+        _run_group(region, spawn, leader, [2, 0, 1], [], 0, python_ranks, _fold_member)
 
 
 def test_every_collective_in_one_sequence_at_four_ranks(make_region, spawn):
@@ -250,8 +327,7 @@ def test_slots_are_claimed_once_and_reclaimed_from_the_dead(make_region):
 
 # ------------------------------------------------------------------ hostile and lost peers
 def _bind_then(ep, slot, generation, members, action):
-    group = CollectiveGroup(ep, slot, generation, members, timeout=60)
-    group.wait_bound(timeout=30)
+    _group(ep, slot, generation, members, timeout=60)
     u64 = ep.region.u64
     arrive = ep.region.geometry.coll_peer_offset(slot, ep.peer_id) // 8
     base = generation << layout.COLL_SEQ_BITS
@@ -266,10 +342,10 @@ def _bind_then(ep, slot, generation, members, action):
     elif action == "kind":
         u64[arrive + 2] = 99
         u64[arrive] = base | 1
-    elif action == "rounds":  # a gatherv root's arrival that gives too few rounds
+    elif action in ("rounds", "rounds_many"):  # a gatherv root's arrival: too few / too many
         u64[arrive + 1] = 0
         u64[arrive + 2] = 3
-        u64[arrive + 3] = 0
+        u64[arrive + 3] = 0 if action == "rounds" else 5
         u64[arrive] = base | 1
     elif action == "done":
         u64[arrive + layout.COLL_DONE_OFFSET // 8] = base | (1 << 39)
@@ -287,22 +363,29 @@ def _bind_then(ep, slot, generation, members, action):
         ("kind", ic.RingCorruptError, "kind"),
         ("done", ic.RingCorruptError, "done seq"),
         ("rounds", ic.RingCorruptError, "rounds"),
+        ("rounds_many", ic.RingCorruptError, "rounds"),
         ("die", ic.PeerLostError, None),
     ],
 )
-def test_hostile_or_dead_member_is_named_not_waited_for(make_region, spawn, action, error, field):
+@pytest.mark.parametrize("impl", IMPLS)
+def test_hostile_or_dead_member_is_named_not_waited_for(
+    make_region, spawn, action, error, field, impl
+):
+    """The victim's bcast (gatherv for the rounds word; with max_rounds=1, the C path's
+    case, for too many) on the C accelerator and on the Python steps."""
     region = make_region(8 << 20, 2)
     with region.endpoint(0) as ep:
         slot, generation = claim_slot(region, 0, ep.incarnation)
         proc = spawn(run_peer, _bind_then, region.name, 1, slot, generation, [0, 1], action)
-        group = CollectiveGroup(ep, slot, generation, [0, 1], timeout=20)
-        group.wait_bound(timeout=30)
+        group = _group(ep, slot, generation, [0, 1], impl, timeout=20)
         time.sleep(0.3)  # the member scribbles (or dies) meanwhile
         t0 = time.monotonic()
         buf = bytearray(16)
         with pytest.raises(error) as err:
             if action == "rounds":
                 group.gatherv(buf, None, [], [], root=1)
+            elif action == "rounds_many":
+                group.gatherv(buf, None, [], [], root=1, max_rounds=1)
             else:
                 group.bcast(buf, root=1)
         assert time.monotonic() - t0 < 5
