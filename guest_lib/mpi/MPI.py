@@ -297,6 +297,8 @@ def Get_hw_resource_info() -> Info:
     """MPI-4.1's hardware resource information: a new, empty Info (no hardware hint is
     known to this MPI)."""
     return Info.Create()
+
+
 __all__ = [name for name in dir() if not name.startswith("_") and name != "annotations"]
 _unused = (  # names re-exported on purpose (mpi4py's MPI namespace), not used here
     ANY_SOURCE, ANY_TAG, BOTTOM, CONGRUENT, IDENT, IN_PLACE, KEY_HOST, KEY_IO,

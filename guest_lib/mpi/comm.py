@@ -47,13 +47,22 @@ class Comm:
 
     def __init__(
         self,
-        engine: Engine | None,
-        group: list[int],
-        ctx: int,
+        engine: Engine | Comm | None = None,
+        group: list[int] | None = None,
+        ctx: int = -1,
         mirror: Any = None,
         mirror_coll: Any = None,
         name: str = "",
     ) -> None:
+        """mpi4py's forms: `Comm()` a null handle (equal to COMM_NULL), `Comm(comm)` a new
+        handle on the communicator of `comm` (equal to it); TypeError for anything else.
+        Internally: the communicator of world ranks `group` over `engine`, context `ctx`."""
+        if isinstance(engine, Comm):
+            self.__dict__.update(engine.__dict__)
+            return
+        if engine is not None and not isinstance(engine, Engine):
+            raise TypeError(f"expecting a communicator, got {type(engine).__name__}")
+        group = [] if group is None else group
         self._engine = engine
         self._group = group
         self._ctx = ctx
@@ -122,7 +131,7 @@ class Comm:
         return self.Get_size()
 
     def Get_name(self) -> str:
-        return self._name
+        return self._name or ("MPI_COMM_NULL" if self._null else "")
 
     def Set_name(self, name: str) -> None:
         self._name = name
@@ -224,6 +233,19 @@ class Comm:
 
     def __hash__(self) -> int:
         return hash((self._ctx, tuple(self._group)))
+
+    def __reduce__(self) -> Any:
+        """COMM_WORLD, COMM_SELF and COMM_NULL unpickle as themselves (a new handle on one
+        as an equal new handle); any other communicator raises ValueError, as in mpi4py."""
+        from guest_lib.mpi import MPI
+
+        for name in ("COMM_NULL", "COMM_WORLD", "COMM_SELF"):
+            predefined = getattr(MPI, name)
+            if self is predefined:
+                return (_predefined, (name, True))
+            if self == predefined:
+                return (_predefined, (name, False))
+        raise ValueError(f"cannot serialize {self!r}: not a predefined communicator")
 
     def __repr__(self) -> str:
         if self._null:
@@ -819,5 +841,14 @@ _RECEIVING = (
 for _name in _RECEIVING:
     if hasattr(Intracomm, _name):
         setattr(Intracomm, _name, buffers.unpacking(getattr(Intracomm, _name)))
+
+
+def _predefined(name: str, same: bool) -> Comm:
+    """A predefined communicator by name (`same`) or a new handle on it."""
+    from guest_lib.mpi import MPI
+
+    comm: Comm = getattr(MPI, name)
+    return comm if same else type(comm)(comm)
+
 
 COMM_NULL = Intracomm(None, [], -1)

@@ -103,9 +103,11 @@ class Request:
         return True, self._fill(status)
 
     def Get_status(self, status: Status | None = None) -> bool:
-        """True iff complete, without freeing the request."""
+        """True iff complete, without freeing the request (a null one: an empty status)."""
         op = self._op
         if op is None:
+            if status is not None:
+                status._set(constants.ANY_SOURCE, constants.ANY_TAG, 0)
             return True
         if not op.done:
             self._progress()
@@ -118,6 +120,56 @@ class Request:
 
     def get_status(self, status: Status | None = None) -> bool:
         return self.Get_status(status)
+
+    @classmethod
+    def Get_status_all(cls, requests: Sequence[Request], statuses: Any = None) -> bool:
+        """True iff every request is complete (null ones count as complete), statuses then
+        filled; no request is freed (MPI-4.1)."""
+        engine = cls._engine_of(requests)
+        if engine is not None:
+            engine.progress()
+        if not all(r._op is None or r._op.done for r in requests):
+            return False
+        for index, request in enumerate(requests):
+            request.Get_status(_status_at(statuses, index))
+        return True
+
+    get_status_all = Get_status_all
+
+    @classmethod
+    def Get_status_any(
+        cls, requests: Sequence[Request], status: Status | None = None
+    ) -> tuple[int, bool]:
+        """(index, True) of a complete request, its status filled and the request not
+        freed; (UNDEFINED, True) if all are null; (UNDEFINED, False) if none is complete."""
+        engine = cls._engine_of(requests)
+        if engine is not None:
+            engine.progress()
+        active = [(i, r) for i, r in enumerate(requests) if r._op is not None]
+        for index, request in active:
+            if request.Get_status(status):
+                return index, True
+        if not active and status is not None:
+            status._set(constants.ANY_SOURCE, constants.ANY_TAG, 0)
+        return constants.UNDEFINED, not active
+
+    get_status_any = Get_status_any
+
+    @classmethod
+    def Get_status_some(cls, requests: Sequence[Request], statuses: Any = None) -> list[int] | None:
+        """Indices of the complete requests (statuses[k] filled for the k-th), none freed;
+        None if all are null (MPI-4.1)."""
+        if all(r._op is None for r in requests):
+            return None
+        engine = cls._engine_of(requests)
+        if engine is not None:
+            engine.progress()
+        done = [i for i, r in enumerate(requests) if r._op is not None and r._op.done]
+        for k, index in enumerate(done):
+            requests[index].Get_status(_status_at(statuses, k))
+        return done
+
+    get_status_some = Get_status_some
 
     def Cancel(self) -> None:
         """Cancel a receive not matched yet (its status then says cancelled); else no-op."""
@@ -306,12 +358,15 @@ class Request:
         return "<Request null>" if self._op is None else f"<Request {type(self._op).__name__}>"
 
 
-def _status_at(statuses: list[Status] | None, index: int) -> Status | None:
+def _status_at(statuses: Sequence[Status] | None, index: int) -> Status | None:
+    """statuses[index]: a list is extended with new statuses as needed; another sequence
+    (a tuple) has no status past its end (None)."""
     if statuses is None:
         return None
-    while len(statuses) <= index:
-        statuses.append(Status())
-    return statuses[index]
+    if isinstance(statuses, list):
+        while len(statuses) <= index:
+            statuses.append(Status())
+    return statuses[index] if index < len(statuses) else None
 
 
 def unpickle(op: Op) -> Any:

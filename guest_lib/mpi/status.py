@@ -2,36 +2,62 @@
 
 from __future__ import annotations
 
+import array
 from typing import Any
 
 from guest_lib.mpi import constants
 from guest_lib.mpi.datatypes import BYTE, Datatype
 
+_COUNT, _CANCELLED, _SOURCE, _TAG, _ERROR = range(5)
+
+
+def _field(index: int, doc: str) -> property:
+    def get(self: Status) -> int:
+        return self._fields[index]
+
+    def put(self: Status, value: int) -> None:
+        self._fields[index] = int(value)
+
+    return property(get, put, doc=doc)
+
 
 class Status:
-    """What a receive (or probe) matched. A fresh Status has ANY_SOURCE / ANY_TAG / 0 bytes."""
+    """What a receive (or probe) matched. A fresh Status has ANY_SOURCE / ANY_TAG / 0 bytes.
 
-    __slots__ = ("cancelled", "count", "error", "source", "tag")
-    source: int
-    tag: int
-    error: int
-    count: int  # bytes
-    cancelled: bool
+    The fields live in one array of five 64-bit integers (count in bytes, cancelled, source,
+    tag, error), which `tomemory()` exposes as a writable memoryview, as mpi4py's does."""
+
+    __slots__ = ("_fields",)
+    count = _field(_COUNT, "bytes received")
+    source = _field(_SOURCE, "the sender's rank")
+    tag = _field(_TAG, "the message's tag")
+    error = _field(_ERROR, "the error class of the operation")
 
     def __init__(self, status: Status | None = None) -> None:
-        if status is not None:
-            self.source, self.tag, self.error = status.source, status.tag, status.error
-            self.count, self.cancelled = status.count, status.cancelled
+        if status is None:
+            self._fields = array.array("q", [0, 0, constants.ANY_SOURCE, constants.ANY_TAG, 0])
+        elif isinstance(status, Status):
+            self._fields = array.array("q", status._fields)
         else:
-            self.source = constants.ANY_SOURCE
-            self.tag = constants.ANY_TAG
-            self.error = 0
-            self.count = 0  # bytes
-            self.cancelled = False
+            raise TypeError(f"Status: expecting a Status, got {type(status).__name__}")
+
+    @property
+    def cancelled(self) -> bool:
+        return bool(self._fields[_CANCELLED])
+
+    @cancelled.setter
+    def cancelled(self, flag: bool) -> None:
+        self._fields[_CANCELLED] = bool(flag)
 
     def _set(self, source: int, tag: int, count: int, error: int = 0) -> None:
-        self.source, self.tag, self.count, self.error = source, tag, count, error
-        self.cancelled = False
+        fields = self._fields
+        fields[_COUNT], fields[_CANCELLED], fields[_SOURCE] = count, 0, source
+        fields[_TAG], fields[_ERROR] = tag, error
+
+    def tomemory(self) -> memoryview:
+        """The status's memory: a writable view of its five 64-bit fields (count in
+        bytes, cancelled, source, tag, error); writing it changes the status."""
+        return memoryview(self._fields)
 
     def Get_source(self) -> int:
         return self.source
@@ -77,7 +103,7 @@ class Status:
         self.cancelled = bool(flag)
 
     def py2f(self) -> list[int]:
-        return [self.count, int(self.cancelled), self.source, self.tag, self.error]
+        return list(self._fields)
 
     def __eq__(self, other: Any) -> bool:
         return isinstance(other, Status) and self.py2f() == other.py2f()
