@@ -366,7 +366,14 @@ class CollectiveGroup:
         deadline = None if timeout is None else time.monotonic() + timeout
         for r in self._others:
             while (self._u64[self._done_i[r]] >> layout.COLL_SEQ_BITS) != self._gen:
-                self._check_alive(r, bound=False)
+                try:
+                    self._check_alive(r, bound=False)
+                except PeerLostError:
+                    # It may have bound, and left or died, since the load above.
+                    if (self._u64[self._done_i[r]] >> layout.COLL_SEQ_BITS) != self._gen:
+                        raise
+                    self._broken = None
+                    break
                 if deadline is not None and time.monotonic() >= deadline:
                     raise TimeoutError(
                         f"peer {self.members[r]} did not bind to collective slot {self.slot}"
