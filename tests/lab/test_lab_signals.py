@@ -6,7 +6,8 @@ Each test starts the real CLI, waits until every rank printed in its guest (QEMU
 booted, the job's broker serving its region), notes the processes and directories the job
 made (from /proc: the QEMUs', the broker's and mpiexec's command lines), signals the CLI and
 checks that all of them are gone within a few seconds. After SIGKILL the CLI cannot clean
-up: its guardian process (guest_lib.launch.Guardian) does. SIGTERM and SIGINT reach the
+up: its guardian process (guest_lib.launch.Guardian) does, also for ``mpiexec --hosts 2``
+(two brokers and two regions). SIGTERM and SIGINT reach the
 ranks in the guests first.
 """
 
@@ -39,6 +40,9 @@ COMMANDS = {
     "run": ["run", "--vms", "1", "-n", "2", "--memory", "384M"],
     "mpiexec": ["mpiexec", "--vms", "1", "-n", "2", "--memory", "384M"],
 }
+# Two simulated hosts of one guest each: two brokers, two regions, all left to the guardian.
+KILLED = {**COMMANDS, "mpiexec-2-hosts": ["mpiexec", "--hosts", "2", "--vms", "2", "--memory",
+                                          "384M"]}  # fmt: skip
 
 
 def _shm(lab_pid: int) -> list[str]:
@@ -51,7 +55,7 @@ class LabJob:
 
     def __init__(self, command: str, ranks: int = 2) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "ivshmem_lab.cli", *COMMANDS[command], "--",
+            [sys.executable, "-m", "ivshmem_lab.cli", *KILLED[command], "--",
              sys.executable, "-c", RANK],
             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         )  # fmt: skip
@@ -80,7 +84,7 @@ class LabJob:
                 self.pids["mpiexec"].append(pid)
                 self.paths.add(str(Path(argv[argv.index("-launcher-exec") + 1]).parent))
         assert self.pids["qemu"] and self.pids["broker"], (self.pids, self.out.decode())
-        assert (command == "mpiexec") == bool(self.pids["mpiexec"]), self.pids
+        assert command.startswith("mpiexec") == bool(self.pids["mpiexec"]), self.pids
         assert self.paths and all(os.path.exists(p) for p in self.paths), self.paths
         assert _shm(self.proc.pid), "the job's region is not in /dev/shm"
 
@@ -107,10 +111,12 @@ class LabJob:
         self.proc.wait()
 
 
-@pytest.mark.parametrize("command", sorted(COMMANDS))
+@pytest.mark.parametrize("command", sorted(KILLED))
 def test_a_killed_lab_leaves_nothing(command: str) -> None:
     job = LabJob(command)
     try:
+        hosts = 2 if command == "mpiexec-2-hosts" else 1
+        assert len(job.pids["broker"]) == hosts, job.pids
         job.proc.send_signal(signal.SIGKILL)
         assert job.finish(10) == -signal.SIGKILL
     finally:
