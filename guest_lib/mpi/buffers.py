@@ -30,7 +30,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from guest_lib.mpi import datatypes
+from guest_lib.mpi import constants, datatypes
 from guest_lib.mpi.datatypes import BYTE, Datatype
 
 _EMPTY = memoryview(bytearray(0))
@@ -343,15 +343,8 @@ class VSpec(NamedTuple):
         return self.view[start : start + self.counts[rank] * extent]
 
 
-def parse_vector(spec: Any, size: int, *, writable: bool = False) -> VSpec:
-    """Resolve a vector spec for `size` ranks, with mpi4py's rules.
-
-    Forms: buf, [buf, datatype], [buf, counts], [buf, (counts, displs)], [buf, counts,
-    datatype], [buf, (counts, displs), datatype], [buf, counts, displs, datatype] (a tuple
-    in the counts place is (counts, displs); a list is counts). counts None: the buffer's
-    elements split as evenly as can be (the first ranks get one more); an int: that count
-    for every rank. displs None: contiguous (running sums); an int d: strided, d * rank.
-    """
+def _vector_form(spec: Any) -> tuple[Any, Any, Any, Datatype | None]:
+    """(buf, counts, displs, datatype) of a vector spec, as written (None where absent)."""
     counts: Any = None
     displs: Any = None
     datatype: Datatype | None = None
@@ -373,6 +366,38 @@ def parse_vector(spec: Any, size: int, *, writable: bool = False) -> VSpec:
             raise ValueError("message: expecting 2 to 4 items")
     else:
         buf = spec
+    return buf, counts, displs, datatype
+
+
+def check_blocks(spec: Any, size: int) -> None:
+    """mpi4py's rule for the spec of a block (not v) collective such as Alltoall: a count
+    left to infer (buf, [buf, datatype], [buf, None, datatype]) must split into `size`
+    equal blocks. ValueError otherwise, from the arguments alone, so that every rank given
+    such a spec raises it before anything moves. IN_PLACE and None pass."""
+    if spec is None or spec is constants.IN_PLACE:
+        return
+    buf, counts, _, datatype = _vector_form(spec)
+    if counts is not None:
+        return
+    view, implied = _as_bytes(buf, False)
+    extent = (datatype or _implied(implied)).Get_size()
+    if extent > 0 and not len(view) % extent and (len(view) // extent) % size:
+        raise ValueError(
+            f"message: cannot infer count, number of entries {len(view) // extent} is not "
+            f"a multiple of required number of blocks {size}"
+        )
+
+
+def parse_vector(spec: Any, size: int, *, writable: bool = False) -> VSpec:
+    """Resolve a vector spec for `size` ranks, with mpi4py's rules.
+
+    Forms: buf, [buf, datatype], [buf, counts], [buf, (counts, displs)], [buf, counts,
+    datatype], [buf, (counts, displs), datatype], [buf, counts, displs, datatype] (a tuple
+    in the counts place is (counts, displs); a list is counts). counts None: the buffer's
+    elements split as evenly as can be (the first ranks get one more); an int: that count
+    for every rank. displs None: contiguous (running sums); an int d: strided, d * rank.
+    """
+    buf, counts, displs, datatype = _vector_form(spec)
     view, implied = _as_bytes(buf, writable)
     if datatype is None:
         datatype = _implied(implied)

@@ -880,8 +880,17 @@ class Collectives:
         recvs = [self._c_irecv(spec.part(r), r, tag) for r in range(size) if r != rank]
         yield recvs + [self._c_isend(mine, r, tag) for r in range(size) if r != rank]
 
-    @collective(fast=_f_alltoall)
     def Alltoall(self, sendbuf: Any, recvbuf: Any) -> None:
+        """All-to-all of equal blocks: a spec without counts must split into size blocks,
+        ValueError on every rank given one that does not, before anything moves (mpi4py's
+        rule; Alltoallv splits such a spec as evenly as can be)."""
+        size = len(self._group)
+        buffers.check_blocks(sendbuf, size)
+        buffers.check_blocks(recvbuf, size)
+        self.Alltoallv(sendbuf, recvbuf)
+
+    @collective(fast=_f_alltoall)
+    def Alltoallv(self, sendbuf: Any, recvbuf: Any) -> None:
         planned: list[tuple[str, tuple[Any, ...]]] = []
 
         def plan() -> tuple[str, tuple[Any, ...]]:
@@ -895,15 +904,18 @@ class Collectives:
         before = planned[0][1][0] if planned and sendbuf is IN_PLACE else None
         self._run(self._alltoallv(sendbuf, recvbuf, T_ALLTOALL, before))
 
-    Alltoallv = Alltoall
-
     def Ialltoall(self, sendbuf: Any, recvbuf: Any) -> Request:
+        """Nonblocking Alltoall (its specs checked as Alltoall's, at the call)."""
+        size = len(self._group)
+        buffers.check_blocks(sendbuf, size)
+        buffers.check_blocks(recvbuf, size)
+        return self.Ialltoallv(sendbuf, recvbuf)
+
+    def Ialltoallv(self, sendbuf: Any, recvbuf: Any) -> Request:
         return self._nonblocking(
             functools.partial(self._alltoallv, sendbuf, recvbuf),
             functools.partial(self._p_alltoall, sendbuf, recvbuf),
         )
-
-    Ialltoallv = Ialltoall
 
     def _alltoallv(
         self, sendbuf: Any, recvbuf: Any, tag: int, before: memoryview | None = None

@@ -12,13 +12,6 @@ from __future__ import annotations
 
 ENTRIES: list[tuple[str, str, str]] = [
     ("test_attributes.*", "xfail", "missing: WIN_NULL (issue #11 point 3)"),
-    (
-        "test_msgspec.TestMessageBlock.testMessageBad",
-        "skip@2,4",
-        "wrong: Alltoall with a count that does not split evenly raises ValueError on one "
-        "rank; which exception the others get depends on timing (mpi4py: ValueError on every "
-        "rank) (issue #11)",
-    ),
     ("test_errhandler.TestErrhandlerFile.*", "xfail", "missing: File (issue #11 point 3)"),
     ("test_errhandler.TestErrhandlerSession.*", "xfail", "missing: Session (issue #11 point 3)"),
     ("test_errhandler.TestErrhandlerWin.*", "xfail", "missing: Win (issue #11 point 3)"),

@@ -242,3 +242,31 @@ def test_create_cart_halo_exchange(comm):
     cart.Free()
     with pytest.raises(ValueError):
         comm.Create_cart([size], [True, True])
+
+
+@pytest.mark.parametrize("call", ["Alltoall", "Ialltoall"])
+def test_alltoall_uneven_blocks_raise_everywhere(comm, call):
+    """A block Alltoall whose spec leaves a count to infer that does not split into size
+    blocks raises ValueError on every rank, before anything moves (mpi4py's rule; it used
+    to raise on one rank while the others got MPI.Exception from the abandoned collective,
+    depending on timing); Alltoallv splits the same spec as evenly as can be."""
+    size, rank = comm.Get_size(), comm.Get_rank()
+    entries = size + 1 if size > 1 else 1
+    for _ in range(20):
+        sendbuf = np.full(entries, rank, "i")
+        if size > 1:
+            with pytest.raises(ValueError, match="multiple of required number of blocks"):
+                result = getattr(comm, call)([sendbuf, None, MPI.INT], [None, 0, MPI.BYTE])
+                if call == "Ialltoall":
+                    result.Wait()
+        gathered = np.zeros(size, "i")
+        comm.Allgather(np.array([rank], "i"), gathered)  # the ranks are still in step
+        assert list(gathered) == list(range(size))
+    # the vector form: the first (entries % size) ranks get one more entry
+    counts = [entries // size + (entries % size > r) for r in range(size)]
+    recvbuf = np.full(size * 2, -1, "i")
+    comm.Alltoallv([np.arange(entries, dtype="i") + 100 * rank, None, MPI.INT],
+                   [recvbuf, ([counts[rank]] * size, None), MPI.INT])  # fmt: skip
+    first = sum(counts[:rank])
+    expected = [100 * r + first + k for r in range(size) for k in range(counts[rank])]
+    assert list(recvbuf[: len(expected)]) == expected
