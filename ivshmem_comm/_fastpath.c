@@ -1503,10 +1503,14 @@ static PyTypeObject RxRingType = {
  * are kept here meanwhile. Returns 0 when the round completed, 1 when a member declined it
  * (gatherv / scatterv / alltoallv: rounds word 0).
  * ------------------------------------------------------------------------------------------ */
-enum { CW_BARRIER, CW_BCAST, CW_GATHERV, CW_SCATTERV, CW_ALLGATHERV, CW_ALLTOALLV, CW_FOLD };
+enum {
+    CW_BARRIER, CW_BCAST, CW_GATHERV, CW_SCATTERV, CW_ALLGATHERV, CW_ALLTOALLV,
+    CW_BCAST_BYTES, CW_GATHER_BYTES, CW_ALLGATHER_BYTES, CW_FOLD
+};
 enum { CP_ENTER, CP_PUBLISH, CP_TAKE, CP_END };
 /* Kinds: collective.KIND_*. */
 enum { CK_BARRIER = 1, CK_BCAST, CK_GATHER, CK_SCATTER, CK_ALLGATHER, CK_ALLTOALL };
+enum { CK_BCAST_BYTES = 12, CK_GATHER_BYTES, CK_ALLGATHER_BYTES };
 /* Element types and ops of CW_FOLD: collective.FOLD_DTYPES / FOLD_OPS. */
 enum { CD_I1, CD_I2, CD_I4, CD_I8, CD_U1, CD_U2, CD_U4, CD_U8, CD_F4, CD_F8, CD_COUNT };
 enum { CO_SUM, CO_PROD, CO_MAX, CO_MIN, CO_BAND, CO_BOR, CO_BXOR, CO_COUNT };
@@ -1532,6 +1536,7 @@ typedef struct {
     Py_ssize_t nbytes; /* fold: bytes of each operand */
     Py_buffer send, recv;
     bool has_send, has_recv;
+    PyObject *taken; /* the *_BYTES calls: a list, per member its bytes or None */
 } CollRound;
 
 static void coll_release_call(CollRound *c)
@@ -1702,6 +1707,12 @@ static int coll_taken(CollRound *c, int pos)
         if (me != c->root)
             return pos > 0 ? -1 : c->root;
         break;
+    case CW_BCAST_BYTES:
+        return (me == c->root || pos > 0) ? -1 : c->root;
+    case CW_GATHER_BYTES:
+        if (me != c->root)
+            return -1;
+        break;
     case CW_FOLD: /* ranks 0 .. upto-1 in order, this one included (its slab) */
         return (c->want && pos < c->upto) ? pos : -1;
     default:
@@ -1715,8 +1726,9 @@ static int coll_taken(CollRound *c, int pos)
 /* What member r's arrival must announce: kind and nbytes. */
 static void coll_expect(CollRound *c, int r, uint64_t *kind, uint64_t *nbytes)
 {
-    static const uint64_t kinds[] = {CK_BARRIER, CK_BCAST,     CK_GATHER, CK_SCATTER,
-                                     CK_ALLGATHER, CK_ALLTOALL, 0};
+    static const uint64_t kinds[] = {CK_BARRIER,     CK_BCAST,        CK_GATHER,
+                                     CK_SCATTER,     CK_ALLGATHER,    CK_ALLTOALL,
+                                     CK_BCAST_BYTES, CK_GATHER_BYTES, CK_ALLGATHER_BYTES};
     *kind = c->which == CW_FOLD ? (uint64_t)c->kind : kinds[c->which];
     switch (c->which) {
     case CW_BCAST: *nbytes = (uint64_t)c->recv.len; break;
@@ -1769,6 +1781,13 @@ static void coll_publish(CollRound *c)
     case CW_FOLD:
         memcpy(slab, send, (size_t)nbytes);
         break;
+    case CW_BCAST_BYTES:
+    case CW_GATHER_BYTES:
+    case CW_ALLGATHER_BYTES: /* rounds word 1: in the slab; 0: none, or sent otherwise */
+        nbytes = c->rounds_out ? (uint64_t)c->send.len : 0;
+        if (nbytes)
+            memcpy(slab, send, (size_t)nbytes);
+        break;
     default:
         break;
     }
@@ -1779,7 +1798,7 @@ static void coll_publish(CollRound *c)
     __atomic_store_n(line, (c->gen << COLL_SEQ_BITS) | c->k, __ATOMIC_RELEASE); /* [R5] */
 }
 
-/* Member r's rounds word (after its [A5] load): 0 (declined) or 1; else corrupt. */
+/* Member r's rounds word (after its [A5] load): 0 (declined) or 1; else corrupt (-1). */
 static int coll_rounds(CollRound *c, int r)
 {
     uint64_t value = __atomic_load_n(c->arrive[r] + 3, __ATOMIC_RELAXED);
@@ -1790,7 +1809,7 @@ static int coll_rounds(CollRound *c, int r)
     }
     if (value == 0)
         c->declined = true;
-    return 0;
+    return (int)value;
 }
 
 /* Step 3 for member r, whose arrival is published: check it, then consume its slab. */
@@ -1808,7 +1827,14 @@ static int coll_consume(CollRound *c, int r)
                                               (unsigned long long)want_kind));
             return -1;
         }
-        if (nbytes != want_nbytes) {
+        if (c->which >= CW_BCAST_BYTES && c->which <= CW_ALLGATHER_BYTES) {
+            if (nbytes > (uint64_t)c->slab_size) {
+                coll_corrupt(c, r, "nbytes", PyLong_FromUnsignedLongLong(nbytes),
+                             PyUnicode_FromFormat("more than a slab (%zd bytes)", c->slab_size));
+                return -1;
+            }
+            want_nbytes = nbytes;
+        } else if (nbytes != want_nbytes) {
             coll_corrupt(c, r, "nbytes", PyLong_FromUnsignedLongLong(nbytes),
                          PyUnicode_FromFormat("this call expects %llu bytes",
                                               (unsigned long long)want_nbytes));
@@ -1841,6 +1867,22 @@ static int coll_consume(CollRound *c, int r)
             return -1;
         memcpy(recv + c->rdispls[r], theirs + me * c->seg, (size_t)c->rcounts[r]);
         break;
+    case CW_BCAST_BYTES:
+    case CW_GATHER_BYTES:
+    case CW_ALLGATHER_BYTES: {
+        int rounds = coll_rounds(c, r);
+        if (rounds < 0)
+            return -1;
+        if (rounds == 0) /* r sends it otherwise; its entry stays None */
+            break;
+        PyObject *data = PyBytes_FromStringAndSize((const char *)theirs, (Py_ssize_t)want_nbytes);
+        if (data == NULL) {
+            coll_release_call(c);
+            return -1;
+        }
+        PyList_SetItem(c->taken, r, data); /* steals; replaces None */
+        break;
+    }
     case CW_FOLD:
         if (r == 0)
             memcpy(recv, theirs, (size_t)c->nbytes);
@@ -2005,7 +2047,7 @@ static PyObject *coll_run(CollRound *c, PyObject *const *args, Py_ssize_t nargs)
     root = PyLong_AsLong(args[6]);
     if (PyErr_Occurred() || coll_spin_args(args[1], args[2], &spin_ns, &yield) < 0)
         return NULL;
-    if (which < CW_BARRIER || which > CW_ALLTOALLV || root < 0 || root >= c->size) {
+    if (which < CW_BARRIER || which > CW_ALLGATHER_BYTES || root < 0 || root >= c->size) {
         PyErr_Format(PyExc_ValueError, "bad collective %d or root %d", which, root);
         return NULL;
     }
@@ -2098,6 +2140,21 @@ static PyObject *coll_run(CollRound *c, PyObject *const *args, Py_ssize_t nargs)
             c->rounds_out = 1;
         }
         break;
+    case CW_BCAST_BYTES:
+    case CW_GATHER_BYTES:
+    case CW_ALLGATHER_BYTES: {
+        bool publishes = which == CW_ALLGATHER_BYTES || (which == CW_BCAST_BYTES) == is_root;
+        Py_XSETREF(c->taken, PyList_New(c->size));
+        ok = c->taken != NULL;
+        for (int r = 0; ok && r < c->size; r++)
+            PyList_SET_ITEM(c->taken, r, Py_NewRef(Py_None));
+        if (ok && publishes) {
+            ok = coll_buffer(send, &c->send, &c->has_send, false) == 0;
+            c->rounds_out = ok && c->send.len <= c->slab_size;
+            c->declined = !c->rounds_out; /* too large: the caller sends it otherwise */
+        }
+        break;
+    }
     default:
         break;
     }
@@ -2255,6 +2312,7 @@ static int coll_traverse(CollRound *c, visitproc visit, void *arg)
 {
     Py_VISIT(c->kick);
     Py_VISIT(c->broken);
+    Py_VISIT(c->taken);
     return 0;
 }
 
@@ -2262,6 +2320,7 @@ static int coll_clear(CollRound *c)
 {
     Py_CLEAR(c->kick);
     Py_CLEAR(c->broken);
+    Py_CLEAR(c->taken);
     return 0;
 }
 
@@ -2299,8 +2358,15 @@ static PyMethodDef coll_methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
+static PyObject *coll_get_taken(CollRound *c, void *Py_UNUSED(closure))
+{
+    return Py_NewRef(c->taken != NULL ? c->taken : Py_None);
+}
+
 static PyGetSetDef coll_getset[] = {
     {"broken", (getter)coll_get_broken, NULL, "the error that broke the group, or None", NULL},
+    {"taken", (getter)coll_get_taken, NULL,
+     "after a *_BYTES call: per member, the bytes taken from its slab, or None", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 

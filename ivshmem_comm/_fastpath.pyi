@@ -81,6 +81,7 @@ class RxRing(_RingBase):
 # on before resume().
 class CollectiveRound:
     broken: RingCorruptError | None
+    taken: list[bytes | None] | None  # after a *_BYTES run: per member, what it took
     def __init__(
         self,
         region_buf: Any,

@@ -75,6 +75,9 @@ KIND_ALLREDUCE = 8
 KIND_REDUCE_SCATTER = 9
 KIND_SCAN = 10
 KIND_EXSCAN = 11
+KIND_BCAST_BYTES = 12
+KIND_GATHER_BYTES = 13
+KIND_ALLGATHER_BYTES = 14
 
 # The seq words, slabs and flags are loaded and stored through plain memoryview accesses,
 # whose ordering is x86 TSO's (see the module docstring): elsewhere no slot is ever claimed,
@@ -90,6 +93,7 @@ _WORD_MASK = 0xFFFFFFFF
 # What ring.CollectiveRound runs in one call (its `which`), and the element types and ops of
 # its reductions (`fold`): numpy ufunc semantics, native byte order only.
 C_BARRIER, C_BCAST, C_GATHERV, C_SCATTERV, C_ALLGATHERV, C_ALLTOALLV = range(6)
+C_BCAST_BYTES, C_GATHER_BYTES, C_ALLGATHER_BYTES = range(6, 9)
 FOLD_DTYPES: dict[Any, int] = {
     np.dtype(t): code
     for code, t in enumerate(("=i1", "=i2", "=i4", "=i8", "=u1", "=u2", "=u4", "=u8", "=f4", "=f8"))
@@ -192,7 +196,7 @@ def _blocking(
 COLLECTIVES = (
     "barrier", "bcast", "gather", "gatherv", "scatter", "scatterv", "allgather", "allgatherv",
     "alltoall", "alltoallv", "reduce", "allreduce", "scan", "exscan", "reduce_scatter_block",
-    "reduce_scatter",
+    "reduce_scatter", "bcast_bytes", "gather_bytes", "allgather_bytes",
 )  # fmt: skip
 
 
@@ -526,15 +530,22 @@ class CollectiveGroup:
         slab[:nbytes] = payload
         self._publish(kind, nbytes, rounds)
 
-    def _take(self, r: int, kind: int, nbytes: int) -> Generator[Wait, None, memoryview]:
+    def _take(self, r: int, kind: int, nbytes: int | None) -> Generator[Wait, None, memoryview]:
         """Step 3 for member r: wait for its arrival, check it, return its first `nbytes`
-        slab bytes (a view into the region; valid until `_end`)."""
+        slab bytes (None: as many as it announced, at most a slab) as a view into the
+        region, valid until `_end`."""
         index = self._arrive_i[r]
         yield from self._until(r, index, self._round, "arrive seq")
         found, found_kind = self._u64[index + 1], self._u64[index + 2]  # after [A5]
         if found_kind != kind:
             raise self._corrupt(r, "kind", found_kind, f"this member runs kind {kind}")
-        if found != nbytes:
+        if nbytes is None:
+            if found > self.slab_size:
+                raise self._corrupt(
+                    r, "nbytes", found, f"more than a slab ({self.slab_size} bytes)"
+                )
+            nbytes = found
+        elif found != nbytes:
             raise self._corrupt(r, "nbytes", found, f"this call expects {nbytes} bytes")
         return self._slabs[r][:nbytes]
 
@@ -792,6 +803,46 @@ class CollectiveGroup:
             self._end()
             i += 1
 
+    # ------------------------------------------------------------------ byte strings
+    # Payloads whose size only their sender knows (the MPI face's pickled objects), at most a
+    # slab each, in one round: a sender publishes its bytes with rounds word 1, or nothing
+    # with rounds word 0 when they are larger than a slab (it declines: the caller moves
+    # those otherwise; `declined` is then set on the sender and on every member that takes
+    # from it). `taken` (one entry per member, None on entry) gets the bytes of each member
+    # this one takes from, None where it declined.
+    def _bcast_bytes(self, data: Any, root: int, taken: list[bytes | None]) -> Steps:
+        """`root`'s `data` into taken[root] of every other member (data ignored there)."""
+        is_root = self.rank == root
+        yield from self._bytes_round(
+            KIND_BCAST_BYTES, data, is_root, [] if is_root else [root], taken
+        )
+
+    def _gather_bytes(self, data: Any, root: int, taken: list[bytes | None]) -> Steps:
+        """Member r's `data` into taken[r] at `root` (whose own data is ignored)."""
+        is_root = self.rank == root
+        yield from self._bytes_round(
+            KIND_GATHER_BYTES, data, not is_root, self._others if is_root else [], taken
+        )
+
+    def _allgather_bytes(self, data: Any, taken: list[bytes | None]) -> Steps:
+        """Member r's `data` into taken[r] of every other member."""
+        yield from self._bytes_round(KIND_ALLGATHER_BYTES, data, True, self._others, taken)
+
+    def _bytes_round(
+        self, kind: int, data: Any, sends: bool, takes: list[int], taken: list[bytes | None]
+    ) -> Steps:
+        self.declined = False
+        fits = sends and len(data) <= self.slab_size
+        yield from self._begin(kind, data if fits else b"", int(fits))
+        for r in takes:
+            theirs = yield from self._take(r, kind, None)
+            if self._rounds_of(r, 1, 1):
+                taken[r] = bytes(theirs)
+            else:
+                self.declined = True
+        self._end()
+        self.declined = self.declined or (sends and not fits)
+
     # ------------------------------------------------------------------ reductions
     def _reduce(
         self, sendbuf: np.ndarray, recvbuf: np.ndarray | None, op: ReduceOp, root: int
@@ -948,6 +999,22 @@ class CollectiveGroup:
             raise
         self.declined = result == 1
         return True
+
+    def _c_bytes(self, which: int, data: Any, root: int, taken: list[bytes | None]) -> bool:
+        c = self._c
+        assert c is not None
+        self._in_c(c.run, which, data, None, root, None, None, None, None)
+        taken[:] = c.taken
+        return True
+
+    def _c_bcast_bytes(self, data: Any, root: int, taken: list[bytes | None]) -> bool:
+        return self._c_bytes(C_BCAST_BYTES, data, root, taken)
+
+    def _c_gather_bytes(self, data: Any, root: int, taken: list[bytes | None]) -> bool:
+        return self._c_bytes(C_GATHER_BYTES, data, root, taken)
+
+    def _c_allgather_bytes(self, data: Any, taken: list[bytes | None]) -> bool:
+        return self._c_bytes(C_ALLGATHER_BYTES, data, 0, taken)
 
     def _c_failed(self, k: int, exc: BaseException) -> None:
         """Round k failed in C (or while blocked): it was taken; a corrupt member breaks the
@@ -1118,6 +1185,9 @@ class CollectiveGroup:
     allreduce = _blocking(_allreduce, _c_allreduce)
     scan = _blocking(_scan, _c_scan)
     exscan = _blocking(_exscan, _c_exscan)
+    bcast_bytes = _blocking(_bcast_bytes, _c_bcast_bytes)
+    gather_bytes = _blocking(_gather_bytes, _c_gather_bytes)
+    allgather_bytes = _blocking(_allgather_bytes, _c_allgather_bytes)
     reduce_scatter_block = _blocking(_reduce_scatter_block)
     reduce_scatter = _blocking(_reduce_scatter)
 

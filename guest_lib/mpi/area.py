@@ -35,8 +35,9 @@ for still moves. A nonblocking area collective is an `AreaOp` whose completion i
 the engine's progress; while any is pending, this member's sleep flag stays raised so that
 every publication of the group rings its doorbell (the engine naps on it).
 
-Object collectives (lowercase bcast, allgather, ...) stay on messages: the area versions
-(a fixed first block with the pickle) measured slower in the OSU loop at 2 and 4 ranks.
+Object collectives (lowercase bcast, gather, allgather and those built on them: reduce,
+allreduce, scan, exscan) put each pickle in its sender's slab when it fits one (`exchange`);
+a larger pickle goes by messages to the members that take it, in the same instance.
 
 Reductions go through the area for the predefined ops that are numpy ufuncs (SUM, PROD, MAX,
 MIN, BAND, BOR, BXOR) on numpy element types; other ops fall back to messages.
@@ -190,6 +191,17 @@ class Area:
         if not group.declined:
             self.completed += 1
         return True
+
+    def exchange(self, name: str, data: Any, root: int = 0) -> list[bytes | None] | None:
+        """Byte-string collective `name` of the group ("bcast_bytes", "gather_bytes" or
+        "allgather_bytes": see CollectiveGroup) with this member's `data`: per member, the
+        bytes taken from it (None where nothing is taken, or where it declined, data over a
+        slab: `group.declined` is then set and the caller moves those by messages); None
+        when the collective must run on messages (Fallback: the area is dropped). Errors
+        as for `run`."""
+        taken: list[bytes | None] = [None] * self.group.size
+        args = (data, taken) if name == "allgather_bytes" else (data, root, taken)
+        return taken if self.run(name, *args) else None
 
     @contextlib.contextmanager
     def _leaving(self) -> Iterator[None]:

@@ -402,7 +402,7 @@ class Collectives:
         """Bitwise OR of `value` over the members, by messages (never the area: a context
         agreement must come after every message a member sent before it; see _alloc_ctx)."""
         result = 0
-        for item in self.allgather(value):
+        for item in self._allgather_messages(value):
             result |= item
         return result
 
@@ -707,8 +707,13 @@ class Collectives:
             return obj
         if self._has_mpi:
             return self._h_bcast(obj, root, objects=True)
-        if rank == root:
-            self._bcast_view(_dumps(obj), root, T_BCAST)
+        shared = area.bound(self)
+        data = _dumps(obj) if rank == root else None
+        taken = shared.exchange("bcast_bytes", data, root) if shared is not None else None
+        if taken is not None and not shared.group.declined:  # type: ignore[union-attr]
+            return obj if rank == root else _loads(taken[root])
+        if rank == root:  # no area, or a pickle over a slab
+            self._bcast_view(data, root, T_BCAST)
             return obj
         return _loads(self._bcast_view(None, root, T_BCAST))
 
@@ -741,14 +746,32 @@ class Collectives:
     # ------------------------------------------------------------------ gather / scatter
     @collective
     def gather(self, sendobj: Any, root: int = 0) -> list[Any] | None:
+        """Each rank's object, pickled into its slab of the area (by messages without one,
+        or for a pickle over a slab), at `root`; None elsewhere."""
         size, rank = self._sizes()
         self._root(root)
+        data = _dumps(sendobj) if rank != root else None
+        shared = area.bound(self) if size > 1 else None
+        taken = shared.exchange("gather_bytes", data, root) if shared is not None else None
         if rank != root:
-            self._c_wait([self._c_isend(_dumps(sendobj), root, T_GATHER)])
+            if taken is None or shared.group.declined:  # type: ignore[union-attr]
+                self._c_wait([self._c_isend(data, root, T_GATHER)])  # type: ignore[arg-type]
             return None
-        recvs = {r: self._c_irecv(None, r, T_GATHER) for r in range(size) if r != rank}
+        return self._gathered(sendobj, taken, T_GATHER)
+
+    def _gathered(self, own: Any, taken: list[bytes | None] | None, tag: int) -> list[Any]:
+        """Every rank's object: `own` here, the others' from `taken` (an area exchange's) or
+        by messages on `tag` where it has none (no area, or a pickle over a slab)."""
+        size, rank = self._sizes()
+        got = taken or [None] * size
+        recvs = {
+            r: self._c_irecv(None, r, tag) for r in range(size) if r != rank and got[r] is None
+        }
         self._c_wait(list(recvs.values()))
-        return [sendobj if r == rank else unpickle(recvs[r]) for r in range(size)]
+        return [
+            own if r == rank else unpickle(recvs[r]) if r in recvs else _loads(got[r])
+            for r in range(size)
+        ]
 
     @collective
     def scatter(self, sendobj: Any = None, root: int = 0) -> Any:
@@ -765,16 +788,32 @@ class Collectives:
 
     @collective
     def allgather(self, sendobj: Any) -> list[Any]:
-        """Every rank gets every rank's object, by messages (objects in the area measured
-        slower: see area.py)."""
+        """Every rank gets every rank's object, pickled into the area (see gather)."""
+        size, rank = self._sizes()
+        if size == 1:
+            return [sendobj]
+        shared = area.bound(self)
+        if shared is None:
+            return self._allgather_messages(sendobj)
+        data = _dumps(sendobj)
+        taken = shared.exchange("allgather_bytes", data)
+        if taken is None:
+            return self._allgather_messages(sendobj)
+        if len(data) > shared.group.slab_size:  # declined: it goes to each by messages
+            self._c_wait([self._c_isend(data, r, T_ALLGATHER) for r in range(size) if r != rank])
+        return self._gathered(sendobj, taken, T_ALLGATHER)
+
+    @collective
+    def _allgather_messages(self, sendobj: Any) -> list[Any]:
+        """allgather by messages only (see _allreduce_int_or)."""
         size, rank = self._sizes()
         if size == 1:
             return [sendobj]
         data = _dumps(sendobj)
-        recvs = {r: self._c_irecv(None, r, T_ALLGATHER) for r in range(size) if r != rank}
         sends = [self._c_isend(data, r, T_ALLGATHER) for r in range(size) if r != rank]
-        self._c_wait([*recvs.values(), *sends])
-        return [sendobj if r == rank else unpickle(recvs[r]) for r in range(size)]
+        result = self._gathered(sendobj, None, T_ALLGATHER)
+        self._c_wait(sends)
+        return result
 
     @collective
     def alltoall(self, sendobj: Any) -> list[Any]:

@@ -32,7 +32,7 @@ from tests.support import run_peer
 OPS = (
     "barrier", "bcast", "gather", "gatherv", "scatter", "scatterv", "allgather", "allgatherv",
     "alltoall", "alltoallv", "reduce", "allreduce", "reduce_scatter_block", "reduce_scatter",
-    "scan", "exscan",
+    "scan", "exscan", "bcast_bytes", "gather_bytes", "allgather_bytes",
 )  # fmt: skip
 UFUNCS = (np.add, np.maximum, np.subtract)  # subtract: rank order matters (Python steps only)
 DECLINABLE = ("gatherv", "scatterv", "alltoallv")
@@ -80,6 +80,17 @@ def _check(group: CollectiveGroup, call, seed: int, index: int, op) -> tuple[obj
     if name == "barrier":
         call("barrier")
         return None, None
+    if name.endswith("_bytes"):  # sizes differ per sender; over a slab: declined (None)
+        data = [_bytes(seed, index, r, size + 3 * r).tobytes() for r in range(n)]
+        taken = [None] * n
+        call(name, data[me], taken) if name == "allgather_bytes" else call(
+            name, data[me], root, taken)  # fmt: skip
+        takes = {"bcast_bytes": [root] if me != root else [],
+                 "gather_bytes": [r for r in range(n) if r != me] if me == root else [],
+                 "allgather_bytes": [r for r in range(n) if r != me]}[name]  # fmt: skip
+        fits = [len(d) <= group.slab_size for d in data]
+        expect = [data[r] if r in takes and fits[r] else None for r in range(n)]
+        return taken, expect
     if name == "bcast":
         buf = every[root].copy() if me == root else np.zeros(size, np.uint8)
         call("bcast", buf, root)
@@ -178,7 +189,9 @@ def _member(ep, slot, generation, members, ops, seed, python_ranks=()):
         requests.append(group.start(name, *args))
 
     def verify(result, expect, op):
-        if expect is not None:
+        if isinstance(expect, list):  # byte strings (or None): exactly
+            assert result == expect, (op, group.rank)
+        elif expect is not None:
             assert np.array_equal(result, expect), (op, group.rank)
 
     for index, (*op, mode) in enumerate(ops):

@@ -179,11 +179,25 @@ def check_all(comm: MPI.Intracomm) -> int:
             assert (ired == sum(range(1, size + 1))).all()
         assert np.array_equal(it, recv)
         counted(8)
-        # Objects (on messages, also while the area is bound), small and large
+        # Objects: each pickle in its sender's slab (allreduce is an allgather)
         for obj in ({"n": n, "root": root}, "x" * (3 * n + 600)):
             assert comm.bcast(obj if rank == root else None, root) == obj
         assert comm.allgather(rank) == list(range(size))
         assert comm.allreduce(rank + n) == sum(range(size)) + size * n
+        gathered = comm.gather((rank, n), root)
+        assert gathered == ([(r, n) for r in range(size)] if rank == root else None)
+        counted(5)
+    # Pickles over a slab go by messages within the same (area) collective
+    bound = area.current(comm)
+    if bound:
+        big = b"y" * (bound.group.slab_size + 100)
+        assert comm.bcast(big if rank == size - 1 else None, size - 1) == big
+        mixed = comm.allgather(big if rank % 2 else rank)
+        assert mixed == [big if r % 2 else r for r in range(size)]
+        assert comm.gather(big if rank else 0, 0) == (
+            [0] + [big] * (size - 1) if not rank else None
+        )
+        counted(3)
     got_count = area.completed(comm) - start
     assert got_count == ran if shared else got_count == 0, (got_count, ran)
     return got_count
@@ -257,7 +271,7 @@ def main() -> None:
             assert value == i * size
             total = np.zeros(1)
             dup.Allreduce(np.ones(1), total)
-            assert total[0] == size and area.completed(dup) == 1  # Allreduce (allreduce: messages)
+            assert total[0] == size and area.completed(dup) == 2  # allreduce, Allreduce
             slot = dup._area.group.slot
             slots.add(slot)
             offset = geometry.coll_slot_offset(slot) // 8
