@@ -104,6 +104,11 @@ class Exception(
     def __repr__(self) -> str:
         return f"MPI.Exception({self.error_code})"
 
+    def __reduce__(self) -> tuple[type, tuple[int, str]]:
+        """Pickled as (code, detail): an error sent to other ranks (in an object collective)
+        unpickles there as the same error."""
+        return (type(self), (self.error_code, self.detail))
+
     def __bool__(self) -> bool:
         return self.error_code != SUCCESS
 

@@ -111,7 +111,15 @@ def group_mirrors(comm: Comm, ranks: list[int], tag: int) -> tuple[Any, Any]:
 
 
 def free_mirrors(mirrors: tuple[Any, Any]) -> None:
+    """Free a communicator's mpi4py mirrors, dropping first the messages that came on them
+    and were never received (as Comm.Free drops those on shared memory). Left in MPICH's
+    queues, such a message (e.g. one of a collective abandoned by another member) would
+    match a receive of a later communicator to which MPICH gives the freed context."""
+    _M = MPI()
+    status = _M.Status()
     for mirror in mirrors:
+        while (message := mirror.improbe(_M.ANY_SOURCE, _M.ANY_TAG, status)) is not None:
+            message.Recv([bytearray(status.Get_count(_M.BYTE)), _M.BYTE])
         mirror.Free()
 
 

@@ -14,12 +14,6 @@ import pytest
 from guest_lib.mpi import MPI
 
 NULL = MPI.PROC_NULL
-# Known bug, outside topologies: in a hybrid job (ranks on two regions, mpiexec) the
-# persistent neighbor test leaves a message that a later context agreement (an object
-# allgather on the collective context over MPICH) takes for its own (TypeError: int |= tuple
-# in _allreduce_int_or). Until that is found that test does not run there. (The grid test
-# found the first bug here: same-tag messages over MPICH matched out of post order.)
-HYBRID = any(not route.local for route in MPI.COMM_WORLD._route)
 
 # periodic 1-D ring, Neighbor_alltoall of [100 r, 100 r + 1] (to -1, to +1): per size, the
 # receive buffer of each rank (slot 0 from the -1 neighbor's "to +1", slot 1 the reverse)
@@ -229,7 +223,6 @@ def test_dist_graph_bad_arguments_on_one_rank(comm):
     assert comm.allgather(rank) == list(range(size))
 
 
-@pytest.mark.skipif(HYBRID, reason="hybrid job: a stray message afterwards (see HYBRID)")
 def test_persistent_and_derived_types(comm):
     """Neighbor_alltoall_init restarted with new data; a vector type received into."""
     size, rank = comm.Get_size(), comm.Get_rank()
