@@ -167,18 +167,25 @@ class Area:
         arguments (CollectiveRound.run's from `send` on; `which` a collective.C_* code, or
         C_FOLD for .fold's from `kind` on) checked by the caller so that the C call accepts
         them (`ready()` first). True when it ran (`group.declined` says whether a member
-        declined it: then the caller moves it by messages); False: the area is dropped
-        (Fallback), run it on messages. Errors as for `run`."""
+        declined it: then the caller moves it by messages); False: run it otherwise (the
+        area dropped: Fallback; or kept: the C call refused the arguments before the round,
+        for the steps to check them). Errors as for `run`."""
         comm = self.comm
         group = self.group
         c = group._c
         assert c is not None
         self._current = ((self._ctx, comm._coll_base), comm._coll_seq - 1)
+        before = group._round
         try:
             if which == C_FOLD:
                 group._in_c(c.fold, *args)
             else:
                 group._in_c(c.run, which, *args)
+        except (ValueError, TypeError, BufferError):
+            if group._round == before:
+                return False  # refused before the round (see _in_c): the area stays
+            self.drop()
+            raise
         except Fallback:
             self.drop()
             return False

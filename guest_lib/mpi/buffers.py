@@ -233,6 +233,24 @@ def _fast(buf: Any, count: int | None, datatype: Datatype, writable: bool) -> Sp
     return Spec(view if stop == len(view) else view[:stop], count, datatype)
 
 
+def plain(spec: Any, writable: bool = False) -> Spec | None:
+    """parse's fast path alone: the Spec of `[buf, count, datatype]` (an int count) or
+    `(buf, datatype)` with a datatype that does not pack, over a C-contiguous buffer; None
+    for anything else (other forms, errors: parse decides those)."""
+    kind = type(spec)
+    if kind is list or kind is tuple:
+        n = len(spec)
+        if n == 3:
+            buf, count, datatype = spec
+            if type(count) is int and isinstance(datatype, Datatype) and not datatype.packs:
+                return _fast(buf, count, datatype, writable)
+        elif n == 2:
+            buf, datatype = spec
+            if isinstance(datatype, Datatype) and not datatype.packs:
+                return _fast(buf, None, datatype, writable)
+    return None
+
+
 def parse(spec: Any, *, writable: bool = False, deferred: bool = False) -> Spec:
     """Resolve a message spec (see module doc) to a Spec. A packing datatype received into
     (`writable`) gives a packed copy to receive into: its unpack is the running receiving
@@ -240,35 +258,25 @@ def parse(spec: Any, *, writable: bool = False, deferred: bool = False) -> Spec:
     the data is there."""
     kind = type(spec)
     if kind is list or kind is tuple:
-        n = len(spec)
-        if n == 3:
-            buf, count, datatype = spec
-            if type(count) is int and isinstance(datatype, Datatype) and not datatype.packs:
-                fast = _fast(buf, count, datatype, writable)
-                if fast is not None:
-                    return fast
-        elif n == 2:
-            buf, datatype = spec
-            if isinstance(datatype, Datatype) and not datatype.packs:
-                fast = _fast(buf, None, datatype, writable)
-                if fast is not None:
-                    return fast
+        fast = plain(spec, writable)
+        if fast is not None:
+            return fast
     if not isinstance(spec, list | tuple):  # a bare buffer: all of it, its own datatype
         view, implied = _as_bytes(spec, writable)
-        datatype = _implied(implied)
-        extent = datatype.size
+        own = _implied(implied)
+        extent = own.size
         if extent == 1:
-            return Spec(view, len(view), datatype)
-        count, rest = divmod(len(view), extent) if extent else (0, 0)
+            return Spec(view, len(view), own)
+        elements, rest = divmod(len(view), extent) if extent else (0, 0)
         if rest:
             raise ValueError(
-                f"message: buffer length {len(view)} is not a multiple of {datatype.name}'s "
+                f"message: buffer length {len(view)} is not a multiple of {own.name}'s "
                 f"extent {extent}"
             )
-        return Spec(view, count, datatype)
-    count = None
+        return Spec(view, elements, own)
+    count: int | None = None
     displ = 0
-    datatype = None
+    datatype: Datatype | None = None
     items = list(spec)
     if not 1 <= len(items) <= 4:
         raise TypeError(f"message: expecting 1..4 items, got {len(items)}")
@@ -544,7 +552,9 @@ def unpacking(method: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(method)
     def run(*args: Any, **kwargs: Any) -> Any:
         for arg in args:
-            if type(arg) is list or type(arg) is tuple:
+            if (type(arg) is list or type(arg) is tuple) and not (
+                2 <= len(arg) <= 3 and isinstance(arg[-1], Datatype) and not arg[-1].packs
+            ):
                 break  # a spec that may name a packing datatype
         else:
             if not kwargs:

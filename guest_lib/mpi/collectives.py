@@ -137,22 +137,31 @@ def collective(
 
 
 # ------------------------------------------------------------------ fast lanes (see collective)
-# Bare numpy arrays (the form numerical codes pass on every call) and IN_PLACE, one round of
-# the collective area, in one C call; anything else (other forms, sizes over one round,
-# argument errors) takes the collective's body, which checks and reports as always.
-def _plain(buf: Any, writable: bool) -> bool:
-    """Whether `buf` is a numpy array the C round takes as is: C-contiguous, of a plain
-    element type in this machine's byte order (writable, for a receive buffer)."""
-    if type(buf) is not np.ndarray:
-        return False
-    flags = buf.flags
-    dtype = buf.dtype
-    return (
-        flags.c_contiguous
-        and (flags.writeable or not writable)
-        and dtype.kind in "biufc"
-        and dtype.isnative
-    )
+# The buffer forms codes pass on every call (numpy arrays, `[buf, count, datatype]`,
+# `(buf, datatype)`) and IN_PLACE, one round of the collective area, in one C call; anything
+# else (other forms, sizes over one round, argument errors) takes the collective's body,
+# which checks and reports as always.
+def _lane(buf: Any, writable: bool) -> tuple[Any, int, int] | None:
+    """(what the C round takes, bytes, elements) of a buffer argument: a numpy array as it
+    is (C-contiguous, plain element type, native byte order, writable for a receive), or the
+    byte view of a spec that buffers.plain resolves; None: the body's job."""
+    kind = type(buf)
+    if kind is np.ndarray:
+        flags = buf.flags
+        dtype = buf.dtype
+        if (
+            flags.c_contiguous
+            and (flags.writeable or not writable)
+            and dtype.kind in "biufc"
+            and dtype.isnative
+        ):
+            return buf, buf.nbytes, buf.size
+        return None
+    if kind is list or kind is tuple:
+        spec = buffers.plain(buf, writable)
+        if spec is not None:
+            return spec.view, len(spec.view), spec.count
+    return None
 
 
 def _even(size: int, n: int) -> tuple[list[int], list[int]]:
@@ -165,35 +174,35 @@ def _f_barrier(self: Any, shared: area.Area) -> Any:
 
 
 def _f_bcast(self: Any, shared: area.Area, buf: Any, root: int = 0) -> Any:
-    if (
-        not 0 <= root < shared.group.size
-        or not _plain(buf, self._rank != root)
-        or buf.nbytes > shared.group.slab_size
-    ):
+    if not 0 <= root < shared.group.size:
         return _SLOW
-    return None if shared.call(C_BCAST, buf, buf, root, None, None, None, None) else _SLOW
+    lane = _lane(buf, self._rank != root)
+    if lane is None or lane[1] > shared.group.slab_size:
+        return _SLOW
+    view = lane[0]
+    return None if shared.call(C_BCAST, view, view, root, None, None, None, None) else _SLOW
 
 
 def _f_gather(self: Any, shared: area.Area, sendbuf: Any, recvbuf: Any, root: int = 0) -> Any:
     group = shared.group
     size = group.size
-    counts = displs = recv = None
+    counts = displs = recv = send = None
     if not 0 <= root < size:
         return _SLOW
+    in_place = sendbuf is IN_PLACE or sendbuf is None
+    mine = None if in_place and self._rank == root else _lane(sendbuf, False)
     if self._rank != root:
-        if not _plain(sendbuf, False) or sendbuf.nbytes > group.slab_size:
+        if mine is None or mine[1] > group.slab_size:
             return _SLOW
-        send = sendbuf
+        send = mine[0]
     else:
-        if not _plain(recvbuf, True) or recvbuf.size % size:
+        theirs = _lane(recvbuf, True)
+        if theirs is None or theirs[2] % size or (mine is None and not in_place):
             return _SLOW
-        n = recvbuf.nbytes // size
-        in_place = sendbuf is IN_PLACE or sendbuf is None
-        if n > group.slab_size or not (in_place or _plain(sendbuf, False)):
+        n = theirs[1] // size
+        if n > group.slab_size or (mine is not None and mine[1] != n):
             return _SLOW
-        if not in_place and sendbuf.nbytes != n:
-            return _SLOW
-        send, recv = None if in_place else sendbuf, recvbuf
+        send, recv = None if mine is None else mine[0], theirs[0]
         counts, displs = _even(size, n)
     if not shared.call(C_GATHERV, send, recv, root, counts, displs, None, None):
         return _SLOW
@@ -209,21 +218,21 @@ def _f_scatter(self: Any, shared: area.Area, sendbuf: Any, recvbuf: Any, root: i
     counts = displs = send = None
     if not 0 <= root < size:
         return _SLOW
-    recv = recvbuf
+    in_place = recvbuf is IN_PLACE or recvbuf is None
+    theirs = None if in_place and self._rank == root else _lane(recvbuf, True)
     if self._rank != root:
-        if not _plain(recvbuf, True) or recvbuf.nbytes > seg:
+        if theirs is None or theirs[1] > seg:
             return _SLOW
+        recv = theirs[0]
     else:
-        if not _plain(sendbuf, False) or sendbuf.size % size:
+        mine = _lane(sendbuf, False)
+        if mine is None or mine[2] % size or (theirs is None and not in_place):
             return _SLOW
-        n = sendbuf.nbytes // size
-        if recvbuf is IN_PLACE or recvbuf is None:
-            recv = bytearray(n)  # the root's block stays where it is
-        elif not _plain(recvbuf, True) or recvbuf.nbytes != n:
+        n = mine[1] // size
+        if n > seg or (theirs is not None and theirs[1] != n):
             return _SLOW
-        if n > seg:
-            return _SLOW
-        send = sendbuf
+        recv = bytearray(n) if theirs is None else theirs[0]  # in place: the block stays
+        send = mine[0]
         counts, displs = _even(size, n)
     if not shared.call(C_SCATTERV, send, recv, root, counts, displs, None, None):
         return _SLOW
@@ -235,70 +244,76 @@ def _f_scatter(self: Any, shared: area.Area, sendbuf: Any, recvbuf: Any, root: i
 def _f_allgather(self: Any, shared: area.Area, sendbuf: Any, recvbuf: Any) -> Any:
     group = shared.group
     size = group.size
-    if not _plain(recvbuf, True) or recvbuf.size % size:
+    theirs = _lane(recvbuf, True)
+    if theirs is None or theirs[2] % size:
         return _SLOW
-    n = recvbuf.nbytes // size
+    n = theirs[1] // size
     in_place = sendbuf is IN_PLACE or sendbuf is None
-    if n > group.slab_size or not (in_place or (_plain(sendbuf, False) and sendbuf.nbytes == n)):
+    mine = None if in_place else _lane(sendbuf, False)
+    if n > group.slab_size or not (in_place or (mine is not None and mine[1] == n)):
         return _SLOW
     counts, displs = _even(size, n)
-    send = None if in_place else sendbuf
-    ran = shared.call(C_ALLGATHERV, send, recvbuf, 0, counts, displs, None, None)
+    send = None if mine is None else mine[0]
+    ran = shared.call(C_ALLGATHERV, send, theirs[0], 0, counts, displs, None, None)
     return None if ran else _SLOW
 
 
 def _f_alltoall(self: Any, shared: area.Area, sendbuf: Any, recvbuf: Any) -> Any:
     group = shared.group
     size = group.size
+    mine, theirs = _lane(sendbuf, False), _lane(recvbuf, True)
     if (
-        not _plain(sendbuf, False)
-        or not _plain(recvbuf, True)
-        or sendbuf.nbytes != recvbuf.nbytes
-        or sendbuf.size % size
-        or recvbuf.size % size
-        or sendbuf.nbytes // size > group._segment()
+        mine is None
+        or theirs is None
+        or mine[1] != theirs[1]
+        or mine[2] % size
+        or theirs[2] % size
+        or mine[1] // size > group._segment()
     ):
         return _SLOW
-    counts, displs = _even(size, sendbuf.nbytes // size)
-    if not shared.call(C_ALLTOALLV, sendbuf, recvbuf, 0, counts, displs, counts, displs):
+    counts, displs = _even(size, mine[1] // size)
+    if not shared.call(C_ALLTOALLV, mine[0], theirs[0], 0, counts, displs, counts, displs):
         return _SLOW
     if group.declined:  # another member's data is more than one round: messages
         self._run(self._alltoallv(sendbuf, recvbuf, T_ALLTOALL))
     return None
 
 
+def _operand(buf: Any, writable: bool) -> np.ndarray | None:
+    """A reduction's buffer argument as a numpy array over its memory (see _lane)."""
+    if type(buf) is np.ndarray:
+        return buf if _lane(buf, writable) is not None else None
+    spec = buffers.plain(buf, writable) if type(buf) in (list, tuple) else None
+    if spec is None:
+        return None
+    dtype = spec.datatype.base.dtype
+    return None if dtype is None else np.frombuffer(spec.view, dtype)
+
+
 def _f_fold(
     self: Any, shared: area.Area, kind: int, sendbuf: Any, recvbuf: Any, op: Any, want: bool
 ) -> Any:
     """Reduce (`want`: at the root) and Allreduce of predefined ops on plain numbers."""
-    if sendbuf is IN_PLACE:
-        if not want:
-            return _SLOW
-        sendbuf = recvbuf
-    if not _plain(sendbuf, False):
+    recv = _operand(recvbuf, True) if want else None
+    send = recv if sendbuf is IN_PLACE else _operand(sendbuf, False)
+    if send is None or (want and recv is None):
         return _SLOW
-    dtype = sendbuf.dtype
+    dtype = send.dtype
     code = FOLD_DTYPES.get(dtype)
     opcode = FOLD_OPS.get(getattr(op, "ufunc", None))
     if (
         code is None
         or opcode is None
         or (opcode >= FLOAT_BITWISE and dtype.kind == "f")
-        or sendbuf.nbytes > shared.group.slab_size
+        or send.nbytes > shared.group.slab_size
     ):
         return _SLOW
-    if want:
-        if (
-            not _plain(recvbuf, True)
-            or recvbuf.dtype != dtype
-            or recvbuf.size != sendbuf.size
-            or not recvbuf.flags.aligned
-        ):
-            return _SLOW
-    else:
-        recvbuf = None
+    if recv is not None and (
+        recv.dtype != dtype or recv.size != send.size or not recv.flags.aligned
+    ):
+        return _SLOW
     size = shared.group.size
-    ran = shared.call(area.C_FOLD, kind, sendbuf, recvbuf, size, code, opcode)
+    ran = shared.call(area.C_FOLD, kind, send, recv, size, code, opcode)
     return None if ran else _SLOW
 
 
