@@ -39,6 +39,16 @@ awaited peer after each. Every collective is written once as steps that yield wh
 for: the blocking form waits for each here, the nonblocking form (CollectiveRequest) tests
 them when polled.
 
+The C accelerator (ring.CollectiveRound, when built and not IVSHMEM_COMM_PUREPYTHON=1) runs
+a blocking collective that fits one round as one call: the steps of that round, the same
+stores and loads in the same order with the same checks, its spin in C; when the spin ends
+first it returns what it waits for, `_block` sleeps on the doorbell, and `resume` goes on.
+Members on the C calls and on the steps interoperate in one group (the `_c_*` methods).
+
+Byte strings (bcast_bytes, gather_bytes, allgather_bytes): payloads only their sender can
+size, at most a slab each, in one round; a larger one is declined (rounds word 0) for the
+caller to send otherwise.
+
 Slots are allocated by agreement: one member (the leader) takes a free slot with
 `claim_slot` and tells the others (slot, generation) by message; each builds its
 CollectiveGroup and calls `wait_bound`. When no slot is free, callers keep to messages.
