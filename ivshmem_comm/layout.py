@@ -6,6 +6,7 @@ All integers are little-endian. A region is laid out as::
     peer_table_offset     max_peers slots of PEER_SLOT_SIZE bytes
     queues_offset         max_peers * (max_peers - 1) queues of queue_stride bytes
     coll_offset           coll_slots collective slots of coll_slot_stride bytes (format 2)
+    heap_offset           the window heap: heap_size bytes (format 3; see "Window heap")
 
 A queue carries the messages of one ordered pair (src -> dst) and is laid out as::
 
@@ -35,7 +36,8 @@ import zlib
 MAGIC = b"IVSHMCOM"
 # 2: the collective area (coll_offset, coll_slots, coll_slab in the superblock). A format-1
 # region is refused with an error saying so (its superblock has no room for those fields).
-FORMAT_VERSION = 2
+# 3: the window heap (heap_offset, heap_size); a format-2 region is refused the same way.
+FORMAT_VERSION = 3
 CACHE_LINE = 64
 PAGE_SIZE = 4096
 
@@ -45,11 +47,11 @@ PAGE_SIZE = 4096
 # ---------------------------------------------------------------------------------------------
 SUPERBLOCK_SIZE = PAGE_SIZE
 NAME_MAX = 63  # bytes of UTF-8; the field is NUL-padded to 64
-SB_IMMUTABLE = struct.Struct("<8sIIQ16sIIIIQQIIQQ64sQII")
+SB_IMMUTABLE = struct.Struct("<8sIIQ16sIIIIQQIIQQ64sQIIQQ")
 # fields, in order:
 #   magic, version, superblock_size, region_size, uuid, max_peers, queue_num, vring_align,
 #   max_span, data_size, peer_table_offset, peer_slot_size, flags, queues_offset,
-#   queue_stride, name, coll_offset, coll_slots, coll_slab
+#   queue_stride, name, coll_offset, coll_slots, coll_slab, heap_offset, heap_size
 SB_CHECKSUM = struct.Struct("<I")
 SB_CHECKSUM_OFFSET = SB_IMMUTABLE.size
 # Mutable part, on its own cache line; owned by the broker (generation bumps at each broker
@@ -170,6 +172,28 @@ COLL_SLOTS_DEFAULT = 8
 COLL_SLAB_MAX = 256 << 10
 COLL_AREA_SHARE = 8  # fit() gives the collective area at most 1/8 of the region
 
+# ---------------------------------------------------------------------------------------------
+# Window heap (format 3): memory of one-sided windows shared by the peers of a region
+# (MPI Win.Allocate_shared). heap_size bytes at heap_offset: a header page, then the data
+# pages that blocks are cut from (page-aligned, whole pages)::
+#
+#     +0                      lock word (u64): 0 free, else the holder's claim word
+#     +HEAP_ENTRY_SIZE * (1 + i)   block entry i, one cache line: key, offset, length, tag
+#     +HEAP_HEADER_SIZE       data: heap_size - HEAP_HEADER_SIZE bytes
+#
+# Claim words are the collective area's: (incarnation << 32) | (peer + 1). The lock is taken
+# by compare-and-exchange; a lock whose holder no longer holds that incarnation READY is
+# stale and may be taken over (a dead allocator never wedges the heap). Entry i is free when
+# its key is 0 or stale the same way; its offset is relative to the data start. Only the
+# lock's holder writes entries (key last). See ivshmem_comm/winheap.py.
+# ---------------------------------------------------------------------------------------------
+HEAP_HEADER_SIZE = PAGE_SIZE
+HEAP_ENTRY = struct.Struct("<QQQQ")  # key (claim word of the owner), offset, length, tag
+HEAP_ENTRY_SIZE = CACHE_LINE
+HEAP_ENTRIES = HEAP_HEADER_SIZE // HEAP_ENTRY_SIZE - 1  # 63: line 0 holds the lock word
+HEAP_MIN = 2 * PAGE_SIZE  # a header page and one page of data
+HEAP_AREA_SHARE = 8  # fit() gives the window heap 1/8 of the region by default
+
 
 def align_up(value: int, align: int) -> int:
     """Return `value` rounded up to a multiple of `align` (a power of two)."""
@@ -214,6 +238,7 @@ class Geometry:
     max_span: int
     coll_slots: int = 0  # 0: no collective area (collectives go through messages)
     coll_slab: int = 0
+    heap_size: int = 0  # 0: no window heap (shared windows only within one process)
 
     @property
     def queue_count(self) -> int:
@@ -256,8 +281,12 @@ class Geometry:
         return align_up(CACHE_LINE + self.max_peers * self.coll_peer_stride, PAGE_SIZE)
 
     @property
+    def heap_offset(self) -> int:
+        return self.coll_offset + self.coll_slots * self.coll_slot_stride  # page-aligned
+
+    @property
     def required_size(self) -> int:
-        return self.coll_offset + self.coll_slots * self.coll_slot_stride
+        return self.heap_offset + self.heap_size
 
     def queue_offset(self, src: int, dst: int) -> int:
         return self.queues_offset + queue_index(src, dst, self.max_peers) * self.queue_stride
@@ -296,6 +325,11 @@ class Geometry:
                 f"coll_slab must be a multiple of {PAGE_SIZE} in {PAGE_SIZE}..{COLL_SLAB_MAX} "
                 f"(0 without collective slots), got {self.coll_slab}"
             )
+        if self.heap_size and (self.heap_size < HEAP_MIN or self.heap_size % PAGE_SIZE):
+            raise ValueError(
+                f"heap_size must be 0 or a multiple of {PAGE_SIZE} of at least {HEAP_MIN}, "
+                f"got {self.heap_size}"
+            )
         if self.required_size > self.region_size:
             raise ValueError(
                 f"region_size {self.region_size} is smaller than the {self.required_size} "
@@ -311,6 +345,7 @@ class Geometry:
         vring_align: int = CACHE_LINE,
         max_span: int | None = None,
         coll_slots: int = COLL_SLOTS_DEFAULT,
+        heap_size: int | None = None,
     ) -> Geometry:
         """Return the geometry that gives each queue the largest data area `region_size` allows.
 
@@ -318,14 +353,21 @@ class Geometry:
         message moves in spans that the receiver copies while the sender writes the next.
         The collective area gets `coll_slots` slots (fewer, down to none, if they do not fit)
         within 1/COLL_AREA_SHARE of the region, with the largest slab up to COLL_SLAB_MAX.
+        The window heap gets `heap_size` bytes (default: 1/HEAP_AREA_SHARE of the region in
+        whole pages, none if that is under HEAP_MIN).
         Raises ValueError if the region is too small for one page of data per queue.
         """
+        if heap_size is None:
+            heap_size = region_size // HEAP_AREA_SHARE // PAGE_SIZE * PAGE_SIZE
+            heap_size = heap_size if heap_size >= HEAP_MIN else 0
         probe = cls(region_size, max_peers, queue_num, vring_align, PAGE_SIZE, SPAN_ALIGN)
         slots, slab = _fit_collective(region_size // COLL_AREA_SHARE, max_peers, coll_slots)
         coll_size = (
             slots * dataclasses.replace(probe, coll_slots=slots, coll_slab=slab).coll_slot_stride
         )
-        overhead = probe.queues_offset + probe.queue_count * probe.data_rel_offset + coll_size
+        overhead = (
+            probe.queues_offset + probe.queue_count * probe.data_rel_offset + coll_size + heap_size
+        )
         per_queue = (region_size - overhead) // max(probe.queue_count, 1)
         data_size = per_queue // PAGE_SIZE * PAGE_SIZE
         if data_size < PAGE_SIZE:
@@ -339,8 +381,9 @@ class Geometry:
         if max_span is None:
             max_span = min(1 << 20, max(SPAN_ALIGN, data_size // 4 // SPAN_ALIGN * SPAN_ALIGN))
         geometry = cls(
-            region_size, max_peers, queue_num, vring_align, data_size, max_span, slots, slab
-        )
+            region_size, max_peers, queue_num, vring_align, data_size, max_span, slots, slab,
+            heap_size,
+        )  # fmt: skip
         geometry.validate()
         return geometry
 
@@ -383,6 +426,8 @@ def pack_superblock(geometry: Geometry, uuid: bytes, name: str) -> bytes:
         geometry.coll_offset,
         geometry.coll_slots,
         geometry.coll_slab,
+        geometry.heap_offset,
+        geometry.heap_size,
     )
     return body + SB_CHECKSUM.pack(zlib.crc32(body))
 
@@ -409,7 +454,8 @@ def unpack_superblock(raw: bytes, mapped_size: int) -> Superblock:
     fields = SB_IMMUTABLE.unpack_from(raw)
     (magic, version, sb_size, region_size, uuid, max_peers, queue_num, vring_align,
      max_span, data_size, peer_table_offset, slot_size, _flags, queues_offset,
-     queue_stride, raw_name, coll_offset, coll_slots, coll_slab) = fields  # fmt: skip
+     queue_stride, raw_name, coll_offset, coll_slots, coll_slab, heap_offset,
+     heap_size) = fields  # fmt: skip
     if magic != MAGIC:
         raise RegionFormatError("magic", f"expected {MAGIC!r}, found {magic!r}")
     if version == 1:
@@ -417,6 +463,12 @@ def unpack_superblock(raw: bytes, mapped_size: int) -> Superblock:
             "version",
             f"format 1 (no collective area) was written by an older ivshmem_comm; this "
             f"library reads format {FORMAT_VERSION}: recreate the region with this version",
+        )
+    if version == 2:
+        raise RegionFormatError(
+            "version",
+            f"format 2 (no window heap) was written by an older ivshmem_comm; this library "
+            f"reads format {FORMAT_VERSION}: recreate the region with this version",
         )
     if version != FORMAT_VERSION:
         raise RegionFormatError("version", f"format {version}, this library reads {FORMAT_VERSION}")
@@ -428,8 +480,9 @@ def unpack_superblock(raw: bytes, mapped_size: int) -> Superblock:
             "size", f"superblock says {region_size} bytes but only {mapped_size} are mapped"
         )
     geometry = Geometry(
-        region_size, max_peers, queue_num, vring_align, data_size, max_span, coll_slots, coll_slab
-    )
+        region_size, max_peers, queue_num, vring_align, data_size, max_span, coll_slots,
+        coll_slab, heap_size,
+    )  # fmt: skip
     try:
         geometry.validate()
     except ValueError as exc:
@@ -441,6 +494,7 @@ def unpack_superblock(raw: bytes, mapped_size: int) -> Superblock:
         ("queues_offset", queues_offset, geometry.queues_offset),
         ("queue_stride", queue_stride, geometry.queue_stride),
         ("coll_offset", coll_offset, geometry.coll_offset),
+        ("heap_offset", heap_offset, geometry.heap_offset),
     )
     for field, found, expected in derived:
         if found != expected:

@@ -7,6 +7,7 @@ there are written by peers and the broker and are re-validated by whoever acts o
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import mmap
@@ -195,7 +196,10 @@ class Region:
         try:
             return cls(mapping, owner=mapping, shm_name=name)
         except BaseException:
-            mapping.close()
+            # Views made before the error may still be referenced (by the traceback): the
+            # mapping then goes with them; the error (e.g. the format's) must not be masked.
+            with contextlib.suppress(BufferError):
+                mapping.close()
             raise
 
     @classmethod
@@ -353,6 +357,8 @@ class Region:
             "coll_offset": g.coll_offset,
             "coll_slots": g.coll_slots,
             "coll_slab": g.coll_slab,
+            "heap_offset": g.heap_offset,
+            "heap_size": g.heap_size,
             "features": layout.QUEUE_FEATURES,
             "broker": {
                 "generation": generation,
@@ -397,7 +403,8 @@ def format_buffer(buf: Any, geometry: layout.Geometry, name: str) -> uuid_mod.UU
     for index in range(geometry.queue_count):
         base = geometry.queues_offset + index * geometry.queue_stride
         view[base : base + geometry.data_rel_offset] = bytes(geometry.data_rel_offset)
-    # The collective area: every slot free, every sequence word 0 (see collective.py).
+    # The collective area: every slot free, every sequence word 0 (see collective.py); the
+    # window heap after it: lock free, every entry free, data zeroed (see winheap.py).
     coll_end = geometry.required_size
     view[geometry.coll_offset : coll_end] = bytes(coll_end - geometry.coll_offset)
     region_uuid = uuid_mod.uuid4()

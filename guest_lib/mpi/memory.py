@@ -93,6 +93,10 @@ class buffer(np.ndarray):  # mpi4py's name, lower case
     def nbytes(self) -> int:
         return 0 if self._released else len(self)
 
+    def __bool__(self) -> bool:
+        """True iff it holds memory (mpi4py's buffer is a sequence: truth is its length)."""
+        return self.nbytes > 0
+
     @property
     def readonly(self) -> bool:
         return not self._released and not self.flags.writeable

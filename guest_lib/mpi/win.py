@@ -1,0 +1,1123 @@
+"""One-sided communication: mpi4py's `Win` (MPI windows) over regions and any route.
+
+Flavors:
+- `Win.Allocate_shared`: the window memory is one block of the region's window heap
+  (ivshmem_comm.winheap), cut in the members' segments in rank order (contiguous, no
+  padding): every member maps every segment (`Shared_query`), across VMs when the members
+  run in different guests that share the region. Every member must reach the others
+  through this region (use `Comm.Split_type(COMM_TYPE_SHARED)`); else MPI.Exception
+  (ERR_RMA_SHARED) on every member. A one-member window (or a process without a region)
+  gets private memory.
+- `Win.Create` (the user's memory), `Win.Allocate` (new private memory), `Win.Create_dynamic`
+  (memory `Attach`ed later; target displacements are addresses, as in MPI).
+
+RMA model (stated in README, "MPI"): each window has a private communicator (a Dup of the
+one given). Operations on another rank's private memory are *active messages*: the origin
+sends a request on that communicator; the target's window service (a receive the engine
+keeps posted, see `_serve`) applies it when the target's engine makes progress, i.e. while
+the target is inside any MPI call (a blocking wait, Test, Iprobe, a collective, an RMA
+call). A target computing outside MPI delays its origins until its next call: as in MPI
+implementations without a progress thread. Requests from one origin are applied in the
+order they were issued (non-overtaking messages); accumulates are applied by the target
+one at a time, so they are atomic per element against each other, as MPI requires.
+`Put`/`Get` to this rank's own memory, or to any member's segment of an Allocate_shared
+window, are direct copies (load/store, no message). Because active messages use the
+ordinary routes, windows work between ranks of different regions too (the MPICH route of
+hybrid jobs), except Allocate_shared.
+
+Completion: `Put`/`Accumulate` copy the origin data into the request at the call (local
+completion at once); `Get`, `Get_accumulate`, `Fetch_and_op` and `Compare_and_swap` wait
+for the target's reply; `Rget`/`Rget_accumulate` return a request completed by it. Remote
+completion (`Flush`, `Unlock`, `Fence`, `Complete`) is a FLUSH/UNLOCK round trip: the reply
+comes after every earlier request of this origin was applied, and carries the error of any
+of them (ERR_RMA_RANGE for a range outside the target window, ...). `Fence` = remote
+completion of every target touched, then a barrier. `Lock`/`Unlock`: the target grants
+locks in request order (shared locks together, an exclusive one alone); `Lock` returns once
+granted. `Post`/`Start`/`Complete`/`Wait`/`Test`: notices through the service. Assertions
+(MODE_*) are accepted and not needed. Target datatypes must be contiguous (a predefined
+type or one made of it without gaps): MPI.Exception(ERR_TYPE) otherwise.
+
+Memory model: WIN_UNIFIED (the target applies operations to the window memory itself).
+Thread use: the service runs inside the engine's progress, under whatever protects it.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import os
+import struct
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+
+from guest_lib.mpi import buffers, constants, errhandler, exceptions, ops
+from guest_lib.mpi.engine import StagedOp
+from guest_lib.mpi.group import Group
+from guest_lib.mpi.info import Info
+from guest_lib.mpi.matching import DoneOp, Op, RecvOp
+from guest_lib.mpi.memory import Get_address
+from guest_lib.mpi.memory import buffer as _buffer
+from guest_lib.mpi.request import Request
+from ivshmem_comm import layout
+from ivshmem_comm.errors import IvshmemError
+from ivshmem_comm.winheap import Block, WindowHeap
+
+WIN_FLAVOR_CREATE, WIN_FLAVOR_ALLOCATE, WIN_FLAVOR_DYNAMIC, WIN_FLAVOR_SHARED = 1, 2, 3, 4
+WIN_SEPARATE, WIN_UNIFIED = 1, 2
+WIN_BASE, WIN_SIZE, WIN_DISP_UNIT = 0x66000001, 0x66000003, 0x66000005
+WIN_CREATE_FLAVOR, WIN_MODEL = 0x66000007, 0x66000009
+LOCK_EXCLUSIVE, LOCK_SHARED = 234, 235
+MODE_NOCHECK, MODE_NOSTORE, MODE_NOPUT, MODE_NOPRECEDE, MODE_NOSUCCEED = (
+    1024, 2048, 4096, 8192, 16384,
+)  # fmt: skip
+KEYVAL_INVALID = 0x24000000  # MPICH's value (also MPI.KEYVAL_INVALID)
+
+# ------------------------------------------------------------------ wire
+# A request: header, then its data (Put/Accumulate: the origin bytes; Compare_and_swap: the
+# new value then the compare value). `disp` is in the target's displacement units (an
+# address for a dynamic window); `nbytes` the target bytes; `code` the numpy type string of
+# the target elements (accumulates).
+REQ = struct.Struct("<BBBxIqq8s")  # kind, op index / lock type, flags, reply tag, disp,
+# nbytes, element code
+REPLY = struct.Struct("<B7x")  # error class (0: success), then the data or the error text
+K_PUT, K_GET, K_ACC, K_GACC, K_CAS, K_FLUSH, K_LOCK, K_UNLOCK, K_POST, K_COMPLETE = range(1, 11)
+_REPLIES = frozenset({K_GET, K_GACC, K_CAS, K_FLUSH, K_LOCK, K_UNLOCK})
+T_SERVICE = 0  # the tag of requests on the window's communicator; replies use 1..TAG_UB
+ACC_OPS = (ops.SUM, ops.PROD, ops.MAX, ops.MIN, ops.LAND, ops.BAND, ops.LOR, ops.BOR, ops.LXOR,
+           ops.BXOR, ops.REPLACE, ops.NO_OP)  # fmt: skip
+_NUMERIC = "biufc"
+
+
+def _err(code: int, detail: str) -> exceptions.Exception:
+    return exceptions.Exception(code, detail)
+
+
+# ------------------------------------------------------------------ keyvals
+_keyvals: dict[int, tuple[Any, Any]] = {}
+_next_keyval = itertools.count(0x66000100)
+
+
+class _Reply:
+    """The sink of one reply: status head, then data into `view` (or the error text)."""
+
+    __slots__ = ("error", "head", "text", "view")
+
+    def __init__(self, view: memoryview) -> None:
+        self.view = view
+        self.head = b""
+        self.text = b""
+        self.error = 0
+
+    def __call__(self, offset: int, data: Any) -> None:
+        data = memoryview(data).cast("B")
+        if offset < REPLY.size:
+            take = REPLY.size - offset
+            self.head += bytes(data[:take])
+            data, offset = data[take:], REPLY.size
+            if len(self.head) == REPLY.size:
+                self.error = self.head[0]
+        if not len(data):
+            return
+        if self.error:
+            self.text += bytes(data)
+            return
+        start = offset - REPLY.size
+        if start + len(data) > len(self.view):
+            self.error = exceptions.ERR_INTERN
+            self.text = b"a reply longer than the data asked for"
+            return
+        self.view[start : start + len(data)] = data
+
+    def check(self, op: Op, who: str) -> None:
+        """MPI.Exception for an error reply, or one that is not the size asked for."""
+        if self.error:
+            raise _err(self.error, f"{who}: {self.text.decode(errors='replace')}")
+        if op.count != REPLY.size + len(self.view):
+            raise _err(exceptions.ERR_INTERN, f"{who} sent a reply of {op.count} bytes, "
+                       f"not {REPLY.size + len(self.view)}")  # fmt: skip
+
+
+class _Window:
+    """The state of one window, shared by every handle on it."""
+
+    def __init__(self, comm: Any, memory: memoryview, disp_unit: int, flavor: int) -> None:
+        self.comm = comm  # the private communicator (a Dup)
+        self.engine = comm._engine
+        self.memory = memory
+        self.base = Get_address(memory) if len(memory) else 0
+        self.disp_unit = disp_unit
+        self.flavor = flavor
+        self.owner: Any = None  # what keeps `memory` alive (a buffer), if anything
+        self.segments: list[tuple[memoryview, int]] = []  # Allocate_shared: every member's
+        self.block: Block | None = None  # Allocate_shared: the heap block (None: private)
+        self.heap: WindowHeap | None = None
+        self.attached: list[tuple[int, memoryview]] = []  # dynamic: (address, memory)
+        self.name = ""
+        self.hints: dict[str, str] = {}
+        self.attrs: dict[int, Any] = {}
+        # origin side
+        self.tags = itertools.cycle(range(1, constants.TAG_UB + 1))
+        self.dirty: set[int] = set()  # targets with requests not known to be applied
+        self.pending: dict[int, list[Op]] = collections.defaultdict(list)  # Rget & co
+        self.start_group: list[int] = []
+        # target side
+        self.lock_excl = -1  # comm rank holding the exclusive lock, or -1
+        self.lock_shared: collections.Counter[int] = collections.Counter()
+        self.lock_queue: collections.deque[tuple[int, int, int]] = collections.deque()
+        self.errors: dict[int, tuple[int, str]] = {}  # origin -> first error of a Put/Acc
+        self.posts: collections.Counter[int] = collections.Counter()  # POST notices seen
+        self.completes: collections.Counter[int] = collections.Counter()
+        self.post_group: list[int] = []
+        self.closing = False
+        self.service_op: Op | None = None
+        self.staged = self.engine.start_staged(StagedOp(self._serve()))
+
+    # ------------------------------------------------------------------ service (target)
+    def _serve(self) -> Iterator[list[Op]]:
+        """The window service: one posted receive of requests at a time (see the module
+        docstring); each request is applied, answered, and the next receive posted."""
+        comm = self.comm
+        while True:
+            op = comm._irecv_op(None, constants.ANY_SOURCE, T_SERVICE, comm._ctx)
+            self.service_op = op
+            yield [op]
+            if self.closing or op.cancelled:
+                return
+            source = comm._rank_of.get(op.source, -1)
+            try:
+                self._apply(source, op.obj)
+            except exceptions.Exception as exc:  # a malformed request: answered or recorded
+                self.errors.setdefault(source, (exc.Get_error_class(), str(exc)))
+            except Exception as exc:  # never the service's end: the origin is told at its
+                # next Flush/Unlock/Fence
+                error = (exceptions.ERR_INTERN, f"{type(exc).__name__}: {exc}")
+                self.errors.setdefault(source, error)
+
+    def _reply(self, origin: int, tag: int, data: Any = b"", error: int = 0) -> None:
+        payload = REPLY.pack(error) + bytes(data)
+        self.comm._isend_op(memoryview(payload), origin, tag, self.comm._ctx, False)
+
+    def _target(self, origin: int, disp: int, nbytes: int) -> memoryview:
+        """The bytes of this window a request names. MPI.Exception(ERR_RMA_RANGE) naming
+        the origin when they are not all inside it."""
+        if nbytes < 0:
+            raise _err(exceptions.ERR_RMA_RANGE, f"rank {origin} asked for {nbytes} bytes")
+        if self.flavor == WIN_FLAVOR_DYNAMIC:
+            for address, memory in self.attached:
+                if address <= disp and disp + nbytes <= address + len(memory):
+                    return memory[disp - address : disp - address + nbytes]
+        else:
+            start = disp * self.disp_unit
+            if disp >= 0 and start + nbytes <= len(self.memory):
+                return self.memory[start : start + nbytes]
+        raise _err(exceptions.ERR_RMA_RANGE,
+                   f"rank {origin}: {nbytes} bytes at displacement {disp} are outside the "
+                   f"target window")  # fmt: skip
+
+    def _apply(self, origin: int, payload: Any) -> None:
+        """Apply one request from comm rank `origin` (copied once out of the message: every
+        field is checked before use; errors name the origin)."""
+        if origin < 0 or len(payload) < REQ.size:
+            raise _err(exceptions.ERR_INTERN, f"rank {origin} sent a malformed RMA request")
+        kind, arg, _, tag, disp, nbytes, code = REQ.unpack_from(payload)
+        data = memoryview(payload)[REQ.size :]
+        if kind in _REPLIES and not 1 <= tag <= constants.TAG_UB:
+            raise _err(exceptions.ERR_INTERN, f"rank {origin} asked for a reply on tag {tag}")
+        try:
+            if kind == K_PUT:
+                target = self._target(origin, disp, nbytes)
+                if len(data) != nbytes:
+                    raise _err(exceptions.ERR_INTERN, f"rank {origin}: Put of {len(data)} "
+                               f"bytes announced as {nbytes}")  # fmt: skip
+                target[:] = data
+            elif kind == K_GET:
+                self._reply(origin, tag, self._target(origin, disp, nbytes))
+            elif kind in (K_ACC, K_GACC, K_CAS):
+                self._accumulate(origin, kind, arg, tag, self._target(origin, disp, nbytes),
+                                 code, data)  # fmt: skip
+            elif kind in (K_FLUSH, K_UNLOCK):
+                if kind == K_UNLOCK:
+                    self._release(origin)
+                error, text = self.errors.pop(origin, (0, ""))
+                self._reply(origin, tag, text.encode(), error)
+            elif kind == K_LOCK:
+                if arg not in (LOCK_EXCLUSIVE, LOCK_SHARED):
+                    raise _err(exceptions.ERR_ARG, f"rank {origin}: lock type {arg}")
+                self.lock_queue.append((origin, arg, tag))
+                self._grant()
+            elif kind == K_POST:
+                self.posts[origin] += 1
+            elif kind == K_COMPLETE:
+                self.completes[origin] += 1
+            else:
+                raise _err(exceptions.ERR_INTERN, f"rank {origin} sent RMA request {kind}")
+        except exceptions.Exception as exc:
+            if kind in _REPLIES:
+                self._reply(origin, tag, str(exc).encode(), exc.Get_error_class())
+            else:
+                raise
+
+    def _accumulate(
+        self, origin: int, kind: int, arg: int, tag: int, target: memoryview, code: bytes,
+        data: memoryview,
+    ) -> None:  # fmt: skip
+        """Accumulate, Get_accumulate/Fetch_and_op (reply: the old data) or
+        Compare_and_swap (reply: the old value) on `target`."""
+        try:
+            dtype = np.dtype(code.rstrip(b"\0").decode())
+        except (TypeError, ValueError, UnicodeDecodeError):
+            dtype = None
+        if dtype is None or dtype.kind not in _NUMERIC or len(target) % dtype.itemsize:
+            raise _err(exceptions.ERR_TYPE, f"rank {origin}: element type {code!r} for "
+                       f"{len(target)} bytes")  # fmt: skip
+        if not 0 <= arg < len(ACC_OPS):
+            raise _err(exceptions.ERR_OP, f"rank {origin}: operation {arg}")
+        want = 2 * len(target) if kind == K_CAS else len(target)
+        op = ACC_OPS[arg]
+        if len(data) != want and not (op is ops.NO_OP and kind == K_GACC):
+            raise _err(exceptions.ERR_INTERN, f"rank {origin}: {len(data)} bytes of operand "
+                       f"for {len(target)} target bytes")  # fmt: skip
+        if kind != K_ACC:
+            self._reply(origin, tag, target)  # the old contents, before the update
+        acc = np.frombuffer(target, dtype)
+        if kind == K_CAS:
+            new = np.frombuffer(data[: len(target)], dtype)
+            if np.array_equal(acc, np.frombuffer(data[len(target) :], dtype)):
+                acc[:] = new
+            return
+        if op is ops.REPLACE:  # (reduce_into's REPLACE keeps the later rank's: acc)
+            acc[:] = np.frombuffer(data, dtype)
+        elif op is not ops.NO_OP:  # the predefined ops commute: acc op x == x op acc
+            op.reduce_into(acc, np.frombuffer(data, dtype))
+
+    def _grant(self) -> None:
+        """Grant queued locks in order while they are compatible with those held."""
+        while self.lock_queue:
+            origin, kind, tag = self.lock_queue[0]
+            if self.lock_excl >= 0 or (kind == LOCK_EXCLUSIVE and self.lock_shared):
+                return
+            self.lock_queue.popleft()
+            if kind == LOCK_EXCLUSIVE:
+                self.lock_excl = origin
+            else:
+                self.lock_shared[origin] += 1
+            self._reply(origin, tag)
+
+    def _release(self, origin: int) -> None:
+        if self.lock_excl == origin:
+            self.lock_excl = -1
+        elif self.lock_shared[origin] > 0:
+            self.lock_shared[origin] -= 1
+            if not self.lock_shared[origin]:
+                del self.lock_shared[origin]
+        else:
+            raise _err(exceptions.ERR_RMA_SYNC, f"rank {origin} unlocked a lock it does not hold")
+        self._grant()
+
+    # ------------------------------------------------------------------ origin side
+    def send(self, target: int, kind: int, arg: int = 0, disp: int = 0, nbytes: int = 0,
+             code: bytes = b"", data: bytes = b"", reply: memoryview | None = None,
+             ) -> tuple[RecvOp, _Reply] | None:  # fmt: skip
+        """Send a request to comm rank `target`; with `reply`, the receive of its reply
+        (posted first) and its sink."""
+        comm = self.comm
+        posted = None
+        tag = 0
+        if kind in _REPLIES:
+            tag = next(self.tags)
+            sink = _Reply(reply if reply is not None else memoryview(bytearray(0)))
+            op = comm._irecv_op(None, target, tag, comm._ctx, sink)
+            posted = (op, sink)
+        head = REQ.pack(kind, arg, 0, tag, disp, nbytes, code)
+        comm._isend_op(memoryview(head + data), target, T_SERVICE, comm._ctx, False)
+        if kind in (K_PUT, K_ACC):
+            self.dirty.add(target)
+        return posted
+
+    def wait(self, op: Op, target: int) -> None:
+        """Make progress until `op` (a reply from comm rank `target`) is done, napping on
+        messages from any rank (this rank's service must answer the others meanwhile: a
+        nap on the target alone would delay them by the engine's nap). MPI.Exception if
+        the target's process is lost meanwhile (shared memory ranks)."""
+        engine = self.engine
+        peer = self.comm._shm_peer.get(target, -1)
+
+        def done() -> bool:
+            return op.done
+
+        while not op.done:
+            if engine.progress(done) or op.done:
+                continue
+            engine.idle(-1)
+            if peer >= 0 and engine.ep.region.peer_state(peer)[0] != layout.PEER_READY:
+                raise _err(exceptions.ERR_OTHER, f"window rank {target} (shm peer {peer}) "
+                           "was lost")  # fmt: skip
+
+    def roundtrip(self, target: int, kind: int, arg: int = 0, disp: int = 0,
+                  nbytes: int = 0, code: bytes = b"", data: bytes = b"",
+                  reply: memoryview | None = None) -> None:  # fmt: skip
+        """send() and wait for the reply; MPI.Exception for an error reply."""
+        posted = self.send(target, kind, arg, disp, nbytes, code, data, reply)
+        assert posted is not None
+        op, sink = posted
+        self.wait(op, target)
+        sink.check(op, f"window rank {target}")
+
+    def flush(self, targets: Any) -> None:
+        """Remote completion of every request to `targets` (comm ranks): their pending
+        replies, then a FLUSH round trip to each that has requests not known to be applied
+        (all sent first, then waited for)."""
+        waits = []
+        for target in targets:
+            for op in self.pending.pop(target, []):
+                self.wait(op, target)
+            if target in self.dirty:
+                self.dirty.discard(target)
+                posted = self.send(target, K_FLUSH)
+                assert posted is not None
+                waits.append((target, *posted))
+        for target, op, sink in waits:
+            self.wait(op, target)
+            sink.check(op, f"window rank {target}")
+
+    def direct(self, target: int, disp: int, nbytes: int) -> memoryview | None:
+        """The target bytes as memory this process maps (its own window, or a member's
+        segment of a shared window), for a direct copy; None when the request must go to
+        the target. MPI.Exception(ERR_RMA_RANGE) when they leave the window."""
+        if self.flavor == WIN_FLAVOR_DYNAMIC:
+            return None
+        if target == self.comm._rank:
+            return self._target(target, disp, nbytes)
+        if not self.segments:
+            return None
+        memory, unit = self.segments[target]
+        start = disp * unit
+        if disp < 0 or start + nbytes > len(memory):
+            raise _err(exceptions.ERR_RMA_RANGE, f"{nbytes} bytes at displacement {disp} "
+                       f"are outside rank {target}'s window")  # fmt: skip
+        return memory[start : start + nbytes]
+
+    def close(self) -> None:
+        """Stop the service (after the collective part of Free)."""
+        self.closing = True
+        op = self.service_op
+        if op is not None and not op.done:
+            op.cancel(self.engine)
+        if self.staged in self.engine.staged:
+            self.engine.staged.remove(self.staged)
+
+
+# ------------------------------------------------------------------ argument helpers
+def _target_spec(target: Any, count: int, datatype: Any) -> tuple[int, int, Any]:
+    """(disp, count, datatype) of a target spec: None, disp, or (disp[, count[, datatype]])
+    defaulting to the origin's count and datatype."""
+    if target is None:
+        return 0, count, datatype
+    if isinstance(target, int):
+        return target, count, datatype
+    items = list(target) if isinstance(target, list | tuple) else []
+    if not 1 <= len(items) <= 3:
+        raise ValueError(f"target: expecting (disp, count, datatype), got {target!r}")
+    disp = int(items[0])
+    if len(items) > 1 and items[1] is not None:
+        count = int(items[1])
+    if len(items) > 2 and items[2] is not None:
+        datatype = buffers._datatype(items[2])
+    return disp, count, datatype
+
+
+def _target_bytes(count: int, datatype: Any) -> tuple[int, bytes]:
+    """(target bytes, element code) of `count` elements of a contiguous `datatype`.
+    MPI.Exception(ERR_TYPE) for one with gaps (a packing datatype)."""
+    if datatype.packs:
+        raise _err(exceptions.ERR_TYPE, f"target datatype {datatype.name} is not contiguous "
+                   "(one-sided targets must be contiguous here)")  # fmt: skip
+    dtype = datatype.base.dtype
+    code = dtype.str.encode() if dtype is not None and dtype.kind in _NUMERIC else b""
+    return count * datatype.Get_size(), code[:8]
+
+
+def _code_for(code: bytes, name: str) -> bytes:
+    if not code:
+        raise _err(exceptions.ERR_TYPE, f"{name}: accumulates need a numeric element type")
+    return code
+
+
+def _op_index(op: Any) -> int:
+    for index, known in enumerate(ACC_OPS):
+        if op is known or getattr(op, "name", None) == known.name:
+            return index
+    raise _err(exceptions.ERR_OP, f"{getattr(op, 'name', op)!r} is not an operation one-sided "
+               "accumulates take (the predefined ones but MAXLOC/MINLOC)")  # fmt: skip
+
+
+def _single(spec: Any, writable: bool, what: str) -> buffers.Spec:
+    """The one-element spec of Fetch_and_op / Compare_and_swap. ValueError unless it holds
+    exactly one element."""
+    parsed = buffers.parse(spec, writable=writable)
+    if parsed.count != 1:
+        raise ValueError(f"{what}: expecting one element, got {parsed.count}")
+    return parsed
+
+
+# ------------------------------------------------------------------ the handle
+class Win:
+    """A window handle (mpi4py's `Win`); `Win()` is a new null handle. See the module
+    docstring for the model."""
+
+    def __init__(self, win: Win | None = None) -> None:
+        if win is not None and not isinstance(win, Win):
+            raise TypeError(f"Win: expecting a Win, got {type(win).__name__}")
+        self._w: _Window | None = win._w if win is not None else None
+
+    # ------------------------------------------------------------------ basics
+    def _check(self) -> _Window:
+        w = self._w
+        if w is None:
+            raise _err(exceptions.ERR_WIN, "null window")
+        return w
+
+    def __bool__(self) -> bool:
+        return self._w is not None
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Win):
+            return NotImplemented
+        return self._w is other._w
+
+    def __hash__(self) -> int:
+        return id(self._w)
+
+    def __reduce__(self) -> Any:
+        if self._w is not None:
+            raise ValueError("cannot serialize a window")
+        return (_win_null, ())
+
+    def __repr__(self) -> str:
+        return f"<Win {self.Get_name()!r}>"
+
+    def _rank(self, w: _Window, rank: int) -> bool:
+        """False for PROC_NULL; MPI.Exception(ERR_RANK) outside the group."""
+        if rank == constants.PROC_NULL:
+            return False
+        if not 0 <= rank < len(w.comm._group):
+            raise _err(exceptions.ERR_RANK, f"rank {rank} of a window of {len(w.comm._group)}")
+        return True
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def _made(cls, comm: Any, memory: memoryview, disp_unit: int, flavor: int) -> Win:
+        if comm is None or not comm or comm.Is_inter():
+            raise _err(exceptions.ERR_COMM, "windows need an intracommunicator")
+        if int(disp_unit) <= 0:
+            raise _err(exceptions.ERR_ARG, f"displacement unit {disp_unit}")
+        dup = comm.Dup()
+        # Its collectives (Fence, Free) keep to messages: the area's binding waits inside
+        # the core, where this rank's service would not answer an origin that waits on it.
+        dup._area = False
+        win = cls()
+        win._w = _Window(dup, memory, int(disp_unit), flavor)
+        return win
+
+    @classmethod
+    def Create(cls, memory: Any, disp_unit: int = 1, info: Any = None, comm: Any = None) -> Win:
+        """A window over `memory` (a writable buffer; None/BOTTOM: none). Collective."""
+        if memory is None or memory is constants.BOTTOM:
+            view = memoryview(bytearray(0))
+        else:
+            view, _ = buffers._as_bytes(memory, True)
+        win = cls._made(comm, view, disp_unit, WIN_FLAVOR_CREATE)
+        win._check().owner = memory
+        return win
+
+    @classmethod
+    def Allocate(cls, size: int, disp_unit: int = 1, info: Any = None, comm: Any = None) -> Win:
+        """A window over `size` new bytes of private memory (zeroed). Collective."""
+        if int(size) < 0:
+            raise _err(exceptions.ERR_ARG, f"window size {size}")
+        memory = _buffer.allocate(int(size), clear=True)
+        win = cls._made(comm, memory.data.cast("B") if size else memoryview(bytearray(0)),
+                        disp_unit, WIN_FLAVOR_ALLOCATE)  # fmt: skip
+        win._check().owner = memory
+        return win
+
+    @classmethod
+    def Allocate_shared(
+        cls, size: int, disp_unit: int = 1, info: Any = None, comm: Any = None
+    ) -> Win:
+        """A window whose memory every member maps (see the module docstring): each
+        member's `size` bytes, zeroed, in the region's window heap. Collective.
+
+        MPI.Exception on every member: ERR_RMA_SHARED when a member is not reached through
+        this region (or the region has no heap), ERR_NO_MEM when the heap has no room."""
+        if int(size) < 0:
+            raise _err(exceptions.ERR_ARG, f"window size {size}")
+        win = cls._made(comm, memoryview(bytearray(0)), disp_unit, WIN_FLAVOR_SHARED)
+        w = win._check()
+        try:
+            _share(w, int(size))
+        except BaseException:
+            w.close()
+            w.comm.Free()
+            win._w = None
+            raise
+        return win
+
+    @classmethod
+    def Create_dynamic(cls, info: Any = None, comm: Any = None) -> Win:
+        """A window without memory; `Attach` adds some. Target displacements are addresses
+        (MPI.Get_address). Collective."""
+        return cls._made(comm, memoryview(bytearray(0)), 1, WIN_FLAVOR_DYNAMIC)
+
+    def Attach(self, memory: Any) -> None:
+        """Expose `memory` (a writable buffer) through this dynamic window."""
+        w = self._check()
+        if w.flavor != WIN_FLAVOR_DYNAMIC:
+            raise _err(exceptions.ERR_RMA_FLAVOR, "Attach needs a dynamic window")
+        view, _ = buffers._as_bytes(memory, True)
+        w.attached.append((Get_address(view), view))
+
+    def Detach(self, memory: Any) -> None:
+        """Withdraw memory given to Attach. MPI.Exception(ERR_RMA_ATTACH) if it was not."""
+        w = self._check()
+        address = Get_address(memory)
+        for index, (known, _) in enumerate(w.attached):
+            if known == address:
+                del w.attached[index]
+                return
+        raise _err(exceptions.ERR_RMA_ATTACH, f"no memory attached at {address:#x}")
+
+    def Free(self) -> None:
+        """Free the window (collective): every member's requests complete, then the
+        service stops, a shared window's heap block is given back, the handle is null."""
+        w = self._check()
+        w.flush(list(w.dirty | set(w.pending)))
+        w.comm.Barrier()
+        w.close()
+        for keyval, value in list(w.attrs.items()):
+            self._delete(w, keyval, value)
+        if w.heap is not None and w.block is not None and w.comm._rank == 0:
+            w.heap.free(w.block)
+        w.comm.Free()
+        self._w = None
+
+    # ------------------------------------------------------------------ queries
+    def tomemory(self) -> _buffer:
+        """This rank's window memory as an MPI.buffer."""
+        w = self._check()
+        return _buffer.frombuffer(w.memory) if len(w.memory) else _buffer()
+
+    def Shared_query(self, rank: int) -> tuple[_buffer, int]:
+        """(memory, displacement unit) of `rank`'s segment (PROC_NULL: the lowest rank with
+        a segment of nonzero size). Windows of other flavors: this rank's own memory, an
+        empty buffer for the others."""
+        w = self._check()
+        size = len(w.comm._group)
+        if rank == constants.PROC_NULL:
+            sizes = [len(m) for m, _ in w.segments] if w.segments else [len(w.memory)]
+            rank = next((r for r, n in enumerate(sizes) if n), 0)
+        elif not 0 <= rank < size:
+            raise _err(exceptions.ERR_RANK, f"rank {rank} of a window of {size}")
+        if w.segments:
+            memory, unit = w.segments[rank]
+        elif rank == w.comm._rank:
+            memory, unit = w.memory, w.disp_unit
+        else:
+            return _buffer(), w.disp_unit
+        return (_buffer.frombuffer(memory) if len(memory) else _buffer()), unit
+
+    def Get_group(self) -> Group:
+        w = self._check()
+        return Group(list(w.comm._group), w.engine.world_rank)
+
+    @property
+    def group(self) -> Group:
+        return self.Get_group()
+
+    @property
+    def group_size(self) -> int:
+        return len(self._check().comm._group)
+
+    @property
+    def group_rank(self) -> int:
+        return int(self._check().comm._rank)
+
+    @property
+    def attrs(self) -> tuple[int, int, int]:
+        """(base address, size, displacement unit)."""
+        w = self._check()
+        return w.base, len(w.memory), w.disp_unit
+
+    @property
+    def flavor(self) -> int:
+        return self._check().flavor
+
+    @property
+    def model(self) -> int:
+        self._check()
+        return WIN_UNIFIED
+
+    def Get_name(self) -> str:
+        return "MPI_WIN_NULL" if self._w is None else self._w.name
+
+    def Set_name(self, name: str) -> None:
+        self._check().name = str(name)
+
+    @property
+    def name(self) -> str:
+        return self.Get_name()
+
+    @name.setter
+    def name(self, name: str) -> None:
+        self.Set_name(name)
+
+    def Get_info(self) -> Info:
+        """A new Info with the hints last given (none is acted on)."""
+        return Info.Create(self._check().hints)
+
+    def Set_info(self, info: Any) -> None:
+        self._check().hints = dict(info.items())
+
+    @property
+    def info(self) -> Info:
+        return self.Get_info()
+
+    @info.setter
+    def info(self, info: Any) -> None:
+        self.Set_info(info)
+
+    # ------------------------------------------------------------------ attributes
+    @classmethod
+    def Create_keyval(cls, copy_fn: Any = None, delete_fn: Any = None,
+                      nopython: bool = False) -> int:  # fmt: skip
+        """A new attribute key; `delete_fn(win, keyval, value)` runs when a value goes."""
+        keyval = next(_next_keyval)
+        _keyvals[keyval] = (copy_fn, delete_fn)
+        return keyval
+
+    @classmethod
+    def Free_keyval(cls, keyval: int) -> int:
+        """Forget `keyval`; returns KEYVAL_INVALID."""
+        _keyvals.pop(keyval, None)
+        return KEYVAL_INVALID
+
+    def Get_attr(self, keyval: int) -> Any:
+        """A predefined attribute (WIN_BASE, WIN_SIZE, WIN_DISP_UNIT, WIN_CREATE_FLAVOR,
+        WIN_MODEL) or the value set for `keyval` (None if unset)."""
+        w = self._check()
+        predefined = {WIN_BASE: w.base, WIN_SIZE: len(w.memory), WIN_DISP_UNIT: w.disp_unit,
+                      WIN_CREATE_FLAVOR: w.flavor, WIN_MODEL: WIN_UNIFIED}  # fmt: skip
+        if keyval in predefined:
+            return predefined[keyval]
+        return w.attrs.get(keyval)
+
+    def Set_attr(self, keyval: int, attrval: Any) -> None:
+        w = self._check()
+        if keyval not in _keyvals:
+            raise _err(exceptions.ERR_ARG, f"keyval {keyval:#x}")
+        if keyval in w.attrs:
+            self._delete(w, keyval, w.attrs[keyval])
+        w.attrs[keyval] = attrval
+
+    def Delete_attr(self, keyval: int) -> None:
+        w = self._check()
+        if keyval in w.attrs:
+            self._delete(w, keyval, w.attrs[keyval])
+
+    def _delete(self, w: _Window, keyval: int, value: Any) -> None:
+        del w.attrs[keyval]
+        delete_fn = _keyvals.get(keyval, (None, None))[1]
+        if delete_fn is not None:
+            delete_fn(self, keyval, value)
+
+    # ------------------------------------------------------------------ error handlers
+    @classmethod
+    def Create_errhandler(cls, errhandler_fn: Callable[[Win, int], None]) -> Any:
+        return errhandler.create_errhandler(errhandler_fn, "Win")
+
+    def Get_errhandler(self) -> Any:
+        return errhandler.get_errhandler(self)
+
+    def Set_errhandler(self, errhandler_: Any) -> None:
+        errhandler.set_errhandler(self, errhandler_)
+
+    def Call_errhandler(self, errorcode: int) -> None:
+        errhandler.call_errhandler(self, errorcode)
+
+    def Abort(self, errorcode: int = 0) -> None:
+        """Abort the job (what ERRORS_ARE_FATAL on a window does; mpi4py has no Win.Abort)."""
+        self._check().comm.Abort(errorcode)
+
+    # ------------------------------------------------------------------ data movement
+    def _request(self, w: _Window, origin: buffers.Spec, target_rank: int, target: Any,
+                 ) -> tuple[int, int, bytes]:  # fmt: skip
+        """(disp, target bytes, element code) of a target spec that must match `origin`.
+        ValueError when the byte counts differ."""
+        disp, count, datatype = _target_spec(target, origin.count, origin.datatype)
+        nbytes, code = _target_bytes(count, datatype)
+        if nbytes != len(origin.view):
+            raise ValueError(f"origin of {len(origin.view)} bytes, target of {nbytes}")
+        return disp, nbytes, code
+
+    def Put(self, origin: Any, target_rank: int, target: Any = None) -> None:
+        """Put origin data into `target_rank`'s window at `target` (see the module
+        docstring: complete locally at return, remotely at the next synchronisation)."""
+        self._put(origin, target_rank, target)
+
+    def Rput(self, origin: Any, target_rank: int, target: Any = None) -> Request:
+        """Put, returning a request (complete at once: the data is copied at the call)."""
+        self._put(origin, target_rank, target)
+        return Request(DoneOp(), self._check().engine)
+
+    def _put(self, origin: Any, target_rank: int, target: Any) -> None:
+        w = self._check()
+        if not self._rank(w, target_rank):
+            return
+        spec = buffers.parse(origin)
+        disp, nbytes, _ = self._request(w, spec, target_rank, target)
+        memory = w.direct(target_rank, disp, nbytes)
+        if memory is not None:
+            memory[:] = spec.view
+            return
+        w.send(target_rank, K_PUT, 0, disp, nbytes, b"", bytes(spec.view))
+
+    def Get(self, origin: Any, target_rank: int, target: Any = None) -> None:
+        """Get `target_rank`'s window data at `target` into the origin buffer (complete at
+        return)."""
+        w = self._check()
+        request = self.Rget(origin, target_rank, target)
+        op = request._op
+        if op is not None and self._rank(w, target_rank):
+            w.wait(op, target_rank)
+        request.Wait()
+
+    def Rget(self, origin: Any, target_rank: int, target: Any = None) -> Request:
+        """Get, returning a request completed when the data is in the origin buffer."""
+        w = self._check()
+        if not self._rank(w, target_rank):
+            return Request(DoneOp(), w.engine)
+        spec = buffers.parse(origin, writable=True, deferred=True)
+        disp, nbytes, _ = self._request(w, spec, target_rank, target)
+        memory = w.direct(target_rank, disp, nbytes)
+        if memory is not None:
+            spec.view[:] = memory
+            if spec.unpack is not None:
+                spec.unpack()
+            return Request(DoneOp(), w.engine)
+        return self._await(w, target_rank, spec, w.send(target_rank, K_GET, 0, disp, nbytes,
+                                                          reply=spec.view))  # fmt: skip
+
+    def _await(self, w: _Window, target_rank: int, spec: buffers.Spec,
+               posted: tuple[RecvOp, _Reply] | None) -> Request:  # fmt: skip
+        """The request of a reply that fills `spec`; remembered for Flush."""
+        assert posted is not None
+        op, sink = posted
+        w.pending[target_rank].append(op)
+        # Request.Wait naps on the op's peer: any rank instead, so that this rank's service
+        # answers the others while it waits (see _Window.wait)
+        op.peer = -1
+
+        def finish(done: Op) -> None:
+            sink.check(done, f"window rank {target_rank}")
+            if spec.unpack is not None:
+                spec.unpack()
+
+        return Request(op, w.engine, None, finish)
+
+    def Accumulate(self, origin: Any, target_rank: int, target: Any = None,
+                   op: Any = ops.SUM) -> None:  # fmt: skip
+        """target = target op origin, elementwise, atomically per element against other
+        accumulates (applied by the target)."""
+        self._accumulate(origin, target_rank, target, op)
+
+    def Raccumulate(self, origin: Any, target_rank: int, target: Any = None,
+                    op: Any = ops.SUM) -> Request:  # fmt: skip
+        """Accumulate, returning a request (complete at once, as Rput)."""
+        self._accumulate(origin, target_rank, target, op)
+        return Request(DoneOp(), self._check().engine)
+
+    def _accumulate(self, origin: Any, target_rank: int, target: Any, op: Any) -> None:
+        w = self._check()
+        index = _op_index(op)
+        if not self._rank(w, target_rank):
+            return
+        spec = buffers.parse(origin)
+        disp, nbytes, code = self._request(w, spec, target_rank, target)
+        w.send(target_rank, K_ACC, index, disp, nbytes, _code_for(code, "Accumulate"),
+               bytes(spec.view))  # fmt: skip
+
+    def Get_accumulate(self, origin: Any, result: Any, target_rank: int, target: Any = None,
+                       op: Any = ops.SUM) -> None:  # fmt: skip
+        """result = old target data; target = target op origin (one atomic step at the
+        target). Complete at return."""
+        w = self._check()
+        request = self.Rget_accumulate(origin, result, target_rank, target, op)
+        if request._op is not None and self._rank(w, target_rank):
+            w.wait(request._op, target_rank)
+        request.Wait()
+
+    def Rget_accumulate(self, origin: Any, result: Any, target_rank: int, target: Any = None,
+                        op: Any = ops.SUM) -> Request:  # fmt: skip
+        """Get_accumulate, returning a request completed when `result` holds the data."""
+        w = self._check()
+        index = _op_index(op)
+        if not self._rank(w, target_rank):
+            return Request(DoneOp(), w.engine)
+        out = buffers.parse(result, writable=True, deferred=True)
+        disp, nbytes, code = self._request(w, out, target_rank, target)
+        data = b""
+        if ACC_OPS[index] is not ops.NO_OP:
+            spec = buffers.parse(origin)
+            if len(spec.view) != nbytes:
+                raise ValueError(f"origin of {len(spec.view)} bytes, result of {nbytes}")
+            data = bytes(spec.view)
+        posted = w.send(target_rank, K_GACC, index, disp, nbytes,
+                        _code_for(code, "Get_accumulate"), data, out.view)  # fmt: skip
+        return self._await(w, target_rank, out, posted)
+
+    def Fetch_and_op(self, origin: Any, result: Any, target_rank: int, target_disp: int = 0,
+                     op: Any = ops.SUM) -> None:  # fmt: skip
+        """Get_accumulate of one element at `target_disp`. ValueError unless origin and
+        result are one element each of the same size."""
+        w = self._check()
+        index = _op_index(op)
+        spec = _single(origin, False, "Fetch_and_op origin")
+        out = _single(result, True, "Fetch_and_op result")
+        if len(spec.view) != len(out.view):
+            raise ValueError("Fetch_and_op: origin and result element sizes differ")
+        if not self._rank(w, target_rank):
+            return
+        nbytes, code = _target_bytes(1, out.datatype)
+        w.roundtrip(target_rank, K_GACC, index, int(target_disp), nbytes,
+                    _code_for(code, "Fetch_and_op"), bytes(spec.view), out.view)  # fmt: skip
+
+    def Compare_and_swap(self, origin: Any, compare: Any, result: Any, target_rank: int,
+                         target_disp: int = 0) -> None:  # fmt: skip
+        """result = old target element; the target element becomes `origin` if it equalled
+        `compare` (one atomic step at the target). ValueError unless the three are one
+        element each of the same size."""
+        w = self._check()
+        spec = _single(origin, False, "Compare_and_swap origin")
+        cmp = _single(compare, False, "Compare_and_swap compare")
+        out = _single(result, True, "Compare_and_swap result")
+        if not len(spec.view) == len(cmp.view) == len(out.view):
+            raise ValueError("Compare_and_swap: element sizes differ")
+        if not self._rank(w, target_rank):
+            return
+        nbytes, code = _target_bytes(1, out.datatype)
+        w.roundtrip(target_rank, K_CAS, 0, int(target_disp), nbytes,
+                    _code_for(code, "Compare_and_swap"), bytes(spec.view) + bytes(cmp.view),
+                    out.view)  # fmt: skip
+
+    # ------------------------------------------------------------------ synchronisation
+    def Fence(self, assertion: int = 0) -> None:
+        """Complete every request of this rank at its targets, then a barrier: requests
+        before the fence are applied everywhere when it returns. Collective."""
+        w = self._check()
+        w.flush(list(w.dirty | set(w.pending)))
+        w.comm.Barrier()
+
+    def Lock(self, rank: int, lock_type: int = LOCK_EXCLUSIVE, assertion: int = 0) -> None:
+        """Lock `rank`'s window (LOCK_EXCLUSIVE or LOCK_SHARED); returns once granted."""
+        w = self._check()
+        if lock_type not in (LOCK_EXCLUSIVE, LOCK_SHARED):
+            raise _err(exceptions.ERR_ARG, f"lock type {lock_type}")
+        if self._rank(w, rank):
+            w.roundtrip(rank, K_LOCK, lock_type)
+
+    def Unlock(self, rank: int) -> None:
+        """Complete every request to `rank` there, then release the lock."""
+        w = self._check()
+        if self._rank(w, rank):
+            self._unlock(w, [rank])
+
+    def _unlock(self, w: _Window, ranks: list[int]) -> None:
+        for rank in ranks:
+            for op in w.pending.pop(rank, []):
+                w.wait(op, rank)
+        waits = []
+        for rank in ranks:
+            w.dirty.discard(rank)
+            posted = w.send(rank, K_UNLOCK)
+            assert posted is not None
+            waits.append((rank, *posted))
+        for rank, op, sink in waits:
+            w.wait(op, rank)
+            sink.check(op, f"window rank {rank}")
+
+    def Lock_all(self, assertion: int = 0) -> None:
+        """A shared lock on every rank of the window."""
+        w = self._check()
+        for rank in range(len(w.comm._group)):
+            w.roundtrip(rank, K_LOCK, LOCK_SHARED)
+
+    def Unlock_all(self) -> None:
+        w = self._check()
+        self._unlock(w, list(range(len(w.comm._group))))
+
+    def Flush(self, rank: int) -> None:
+        """Complete every request of this rank to `rank`, there."""
+        w = self._check()
+        if self._rank(w, rank):
+            w.flush([rank])
+
+    def Flush_all(self) -> None:
+        w = self._check()
+        w.flush(list(w.dirty | set(w.pending)))
+
+    def Flush_local(self, rank: int) -> None:
+        """Local completion of the requests to `rank` (their replies are in)."""
+        w = self._check()
+        if self._rank(w, rank):
+            for op in w.pending.pop(rank, []):
+                w.wait(op, rank)
+
+    def Flush_local_all(self) -> None:
+        w = self._check()
+        for rank in list(w.pending):
+            self.Flush_local(rank)
+
+    def Sync(self) -> None:
+        """Synchronise the public and private copies: one copy here (WIN_UNIFIED)."""
+        self._check()
+
+    def Post(self, group: Group, assertion: int = 0) -> None:
+        """Expose this window to `group`'s ranks (an access epoch of theirs may start)."""
+        w = self._check()
+        w.post_group = self._ranks_of(w, group)
+        for rank in w.post_group:
+            w.send(rank, K_POST)
+
+    def Start(self, group: Group, assertion: int = 0) -> None:
+        """Begin an access epoch to `group`'s ranks: returns once each has posted."""
+        w = self._check()
+        ranks = self._ranks_of(w, group)
+        w.engine.wait_until(lambda: all(w.posts[r] > 0 for r in ranks))
+        for rank in ranks:
+            w.posts[rank] -= 1
+        w.start_group = ranks
+
+    def Complete(self) -> None:
+        """End the access epoch: every request is applied at its target before the target's
+        Wait returns (the COMPLETE notice follows them)."""
+        w = self._check()
+        for rank in w.start_group:
+            w.dirty.discard(rank)
+            w.send(rank, K_COMPLETE)
+        w.flush(list(w.pending))
+        w.start_group = []
+
+    def Wait(self) -> None:
+        """End the exposure epoch: returns once every rank of the Post group completed."""
+        w = self._check()
+        w.engine.wait_until(lambda: self._completed(w))
+        self._end_exposure(w)
+
+    def Test(self) -> bool:
+        """Whether the exposure epoch is over (Wait's work when it is)."""
+        w = self._check()
+        w.engine.progress()
+        if not self._completed(w):
+            return False
+        self._end_exposure(w)
+        return True
+
+    @staticmethod
+    def _completed(w: _Window) -> bool:
+        return all(w.completes[r] > 0 for r in w.post_group)
+
+    @staticmethod
+    def _end_exposure(w: _Window) -> None:
+        for rank in w.post_group:
+            w.completes[rank] -= 1
+        w.post_group = []
+
+    @staticmethod
+    def _ranks_of(w: _Window, group: Group) -> list[int]:
+        """The window ranks of `group`'s members. MPI.Exception(ERR_GROUP) for others."""
+        rank_of = w.comm._rank_of
+        members = group._members()
+        missing = [m for m in members if m not in rank_of]
+        if missing:
+            raise _err(exceptions.ERR_GROUP, f"world ranks {missing} are not in the window")
+        return [rank_of[m] for m in members]
+
+
+def _win_null() -> Win:
+    return WIN_NULL
+
+
+WIN_NULL = Win()
+
+
+# ------------------------------------------------------------------ shared windows
+_heaps: dict[int, WindowHeap] = {}
+
+
+def _heap_of(engine: Any) -> WindowHeap | None:
+    """This process's view of its region's window heap (None: no region or no heap)."""
+    ep = engine.ep
+    if ep is None or not ep.region.geometry.heap_size:
+        return None
+    heap = _heaps.get(id(ep))
+    if heap is None:
+        heap = _heaps[id(ep)] = WindowHeap(ep.region, ep.peer_id, ep.incarnation)
+    return heap
+
+
+def _share(w: _Window, size: int) -> None:
+    """Allocate_shared's collective part: agree on one heap block (allocated by rank 0 of
+    the window) and map every member's segment of it. Errors: see Win.Allocate_shared."""
+    comm, engine = w.comm, w.engine
+    sizes = comm.allgather((size, w.disp_unit))
+    total = sum(n for n, _ in sizes)
+    members = comm._group
+    if len(members) == 1:
+        memory = _buffer.allocate(total, clear=True)
+        w.owner = memory
+        w.memory = memory.data.cast("B") if total else memoryview(bytearray(0))
+        w.base = Get_address(w.memory) if total else 0
+        w.segments = [(w.memory, w.disp_unit)]
+        return
+    far = [comm._rank_of[m] for m in members if not engine.routes[m].local]
+    heap = _heap_of(engine)
+    if far or heap is None:
+        why = (f"ranks {far} are not in this rank's region" if far
+               else "this region has no window heap")  # fmt: skip
+        raise _err(exceptions.ERR_RMA_SHARED, f"Win.Allocate_shared: {why}; shared windows "
+                   "need every rank in one region (Split_type(COMM_TYPE_SHARED))")  # fmt: skip
+    announced: tuple[int, int, int, int, int] | str
+    if comm._rank == 0:
+        tag = int.from_bytes(os.urandom(8), "little") >> 1
+        try:
+            made = heap.allocate(total, tag)
+            if made is None:
+                announced = f"no room for {total} bytes in the {heap.data_size}-byte heap"
+            else:
+                heap.view(made)[:] = bytes(made.length)
+                announced = (made.index, made.offset, made.length, tag, heap.mine)
+        except IvshmemError as exc:
+            announced = f"{type(exc).__name__}: {exc}"
+    else:
+        announced = ""
+    announced = comm.bcast(announced, 0)
+    if isinstance(announced, str):
+        raise _err(exceptions.ERR_NO_MEM, f"Win.Allocate_shared: {announced}")
+    index, offset, length, tag, owner = announced
+    try:  # the leader's own entry too: one path, and it proves the block was published
+        block = heap.check(index, owner, offset, length, tag)
+    except IvshmemError as exc:
+        raise _err(exceptions.ERR_OTHER, f"Win.Allocate_shared: {exc}") from exc
+    if total > block.length:
+        raise _err(exceptions.ERR_OTHER, f"Win.Allocate_shared: block of {block.length} bytes "
+                   f"for {total}")  # fmt: skip
+    whole = heap.view(block)
+    start = 0
+    for n, unit in sizes:
+        w.segments.append((whole[start : start + n], unit))
+        start += n
+    w.memory = w.segments[comm._rank][0]
+    w.base = Get_address(w.memory) if len(w.memory) else 0
+    w.heap, w.block = heap, block
