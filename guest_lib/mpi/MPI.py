@@ -48,10 +48,12 @@ from guest_lib.mpi.constants import (
     UNDEFINED,
     UNEQUAL,
     VERSION,
+    BottomType,
+    InPlaceType,
 )
 from guest_lib.mpi.constants import KEY_TAG_UB as _KEY_TAG_UB
 from guest_lib.mpi.datatypes import *  # noqa: F403 - every predefined datatype name
-from guest_lib.mpi.datatypes import Datatype, TypeDict
+from guest_lib.mpi.datatypes import Datatype, TypeDict, _typealign, _typecode
 from guest_lib.mpi.errhandler import (
     ERRHANDLER_NULL,
     ERRORS_ABORT,
@@ -334,7 +336,7 @@ _unused = (  # names re-exported on purpose (mpi4py's MPI namespace), not used h
     UNWEIGHTED, WEIGHTS_EMPTY, GROUP_EMPTY, GROUP_NULL, Group,
     Prequest, COMM_TYPE_SHARED, INFO_ENV, INFO_NULL, Info, BSEND_OVERHEAD, Aint_add, Aint_diff,
     Alloc_mem, Attach_buffer, Detach_buffer, Free_mem, Get_address, buffer, Flush_buffer,
-    Iflush_buffer, ORDER_C, ORDER_F,
+    Iflush_buffer, ORDER_C, ORDER_F, _typealign, _typecode, BottomType, InPlaceType,
     ORDER_FORTRAN, ERRHANDLER_NULL, ERRORS_ABORT, ERRORS_ARE_FATAL, ERRORS_RETURN, Errhandler,
     LOCK_EXCLUSIVE, LOCK_SHARED, MODE_NOCHECK, MODE_NOPRECEDE, MODE_NOPUT, MODE_NOSTORE,
     MODE_NOSUCCEED, WIN_BASE, WIN_CREATE_FLAVOR, WIN_DISP_UNIT, WIN_FLAVOR_ALLOCATE,

@@ -54,6 +54,11 @@ class Spec(NamedTuple):
         return np.frombuffer(self.view, dtype=dtype) if len(self.view) else np.empty(0, dtype)
 
 
+def as_bytes(buf: Any, writable: bool = False) -> memoryview:
+    """A flat byte view of any message buffer `buf` (see `parse` for the errors)."""
+    return _as_bytes(buf, writable)[0]
+
+
 def _as_bytes(buf: Any, writable: bool) -> tuple[memoryview, Datatype | None]:
     """A flat byte view of `buf` and the datatype its format implies (None if unknown)."""
     if buf is None:
@@ -293,6 +298,17 @@ def parse(spec: Any, *, writable: bool = False, deferred: bool = False) -> Spec:
         count = None if items[1] is None else int(items[1])
         displ = 0 if items[2] is None else int(items[2])
         datatype = _datatype(items[3])
+    if buf is constants.BOTTOM:  # absolute addresses (Get_address): packed from there
+        if datatype is None:
+            raise TypeError("message: a BOTTOM buffer needs a datatype")
+        count = 0 if count is None else count
+        view, base = _absolute([(displ * datatype.extent, count, datatype)])
+        packed, unpack = _packed(view, displ * datatype.extent - base, count, datatype,
+                                 writable)  # fmt: skip
+        if deferred:
+            return Spec(packed, count, datatype, unpack)
+        _owed(unpack, datatype)
+        return Spec(packed, count, datatype)
     view, implied = _as_bytes(buf, writable)
     if datatype is None:
         datatype = _implied(implied)
@@ -385,7 +401,7 @@ def check_blocks(spec: Any, size: int) -> None:
     if spec is None or spec is constants.IN_PLACE:
         return
     buf, counts, _, datatype = _vector_form(spec)
-    if counts is not None:
+    if counts is not None or buf is constants.BOTTOM:  # (BOTTOM: count 0 when inferred)
         return
     view, implied = _as_bytes(buf, False)
     extent = (datatype or _implied(implied)).Get_size()
@@ -406,10 +422,16 @@ def parse_vector(spec: Any, size: int, *, writable: bool = False) -> VSpec:
     for every rank. displs None: contiguous (running sums); an int d: strided, d * rank.
     """
     buf, counts, displs, datatype = _vector_form(spec)
-    view, implied = _as_bytes(buf, writable)
+    bottom = buf is constants.BOTTOM  # absolute addresses: elements packed from there
+    if bottom and datatype is None:
+        raise TypeError("message: a BOTTOM buffer needs a datatype")
+    view, implied = (_EMPTY, None) if bottom else _as_bytes(buf, writable)
     if datatype is None:
         datatype = _implied(implied)
-    if datatype.packs and counts is not None and displs is not None:
+    if bottom and counts is None:
+        counts = 0
+    packs = datatype.packs or bottom
+    if packs and counts is not None and displs is not None:
         # a derived type's elements are packed first: element k at k * size from then on
         counts_list = [int(counts)] * size if _is_int(counts) else [int(c) for c in counts]
         displs_list = (
@@ -417,15 +439,15 @@ def parse_vector(spec: Any, size: int, *, writable: bool = False) -> VSpec:
             else [int(d) for d in displs]
         )  # fmt: skip
         span = max((d + c for c, d in zip(counts_list, displs_list, strict=True) if c), default=0)
-        view, unpack = _packed(view, 0, span, datatype, writable)
+        view, unpack = _packed_span(view, span, datatype, writable, bottom)
         _owed(unpack, datatype)
         counts, displs = counts_list, displs_list
-    elif datatype.packs:
+    elif packs:
         if counts is None:
             raise ValueError("message: a derived datatype needs counts")
         counts = [int(counts)] * size if _is_int(counts) else [int(c) for c in counts]
         span = sum(counts)
-        view, unpack = _packed(view, 0, span, datatype, writable)
+        view, unpack = _packed_span(view, span, datatype, writable, bottom)
         _owed(unpack, datatype)
     extent = datatype.Get_size()
     if counts is None:
@@ -475,11 +497,15 @@ def parse_w(spec: Any, size: int, *, writable: bool = False) -> list[memoryview]
     datatypes_ = [_datatype(t) for t in types]
     if not len(counts) == len(displs) == len(datatypes_) == size:
         raise ValueError(f"message: expecting {size} counts, displacements and datatypes")
-    view, _ = _as_bytes(buf, writable)
+    bottom = buf is constants.BOTTOM  # displacements are absolute addresses
+    view = _EMPTY if bottom else _as_bytes(buf, writable)[0]
     parts = []
     for count, displ, datatype in zip(counts, displs, datatypes_, strict=True):
         assert datatype is not None
-        if datatype.packs:
+        if datatype.packs or bottom:
+            if bottom:
+                view, base = _absolute([(displ, count, datatype)])
+                displ -= base
             part, unpack = _packed(view, displ, count, datatype, writable)
             _owed(unpack, datatype)
             parts.append(part)
@@ -530,6 +556,40 @@ def _packed(
         datatypes.unpack_from(packed, view, start, count, datatype)
 
     return memoryview(packed), unpack
+
+
+def _packed_span(view: memoryview, span: int, datatype: Datatype, writable: bool,
+                 bottom: bool) -> tuple[memoryview, Callable[[], None] | None]:  # fmt: skip
+    """_packed of elements 0..span-1 from byte 0 of `view`, or with `bottom` from absolute
+    address 0 (see `_absolute`)."""
+    if bottom:
+        view, base = _absolute([(0, span, datatype)])
+        return _packed(view, -base, span, datatype, writable)
+    return _packed(view, 0, span, datatype, writable)
+
+
+def _absolute(parts: list[tuple[int, int, Datatype]]) -> tuple[memoryview, int]:
+    """(a byte view of this process's memory spanning the data of `parts`, each (absolute
+    address of element 0, count, datatype), the address of its first byte): how a BOTTOM
+    message reaches the buffers its type's displacements (from Get_address) point into.
+    The addresses are the caller's word, as in C MPI. ValueError for data at address 0 or
+    below (a type that is not made of absolute addresses)."""
+    low = high = None
+    for start, count, datatype in parts:
+        if count <= 0 or not datatype.size:
+            continue
+        true_lb, true_extent = datatype.Get_true_extent()
+        reach = (count - 1) * datatype.extent
+        first = start + true_lb + min(0, reach)
+        last = start + true_lb + true_extent + max(0, reach)
+        low = first if low is None else min(low, first)
+        high = last if high is None else max(high, last)
+    if low is None or high is None:
+        return _EMPTY, 0
+    if low <= 0:
+        raise ValueError(f"message: BOTTOM with data at address {low}: not an absolute address")
+    memory = (ctypes.c_char * (high - low)).from_address(low)
+    return memoryview(memory).cast("B"), low
 
 
 def _owed(unpack: Callable[[], None] | None, datatype: Datatype) -> None:

@@ -57,8 +57,16 @@ class _Sentinel:
         return self._name
 
 
-IN_PLACE: Final = _Sentinel("IN_PLACE")
-BOTTOM: Final = _Sentinel("BOTTOM")
+class BottomType(_Sentinel):
+    """The type of BOTTOM (mpi4py's name): buffer address 0, displacements absolute."""
+
+
+class InPlaceType(_Sentinel):
+    """The type of IN_PLACE (mpi4py's name)."""
+
+
+IN_PLACE: Final = InPlaceType("IN_PLACE")
+BOTTOM: Final = BottomType("BOTTOM")
 UNWEIGHTED: Final = _Sentinel("UNWEIGHTED")  # MPI_UNWEIGHTED: a graph without weights
 WEIGHTS_EMPTY: Final = _Sentinel("WEIGHTS_EMPTY")  # MPI_WEIGHTS_EMPTY: weighted, no edges
 

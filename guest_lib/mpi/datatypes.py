@@ -18,28 +18,29 @@ then work element by element on the packed data), else BYTE.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
 from guest_lib.mpi import constants, exceptions
-from ivshmem_comm import ring
+from ivshmem_comm import ring as _ring
 
 
 class Datatype:
     """One MPI datatype. `size` and `extent` in bytes; `dtype` the numpy element type."""
 
     __slots__ = (
-        "_align", "_blocks", "_combiner", "_committed", "_extent", "_lb", "_old", "_params",
-        "_root", "_runs", "_size", "base", "count", "dtype", "name", "typechar",
+        "_align", "_blocks", "_char", "_combiner", "_committed", "_extent", "_lb", "_old",
+        "_params", "_root", "_runs", "_size", "_sized", "base", "count", "dtype", "name",
     )  # fmt: skip
 
     def __init__(
         self,
-        name: str | Datatype = "DATATYPE_NULL",
+        name: str | Datatype = "MPI_DATATYPE_NULL",
         dtype: np.dtype | None = None,
-        typechar: str = "",
+        char: str = "",
         *,
         base: Datatype | None = None,
         count: int = 1,
@@ -58,7 +59,8 @@ class Datatype:
         self._params: dict[str, Any] = {}
         self.name = name
         self.dtype = dtype
-        self.typechar = typechar
+        self._char = char  # mpi4py's character code of a predefined type ("" if none)
+        self._sized = False  # its typecode is its type string ("i4"), as INT32_T's
         self.base = base if base is not None else self
         self.count = count
         self._committed = True
@@ -107,16 +109,36 @@ class Datatype:
 
     @property
     def is_predefined(self) -> bool:
-        return self._combiner == "NAMED"
+        """True for the named types, DATATYPE_NULL and the f90 types (as mpi4py)."""
+        return self._combiner in ("NAMED", "F90_INTEGER", "F90_REAL", "F90_COMPLEX")
 
     @property
     def is_named(self) -> bool:
         return self._combiner == "NAMED"
 
     @property
+    def typechar(self) -> str:
+        """mpi4py's character code: a predefined (or f90, or duplicated) type's ("d",
+        "i", ...), "V" for any other type, "" for DATATYPE_NULL."""
+        if self.dtype is None:
+            return ""
+        return self._named()._char or "V"
+
+    @property
     def typestr(self) -> str:
-        """The numpy type string of the type's layout ("" for DATATYPE_NULL)."""
-        return "" if self.dtype is None else self.dtype.str
+        """mpi4py's type string: "i4", "f8", "S1", ... for the types with a character
+        code, else "V<extent>"; "" for DATATYPE_NULL."""
+        if self.dtype is None:
+            return ""
+        char = self._named()._char
+        return _typestr(char) if char else f"V{self._extent}"
+
+    def _named(self) -> Datatype:
+        """The type whose codes this one has: itself, or for a Dup what it duplicates."""
+        datatype = self
+        while datatype._combiner == "DUP" and datatype._old is not None:
+            datatype = datatype._old
+        return datatype
 
     @property
     def combiner(self) -> int:
@@ -146,6 +168,8 @@ class Datatype:
         if kind == "STRUCT":
             displs = list(p["displacements"])
             return [len(displs), *p["blocklengths"]], displs, [], list(p["datatypes"])
+        if kind.startswith("F90_"):
+            return [p[k] for k in ("p", "r") if k in p], [], [], []
         assert old is not None
         if kind == "DUP":
             return [], [], [], [old]
@@ -160,6 +184,10 @@ class Datatype:
         if kind == "SUBARRAY":
             dims = [len(p["sizes"]), *p["sizes"], *p["subsizes"], *p["starts"], p["order"]]
             return dims, [], [], [old]
+        if kind == "DARRAY":
+            ints = [p["size"], p["rank"], len(p["gsizes"]), *p["gsizes"], *p["distribs"],
+                    *p["dargs"], *p["psizes"], p["order"]]  # fmt: skip
+            return ints, [], [], [old]
         displs = list(p["displacements"])
         n = len(displs)
         if kind == "INDEXED":
@@ -176,7 +204,7 @@ class Datatype:
         `old.Create_<combiner>(**arguments)` makes the type again."""
         if self._combiner == "NAMED":
             return self, "NAMED", {}
-        old = self._old if self._old is not None else DATATYPE_NULL
+        old = self._old if self._old is not None else DATATYPE_NULL  # struct, f90
         return old, self._combiner, dict(self._params)
 
     def _made_from(self, new: Datatype, combiner: str, **params: Any) -> Datatype:
@@ -223,10 +251,12 @@ class Datatype:
         self.name = name
 
     def tocode(self) -> str:
-        """The typecode string (e.g. "d"); ValueError for a type that has none."""
-        if not self.typechar:
-            raise ValueError(f"datatype {self.name} has no typecode")
-        return self.typechar
+        """The typecode: the type string of the sized types ("i4" for INT32_T, the f90
+        types), else the character code ("d"); ValueError for a type that has none."""
+        code = _typecode(self)
+        if code is None:
+            raise ValueError(f"datatype {self.name}: cannot map to a typecode")
+        return code
 
     @classmethod
     def fromcode(cls, code: str) -> Datatype:
@@ -251,15 +281,25 @@ class Datatype:
         return self
 
     def Free(self) -> None:
-        pass
+        """Free the type: nothing to give back here (a type is its Python object)."""
+
+    def free(self) -> None:
+        """Free if not null or predefined (mpi4py's `free`): see Free."""
 
     def _check_handle(self) -> None:
         if self.dtype is None:
             raise exceptions.Exception(exceptions.ERR_TYPE, f"datatype {self.name}")
 
     def Create_contiguous(self, count: int) -> Datatype:
-        """`count` elements of this type back to back (uncommitted, as MPI)."""
+        """`count` elements of this type back to back (uncommitted, as MPI). A count past
+        INT_MAX makes what an MPI-3 library (the version this one reports) gives for it, as
+        mpi4py builds it there: a struct of a vector of INT_MAX-element blocks and a
+        contiguous rest."""
         _counts(count)
+        if count > _INT_MAX:
+            whole = self.Create_vector(count // _INT_MAX, _INT_MAX, _INT_MAX)
+            rest = self.Create_contiguous(count % _INT_MAX)
+            return Datatype.Create_struct([1, 1], [0, whole._extent], [whole, rest])
         new = _derived(f"CONTIGUOUS({self.name},{count})", [(0, count, self)])
         return self._made_from(new, "CONTIGUOUS", count=count)
 
@@ -376,6 +416,165 @@ class Datatype:
 
     Resized = Create_resized
 
+    def Create_darray(
+        self,
+        size: int,
+        rank: int,
+        gsizes: Sequence[int],
+        distribs: Sequence[int],
+        dargs: Sequence[int],
+        psizes: Sequence[int],
+        order: int = constants.ORDER_C,
+    ) -> Datatype:
+        """The part process `rank` of a `psizes` grid (row-major, `size` processes) owns
+        of a `gsizes` array of this type, each dimension distributed DISTRIBUTE_BLOCK,
+        CYCLIC (with block `dargs[i]`, DISTRIBUTE_DFLT_DARG: even blocks / 1) or NONE;
+        the elements in the array's order (C or Fortran), the extent the whole array's.
+        MPI.Exception(ERR_ARG) for a grid that does not match or a block too small."""
+        gsizes, distribs, dargs, psizes = (
+            [int(n) for n in gsizes], [int(n) for n in distribs], [int(n) for n in dargs],
+            [int(n) for n in psizes],
+        )  # fmt: skip
+        params = {
+            "size": int(size), "rank": int(rank), "gsizes": gsizes, "distribs": distribs,
+            "dargs": dargs, "psizes": psizes, "order": order,
+        }  # fmt: skip
+        owned = _darray_indices(int(size), int(rank), gsizes, distribs, dargs, psizes)
+        if order == constants.ORDER_FORTRAN:  # first dimension fastest: walk it reversed
+            gsizes, owned = gsizes[::-1], owned[::-1]
+        offsets = np.zeros(1, dtype=np.int64)
+        stride = 1
+        for n, mine in zip(reversed(gsizes), reversed(owned), strict=True):
+            offsets = ((mine * stride)[:, None] + offsets[None, :]).ravel()
+            stride *= n
+        new = _derived(f"DARRAY({self.name})", [(offsets * self._extent, 1, self)])
+        return self._made_from(_resized(new, 0, stride * self._extent), "DARRAY", **params)
+
+    @classmethod
+    def Create_f90_integer(cls, r: int) -> Datatype:
+        """The smallest integer type with `r` decimal digits of range (F90's
+        SELECTED_INT_KIND); MPI.Exception(ERR_ARG) when none has."""
+        for digits, datatype in ((2, INTEGER1), (4, INTEGER2), (9, INTEGER4), (18, INTEGER8)):
+            if r <= digits:
+                return _f90(datatype, "F90_INTEGER", r=int(r))
+        raise exceptions.Exception(exceptions.ERR_ARG, f"Create_f90_integer: range {r}")
+
+    @classmethod
+    def Create_f90_real(cls, p: int, r: int) -> Datatype:
+        """The smallest real type with precision `p` and range `r` (F90's
+        SELECTED_REAL_KIND): REAL4, REAL8 or REAL16; MPI.Exception(ERR_ARG) when none."""
+        return _f90(_f90_float(p, r, (REAL4, REAL8, REAL16)), "F90_REAL", p=int(p), r=int(r))
+
+    @classmethod
+    def Create_f90_complex(cls, p: int, r: int) -> Datatype:
+        """As Create_f90_real for complex numbers: COMPLEX8, COMPLEX16 or COMPLEX32."""
+        chosen = _f90_float(p, r, (COMPLEX8, COMPLEX16, COMPLEX32))
+        return _f90(chosen, "F90_COMPLEX", p=int(p), r=int(r))
+
+    @classmethod
+    def Match_size(cls, typeclass: int, size: int) -> Datatype:
+        """The Fortran type of `typeclass` (TYPECLASS_INTEGER, _REAL, _COMPLEX) that is
+        `size` bytes; MPI.Exception(ERR_ARG) when there is none."""
+        for datatype in _MATCH.get(typeclass, ()):
+            if datatype.size == size:
+                return datatype
+        raise exceptions.Exception(exceptions.ERR_ARG, f"Match_size: {typeclass}, {size}")
+
+    @classmethod
+    def Get_value_index(cls, value: Datatype, index: Datatype) -> Datatype:
+        """The predefined pair type (value, index) for MINLOC/MAXLOC (FLOAT_INT for
+        FLOAT, INT), DATATYPE_NULL when there is none; MPI.Exception(ERR_TYPE) for a
+        null argument."""
+        value._check_handle()
+        index._check_handle()
+        if index != INT:
+            return DATATYPE_NULL
+        return _PAIRS.get(value._root, DATATYPE_NULL)
+
+    # ------------------------------------------------------------------ packing
+    def Pack_size(self, count: int, comm: Any = None) -> int:
+        """Bytes that Pack writes for `count` elements (no overhead: count * size)."""
+        _counts(count)
+        return int(count) * self._size
+
+    def Pack(self, inbuf: Any, outbuf: Any, position: int, comm: Any = None) -> int:
+        """Pack all the elements of this type in the buffer `inbuf` (its length over the
+        extent) into the buffer `outbuf` from byte `position`; returns the position after
+        them. MPI.Exception(ERR_TRUNCATE) when they do not fit."""
+        source, count = _elements(self, inbuf)
+        target = _raw(outbuf, writable=True)
+        end = _fits(position, count * self._size, len(target))
+        pack_into(source, 0, count, self, target[position:end])
+        return end
+
+    def Unpack(self, inbuf: Any, position: int, outbuf: Any, comm: Any = None) -> int:
+        """Unpack from byte `position` of the buffer `inbuf` as many elements of this type
+        as the buffer `outbuf` holds (its length over the extent); returns the position
+        after them. MPI.Exception(ERR_TRUNCATE) when `inbuf` holds fewer."""
+        target, count = _elements(self, outbuf, writable=True)
+        source = _raw(inbuf)
+        end = _fits(position, count * self._size, len(source))
+        unpack_from(source[position:end], target, 0, count, self)
+        return end
+
+    def Pack_external_size(self, datarep: str, count: int) -> int:
+        """Bytes that Pack_external writes for `count` elements in `datarep`."""
+        _external32(datarep)
+        _counts(count)
+        return int(count) * sum(_external(t).itemsize * n for t, n in self._signature())
+
+    def Pack_external(self, datarep: str, inbuf: Any, outbuf: Any, position: int) -> int:
+        """As Pack, in the canonical "external32" representation (big-endian, MPI's
+        sizes: LONG 4 bytes, LONG_DOUBLE an IEEE quad). MPI.Exception(ERR_TRUNCATE) when
+        the elements do not fit, ERR_ARG for another `datarep` or a value that does not
+        fit its external size."""
+        _external32(datarep)
+        source, count = _elements(self, inbuf)
+        native = bytearray(count * self._size)
+        pack_into(source, 0, count, self, native)
+        external = _convert(native, self._signature(), count, to_external=True)
+        target = _raw(outbuf, writable=True)
+        end = _fits(position, len(external), len(target))
+        target[position:end] = external
+        return end
+
+    def Unpack_external(self, datarep: str, inbuf: Any, position: int, outbuf: Any) -> int:
+        """As Unpack, from the "external32" representation (see Pack_external)."""
+        _external32(datarep)
+        target, count = _elements(self, outbuf, writable=True)
+        source = _raw(inbuf)
+        end = _fits(position, self.Pack_external_size(datarep, count), len(source))
+        native = _convert(source[position:end], self._signature(), count, to_external=False)
+        unpack_from(native, target, 0, count, self)
+        return end
+
+    def _signature(self) -> list[tuple[Datatype, int]]:
+        """The predefined types of one element in type-map order, as (type, run length)."""
+        kind, p, old = self._combiner, self._params, self._old
+        if self.dtype is None:
+            return []
+        if kind in ("NAMED", "F90_INTEGER", "F90_REAL", "F90_COMPLEX"):
+            return [(self._root, 1)]
+        if kind == "STRUCT":
+            parts = [(t._signature(), n) for n, t in zip(p["blocklengths"], p["datatypes"],
+                                                           strict=True)]  # fmt: skip
+        else:
+            assert old is not None
+            own = old._signature()
+            parts = [(own, self._size // old._size if old._size else 0)]
+        out: list[tuple[Datatype, int]] = []
+        for signature, repeats in parts:
+            if len(signature) == 1:
+                signature = [(signature[0][0], signature[0][1] * repeats)]
+            else:
+                signature = signature * repeats
+            for datatype, n in signature:
+                if out and out[-1][0] is datatype:
+                    out[-1] = (datatype, out[-1][1] + n)
+                elif n:
+                    out.append((datatype, n))
+        return out
+
     def __repr__(self) -> str:
         return f"<Datatype {self.name}>"
 
@@ -398,6 +597,9 @@ class Datatype:
             return (_predefined, (name, self is self._root))
         old, combiner, params = self.decode()
         return (_rebuild, (old, combiner, params, self._committed))
+
+
+_INT_MAX = (1 << 31) - 1
 
 
 def _counts(*counts: int) -> None:
@@ -444,18 +646,54 @@ def _derived(name: str, blocks: list[tuple[Any, int, Datatype]], struct: bool = 
     if base.dtype is None or not base.size or size % base.size or base is BYTE:
         base = BYTE
     count = size // base.size
-    dtype: np.dtype | None
-    try:
-        dtype = np.dtype((base.dtype, (count,)))
-    except ValueError:  # more elements than a numpy shape holds: the size is kept apart
-        dtype = base.dtype
-    new = Datatype(name, dtype, "", base=base, count=count)
+    new = Datatype(name, _array_dtype(base.dtype, count), "", base=base, count=count)
     new._committed, new._align, new._size = False, align, size
     if plain and lb == 0 and extent == size:
         new._lb, new._extent = 0, size
         return new
+    small = _placed_small(blocks)
+    if small is not None:
+        return _set_layout(new, small, lb, extent)
     pieces = [_placed(disp, count, old) for disp, count, old in blocks if count]
     return _set_layout(new, _merged(np.concatenate(pieces) if pieces else _NO_PIECES), lb, extent)
+
+
+@functools.lru_cache(maxsize=1024)
+def _array_dtype(dtype: np.dtype | None, count: int) -> np.dtype | None:
+    """`count` elements of `dtype` as one numpy type (`dtype` alone when numpy cannot
+    hold that many in a shape: the size is kept apart)."""
+    try:
+        return np.dtype((dtype, (count,)))
+    except ValueError:
+        return dtype
+
+
+_SMALL = 256  # pieces: fewer are placed and merged in plain Python (numpy costs more)
+
+
+def _placed_small(blocks: list[tuple[Any, int, Datatype]]) -> np.ndarray | None:
+    """The merged pieces of `blocks` (as _placed then _merged give them) when there are
+    few, else None."""
+    total = 0
+    for disp, count, old in blocks:
+        if isinstance(disp, np.ndarray):
+            return None
+        total += count * (1 if old._blocks is None else len(old._blocks))
+        if total > _SMALL:
+            return None
+    out: list[list[int]] = []
+    for disp, count, old in blocks:
+        own = [(0, old._size)] if old._blocks is None else old._blocks.tolist()
+        for i in range(count):
+            base = disp + i * old._extent
+            for offset, length in own:
+                if not length:
+                    continue
+                if out and out[-1][0] + out[-1][1] == base + offset:
+                    out[-1][1] += length
+                else:
+                    out.append([base + offset, length])
+    return np.array(out, dtype=np.int64).reshape(-1, 2)
 
 
 _NO_PIECES = np.zeros((0, 2), dtype=np.int64)
@@ -589,18 +827,23 @@ def _typed_copy_py(gather: bool, user: Any, start: int, count: int, extent: int,
     return budget
 
 
-typed_copy: Callable[[bool, Any, int, int, int, Any, Any, int], int] = _typed_copy_py
-if ring.IMPLEMENTATION == "c":  # the C fast path when the queues run on it
+_typed_copy: Callable[[bool, Any, int, int, int, Any, Any, int], int] = _typed_copy_py
+if _ring.IMPLEMENTATION == "c":  # the C fast path when the queues run on it
     from ivshmem_comm import _fastpath
 
-    typed_copy = _fastpath.typed_copy
+    if not hasattr(_fastpath, "typed_copy"):
+        raise ImportError(
+            "ivshmem_comm._fastpath was built from older sources (no typed_copy): rebuild it "
+            "(python setup.py build_ext --inplace)"
+        )
+    _typed_copy = _fastpath.typed_copy
 
 
 def pack_into(view: Any, start: int, count: int, datatype: Datatype, packed: Any,
               limit: int = -1) -> int:  # fmt: skip
     """Gather `count` elements of `datatype` from byte `start` of `view` into the dense
     `packed`; returns the bytes written (see `typed_copy`)."""
-    return typed_copy(True, view, start, count, datatype._extent, datatype.compiled(), packed,
+    return _typed_copy(True, view, start, count, datatype._extent, datatype.compiled(), packed,
                       limit)  # fmt: skip
 
 
@@ -608,8 +851,208 @@ def unpack_from(packed: Any, view: Any, start: int, count: int, datatype: Dataty
                 limit: int = -1) -> int:  # fmt: skip
     """Scatter the dense `packed` (at most `limit` bytes of it) into `count` elements of
     `datatype` from byte `start` of the writable `view`; returns the bytes read."""
-    return typed_copy(False, view, start, count, datatype._extent, datatype.compiled(), packed,
+    return _typed_copy(False, view, start, count, datatype._extent, datatype.compiled(), packed,
                       limit)  # fmt: skip
+
+
+# ------------------------------------------------------------------ darray, f90, codes
+DISTRIBUTE_NONE, DISTRIBUTE_BLOCK, DISTRIBUTE_CYCLIC = 0, 1, 2  # MPICH's values
+DISTRIBUTE_DFLT_DARG = -49767
+TYPECLASS_REAL, TYPECLASS_INTEGER, TYPECLASS_COMPLEX = 1, 2, 3
+TYPECLASS_LOGICAL = constants.UNDEFINED  # no sized LOGICAL types here (as MPICH)
+
+
+def _darray_indices(size: int, rank: int, gsizes: list[int], distribs: list[int],
+                    dargs: list[int], psizes: list[int]) -> list[np.ndarray]:  # fmt: skip
+    """The global indices, per dimension and ascending, that process `rank` owns."""
+    fail = exceptions.ERR_ARG
+    if not len(gsizes) == len(distribs) == len(dargs) == len(psizes) or not gsizes:
+        raise exceptions.Exception(fail, "darray: dimensions differ")
+    if int(np.prod(psizes)) != size or not 0 <= rank < size or min(psizes) < 1:
+        raise exceptions.Exception(fail, f"darray: grid {psizes} for {size} processes")
+    coords, rest = [], rank
+    for p in reversed(psizes):  # the process grid is row-major
+        coords.append(rest % p)
+        rest //= p
+    owned = []
+    for g, kind, darg, p, c in zip(gsizes, distribs, dargs, psizes, coords[::-1], strict=True):
+        index = np.arange(g, dtype=np.int64)
+        if kind == DISTRIBUTE_NONE:
+            if p != 1:
+                raise exceptions.Exception(fail, "darray: an undistributed dimension over >1")
+        elif kind == DISTRIBUTE_BLOCK:
+            block = -(-g // p) if darg == DISTRIBUTE_DFLT_DARG else darg
+            if block < 1 or block * p < g:
+                raise exceptions.Exception(fail, f"darray: block {block} x {p} < {g}")
+            index = index[c * block : (c + 1) * block]
+        elif kind == DISTRIBUTE_CYCLIC:
+            block = 1 if darg == DISTRIBUTE_DFLT_DARG else darg
+            if block < 1:
+                raise exceptions.Exception(fail, f"darray: cyclic block {block}")
+            index = index[(index // block) % p == c]
+        else:
+            raise exceptions.Exception(fail, f"darray: distribution {kind}")
+        owned.append(index)
+    return owned
+
+
+def _f90(datatype: Datatype, combiner: str, **params: int) -> Datatype:
+    """A new handle on the predefined `datatype`, as made by Create_<combiner>(params)."""
+    new = Datatype(datatype)
+    new._root, new._sized = new, True
+    new._combiner, new._old, new._params = combiner, None, params
+    return new
+
+
+def _f90_float(p: int, r: int, kinds: tuple[Datatype, Datatype, Datatype]) -> Datatype:
+    for (digits, exponent), datatype in zip(((6, 37), (15, 307), (18, 4931)), kinds, strict=True):
+        if p <= digits and r <= exponent:
+            return datatype
+    raise exceptions.Exception(exceptions.ERR_ARG, f"f90 type: precision {p}, range {r}")
+
+
+def _typestr(char: str) -> str:
+    """mpi4py's type string of a character code: kind and size ("i4"), "b1", "S1"."""
+    special = {"?": "b1", "c": "S1", "U": "U1"}
+    if char in special:
+        return special[char]
+    dtype = np.dtype(char)
+    return f"{dtype.kind}{dtype.itemsize}"
+
+
+def _typecode(datatype: Datatype) -> str | None:
+    """mpi4py's `MPI._typecode`: what `tocode` gives, None for a type without one."""
+    named = datatype._named()
+    if datatype.dtype is None or not named._char:
+        return None
+    return _typestr(named._char) if named._sized else named._char
+
+
+def _typealign(datatype: Datatype) -> int | None:
+    """mpi4py's `MPI._typealign`: the C alignment of a predefined type (of the strictest
+    member for a pair type), None for DATATYPE_NULL and derived types."""
+    named = datatype._named()
+    if datatype.dtype is None or not (named._char or named._combiner == "NAMED"):
+        return None
+    return named._align
+
+
+# ------------------------------------------------------------------ Pack and external32
+def _raw(buf: Any, writable: bool = False) -> memoryview:
+    """A flat byte view of the buffer `buf` (any message buffer, DLPack too; BufferError
+    if read-only where written)."""
+    from guest_lib.mpi.buffers import as_bytes  # buffers builds on this module
+
+    return as_bytes(buf, writable)
+
+
+def _elements(datatype: Datatype, buf: Any, writable: bool = False) -> tuple[memoryview, int]:
+    """(byte view of `buf`, the number of whole elements of `datatype` it spans)."""
+    datatype._check_handle()
+    view = _raw(buf, writable)
+    return view, (len(view) // datatype._extent if datatype._extent > 0 else 0)
+
+
+def _fits(position: int, nbytes: int, length: int) -> int:
+    """position + nbytes; MPI.Exception(ERR_TRUNCATE) past `length`, ERR_ARG if < 0."""
+    if position < 0:
+        raise exceptions.Exception(exceptions.ERR_ARG, f"position {position}")
+    if position + nbytes > length:
+        raise exceptions.Exception(
+            exceptions.ERR_TRUNCATE, f"{nbytes} bytes at {position} of a {length}-byte buffer"
+        )
+    return position + nbytes
+
+
+def _external32(datarep: str) -> None:
+    if datarep != "external32":
+        raise exceptions.Exception(exceptions.ERR_ARG, f"data representation {datarep!r}")
+
+
+_QUAD = np.dtype([("hi", ">u8"), ("lo", ">u8")])  # an IEEE binary128, big-endian
+
+
+def _external(datatype: Datatype) -> np.dtype:
+    """The external32 numpy type of a predefined type (MPI's table: big-endian; LONG and
+    UNSIGNED_LONG 4 bytes; LONG_DOUBLE an IEEE quad; pair types without padding)."""
+    dtype = datatype.dtype
+    assert dtype is not None
+    if dtype.names:
+        return np.dtype([(n, _external(from_dtype(dtype[n]))) for n in dtype.names])
+    if datatype._root in (LONG, UNSIGNED_LONG):
+        return np.dtype(f">{dtype.kind}4")
+    if dtype == np.dtype("g"):
+        return _QUAD
+    if dtype == np.dtype("G"):
+        return np.dtype([("re", _QUAD), ("im", _QUAD)])
+    return dtype.newbyteorder(">")
+
+
+def _quad(values: np.ndarray, to_external: bool) -> np.ndarray:
+    """x87 extended doubles (long double) <-> IEEE quads: the same sign, exponent and
+    bias; the 64-bit significand with its explicit integer bit <-> a 112-bit fraction."""
+    if to_external:
+        raw = values.view(np.uint64).reshape(-1, 2)
+        mantissa, top = raw[:, 0], raw[:, 1] & np.uint64(0xFFFF)
+        quad = np.empty(len(raw), _QUAD)
+        fraction = mantissa & np.uint64((1 << 63) - 1)
+        quad["hi"] = (top << np.uint64(48)) | (fraction >> np.uint64(15))
+        quad["lo"] = fraction << np.uint64(49)
+        return quad
+    hi, lo = values["hi"].astype(np.uint64), values["lo"].astype(np.uint64)
+    exponent = (hi >> np.uint64(48)) & np.uint64(0x7FFF)
+    fraction = ((hi & np.uint64((1 << 48) - 1)) << np.uint64(15)) | (lo >> np.uint64(49))
+    integer = np.where(exponent != 0, np.uint64(1 << 63), np.uint64(0))
+    raw = np.zeros((len(values), 2), np.uint64)
+    raw[:, 0] = fraction | integer
+    raw[:, 1] = hi >> np.uint64(48)
+    return raw.view(np.dtype("g")).ravel()
+
+
+def _to_field(values: np.ndarray, native: np.dtype, external: np.dtype,
+              to_external: bool) -> np.ndarray:  # fmt: skip
+    """Values of one field converted from `native` to `external` (see _external) or back."""
+    if external == _QUAD:
+        return _quad(values, to_external)
+    target = external if to_external else native
+    if external.names:
+        assert native.names is not None
+        out = np.empty(len(values), target)
+        for name, native_name in zip(external.names, native.names, strict=True):
+            out[name if to_external else native_name] = _to_field(
+                values[native_name if to_external else name], native[native_name],
+                external[name], to_external,
+            )  # fmt: skip
+        return out
+    if to_external and native.kind in "iu" and external.itemsize < native.itemsize:
+        info = np.iinfo(external)
+        if len(values) and (values.min() < info.min or values.max() > info.max):
+            raise exceptions.Exception(exceptions.ERR_ARG, "external32: a value does not fit")
+    return values.astype(target)
+
+
+def _native(datatype: Datatype) -> np.dtype:
+    """The native layout of a predefined type, a long double complex as a (re, im) pair."""
+    dtype = datatype.dtype
+    assert dtype is not None
+    if dtype.kind == "c" and dtype.itemsize == 32:
+        return np.dtype([("re", "g"), ("im", "g")])
+    return dtype
+
+
+def _convert(data: Any, signature: list[tuple[Datatype, int]], count: int,
+             to_external: bool) -> bytes:  # fmt: skip
+    """`count` elements of `signature`, packed, from the native to the external32 form or
+    back."""
+    out, at = [], 0
+    for _ in range(count):
+        for datatype, n in signature:
+            native, external = _native(datatype), _external(datatype)
+            source = native if to_external else external
+            values = np.frombuffer(data, source, n, at)
+            out.append(_to_field(values, native, external, to_external).tobytes())
+            at += source.itemsize * n
+    return b"".join(out)
 
 
 def _predefined(name: str, same: bool = True) -> Datatype:
@@ -617,10 +1060,7 @@ def _predefined(name: str, same: bool = True) -> Datatype:
 
 
 def _rebuild(old: Datatype, combiner: str, params: dict[str, Any], committed: bool) -> Datatype:
-    if combiner == "STRUCT":
-        new = Datatype.Create_struct(**params)
-    else:
-        new = getattr(old, "Create_" + combiner.lower())(**params)
+    new = getattr(old, "Create_" + combiner.lower())(**params)  # classmethods: struct, f90
     new._committed = committed
     return new
 
@@ -653,9 +1093,14 @@ def _pair(value: str) -> np.dtype:
 PREDEFINED: dict[str, Datatype] = {}
 
 
-def _define(name: str, code: str | np.dtype | None, typechar: str = "") -> Datatype:
+def _define(name: str, code: str | np.dtype | None, char: str = "", sized: bool = False
+            ) -> Datatype:  # fmt: skip
+    """A predefined type: `name` (MPI's, less its MPI_ prefix), its numpy layout, its
+    character code (mpi4py's typechar; "" for none) and whether its typecode is its type
+    string (the sized types: INT32_T's is "i4")."""
     dtype = None if code is None else np.dtype(code)
-    datatype = Datatype(name, dtype, typechar)
+    datatype = Datatype(f"MPI_{name}", dtype, char)
+    datatype._sized = sized
     PREDEFINED[name] = datatype
     return datatype
 
@@ -663,9 +1108,9 @@ def _define(name: str, code: str | np.dtype | None, typechar: str = "") -> Datat
 DATATYPE_NULL = _define("DATATYPE_NULL", None)
 PACKED = _define("PACKED", "B", "B")
 BYTE = _define("BYTE", "B", "B")
-AINT = _define("AINT", "i8", "q")
-OFFSET = _define("OFFSET", "i8", "q")
-COUNT = _define("COUNT", "i8", "q")
+AINT = _define("AINT", "i8", "p")
+OFFSET = _define("OFFSET", "i8", "p")
+COUNT = _define("COUNT", "i8", "p")
 CHAR = _define("CHAR", "S1", "c")
 WCHAR = _define("WCHAR", "U1", "U")
 SIGNED_CHAR = _define("SIGNED_CHAR", "i1", "b")
@@ -681,15 +1126,15 @@ UNSIGNED_LONG_LONG = _define("UNSIGNED_LONG_LONG", "Q", "Q")
 FLOAT = _define("FLOAT", "f", "f")
 DOUBLE = _define("DOUBLE", "d", "d")
 LONG_DOUBLE = _define("LONG_DOUBLE", "g", "g")
-C_BOOL = _define("C_BOOL", "?", "?")
-INT8_T = _define("INT8_T", "i1", "i1")
-INT16_T = _define("INT16_T", "i2", "i2")
-INT32_T = _define("INT32_T", "i4", "i4")
-INT64_T = _define("INT64_T", "i8", "i8")
-UINT8_T = _define("UINT8_T", "u1", "u1")
-UINT16_T = _define("UINT16_T", "u2", "u2")
-UINT32_T = _define("UINT32_T", "u4", "u4")
-UINT64_T = _define("UINT64_T", "u8", "u8")
+C_BOOL = _define("C_BOOL", "?", "?", sized=True)
+INT8_T = _define("INT8_T", "i1", "b", sized=True)
+INT16_T = _define("INT16_T", "i2", "h", sized=True)
+INT32_T = _define("INT32_T", "i4", "i", sized=True)
+INT64_T = _define("INT64_T", "i8", "l", sized=True)
+UINT8_T = _define("UINT8_T", "u1", "B", sized=True)
+UINT16_T = _define("UINT16_T", "u2", "H", sized=True)
+UINT32_T = _define("UINT32_T", "u4", "I", sized=True)
+UINT64_T = _define("UINT64_T", "u8", "L", sized=True)
 C_COMPLEX = _define("C_COMPLEX", "F", "F")
 C_FLOAT_COMPLEX = _define("C_FLOAT_COMPLEX", "F", "F")
 C_DOUBLE_COMPLEX = _define("C_DOUBLE_COMPLEX", "D", "D")
@@ -699,33 +1144,40 @@ BOOL = _define("BOOL", "?", "?")
 COMPLEX = _define("COMPLEX", "F", "F")
 DOUBLE_COMPLEX = _define("DOUBLE_COMPLEX", "D", "D")
 SHORT_INT = _define("SHORT_INT", _pair("h"))
-TWOINT = _define("TWOINT", _pair("i"))
+TWOINT = _define("2INT", _pair("i"))
 INT_INT = TWOINT
 LONG_INT = _define("LONG_INT", _pair("l"))
 FLOAT_INT = _define("FLOAT_INT", _pair("f"))
 DOUBLE_INT = _define("DOUBLE_INT", _pair("d"))
 LONG_DOUBLE_INT = _define("LONG_DOUBLE_INT", _pair("g"))
-PREDEFINED["INT_INT"] = TWOINT
+PREDEFINED["TWOINT"] = PREDEFINED["INT_INT"] = TWOINT
 FLOAT16_T = _define("FLOAT16_T", "e", "e")
 CXX_FLOAT_COMPLEX = _define("CXX_FLOAT_COMPLEX", "F", "F")
 CXX_DOUBLE_COMPLEX = _define("CXX_DOUBLE_COMPLEX", "D", "D")
 CXX_LONG_DOUBLE_COMPLEX = _define("CXX_LONG_DOUBLE_COMPLEX", "G", "G")
 # Fortran types, with gfortran's sizes (as MPICH reports them)
 CHARACTER = _define("CHARACTER", "S1", "c")
-LOGICAL = _define("LOGICAL", "i4")
-INTEGER = _define("INTEGER", "i4", "i4")
-REAL = _define("REAL", "f4", "f4")
-DOUBLE_PRECISION = _define("DOUBLE_PRECISION", "f8", "f8")
-INTEGER1 = _define("INTEGER1", "i1", "i1")
-INTEGER2 = _define("INTEGER2", "i2", "i2")
-INTEGER4 = _define("INTEGER4", "i4", "i4")
-INTEGER8 = _define("INTEGER8", "i8", "i8")
-REAL4 = _define("REAL4", "f4", "f4")
-REAL8 = _define("REAL8", "f8", "f8")
-REAL16 = _define("REAL16", "g", "g")
-COMPLEX8 = _define("COMPLEX8", "F", "F")
-COMPLEX16 = _define("COMPLEX16", "D", "D")
-COMPLEX32 = _define("COMPLEX32", "G", "G")
+LOGICAL = _define("LOGICAL", "i4", "i")
+INTEGER = _define("INTEGER", "i4", "i")
+REAL = _define("REAL", "f4", "f")
+DOUBLE_PRECISION = _define("DOUBLE_PRECISION", "f8", "d")
+INTEGER1 = _define("INTEGER1", "i1", "b", sized=True)
+INTEGER2 = _define("INTEGER2", "i2", "h", sized=True)
+INTEGER4 = _define("INTEGER4", "i4", "i", sized=True)
+INTEGER8 = _define("INTEGER8", "i8", "l", sized=True)
+REAL4 = _define("REAL4", "f4", "f", sized=True)
+REAL8 = _define("REAL8", "f8", "d", sized=True)
+REAL16 = _define("REAL16", "g", "g", sized=True)
+COMPLEX8 = _define("COMPLEX8", "F", "F", sized=True)
+COMPLEX16 = _define("COMPLEX16", "D", "D", sized=True)
+COMPLEX32 = _define("COMPLEX32", "G", "G", sized=True)
+_PAIRS = {SHORT: SHORT_INT, INT: TWOINT, LONG: LONG_INT, FLOAT: FLOAT_INT, DOUBLE: DOUBLE_INT,
+          LONG_DOUBLE: LONG_DOUBLE_INT}  # fmt: skip
+_MATCH = {
+    TYPECLASS_INTEGER: (INTEGER1, INTEGER2, INTEGER4, INTEGER8),
+    TYPECLASS_REAL: (REAL4, REAL8, REAL16),
+    TYPECLASS_COMPLEX: (COMPLEX8, COMPLEX16, COMPLEX32),
+}
 # Other names of the types above (mpi4py's aliases)
 UNSIGNED_INT = UNSIGNED
 SIGNED_SHORT, SIGNED_INT, SIGNED_LONG, SIGNED_LONG_LONG = SHORT, INT, LONG, LONG_LONG
@@ -746,6 +1198,8 @@ _BY_CODE: dict[str, Datatype] = {
     "i1": INT8_T, "i2": INT16_T, "i4": INT32_T, "i8": INT64_T,
     "u1": UINT8_T, "u2": UINT16_T, "u4": UINT32_T, "u8": UINT64_T,
     "f4": FLOAT, "f8": DOUBLE, "c8": C_FLOAT_COMPLEX, "c16": C_DOUBLE_COMPLEX,
+    "p": AINT, "b1": C_BOOL, "U": WCHAR, "S1": CHAR, "f2": FLOAT16_T, "e": FLOAT16_T,
+    "f16": LONG_DOUBLE, "c32": C_LONG_DOUBLE_COMPLEX,
 }  # fmt: skip
 _BY_DTYPE: dict[np.dtype, Datatype] = {}
 for _datatype in [*_BY_CODE.values(), *PREDEFINED.values()]:  # C names first (int64: LONG)

@@ -38,7 +38,12 @@ class buffer(np.ndarray):  # mpi4py's name, lower case
             return made
         if obj is None or isinstance(obj, int | float | list | tuple):
             raise TypeError(f"buffer: expecting a buffer object, got {type(obj).__name__}")
-        view = memoryview(obj)
+        try:
+            view = memoryview(obj)
+        except TypeError:  # a DLPack tensor in host memory, as message buffers take them
+            from guest_lib.mpi.buffers import as_bytes
+
+            return _wrap(np.frombuffer(as_bytes(obj), np.uint8), obj)
         flat = view.cast("B") if view.c_contiguous else memoryview(view.tobytes())
         return _wrap(np.frombuffer(flat, np.uint8), obj)
 
@@ -115,6 +120,10 @@ class buffer(np.ndarray):  # mpi4py's name, lower case
         made.flags.writeable = False
         return made
 
+    def tobytes(self, order: Any = None) -> bytes:
+        """The bytes as a bytes object (`order` is ignored, as mpi4py: they are flat)."""
+        return self.view(np.ndarray).data.tobytes()
+
     def cast(self, format: str, shape: Any = None) -> memoryview:
         """A memoryview of the bytes as `format` items (in `shape`)."""
         view: Any = self.view(np.ndarray).data
@@ -173,7 +182,12 @@ def Get_address(location: Any) -> int:
     and BOTTOM."""
     if location is None or location is constants.BOTTOM:
         return 0
-    view = memoryview(location)
+    try:
+        view = memoryview(location)
+    except TypeError:  # a DLPack tensor in host memory, as message buffers take them
+        from guest_lib.mpi.buffers import as_bytes
+
+        view = as_bytes(location)
     if view.nbytes == 0:
         return 0
     return int(np.frombuffer(view.cast("B") if view.c_contiguous else view, np.uint8).ctypes.data)

@@ -184,3 +184,135 @@ def test_envelope_decode_pickle(comm):
     assert list(got) == [base, -1, -1, base + 3, base + 4, -1, -1, base + 7]
     assert MPI.Datatype(MPI.INT) == MPI.INT and MPI.Datatype(MPI.INT) is not MPI.INT
     assert MPI.Datatype() == MPI.DATATYPE_NULL and not MPI.Datatype()
+
+
+def _owned(g: int, kind: int, darg: int, p: int, c: int) -> list[int]:
+    """The global indices process coordinate `c` of `p` owns in a dimension of `g`: the
+    rules of MPI's darray written out plainly (the reference for Create_darray)."""
+    if kind == MPI.DISTRIBUTE_NONE:
+        return list(range(g))
+    if kind == MPI.DISTRIBUTE_BLOCK:
+        block = (g + p - 1) // p if darg == MPI.DISTRIBUTE_DFLT_DARG else darg
+        return [i for i in range(g) if c * block <= i < (c + 1) * block]
+    block = 1 if darg == MPI.DISTRIBUTE_DFLT_DARG else darg
+    return [i for i in range(g) if (i // block) % p == c]
+
+
+@pytest.mark.parametrize("order", ["C", "F"])
+def test_darray_assembles_the_global_array(comm, order):
+    """Each rank sends its darray part of a global array as a dense local array; rank 0
+    receives every part through that rank's darray type into one global array: it must
+    come out whole, and each local part must be what numpy's indexing gives."""
+    size, rank = comm.Get_size(), comm.Get_rank()
+    mpi_order = MPI.ORDER_C if order == "C" else MPI.ORDER_FORTRAN
+    gsizes = [5, 7]
+    psizes = MPI.Compute_dims(size, [0, 0])
+    layouts = [
+        ([MPI.DISTRIBUTE_BLOCK, MPI.DISTRIBUTE_CYCLIC], [MPI.DISTRIBUTE_DFLT_DARG, 2]),
+        ([MPI.DISTRIBUTE_CYCLIC, MPI.DISTRIBUTE_BLOCK], [1, MPI.DISTRIBUTE_DFLT_DARG]),
+    ]
+    if psizes[1] == 1:
+        layouts.append(([MPI.DISTRIBUTE_BLOCK, MPI.DISTRIBUTE_NONE], [5, MPI.DISTRIBUTE_DFLT_DARG]))
+    world = np.arange(35, dtype="d").reshape(gsizes, order=order) + 0.5
+    for distribs, dargs in layouts:
+        types = [
+            MPI.DOUBLE.Create_darray(size, r, gsizes, distribs, dargs, psizes, mpi_order).Commit()
+            for r in range(size)
+        ]
+        assert types[rank].Get_extent() == (0, 35 * 8)
+        coords = [rank // psizes[1], rank % psizes[1]]
+        rows, cols = (_owned(g, k, d, p, c) for g, k, d, p, c in
+                      zip(gsizes, distribs, dargs, psizes, coords, strict=True))  # fmt: skip
+        local = np.ascontiguousarray(world[np.ix_(rows, cols)]).ravel(order=order)
+        assert types[rank].Get_size() == local.nbytes
+        packed = bytearray(local.nbytes)
+        types[rank].Pack(world.ravel(order="K"), packed, 0, comm)  # the array's own order
+        assert bytes(packed) == local.tobytes()
+        if rank == 0:
+            got = np.full(35, -1.0)
+            requests = [comm.Irecv([got, 1, types[r]], r, 7) for r in range(size)]
+            comm.Send([local, MPI.DOUBLE], 0, 7)
+            MPI.Request.Waitall(requests)
+            assert np.array_equal(got, world.ravel(order="K"))
+        else:
+            comm.Send([local, MPI.DOUBLE], 0, 7)
+    if comm.Get_size() == 1:
+        return
+    with pytest.raises(MPI.Exception):  # a grid that is not the communicator's
+        MPI.DOUBLE.Create_darray(size, rank, gsizes, distribs, dargs, [size + 1, 1])
+
+
+def test_bottom_struct_over_several_arrays(comm):
+    """A struct type of absolute addresses (Get_address) over three separate numpy arrays,
+    sent and received with MPI.BOTTOM between ranks, blocking and nonblocking."""
+    rank, dest, source = _ring(comm)
+    ints = np.arange(4, dtype="i") + 100 * rank
+    reals = np.linspace(0, 1, 3) + rank
+    flags = np.array([rank % 2 == 0, True], dtype="?")
+    parts = [ints, reals, flags]
+    send_type = MPI.Datatype.Create_struct(
+        [4, 3, 2], [MPI.Get_address(a) for a in parts], [MPI.INT, MPI.DOUBLE, MPI.C_BOOL]
+    ).Commit()
+    into = [np.full(4, -1, "i"), np.full(3, -1.0), np.zeros(2, "?")]
+    recv_type = MPI.Datatype.Create_struct(
+        [4, 3, 2], [MPI.Get_address(a) for a in into], [MPI.INT, MPI.DOUBLE, MPI.C_BOOL]
+    ).Commit()
+    comm.Sendrecv([MPI.BOTTOM, 1, send_type], dest, 8, [MPI.BOTTOM, 1, recv_type], source, 8)
+    assert list(into[0]) == list(np.arange(4) + 100 * source)
+    assert np.allclose(into[1], np.linspace(0, 1, 3) + source)
+    assert list(into[2]) == [source % 2 == 0, True]
+    for array in into:
+        array[...] = 0
+    request = comm.Irecv([MPI.BOTTOM, 1, recv_type], source, 9)
+    comm.Send([MPI.BOTTOM, 1, send_type], dest, 9)
+    request.Wait()
+    assert list(into[0]) == list(np.arange(4) + 100 * source)
+    assert MPI.Get_address(MPI.BOTTOM) == 0
+
+
+def test_pack_external32_is_big_endian_canonical(comm):
+    """Pack/Unpack round trips, and external32 is MPI's canonical form: big-endian, LONG
+    4 bytes, a long double as an IEEE quad."""
+    data = np.array([1, -2, 3], dtype="i")
+    size = MPI.INT.Pack_size(3, comm)
+    assert size == 12
+    out = bytearray(size + 8)
+    end = MPI.INT.Pack(data, out, 4, comm)
+    assert end == 16 and bytes(out[4:16]) == data.tobytes()
+    back = np.zeros(3, "i")
+    assert MPI.INT.Unpack(out, 4, back, comm) == 16 and list(back) == [1, -2, 3]
+    with pytest.raises(MPI.Exception):
+        MPI.INT.Pack(data, bytearray(8), 0, comm)
+    assert MPI.LONG.Pack_external_size("external32", 2) == 8
+    ext = bytearray(8)
+    MPI.LONG.Pack_external("external32", np.array([1, -1], "l"), ext, 0)
+    assert bytes(ext) == b"\x00\x00\x00\x01\xff\xff\xff\xff"
+    quad = bytearray(16)
+    MPI.LONG_DOUBLE.Pack_external("external32", np.array([1.5], "g"), quad, 0)
+    assert bytes(quad) == bytes.fromhex("3fff8000000000000000000000000000")
+    column = MPI.DOUBLE.Create_vector(2, 1, 3)
+    ext = bytearray(column.Pack_external_size("external32", 1))
+    MPI.DOUBLE.Create_vector(2, 1, 3).Pack_external("external32", np.arange(4.0), ext, 0)
+    assert bytes(ext) == np.array([0.0, 3.0], ">f8").tobytes()
+    got = np.zeros(4)
+    column.Unpack_external("external32", ext, 0, got)
+    assert list(got) == [0.0, 0.0, 0.0, 3.0]
+    with pytest.raises(MPI.Exception):
+        MPI.LONG.Pack_external("external32", np.array([1 << 40], "l"), bytearray(4), 0)
+
+
+def test_f90_match_size_and_codes():
+    assert MPI.Datatype.Create_f90_integer(4).size == 2
+    real = MPI.Datatype.Create_f90_real(15, 300)
+    assert real.size == 8 and real.combiner == MPI.COMBINER_F90_REAL and real.is_predefined
+    assert real.decode()[1:] == ("F90_REAL", {"p": 15, "r": 300})
+    assert MPI.Datatype.Create_f90_complex(6, 30).tocode() == "c8"
+    with pytest.raises(MPI.Exception):
+        MPI.Datatype.Create_f90_integer(40)
+    assert MPI.Datatype.Match_size(MPI.TYPECLASS_REAL, 8) == MPI.REAL8
+    assert MPI.Datatype.Get_value_index(MPI.DOUBLE, MPI.INT) == MPI.DOUBLE_INT
+    assert MPI.INT32_T.tocode() == "i4" and MPI.INT32_T.typechar == "i"
+    assert MPI.INT.Get_name() == "MPI_INT" and MPI._typealign(MPI.DOUBLE) == 8
+    vector = MPI.DOUBLE.Create_vector(2, 1, 2)
+    assert vector.typestr == "V24" and MPI._typecode(vector) is None
+    assert MPI.BYTE.Create_contiguous(1 << 32).decode()[1] == "STRUCT"  # MPI-3 large count
