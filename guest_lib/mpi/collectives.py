@@ -613,7 +613,7 @@ class Collectives:
         if not op.is_predefined or not datatype.base.is_predefined:
             return None
         mop = getattr(_M, op.name, None)
-        mtype = getattr(_M, datatype.base.name, None)
+        mtype = getattr(_M, datatype.base.predefined_name or "", None)
         return None if mop is None or mtype is None else (mop, mtype)
 
     def _h_barrier(self) -> None:

@@ -133,6 +133,14 @@ class Datatype:
         char = self._named()._char
         return _typestr(char) if char else f"V{self._extent}"
 
+    @property
+    def predefined_name(self) -> str | None:
+        """The MPI name of a predefined type without its MPI_ prefix ("DOUBLE"; what
+        mpi4py calls it), whatever Set_name did; None for any other type."""
+        if self._combiner != "NAMED":
+            return None
+        return next((k for k, v in PREDEFINED.items() if v is self._root), None)
+
     def _named(self) -> Datatype:
         """The type whose codes this one has: itself, or for a Dup what it duplicates."""
         datatype = self
@@ -593,8 +601,7 @@ class Datatype:
         """A predefined type unpickles as itself (a second handle on one as an equal new
         handle); a derived type is made again by its constructor (from `decode`)."""
         if self._combiner == "NAMED":
-            name = next(k for k, v in PREDEFINED.items() if v is self._root)
-            return (_predefined, (name, self is self._root))
+            return (_predefined, (self.predefined_name, self is self._root))
         old, combiner, params = self.decode()
         return (_rebuild, (old, combiner, params, self._committed))
 
@@ -620,7 +627,7 @@ def _derived(name: str, blocks: list[tuple[Any, int, Datatype]], struct: bool = 
     and upper bound are the least and greatest of its blocks' (MPI's rule), with the upper
     bound rounded up to the strictest alignment for a struct. A type that is its members
     back to back from byte 0 keeps no map (however large it is)."""
-    bases: set[Datatype] = set()
+    bases: list[Datatype] = []  # the members' element types, each once
     low: int | None = None
     high: int | None = None
     align, size, plain = 1, 0, True
@@ -632,7 +639,8 @@ def _derived(name: str, blocks: list[tuple[Any, int, Datatype]], struct: bool = 
         first, last = (int(disp.min()), int(disp.max())) if many else (disp, disp)
         plain = plain and not many and old._blocks is None and old._lb == 0 and disp == size
         plain = plain and (old._extent == old._size or count == 1)
-        bases.add(old.base)
+        if not any(old.base is b for b in bases):
+            bases.append(old.base)
         block_lb, block_ub = first + old._lb, last + (count - 1) * old._extent + old.ub
         low = block_lb if low is None else min(low, block_lb)
         high = block_ub if high is None else max(high, block_ub)
@@ -642,7 +650,7 @@ def _derived(name: str, blocks: list[tuple[Any, int, Datatype]], struct: bool = 
     extent = 0 if high is None else high - lb
     if struct and extent % align:
         extent += align - extent % align
-    base = bases.pop() if len(bases) == 1 else BYTE
+    base = bases[0] if len(bases) == 1 else BYTE
     if base.dtype is None or not base.size or size % base.size or base is BYTE:
         base = BYTE
     count = size // base.size
@@ -763,9 +771,8 @@ def _set_layout(new: Datatype, pieces: np.ndarray, lb: int, extent: int) -> Data
     """Give `new` its map (merged pieces), lb and extent; a plain layout (the bytes
     0..size-1, lb 0, extent size) keeps no map, so messages of it move as they lie."""
     new._lb, new._extent = lb, extent
-    size = int(pieces[:, 1].sum())
     whole = len(pieces) == 0 or (len(pieces) == 1 and int(pieces[0, 0]) == 0)
-    new._blocks = None if whole and lb == 0 and extent == size else pieces
+    new._blocks = None if whole and lb == 0 and extent == new._size else pieces
     return new
 
 
@@ -1144,13 +1151,13 @@ BOOL = _define("BOOL", "?", "?")
 COMPLEX = _define("COMPLEX", "F", "F")
 DOUBLE_COMPLEX = _define("DOUBLE_COMPLEX", "D", "D")
 SHORT_INT = _define("SHORT_INT", _pair("h"))
-TWOINT = _define("2INT", _pair("i"))
+TWOINT = _define("TWOINT", _pair("i"))
 INT_INT = TWOINT
 LONG_INT = _define("LONG_INT", _pair("l"))
 FLOAT_INT = _define("FLOAT_INT", _pair("f"))
 DOUBLE_INT = _define("DOUBLE_INT", _pair("d"))
 LONG_DOUBLE_INT = _define("LONG_DOUBLE_INT", _pair("g"))
-PREDEFINED["TWOINT"] = PREDEFINED["INT_INT"] = TWOINT
+PREDEFINED["INT_INT"] = TWOINT
 FLOAT16_T = _define("FLOAT16_T", "e", "e")
 CXX_FLOAT_COMPLEX = _define("CXX_FLOAT_COMPLEX", "F", "F")
 CXX_DOUBLE_COMPLEX = _define("CXX_DOUBLE_COMPLEX", "D", "D")
