@@ -34,6 +34,8 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from ivshmem_lab.exec_agent import HELLO, labs_root, read_frame, write_frame
 from tests.support import vm_marks
 
@@ -63,8 +65,25 @@ def _shm_regions() -> set[str]:
     return {n for n in os.listdir("/dev/shm") if n.startswith("lab-")}
 
 
-def _check_results(out: str, ranks: int = 2, slots: int = 1) -> list[dict]:
-    """The RESULT lines of `ranks` ranks, `slots` per guest of two (hydra fills guest by guest)."""
+def _lab_mpiexec(options: list[str], program: str, timeout: float) -> tuple[str, str, list[str]]:
+    """Run ``ivshmem-lab mpiexec OPTIONS --timeout TIMEOUT -- python PROGRAM`` from the
+    repository: (stdout, stderr, the mpiexec command line it ran). Fails unless it exits 0."""
+    t0 = time.monotonic()
+    proc = subprocess.run(
+        [*LAB_CLI, "mpiexec", *options, "--timeout", str(timeout), "--", sys.executable, program],
+        cwd=REPO, capture_output=True, text=True, timeout=timeout + 70,
+    )  # fmt: skip
+    out, err = proc.stdout, proc.stderr
+    assert proc.returncode == 0, f"status {proc.returncode}\n{out}\n{err}"
+    m = re.search(r"running (.*mpiexec .*)$", err, re.M)
+    assert m, err
+    print(f"\nivshmem-lab mpiexec {' '.join(options)}: {time.monotonic() - t0:.1f} s wall, boot "
+          "included")  # fmt: skip
+    return out, err, shlex.split(m.group(1))
+
+
+def _results(out: str, ranks: int) -> list[dict]:
+    """The RESULT objects of ranks 0..ranks-1, in rank order."""
     # hydra relays each rank's writes as they come: a line may run into another rank's
     decoder = json.JSONDecoder()
     results = sorted(
@@ -72,6 +91,21 @@ def _check_results(out: str, ranks: int = 2, slots: int = 1) -> list[dict]:
         key=lambda r: r["rank"],
     )
     assert [r["rank"] for r in results] == list(range(ranks)), out
+    return results
+
+
+def _check_torn_down(argv: list[str], shm_before: set[str]) -> None:
+    """No QEMU, broker or agent of the lab mpiexec `argv` ran in is left, nor its lab
+    directory, nor a region."""
+    lab_dir = os.path.dirname(argv[argv.index("-launcher-exec") + 1])
+    assert not _processes_mentioning(lab_dir)
+    assert not os.path.exists(lab_dir)
+    assert _shm_regions() <= shm_before
+
+
+def _check_results(out: str, ranks: int = 2, slots: int = 1) -> list[dict]:
+    """The RESULT lines of `ranks` ranks, `slots` per guest of two (hydra fills guest by guest)."""
+    results = _results(out, ranks)
     for r in results:
         guest = r["rank"] // slots
         # ran inside guest vm<guest>, a QEMU machine with one ivshmem device per slot
@@ -96,41 +130,21 @@ def _check_results(out: str, ranks: int = 2, slots: int = 1) -> list[dict]:
 
 def test_mpiexec_runs_ranks_in_two_guests() -> None:
     shm_before = _shm_regions()
-    t0 = time.monotonic()
-    proc = subprocess.run(
-        [*LAB_CLI, "mpiexec", "--vms", "2", "--timeout", "150", "--",
-         sys.executable, PROGRAM],
-        cwd=REPO, capture_output=True, text=True, timeout=220,
-    )  # fmt: skip
-    dt = time.monotonic() - t0
-    out, err = proc.stdout, proc.stderr
-    assert proc.returncode == 0, f"status {proc.returncode}\n{out}\n{err}"
-    m = re.search(r"running (.*mpiexec .*)$", err, re.M)
-    assert m, err
-    argv = shlex.split(m.group(1))
+    out, _, argv = _lab_mpiexec(["--vms", "2"], PROGRAM, 150)
     assert argv[0].endswith("mpiexec") and argv[1:3] == ["-launcher", "ssh"], argv
-    lab_dir = os.path.dirname(argv[argv.index("-launcher-exec") + 1])
     for rank in (0, 1):
         assert f"rank {rank}/2 ok attached=doorbell" in out, out
     results = _check_results(out)
-    # torn down: no QEMU, broker or agent left, no lab directory, no region
-    assert not _processes_mentioning(lab_dir)
-    assert not os.path.exists(lab_dir)
-    assert _shm_regions() <= shm_before
+    _check_torn_down(argv, shm_before)
     sent = [r["shm_after"]["sent_bytes"] - r["shm_before"]["sent_bytes"] for r in results]
-    print(f"\nmpiexec across 2 guests: {dt:.1f} s wall (boot included); shm bytes sent {sent}")
+    print(f"shm bytes sent {sent}")
 
 
 def test_mpiexec_two_ranks_in_each_of_two_guests() -> None:
     """-n 4 over two guests: hydra puts ranks 0-1 in vm0 and 2-3 in vm1; each takes its own
     doorbell device (slot) by its local rank, and all four share one region."""
-    proc = subprocess.run(
-        [*LAB_CLI, "mpiexec", "--vms", "2", "-n", "4", "--timeout", "200", "--",
-         sys.executable, PROGRAM],
-        cwd=REPO, capture_output=True, text=True, timeout=260,
-    )  # fmt: skip
-    assert proc.returncode == 0, f"status {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
-    results = _check_results(proc.stdout, ranks=4, slots=2)
+    out, _, _ = _lab_mpiexec(["--vms", "2", "-n", "4"], PROGRAM, 200)
+    results = _check_results(out, ranks=4, slots=2)
     peers = {r["rank"]: r["routes"][(r["rank"] + 1) % 4][1] for r in results}
     assert len(set(peers.values())) == 4, peers  # four distinct slots of the region
 
@@ -184,26 +198,15 @@ def _check_two_hosts_phases(results: list[dict], n: int, m: int, slack: int) -> 
             assert least <= got <= least + slack, (name, r)
 
 
+@pytest.mark.timeout(480)  # four TCG guests: 52 s on 2 idle cores, 185 s at load 11
 def test_mpiexec_one_job_over_two_hosts() -> None:
     shm_before = _shm_regions()
-    t0 = time.monotonic()
-    proc = subprocess.run(
-        [*LAB_CLI, "mpiexec", "--hosts", "2", "--vms", "4", "--timeout", "220", "--",
-         sys.executable, "tests/mpi/programs/vm_twohosts.py"],
-        cwd=REPO, capture_output=True, text=True, timeout=280,
-    )  # fmt: skip
-    dt = time.monotonic() - t0
-    out, err = proc.stdout, proc.stderr
-    assert proc.returncode == 0, f"status {proc.returncode}\n{out}\n{err}"
+    program = "tests/mpi/programs/vm_twohosts.py"
+    out, err, argv = _lab_mpiexec(["--hosts", "2", "--vms", "4"], program, 400)
     layout = re.findall(r"^ivshmem-lab: host (\d+): (.*), region (\S+)$", err, re.M)
     assert [(h, g) for h, g, _ in layout] == [("0", "vm0 vm1"), ("1", "vm2 vm3")], err
     assert layout[0][2] != layout[1][2]
-    decoder = json.JSONDecoder()
-    results = sorted(
-        (decoder.raw_decode(out, m.end())[0] for m in re.finditer("RESULT ", out)),
-        key=lambda r: r["rank"],
-    )
-    assert [r["rank"] for r in results] == [0, 1, 2, 3], out
+    results = _results(out, 4)
     for r in results:
         rank = r["rank"]
         # one rank per guest, each guest with one ivshmem device: its own host's region
@@ -213,12 +216,9 @@ def test_mpiexec_one_job_over_two_hosts() -> None:
         assert [code for code, _ in r["routes"]] == expected, r
     assert results[0]["region"] == results[1]["region"] != results[2]["region"]
     assert results[2]["region"] == results[3]["region"]
+    # vm_twohosts' PATTERN_BYTES and COLL_COUNT float64
     _check_two_hosts_phases(results, n=1 << 20, m=4096 * 8, slack=16 << 10)
-    argv = shlex.split(re.search(r"running (.*)$", err, re.M).group(1))
-    lab_dir = os.path.dirname(argv[argv.index("-launcher-exec") + 1])
-    assert not _processes_mentioning(lab_dir) and not os.path.exists(lab_dir)
-    assert _shm_regions() <= shm_before
-    print(f"\nmpiexec over 2 hosts x 2 guests: {dt:.1f} s wall (4 boots included)")
+    _check_torn_down(argv, shm_before)
 
 
 def _lab(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
