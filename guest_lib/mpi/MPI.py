@@ -75,6 +75,7 @@ from guest_lib.mpi.exceptions import (
 )
 from guest_lib.mpi.group import GROUP_EMPTY, GROUP_NULL, Group
 from guest_lib.mpi.info import INFO_ENV, INFO_NULL, Info
+from guest_lib.mpi.intercomm import Intercomm
 from guest_lib.mpi.memory import (
     BSEND_OVERHEAD,
     Aint_add,
@@ -88,6 +89,7 @@ from guest_lib.mpi.memory import (
     Iflush_buffer,
     buffer,
 )
+from guest_lib.mpi.message import MESSAGE_NO_PROC, MESSAGE_NULL, Message
 from guest_lib.mpi.ops import (
     BAND,
     BOR,
@@ -290,10 +292,18 @@ def _commctx_intra(comm: Intracomm) -> tuple[Intracomm, int]:
     return dup, tag
 
 
-def _commctx_inter(comm: Any) -> tuple[Any, int, Intracomm, bool]:
-    """mpi4py's intercommunicator counterpart of `_commctx_intra`: there are no
-    intercommunicators here yet, so MPI.Exception(ERR_COMM) saying so."""
-    raise Exception(ERR_COMM, "intercommunicators are missing (issue #11 point 3)")  # noqa: F405
+def _commctx_inter(comm: Intercomm) -> tuple[Intercomm, int, Intracomm, bool]:
+    """(a duplicate of `comm` kept for library traffic, the next tag on it, that duplicate's
+    local intra-communicator, whether the local group is the low one): as mpi4py's
+    `_commctx_inter`. Collective over both groups on the first call for a communicator."""
+    with _lock_guard:
+        ctx = getattr(comm, "_commctx", None)
+    if ctx is None:
+        ctx = [comm.Dup(), 0]
+        comm._commctx = ctx  # type: ignore[attr-defined]
+    dup, tag = ctx
+    ctx[1] = (tag + 1) % (TAG_UB + 1)
+    return dup, tag, dup._local, dup._low
 
 
 def _internal_state() -> dict[str, Any]:
@@ -333,7 +343,8 @@ _unused = (  # names re-exported on purpose (mpi4py's MPI namespace), not used h
     LXOR, MAX, MAXLOC, MIN,
     MINLOC, NO_OP, OP_NULL, PROD, REPLACE, SUM, Op, REQUEST_NULL, TAG_UB_VALUE, Pickle, pickle,
     CART, DIST_GRAPH, GRAPH, Cartcomm, Compute_dims, Distgraphcomm, Graphcomm, Topocomm,
-    UNWEIGHTED, WEIGHTS_EMPTY, GROUP_EMPTY, GROUP_NULL, Group,
+    UNWEIGHTED, WEIGHTS_EMPTY, GROUP_EMPTY, GROUP_NULL, Group, Intercomm,
+    MESSAGE_NO_PROC, MESSAGE_NULL, Message,
     Prequest, COMM_TYPE_SHARED, INFO_ENV, INFO_NULL, Info, BSEND_OVERHEAD, Aint_add, Aint_diff,
     Alloc_mem, Attach_buffer, Detach_buffer, Free_mem, Get_address, buffer, Flush_buffer,
     Iflush_buffer, ORDER_C, ORDER_F, _typealign, _typecode, BottomType, InPlaceType,

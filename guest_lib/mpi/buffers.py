@@ -71,6 +71,8 @@ def _as_bytes(buf: Any, writable: bool) -> tuple[memoryview, Datatype | None]:
             datatype = _IMPLIED[dtype]
         except KeyError:
             datatype = _IMPLIED[dtype] = _implied_by(dtype)
+        if not buf.size:  # (memoryview cannot cast a view with a 0 in its shape)
+            return memoryview(bytearray(0)), datatype
         if buf.flags.c_contiguous and dtype.kind not in "mM":  # memoryview can't hold those
             view = buf.data
             return (view if view.ndim == 1 and view.format == "B" else view.cast("B")), datatype

@@ -833,7 +833,7 @@ class Collectives:
     @collective
     def alltoall(self, sendobj: Any) -> list[Any]:
         size, rank = self._sizes()
-        items = list(sendobj)
+        items = [None] * size if sendobj is None else list(sendobj)
         if len(items) != size:
             raise ValueError(f"alltoall: expecting {size} items, got {len(items)}")
         recvs = {r: self._c_irecv(None, r, T_ALLTOALL) for r in range(size) if r != rank}

@@ -22,7 +22,16 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from guest_lib.mpi import area, buffers, constants, errhandler, exceptions, native, persistent
+from guest_lib.mpi import (
+    area,
+    buffers,
+    constants,
+    errhandler,
+    exceptions,
+    message,
+    native,
+    persistent,
+)
 from guest_lib.mpi.collectives import T_BARRIER
 from guest_lib.mpi.collectives_extra import ExtraCollectives
 from guest_lib.mpi.engine import Engine
@@ -40,10 +49,18 @@ _CTX_SHIFT = constants.TAG_BITS
 _CTX_BYTES = (constants.MAX_CONTEXT + 8) // 8  # a bit map of every context
 T_GROUP = 1 << 16  # tags T_GROUP + n on a collective context: Create_group (tag n)
 _EMPTY = memoryview(b"")
+_NO_SPAWN = (
+    "Spawn is not supported by guest_lib.mpi: start every process with ivshmem-run or "
+    "mpiexec (mpi4py.futures: python -m mpi4py.futures prog.py)"
+)
 
 
 class Comm:
     """Base communicator (mpi4py's `Comm`); see the module docstring."""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+        """(mpi4py's subclasses, e.g. mpi4py.util.pkl5's, call Comm.__new__(cls, comm).)"""
+        return super().__new__(cls)
 
     def __init__(
         self,
@@ -58,7 +75,9 @@ class Comm:
         handle on the communicator of `comm` (equal to it); TypeError for anything else.
         Internally: the communicator of world ranks `group` over `engine`, context `ctx`."""
         if isinstance(engine, Comm):
-            self.__dict__.update(engine.__dict__)
+            from guest_lib.mpi import intercomm
+
+            intercomm.share(self, engine)  # (the handles share every attribute)
             return
         if engine is not None and not isinstance(engine, Engine):
             raise TypeError(f"expecting a communicator, got {type(engine).__name__}")
@@ -71,7 +90,7 @@ class Comm:
         self._name = name
         self._null = engine is None
         if engine is not None:
-            self._rank = group.index(engine.world_rank)
+            self._rank = self._own_rank(group, engine.world_rank)
             self._rank_of = {w: i for i, w in enumerate(group)}
             self._route: list[Route] = [engine.routes[w] for w in group]
             self._has_mpi = any(not route.local for route in self._route)
@@ -99,6 +118,10 @@ class Comm:
         def allgather(self, sendobj: Any) -> list[Any]: ...
         def _run(self, stages: Any) -> None: ...
         def _barrier(self, tag: int) -> Any: ...
+
+    def _own_rank(self, group: list[int], world_rank: int) -> int:
+        """This process's rank (an Intercomm's is in its local group, not in `group`)."""
+        return group.index(world_rank)
 
     def _any_route(self) -> Route:
         """ANY_SOURCE's route: `ANY` without mpi4py-routed ranks; the mpi4py route when no
@@ -557,6 +580,10 @@ class Comm:
     Call_errhandler = errhandler.call_errhandler
     Create_errhandler = staticmethod(errhandler.create_errhandler)
 
+    # matched probes (see `message`)
+    Mprobe = mprobe = message.mprobe
+    Improbe = improbe = message.improbe
+
     # persistent requests and Isendrecv (see `persistent`)
     Send_init = persistent.send_init
     Bsend_init = Rsend_init = Send_init
@@ -813,6 +840,30 @@ class Intracomm(persistent.PersistentCollectives, ExtraCollectives, Comm):
         from guest_lib.mpi import topology
 
         return topology.create_dist_graph(self, sources, degrees, destinations, weights)
+
+    def Create_intercomm(
+        self, local_leader: int, peer_comm: Comm, remote_leader: int, tag: int = 0
+    ) -> Any:
+        """The intercommunicator between this group and the group whose leader is rank
+        `remote_leader` of `peer_comm` (see `intercomm`). Collective over both groups."""
+        from guest_lib.mpi import intercomm
+
+        return intercomm.create_intercomm(self, local_leader, peer_comm, remote_leader, tag)
+
+    def Spawn(self, *args: Any, **kwargs: Any) -> Any:
+        """Not supported: MPI.Exception(ERR_SPAWN) saying so (a job's processes are the
+        ones ivshmem-run or mpiexec started; mpi4py.futures runs over them with
+        `python -m mpi4py.futures`)."""
+        raise exceptions.Exception(exceptions.ERR_SPAWN, _NO_SPAWN)
+
+    Spawn_multiple = Spawn
+
+    @classmethod
+    def Get_parent(cls) -> Any:
+        """A null Intercomm: no process here was spawned (see Spawn)."""
+        from guest_lib.mpi import intercomm
+
+        return intercomm.Intercomm(COMM_NULL)
 
     @classmethod
     def Create_from_group(

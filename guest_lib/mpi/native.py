@@ -110,6 +110,36 @@ def group_mirrors(comm: Comm, ranks: list[int], tag: int) -> tuple[Any, Any]:
         group.Free()
 
 
+def _world_comm(group: list[int]) -> Any:
+    """mpi4py's communicator of the world ranks `group`, in that order (collective over
+    them: COMM_WORLD.Create_group)."""
+    world = MPI().COMM_WORLD
+    handle = world.Get_group().Incl(group)
+    try:
+        return world.Create_group(handle, 0)
+    finally:
+        handle.Free()
+
+
+def world_group_mirrors(group: list[int]) -> tuple[Any, Any]:
+    """The mirrors of a communicator of the world ranks `group`, in that order (collective
+    over them)."""
+    return _world_comm(group), _world_comm(group)
+
+
+def inter_mirrors(local: Comm, local_leader: int, remote_leader: int, tag: int) -> tuple[Any, Any]:
+    """The mirrors of an intercommunicator between `local`'s group and the group whose
+    leader is world rank `remote_leader` (collective over both groups)."""
+    made = local._mirror is None
+    lmirror = _world_comm(local._group) if made else local._mirror
+    try:
+        inter = lmirror.Create_intercomm(local_leader, MPI().COMM_WORLD, remote_leader, tag)
+        return inter, inter.Dup()
+    finally:
+        if made:
+            lmirror.Free()
+
+
 def free_mirrors(mirrors: tuple[Any, Any]) -> None:
     """Free a communicator's mpi4py mirrors, dropping first the messages that came on them
     and were never received (as Comm.Free drops those on shared memory). Left in MPICH's

@@ -184,6 +184,12 @@ class Request:
 
     free = Free
 
+    def __reduce__(self) -> Any:
+        """REQUEST_NULL pickles as itself; any other request: ValueError (as mpi4py)."""
+        if self is REQUEST_NULL:
+            return "REQUEST_NULL"
+        raise ValueError("cannot pickle a request")
+
     def __bool__(self) -> bool:
         return self._op is not None
 
