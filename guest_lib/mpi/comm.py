@@ -32,7 +32,7 @@ from guest_lib.mpi import (
     native,
     persistent,
 )
-from guest_lib.mpi.collectives import T_BARRIER
+from guest_lib.mpi.collectives import T_BARRIER, Collectives
 from guest_lib.mpi.collectives_extra import ExtraCollectives
 from guest_lib.mpi.engine import Engine
 from guest_lib.mpi.matching import DoneOp, Op, RecvOp
@@ -667,18 +667,20 @@ class Comm:
         return ctx
 
     def Dup(self, info: Any = None) -> Intracomm:
-        """A new communicator with the same group and a new context (collective)."""
+        """A new communicator with the same group and a new context (collective), of this
+        one's class (as mpi4py: a subclass's Dup is of that subclass)."""
         ctx = self._alloc_ctx()
         mirror = mirror_coll = None
         if self._has_mpi:
             mirror, mirror_coll = native.dup_mirrors(self)
-        return Intracomm(self._engine, list(self._group), ctx, mirror, mirror_coll)
+        return same_class(self, Intracomm(self._engine, list(self._group), ctx, mirror,
+                                          mirror_coll))  # fmt: skip
 
     Clone = Dup
 
     def Split(self, color: int = 0, key: int = 0) -> Intracomm:
         """Partition by `color` (UNDEFINED: COMM_NULL), order by (key, rank). Collective."""
-        pairs = self.allgather((color, key))
+        pairs = Collectives.allgather(self, (color, key))  # (not a subclass's allgather)
         ctx = self._alloc_ctx()
         mirror = mirror_coll = None
         if self._has_mpi:
@@ -723,13 +725,14 @@ class Comm:
         return Group(list(self._group), self._engine.world_rank if self._engine else -1)
 
     def Create(self, group: Any) -> Intracomm:
-        """The communicator of `group` (a subgroup of this one). Collective."""
-        members = set(group._members())
+        """The communicator of `group` (a subgroup of this one), in the group's order;
+        COMM_NULL outside it. Collective. As MPI-2.2 allows, the processes may pass
+        disjoint groups: each group gets its own communicator."""
         me = self._engine.world_rank if self._engine else -1
-        color = 0 if me in members else constants.UNDEFINED
         order = {w: i for i, w in enumerate(group._members())}
-        key = order.get(me, 0)
-        return self.Split(color, key)
+        if me not in order:
+            return self.Split(constants.UNDEFINED, 0)
+        return self.Split(min(order), order[me])  # (disjoint groups: distinct colors)
 
     def Create_group(self, group: Any, tag: int = 0) -> Intracomm:
         """The communicator of `group` (a subgroup of this one), made by the group's members
@@ -768,6 +771,13 @@ class Comm:
                 raise exceptions.Exception(exceptions.ERR_INTERN, "Create_group: bad context map")
             value |= int.from_bytes(op.obj, "little")
         return value
+
+    @classmethod
+    def Get_parent(cls) -> Any:
+        """A null Intercomm: no process here was spawned (see Spawn)."""
+        from guest_lib.mpi import intercomm
+
+        return intercomm.Intercomm(COMM_NULL)
 
     def Compare(self, comm: Comm) -> int:
         """IDENT (the same communicator), CONGRUENT (same group and order), SIMILAR (same
@@ -859,13 +869,6 @@ class Intracomm(persistent.PersistentCollectives, ExtraCollectives, Comm):
     Spawn_multiple = Spawn
 
     @classmethod
-    def Get_parent(cls) -> Any:
-        """A null Intercomm: no process here was spawned (see Spawn)."""
-        from guest_lib.mpi import intercomm
-
-        return intercomm.Intercomm(COMM_NULL)
-
-    @classmethod
     def Create_from_group(
         cls, group: Any, stringtag: str = "org.mpi4py", info: Any = None, errhandler: Any = None
     ) -> Intracomm:
@@ -892,6 +895,15 @@ _RECEIVING = (
 for _name in _RECEIVING:
     if hasattr(Intracomm, _name):
         setattr(Intracomm, _name, buffers.unpacking(getattr(Intracomm, _name)))
+
+
+def same_class(comm: Comm, new: Any) -> Any:
+    """`new` (a communicator made from `comm`) as an instance of `comm`'s class when that
+    is a subclass of `new`'s (mpi4py's Dup gives a subclass's own type, e.g.
+    mpi4py.util.pkl5.Intracomm's)."""
+    if type(comm) is not type(new) and isinstance(comm, type(new)):
+        new.__class__ = type(comm)
+    return new
 
 
 def _predefined(name: str, same: bool) -> Comm:

@@ -41,7 +41,7 @@ import numpy as np
 
 from guest_lib.mpi import buffers, constants, exceptions, native, ops
 from guest_lib.mpi.collectives import NONBLOCKING_TAGS, T_NONBLOCKING
-from guest_lib.mpi.comm import COMM_NULL, Comm, Intracomm
+from guest_lib.mpi.comm import COMM_NULL, Comm, Intracomm, same_class
 from guest_lib.mpi.constants import IN_PLACE, PROC_NULL, ROOT
 from guest_lib.mpi.engine import Engine, StagedOp
 from guest_lib.mpi.matching import Op
@@ -212,14 +212,14 @@ class Intercomm(Comm):
         engine = self._check()
         mine = _used_bits(engine) | (_ASKED if flag else 0)
         union = 0
-        for value in self._local.allgather(mine) + self.allgather(mine):
+        for value in self._local.allgather(mine) + Intercomm.allgather(self, mine):
             union |= value
         ctx = _take_ctx(engine, union)
         self._local.Barrier()
-        self.Barrier()
+        Intercomm.Barrier(self)
         return ctx, bool(union & _ASKED)
 
-    def Dup(self, info: Any = None) -> Intercomm:
+    def Dup(self, info: Any = None) -> Any:
         """A new intercommunicator with the same groups and a new context (collective)."""
         engine = self._check()
         local = self._local.Dup()
@@ -227,10 +227,11 @@ class Intercomm(Comm):
         mirror = mirror_coll = None
         if self._mirror is not None:
             mirror, mirror_coll = native.dup_mirrors(self)
-        return Intercomm(
+        dup = Intercomm(
             engine, list(self._local_group), list(self._group), ctx, local, mirror,
             mirror_coll, self._low,
         )  # fmt: skip
+        return same_class(self, dup)
 
     Clone = Dup
 
@@ -240,7 +241,7 @@ class Intercomm(Comm):
         either side has no process of that color. Collective over both groups."""
         engine = self._check()
         local = self._local.Split(color, key)
-        pairs = self.allgather((color, key))
+        pairs = Intercomm.allgather(self, (color, key))
         ctx, _ = self._agree(False)
         mirrors = None
         if self._mirror is not None:
@@ -289,7 +290,7 @@ class Intercomm(Comm):
         (when both pass the same, the group of the lower-ranked leader in COMM_WORLD
         first), each in its own order. Collective over both groups."""
         engine = self._check()
-        remote_high = self.allgather(bool(high))[0]
+        remote_high = Intercomm.allgather(self, bool(high))[0]
         first = (not high) if bool(high) != remote_high else self._low
         group = self._local_group + self._group if first else self._group + self._local_group
         mpi = any(not engine.routes[w].local for w in group)
@@ -351,17 +352,18 @@ class Intercomm(Comm):
         tag = T_NONBLOCKING + seq % NONBLOCKING_TAGS
         ctx = self._ctx + 1
         gone = engine.abandoned_already(ctx, tag, seq)
-        if gone is not None:
-            raise exceptions.Exception(exceptions.ERR_OTHER, gone)
 
         def abandon(reason: str) -> None:
             engine.abandon(ctx, seq, tag, 1, reason, self._group)
 
         op = StagedOp(stages(tag), abandon)
         try:
-            engine.start_staged(op)
+            engine.start_staged(op)  # (this process's own argument errors first)
+            if gone is not None:  # a remote process left it already: do not wait for it
+                raise exceptions.Exception(exceptions.ERR_OTHER, gone)
         except Exception as exc:
-            abandon(f"{type(exc).__name__}: {exc}")
+            if not op.done:
+                op._fail(exceptions.ERR_OTHER, f"{type(exc).__name__}: {exc}")
             raise
         return Request(op, engine)
 
@@ -534,7 +536,7 @@ class Intercomm(Comm):
             yield recvs + [self._send(data, r, tag) for r in self._remote()]
             result[0] = [unpickle(op) for op in recvs]
 
-        return self._objects(stages)  # type: ignore[no-any-return]
+        return self._objects(stages)
 
     def _alltoall(self, sendbuf: Any, recvbuf: Any, tag: int) -> Iterator[list[Op]]:
         size = len(self._group)
@@ -580,7 +582,7 @@ class Intercomm(Comm):
             yield recvs + [self._send(_dumps(items[r]), r, tag) for r in self._remote()]
             result[0] = [unpickle(op) for op in recvs]
 
-        return self._objects(stages)  # type: ignore[no-any-return]
+        return self._objects(stages)
 
     # ------------------------------------------------------------------ reductions
     def _reduce(
@@ -772,3 +774,29 @@ for _name in (
     "Reduce_scatter_block", "Ireduce_scatter_block",
 ):  # fmt: skip
     setattr(Intercomm, _name, buffers.unpacking(getattr(Intercomm, _name)))
+
+
+def _dispatch(name: str) -> Callable[..., Any]:
+    """Comm.<name>: the collective of the communicator's kind (mpi4py's Comm has them all;
+    mpi4py.util.pkl5 calls MPI.Comm.Bcast(comm, ...))."""
+
+    def call(self: Comm, *args: Any, **kwargs: Any) -> Any:
+        method = getattr(type(self), name)
+        if method is call:
+            raise exceptions.Exception(exceptions.ERR_COMM, f"{name} on {self!r}")
+        return method(self, *args, **kwargs)
+
+    call.__name__ = call.__qualname__ = name
+    return call
+
+
+for _name in (
+    "Barrier", "Ibarrier", "barrier", "Bcast", "Ibcast", "bcast", "Gather", "Igather",
+    "Gatherv", "Igatherv", "gather", "Scatter", "Iscatter", "Scatterv", "Iscatterv", "scatter",
+    "Allgather", "Iallgather", "Allgatherv", "Iallgatherv", "allgather", "Alltoall",
+    "Ialltoall", "Alltoallv", "Ialltoallv", "Alltoallw", "Ialltoallw", "alltoall", "Reduce",
+    "Ireduce", "reduce", "Allreduce", "Iallreduce", "allreduce", "Reduce_scatter",
+    "Ireduce_scatter", "Reduce_scatter_block", "Ireduce_scatter_block",
+):  # fmt: skip
+    if _name not in vars(Comm):
+        setattr(Comm, _name, _dispatch(_name))

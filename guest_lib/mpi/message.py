@@ -165,7 +165,7 @@ def _take(comm: Any, source: int, tag: int, status: Status | None) -> Message | 
     if source == constants.PROC_NULL:
         if status is not None:
             status._set(constants.PROC_NULL, constants.ANY_TAG, 0)
-        return MESSAGE_NO_PROC
+        return Message(MESSAGE_NO_PROC)
     src = constants.ANY_SOURCE if source == constants.ANY_SOURCE else comm._group[source]
     entry = engine.find_unexpected(comm._ctx, src, tag)
     if entry is not None:

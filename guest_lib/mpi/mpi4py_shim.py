@@ -10,13 +10,24 @@ process's region, under mpiexec) keeps reaching mpi4py's own extension module th
 
 Entered by `python -m guest_lib.mpi prog.py` and by the ranks `ivshmem-run` starts;
 IVSHMEM_MPI_ZERO_CHANGE=0 in the environment turns it off (then `mpi4py` is mpi4py).
+
+mpi4py.futures: `python -m mpi4py.futures prog.py` (its shared pool over COMM_WORLD:
+rank 0 runs the program, the other ranks are the workers) runs as with mpi4py. An
+`MPIPoolExecutor` used outside that mode would start its workers with `Spawn` (or connect
+to a service), which this MPI does not offer: its manager thread would die and every
+`result()` wait for ever. Once `mpi4py.futures._core` is imported, its spawn and service
+managers are wrapped so that the executor is marked broken instead: `submit` and the
+futures raise `BrokenExecutor` with the reason.
 """
 
 from __future__ import annotations
 
+import importlib.abc
+import importlib.machinery
 import os
 import sys
 import types
+from typing import Any
 
 ENV_SWITCH = "IVSHMEM_MPI_ZERO_CHANGE"
 
@@ -40,7 +51,57 @@ def install() -> types.ModuleType:
         sys.modules["mpi4py"] = package
     sys.modules["mpi4py.MPI"] = ours
     package.MPI = ours  # type: ignore[attr-defined]
+    core = sys.modules.get(_FUTURES_CORE)
+    if core is not None:
+        _guard_managers(core)
+    elif not any(isinstance(finder, _FuturesHook) for finder in sys.meta_path):
+        sys.meta_path.insert(0, _FuturesHook())
     return ours
+
+
+_FUTURES_CORE = "mpi4py.futures._core"
+_NO_POOL = (
+    "MPIPoolExecutor needs Spawn (or an MPI service) to start its workers, which "
+    "guest_lib.mpi does not offer: run the program as `ivshmem-run -n N python -m "
+    "mpi4py.futures prog.py` (rank 0 runs it, the other ranks are the workers)"
+)
+
+
+def _guard_managers(core: types.ModuleType) -> None:
+    """Wrap mpi4py.futures' spawn and service managers (see the module docstring)."""
+    for name in ("_manager_spawn", "_manager_service"):
+        manager = getattr(core, name, None)
+        if manager is None or getattr(manager, "_guarded", False):
+            continue
+
+        def guarded(pool: Any, options: Any, _manager: Any = manager) -> None:
+            try:
+                _manager(pool, options)
+            except Exception as exc:
+                pool.broken(f"{_NO_POOL} ({type(exc).__name__}: {exc})")
+
+        guarded._guarded = True  # type: ignore[attr-defined]
+        setattr(core, name, guarded)
+
+
+class _FuturesHook(importlib.abc.MetaPathFinder):
+    """Wraps mpi4py.futures._core's managers right after it is imported."""
+
+    def find_spec(self, fullname: str, path: Any, target: Any = None) -> Any:
+        if fullname != _FUTURES_CORE:
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
+        if spec is None or spec.loader is None:
+            return spec
+        loader = spec.loader
+        run = loader.exec_module
+
+        def exec_module(module: types.ModuleType) -> None:
+            run(module)
+            _guard_managers(module)
+
+        loader.exec_module = exec_module  # type: ignore[method-assign]
+        return spec
 
 
 def installed() -> bool:

@@ -71,16 +71,18 @@ class Pickle:
         """The object of a pickle data stream."""
         return self._loads(data)
 
-    def dumps_oob(self, obj: Any) -> tuple[bytes, list[memoryview]]:
-        """(data stream, out-of-band buffers): protocol 5 or more; buffers of at least
-        THRESHOLD bytes are not copied into the stream."""
+    def dumps_oob(self, obj: Any) -> tuple[bytes, list[Any]]:
+        """(data stream, out-of-band buffers as MPI.buffer views, as mpi4py): protocol 5 or
+        more; buffers of at least THRESHOLD bytes are not copied into the stream."""
+        from guest_lib.mpi.memory import buffer
+
         protocol = max(self._protocol if self._protocol is not None else DEFAULT_PROTOCOL, 5)
-        buffers: list[memoryview] = []
+        buffers: list[Any] = []
 
         def out_of_band(pickled: _pickle.PickleBuffer) -> bool:
             view = pickled.raw()
             if view.nbytes >= self._threshold:
-                buffers.append(view)
+                buffers.append(buffer(view))
                 return False
             return True
 

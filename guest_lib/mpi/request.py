@@ -32,6 +32,10 @@ class Request:
         rank_of: dict[int, int] | None = None,
         finish: Callable[[Op], Any] | None = None,
     ) -> None:
+        """Request(request): a new handle on the operation of `request` (mpi4py's form;
+        Request() is a null request). The other form is internal: the engine `op`."""
+        if isinstance(op, Request):
+            op, engine, rank_of, finish = op._op, op._engine, op._rank_of, op._finish
         self._op = op
         self._engine = engine
         self._rank_of = rank_of

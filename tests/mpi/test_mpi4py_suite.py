@@ -46,7 +46,9 @@ CI_FILES = [
     "test_cco_vec.py", "test_cco_nb_buf.py", "test_cco_nb_vec.py", "test_msgspec.py",
     "test_msgzero.py", "test_request.py", "test_status.py", "test_group.py", "test_comm.py",
     "test_datatype.py", "test_op.py", "test_pickle.py", "test_toplevel.py",
-    "test_errorcode.py", "test_util_dtlib.py",
+    "test_errorcode.py", "test_util_dtlib.py", "test_comm_inter.py", "test_cco_buf_inter.py",
+    "test_cco_obj_inter.py", "test_cco_vec_inter.py", "test_p2p_buf_matched.py",
+    "test_p2p_obj_matched.py", "test_util_pkl5.py",
 ]  # fmt: skip
 pytestmark = [
     pytest.mark.slow,  # whole jobs of 5-70 s each: out of `make check`, in `make test`
