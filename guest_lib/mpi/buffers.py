@@ -203,7 +203,7 @@ def _datatype(value: Any) -> Datatype | None:
         try:
             return datatypes.from_code(value)
         except KeyError:
-            raise TypeError(f"unknown datatype code {value!r}") from None
+            raise KeyError(f"unknown datatype code {value!r}") from None  # (as mpi4py)
     raise TypeError(f"expecting a datatype, got {type(value).__name__}")
 
 
@@ -286,7 +286,7 @@ def parse(spec: Any, *, writable: bool = False, deferred: bool = False) -> Spec:
     datatype: Datatype | None = None
     items = list(spec)
     if not 1 <= len(items) <= 4:
-        raise TypeError(f"message: expecting 1..4 items, got {len(items)}")
+        raise ValueError(f"message: expecting 1..4 items, got {len(items)}")
     buf = items[0]
     if len(items) == 2:
         if _is_datatype(items[1]):
@@ -314,6 +314,10 @@ def parse(spec: Any, *, writable: bool = False, deferred: bool = False) -> Spec:
     view, implied = _as_bytes(buf, writable)
     if datatype is None:
         datatype = _implied(implied)
+    if datatype.dtype is None and (count is None or count or displ):  # DATATYPE_NULL
+        raise ValueError("message: DATATYPE_NULL holds no data")
+    if datatype.extent < 0 and (count is None or displ):
+        raise ValueError(f"message: {datatype.name} has a negative extent")
     if datatype.packs:
         if count is None:
             count = (len(view) - displ * datatype.extent) // datatype.extent
@@ -485,7 +489,7 @@ def parse_w(spec: Any, size: int, *, writable: bool = False) -> list[memoryview]
     """The part of each of `size` ranks in an Alltoallw spec, [buf, (counts, displs),
     datatypes] or [buf, counts, displs, datatypes] (displacements in bytes, a datatype per
     rank): a view of the buffer, or for a packing datatype its packed copy (unpacked after
-    the receiving call, as in `parse`). TypeError for a malformed spec, ValueError for a
+    the receiving call, as in `parse`). ValueError for a malformed spec (as mpi4py) or a
     part outside the buffer."""
     items = list(spec) if isinstance(spec, list | tuple) else []
     if len(items) == 3 and isinstance(items[1], list | tuple) and len(items[1]) == 2:
@@ -493,7 +497,7 @@ def parse_w(spec: Any, size: int, *, writable: bool = False) -> list[memoryview]
     elif len(items) == 4:
         buf, counts, displs, types = items
     else:
-        raise TypeError("message: expecting [buf, (counts, displs), datatypes]")
+        raise ValueError("message: expecting [buf, (counts, displs), datatypes]")
     counts = [int(c) for c in counts]
     displs = [int(d) for d in displs]
     datatypes_ = [_datatype(t) for t in types]

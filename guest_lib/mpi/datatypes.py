@@ -1223,6 +1223,8 @@ def from_code(code: str) -> Datatype:
     datatype = _BY_CODE.get(code)
     if datatype is not None:
         return datatype
+    if not code.isprintable() or code.strip() != code:  # numpy reads "\0" as bool
+        raise KeyError(f"unknown typecode {code!r}")
     try:
         dtype = np.dtype(code)
     except TypeError:

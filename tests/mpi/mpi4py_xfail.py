@@ -155,7 +155,7 @@ ENTRIES: list[tuple[str, str, str]] = [
     (
         "test_msgspec.TestMessageCAIBuf.testReadonly",
         "xfail",
-        "missing: Get_address (issue #11 point 3)",
+        "real limit: buffers behind __cuda_array_interface__ are device memory",
     ),
     (
         "test_msgspec.TestMessageCAIBuf.testShapeMissing",
@@ -215,17 +215,17 @@ ENTRIES: list[tuple[str, str, str]] = [
     (
         "test_msgspec.TestMessageDLPackCPUBuf.testCapsule",
         "xfail",
-        "missing: Get_address (issue #11 point 3)",
+        "wrong: a used or missing DLPack capsule must raise BufferError, not ValueError",
     ),
     (
         "test_msgspec.TestMessageDLPackCPUBuf.testContiguous",
         "xfail",
-        "missing: Get_address (issue #11 point 3)",
+        "wrong: DLPack tensors mpi4py takes as contiguous are refused (issue #11)",
     ),
     (
         "test_msgspec.TestMessageDLPackCPUBuf.testDevice",
         "xfail",
-        "missing: Get_address (issue #11 point 3)",
+        "wrong: a bad __dlpack_device__ must raise TypeError/ValueError (issue #11)",
     ),
     (
         "test_msgspec.TestMessageDLPackCPUBuf.testDtypeCode",
@@ -240,37 +240,37 @@ ENTRIES: list[tuple[str, str, str]] = [
     (
         "test_msgspec.TestMessageDLPackCPUBuf.testNdim",
         "xfail",
-        "missing: Get_address (issue #11 point 3)",
+        "wrong: a 0-d DLPack tensor is refused, ndim -1 must raise BufferError (issue #11)",
     ),
     (
         "test_msgspec.TestMessageDLPackCPUBuf.testReadonly",
         "xfail",
-        "missing: Get_address (issue #11 point 3)",
+        "wrong: the DLPack read-only flag is ignored (must raise BufferError)",
     ),
     (
         "test_msgspec.TestMessageDLPackCPUBuf.testShape",
         "xfail",
-        "missing: Get_address (issue #11 point 3)",
+        "wrong: a negative DLPack shape must raise BufferError (ours: ValueError) (issue #11)",
     ),
     (
         "test_msgspec.TestMessageDLPackCPUBuf.testStrides",
         "xfail",
-        "missing: Get_address (issue #11 point 3)",
+        "wrong: DLPack strides mpi4py accepts are refused as not C-contiguous (issue #11)",
     ),
     (
         "test_msgspec.TestMessageDLPackCPUBuf.testVersion",
         "xfail",
-        "missing: Get_address (issue #11 point 3)",
+        "wrong: a DLPack capsule of major version 0 must raise BufferError (issue #11)",
     ),
     (
         "test_msgspec.TestMessageReduce.testMessageBad",
         "xfail",
-        "missing: Alloc_mem (issue #11 point 3)",
+        "wrong: Reduce must raise ValueError on mismatched datatypes/counts (issue #11)",
     ),
     (
         "test_msgspec.TestMessageReduceScatter.testMessageBad",
         "xfail",
-        "missing: Alloc_mem (issue #11 point 3)",
+        "wrong: Reduce_scatter must raise ValueError on mismatched datatypes (issue #11)",
     ),
     (
         "test_msgspec.TestMessageRMA.testMessageBad",
@@ -286,11 +286,6 @@ ENTRIES: list[tuple[str, str, str]] = [
         "test_msgspec.TestMessageRMA.testMessageCAIBuf",
         "xfail",
         "real limit: buffers behind __cuda_array_interface__ are device memory",
-    ),
-    (
-        "test_msgspec.TestMessageSimple.testMessageBad",
-        "xfail",
-        "missing: Alloc_mem (issue #11 point 3)",
     ),
     (
         "test_msgspec.TestMessageSimpleCAIBuf.testArray1",
@@ -325,7 +320,7 @@ ENTRIES: list[tuple[str, str, str]] = [
     (
         "test_msgspec.TestMessageSimpleCAIBuf.testBuffer",
         "xfail",
-        "missing: buffer (issue #11 point 3)",
+        "real limit: buffers behind __cuda_array_interface__ are device memory",
     ),
     (
         "test_msgspec.TestMessageSimpleDLPackGPUBuf.testArray1",
@@ -360,7 +355,7 @@ ENTRIES: list[tuple[str, str, str]] = [
     (
         "test_msgspec.TestMessageSimpleDLPackGPUBuf.testBuffer",
         "xfail",
-        "missing: buffer (issue #11 point 3)",
+        "real limit: DLPack buffers in device memory",
     ),
     (
         "test_msgspec.TestMessageSimpleDLPackGPUBufV0.testArray1",
@@ -395,12 +390,7 @@ ENTRIES: list[tuple[str, str, str]] = [
     (
         "test_msgspec.TestMessageSimpleDLPackGPUBufV0.testBuffer",
         "xfail",
-        "missing: buffer (issue #11 point 3)",
-    ),
-    (
-        "test_msgspec.TestMessageVector.testMessageBad",
-        "xfail",
-        "missing: Alloc_mem (issue #11 point 3)",
+        "real limit: DLPack buffers in device memory",
     ),
     (
         "test_msgspec.TestMessageVectorCAIBuf.*",
@@ -420,12 +410,13 @@ ENTRIES: list[tuple[str, str, str]] = [
     (
         "test_msgspec.TestMessageVectorW.testMessageBad",
         "xfail",
-        "missing: Alloc_mem (issue #11 point 3)",
+        "wrong: w-form specs with counts or displacements None must raise ValueError (issue #11)",
     ),
     (
         "test_msgspec.TestMessageVectorW.testMessageBytearray",
         "xfail",
-        "missing: Alltoallw (issue #11 point 3)",
+        "missing: w-form specs [buf, datatypes] and with counts/displacements None "
+        "(issue #11 point 3)",
     ),
     (
         "test_msgspec.TestMessageVectorW.testMessageCAIBuf",
