@@ -133,47 +133,85 @@ _capsule_name.argtypes = [ctypes.py_object]
 
 
 def _from_dlpack(buf: Any) -> np.ndarray:
-    """A DLPack tensor in host memory as a numpy array over its memory (zero-copy), as mpi4py
-    reads one: the capsule is not consumed, so its owner frees the tensor when the array
-    (which holds the capsule) goes. BufferError for a tensor in device memory or one that
-    is not contiguous."""
-    if hasattr(buf, "__dlpack_device__") and buf.__dlpack_device__()[0] not in _DL_HOST:
-        raise BufferError("message: DLPack buffers in device memory are not supported")
+    """A DLPack tensor in host memory as a flat numpy array over its memory (zero-copy,
+    read-only when the tensor says so), as mpi4py reads one: the capsule is not consumed,
+    so its owner frees the tensor when the array (which holds the capsule) goes. Element
+    types numpy has no name for are taken as raw bytes. TypeError/ValueError for a
+    malformed __dlpack_device__ result; BufferError for a tensor in device memory, a
+    capsule that is not a live DLPack one, a version other than 1, a bad shape, or one
+    that is neither C- nor Fortran-contiguous."""
+    if hasattr(buf, "__dlpack_device__"):
+        device = buf.__dlpack_device__()
+        if not isinstance(device, tuple):
+            raise TypeError(f"message: __dlpack_device__ gave {type(device).__name__}")
+        if len(device) != 2:
+            raise ValueError(f"message: __dlpack_device__ gave {len(device)} items")
+        if not all(isinstance(item, int) for item in device):
+            raise TypeError("message: __dlpack_device__ gave a non-integer")
+        if device[0] not in _DL_HOST:
+            raise BufferError("message: DLPack buffers in device memory are not supported")
     capsule = buf.__dlpack__()
+    if type(capsule).__name__ != "PyCapsule":
+        raise BufferError("message: __dlpack__ did not give a capsule")
     name = _capsule_name(capsule)
-    address = _capsule_pointer(capsule, name)
+    readonly = False
     if name == b"dltensor_versioned":
+        address = _capsule_pointer(capsule, name)
+        if ctypes.c_uint32.from_address(address).value != 1:  # DLPack's major version
+            raise BufferError("message: DLPack version is not 1")
+        flags = ctypes.c_uint64.from_address(address + _DL_VERSIONED_HEAD - 8).value
+        readonly = bool(flags & 1)  # DLPACK_FLAG_BITMASK_READ_ONLY
         address += _DL_VERSIONED_HEAD
-    elif name != b"dltensor":
-        raise BufferError(f"message: unknown DLPack capsule {name!r}")
+    elif name == b"dltensor":
+        address = _capsule_pointer(capsule, name)
+    else:
+        raise BufferError(f"message: not a live DLPack capsule ({name!r})")
     tensor = _DLTensor.from_address(address)
     if tensor.device_type not in _DL_HOST:
         raise BufferError("message: DLPack buffers in device memory are not supported")
+    if tensor.ndim < 0 or (tensor.ndim and not tensor.shape):
+        raise BufferError(f"message: DLPack tensor of {tensor.ndim} dimensions, no shape")
     kind, size = _DL_KINDS.get(tensor.code), tensor.bits // 8
     if kind == "f" and tensor.lanes == 2:  # a complex number as two lanes of floats
         kind, size = "c", 2 * size
     elif tensor.lanes != 1:
         kind = None
-    if kind is None:
-        raise BufferError(f"message: DLPack type {tensor.code}x{tensor.lanes} not supported")
-    dtype = np.dtype(f"{kind}{size}") if kind != "b" else np.dtype("?")
+    itemsize = tensor.bits * tensor.lanes // 8
+    dtype: np.dtype
+    if kind is None:  # an element type numpy cannot name: its bytes
+        dtype = np.dtype((np.void, itemsize)) if itemsize else np.dtype("B")
+    else:
+        dtype = np.dtype(f"{kind}{size}") if kind != "b" else np.dtype("?")
     shape = [tensor.shape[i] for i in range(tensor.ndim)]
+    if any(extent < 0 for extent in shape):
+        raise BufferError(f"message: DLPack shape {shape}")
     count = 1
     for extent in shape:
         count *= extent
     if tensor.strides and count > 1:
-        expect = 1
-        for axis in reversed(range(tensor.ndim)):
-            if shape[axis] != 1 and tensor.strides[axis] != expect:
-                raise BufferError("message: DLPack buffer is not C-contiguous")
-            expect *= shape[axis]
+        strides = [tensor.strides[i] for i in range(tensor.ndim)]
+        if not (_dense(shape, strides) or _dense(shape[::-1], strides[::-1])):
+            raise BufferError("message: DLPack buffer is not contiguous")
     if count == 0 or not tensor.data:
-        return np.empty(shape, dtype)
+        return np.empty(0, dtype)
     raw = (ctypes.c_char * (count * dtype.itemsize)).from_address(tensor.data + tensor.byte_offset)
-    array = np.frombuffer(memoryview(raw).cast("B"), dtype=dtype).reshape(shape)
+    array = np.frombuffer(memoryview(raw).cast("B"), dtype=dtype)
+    if readonly:
+        array.flags.writeable = False
     _KEEP[id(raw)] = capsule  # the tensor lives while `raw` (the array's base) does
     weakref.finalize(raw, _KEEP.pop, id(raw), None)
     return array
+
+
+def _dense(shape: list[int], strides: list[int]) -> bool:
+    """True iff `strides` (in elements) are those of a C-order array of `shape`, axes of
+    extent 1 aside."""
+    expect = 1
+    for extent, stride in zip(reversed(shape), reversed(strides), strict=True):
+        if extent != 1 and stride != expect:
+            return False
+        expect *= extent
+    return True
 
 
 def _implied_by(dtype: np.dtype) -> Datatype | None:

@@ -213,56 +213,6 @@ ENTRIES: list[tuple[str, str, str]] = [
         "real limit: buffers behind __cuda_array_interface__ are device memory",
     ),
     (
-        "test_msgspec.TestMessageDLPackCPUBuf.testCapsule",
-        "xfail",
-        "wrong: a used or missing DLPack capsule must raise BufferError, not ValueError",
-    ),
-    (
-        "test_msgspec.TestMessageDLPackCPUBuf.testContiguous",
-        "xfail",
-        "wrong: DLPack tensors mpi4py takes as contiguous are refused (issue #11)",
-    ),
-    (
-        "test_msgspec.TestMessageDLPackCPUBuf.testDevice",
-        "xfail",
-        "wrong: a bad __dlpack_device__ must raise TypeError/ValueError (issue #11)",
-    ),
-    (
-        "test_msgspec.TestMessageDLPackCPUBuf.testDtypeCode",
-        "xfail",
-        "wrong: DLPack type codes mpi4py rejects differently (issue #11)",
-    ),
-    (
-        "test_msgspec.TestMessageDLPackCPUBuf.testDtypeLanes",
-        "xfail",
-        "wrong: DLPack vector lanes must raise as mpi4py does (issue #11)",
-    ),
-    (
-        "test_msgspec.TestMessageDLPackCPUBuf.testNdim",
-        "xfail",
-        "wrong: a 0-d DLPack tensor is refused, ndim -1 must raise BufferError (issue #11)",
-    ),
-    (
-        "test_msgspec.TestMessageDLPackCPUBuf.testReadonly",
-        "xfail",
-        "wrong: the DLPack read-only flag is ignored (must raise BufferError)",
-    ),
-    (
-        "test_msgspec.TestMessageDLPackCPUBuf.testShape",
-        "xfail",
-        "wrong: a negative DLPack shape must raise BufferError (ours: ValueError) (issue #11)",
-    ),
-    (
-        "test_msgspec.TestMessageDLPackCPUBuf.testStrides",
-        "xfail",
-        "wrong: DLPack strides mpi4py accepts are refused as not C-contiguous (issue #11)",
-    ),
-    (
-        "test_msgspec.TestMessageDLPackCPUBuf.testVersion",
-        "xfail",
-        "wrong: a DLPack capsule of major version 0 must raise BufferError (issue #11)",
-    ),
-    (
         "test_msgspec.TestMessageReduce.testMessageBad",
         "xfail",
         "wrong: Reduce must raise ValueError on mismatched datatypes/counts (issue #11)",
@@ -271,16 +221,6 @@ ENTRIES: list[tuple[str, str, str]] = [
         "test_msgspec.TestMessageReduceScatter.testMessageBad",
         "xfail",
         "wrong: Reduce_scatter must raise ValueError on mismatched datatypes (issue #11)",
-    ),
-    (
-        "test_msgspec.TestMessageRMA.testMessageBad",
-        "xfail",
-        "wrong: a message spec of 5 items raises TypeError (mpi4py: ValueError) (issue #11)",
-    ),
-    (
-        "test_msgspec.TestMessageRMA.testMessageBottom",
-        "xfail",
-        "missing: BOTTOM with absolute addresses (issue #11 point 3)",
     ),
     (
         "test_msgspec.TestMessageRMA.testMessageCAIBuf",
