@@ -16,9 +16,10 @@
   over TCP between those two guests only (the guests' kernels count them), and Allreduce and
   Bcast hierarchical: the region's collective area within each host, MPICH between the two
   leaders (ranks 0 and 2) only.
-- ``ivshmem-lab up`` / ``exec`` / ``down``: a lab that stays up, commands run in named
-  guests (stdin, exit status, hydra's ssh argv form, a wrong token refused), the printed
-  mpiexec command line used as is, and nothing left behind.
+- ``ivshmem-lab up --hosts 2`` / ``exec`` / ``down``: a lab that stays up (here a host and a
+  region per guest), commands run in named guests (stdin, exit status, hydra's ssh argv
+  form, a wrong token refused), the printed mpiexec command line used as is, and nothing
+  left behind.
 """
 
 from __future__ import annotations
@@ -242,11 +243,19 @@ def _read_until(stream, pattern: str, timeout: float) -> list[str]:
     return lines
 
 
+ATTACH = (  # in a guest: how many ivshmem-doorbell devices it has, the region it attaches
+    "import guest_lib; from guest_lib import pci; ep = guest_lib.attach(); "
+    "print(len(pci.doorbell_devices()), ep.region.uuid)"
+)
+
+
 def test_up_exec_down() -> None:
+    """(Two simulated hosts of one guest each: what a single host does too, plus a region
+    per host.)"""
     name = f"t{os.getpid()}"
     t0 = time.monotonic()
     up = subprocess.Popen(
-        [*LAB_CLI, "up", "--vms", "2", "--name", name],
+        [*LAB_CLI, "up", "--hosts", "2", "--vms", "2", "--name", name],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     lab_dir = labs_root() / name
@@ -258,6 +267,16 @@ def test_up_exec_down() -> None:
         done = _lab("exec", "--lab", name, "vm1", "--", "sh", "-c", "hostname; cat; exit 7",
                    stdin="hello\n")  # fmt: skip
         assert (done.returncode, done.stdout) == (7, "vm1\nhello\n"), done
+        # each guest holds a device of its own host's region, and of no other
+        regions = json.loads((lab_dir / "lab.json").read_text())["regions"]
+        hosts = [f"ivshmem-lab: host {h}: vm{h}, region {regions[h]}" for h in (0, 1)]
+        assert [x for x in lines if ": host " in x] == hosts, lines
+        uuids = []
+        for guest in ("vm0", "vm1"):
+            done = _lab("exec", "--lab", name, guest, "--", sys.executable, "-c", ATTACH)
+            assert done.returncode == 0 and done.stdout.startswith("1 "), done
+            uuids.append(done.stdout.split()[1])
+        assert uuids[0] != uuids[1], uuids
         ssh = str(lab_dir / "ssh")  # hydra's form: options, host, quoted words for sh -c
         done = subprocess.run([ssh, "-x", "vm0", '"/bin/echo"', "a", "b"], capture_output=True,
                               text=True, timeout=60, stdin=subprocess.DEVNULL)  # fmt: skip
