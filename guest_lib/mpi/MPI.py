@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import atexit
 import socket as _socket
+import sys as _sys
 import threading as _threading
 import time as _time
 from typing import Any
@@ -169,16 +170,43 @@ def Init() -> None:
     """Nothing to do: importing the module initialised it (as mpi4py does by default)."""
 
 
+# Threads: every call is safe from any thread (THREAD_MULTIPLE; see guest_lib.mpi.engine).
+_MAIN_THREAD = _threading.get_ident()  # the thread that initialised MPI (imported this module)
+_THREAD_LEVELS = {
+    "single": THREAD_SINGLE,
+    "funneled": THREAD_FUNNELED,
+    "serialized": THREAD_SERIALIZED,
+    "multiple": THREAD_MULTIPLE,
+}
+_thread_level: list[int] = []  # the level Init_thread granted, once called
+
+
+def _rc_thread_level() -> int:
+    """The level mpi4py's `rc.thread_level` asks for ("multiple", mpi4py's default, when
+    mpi4py is not imported or says nothing else)."""
+    rc = getattr(_sys.modules.get("mpi4py"), "rc", None)
+    return _THREAD_LEVELS.get(str(getattr(rc, "thread_level", "multiple")).lower(), THREAD_MULTIPLE)
+
+
 def Init_thread(required: int = THREAD_MULTIPLE) -> int:
-    return THREAD_SINGLE
+    """The thread level granted: `required` itself, as every level is supported (MPI was
+    initialised at import; this only sets what Query_thread reports). MPI.Exception
+    (ERR_ARG) for a value that is no thread level."""
+    if required not in _THREAD_LEVELS.values():
+        raise Exception(ERR_ARG, f"no thread level {required}")  # noqa: F405
+    _thread_level[:] = [required]
+    return required
 
 
 def Query_thread() -> int:
-    return THREAD_SINGLE
+    """The thread level: what Init_thread granted, else what mpi4py's `rc.thread_level`
+    asks for (THREAD_MULTIPLE by default, as with mpi4py)."""
+    return _thread_level[0] if _thread_level else _rc_thread_level()
 
 
 def Is_thread_main() -> bool:
-    return True
+    """True in the thread that initialised MPI (the one that imported this module)."""
+    return _threading.get_ident() == _MAIN_THREAD
 
 
 def Is_initialized() -> bool:

@@ -102,7 +102,9 @@ class Area:
         engine = self.comm._engine
         if not engine.abandoned:
             return
-        for key, (seq, reason) in engine.abandoned.items():
+        with engine.lock:  # (other threads' progress adds records)
+            records = list(engine.abandoned.items())
+        for key, (seq, reason) in records:
             if key[0] != self._ctx or seq < self._since[key[1] >= COLL_TAGS]:
                 continue
             if (key, seq) == self._current:

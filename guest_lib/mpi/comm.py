@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 import zlib
 from typing import TYPE_CHECKING, Any
 
@@ -46,7 +47,8 @@ from guest_lib.mpi.status import Status
 # in the machine's byte order)
 _PLAIN_DTYPES = "?bBhHiIlLqQefdgFDG"
 _CTX_SHIFT = constants.TAG_BITS
-_CTX_BYTES = (constants.MAX_CONTEXT + 8) // 8  # a bit map of every context
+_DECLINE_BIT = constants.MAX_CONTEXT + 1  # in a context map: "not my turn, agree again"
+_CTX_BYTES = (_DECLINE_BIT + 8) // 8  # a bit map of every context and the decline bit
 T_GROUP = 1 << 16  # tags T_GROUP + n on a collective context: Create_group (tag n)
 _EMPTY = memoryview(b"")
 _NO_SPAWN = (
@@ -645,26 +647,64 @@ class Comm:
         A fence follows the agreement (a barrier, or a second exchange): whatever a member
         sent on a freed communicator with that context came before its part of the
         agreement, so it has arrived here (and been dropped) before this rank takes the
-        context again; the new communicator's messages come after the fence."""
+        context again; the new communicator's messages come after the fence.
+
+        Threads: agreements on other communicators may run at once in this process. One at
+        a time offers the contexts in use (`engine.ctx_owner`), the one with the lowest
+        (parent context, tag) among those waiting here; the others decline (all contexts
+        and the decline bit). An agreement that any member declined takes nothing and runs
+        again, so every member takes the same context, and the lowest waiting agreement of
+        the job always gets through."""
         engine = self._check()
-        used = 0
-        for ctx in engine.used_ctx:
-            used |= 1 << ctx
-        if members is None:
-            union = self._allreduce_int_or(used)
-        else:
-            union = self._members_or(members, used, tag)
-        ctx = 4
-        while union >> ctx & 3:
-            ctx += 2
-        if ctx + 1 > constants.MAX_CONTEXT:
-            raise exceptions.Exception(exceptions.ERR_INTERN, "out of communicator contexts")
-        engine.reuse_context((ctx, ctx + 1))
+        key = (self._ctx, tag)
+        with engine.lock:
+            engine.ctx_waiting.add(key)
+        try:
+            while True:
+                ctx = self._agree_ctx(engine, key, members, tag)
+                if ctx:
+                    break
+                time.sleep(0)  # declined somewhere: let the agreement that goes first run
+        finally:
+            with engine.lock:
+                engine.ctx_waiting.discard(key)
         if members is None:
             self._run(self._barrier(T_BARRIER))
         else:
             self._members_or(members, 0, tag)
         return ctx
+
+    def _agree_ctx(
+        self, engine: Engine, key: tuple[int, int], members: list[int] | None, tag: int
+    ) -> int:
+        """One round of _alloc_ctx: the context taken, or 0 when a member declined."""
+        with engine.lock:
+            mine = engine.ctx_owner is None and key == min(engine.ctx_waiting)
+            if mine:
+                engine.ctx_owner = key
+                used = 0
+                for ctx in engine.used_ctx:
+                    used |= 1 << ctx
+            else:
+                used = (1 << (_DECLINE_BIT + 1)) - 1
+        try:
+            if members is None:
+                union = self._allreduce_int_or(used)
+            else:
+                union = self._members_or(members, used, tag)
+            if union >> _DECLINE_BIT & 1:
+                return 0
+            ctx = 4
+            while union >> ctx & 3:
+                ctx += 2
+            if ctx + 1 > constants.MAX_CONTEXT:
+                raise exceptions.Exception(exceptions.ERR_INTERN, "out of communicator contexts")
+            engine.reuse_context((ctx, ctx + 1))
+            return ctx
+        finally:
+            if mine:
+                with engine.lock:
+                    engine.ctx_owner = None
 
     def Dup(self, info: Any = None) -> Intracomm:
         """A new communicator with the same group and a new context (collective), of this
@@ -686,7 +726,9 @@ class Comm:
         if self._has_mpi:
             mirror, mirror_coll = native.split_mirrors(self, color, key)
         if color == constants.UNDEFINED:
-            self._check().used_ctx.difference_update((ctx, ctx + 1))
+            engine = self._check()
+            with engine.lock:
+                engine.used_ctx.difference_update((ctx, ctx + 1))
             return COMM_NULL
         members = sorted((k, r) for r, (c, k) in enumerate(pairs) if c == color)
         group = [self._group[r] for _, r in members]
@@ -702,8 +744,7 @@ class Comm:
         they never show up on a communicator that gets the context next."""
         area.free(self)
         if self._engine is not None and self._ctx >= 4:
-            self._engine.used_ctx.difference_update((self._ctx, self._ctx + 1))
-            self._engine.drop_context((self._ctx, self._ctx + 1))
+            self._engine.drop_context((self._ctx, self._ctx + 1))  # (no longer in use)
             if self._mirror is not None:
                 native.free_mirrors((self._mirror, self._mirror_coll))
         self._engine = None

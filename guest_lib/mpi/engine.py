@@ -13,12 +13,33 @@ in world ranks, communicators translate. The parts:
 Progress happens only inside library calls (Wait/Test/blocking calls/Iprobe): sends waiting
 for queue space are retried, arriving messages are matched, mpi4py requests are tested (by
 the mpi4py route, `native`), nonblocking collectives advance.
+
+Threads (THREAD_MULTIPLE): one reentrant lock, `lock` (made by Matching), guards all of this
+process's engine state (queues, posted and unexpected lists, contexts, staged collectives,
+the list of mpi4py requests) and every use of the core endpoint, which is not thread-safe.
+Each engine call takes it once; the uncontended cost is one acquire. Whichever thread waits
+makes progress for all: a progress pass dispatches every arriving message, to whichever
+thread's receive it matches. The lock is never held while a thread sleeps:
+- the progress owner: at most one waiting thread at a time (`sleeping`) naps on the doorbell;
+  the endpoint's notifier is wrapped (`_Doorbell`) so that the owner's doorbell wait
+  releases the lock (the endpoint is then at a safe point: it re-reads its queues on waking;
+  a send waiting for room is that peer's only writer, as `pushing` keeps others off it);
+- the other waiters nap on the condition `wakeup` (releasing the lock); a pass that moved
+  anything, or an owner that leaves its nap, wakes them, so a waiter sees its request
+  completed by another thread's progress and one of them takes the doorbell over.
+- mpi4py's blocking calls (the direct route, `native`) and the collective area's waits
+  run without the lock.
+While one thread alone has used the engine (`solo`), the blocking fast paths wait inside the
+core as before (up to FAST_TIMEOUT, lock held); once a second thread shows up (the lock was
+found taken, or another thread waits), they only poll, so no thread is kept out for long.
 """
 
 from __future__ import annotations
 
 import collections
 import os
+import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -45,6 +66,37 @@ from ivshmem_comm.errors import TimeoutError as CoreTimeout
 IDLE_TIMEOUT = 0.005  # s: the longest nap of the engine between progress passes
 CROWDED_SPIN_US = 2.0  # the endpoint's spin when ranks outnumber CPUs (see Engine.crowded)
 MAX_PULL = 64  # messages taken from shared memory per progress pass
+
+
+class _Doorbell:
+    """The endpoint's notifier as the engine installs it: `wait` by the thread named in
+    `releaser` (the progress owner napping in Engine.idle) releases the engine lock, all its
+    levels, while it sleeps, and takes it back before the endpoint goes on; any other wait
+    (a fast path, a stalled piece, the collective area) is the notifier's own."""
+
+    def __init__(self, inner: Any, lock: Any) -> None:
+        self.inner = inner
+        self.lock = lock
+        self.blocking = inner.blocking
+        self.releaser = 0  # threading.get_ident() of the owner, 0: none
+
+    def kick(self, peer: int) -> None:
+        self.inner.kick(peer)
+
+    def wait(self, timeout: float) -> bool:
+        if self.releaser != threading.get_ident():
+            return bool(self.inner.wait(timeout))
+        saved = self.lock._release_save()
+        try:
+            return bool(self.inner.wait(timeout))
+        finally:
+            self.lock._acquire_restore(saved)
+
+    def close(self) -> None:
+        self.inner.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
 
 
 class SendOp(Op):
@@ -151,6 +203,18 @@ class Engine(Matching, FastPaths):
         self.placing = -1  # the shm peer a placed message waits for (nothing else goes there)
         self.staged: list[StagedOp] = []  # nonblocking collectives in flight
         self._seq = 0
+        # Threads (see the module docstring): the owner of the doorbell nap, the threads
+        # napping on `wakeup`, the peer the owner pushes with the lock released, whether one
+        # thread alone has used the engine (`home`: the first that waited).
+        self.wakeup = threading.Condition(self.lock)
+        self.sleeping = False
+        self.napping = 0
+        self.pushing = -1
+        self.solo = True
+        self.home = 0
+        self.bell: _Doorbell | None = None
+        if endpoint is not None:
+            self.bell = endpoint.notifier = _Doorbell(endpoint.notifier, self.lock)
         self.has_mpi = any(not route.local for route in self.routes)
         # Oversubscribed: more ranks on this region than CPUs this process may run on. A rank
         # that spins then takes the CPU from the rank it waits for, so waits block on the
@@ -175,12 +239,26 @@ class Engine(Matching, FastPaths):
         self._seq += 1
         return self._seq
 
+    def _wake(self) -> None:
+        """Tell the napping waiters that something moved (lock held)."""
+        if self.napping:
+            self.wakeup.notify_all()
+
+    def _pause(self) -> None:
+        """Let other threads in between two polls of a busy wait (lock held, any depth)."""
+        saved = self.lock._release_save()  # type: ignore[attr-defined]
+        try:
+            time.sleep(0)
+        finally:
+            self.lock._acquire_restore(saved)  # type: ignore[attr-defined]
+
     # ------------------------------------------------------------------ sending
     def isend_shm(self, peer: int, ctx: int, tag: int, data: memoryview, sync: bool) -> SendOp:
         """Queue a send to shm peer `peer` and try to push it now."""
-        op = SendOp(peer, ctx, tag, data, sync, self.next_seq() if sync else 0)
-        self._enqueue(peer, op)
-        return op
+        with self.lock:
+            op = SendOp(peer, ctx, tag, data, sync, self.next_seq() if sync else 0)
+            self._enqueue(peer, op)
+            return op
 
     def _enqueue(self, peer: int, op: SendOp) -> None:
         """Queue `op` behind what waits for `peer`; push it now if it is first."""
@@ -196,20 +274,22 @@ class Engine(Matching, FastPaths):
         returned is done, except for a synchronous send that found no posted receive: that
         one is done when a receive takes the stored message."""
         me = self.world_rank
-        op = self.match_posted(me, ctx, tag)
-        if op is not None:
-            op.begin(me, tag)
-            op.write(0, data)
-            op.finish()
-            return DoneOp(me, tag)
-        entry = Unexpected(me, ctx, tag, -1, None)
-        entry.parts.append(bytes(data))
-        entry.complete = True
-        self.unexpected.append(entry)
-        if not sync:
-            return DoneOp(me, tag)
-        entry.waiter = Op()
-        return entry.waiter
+        with self.lock:
+            op = self.match_posted(me, ctx, tag)
+            if op is not None:
+                op.begin(me, tag)
+                op.write(0, data)
+                op.finish()
+                self._wake()  # (another thread's receive)
+                return DoneOp(me, tag)
+            entry = Unexpected(me, ctx, tag, -1, None)
+            entry.parts.append(bytes(data))
+            entry.complete = True
+            self.unexpected.append(entry)
+            if not sync:
+                return DoneOp(me, tag)
+            entry.waiter = Op()
+            return entry.waiter
 
     def _push(self, peer: int, queue: collections.deque[SendOp], timeout: float) -> bool:
         """Send what fits of the queued sends to `peer`. True iff anything was written.
@@ -268,34 +348,39 @@ class Engine(Matching, FastPaths):
     def send_control(self, peer: int, kind_tag: int, payload: bytes) -> None:
         op = ControlOp(peer, 0, kind_tag, memoryview(payload), False, 0)
         op.coretag = core_tag(KIND_CONTROL, 0, kind_tag)
-        self._enqueue(peer, op)
+        with self.lock:
+            self._enqueue(peer, op)
 
     def place(self, peer: int, data: memoryview, coretag: int) -> int:
         """Write a message for shm peer `peer` into its queue without sending it (core
         Endpoint.place) once what is queued for it is out, making progress meanwhile; return
-        the region offset of its bytes. Until publish_placed(peer), sends to it wait."""
-        self.wait_until(lambda: peer not in self.sendq)
-        self.placing = peer
-        while True:
-            try:
-                return self.ep.place(peer, data, coretag, 0.0)
-            except CoreTimeout:
-                if not self.progress():
-                    self.idle(peer)
-            except PeerLostError as exc:
-                self.placing = -1
-                raise core_error(exc) from exc
+        the region offset of its bytes. Until publish_placed(peer), sends to it wait, and so
+        does another thread's placement."""
+        with self.lock:
+            self.wait_until(lambda: peer not in self.sendq and self.placing < 0)
+            self.placing = peer
+            while True:
+                try:
+                    return self.ep.place(peer, data, coretag, 0.0)
+                except CoreTimeout:
+                    if not self.progress():
+                        self.idle(peer)
+                except PeerLostError as exc:
+                    self.placing = -1
+                    raise core_error(exc) from exc
 
     def publish_placed(self, peer: int) -> None:
         """Send the message placed for `peer`, then what waited behind it."""
-        self.placing = -1
-        try:
-            self.ep.publish_placed(peer)
-        except PeerLostError as exc:
-            raise core_error(exc) from exc
-        queue = self.sendq.get(peer)
-        if queue:
-            self._push(peer, queue, 0.0)
+        with self.lock:
+            self.placing = -1
+            try:
+                self.ep.publish_placed(peer)
+            except PeerLostError as exc:
+                raise core_error(exc) from exc
+            queue = self.sendq.get(peer)
+            if queue:
+                self._push(peer, queue, 0.0)
+            self._wake()
 
     # ------------------------------------------------------------------ receiving
     def who(self, peer: int) -> str:
@@ -378,10 +463,11 @@ class Engine(Matching, FastPaths):
     def start_staged(self, op: StagedOp) -> StagedOp:
         """Start a nonblocking collective (its first stage, whose exceptions propagate) and
         advance it in every pass."""
-        op.advance(propagate=True)
-        if not op.done:
-            self.staged.append(op)
-        return op
+        with self.lock:
+            op.advance(propagate=True)
+            if not op.done:
+                self.staged.append(op)
+            return op
 
     # ------------------------------------------------------------------ progress
     def poll_native(self) -> bool:
@@ -393,68 +479,139 @@ class Engine(Matching, FastPaths):
         `until`: stop taking messages as soon as it holds (what the caller waits for is
         done), so that messages sent ahead stay in the queue, to be received in place once
         their receive is posted, rather than copied out as unexpected."""
-        moved = False
-        if self.sendq:
-            for peer, queue in list(self.sendq.items()):
-                if peer != self.placing and self._push(peer, queue, 0.0):
-                    moved = True
-        ep = self.ep
-        if ep is not None:
-            try:
-                for _ in range(MAX_PULL):
-                    if until is not None and until():
-                        break
-                    head = ep.iprobe()
-                    if head is None:
-                        break
-                    self.dispatch(*head)
-                    moved = True
-            except PeerLostError as exc:
-                raise core_error(exc) from exc
-        if (self.mpi_polling or self.mpi_active) and native.progress(self):
-            moved = True
-        if self.staged:
-            for staged in list(self.staged):
-                if staged.advance():
-                    moved = True
-                if staged.done:
-                    self.staged.remove(staged)
-        return moved
+        lock = self.lock
+        if not lock.acquire(False):  # another thread is in: no longer alone
+            self.solo = False
+            lock.acquire()
+        try:
+            moved = False
+            if self.sendq:
+                for peer, queue in list(self.sendq.items()):
+                    if peer not in (self.placing, self.pushing) and self._push(peer, queue, 0.0):
+                        moved = True
+            ep = self.ep
+            if ep is not None:
+                try:
+                    for _ in range(MAX_PULL):
+                        if until is not None and until():
+                            break
+                        head = ep.iprobe()
+                        if head is None:
+                            break
+                        self.dispatch(*head)
+                        moved = True
+                except PeerLostError as exc:
+                    raise core_error(exc) from exc
+            if (self.mpi_polling or self.mpi_active) and native.progress(self):
+                moved = True
+            if self.staged:
+                for staged in list(self.staged):
+                    if staged.advance():
+                        moved = True
+                    if staged.done and staged in self.staged:  # (a stage may finish another)
+                        self.staged.remove(staged)
+            if moved and self.napping:
+                self.wakeup.notify_all()
+            return moved
+        finally:
+            lock.release()
 
     def idle(self, watch: int = -1) -> None:
-        """Nap until something may have moved (bounded by IDLE_TIMEOUT)."""
+        """Wait a while for something to move (lock held; bounded by IDLE_TIMEOUT): as the
+        progress owner, on the doorbell with the lock released; while another thread owns
+        it, on `wakeup` (see the module docstring). `watch`: the shm peer whose loss ends
+        the wait with MPI.Exception, or -1."""
+        if self.sleeping:  # another thread naps on the doorbell for everyone
+            self.solo = False
+            self.napping += 1
+            try:
+                self.wakeup.wait(IDLE_TIMEOUT)
+            finally:
+                self.napping -= 1
+            if watch >= 0:
+                self._check_watch(watch)
+            return
+        bell = self.bell
+        self.sleeping = True
+        if bell is not None:
+            bell.releaser = threading.get_ident()
+        try:
+            self._nap(watch)
+        finally:
+            self.sleeping = False
+            if bell is not None:
+                bell.releaser = 0
+            self._wake()  # one of the napping waiters takes the doorbell over
+
+    def _nap(self, watch: int) -> None:
+        """The progress owner's nap (see idle): push a send waiting for room, else probe."""
         ep = self.ep
-        if ep is None:
-            return  # only mpi4py to wait for: progress() polls it; spin
+        solo = self.solo
+        if ep is None:  # only mpi4py to wait for: progress() polls it; spin
+            if not solo:
+                self._pause()
+            return
         spin_only = self.has_mpi and (self.mpi_polling or self.mpi_active)
         try:
             pushable = [item for item in self.sendq.items() if item[0] != self.placing]
             if pushable:
                 peer, queue = pushable[0]
-                busy = self.posted or self.inflow or spin_only
-                if not self._push(peer, queue, 0.0 if busy else IDLE_TIMEOUT) and self.crowded:
+                busy = self.posted or self.inflow or spin_only or self.napping
+                self.pushing = peer  # its only writer while the lock is released
+                try:
+                    moved = self._push(peer, queue, 0.0 if busy else IDLE_TIMEOUT)
+                finally:
+                    self.pushing = -1
+                if not moved and self.crowded:
                     os.sched_yield()  # a polling loop: let the rank it waits for run
+                if busy and not solo:
+                    self._pause()
                 return
-            source = watch if watch >= 0 else -1
+            # Alone, wait for the watched peer only; else for any (a message for another
+            # waiter must wake this owner), judging the watched peer apart.
+            source = watch if watch >= 0 and solo else -1
             if spin_only and self.crowded:
                 os.sched_yield()
             ep.probe(source, -1, 0.0 if spin_only else IDLE_TIMEOUT)
+            if spin_only and not solo:
+                self._pause()
+        except CoreTimeout:
+            pass
+        except PeerLostError as exc:
+            raise core_error(exc) from exc
+        if watch >= 0 and not solo:
+            self._check_watch(watch)
+
+    def _check_watch(self, watch: int) -> None:
+        """MPI.Exception if shm peer `watch` is lost with nothing left from it (lock held)."""
+        try:
+            self.ep.probe(watch, -1, 0.0)
         except CoreTimeout:
             pass
         except PeerLostError as exc:
             raise core_error(exc) from exc
 
     def wait(self, op: Op) -> None:
-        """Drive progress until `op` is done."""
+        """Drive progress until `op` is done (made by this thread or any other)."""
 
         def done() -> bool:
             return op.done
 
-        while not op.done:
-            if not self.progress(done) and not op.done:
-                self.idle(op.watch())
+        if not op.done:
+            self.wait_until(done, op.watch())
 
     def wait_until(self, predicate: Callable[[], bool], watch: int = -1) -> None:
-        while not predicate():
-            if not self.progress(predicate) and not predicate():
-                self.idle(watch)
+        """Drive progress until `predicate()` holds (evaluated with the lock held)."""
+        with self.lock:
+            me = threading.get_ident()
+            if me != self.home:
+                if self.home:
+                    self.solo = False
+                else:
+                    self.home = me
+            while not predicate():
+                if self.progress(predicate):
+                    if not self.solo:
+                        self._pause()  # what moved may be another waiter's: let it in
+                elif not predicate():
+                    self.idle(watch)

@@ -6,6 +6,11 @@ message of its context and tag (or the FIRST piece of a large one, whose pieces 
 nothing in between); whatever else it got is handed to the engine's `dispatch`, in order,
 so nothing overtakes. The blocking-Send fast path is a single core `send` of a whole
 message when nothing is queued for that peer.
+
+Threads: each fast path takes the engine lock once (see `engine`). While the engine is
+`solo` it may wait inside the core up to FAST_TIMEOUT with the lock held (no other thread
+uses the engine); once it is not, it only polls, and the caller waits in the engine, where
+the lock is released while it sleeps. Finding the lock taken is how a second thread shows.
 """
 
 from __future__ import annotations
@@ -46,6 +51,9 @@ class FastPaths:
     """The fast paths, mixed into the Engine (which supplies the attributes below)."""
 
     ep: Any
+    lock: Any  # the engine lock (see `engine`)
+    solo: bool  # one thread alone uses the engine: the fast paths may wait in the core
+    _wake: Callable[[], None]  # tell napping waiters something moved
     whole_max: int
     placing: int
     sendq: dict[int, collections.deque[Any]]
@@ -62,24 +70,38 @@ class FastPaths:
         Returns a FastRecv (see there) when it took the message; None if the caller must
         take the engine path (what was received meanwhile has been dispatched in order).
         """
-        if not self.quiet():
-            return None
+        lock = self.lock
+        if not lock.acquire(False):  # another thread is in the engine
+            self.solo = False
+            lock.acquire()
         try:
-            nbytes, _, coretag = self.ep.recv_into(
-                buf, peer, -1, FAST_TIMEOUT, bypass_cache=buf.nbytes >= BYPASS_CACHE_MIN
-            )
-        except (CoreTimeout, MessageTooLargeError):
+            if not self.quiet():
+                return None
+            try:
+                nbytes, _, coretag = self.ep.recv_into(
+                    buf,
+                    peer,
+                    -1,
+                    FAST_TIMEOUT if self.solo else 0.0,
+                    bypass_cache=buf.nbytes >= BYPASS_CACHE_MIN,
+                )
+            except (CoreTimeout, MessageTooLargeError):
+                return None
+            except PeerLostError as exc:
+                raise core_error(exc) from exc
+            if (
+                tag == constants.ANY_TAG or coretag & _TAG_MASK == tag
+            ) and peer not in self.sync_next:
+                head = coretag >> _CTX_SHIFT
+                if head == ctx:  # kind DATA and this context
+                    return nbytes, coretag & _TAG_MASK, None
+                if head == wire.head_of(wire.KIND_FIRST, ctx):
+                    return self._fast_pieces(peer, ctx, tag, _bytes_of(buf), nbytes, coretag)
+            self.dispatch(peer, coretag, nbytes, bytes(_bytes_of(buf)[:nbytes]))
+            self._wake()  # (it may have been another thread's message)
             return None
-        except PeerLostError as exc:
-            raise core_error(exc) from exc
-        if (tag == constants.ANY_TAG or coretag & _TAG_MASK == tag) and peer not in self.sync_next:
-            head = coretag >> _CTX_SHIFT
-            if head == ctx:  # kind DATA and this context
-                return nbytes, coretag & _TAG_MASK, None
-            if head == wire.head_of(wire.KIND_FIRST, ctx):
-                return self._fast_pieces(peer, ctx, tag, _bytes_of(buf), nbytes, coretag)
-        self.dispatch(peer, coretag, nbytes, bytes(_bytes_of(buf)[:nbytes]))
-        return None
+        finally:
+            lock.release()
 
     def _fast_pieces(
         self, peer: int, ctx: int, tag: int, view: memoryview, offset: int, coretag: int
@@ -95,7 +117,7 @@ class FastPaths:
         while True:
             try:
                 nbytes, _, coretag = ep.recv_into(
-                    view[offset:], peer, -1, FAST_TIMEOUT, bypass_cache=bypass
+                    view[offset:], peer, -1, FAST_TIMEOUT if self.solo else 0.0, bypass_cache=bypass
                 )
             except (CoreTimeout, MessageTooLargeError):
                 op = RecvOp(ctx, self.world_of_peer[peer], tag, view, None, peer)
@@ -118,12 +140,20 @@ class FastPaths:
         `data` is a flat byte view or a C-contiguous numpy array. Returns True once it is in
         the queue; False if the engine must take it (too large, queue busy or full).
         """
-        if data.nbytes > self.whole_max or peer in self.sendq or peer == self.placing:
+        if data.nbytes > self.whole_max:
             return False
+        lock = self.lock
+        if not lock.acquire(False):  # another thread is in the engine
+            self.solo = False
+            lock.acquire()
         try:
-            self.ep.send(peer, data, coretag, timeout)
+            if peer in self.sendq or peer == self.placing:
+                return False
+            self.ep.send(peer, data, coretag, timeout if self.solo else 0.0)
         except CoreTimeout:
             return False
         except PeerLostError as exc:
             raise core_error(exc) from exc
+        finally:
+            lock.release()
         return True

@@ -18,6 +18,7 @@ instance are dropped, so they never match a later receive.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -181,11 +182,18 @@ class Matching:
     poll_native: Callable[[], bool]  # match posted receives on the mpi4py route now
 
     def __init__(self) -> None:
+        # Guards every field here and the engine's (queues, the endpoint): see `engine`.
+        # Reentrant: a progress pass runs collective stages that post and send.
+        self.lock = threading.RLock()
         self.posted: list[RecvOp] = []
         self.unexpected: list[Unexpected] = []
         self.inflow: dict[int, Inflow] = {}  # shm peer -> the message arriving in pieces
         self.mpi_polling = 0  # posted receives with an mpi4py side
         self.used_ctx: set[int] = {0, 1, 2, 3}
+        # context agreements of this process under way (comm.Comm._alloc_ctx): their keys,
+        # and the one offering the contexts in use now
+        self.ctx_waiting: set[tuple[int, int]] = set()
+        self.ctx_owner: tuple[int, int] | None = None
         self.dropped_ctx: set[int] = set()  # freed contexts not agreed on again yet
         # (collective context, tag base) of abandoned collective instances -> (number, why)
         self.abandoned: dict[tuple[int, int], tuple[int, str]] = {}
@@ -203,26 +211,28 @@ class Matching:
 
     def withdraw(self, op: RecvOp) -> bool:
         """Take `op` out of the posted receives; True iff it was there (not yet matched)."""
-        if op not in self.posted:
-            return False
-        self.posted.remove(op)
-        if op.mpi is not None:
-            self.mpi_polling -= 1
-        return True
+        with self.lock:
+            if op not in self.posted:
+                return False
+            self.posted.remove(op)
+            if op.mpi is not None:
+                self.mpi_polling -= 1
+            return True
 
     def post(self, op: RecvOp) -> RecvOp:
         """Match `op` against the unexpected messages, else queue it (an mpi4py side: also
         polled at once)."""
-        for entry in self.unexpected:
-            if op.matches(entry.ctx, entry.src, entry.tag):
-                self.unexpected.remove(entry)
-                self._deliver_unexpected(op, entry)
-                return op
-        self.posted.append(op)
-        if op.mpi is not None:
-            self.mpi_polling += 1
-            self.poll_native()
-        return op
+        with self.lock:
+            for entry in self.unexpected:
+                if op.matches(entry.ctx, entry.src, entry.tag):
+                    self.unexpected.remove(entry)
+                    self._deliver_unexpected(op, entry)
+                    return op
+            self.posted.append(op)
+            if op.mpi is not None:
+                self.mpi_polling += 1
+                self.poll_native()
+            return op
 
     def _deliver_unexpected(self, op: RecvOp, entry: Unexpected) -> None:
         op.begin(entry.src, entry.tag)
@@ -261,14 +271,15 @@ class Matching:
 
     def find_unexpected(self, ctx: int, src: int, tag: int) -> Unexpected | None:
         """The first unexpected message matching (ctx, src, tag), complete or not."""
-        for entry in self.unexpected:
-            if (
-                entry.ctx == ctx
-                and (src == constants.ANY_SOURCE or entry.src == src)
-                and (tag == constants.ANY_TAG or entry.tag == tag)
-            ):
-                return entry
-        return None
+        with self.lock:
+            for entry in self.unexpected:
+                if (
+                    entry.ctx == ctx
+                    and (src == constants.ANY_SOURCE or entry.src == src)
+                    and (tag == constants.ANY_TAG or entry.tag == tag)
+                ):
+                    return entry
+            return None
 
     def release(self, entry: Unexpected) -> None:
         """The sender of `entry` (received or dropped) may go on: ACK a synchronous one."""
@@ -289,17 +300,21 @@ class Matching:
     # ------------------------------------------------------------------ contexts
     def drop_context(self, ctxs: tuple[int, ...]) -> None:
         """A communicator with these contexts was freed: forget its unexpected messages and
-        drop those still to come until `reuse_context` (see the module docstring)."""
-        self.dropped_ctx.update(ctxs)
-        self._purge(lambda entry: entry.ctx in ctxs)
+        drop those still to come until `reuse_context` (see the module docstring); they are
+        no longer in use here."""
+        with self.lock:
+            self.used_ctx.difference_update(ctxs)
+            self.dropped_ctx.update(ctxs)
+            self._purge(lambda entry: entry.ctx in ctxs)
 
     def reuse_context(self, ctxs: tuple[int, ...]) -> None:
         """The members agreed on these contexts for a new communicator: take them again
         (what the old communicator's collectives left on record goes)."""
-        self.dropped_ctx.difference_update(ctxs)
-        self.used_ctx.update(ctxs)
-        for key in [key for key in self.abandoned if key[0] in ctxs]:
-            del self.abandoned[key]
+        with self.lock:
+            self.dropped_ctx.difference_update(ctxs)
+            self.used_ctx.update(ctxs)
+            for key in [key for key in self.abandoned if key[0] in ctxs]:
+                del self.abandoned[key]
 
     def _dropped(self, ctx: int, tag: int) -> bool:
         """True for a message of a freed context or of an abandoned collective instance."""
@@ -319,17 +334,18 @@ class Matching:
         base+span-1): withdraw its receives, drop its messages (those here and those to
         come), and tell the other `members` (world ranks) why, so that they leave it too
         instead of waiting for this rank."""
-        self.abandoned[(ctx, base)] = (seq, reason)
-        self._fail_posted(ctx, base, span, 0)
-        self._purge(lambda entry: entry.ctx == ctx and base <= entry.tag < base + span)
-        payload = wire.encode_abandon(ctx, seq, base, span, reason)
-        for world in members:
-            peer = self.routes[world].peer
-            if peer >= 0:
-                try:
-                    self.send_control(peer, wire.CTRL_ABANDON, payload)
-                except exceptions.Exception:
-                    pass  # that peer is gone: it waits for nothing
+        with self.lock:
+            self.abandoned[(ctx, base)] = (seq, reason)
+            self._fail_posted(ctx, base, span, 0)
+            self._purge(lambda entry: entry.ctx == ctx and base <= entry.tag < base + span)
+            payload = wire.encode_abandon(ctx, seq, base, span, reason)
+            for world in members:
+                peer = self.routes[world].peer
+                if peer >= 0:
+                    try:
+                        self.send_control(peer, wire.CTRL_ABANDON, payload)
+                    except exceptions.Exception:
+                        pass  # that peer is gone: it waits for nothing
 
     def abandoned_by(self, notice: wire.Abandon, who: str) -> None:
         """Another member (`who`, for the reason) left a collective instance (its ABANDON
@@ -355,16 +371,18 @@ class Matching:
         half the numbering ago go (their tag base comes round again)."""
         if not self.abandoned:
             return None
-        self.abandoned.pop((ctx, wire.coll_base(seq + wire.COLL_INSTANCES // 2)), None)
-        return self.abandoned_already(ctx, wire.coll_base(seq), seq)
+        with self.lock:
+            self.abandoned.pop((ctx, wire.coll_base(seq + wire.COLL_INSTANCES // 2)), None)
+            return self.abandoned_already(ctx, wire.coll_base(seq), seq)
 
     def abandoned_already(self, ctx: int, base: int, seq: int) -> str | None:
         """Why another member abandoned collective instance `seq` (tags from `base`) before
         it started here, or None (an older instance's record there goes)."""
-        record = self.abandoned.get((ctx, base))
-        if record is None:
-            return None
-        if record[0] != seq:
-            del self.abandoned[(ctx, base)]
-            return None
-        return record[1]
+        with self.lock:
+            record = self.abandoned.get((ctx, base))
+            if record is None:
+                return None
+            if record[0] != seq:
+                del self.abandoned[(ctx, base)]
+                return None
+            return record[1]

@@ -167,8 +167,16 @@ class MpiOp(Op):
 
 def track(engine: Engine, op: MpiOp) -> MpiOp:
     """Test an mpi4py request in every progress pass until it completes."""
-    engine.mpi_active.append(op)
+    with engine.lock:
+        engine.mpi_active.append(op)
     return op
+
+
+def _count_sent(engine: Engine, nbytes: int) -> None:
+    """Count a message of `nbytes` handed to mpi4py (`mpi_messages`, `mpi_bytes`)."""
+    with engine.lock:
+        engine.mpi_messages += 1
+        engine.mpi_bytes += nbytes
 
 
 def progress(engine: Engine) -> bool:
@@ -259,8 +267,7 @@ class MpiRoute(Route):
         assert engine is not None
         mirror = self._mirror(comm, ctx)
         spec = [data, len(data), MPI().BYTE]
-        engine.mpi_messages += 1
-        engine.mpi_bytes += len(data)
+        _count_sent(engine, len(data))
         request = mirror.Issend(spec, rank, tag) if sync else mirror.Isend(spec, rank, tag)
         return track(engine, MpiOp(request))
 
@@ -272,9 +279,8 @@ class MpiRoute(Route):
             return
         mirror = self._mirror(comm, ctx)
         spec = [data, len(data), MPI().BYTE]
-        engine.mpi_messages += 1
-        engine.mpi_bytes += len(data)
-        if sync:
+        _count_sent(engine, len(data))
+        if sync:  # (mpi4py's blocking calls: without the engine lock, see `engine`)
             mirror.Ssend(spec, rank, tag)
         else:
             mirror.Send(spec, rank, tag)

@@ -1,0 +1,179 @@
+"""THREAD_MULTIPLE (issue #11 point 4): several threads of every rank calling MPI at once.
+
+Each test starts its threads, joins them with a bound (a hang fails the test instead of the
+job) and re-raises the first exception a thread met. Thread t of every rank talks to thread t
+of the others, by tag t or on its own communicator, so the traffic of one thread pair never
+matches another's.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+from guest_lib.mpi import MPI
+
+THREADS = 4
+JOIN_S = 90.0  # bound on a whole test's threads
+
+
+def _run_threads(body: Callable[[int], None], count: int = THREADS) -> None:
+    """Run body(t) in `count` threads; fail with the first error, or if any is still running
+    after JOIN_S seconds (a hang)."""
+    errors: list[BaseException] = []
+
+    def runner(t: int) -> None:
+        try:
+            body(t)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=runner, args=(t,), daemon=True) for t in range(count)]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + JOIN_S
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    if errors:
+        raise errors[0]
+    stuck = [t for t, thread in enumerate(threads) if thread.is_alive()]
+    assert not stuck, f"threads {stuck} still running after {JOIN_S} s"
+
+
+def test_thread_level():
+    """mpi4py's default: THREAD_MULTIPLE, granted and reported; the importing thread is the
+    main one, another is not."""
+    assert MPI.Query_thread() == MPI.THREAD_MULTIPLE
+    assert MPI.Init_thread(MPI.THREAD_MULTIPLE) == MPI.THREAD_MULTIPLE
+    assert MPI.Is_thread_main()
+    seen: list[bool] = []
+    thread = threading.Thread(target=lambda: seen.append(MPI.Is_thread_main()))
+    thread.start()
+    thread.join()
+    assert seen == [False]
+
+
+def test_pickled_objects_distinct_tags():
+    """The issue's reproducer: 4 threads per rank, each exchanging 2,000 pickled objects with
+    its neighbours on its own tag (before the engine was thread-safe: `list.remove(x): x not
+    in list` in _match_posted, and the other threads hung)."""
+    comm = MPI.COMM_WORLD
+    size, rank = comm.Get_size(), comm.Get_rank()
+    right, left = (rank + 1) % size, (rank - 1) % size
+    count = 2000
+
+    def body(t: int) -> None:
+        for i in range(count):
+            request = comm.isend({"t": t, "i": i, "from": rank, "pad": [i] * (i % 7)}, right, t)
+            got = comm.recv(source=left, tag=t)
+            assert got == {"t": t, "i": i, "from": left, "pad": [i] * (i % 7)}, got
+            request.wait()
+
+    _run_threads(body)
+    comm.Barrier()
+
+
+def test_blocking_buffers_distinct_tags():
+    """Blocking Send/Recv of numpy buffers (the fast paths) from 4 threads at once."""
+    comm = MPI.COMM_WORLD
+    size, rank = comm.Get_size(), comm.Get_rank()
+    right, left = (rank + 1) % size, (rank - 1) % size
+
+    def body(t: int) -> None:
+        out = np.empty(64, "i")
+        got = np.empty(64, "i")
+        for i in range(300):
+            out[:] = rank * 1000 + t * 100 + i % 100
+            if rank % 2 == 0:
+                comm.Send(out, right, t)
+                comm.Recv(got, left, t)
+            else:
+                comm.Recv(got, left, t)
+                comm.Send(out, right, t)
+            assert (got == left * 1000 + t * 100 + i % 100).all(), (t, i, got[:4])
+
+    if size % 2 == 0 or size == 1:  # (an odd ring of blocking sends could wait on itself)
+        _run_threads(body)
+    comm.Barrier()
+
+
+def _mixed(comm: MPI.Intracomm, t: int, rounds: int) -> None:
+    """One thread's share of the stress test on its own communicator `comm`: blocking,
+    nonblocking (Test, Wait, Waitany) and collective calls, checked."""
+    size, rank = comm.Get_size(), comm.Get_rank()
+    right, left = (rank + 1) % size, (rank - 1) % size
+    for i in range(rounds):
+        # nonblocking buffers, completed by Test polling then Waitany
+        sbuf = np.full(16 + i % 5, rank * 10 + t, "d")
+        rbuf = np.empty(16 + i % 5, "d")
+        requests = [comm.Irecv(rbuf, left, 1000 + i), comm.Isend(sbuf, right, 1000 + i)]
+        while not requests[0].Test():
+            pass
+        assert MPI.Request.Waitany(requests) in (0, 1, MPI.UNDEFINED)
+        MPI.Request.Waitall(requests)
+        assert (rbuf == left * 10 + t).all()
+        # objects: isend + blocking recv, then irecv + wait
+        request = comm.isend((t, i, rank), right, 7)
+        assert comm.recv(source=left, tag=7) == (t, i, left)
+        request.wait()
+        incoming = comm.irecv(source=left, tag=8)
+        comm.send([t, i] * (i % 3), right, 8)
+        assert incoming.wait() == [t, i] * (i % 3)
+        # collectives: objects, buffers, a nonblocking barrier
+        assert comm.allreduce(i + rank, op=MPI.SUM) == size * i + size * (size - 1) // 2
+        assert comm.bcast((t, i) if rank == i % size else None, root=i % size) == (t, i)
+        total = np.empty(3, "i")
+        comm.Allreduce(np.full(3, rank + t, "i"), total, MPI.SUM)
+        assert (total == size * t + size * (size - 1) // 2).all()
+        comm.Ibarrier().Wait()
+        if i % 10 == 0:
+            comm.Barrier()
+
+
+def test_stress_mixed_calls_own_comm():
+    """Threads on every rank, each on its own Dup (the Dups made by the threads at once, on
+    parents of their own), mixing blocking, nonblocking and collective calls; then Split and
+    Free from the threads too."""
+    world = MPI.COMM_WORLD
+    parents = [world.Dup() for _ in range(THREADS)]
+
+    def body(t: int) -> None:
+        comm = parents[t].Dup()
+        try:
+            _mixed(comm, t, 40)
+            half = comm.Split(comm.Get_rank() % 2, comm.Get_rank())
+            assert half.allreduce(1) == len(range(comm.Get_rank() % 2, comm.Get_size(), 2))
+            half.Free()
+        finally:
+            comm.Free()
+
+    _run_threads(body)
+    for parent in parents:
+        parent.Free()
+    world.Barrier()
+
+
+def test_waiters_see_completions_of_others():
+    """Many threads block in Wait at once on receives that one late send completes each: a
+    thread woken by the engine must let the others see their requests complete."""
+    comm = MPI.COMM_WORLD
+    size, rank = comm.Get_size(), comm.Get_rank()
+    right, left = (rank + 1) % size, (rank - 1) % size
+    got: dict[int, object] = {}
+
+    def waiter(t: int) -> None:
+        got[t] = comm.irecv(source=left, tag=100 + t).wait()
+
+    threads = [threading.Thread(target=waiter, args=(t,), daemon=True) for t in range(THREADS)]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.05)  # the waiters block before anything comes
+    for t in reversed(range(THREADS)):
+        comm.send(("late", t, rank), right, 100 + t)
+    for thread in threads:
+        thread.join(JOIN_S)
+    assert got == {t: ("late", t, left) for t in range(THREADS)}
+    comm.Barrier()
