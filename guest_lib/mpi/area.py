@@ -31,8 +31,14 @@ PeerLostError); a member writing garbage into the area, the same for RingCorrupt
 Progress: a blocking area collective waits inside the core (spin, then the doorbell) when
 the engine has nothing in flight; otherwise (sends queued, receives posted) it is started
 as a nonblocking one and driven together with the engine, so that a message the peer waits
-for still moves. A nonblocking area collective is an `AreaOp` whose completion is polled by
-the engine's progress; while any is pending, this member's sleep flag stays raised so that
+for still moves. In a process with threads besides the main one it is always driven so:
+the doorbell is shared with the engine's progress owner, which may take a kick meant for
+the area, and the driven wait naps NAP_S at most where the core's sleeps a whole watch
+slice. The area of a communicator is its own (one slot each): collectives of separate
+communicators in separate threads do not meet here; the engine lock is not held while an
+area collective waits.
+A nonblocking area collective is an `AreaOp` whose completion is polled by the engine's
+progress; while any is pending, this member's sleep flag stays raised so that
 every publication of the group rings its doorbell (the engine naps on it).
 
 Object collectives (lowercase bcast, gather, allgather and those built on them: reduce,
@@ -53,7 +59,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from guest_lib.mpi import exceptions
-from guest_lib.mpi.fastpath import core_error
+from guest_lib.mpi.fastpath import core_error, other_threads
 from guest_lib.mpi.matching import Op
 from guest_lib.mpi.request import Request
 from guest_lib.mpi.status import Status
@@ -140,7 +146,7 @@ class Area:
             with self._leaving():
                 if comm._coll_gone is not None:
                     raise Fallback(comm._coll_gone)  # run it as the message path does
-                if engine.quiet():
+                if engine.quiet() and not other_threads():  # (see the module docstring)
                     getattr(self.group, name)(*args, **kwargs)
                 else:
                     self._drive(self.group.start(name, *args, **kwargs))

@@ -29,9 +29,9 @@ thread's receive it matches. The lock is never held while a thread sleeps:
   completed by another thread's progress and one of them takes the doorbell over.
 - mpi4py's blocking calls (the direct route, `native`) and the collective area's waits
   run without the lock.
-While one thread alone has used the engine (`solo`), the blocking fast paths wait inside the
-core as before (up to FAST_TIMEOUT, lock held); once a second thread shows up (the lock was
-found taken, or another thread waits), they only poll, so no thread is kept out for long.
+In a process whose only Python thread is the main one (`other_threads()` is 0), the blocking
+fast paths take no lock and wait inside the core as before (see `fastpath`): the cost of
+all this to a single-threaded program is one lock per engine call off those paths.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from guest_lib.mpi import constants, exceptions, native, wire
-from guest_lib.mpi.fastpath import FastPaths, core_error
+from guest_lib.mpi.fastpath import FastPaths, core_error, other_threads
 from guest_lib.mpi.matching import DoneOp, Inflow, Matching, Op, RecvOp, Unexpected
 from guest_lib.mpi.routes import Route, SelfRoute
 from guest_lib.mpi.wire import (
@@ -203,15 +203,12 @@ class Engine(Matching, FastPaths):
         self.placing = -1  # the shm peer a placed message waits for (nothing else goes there)
         self.staged: list[StagedOp] = []  # nonblocking collectives in flight
         self._seq = 0
-        # Threads (see the module docstring): the owner of the doorbell nap, the threads
-        # napping on `wakeup`, the peer the owner pushes with the lock released, whether one
-        # thread alone has used the engine (`home`: the first that waited).
+        # Threads (see the module docstring): whether a thread owns the doorbell nap, how
+        # many nap on `wakeup`, the peer the owner pushes with the lock released.
         self.wakeup = threading.Condition(self.lock)
         self.sleeping = False
         self.napping = 0
         self.pushing = -1
-        self.solo = True
-        self.home = 0
         self.bell: _Doorbell | None = None
         if endpoint is not None:
             self.bell = endpoint.notifier = _Doorbell(endpoint.notifier, self.lock)
@@ -479,11 +476,7 @@ class Engine(Matching, FastPaths):
         `until`: stop taking messages as soon as it holds (what the caller waits for is
         done), so that messages sent ahead stay in the queue, to be received in place once
         their receive is posted, rather than copied out as unexpected."""
-        lock = self.lock
-        if not lock.acquire(False):  # another thread is in: no longer alone
-            self.solo = False
-            lock.acquire()
-        try:
+        with self.lock:
             moved = False
             if self.sendq:
                 for peer, queue in list(self.sendq.items()):
@@ -513,8 +506,6 @@ class Engine(Matching, FastPaths):
             if moved and self.napping:
                 self.wakeup.notify_all()
             return moved
-        finally:
-            lock.release()
 
     def idle(self, watch: int = -1) -> None:
         """Wait a while for something to move (lock held; bounded by IDLE_TIMEOUT): as the
@@ -522,7 +513,6 @@ class Engine(Matching, FastPaths):
         it, on `wakeup` (see the module docstring). `watch`: the shm peer whose loss ends
         the wait with MPI.Exception, or -1."""
         if self.sleeping:  # another thread naps on the doorbell for everyone
-            self.solo = False
             self.napping += 1
             try:
                 self.wakeup.wait(IDLE_TIMEOUT)
@@ -546,7 +536,7 @@ class Engine(Matching, FastPaths):
     def _nap(self, watch: int) -> None:
         """The progress owner's nap (see idle): push a send waiting for room, else probe."""
         ep = self.ep
-        solo = self.solo
+        solo = not other_threads()
         if ep is None:  # only mpi4py to wait for: progress() polls it; spin
             if not solo:
                 self._pause()
@@ -603,15 +593,9 @@ class Engine(Matching, FastPaths):
     def wait_until(self, predicate: Callable[[], bool], watch: int = -1) -> None:
         """Drive progress until `predicate()` holds (evaluated with the lock held)."""
         with self.lock:
-            me = threading.get_ident()
-            if me != self.home:
-                if self.home:
-                    self.solo = False
-                else:
-                    self.home = me
             while not predicate():
                 if self.progress(predicate):
-                    if not self.solo:
+                    if other_threads():
                         self._pause()  # what moved may be another waiter's: let it in
                 elif not predicate():
                     self.idle(watch)

@@ -7,15 +7,20 @@ nothing in between); whatever else it got is handed to the engine's `dispatch`, 
 so nothing overtakes. The blocking-Send fast path is a single core `send` of a whole
 message when nothing is queued for that peer.
 
-Threads: each fast path takes the engine lock once (see `engine`). While the engine is
-`solo` it may wait inside the core up to FAST_TIMEOUT with the lock held (no other thread
-uses the engine); once it is not, it only polls, and the caller waits in the engine, where
-the lock is released while it sleeps. Finding the lock taken is how a second thread shows.
+Threads (see `engine`): in a process with no Python thread but the main one
+(`other_threads()` is 0) a fast path takes no lock: no other thread exists to meet, and none
+can start while this one runs the call. Otherwise it takes the engine lock once and only
+polls the core (timeout 0), so it never sleeps with the lock held; the caller then waits in
+the engine, which releases the lock while it sleeps. (The core call of a small message is
+one C call that keeps the GIL, but the Python around it and another thread's operation of
+several calls on the same queue, e.g. a large message or a send waiting for room, are not
+atomic: hence the lock whenever threads exist.)
 """
 
 from __future__ import annotations
 
 import collections
+from _thread import _count as other_threads  # Python threads running besides the main one
 from collections.abc import Callable
 from typing import Any
 
@@ -52,7 +57,6 @@ class FastPaths:
 
     ep: Any
     lock: Any  # the engine lock (see `engine`)
-    solo: bool  # one thread alone uses the engine: the fast paths may wait in the core
     _wake: Callable[[], None]  # tell napping waiters something moved
     whole_max: int
     placing: int
@@ -70,10 +74,9 @@ class FastPaths:
         Returns a FastRecv (see there) when it took the message; None if the caller must
         take the engine path (what was received meanwhile has been dispatched in order).
         """
-        lock = self.lock
-        if not lock.acquire(False):  # another thread is in the engine
-            self.solo = False
-            lock.acquire()
+        threads = other_threads()
+        if threads:
+            self.lock.acquire()
         try:
             if not self.quiet():
                 return None
@@ -82,7 +85,7 @@ class FastPaths:
                     buf,
                     peer,
                     -1,
-                    FAST_TIMEOUT if self.solo else 0.0,
+                    0.0 if threads else FAST_TIMEOUT,
                     bypass_cache=buf.nbytes >= BYPASS_CACHE_MIN,
                 )
             except (CoreTimeout, MessageTooLargeError):
@@ -96,20 +99,24 @@ class FastPaths:
                 if head == ctx:  # kind DATA and this context
                     return nbytes, coretag & _TAG_MASK, None
                 if head == wire.head_of(wire.KIND_FIRST, ctx):
-                    return self._fast_pieces(peer, ctx, tag, _bytes_of(buf), nbytes, coretag)
+                    return self._fast_pieces(
+                        peer, ctx, tag, _bytes_of(buf), nbytes, coretag, not threads
+                    )
             self.dispatch(peer, coretag, nbytes, bytes(_bytes_of(buf)[:nbytes]))
             self._wake()  # (it may have been another thread's message)
             return None
         finally:
-            lock.release()
+            if threads:
+                self.lock.release()
 
     def _fast_pieces(
-        self, peer: int, ctx: int, tag: int, view: memoryview, offset: int, coretag: int
+        self, peer: int, ctx: int, tag: int, view: memoryview, offset: int, coretag: int, wait: bool
     ) -> FastRecv:
         """The rest of a large message whose FIRST piece (`offset` bytes) is in `view`: its
         pieces, which follow it from `peer` with nothing in between, are received straight
         into `view`. The whole message when the last one is in; with a RecvOp for the engine
-        to finish if a piece does not come within FAST_TIMEOUT or does not fit (truncation)."""
+        to finish if a piece does not come within FAST_TIMEOUT (not `wait`: at once) or does
+        not fit (truncation)."""
         user_tag = coretag & _TAG_MASK
         piece_head = wire.head_of(wire.KIND_PIECE, ctx)
         ep = self.ep
@@ -117,7 +124,7 @@ class FastPaths:
         while True:
             try:
                 nbytes, _, coretag = ep.recv_into(
-                    view[offset:], peer, -1, FAST_TIMEOUT if self.solo else 0.0, bypass_cache=bypass
+                    view[offset:], peer, -1, FAST_TIMEOUT if wait else 0.0, bypass_cache=bypass
                 )
             except (CoreTimeout, MessageTooLargeError):
                 op = RecvOp(ctx, self.world_of_peer[peer], tag, view, None, peer)
@@ -142,18 +149,18 @@ class FastPaths:
         """
         if data.nbytes > self.whole_max:
             return False
-        lock = self.lock
-        if not lock.acquire(False):  # another thread is in the engine
-            self.solo = False
-            lock.acquire()
+        threads = other_threads()
+        if threads:
+            self.lock.acquire()
         try:
             if peer in self.sendq or peer == self.placing:
                 return False
-            self.ep.send(peer, data, coretag, timeout if self.solo else 0.0)
+            self.ep.send(peer, data, coretag, 0.0 if threads else timeout)
         except CoreTimeout:
             return False
         except PeerLostError as exc:
             raise core_error(exc) from exc
         finally:
-            lock.release()
+            if threads:
+                self.lock.release()
         return True
