@@ -66,6 +66,7 @@ from ivshmem_comm.errors import TimeoutError as CoreTimeout
 IDLE_TIMEOUT = 0.005  # s: the longest nap of the engine between progress passes
 CROWDED_SPIN_US = 2.0  # the endpoint's spin when ranks outnumber CPUs (see Engine.crowded)
 MAX_PULL = 64  # messages taken from shared memory per progress pass
+PAUSE_S = 50e-6  # s: a busy-waiting thread's nap with other threads about (Engine._pause)
 
 
 class _Doorbell:
@@ -209,6 +210,7 @@ class Engine(Matching, FastPaths):
         self.sleeping = False
         self.napping = 0
         self.pushing = -1
+        self.backoff = PAUSE_S  # the next busy-wait pause (see _pause)
         self.bell: _Doorbell | None = None
         if endpoint is not None:
             self.bell = endpoint.notifier = _Doorbell(endpoint.notifier, self.lock)
@@ -241,13 +243,28 @@ class Engine(Matching, FastPaths):
         if self.napping:
             self.wakeup.notify_all()
 
-    def _pause(self) -> None:
-        """Let other threads in between two polls of a busy wait (lock held, any depth)."""
+    def _yield(self) -> None:
+        """Free the lock for a moment (lock held, any depth): a thread blocked on it may take
+        it while this one yields the CPU."""
         saved = self.lock._release_save()  # type: ignore[attr-defined]
         try:
             time.sleep(0)
         finally:
             self.lock._acquire_restore(saved)  # type: ignore[attr-defined]
+
+    def _pause(self) -> None:
+        """Let other threads in between two polls of a busy wait (lock held, any depth): nap
+        on `wakeup`, as a waiter for news, PAUSE_S and twice as long at each pause until a
+        pass moves something (up to IDLE_TIMEOUT). The lock is not fair: a thread blocked
+        on it must be scheduled while it is free, which on a loaded machine takes longer
+        than a short nap; a busy wait that moves nothing leaves it ever longer windows."""
+        nap = self.backoff
+        self.backoff = min(2 * nap, IDLE_TIMEOUT)
+        self.napping += 1
+        try:
+            self.wakeup.wait(nap)
+        finally:
+            self.napping -= 1
 
     # ------------------------------------------------------------------ sending
     def isend_shm(self, peer: int, ctx: int, tag: int, data: memoryview, sync: bool) -> SendOp:
@@ -595,7 +612,10 @@ class Engine(Matching, FastPaths):
         with self.lock:
             while not predicate():
                 if self.progress(predicate):
-                    if other_threads():
+                    self.backoff = PAUSE_S
+                    if self.napping:
                         self._pause()  # what moved may be another waiter's: let it in
+                    elif other_threads():
+                        self._yield()  # threads blocked on the lock get a chance
                 elif not predicate():
                     self.idle(watch)

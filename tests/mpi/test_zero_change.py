@@ -91,3 +91,17 @@ def test_abort_ends_the_job_without_recursion():
     assert done.returncode == 3, done.stderr[-3000:]
     assert "RecursionError" not in done.stderr
     assert time.monotonic() - start < 30
+
+
+@pytest.mark.parametrize("level", ["single", "serialized", "multiple"])
+def test_rc_thread_level(level, tmp_path):
+    """`mpi4py.rc.thread_level` set by an unmodified program before `from mpi4py import MPI`
+    is the level Query_thread reports (THREAD_MULTIPLE by default, as with mpi4py)."""
+    program = tmp_path / "level.py"
+    program.write_text(
+        "import sys\nimport mpi4py\nmpi4py.rc.thread_level = sys.argv[1]\n"
+        "from mpi4py import MPI\nprint('LEVEL', MPI.__name__, MPI.Query_thread())\n"
+    )
+    done = run_job([PYTHON, "-m", "guest_lib.mpi", str(program), level], 120)
+    expected = {"single": 0, "serialized": 2, "multiple": 3}[level]
+    assert f"LEVEL guest_lib.mpi.MPI {expected}" in done.stdout, done.stdout
