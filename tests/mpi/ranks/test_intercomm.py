@@ -258,7 +258,7 @@ def test_collective_error_does_not_hang_the_other_group(inter):
     comm, color, _ = inter
     routes = MPI._internal_state()["routes"]
     if any(routes[w][0] == 2 for w in _remote_world(comm)):
-        pytest.skip("the notice of a failed collective travels over shared memory only")
+        pytest.skip("an abandoned collective is announced over shared memory only")
     # group 0 passes a bad count: it raises ValueError, group 1 fails instead of waiting
     if color == 0:
         with pytest.raises(ValueError):
