@@ -525,30 +525,31 @@ class Engine(Matching, FastPaths):
             return moved
 
     def idle(self, watch: int = -1) -> None:
-        """Wait a while for something to move (lock held; bounded by IDLE_TIMEOUT): as the
+        """Wait a while for something to move (bounded by IDLE_TIMEOUT): as the
         progress owner, on the doorbell with the lock released; while another thread owns
         it, on `wakeup` (see the module docstring). `watch`: the shm peer whose loss ends
-        the wait with MPI.Exception, or -1."""
-        if self.sleeping:  # another thread naps on the doorbell for everyone
-            self.napping += 1
-            try:
-                self.wakeup.wait(IDLE_TIMEOUT)
-            finally:
-                self.napping -= 1
-            if watch >= 0:
-                self._check_watch(watch)
-            return
-        bell = self.bell
-        self.sleeping = True
-        if bell is not None:
-            bell.releaser = threading.get_ident()
-        try:
-            self._nap(watch)
-        finally:
-            self.sleeping = False
+        the wait with MPI.Exception, or -1. (Takes the lock itself when not held.)"""
+        with self.lock:
+            if self.sleeping:  # another thread naps on the doorbell for everyone
+                self.napping += 1
+                try:
+                    self.wakeup.wait(IDLE_TIMEOUT)
+                finally:
+                    self.napping -= 1
+                if watch >= 0:
+                    self._check_watch(watch)
+                return
+            bell = self.bell
+            self.sleeping = True
             if bell is not None:
-                bell.releaser = 0
-            self._wake()  # one of the napping waiters takes the doorbell over
+                bell.releaser = threading.get_ident()
+            try:
+                self._nap(watch)
+            finally:
+                self.sleeping = False
+                if bell is not None:
+                    bell.releaser = 0
+                self._wake()  # one of the napping waiters takes the doorbell over
 
     def _nap(self, watch: int) -> None:
         """The progress owner's nap (see idle): push a send waiting for room, else probe."""

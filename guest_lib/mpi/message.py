@@ -171,8 +171,11 @@ def _take(comm: Any, source: int, tag: int, status: Status | None) -> Message | 
     if entry is not None:
         if not entry.complete:
             return None
-        engine.unexpected.remove(entry)
-        engine.release(entry)
+        with engine.lock:  # (another thread's progress may purge it meanwhile)
+            if entry not in engine.unexpected:
+                return None
+            engine.unexpected.remove(entry)
+            engine.release(entry)
         data = b"".join(entry.parts)
         if status is not None:
             status._set(comm._rank_of[entry.src], entry.tag, len(data))

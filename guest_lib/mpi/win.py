@@ -405,8 +405,9 @@ class _Window:
         op = self.service_op
         if op is not None and not op.done:
             op.cancel(self.engine)
-        if self.staged in self.engine.staged:
-            self.engine.staged.remove(self.staged)
+        with self.engine.lock:
+            if self.staged in self.engine.staged:
+                self.engine.staged.remove(self.staged)
 
 
 # ------------------------------------------------------------------ argument helpers
