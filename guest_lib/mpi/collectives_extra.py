@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from guest_lib.mpi import buffers, constants, exceptions, ops
+from guest_lib.mpi import buffers, constants, errhandler, exceptions, ops
 from guest_lib.mpi.collectives import (
     T_ALLTOALL,
     Collectives,
@@ -26,7 +26,7 @@ from guest_lib.mpi.collectives import (
     reduce_scatter_counts,
 )
 from guest_lib.mpi.constants import IN_PLACE
-from guest_lib.mpi.matching import DoneOp, Op
+from guest_lib.mpi.matching import Op
 from guest_lib.mpi.request import Request
 
 
@@ -36,6 +36,7 @@ class ExtraCollectives(Collectives):
     # provided by Comm
     Split: Callable[..., Any]
     Dup: Callable[..., Any]
+    _mirror: Any
 
     # ------------------------------------------------------------------ prefix folds
     def Iscan(self, sendbuf: Any, recvbuf: Any, op: ops.Op = ops.SUM) -> Request:
@@ -187,9 +188,78 @@ class ExtraCollectives(Collectives):
         return self.Split(min(local), key)
 
     def Idup(self, info: Any = None) -> tuple[Any, Request]:
-        """(duplicate, request): a Dup whose agreement on a context is made at the call
-        (every member must call Idup before any of them returns from it, as with Dup), and
-        a request that is complete already."""
-        return self.Dup(info), Request(DoneOp(), self._check())
+        """(duplicate, request): a nonblocking Dup. The duplicate is a null handle until
+        the request completes (by progress, as any nonblocking collective: members start it
+        in the same order as their other nonblocking collectives here), then a communicator
+        with the same group and a new context; `info`'s hints are kept on it. The members
+        agree on the context in rounds: each sends the contexts it uses, all take the lowest
+        pair free in the union and reserve it where it is still free (another communicator
+        may have been made meanwhile), and a second exchange confirms it was free on every
+        member (else the reservation is released and a new round starts), and a last
+        exchange fences the new context (see _agree_context). The mpi4py mirrors
+        (hybrid jobs) are duplicated by mpi4py's own Idup, started at the call."""
+        from guest_lib.mpi import native
+        from guest_lib.mpi.comm import Intracomm
+
+        engine = self._check()
+        new = Intracomm()
+        mirrors: list[tuple[Any, Any]] = []
+        if self._has_mpi:  # started here, in the members' call order (MPI's rule on mirrors)
+            mirrors = [self._mirror.Idup(), self._mirror_coll.Idup()]
+
+        def steps(tag: int) -> Iterator[list[Op]]:
+            ctx = yield from self._agree_context(tag)
+            if mirrors:
+                yield [native.track(engine, native.MpiOp(request)) for _, request in mirrors]
+            args = (mirrors[0][0], mirrors[1][0]) if mirrors else ()
+            Intracomm.__init__(new, engine, list(self._group), ctx, *args)
+            if info is not None:
+                new.Set_info(info)
+            handler = getattr(self, "_errhandler", None)
+            if handler is not None:  # a new communicator inherits it (MPI)
+                errhandler.set_errhandler(new, handler)
+
+        return new, self._nonblocking(steps)
 
     Idup_with_info = Idup
+
+    def _agree_context(self, tag: int) -> Generator[list[Op], None, int]:
+        """Stages agreeing on a context pair free on every member (see Idup); its value."""
+        engine = self._check()
+        while True:
+            used = sum(1 << ctx for ctx in engine.used_ctx)
+            parts = yield from self._exchange_bytes(
+                used.to_bytes(constants.CTX_MAP_BYTES, "little"), tag
+            )
+            for part in parts:
+                if len(part) != constants.CTX_MAP_BYTES:
+                    raise exceptions.Exception(exceptions.ERR_INTERN, "Idup: bad context map")
+                used |= int.from_bytes(part, "little")
+            ctx = 4
+            while used >> ctx & 3:
+                ctx += 2
+            if ctx + 1 > constants.MAX_CONTEXT:
+                raise exceptions.Exception(exceptions.ERR_INTERN, "out of communicator contexts")
+            pair = (ctx, ctx + 1)
+            free_here = not engine.used_ctx.intersection(pair)
+            if free_here:
+                engine.used_ctx.update(pair)  # reserved: no other agreement here takes it
+            flags = yield from self._exchange_bytes(b"\x01" if free_here else b"\x00", tag)
+            if free_here and all(flag == b"\x01" for flag in flags):
+                # Messages on the freed context that had it came before these parts: they
+                # were dropped. A last exchange, sent once the context is taken again here,
+                # keeps every member from sending on it before all of them have taken it.
+                engine.reuse_context(pair)
+                yield from self._exchange_bytes(b"", tag)
+                return ctx
+            if free_here:
+                engine.used_ctx.difference_update(pair)
+
+    def _exchange_bytes(self, data: bytes, tag: int) -> Generator[list[Op], None, list[bytes]]:
+        """A stage sending `data` to every other member: what each of them sent (rank
+        order, this rank left out)."""
+        size, rank = self._sizes()
+        recvs = [self._c_irecv(None, r, tag) for r in range(size) if r != rank]
+        view = memoryview(data)
+        yield recvs + [self._c_isend(view, r, tag) for r in range(size) if r != rank]
+        return [bytes(op.obj) for op in recvs]

@@ -18,6 +18,7 @@ TAG_BITS: Final = 18
 CTX_BITS: Final = 11
 TAG_UB: Final = (1 << TAG_BITS) - 1
 MAX_CONTEXT: Final = (1 << CTX_BITS) - 1
+CTX_MAP_BYTES: Final = (MAX_CONTEXT + 8) // 8  # a bit map of every context (agreements)
 
 THREAD_SINGLE: Final = 0
 THREAD_FUNNELED: Final = 1

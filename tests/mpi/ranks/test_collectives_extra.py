@@ -127,6 +127,37 @@ def test_idup(comm):
     dup.Free()
 
 
+def test_idup_is_nonblocking(comm):
+    """Idup returns before the other members call it (rank 0 tells them to, afterwards);
+    the duplicate is null until the request completes by progress, then usable. A
+    communicator made meanwhile on rank 0 (a Dup of COMM_SELF, which may take the context
+    the Idup's first round proposes) keeps its own context: its message is not the dup's."""
+    size, rank = comm.Get_size(), comm.Get_rank()
+    if rank == 0:
+        dup, req = comm.Idup_with_info(MPI.Info.Create({"k": "v"}))
+        if size > 1:
+            assert not req.Test() and not dup  # the others have not called it yet
+        other = MPI.COMM_SELF.Dup()
+        pending = other.irecv(source=0, tag=5)
+        for r in range(1, size):
+            comm.send("go", r, 9)
+    else:
+        assert comm.recv(source=0, tag=9) == "go"
+        dup, req = comm.Idup_with_info(MPI.Info.Create({"k": "v"}))
+    req.Wait()
+    assert dup and dup.Compare(comm) == MPI.CONGRUENT and dup.Get_info().items() == [("k", "v")]
+    dup.send(("dup", rank), 0, 5)
+    if rank == 0:
+        other.send(("other", 0), 0, 5)
+        assert pending.wait() == ("other", 0)
+        assert sorted(dup.recv(source=r, tag=5) for r in range(size)) == [
+            ("dup", r) for r in range(size)
+        ]
+        other.Free()
+    assert dup.allreduce(rank) == size * (size - 1) // 2
+    dup.Free()
+
+
 def test_user_op_in_reductions(comm):
     """A non-commutative user op (with its datatype argument) in Reduce, Allreduce, Scan
     and the object forms: the fold is in rank order."""
