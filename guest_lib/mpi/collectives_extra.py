@@ -192,9 +192,10 @@ class ExtraCollectives(Collectives):
         the request completes (by progress, as any nonblocking collective: members start it
         in the same order as their other nonblocking collectives here), then a communicator
         with the same group and a new context; `info`'s hints are kept on it. The members
-        agree on the context in rounds: each sends the contexts it uses, all take the lowest
-        pair free in the union and reserve it where it is still free (another communicator
-        may have been made meanwhile), and a second exchange confirms it was free on every
+        agree on the context in rounds: each sends the contexts it uses, all take the
+        highest pair free in the union and reserve it where it is still free (another
+        communicator may have been made meanwhile), and a second exchange confirms it was
+        reserved on every
         member (else the reservation is released and a new round starts), and a last
         exchange fences the new context (see _agree_context). The mpi4py mirrors
         (hybrid jobs) are duplicated by mpi4py's own Idup, started at the call."""
@@ -227,7 +228,8 @@ class ExtraCollectives(Collectives):
         """Stages agreeing on a context pair free on every member (see Idup); its value."""
         engine = self._check()
         while True:
-            used = sum(1 << ctx for ctx in engine.used_ctx)
+            with engine.lock:
+                used = sum(1 << ctx for ctx in engine.used_ctx)
             parts = yield from self._exchange_bytes(
                 used.to_bytes(constants.CTX_MAP_BYTES, "little"), tag
             )
@@ -235,15 +237,19 @@ class ExtraCollectives(Collectives):
                 if len(part) != constants.CTX_MAP_BYTES:
                     raise exceptions.Exception(exceptions.ERR_INTERN, "Idup: bad context map")
                 used |= int.from_bytes(part, "little")
-            ctx = 4
-            while used >> ctx & 3:
-                ctx += 2
-            if ctx + 1 > constants.MAX_CONTEXT:
+            # the highest free pair: blocking agreements (Comm._alloc_ctx) take the lowest,
+            # so one running here meanwhile, from a map taken before this reservation, does
+            # not take this one unless no other pair is left
+            ctx = (constants.MAX_CONTEXT - 1) // 2 * 2
+            while ctx >= 4 and used >> ctx & 3:
+                ctx -= 2
+            if ctx < 4:
                 raise exceptions.Exception(exceptions.ERR_INTERN, "out of communicator contexts")
             pair = (ctx, ctx + 1)
-            free_here = not engine.used_ctx.intersection(pair)
-            if free_here:
-                engine.used_ctx.update(pair)  # reserved: no other agreement here takes it
+            with engine.lock:
+                free_here = not engine.used_ctx.intersection(pair)
+                if free_here:
+                    engine.used_ctx.update(pair)  # reserved: no other agreement takes it
             flags = yield from self._exchange_bytes(b"\x01" if free_here else b"\x00", tag)
             if free_here and all(flag == b"\x01" for flag in flags):
                 # Messages on the freed context that had it came before these parts: they
@@ -253,7 +259,8 @@ class ExtraCollectives(Collectives):
                 yield from self._exchange_bytes(b"", tag)
                 return ctx
             if free_here:
-                engine.used_ctx.difference_update(pair)
+                with engine.lock:
+                    engine.used_ctx.difference_update(pair)
 
     def _exchange_bytes(self, data: bytes, tag: int) -> Generator[list[Op], None, list[bytes]]:
         """A stage sending `data` to every other member: what each of them sent (rank
