@@ -525,17 +525,27 @@ def parse_vector(spec: Any, size: int, *, writable: bool = False) -> VSpec:
 
 def parse_w(spec: Any, size: int, *, writable: bool = False) -> list[memoryview]:
     """The part of each of `size` ranks in an Alltoallw spec, [buf, (counts, displs),
-    datatypes] or [buf, counts, displs, datatypes] (displacements in bytes, a datatype per
-    rank): a view of the buffer, or for a packing datatype its packed copy (unpacked after
-    the receiving call, as in `parse`). ValueError for a malformed spec (as mpi4py) or a
-    part outside the buffer."""
+    datatypes], [buf, counts, displs, datatypes] (displacements in bytes, a datatype per
+    rank; both None: one element at byte 0 for each) or [buf, datatypes] (the same): a
+    view of the buffer, or for a packing datatype its packed copy (unpacked after the
+    receiving call, as in `parse`). ValueError for a malformed spec (as mpi4py) or a part
+    outside the buffer."""
     items = list(spec) if isinstance(spec, list | tuple) else []
-    if len(items) == 3 and isinstance(items[1], list | tuple) and len(items[1]) == 2:
+    if len(items) == 2:
+        buf, types = items
+        counts = displs = None
+    elif len(items) == 3 and isinstance(items[1], list | tuple) and len(items[1]) == 2:
         buf, (counts, displs), types = items
     elif len(items) == 4:
         buf, counts, displs, types = items
     else:
         raise ValueError("message: expecting [buf, (counts, displs), datatypes]")
+    if buf is constants.BOTTOM and (counts is None or displs is None):
+        raise ValueError("message: BOTTOM needs counts and displacements")
+    if counts is None and displs is None:  # one element of each type, at byte 0 (as mpi4py)
+        counts, displs = [1] * size, [0] * size
+    elif counts is None or displs is None:
+        raise ValueError("message: counts and displacements go together")
     counts = [int(c) for c in counts]
     displs = [int(d) for d in displs]
     datatypes_ = [_datatype(t) for t in types]

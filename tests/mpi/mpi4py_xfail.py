@@ -353,17 +353,6 @@ ENTRIES: list[tuple[str, str, str]] = [
         "wrong: a 0-d numpy array as the counts of a vector spec (issue #11)",
     ),
     (
-        "test_msgspec.TestMessageVectorW.testMessageBad",
-        "xfail",
-        "wrong: w-form specs with counts or displacements None must raise ValueError (issue #11)",
-    ),
-    (
-        "test_msgspec.TestMessageVectorW.testMessageBytearray",
-        "xfail",
-        "missing: w-form specs [buf, datatypes] and with counts/displacements None "
-        "(issue #11 point 3)",
-    ),
-    (
         "test_msgspec.TestMessageVectorW.testMessageCAIBuf",
         "xfail",
         "missing: Alltoallw (issue #11 point 3)",

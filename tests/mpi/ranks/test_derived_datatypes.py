@@ -316,3 +316,21 @@ def test_f90_match_size_and_codes():
     vector = MPI.DOUBLE.Create_vector(2, 1, 2)
     assert vector.typestr == "V24" and MPI._typecode(vector) is None
     assert MPI.BYTE.Create_contiguous(1 << 32).decode()[1] == "STRUCT"  # MPI-3 large count
+
+
+def test_bottom_alltoallw(comm):
+    """Alltoallw with MPI.BOTTOM: each rank's part to and from every rank in its own numpy
+    array, the displacements their absolute addresses; then the w-form's default (no
+    counts or displacements: one element of each type at byte 0), which BOTTOM refuses."""
+    size, rank = comm.Get_size(), comm.Get_rank()
+    send = [np.full(2, 10 * rank + j, "i") for j in range(size)]
+    recv = [np.full(2, -1, "i") for _ in range(size)]
+    smsg = [MPI.BOTTOM, [2] * size, [MPI.Get_address(a) for a in send], [MPI.INT] * size]
+    rmsg = [MPI.BOTTOM, ([2] * size, [MPI.Get_address(a) for a in recv]), [MPI.INT] * size]
+    comm.Alltoallw(smsg, rmsg)
+    assert [list(r) for r in recv] == [[10 * j + rank] * 2 for j in range(size)]
+    out = np.full(2, -1, "i")  # the default form, where parts cannot overlap: one rank
+    MPI.COMM_SELF.Alltoallw([np.array([rank + 5, 9], "i"), [MPI.INT]], [out, [MPI.INT]])
+    assert list(out) == [rank + 5, -1]
+    with pytest.raises(ValueError):
+        comm.Alltoallw([MPI.BOTTOM, [MPI.INT] * size], rmsg)
