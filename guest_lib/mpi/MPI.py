@@ -74,6 +74,7 @@ from guest_lib.mpi.exceptions import (
     Remove_error_code,
     Remove_error_string,
 )
+from guest_lib.mpi.grequest import Grequest
 from guest_lib.mpi.group import GROUP_EMPTY, GROUP_NULL, Group
 from guest_lib.mpi.info import INFO_ENV, INFO_NULL, Info
 from guest_lib.mpi.intercomm import Intercomm
@@ -373,7 +374,8 @@ _unused = (  # names re-exported on purpose (mpi4py's MPI namespace), not used h
     CART, DIST_GRAPH, GRAPH, Cartcomm, Compute_dims, Distgraphcomm, Graphcomm, Topocomm,
     UNWEIGHTED, WEIGHTS_EMPTY, GROUP_EMPTY, GROUP_NULL, Group, Intercomm,
     MESSAGE_NO_PROC, MESSAGE_NULL, Message,
-    Prequest, COMM_TYPE_SHARED, INFO_ENV, INFO_NULL, Info, BSEND_OVERHEAD, Aint_add, Aint_diff,
+    Prequest, Grequest, COMM_TYPE_SHARED, INFO_ENV, INFO_NULL, Info, BSEND_OVERHEAD, Aint_add,
+    Aint_diff,
     Alloc_mem, Attach_buffer, Detach_buffer, Free_mem, Get_address, buffer, Flush_buffer,
     Iflush_buffer, ORDER_C, ORDER_F, _typealign, _typecode, BottomType, InPlaceType,
     ORDER_FORTRAN, ERRHANDLER_NULL, ERRORS_ABORT, ERRORS_ARE_FATAL, ERRORS_RETURN, Errhandler,

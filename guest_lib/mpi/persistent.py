@@ -34,10 +34,16 @@ class Prequest(Request):
 
     __slots__ = ("_starter",)
 
-    def __init__(self, starter: Callable[[], Request] | Prequest | None = None) -> None:
+    def __init__(self, starter: Callable[[], Request] | Request | None = None) -> None:
+        """Prequest(preq): the same persistent request; Prequest(request) of another kind:
+        a null request if it is null, else TypeError (as mpi4py)."""
         super().__init__()
         if isinstance(starter, Prequest):  # mpi4py's Prequest(preq): the same request
             self._starter: Callable[[], Request] | None = starter._starter
+        elif isinstance(starter, Request):
+            if starter:
+                raise TypeError("expecting a persistent request")
+            self._starter = None
         else:
             self._starter = starter
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
+import pytest
 
 from guest_lib.mpi import MPI
 
@@ -79,3 +82,31 @@ def test_cancel_recv(comm):
     status = MPI.Status()
     req.Wait(status)
     assert status.Is_cancelled()
+
+
+def test_grequest_completed_by_another_thread():
+    """A generalized request that another thread completes while this one waits on it:
+    query_fn fills the status, then free_fn runs; a callback that raises makes Wait raise
+    MPI.Exception (ERR_OTHER for a Python error)."""
+    calls = []
+
+    def query(status):
+        status.Set_source(3)
+        calls.append("query")
+
+    greq = MPI.Grequest.Start(query, lambda: calls.append("free"))
+    assert not greq.Test() and calls == []
+    timer = threading.Timer(0.2, greq.complete, args=("done",))
+    timer.start()
+    status = MPI.Status()
+    assert greq.wait(status) == "done"
+    timer.join()
+    assert status.Get_source() == 3 and status.Get_tag() == MPI.ANY_TAG
+    assert calls == ["query", "free"] and not greq
+    failing = MPI.Grequest.Start(lambda status: 1 / 0)
+    failing.Complete()
+    with pytest.raises(MPI.Exception) as raised:
+        failing.Wait()
+    assert raised.value.Get_error_class() == MPI.ERR_OTHER and not failing
+    with pytest.raises(TypeError):
+        MPI.Prequest(MPI.Grequest.Start())
