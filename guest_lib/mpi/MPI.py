@@ -239,6 +239,14 @@ def _on_failure() -> None:
         _world.closer.close()
 
 
+def _set_abort_status(status: int) -> None:
+    """mpi4py.run's hook (`python -m mpi4py.futures` calls it when the program fails): a
+    non-zero status leaves the job as an uncaught exception does (the region endpoint is
+    closed now, so peers waiting on this rank fail instead of hanging)."""
+    if status:
+        _on_failure()
+
+
 def Abort_local(errorcode: int = 1) -> None:
     """Leave the job now (not part of mpi4py): close the region endpoint so that peers
     waiting on this rank fail fast, then exit the process with `errorcode`."""

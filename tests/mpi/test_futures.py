@@ -1,6 +1,7 @@
 """mpi4py.futures on this project's MPI (issue #11 point 5): an unmodified futures program
 under `ivshmem-run -n N -m mpi4py.futures` (the shared pool over COMM_WORLD, built on an
-intercommunicator between rank 0 and the workers), and the clear failure of an
+intercommunicator between rank 0 and the workers), mpi4py's own futures tests (demo/futures/
+test_futures.py of the pinned sdist) in that mode, and the clear failure of an
 MPIPoolExecutor used without it (it would need Spawn, which this MPI does not offer)."""
 
 from __future__ import annotations
@@ -10,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.mpi.conftest import PYTHON, run_job
+from tests.mpi.conftest import PYTHON, ROOT, run_job
+from tests.mpi.test_mpi4py_suite import sdist_part, suite_dir
 
 PROGRAM = str(Path(__file__).with_name("programs") / "futures_prog.py")
 LAUNCHER = [PYTHON, "-m", "guest_lib.mpi.launcher"]
@@ -41,3 +43,16 @@ def test_pool_executor_without_futures_main_fails_clearly(tmp_path):
     assert summary["error"].startswith("BrokenExecutor: MPIPoolExecutor needs Spawn")
     assert "python -m mpi4py.futures" in summary["error"] and "ERR_SPAWN" in summary["error"]
     assert summary["seconds"] < 30
+
+
+@pytest.mark.parametrize("ranks", [1, 3])
+def test_mpi4py_own_futures_tests(ranks):
+    """mpi4py's demo/futures/test_futures.py (its unittest suite of the executor, the shared
+    pool, MPICommExecutor, ...) under `-m mpi4py.futures`: every test passes or skips."""
+    demo = sdist_part("demo/futures", "test_futures.py")
+    done = run_job([*LAUNCHER, "-n", str(ranks), "--timeout", "280", "-m", "mpi4py.futures",
+                    str(demo / "test_futures.py")], 300,
+                   PYTHONPATH=f"{ROOT}:{suite_dir()}")  # fmt: skip
+    summary = done.stderr.strip().splitlines()
+    assert summary[-1] == "OK" or summary[-1].startswith("OK ("), done.stderr[-3000:]
+    assert any(line.startswith("Ran ") and int(line.split()[1]) > 100 for line in summary)

@@ -59,10 +59,11 @@ pytestmark = [
 ]
 
 
-def suite_dir() -> Path:
-    """The suite's directory for the installed mpi4py version, downloaded on first use."""
-    target = CACHE / f"mpi4py-{VERSION}" / "test"
-    if (target / "runtests.py").exists():
+def sdist_part(part: str, marker: str) -> Path:
+    """The directory `part` (e.g. "test", "demo/futures") of the sdist of the installed
+    mpi4py version, downloaded and extracted on first use (`marker`: a file it holds)."""
+    target = CACHE / f"mpi4py-{VERSION}" / part
+    if (target / marker).exists():
         return target
     CACHE.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
@@ -72,12 +73,18 @@ def suite_dir() -> Path:
             check=True, capture_output=True, timeout=900,
         )  # fmt: skip
         (sdist,) = Path(tmp).glob("mpi4py-*.tar.gz")
-        prefix = f"mpi4py-{VERSION}/test/"
+        prefix = f"mpi4py-{VERSION}/{part}/"
         with tarfile.open(sdist) as archive:
             members = [m for m in archive.getmembers() if m.name.startswith(prefix)]
             archive.extractall(tmp, members=members, filter="data")
-        os.replace(Path(tmp) / f"mpi4py-{VERSION}", CACHE / f"mpi4py-{VERSION}")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(Path(tmp) / f"mpi4py-{VERSION}" / part, target)
     return target
+
+
+def suite_dir() -> Path:
+    """The suite's directory for the installed mpi4py version, downloaded on first use."""
+    return sdist_part("test", "runtests.py")
 
 
 def suite_files() -> list[str]:
