@@ -148,14 +148,18 @@ class Region:
         queue_num: int = 256,
         vring_align: int = layout.CACHE_LINE,
         max_span: int | None = None,
+        heap_size: int | None = None,
     ) -> Region:
-        """Create POSIX shm object `name` (mode 0600, exclusive), format it and map it.
+        """Create POSIX shm object `name` (mode 0600, exclusive), format it and map it
+        (`heap_size`: the window heap's bytes, None: Geometry.fit's default share).
 
         Raises FileExistsError if an object of that name exists (nothing is overwritten),
         ValueError for a bad name or a geometry that does not fit `size`.
         """
         validate_name(name)
-        geometry = layout.Geometry.fit(size, max_peers, queue_num, vring_align, max_span)
+        geometry = layout.Geometry.fit(
+            size, max_peers, queue_num, vring_align, max_span, heap_size=heap_size
+        )
         try:
             shm = posix_ipc.SharedMemory(
                 "/" + name, posix_ipc.O_CREX, mode=0o600, size=geometry.region_size

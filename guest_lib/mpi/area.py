@@ -75,6 +75,7 @@ T_AREA = 0  # internal tag (of the current blocking instance) of the binding bro
 _BIND = struct.Struct("<iI")  # slot (-1: none), generation
 _CORE_ERRORS = (PeerLostError, RingCorruptError, TimeoutError)
 _DECLINABLE = ("gatherv", "scatterv", "alltoallv")
+BIND_SLICE_S = 0.001  # s: a binding's wait between progress passes while the engine is busy
 NAP_S = 0.001  # longest nap of a Wait on an area request (messages it also waits for do not
 # ring the doorbell)
 
@@ -377,10 +378,23 @@ def _bind(comm: Any) -> Area | bool:
     peers = [ep.peer_id if r == comm._rank else comm._shm_peer[r] for r in range(len(comm._group))]
     try:
         group = CollectiveGroup(ep, slot, generation, peers)
+        # With operations in flight (a window's service: an origin may wait on this rank,
+        # which waits for that origin to bind), the engine moves between short waits.
+        while not engine.quiet() and not _bound_within(group, BIND_SLICE_S):
+            engine.progress()
         group.wait_bound()
     except _CORE_ERRORS as exc:
         raise core_error(exc) from exc
     return Area(comm, group, claimed is not None)
+
+
+def _bound_within(group: CollectiveGroup, seconds: float) -> bool:
+    """Whether every member bound within `seconds` (PeerLostError propagates)."""
+    try:
+        group.wait_bound(seconds)
+    except TimeoutError:
+        return False
+    return True
 
 
 def failed(comm: Any) -> None:

@@ -84,7 +84,8 @@ REQ = struct.Struct("<BBBxIqq8s")  # kind, op index / lock type, flags, reply ta
 REPLY = struct.Struct("<B7x")  # error class (0: success), then the data or the error text
 K_PUT, K_GET, K_ACC, K_GACC, K_CAS, K_FLUSH, K_LOCK, K_UNLOCK, K_POST, K_COMPLETE = range(1, 11)
 _REPLIES = frozenset({K_GET, K_GACC, K_CAS, K_FLUSH, K_LOCK, K_UNLOCK})
-T_SERVICE = 0  # the tag of requests on the window's communicator; replies use 1..TAG_UB
+T_SERVICE = 0  # the tag of requests on the window's communicator
+T_BARRIER = constants.TAG_UB  # the window's barrier; replies use 1..TAG_UB - 1
 ACC_OPS = (ops.SUM, ops.PROD, ops.MAX, ops.MIN, ops.LAND, ops.BAND, ops.LOR, ops.BOR, ops.LXOR,
            ops.BXOR, ops.REPLACE, ops.NO_OP)  # fmt: skip
 _NUMERIC = "biufc"
@@ -158,7 +159,7 @@ class _Window:
         self.hints: dict[str, str] = {}
         self.attrs: dict[int, Any] = {}
         # origin side
-        self.tags = itertools.cycle(range(1, constants.TAG_UB + 1))
+        self.tags = itertools.cycle(range(1, T_BARRIER))
         self.dirty: set[int] = set()  # targets with requests not known to be applied
         self.pending: dict[int, list[Op]] = collections.defaultdict(list)  # Rget & co
         self.start_group: list[int] = []
@@ -399,6 +400,20 @@ class _Window:
                        f"are outside rank {target}'s window")  # fmt: skip
         return memory[start : start + nbytes]
 
+    def barrier(self) -> None:
+        """A barrier of the window's members by messages waited for as `wait` does (a
+        dissemination barrier): unlike the communicator's collectives (the collective area,
+        MPICH's between regions), this rank's service keeps answering while it waits."""
+        comm = self.comm
+        size, rank = len(comm._group), comm._rank
+        step = 1
+        while step < size:
+            source = (rank - step) % size
+            op = comm._irecv_op(memoryview(bytearray(0)), source, T_BARRIER, comm._ctx)
+            comm._isend_op(memoryview(b""), (rank + step) % size, T_BARRIER, comm._ctx, False)
+            self.wait(op, source)
+            step *= 2
+
     def close(self) -> None:
         """Stop the service (after the collective part of Free)."""
         self.closing = True
@@ -515,8 +530,8 @@ class Win:
         if int(disp_unit) <= 0:
             raise _err(exceptions.ERR_ARG, f"displacement unit {disp_unit}")
         dup = comm.Dup()
-        # Its collectives (Fence, Free) keep to messages: the area's binding waits inside
-        # the core, where this rank's service would not answer an origin that waits on it.
+        # Its collectives (Allocate_shared's agreement) keep to messages: the area's
+        # binding would take a slot for little use (Fence and Free use `barrier`).
         dup._area = False
         win = cls()
         win._w = _Window(dup, memory, int(disp_unit), flavor)
@@ -594,8 +609,13 @@ class Win:
         """Free the window (collective): every member's requests complete, then the
         service stops, a shared window's heap block is given back, the handle is null."""
         w = self._check()
-        w.flush(list(w.dirty | set(w.pending)))
-        w.comm.Barrier()
+        try:
+            w.flush(list(w.dirty | set(w.pending)))
+        finally:  # the window goes even if a last request failed (raised after)
+            w.barrier()
+            self._free(w)
+
+    def _free(self, w: _Window) -> None:
         w.close()
         for keyval, value in list(w.attrs.items()):
             self._delete(w, keyval, value)
@@ -917,8 +937,10 @@ class Win:
         """Complete every request of this rank at its targets, then a barrier: requests
         before the fence are applied everywhere when it returns. Collective."""
         w = self._check()
-        w.flush(list(w.dirty | set(w.pending)))
-        w.comm.Barrier()
+        try:
+            w.flush(list(w.dirty | set(w.pending)))
+        finally:  # an error reply still leaves the others' barrier matched
+            w.barrier()
 
     def Lock(self, rank: int, lock_type: int = LOCK_EXCLUSIVE, assertion: int = 0) -> None:
         """Lock `rank`'s window (LOCK_EXCLUSIVE or LOCK_SHARED); returns once granted."""
