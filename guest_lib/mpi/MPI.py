@@ -26,6 +26,7 @@ from guest_lib.mpi.constants import (
     ANY_SOURCE,
     ANY_TAG,
     BOTTOM,
+    BUFFER_AUTOMATIC,
     COMM_TYPE_SHARED,
     CONGRUENT,
     IDENT,
@@ -114,6 +115,7 @@ from guest_lib.mpi.persistent import Prequest
 from guest_lib.mpi.pickling import PICKLE as pickle
 from guest_lib.mpi.pickling import Pickle
 from guest_lib.mpi.request import REQUEST_NULL, Request
+from guest_lib.mpi.session import SESSION_NULL, Session
 from guest_lib.mpi.status import Status
 from guest_lib.mpi.topology import (
     CART,
@@ -382,7 +384,8 @@ _unused = (  # names re-exported on purpose (mpi4py's MPI namespace), not used h
     CART, DIST_GRAPH, GRAPH, Cartcomm, Compute_dims, Distgraphcomm, Graphcomm, Topocomm,
     UNWEIGHTED, WEIGHTS_EMPTY, GROUP_EMPTY, GROUP_NULL, Group, Intercomm,
     MESSAGE_NO_PROC, MESSAGE_NULL, Message,
-    Prequest, Grequest, COMM_TYPE_SHARED, INFO_ENV, INFO_NULL, Info, BSEND_OVERHEAD, Aint_add,
+    Prequest, Grequest, Session, SESSION_NULL, BUFFER_AUTOMATIC,
+    COMM_TYPE_SHARED, INFO_ENV, INFO_NULL, Info, BSEND_OVERHEAD, Aint_add,
     Aint_diff,
     Alloc_mem, Attach_buffer, Detach_buffer, Free_mem, Get_address, buffer, Flush_buffer,
     Iflush_buffer, ORDER_C, ORDER_F, _typealign, _typecode, BottomType, InPlaceType,

@@ -741,7 +741,11 @@ class Comm:
     def Free(self) -> None:
         """Release the context (collective in MPI; local bookkeeping here). Messages sent on
         this communicator and not received are dropped, here and when they arrive later:
-        they never show up on a communicator that gets the context next."""
+        they never show up on a communicator that gets the context next.
+        MPI.Exception(ERR_COMM) for COMM_WORLD and COMM_SELF (and handles on them), which
+        stay as they are."""
+        if self._engine is not None and 0 <= self._ctx < 4:
+            raise exceptions.Exception(exceptions.ERR_COMM, f"cannot free {self.Get_name()}")
         area.free(self)
         if self._engine is not None and self._ctx >= 4:
             self._engine.drop_context((self._ctx, self._ctx + 1))  # (no longer in use)

@@ -68,6 +68,7 @@ class InPlaceType(_Sentinel):
 
 IN_PLACE: Final = InPlaceType("IN_PLACE")
 BOTTOM: Final = BottomType("BOTTOM")
+BUFFER_AUTOMATIC: Final = _Sentinel("BUFFER_AUTOMATIC")  # MPI-4.1: buffers as needed
 UNWEIGHTED: Final = _Sentinel("UNWEIGHTED")  # MPI_UNWEIGHTED: a graph without weights
 WEIGHTS_EMPTY: Final = _Sentinel("WEIGHTS_EMPTY")  # MPI_WEIGHTS_EMPTY: weighted, no edges
 

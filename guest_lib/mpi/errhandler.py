@@ -189,6 +189,11 @@ def _handle(comm: Any, kind: Any, error: int, what: str) -> None:
     if kind in (_FATAL, _ABORT):
         print(f"MPI error ({kind}) on {comm!r}: {what or exceptions.Get_error_string(error)}",
               file=sys.stderr, flush=True)  # fmt: skip
-        comm.Abort(error or 1)
+        abort = getattr(comm, "Abort", None)
+        if abort is None:  # a session: the job
+            from guest_lib.mpi import MPI
+
+            abort = MPI.COMM_WORLD.Abort
+        abort(error or 1)
     elif callable(kind):
         kind(comm, error)

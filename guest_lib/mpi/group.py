@@ -118,6 +118,12 @@ class Group:
             return constants.SIMILAR
         return constants.UNEQUAL
 
+    @classmethod
+    def Create_from_session_pset(cls, session: Any, pset_name: str) -> Group:
+        """The group of a session's process set (see `session`)."""
+        group: Group = session.Create_group(pset_name)
+        return group
+
     def Dup(self) -> Group:
         """A new handle to the same group."""
         return self._new(list(self._members()))

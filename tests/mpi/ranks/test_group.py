@@ -112,3 +112,26 @@ def test_create_from_group():
     assert comm.allgather(rank) == list(range(rank % 2, size, 2))
     comm.Free()
     world.Barrier()
+
+
+def test_session_world_pset_to_communicator():
+    """MPI-4's session model: a session's "mpi://WORLD" group made into a communicator by
+    Create_from_group works as COMM_WORLD does; a finalized session is null."""
+    size, rank = MPI.COMM_WORLD.Get_size(), MPI.COMM_WORLD.Get_rank()
+    session = MPI.Session.Init()
+    assert [session.Get_nth_pset(n) for n in range(session.Get_num_psets())] == [
+        "mpi://WORLD",
+        "mpi://SELF",
+    ]
+    assert session.Get_pset_info("mpi://WORLD").Get("mpi_size") == str(size)
+    group = MPI.Group.Create_from_session_pset(session, "mpi://WORLD")
+    comm = MPI.Intracomm.Create_from_group(group, "org.test.session")
+    assert comm.Get_rank() == rank and comm.allreduce(rank) == size * (size - 1) // 2
+    comm.Free()
+    group.Free()
+    with pytest.raises(MPI.Exception):
+        session.Create_group("mpi://NOWHERE")
+    session.Finalize()
+    assert session == MPI.SESSION_NULL and not session
+    with pytest.raises(MPI.Exception):
+        session.Get_num_psets()
