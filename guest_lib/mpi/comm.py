@@ -19,6 +19,7 @@ import os
 import sys
 import time
 import zlib
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -655,29 +656,40 @@ class Comm:
         and the decline bit). An agreement that any member declined takes nothing and runs
         again, so every member takes the same context, and the lowest waiting agreement of
         the job always gets through."""
-        engine = self._check()
-        key = (self._ctx, tag)
-        with engine.lock:
-            engine.ctx_waiting.add(key)
-        try:
-            while True:
-                ctx = self._agree_ctx(engine, key, members, tag)
-                if ctx:
-                    break
-                time.sleep(0)  # declined somewhere: let the agreement that goes first run
-        finally:
-            with engine.lock:
-                engine.ctx_waiting.discard(key)
+        if members is None:
+            ctx = self.agreed_ctx((self._ctx, tag), self._allreduce_int_or)
+        else:
+            ctx = self.agreed_ctx(
+                (self._ctx, tag), lambda used: self._members_or(members, used, tag)
+            )
         if members is None:
             self._run(self._barrier(T_BARRIER))
         else:
             self._members_or(members, 0, tag)
         return ctx
 
+    def agreed_ctx(self, key: tuple[int, int], union_of: Callable[[int], int]) -> int:
+        """The context pair agreed on by the processes `union_of` reaches (it ORs a context
+        map over them, collectively), under the threads protocol of _alloc_ctx; `key`
+        orders the agreements waiting in this process. Also the intercommunicators' (see
+        `intercomm`), whose maps span two groups."""
+        engine = self._check()
+        with engine.lock:
+            engine.ctx_waiting.add(key)
+        try:
+            while True:
+                ctx = self._agree_ctx(engine, key, union_of)
+                if ctx:
+                    return ctx
+                time.sleep(0)  # declined somewhere: let the agreement that goes first run
+        finally:
+            with engine.lock:
+                engine.ctx_waiting.discard(key)
+
     def _agree_ctx(
-        self, engine: Engine, key: tuple[int, int], members: list[int] | None, tag: int
+        self, engine: Engine, key: tuple[int, int], union_of: Callable[[int], int]
     ) -> int:
-        """One round of _alloc_ctx: the context taken, or 0 when a member declined."""
+        """One round of agreed_ctx: the context taken, or 0 when a member declined."""
         with engine.lock:
             mine = engine.ctx_owner is None and key == min(engine.ctx_waiting)
             if mine:
@@ -688,10 +700,7 @@ class Comm:
             else:
                 used = (1 << (_DECLINE_BIT + 1)) - 1
         try:
-            if members is None:
-                union = self._allreduce_int_or(used)
-            else:
-                union = self._members_or(members, used, tag)
+            union = union_of(used)
             if union >> _DECLINE_BIT & 1:
                 return 0
             ctx = 4

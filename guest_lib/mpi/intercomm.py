@@ -10,10 +10,11 @@ and rank order). `_local_group` is the local group (`Get_rank`, `Get_size`, `Get
 agree on things within the group.
 
 Context ids: both groups use the same pair (`ctx` point-to-point, `ctx + 1` collectives).
-They are agreed on like an intra-communicator's (see `comm.Comm._alloc_ctx`): the union of
-the ids every member of both groups has in use, the lowest free pair above it. A flag bit
-above the ids in the same union says whether any member has ranks reached through mpi4py,
-so that every member of both groups decides alike to make (or not) the mpi4py mirrors.
+They are agreed on like an intra-communicator's, under the same threads protocol
+(`comm.Comm.agreed_ctx`): the union of the ids every member of both groups has in use (in
+Create_intercomm through the two leaders), the lowest free pair above it. Whether any
+member reaches ranks through mpi4py is agreed on too, so that every member of both groups
+decides alike to make (or not) the mpi4py mirrors.
 
 Collectives follow MPI's intercommunicator rules: rooted ones take root=ROOT in the root's
 process, PROC_NULL in the other processes of the root's group and the root's rank in the
@@ -48,31 +49,9 @@ from guest_lib.mpi.matching import Op
 from guest_lib.mpi.pickling import dumps as _dumps
 from guest_lib.mpi.request import Request, unpickle
 
-_MPI_FLAG = 1 << (constants.MAX_CONTEXT + 1)  # in a context union: some member uses mpi4py
 _ASKED = 1 << (constants.MAX_CONTEXT + 2)  # in a context union: some member's flag (_agree)
 _NOTHING = memoryview(bytearray(0))
 _COUNT_BYTES = 8  # Reduce_scatter: a rank's block size, sent to the other group
-
-
-def _used_bits(engine: Engine) -> int:
-    """This process's contexts in use as a bit map, with _MPI_FLAG if it reaches any rank
-    through mpi4py."""
-    used = 0
-    for ctx in engine.used_ctx:
-        used |= 1 << ctx
-    return used | (_MPI_FLAG if engine.has_mpi else 0)
-
-
-def _take_ctx(engine: Engine, union: int) -> int:
-    """The lowest context pair free in `union` (a bit map of ids in use), now taken here.
-    MPI.Exception(ERR_INTERN) when none is left."""
-    ctx = 4
-    while union >> ctx & 3:
-        ctx += 2
-    if ctx + 1 > constants.MAX_CONTEXT:
-        raise exceptions.Exception(exceptions.ERR_INTERN, "out of communicator contexts")
-    engine.reuse_context((ctx, ctx + 1))
-    return ctx
 
 
 def _array(view: memoryview, datatype: Any) -> np.ndarray:
@@ -206,18 +185,24 @@ class Intercomm(Comm):
 
     # ------------------------------------------------------------------ management
     def _agree(self, flag: bool) -> tuple[int, bool]:
-        """A new context pair agreed with every member of both groups, and whether any
-        member's `flag` is set. Collective over this intercommunicator; a fence (a barrier
-        of each group and one between them) follows, as in Comm._alloc_ctx."""
-        engine = self._check()
-        mine = _used_bits(engine) | (_ASKED if flag else 0)
-        union = 0
-        for value in self._local.allgather(mine) + Intercomm.allgather(self, mine):
-            union |= value
-        ctx = _take_ctx(engine, union)
+        """A new context pair agreed with every member of both groups (the contexts in use
+        of both, see Comm.agreed_ctx), and whether any member's `flag` is set. Collective
+        over this intercommunicator; a fence (a barrier of each group and one between
+        them) follows, as in Comm._alloc_ctx."""
+        asked = [False]
+
+        def union_of(used: int) -> int:
+            union = 0
+            mine = used | (_ASKED if flag else 0)
+            for value in self._local.allgather(mine) + Intercomm.allgather(self, mine):
+                union |= value
+            asked[0] = bool(union & _ASKED)
+            return union & ~_ASKED
+
+        ctx = self._local.agreed_ctx((self._ctx, 0), union_of)
         self._local.Barrier()
         Intercomm.Barrier(self)
-        return ctx, bool(union & _ASKED)
+        return ctx, asked[0]
 
     def Dup(self, info: Any = None) -> Any:
         """A new intercommunicator with the same groups and a new context (collective)."""
@@ -730,35 +715,43 @@ def create_intercomm(
         raise exceptions.Exception(exceptions.ERR_RANK, f"local leader {local_leader}")
     comm._send_tag(tag)
     local = comm.Dup()
-    union = local._allreduce_int_or(_used_bits(engine))
+    mpi = local._allreduce_int_or(1 if engine.has_mpi else 0)
     mine = list(comm._group)
+    leads = comm.Get_rank() == local_leader
     theirs: Any = None
-    if comm.Get_rank() == local_leader:
+    if leads:
         peer_comm._dest(remote_leader)
-        hello = (mine, mine[local_leader], union)
+        hello = (mine, mine[local_leader], mpi)
         theirs = peer_comm.sendrecv(hello, remote_leader, tag, None, remote_leader, tag)
-    remote, leader, their_union = local.bcast(theirs, local_leader)
+    remote, leader, their_mpi = local.bcast(theirs, local_leader)
     if not (
         isinstance(remote, list)
         and remote
         and all(type(w) is int and 0 <= w < engine.world_size for w in remote)
         and not set(remote) & set(mine)
         and leader in remote
-        and type(their_union) is int
+        and type(their_mpi) is int
     ):
         local.Free()
         raise exceptions.Exception(
             exceptions.ERR_ARG, f"Create_intercomm: bad remote group from the leader: {remote}"
         )
-    union |= their_union
-    ctx = _take_ctx(engine, union)
+
+    def union_of(used: int) -> int:  # (both groups' contexts in use, through the leaders)
+        union = local._allreduce_int_or(used)
+        if leads:
+            union |= peer_comm.sendrecv(union, remote_leader, tag, None, remote_leader, tag)
+        result: int = local.bcast(union, local_leader)
+        return result
+
+    ctx = local.agreed_ctx((local._ctx, tag), union_of)
     # fence (see Comm._alloc_ctx): each group, the leaders, each group again
     local.Barrier()
-    if comm.Get_rank() == local_leader:
+    if leads:
         peer_comm.sendrecv(None, remote_leader, tag, None, remote_leader, tag)
     local.Barrier()
     mirror = mirror_coll = None
-    if union & _MPI_FLAG:
+    if mpi | their_mpi:
         mirror, mirror_coll = native.inter_mirrors(local, local_leader, leader, tag)
     low = mine[local_leader] < leader
     return Intercomm(engine, mine, remote, ctx, local, mirror, mirror_coll, low)
