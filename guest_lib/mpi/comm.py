@@ -30,6 +30,7 @@ from guest_lib.mpi import (
     constants,
     errhandler,
     exceptions,
+    memory,
     message,
     native,
     persistent,
@@ -772,6 +773,33 @@ class Comm:
             native.abort(errorcode)
         sys.stderr.flush()
         os._exit(errorcode or 1)
+
+    # Bsend buffer of the communicator (MPI-4.1)
+    def _bsend_slot(self) -> Any:
+        self._check()
+        slot = self.__dict__.get("_bsend")
+        if slot is None:
+            slot = self._bsend = memory.BufferSlot()
+        return slot
+
+    def Attach_buffer(self, buf: Any) -> None:
+        """Record `buf` (or BUFFER_AUTOMATIC) as this communicator's Bsend buffer (see
+        memory.BufferSlot)."""
+        self._bsend_slot().attach(buf)
+
+    def Detach_buffer(self) -> Any:
+        """The buffer Attach_buffer recorded (None when there is none)."""
+        return self._bsend_slot().detach()
+
+    def Flush_buffer(self) -> None:
+        """As MPI.Flush_buffer: nothing is ever left buffered here."""
+        self._check()
+
+    def Iflush_buffer(self) -> Request:
+        """A request that is complete already (see Flush_buffer)."""
+        self._check()
+        request: Request = memory.Iflush_buffer()
+        return request
 
     def Get_group(self) -> Any:
         from guest_lib.mpi.group import Group

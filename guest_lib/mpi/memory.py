@@ -201,23 +201,43 @@ def Aint_diff(addr1: int, addr2: int) -> int:
     return int(addr1) - int(addr2)
 
 
-_attached: list[Any] = []
+class BufferSlot:
+    """Where a Bsend buffer is attached: the process's (MPI.Attach_buffer), a
+    communicator's or a session's (MPI-4.1). The buffer is recorded only: a Bsend here has
+    handed its message to the queue or to MPI by the time it returns."""
+
+    __slots__ = ("_held",)
+
+    def __init__(self) -> None:
+        self._held: list[Any] = []
+
+    def attach(self, buf: Any) -> None:
+        """Record `buf` (or BUFFER_AUTOMATIC). BufferError if it is read-only;
+        MPI.Exception(ERR_BUFFER) if one is attached already."""
+        if buf is not constants.BUFFER_AUTOMATIC:
+            from guest_lib.mpi.buffers import parse
+
+            parse(buf, writable=True)  # any message buffer (DLPack too)
+        if self._held:
+            raise exceptions.Exception(exceptions.ERR_BUFFER, "a buffer is attached already")
+        self._held.append(buf)
+
+    def detach(self) -> Any:
+        """The buffer recorded (None when there is none); the slot is then empty."""
+        return self._held.pop() if self._held else None
+
+
+_process_slot = BufferSlot()
 
 
 def Attach_buffer(buf: Any) -> None:
-    """Record `buf` as the Bsend buffer (BufferError if it is read-only; MPI.Exception
-    (ERR_BUFFER) if one is attached already)."""
-    from guest_lib.mpi.buffers import parse
-
-    parse(buf, writable=True)  # any message buffer (DLPack too); BufferError if read-only
-    if _attached:
-        raise exceptions.Exception(exceptions.ERR_BUFFER, "a buffer is attached already")
-    _attached.append(buf)
+    """Record `buf` as the process's Bsend buffer (see BufferSlot.attach)."""
+    _process_slot.attach(buf)
 
 
 def Detach_buffer() -> Any:
     """The buffer Attach_buffer recorded (None when there is none)."""
-    return _attached.pop() if _attached else None
+    return _process_slot.detach()
 
 
 def Flush_buffer() -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from guest_lib.mpi import constants, errhandler, exceptions, memory
+from guest_lib.mpi import errhandler, exceptions, memory
 from guest_lib.mpi.group import Group
 from guest_lib.mpi.info import Info
 
@@ -33,7 +33,7 @@ class Session:
     def Init(cls, info: Any = None, errhandler: Any = None) -> Session:
         """A live session (`info` kept as no hint is acted on; `errhandler` set on it)."""
         session = cls()
-        session._state = {"buffer": []}
+        session._state = {"buffer": memory.BufferSlot()}
         if errhandler is not None:
             session.Set_errhandler(errhandler)
         return session
@@ -84,21 +84,12 @@ class Session:
 
     # Bsend buffer of the session (MPI-4.1)
     def Attach_buffer(self, buf: Any) -> None:
-        """Record `buf` (or BUFFER_AUTOMATIC) as the session's buffer; MPI.Exception
-        (ERR_BUFFER) if one is attached already."""
-        slot = self._check()["buffer"]
-        if buf is not constants.BUFFER_AUTOMATIC:
-            from guest_lib.mpi.buffers import parse
-
-            parse(buf, writable=True)  # BufferError if read-only
-        if slot:
-            raise exceptions.Exception(exceptions.ERR_BUFFER, "a buffer is attached already")
-        slot.append(buf)
+        """Record `buf` (or BUFFER_AUTOMATIC) as the session's buffer (memory.BufferSlot)."""
+        self._check()["buffer"].attach(buf)
 
     def Detach_buffer(self) -> Any:
         """The buffer Attach_buffer recorded (None when there is none)."""
-        slot = self._check()["buffer"]
-        return slot.pop() if slot else None
+        return self._check()["buffer"].detach()
 
     def Flush_buffer(self) -> None:
         """As MPI.Flush_buffer: nothing is ever left buffered here."""

@@ -58,26 +58,6 @@ ENTRIES: list[tuple[str, str, str]] = [
         _NO_SPAWN,
     ),
     ("test_cffi.*", "xfail", "missing: Info (issue #11 point 3)"),
-    (
-        "test_comm.TestCommSelf.testBuffering",
-        "xfail",
-        "missing: Comm.Attach_buffer/Detach_buffer (issue #11 point 3)",
-    ),
-    (
-        "test_comm.TestCommSelfDup.testBuffering",
-        "xfail",
-        "missing: Comm.Attach_buffer/Detach_buffer (issue #11 point 3)",
-    ),
-    (
-        "test_comm.TestCommWorld.testBuffering",
-        "xfail",
-        "missing: Comm.Attach_buffer/Detach_buffer (issue #11 point 3)",
-    ),
-    (
-        "test_comm.TestCommWorldDup.testBuffering",
-        "xfail",
-        "missing: Comm.Attach_buffer/Detach_buffer (issue #11 point 3)",
-    ),
     ("test_ctypes.*", "xfail", "missing: INFO_NULL (issue #11 point 3)"),
     (
         "test_doc.*",
