@@ -526,12 +526,16 @@ def test_polled_request_reports_a_dead_member(make_region, spawn):
         group = CollectiveGroup(ep, slot, generation, [0, 1])
         group.wait_bound(timeout=30)
         proc.join(timeout=30)
-        request = group.start("barrier")
         deadline = time.monotonic() + 5
+        request = None
         with pytest.raises(ic.PeerLostError) as err:
+            # (start's own first poll may see it already, when WATCH_SLICE has passed since
+            # the group was made: the join above can take that long on a busy machine)
+            request = group.start("barrier")
             while not request.test():
                 assert time.monotonic() < deadline, "test() never reported the dead member"
                 time.sleep(0.001)
         assert err.value.peer == 1
-        with pytest.raises(ic.PeerLostError):
-            request.wait()
+        if request is not None:
+            with pytest.raises(ic.PeerLostError):
+                request.wait()
