@@ -235,7 +235,8 @@ class Intercomm(Comm):
             (k, r) for r, (c, k) in enumerate(pairs) if c == color
         )]  # fmt: skip
         if color == constants.UNDEFINED or not remote or local == COMM_NULL:
-            engine.used_ctx.difference_update((ctx, ctx + 1))
+            with engine.lock:
+                engine.used_ctx.difference_update((ctx, ctx + 1))
             for mirror in mirrors or ():
                 if mirror:
                     mirror.Free()
