@@ -444,6 +444,42 @@ ENTRIES: list[tuple[str, str, str]] = [
         "xfail",
         "real limit: no libmpi to load (MPI.__file__ is Python)",
     ),
+    (
+        "test_rma.TestRMAWorld.testPutGet",
+        "skip@4",
+        "slow: thousands of RMA round trips (each a message to the target and its reply, "
+        "~1 ms with 4 ranks on 2 loaded cores): 70 s or more, over the 60 s per-test limit",
+    ),
+    (
+        "test_rma.TestRMAWorld.testAccumulate",
+        "skip@4",
+        "slow: thousands of RMA round trips (each a message to the target and its reply, "
+        "~1 ms with 4 ranks on 2 loaded cores): 70 s or more, over the 60 s per-test limit",
+    ),
+    (
+        "test_rma.TestRMAWorld.testGetAccumulate",
+        "skip@4",
+        "slow: thousands of RMA round trips (each a message to the target and its reply, "
+        "~1 ms with 4 ranks on 2 loaded cores): 70 s or more, over the 60 s per-test limit",
+    ),
+    (
+        "test_rma_nb.TestRMAWorld.testPutGet",
+        "skip@4",
+        "slow: thousands of RMA round trips (each a message to the target and its reply, "
+        "~1 ms with 4 ranks on 2 loaded cores): 70 s or more, over the 60 s per-test limit",
+    ),
+    (
+        "test_rma_nb.TestRMAWorld.testAccumulate",
+        "skip@4",
+        "slow: thousands of RMA round trips (each a message to the target and its reply, "
+        "~1 ms with 4 ranks on 2 loaded cores): 70 s or more, over the 60 s per-test limit",
+    ),
+    (
+        "test_rma_nb.TestRMAWorld.testGetAccumulate",
+        "skip@4",
+        "slow: thousands of RMA round trips (each a message to the target and its reply, "
+        "~1 ms with 4 ranks on 2 loaded cores): 70 s or more, over the 60 s per-test limit",
+    ),
     ("test_subclass.*", "xfail", "missing: Cartcomm (issue #11 point 3)"),
     ("test_ulfm.*", "xfail", "missing: Set_errhandler (issue #11 point 3)"),
     (

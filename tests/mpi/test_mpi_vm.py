@@ -4,7 +4,9 @@ Two TCG guests, one rank each, each with an ivshmem-doorbell device on the job's
 the ranks bootstrap with IVSHMEM_COMM_GUEST=1 (guest_lib.attach() in the guest) and run
 p2p (objects and buffers) and collectives (bcast, allreduce, gather, barrier), checked in
 the program (tests/mpi/programs/vm_job.py). Also: a failing rank makes the job fail, and
-the job leaves no region behind; 3 ranks in 2 guests (two doorbell devices in guest 0).
+the job leaves no region behind; 3 ranks in 2 guests (two doorbell devices in guest 0); a
+shared window (Win.Allocate_shared) whose data one guest stores and the other loads, no
+message carrying it.
 """
 
 from __future__ import annotations
@@ -106,3 +108,19 @@ def test_three_ranks_in_two_guests() -> None:
     peers = sorted(re.findall(r"rank \d/3 up: peer (\d) attached doorbell", out))
     assert peers == ["0", "1", "2"], out
     print(f"\n2 guests x 3 ranks: {dt:.1f} s wall")
+
+
+@vm_test(420)
+def test_shared_window_between_two_guests() -> None:
+    program = "tests/mpi/programs/win_shared_vm.py"
+    proc, dt = _lab("--prepend-rank", "--vms", "2", "--timeout", "300", "-n", "2", "--",
+                    sys.executable, program, timeout=360)  # fmt: skip
+    out, err = proc.stdout, proc.stderr
+    assert proc.returncode == 0, f"status {proc.returncode}\n{out}\n{err}"
+    for rank in (0, 1):
+        line = re.search(rf"^\[vm{rank}\] \[rank {rank}\] rank {rank}: shared window ok: "
+                         r"1048576 bytes seen through the region, (\d+) bytes through the "
+                         r"queues", out, re.M)  # fmt: skip
+        assert line and int(line.group(1)) < 4096, out
+        print(f"\n{line.group(0)}", end="")
+    print(f"\nshared window across 2 guests: {dt:.1f} s wall (boot included)")
