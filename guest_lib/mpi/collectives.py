@@ -723,7 +723,7 @@ class Collectives:
             return obj
         if self._has_mpi:
             return self._h_bcast(obj, root, objects=True)
-        shared = area.bound(self)
+        shared = area.objects(self)
         data = _dumps(obj) if rank == root else None
         taken = shared.exchange("bcast_bytes", data, root) if shared is not None else None
         if taken is not None and not shared.group.declined:  # type: ignore[union-attr]
@@ -767,7 +767,7 @@ class Collectives:
         size, rank = self._sizes()
         self._root(root)
         data = _dumps(sendobj) if rank != root else None
-        shared = area.bound(self) if size > 1 else None
+        shared = area.objects(self) if size > 1 else None
         taken = shared.exchange("gather_bytes", data, root) if shared is not None else None
         if rank != root:
             if taken is None or shared.group.declined:  # type: ignore[union-attr]
@@ -808,7 +808,7 @@ class Collectives:
         size, rank = self._sizes()
         if size == 1:
             return [sendobj]
-        shared = area.bound(self)
+        shared = area.objects(self)
         if shared is None:
             return self._allgather_messages(sendobj)
         data = _dumps(sendobj)
