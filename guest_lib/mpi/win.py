@@ -366,17 +366,18 @@ class _Window:
         self.wait(op, target)
         sink.check(op, f"window rank {target}")
 
-    def flush(self, targets: Any) -> None:
+    def flush(self, targets: Any, kind: int = K_FLUSH) -> None:
         """Remote completion of every request to `targets` (comm ranks): their pending
-        replies, then a FLUSH round trip to each that has requests not known to be applied
-        (all sent first, then waited for)."""
+        replies, then a round trip (all sent first, then waited for): K_FLUSH to each that
+        has requests not known to be applied, K_UNLOCK to every one (its lock released
+        there after them). MPI.Exception for an error a target reports."""
         waits = []
         for target in targets:
             for op in self.pending.pop(target, []):
                 self.wait(op, target)
-            if target in self.dirty:
+            if kind == K_UNLOCK or target in self.dirty:
                 self.dirty.discard(target)
-                posted = self.send(target, K_FLUSH)
+                posted = self.send(target, kind)
                 assert posted is not None
                 waits.append((target, *posted))
         for target, op, sink in waits:
@@ -954,21 +955,7 @@ class Win:
         """Complete every request to `rank` there, then release the lock."""
         w = self._check()
         if self._rank(w, rank):
-            self._unlock(w, [rank])
-
-    def _unlock(self, w: _Window, ranks: list[int]) -> None:
-        for rank in ranks:
-            for op in w.pending.pop(rank, []):
-                w.wait(op, rank)
-        waits = []
-        for rank in ranks:
-            w.dirty.discard(rank)
-            posted = w.send(rank, K_UNLOCK)
-            assert posted is not None
-            waits.append((rank, *posted))
-        for rank, op, sink in waits:
-            w.wait(op, rank)
-            sink.check(op, f"window rank {rank}")
+            w.flush([rank], K_UNLOCK)
 
     def Lock_all(self, assertion: int = 0) -> None:
         """A shared lock on every rank of the window."""
@@ -978,7 +965,7 @@ class Win:
 
     def Unlock_all(self) -> None:
         w = self._check()
-        self._unlock(w, list(range(len(w.comm._group))))
+        w.flush(range(len(w.comm._group)), K_UNLOCK)
 
     def Flush(self, rank: int) -> None:
         """Complete every request of this rank to `rank`, there."""
