@@ -145,8 +145,10 @@ def _mixed(comm: MPI.Intracomm, t: int, rounds: int) -> None:
 
 @pytest.mark.skipif(
     _across_regions(),
-    reason="known hang: threads that build the cross-region hierarchy of their communicators "
-    "at once (first collective: context agreements plus mpi4py Split) never finish",
+    reason="known hang across regions: threads making their communicators' first "
+    "collective at once (cross-region hierarchy: context agreements over the mpi4py route, "
+    "mirror Split) never finish; cause not found. MPICH 5.0.2 alone also hangs when threads "
+    "Comm_dup while others run collectives (mpi4py only, 4 threads x 2 ranks)",
 )
 def test_stress_mixed_calls_own_comm():
     """Threads on every rank, each on its own Dup (the Dups made by the threads at once, on
