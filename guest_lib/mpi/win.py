@@ -47,6 +47,7 @@ import collections
 import itertools
 import os
 import struct
+import traceback
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -749,10 +750,17 @@ class Win:
             self._delete(w, keyval, w.attrs[keyval])
 
     def _delete(self, w: _Window, keyval: int, value: Any) -> None:
+        """Drop the value, then call the keyval's delete_fn: an exception there is printed
+        to stderr and raised as MPI.Exception(ERR_OTHER) (as mpi4py does)."""
         del w.attrs[keyval]
         delete_fn = _keyvals.get(keyval, (None, None))[1]
-        if delete_fn is not None:
+        if delete_fn is None:
+            return
+        try:
             delete_fn(self, keyval, value)
+        except Exception as exc:
+            traceback.print_exc()
+            raise _err(exceptions.ERR_OTHER, f"attribute delete_fn raised {exc!r}") from exc
 
     # ------------------------------------------------------------------ error handlers
     @classmethod

@@ -262,6 +262,14 @@ def test_handles_names_attributes_and_null():
     win.Free()
     assert deleted == ["a", "b"]
     assert MPI.Win.Free_keyval(key) == MPI.KEYVAL_INVALID
+    win = MPI.Win.Create(None, 1, comm=MPI.COMM_SELF)
+    key = MPI.Win.Create_keyval(delete_fn=lambda w, k, v: 1 / 0)
+    win.Set_attr(key, "c")
+    with pytest.raises(MPI.Exception, match="ZeroDivisionError") as err:
+        win.Delete_attr(key)
+    assert err.value.Get_error_class() == MPI.ERR_OTHER and win.Get_attr(key) is None
+    win.Free()
+    MPI.Win.Free_keyval(key)
     with pytest.raises(MPI.Exception) as err:
         win.Fence()
     assert err.value.Get_error_class() == MPI.ERR_WIN
