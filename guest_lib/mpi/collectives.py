@@ -826,10 +826,10 @@ class Collectives:
         if size == 1:
             return [sendobj]
         data = _dumps(sendobj)
+        recvs = {r: self._c_irecv(None, r, T_ALLGATHER) for r in range(size) if r != rank}
         sends = [self._c_isend(data, r, T_ALLGATHER) for r in range(size) if r != rank]
-        result = self._gathered(sendobj, None, T_ALLGATHER)
-        self._c_wait(sends)
-        return result
+        self._c_wait([*recvs.values(), *sends])  # (receives posted first: none unexpected)
+        return [sendobj if r == rank else unpickle(recvs[r]) for r in range(size)]
 
     @collective
     def alltoall(self, sendobj: Any) -> list[Any]:
