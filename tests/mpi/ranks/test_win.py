@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from guest_lib.mpi import MPI
+from guest_lib.mpi.win import REQ
 
 
 def _shared_comm(comm: MPI.Intracomm) -> MPI.Intracomm:
@@ -273,3 +274,29 @@ def test_handles_names_attributes_and_null():
     with pytest.raises(MPI.Exception) as err:
         win.Fence()
     assert err.value.Get_error_class() == MPI.ERR_WIN
+
+
+@pytest.mark.parametrize(
+    ("payload", "what"),
+    [(b"\x01\x02", "sent a malformed RMA request"),
+     (REQ.pack(99, 0, 0, 0, 0, 0, b""), "sent RMA request 99"),
+     (REQ.pack(2, 0, 0, 0, 0, 4, b""), "asked for a reply on tag 0")],
+    ids=["short", "kind", "tag"],
+)  # fmt: skip
+def test_malformed_request_is_reported_naming_its_origin(comm, payload, what):
+    """A request the target cannot apply is answered with an error at the origin's next
+    Flush, naming the origin; the window goes on working."""
+    rank, size = comm.Get_rank(), comm.Get_size()
+    win = MPI.Win.Allocate(8, 1, comm=comm)
+    w = win._w
+    target = (rank + 1) % size
+    w.comm._isend_op(memoryview(payload), target, 0, w.comm._ctx, False)  # as a hostile peer
+    w.dirty.add(target)
+    with pytest.raises(MPI.Exception, match=f"rank {rank} {what}") as err:
+        win.Flush(target)
+    assert err.value.Get_error_class() in (MPI.ERR_INTERN, MPI.ERR_OTHER)
+    win.Fence()
+    win.Put(bytearray(b"ok"), target, 0)
+    win.Fence()
+    assert bytes(win.tomemory()[:2]) == b"ok"
+    win.Free()
