@@ -9,8 +9,10 @@ communicator raises MPI.Exception:
 - a handler from `Comm.Create_errhandler(fn)`: `fn(comm, error_class)` is called, then the
   exception is raised (the call "returns the error", which mpi4py turns into a raise);
 - ERRORS_RETURN: the exception is raised.
-The handler applies to the calls made on the communicator itself (errors a request reports
-later from Wait/Test are raised there, as under ERRORS_RETURN), and communicators made from
+The handler applies to the calls made on the communicator itself, to the errors its
+requests report later at Wait/Test/Waitall/... (each request returned by a guarded call
+carries the communicator, and the communicator's handler at completion time applies; a
+request made while ERRORS_RETURN was set keeps raising only), and communicators made from
 it (Dup, Split, Create, ...) get it too, as MPI says. The communicator's methods
 are wrapped per instance only while a handler other than ERRORS_RETURN is set, so the
 default costs nothing.
@@ -24,6 +26,7 @@ from collections.abc import Callable
 from typing import Any
 
 from guest_lib.mpi import exceptions
+from guest_lib.mpi.request import Request
 
 _RETURN, _FATAL, _ABORT = "ERRORS_RETURN", "ERRORS_ARE_FATAL", "ERRORS_ABORT"
 # the methods that manage the handler itself, and Abort, stay as they are
@@ -168,6 +171,13 @@ def call_errhandler(comm: Any, errorcode: int) -> None:
     _handle(comm, getattr(comm, "_errhandler", ERRORS_RETURN)._kind, int(errorcode), "")
 
 
+def call_errhandler_for(owner: Any, errorcode: int, what: str) -> None:
+    """Run the current handler of `owner` (a communicator, window, ...) for an error a
+    request of it reports at completion; returns normally only for ERRORS_RETURN and user
+    handlers (the caller then raises)."""
+    _handle(owner, getattr(owner, "_errhandler", ERRORS_RETURN)._kind, errorcode, what)
+
+
 def _guard(comm: Any, method: Callable[..., Any], kind: Any) -> Callable[..., Any]:
     @functools.wraps(method)
     def run(*args: Any, **kwargs: Any) -> Any:
@@ -177,6 +187,8 @@ def _guard(comm: Any, method: Callable[..., Any], kind: Any) -> Callable[..., An
             _handle(comm, kind, exc.Get_error_class(), f"{method.__name__}: {exc}")
             raise
         made = result[0] if type(result) is tuple and result else result  # Idup's pair
+        if isinstance(made, Request):
+            made._owner = comm  # its errors at Wait/Test go through comm's handler
         if made is not comm and made and hasattr(made, "Set_errhandler"):
             set_errhandler(made, comm._errhandler)  # a new communicator inherits it (MPI)
         return result

@@ -3,7 +3,8 @@
 A Request wraps one engine `Op`. `Wait`/`Test` drive the engine's progress (that is the only
 place progress happens besides blocking calls), fill a Status if given, and turn the request
 into a null request once complete. A receive whose message did not fit raises
-`MPI.Exception` with ERR_TRUNCATE from Wait/Test (the status then says so too). Lowercase
+`MPI.Exception` with ERR_TRUNCATE from Wait/Test (the status then says so too), after the
+error handler of the request's communicator ran (ERRORS_ARE_FATAL aborts the job there). Lowercase
 `wait`/`test` also return the received object of an object receive (None for sends).
 `REQUEST_NULL` is a Request with no operation: waiting on it returns at once with an empty
 status.
@@ -23,7 +24,10 @@ from guest_lib.mpi.status import Status
 class Request:
     """A nonblocking operation in flight (or a null request)."""
 
-    __slots__ = ("_engine", "_finish", "_op", "_rank_of")
+    # _owner: the communicator (window, ...) whose error handler applies to an error this
+    # request reports at completion; None applies ERRORS_RETURN (raise only). Set by
+    # errhandler's guard on the requests its calls return.
+    __slots__ = ("_engine", "_finish", "_op", "_owner", "_rank_of")
 
     def __init__(
         self,
@@ -40,6 +44,7 @@ class Request:
         self._engine = engine
         self._rank_of = rank_of
         self._finish = finish
+        self._owner: Any = None
 
     # ------------------------------------------------------------------ internals
     def _fill(self, status: Status | None) -> Any:
@@ -58,9 +63,12 @@ class Request:
         finish = self._finish
         self._op = None
         if op.error:
-            raise exceptions.Exception(
-                op.error, f"receive of {op.count} bytes from rank {source} (tag {op.tag})"
-            )
+            what = f"receive of {op.count} bytes from rank {source} (tag {op.tag})"
+            if self._owner is not None:  # its handler first: abort, or call the user's
+                from guest_lib.mpi import errhandler  # it imports this module
+
+                errhandler.call_errhandler_for(self._owner, op.error, what)
+            raise exceptions.Exception(op.error, what)
         if op.cancelled:
             return None
         if finish is not None:
