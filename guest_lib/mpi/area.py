@@ -206,12 +206,11 @@ class Area:
         except Fallback:
             self.drop()
             return False
-        except _CORE_ERRORS as exc:
-            self.drop()
-            raise core_error(exc) from exc
-        except BaseException:
-            self.drop()
-            raise
+        except BaseException as exc:
+            error = self._leave(exc)
+            if error is exc:
+                raise
+            raise error from exc
         if not group.declined:
             self.completed += 1
         return True
@@ -233,12 +232,17 @@ class Area:
         MPI.Exception the message path gives for it."""
         try:
             yield
-        except _CORE_ERRORS as exc:
-            self.drop()
-            raise core_error(exc) from exc
-        except BaseException:
-            self.drop()
-            raise
+        except BaseException as exc:
+            error = self._leave(exc)
+            if error is exc:
+                raise
+            raise error from exc
+
+    def _leave(self, exc: BaseException) -> BaseException:
+        """Drop the area after `exc`; what to raise for it (a core error: the MPI.Exception
+        the message path gives for it)."""
+        self.drop()
+        return core_error(exc) if isinstance(exc, _CORE_ERRORS) else exc
 
     def _drive(self, request: CollectiveRequest) -> None:
         """Complete `request` while the engine progresses its own operations."""
