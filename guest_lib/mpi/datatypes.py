@@ -19,13 +19,13 @@ then work element by element on the packed data), else BYTE.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from guest_lib.mpi import constants, exceptions
-from ivshmem_comm import ring as _ring
+from ivshmem_comm.typepack import typed_copy
 
 
 class Datatype:
@@ -781,76 +781,11 @@ def _resized(old: Datatype, lb: int, extent: int) -> Datatype:
 
 
 # ------------------------------------------------------------------------ pack and unpack
-def _typed_copy_py(gather: bool, user: Any, start: int, count: int, extent: int,
-                   runs: Any, packed: Any, limit: int) -> int:  # fmt: skip
-    """The pure-Python reference of the C `typed_copy` (ivshmem_comm/_typepack.c), same
-    arguments, result and errors: move at most min(limit, len(packed), count * size)
-    packed bytes between the `count` elements of the compiled map `runs` (see
-    `Datatype.compiled`) at byte `start` of `user` and the dense `packed` (gather: user ->
-    packed). ValueError, nothing moved, for a bad map, a negative count or an element
-    outside `user`."""
-    try:
-        runs = np.frombuffer(runs, np.int64).reshape(-1, 4)
-    except ValueError:
-        raise ValueError("typed_copy: the map is not int64 runs") from None
-    if count < 0 or (runs[:, 1] < 0).any() or (runs[:, 2] < 1).any():
-        raise ValueError(f"typed_copy: bad count {count} or map")
-    out = np.frombuffer(packed, np.uint8) if len(memoryview(packed)) else np.empty(0, np.uint8)
-    full = runs[runs[:, 1] > 0]
-    sizes = full[:, 1] * full[:, 2]
-    size = int(sizes.sum())
-    budget = min(len(out), count * size)
-    if limit >= 0:
-        budget = min(budget, limit)
-    if budget <= 0:
-        return 0
-    touched = -(-budget // size)
-    span = (full[:, 2] - 1) * full[:, 3]
-    first = start + int((full[:, 0] + np.minimum(span, 0)).min()) + min(0, (touched - 1) * extent)
-    last = start + int((full[:, 0] + full[:, 1] + np.maximum(span, 0)).max())
-    last += max(0, (touched - 1) * extent)
-    view = np.frombuffer(user, np.uint8) if len(memoryview(user)) else np.empty(0, np.uint8)
-    if first < 0 or last > len(view):
-        raise ValueError(
-            f"typed_copy: {touched} elements (extent {extent}) at byte {start} run past a "
-            f"{len(view)}-byte buffer"
-        )
-    # the byte offsets of one element, in order: each piece's start repeated over its bytes
-    piece_starts = np.repeat(full[:, 0], full[:, 2]) + np.concatenate(
-        [np.arange(r, dtype=np.int64) * d for r, d in zip(full[:, 2], full[:, 3], strict=True)]
-    )
-    piece_lengths = np.repeat(full[:, 1], full[:, 2])
-    within = np.arange(size, dtype=np.int64) - np.repeat(
-        np.cumsum(piece_lengths) - piece_lengths, piece_lengths
-    )
-    element = np.repeat(piece_starts, piece_lengths) + within
-    positions = (
-        start + np.arange(touched, dtype=np.int64)[:, None] * extent + element[None, :]
-    ).ravel()[:budget]  # fmt: skip
-    if gather:
-        out[:budget] = view[positions]
-    else:
-        view[positions] = out[:budget]
-    return budget
-
-
-_typed_copy: Callable[[bool, Any, int, int, int, Any, Any, int], int] = _typed_copy_py
-if _ring.IMPLEMENTATION == "c":  # the C fast path when the queues run on it
-    from ivshmem_comm import _fastpath
-
-    if not hasattr(_fastpath, "typed_copy"):
-        raise ImportError(
-            "ivshmem_comm._fastpath was built from older sources (no typed_copy): rebuild it "
-            "(python setup.py build_ext --inplace)"
-        )
-    _typed_copy = _fastpath.typed_copy
-
-
 def pack_into(view: Any, start: int, count: int, datatype: Datatype, packed: Any,
               limit: int = -1) -> int:  # fmt: skip
     """Gather `count` elements of `datatype` from byte `start` of `view` into the dense
     `packed`; returns the bytes written (see `typed_copy`)."""
-    return _typed_copy(True, view, start, count, datatype._extent, datatype.compiled(), packed,
+    return typed_copy(True, view, start, count, datatype._extent, datatype.compiled(), packed,
                       limit)  # fmt: skip
 
 
@@ -858,7 +793,7 @@ def unpack_from(packed: Any, view: Any, start: int, count: int, datatype: Dataty
                 limit: int = -1) -> int:  # fmt: skip
     """Scatter the dense `packed` (at most `limit` bytes of it) into `count` elements of
     `datatype` from byte `start` of the writable `view`; returns the bytes read."""
-    return _typed_copy(False, view, start, count, datatype._extent, datatype.compiled(), packed,
+    return typed_copy(False, view, start, count, datatype._extent, datatype.compiled(), packed,
                       limit)  # fmt: skip
 
 

@@ -1,5 +1,5 @@
 """The derived-datatype packers (issue #11 point 3): the C `typed_copy` of the fast path
-(ivshmem_comm/_typepack.c) and its pure-Python reference (datatypes._typed_copy_py) give the
+(ivshmem_comm/_typepack.c) and its pure-Python reference (`typepack.typed_copy_py`) give the
 same bytes as a plain byte-by-byte reading of the type map, for random type trees; and no
 argument (a byte count from a peer, a damaged map, a buffer too short) makes the C packer
 touch memory outside its buffers: it raises ValueError or copies within bounds."""
@@ -11,10 +11,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from guest_lib.mpi import MPI, datatypes
+from guest_lib.mpi import MPI
+from ivshmem_comm import typepack
 
 fastpath = pytest.importorskip("ivshmem_comm._fastpath")
-PACKERS = {"c": fastpath.typed_copy, "python": datatypes._typed_copy_py}
+PACKERS = {"c": fastpath.typed_copy, "python": typepack.typed_copy_py}
 LEAVES = [MPI.BYTE, MPI.SHORT, MPI.INT, MPI.DOUBLE, MPI.FLOAT_INT, MPI.C_DOUBLE_COMPLEX]
 
 
