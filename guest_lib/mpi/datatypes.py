@@ -285,11 +285,16 @@ class Datatype:
     Create_dup = Dup
 
     def Commit(self) -> Datatype:
+        """Mark the type committed; this type. MPI.Exception(ERR_TYPE) on DATATYPE_NULL."""
+        self._check_handle()
         self._committed = True
         return self
 
     def Free(self) -> None:
-        """Free the type: nothing to give back here (a type is its Python object)."""
+        """Free the type: nothing to give back here (a type is its Python object).
+        MPI.Exception(ERR_TYPE) for DATATYPE_NULL and predefined types (as MPI)."""
+        if self.is_predefined:
+            raise exceptions.Exception(exceptions.ERR_TYPE, f"Free of predefined {self.name}")
 
     def free(self) -> None:
         """Free if not null or predefined (mpi4py's `free`): see Free."""

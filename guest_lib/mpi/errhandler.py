@@ -46,7 +46,10 @@ class Errhandler:
 
     def Free(self) -> None:
         """This handle becomes ERRHANDLER_NULL (the predefined ones stay); freeing a user
-        handler frees its place among the MAX_USER_ERRHANDLERS of its kind of object."""
+        handler frees its place among the MAX_USER_ERRHANDLERS of its kind of object.
+        MPI.Exception(ERR_ARG) on a null handle."""
+        if self._kind is None:
+            raise exceptions.Exception(exceptions.ERR_ARG, "Errhandler.Free on ERRHANDLER_NULL")
         if not any(self is h for h in _PREDEFINED.values()):
             for live in _user_handlers.values():
                 live.discard(self._kind)

@@ -88,7 +88,9 @@ class Grequest(Request):
         op.done = True
 
     def Cancel(self) -> None:
-        """Call cancel_fn(completed); MPI.Exception if it raised (see the module docstring)."""
+        """Call cancel_fn(completed); MPI.Exception if it raised (see the module docstring),
+        ERR_REQUEST on a null request."""
+        self._check_live("Cancel")
         op = self._op
         if isinstance(op, _Generalized):
             error = _call(op.cancel_fn, op.done, *op.args, **op.kwargs)

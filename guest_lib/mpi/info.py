@@ -2,9 +2,11 @@
 
 An Info is a handle on a table: `Info(other)` is a second handle on the same table (equal to
 it), `Dup` a new table with the same items (not equal), `Free` turns the handle into
-INFO_NULL. INFO_NULL has no table: its getters answer as an empty table, its setters raise
-KeyError (as mpi4py's). INFO_ENV holds the keys MPI defines for the process's start
-(command, argv, maxprocs, soft, host, arch, wdir, file, thread_level).
+INFO_NULL. INFO_NULL has no table: its MPI calls (Set, Get, Delete, Get_nkeys,
+Get_nthkey, Dup, Free) raise MPI.Exception(ERR_INFO); its dict-like getters answer as an
+empty table and its dict-like setters raise KeyError (as mpi4py's). INFO_ENV holds the
+keys MPI defines for the process's start (command, argv, maxprocs, soft, host, arch,
+wdir, file, thread_level).
 
 Nothing in this library reads hints: calls that take `info` accept an Info and ignore it.
 """
@@ -57,46 +59,59 @@ class Info:
                 info.Set("argv", " ".join(argv[1:]))
         return info
 
+    def _live(self, call: str) -> dict[str, str]:
+        """The table; MPI.Exception(ERR_INFO) on INFO_NULL (what MPI's calls raise there)."""
+        if self._items is None:
+            raise exceptions.Exception(exceptions.ERR_INFO, f"Info.{call} on INFO_NULL")
+        return self._items
+
     def _table(self) -> dict[str, str]:
         if self._items is None:
             raise KeyError("INFO_NULL holds no keys")
         return self._items
 
     def Set(self, key: str, value: str) -> None:
-        """Set `key` to `value` (strings; MPI.Exception(ERR_INFO_KEY/VALUE) if too long)."""
+        """Set `key` to `value` (strings; MPI.Exception(ERR_INFO_KEY/VALUE) if too long,
+        ERR_INFO on INFO_NULL)."""
+        table = self._live("Set")
         if len(key) > MAX_INFO_KEY:
             raise exceptions.Exception(exceptions.ERR_INFO_KEY, f"key of {len(key)} chars")
         if len(value) > MAX_INFO_VAL:
             raise exceptions.Exception(exceptions.ERR_INFO_VALUE, f"value of {len(value)} chars")
-        self._table()[str(key)] = str(value)
+        table[str(key)] = str(value)
 
     def Get(self, key: str) -> str | None:
-        """The value of `key`, None if it is not set."""
-        return None if self._items is None else self._items.get(key)
+        """The value of `key`, None if it is not set; MPI.Exception(ERR_INFO) on INFO_NULL."""
+        return self._live("Get").get(key)
 
     def Delete(self, key: str) -> None:
-        """Remove `key`; MPI.Exception(ERR_INFO_NOKEY) if it is not set."""
-        table = self._table()
+        """Remove `key`; MPI.Exception(ERR_INFO_NOKEY) if it is not set, ERR_INFO on
+        INFO_NULL."""
+        table = self._live("Delete")
         if key not in table:
             raise exceptions.Exception(exceptions.ERR_INFO_NOKEY, f"no key {key!r}")
         del table[key]
 
     def Get_nkeys(self) -> int:
-        return len(self)
+        """The number of keys set; MPI.Exception(ERR_INFO) on INFO_NULL."""
+        return len(self._live("Get_nkeys"))
 
     def Get_nthkey(self, n: int) -> str:
-        """The `n`-th key (in the order keys were set); MPI.Exception(ERR_ARG) if none."""
-        keys = self.keys()
+        """The `n`-th key (in the order keys were set); MPI.Exception(ERR_ARG) if none,
+        ERR_INFO on INFO_NULL."""
+        keys = list(self._live("Get_nthkey"))
         if not 0 <= n < len(keys):
             raise exceptions.Exception(exceptions.ERR_ARG, f"key {n} of {len(keys)}")
         return keys[n]
 
     def Dup(self) -> Info:
-        """A new table with the same items."""
-        return Info.Create(self.items()) if self._items is not None else Info()
+        """A new table with the same items; MPI.Exception(ERR_INFO) on INFO_NULL."""
+        return Info.Create(list(self._live("Dup").items()))
 
     def Free(self) -> None:
-        """This handle becomes INFO_NULL (the predefined ones stay)."""
+        """This handle becomes INFO_NULL (INFO_ENV stays); MPI.Exception(ERR_INFO) on a
+        null handle."""
+        self._live("Free")
         if self is not INFO_NULL and self is not INFO_ENV:
             self._items = None
 
@@ -121,7 +136,7 @@ class Info:
         del self._table()[key]
 
     def get(self, key: str, default: str | None = None) -> str | None:
-        value = self.Get(key)
+        value = None if self._items is None else self._items.get(key)
         return default if value is None else value
 
     def keys(self) -> list[str]:
@@ -152,7 +167,8 @@ class Info:
         return self._table().popitem()
 
     def copy(self) -> Info:
-        return self.Dup()
+        """Dup; a null handle's copy is a new null handle (as mpi4py)."""
+        return Info() if self._items is None else self.Dup()
 
     def clear(self) -> None:
         if self._items is not None:

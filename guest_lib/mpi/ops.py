@@ -86,10 +86,12 @@ class Op:
         return op
 
     def Free(self) -> None:
-        """A user op: release it; this handle becomes OP_NULL. Predefined ops stay."""
-        if self._user is not None:
-            _user_ops.discard(self._token)
-            self.__dict__.update(vars(OP_NULL))
+        """A user op: release it; this handle becomes OP_NULL. MPI.Exception(ERR_OP) for
+        a predefined op or OP_NULL (which stay as they are)."""
+        if self._user is None:
+            raise exceptions.Exception(exceptions.ERR_OP, f"Op.Free on predefined {self!r}")
+        _user_ops.discard(self._token)
+        self.__dict__.update(vars(OP_NULL))
 
     def Is_commutative(self) -> bool:
         return self._commute

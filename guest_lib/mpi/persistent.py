@@ -70,11 +70,10 @@ class Prequest(Request):
 
     def Free(self) -> None:
         """Make this the null request; an operation still active completes in the
-        background."""
+        background. MPI.Exception(ERR_REQUEST) on a null request."""
+        self._check_live("Free")
         self._op = None
         self._starter = None
-
-    free = Free
 
     def __bool__(self) -> bool:
         return self._starter is not None

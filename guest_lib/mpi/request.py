@@ -184,17 +184,28 @@ class Request:
     get_status_some = Get_status_some
 
     def Cancel(self) -> None:
-        """Cancel a receive not matched yet (its status then says cancelled); else no-op."""
+        """Cancel a receive not matched yet (its status then says cancelled); else no-op.
+        MPI.Exception(ERR_REQUEST) on a null request."""
+        self._check_live("Cancel")
         if self._op is not None and self._engine is not None:
             self._op.cancel(self._engine)
 
     cancel = Cancel
 
     def Free(self) -> None:
-        """Forget the request; the operation still completes in the background."""
+        """Forget the request; the operation still completes in the background.
+        MPI.Exception(ERR_REQUEST) on a null request."""
+        self._check_live("Free")
         self._op = None
 
-    free = Free
+    def free(self) -> None:
+        """Free if not null (mpi4py's `free`)."""
+        if self:
+            self.Free()
+
+    def _check_live(self, call: str) -> None:
+        if not self:
+            raise exceptions.Exception(exceptions.ERR_REQUEST, f"Request.{call} on a null request")
 
     def __reduce__(self) -> Any:
         """REQUEST_NULL pickles as itself; any other request: ValueError (as mpi4py)."""

@@ -78,7 +78,9 @@ class Status:
         self.error = error
 
     def Get_count(self, datatype: Datatype = BYTE) -> int:
-        """Whole elements of `datatype` received; UNDEFINED if the bytes are not a multiple."""
+        """Whole elements of `datatype` received; UNDEFINED if the bytes are not a multiple.
+        MPI.Exception(ERR_TYPE) for DATATYPE_NULL (so for Get_elements, Set_elements)."""
+        datatype._check_handle()
         size = datatype.Get_size()
         if size == 0:
             return 0
@@ -87,6 +89,7 @@ class Status:
 
     def Get_elements(self, datatype: Datatype) -> int:
         """Basic elements received (the base type's count for derived types)."""
+        datatype._check_handle()
         base = datatype.base.Get_size() if datatype.base is not None else datatype.Get_size()
         if base == 0:
             return 0
@@ -94,6 +97,8 @@ class Status:
         return constants.UNDEFINED if rest else whole
 
     def Set_elements(self, datatype: Datatype, count: int) -> None:
+        """The status now says `count` elements of `datatype` were received."""
+        datatype._check_handle()
         self.count = count * datatype.Get_size()
 
     def Is_cancelled(self) -> bool:
