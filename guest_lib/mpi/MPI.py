@@ -357,7 +357,7 @@ def _internal_state() -> dict[str, Any]:
 
 
 KEYVAL_TAG_UB = _KEY_TAG_UB
-KEYVAL_INVALID = 0x24000000  # MPICH's value
+KEYVAL_INVALID = _constants.KEYVAL_INVALID
 APPNUM = _constants.KEY_APPNUM
 UNIVERSE_SIZE = _constants.KEY_UNIVERSE_SIZE
 LASTUSEDCODE = _constants.KEY_LASTUSEDCODE

@@ -172,9 +172,12 @@ class Comm:
         self._name = name
 
     def Is_inter(self) -> bool:
+        """False; MPI.Exception(ERR_COMM) on COMM_NULL (so for Is_intra, Get_topology)."""
+        self._check()
         return False
 
     def Is_intra(self) -> bool:
+        self._check()
         return True
 
     @property
@@ -186,6 +189,7 @@ class Comm:
         return True
 
     def Get_topology(self) -> int:
+        self._check()
         return constants.UNDEFINED
 
     @property
@@ -236,6 +240,12 @@ class Comm:
         return -1
 
     def Get_attr(self, keyval: int) -> Any:
+        """The value of a predefined attribute (TAG_UB, HOST, IO, WTIME_IS_GLOBAL,
+        UNIVERSE_SIZE, LASTUSEDCODE; None for others). MPI.Exception: ERR_COMM on
+        COMM_NULL, ERR_KEYVAL for KEYVAL_INVALID."""
+        self._check()
+        if keyval == constants.KEYVAL_INVALID:
+            raise exceptions.Exception(exceptions.ERR_KEYVAL, "Comm.Get_attr(KEYVAL_INVALID)")
         if keyval == constants.KEY_TAG_UB:
             return constants.TAG_UB
         if keyval in (constants.KEY_HOST, constants.KEY_IO):
@@ -753,7 +763,8 @@ class Comm:
         this communicator and not received are dropped, here and when they arrive later:
         they never show up on a communicator that gets the context next.
         MPI.Exception(ERR_COMM) for COMM_WORLD and COMM_SELF (and handles on them), which
-        stay as they are."""
+        stay as they are, and for COMM_NULL."""
+        self._check()
         if self._engine is not None and 0 <= self._ctx < 4:
             raise exceptions.Exception(exceptions.ERR_COMM, f"cannot free {self.Get_name()}")
         area.free(self)
@@ -764,6 +775,10 @@ class Comm:
         self._engine = None
         self._shm_peer = {}
         self._null = True
+
+    def Disconnect(self) -> None:
+        """Free, with its errors (there are no separately started jobs to wait for here)."""
+        self.Free()
 
     def Abort(self, errorcode: int = 0) -> None:
         """Terminate every process of the job: MPI_Abort through mpi4py's own module under
@@ -802,9 +817,10 @@ class Comm:
         return request
 
     def Get_group(self) -> Any:
+        """A new Group of the members; MPI.Exception(ERR_COMM) on COMM_NULL."""
         from guest_lib.mpi.group import Group
 
-        return Group(list(self._group), self._engine.world_rank if self._engine else -1)
+        return Group(list(self._group), self._check().world_rank)
 
     def Create(self, group: Any) -> Intracomm:
         """The communicator of `group` (a subgroup of this one), in the group's order;
@@ -863,7 +879,10 @@ class Comm:
 
     def Compare(self, comm: Comm) -> int:
         """IDENT (the same communicator), CONGRUENT (same group and order), SIMILAR (same
-        members in another order) or UNEQUAL, as mpi4py's `comm.Compare(other)`."""
+        members in another order) or UNEQUAL, as mpi4py's `comm.Compare(other)`.
+        MPI.Exception(ERR_COMM) if either is COMM_NULL."""
+        self._check()
+        comm._check()
         if self._ctx == comm._ctx and self._group == comm._group:
             return constants.IDENT
         if self._group == comm._group:

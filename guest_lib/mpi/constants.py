@@ -30,6 +30,7 @@ CONGRUENT: Final = 1
 SIMILAR: Final = 2
 UNEQUAL: Final = 3
 
+KEYVAL_INVALID: Final = 0x24000000  # MPICH's value: no attribute key (ERR_KEYVAL)
 KEY_TAG_UB: Final = 0x64400001  # attribute key ids, as MPICH's MPI_TAG_UB etc.
 KEY_HOST: Final = 0x64400003
 KEY_IO: Final = 0x64400005

@@ -298,10 +298,6 @@ class Intercomm(Comm):
             local.Free()
         super().Free()
 
-    def Disconnect(self) -> None:
-        """Free (there are no separately started jobs to wait for here)."""
-        self.Free()
-
     @classmethod
     def Create_from_groups(
         cls,

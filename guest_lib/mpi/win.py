@@ -73,7 +73,7 @@ LOCK_EXCLUSIVE, LOCK_SHARED = 234, 235
 MODE_NOCHECK, MODE_NOSTORE, MODE_NOPUT, MODE_NOPRECEDE, MODE_NOSUCCEED = (
     1024, 2048, 4096, 8192, 16384,
 )  # fmt: skip
-KEYVAL_INVALID = 0x24000000  # MPICH's value (also MPI.KEYVAL_INVALID)
+KEYVAL_INVALID = constants.KEYVAL_INVALID
 
 # ------------------------------------------------------------------ wire
 # A request: header, then its data (Put/Accumulate: the origin bytes; Compare_and_swap: the
@@ -728,8 +728,11 @@ class Win:
 
     def Get_attr(self, keyval: int) -> Any:
         """A predefined attribute (WIN_BASE, WIN_SIZE, WIN_DISP_UNIT, WIN_CREATE_FLAVOR,
-        WIN_MODEL) or the value set for `keyval` (None if unset)."""
+        WIN_MODEL) or the value set for `keyval` (None if unset); MPI.Exception(ERR_KEYVAL)
+        for KEYVAL_INVALID."""
         w = self._check()
+        if keyval == KEYVAL_INVALID:
+            raise _err(exceptions.ERR_KEYVAL, "Win.Get_attr(KEYVAL_INVALID)")
         predefined = {WIN_BASE: w.base, WIN_SIZE: len(w.memory), WIN_DISP_UNIT: w.disp_unit,
                       WIN_CREATE_FLAVOR: w.flavor, WIN_MODEL: WIN_UNIFIED}  # fmt: skip
         if keyval in predefined:

@@ -18,15 +18,6 @@ _NO_POOL = (
     "real limit: MPIPoolExecutor outside `python -m mpi4py.futures` needs Spawn (it raises "
     "BrokenExecutor saying so)"
 )
-_NULL_HANDLES = (
-    "wrong: calls on COMM_NULL (Get_size/Get_rank/Is_inter/Is_intra/Get_group/Get_topology, "
-    "Compare, Free, Get_attr) do not raise MPI.Exception(ERR_COMM) as mpi4py's do, and "
-    "Comm.Disconnect is missing (issue #11)"
-)
-_KEYVAL_INVALID = (
-    "wrong: Get_attr(KEYVAL_INVALID) returns None instead of raising "
-    "MPI.Exception(ERR_KEYVAL) (issue #11)"
-)
 _TYPE_ATTR = "missing: Datatype.Get_attr/Set_attr/Delete_attr (issue #11 point 3)"
 ENTRIES: list[tuple[str, str, str]] = [
     (
@@ -70,14 +61,7 @@ ENTRIES: list[tuple[str, str, str]] = [
         "its namespace recurses through them without end (issue #11)",
     ),
     ("test_dynproc.*", "xfail", "missing: Open_port (issue #11 point 3)"),
-    ("test_exceptions.TestExcComm.testKeyvalInvalid", "xfail", _KEYVAL_INVALID),
-    ("test_exceptions.TestExcCommNull.testAccessors", "xfail", _NULL_HANDLES),
-    ("test_exceptions.TestExcCommNull.testCompare", "xfail", _NULL_HANDLES),
-    ("test_exceptions.TestExcCommNull.testDisconnect", "xfail", _NULL_HANDLES),
-    ("test_exceptions.TestExcCommNull.testFree", "xfail", _NULL_HANDLES),
-    ("test_exceptions.TestExcCommNull.testGetAttr", "xfail", _NULL_HANDLES),
     ("test_exceptions.TestExcDatatype.testKeyvalInvalid", "xfail", _TYPE_ATTR),
-    ("test_exceptions.TestExcWin.testKeyvalInvalid", "xfail", _KEYVAL_INVALID),
     ("test_file.*", "xfail", "missing: FILE_NULL (issue #11 point 3)"),
     (
         "test_grequest.TestGrequest.testConstructor",
