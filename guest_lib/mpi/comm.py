@@ -26,6 +26,7 @@ import numpy as np
 
 from guest_lib.mpi import (
     area,
+    attributes,
     buffers,
     constants,
     errhandler,
@@ -241,7 +242,8 @@ class Comm:
 
     def Get_attr(self, keyval: int) -> Any:
         """The value of a predefined attribute (TAG_UB, HOST, IO, WTIME_IS_GLOBAL,
-        UNIVERSE_SIZE, LASTUSEDCODE; None for others). MPI.Exception: ERR_COMM on
+        UNIVERSE_SIZE, LASTUSEDCODE; None for others) or the value set for a key of
+        Create_keyval (None if unset). MPI.Exception: ERR_COMM on
         COMM_NULL, ERR_KEYVAL for KEYVAL_INVALID."""
         self._check()
         if keyval == constants.KEYVAL_INVALID:
@@ -256,6 +258,8 @@ class Comm:
             return self._check().world_size
         if keyval == constants.KEY_LASTUSEDCODE:
             return exceptions.last_used_code()
+        if _keyvals.known(keyval):
+            return _keyvals.get(self, keyval)
         return None  # APPNUM among them: one program, no MPMD application number to give
 
     def __bool__(self) -> bool:
@@ -733,8 +737,10 @@ class Comm:
         mirror = mirror_coll = None
         if self._has_mpi:
             mirror, mirror_coll = native.dup_mirrors(self)
-        return same_class(self, Intracomm(self._engine, list(self._group), ctx, mirror,
+        made = same_class(self, Intracomm(self._engine, list(self._group), ctx, mirror,
                                           mirror_coll))  # fmt: skip
+        _keyvals.copy(self, made)  # the attributes copy_fn copies (MPI_Comm_dup)
+        return made
 
     Clone = Dup
 
@@ -763,10 +769,11 @@ class Comm:
         this communicator and not received are dropped, here and when they arrive later:
         they never show up on a communicator that gets the context next.
         MPI.Exception(ERR_COMM) for COMM_WORLD and COMM_SELF (and handles on them), which
-        stay as they are, and for COMM_NULL."""
+        stay as they are, and for COMM_NULL. Its attributes are deleted first (delete_fn)."""
         self._check()
-        if self._engine is not None and 0 <= self._ctx < 4:
+        if 0 <= self._ctx < 4:
             raise exceptions.Exception(exceptions.ERR_COMM, f"cannot free {self.Get_name()}")
+        _keyvals.drop(self)
         area.free(self)
         if self._engine is not None and self._ctx >= 4:
             self._engine.drop_context((self._ctx, self._ctx + 1))  # (no longer in use)
@@ -775,6 +782,29 @@ class Comm:
         self._engine = None
         self._shm_peer = {}
         self._null = True
+
+    @classmethod
+    def Create_keyval(cls, copy_fn: Any = None, delete_fn: Any = None,
+                      nopython: bool = False) -> int:  # fmt: skip
+        """A new attribute key for communicators (callbacks: see attributes.Keyvals; Dup
+        copies, Free deletes)."""
+        return _keyvals.create(copy_fn, delete_fn)
+
+    @classmethod
+    def Free_keyval(cls, keyval: int) -> int:
+        """Forget `keyval`; KEYVAL_INVALID. MPI.Exception(ERR_KEYVAL) if it is none."""
+        return _keyvals.free(keyval)
+
+    def Set_attr(self, keyval: int, attrval: Any) -> None:
+        """Set the value for a key of Create_keyval. MPI.Exception: ERR_COMM on COMM_NULL,
+        ERR_KEYVAL for another key."""
+        self._check()
+        _keyvals.set(self, keyval, attrval)
+
+    def Delete_attr(self, keyval: int) -> None:
+        """Remove the value for `keyval` if set (errors as Set_attr)."""
+        self._check()
+        _keyvals.delete(self, keyval)
 
     def Disconnect(self) -> None:
         """Free, with its errors (there are no separately started jobs to wait for here)."""
@@ -1015,4 +1045,5 @@ def _predefined(name: str, same: bool) -> Comm:
     return comm if same else type(comm)(comm)
 
 
+_keyvals = attributes.Keyvals("Comm")
 COMM_NULL = Intracomm(None, [], -1)

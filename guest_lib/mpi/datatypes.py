@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from guest_lib.mpi import constants, exceptions
+from guest_lib.mpi import attributes, constants, exceptions
 from ivshmem_comm.typepack import typed_copy
 
 
@@ -280,7 +280,9 @@ class Datatype:
         self._check_handle()
         new = Datatype(self)
         new._root = new
-        return self._made_from(new, "DUP")
+        made = self._made_from(new, "DUP")
+        _keyvals.copy(self, made)  # the attributes copy_fn copies (MPI_Type_dup)
+        return made
 
     Create_dup = Dup
 
@@ -291,13 +293,46 @@ class Datatype:
         return self
 
     def Free(self) -> None:
-        """Free the type: nothing to give back here (a type is its Python object).
+        """Free the type: its attributes are deleted (delete_fn runs); nothing else to give
+        back (a type is its Python object), and the handle stays as it was (it does not
+        become DATATYPE_NULL: derived types hold their members' handles).
         MPI.Exception(ERR_TYPE) for DATATYPE_NULL and predefined types (as MPI)."""
         if self.is_predefined:
             raise exceptions.Exception(exceptions.ERR_TYPE, f"Free of predefined {self.name}")
+        _keyvals.drop(self)
 
     def free(self) -> None:
         """Free if not null or predefined (mpi4py's `free`): see Free."""
+        if not self.is_predefined:
+            self.Free()
+
+    # ------------------------------------------------------------------ attributes
+    @classmethod
+    def Create_keyval(cls, copy_fn: Any = None, delete_fn: Any = None,
+                      nopython: bool = False) -> int:  # fmt: skip
+        """A new attribute key for datatypes (callbacks: see attributes.Keyvals)."""
+        return _keyvals.create(copy_fn, delete_fn)
+
+    @classmethod
+    def Free_keyval(cls, keyval: int) -> int:
+        """Forget `keyval`; KEYVAL_INVALID. MPI.Exception(ERR_KEYVAL) if it is none."""
+        return _keyvals.free(keyval)
+
+    def Get_attr(self, keyval: int) -> Any:
+        """The value set for `keyval`, None if unset. MPI.Exception: ERR_TYPE on
+        DATATYPE_NULL, ERR_KEYVAL for KEYVAL_INVALID or a key not made by Create_keyval."""
+        self._check_handle()
+        return _keyvals.get(self, keyval)
+
+    def Set_attr(self, keyval: int, attrval: Any) -> None:
+        """Set the value for `keyval` (errors as Get_attr)."""
+        self._check_handle()
+        _keyvals.set(self, keyval, attrval)
+
+    def Delete_attr(self, keyval: int) -> None:
+        """Remove the value for `keyval` if set (errors as Get_attr)."""
+        self._check_handle()
+        _keyvals.delete(self, keyval)
 
     def _check_handle(self) -> None:
         if self.dtype is None:
@@ -1052,6 +1087,7 @@ def _define(name: str, code: str | np.dtype | None, char: str = "", sized: bool 
     return datatype
 
 
+_keyvals = attributes.Keyvals("Datatype")
 DATATYPE_NULL = _define("DATATYPE_NULL", None)
 PACKED = _define("PACKED", "B", "B")
 BYTE = _define("BYTE", "B", "B")

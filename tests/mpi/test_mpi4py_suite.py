@@ -50,7 +50,7 @@ CI_FILES = [
     "test_cco_obj_inter.py", "test_cco_vec_inter.py", "test_p2p_buf_matched.py",
     "test_p2p_obj_matched.py", "test_util_pkl5.py", "test_win.py", "test_rma_nb.py",
     "test_cco_pr_buf.py", "test_environ.py", "test_errhandler.py", "test_session.py",
-    "test_grequest.py",
+    "test_grequest.py", "test_exceptions.py", "test_attributes.py",
 ]  # fmt: skip
 pytestmark = [
     pytest.mark.slow,  # whole jobs of 5-70 s each: out of `make check`, in `make test`
