@@ -39,6 +39,7 @@ from guest_lib.mpi import (
 from guest_lib.mpi.collectives import T_BARRIER, Collectives
 from guest_lib.mpi.collectives_extra import ExtraCollectives
 from guest_lib.mpi.engine import Engine
+from guest_lib.mpi.handles import Handle
 from guest_lib.mpi.matching import DoneOp, Op, RecvOp
 from guest_lib.mpi.pickling import dumps as _dumps
 from guest_lib.mpi.pickling import loads as _loads
@@ -60,7 +61,7 @@ _NO_SPAWN = (
 )
 
 
-class Comm:
+class Comm(Handle):
     """Base communicator (mpi4py's `Comm`); see the module docstring."""
 
     def __new__(cls, *args: Any, **kwargs: Any) -> Any:
@@ -231,14 +232,6 @@ class Comm:
     def is_topo(self) -> bool:
         """False: no process topology (see topology.Topocomm)."""
         return False
-
-    def toint(self) -> int:
-        """-1: there is no C handle (mpi4py's `Comm.fromint` is then not applicable)."""
-        return -1
-
-    def py2f(self) -> int:
-        """-1: there is no Fortran handle."""
-        return -1
 
     def Get_attr(self, keyval: int) -> Any:
         """The value of a predefined attribute (TAG_UB, HOST, IO, WTIME_IS_GLOBAL,

@@ -25,10 +25,11 @@ from typing import Any
 import numpy as np
 
 from guest_lib.mpi import attributes, constants, exceptions
+from guest_lib.mpi.handles import Handle
 from ivshmem_comm.typepack import typed_copy
 
 
-class Datatype:
+class Datatype(Handle):
     """One MPI datatype. `size` and `extent` in bytes; `dtype` the numpy element type."""
 
     __slots__ = (

@@ -26,6 +26,7 @@ from collections.abc import Callable
 from typing import Any
 
 from guest_lib.mpi import exceptions
+from guest_lib.mpi.handles import Handle
 from guest_lib.mpi.request import Request
 
 _RETURN, _FATAL, _ABORT = "ERRORS_RETURN", "ERRORS_ARE_FATAL", "ERRORS_ABORT"
@@ -34,7 +35,7 @@ _UNGUARDED = frozenset({"Set_errhandler", "Get_errhandler", "Call_errhandler", "
                         "Create_errhandler", "Free"})  # fmt: skip
 
 
-class Errhandler:
+class Errhandler(Handle):
     """An error handler handle: a predefined kind (a name), a user function, or null."""
 
     __slots__ = ("_kind",)
@@ -54,14 +55,6 @@ class Errhandler:
             for live in _user_handlers.values():
                 live.discard(self._kind)
             self._kind = None
-
-    def toint(self) -> int:
-        """-1: there is no C handle."""
-        return -1
-
-    def py2f(self) -> int:
-        """-1: there is no Fortran handle."""
-        return -1
 
     def __bool__(self) -> bool:
         return self._kind is not None

@@ -13,9 +13,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from guest_lib.mpi import constants, exceptions
+from guest_lib.mpi.handles import Handle
 
 
-class Group:
+class Group(Handle):
     """Process group; `_ranks` are world ranks in group order (None: the null group)."""
 
     __slots__ = ("_me", "_ranks")

@@ -21,12 +21,13 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 from guest_lib.mpi import exceptions
+from guest_lib.mpi.handles import Handle
 
 MAX_INFO_KEY = 255
 MAX_INFO_VAL = 1024
 
 
-class Info:
+class Info(Handle):
     """A handle on a table of hints; see the module docstring."""
 
     __slots__ = ("_items",)

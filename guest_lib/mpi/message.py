@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 from guest_lib.mpi import buffers, constants, exceptions, native
+from guest_lib.mpi.handles import Handle
 from guest_lib.mpi.matching import RecvOp
 from guest_lib.mpi.pickling import loads as _loads
 from guest_lib.mpi.request import Request
@@ -24,7 +25,7 @@ from guest_lib.mpi.status import Status
 _NULL, _NO_PROC, _MATCHED = 0, 1, 2
 
 
-class Message:
+class Message(Handle):
     """A matched message (see the module docstring); Message() is MESSAGE_NULL, Message(m)
     another handle to m."""
 

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from guest_lib.mpi import datatypes, exceptions
+from guest_lib.mpi.handles import Handle
 
 
 def _loc(better: Callable[[Any, Any], bool]) -> Callable[[Any, Any], Any]:
@@ -44,7 +45,7 @@ MAX_USER_OPS = 32  # live user ops at once (mpi4py's limit: its table of C callb
 _user_ops: set[object] = set()  # the tokens of the live user ops
 
 
-class Op:
+class Op(Handle):
     """One reduction operation (a handle: `Op(op)` is a new handle on the same operation,
     equal to it; `Op()` is OP_NULL). Commutative unless created otherwise."""
 
@@ -154,14 +155,6 @@ class Op:
         out[...] = right
         self.reduce_into(out, left)
 
-    def toint(self) -> int:
-        """-1: there is no C handle."""
-        return -1
-
-    def py2f(self) -> int:
-        """-1: there is no Fortran handle."""
-        return -1
-
     def __bool__(self) -> bool:
         return self._token is not OP_NULL._token
 
@@ -176,9 +169,20 @@ class Op:
     def __repr__(self) -> str:
         return f"<Op {self.name}>"
 
+    @classmethod
+    def fromhandle(cls, handle: int) -> Op:
+        """A new handle on the op numbered `handle` (see handles.Handle); a user op's
+        reduces as the op but does not pickle (as mpi4py's)."""
+        op = super().fromhandle(handle)
+        vars(op)["_from_number"] = op._user is not None
+        return op
+
     def __reduce__(self) -> Any:
         """A predefined op unpickles as itself (a copy of one as an equal new handle); a
-        user op as a new user op of the same function (which must be picklable)."""
+        user op as a new user op of the same function (which must be picklable); ValueError
+        for a user op made by fromhandle/fromint/f2py (as mpi4py's)."""
+        if vars(self).get("_from_number"):
+            raise ValueError("cannot pickle a user op made from its integer handle")
         if self._user is not None:
             return (Op.Create, (self._user, self._commute))
         return (_predefined, (self.name, self is _OPS[self.name]))

@@ -17,11 +17,12 @@ from typing import Any
 
 from guest_lib.mpi import constants, exceptions, pickling
 from guest_lib.mpi.engine import Engine
+from guest_lib.mpi.handles import Handle
 from guest_lib.mpi.matching import Op
 from guest_lib.mpi.status import Status
 
 
-class Request:
+class Request(Handle):
     """A nonblocking operation in flight (or a null request)."""
 
     # _owner: the communicator (window, ...) whose error handler applies to an error this

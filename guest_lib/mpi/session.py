@@ -16,12 +16,13 @@ from typing import Any
 
 from guest_lib.mpi import errhandler, exceptions, memory
 from guest_lib.mpi.group import Group
+from guest_lib.mpi.handles import Handle
 from guest_lib.mpi.info import Info
 
 PSETS = ("mpi://WORLD", "mpi://SELF")
 
 
-class Session:
+class Session(Handle):
     """A session handle (see the module docstring); Session() is SESSION_NULL."""
 
     def __init__(self, session: Session | None = None) -> None:

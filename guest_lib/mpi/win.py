@@ -56,6 +56,7 @@ import numpy as np
 from guest_lib.mpi import buffers, constants, errhandler, exceptions, ops
 from guest_lib.mpi.engine import StagedOp
 from guest_lib.mpi.group import Group
+from guest_lib.mpi.handles import Handle
 from guest_lib.mpi.info import Info
 from guest_lib.mpi.matching import DoneOp, Op, RecvOp
 from guest_lib.mpi.memory import Get_address
@@ -481,7 +482,7 @@ def _single(spec: Any, writable: bool, what: str) -> buffers.Spec:
 
 
 # ------------------------------------------------------------------ the handle
-class Win:
+class Win(Handle):
     """A window handle (mpi4py's `Win`); `Win()` is a new null handle. See the module
     docstring for the model."""
 

@@ -1,0 +1,70 @@
+"""Integer handles: mpi4py's `handle`, `fromhandle`, `toint`, `fromint`, `py2f`, `f2py`.
+
+There are no C or Fortran handles under this library, so the integer of a handle is a
+number this process gives the object the first time it is asked for one (0 for a null
+handle): equal handles (handles on one object) get the same number, and
+`type(h).fromhandle(h.handle)` (or `fromint`, `f2py`) is a new handle equal to `h`. The
+numbers mean nothing in another process. Objects that were given a number stay known to
+this process (as a C handle stays valid until freed); a freed object's number gives a
+null handle (the freed object itself).
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any, TypeVar
+
+T = TypeVar("T", bound="Handle")
+
+_numbers = itertools.count(1)
+_by_number: dict[int, Any] = {}
+_by_object: dict[Any, int] = {}  # keyed by the objects' equality: equal handles share
+
+
+class Handle:
+    """Mixin giving a handle class the integer-handle methods (see the module docstring).
+    The class must hash and compare equal handles alike, and `cls(h)` must make a new
+    handle on `h`'s object and `cls()` a null one."""
+
+    __slots__ = ()
+
+    @property
+    def handle(self) -> int:
+        """This handle's number (0 for a null handle)."""
+        return self.toint()
+
+    def toint(self) -> int:
+        """This handle's number (0 for a null handle)."""
+        if not self:
+            return 0
+        number = _by_object.get(self)
+        if number is None:
+            number = next(_numbers)
+            _by_object[self] = number
+            _by_number[number] = self
+        return number
+
+    def py2f(self) -> int:
+        """As toint (there is no Fortran handle to give)."""
+        return self.toint()
+
+    @classmethod
+    def fromhandle(cls: type[T], handle: int) -> T:
+        """A new handle on the object numbered `handle` (0: a null one). ValueError for a
+        number this process did not give to an object of this class."""
+        if handle == 0:
+            return cls()
+        found = _by_number.get(int(handle))
+        if not isinstance(found, cls):
+            raise ValueError(f"{cls.__name__}: no handle {handle} in this process")
+        return cls(found)  # type: ignore[call-arg]
+
+    @classmethod
+    def fromint(cls: type[T], value: int) -> T:
+        """As fromhandle."""
+        return cls.fromhandle(value)
+
+    @classmethod
+    def f2py(cls: type[T], value: int) -> T:
+        """As fromhandle."""
+        return cls.fromhandle(value)

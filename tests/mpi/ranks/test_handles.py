@@ -1,0 +1,31 @@
+"""Integer handles (handle/fromhandle/toint/fromint/py2f/f2py) as mpi4py's: a handle's
+number gives back an equal handle; null handles are 0."""
+
+from __future__ import annotations
+
+import pytest
+
+from guest_lib.mpi import MPI
+
+
+def test_numbers_give_back_equal_handles():
+    comm = MPI.COMM_WORLD.Dup()
+    request = comm.Irecv(bytearray(1), source=MPI.PROC_NULL)
+    objects = [comm, MPI.COMM_WORLD, comm.Get_group(), MPI.DOUBLE.Create_vector(2, 1, 3),
+               MPI.SUM, MPI.Op.Create(lambda a, b, t: None), request, MPI.Info.Create(),
+               MPI.ERRORS_RETURN, MPI.MESSAGE_NO_PROC]  # fmt: skip
+    numbers = set()
+    for obj in objects:
+        kind = type(obj)
+        assert kind.fromhandle(obj.handle) == obj and kind.fromhandle(obj.handle) is not obj
+        assert kind.fromint(obj.toint()) == obj and kind.f2py(obj.py2f()) == obj
+        assert obj.handle == kind(obj).handle != 0  # handles on one object share it
+        numbers.add(obj.handle)
+    assert len(numbers) == len(objects)
+    request.Wait()
+    assert MPI.Request.fromhandle(request.handle) == MPI.REQUEST_NULL  # complete: null
+    for null in (MPI.COMM_NULL, MPI.GROUP_NULL, MPI.DATATYPE_NULL, MPI.OP_NULL, MPI.INFO_NULL):
+        assert null.handle == 0 and type(null).fromhandle(0) == null
+    with pytest.raises(ValueError):
+        MPI.Comm.fromhandle(MPI.SUM.handle)  # a number of another class
+    comm.Free()
