@@ -14,7 +14,7 @@ from __future__ import annotations
 import itertools
 import traceback
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 from guest_lib.mpi import constants, exceptions
 
@@ -89,6 +89,40 @@ class Keyvals:
         """Delete every value set on `obj` (it is being freed)."""
         for keyval in list(self._values.get(obj, {})):
             self.delete(obj, keyval)
+
+
+class Cached:
+    """Mixin: mpi4py's Create_keyval, Free_keyval, Set_attr and Delete_attr over the class's
+    `_keyvals`; `_check_attr_target()` raises the class's error for a null handle."""
+
+    __slots__ = ()
+    _keyvals: ClassVar[Keyvals]
+
+    def _check_attr_target(self) -> Any:
+        raise NotImplementedError
+
+    @classmethod
+    def Create_keyval(cls, copy_fn: Any = None, delete_fn: Any = None,
+                      nopython: bool = False) -> int:  # fmt: skip
+        """A new attribute key of this kind (callbacks: see Keyvals; Dup copies, Free
+        deletes)."""
+        return cls._keyvals.create(copy_fn, delete_fn)
+
+    @classmethod
+    def Free_keyval(cls, keyval: int) -> int:
+        """Forget `keyval`; KEYVAL_INVALID. MPI.Exception(ERR_KEYVAL) if it is none."""
+        return cls._keyvals.free(keyval)
+
+    def Set_attr(self, keyval: int, attrval: Any) -> None:
+        """Set the value for a key of Create_keyval. MPI.Exception: the class's null-handle
+        error, ERR_KEYVAL for another key."""
+        self._check_attr_target()
+        self._keyvals.set(self, keyval, attrval)
+
+    def Delete_attr(self, keyval: int) -> None:
+        """Remove the value for `keyval` if set (errors as Set_attr)."""
+        self._check_attr_target()
+        self._keyvals.delete(self, keyval)
 
 
 def _callback(function: Callable[..., Any], obj: Any, keyval: int, value: Any) -> Any:

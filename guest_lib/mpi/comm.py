@@ -61,7 +61,7 @@ _NO_SPAWN = (
 )
 
 
-class Comm(Handle):
+class Comm(attributes.Cached, Handle):
     """Base communicator (mpi4py's `Comm`); see the module docstring."""
 
     def __new__(cls, *args: Any, **kwargs: Any) -> Any:
@@ -142,6 +142,9 @@ class Comm(Handle):
         if self._engine is None:
             raise exceptions.Exception(exceptions.ERR_COMM, "null communicator")
         return self._engine
+
+    _keyvals = attributes.Keyvals("Comm")  # the attributes of communicators
+    _check_attr_target = _check
 
     def Get_rank(self) -> int:
         self._check()
@@ -251,8 +254,8 @@ class Comm(Handle):
             return self._check().world_size
         if keyval == constants.KEY_LASTUSEDCODE:
             return exceptions.last_used_code()
-        if _keyvals.known(keyval):
-            return _keyvals.get(self, keyval)
+        if self._keyvals.known(keyval):
+            return self._keyvals.get(self, keyval)
         return None  # APPNUM among them: one program, no MPMD application number to give
 
     def __bool__(self) -> bool:
@@ -732,7 +735,7 @@ class Comm(Handle):
             mirror, mirror_coll = native.dup_mirrors(self)
         made = same_class(self, Intracomm(self._engine, list(self._group), ctx, mirror,
                                           mirror_coll))  # fmt: skip
-        _keyvals.copy(self, made)  # the attributes copy_fn copies (MPI_Comm_dup)
+        self._keyvals.copy(self, made)  # the attributes copy_fn copies (MPI_Comm_dup)
         return made
 
     Clone = Dup
@@ -766,7 +769,7 @@ class Comm(Handle):
         self._check()
         if 0 <= self._ctx < 4:
             raise exceptions.Exception(exceptions.ERR_COMM, f"cannot free {self.Get_name()}")
-        _keyvals.drop(self)
+        self._keyvals.drop(self)
         area.free(self)
         if self._engine is not None and self._ctx >= 4:
             self._engine.drop_context((self._ctx, self._ctx + 1))  # (no longer in use)
@@ -775,29 +778,6 @@ class Comm(Handle):
         self._engine = None
         self._shm_peer = {}
         self._null = True
-
-    @classmethod
-    def Create_keyval(cls, copy_fn: Any = None, delete_fn: Any = None,
-                      nopython: bool = False) -> int:  # fmt: skip
-        """A new attribute key for communicators (callbacks: see attributes.Keyvals; Dup
-        copies, Free deletes)."""
-        return _keyvals.create(copy_fn, delete_fn)
-
-    @classmethod
-    def Free_keyval(cls, keyval: int) -> int:
-        """Forget `keyval`; KEYVAL_INVALID. MPI.Exception(ERR_KEYVAL) if it is none."""
-        return _keyvals.free(keyval)
-
-    def Set_attr(self, keyval: int, attrval: Any) -> None:
-        """Set the value for a key of Create_keyval. MPI.Exception: ERR_COMM on COMM_NULL,
-        ERR_KEYVAL for another key."""
-        self._check()
-        _keyvals.set(self, keyval, attrval)
-
-    def Delete_attr(self, keyval: int) -> None:
-        """Remove the value for `keyval` if set (errors as Set_attr)."""
-        self._check()
-        _keyvals.delete(self, keyval)
 
     def Disconnect(self) -> None:
         """Free, with its errors (there are no separately started jobs to wait for here)."""
@@ -1038,5 +1018,4 @@ def _predefined(name: str, same: bool) -> Comm:
     return comm if same else type(comm)(comm)
 
 
-_keyvals = attributes.Keyvals("Comm")
 COMM_NULL = Intracomm(None, [], -1)

@@ -29,7 +29,7 @@ from guest_lib.mpi.handles import Handle
 from ivshmem_comm.typepack import typed_copy
 
 
-class Datatype(Handle):
+class Datatype(attributes.Cached, Handle):
     """One MPI datatype. `size` and `extent` in bytes; `dtype` the numpy element type."""
 
     __slots__ = (
@@ -282,7 +282,7 @@ class Datatype(Handle):
         new = Datatype(self)
         new._root = new
         made = self._made_from(new, "DUP")
-        _keyvals.copy(self, made)  # the attributes copy_fn copies (MPI_Type_dup)
+        self._keyvals.copy(self, made)  # the attributes copy_fn copies (MPI_Type_dup)
         return made
 
     Create_dup = Dup
@@ -300,7 +300,7 @@ class Datatype(Handle):
         MPI.Exception(ERR_TYPE) for DATATYPE_NULL and predefined types (as MPI)."""
         if self.is_predefined:
             raise exceptions.Exception(exceptions.ERR_TYPE, f"Free of predefined {self.name}")
-        _keyvals.drop(self)
+        self._keyvals.drop(self)
 
     def free(self) -> None:
         """Free if not null or predefined (mpi4py's `free`): see Free."""
@@ -308,36 +308,18 @@ class Datatype(Handle):
             self.Free()
 
     # ------------------------------------------------------------------ attributes
-    @classmethod
-    def Create_keyval(cls, copy_fn: Any = None, delete_fn: Any = None,
-                      nopython: bool = False) -> int:  # fmt: skip
-        """A new attribute key for datatypes (callbacks: see attributes.Keyvals)."""
-        return _keyvals.create(copy_fn, delete_fn)
-
-    @classmethod
-    def Free_keyval(cls, keyval: int) -> int:
-        """Forget `keyval`; KEYVAL_INVALID. MPI.Exception(ERR_KEYVAL) if it is none."""
-        return _keyvals.free(keyval)
-
     def Get_attr(self, keyval: int) -> Any:
         """The value set for `keyval`, None if unset. MPI.Exception: ERR_TYPE on
         DATATYPE_NULL, ERR_KEYVAL for KEYVAL_INVALID or a key not made by Create_keyval."""
         self._check_handle()
-        return _keyvals.get(self, keyval)
-
-    def Set_attr(self, keyval: int, attrval: Any) -> None:
-        """Set the value for `keyval` (errors as Get_attr)."""
-        self._check_handle()
-        _keyvals.set(self, keyval, attrval)
-
-    def Delete_attr(self, keyval: int) -> None:
-        """Remove the value for `keyval` if set (errors as Get_attr)."""
-        self._check_handle()
-        _keyvals.delete(self, keyval)
+        return self._keyvals.get(self, keyval)
 
     def _check_handle(self) -> None:
         if self.dtype is None:
             raise exceptions.Exception(exceptions.ERR_TYPE, f"datatype {self.name}")
+
+    _keyvals = attributes.Keyvals("Datatype")  # the attributes of datatypes
+    _check_attr_target = _check_handle
 
     def Create_contiguous(self, count: int) -> Datatype:
         """`count` elements of this type back to back (uncommitted, as MPI). A count past
@@ -1088,7 +1070,6 @@ def _define(name: str, code: str | np.dtype | None, char: str = "", sized: bool 
     return datatype
 
 
-_keyvals = attributes.Keyvals("Datatype")
 DATATYPE_NULL = _define("DATATYPE_NULL", None)
 PACKED = _define("PACKED", "B", "B")
 BYTE = _define("BYTE", "B", "B")
