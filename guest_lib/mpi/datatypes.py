@@ -34,7 +34,8 @@ class Datatype(attributes.Cached, Handle):
 
     __slots__ = (
         "_align", "_blocks", "_char", "_combiner", "_committed", "_extent", "_lb", "_old",
-        "_params", "_root", "_runs", "_size", "_sized", "base", "count", "dtype", "name",
+        "_params", "_pending", "_root", "_runs", "_size", "_sized", "base", "count", "dtype",
+        "name",
     )  # fmt: skip
 
     def __init__(
@@ -47,8 +48,7 @@ class Datatype(attributes.Cached, Handle):
         count: int = 1,
     ) -> None:
         if isinstance(name, Datatype):  # mpi4py's Datatype(other): a second handle on it
-            for slot in Datatype.__slots__:
-                setattr(self, slot, getattr(name, slot))
+            _copy_slots(self, name)
             return
         if not isinstance(name, str):
             raise TypeError(f"Datatype: expecting a Datatype, got {type(name).__name__}")
@@ -66,6 +66,9 @@ class Datatype(attributes.Cached, Handle):
         self.count = count
         self._committed = True
         self._blocks: np.ndarray | None = None  # the merged pieces of a packing type
+        # the blocks (as `_derived` takes them) whose pieces `_map` has still to place: a
+        # type's map is made on first use, not by its constructor
+        self._pending: list[tuple[Any, int, Datatype]] | None = None
         self._runs: np.ndarray | None = None  # its compiled map (see `compiled`), made once
         self._lb = 0
         self._size = 0 if dtype is None else dtype.itemsize
@@ -106,7 +109,21 @@ class Datatype(attributes.Cached, Handle):
     def packs(self) -> bool:
         """True iff messages of this type are not its buffer's bytes as they lie (gaps, a
         lower bound or an extent other than the size): see the module docstring."""
-        return self._blocks is not None
+        return self._map() is not None
+
+    def _map(self) -> np.ndarray | None:
+        """The merged pieces of a packing type, None for a plain one; made here on first
+        use from the pending blocks (`_blocks` is set before `_pending` is cleared, so a
+        thread that sees no pending blocks sees the map)."""
+        pending = self._pending
+        if pending is not None:
+            pieces = _placed_small(pending)
+            if pieces is None:
+                placed = [_placed(disp, count, old) for disp, count, old in pending if count]
+                pieces = _merged(np.concatenate(placed) if placed else _NO_PIECES)
+            _set_layout(self, pieces, self._lb, self._extent)
+            self._pending = None
+        return self._blocks
 
     @property
     def is_predefined(self) -> bool:
@@ -241,8 +258,9 @@ class Datatype(attributes.Cached, Handle):
         """The compiled type map: (byte offset, length) int64 rows of one element's data,
         in type-map order, pieces that follow on in memory merged (made once, with the
         type). What `pack_into`/`unpack_from` copy by."""
-        if self._blocks is not None:
-            return self._blocks
+        blocks = self._map()
+        if blocks is not None:
+            return blocks
         return np.array([[0, self._size]] if self._size else _NO_PIECES, dtype=np.int64)
 
     def compiled(self) -> np.ndarray:
@@ -430,13 +448,19 @@ class Datatype(attributes.Cached, Handle):
         for n, m, s in zip(sizes, subsizes, starts, strict=True):
             if n < 1 or m < 1 or s < 0 or s + m > n:
                 raise exceptions.Exception(exceptions.ERR_ARG, f"subarray {m}@{s} of {n}")
+        stride = 1  # elements in the whole array
+        for n in sizes:
+            stride *= n
+        if subsizes == sizes:  # the whole array, in either order: its elements in turn
+            new = _derived(f"SUBARRAY({self.name})", [(0, stride, self)])
+            return self._made_from(_resized(new, 0, stride * self._extent), "SUBARRAY", **params)
         if order == constants.ORDER_FORTRAN:
             sizes, subsizes, starts = sizes[::-1], subsizes[::-1], starts[::-1]
         index = np.zeros(1, dtype=np.int64)  # element offsets of the block, C order
-        stride = 1
+        step = 1
         for n, m, s in zip(reversed(sizes), reversed(subsizes), reversed(starts), strict=True):
-            index = ((np.arange(s, s + m, dtype=np.int64) * stride)[:, None] + index).ravel()
-            stride *= n
+            index = ((np.arange(s, s + m, dtype=np.int64) * step)[:, None] + index).ravel()
+            step *= n
         new = _derived(f"SUBARRAY({self.name})", [(index * self._extent, 1, self)])
         return self._made_from(_resized(new, 0, stride * self._extent), "SUBARRAY", **params)
 
@@ -629,6 +653,17 @@ class Datatype(attributes.Cached, Handle):
         return (_rebuild, (old, combiner, params, self._committed))
 
 
+def _copy_slots(new: Datatype, old: Datatype) -> None:
+    """Every slot of `old` into `new` (attribute by attribute: a loop over __slots__ with
+    getattr/setattr costs several times more, and handles are made by the thousand)."""
+    new._align, new._blocks, new._char = old._align, old._blocks, old._char
+    new._combiner, new._committed, new._extent = old._combiner, old._committed, old._extent
+    new._lb, new._old, new._params = old._lb, old._old, old._params
+    new._pending, new._root, new._runs = old._pending, old._root, old._runs
+    new._size, new._sized, new.base = old._size, old._sized, old.base
+    new.count, new.dtype, new.name = old.count, old.dtype, old.name
+
+
 _INT_MAX = (1 << 31) - 1
 
 
@@ -660,7 +695,8 @@ def _derived(name: str, blocks: list[tuple[Any, int, Datatype]], struct: bool = 
         if count == 0 or (many and not len(disp)):
             continue
         first, last = (int(disp.min()), int(disp.max())) if many else (disp, disp)
-        plain = plain and not many and old._blocks is None and old._lb == 0 and disp == size
+        plain = plain and not many and old._pending is None and old._blocks is None
+        plain = plain and old._lb == 0 and disp == size
         plain = plain and (old._extent == old._size or count == 1)
         if not any(old.base is b for b in bases):
             bases.append(old.base)
@@ -682,11 +718,8 @@ def _derived(name: str, blocks: list[tuple[Any, int, Datatype]], struct: bool = 
     if plain and lb == 0 and extent == size:
         new._lb, new._extent = 0, size
         return new
-    small = _placed_small(blocks)
-    if small is not None:
-        return _set_layout(new, small, lb, extent)
-    pieces = [_placed(disp, count, old) for disp, count, old in blocks if count]
-    return _set_layout(new, _merged(np.concatenate(pieces) if pieces else _NO_PIECES), lb, extent)
+    new._lb, new._extent, new._pending = lb, extent, blocks  # the map: see Datatype._map
+    return new
 
 
 @functools.lru_cache(maxsize=1024)
@@ -709,12 +742,14 @@ def _placed_small(blocks: list[tuple[Any, int, Datatype]]) -> np.ndarray | None:
     for disp, count, old in blocks:
         if isinstance(disp, np.ndarray):
             return None
-        total += count * (1 if old._blocks is None else len(old._blocks))
+        made = old._map()
+        total += count * (1 if made is None else len(made))
         if total > _SMALL:
             return None
     out: list[list[int]] = []
     for disp, count, old in blocks:
-        own = [(0, old._size)] if old._blocks is None else old._blocks.tolist()
+        blocks_of_old = old._blocks  # made above
+        own = [(0, old._size)] if blocks_of_old is None else blocks_of_old.tolist()
         for i in range(count):
             base = disp + i * old._extent
             for offset, length in own:
@@ -800,7 +835,11 @@ def _set_layout(new: Datatype, pieces: np.ndarray, lb: int, extent: int) -> Data
 
 
 def _resized(old: Datatype, lb: int, extent: int) -> Datatype:
-    return _set_layout(old, old.pieces(), lb, extent)
+    """`old` (just made by `_derived`) with lower bound `lb` and extent `extent`."""
+    if old._pending is None:
+        return _set_layout(old, old.pieces(), lb, extent)
+    old._lb, old._extent = lb, extent  # its map, made later, is judged with these
+    return old
 
 
 # ------------------------------------------------------------------------ pack and unpack

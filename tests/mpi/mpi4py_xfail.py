@@ -464,9 +464,10 @@ ENTRIES: list[tuple[str, str, str]] = [
     (
         "test_util_dtlib.TestUtilDTLib.testStruct[12]",
         "skip",
-        "slow: they pass (run with a 400 s limit), but their ~30,000 and ~60,000 numpy<->MPI "
-        "struct round trips through the Python datatype constructors overrun the 60 s "
-        "per-test limit, at 4 ranks on 2 CPUs by far",
+        "slow: they pass, but their ~35,000 and ~72,000 numpy<->MPI struct round trips cost "
+        "~8 s of CPU each per rank (half in mpi4py.util.dtlib itself, the rest in the "
+        "datatype constructors, maps made lazily), past the 60 s per-test limit on a "
+        "loaded 2-CPU machine at any rank count",
     ),
     ("test_util_pool.TestProcessPool.test_[!aeu]*", "xfail@1", _NO_POOL),
     ("test_util_pool.TestProcessPool.test_a[!r]*", "xfail@1", _NO_POOL),
