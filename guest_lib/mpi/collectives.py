@@ -1050,9 +1050,15 @@ class Collectives:
 
     @collective(fast=_f_reduce)
     def Reduce(self, sendbuf: Any, recvbuf: Any, op: ops.Op = ops.SUM, root: int = 0) -> None:
-        """Reduce to `root`: operands are folded there as they arrive, read in place."""
+        """Reduce to `root`: operands are folded there as they arrive, read in place.
+        ValueError at the root (before any data moves; the other ranks then raise
+        MPI.Exception(ERR_OTHER), see the module docstring) when sendbuf and recvbuf differ
+        in datatype or count, as mpi4py."""
         size, rank = self._sizes()
         self._root(root)
+        area.bound(self)  # (every member binds before an argument error: see area.bound)
+        if rank == root and sendbuf is not IN_PLACE:
+            _same_message(buffers.parse(sendbuf), buffers.parse(recvbuf, writable=True))
         if self._has_mpi and op.is_commutative:
             spec = buffers.parse(sendbuf if sendbuf is not IN_PLACE else recvbuf)
             scratch = np.array(_array(spec.view, spec.datatype))
@@ -1194,23 +1200,30 @@ class Collectives:
         self, sendbuf: Any, rspec: buffers.Spec, counts: list[int], op: ops.Op
     ) -> None:
         """Reduce_scatter(_block) once the counts are known: every argument is checked
-        before any data moves."""
+        before any data moves. ValueError, as mpi4py, when sendbuf's datatype is not
+        recvbuf's, its count not sum(counts), or recvbuf's count not counts[rank] (with
+        IN_PLACE: recvbuf's count not sum(counts))."""
         size, rank = self._sizes()
+        area.bound(self)  # (every member binds before an argument error: see area.bound)
         datatype = rspec.datatype
         total = sum(counts)
         if sendbuf is IN_PLACE:
+            if rspec.count != total:
+                raise ValueError(
+                    f"mismatch in receive count {rspec.count} and sum(recvcounts) {total}"
+                )
             full = _array(rspec.view, datatype).copy()  # the result overwrites the operand
         else:
-            full = _array(buffers.parse(sendbuf).view, datatype)
+            sspec = buffers.parse(sendbuf)
+            _same_message(sspec, rspec._replace(count=total), "sum(recvcounts)")
+            if rspec.count != counts[rank]:
+                raise ValueError(
+                    f"mismatch in receive count {rspec.count} and recvcounts[{rank}] {counts[rank]}"
+                )
+            full = _array(sspec.view, datatype)
         if len(full) < total:
             raise ValueError(f"Reduce_scatter: {len(full)} elements to send, {total} expected")
-        out = _array(rspec.view, datatype)
-        if len(out) < counts[rank]:
-            raise exceptions.Exception(
-                exceptions.ERR_TRUNCATE,
-                f"Reduce_scatter: {counts[rank]} elements into a {len(out)}-element buffer",
-            )
-        out = out[: counts[rank]]
+        out = _array(rspec.view, datatype)[: counts[rank]]  # (IN_PLACE: its first part)
         ufunc = area.ufunc_of(op, full)
         if self._area_run(
             lambda: (
@@ -1393,6 +1406,15 @@ class Collectives:
             op.reduce_into(result, operands[r], datatype)
         assert out is not None
         out[...] = result
+
+
+def _same_message(sspec: buffers.Spec, rspec: buffers.Spec, what: str = "receive count") -> None:
+    """mpi4py's check of a reduction's messages: ValueError unless the send and receive
+    specs have the same datatype and count (`what` names the receive side's count)."""
+    if sspec.datatype != rspec.datatype:
+        raise ValueError("mismatch in send and receive MPI datatypes")
+    if sspec.count != rspec.count:
+        raise ValueError(f"mismatch in send count {sspec.count} and {what} {rspec.count}")
 
 
 def reduce_scatter_counts(recvcounts: Any, size: int, sendbuf: Any) -> list[int] | None:

@@ -207,16 +207,6 @@ ENTRIES: list[tuple[str, str, str]] = [
         "real limit: buffers behind __cuda_array_interface__ are device memory",
     ),
     (
-        "test_msgspec.TestMessageReduce.testMessageBad",
-        "xfail",
-        "wrong: Reduce must raise ValueError on mismatched datatypes/counts (issue #11)",
-    ),
-    (
-        "test_msgspec.TestMessageReduceScatter.testMessageBad",
-        "xfail",
-        "wrong: Reduce_scatter must raise ValueError on mismatched datatypes (issue #11)",
-    ),
-    (
         "test_msgspec.TestMessageRMA.testMessageCAIBuf",
         "xfail",
         "real limit: buffers behind __cuda_array_interface__ are device memory",
