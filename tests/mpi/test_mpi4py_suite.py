@@ -8,10 +8,10 @@ MPI` gets this project's MPI. A test running longer than PER_TEST_S ends its ran
 thread's Python stack (faulthandler), reported here as a hang. tests/mpi/mpi4py_xfail.py is
 the expected-failure list: a test fails this check if it fails unlisted, or passes listed.
 
-CI runs the files of CI_FILES (the point-to-point, collective, request, status, group,
-datatype and pickle parts: ~2 min at 1/2/4 ranks). The whole suite:
+`make test` (and so CI) runs every file of the suite, FILES, at 1, 2 and 4 ranks; one or a
+few by hand:
 
-    IVSHMEM_MPI4PY_SUITE=all .venv/bin/python -m pytest tests/mpi/test_mpi4py_suite.py
+    .venv/bin/python -m pytest tests/mpi/test_mpi4py_suite.py -k 'test_win.py or test_rma.py'
 
 and IVSHMEM_MPI4PY_SUITE_REPORT=FILE appends one JSON line per (file, ranks) with the
 counts of each outcome (how /work/notes-style summaries are made). It runs on the C path
@@ -41,16 +41,22 @@ RANK_PROGRAM = str(Path(__file__).with_name("programs") / "mpi4py_suite_rank.py"
 XFAIL = str(Path(__file__).with_name("mpi4py_xfail.py"))
 PER_TEST_S = 60
 JOB_S = 600
-CI_FILES = [
-    "test_p2p_obj.py", "test_p2p_buf.py", "test_cco_obj.py", "test_cco_buf.py",
-    "test_cco_vec.py", "test_cco_nb_buf.py", "test_cco_nb_vec.py", "test_msgspec.py",
-    "test_msgzero.py", "test_request.py", "test_status.py", "test_group.py", "test_comm.py",
-    "test_datatype.py", "test_op.py", "test_pickle.py", "test_toplevel.py",
-    "test_errorcode.py", "test_util_dtlib.py", "test_comm_inter.py", "test_cco_buf_inter.py",
-    "test_cco_obj_inter.py", "test_cco_vec_inter.py", "test_p2p_buf_matched.py",
-    "test_p2p_obj_matched.py", "test_util_pkl5.py", "test_win.py", "test_rma_nb.py",
-    "test_cco_pr_buf.py", "test_environ.py", "test_errhandler.py", "test_session.py",
-    "test_grequest.py", "test_exceptions.py", "test_attributes.py",
+FILES = [  # every test file of the pinned sdist (test_suite_files_are_the_sdists checks)
+    "test_address.py", "test_attributes.py", "test_buffer.py", "test_cco_buf.py",
+    "test_cco_buf_inter.py", "test_cco_nb_buf.py", "test_cco_nb_vec.py", "test_cco_ngh_buf.py",
+    "test_cco_ngh_obj.py", "test_cco_obj.py", "test_cco_obj_inter.py", "test_cco_pr_buf.py",
+    "test_cco_pr_ngh_buf.py", "test_cco_pr_vec.py", "test_cco_vec.py", "test_cco_vec_inter.py",
+    "test_cffi.py", "test_comm.py", "test_comm_inter.py", "test_comm_topo.py", "test_ctypes.py",
+    "test_datatype.py", "test_doc.py", "test_dynproc.py", "test_environ.py", "test_errhandler.py",
+    "test_errorcode.py", "test_exceptions.py", "test_file.py", "test_grequest.py", "test_group.py",
+    "test_handle.py", "test_info.py", "test_io.py", "test_mpiabi.py", "test_mpiapi.py",
+    "test_mpimem.py", "test_msgspec.py", "test_msgzero.py", "test_objmodel.py", "test_op.py",
+    "test_p2p_buf.py", "test_p2p_buf_matched.py", "test_p2p_buf_part.py", "test_p2p_obj.py",
+    "test_p2p_obj_matched.py", "test_pack.py", "test_package.py", "test_pickle.py",
+    "test_request.py", "test_rma.py", "test_rma_nb.py", "test_session.py", "test_spawn.py",
+    "test_status.py", "test_subclass.py", "test_threads.py", "test_toplevel.py", "test_ulfm.py",
+    "test_util_dtlib.py", "test_util_pkl5.py", "test_util_pool.py", "test_util_sync.py",
+    "test_win.py",
 ]  # fmt: skip
 pytestmark = [
     pytest.mark.slow,  # whole jobs of 5-70 s each: out of `make check`, in `make test`
@@ -89,10 +95,10 @@ def suite_dir() -> Path:
     return sdist_part("test", "runtests.py")
 
 
-def suite_files() -> list[str]:
-    if os.environ.get("IVSHMEM_MPI4PY_SUITE") == "all":
-        return sorted(p.name for p in suite_dir().glob("test_*.py"))
-    return CI_FILES
+def test_suite_files_are_the_sdists() -> None:
+    """FILES names exactly the test files of the pinned sdist (a version bump must update
+    it, so that no file of the suite silently goes unrun)."""
+    assert sorted(p.name for p in suite_dir().glob("test_*.py")) == FILES
 
 
 def run_file(name: str, ranks: int, out: Path) -> tuple[subprocess.CompletedProcess[str], list]:
@@ -111,7 +117,7 @@ def run_file(name: str, ranks: int, out: Path) -> tuple[subprocess.CompletedProc
 
 
 @pytest.mark.parametrize("ranks", [1, 2, 4])
-@pytest.mark.parametrize("name", suite_files())
+@pytest.mark.parametrize("name", FILES)
 def test_mpi4py_suite_file(name, ranks, tmp_path):
     start = time.monotonic()
     done, per_rank = run_file(name, ranks, tmp_path / "out")
