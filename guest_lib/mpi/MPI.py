@@ -372,6 +372,25 @@ def Get_hw_resource_info() -> Info:
     return Info.Create()
 
 
+def Get_abi_version() -> tuple[int, int]:
+    """MPI-5's ABI version: (-1, -1), this MPI is not built on the standard ABI."""
+    return -1, -1
+
+
+def Get_abi_info() -> Info:
+    """MPI-5's ABI information: a new Info whose `mpi_aint_size`, `mpi_count_size` and
+    `mpi_offset_size` give the sizes in bytes of AINT, COUNT and OFFSET here."""
+    info = Info.Create()
+    for name in ("aint", "count", "offset"):
+        info.Set(f"mpi_{name}_size", str(globals()[name.upper()].Get_size()))
+    return info
+
+
+def Get_abi_fortran_info() -> Info:
+    """MPI-5's Fortran ABI information: INFO_NULL, this MPI has no Fortran binding."""
+    return INFO_NULL
+
+
 __all__ = [name for name in dir() if not name.startswith("_") and name != "annotations"]
 _unused = (  # names re-exported on purpose (mpi4py's MPI namespace), not used here
     ANY_SOURCE, ANY_TAG, BOTTOM, CONGRUENT, IDENT, IN_PLACE, KEY_HOST, KEY_IO,

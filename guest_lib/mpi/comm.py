@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+import warnings
 import zlib
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -390,7 +391,10 @@ class Comm(attributes.Cached, Handle):
         tag: int = constants.ANY_TAG,
         status: Status | None = None,
     ) -> Any:
-        """Receive and return an object (`buf` is accepted and ignored, as in mpi4py)."""
+        """Receive and return an object. `buf` is ignored, as in mpi4py: an int (a size
+        hint) silently, anything else with a UserWarning saying so."""
+        if buf is not None and not isinstance(buf, int):
+            warnings.warn("recv() ignores its buffer argument", UserWarning, stacklevel=2)
         self._source(source)
         self._recv_tag(tag)
         return self._recv_obj(source, tag, self._ctx, status)
