@@ -360,26 +360,30 @@ ENTRIES: list[tuple[str, str, str]] = [
     (
         "test_p2p_buf.TestP2PBufSelf.testConstructor",
         "xfail",
-        "wrong: MPI.Prequest(preq) gives a null Request, not a second handle on the same "
-        "persistent request (issue #11)",
+        "wrong: MPI.Request(preq) of an inactive persistent request is a null Request, not "
+        "a handle on the same persistent request (a Request holds the operation, which a "
+        "persistent request replaces at each Start) (issue #11)",
     ),
     (
         "test_p2p_buf.TestP2PBufSelfDup.testConstructor",
         "xfail",
-        "wrong: MPI.Prequest(preq) gives a null Request, not a second handle on the same "
-        "persistent request (issue #11)",
+        "wrong: MPI.Request(preq) of an inactive persistent request is a null Request, not "
+        "a handle on the same persistent request (a Request holds the operation, which a "
+        "persistent request replaces at each Start) (issue #11)",
     ),
     (
         "test_p2p_buf.TestP2PBufWorld.testConstructor",
         "xfail",
-        "wrong: MPI.Prequest(preq) gives a null Request, not a second handle on the same "
-        "persistent request (issue #11)",
+        "wrong: MPI.Request(preq) of an inactive persistent request is a null Request, not "
+        "a handle on the same persistent request (a Request holds the operation, which a "
+        "persistent request replaces at each Start) (issue #11)",
     ),
     (
         "test_p2p_buf.TestP2PBufWorldDup.testConstructor",
         "xfail",
-        "wrong: MPI.Prequest(preq) gives a null Request, not a second handle on the same "
-        "persistent request (issue #11)",
+        "wrong: MPI.Request(preq) of an inactive persistent request is a null Request, not "
+        "a handle on the same persistent request (a Request holds the operation, which a "
+        "persistent request replaces at each Start) (issue #11)",
     ),
     ("test_p2p_buf_part.*", "xfail", "missing: Psend_init (issue #11 point 3)"),
     (
