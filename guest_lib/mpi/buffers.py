@@ -477,10 +477,10 @@ def parse_vector(spec: Any, size: int, *, writable: bool = False) -> VSpec:
     packs = datatype.packs or bottom
     if packs and counts is not None and displs is not None:
         # a derived type's elements are packed first: element k at k * size from then on
-        counts_list = [int(counts)] * size if _is_int(counts) else [int(c) for c in counts]
+        counts_list = [_count(counts)] * size if _is_int(counts) else _counts(counts)
         displs_list = (
-            [int(displs) * i for i in range(size)] if _is_int(displs)
-            else [int(d) for d in displs]
+            [_count(displs) * i for i in range(size)] if _is_int(displs)
+            else _counts(displs)
         )  # fmt: skip
         span = max((d + c for c, d in zip(counts_list, displs_list, strict=True) if c), default=0)
         view, unpack = _packed_span(view, span, datatype, writable, bottom)
@@ -489,7 +489,7 @@ def parse_vector(spec: Any, size: int, *, writable: bool = False) -> VSpec:
     elif packs:
         if counts is None:
             raise ValueError("message: a derived datatype needs counts")
-        counts = [int(counts)] * size if _is_int(counts) else [int(c) for c in counts]
+        counts = [_count(counts)] * size if _is_int(counts) else _counts(counts)
         span = sum(counts)
         view, unpack = _packed_span(view, span, datatype, writable, bottom)
         _owed(unpack, datatype)
@@ -505,16 +505,16 @@ def parse_vector(spec: Any, size: int, *, writable: bool = False) -> VSpec:
             total = len(view) // extent
         counts = [total // size + (total % size > i) for i in range(size)]
     elif _is_int(counts):
-        counts = [int(counts)] * size
-    counts = [int(c) for c in counts]
+        counts = [_count(counts)] * size
+    counts = _counts(counts)
     if displs is None:
         displs, running = [], 0
         for c in counts:
             displs.append(running)
             running += c
     elif _is_int(displs):
-        displs = [int(displs) * i for i in range(size)]
-    displs = [int(d) for d in displs]
+        displs = [_count(displs) * i for i in range(size)]
+    displs = _counts(displs)
     if len(counts) != size or len(displs) != size:
         raise ValueError(f"message: expecting {size} counts and displacements")
     for c, d in zip(counts, displs, strict=True):
@@ -546,8 +546,8 @@ def parse_w(spec: Any, size: int, *, writable: bool = False) -> list[memoryview]
         counts, displs = [1] * size, [0] * size
     elif counts is None or displs is None:
         raise ValueError("message: counts and displacements go together")
-    counts = [int(c) for c in counts]
-    displs = [int(d) for d in displs]
+    counts = _counts(counts)
+    displs = _counts(displs)
     datatypes_ = [_datatype(t) for t in types]
     if not len(counts) == len(displs) == len(datatypes_) == size:
         raise ValueError(f"message: expecting {size} counts, displacements and datatypes")
@@ -575,7 +575,26 @@ def parse_w(spec: Any, size: int, *, writable: bool = False) -> list[memoryview]
 
 
 def _is_int(value: Any) -> bool:
-    return isinstance(value, int | np.integer)
+    """Whether a count or displacement is one number (a 0-d numpy array is one, as in
+    mpi4py), not one per rank."""
+    return isinstance(value, int | np.integer) or (
+        isinstance(value, np.ndarray) and value.ndim == 0
+    )
+
+
+def _count(value: Any) -> int:
+    """One count or displacement as an int. TypeError for anything not integral (a float,
+    a float numpy scalar or 0-d array), as mpi4py: never truncated."""
+    if isinstance(value, int | np.integer):
+        return int(value)
+    if isinstance(value, np.ndarray) and value.ndim == 0 and value.dtype.kind in "iu":
+        return int(value)
+    raise TypeError(f"message: a count or displacement must be an integer, not {value!r}")
+
+
+def _counts(values: Any) -> list[int]:
+    """Counts or displacements, one per rank, as ints (TypeError as `_count`)."""
+    return [_count(value) for value in values]
 
 
 def is_sequence(value: Any) -> bool:

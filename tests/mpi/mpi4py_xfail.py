@@ -335,18 +335,6 @@ ENTRIES: list[tuple[str, str, str]] = [
         "real limit: buffers behind __cuda_array_interface__ are device memory",
     ),
     (
-        "test_msgspec.TestMessageVectorNumPy.testCountNumPyArray",
-        "xfail",
-        "wrong: counts and displacements given as numpy float arrays are accepted; mpi4py "
-        "raises TypeError (issue #11)",
-    ),
-    (
-        "test_msgspec.TestMessageVectorNumPy.testCountNumPyZeroDim",
-        "xfail",
-        "wrong: a 0-d numpy array as the count of a vector spec raises TypeError "
-        "(iteration over a 0-d array); mpi4py takes it as a count (issue #11)",
-    ),
-    (
         "test_msgspec.TestMessageVectorW.testMessageCAIBuf",
         "xfail",
         "real limit: buffers behind __cuda_array_interface__ are device memory",
