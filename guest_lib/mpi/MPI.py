@@ -321,11 +321,17 @@ def _commctx_intra(comm: Intracomm) -> tuple[Intracomm, int]:
     """(a duplicate of `comm` kept for library traffic, the next tag on it): as mpi4py's
     `_commctx_intra`, which mpi4py.util.pkl5 builds its collectives on. Collective on the
     first call for a communicator (its Dup)."""
+    return _commctx(comm)
+
+
+def _commctx(comm: Any) -> tuple[Any, int]:
+    """(the library duplicate of `comm`, made by its collective Dup on the first call; the
+    next tag on it, counting modulo TAG_UB + 1)."""
     with _lock_guard:
         ctx = getattr(comm, "_commctx", None)
     if ctx is None:
         ctx = [comm.Dup(), 0]
-        comm._commctx = ctx  # type: ignore[attr-defined]
+        comm._commctx = ctx
     dup, tag = ctx
     ctx[1] = (tag + 1) % (TAG_UB + 1)
     return dup, tag
@@ -335,13 +341,7 @@ def _commctx_inter(comm: Intercomm) -> tuple[Intercomm, int, Intracomm, bool]:
     """(a duplicate of `comm` kept for library traffic, the next tag on it, that duplicate's
     local intra-communicator, whether the local group is the low one): as mpi4py's
     `_commctx_inter`. Collective over both groups on the first call for a communicator."""
-    with _lock_guard:
-        ctx = getattr(comm, "_commctx", None)
-    if ctx is None:
-        ctx = [comm.Dup(), 0]
-        comm._commctx = ctx  # type: ignore[attr-defined]
-    dup, tag = ctx
-    ctx[1] = (tag + 1) % (TAG_UB + 1)
+    dup, tag = _commctx(comm)
     return dup, tag, dup._local, dup._low
 
 
