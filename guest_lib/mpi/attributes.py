@@ -95,7 +95,10 @@ class Cached:
     """Mixin: mpi4py's Create_keyval, Free_keyval, Set_attr and Delete_attr over the class's
     `_keyvals`; `_check_attr_target()` raises the class's error for a null handle."""
 
-    __slots__ = ()
+    # No __slots__ here, on purpose: with empty slots this mixin became the layout base of
+    # Comm while Intracomm's base is its (dict-carrying) collective mixins, and Python then
+    # refuses `__class__` assignment between them, which Dup needs to give a subclass such
+    # as mpi4py.util.pkl5.Intracomm its own type (comm.same_class).
     _keyvals: ClassVar[Keyvals]
 
     def _check_attr_target(self) -> Any:

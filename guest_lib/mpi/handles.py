@@ -26,7 +26,10 @@ class Handle:
     The class must hash and compare equal handles alike, and `cls(h)` must make a new
     handle on `h`'s object and `cls()` a null one."""
 
-    __slots__ = ()
+    # No __slots__ here, on purpose: with empty slots this mixin became the layout base of
+    # Comm while Intracomm's base is its (dict-carrying) collective mixins, and Python then
+    # refuses `__class__` assignment between them, which Dup needs to give a subclass such
+    # as mpi4py.util.pkl5.Intracomm its own type (comm.same_class).
 
     @property
     def handle(self) -> int:

@@ -29,3 +29,21 @@ def test_numbers_give_back_equal_handles():
     with pytest.raises(ValueError):
         MPI.Comm.fromhandle(MPI.SUM.handle)  # a number of another class
     comm.Free()
+
+
+def test_dup_gives_a_subclass_shaped_like_pkl5_its_own_type():
+    """mpi4py.util.pkl5's communicators are `Intracomm(Comm, MPI.Intracomm)` with
+    `Comm(MPI.Comm)`; Dup must give that type back (it failed with "__class__ assignment:
+    'Intracomm' object layout differs" once the handle mixins carried empty __slots__)."""
+
+    class Comm(MPI.Comm):
+        pass
+
+    class Intracomm(Comm, MPI.Intracomm):
+        pass
+
+    comm = Intracomm(MPI.COMM_WORLD)
+    dup = comm.Dup()
+    assert type(dup) is Intracomm
+    assert dup.allreduce(1) == MPI.COMM_WORLD.Get_size()
+    dup.Free()
