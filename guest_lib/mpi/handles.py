@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 T = TypeVar("T", bound="Handle")
 
+_LIBRARY = "guest_lib.mpi."  # the modules whose classes `fromhandle` gives (not subclasses)
 _numbers = itertools.count(1)
 _by_number: dict[int, Any] = {}
 _by_object: dict[Any, int] = {}  # keyed by the objects' equality: equal handles share
@@ -53,14 +54,17 @@ class Handle:
 
     @classmethod
     def fromhandle(cls: type[T], handle: int) -> T:
-        """A new handle on the object numbered `handle` (0: a null one). ValueError for a
-        number this process did not give to an object of this class."""
+        """A new handle on the object numbered `handle` (0: a null one), of the object's
+        own kind within this library (as mpi4py: `Comm.fromhandle` of an intercommunicator
+        gives an Intercomm, of a Cartesian one a Cartcomm). ValueError for a number this
+        process did not give to an object of this class."""
         if handle == 0:
             return cls()
         found = _by_number.get(int(handle))
         if not isinstance(found, cls):
             raise ValueError(f"{cls.__name__}: no handle {handle} in this process")
-        return cls(found)  # type: ignore[call-arg]
+        kind = next(k for k in type(found).__mro__ if k.__module__.startswith(_LIBRARY))
+        return kind(found)
 
     @classmethod
     def fromint(cls: type[T], value: int) -> T:

@@ -47,3 +47,20 @@ def test_dup_gives_a_subclass_shaped_like_pkl5_its_own_type():
     assert type(dup) is Intracomm
     assert dup.allreduce(1) == MPI.COMM_WORLD.Get_size()
     dup.Free()
+
+
+def test_comm_fromhandle_gives_the_communicators_own_kind():
+    """mpi4py's Comm.fromhandle/fromint/f2py give an Intercomm for an intercommunicator and
+    a Cartcomm for a Cartesian one, not a plain Comm."""
+    world = MPI.COMM_WORLD
+    cart = world.Create_cart([world.Get_size()], periods=[True])
+    made = [cart]
+    if world.Get_size() > 1:
+        low = world.Get_rank() < world.Get_size() // 2
+        half = world.Split(int(low))
+        made.append(half.Create_intercomm(0, world, world.Get_size() // 2 if low else 0, 7))
+        half.Free()
+    for comm in made:
+        for back in (MPI.Comm.fromhandle(comm.handle), MPI.Comm.f2py(comm.py2f())):
+            assert type(back) is type(comm) and back == comm
+        comm.Free()
