@@ -144,7 +144,9 @@ def collective(
 def _lane(buf: Any, writable: bool) -> tuple[Any, int, int] | None:
     """(what the C round takes, bytes, elements) of a buffer argument: a numpy array as it
     is (C-contiguous, plain element type, native byte order, writable for a receive), or the
-    byte view of a spec that buffers.plain resolves; None: the body's job."""
+    byte view of a `(buf, datatype)` spec that buffers.plain resolves; None: the body's job.
+    A spec with an explicit count goes to the body: in a block collective (Alltoall,
+    Allgather, Gather, Scatter) that count is one rank's block, not the buffer's length."""
     kind = type(buf)
     if kind is np.ndarray:
         flags = buf.flags
@@ -157,7 +159,7 @@ def _lane(buf: Any, writable: bool) -> tuple[Any, int, int] | None:
         ):
             return buf, buf.nbytes, buf.size
         return None
-    if kind is list or kind is tuple:
+    if (kind is list or kind is tuple) and len(buf) == 2:
         spec = buffers.plain(buf, writable)
         if spec is not None:
             return spec.view, len(spec.view), spec.count

@@ -1,12 +1,11 @@
 """The C fast path built for the fuzzer: coverage counters and AddressSanitizer.
 
-`python -m tools.fuzz TARGET --native` compiles `ivshmem_comm/_fastpath.c` with clang
-(`-fsanitize=fuzzer-no-link,address`) into a temporary directory, then runs the target in a new
-process that preloads atheris's libFuzzer + ASan runtime (`LD_PRELOAD`, as atheris documents for
-native extensions) and imports that build as `ivshmem_comm._fastpath`. libFuzzer then steers by
-the edges of the C code as well as the Python's, and an out-of-bounds access in C is reported as
-a crash (with its input) instead of corrupting memory silently.
-"""
+`python -m tools.fuzz TARGET --native` compiles `ivshmem_comm/_fastpath.c` and `_typepack.c`
+with clang (`-fsanitize=fuzzer-no-link,address`) into a temporary directory, then runs the
+target in a new process that preloads atheris's libFuzzer + ASan runtime (`LD_PRELOAD`, as
+atheris documents for native extensions) and imports that build as `ivshmem_comm._fastpath`.
+libFuzzer then steers by the edges of the C code as well as the Python's, and an out-of-bounds
+access in C is reported as a crash (with its input) instead of corrupting memory silently."""
 
 from __future__ import annotations
 
@@ -20,7 +19,8 @@ import sys
 import sysconfig
 from pathlib import Path
 
-SOURCE = Path(__file__).resolve().parents[2] / "ivshmem_comm" / "_fastpath.c"
+_CORE = Path(__file__).resolve().parents[2] / "ivshmem_comm"
+SOURCES = [_CORE / "_fastpath.c", _CORE / "_typepack.c"]  # the module's sources (setup.py's)
 MODULE = "ivshmem_comm._fastpath"
 BUILD_ENV = "IVSHMEM_FUZZ_NATIVE_BUILD"  # set in the child: the instrumented module's path
 ASAN_OPTIONS = "detect_leaks=0:allocator_may_return_null=1:quarantine_size_mb=64"
@@ -41,7 +41,7 @@ def build(directory: Path) -> Path:
     command = [
         clang, "-shared", "-fPIC", "-O1", "-g", "-std=c11", "-fno-omit-frame-pointer",
         "-fsanitize=fuzzer-no-link,address", f"-I{sysconfig.get_paths()['include']}",
-        str(SOURCE), "-o", str(out),
+        *map(str, SOURCES), "-o", str(out),
     ]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
