@@ -126,8 +126,6 @@ class EventfdNotifier:
         self._peers: dict[int, list[int]] = dict(peer_fds or {})
         self._retired: list[tuple[float, list[int]]] = []
         os.set_blocking(own_fds[0], False)
-        self._poll = select.poll()
-        self._poll.register(own_fds[0], select.POLLIN)
 
     def set_peer(self, peer: int, fds: list[int]) -> None:
         """Take `fds` as peer `peer`'s eventfds (retiring ones it replaces)."""
@@ -167,7 +165,11 @@ class EventfdNotifier:
                 pass  # the peer is gone; the broker announces it
 
     def wait(self, timeout: float) -> bool:
-        if not self._poll.poll(max(int(timeout * 1000), 0)):
+        # A poll object per call: Python's poll() refuses concurrent use of one object, and
+        # MPI threads may wait here at once (the eventfd read below takes the ring once).
+        poller = select.poll()
+        poller.register(self._own[0], select.POLLIN)
+        if not poller.poll(max(int(timeout * 1000), 0)):
             return False
         try:
             os.eventfd_read(self._own[0])

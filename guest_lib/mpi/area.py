@@ -253,7 +253,10 @@ class Area:
             while not request.test():
                 if not engine.progress():
                     self.check_abandoned()
-                    notifier.wait(NAP_S)  # the group rings it (listening); messages may not
+                    if other_threads():  # one doorbell nap at a time (a broker's poll()
+                        engine.idle()  # object refuses concurrent waits): the engine's rule
+                    else:
+                        notifier.wait(NAP_S)  # the group rings it (listening); messages may not
         finally:
             self.listen(-1)
 
