@@ -278,17 +278,19 @@ def _fast(buf: Any, count: int | None, datatype: Datatype, writable: bool) -> Sp
     return Spec(view if stop == len(view) else view[:stop], count, datatype)
 
 
-def plain(spec: Any, writable: bool = False) -> Spec | None:
+def plain(spec: Any, writable: bool = False, blocks: int = 1) -> Spec | None:
     """parse's fast path alone: the Spec of `[buf, count, datatype]` (an int count) or
     `(buf, datatype)` with a datatype that does not pack, over a C-contiguous buffer; None
-    for anything else (other forms, errors: parse decides those)."""
+    for anything else (other forms, errors: parse decides those). `blocks`: how many blocks
+    of `count` elements the spec stands for (a block collective's per-rank count, as
+    parse_vector reads an int count): the Spec covers count * blocks elements."""
     kind = type(spec)
     if kind is list or kind is tuple:
         n = len(spec)
         if n == 3:
             buf, count, datatype = spec
             if type(count) is int and isinstance(datatype, Datatype) and not datatype.packs:
-                return _fast(buf, count, datatype, writable)
+                return _fast(buf, count * blocks, datatype, writable)
         elif n == 2:
             buf, datatype = spec
             if isinstance(datatype, Datatype) and not datatype.packs:

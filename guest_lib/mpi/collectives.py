@@ -141,12 +141,14 @@ def collective(
 # `(buf, datatype)`) and IN_PLACE, one round of the collective area, in one C call; anything
 # else (other forms, sizes over one round, argument errors) takes the collective's body,
 # which checks and reports as always.
-def _lane(buf: Any, writable: bool) -> tuple[Any, int, int] | None:
+def _lane(buf: Any, writable: bool, blocks: int = 1) -> tuple[Any, int, int] | None:
     """(what the C round takes, bytes, elements) of a buffer argument: a numpy array as it
     is (C-contiguous, plain element type, native byte order, writable for a receive), or the
-    byte view of a `(buf, datatype)` spec that buffers.plain resolves; None: the body's job.
-    A spec with an explicit count goes to the body: in a block collective (Alltoall,
-    Allgather, Gather, Scatter) that count is one rank's block, not the buffer's length."""
+    byte view of a `[buf, count, datatype]` / `(buf, datatype)` spec that buffers.plain
+    resolves; None: the body's job. `blocks`: the members' count where the argument holds
+    one block per member (a block collective's receive side of Gather/Allgather, send side
+    of Scatter, both of Alltoall), whose explicit count is one block, as mpi4py reads it;
+    1 elsewhere (an explicit count is the whole message)."""
     kind = type(buf)
     if kind is np.ndarray:
         flags = buf.flags
@@ -159,8 +161,8 @@ def _lane(buf: Any, writable: bool) -> tuple[Any, int, int] | None:
         ):
             return buf, buf.nbytes, buf.size
         return None
-    if (kind is list or kind is tuple) and len(buf) == 2:
-        spec = buffers.plain(buf, writable)
+    if kind is list or kind is tuple:
+        spec = buffers.plain(buf, writable, blocks)
         if spec is not None:
             return spec.view, len(spec.view), spec.count
     return None
@@ -199,7 +201,7 @@ def _f_gather(self: Any, shared: area.Area, sendbuf: Any, recvbuf: Any, root: in
             return _SLOW
         send = mine[0]
     else:
-        theirs = _lane(recvbuf, True)
+        theirs = _lane(recvbuf, True, size)
         if theirs is None or theirs[2] % size or (mine is None and not in_place):
             return _SLOW
         n = theirs[1] // size
@@ -228,7 +230,7 @@ def _f_scatter(self: Any, shared: area.Area, sendbuf: Any, recvbuf: Any, root: i
             return _SLOW
         recv = theirs[0]
     else:
-        mine = _lane(sendbuf, False)
+        mine = _lane(sendbuf, False, size)
         if mine is None or mine[2] % size or (theirs is None and not in_place):
             return _SLOW
         n = mine[1] // size
@@ -247,7 +249,7 @@ def _f_scatter(self: Any, shared: area.Area, sendbuf: Any, recvbuf: Any, root: i
 def _f_allgather(self: Any, shared: area.Area, sendbuf: Any, recvbuf: Any) -> Any:
     group = shared.group
     size = group.size
-    theirs = _lane(recvbuf, True)
+    theirs = _lane(recvbuf, True, size)
     if theirs is None or theirs[2] % size:
         return _SLOW
     n = theirs[1] // size
@@ -264,7 +266,7 @@ def _f_allgather(self: Any, shared: area.Area, sendbuf: Any, recvbuf: Any) -> An
 def _f_alltoall(self: Any, shared: area.Area, sendbuf: Any, recvbuf: Any) -> Any:
     group = shared.group
     size = group.size
-    mine, theirs = _lane(sendbuf, False), _lane(recvbuf, True)
+    mine, theirs = _lane(sendbuf, False, size), _lane(recvbuf, True, size)
     if (
         mine is None
         or theirs is None
