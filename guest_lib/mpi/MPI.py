@@ -19,6 +19,7 @@ from typing import Any
 from guest_lib.mpi import bootstrap as _bootstrap
 from guest_lib.mpi import comm as _comm
 from guest_lib.mpi import constants as _constants
+from guest_lib.mpi import locks as _locks
 from guest_lib.mpi import native as _native
 from guest_lib.mpi.buffers import Spec as _Spec  # noqa: F401 - re-exported for tools
 from guest_lib.mpi.comm import COMM_NULL, Comm, Intracomm
@@ -300,21 +301,18 @@ def Pcontrol(level: int) -> None:
     pass
 
 
-_lock_tables: dict[int, dict[Any, _threading.Lock]] = {}  # id(comm) -> key -> lock
-_lock_guard = _threading.Lock()
-
-
 def _comm_lock_table(comm: Comm) -> dict[Any, _threading.Lock]:
-    """mpi4py's internal per-communicator lock table (mpi4py.util.pkl5 and futures use it)."""
-    with _lock_guard:
-        return _lock_tables.setdefault(id(comm), {})
+    """mpi4py's per-communicator lock table (see guest_lib.mpi.locks)."""
+    return _locks.lock_table(comm)
 
 
 def _comm_lock(comm: Comm, key: Any = None) -> _threading.Lock:
-    """The lock of `comm` for `key`, made on first use (as mpi4py's `_comm_lock`)."""
-    table = _comm_lock_table(comm)
-    with _lock_guard:
-        return table.setdefault(key, _threading.Lock())
+    """The lock of `comm` for `key`, made on first use (as mpi4py's `_comm_lock`; the
+    object collectives hold the one named after them)."""
+    return _locks.comm_lock(comm, key)
+
+
+_lock_guard = _threading.Lock()  # (see _commctx)
 
 
 def _commctx_intra(comm: Intracomm) -> tuple[Intracomm, int]:

@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from guest_lib.mpi import area, buffers, constants, exceptions, native, ops
+from guest_lib.mpi import area, buffers, constants, exceptions, locks, native, ops
 from guest_lib.mpi.constants import IN_PLACE
 from guest_lib.mpi.engine import StagedOp
 from guest_lib.mpi.matching import Op
@@ -718,6 +718,7 @@ class Collectives:
         self.Barrier()
 
     # ------------------------------------------------------------------ broadcast
+    @locks.locked("bcast")
     @collective
     def bcast(self, obj: Any = None, root: int = 0) -> Any:
         """Broadcast a picklable object from `root`; every rank returns it."""
@@ -764,6 +765,7 @@ class Collectives:
             raise exceptions.Exception(exceptions.ERR_ROOT, f"root {root}")
 
     # ------------------------------------------------------------------ gather / scatter
+    @locks.locked("gather")
     @collective
     def gather(self, sendobj: Any, root: int = 0) -> list[Any] | None:
         """Each rank's object, pickled into its slab of the area (by messages without one,
@@ -793,6 +795,7 @@ class Collectives:
             for r in range(size)
         ]
 
+    @locks.locked("scatter")
     @collective
     def scatter(self, sendobj: Any = None, root: int = 0) -> Any:
         size, rank = self._sizes()
@@ -806,6 +809,7 @@ class Collectives:
         self._c_wait(sends)
         return items[rank]
 
+    @locks.locked("allgather")
     @collective
     def allgather(self, sendobj: Any) -> list[Any]:
         """Every rank gets every rank's object, pickled into the area (see gather)."""
@@ -835,6 +839,7 @@ class Collectives:
         self._c_wait([*recvs.values(), *sends])  # (receives posted first: none unexpected)
         return [sendobj if r == rank else unpickle(recvs[r]) for r in range(size)]
 
+    @locks.locked("alltoall")
     @collective
     def alltoall(self, sendobj: Any) -> list[Any]:
         size, rank = self._sizes()

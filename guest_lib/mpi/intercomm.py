@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from guest_lib.mpi import buffers, constants, exceptions, native, ops
+from guest_lib.mpi import buffers, constants, exceptions, locks, native, ops
 from guest_lib.mpi.collectives import NONBLOCKING_TAGS, T_NONBLOCKING
 from guest_lib.mpi.comm import COMM_NULL, Comm, Intracomm, same_class
 from guest_lib.mpi.constants import IN_PLACE, PROC_NULL, ROOT
@@ -408,6 +408,7 @@ class Intercomm(Comm):
         self._start(functools.partial(stages, result)).Wait()
         return result[0]
 
+    @locks.locked("bcast")
     def bcast(self, obj: Any = None, root: int = 0) -> Any:
         """The object of remote rank `root`; None at ROOT and PROC_NULL."""
 
@@ -442,6 +443,7 @@ class Intercomm(Comm):
 
     Gatherv, Igatherv = Gather, Igather
 
+    @locks.locked("gather")
     def gather(self, sendobj: Any, root: int = 0) -> list[Any] | None:
         """The list of every remote process's object at ROOT; None elsewhere."""
 
@@ -474,6 +476,7 @@ class Intercomm(Comm):
 
     Scatterv, Iscatterv = Scatter, Iscatter
 
+    @locks.locked("scatter")
     def scatter(self, sendobj: Any = None, root: int = 0) -> Any:
         """This process's item of remote rank `root`'s list; None at ROOT and PROC_NULL.
         ValueError at ROOT for a list that is not one item per remote process."""
@@ -509,6 +512,7 @@ class Intercomm(Comm):
 
     Allgatherv, Iallgatherv = Allgather, Iallgather
 
+    @locks.locked("allgather")
     def allgather(self, sendobj: Any) -> list[Any]:
         """The list of every remote process's object."""
 
@@ -552,6 +556,7 @@ class Intercomm(Comm):
         """Alltoall with a count, a byte displacement and a datatype per remote rank."""
         self.Ialltoallw(sendbuf, recvbuf).Wait()
 
+    @locks.locked("alltoall")
     def alltoall(self, sendobj: Any) -> list[Any]:
         """Item r of `sendobj` to remote rank r; the list of what each remote rank sent
         this process. ValueError for a list that is not one item per remote process."""

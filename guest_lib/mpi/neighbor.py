@@ -24,7 +24,7 @@ import functools
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
-from guest_lib.mpi import buffers, constants
+from guest_lib.mpi import buffers, constants, locks
 from guest_lib.mpi.collectives import T_ALLGATHER, T_ALLTOALL, collective
 from guest_lib.mpi.matching import Op
 from guest_lib.mpi.pickling import dumps as _dumps
@@ -167,11 +167,13 @@ class NeighborCollectives(_Base):
         self._c_wait(ops)
         return [None if op is None else unpickle(op) for op in slots]
 
+    @locks.locked("neighbor_allgather")
     @collective
     def neighbor_allgather(self, sendobj: Any) -> list[Any]:
         """The objects of the in-neighbors, in slot order (None for a PROC_NULL one)."""
         return self._objects([sendobj] * len(self._destinations()), T_ALLGATHER)
 
+    @locks.locked("neighbor_alltoall")
     @collective
     def neighbor_alltoall(self, sendobj: Sequence[Any]) -> list[Any]:
         """sendobj[j] to out-neighbor j; returns the in-neighbors' objects in slot order

@@ -375,26 +375,6 @@ ENTRIES: list[tuple[str, str, str]] = [
     ),
     ("test_p2p_buf_part.*", "xfail", "missing: Psend_init (issue #11 point 3)"),
     (
-        "test_p2p_obj.TestP2PObjSelf.testCommLock",
-        "xfail",
-        "wrong: object collectives do not take MPI._comm_lock(comm, name) (issue #11)",
-    ),
-    (
-        "test_p2p_obj.TestP2PObjSelfDup.testCommLock",
-        "xfail",
-        "wrong: object collectives do not take MPI._comm_lock(comm, name) (issue #11)",
-    ),
-    (
-        "test_p2p_obj.TestP2PObjWorld.testCommLock",
-        "xfail",
-        "wrong: object collectives do not take MPI._comm_lock(comm, name) (issue #11)",
-    ),
-    (
-        "test_p2p_obj.TestP2PObjWorldDup.testCommLock",
-        "xfail",
-        "wrong: object collectives do not take MPI._comm_lock(comm, name) (issue #11)",
-    ),
-    (
         "test_package.TestMPIABI.testGetFromLibMPI",
         "xfail",
         "real limit: no libmpi to load (MPI.__file__ is Python)",
