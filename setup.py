@@ -10,8 +10,12 @@ setup(
     ext_modules=[
         Extension(
             "ivshmem_comm._fastpath",
-            sources=["ivshmem_comm/_fastpath.c", "ivshmem_comm/_typepack.c"],
-            depends=["ivshmem_comm/_typepack.h"],
+            sources=[
+                "ivshmem_comm/_fastpath.c",
+                "ivshmem_comm/_typepack.c",
+                "ivshmem_comm/_memexport.c",
+            ],
+            depends=["ivshmem_comm/_typepack.h", "ivshmem_comm/_memexport.h"],
             extra_compile_args=["-O2", "-std=c11", "-Wall", "-Wextra", "-Werror"],
         )
     ]

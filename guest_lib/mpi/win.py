@@ -49,7 +49,7 @@ import os
 import struct
 import traceback
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -62,9 +62,26 @@ from guest_lib.mpi.matching import DoneOp, Op, RecvOp
 from guest_lib.mpi.memory import Get_address
 from guest_lib.mpi.memory import buffer as _buffer
 from guest_lib.mpi.request import Request
-from ivshmem_comm import layout
+from ivshmem_comm import layout, ring
 from ivshmem_comm.errors import IvshmemError
 from ivshmem_comm.winheap import Block, WindowHeap
+
+
+class _PureMemoryBase:
+    """Win's base in the pure-Python mode (IVSHMEM_COMM_PUREPYTHON=1, or no C accelerator):
+    a Python 3.11 class cannot export memory (PEP 688's __buffer__ is 3.12), so there
+    memoryview(win) / numpy.asarray(win) raise TypeError, and mpi4py.util.sync, which uses
+    them, does not work. Win.tomemory() gives the same memory in both modes."""
+
+    _exported: Any = None
+
+
+if TYPE_CHECKING:  # one static base for the checker; the exported names are the same
+    _MemoryBase = _PureMemoryBase
+elif ring.IMPLEMENTATION == "c":
+    from ivshmem_comm._fastpath import MemoryExporter as _MemoryBase
+else:
+    _MemoryBase = _PureMemoryBase
 
 WIN_FLAVOR_CREATE, WIN_FLAVOR_ALLOCATE, WIN_FLAVOR_DYNAMIC, WIN_FLAVOR_SHARED = 1, 2, 3, 4
 WIN_SEPARATE, WIN_UNIFIED = 1, 2
@@ -175,7 +192,22 @@ class _Window:
         self.post_group: list[int] = []
         self.closing = False
         self.service_op: Op | None = None
+        self.view: memoryview | None = None  # see exported()
         self.staged = self.engine.start_staged(StagedOp(self._serve()))
+
+    def exported(self) -> memoryview:
+        """The view of `memory` (final by then) that every handle's buffers are taken from
+        (memoryview(win): Win's C base type acquires a buffer of it per export)."""
+        if self.view is None:
+            self.view = memoryview(self.memory)
+        return self.view
+
+    def unexport(self) -> None:
+        """Withdraw the memory from the buffer protocol (Free's first step): BufferError,
+        and nothing changed, while a buffer of it is out (a memoryview or numpy array made
+        from a handle of this window)."""
+        if self.view is not None:
+            self.view.release()  # BufferError when exported: checked by memoryview itself
 
     # ------------------------------------------------------------------ service (target)
     def _serve(self) -> Iterator[list[Op]]:
@@ -372,7 +404,13 @@ class _Window:
         """Remote completion of every request to `targets` (comm ranks): their pending
         replies, then a round trip (all sent first, then waited for): K_FLUSH to each that
         has requests not known to be applied, K_UNLOCK to every one (its lock released
-        there after them). MPI.Exception for an error a target reports."""
+        there after them). MPI.Exception for an error a target reports.
+
+        Always one pass of progress first, even with nothing to complete: this rank's own
+        service answers the others only inside MPI calls, and a rank polling its window
+        memory with Flush/Sync (mpi4py.util.sync's spin loops: Flush(own rank)) must let
+        their requests in, or the origins waiting on it never finish (it hung)."""
+        self.engine.progress()
         waits = []
         for target in targets:
             for op in self.pending.pop(target, []):
@@ -482,14 +520,29 @@ def _single(spec: Any, writable: bool, what: str) -> buffers.Spec:
 
 
 # ------------------------------------------------------------------ the handle
-class Win(Handle):
+class Win(_MemoryBase, Handle):
     """A window handle (mpi4py's `Win`); `Win()` is a new null handle. See the module
-    docstring for the model."""
+    docstring for the model.
+
+    Buffer protocol (as mpi4py's Win): memoryview(win), numpy.asarray(win) give this rank's
+    window memory, one-dimensional unsigned bytes ("B") over (base, size) of `attrs`,
+    writable (a dynamic window: empty); a null window raises BufferError. A C base type
+    (ivshmem_comm._fastpath.MemoryExporter) exports it: in the pure-Python mode memoryview(win)
+    raises TypeError (see _PureMemoryBase). `Free` on a rank where such a buffer is still
+    out raises BufferError before any collective step and frees nothing there (the other
+    members wait in their Free until this rank releases the buffers and calls Free again):
+    the memory is never given back while Python code can still reach it."""
 
     def __init__(self, win: Win | None = None) -> None:
         if win is not None and not isinstance(win, Win):
             raise TypeError(f"Win: expecting a Win, got {type(win).__name__}")
-        self._w: _Window | None = win._w if win is not None else None
+        self._w: _Window | None = None
+        self._bind(win._w if win is not None else None)
+
+    def _bind(self, w: _Window | None) -> None:
+        """Make this handle name `w` (None: null); its buffers then give w's memory."""
+        self._exported = w.exported() if w is not None and not w.closing else None
+        self._w = w
 
     # ------------------------------------------------------------------ basics
     def _check(self) -> _Window:
@@ -537,7 +590,7 @@ class Win(Handle):
         # binding would take a slot for little use (Fence and Free use `barrier`).
         dup._area = False
         win = cls()
-        win._w = _Window(dup, memory, int(disp_unit), flavor)
+        win._bind(_Window(dup, memory, int(disp_unit), flavor))
         return win
 
     @classmethod
@@ -580,8 +633,9 @@ class Win(Handle):
         except BaseException:
             w.close()
             w.comm.Free()
-            win._w = None
             raise
+        w.view = None  # made of the memory _made had: none yet, never exported
+        win._bind(w)
         return win
 
     @classmethod
@@ -610,8 +664,11 @@ class Win(Handle):
 
     def Free(self) -> None:
         """Free the window (collective): every member's requests complete, then the
-        service stops, a shared window's heap block is given back, the handle is null."""
+        service stops, a shared window's heap block is given back, the handle is null.
+        BufferError (nothing freed here) while the memory is exported: see the class
+        docstring."""
         w = self._check()
+        w.unexport()
         try:
             w.flush(list(w.dirty | set(w.pending)))
         finally:  # the window goes even if a last request failed (raised after)
@@ -625,7 +682,12 @@ class Win(Handle):
         if w.heap is not None and w.block is not None and w.comm._rank == 0:
             w.heap.free(w.block)
         w.comm.Free()
-        self._w = None
+        self._bind(None)
+
+    def free(self) -> None:
+        """Free if not null (mpi4py's `free`)."""
+        if self._w is not None:
+            self.Free()
 
     # ------------------------------------------------------------------ queries
     def tomemory(self) -> _buffer:
@@ -1002,8 +1064,10 @@ class Win(Handle):
             self.Flush_local(rank)
 
     def Sync(self) -> None:
-        """Synchronise the public and private copies: one copy here (WIN_UNIFIED)."""
-        self._check()
+        """Synchronise the public and private copies: one copy here (WIN_UNIFIED), which
+        the others' requests reach when this rank's service runs: one pass of progress
+        applies those that arrived (a rank polling its memory sees them)."""
+        self._check().engine.progress()
 
     def Post(self, group: Group, assertion: int = 0) -> None:
         """Expose this window to `group`'s ranks (an access epoch of theirs may start)."""

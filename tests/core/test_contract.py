@@ -34,6 +34,7 @@ MODULE_NAMES = {
     "compare_exchange_u64",
     "CACHE_WINDOW",
     "typed_copy",
+    "MemoryExporter",
     "CollectiveRound",
 } | {n for n in ring.__all__ if n.startswith("SEND_")}
 

@@ -443,18 +443,4 @@ ENTRIES: list[tuple[str, str, str]] = [
     ("test_util_pool.TestProcessPool.test_[!aeu]*", "xfail@1", _NO_POOL),
     ("test_util_pool.TestProcessPool.test_a[!r]*", "xfail@1", _NO_POOL),
     ("test_util_pool.TestProcessPool.test_empty_iterable", "xfail@1", _NO_POOL),
-    (
-        "test_util_sync.*",
-        "xfail@1",
-        "missing: Win does not export its memory through the buffer protocol "
-        "(mpi4py.util.sync does memoryview(win)); a Python 3.11 class needs a C type for "
-        "that (issue #11)",
-    ),
-    (
-        "test_util_sync.*",
-        "skip@2,4",
-        "missing: Win does not export its memory through the buffer protocol (see the 1-rank "
-        "entry); with 2 or more ranks a rank failing on it leaves the others waiting in the "
-        "window's collective (issue #11)",
-    ),
 ]

@@ -14,6 +14,7 @@ import pytest
 
 from guest_lib.mpi import MPI
 from guest_lib.mpi.win import REQ
+from ivshmem_comm import ring
 
 
 def _shared_comm(comm: MPI.Intracomm) -> MPI.Intracomm:
@@ -299,4 +300,85 @@ def test_malformed_request_is_reported_naming_its_origin(comm, payload, what):
     win.Put(bytearray(b"ok"), target, 0)
     win.Fence()
     assert bytes(win.tomemory()[:2]) == b"ok"
+    win.Free()
+
+
+@pytest.mark.parametrize("flavor", ["create", "allocate", "shared", "dynamic"])
+def test_window_exports_its_memory_as_mpi4py(flavor):
+    """memoryview(win) / numpy.asarray(win): this rank's window memory as unsigned bytes
+    over (base, size), writable, as mpi4py's Win gives it; Free while a buffer is out raises
+    BufferError and frees nothing, and works once the buffers are released."""
+    if ring.IMPLEMENTATION != "c":
+        with pytest.raises(TypeError):
+            memoryview(MPI.Win.Allocate(8, 1, comm=MPI.COMM_SELF))
+        pytest.skip("the pure-Python mode cannot export memory (Python 3.11): TypeError")
+    comm = MPI.COMM_SELF
+    own = np.zeros(6, "i4")
+    win = {
+        "create": lambda: MPI.Win.Create(own, 4, comm=comm),
+        "allocate": lambda: MPI.Win.Allocate(24, 4, comm=comm),
+        "shared": lambda: MPI.Win.Allocate_shared(24, 4, comm=comm),
+        "dynamic": lambda: MPI.Win.Create_dynamic(comm=comm),
+    }[flavor]()
+    view = memoryview(win)
+    base, size, _ = win.attrs
+    assert (view.format, view.itemsize, view.ndim, view.readonly) == ("B", 1, 1, False)
+    assert len(view) == size == (0 if flavor == "dynamic" else 24)
+    if size:
+        assert MPI.Get_address(view) == base
+        ints = view.cast("i")
+        win.Lock(0)
+        win.Put(np.array([7], "i4"), 0, 2)
+        win.Unlock(0)
+        assert ints[2] == 7 and np.asarray(win).view("i4")[2] == 7
+        ints[3] = 9  # stores through the buffer are window memory
+        got = np.zeros(1, "i4")
+        win.Lock(0)
+        win.Get(got, 0, 3)
+        win.Unlock(0)
+        assert got[0] == 9
+        if flavor == "create":
+            assert own[3] == 9
+        ints.release()
+    array = np.asarray(win)
+    with pytest.raises(BufferError, match="exported"):
+        win.Free()
+    assert win  # nothing freed: the window still works
+    view.release()
+    with pytest.raises(BufferError, match="exported"):
+        win.Free()
+    del array
+    win.Free()
+    assert win == MPI.WIN_NULL
+    with pytest.raises(BufferError, match="null"):
+        memoryview(win)
+
+
+def test_polling_own_memory_with_flush_lets_requests_in(comm):
+    """A rank that polls its own window memory with Flush(own rank) / Sync (what
+    mpi4py.util.sync's spin loops do) applies the others' requests meanwhile: each rank
+    waits for its left neighbour's Accumulate to land while it has its own Unlock to the
+    right one in flight behind that (it hung: Flush of a rank with nothing pending made no
+    progress)."""
+    rank, size = comm.Get_rank(), comm.Get_size()
+    flag = np.zeros(1, "i4")
+    win = MPI.Win.Create(flag, 4, comm=comm)
+    win.Fence()
+    right = (rank + 1) % size
+
+    def tell_right() -> None:
+        win.Lock(right, MPI.LOCK_SHARED)
+        win.Accumulate(np.array([1], "i4"), right, 0, MPI.REPLACE)
+        win.Unlock(right)
+
+    for progress in (lambda: win.Flush(rank), win.Sync):
+        if rank == 0:
+            tell_right()
+        while not flag[0]:
+            progress()
+        if rank:
+            tell_right()
+        win.Fence()
+        flag[0] = 0
+        win.Fence()
     win.Free()
