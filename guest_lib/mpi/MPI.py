@@ -19,8 +19,10 @@ from typing import Any
 from guest_lib.mpi import bootstrap as _bootstrap
 from guest_lib.mpi import comm as _comm
 from guest_lib.mpi import constants as _constants
+from guest_lib.mpi import dynproc as _dynproc
 from guest_lib.mpi import locks as _locks
 from guest_lib.mpi import native as _native
+from guest_lib.mpi import ulfm as _ulfm
 from guest_lib.mpi.buffers import Spec as _Spec  # noqa: F401 - re-exported for tools
 from guest_lib.mpi.comm import COMM_NULL, Comm, Intracomm
 from guest_lib.mpi.constants import (
@@ -168,6 +170,17 @@ COMM_WORLD: Intracomm = _comm.Intracomm(
 COMM_SELF: Intracomm = _comm.Intracomm(_engine, [_engine.world_rank], 2, name="MPI_COMM_SELF")
 if _engine.has_mpi:
     COMM_WORLD._mirror, COMM_WORLD._mirror_coll = _native.world_mirrors()
+# the job's hidden service communicator on a reserved context pair (see dynproc)
+_engine.used_ctx.update((_dynproc.SERVICE_CTX, _dynproc.SERVICE_CTX + 1))
+_service = _comm.Intracomm(_engine, list(range(_engine.world_size)), _dynproc.SERVICE_CTX)
+if _engine.has_mpi:
+    _service._mirror, _service._mirror_coll = _native.world_mirrors()
+_dynproc.setup(_engine, _service, COMM_SELF, _world.job)
+Open_port = _dynproc.open_port
+Close_port = _dynproc.close_port
+Publish_name = _dynproc.publish_name
+Unpublish_name = _dynproc.unpublish_name
+Lookup_name = _dynproc.lookup_name
 
 
 def Init() -> None:
@@ -222,12 +235,18 @@ def Is_finalized() -> bool:
 
 
 def Finalize() -> None:
-    """Barrier over COMM_WORLD (skipped after a failure), then leave the region. Idempotent."""
+    """Barrier over COMM_WORLD (skipped after a failure here, when COMM_WORLD is revoked
+    or a world rank is known failed: see ulfm), then leave the region. Idempotent."""
     if _state["finalized"]:
         return
     _state["finalized"] = True
     try:
-        if not _state["failed"] and _engine.world_size > 1:
+        if (
+            not _state["failed"]
+            and _engine.world_size > 1
+            and COMM_WORLD._ctx not in _engine.revoked
+            and not _ulfm.dead_worlds(_engine, COMM_WORLD._group)
+        ):
             COMM_WORLD.Barrier()
     finally:
         closer = _world.closer

@@ -47,6 +47,10 @@ class World:
     endpoint: Any = None
     region_uuid: str | None = None
     closer: Any = None  # what to close at Finalize (endpoint or broker client)
+    # this job's name, the same in every rank and unique among the jobs running: the
+    # region's UUID (ivshmem-run makes a region per job), rank 0's host and pid (mpiexec),
+    # this process's (singleton); ports name it (see `dynproc`)
+    job: str = ""
 
 
 def _mode() -> str:
@@ -127,7 +131,7 @@ def _standalone() -> World:
     peer_of = _exchange_hello(ep, rank, size) if size > 1 else {rank: ep.peer_id}
     routes: list[Route] = [SelfRoute() if w == rank else ShmRoute(peer_of[w]) for w in range(size)]
     engine = Engine(rank, size, ep, routes)
-    return World(engine, "standalone", ep, str(ep.region.uuid), ep)
+    return World(engine, "standalone", ep, str(ep.region.uuid), ep, str(ep.region.uuid))
 
 
 def _mpiexec() -> World:
@@ -142,7 +146,7 @@ def _mpiexec() -> World:
         ep = thing
         region_uuid, peer = str(ep.region.uuid), ep.peer_id
     incarnation = ep.incarnation if ep is not None else 0
-    info = native.allgather((region_uuid, peer, incarnation, socket.gethostname()))
+    info = native.allgather((region_uuid, peer, incarnation, socket.gethostname(), os.getpid()))
     if kind == "name":
         mates = [w for w in range(size) if info[w][0] == region_uuid]
         peer = mates.index(rank)
@@ -152,10 +156,10 @@ def _mpiexec() -> World:
                 f"{thing.max_peers} peers"
             )
         ep = thing.endpoint(peer)
-        info = native.allgather((region_uuid, peer, ep.incarnation, info[rank][3]))
+        info = native.allgather((region_uuid, peer, ep.incarnation, *info[rank][3:]))
     mpi_route = native.MpiRoute()
     routes: list[Route] = []
-    for w, (other_uuid, other_peer, other_incarnation, _host) in enumerate(info):
+    for w, (other_uuid, other_peer, other_incarnation, *_where) in enumerate(info):
         if w == rank:
             routes.append(SelfRoute())
         elif ep is not None and other_uuid == region_uuid:  # (ep: iff region_uuid)
@@ -166,11 +170,12 @@ def _mpiexec() -> World:
             routes.append(mpi_route)
     engine = Engine(rank, size, ep, routes)
     native.barrier()  # every endpoint exists before anyone talks
-    return World(engine, "mpiexec", ep, region_uuid, ep)
+    return World(engine, "mpiexec", ep, region_uuid, ep, f"{info[0][3]}/{info[0][4]}")
 
 
 def _singleton() -> World:
-    return World(Engine(0, 1, None, [SelfRoute()]), "singleton")
+    job = f"{socket.gethostname()}/{os.getpid()}"
+    return World(Engine(0, 1, None, [SelfRoute()]), "singleton", job=job)
 
 
 def init() -> World:

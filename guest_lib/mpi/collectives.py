@@ -104,9 +104,9 @@ def collective(
 
     @functools.wraps(method)
     def run(self: Any, *args: Any, **kwargs: Any) -> Any:
+        engine = self._live()
         if self._coll_active or len(self._group) < 2:
             return method(self, *args, **kwargs)
-        engine = self._check()
         seq = self._coll_seq
         self._coll_seq = seq + 1
         self._coll_base = coll_base(seq)
@@ -373,6 +373,7 @@ class Collectives:
     _isend_op: Callable[..., Op]
     _irecv_op: Callable[..., Op]
     _check: Callable[[], Engine]
+    _live: Callable[[], Engine]
     _has_mpi: bool
     _hier: Any
     _route: list[Route]
@@ -1292,7 +1293,7 @@ class Collectives:
         If it fails on this rank (at the call, or later in a stage), it is abandoned as a
         blocking one is (see the module docstring): the other members' requests then
         complete with MPI.Exception(ERR_OTHER) instead of waiting."""
-        engine = self._check()
+        engine = self._live()
         seq, self._nb_seq = self._nb_seq, self._nb_seq + 1
         tag = T_NONBLOCKING + seq % NONBLOCKING_TAGS
         ctx = self._ctx + 1

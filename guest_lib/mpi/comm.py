@@ -36,6 +36,7 @@ from guest_lib.mpi import (
     message,
     native,
     persistent,
+    ulfm,
 )
 from guest_lib.mpi.collectives import T_BARRIER, Collectives
 from guest_lib.mpi.collectives_extra import ExtraCollectives
@@ -143,6 +144,17 @@ class Comm(attributes.Cached, Handle):
         if self._engine is None:
             raise exceptions.Exception(exceptions.ERR_COMM, "null communicator")
         return self._engine
+
+    def _live(self) -> Engine:
+        """The engine, as _check; MPI.Exception(ERR_REVOKED) once this communicator is
+        revoked (see `ulfm`: every operation but the fault-tolerance ones raises it)."""
+        engine = self._check()
+        if engine.revoked and self._ctx in engine.revoked:
+            self._shm_peer = {}  # (the fast paths of Send and Recv: off, so they raise too)
+            self._src_route = {}  # (Irecv's direct post: off)
+            reason = engine.revoked[self._ctx]
+            raise exceptions.Exception(exceptions.ERR_REVOKED, f"{self!r} is {reason}")
+        return engine
 
     _keyvals = attributes.Keyvals("Comm")  # the attributes of communicators
     _check_attr_target = _check
@@ -319,13 +331,13 @@ class Comm(attributes.Cached, Handle):
 
     # ------------------------------------------------------------------ p2p internals
     def _isend_op(self, data: memoryview, dest: int, tag: int, ctx: int, sync: bool) -> Op:
-        self._check()
+        self._live()
         if dest == constants.PROC_NULL:
             return DoneOp()
         return self._route[dest].isend(self, data, dest, tag, ctx, sync)
 
     def _send_bytes(self, data: memoryview, dest: int, tag: int, ctx: int, sync: bool) -> None:
-        self._check()
+        self._live()
         if dest != constants.PROC_NULL:
             self._route[dest].send(self, data, dest, tag, ctx, sync)
 
@@ -337,7 +349,7 @@ class Comm(attributes.Cached, Handle):
         ctx: int,
         sink: Any = None,
     ) -> Op:
-        self._check()
+        self._live()
         if source == constants.PROC_NULL:
             return DoneOp(constants.PROC_NULL, constants.ANY_TAG)
         route = self._src_route[source]
@@ -347,7 +359,7 @@ class Comm(attributes.Cached, Handle):
     def _recv_bytes(
         self, view: memoryview, source: int, tag: int, ctx: int, status: Status | None
     ) -> None:
-        engine = self._check()
+        engine = self._live()
         route = self._src_route.get(source)  # None: PROC_NULL
         if route is not None and route.recv_into(self, view, source, tag, ctx, status):
             return
@@ -357,7 +369,7 @@ class Comm(attributes.Cached, Handle):
         Request(op, engine, self._rank_of)._fill(status)
 
     def _recv_obj(self, source: int, tag: int, ctx: int, status: Status | None) -> Any:
-        engine = self._check()
+        engine = self._live()
         route = self._src_route.get(source)  # None: PROC_NULL
         if route is not None:
             data = route.recv_bytes(self, source, tag, ctx, status)
@@ -619,7 +631,7 @@ class Comm(attributes.Cached, Handle):
         """Block until a matching message can be received; fill `status`. True."""
         self._source(source)
         self._recv_tag(tag)
-        engine = self._check()
+        engine = self._live()
         watch = self._route[source].peer if source >= 0 else -1
         engine.wait_until(lambda: self._iprobe(source, tag, status), watch)
         return True
@@ -633,7 +645,7 @@ class Comm(attributes.Cached, Handle):
         """True (status filled) iff a matching message can be received now."""
         self._source(source)
         self._recv_tag(tag)
-        engine = self._check()
+        engine = self._live()
         if self._iprobe(source, tag, status):
             return True
         engine.progress()
@@ -786,6 +798,24 @@ class Comm(attributes.Cached, Handle):
     def Disconnect(self) -> None:
         """Free, with its errors (there are no separately started jobs to wait for here)."""
         self.Free()
+
+    @classmethod
+    def Join(cls, fd: int) -> Any:
+        """The intercommunicator with the process at the other end of the connected
+        socket `fd`, of this job (see `dynproc.join`)."""
+        from guest_lib.mpi import dynproc
+
+        return dynproc.join(fd)
+
+    # fault tolerance (see `ulfm`)
+    Revoke = ulfm.revoke
+    Is_revoked = ulfm.is_revoked
+    Get_failed = ulfm.get_failed
+    Ack_failed = ulfm.ack_failed
+    Agree = ulfm.agree
+    Iagree = ulfm.iagree
+    Shrink = ulfm.shrink
+    Ishrink = ulfm.ishrink
 
     def Abort(self, errorcode: int = 0) -> None:
         """Terminate every process of the job: MPI_Abort through mpi4py's own module under
@@ -975,6 +1005,21 @@ class Intracomm(persistent.PersistentCollectives, ExtraCollectives, Comm):
         raise exceptions.Exception(exceptions.ERR_SPAWN, _NO_SPAWN)
 
     Spawn_multiple = Spawn
+
+    def Accept(self, port_name: str, info: Any = None, root: int = 0) -> Any:
+        """The intercommunicator with the group of this job that connects to `port_name`
+        (opened by `root`; see `dynproc`). Collective."""
+        from guest_lib.mpi import dynproc
+
+        return dynproc.accept(self, port_name, info, root)
+
+    def Connect(self, port_name: str, info: Any = None, root: int = 0) -> Any:
+        """The intercommunicator with the group of this job that accepts on `port_name`
+        (given at `root`; a port of another job: MPI.Exception(ERR_PORT), see
+        `dynproc`). Collective."""
+        from guest_lib.mpi import dynproc
+
+        return dynproc.connect(self, port_name, info, root)
 
     @classmethod
     def Create_from_group(

@@ -51,6 +51,7 @@ from guest_lib.mpi.wire import (
     CTRL_ABANDON,
     CTRL_ACK,
     CTRL_HELLO,
+    CTRL_REVOKE,
     CTRL_SYNC,
     KIND_CONTROL,
     KIND_DATA,
@@ -203,6 +204,9 @@ class Engine(Matching, FastPaths):
         self.mpi_bytes = 0
         self.placing = -1  # the shm peer a placed message waits for (nothing else goes there)
         self.staged: list[StagedOp] = []  # nonblocking collectives in flight
+        # CONTROL messages of the services over the engine (see `dynproc`): CTRL_* tag ->
+        # handler(sender's world rank, payload), run by the progress pass that takes one
+        self.services: dict[int, Callable[[int, bytes], None]] = {}
         self._seq = 0
         # Threads (see the module docstring): whether a thread owns the doorbell nap, how
         # many nap on `wakeup`, the peer the owner pushes with the lock released.
@@ -437,6 +441,16 @@ class Engine(Matching, FastPaths):
             elif tag == CTRL_ABANDON:
                 notice = wire.decode_abandon(payload, self.who(peer))
                 self.abandoned_by(notice, f"world rank {self.world_of_peer[peer]}")
+            elif tag == CTRL_REVOKE:
+                ctx = wire.decode_revoke(payload, self.who(peer))
+                self.revoke(ctx, f"revoked by world rank {self.world_of_peer[peer]}")
+            else:
+                handler = self.services.get(tag)
+                if handler is None:
+                    raise exceptions.Exception(
+                        exceptions.ERR_INTERN, f"{self.who(peer)} sent control message {tag}"
+                    )
+                handler(self.world_of_peer[peer], payload)
             return
         ctx = (coretag >> wire.CTX_SHIFT) & constants.MAX_CONTEXT
         sink = self.arrived(

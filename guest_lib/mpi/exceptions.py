@@ -74,7 +74,9 @@ ERR_VALUE_TOO_LARGE = 77
 ERR_ERRHANDLER = 80
 ERR_LASTCODE = 0x3FFFFFFF
 ERR_ABI = ERR_LASTCODE  # MPICH's values (no ABI errors there)
-ERR_REVOKED = ERR_PROC_FAILED = ERR_PROC_FAILED_PENDING = ERR_UNKNOWN  # no fault tolerance
+ERR_PROC_FAILED = 101  # fault tolerance (ULFM, see ulfm.py): MPICH's MPIX_ERR_* values
+ERR_PROC_FAILED_PENDING = 102
+ERR_REVOKED = 103
 
 _NAMES: dict[int, str] = {}
 for _name, _value in list(globals().items()):

@@ -329,7 +329,7 @@ class Intercomm(Comm):
         numbers it alike), then its first stage runs (argument errors raise here). If it
         fails on this process, it is abandoned as an intra-communicator's collective is
         (see `collectives`): the remote processes waiting for this one then fail too."""
-        engine = self._check()
+        engine = self._live()
         seq, self._iseq = self._iseq, self._iseq + 1
         tag = T_NONBLOCKING + seq % NONBLOCKING_TAGS
         ctx = self._ctx + 1

@@ -197,6 +197,8 @@ class Matching:
         self.dropped_ctx: set[int] = set()  # freed contexts not agreed on again yet
         # (collective context, tag base) of abandoned collective instances -> (number, why)
         self.abandoned: dict[tuple[int, int], tuple[int, str]] = {}
+        # point-to-point contexts of revoked communicators (see `ulfm`) -> who revoked them
+        self.revoked: dict[int, str] = {}
 
     # ------------------------------------------------------------------ posted receives
     def match_posted(self, src: int, ctx: int, tag: int) -> RecvOp | None:
@@ -305,6 +307,8 @@ class Matching:
         with self.lock:
             self.used_ctx.difference_update(ctxs)
             self.dropped_ctx.update(ctxs)
+            for ctx in ctxs:
+                self.revoked.pop(ctx, None)
             self._purge(lambda entry: entry.ctx in ctxs)
 
     def reuse_context(self, ctxs: tuple[int, ...]) -> None:
@@ -315,6 +319,21 @@ class Matching:
             self.used_ctx.update(ctxs)
             for key in [key for key in self.abandoned if key[0] in ctxs]:
                 del self.abandoned[key]
+
+    def revoke(self, ctx: int, reason: str) -> bool:
+        """Revoke the communicator whose point-to-point context is `ctx` (even) in this
+        process: its receives posted on both its contexts complete with ERR_REVOKED, and
+        later calls on it raise ERR_REVOKED (see `ulfm`). A context not in use here (a
+        freed communicator's notice, arriving late) is ignored. True iff it was newly
+        revoked."""
+        with self.lock:
+            if ctx in self.revoked or ctx not in self.used_ctx or ctx in self.dropped_ctx:
+                return False
+            self.revoked[ctx] = reason
+            for op in [op for op in self.posted if op.ctx in (ctx, ctx + 1)]:
+                self.withdraw(op)
+                op.error, op.done = exceptions.ERR_REVOKED, True
+            return True
 
     def _dropped(self, ctx: int, tag: int) -> bool:
         """True for a message of a freed context or of an abandoned collective instance."""

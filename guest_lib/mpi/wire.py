@@ -19,7 +19,10 @@ One core tag per message, 31 bits:
   completes a synchronous send; SYNC (same payload) announces that the next DATA message
   from that peer is synchronous; HELLO carries bootstrap data; ABANDON (payload: context,
   instance number, tag base, tag count, then the reason in UTF-8) says that the sender left
-  one instance of a collective with an error.
+  one instance of a collective with an error; REVOKE (payload: a context) says that the
+  sender revoked the communicator of that point-to-point context (see `ulfm`); NAME and
+  NAMED carry a request to the job's name service and its answer (see `dynproc`; the
+  payload is theirs, decoded and validated there).
 
 Collective tags: blocking collective instance `seq` of a communicator uses the tags
 `coll_base(seq)` .. + COLL_SPAN - 1 on its collective context; nonblocking ones use tags
@@ -42,10 +45,14 @@ CTRL_ACK = 0
 CTRL_SYNC = 1
 CTRL_HELLO = 2
 CTRL_ABANDON = 3
+CTRL_REVOKE = 4
+CTRL_NAME = 5
+CTRL_NAMED = 6
 PIECE_LAST = 1  # tag field of the last PIECE of a message
 SEQ = struct.Struct("<Q")  # ACK and SYNC payload: a sequence number
 ABANDON = struct.Struct("<IQIH")  # collective context, instance number, first tag, tags
 ABANDON_REASON_MAX = 512  # bytes of the reason an ABANDON carries at most
+REVOKE = struct.Struct("<I")  # REVOKE payload: the point-to-point context revoked
 
 TAG_MASK = constants.TAG_UB
 CTX_SHIFT = constants.TAG_BITS
@@ -135,6 +142,17 @@ def decode_abandon(payload: bytes, who: str) -> Abandon:
         raise _bad(who, f"an ABANDON of context {ctx}, tags {base}+{span}")
     why = payload[ABANDON.size :].decode(errors="replace")
     return Abandon(ctx, seq, base, span, why)
+
+
+def decode_revoke(payload: bytes, who: str) -> int:
+    """The context a REVOKE names: an even one (a communicator's point-to-point context).
+    MPI.Exception(ERR_INTERN) naming `who` for a payload of another size or context."""
+    if len(payload) != REVOKE.size:
+        raise _bad(who, f"a REVOKE of {len(payload)} bytes, not {REVOKE.size}")
+    ctx: int = REVOKE.unpack(payload)[0]
+    if ctx > constants.MAX_CONTEXT or ctx & 1:
+        raise _bad(who, f"a REVOKE of context {ctx}")
+    return ctx
 
 
 def piece_outside(coretag: int, peer_name: str) -> exceptions.Exception:

@@ -71,13 +71,6 @@ ENTRIES: list[tuple[str, str, str]] = [
         "its namespace recurses through them without end (issue #11)",
     ),
     (
-        "test_dynproc.*",
-        "xfail",
-        "not built: dynamic process management (Open_port, Connect/Accept, Join), which "
-        "like Spawn lets a job gain processes its launcher did not start (issue #11 lets "
-        "Spawn stay out)",
-    ),
-    (
         "test_file.*",
         "xfail",
         "not built: MPI-IO (MPI.File) is outside issue #11's MPI-3 surface (point 3 lists no I/O)",
@@ -425,12 +418,6 @@ ENTRIES: list[tuple[str, str, str]] = [
         "xfail",
         "not built: MPI-IO (MPI.File, FILE_NULL) is outside issue #11's MPI-3 surface "
         "(point 3 lists no I/O), and this file names it at import",
-    ),
-    (
-        "test_ulfm.*",
-        "xfail",
-        "not built: ULFM fault tolerance (Revoke, Shrink, Agree, Ack_failed, Get_failed, "
-        "Is_revoked), outside issue #11's MPI-3 surface",
     ),
     (
         "test_util_dtlib.TestUtilDTLib.testStruct[12]",

@@ -1,0 +1,328 @@
+"""Fault tolerance: ULFM (the MPI-4 proposal, MPI-5's chapter) as mpi4py exposes it.
+
+Failure detection: a member is *failed* when its peer slot in the region says so: DEAD
+(the broker saw it vanish, or a peer marked it), LEFT or FREE (it closed its endpoint: an
+uncaught exception, Abort_local) or READY with a holder process that no longer runs on
+this kernel (os._exit, a signal: `PeerInfo.holder_alive`). Each look reads the slot and, for
+a READY one, the holder's /proc entry. Members reached through mpi4py (another region)
+are never seen failed: their slots are not in this region.
+
+- `Get_failed` gives the Group of the members seen failed so far (both groups of an
+  intercommunicator), in the order this process noticed them; `Ack_failed(n)`
+  acknowledges the first n of them (all by default) and returns how many are.
+- `Revoke` marks the communicator revoked here and sends a REVOKE notice (a CONTROL message
+  naming its point-to-point context) to every other member on shared memory; a member
+  that takes one marks it revoked too. Revoked: receives posted on it complete with
+  ERR_REVOKED, and every later call on it (point-to-point, probes, collectives) raises
+  ERR_REVOKED, except these fault-tolerance calls, Free and queries. A notice about a
+  context that is no longer in use (a freed communicator) is ignored; one about a
+  context in use arrives before any message of a later communicator with that context
+  (the agreement of a new context fences every earlier message, see comm._alloc_ctx).
+- `Agree(flag)` / `Iagree(buf)`: the bitwise AND of the flags (C ints) of the members
+  that are alive, on a revoked communicator too. Every member sends its flag to every
+  other one it does not know failed (tags T_FT + n on the collective context, the same
+  numbering on every member) and waits for each one's flag or its failure (a look at the
+  slots every CHECK_S). MPI.Exception(ERR_PROC_FAILED) afterwards if a member is failed
+  and not acknowledged (the flag, in the Iagree buffer, is still the AND). This is one
+  exchange round, not ULFM's consensus: a member that dies in the middle of it may have
+  sent its flag to some survivors and not others, which then disagree.
+- `Shrink` / `Ishrink`: a new communicator of the members alive, in the same order, with
+  a new context. The members exchange the failed sets they know (twice: a failure seen
+  during the first exchange joins the second), then agree on a context as Dup does, by
+  the same exchanges (comm.Comm.agreed_ctx), and a last exchange fences it. Ishrink runs
+  the shrink at the call and returns a completed request with the new communicator.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from guest_lib.mpi import constants, exceptions, wire
+from guest_lib.mpi.engine import StagedOp
+from guest_lib.mpi.matching import Op, RecvOp
+from ivshmem_comm import layout
+
+if TYPE_CHECKING:
+    from guest_lib.mpi.comm import Comm
+    from guest_lib.mpi.engine import Engine
+
+T_FT = 3 << 16  # tags T_FT + n on a collective context: exchange n of Agree / Shrink
+FT_TAGS = 1 << 15
+CHECK_S = 0.05  # s: how often a wait for a member's message looks whether it failed
+_GONE = (layout.PEER_FREE, layout.PEER_LEFT, layout.PEER_DEAD)
+_INT = 4  # bytes of an Agree flag (a C int)
+
+
+def dead_worlds(engine: Engine, worlds: list[int]) -> list[int]:
+    """The world ranks among `worlds` whose process failed (see the module docstring)."""
+    ep = engine.ep
+    if ep is None:
+        return []
+    dead = []
+    for w in worlds:
+        peer = engine.routes[w].peer
+        if peer < 0:
+            continue
+        info = ep.region.peer(peer)
+        if info.state in _GONE or (
+            info.state == layout.PEER_READY and info.holder_alive() is False
+        ):
+            dead.append(w)
+    return dead
+
+
+def _everyone(comm: Comm) -> list[int]:
+    """The world ranks of every member (an intercommunicator: local group, then remote)."""
+    local = getattr(comm, "_local_group", None)
+    return list(comm._group) if local is None else list(local) + list(comm._group)
+
+
+def _links(comm: Comm) -> list[tuple[Comm, int, int]]:
+    """(communicator, rank in it, world rank) of every other member: an intercommunicator
+    reaches its local group through its local intra-communicator."""
+    me = comm._check().world_rank
+    local = getattr(comm, "_local", None)
+    links = [(comm, r, w) for r, w in enumerate(comm._group) if w != me]
+    if local is not None:
+        links += [(local, r, w) for r, w in enumerate(local._group) if w != me]
+    return links
+
+
+def _noticed(comm: Comm) -> list[int]:
+    """The failed members of `comm` in the order noticed here, updated now."""
+    engine = comm._check()
+    failed: list[int] = comm.__dict__.setdefault("_ft_failed", [])
+    for w in dead_worlds(engine, _everyone(comm)):
+        if w not in failed:
+            failed.append(w)
+    return failed
+
+
+class Exchange(Op):
+    """Every other member's message of one fault-tolerant exchange, or its failure: done
+    once each receive is complete or its sender is seen failed (looked at every CHECK_S,
+    when `done` is read). `got` maps world ranks to the bytes they sent; `lost` lists the
+    members that failed instead."""
+
+    __slots__ = ("engine", "got", "lost", "next_look", "pending", "sends")
+
+    def __init__(self, comm: Comm, data: bytes, skip: list[int]) -> None:
+        super().__init__()
+        engine = comm._check()
+        seq = comm.__dict__.get("_ft_seq", 0)
+        comm.__dict__["_ft_seq"] = seq + 1
+        tag = T_FT + seq % FT_TAGS
+        self.engine = engine
+        self.got: dict[int, bytes] = {}
+        self.lost: list[int] = list(skip)
+        self.pending: dict[int, RecvOp] = {}
+        self.sends: list[Op] = []
+        self.next_look = 0.0
+        view = memoryview(data)
+        for link, rank, world in _links(comm):
+            if world in skip:
+                continue
+            route = link._route[rank]
+            op = RecvOp(link._ctx + 1, world, tag, None, None, route.peer)
+            self.pending[world] = route.post(link, op, rank)
+            try:
+                self.sends.append(route.isend(link, view, rank, tag, link._ctx + 1, False))
+            except exceptions.Exception:
+                self._lose(world)
+
+    def _lose(self, world: int) -> None:
+        op = self.pending.pop(world, None)
+        if op is not None and not op.done:
+            op.cancel(self.engine)
+        if world not in self.lost:
+            self.lost.append(world)
+
+    def _settle(self) -> bool:
+        for world, op in list(self.pending.items()):
+            if op.done:
+                del self.pending[world]
+                if op.error or op.cancelled:
+                    self._lose(world)
+                else:
+                    self.got[world] = bytes(op.obj)
+        if self.pending and time.monotonic() >= self.next_look:
+            self.next_look = time.monotonic() + CHECK_S
+            for world in dead_worlds(self.engine, list(self.pending)):
+                self._lose(world)
+        return not self.pending
+
+    @property
+    def done(self) -> bool:
+        return self._settle()
+
+    @done.setter
+    def done(self, value: bool) -> None:
+        pass  # (Op.__init__ sets it: completion is computed)
+
+
+def _wait_exchange(comm: Comm, data: bytes, skip: list[int]) -> Exchange:
+    """Run one exchange to its end (blocking)."""
+    exchange = Exchange(comm, data, skip)
+    comm._check().wait_until(lambda: exchange.done)
+    return exchange
+
+
+def revoke(comm: Comm) -> None:
+    """Comm.Revoke: see the module docstring. MPI.Exception(ERR_COMM) on COMM_NULL."""
+    engine = comm._check()
+    me = engine.world_rank
+    if not engine.revoke(comm._ctx, f"revoked by world rank {me}"):
+        return
+    payload = wire.REVOKE.pack(comm._ctx)
+    for w in _everyone(comm):
+        peer = engine.routes[w].peer
+        if w != me and peer >= 0:
+            try:
+                engine.send_control(peer, wire.CTRL_REVOKE, payload)
+            except exceptions.Exception:
+                pass  # (a failed member: it waits for nothing)
+
+
+def is_revoked(comm: Comm) -> bool:
+    """Comm.Is_revoked: whether this process knows the communicator revoked (by a call
+    here or a notice from another member), after a progress pass."""
+    engine = comm._check()
+    engine.progress()
+    return comm._ctx in engine.revoked
+
+
+def get_failed(comm: Comm) -> Any:
+    """Comm.Get_failed: a new Group of the members seen failed (module docstring)."""
+    from guest_lib.mpi.group import Group
+
+    return Group(list(_noticed(comm)), comm._check().world_rank)
+
+
+def ack_failed(comm: Comm, num_to_ack: int | None = None) -> int:
+    """Comm.Ack_failed: acknowledge the first `num_to_ack` failed members (None: all of
+    them); return how many are acknowledged. MPI.Exception(ERR_ARG) for a negative
+    count."""
+    failed = _noticed(comm)
+    wanted = len(failed) if num_to_ack is None else int(num_to_ack)
+    if wanted < 0:
+        raise exceptions.Exception(exceptions.ERR_ARG, f"Ack_failed({wanted})")
+    acked = max(comm.__dict__.get("_ft_acked", 0), min(wanted, len(failed)))
+    comm.__dict__["_ft_acked"] = acked
+    return acked
+
+
+def _unacked_error(comm: Comm) -> int:
+    failed = _noticed(comm)
+    return exceptions.ERR_PROC_FAILED if len(failed) > comm.__dict__.get("_ft_acked", 0) else 0
+
+
+def iagree(comm: Comm, flag: Any) -> Any:
+    """Comm.Iagree: a request that writes into `flag` (a buffer of one C int) the AND of
+    the members' flags (module docstring). TypeError for a non-buffer, ValueError for a
+    buffer that is not one C int."""
+    from guest_lib.mpi.request import Request
+
+    engine = comm._check()
+    view = memoryview(flag)
+    if view.nbytes != _INT or view.readonly:
+        raise ValueError(f"Iagree: expecting a writable buffer of one C int, got {view.nbytes}")
+    view = view.cast("B")
+    mine = int.from_bytes(view, "little", signed=True)
+    skip = list(_noticed(comm))
+
+    def stages() -> Iterator[list[Op]]:
+        exchange = Exchange(comm, bytes(view), skip)
+        yield [exchange]
+        value = mine
+        for data in exchange.got.values():
+            if len(data) != _INT:
+                raise exceptions.Exception(exceptions.ERR_INTERN, "Agree: bad flag")
+            value &= int.from_bytes(data, "little", signed=True)
+        view[:] = value.to_bytes(_INT, "little", signed=True)
+        for world in exchange.lost:
+            if world not in _noticed(comm):
+                comm.__dict__["_ft_failed"].append(world)
+        error = _unacked_error(comm)
+        if error:
+            raise exceptions.Exception(error, "Agree: a member failed, not acknowledged")
+
+    op = StagedOp(stages())
+    engine.start_staged(op)
+    return Request(op, engine)
+
+
+def agree(comm: Comm, flag: int) -> int:
+    """Comm.Agree: the AND of the members' `flag`s (C ints; module docstring)."""
+    buf = bytearray(int(flag).to_bytes(_INT, "little", signed=True))
+    iagree(comm, buf).Wait()
+    return int.from_bytes(buf, "little", signed=True)
+
+
+def _bits(worlds: list[int]) -> bytes:
+    value = 0
+    for w in worlds:
+        value |= 1 << w
+    return value.to_bytes((max(worlds, default=0) + 8) // 8, "little")
+
+
+def _survivors(comm: Comm) -> list[int]:
+    """The failed members every survivor knows of (two exchanges of the failed sets)."""
+    failed = set(_noticed(comm))
+    for _ in range(2):
+        exchange = _wait_exchange(comm, _bits(sorted(failed)), sorted(failed))
+        failed.update(exchange.lost)
+        for data in exchange.got.values():
+            bits = int.from_bytes(data, "little")
+            failed.update(w for w in range(bits.bit_length()) if bits >> w & 1)
+    known = comm.__dict__.setdefault("_ft_failed", [])
+    known.extend(w for w in sorted(failed) if w not in known)
+    return sorted(failed)
+
+
+def shrink(comm: Comm) -> Any:
+    """Comm.Shrink: a new communicator of the members alive (module docstring); an
+    Intercomm for an intercommunicator (COMM_NULL when a whole group failed)."""
+    from guest_lib.mpi.comm import COMM_NULL, Intracomm
+
+    engine = comm._check()
+    failed = _survivors(comm)
+
+    def union_of(used: int) -> int:
+        size = constants.CTX_MAP_BYTES + 1
+        exchange = _wait_exchange(comm, used.to_bytes(size, "little"), failed)
+        for data in exchange.got.values():
+            used |= int.from_bytes(data, "little")
+        return used
+
+    ctx = comm.agreed_ctx((comm._ctx, T_FT), union_of)
+    local = getattr(comm, "_local_group", None)
+    if local is None:
+        _wait_exchange(comm, b"", failed)  # fence (see comm._alloc_ctx)
+        group = [w for w in comm._group if w not in failed]
+        return Intracomm(engine, group, ctx)
+    from guest_lib.mpi.intercomm import Intercomm
+
+    local_ctx = comm.agreed_ctx((comm._ctx, T_FT + 1), union_of)
+    _wait_exchange(comm, b"", failed)
+    mine = [w for w in local if w not in failed]
+    theirs = [w for w in comm._group if w not in failed]
+    if not theirs:
+        with engine.lock:
+            engine.used_ctx.difference_update((ctx, ctx + 1, local_ctx, local_ctx + 1))
+        return COMM_NULL
+    local_comm = Intracomm(engine, mine, local_ctx)
+    return Intercomm(
+        engine, mine, theirs, ctx, local_comm, None, None, getattr(comm, "_low", False)
+    )
+
+
+def ishrink(comm: Comm) -> tuple[Any, Any]:
+    """Comm.Ishrink: (Shrink's communicator, a request that is complete), the shrink run
+    at the call (module docstring)."""
+    from guest_lib.mpi.matching import DoneOp
+    from guest_lib.mpi.request import Request
+
+    made = shrink(comm)
+    return made, Request(DoneOp(), comm._check())
