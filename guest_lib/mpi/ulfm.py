@@ -288,6 +288,12 @@ def shrink(comm: Comm) -> Any:
 
     engine = comm._check()
     failed = _survivors(comm)
+    if failed and comm._mirror is not None:
+        raise exceptions.Exception(
+            exceptions.ERR_PROC_FAILED,
+            f"Shrink: world ranks {failed} failed, and {comm!r} reaches members through "
+            "mpi4py, whose communicators cannot be shrunk here",
+        )
 
     def union_of(used: int) -> int:
         size = constants.CTX_MAP_BYTES + 1
@@ -301,7 +307,7 @@ def shrink(comm: Comm) -> Any:
     if local is None:
         _wait_exchange(comm, b"", failed)  # fence (see comm._alloc_ctx)
         group = [w for w in comm._group if w not in failed]
-        return Intracomm(engine, group, ctx)
+        return Intracomm(engine, group, ctx, *_mirrors(comm))
     from guest_lib.mpi.intercomm import Intercomm
 
     local_ctx = comm.agreed_ctx((comm._ctx, T_FT + 1), union_of)
@@ -312,10 +318,18 @@ def shrink(comm: Comm) -> Any:
         with engine.lock:
             engine.used_ctx.difference_update((ctx, ctx + 1, local_ctx, local_ctx + 1))
         return COMM_NULL
-    local_comm = Intracomm(engine, mine, local_ctx)
-    return Intercomm(
-        engine, mine, theirs, ctx, local_comm, None, None, getattr(comm, "_low", False)
-    )
+    local_comm = Intracomm(engine, mine, local_ctx, *_mirrors(comm._local))  # type: ignore[attr-defined]
+    low = getattr(comm, "_low", False)
+    return Intercomm(engine, mine, theirs, ctx, local_comm, *_mirrors(comm), low)
+
+
+def _mirrors(comm: Comm) -> tuple[Any, Any]:
+    """Shrink's mpi4py mirrors: Dups of `comm`'s (no member failed), or none."""
+    if comm._mirror is None:
+        return None, None
+    from guest_lib.mpi import native
+
+    return native.dup_mirrors(comm)
 
 
 def ishrink(comm: Comm) -> tuple[Any, Any]:
