@@ -357,8 +357,13 @@ class Engine(Matching, FastPaths):
                 op.done = op.done or not op.sync
         except CoreTimeout:
             pass
-        except PeerLostError as exc:
-            raise core_error(exc) from exc
+        except PeerLostError:
+            # The peer failed: the sends queued for it fail (ERR_PROC_FAILED at their wait,
+            # see routes.Route.send), not this progress pass, which may be another call's.
+            for failed in queue:
+                failed.error, failed.done = exceptions.ERR_PROC_FAILED, True
+            queue.clear()
+            moved = True
         if not queue:
             self.sendq.pop(peer, None)
         return moved

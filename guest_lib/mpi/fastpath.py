@@ -42,8 +42,10 @@ it, then its fields are the message's; nbytes and tag are what was in so far).""
 
 
 def core_error(exc: BaseException) -> exceptions.Exception:
-    """The MPI.Exception for a core error (peer lost, corrupt ring, timeout)."""
-    return exceptions.Exception(exceptions.ERR_OTHER, f"{type(exc).__name__}: {exc}")
+    """The MPI.Exception for a core error: ERR_PROC_FAILED for a lost peer (the process
+    failed, as ULFM says: see `ulfm`), ERR_OTHER for a corrupt ring or a timeout."""
+    error = exceptions.ERR_PROC_FAILED if isinstance(exc, PeerLostError) else exceptions.ERR_OTHER
+    return exceptions.Exception(error, f"{type(exc).__name__}: {exc}")
 
 
 def _bytes_of(buf: Any) -> memoryview:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from guest_lib.mpi import wire
+from guest_lib.mpi import exceptions, wire
 from guest_lib.mpi.constants import ANY_SOURCE, ANY_TAG
 from guest_lib.mpi.matching import DoneOp
 
@@ -52,6 +52,7 @@ class Route:
         op = self.isend(comm, data, rank, tag, ctx, sync)
         if not op.done:
             comm._engine.wait(op)  # type: ignore[union-attr]
+        failed(op, rank)
 
     def post(self, comm: Comm, op: RecvOp, rank: int) -> RecvOp:
         """Queue the receive `op` from `rank` (or ANY_SOURCE) of `comm` with the engine."""
@@ -114,6 +115,7 @@ class ShmRoute(Route):
         op = engine.isend_shm(self.peer, ctx, tag, data, sync)
         if not op.done:
             engine.wait(op)
+        failed(op, rank)
 
     def recv_into(
         self, comm: Comm, view: Any, rank: int, tag: int, ctx: int, status: Status | None
@@ -132,6 +134,13 @@ class ShmRoute(Route):
         elif status is not None:
             status._set(rank, got_tag, nbytes)
         return True
+
+
+def failed(op: Op, rank: int) -> None:
+    """MPI.Exception for a blocking send whose op failed (its destination process failed:
+    ERR_PROC_FAILED, see engine._push)."""
+    if op.error:
+        raise exceptions.Exception(op.error, f"send to rank {rank}: its process failed")
 
 
 class AnyRoute(Route):

@@ -244,9 +244,7 @@ def iagree(comm: Comm, flag: Any) -> Any:
         for world in exchange.lost:
             if world not in _noticed(comm):
                 comm.__dict__["_ft_failed"].append(world)
-        error = _unacked_error(comm)
-        if error:
-            raise exceptions.Exception(error, "Agree: a member failed, not acknowledged")
+        op.error = _unacked_error(comm)  # (the request raises it, the flag written)
 
     op = StagedOp(stages())
     engine.start_staged(op)

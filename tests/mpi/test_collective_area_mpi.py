@@ -53,7 +53,7 @@ def test_full_area_falls_back_to_messages():
 
 def test_killed_member_gives_an_error_not_a_hang():
     """A member SIGKILLed while the others wait for it in the area: they raise the
-    MPI.Exception of a lost peer (ERR_OTHER naming PeerLostError) within seconds."""
+    MPI.Exception of a lost peer (ERR_PROC_FAILED naming PeerLostError) within seconds."""
     done = subprocess.run(
         [*LAUNCHER, "-n", "3", "--timeout", "60", PROGRAM, "kill"],
         cwd=ROOT, env=job_env(), capture_output=True, text=True, timeout=120,
