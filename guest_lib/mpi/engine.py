@@ -130,7 +130,7 @@ class StagedOp(Op):
     waits for (having started them); the op is done when it returns. Every progress pass
     advances it, so it moves on whatever call of the process is making progress."""
 
-    __slots__ = ("on_fail", "pending", "steps")
+    __slots__ = ("on_fail", "pending", "reason", "steps")
 
     def __init__(
         self, steps: Iterator[list[Op]], on_fail: Callable[[str], None] | None = None
@@ -139,6 +139,7 @@ class StagedOp(Op):
         self.steps = steps
         self.pending: list[Op] = []
         self.on_fail = on_fail  # told why, when the op fails here (see Collectives)
+        self.reason = ""  # why it failed ("" until then): the text of the request's error
 
     def advance(self, propagate: bool = False) -> bool:
         """Start the next stages while the current one is complete. True iff it moved.
@@ -163,7 +164,7 @@ class StagedOp(Op):
         return moved
 
     def _fail(self, error: int, reason: str) -> None:
-        self.error, self.done = error, True
+        self.error, self.done, self.reason = error, True, reason
         if self.on_fail is not None:
             self.on_fail(reason)
 

@@ -65,6 +65,17 @@ def _raw(array: np.ndarray) -> memoryview:
     return np.ascontiguousarray(array).view(np.uint8).data.cast("B")
 
 
+def _whole(recvs: list[Op], nbytes: int, what: str) -> None:
+    """MPI.Exception(ERR_TRUNCATE) naming the remote rank whose message (recvs[r], received
+    into a buffer of `nbytes`) was shorter: the rest of that buffer holds no operand."""
+    for r, op in enumerate(recvs):
+        if op.count != nbytes:
+            raise exceptions.Exception(
+                exceptions.ERR_TRUNCATE,
+                f"{what}: remote rank {r} sent {op.count} bytes where {nbytes} are expected",
+            )
+
+
 def _fold(parts: list[np.ndarray], op: ops.Op, datatype: Any) -> np.ndarray:
     """parts[0] op parts[1] op ... (in that order), as a new array."""
     result = parts[-1].copy()
@@ -580,7 +591,9 @@ class Intercomm(Comm):
             rspec = buffers.parse(recvbuf, writable=True)
             out = _array(rspec.view, rspec.datatype)
             parts = [np.empty_like(out) for _ in self._remote()]
-            yield [self._recv(_raw(parts[r]), r, tag) for r in self._remote()]
+            recvs = [self._recv(_raw(parts[r]), r, tag) for r in self._remote()]
+            yield recvs
+            _whole(recvs, out.nbytes, "Reduce")
             out[...] = _fold(parts, op, rspec.datatype)
         elif role == "leaf":
             yield [self._send(buffers.parse(sendbuf).view, root, tag)]
@@ -613,9 +626,9 @@ class Intercomm(Comm):
         mine = out.copy() if sendbuf is IN_PLACE else _array(buffers.parse(sendbuf).view,
                                                              rspec.datatype)  # fmt: skip
         parts = [np.empty_like(out) for _ in self._remote()]
-        yield [self._recv(_raw(parts[r]), r, tag) for r in self._remote()] + [
-            self._send(_raw(mine), r, tag) for r in self._remote()
-        ]
+        recvs = [self._recv(_raw(parts[r]), r, tag) for r in self._remote()]
+        yield recvs + [self._send(_raw(mine), r, tag) for r in self._remote()]
+        _whole(recvs, out.nbytes, "Allreduce")
         out[...] = _fold(parts, op, rspec.datatype)
 
     def Iallreduce(self, sendbuf: Any, recvbuf: Any, op: ops.Op = ops.SUM) -> Request:
@@ -645,18 +658,27 @@ class Intercomm(Comm):
             )
         wanted = [bytearray(_COUNT_BYTES) for _ in self._remote()]
         told = mine.to_bytes(_COUNT_BYTES, "little")
-        yield [self._recv(memoryview(wanted[r]), r, tag) for r in self._remote()] + [
-            self._send(memoryview(told), r, tag) for r in self._remote()
-        ]
-        sizes = [int.from_bytes(w, "little") for w in wanted]
+        recvs = [self._recv(memoryview(wanted[r]), r, tag) for r in self._remote()]
+        yield recvs + [self._send(memoryview(told), r, tag) for r in self._remote()]
+        _whole(recvs, _COUNT_BYTES, "Reduce_scatter")
         full = _array(buffers.parse(sendbuf).view, rspec.datatype)
-        if sum(sizes) > len(full):
-            raise ValueError(f"Reduce_scatter: {len(full)} elements to send, {sum(sizes)} asked")
-        starts = [sum(sizes[:r]) for r in self._remote()]
+        sizes, starts, start = [], [], 0
+        for r in self._remote():  # each remote rank's block, checked against what is left
+            size = int.from_bytes(wanted[r], "little")
+            if size > len(full) - start:
+                raise exceptions.Exception(
+                    exceptions.ERR_TRUNCATE, f"Reduce_scatter: remote rank {r} asked for "
+                    f"{size} elements, {len(full) - start} of the {len(full)} to send are left",
+                )  # fmt: skip
+            sizes.append(size)
+            starts.append(start)
+            start += size
         parts = [np.empty(mine, out.dtype) for _ in self._remote()]
-        yield [self._recv(_raw(parts[r]), r, tag) for r in self._remote()] + [
+        recvs = [self._recv(_raw(parts[r]), r, tag) for r in self._remote()]
+        yield recvs + [
             self._send(_raw(full[starts[r] : starts[r] + sizes[r]]), r, tag) for r in self._remote()
         ]
+        _whole(recvs, parts[0].nbytes if parts else 0, "Reduce_scatter")
         out[:mine] = _fold(parts, op, rspec.datatype)
 
     def Ireduce_scatter(

@@ -64,7 +64,9 @@ class Request(Handle):
         finish = self._finish
         self._op = None
         if op.error:
-            what = f"receive of {op.count} bytes from rank {source} (tag {op.tag})"
+            what = getattr(op, "reason", "") or (  # a failed stage says why (StagedOp)
+                f"receive of {op.count} bytes from rank {source} (tag {op.tag})"
+            )
             if self._owner is not None:  # its handler first: abort, or call the user's
                 from guest_lib.mpi import errhandler  # it imports this module
 

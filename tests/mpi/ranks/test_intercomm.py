@@ -270,6 +270,77 @@ def test_collective_error_does_not_hang_the_other_group(inter):
     assert comm_ok == [1 - color] * comm.Get_remote_size()
 
 
+def _skip_unless_shared_memory(comm: MPI.Intercomm) -> None:
+    routes = MPI._internal_state()["routes"]
+    if any(routes[w][0] == 2 for w in _remote_world(comm)):
+        pytest.skip("an abandoned collective is announced over shared memory only")
+
+
+@pytest.mark.parametrize("call", ["Allreduce", "Reduce"])
+def test_short_operand_is_refused_naming_the_remote_rank(inter, call):
+    """A remote process whose operand is shorter than this one's (an erroneous or hostile
+    peer) fails the fold with an error naming it: the rest of the receive buffer holds no
+    operand (it held uninitialised memory, folded into the result)."""
+    comm, color, _ = inter
+    _skip_unless_shared_memory(comm)
+    rsize = comm.Get_remote_size()
+    out = np.zeros(4, "i8")
+    if color == 0 and call == "Reduce" and comm.Get_rank() != 0:
+        comm.Reduce(None, None, MPI.PROD, MPI.PROC_NULL)  # (the root is this group's rank 0)
+    elif color == 0:  # the honest side
+        with pytest.raises(MPI.Exception, match=r"remote rank 0 sent 8 bytes where 32"):
+            if call == "Allreduce":
+                comm.Allreduce(np.ones(4, "i8"), out, MPI.PROD)
+            else:
+                comm.Reduce(None, out, MPI.PROD, MPI.ROOT)
+    else:  # the short side: it completes, or fails once the honest side abandons it
+        try:
+            if call == "Allreduce":
+                comm.Allreduce(np.ones(1, "i8"), out, MPI.PROD)
+            else:
+                comm.Reduce(np.ones(1, "i8"), None, MPI.PROD, 0)
+        except MPI.Exception as exc:
+            assert exc.Get_error_class() == MPI.ERR_OTHER
+    assert comm.allgather(color) == [1 - color] * rsize  # the next collective works
+
+
+def _forged_block_size(comm: MPI.Intercomm, told: bytes) -> None:
+    """The first stage of an intercommunicator Reduce_scatter as a hostile process runs it:
+    `told` (a block size: 8 little-endian bytes) to every remote process."""
+
+    def stages(tag: int):
+        heard = [memoryview(bytearray(8)) for _ in range(comm.Get_remote_size())]
+        yield [comm._recv(view, r, tag) for r, view in enumerate(heard)] + [
+            comm._send(memoryview(told), r, tag) for r in range(len(heard))
+        ]
+
+    try:
+        comm._start(stages).Wait()
+    except MPI.Exception as exc:  # the honest side abandoned it before this one completed
+        assert exc.Get_error_class() == MPI.ERR_OTHER
+
+
+@pytest.mark.parametrize(
+    ("told", "what"),
+    [((1 << 62).to_bytes(8, "little"), r"remote rank 0 asked for 4611686018427387904"),
+     (b"\x01\x00\x00", r"remote rank 0 sent 3 bytes where 8")],
+    ids=["huge", "short"],
+)  # fmt: skip
+def test_forged_block_size_is_refused_naming_the_remote_rank(inter, told, what):
+    """Reduce_scatter's block sizes come from the remote processes: one that is out of the
+    operand's bounds, or not 8 bytes, fails the collective with an error naming its sender
+    (a ValueError naming nobody before)."""
+    comm, color, _ = inter
+    _skip_unless_shared_memory(comm)
+    rsize = comm.Get_remote_size()
+    if color == 0:
+        with pytest.raises(MPI.Exception, match=what):
+            comm.Reduce_scatter_block(np.zeros(2 * rsize, "i8"), np.zeros(2, "i8"), MPI.SUM)
+    else:
+        _forged_block_size(comm, told)
+    assert comm.allgather(color) == [1 - color] * rsize  # the next collective works
+
+
 def test_spawn_is_refused_clearly():
     with pytest.raises(MPI.Exception) as refused:
         MPI.COMM_SELF.Spawn("python", ["-c", "pass"], 1)
