@@ -1259,6 +1259,195 @@ static PyObject *rx_recv_small_into(RxRing *self, PyObject *const *args, Py_ssiz
     return result;
 }
 
+/* ------------------------------------------------------------------------------------------
+ * take_posted: a run of small messages taken straight into receives posted by the layer above
+ * (the MPI face's matching), without a trip through the interpreter per message.
+ * ------------------------------------------------------------------------------------------ */
+enum { P_CTX, P_SRC, P_WANT_TAG, P_VIEW, P_SINK, P_MPI, P_SOURCE, P_TAG, P_COUNT, P_DONE, P_N };
+static const char *const posted_text[P_N] = {"ctx",  "src",    "want_tag", "view",  "sink",
+                                             "mpi",  "source", "tag",      "count", "done"};
+static PyObject *posted_name[P_N]; /* interned on first use */
+
+struct posted_entry {
+    long long ctx, src, want_tag;
+    bool plain; /* sink and mpi None, view not None: take_posted may fill it */
+};
+
+/* An integer attribute of a posted entry: 0, or -1 with an exception. */
+static int posted_long(PyObject *entry, int name, long long *out)
+{
+    PyObject *value = PyObject_GetAttr(entry, posted_name[name]);
+    if (value == NULL)
+        return -1;
+    *out = PyLong_AsLongLong(value);
+    Py_DECREF(value);
+    return *out == -1 && PyErr_Occurred() ? -1 : 0;
+}
+
+/* Whether attribute `name` of `entry` is None: 1 or 0, -1 with an exception. */
+static int posted_none(PyObject *entry, int name)
+{
+    PyObject *value = PyObject_GetAttr(entry, posted_name[name]);
+    if (value == NULL)
+        return -1;
+    int none = value == Py_None;
+    Py_DECREF(value);
+    return none;
+}
+
+/* Read the fields take_posted matches on of entry `entry` into *e: 0, or -1 with an
+ * exception. */
+static int posted_read(PyObject *entry, struct posted_entry *e)
+{
+    int sink, mpi, view;
+    if (posted_long(entry, P_CTX, &e->ctx) < 0 || posted_long(entry, P_SRC, &e->src) < 0 ||
+        posted_long(entry, P_WANT_TAG, &e->want_tag) < 0 ||
+        (sink = posted_none(entry, P_SINK)) < 0 || (mpi = posted_none(entry, P_MPI)) < 0 ||
+        (view = posted_none(entry, P_VIEW)) < 0)
+        return -1;
+    e->plain = sink && mpi && !view;
+    return 0;
+}
+
+/* Fill the receive `entry` with the single-span message of `total` bytes at region offset
+ * `addr` (after its span header) if its view takes it whole: 1 (copied), 0 (it does not, or
+ * its view is not a writable flat buffer: nothing done; the layer above explains it). */
+static int posted_fill(RxRing *self, PyObject *entry, uint64_t addr, uint64_t total)
+{
+    PyObject *view = PyObject_GetAttr(entry, posted_name[P_VIEW]);
+    Py_buffer dest;
+    int status = view == NULL ? -1 : PyObject_GetBuffer(view, &dest, PyBUF_WRITABLE);
+    Py_XDECREF(view);
+    if (status < 0) {
+        PyErr_Clear();
+        return 0;
+    }
+    int fits = total <= (uint64_t)dest.len;
+    if (fits)
+        copy_bytes(dest.buf, self->ring.base + addr + SPAN_HEADER_SIZE, (Py_ssize_t)total);
+    PyBuffer_Release(&dest);
+    return fits;
+}
+
+/* Set the completion fields of a filled entry: 0, or -1 with an exception. */
+static int posted_done(PyObject *entry, long long source, long long tag, uint64_t total)
+{
+    PyObject *values[3] = {PyLong_FromLongLong(source), PyLong_FromLongLong(tag),
+                           PyLong_FromUnsignedLongLong(total)};
+    int status = values[0] && values[1] && values[2] ? 0 : -1;
+    for (int i = 0; i < 3 && status == 0; i++)
+        status = PyObject_SetAttr(entry, posted_name[P_SOURCE + i], values[i]);
+    for (int i = 0; i < 3; i++)
+        Py_XDECREF(values[i]);
+    if (status == 0)
+        status = PyObject_SetAttr(entry, posted_name[P_DONE], Py_True);
+    return status;
+}
+
+/* take_posted(posted, source, tag_bits) -> (taken, kick, head)
+ *
+ * Takes, in queue order, the messages at the head of this queue that are one span each into
+ * the receives of `posted` (a list, in post order) they match, and stops at the first message
+ * that cannot be taken so (none there yet; none of `posted` matches; the first match is not
+ * plain or its view is too small; a message of several spans). A message of core tag t
+ * matches the first entry e with e.ctx == t >> tag_bits, e.src < 0 (any) or == `source`, and
+ * e.want_tag < 0 (any) or == t & (2**tag_bits - 1) (its tag). A plain entry (sink and mpi
+ * None, view a writable buffer) gets the bytes in its view, source = `source`, tag = the
+ * message's tag, count = its length, done = True, and leaves `posted`. Returns the number
+ * taken, whether the sender must be kicked (the spans given back), and the header of the
+ * message it stopped at, as poll_header() gives it (the caller then keeps it as the peeked
+ * head, holding its span), or None. Entries are read as the matching reaches them; one
+ * lacking a field stops the run there (the caller's own matching then meets it). TypeError or
+ * ValueError for bad arguments (nothing taken); the ring's errors. */
+static PyObject *rx_take_posted(RxRing *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    long long source, tag_bits;
+    if (check_nargs("take_posted", nargs, 3) < 0)
+        return NULL;
+    PyObject *posted = args[0];
+    if (!PyList_Check(posted)) {
+        PyErr_SetString(PyExc_TypeError, "take_posted: posted must be a list");
+        return NULL;
+    }
+    if (as_long_long(args[1], &source) || as_long_long(args[2], &tag_bits) || tag_bits < 0 ||
+        tag_bits > 31) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_ValueError, "take_posted: arguments out of range");
+        return NULL;
+    }
+    if (posted_name[0] == NULL)
+        for (int i = 0; i < P_N; i++)
+            if ((posted_name[i] = PyUnicode_InternFromString(posted_text[i])) == NULL)
+                return NULL;
+    Py_ssize_t n = PyList_GET_SIZE(posted), read = 0; /* entries[0:read] read so far */
+    struct posted_entry *entries = PyMem_Malloc((size_t)(n ? n : 1) * sizeof *entries);
+    if (entries == NULL)
+        return PyErr_NoMemory();
+    long long taken = 0;
+    bool kick = false;
+    PyObject *head = NULL;
+    uint32_t tag_mask = (uint32_t)((1ull << tag_bits) - 1);
+    while (n > 0) {
+        uint64_t addr, total;
+        uint32_t length;
+        int32_t coretag;
+        int found = rx_poll_impl(self, &addr, &length);
+        if (found == 0)
+            break;
+        if (found < 0 || rx_header(self, addr, length, &total, &coretag) < 0)
+            goto error;
+        long long key = (long long)((uint32_t)coretag >> tag_bits);
+        long long tag = (long long)((uint32_t)coretag & tag_mask);
+        Py_ssize_t i = 0;
+        bool unread = false; /* an entry lacks a field: stop here, the layer above meets it */
+        for (; i < n; i++) {
+            if (i == read) {
+                if (posted_read(PyList_GET_ITEM(posted, i), &entries[i]) < 0) {
+                    PyErr_Clear();
+                    unread = true;
+                    break;
+                }
+                read++;
+            }
+            struct posted_entry *e = &entries[i];
+            if (e->ctx == key && (e->src < 0 || e->src == source) &&
+                (e->want_tag < 0 || e->want_tag == tag))
+                break;
+        }
+        int filled = 0;
+        if (!unread && i < n && entries[i].plain && length - SPAN_HEADER_SIZE == total) {
+            PyObject *entry = PyList_GET_ITEM(posted, i);
+            filled = posted_fill(self, entry, addr, total);
+            if (filled) {
+                kick = rx_complete_impl(self, 1) || kick;
+                taken++;
+                Py_INCREF(entry);
+                int status = PyList_SetSlice(posted, i, i + 1, NULL);
+                if (status == 0)
+                    status = posted_done(entry, source, tag, total);
+                Py_DECREF(entry);
+                if (status < 0)
+                    goto error;
+                memmove(&entries[i], &entries[i + 1], (size_t)(read - i - 1) * sizeof *entries);
+                n--;
+                read--;
+            }
+        }
+        if (!filled) {
+            head = Py_BuildValue("(KIKi)", (unsigned long long)addr, (unsigned int)length,
+                                 (unsigned long long)total, (int)coretag);
+            if (head == NULL)
+                goto error;
+            break;
+        }
+    }
+    PyMem_Free(entries);
+    return Py_BuildValue("(LON)", taken, kick ? Py_True : Py_False, head ? head : Py_NewRef(Py_None));
+error:
+    PyMem_Free(entries);
+    return NULL;
+}
+
 /* Give the oldest n held spans (the caller checked there are that many) back to the driver.
  * Returns whether the driver must be kicked. */
 static bool rx_complete_impl(RxRing *self, uint16_t n)
@@ -1449,6 +1638,8 @@ static PyMethodDef rx_methods[] = {
      "Give the oldest `count` held spans back to the driver. True iff it must be kicked."},
     {"recv_small_into", (PyCFunction)(void (*)(void))rx_recv_small_into, METH_FASTCALL,
      "recv_small_into(dest, want_tag, spin_ns) -> (nbytes, tag, kick, head) | None"},
+    {"take_posted", (PyCFunction)(void (*)(void))rx_take_posted, METH_FASTCALL,
+     "take_posted(posted, source, tag_bits) -> (taken, kick, head)"},
     {"stream_into", (PyCFunction)(void (*)(void))rx_stream_into, METH_FASTCALL,
      "stream_into(dest, copied, total, expected, spin_ns, bypass_cache) -> (copied, expected, "
      "kick)"},

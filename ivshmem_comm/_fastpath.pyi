@@ -62,6 +62,9 @@ class RxRing(_RingBase):
     def recv_small_into(
         self, dest: Any, want_tag: int, spin_ns: int
     ) -> tuple[int, int, bool, tuple[int, int, int, int] | None] | None: ...
+    def take_posted(
+        self, posted: list[Any], source: int, tag_bits: int
+    ) -> tuple[int, bool, tuple[int, int, int, int] | None]: ...
     def read_into(self, src_offset: int, dest: Any, dest_offset: int, length: int) -> None: ...
     def stream_into(
         self,

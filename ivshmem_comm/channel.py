@@ -334,6 +334,17 @@ class RxChannel:
             self._kick()
         return nbytes, tag
 
+    def take_posted(self, posted: list[Any], source: int, tag_bits: int) -> int:
+        """The ring's take_posted (see there) on this channel: the messages taken into the
+        receives of `posted` (the sender kicked if it must be); the header it stopped at
+        becomes the peeked `head`. Only while not `busy`."""
+        taken, kick, head = self.ring.take_posted(posted, source, tag_bits)
+        if head is not None:
+            self.head = head
+        if kick:
+            self._kick()
+        return int(taken)
+
     def finish(self, record: list[int]) -> None:
         """Mark a held record finished and complete every finished span at the front."""
         record[1] = 1

@@ -731,6 +731,28 @@ class Endpoint:
         nbytes, msg_tag = found.take_into(dest, bypass_cache)
         return nbytes, found.source, msg_tag
 
+    def take_posted(self, source: int, posted: list[Any], world: int, tag_bits: int) -> int:
+        """Take the run of small messages at the head of peer `source`'s queue into the
+        receives a layer above posted (`posted`, a list in post order): the ring's
+        take_posted (virtqueue.RxRing.take_posted states the matching: core tag split at
+        `tag_bits`, `world` the source the entries name and are told). Returns how many were
+        taken (0 also when the queue's head is peeked or held, or messages from `source`
+        wait here unexpected: the caller then receives as usual). A lost peer or a broken
+        queue also gives 0, with the queue as it was or broken for good: the caller's
+        receives (recv, iprobe) meet it and report it by their rules (ANY_SOURCE skips a lost
+        peer)."""
+        channel = self._rx_by_peer.get(source)
+        if channel is None or channel.busy or self._unexpected_count:
+            return 0
+        try:
+            return channel.take_posted(posted, world, tag_bits)
+        except PeerLostError:
+            self._lost(source)  # as _match does for ANY_SOURCE
+            return 0
+        except RingCorruptError:
+            self._renewed(source)  # a new incarnation's queue: our halves reset
+            return 0
+
     def recv_obj(
         self, source: int = ANY_SOURCE, tag: int = ANY_TAG, timeout: float | None = None
     ) -> Any:

@@ -41,7 +41,7 @@ RX_API = frozenset(
         "arm", "broken", "check_sync", "complete", "count_message", "count_sleep",
         "data_offset", "data_size", "held", "mark_broken", "max_span", "num", "peer", "poll",
         "poll_header", "read_header", "read_into", "recv_small_into", "reset", "session",
-        "stream_into", "wait_header",
+        "stream_into", "take_posted", "wait_header",
     }
 )  # fmt: skip
 

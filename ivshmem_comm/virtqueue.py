@@ -521,6 +521,70 @@ class RxRing(_RingBase):
         self.read_into(offset + layout.SPAN_HEADER_SIZE, view.cast("B"), 0, total)
         return total, tag, self.complete(1), None
 
+    def take_posted(
+        self, posted: list[Any], source: int, tag_bits: int
+    ) -> tuple[int, bool, tuple[int, int, int, int] | None]:
+        """Take, in queue order, the messages at the head of this queue that are one span each
+        into the receives of `posted` (a list, in post order) they match; stop at the first
+        message that cannot be taken so (none there yet; no entry matches; the first match is
+        not plain or its view is too small; a message of several spans).
+
+        A message of core tag t matches the first entry e with e.ctx == t >> tag_bits, e.src
+        < 0 (any) or == `source`, and e.want_tag < 0 (any) or == t & (2**tag_bits - 1) (its
+        tag). A plain entry (sink and mpi None, view a writable buffer) gets the bytes in its
+        view, source = `source`, tag = the message's tag, count = its length, done = True,
+        and leaves `posted`. Returns (taken, kick, head): the number taken, whether the
+        sender must be kicked, and the header of the message it stopped at as poll_header()
+        gives it (the caller keeps it as the peeked head, holding its span), or None.
+        Entries are read as the matching reaches them; one lacking a field stops the run
+        there (the caller's own matching then meets it). TypeError or ValueError for bad
+        arguments (nothing taken); the ring's errors.
+        """
+        if type(posted) is not list:
+            raise TypeError("take_posted: posted must be a list")
+        if not 0 <= tag_bits <= 31:
+            raise ValueError("take_posted: arguments out of range")
+        mask = (1 << tag_bits) - 1
+        taken, kick = 0, False
+        while posted:
+            head = self.poll_header()
+            if head is None:
+                break
+            offset, length, total, coretag = head
+            entry = self._posted_match(posted, coretag >> tag_bits, source, coretag & mask)
+            if entry is None or length - layout.SPAN_HEADER_SIZE != total:
+                return taken, kick, head
+            try:
+                view = memoryview(entry.view)
+            except TypeError:
+                return taken, kick, head
+            if view.readonly or not view.contiguous or total > view.nbytes:
+                return taken, kick, head
+            self.read_into(offset + layout.SPAN_HEADER_SIZE, view.cast("B"), 0, total)
+            kick = self.complete(1) or kick
+            taken += 1
+            posted.remove(entry)
+            entry.source, entry.tag, entry.count = source, coretag & mask, total
+            entry.done = True
+        return taken, kick, None
+
+    @staticmethod
+    def _posted_match(posted: list[Any], key: int, source: int, tag: int) -> Any:
+        """take_posted's match: the first entry of `posted` matching (key, source, tag) if it
+        is plain, else None (none matches, it is not plain, or an entry lacks a field)."""
+        try:
+            for entry in posted:
+                if (
+                    entry.ctx == key
+                    and (entry.src < 0 or entry.src == source)
+                    and (entry.want_tag < 0 or entry.want_tag == tag)
+                ):
+                    plain = entry.sink is None and entry.mpi is None and entry.view is not None
+                    return entry if plain else None
+        except AttributeError:
+            pass
+        return None
+
     def read_into(self, src_offset: int, dest: Any, dest_offset: int, length: int) -> None:
         """Copy `length` bytes at region `src_offset` of a held span into `dest[dest_offset:]`."""
         view = memoryview(dest).cast("B") if not isinstance(dest, memoryview) else dest

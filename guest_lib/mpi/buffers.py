@@ -298,6 +298,73 @@ def plain(spec: Any, writable: bool = False, blocks: int = 1) -> Spec | None:
     return None
 
 
+_PLAIN_SIZE: dict[int, int] = {}  # id() of a predefined datatype that does not pack -> size
+_NATIVE_CHARS = "?bBhHiIlLqQefdgFDG"  # numpy dtype chars whose arrays quick() takes as they are
+
+
+def _plain_sizes() -> dict[int, int]:
+    """_PLAIN_SIZE, filled on first use: the predefined datatypes live as long as the
+    module, so their ids name them for good (a type made at run time is never in it)."""
+    if not _PLAIN_SIZE:
+        for datatype in datatypes.PREDEFINED.values():
+            if datatype.dtype is not None and datatype.size and not datatype.packs:
+                _PLAIN_SIZE[id(datatype)] = datatype.size
+    return _PLAIN_SIZE
+
+
+def quick(spec: Any, writable: bool = False) -> memoryview | None:
+    """The flat byte view parse() gives, for the forms a point-to-point call makes on every
+    message, at the least cost: `[buf, count, datatype]` with an int count and `(buf,
+    datatype)` naming a predefined datatype that does not pack, over a C-contiguous buffer,
+    and a C-contiguous numpy array of a native numeric type. None for anything else,
+    including every error (a read-only buffer with `writable`, a count past the end): the
+    caller then runs parse(), which decides and reports."""
+    kind = type(spec)
+    if kind is np.ndarray:
+        if (
+            spec.flags.c_contiguous
+            and spec.dtype.char in _NATIVE_CHARS
+            and spec.dtype.isnative
+            and spec.size
+            and (spec.flags.writeable or not writable)
+        ):
+            view = spec.data
+            return view if view.format == "B" and view.ndim == 1 else view.cast("B")
+        return None
+    if kind is list or kind is tuple:
+        n = len(spec)
+        if n == 3:
+            buf, count, datatype = spec
+            if type(count) is not int or count < 0:
+                return None
+        elif n == 2:
+            buf, datatype = spec
+            count = -1  # all of the buffer
+        else:
+            return None
+        size = (_PLAIN_SIZE or _plain_sizes()).get(id(datatype))
+        if size is None:
+            return None
+        try:
+            view = memoryview(buf)
+        except (TypeError, ValueError, BufferError):
+            return None
+        if writable and view.readonly:
+            return None
+        if view.ndim != 1 or view.format != "B":
+            if not view.c_contiguous:
+                return None
+            view = view.cast("B")
+        total = len(view)
+        if count < 0:
+            return None if total % size else view
+        stop = count * size
+        if stop == total:
+            return view
+        return view[:stop] if stop < total else None
+    return None
+
+
 def parse(spec: Any, *, writable: bool = False, deferred: bool = False) -> Spec:
     """Resolve a message spec (see module doc) to a Spec. A packing datatype received into
     (`writable`) gives a packed copy to receive into: its unpack is the running receiving

@@ -483,21 +483,18 @@ class Comm(attributes.Cached, Handle):
     def Send(self, buf: Any, dest: int, tag: int = 0) -> None:
         """Send a buffer (message spec). Returns once the data is in the queue or MPI."""
         peer = self._shm_peer.get(dest)
-        if (  # fast path: a plain array to a peer on shared memory, straight into the queue
-            peer is not None
-            and type(buf) is np.ndarray
-            and buf.flags.c_contiguous
-            and buf.dtype.char in _PLAIN_DTYPES
-            and buf.dtype.isnative
-            and 0 <= tag <= constants.TAG_UB
-            and self._engine.fast_send(  # type: ignore[union-attr]  # a peer: an engine
-                peer, self._ctx << _CTX_SHIFT | tag, buf
-            )
-        ):
-            return
+        if peer is not None and 0 <= tag <= constants.TAG_UB:  # fast path: into the queue
+            data = buf if _plain_array(buf, False) else buffers.quick(buf)
+            if data is not None and self._engine.fast_send(  # type: ignore[union-attr]
+                peer, self._ctx << _CTX_SHIFT | tag, data
+            ):
+                return
         self._dest(dest)
         self._send_tag(tag)
-        self._send_bytes(buffers.parse(buf).view, dest, tag, self._ctx, False)
+        view = buffers.quick(buf)
+        if view is None:
+            view = buffers.parse(buf).view
+        self._send_bytes(view, dest, tag, self._ctx, False)
 
     def Ssend(self, buf: Any, dest: int, tag: int = 0) -> None:
         self._dest(dest)
@@ -517,25 +514,33 @@ class Comm(attributes.Cached, Handle):
         """Receive into a buffer. Raises MPI.Exception(ERR_TRUNCATE) if the message is
         longer than the buffer (the message is consumed; the buffer holds its prefix)."""
         peer = self._shm_peer.get(source)
-        if (  # fast path: from a peer on shared memory straight into a plain array
-            peer is not None
-            and type(buf) is np.ndarray
-            and buf.flags.c_contiguous
-            and buf.flags.writeable
-            and buf.dtype.char in _PLAIN_DTYPES
-            and buf.dtype.isnative
-            and (0 <= tag <= constants.TAG_UB or tag == constants.ANY_TAG)
-            and self._route[source].recv_into(self, buf, source, tag, self._ctx, status)
-        ):
-            return
+        if peer is not None and (0 <= tag <= constants.TAG_UB or tag == constants.ANY_TAG):
+            # fast path: from a peer on shared memory straight into the buffer
+            data = buf if _plain_array(buf, True) else buffers.quick(buf, True)
+            if data is not None and self._route[source].recv_into(
+                self, data, source, tag, self._ctx, status
+            ):
+                return
         self._source(source)
         self._recv_tag(tag)
+        view = buffers.quick(buf, True)
+        if view is not None:  # a plain spec: no unpack to run
+            self._recv_bytes(view, source, tag, self._ctx, status)
+            return
         spec = buffers.parse(buf, writable=True, deferred=True)
         self._recv_bytes(spec.view, source, tag, self._ctx, status)
         if spec.unpack is not None:  # a derived datatype: its layout from the packed data
             spec.unpack()
 
     def Isend(self, buf: Any, dest: int, tag: int = 0) -> Request:
+        peer = self._shm_peer.get(dest)  # None: not a rank on shared memory, or a freed comm
+        if peer is not None and 0 <= tag <= constants.TAG_UB:
+            view = buffers.quick(buf)
+            if view is not None:  # a plain spec to a peer on shared memory: no more checks
+                engine: Engine = self._engine  # type: ignore[assignment]  # a peer: an engine
+                if engine.fast_send(peer, self._ctx << _CTX_SHIFT | tag, view, 0.0):
+                    return Request(DoneOp(constants.ANY_SOURCE, constants.ANY_TAG), engine)
+                return Request(engine.isend_shm(peer, self._ctx, tag, view, False), engine)
         self._dest(dest)
         self._send_tag(tag)
         view = buffers.parse(buf).view
@@ -565,13 +570,17 @@ class Comm(attributes.Cached, Handle):
             route = None
             self._source(source)
             self._recv_tag(tag)
-        spec = buffers.parse(buf, writable=True, deferred=True)
+        view = None if route is None else buffers.quick(buf, True)
+        finish = None  # a plain spec (quick's): no unpack to run at completion
+        if view is None:
+            spec = buffers.parse(buf, writable=True, deferred=True)
+            view, finish = spec.view, persistent.unpacker(spec.unpack)
         if route is None:
-            op = self._irecv_op(spec.view, source, tag, self._ctx)
+            op = self._irecv_op(view, source, tag, self._ctx)
         else:  # post at once: the route lookup was the rank check
             src = source if source == constants.ANY_SOURCE else self._group[source]
-            op = route.post(self, RecvOp(self._ctx, src, tag, spec.view, None, route.peer), source)
-        return Request(op, self._engine, self._rank_of, persistent.unpacker(spec.unpack))
+            op = route.post(self, RecvOp(self._ctx, src, tag, view, None, route.peer), source)
+        return Request(op, self._engine, self._rank_of, finish)
 
     def Sendrecv(
         self,
@@ -1048,6 +1057,18 @@ _RECEIVING = (
 for _name in _RECEIVING:
     if hasattr(Intracomm, _name):
         setattr(Intracomm, _name, buffers.unpacking(getattr(Intracomm, _name)))
+
+
+def _plain_array(buf: Any, writable: bool) -> bool:
+    """True iff `buf` is a numpy array the core sends from or receives into as it is:
+    C-contiguous, of a native numeric type (and writable, with `writable`)."""
+    return (
+        type(buf) is np.ndarray
+        and buf.flags.c_contiguous
+        and (buf.flags.writeable or not writable)
+        and buf.dtype.char in _PLAIN_DTYPES
+        and buf.dtype.isnative
+    )
 
 
 def same_class(comm: Comm, new: Any) -> Any:

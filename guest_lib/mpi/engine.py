@@ -64,6 +64,7 @@ from guest_lib.mpi.wire import (
 from ivshmem_comm.errors import PeerLostError
 from ivshmem_comm.errors import TimeoutError as CoreTimeout
 
+_CTX_SHIFT = wire.CTX_SHIFT  # a DATA message's core tag >> this is its context
 IDLE_TIMEOUT = 0.005  # s: the longest nap of the engine between progress passes
 CROWDED_SPIN_US = 2.0  # the endpoint's spin when ranks outnumber CPUs (see Engine.crowded)
 MAX_PULL = 64  # messages taken from shared memory per progress pass
@@ -525,6 +526,10 @@ class Engine(Matching, FastPaths):
                     for _ in range(MAX_PULL):
                         if until is not None and until():
                             break
+                        if self.posted and self._take_posted():
+                            moved = True
+                            if until is not None and until():
+                                break
                         head = ep.iprobe()
                         if head is None:
                             break
@@ -543,6 +548,19 @@ class Engine(Matching, FastPaths):
             if moved and self.napping:
                 self.wakeup.notify_all()
             return moved
+
+    def _take_posted(self) -> bool:
+        """Take the runs of small messages waiting from each shm peer straight into the
+        posted receives they match, in C (the core's take_posted: what `arrived` and `_fill`
+        do, for DATA messages of one span matching a plain posted receive). A peer with a
+        synchronous send announced or a large message arriving is left to `dispatch`. True
+        iff anything was taken (lock held)."""
+        ep, posted = self.ep, self.posted
+        taken = 0
+        for peer, world in self.world_of_peer.items():
+            if peer not in self.sync_next and peer not in self.inflow:
+                taken += ep.take_posted(peer, posted, world, _CTX_SHIFT)
+        return taken > 0
 
     def idle(self, watch: int = -1) -> None:
         """Wait a while for something to move (bounded by IDLE_TIMEOUT): as the

@@ -54,9 +54,9 @@ class DoneOp(Op):
     __slots__ = ()
 
     def __init__(self, source: int = constants.PROC_NULL, tag: int = constants.ANY_TAG) -> None:
-        super().__init__()
-        self.done = True
-        self.source, self.tag = source, tag
+        # Op's fields, set here without a call to Op.__init__ (one per completed send)
+        self.done, self.error, self.source, self.tag = True, 0, source, tag
+        self.count, self.cancelled, self.obj = 0, False, None
 
 
 class RecvOp(Op):
@@ -81,7 +81,10 @@ class RecvOp(Op):
         sink: Callable[[int, memoryview], None] | None = None,
         peer: int = -1,
     ) -> None:
-        super().__init__()
+        # Op's fields, set here without a call to Op.__init__ (one per receive)
+        self.done, self.error, self.tag = False, 0, constants.ANY_TAG
+        self.source = constants.ANY_SOURCE
+        self.count, self.cancelled, self.obj = 0, False, None
         self.ctx, self.src, self.want_tag = ctx, src, tag
         self.view, self.sink = view, sink
         self.parts: list[bytes] | None = None

@@ -249,9 +249,20 @@ class Request(Handle):
         engine = cls._engine_of(requests)
         if engine is not None:
             engine.wait_until(_all_done([r._op for r in requests if r._op is not None]))
-        results = []
+        results: list[Any] = []
         error: BaseException | None = None
         for index, request in enumerate(requests):
+            op = request._op
+            if (  # a plain request complete without error and no status asked: made null
+                statuses is None
+                and op is not None
+                and type(request) is Request
+                and request._finish is None
+                and not (op.error or op.cancelled)
+            ):
+                request._op = None
+                results.append(None)
+                continue
             status = _status_at(statuses, index)
             try:
                 results.append(request._fill(status))

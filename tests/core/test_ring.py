@@ -308,6 +308,78 @@ def test_recv_small_into_takes_only_what_fits(tx_impl: str, rx_impl: str) -> Non
     assert got[:3] == (100, 8, False) and got[3][2:] == (100, 8) and rx.held == 1
 
 
+@dataclasses.dataclass
+class Posted:
+    """A receive as take_posted reads and completes it (the MPI face's RecvOp has these)."""
+
+    ctx: int
+    src: int
+    want_tag: int
+    view: Any
+    sink: Any = None
+    mpi: Any = None
+    source: int = -9
+    tag: int = -9
+    count: int = -9
+    done: bool = False
+
+
+@pytest.mark.parametrize(("tx_impl", "rx_impl"), PAIRS)
+def test_take_posted_matches_in_post_order_and_stops_where_it_must(
+    tx_impl: str, rx_impl: str
+) -> None:
+    g = small_geometry()
+    buf = new_region(g)
+    tx, rx = make_pair(buf, g, tx_impl, rx_impl)
+    bufs = [bytearray(64) for _ in range(6)]
+    other_ctx, other_src, tag7, tag5, anything, short = (
+        Posted(4, -2, -1, memoryview(bufs[0])),
+        Posted(3, 9, -1, memoryview(bufs[1])),
+        Posted(3, -2, 7, memoryview(bufs[2])),
+        Posted(3, 2, 5, memoryview(bufs[3])),
+        Posted(3, -2, -1, memoryview(bufs[4])),
+        Posted(3, 2, -1, memoryview(bufs[5])[:8]),
+    )
+    posted = [other_ctx, other_src, tag7, tag5, anything]
+    assert rx.take_posted(posted, 2, 8) == (0, False, None)  # nothing there
+    for seq, tag in enumerate((5, 7, 9)):  # context 3 (core tag >> 8), tags 5, 7, 9
+        assert tx.send_small(3 << 8 | tag, payload(seq, 20 + seq)) != virtqueue.SEND_FULL
+    taken, _kick, head = rx.take_posted(posted, 2, 8)
+    assert (taken, head, rx.held) == (3, None, 0)
+    assert posted == [other_ctx, other_src]  # the others matched in post order
+    for seq, (entry, tag) in enumerate(((tag5, 5), (tag7, 7), (anything, 9))):
+        assert (entry.source, entry.tag, entry.count, entry.done) == (2, tag, 20 + seq, True)
+        assert bytes(entry.view[: 20 + seq]) == payload(seq, 20 + seq)
+    assert not other_ctx.done and not other_src.done and other_ctx.count == -9
+    # stops, holding the head as poll_header() gives it: no match (tag 1 of context 5), ...
+    assert tx.send_small(5 << 8 | 1, payload(4, 10)) != virtqueue.SEND_FULL
+    taken, _kick, head = rx.take_posted(posted, 2, 8)
+    assert taken == 0 and head[2:] == (10, 5 << 8 | 1) and rx.held == 1
+    assert rx.read_header(head[0], head[1]) == (10, 5 << 8 | 1)
+    rx.complete(1)
+    # ... a first match that is too small, or not plain (a sink, an mpi side, no view)
+    for entry in (short, Posted(3, 2, -1, memoryview(bytearray(64)), sink=print),
+                  Posted(3, 2, -1, memoryview(bytearray(64)), mpi=object()),
+                  Posted(3, 2, -1, None)):  # fmt: skip
+        tx.reclaim()
+        assert tx.send_small(3 << 8 | 1, payload(5, 30)) != virtqueue.SEND_FULL
+        posted = [entry, anything]
+        taken, _kick, head = rx.take_posted(posted, 2, 8)
+        assert taken == 0 and head[2:] == (30, 3 << 8 | 1) and posted == [entry, anything]
+        assert not entry.done and rx.held == 1
+        rx.complete(1)
+    # an entry lacking a field stops the run there (the caller's own matching meets it)
+    tx.reclaim()
+    assert tx.send_small(3 << 8 | 1, payload(6, 12)) != virtqueue.SEND_FULL
+    posted = [tag7, "not a receive"]  # tag7's tag does not match: the next is read
+    assert rx.take_posted(posted, 2, 8)[:2] == (0, False) and rx.held == 1
+    rx.complete(1)
+    with pytest.raises(TypeError):
+        rx.take_posted((anything,), 2, 8)
+    with pytest.raises(ValueError):
+        rx.take_posted([anything], 2, 40)
+
+
 @pytest.mark.parametrize(("tx_impl", "rx_impl"), PAIRS)
 def test_publish_payload_spans_and_resumes_after_a_kick(tx_impl: str, rx_impl: str) -> None:
     g = small_geometry()

@@ -1,0 +1,202 @@
+"""Windows of small Isend/Irecv, as osu_bw/osu_bibw post them: every buffer form, every way
+of completing them, and MPI's matching rules on the path that takes a run of arrived
+messages straight into the posted receives."""
+
+from __future__ import annotations
+
+import array
+import mmap
+
+import numpy as np
+import pytest
+
+from guest_lib.mpi import MPI
+
+WINDOW = 64
+FORMS = ["numpy", "mmap", "bytearray", "array", "double"]
+
+
+def ring(comm: MPI.Intracomm) -> tuple[int, int, int]:
+    size, rank = comm.Get_size(), comm.Get_rank()
+    return rank, (rank + 1) % size, (rank - 1) % size
+
+
+def pattern(seed: int, nbytes: int) -> bytes:
+    return bytes((seed * 37 + i * 11 + 1) & 0xFF for i in range(nbytes))
+
+
+class Buffers:
+    """`count` message buffers of `nbytes` each in one buffer form, with the spec of each."""
+
+    def __init__(self, form: str, count: int, nbytes: int) -> None:
+        self.form, self.nbytes = form, nbytes
+        if form == "numpy":
+            self.bufs: list = [np.zeros(nbytes, np.uint8) for _ in range(count)]
+        elif form == "mmap":
+            self.bufs = [mmap.mmap(-1, max(nbytes, 1) + 16) for _ in range(count)]
+        elif form == "bytearray":
+            self.bufs = [bytearray(nbytes + 16) for _ in range(count)]
+        else:  # array / double: float64 elements
+            self.bufs = [array.array("d", bytes(nbytes)) for _ in range(count)]
+
+    def spec(self, index: int):
+        buf = self.bufs[index]
+        if self.form == "numpy":
+            return buf
+        if self.form in ("mmap", "bytearray"):
+            return [buf, self.nbytes, MPI.BYTE]
+        if self.form == "array":
+            return [buf, self.nbytes // 8, MPI.DOUBLE]
+        return (buf, MPI.DOUBLE)
+
+    def fill(self, index: int, data: bytes) -> None:
+        memoryview(self.bufs[index]).cast("B")[: len(data)] = data
+
+    def data(self, index: int) -> bytes:
+        return bytes(memoryview(self.bufs[index]).cast("B")[: self.nbytes])
+
+
+@pytest.mark.parametrize("nbytes", [0, 8, 1024])
+@pytest.mark.parametrize("form", FORMS)
+def test_window_every_form_in_order(comm, form, nbytes):
+    """64 receives then 64 sends of distinct messages, Waitall over both (osu_bibw), twice:
+    message i lands in receive i, with its status."""
+    rank, dest, source = ring(comm)
+    sends, recvs = Buffers(form, WINDOW, nbytes), Buffers(form, WINDOW, nbytes)
+    for turn in range(2):
+        for i in range(WINDOW):
+            sends.fill(i, pattern(rank * 1000 + turn * 100 + i, nbytes))
+        reqs = [comm.Irecv(recvs.spec(i), source, 5) for i in range(WINDOW)]
+        reqs += [comm.Isend(sends.spec(i), dest, 5) for i in range(WINDOW)]
+        statuses = [MPI.Status() for _ in reqs] if turn else None
+        MPI.Request.Waitall(reqs, statuses)
+        assert all(not req for req in reqs)
+        for i in range(WINDOW):
+            assert recvs.data(i) == pattern(source * 1000 + turn * 100 + i, nbytes), (turn, i)
+        if statuses:
+            for status in statuses[:WINDOW]:
+                assert (status.Get_source(), status.Get_tag()) == (source, 5)
+                assert status.Get_count(MPI.BYTE) == nbytes and not status.Is_cancelled()
+
+
+@pytest.mark.parametrize("how", ["waitany", "testall", "waitsome", "testany", "wait"])
+def test_window_completed_every_way(comm, how):
+    rank, dest, source = ring(comm)
+    recvs = [bytearray(8) for _ in range(WINDOW)]
+    rreqs = [comm.Irecv([buf, 8, MPI.BYTE], source, 6) for buf in recvs]
+    comm.Barrier()  # every receive is posted before any message comes
+    sreqs = [comm.Isend(pattern(rank * 100 + i, 8), dest, 6) for i in range(WINDOW)]
+    reqs = rreqs + sreqs
+    done: set[int] = set()
+    if how == "waitany":
+        while len(done) < len(reqs):
+            status = MPI.Status()
+            index = MPI.Request.Waitany(reqs, status)
+            assert index not in done and not reqs[index]
+            if index < WINDOW:
+                assert (status.Get_source(), status.Get_count(MPI.BYTE)) == (source, 8)
+            done.add(index)
+        assert MPI.Request.Waitany(reqs) == MPI.UNDEFINED
+    elif how == "testall":
+        while not MPI.Request.Testall(reqs):
+            pass
+    elif how == "waitsome":
+        while len(done) < len(reqs):
+            indices = MPI.Request.Waitsome(reqs)
+            assert indices and not done & set(indices)
+            done.update(indices)
+        assert MPI.Request.Waitsome(reqs) is None
+    elif how == "testany":
+        while len(done) < len(reqs):
+            index, flag = MPI.Request.Testany(reqs)
+            if index != MPI.UNDEFINED:
+                assert flag and index not in done
+                done.add(index)
+    else:
+        for req in reversed(reqs):
+            req.Wait()
+    assert all(not req for req in reqs)
+    for i, buf in enumerate(recvs):
+        assert bytes(buf) == pattern(source * 100 + i, 8), i
+
+
+@pytest.mark.parametrize("unexpected", [False, True])
+def test_window_matching_order(comm, unexpected):
+    """Messages tagged 1, 2, 1, 2 against receives posted as (source, tag 2), (ANY_SOURCE,
+    ANY_TAG), (source, tag 1), (ANY_SOURCE, tag 2): each message goes to the first posted
+    receive it matches, whether it arrived before the receives were posted or after."""
+    rank, dest, source = ring(comm)
+    got = [np.zeros(4, np.int32) for _ in range(4)]
+    wants = [(source, 2), (MPI.ANY_SOURCE, MPI.ANY_TAG), (source, 1), (MPI.ANY_SOURCE, 2)]
+
+    def post():
+        return [comm.Irecv(buf, src, tag) for buf, (src, tag) in zip(got, wants, strict=True)]
+
+    def send():
+        return [comm.Isend(np.full(4, rank * 10 + i, np.int32), dest, 1 + i % 2) for i in range(4)]
+
+    if unexpected:
+        sreqs = send()
+        comm.Barrier()
+        rreqs = post()
+    else:
+        rreqs = post()
+        comm.Barrier()
+        sreqs = send()
+    statuses = [MPI.Status() for _ in range(4)]
+    MPI.Request.Waitall(rreqs, statuses)
+    MPI.Request.Waitall(sreqs)
+    # message i (tag 1 + i % 2) -> receive [1, 0, 2, 3][i]
+    for message, receive in enumerate([1, 0, 2, 3]):
+        assert got[receive][0] == source * 10 + message, (message, receive, got)
+        assert statuses[receive].Get_tag() == 1 + message % 2
+        assert statuses[receive].Get_source() == source
+
+
+def test_window_with_a_truncated_receive_a_cancel_and_synchronous_sends(comm):
+    """A receive too small mid-window raises ERR_TRUNCATE from Waitall, the others are
+    filled; a cancelled receive takes no message; Issend mixed with Isend keeps the order."""
+    rank, dest, source = ring(comm)
+    bufs = [bytearray(8) for _ in range(8)]
+    bufs[3] = bytearray(4)
+    extra = bytearray(8)
+    cancelled = comm.Irecv([extra, 8, MPI.BYTE], source, 8)
+    rreqs = [comm.Irecv([buf, len(buf), MPI.BYTE], source, 7) for buf in bufs]
+    cancelled.Cancel()
+    comm.Barrier()
+    sends = [pattern(rank * 50 + i, 8) for i in range(8)]
+    sreqs = [(comm.Issend if i % 3 == 0 else comm.Isend)(sends[i], dest, 7) for i in range(8)]
+    with pytest.raises(MPI.Exception) as info:
+        MPI.Request.Waitall(rreqs)
+    assert info.value.Get_error_class() == MPI.ERR_TRUNCATE
+    MPI.Request.Waitall(sreqs)
+    status = MPI.Status()
+    cancelled.Wait(status)
+    assert status.Is_cancelled() and extra == bytearray(8)
+    for i, buf in enumerate(bufs):
+        want = pattern(source * 50 + i, 8)
+        assert bytes(buf) == want[: len(buf)], i
+    comm.Barrier()
+
+
+def test_any_source_window_keeps_each_senders_order(comm):
+    """Every rank sends a window to rank 0, which posts ANY_SOURCE receives: each sender's
+    messages arrive in its order (non-overtaking), every message once."""
+    rank, size = comm.Get_rank(), comm.Get_size()
+    per = 16
+    sreqs = []
+    if rank == 0:
+        bufs = [np.zeros(2, np.int64) for _ in range(per * size)]
+        statuses = [MPI.Status() for _ in bufs]
+        rreqs = [comm.Irecv(buf, MPI.ANY_SOURCE, 9) for buf in bufs]
+    comm.Barrier()
+    sreqs = [comm.Isend(np.array([rank, i], np.int64), 0, 9) for i in range(per)]
+    if rank == 0:
+        MPI.Request.Waitall(rreqs, statuses)
+        seen: dict[int, list[int]] = {r: [] for r in range(size)}
+        for buf, status in zip(bufs, statuses, strict=True):
+            assert status.Get_source() == buf[0]
+            seen[int(buf[0])].append(int(buf[1]))
+        assert seen == {r: list(range(per)) for r in range(size)}
+    MPI.Request.Waitall(sreqs)
+    comm.Barrier()
