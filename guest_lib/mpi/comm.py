@@ -35,6 +35,7 @@ from guest_lib.mpi import (
     memory,
     message,
     native,
+    partitioned,
     persistent,
     ulfm,
 )
@@ -628,6 +629,8 @@ class Comm(attributes.Cached, Handle):
     Bsend_init = Rsend_init = Send_init
     Ssend_init = persistent.ssend_init
     Recv_init = persistent.recv_init
+    Psend_init = partitioned.psend_init
+    Precv_init = partitioned.precv_init
     Isendrecv = persistent.isendrecv
     Isendrecv_replace = persistent.isendrecv_replace
 

@@ -61,6 +61,19 @@ class Grequest(Request):
 
     __slots__ = ()
 
+    def __init__(
+        self,
+        op: Op | Request | None = None,
+        engine: Any = None,
+        rank_of: dict[int, int] | None = None,
+        finish: Callable[[Op], Any] | None = None,
+    ) -> None:
+        """Grequest(grequest): a new handle on it; Grequest(request) of another kind: a
+        null request if that is null, else TypeError (as mpi4py)."""
+        if isinstance(op, Request) and op and not isinstance(op, Grequest):
+            raise TypeError("expecting a generalized request")
+        super().__init__(op, engine, rank_of, finish)
+
     @classmethod
     def Start(
         cls,

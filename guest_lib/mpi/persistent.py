@@ -29,34 +29,108 @@ if TYPE_CHECKING:
     from guest_lib.mpi.comm import Comm
 
 
-class Prequest(Request):
-    """A persistent request; see the module docstring."""
+class _Cell:
+    """What every handle on one persistent request shares (MPI keeps it behind the handle):
+    how to start it, its operation while active (None when inactive), and for a
+    partitioned request its partitioned side. `aliases`: the plain `Request(preq)` handles
+    on it, whose fields are kept equal to these."""
 
-    __slots__ = ("_starter",)
+    __slots__ = ("aliases", "engine", "finish", "op", "owner", "part", "rank_of", "starter")
+
+    def __init__(self, starter: Callable[[], Request] | None, part: Any = None) -> None:
+        self.starter = starter
+        self.part = part
+        self.op: Op | None = None
+        self.engine: Any = None
+        self.rank_of: dict[int, int] | None = None
+        self.finish: Callable[[Op], Any] | None = None
+        self.owner: Any = None
+        self.aliases: list[Request] = []
+
+    def put(self, name: str, value: Any) -> None:
+        """Set field `name` (op, engine, rank_of, finish, owner) here and on the aliases."""
+        setattr(self, name, value)
+        for alias in self.aliases:
+            setattr(alias, "_" + name, value)
+
+    def done(self, op: Op) -> None:
+        """The active operation `op` completed through some handle: inactive again."""
+        if self.op is op:
+            self.put("op", None)
+
+    def free(self) -> None:
+        """Freed: every handle on it is the null request."""
+        if self.part is not None:
+            self.part.free()
+        self.starter = self.part = None
+        self.put("op", None)
+        self.aliases = []
+
+
+def _shared(name: str) -> property:
+    """A Request field of a Prequest, kept in its cell (so shared by its handles)."""
+
+    def get(self: Prequest) -> Any:
+        return getattr(self._cell, name)
+
+    def put(self: Prequest, value: Any) -> None:
+        self._cell.put(name, value)
+
+    return property(get, put)
+
+
+class Prequest(Request):
+    """A persistent request; see the module docstring. Its fields live in a cell shared by
+    every handle on the request (`Prequest(preq)`, `Request(preq)`, `fromhandle`)."""
+
+    __slots__ = ()
+
+    _op = _shared("op")
+    _engine = _shared("engine")
+    _rank_of = _shared("rank_of")
+    _finish = _shared("finish")
+    _owner = _shared("owner")
 
     def __init__(self, starter: Callable[[], Request] | Request | None = None) -> None:
-        """Prequest(preq): the same persistent request; Prequest(request) of another kind:
-        a null request if it is null, else TypeError (as mpi4py)."""
-        super().__init__()
-        if isinstance(starter, Prequest):  # mpi4py's Prequest(preq): the same request
-            self._starter: Callable[[], Request] | None = starter._starter
+        """Prequest(preq): another handle on the same persistent request; Prequest(request)
+        of another kind: a null request if it is null, else TypeError (as mpi4py)."""
+        if isinstance(starter, Request) and starter._cell is not None:
+            self._cell = starter._cell  # mpi4py's Prequest(preq): the same request
         elif isinstance(starter, Request):
             if starter:
                 raise TypeError("expecting a persistent request")
-            self._starter = None
+            self._cell = _Cell(None)
         else:
-            self._starter = starter
+            self._cell = _Cell(starter)
+
+    @classmethod
+    def partitioned(cls, part: Any) -> Prequest:
+        """A partitioned request over `part` (a partitioned.PartSend or PartRecv)."""
+        request = cls(part.start)
+        request._cell.part = part
+        return request
+
+    @property
+    def _starter(self) -> Callable[[], Request] | None:
+        return self._cell.starter
+
+    @_starter.setter
+    def _starter(self, starter: Callable[[], Request] | None) -> None:
+        self._cell.starter = starter
 
     def Start(self) -> None:
         """Begin the operation. MPI.Exception(ERR_REQUEST) if the request is freed (null)
         or still active."""
-        if self._starter is None:
+        cell = self._cell
+        if cell.starter is None:
             raise exceptions.Exception(exceptions.ERR_REQUEST, "start of a null request")
-        if self._op is not None:
+        if cell.op is not None:
             raise exceptions.Exception(exceptions.ERR_REQUEST, "start of an active request")
-        started = self._starter()
-        self._op, self._engine = started._op, started._engine
-        self._rank_of, self._finish = started._rank_of, started._finish
+        started = cell.starter()
+        cell.put("engine", started._engine)
+        cell.put("rank_of", started._rank_of)
+        cell.put("finish", started._finish)
+        cell.put("op", started._op)
 
     start = Start
 
@@ -69,27 +143,48 @@ class Prequest(Request):
     startall = Startall
 
     def Free(self) -> None:
-        """Make this the null request; an operation still active completes in the
-        background. MPI.Exception(ERR_REQUEST) on a null request."""
+        """Make this the null request (with every handle on it); an operation still active
+        completes in the background. MPI.Exception(ERR_REQUEST) on a null request."""
         self._check_live("Free")
-        self._op = None
-        self._starter = None
+        self._cell.free()
 
-    def __bool__(self) -> bool:
-        return self._starter is not None
+    # ------------------------------------------------------------------ partitioned
+    def _part(self, call: str) -> Any:
+        """The partitioned side of an active partitioned request, else MPI.Exception
+        (ERR_REQUEST)."""
+        part = self._cell.part
+        if part is None or self._cell.op is None:
+            raise exceptions.Exception(
+                exceptions.ERR_REQUEST, f"{call} needs an active partitioned request"
+            )
+        return part
 
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, Request):
-            return NotImplemented
-        if isinstance(other, Prequest):
-            return self._starter is other._starter
-        return self._starter is None and other._op is None  # both null
+    def Pready(self, partition: int) -> None:
+        """Mark partition `partition` of a partitioned send ready: it is sent now.
+        MPI.Exception: ERR_REQUEST unless this is an active partitioned send, ERR_ARG for a
+        partition out of range or ready already in this round."""
+        self._part("Pready").ready([partition])
 
-    def __hash__(self) -> int:
-        return id(self._starter)
+    def Pready_range(self, partition_low: int, partition_high: int) -> None:
+        """Pready of partitions `partition_low` .. `partition_high` (both included)."""
+        self._part("Pready_range").ready(range(partition_low, partition_high + 1))
+
+    def Pready_list(self, partitions: Sequence[int]) -> None:
+        """Pready of every partition of the list."""
+        self._part("Pready_list").ready(list(partitions))
+
+    def Parrived(self, partition: int) -> bool:
+        """Whether partition `partition` of a partitioned receive has arrived (makes
+        progress first); True on an inactive one (its last round is all there).
+        MPI.Exception: ERR_REQUEST on a null request or a partitioned send, ERR_ARG for a
+        partition out of range."""
+        part = self._cell.part
+        if part is None:
+            raise exceptions.Exception(exceptions.ERR_REQUEST, "Parrived: not partitioned")
+        return bool(part.arrived(partition))
 
     def __repr__(self) -> str:
-        state = "null" if self._starter is None else "active" if self._op else "inactive"
+        state = "null" if not self else "active" if self._cell.op else "inactive"
         return f"<Prequest {state}>"
 
 

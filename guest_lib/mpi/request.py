@@ -28,24 +28,34 @@ class Request(Handle):
     # _owner: the communicator (window, ...) whose error handler applies to an error this
     # request reports at completion; None applies ERRORS_RETURN (raise only). Set by
     # errhandler's guard on the requests its calls return.
-    __slots__ = ("_engine", "_finish", "_op", "_owner", "_rank_of")
+    # _cell: the state shared by every handle on a persistent request (persistent._Cell),
+    # None for the others.
+    __slots__ = ("_cell", "_engine", "_finish", "_op", "_owner", "_rank_of")
 
     def __init__(
         self,
-        op: Op | None = None,
+        op: Op | Request | None = None,
         engine: Engine | None = None,
         rank_of: dict[int, int] | None = None,
         finish: Callable[[Op], Any] | None = None,
     ) -> None:
-        """Request(request): a new handle on the operation of `request` (mpi4py's form;
-        Request() is a null request). The other form is internal: the engine `op`."""
-        if isinstance(op, Request):
-            op, engine, rank_of, finish = op._op, op._engine, op._rank_of, op._finish
-        self._op = op
-        self._engine = engine
-        self._rank_of = rank_of
-        self._finish = finish
+        """Request(request): a new handle on the request of `request` (mpi4py's form;
+        Request() is a null request); on a persistent request it is the same request, active
+        or not, as a Prequest handle on it. The other form is internal: the engine `op`."""
+        self._cell: Any = None
         self._owner: Any = None
+        if isinstance(op, Request):
+            source = op
+            op, engine, rank_of = source._op, source._engine, source._rank_of
+            finish = source._finish
+            self._owner = source._owner
+            if source._cell is not None and source:
+                self._cell = source._cell
+                source._cell.aliases.append(self)
+        self._op: Op | None = op
+        self._engine: Engine | None = engine
+        self._rank_of: dict[int, int] | None = rank_of
+        self._finish: Callable[[Op], Any] | None = finish
 
     # ------------------------------------------------------------------ internals
     def _fill(self, status: Status | None) -> Any:
@@ -63,6 +73,8 @@ class Request(Handle):
             status.cancelled = op.cancelled
         finish = self._finish
         self._op = None
+        if self._cell is not None:  # a persistent request: inactive on every handle
+            self._cell.done(op)
         if op.error:
             what = getattr(op, "reason", "") or (  # a failed stage says why (StagedOp)
                 f"receive of {op.count} bytes from rank {source} (tag {op.tag})"
@@ -200,6 +212,8 @@ class Request(Handle):
         MPI.Exception(ERR_REQUEST) on a null request."""
         self._check_live("Free")
         self._op = None
+        if self._cell is not None:  # a handle on a persistent request frees that request
+            self._cell.free()
 
     def free(self) -> None:
         """Free if not null (mpi4py's `free`)."""
@@ -217,15 +231,20 @@ class Request(Handle):
         raise ValueError("cannot pickle a request")
 
     def __bool__(self) -> bool:
-        return self._op is not None
+        """False for a null request (a persistent request is not null until freed)."""
+        cell = self._cell
+        return self._op is not None or (cell is not None and cell.starter is not None)
 
     def __eq__(self, other: object) -> bool:
+        """Handles on one request are equal, and null requests are."""
         if not isinstance(other, Request):
             return NotImplemented
-        return self._op is other._op
+        if self._cell is None and other._cell is None:
+            return self._op is other._op
+        return self._cell is other._cell or (not self and not other)
 
     def __hash__(self) -> int:
-        return id(self._op)
+        return id(self._op) if self._cell is None else id(self._cell)
 
     # ------------------------------------------------------------------ many
     @staticmethod

@@ -339,35 +339,6 @@ ENTRIES: list[tuple[str, str, str]] = [
         "MPI.FILE_NULL at import",
     ),
     (
-        "test_p2p_buf.TestP2PBufSelf.testConstructor",
-        "xfail",
-        "wrong: MPI.Request(preq) of an inactive persistent request is a null Request, not "
-        "a handle on the same persistent request (a Request holds the operation, which a "
-        "persistent request replaces at each Start) (issue #11)",
-    ),
-    (
-        "test_p2p_buf.TestP2PBufSelfDup.testConstructor",
-        "xfail",
-        "wrong: MPI.Request(preq) of an inactive persistent request is a null Request, not "
-        "a handle on the same persistent request (a Request holds the operation, which a "
-        "persistent request replaces at each Start) (issue #11)",
-    ),
-    (
-        "test_p2p_buf.TestP2PBufWorld.testConstructor",
-        "xfail",
-        "wrong: MPI.Request(preq) of an inactive persistent request is a null Request, not "
-        "a handle on the same persistent request (a Request holds the operation, which a "
-        "persistent request replaces at each Start) (issue #11)",
-    ),
-    (
-        "test_p2p_buf.TestP2PBufWorldDup.testConstructor",
-        "xfail",
-        "wrong: MPI.Request(preq) of an inactive persistent request is a null Request, not "
-        "a handle on the same persistent request (a Request holds the operation, which a "
-        "persistent request replaces at each Start) (issue #11)",
-    ),
-    ("test_p2p_buf_part.*", "xfail", "missing: Psend_init (issue #11 point 3)"),
-    (
         "test_package.TestMPIABI.testGetFromLibMPI",
         "xfail",
         "real limit: no libmpi to load (MPI.__file__ is Python)",

@@ -156,3 +156,118 @@ def test_persistent_collectives_restarted(comm):
         reqs[0].Start()
     with pytest.raises(MPI.Exception):
         MPI.COMM_NULL.Barrier_init()
+
+
+def test_handles_on_one_persistent_request(comm):
+    """MPI.Request(preq) and MPI.Prequest(preq) are handles on the same request: equal to
+    it while inactive and active, a Wait through one completes it for all (inactive again,
+    not null), and Free through any makes every handle null."""
+    rank = comm.Get_rank()
+    sbuf, rbuf = bytearray(b"x" * 8), bytearray(8)
+    send = comm.Send_init(sbuf, rank, 3)
+    recv = comm.Recv_init(rbuf, rank, 3)
+    plain, twin = MPI.Request(recv), MPI.Prequest(recv)
+    assert type(plain) is MPI.Request and plain == recv and twin == recv and plain
+    assert hash(plain) == hash(recv)
+    with pytest.raises(TypeError):
+        MPI.Grequest(recv)
+    for _ in range(3):
+        twin.Start()  # started through one handle: active on all
+        assert plain == recv and plain._op is not None
+        send.Start()
+        status = MPI.Status()
+        plain.Wait(status)  # completed through another
+        assert status.Get_source() == rank and status.Get_count() == 8
+        assert recv and plain and twin and recv._op is None and twin._op is None
+        assert recv.Test()  # inactive: at once
+        send.Wait()
+        assert rbuf == sbuf
+    plain.Free()
+    assert recv == MPI.REQUEST_NULL and not recv and not twin and not plain
+    send.Free()
+
+
+def test_partitioned_ready_in_any_order_from_threads(comm):
+    """Psend_init/Precv_init around the ring: the sender's 8 partitions are marked by 4
+    threads in reverse order; the receiver splits the same buffer in 2 partitions. Rounds
+    restart the same pair; each round's data arrive whole."""
+    import threading
+
+    size, rank = comm.Get_size(), comm.Get_rank()
+    dest, source = (rank + 1) % size, (rank - 1) % size
+    sbuf = np.zeros(800, "i")
+    rbuf = np.full(800, -1, "i")
+    send = comm.Psend_init(sbuf, 8, dest, 11)
+    recv = comm.Precv_init([rbuf, MPI.INT], 2, source, 11)
+    for round_ in range(4):
+        sbuf[:] = np.arange(800) + 1000 * rank + round_
+        recv.Start()
+        send.Start()
+        threads = [
+            threading.Thread(target=lambda t=t: [send.Pready(p) for p in (7 - t, 3 - t)])
+            for t in range(4)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        MPI.Request.Waitall([send, recv])
+        assert np.array_equal(rbuf, np.arange(800) + 1000 * source + round_)
+        assert recv.Parrived(0) and recv.Parrived(1)  # inactive: all there
+    with pytest.raises(MPI.Exception):
+        send.Pready(0)  # inactive
+    send.Free()
+    recv.Free()
+    assert send == MPI.REQUEST_NULL and recv == MPI.REQUEST_NULL
+
+
+def test_partitioned_each_partition_goes_when_ready(comm):
+    """A partition is sent when it is marked, not at the end: with half the partitions
+    marked, the receiver sees its first half arrive (and not the second) before the sender
+    marks the rest; Pready_range/Pready_list mark several."""
+    size, rank = comm.Get_size(), comm.Get_rank()
+    dest, source = (rank + 1) % size, (rank - 1) % size
+    sbuf = bytearray(bytes([rank]) * 4000)
+    rbuf = bytearray(4000)
+    send = comm.Psend_init(sbuf, 4, dest, 5)
+    recv = comm.Precv_init(rbuf, 2, source, 5)
+    recv.Start()
+    assert not recv.Parrived(0) and not recv.Parrived(1)
+    comm.Barrier()
+    send.Start()
+    send.Pready_list([1, 0])
+    comm.Barrier()
+    while not recv.Parrived(0):
+        pass
+    assert not recv.Parrived(1)
+    assert rbuf[:2000] == bytes([source]) * 2000 and rbuf[2000:] == bytes(2000)
+    comm.Barrier()
+    send.Pready_range(2, 3)
+    with pytest.raises(MPI.Exception):
+        send.Pready(3)  # marked already in this round
+    MPI.Request.Waitall([recv, send])
+    assert rbuf == bytes([source]) * 4000
+    send.Free()
+    recv.Free()
+
+
+def test_partitioned_arguments(comm):
+    """Wildcards are not allowed on a partitioned receive (MPI-4); partitions < 1 and a
+    buffer that does not split evenly are refused; Parrived is for receives only."""
+    with pytest.raises(MPI.Exception) as error:
+        comm.Precv_init(bytearray(4), 1, MPI.ANY_SOURCE, 0)
+    assert error.value.Get_error_class() == MPI.ERR_RANK
+    with pytest.raises(MPI.Exception) as error:
+        comm.Precv_init(bytearray(4), 1, 0, MPI.ANY_TAG)
+    assert error.value.Get_error_class() == MPI.ERR_TAG
+    with pytest.raises(MPI.Exception):
+        comm.Psend_init(bytearray(4), 0, 0, 0)
+    with pytest.raises(ValueError):
+        comm.Psend_init(bytearray(5), 2, 0, 0)
+    send = comm.Psend_init(bytearray(4), 2, MPI.PROC_NULL, 0)
+    send.Start()
+    with pytest.raises(MPI.Exception):
+        send.Parrived(0)
+    send.Pready_range(0, 1)
+    send.Wait()
+    send.Free()
