@@ -78,6 +78,24 @@ from guest_lib.mpi.exceptions import (
     Remove_error_code,
     Remove_error_string,
 )
+from guest_lib.mpi.file import (
+    DISPLACEMENT_CURRENT,
+    FILE_NULL,
+    MODE_APPEND,
+    MODE_CREATE,
+    MODE_DELETE_ON_CLOSE,
+    MODE_EXCL,
+    MODE_RDONLY,
+    MODE_RDWR,
+    MODE_SEQUENTIAL,
+    MODE_UNIQUE_OPEN,
+    MODE_WRONLY,
+    SEEK_CUR,
+    SEEK_END,
+    SEEK_SET,
+    File,
+    Register_datarep,
+)
 from guest_lib.mpi.grequest import Grequest
 from guest_lib.mpi.group import GROUP_EMPTY, GROUP_NULL, Group
 from guest_lib.mpi.info import INFO_ENV, INFO_NULL, Info
@@ -429,5 +447,7 @@ _unused = (  # names re-exported on purpose (mpi4py's MPI namespace), not used h
     LOCK_EXCLUSIVE, LOCK_SHARED, MODE_NOCHECK, MODE_NOPRECEDE, MODE_NOPUT, MODE_NOSTORE,
     MODE_NOSUCCEED, WIN_BASE, WIN_CREATE_FLAVOR, WIN_DISP_UNIT, WIN_FLAVOR_ALLOCATE,
     WIN_FLAVOR_CREATE, WIN_FLAVOR_DYNAMIC, WIN_FLAVOR_SHARED, WIN_MODEL, WIN_NULL, WIN_SEPARATE,
-    WIN_SIZE, WIN_UNIFIED, Win,
+    WIN_SIZE, WIN_UNIFIED, Win, DISPLACEMENT_CURRENT, FILE_NULL, MODE_APPEND, MODE_CREATE,
+    MODE_DELETE_ON_CLOSE, MODE_EXCL, MODE_RDONLY, MODE_RDWR, MODE_SEQUENTIAL, MODE_UNIQUE_OPEN,
+    MODE_WRONLY, SEEK_CUR, SEEK_END, SEEK_SET, File, Register_datarep,
 )  # fmt: skip

@@ -32,6 +32,11 @@ class Handle:
     # refuses `__class__` assignment between them, which Dup needs to give a subclass such
     # as mpi4py.util.pkl5.Intracomm its own type (comm.same_class).
 
+    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+        """A new, uninitialised handle: the arguments are __init__'s (mpi4py's subclasses
+        call `Base.__new__(cls, other)`, as test_subclass's MyInfo and MyRequest do)."""
+        return super().__new__(cls)
+
     @property
     def handle(self) -> int:
         """This handle's number (0 for a null handle)."""
