@@ -17,7 +17,8 @@
  * elements bound them all, as positions are linear in e), and at most the packed buffer's
  * length (and `limit`) of packed bytes is copied, so a length that came from a peer (the
  * byte count of a received message) can shorten the copy but never make it leave either
- * buffer. Arithmetic is overflow-checked.
+ * buffer. Arithmetic is overflow-checked, every sum included (a wrapped piece end, e.g.
+ * offset INT64_MAX + length 1, once passed the bounds as a negative end).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -142,12 +143,13 @@ static PyObject *typed_copy(PyObject *Py_UNUSED(module), PyObject *const *args, 
     for (Py_ssize_t k = 0; k < nruns; k++) {
         const int64_t *run = runs + 4 * k;
         int64_t off = run[0], len = run[1], reps = run[2], stride = run[3];
-        int64_t span, bytes, first, last;
+        int64_t span, bytes, first, end, last;
         if (len < 0 || reps < 1 || __builtin_mul_overflow(reps - 1, stride, &span) ||
             __builtin_mul_overflow(reps, len, &bytes) ||
             __builtin_add_overflow(size, bytes, &size) ||
             __builtin_add_overflow(off, span < 0 ? span : 0, &first) ||
-            __builtin_add_overflow(off + len, span > 0 ? span : 0, &last)) {
+            __builtin_add_overflow(off, len, &end) ||
+            __builtin_add_overflow(end, span > 0 ? span : 0, &last)) {
             PyErr_Format(PyExc_ValueError, "typed_copy: bad map run (%lld, %lld, %lld, %lld)",
                          (long long)off, (long long)len, (long long)reps, (long long)stride);
             goto done;
@@ -167,10 +169,12 @@ static PyObject *typed_copy(PyObject *Py_UNUSED(module), PyObject *const *args, 
     if (budget > 0) {
         /* every piece of the elements that are touched lies in [first, last) of `user`:
          * positions are linear in the element number, so the extreme elements bound them */
-        int64_t touched = size ? (budget + size - 1) / size : 0, span, first, last;
+        int64_t touched = size ? (budget + size - 1) / size : 0, span, lo, hi, first, last;
         bool bad = __builtin_mul_overflow(touched - 1, (int64_t)extent, &span) ||
-                   __builtin_add_overflow((int64_t)start, low + (span < 0 ? span : 0), &first) ||
-                   __builtin_add_overflow((int64_t)start, high + (span > 0 ? span : 0), &last);
+                   __builtin_add_overflow(low, span < 0 ? span : 0, &lo) ||
+                   __builtin_add_overflow(high, span > 0 ? span : 0, &hi) ||
+                   __builtin_add_overflow((int64_t)start, lo, &first) ||
+                   __builtin_add_overflow((int64_t)start, hi, &last);
         if (bad || first < 0 || last > (int64_t)user.len) {
             PyErr_Format(PyExc_ValueError,
                          "typed_copy: %lld elements (extent %lld) at byte %lld run past a "

@@ -29,7 +29,7 @@ def typed_copy_py(gather: bool, user: Any, start: int, count: int, extent: int,
         runs = np.frombuffer(runs, np.int64).reshape(-1, 4)
     except ValueError:
         raise ValueError("typed_copy: the map is not int64 runs") from None
-    if count < 0 or (runs[:, 1] < 0).any() or (runs[:, 2] < 1).any():
+    if count < 0 or (runs[:, 1] < 0).any() or (runs[:, 2] < 1).any() or not _fits(runs):
         raise ValueError(f"typed_copy: bad count {count} or map")
     out = np.frombuffer(packed, np.uint8) if len(memoryview(packed)) else np.empty(0, np.uint8)
     full = runs[runs[:, 1] > 0]
@@ -68,6 +68,19 @@ def typed_copy_py(gather: bool, user: Any, start: int, count: int, extent: int,
     else:
         view[positions] = out[:budget]
     return budget
+
+
+def _fits(runs: np.ndarray) -> bool:
+    """Whether every run's reach (first and last byte, data bytes) and the element's data
+    bytes fit int64, as the C packer requires: the numpy arithmetic below would wrap."""
+    size, low, high = 0, -(2**63), 2**63
+    for offset, length, reps, stride in runs.tolist():
+        span = (reps - 1) * stride
+        size += reps * length
+        if not (low <= span < high and low <= offset + min(span, 0)
+                and offset + length + max(span, 0) < high):  # fmt: skip
+            return False
+    return size < high
 
 
 typed_copy: Callable[[bool, Any, int, int, int, Any, Any, int], int] = typed_copy_py

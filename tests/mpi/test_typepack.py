@@ -126,3 +126,47 @@ def test_hostile_arguments_never_leave_the_buffers(rows, start, count, extent, l
     assert arena[:8] == b"\xa5" * 8 and arena[-16:] == b"\xa5" * 16
     assert arena[8 + user_len : 16 + user_len] == b"\xa5" * 8
     assert moved is None or 0 <= moved <= packed_len
+
+
+# Runs whose reach (offset + length + span) leaves int64: the C packer once computed the
+# piece end without an overflow check, so the end wrapped negative, passed the bounds check
+# and the copy read at user + 2**63 - 1 (SIGSEGV); the Python one wrapped in numpy (the C
+# one refused the last two already).
+END, SPAN, LOW = (2**63 - 1, 1, 1, 0), (2**63 - 8, 1, 2, 2**62), (-(2**62), 8, 2, 8 - 2**63)
+
+
+def _refused_in_child(packer, row) -> None:
+    """Exit 0 iff the packer refuses `row` with ValueError (a crash is a signal exit)."""
+    runs = np.array([row], np.int64)
+    try:
+        packer(True, bytearray(16), 0, 1, 1, runs, bytearray(8), -1)
+    except ValueError:
+        raise SystemExit(0) from None
+    raise SystemExit(3)
+
+
+@pytest.mark.parametrize(
+    ("impl", "row"),
+    [("c", END), ("python", END), ("python", SPAN), ("python", LOW)],
+    ids=["c-end", "python-end", "python-span", "python-low"],
+)
+def test_map_whose_reach_leaves_int64_is_refused(spawn, impl, row):
+    child = spawn(_refused_in_child, PACKERS[impl], row)
+    child.join(timeout=60)
+    assert child.exitcode == 0, f"{impl} packer on {row}: exit {child.exitcode}"
+
+
+def _pack_far_hindexed() -> None:
+    far = MPI.BYTE.Create_hindexed([1], [2**63 - 1]).Commit()
+    try:
+        far.Pack(bytearray(16), bytearray(16), 0)
+    except ValueError:
+        raise SystemExit(0) from None
+    raise SystemExit(3)
+
+
+def test_pack_of_a_type_reaching_past_int64_raises_not_crashes(spawn):
+    """What a user sees of the same: Pack of a datatype with a displacement of 2**63 - 1."""
+    child = spawn(_pack_far_hindexed)
+    child.join(timeout=60)
+    assert child.exitcode == 0, f"exit {child.exitcode} (-11: SIGSEGV)"
