@@ -277,6 +277,7 @@ class Request(Handle):
                 and op is not None
                 and type(request) is Request
                 and request._finish is None
+                and request._cell is None
                 and not (op.error or op.cancelled)
             ):
                 request._op = None

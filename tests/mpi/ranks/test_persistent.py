@@ -182,6 +182,10 @@ def test_handles_on_one_persistent_request(comm):
         assert recv.Test()  # inactive: at once
         send.Wait()
         assert rbuf == sbuf
+    recv.Start()
+    send.Start()
+    MPI.Request.Waitall([plain, send])  # (Waitall's quick path for plain requests too)
+    assert recv._op is None and twin._op is None and recv
     plain.Free()
     assert recv == MPI.REQUEST_NULL and not recv and not twin and not plain
     send.Free()
