@@ -28,7 +28,8 @@ Validation: every entry is copied once out of shared memory and checked before u
 entry (key naming a READY peer of that incarnation) whose offset or length is not whole
 pages inside the data area, or that overlaps another live entry, raises RingCorruptError
 naming the peer its key names; an entry a member was told about that does not hold what it
-was told raises RingCorruptError naming the allocator. Keys that name no peer are stale.
+was told, or that overlaps another live entry, raises RingCorruptError naming the
+allocator. Keys that name no peer are stale.
 Nothing read from the heap is ever used as an offset without these checks.
 """
 
@@ -184,8 +185,9 @@ class WindowHeap:
 
     def check(self, index: int, owner: int, offset: int, length: int, tag: int) -> Block:
         """The block a member was told of: entry `index` must be live, keyed `owner` (the
-        allocator's claim word), and hold (offset - data start, length, tag). Raises
-        RingCorruptError naming the allocator otherwise (or when it is out of bounds)."""
+        allocator's claim word), hold (offset - data start, length, tag) and overlap no
+        other live entry. Raises RingCorruptError naming the allocator otherwise (or when
+        it is out of bounds)."""
         who = _peer_of(owner)
         if not 0 <= index < layout.HEAP_ENTRIES:
             raise RingCorruptError(who, "window heap entry index", index, "out of range")
@@ -197,6 +199,14 @@ class WindowHeap:
                 f"{tag})",
             )  # fmt: skip
         self._checked(index, key, rel, size)
+        for other in range(layout.HEAP_ENTRIES):  # (an allocator holds the lock: no overlap)
+            their_key, their_rel, their_size, _ = self._read(other)
+            if (other != index and their_rel < rel + size and rel < their_rel + their_size
+                    and self._live(their_key)):  # fmt: skip
+                raise RingCorruptError(
+                    who, f"window heap entry {index}", (rel, size),
+                    f"overlaps live entry {other} ({their_rel}, {their_size})",
+                )  # fmt: skip
         return Block(index, offset, length, tag)
 
     def free(self, block: Block) -> bool:

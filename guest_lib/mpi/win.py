@@ -1158,6 +1158,11 @@ def _share(w: _Window, size: int) -> None:
     the window) and map every member's segment of it. Errors: see Win.Allocate_shared."""
     comm, engine = w.comm, w.engine
     sizes = comm.allgather((size, w.disp_unit))
+    for r, told in enumerate(sizes):  # every member checks the same list: all raise alike
+        if not (type(told) is tuple and len(told) == 2 and type(told[0]) is int
+                and type(told[1]) is int and told[0] >= 0 and told[1] > 0):  # fmt: skip
+            raise _err(exceptions.ERR_OTHER, f"Win.Allocate_shared: rank {r} announced "
+                       f"(size, displacement unit) {told!r}")  # fmt: skip
     total = sum(n for n, _ in sizes)
     members = comm._group
     if len(members) == 1:

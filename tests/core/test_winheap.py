@@ -182,3 +182,22 @@ def test_fit_gives_the_heap_its_share_and_validates():
     bad = layout.Geometry(64 << 20, 2, 256, 64, g.data_size, g.max_span, 0, 0, PAGE)
     with pytest.raises(ValueError, match="heap_size"):
         bad.validate()
+
+
+def test_announced_block_over_another_live_block_is_rejected_naming_the_allocator(make_region):
+    """An allocator (peer 1, live) that keys an entry of its own over a block another group
+    holds and announces it: a member checking the announcement refuses it, naming peer 1,
+    instead of mapping the other group's memory as its window."""
+    region = make_region(1 << 20, 3, heap_size=16 * PAGE)
+    with region.endpoint(0) as ep0, region.endpoint(1) as hostile:
+        honest = _heap(ep0)
+        held = honest.allocate(2 * PAGE, tag=7)
+        assert held is not None
+        owner = claim_word(1, hostile.incarnation)
+        rel = held.offset - honest.data + PAGE  # whole pages, in bounds, half over `held`
+        layout.HEAP_ENTRY.pack_into(region.buf, _entry_offset(honest, 9), owner, rel, PAGE, 3)
+        with pytest.raises(ic.RingCorruptError, match="overlaps live entry") as err:
+            honest.check(9, owner, honest.data + rel, PAGE, 3)
+        assert err.value.peer == 1
+        assert honest.free(held)  # the other block gone, the same entry is a block
+        assert honest.check(9, owner, honest.data + rel, PAGE, 3).length == PAGE

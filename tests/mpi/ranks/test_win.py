@@ -9,10 +9,13 @@ collective that crosses regions (MPICH) answers no window request until it retur
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 
 from guest_lib.mpi import MPI
+from guest_lib.mpi import win as win_module
 from guest_lib.mpi.win import REQ
 from ivshmem_comm import ring
 
@@ -232,6 +235,34 @@ def test_shared_windows_give_their_heap_back(comm):
             MPI.Win.Allocate_shared(heap, 1, comm=node)
         assert err.value.Get_error_class() == MPI.ERR_NO_MEM
         node.Barrier()
+    node.Free()
+
+
+@pytest.mark.parametrize("told", [(8, -4), (-16, 8)], ids=["unit", "size"])
+def test_forged_shared_size_or_unit_is_refused_naming_its_rank(comm, monkeypatch, told):
+    """The (size, displacement unit) each member tells the others for Allocate_shared, as
+    a hostile member forges it past its own argument checks: every member refuses it with
+    an error naming that rank (before: a window with a negative unit, or segments cut at a
+    negative size), and the next shared window works."""
+    node = _shared_comm(comm)
+    rank, size = node.Get_rank(), node.Get_size()
+    if size > 1:
+        hostile = size - 1
+        if rank == hostile:
+            real = win_module._share
+
+            def forged(w: Any, nbytes: int) -> None:
+                w.disp_unit = told[1]
+                real(w, told[0])
+
+            monkeypatch.setattr(win_module, "_share", forged)
+        with pytest.raises(MPI.Exception, match=f"rank {hostile} announced") as err:
+            MPI.Win.Allocate_shared(8, 8, comm=node)
+        assert err.value.Get_error_class() == MPI.ERR_OTHER
+        monkeypatch.undo()
+        win = MPI.Win.Allocate_shared(8, 8, comm=node)
+        assert win.Shared_query(hostile)[1] == 8
+        win.Free()
     node.Free()
 
 
