@@ -645,7 +645,7 @@ class Collectives:
                 local.Bcast(buf, mine.index(root))
         if lead is not None:
             if objects:
-                buf = lead.bcast(buf, index[root_leader])
+                buf = native.bcast_obj(lead, buf, index[root_leader])
             else:
                 lead.Bcast([buf, len(buf), "B"], index[root_leader])
         if my_leader != root_leader:
@@ -677,7 +677,7 @@ class Collectives:
             if pair is not None:
                 lead.Allreduce(_M_IN_PLACE(), [out, pair[1]], pair[0])
             else:
-                parts = lead.allgather(out.copy())
+                parts = native.allgather_obj(lead, out.copy())
                 result = parts[-1].copy()
                 for part in reversed(parts[:-1]):
                     op.reduce_into(result, part, element)
@@ -689,7 +689,7 @@ class Collectives:
         pairs = local.gather((self._rank, sendobj), 0)
         result = None
         if lead is not None:
-            everything = sorted(p for chunk in lead.allgather(pairs) for p in chunk)
+            everything = sorted(p for chunk in native.allgather_obj(lead, pairs) for p in chunk)
             result = functools.reduce(_op_func(op), [obj for _, obj in everything])
         return local.bcast(result, 0)
 

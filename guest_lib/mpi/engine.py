@@ -618,7 +618,12 @@ class Engine(Matching, FastPaths):
             source = watch if watch >= 0 and solo else -1
             if spin_only and self.crowded:
                 os.sched_yield()
-            ep.probe(source, -1, 0.0 if spin_only else IDLE_TIMEOUT)
+            try:
+                ep.probe(source, -1, 0.0 if spin_only else IDLE_TIMEOUT)
+            except CoreTimeout:
+                pass
+            # (also after a probe that found nothing: a spin that never frees the lock
+            # starves the threads whose sends the waited-for ranks need)
             if spin_only and not solo:
                 self._pause()
         except CoreTimeout:

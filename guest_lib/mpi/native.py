@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import importlib
 import sys
+from array import array
 from collections.abc import Callable
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 from guest_lib.mpi import constants, exceptions
 from guest_lib.mpi.matching import Op, RecvOp
+from guest_lib.mpi.pickling import dumps, loads
 from guest_lib.mpi.routes import MPI4PY, Route
 
 if TYPE_CHECKING:
@@ -138,6 +140,40 @@ def inter_mirrors(local: Comm, local_leader: int, remote_leader: int, tag: int) 
     finally:
         if made:
             lmirror.Free()
+
+
+# ------------------------------------------------------------- object collectives
+# mpi4py's own object collectives (`bcast`, `allgather`, ...) make, on a communicator's
+# first one, a hidden duplicate (MPI_Comm_dup) while holding the GIL. With threads, that
+# Comm_dup waits for its peer processes while no other thread of this process can run:
+# when two threads of two processes make the first object collective of two different
+# communicators at once, each process's GIL holder waits for a thread that the other
+# process's holder keeps from running (a deadlock across processes). These do the same
+# through the buffer collectives, which release the GIL while MPICH waits.
+def bcast_obj(mpicomm: Any, obj: Any, root: int) -> Any:
+    """mpi4py communicator `mpicomm`'s broadcast of `obj` from `root` (collective);
+    returns root's object on every member."""
+    _M = MPI()
+    data = dumps(obj) if mpicomm.Get_rank() == root else None
+    length = array("q", [0 if data is None else len(data)])
+    mpicomm.Bcast([length, 1, _M.INT64_T], root)
+    if data is None:
+        data = memoryview(bytearray(length[0]))
+    mpicomm.Bcast([data, length[0], _M.BYTE], root)
+    return loads(data)
+
+
+def allgather_obj(mpicomm: Any, obj: Any) -> list[Any]:
+    """mpi4py communicator `mpicomm`'s allgather of `obj` (collective); returns every
+    member's object, in rank order."""
+    _M = MPI()
+    data = dumps(obj)
+    lengths = array("q", bytes(8 * mpicomm.Get_size()))
+    mpicomm.Allgather([array("q", [len(data)]), 1, _M.INT64_T], [lengths, 1, _M.INT64_T])
+    offsets = [sum(lengths[:i]) for i in range(len(lengths))]
+    gathered = memoryview(bytearray(sum(lengths)))
+    mpicomm.Allgatherv([data, len(data), _M.BYTE], [gathered, (list(lengths), offsets), _M.BYTE])
+    return [loads(gathered[o : o + n]) for o, n in zip(offsets, lengths, strict=True)]
 
 
 def free_mirrors(mirrors: tuple[Any, Any]) -> None:

@@ -13,7 +13,6 @@ import time
 from collections.abc import Callable
 
 import numpy as np
-import pytest
 
 from guest_lib.mpi import MPI
 
@@ -139,17 +138,25 @@ def _mixed(comm: MPI.Intracomm, t: int, rounds: int) -> None:
         comm.Allreduce(np.full(3, rank + t, "i"), total, MPI.SUM)
         assert (total == size * t + size * (size - 1) // 2).all()
         comm.Ibarrier().Wait()
+        # nonblocking collectives started together (Idup among them), completed at once
+        summed = np.empty(2, "i")
+        requests = [comm.Iallreduce(np.full(2, rank + i, "i"), summed, MPI.SUM)]
+        gathered = np.empty(size, "i")
+        requests.append(comm.Iallgather(np.full(1, rank * 3 + t, "i"), gathered))
+        dup = None
         if i % 10 == 0:
+            dup, request = comm.Idup()
+            requests.append(request)
+        requests.append(comm.Ibarrier())
+        MPI.Request.Waitall(requests)
+        assert (summed == size * i + size * (size - 1) // 2).all()
+        assert list(gathered) == [r * 3 + t for r in range(size)]
+        if dup is not None:
+            assert dup.allreduce(rank) == size * (size - 1) // 2
+            dup.Free()
             comm.Barrier()
 
 
-@pytest.mark.skipif(
-    _across_regions(),
-    reason="known hang across regions: threads making their communicators' first "
-    "collective at once (cross-region hierarchy: context agreements over the mpi4py route, "
-    "mirror Split) never finish; cause not found. MPICH 5.0.2 alone also hangs when threads "
-    "Comm_dup while others run collectives (mpi4py only, 4 threads x 2 ranks)",
-)
 def test_stress_mixed_calls_own_comm():
     """Threads on every rank, each on its own Dup (the Dups made by the threads at once, on
     parents of their own), mixing blocking, nonblocking and collective calls; then Split and
@@ -171,6 +178,38 @@ def test_stress_mixed_calls_own_comm():
     for parent in parents:
         parent.Free()
     world.Barrier()
+
+
+def test_blocked_recv_leaves_sends_going():
+    """One thread blocked in Recv (its message comes last) while another thread of the same
+    rank sends and receives 4 MiB messages, which need the receiving rank to make progress
+    while its own blocked thread waits: the blocked Recv must not stop it."""
+    comm = MPI.COMM_WORLD
+    size, rank = comm.Get_size(), comm.Get_rank()
+    right, left = (rank + 1) % size, (rank - 1) % size
+    late = np.zeros(4, "i")
+    big = np.full(1 << 20, rank, "i")
+    got = np.empty(1 << 20, "i")
+
+    def body(t: int) -> None:
+        if t == 0:
+            comm.Recv(late, left, 999)  # blocks until the other thread's traffic is over
+            assert (late == left).all()
+            return
+        time.sleep(0.05)  # the receive above blocks before this traffic starts
+        for _ in range(3):
+            if rank % 2 == 0:
+                comm.Send(big, right, 998)
+                comm.Recv(got, left, 998)
+            else:
+                comm.Recv(got, left, 998)
+                comm.Send(big, right, 998)
+            assert (got == left).all()
+        comm.Send(np.full(4, rank, "i"), right, 999)
+
+    if size % 2 == 0 or size == 1:  # (an odd ring of blocking sends could wait on itself)
+        _run_threads(body, 2)
+    comm.Barrier()
 
 
 def test_waiters_see_completions_of_others():
