@@ -249,11 +249,8 @@ def _is_datatype(value: Any) -> bool:
     return isinstance(value, Datatype | str)
 
 
-def _fast(buf: Any, count: int | None, datatype: Datatype, writable: bool) -> Spec | None:
-    """parse's fast path for the forms real codes write on every call, `[buf, count,
-    datatype]` and `(buf, datatype)` with an int count (None: all of the buffer) and a
-    datatype whose messages are its buffer's bytes, over a C-contiguous buffer. None when
-    anything is out of the ordinary (an error, an odd buffer): the full parse decides."""
+def _contiguous(buf: Any, writable: bool) -> memoryview | None:
+    """The bytes of a C-contiguous buffer (writable when asked), or None."""
     try:
         view = memoryview(buf)
     except (TypeError, ValueError, BufferError):
@@ -264,6 +261,17 @@ def _fast(buf: Any, count: int | None, datatype: Datatype, writable: bool) -> Sp
         if not view.c_contiguous:
             return None
         view = view.cast("B")
+    return view
+
+
+def _fast(buf: Any, count: int | None, datatype: Datatype, writable: bool) -> Spec | None:
+    """parse's fast path for the forms real codes write on every call, `[buf, count,
+    datatype]` and `(buf, datatype)` with an int count (None: all of the buffer) and a
+    datatype whose messages are its buffer's bytes, over a C-contiguous buffer. None when
+    anything is out of the ordinary (an error, an odd buffer): the full parse decides."""
+    view = _contiguous(buf, writable)
+    if view is None:
+        return None
     extent = datatype.size
     if count is None:
         if not extent:
@@ -363,6 +371,58 @@ def quick(spec: Any, writable: bool = False) -> memoryview | None:
             return view
         return view[:stop] if stop < total else None
     return None
+
+
+def plain_vector(
+    spec: Any, size: int, writable: bool = False
+) -> tuple[memoryview, list[int], list[int]] | None:
+    """parse_vector's fast path alone: (the buffer's bytes, byte counts, byte displacements)
+    of a vector spec with explicit per-rank counts, `[buf, (counts, displs), datatype]`,
+    `[buf, counts, displs, datatype]` or `[buf, counts, datatype]` (displacements then
+    contiguous), counts and displacements lists or tuples of `size` ints (not bools), a
+    datatype that does not pack, over a C-contiguous buffer, every part inside it. None for
+    anything else (other forms, errors: parse_vector decides and raises those)."""
+    if type(spec) is not list and type(spec) is not tuple:
+        return None
+    n = len(spec)
+    if n == 3:
+        buf, counts, datatype = spec
+        displs = None
+        if type(counts) is tuple and len(counts) == 2:
+            counts, displs = counts
+    elif n == 4:
+        buf, counts, displs, datatype = spec
+    else:
+        return None
+    if not isinstance(datatype, Datatype) or datatype.packs:
+        return None
+    kind = type(counts)
+    if (kind is not list and kind is not tuple) or len(counts) != size:
+        return None
+    if displs is not None:
+        kind = type(displs)
+        if (kind is not list and kind is not tuple) or len(displs) != size:
+            return None
+    view = _contiguous(buf, writable)
+    if view is None:
+        return None
+    extent = datatype.size
+    limit = len(view)
+    byte_counts: list[int] = []
+    byte_displs: list[int] = []
+    running = 0
+    for i in range(size):
+        count = counts[i]
+        displ = running if displs is None else displs[i]
+        if type(count) is not int or type(displ) is not int or count < 0 or displ < 0:
+            return None
+        start, length = displ * extent, count * extent
+        if start + length > limit:
+            return None
+        byte_counts.append(length)
+        byte_displs.append(start)
+        running = displ + count
+    return view, byte_counts, byte_displs
 
 
 def parse(spec: Any, *, writable: bool = False, deferred: bool = False) -> Spec:

@@ -174,6 +174,18 @@ def _even(size: int, n: int) -> tuple[list[int], list[int]]:
     return [n] * size, list(range(0, n * size, n)) if n else [0] * size
 
 
+def _blocks(buf: Any, writable: bool, size: int) -> tuple[Any, list[int], list[int]] | None:
+    """(what the C round takes, byte counts, byte displacements) of a buffer argument that
+    holds one block per member: `size` equal blocks of a block form (see _lane), or the
+    explicit counts of a vector spec (buffers.plain_vector); None: the body's job."""
+    lane = _lane(buf, writable, size)
+    if lane is not None:
+        if lane[2] % size:
+            return None
+        return (lane[0], *_even(size, lane[1] // size))
+    return buffers.plain_vector(buf, size, writable)
+
+
 def _f_barrier(self: Any, shared: area.Area) -> Any:
     return None if shared.call(C_BARRIER, None, None, 0, None, None, None, None) else _SLOW
 
@@ -201,14 +213,15 @@ def _f_gather(self: Any, shared: area.Area, sendbuf: Any, recvbuf: Any, root: in
             return _SLOW
         send = mine[0]
     else:
-        theirs = _lane(recvbuf, True, size)
-        if theirs is None or theirs[2] % size or (mine is None and not in_place):
+        if mine is None and not in_place:
             return _SLOW
-        n = theirs[1] // size
-        if n > group.slab_size or (mine is not None and mine[1] != n):
+        blocks = _blocks(recvbuf, True, size)
+        if blocks is None:
             return _SLOW
-        send, recv = None if mine is None else mine[0], theirs[0]
-        counts, displs = _even(size, n)
+        recv, counts, displs = blocks
+        if mine is not None and mine[1] != counts[root]:
+            return _SLOW
+        send = None if mine is None else mine[0]
     if not shared.call(C_GATHERV, send, recv, root, counts, displs, None, None):
         return _SLOW
     if group.declined:  # the root's data is more than one round: messages
@@ -230,15 +243,14 @@ def _f_scatter(self: Any, shared: area.Area, sendbuf: Any, recvbuf: Any, root: i
             return _SLOW
         recv = theirs[0]
     else:
-        mine = _lane(sendbuf, False, size)
-        if mine is None or mine[2] % size or (theirs is None and not in_place):
+        blocks = _blocks(sendbuf, False, size)
+        if blocks is None or (theirs is None and not in_place):
             return _SLOW
-        n = mine[1] // size
-        if n > seg or (theirs is not None and theirs[1] != n):
+        send, counts, displs = blocks
+        n = counts[root]
+        if theirs is not None and theirs[1] != n:
             return _SLOW
         recv = bytearray(n) if theirs is None else theirs[0]  # in place: the block stays
-        send = mine[0]
-        counts, displs = _even(size, n)
     if not shared.call(C_SCATTERV, send, recv, root, counts, displs, None, None):
         return _SLOW
     if group.declined:
@@ -249,35 +261,33 @@ def _f_scatter(self: Any, shared: area.Area, sendbuf: Any, recvbuf: Any, root: i
 def _f_allgather(self: Any, shared: area.Area, sendbuf: Any, recvbuf: Any) -> Any:
     group = shared.group
     size = group.size
-    theirs = _lane(recvbuf, True, size)
-    if theirs is None or theirs[2] % size:
+    blocks = _blocks(recvbuf, True, size)
+    if blocks is None:
         return _SLOW
-    n = theirs[1] // size
+    recv, counts, displs = blocks
     in_place = sendbuf is IN_PLACE or sendbuf is None
     mine = None if in_place else _lane(sendbuf, False)
-    if n > group.slab_size or not (in_place or (mine is not None and mine[1] == n)):
+    if max(counts) > group.slab_size or not (
+        in_place or (mine is not None and mine[1] == counts[self._rank])
+    ):
         return _SLOW
-    counts, displs = _even(size, n)
     send = None if mine is None else mine[0]
-    ran = shared.call(C_ALLGATHERV, send, theirs[0], 0, counts, displs, None, None)
+    ran = shared.call(C_ALLGATHERV, send, recv, 0, counts, displs, None, None)
     return None if ran else _SLOW
 
 
 def _f_alltoall(self: Any, shared: area.Area, sendbuf: Any, recvbuf: Any) -> Any:
     group = shared.group
     size = group.size
-    mine, theirs = _lane(sendbuf, False, size), _lane(recvbuf, True, size)
-    if (
-        mine is None
-        or theirs is None
-        or mine[1] != theirs[1]
-        or mine[2] % size
-        or theirs[2] % size
-        or mine[1] // size > group._segment()
-    ):
+    mine = _blocks(sendbuf, False, size)
+    if mine is None:
         return _SLOW
-    counts, displs = _even(size, mine[1] // size)
-    if not shared.call(C_ALLTOALLV, mine[0], theirs[0], 0, counts, displs, counts, displs):
+    theirs = _blocks(recvbuf, True, size)
+    if theirs is None:
+        return _SLOW
+    send, scounts, sdispls = mine
+    recv, rcounts, rdispls = theirs
+    if not shared.call(C_ALLTOALLV, send, recv, 0, scounts, sdispls, rcounts, rdispls):
         return _SLOW
     if group.declined:  # another member's data is more than one round: messages
         self._run(self._alltoallv(sendbuf, recvbuf, T_ALLTOALL))

@@ -113,3 +113,74 @@ def test_explicit_count_below_the_buffer(comm, call):
     lane = getattr(collectives, "_f_" + call.lower())
     assert lane(comm, shared, *args) is not collectives._SLOW
     check()
+
+
+def _vector_case(call: str, comm: MPI.Intracomm, four: bool) -> Case:
+    """`call` with explicit per-rank counts (rank q's block: q + 1 elements) at displacements
+    with gaps between the blocks (block q at q * STRIDE), in the `[buf, (counts, displs),
+    datatype]` form or (`four`) `[buf, counts, displs, datatype]`."""
+    size, rank = comm.Get_size(), comm.Get_rank()
+    root, stride = size - 1, size + 2
+    counts = [q + 1 for q in range(size)]
+    displs = [q * stride for q in range(size)]
+    total = size * stride + SPARE
+
+    def vspec(buf: array.array) -> list[Any]:
+        return [buf, counts, displs, MPI.INT] if four else [buf, (counts, displs), MPI.INT]
+
+    def blocks(value: Callable[[int, int], int]) -> array.array:
+        """A vector buffer whose block q holds value(q, k), gaps UNTOUCHED."""
+        buf = _buf([], total)
+        for q in range(size):
+            for k in range(counts[q]):
+                buf[displs[q] + k] = value(q, k)
+        return buf
+
+    def same(got: array.array, want: array.array) -> None:
+        assert list(got) == list(want)
+
+    mine = [10 * rank + k for k in range(counts[rank])]
+    if call in ("Gatherv", "Allgatherv"):
+        want = call == "Allgatherv" or rank == root
+        recv = _buf([], total)
+        full = blocks(lambda q, k: 10 * q + k)
+        send = _buf(mine, counts[rank] + SPARE)
+        extra = () if call == "Allgatherv" else (root,)
+        args = ([send, counts[rank], MPI.INT], vspec(recv) if want else None, *extra)
+        return args, lambda: same(recv, full if want else _buf([], total))
+    if call == "Scatterv":
+        send = blocks(lambda q, k: 100 * q + k)
+        recv = _buf([], counts[rank] + SPARE)
+        want = _buf([100 * rank + k for k in range(counts[rank])], counts[rank] + SPARE)
+        sendspec = vspec(send) if rank == root else None
+        return (sendspec, [recv, counts[rank], MPI.INT], root), lambda: same(recv, want)
+    assert call == "Alltoallv"
+    # rank q sends counts[p] elements to rank p and receives counts[rank] from each: the
+    # receive side's counts are all counts[rank] (at the same gapped displacements).
+    send = blocks(lambda p, k: 100 * rank + 10 * p + k)
+    rcounts = [counts[rank]] * size
+    recv = _buf([], total)
+    want = _buf([], total)
+    for q in range(size):
+        for k in range(counts[rank]):
+            want[displs[q] + k] = 100 * q + 10 * rank + k
+    rspec = [recv, rcounts, displs, MPI.INT] if four else [recv, (rcounts, displs), MPI.INT]
+    return (vspec(send), rspec), lambda: same(recv, want)
+
+
+@pytest.mark.parametrize("four", [False, True], ids=["counts-displs-tuple", "four-items"])
+@pytest.mark.parametrize("call", ["Gatherv", "Scatterv", "Allgatherv", "Alltoallv"])
+def test_vector_specs_take_the_lane(comm, call, four):
+    """Explicit counts and displacements (uneven blocks, gaps left as they were) move the
+    right bytes through the public call and through the lane itself, which takes these
+    forms (buffers.plain_vector) rather than handing them to the collective's body."""
+    args, check = _vector_case(call, comm, four)
+    getattr(comm, call)(*args)
+    check()
+    shared = area.current(comm)
+    if shared is None or not shared.ready():
+        return  # one rank (no area), or the Python steps only (IVSHMEM_COMM_PUREPYTHON)
+    args, check = _vector_case(call, comm, four)
+    lane = getattr(collectives, "_f_" + call.lower()[:-1])
+    assert lane(comm, shared, *args) is not collectives._SLOW
+    check()
