@@ -65,6 +65,7 @@ from guest_lib.mpi.matching import Op
 from guest_lib.mpi.request import Request
 from guest_lib.mpi.status import Status
 from guest_lib.mpi.wire import COLL_TAGS
+from ivshmem_comm import layout
 from ivshmem_comm.collective import CollectiveGroup, CollectiveRequest, claim_slot, release_slot
 from ivshmem_comm.errors import PeerLostError, RingCorruptError, TimeoutError
 
@@ -397,6 +398,9 @@ def _bind(comm: Any) -> Area | bool:
         slot, generation, objects = _BIND.unpack(raw)
     if slot < 0:
         return False
+    if slot >= ep.region.geometry.coll_slots or not 1 <= generation <= layout.COLL_GEN_MASK:
+        raise exceptions.Exception(exceptions.ERR_OTHER, f"rank 0 bound the collective area "
+                                   f"to slot {slot}, generation {generation}")  # fmt: skip
     peers = [ep.peer_id if r == comm._rank else comm._shm_peer[r] for r in range(len(comm._group))]
     try:
         group = CollectiveGroup(ep, slot, generation, peers)
