@@ -27,6 +27,7 @@ from hypothesis import strategies as st
 import ivshmem_comm as ic
 from ivshmem_comm import layout, ring
 from ivshmem_comm.collective import FOLD_DTYPES, FOLD_OPS, CollectiveGroup, claim_slot, release_slot
+from ivshmem_comm.collective import KIND_BCAST_BYTES as BCAST_BYTES
 from tests.support import run_peer
 
 OPS = (
@@ -360,6 +361,13 @@ def _bind_then(ep, slot, generation, members, action):
         u64[arrive + 2] = 3
         u64[arrive + 3] = 0 if action == "rounds" else 5
         u64[arrive] = base | 1
+    elif action in ("bytes_nbytes", "bytes_rounds"):  # a bcast_bytes root's arrival: a
+        # pickle longer than its slab / a rounds word neither 0 (declined) nor 1
+        slab = ep.region.geometry.coll_slab
+        u64[arrive + 1] = slab + 1 if action == "bytes_nbytes" else 4
+        u64[arrive + 2] = BCAST_BYTES
+        u64[arrive + 3] = 1 if action == "bytes_nbytes" else 2
+        u64[arrive] = base | 1
     elif action == "done":
         u64[arrive + layout.COLL_DONE_OFFSET // 8] = base | (1 << 39)
     elif action == "die":
@@ -377,6 +385,8 @@ def _bind_then(ep, slot, generation, members, action):
         ("done", ic.RingCorruptError, "done seq"),
         ("rounds", ic.RingCorruptError, "rounds"),
         ("rounds_many", ic.RingCorruptError, "rounds"),
+        ("bytes_nbytes", ic.RingCorruptError, "nbytes"),
+        ("bytes_rounds", ic.RingCorruptError, "rounds"),
         ("die", ic.PeerLostError, None),
     ],
 )
@@ -399,6 +409,8 @@ def test_hostile_or_dead_member_is_named_not_waited_for(
                 group.gatherv(buf, None, [], [], root=1)
             elif action == "rounds_many":
                 group.gatherv(buf, None, [], [], root=1, max_rounds=1)
+            elif action.startswith("bytes"):
+                group.bcast_bytes(b"", 1, [None, None])
             else:
                 group.bcast(buf, root=1)
         assert time.monotonic() - t0 < 5
