@@ -22,10 +22,12 @@ are never seen failed: their slots are not in this region.
   that are alive, on a revoked communicator too. Every member sends its flag to every
   other one it does not know failed (tags T_FT + n on the collective context, the same
   numbering on every member) and waits for each one's flag or its failure (a look at the
-  slots every CHECK_S). MPI.Exception(ERR_PROC_FAILED) afterwards if a member is failed
-  and not acknowledged (the flag, in the Iagree buffer, is still the AND). This is one
-  exchange round, not ULFM's consensus: a member that dies in the middle of it may have
-  sent its flag to some survivors and not others, which then disagree.
+  slots every CHECK_S); then a second round the same way with the AND each got, whose AND
+  is the result. MPI.Exception(ERR_PROC_FAILED) afterwards if a member is failed and not
+  acknowledged (the flag, in the Iagree buffer, is still the AND). A member that dies in
+  the first round having sent its flag to some survivors only is absorbed by the second
+  (every survivor ANDs every survivor's first result); this is not ULFM's consensus: a
+  death in the middle of the second round can still leave survivors disagreeing.
 - `Shrink` / `Ishrink`: a new communicator of the members alive, in the same order, with
   a new context. The members exchange the failed sets they know (twice: a failure seen
   during the first exchange joins the second), then agree on a context as Dup does, by
@@ -233,22 +235,32 @@ def iagree(comm: Comm, flag: Any) -> Any:
     skip = list(_noticed(comm))
 
     def stages() -> Iterator[list[Op]]:
-        exchange = Exchange(comm, bytes(view), skip)
-        yield [exchange]
-        value = mine
-        for data in exchange.got.values():
-            if len(data) != _INT:
-                raise exceptions.Exception(exceptions.ERR_INTERN, "Agree: bad flag")
-            value &= int.from_bytes(data, "little", signed=True)
+        first = Exchange(comm, bytes(view), skip)
+        yield [first]
+        value = _and_of(first, mine)
+        second = Exchange(comm, value.to_bytes(_INT, "little", signed=True), first.lost)
+        yield [second]
+        value = _and_of(second, value)
         view[:] = value.to_bytes(_INT, "little", signed=True)
-        for world in exchange.lost:
-            if world not in _noticed(comm):
-                comm.__dict__["_ft_failed"].append(world)
+        noticed = _noticed(comm)
+        noticed.extend(w for w in second.lost if w not in noticed)
         op.error = _unacked_error(comm)  # (the request raises it, the flag written)
 
     op = StagedOp(stages())
     engine.start_staged(op)
     return Request(op, engine)
+
+
+def _and_of(exchange: Exchange, value: int) -> int:
+    """`value` AND every flag `exchange` got. MPI.Exception(ERR_INTERN) naming the sender
+    of one that is not a C int."""
+    for world, data in exchange.got.items():
+        if len(data) != _INT:
+            raise exceptions.Exception(
+                exceptions.ERR_INTERN, f"Agree: world rank {world} sent {len(data)} bytes"
+            )
+        value &= int.from_bytes(data, "little", signed=True)
+    return value
 
 
 def agree(comm: Comm, flag: int) -> int:
