@@ -674,10 +674,28 @@ class Comm(attributes.Cached, Handle):
         if entry is not None:
             if not entry.complete:
                 return False
+            rank = self._sender_rank(entry)
             if status is not None:
-                status._set(self._rank_of[entry.src], entry.tag, entry.nbytes)
+                status._set(rank, entry.tag, entry.nbytes)
             return True
         return self._src_route[source].iprobe(self, source, tag, status)
+
+    def _sender_rank(self, entry: Any) -> int:
+        """The rank here of the sender of the complete unexpected message `entry` (a probe
+        matched it). A sender outside this communicator (a peer that wrote this context into
+        a message header: only a hostile one can) has the message dropped, and raises
+        MPI.Exception(ERR_INTERN) naming its world rank."""
+        rank: int | None = self._rank_of.get(entry.src)
+        if rank is not None:
+            return rank
+        engine = self._check()
+        with engine.lock:
+            if entry in engine.unexpected:
+                engine.unexpected.remove(entry)
+                engine.release(entry)
+        raise exceptions.Exception(exceptions.ERR_INTERN, f"world rank {entry.src} sent a "
+                                   f"message on context {entry.ctx}, of a communicator it "
+                                   "is not in (dropped)")  # fmt: skip
 
     # ------------------------------------------------------------------ management
     def _alloc_ctx(self, members: list[int] | None = None, tag: int = 0) -> int:

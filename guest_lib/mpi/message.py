@@ -172,6 +172,7 @@ def _take(comm: Any, source: int, tag: int, status: Status | None) -> Message | 
     if entry is not None:
         if not entry.complete:
             return None
+        rank = comm._sender_rank(entry)
         with engine.lock:  # (another thread's progress may purge it meanwhile)
             if entry not in engine.unexpected:
                 return None
@@ -179,7 +180,7 @@ def _take(comm: Any, source: int, tag: int, status: Status | None) -> Message | 
             engine.release(entry)
         data = b"".join(entry.parts)
         if status is not None:
-            status._set(comm._rank_of[entry.src], entry.tag, len(data))
+            status._set(rank, entry.tag, len(data))
         return _matched(comm, entry.src, entry.tag, data)
     route = comm._src_route[source]
     if route.local:

@@ -1,0 +1,70 @@
+"""Hostile peers at the MPI face: values every rank takes from messages other ranks send
+are checked like any word a peer writes into shared memory, and a bad one raises
+MPI.Exception naming the rank that sent it, without hanging or leaving the ranks out of
+step.
+
+- The collective area's binding (guest_lib/mpi/area.py): the (slot, generation) rank 0
+  broadcasts; out of range, every member raises naming rank 0 (before: a ValueError naming
+  nobody from CollectiveGroup) and the communicator goes on with its collectives on
+  messages.
+- A message on a communicator's context from a rank outside it (its header forged): a probe
+  that matches it drops it and raises naming its world rank (before: KeyError from a probe
+  with a status, and without one the message was handed on as the communicator's).
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from guest_lib.mpi import MPI, area
+from ivshmem_comm import layout
+
+WORLD = MPI.COMM_WORLD
+
+
+@pytest.mark.parametrize(
+    "forged", [(1 << 20, 1), (0, 0), (0, layout.COLL_GEN_MASK + 1)],
+    ids=["slot", "generation-0", "generation-high"],
+)  # fmt: skip
+def test_forged_area_binding_is_refused_naming_rank_0(comm, monkeypatch, forged):
+    dup = comm.Dup()
+    if not area.eligible(dup):
+        dup.Free()
+        pytest.skip("this communicator does not use the collective area")
+    if dup.Get_rank() == 0:
+        monkeypatch.setattr(area, "claim_slot", lambda *_: forged)
+    with pytest.raises(MPI.Exception, match="rank 0 bound") as err:
+        dup.Barrier()
+    assert err.value.Get_error_class() == MPI.ERR_OTHER
+    monkeypatch.undo()
+    dup.Barrier()
+    assert dup.allreduce(1) == dup.Get_size() and area.current(dup) is None
+    dup.Free()
+
+
+def _forged_into(solo: MPI.Intracomm) -> None:
+    """World rank 1 sends world rank 0 a message on the context of rank 0's `solo` (a
+    communicator of rank 0 alone)."""
+    ctx = WORLD.bcast(solo._ctx, 0)
+    if WORLD.Get_rank() == 1:
+        WORLD._isend_op(memoryview(b"forged"), 0, 5, ctx, False)
+
+
+@pytest.mark.parametrize("probe", ["mprobe", "Improbe", "Probe", "Iprobe"])
+def test_message_from_outside_the_communicator_is_refused_naming_its_sender(probe):
+    if WORLD.Get_size() < 2:
+        pytest.skip("needs a second rank")
+    rank = WORLD.Get_rank()
+    solo = WORLD.Split(rank, 0)
+    _forged_into(solo)
+    if rank == 0:
+        call = getattr(solo, probe)
+        with pytest.raises(MPI.Exception, match="world rank 1 sent a message on context"):
+            deadline = time.monotonic() + 30
+            while not call(MPI.ANY_SOURCE, MPI.ANY_TAG) and time.monotonic() < deadline:
+                pass  # (the nonblocking probes: until it has arrived)
+        assert not solo.Iprobe(MPI.ANY_SOURCE, MPI.ANY_TAG)  # dropped
+    WORLD.Barrier()
+    solo.Free()
