@@ -22,13 +22,14 @@ into the file segments the view maps it to (adjacent segments merged) and does o
 pread/pwrite per segment. Only the "native" and "internal" data representations exist
 (the same here); "external32" and `Register_datarep`'s are ERR_UNSUPPORTED_DATAREP.
 
-Pointers: the individual file pointer lives in the rank. The shared file pointer lives at
-rank 0 of the file's communicator, in an 8-byte one-sided window (`Win.Allocate`, a
-passive epoch held from Open to Close); every rank moves it with `Fetch_and_op(SUM)`, an
-atomic fetch-and-add the holder applies one at a time (see guest_lib/mpi/win.py): it
-works across VMs and regions, and the holder answers while it is inside any MPI call.
-Ordered calls compute each rank's place from an allgather of the counts and one
-fetch-and-add by rank 0. A one-rank file keeps the shared pointer in the process.
+Pointers: the individual file pointer lives in the rank. The shared file pointer is a
+counter in a hidden file next to the data file (`.NAME.shfp.TOKEN`, 8 bytes, made by the
+first rank that moves the pointer, removed at Close): a rank moves it by a read-modify-write
+under an exclusive POSIX lock (`fcntl.lockf`) on that file, so concurrent callers in any
+process or VM get disjoint places, and no rank has to make progress for another (as ROMIO
+does; it needs a shared filesystem with coherent POSIX locks: NFS with lockd, virtiofs with
+its locks on). Ordered calls compute each rank's place from an allgather of the counts and
+one fetch-and-add by rank 0. A one-rank file keeps the shared pointer in the process.
 
 Collective data calls (`*_all`, split collectives `*_begin`/`*_end`) do each rank's
 access independently (MPI lets them: no aggregation is done); nonblocking ones (`Iread`,
@@ -46,6 +47,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import secrets
 import stat
 import threading
 from collections.abc import Callable
@@ -53,7 +55,7 @@ from typing import Any
 
 import numpy as np
 
-from guest_lib.mpi import buffers, constants, errhandler, exceptions, ops
+from guest_lib.mpi import buffers, constants, errhandler, exceptions
 from guest_lib.mpi.datatypes import BYTE, Datatype
 from guest_lib.mpi.handles import Handle
 from guest_lib.mpi.info import Info
@@ -161,51 +163,73 @@ class _View:
 
 # ------------------------------------------------------------------- shared pointer
 class _SharedPointer:
-    """The shared file pointer, in etypes (see the module docstring): a fetch-and-add on
-    an 8-byte window at rank 0 of the file's communicator, or a number in this process
-    for a one-rank file."""
+    """The shared file pointer, in etypes (see the module docstring). `path`: the hidden
+    counter file next to the data file, made on first use (None: a one-rank file, whose
+    pointer is `value` in this process); `start`: the pointer while that file is empty."""
 
-    __slots__ = ("lock", "value", "win")
+    __slots__ = ("fd", "lock", "path", "start", "value")
 
-    def __init__(self, comm: Any, start: int) -> None:
-        from guest_lib.mpi.win import LOCK_SHARED, Win
+    def __init__(self, path: str | None, start: int) -> None:
+        self.path, self.start, self.value = path, start, start
+        self.fd = -1
+        self.lock = threading.Lock()  # POSIX locks are per process: threads take turns here
 
-        self.lock = threading.Lock()
-        self.value = start
-        self.win: Any = None
-        if comm.Get_size() > 1:
-            self.win = Win.Allocate(8 if comm.Get_rank() == 0 else 0, 8, comm=comm)
-            if comm.Get_rank() == 0:
-                np.frombuffer(self.win.tomemory(), np.int64)[0] = start
-            self.win.Lock(0, LOCK_SHARED)  # a passive epoch on the holder, until close
-            comm.Barrier()  # the start value is there before anyone moves it
-
-    def _op(self, value: int, op: Any) -> int:
-        old = np.zeros(1, np.int64)
-        self.win.Fetch_and_op(np.array([value], np.int64), old, 0, 0, op)
-        return int(old[0])
+    def _update(self, change: Callable[[int], int]) -> int:
+        """The pointer before `change` applied to it, atomically across every rank.
+        MPI.Exception: the OS error's class, or ERR_IO for a counter file that holds no
+        valid pointer (a negative value, a torn size)."""
+        with self.lock:
+            if self.path is None:
+                old = self.value
+                self.value = change(old)
+                return old
+            try:
+                if self.fd < 0:
+                    self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+                fcntl.lockf(self.fd, fcntl.LOCK_EX)  # the whole counter file
+                try:
+                    raw = os.pread(self.fd, 8, 0)  # read once, then validated
+                    if len(raw) not in (0, 8):
+                        raise _err(exceptions.ERR_IO, f"shared file pointer {self.path!r}: "
+                                   f"{len(raw)} bytes")  # fmt: skip
+                    old = int.from_bytes(raw, "little", signed=True) if raw else self.start
+                    if old < 0:
+                        raise _err(exceptions.ERR_IO, f"shared file pointer {self.path!r} "
+                                   f"holds {old}")  # fmt: skip
+                    new = change(old)
+                    if new != old or not raw:
+                        os.pwrite(self.fd, new.to_bytes(8, "little", signed=True), 0)
+                finally:
+                    fcntl.lockf(self.fd, fcntl.LOCK_UN)
+            except OSError as exc:
+                raise _os_error(exc, "shared file pointer") from None
+        return old
 
     def fetch_add(self, count: int) -> int:
-        """The pointer before adding `count` to it, atomically."""
-        if self.win is None:
-            with self.lock:
-                old, self.value = self.value, self.value + count
-            return old
-        return self._op(count, ops.SUM)
+        """The pointer before adding `count` to it."""
+        return self._update(lambda value: value + count)
 
     def get(self) -> int:
-        return self.fetch_add(0) if self.win is None else self._op(0, ops.NO_OP)
+        return self._update(lambda value: value)
 
     def set(self, value: int) -> None:
-        if self.win is None:
-            self.value = value
-        else:
-            self._op(value, ops.REPLACE)
+        self._update(lambda _: value)
 
     def close(self) -> None:
-        if self.win is not None:
-            self.win.Unlock(0)
-            self.win.Free()
+        """Close the counter file (it stays: `remove` deletes it)."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def remove(self) -> None:
+        """Delete the counter file if a rank made one."""
+        if self.path is not None:
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                raise _os_error(exc, "shared file pointer") from None
 
 
 # ------------------------------------------------------------------------ open files
@@ -215,16 +239,14 @@ class _Open:
     __slots__ = ("amode", "atomic", "comm", "fd", "hints", "lock", "path", "position",
                  "shared", "split", "view")  # fmt: skip
 
-    def __init__(self, comm: Any, fd: int, path: Any, amode: int, hints: dict[str, str]) -> None:
+    def __init__(self, comm: Any, fd: int, path: Any, amode: int, hints: dict[str, str],
+                 shared: _SharedPointer) -> None:  # fmt: skip
         self.comm, self.fd, self.path, self.amode, self.hints = comm, fd, path, amode, hints
         self.atomic = False
         self.lock = threading.Lock()  # guards `position`
         self.view = _View(0, BYTE, BYTE, "native")
-        start = 0
-        if amode & MODE_APPEND:
-            start = os.fstat(fd).st_size
-        self.position = start
-        self.shared = _SharedPointer(comm, start)
+        self.position = shared.start
+        self.shared = shared
         self.split: tuple[str, Any, Status] | None = None  # the split collective begun
 
     # ------------------------------------------------------------------ collectives
@@ -341,20 +363,23 @@ class _Open:
         return target
 
     def close(self) -> None:
-        """Collective: the shared pointer's window goes, the descriptor is closed, and with
-        MODE_DELETE_ON_CLOSE rank 0 removes the file once every rank closed it."""
+        """Collective: every rank closes its descriptors, then rank 0 removes the shared
+        pointer's counter file and, with MODE_DELETE_ON_CLOSE, the file."""
         try:
             self.shared.close()
         finally:
             os.close(self.fd)
-        if self.amode & MODE_DELETE_ON_CLOSE:
-            if self.comm.Get_size() > 1:
-                self.comm.Barrier()
-            try:
-                self.agree(lambda: _unlink(self.path))
-            finally:
-                self.comm.Free()
-        else:
+        if self.comm.Get_size() > 1:
+            self.comm.Barrier()
+
+        def remove() -> None:
+            self.shared.remove()
+            if self.amode & MODE_DELETE_ON_CLOSE:
+                _unlink(self.path)
+
+        try:
+            self.agree(remove)
+        finally:
             self.comm.Free()
 
 
@@ -465,14 +490,15 @@ class File(Handle):
         fcomm = comm.Dup()
         fcomm._area = False  # a handful of small collectives: no area slot for them
         rank, size = fcomm.Get_rank(), fcomm.Get_size()
-        fd, failure = -1, None
+        fd, failure, start, token = -1, None, 0, secrets.token_hex(8)
         try:
             if rank == 0:
                 fd = _open_fd(path, amode, True)
+                start = os.fstat(fd).st_size if amode & MODE_APPEND else 0
         except exceptions.Exception as exc:
             failure = (exc.Get_error_class(), exc.detail)
         if size > 1:
-            failure = fcomm.bcast(failure, 0)
+            failure, start, token = fcomm.bcast((failure, start, token), 0)
             if failure is None and rank:
                 try:
                     fd = _open_fd(path, amode, False)
@@ -486,8 +512,12 @@ class File(Handle):
             fcomm.Free()
             raise _err(*failure)
         hints = dict(info.items()) if isinstance(info, Info) else {}
+        counter = None
+        if size > 1:  # the shared pointer's counter file, in the file's directory
+            head, tail = os.path.split(os.fsdecode(path))
+            counter = os.path.join(head, f".{tail}.shfp.{token}")
         file = cls()
-        file._f = _Open(fcomm, fd, path, amode, hints)
+        file._f = _Open(fcomm, fd, path, amode, hints, _SharedPointer(counter, start))
         default = getattr(FILE_NULL, "_errhandler", errhandler.ERRORS_RETURN)
         if default != errhandler.ERRORS_RETURN:
             errhandler.set_errhandler(file, default)
