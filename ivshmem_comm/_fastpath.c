@@ -2622,10 +2622,123 @@ static PyObject *compare_exchange_u64(PyObject *Py_UNUSED(module), PyObject *con
     return PyBool_FromLong(swapped);
 }
 
+/* The buffer formats flat_view takes a bare buffer of: native numeric types, as numpy and
+ * the array module write them (a byte-order prefix or any other format: not taken). */
+static const char *const flat_formats[] = {"?", "b", "B", "h", "H", "i", "I", "l", "L", "q",
+                                           "Q", "e", "f", "d", "g", "Zf", "Zd", "Zg", NULL};
+
+static bool flat_format(const char *format)
+{
+    if (format == NULL)
+        return true; /* unsigned bytes */
+    for (int i = 0; flat_formats[i] != NULL; i++)
+        if (strcmp(format, flat_formats[i]) == 0)
+            return true;
+    return false;
+}
+
+/* flat_view(spec, writable, sizes): the flat byte view of the message spec `spec` when it is
+ * a list or tuple (buf, count, key) with an int count >= 0 or (buf, key), `sizes` (a dict)
+ * gives the element size of key by id(key), and buf is a C-contiguous buffer (writable when
+ * `writable`) holding count elements (all of it, whole elements, without a count); or when
+ * `spec` is itself such a buffer, not empty, of a native numeric format (all of it): a
+ * memoryview of exactly those bytes, cast to unsigned bytes. None for anything else, never an
+ * error of the spec (the caller's full parse decides and reports those). The C side of
+ * guest_lib.mpi.buffers.quick; its Python reference there (_flat_view_py) gives the same. */
+static PyObject *flat_view(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    if (check_nargs("flat_view", nargs, 3) < 0)
+        return NULL;
+    PyObject *spec = args[0], *sizes = args[2];
+    int writable = PyObject_IsTrue(args[1]);
+    if (writable < 0)
+        return NULL;
+    if (!PyDict_Check(sizes)) {
+        PyErr_SetString(PyExc_TypeError, "flat_view: sizes must be a dict");
+        return NULL;
+    }
+    bool bare = !PyList_CheckExact(spec) && !PyTuple_CheckExact(spec);
+    Py_ssize_t n = bare ? 1 : PySequence_Fast_GET_SIZE(spec);
+    PyObject **items = bare ? &spec : PySequence_Fast_ITEMS(spec);
+    long long count = -1, size = 1; /* all of the buffer */
+    if (n == 3) {
+        if (!PyLong_CheckExact(items[1]))
+            Py_RETURN_NONE;
+        count = PyLong_AsLongLong(items[1]);
+        if (count == -1 && PyErr_Occurred()) {
+            if (!PyErr_ExceptionMatches(PyExc_OverflowError))
+                return NULL;
+            PyErr_Clear();
+            Py_RETURN_NONE;
+        }
+        if (count < 0)
+            Py_RETURN_NONE;
+    } else if (n != 2 && !bare)
+        Py_RETURN_NONE;
+    PyObject *buf = items[0];
+    if (!bare) {
+        PyObject *key = PyLong_FromVoidPtr(items[n - 1]);
+        if (key == NULL)
+            return NULL;
+        PyObject *size_obj = PyDict_GetItemWithError(sizes, key); /* borrowed */
+        Py_DECREF(key);
+        if (size_obj == NULL)
+            return PyErr_Occurred() ? NULL : Py_NewRef(Py_None);
+        size = PyLong_AsLongLong(size_obj);
+        if (size <= 0) {
+            if (!PyErr_Occurred())
+                PyErr_SetString(PyExc_ValueError, "flat_view: sizes must be positive");
+            return NULL;
+        }
+    }
+    Py_INCREF(buf); /* (held while its exporter runs) */
+    PyObject *view = PyMemoryView_FromObject(buf);
+    Py_DECREF(buf);
+    if (view == NULL) {
+        if (!PyErr_ExceptionMatches(PyExc_TypeError) && !PyErr_ExceptionMatches(PyExc_ValueError) &&
+            !PyErr_ExceptionMatches(PyExc_BufferError))
+            return NULL;
+        PyErr_Clear();
+        Py_RETURN_NONE;
+    }
+    Py_buffer *info = PyMemoryView_GET_BUFFER(view);
+    if ((writable && info->readonly) || !PyBuffer_IsContiguous(info, 'C') ||
+        (bare && (info->len == 0 || !flat_format(info->format))))
+        goto none;
+    if (info->ndim != 1 || (info->format != NULL && strcmp(info->format, "B") != 0)) {
+        if (info->len == 0) /* (a view with a 0 in its shape does not cast) */
+            goto none;
+        PyObject *flat = PyObject_CallMethod(view, "cast", "s", "B");
+        Py_DECREF(view);
+        if (flat == NULL)
+            return NULL;
+        view = flat;
+        info = PyMemoryView_GET_BUFFER(view);
+    }
+    Py_ssize_t total = info->len;
+    if (count < 0) {
+        if (total % size)
+            goto none;
+        return view;
+    }
+    if (count > total / size)
+        goto none;
+    if (count * size == total)
+        return view;
+    PyObject *part = PySequence_GetSlice(view, 0, (Py_ssize_t)(count * size));
+    Py_DECREF(view);
+    return part;
+none:
+    Py_DECREF(view);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef module_methods[] = {
     {"full_fence", full_fence, METH_NOARGS, "A full (sequentially consistent) memory barrier."},
     {"compare_exchange_u64", (PyCFunction)(void (*)(void))compare_exchange_u64, METH_FASTCALL,
      "compare_exchange_u64(buffer, offset, expected, desired): atomic CAS; True if swapped."},
+    {"flat_view", (PyCFunction)(void (*)(void))flat_view, METH_FASTCALL,
+     "flat_view(spec, writable, sizes): a plain message spec's flat byte view, or None."},
     {NULL, NULL, 0, NULL},
 };
 

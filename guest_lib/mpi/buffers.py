@@ -32,6 +32,7 @@ import numpy as np
 
 from guest_lib.mpi import constants, datatypes
 from guest_lib.mpi.datatypes import BYTE, Datatype
+from ivshmem_comm import ring
 
 _EMPTY = memoryview(bytearray(0))
 _DL_HOST = (1, 3)  # DLPack device types of host memory (CPU, CUDA pinned host)
@@ -257,9 +258,9 @@ def _contiguous(buf: Any, writable: bool) -> memoryview | None:
         return None
     if writable and view.readonly:
         return None
+    if not view.c_contiguous:  # (a strided 1-d byte view too)
+        return None
     if view.ndim != 1 or view.format != "B":
-        if not view.c_contiguous:
-            return None
         view = view.cast("B")
     return view
 
@@ -307,7 +308,6 @@ def plain(spec: Any, writable: bool = False, blocks: int = 1) -> Spec | None:
 
 
 _PLAIN_SIZE: dict[int, int] = {}  # id() of a predefined datatype that does not pack -> size
-_NATIVE_CHARS = "?bBhHiIlLqQefdgFDG"  # numpy dtype chars whose arrays quick() takes as they are
 
 
 def _plain_sizes() -> dict[int, int]:
@@ -324,53 +324,68 @@ def quick(spec: Any, writable: bool = False) -> memoryview | None:
     """The flat byte view parse() gives, for the forms a point-to-point call makes on every
     message, at the least cost: `[buf, count, datatype]` with an int count and `(buf,
     datatype)` naming a predefined datatype that does not pack, over a C-contiguous buffer,
-    and a C-contiguous numpy array of a native numeric type. None for anything else,
-    including every error (a read-only buffer with `writable`, a count past the end): the
-    caller then runs parse(), which decides and reports."""
+    and a C-contiguous buffer of a native numeric format on its own (a numpy array). None
+    for anything else, including every error (a read-only buffer with `writable`, a count
+    past the end): the caller then runs parse(), which decides and reports."""
+    return _flat_view(spec, writable, _PLAIN_SIZE or _plain_sizes())
+
+
+# what _flat_view_py takes a bare buffer of: native numeric formats, as numpy and the array
+# module write them (as ivshmem_comm/_fastpath.c's flat_formats)
+_FLAT_FORMATS = frozenset("?bBhHiIlLqQefdg") | {"Zf", "Zd", "Zg"}
+
+
+def _flat_view_py(spec: Any, writable: bool, sizes: dict[int, int]) -> memoryview | None:
+    """quick's forms: the Python reference of ivshmem_comm._fastpath.flat_view (same
+    arguments and results): `spec` a list or tuple (buf, count, datatype) with an int count
+    >= 0 or (buf, datatype), `sizes[id(datatype)]` its element size, buf a C-contiguous
+    buffer (writable with `writable`) holding count elements (without a count: whole
+    elements); or `spec` itself such a buffer, not empty, of a format in _FLAT_FORMATS (all
+    of it). Else None."""
     kind = type(spec)
-    if kind is np.ndarray:
-        if (
-            spec.flags.c_contiguous
-            and spec.dtype.char in _NATIVE_CHARS
-            and spec.dtype.isnative
-            and spec.size
-            and (spec.flags.writeable or not writable)
-        ):
-            view = spec.data
-            return view if view.format == "B" and view.ndim == 1 else view.cast("B")
+    bare = kind is not list and kind is not tuple
+    count, size = -1, 1  # all of the buffer
+    if bare:
+        buf = spec
+    elif len(spec) == 3:
+        buf, count, datatype = spec
+        if type(count) is not int or count < 0:
+            return None
+    elif len(spec) == 2:
+        buf, datatype = spec
+    else:
         return None
-    if kind is list or kind is tuple:
-        n = len(spec)
-        if n == 3:
-            buf, count, datatype = spec
-            if type(count) is not int or count < 0:
-                return None
-        elif n == 2:
-            buf, datatype = spec
-            count = -1  # all of the buffer
-        else:
+    if not bare:
+        found = sizes.get(id(datatype))
+        if found is None:
             return None
-        size = (_PLAIN_SIZE or _plain_sizes()).get(id(datatype))
-        if size is None:
+        size = found
+    try:
+        view = memoryview(buf)
+    except (TypeError, ValueError, BufferError):
+        return None
+    if (writable and view.readonly) or not view.c_contiguous:
+        return None
+    if bare and (not view.nbytes or view.format not in _FLAT_FORMATS):
+        return None
+    if view.ndim != 1 or view.format != "B":
+        if not view.nbytes:  # (a view with a 0 in its shape does not cast)
             return None
-        try:
-            view = memoryview(buf)
-        except (TypeError, ValueError, BufferError):
-            return None
-        if writable and view.readonly:
-            return None
-        if view.ndim != 1 or view.format != "B":
-            if not view.c_contiguous:
-                return None
-            view = view.cast("B")
-        total = len(view)
-        if count < 0:
-            return None if total % size else view
-        stop = count * size
-        if stop == total:
-            return view
-        return view[:stop] if stop < total else None
-    return None
+        view = view.cast("B")
+    total = len(view)
+    if count < 0:
+        return None if total % size else view
+    stop = count * size
+    if stop == total:
+        return view
+    return view[:stop] if stop < total else None
+
+
+_flat_view = _flat_view_py
+if ring.IMPLEMENTATION == "c":  # the C quick path, with the C queues (as typepack's copy)
+    from ivshmem_comm import _fastpath
+
+    _flat_view = _fastpath.flat_view
 
 
 def plain_vector(

@@ -19,6 +19,7 @@ instance are dropped, so they never match a later receive.
 from __future__ import annotations
 
 import threading
+from _thread import _count as _other_threads  # Python threads running besides the main one
 from collections.abc import Callable
 from typing import Any
 
@@ -227,6 +228,9 @@ class Matching:
     def post(self, op: RecvOp) -> RecvOp:
         """Match `op` against the unexpected messages, else queue it (an mpi4py side: also
         polled at once)."""
+        if not (self.unexpected or op.mpi is not None or _other_threads()):
+            self.posted.append(op)  # (the main thread alone: nothing to lock out)
+            return op
         with self.lock:
             for entry in self.unexpected:
                 if op.matches(entry.ctx, entry.src, entry.tag):

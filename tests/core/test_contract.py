@@ -32,6 +32,7 @@ MODULE_NAMES = {
     "RxRing",
     "full_fence",
     "compare_exchange_u64",
+    "flat_view",
     "CACHE_WINDOW",
     "typed_copy",
     "MemoryExporter",

@@ -1,0 +1,100 @@
+"""buffers.quick, the per-call spec path of Send/Recv/Isend/Irecv: the C flat_view and its
+Python reference agree on every spec, and wherever they give a view it is the one parse()
+gives (same bytes, same memory); everything else is left to parse()."""
+
+from __future__ import annotations
+
+import array
+import mmap
+
+import numpy as np
+import pytest
+
+from guest_lib.mpi import MPI, buffers
+
+try:
+    from ivshmem_comm._fastpath import flat_view
+except ImportError:
+    flat_view = None
+
+needs_c = pytest.mark.skipif(flat_view is None, reason="ivshmem_comm._fastpath is not built")
+
+
+def specs() -> list:
+    """Plain specs of every buffer form and the near misses around them."""
+    mm = mmap.mmap(-1, 64)
+    mm[:] = bytes(range(64))
+    ba = bytearray(range(24))
+    ar = array.array("d", [1.5, 2.5, 3.5])
+    two = np.arange(12, dtype=np.int32).reshape(3, 4)
+    return [
+        [mm, 8, MPI.BYTE], [mm, 0, MPI.BYTE], [mm, 64, MPI.BYTE], [mm, 65, MPI.BYTE],
+        [mm, -1, MPI.BYTE], [mm, 2, MPI.DOUBLE], (mm, MPI.BYTE), (mm, MPI.DOUBLE),
+        [ba, 3, MPI.DOUBLE], (ba, MPI.DOUBLE), (ba, MPI.INT), [ba, 5, MPI.INT],
+        (bytearray(12), MPI.DOUBLE),  # not whole elements
+        [ar, 2, MPI.DOUBLE], (ar, MPI.DOUBLE), (ar, MPI.FLOAT), [ar, 3, MPI.BYTE],
+        [bytes(16), 16, MPI.BYTE],  # read-only
+        [two, 6, MPI.INT], (two, MPI.INT), [two[:, 1:], 3, MPI.INT],  # the last: strided
+        [memoryview(ba)[::2], 4, MPI.BYTE],  # not contiguous
+        [mm, True, MPI.BYTE], [mm, np.int64(8), MPI.BYTE], [mm, 8.0, MPI.BYTE],  # odd counts
+        [mm, 2**70, MPI.BYTE], [mm, 8, "B"], [mm, 8, MPI.Datatype(MPI.BYTE)],  # parse's
+        [mm, 8, MPI.DATATYPE_NULL], [None, 0, MPI.BYTE], [object(), 1, MPI.BYTE],
+        [mm, (1, 2), MPI.BYTE], [mm, 8, 0, MPI.BYTE], [mm], [mm, 1, MPI.BYTE, 0, 0],
+        mm, ba, ar, bytes(4), np.arange(4.0), np.zeros(0), np.zeros((0, 3)),
+        [np.zeros((0, 3)), 0, MPI.DOUBLE], np.arange(6, dtype=np.int16).reshape(2, 3),
+        np.zeros(3, ">f8"),  # byte-swapped: parse's BufferError
+        np.array([1 + 2j, 3j]), np.zeros(2, "M8[s]"), np.zeros(2, "U2"), np.zeros(4)[::2],
+        5, None,
+    ]  # fmt: skip
+
+
+def _same(got, want) -> None:
+    if want is None:
+        assert got is None
+    else:
+        assert type(got) is memoryview and got.format == "B" and got.ndim == 1
+        assert bytes(got) == bytes(want) and got.readonly == want.readonly
+
+
+@needs_c
+@pytest.mark.parametrize("writable", [False, True])
+def test_c_and_python_flat_views_agree(writable):
+    sizes = buffers._PLAIN_SIZE or buffers._plain_sizes()
+    for index, spec in enumerate(specs()):
+        want = buffers._flat_view_py(spec, writable, sizes)
+        _same(flat_view(spec, writable, sizes), want)
+        if want is not None:  # the same memory, not a copy
+            assert (
+                np.shares_memory(
+                    np.frombuffer(want, np.uint8),
+                    np.frombuffer(flat_view(spec, writable, sizes), np.uint8),
+                )
+                or len(want) == 0
+            ), index
+
+
+@pytest.mark.parametrize("writable", [False, True])
+def test_quick_is_parse_where_it_answers(writable):
+    answered = 0
+    for index, spec in enumerate(specs()):
+        got = buffers.quick(spec, writable)
+        if got is None:
+            continue
+        answered += 1
+        parsed = buffers.parse(spec, writable=writable)
+        assert bytes(got) == bytes(parsed.view), index
+        if len(got):
+            assert np.shares_memory(np.frombuffer(got, np.uint8),
+                                    np.frombuffer(parsed.view, np.uint8)), index  # fmt: skip
+    assert answered >= 15
+
+
+def test_flat_view_refuses_bad_arguments():
+    if flat_view is None:
+        pytest.skip("ivshmem_comm._fastpath is not built")
+    with pytest.raises(TypeError):
+        flat_view([bytearray(8), 8, MPI.BYTE], False, [])
+    with pytest.raises(TypeError):
+        flat_view([bytearray(8), 8, MPI.BYTE], False)
+    with pytest.raises(ValueError):
+        flat_view([bytearray(8), 8, MPI.BYTE], False, {id(MPI.BYTE): 0})
