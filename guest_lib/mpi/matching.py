@@ -329,15 +329,21 @@ class Matching:
 
     def revoke(self, ctx: int, reason: str) -> bool:
         """Revoke the communicator whose point-to-point context is `ctx` (even) in this
-        process: its receives posted on both its contexts complete with ERR_REVOKED, and
-        later calls on it raise ERR_REVOKED (see `ulfm`). A context not in use here (a
-        freed communicator's notice, arriving late) is ignored. True iff it was newly
-        revoked."""
+        process: its receives posted on both its contexts complete with ERR_REVOKED (but
+        those of Agree and Shrink, which run on revoked communicators: collective-context
+        tags from wire.FT_TAGS_FROM), and later calls on it raise ERR_REVOKED (see `ulfm`).
+        A context not in use here (a freed communicator's notice, arriving late) is
+        ignored. True iff it was newly revoked."""
         with self.lock:
             if ctx in self.revoked or ctx not in self.used_ctx or ctx in self.dropped_ctx:
                 return False
             self.revoked[ctx] = reason
-            for op in [op for op in self.posted if op.ctx in (ctx, ctx + 1)]:
+            doomed = [
+                op
+                for op in self.posted
+                if op.ctx == ctx or (op.ctx == ctx + 1 and op.want_tag < wire.FT_TAGS_FROM)
+            ]
+            for op in doomed:
                 self.withdraw(op)
                 op.error, op.done = exceptions.ERR_REVOKED, True
             return True

@@ -50,7 +50,7 @@ if TYPE_CHECKING:
     from guest_lib.mpi.comm import Comm
     from guest_lib.mpi.engine import Engine
 
-T_FT = 3 << 16  # tags T_FT + n on a collective context: exchange n of Agree / Shrink
+T_FT = wire.FT_TAGS_FROM  # tags T_FT + n on a collective context: exchange n
 FT_TAGS = 1 << 15
 CHECK_S = 0.05  # s: how often a wait for a member's message looks whether it failed
 _GONE = (layout.PEER_FREE, layout.PEER_LEFT, layout.PEER_DEAD)
@@ -245,6 +245,8 @@ def iagree(comm: Comm, flag: Any) -> Any:
         noticed = _noticed(comm)
         noticed.extend(w for w in second.lost if w not in noticed)
         op.error = _unacked_error(comm)  # (the request raises it, the flag written)
+        if op.error:
+            op.reason = f"Agree: world ranks {noticed} failed, not all acknowledged"
 
     op = StagedOp(stages())
     engine.start_staged(op)

@@ -61,6 +61,7 @@ KIND_SHIFT = constants.TAG_BITS + constants.CTX_BITS
 COLL_SPAN = 16  # tags of one blocking collective instance: base .. base + COLL_SPAN - 1
 COLL_INSTANCES = 4096  # blocking collective instances before a tag base comes round again
 COLL_TAGS = COLL_INSTANCES * COLL_SPAN  # tags of blocking instances; nonblocking ones: above
+FT_TAGS_FROM = 3 << 16  # tags from here: the fault-tolerant exchanges (ulfm), spared by revoke
 
 
 def coll_base(seq: int) -> int:

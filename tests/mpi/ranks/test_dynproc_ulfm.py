@@ -9,6 +9,7 @@ shared memory only: there the tests check the clear error, or skip what cannot r
 from __future__ import annotations
 
 import socket
+import time
 
 import pytest
 
@@ -139,6 +140,22 @@ def test_revoke_reaches_a_waiting_member_then_shrink():
     assert (shrunk.Get_rank(), shrunk.Get_size()) == (rank, size)
     assert not shrunk.Is_revoked() and shrunk.allreduce(rank) == sum(range(size))
     shrunk.Free()
+    comm.Free()
+
+
+def test_a_revoke_arriving_during_agree_spares_it():
+    """Rank 0 revokes, then agrees, while the others wait in Agree already: the notice
+    must not fail their Agree's receives (Agree runs on revoked communicators), so every
+    member gets rank 0's flag in the AND, and no failure is reported."""
+    if 2 in _routes():
+        pytest.skip("REVOKE notices travel over shared memory only (guest_lib/mpi/ulfm.py)")
+    comm = WORLD.Dup()
+    rank = WORLD.Get_rank()
+    if rank == 0:
+        time.sleep(0.3)  # the others are inside Agree by now
+        comm.Revoke()
+    assert comm.Agree(0b01 if rank == 0 else 0b11) == 0b01
+    assert comm.Is_revoked() and comm.Get_failed().Get_size() == 0
     comm.Free()
 
 
