@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import array
 import mmap
+import threading
 
 import numpy as np
 import pytest
@@ -199,4 +200,35 @@ def test_any_source_window_keeps_each_senders_order(comm):
             seen[int(buf[0])].append(int(buf[1]))
         assert seen == {r: list(range(per)) for r in range(size)}
     MPI.Request.Waitall(sreqs)
+    comm.Barrier()
+
+
+def test_windows_from_threads_interleave_in_one_posted_list():
+    """THREAD_MULTIPLE: 4 threads of every rank post windows on COMM_WORLD at once, thread t
+    by tag t, so their receives interleave in the one posted list the arrivals are matched
+    against: each message reaches its thread's receive, in order."""
+    comm = MPI.COMM_WORLD
+    rank, dest, source = ring(comm)
+    errors: list[BaseException] = []
+
+    def body(t: int) -> None:
+        try:
+            bufs = [bytearray(8) for _ in range(16)]
+            for turn in range(20):
+                reqs = [comm.Irecv([buf, 8, MPI.BYTE], source, t) for buf in bufs]
+                seeds = [rank * 10000 + t * 1000 + turn * 16 + i for i in range(16)]
+                reqs += [comm.Isend(pattern(seed, 8), dest, t) for seed in seeds]
+                MPI.Request.Waitall(reqs)
+                for i, buf in enumerate(bufs):
+                    assert bytes(buf) == pattern(source * 10000 + t * 1000 + turn * 16 + i, 8)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=body, args=(t,), daemon=True) for t in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(90)
+    assert not errors, errors[0]
+    assert not any(thread.is_alive() for thread in threads)
     comm.Barrier()
