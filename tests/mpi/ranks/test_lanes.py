@@ -70,8 +70,8 @@ def _case(call: str, comm: MPI.Intracomm) -> Case:
             _tail_kept(recv, size * n if want else 0)
 
         recvspec = [recv, n, MPI.INT] if want else None
-        extra = () if call == "Allgather" else (root,)
-        return ([send, n, MPI.INT], recvspec, *extra), gather
+        at: tuple[int, ...] = () if call == "Allgather" else (root,)
+        return ([send, n, MPI.INT], recvspec, *at), gather
     if call == "Scatter":
         every = [100 * q + k for q in range(size) for k in range(n)]
         send = _buf(every, size * n + SPARE)
