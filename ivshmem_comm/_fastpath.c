@@ -54,10 +54,12 @@
 #define TAG_MAX 0x7FFFFFFFL
 #define QUEUE_NUM_MAX 32768
 #define CACHE_LINE 64
-#define COLL_ARRIVE_OFFSET 0
-#define COLL_DONE_OFFSET 64
-#define COLL_SLEEP_OFFSET (2 * 64)
-#define COLL_SLAB_OFFSET (4 * 64)
+/* A member's block of a collective slot (layout.py, "Collective area"): per cell c an
+ * arrive line at c * COLL_LINE_STRIDE, the sleep line, then the cells' slabs. */
+#define COLL_CELLS 2
+#define COLL_LINE_STRIDE (2 * 64)
+#define COLL_SLEEP_OFFSET (COLL_CELLS * COLL_LINE_STRIDE)
+#define COLL_SLAB_OFFSET (COLL_SLEEP_OFFSET + COLL_LINE_STRIDE)
 #define COLL_SEQ_BITS 40
 #define COLL_SEQ_MASK ((1ULL << 40) - 1)
 /* Copies at least this large run with the GIL released. */
@@ -1681,10 +1683,12 @@ static PyTypeObject RxRingType = {
  * CollectiveRound: one round of the collective area's protocol (ivshmem_comm/collective.py,
  * whose docstring defines it) for the collectives that fit one round, in one call. The same
  * words are stored and loaded in the same order as CollectiveGroup's steps, so a member on
- * this path and one on the Python steps interoperate. Labels as there: [R5]/[A5] arrive seq,
- * [R6]/[A6] done seq (release stores / acquire loads), [F3]/[F4] the sleep-flag fences.
- * Every word of another member is loaded once into a local and checked: generation ours,
- * round within [k-2, k], then kind, nbytes, rounds; a violation raises RingCorruptError
+ * this path and one on the Python steps interoperate. Labels as there: [R5]/[A5] arrive seq
+ * (release store / acquire load), [F3]/[F4] the sleep-flag fences. Round k uses cell
+ * k % COLL_CELLS of every member; it starts once the others published round k-1 (their
+ * other cell). Every word of another member is loaded once into a local and checked:
+ * generation ours, round within [t-2, t] of the round t awaited in that cell, then kind,
+ * nbytes, rounds; a violation raises RingCorruptError
  * naming the member's peer and breaks this object for good. Offsets into slabs come from the
  * caller's arguments (checked against the slab size and the buffers), never from shared
  * memory.
@@ -1717,8 +1721,8 @@ typedef struct {
     uint64_t gen;
     Py_ssize_t slab_size, seg;
     long long *peers;               /* peer id of each member */
-    uint64_t **arrive, **done, **sleep;
-    unsigned char **slab;
+    uint64_t **arrive, **sleep;     /* arrive[r * COLL_CELLS + cell], sleep[r] */
+    unsigned char **slab;           /* slab[r * COLL_CELLS + cell] */
     Py_ssize_t *counts, *displs, *rcounts, *rdispls; /* the call's vectors (bytes) */
     /* the call in progress (active) */
     bool active, declined;
@@ -1761,8 +1765,10 @@ static PyObject *coll_corrupt(CollRound *c, int r, const char *field, PyObject *
     return NULL;
 }
 
-/* Member r's seq word, loaded once [A5]/[A6] and checked; -1 with the error set. */
-static int coll_seq(CollRound *c, int r, uint64_t *word_p, const char *field, uint64_t *out)
+/* Member r's seq word of the cell it publishes round `target` in, loaded once [A5] and
+ * checked (window target-2 .. target); -1 with the error set. */
+static int coll_seq(CollRound *c, int r, uint64_t *word_p, uint64_t target, const char *field,
+                    uint64_t *out)
 {
     uint64_t word = __atomic_load_n(word_p, __ATOMIC_ACQUIRE);
     if (word >> COLL_SEQ_BITS != c->gen) {
@@ -1772,10 +1778,10 @@ static int coll_seq(CollRound *c, int r, uint64_t *word_p, const char *field, ui
         return -1;
     }
     uint64_t value = word & COLL_SEQ_MASK;
-    if (value + 2 < c->k || value > c->k) {
+    if (value + 2 < target || value > target) {
         coll_corrupt(c, r, field, PyLong_FromUnsignedLongLong(value),
                      PyUnicode_FromFormat("round out of the window %lld..%lld",
-                                          (long long)c->k - 2, (long long)c->k));
+                                          (long long)target - 2, (long long)target));
         return -1;
     }
     *out = value;
@@ -1789,7 +1795,7 @@ static int coll_spin(CollRound *c, int r, uint64_t *word_p, uint64_t target, con
     uint64_t end = 0;
     for (unsigned i = 0;; i++) {
         uint64_t value;
-        if (coll_seq(c, r, word_p, field, &value) < 0)
+        if (coll_seq(c, r, word_p, target, field, &value) < 0)
             return -1;
         if (value >= target)
             return 1;
@@ -1807,6 +1813,12 @@ static int coll_spin(CollRound *c, int r, uint64_t *word_p, uint64_t target, con
             __builtin_ia32_pause();
 #endif
     }
+}
+
+/* Member r's arrive line of the cell of round k. */
+static inline uint64_t *coll_line(CollRound *c, int r, uint64_t k)
+{
+    return c->arrive[r * COLL_CELLS + (int)(k % COLL_CELLS)];
 }
 
 /* After our seq store: kick every other member whose sleep flag is up [F4]. */
@@ -1937,7 +1949,8 @@ static void coll_expect(CollRound *c, int r, uint64_t *kind, uint64_t *nbytes)
 static void coll_publish(CollRound *c)
 {
     int me = c->rank;
-    unsigned char *slab = c->slab[me];
+    int cell = (int)(c->k % COLL_CELLS);
+    unsigned char *slab = c->slab[me * COLL_CELLS + cell];
     const unsigned char *send = c->has_send ? c->send.buf : NULL;
     uint64_t nbytes = 0, kind = 0;
     coll_expect(c, me, &kind, &nbytes);
@@ -1983,7 +1996,7 @@ static void coll_publish(CollRound *c)
     default:
         break;
     }
-    uint64_t *line = c->arrive[me];
+    uint64_t *line = c->arrive[me * COLL_CELLS + cell];
     __atomic_store_n(line + 1, nbytes, __ATOMIC_RELAXED);
     __atomic_store_n(line + 2, kind, __ATOMIC_RELAXED);
     __atomic_store_n(line + 3, c->rounds_out, __ATOMIC_RELAXED);
@@ -1993,7 +2006,7 @@ static void coll_publish(CollRound *c)
 /* Member r's rounds word (after its [A5] load): 0 (declined) or 1; else corrupt (-1). */
 static int coll_rounds(CollRound *c, int r)
 {
-    uint64_t value = __atomic_load_n(c->arrive[r] + 3, __ATOMIC_RELAXED);
+    uint64_t value = __atomic_load_n(coll_line(c, r, c->k) + 3, __ATOMIC_RELAXED);
     if (value > 1) {
         coll_corrupt(c, r, "rounds", PyLong_FromUnsignedLongLong(value),
                      PyUnicode_FromString("this member needs 1..1"));
@@ -2011,8 +2024,9 @@ static int coll_consume(CollRound *c, int r)
     uint64_t want_kind, want_nbytes;
     coll_expect(c, r, &want_kind, &want_nbytes);
     if (r != me) {
-        uint64_t nbytes = __atomic_load_n(c->arrive[r] + 1, __ATOMIC_RELAXED); /* after [A5] */
-        uint64_t kind = __atomic_load_n(c->arrive[r] + 2, __ATOMIC_RELAXED);
+        uint64_t *line = coll_line(c, r, c->k);
+        uint64_t nbytes = __atomic_load_n(line + 1, __ATOMIC_RELAXED); /* after [A5] */
+        uint64_t kind = __atomic_load_n(line + 2, __ATOMIC_RELAXED);
         if (kind != want_kind) {
             coll_corrupt(c, r, "kind", PyLong_FromUnsignedLongLong(kind),
                          PyUnicode_FromFormat("this member runs kind %llu",
@@ -2033,7 +2047,7 @@ static int coll_consume(CollRound *c, int r)
             return -1;
         }
     }
-    const unsigned char *theirs = c->slab[r];
+    const unsigned char *theirs = c->slab[r * COLL_CELLS + (int)(c->k % COLL_CELLS)];
     unsigned char *recv = c->has_recv ? c->recv.buf : NULL;
     switch (c->which) {
     case CW_BCAST:
@@ -2100,15 +2114,16 @@ static PyObject *coll_advance(CollRound *c, long long spin_ns, bool yield)
     int me = c->rank;
     for (;;) {
         switch (c->phase) {
-        case CP_ENTER:
+        case CP_ENTER: /* step 1: every other member published round k-1 */
             for (; c->pos < c->size; c->pos++) {
                 int r = c->pos;
                 if (r == me)
                     continue;
-                int got = coll_spin(c, r, c->done[r], c->k - 1, "done seq", spin_ns, yield);
+                uint64_t *before = coll_line(c, r, c->k - 1);
+                int got = coll_spin(c, r, before, c->k - 1, "arrive seq", spin_ns, yield);
                 if (got <= 0)
-                    return got < 0 ? NULL : coll_wait_tuple(c, r, c->done[r], c->k - 1,
-                                                            "done seq");
+                    return got < 0 ? NULL : coll_wait_tuple(c, r, before, c->k - 1,
+                                                            "arrive seq");
             }
             c->phase = CP_PUBLISH;
             break;
@@ -2124,23 +2139,21 @@ static PyObject *coll_advance(CollRound *c, long long spin_ns, bool yield)
         case CP_TAKE:
             for (int r; (r = coll_taken(c, c->pos)) >= 0; c->pos++) {
                 if (r != me) {
-                    int got = coll_spin(c, r, c->arrive[r], c->k, "arrive seq", spin_ns, yield);
+                    uint64_t *line = coll_line(c, r, c->k);
+                    int got = coll_spin(c, r, line, c->k, "arrive seq", spin_ns, yield);
                     if (got <= 0)
-                        return got < 0 ? NULL : coll_wait_tuple(c, r, c->arrive[r], c->k,
-                                                                "arrive seq");
+                        return got < 0 ? NULL : coll_wait_tuple(c, r, line, c->k, "arrive seq");
                 }
                 if (coll_consume(c, r) < 0)
                     return NULL;
             }
             c->phase = CP_END;
             break;
-        default: /* CP_END: step 4 [R6] after the slab reads */
-            __atomic_store_n(c->done[me], (c->gen << COLL_SEQ_BITS) | c->k, __ATOMIC_RELEASE);
+        default: { /* CP_END: the reads are over; nothing to store (see collective.py) */
             bool declined = c->declined;
             coll_release_call(c);
-            if (coll_wake(c) < 0)
-                return NULL;
             return PyLong_FromLong(declined);
+        }
         }
     }
 }
@@ -2457,6 +2470,10 @@ static int coll_init(CollRound *c, PyObject *args, PyObject *kwds)
     }
     if (PyObject_GetBuffer(buf, &c->view, PyBUF_WRITABLE) < 0)
         goto out;
+    if (slab_size > c->view.len / COLL_CELLS) {
+        PyErr_SetString(PyExc_ValueError, "CollectiveRound: slabs larger than the region");
+        goto out;
+    }
     c->size = size;
     c->rank = rank;
     c->slot = slot;
@@ -2465,15 +2482,14 @@ static int coll_init(CollRound *c, PyObject *args, PyObject *kwds)
     c->seg = seg;
     c->kick = Py_NewRef(kick);
     c->peers = PyMem_Calloc((size_t)size, sizeof(long long));
-    c->arrive = PyMem_Calloc((size_t)size * 3, sizeof(uint64_t *));
-    c->slab = PyMem_Calloc((size_t)size, sizeof(unsigned char *));
+    c->arrive = PyMem_Calloc((size_t)size * (COLL_CELLS + 1), sizeof(uint64_t *));
+    c->slab = PyMem_Calloc((size_t)size * COLL_CELLS, sizeof(unsigned char *));
     c->counts = PyMem_Calloc((size_t)size * 4, sizeof(Py_ssize_t));
     if (c->peers == NULL || c->arrive == NULL || c->slab == NULL || c->counts == NULL) {
         PyErr_NoMemory();
         goto out;
     }
-    c->done = c->arrive + size;
-    c->sleep = c->arrive + 2 * size;
+    c->sleep = c->arrive + size * COLL_CELLS;
     c->displs = c->counts + size;
     c->rcounts = c->counts + 2 * size;
     c->rdispls = c->counts + 3 * size;
@@ -2484,14 +2500,15 @@ static int coll_init(CollRound *c, PyObject *args, PyObject *kwds)
         if (PyErr_Occurred())
             goto out;
         if (block < 0 || block % CACHE_LINE ||
-            block > c->view.len - COLL_SLAB_OFFSET - slab_size) {
+            block > c->view.len - COLL_SLAB_OFFSET - COLL_CELLS * slab_size) {
             PyErr_Format(PyExc_ValueError, "member block %zd outside the region", block);
             goto out;
         }
-        c->arrive[r] = (uint64_t *)(base + block + COLL_ARRIVE_OFFSET);
-        c->done[r] = (uint64_t *)(base + block + COLL_DONE_OFFSET);
+        for (int cell = 0; cell < COLL_CELLS; cell++) {
+            c->arrive[r * COLL_CELLS + cell] = (uint64_t *)(base + block + cell * COLL_LINE_STRIDE);
+            c->slab[r * COLL_CELLS + cell] = base + block + COLL_SLAB_OFFSET + cell * slab_size;
+        }
         c->sleep[r] = (uint64_t *)(base + block + COLL_SLEEP_OFFSET);
-        c->slab[r] = base + block + COLL_SLAB_OFFSET;
     }
     rc = 0;
 out:

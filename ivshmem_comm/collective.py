@@ -1,33 +1,48 @@
 """Collectives through the region's collective area: sequence numbers and slabs, no messages.
 
 A group of peers of one region (a communicator's members there) binds to one collective slot
-(layout.py, "Collective area"). Every collective is a run of *rounds*; round k of a member:
+(layout.py, "Collective area"). Every collective is a run of *rounds*; round k of a member
+uses its cell k % 2 (an arrive line and a slab; layout.COLL_CELLS = 2):
 
-1. wait until every member's done word says round >= k-1 (all have finished reading the
-   slabs of round k-1, so slabs may be overwritten);
-2. write its contribution (if any) into its own slab, then its arrive line: nbytes, kind and
-   rounds (how many rounds this collective takes, for a v-variant), then seq = k last [R5];
-3. load the arrive seq [A5] of each member whose contribution it needs, wait for k, check
-   kind and nbytes, and read the slab in place (reductions read it with numpy, no copy);
-4. store done = k [R6].
+1. wait until every other member's arrive seq of round k-1 (in its cell (k-1) % 2) says
+   >= k-1: each has finished round k-2, so none reads this member's cell of round k-2,
+   which round k overwrites;
+2. write its contribution (if any) into its cell's slab, then the cell's arrive line:
+   nbytes, kind and rounds (how many rounds this collective takes, for a v-variant), then
+   seq = k last [R5];
+3. load the arrive seq [A5] of round k (cell k % 2) of each member whose contribution it
+   needs, wait for k, check kind and nbytes, and read the slab in place (reductions read
+   it with numpy, no copy). The round ends when the reads end: nothing is stored.
+
+So a member runs at most one round ahead of the slowest other: a root that only writes
+(bcast, scatter) or a member that only sends (gather, reduce) returns from round k as soon
+as its arrival is published and starts round k+1 once the others have *entered* round k,
+while they still read its round k. Step 1 waits for arrivals, not for the end of reads, so a
+member that raises before publishing round k (an argument error, see the MPI layer's
+abandonment) holds every other member before round k+1: no member completes a collective
+in the area after one that another member left by messages.
 
 Sequence words carry the slot's generation in their high bits and the round in the low
 COLL_SEQ_BITS: they only ever count up, so nothing is reset between calls, and a stale word
 from the slot's previous group is told apart from this group's. Ownership is validation:
-each member writes only its own arrive, done and sleep lines and its own slab; everything
-read from another member is loaded once and checked: its generation must be ours and its
-round within [k-2, k] of ours (step 1 bounds how far any member can run ahead or lag), its
-kind and nbytes equal what this call expects, its rounds no fewer than this member's data
-needs. Offsets into slabs come from the reader's own arguments, never from shared memory.
-A violation raises RingCorruptError naming the member's peer id and marks the group broken
-for good; a member that died or left raises PeerLostError. Payloads larger than a slab
-move in slab-sized rounds, each written once and read in place by every reader.
+each member writes only its own arrive and sleep lines and its own slabs; everything read
+from another member is loaded once and checked: its generation must be ours and the round
+of a cell awaited for round t within [t-2, t] (step 1 bounds how far any member can run
+ahead or lag: a cell holds t-2 until its member publishes round t there, and nothing later
+before this member publishes round t+1), its kind and nbytes equal what this call expects,
+its rounds no fewer than this member's data needs. Offsets into slabs come from the
+reader's own arguments, never from shared memory. A violation raises RingCorruptError
+naming the member's peer id and marks the group broken for good; a member that died or
+left raises PeerLostError. Payloads larger than a slab move in slab-sized rounds, each
+written once and read in place by every reader (the two cells pipeline them: the writer
+fills the next piece while the readers copy this one).
 
 Memory ordering (labels as in virtqueue.py / _fastpath.c): [R5]/[A5] the arrive seq store
 after the slab and the nbytes/kind/rounds stores, paired with the readers' seq load before
-they read those and the slab; [R6]/[A6] the done seq store after the slab reads, paired with
-the load of step 1 before the slab is overwritten. On x86-64 (TSO) the aligned 8-byte stores
-and loads through region.u64 are single MOVs, seen in program order. [F3]/[F4]: the one
+they read those and the slab; the same seq store of round k+1 comes after this member's
+reads of round k (program order), paired with the step-1 load of the member that then
+overwrites the cell those reads were in. On x86-64 (TSO) the aligned 8-byte stores and
+loads through region.u64 are single MOVs, seen in program order. [F3]/[F4]: the one
 store->load pair that TSO may reorder, closed by full_fence: a waiter stores its sleep flag
 then re-loads the word it waits for [F3]; a publisher stores its seq then loads the sleep
 flags [F4] and kicks the sleepers: one of the two always sees the other (no lost wake-up).
@@ -98,6 +113,7 @@ ReduceOp = Callable[..., Any]  # op(acc, x, out=acc): numpy ufunc semantics, acc
 # word, round to reach, field name for errors). The blocking driver spins then sleeps on it,
 # a nonblocking request tests it once per progress call.
 Wait = tuple[int, int, int, str]
+ARRIVE_SEQ = "arrive seq"  # the field a wait names (the C accelerator names it alike)
 Steps = Generator[Wait, None, None]
 _WORD_MASK = 0xFFFFFFFF
 # What ring.CollectiveRound runs in one call (its `which`), and the element types and ops of
@@ -242,7 +258,7 @@ class CollectiveRequest:
         try:
             while True:
                 wait = self._wait
-                if wait is not None and group._seq(wait[0], wait[1], wait[3]) < wait[2]:
+                if wait is not None and group._seq(*wait) < wait[2]:
                     group._watch(wait[0])
                     return False
                 self._wait = next(self._steps)
@@ -335,13 +351,15 @@ class CollectiveGroup:
         self.slab_size = g.coll_slab
         self._u64 = region.u64
         blocks = [g.coll_peer_offset(slot, p) for p in members]
-        self._arrive_i = [b // 8 for b in blocks]
-        self._done_i = [(b + layout.COLL_DONE_OFFSET) // 8 for b in blocks]
+        cells = range(layout.COLL_CELLS)
+        # per member, per cell: the u64 index of the arrive line, the slab
+        self._arrive_i = [[(b + c * layout.COLL_LINE_STRIDE) // 8 for c in cells] for b in blocks]
         self._sleep_i = [(b + layout.COLL_SLEEP_OFFSET) // 8 for b in blocks]
         self._slabs = [
-            region.buf[b + layout.COLL_SLAB_OFFSET : b + layout.COLL_SLAB_OFFSET + g.coll_slab]
+            [region.buf[at : at + g.coll_slab] for at in
+             (b + layout.COLL_SLAB_OFFSET + c * g.coll_slab for c in cells)]
             for b in blocks
-        ]
+        ]  # fmt: skip
         self._gen = generation
         self._base = generation << layout.COLL_SEQ_BITS
         self._round = 0
@@ -356,10 +374,9 @@ class CollectiveGroup:
         me = self.rank
         u64 = self._u64
         u64[self._sleep_i[me]] = 0
-        u64[self._arrive_i[me] + 1] = 0
-        u64[self._arrive_i[me] + 2] = 0
-        u64[self._done_i[me]] = self._base  # [R6] round 0 of this generation
-        u64[self._arrive_i[me]] = self._base  # [R5]
+        for index in reversed(self._arrive_i[me]):  # cell 0 last: the others wait for it
+            u64[index + 1] = u64[index + 2] = u64[index + 3] = 0
+            u64[index] = self._base  # [R5] round 0 of this generation
         self._incarnations[me] = endpoint.incarnation
         # The C accelerator of one-round collectives (None: the steps below do them all).
         self._spin_ns = int(spin_us * 1000)
@@ -379,12 +396,13 @@ class CollectiveGroup:
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         for r in self._others:
-            while (self._u64[self._done_i[r]] >> layout.COLL_SEQ_BITS) != self._gen:
+            bound_i = self._arrive_i[r][0]
+            while (self._u64[bound_i] >> layout.COLL_SEQ_BITS) != self._gen:
                 try:
                     self._check_alive(r, bound=False)
                 except PeerLostError:
                     # It may have bound, and left or died, since the load above.
-                    if (self._u64[self._done_i[r]] >> layout.COLL_SEQ_BITS) != self._gen:
+                    if (self._u64[bound_i] >> layout.COLL_SEQ_BITS) != self._gen:
                         raise
                     self._broken = None
                     break
@@ -412,15 +430,16 @@ class CollectiveGroup:
         self._broken = error
         return error
 
-    def _seq(self, r: int, index: int, field: str) -> int:
-        """The round in member r's seq word u64[index], loaded once [A5]/[A6] and checked."""
+    def _seq(self, r: int, index: int, target: int, field: str) -> int:
+        """The round in member r's seq word u64[index] (the cell it publishes round `target`
+        in), loaded once [A5] and checked (window target-2..target: see the module
+        docstring)."""
         word = self._u64[index]
-        k = self._round
         if word >> layout.COLL_SEQ_BITS != self._gen:
             raise self._corrupt(r, field, word, f"generation is not {self._gen}")
         value = word & layout.COLL_SEQ_MASK
-        if not k - 2 <= value <= k:
-            raise self._corrupt(r, field, value, f"round out of the window {k - 2}..{k}")
+        if not target - 2 <= value <= target:
+            raise self._corrupt(r, field, value, f"round out of the window {target - 2}..{target}")
         return value
 
     def _check_alive(self, r: int, bound: bool = True) -> None:
@@ -440,18 +459,18 @@ class CollectiveGroup:
 
     def _until(self, r: int, index: int, target: int, field: str) -> Generator[Wait, None, None]:
         """Steps that end once member r's seq word u64[index] reaches round `target`."""
-        if self._seq(r, index, field) < target:
+        if self._seq(r, index, target, field) < target:
             yield r, index, target, field
 
     def _await(self, r: int, index: int, target: int, field: str) -> None:
         """Return once member r's seq word u64[index] reaches round `target`: spin, then
         block on the doorbell in slices, checking r (and calling `interrupt`) after each
         slice that no kick ended."""
-        if self._seq(r, index, field) >= target:
+        if self._seq(r, index, target, field) >= target:
             return
         spin_end = time.monotonic() + self._spin
         while time.monotonic() < spin_end:
-            if self._seq(r, index, field) >= target:
+            if self._seq(r, index, target, field) >= target:
                 return
             if self._yield:
                 os.sched_yield()
@@ -466,7 +485,7 @@ class CollectiveGroup:
             while True:
                 u64[sleep_i] = 1
                 full_fence()  # [F3] our sleep flag before the re-load below
-                if self._seq(r, index, field) >= target:
+                if self._seq(r, index, target, field) >= target:
                     return
                 now = time.monotonic()
                 if deadline is not None and now >= deadline:
@@ -512,21 +531,23 @@ class CollectiveGroup:
 
     # ------------------------------------------------------------------ one round
     def _enter(self) -> Generator[Wait, None, memoryview]:
-        """Step 1 of the next round; returns this member's slab, now free to overwrite."""
+        """Step 1 of the next round; returns this member's slab of it, now free to
+        overwrite."""
         if self._broken is not None:
             raise self._broken
         k = self._round + 1
         if k > layout.COLL_SEQ_MASK:
             raise OverflowError("collective slot rounds exhausted; rebind the group")
         self._round = k
+        before = (k - 1) % layout.COLL_CELLS
         for r in self._others:
-            yield from self._until(r, self._done_i[r], k - 1, "done seq")
-        return self._slabs[self.rank]
+            yield from self._until(r, self._arrive_i[r][before], k - 1, ARRIVE_SEQ)
+        return self._slabs[self.rank][k % layout.COLL_CELLS]
 
     def _publish(self, kind: int, nbytes: int, rounds: int = 0) -> None:
         """Step 2 once the slab holds what this round publishes (`nbytes`: its length;
         `rounds`: the rounds of this collective, for members that cannot count them)."""
-        u64, index = self._u64, self._arrive_i[self.rank]
+        u64, index = self._u64, self._arrive_i[self.rank][self._round % layout.COLL_CELLS]
         u64[index + 1] = nbytes
         u64[index + 2] = kind
         u64[index + 3] = rounds
@@ -543,9 +564,10 @@ class CollectiveGroup:
     def _take(self, r: int, kind: int, nbytes: int | None) -> Generator[Wait, None, memoryview]:
         """Step 3 for member r: wait for its arrival, check it, return its first `nbytes`
         slab bytes (None: as many as it announced, at most a slab) as a view into the
-        region, valid until `_end`."""
-        index = self._arrive_i[r]
-        yield from self._until(r, index, self._round, "arrive seq")
+        region, valid until this member publishes its next round."""
+        cell = self._round % layout.COLL_CELLS
+        index = self._arrive_i[r][cell]
+        yield from self._until(r, index, self._round, ARRIVE_SEQ)
         found, found_kind = self._u64[index + 1], self._u64[index + 2]  # after [A5]
         if found_kind != kind:
             raise self._corrupt(r, "kind", found_kind, f"this member runs kind {kind}")
@@ -557,14 +579,14 @@ class CollectiveGroup:
             nbytes = found
         elif found != nbytes:
             raise self._corrupt(r, "nbytes", found, f"this call expects {nbytes} bytes")
-        return self._slabs[r][:nbytes]
+        return self._slabs[r][cell][:nbytes]
 
     def _rounds_of(self, r: int, least: int, most: int | None = None) -> int:
         """The rounds word of member r's arrival, taken this round (after its [A5] load):
         at least `least` (the rounds this member's own data needs) and at most `most` (the
         collective's max_rounds), or 0 where r may decline the collective (`most` given:
         see `declined`)."""
-        value = self._u64[self._arrive_i[r] + 3]
+        value = self._u64[self._arrive_i[r][self._round % layout.COLL_CELLS] + 3]
         if most is not None and value == 0:
             return 0
         top = _rounds(layout.MAX_MESSAGE, self._segment()) if most is None else most
@@ -572,23 +594,12 @@ class CollectiveGroup:
             raise self._corrupt(r, "rounds", value, f"this member needs {least}..{top}")
         return value
 
-    def _declined(self) -> None:
-        """End the round of a declined collective (see gatherv)."""
-        self._end()
-        self.declined = True
-
-    def _end(self) -> None:
-        """Step 4."""
-        self._u64[self._done_i[self.rank]] = self._base | self._round  # [R6] after the reads
-        self._wake()
-
     # ------------------------------------------------------------------ collectives
     def _barrier(self) -> Steps:
         """Return once every member has entered the barrier."""
         yield from self._begin(KIND_BARRIER)
         for r in self._others:
             yield from self._take(r, KIND_BARRIER, 0)
-        self._end()
 
     def _bcast(self, buf: Any, root: int) -> Steps:
         """Copy the bytes of `buf` at rank `root` into `buf` at every other member."""
@@ -601,7 +612,6 @@ class CollectiveGroup:
             else:
                 yield from self._begin(KIND_BCAST)
                 view[start : start + length] = yield from self._take(root, KIND_BCAST, length)
-            self._end()
 
     def _gather(self, sendbuf: Any, recvbuf: Any, root: int) -> Steps:
         """Rank r's `sendbuf` lands at byte r*len(sendbuf) of `recvbuf` at `root` (ignored
@@ -641,7 +651,7 @@ class CollectiveGroup:
             rounds = None if largest is None else _rounds(largest, chunk)
         if is_root and max_rounds is not None and rounds is not None and rounds > max_rounds:
             yield from self._begin(KIND_GATHER, b"", 0)  # rounds word 0: declined
-            self._declined()
+            self.declined = True
             return
         if is_root:
             recv[displs[root] : displs[root] + len(send)] = send
@@ -659,9 +669,8 @@ class CollectiveGroup:
                 yield from self._take(root, KIND_GATHER, 0)
                 rounds = self._rounds_of(root, _rounds(len(send), chunk), max_rounds)
                 if not rounds:
-                    self._declined()
+                    self.declined = True
                     return
-            self._end()
             i += 1
 
     def _scatter(self, sendbuf: Any, recvbuf: Any, root: int) -> Steps:
@@ -703,7 +712,7 @@ class CollectiveGroup:
         if is_root and max_rounds is not None and rounds is not None and rounds > max_rounds:
             yield from self._enter()
             self._publish(KIND_SCATTER, used, 0)  # rounds word 0: declined
-            self._declined()
+            self.declined = True
             return
         i = 0
         while rounds is None or i < rounds:
@@ -719,10 +728,9 @@ class CollectiveGroup:
                 if rounds is None:  # the root says how many rounds
                     rounds = self._rounds_of(root, _rounds(len(recv), seg), max_rounds)
                     if not rounds:
-                        self._declined()
+                        self.declined = True
                         return
                 recv[start : start + length] = theirs[self.rank * seg :][:length]
-            self._end()
             i += 1
 
     def _allgather(self, sendbuf: Any, recvbuf: Any) -> Steps:
@@ -750,7 +758,6 @@ class CollectiveGroup:
                 start, length = _pieces(counts[r], chunk, i)
                 at = displs[r] + start
                 recv[at : at + length] = yield from self._take(r, KIND_ALLGATHER, length)
-            self._end()
 
     def _alltoall(self, sendbuf: Any, recvbuf: Any) -> Steps:
         """Block q (len(sendbuf)/size bytes) of rank r's `sendbuf` lands as block r of rank
@@ -808,9 +815,8 @@ class CollectiveGroup:
                     rounds = max(rounds, word)
                 recv[recvdispls[r] + start :][:length] = theirs[me * seg :][:length]
             if declined:
-                self._declined()
+                self.declined = True
                 return
-            self._end()
             i += 1
 
     # ------------------------------------------------------------------ byte strings
@@ -850,7 +856,6 @@ class CollectiveGroup:
                 taken[r] = bytes(theirs)
             else:
                 self.declined = True
-        self._end()
         self.declined = self.declined or (sends and not fits)
 
     # ------------------------------------------------------------------ reductions
@@ -904,7 +909,6 @@ class CollectiveGroup:
                 recv[start : start + count] = yield from self._folded(
                     kind, nbytes, upto, mine, lambda raw: raw, op
                 )
-            self._end()
 
     def _folded(
         self,
@@ -973,7 +977,6 @@ class CollectiveGroup:
             recv[start : start + count] = yield from self._folded(
                 KIND_REDUCE_SCATTER, used, self.size, own, part, op
             )
-            self._end()
 
     # ------------------------------------------------------------------ in one C call
     # Each `_c_*` takes the arguments of its collective's steps. Where the collective is one
@@ -1247,8 +1250,9 @@ class CollectiveGroup:
 
     def close(self) -> None:
         """Drop the views into the region (the slot stays claimed: see release_slot)."""
-        for view in self._slabs:
-            view.release()
+        for cells in self._slabs:
+            for view in cells:
+                view.release()
         self._slabs = []
         self._c = None  # (its hold on the region goes with it)
         self._broken = self._broken or RuntimeError("collective group closed")

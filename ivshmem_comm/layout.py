@@ -37,7 +37,9 @@ MAGIC = b"IVSHMCOM"
 # 2: the collective area (coll_offset, coll_slots, coll_slab in the superblock). A format-1
 # region is refused with an error saying so (its superblock has no room for those fields).
 # 3: the window heap (heap_offset, heap_size); a format-2 region is refused the same way.
-FORMAT_VERSION = 3
+# 4: two cells (arrive line + slab) per member of a collective slot, no done line; a format-3
+# region is refused the same way (its members' blocks are laid out otherwise).
+FORMAT_VERSION = 4
 CACHE_LINE = 64
 PAGE_SIZE = 4096
 
@@ -139,15 +141,20 @@ TAG_MAX = (1 << 31) - 1
 
 
 # ---------------------------------------------------------------------------------------------
-# Collective area (format 2): coll_slots slots, each serving one group of peers (a
-# communicator) at a time. A slot is::
+# Collective area (format 2; its member blocks as below since format 4): coll_slots slots,
+# each serving one group of peers (a communicator) at a time. A slot is::
 #
 #     +0                      header line (the claimer writes): claim word, generation
 #     +CACHE_LINE + p * coll_peer_stride   peer p's block (peer p alone writes all of it):
-#         +COLL_ARRIVE_OFFSET   arrive line: seq, nbytes, kind, rounds (seq stored last)
-#         +COLL_DONE_OFFSET     done line: seq (finished reading the others' slabs)
-#         +COLL_SLEEP_OFFSET    sleep line: nonzero while the peer blocks on its doorbell
-#         +COLL_SLAB_OFFSET     slab: coll_slab bytes of payload
+#         +c * COLL_LINE_STRIDE   arrive line of cell c (c < COLL_CELLS): seq, nbytes, kind,
+#                                 rounds (seq stored last)
+#         +COLL_SLEEP_OFFSET      sleep line: nonzero while the peer blocks on its doorbell
+#         +COLL_SLAB_OFFSET + c * coll_slab   slab of cell c: coll_slab bytes of payload
+#
+# Every line sits alone in its 128-byte pair (the spare line after it keeps the adjacent-
+# line prefetcher of one member's polls off another's stores). Round k of a member uses its
+# cell k % COLL_CELLS: with two cells a member writes round k while the others still read
+# its round k-1 (a root runs one collective ahead of its readers).
 #
 # Claim word: 0 free, else (incarnation << 32) | (peer + 1) of the claimer; a claim whose
 # peer no longer holds that incarnation READY is stale and may be taken over (compare-and-
@@ -157,10 +164,10 @@ TAG_MAX = (1 << 31) - 1
 # ---------------------------------------------------------------------------------------------
 COLL_HEADER = struct.Struct("<QQ")  # claim word, generation
 COLL_ARRIVE = struct.Struct("<QQQQ")  # seq, nbytes, kind, rounds (of a v-variant)
-COLL_ARRIVE_OFFSET = 0
-COLL_DONE_OFFSET = CACHE_LINE
-COLL_SLEEP_OFFSET = 2 * CACHE_LINE
-COLL_SLAB_OFFSET = 4 * CACHE_LINE  # one spare line keeps the slab off the sleep line's pair
+COLL_CELLS = 2
+COLL_LINE_STRIDE = 2 * CACHE_LINE  # a control line and its spare pair line
+COLL_SLEEP_OFFSET = COLL_CELLS * COLL_LINE_STRIDE
+COLL_SLAB_OFFSET = COLL_SLEEP_OFFSET + COLL_LINE_STRIDE
 COLL_SEQ_BITS = 40
 COLL_SEQ_MASK = (1 << COLL_SEQ_BITS) - 1
 COLL_GEN_MASK = (1 << (64 - COLL_SEQ_BITS)) - 1
@@ -274,7 +281,7 @@ class Geometry:
 
     @property
     def coll_peer_stride(self) -> int:
-        return COLL_SLAB_OFFSET + self.coll_slab
+        return COLL_SLAB_OFFSET + COLL_CELLS * self.coll_slab
 
     @property
     def coll_slot_stride(self) -> int:
@@ -296,7 +303,8 @@ class Geometry:
         return self.coll_offset + slot * self.coll_slot_stride
 
     def coll_peer_offset(self, slot: int, peer: int) -> int:
-        """Offset of peer `peer`'s block (arrive line first) in collective slot `slot`."""
+        """Offset of peer `peer`'s block (cell 0's arrive line first) in collective slot
+        `slot`."""
         return self.coll_slot_offset(slot) + CACHE_LINE + peer * self.coll_peer_stride
 
     def validate(self) -> None:
@@ -392,9 +400,9 @@ def _fit_collective(budget: int, max_peers: int, slots: int) -> tuple[int, int]:
     """(coll_slots, coll_slab) of the largest slab (pages, <= COLL_SLAB_MAX) that lets up to
     `slots` slots fit in `budget` bytes, halving the slots while not even a page fits."""
     while slots > 0:
-        # slot stride <= header line + page rounding + peers * (control lines + slab)
+        # slot stride <= header line + page rounding + peers * (control lines + cell slabs)
         per_slot = budget // slots - CACHE_LINE - PAGE_SIZE
-        slab = (per_slot // max_peers - COLL_SLAB_OFFSET) // PAGE_SIZE * PAGE_SIZE
+        slab = (per_slot // max_peers - COLL_SLAB_OFFSET) // COLL_CELLS // PAGE_SIZE * PAGE_SIZE
         if slab >= PAGE_SIZE:
             return slots, min(slab, COLL_SLAB_MAX)
         slots //= 2
@@ -469,6 +477,12 @@ def unpack_superblock(raw: bytes, mapped_size: int) -> Superblock:
             "version",
             f"format 2 (no window heap) was written by an older ivshmem_comm; this library "
             f"reads format {FORMAT_VERSION}: recreate the region with this version",
+        )
+    if version == 3:
+        raise RegionFormatError(
+            "version",
+            f"format 3 (one slab per collective member) was written by an older ivshmem_comm; "
+            f"this library reads format {FORMAT_VERSION}: recreate the region with this version",
         )
     if version != FORMAT_VERSION:
         raise RegionFormatError("version", f"format {version}, this library reads {FORMAT_VERSION}")

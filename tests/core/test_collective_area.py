@@ -5,8 +5,8 @@ slabs long included), random roots and random groups (subsets of the region's pe
 rank order) and checks each result against numpy, with members on the C accelerator's
 one-round calls and on the Python steps mixed in one group (the two speak one protocol);
 the C reductions must match numpy bit for bit; hostile and dying peers must give errors
-naming them, never a hang, on both implementations; a format-1 region is refused with a
-clear error.
+naming them, never a hang, on both implementations; format-1 and format-3 regions are
+refused with a clear error.
 """
 
 from __future__ import annotations
@@ -323,6 +323,40 @@ def test_every_collective_in_one_sequence_at_four_ranks(make_region, spawn):
         _run_group(region, spawn, leader, [2, 0, 3, 1], ops, 5)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+def test_a_root_runs_one_round_ahead_of_its_reader(make_region, impl):
+    """A bcast root publishes and returns; once its reader has entered the first bcast
+    (published its arrival, waiting for the root's), the root's second bcast completes
+    before the reader took the first (the two cells of the root's block), its third waits
+    until the reader entered the second (round k reuses the cell of round k-2), and the
+    reader gets all three."""
+    region = make_region(8 << 20, 2)
+    with region.endpoint(0) as ep0, region.endpoint(1) as ep1:
+        slot, generation = claim_slot(region, 0, ep0.incarnation)
+        groups = [CollectiveGroup(ep, slot, generation, [0, 1], timeout=10) for ep in (ep0, ep1)]
+        root, reader = groups
+        for group in groups:
+            if impl == "python":
+                group._c = None
+            group.wait_bound(timeout=10)
+        sent = [bytes([i]) * 100 for i in (1, 2, 3)]
+        got = [bytearray(100) for _ in sent]
+        first = reader.start("bcast", got[0], 0)
+        assert not first.test()  # entered: waits for the root
+        root.bcast(bytearray(sent[0]), 0)
+        second = root.start("bcast", bytearray(sent[1]), 0)
+        assert second.test()  # the reader has not read the first yet
+        third = root.start("bcast", bytearray(sent[2]), 0)
+        assert not third.test()
+        assert first.test() and got[0] == sent[0]
+        reader.bcast(got[1], 0)
+        assert third.test()
+        reader.bcast(got[2], 0)
+        assert got == sent
+        for group in groups:
+            group.close()
+
+
 def test_slots_are_claimed_once_and_reclaimed_from_the_dead(make_region):
     region = make_region(8 << 20, 3)
     g = region.geometry
@@ -341,13 +375,18 @@ def test_slots_are_claimed_once_and_reclaimed_from_the_dead(make_region):
 
 # ------------------------------------------------------------------ hostile and lost peers
 def _bind_then(ep, slot, generation, members, action):
+    """Bind, then write `action` into this member's lines as a hostile peer would: the
+    victim's first round (1) first checks this member's cell 0 (round 0 published), then
+    takes its arrival of round 1 from cell 1."""
     _group(ep, slot, generation, members, timeout=60)
     u64 = ep.region.u64
-    arrive = ep.region.geometry.coll_peer_offset(slot, ep.peer_id) // 8
+    block = ep.region.geometry.coll_peer_offset(slot, ep.peer_id)
+    entered = block // 8  # cell 0's arrive line
+    arrive = (block + layout.COLL_LINE_STRIDE) // 8  # cell 1's
     base = generation << layout.COLL_SEQ_BITS
     if action == "round":
-        u64[arrive] = base | 1000
-    elif action == "generation":
+        u64[entered] = base | 1000
+    elif action == "generation":  # (in cell 1: cell 0's generation says it bound)
         u64[arrive] = ((generation + 1) << layout.COLL_SEQ_BITS) | 1
     elif action == "nbytes":  # a well-formed arrival claiming a slab longer than bcast's
         u64[arrive + 1] = 1 << 40
@@ -368,8 +407,8 @@ def _bind_then(ep, slot, generation, members, action):
         u64[arrive + 2] = BCAST_BYTES
         u64[arrive + 3] = 1 if action == "bytes_nbytes" else 2
         u64[arrive] = base | 1
-    elif action == "done":
-        u64[arrive + layout.COLL_DONE_OFFSET // 8] = base | (1 << 39)
+    elif action == "ahead":  # round 3 in the cell of round 1: past what it may publish
+        u64[arrive] = base | 3
     elif action == "die":
         os.kill(os.getpid(), signal.SIGKILL)
     time.sleep(30)
@@ -382,7 +421,7 @@ def _bind_then(ep, slot, generation, members, action):
         ("generation", ic.RingCorruptError, "arrive seq"),
         ("nbytes", ic.RingCorruptError, "nbytes"),
         ("kind", ic.RingCorruptError, "kind"),
-        ("done", ic.RingCorruptError, "done seq"),
+        ("ahead", ic.RingCorruptError, "arrive seq"),
         ("rounds", ic.RingCorruptError, "rounds"),
         ("rounds_many", ic.RingCorruptError, "rounds"),
         ("bytes_nbytes", ic.RingCorruptError, "nbytes"),
@@ -422,16 +461,18 @@ def test_hostile_or_dead_member_is_named_not_waited_for(
         proc.kill()
 
 
-def test_format_1_region_is_refused_with_a_clear_error():
+@pytest.mark.parametrize("version", [1, 3])  # none; one slab per member (2: test_winheap)
+def test_older_collective_formats_are_refused_with_a_clear_error(version):
     size = 1 << 20
     buf = bytearray(size)
     from ivshmem_comm.region import format_buffer
 
     format_buffer(buf, layout.Geometry.fit(size, 2), "old")
-    struct.pack_into("<I", buf, 8, 1)  # version 1, CRC made right: a genuine old superblock
+    struct.pack_into("<I", buf, 8, version)  # CRC made right: a genuine old superblock
     crc = zlib.crc32(bytes(buf[: layout.SB_CHECKSUM_OFFSET]))
     struct.pack_into("<I", buf, layout.SB_CHECKSUM_OFFSET, crc)
-    with pytest.raises(ic.RegionFormatError, match=r"format 1 .*recreate the region") as err:
+    match = rf"format {version} .*recreate the region"
+    with pytest.raises(ic.RegionFormatError, match=match) as err:
         ic.Region.attach(buf)
     assert err.value.field == "version"
 
@@ -440,8 +481,11 @@ def test_small_region_has_no_collective_area_and_validates():
     g = layout.Geometry.fit(64 << 10, 2, 16)
     assert g.coll_slots == 0 and g.coll_slab == 0
     g = layout.Geometry.fit(64 << 20, 2)
-    assert g.coll_slots == layout.COLL_SLOTS_DEFAULT and g.coll_slab == layout.COLL_SLAB_MAX
+    # two cells per member share the slot: each slab a little under COLL_SLAB_MAX
+    assert g.coll_slots == layout.COLL_SLOTS_DEFAULT and not g.coll_slab % layout.PAGE_SIZE
+    assert layout.COLL_SLAB_MAX // 2 < g.coll_slab <= layout.COLL_SLAB_MAX
     assert g.required_size <= 64 << 20
+    assert g.coll_slot_stride * g.coll_slots <= (64 << 20) // layout.COLL_AREA_SHARE
     bad = layout.Geometry(64 << 20, 2, 256, 64, g.data_size, g.max_span, 2, 1000)
     with pytest.raises(ValueError, match="coll_slab"):
         bad.validate()

@@ -48,9 +48,15 @@ def _queue_bytes(ep) -> dict[str, int]:
 
 
 def _area_rounds(ep) -> int:
+    """Rounds this peer published in the collective area, over every slot (the latest round
+    in either cell of its block: round k is in cell k % COLL_CELLS)."""
     region, g = ep.region, ep.region.geometry
     return sum(
-        region.u64[g.coll_peer_offset(slot, ep.peer_id) // 8] & layout.COLL_SEQ_MASK
+        max(
+            region.u64[(g.coll_peer_offset(slot, ep.peer_id) + c * layout.COLL_LINE_STRIDE) // 8]
+            & layout.COLL_SEQ_MASK
+            for c in range(layout.COLL_CELLS)
+        )
         for slot in range(g.coll_slots)
     )
 
