@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from guest_lib.mpi import buffers, constants, errhandler, exceptions, ops
+from guest_lib.mpi import area, buffers, constants, errhandler, exceptions, ops
 from guest_lib.mpi.collectives import (
     T_ALLTOALL,
     Collectives,
@@ -80,12 +80,15 @@ class ExtraCollectives(Collectives):
         recvbuf."""
         size, _ = self._sizes()
 
-        def steps(tag: int) -> Iterator[list[Op]]:
+        def counts() -> tuple[buffers.Spec, list[int]]:
             rspec = buffers.parse(recvbuf, writable=True)
             count = rspec.count // size if sendbuf is IN_PLACE else rspec.count
-            yield from self._scatter_fold(sendbuf, rspec, [count] * size, op, tag)
+            return rspec, [count] * size
 
-        return self._nonblocking(steps)
+        def steps(tag: int) -> Iterator[list[Op]]:
+            yield from self._scatter_fold(sendbuf, *counts(), op, tag)
+
+        return self._nonblocking(steps, lambda: self._p_scatter_fold(sendbuf, *counts(), op))
 
     def Ireduce_scatter(
         self, sendbuf: Any, recvbuf: Any, recvcounts: Any = None, op: ops.Op = ops.SUM
@@ -104,7 +107,12 @@ class ExtraCollectives(Collectives):
                 every = given
             yield from self._scatter_fold(sendbuf, rspec, every, op, tag)
 
-        return self._nonblocking(steps)
+        def plan() -> tuple[str, tuple[Any, ...]] | None:
+            if given is None:  # the counts are exchanged first, by messages
+                return None
+            return self._p_scatter_fold(sendbuf, buffers.parse(recvbuf, writable=True), given, op)
+
+        return self._nonblocking(steps, plan)
 
     def _exchange_count(self, count: int, tag: int) -> Generator[list[Op], None, list[int]]:
         """A stage giving every rank's `count` (each sends its own to all the others)."""
@@ -115,13 +123,13 @@ class ExtraCollectives(Collectives):
         yield recvs + [self._c_isend(mine, r, tag) for r in theirs]
         return [count if r == rank else int(theirs[r][0]) for r in range(size)]
 
-    def _scatter_fold(
-        self, sendbuf: Any, rspec: buffers.Spec, counts: list[int], op: ops.Op, tag: int
-    ) -> Iterator[list[Op]]:
-        """Stages of a reduce-scatter once the counts are known (arguments checked before
-        any data moves): every rank sends block r of its operand to rank r and folds the
-        blocks it gets, in rank order."""
-        size, rank = self._sizes()
+    def _fold_operands(
+        self, sendbuf: Any, rspec: buffers.Spec, counts: list[int]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(this rank's operand, recvbuf as an array) of a nonblocking reduce-scatter whose
+        counts are known, checked before any data moves: ValueError when the operand has
+        fewer than sum(counts) elements, MPI.Exception(ERR_TRUNCATE) when recvbuf holds
+        fewer than this rank's count."""
         datatype = rspec.datatype
         out = _array(rspec.view, datatype)
         # with IN_PLACE the result overwrites the operand: a copy of it is folded
@@ -130,11 +138,35 @@ class ExtraCollectives(Collectives):
             raise ValueError(
                 f"Reduce_scatter: {len(full)} elements to send, {sum(counts)} expected"
             )
-        if len(out) < counts[rank]:
+        if len(out) < counts[self._rank]:
             raise exceptions.Exception(
                 exceptions.ERR_TRUNCATE,
-                f"Reduce_scatter: {counts[rank]} elements into a {len(out)}-element buffer",
+                f"Reduce_scatter: {counts[self._rank]} elements into a {len(out)}-element buffer",
             )
+        return full, out
+
+    def _p_scatter_fold(
+        self, sendbuf: Any, rspec: buffers.Spec, counts: list[int], op: ops.Op
+    ) -> tuple[str, tuple[Any, ...]] | None:
+        """The collective area's plan of a nonblocking reduce-scatter (see collectives.Plan):
+        its arguments checked as `_scatter_fold` does, then None (messages) for an op the
+        area cannot fold or blocks over one segment of a slab, decided alike on every
+        member (op, datatype and counts are the same there)."""
+        full, out = self._fold_operands(sendbuf, rspec, counts)
+        ufunc = area.ufunc_of(op, full)
+        if ufunc is None or not self._fits(max(counts) * full.itemsize, split=True):
+            return None
+        return "reduce_scatter", (full[: sum(counts)], out[: counts[self._rank]], counts, ufunc)
+
+    def _scatter_fold(
+        self, sendbuf: Any, rspec: buffers.Spec, counts: list[int], op: ops.Op, tag: int
+    ) -> Iterator[list[Op]]:
+        """Stages of a reduce-scatter once the counts are known (arguments checked before
+        any data moves): every rank sends block r of its operand to rank r and folds the
+        blocks it gets, in rank order."""
+        size, rank = self._sizes()
+        datatype = rspec.datatype
+        full, out = self._fold_operands(sendbuf, rspec, counts)
         starts = np.cumsum([0, *counts])
         blocks = [full[starts[r] : starts[r + 1]] for r in range(size)]
         operands = {r: np.empty_like(blocks[rank]) for r in range(size) if r != rank}

@@ -185,6 +185,20 @@ def check_all(comm: MPI.Intracomm) -> int:
             assert (ired == sum(range(1, size + 1))).all()
         assert np.array_equal(it, recv)
         counted(8)
+        # Nonblocking prefix folds and reduce-scatters whose counts every member knows
+        iscan, iexscan = np.zeros(n), np.full(n, -7.0)
+        irsb = np.zeros(n, "i8")
+        irs = np.zeros(rcount[rank], "i8")
+        requests = [
+            comm.Iscan(values[rank], iscan),
+            comm.Ireduce_scatter_block(np.tile(np.arange(n, dtype="i8") + rank, size), irsb),
+            comm.Ireduce_scatter(np.ones(sum(rcount), "i8"), irs, rcount, MPI.SUM),
+            comm.Iexscan(values[rank], iexscan),
+        ]
+        MPI.Request.Waitall(requests)
+        assert np.allclose(iscan, sres) and np.array_equal(iexscan, eres)
+        assert np.array_equal(irsb, block) and (irs == size).all()
+        counted(4)
         # Objects: each pickle in its sender's slab (allreduce is an allgather), unless ranks
         # outnumber CPUs (then on messages)
         for obj in ({"n": n, "root": root}, "x" * (3 * n + 600)):
