@@ -17,7 +17,9 @@ job's world) cannot be reached: MPI.Exception(ERR_PORT) says so.
   such a request from any source; each root then tells its group the other root's world
   rank (or its error: every member raises it), and both groups run
   Intracomm.Create_intercomm with the service communicator as the peer communicator (tag
-  T_MEET + N). Connect blocks until the port's owner accepts.
+  T_MEET + N). Connect blocks until the port's owner accepts: a Connect to a port that
+  its owner has closed, or never accepts on, waits (MPICH's times out instead); only the
+  connecting root's own checks (a port of another job, of itself, no port) raise at once.
 - Join(fd): the two processes write "ivshmem-join JOB W" on the socket and read the other's
   line, then build the intercommunicator of their COMM_SELFs the same way (tag T_JOIN).
 - The name service (Publish_name, Unpublish_name, Lookup_name) is a table held by world
