@@ -19,8 +19,11 @@ the data a rank sees are the filetype's data bytes (its compiled type map,
 etypes of that stream. A transfer packs the memory buffer (its datatype through
 `buffers.parse`, the C packer for derived types) into a dense stream, cuts the stream
 into the file segments the view maps it to (adjacent segments merged) and does one
-pread/pwrite per segment. Only the "native" and "internal" data representations exist
-(the same here); "external32" and `Register_datarep`'s are ERR_UNSUPPORTED_DATAREP.
+pread/pwrite per segment. Data representations: "native" and "internal" (the same here), and
+"external32" (big-endian, MPI's canonical formats) for types whose size is the same there
+(LONG/UNSIGNED_LONG, 4 bytes in external32, are ERR_UNSUPPORTED_DATAREP in a view and
+ERR_CONVERSION in memory); `Register_datarep`'s user representations are recorded but views
+cannot use them (ERR_UNSUPPORTED_DATAREP).
 
 Pointers: the individual file pointer lives in the rank. The shared file pointer is a
 counter in a hidden file next to the data file (`.NAME.shfp.TOKEN`, 8 bytes, made by the
@@ -56,7 +59,7 @@ from typing import Any
 import numpy as np
 
 from guest_lib.mpi import buffers, constants, errhandler, exceptions
-from guest_lib.mpi.datatypes import BYTE, Datatype
+from guest_lib.mpi.datatypes import BYTE, Datatype, _convert
 from guest_lib.mpi.handles import Handle
 from guest_lib.mpi.info import Info
 from guest_lib.mpi.matching import DoneOp
@@ -71,7 +74,7 @@ SEEK_SET, SEEK_CUR, SEEK_END = 600, 602, 604
 DISPLACEMENT_CURRENT = -54278278
 _MODES = (MODE_CREATE | MODE_RDONLY | MODE_WRONLY | MODE_RDWR | MODE_DELETE_ON_CLOSE
           | MODE_UNIQUE_OPEN | MODE_EXCL | MODE_APPEND | MODE_SEQUENTIAL)  # fmt: skip
-_DATAREPS = ("native", "internal")
+_DATAREPS = ("native", "internal", "external32")
 _KNOWN_DATAREPS = {"native", "internal", "external32"}  # and the registered ones
 _ERRNO = {
     errno.ENOENT: exceptions.ERR_NO_SUCH_FILE,
@@ -247,7 +250,7 @@ class _Open:
         self.view = _View(0, BYTE, BYTE, "native")
         self.position = shared.start
         self.shared = shared
-        self.split: tuple[str, Any, Status] | None = None  # the split collective begun
+        self.split: tuple[str, Status] | None = None  # the split collective begun, its status
 
     # ------------------------------------------------------------------ collectives
     def agree(self, action: Callable[[], None]) -> None:
@@ -291,6 +294,13 @@ class _Open:
         nbytes = len(stream)
         if position < 0:
             raise _err(exceptions.ERR_ARG, f"negative file offset {position}")
+        external = view.datarep == "external32"
+        if external:
+            _same_external_size(spec.datatype, "the memory datatype", exceptions.ERR_CONVERSION)
+            if write:
+                stream = memoryview(_external_form(stream, spec.datatype, True))
+            else:
+                stream = memoryview(bytearray(nbytes))  # read here, converted into spec.view
         offsets, lengths = view.segments(position * view.esize, nbytes)
         locked = self.atomic and len(offsets) > 0
         if locked:
@@ -303,6 +313,9 @@ class _Open:
         finally:
             if locked:
                 fcntl.lockf(self.fd, fcntl.LOCK_UN, span, int(offsets[0]))
+        if external and not write:
+            whole = done - done % spec.datatype.size if spec.datatype.size else 0
+            spec.view[:whole] = _external_form(stream[:whole], spec.datatype, False)
         if spec.unpack is not None:
             spec.unpack()
         if status is not None:
@@ -388,6 +401,20 @@ def _unlink(path: Any) -> None:
         os.unlink(path)
     except OSError as exc:
         raise _os_error(exc, f"delete {os.fsdecode(path)!r}") from None
+
+
+def _same_external_size(datatype: Datatype, what: str, error: int) -> None:
+    """MPI.Exception(`error`) unless every element of `datatype` has the same size in
+    external32 as here (LONG, 8 bytes here and 4 there, has not): then a view's layout is
+    the same in both, and only byte order and float formats change."""
+    if datatype.Pack_external_size("external32", 1) != datatype.size:
+        raise _err(error, f"external32: {what} {datatype.name} changes size there")
+
+
+def _external_form(data: Any, datatype: Datatype, to_external: bool) -> bytes:
+    """Dense elements of `datatype` converted to the external32 form or back."""
+    count = len(data) // datatype.size if datatype.size else 0
+    return _convert(data, datatype._signature(), count, to_external)
 
 
 def _check_amode(amode: int) -> None:
@@ -662,7 +689,8 @@ class File(Handle):
                  datarep: str = "native", info: Any = None) -> None:  # fmt: skip
         """Set the view (collective): both file pointers go back to 0. MPI.Exception:
         ERR_TYPE for a filetype that is not whole etypes at increasing nonnegative offsets,
-        ERR_UNSUPPORTED_DATAREP for a data representation other than native/internal,
+        ERR_UNSUPPORTED_DATAREP for a user data representation, or an external32 view of
+        a type whose size differs there (see the module docstring),
         ERR_ARG for DISPLACEMENT_CURRENT without MODE_SEQUENTIAL."""
         state = self._check()
         if datarep not in _DATAREPS:
@@ -677,6 +705,9 @@ class File(Handle):
         if disp < 0:
             raise _err(exceptions.ERR_ARG, f"Set_view: displacement {disp}")
         view = _View(disp, etype, etype if filetype is None else filetype, datarep)
+        if datarep == "external32":
+            for datatype, what in ((view.etype, "etype"), (view.filetype, "filetype")):
+                _same_external_size(datatype, what, exceptions.ERR_UNSUPPORTED_DATAREP)
         if state.comm.Get_size() > 1:
             state.comm.Barrier()  # every shared-pointer call before the view is done
         state.view = view
@@ -827,56 +858,56 @@ class File(Handle):
         return self._check().shared.get()
 
     # ------------------------------------------------------------------ split collectives
-    def _begin(self, name: str, call: Callable[[Status], None], buf: Any) -> None:
+    def _begin(self, name: str, call: Callable[[Status], None]) -> None:
         state = self._check()
         if state.split is not None:
             raise _err(exceptions.ERR_OTHER, f"{name}_begin: {state.split[0]}_begin is active")
         status = Status()
         call(status)
-        state.split = (name, buf, status)
+        state.split = (name, status)
 
     def _end(self, name: str, status: Status | None) -> None:
         state = self._check()
         if state.split is None or state.split[0] != name:
             raise _err(exceptions.ERR_OTHER, f"{name}_end without {name}_begin")
-        done = state.split[2]
+        done = state.split[1]
         state.split = None
         if status is not None:
             status._set(done.source, done.tag, done.Get_count(BYTE))
 
     def Read_at_all_begin(self, offset: int, buf: Any) -> None:
         """Start a split collective Read_at_all (the data are there at its end)."""
-        self._begin("Read_at_all", lambda status: self.Read_at_all(offset, buf, status), buf)
+        self._begin("Read_at_all", lambda status: self.Read_at_all(offset, buf, status))
 
     def Read_at_all_end(self, buf: Any, status: Status | None = None) -> None:
         self._end("Read_at_all", status)
 
     def Write_at_all_begin(self, offset: int, buf: Any) -> None:
-        self._begin("Write_at_all", lambda status: self.Write_at_all(offset, buf, status), buf)
+        self._begin("Write_at_all", lambda status: self.Write_at_all(offset, buf, status))
 
     def Write_at_all_end(self, buf: Any, status: Status | None = None) -> None:
         self._end("Write_at_all", status)
 
     def Read_all_begin(self, buf: Any) -> None:
-        self._begin("Read_all", lambda status: self.Read_all(buf, status), buf)
+        self._begin("Read_all", lambda status: self.Read_all(buf, status))
 
     def Read_all_end(self, buf: Any, status: Status | None = None) -> None:
         self._end("Read_all", status)
 
     def Write_all_begin(self, buf: Any) -> None:
-        self._begin("Write_all", lambda status: self.Write_all(buf, status), buf)
+        self._begin("Write_all", lambda status: self.Write_all(buf, status))
 
     def Write_all_end(self, buf: Any, status: Status | None = None) -> None:
         self._end("Write_all", status)
 
     def Read_ordered_begin(self, buf: Any) -> None:
-        self._begin("Read_ordered", lambda status: self.Read_ordered(buf, status), buf)
+        self._begin("Read_ordered", lambda status: self.Read_ordered(buf, status))
 
     def Read_ordered_end(self, buf: Any, status: Status | None = None) -> None:
         self._end("Read_ordered", status)
 
     def Write_ordered_begin(self, buf: Any) -> None:
-        self._begin("Write_ordered", lambda status: self.Write_ordered(buf, status), buf)
+        self._begin("Write_ordered", lambda status: self.Write_ordered(buf, status))
 
     def Write_ordered_end(self, buf: Any, status: Status | None = None) -> None:
         self._end("Write_ordered", status)

@@ -4,7 +4,8 @@ Runs in every rank of a job (see conftest.py): the ranks share one file in a dir
 0 makes. What mpi4py's own test_io.py does not check: the shared file pointer under
 contention from every rank (disjoint places, none lost), ordered access with a different
 count per rank, a vector filetype interleaving the ranks' blocks, atomic mode against
-concurrent overlapping writes, and the error classes of the failures.
+concurrent overlapping writes, external32 data in the file, and the error classes of the
+failures.
 """
 
 from __future__ import annotations
@@ -138,6 +139,26 @@ def test_atomic_mode_keeps_overlapping_accesses_whole(comm, path):
         mixed += int(got.min() != got.max())  # parts of two writes: not atomic
     assert mixed == 0
     record.Free()
+    comm.Barrier()
+    fh.Close()
+
+
+def test_external32_is_big_endian_in_the_file(comm, path):
+    rank, size = comm.Get_rank(), comm.Get_size()
+    fh = MPI.File.Open(comm, path, RDWR_NEW)
+    fh.Set_view(0, MPI.DOUBLE, MPI.DOUBLE, "external32")
+    fh.Write_at_all(2 * rank, np.array([rank + 0.5, -rank - 0.25]))
+    fh.Sync()
+    comm.Barrier()
+    with open(path, "rb") as raw:
+        on_disk = np.frombuffer(raw.read(), ">f8")
+    assert on_disk.tolist() == [v for r in range(size) for v in (r + 0.5, -r - 0.25)]
+    back = np.empty(2 * size)
+    fh.Read_at_all(0, back)
+    assert back.tolist() == on_disk.tolist()
+    with pytest.raises(MPI.Exception) as info:
+        fh.Set_view(0, MPI.LONG, MPI.LONG, "external32")  # 4 bytes there, 8 here
+    assert info.value.Get_error_class() == MPI.ERR_UNSUPPORTED_DATAREP
     comm.Barrier()
     fh.Close()
 
