@@ -186,7 +186,12 @@ class Datatype(attributes.Cached, Handle):
 
     def Get_contents(self) -> tuple[list[int], list[int], list[int], list[Datatype]]:
         """The arguments of the constructor that made this type, as MPI lays them out:
-        (integers, addresses, large counts, datatypes)."""
+        (integers, addresses, large counts, datatypes); the datatypes are new handles (the
+        caller may free them, as MPI's), predefined ones themselves."""
+        ints, addresses, counts, types = self._contents()
+        return ints, addresses, counts, _keep(types)
+
+    def _contents(self) -> tuple[list[int], list[int], list[int], list[Datatype]]:
         p, old = self._params, self._old
         kind = self._combiner
         if kind == "NAMED":
@@ -227,15 +232,21 @@ class Datatype(attributes.Cached, Handle):
     def decode(self) -> tuple[Datatype, str, dict[str, Any]]:
         """(old type, combiner name, the constructor's keyword arguments): a predefined type
         gives (itself, "NAMED", {}); a struct's old type is DATATYPE_NULL. Calling
-        `old.Create_<combiner>(**arguments)` makes the type again."""
+        `old.Create_<combiner>(**arguments)` makes the type again. The datatypes are new
+        handles (the caller may free them, as mpi4py.util.dtlib does), predefined ones
+        themselves."""
         if self._combiner == "NAMED":
             return self, "NAMED", {}
         old = self._old if self._old is not None else DATATYPE_NULL  # struct, f90
-        return old, self._combiner, dict(self._params)
+        params = dict(self._params)
+        if "datatypes" in params:
+            params["datatypes"] = _keep(params["datatypes"])
+        return _keep([old])[0], self._combiner, params
 
     def _made_from(self, new: Datatype, combiner: str, **params: Any) -> Datatype:
-        """`new`, recorded as made by `combiner` from this type with `params`."""
-        new._combiner, new._old, new._params = combiner, self, params
+        """`new`, recorded as made by `combiner` from this type with `params` (it holds its
+        own handle on this type: see `_keep`)."""
+        new._combiner, new._old, new._params = combiner, _keep([self])[0], params
         return new
 
     def Get_size(self) -> int:
@@ -312,13 +323,15 @@ class Datatype(attributes.Cached, Handle):
         return self
 
     def Free(self) -> None:
-        """Free the type: its attributes are deleted (delete_fn runs); nothing else to give
-        back (a type is its Python object), and the handle stays as it was (it does not
-        become DATATYPE_NULL: derived types hold their members' handles).
-        MPI.Exception(ERR_TYPE) for DATATYPE_NULL and predefined types (as MPI)."""
+        """Free the type: its attributes are deleted (delete_fn runs) and this handle
+        becomes DATATYPE_NULL. Types made from it are not affected (MPI): they hold handles
+        of their own on its description (see `_keep`); other handles on it (Datatype(t))
+        stay as they were. MPI.Exception(ERR_TYPE) for DATATYPE_NULL and predefined types
+        (as MPI)."""
         if self.is_predefined:
             raise exceptions.Exception(exceptions.ERR_TYPE, f"Free of predefined {self.name}")
         self._keyvals.drop(self)
+        _copy_slots(self, DATATYPE_NULL)
 
     def free(self) -> None:
         """Free if not null or predefined (mpi4py's `free`): see Free."""
@@ -418,13 +431,13 @@ class Datatype(attributes.Cached, Handle):
         if not len(blocklengths) == len(displacements) == len(datatypes):
             raise ValueError("Create_struct: blocklengths, displacements, datatypes differ")
         _counts(*blocklengths)
+        kept = _keep(datatypes)
         blocks = [
-            (int(d), int(n), t)
-            for n, d, t in zip(blocklengths, displacements, datatypes, strict=True)
+            (int(d), int(n), t) for n, d, t in zip(blocklengths, displacements, kept, strict=True)
         ]
-        new = _derived("STRUCT", blocks, struct=True)
+        new = _derived("STRUCT", blocks, struct=True, keep=False)
         new._combiner, new._old = "STRUCT", None
-        new._params = dict(_lists(blocklengths, displacements), datatypes=list(datatypes))
+        new._params = dict(_lists(blocklengths, displacements), datatypes=kept)
         return new
 
     def Create_subarray(
@@ -678,13 +691,33 @@ def _same_length(blocklengths: Sequence[int], displacements: Sequence[int]) -> N
         raise ValueError("blocklengths and displacements differ in length")
 
 
-def _derived(name: str, blocks: list[tuple[Any, int, Datatype]], struct: bool = False
-             ) -> Datatype:  # fmt: skip
+def _keep(types: Sequence[Datatype]) -> list[Datatype]:
+    """Handles of a type's own on `types` (one per distinct member; the predefined ones,
+    which cannot be freed, as they are): what a type made from them holds, so that freeing
+    the user's handle on a member (which nulls that handle) leaves the type whole."""
+    copies: dict[int, Datatype] = {}
+    kept = []
+    for old in types:
+        if not old.is_predefined:
+            copy = copies.get(id(old))
+            if copy is None:
+                copy = copies[id(old)] = Datatype(old)
+            old = copy
+        kept.append(old)
+    return kept
+
+
+def _derived(name: str, blocks: list[tuple[Any, int, Datatype]], struct: bool = False,
+             keep: bool = True) -> Datatype:  # fmt: skip
     """The type of `blocks` (byte displacement, count, old type), uncommitted; a
     displacement may be an int64 array: the same block at each of them. Its lower bound
     and upper bound are the least and greatest of its blocks' (MPI's rule), with the upper
     bound rounded up to the strictest alignment for a struct. A type that is its members
-    back to back from byte 0 keeps no map (however large it is)."""
+    back to back from byte 0 keeps no map (however large it is). The blocks' types are
+    held through `_keep` (`keep=False`: the caller's are such handles already)."""
+    if keep:
+        kept = _keep([old for _, _, old in blocks])
+        blocks = [(disp, count, old) for (disp, count, _), old in zip(blocks, kept, strict=True)]
     bases: list[Datatype] = []  # the members' element types, each once
     low: int | None = None
     high: int | None = None

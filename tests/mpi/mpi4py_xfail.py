@@ -34,12 +34,6 @@ _SUBCLASS_TOPO = (
     "and __init__ then gets the plain Intracomm (issue #11)"
 )
 ENTRIES: list[tuple[str, str, str]] = [
-    (
-        "test_attributes.TestDatatypeAttr*.testAttrCopyDelete",
-        "xfail",
-        "wrong: Datatype.Free leaves the handle as it was, not DATATYPE_NULL (derived types "
-        "hold their members' handles, so nulling it breaks a struct made from it)",
-    ),
     ("test_spawn.TestSpawnSingle*", "xfail", _NO_SPAWN),
     (
         "test_spawn.TestSpawnMultiple*.test[!A]*",

@@ -334,3 +334,48 @@ def test_bottom_alltoallw(comm):
     assert list(out) == [rank + 5, -1]
     with pytest.raises(ValueError):
         comm.Alltoallw([MPI.BOTTOM, [MPI.INT] * size], rmsg)
+
+
+def test_free_nulls_the_handle_not_what_was_made_from_it(comm):
+    """Datatype.Free makes the handle DATATYPE_NULL (a second Free raises ERR_TYPE); a
+    struct, a vector and a Dup made from the freed type still work (MPI: freeing a type
+    does not affect those built from it); the handles decode and Get_contents give are new
+    ones, which the caller may free without harm."""
+    rank, size = comm.Get_rank(), comm.Get_size()
+    pair = MPI.Datatype.Create_struct([1, 1], [0, 8], [MPI.INT, MPI.DOUBLE])
+    vector = pair.Create_vector(3, 1, 2).Commit()
+    twice = MPI.Datatype.Create_struct([1, 1], [0, 16], [pair, pair]).Commit()
+    dup = pair.Dup()
+    second = MPI.Datatype(pair)  # another handle on it: stays as it was
+    pair.Free()
+    assert pair == MPI.DATATYPE_NULL and not pair
+    assert second.Get_size() == 12 and dup.Get_size() == 12
+    with pytest.raises(MPI.Exception) as error:
+        pair.Free()
+    assert error.value.Get_error_class() == MPI.ERR_TYPE
+    old, combiner, params = twice.decode()
+    for handle in params["datatypes"][:1]:
+        handle.Free()
+    for handle in vector.Get_contents()[3]:
+        handle.Free()
+    assert old == MPI.DATATYPE_NULL and combiner == "STRUCT"
+    assert twice.Get_size() == 24 and twice.Get_extent() == (0, 32)
+    dest, source = (rank + 1) % size, (rank - 1) % size
+
+    def pairs(value: int) -> np.ndarray:  # 6 pairs of 16 bytes: an int, a double at 8
+        data = np.zeros(12, "d")
+        data.view("i4")[0::4] = value + 1
+        data[1::2] = value + 0.5
+        return data
+
+    got = np.zeros(12, "d")
+    comm.Sendrecv([pairs(rank), 1, vector], dest, 9, [got, 1, vector], source, 9)
+    expect = np.zeros(12, "d")
+    for k in (0, 2, 4):  # the vector: every other pair of 5
+        expect[2 * k : 2 * k + 2] = pairs(source)[2 * k : 2 * k + 2]
+    assert np.array_equal(got, expect)
+    got[:] = 0
+    comm.Sendrecv([pairs(rank), 1, twice], dest, 10, [got, 1, twice], source, 10)
+    assert np.array_equal(got[:4], pairs(source)[:4]) and not got[4:].any()
+    for made in (vector, twice, dup):
+        made.Free()
