@@ -137,7 +137,7 @@ from guest_lib.mpi.pickling import PICKLE as pickle
 from guest_lib.mpi.pickling import Pickle
 from guest_lib.mpi.request import REQUEST_NULL, Request
 from guest_lib.mpi.session import SESSION_NULL, Session
-from guest_lib.mpi.status import Status
+from guest_lib.mpi.status import F_ERROR, F_SOURCE, F_STATUS_SIZE, F_TAG, Status
 from guest_lib.mpi.topology import (
     CART,
     DIST_GRAPH,
@@ -449,5 +449,6 @@ _unused = (  # names re-exported on purpose (mpi4py's MPI namespace), not used h
     WIN_FLAVOR_CREATE, WIN_FLAVOR_DYNAMIC, WIN_FLAVOR_SHARED, WIN_MODEL, WIN_NULL, WIN_SEPARATE,
     WIN_SIZE, WIN_UNIFIED, Win, DISPLACEMENT_CURRENT, FILE_NULL, MODE_APPEND, MODE_CREATE,
     MODE_DELETE_ON_CLOSE, MODE_EXCL, MODE_RDONLY, MODE_RDWR, MODE_SEQUENTIAL, MODE_UNIQUE_OPEN,
-    MODE_WRONLY, SEEK_CUR, SEEK_END, SEEK_SET, File, Register_datarep,
+    MODE_WRONLY, SEEK_CUR, SEEK_END, SEEK_SET, File, Register_datarep, F_ERROR, F_SOURCE,
+    F_STATUS_SIZE, F_TAG,
 )  # fmt: skip

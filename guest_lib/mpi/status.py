@@ -9,6 +9,8 @@ from guest_lib.mpi import constants
 from guest_lib.mpi.datatypes import BYTE, Datatype
 
 _COUNT, _CANCELLED, _SOURCE, _TAG, _ERROR = range(5)
+# a status as a Fortran integer array (py2f/f2py): the fields in this order, as MPICH's
+F_SOURCE, F_TAG, F_ERROR, F_STATUS_SIZE = _SOURCE, _TAG, _ERROR, 5
 
 
 def _field(index: int, doc: str) -> property:
@@ -108,7 +110,20 @@ class Status:
         self.cancelled = bool(flag)
 
     def py2f(self) -> list[int]:
+        """The status as a Fortran integer array: F_STATUS_SIZE integers, the source at
+        F_SOURCE, the tag at F_TAG, the error at F_ERROR."""
         return list(self._fields)
+
+    @classmethod
+    def f2py(cls, arg: Any) -> Status:
+        """A new Status from a py2f array. ValueError unless it holds F_STATUS_SIZE
+        integers."""
+        fields = [int(value) for value in arg]
+        if len(fields) != F_STATUS_SIZE:
+            raise ValueError(f"Status.f2py: expecting {F_STATUS_SIZE} integers, got {len(fields)}")
+        status = cls()
+        status._fields = array.array("q", fields)
+        return status
 
     def __eq__(self, other: Any) -> bool:
         return isinstance(other, Status) and self.py2f() == other.py2f()

@@ -67,12 +67,6 @@ ENTRIES: list[tuple[str, str, str]] = [
         "its namespace recurses through them without end (issue #11)",
     ),
     (
-        "test_handle.TestHandleStatus.testF*",
-        "xfail",
-        "missing: Status.py2f/f2py and MPI.F_SOURCE/F_TAG/F_ERROR/F_STATUS_SIZE (a status "
-        "as a Fortran integer array) (issue #11)",
-    ),
-    (
         "test_msgspec.TestMessageCAIBuf.testAttrEmpty",
         "xfail",
         "real limit: buffers behind __cuda_array_interface__ are device memory",
