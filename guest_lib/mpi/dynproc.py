@@ -218,18 +218,21 @@ def join(fd: int) -> Any:
     """Comm.Join: the intercommunicator of this process's COMM_SELF and the one of the
     process at the other end of the connected socket `fd` (which calls Join too).
     MPI.Exception: ERR_PORT if that process is of another job, ERR_ARG if it says
-    nothing Join understands or is this very process."""
+    nothing Join understands or is this very process, or `fd` is no connected socket."""
     from guest_lib.mpi import intercomm
 
     engine = _ready()
-    with socket.socket(fileno=os.dup(fd)) as sock:
-        sock.sendall(f"{_JOIN} {_state.job} {engine.world_rank}\n".encode())
-        line = b""
-        while not line.endswith(b"\n") and len(line) <= 2 * MAX_NAME:
-            got = sock.recv(1)
-            if not got:
-                break
-            line += got
+    line = b""
+    try:
+        with socket.socket(fileno=os.dup(fd)) as sock:
+            sock.sendall(f"{_JOIN} {_state.job} {engine.world_rank}\n".encode())
+            while not line.endswith(b"\n") and len(line) <= 2 * MAX_NAME:
+                got = sock.recv(1)
+                if not got:
+                    break
+                line += got
+    except OSError as exc:
+        raise exceptions.Exception(exceptions.ERR_ARG, f"Join: fd {fd}: {exc}") from exc
     words = line.decode(errors="replace").split()
     if len(words) != 3 or words[0] != _JOIN or not words[2].isdigit():
         raise exceptions.Exception(exceptions.ERR_ARG, f"Join: the peer said {line[:80]!r}")

@@ -8,6 +8,7 @@ shared memory only: there the tests check the clear error, or skip what cannot r
 
 from __future__ import annotations
 
+import os
 import socket
 import time
 
@@ -119,6 +120,15 @@ def test_join_refuses_a_peer_of_another_job(line, error_class):
         error = _error(MPI.Comm.Join, mine.fileno())
         assert error.Get_error_class() == error_class, str(error)
         assert theirs.recv(100).startswith(b"ivshmem-join ")  # what this process told it
+
+
+def test_join_on_no_socket_raises_err_arg():
+    reader, writer = os.pipe()
+    try:
+        assert _error(MPI.Comm.Join, reader).Get_error_class() == MPI.ERR_ARG
+    finally:
+        os.close(reader)
+        os.close(writer)
 
 
 def test_revoke_reaches_a_waiting_member_then_shrink():
