@@ -69,6 +69,11 @@ IDLE_TIMEOUT = 0.005  # s: the longest nap of the engine between progress passes
 CROWDED_SPIN_US = 2.0  # the endpoint's spin when ranks outnumber CPUs (see Engine.crowded)
 MAX_PULL = 64  # messages taken from shared memory per progress pass
 PAUSE_S = 50e-6  # s: a busy-waiting thread's nap with other threads about (Engine._pause)
+# A wait yields the lock (Engine._yield) after this many progress passes that moved
+# something: a yield costs a trip through the scheduler (ms on a loaded machine) that an
+# idle thread gains nothing from, so a short wait never yields; a long busy one lets the
+# threads blocked on the lock in at this interval.
+YIELD_PASSES = 16
 
 
 class _Doorbell:
@@ -653,13 +658,16 @@ class Engine(Matching, FastPaths):
 
     def wait_until(self, predicate: Callable[[], bool], watch: int = -1) -> None:
         """Drive progress until `predicate()` holds (evaluated with the lock held)."""
+        moving = 0  # passes of this wait that moved something
         with self.lock:
             while not predicate():
                 if self.progress(predicate):
                     self.backoff = PAUSE_S
                     if self.napping:
                         self._pause()  # what moved may be another waiter's: let it in
-                    elif other_threads():
-                        self._yield()  # threads blocked on the lock get a chance
+                    else:
+                        moving += 1
+                        if moving % YIELD_PASSES == 0 and other_threads():
+                            self._yield()  # threads blocked on the lock get a chance
                 elif not predicate():
                     self.idle(watch)

@@ -9,18 +9,24 @@ message when nothing is queued for that peer.
 
 Threads (see `engine`): in a process with no Python thread but the main one
 (`other_threads()` is 0) a fast path takes no lock: no other thread exists to meet, and none
-can start while this one runs the call. Otherwise it takes the engine lock once and only
-polls the core (timeout 0), so it never sleeps with the lock held; the caller then waits in
-the engine, which releases the lock while it sleeps. (The core call of a small message is
-one C call that keeps the GIL, but the Python around it and another thread's operation of
-several calls on the same queue, e.g. a large message or a send waiting for room, are not
-atomic: hence the lock whenever threads exist.)
+can start while this one runs the call. Otherwise it takes the engine lock once. The Send
+then only polls the core (timeout 0). The Recv waits in the core as a lone thread does when
+no other thread is the progress owner (`sleeping`, see `engine.Engine.idle`): it becomes
+the owner for the call, so its sleeps on the doorbell release the lock (its spin holds it,
+as the owner's does); else it only polls. Either way the caller then waits in the engine
+if it took nothing, which releases the lock while it sleeps. A message taken after another
+thread ran the engine meanwhile (the engine no longer `quiet`) goes to `dispatch`, behind
+what that thread took from the queues. (The core call of a small message is one C call
+that keeps the GIL, but the Python around it and another thread's operation of several
+calls on the same queue, e.g. a large message or a send waiting for room, are not atomic:
+hence the lock whenever threads exist.)
 """
 
 from __future__ import annotations
 
 import collections
 from _thread import _count as other_threads  # Python threads running besides the main one
+from _thread import get_ident
 from collections.abc import Callable
 from typing import Any
 
@@ -59,6 +65,8 @@ class FastPaths:
 
     ep: Any
     lock: Any  # the engine lock (see `engine`)
+    sleeping: bool  # a thread is the progress owner (see `engine.Engine.idle`)
+    bell: Any  # the endpoint's notifier wrapper (`engine._Doorbell`) or None
     _wake: Callable[[], None]  # tell napping waiters something moved
     whole_max: int
     placing: int
@@ -77,8 +85,14 @@ class FastPaths:
         take the engine path (what was received meanwhile has been dispatched in order).
         """
         threads = other_threads()
+        owner = False
         if threads:
             self.lock.acquire()
+            bell = self.bell
+            owner = not self.sleeping and bell is not None
+            if owner:
+                self.sleeping = True
+                bell.releaser = get_ident()
         try:
             if not self.quiet():
                 return None
@@ -87,13 +101,16 @@ class FastPaths:
                     buf,
                     peer,
                     -1,
-                    0.0 if threads else FAST_TIMEOUT,
+                    FAST_TIMEOUT if owner or not threads else 0.0,
                     bypass_cache=buf.nbytes >= BYPASS_CACHE_MIN,
                 )
             except (CoreTimeout, MessageTooLargeError):
                 return None
             except PeerLostError as exc:
                 raise core_error(exc) from exc
+            if owner and not self.quiet():  # another thread took from the queues meanwhile
+                self.dispatch(peer, coretag, nbytes, bytes(_bytes_of(buf)[:nbytes]))
+                return None
             if (
                 tag == constants.ANY_TAG or coretag & _TAG_MASK == tag
             ) and peer not in self.sync_next:
@@ -105,10 +122,13 @@ class FastPaths:
                         peer, ctx, tag, _bytes_of(buf), nbytes, coretag, not threads
                     )
             self.dispatch(peer, coretag, nbytes, bytes(_bytes_of(buf)[:nbytes]))
-            self._wake()  # (it may have been another thread's message)
             return None
         finally:
+            if owner:
+                self.sleeping = False
+                self.bell.releaser = 0
             if threads:
+                self._wake()  # (another thread's message, or a napping waiter takes over)
                 self.lock.release()
 
     def _fast_pieces(
