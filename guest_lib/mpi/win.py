@@ -28,17 +28,28 @@ hybrid jobs), except Allocate_shared.
 Completion: `Put`/`Accumulate` copy the origin data into the request at the call (local
 completion at once); `Get`, `Get_accumulate`, `Fetch_and_op` and `Compare_and_swap` wait
 for the target's reply; `Rget`/`Rget_accumulate` return a request completed by it. Remote
-completion (`Flush`, `Unlock`, `Fence`, `Complete`) is a FLUSH/UNLOCK round trip: the reply
-comes after every earlier request of this origin was applied, and carries the error of any
-of them (ERR_RMA_RANGE for a range outside the target window, ...). `Fence` = remote
-completion of every target touched, then a barrier. `Lock`/`Unlock`: the target grants
-locks in request order (shared locks together, an exclusive one alone); `Lock` returns once
-granted. `Post`/`Start`/`Complete`/`Wait`/`Test`: notices through the service. Assertions
-(MODE_*) are accepted and not needed. Target datatypes must be contiguous (a predefined
-type or one made of it without gaps): MPI.Exception(ERR_TYPE) otherwise.
+completion (`Flush`, `Unlock`, `Complete`) is a FLUSH/UNLOCK round trip to each target
+with Put/Accumulate not known to be applied (none when there is none): the reply comes after
+every earlier request of this origin was applied, and carries the error of any of them
+(ERR_RMA_RANGE for a range outside the target window, ...). `Fence`: every rank sends every
+rank a FENCE marker behind its requests and waits for everyone's (one message per pair:
+the barrier and the completion at once; FENCE_FLUSH, answered, to targets with Put/
+Accumulate of this fence epoch, for their errors). `Lock`/`Unlock`: lazy, as MPICH: `Lock`
+sends nothing; the first request to the target goes right behind a LOCK request, and the
+target keeps an origin's requests behind its LOCK until it grants it (in request order:
+shared locks together, an exclusive one alone); load/store access (own memory, shared
+segments) waits for the grant; `Unlock` sends nothing after an epoch without requests, a
+RELEASE without reply when every request is known applied, else the UNLOCK round trip.
+`Post`/`Start`/`Complete`/`Wait`/`Test`: notices through the service. Assertions (MODE_*)
+are accepted and not needed. Target datatypes must be contiguous (a predefined type or one
+made of it without gaps): MPI.Exception(ERR_TYPE) otherwise.
 
 Memory model: WIN_UNIFIED (the target applies operations to the window memory itself).
-Thread use: the service runs inside the engine's progress, under whatever protects it.
+Threads (THREAD_MULTIPLE): the service runs inside the engine's progress, under its lock;
+any thread may call any window function, with MPI's rules: one epoch per (process,
+target) at a time (threads of a process take turns on a target), collective calls (Fence,
+Free) from one thread at a time. Threads making their first requests to a target at once
+send one LOCK (`_Window.guard`).
 """
 
 from __future__ import annotations
@@ -47,6 +58,7 @@ import collections
 import itertools
 import os
 import struct
+import threading
 import traceback
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
@@ -79,7 +91,12 @@ class _PureMemoryBase:
 if TYPE_CHECKING:  # one static base for the checker; the exported names are the same
     _MemoryBase = _PureMemoryBase
 elif ring.IMPLEMENTATION == "c":
-    from ivshmem_comm._fastpath import MemoryExporter as _MemoryBase
+    try:
+        from ivshmem_comm._fastpath import MemoryExporter as _MemoryBase
+    except ImportError:  # a build older than _memexport.c: as ring.py treats a missing one
+        if os.environ.get("IVSHMEM_COMM_REQUIRE_FASTPATH") == "1":
+            raise
+        _MemoryBase = _PureMemoryBase
 else:
     _MemoryBase = _PureMemoryBase
 
@@ -88,6 +105,7 @@ WIN_SEPARATE, WIN_UNIFIED = 1, 2
 WIN_BASE, WIN_SIZE, WIN_DISP_UNIT = 0x66000001, 0x66000003, 0x66000005
 WIN_CREATE_FLAVOR, WIN_MODEL = 0x66000007, 0x66000009
 LOCK_EXCLUSIVE, LOCK_SHARED = 234, 235
+LAZY, ASKED, GRANTED = range(3)  # the states of an origin's passive epoch (_Window.locks)
 MODE_NOCHECK, MODE_NOSTORE, MODE_NOPUT, MODE_NOPRECEDE, MODE_NOSUCCEED = (
     1024, 2048, 4096, 8192, 16384,
 )  # fmt: skip
@@ -101,10 +119,10 @@ KEYVAL_INVALID = constants.KEYVAL_INVALID
 REQ = struct.Struct("<BBBxIqq8s")  # kind, op index / lock type, flags, reply tag, disp,
 # nbytes, element code
 REPLY = struct.Struct("<B7x")  # error class (0: success), then the data or the error text
-K_PUT, K_GET, K_ACC, K_GACC, K_CAS, K_FLUSH, K_LOCK, K_UNLOCK, K_POST, K_COMPLETE = range(1, 11)
-_REPLIES = frozenset({K_GET, K_GACC, K_CAS, K_FLUSH, K_LOCK, K_UNLOCK})
-T_SERVICE = 0  # the tag of requests on the window's communicator
-T_BARRIER = constants.TAG_UB  # the window's barrier; replies use 1..TAG_UB - 1
+(K_PUT, K_GET, K_ACC, K_GACC, K_CAS, K_FLUSH, K_LOCK, K_UNLOCK, K_POST, K_COMPLETE, K_FENCE,
+ K_FENCE_FLUSH, K_RELEASE) = range(1, 14)  # fmt: skip
+_REPLIES = frozenset({K_GET, K_GACC, K_CAS, K_FLUSH, K_LOCK, K_UNLOCK, K_FENCE_FLUSH})
+T_SERVICE = 0  # the tag of requests on the window's communicator; replies use 1..TAG_UB
 ACC_OPS = (ops.SUM, ops.PROD, ops.MAX, ops.MIN, ops.LAND, ops.BAND, ops.LOR, ops.BOR, ops.LXOR,
            ops.BXOR, ops.REPLACE, ops.NO_OP)  # fmt: skip
 _NUMERIC = "biufc"
@@ -178,14 +196,26 @@ class _Window:
         self.hints: dict[str, str] = {}
         self.attrs: dict[int, Any] = {}
         # origin side
-        self.tags = itertools.cycle(range(1, T_BARRIER))
+        self.tags = itertools.cycle(range(1, constants.TAG_UB + 1))
         self.dirty: set[int] = set()  # targets with requests not known to be applied
         self.pending: dict[int, list[Op]] = collections.defaultdict(list)  # Rget & co
         self.start_group: list[int] = []
+        # Passive epochs: target -> [lock type, state, the grant's receive or None]; state
+        # LAZY: nothing sent yet (an Unlock then sends nothing either), ASKED: the LOCK
+        # request went ahead of the first request (its grant is also in `pending`),
+        # GRANTED: the grant is in (load/store access waits for it).
+        self.locks: dict[int, list[Any]] = {}
+        self.guard = threading.Lock()  # makes LAZY -> ASKED one LOCK request (threads)
+        self.fences = 0  # Fence calls so far (each rank's count of markers to expect)
         # target side
         self.lock_excl = -1  # comm rank holding the exclusive lock, or -1
         self.lock_shared: collections.Counter[int] = collections.Counter()
         self.lock_queue: collections.deque[tuple[int, int, int]] = collections.deque()
+        # origin -> its requests that arrived behind its LOCK request not granted yet:
+        # applied in order once it is (an origin sends its first request right behind the
+        # LOCK, without waiting for the grant)
+        self.backlog: dict[int, collections.deque[bytes]] = {}
+        self.fenced: collections.Counter[int] = collections.Counter()  # FENCE markers seen
         self.errors: dict[int, tuple[int, str]] = {}  # origin -> first error of a Put/Acc
         self.posts: collections.Counter[int] = collections.Counter()  # POST notices seen
         self.completes: collections.Counter[int] = collections.Counter()
@@ -220,15 +250,23 @@ class _Window:
             yield [op]
             if self.closing or op.cancelled:
                 return
-            source = comm._rank_of.get(op.source, -1)
-            try:
-                self._apply(source, op.obj)
-            except exceptions.Exception as exc:  # a malformed request: answered or recorded
-                self.errors.setdefault(source, (exc.Get_error_class(), str(exc)))
-            except Exception as exc:  # never the service's end: the origin is told at its
-                # next Flush/Unlock/Fence
-                error = (exceptions.ERR_INTERN, f"{type(exc).__name__}: {exc}")
-                self.errors.setdefault(source, error)
+            self._take(comm._rank_of.get(op.source, -1), op.obj)
+
+    def _take(self, source: int, payload: Any) -> None:
+        """Apply one request from comm rank `source`, or keep it in the source's backlog
+        while a LOCK of that source waits; an error is recorded for the source's next
+        Flush/Unlock/Fence, never the service's end."""
+        backlog = self.backlog.get(source)
+        if backlog is not None:
+            backlog.append(bytes(payload))  # copied: the message's buffer is not ours
+            return
+        try:
+            self._apply(source, payload)
+        except exceptions.Exception as exc:  # a malformed request: answered or recorded
+            self.errors.setdefault(source, (exc.Get_error_class(), str(exc)))
+        except Exception as exc:
+            error = (exceptions.ERR_INTERN, f"{type(exc).__name__}: {exc}")
+            self.errors.setdefault(source, error)
 
     def _reply(self, origin: int, tag: int, data: Any = b"", error: int = 0) -> None:
         payload = REPLY.pack(error) + bytes(data)
@@ -272,15 +310,22 @@ class _Window:
             elif kind in (K_ACC, K_GACC, K_CAS):
                 self._accumulate(origin, kind, arg, tag, self._target(origin, disp, nbytes),
                                  code, data)  # fmt: skip
-            elif kind in (K_FLUSH, K_UNLOCK):
+            elif kind in (K_FLUSH, K_UNLOCK, K_FENCE_FLUSH):
                 if kind == K_UNLOCK:
                     self._release(origin)
+                elif kind == K_FENCE_FLUSH:
+                    self.fenced[origin] += 1
                 error, text = self.errors.pop(origin, (0, ""))
                 self._reply(origin, tag, text.encode(), error)
+            elif kind == K_FENCE:
+                self.fenced[origin] += 1
+            elif kind == K_RELEASE:  # UNLOCK without a reply (nothing left to complete)
+                self._release(origin)
             elif kind == K_LOCK:
                 if arg not in (LOCK_EXCLUSIVE, LOCK_SHARED):
                     raise _err(exceptions.ERR_ARG, f"rank {origin}: lock type {arg}")
                 self.lock_queue.append((origin, arg, tag))
+                self.backlog[origin] = collections.deque()
                 self._grant()
             elif kind == K_POST:
                 self.posts[origin] += 1
@@ -339,6 +384,10 @@ class _Window:
             else:
                 self.lock_shared[origin] += 1
             self._reply(origin, tag)
+            # Its requests that came behind the LOCK, in order; one of them may be another
+            # LOCK that waits (a new backlog then takes the rest: _take checks each time).
+            for payload in self.backlog.pop(origin, ()):
+                self._take(origin, payload)
 
     def _release(self, origin: int) -> None:
         if self.lock_excl == origin:
@@ -356,8 +405,12 @@ class _Window:
              code: bytes = b"", data: bytes = b"", reply: memoryview | None = None,
              ) -> tuple[RecvOp, _Reply] | None:  # fmt: skip
         """Send a request to comm rank `target`; with `reply`, the receive of its reply
-        (posted first) and its sink."""
+        (posted first) and its sink. The first request of a lazy passive epoch to the
+        target sends the epoch's LOCK ahead of it (see `locks`)."""
         comm = self.comm
+        lock = self.locks.get(target)
+        if lock is not None and lock[1] == LAZY and kind not in (K_LOCK, K_UNLOCK, K_RELEASE):
+            self.ask(target, lock)
         posted = None
         tag = 0
         if kind in _REPLIES:
@@ -372,23 +425,25 @@ class _Window:
         return posted
 
     def wait(self, op: Op, target: int) -> None:
-        """Make progress until `op` (a reply from comm rank `target`) is done, napping on
-        messages from any rank (this rank's service must answer the others meanwhile: a
-        nap on the target alone would delay them by the engine's nap). MPI.Exception if
-        the target's process is lost meanwhile (shared memory ranks)."""
+        """Make progress until `op` (a reply from comm rank `target`) is done (see
+        `until`)."""
+        self.until(lambda: op.done, [target])
+
+    def until(self, done: Callable[[], bool], targets: Any) -> None:
+        """Make progress until `done()` holds, napping on messages from any rank (this
+        rank's service must answer the others meanwhile: a nap on one rank alone would
+        delay them by the engine's nap). MPI.Exception if the process of one of `targets`
+        (comm ranks) is lost meanwhile (shared memory ranks)."""
         engine = self.engine
-        peer = self.comm._shm_peer.get(target, -1)
-
-        def done() -> bool:
-            return op.done
-
-        while not op.done:
-            if engine.progress(done) or op.done:
+        while not done():
+            if engine.progress(done) or done():
                 continue
             engine.idle(-1)
-            if peer >= 0 and engine.ep.region.peer_state(peer)[0] != layout.PEER_READY:
-                raise _err(exceptions.ERR_OTHER, f"window rank {target} (shm peer {peer}) "
-                           "was lost")  # fmt: skip
+            for target in targets:
+                peer = self.comm._shm_peer.get(target, -1)
+                if peer >= 0 and engine.ep.region.peer_state(peer)[0] != layout.PEER_READY:
+                    raise _err(exceptions.ERR_OTHER, f"window rank {target} (shm peer "
+                               f"{peer}) was lost")  # fmt: skip
 
     def roundtrip(self, target: int, kind: int, arg: int = 0, disp: int = 0,
                   nbytes: int = 0, code: bytes = b"", data: bytes = b"",
@@ -399,6 +454,33 @@ class _Window:
         op, sink = posted
         self.wait(op, target)
         sink.check(op, f"window rank {target}")
+
+    def begin(self, target: int, lock_type: int) -> None:
+        """A lazy passive epoch on comm rank `target` (see Win.Lock)."""
+        if target in self.locks:
+            raise _err(exceptions.ERR_RMA_SYNC, f"a passive epoch on rank {target} is open")
+        self.locks[target] = [lock_type, LAZY, None]
+
+    def end(self, targets: Any) -> None:
+        """End the passive epochs on `targets`: nothing to those whose LOCK was not sent;
+        to the others, once their pending replies are in, a RELEASE message without reply
+        when every request there is known applied (only fetching ones since the last
+        flush: their replies said so), else an UNLOCK round trip (see flush).
+        MPI.Exception(ERR_RMA_SYNC) for a target without an epoch."""
+        targets = list(targets)
+        missing = [t for t in targets if t not in self.locks]
+        if missing:
+            raise _err(exceptions.ERR_RMA_SYNC, f"no passive epoch on ranks {missing}")
+        unlock = []
+        for target in targets:
+            if self.locks.pop(target)[1] == LAZY:
+                continue
+            self.flush_local(target)
+            if target in self.dirty:
+                unlock.append(target)
+            else:
+                self.send(target, K_RELEASE)
+        self.flush(unlock, K_UNLOCK)
 
     def flush(self, targets: Any, kind: int = K_FLUSH) -> None:
         """Remote completion of every request to `targets` (comm ranks): their pending
@@ -413,8 +495,7 @@ class _Window:
         self.engine.progress()
         waits = []
         for target in targets:
-            for op in self.pending.pop(target, []):
-                self.wait(op, target)
+            self.flush_local(target)
             if kind == K_UNLOCK or target in self.dirty:
                 self.dirty.discard(target)
                 posted = self.send(target, kind)
@@ -428,12 +509,14 @@ class _Window:
         """The target bytes as memory this process maps (its own window, or a member's
         segment of a shared window), for a direct copy; None when the request must go to
         the target. MPI.Exception(ERR_RMA_RANGE) when they leave the window."""
-        if self.flavor == WIN_FLAVOR_DYNAMIC:
+        if self.flavor == WIN_FLAVOR_DYNAMIC or (target != self.comm._rank and not self.segments):
             return None
+        lock = self.locks.get(target)
+        if lock is not None and lock[1] != GRANTED:  # a load/store needs the lock itself
+            self.wait(self.ask(target, lock), target)
+            lock[1] = GRANTED
         if target == self.comm._rank:
             return self._target(target, disp, nbytes)
-        if not self.segments:
-            return None
         memory, unit = self.segments[target]
         start = disp * unit
         if disp < 0 or start + nbytes > len(memory):
@@ -441,19 +524,52 @@ class _Window:
                        f"are outside rank {target}'s window")  # fmt: skip
         return memory[start : start + nbytes]
 
-    def barrier(self) -> None:
-        """A barrier of the window's members by messages waited for as `wait` does (a
-        dissemination barrier): unlike the communicator's collectives (the collective area,
+    def ask(self, target: int, lock: list[Any]) -> Op:
+        """The receive of the grant of the passive epoch `lock` on comm rank `target`,
+        sending its LOCK request first if not sent yet. Under `guard`: of several threads
+        starting requests to the target at once, one sends the LOCK and the others wait
+        until it is sent, so that no request goes ahead of it."""
+        with self.guard:
+            if lock[1] == LAZY:
+                asked = self.send(target, K_LOCK, lock[0])
+                assert asked is not None
+                lock[1:] = [ASKED, asked[0]]
+                self.pending[target].append(asked[0])  # waited for by Flush/Unlock too
+        return lock[2]
+
+    def flush_local(self, target: int) -> None:
+        """Wait for the replies pending from comm rank `target` (local completion)."""
+        for op in self.pending.pop(target, []):
+            self.wait(op, target)
+
+    def fence(self) -> None:
+        """Fence (and Free's collective part): every rank sends every rank (itself too) a
+        FENCE marker behind its requests, then waits for everyone's marker. The service
+        applies an origin's requests in order, so the marker of rank o arriving here
+        means o's requests here are applied; all markers in means every rank entered this
+        fence: a barrier of one message per pair, no separate flush. Targets with Put/
+        Accumulate not known to be applied get FENCE_FLUSH instead, whose reply carries
+        their error for this rank (MPI.Exception, raised once every marker is in, so the
+        ranks stay in step). Unlike the communicator's collectives (the collective area,
         MPICH's between regions), this rank's service keeps answering while it waits."""
-        comm = self.comm
-        size, rank = len(comm._group), comm._rank
-        step = 1
-        while step < size:
-            source = (rank - step) % size
-            op = comm._irecv_op(memoryview(bytearray(0)), source, T_BARRIER, comm._ctx)
-            comm._isend_op(memoryview(b""), (rank + step) % size, T_BARRIER, comm._ctx, False)
-            self.wait(op, source)
-            step *= 2
+        size = len(self.comm._group)
+        for target in list(self.pending):
+            self.flush_local(target)
+        waits = []
+        for target in range(size):
+            if target in self.dirty:
+                posted = self.send(target, K_FENCE_FLUSH)
+                assert posted is not None
+                waits.append((target, *posted))
+            else:
+                self.send(target, K_FENCE)
+        self.dirty.clear()
+        self.fences += 1
+        fenced, fences = self.fenced, self.fences
+        self.until(lambda: all(fenced[r] >= fences for r in range(size)), range(size))
+        for target, op, sink in waits:
+            self.wait(op, target)
+            sink.check(op, f"window rank {target}")
 
     def close(self) -> None:
         """Stop the service (after the collective part of Free)."""
@@ -670,9 +786,8 @@ class Win(_MemoryBase, Handle):
         w = self._check()
         w.unexport()
         try:
-            w.flush(list(w.dirty | set(w.pending)))
+            w.fence()
         finally:  # the window goes even if a last request failed (raised after)
-            w.barrier()
             self._free(w)
 
     def _free(self, w: _Window) -> None:
@@ -1011,35 +1126,36 @@ class Win(_MemoryBase, Handle):
     def Fence(self, assertion: int = 0) -> None:
         """Complete every request of this rank at its targets, then a barrier: requests
         before the fence are applied everywhere when it returns. Collective."""
-        w = self._check()
-        try:
-            w.flush(list(w.dirty | set(w.pending)))
-        finally:  # an error reply still leaves the others' barrier matched
-            w.barrier()
+        self._check().fence()
 
     def Lock(self, rank: int, lock_type: int = LOCK_EXCLUSIVE, assertion: int = 0) -> None:
-        """Lock `rank`'s window (LOCK_EXCLUSIVE or LOCK_SHARED); returns once granted."""
+        """Begin a passive epoch on `rank`'s window (LOCK_EXCLUSIVE or LOCK_SHARED). Lazy,
+        as MPICH: nothing is sent until the first operation on `rank`, whose request goes
+        right behind the LOCK request (the target applies it once the lock is granted);
+        a load/store access (this rank's own memory, a shared segment) waits for the grant
+        first. MPI.Exception(ERR_RMA_SYNC) if this rank already has an epoch on `rank`."""
         w = self._check()
         if lock_type not in (LOCK_EXCLUSIVE, LOCK_SHARED):
             raise _err(exceptions.ERR_ARG, f"lock type {lock_type}")
         if self._rank(w, rank):
-            w.roundtrip(rank, K_LOCK, lock_type)
+            w.begin(rank, lock_type)
 
     def Unlock(self, rank: int) -> None:
-        """Complete every request to `rank` there, then release the lock."""
+        """Complete every request to `rank` there, then release the lock (no message when
+        the epoch had no operation)."""
         w = self._check()
         if self._rank(w, rank):
-            w.flush([rank], K_UNLOCK)
+            w.end([rank])
 
     def Lock_all(self, assertion: int = 0) -> None:
-        """A shared lock on every rank of the window."""
+        """A shared lock on every rank of the window (lazy, as Lock)."""
         w = self._check()
         for rank in range(len(w.comm._group)):
-            w.roundtrip(rank, K_LOCK, LOCK_SHARED)
+            w.begin(rank, LOCK_SHARED)
 
     def Unlock_all(self) -> None:
         w = self._check()
-        w.flush(range(len(w.comm._group)), K_UNLOCK)
+        w.end(range(len(w.comm._group)))
 
     def Flush(self, rank: int) -> None:
         """Complete every request of this rank to `rank`, there."""
@@ -1055,8 +1171,7 @@ class Win(_MemoryBase, Handle):
         """Local completion of the requests to `rank` (their replies are in)."""
         w = self._check()
         if self._rank(w, rank):
-            for op in w.pending.pop(rank, []):
-                w.wait(op, rank)
+            w.flush_local(rank)
 
     def Flush_local_all(self) -> None:
         w = self._check()

@@ -233,3 +233,76 @@ def test_waiters_see_completions_of_others():
         thread.join(JOIN_S)
     assert got == {t: ("late", t, left) for t in range(THREADS)}
     comm.Barrier()
+
+
+def test_windows_from_threads():
+    """Windows used from several threads at once: threads 1..3 of every rank run passive
+    epochs (Lock/Unlock, shared and exclusive) on window A with Accumulate, Put, Flush and
+    Get, while thread 0 runs Fence epochs (Put to the right neighbour, checked) on window B.
+    A process has one epoch per target at a time (MPI): the threads of a rank take turns on
+    a target through a lock of their own, not on the window. Accumulated counts come out
+    exact and every Get reads what its own thread put. Then every thread accumulates to
+    every target inside one Lock_all epoch of the main thread: one LOCK request per target
+    (several threads making the first request at once), no lock left behind."""
+    comm = MPI.COMM_WORLD
+    size, rank = comm.Get_size(), comm.Get_rank()
+    rounds = 8 * size
+    counts = MPI.Win.Allocate(size * 8, 8, comm=comm)  # slot r: accumulates of rank r
+    slots = np.zeros(THREADS * size, "i8")  # slot t * size + r: what thread t of rank r put
+    puts = MPI.Win.Create(slots, 8, comm=comm)
+    ring = np.zeros(2, "i8")
+    fences = MPI.Win.Create(ring, 8, comm=comm)
+    turns = [threading.Lock() for _ in range(size)]
+    for win in (counts, puts, fences):
+        win.Fence()
+
+    def passive(t: int) -> None:
+        for i in range(rounds):
+            target = (rank + i + t) % size
+            kind = MPI.LOCK_EXCLUSIVE if i % 3 == 0 else MPI.LOCK_SHARED
+            with turns[target]:
+                counts.Lock(target, kind)
+                counts.Accumulate(np.array([1], "i8"), target, rank, MPI.SUM)
+                counts.Unlock(target)
+                value = np.array([1000 * t + i], "i8")
+                got = np.zeros(1, "i8")
+                puts.Lock(target, kind)
+                puts.Put(value, target, t * size + rank)
+                puts.Flush(target)
+                puts.Get(got, target, t * size + rank)
+                puts.Unlock(target)
+                assert got[0] == value[0], (t, i, target, got)
+
+    def active() -> None:
+        for i in range(rounds):
+            fences.Put(np.array([rank, i], "i8"), (rank + 1) % size)
+            fences.Fence()
+            assert ring.tolist() == [(rank - 1) % size, i], (i, ring)
+            fences.Fence()
+
+    def shared(t: int) -> None:  # every thread inside the main thread's Lock_all epoch
+        for i in range(rounds):
+            target = (i + t) % size
+            counts.Accumulate(np.array([1], "i8"), target, rank, MPI.SUM)
+            old = np.zeros(1, "i8")
+            counts.Fetch_and_op(np.array([1], "i8"), old, target, rank, MPI.SUM)
+            counts.Flush(target)
+
+    _run_threads(lambda t: active() if t == 0 else passive(t))
+    counts.Fence()
+    puts.Fence()
+    mine = np.frombuffer(counts.tomemory(), "i8")
+    assert mine.tolist() == [(THREADS - 1) * rounds // size] * size, mine
+    counts.Fence()  # every rank has checked before the next phase adds to its memory
+    counts.Lock_all()
+    _run_threads(shared)
+    counts.Unlock_all()
+    for target in range(size):  # no lock left behind: an exclusive one is granted
+        total = np.zeros(1, "i8")
+        counts.Lock(target, MPI.LOCK_EXCLUSIVE)
+        counts.Fetch_and_op(np.zeros(1, "i8"), total, target, rank, MPI.NO_OP)
+        counts.Unlock(target)
+        assert total[0] == (THREADS - 1 + 2 * THREADS) * rounds // size, total
+    counts.Fence()
+    for win in (counts, puts, fences):
+        win.Free()
