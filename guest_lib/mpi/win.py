@@ -561,6 +561,8 @@ class _Window:
                 posted = self.send(target, K_FENCE_FLUSH)
                 assert posted is not None
                 waits.append((target, *posted))
+            elif target == self.comm._rank:  # nothing of its own in flight: no message
+                self.fenced[target] += 1
             else:
                 self.send(target, K_FENCE)
         self.dirty.clear()
