@@ -551,9 +551,10 @@ class RxRing(_RingBase):
             if head is None:
                 break
             offset, length, total, coretag = head
-            entry = self._posted_match(posted, coretag >> tag_bits, source, coretag & mask)
-            if entry is None or length - layout.SPAN_HEADER_SIZE != total:
+            index = self._posted_match(posted, coretag >> tag_bits, source, coretag & mask)
+            if index < 0 or length - layout.SPAN_HEADER_SIZE != total:
                 return taken, kick, head
+            entry = posted[index]
             try:
                 view = memoryview(entry.view)
             except TypeError:
@@ -563,27 +564,28 @@ class RxRing(_RingBase):
             self.read_into(offset + layout.SPAN_HEADER_SIZE, view.cast("B"), 0, total)
             kick = self.complete(1) or kick
             taken += 1
-            posted.remove(entry)
+            del posted[index]  # (by place: entries need not be told apart by ==)
             entry.source, entry.tag, entry.count = source, coretag & mask, total
             entry.done = True
         return taken, kick, None
 
     @staticmethod
-    def _posted_match(posted: list[Any], key: int, source: int, tag: int) -> Any:
-        """take_posted's match: the first entry of `posted` matching (key, source, tag) if it
-        is plain, else None (none matches, it is not plain, or an entry lacks a field)."""
+    def _posted_match(posted: list[Any], key: int, source: int, tag: int) -> int:
+        """take_posted's match: the index of the first entry of `posted` matching (key,
+        source, tag) if it is plain, else -1 (none matches, it is not plain, or an entry
+        lacks a field)."""
         try:
-            for entry in posted:
+            for index, entry in enumerate(posted):
                 if (
                     entry.ctx == key
                     and (entry.src < 0 or entry.src == source)
                     and (entry.want_tag < 0 or entry.want_tag == tag)
                 ):
                     plain = entry.sink is None and entry.mpi is None and entry.view is not None
-                    return entry if plain else None
+                    return index if plain else -1
         except AttributeError:
             pass
-        return None
+        return -1
 
     def read_into(self, src_offset: int, dest: Any, dest_offset: int, length: int) -> None:
         """Copy `length` bytes at region `src_offset` of a held span into `dest[dest_offset:]`."""
