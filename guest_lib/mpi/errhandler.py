@@ -10,18 +10,21 @@ communicator raises MPI.Exception:
   exception is raised (the call "returns the error", which mpi4py turns into a raise);
 - ERRORS_RETURN: the exception is raised.
 The handler applies to the calls made on the communicator itself, to the errors its
-requests report later at Wait/Test/Waitall/... (each request returned by a guarded call
-carries the communicator, and the communicator's handler at completion time applies; a
-request made while ERRORS_RETURN was set keeps raising only), and communicators made from
-it (Dup, Split, Create, ...) get it too, as MPI says. The communicator's methods
-are wrapped per instance only while a handler other than ERRORS_RETURN is set, so the
-default costs nothing.
+requests report later at Wait/Test/Waitall/... (the handler in effect when the error is
+raised, as MPI says: a request returned by a guarded call carries the communicator, and one
+made before any handler was set finds it by its context, see `owner_of`; a call that
+completes several requests, Waitall/Testall/Waitsome/Testsome, runs the handler once with
+ERR_IN_STATUS and raises that class, each status holding its request's error), and
+communicators made from it (Dup, Split, Create, ...) get it too, as MPI says. The
+communicator's methods are wrapped per instance only while a handler other than
+ERRORS_RETURN is set, so the default costs nothing.
 """
 
 from __future__ import annotations
 
 import functools
 import sys
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -150,6 +153,9 @@ def set_errhandler(comm: Any, errhandler: Errhandler) -> None:
         if getattr(value, "_errhandler_guard", False):
             delattr(comm, name)
     comm._errhandler = Errhandler(errhandler)
+    ctx = getattr(comm, "_ctx", None)
+    if isinstance(ctx, int) and ctx >= 0:  # its requests made before now find it
+        _by_context[ctx & ~1] = weakref.ref(comm)
     if errhandler._kind is _RETURN:
         return
     cls = type(comm)
@@ -165,6 +171,23 @@ def call_errhandler(comm: Any, errorcode: int) -> None:
     """Invoke the communicator's handler for `errorcode` (nothing for ERRORS_RETURN)."""
     comm._check()
     _handle(comm, getattr(comm, "_errhandler", ERRORS_RETURN)._kind, int(errorcode), "")
+
+
+_by_context: dict[int, weakref.ref[Any]] = {}  # p2p context -> its communicator (see below)
+
+
+def owner_of(op: Any) -> Any:
+    """The communicator of an operation's context (sends and receives know theirs) once a
+    handler was set on it, else None: the owner of an error of a request made before any
+    handler was set (the handler in effect when the error is raised applies, as MPI)."""
+    ctx = getattr(op, "ctx", None)
+    if ctx is None:
+        return None
+    ref = _by_context.get(ctx & ~1)
+    comm = ref() if ref is not None else None
+    if comm is None or comm._engine is None or comm._ctx != ctx & ~1:
+        return None  # (a freed communicator's context, reused or not)
+    return comm
 
 
 def call_errhandler_for(owner: Any, errorcode: int, what: str) -> None:

@@ -118,12 +118,12 @@ class Grequest(Request):
             raise exceptions.Exception(exceptions.ERR_REQUEST, "not an active Grequest")
         return op
 
-    def _fill(self, status: Status | None) -> Any:
+    def _fill(self, status: Status | None, handler: bool = True) -> Any:
         """Completion: query_fn fills the status, free_fn runs; the request becomes null;
-        returns the object `complete` gave."""
+        returns the object `complete` gave (their errors raise, with no handler run)."""
         op = self._op
         if not isinstance(op, _Generalized):
-            return super()._fill(status)
+            return super()._fill(status, handler)
         self._op = None
         target = Status() if status is None else status
         target._set(constants.ANY_SOURCE, constants.ANY_TAG, 0)

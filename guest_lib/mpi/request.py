@@ -58,8 +58,11 @@ class Request(Handle):
         self._finish: Callable[[Op], Any] | None = finish
 
     # ------------------------------------------------------------------ internals
-    def _fill(self, status: Status | None) -> Any:
-        """Completion: status, error, result object; the request becomes null."""
+    def _fill(self, status: Status | None, handler: bool = True) -> Any:
+        """Completion: status, error, result object; the request becomes null. An error
+        raises MPI.Exception, after the handler of the request's communicator ran (unless
+        `handler` is False: a call completing several requests runs it once, see
+        `_failed`)."""
         op = self._op
         if op is None:
             if status is not None:
@@ -79,10 +82,12 @@ class Request(Handle):
             what = getattr(op, "reason", "") or (  # a failed stage says why (StagedOp)
                 f"receive of {op.count} bytes from rank {source} (tag {op.tag})"
             )
-            if self._owner is not None:  # its handler first: abort, or call the user's
+            if handler:  # its communicator's handler first: abort, or call the user's
                 from guest_lib.mpi import errhandler  # it imports this module
 
-                errhandler.call_errhandler_for(self._owner, op.error, what)
+                owner = self._owner or errhandler.owner_of(op)
+                if owner is not None:
+                    errhandler.call_errhandler_for(owner, op.error, what)
             raise exceptions.Exception(op.error, what)
         if op.cancelled:
             return None
@@ -269,7 +274,7 @@ class Request(Handle):
         if engine is not None:
             engine.wait_until(_all_done([r._op for r in requests if r._op is not None]))
         results: list[Any] = []
-        error: BaseException | None = None
+        failed: list[tuple[Any, exceptions.Exception]] = []
         for index, request in enumerate(requests):
             op = request._op
             if (  # a plain request complete without error and no status asked: made null
@@ -283,14 +288,9 @@ class Request(Handle):
                 request._op = None
                 results.append(None)
                 continue
-            status = _status_at(statuses, index)
-            try:
-                results.append(request._fill(status))
-            except exceptions.Exception as exc:
-                results.append(None)
-                error = error or exc
-        if error is not None:
-            raise error
+            results.append(_fill_noting(request, _status_at(statuses, index), failed))
+        if failed:
+            _failed(failed, len(requests), "Waitall")
         return results
 
     @classmethod
@@ -414,11 +414,46 @@ class Request(Handle):
             else:
                 engine.progress()
         indices = [i for i, r in enumerate(requests) if r._op is not None and r._op.done]
-        results = [requests[i]._fill(_status_at(statuses, k)) for k, i in enumerate(indices)]
+        failed: list[tuple[Any, exceptions.Exception]] = []
+        results = [
+            _fill_noting(requests[i], _status_at(statuses, k), failed)
+            for k, i in enumerate(indices)
+        ]
+        if failed:
+            _failed(failed, len(indices), "Waitsome" if wait else "Testsome")
         return indices, results
 
     def __repr__(self) -> str:
         return "<Request null>" if self._op is None else f"<Request {type(self._op).__name__}>"
+
+
+def _fill_noting(
+    request: Request, status: Status | None, failed: list[tuple[Any, exceptions.Exception]]
+) -> Any:
+    """request._fill(status) without its handler: an error is noted in `failed` with the
+    communicator whose handler applies (None: none), and the result is None."""
+    op = request._op
+    try:
+        return request._fill(status, handler=False)
+    except exceptions.Exception as exc:
+        from guest_lib.mpi import errhandler  # it imports this module
+
+        failed.append((request._owner or errhandler.owner_of(op), exc))
+        return None
+
+
+def _failed(failed: list[tuple[Any, exceptions.Exception]], total: int, call: str) -> None:
+    """The end of a call that completed several requests, some with errors (their statuses
+    hold each one's error class): as MPI, the handler of the first failing request's
+    communicator runs once with ERR_IN_STATUS, then MPI.Exception(ERR_IN_STATUS) is
+    raised."""
+    what = f"{call}: {len(failed)} of {total} requests failed; the first: {failed[0][1]}"
+    owner = next((owner for owner, _ in failed if owner is not None), None)
+    if owner is not None:
+        from guest_lib.mpi import errhandler  # it imports this module
+
+        errhandler.call_errhandler_for(owner, exceptions.ERR_IN_STATUS, what)
+    raise exceptions.Exception(exceptions.ERR_IN_STATUS, what)
 
 
 def _status_at(statuses: Sequence[Status] | None, index: int) -> Status | None:

@@ -39,8 +39,8 @@ def test_truncation_found_at_wait_aborts_under_errors_are_fatal():
 
 
 def test_truncation_found_at_waitall_calls_the_user_handler():
-    """Under a user handler, Waitall calls it with (the communicator, ERR_TRUNCATE), then
-    raises MPI.Exception with that class; the job goes on to a clean end."""
+    """Under a user handler, Waitall calls it once with (the communicator, ERR_IN_STATUS),
+    then raises MPI.Exception with that class (MPI); the job goes on to a clean end."""
     done = _job(AT_WAIT, "user")
     assert done.returncode == 0, (done.returncode, done.stderr[-3000:])
-    assert "raised 14 handler saw [(True, 14)]" in done.stdout, done.stdout
+    assert "raised 17 handler saw [(True, 17)]" in done.stdout, done.stdout

@@ -102,3 +102,45 @@ def test_errhandler_return_and_user(comm):
     assert not handler and pickle.loads(pickle.dumps(MPI.ERRORS_RETURN)) is MPI.ERRORS_RETURN
     with pytest.raises(MPI.Exception):
         comm.Set_errhandler(MPI.ERRHANDLER_NULL)
+
+
+def test_errhandler_in_effect_at_the_error_and_err_in_status(comm):
+    """A handler set after a request was made applies to its error at Wait (MPI: the
+    handler in effect when the error is raised). Waitall with two failing requests of three
+    calls the handler once, with ERR_IN_STATUS, raises that class, and each status holds
+    its request's error (SUCCESS for the one that did not fail); Waitsome likewise."""
+    dup = comm.Dup()
+    rank = dup.Get_rank()
+    calls: list[int] = []
+    handler = MPI.Comm.Create_errhandler(lambda c, code: calls.append(code))
+    early = dup.Irecv(bytearray(2), rank, 1)  # made under ERRORS_RETURN
+    dup.Set_errhandler(handler)
+    dup.Send(b"12345", rank, 1)
+    with pytest.raises(MPI.Exception) as error:
+        early.Wait()
+    assert error.value.Get_error_class() == MPI.ERR_TRUNCATE and calls == [MPI.ERR_TRUNCATE]
+    calls.clear()
+    dup.Set_errhandler(MPI.ERRORS_RETURN)
+    requests = [
+        dup.Irecv(bytearray(1), rank, 2),
+        dup.Irecv(bytearray(8), rank, 3),
+        dup.Irecv(bytearray(1), rank, 4),
+    ]
+    dup.Set_errhandler(handler)
+    for tag in (2, 3, 4):
+        dup.Send(b"abc", rank, tag)
+    statuses = [MPI.Status() for _ in requests]
+    with pytest.raises(MPI.Exception) as error:
+        MPI.Request.Waitall(requests, statuses)
+    assert error.value.Get_error_class() == MPI.ERR_IN_STATUS
+    assert calls == [MPI.ERR_IN_STATUS]
+    assert [s.Get_error() for s in statuses] == [MPI.ERR_TRUNCATE, MPI.SUCCESS, MPI.ERR_TRUNCATE]
+    assert all(r == MPI.REQUEST_NULL for r in requests)
+    calls.clear()
+    failing = dup.Irecv(bytearray(1), rank, 5)
+    dup.Send(b"abc", rank, 5)
+    with pytest.raises(MPI.Exception) as error:
+        MPI.Request.Waitsome([failing])
+    assert error.value.Get_error_class() == MPI.ERR_IN_STATUS and calls == [MPI.ERR_IN_STATUS]
+    dup.Free()
+    handler.Free()
