@@ -19,11 +19,12 @@ the data a rank sees are the filetype's data bytes (its compiled type map,
 etypes of that stream. A transfer packs the memory buffer (its datatype through
 `buffers.parse`, the C packer for derived types) into a dense stream, cuts the stream
 into the file segments the view maps it to (adjacent segments merged) and does one
-pread/pwrite per segment. Data representations: "native" and "internal" (the same here), and
-"external32" (big-endian, MPI's canonical formats) for types whose size is the same there
-(LONG/UNSIGNED_LONG, 4 bytes in external32, are ERR_UNSUPPORTED_DATAREP in a view and
-ERR_CONVERSION in memory); `Register_datarep`'s user representations are recorded but views
-cannot use them (ERR_UNSUPPORTED_DATAREP).
+pread/pwrite per segment, or sieves many small ones (`_sieve`: one pread of their span; a
+write in atomic mode also writes the span back). Data representations: "native" and
+"internal" (the same here), and "external32" (big-endian, MPI's canonical formats) for
+types whose size is the same there (LONG/UNSIGNED_LONG, 4 bytes in external32, are
+ERR_UNSUPPORTED_DATAREP in a view and ERR_CONVERSION in memory); `Register_datarep`'s user
+representations are recorded but views cannot use them (ERR_UNSUPPORTED_DATAREP).
 
 Pointers: the individual file pointer lives in the rank. The shared file pointer is a
 counter in a hidden file next to the data file (`.NAME.shfp.TOKEN`, 8 bytes, made by the
@@ -307,7 +308,10 @@ class _Open:
             span = int(offsets[-1] + lengths[-1] - offsets[0])
             fcntl.lockf(self.fd, fcntl.LOCK_EX if write else fcntl.LOCK_SH, span, int(offsets[0]))
         try:
-            done = self._move(write, stream, offsets.tolist(), lengths.tolist())
+            if len(offsets) > 1 and _sieves(offsets, lengths, nbytes) and (locked or not write):
+                done = self._sieve(write, stream, offsets, lengths)
+            else:
+                done = self._move(write, stream, offsets.tolist(), lengths.tolist())
         except OSError as exc:
             raise _os_error(exc, "write" if write else "read") from None
         finally:
@@ -336,6 +340,36 @@ class _Open:
                         return moved
                 moved, offset, length = moved + count, offset + count, length - count
         return moved
+
+    def _sieve(self, write: bool, stream: memoryview, offsets: np.ndarray,
+               lengths: np.ndarray) -> int:  # fmt: skip
+        """Data sieving: one pread of the whole span of the segments, the stream bytes
+        gathered from it (a read) or scattered into it and the span written back (a
+        write: only under atomic mode's exclusive lock, as it rewrites the holes too).
+        Returns the stream bytes moved (a read stops at the end of the file)."""
+        base = int(offsets[0])
+        span = bytearray(int(offsets[-1] + lengths[-1]) - base)
+        got = os.preadv(self.fd, [span], base)
+        if not write:  # the segments, or their parts, that lie before the end of the file
+            inside = np.clip(base + got - offsets, 0, lengths)
+            short = np.flatnonzero(inside < lengths)
+            if len(short):
+                keep = int(short[0]) + 1
+                offsets, lengths = offsets[:keep], inside[:keep]
+        total = int(lengths.sum())
+        starts = np.cumsum(lengths) - lengths  # each segment's place in the stream
+        where = np.arange(total) + np.repeat(offsets - base - starts, lengths)
+        packed = np.frombuffer(span, np.uint8)
+        data = np.frombuffer(stream, np.uint8, total)
+        if not write:
+            data[:] = packed[where]
+            return total
+        packed[where] = data
+        view = memoryview(span)
+        written = 0
+        while written < len(span):
+            written += os.pwrite(self.fd, view[written:], base + written)
+        return total
 
     def individual(self, write: bool, buf: Any, status: Status | None) -> None:
         """A data call at the individual file pointer, which moves by the etypes asked."""
@@ -401,6 +435,14 @@ def _unlink(path: Any) -> None:
         os.unlink(path)
     except OSError as exc:
         raise _os_error(exc, f"delete {os.fsdecode(path)!r}") from None
+
+
+def _sieves(offsets: np.ndarray, lengths: np.ndarray, nbytes: int) -> bool:
+    """Whether one access of the whole span beats a call per segment: small segments
+    (under 4 KiB on average) whose span is at most 4 times the data plus 64 KiB, and 64 MiB
+    at the most."""
+    span = int(offsets[-1] + lengths[-1] - offsets[0])
+    return nbytes < 4096 * len(offsets) and span <= min(4 * nbytes + 65536, 64 << 20)
 
 
 def _same_external_size(datatype: Datatype, what: str, error: int) -> None:
