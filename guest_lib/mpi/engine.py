@@ -87,6 +87,7 @@ class _Doorbell:
         self.lock = lock
         self.blocking = inner.blocking
         self.releaser = 0  # threading.get_ident() of the owner, 0: none
+        self.slept = 0  # waits that released the lock (the engine's state may have changed)
 
     def kick(self, peer: int) -> None:
         self.inner.kick(peer)
@@ -94,6 +95,7 @@ class _Doorbell:
     def wait(self, timeout: float) -> bool:
         if self.releaser != threading.get_ident():
             return bool(self.inner.wait(timeout))
+        self.slept += 1
         saved = self.lock._release_save()
         try:
             return bool(self.inner.wait(timeout))
@@ -603,6 +605,7 @@ class Engine(Matching, FastPaths):
                 self._pause()
             return
         spin_only = self.has_mpi and (self.mpi_polling or self.mpi_active)
+        found = False  # the probe saw a message
         try:
             pushable = [item for item in self.sendq.items() if item[0] != self.placing]
             if pushable:
@@ -625,6 +628,7 @@ class Engine(Matching, FastPaths):
                 os.sched_yield()
             try:
                 ep.probe(source, -1, 0.0 if spin_only else IDLE_TIMEOUT)
+                found = True
             except CoreTimeout:
                 pass
             # (also after a probe that found nothing: a spin that never frees the lock
@@ -635,7 +639,7 @@ class Engine(Matching, FastPaths):
             pass
         except PeerLostError as exc:
             raise core_error(exc) from exc
-        if watch >= 0 and not solo:
+        if watch >= 0 and not solo and not found:  # (a check reads /proc: not when news came)
             self._check_watch(watch)
 
     def _check_watch(self, watch: int) -> None:

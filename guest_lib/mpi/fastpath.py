@@ -67,7 +67,8 @@ class FastPaths:
     lock: Any  # the engine lock (see `engine`)
     sleeping: bool  # a thread is the progress owner (see `engine.Engine.idle`)
     bell: Any  # the endpoint's notifier wrapper (`engine._Doorbell`) or None
-    _wake: Callable[[], None]  # tell napping waiters something moved
+    napping: int  # threads napping on `wakeup` (see `engine.Engine.idle`)
+    wakeup: Any  # the condition they nap on
     whole_max: int
     placing: int
     sendq: dict[int, collections.deque[Any]]
@@ -93,6 +94,7 @@ class FastPaths:
             if owner:
                 self.sleeping = True
                 bell.releaser = get_ident()
+                slept = bell.slept
         try:
             if not self.quiet():
                 return None
@@ -108,7 +110,8 @@ class FastPaths:
                 return None
             except PeerLostError as exc:
                 raise core_error(exc) from exc
-            if owner and not self.quiet():  # another thread took from the queues meanwhile
+            if owner and bell.slept != slept and not self.quiet():
+                # (the lock was free while it slept: another thread took from the queues)
                 self.dispatch(peer, coretag, nbytes, bytes(_bytes_of(buf)[:nbytes]))
                 return None
             if (
@@ -128,7 +131,8 @@ class FastPaths:
                 self.sleeping = False
                 self.bell.releaser = 0
             if threads:
-                self._wake()  # (another thread's message, or a napping waiter takes over)
+                if self.napping:  # (another thread's message, or a waiter takes over)
+                    self.wakeup.notify_all()
                 self.lock.release()
 
     def _fast_pieces(
