@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import functools
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -1042,24 +1042,23 @@ class Collectives:
         return functools.reduce(_op_func(op), items[: self._rank])
 
     # ------------------------------------------------------------------ reductions (buffers)
-    def _reduce_sink(self, acc: np.ndarray, op: ops.Op, datatype: Any) -> Callable[..., None]:
-        itemsize = acc.itemsize
+    def _reduce_sink(
+        self, acc: np.ndarray, op: ops.Op, datatype: Any, source: int
+    ) -> Callable[..., None]:
+        """The sink of rank `source`'s operand: each piece folded into acc as it arrives
+        (MPI.Exception naming the rank for a piece outside acc, see `_elements`)."""
 
         def sink(offset: int, data: Any) -> None:
-            start = offset // itemsize
-            operand = np.frombuffer(data, dtype=acc.dtype)
+            start, operand = _elements(acc, offset, data, source)
             op.reduce_into(acc[start : start + len(operand)], operand, datatype)
 
         return sink
 
     def _combine_sink(
-        self, out: np.ndarray, local: np.ndarray, op: ops.Op, local_is_left: bool
+        self, out: np.ndarray, local: np.ndarray, op: ops.Op, local_is_left: bool, source: int
     ) -> Callable[..., None]:
-        itemsize = out.itemsize
-
         def sink(offset: int, data: Any) -> None:
-            start = offset // itemsize
-            remote = np.frombuffer(data, dtype=out.dtype)
+            start, remote = _elements(out, offset, data, source)
             stop = start + len(remote)
             if local_is_left:
                 op.combine_to(out[start:stop], local[start:stop], remote)
@@ -1117,13 +1116,15 @@ class Collectives:
         others = [r for r in sources if r != rank]
         if op.is_commutative:
             recvs = [
-                self._c_irecv(None, r, tag, self._reduce_sink(acc, op, datatype)) for r in others
+                self._c_irecv(None, r, tag, self._reduce_sink(acc, op, datatype, r)) for r in others
             ]
             self._c_wait(recvs)
+            whole(zip(others, recvs, strict=True), acc.nbytes, "rank")
             return
         temps = {r: np.empty_like(acc) for r in others}
         recvs = [self._c_irecv(_raw(temps[r]), r, tag) for r in others]
         self._c_wait(recvs)
+        whole(zip(others, recvs, strict=True), acc.nbytes, "rank")
         temps[rank] = acc.copy()
         ordered = sorted(temps)
         result = temps[ordered[-1]].copy()
@@ -1150,10 +1151,11 @@ class Collectives:
             return
         if size == 2:
             peer = 1 - rank
-            sink = self._combine_sink(out, local, op, local_is_left=rank == 0)
+            sink = self._combine_sink(out, local, op, rank == 0, peer)
             recv = self._c_irecv(None, peer, T_ALLREDUCE, sink)
             send = self._c_isend(_raw(local), peer, T_ALLREDUCE)
             self._c_wait([recv, send])
+            whole([(peer, recv)], out.nbytes, "rank")
             if local.nbytes == 0:
                 return
             return
@@ -1181,15 +1183,19 @@ class Collectives:
         others = [j for j in range(size) if j != rank]
         mine = out[blocks[rank]]
         if size == 2 and local is not out:  # one pass: out = lower rank's op higher rank's
-            sink = self._combine_sink(mine, local[blocks[rank]], op, local_is_left=rank == 0)
+            sinks = [self._combine_sink(mine, local[blocks[rank]], op, rank == 0, j)
+                     for j in others]  # fmt: skip
         else:
             if local is not out:
                 mine[...] = local[blocks[rank]]
-            sink = self._reduce_sink(mine, op, datatype)
-        folds = [self._c_irecv(None, j, T_ALLREDUCE, sink) for j in others]
+            sinks = [self._reduce_sink(mine, op, datatype, j) for j in others]
+        folds = [
+            self._c_irecv(None, j, T_ALLREDUCE, sink) for j, sink in zip(others, sinks, strict=True)
+        ]
         gathers = [self._c_irecv(_raw(out[blocks[j]]), j, T_ALLREDUCE_GATHER) for j in others]
         sends = [self._c_isend(_raw(local[blocks[j]]), j, T_ALLREDUCE) for j in others]
         self._c_wait(folds)
+        whole(zip(others, folds, strict=True), mine.nbytes, "rank")
         sends += [self._c_isend(_raw(mine), j, T_ALLREDUCE_GATHER) for j in others]
         self._c_wait(sends + gathers)
 
@@ -1419,13 +1425,39 @@ class Collectives:
             yield [self._c_isend(_raw(local), root, tag), *(also or [])]
             return
         operands = {r: np.empty_like(local) for r in range(size) if r != root}
-        yield [self._c_irecv(_raw(operands[r]), r, tag) for r in operands] + (also or [])
+        recvs = {r: self._c_irecv(_raw(operands[r]), r, tag) for r in operands}
+        yield [*recvs.values(), *(also or [])]
+        whole(recvs.items(), local.nbytes, "rank")
         operands[root] = local
         result = operands[size - 1].copy()
         for r in reversed(range(size - 1)):
             op.reduce_into(result, operands[r], datatype)
         assert out is not None
         out[...] = result
+
+
+def _elements(acc: np.ndarray, offset: int, data: Any, source: int) -> tuple[int, np.ndarray]:
+    """(first element, the elements) of a piece of rank `source`'s operand that lands at
+    byte `offset` of `acc`. MPI.Exception(ERR_TRUNCATE) naming the rank for a piece that
+    is not whole elements inside acc (a longer operand, or one cut mid-element)."""
+    start, rest = divmod(offset, acc.itemsize)
+    n, cut = divmod(len(data), acc.itemsize)
+    if rest or cut or start + n > len(acc):
+        raise exceptions.Exception(exceptions.ERR_TRUNCATE, f"rank {source} sent {len(data)} "
+                                   f"operand bytes at byte {offset} of {acc.nbytes}")  # fmt: skip
+    return start, np.frombuffer(data, dtype=acc.dtype)
+
+
+def whole(received: Iterable[tuple[int, Op]], nbytes: int, who: str) -> None:
+    """MPI.Exception(ERR_TRUNCATE) naming the rank r of the first (r, op) of `received`
+    (completed receives of operands) whose message was not `nbytes` long: the rest of its
+    buffer holds no operand. `who` names the ranks ("rank", "Allreduce: remote rank")."""
+    for r, op in received:
+        if op.count != nbytes:
+            raise exceptions.Exception(
+                exceptions.ERR_TRUNCATE,
+                f"{who} {r} sent {op.count} bytes where {nbytes} are expected",
+            )
 
 
 def _same_message(sspec: buffers.Spec, rspec: buffers.Spec, what: str = "receive count") -> None:

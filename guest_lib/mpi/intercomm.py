@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 
 from guest_lib.mpi import buffers, constants, exceptions, locks, native, ops
-from guest_lib.mpi.collectives import NONBLOCKING_TAGS, T_NONBLOCKING
+from guest_lib.mpi.collectives import NONBLOCKING_TAGS, T_NONBLOCKING, whole
 from guest_lib.mpi.comm import COMM_NULL, Comm, Intracomm, same_class
 from guest_lib.mpi.constants import IN_PLACE, PROC_NULL, ROOT
 from guest_lib.mpi.engine import Engine, StagedOp
@@ -63,17 +63,6 @@ def _raw(array: np.ndarray) -> memoryview:
     if not array.nbytes:
         return memoryview(bytearray(0))
     return np.ascontiguousarray(array).view(np.uint8).data.cast("B")
-
-
-def _whole(recvs: list[Op], nbytes: int, what: str) -> None:
-    """MPI.Exception(ERR_TRUNCATE) naming the remote rank whose message (recvs[r], received
-    into a buffer of `nbytes`) was shorter: the rest of that buffer holds no operand."""
-    for r, op in enumerate(recvs):
-        if op.count != nbytes:
-            raise exceptions.Exception(
-                exceptions.ERR_TRUNCATE,
-                f"{what}: remote rank {r} sent {op.count} bytes where {nbytes} are expected",
-            )
 
 
 def _fold(parts: list[np.ndarray], op: ops.Op, datatype: Any) -> np.ndarray:
@@ -593,7 +582,7 @@ class Intercomm(Comm):
             parts = [np.empty_like(out) for _ in self._remote()]
             recvs = [self._recv(_raw(parts[r]), r, tag) for r in self._remote()]
             yield recvs
-            _whole(recvs, out.nbytes, "Reduce")
+            whole(enumerate(recvs), out.nbytes, "Reduce: remote rank")
             out[...] = _fold(parts, op, rspec.datatype)
         elif role == "leaf":
             yield [self._send(buffers.parse(sendbuf).view, root, tag)]
@@ -628,7 +617,7 @@ class Intercomm(Comm):
         parts = [np.empty_like(out) for _ in self._remote()]
         recvs = [self._recv(_raw(parts[r]), r, tag) for r in self._remote()]
         yield recvs + [self._send(_raw(mine), r, tag) for r in self._remote()]
-        _whole(recvs, out.nbytes, "Allreduce")
+        whole(enumerate(recvs), out.nbytes, "Allreduce: remote rank")
         out[...] = _fold(parts, op, rspec.datatype)
 
     def Iallreduce(self, sendbuf: Any, recvbuf: Any, op: ops.Op = ops.SUM) -> Request:
@@ -660,7 +649,7 @@ class Intercomm(Comm):
         told = mine.to_bytes(_COUNT_BYTES, "little")
         recvs = [self._recv(memoryview(wanted[r]), r, tag) for r in self._remote()]
         yield recvs + [self._send(memoryview(told), r, tag) for r in self._remote()]
-        _whole(recvs, _COUNT_BYTES, "Reduce_scatter")
+        whole(enumerate(recvs), _COUNT_BYTES, "Reduce_scatter: remote rank")
         full = _array(buffers.parse(sendbuf).view, rspec.datatype)
         sizes, starts, start = [], [], 0
         for r in self._remote():  # each remote rank's block, checked against what is left
@@ -678,7 +667,7 @@ class Intercomm(Comm):
         yield recvs + [
             self._send(_raw(full[starts[r] : starts[r] + sizes[r]]), r, tag) for r in self._remote()
         ]
-        _whole(recvs, parts[0].nbytes if parts else 0, "Reduce_scatter")
+        whole(enumerate(recvs), parts[0].nbytes if parts else 0, "Reduce_scatter: remote rank")
         out[:mine] = _fold(parts, op, rspec.datatype)
 
     def Ireduce_scatter(

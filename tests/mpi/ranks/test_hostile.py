@@ -10,12 +10,17 @@ step.
 - A message on a communicator's context from a rank outside it (its header forged): a probe
   that matches it drops it and raises naming its world rank (before: KeyError from a probe
   with a status, and without one the message was handed on as the communicator's).
+- An operand of a reduction on messages that is not the root's length: the root raises
+  naming the rank (before: a short one was folded with uninitialised memory (non-commutative
+  ops, Ireduce) or left part of the fold without it; a long one or one cut mid-element
+  raised a numpy ValueError naming nobody).
 """
 
 from __future__ import annotations
 
 import time
 
+import numpy as np
 import pytest
 
 from guest_lib.mpi import MPI, area
@@ -68,3 +73,40 @@ def test_message_from_outside_the_communicator_is_refused_naming_its_sender(prob
         assert not solo.Iprobe(MPI.ANY_SOURCE, MPI.ANY_TAG)  # dropped
     WORLD.Barrier()
     solo.Free()
+
+
+NONCOMMUTATIVE = MPI.Op.Create(lambda inbuf, inoutbuf, datatype: None, commute=False)
+
+
+@pytest.mark.parametrize(
+    ("call", "nbytes", "what"),
+    [("Reduce", 3, "sent 3 operand bytes at byte 0 of 32"),
+     ("Reduce", 64, "sent 64 operand bytes at byte 0 of 32"),
+     ("Reduce", 8, "sent 8 bytes where 32 are expected"),
+     ("noncommutative", 8, "sent 8 bytes where 32 are expected"),
+     ("Ireduce", 8, "sent 8 bytes where 32 are expected")],
+    ids=["odd", "long", "short", "noncommutative-short", "Ireduce-short"],
+)  # fmt: skip
+def test_operand_of_another_length_is_refused_naming_its_rank(comm, call, nbytes, what):
+    """Reductions on messages (the collective area kept out): the last rank sends an
+    operand of `nbytes` where the root folds 4 int64."""
+    size = comm.Get_size()
+    if size < 2 or any(route == 2 for route, _ in MPI._internal_state()["routes"]):
+        pytest.skip("needs two ranks on shared memory")
+    dup = comm.Dup()
+    dup._area = False  # (what the window's communicators do)
+    rank, hostile = dup.Get_rank(), size - 1
+    op = NONCOMMUTATIVE if call == "noncommutative" else MPI.MAX
+    send = bytearray(nbytes) if rank == hostile else np.ones(4, "i8")
+    if rank == 0:
+        with pytest.raises(MPI.Exception, match=f"rank {hostile} {what}"):
+            if call == "Ireduce":
+                dup.Ireduce(send, np.zeros(4, "i8"), op, 0).Wait()
+            else:
+                dup.Reduce(send, np.zeros(4, "i8"), op, 0)
+    else:
+        (dup.Ireduce(send, None, op, 0).Wait() if call == "Ireduce"
+         else dup.Reduce(send, None, op, 0))  # fmt: skip
+    dup.Barrier()
+    assert dup.allreduce(1) == size  # the next collectives work
+    dup.Free()
