@@ -32,9 +32,11 @@ completion (`Flush`, `Unlock`, `Complete`) is a FLUSH/UNLOCK round trip to each 
 with Put/Accumulate not known to be applied (none when there is none): the reply comes after
 every earlier request of this origin was applied, and carries the error of any of them
 (ERR_RMA_RANGE for a range outside the target window, ...). `Fence`: every rank sends every
-rank a FENCE marker behind its requests and waits for everyone's (one message per pair:
-the barrier and the completion at once; FENCE_FLUSH, answered, to targets with Put/
-Accumulate of this fence epoch, for their errors). `Lock`/`Unlock`: lazy, as MPICH: `Lock`
+rank a FENCE marker behind its requests and waits for everyone's (then every request to
+it is applied), then a FENCE_DONE to every rank and waits for everyone's (then every
+request of the epoch is applied everywhere): two messages per pair, completion and barrier
+together; FENCE_FLUSH, answered, to targets with Put/Accumulate of the epoch, for their
+errors. `Lock`/`Unlock`: lazy, as MPICH: `Lock`
 sends nothing; the first request to the target goes right behind a LOCK request, and the
 target keeps an origin's requests behind its LOCK until it grants it (in request order:
 shared locks together, an exclusive one alone); load/store access (own memory, shared
@@ -120,7 +122,7 @@ REQ = struct.Struct("<BBBxIqq8s")  # kind, op index / lock type, flags, reply ta
 # nbytes, element code
 REPLY = struct.Struct("<B7x")  # error class (0: success), then the data or the error text
 (K_PUT, K_GET, K_ACC, K_GACC, K_CAS, K_FLUSH, K_LOCK, K_UNLOCK, K_POST, K_COMPLETE, K_FENCE,
- K_FENCE_FLUSH, K_RELEASE) = range(1, 14)  # fmt: skip
+ K_FENCE_FLUSH, K_RELEASE, K_FENCE_DONE) = range(1, 15)  # fmt: skip
 _REPLIES = frozenset({K_GET, K_GACC, K_CAS, K_FLUSH, K_LOCK, K_UNLOCK, K_FENCE_FLUSH})
 T_SERVICE = 0  # the tag of requests on the window's communicator; replies use 1..TAG_UB
 ACC_OPS = (ops.SUM, ops.PROD, ops.MAX, ops.MIN, ops.LAND, ops.BAND, ops.LOR, ops.BOR, ops.LXOR,
@@ -216,6 +218,7 @@ class _Window:
         # LOCK, without waiting for the grant)
         self.backlog: dict[int, collections.deque[bytes]] = {}
         self.fenced: collections.Counter[int] = collections.Counter()  # FENCE markers seen
+        self.fence_done: collections.Counter[int] = collections.Counter()  # FENCE_DONE seen
         self.errors: dict[int, tuple[int, str]] = {}  # origin -> first error of a Put/Acc
         self.posts: collections.Counter[int] = collections.Counter()  # POST notices seen
         self.completes: collections.Counter[int] = collections.Counter()
@@ -319,6 +322,8 @@ class _Window:
                 self._reply(origin, tag, text.encode(), error)
             elif kind == K_FENCE:
                 self.fenced[origin] += 1
+            elif kind == K_FENCE_DONE:
+                self.fence_done[origin] += 1
             elif kind == K_RELEASE:  # UNLOCK without a reply (nothing left to complete)
                 self._release(origin)
             elif kind == K_LOCK:
@@ -543,16 +548,18 @@ class _Window:
             self.wait(op, target)
 
     def fence(self) -> None:
-        """Fence (and Free's collective part): every rank sends every rank (itself too) a
-        FENCE marker behind its requests, then waits for everyone's marker. The service
-        applies an origin's requests in order, so the marker of rank o arriving here
-        means o's requests here are applied; all markers in means every rank entered this
-        fence: a barrier of one message per pair, no separate flush. Targets with Put/
-        Accumulate not known to be applied get FENCE_FLUSH instead, whose reply carries
-        their error for this rank (MPI.Exception, raised once every marker is in, so the
-        ranks stay in step). Unlike the communicator's collectives (the collective area,
-        MPICH's between regions), this rank's service keeps answering while it waits."""
-        size = len(self.comm._group)
+        """Fence (and Free's collective part): two all-to-all rounds of one message per
+        pair. 1: every rank sends every rank a FENCE marker behind its requests and waits
+        for everyone's; the service applies an origin's requests in order, so all markers
+        in means every request to this rank is applied. 2: every rank tells every rank so
+        (FENCE_DONE) and waits for everyone's: then every request of the epoch is applied
+        everywhere (a Get of the next epoch sees a third rank's Put of this one). Targets
+        with Put/Accumulate not known to be applied get FENCE_FLUSH instead of FENCE,
+        whose reply carries their error for this rank (MPI.Exception, raised once both
+        rounds are over, so the ranks stay in step). Unlike the communicator's
+        collectives (the collective area, MPICH's between regions), this rank's service
+        keeps answering while it waits."""
+        size, rank = len(self.comm._group), self.comm._rank
         for target in list(self.pending):
             self.flush_local(target)
         waits = []
@@ -561,14 +568,19 @@ class _Window:
                 posted = self.send(target, K_FENCE_FLUSH)
                 assert posted is not None
                 waits.append((target, *posted))
-            elif target == self.comm._rank:  # nothing of its own in flight: no message
+            elif target == rank:  # nothing of its own in flight: no message
                 self.fenced[target] += 1
             else:
                 self.send(target, K_FENCE)
         self.dirty.clear()
         self.fences += 1
-        fenced, fences = self.fenced, self.fences
+        fences, fenced, done = self.fences, self.fenced, self.fence_done
         self.until(lambda: all(fenced[r] >= fences for r in range(size)), range(size))
+        done[rank] += 1
+        for target in range(size):
+            if target != rank:
+                self.send(target, K_FENCE_DONE)
+        self.until(lambda: all(done[r] >= fences for r in range(size)), range(size))
         for target, op, sink in waits:
             self.wait(op, target)
             sink.check(op, f"window rank {target}")

@@ -413,3 +413,23 @@ def test_polling_own_memory_with_flush_lets_requests_in(comm):
         flag[0] = 0
         win.Fence()
     win.Free()
+
+
+def test_fence_completes_puts_for_third_ranks(comm):
+    """After a Fence, a Get from any rank sees every Put of the epoch, a third rank's too:
+    rank r puts many elements into r+1, and right after the Fence rank r-1 reads them
+    there (it read stale data when a Fence only waited for every rank's marker: r+1 could
+    answer r-1's Get before applying r's Puts)."""
+    rank, size = comm.Get_rank(), comm.Get_size()
+    memory = np.zeros(64, "i8")
+    win = MPI.Win.Create(memory, 8, comm=comm)
+    for epoch in range(1, 4):
+        win.Fence()
+        for i in range(64):
+            win.Put(np.array([epoch * 1000 + rank], "i8"), (rank + 1) % size, i)
+        win.Fence()
+        got = np.zeros(64, "i8")
+        win.Get(got, (rank + 2) % size)
+        assert got.tolist() == [epoch * 1000 + (rank + 1) % size] * 64, (epoch, got)
+    win.Fence()
+    win.Free()
