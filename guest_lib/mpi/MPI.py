@@ -9,20 +9,22 @@ rank get an error instead of hanging.
 
 from __future__ import annotations
 
+# (Module objects are taken off this namespace at the end of the module: a function here
+# uses what it needs from a module through a name bound to that thing, not `module.thing`.)
 import atexit
-import socket as _socket
 import sys as _sys
-import threading as _threading
 import time as _time
+from socket import gethostname as _gethostname
+from threading import Lock as _Lock
+from threading import get_ident as _get_ident
+from time import perf_counter as _perf_counter
 from typing import Any
 
 from guest_lib.mpi import bootstrap as _bootstrap
 from guest_lib.mpi import comm as _comm
 from guest_lib.mpi import constants as _constants
 from guest_lib.mpi import dynproc as _dynproc
-from guest_lib.mpi import locks as _locks
 from guest_lib.mpi import native as _native
-from guest_lib.mpi import ulfm as _ulfm
 from guest_lib.mpi.buffers import Spec as _Spec  # noqa: F401 - re-exported for tools
 from guest_lib.mpi.comm import COMM_NULL, Comm, Intracomm
 from guest_lib.mpi.constants import (
@@ -100,6 +102,8 @@ from guest_lib.mpi.grequest import Grequest
 from guest_lib.mpi.group import GROUP_EMPTY, GROUP_NULL, Group
 from guest_lib.mpi.info import INFO_ENV, INFO_NULL, Info
 from guest_lib.mpi.intercomm import Intercomm
+from guest_lib.mpi.locks import comm_lock as _lock_of
+from guest_lib.mpi.locks import lock_table as _lock_table_of
 from guest_lib.mpi.memory import (
     BSEND_OVERHEAD,
     Aint_add,
@@ -150,6 +154,7 @@ from guest_lib.mpi.topology import (
     Graphcomm,
     Topocomm,
 )
+from guest_lib.mpi.ulfm import dead_worlds as _dead_worlds
 from guest_lib.mpi.win import (
     LOCK_EXCLUSIVE,
     LOCK_SHARED,
@@ -206,7 +211,7 @@ def Init() -> None:
 
 
 # Threads: every call is safe from any thread (THREAD_MULTIPLE; see guest_lib.mpi.engine).
-_MAIN_THREAD = _threading.get_ident()  # the thread that initialised MPI (imported this module)
+_MAIN_THREAD = _get_ident()  # the thread that initialised MPI (imported this module)
 _THREAD_LEVELS = {
     "single": THREAD_SINGLE,
     "funneled": THREAD_FUNNELED,
@@ -219,7 +224,7 @@ _thread_level: list[int] = []  # the level Init_thread granted, once called
 def _rc_thread_level() -> int:
     """The level mpi4py's `rc.thread_level` asks for ("multiple", mpi4py's default, when
     mpi4py is not imported or says nothing else)."""
-    rc = getattr(_sys.modules.get("mpi4py"), "rc", None)
+    rc = getattr(_MODULES.get("mpi4py"), "rc", None)
     return _THREAD_LEVELS.get(str(getattr(rc, "thread_level", "multiple")).lower(), THREAD_MULTIPLE)
 
 
@@ -241,7 +246,7 @@ def Query_thread() -> int:
 
 def Is_thread_main() -> bool:
     """True in the thread that initialised MPI (the one that imported this module)."""
-    return _threading.get_ident() == _MAIN_THREAD
+    return _get_ident() == _MAIN_THREAD
 
 
 def Is_initialized() -> bool:
@@ -263,7 +268,7 @@ def Finalize() -> None:
             not _state["failed"]
             and _engine.world_size > 1
             and COMM_WORLD._ctx not in _engine.revoked
-            and not _ulfm.dead_worlds(_engine, COMM_WORLD._group)
+            and not _dead_worlds(_engine, COMM_WORLD._group)
         ):
             COMM_WORLD.Barrier()
     finally:
@@ -305,15 +310,15 @@ atexit.register(Finalize)
 
 def Wtime() -> float:
     """Seconds since an arbitrary point (monotonic, high resolution)."""
-    return _time.perf_counter()
+    return _perf_counter()
 
 
 def Wtick() -> float:
-    return _time.get_clock_info("perf_counter").resolution
+    return _TICK
 
 
 def Get_processor_name() -> str:
-    return _socket.gethostname()
+    return _gethostname()
 
 
 def Get_version() -> tuple[int, int]:
@@ -338,18 +343,18 @@ def Pcontrol(level: int) -> None:
     pass
 
 
-def _comm_lock_table(comm: Comm) -> dict[Any, _threading.Lock]:
+def _comm_lock_table(comm: Comm) -> dict[Any, _Lock]:
     """mpi4py's per-communicator lock table (see guest_lib.mpi.locks)."""
-    return _locks.lock_table(comm)
+    return _lock_table_of(comm)
 
 
-def _comm_lock(comm: Comm, key: Any = None) -> _threading.Lock:
+def _comm_lock(comm: Comm, key: Any = None) -> _Lock:
     """The lock of `comm` for `key`, made on first use (as mpi4py's `_comm_lock`; the
     object collectives hold the one named after them)."""
-    return _locks.comm_lock(comm, key)
+    return _lock_of(comm, key)
 
 
-_lock_guard = _threading.Lock()  # (see _commctx)
+_lock_guard = _Lock()  # (see _commctx)
 
 
 def _commctx_intra(comm: Intracomm) -> tuple[Intracomm, int]:
@@ -425,6 +430,15 @@ def Get_abi_fortran_info() -> Info:
     """MPI-5's Fortran ABI information: INFO_NULL, this MPI has no Fortran binding."""
     return INFO_NULL
 
+
+# No module objects in the namespace, as in mpi4py's (mpi4py's test_doc walks vars(MPI) and
+# would descend into them, and `from ... import *` would export them): what the functions
+# above use from modules is bound to names of its own.
+_MODULES = _sys.modules
+_TICK = _time.get_clock_info("perf_counter").resolution
+for _name in [name for name, value in globals().items() if isinstance(value, type(_sys))]:
+    del globals()[_name]
+del _name
 
 __all__ = [name for name in dir() if not name.startswith("_") and name != "annotations"]
 _unused = (  # names re-exported on purpose (mpi4py's MPI namespace), not used here

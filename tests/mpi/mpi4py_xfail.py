@@ -69,8 +69,11 @@ ENTRIES: list[tuple[str, str, str]] = [
     (
         "test_doc.*",
         "xfail",
-        "wrong: the MPI module holds modules (numpy, ...) as attributes; test_doc's walk of "
-        "its namespace recurses through them without end (issue #11)",
+        "wrong: docstrings are not in the layout test_doc checks (mpi4py's, made by Cython: "
+        "a signature line, then a summary line that starts with a capital and ends with "
+        "'.'): 562 of the 786 classes, functions, methods and properties its walk of the MPI "
+        "namespace reaches fail it, 162 with no docstring and 204 with only one line (the "
+        "walk itself now ends: the namespace holds no module objects) (issue #11)",
     ),
     (
         "test_msgspec.TestMessageCAIBuf.testAttrEmpty",

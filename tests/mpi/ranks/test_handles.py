@@ -64,3 +64,17 @@ def test_comm_fromhandle_gives_the_communicators_own_kind():
         for back in (MPI.Comm.fromhandle(comm.handle), MPI.Comm.f2py(comm.py2f())):
             assert type(back) is type(comm) and back == comm
         comm.Free()
+
+
+def test_mpi_namespace_holds_no_modules():
+    """mpi4py's MPI namespace holds no module objects (its test_doc walks vars(MPI) and
+    would descend into one, numpy's or threading's, without end), and `from MPI import *`
+    gives none."""
+    import types
+
+    assert [name for name, value in vars(MPI).items() if isinstance(value, types.ModuleType)] == []
+    assert not [name for name in MPI.__all__ if isinstance(getattr(MPI, name), types.ModuleType)]
+    assert MPI.Wtick() > 0 and MPI.Wtime() > 0 and MPI.Get_processor_name()
+    assert MPI.Is_thread_main() and MPI.Query_thread() in (MPI.THREAD_SINGLE, MPI.THREAD_MULTIPLE)
+    lock = MPI._comm_lock(MPI.COMM_SELF, "x")
+    assert MPI._comm_lock_table(MPI.COMM_SELF)["x"] is lock
