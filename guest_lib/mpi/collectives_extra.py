@@ -29,6 +29,8 @@ from guest_lib.mpi.constants import IN_PLACE
 from guest_lib.mpi.matching import Op
 from guest_lib.mpi.request import Request
 
+Exchanger = Callable[[bytes, int], Generator[list[Op], None, list[bytes]]]
+
 
 class ExtraCollectives(Collectives):
     """Iscan, Iexscan, Ireduce_scatter(_block), Alltoallw, Ialltoallw, Split_type, Idup."""
@@ -256,15 +258,20 @@ class ExtraCollectives(Collectives):
 
     Idup_with_info = Idup
 
-    def _agree_context(self, tag: int) -> Generator[list[Op], None, int]:
-        """Stages agreeing on a context pair free on every member (see Idup); its value."""
+    def _agree_context(
+        self, tag: int, exchange: Exchanger | None = None
+    ) -> Generator[list[Op], None, int]:
+        """Stages agreeing on a context pair free on every member (see Idup); its value.
+        `exchange(data, tag)`: the stages sending `data` to every other member and giving
+        what they sent (default `_exchange_bytes`; ulfm's Shrink passes its own, which
+        leaves failed members out)."""
         engine = self._check()
+        if exchange is None:
+            exchange = self._exchange_bytes
         while True:
             with engine.lock:
                 used = sum(1 << ctx for ctx in engine.used_ctx)
-            parts = yield from self._exchange_bytes(
-                used.to_bytes(constants.CTX_MAP_BYTES, "little"), tag
-            )
+            parts = yield from exchange(used.to_bytes(constants.CTX_MAP_BYTES, "little"), tag)
             for part in parts:
                 if len(part) != constants.CTX_MAP_BYTES:
                     raise exceptions.Exception(exceptions.ERR_INTERN, "Idup: bad context map")
@@ -282,13 +289,13 @@ class ExtraCollectives(Collectives):
                 free_here = not engine.used_ctx.intersection(pair)
                 if free_here:
                     engine.used_ctx.update(pair)  # reserved: no other agreement takes it
-            flags = yield from self._exchange_bytes(b"\x01" if free_here else b"\x00", tag)
+            flags = yield from exchange(b"\x01" if free_here else b"\x00", tag)
             if free_here and all(flag == b"\x01" for flag in flags):
                 # Messages on the freed context that had it came before these parts: they
                 # were dropped. A last exchange, sent once the context is taken again here,
                 # keeps every member from sending on it before all of them have taken it.
                 engine.reuse_context(pair)
-                yield from self._exchange_bytes(b"", tag)
+                yield from exchange(b"", tag)
                 return ctx
             if free_here:
                 with engine.lock:

@@ -20,28 +20,35 @@ are never seen failed: their slots are not in this region.
   (the agreement of a new context fences every earlier message, see comm._alloc_ctx).
 - `Agree(flag)` / `Iagree(buf)`: the bitwise AND of the flags (C ints) of the members
   that are alive, on a revoked communicator too. Every member sends its flag to every
-  other one it does not know failed (tags T_FT + n on the collective context, the same
-  numbering on every member) and waits for each one's flag or its failure (a look at the
-  slots every CHECK_S); then a second round the same way with the AND each got, whose AND
-  is the result. MPI.Exception(ERR_PROC_FAILED) afterwards if a member is failed and not
-  acknowledged (the flag, in the Iagree buffer, is still the AND). A member that dies in
-  the first round having sent its flag to some survivors only is absorbed by the second
-  (every survivor ANDs every survivor's first result); this is not ULFM's consensus: a
-  death in the middle of the second round can still leave survivors disagreeing.
+  other one it does not know failed (tags from T_FT on the collective context, a block
+  of them per call, numbered alike on every member) and waits for each one's flag or its
+  failure (a look at the slots every CHECK_S); then a second round the same way with the
+  AND each got, whose AND is the result. MPI.Exception(ERR_PROC_FAILED) afterwards if a
+  member is failed and not acknowledged (the flag, in the Iagree buffer, is still the
+  AND). A member that dies in the first round having sent its flag to some survivors
+  only is absorbed by the second (every survivor ANDs every survivor's first result);
+  this is not ULFM's consensus: a death in the middle of the second round can still
+  leave survivors disagreeing.
 - `Shrink` / `Ishrink`: a new communicator of the members alive, in the same order, with
-  a new context. The members exchange the failed sets they know (twice: a failure seen
-  during the first exchange joins the second), then agree on a context as Dup does, by
-  the same exchanges (comm.Comm.agreed_ctx), and a last exchange fences it. Ishrink runs
-  the shrink at the call and returns a completed request with the new communicator.
+  a new context (an intercommunicator: two, its own and its local group's), made in
+  stages driven by progress (Shrink waits for them; Ishrink's communicator is a null
+  handle until its request completes). The members exchange the failed sets they know
+  (twice: a failure seen during the first exchange joins the second), then agree on a
+  context as Idup does (collectives_extra._agree_context: reserve the highest pair free
+  in the union of the maps, confirm, fence) with these exchanges in place of messages to
+  every member. In a job over several regions the mpi4py mirrors are duplicated by
+  mpi4py's Idup; with a failed member there, ERR_PROC_FAILED (they cannot be shrunk).
 """
 
 from __future__ import annotations
 
+import functools
+import itertools
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from typing import TYPE_CHECKING, Any
 
-from guest_lib.mpi import constants, exceptions, wire
+from guest_lib.mpi import exceptions, wire
 from guest_lib.mpi.engine import StagedOp
 from guest_lib.mpi.matching import Op, RecvOp
 from ivshmem_comm import layout
@@ -50,8 +57,9 @@ if TYPE_CHECKING:
     from guest_lib.mpi.comm import Comm
     from guest_lib.mpi.engine import Engine
 
-T_FT = wire.FT_TAGS_FROM  # tags T_FT + n on a collective context: exchange n
-FT_TAGS = 1 << 15
+T_FT = wire.FT_TAGS_FROM  # tags from T_FT on a collective context: Agree / Shrink
+FT_SPAN = 8  # tags of one Agree / Shrink (its exchanges take them in turn)
+FT_BLOCKS = (1 << 15) // FT_SPAN  # Agree / Shrink calls before a block comes round again
 CHECK_S = 0.05  # s: how often a wait for a member's message looks whether it failed
 _GONE = (layout.PEER_FREE, layout.PEER_LEFT, layout.PEER_DEAD)
 _INT = 4  # bytes of an Agree flag (a C int)
@@ -110,12 +118,9 @@ class Exchange(Op):
 
     __slots__ = ("engine", "got", "lost", "next_look", "pending", "sends")
 
-    def __init__(self, comm: Comm, data: bytes, skip: list[int]) -> None:
+    def __init__(self, comm: Comm, data: bytes, skip: list[int], tag: int) -> None:
         super().__init__()
         engine = comm._check()
-        seq = comm.__dict__.get("_ft_seq", 0)
-        comm.__dict__["_ft_seq"] = seq + 1
-        tag = T_FT + seq % FT_TAGS
         self.engine = engine
         self.got: dict[int, bytes] = {}
         self.lost: list[int] = list(skip)
@@ -164,11 +169,17 @@ class Exchange(Op):
         pass  # (Op.__init__ sets it: completion is computed)
 
 
-def _wait_exchange(comm: Comm, data: bytes, skip: list[int]) -> Exchange:
-    """Run one exchange to its end (blocking)."""
-    exchange = Exchange(comm, data, skip)
-    comm._check().wait_until(lambda: exchange.done)
-    return exchange
+def _ft_tags(comm: Comm) -> Iterator[int]:
+    """The tags of the exchanges of a new Agree or Shrink on `comm`, taken at its call:
+    the calls are numbered alike on every member (MPI orders collective calls), while
+    their exchanges may start in another order relative to other calls' (they advance
+    with progress). A call's exchanges run one after another on every member, so its
+    FT_SPAN tags can come round within it (messages of one sender and tag match in
+    order)."""
+    seq = comm.__dict__.get("_ft_seq", 0)
+    comm.__dict__["_ft_seq"] = seq + 1
+    base = T_FT + seq % FT_BLOCKS * FT_SPAN
+    return itertools.cycle(range(base, base + FT_SPAN))
 
 
 def revoke(comm: Comm) -> None:
@@ -233,12 +244,14 @@ def iagree(comm: Comm, flag: Any) -> Any:
     view = view.cast("B")
     mine = int.from_bytes(view, "little", signed=True)
     skip = list(_noticed(comm))
+    tags = _ft_tags(comm)
 
     def stages() -> Iterator[list[Op]]:
-        first = Exchange(comm, bytes(view), skip)
+        first = Exchange(comm, bytes(view), skip, next(tags))
         yield [first]
         value = _and_of(first, mine)
-        second = Exchange(comm, value.to_bytes(_INT, "little", signed=True), first.lost)
+        flag = value.to_bytes(_INT, "little", signed=True)
+        second = Exchange(comm, flag, first.lost, next(tags))
         yield [second]
         value = _and_of(second, value)
         view[:] = value.to_bytes(_INT, "little", signed=True)
@@ -279,76 +292,79 @@ def _bits(worlds: list[int]) -> bytes:
     return value.to_bytes((max(worlds, default=0) + 8) // 8, "little")
 
 
-def _survivors(comm: Comm) -> list[int]:
-    """The failed members every survivor knows of (two exchanges of the failed sets)."""
-    failed = set(_noticed(comm))
-    for _ in range(2):
-        exchange = _wait_exchange(comm, _bits(sorted(failed)), sorted(failed))
-        failed.update(exchange.lost)
-        for data in exchange.got.values():
-            bits = int.from_bytes(data, "little")
-            failed.update(w for w in range(bits.bit_length()) if bits >> w & 1)
-    known = comm.__dict__.setdefault("_ft_failed", [])
-    known.extend(w for w in sorted(failed) if w not in known)
-    return sorted(failed)
-
-
 def shrink(comm: Comm) -> Any:
     """Comm.Shrink: a new communicator of the members alive (module docstring); an
-    Intercomm for an intercommunicator (COMM_NULL when a whole group failed)."""
-    from guest_lib.mpi.comm import COMM_NULL, Intracomm
-
-    engine = comm._check()
-    failed = _survivors(comm)
-    if failed and comm._mirror is not None:
-        raise exceptions.Exception(
-            exceptions.ERR_PROC_FAILED,
-            f"Shrink: world ranks {failed} failed, and {comm!r} reaches members through "
-            "mpi4py, whose communicators cannot be shrunk here",
-        )
-
-    def union_of(used: int) -> int:
-        size = constants.CTX_MAP_BYTES + 1
-        exchange = _wait_exchange(comm, used.to_bytes(size, "little"), failed)
-        for data in exchange.got.values():
-            used |= int.from_bytes(data, "little")
-        return used
-
-    ctx = comm.agreed_ctx((comm._ctx, T_FT), union_of)
-    local = getattr(comm, "_local_group", None)
-    if local is None:
-        _wait_exchange(comm, b"", failed)  # fence (see comm._alloc_ctx)
-        group = [w for w in comm._group if w not in failed]
-        return Intracomm(engine, group, ctx, *_mirrors(comm))
-    from guest_lib.mpi.intercomm import Intercomm
-
-    local_ctx = comm.agreed_ctx((comm._ctx, T_FT + 1), union_of)
-    _wait_exchange(comm, b"", failed)
-    mine = [w for w in local if w not in failed]
-    theirs = [w for w in comm._group if w not in failed]
-    if not theirs:
-        with engine.lock:
-            engine.used_ctx.difference_update((ctx, ctx + 1, local_ctx, local_ctx + 1))
-        return COMM_NULL
-    local_comm = Intracomm(engine, mine, local_ctx, *_mirrors(comm._local))  # type: ignore[attr-defined]
-    low = getattr(comm, "_low", False)
-    return Intercomm(engine, mine, theirs, ctx, local_comm, *_mirrors(comm), low)
-
-
-def _mirrors(comm: Comm) -> tuple[Any, Any]:
-    """Shrink's mpi4py mirrors: Dups of `comm`'s (no member failed), or none."""
-    if comm._mirror is None:
-        return None, None
-    from guest_lib.mpi import native
-
-    return native.dup_mirrors(comm)
+    Intercomm for an intercommunicator (COMM_NULL when a whole group failed).
+    MPI.Exception(ERR_PROC_FAILED) when members failed and the communicator reaches
+    others through mpi4py (its mirrors cannot be shrunk)."""
+    made, request = ishrink(comm)
+    request.Wait()
+    return made
 
 
 def ishrink(comm: Comm) -> tuple[Any, Any]:
-    """Comm.Ishrink: (Shrink's communicator, a request that is complete), the shrink run
-    at the call (module docstring)."""
-    from guest_lib.mpi.matching import DoneOp
+    """Comm.Ishrink: (the new communicator, a request): the communicator is a null handle
+    until the request completes, then Shrink's (module docstring), driven by progress."""
+    from guest_lib.mpi import native
+    from guest_lib.mpi.collectives_extra import ExtraCollectives
+    from guest_lib.mpi.comm import Intracomm
+    from guest_lib.mpi.intercomm import Intercomm
     from guest_lib.mpi.request import Request
 
-    made = shrink(comm)
-    return made, Request(DoneOp(), comm._check())
+    engine = comm._check()
+    local = getattr(comm, "_local", None)
+    new: Any = Intracomm() if local is None else Intercomm()
+    # the mpi4py mirrors (hybrid jobs) are duplicated by mpi4py's Idup, started at the call
+    starts = [comm] if local is None else [comm, local]
+    mirrors = [(c._mirror.Idup(), c._mirror_coll.Idup()) if c._mirror else None for c in starts]
+    failed = set(_noticed(comm))
+    tags = _ft_tags(comm)
+
+    def exchange(data: bytes, tag: int) -> Generator[list[Op], None, list[bytes]]:
+        done = Exchange(comm, data, sorted(failed), next(tags))
+        yield [done]
+        return list(done.got.values())
+
+    def stages() -> Iterator[list[Op]]:
+        for _ in range(2):  # the failed sets: a failure seen in the first joins the second
+            done = Exchange(comm, _bits(sorted(failed)), sorted(failed), next(tags))
+            yield [done]
+            failed.update(done.lost)
+            for data in done.got.values():
+                bits = int.from_bytes(data, "little")
+                failed.update(w for w in range(bits.bit_length()) if bits >> w & 1)
+        noticed = _noticed(comm)
+        noticed.extend(w for w in sorted(failed) if w not in noticed)
+        if failed and any(mirrors):
+            op.error = exceptions.ERR_PROC_FAILED
+            op.reason = (
+                f"Shrink: world ranks {sorted(failed)} failed, and {comm!r} reaches members "
+                "through mpi4py, whose communicators cannot be shrunk here"
+            )
+            return
+        inner: Any = comm  # (an Intercomm too: _agree_context needs only what Comm has)
+        agree = functools.partial(ExtraCollectives._agree_context, inner, 0, exchange)
+        ctx = yield from agree()
+        started = [request for pair in mirrors if pair for _, request in pair]
+        if started:
+            yield [native.track(engine, native.MpiOp(request)) for request in started]
+        made = [(pair[0][0], pair[1][0]) if pair else (None, None) for pair in mirrors]
+        if local is None:
+            group = [w for w in comm._group if w not in failed]
+            Intracomm.__init__(new, engine, group, ctx, *made[0])
+            return
+        local_ctx = yield from agree()
+        mine = [w for w in comm._local_group if w not in failed]  # type: ignore[attr-defined]
+        theirs = [w for w in comm._group if w not in failed]
+        if not theirs:  # the whole remote group failed: COMM_NULL
+            with engine.lock:
+                engine.drop_context((ctx, ctx + 1, local_ctx, local_ctx + 1))
+            return
+        own = Intracomm(engine, mine, local_ctx, *made[1])
+        mirror, mirror_coll = made[0]
+        low = getattr(comm, "_low", False)
+        Intercomm.__init__(new, engine, mine, theirs, ctx, own, mirror, mirror_coll, low)
+
+    op = StagedOp(stages())
+    engine.start_staged(op)
+    return new, Request(op, engine)

@@ -169,6 +169,29 @@ def test_a_revoke_arriving_during_agree_spares_it():
     comm.Free()
 
 
+def test_ishrink_is_nonblocking():
+    """Rank 0 starts its Ishrink only after a message that every other rank sends once
+    its own Ishrink has started: an Ishrink that waited for the others at the call would
+    hang here."""
+    comm = WORLD.Dup()
+    rank, size = WORLD.Get_rank(), WORLD.Get_size()
+    if rank == 0:
+        assert sorted(WORLD.recv(source=MPI.ANY_SOURCE, tag=4) for _ in range(size - 1)) == list(
+            range(1, size)
+        )
+        shrunk, request = comm.Ishrink()
+    else:
+        shrunk, request = comm.Ishrink()
+        assert shrunk == MPI.COMM_NULL or size == 1  # (a null handle until it completes)
+        WORLD.send(rank, 0, tag=4)
+    request.Wait()
+    assert (shrunk.Get_rank(), shrunk.Get_size()) == (rank, size)
+    assert shrunk.Agree(0xFF & ~(1 << rank)) == 0xFF & ~((1 << size) - 1)
+    assert shrunk.allreduce(1) == size
+    shrunk.Free()
+    comm.Free()
+
+
 def test_a_freed_revoked_communicators_notice_spares_the_next_one():
     """Rank 0 revokes and frees at once; the others free without looking: the notice
     arrives late, about a freed context, which the next Dup may take again."""
