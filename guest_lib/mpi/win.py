@@ -31,17 +31,14 @@ for the target's reply; `Rget`/`Rget_accumulate` return a request completed by i
 completion (`Flush`, `Unlock`, `Complete`) is a FLUSH/UNLOCK round trip to each target
 with Put/Accumulate not known to be applied (none when there is none): the reply comes after
 every earlier request of this origin was applied, and carries the error of any of them
-(ERR_RMA_RANGE for a range outside the target window, ...). `Fence`: every rank sends every
-rank a FENCE marker behind its requests and waits for everyone's (then every request to
-it is applied), then a FENCE_DONE to every rank and waits for everyone's (then every
-request of the epoch is applied everywhere): two messages per pair, completion and barrier
-together; FENCE_FLUSH, answered, to targets with Put/Accumulate of the epoch, for their
-errors. `Lock`/`Unlock`: lazy, as MPICH: `Lock`
-sends nothing; the first request to the target goes right behind a LOCK request, and the
-target keeps an origin's requests behind its LOCK until it grants it (in request order:
-shared locks together, an exclusive one alone); load/store access (own memory, shared
-segments) waits for the grant; `Unlock` sends nothing after an epoch without requests, a
-RELEASE without reply when every request is known applied, else the UNLOCK round trip.
+(ERR_RMA_RANGE for a range outside the target window, ...). `Fence` = remote completion
+of every target touched, then the window's own barrier by messages. `Lock`/`Unlock`:
+lazy, as MPICH: `Lock` sends nothing; the first request to the target goes right behind a
+LOCK request, and the target keeps an origin's requests behind its LOCK until it grants it
+(in request order: shared locks together, an exclusive one alone); load/store access (own
+memory, shared segments) waits for the grant; `Unlock` sends nothing after an epoch
+without requests, a RELEASE without reply when every request is known applied, else the
+UNLOCK round trip.
 `Post`/`Start`/`Complete`/`Wait`/`Test`: notices through the service. Assertions (MODE_*)
 are accepted and not needed. Target datatypes must be contiguous (a predefined type or one
 made of it without gaps): MPI.Exception(ERR_TYPE) otherwise.
@@ -121,10 +118,11 @@ KEYVAL_INVALID = constants.KEYVAL_INVALID
 REQ = struct.Struct("<BBBxIqq8s")  # kind, op index / lock type, flags, reply tag, disp,
 # nbytes, element code
 REPLY = struct.Struct("<B7x")  # error class (0: success), then the data or the error text
-(K_PUT, K_GET, K_ACC, K_GACC, K_CAS, K_FLUSH, K_LOCK, K_UNLOCK, K_POST, K_COMPLETE, K_FENCE,
- K_FENCE_FLUSH, K_RELEASE, K_FENCE_DONE) = range(1, 15)  # fmt: skip
-_REPLIES = frozenset({K_GET, K_GACC, K_CAS, K_FLUSH, K_LOCK, K_UNLOCK, K_FENCE_FLUSH})
-T_SERVICE = 0  # the tag of requests on the window's communicator; replies use 1..TAG_UB
+(K_PUT, K_GET, K_ACC, K_GACC, K_CAS, K_FLUSH, K_LOCK, K_UNLOCK, K_POST, K_COMPLETE,
+ K_RELEASE) = range(1, 12)  # fmt: skip
+_REPLIES = frozenset({K_GET, K_GACC, K_CAS, K_FLUSH, K_LOCK, K_UNLOCK})
+T_SERVICE = 0  # the tag of requests on the window's communicator
+T_BARRIER = constants.TAG_UB  # the window's barrier; replies use 1..TAG_UB - 1
 ACC_OPS = (ops.SUM, ops.PROD, ops.MAX, ops.MIN, ops.LAND, ops.BAND, ops.LOR, ops.BOR, ops.LXOR,
            ops.BXOR, ops.REPLACE, ops.NO_OP)  # fmt: skip
 _NUMERIC = "biufc"
@@ -198,7 +196,7 @@ class _Window:
         self.hints: dict[str, str] = {}
         self.attrs: dict[int, Any] = {}
         # origin side
-        self.tags = itertools.cycle(range(1, constants.TAG_UB + 1))
+        self.tags = itertools.cycle(range(1, T_BARRIER))
         self.dirty: set[int] = set()  # targets with requests not known to be applied
         self.pending: dict[int, list[Op]] = collections.defaultdict(list)  # Rget & co
         self.start_group: list[int] = []
@@ -208,7 +206,6 @@ class _Window:
         # GRANTED: the grant is in (load/store access waits for it).
         self.locks: dict[int, list[Any]] = {}
         self.guard = threading.Lock()  # makes LAZY -> ASKED one LOCK request (threads)
-        self.fences = 0  # Fence calls so far (each rank's count of markers to expect)
         # target side
         self.lock_excl = -1  # comm rank holding the exclusive lock, or -1
         self.lock_shared: collections.Counter[int] = collections.Counter()
@@ -217,8 +214,6 @@ class _Window:
         # applied in order once it is (an origin sends its first request right behind the
         # LOCK, without waiting for the grant)
         self.backlog: dict[int, collections.deque[bytes]] = {}
-        self.fenced: collections.Counter[int] = collections.Counter()  # FENCE markers seen
-        self.fence_done: collections.Counter[int] = collections.Counter()  # FENCE_DONE seen
         self.errors: dict[int, tuple[int, str]] = {}  # origin -> first error of a Put/Acc
         self.posts: collections.Counter[int] = collections.Counter()  # POST notices seen
         self.completes: collections.Counter[int] = collections.Counter()
@@ -313,17 +308,11 @@ class _Window:
             elif kind in (K_ACC, K_GACC, K_CAS):
                 self._accumulate(origin, kind, arg, tag, self._target(origin, disp, nbytes),
                                  code, data)  # fmt: skip
-            elif kind in (K_FLUSH, K_UNLOCK, K_FENCE_FLUSH):
+            elif kind in (K_FLUSH, K_UNLOCK):
                 if kind == K_UNLOCK:
                     self._release(origin)
-                elif kind == K_FENCE_FLUSH:
-                    self.fenced[origin] += 1
                 error, text = self.errors.pop(origin, (0, ""))
                 self._reply(origin, tag, text.encode(), error)
-            elif kind == K_FENCE:
-                self.fenced[origin] += 1
-            elif kind == K_FENCE_DONE:
-                self.fence_done[origin] += 1
             elif kind == K_RELEASE:  # UNLOCK without a reply (nothing left to complete)
                 self._release(origin)
             elif kind == K_LOCK:
@@ -548,42 +537,28 @@ class _Window:
             self.wait(op, target)
 
     def fence(self) -> None:
-        """Fence (and Free's collective part): two all-to-all rounds of one message per
-        pair. 1: every rank sends every rank a FENCE marker behind its requests and waits
-        for everyone's; the service applies an origin's requests in order, so all markers
-        in means every request to this rank is applied. 2: every rank tells every rank so
-        (FENCE_DONE) and waits for everyone's: then every request of the epoch is applied
-        everywhere (a Get of the next epoch sees a third rank's Put of this one). Targets
-        with Put/Accumulate not known to be applied get FENCE_FLUSH instead of FENCE,
-        whose reply carries their error for this rank (MPI.Exception, raised once both
-        rounds are over, so the ranks stay in step). Unlike the communicator's
-        collectives (the collective area, MPICH's between regions), this rank's service
-        keeps answering while it waits."""
-        size, rank = len(self.comm._group), self.comm._rank
-        for target in list(self.pending):
-            self.flush_local(target)
-        waits = []
-        for target in range(size):
-            if target in self.dirty:
-                posted = self.send(target, K_FENCE_FLUSH)
-                assert posted is not None
-                waits.append((target, *posted))
-            elif target == rank:  # nothing of its own in flight: no message
-                self.fenced[target] += 1
-            else:
-                self.send(target, K_FENCE)
-        self.dirty.clear()
-        self.fences += 1
-        fences, fenced, done = self.fences, self.fenced, self.fence_done
-        self.until(lambda: all(fenced[r] >= fences for r in range(size)), range(size))
-        done[rank] += 1
-        for target in range(size):
-            if target != rank:
-                self.send(target, K_FENCE_DONE)
-        self.until(lambda: all(done[r] >= fences for r in range(size)), range(size))
-        for target, op, sink in waits:
-            self.wait(op, target)
-            sink.check(op, f"window rank {target}")
+        """Fence (and Free's collective part): remote completion of every request of this
+        rank (`flush` of the targets with requests not known to be applied: FLUSH round
+        trips, all sent first), then a dissemination barrier by messages waited for as
+        `until` does: when any rank leaves, every request of the epoch is applied
+        everywhere (a Get of the next epoch sees a third rank's Put of this one). An error
+        a target reports is raised after the barrier, so the ranks stay in step. Unlike the
+        communicator's collectives (the collective area, MPICH's between regions), this
+        rank's service keeps answering while it waits. (Two all-to-all rounds of markers
+        instead cost twice the CPU per Fence at 4 ranks: more messages.)"""
+        try:
+            self.flush(list(self.dirty | set(self.pending)))
+        finally:
+            comm = self.comm
+            size, rank = len(comm._group), comm._rank
+            step = 1
+            while step < size:
+                source = (rank - step) % size
+                op = comm._irecv_op(memoryview(bytearray(0)), source, T_BARRIER, comm._ctx)
+                comm._isend_op(memoryview(b""), (rank + step) % size, T_BARRIER, comm._ctx,
+                               False)  # fmt: skip
+                self.wait(op, source)
+                step *= 2
 
     def close(self) -> None:
         """Stop the service (after the collective part of Free)."""
