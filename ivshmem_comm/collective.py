@@ -216,7 +216,14 @@ def _blocking(
         if one_round is None or self._c is None or not one_round(self, *args, **kwargs):
             self._drive(steps(self, *args, **kwargs))
 
+    if one_round is not None:
+        _ONE_ROUND[steps.__name__.lstrip("_")] = one_round
     return run
+
+
+# name of a collective -> its `one_round` (see _blocking), which `CollectiveGroup.start` also
+# tries: the started collective is then the C round, polled (see `CollectiveGroup._in_c`).
+_ONE_ROUND: dict[str, Callable[..., bool]] = {}
 
 
 COLLECTIVES = (
@@ -347,6 +354,10 @@ class CollectiveGroup:
         self.timeout = timeout
         self.interrupt = interrupt
         self._pending: collections.deque[CollectiveRequest] = collections.deque()
+        # While `start` tries a collective's one_round: the collective's steps, for a C round
+        # that refuses its arguments (see _in_c); the C round's own steps land in _deferred.
+        self._deferring: Callable[[], Steps] | None = None
+        self._deferred: Steps | None = None
         self._watched = time.monotonic()  # when a polled request last checked its member
         self.slab_size = g.coll_slab
         self._u64 = region.u64
@@ -986,7 +997,33 @@ class CollectiveGroup:
     # nothing. The C round stores and loads the same words in the same order as the steps.
     def _in_c(self, run: Callable[..., Any], *args: Any) -> bool:
         """Round k = this member's next of `run` (CollectiveRound.run or .fold) with `args`:
-        spin in C, block here (`_block`) when the spin ends first, resume."""
+        spin in C, block here (`_block`) when the spin ends first, resume. While `start`
+        tries it (`_deferring`), the round is not run but kept as steps (`_c_steps`, each
+        call of C a poll) in `_deferred`, for the started collective."""
+        if self._deferring is not None:
+            self._deferred = self._c_steps(run, args, 0, self._deferring)
+            return True
+        steps = self._c_steps(run, args, self._spin_ns)
+        for wait in steps:
+            try:
+                self._block(*wait)
+            except BaseException as exc:
+                steps.throw(exc)  # (re-raised there, once the round is marked failed)
+        return True
+
+    def _c_steps(
+        self,
+        run: Callable[..., Any],
+        args: tuple[Any, ...],
+        spin: int,
+        refused: Callable[[], Steps] | None = None,
+    ) -> Steps:
+        """Round k of `run` with `args` as steps: each call of C spins up to `spin` ns; a
+        wait it ends on is yielded (the caller blocks on it, or polls it), then C resumes
+        the round. The C call's checks of its arguments raise before it touches the slot
+        (ValueError, TypeError, BufferError), or with `refused` given run those steps
+        instead. Any other error, here or thrown in at a wait, marks round k failed
+        (`_c_failed`)."""
         if self._broken is not None:
             raise self._broken
         k = self._round + 1
@@ -994,28 +1031,32 @@ class CollectiveGroup:
             raise OverflowError("collective slot rounds exhausted; rebind the group")
         c = self._c
         assert c is not None
-        spin, crowded = self._spin_ns, self._yield
+        crowded = self._yield
         try:
             result = run(k, spin, crowded, *args)
         except (ValueError, TypeError, BufferError):
-            raise  # the C call's checks of its arguments, before it touched the slot
+            if refused is None:
+                raise
+            yield from refused()
+            return
         except BaseException as exc:
             self._c_failed(k, exc)
             raise
         self._round = k
         try:
             while result.__class__ is tuple:
-                self._block(*result)
+                yield result
                 result = c.resume(spin, crowded)
-        except BaseException as exc:
+        except BaseException as exc:  # (GeneratorExit too: a failed group drops its requests)
             self._c_failed(k, exc)
             raise
         self.declined = result == 1
-        return True
 
     def _c_bytes(self, which: int, data: Any, root: int, taken: list[bytes | None]) -> bool:
         c = self._c
         assert c is not None
+        if self._deferring is not None:
+            return False  # (started: its steps, which fill `taken` as they go)
         self._in_c(c.run, which, data, None, root, None, None, None, None)
         taken[:] = c.taken
         return True
@@ -1211,7 +1252,17 @@ class CollectiveGroup:
         (or from here, if it fails before its first wait)."""
         if name not in COLLECTIVES:
             raise ValueError(f"no collective {name!r}; one of {', '.join(COLLECTIVES)}")
-        request = CollectiveRequest(self, getattr(self, "_" + name)(*args, **kwargs))
+        steps = functools.partial(getattr(self, "_" + name), *args, **kwargs)
+        one_round = _ONE_ROUND.get(name)
+        taken: Steps | None = None
+        if one_round is not None and self._c is not None:
+            self._deferring = steps
+            try:
+                if one_round(self, *args, **kwargs):
+                    taken = self._deferred
+            finally:
+                self._deferring = self._deferred = None
+        request = CollectiveRequest(self, steps() if taken is None else taken)
         self._pending.append(request)
         self.progress()
         return request
