@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from guest_lib.mpi import area, buffers, constants, errhandler, exceptions, ops
+from guest_lib.mpi import area, buffers, collectives, constants, errhandler, exceptions, ops
 from guest_lib.mpi.collectives import (
     T_ALLTOALL,
     Collectives,
@@ -66,7 +66,9 @@ class ExtraCollectives(Collectives):
         passed_on = local
         if rank > 0:
             before = np.empty_like(out)
-            yield [self._c_irecv(_raw(before), rank - 1, tag)]
+            got = self._c_irecv(_raw(before), rank - 1, tag)
+            yield [got]
+            collectives.whole([(rank - 1, got)], out.nbytes, "rank")
             passed_on = np.empty_like(out)
             op.combine_to(passed_on, before, local)
             out[...] = passed_on if inclusive else before
@@ -174,6 +176,7 @@ class ExtraCollectives(Collectives):
         operands = {r: np.empty_like(blocks[rank]) for r in range(size) if r != rank}
         recvs = [self._c_irecv(_raw(operands[r]), r, tag) for r in operands]
         yield recvs + [self._c_isend(_raw(blocks[r]), r, tag) for r in operands]
+        collectives.whole(zip(operands, recvs, strict=True), blocks[rank].nbytes, "rank")
         operands[rank] = blocks[rank]
         result = operands[size - 1].copy()
         for r in reversed(range(size - 1)):

@@ -110,3 +110,44 @@ def test_operand_of_another_length_is_refused_naming_its_rank(comm, call, nbytes
     dup.Barrier()
     assert dup.allreduce(1) == size  # the next collectives work
     dup.Free()
+
+
+@pytest.mark.parametrize("call", ["Iscan", "Ireduce_scatter_block"])
+def test_prefix_or_block_of_another_length_is_refused_naming_rank_0(comm, monkeypatch, call):
+    """Iscan (rank 0's prefix to rank 1) and Ireduce_scatter_block (rank 0's block for the
+    last rank) on messages, rank 0 sending 1 int64 where the receiver folds 2 (before: the
+    receiver folded uninitialised memory). The ranks after the failing one in a scan fail
+    too (its prefix never comes: it abandoned the collective); the others complete, or fail
+    if its abandonment reaches them before their last receive."""
+    size = comm.Get_size()
+    if size < 2 or any(route == 2 for route, _ in MPI._internal_state()["routes"]):
+        pytest.skip("needs two ranks on shared memory")
+    dup = comm.Dup()
+    dup._area = False
+    rank = dup.Get_rank()
+    victim = 1 if call == "Iscan" else size - 1
+    out = np.zeros(2, "i8")
+    if call == "Ireduce_scatter_block" and rank == 0:
+        fake = np.ones(2 * size - 1, "i8")  # one element short of its blocks: the last one
+        monkeypatch.setattr(type(dup), "_fold_operands", lambda *_: (fake, out))
+
+    def request() -> MPI.Request:
+        if call == "Iscan":
+            return dup.Iscan(np.ones(1 if rank == 0 else 2, "i8"), out, MPI.SUM)
+        return dup.Ireduce_scatter_block(np.ones(2 * size, "i8"), out, MPI.SUM)
+
+    if rank == victim:
+        with pytest.raises(MPI.Exception, match="rank 0 sent 8 bytes where 16 are expected"):
+            request().Wait()
+    elif call == "Iscan" and rank > victim:
+        with pytest.raises(MPI.Exception):
+            request().Wait()
+    else:  # it completes, or fails once the victim's abandonment reaches it first
+        try:
+            request().Wait()
+        except MPI.Exception as exc:
+            assert exc.Get_error_class() == MPI.ERR_OTHER
+    monkeypatch.undo()
+    dup.Barrier()
+    assert dup.allreduce(1) == size  # the next collectives work
+    dup.Free()
