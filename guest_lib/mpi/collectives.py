@@ -1292,7 +1292,9 @@ class Collectives:
                 out[...] = local
         else:
             prefix = np.empty_like(out)
-            self._c_wait([self._c_irecv(_raw(prefix), rank - 1, tag)])
+            got = self._c_irecv(_raw(prefix), rank - 1, tag)
+            self._c_wait([got])
+            whole([(rank - 1, got)], out.nbytes, "rank")
             running = np.empty_like(out)
             op.combine_to(running, prefix, local)
             out[...] = running if inclusive else prefix

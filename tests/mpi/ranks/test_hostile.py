@@ -112,9 +112,9 @@ def test_operand_of_another_length_is_refused_naming_its_rank(comm, call, nbytes
     dup.Free()
 
 
-@pytest.mark.parametrize("call", ["Iscan", "Ireduce_scatter_block"])
+@pytest.mark.parametrize("call", ["Scan", "Iscan", "Ireduce_scatter_block"])
 def test_prefix_or_block_of_another_length_is_refused_naming_rank_0(comm, monkeypatch, call):
-    """Iscan (rank 0's prefix to rank 1) and Ireduce_scatter_block (rank 0's block for the
+    """Scan, Iscan (rank 0's prefix to rank 1) and Ireduce_scatter_block (rank 0's block for the
     last rank) on messages, rank 0 sending 1 int64 where the receiver folds 2 (before: the
     receiver folded uninitialised memory). The ranks after the failing one in a scan fail
     too (its prefix never comes: it abandoned the collective); the others complete, or fail
@@ -125,13 +125,16 @@ def test_prefix_or_block_of_another_length_is_refused_naming_rank_0(comm, monkey
     dup = comm.Dup()
     dup._area = False
     rank = dup.Get_rank()
-    victim = 1 if call == "Iscan" else size - 1
+    victim = size - 1 if call == "Ireduce_scatter_block" else 1
     out = np.zeros(2, "i8")
     if call == "Ireduce_scatter_block" and rank == 0:
         fake = np.ones(2 * size - 1, "i8")  # one element short of its blocks: the last one
         monkeypatch.setattr(type(dup), "_fold_operands", lambda *_: (fake, out))
 
     def request() -> MPI.Request:
+        if call == "Scan":  # (a blocking one: a completed request stands for it)
+            dup.Scan(np.ones(1 if rank == 0 else 2, "i8"), out, MPI.SUM)
+            return MPI.REQUEST_NULL
         if call == "Iscan":
             return dup.Iscan(np.ones(1 if rank == 0 else 2, "i8"), out, MPI.SUM)
         return dup.Ireduce_scatter_block(np.ones(2 * size, "i8"), out, MPI.SUM)
@@ -139,7 +142,7 @@ def test_prefix_or_block_of_another_length_is_refused_naming_rank_0(comm, monkey
     if rank == victim:
         with pytest.raises(MPI.Exception, match="rank 0 sent 8 bytes where 16 are expected"):
             request().Wait()
-    elif call == "Iscan" and rank > victim:
+    elif call != "Ireduce_scatter_block" and rank > victim:
         with pytest.raises(MPI.Exception):
             request().Wait()
     else:  # it completes, or fails once the victim's abandonment reaches it first
