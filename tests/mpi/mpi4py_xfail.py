@@ -62,6 +62,11 @@ ENTRIES: list[tuple[str, str, str]] = [
         _NO_SPAWN,
     ),
     (
+        "test_cffi.TestCFFI.testHandle*",
+        "xfail",
+        _NO_C_HANDLES + " (skipped where cffi is not installed)",
+    ),
+    (
         "test_ctypes.TestCTYPES.testHandle*",
         "xfail",
         _NO_C_HANDLES,
