@@ -35,9 +35,9 @@ _SUBCLASS_TOPO = (
 )
 _SLOW_RMA = (
     "slow: ~12,000 Fence or exclusive-lock epochs per rank, all 4 ranks on one target at a "
-    "time, each epoch 1-3 message hops that need the peer process scheduled: 7-9 s of CPU "
-    "per rank and 105-125 s wall with 4 ranks on 2 CPUs at load ~22 (2026-11-30; 2.2x "
-    "faster per locked epoch since lazy Lock and marker Fence), over the 60 s per-test limit"
+    "time, each epoch several message hops that need the peer process scheduled: 7-9 s of "
+    "CPU per rank and 105-125 s wall with 4 ranks on 2 CPUs at load ~22 (2026-11-30; locked "
+    "epochs ~2x faster since lazy Lock, Fence unchanged), over the 60 s per-test limit"
 )
 ENTRIES: list[tuple[str, str, str]] = [
     ("test_spawn.TestSpawnSingle*", "xfail", _NO_SPAWN),
