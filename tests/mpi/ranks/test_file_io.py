@@ -85,7 +85,8 @@ def test_ordered_calls_follow_rank_order(comm, path):
     assert not os.path.exists(path)
 
 
-def test_vector_filetype_interleaves_the_ranks(comm, path):
+@pytest.mark.parametrize("atomic", [False, True])  # atomic: sieved read-modify-writes
+def test_vector_filetype_interleaves_the_ranks(comm, path, atomic):
     rank, size = comm.Get_rank(), comm.Get_size()
     block, tiles_per_type = 2, 3
     stride = block * size  # in INTs: each rank owns `block` INTs of every `stride`
@@ -93,6 +94,7 @@ def test_vector_filetype_interleaves_the_ranks(comm, path):
     filetype = vector.Create_resized(0, tiles_per_type * stride * MPI.INT.size).Commit()
     vector.Free()
     fh = MPI.File.Open(comm, path, RDWR_NEW)
+    fh.Set_atomicity(atomic)
     fh.Set_view(rank * block * MPI.INT.size, MPI.INT, filetype)
     mine = np.arange(12, dtype=np.intc) + 1000 * rank  # two filetypes' worth
     fh.Write_all(mine)
