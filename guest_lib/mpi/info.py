@@ -106,8 +106,9 @@ class Info(Handle):
         return keys[n]
 
     def Dup(self) -> Info:
-        """A new table with the same items; MPI.Exception(ERR_INFO) on INFO_NULL."""
-        return Info.Create(list(self._live("Dup").items()))
+        """A new table with the same items, of this handle's class (a subclass's Dup is one
+        of it, as mpi4py's); MPI.Exception(ERR_INFO) on INFO_NULL."""
+        return type(self).Create(list(self._live("Dup").items()))
 
     def Free(self) -> None:
         """This handle becomes INFO_NULL (INFO_ENV stays); MPI.Exception(ERR_INFO) on a
@@ -169,7 +170,7 @@ class Info(Handle):
 
     def copy(self) -> Info:
         """Dup; a null handle's copy is a new null handle (as mpi4py)."""
-        return Info() if self._items is None else self.Dup()
+        return type(self)() if self._items is None else self.Dup()
 
     def clear(self) -> None:
         if self._items is not None:
@@ -194,7 +195,7 @@ class Info(Handle):
             return (_predefined, (self is INFO_ENV, True))
         if self._items is None or self._items is INFO_ENV._items:
             return (_predefined, (self._items is not None, False))
-        return (Info.Create, (self.items(),))
+        return (type(self).Create, (self.items(),))
 
     def __repr__(self) -> str:
         return "<Info null>" if self._items is None else f"<Info {self._items}>"

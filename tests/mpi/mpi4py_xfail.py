@@ -413,18 +413,6 @@ ENTRIES: list[tuple[str, str, str]] = [
     ("test_subclass.TestMyCartcomm*", "xfail", _SUBCLASS_TOPO),
     ("test_subclass.TestMyGraphcomm*", "xfail", _SUBCLASS_TOPO),
     (
-        "test_subclass.TestMyInfo.testCreateDupType",
-        "xfail",
-        "wrong: Info.Create/Dup/copy and unpickling give an Info, not the subclass they "
-        "are called on (issue #11)",
-    ),
-    (
-        "test_subclass.TestMyInfo.testPickle",
-        "xfail",
-        "wrong: Info.Create/Dup/copy and unpickling give an Info, not the subclass they "
-        "are called on (issue #11)",
-    ),
-    (
         "test_util_dtlib.TestUtilDTLib.testStruct[12]",
         "skip",
         "slow: they pass, but their ~35,000 and ~72,000 numpy<->MPI struct round trips cost "
