@@ -8,11 +8,13 @@ matches another's.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable
 
 import numpy as np
+import pytest
 
 from guest_lib.mpi import MPI
 
@@ -306,3 +308,59 @@ def test_windows_from_threads():
     counts.Fence()
     for win in (counts, puts, fences):
         win.Free()
+
+
+def _pingpong_best(comm: MPI.Intracomm, chunks: int = 5, iters: int = 50) -> float:
+    """Seconds of the fastest of `chunks` runs of `iters` blocking Send/Recv round trips of
+    4 bytes between ranks 0 and 1 (the others wait at the barriers)."""
+    rank = comm.Get_rank()
+    out, got = np.zeros(1, "i"), np.zeros(1, "i")
+    best = float("inf")
+    for _ in range(chunks):
+        comm.Barrier()
+        start = time.perf_counter()
+        for _ in range(iters if rank < 2 else 0):
+            if rank == 0:
+                comm.Send(out, 1, 5)
+                comm.Recv(got, 1, 5)
+            else:
+                comm.Recv(got, 0, 5)
+                comm.Send(out, 0, 5)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def test_idle_thread_keeps_blocking_latency():
+    """A second Python thread that never calls MPI (a logger, a pool's idle worker) turns
+    the engine lock on, but blocking Send/Recv latency stays that of a lone thread: the
+    receive still waits in the core (before: it only polled, then slept on the doorbell
+    through the engine for every message: 500x slower on a loaded machine). Best-of-chunks
+    figures, states interleaved, up to 3 attempts: a loaded machine only ever adds time."""
+    comm = MPI.COMM_WORLD
+    if comm.Get_size() < 2:
+        pytest.skip("needs two ranks")
+    cpus = sorted(os.sched_getaffinity(0))
+    if comm.Get_rank() < 2 and len(cpus) >= 2:  # ranks 0 and 1 on CPUs of their own
+        os.sched_setaffinity(0, {cpus[comm.Get_rank()]})
+    try:
+        _compare_latency(comm)
+    finally:
+        os.sched_setaffinity(0, cpus)
+
+
+def _compare_latency(comm: MPI.Intracomm) -> None:
+    figures = []
+    for _ in range(3):
+        alone = _pingpong_best(comm)
+        stop = threading.Event()
+        idle = threading.Thread(target=stop.wait, daemon=True)
+        idle.start()
+        try:
+            threaded = _pingpong_best(comm)
+        finally:
+            stop.set()
+            idle.join()
+        figures.append((alone, threaded))
+        if comm.bcast(threaded < 4 * alone, root=0):  # (rank 0's figures decide for all)
+            return
+    pytest.fail(f"ping-pong (alone s, with an idle thread s), 3 attempts: {figures}")
