@@ -28,14 +28,14 @@ from the slot's previous group is told apart from this group's. Ownership is val
 each member writes only its own arrive and sleep lines and its own slabs; everything read
 from another member is loaded once and checked: its generation must be ours and the round
 of a cell awaited for round t within [t-2, t] (step 1 bounds how far any member can run
-ahead or lag: a cell holds t-2 until its member publishes round t there, and nothing later
-before this member publishes round t+1), its kind and nbytes equal what this call expects,
-its rounds no fewer than this member's data needs. Offsets into slabs come from the
-reader's own arguments, never from shared memory. A violation raises RingCorruptError
-naming the member's peer id and marks the group broken for good; a member that died or
-left raises PeerLostError. Payloads larger than a slab move in slab-sized rounds, each
-written once and read in place by every reader (the two cells pipeline them: the writer
-fills the next piece while the readers copy this one).
+ahead or lag: a cell holds t-2, or round 0 from the binding, until its member publishes
+round t there, and nothing later before this member publishes round t+1), its kind and
+nbytes equal what this call expects, its rounds no fewer than this member's data needs.
+Offsets into slabs come from the reader's own arguments, never from shared memory. A
+violation raises RingCorruptError naming the member's peer id and marks the group broken
+for good; a member that died or left raises PeerLostError. Payloads larger than a slab
+move in slab-sized rounds, each written once and read in place by every reader (the two
+cells pipeline them: the writer fills the next piece while the readers copy this one).
 
 Memory ordering (labels as in virtqueue.py / _fastpath.c): [R5]/[A5] the arrive seq store
 after the slab and the nbytes/kind/rounds stores, paired with the readers' seq load before
