@@ -232,25 +232,31 @@ def poll(engine: Engine) -> bool:
     mpi4py's matched probe; start the receive of each that matched. True iff any did."""
     _M = MPI()
     moved = False
-    unmatched: list[tuple[Any, int, int]] = []  # (mirror, src, tag) that found nothing
+    unmatched: list[tuple[Any, int, int]] = []  # (mirror, src, tag) not matched this pass
     for op in list(engine.posted):
         if op.mpi is None:
             continue
         status = _M.Status()
         tag = _M.ANY_TAG if op.want_tag == constants.ANY_TAG else op.want_tag
         src = _M.ANY_SOURCE if op.mpi_src == constants.ANY_SOURCE else op.mpi_src
-        # A message that arrives during this pass belongs to the first posted receive it
-        # matches (MPI's non-overtaking rule): a later receive that could share a message
-        # with an earlier one that found nothing waits for the next pass.
+        # A message belongs to the first posted receive it matches (MPI's non-overtaking
+        # rule). The first message this receive could take is probed without taking it: if
+        # an earlier receive that found nothing this pass matches it too (it arrived since),
+        # it is left for that receive's turn next pass, and this receive waits behind it.
+        if not op.mpi.iprobe(src, tag, status):
+            unmatched.append((op.mpi, src, tag))
+            continue
+        found_src, found_tag = status.Get_source(), status.Get_tag()
         if any(
-            mirror is op.mpi
-            and (s == src or _M.ANY_SOURCE in (s, src))
-            and (t == tag or _M.ANY_TAG in (t, tag))
+            mirror is op.mpi and s in (found_src, _M.ANY_SOURCE) and t in (found_tag, _M.ANY_TAG)
             for mirror, s, t in unmatched
         ):
+            unmatched.append((op.mpi, src, tag))
             continue
-        message = op.mpi.improbe(src, tag, status)
-        if message is None:
+        # the first message of (found_src, found_tag) is the one probed: none before it
+        # has that envelope, or the probe above would have found that one
+        message = op.mpi.improbe(found_src, found_tag, status)
+        if message is None:  # (taken by mpi4py code outside the engine meanwhile)
             unmatched.append((op.mpi, src, tag))
             continue
         engine.withdraw(op)
