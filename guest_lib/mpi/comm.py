@@ -46,7 +46,7 @@ from guest_lib.mpi.handles import Handle
 from guest_lib.mpi.matching import DoneOp, Op, RecvOp
 from guest_lib.mpi.pickling import dumps as _dumps
 from guest_lib.mpi.pickling import loads as _loads
-from guest_lib.mpi.request import Request, unpickle
+from guest_lib.mpi.request import Request, request_of, unpickle
 from guest_lib.mpi.routes import ANY, Route
 from guest_lib.mpi.status import Status
 
@@ -58,6 +58,9 @@ _DECLINE_BIT = constants.MAX_CONTEXT + 1  # in a context map: "not my turn, agre
 _CTX_BYTES = (_DECLINE_BIT + 8) // 8  # a bit map of every context and the decline bit
 T_GROUP = 1 << 16  # tags T_GROUP + n on a collective context: Create_group (tag n)
 _EMPTY = memoryview(b"")
+# The op of every nonblocking send written whole at once (Isend's fast path): complete, and
+# no field of a complete op is written again (Cancel and Free leave it), so one serves all.
+_SENT = DoneOp(constants.ANY_SOURCE, constants.ANY_TAG)
 _NO_SPAWN = (
     "Spawn is not supported by guest_lib.mpi: start every process with ivshmem-run or "
     "mpiexec (mpi4py.futures: python -m mpi4py.futures prog.py)"
@@ -540,8 +543,8 @@ class Comm(attributes.Cached, Handle):
             if view is not None:  # a plain spec to a peer on shared memory: no more checks
                 engine: Engine = self._engine  # type: ignore[assignment]  # a peer: an engine
                 if engine.fast_send(peer, self._ctx << _CTX_SHIFT | tag, view, 0.0):
-                    return Request(DoneOp(constants.ANY_SOURCE, constants.ANY_TAG), engine)
-                return Request(engine.isend_shm(peer, self._ctx, tag, view, False), engine)
+                    return request_of(_SENT, engine)
+                return request_of(engine.isend_shm(peer, self._ctx, tag, view, False), engine)
         self._dest(dest)
         self._send_tag(tag)
         view = buffers.parse(buf).view
@@ -581,7 +584,7 @@ class Comm(attributes.Cached, Handle):
         else:  # post at once: the route lookup was the rank check
             src = source if source == constants.ANY_SOURCE else self._group[source]
             op = route.post(self, RecvOp(self._ctx, src, tag, view, None, route.peer), source)
-        return Request(op, self._engine, self._rank_of, finish)
+        return request_of(op, self._engine, self._rank_of, finish)
 
     def Sendrecv(
         self,
