@@ -71,8 +71,14 @@ class Comm(attributes.Cached, Handle):
     """Base communicator (mpi4py's `Comm`); see the module docstring."""
 
     def __new__(cls, *args: Any, **kwargs: Any) -> Any:
-        """(mpi4py's subclasses, e.g. mpi4py.util.pkl5's, call Comm.__new__(cls, comm).)"""
-        return super().__new__(cls)
+        """A new handle. `Comm.__new__(cls, comm)` binds it to `comm` here, as mpi4py's
+        does: __init__ then leaves it bound, whatever it is given (a subclass whose __new__
+        passes `comm.Clone()` on, as mpi4py.util.pkl5's and test_subclass's do, keeps the
+        clone, not the argument given to the class). Other arguments are __init__'s."""
+        self = super().__new__(cls)
+        if len(args) == 1 and not kwargs and isinstance(args[0], Comm):
+            self._bind(args[0])
+        return self
 
     def __init__(
         self,
@@ -87,9 +93,8 @@ class Comm(attributes.Cached, Handle):
         handle on the communicator of `comm` (equal to it); TypeError for anything else.
         Internally: the communicator of world ranks `group` over `engine`, context `ctx`."""
         if isinstance(engine, Comm):
-            from guest_lib.mpi import intercomm
-
-            intercomm.share(self, engine)  # (the handles share every attribute)
+            if "_null" not in self.__dict__:  # (not bound by __new__ already)
+                self._bind(engine)
             return
         if engine is not None and not isinstance(engine, Engine):
             raise TypeError(f"expecting a communicator, got {type(engine).__name__}")
@@ -123,6 +128,13 @@ class Comm(attributes.Cached, Handle):
         self._coll_active = False
         self._coll_gone: str | None = None
         self._area: Any = None  # its collective area: see area.py (None: not bound yet)
+
+    def _bind(self, comm: Comm) -> None:
+        """Make this new handle another handle on `comm`'s communicator: the two share every
+        attribute (TypeError where the kinds differ, see intercomm.share)."""
+        from guest_lib.mpi import intercomm
+
+        intercomm.share(self, comm)
 
     if TYPE_CHECKING:  # from Collectives, which every communicator but COMM_NULL mixes in
 
@@ -778,6 +790,12 @@ class Comm(attributes.Cached, Handle):
     def Dup(self, info: Any = None) -> Intracomm:
         """A new communicator with the same group and a new context (collective), of this
         one's class (as mpi4py: a subclass's Dup is of that subclass)."""
+        if not isinstance(self, Intracomm):  # a plain Comm handle (Comm(comm), MyComm(comm))
+            from guest_lib.mpi.intercomm import Intercomm
+
+            kind = Intercomm if "_local_group" in self.__dict__ else Intracomm
+            made = kind(self).Dup(info)
+            return type(self).__new__(type(self), made)  # (shares what `made` holds)
         ctx = self._alloc_ctx()
         mirror = mirror_coll = None
         if self._has_mpi:

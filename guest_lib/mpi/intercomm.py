@@ -90,7 +90,8 @@ class Intercomm(Comm):
         """Intercomm(comm): another handle to the intercommunicator `comm` (or a null one
         for COMM_NULL; TypeError for an intra-communicator). The other form is internal."""
         if not isinstance(engine, Engine):
-            share(self, engine)
+            if "_null" not in self.__dict__:  # (not bound by Comm.__new__ already)
+                share(self, engine)
             return
         assert local is not None and remote is not None and local_comm is not None
         self._local_group = local

@@ -60,13 +60,16 @@ class Topocomm(NeighborCollectives, Intracomm):
     `Topocomm(other)` copies the handle of `other`, which must be of this class: TypeError
     otherwise (as mpi4py, e.g. `Graphcomm(cartcomm)`); no argument: a null handle."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        if len(args) == 1 and not kwargs and isinstance(args[0], Comm):
-            if type(self) is Topocomm or not isinstance(args[0], type(self)):
-                raise TypeError(f"expecting a {type(self).__name__}, got {type(args[0]).__name__}")
-            self.__dict__.update(args[0].__dict__)
+    def _bind(self, comm: Comm) -> None:
+        """Copy the handle of `comm`, a null one or one of this library class (a subclass's
+        class is its library base's: MyCartcomm(cart) takes a Cartcomm)."""
+        kind = next(k for k in type(self).__mro__ if k.__module__ == __name__)
+        if comm._null:
+            self.__dict__.update(comm.__dict__)
             return
-        super().__init__(*(args or (None, [], -1)), **kwargs)
+        if kind is Topocomm or not isinstance(comm, kind):
+            raise TypeError(f"expecting a {kind.__name__}, got {type(comm).__name__}")
+        self.__dict__.update(comm.__dict__)
 
     def _sources(self) -> list[int]:
         raise NotImplementedError

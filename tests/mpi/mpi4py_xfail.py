@@ -23,16 +23,6 @@ _NO_C_HANDLES = (
     "are Python objects (integer handles are numbers this process gives them, see "
     "guest_lib/mpi/handles.py), so there is no handle memory to read or write"
 )
-_SUBCLASS_REBOUND = (
-    "wrong: Comm(comm) binds the handle in __init__, not __new__: a subclass whose "
-    "__new__ passes a Clone/Dup (MyComm(COMM_SELF)) is rebound by __init__ to the argument "
-    "itself, so its free() frees COMM_SELF/COMM_WORLD (issue #11)"
-)
-_SUBCLASS_TOPO = (
-    "wrong: Cartcomm(comm)/Graphcomm(comm) raise TypeError for a communicator without that "
-    "topology; the suite's subclasses pass Create_cart's/Create_graph's result to __new__ "
-    "and __init__ then gets the plain Intracomm (issue #11)"
-)
 _SLOW_RMA = (
     "slow: ~12,000 Fence or exclusive-lock epochs per rank, all 4 ranks on one target at a "
     "time, each epoch several message hops that need the peer process scheduled: 7-9 s of "
@@ -406,12 +396,6 @@ ENTRIES: list[tuple[str, str, str]] = [
         "skip@4",
         _SLOW_RMA,
     ),
-    ("test_subclass.TestMyCommSELF.*", "xfail", _SUBCLASS_REBOUND),
-    ("test_subclass.TestMyCommWORLD.*", "xfail", _SUBCLASS_REBOUND),
-    ("test_subclass.TestMyIntracommSELF.*", "xfail", _SUBCLASS_REBOUND),
-    ("test_subclass.TestMyIntracommWORLD.*", "xfail", _SUBCLASS_REBOUND),
-    ("test_subclass.TestMyCartcomm*", "xfail", _SUBCLASS_TOPO),
-    ("test_subclass.TestMyGraphcomm*", "xfail", _SUBCLASS_TOPO),
     (
         "test_util_dtlib.TestUtilDTLib.testStruct[12]",
         "skip",
