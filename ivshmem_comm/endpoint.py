@@ -595,34 +595,23 @@ class Endpoint:
         channel.head = head
         return head
 
-    def _fast_into(
-        self, channel: RxChannel, buffer: Any, tag: int, timeout: float | None
-    ) -> tuple[int, int] | None:
-        """recv_into's fast path: spin for the head message of `channel` as _fast_head does
-        and, if it is one span that fits `buffer` with the wanted tag, take it in the same C
-        call: return (nbytes, tag). Else None, with the head peeked if one came."""
-        if channel.busy:
-            self._fast_head(channel, timeout)
-            return None
-        spin_ns = self._spin_ns if timeout is None else min(self._spin_ns, int(timeout * 1e9))
-        try:
-            return self._guarded(channel, channel.take_small_into, buffer, tag, spin_ns)
-        except BufferError:
-            return None  # not a writable buffer: recv_into says so
-
     def _guarded(self, channel: RxChannel, call: Callable[..., Any], *args: Any) -> Any:
-        """call(*args) on `channel` with the peer-loss bookkeeping: PeerLostError forgets the
-        peer's session and propagates; RingCorruptError from a peer that came back as a new
-        incarnation (our halves now reset) gives None, any other propagates."""
+        """call(*args) on `channel` with the peer-loss bookkeeping of `_fault`."""
         try:
             return call(*args)
-        except PeerLostError:
+        except (PeerLostError, RingCorruptError) as exc:
+            return self._fault(channel, exc)
+
+    def _fault(self, channel: RxChannel, exc: PeerLostError | RingCorruptError) -> None:
+        """The bookkeeping of `exc`, raised by a call on `channel`: PeerLostError forgets the
+        peer's session and is raised again; RingCorruptError from a peer that came back as a
+        new incarnation (our halves now reset) gives None, any other is raised again."""
+        if isinstance(exc, PeerLostError):
             self._lost(channel.source)
-            raise
-        except RingCorruptError:
-            if self._renewed(channel.source):
-                return None
-            raise
+            raise exc
+        if not self._renewed(channel.source):
+            raise exc
+        return None
 
     def _lost(self, p: int) -> None:
         """Peer p's queue said its session is over (the caller reports it, or ANY_SOURCE
@@ -705,9 +694,23 @@ class Endpoint:
         channel = self._rx_by_peer.get(source)
         spun = False
         if channel is not None and not self._unexpected_count:
-            taken = self._fast_into(channel, buffer, tag, timeout)  # fast path, as in recv()
-            if taken is not None:
-                return taken[0], source, taken[1]
+            # Fast path, as in recv(): spin for the head message as _fast_head does and, if
+            # it is one span that fits `buffer` with the wanted tag, take it in the same C
+            # call (inline here: this is the blocking receive of every small message).
+            if channel.busy:
+                self._fast_head(channel, timeout)
+            else:
+                spin_ns = self._spin_ns
+                if timeout is not None and timeout * 1e9 < spin_ns:
+                    spin_ns = int(timeout * 1e9)
+                try:
+                    taken = channel.take_small_into(buffer, tag, spin_ns)
+                except BufferError:
+                    taken = None  # not a writable buffer: said below
+                except (PeerLostError, RingCorruptError) as exc:
+                    taken = self._fault(channel, exc)
+                if taken is not None:
+                    return taken[0], source, taken[1]
             spun = channel.head is None
         dest = memoryview(buffer)
         if dest.readonly:
