@@ -29,7 +29,7 @@ class Status:
     The fields live in one array of five 64-bit integers (count in bytes, cancelled, source,
     tag, error), which `tomemory()` exposes as a writable memoryview, as mpi4py's does."""
 
-    __slots__ = ("_fields",)
+    __slots__ = ("__weakref__", "_fields")
     count = _field(_COUNT, "bytes received")
     source = _field(_SOURCE, "the sender's rank")
     tag = _field(_TAG, "the message's tag")
@@ -42,6 +42,13 @@ class Status:
             self._fields = array.array("q", status._fields)
         else:
             raise TypeError(f"Status: expecting a Status, got {type(status).__name__}")
+
+    def __reduce__(self) -> tuple[Any, tuple[()], tuple[int, ...]]:
+        """Copies and pickles as a new status of this class with the same fields."""
+        return (type(self), (), tuple(self._fields))
+
+    def __setstate__(self, fields: tuple[int, ...]) -> None:
+        self._fields = array.array("q", fields)
 
     @property
     def cancelled(self) -> bool:
