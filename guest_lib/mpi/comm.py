@@ -302,15 +302,16 @@ class Comm(attributes.Cached, Handle):
 
     def __reduce__(self) -> Any:
         """COMM_WORLD, COMM_SELF and COMM_NULL unpickle as themselves (a new handle on one
-        as an equal new handle); any other communicator raises ValueError, as in mpi4py."""
+        as an equal new handle of this class); any other communicator raises ValueError, as
+        in mpi4py."""
         from guest_lib.mpi import MPI
 
         for name in ("COMM_NULL", "COMM_WORLD", "COMM_SELF"):
             predefined = getattr(MPI, name)
             if self is predefined:
-                return (_predefined, (name, True))
+                return (_predefined, (name,))
             if self == predefined:
-                return (_predefined, (name, False))
+                return (type(self), (predefined,))
         raise ValueError(f"cannot serialize {self!r}: not a predefined communicator")
 
     def __repr__(self) -> str:
@@ -1122,12 +1123,12 @@ def same_class(comm: Comm, new: Any) -> Any:
     return new
 
 
-def _predefined(name: str, same: bool) -> Comm:
-    """A predefined communicator by name (`same`) or a new handle on it."""
+def _predefined(name: str) -> Comm:
+    """A predefined communicator by name."""
     from guest_lib.mpi import MPI
 
     comm: Comm = getattr(MPI, name)
-    return comm if same else type(comm)(comm)
+    return comm
 
 
 COMM_NULL = Intracomm(None, [], -1)

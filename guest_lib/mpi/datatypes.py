@@ -659,9 +659,12 @@ class Datatype(attributes.Cached, Handle):
 
     def __reduce__(self) -> Any:
         """A predefined type unpickles as itself (a second handle on one as an equal new
-        handle); a derived type is made again by its constructor (from `decode`)."""
+        handle of this class); a derived type is made again by its constructor (from
+        `decode`)."""
         if self._combiner == "NAMED":
-            return (_predefined, (self.predefined_name, self is self._root))
+            if self is self._root:
+                return (_predefined, (self.predefined_name,))
+            return (type(self), (self._root,))
         old, combiner, params = self.decode()
         return (_rebuild, (old, combiner, params, self._committed))
 
@@ -1092,8 +1095,8 @@ def _convert(data: Any, signature: list[tuple[Datatype, int]], count: int,
     return b"".join(out)
 
 
-def _predefined(name: str, same: bool = True) -> Datatype:
-    return PREDEFINED[name] if same else Datatype(PREDEFINED[name])
+def _predefined(name: str) -> Datatype:
+    return PREDEFINED[name]
 
 
 def _rebuild(old: Datatype, combiner: str, params: dict[str, Any], committed: bool) -> Datatype:

@@ -71,21 +71,23 @@ class Errhandler(Handle):
         return id(self._kind)
 
     def __reduce__(self) -> Any:
-        """Predefined handlers unpickle as themselves (handles on them as equal new handles);
+        """Predefined handlers unpickle as themselves (handles on them as equal new handles
+        of this class);
         user handlers raise ValueError, as in mpi4py."""
         name = self._kind if isinstance(self._kind, str) or self._kind is None else ""
         if name == "":
             raise ValueError("cannot serialize a user error handler")
         key = name or "ERRHANDLER_NULL"
-        return (_predefined, (key, self is _PREDEFINED[key]))
+        if self is _PREDEFINED[key]:
+            return (_predefined, (key,))
+        return (type(self), (_PREDEFINED[key],))
 
     def __repr__(self) -> str:
         return f"<Errhandler {self._kind!r}>"
 
 
-def _predefined(name: str, same: bool) -> Errhandler:
-    handle = _PREDEFINED[name]
-    return handle if same else Errhandler(handle)
+def _predefined(name: str) -> Errhandler:
+    return _PREDEFINED[name]
 
 
 def _make(kind: str | None) -> Errhandler:

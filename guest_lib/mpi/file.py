@@ -534,7 +534,7 @@ class File(Handle):
         """FILE_NULL pickles as itself; an open file raises ValueError (as mpi4py)."""
         if self._f is not None:
             raise ValueError("cannot serialize an open file")
-        return (_file_null, ())
+        return (_file_null, ()) if self is FILE_NULL else (type(self), ())
 
     def __repr__(self) -> str:
         return "<File null>" if self._f is None else f"<File {os.fsdecode(self._f.path)!r}>"

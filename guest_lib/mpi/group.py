@@ -169,8 +169,8 @@ class Group(Handle):
         ValueError, as in mpi4py (a group means nothing in another process)."""
         if self is _NULL or self is _EMPTY:
             return (_predefined, ("GROUP_NULL" if self is _NULL else "GROUP_EMPTY",))
-        if not self._ranks:
-            return (Group, (self._ranks,))
+        if not self._ranks:  # a new handle on one of them
+            return (type(self), (_NULL if self._ranks is None else _EMPTY,))
         raise ValueError("cannot serialize a Group")
 
     def __repr__(self) -> str:

@@ -189,21 +189,20 @@ class Info(Handle):
         return id(self._items)
 
     def __reduce__(self) -> Any:
-        """INFO_NULL and INFO_ENV unpickle as themselves, handles on them as new handles
-        equal to them; other tables as new tables with the same items."""
+        """INFO_NULL and INFO_ENV unpickle as themselves, handles on them as new handles of
+        this class equal to them; other tables as new tables with the same items."""
         if self is INFO_NULL or self is INFO_ENV:
-            return (_predefined, (self is INFO_ENV, True))
+            return (_predefined, (self is INFO_ENV,))
         if self._items is None or self._items is INFO_ENV._items:
-            return (_predefined, (self._items is not None, False))
+            return (type(self), (INFO_NULL if self._items is None else INFO_ENV,))
         return (type(self).Create, (self.items(),))
 
     def __repr__(self) -> str:
         return "<Info null>" if self._items is None else f"<Info {self._items}>"
 
 
-def _predefined(env: bool, same: bool) -> Info:
-    handle = INFO_ENV if env else INFO_NULL
-    return handle if same else Info(handle)
+def _predefined(env: bool) -> Info:
+    return INFO_ENV if env else INFO_NULL
 
 
 def _environment() -> dict[str, str]:

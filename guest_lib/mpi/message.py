@@ -57,7 +57,7 @@ class Message(Handle):
             return "MESSAGE_NO_PROC"
         if self._kind == _MATCHED:
             raise ValueError("cannot pickle a matched message")
-        return Message, (MESSAGE_NULL if self._kind == _NULL else MESSAGE_NO_PROC,)
+        return type(self), (MESSAGE_NULL if self._kind == _NULL else MESSAGE_NO_PROC,)
 
     def __repr__(self) -> str:
         names = {_NULL: "MESSAGE_NULL", _NO_PROC: "MESSAGE_NO_PROC"}

@@ -178,14 +178,17 @@ class Op(Handle):
         return op
 
     def __reduce__(self) -> Any:
-        """A predefined op unpickles as itself (a copy of one as an equal new handle); a
+        """A predefined op unpickles as itself (a copy of one as an equal new handle of this
+        class); a
         user op as a new user op of the same function (which must be picklable); ValueError
         for a user op made by fromhandle/fromint/f2py (as mpi4py's)."""
         if vars(self).get("_from_number"):
             raise ValueError("cannot pickle a user op made from its integer handle")
         if self._user is not None:
             return (Op.Create, (self._user, self._commute))
-        return (_predefined, (self.name, self is _OPS[self.name]))
+        if self is _OPS[self.name]:
+            return (_predefined, (self.name,))
+        return (type(self), (_OPS[self.name],))
 
 
 def _datatype_of(dtype: np.dtype) -> Any:
@@ -214,8 +217,8 @@ def _replace(acc: np.ndarray, operand: np.ndarray) -> None:
     pass  # the higher rank's value (acc) wins
 
 
-def _predefined(name: str, same: bool = True) -> Op:
-    return _OPS[name] if same else Op(_OPS[name])
+def _predefined(name: str) -> Op:
+    return _OPS[name]
 
 
 OP_NULL = Op._make("OP_NULL", None, None)

@@ -230,9 +230,12 @@ class Request(Handle):
             raise exceptions.Exception(exceptions.ERR_REQUEST, f"Request.{call} on a null request")
 
     def __reduce__(self) -> Any:
-        """REQUEST_NULL pickles as itself; any other request: ValueError (as mpi4py)."""
+        """REQUEST_NULL pickles as itself, another null handle as a null handle of its
+        class; any other request: ValueError (as mpi4py)."""
         if self is REQUEST_NULL:
             return "REQUEST_NULL"
+        if not self:
+            return (type(self), ())
         raise ValueError("cannot pickle a request")
 
     def __bool__(self) -> bool:

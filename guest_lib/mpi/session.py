@@ -122,7 +122,7 @@ class Session(Handle):
     def __reduce__(self) -> Any:
         """SESSION_NULL unpickles as itself; a live session raises ValueError (as mpi4py)."""
         if self._state is None:
-            return (_null, ())
+            return (_null, ()) if self is SESSION_NULL else (type(self), ())
         raise ValueError("cannot serialize a session")
 
     def __repr__(self) -> str:

@@ -670,7 +670,7 @@ class Win(_MemoryBase, Handle):
     def __reduce__(self) -> Any:
         if self._w is not None:
             raise ValueError("cannot serialize a window")
-        return (_win_null, ())
+        return (_win_null, ()) if self is WIN_NULL else (type(self), ())
 
     def __repr__(self) -> str:
         return f"<Win {self.Get_name()!r}>"

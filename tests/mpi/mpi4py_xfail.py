@@ -339,12 +339,6 @@ ENTRIES: list[tuple[str, str, str]] = [
         "an int/str makes a handle instead of raising TypeError (issue #11)",
     ),
     (
-        "test_objmodel.TestObjModel.testReduce",
-        "xfail",
-        "wrong: handle subclasses made on the fly (MyDatatype(DATATYPE_NULL)) copy and "
-        "pickle as their library base class (issue #11)",
-    ),
-    (
         "test_objmodel.TestObjModel.testSafeFree*",
         "xfail",
         "missing: free() on every handle class (Info, Op, Group, ... have Free only), and "
