@@ -596,16 +596,18 @@ class Endpoint:
         return head
 
     def _guarded(self, channel: RxChannel, call: Callable[..., Any], *args: Any) -> Any:
-        """call(*args) on `channel` with the peer-loss bookkeeping of `_fault`."""
+        """call(*args) on `channel` with the peer-loss bookkeeping of `_fault` (None where
+        that returns)."""
         try:
             return call(*args)
         except (PeerLostError, RingCorruptError) as exc:
-            return self._fault(channel, exc)
+            self._fault(channel, exc)
+            return None
 
     def _fault(self, channel: RxChannel, exc: PeerLostError | RingCorruptError) -> None:
         """The bookkeeping of `exc`, raised by a call on `channel`: PeerLostError forgets the
         peer's session and is raised again; RingCorruptError from a peer that came back as a
-        new incarnation (our halves now reset) gives None, any other is raised again."""
+        new incarnation (our halves now reset) returns, any other is raised again."""
         if isinstance(exc, PeerLostError):
             self._lost(channel.source)
             raise exc
@@ -708,7 +710,8 @@ class Endpoint:
                 except BufferError:
                     taken = None  # not a writable buffer: said below
                 except (PeerLostError, RingCorruptError) as exc:
-                    taken = self._fault(channel, exc)
+                    self._fault(channel, exc)
+                    taken = None
                 if taken is not None:
                     return taken[0], source, taken[1]
             spun = channel.head is None
