@@ -1267,6 +1267,31 @@ class CollectiveGroup:
         self.progress()
         return request
 
+    def start_round(self, run: Callable[..., Any], *args: Any) -> CollectiveRequest | None:
+        """`start` for a collective of one round whose C arguments the caller made: round
+        k of `run` (CollectiveRound.run or .fold) with `args`, polled once now. Returns the
+        request (done already where that poll completed the round; pending in the group
+        otherwise, as a started one), or None having moved nothing where other started
+        collectives are pending, the C accelerator is not built, or the C call refused the
+        arguments before its round (the caller starts the collective otherwise). An error
+        of the first poll propagates (round k is marked failed, see `_c_steps`)."""
+        if self._pending or self._c is None:
+            return None
+        before = self._round
+        steps = self._c_steps(run, args, 0)
+        request = CollectiveRequest(self, steps)
+        try:
+            request._wait = next(steps)
+        except StopIteration:
+            request._steps = None
+            return request
+        except (ValueError, TypeError, BufferError):
+            if self._round == before:
+                return None
+            raise
+        self._pending.append(request)
+        return request
+
     def progress(self) -> None:
         """Advance the started collectives as far as they go without waiting."""
         pending = self._pending

@@ -54,7 +54,7 @@ from __future__ import annotations
 
 import contextlib
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -276,6 +276,31 @@ class Area:
         self.listeners += delta
         self.group.listen(self.listeners > 0)
 
+    def begin(self, which: int, *args: Any) -> CollectiveRequest | None:
+        """`call`'s nonblocking form (`start` of a collective of one round whose arguments
+        the caller checked, see `call`): the started round, polled once (`done` already
+        where that completed it; else the group's pending request); None having moved
+        nothing where the group has started collectives pending or the C call refused the
+        arguments (start it otherwise). Errors of the first poll as for `run` (the area is
+        dropped)."""
+        group = self.group
+        c = group._c
+        if c is None:
+            return None
+        try:
+            if which == C_FOLD:
+                request = group.start_round(c.fold, *args)
+            else:
+                request = group.start_round(c.run, which, *args)
+        except BaseException as exc:
+            error = self._leave(exc)
+            if error is exc:
+                raise
+            raise error from exc
+        if request is not None and request.done:
+            self.completed += 1
+        return request
+
     def start(self, name: str, *args: Any) -> AreaOp:
         """Start collective `name` nonblocking; the AreaOp completes with it. Errors at the
         start as for `run`."""
@@ -286,17 +311,25 @@ class Area:
 
 class AreaOp(Op):
     """A nonblocking collective of the area as an engine operation: `done` polls it (and the
-    abandonment records) each time it is read; a failure completes it with ERR_OTHER and
-    drops the area."""
+    abandonment records) each time it is read, under the engine's lock (a Wait or Test of
+    another thread, or the engine's progress, may read it too); a failure completes it with
+    ERR_OTHER, `reason` saying why, drops the area and tells `on_fail` (if given) the
+    reason."""
 
-    __slots__ = ("_area", "_finished", "_request", "_why")
+    __slots__ = ("_area", "_finished", "_request", "on_fail", "reason")
 
-    def __init__(self, area: Area, request: CollectiveRequest) -> None:
+    def __init__(
+        self,
+        area: Area,
+        request: CollectiveRequest,
+        on_fail: Callable[[str], None] | None = None,
+    ) -> None:
         self._finished = False
         super().__init__()
         self._area = area
         self._request = request
-        self._why = ""
+        self.on_fail = on_fail
+        self.reason = ""
         area.listen(1)
 
     @property
@@ -304,18 +337,23 @@ class AreaOp(Op):
         if self._finished:
             return True
         area = self._area
-        try:
-            if not self._request.test():
-                area.check_abandoned()
-                return False
-            area.completed += 1
-        except BaseException as exc:
-            self.error = exceptions.ERR_OTHER
-            self._why = f"{type(exc).__name__}: {exc}"
-            if area.comm._area is area:
-                area.drop()
-        self._finished = True
-        area.listen(-1)
+        with area.comm._engine.lock:
+            if self._finished:  # (another thread's read completed it)
+                return True
+            try:
+                if not self._request.test():
+                    area.check_abandoned()
+                    return False
+                area.completed += 1
+            except BaseException as exc:
+                self.error = exceptions.ERR_OTHER
+                self.reason = f"{type(exc).__name__}: {exc}"
+                if area.comm._area is area:
+                    area.drop()
+            self._finished = True
+            area.listen(-1)
+        if self.error and self.on_fail is not None:
+            self.on_fail(self.reason)
         return True
 
     @done.setter

@@ -46,7 +46,7 @@ import numpy as np
 from guest_lib.mpi import area, buffers, constants, exceptions, locks, native, ops
 from guest_lib.mpi.constants import IN_PLACE
 from guest_lib.mpi.engine import StagedOp
-from guest_lib.mpi.matching import Op
+from guest_lib.mpi.matching import DoneOp, Op
 from guest_lib.mpi.pickling import dumps as _dumps
 from guest_lib.mpi.pickling import loads as _loads
 from guest_lib.mpi.request import Request, unpickle
@@ -63,6 +63,7 @@ from ivshmem_comm.collective import (
     FOLD_OPS,
     KIND_ALLREDUCE,
     KIND_REDUCE,
+    CollectiveGroup,
 )
 
 if TYPE_CHECKING:
@@ -186,18 +187,36 @@ def _blocks(buf: Any, writable: bool, size: int) -> tuple[Any, list[int], list[i
     return buffers.plain_vector(buf, size, writable)
 
 
-def _f_barrier(self: Any, shared: area.Area) -> Any:
-    return None if shared.call(C_BARRIER, None, None, 0, None, None, None, None) else _SLOW
+# A lane's C arguments: `_a_*(comm, group, *args)` gives, for the collective's arguments, what
+# Area.call (blocking, `_one_call`) and Area.begin (nonblocking, `started`) take, or None
+# for the collective's body (its arguments checked there).
+CArgs = tuple[Any, ...] | None
+_BARRIER = (C_BARRIER, None, None, 0, None, None, None, None)
 
 
-def _f_bcast(self: Any, shared: area.Area, buf: Any, root: int = 0) -> Any:
-    if not 0 <= root < shared.group.size:
-        return _SLOW
+def _one_call(args_of: Callable[..., CArgs]) -> Callable[..., Any]:
+    """The blocking lane (see `collective`) of a collective whose round members never decline
+    (sizes every member knows): Area.call with `args_of`'s arguments."""
+
+    def lane(self: Any, shared: area.Area, *args: Any, **kwargs: Any) -> Any:
+        c_args = args_of(self, shared.group, *args, **kwargs)
+        return None if c_args is not None and shared.call(*c_args) else _SLOW
+
+    return lane
+
+
+def _a_barrier(self: Any, group: CollectiveGroup) -> CArgs:
+    return _BARRIER
+
+
+def _a_bcast(self: Any, group: CollectiveGroup, buf: Any, root: int = 0) -> CArgs:
+    if not 0 <= root < group.size:
+        return None
     lane = _lane(buf, self._rank != root)
-    if lane is None or lane[1] > shared.group.slab_size:
-        return _SLOW
+    if lane is None or lane[1] > group.slab_size:
+        return None
     view = lane[0]
-    return None if shared.call(C_BCAST, view, view, root, None, None, None, None) else _SLOW
+    return C_BCAST, view, view, root, None, None, None, None
 
 
 def _f_gather(self: Any, shared: area.Area, sendbuf: Any, recvbuf: Any, root: int = 0) -> Any:
@@ -258,22 +277,19 @@ def _f_scatter(self: Any, shared: area.Area, sendbuf: Any, recvbuf: Any, root: i
     return None
 
 
-def _f_allgather(self: Any, shared: area.Area, sendbuf: Any, recvbuf: Any) -> Any:
-    group = shared.group
-    size = group.size
-    blocks = _blocks(recvbuf, True, size)
+def _a_allgather(self: Any, group: CollectiveGroup, sendbuf: Any, recvbuf: Any) -> CArgs:
+    blocks = _blocks(recvbuf, True, group.size)
     if blocks is None:
-        return _SLOW
+        return None
     recv, counts, displs = blocks
     in_place = sendbuf is IN_PLACE or sendbuf is None
     mine = None if in_place else _lane(sendbuf, False)
     if max(counts) > group.slab_size or not (
         in_place or (mine is not None and mine[1] == counts[self._rank])
     ):
-        return _SLOW
+        return None
     send = None if mine is None else mine[0]
-    ran = shared.call(C_ALLGATHERV, send, recv, 0, counts, displs, None, None)
-    return None if ran else _SLOW
+    return C_ALLGATHERV, send, recv, 0, counts, displs, None, None
 
 
 def _f_alltoall(self: Any, shared: area.Area, sendbuf: Any, recvbuf: Any) -> Any:
@@ -305,14 +321,14 @@ def _operand(buf: Any, writable: bool) -> np.ndarray | None:
     return None if dtype is None else np.frombuffer(spec.view, dtype)
 
 
-def _f_fold(
-    self: Any, shared: area.Area, kind: int, sendbuf: Any, recvbuf: Any, op: Any, want: bool
-) -> Any:
+def _a_fold(
+    group: CollectiveGroup, kind: int, sendbuf: Any, recvbuf: Any, op: Any, want: bool
+) -> CArgs:
     """Reduce (`want`: at the root) and Allreduce of predefined ops on plain numbers."""
     recv = _operand(recvbuf, True) if want else None
     send = recv if sendbuf is IN_PLACE else _operand(sendbuf, False)
     if send is None or (want and recv is None):
-        return _SLOW
+        return None
     dtype = send.dtype
     code = FOLD_DTYPES.get(dtype)
     opcode = FOLD_OPS.get(getattr(op, "ufunc", None))
@@ -320,30 +336,86 @@ def _f_fold(
         code is None
         or opcode is None
         or (opcode >= FLOAT_BITWISE and dtype.kind == "f")
-        or send.nbytes > shared.group.slab_size
+        or send.nbytes > group.slab_size
     ):
-        return _SLOW
+        return None
     if recv is not None and (
         recv.dtype != dtype or recv.size != send.size or not recv.flags.aligned
     ):
-        return _SLOW
-    size = shared.group.size
-    ran = shared.call(area.C_FOLD, kind, send, recv, size, code, opcode)
-    return None if ran else _SLOW
+        return None
+    return area.C_FOLD, kind, send, recv, group.size, code, opcode
 
 
-def _f_reduce(
-    self: Any, shared: area.Area, sendbuf: Any, recvbuf: Any, op: Any = ops.SUM, root: int = 0
-) -> Any:
-    if not 0 <= root < shared.group.size:
-        return _SLOW
-    return _f_fold(self, shared, KIND_REDUCE, sendbuf, recvbuf, op, self._rank == root)
+def _a_reduce(
+    self: Any,
+    group: CollectiveGroup,
+    sendbuf: Any,
+    recvbuf: Any,
+    op: Any = ops.SUM,
+    root: int = 0,
+) -> CArgs:
+    if not 0 <= root < group.size:
+        return None
+    return _a_fold(group, KIND_REDUCE, sendbuf, recvbuf, op, self._rank == root)
 
 
-def _f_allreduce(
-    self: Any, shared: area.Area, sendbuf: Any, recvbuf: Any, op: Any = ops.SUM
-) -> Any:
-    return _f_fold(self, shared, KIND_ALLREDUCE, sendbuf, recvbuf, op, True)
+def _a_allreduce(
+    self: Any, group: CollectiveGroup, sendbuf: Any, recvbuf: Any, op: Any = ops.SUM
+) -> CArgs:
+    return _a_fold(group, KIND_ALLREDUCE, sendbuf, recvbuf, op, True)
+
+
+_f_barrier = _one_call(_a_barrier)
+_f_bcast = _one_call(_a_bcast)
+_f_allgather = _one_call(_a_allgather)
+_f_reduce = _one_call(_a_reduce)
+_f_allreduce = _one_call(_a_allreduce)
+
+
+def started(args_of: Callable[..., CArgs]) -> Callable[[Callable[..., Any]], Any]:
+    """Decorator of a nonblocking collective: its lane in the collective area, as the
+    blocking lanes (`collective`): where the communicator's area is bound, no member
+    abandoned anything and `args_of` takes the arguments, the round starts in one C call
+    (Area.begin) and the Request polls it (completed already where that first poll
+    finished it). The instance is numbered as `_nonblocking` numbers it (its abandonment
+    on a failure alike); anything else (no area, other forms, collectives of the area still
+    pending) runs the method's body."""
+
+    def wrap(method: Callable[..., Any]) -> Any:
+        @functools.wraps(method)
+        def run(self: Any, *args: Any, **kwargs: Any) -> Any:
+            engine = self._live()
+            shared = self._area
+            if shared and not engine.abandoned:
+                c_args = args_of(self, shared.group, *args, **kwargs)
+                if c_args is not None:
+                    seq = self._nb_seq
+                    try:
+                        request = shared.begin(*c_args)
+                    except Exception as exc:
+                        self._nb_seq = seq + 1
+                        _nb_abandon(self, engine, seq, f"{type(exc).__name__}: {exc}")
+                        raise
+                    if request is not None:  # (None: nothing moved, the body runs it)
+                        self._nb_seq = seq + 1
+                        if request.done:
+                            return Request(DoneOp(constants.ANY_SOURCE), engine)
+                        failed = functools.partial(_nb_abandon, self, engine, seq)
+                        return area.AreaRequest(area.AreaOp(shared, request, failed), engine)
+            return method(self, *args, **kwargs)
+
+        return run
+
+    return wrap
+
+
+def _nb_abandon(comm: Any, engine: Engine, seq: int, reason: str) -> None:
+    """Nonblocking collective instance `seq` of `comm` failed here: tell the other members
+    (its requests there complete with ERR_OTHER), leave the area."""
+    members = [w for w in comm._group if w != engine.world_rank]
+    tag = T_NONBLOCKING + seq % NONBLOCKING_TAGS
+    engine.abandon(comm._ctx + 1, seq, tag, 1, reason, members)
+    area.failed(comm)
 
 
 def _abandon(comm: Any, engine: Engine, seq: int, exc: Exception) -> None:
@@ -937,6 +1009,7 @@ class Collectives:
 
     Allgatherv = Allgather
 
+    @started(_a_allgather)
     def Iallgather(self, sendbuf: Any, recvbuf: Any) -> Request:
         return self._nonblocking(
             functools.partial(self._allgatherv, sendbuf, recvbuf),
@@ -1314,16 +1387,10 @@ class Collectives:
         engine = self._live()
         seq, self._nb_seq = self._nb_seq, self._nb_seq + 1
         tag = T_NONBLOCKING + seq % NONBLOCKING_TAGS
-        ctx = self._ctx + 1
         if len(self._group) < 2:
             return Request(engine.start_staged(StagedOp(stages(tag))), engine)
-        members = [w for w in self._group if w != engine.world_rank]
-
-        def abandon(reason: str) -> None:
-            engine.abandon(ctx, seq, tag, 1, reason, members)
-            area.failed(self)
-
-        gone = engine.abandoned_already(ctx, tag, seq)
+        abandon = functools.partial(_nb_abandon, self, engine, seq)
+        gone = engine.abandoned_already(self._ctx + 1, tag, seq)
         if gone is not None:
             area.failed(self)
             raise exceptions.Exception(exceptions.ERR_OTHER, gone)
@@ -1341,11 +1408,13 @@ class Collectives:
             raise
         return Request(op, engine)
 
+    @started(_a_barrier)
     def Ibarrier(self) -> Request:
         """Nonblocking barrier (in the area, else dissemination: ceil(log2 size) rounds of
         empty messages)."""
         return self._nonblocking(self._barrier, lambda: ("barrier", ()))
 
+    @started(_a_bcast)
     def Ibcast(self, buf: Any, root: int = 0) -> Request:
         """Nonblocking broadcast of a buffer (binomial tree; `buf` is not to be touched until
         the request completes)."""
@@ -1371,6 +1440,7 @@ class Collectives:
 
         return self._nonblocking(steps, functools.partial(self._p_bcast, buf, root))
 
+    @started(_a_allreduce)
     def Iallreduce(self, sendbuf: Any, recvbuf: Any, op: ops.Op = ops.SUM) -> Request:
         """Nonblocking Allreduce: rank 0 folds every operand in rank order and sends the
         result to all (the same bits everywhere)."""
@@ -1386,6 +1456,7 @@ class Collectives:
         plan = functools.partial(self._p_fold, "allreduce", sendbuf, recvbuf, op)
         return self._nonblocking(steps, plan)
 
+    @started(_a_reduce)
     def Ireduce(self, sendbuf: Any, recvbuf: Any, op: ops.Op = ops.SUM, root: int = 0) -> Request:
         """Nonblocking Reduce: `root` folds every operand in rank order."""
         _, rank = self._sizes()
