@@ -37,9 +37,11 @@ the area, and the driven wait naps NAP_S at most where the core's sleeps a whole
 slice. The area of a communicator is its own (one slot each): collectives of separate
 communicators in separate threads do not meet here; the engine lock is not held while an
 area collective waits.
-A nonblocking area collective is an `AreaOp` whose completion is polled by the engine's
-progress; while any is pending, this member's sleep flag stays raised so that
-every publication of the group rings its doorbell (the engine naps on it).
+A nonblocking area collective is an `AreaOp` whose completion is polled each time it is
+read (by the engine's progress where a staged operation holds it; by its Request's
+Test/Wait where a lane started it, `begin`); while any is pending, this member's sleep flag
+stays raised so that every publication of the group rings its doorbell (the engine naps on
+it).
 
 Object collectives (lowercase bcast, gather, allgather and those built on them: reduce,
 allreduce, scan, exscan) put each pickle in its sender's slab when it fits one (`exchange`);

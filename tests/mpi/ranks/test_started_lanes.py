@@ -10,6 +10,7 @@ rank, IVSHMEM_COMM_PUREPYTHON) the same checks hold for the other paths.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 
 import numpy as np
@@ -128,4 +129,31 @@ def test_blocking_collective_after_pending_ones(comm):
     request, check = _start("Iallreduce", comm, 11)
     while not request.Test():
         pass
+    check()
+
+
+@pytest.mark.parametrize("call", ["Ibcast", "Iallreduce", "Iallgather"])
+def test_waited_in_another_thread(comm, call):
+    """THREAD_MULTIPLE: a thread waits for a started collective while the main thread runs a
+    ring exchange of blocking sends and receives; both complete, the data is right."""
+    size, rank = comm.Get_size(), comm.Get_rank()
+    _lane_ready(comm)
+    request, check = _start(call, comm, 4)
+    errors: list[BaseException] = []
+
+    def waiter() -> None:
+        try:
+            request.Wait()
+        except BaseException as exc:  # (reported by the main thread)
+            errors.append(exc)
+
+    thread = threading.Thread(target=waiter)
+    thread.start()
+    got = np.zeros(2, "i4")
+    for _ in range(20):
+        comm.Sendrecv(np.full(2, rank, "i4"), (rank + 1) % size, 3, got, (rank - 1) % size, 3)
+        assert list(got) == [(rank - 1) % size] * 2
+    thread.join(60)
+    assert not thread.is_alive() and not errors
+    assert not request
     check()
