@@ -333,10 +333,11 @@ class Datatype(attributes.Cached, Handle):
         self._keyvals.drop(self)
         _copy_slots(self, DATATYPE_NULL)
 
-    def free(self) -> None:
-        """Free if not null or predefined (mpi4py's `free`): see Free."""
-        if not self.is_predefined:
-            self.Free()
+    def _on_predefined(self) -> bool:
+        return self.is_predefined
+
+    def _nullify(self) -> None:
+        _copy_slots(self, DATATYPE_NULL)
 
     # ------------------------------------------------------------------ attributes
     def Get_attr(self, keyval: int) -> Any:

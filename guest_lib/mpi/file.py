@@ -598,10 +598,9 @@ class File(Handle):
         self._f = None
         state.close()
 
-    def free(self) -> None:
-        """Close the file if this handle is not null."""
-        if self._f is not None:
-            self.Close()
+    def _release(self) -> None:
+        """(free: closes the file.)"""
+        self.Close()
 
     @classmethod
     def Delete(cls, filename: Any, info: Any = None) -> None:

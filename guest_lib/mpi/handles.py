@@ -20,6 +20,24 @@ _LIBRARY = "guest_lib.mpi."  # the modules whose classes `fromhandle` gives (not
 _numbers = itertools.count(1)
 _by_number: dict[int, Any] = {}
 _by_object: dict[Any, int] = {}  # keyed by the objects' equality: equal handles share
+_constants: dict[type, list[Any]] = {}  # library class -> the MPI namespace's handles of it
+_constant_ids: set[int] = set()  # (they live as long as the process: ids stay theirs)
+
+
+def _library_class(handle: Any) -> type:
+    """The class of this library that `handle`'s class is or derives from."""
+    return next(k for k in type(handle).__mro__ if k.__module__.startswith(_LIBRARY))
+
+
+def _index_constants() -> None:
+    """Fill _constants and _constant_ids from the MPI namespace (once, at the first use:
+    every predefined handle is made by then)."""
+    from guest_lib.mpi import MPI
+
+    for value in vars(MPI).values():
+        if isinstance(value, Handle):
+            _constants.setdefault(_library_class(value), []).append(value)
+            _constant_ids.add(id(value))
 
 
 class Handle:
@@ -36,6 +54,40 @@ class Handle:
         """A new, uninitialised handle: the arguments are __init__'s (mpi4py's subclasses
         call `Base.__new__(cls, other)`, as test_subclass's MyInfo and MyRequest do)."""
         return super().__new__(cls)
+
+    def free(self) -> None:
+        """mpi4py's `free`, safe on any handle: nothing for a null handle or a predefined
+        handle itself (MPI.SUM, MPI.COMM_WORLD, ...); a new handle on a predefined object
+        (Op(MPI.SUM)) becomes a null handle, the object staying as it is; any other handle
+        is released by `_release` (Free) and is a null handle after it. Errors as `_release`'s."""
+        if not _constant_ids:
+            _index_constants()
+        if not self or id(self) in _constant_ids:
+            return
+        if self._on_predefined():
+            self._nullify()
+        else:
+            self._release()
+
+    def _on_predefined(self) -> bool:
+        """Whether this handle is on a predefined object (equal to one of the MPI
+        namespace's handles of its class)."""
+        return any(self == constant for constant in _constants.get(_library_class(self), ()))
+
+    def _nullify(self) -> None:
+        """Make this handle a null one of its class (other handles on its object stay):
+        the slots and the __dict__ of a new null handle (handles on one communicator share
+        one __dict__: this one gets its own)."""
+        null = _library_class(self)()
+        for kind in type(null).__mro__:
+            for name in vars(kind).get("__slots__", ()):
+                if name != "__weakref__" and hasattr(null, name):
+                    setattr(self, name, getattr(null, name))
+        self.__dict__ = vars(null)
+
+    def _release(self) -> None:
+        """Release the object (MPI's Free); this handle is a null one after it."""
+        self.Free()  # type: ignore[attr-defined]
 
     @property
     def handle(self) -> int:

@@ -63,10 +63,9 @@ class Message(Handle):
         names = {_NULL: "MESSAGE_NULL", _NO_PROC: "MESSAGE_NO_PROC"}
         return f"<Message {names.get(self._kind, f'from {self._source} tag {self._tag}')}>"
 
-    def free(self) -> None:
-        """Nothing to release (a matched message not received is simply dropped)."""
-
-    Free = free
+    def _release(self) -> None:
+        """(free: a matched message not received is dropped; the handle becomes null.)"""
+        self._nullify()
 
     # ------------------------------------------------------------------ receives
     def _take(self) -> RecvOp:

@@ -220,11 +220,6 @@ class Request(Handle):
         if self._cell is not None:  # a handle on a persistent request frees that request
             self._cell.free()
 
-    def free(self) -> None:
-        """Free if not null (mpi4py's `free`)."""
-        if self:
-            self.Free()
-
     def _check_live(self, call: str) -> None:
         if not self:
             raise exceptions.Exception(exceptions.ERR_REQUEST, f"Request.{call} on a null request")

@@ -49,6 +49,10 @@ class Session(Handle):
         self._check()
         self._state = None
 
+    def _release(self) -> None:
+        """(free: ends the session.)"""
+        self.Finalize()
+
     def Get_num_psets(self, info: Any = None) -> int:
         self._check()
         return len(PSETS)

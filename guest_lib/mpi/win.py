@@ -788,11 +788,6 @@ class Win(_MemoryBase, Handle):
         w.comm.Free()
         self._bind(None)
 
-    def free(self) -> None:
-        """Free if not null (mpi4py's `free`)."""
-        if self._w is not None:
-            self.Free()
-
     # ------------------------------------------------------------------ queries
     def tomemory(self) -> _buffer:
         """This rank's window memory as an MPI.buffer."""

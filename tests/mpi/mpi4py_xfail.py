@@ -339,13 +339,6 @@ ENTRIES: list[tuple[str, str, str]] = [
         "an int/str makes a handle instead of raising TypeError (issue #11)",
     ),
     (
-        "test_objmodel.TestObjModel.testSafeFree*",
-        "xfail",
-        "missing: free() on every handle class (Info, Op, Group, ... have Free only), and "
-        "free() of a second handle on a predefined constant (Datatype(MPI.INT).free()) "
-        "leaves it non-null (issue #11)",
-    ),
-    (
         "test_package.TestMPIABI.testGetFromLibMPI",
         "xfail",
         "real limit: no libmpi to load (MPI.__file__ is Python)",
