@@ -1074,8 +1074,8 @@ class CollectiveGroup:
         """Round k failed in C (or while blocked): it was taken; a corrupt member breaks the
         group as in `_corrupt`."""
         self._round = k
-        assert self._c is not None
-        self._c.abort()
+        if self._c is not None:  # (None: closed, e.g. a dropped request's steps closed late)
+            self._c.abort()
         if isinstance(exc, RingCorruptError):
             self._broken = exc
 

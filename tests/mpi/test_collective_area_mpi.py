@@ -62,3 +62,17 @@ def test_killed_member_gives_an_error_not_a_hang():
     assert len(lost) == 2, done.stdout[-3000:] + done.stderr[-3000:]
     for line in lost:
         assert float(line.split()[1]) < 1.5 and "PeerLostError" in line, line
+
+
+def test_killed_member_fails_a_started_collective():
+    """The same while the others Wait for an Iallreduce (a lane's request, polled): its Wait
+    raises MPI.Exception(ERR_OTHER) within seconds on both, and nothing else is reported."""
+    done = subprocess.run(
+        [*LAUNCHER, "-n", "3", "--timeout", "60", PROGRAM, "ikill"],
+        cwd=ROOT, env=job_env(), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    lost = [line for line in done.stdout.splitlines() if line.startswith("LOST")]
+    assert len(lost) == 2, done.stdout[-3000:] + done.stderr[-3000:]
+    for line in lost:
+        assert float(line.split()[1]) < 1.5 and "MPI_ERR_OTHER" in line, line
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]

@@ -13,6 +13,7 @@ exhaust  Dups without Free until one finds no slot: that one runs its collective
          messages, correctly; after freeing them a new Dup binds again; prints "EXHAUST OK".
 kill     the last rank SIGKILLs itself instead of joining an Allreduce: the others raise
          MPI.Exception within seconds; prints "LOST <seconds>".
+ikill    the same with an Iallreduce the others Wait for: its Wait raises within seconds.
 """
 
 from __future__ import annotations
@@ -325,7 +326,7 @@ def main() -> None:
         assert area.completed(again) == 1
         again.Free()
         print(f"EXHAUST OK {slots}", flush=True)
-    elif mode == "kill":
+    elif mode in ("kill", "ikill"):
         comm.Barrier()
         out = np.zeros(4)
         comm.Allreduce(np.ones(4), out)  # the area is bound and working
@@ -334,7 +335,10 @@ def main() -> None:
             os.kill(os.getpid(), signal.SIGKILL)
         t0 = time.monotonic()
         try:
-            comm.Allreduce(np.ones(4), out)
+            if mode == "kill":
+                comm.Allreduce(np.ones(4), out)
+            else:
+                comm.Iallreduce(np.ones(4), out).Wait()
         except MPI.Exception as exc:
             print(f"LOST {time.monotonic() - t0:.2f} {exc}", flush=True)
         else:
