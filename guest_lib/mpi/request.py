@@ -270,13 +270,16 @@ class Request(Handle):
         """Wait for every request; return their objects (None for sends)."""
         engine = cls._engine_of(requests)
         if engine is not None:
-            engine.wait_until(_all_done([r._op for r in requests if r._op is not None]))
+            pending = [op for r in requests if (op := r._op) is not None and not op.done]
+            if pending:
+                engine.wait_until(_all_done(pending))
         results: list[Any] = []
         failed: list[tuple[Any, exceptions.Exception]] = []
+        plain = statuses is None  # (no status asked)
         for index, request in enumerate(requests):
             op = request._op
             if (  # a plain request complete without error and no status asked: made null
-                statuses is None
+                plain
                 and op is not None
                 and type(request) is Request
                 and request._finish is None
@@ -494,10 +497,10 @@ REQUEST_NULL = Request()
 
 
 def _all_done(ops: list[Op]) -> Callable[[], bool]:
-    """A predicate: every op of `ops` is done. It remembers how far the ops are known done,
-    so the engine's progress pass, which asks before taking each message, costs O(1) per
-    ask on a window completing in order (not O(len(ops)) per message taken)."""
-    ops = [op for op in ops if not op.done]
+    """A predicate: every op of `ops` (the ops not done yet) is done. It remembers how far
+    the ops are known done, so the engine's progress pass, which asks before taking each
+    message, costs O(1) per ask on a window completing in order (not O(len(ops)) per
+    message taken)."""
     first = 0
 
     def all_done() -> bool:
