@@ -316,9 +316,11 @@ class AreaOp(Op):
     abandonment records) each time it is read, under the engine's lock (a Wait or Test of
     another thread, or the engine's progress, may read it too); a failure completes it with
     ERR_OTHER, `reason` saying why, drops the area and tells `on_fail` (if given) the
-    reason."""
+    reason. The first read that finds it pending raises the sleep flag (`Area.listen`) and
+    polls once more, so that no waiter naps before the flag is up (a collective completed
+    by its first polls never raises it, nor makes the others ring this doorbell)."""
 
-    __slots__ = ("_area", "_finished", "_request", "on_fail", "reason")
+    __slots__ = ("_area", "_finished", "_listening", "_request", "on_fail", "reason")
 
     def __init__(
         self,
@@ -332,7 +334,7 @@ class AreaOp(Op):
         self._request = request
         self.on_fail = on_fail
         self.reason = ""
-        area.listen(1)
+        self._listening = False
 
     @property
     def done(self) -> bool:
@@ -343,7 +345,12 @@ class AreaOp(Op):
             if self._finished:  # (another thread's read completed it)
                 return True
             try:
-                if not self._request.test():
+                pending = not self._request.test()
+                if pending and not self._listening:
+                    self._listening = True
+                    area.listen(1)  # (its fence orders the flag before the next poll's loads)
+                    pending = not self._request.test()
+                if pending:
                     area.check_abandoned()
                     return False
                 area.completed += 1
@@ -353,7 +360,8 @@ class AreaOp(Op):
                 if area.comm._area is area:
                     area.drop()
             self._finished = True
-            area.listen(-1)
+            if self._listening:
+                area.listen(-1)
         if self.error and self.on_fail is not None:
             self.on_fail(self.reason)
         return True
