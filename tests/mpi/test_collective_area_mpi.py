@@ -51,28 +51,28 @@ def test_full_area_falls_back_to_messages():
     assert out.count("EXHAUST OK") == 3, out[-3000:]
 
 
-def test_killed_member_gives_an_error_not_a_hang():
-    """A member SIGKILLed while the others wait for it in the area: they raise the
-    MPI.Exception of a lost peer (ERR_PROC_FAILED naming PeerLostError) within seconds."""
+def _killed(mode: str, error: str) -> str:
+    """Run area_rank.py `mode` on 3 ranks (the last one SIGKILLs itself): both others print
+    a LOST line within 1.5 s naming `error`; the job's stderr."""
     done = subprocess.run(
-        [*LAUNCHER, "-n", "3", "--timeout", "60", PROGRAM, "kill"],
+        [*LAUNCHER, "-n", "3", "--timeout", "60", PROGRAM, mode],
         cwd=ROOT, env=job_env(), capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     lost = [line for line in done.stdout.splitlines() if line.startswith("LOST")]
     assert len(lost) == 2, done.stdout[-3000:] + done.stderr[-3000:]
     for line in lost:
-        assert float(line.split()[1]) < 1.5 and "PeerLostError" in line, line
+        assert float(line.split()[1]) < 1.5 and error in line, line
+    return done.stderr
+
+
+def test_killed_member_gives_an_error_not_a_hang():
+    """A member SIGKILLed while the others wait for it in the area: they raise the
+    MPI.Exception of a lost peer (ERR_PROC_FAILED naming PeerLostError) within seconds."""
+    _killed("kill", "PeerLostError")
 
 
 def test_killed_member_fails_a_started_collective():
     """The same while the others Wait for an Iallreduce (a lane's request, polled): its Wait
     raises MPI.Exception(ERR_OTHER) within seconds on both, and nothing else is reported."""
-    done = subprocess.run(
-        [*LAUNCHER, "-n", "3", "--timeout", "60", PROGRAM, "ikill"],
-        cwd=ROOT, env=job_env(), capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    lost = [line for line in done.stdout.splitlines() if line.startswith("LOST")]
-    assert len(lost) == 2, done.stdout[-3000:] + done.stderr[-3000:]
-    for line in lost:
-        assert float(line.split()[1]) < 1.5 and "MPI_ERR_OTHER" in line, line
-    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    stderr = _killed("ikill", "MPI_ERR_OTHER")
+    assert "Traceback" not in stderr, stderr[-3000:]
