@@ -379,14 +379,15 @@ def started(args_of: Callable[..., CArgs]) -> Callable[[Callable[..., Any]], Any
     (Area.begin) and the Request polls it (completed already where that first poll
     finished it). The instance is numbered as `_nonblocking` numbers it (its abandonment
     on a failure alike); anything else (no area, other forms, collectives of the area still
-    pending) runs the method's body."""
+    pending, a record of an abandoned collective of this communicator) runs the method's
+    body."""
 
     def wrap(method: Callable[..., Any]) -> Any:
         @functools.wraps(method)
         def run(self: Any, *args: Any, **kwargs: Any) -> Any:
             engine = self._live()
             shared = self._area
-            if shared and not engine.abandoned:
+            if shared and untroubled(self, engine):
                 c_args = args_of(self, shared.group, *args, **kwargs)
                 if c_args is not None:
                     seq = self._nb_seq
@@ -407,6 +408,17 @@ def started(args_of: Callable[..., CArgs]) -> Callable[[Callable[..., Any]], Any
         return run
 
     return wrap
+
+
+def untroubled(comm: Any, engine: Engine) -> bool:
+    """Whether the engine holds no abandonment record of a collective of `comm` (records of
+    other communicators' collectives do not concern its lanes)."""
+    abandoned = engine.abandoned
+    if not abandoned:
+        return True
+    ctx = comm._ctx + 1
+    with engine.lock:  # (other threads' progress adds records)
+        return all(key[0] != ctx for key in abandoned)
 
 
 def _nb_abandon(comm: Any, engine: Engine, seq: int, reason: str) -> None:

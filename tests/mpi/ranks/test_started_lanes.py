@@ -16,7 +16,7 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 
-from guest_lib.mpi import MPI, area
+from guest_lib.mpi import MPI, area, collectives
 from guest_lib.mpi.engine import StagedOp
 
 Check = Callable[[], None]
@@ -25,7 +25,12 @@ Check = Callable[[], None]
 def _lane_ready(comm: MPI.Intracomm) -> bool:
     comm.Barrier()  # binds the area (nonblocking collectives never bind it)
     shared = area.current(comm)
-    return shared is not None and shared.group._c is not None and not shared.group._pending
+    return (
+        shared is not None
+        and shared.group._c is not None
+        and not shared.group._pending
+        and collectives.untroubled(comm, comm._engine)
+    )
 
 
 def _start(call: str, comm: MPI.Intracomm, salt: int) -> tuple[MPI.Request, Check]:
