@@ -80,6 +80,28 @@ def test_window_every_form_in_order(comm, form, nbytes):
                 assert status.Get_count(MPI.BYTE) == nbytes and not status.Is_cancelled()
 
 
+def test_numpy_isends_past_a_full_queue_keep_order_and_data(comm):
+    """Isend of plain numpy arrays (written from the array as it is while the queue has
+    room), far past what the queue holds, empty arrays among them: the ones the queue
+    cannot take are queued (their requests pending), and every array arrives whole, in
+    order."""
+    rank, dest, source = ring(comm)
+    count = 600
+    arrays = [
+        np.zeros(0) if i % 7 == 0 else np.arange(128, dtype=np.float64) + rank * 1e4 + i
+        for i in range(count)
+    ]
+    reqs = [comm.Isend(a, dest, 9) for a in arrays]
+    assert any(req for req in reqs), "the queue took every message at once: not a test"
+    out, status = np.empty(128), MPI.Status()
+    for i in range(count):
+        comm.Recv(out, source, 9, status)
+        n = status.Get_count(MPI.DOUBLE)
+        want = np.zeros(0) if i % 7 == 0 else np.arange(128, dtype=np.float64) + source * 1e4 + i
+        assert n == len(want) and np.array_equal(out[:n], want), i
+    MPI.Request.Waitall(reqs)
+
+
 @pytest.mark.parametrize("how", ["waitany", "testall", "waitsome", "testany", "wait"])
 def test_window_completed_every_way(comm, how):
     rank, dest, source = ring(comm)
