@@ -53,7 +53,6 @@ from guest_lib.mpi.status import Status
 # numpy type characters of arrays the fast paths hand to the core as they are (plain numbers,
 # in the machine's byte order)
 _PLAIN_DTYPES = "?bBhHiIlLqQefdgFDG"
-_NDARRAY = np.ndarray  # (the per-message calls test it before calling _plain_array)
 _CTX_SHIFT = constants.TAG_BITS
 _DECLINE_BIT = constants.MAX_CONTEXT + 1  # in a context map: "not my turn, agree again"
 _CTX_BYTES = (_DECLINE_BIT + 8) // 8  # a bit map of every context and the decline bit
@@ -502,7 +501,7 @@ class Comm(attributes.Cached, Handle):
         """Send a buffer (message spec). Returns once the data is in the queue or MPI."""
         peer = self._shm_peer.get(dest)
         if peer is not None and 0 <= tag <= constants.TAG_UB:  # fast path: into the queue
-            data = buf if type(buf) is _NDARRAY and _plain_array(buf, False) else buffers.quick(buf)
+            data = buf if _plain_array(buf, False) else buffers.quick(buf)
             if data is not None and self._engine.fast_send(  # type: ignore[union-attr]
                 peer, self._ctx << _CTX_SHIFT | tag, data
             ):
@@ -534,11 +533,7 @@ class Comm(attributes.Cached, Handle):
         peer = self._shm_peer.get(source)
         if peer is not None and (0 <= tag <= constants.TAG_UB or tag == constants.ANY_TAG):
             # fast path: from a peer on shared memory straight into the buffer
-            data = (
-                buf
-                if type(buf) is _NDARRAY and _plain_array(buf, True)
-                else buffers.quick(buf, True)
-            )
+            data = buf if _plain_array(buf, True) else buffers.quick(buf, True)
             if data is not None and self._route[source].recv_into(
                 self, data, source, tag, self._ctx, status
             ):
@@ -557,16 +552,12 @@ class Comm(attributes.Cached, Handle):
     def Isend(self, buf: Any, dest: int, tag: int = 0) -> Request:
         peer = self._shm_peer.get(dest)  # None: not a rank on shared memory, or a freed comm
         if peer is not None and 0 <= tag <= constants.TAG_UB:
-            # a plain spec to a peer on shared memory: no more checks (a plain numpy array
-            # as it is, as Send does: its byte view costs more than the send written at once)
-            data = buf if type(buf) is _NDARRAY and _plain_array(buf, False) else buffers.quick(buf)
-            if data is not None:
+            view = buffers.quick(buf)
+            if view is not None:  # a plain spec to a peer on shared memory: no more checks
                 engine: Engine = self._engine  # type: ignore[assignment]  # a peer: an engine
-                if engine.fast_send(peer, self._ctx << _CTX_SHIFT | tag, data, 0.0):
+                if engine.fast_send(peer, self._ctx << _CTX_SHIFT | tag, view, 0.0):
                     return request_of(_SENT, engine)
-                view = data if type(data) is memoryview else buffers.quick(buf)
-                if view is not None:  # (None: an empty array, which the parse below takes)
-                    return request_of(engine.isend_shm(peer, self._ctx, tag, view, False), engine)
+                return request_of(engine.isend_shm(peer, self._ctx, tag, view, False), engine)
         self._dest(dest)
         self._send_tag(tag)
         view = buffers.parse(buf).view

@@ -81,10 +81,9 @@ def test_window_every_form_in_order(comm, form, nbytes):
 
 
 def test_numpy_isends_past_a_full_queue_keep_order_and_data(comm):
-    """Isend of plain numpy arrays (written from the array as it is while the queue has
-    room), far past what the queue holds, empty arrays among them: the ones the queue
-    cannot take are queued (their requests pending), and every array arrives whole, in
-    order."""
+    """Isend of plain numpy arrays far past what the queue holds, empty arrays among them:
+    the ones the queue cannot take are queued (their requests pending), and every array
+    arrives whole, in order."""
     rank, dest, source = ring(comm)
     count = 600
     arrays = [
