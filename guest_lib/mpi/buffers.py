@@ -38,7 +38,7 @@ _EMPTY = memoryview(bytearray(0))
 _DL_HOST = (1, 3)  # DLPack device types of host memory (CPU, CUDA pinned host)
 _KEEP: dict[int, Any] = {}  # DLPack capsules of the arrays made over their tensors
 _IMPLIED: dict[np.dtype, Datatype | None] = {}  # numpy dtype -> its datatype (a cache)
-_SWAPPED = Datatype("(byte-swapped)", None)  # what a non-native byte order implies
+_SWAPPED = Datatype._create("(byte-swapped)", None, "")  # what a non-native byte order implies
 _FOREIGN = ">!" if sys.byteorder == "little" else "<!"  # format prefixes of swapped data
 
 

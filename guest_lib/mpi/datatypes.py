@@ -38,20 +38,30 @@ class Datatype(attributes.Cached, Handle):
         "name",
     )  # fmt: skip
 
-    def __init__(
-        self,
-        name: str | Datatype = "MPI_DATATYPE_NULL",
-        dtype: np.dtype | None = None,
-        char: str = "",
-        *,
-        base: Datatype | None = None,
+    def __init__(self, datatype: Datatype | None = None) -> None:
+        """mpi4py's forms: `Datatype(other)` a second handle on `other`'s type, `Datatype()`
+        a null handle; TypeError for anything else (types are made by `_create` here)."""
+        if isinstance(datatype, Datatype):
+            _copy_slots(self, datatype)
+        elif datatype is None:
+            self._setup("MPI_DATATYPE_NULL", None, "", None)
+        else:
+            raise TypeError(f"Datatype: expecting a Datatype, got {type(datatype).__name__}")
+
+    @classmethod
+    def _create(
+        cls, name: str, dtype: np.dtype | None, char: str, base: Datatype | None = None,
         count: int = 1,
+    ) -> Datatype:  # fmt: skip
+        """A new type called `name` with numpy layout `dtype` (None: no data), mpi4py's
+        character code `char` ("" for none), of `count` `base` elements (itself, 1)."""
+        datatype = cls.__new__(cls)
+        datatype._setup(name, dtype, char, base, count)
+        return datatype
+
+    def _setup(
+        self, name: str, dtype: np.dtype | None, char: str, base: Datatype | None, count: int = 1
     ) -> None:
-        if isinstance(name, Datatype):  # mpi4py's Datatype(other): a second handle on it
-            _copy_slots(self, name)
-            return
-        if not isinstance(name, str):
-            raise TypeError(f"Datatype: expecting a Datatype, got {type(name).__name__}")
         # handles on one type share their root: equality is the root's (Datatype(): null)
         null = PREDEFINED.get("DATATYPE_NULL") if dtype is None else None
         self._root = self if null is None else null
@@ -750,7 +760,7 @@ def _derived(name: str, blocks: list[tuple[Any, int, Datatype]], struct: bool = 
     if base.dtype is None or not base.size or size % base.size or base is BYTE:
         base = BYTE
     count = size // base.size
-    new = Datatype(name, _array_dtype(base.dtype, count), "", base=base, count=count)
+    new = Datatype._create(name, _array_dtype(base.dtype, count), "", base, count)
     new._committed, new._align, new._size = False, align, size
     if plain and lb == 0 and extent == size:
         new._lb, new._extent = 0, size
@@ -1140,7 +1150,7 @@ def _define(name: str, code: str | np.dtype | None, char: str = "", sized: bool 
     character code (mpi4py's typechar; "" for none) and whether its typecode is its type
     string (the sized types: INT32_T's is "i4")."""
     dtype = None if code is None else np.dtype(code)
-    datatype = Datatype(f"MPI_{name}", dtype, char)
+    datatype = Datatype._create(f"MPI_{name}", dtype, char)
     datatype._sized = sized
     PREDEFINED[name] = datatype
     return datatype

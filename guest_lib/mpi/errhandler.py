@@ -29,7 +29,7 @@ from collections.abc import Callable
 from typing import Any
 
 from guest_lib.mpi import exceptions
-from guest_lib.mpi.handles import Handle
+from guest_lib.mpi.handles import Handle, argument
 from guest_lib.mpi.request import Request
 
 _RETURN, _FATAL, _ABORT = "ERRORS_RETURN", "ERRORS_ARE_FATAL", "ERRORS_ABORT"
@@ -44,9 +44,10 @@ class Errhandler(Handle):
     __slots__ = ("_kind",)
 
     def __init__(self, errhandler: Errhandler | None = None) -> None:
-        self._kind: str | Callable[..., Any] | None = (
-            None if errhandler is None else errhandler._kind
-        )
+        """Errhandler(other): a new handle on `other`'s handler; Errhandler(): a null one;
+        TypeError for anything else."""
+        other = argument(errhandler, Errhandler)
+        self._kind: str | Callable[..., Any] | None = None if other is None else other._kind
 
     def Free(self) -> None:
         """This handle becomes ERRHANDLER_NULL (the predefined ones stay); freeing a user

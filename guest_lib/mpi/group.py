@@ -25,6 +25,8 @@ class Group(Handle):
         if isinstance(ranks, Group):  # mpi4py's Group(group): a new handle, same group
             me = int(ranks._me)
             ranks = None if ranks._ranks is None else list(ranks._ranks)
+        elif ranks is not None and not isinstance(ranks, list):
+            raise TypeError(f"Group: expecting a Group, got {type(ranks).__name__}")
         self._ranks: list[int] | None = ranks
         self._me: int = me
 

@@ -24,6 +24,14 @@ _constants: dict[type, list[Any]] = {}  # library class -> the MPI namespace's h
 _constant_ids: set[int] = set()  # (they live as long as the process: ids stay theirs)
 
 
+def argument(value: Any, kind: type[T]) -> T | None:
+    """`value` checked as the argument of mpi4py's `kind(value)`: None or a handle of
+    `kind`, returned as is; TypeError for anything else (another class's handle, an int)."""
+    if value is None or isinstance(value, kind):
+        return value
+    raise TypeError(f"{kind.__name__}: expecting a {kind.__name__}, got {type(value).__name__}")
+
+
 def _library_class(handle: Any) -> type:
     """The class of this library that `handle`'s class is or derives from."""
     return next(k for k in type(handle).__mro__ if k.__module__.startswith(_LIBRARY))

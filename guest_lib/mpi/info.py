@@ -21,7 +21,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 from guest_lib.mpi import exceptions
-from guest_lib.mpi.handles import Handle
+from guest_lib.mpi.handles import Handle, argument
 
 MAX_INFO_KEY = 255
 MAX_INFO_VAL = 1024
@@ -33,7 +33,10 @@ class Info(Handle):
     __slots__ = ("_items",)
 
     def __init__(self, info: Info | None = None) -> None:
-        self._items: dict[str, str] | None = None if info is None else info._items
+        """Info(info): a new handle on `info`'s table; Info(): a null one; TypeError for
+        anything else."""
+        other = argument(info, Info)
+        self._items: dict[str, str] | None = None if other is None else other._items
 
     # ------------------------------------------------------------------ MPI's methods
     @classmethod

@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 from guest_lib.mpi import buffers, constants, exceptions, native
-from guest_lib.mpi.handles import Handle
+from guest_lib.mpi.handles import Handle, argument
 from guest_lib.mpi.matching import RecvOp
 from guest_lib.mpi.pickling import loads as _loads
 from guest_lib.mpi.request import Request
@@ -33,6 +33,7 @@ class Message(Handle):
 
     def __init__(self, message: Message | None = None) -> None:
         self._kind, self._comm, self._data, self._source, self._tag = _NULL, None, b"", -1, -1
+        message = argument(message, Message)
         if message is not None:
             self._kind, self._comm, self._data = message._kind, message._comm, message._data
             self._source, self._tag = message._source, message._tag

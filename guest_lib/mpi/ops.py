@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from guest_lib.mpi import datatypes, exceptions
-from guest_lib.mpi.handles import Handle
+from guest_lib.mpi.handles import Handle, argument
 
 
 def _loc(better: Callable[[Any, Any], bool]) -> Callable[[Any, Any], Any]:
@@ -58,7 +58,8 @@ class Op(Handle):
     _token: object  # the operation's identity, shared by every handle on it
 
     def __init__(self, op: Op | None = None) -> None:
-        self.__dict__.update(vars(OP_NULL if op is None else op))
+        """Op(op): a new handle on `op`; Op(): a null one; TypeError for anything else."""
+        self.__dict__.update(vars(argument(op, Op) or OP_NULL))
 
     @classmethod
     def _make(

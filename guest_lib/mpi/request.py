@@ -52,6 +52,8 @@ class Request(Handle):
             if source._cell is not None and source:
                 self._cell = source._cell
                 source._cell.aliases.append(self)
+        elif op is not None and not isinstance(op, Op):
+            raise TypeError(f"Request: expecting a Request, got {type(op).__name__}")
         self._op: Op | None = op
         self._engine: Engine | None = engine
         self._rank_of: dict[int, int] | None = rank_of

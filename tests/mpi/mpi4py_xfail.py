@@ -333,12 +333,6 @@ ENTRIES: list[tuple[str, str, str]] = [
         "them); mpi4py's handles raise TypeError on hash() (issue #11)",
     ),
     (
-        "test_objmodel.TestObjModel.testInit",
-        "xfail",
-        "wrong: a handle class given another class's handle (Datatype(COMM_NULL), ...) or "
-        "an int/str makes a handle instead of raising TypeError (issue #11)",
-    ),
-    (
         "test_package.TestMPIABI.testGetFromLibMPI",
         "xfail",
         "real limit: no libmpi to load (MPI.__file__ is Python)",
