@@ -335,9 +335,10 @@ ENTRIES: list[tuple[str, str, str]] = [
     (
         "test_objmodel.TestObjModel.testHash",
         "xfail",
-        "wrong: handles hash here (Comm, Group, ... define __hash__, and "
-        "guest_lib/mpi/handles.py keys its integer handles by them); mpi4py's raise TypeError "
-        "on hash() (issue #11)",
+        "wrong: handles hash here (every handle class defines __hash__); mpi4py's raise "
+        "TypeError on hash(). Tried: handles.py's number table can key by a wrapper, but "
+        "datatypes are dict keys and lru_cache arguments inside (datatypes._PAIRS, "
+        "collectives.py's and datatypes.py's caches), to be rekeyed first (issue #11)",
     ),
     (
         "test_package.TestMPIABI.testGetFromLibMPI",
