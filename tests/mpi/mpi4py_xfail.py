@@ -25,12 +25,6 @@ _NO_C_HANDLES = (
     "process gives them, see guest_lib/mpi/handles.py), so a cell holding the number would be "
     "read-only in effect unless every call resolved its object from that cell"
 )
-_SLOW_RMA = (
-    "slow: ~12,000 Fence or exclusive-lock epochs per rank, all 4 ranks on one target at a "
-    "time, each epoch several message hops that need the peer process scheduled: 7-9 s of "
-    "CPU per rank and 105-125 s wall with 4 ranks on 2 CPUs at load ~22 (2026-11-30; locked "
-    "epochs ~2x faster since lazy Lock, Fence unchanged), over the 60 s per-test limit"
-)
 ENTRIES: list[tuple[str, str, str]] = [
     ("test_spawn.TestSpawnSingle*", "xfail", _NO_SPAWN),
     (
@@ -349,36 +343,6 @@ ENTRIES: list[tuple[str, str, str]] = [
         "test_package.TestMPIABI.testLibMPI",
         "xfail",
         "real limit: no libmpi to load (MPI.__file__ is Python)",
-    ),
-    (
-        "test_rma.TestRMAWorld.testPutGet",
-        "skip@4",
-        _SLOW_RMA,
-    ),
-    (
-        "test_rma.TestRMAWorld.testAccumulate",
-        "skip@4",
-        _SLOW_RMA,
-    ),
-    (
-        "test_rma.TestRMAWorld.testGetAccumulate",
-        "skip@4",
-        _SLOW_RMA,
-    ),
-    (
-        "test_rma_nb.TestRMAWorld.testPutGet",
-        "skip@4",
-        _SLOW_RMA,
-    ),
-    (
-        "test_rma_nb.TestRMAWorld.testAccumulate",
-        "skip@4",
-        _SLOW_RMA,
-    ),
-    (
-        "test_rma_nb.TestRMAWorld.testGetAccumulate",
-        "skip@4",
-        _SLOW_RMA,
     ),
     (
         "test_util_dtlib.TestUtilDTLib.testStruct[12]",
