@@ -26,6 +26,11 @@ IMPLEMENTATION: str
 #: The C accelerator's one-round collectives (collective.CollectiveGroup uses them when set),
 #: None on the pure-Python path.
 CollectiveRound: Any = None
+#: C-only helpers of the MPI face, None on the pure-Python path: the per-call parser of
+#: buffer specs (guest_lib.mpi.buffers has its Python reference) and the base type through
+#: which MPI windows export their memory (guest_lib.mpi.win).
+flat_view: Any = None
+MemoryExporter: Any = None
 
 #: The public names of each queue half, in both implementations.
 TX_API = frozenset(
@@ -54,9 +59,11 @@ else:
     try:
         from ivshmem_comm._fastpath import (  # type: ignore[assignment]
             CollectiveRound,
+            MemoryExporter,
             RxRing,
             TxRing,
             compare_exchange_u64,
+            flat_view,
             full_fence,
         )
 
@@ -89,8 +96,10 @@ __all__ = [
     "SEND_TOO_BIG",
     "TX_API",
     "CollectiveRound",
+    "MemoryExporter",
     "RxRing",
     "TxRing",
     "compare_exchange_u64",
+    "flat_view",
     "full_fence",
 ]

@@ -381,11 +381,8 @@ def _flat_view_py(spec: Any, writable: bool, sizes: dict[int, int]) -> memoryvie
     return view[:stop] if stop < total else None
 
 
-_flat_view = _flat_view_py
-if ring.IMPLEMENTATION == "c":  # the C quick path, with the C queues (as typepack's copy)
-    from ivshmem_comm import _fastpath
-
-    _flat_view = _fastpath.flat_view
+# the C quick path, with the C queues (as typepack's copy)
+_flat_view = _flat_view_py if ring.flat_view is None else ring.flat_view
 
 
 def plain_vector(

@@ -89,15 +89,8 @@ class _PureMemoryBase:
 
 if TYPE_CHECKING:  # one static base for the checker; the exported names are the same
     _MemoryBase = _PureMemoryBase
-elif ring.IMPLEMENTATION == "c":
-    try:
-        from ivshmem_comm._fastpath import MemoryExporter as _MemoryBase
-    except ImportError:  # a build older than _memexport.c: as ring.py treats a missing one
-        if os.environ.get("IVSHMEM_COMM_REQUIRE_FASTPATH") == "1":
-            raise
-        _MemoryBase = _PureMemoryBase
 else:
-    _MemoryBase = _PureMemoryBase
+    _MemoryBase = _PureMemoryBase if ring.MemoryExporter is None else ring.MemoryExporter
 
 WIN_FLAVOR_CREATE, WIN_FLAVOR_ALLOCATE, WIN_FLAVOR_DYNAMIC, WIN_FLAVOR_SHARED = 1, 2, 3, 4
 WIN_SEPARATE, WIN_UNIFIED = 1, 2
