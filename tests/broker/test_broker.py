@@ -98,7 +98,9 @@ def test_join_writes_peer_table_and_modes(broker: BrokerProcess, clients: list) 
     b = join(broker, clients)
     assert (a.peer_id, b.peer_id) == (0, 1)  # slots
     assert (a.ivshmem_id, b.ivshmem_id) == (1, 2)  # ids on the wire
-    assert a.peer_ids() == {1: 2} and b.peer_ids() == {0: 1}
+    # (a learns of b from the broker's announcement, read by a's client thread: it may
+    # not be there yet when b's join returns)
+    wait_for(lambda: a.peer_ids() == {1: 2} and b.peer_ids() == {0: 1})
     wait_for(lambda: len(a.peer_eventfds().get(1, [])) == 2)
     wait_for(lambda: len(b.own_eventfds()) == 2)
     assert len(b.peer_eventfds()[0]) == 2
