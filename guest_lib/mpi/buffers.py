@@ -251,7 +251,8 @@ def _is_datatype(value: Any) -> bool:
 
 
 def _contiguous(buf: Any, writable: bool) -> memoryview | None:
-    """The bytes of a C-contiguous buffer (writable when asked), or None."""
+    """The bytes of a C-contiguous buffer (writable when asked), or None (also for an empty
+    one of another shape or format, which memoryview cannot cast: the full parse takes it)."""
     try:
         view = memoryview(buf)
     except (TypeError, ValueError, BufferError):
@@ -261,6 +262,8 @@ def _contiguous(buf: Any, writable: bool) -> memoryview | None:
     if not view.c_contiguous:  # (a strided 1-d byte view too)
         return None
     if view.ndim != 1 or view.format != "B":
+        if not view.nbytes:  # (a 0 in the shape: cast raises)
+            return None
         view = view.cast("B")
     return view
 

@@ -98,3 +98,16 @@ def test_flat_view_refuses_bad_arguments():
         flat_view([bytearray(8), 8, MPI.BYTE], False)
     with pytest.raises(ValueError):
         flat_view([bytearray(8), 8, MPI.BYTE], False, {id(MPI.BYTE): 0})
+
+
+def test_empty_buffer_of_another_shape_in_a_spec_is_zero_bytes():
+    """An empty 2-d array in a `[buf, 0, datatype]` / vector spec is 0 bytes, as a bare one
+    is: the fast paths (buffers.plain, plain_vector) decline it rather than raise memoryview's
+    "cannot cast view with zeros in shape" TypeError (they raised it before), and the full
+    parse takes it."""
+    empty = np.zeros((0, 3))
+    assert buffers.plain([empty, 0, MPI.DOUBLE]) is None
+    assert buffers.plain_vector([empty, ([0], [0]), MPI.DOUBLE], 1) is None
+    spec = buffers.parse([empty, 0, MPI.DOUBLE])
+    assert (len(spec.view), spec.count) == (0, 0)
+    assert len(buffers.parse_vector([empty, ([0], [0]), MPI.DOUBLE], 1).view) == 0
