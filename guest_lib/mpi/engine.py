@@ -157,9 +157,11 @@ class StagedOp(Op):
         moved = False
         while not self.done and all(op.done for op in self.pending):
             moved = True
-            failed = next((op.error for op in self.pending if op.error), 0)
-            if failed:
-                self._fail(failed, f"{exceptions.Get_error_string(failed)} in a stage")
+            failed = next((op for op in self.pending if op.error), None)
+            if failed is not None:
+                why = getattr(failed, "why", "")  # (an abandoned collective's reason)
+                error = failed.error
+                self._fail(error, why or f"{exceptions.Get_error_string(error)} in a stage")
                 break
             try:
                 self.pending = next(self.steps)

@@ -27,9 +27,12 @@ from guest_lib.mpi import constants, exceptions, wire
 
 
 class Op:
-    """An operation in flight: what a Request waits for. `done` is set once, by the engine."""
+    """An operation in flight: what a Request waits for. `done` is set once, by the engine.
+    `why`, set only where a failure has a reason beyond its error class (a collective that
+    another member abandoned), is read with getattr(op, "why", "")."""
 
-    __slots__ = ("cancelled", "count", "done", "error", "obj", "source", "tag")
+    __slots__ = ("cancelled", "count", "done", "error", "obj", "source", "tag", "why")
+    why: str  # (unset until a failure gives one)
 
     def __init__(self) -> None:
         self.done = False
@@ -386,15 +389,17 @@ class Matching:
             return  # about a freed communicator
         reason = f"{who} left this collective: {notice.reason}"
         self.abandoned[(notice.ctx, notice.base)] = (notice.seq, reason)
-        self._fail_posted(notice.ctx, notice.base, notice.span, exceptions.ERR_OTHER)
+        self._fail_posted(notice.ctx, notice.base, notice.span, exceptions.ERR_OTHER, reason)
         end = notice.base + notice.span
         self._purge(lambda e: e.ctx == notice.ctx and notice.base <= e.tag < end)
 
-    def _fail_posted(self, ctx: int, base: int, span: int, error: int) -> None:
-        """Complete the posted receives of one collective instance: with `error`, or (0)
-        withdrawn as if cancelled."""
+    def _fail_posted(self, ctx: int, base: int, span: int, error: int, why: str = "") -> None:
+        """Complete the posted receives of one collective instance: with `error` (and `why`
+        it failed), or (0) withdrawn as if cancelled."""
         for op in [op for op in self.posted if op.ctx == ctx and base <= op.want_tag < base + span]:
             self.withdraw(op)
+            if why:
+                op.why = why
             op.error, op.cancelled, op.done = error, not error, True
 
     def entering(self, ctx: int, seq: int) -> str | None:
