@@ -129,6 +129,15 @@ class Area:
                 raise exceptions.Exception(exceptions.ERR_OTHER, reason)
             raise Fallback(reason)
 
+    def untroubled(self) -> bool:
+        """Whether the engine holds no record of an abandoned collective of this
+        communicator (other communicators' records do not concern its area)."""
+        engine = self.comm._engine
+        if not engine.abandoned:
+            return True
+        with engine.lock:  # (other threads' progress adds records)
+            return all(key[0] != self._ctx for key in engine.abandoned)
+
     def _interrupt(self) -> None:
         """The group's hook while a wait is blocked: move messages, look for abandonment."""
         self.comm._engine.progress()
@@ -172,14 +181,14 @@ class Area:
     def ready(self) -> bool:
         """Whether a blocking collective may run in one C call now (`call`): the C
         accelerator is built, no nonblocking area collective is pending, the engine has
-        nothing in flight (else `run` drives both), and no member abandoned anything."""
+        nothing in flight (else `run` drives both), and no member abandoned a collective of
+        this communicator (`untroubled`)."""
         group = self.group
-        engine = self.comm._engine
         return (
             group._c is not None
             and not group._pending
-            and not engine.abandoned
-            and (engine.quiet())
+            and self.comm._engine.quiet()
+            and self.untroubled()
         )
 
     def call(self, which: int, *args: Any) -> bool:

@@ -111,7 +111,7 @@ def collective(
         seq = self._coll_seq
         self._coll_seq = seq + 1
         self._coll_base = coll_base(seq)
-        if fast is not None and not engine.abandoned:  # (abandoned: see below)
+        if fast is not None:
             shared = self._area
             if shared and shared.ready():
                 try:
@@ -387,7 +387,7 @@ def started(args_of: Callable[..., CArgs]) -> Callable[[Callable[..., Any]], Any
         def run(self: Any, *args: Any, **kwargs: Any) -> Any:
             engine = self._live()
             shared = self._area
-            if shared and untroubled(self, engine):
+            if shared and shared.untroubled():
                 c_args = args_of(self, shared.group, *args, **kwargs)
                 if c_args is not None:
                     seq = self._nb_seq
@@ -408,17 +408,6 @@ def started(args_of: Callable[..., CArgs]) -> Callable[[Callable[..., Any]], Any
         return run
 
     return wrap
-
-
-def untroubled(comm: Any, engine: Engine) -> bool:
-    """Whether the engine holds no abandonment record of a collective of `comm` (records of
-    other communicators' collectives do not concern its lanes)."""
-    abandoned = engine.abandoned
-    if not abandoned:
-        return True
-    ctx = comm._ctx + 1
-    with engine.lock:  # (other threads' progress adds records)
-        return all(key[0] != ctx for key in abandoned)
 
 
 def _nb_abandon(comm: Any, engine: Engine, seq: int, reason: str) -> None:

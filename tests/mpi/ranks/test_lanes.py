@@ -184,3 +184,20 @@ def test_vector_specs_take_the_lane(comm, call, four):
     lane = getattr(collectives, "_f_" + call.lower()[:-1])
     assert lane(comm, shared, *args) is not collectives._SLOW
     check()
+
+
+def test_another_communicators_abandoned_collective_leaves_the_lanes_on(comm):
+    """A collective abandoned on another communicator (an argument error on every rank)
+    leaves a record in the engine; the lanes of this communicator stay on (the blocking
+    lanes looked at every record in the process and stayed off for good after one)."""
+    other = comm.Dup()
+    with pytest.raises(MPI.Exception):
+        other.Bcast(array.array("i", [0]), root=comm.Get_size() + 5)
+    other.Barrier()
+    other.Free()
+    comm.Barrier()  # (binds the area where it is not bound yet)
+    shared = area.current(comm)
+    if shared is None or shared.group._c is None:
+        return  # one rank (no area), or the Python steps only (IVSHMEM_COMM_PUREPYTHON)
+    assert comm._engine.abandoned, "the failed Bcast left no record: nothing tested"
+    assert shared.ready()

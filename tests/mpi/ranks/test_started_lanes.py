@@ -16,7 +16,7 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 
-from guest_lib.mpi import MPI, area, collectives
+from guest_lib.mpi import MPI, area
 from guest_lib.mpi.engine import StagedOp
 
 Check = Callable[[], None]
@@ -29,7 +29,7 @@ def _lane_ready(comm: MPI.Intracomm) -> bool:
         shared is not None
         and shared.group._c is not None
         and not shared.group._pending
-        and collectives.untroubled(comm, comm._engine)
+        and shared.untroubled()
     )
 
 
