@@ -1,4 +1,4 @@
-"""`from guest_lib.mpi import MPI`: mpi4py's MPI names over ivshmem regions (and mpi4py).
+"""mpi4py's MPI names over ivshmem regions (and mpi4py): `from guest_lib.mpi import MPI`.
 
 Importing this module bootstraps the process (see `bootstrap`): COMM_WORLD, COMM_SELF and
 the engine exist from then on, as with mpi4py (which initialises MPI at import). Finalize
@@ -61,6 +61,7 @@ from guest_lib.mpi.constants import (
 from guest_lib.mpi.constants import KEY_TAG_UB as _KEY_TAG_UB
 from guest_lib.mpi.datatypes import *  # noqa: F403 - every predefined datatype name
 from guest_lib.mpi.datatypes import Datatype, TypeDict, _typealign, _typecode
+from guest_lib.mpi.docsig import embed as _embed_signatures
 from guest_lib.mpi.errhandler import (
     ERRHANDLER_NULL,
     ERRORS_ABORT,
@@ -441,6 +442,8 @@ for _name in [name for name, value in globals().items() if isinstance(value, typ
 del _name
 
 __all__ = [name for name in dir() if not name.startswith("_") and name != "annotations"]
+# Docstrings laid out as mpi4py's: a signature line, a blank line, the text (see docsig).
+_embed_signatures(_MODULES[__name__])
 _unused = (  # names re-exported on purpose (mpi4py's MPI namespace), not used here
     ANY_SOURCE, ANY_TAG, BOTTOM, CONGRUENT, IDENT, IN_PLACE, KEY_HOST, KEY_IO,
     KEY_WTIME_IS_GLOBAL, MAX_PROCESSOR_NAME, PROC_NULL, ROOT, SIMILAR, THREAD_FUNNELED,
