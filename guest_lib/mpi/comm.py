@@ -71,10 +71,13 @@ class Comm(attributes.Cached, Handle):
     """Base communicator (mpi4py's `Comm`); see the module docstring."""
 
     def __new__(cls, *args: Any, **kwargs: Any) -> Any:
-        """A new handle. `Comm.__new__(cls, comm)` binds it to `comm` here, as mpi4py's
-        does: __init__ then leaves it bound, whatever it is given (a subclass whose __new__
-        passes `comm.Clone()` on, as mpi4py.util.pkl5's and test_subclass's do, keeps the
-        clone, not the argument given to the class). Other arguments are __init__'s."""
+        """Create a handle, bound at once to `comm` when one is given.
+
+        `Comm.__new__(cls, comm)` binds it to `comm` here, as mpi4py's does: __init__ then leaves it
+        bound, whatever it is given (a subclass whose __new__ passes `comm.Clone()` on, as
+        mpi4py.util.pkl5's and test_subclass's do, keeps the clone, not the argument given to the
+        class). Other arguments are __init__'s.
+        """
         self = super().__new__(cls)
         if len(args) == 1 and not kwargs and isinstance(args[0], Comm):
             self._bind(args[0])
@@ -89,9 +92,12 @@ class Comm(attributes.Cached, Handle):
         mirror_coll: Any = None,
         name: str = "",
     ) -> None:
-        """mpi4py's forms: `Comm()` a null handle (equal to COMM_NULL), `Comm(comm)` a new
-        handle on the communicator of `comm` (equal to it); TypeError for anything else.
-        Internally: the communicator of world ranks `group` over `engine`, context `ctx`."""
+        """Make a null handle, a handle on another communicator, or a new communicator.
+
+        mpi4py's forms: `Comm()` a null handle (equal to COMM_NULL), `Comm(comm)` a new handle on
+        the communicator of `comm` (equal to it); TypeError for anything else. Internally: the
+        communicator of world ranks `group` over `engine`, context `ctx`.
+        """
         if isinstance(engine, Comm):
             if "_null" not in self.__dict__:  # (not bound by __new__ already)
                 self._bind(engine)
@@ -130,8 +136,10 @@ class Comm(attributes.Cached, Handle):
         self._area: Any = None  # its collective area: see area.py (None: not bound yet)
 
     def _bind(self, comm: Comm) -> None:
-        """Make this new handle another handle on `comm`'s communicator: the two share every
-        attribute (TypeError where the kinds differ, see intercomm.share)."""
+        """Make this new handle another handle on `comm`'s communicator.
+
+        The two share every attribute (TypeError where the kinds differ, see intercomm.share).
+        """
         from guest_lib.mpi import intercomm
 
         intercomm.share(self, comm)
@@ -148,9 +156,12 @@ class Comm(attributes.Cached, Handle):
         return group.index(world_rank)
 
     def _any_route(self) -> Route:
-        """ANY_SOURCE's route: `ANY` without mpi4py-routed ranks; the mpi4py route when no
-        rank is on shared memory (blocking calls may go straight to mpi4py), else one that
-        posts receives matched on both sides."""
+        """Return the route that ANY_SOURCE receives take.
+
+        `ANY` without mpi4py-routed ranks; the mpi4py route when no rank is on shared memory
+        (blocking calls may go straight to mpi4py), else one that posts receives matched on both
+        sides.
+        """
         if not self._has_mpi:
             return ANY
         return native.MpiRoute(direct=all(route.peer < 0 for route in self._route))
@@ -162,8 +173,11 @@ class Comm(attributes.Cached, Handle):
         return self._engine
 
     def _live(self) -> Engine:
-        """The engine, as _check; MPI.Exception(ERR_REVOKED) once this communicator is
-        revoked (see `ulfm`: every operation but the fault-tolerance ones raises it)."""
+        """Return the engine, as _check, but refuse a revoked communicator.
+
+        MPI.Exception(ERR_REVOKED) once this communicator is revoked (see `ulfm`: every operation
+        but the fault-tolerance ones raises it); MPI.Exception(ERR_COMM) on COMM_NULL.
+        """
         engine = self._check()
         if engine.revoked and self._ctx in engine.revoked:
             self._shm_peer = {}  # (the fast paths of Send and Recv: off, so they raise too)
@@ -176,10 +190,18 @@ class Comm(attributes.Cached, Handle):
     _check_attr_target = _check
 
     def Get_rank(self) -> int:
+        """Return the rank of this process in the communicator.
+
+        Raises MPI.Exception(ERR_COMM) on COMM_NULL.
+        """
         self._check()
         return self._rank
 
     def Get_size(self) -> int:
+        """Return the number of processes in the communicator.
+
+        Raises MPI.Exception(ERR_COMM) on COMM_NULL.
+        """
         self._check()
         return len(self._group)
 
@@ -192,9 +214,18 @@ class Comm(attributes.Cached, Handle):
         return self.Get_size()
 
     def Get_name(self) -> str:
+        """Return the communicator's name.
+
+        The name last given by Set_name (or the predefined one); "" when none was given, and
+        "MPI_COMM_NULL" for a null handle without a name.
+        """
         return self._name or ("MPI_COMM_NULL" if self._null else "")
 
     def Set_name(self, name: str) -> None:
+        """Set the communicator's name, as Get_name and the `name` property return it.
+
+        Local to this handle's communicator in this process; never raises.
+        """
         self._name = name
 
     @property
@@ -211,6 +242,10 @@ class Comm(attributes.Cached, Handle):
         return False
 
     def Is_intra(self) -> bool:
+        """Return True: this is an intracommunicator.
+
+        Raises MPI.Exception(ERR_COMM) on COMM_NULL.
+        """
         self._check()
         return True
 
@@ -223,6 +258,11 @@ class Comm(attributes.Cached, Handle):
         return True
 
     def Get_topology(self) -> int:
+        """Return the kind of topology attached: UNDEFINED for a plain communicator.
+
+        Cartcomm, Graphcomm and Distgraphcomm return CART, GRAPH, DIST_GRAPH (see `topology`).
+        Raises MPI.Exception(ERR_COMM) on COMM_NULL.
+        """
         self._check()
         return constants.UNDEFINED
 
@@ -266,10 +306,12 @@ class Comm(attributes.Cached, Handle):
         return False
 
     def Get_attr(self, keyval: int) -> Any:
-        """The value of a predefined attribute (TAG_UB, HOST, IO, WTIME_IS_GLOBAL,
-        UNIVERSE_SIZE, LASTUSEDCODE; None for others) or the value set for a key of
-        Create_keyval (None if unset). MPI.Exception: ERR_COMM on
-        COMM_NULL, ERR_KEYVAL for KEYVAL_INVALID."""
+        """Return the value of the attribute `keyval`.
+
+        A predefined attribute (TAG_UB, HOST, IO, WTIME_IS_GLOBAL, UNIVERSE_SIZE, LASTUSEDCODE; None
+        for others) or the value set for a key of Create_keyval (None if unset). MPI.Exception:
+        ERR_COMM on COMM_NULL, ERR_KEYVAL for KEYVAL_INVALID.
+        """
         self._check()
         if keyval == constants.KEYVAL_INVALID:
             raise exceptions.Exception(exceptions.ERR_KEYVAL, "Comm.Get_attr(KEYVAL_INVALID)")
@@ -301,9 +343,11 @@ class Comm(attributes.Cached, Handle):
         return hash((self._ctx, tuple(self._group)))
 
     def __reduce__(self) -> Any:
-        """COMM_WORLD, COMM_SELF and COMM_NULL unpickle as themselves (a new handle on one
-        as an equal new handle of this class); any other communicator raises ValueError, as
-        in mpi4py."""
+        """Pickle the predefined communicators by name; refuse any other.
+
+        COMM_WORLD, COMM_SELF and COMM_NULL unpickle as themselves (a new handle on one as an equal
+        new handle of this class); any other communicator raises ValueError, as in mpi4py.
+        """
         from guest_lib.mpi import MPI
 
         for name in ("COMM_NULL", "COMM_WORLD", "COMM_SELF"):
@@ -420,8 +464,12 @@ class Comm(attributes.Cached, Handle):
         tag: int = constants.ANY_TAG,
         status: Status | None = None,
     ) -> Any:
-        """Receive and return an object. `buf` is ignored, as in mpi4py: an int (a size
-        hint) silently, anything else with a UserWarning saying so."""
+        """Receive and return an object.
+
+        `buf` is ignored, as in mpi4py: an int (a size hint) silently, anything else with a
+        UserWarning saying so. `status`, when given, is filled. MPI.Exception(ERR_RANK/ERR_TAG) for
+        a bad source or tag.
+        """
         if buf is not None and not isinstance(buf, int):
             warnings.warn("recv() ignores its buffer argument", UserWarning, stacklevel=2)
         self._source(source)
@@ -429,11 +477,21 @@ class Comm(attributes.Cached, Handle):
         return self._recv_obj(source, tag, self._ctx, status)
 
     def isend(self, obj: Any, dest: int, tag: int = 0) -> Request:
+        """Send an object without waiting; return the Request.
+
+        The object is pickled at once (later changes to it are not sent); the request completes once
+        the data is in the queue or MPI. MPI.Exception(ERR_RANK/ERR_TAG) for a bad destination or
+        tag, ERR_COMM on COMM_NULL; to PROC_NULL the request is already complete.
+        """
         self._dest(dest)
         self._send_tag(tag)
         return Request(self._isend_op(_dumps(obj), dest, tag, self._ctx, False), self._engine)
 
     def issend(self, obj: Any, dest: int, tag: int = 0) -> Request:
+        """Send an object in synchronous mode without waiting; return the Request.
+
+        As isend, but the request completes only once the receiver has matched the message.
+        """
         self._dest(dest)
         self._send_tag(tag)
         return Request(self._isend_op(_dumps(obj), dest, tag, self._ctx, True), self._engine)
@@ -454,8 +512,10 @@ class Comm(attributes.Cached, Handle):
         return Request(op, self._engine, self._rank_of, unpickle)
 
     def _sendrecv_args(self, dest: int, source: int, sendtag: int, recvtag: int) -> Engine:
-        """Check a send-receive's ranks and tags (MPI.Exception naming the bad one); the
-        engine to run it on."""
+        """Check a send-receive's ranks and tags; return the engine to run it on.
+
+        MPI.Exception naming the bad rank or tag, ERR_COMM on COMM_NULL.
+        """
         self._dest(dest)
         self._source(source)
         self._send_tag(sendtag)
@@ -494,6 +554,7 @@ class Comm(attributes.Cached, Handle):
         tag: int = constants.ANY_TAG,
         status: Status | None = None,
     ) -> bool:
+        """Return True iff a matching message can be received now (Iprobe; `status` filled then)."""
         return self.Iprobe(source, tag, status)
 
     # ------------------------------------------------------------------ p2p buffers
@@ -514,6 +575,11 @@ class Comm(attributes.Cached, Handle):
         self._send_bytes(view, dest, tag, self._ctx, False)
 
     def Ssend(self, buf: Any, dest: int, tag: int = 0) -> None:
+        """Send a buffer (message spec) in synchronous mode.
+
+        Returns once the receiver has matched the message. MPI.Exception(ERR_RANK/ERR_TAG) for a bad
+        destination or tag; to PROC_NULL it returns at once.
+        """
         self._dest(dest)
         self._send_tag(tag)
         self._send_bytes(buffers.parse(buf).view, dest, tag, self._ctx, True)
@@ -528,8 +594,11 @@ class Comm(attributes.Cached, Handle):
         tag: int = constants.ANY_TAG,
         status: Status | None = None,
     ) -> None:
-        """Receive into a buffer. Raises MPI.Exception(ERR_TRUNCATE) if the message is
-        longer than the buffer (the message is consumed; the buffer holds its prefix)."""
+        """Receive into a buffer (message spec).
+
+        Raises MPI.Exception(ERR_TRUNCATE) if the message is longer than the buffer (the message is
+        consumed; the buffer holds its prefix).
+        """
         peer = self._shm_peer.get(source)
         if peer is not None and (0 <= tag <= constants.TAG_UB or tag == constants.ANY_TAG):
             # fast path: from a peer on shared memory straight into the buffer
@@ -550,6 +619,12 @@ class Comm(attributes.Cached, Handle):
             spec.unpack()
 
     def Isend(self, buf: Any, dest: int, tag: int = 0) -> Request:
+        """Send a buffer (message spec) without waiting; return the Request.
+
+        The buffer must not be changed until the request completes (once the data is in the queue or
+        MPI). MPI.Exception(ERR_RANK/ERR_TAG) for a bad destination or tag; to PROC_NULL the request
+        is already complete.
+        """
         peer = self._shm_peer.get(dest)  # None: not a rank on shared memory, or a freed comm
         if peer is not None and 0 <= tag <= constants.TAG_UB:
             view = buffers.quick(buf)
@@ -564,6 +639,10 @@ class Comm(attributes.Cached, Handle):
         return Request(self._isend_op(view, dest, tag, self._ctx, False), self._engine)
 
     def Issend(self, buf: Any, dest: int, tag: int = 0) -> Request:
+        """Send a buffer (message spec) in synchronous mode without waiting; return the Request.
+
+        As Isend, but the request completes only once the receiver has matched the message.
+        """
         self._dest(dest)
         self._send_tag(tag)
         view = buffers.parse(buf).view
@@ -578,6 +657,12 @@ class Comm(attributes.Cached, Handle):
         source: int = constants.ANY_SOURCE,
         tag: int = constants.ANY_TAG,
     ) -> Request:
+        """Post a receive into a buffer (message spec); return the Request.
+
+        The data is in `buf` once the request completes (a derived datatype is unpacked then); a
+        message longer than the buffer fails the request with ERR_TRUNCATE. MPI.Exception(ERR_RANK/
+        ERR_TAG) for a bad source or tag; from PROC_NULL the request is already complete.
+        """
         route = self._src_route.get(source)  # None: PROC_NULL or not a rank (checked below)
         if (  # not a rank (or ANY_SOURCE), a bad tag or a freed comm: the checks and errors
             route is None
@@ -627,6 +712,10 @@ class Comm(attributes.Cached, Handle):
         recvtag: int = constants.ANY_TAG,
         status: Status | None = None,
     ) -> None:
+        """Send `buf` and receive into the same buffer (Sendrecv with a copy of the data sent).
+
+        Errors as Sendrecv's; the message received must fit in `buf` (else ERR_TRUNCATE).
+        """
         view = buffers.parse(buf, writable=True).view
         self.Sendrecv(bytes(view), dest, sendtag, [view, len(view), "B"], source, recvtag, status)
 
@@ -697,10 +786,12 @@ class Comm(attributes.Cached, Handle):
         return self._src_route[source].iprobe(self, source, tag, status)
 
     def _sender_rank(self, entry: Any) -> int:
-        """The rank here of the sender of the complete unexpected message `entry` (a probe
-        matched it). A sender outside this communicator (a peer that wrote this context into
+        """Return the rank here of the sender of the complete unexpected message `entry`.
+
+        A probe matched it. A sender outside this communicator (a peer that wrote this context into
         a message header: only a hostile one can) has the message dropped, and raises
-        MPI.Exception(ERR_INTERN) naming its world rank."""
+        MPI.Exception(ERR_INTERN) naming its world rank.
+        """
         rank: int | None = self._rank_of.get(entry.src)
         if rank is not None:
             return rank
@@ -715,20 +806,22 @@ class Comm(attributes.Cached, Handle):
 
     # ------------------------------------------------------------------ management
     def _alloc_ctx(self, members: list[int] | None = None, tag: int = 0) -> int:
-        """Agree on a free context pair with every member (collective over self), or with
-        the world ranks `members` only (those of a Create_group, under its `tag`).
+        """Agree on a free context pair with the members and return it.
 
-        A fence follows the agreement (a barrier, or a second exchange): whatever a member
-        sent on a freed communicator with that context came before its part of the
-        agreement, so it has arrived here (and been dropped) before this rank takes the
-        context again; the new communicator's messages come after the fence.
+        With every member (collective over self), or with the world ranks `members` only (those of a
+        Create_group, under its `tag`).
 
-        Threads: agreements on other communicators may run at once in this process. One at
-        a time offers the contexts in use (`engine.ctx_owner`), the one with the lowest
-        (parent context, tag) among those waiting here; the others decline (all contexts
-        and the decline bit). An agreement that any member declined takes nothing and runs
-        again, so every member takes the same context, and the lowest waiting agreement of
-        the job always gets through."""
+        A fence follows the agreement (a barrier, or a second exchange): whatever a member sent on a
+        freed communicator with that context came before its part of the agreement, so it has
+        arrived here (and been dropped) before this rank takes the context again; the new
+        communicator's messages come after the fence.
+
+        Threads: agreements on other communicators may run at once in this process. One at a time
+        offers the contexts in use (`engine.ctx_owner`), the one with the lowest (parent context,
+        tag) among those waiting here; the others decline (all contexts and the decline bit). An
+        agreement that any member declined takes nothing and runs again, so every member takes the
+        same context, and the lowest waiting agreement of the job always gets through.
+        """
         if members is None:
             ctx = self.agreed_ctx((self._ctx, tag), self._allreduce_int_or)
         else:
@@ -742,10 +835,12 @@ class Comm(attributes.Cached, Handle):
         return ctx
 
     def agreed_ctx(self, key: tuple[int, int], union_of: Callable[[int], int]) -> int:
-        """The context pair agreed on by the processes `union_of` reaches (it ORs a context
-        map over them, collectively), under the threads protocol of _alloc_ctx; `key`
-        orders the agreements waiting in this process. Also the intercommunicators' (see
-        `intercomm`), whose maps span two groups."""
+        """Return the context pair agreed on by the processes `union_of` reaches.
+
+        `union_of` ORs a context map over them, collectively, under the threads protocol of
+        _alloc_ctx; `key` orders the agreements waiting in this process. Also the
+        intercommunicators' (see `intercomm`), whose maps span two groups.
+        """
         engine = self._check()
         with engine.lock:
             engine.ctx_waiting.add(key)
@@ -789,8 +884,11 @@ class Comm(attributes.Cached, Handle):
                     engine.ctx_owner = None
 
     def Dup(self, info: Any = None) -> Intracomm:
-        """A new communicator with the same group and a new context (collective), of this
-        one's class (as mpi4py: a subclass's Dup is of that subclass)."""
+        """Duplicate the communicator: same group, new context (collective).
+
+        The new communicator is of this one's class (as mpi4py: a subclass's Dup is of that
+        subclass).
+        """
         if not isinstance(self, Intracomm):  # a plain Comm handle (Comm(comm), MyComm(comm))
             from guest_lib.mpi.intercomm import Intercomm
 
@@ -829,11 +927,14 @@ class Comm(attributes.Cached, Handle):
         return Intracomm(engine, group, ctx, mirror, mirror_coll)
 
     def Free(self) -> None:
-        """Release the context (collective in MPI; local bookkeeping here). Messages sent on
-        this communicator and not received are dropped, here and when they arrive later:
-        they never show up on a communicator that gets the context next.
-        MPI.Exception(ERR_COMM) for COMM_WORLD and COMM_SELF (and handles on them), which
-        stay as they are, and for COMM_NULL. Its attributes are deleted first (delete_fn)."""
+        """Free the communicator and release its context.
+
+        Collective in MPI; local bookkeeping here. Messages sent on this communicator and not
+        received are dropped, here and when they arrive later: they never show up on a communicator
+        that gets the context next. MPI.Exception(ERR_COMM) for COMM_WORLD and COMM_SELF (and
+        handles on them), which stay as they are, and for COMM_NULL. Its attributes are deleted
+        first (delete_fn).
+        """
         self._check()
         if 0 <= self._ctx < 4:
             raise exceptions.Exception(exceptions.ERR_COMM, f"cannot free {self.Get_name()}")
@@ -853,8 +954,10 @@ class Comm(attributes.Cached, Handle):
 
     @classmethod
     def Join(cls, fd: int) -> Any:
-        """The intercommunicator with the process at the other end of the connected
-        socket `fd`, of this job (see `dynproc.join`)."""
+        """Return the intercommunicator with the process at the other end of socket `fd`.
+
+        `fd` is a connected socket to a process of this job (see `dynproc.join`).
+        """
         from guest_lib.mpi import dynproc
 
         return dynproc.join(fd)
@@ -870,8 +973,11 @@ class Comm(attributes.Cached, Handle):
     Ishrink = ulfm.ishrink
 
     def Abort(self, errorcode: int = 0) -> None:
-        """Terminate every process of the job: MPI_Abort through mpi4py's own module under
-        mpiexec, else this process (ivshmem-run then ends the other ranks)."""
+        """Terminate every process of the job; does not return.
+
+        MPI_Abort through mpi4py's own module under mpiexec, else this process (ivshmem-run then
+        ends the other ranks).
+        """
         engine = self._engine
         if engine is not None and engine.has_mpi:
             native.abort(errorcode)
@@ -887,8 +993,10 @@ class Comm(attributes.Cached, Handle):
         return slot
 
     def Attach_buffer(self, buf: Any) -> None:
-        """Record `buf` (or BUFFER_AUTOMATIC) as this communicator's Bsend buffer (see
-        memory.BufferSlot)."""
+        """Attach `buf` (or BUFFER_AUTOMATIC) as this communicator's Bsend buffer.
+
+        See memory.BufferSlot.
+        """
         self._bsend_slot().attach(buf)
 
     def Detach_buffer(self) -> Any:
@@ -912,9 +1020,11 @@ class Comm(attributes.Cached, Handle):
         return Group(list(self._group), self._check().world_rank)
 
     def Create(self, group: Any) -> Intracomm:
-        """The communicator of `group` (a subgroup of this one), in the group's order;
-        COMM_NULL outside it. Collective. As MPI-2.2 allows, the processes may pass
-        disjoint groups: each group gets its own communicator."""
+        """Create the communicator of `group` (a subgroup of this one), in the group's order.
+
+        COMM_NULL outside it. Collective. As MPI-2.2 allows, the processes may pass disjoint groups:
+        each group gets its own communicator.
+        """
         me = self._engine.world_rank if self._engine else -1
         order = {w: i for i, w in enumerate(group._members())}
         if me not in order:
@@ -922,10 +1032,12 @@ class Comm(attributes.Cached, Handle):
         return self.Split(min(order), order[me])  # (disjoint groups: distinct colors)
 
     def Create_group(self, group: Any, tag: int = 0) -> Intracomm:
-        """The communicator of `group` (a subgroup of this one), made by the group's members
-        alone: the other ranks do not call it. `tag` tells apart concurrent calls by the
-        same processes. COMM_NULL in a process outside the group; MPI.Exception(ERR_GROUP)
-        if the group has a process outside this communicator."""
+        """Create the communicator of `group` (a subgroup of this one), called by its members only.
+
+        The other ranks do not call it. `tag` tells apart concurrent calls by the same processes.
+        COMM_NULL in a process outside the group; MPI.Exception(ERR_GROUP) if the group has a
+        process outside this communicator.
+        """
         engine = self._check()
         members = list(group._members())
         outside = [w for w in members if w not in self._rank_of]
@@ -942,9 +1054,11 @@ class Comm(attributes.Cached, Handle):
         return Intracomm(engine, members, ctx, mirror, mirror_coll)
 
     def _members_or(self, members: list[int], value: int, tag: int) -> int:
-        """Bitwise OR of `value` over the world ranks `members` (a part of this communicator
-        that this process belongs to), by messages on its collective context with tags no
-        collective of the whole communicator uses (T_GROUP + tag)."""
+        """Return the bitwise OR of `value` over the world ranks `members`.
+
+        `members` is a part of this communicator that this process belongs to; by messages on its
+        collective context with tags no collective of the whole communicator uses (T_GROUP + tag).
+        """
         engine = self._check()
         ranks = [self._rank_of[w] for w in members if w != engine.world_rank]
         tag = T_GROUP + tag % T_GROUP
@@ -967,9 +1081,12 @@ class Comm(attributes.Cached, Handle):
         return intercomm.Intercomm(COMM_NULL)
 
     def Compare(self, comm: Comm) -> int:
-        """IDENT (the same communicator), CONGRUENT (same group and order), SIMILAR (same
-        members in another order) or UNEQUAL, as mpi4py's `comm.Compare(other)`.
-        MPI.Exception(ERR_COMM) if either is COMM_NULL."""
+        """Compare two communicators: IDENT, CONGRUENT, SIMILAR or UNEQUAL.
+
+        IDENT (the same communicator), CONGRUENT (same group and order), SIMILAR (same members in
+        another order) or UNEQUAL, as mpi4py's `comm.Compare(other)`. MPI.Exception(ERR_COMM) if
+        either is COMM_NULL.
+        """
         self._check()
         comm._check()
         if self._ctx == comm._ctx and self._group == comm._group:
@@ -1018,8 +1135,10 @@ class Intracomm(persistent.PersistentCollectives, ExtraCollectives, Comm):
         info: Any = None,
         reorder: bool = False,
     ) -> Intracomm:
-        """A distributed graph from each rank's neighbors (see `topology`); weights None
-        mean UNWEIGHTED."""
+        """Create a distributed graph communicator from each rank's neighbors.
+
+        See `topology`; weights None mean UNWEIGHTED.
+        """
         from guest_lib.mpi import topology
 
         return topology.create_dist_graph_adjacent(
@@ -1035,8 +1154,10 @@ class Intracomm(persistent.PersistentCollectives, ExtraCollectives, Comm):
         info: Any = None,
         reorder: bool = False,
     ) -> Intracomm:
-        """A distributed graph from any rank's edges (see `topology`); weights None mean
-        UNWEIGHTED."""
+        """Create a distributed graph communicator from any rank's edges.
+
+        See `topology`; weights None mean UNWEIGHTED.
+        """
         from guest_lib.mpi import topology
 
         return topology.create_dist_graph(self, sources, degrees, destinations, weights)
@@ -1044,31 +1165,41 @@ class Intracomm(persistent.PersistentCollectives, ExtraCollectives, Comm):
     def Create_intercomm(
         self, local_leader: int, peer_comm: Comm, remote_leader: int, tag: int = 0
     ) -> Any:
-        """The intercommunicator between this group and the group whose leader is rank
-        `remote_leader` of `peer_comm` (see `intercomm`). Collective over both groups."""
+        """Create the intercommunicator with the group led by `remote_leader` of `peer_comm`.
+
+        Between this group and the group whose leader is rank `remote_leader` of `peer_comm` (see
+        `intercomm`). Collective over both groups.
+        """
         from guest_lib.mpi import intercomm
 
         return intercomm.create_intercomm(self, local_leader, peer_comm, remote_leader, tag)
 
     def Spawn(self, *args: Any, **kwargs: Any) -> Any:
-        """Not supported: MPI.Exception(ERR_SPAWN) saying so (a job's processes are the
-        ones ivshmem-run or mpiexec started; mpi4py.futures runs over them with
-        `python -m mpi4py.futures`)."""
+        """Spawn is not supported: raise MPI.Exception(ERR_SPAWN) saying so.
+
+        A job's processes are the ones ivshmem-run or mpiexec started; mpi4py.futures runs over them
+        with `python -m mpi4py.futures`.
+        """
         raise exceptions.Exception(exceptions.ERR_SPAWN, _NO_SPAWN)
 
     Spawn_multiple = Spawn
 
     def Accept(self, port_name: str, info: Any = None, root: int = 0) -> Any:
-        """The intercommunicator with the group of this job that connects to `port_name`
-        (opened by `root`; see `dynproc`). Collective."""
+        """Accept a connection on `port_name`; return the intercommunicator (collective).
+
+        The intercommunicator with the group of this job that connects to `port_name` (opened by
+        `root`; see `dynproc`).
+        """
         from guest_lib.mpi import dynproc
 
         return dynproc.accept(self, port_name, info, root)
 
     def Connect(self, port_name: str, info: Any = None, root: int = 0) -> Any:
-        """The intercommunicator with the group of this job that accepts on `port_name`
-        (given at `root`; a port of another job: MPI.Exception(ERR_PORT), see
-        `dynproc`). Collective."""
+        """Connect to `port_name`; return the intercommunicator (collective).
+
+        The intercommunicator with the group of this job that accepts on `port_name` (given at
+        `root`; a port of another job: MPI.Exception(ERR_PORT), see `dynproc`).
+        """
         from guest_lib.mpi import dynproc
 
         return dynproc.connect(self, port_name, info, root)
@@ -1077,9 +1208,11 @@ class Intracomm(persistent.PersistentCollectives, ExtraCollectives, Comm):
     def Create_from_group(
         cls, group: Any, stringtag: str = "org.mpi4py", info: Any = None, errhandler: Any = None
     ) -> Intracomm:
-        """MPI-4's communicator of `group` without a parent communicator: called by the
-        group's members only (a Create_group over COMM_WORLD; `stringtag` tells apart
-        concurrent calls by the same processes). COMM_NULL outside the group."""
+        """Create the communicator of `group` without a parent communicator (MPI-4).
+
+        Called by the group's members only (a Create_group over COMM_WORLD; `stringtag` tells apart
+        concurrent calls by the same processes). COMM_NULL outside the group.
+        """
         from guest_lib.mpi import MPI
 
         tag = zlib.crc32(str(stringtag).encode()) % (constants.TAG_UB + 1)
