@@ -87,8 +87,11 @@ class Intercomm(Comm):
         mirror_coll: Any = None,
         low: bool = False,
     ) -> None:
-        """Intercomm(comm): another handle to the intercommunicator `comm` (or a null one
-        for COMM_NULL; TypeError for an intra-communicator). The other form is internal."""
+        """Make another handle to an intercommunicator (`Intercomm(comm)`).
+
+        `Intercomm(comm)`: another handle to the intercommunicator `comm` (or a null one for
+        COMM_NULL; TypeError for an intra-communicator). The other form is internal.
+        """
         if not isinstance(engine, Engine):
             if "_null" not in self.__dict__:  # (not bound by Comm.__new__ already)
                 share(self, engine)
@@ -137,9 +140,11 @@ class Intercomm(Comm):
         return self.Get_remote_group()
 
     def Is_inter(self) -> bool:
+        """Return True: this is an intercommunicator."""
         return True
 
     def Is_intra(self) -> bool:
+        """Return False: this is an intercommunicator."""
         return False
 
     @property
@@ -151,8 +156,11 @@ class Intercomm(Comm):
         return False
 
     def Compare(self, comm: Comm) -> int:
-        """IDENT (the same intercommunicator), CONGRUENT (same groups, same orders),
-        SIMILAR (same members, another order) or UNEQUAL."""
+        """Compare two intercommunicators: IDENT, CONGRUENT, SIMILAR or UNEQUAL.
+
+        IDENT (the same intercommunicator), CONGRUENT (same groups, same orders), SIMILAR (same
+        members, another order) or UNEQUAL.
+        """
         theirs = getattr(comm, "_local_group", None)
         if theirs is None:
             return constants.UNEQUAL
@@ -186,10 +194,12 @@ class Intercomm(Comm):
 
     # ------------------------------------------------------------------ management
     def _agree(self, flag: bool) -> tuple[int, bool]:
-        """A new context pair agreed with every member of both groups (the contexts in use
-        of both, see Comm.agreed_ctx), and whether any member's `flag` is set. Collective
-        over this intercommunicator; a fence (a barrier of each group and one between
-        them) follows, as in Comm._alloc_ctx."""
+        """Agree on a new context pair with every member of both groups.
+
+        Returns the pair (free in the contexts in use of both, see Comm.agreed_ctx) and whether any
+        member's `flag` is set. Collective over this intercommunicator; a fence (a barrier of each
+        group and one between them) follows, as in Comm._alloc_ctx.
+        """
         asked = [False]
 
         def union_of(used: int) -> int:
@@ -222,9 +232,12 @@ class Intercomm(Comm):
     Clone = Dup
 
     def Split(self, color: int = 0, key: int = 0) -> Any:
-        """The intercommunicator between the local processes of `color` (ordered by (key,
-        rank)) and the remote ones of the same color; COMM_NULL for UNDEFINED or when
-        either side has no process of that color. Collective over both groups."""
+        """Split into intercommunicators by `color`, ordered by (`key`, rank).
+
+        The intercommunicator between the local processes of `color` and the remote ones of the same
+        color; COMM_NULL for UNDEFINED or when either side has no process of that color. Collective
+        over both groups.
+        """
         engine = self._check()
         local = self._local.Split(color, key)
         pairs = Intercomm.allgather(self, (color, key))
@@ -250,9 +263,12 @@ class Intercomm(Comm):
         )
 
     def Create(self, group: Any) -> Any:
-        """The intercommunicator between the local processes of `group` (a subgroup of the
-        local group, in its order) and the remote processes of the remote side's group;
-        COMM_NULL outside it or when either side is empty. Collective over both groups."""
+        """Create the intercommunicator between the local `group` and the remote side's group.
+
+        `group` is a subgroup of the local group, taken in its order; the remote processes are those
+        of the group the remote side passed. COMM_NULL outside it or when either side is empty.
+        Collective over both groups.
+        """
         engine = self._check()
         order = {w: i for i, w in enumerate(group._members())}
         me = engine.world_rank
@@ -261,9 +277,11 @@ class Intercomm(Comm):
         return self.Split(constants.UNDEFINED, 0)
 
     def Split_type(self, split_type: int, key: int = 0, info: Any = None) -> Any:
-        """Split by `split_type`: COMM_TYPE_SHARED pairs the local and remote processes that
-        share this process's region; UNDEFINED gives COMM_NULL. Collective.
-        MPI.Exception(ERR_ARG) for another type."""
+        """Split by `split_type`: COMM_TYPE_SHARED or UNDEFINED.
+
+        COMM_TYPE_SHARED pairs the local and remote processes that share this process's region;
+        UNDEFINED gives COMM_NULL. Collective. MPI.Exception(ERR_ARG) for another type.
+        """
         engine = self._check()
         if split_type == constants.UNDEFINED:
             return self.Split(constants.UNDEFINED, key)
@@ -273,9 +291,11 @@ class Intercomm(Comm):
         return self.Split(min(w for w in everyone if engine.routes[w].local), key)
 
     def Merge(self, high: bool = False) -> Intracomm:
-        """The intra-communicator of both groups: the group that passed high=False first
-        (when both pass the same, the group of the lower-ranked leader in COMM_WORLD
-        first), each in its own order. Collective over both groups."""
+        """Merge both groups into one intra-communicator (collective over both groups).
+
+        The group that passed high=False comes first (when both pass the same, the group of the
+        lower-ranked leader in COMM_WORLD first), each in its own order.
+        """
         engine = self._check()
         remote_high = Intercomm.allgather(self, bool(high))[0]
         first = (not high) if bool(high) != remote_high else self._low
@@ -288,6 +308,7 @@ class Intercomm(Comm):
         return Intracomm(engine, group, ctx, mirror, mirror_coll)
 
     def Create_group(self, group: Any, tag: int = 0) -> Any:
+        """Raise MPI.Exception(ERR_COMM): Create_group takes an intra-communicator (MPI)."""
         raise exceptions.Exception(
             exceptions.ERR_COMM, "Create_group takes an intra-communicator (MPI)"
         )
@@ -310,10 +331,12 @@ class Intercomm(Comm):
         info: Any = None,
         errhandler: Any = None,
     ) -> Intercomm:
-        """MPI-4's intercommunicator of two disjoint groups without a parent: called by
-        every member of both (a Create_from_group of the local group, then Create_intercomm
-        with COMM_WORLD as the peer communicator: the leaders talk there with a tag made
-        from `stringtag`)."""
+        """Create the intercommunicator of two disjoint groups without a parent (MPI-4).
+
+        Called by every member of both (a Create_from_group of the local group, then
+        Create_intercomm with COMM_WORLD as the peer communicator: the leaders talk there with a tag
+        made from `stringtag`).
+        """
         from guest_lib.mpi import MPI
 
         tag = zlib.crc32(str(stringtag).encode()) % (constants.TAG_UB + 1)
@@ -326,10 +349,13 @@ class Intercomm(Comm):
 
     # ------------------------------------------------------------------ collectives: frame
     def _start(self, stages: Callable[[int], Iterator[list[Op]]]) -> Request:
-        """Start a collective instance: its number and tag are taken first (so every member
-        numbers it alike), then its first stage runs (argument errors raise here). If it
-        fails on this process, it is abandoned as an intra-communicator's collective is
-        (see `collectives`): the remote processes waiting for this one then fail too."""
+        """Start a collective instance; return its Request.
+
+        Its number and tag are taken first (so every member numbers it alike), then its first stage
+        runs (argument errors raise here). If it fails on this process, it is abandoned as an
+        intra-communicator's collective is (see `collectives`): the remote processes waiting for
+        this one then fail too.
+        """
         engine = self._live()
         seq, self._iseq = self._iseq, self._iseq + 1
         tag = T_NONBLOCKING + seq % NONBLOCKING_TAGS
@@ -360,8 +386,11 @@ class Intercomm(Comm):
         return range(len(self._group))
 
     def _role(self, root: int) -> str:
-        """'root' (ROOT), 'none' (PROC_NULL) or 'leaf' (a rank of the remote group).
-        MPI.Exception(ERR_ROOT) for anything else."""
+        """Return this process's role for `root`: 'root', 'none' or 'leaf'.
+
+        'root' (ROOT), 'none' (PROC_NULL) or 'leaf' (a rank of the remote group).
+        MPI.Exception(ERR_ROOT) for anything else.
+        """
         if root == ROOT:
             return "root"
         if root == PROC_NULL:
@@ -378,13 +407,18 @@ class Intercomm(Comm):
         ]
 
     def Ibarrier(self) -> Request:
+        """Start a barrier with the remote group; return the Request.
+
+        It completes once every process of the remote group has entered the barrier.
+        """
         return self._start(self._barrier)
 
     def Barrier(self) -> None:
-        """Returns once every process of the remote group has entered it."""
+        """Block until every process of the remote group has entered the barrier."""
         self.Ibarrier().Wait()
 
     def barrier(self) -> None:
+        """Block until every process of the remote group has entered the barrier (Barrier)."""
         self.Barrier()
 
     def _bcast(self, buf: Any, root: int, tag: int) -> Iterator[list[Op]]:
@@ -396,11 +430,16 @@ class Intercomm(Comm):
             yield [self._recv(buffers.parse(buf, writable=True).view, root, tag)]
 
     def Ibcast(self, buf: Any, root: int = 0) -> Request:
+        """Start Bcast (see there) without waiting; return the Request."""
         return self._start(functools.partial(self._bcast, buf, root))
 
     def Bcast(self, buf: Any, root: int = 0) -> None:
-        """root=ROOT: send `buf` to every remote process; root=r: receive remote rank r's
-        data into `buf`; PROC_NULL: nothing."""
+        """Broadcast `buf` from one process to the remote group.
+
+        root=ROOT: send `buf` to every remote process; root=r: receive remote rank r's data into
+        `buf`; PROC_NULL: nothing (the other processes of the root's group). MPI.Exception(ERR_ROOT)
+        for another root.
+        """
         self.Ibcast(buf, root).Wait()
 
     def _objects(self, stages: Callable[[list[Any], int], Iterator[list[Op]]]) -> Any:
@@ -411,7 +450,7 @@ class Intercomm(Comm):
 
     @locks.locked("bcast")
     def bcast(self, obj: Any = None, root: int = 0) -> Any:
-        """The object of remote rank `root`; None at ROOT and PROC_NULL."""
+        """Return the object of remote rank `root`; None at ROOT and PROC_NULL."""
 
         def stages(result: list[Any], tag: int) -> Iterator[list[Op]]:
             role = self._role(root)
@@ -435,11 +474,15 @@ class Intercomm(Comm):
             yield [self._send(buffers.parse(sendbuf).view, root, tag)]
 
     def Igather(self, sendbuf: Any, recvbuf: Any, root: int = 0) -> Request:
+        """Start Gather (see there) without waiting; return the Request."""
         return self._start(functools.partial(self._gather, sendbuf, recvbuf, root))
 
     def Gather(self, sendbuf: Any, recvbuf: Any, root: int = 0) -> None:
-        """root=ROOT: recvbuf gets every remote process's sendbuf, in rank order; root=r:
-        send sendbuf to remote rank r; PROC_NULL: nothing."""
+        """Gather the remote group's buffers at one process.
+
+        root=ROOT: recvbuf gets every remote process's sendbuf, in rank order; root=r: send sendbuf
+        to remote rank r; PROC_NULL: nothing. MPI.Exception(ERR_ROOT) for another root.
+        """
         self.Igather(sendbuf, recvbuf, root).Wait()
 
     Gatherv, Igatherv = Gather, Igather
@@ -468,11 +511,15 @@ class Intercomm(Comm):
             yield [self._recv(buffers.parse(recvbuf, writable=True).view, root, tag)]
 
     def Iscatter(self, sendbuf: Any, recvbuf: Any, root: int = 0) -> Request:
+        """Start Scatter (see there) without waiting; return the Request."""
         return self._start(functools.partial(self._scatter, sendbuf, recvbuf, root))
 
     def Scatter(self, sendbuf: Any, recvbuf: Any, root: int = 0) -> None:
-        """root=ROOT: part r of sendbuf to remote rank r; root=r: recvbuf gets this
-        process's part from remote rank r; PROC_NULL: nothing."""
+        """Scatter one process's buffer over the remote group.
+
+        root=ROOT: part r of sendbuf to remote rank r; root=r: recvbuf gets this process's part from
+        remote rank r; PROC_NULL: nothing. MPI.Exception(ERR_ROOT) for another root.
+        """
         self.Iscatter(sendbuf, recvbuf, root).Wait()
 
     Scatterv, Iscatterv = Scatter, Iscatter
@@ -505,17 +552,18 @@ class Intercomm(Comm):
         ]
 
     def Iallgather(self, sendbuf: Any, recvbuf: Any) -> Request:
+        """Start Allgather (see there) without waiting; return the Request."""
         return self._start(functools.partial(self._allgather, sendbuf, recvbuf))
 
     def Allgather(self, sendbuf: Any, recvbuf: Any) -> None:
-        """recvbuf gets every remote process's sendbuf, in rank order."""
+        """Gather every remote process's sendbuf into recvbuf, in rank order."""
         self.Iallgather(sendbuf, recvbuf).Wait()
 
     Allgatherv, Iallgatherv = Allgather, Iallgather
 
     @locks.locked("allgather")
     def allgather(self, sendobj: Any) -> list[Any]:
-        """The list of every remote process's object."""
+        """Return the list of every remote process's object, in rank order."""
 
         def stages(result: list[Any], tag: int) -> Iterator[list[Op]]:
             data = _dumps(sendobj)
@@ -534,10 +582,11 @@ class Intercomm(Comm):
         ]
 
     def Ialltoall(self, sendbuf: Any, recvbuf: Any) -> Request:
+        """Start Alltoall (see there) without waiting; return the Request."""
         return self._start(functools.partial(self._alltoall, sendbuf, recvbuf))
 
     def Alltoall(self, sendbuf: Any, recvbuf: Any) -> None:
-        """Part r of sendbuf to remote rank r; part r of recvbuf from remote rank r."""
+        """Exchange with the remote group: part r of sendbuf to, of recvbuf from, remote rank r."""
         self.Ialltoall(sendbuf, recvbuf).Wait()
 
     Alltoallv, Ialltoallv = Alltoall, Ialltoall
@@ -551,6 +600,7 @@ class Intercomm(Comm):
         ]
 
     def Ialltoallw(self, sendbuf: Any, recvbuf: Any) -> Request:
+        """Start Alltoallw (see there) without waiting; return the Request."""
         return self._start(functools.partial(self._alltoallw, sendbuf, recvbuf))
 
     def Alltoallw(self, sendbuf: Any, recvbuf: Any) -> None:
@@ -559,8 +609,11 @@ class Intercomm(Comm):
 
     @locks.locked("alltoall")
     def alltoall(self, sendobj: Any) -> list[Any]:
-        """Item r of `sendobj` to remote rank r; the list of what each remote rank sent
-        this process. ValueError for a list that is not one item per remote process."""
+        """Send item r of `sendobj` to remote rank r; return what each remote rank sent here.
+
+        The result is a list in remote rank order. ValueError for a list that is not one item per
+        remote process.
+        """
 
         def stages(result: list[Any], tag: int) -> Iterator[list[Op]]:
             items = [None] * len(self._group) if sendobj is None else list(sendobj)
@@ -589,11 +642,16 @@ class Intercomm(Comm):
             yield [self._send(buffers.parse(sendbuf).view, root, tag)]
 
     def Ireduce(self, sendbuf: Any, recvbuf: Any, op: ops.Op = ops.SUM, root: int = 0) -> Request:
+        """Start Reduce (see there) without waiting; return the Request."""
         return self._start(functools.partial(self._reduce, sendbuf, recvbuf, op, root))
 
     def Reduce(self, sendbuf: Any, recvbuf: Any, op: ops.Op = ops.SUM, root: int = 0) -> None:
-        """root=ROOT: recvbuf gets the fold of every remote process's sendbuf; root=r:
-        this process's sendbuf goes into remote rank r's fold; PROC_NULL: nothing."""
+        """Reduce the remote group's buffers with `op` at one process.
+
+        root=ROOT: recvbuf gets the fold of every remote process's sendbuf; root=r: this process's
+        sendbuf goes into remote rank r's fold; PROC_NULL: nothing. MPI.Exception(ERR_ROOT) for
+        another root.
+        """
         self.Ireduce(sendbuf, recvbuf, op, root).Wait()
 
     def reduce(self, sendobj: Any, op: Any = ops.SUM, root: int = 0) -> Any:
@@ -622,11 +680,15 @@ class Intercomm(Comm):
         out[...] = _fold(parts, op, rspec.datatype)
 
     def Iallreduce(self, sendbuf: Any, recvbuf: Any, op: ops.Op = ops.SUM) -> Request:
+        """Start Allreduce (see there) without waiting; return the Request."""
         return self._start(functools.partial(self._allreduce, sendbuf, recvbuf, op))
 
     def Allreduce(self, sendbuf: Any, recvbuf: Any, op: ops.Op = ops.SUM) -> None:
-        """recvbuf gets the fold of every remote process's sendbuf (the same on every
-        process of this group)."""
+        """Reduce the remote group's buffers with `op` into recvbuf.
+
+        recvbuf gets the fold of every remote process's sendbuf (the same on every process of this
+        group).
+        """
         self.Iallreduce(sendbuf, recvbuf, op).Wait()
 
     def allreduce(self, sendobj: Any, op: Any = ops.SUM) -> Any:
@@ -636,9 +698,11 @@ class Intercomm(Comm):
     def _reduce_scatter(
         self, sendbuf: Any, recvbuf: Any, counts: list[int] | None, op: ops.Op, tag: int
     ) -> Iterator[list[Op]]:
-        """This process's block of the fold of the remote processes' sendbufs: each remote
-        process's sendbuf is cut in blocks of the sizes this group's processes asked for
-        (`counts`, or each one's recvbuf count), which each tells the remote ones first."""
+        """Run the stages of Reduce_scatter: this process's block of the remote processes' fold.
+
+        Each remote process's sendbuf is cut in blocks of the sizes this group's processes asked for
+        (`counts`, or each one's recvbuf count), which each tells the remote ones first.
+        """
         rspec = buffers.parse(recvbuf, writable=True)
         out = _array(rspec.view, rspec.datatype)
         mine = len(out) if counts is None else counts[self._rank]
@@ -674,6 +738,10 @@ class Intercomm(Comm):
     def Ireduce_scatter(
         self, sendbuf: Any, recvbuf: Any, recvcounts: Any = None, op: ops.Op = ops.SUM
     ) -> Request:
+        """Start Reduce_scatter (see there) without waiting; return the Request.
+
+        ValueError at once when `recvcounts` is not one count >= 0 per process of this group.
+        """
         counts = None if recvcounts is None else [int(c) for c in recvcounts]
         if counts is not None and (len(counts) != len(self._local_group) or min(counts) < 0):
             raise ValueError(f"Reduce_scatter: expecting {len(self._local_group)} counts >= 0")
@@ -682,12 +750,16 @@ class Intercomm(Comm):
     def Reduce_scatter(
         self, sendbuf: Any, recvbuf: Any, recvcounts: Any = None, op: ops.Op = ops.SUM
     ) -> None:
-        """Process i of this group gets recvcounts[i] (default: its recvbuf's count)
-        elements of the fold of the remote processes' sendbufs (cut in this group's
-        blocks, in rank order)."""
+        """Reduce the remote group's buffers with `op` and scatter the result over this group.
+
+        Process i of this group gets recvcounts[i] (default: its recvbuf's count) elements of the
+        fold of the remote processes' sendbufs (cut in this group's blocks, in rank order).
+        ValueError when `recvcounts` is not one count >= 0 per process of this group.
+        """
         self.Ireduce_scatter(sendbuf, recvbuf, recvcounts, op).Wait()
 
     def Ireduce_scatter_block(self, sendbuf: Any, recvbuf: Any, op: ops.Op = ops.SUM) -> Request:
+        """Start Reduce_scatter_block (see there) without waiting; return the Request."""
         return self.Ireduce_scatter(sendbuf, recvbuf, None, op)
 
     def Reduce_scatter_block(self, sendbuf: Any, recvbuf: Any, op: ops.Op = ops.SUM) -> None:
@@ -794,6 +866,11 @@ def _dispatch(name: str) -> Callable[..., Any]:
         return method(self, *args, **kwargs)
 
     call.__name__ = call.__qualname__ = name
+    call.__doc__ = (
+        f"Run {name} of this communicator's kind (Intracomm or Intercomm; see there).\n\n"
+        f"Returns what that {name} returns; MPI.Exception(ERR_COMM) on a communicator "
+        "whose class has none (a plain Comm handle)."
+    )
     return call
 
 
