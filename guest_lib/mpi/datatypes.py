@@ -39,8 +39,11 @@ class Datatype(attributes.Cached, Handle):
     )  # fmt: skip
 
     def __init__(self, datatype: Datatype | None = None) -> None:
-        """mpi4py's forms: `Datatype(other)` a second handle on `other`'s type, `Datatype()`
-        a null handle; TypeError for anything else (types are made by `_create` here)."""
+        """Make a second handle on a type (`Datatype(other)`) or a null handle (`Datatype()`).
+
+        mpi4py's forms: `Datatype(other)` a second handle on `other`'s type, `Datatype()` a null
+        handle; TypeError for anything else (types are made by `_create` here).
+        """
         if isinstance(datatype, Datatype):
             _copy_slots(self, datatype)
         elif datatype is None:
@@ -53,8 +56,11 @@ class Datatype(attributes.Cached, Handle):
         cls, name: str, dtype: np.dtype | None, char: str, base: Datatype | None = None,
         count: int = 1,
     ) -> Datatype:  # fmt: skip
-        """A new type called `name` with numpy layout `dtype` (None: no data), mpi4py's
-        character code `char` ("" for none), of `count` `base` elements (itself, 1)."""
+        """Make a new type called `name` with numpy layout `dtype` (None: no data).
+
+        `char` is mpi4py's character code ("" for none); the type is `count` `base` elements
+        (itself, 1).
+        """
         datatype = cls.__new__(cls)
         datatype._setup(name, dtype, char, base, count)
         return datatype
@@ -122,9 +128,11 @@ class Datatype(attributes.Cached, Handle):
         return self._map() is not None
 
     def _map(self) -> np.ndarray | None:
-        """The merged pieces of a packing type, None for a plain one; made here on first
-        use from the pending blocks (`_blocks` is set before `_pending` is cleared, so a
-        thread that sees no pending blocks sees the map)."""
+        """Return the merged pieces of a packing type, None for a plain one.
+
+        Made here on first use from the pending blocks (`_blocks` is set before `_pending` is
+        cleared, so a thread that sees no pending blocks sees the map).
+        """
         pending = self._pending
         if pending is not None:
             pieces = _placed_small(pending)
@@ -189,15 +197,20 @@ class Datatype(attributes.Cached, Handle):
         return self.Get_contents()
 
     def Get_envelope(self) -> tuple[int, int, int, int, int]:
-        """(number of integers, addresses, large counts, datatypes, combiner) of
-        Get_contents; (0, 0, 0, 0, COMBINER_NAMED) for a predefined type."""
+        """Return the envelope: the sizes of Get_contents' lists and the combiner.
+
+        (number of integers, addresses, large counts, datatypes, combiner); (0, 0, 0, 0,
+        COMBINER_NAMED) for a predefined type.
+        """
         ints, addresses, counts, types = self.Get_contents()
         return len(ints), len(addresses), len(counts), len(types), self.combiner
 
     def Get_contents(self) -> tuple[list[int], list[int], list[int], list[Datatype]]:
-        """The arguments of the constructor that made this type, as MPI lays them out:
-        (integers, addresses, large counts, datatypes); the datatypes are new handles (the
-        caller may free them, as MPI's), predefined ones themselves."""
+        """Return the arguments of the constructor that made this type, as MPI lays them out.
+
+        (integers, addresses, large counts, datatypes); the datatypes are new handles (the caller
+        may free them, as MPI's), predefined ones themselves.
+        """
         ints, addresses, counts, types = self._contents()
         return ints, addresses, counts, _keep(types)
 
@@ -240,11 +253,12 @@ class Datatype(attributes.Cached, Handle):
         return [n, p["blocklength"]], displs, [], [old]  # HINDEXED_BLOCK
 
     def decode(self) -> tuple[Datatype, str, dict[str, Any]]:
-        """(old type, combiner name, the constructor's keyword arguments): a predefined type
-        gives (itself, "NAMED", {}); a struct's old type is DATATYPE_NULL. Calling
-        `old.Create_<combiner>(**arguments)` makes the type again. The datatypes are new
-        handles (the caller may free them, as mpi4py.util.dtlib does), predefined ones
-        themselves."""
+        """Return (old type, combiner name, the constructor's keyword arguments).
+
+        A predefined type gives (itself, "NAMED", {}); a struct's old type is DATATYPE_NULL. Calling
+        `old.Create_<combiner>(**arguments)` makes the type again. The datatypes are new handles
+        (the caller may free them, as mpi4py.util.dtlib does), predefined ones themselves.
+        """
         if self._combiner == "NAMED":
             return self, "NAMED", {}
         old = self._old if self._old is not None else DATATYPE_NULL  # struct, f90
@@ -254,8 +268,10 @@ class Datatype(attributes.Cached, Handle):
         return _keep([old])[0], self._combiner, params
 
     def _made_from(self, new: Datatype, combiner: str, **params: Any) -> Datatype:
-        """`new`, recorded as made by `combiner` from this type with `params` (it holds its
-        own handle on this type: see `_keep`)."""
+        """Record `new` as made by `combiner` from this type with `params`; return `new`.
+
+        It holds its own handle on this type: see `_keep`.
+        """
         new._combiner, new._old, new._params = combiner, _keep([self])[0], params
         return new
 
@@ -264,11 +280,11 @@ class Datatype(attributes.Cached, Handle):
         return self.size
 
     def Get_extent(self) -> tuple[int, int]:
-        """(lower bound, extent) in bytes."""
+        """Return (lower bound, extent) in bytes."""
         return self._lb, self._extent
 
     def Get_true_extent(self) -> tuple[int, int]:
-        """(true lower bound, true extent): the span of the data bytes themselves."""
+        """Return (true lower bound, true extent): the span of the data bytes themselves."""
         pieces = self.pieces()
         if not len(pieces):
             return 0, 0
@@ -276,31 +292,40 @@ class Datatype(attributes.Cached, Handle):
         return low, int((pieces[:, 0] + pieces[:, 1]).max()) - low
 
     def pieces(self) -> np.ndarray:
-        """The compiled type map: (byte offset, length) int64 rows of one element's data,
-        in type-map order, pieces that follow on in memory merged (made once, with the
-        type). What `pack_into`/`unpack_from` copy by."""
+        """Return the compiled type map: (byte offset, length) int64 rows of one element's data.
+
+        In type-map order, pieces that follow on in memory merged (made once, with the type). What
+        `pack_into`/`unpack_from` copy by.
+        """
         blocks = self._map()
         if blocks is not None:
             return blocks
         return np.array([[0, self._size]] if self._size else _NO_PIECES, dtype=np.int64)
 
     def compiled(self) -> np.ndarray:
-        """The map the packers copy by: (offset, length, repeats, stride) int64 rows, each
-        `repeats` equal pieces `stride` bytes apart, in type-map order (a vector type is
-        one row). Made on first use and kept with the type."""
+        """Return the map the packers copy by: (offset, length, repeats, stride) int64 rows.
+
+        Each row is `repeats` equal pieces `stride` bytes apart, in type-map order (a vector type is
+        one row). Made on first use and kept with the type.
+        """
         if self._runs is None:
             self._runs = _runs(self.pieces())
         return self._runs
 
     def Get_name(self) -> str:
+        """Return the type's name (the `name` attribute: MPI's name for a predefined type)."""
         return self.name
 
     def Set_name(self, name: str) -> None:
+        """Set the type's name, as Get_name and the `name` attribute return it."""
         self.name = name
 
     def tocode(self) -> str:
-        """The typecode: the type string of the sized types ("i4" for INT32_T, the f90
-        types), else the character code ("d"); ValueError for a type that has none."""
+        """Return the typecode: "i4" for INT32_T (sized types), else the character code ("d").
+
+        The type string for the sized types and the f90 types, else the character code; ValueError
+        for a type that has none.
+        """
         code = _typecode(self)
         if code is None:
             raise ValueError(f"datatype {self.name}: cannot map to a typecode")
@@ -308,8 +333,10 @@ class Datatype(attributes.Cached, Handle):
 
     @classmethod
     def fromcode(cls, code: str) -> Datatype:
-        """The predefined datatype of a typecode or type string ("d", "i4", "float64");
-        ValueError for a code that names none (as mpi4py)."""
+        """Return the predefined datatype of a typecode or type string ("d", "i4", "float64").
+
+        ValueError for a code that names none (as mpi4py).
+        """
         try:
             return from_code(code)
         except KeyError:
@@ -333,11 +360,12 @@ class Datatype(attributes.Cached, Handle):
         return self
 
     def Free(self) -> None:
-        """Free the type: its attributes are deleted (delete_fn runs) and this handle
-        becomes DATATYPE_NULL. Types made from it are not affected (MPI): they hold handles
-        of their own on its description (see `_keep`); other handles on it (Datatype(t))
-        stay as they were. MPI.Exception(ERR_TYPE) for DATATYPE_NULL and predefined types
-        (as MPI)."""
+        """Free the type: its attributes are deleted and this handle becomes DATATYPE_NULL.
+
+        delete_fn runs for each attribute. Types made from it are not affected (MPI): they hold
+        handles of their own on its description (see `_keep`); other handles on it (Datatype(t))
+        stay as they were. MPI.Exception(ERR_TYPE) for DATATYPE_NULL and predefined types (as MPI).
+        """
         if self.is_predefined:
             raise exceptions.Exception(exceptions.ERR_TYPE, f"Free of predefined {self.name}")
         self._keyvals.drop(self)
@@ -351,8 +379,11 @@ class Datatype(attributes.Cached, Handle):
 
     # ------------------------------------------------------------------ attributes
     def Get_attr(self, keyval: int) -> Any:
-        """The value set for `keyval`, None if unset. MPI.Exception: ERR_TYPE on
-        DATATYPE_NULL, ERR_KEYVAL for KEYVAL_INVALID or a key not made by Create_keyval."""
+        """Return the value set for `keyval`, None if unset.
+
+        MPI.Exception: ERR_TYPE on DATATYPE_NULL, ERR_KEYVAL for KEYVAL_INVALID or a key not made by
+        Create_keyval.
+        """
         self._check_handle()
         return self._keyvals.get(self, keyval)
 
@@ -364,10 +395,12 @@ class Datatype(attributes.Cached, Handle):
     _check_attr_target = _check_handle
 
     def Create_contiguous(self, count: int) -> Datatype:
-        """`count` elements of this type back to back (uncommitted, as MPI). A count past
-        INT_MAX makes what an MPI-3 library (the version this one reports) gives for it, as
-        mpi4py builds it there: a struct of a vector of INT_MAX-element blocks and a
-        contiguous rest."""
+        """Create a type of `count` elements of this type back to back (uncommitted, as MPI).
+
+        A count past INT_MAX makes what an MPI-3 library (the version this one reports) gives for
+        it, as mpi4py builds it there: a struct of a vector of INT_MAX-element blocks and a
+        contiguous rest.
+        """
         _counts(count)
         if count > _INT_MAX:
             whole = self.Create_vector(count // _INT_MAX, _INT_MAX, _INT_MAX)
@@ -377,7 +410,7 @@ class Datatype(attributes.Cached, Handle):
         return self._made_from(new, "CONTIGUOUS", count=count)
 
     def Create_hvector(self, count: int, blocklength: int, stride: int) -> Datatype:
-        """`count` blocks of `blocklength` elements, block starts `stride` bytes apart."""
+        """Create `count` blocks of `blocklength` elements, block starts `stride` bytes apart."""
         _counts(count, blocklength)
         blocks = [(i * int(stride), blocklength, self) for i in range(count)]
         new = _derived(f"HVECTOR({self.name})", blocks)
@@ -436,9 +469,11 @@ class Datatype(attributes.Cached, Handle):
         displacements: Sequence[int],
         datatypes: Sequence[Datatype],
     ) -> Datatype:
-        """Blocks of `blocklengths[i]` elements of `datatypes[i]` at `displacements[i]`
-        bytes; the extent is rounded up to the strictest member alignment (as a C struct).
-        ValueError if the three sequences differ in length."""
+        """Create a struct type: `blocklengths[i]` elements of `datatypes[i]` at `displacements[i]`.
+
+        Displacements are in bytes; the extent is rounded up to the strictest member alignment (as a
+        C struct). ValueError if the three sequences differ in length.
+        """
         if not len(blocklengths) == len(displacements) == len(datatypes):
             raise ValueError("Create_struct: blocklengths, displacements, datatypes differ")
         _counts(*blocklengths)
@@ -458,9 +493,11 @@ class Datatype(attributes.Cached, Handle):
         starts: Sequence[int],
         order: int = constants.ORDER_C,
     ) -> Datatype:
-        """The `subsizes` block at `starts` of a `sizes` array of this type (C or Fortran
-        order); the extent is the whole array's. MPI.Exception(ERR_ARG) for a block that
-        does not fit."""
+        """Create the type of the `subsizes` block at `starts` of a `sizes` array of this type.
+
+        In C or Fortran order; the extent is the whole array's. MPI.Exception(ERR_ARG) for a block
+        that does not fit.
+        """
         sizes, subsizes, starts = (
             [int(n) for n in sizes],
             [int(n) for n in subsizes],
@@ -505,11 +542,14 @@ class Datatype(attributes.Cached, Handle):
         psizes: Sequence[int],
         order: int = constants.ORDER_C,
     ) -> Datatype:
-        """The part process `rank` of a `psizes` grid (row-major, `size` processes) owns
-        of a `gsizes` array of this type, each dimension distributed DISTRIBUTE_BLOCK,
-        CYCLIC (with block `dargs[i]`, DISTRIBUTE_DFLT_DARG: even blocks / 1) or NONE;
-        the elements in the array's order (C or Fortran), the extent the whole array's.
-        MPI.Exception(ERR_ARG) for a grid that does not match or a block too small."""
+        """Create the type of the part of a distributed `gsizes` array that process `rank` owns.
+
+        The processes form a `psizes` grid (row-major, `size` processes); each dimension is
+        distributed DISTRIBUTE_BLOCK, CYCLIC (with block `dargs[i]`, DISTRIBUTE_DFLT_DARG: even
+        blocks / 1) or NONE; the elements come in the array's order (C or Fortran), the extent is
+        the whole array's. MPI.Exception(ERR_ARG) for a grid that does not match or a block too
+        small.
+        """
         gsizes, distribs, dargs, psizes = (
             [int(n) for n in gsizes], [int(n) for n in distribs], [int(n) for n in dargs],
             [int(n) for n in psizes],
@@ -531,8 +571,10 @@ class Datatype(attributes.Cached, Handle):
 
     @classmethod
     def Create_f90_integer(cls, r: int) -> Datatype:
-        """The smallest integer type with `r` decimal digits of range (F90's
-        SELECTED_INT_KIND); MPI.Exception(ERR_ARG) when none has."""
+        """Return the smallest integer type with `r` decimal digits of range (SELECTED_INT_KIND).
+
+        MPI.Exception(ERR_ARG) when none has.
+        """
         for digits, datatype in ((2, INTEGER1), (4, INTEGER2), (9, INTEGER4), (18, INTEGER8)):
             if r <= digits:
                 return _f90(datatype, "F90_INTEGER", r=int(r))
@@ -540,8 +582,10 @@ class Datatype(attributes.Cached, Handle):
 
     @classmethod
     def Create_f90_real(cls, p: int, r: int) -> Datatype:
-        """The smallest real type with precision `p` and range `r` (F90's
-        SELECTED_REAL_KIND): REAL4, REAL8 or REAL16; MPI.Exception(ERR_ARG) when none."""
+        """Return the smallest real type with precision `p` and range `r` (SELECTED_REAL_KIND).
+
+        REAL4, REAL8 or REAL16; MPI.Exception(ERR_ARG) when none.
+        """
         return _f90(_f90_float(p, r, (REAL4, REAL8, REAL16)), "F90_REAL", p=int(p), r=int(r))
 
     @classmethod
@@ -552,8 +596,11 @@ class Datatype(attributes.Cached, Handle):
 
     @classmethod
     def Match_size(cls, typeclass: int, size: int) -> Datatype:
-        """The Fortran type of `typeclass` (TYPECLASS_INTEGER, _REAL, _COMPLEX) that is
-        `size` bytes; MPI.Exception(ERR_ARG) when there is none."""
+        """Return the Fortran type of `typeclass` that is `size` bytes.
+
+        `typeclass` is TYPECLASS_INTEGER, _REAL or _COMPLEX; MPI.Exception(ERR_ARG) when there is
+        none.
+        """
         for datatype in _MATCH.get(typeclass, ()):
             if datatype.size == size:
                 return datatype
@@ -561,9 +608,11 @@ class Datatype(attributes.Cached, Handle):
 
     @classmethod
     def Get_value_index(cls, value: Datatype, index: Datatype) -> Datatype:
-        """The predefined pair type (value, index) for MINLOC/MAXLOC (FLOAT_INT for
-        FLOAT, INT), DATATYPE_NULL when there is none; MPI.Exception(ERR_TYPE) for a
-        null argument."""
+        """Return the predefined pair type (value, index) for MINLOC/MAXLOC.
+
+        FLOAT_INT for FLOAT, INT; DATATYPE_NULL when there is none; MPI.Exception(ERR_TYPE) for a
+        null argument.
+        """
         value._check_handle()
         index._check_handle()
         if index != INT:
@@ -577,9 +626,11 @@ class Datatype(attributes.Cached, Handle):
         return int(count) * self._size
 
     def Pack(self, inbuf: Any, outbuf: Any, position: int, comm: Any = None) -> int:
-        """Pack all the elements of this type in the buffer `inbuf` (its length over the
-        extent) into the buffer `outbuf` from byte `position`; returns the position after
-        them. MPI.Exception(ERR_TRUNCATE) when they do not fit."""
+        """Pack all the elements of this type in `inbuf` into `outbuf` from byte `position`.
+
+        The elements are all those of `inbuf` (its length over the extent). Returns the position
+        after them. MPI.Exception(ERR_TRUNCATE) when they do not fit.
+        """
         source, count = _elements(self, inbuf)
         target = _raw(outbuf, writable=True)
         end = _fits(position, count * self._size, len(target))
@@ -587,9 +638,11 @@ class Datatype(attributes.Cached, Handle):
         return end
 
     def Unpack(self, inbuf: Any, position: int, outbuf: Any, comm: Any = None) -> int:
-        """Unpack from byte `position` of the buffer `inbuf` as many elements of this type
-        as the buffer `outbuf` holds (its length over the extent); returns the position
-        after them. MPI.Exception(ERR_TRUNCATE) when `inbuf` holds fewer."""
+        """Unpack from byte `position` of `inbuf` as many elements as `outbuf` holds.
+
+        As many as `outbuf` holds: its length over the extent. Returns the position after them.
+        MPI.Exception(ERR_TRUNCATE) when `inbuf` holds fewer.
+        """
         target, count = _elements(self, outbuf, writable=True)
         source = _raw(inbuf)
         end = _fits(position, count * self._size, len(source))
@@ -603,10 +656,12 @@ class Datatype(attributes.Cached, Handle):
         return int(count) * sum(_external(t).itemsize * n for t, n in self._signature())
 
     def Pack_external(self, datarep: str, inbuf: Any, outbuf: Any, position: int) -> int:
-        """As Pack, in the canonical "external32" representation (big-endian, MPI's
-        sizes: LONG 4 bytes, LONG_DOUBLE an IEEE quad). MPI.Exception(ERR_TRUNCATE) when
-        the elements do not fit, ERR_ARG for another `datarep` or a value that does not
-        fit its external size."""
+        """Pack as Pack does, in the canonical "external32" representation.
+
+        Big-endian, MPI's sizes: LONG 4 bytes, LONG_DOUBLE an IEEE quad. MPI.Exception(ERR_TRUNCATE)
+        when the elements do not fit, ERR_ARG for another `datarep` or a value that does not fit its
+        external size.
+        """
         _external32(datarep)
         source, count = _elements(self, inbuf)
         native = bytearray(count * self._size)
@@ -669,9 +724,11 @@ class Datatype(attributes.Cached, Handle):
         return self.dtype is not None
 
     def __reduce__(self) -> Any:
-        """A predefined type unpickles as itself (a second handle on one as an equal new
-        handle of this class); a derived type is made again by its constructor (from
-        `decode`)."""
+        """Pickle a predefined type by name, a derived type by its constructor.
+
+        A predefined type unpickles as itself (a second handle on one as an equal new handle of this
+        class); a derived type is made again by its constructor (from `decode`).
+        """
         if self._combiner == "NAMED":
             if self is self._root:
                 return (_predefined, (self.predefined_name,))
@@ -892,16 +949,20 @@ def _resized(old: Datatype, lb: int, extent: int) -> Datatype:
 # ------------------------------------------------------------------------ pack and unpack
 def pack_into(view: Any, start: int, count: int, datatype: Datatype, packed: Any,
               limit: int = -1) -> int:  # fmt: skip
-    """Gather `count` elements of `datatype` from byte `start` of `view` into the dense
-    `packed`; returns the bytes written (see `typed_copy`)."""
+    """Gather `count` elements of `datatype` from byte `start` of `view` into the dense `packed`.
+
+    Returns the bytes written (see `typed_copy`).
+    """
     return typed_copy(True, view, start, count, datatype._extent, datatype.compiled(), packed,
                       limit)  # fmt: skip
 
 
 def unpack_from(packed: Any, view: Any, start: int, count: int, datatype: Datatype,
                 limit: int = -1) -> int:  # fmt: skip
-    """Scatter the dense `packed` (at most `limit` bytes of it) into `count` elements of
-    `datatype` from byte `start` of the writable `view`; returns the bytes read."""
+    """Scatter the dense `packed` into `count` elements of `datatype` from byte `start` of `view`.
+
+    At most `limit` bytes of `packed` are read; `view` must be writable. Returns the bytes read.
+    """
     return typed_copy(False, view, start, count, datatype._extent, datatype.compiled(), packed,
                       limit)  # fmt: skip
 
@@ -972,7 +1033,7 @@ def _typestr(char: str) -> str:
 
 
 def _typecode(datatype: Datatype) -> str | None:
-    """mpi4py's `MPI._typecode`: what `tocode` gives, None for a type without one."""
+    """Return what `tocode` gives, None for a type without one (mpi4py's `MPI._typecode`)."""
     named = datatype._named()
     if datatype.dtype is None or not named._char:
         return None
@@ -980,8 +1041,10 @@ def _typecode(datatype: Datatype) -> str | None:
 
 
 def _typealign(datatype: Datatype) -> int | None:
-    """mpi4py's `MPI._typealign`: the C alignment of a predefined type (of the strictest
-    member for a pair type), None for DATATYPE_NULL and derived types."""
+    """Return the C alignment of a predefined type (mpi4py's `MPI._typealign`).
+
+    Of the strictest member for a pair type; None for DATATYPE_NULL and derived types.
+    """
     named = datatype._named()
     if datatype.dtype is None or not (named._char or named._combiner == "NAMED"):
         return None

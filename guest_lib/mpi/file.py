@@ -495,8 +495,10 @@ def _null_handler_error(exc: exceptions.Exception) -> None:
 
 # ---------------------------------------------------------------------------- handle
 class File(Handle):
-    """A handle on an open file (mpi4py's `File`); `File()` is a null handle. See the
-    module docstring for the model."""
+    """A handle on an open file (mpi4py's `File`); `File()` is a null handle.
+
+    See the module docstring for the model.
+    """
 
     _f: _Open | None
     _errhandler: Any  # set by Set_errhandler (see guest_lib/mpi/errhandler.py)
@@ -542,8 +544,10 @@ class File(Handle):
     # ------------------------------------------------------------------ open, close
     @classmethod
     def Open(cls, comm: Any, filename: Any, amode: int = MODE_RDONLY, info: Any = None) -> File:
-        """Open `filename` (str, bytes or path) on every rank of the intracommunicator
-        `comm` (collective; see the module docstring for the order and the errors)."""
+        """Open `filename` (str, bytes or path) on every rank of the intracommunicator `comm`.
+
+        Collective; see the module docstring for the order and the errors.
+        """
         try:
             return cls._open(comm, filename, int(amode), info)
         except exceptions.Exception as exc:
@@ -599,7 +603,7 @@ class File(Handle):
         state.close()
 
     def _release(self) -> None:
-        """(free: closes the file.)"""
+        """Free the handle: close the file (Close)."""
         self.Close()
 
     @classmethod
@@ -613,8 +617,11 @@ class File(Handle):
 
     # ------------------------------------------------------------------ properties
     def Set_size(self, size: int) -> None:
-        """Truncate or extend the file to `size` bytes (collective: rank 0 does it, the
-        others return after it)."""
+        """Truncate or extend the file to `size` bytes (collective).
+
+        Rank 0 does it, the others return after it. MPI.Exception(ERR_ARG) for a negative size,
+        ERR_IO (or the matching class) if the system call fails.
+        """
         state = self._check()
         if int(size) < 0:
             raise _err(exceptions.ERR_ARG, f"Set_size: size {size}")
@@ -628,8 +635,11 @@ class File(Handle):
         state.agree(truncate)
 
     def Preallocate(self, size: int) -> None:
-        """Reserve storage for the first `size` bytes; the file grows to `size` bytes if it
-        was smaller (collective, as Set_size)."""
+        """Reserve storage for the first `size` bytes (collective, as Set_size).
+
+        The file grows to `size` bytes if it was smaller. MPI.Exception(ERR_ARG) for a negative
+        size.
+        """
         state = self._check()
         if int(size) < 0:
             raise _err(exceptions.ERR_ARG, f"Preallocate: size {size}")
@@ -655,6 +665,7 @@ class File(Handle):
         return self.Get_size()
 
     def Get_amode(self) -> int:
+        """Return the access mode the file was opened with (MODE_* bits)."""
         return self._check().amode
 
     @property
@@ -700,6 +711,7 @@ class File(Handle):
         self._check().atomic = bool(flag)
 
     def Get_atomicity(self) -> bool:
+        """Return True iff atomic mode is on (Set_atomicity)."""
         return self._check().atomic
 
     @property
@@ -711,8 +723,10 @@ class File(Handle):
         self.Set_atomicity(flag)
 
     def Sync(self) -> None:
-        """Flush this rank's writes to the storage device (os.fsync). MPI.Exception
-        (ERR_IO) if that fails."""
+        """Flush this rank's writes to the storage device (os.fsync).
+
+        MPI.Exception(ERR_IO) if that fails (a device that cannot be synced is not an error).
+        """
         state = self._check()
         try:
             os.fsync(state.fd)
@@ -728,11 +742,13 @@ class File(Handle):
     # ------------------------------------------------------------------ views
     def Set_view(self, disp: int = 0, etype: Datatype = BYTE, filetype: Datatype | None = None,
                  datarep: str = "native", info: Any = None) -> None:  # fmt: skip
-        """Set the view (collective): both file pointers go back to 0. MPI.Exception:
-        ERR_TYPE for a filetype that is not whole etypes at increasing nonnegative offsets,
-        ERR_UNSUPPORTED_DATAREP for a user data representation, or an external32 view of
-        a type whose size differs there (see the module docstring),
-        ERR_ARG for DISPLACEMENT_CURRENT without MODE_SEQUENTIAL."""
+        """Set the view (collective): both file pointers go back to 0.
+
+        MPI.Exception: ERR_TYPE for a filetype that is not whole etypes at increasing nonnegative
+        offsets, ERR_UNSUPPORTED_DATAREP for a user data representation, or an external32 view of a
+        type whose size differs there (see the module docstring), ERR_ARG for DISPLACEMENT_CURRENT
+        without MODE_SEQUENTIAL.
+        """
         state = self._check()
         if datarep not in _DATAREPS:
             code = (exceptions.ERR_UNSUPPORTED_DATAREP if datarep in _KNOWN_DATAREPS
@@ -759,8 +775,10 @@ class File(Handle):
             state.hints.update(info.items())
 
     def Get_view(self) -> tuple[int, Datatype, Datatype, str]:
-        """(displacement, etype, filetype, data representation); derived types come as new
-        handles (free them)."""
+        """Return the view: (displacement, etype, filetype, data representation).
+
+        Derived types come as new handles (free them).
+        """
         view = self._check().view
 
         def handle(datatype: Datatype) -> Datatype:
@@ -770,8 +788,10 @@ class File(Handle):
 
     # ------------------------------------------------------------------ explicit offsets
     def Read_at(self, offset: int, buf: Any, status: Status | None = None) -> None:
-        """Read `buf` from etype `offset` of the view (stops at the end of the file:
-        the status counts the bytes read)."""
+        """Read `buf` from etype `offset` of the view.
+
+        Stops at the end of the file: the status counts the bytes read.
+        """
         state = self._check()
         state.sequential_forbidden()
         state.transfer(False, int(offset), state.spec(False, buf), status)
@@ -795,12 +815,15 @@ class File(Handle):
         return self._done(lambda status: self.Read_at(offset, buf, status))
 
     def Iwrite_at(self, offset: int, buf: Any) -> Request:
+        """Write_at, done now; return a completed Request (its status holds the byte count)."""
         return self._done(lambda status: self.Write_at(offset, buf, status))
 
     def Iread_at_all(self, offset: int, buf: Any) -> Request:
+        """Read_at_all, done now; return a completed Request (its status holds the byte count)."""
         return self._done(lambda status: self.Read_at_all(offset, buf, status))
 
     def Iwrite_at_all(self, offset: int, buf: Any) -> Request:
+        """Write_at_all, done now; return a completed Request (its status holds the byte count)."""
         return self._done(lambda status: self.Write_at_all(offset, buf, status))
 
     def _done(self, call: Callable[[Status], None]) -> Request:
@@ -823,26 +846,34 @@ class File(Handle):
         self._check().individual(True, buf, status)
 
     def Read_all(self, buf: Any, status: Status | None = None) -> None:
+        """Collective Read: read at the individual file pointer (see Read)."""
         self.Read(buf, status)
 
     def Write_all(self, buf: Any, status: Status | None = None) -> None:
+        """Collective Write: write at the individual file pointer (see Write)."""
         self.Write(buf, status)
 
     def Iread(self, buf: Any) -> Request:
+        """Read, done now; return a completed Request (its status holds the byte count)."""
         return self._done(lambda status: self.Read(buf, status))
 
     def Iwrite(self, buf: Any) -> Request:
+        """Write, done now; return a completed Request (its status holds the byte count)."""
         return self._done(lambda status: self.Write(buf, status))
 
     def Iread_all(self, buf: Any) -> Request:
+        """Read_all, done now; return a completed Request (its status holds the byte count)."""
         return self._done(lambda status: self.Read_all(buf, status))
 
     def Iwrite_all(self, buf: Any) -> Request:
+        """Write_all, done now; return a completed Request (its status holds the byte count)."""
         return self._done(lambda status: self.Write_all(buf, status))
 
     def Seek(self, offset: int, whence: int = SEEK_SET) -> None:
-        """Move the individual file pointer (in etypes). MPI.Exception(ERR_ARG) for a
-        place before the view's start or an unknown `whence`."""
+        """Move the individual file pointer (in etypes).
+
+        MPI.Exception(ERR_ARG) for a place before the view's start or an unknown `whence`.
+        """
         state = self._check()
         state.sequential_forbidden()
         with state.lock:
@@ -863,8 +894,10 @@ class File(Handle):
         state.transfer(write, state.shared.fetch_add(state.etypes(spec)), spec, status)
 
     def Read_shared(self, buf: Any, status: Status | None = None) -> None:
-        """Read at the shared file pointer, which moves past the etypes asked for (one
-        atomic fetch-and-add: concurrent callers get disjoint places)."""
+        """Read at the shared file pointer, which moves past the etypes asked for.
+
+        One atomic fetch-and-add moves it: concurrent callers get disjoint places.
+        """
         self._shared(False, buf, status)
 
     def Write_shared(self, buf: Any, status: Status | None = None) -> None:
@@ -872,9 +905,11 @@ class File(Handle):
         self._shared(True, buf, status)
 
     def Iread_shared(self, buf: Any) -> Request:
+        """Read_shared, done now; return a completed Request (its status holds the byte count)."""
         return self._done(lambda status: self._shared(False, buf, status))
 
     def Iwrite_shared(self, buf: Any) -> Request:
+        """Write_shared, done now; return a completed Request (its status holds the byte count)."""
         return self._done(lambda status: self._shared(True, buf, status))
 
     def Read_ordered(self, buf: Any, status: Status | None = None) -> None:
@@ -886,8 +921,10 @@ class File(Handle):
         self._check().ordered(True, buf, status)
 
     def Seek_shared(self, offset: int, whence: int = SEEK_SET) -> None:
-        """Move the shared file pointer (collective: every rank gives the same
-        arguments; every shared access before it is done first)."""
+        """Move the shared file pointer (collective).
+
+        Every rank gives the same arguments; every shared access before it is done first.
+        """
         state = self._check()
         if state.comm.Get_size() > 1:
             state.comm.Barrier()
@@ -921,41 +958,86 @@ class File(Handle):
         self._begin("Read_at_all", lambda status: self.Read_at_all(offset, buf, status))
 
     def Read_at_all_end(self, buf: Any, status: Status | None = None) -> None:
+        """End the split Read_at_all: fill `status` with its byte count.
+
+        MPI.Exception(ERR_OTHER) without a Read_at_all_begin before it.
+        """
         self._end("Read_at_all", status)
 
     def Write_at_all_begin(self, offset: int, buf: Any) -> None:
+        """Start a split collective Write_at_all (the data are written by its end).
+
+        MPI.Exception(ERR_OTHER) while another split collective of this file is active.
+        """
         self._begin("Write_at_all", lambda status: self.Write_at_all(offset, buf, status))
 
     def Write_at_all_end(self, buf: Any, status: Status | None = None) -> None:
+        """End the split Write_at_all: fill `status` with its byte count.
+
+        MPI.Exception(ERR_OTHER) without a Write_at_all_begin before it.
+        """
         self._end("Write_at_all", status)
 
     def Read_all_begin(self, buf: Any) -> None:
+        """Start a split collective Read_all (the data are there at its end).
+
+        MPI.Exception(ERR_OTHER) while another split collective of this file is active.
+        """
         self._begin("Read_all", lambda status: self.Read_all(buf, status))
 
     def Read_all_end(self, buf: Any, status: Status | None = None) -> None:
+        """End the split Read_all: fill `status` with its byte count.
+
+        MPI.Exception(ERR_OTHER) without a Read_all_begin before it.
+        """
         self._end("Read_all", status)
 
     def Write_all_begin(self, buf: Any) -> None:
+        """Start a split collective Write_all (the data are written by its end).
+
+        MPI.Exception(ERR_OTHER) while another split collective of this file is active.
+        """
         self._begin("Write_all", lambda status: self.Write_all(buf, status))
 
     def Write_all_end(self, buf: Any, status: Status | None = None) -> None:
+        """End the split Write_all: fill `status` with its byte count.
+
+        MPI.Exception(ERR_OTHER) without a Write_all_begin before it.
+        """
         self._end("Write_all", status)
 
     def Read_ordered_begin(self, buf: Any) -> None:
+        """Start a split collective Read_ordered (the data are there at its end).
+
+        MPI.Exception(ERR_OTHER) while another split collective of this file is active.
+        """
         self._begin("Read_ordered", lambda status: self.Read_ordered(buf, status))
 
     def Read_ordered_end(self, buf: Any, status: Status | None = None) -> None:
+        """End the split Read_ordered: fill `status` with its byte count.
+
+        MPI.Exception(ERR_OTHER) without a Read_ordered_begin before it.
+        """
         self._end("Read_ordered", status)
 
     def Write_ordered_begin(self, buf: Any) -> None:
+        """Start a split collective Write_ordered (the data are written by its end).
+
+        MPI.Exception(ERR_OTHER) while another split collective of this file is active.
+        """
         self._begin("Write_ordered", lambda status: self.Write_ordered(buf, status))
 
     def Write_ordered_end(self, buf: Any, status: Status | None = None) -> None:
+        """End the split Write_ordered: fill `status` with its byte count.
+
+        MPI.Exception(ERR_OTHER) without a Write_ordered_begin before it.
+        """
         self._end("Write_ordered", status)
 
     # ------------------------------------------------------------------ error handlers
     @classmethod
     def Create_errhandler(cls, errhandler_fn: Callable[[File, int], None]) -> Any:
+        """Create an error handler for files from `errhandler_fn(file, errorcode)`."""
         return errhandler.create_errhandler(errhandler_fn, "File")
 
     def Get_errhandler(self) -> Any:
@@ -975,6 +1057,7 @@ class File(Handle):
         FILE_NULL._errhandler = errhandler.Errhandler(errhandler_)
 
     def Call_errhandler(self, errorcode: int) -> None:
+        """Invoke this file's error handler (FILE_NULL's for a null handle) with `errorcode`."""
         if self._f is None:
             errhandler.call_errhandler_for(FILE_NULL, int(errorcode), "")
         else:
@@ -991,8 +1074,11 @@ _datareps: dict[str, tuple[Any, Any, Any]] = {}
 
 
 def Register_datarep(datarep: str, read_fn: Any, write_fn: Any, extent_fn: Any) -> None:
-    """Record a user data representation. MPI.Exception(ERR_DUP_DATAREP) for a name
-    already known. Views cannot use one yet: Set_view says ERR_UNSUPPORTED_DATAREP."""
+    """Record a user data representation.
+
+    MPI.Exception(ERR_DUP_DATAREP) for a name already known. Views cannot use one yet: Set_view says
+    ERR_UNSUPPORTED_DATAREP.
+    """
     if datarep in _KNOWN_DATAREPS:
         raise _err(exceptions.ERR_DUP_DATAREP, f"data representation {datarep!r} exists")
     _KNOWN_DATAREPS.add(datarep)
