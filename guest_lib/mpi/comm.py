@@ -444,9 +444,18 @@ class Comm(attributes.Cached, Handle):
     # ------------------------------------------------------------------ p2p objects
     def send(self, obj: Any, dest: int, tag: int = 0) -> None:
         """Send a picklable object (blocking; returns once the bytes are in the queue)."""
-        self._dest(dest)
-        self._send_tag(tag)
-        self._send_bytes(_dumps(obj), dest, tag, self._ctx, False)
+        peer = self._shm_peer.get(dest)
+        if peer is not None and 0 <= tag <= constants.TAG_UB:  # fast path, as Send's
+            data = _dumps(obj)
+            if self._engine.fast_send(  # type: ignore[union-attr]
+                peer, self._ctx << _CTX_SHIFT | tag, data
+            ):
+                return
+        else:
+            self._dest(dest)
+            self._send_tag(tag)
+            data = _dumps(obj)
+        self._send_bytes(data, dest, tag, self._ctx, False)
 
     def ssend(self, obj: Any, dest: int, tag: int = 0) -> None:
         """Synchronous send: returns once the matching receive has started."""
@@ -696,6 +705,16 @@ class Comm(attributes.Cached, Handle):
     ) -> None:
         """Send and receive at once (deadlock-free however large the messages)."""
         engine = self._sendrecv_args(dest, source, sendtag, recvtag)
+        peer = self._shm_peer.get(dest)
+        if peer is not None:  # fast path: a send written whole at once, then Recv's
+            sview = sendbuf if _plain_array(sendbuf, False) else buffers.quick(sendbuf)
+            if (
+                sview is not None
+                and (_plain_array(recvbuf, True) or buffers.quick(recvbuf, True) is not None)
+                and engine.fast_send(peer, self._ctx << _CTX_SHIFT | sendtag, sview, 0.0)
+            ):
+                self.Recv(recvbuf, source, recvtag, status)
+                return
         rview = buffers.parse(recvbuf, writable=True).view
         sview = buffers.parse(sendbuf).view
         rop = self._irecv_op(rview, source, recvtag, self._ctx)

@@ -38,13 +38,18 @@ from ivshmem_comm.errors import TimeoutError as CoreTimeout
 BYPASS_CACHE_MIN = 8 << 20  # a receive buffer this large takes pieces with cache-bypassing stores
 FAST_TIMEOUT = 0.002  # s: how long a blocking fast path waits inside the core before the engine
 
+# where a lone thread's object receive takes a message of up to this many bytes (a larger
+# one comes as a core Message): one C copy in, one out, and no Message to release
+SCRATCH_BYTES = 16 << 10
+_SCRATCH = memoryview(bytearray(SCRATCH_BYTES))
 _TAG_MASK = wire.TAG_MASK  # module globals: read on every fast call
 _CTX_SHIFT = wire.CTX_SHIFT
 
-FastRecv = tuple[int, int, RecvOp | None]
-"""What `FastPaths.fast_recv` returns when it took a message: (nbytes, tag, rest). `rest` is
-None when the whole message is in the buffer; else the RecvOp the engine finishes (wait for
-it, then its fields are the message's; nbytes and tag are what was in so far)."""
+FastRecv = tuple[int, int, Any]
+"""What `FastPaths.fast_recv` returns when it took a message: (nbytes, tag, rest). Into a
+buffer, `rest` is None when the whole message is in the buffer, else the RecvOp the engine
+finishes (wait for it, then its fields are the message's; nbytes and tag are what was in so
+far). Without a buffer, `rest` is the message's bytes."""
 
 
 def core_error(exc: BaseException) -> exceptions.Exception:
@@ -80,7 +85,9 @@ class FastPaths:
 
     def fast_recv(self, peer: int, ctx: int, tag: int, buf: Any) -> FastRecv | None:
         """Blocking receive from shm peer `peer` straight into `buf` when nothing else is
-        pending. `buf` is a writable flat byte view or a writable C-contiguous numpy array.
+        pending. `buf` is a writable flat byte view or a writable C-contiguous numpy array,
+        or None: a whole message (one DATA message, not a large one in pieces) is taken as
+        bytes (object receives).
 
         Returns a FastRecv (see there) when it took the message; None if the caller must
         take the engine path (what was received meanwhile has been dispatched in order).
@@ -98,33 +105,45 @@ class FastPaths:
         try:
             if not self.quiet():
                 return None
+            timeout = FAST_TIMEOUT if owner or not threads else 0.0
             try:
-                nbytes, _, coretag = self.ep.recv_into(
-                    buf,
-                    peer,
-                    -1,
-                    FAST_TIMEOUT if owner or not threads else 0.0,
-                    bypass_cache=buf.nbytes >= BYPASS_CACHE_MIN,
-                )
+                if buf is None:
+                    data = None
+                    if not threads:  # (the scratch buffer is this lone thread's)
+                        try:
+                            nbytes, _, coretag = self.ep.recv_into(_SCRATCH, peer, -1, timeout)
+                            data = bytes(_SCRATCH[:nbytes])
+                        except MessageTooLargeError:
+                            pass  # (its header is peeked: the recv below takes it)
+                    if data is None:
+                        with self.ep.recv(peer, -1, timeout) as message:
+                            data = bytes(message.data)
+                        nbytes, coretag = len(data), message.tag
+                else:
+                    nbytes, _, coretag = self.ep.recv_into(
+                        buf, peer, -1, timeout, bypass_cache=buf.nbytes >= BYPASS_CACHE_MIN
+                    )
+                    data = None
             except (CoreTimeout, MessageTooLargeError):
                 return None
             except PeerLostError as exc:
                 raise core_error(exc) from exc
-            if owner and bell.slept != slept and not self.quiet():
-                # (the lock was free while it slept: another thread took from the queues)
-                self.dispatch(peer, coretag, nbytes, bytes(_bytes_of(buf)[:nbytes]))
-                return None
-            if (
-                tag == constants.ANY_TAG or coretag & _TAG_MASK == tag
-            ) and peer not in self.sync_next:
-                head = coretag >> _CTX_SHIFT
-                if head == ctx:  # kind DATA and this context
-                    return nbytes, coretag & _TAG_MASK, None
-                if head == wire.head_of(wire.KIND_FIRST, ctx):
+            mine = (  # (the lock was free while it slept: another thread took from the queues)
+                not (owner and bell.slept != slept and not self.quiet())
+                and (tag == constants.ANY_TAG or coretag & _TAG_MASK == tag)
+                and peer not in self.sync_next
+            )
+            head = coretag >> _CTX_SHIFT
+            if mine and head == ctx:  # kind DATA (a whole message) and this context
+                return nbytes, coretag & _TAG_MASK, data
+            if data is None:
+                if mine and head == wire.head_of(wire.KIND_FIRST, ctx):
                     return self._fast_pieces(
                         peer, ctx, tag, _bytes_of(buf), nbytes, coretag, not threads
                     )
-            self.dispatch(peer, coretag, nbytes, bytes(_bytes_of(buf)[:nbytes]))
+                data = bytes(_bytes_of(buf)[:nbytes])
+            # not this call's message (or not its turn): the engine takes it, in order
+            self.dispatch(peer, coretag, nbytes, data)
             return None
         finally:
             if owner:

@@ -135,6 +135,18 @@ class ShmRoute(Route):
             status._set(rank, got_tag, nbytes)
         return True
 
+    def recv_bytes(
+        self, comm: Comm, rank: int, tag: int, ctx: int, status: Status | None
+    ) -> bytes | None:
+        """The engine's fast path for a whole message (a large one takes the caller's)."""
+        got = comm._engine.fast_recv(self.peer, ctx, tag, None)  # type: ignore[union-attr]
+        if got is None:
+            return None
+        nbytes, got_tag, data = got
+        if status is not None:
+            status._set(rank, got_tag, nbytes)
+        return data
+
 
 def failed(op: Op, rank: int) -> None:
     """MPI.Exception for a blocking send whose op failed (its destination process failed:

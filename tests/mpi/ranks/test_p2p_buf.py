@@ -191,3 +191,18 @@ def test_sendrecv_replace(comm):
     buf = np.full(6, rank, "i")
     comm.Sendrecv_replace(buf, dest, 13, source, 13)
     assert list(buf) == [source] * 6
+
+
+def test_sendrecv_bad_receive_buffer_sends_nothing(comm):
+    """Sendrecv checks its receive buffer before anything is sent (its fast path too)."""
+    _, _, dest, source = ring(comm)
+    sbuf = np.arange(4, dtype="i")
+    with pytest.raises((MPI.Exception, ValueError, TypeError, BufferError)):
+        comm.Sendrecv(sbuf, dest, 31, memoryview(bytes(16)), source, 31)
+    comm.Barrier()
+    assert not comm.Iprobe(source, 31)
+    rbuf = np.zeros(4, dtype="i")
+    status = MPI.Status()
+    comm.Sendrecv([sbuf, 4, MPI.INT], dest, 32, [rbuf, MPI.INT], source, 32, status)
+    assert np.array_equal(rbuf, sbuf)
+    assert (status.Get_source(), status.Get_tag(), status.Get_count(MPI.INT)) == (source, 32, 4)

@@ -111,3 +111,24 @@ def test_bad_rank_and_tag(comm):
     with pytest.raises(MPI.Exception) as info:
         comm.send(1, 0, tag=MPI.TAG_UB + 1)
     assert info.value.Get_error_class() == MPI.ERR_TAG
+
+
+@pytest.mark.parametrize("nbytes", [0, 40, 16_300, 16_500, 200_000, 5_000_000])
+def test_blocking_recv_of_every_size(comm, nbytes):
+    """Blocking object receives of whole messages below and above the engine's scratch size
+    and of a large one in pieces, after unexpected messages of another tag: data, order,
+    status (the count is the pickle's bytes)."""
+    import pickle
+
+    _, rank, dest, source = ring(comm)
+    blob = bytes([rank % 256]) * nbytes
+    first = comm.isend(("other tag", rank), dest, tag=21)
+    reqs = [comm.isend(blob, dest, tag=20), comm.isend(rank, dest, tag=20)]
+    status = MPI.Status()
+    got = comm.recv(source=source, tag=20, status=status)
+    assert got == bytes([source % 256]) * nbytes
+    assert status.Get_source() == source and status.Get_tag() == 20
+    assert status.Get_count() == len(pickle.dumps(got, MPI.pickle.PROTOCOL))
+    assert comm.recv(source=source, tag=20) == source
+    assert comm.recv(source=source, tag=21) == ("other tag", source)
+    MPI.Request.waitall([first, *reqs])
