@@ -619,8 +619,9 @@ def _single(spec: Any, writable: bool, what: str) -> buffers.Spec:
 
 # ------------------------------------------------------------------ the handle
 class Win(_MemoryBase, Handle):
-    """A window handle (mpi4py's `Win`); `Win()` is a new null handle. See the module
-    docstring for the model.
+    """A window handle (mpi4py's `Win`); `Win()` is a new null handle.
+
+    See the module docstring for the model.
 
     Buffer protocol (as mpi4py's Win): memoryview(win), numpy.asarray(win) give this rank's
     window memory, one-dimensional unsigned bytes ("B") over (base, size) of `attrs`,
@@ -717,8 +718,9 @@ class Win(_MemoryBase, Handle):
     def Allocate_shared(
         cls, size: int, disp_unit: int = 1, info: Any = None, comm: Any = None
     ) -> Win:
-        """A window whose memory every member maps (see the module docstring): each
-        member's `size` bytes, zeroed, in the region's window heap. Collective.
+        """Allocate a window whose memory every member maps (collective).
+
+        Each member's `size` bytes, zeroed, in the region's window heap (see the module docstring).
 
         MPI.Exception on every member: ERR_RMA_SHARED when a member is not reached through
         this region (or the region has no heap), ERR_NO_MEM when the heap has no room."""
@@ -738,8 +740,10 @@ class Win(_MemoryBase, Handle):
 
     @classmethod
     def Create_dynamic(cls, info: Any = None, comm: Any = None) -> Win:
-        """A window without memory; `Attach` adds some. Target displacements are addresses
-        (MPI.Get_address). Collective."""
+        """Create a window without memory; `Attach` adds some (collective).
+
+        Target displacements are addresses (MPI.Get_address).
+        """
         return cls._made(comm, memoryview(bytearray(0)), 1, WIN_FLAVOR_DYNAMIC)
 
     def Attach(self, memory: Any) -> None:
@@ -761,10 +765,12 @@ class Win(_MemoryBase, Handle):
         raise _err(exceptions.ERR_RMA_ATTACH, f"no memory attached at {address:#x}")
 
     def Free(self) -> None:
-        """Free the window (collective): every member's requests complete, then the
-        service stops, a shared window's heap block is given back, the handle is null.
-        BufferError (nothing freed here) while the memory is exported: see the class
-        docstring."""
+        """Free the window (collective); the handle becomes null.
+
+        Every member's requests complete, then the service stops, a shared window's heap block is
+        given back. BufferError (nothing freed here) while the memory is exported: see the class
+        docstring.
+        """
         w = self._check()
         w.unexport()
         try:
@@ -788,9 +794,12 @@ class Win(_MemoryBase, Handle):
         return _buffer.frombuffer(w.memory) if len(w.memory) else _buffer()
 
     def Shared_query(self, rank: int) -> tuple[_buffer, int]:
-        """(memory, displacement unit) of `rank`'s segment (PROC_NULL: the lowest rank with
-        a segment of nonzero size). Windows of other flavors: this rank's own memory, an
-        empty buffer for the others."""
+        """Return (memory, displacement unit) of `rank`'s segment.
+
+        PROC_NULL: the lowest rank with a segment of nonzero size. Windows of other flavors: this
+        rank's own memory, an empty buffer for the others. MPI.Exception(ERR_RANK) outside the
+        group.
+        """
         w = self._check()
         size = len(w.comm._group)
         if rank == constants.PROC_NULL:
@@ -807,6 +816,7 @@ class Win(_MemoryBase, Handle):
         return (_buffer.frombuffer(memory) if len(memory) else _buffer()), unit
 
     def Get_group(self) -> Group:
+        """Return a new Group of the window's members."""
         w = self._check()
         return Group(list(w.comm._group), w.engine.world_rank)
 
@@ -838,9 +848,11 @@ class Win(_MemoryBase, Handle):
         return WIN_UNIFIED
 
     def Get_name(self) -> str:
+        """Return the window's name ("MPI_WIN_NULL" for a null handle)."""
         return "MPI_WIN_NULL" if self._w is None else self._w.name
 
     def Set_name(self, name: str) -> None:
+        """Set the window's name, as Get_name returns it."""
         self._check().name = str(name)
 
     @property
@@ -856,6 +868,7 @@ class Win(_MemoryBase, Handle):
         return Info.Create(self._check().hints)
 
     def Set_info(self, info: Any) -> None:
+        """Replace the window's hints by the items of the Info `info`."""
         self._check().hints = dict(info.items())
 
     @property
@@ -882,9 +895,11 @@ class Win(_MemoryBase, Handle):
         return KEYVAL_INVALID
 
     def Get_attr(self, keyval: int) -> Any:
-        """A predefined attribute (WIN_BASE, WIN_SIZE, WIN_DISP_UNIT, WIN_CREATE_FLAVOR,
-        WIN_MODEL) or the value set for `keyval` (None if unset); MPI.Exception(ERR_KEYVAL)
-        for KEYVAL_INVALID."""
+        """Return the value of the attribute `keyval`.
+
+        A predefined attribute (WIN_BASE, WIN_SIZE, WIN_DISP_UNIT, WIN_CREATE_FLAVOR, WIN_MODEL) or
+        the value set for `keyval` (None if unset); MPI.Exception(ERR_KEYVAL) for KEYVAL_INVALID.
+        """
         w = self._check()
         if keyval == KEYVAL_INVALID:
             raise _err(exceptions.ERR_KEYVAL, "Win.Get_attr(KEYVAL_INVALID)")
@@ -895,6 +910,10 @@ class Win(_MemoryBase, Handle):
         return w.attrs.get(keyval)
 
     def Set_attr(self, keyval: int, attrval: Any) -> None:
+        """Set the value of attribute `keyval`, deleting the old one first (delete_fn).
+
+        MPI.Exception(ERR_ARG) for a key not made by Create_keyval.
+        """
         w = self._check()
         if keyval not in _keyvals:
             raise _err(exceptions.ERR_ARG, f"keyval {keyval:#x}")
@@ -903,13 +922,17 @@ class Win(_MemoryBase, Handle):
         w.attrs[keyval] = attrval
 
     def Delete_attr(self, keyval: int) -> None:
+        """Delete the value of attribute `keyval` (delete_fn runs); nothing if unset."""
         w = self._check()
         if keyval in w.attrs:
             self._delete(w, keyval, w.attrs[keyval])
 
     def _delete(self, w: _Window, keyval: int, value: Any) -> None:
-        """Drop the value, then call the keyval's delete_fn: an exception there is printed
-        to stderr and raised as MPI.Exception(ERR_OTHER) (as mpi4py does)."""
+        """Drop the value, then call the keyval's delete_fn.
+
+        An exception there is printed to stderr and raised as MPI.Exception(ERR_OTHER) (as mpi4py
+        does).
+        """
         del w.attrs[keyval]
         delete_fn = _keyvals.get(keyval, (None, None))[1]
         if delete_fn is None:
@@ -923,15 +946,19 @@ class Win(_MemoryBase, Handle):
     # ------------------------------------------------------------------ error handlers
     @classmethod
     def Create_errhandler(cls, errhandler_fn: Callable[[Win, int], None]) -> Any:
+        """Create an error handler for windows from `errhandler_fn(win, errorcode)`."""
         return errhandler.create_errhandler(errhandler_fn, "Win")
 
     def Get_errhandler(self) -> Any:
+        """Return the window's error handler (see `errhandler`)."""
         return errhandler.get_errhandler(self)
 
     def Set_errhandler(self, errhandler_: Any) -> None:
+        """Set the window's error handler (see `errhandler`)."""
         errhandler.set_errhandler(self, errhandler_)
 
     def Call_errhandler(self, errorcode: int) -> None:
+        """Invoke the window's error handler with `errorcode` (see `errhandler`)."""
         errhandler.call_errhandler(self, errorcode)
 
     def Abort(self, errorcode: int = 0) -> None:
@@ -941,8 +968,10 @@ class Win(_MemoryBase, Handle):
     # ------------------------------------------------------------------ data movement
     def _request(self, w: _Window, origin: buffers.Spec, target_rank: int, target: Any,
                  ) -> tuple[int, int, bytes]:  # fmt: skip
-        """(disp, target bytes, element code) of a target spec that must match `origin`.
-        ValueError when the byte counts differ."""
+        """Return (disp, target bytes, element code) of a target spec that must match `origin`.
+
+        ValueError when the byte counts differ.
+        """
         disp, count, datatype = _target_spec(target, origin.count, origin.datatype)
         nbytes, code = _target_bytes(count, datatype)
         if nbytes != len(origin.view):
@@ -950,8 +979,10 @@ class Win(_MemoryBase, Handle):
         return disp, nbytes, code
 
     def Put(self, origin: Any, target_rank: int, target: Any = None) -> None:
-        """Put origin data into `target_rank`'s window at `target` (see the module
-        docstring: complete locally at return, remotely at the next synchronisation)."""
+        """Put origin data into `target_rank`'s window at `target`.
+
+        See the module docstring: complete locally at return, remotely at the next synchronisation.
+        """
         self._put(origin, target_rank, target)
 
     def Rput(self, origin: Any, target_rank: int, target: Any = None) -> Request:
@@ -972,8 +1003,10 @@ class Win(_MemoryBase, Handle):
         w.send(target_rank, K_PUT, 0, disp, nbytes, b"", bytes(spec.view))
 
     def Get(self, origin: Any, target_rank: int, target: Any = None) -> None:
-        """Get `target_rank`'s window data at `target` into the origin buffer (complete at
-        return)."""
+        """Get `target_rank`'s window data at `target` into the origin buffer.
+
+        Complete at return.
+        """
         w = self._check()
         request = self.Rget(origin, target_rank, target)
         op = request._op
@@ -1016,8 +1049,11 @@ class Win(_MemoryBase, Handle):
 
     def Accumulate(self, origin: Any, target_rank: int, target: Any = None,
                    op: Any = ops.SUM) -> None:  # fmt: skip
-        """target = target op origin, elementwise, atomically per element against other
-        accumulates (applied by the target)."""
+        """Accumulate origin data into `target_rank`'s window with `op`.
+
+        target = target op origin, elementwise, atomically per element against other accumulates
+        (applied by the target).
+        """
         self._accumulate(origin, target_rank, target, op)
 
     def Raccumulate(self, origin: Any, target_rank: int, target: Any = None,
@@ -1038,8 +1074,10 @@ class Win(_MemoryBase, Handle):
 
     def Get_accumulate(self, origin: Any, result: Any, target_rank: int, target: Any = None,
                        op: Any = ops.SUM) -> None:  # fmt: skip
-        """result = old target data; target = target op origin (one atomic step at the
-        target). Complete at return."""
+        """Fetch the target data into `result` and accumulate origin into it (complete at return).
+
+        result = old target data; target = target op origin (one atomic step at the target).
+        """
         w = self._check()
         request = self.Rget_accumulate(origin, result, target_rank, target, op)
         if request._op is not None and self._rank(w, target_rank):
@@ -1067,8 +1105,10 @@ class Win(_MemoryBase, Handle):
 
     def Fetch_and_op(self, origin: Any, result: Any, target_rank: int, target_disp: int = 0,
                      op: Any = ops.SUM) -> None:  # fmt: skip
-        """Get_accumulate of one element at `target_disp`. ValueError unless origin and
-        result are one element each of the same size."""
+        """Get_accumulate of one element at `target_disp`.
+
+        ValueError unless origin and result are one element each of the same size.
+        """
         w = self._check()
         index = _op_index(op)
         spec = _single(origin, False, "Fetch_and_op origin")
@@ -1083,9 +1123,12 @@ class Win(_MemoryBase, Handle):
 
     def Compare_and_swap(self, origin: Any, compare: Any, result: Any, target_rank: int,
                          target_disp: int = 0) -> None:  # fmt: skip
-        """result = old target element; the target element becomes `origin` if it equalled
-        `compare` (one atomic step at the target). ValueError unless the three are one
-        element each of the same size."""
+        """Swap in `origin` where the target element equals `compare`; old element into `result`.
+
+        result = old target element; the target element becomes `origin` if it equalled `compare`
+        (one atomic step at the target). ValueError unless the three are one element each of the
+        same size.
+        """
         w = self._check()
         spec = _single(origin, False, "Compare_and_swap origin")
         cmp = _single(compare, False, "Compare_and_swap compare")
@@ -1101,16 +1144,21 @@ class Win(_MemoryBase, Handle):
 
     # ------------------------------------------------------------------ synchronisation
     def Fence(self, assertion: int = 0) -> None:
-        """Complete every request of this rank at its targets, then a barrier: requests
-        before the fence are applied everywhere when it returns. Collective."""
+        """Complete every request of this rank at its targets, then a barrier (collective).
+
+        Requests before the fence are applied everywhere when it returns.
+        """
         self._check().fence()
 
     def Lock(self, rank: int, lock_type: int = LOCK_EXCLUSIVE, assertion: int = 0) -> None:
-        """Begin a passive epoch on `rank`'s window (LOCK_EXCLUSIVE or LOCK_SHARED). Lazy,
-        as MPICH: nothing is sent until the first operation on `rank`, whose request goes
-        right behind the LOCK request (the target applies it once the lock is granted);
-        a load/store access (this rank's own memory, a shared segment) waits for the grant
-        first. MPI.Exception(ERR_RMA_SYNC) if this rank already has an epoch on `rank`."""
+        """Begin a passive epoch on `rank`'s window (LOCK_EXCLUSIVE or LOCK_SHARED).
+
+        Lazy, as MPICH: nothing is sent until the first operation on `rank`, whose request goes
+        right behind the LOCK request (the target applies it once the lock is granted); a load/store
+        access (this rank's own memory, a shared segment) waits for the grant first.
+        MPI.Exception(ERR_RMA_SYNC) if this rank already has an epoch on `rank`, ERR_ARG for another
+        lock type.
+        """
         w = self._check()
         if lock_type not in (LOCK_EXCLUSIVE, LOCK_SHARED):
             raise _err(exceptions.ERR_ARG, f"lock type {lock_type}")
@@ -1118,8 +1166,11 @@ class Win(_MemoryBase, Handle):
             w.begin(rank, lock_type)
 
     def Unlock(self, rank: int) -> None:
-        """Complete every request to `rank` there, then release the lock (no message when
-        the epoch had no operation)."""
+        """Complete every request to `rank` there, then release the lock.
+
+        No message is sent when the epoch had no operation. MPI.Exception(ERR_RMA_SYNC) without an
+        epoch on `rank`.
+        """
         w = self._check()
         if self._rank(w, rank):
             w.end([rank])
@@ -1131,6 +1182,10 @@ class Win(_MemoryBase, Handle):
             w.begin(rank, LOCK_SHARED)
 
     def Unlock_all(self) -> None:
+        """End the passive epochs on every member, as Unlock does for one.
+
+        MPI.Exception(ERR_RMA_SYNC) when a member has no epoch open (Lock_all opens them all).
+        """
         w = self._check()
         w.end(range(len(w.comm._group)))
 
@@ -1141,6 +1196,7 @@ class Win(_MemoryBase, Handle):
             w.flush([rank])
 
     def Flush_all(self) -> None:
+        """Complete every request of this rank, at every target (Flush of each)."""
         w = self._check()
         w.flush(list(w.dirty | set(w.pending)))
 
@@ -1151,14 +1207,17 @@ class Win(_MemoryBase, Handle):
             w.flush_local(rank)
 
     def Flush_local_all(self) -> None:
+        """Complete locally every request of this rank (Flush_local of each target)."""
         w = self._check()
         for rank in list(w.pending):
             self.Flush_local(rank)
 
     def Sync(self) -> None:
-        """Synchronise the public and private copies: one copy here (WIN_UNIFIED), which
-        the others' requests reach when this rank's service runs: one pass of progress
-        applies those that arrived (a rank polling its memory sees them)."""
+        """Synchronise the public and private copies of this rank's window.
+
+        One copy here (WIN_UNIFIED), which the others' requests reach when this rank's service runs:
+        one pass of progress applies those that arrived (a rank polling its memory sees them).
+        """
         self._check().engine.progress()
 
     def Post(self, group: Group, assertion: int = 0) -> None:
@@ -1178,8 +1237,10 @@ class Win(_MemoryBase, Handle):
         w.start_group = ranks
 
     def Complete(self) -> None:
-        """End the access epoch: every request is applied at its target before the target's
-        Wait returns (the COMPLETE notice follows them)."""
+        """End the access epoch: every request is applied at its target.
+
+        Before the target's Wait returns (the COMPLETE notice follows them).
+        """
         w = self._check()
         for rank in w.start_group:
             w.dirty.discard(rank)
