@@ -1,4 +1,4 @@
-"""mpi4py's MPI names over ivshmem regions (and mpi4py): `from guest_lib.mpi import MPI`.
+"""The MPI names of mpi4py over ivshmem regions (and mpi4py): `from guest_lib.mpi import MPI`.
 
 Importing this module bootstraps the process (see `bootstrap`): COMM_WORLD, COMM_SELF and
 the engine exist from then on, as with mpi4py (which initialises MPI at import). Finalize
@@ -223,16 +223,20 @@ _thread_level: list[int] = []  # the level Init_thread granted, once called
 
 
 def _rc_thread_level() -> int:
-    """The level mpi4py's `rc.thread_level` asks for ("multiple", mpi4py's default, when
-    mpi4py is not imported or says nothing else)."""
+    """Return the thread level mpi4py's `rc.thread_level` asks for.
+
+    "multiple", mpi4py's default, when mpi4py is not imported or says nothing else.
+    """
     rc = getattr(_MODULES.get("mpi4py"), "rc", None)
     return _THREAD_LEVELS.get(str(getattr(rc, "thread_level", "multiple")).lower(), THREAD_MULTIPLE)
 
 
 def Init_thread(required: int = THREAD_MULTIPLE) -> int:
-    """The thread level granted: `required` itself, as every level is supported (MPI was
-    initialised at import; this only sets what Query_thread reports). MPI.Exception
-    (ERR_ARG) for a value that is no thread level."""
+    """Return the thread level granted: `required` itself, as every level is supported.
+
+    MPI was initialised at import; this only sets what Query_thread reports. MPI.Exception(ERR_ARG)
+    for a value that is no thread level.
+    """
     if required not in _THREAD_LEVELS.values():
         raise Exception(ERR_ARG, f"no thread level {required}")  # noqa: F405
     _thread_level[:] = [required]
@@ -240,8 +244,10 @@ def Init_thread(required: int = THREAD_MULTIPLE) -> int:
 
 
 def Query_thread() -> int:
-    """The thread level: what Init_thread granted, else what mpi4py's `rc.thread_level`
-    asks for (THREAD_MULTIPLE by default, as with mpi4py)."""
+    """Return the thread level: what Init_thread granted, else what mpi4py's rc asks for.
+
+    That is `rc.thread_level` (THREAD_MULTIPLE by default, as with mpi4py).
+    """
     return _thread_level[0] if _thread_level else _rc_thread_level()
 
 
@@ -251,16 +257,21 @@ def Is_thread_main() -> bool:
 
 
 def Is_initialized() -> bool:
+    """Return True once MPI is initialised (at the import of this module)."""
     return _state["initialized"]
 
 
 def Is_finalized() -> bool:
+    """Return True once Finalize has run."""
     return _state["finalized"]
 
 
 def Finalize() -> None:
-    """Barrier over COMM_WORLD (skipped after a failure here, when COMM_WORLD is revoked
-    or a world rank is known failed: see ulfm), then leave the region. Idempotent."""
+    """Barrier over COMM_WORLD, then leave the region; idempotent.
+
+    The barrier is skipped after a failure here, when COMM_WORLD is revoked or a world rank is known
+    failed (see ulfm).
+    """
     if _state["finalized"]:
         return
     _state["finalized"] = True
@@ -286,16 +297,21 @@ def _on_failure() -> None:
 
 
 def _set_abort_status(status: int) -> None:
-    """mpi4py.run's hook (`python -m mpi4py.futures` calls it when the program fails): a
-    non-zero status leaves the job as an uncaught exception does (the region endpoint is
-    closed now, so peers waiting on this rank fail instead of hanging)."""
+    """Leave the job as an uncaught exception does when `status` is non-zero (mpi4py.run's hook).
+
+    `python -m mpi4py.futures` calls it when the program fails: the region endpoint is closed now,
+    so peers waiting on this rank fail instead of hanging.
+    """
     if status:
         _on_failure()
 
 
 def Abort_local(errorcode: int = 1) -> None:
-    """Leave the job now (not part of mpi4py): close the region endpoint so that peers
-    waiting on this rank fail fast, then exit the process with `errorcode`."""
+    """Leave the job now: close the region endpoint, then exit with `errorcode`.
+
+    Not part of mpi4py. Closing the endpoint first makes peers waiting on this rank fail fast. Does
+    not return.
+    """
     import os
     import sys
 
@@ -315,43 +331,55 @@ def Wtime() -> float:
 
 
 def Wtick() -> float:
+    """Return the resolution of Wtime in seconds (perf_counter's)."""
     return _TICK
 
 
 def Get_processor_name() -> str:
+    """Return the name of this host (socket.gethostname)."""
     return _gethostname()
 
 
 def Get_version() -> tuple[int, int]:
+    """Return the version of the MPI standard this library follows: (VERSION, SUBVERSION)."""
     return VERSION, SUBVERSION
 
 
 def Get_library_version() -> str:
+    """Return a line naming this library, its fast path and its mode."""
     from ivshmem_comm import IMPLEMENTATION
 
     return f"guest_lib.mpi over ivshmem_comm ({IMPLEMENTATION} fast path), mode {_world.mode}"
 
 
 def Wait(request: Request, status: Status | None = None) -> bool:
+    """Wait for `request` (request.Wait); return True, `status` filled.
+
+    Raises the MPI.Exception of a failed request (e.g. ERR_TRUNCATE).
+    """
     return request.Wait(status)
 
 
 def get_vendor() -> tuple[str, tuple[int, int, int]]:
+    """Return the name and version of this MPI implementation: ("ivshmem_comm", (0, 1, 0))."""
     return "ivshmem_comm", (0, 1, 0)
 
 
 def Pcontrol(level: int) -> None:
+    """Accept a profiling control level and do nothing (no profiler is attached)."""
     pass
 
 
 def _comm_lock_table(comm: Comm) -> dict[Any, _Lock]:
-    """mpi4py's per-communicator lock table (see guest_lib.mpi.locks)."""
+    """Return mpi4py's per-communicator lock table (see guest_lib.mpi.locks)."""
     return _lock_table_of(comm)
 
 
 def _comm_lock(comm: Comm, key: Any = None) -> _Lock:
-    """The lock of `comm` for `key`, made on first use (as mpi4py's `_comm_lock`; the
-    object collectives hold the one named after them)."""
+    """Return the lock of `comm` for `key`, made on first use.
+
+    As mpi4py's `_comm_lock`; the object collectives hold the one named after them.
+    """
     return _lock_of(comm, key)
 
 
@@ -359,15 +387,19 @@ _lock_guard = _Lock()  # (see _commctx)
 
 
 def _commctx_intra(comm: Intracomm) -> tuple[Intracomm, int]:
-    """(a duplicate of `comm` kept for library traffic, the next tag on it): as mpi4py's
-    `_commctx_intra`, which mpi4py.util.pkl5 builds its collectives on. Collective on the
-    first call for a communicator (its Dup)."""
+    """Return (a duplicate of `comm` kept for library traffic, the next tag on it).
+
+    As mpi4py's `_commctx_intra`, which mpi4py.util.pkl5 builds its collectives on. Collective on
+    the first call for a communicator (its Dup).
+    """
     return _commctx(comm)
 
 
 def _commctx(comm: Any) -> tuple[Any, int]:
-    """(the library duplicate of `comm`, made by its collective Dup on the first call; the
-    next tag on it, counting modulo TAG_UB + 1)."""
+    """Return (the library duplicate of `comm`, the next tag on it).
+
+    The duplicate is made by the collective Dup on the first call; tags count modulo TAG_UB + 1.
+    """
     with _lock_guard:
         ctx = getattr(comm, "_commctx", None)
     if ctx is None:
@@ -379,9 +411,12 @@ def _commctx(comm: Any) -> tuple[Any, int]:
 
 
 def _commctx_inter(comm: Intercomm) -> tuple[Intercomm, int, Intracomm, bool]:
-    """(a duplicate of `comm` kept for library traffic, the next tag on it, that duplicate's
-    local intra-communicator, whether the local group is the low one): as mpi4py's
-    `_commctx_inter`. Collective over both groups on the first call for a communicator."""
+    """Return (library duplicate of `comm`, next tag, its local intracomm, low group or not).
+
+    As mpi4py's `_commctx_inter`: the duplicate kept for library traffic, the next tag on it, that
+    duplicate's local intra-communicator, whether the local group is the low one. Collective over
+    both groups on the first call for a communicator.
+    """
     dup, tag = _commctx(comm)
     return dup, tag, dup._local, dup._low
 
@@ -408,8 +443,10 @@ WTIME_IS_GLOBAL = KEY_WTIME_IS_GLOBAL
 
 
 def Get_hw_resource_info() -> Info:
-    """MPI-4.1's hardware resource information: a new, empty Info (no hardware hint is
-    known to this MPI)."""
+    """Return MPI-4.1's hardware resource information: a new, empty Info.
+
+    No hardware hint is known to this MPI.
+    """
     return Info.Create()
 
 
@@ -419,8 +456,10 @@ def Get_abi_version() -> tuple[int, int]:
 
 
 def Get_abi_info() -> Info:
-    """MPI-5's ABI information: a new Info whose `mpi_aint_size`, `mpi_count_size` and
-    `mpi_offset_size` give the sizes in bytes of AINT, COUNT and OFFSET here."""
+    """Return MPI-5's ABI information: a new Info with the sizes of AINT, COUNT and OFFSET.
+
+    Its keys `mpi_aint_size`, `mpi_count_size` and `mpi_offset_size` give them in bytes.
+    """
     info = Info.Create()
     for name in ("aint", "count", "offset"):
         info.Set(f"mpi_{name}_size", str(globals()[name.upper()].Get_size()))
