@@ -824,8 +824,11 @@ class Collectives:
 
     @collective(fast=_f_bcast)
     def Bcast(self, buf: Any, root: int = 0) -> None:
-        """Broadcast a buffer from `root` into `buf` on every rank (written once into shared
-        memory when large: see the module docstring)."""
+        """Broadcast a buffer from `root` into `buf` on every rank.
+
+        Written once into shared memory when large: see the module docstring.
+        MPI.Exception(ERR_ROOT) on every rank for a root outside the communicator.
+        """
         size, rank = self._sizes()
         self._root(root)
         if self._has_mpi:
@@ -945,12 +948,19 @@ class Collectives:
 
     @collective(fast=_f_gather)
     def Gather(self, sendbuf: Any, recvbuf: Any, root: int = 0) -> None:
+        """Gather every rank's sendbuf into the root's recvbuf, in rank order (also Gatherv).
+
+        recvbuf is a message spec of size parts (with counts and displacements for the vector form);
+        at the root sendbuf may be IN_PLACE (its own part is then left as it is).
+        MPI.Exception(ERR_ROOT) for a root outside the communicator.
+        """
         if not self._area_run(lambda: self._p_gather(sendbuf, recvbuf, root)):
             self._run(self._gatherv(sendbuf, recvbuf, root, T_GATHER))
 
     Gatherv = Gather
 
     def Igather(self, sendbuf: Any, recvbuf: Any, root: int = 0) -> Request:
+        """Start Gather (see there) without waiting; return the Request (also Igatherv)."""
         return self._nonblocking(
             functools.partial(self._gatherv, sendbuf, recvbuf, root),
             functools.partial(self._p_gather, sendbuf, recvbuf, root),
@@ -972,12 +982,19 @@ class Collectives:
 
     @collective(fast=_f_scatter)
     def Scatter(self, sendbuf: Any, recvbuf: Any, root: int = 0) -> None:
+        """Scatter part r of the root's sendbuf into rank r's recvbuf (also Scatterv).
+
+        sendbuf is a message spec of size parts (with counts and displacements for the vector form);
+        at the root recvbuf may be IN_PLACE (or None, as mpi4py). MPI.Exception(ERR_ROOT) for a root
+        outside the communicator.
+        """
         if not self._area_run(lambda: self._p_scatter(sendbuf, recvbuf, root)):
             self._run(self._scatterv(sendbuf, recvbuf, root, T_SCATTER))
 
     Scatterv = Scatter
 
     def Iscatter(self, sendbuf: Any, recvbuf: Any, root: int = 0) -> Request:
+        """Start Scatter (see there) without waiting; return the Request (also Iscatterv)."""
         return self._nonblocking(
             functools.partial(self._scatterv, sendbuf, recvbuf, root),
             functools.partial(self._p_scatter, sendbuf, recvbuf, root),
@@ -1005,6 +1022,11 @@ class Collectives:
 
     @collective(fast=_f_allgather)
     def Allgather(self, sendbuf: Any, recvbuf: Any) -> None:
+        """Gather every rank's sendbuf into every rank's recvbuf, in rank order (also Allgatherv).
+
+        recvbuf is a message spec of size parts (with counts and displacements for the vector form);
+        sendbuf may be IN_PLACE (each rank's part of recvbuf is then its contribution).
+        """
         if not self._area_run(lambda: self._p_allgather(sendbuf, recvbuf)):
             self._run(self._allgatherv(sendbuf, recvbuf, T_ALLGATHER))
 
@@ -1012,6 +1034,7 @@ class Collectives:
 
     @started(_a_allgather)
     def Iallgather(self, sendbuf: Any, recvbuf: Any) -> Request:
+        """Start Allgather (see there) without waiting; return the Request (also Iallgatherv)."""
         return self._nonblocking(
             functools.partial(self._allgatherv, sendbuf, recvbuf),
             functools.partial(self._p_allgather, sendbuf, recvbuf),
@@ -1030,9 +1053,12 @@ class Collectives:
         yield recvs + [self._c_isend(mine, r, tag) for r in range(size) if r != rank]
 
     def Alltoall(self, sendbuf: Any, recvbuf: Any) -> None:
-        """All-to-all of equal blocks: a spec without counts must split into size blocks,
-        ValueError on every rank given one that does not, before anything moves (mpi4py's
-        rule; Alltoallv splits such a spec as evenly as can be)."""
+        """Exchange equal blocks: block r of each rank's sendbuf goes to rank r's recvbuf.
+
+        A spec without counts must split into size blocks: ValueError on every rank given one that
+        does not, before anything moves (mpi4py's rule; Alltoallv splits such a spec as evenly as
+        can be).
+        """
         size = len(self._group)
         for spec in (sendbuf, recvbuf):  # (a numpy array of whole blocks passes: skipped)
             if type(spec) is not np.ndarray or spec.nbytes % (size * spec.itemsize or 1):
@@ -1041,6 +1067,11 @@ class Collectives:
 
     @collective(fast=_f_alltoall)
     def Alltoallv(self, sendbuf: Any, recvbuf: Any) -> None:
+        """Exchange blocks: part r of each rank's sendbuf goes to rank r's recvbuf.
+
+        The specs give each part's count and displacement (a spec without them is split as evenly as
+        can be); sendbuf may be IN_PLACE (recvbuf's parts are sent, then replaced).
+        """
         planned: list[tuple[str, tuple[Any, ...]]] = []
 
         def plan() -> tuple[str, tuple[Any, ...]]:
@@ -1062,6 +1093,7 @@ class Collectives:
         return self.Ialltoallv(sendbuf, recvbuf)
 
     def Ialltoallv(self, sendbuf: Any, recvbuf: Any) -> Request:
+        """Start Alltoallv (see there) without waiting; return the Request."""
         return self._nonblocking(
             functools.partial(self._alltoallv, sendbuf, recvbuf),
             functools.partial(self._p_alltoall, sendbuf, recvbuf),
@@ -1275,9 +1307,12 @@ class Collectives:
 
     @collective
     def Reduce_scatter_block(self, sendbuf: Any, recvbuf: Any, op: ops.Op = ops.SUM) -> None:
-        """Block r (recvbuf's count elements; with IN_PLACE, 1/size of recvbuf) of the fold
-        of every rank's sendbuf ends in rank r's recvbuf; each block is folded at its owner,
-        reading the other ranks' blocks in place."""
+        """Reduce every rank's sendbuf with `op` and scatter equal blocks of the result.
+
+        Block r (recvbuf's count elements; with IN_PLACE, 1/size of recvbuf) of the fold of every
+        rank's sendbuf ends in rank r's recvbuf; each block is folded at its owner, reading the
+        other ranks' blocks in place.
+        """
         size, _ = self._sizes()
         rspec = buffers.parse(recvbuf, writable=True)
         count = rspec.count // size if sendbuf is IN_PLACE else rspec.count
@@ -1287,9 +1322,12 @@ class Collectives:
     def Reduce_scatter(
         self, sendbuf: Any, recvbuf: Any, recvcounts: Any = None, op: ops.Op = ops.SUM
     ) -> None:
-        """Like Reduce_scatter_block with `recvcounts[r]` elements for rank r. Without
-        recvcounts, each rank's is its recvbuf's count (gathered from every rank first; not
-        with IN_PLACE). ValueError for counts that do not fit the buffers."""
+        """Reduce every rank's sendbuf with `op`; rank r gets `recvcounts[r]` elements of it.
+
+        Like Reduce_scatter_block with `recvcounts[r]` elements for rank r. Without recvcounts, each
+        rank's is its recvbuf's count (gathered from every rank first; not with IN_PLACE).
+        ValueError for counts that do not fit the buffers.
+        """
         size, _ = self._sizes()
         rspec = buffers.parse(recvbuf, writable=True)
         given = reduce_scatter_counts(recvcounts, size, sendbuf)
@@ -1417,8 +1455,10 @@ class Collectives:
 
     @started(_a_bcast)
     def Ibcast(self, buf: Any, root: int = 0) -> Request:
-        """Nonblocking broadcast of a buffer (binomial tree; `buf` is not to be touched until
-        the request completes)."""
+        """Start a broadcast of a buffer from `root`; return the Request.
+
+        A binomial tree; `buf` is not to be touched until the request completes.
+        """
         size, rank = self._sizes()
 
         def steps(tag: int) -> Iterator[list[Op]]:
@@ -1443,8 +1483,11 @@ class Collectives:
 
     @started(_a_allreduce)
     def Iallreduce(self, sendbuf: Any, recvbuf: Any, op: ops.Op = ops.SUM) -> Request:
-        """Nonblocking Allreduce: rank 0 folds every operand in rank order and sends the
-        result to all (the same bits everywhere)."""
+        """Start an Allreduce; return the Request.
+
+        Rank 0 folds every operand in rank order and sends the result to all (the same bits
+        everywhere).
+        """
         size, rank = self._sizes()
 
         def steps(tag: int) -> Iterator[list[Op]]:

@@ -24,9 +24,11 @@ UNWEIGHTED, WEIGHTS_EMPTY = constants.UNWEIGHTED, constants.WEIGHTS_EMPTY
 
 
 def Compute_dims(nnodes: int, dims: int | Sequence[int]) -> list[int]:
-    """A balanced grid of `nnodes` in len(dims) dimensions (an int: that many), keeping the
-    non-zero entries of `dims` and filling the zeros in non-increasing order.
-    MPI.Exception(ERR_DIMS) when the fixed entries do not divide `nnodes`."""
+    """Return a balanced grid of `nnodes` in len(dims) dimensions (an int `dims`: that many).
+
+    The non-zero entries of `dims` are kept, the zeros filled in non-increasing order.
+    MPI.Exception(ERR_DIMS) when the fixed entries do not divide `nnodes` (or a value is negative).
+    """
     dims = [0] * dims if isinstance(dims, int) else [int(d) for d in dims]
     if nnodes < 0 or any(d < 0 for d in dims):
         raise exceptions.Exception(exceptions.ERR_DIMS, f"nnodes {nnodes}, dims {dims}")
@@ -53,16 +55,20 @@ def Compute_dims(nnodes: int, dims: int | Sequence[int]) -> list[int]:
 
 
 class Topocomm(NeighborCollectives, Intracomm):
-    """A communicator with a topology (mpi4py's abstract `Topocomm`): its in- and
-    out-neighbors (`_sources`, `_destinations`, in MPI's neighbor order; PROC_NULL keeps a
-    slot) and the neighbor collectives over them.
+    """A communicator with a topology (mpi4py's abstract `Topocomm`).
+
+    Its in- and out-neighbors (`_sources`, `_destinations`, in MPI's neighbor order; PROC_NULL keeps
+    a slot) and the neighbor collectives over them.
 
     `Topocomm(other)` copies the handle of `other`, which must be of this class: TypeError
     otherwise (as mpi4py, e.g. `Graphcomm(cartcomm)`); no argument: a null handle."""
 
     def _bind(self, comm: Comm) -> None:
-        """Copy the handle of `comm`, a null one or one of this library class (a subclass's
-        class is its library base's: MyCartcomm(cart) takes a Cartcomm)."""
+        """Copy the handle of `comm`, a null one or one of this library class.
+
+        A subclass's class is its library base's: MyCartcomm(cart) takes a Cartcomm; TypeError for
+        another.
+        """
         kind = next(k for k in type(self).__mro__ if k.__module__ == __name__)
         if comm._null:
             self.__dict__.update(comm.__dict__)
@@ -124,9 +130,11 @@ class Cartcomm(Topocomm):
     _t_periods: list[bool]
 
     def Get_topology(self) -> int:
+        """Return CART."""
         return CART
 
     def Get_dim(self) -> int:
+        """Return the number of dimensions of the grid."""
         return len(self._t_dims)
 
     @property
@@ -136,7 +144,7 @@ class Cartcomm(Topocomm):
     ndim = dim
 
     def Get_topo(self) -> tuple[list[int], list[bool], list[int]]:
-        """(dims, periods, this rank's coordinates)."""
+        """Return (dims, periods, this rank's coordinates)."""
         return list(self._t_dims), list(self._t_periods), self.Get_coords(self.Get_rank())
 
     @property
@@ -156,8 +164,11 @@ class Cartcomm(Topocomm):
         return self.Get_coords(self.Get_rank())
 
     def Get_cart_rank(self, coords: Sequence[int]) -> int:
-        """The rank at `coords` (periodic dimensions wrap; MPI.Exception(ERR_ARG) for a
-        coordinate outside a non-periodic one)."""
+        """Return the rank at `coords`; periodic dimensions wrap.
+
+        MPI.Exception(ERR_ARG) for a coordinate outside a non-periodic dimension, or a wrong number
+        of coordinates.
+        """
         if len(coords) != len(self._t_dims):
             raise exceptions.Exception(exceptions.ERR_ARG, f"{len(coords)} coordinates")
         rank = 0
@@ -180,8 +191,11 @@ class Cartcomm(Topocomm):
         return coords[::-1]
 
     def Shift(self, direction: int, disp: int) -> tuple[int, int]:
-        """(source, dest): the ranks `disp` steps back and forth along `direction` from this
-        one; PROC_NULL off the edge of a non-periodic dimension."""
+        """Return (source, dest): the ranks `disp` steps back and forth along `direction`.
+
+        PROC_NULL off the edge of a non-periodic dimension; MPI.Exception(ERR_DIMS) for a direction
+        outside the grid.
+        """
         if not 0 <= direction < len(self._t_dims):
             raise exceptions.Exception(exceptions.ERR_DIMS, f"direction {direction}")
         here = self.Get_coords(self.Get_rank())
@@ -207,14 +221,19 @@ class Cartcomm(Topocomm):
     _destinations = _sources
 
     def _receive_order(self) -> list[int]:
-        """The slot a peer's k-th message to this rank is for (see NeighborCollectives):
-        the data a rank sends to its -1 neighbor lands in that neighbor's +1 slot, and
-        the reverse, so a peer that is both (2 ranks, periodic) is told apart by order."""
+        """Return the slot a peer's k-th message to this rank is for (see NeighborCollectives).
+
+        The data a rank sends to its -1 neighbor lands in that neighbor's +1 slot, and the reverse,
+        so a peer that is both (2 ranks, periodic) is told apart by order.
+        """
         return [slot ^ 1 for slot in range(2 * len(self._t_dims))]
 
     def Sub(self, remain_dims: Sequence[bool]) -> Cartcomm:
-        """The sub-grids keeping the dimensions where `remain_dims` is true (collective):
-        this rank's one, with those dimensions."""
+        """Split the grid into sub-grids keeping the dimensions where `remain_dims` is true.
+
+        Collective; returns this rank's sub-grid, with those dimensions. MPI.Exception(ERR_ARG) for
+        a wrong number of flags.
+        """
         if len(remain_dims) != len(self._t_dims):
             raise exceptions.Exception(exceptions.ERR_ARG, f"{len(remain_dims)} flags")
         here = self.Get_coords(self.Get_rank())
@@ -287,17 +306,20 @@ def cart_map(comm: Intracomm, dims: Sequence[int], periods: Any) -> int:
 
 
 class Graphcomm(Topocomm):
-    """An intracommunicator with a general graph: node i's neighbors are
-    edges[index[i-1]:index[i]] (index[-1] = 0), the same list in and out."""
+    """An intracommunicator with a general graph topology.
+
+    Node i's neighbors are edges[index[i-1]:index[i]] (index[-1] = 0), the same list in and out.
+    """
 
     _t_index: list[int]
     _t_edges: list[int]
 
     def Get_topology(self) -> int:
+        """Return GRAPH."""
         return GRAPH
 
     def Get_dims(self) -> tuple[int, int]:
-        """(nnodes, nedges)."""
+        """Return (nnodes, nedges)."""
         return len(self._t_index), len(self._t_edges)
 
     dims = property(Get_dims)
@@ -311,7 +333,7 @@ class Graphcomm(Topocomm):
         return len(self._t_edges)
 
     def Get_topo(self) -> tuple[list[int], list[int]]:
-        """(index, edges), index without the leading 0."""
+        """Return (index, edges), index without the leading 0."""
         return list(self._t_index), list(self._t_edges)
 
     topo = property(Get_topo)
@@ -329,8 +351,10 @@ class Graphcomm(Topocomm):
         return len(self.Get_neighbors(rank))
 
     def Get_neighbors(self, rank: int) -> list[int]:
-        """The neighbors of `rank`, in edge order; MPI.Exception(ERR_RANK) for a rank not a
-        node."""
+        """Return the neighbors of `rank`, in edge order.
+
+        MPI.Exception(ERR_RANK) for a rank not a node.
+        """
         if not 0 <= rank < len(self._t_index):
             raise exceptions.Exception(exceptions.ERR_RANK, f"rank {rank}")
         start = self._t_index[rank - 1] if rank else 0
@@ -383,24 +407,27 @@ def graph_map(comm: Intracomm, index: Sequence[int], edges: Sequence[int]) -> in
 
 
 class Distgraphcomm(Topocomm):
-    """An intracommunicator with a distributed graph: each rank knows its own in- and
-    out-neighbors (and their weights, if the graph is weighted)."""
+    """An intracommunicator with a distributed graph topology.
+
+    Each rank knows its own in- and out-neighbors (and their weights, if the graph is weighted).
+    """
 
     _t_sources: list[int]
     _t_destinations: list[int]
     _t_weights: tuple[list[int], list[int]] | None
 
     def Get_topology(self) -> int:
+        """Return DIST_GRAPH."""
         return DIST_GRAPH
 
     def Get_dist_neighbors_count(self) -> tuple[int, int, bool]:
-        """(indegree, outdegree, weighted)."""
+        """Return (indegree, outdegree, weighted)."""
         return len(self._t_sources), len(self._t_destinations), self._t_weights is not None
 
     def Get_dist_neighbors(
         self,
     ) -> tuple[list[int], list[int], tuple[list[int], list[int]] | None]:
-        """(sources, destinations, (sourceweights, destweights) or None if unweighted)."""
+        """Return (sources, destinations, (sourceweights, destweights) or None if unweighted)."""
         weights = self._t_weights
         return (
             list(self._t_sources),
