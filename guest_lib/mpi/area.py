@@ -116,17 +116,19 @@ class Area:
     # ------------------------------------------------------------------ errors
     def check_abandoned(self) -> None:
         """Raise if another member abandoned a collective of this communicator since the
-        binding: MPI.Exception(ERR_OTHER) for the one running (`_current`), else Fallback."""
+        binding: MPI.Exception for the one running (`_current`; of the class the member
+        that abandoned it sent: ERR_OTHER, or the fault-tolerance class it met), else
+        Fallback."""
         engine = self.comm._engine
         if not engine.abandoned:
             return
         with engine.lock:  # (other threads' progress adds records)
             records = list(engine.abandoned.items())
-        for key, (seq, reason) in records:
+        for key, (seq, reason, error) in records:
             if key[0] != self._ctx or seq < self._since[key[1] >= COLL_TAGS]:
                 continue
             if (key, seq) == self._current:
-                raise exceptions.Exception(exceptions.ERR_OTHER, reason)
+                raise exceptions.Exception(error, reason)
             raise Fallback(reason)
 
     def untroubled(self) -> bool:
@@ -166,7 +168,7 @@ class Area:
         try:
             with self._leaving():
                 if comm._coll_gone is not None:
-                    raise Fallback(comm._coll_gone)  # run it as the message path does
+                    raise Fallback(comm._coll_gone[1])  # run it as the message path does
                 if engine.quiet() and not other_threads():  # (see the module docstring)
                     getattr(self.group, name)(*args, **kwargs)
                 else:

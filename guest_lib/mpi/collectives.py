@@ -50,7 +50,7 @@ from guest_lib.mpi.matching import DoneOp, Op
 from guest_lib.mpi.pickling import dumps as _dumps
 from guest_lib.mpi.pickling import loads as _loads
 from guest_lib.mpi.request import Request, unpickle
-from guest_lib.mpi.wire import COLL_SPAN, KIND_DATA, coll_base, core_tag
+from guest_lib.mpi.wire import COLL_SPAN, KIND_DATA, abandon_class, coll_base, core_tag
 from ivshmem_comm.collective import (
     C_ALLGATHERV,
     C_ALLTOALLV,
@@ -424,7 +424,8 @@ def _abandon(comm: Any, engine: Engine, seq: int, exc: Exception) -> None:
     the area (see the module docstring)."""
     members = [w for w in comm._group if w != engine.world_rank]
     reason = f"{type(exc).__name__}: {exc}"
-    engine.abandon(comm._ctx + 1, seq, coll_base(seq), COLL_SPAN, reason, members)
+    error = abandon_class(exc)
+    engine.abandon(comm._ctx + 1, seq, coll_base(seq), COLL_SPAN, reason, members, error)
     area.failed(comm)
 
 
@@ -466,7 +467,7 @@ class Collectives:
     _coll_seq: int  # blocking collective instances started (the same on every member)
     _coll_base: int  # the tag base of the current one
     _coll_active: bool
-    _coll_gone: str | None  # why another member abandoned the current instance, if it did
+    _coll_gone: tuple[int, str] | None  # (class, why) another member abandoned it with
 
     # ------------------------------------------------------------------ internals
     # Internal tags below COLL_SPAN belong to the current blocking instance (its base is
@@ -485,7 +486,7 @@ class Collectives:
         engine = self._check()
         if not all(op.done for op in pending):
             if self._coll_gone is not None:
-                raise exceptions.Exception(exceptions.ERR_OTHER, self._coll_gone)
+                raise exceptions.Exception(*self._coll_gone)
             engine.wait_until(lambda: all(op.done for op in pending))
         for op in pending:
             if op.error:
@@ -1432,7 +1433,7 @@ class Collectives:
         gone = engine.abandoned_already(self._ctx + 1, tag, seq)
         if gone is not None:
             area.failed(self)
-            raise exceptions.Exception(exceptions.ERR_OTHER, gone)
+            raise exceptions.Exception(*gone)
         shared = area.current(self) if plan is not None else None
         try:
             job = plan() if shared is not None and plan is not None else None  # (args checked)

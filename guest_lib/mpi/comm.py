@@ -132,7 +132,7 @@ class Comm(attributes.Cached, Handle):
         self._coll_seq = 0  # blocking collectives started (the same count on every member)
         self._coll_base = 0  # the tag base of the blocking collective running
         self._coll_active = False
-        self._coll_gone: str | None = None
+        self._coll_gone: tuple[int, str] | None = None
         self._area: Any = None  # its collective area: see area.py (None: not bound yet)
 
     def _bind(self, comm: Comm) -> None:

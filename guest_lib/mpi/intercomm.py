@@ -369,7 +369,7 @@ class Intercomm(Comm):
         try:
             engine.start_staged(op)  # (this process's own argument errors first)
             if gone is not None:  # a remote process left it already: do not wait for it
-                raise exceptions.Exception(exceptions.ERR_OTHER, gone)
+                raise exceptions.Exception(*gone)
         except Exception as exc:
             if not op.done:
                 op._fail(exceptions.ERR_OTHER, f"{type(exc).__name__}: {exc}")

@@ -202,8 +202,9 @@ class Matching:
         self.ctx_waiting: set[tuple[int, int]] = set()
         self.ctx_owner: tuple[int, int] | None = None
         self.dropped_ctx: set[int] = set()  # freed contexts not agreed on again yet
-        # (collective context, tag base) of abandoned collective instances -> (number, why)
-        self.abandoned: dict[tuple[int, int], tuple[int, str]] = {}
+        # (collective context, tag base) of abandoned collective instances -> (number, why,
+        # error class the members fail with)
+        self.abandoned: dict[tuple[int, int], tuple[int, str, int]] = {}
         # point-to-point contexts of revoked communicators (see `ulfm`) -> who revoked them
         self.revoked: dict[int, str] = {}
 
@@ -362,18 +363,26 @@ class Matching:
 
     # ------------------------------------------------------------------ abandoned collectives
     def abandon(
-        self, ctx: int, seq: int, base: int, span: int, reason: str, members: list[int]
+        self,
+        ctx: int,
+        seq: int,
+        base: int,
+        span: int,
+        reason: str,
+        members: list[int],
+        error: int = exceptions.ERR_OTHER,
     ) -> None:
         """This rank left collective instance number `seq` of the communicator whose
         collective context is `ctx` with an error (its messages carry tags base ..
         base+span-1): withdraw its receives, drop its messages (those here and those to
         come), and tell the other `members` (world ranks) why, so that they leave it too
-        instead of waiting for this rank."""
+        instead of waiting for this rank, failing with `error` (one of
+        wire.ABANDON_CLASSES: see wire.abandon_class)."""
         with self.lock:
-            self.abandoned[(ctx, base)] = (seq, reason)
+            self.abandoned[(ctx, base)] = (seq, reason, error)
             self._fail_posted(ctx, base, span, 0)
             self._purge(lambda entry: entry.ctx == ctx and base <= entry.tag < base + span)
-            payload = wire.encode_abandon(ctx, seq, base, span, reason)
+            payload = wire.encode_abandon(ctx, seq, base, span, error, reason)
             for world in members:
                 peer = self.routes[world].peer
                 if peer >= 0:
@@ -384,12 +393,13 @@ class Matching:
 
     def abandoned_by(self, notice: wire.Abandon, who: str) -> None:
         """Another member (`who`, for the reason) left a collective instance (its ABANDON
-        `notice`): fail the receives of that instance and drop its messages."""
+        `notice`): fail the receives of that instance (with the error class the notice
+        carries) and drop its messages."""
         if notice.ctx in self.dropped_ctx:
             return  # about a freed communicator
         reason = f"{who} left this collective: {notice.reason}"
-        self.abandoned[(notice.ctx, notice.base)] = (notice.seq, reason)
-        self._fail_posted(notice.ctx, notice.base, notice.span, exceptions.ERR_OTHER, reason)
+        self.abandoned[(notice.ctx, notice.base)] = (notice.seq, reason, notice.error)
+        self._fail_posted(notice.ctx, notice.base, notice.span, notice.error, reason)
         end = notice.base + notice.span
         self._purge(lambda e: e.ctx == notice.ctx and notice.base <= e.tag < end)
 
@@ -402,9 +412,10 @@ class Matching:
                 op.why = why
             op.error, op.cancelled, op.done = error, not error, True
 
-    def entering(self, ctx: int, seq: int) -> str | None:
+    def entering(self, ctx: int, seq: int) -> tuple[int, str] | None:
         """Blocking collective instance `seq` of collective context `ctx` starts here: the
-        reason another member gave for abandoning it already, or None. Records of instances
+        (error class, reason) another member gave for abandoning it already, or None (see
+        abandoned_already). Records of instances
         half the numbering ago go (their tag base comes round again)."""
         if not self.abandoned:
             return None
@@ -412,9 +423,10 @@ class Matching:
             self.abandoned.pop((ctx, wire.coll_base(seq + wire.COLL_INSTANCES // 2)), None)
             return self.abandoned_already(ctx, wire.coll_base(seq), seq)
 
-    def abandoned_already(self, ctx: int, base: int, seq: int) -> str | None:
-        """Why another member abandoned collective instance `seq` (tags from `base`) before
-        it started here, or None (an older instance's record there goes)."""
+    def abandoned_already(self, ctx: int, base: int, seq: int) -> tuple[int, str] | None:
+        """(error class to fail with, reason) if another member abandoned collective
+        instance `seq` (tags from `base`) before it started here, else None (an older
+        instance's record there goes)."""
         with self.lock:
             record = self.abandoned.get((ctx, base))
             if record is None:
@@ -422,4 +434,4 @@ class Matching:
             if record[0] != seq:
                 del self.abandoned[(ctx, base)]
                 return None
-            return record[1]
+            return record[2], record[1]

@@ -18,11 +18,12 @@ One core tag per message, 31 bits:
 - CONTROL messages (context 0; the tag field says which): ACK (payload: sequence number)
   completes a synchronous send; SYNC (same payload) announces that the next DATA message
   from that peer is synchronous; HELLO carries bootstrap data; ABANDON (payload: context,
-  instance number, tag base, tag count, then the reason in UTF-8) says that the sender left
-  one instance of a collective with an error; REVOKE (payload: a context) says that the
-  sender revoked the communicator of that point-to-point context (see `ulfm`); NAME and
-  NAMED carry a request to the job's name service and its answer (see `dynproc`; the
-  payload is theirs, decoded and validated there).
+  instance number, tag base, tag count, error class, then the reason in UTF-8) says that
+  the sender left one instance of a collective with an error (the class is ERR_OTHER, or
+  the fault-tolerance class the sender met: the others fail with it too); REVOKE (payload:
+  a context) says that the sender revoked the communicator of that point-to-point context
+  (see `ulfm`); NAME and NAMED carry a request to the job's name service and its answer
+  (see `dynproc`; the payload is theirs, decoded and validated there).
 
 Collective tags: blocking collective instance `seq` of a communicator uses the tags
 `coll_base(seq)` .. + COLL_SPAN - 1 on its collective context; nonblocking ones use tags
@@ -50,7 +51,7 @@ CTRL_NAME = 5
 CTRL_NAMED = 6
 PIECE_LAST = 1  # tag field of the last PIECE of a message
 SEQ = struct.Struct("<Q")  # ACK and SYNC payload: a sequence number
-ABANDON = struct.Struct("<IQIH")  # collective context, instance number, first tag, tags
+ABANDON = struct.Struct("<IQIHi")  # collective context, instance number, first tag, tags, class
 ABANDON_REASON_MAX = 512  # bytes of the reason an ABANDON carries at most
 REVOKE = struct.Struct("<I")  # REVOKE payload: the point-to-point context revoked
 
@@ -111,12 +112,36 @@ class Abandon(NamedTuple):
     seq: int  # the instance number
     base: int  # its first tag
     span: int  # its number of tags
+    error: int  # the error class the others fail with (one of ABANDON_CLASSES)
     reason: str
 
 
-def encode_abandon(ctx: int, seq: int, base: int, span: int, reason: str) -> bytes:
-    """The ABANDON payload (the reason cut to ABANDON_REASON_MAX bytes)."""
-    return ABANDON.pack(ctx, seq, base, span) + reason.encode()[:ABANDON_REASON_MAX]
+# The error classes an ABANDON may carry: a member that left a collective because a process
+# failed or the communicator was revoked passes that on (ULFM's rule: every member learns
+# of the failure); any other error of one member is ERR_OTHER for the rest.
+ABANDON_CLASSES = frozenset(
+    {
+        exceptions.ERR_OTHER,
+        exceptions.ERR_PROC_FAILED,
+        exceptions.ERR_PROC_FAILED_PENDING,
+        exceptions.ERR_REVOKED,
+    }
+)
+
+
+def abandon_class(exc: BaseException) -> int:
+    """The error class an ABANDON sent because of `exc` carries: its class if that is one of
+    ABANDON_CLASSES, else ERR_OTHER."""
+    if isinstance(exc, exceptions.Exception) and exc.Get_error_class() in ABANDON_CLASSES:
+        return exc.Get_error_class()
+    return exceptions.ERR_OTHER
+
+
+def encode_abandon(ctx: int, seq: int, base: int, span: int, error: int, reason: str) -> bytes:
+    """The ABANDON payload (the reason cut to ABANDON_REASON_MAX bytes); `error` is one of
+    ABANDON_CLASSES."""
+    head = ABANDON.pack(ctx, seq, base, span, error)
+    return head + reason.encode()[:ABANDON_REASON_MAX]
 
 
 def _bad(who: str, what: str) -> exceptions.Exception:
@@ -135,14 +160,17 @@ def decode_seq(payload: bytes, kind_tag: int, who: str) -> int:
 
 def decode_abandon(payload: bytes, who: str) -> Abandon:
     """The fields of an ABANDON payload. MPI.Exception(ERR_INTERN) naming `who` if it is
-    shorter than its fixed part, or its tags leave the tag space."""
+    shorter than its fixed part, its tags leave the tag space, or its error class is not one
+    of ABANDON_CLASSES."""
     if len(payload) < ABANDON.size:
         raise _bad(who, f"an ABANDON of {len(payload)} bytes, under {ABANDON.size}")
-    ctx, seq, base, span = ABANDON.unpack_from(payload)
+    ctx, seq, base, span, error = ABANDON.unpack_from(payload)
     if ctx > constants.MAX_CONTEXT or base + span > constants.TAG_UB + 1:
         raise _bad(who, f"an ABANDON of context {ctx}, tags {base}+{span}")
+    if error not in ABANDON_CLASSES:
+        raise _bad(who, f"an ABANDON of error class {error}")
     why = payload[ABANDON.size :].decode(errors="replace")
-    return Abandon(ctx, seq, base, span, why)
+    return Abandon(ctx, seq, base, span, error, why)
 
 
 def decode_revoke(payload: bytes, who: str) -> int:

@@ -130,3 +130,33 @@ def test_control_message_of_a_wrong_size_names_its_rank(make_region, name, size)
         with pytest.raises(mpi_exceptions.Exception, match=rf"world rank 1 .*sent a {name} of"):
             for _ in range(100):
                 engine.progress()
+
+
+def test_abandon_carries_its_error_class_and_a_foreign_class_names_its_rank(make_region):
+    """An ABANDON passes the fault-tolerance class its sender met on to the others' waiting
+    receives (ULFM: a survivor learning of a failure from another survivor still sees
+    ERR_PROC_FAILED, not ERR_OTHER); a class outside wire.ABANDON_CLASSES is an MPI error
+    naming the rank that sent it."""
+    from guest_lib.mpi import exceptions as mpi_exceptions
+    from guest_lib.mpi import wire
+    from guest_lib.mpi.engine import Engine
+    from guest_lib.mpi.matching import RecvOp
+    from guest_lib.mpi.routes import SelfRoute, ShmRoute
+
+    base = wire.coll_base(0)
+    good = wire.encode_abandon(3, 0, base, wire.COLL_SPAN, mpi_exceptions.ERR_PROC_FAILED, "x")
+    assert wire.decode_abandon(good, "rank 1").error == mpi_exceptions.ERR_PROC_FAILED
+    region = make_region(1 << 20, 2)
+    with region.endpoint(0) as ep0, region.endpoint(1) as ep1:
+        engine = Engine(0, 2, ep0, [SelfRoute(), ShmRoute(1)])
+        waiting = engine.post(RecvOp(3, 1, base, memoryview(bytearray(8)), None, 1))
+        tag = wire.core_tag(wire.KIND_CONTROL, 0, wire.CTRL_ABANDON)
+        ep1.send(0, good, tag=tag)
+        for _ in range(100):
+            engine.progress()
+        assert waiting.done and waiting.error == mpi_exceptions.ERR_PROC_FAILED
+        bad = wire.encode_abandon(3, 1, base, wire.COLL_SPAN, mpi_exceptions.ERR_TRUNCATE, "x")
+        ep1.send(0, bad, tag=tag)
+        with pytest.raises(mpi_exceptions.Exception, match="world rank 1 .*error class 14"):
+            for _ in range(100):
+                engine.progress()
