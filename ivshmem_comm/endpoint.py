@@ -107,6 +107,7 @@ class Endpoint:
         self._told = [False] * n
         self._want = [0] * n
         self._expect = [-1] * n  # peer slot word (READY | known << 32) once seen READY
+        self._looked = [0.0] * n  # when _holder_died last looked at each peer's process
         # Session words of each peer's halves of our two queues (first contact, see _contacted).
         self._in_line_i = [
             (g.queue_offset(p, me) + layout.DRIVER_LINE_OFFSET) // 8 if p != me else 0
@@ -265,7 +266,7 @@ class Endpoint:
             return True
         return False
 
-    def _check_peer(self, p: int, rings: Sequence[Any] = ()) -> None:
+    def _check_peer(self, p: int, rings: Sequence[Any] = (), recent: bool = False) -> None:
         """Raise PeerLostError if the incarnation of p we are bound to is gone.
 
         Gone: the slot shows it LEFT or DEAD (every call says so again), its holder died on
@@ -274,6 +275,9 @@ class Endpoint:
         bound to raises nothing: its holder is someone we never talked to. `rings`: the
         waiter's rings; a receive ring with something published returns instead of raising
         for a peer that left or died (what it sent before is still ours: poll it first).
+        `recent`: skip the look at the holder's process (reads of /proc, ~0.1 ms of CPU)
+        when p's last look is less than WATCH_SLICE old: what a wait does before each sleep,
+        so a wait woken per message stays cheap and a crash is still seen within two slices.
         """
         word = self._u64[self._word_i[p]]
         state, incarnation = word & _STATE_MASK, word >> 32
@@ -290,7 +294,7 @@ class Endpoint:
             known = self._known[p]
         if state in (layout.PEER_DEAD, layout.PEER_LEFT):
             gone = f"{layout.PEER_STATE_NAMES[state]} (incarnation {incarnation})"
-        elif state == layout.PEER_READY and self.region.peer(p).holder_alive() is False:
+        elif state == layout.PEER_READY and self._holder_died(p, recent):
             # The holder crashed on this kernel without a broker to notice: record it, but only
             # over the word we judged (a new holder may have claimed the slot since: then the
             # next check judges that one).
@@ -308,6 +312,14 @@ class Endpoint:
         self._told[p] = True
         self._expect[p] = -1
         raise PeerLostError(p, gone)
+
+    def _holder_died(self, p: int, recent: bool) -> bool:
+        """Whether peer p's holder process is known dead on this kernel (see _check_peer)."""
+        now = time.monotonic()
+        if recent and now - self._looked[p] < WATCH_SLICE:
+            return False
+        self._looked[p] = now
+        return self.region.peer(p).holder_alive() is False
 
     def _refresh(self, source: int = ANY_SOURCE) -> bool:
         """Sync with every peer (only `source` unless ANY_SOURCE) whose slot changed since we
@@ -373,7 +385,7 @@ class Endpoint:
             if tx is not None and tx.ring not in rings and tx.ring.arm():
                 return False
         if watch >= 0:
-            self._check_peer(watch, rings)
+            self._check_peer(watch, rings, recent=True)
         else:
             self._refresh()
         slice_s = WATCH_SLICE if deadline is None else min(WATCH_SLICE, deadline - now)

@@ -231,6 +231,45 @@ def test_sleeping_receiver_is_woken(make_region, spawn):
     assert region.queue_counters(1, 0)["recv_kicks"] + region.queue_counters(0, 1)["send_kicks"] > 0
 
 
+def test_a_wait_woken_per_message_looks_at_the_peer_process_once_a_slice(
+    make_region, spawn, monkeypatch
+):
+    # Every blocked wait judges its peer before sleeping; the look at the peer's process
+    # (/proc reads, ~0.1 ms of CPU) is made at most once per WATCH_SLICE, not per sleep: with
+    # ranks woken per message (oversubscribed CPUs) it was most of a message's CPU time.
+    from ivshmem_comm import endpoint
+    from ivshmem_comm import region as region_mod
+
+    looks = []
+    real = region_mod.pid_alive
+
+    def counted(pid, **kw):
+        looks.append(pid)
+        return real(pid, **kw)
+
+    monkeypatch.setattr(region_mod, "pid_alive", counted)
+    region = make_region()
+    rounds = 200
+    proc = spawn(run_peer, _echo, region.name, 1, rounds)
+    with region.endpoint(0, spin_us=0) as ep:
+        ep.send(1, b"x")
+        with ep.recv(1, timeout=30):
+            pass
+        looks.clear()
+        t0 = time.monotonic()
+        for _ in range(rounds - 1):
+            ep.send(1, b"x")
+            with ep.recv(1, timeout=30):
+                pass
+        elapsed = time.monotonic() - t0
+    proc.join(30)
+    assert proc.exitcode == 0
+    sleeps = region.queue_counters(1, 0)["sleeps"]
+    assert sleeps >= 20, "the receives were meant to block"
+    assert len(looks) <= 2 + elapsed / endpoint.WATCH_SLICE
+    assert len(looks) < sleeps / 2
+
+
 def _race_for_slot(name, start, done, results):
     region = ic.Region.open(name)
     start.wait()
