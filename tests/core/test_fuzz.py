@@ -157,6 +157,6 @@ def test_abandon_carries_its_error_class_and_a_foreign_class_names_its_rank(make
         assert waiting.done and waiting.error == mpi_exceptions.ERR_PROC_FAILED
         bad = wire.encode_abandon(3, 1, base, wire.COLL_SPAN, mpi_exceptions.ERR_TRUNCATE, "x")
         ep1.send(0, bad, tag=tag)
-        with pytest.raises(mpi_exceptions.Exception, match="world rank 1 .*error class 14"):
+        with pytest.raises(mpi_exceptions.Exception, match=r"world rank 1 .*error class 14"):
             for _ in range(100):
                 engine.progress()
