@@ -107,8 +107,10 @@ class Exception(
         return f"MPI.Exception({self.error_code})"
 
     def __reduce__(self) -> tuple[type, tuple[int, str]]:
-        """Pickled as (code, detail): an error sent to other ranks (in an object collective)
-        unpickles there as the same error."""
+        """Pickle as (code, detail): it unpickles as the same error.
+
+        So an error sent to other ranks (in an object collective) is the same error there.
+        """
         return (type(self), (self.error_code, self.detail))
 
     def __bool__(self) -> bool:
@@ -127,12 +129,15 @@ class Exception(
         return self.error_code >= int(other)  # type: ignore[call-overload]
 
     def Get_error_code(self) -> int:
+        """Return the error code."""
         return self.error_code
 
     def Get_error_class(self) -> int:
+        """Return the class of the error code (see the module's Get_error_class)."""
         return Get_error_class(self.error_code)
 
     def Get_error_string(self) -> str:
+        """Return the message of the error code (see the module's Get_error_string)."""
         return Get_error_string(self.error_code)
 
     @property
@@ -176,15 +181,20 @@ def _known(errorcode: int) -> int:
 
 
 def Get_error_string(errorcode: int) -> str:
-    """A message naming a predefined error class, e.g. 'MPI_ERR_TRUNCATE: message
-    truncated'; for an added class or code, the string Add_error_string gave it ("" if
-    none). MPI.Exception(ERR_ARG) for a code that is neither."""
+    """Return the message of an error class or code, e.g. 'MPI_ERR_TRUNCATE: message truncated'.
+
+    For an added class or code, the string Add_error_string gave it ("" if none).
+    MPI.Exception(ERR_ARG) for a code that is neither.
+    """
     return _string(_known(errorcode))
 
 
 def Get_error_class(errorcode: int) -> int:
-    """The class of an error code: predefined codes are their own classes; an added code
-    has the class it was added to. MPI.Exception(ERR_ARG) for an unknown code."""
+    """Return the class of an error code.
+
+    Predefined codes are their own classes; an added code has the class it was added to.
+    MPI.Exception(ERR_ARG) for an unknown code.
+    """
     code = _known(errorcode)
     return _added.get(code, code)
 
@@ -201,8 +211,10 @@ def Add_error_class() -> int:
 
 
 def Add_error_code(errorclass: int) -> int:
-    """A new error code of `errorclass` (predefined or added). MPI.Exception(ERR_ARG) if
-    the class is not known or is an added code rather than a class."""
+    """Return a new error code of `errorclass` (predefined or added).
+
+    MPI.Exception(ERR_ARG) if the class is not known or is an added code rather than a class.
+    """
     errorclass = _known(errorclass)
     if _added.get(errorclass, errorclass) != errorclass:
         raise Exception(ERR_ARG, f"{errorclass} is an error code, not a class")
@@ -210,8 +222,10 @@ def Add_error_code(errorclass: int) -> int:
 
 
 def Add_error_string(errorcode: int, string: str) -> None:
-    """Give an added class or code its string (replacing any). MPI.Exception(ERR_ARG) for
-    a predefined or unknown code."""
+    """Give an added class or code its string (replacing any).
+
+    MPI.Exception(ERR_ARG) for a predefined or unknown code.
+    """
     _removable(errorcode)
     _strings[int(errorcode)] = str(string)
 
@@ -224,14 +238,18 @@ def _removable(errorcode: int) -> int:
 
 
 def Remove_error_string(errorcode: int) -> None:
-    """Remove the string of an added class or code (MPI-4.1). MPI.Exception(ERR_ARG) for a
-    predefined or unknown code."""
+    """Remove the string of an added class or code (MPI-4.1).
+
+    MPI.Exception(ERR_ARG) for a predefined or unknown code.
+    """
     _strings.pop(_removable(errorcode), None)
 
 
 def Remove_error_code(errorcode: int) -> None:
-    """Remove an added error code (MPI-4.1). MPI.Exception(ERR_ARG) for a class, a code not
-    added, or one that still has a string."""
+    """Remove an added error code (MPI-4.1).
+
+    MPI.Exception(ERR_ARG) for a class, a code not added, or one that still has a string.
+    """
     code = _removable(errorcode)
     if _added[code] == code or code in _strings:
         raise Exception(ERR_ARG, f"error code {code}: a class, or its string is still set")
@@ -239,8 +257,10 @@ def Remove_error_code(errorcode: int) -> None:
 
 
 def Remove_error_class(errorclass: int) -> None:
-    """Remove an added error class (MPI-4.1). MPI.Exception(ERR_ARG) for a code, a class
-    not added, or one that still has codes or a string."""
+    """Remove an added error class (MPI-4.1).
+
+    MPI.Exception(ERR_ARG) for a code, a class not added, or one that still has codes or a string.
+    """
     code = _removable(errorclass)
     users = [c for c, cls in _added.items() if cls == code and c != code]
     if _added[code] != code or users or code in _strings:
@@ -249,6 +269,8 @@ def Remove_error_class(errorclass: int) -> None:
 
 
 def last_used_code() -> int:
-    """The value of the LASTUSEDCODE attribute: the largest class or code added so far
-    (ERR_LASTCODE before any)."""
+    """Return the value of the LASTUSEDCODE attribute: the largest class or code added so far.
+
+    ERR_LASTCODE before any.
+    """
     return _last_used[0]

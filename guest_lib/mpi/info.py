@@ -33,16 +33,20 @@ class Info(Handle):
     __slots__ = ("_items",)
 
     def __init__(self, info: Info | None = None) -> None:
-        """Info(info): a new handle on `info`'s table; Info(): a null one; TypeError for
-        anything else."""
+        """Make a new handle on `info`'s table (`Info(info)`), or a null one (`Info()`).
+
+        TypeError for anything else.
+        """
         other = argument(info, Info)
         self._items: dict[str, str] | None = None if other is None else other._items
 
     # ------------------------------------------------------------------ MPI's methods
     @classmethod
     def Create(cls, items: Any = None) -> Info:
-        """A new table, with `items` (a mapping or (key, value) pairs) if given. TypeError
-        for anything else."""
+        """Create a new table, with `items` (a mapping or (key, value) pairs) if given.
+
+        TypeError for anything else.
+        """
         info = cls()
         info._items = {}
         if items is not None:
@@ -53,8 +57,10 @@ class Info(Handle):
 
     @classmethod
     def Create_env(cls, args: Any = None) -> Info:
-        """A new table with the start keys of INFO_ENV (`args`, a command line, is accepted
-        and its command and arguments recorded)."""
+        """Create a new table with the start keys of INFO_ENV.
+
+        `args`, a command line, is accepted and its command and arguments recorded.
+        """
         info = cls.Create(_environment())
         if args is not None:
             argv = [args] if isinstance(args, str) else [str(a) for a in args]
@@ -75,8 +81,10 @@ class Info(Handle):
         return self._items
 
     def Set(self, key: str, value: str) -> None:
-        """Set `key` to `value` (strings; MPI.Exception(ERR_INFO_KEY/VALUE) if too long,
-        ERR_INFO on INFO_NULL)."""
+        """Set `key` to `value` (strings).
+
+        MPI.Exception(ERR_INFO_KEY/VALUE) if too long, ERR_INFO on INFO_NULL.
+        """
         table = self._live("Set")
         if len(key) > MAX_INFO_KEY:
             raise exceptions.Exception(exceptions.ERR_INFO_KEY, f"key of {len(key)} chars")
@@ -89,8 +97,10 @@ class Info(Handle):
         return self._live("Get").get(key)
 
     def Delete(self, key: str) -> None:
-        """Remove `key`; MPI.Exception(ERR_INFO_NOKEY) if it is not set, ERR_INFO on
-        INFO_NULL."""
+        """Remove `key`.
+
+        MPI.Exception(ERR_INFO_NOKEY) if it is not set, ERR_INFO on INFO_NULL.
+        """
         table = self._live("Delete")
         if key not in table:
             raise exceptions.Exception(exceptions.ERR_INFO_NOKEY, f"no key {key!r}")
@@ -101,21 +111,27 @@ class Info(Handle):
         return len(self._live("Get_nkeys"))
 
     def Get_nthkey(self, n: int) -> str:
-        """The `n`-th key (in the order keys were set); MPI.Exception(ERR_ARG) if none,
-        ERR_INFO on INFO_NULL."""
+        """Return the `n`-th key (in the order keys were set).
+
+        MPI.Exception(ERR_ARG) if none, ERR_INFO on INFO_NULL.
+        """
         keys = list(self._live("Get_nthkey"))
         if not 0 <= n < len(keys):
             raise exceptions.Exception(exceptions.ERR_ARG, f"key {n} of {len(keys)}")
         return keys[n]
 
     def Dup(self) -> Info:
-        """A new table with the same items, of this handle's class (a subclass's Dup is one
-        of it, as mpi4py's); MPI.Exception(ERR_INFO) on INFO_NULL."""
+        """Duplicate the table: a new one with the same items, of this handle's class.
+
+        A subclass's Dup is one of it, as mpi4py's; MPI.Exception(ERR_INFO) on INFO_NULL.
+        """
         return type(self).Create(list(self._live("Dup").items()))
 
     def Free(self) -> None:
-        """This handle becomes INFO_NULL (INFO_ENV stays); MPI.Exception(ERR_INFO) on a
-        null handle."""
+        """Free the table: this handle becomes INFO_NULL (INFO_ENV stays).
+
+        MPI.Exception(ERR_INFO) on a null handle.
+        """
         self._live("Free")
         if self is not INFO_NULL and self is not INFO_ENV:
             self._items = None
@@ -141,16 +157,20 @@ class Info(Handle):
         del self._table()[key]
 
     def get(self, key: str, default: str | None = None) -> str | None:
+        """Return the value of `key`, `default` if it is not set (or the handle is null)."""
         value = None if self._items is None else self._items.get(key)
         return default if value is None else value
 
     def keys(self) -> list[str]:
+        """Return the list of keys, in the order they were set ([] for a null handle)."""
         return [] if self._items is None else list(self._items)
 
     def values(self) -> list[str]:
+        """Return the list of values, in key order ([] for a null handle)."""
         return [] if self._items is None else list(self._items.values())
 
     def items(self) -> list[tuple[str, str]]:
+        """Return the list of (key, value) pairs, in key order ([] for a null handle)."""
         return [] if self._items is None else list(self._items.items())
 
     def update(self, other: Any = (), **kwds: str) -> None:
@@ -161,6 +181,10 @@ class Info(Handle):
             self.Set(key, value)
 
     def pop(self, key: str, *default: str | None) -> str | None:
+        """Remove `key` and return its value.
+
+        Without the key (or on a null handle): `default` if one is given, else KeyError.
+        """
         if self._items is None or key not in self._items:
             if default:
                 return default[0]
@@ -176,6 +200,7 @@ class Info(Handle):
         return type(self)() if self._items is None else self.Dup()
 
     def clear(self) -> None:
+        """Remove every key (nothing on a null handle)."""
         if self._items is not None:
             self._items.clear()
 
@@ -192,8 +217,11 @@ class Info(Handle):
         return id(self._items)
 
     def __reduce__(self) -> Any:
-        """INFO_NULL and INFO_ENV unpickle as themselves, handles on them as new handles of
-        this class equal to them; other tables as new tables with the same items."""
+        """Pickle INFO_NULL and INFO_ENV by name, other tables by their items.
+
+        INFO_NULL and INFO_ENV unpickle as themselves, handles on them as new handles of this class
+        equal to them; other tables as new tables with the same items.
+        """
         if self is INFO_NULL or self is INFO_ENV:
             return (_predefined, (self is INFO_ENV,))
         if self._items is None or self._items is INFO_ENV._items:

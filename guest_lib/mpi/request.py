@@ -39,9 +39,11 @@ class Request(Handle):
         rank_of: dict[int, int] | None = None,
         finish: Callable[[Op], Any] | None = None,
     ) -> None:
-        """Request(request): a new handle on the request of `request` (mpi4py's form;
-        Request() is a null request); on a persistent request it is the same request, active
-        or not, as a Prequest handle on it. The other form is internal: the engine `op`."""
+        """Make a new handle on the request of `request` (`Request(request)`), or a null one.
+
+        mpi4py's form; Request() is a null request. On a persistent request it is the same request,
+        active or not, as a Prequest handle on it. The other form is internal: the engine `op`.
+        """
         self._cell: Any = None
         self._owner: Any = None
         if isinstance(op, Request):
@@ -61,10 +63,12 @@ class Request(Handle):
 
     # ------------------------------------------------------------------ internals
     def _fill(self, status: Status | None, handler: bool = True) -> Any:
-        """Completion: status, error, result object; the request becomes null. An error
-        raises MPI.Exception, after the handler of the request's communicator ran (unless
-        `handler` is False: a call completing several requests runs it once, see
-        `_failed`)."""
+        """Complete the request: fill `status`, raise its error or return its result object.
+
+        The request becomes null. An error raises MPI.Exception, after the handler of the request's
+        communicator ran (unless `handler` is False: a call completing several requests runs it
+        once, see `_failed`).
+        """
         op = self._op
         if op is None:
             if status is not None:
@@ -128,7 +132,7 @@ class Request(Handle):
         return True
 
     def test(self, status: Status | None = None) -> tuple[bool, Any]:
-        """(flag, object): the object of a completed object receive, else None."""
+        """Return (flag, object): the object of a completed object receive, else None."""
         op = self._op
         if op is not None and not op.done:
             self._progress()
@@ -153,12 +157,15 @@ class Request(Handle):
         return op.done
 
     def get_status(self, status: Status | None = None) -> bool:
+        """Return True iff the request is complete, `status` then filled; nothing is freed."""
         return self.Get_status(status)
 
     @classmethod
     def Get_status_all(cls, requests: Sequence[Request], statuses: Any = None) -> bool:
-        """True iff every request is complete (null ones count as complete), statuses then
-        filled; no request is freed (MPI-4.1)."""
+        """Return True iff every request is complete (null ones count as complete).
+
+        The statuses are then filled; no request is freed (MPI-4.1).
+        """
         engine = cls._engine_of(requests)
         if engine is not None:
             engine.progress()
@@ -174,8 +181,10 @@ class Request(Handle):
     def Get_status_any(
         cls, requests: Sequence[Request], status: Status | None = None
     ) -> tuple[int, bool]:
-        """(index, True) of a complete request, its status filled and the request not
-        freed; (UNDEFINED, True) if all are null; (UNDEFINED, False) if none is complete."""
+        """Return (index, True) of a complete request, its status filled and the request not freed.
+
+        (UNDEFINED, True) if all are null; (UNDEFINED, False) if none is complete.
+        """
         engine = cls._engine_of(requests)
         if engine is not None:
             engine.progress()
@@ -191,8 +200,10 @@ class Request(Handle):
 
     @classmethod
     def Get_status_some(cls, requests: Sequence[Request], statuses: Any = None) -> list[int] | None:
-        """Indices of the complete requests (statuses[k] filled for the k-th), none freed;
-        None if all are null (MPI-4.1)."""
+        """Return the indices of the complete requests (statuses[k] filled for the k-th).
+
+        None is freed; None if all are null (MPI-4.1).
+        """
         if all(r._op is None for r in requests):
             return None
         engine = cls._engine_of(requests)
@@ -227,8 +238,10 @@ class Request(Handle):
             raise exceptions.Exception(exceptions.ERR_REQUEST, f"Request.{call} on a null request")
 
     def __reduce__(self) -> Any:
-        """REQUEST_NULL pickles as itself, another null handle as a null handle of its
-        class; any other request: ValueError (as mpi4py)."""
+        """Pickle REQUEST_NULL by name, another null handle as a null handle of its class.
+
+        Any other request: ValueError (as mpi4py).
+        """
         if self is REQUEST_NULL:
             return "REQUEST_NULL"
         if not self:
@@ -306,6 +319,11 @@ class Request(Handle):
     def testall(
         cls, requests: Sequence[Request], statuses: list[Status] | None = None
     ) -> tuple[bool, list[Any] | None]:
+        """Return (True, objects) if every request is complete, else (False, None).
+
+        The objects are those of the object receives (None for the others); the completed requests
+        become null, their errors raise as in waitall.
+        """
         engine = cls._engine_of(requests)
         if engine is not None:
             engine.progress()
@@ -321,6 +339,10 @@ class Request(Handle):
 
     @classmethod
     def waitany(cls, requests: Sequence[Request], status: Status | None = None) -> tuple[int, Any]:
+        """Wait for one request to complete; return (its index, its object).
+
+        (UNDEFINED, None) at once if all are null. Its error raises MPI.Exception.
+        """
         active = [(i, r) for i, r in enumerate(requests) if r._op is not None]
         if not active:
             if status is not None:
@@ -345,8 +367,11 @@ class Request(Handle):
 
     @classmethod
     def Testany(cls, requests: Sequence[Request], status: Status | None = None) -> tuple[int, bool]:
-        """(index, flag): flag True with the index of a completed request (UNDEFINED when
-        all are null), False with UNDEFINED when none is complete yet."""
+        """Return (index, flag) of a completed request, if any.
+
+        Flag True with the index of a completed request (UNDEFINED when all are null), False with
+        UNDEFINED when none is complete yet.
+        """
         index, flag, _ = cls._testany(requests, status)
         return index, flag
 
@@ -354,6 +379,7 @@ class Request(Handle):
     def testany(
         cls, requests: Sequence[Request], status: Status | None = None
     ) -> tuple[int, bool, Any]:
+        """Return (index, flag, object), as Testany, with the completed request's object."""
         return cls._testany(requests, status)
 
     @classmethod
@@ -393,8 +419,10 @@ class Request(Handle):
     def waitsome(
         cls, requests: Sequence[Request], statuses: list[Status] | None = None
     ) -> tuple[list[int] | None, list[Any] | None]:
-        """(indices, objects) of the requests that completed (at least one; the object of
-        each, None for sends); (None, None) if all are null."""
+        """Wait for at least one request; return (indices, objects) of those that completed.
+
+        The object of each, None for sends; (None, None) if all are null.
+        """
         return cls._some(requests, statuses, True)
 
     @classmethod

@@ -64,26 +64,34 @@ class Status:
         fields[_TAG], fields[_ERROR] = tag, error
 
     def tomemory(self) -> memoryview:
-        """The status's memory: a writable view of its five 64-bit fields (count in
-        bytes, cancelled, source, tag, error); writing it changes the status."""
+        """Return the status's memory: a writable view of its five 64-bit fields.
+
+        The fields: count in bytes, cancelled, source, tag, error; writing it changes the status.
+        """
         return memoryview(self._fields)
 
     def Get_source(self) -> int:
+        """Return the source of the message (the `source` attribute)."""
         return self.source
 
     def Set_source(self, source: int) -> None:
+        """Set the source of the message (the `source` attribute)."""
         self.source = source
 
     def Get_tag(self) -> int:
+        """Return the tag of the message (the `tag` attribute)."""
         return self.tag
 
     def Set_tag(self, tag: int) -> None:
+        """Set the tag of the message (the `tag` attribute)."""
         self.tag = tag
 
     def Get_error(self) -> int:
+        """Return the error code of the operation (the `error` attribute)."""
         return self.error
 
     def Set_error(self, error: int) -> None:
+        """Set the error code of the operation (the `error` attribute)."""
         self.error = error
 
     def Get_count(self, datatype: Datatype = BYTE) -> int:
@@ -111,20 +119,26 @@ class Status:
         self.count = count * datatype.Get_size()
 
     def Is_cancelled(self) -> bool:
+        """Return True iff the operation was cancelled."""
         return self.cancelled
 
     def Set_cancelled(self, flag: bool) -> None:
+        """Mark the operation cancelled or not (`flag`)."""
         self.cancelled = bool(flag)
 
     def py2f(self) -> list[int]:
-        """The status as a Fortran integer array: F_STATUS_SIZE integers, the source at
-        F_SOURCE, the tag at F_TAG, the error at F_ERROR."""
+        """Return the status as a Fortran integer array of F_STATUS_SIZE integers.
+
+        The source is at F_SOURCE, the tag at F_TAG, the error at F_ERROR.
+        """
         return list(self._fields)
 
     @classmethod
     def f2py(cls, arg: Any) -> Status:
-        """A new Status from a py2f array. ValueError unless it holds F_STATUS_SIZE
-        integers."""
+        """Return a new Status from a py2f array.
+
+        ValueError unless it holds F_STATUS_SIZE integers.
+        """
         fields = [int(value) for value in arg]
         if len(fields) != F_STATUS_SIZE:
             raise ValueError(f"Status.f2py: expecting {F_STATUS_SIZE} integers, got {len(fields)}")
