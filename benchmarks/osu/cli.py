@@ -70,6 +70,12 @@ def make_parser() -> argparse.ArgumentParser:
         "--scale", type=float, help="multiply OSU's iteration counts (default 1; --quick 0.005)"
     )
     p.add_argument(
+        "--min-iters",
+        type=int,
+        default=2,
+        help="timed iterations per size at least, whatever --scale leaves (default 2)",
+    )
+    p.add_argument(
         "--hang-timeout",
         type=float,
         help="seconds one size of one test may take before it counts as a hang "
@@ -108,7 +114,13 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def plan(
-    tests: list[str], forms: list[str] | None, ranks: int, max_size: int, scale: float, quick: bool
+    tests: list[str],
+    forms: list[str] | None,
+    ranks: int,
+    max_size: int,
+    scale: float,
+    quick: bool,
+    min_iters: int = 2,
 ) -> list[driver.Job]:
     """The jobs of one rank count: every selected test in every selected form it has."""
     jobs = []
@@ -119,7 +131,7 @@ def plan(
         for form in test.forms:
             if forms is not None and form not in forms:
                 continue
-            steps: list[Step] = steps_for(test, form, max_size, scale)
+            steps: list[Step] = steps_for(test, form, max_size, scale, min_iters)
             if quick and test.sized:
                 steps = [s for s in steps if s.size in QUICK_SIZES or s.size == steps[0].size]
             jobs.append(driver.Job(name, form, steps))
@@ -142,7 +154,8 @@ def run(args: argparse.Namespace, tests: list[str]) -> dict[str, Any]:
     batch = args.batch or ("all" if args.quick else "test")
     cpus = len(os.sched_getaffinity(0))
     plans = {
-        int(r): plan(tests, args.forms, int(r), max_size, scale, args.quick) for r in args.ranks
+        int(r): plan(tests, args.forms, int(r), max_size, scale, args.quick, args.min_iters)
+        for r in args.ranks
     }
     rounds = args.rounds
     load_before = os.getloadavg()
@@ -185,7 +198,8 @@ def run(args: argparse.Namespace, tests: list[str]) -> dict[str, Any]:
     iterations = "OSU defaults" if scale == 1 else f"OSU defaults x {scale:g}"
     iterations += (
         " (latency skip 100/loop 10000 up to 8 KiB, 10/1000 above; bw skip 10/loop 100,"
-        " 2/20 above, window 64; collectives 100/1000, 10/100 above; at least 1/2)"
+        " 2/20 above, window 64; collectives 100/1000, 10/100 above;"
+        f" at least 1/{args.min_iters})"
     )
     return {
         "info": {

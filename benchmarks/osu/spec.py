@@ -94,8 +94,10 @@ class Step:
     iters: int
 
 
-def counts(test: Test, size: int, scale: float = 1.0) -> tuple[int, int]:
-    """(skip, iterations) for `test` at `size` bytes: OSU's defaults times `scale`."""
+def counts(test: Test, size: int, scale: float = 1.0, min_iters: int = 2) -> tuple[int, int]:
+    """(skip, iterations) for `test` at `size` bytes: OSU's defaults times `scale`, at least
+    1 skipped and `min_iters` timed (a small scale leaves large sizes with a handful of
+    iterations otherwise: first-touch page faults then dominate them)."""
     large = size > LARGE_MESSAGE_SIZE
     if test.kind == "lat":
         skip, iters = (10, 1000) if large else (100, 10000)
@@ -103,7 +105,7 @@ def counts(test: Test, size: int, scale: float = 1.0) -> tuple[int, int]:
         skip, iters = (2, 20) if large else (10, 100)
     else:
         skip, iters = (10, 100) if large else (100, 1000)
-    return max(1, round(skip * scale)), max(2, round(iters * scale))
+    return max(1, round(skip * scale)), max(min_iters, round(iters * scale))
 
 
 def sizes_for(test: Test, form: str, max_size: int) -> list[int]:
@@ -120,9 +122,10 @@ def sizes_for(test: Test, form: str, max_size: int) -> list[int]:
     return out
 
 
-def steps_for(test: Test, form: str, max_size: int, scale: float) -> list[Step]:
-    """The plan of one (test, form): one Step per size."""
-    return [Step(s, *counts(test, s, scale)) for s in sizes_for(test, form, max_size)]
+def steps_for(test: Test, form: str, max_size: int, scale: float, min_iters: int = 2) -> list[Step]:
+    """The plan of one (test, form): one Step per size (see `counts`)."""
+    sizes = sizes_for(test, form, max_size)
+    return [Step(s, *counts(test, s, scale, min_iters)) for s in sizes]
 
 
 def headline(test: Test) -> str:

@@ -193,3 +193,17 @@ def test_rounds_merge_to_per_row_medians_and_keep_failures() -> None:
     assert merged["rounds"] == 3 and merged["wall_s"] == 3.0
     failed = cli.median_entry([entry(1.0), entry(2.0, "failed")])
     assert failed["status"] == "failed" and failed["error"] == "boom"
+
+
+def test_min_iters_floors_the_scaled_iteration_counts():
+    """A small --scale leaves OSU's large sizes 1-2 iterations; --min-iters raises every
+    size's timed count to at least that, and leaves counts already above it alone."""
+    from benchmarks.osu.spec import counts
+
+    bcast, latency = BY_NAME["bcast"], BY_NAME["latency"]
+    assert cli.plan(["bcast"], ["numpy"], 2, 4 << 20, 0.007, False)[0].steps[-1].iters == 2
+    steps = cli.plan(["bcast"], ["numpy"], 2, 4 << 20, 0.007, False, min_iters=20)[0].steps
+    assert {s.iters for s in steps if s.size > 8192} == {20}
+    assert {s.iters for s in steps if s.size <= 8192} == {20}  # round(1000 * 0.007) = 7
+    assert counts(latency, 8, 0.007, 20) == (1, 70)
+    assert counts(bcast, 8, 1.0, 20) == (100, 1000)
