@@ -43,6 +43,13 @@ _FOREIGN = ">!" if sys.byteorder == "little" else "<!"  # format prefixes of swa
 
 
 class Spec(NamedTuple):
+    """A parsed message spec: its bytes, element count and datatype (see `parse`).
+
+    `view` is the flat byte view of the data (a packed copy to receive into, for a packing
+    datatype), `count` the number of `datatype` elements; `unpack`, from parse(deferred=True),
+    copies that packed copy into the user's buffer once the data is there, else None.
+    """
+
     view: memoryview
     count: int  # type: ignore[assignment]  # MPI's name; it hides tuple.count, unused here
     datatype: Datatype

@@ -49,8 +49,10 @@ class ExtraCollectives(Collectives):
         )
 
     def Iexscan(self, sendbuf: Any, recvbuf: Any, op: ops.Op = ops.SUM) -> Request:
-        """Nonblocking Exscan: rank r > 0 gets x0 op ... op x(r-1); rank 0's recvbuf is left
-        as it was."""
+        """Start an Exscan; return the Request.
+
+        Rank r > 0 gets x0 op ... op x(r-1); rank 0's recvbuf is left as it was.
+        """
         return self._nonblocking(
             functools.partial(self._prefix_steps, sendbuf, recvbuf, op, False),
             functools.partial(self._p_fold, "exscan", sendbuf, recvbuf, op),
@@ -79,9 +81,11 @@ class ExtraCollectives(Collectives):
 
     # ------------------------------------------------------------------ reduce-scatter
     def Ireduce_scatter_block(self, sendbuf: Any, recvbuf: Any, op: ops.Op = ops.SUM) -> Request:
-        """Nonblocking Reduce_scatter_block: block r (recvbuf's count elements; with
-        IN_PLACE, 1/size of recvbuf) of the fold of every rank's sendbuf ends in rank r's
-        recvbuf."""
+        """Start a Reduce_scatter_block; return the Request.
+
+        Block r (recvbuf's count elements; with IN_PLACE, 1/size of recvbuf) of the fold of every
+        rank's sendbuf ends in rank r's recvbuf.
+        """
         size, _ = self._sizes()
 
         def counts() -> tuple[buffers.Spec, list[int]]:
@@ -97,9 +101,11 @@ class ExtraCollectives(Collectives):
     def Ireduce_scatter(
         self, sendbuf: Any, recvbuf: Any, recvcounts: Any = None, op: ops.Op = ops.SUM
     ) -> Request:
-        """Nonblocking Reduce_scatter: `recvcounts[r]` elements for rank r; without
-        recvcounts, each rank's recvbuf count (exchanged first; not with IN_PLACE).
-        ValueError for counts that do not fit the buffers."""
+        """Start a Reduce_scatter; return the Request.
+
+        `recvcounts[r]` elements for rank r; without recvcounts, each rank's recvbuf count
+        (exchanged first; not with IN_PLACE). ValueError for counts that do not fit the buffers.
+        """
         size, _ = self._sizes()
         given = reduce_scatter_counts(recvcounts, size, sendbuf)
 
@@ -186,9 +192,11 @@ class ExtraCollectives(Collectives):
     # ------------------------------------------------------------------ alltoallw
     @collective
     def Alltoallw(self, sendbuf: Any, recvbuf: Any) -> None:
-        """All-to-all with a count, a byte displacement and a datatype per rank:
-        [buf, (counts, displs), datatypes] (or [buf, counts, displs, datatypes]);
-        sendbuf IN_PLACE: the data to send is recvbuf's."""
+        """Exchange with a count, a byte displacement and a datatype per rank.
+
+        The specs are [buf, (counts, displs), datatypes] (or [buf, counts, displs, datatypes]);
+        sendbuf IN_PLACE: the data to send is recvbuf's.
+        """
         self._run(self._alltoallw(sendbuf, recvbuf, T_ALLTOALL))
 
     def Ialltoallw(self, sendbuf: Any, recvbuf: Any) -> Request:

@@ -338,18 +338,24 @@ def _answered(world: int, payload: bytes) -> None:
 
 
 def publish_name(service_name: str, port_name: str, info: Any = None) -> None:
-    """MPI.Publish_name: `service_name` names `port_name` for the whole job until
-    Unpublish_name. MPI.Exception(ERR_SERVICE) if the name is published already."""
+    """Publish `port_name` under `service_name` for the whole job (MPI.Publish_name).
+
+    Until Unpublish_name. MPI.Exception(ERR_SERVICE) if the name is published already.
+    """
     _request(PUBLISH, service_name, port_name)
 
 
 def unpublish_name(service_name: str, port_name: str, info: Any = None) -> None:
-    """MPI.Unpublish_name. MPI.Exception(ERR_SERVICE) unless `service_name` names
-    `port_name`."""
+    """Withdraw `service_name` (MPI.Unpublish_name).
+
+    MPI.Exception(ERR_SERVICE) unless `service_name` names `port_name`.
+    """
     _request(UNPUBLISH, service_name, port_name)
 
 
 def lookup_name(service_name: str, info: Any = None) -> str:
-    """MPI.Lookup_name: the port `service_name` names. MPI.Exception(ERR_NAME) for a name
-    not published."""
+    """Return the port `service_name` names (MPI.Lookup_name).
+
+    MPI.Exception(ERR_NAME) for a name not published.
+    """
     return _request(LOOKUP, service_name)

@@ -44,15 +44,19 @@ class Errhandler(Handle):
     __slots__ = ("_kind",)
 
     def __init__(self, errhandler: Errhandler | None = None) -> None:
-        """Errhandler(other): a new handle on `other`'s handler; Errhandler(): a null one;
-        TypeError for anything else."""
+        """Make a new handle on `other`'s handler (`Errhandler(other)`), or a null one.
+
+        TypeError for anything else.
+        """
         other = argument(errhandler, Errhandler)
         self._kind: str | Callable[..., Any] | None = None if other is None else other._kind
 
     def Free(self) -> None:
-        """This handle becomes ERRHANDLER_NULL (the predefined ones stay); freeing a user
-        handler frees its place among the MAX_USER_ERRHANDLERS of its kind of object.
-        MPI.Exception(ERR_ARG) on a null handle."""
+        """Free the handler: this handle becomes ERRHANDLER_NULL (the predefined ones stay).
+
+        Freeing a user handler frees its place among the MAX_USER_ERRHANDLERS of its kind of object.
+        MPI.Exception(ERR_ARG) on a null handle.
+        """
         if self._kind is None:
             raise exceptions.Exception(exceptions.ERR_ARG, "Errhandler.Free on ERRHANDLER_NULL")
         if not any(self is h for h in _PREDEFINED.values()):
@@ -72,9 +76,11 @@ class Errhandler(Handle):
         return id(self._kind)
 
     def __reduce__(self) -> Any:
-        """Predefined handlers unpickle as themselves (handles on them as equal new handles
-        of this class);
-        user handlers raise ValueError, as in mpi4py."""
+        """Pickle a predefined handler by name; user handlers raise ValueError, as in mpi4py.
+
+        Predefined handlers unpickle as themselves (handles on them as equal new handles of this
+        class).
+        """
         name = self._kind if isinstance(self._kind, str) or self._kind is None else ""
         if name == "":
             raise ValueError("cannot serialize a user error handler")
@@ -114,9 +120,11 @@ _user_handlers: dict[str, set[Any]] = {}  # kind of object -> its live user hand
 
 
 def create_errhandler(function: Callable[[Any, int], None], kind: str = "Comm") -> Errhandler:
-    """A handler calling `function(obj, error_class)` (mpi4py's Comm.Create_errhandler;
-    `kind` names the kind of object, Win.Create_errhandler... have theirs). TypeError for a
-    non-callable; RuntimeError if MAX_USER_ERRHANDLERS of the kind are live (as mpi4py)."""
+    """Create a handler calling `function(obj, error_class)` (mpi4py's Comm.Create_errhandler).
+
+    `kind` names the kind of object (Win.Create_errhandler... have theirs). TypeError for a
+    non-callable; RuntimeError if MAX_USER_ERRHANDLERS of the kind are live (as mpi4py).
+    """
     if not callable(function):
         raise TypeError("Create_errhandler: expecting a callable")
     live = _user_handlers.setdefault(kind, set())
@@ -147,8 +155,10 @@ def get_errhandler(comm: Any) -> Errhandler:
 
 
 def set_errhandler(comm: Any, errhandler: Errhandler) -> None:
-    """Make `errhandler` the communicator's (see the module docstring). MPI.Exception
-    (ERR_ARG) for ERRHANDLER_NULL, ERR_COMM for COMM_NULL."""
+    """Make `errhandler` the communicator's (see the module docstring).
+
+    MPI.Exception(ERR_ARG) for ERRHANDLER_NULL, ERR_COMM for COMM_NULL.
+    """
     comm._check()
     if not isinstance(errhandler, Errhandler) or not errhandler:
         raise exceptions.Exception(exceptions.ERR_ARG, "not an error handler")

@@ -68,8 +68,11 @@ class Grequest(Request):
         rank_of: dict[int, int] | None = None,
         finish: Callable[[Op], Any] | None = None,
     ) -> None:
-        """Grequest(grequest): a new handle on it; Grequest(request) of another kind: a
-        null request if that is null, else TypeError (as mpi4py)."""
+        """Make a new handle on a generalized request (`Grequest(grequest)`).
+
+        Grequest(request) of another kind: a null request if that is null, else TypeError (as
+        mpi4py).
+        """
         if isinstance(op, Request) and op and not isinstance(op, Grequest):
             raise TypeError("expecting a generalized request")
         super().__init__(op, engine, rank_of, finish)
@@ -90,8 +93,10 @@ class Grequest(Request):
         return cls(op, MPI._engine)
 
     def Complete(self) -> None:
-        """Mark the operation complete: a Wait returns, a Test says True. MPI.Exception
-        (ERR_REQUEST) on a null request."""
+        """Mark the operation complete: a Wait returns, a Test says True.
+
+        MPI.Exception(ERR_REQUEST) on a null request.
+        """
         self._generalized().done = True
 
     def complete(self, obj: Any = None) -> None:
@@ -101,8 +106,10 @@ class Grequest(Request):
         op.done = True
 
     def Cancel(self) -> None:
-        """Call cancel_fn(completed); MPI.Exception if it raised (see the module docstring),
-        ERR_REQUEST on a null request."""
+        """Call cancel_fn(completed).
+
+        MPI.Exception if it raised (see the module docstring), ERR_REQUEST on a null request.
+        """
         self._check_live("Cancel")
         op = self._op
         if isinstance(op, _Generalized):
@@ -119,8 +126,10 @@ class Grequest(Request):
         return op
 
     def _fill(self, status: Status | None, handler: bool = True) -> Any:
-        """Completion: query_fn fills the status, free_fn runs; the request becomes null;
-        returns the object `complete` gave (their errors raise, with no handler run)."""
+        """Complete the request: query_fn fills the status, free_fn runs; the request becomes null.
+
+        Returns the object `complete` gave (their errors raise, with no handler run).
+        """
         op = self._op
         if not isinstance(op, _Generalized):
             return super()._fill(status, handler)

@@ -40,6 +40,7 @@ class Group(Handle):
         return Group(ranks, self._me if other is None else max(self._me, other._me))
 
     def Get_size(self) -> int:
+        """Return the number of processes in the group."""
         return len(self._members())
 
     def Get_rank(self) -> int:
@@ -56,7 +57,7 @@ class Group(Handle):
         return self.Get_rank()
 
     def _checked(self, ranks: Sequence[int]) -> list[int]:
-        """`ranks` as ints, each a rank of this group, none twice (ERR_RANK otherwise)."""
+        """Return `ranks` as ints, each a rank of this group, none twice (ERR_RANK otherwise)."""
         size = len(self._members())
         out = [int(r) for r in ranks]
         for r in out:
@@ -77,8 +78,10 @@ class Group(Handle):
         return self._new([w for r, w in enumerate(self._members()) if r not in drop])
 
     def _ranges(self, ranges: Sequence[Sequence[int]]) -> list[int]:
-        """The ranks the (first, last, stride) triplets name, in order (ERR_ARG for a zero
-        stride or a range that steps away from `last`)."""
+        """Return the ranks the (first, last, stride) triplets name, in order.
+
+        MPI.Exception(ERR_ARG) for a zero stride or a range that steps away from `last`.
+        """
         out: list[int] = []
         for triplet in ranges:
             first, last, stride = (int(v) for v in triplet)
@@ -133,9 +136,11 @@ class Group(Handle):
 
     def Translate_ranks(self, ranks: Sequence[int] | None = None, group: Group | None = None
                         ) -> list[int]:  # fmt: skip
-        """Ranks of this group's `ranks` (all of them if None) in `group` (UNDEFINED where
-        absent, PROC_NULL for PROC_NULL; `group` None: the ranks themselves). MPI.Exception
-        (ERR_RANK) for a rank outside this group."""
+        """Return the ranks in `group` of this group's `ranks` (all of them if None).
+
+        UNDEFINED where absent, PROC_NULL for PROC_NULL; `group` None: the ranks themselves.
+        MPI.Exception(ERR_RANK) for a rank outside this group.
+        """
         members = self._members()
         if ranks is None:
             ranks = range(len(members))
@@ -167,8 +172,10 @@ class Group(Handle):
         return hash(None if self._ranks is None else tuple(self._ranks))
 
     def __reduce__(self) -> Any:
-        """GROUP_NULL and GROUP_EMPTY (and handles to them) pickle; other groups raise
-        ValueError, as in mpi4py (a group means nothing in another process)."""
+        """Pickle GROUP_NULL and GROUP_EMPTY (and handles to them); refuse other groups.
+
+        Other groups raise ValueError, as in mpi4py (a group means nothing in another process).
+        """
         if self is _NULL or self is _EMPTY:
             return (_predefined, ("GROUP_NULL" if self is _NULL else "GROUP_EMPTY",))
         if not self._ranks:  # a new handle on one of them

@@ -59,15 +59,21 @@ class Handle:
     # as mpi4py.util.pkl5.Intracomm its own type (comm.same_class).
 
     def __new__(cls, *args: Any, **kwargs: Any) -> Any:
-        """A new, uninitialised handle: the arguments are __init__'s (mpi4py's subclasses
-        call `Base.__new__(cls, other)`, as test_subclass's MyInfo and MyRequest do)."""
+        """Create a new, uninitialised handle: the arguments are __init__'s.
+
+        mpi4py's subclasses call `Base.__new__(cls, other)`, as test_subclass's MyInfo and MyRequest
+        do.
+        """
         return super().__new__(cls)
 
     def free(self) -> None:
-        """mpi4py's `free`, safe on any handle: nothing for a null handle or a predefined
-        handle itself (MPI.SUM, MPI.COMM_WORLD, ...); a new handle on a predefined object
-        (Op(MPI.SUM)) becomes a null handle, the object staying as it is; any other handle
-        is released by `_release` (Free) and is a null handle after it. Errors as `_release`'s."""
+        """Free the handle, safe on any handle (mpi4py's `free`).
+
+        Nothing for a null handle or a predefined handle itself (MPI.SUM, MPI.COMM_WORLD, ...); a
+        new handle on a predefined object (Op(MPI.SUM)) becomes a null handle, the object staying as
+        it is; any other handle is released by `_release` (Free) and is a null handle after it.
+        Errors as `_release`'s.
+        """
         if not _constant_ids:
             _index_constants()
         if not self or id(self) in _constant_ids:
@@ -78,14 +84,18 @@ class Handle:
             self._release()
 
     def _on_predefined(self) -> bool:
-        """Whether this handle is on a predefined object (equal to one of the MPI
-        namespace's handles of its class)."""
+        """Return whether this handle is on a predefined object.
+
+        That is, equal to one of the MPI namespace's handles of its class.
+        """
         return any(self == constant for constant in _constants.get(_library_class(self), ()))
 
     def _nullify(self) -> None:
-        """Make this handle a null one of its class (other handles on its object stay):
-        the slots and the __dict__ of a new null handle (handles on one communicator share
-        one __dict__: this one gets its own)."""
+        """Make this handle a null one of its class (other handles on its object stay).
+
+        The slots and the __dict__ of a new null handle (handles on one communicator share one
+        __dict__: this one gets its own).
+        """
         null = _library_class(self)()
         for kind in type(null).__mro__:
             for name in vars(kind).get("__slots__", ()):
@@ -119,10 +129,12 @@ class Handle:
 
     @classmethod
     def fromhandle(cls: type[T], handle: int) -> T:
-        """A new handle on the object numbered `handle` (0: a null one), of the object's
-        own kind within this library (as mpi4py: `Comm.fromhandle` of an intercommunicator
-        gives an Intercomm, of a Cartesian one a Cartcomm). ValueError for a number this
-        process did not give to an object of this class."""
+        """Return a new handle on the object numbered `handle` (0: a null one).
+
+        Of the object's own kind within this library (as mpi4py: `Comm.fromhandle` of an
+        intercommunicator gives an Intercomm, of a Cartesian one a Cartcomm). ValueError for a
+        number this process did not give to an object of this class.
+        """
         if handle == 0:
             return cls()
         found = _by_number.get(int(handle))

@@ -26,7 +26,7 @@ _NOTHING = object()
 
 
 class buffer(np.ndarray):  # mpi4py's name, lower case
-    """mpi4py's `MPI.buffer`; see the module docstring."""
+    """A buffer of memory, mpi4py's `MPI.buffer`; see the module docstring."""
 
     _obj: Any
     _released: bool
@@ -53,8 +53,10 @@ class buffer(np.ndarray):  # mpi4py's name, lower case
 
     @classmethod
     def allocate(cls, nbytes: int, clear: bool = False) -> buffer:
-        """`nbytes` bytes of new memory (zeroed if `clear`). TypeError for a non-integer,
-        ValueError for a negative size."""
+        """Return `nbytes` bytes of new memory (zeroed if `clear`).
+
+        TypeError for a non-integer, ValueError for a negative size.
+        """
         if not isinstance(nbytes, int):
             raise TypeError(f"buffer.allocate: expecting an integer, got {type(nbytes).__name__}")
         if nbytes < 0:
@@ -116,6 +118,7 @@ class buffer(np.ndarray):  # mpi4py's name, lower case
         self._obj = None
 
     def toreadonly(self) -> buffer:
+        """Return a read-only buffer over the same memory."""
         made = self.view(buffer)
         made.flags.writeable = False
         return made
@@ -164,8 +167,10 @@ def _wrap(array: np.ndarray, obj: Any) -> buffer:
 
 
 def Alloc_mem(size: int, info: Any = None) -> buffer:
-    """`size` bytes of memory for MPI use, as a `buffer` (MPI.Exception(ERR_NO_MEM) when
-    there is not that much)."""
+    """Allocate `size` bytes of memory for MPI use, as a `buffer`.
+
+    MPI.Exception(ERR_NO_MEM) when there is not that much.
+    """
     try:
         return buffer.allocate(int(size))
     except MemoryError:
@@ -178,8 +183,10 @@ def Free_mem(mem: buffer) -> None:
 
 
 def Get_address(location: Any) -> int:
-    """The address of `location`'s memory (anything with the buffer protocol); 0 for None
-    and BOTTOM."""
+    """Return the address of `location`'s memory (anything with the buffer protocol).
+
+    0 for None and BOTTOM.
+    """
     if location is None or location is constants.BOTTOM:
         return 0
     try:
@@ -194,10 +201,12 @@ def Get_address(location: Any) -> int:
 
 
 def Aint_add(base: int, disp: int) -> int:
+    """Return the address `base` + `disp`."""
     return int(base) + int(disp)
 
 
 def Aint_diff(addr1: int, addr2: int) -> int:
+    """Return the difference `addr1` - `addr2` of two addresses."""
     return int(addr1) - int(addr2)
 
 
@@ -241,8 +250,10 @@ def Detach_buffer() -> Any:
 
 
 def Flush_buffer() -> None:
-    """Wait until the messages buffered by Bsend are sent: returns at once, as a Bsend here
-    has handed its message to the queue or to MPI by the time it returns."""
+    """Wait until the messages buffered by Bsend are sent: returns at once.
+
+    A Bsend here has handed its message to the queue or to MPI by the time it returns.
+    """
 
 
 def Iflush_buffer() -> Any:

@@ -26,8 +26,10 @@ _NULL, _NO_PROC, _MATCHED = 0, 1, 2
 
 
 class Message(Handle):
-    """A matched message (see the module docstring); Message() is MESSAGE_NULL, Message(m)
-    another handle to m."""
+    """A matched message (see the module docstring).
+
+    Message() is MESSAGE_NULL, Message(m) another handle to m.
+    """
 
     __slots__ = ("_comm", "_data", "_kind", "_source", "_tag")
 
@@ -65,13 +67,15 @@ class Message(Handle):
         return f"<Message {names.get(self._kind, f'from {self._source} tag {self._tag}')}>"
 
     def _release(self) -> None:
-        """(free: a matched message not received is dropped; the handle becomes null.)"""
+        """Free the handle: a matched message not received is dropped; the handle becomes null."""
         self._nullify()
 
     # ------------------------------------------------------------------ receives
     def _take(self) -> RecvOp:
-        """The message as a completed receive op; this handle becomes MESSAGE_NULL (unless
-        it is the predefined MESSAGE_NO_PROC). MPI.Exception(ERR_REQUEST) on MESSAGE_NULL."""
+        """Return the message as a completed receive op; this handle becomes MESSAGE_NULL.
+
+        Unless it is the predefined MESSAGE_NO_PROC. MPI.Exception(ERR_REQUEST) on MESSAGE_NULL.
+        """
         if self._kind == _NULL:
             raise exceptions.Exception(exceptions.ERR_REQUEST, "receive of MESSAGE_NULL")
         op = RecvOp(0, constants.PROC_NULL, constants.ANY_TAG, None)
@@ -85,8 +89,10 @@ class Message(Handle):
         return op
 
     def _into(self, op: RecvOp, buf: Any) -> None:
-        """Copy the message's bytes (op.obj) into `buf`: ERR_TRUNCATE (op.error) when they
-        do not fit, the prefix then in `buf`."""
+        """Copy the message's bytes (op.obj) into `buf`.
+
+        ERR_TRUNCATE (op.error) when they do not fit, the prefix then in `buf`.
+        """
         spec = buffers.parse(buf, writable=True, deferred=True)
         data = op.obj or b""
         n = min(len(data), len(spec.view))
@@ -98,13 +104,17 @@ class Message(Handle):
             spec.unpack()
 
     def Recv(self, buf: Any, status: Status | None = None) -> None:
-        """Receive the message into `buf` (a message spec); fill `status`. MPI.Exception
-        (ERR_TRUNCATE) if it does not fit."""
+        """Receive the message into `buf` (a message spec); fill `status`.
+
+        MPI.Exception(ERR_TRUNCATE) if it does not fit.
+        """
         self.Irecv(buf).Wait(status)
 
     def Irecv(self, buf: Any) -> Request:
-        """Start the receive of the message into `buf`: complete at once (the bytes are
-        here), the Request reports the status."""
+        """Start the receive of the message into `buf`; return the Request.
+
+        It completes at once (the bytes are here); the Request reports the status.
+        """
         engine = self._comm._engine if self._comm is not None else None
         rank_of = self._comm._rank_of if self._comm is not None else None
         op = self._take()
@@ -132,6 +142,10 @@ class Message(Handle):
         tag: int = constants.ANY_TAG,
         status: Status | None = None,
     ) -> Message:
+        """Block until a message matching (source, tag) on `comm` can be taken; take it.
+
+        As Comm.Mprobe.
+        """
         return mprobe(comm, source, tag, status)
 
     @classmethod
@@ -142,6 +156,10 @@ class Message(Handle):
         tag: int = constants.ANY_TAG,
         status: Status | None = None,
     ) -> Message | None:
+        """Take a message matching (source, tag) on `comm` if one matches now, else None.
+
+        As Comm.Improbe.
+        """
         return improbe(comm, source, tag, status)
 
     probe = Probe
@@ -236,8 +254,10 @@ def improbe(
     tag: int = constants.ANY_TAG,
     status: Status | None = None,
 ) -> Message | None:
-    """Comm.Improbe: the matched message if one matches now (after a progress pass), else
-    None."""
+    """Take the matched message if one matches now, else return None (Comm.Improbe).
+
+    A progress pass runs first.
+    """
     comm._source(source)
     comm._recv_tag(tag)
     engine = comm._check()

@@ -46,8 +46,10 @@ _user_ops: set[object] = set()  # the tokens of the live user ops
 
 
 class Op(Handle):
-    """One reduction operation (a handle: `Op(op)` is a new handle on the same operation,
-    equal to it; `Op()` is OP_NULL). Commutative unless created otherwise."""
+    """One reduction operation; commutative unless created otherwise.
+
+    A handle: `Op(op)` is a new handle on the same operation, equal to it; `Op()` is OP_NULL.
+    """
 
     name: str
     _pyfunc: Callable[[Any, Any], Any] | None
@@ -78,9 +80,12 @@ class Op(Handle):
 
     @classmethod
     def Create(cls, function: Callable[..., Any], commute: bool = False) -> Op:
-        """A user op: `function(inbuf, inoutbuf, datatype)` updates inoutbuf (numpy arrays
-        of the datatype's elements) for buffers; for objects `function(x, y, None)` returns
-        the result. RuntimeError if MAX_USER_OPS user ops are live already (as mpi4py)."""
+        """Create a user op from `function(inbuf, inoutbuf, datatype)`.
+
+        For buffers the function updates inoutbuf (numpy arrays of the datatype's elements); for
+        objects `function(x, y, None)` returns the result. RuntimeError if MAX_USER_OPS user ops are
+        live already (as mpi4py).
+        """
         if len(_user_ops) >= MAX_USER_OPS:
             raise RuntimeError(f"cannot create more than {MAX_USER_OPS} user-defined ops")
         op = cls._make(getattr(function, "__name__", "user"), None, None, bool(commute), function)
@@ -88,14 +93,17 @@ class Op(Handle):
         return op
 
     def Free(self) -> None:
-        """A user op: release it; this handle becomes OP_NULL. MPI.Exception(ERR_OP) for
-        a predefined op or OP_NULL (which stay as they are)."""
+        """Release a user op; this handle becomes OP_NULL.
+
+        MPI.Exception(ERR_OP) for a predefined op or OP_NULL (which stay as they are).
+        """
         if self._user is None:
             raise exceptions.Exception(exceptions.ERR_OP, f"Op.Free on predefined {self!r}")
         _user_ops.discard(self._token)
         self.__dict__.update(vars(OP_NULL))
 
     def Is_commutative(self) -> bool:
+        """Return True iff the op is commutative (user ops: as Create was told)."""
         return self._commute
 
     @property
@@ -121,9 +129,11 @@ class Op(Handle):
         return self._pyfunc(x, y)
 
     def Reduce_local(self, inbuf: Any, inoutbuf: Any) -> None:
-        """inoutbuf = inbuf op inoutbuf, elementwise, in this process (message specs).
-        ValueError if their counts or datatypes differ; MPI.Exception(ERR_OP) for OP_NULL
-        or an op that takes no buffers."""
+        """Reduce locally: inoutbuf = inbuf op inoutbuf, elementwise (message specs).
+
+        ValueError if their counts or datatypes differ; MPI.Exception(ERR_OP) for OP_NULL or an op
+        that takes no buffers.
+        """
         from guest_lib.mpi import buffers
 
         source = buffers.parse(inbuf)
@@ -138,7 +148,7 @@ class Op(Handle):
             target.unpack()
 
     def reduce_into(self, acc: np.ndarray, operand: np.ndarray, datatype: Any = None) -> None:
-        """acc[:] = operand op acc, elementwise (operand from the lower rank), in place."""
+        """Fold in place: acc[:] = operand op acc, elementwise (operand from the lower rank)."""
         if self._user is not None:
             if datatype is None:  # the caller did not say: the array's own predefined type
                 datatype = _datatype_of(acc.dtype)
@@ -149,7 +159,10 @@ class Op(Handle):
         self._arrayfunc(acc, operand)
 
     def combine_to(self, out: np.ndarray, left: np.ndarray, right: np.ndarray) -> None:
-        """out[:] = left op right in one pass where the op allows (`out` may alias neither)."""
+        """Fold into `out`: out[:] = left op right, in one pass where the op allows.
+
+        `out` may alias neither operand.
+        """
         if self._user is None and self._arrayfunc is not None and self._ufunc is not None:
             self._ufunc(left, right, out=out)
             return
@@ -172,17 +185,21 @@ class Op(Handle):
 
     @classmethod
     def fromhandle(cls, handle: int) -> Op:
-        """A new handle on the op numbered `handle` (see handles.Handle); a user op's
-        reduces as the op but does not pickle (as mpi4py's)."""
+        """Return a new handle on the op numbered `handle` (see handles.Handle).
+
+        A user op's reduces as the op but does not pickle (as mpi4py's).
+        """
         op = super().fromhandle(handle)
         vars(op)["_from_number"] = op._user is not None
         return op
 
     def __reduce__(self) -> Any:
-        """A predefined op unpickles as itself (a copy of one as an equal new handle of this
-        class); a
-        user op as a new user op of the same function (which must be picklable); ValueError
-        for a user op made by fromhandle/fromint/f2py (as mpi4py's)."""
+        """Pickle a predefined op by name, a user op by its function.
+
+        A predefined op unpickles as itself (a copy of one as an equal new handle of this class); a
+        user op as a new user op of the same function (which must be picklable); ValueError for a
+        user op made by fromhandle/fromint/f2py (as mpi4py's).
+        """
         if vars(self).get("_from_number"):
             raise ValueError("cannot pickle a user op made from its integer handle")
         if self._user is not None:

@@ -303,9 +303,11 @@ def _route(board: _Board, source: int, message: Any, comm: Comm) -> None:
 def psend_init(
     comm: Comm, buf: Any, partitions: int, dest: int, tag: int = 0, info: Any = None
 ) -> Prequest:
-    """A partitioned send of `buf` in `partitions` parts to `dest` (see the module
-    docstring). MPI.Exception: ERR_RANK, ERR_TAG, ERR_COMM, ERR_ARG (partitions < 1);
-    ValueError if the buffer does not split evenly. `info` is accepted and not used."""
+    """Create a partitioned send of `buf` in `partitions` parts to `dest`.
+
+    See the module docstring. MPI.Exception: ERR_RANK, ERR_TAG, ERR_COMM, ERR_ARG (partitions < 1);
+    ValueError if the buffer does not split evenly. `info` is accepted and not used.
+    """
     from guest_lib.mpi.persistent import Prequest
 
     return Prequest.partitioned(PartSend(comm, buf, partitions, dest, tag))
@@ -319,9 +321,11 @@ def precv_init(
     tag: int = constants.ANY_TAG,
     info: Any = None,
 ) -> Prequest:
-    """A partitioned receive into `buf` in `partitions` parts from `source` (see the module
-    docstring). MPI.Exception: ERR_RANK (also for ANY_SOURCE), ERR_TAG (also for ANY_TAG),
-    ERR_COMM, ERR_ARG; ValueError if the buffer does not split evenly. `info` is not used."""
+    """Create a partitioned receive into `buf` in `partitions` parts from `source`.
+
+    See the module docstring. MPI.Exception: ERR_RANK (also for ANY_SOURCE), ERR_TAG (also for
+    ANY_TAG), ERR_COMM, ERR_ARG; ValueError if the buffer does not split evenly. `info` is not used.
+    """
     from guest_lib.mpi.persistent import Prequest
 
     return Prequest.partitioned(PartRecv(comm, buf, partitions, source, tag))

@@ -80,8 +80,11 @@ def _shared(name: str) -> property:
 
 
 class Prequest(Request):
-    """A persistent request; see the module docstring. Its fields live in a cell shared by
-    every handle on the request (`Prequest(preq)`, `Request(preq)`, `fromhandle`)."""
+    """A persistent request; see the module docstring.
+
+    Its fields live in a cell shared by every handle on the request (`Prequest(preq)`,
+    `Request(preq)`, `fromhandle`).
+    """
 
     __slots__ = ()
 
@@ -92,8 +95,10 @@ class Prequest(Request):
     _owner = _shared("owner")
 
     def __init__(self, starter: Callable[[], Request] | Request | None = None) -> None:
-        """Prequest(preq): another handle on the same persistent request; Prequest(request)
-        of another kind: a null request if it is null, else TypeError (as mpi4py)."""
+        """Make another handle on a persistent request (`Prequest(preq)`).
+
+        Prequest(request) of another kind: a null request if it is null, else TypeError (as mpi4py).
+        """
         if isinstance(starter, Request) and starter._cell is not None:
             self._cell = starter._cell  # mpi4py's Prequest(preq): the same request
         elif isinstance(starter, Request):
@@ -119,8 +124,10 @@ class Prequest(Request):
         self._cell.starter = starter
 
     def Start(self) -> None:
-        """Begin the operation. MPI.Exception(ERR_REQUEST) if the request is freed (null)
-        or still active."""
+        """Begin the operation.
+
+        MPI.Exception(ERR_REQUEST) if the request is freed (null) or still active.
+        """
         cell = self._cell
         if cell.starter is None:
             raise exceptions.Exception(exceptions.ERR_REQUEST, "start of a null request")
@@ -143,15 +150,20 @@ class Prequest(Request):
     startall = Startall
 
     def Free(self) -> None:
-        """Make this the null request (with every handle on it); an operation still active
-        completes in the background. MPI.Exception(ERR_REQUEST) on a null request."""
+        """Make this the null request (with every handle on it).
+
+        An operation still active completes in the background. MPI.Exception(ERR_REQUEST) on a null
+        request.
+        """
         self._check_live("Free")
         self._cell.free()
 
     # ------------------------------------------------------------------ partitioned
     def _part(self, call: str) -> Any:
-        """The partitioned side of an active partitioned request, else MPI.Exception
-        (ERR_REQUEST)."""
+        """Return the partitioned side of an active partitioned request.
+
+        MPI.Exception(ERR_REQUEST) for any other request.
+        """
         part = self._cell.part
         if part is None or self._cell.op is None:
             raise exceptions.Exception(
@@ -174,10 +186,11 @@ class Prequest(Request):
         self._part("Pready_list").ready(list(partitions))
 
     def Parrived(self, partition: int) -> bool:
-        """Whether partition `partition` of a partitioned receive has arrived (makes
-        progress first); True on an inactive one (its last round is all there).
-        MPI.Exception: ERR_REQUEST on a null request or a partitioned send, ERR_ARG for a
-        partition out of range."""
+        """Return whether partition `partition` of a partitioned receive has arrived.
+
+        Makes progress first; True on an inactive one (its last round is all there). MPI.Exception:
+        ERR_REQUEST on a null request or a partitioned send, ERR_ARG for a partition out of range.
+        """
         part = self._cell.part
         if part is None:
             raise exceptions.Exception(exceptions.ERR_REQUEST, "Parrived: not partitioned")
@@ -216,8 +229,11 @@ def ssend_init(comm: Comm, buf: Any, dest: int, tag: int = 0) -> Prequest:
 def recv_init(
     comm: Comm, buf: Any, source: int = constants.ANY_SOURCE, tag: int = constants.ANY_TAG
 ) -> Prequest:
-    """A persistent receive into `buf`; each completion raises MPI.Exception(ERR_TRUNCATE)
-    from Wait/Test if its message was longer than the buffer (as Irecv)."""
+    """Create a persistent receive into `buf` (Comm.Recv_init).
+
+    Each completion raises MPI.Exception(ERR_TRUNCATE) from Wait/Test if its message was longer than
+    the buffer (as Irecv).
+    """
     comm._source(source)
     comm._recv_tag(tag)
     engine = comm._check()
@@ -250,8 +266,11 @@ def isendrecv(
     source: int = constants.ANY_SOURCE,
     recvtag: int = constants.ANY_TAG,
 ) -> Request:
-    """Nonblocking Sendrecv: one request, complete when both the send and the receive are;
-    its status is the receive's (ERR_TRUNCATE from Wait/Test as Irecv)."""
+    """Start a Sendrecv without waiting; return one request for both (Comm.Isendrecv).
+
+    It completes when both the send and the receive are; its status is the receive's (ERR_TRUNCATE
+    from Wait/Test as Irecv).
+    """
     comm._sendrecv_args(dest, source, sendtag, recvtag)
     rview = buffers.parse(recvbuf, writable=True).view
     sview = buffers.parse(sendbuf).view
@@ -266,8 +285,10 @@ def isendrecv_replace(
     source: int = constants.ANY_SOURCE,
     recvtag: int = constants.ANY_TAG,
 ) -> Request:
-    """Nonblocking Sendrecv_replace: `buf` is sent, then receives the message (the data to
-    send is copied at the call)."""
+    """Start a Sendrecv_replace without waiting; return the request (Comm.Isendrecv_replace).
+
+    `buf` is sent, then receives the message (the data to send is copied at the call).
+    """
     comm._sendrecv_args(dest, source, sendtag, recvtag)
     view = buffers.parse(buf, writable=True).view
     return _pair(comm, view, memoryview(bytes(view)), dest, sendtag, source, recvtag)

@@ -72,8 +72,10 @@ class Pickle:
         return self._loads(data)
 
     def dumps_oob(self, obj: Any) -> tuple[bytes, list[Any]]:
-        """(data stream, out-of-band buffers as MPI.buffer views, as mpi4py): protocol 5 or
-        more; buffers of at least THRESHOLD bytes are not copied into the stream."""
+        """Return (data stream, out-of-band buffers as MPI.buffer views), as mpi4py's.
+
+        Protocol 5 or more; buffers of at least THRESHOLD bytes are not copied into the stream.
+        """
         from guest_lib.mpi.memory import buffer
 
         protocol = max(self._protocol if self._protocol is not None else DEFAULT_PROTOCOL, 5)

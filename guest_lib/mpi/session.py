@@ -50,10 +50,11 @@ class Session(Handle):
         self._state = None
 
     def _release(self) -> None:
-        """(free: ends the session.)"""
+        """Free the handle: end the session (Finalize)."""
         self.Finalize()
 
     def Get_num_psets(self, info: Any = None) -> int:
+        """Return the number of process sets: "mpi://WORLD" and "mpi://SELF"."""
         self._check()
         return len(PSETS)
 
@@ -84,6 +85,7 @@ class Session(Handle):
         return self._members(pset_name)
 
     def Get_info(self) -> Info:
+        """Return a new, empty Info: this session has no hints."""
         self._check()
         return Info.Create()
 
@@ -101,6 +103,7 @@ class Session(Handle):
         self._check()
 
     def Iflush_buffer(self) -> Any:
+        """Return a request that is complete already (see MPI.Flush_buffer)."""
         self._check()
         return memory.Iflush_buffer()
 
@@ -110,6 +113,7 @@ class Session(Handle):
 
     @staticmethod
     def Create_errhandler(function: Any) -> errhandler.Errhandler:
+        """Create an error handler for sessions from `function(session, errorcode)`."""
         return errhandler.create_errhandler(function, "Session")
 
     def __bool__(self) -> bool:

@@ -199,8 +199,10 @@ def revoke(comm: Comm) -> None:
 
 
 def is_revoked(comm: Comm) -> bool:
-    """Comm.Is_revoked: whether this process knows the communicator revoked (by a call
-    here or a notice from another member), after a progress pass."""
+    """Return whether this process knows the communicator revoked (Comm.Is_revoked).
+
+    Revoked by a call here or a notice from another member; a progress pass runs first.
+    """
     engine = comm._check()
     engine.progress()
     return comm._ctx in engine.revoked
@@ -214,9 +216,10 @@ def get_failed(comm: Comm) -> Any:
 
 
 def ack_failed(comm: Comm, num_to_ack: int | None = None) -> int:
-    """Comm.Ack_failed: acknowledge the first `num_to_ack` failed members (None: all of
-    them); return how many are acknowledged. MPI.Exception(ERR_ARG) for a negative
-    count."""
+    """Acknowledge the first `num_to_ack` failed members (Comm.Ack_failed; None: all of them).
+
+    Returns how many are acknowledged. MPI.Exception(ERR_ARG) for a negative count.
+    """
     failed = _noticed(comm)
     wanted = len(failed) if num_to_ack is None else int(num_to_ack)
     if wanted < 0:
@@ -232,9 +235,11 @@ def _unacked_error(comm: Comm) -> int:
 
 
 def iagree(comm: Comm, flag: Any) -> Any:
-    """Comm.Iagree: a request that writes into `flag` (a buffer of one C int) the AND of
-    the members' flags (module docstring). TypeError for a non-buffer, ValueError for a
-    buffer that is not one C int."""
+    """Start an agreement on `flag`; return the request (Comm.Iagree).
+
+    The request writes into `flag` (a buffer of one C int) the AND of the members' flags (module
+    docstring). TypeError for a non-buffer, ValueError for a buffer that is not one C int.
+    """
     from guest_lib.mpi.request import Request
 
     engine = comm._check()
@@ -293,18 +298,23 @@ def _bits(worlds: list[int]) -> bytes:
 
 
 def shrink(comm: Comm) -> Any:
-    """Comm.Shrink: a new communicator of the members alive (module docstring); an
-    Intercomm for an intercommunicator (COMM_NULL when a whole group failed).
-    MPI.Exception(ERR_PROC_FAILED) when members failed and the communicator reaches
-    others through mpi4py (its mirrors cannot be shrunk)."""
+    """Return a new communicator of the members alive (Comm.Shrink; module docstring).
+
+    An Intercomm for an intercommunicator (COMM_NULL when a whole group failed).
+    MPI.Exception(ERR_PROC_FAILED) when members failed and the communicator reaches others through
+    mpi4py (its mirrors cannot be shrunk).
+    """
     made, request = ishrink(comm)
     request.Wait()
     return made
 
 
 def ishrink(comm: Comm) -> tuple[Any, Any]:
-    """Comm.Ishrink: (the new communicator, a request): the communicator is a null handle
-    until the request completes, then Shrink's (module docstring), driven by progress."""
+    """Start a Shrink; return (the new communicator, a request) (Comm.Ishrink).
+
+    The communicator is a null handle until the request completes, then Shrink's (module docstring),
+    driven by progress.
+    """
     from guest_lib.mpi import native
     from guest_lib.mpi.collectives_extra import ExtraCollectives
     from guest_lib.mpi.comm import Intracomm
