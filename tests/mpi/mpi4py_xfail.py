@@ -58,17 +58,6 @@ ENTRIES: list[tuple[str, str, str]] = [
         _NO_C_HANDLES,
     ),
     (
-        "test_doc.*",
-        "xfail",
-        "wrong: docstrings are not in the layout test_doc checks (mpi4py's, made by Cython: "
-        "a signature line, then a one-line summary that starts with a capital and ends with "
-        "'.'): 566 of the 611 names it checks fail (162 without a docstring, 198 of one "
-        "line, 206 in another layout). A "
-        "signature line put first with the first paragraph on one line (a mechanism, no "
-        "new text) would leave 219: 162 with no docstring, 52 starting lowercase, 5 without "
-        "a final '.'; those need docstrings written (issue #11)",
-    ),
-    (
         "test_msgspec.TestMessageCAIBuf.testAttrEmpty",
         "xfail",
         "real limit: buffers behind __cuda_array_interface__ are device memory",
