@@ -236,13 +236,18 @@ COLLECTIVES = (
 class CollectiveRequest:
     """A started collective (CollectiveGroup.start). `test()` advances it without waiting and
     says whether it completed; `wait()` completes it (and those started before it). Both
-    raise the collective's error, again on every later call."""
+    raise the collective's error, again on every later call. `declined`, once it completed:
+    the group's `declined` as this collective left it (a gatherv, scatterv or alltoallv its
+    members declined; the group's flag belongs to the collective that ended last)."""
+
+    __slots__ = ("_error", "_group", "_steps", "_wait", "declined")
 
     def __init__(self, group: CollectiveGroup, steps: Steps) -> None:
         self._group = group
         self._steps: Steps | None = steps
         self._wait: Wait | None = None
         self._error: BaseException | None = None
+        self.declined = False
 
     @property
     def done(self) -> bool:
@@ -271,6 +276,7 @@ class CollectiveRequest:
                 self._wait = next(self._steps)
         except StopIteration:
             self._steps = None
+            self.declined = group.declined
             return True
         except BaseException as exc:
             self._fail(exc)
@@ -1284,6 +1290,7 @@ class CollectiveGroup:
             request._wait = next(steps)
         except StopIteration:
             request._steps = None
+            request.declined = self.declined
             return request
         except (ValueError, TypeError, BufferError):
             if self._round == before:

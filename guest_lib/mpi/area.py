@@ -310,16 +310,20 @@ class Area:
             if error is exc:
                 raise
             raise error from exc
-        if request is not None and request.done:
+        if request is not None and request.done and not request.declined:
             self.completed += 1
         return request
 
-    def start(self, name: str, *args: Any) -> AreaOp:
-        """Start collective `name` nonblocking; the AreaOp completes with it. Errors at the
+    def start(self, name: str, *args: Any, then: Callable[[], Op] | None = None) -> AreaOp:
+        """Start collective `name` nonblocking; the AreaOp completes with it. A gatherv,
+        scatterv or alltoallv takes one round at most, as in `run`: where its members decline
+        it, `then()` starts the operation that moves it otherwise (see AreaOp). Errors at the
         start as for `run`."""
+        declinable = name in _DECLINABLE
+        kwargs = {"max_rounds": 1} if declinable else {}
         with self._leaving():
-            request = self.group.start(name, *args)
-        return AreaOp(self, request)
+            request = self.group.start(name, *args, **kwargs)
+        return AreaOp(self, request, then=then if declinable else None)
 
 
 class AreaOp(Op):
@@ -329,21 +333,40 @@ class AreaOp(Op):
     ERR_OTHER, `reason` saying why, drops the area and tells `on_fail` (if given) the
     reason. The first read that finds it pending raises the sleep flag (`Area.listen`) and
     polls once more, so that no waiter naps before the flag is up (a collective completed
-    by its first polls never raises it, nor makes the others ring this doorbell)."""
+    by its first polls never raises it, nor makes the others ring this doorbell).
 
-    __slots__ = ("_area", "_finished", "_listening", "_request", "on_fail", "reason")
+    `then`: for a collective its members may decline (a gatherv, scatterv or alltoallv over
+    one round, see `Area.run`), what starts the operation that moves it otherwise once the
+    area says it was declined (messages, started with the engine: `next`); this op is then
+    done with that one, its error and reason taken from it (a failure there was told to the
+    others by that operation's own `on_fail`). An exception of `then` fails this op as a
+    failure of the area does."""
+
+    __slots__ = (
+        "_area",
+        "_finished",
+        "_listening",
+        "_request",
+        "next",
+        "on_fail",
+        "reason",
+        "then",
+    )
 
     def __init__(
         self,
         area: Area,
         request: CollectiveRequest,
         on_fail: Callable[[str], None] | None = None,
+        then: Callable[[], Op] | None = None,
     ) -> None:
         self._finished = False
         super().__init__()
         self._area = area
         self._request = request
         self.on_fail = on_fail
+        self.then = then
+        self.next: Op | None = None
         self.reason = ""
         self._listening = False
 
@@ -355,6 +378,8 @@ class AreaOp(Op):
         with area.comm._engine.lock:
             if self._finished:  # (another thread's read completed it)
                 return True
+            if self.next is not None:
+                return self._followed(self.next)
             try:
                 pending = not self._request.test()
                 if pending and not self._listening:
@@ -364,6 +389,12 @@ class AreaOp(Op):
                 if pending:
                     area.check_abandoned()
                     return False
+                if self._listening:
+                    self._listening = False
+                    area.listen(-1)
+                if self._request.declined and self.then is not None:
+                    self.next = self.then()
+                    return self._followed(self.next)
                 area.completed += 1
             except BaseException as exc:
                 self.error = exceptions.ERR_OTHER
@@ -381,6 +412,15 @@ class AreaOp(Op):
     def done(self, value: bool) -> None:
         pass  # Op.__init__ sets it; completion is the collective's
 
+    def _followed(self, op: Op) -> bool:
+        """`done` once `next` carries the collective: whether it completed (its outcome
+        copied here)."""
+        if not op.done:
+            return False
+        self.error, self.reason = op.error, getattr(op, "reason", "")
+        self._finished = True
+        return True
+
 
 class AreaRequest(Request):
     """The Request of a nonblocking collective in the area. Wait naps on the doorbell,
@@ -394,7 +434,10 @@ class AreaRequest(Request):
         assert op is not None and engine is not None
         notifier = engine.ep.notifier
         while not op.done:
-            if not engine.progress() and not op.done:
+            follow = getattr(op, "next", None)
+            if follow is not None:  # (declined: messages, which the engine's wait serves)
+                engine.wait(follow)
+            elif not engine.progress() and not op.done:
                 notifier.wait(NAP_S)
 
     def Wait(self, status: Status | None = None) -> bool:

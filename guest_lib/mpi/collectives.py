@@ -191,6 +191,10 @@ def _blocks(buf: Any, writable: bool, size: int) -> tuple[Any, list[int], list[i
 # Area.call (blocking, `_one_call`) and Area.begin (nonblocking, `started`) take, or None
 # for the collective's body (its arguments checked there).
 CArgs = tuple[Any, ...] | None
+Stages = Iterator[list[Op]]
+# A declinable lane's way on messages: `messages(comm, tag, *args)` gives the collective's
+# stages (on `tag`) for its arguments.
+Messages = Callable[..., Stages]
 _BARRIER = (C_BARRIER, None, None, 0, None, None, None, None)
 
 
@@ -219,62 +223,63 @@ def _a_bcast(self: Any, group: CollectiveGroup, buf: Any, root: int = 0) -> CArg
     return C_BCAST, view, view, root, None, None, None, None
 
 
-def _f_gather(self: Any, shared: area.Area, sendbuf: Any, recvbuf: Any, root: int = 0) -> Any:
-    group = shared.group
+def _a_gather(
+    self: Any, group: CollectiveGroup, sendbuf: Any, recvbuf: Any, root: int = 0
+) -> CArgs:
     size = group.size
-    counts = displs = recv = send = None
+    counts = displs = recv = None
     if not 0 <= root < size:
-        return _SLOW
+        return None
     in_place = sendbuf is IN_PLACE or sendbuf is None
     mine = None if in_place and self._rank == root else _lane(sendbuf, False)
     if self._rank != root:
         if mine is None or mine[1] > group.slab_size:
-            return _SLOW
+            return None
         send = mine[0]
     else:
         if mine is None and not in_place:
-            return _SLOW
+            return None
         blocks = _blocks(recvbuf, True, size)
         if blocks is None:
-            return _SLOW
+            return None
         recv, counts, displs = blocks
         if mine is not None and mine[1] != counts[root]:
-            return _SLOW
+            return None
         send = None if mine is None else mine[0]
-    if not shared.call(C_GATHERV, send, recv, root, counts, displs, None, None):
-        return _SLOW
-    if group.declined:  # the root's data is more than one round: messages
-        self._run(self._gatherv(sendbuf, recvbuf, root, T_GATHER))
-    return None
+    return C_GATHERV, send, recv, root, counts, displs, None, None
 
 
-def _f_scatter(self: Any, shared: area.Area, sendbuf: Any, recvbuf: Any, root: int = 0) -> Any:
-    group = shared.group
+def _m_gather(self: Any, tag: int, sendbuf: Any, recvbuf: Any, root: int = 0) -> Stages:
+    return self._gatherv(sendbuf, recvbuf, root, tag)
+
+
+def _a_scatter(
+    self: Any, group: CollectiveGroup, sendbuf: Any, recvbuf: Any, root: int = 0
+) -> CArgs:
     size = group.size
-    seg = group._segment()
     counts = displs = send = None
     if not 0 <= root < size:
-        return _SLOW
+        return None
     in_place = recvbuf is IN_PLACE or recvbuf is None
     theirs = None if in_place and self._rank == root else _lane(recvbuf, True)
     if self._rank != root:
-        if theirs is None or theirs[1] > seg:
-            return _SLOW
+        if theirs is None or theirs[1] > group._segment():
+            return None
         recv = theirs[0]
     else:
         blocks = _blocks(sendbuf, False, size)
         if blocks is None or (theirs is None and not in_place):
-            return _SLOW
+            return None
         send, counts, displs = blocks
         n = counts[root]
         if theirs is not None and theirs[1] != n:
-            return _SLOW
+            return None
         recv = bytearray(n) if theirs is None else theirs[0]  # in place: the block stays
-    if not shared.call(C_SCATTERV, send, recv, root, counts, displs, None, None):
-        return _SLOW
-    if group.declined:
-        self._run(self._scatterv(sendbuf, recvbuf, root, T_SCATTER))
-    return None
+    return C_SCATTERV, send, recv, root, counts, displs, None, None
+
+
+def _m_scatter(self: Any, tag: int, sendbuf: Any, recvbuf: Any, root: int = 0) -> Stages:
+    return self._scatterv(sendbuf, recvbuf, root, tag)
 
 
 def _a_allgather(self: Any, group: CollectiveGroup, sendbuf: Any, recvbuf: Any) -> CArgs:
@@ -292,22 +297,21 @@ def _a_allgather(self: Any, group: CollectiveGroup, sendbuf: Any, recvbuf: Any) 
     return C_ALLGATHERV, send, recv, 0, counts, displs, None, None
 
 
-def _f_alltoall(self: Any, shared: area.Area, sendbuf: Any, recvbuf: Any) -> Any:
-    group = shared.group
+def _a_alltoall(self: Any, group: CollectiveGroup, sendbuf: Any, recvbuf: Any) -> CArgs:
     size = group.size
     mine = _blocks(sendbuf, False, size)
     if mine is None:
-        return _SLOW
+        return None
     theirs = _blocks(recvbuf, True, size)
     if theirs is None:
-        return _SLOW
+        return None
     send, scounts, sdispls = mine
     recv, rcounts, rdispls = theirs
-    if not shared.call(C_ALLTOALLV, send, recv, 0, scounts, sdispls, rcounts, rdispls):
-        return _SLOW
-    if group.declined:  # another member's data is more than one round: messages
-        self._run(self._alltoallv(sendbuf, recvbuf, T_ALLTOALL))
-    return None
+    return C_ALLTOALLV, send, recv, 0, scounts, sdispls, rcounts, rdispls
+
+
+def _m_alltoall(self: Any, tag: int, sendbuf: Any, recvbuf: Any) -> Stages:
+    return self._alltoallv(sendbuf, recvbuf, tag)
 
 
 def _operand(buf: Any, writable: bool) -> np.ndarray | None:
@@ -365,14 +369,35 @@ def _a_allreduce(
     return _a_fold(group, KIND_ALLREDUCE, sendbuf, recvbuf, op, True)
 
 
+def _declining(args_of: Callable[..., CArgs], messages: Messages, tag: int) -> Callable[..., Any]:
+    """The blocking lane of a gatherv, scatterv or alltoallv, whose members may decline the
+    round (data over it that not every member can size): Area.call with `args_of`'s
+    arguments, then, where declined, `messages`' stages on internal tag `tag`."""
+
+    def lane(self: Any, shared: area.Area, *args: Any, **kwargs: Any) -> Any:
+        c_args = args_of(self, shared.group, *args, **kwargs)
+        if c_args is None or not shared.call(*c_args):
+            return _SLOW
+        if shared.group.declined:  # a member's data is more than one round: messages
+            self._run(messages(self, tag, *args, **kwargs))
+        return None
+
+    return lane
+
+
 _f_barrier = _one_call(_a_barrier)
 _f_bcast = _one_call(_a_bcast)
+_f_gather = _declining(_a_gather, _m_gather, T_GATHER)
+_f_scatter = _declining(_a_scatter, _m_scatter, T_SCATTER)
+_f_alltoall = _declining(_a_alltoall, _m_alltoall, T_ALLTOALL)
 _f_allgather = _one_call(_a_allgather)
 _f_reduce = _one_call(_a_reduce)
 _f_allreduce = _one_call(_a_allreduce)
 
 
-def started(args_of: Callable[..., CArgs]) -> Callable[[Callable[..., Any]], Any]:
+def started(
+    args_of: Callable[..., CArgs], messages: Messages | None = None
+) -> Callable[[Callable[..., Any]], Any]:
     """Decorator of a nonblocking collective: its lane in the collective area, as the
     blocking lanes (`collective`): where the communicator's area is bound, no member
     abandoned anything and `args_of` takes the arguments, the round starts in one C call
@@ -380,7 +405,8 @@ def started(args_of: Callable[..., CArgs]) -> Callable[[Callable[..., Any]], Any
     finished it). The instance is numbered as `_nonblocking` numbers it (its abandonment
     on a failure alike); anything else (no area, other forms, collectives of the area still
     pending, a record of an abandoned collective of this communicator) runs the method's
-    body."""
+    body. `messages` (a gatherv, scatterv or alltoallv, see `_declining`): where the
+    members declined the round, the instance goes on with those stages on its own tag."""
 
     def wrap(method: Callable[..., Any]) -> Any:
         @functools.wraps(method)
@@ -399,15 +425,35 @@ def started(args_of: Callable[..., CArgs]) -> Callable[[Callable[..., Any]], Any
                         raise
                     if request is not None:  # (None: nothing moved, the body runs it)
                         self._nb_seq = seq + 1
-                        if request.done:
-                            return Request(DoneOp(constants.ANY_SOURCE), engine)
                         failed = functools.partial(_nb_abandon, self, engine, seq)
-                        return area.AreaRequest(area.AreaOp(shared, request, failed), engine)
+                        then = None
+                        if messages is not None:
+                            tag = T_NONBLOCKING + seq % NONBLOCKING_TAGS
+                            stages = functools.partial(messages, self, tag, *args, **kwargs)
+                            then = functools.partial(_on_messages, engine, stages, failed)
+                        if not request.done:
+                            op = area.AreaOp(shared, request, failed, then)
+                            return area.AreaRequest(op, engine)
+                        if then is None or not request.declined:
+                            return Request(DoneOp(constants.ANY_SOURCE), engine)
+                        try:
+                            return Request(then(), engine)
+                        except Exception as exc:
+                            failed(f"{type(exc).__name__}: {exc}")
+                            raise
             return method(self, *args, **kwargs)
 
         return run
 
     return wrap
+
+
+def _on_messages(
+    engine: Engine, stages: Callable[[], Stages], on_fail: Callable[[str], None] | None = None
+) -> StagedOp:
+    """Start a nonblocking collective's `stages()` with the engine (the first stage's
+    errors propagate; a later failure tells `on_fail`)."""
+    return engine.start_staged(StagedOp(stages(), on_fail))
 
 
 def _nb_abandon(comm: Any, engine: Engine, seq: int, reason: str) -> None:
@@ -585,9 +631,12 @@ class Collectives:
         return job is not None and shared.run(job[0], *job[1])
 
     @staticmethod
-    def _area_stages(shared: area.Area, job: tuple[str, tuple[Any, ...]]) -> Iterator[list[Op]]:
-        """A nonblocking collective's one stage in the area: the area's request."""
-        yield [shared.start(job[0], *job[1])]
+    def _area_stages(
+        shared: area.Area, job: tuple[str, tuple[Any, ...]], then: Callable[[], Op]
+    ) -> Iterator[list[Op]]:
+        """A nonblocking collective's one stage in the area: the area's request (`then`: its
+        way on messages where the members decline it, see area.AreaOp)."""
+        yield [shared.start(job[0], *job[1], then=then)]
 
     def _bytes(self, spec: buffers.VSpec) -> tuple[list[int], list[int]]:
         """A vector spec's counts and displacements in bytes."""
@@ -960,6 +1009,7 @@ class Collectives:
 
     Gatherv = Gather
 
+    @started(_a_gather, _m_gather)
     def Igather(self, sendbuf: Any, recvbuf: Any, root: int = 0) -> Request:
         """Start Gather (see there) without waiting; return the Request (also Igatherv)."""
         return self._nonblocking(
@@ -994,6 +1044,7 @@ class Collectives:
 
     Scatterv = Scatter
 
+    @started(_a_scatter, _m_scatter)
     def Iscatter(self, sendbuf: Any, recvbuf: Any, root: int = 0) -> Request:
         """Start Scatter (see there) without waiting; return the Request (also Iscatterv)."""
         return self._nonblocking(
@@ -1073,18 +1124,28 @@ class Collectives:
         The specs give each part's count and displacement (a spec without them is split as evenly as
         can be); sendbuf may be IN_PLACE (recvbuf's parts are sent, then replaced).
         """
+        plan, stages = self._alltoall_ways(sendbuf, recvbuf)
+        if not self._area_run(plan):
+            self._run(stages(T_ALLTOALL))
+
+    def _alltoall_ways(
+        self, sendbuf: Any, recvbuf: Any
+    ) -> tuple[Callable[[], tuple[str, tuple[Any, ...]]], Callable[[int], Stages]]:
+        """(plan, stages(tag)) of an Alltoallv: through the area, and on messages after it
+        (the area declined it) or without it. An area call declined after its first round
+        has written into recvbuf: in place, the messages send the copy the plan took before
+        it (its first argument)."""
         planned: list[tuple[str, tuple[Any, ...]]] = []
 
         def plan() -> tuple[str, tuple[Any, ...]]:
             planned.append(self._p_alltoall(sendbuf, recvbuf))
             return planned[0]
 
-        if self._area_run(plan):
-            return
-        # An area call declined after its first round has written into recvbuf: in place,
-        # the message path sends the copy the plan took before it (its first argument).
-        before = planned[0][1][0] if planned and sendbuf is IN_PLACE else None
-        self._run(self._alltoallv(sendbuf, recvbuf, T_ALLTOALL, before))
+        def stages(tag: int) -> Stages:
+            before = planned[0][1][0] if planned and sendbuf is IN_PLACE else None
+            return self._alltoallv(sendbuf, recvbuf, tag, before)
+
+        return plan, stages
 
     def Ialltoall(self, sendbuf: Any, recvbuf: Any) -> Request:
         """Nonblocking Alltoall (its specs checked as Alltoall's, at the call)."""
@@ -1093,12 +1154,11 @@ class Collectives:
         buffers.check_blocks(recvbuf, size)
         return self.Ialltoallv(sendbuf, recvbuf)
 
+    @started(_a_alltoall, _m_alltoall)
     def Ialltoallv(self, sendbuf: Any, recvbuf: Any) -> Request:
         """Start Alltoallv (see there) without waiting; return the Request."""
-        return self._nonblocking(
-            functools.partial(self._alltoallv, sendbuf, recvbuf),
-            functools.partial(self._p_alltoall, sendbuf, recvbuf),
-        )
+        plan, stages = self._alltoall_ways(sendbuf, recvbuf)
+        return self._nonblocking(stages, plan)
 
     def _alltoallv(
         self, sendbuf: Any, recvbuf: Any, tag: int, before: memoryview | None = None
@@ -1438,7 +1498,9 @@ class Collectives:
         try:
             job = plan() if shared is not None and plan is not None else None  # (args checked)
             if shared is not None and job is not None:
-                op = StagedOp(self._area_stages(shared, job), abandon)
+                # (declined: its messages fail through this op, which abandons it)
+                then = functools.partial(_on_messages, engine, functools.partial(stages, tag))
+                op = StagedOp(self._area_stages(shared, job, then), abandon)
                 engine.start_staged(op)
                 return area.AreaRequest(op, engine)
             op = StagedOp(stages(tag), abandon)

@@ -58,13 +58,77 @@ def _start(call: str, comm: MPI.Intracomm, salt: int) -> tuple[MPI.Request, Chec
             np.testing.assert_array_equal(recv, np.full(2, expect, "i8"))
 
         return comm.Ireduce(send, recv, MPI.MAX, root), reduced
-    assert call == "Iallgather"
-    send, recv = np.full(2, rank + salt, "i2"), np.zeros(2 * size, "i2")
-    want = np.repeat(np.arange(size, dtype="i2") + salt, 2)
-    return comm.Iallgather(send, recv), lambda: np.testing.assert_array_equal(recv, want)
+    if call == "Iallgather":
+        send, recv = np.full(2, rank + salt, "i2"), np.zeros(2 * size, "i2")
+        want = np.repeat(np.arange(size, dtype="i2") + salt, 2)
+        return comm.Iallgather(send, recv), lambda: np.testing.assert_array_equal(recv, want)
+    return _start_blocks(call, comm, salt)
 
 
-CALLS = ["Ibarrier", "Ibcast", "Iallreduce", "Ireduce", "Iallgather"]
+def _expect(got: np.ndarray, want: np.ndarray) -> Check:
+    return lambda: np.testing.assert_array_equal(got, want)
+
+
+def _start_blocks(call: str, comm: MPI.Intracomm, salt: int) -> tuple[MPI.Request, Check]:
+    """`_start` of the collectives of one block per member (odd sizes: 3-byte blocks, 6-byte
+    int16 blocks, rank-dependent vector counts)."""
+    size, rank = comm.Get_size(), comm.Get_rank()
+    root = size - 1
+    if call == "Igather":
+        send = np.full(3, rank + salt, "i2")
+        recv = np.zeros(3 * size, "i2") if rank == root else None
+        want = np.repeat(np.arange(size, dtype="i2") + salt, 3)
+        if rank != root:
+            return comm.Igather(send, recv, root), lambda: None
+        return comm.Igather(send, recv, root), _expect(recv, want)
+    if call == "Iscatter":
+        send = (np.arange(3 * size) + salt).astype("u1") if rank == root else None
+        recv = np.zeros(3, "u1")
+        want = (np.arange(3 * rank, 3 * rank + 3) + salt).astype("u1")
+        return comm.Iscatter(send, recv, root), _expect(recv, want)
+    if call == "Ialltoall":
+        send = (rank * 100 + np.arange(3 * size) + salt).astype("i4")
+        recv = np.zeros(3 * size, "i4")
+        want = np.concatenate([r * 100 + np.arange(3 * rank, 3 * rank + 3) + salt
+                               for r in range(size)]).astype("i4")  # fmt: skip
+        return comm.Ialltoall(send, recv), _expect(recv, want)
+    counts = [r + 1 for r in range(size)]
+    displs = [sum(counts[:r]) for r in range(size)]
+    total = sum(counts)
+    every = np.concatenate([np.full(r + 1, r + salt, "i4") for r in range(size)])
+    if call == "Igatherv":
+        send = np.full(rank + 1, rank + salt, "i4")
+        got = np.zeros(total, "i4")
+        if rank != root:
+            return comm.Igatherv(send, None, root), lambda: None
+        return comm.Igatherv(send, [got, counts, displs, MPI.INT], root), _expect(got, every)
+    if call == "Iscatterv":
+        spec = [every.copy(), counts, displs, MPI.INT] if rank == root else None
+        got = np.zeros(rank + 1, "i4")
+        return comm.Iscatterv(spec, got, root), _expect(got, np.full(rank + 1, rank + salt, "i4"))
+    if call == "Iallgatherv":
+        got = np.zeros(total, "i4")
+        request = comm.Iallgatherv(np.full(rank + 1, rank + salt, "i4"),
+                                   [got, counts, displs, MPI.INT])  # fmt: skip
+        return request, _expect(got, every)
+    assert call == "Ialltoallv"
+    # rank r sends (r + q) % 3 + 1 elements r*1000 + q*10 + salt + i to rank q
+    scounts = [(rank + q) % 3 + 1 for q in range(size)]
+    rcounts = [(r + rank) % 3 + 1 for r in range(size)]
+    sdispls = [sum(scounts[:q]) for q in range(size)]
+    rdispls = [sum(rcounts[:r]) for r in range(size)]
+    send = np.concatenate([rank * 1000 + q * 10 + salt + np.arange(scounts[q])
+                           for q in range(size)]).astype("i4")  # fmt: skip
+    want = np.concatenate([r * 1000 + rank * 10 + salt + np.arange(rcounts[r])
+                           for r in range(size)]).astype("i4")  # fmt: skip
+    got = np.zeros(sum(rcounts), "i4")
+    request = comm.Ialltoallv([send, scounts, sdispls, MPI.INT], [got, rcounts, rdispls, MPI.INT])
+    return request, _expect(got, want)
+
+
+BLOCKS = ["Igather", "Iscatter", "Ialltoall", "Igatherv", "Iscatterv", "Iallgatherv",
+          "Ialltoallv"]  # fmt: skip
+CALLS = ["Ibarrier", "Ibcast", "Iallreduce", "Ireduce", "Iallgather", *BLOCKS]
 
 
 @pytest.mark.parametrize("call", CALLS)
@@ -162,3 +226,95 @@ def test_waited_in_another_thread(comm, call):
     assert not thread.is_alive() and not errors
     assert not request
     check()
+
+
+def _over_a_slab(call: str, comm: MPI.Intracomm, salt: int) -> tuple[MPI.Request, Check]:
+    """`call` (Igatherv, Iscatterv, Ialltoallv) where one member's block is over a slab of
+    the area (7 bytes past it; the other blocks 1-3 bytes): the members decline the round
+    (not every member can size it) and the instance goes on over messages."""
+    size, rank = comm.Get_size(), comm.Get_rank()
+    shared = area.current(comm)
+    big = (shared.group.slab_size if shared is not None else 1 << 16) + 7
+    root = 0
+    counts = [big if r == 1 else r + 1 for r in range(size)]
+    displs = [sum(counts[:r]) for r in range(size)]
+    every = np.concatenate([np.full(counts[r], r + salt, "u1") for r in range(size)])
+    mine = np.full(counts[rank], rank + salt, "u1")
+    if call == "Igatherv":
+        got = np.zeros(sum(counts), "u1")
+        spec = [got, counts, displs, MPI.BYTE] if rank == root else None
+        check = _expect(got, every) if rank == root else (lambda: None)
+        return comm.Igatherv(mine, spec, root), check
+    if call == "Iscatterv":
+        got = np.zeros(counts[rank], "u1")
+        spec = [every.copy(), counts, displs, MPI.BYTE] if rank == root else None
+        return comm.Iscatterv(spec, got, root), _expect(got, mine)
+    assert call == "Ialltoallv"
+    # rank 0 sends `big` bytes to rank 1, every other pair 2 bytes: value sender*16 + dest
+    scounts = [big if (rank, q) == (0, 1) else 2 for q in range(size)]
+    rcounts = [big if (r, rank) == (0, 1) else 2 for r in range(size)]
+    send = np.concatenate([np.full(scounts[q], (rank * 16 + q + salt) % 256, "u1")
+                           for q in range(size)])  # fmt: skip
+    want = np.concatenate([np.full(rcounts[r], (r * 16 + rank + salt) % 256, "u1")
+                           for r in range(size)])  # fmt: skip
+    got = np.zeros(sum(rcounts), "u1")
+    sd = [sum(scounts[:q]) for q in range(size)]
+    rd = [sum(rcounts[:r]) for r in range(size)]
+    request = comm.Ialltoallv([send, scounts, sd, MPI.BYTE], [got, rcounts, rd, MPI.BYTE])
+    return request, _expect(got, want)
+
+
+@pytest.mark.parametrize("call", ["Igatherv", "Iscatterv", "Ialltoallv"])
+def test_declined_round_goes_on_over_messages(comm, call):
+    """A started gatherv/scatterv/alltoallv whose data is over one round is declined by its
+    members in the area and completes over messages, in the same instance: alone (on its
+    lane), between small ones of the same call (several pending: the later ones run as
+    the area's started steps), beside p2p, then a blocking collective. The area stays."""
+    if comm.Get_size() < 2:
+        pytest.skip("one member: nothing is declined")
+    size, rank = comm.Get_size(), comm.Get_rank()
+    lane = _lane_ready(comm)
+    request, check = _over_a_slab(call, comm, 1)
+    request.Wait()
+    check()
+    started = [
+        _start_blocks(call, comm, 2),
+        _over_a_slab(call, comm, 3),
+        _start_blocks(call, comm, 4),
+        _over_a_slab(call, comm, 5),
+    ]
+    got = np.zeros(2, "i4")
+    p2p = [comm.Irecv(got, (rank - 1) % size, tag=9),
+           comm.Isend(np.full(2, rank, "i4"), (rank + 1) % size, tag=9)]  # fmt: skip
+    assert MPI.Request.Waitall([r for r, _ in reversed(started)] + p2p) is True
+    for _, check in started:
+        check()
+    assert list(got) == [(rank - 1) % size] * 2
+    total = np.zeros(1, "i8")
+    comm.Allreduce(np.ones(1, "i8"), total, MPI.SUM)
+    assert total[0] == size
+    if lane:
+        assert area.current(comm) is not None  # (declining is no failure)
+
+
+@pytest.mark.parametrize("call", BLOCKS)
+def test_mixed_with_blocking_collectives_and_a_subcommunicator(comm, call):
+    """A started collective left pending across blocking collectives of the same
+    communicator and a nonblocking one of a split of it, then Waited: every result right."""
+    size, rank = comm.Get_size(), comm.Get_rank()
+    _lane_ready(comm)
+    half = comm.Split(rank % 2, rank)
+    try:
+        _lane_ready(half)
+        request, check = _start(call, comm, 6)
+        inner, inner_check = _start(call, half, 7)
+        word = np.full(1, 5 if rank == 0 else 0, "i8")
+        comm.Bcast(word, 0)
+        out = np.zeros(3 * size, "i4")
+        comm.Allgather(np.full(3, rank, "i4"), out)
+        assert word[0] == 5 and list(out) == [r for r in range(size) for _ in range(3)]
+        MPI.Request.Waitall([inner, request])
+        check()
+        inner_check()
+    finally:
+        half.Free()
