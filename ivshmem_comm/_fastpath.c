@@ -2725,7 +2725,12 @@ static PyObject *flat_view(PyObject *Py_UNUSED(module), PyObject *const *args, P
     if (info->ndim != 1 || (info->format != NULL && strcmp(info->format, "B") != 0)) {
         if (info->len == 0) /* (a view with a 0 in its shape does not cast) */
             goto none;
-        PyObject *flat = PyObject_CallMethod(view, "cast", "s", "B");
+        static PyObject *cast_name, *byte_format; /* interned on first use */
+        if (cast_name == NULL && (cast_name = PyUnicode_InternFromString("cast")) == NULL)
+            goto fail;
+        if (byte_format == NULL && (byte_format = PyUnicode_InternFromString("B")) == NULL)
+            goto fail;
+        PyObject *flat = PyObject_CallMethodOneArg(view, cast_name, byte_format);
         Py_DECREF(view);
         if (flat == NULL)
             return NULL;
@@ -2748,6 +2753,9 @@ static PyObject *flat_view(PyObject *Py_UNUSED(module), PyObject *const *args, P
 none:
     Py_DECREF(view);
     Py_RETURN_NONE;
+fail:
+    Py_DECREF(view);
+    return NULL;
 }
 
 static PyMethodDef module_methods[] = {

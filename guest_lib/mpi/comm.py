@@ -47,12 +47,14 @@ from guest_lib.mpi.matching import DoneOp, Op, RecvOp
 from guest_lib.mpi.pickling import dumps as _dumps
 from guest_lib.mpi.pickling import loads as _loads
 from guest_lib.mpi.request import Request, request_of, unpickle
-from guest_lib.mpi.routes import ANY, Route
+from guest_lib.mpi.routes import ANY, Route, fast_done
 from guest_lib.mpi.status import Status
 
-# numpy type characters of arrays the fast paths hand to the core as they are (plain numbers,
-# in the machine's byte order)
-_PLAIN_DTYPES = "?bBhHiIlLqQefdgFDG"
+# numpy's own dtype objects of the arrays the fast paths hand to the core as they are (plain
+# numbers in the machine's byte order), by id (the dict holds them: the ids stay theirs). An
+# equal dtype that is another object (made with metadata, say) is not here: such an array
+# takes buffers.quick, which decides the same from its buffer format.
+_PLAIN_DTYPES = {id(dtype): dtype for dtype in map(np.dtype, "?bBhHiIlLqQefdgFDG")}
 _CTX_SHIFT = constants.TAG_BITS
 _DECLINE_BIT = constants.MAX_CONTEXT + 1  # in a context map: "not my turn, agree again"
 _CTX_BYTES = (_DECLINE_BIT + 8) // 8  # a bit map of every context and the decline bit
@@ -612,10 +614,12 @@ class Comm(attributes.Cached, Handle):
         if peer is not None and (0 <= tag <= constants.TAG_UB or tag == constants.ANY_TAG):
             # fast path: from a peer on shared memory straight into the buffer
             data = buf if _plain_array(buf, True) else buffers.quick(buf, True)
-            if data is not None and self._route[source].recv_into(
-                self, data, source, tag, self._ctx, status
-            ):
-                return
+            if data is not None:  # (the route's recv_into, its common case inline)
+                got = self._engine.fast_recv(peer, self._ctx, tag, data)  # type: ignore[union-attr]
+                if got is not None:
+                    if got[2] is not None or status is not None:
+                        fast_done(self, got, source, status)
+                    return
         self._source(source)
         self._recv_tag(tag)
         view = buffers.quick(buf, True)
@@ -1257,12 +1261,13 @@ for _name in _RECEIVING:
 def _plain_array(buf: Any, writable: bool) -> bool:
     """True iff `buf` is a numpy array the core sends from or receives into as it is:
     C-contiguous, of a native numeric type (and writable, with `writable`)."""
+    if type(buf) is not np.ndarray:
+        return False
+    flags = buf.flags
     return (
-        type(buf) is np.ndarray
-        and buf.flags.c_contiguous
-        and (buf.flags.writeable or not writable)
-        and buf.dtype.char in _PLAIN_DTYPES
-        and buf.dtype.isnative
+        flags.c_contiguous
+        and (flags.writeable or not writable)
+        and id(buf.dtype) in _PLAIN_DTYPES  # (a native numeric type)
     )
 
 

@@ -25,6 +25,7 @@ from guest_lib.mpi.matching import DoneOp
 if TYPE_CHECKING:
     from guest_lib.mpi.comm import Comm
     from guest_lib.mpi.engine import Engine
+    from guest_lib.mpi.fastpath import FastRecv
     from guest_lib.mpi.matching import Op, RecvOp
     from guest_lib.mpi.status import Status
 
@@ -125,14 +126,7 @@ class ShmRoute(Route):
         got = engine.fast_recv(self.peer, ctx, tag, view)
         if got is None:
             return False
-        nbytes, got_tag, rest = got
-        if rest is not None:  # a large message whose rest the engine finishes
-            from guest_lib.mpi.request import Request  # (request -> engine -> native -> routes)
-
-            engine.wait(rest)
-            Request(rest, engine, comm._rank_of)._fill(status)
-        elif status is not None:
-            status._set(rank, got_tag, nbytes)
+        fast_done(comm, got, rank, status)
         return True
 
     def recv_bytes(
@@ -146,6 +140,20 @@ class ShmRoute(Route):
         if status is not None:
             status._set(rank, got_tag, nbytes)
         return data
+
+
+def fast_done(comm: Comm, got: FastRecv, rank: int, status: Status | None) -> None:
+    """The end of a buffer receive from `rank` of `comm` that the engine's fast path took
+    (`got`, engine.fast_recv's): the rest of a large message waited for, `status` filled."""
+    nbytes, got_tag, rest = got
+    if rest is not None:  # a large message whose rest the engine finishes
+        from guest_lib.mpi.request import Request  # (request -> engine -> native -> routes)
+
+        engine: Engine = comm._engine  # type: ignore[assignment]
+        engine.wait(rest)
+        Request(rest, engine, comm._rank_of)._fill(status)
+    elif status is not None:
+        status._set(rank, got_tag, nbytes)
 
 
 def failed(op: Op, rank: int) -> None:
