@@ -133,3 +133,8 @@ class MemoryExporter:
     _exported: Any
     @property
     def _exports(self) -> int: ...
+
+class EmptyExporter:
+    # Base type (_memexport.c): an instance exports an empty writable buffer at the address
+    # int(instance), owned by no object; guest_lib.mpi.constants' BOTTOM etc. derive from it.
+    ...

@@ -1,5 +1,6 @@
 /* ivshmem_comm._fastpath, part 3: MemoryExporter, a base type whose instances export the
- * memory of an object they hold through the buffer protocol.
+ * memory of an object they hold through the buffer protocol; and EmptyExporter, a base type
+ * whose instances export no memory at an address of their own (MPI.BOTTOM, MPI.IN_PLACE).
  *
  * Python 3.11 has no __buffer__ (PEP 688 is 3.12): a Python class can export memory only
  * through a C base type. guest_lib.mpi.win.Win derives from this one so that
@@ -146,9 +147,60 @@ static PyTypeObject MemoryExporterType = {
     .tp_getset = mx_getset,
 };
 
+/* EmptyExporter. mpi4py's BOTTOM, IN_PLACE and BUFFER_AUTOMATIC export an empty buffer
+ * (0 bytes, writable, format "B") at the address MPI gives the constant (MPI_BOTTOM,
+ * MPI_IN_PLACE, ...), owned by no object: memoryview(MPI.BOTTOM).obj is None. The
+ * constants of guest_lib.mpi.constants derive from this type and give that address as
+ * int(): it is read at each export (the type's __int__, a C long: negative values are
+ * addresses too, IN_PLACE's -1; TypeError for a type without __int__). No memory is behind
+ * it and none is held: nothing to release. */
+static int ee_getbuffer(PyObject *self, Py_buffer *view, int flags)
+{
+    view->obj = NULL;
+    /* the type's __int__ itself: PyNumber_Long would read a bytes-like object (this one)
+     * through its buffer, i.e. come back here */
+    PyNumberMethods *number = Py_TYPE(self)->tp_as_number;
+    if (number == NULL || number->nb_int == NULL) {
+        PyErr_Format(PyExc_TypeError, "%s: no __int__ to give the buffer's address",
+                     Py_TYPE(self)->tp_name);
+        return -1;
+    }
+    PyObject *value = number->nb_int(self);
+    if (value == NULL)
+        return -1;
+    if (!PyLong_Check(value)) {
+        PyErr_Format(PyExc_TypeError, "%s.__int__ returned %.200s, not int",
+                     Py_TYPE(self)->tp_name, Py_TYPE(value)->tp_name);
+        Py_DECREF(value);
+        return -1;
+    }
+    void *address = PyLong_AsVoidPtr(value);
+    Py_DECREF(value);
+    if (address == NULL && PyErr_Occurred())
+        return -1;
+    return PyBuffer_FillInfo(view, NULL, address, 0, 0, flags);
+}
+
+static PyBufferProcs ee_as_buffer = {
+    .bf_getbuffer = (getbufferproc)ee_getbuffer,
+};
+
+static PyTypeObject EmptyExporterType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "ivshmem_comm._fastpath.EmptyExporter",
+    .tp_doc = "Base type: an instance exports an empty writable buffer at the address "
+              "int(instance), owned by no object (memoryview(x).obj is None).",
+    .tp_basicsize = sizeof(PyObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
+    .tp_new = PyType_GenericNew,
+    .tp_as_buffer = &ee_as_buffer,
+};
+
 int memexport_add_type(PyObject *module)
 {
-    if (PyType_Ready(&MemoryExporterType) < 0)
+    if (PyType_Ready(&MemoryExporterType) < 0 || PyType_Ready(&EmptyExporterType) < 0)
         return -1;
-    return PyModule_AddObjectRef(module, "MemoryExporter", (PyObject *)&MemoryExporterType);
+    if (PyModule_AddObjectRef(module, "MemoryExporter", (PyObject *)&MemoryExporterType) < 0)
+        return -1;
+    return PyModule_AddObjectRef(module, "EmptyExporter", (PyObject *)&EmptyExporterType);
 }

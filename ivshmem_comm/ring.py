@@ -27,10 +27,12 @@ IMPLEMENTATION: str
 #: None on the pure-Python path.
 CollectiveRound: Any = None
 #: C-only helpers of the MPI face, None on the pure-Python path: the per-call parser of
-#: buffer specs (guest_lib.mpi.buffers has its Python reference) and the base type through
-#: which MPI windows export their memory (guest_lib.mpi.win).
+#: buffer specs (guest_lib.mpi.buffers has its Python reference), the base type through
+#: which MPI windows export their memory (guest_lib.mpi.win) and the one through which
+#: MPI.BOTTOM, IN_PLACE and BUFFER_AUTOMATIC export an empty buffer (guest_lib.mpi.constants).
 flat_view: Any = None
 MemoryExporter: Any = None
+EmptyExporter: Any = None
 
 #: The public names of each queue half, in both implementations.
 TX_API = frozenset(
@@ -59,6 +61,7 @@ else:
     try:
         from ivshmem_comm._fastpath import (  # type: ignore[assignment]
             CollectiveRound,
+            EmptyExporter,
             MemoryExporter,
             RxRing,
             TxRing,
@@ -96,6 +99,7 @@ __all__ = [
     "SEND_TOO_BIG",
     "TX_API",
     "CollectiveRound",
+    "EmptyExporter",
     "MemoryExporter",
     "RxRing",
     "TxRing",

@@ -56,6 +56,7 @@ from guest_lib.mpi.constants import (
     UNEQUAL,
     VERSION,
     BottomType,
+    BufferAutomaticType,
     InPlaceType,
 )
 from guest_lib.mpi.constants import KEY_TAG_UB as _KEY_TAG_UB
@@ -499,6 +500,7 @@ _unused = (  # names re-exported on purpose (mpi4py's MPI namespace), not used h
     Aint_diff,
     Alloc_mem, Attach_buffer, Detach_buffer, Free_mem, Get_address, buffer, Flush_buffer,
     Iflush_buffer, ORDER_C, ORDER_F, _typealign, _typecode, BottomType, InPlaceType,
+    BufferAutomaticType,
     ORDER_FORTRAN, ERRHANDLER_NULL, ERRORS_ABORT, ERRORS_ARE_FATAL, ERRORS_RETURN, Errhandler,
     LOCK_EXCLUSIVE, LOCK_SHARED, MODE_NOCHECK, MODE_NOPRECEDE, MODE_NOPUT, MODE_NOSTORE,
     MODE_NOSUCCEED, WIN_BASE, WIN_CREATE_FLAVOR, WIN_DISP_UNIT, WIN_FLAVOR_ALLOCATE,

@@ -1,11 +1,12 @@
 """Attribute caching (MPI's keyvals) for one kind of object, with mpi4py's semantics.
 
 `Keyvals(kind)` holds the keys made by `Create_keyval` for that kind and the values set on
-its objects. Objects are dictionary keys, so handles on one object (equal, same hash) share
-its attributes. mpi4py's callbacks: `copy_fn(old, keyval, value)` runs when the object is
-duplicated and returns the new object's value (NotImplemented: not copied; `copy_fn=True`
-copies the value as it is; None: not copied); `delete_fn(obj, keyval, value)` runs when a
-value is replaced, deleted or its object freed. An exception in a callback is printed to
+its objects. The values are kept by the objects' `_key()` (handles are unhashable, as
+mpi4py's: see handles.Handle), so handles on one object share its attributes. mpi4py's
+callbacks: `copy_fn(old, keyval, value)` runs when the object is duplicated and returns the
+new object's value (NotImplemented: not copied; `copy_fn=True` copies the value as it is;
+None: not copied); `delete_fn(obj, keyval, value)` runs when a value is replaced, deleted
+or its object freed. An exception in a callback is printed to
 stderr and raised as MPI.Exception(ERR_OTHER), as mpi4py does.
 """
 
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import itertools
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from typing import Any, ClassVar
 
 from guest_lib.mpi import constants, exceptions
@@ -27,7 +28,7 @@ class Keyvals:
     def __init__(self, kind: str) -> None:
         self.kind = kind
         self._fns: dict[int, tuple[Any, Callable[..., Any] | None]] = {}
-        self._values: dict[Any, dict[int, Any]] = {}
+        self._values: dict[Hashable, dict[int, Any]] = {}  # obj._key() -> keyval -> value
 
     def create(self, copy_fn: Any = None, delete_fn: Callable[..., Any] | None = None) -> int:
         """A new key; see the module docstring for the callbacks."""
@@ -54,40 +55,41 @@ class Keyvals:
         """The value set on `obj` for `keyval`, None if none. MPI.Exception(ERR_KEYVAL) for
         KEYVAL_INVALID or a key that is not one of this kind."""
         self._known(keyval)
-        return self._values.get(obj, {}).get(keyval)
+        return self._values.get(obj._key(), {}).get(keyval)
 
     def set(self, obj: Any, keyval: int, value: Any) -> None:
         """Set the value (the one it replaces goes to delete_fn first); ERR_KEYVAL as get."""
         self._known(keyval)
         self.delete(obj, keyval)
-        self._values.setdefault(obj, {})[keyval] = value
+        self._values.setdefault(obj._key(), {})[keyval] = value
 
     def delete(self, obj: Any, keyval: int) -> None:
         """Remove the value if set, then call delete_fn on it; ERR_KEYVAL as get."""
-        values = self._values.get(obj)
+        key = obj._key()
+        values = self._values.get(key)
         if values is None or keyval not in values:
             self._known(keyval)
             return
         value = values.pop(keyval)
         if not values:
-            del self._values[obj]
+            del self._values[key]
         delete_fn = self._fns.get(keyval, (None, None))[1]
         if delete_fn is not None:
             _callback(delete_fn, obj, keyval, value)
 
     def copy(self, old: Any, new: Any) -> None:
         """Give `new` (a duplicate of `old`) the values copy_fn gives for `old`'s."""
-        for keyval, value in list(self._values.get(old, {}).items()):
+        for keyval, value in list(self._values.get(old._key(), {}).items()):
             copy_fn = self._fns.get(keyval, (None, None))[0]
             if copy_fn is None or copy_fn is False:
                 continue
             copied = value if copy_fn is True else _callback(copy_fn, old, keyval, value)
             if copied is not NotImplemented:
-                self._values.setdefault(new, {})[keyval] = copied
+                self._values.setdefault(new._key(), {})[keyval] = copied
 
     def drop(self, obj: Any) -> None:
         """Delete every value set on `obj` (it is being freed)."""
-        for keyval in list(self._values.get(obj, {})):
+        for keyval in list(self._values.get(obj._key(), {})):
             self.delete(obj, keyval)
 
 

@@ -20,7 +20,7 @@ import sys
 import time
 import warnings
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -341,8 +341,8 @@ class Comm(attributes.Cached, Handle):
             return self._null and other._null
         return self._ctx == other._ctx and self._group == other._group
 
-    def __hash__(self) -> int:
-        return hash((self._ctx, tuple(self._group)))
+    def _key(self) -> Hashable:
+        return None if self._null else (self._ctx, tuple(self._group))
 
     def __reduce__(self) -> Any:
         """Pickle the predefined communicators by name; refuse any other.

@@ -6,7 +6,10 @@
 
 from __future__ import annotations
 
-from typing import Final
+import operator
+from typing import TYPE_CHECKING, Any, ClassVar, Final
+
+from ivshmem_comm import ring
 
 ANY_SOURCE: Final = -2
 ANY_TAG: Final = -1
@@ -45,7 +48,7 @@ SUBVERSION: Final = 1
 
 
 class _Sentinel:
-    """A named singleton (IN_PLACE, BOTTOM): identity is what matters."""
+    """A named singleton (UNWEIGHTED, WEIGHTS_EMPTY): identity is what matters."""
 
     __slots__ = ("_name",)
 
@@ -59,17 +62,101 @@ class _Sentinel:
         return self._name
 
 
-class BottomType(_Sentinel):
+if TYPE_CHECKING:  # one static base for the checker
+    _ExporterBase = object
+else:  # the C type that exports their empty buffer; none in the pure-Python mode
+    _ExporterBase = object if ring.EmptyExporter is None else ring.EmptyExporter
+
+
+def _integral(value: object) -> bool:
+    """Return whether a buffer constant compares with `value` (mpi4py's test).
+
+    True for an object with __index__ that is not a sized sequence (a numpy integer or a
+    0-d integer array; not a 1-d array).
+    """
+    if not hasattr(type(value), "__index__"):
+        return False
+    try:
+        len(value)  # type: ignore[arg-type]
+    except TypeError:
+        return True
+    return False
+
+
+class BufferConstant(_ExporterBase):
+    """Base of mpi4py's buffer constants (BOTTOM, IN_PLACE, BUFFER_AUTOMATIC).
+
+    One object per class: `type(c)()` gives `c` itself, and code here tells them by
+    identity (`buf is IN_PLACE`). int() is the address MPICH gives the constant (BOTTOM
+    0, IN_PLACE -1, BUFFER_AUTOMATIC -2); a constant equals that integer (and any integral
+    object of that value) and hashes as it, is true iff it is not 0, and has no arithmetic
+    or order (TypeError). repr() and pickling use its name. memoryview(c) is an empty
+    writable buffer at that address owned by no object (.obj is None), exported by the C
+    type ivshmem_comm._fastpath.EmptyExporter; in the pure-Python mode
+    (IVSHMEM_COMM_PUREPYTHON=1) there is none and memoryview(c) raises TypeError.
+    """
+
+    __slots__ = ()
+    _name: ClassVar[str]
+    _value: ClassVar[int]
+    _the: ClassVar[BufferConstant | None] = None
+
+    def __new__(cls) -> Any:
+        made = cls.__dict__.get("_the")
+        if made is None:
+            made = cls._the = super().__new__(cls)
+        return made
+
+    def __int__(self) -> int:
+        return self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, type(self)):
+            return True
+        if not _integral(other):
+            return NotImplemented
+        return self._value == operator.index(other)  # type: ignore[arg-type]
+
+    def __bool__(self) -> bool:
+        return self._value != 0
+
+    def __repr__(self) -> str:
+        return self._name
+
+    def __reduce__(self) -> str:
+        return self._name
+
+
+class BottomType(BufferConstant):
     """The type of BOTTOM (mpi4py's name): buffer address 0, displacements absolute."""
 
+    __slots__ = ()
+    _name, _value = "BOTTOM", 0
 
-class InPlaceType(_Sentinel):
+    def __index__(self) -> int:  # (BOTTOM's only, as mpi4py)
+        return self._value
+
+
+class InPlaceType(BufferConstant):
     """The type of IN_PLACE (mpi4py's name)."""
 
+    __slots__ = ()
+    _name, _value = "IN_PLACE", -1
 
-IN_PLACE: Final = InPlaceType("IN_PLACE")
-BOTTOM: Final = BottomType("BOTTOM")
-BUFFER_AUTOMATIC: Final = _Sentinel("BUFFER_AUTOMATIC")  # MPI-4.1: buffers as needed
+
+class BufferAutomaticType(BufferConstant):
+    """The type of BUFFER_AUTOMATIC (mpi4py's name): MPI-4.1's buffers as needed."""
+
+    __slots__ = ()
+    _name, _value = "BUFFER_AUTOMATIC", -2
+
+
+IN_PLACE: Final = InPlaceType()
+BOTTOM: Final = BottomType()
+BUFFER_AUTOMATIC: Final = BufferAutomaticType()
 UNWEIGHTED: Final = _Sentinel("UNWEIGHTED")  # MPI_UNWEIGHTED: a graph without weights
 WEIGHTS_EMPTY: Final = _Sentinel("WEIGHTS_EMPTY")  # MPI_WEIGHTS_EMPTY: weighted, no edges
 

@@ -19,13 +19,13 @@ then work element by element on the packed data), else BYTE.
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from typing import Any
 
 import numpy as np
 
 from guest_lib.mpi import attributes, constants, exceptions
-from guest_lib.mpi.handles import Handle
+from guest_lib.mpi.handles import Handle, Same
 from ivshmem_comm.typepack import typed_copy
 
 
@@ -617,7 +617,7 @@ class Datatype(attributes.Cached, Handle):
         index._check_handle()
         if index != INT:
             return DATATYPE_NULL
-        return _PAIRS.get(value._root, DATATYPE_NULL)
+        return _PAIRS.get(id(value._root), DATATYPE_NULL)
 
     # ------------------------------------------------------------------ packing
     def Pack_size(self, count: int, comm: Any = None) -> int:
@@ -717,8 +717,8 @@ class Datatype(attributes.Cached, Handle):
             return NotImplemented
         return self._root is other._root
 
-    def __hash__(self) -> int:
-        return id(self._root)
+    def _key(self) -> Hashable:
+        return Same(self._root)
 
     def __bool__(self) -> bool:
         return self.dtype is not None
@@ -1285,8 +1285,9 @@ REAL16 = _define("REAL16", "g", "g", sized=True)
 COMPLEX8 = _define("COMPLEX8", "F", "F", sized=True)
 COMPLEX16 = _define("COMPLEX16", "D", "D", sized=True)
 COMPLEX32 = _define("COMPLEX32", "G", "G", sized=True)
-_PAIRS = {SHORT: SHORT_INT, INT: TWOINT, LONG: LONG_INT, FLOAT: FLOAT_INT, DOUBLE: DOUBLE_INT,
-          LONG_DOUBLE: LONG_DOUBLE_INT}  # fmt: skip
+# value type -> its pair type, by id() (predefined types live as long as the process)
+_PAIRS = {id(SHORT): SHORT_INT, id(INT): TWOINT, id(LONG): LONG_INT, id(FLOAT): FLOAT_INT,
+          id(DOUBLE): DOUBLE_INT, id(LONG_DOUBLE): LONG_DOUBLE_INT}  # fmt: skip
 _MATCH = {
     TYPECLASS_INTEGER: (INTEGER1, INTEGER2, INTEGER4, INTEGER8),
     TYPECLASS_REAL: (REAL4, REAL8, REAL16),

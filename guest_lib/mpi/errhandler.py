@@ -25,11 +25,11 @@ from __future__ import annotations
 import functools
 import sys
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from typing import Any
 
 from guest_lib.mpi import exceptions
-from guest_lib.mpi.handles import Handle, argument
+from guest_lib.mpi.handles import Handle, Same, argument
 from guest_lib.mpi.request import Request
 
 _RETURN, _FATAL, _ABORT = "ERRORS_RETURN", "ERRORS_ARE_FATAL", "ERRORS_ABORT"
@@ -72,8 +72,8 @@ class Errhandler(Handle):
             return NotImplemented
         return self._kind is other._kind
 
-    def __hash__(self) -> int:
-        return id(self._kind)
+    def _key(self) -> Hashable:
+        return Same(self._kind)
 
     def __reduce__(self) -> Any:
         """Pickle a predefined handler by name; user handlers raise ValueError, as in mpi4py.

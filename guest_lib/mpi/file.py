@@ -54,14 +54,14 @@ import os
 import secrets
 import stat
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from typing import Any
 
 import numpy as np
 
 from guest_lib.mpi import buffers, constants, errhandler, exceptions
 from guest_lib.mpi.datatypes import BYTE, Datatype, _convert
-from guest_lib.mpi.handles import Handle
+from guest_lib.mpi.handles import Handle, Same
 from guest_lib.mpi.info import Info
 from guest_lib.mpi.matching import DoneOp
 from guest_lib.mpi.request import Request
@@ -529,8 +529,8 @@ class File(Handle):
             return NotImplemented
         return self._f is not other._f
 
-    def __hash__(self) -> int:
-        return id(self._f)
+    def _key(self) -> Hashable:
+        return Same(self._f)
 
     def __reduce__(self) -> Any:
         """FILE_NULL pickles as itself; an open file raises ValueError (as mpi4py)."""

@@ -9,7 +9,7 @@ repeated rank, ERR_ARG for a bad range, ERR_GROUP for an operation on GROUP_NULL
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from typing import Any
 
 from guest_lib.mpi import constants, exceptions
@@ -168,8 +168,8 @@ class Group(Handle):
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Group) and self._ranks == other._ranks
 
-    def __hash__(self) -> int:
-        return hash(None if self._ranks is None else tuple(self._ranks))
+    def _key(self) -> Hashable:
+        return None if self._ranks is None else tuple(self._ranks)
 
     def __reduce__(self) -> Any:
         """Pickle GROUP_NULL and GROUP_EMPTY (and handles to them); refuse other groups.

@@ -6,20 +6,22 @@ handle): equal handles (handles on one object) get the same number, and
 `type(h).fromhandle(h.handle)` (or `fromint`, `f2py`) is a new handle equal to `h`. The
 numbers mean nothing in another process. Objects that were given a number stay known to
 this process (as a C handle stays valid until freed); a freed object's number gives a
-null handle (the freed object itself).
+null handle (the freed handle itself), until a live handle equal to the one numbered (the
+same group, a communicator with the same context) asks again: the number is its then.
 """
 
 from __future__ import annotations
 
 import itertools
+from collections.abc import Hashable
 from typing import Any, TypeVar
 
 T = TypeVar("T", bound="Handle")
 
 _LIBRARY = "guest_lib.mpi."  # the modules whose classes `fromhandle` gives (not subclasses)
 _numbers = itertools.count(1)
-_by_number: dict[int, Any] = {}
-_by_object: dict[Any, int] = {}  # keyed by the objects' equality: equal handles share
+_by_number: dict[int, Any] = {}  # number -> the handle it was given through (or a later one)
+_by_object: dict[Hashable, int] = {}  # keyed by Handle._key(): equal handles share a number
 _constants: dict[type, list[Any]] = {}  # library class -> the MPI namespace's handles of it
 _constant_ids: set[int] = set()  # (they live as long as the process: ids stay theirs)
 
@@ -48,10 +50,34 @@ def _index_constants() -> None:
             _constant_ids.add(id(value))
 
 
+class Same:
+    """A dictionary key standing for one object by identity.
+
+    It equals another Same of the same object only and hashes as that object's id(); it
+    holds the object, so the id stays that object's for as long as the key is in use.
+    """
+
+    __slots__ = ("obj",)
+
+    def __init__(self, obj: object) -> None:
+        self.obj = obj
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Same) and other.obj is self.obj
+
+    def __hash__(self) -> int:
+        return id(self.obj)
+
+
 class Handle:
     """Mixin giving a handle class the integer-handle methods (see the module docstring).
-    The class must hash and compare equal handles alike, and `cls(h)` must make a new
-    handle on `h`'s object and `cls()` a null one."""
+
+    The class must define `_key()`, and `cls(h)` must make a new handle on `h`'s object
+    and `cls()` a null one. Handles are unhashable, as mpi4py's (hash() raises TypeError):
+    what this library keys by a handle (the numbers here, attributes) it keys by `_key()`.
+    """
+
+    __hash__ = None  # type: ignore[assignment]
 
     # No __slots__ here, on purpose: with empty slots this mixin became the layout base of
     # Comm while Intracomm's base is its (dict-carrying) collective mixins, and Python then
@@ -82,6 +108,14 @@ class Handle:
             self._nullify()
         else:
             self._release()
+
+    def _key(self) -> Hashable:
+        """Return the value this library keys the handle's object by.
+
+        A hashable value, equal for equal handles (handles on one object) and only for
+        them, that keeps what it stands for alive (see Same).
+        """
+        raise NotImplementedError(f"{type(self).__name__} has no _key")
 
     def _on_predefined(self) -> bool:
         """Return whether this handle is on a predefined object.
@@ -116,11 +150,14 @@ class Handle:
         """This handle's number (0 for a null handle)."""
         if not self:
             return 0
-        number = _by_object.get(self)
+        key = self._key()
+        number = _by_object.get(key)
         if number is None:
             number = next(_numbers)
-            _by_object[self] = number
+            _by_object[key] = number
             _by_number[number] = self
+        elif not _by_number[number]:  # the handle numbered first was freed: this one
+            _by_number[number] = self  # stands for the object now
         return number
 
     def py2f(self) -> int:

@@ -17,11 +17,11 @@ import os
 import platform
 import socket
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Hashable, Iterable, Iterator
 from typing import Any
 
 from guest_lib.mpi import exceptions
-from guest_lib.mpi.handles import Handle, argument
+from guest_lib.mpi.handles import Handle, Same, argument
 
 MAX_INFO_KEY = 255
 MAX_INFO_VAL = 1024
@@ -213,8 +213,8 @@ class Info(Handle):
             return NotImplemented
         return self._items is other._items
 
-    def __hash__(self) -> int:
-        return id(self._items)
+    def _key(self) -> Hashable:
+        return Same(self._items)
 
     def __reduce__(self) -> Any:
         """Pickle INFO_NULL and INFO_ENV by name, other tables by their items.

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import functools
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from typing import Any
 
 import numpy as np
@@ -181,8 +181,8 @@ class Intercomm(Comm):
             return self._null and other._null
         return isinstance(other, Intercomm) and self._ctx == other._ctx
 
-    def __hash__(self) -> int:
-        return hash((self._ctx, tuple(self._group)))
+    def _key(self) -> Hashable:
+        return None if self._null else ("inter", self._ctx)
 
     def __repr__(self) -> str:
         if self._null:

@@ -185,10 +185,13 @@ def Free_mem(mem: buffer) -> None:
 def Get_address(location: Any) -> int:
     """Return the address of `location`'s memory (anything with the buffer protocol).
 
-    0 for None and BOTTOM.
+    0 for None; BOTTOM, IN_PLACE and BUFFER_AUTOMATIC give their int() (0, -1, -2), as
+    mpi4py.
     """
-    if location is None or location is constants.BOTTOM:
+    if location is None:
         return 0
+    if isinstance(location, constants.BufferConstant):
+        return int(location)
     try:
         view = memoryview(location)
     except TypeError:  # a DLPack tensor in host memory, as message buffers take them

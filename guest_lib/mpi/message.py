@@ -13,10 +13,11 @@ PROC_NULL status.
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from typing import Any
 
 from guest_lib.mpi import buffers, constants, exceptions, native
-from guest_lib.mpi.handles import Handle, argument
+from guest_lib.mpi.handles import Handle, Same, argument
 from guest_lib.mpi.matching import RecvOp
 from guest_lib.mpi.pickling import loads as _loads
 from guest_lib.mpi.request import Request
@@ -50,8 +51,8 @@ class Message(Handle):
             return self._kind == other._kind
         return self._data is other._data
 
-    def __hash__(self) -> int:
-        return hash((self._kind, id(self._data)))
+    def _key(self) -> Hashable:
+        return Same(self._data) if self._kind == _MATCHED else self._kind
 
     def __reduce__(self) -> Any:
         if self is MESSAGE_NULL:

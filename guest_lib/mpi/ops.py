@@ -13,13 +13,13 @@ Reductions here are applied in rank order, so a non-commutative user op gives MP
 from __future__ import annotations
 
 import operator
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from typing import Any
 
 import numpy as np
 
 from guest_lib.mpi import datatypes, exceptions
-from guest_lib.mpi.handles import Handle, argument
+from guest_lib.mpi.handles import Handle, Same, argument
 
 
 def _loc(better: Callable[[Any, Any], bool]) -> Callable[[Any, Any], Any]:
@@ -177,8 +177,8 @@ class Op(Handle):
             return NotImplemented
         return self._token is other._token
 
-    def __hash__(self) -> int:
-        return id(self._token)
+    def _key(self) -> Hashable:
+        return Same(self._token)
 
     def __repr__(self) -> str:
         return f"<Op {self.name}>"

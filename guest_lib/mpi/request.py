@@ -12,12 +12,12 @@ status.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
 from guest_lib.mpi import constants, exceptions, pickling
 from guest_lib.mpi.engine import Engine
-from guest_lib.mpi.handles import Handle
+from guest_lib.mpi.handles import Handle, Same
 from guest_lib.mpi.matching import Op
 from guest_lib.mpi.status import Status
 
@@ -261,8 +261,8 @@ class Request(Handle):
             return self._op is other._op
         return self._cell is other._cell or (not self and not other)
 
-    def __hash__(self) -> int:
-        return id(self._op) if self._cell is None else id(self._cell)
+    def _key(self) -> Hashable:
+        return Same(self._op if self._cell is None else self._cell)
 
     # ------------------------------------------------------------------ many
     @staticmethod

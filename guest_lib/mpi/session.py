@@ -12,11 +12,12 @@ MPI.Exception(ERR_SESSION) for a call on a null session, ERR_ARG for an unknown 
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from typing import Any
 
 from guest_lib.mpi import errhandler, exceptions, memory
 from guest_lib.mpi.group import Group
-from guest_lib.mpi.handles import Handle
+from guest_lib.mpi.handles import Handle, Same
 from guest_lib.mpi.info import Info
 
 PSETS = ("mpi://WORLD", "mpi://SELF")
@@ -124,8 +125,8 @@ class Session(Handle):
             return NotImplemented
         return self._state is other._state
 
-    def __hash__(self) -> int:
-        return id(self._state)
+    def _key(self) -> Hashable:
+        return Same(self._state)
 
     def __reduce__(self) -> Any:
         """SESSION_NULL unpickles as itself; a live session raises ValueError (as mpi4py)."""

@@ -59,7 +59,7 @@ import os
 import struct
 import threading
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -67,7 +67,7 @@ import numpy as np
 from guest_lib.mpi import buffers, constants, errhandler, exceptions, ops
 from guest_lib.mpi.engine import StagedOp
 from guest_lib.mpi.group import Group
-from guest_lib.mpi.handles import Handle
+from guest_lib.mpi.handles import Handle, Same
 from guest_lib.mpi.info import Info
 from guest_lib.mpi.matching import DoneOp, Op, RecvOp
 from guest_lib.mpi.memory import Get_address
@@ -658,8 +658,8 @@ class Win(_MemoryBase, Handle):
             return NotImplemented
         return self._w is other._w
 
-    def __hash__(self) -> int:
-        return id(self._w)
+    def _key(self) -> Hashable:
+        return Same(self._w)
 
     def __reduce__(self) -> Any:
         if self._w is not None:

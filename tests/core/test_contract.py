@@ -36,6 +36,7 @@ MODULE_NAMES = {
     "CACHE_WINDOW",
     "typed_copy",
     "MemoryExporter",
+    "EmptyExporter",
     "CollectiveRound",
 } | {n for n in ring.__all__ if n.startswith("SEND_")}
 

@@ -308,22 +308,6 @@ ENTRIES: list[tuple[str, str, str]] = [
         _NO_C_HANDLES,
     ),
     (
-        "test_objmodel.TestObjModel.testConstants",
-        "xfail",
-        "wrong: BOTTOM, IN_PLACE and BUFFER_AUTOMATIC are Python singletons: no int() or "
-        "index(), not equal to (nor hashed as) their integer values, and no empty buffer export "
-        "(memoryview(BOTTOM) with .obj None needs a C type: Python 3.11 classes cannot export "
-        "buffers) (issue #11)",
-    ),
-    (
-        "test_objmodel.TestObjModel.testHash",
-        "xfail",
-        "wrong: handles hash here (every handle class defines __hash__); mpi4py's raise "
-        "TypeError on hash(). Tried: handles.py's number table can key by a wrapper, but "
-        "datatypes are dict keys and lru_cache arguments inside (datatypes._PAIRS, "
-        "collectives.py's and datatypes.py's caches), to be rekeyed first (issue #11)",
-    ),
-    (
         "test_package.TestMPIABI.testGetFromLibMPI",
         "xfail",
         "real limit: no libmpi to load (MPI.__file__ is Python)",
