@@ -491,8 +491,9 @@ class Comm(attributes.Cached, Handle):
         """Send an object without waiting; return the Request.
 
         The object is pickled at once (later changes to it are not sent); the request completes once
-        the data is in the queue or MPI. MPI.Exception(ERR_RANK/ERR_TAG) for a bad destination or
-        tag, ERR_COMM on COMM_NULL; to PROC_NULL the request is already complete.
+        the pickled data may be reused (it is in the queue, in MPI, or copied).
+        MPI.Exception(ERR_RANK/ERR_TAG) for a bad destination or tag, ERR_COMM on COMM_NULL; to
+        PROC_NULL the request is already complete.
         """
         self._dest(dest)
         self._send_tag(tag)
@@ -634,9 +635,9 @@ class Comm(attributes.Cached, Handle):
     def Isend(self, buf: Any, dest: int, tag: int = 0) -> Request:
         """Send a buffer (message spec) without waiting; return the Request.
 
-        The buffer must not be changed until the request completes (once the data is in the queue or
-        MPI). MPI.Exception(ERR_RANK/ERR_TAG) for a bad destination or tag; to PROC_NULL the request
-        is already complete.
+        The buffer must not be changed until the request completes, once it may be reused (the data
+        is in the queue, in MPI, or copied). MPI.Exception(ERR_RANK/ERR_TAG) for a bad destination
+        or tag; to PROC_NULL the request is already complete.
         """
         peer = self._shm_peer.get(dest)  # None: not a rank on shared memory, or a freed comm
         if peer is not None and 0 <= tag <= constants.TAG_UB:
