@@ -242,12 +242,12 @@ class CollectiveRequest:
 
     __slots__ = ("_error", "_group", "_steps", "_wait", "declined")
 
-    def __init__(self, group: CollectiveGroup, steps: Steps) -> None:
+    def __init__(self, group: CollectiveGroup, steps: Steps | None, declined: bool = False) -> None:
         self._group = group
-        self._steps: Steps | None = steps
+        self._steps: Steps | None = steps  # (None: done)
         self._wait: Wait | None = None
         self._error: BaseException | None = None
-        self.declined = False
+        self.declined = declined
 
     @property
     def done(self) -> bool:
@@ -388,6 +388,9 @@ class CollectiveGroup:
         self._listening = False  # see listen()
         # True after a gatherv, scatterv or alltoallv that its members declined (see there).
         self.declined = False
+        # What start_round returns for a round its first poll completed: (not declined,
+        # declined), done requests shared by every such call (nothing changes a done one).
+        self._done_rounds = tuple(CollectiveRequest(self, None, flag) for flag in (False, True))
         me = self.rank
         u64 = self._u64
         u64[self._sleep_i[me]] = 0
@@ -1030,16 +1033,9 @@ class CollectiveGroup:
         (ValueError, TypeError, BufferError), or with `refused` given run those steps
         instead. Any other error, here or thrown in at a wait, marks round k failed
         (`_c_failed`)."""
-        if self._broken is not None:
-            raise self._broken
-        k = self._round + 1
-        if k > layout.COLL_SEQ_MASK:
-            raise OverflowError("collective slot rounds exhausted; rebind the group")
-        c = self._c
-        assert c is not None
-        crowded = self._yield
+        k = self._next_round()
         try:
-            result = run(k, spin, crowded, *args)
+            result = run(k, spin, self._yield, *args)
         except (ValueError, TypeError, BufferError):
             if refused is None:
                 raise
@@ -1049,6 +1045,24 @@ class CollectiveGroup:
             self._c_failed(k, exc)
             raise
         self._round = k
+        yield from self._c_rest(k, result, spin)
+
+    def _next_round(self) -> int:
+        """The number of this member's next round (the group broken: its error)."""
+        if self._broken is not None:
+            raise self._broken
+        k = self._round + 1
+        if k > layout.COLL_SEQ_MASK:
+            raise OverflowError("collective slot rounds exhausted; rebind the group")
+        return k
+
+    def _c_rest(self, k: int, result: Any, spin: int) -> Steps:
+        """The rest of C round k after a call that returned `result`: each wait it ends on
+        is yielded, then C resumes (up to `spin` ns); `declined` is set at its end. An
+        error, here or thrown in at a wait, marks round k failed (`_c_failed`)."""
+        c = self._c
+        assert c is not None
+        crowded = self._yield
         try:
             while result.__class__ is tuple:
                 yield result
@@ -1276,26 +1290,29 @@ class CollectiveGroup:
     def start_round(self, run: Callable[..., Any], *args: Any) -> CollectiveRequest | None:
         """`start` for a collective of one round whose C arguments the caller made: round
         k of `run` (CollectiveRound.run or .fold) with `args`, polled once now. Returns the
-        request (done already where that poll completed the round; pending in the group
-        otherwise, as a started one), or None having moved nothing where other started
-        collectives are pending, the C accelerator is not built, or the C call refused the
-        arguments before its round (the caller starts the collective otherwise). An error
-        of the first poll propagates (round k is marked failed, see `_c_steps`)."""
+        request (done already where that poll completed the round: one of two shared done
+        requests, by `declined`; pending in the group otherwise, as a started one), or None
+        having moved nothing where other started collectives are pending, the C accelerator
+        is not built, or the C call refused the arguments before its round (the caller
+        starts the collective otherwise). An error of the first poll propagates (round k is
+        marked failed, see `_c_steps`)."""
         if self._pending or self._c is None:
             return None
-        before = self._round
-        steps = self._c_steps(run, args, 0)
-        request = CollectiveRequest(self, steps)
+        k = self._next_round()
         try:
-            request._wait = next(steps)
-        except StopIteration:
-            request._steps = None
-            request.declined = self.declined
-            return request
+            result = run(k, 0, self._yield, *args)
         except (ValueError, TypeError, BufferError):
-            if self._round == before:
-                return None
+            return None  # (refused before the round)
+        except BaseException as exc:
+            self._c_failed(k, exc)
             raise
+        self._round = k
+        if result.__class__ is not tuple:
+            self.declined = declined = result == 1
+            return self._done_rounds[declined]
+        steps = self._c_rest(k, result, 0)
+        request = CollectiveRequest(self, steps)
+        request._wait = next(steps)  # (the wait `result` names)
         self._pending.append(request)
         return request
 

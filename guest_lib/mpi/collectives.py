@@ -49,7 +49,7 @@ from guest_lib.mpi.engine import StagedOp
 from guest_lib.mpi.matching import DoneOp, Op
 from guest_lib.mpi.pickling import dumps as _dumps
 from guest_lib.mpi.pickling import loads as _loads
-from guest_lib.mpi.request import Request, unpickle
+from guest_lib.mpi.request import Request, request_of, unpickle
 from guest_lib.mpi.wire import COLL_SPAN, KIND_DATA, abandon_class, coll_base, core_tag
 from ivshmem_comm.collective import (
     C_ALLGATHERV,
@@ -425,6 +425,8 @@ def started(
                         raise
                     if request is not None:  # (None: nothing moved, the body runs it)
                         self._nb_seq = seq + 1
+                        if request.done and not request.declined:
+                            return request_of(DoneOp(constants.ANY_SOURCE), engine)
                         failed = functools.partial(_nb_abandon, self, engine, seq)
                         then = None
                         if messages is not None:
@@ -434,8 +436,7 @@ def started(
                         if not request.done:
                             op = area.AreaOp(shared, request, failed, then)
                             return area.AreaRequest(op, engine)
-                        if then is None or not request.declined:
-                            return Request(DoneOp(constants.ANY_SOURCE), engine)
+                        assert then is not None  # (declined: a declinable collective's)
                         try:
                             return Request(then(), engine)
                         except Exception as exc:
