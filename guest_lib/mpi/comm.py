@@ -209,10 +209,12 @@ class Comm(attributes.Cached, Handle):
 
     @property
     def rank(self) -> int:
+        """Rank of this process in the communicator (Get_rank)."""
         return self.Get_rank()
 
     @property
     def size(self) -> int:
+        """Number of processes in the communicator (Get_size)."""
         return self.Get_size()
 
     def Get_name(self) -> str:
@@ -232,6 +234,7 @@ class Comm(attributes.Cached, Handle):
 
     @property
     def name(self) -> str:
+        """Communicator name (Get_name, Set_name)."""
         return self._name
 
     @name.setter
@@ -253,10 +256,12 @@ class Comm(attributes.Cached, Handle):
 
     @property
     def is_inter(self) -> bool:
+        """False: this is an intracommunicator."""
         return False
 
     @property
     def is_intra(self) -> bool:
+        """True: this is an intracommunicator."""
         return True
 
     def Get_topology(self) -> int:
@@ -291,6 +296,7 @@ class Comm(attributes.Cached, Handle):
 
     @property
     def info(self) -> Any:
+        """Communicator info (Get_info)."""
         return self.Get_info()
 
     @info.setter

@@ -26,7 +26,7 @@ import numpy as np
 
 from guest_lib.mpi import attributes, constants, exceptions
 from guest_lib.mpi.handles import Handle, Same
-from ivshmem_comm.typepack import typed_copy
+from ivshmem_comm.typepack import typed_copy as _typed_copy  # (private: not an MPI name)
 
 
 class Datatype(attributes.Cached, Handle):
@@ -94,37 +94,46 @@ class Datatype(attributes.Cached, Handle):
     # mpi4py's getters
     @property
     def size(self) -> int:
+        """Size in bytes of the data of one element."""
         return self._size
 
     @property
     def extent(self) -> int:
+        """Extent in bytes: the span one element takes in a buffer."""
         return self._extent
 
     @property
     def lb(self) -> int:
+        """Lower bound in bytes."""
         return self._lb
 
     @property
     def ub(self) -> int:
+        """Upper bound in bytes: lower bound plus extent."""
         return self._lb + self._extent
 
     @property
     def true_lb(self) -> int:
+        """True lower bound in bytes: where the data bytes start (Get_true_extent)."""
         return self.Get_true_extent()[0]
 
     @property
     def true_ub(self) -> int:
+        """True upper bound in bytes: where the data bytes end (Get_true_extent)."""
         lb, extent = self.Get_true_extent()
         return lb + extent
 
     @property
     def true_extent(self) -> int:
+        """True extent in bytes: the span of the data bytes themselves (Get_true_extent)."""
         return self.Get_true_extent()[1]
 
     @property
     def packs(self) -> bool:
-        """True iff messages of this type are not its buffer's bytes as they lie (gaps, a
-        lower bound or an extent other than the size): see the module docstring."""
+        """True iff messages of this type are not its buffer's bytes as they lie.
+
+        That is, gaps, a lower bound or an extent other than the size: see the module docstring.
+        """
         return self._map() is not None
 
     def _map(self) -> np.ndarray | None:
@@ -150,20 +159,25 @@ class Datatype(attributes.Cached, Handle):
 
     @property
     def is_named(self) -> bool:
+        """True for a named (predefined) type."""
         return self._combiner == "NAMED"
 
     @property
     def typechar(self) -> str:
-        """mpi4py's character code: a predefined (or f90, or duplicated) type's ("d",
-        "i", ...), "V" for any other type, "" for DATATYPE_NULL."""
+        """Character code of mpi4py: "d", "i", ... for a predefined (or f90, or duplicated) type.
+
+        "V" for any other type, "" for DATATYPE_NULL.
+        """
         if self.dtype is None:
             return ""
         return self._named()._char or "V"
 
     @property
     def typestr(self) -> str:
-        """mpi4py's type string: "i4", "f8", "S1", ... for the types with a character
-        code, else "V<extent>"; "" for DATATYPE_NULL."""
+        """Type string of mpi4py: "i4", "f8", "S1", ... for the types with a character code.
+
+        Else "V<extent>"; "" for DATATYPE_NULL.
+        """
         if self.dtype is None:
             return ""
         char = self._named()._char
@@ -171,8 +185,10 @@ class Datatype(attributes.Cached, Handle):
 
     @property
     def predefined_name(self) -> str | None:
-        """The MPI name of a predefined type without its MPI_ prefix ("DOUBLE"; what
-        mpi4py calls it), whatever Set_name did; None for any other type."""
+        """MPI name of a predefined type without its MPI_ prefix ("DOUBLE"; what mpi4py calls it).
+
+        Whatever Set_name did; None for any other type.
+        """
         if self._combiner != "NAMED":
             return None
         return next((k for k, v in PREDEFINED.items() if v is self._root), None)
@@ -186,14 +202,17 @@ class Datatype(attributes.Cached, Handle):
 
     @property
     def combiner(self) -> int:
+        """Combiner: the COMBINER_* constant of the constructor that made the type."""
         return COMBINERS[self._combiner]
 
     @property
     def envelope(self) -> tuple[int, int, int, int, int]:
+        """Envelope of the type (Get_envelope)."""
         return self.Get_envelope()
 
     @property
     def contents(self) -> tuple[list[int], list[int], list[int], list[Datatype]]:
+        """Contents of the type: its constructor's arguments (Get_contents)."""
         return self.Get_contents()
 
     def Get_envelope(self) -> tuple[int, int, int, int, int]:
@@ -951,9 +970,9 @@ def pack_into(view: Any, start: int, count: int, datatype: Datatype, packed: Any
               limit: int = -1) -> int:  # fmt: skip
     """Gather `count` elements of `datatype` from byte `start` of `view` into the dense `packed`.
 
-    Returns the bytes written (see `typed_copy`).
+    Returns the bytes written (see ivshmem_comm.typepack's `typed_copy`).
     """
-    return typed_copy(True, view, start, count, datatype._extent, datatype.compiled(), packed,
+    return _typed_copy(True, view, start, count, datatype._extent, datatype.compiled(), packed,
                       limit)  # fmt: skip
 
 
@@ -963,7 +982,7 @@ def unpack_from(packed: Any, view: Any, start: int, count: int, datatype: Dataty
 
     At most `limit` bytes of `packed` are read; `view` must be writable. Returns the bytes read.
     """
-    return typed_copy(False, view, start, count, datatype._extent, datatype.compiled(), packed,
+    return _typed_copy(False, view, start, count, datatype._extent, datatype.compiled(), packed,
                       limit)  # fmt: skip
 
 

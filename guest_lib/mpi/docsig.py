@@ -35,8 +35,9 @@ def embed(module: types.ModuleType) -> int:
     Visits the functions and classes of `module`'s namespace that this package defines, and
     the methods, class methods, static methods, properties and nested classes of those classes
     (each object once). A function's or method's docstring becomes `name(params) -> ret`, a
-    blank line, then its cleaned text; a property's `name: type`, a blank line, the text; a
-    class's docstring is cleaned only (classes carry no signature line, as in mpi4py). An
+    blank line, then its cleaned text; a property's `name: type` (the name its class gives
+    it: a property made by a factory has a getter of another name), a blank line, the text;
+    a class's docstring is cleaned only (classes carry no signature line, as in mpi4py). An
     object without a docstring, or whose docstring already starts with its signature line,
     is left as it is. Returns the number of docstrings rewritten; raises nothing for objects
     of other kinds (they are skipped).
@@ -48,7 +49,7 @@ def embed(module: types.ModuleType) -> int:
 
 def _embed_namespace(namespace: dict[str, Any], names: dict[int, str], seen: set[int]) -> int:
     done = 0
-    for value in list(namespace.values()):
+    for key, value in list(namespace.items()):
         if id(value) in seen or not _ours(value):
             continue
         seen.add(id(value))
@@ -57,10 +58,9 @@ def _embed_namespace(namespace: dict[str, Any], names: dict[int, str], seen: set
                 value.__doc__ = inspect.cleandoc(value.__doc__)
             done += _embed_namespace(dict(vars(value)), names, seen)
         elif isinstance(value, property):
-            if value.fget is not None and value.__doc__:
+            if value.fget is not None and value.__doc__:  # named as the class names it
                 returns = value.fget.__annotations__.get("return")
-                head = value.fget.__name__ if returns is None else f"{value.fget.__name__}: "
-                head += "" if returns is None else _annotation(returns)
+                head = key if returns is None else f"{key}: {_annotation(returns)}"
                 done += _prefix(value, head)
         elif isinstance(value, (classmethod, staticmethod)):
             function = value.__func__

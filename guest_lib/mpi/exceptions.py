@@ -142,10 +142,12 @@ class Exception(
 
     @property
     def error_class(self) -> int:
+        """Error class of the error code (Get_error_class)."""
         return Get_error_class(self.error_code)
 
     @property
     def error_string(self) -> str:
+        """Message of the error code (Get_error_string)."""
         return Get_error_string(self.error_code)
 
     def __eq__(self, other: object) -> bool:

@@ -662,6 +662,7 @@ class File(Handle):
 
     @property
     def size(self) -> int:
+        """Size of the file in bytes (Get_size)."""
         return self.Get_size()
 
     def Get_amode(self) -> int:
@@ -670,6 +671,7 @@ class File(Handle):
 
     @property
     def amode(self) -> int:
+        """Access mode the file was opened with (Get_amode)."""
         return self.Get_amode()
 
     def Get_group(self) -> Any:
@@ -678,14 +680,17 @@ class File(Handle):
 
     @property
     def group(self) -> Any:
+        """Group of the processes that opened the file (Get_group)."""
         return self.Get_group()
 
     @property
     def group_size(self) -> int:
+        """Number of processes that opened the file."""
         return self._check().comm.Get_size()
 
     @property
     def group_rank(self) -> int:
+        """Rank of this process among those that opened the file."""
         return self._check().comm.Get_rank()
 
     def Set_info(self, info: Any) -> None:
@@ -700,6 +705,7 @@ class File(Handle):
 
     @property
     def info(self) -> Info:
+        """File info (Get_info)."""
         return self.Get_info()
 
     @info.setter
@@ -716,6 +722,7 @@ class File(Handle):
 
     @property
     def atomicity(self) -> bool:
+        """Atomic mode on or off (Get_atomicity)."""
         return self.Get_atomicity()
 
     @atomicity.setter

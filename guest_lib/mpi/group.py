@@ -50,10 +50,12 @@ class Group(Handle):
 
     @property
     def size(self) -> int:
+        """Number of processes in the group (Get_size)."""
         return self.Get_size()
 
     @property
     def rank(self) -> int:
+        """Rank of this process in the group (Get_rank)."""
         return self.Get_rank()
 
     def _checked(self, ranks: Sequence[int]) -> list[int]:

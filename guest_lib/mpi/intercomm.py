@@ -119,6 +119,7 @@ class Intercomm(Comm):
 
     @property
     def remote_size(self) -> int:
+        """Number of processes in the remote group (Get_remote_size)."""
         return self.Get_remote_size()
 
     def Get_group(self) -> Any:
@@ -137,6 +138,7 @@ class Intercomm(Comm):
 
     @property
     def remote_group(self) -> Any:
+        """Remote group (Get_remote_group)."""
         return self.Get_remote_group()
 
     def Is_inter(self) -> bool:
@@ -149,10 +151,12 @@ class Intercomm(Comm):
 
     @property
     def is_inter(self) -> bool:
+        """True: this is an intercommunicator."""
         return True
 
     @property
     def is_intra(self) -> bool:
+        """False: this is an intercommunicator."""
         return False
 
     def Compare(self, comm: Comm) -> int:

@@ -90,14 +90,17 @@ class buffer(np.ndarray):  # mpi4py's name, lower case
     # ------------------------------------------------------------------ attributes
     @property
     def address(self) -> int:
+        """Address of the memory (0 once released)."""
         return 0 if self._released else int(self.ctypes.data)
 
     @property
     def obj(self) -> Any:
+        """Object that holds the memory (None once released)."""
         return self._obj
 
     @property
     def nbytes(self) -> int:
+        """Size of the memory in bytes (0 once released)."""
         return 0 if self._released else len(self)
 
     def __bool__(self) -> bool:
@@ -106,10 +109,12 @@ class buffer(np.ndarray):  # mpi4py's name, lower case
 
     @property
     def readonly(self) -> bool:
+        """True iff the memory is read-only (False once released)."""
         return not self._released and not self.flags.writeable
 
     @property
     def format(self) -> str:
+        """Format of the items, "B" (unsigned bytes), as mpi4py's."""
         return "B"
 
     def release(self) -> None:

@@ -108,16 +108,20 @@ class Op(Handle):
 
     @property
     def is_commutative(self) -> bool:
+        """True iff the op is commutative (Is_commutative)."""
         return self._commute
 
     @property
     def is_predefined(self) -> bool:
+        """True for a predefined op, False for a user op."""
         return self._user is None
 
     @property
     def ufunc(self) -> Any:
-        """The numpy ufunc computing `left op right` elementwise, or None (a user op, a
-        logical or location op, REPLACE, NO_OP)."""
+        """Numpy ufunc computing `left op right` elementwise, or None.
+
+        None for a user op, a logical or location op, REPLACE, NO_OP.
+        """
         return self._ufunc if self._user is None else None
 
     def __call__(self, x: Any, y: Any) -> Any:

@@ -30,10 +30,10 @@ class Status:
     tag, error), which `tomemory()` exposes as a writable memoryview, as mpi4py's does."""
 
     __slots__ = ("__weakref__", "_fields")
-    count = _field(_COUNT, "bytes received")
-    source = _field(_SOURCE, "the sender's rank")
-    tag = _field(_TAG, "the message's tag")
-    error = _field(_ERROR, "the error class of the operation")
+    count = _field(_COUNT, "Bytes received.")
+    source = _field(_SOURCE, "The sender's rank.")
+    tag = _field(_TAG, "The message's tag.")
+    error = _field(_ERROR, "The error class of the operation.")
 
     def __init__(self, status: Status | None = None) -> None:
         if status is None:
@@ -52,6 +52,7 @@ class Status:
 
     @property
     def cancelled(self) -> bool:
+        """True iff the operation was cancelled (Is_cancelled)."""
         return bool(self._fields[_CANCELLED])
 
     @cancelled.setter

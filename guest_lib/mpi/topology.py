@@ -85,6 +85,7 @@ class Topocomm(NeighborCollectives, Intracomm):
 
     @property
     def is_topo(self) -> bool:
+        """True: this communicator has a topology."""
         return True
 
     @property
@@ -99,18 +100,22 @@ class Topocomm(NeighborCollectives, Intracomm):
 
     @property
     def degrees(self) -> tuple[int, int]:
+        """Number of (in, out) neighbors of this rank."""
         return self.indegree, self.outdegree
 
     @property
     def inedges(self) -> list[int]:
+        """In-neighbors of this rank, in MPI's neighbor order (PROC_NULL keeps a slot)."""
         return self._sources()
 
     @property
     def outedges(self) -> list[int]:
+        """Out-neighbors of this rank, in MPI's neighbor order (PROC_NULL keeps a slot)."""
         return self._destinations()
 
     @property
     def inoutedges(self) -> tuple[list[int], list[int]]:
+        """In- and out-neighbors of this rank: (inedges, outedges)."""
         return self._sources(), self._destinations()
 
     def Dup(self, info: Any = None) -> Any:
@@ -139,6 +144,7 @@ class Cartcomm(Topocomm):
 
     @property
     def dim(self) -> int:
+        """Number of dimensions of the grid (Get_dim)."""
         return len(self._t_dims)
 
     ndim = dim
@@ -149,18 +155,22 @@ class Cartcomm(Topocomm):
 
     @property
     def topo(self) -> tuple[list[int], list[bool], list[int]]:
+        """Topology: (dims, periods, this rank's coordinates) (Get_topo)."""
         return self.Get_topo()
 
     @property
     def dims(self) -> list[int]:
+        """Size of the grid in each dimension."""
         return list(self._t_dims)
 
     @property
     def periods(self) -> list[bool]:
+        """Periodicity of each dimension."""
         return list(self._t_periods)
 
     @property
     def coords(self) -> list[int]:
+        """Coordinates of this rank in the grid."""
         return self.Get_coords(self.Get_rank())
 
     def Get_cart_rank(self, coords: Sequence[int]) -> int:
@@ -326,10 +336,12 @@ class Graphcomm(Topocomm):
 
     @property
     def nnodes(self) -> int:
+        """Number of nodes of the graph."""
         return len(self._t_index)
 
     @property
     def nedges(self) -> int:
+        """Number of edges of the graph."""
         return len(self._t_edges)
 
     def Get_topo(self) -> tuple[list[int], list[int]]:
@@ -340,10 +352,12 @@ class Graphcomm(Topocomm):
 
     @property
     def index(self) -> list[int]:
+        """Index of the graph: node i's edges end at index[i] (no leading 0)."""
         return list(self._t_index)
 
     @property
     def edges(self) -> list[int]:
+        """Edges of the graph, node after node."""
         return list(self._t_edges)
 
     def Get_neighbors_count(self, rank: int) -> int:
@@ -362,10 +376,12 @@ class Graphcomm(Topocomm):
 
     @property
     def nneighbors(self) -> int:
+        """Number of neighbors of this rank."""
         return self.Get_neighbors_count(self.Get_rank())
 
     @property
     def neighbors(self) -> list[int]:
+        """Neighbors of this rank, in edge order."""
         return self.Get_neighbors(self.Get_rank())
 
     def _sources(self) -> list[int]:

@@ -822,28 +822,33 @@ class Win(_MemoryBase, Handle):
 
     @property
     def group(self) -> Group:
+        """Group of the window's members (Get_group)."""
         return self.Get_group()
 
     @property
     def group_size(self) -> int:
+        """Number of the window's members."""
         return len(self._check().comm._group)
 
     @property
     def group_rank(self) -> int:
+        """Rank of this process among the window's members."""
         return int(self._check().comm._rank)
 
     @property
     def attrs(self) -> tuple[int, int, int]:
-        """(base address, size, displacement unit)."""
+        """Attributes of this rank's window: (base address, size, displacement unit)."""
         w = self._check()
         return w.base, len(w.memory), w.disp_unit
 
     @property
     def flavor(self) -> int:
+        """Create flavor of the window (WIN_FLAVOR_*)."""
         return self._check().flavor
 
     @property
     def model(self) -> int:
+        """Memory model of the window: WIN_UNIFIED."""
         self._check()
         return WIN_UNIFIED
 
@@ -857,6 +862,7 @@ class Win(_MemoryBase, Handle):
 
     @property
     def name(self) -> str:
+        """Window name (Get_name, Set_name)."""
         return self.Get_name()
 
     @name.setter
@@ -873,6 +879,7 @@ class Win(_MemoryBase, Handle):
 
     @property
     def info(self) -> Info:
+        """Window info (Get_info)."""
         return self.Get_info()
 
     @info.setter
