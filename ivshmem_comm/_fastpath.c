@@ -1729,7 +1729,9 @@ typedef struct {
     int which, phase, pos, root, kind, dtype, op, upto;
     bool want;
     uint64_t k, rounds_out, rounds_seen;
-    Py_ssize_t nbytes; /* fold: bytes of each operand */
+    Py_ssize_t nbytes; /* fold: bytes of each operand (a reduce-scatter: seg * size) */
+    bool scatter;      /* fold: a reduce-scatter (counts: each member's block, bytes) */
+    Py_ssize_t part;   /* fold: bytes of the result (a reduce-scatter: counts[rank]) */
     Py_buffer send, recv;
     bool has_send, has_recv;
     PyObject *taken; /* the *_BYTES calls: a list, per member its bytes or None */
@@ -1983,8 +1985,12 @@ static void coll_publish(CollRound *c)
             if (q != me)
                 memcpy(slab + q * c->seg, send + c->displs[q], (size_t)c->counts[q]);
         break;
-    case CW_FOLD:
-        memcpy(slab, send, (size_t)nbytes);
+    case CW_FOLD: /* a reduce-scatter: block q (at displs[q] of send) at q * seg */
+        if (!c->scatter)
+            memcpy(slab, send, (size_t)nbytes);
+        else
+            for (int q = 0; q < c->size; q++)
+                memcpy(slab + q * c->seg, send + c->displs[q], (size_t)c->counts[q]);
         break;
     case CW_BCAST_BYTES:
     case CW_GATHER_BYTES:
@@ -2089,11 +2095,15 @@ static int coll_consume(CollRound *c, int r)
         PyList_SetItem(c->taken, r, data); /* steals; replaces None */
         break;
     }
-    case CW_FOLD:
+    case CW_FOLD: /* a reduce-scatter: this rank's block of r's slab, at rank * seg */
+        if (c->scatter)
+            theirs += me * c->seg;
+        if (c->part == 0)
+            break;
         if (r == 0)
-            memcpy(recv, theirs, (size_t)c->nbytes);
+            memcpy(recv, theirs, (size_t)c->part);
         else
-            fold_into(c->dtype, c->op, recv, theirs, c->nbytes / fold_itemsize[c->dtype]);
+            fold_into(c->dtype, c->op, recv, theirs, c->part / fold_itemsize[c->dtype]);
         break;
     default:
         break;
@@ -2370,42 +2380,71 @@ static PyObject *coll_run(CollRound *c, PyObject *const *args, Py_ssize_t nargs)
     return coll_advance(c, spin_ns, yield);
 }
 
-/* fold(k, spin_ns, yield, kind, send, recv, upto, dtype, op): recv (None: this rank takes
- * no result) = the operands of ranks 0 .. upto-1 folded in rank order. */
+/* fold(k, spin_ns, yield, kind, send, recv, upto, dtype, op[, counts]): recv (None: this
+ * rank takes no result) = the operands of ranks 0 .. upto-1 folded in rank order. With
+ * counts (bytes per member, each at most a segment, whole elements): a reduce-scatter, send
+ * the blocks of every member one after the other (sum(counts) bytes), recv = block `rank`
+ * of the operands of all members (upto = size) folded in rank order. The blocks travel as
+ * the steps lay them out: block q at q * seg of the sender's slab, nbytes seg * size. */
 static PyObject *coll_fold(CollRound *c, PyObject *const *args, Py_ssize_t nargs)
 {
     long long spin_ns;
     int yield;
-    if (check_nargs("fold", nargs, 9) < 0 || coll_spin_args(args[1], args[2], &spin_ns, &yield) < 0)
+    if (nargs != 10 && check_nargs("fold", nargs, 9) < 0)
+        return NULL;
+    if (coll_spin_args(args[1], args[2], &spin_ns, &yield) < 0)
         return NULL;
     int kind = PyLong_AsLong(args[3]), upto = PyLong_AsLong(args[6]);
     int dtype = PyLong_AsLong(args[7]), op = PyLong_AsLong(args[8]);
     if (PyErr_Occurred())
         return NULL;
+    bool scatter = nargs == 10;
     if (dtype < 0 || dtype >= CD_COUNT || op < 0 || op >= CO_COUNT || upto < 0 ||
-        upto > c->size || (dtype >= CD_F4 && op >= CO_BAND)) {
+        upto > c->size || (dtype >= CD_F4 && op >= CO_BAND) ||
+        (scatter && (upto != c->size || args[5] == Py_None))) {
         PyErr_Format(PyExc_ValueError, "fold: bad element type %d, op %d or upto %d", dtype, op,
                      upto);
         return NULL;
     }
     if (coll_begin(c, args[0]) < 0)
         return NULL;
+    Py_ssize_t itemsize = fold_itemsize[dtype], total = 0;
+    if (scatter) {
+        if (coll_vector(c, args[9], c->counts, "reduce-scatter counts") < 0) {
+            coll_release_call(c);
+            return NULL;
+        }
+        for (int q = 0; q < c->size; q++) {
+            if (c->counts[q] > c->seg || c->counts[q] % itemsize) {
+                PyErr_Format(PyExc_ValueError, "fold: block %d (%zd bytes) is not whole "
+                             "elements within a segment", q, c->counts[q]);
+                coll_release_call(c);
+                return NULL;
+            }
+            c->displs[q] = total;
+            total += c->counts[q];
+        }
+    }
     c->which = CW_FOLD;
     c->kind = kind;
     c->dtype = dtype;
     c->op = op;
     c->upto = upto;
+    c->scatter = scatter;
     c->want = args[5] != Py_None && upto > 0;
-    Py_ssize_t itemsize = fold_itemsize[dtype];
     bool ok = coll_buffer(args[4], &c->send, &c->has_send, false) == 0;
-    if (ok && (c->send.len > c->slab_size || c->send.len % itemsize)) {
-        PyErr_SetString(PyExc_ValueError, "fold: the operand does not fit one slab");
+    if (ok && (c->send.len > c->slab_size || c->send.len % itemsize ||
+               (scatter && c->send.len != total))) {
+        PyErr_SetString(PyExc_ValueError, scatter ? "fold: the operand is not sum(counts) bytes"
+                                                  : "fold: the operand does not fit one slab");
         ok = false;
     }
-    c->nbytes = ok ? c->send.len : 0;
+    c->nbytes = !ok ? 0 : scatter ? c->seg * c->size : c->send.len;
+    c->part = !ok ? 0 : scatter ? c->counts[c->rank] : c->send.len;
     if (ok && c->want) {
         ok = coll_buffer(args[5], &c->recv, &c->has_recv, true) == 0;
-        if (ok && (c->recv.len != c->nbytes || (uintptr_t)c->recv.buf % itemsize)) {
+        if (ok && (c->recv.len != c->part ||
+                   (c->part && (uintptr_t)c->recv.buf % itemsize))) {
             PyErr_SetString(PyExc_ValueError, "fold: the result buffer differs or is unaligned");
             ok = false;
         }
@@ -2558,8 +2597,8 @@ static PyMethodDef coll_methods[] = {
      "round k of a one-round collective; 0 done, 1 declined, or (rank, index, round, field) "
      "to block on before resume()."},
     {"fold", (PyCFunction)(void (*)(void))coll_fold, METH_FASTCALL,
-     "fold(k, spin_ns, yield_, kind, send, recv, upto, dtype, op): round k of a reduction; "
-     "results as run()."},
+     "fold(k, spin_ns, yield_, kind, send, recv, upto, dtype, op[, counts]): round k of a "
+     "reduction (with counts, bytes per member: a reduce-scatter); results as run()."},
     {"resume", (PyCFunction)(void (*)(void))coll_resume, METH_FASTCALL,
      "resume(spin_ns, yield_): go on with the round in progress; results as run()."},
     {"abort", (PyCFunction)coll_abort, METH_NOARGS,

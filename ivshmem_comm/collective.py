@@ -55,7 +55,8 @@ for: the blocking form waits for each here, the nonblocking form (CollectiveRequ
 them when polled.
 
 The C accelerator (ring.CollectiveRound, when built and not IVSHMEM_COMM_PUREPYTHON=1) runs
-a blocking collective that fits one round as one call: the steps of that round, the same
+a blocking collective that fits one round (a reduce-scatter: every block within a segment)
+as one call: the steps of that round, the same
 stores and loads in the same order with the same checks, its spin in C; when the spin ends
 first it returns what it waits for, `_block` sleeps on the doorbell, and `resume` goes on.
 Members on the C calls and on the steps interoperate in one group (the `_c_*` methods).
@@ -132,6 +133,16 @@ FOLD_OPS: dict[Any, int] = {
     )
 }  # fmt: skip
 FLOAT_BITWISE = 4  # FOLD_OPS codes from here on take integers only
+
+
+def fold_codes(operand: Any, op: Any) -> tuple[int, int] | None:
+    """(FOLD_DTYPES code, FOLD_OPS code) of a reduction of numpy array `operand` by ufunc
+    `op` in C, or None where the C round does not fold that (the steps do)."""
+    code = FOLD_DTYPES.get(getattr(operand, "dtype", None))
+    opcode = FOLD_OPS.get(op)
+    if code is None or opcode is None or (opcode >= FLOAT_BITWISE and operand.dtype.kind == "f"):
+        return None
+    return code, opcode
 
 
 # ------------------------------------------------------------------ slot allocation
@@ -1208,17 +1219,10 @@ class CollectiveGroup:
         self, kind: int, sendbuf: Any, recvbuf: Any, op: ReduceOp, want: bool, upto: int
     ) -> bool:
         """A reduction (see `_fold`) in C: native numeric types, numpy's own ufuncs."""
-        dtype = getattr(sendbuf, "dtype", None)
-        code = FOLD_DTYPES.get(dtype)
-        opcode = FOLD_OPS.get(op)
-        if (
-            code is None
-            or opcode is None
-            or (opcode >= FLOAT_BITWISE and dtype.kind == "f")  # type: ignore[union-attr]
-            or sendbuf.nbytes > self.slab_size
-            or not sendbuf.flags.c_contiguous
-        ):
+        codes = fold_codes(sendbuf, op)
+        if codes is None or sendbuf.nbytes > self.slab_size or not sendbuf.flags.c_contiguous:
             return False
+        dtype = sendbuf.dtype
         if want:
             if (
                 getattr(recvbuf, "dtype", None) != dtype
@@ -1230,7 +1234,7 @@ class CollectiveGroup:
         else:
             recvbuf = None
         assert self._c is not None
-        return self._in_c(self._c.fold, kind, sendbuf, recvbuf, upto, code, opcode)
+        return self._in_c(self._c.fold, kind, sendbuf, recvbuf, upto, *codes)
 
     def _c_reduce(self, sendbuf: Any, recvbuf: Any, op: ReduceOp, root: int) -> bool:
         return self._c_fold(KIND_REDUCE, sendbuf, recvbuf, op, self.rank == root, self.size)
@@ -1243,6 +1247,36 @@ class CollectiveGroup:
 
     def _c_exscan(self, sendbuf: Any, recvbuf: Any, op: ReduceOp) -> bool:
         return self._c_fold(KIND_EXSCAN, sendbuf, recvbuf, op, self.rank > 0, self.rank)
+
+    def _c_reduce_scatter(
+        self, sendbuf: Any, recvbuf: Any, counts: Sequence[int], op: ReduceOp
+    ) -> bool:
+        """A reduce-scatter (see `_reduce_scatter`) in C where every block fits a segment."""
+        codes = fold_codes(sendbuf, op)
+        if (
+            codes is None
+            or len(counts) != self.size
+            or min(counts) < 0
+            or sum(counts) != sendbuf.size
+            or sendbuf.nbytes > self.slab_size
+            or not sendbuf.flags.c_contiguous
+            or getattr(recvbuf, "dtype", None) != sendbuf.dtype
+            or recvbuf.size != counts[self.rank]
+            or not recvbuf.flags.c_contiguous
+            or not recvbuf.flags.aligned
+        ):
+            return False
+        itemsize = sendbuf.itemsize
+        nbytes = [count * itemsize for count in counts]
+        if max(nbytes) > self._segment():
+            return False
+        assert self._c is not None
+        return self._in_c(
+            self._c.fold, KIND_REDUCE_SCATTER, sendbuf, recvbuf, self.size, *codes, nbytes
+        )
+
+    def _c_reduce_scatter_block(self, sendbuf: Any, recvbuf: Any, op: ReduceOp) -> bool:
+        return self._c_reduce_scatter(sendbuf, recvbuf, [recvbuf.size] * self.size, op)
 
     # ------------------------------------------------------------------ the two forms
     barrier = _blocking(_barrier, _c_barrier)
@@ -1262,8 +1296,8 @@ class CollectiveGroup:
     bcast_bytes = _blocking(_bcast_bytes, _c_bcast_bytes)
     gather_bytes = _blocking(_gather_bytes, _c_gather_bytes)
     allgather_bytes = _blocking(_allgather_bytes, _c_allgather_bytes)
-    reduce_scatter_block = _blocking(_reduce_scatter_block)
-    reduce_scatter = _blocking(_reduce_scatter)
+    reduce_scatter_block = _blocking(_reduce_scatter_block, _c_reduce_scatter_block)
+    reduce_scatter = _blocking(_reduce_scatter, _c_reduce_scatter)
 
     def start(self, name: str, *args: Any, **kwargs: Any) -> CollectiveRequest:
         """Start collective `name` (one of the blocking methods' names) with that method's

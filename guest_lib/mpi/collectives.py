@@ -58,12 +58,13 @@ from ivshmem_comm.collective import (
     C_BCAST,
     C_GATHERV,
     C_SCATTERV,
-    FLOAT_BITWISE,
-    FOLD_DTYPES,
-    FOLD_OPS,
     KIND_ALLREDUCE,
+    KIND_EXSCAN,
     KIND_REDUCE,
+    KIND_REDUCE_SCATTER,
+    KIND_SCAN,
     CollectiveGroup,
+    fold_codes,
 )
 
 if TYPE_CHECKING:
@@ -314,40 +315,52 @@ def _m_alltoall(self: Any, tag: int, sendbuf: Any, recvbuf: Any) -> Stages:
     return self._alltoallv(sendbuf, recvbuf, tag)
 
 
-def _operand(buf: Any, writable: bool) -> np.ndarray | None:
-    """A reduction's buffer argument as a numpy array over its memory (see _lane)."""
+def _operand(buf: Any, writable: bool, units: bool = False) -> np.ndarray | None:
+    """A reduction's buffer argument as a numpy array over its memory (see _lane); with
+    `units`, only where one element is one unit of its datatype (counts are in those)."""
     if type(buf) is np.ndarray:
         return buf if _lane(buf, writable) is not None else None
     spec = buffers.plain(buf, writable) if type(buf) in (list, tuple) else None
     if spec is None:
         return None
     dtype = spec.datatype.base.dtype
-    return None if dtype is None else np.frombuffer(spec.view, dtype)
+    if dtype is None or (units and dtype.itemsize != spec.datatype.size):
+        return None
+    return np.frombuffer(spec.view, dtype)
 
 
 def _a_fold(
-    group: CollectiveGroup, kind: int, sendbuf: Any, recvbuf: Any, op: Any, want: bool
+    group: CollectiveGroup,
+    kind: int,
+    sendbuf: Any,
+    recvbuf: Any,
+    op: Any,
+    want: bool,
+    upto: int | None = None,
 ) -> CArgs:
-    """Reduce (`want`: at the root) and Allreduce of predefined ops on plain numbers."""
-    recv = _operand(recvbuf, True) if want else None
+    """Reduce (`want`: at the root), Allreduce, Scan and Exscan (`upto`: the ranks folded,
+    default all) of predefined ops on plain numbers. Exscan's rank 0, which takes no
+    result, still reads an IN_PLACE operand from recvbuf."""
+    in_place = sendbuf is IN_PLACE and kind == KIND_EXSCAN
+    recv = _operand(recvbuf, True) if want or in_place else None
     send = recv if sendbuf is IN_PLACE else _operand(sendbuf, False)
     if send is None or (want and recv is None):
         return None
-    dtype = send.dtype
-    code = FOLD_DTYPES.get(dtype)
-    opcode = FOLD_OPS.get(getattr(op, "ufunc", None))
-    if (
-        code is None
-        or opcode is None
-        or (opcode >= FLOAT_BITWISE and dtype.kind == "f")
-        or send.nbytes > group.slab_size
-    ):
+    codes = fold_codes(send, getattr(op, "ufunc", None))
+    if codes is None or send.nbytes > group.slab_size:
         return None
     if recv is not None and (
-        recv.dtype != dtype or recv.size != send.size or not recv.flags.aligned
+        recv.dtype != send.dtype or recv.size != send.size or not recv.flags.aligned
     ):
         return None
-    return area.C_FOLD, kind, send, recv, group.size, code, opcode
+    return (
+        area.C_FOLD,
+        kind,
+        send,
+        recv if want else None,
+        group.size if upto is None else upto,
+        *codes,
+    )
 
 
 def _a_reduce(
@@ -385,6 +398,105 @@ def _declining(args_of: Callable[..., CArgs], messages: Messages, tag: int) -> C
     return lane
 
 
+def _a_scan(
+    self: Any, group: CollectiveGroup, sendbuf: Any, recvbuf: Any, op: Any = ops.SUM
+) -> CArgs:
+    return _a_fold(group, KIND_SCAN, sendbuf, recvbuf, op, True, self._rank + 1)
+
+
+def _a_exscan(
+    self: Any, group: CollectiveGroup, sendbuf: Any, recvbuf: Any, op: Any = ops.SUM
+) -> CArgs:
+    rank = self._rank
+    if rank == 0 and _operand(recvbuf, True) is None:  # (checked at every rank, as the body)
+        return None
+    return _a_fold(group, KIND_EXSCAN, sendbuf, recvbuf, op, rank > 0, rank)
+
+
+def _a_scatter_fold(
+    self: Any, group: CollectiveGroup, send: Any, out: Any, counts: list[int], op: Any
+) -> CArgs:
+    """A reduce-scatter of predefined ops on plain numbers (see _a_fold) whose blocks each
+    fit one segment: `send` (an array, or None: the body's job) the blocks of `counts`
+    elements one after the other, `out` (an array) this rank's block of the result."""
+    if send is None:
+        return None
+    codes = fold_codes(send, getattr(op, "ufunc", None))
+    if (
+        codes is None
+        or send.size != sum(counts)
+        or out.dtype != send.dtype
+        or out.size != counts[self._rank]
+        or not out.flags.aligned
+        or max(counts) * send.itemsize > group._segment()
+    ):
+        return None
+    itemsize = send.itemsize
+    nbytes = [c * itemsize for c in counts]
+    return area.C_FOLD, KIND_REDUCE_SCATTER, send, out, group.size, *codes, nbytes
+
+
+def _a_reduce_scatter_block(
+    self: Any, group: CollectiveGroup, sendbuf: Any, recvbuf: Any, op: Any = ops.SUM
+) -> CArgs:
+    recv = _operand(recvbuf, True, units=True)
+    if recv is None:
+        return None
+    size = group.size
+    recv = recv.reshape(-1)
+    if sendbuf is IN_PLACE:  # recvbuf holds the operand; the result is its first block
+        if recv.size % size:
+            return None
+        n = recv.size // size
+        return _a_scatter_fold(self, group, recv, recv[:n], [n] * size, op)
+    send = _operand(sendbuf, False, units=True)
+    return _a_scatter_fold(self, group, send, recv, [recv.size] * size, op)
+
+
+def _f_reduce_scatter(
+    self: Any,
+    shared: area.Area,
+    sendbuf: Any,
+    recvbuf: Any,
+    recvcounts: Any = None,
+    op: Any = ops.SUM,
+) -> Any:
+    """Reduce_scatter's lane; without recvcounts, the counts first (`_all_counts`, as the
+    body), where this rank's operand fits one segment whatever they are."""
+    group = shared.group
+    operand = _operand(recvbuf, True, units=True)
+    if operand is None:
+        return _SLOW
+    recv = operand.reshape(-1)
+    send: np.ndarray | None
+    if recvcounts is not None:
+        counts = reduce_scatter_counts(recvcounts, group.size, sendbuf)
+        assert counts is not None
+        if sendbuf is IN_PLACE:
+            send, out = recv, recv[: counts[self._rank]]
+        else:
+            send, out = _operand(sendbuf, False, units=True), recv
+        c_args = _a_scatter_fold(self, group, send, out, counts, op)
+        return None if c_args is not None and shared.call(*c_args) else _SLOW
+    send = _operand(sendbuf, False, units=True) if sendbuf is not IN_PLACE else None
+    if (
+        send is None
+        or fold_codes(send, getattr(op, "ufunc", None)) is None
+        or send.dtype != recv.dtype
+        or not recv.flags.aligned
+        or send.nbytes > group._segment()
+    ):
+        return _SLOW
+    counts = self._all_counts(recv.size, shared, lane=True)
+    if counts is None:
+        return _SLOW  # (the area was dropped: nothing moved)
+    _sum_of_counts(send.size, counts)
+    c_args = _a_scatter_fold(self, group, send, recv, counts, op)
+    if c_args is None or not shared.call(*c_args):  # (the area was dropped meanwhile)
+        self._reduce_scatter(sendbuf, buffers.parse(recvbuf, writable=True), counts, op)
+    return None
+
+
 _f_barrier = _one_call(_a_barrier)
 _f_bcast = _one_call(_a_bcast)
 _f_gather = _declining(_a_gather, _m_gather, T_GATHER)
@@ -393,6 +505,9 @@ _f_alltoall = _declining(_a_alltoall, _m_alltoall, T_ALLTOALL)
 _f_allgather = _one_call(_a_allgather)
 _f_reduce = _one_call(_a_reduce)
 _f_allreduce = _one_call(_a_allreduce)
+_f_scan = _one_call(_a_scan)
+_f_exscan = _one_call(_a_exscan)
+_f_reduce_scatter_block = _one_call(_a_reduce_scatter_block)
 
 
 def started(
@@ -1367,7 +1482,7 @@ class Collectives:
         sends += [self._c_isend(_raw(mine), j, T_ALLREDUCE_GATHER) for j in others]
         self._c_wait(sends + gathers)
 
-    @collective
+    @collective(fast=_f_reduce_scatter_block)
     def Reduce_scatter_block(self, sendbuf: Any, recvbuf: Any, op: ops.Op = ops.SUM) -> None:
         """Reduce every rank's sendbuf with `op` and scatter equal blocks of the result.
 
@@ -1380,21 +1495,51 @@ class Collectives:
         count = rspec.count // size if sendbuf is IN_PLACE else rspec.count
         self._reduce_scatter(sendbuf, rspec, [count] * size, op)
 
-    @collective
+    @collective(fast=_f_reduce_scatter)
     def Reduce_scatter(
         self, sendbuf: Any, recvbuf: Any, recvcounts: Any = None, op: ops.Op = ops.SUM
     ) -> None:
         """Reduce every rank's sendbuf with `op`; rank r gets `recvcounts[r]` elements of it.
 
         Like Reduce_scatter_block with `recvcounts[r]` elements for rank r. Without recvcounts, each
-        rank's is its recvbuf's count (gathered from every rank first; not with IN_PLACE).
-        ValueError for counts that do not fit the buffers.
+        rank's is its recvbuf's count (gathered from every rank first, see `_all_counts`; not with
+        IN_PLACE). ValueError for counts that do not fit the buffers; MPI.Exception(ERR_COUNT)
+        naming a rank whose gathered count is negative.
         """
         size, _ = self._sizes()
         rspec = buffers.parse(recvbuf, writable=True)
         given = reduce_scatter_counts(recvcounts, size, sendbuf)
-        counts = self.allgather(rspec.count) if given is None else given
+        counts = self._all_counts(rspec.count, area.bound(self)) if given is None else given
+        assert counts is not None
         self._reduce_scatter(sendbuf, rspec, counts, op)
+
+    def _all_counts(self, count: int, shared: area.Area | None, lane: bool = False) -> Any:
+        """Every rank's `count` (Reduce_scatter without recvcounts): where the area is bound
+        (`shared`), an allgather of one int64 per rank there, whichever path each member
+        takes (`lane`: the fast lane's one C call; else Area.run), else the object
+        allgather. MPI.Exception(ERR_COUNT) naming a rank that gave a negative count (read
+        from shared memory). None where the lane's call did not run (nothing moved: the
+        body runs the collective)."""
+        counts: Any = None
+        if shared is not None:
+            size = shared.group.size
+            mine, counts_of = np.array([count], np.int64), np.empty(size, np.int64)
+            lengths, displs = _even(size, 8)
+            if lane:
+                ran = shared.call(C_ALLGATHERV, mine, counts_of, 0, lengths, displs, None, None)
+                if not ran:
+                    return None
+            else:
+                ran = shared.run("allgatherv", mine, counts_of, lengths, displs)
+            counts = counts_of.tolist() if ran else None
+        if counts is None:
+            counts = self.allgather(count)
+        for r, c in enumerate(counts):
+            if type(c) is not int or c < 0:
+                raise exceptions.Exception(
+                    exceptions.ERR_COUNT, f"rank {r} gave receive count {c!r} to Reduce_scatter"
+                )
+        return counts
 
     def _reduce_scatter(
         self, sendbuf: Any, rspec: buffers.Spec, counts: list[int], op: ops.Op
@@ -1440,12 +1585,12 @@ class Collectives:
         self._fold_at_me(out, op, datatype, T_RSB, range(size))
         self._c_wait(sends)
 
-    @collective
+    @collective(fast=_f_scan)
     def Scan(self, sendbuf: Any, recvbuf: Any, op: ops.Op = ops.SUM) -> None:
         """Inclusive prefix fold along the ranks (a chain)."""
         self._scan(sendbuf, recvbuf, op, inclusive=True)
 
-    @collective
+    @collective(fast=_f_exscan)
     def Exscan(self, sendbuf: Any, recvbuf: Any, op: ops.Op = ops.SUM) -> None:
         """Exclusive prefix fold; rank 0's recvbuf is left as it was."""
         self._scan(sendbuf, recvbuf, op, inclusive=False)
@@ -1648,6 +1793,12 @@ def _same_message(sspec: buffers.Spec, rspec: buffers.Spec, what: str = "receive
         raise ValueError("mismatch in send and receive MPI datatypes")
     if sspec.count != rspec.count:
         raise ValueError(f"mismatch in send count {sspec.count} and {what} {rspec.count}")
+
+
+def _sum_of_counts(total: int, counts: list[int]) -> None:
+    """ValueError, as mpi4py, where the gathered counts do not sum to the send count."""
+    if sum(counts) != total:
+        raise ValueError(f"mismatch in send count {total} and sum(recvcounts) {sum(counts)}")
 
 
 def reduce_scatter_counts(recvcounts: Any, size: int, sendbuf: Any) -> list[int] | None:

@@ -26,7 +26,14 @@ from hypothesis import strategies as st
 
 import ivshmem_comm as ic
 from ivshmem_comm import layout, ring
-from ivshmem_comm.collective import FOLD_DTYPES, FOLD_OPS, CollectiveGroup, claim_slot, release_slot
+from ivshmem_comm.collective import (
+    FOLD_DTYPES,
+    FOLD_OPS,
+    KIND_REDUCE_SCATTER,
+    CollectiveGroup,
+    claim_slot,
+    release_slot,
+)
 from ivshmem_comm.collective import KIND_BCAST_BYTES as BCAST_BYTES
 from tests.support import run_peer
 
@@ -279,9 +286,9 @@ def _fold_values(dtype: np.dtype, rank: int) -> np.ndarray:
 
 
 def _fold_member(ep, slot, generation, members, ops, seed, python_ranks):
-    """Allreduce, Reduce, Scan and Exscan of every element type and op on the C path (or
-    the Python steps at `python_ranks`), each result compared bit for bit with numpy's fold
-    in rank order."""
+    """Allreduce, Reduce, Scan, Exscan, Reduce_scatter (uneven blocks, one empty) and
+    Reduce_scatter_block of every element type and op on the C path (or the Python steps at
+    `python_ranks`), each result compared bit for bit with numpy's fold in rank order."""
     if ep.peer_id not in members:
         return
     me = members.index(ep.peer_id)
@@ -304,6 +311,20 @@ def _fold_member(ep, slot, generation, members, ops, seed, python_ranks):
                 if want and upto:
                     expect = folds[upto - 1]
                     assert out.tobytes() == expect.tobytes(), (name, dtype, ufunc, me, out, expect)
+            total = len(operands[0])
+            counts = [0] + [2 * q + 3 for q in range(1, n - 1)]
+            counts.append(total - sum(counts))
+            block = total // n
+            for name, args, start, count in (
+                ("reduce_scatter", (counts,), sum(counts[:me]), counts[me]),
+                ("reduce_scatter_block", (), me * block, block),
+            ):  # fmt: skip
+                out = np.full(count, 99, dtype)
+                send = operands[me] if args else operands[me][: n * block]
+                with np.errstate(all="ignore"):
+                    getattr(group, name)(send, out, *args, ufunc)
+                expect = folds[-1][start : start + count]
+                assert out.tobytes() == expect.tobytes(), (name, dtype, ufunc, me, out, expect)
     group.close()
 
 
@@ -407,6 +428,10 @@ def _bind_then(ep, slot, generation, members, action):
         u64[arrive + 2] = BCAST_BYTES
         u64[arrive + 3] = 1 if action == "bytes_nbytes" else 2
         u64[arrive] = base | 1
+    elif action == "scatter_nbytes":  # a reduce-scatter arrival of one segment, not all
+        u64[arrive + 1] = 64
+        u64[arrive + 2] = KIND_REDUCE_SCATTER
+        u64[arrive] = base | 1
     elif action == "ahead":  # round 3 in the cell of round 1: past what it may publish
         u64[arrive] = base | 3
     elif action == "die":
@@ -426,6 +451,7 @@ def _bind_then(ep, slot, generation, members, action):
         ("rounds_many", ic.RingCorruptError, "rounds"),
         ("bytes_nbytes", ic.RingCorruptError, "nbytes"),
         ("bytes_rounds", ic.RingCorruptError, "rounds"),
+        ("scatter_nbytes", ic.RingCorruptError, "nbytes"),
         ("die", ic.PeerLostError, None),
     ],
 )
@@ -433,8 +459,9 @@ def _bind_then(ep, slot, generation, members, action):
 def test_hostile_or_dead_member_is_named_not_waited_for(
     make_region, spawn, action, error, field, impl
 ):
-    """The victim's bcast (gatherv for the rounds word; with max_rounds=1, the C path's
-    case, for too many) on the C accelerator and on the Python steps."""
+    """The victim's bcast (reduce_scatter for an arrival of its kind; gatherv for the rounds
+    word; with max_rounds=1, the C path's case, for too many) on the C accelerator and on
+    the Python steps."""
     region = make_region(8 << 20, 2)
     with region.endpoint(0) as ep:
         slot, generation = claim_slot(region, 0, ep.incarnation)
@@ -450,6 +477,8 @@ def test_hostile_or_dead_member_is_named_not_waited_for(
                 group.gatherv(buf, None, [], [], root=1, max_rounds=1)
             elif action.startswith("bytes"):
                 group.bcast_bytes(b"", 1, [None, None])
+            elif action == "scatter_nbytes":
+                group.reduce_scatter(np.arange(3.0), np.zeros(1), [1, 2], np.add)
             else:
                 group.bcast(buf, root=1)
         assert time.monotonic() - t0 < 5

@@ -1,0 +1,175 @@
+"""Reduce_scatter, Reduce_scatter_block, Scan and Exscan through the collective area's one
+C round (guest_lib/mpi/collectives.py: their fast lanes, as Allreduce's).
+
+Data at odd counts (uneven blocks, empty ones), every buffer form the lanes take (numpy
+arrays, `[buf, count, datatype]`, `(buf, datatype)`), IN_PLACE, recvcounts given or not
+(mpi4py: each rank's recvbuf count), on COMM_SELF, COMM_WORLD, a Dup and a reordered
+subcommunicator. Where the area is bound with its C accelerator, each call must be one
+area round (two for Reduce_scatter without recvcounts: the counts, then the fold), and the
+lanes themselves must take the call rather than hand it to the collective's body.
+"""
+
+from __future__ import annotations
+
+import array
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+
+from guest_lib.mpi import MPI, area, collectives
+
+DTYPES = [np.float64, np.int32, np.uint8, np.float32, np.int64, np.int16]
+FORMS = ["numpy", "list", "tuple"]
+MPI_TYPES = {"f8": "DOUBLE", "i4": "INT", "u1": "UNSIGNED_CHAR", "f4": "FLOAT", "i8": "INT64_T",
+             "i2": "SHORT"}  # fmt: skip
+
+
+@pytest.fixture(params=["COMM_SELF", "COMM_WORLD", "Dup", "reversed"])
+def any_comm(request: pytest.FixtureRequest) -> Iterator[MPI.Intracomm]:
+    """COMM_SELF, COMM_WORLD, a Dup, and a Split of COMM_WORLD in reverse rank order."""
+    world = MPI.COMM_WORLD
+    if request.param in ("COMM_SELF", "COMM_WORLD"):
+        yield getattr(MPI, request.param)
+    else:
+        comm = world.Dup() if request.param == "Dup" else world.Split(0, -world.Get_rank())
+        yield comm
+        comm.Free()
+    world.Barrier()
+
+
+def _spec(values: np.ndarray, form: str) -> Any:
+    """`values` as a buffer argument of `form` (over the array's own memory)."""
+    if form == "numpy":
+        return values
+    mtype = getattr(MPI, MPI_TYPES[values.dtype.str[1:]])
+    return [values, len(values), mtype] if form == "list" else (values, mtype)
+
+
+def _operand(rank: int, n: int, dtype: Any) -> np.ndarray:
+    return ((np.arange(n) * 7 + 3 * rank) % 41).astype(dtype)
+
+
+def _counts(size: int, odd: int) -> list[int]:
+    """Uneven blocks: rank q gets (q * odd + 1) % 5 elements (some get none)."""
+    return [(q * odd + 1) % 5 + (odd if q == size - 1 else 0) for q in range(size)]
+
+
+def _rounds(comm: MPI.Intracomm, call: Callable[..., None], *args: Any) -> int | None:
+    """Area rounds `call(*args)` took on this rank, or None where the lanes cannot be seen
+    (one rank, no C accelerator, mpi4py between regions)."""
+    before = area.completed(comm)
+    call(*args)
+    shared = area.current(comm)
+    if shared is None or shared.group._c is None:
+        return None
+    return area.completed(comm) - before
+
+
+@pytest.mark.parametrize("given", [True, False], ids=["recvcounts", "no-recvcounts"])
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_reduce_scatter(any_comm, dtype, form, given):
+    comm = any_comm
+    size, rank = comm.Get_size(), comm.Get_rank()
+    for odd in (1, 3, 11):
+        counts = _counts(size, odd)
+        total, first = sum(counts), sum(counts[:rank])
+        want = np.sum([_operand(r, total, dtype) for r in range(size)], axis=0).astype(dtype)
+        out = np.full(counts[rank], 99, dtype)
+        send = _spec(_operand(rank, total, dtype), form)
+        recvcounts = counts if given else None
+        rounds = _rounds(comm, comm.Reduce_scatter, send, _spec(out, form), recvcounts)
+        assert out.tobytes() == want[first : first + counts[rank]].tobytes(), (odd, out)
+        assert rounds in (None, 1 if given else 2)
+        full = _operand(rank, total, dtype)
+        rounds = _rounds(
+            comm, comm.Reduce_scatter, MPI.IN_PLACE, _spec(full, form), counts, MPI.MAX
+        )
+        most = np.max([_operand(r, total, dtype) for r in range(size)], axis=0)
+        assert full[: counts[rank]].tobytes() == most[first : first + counts[rank]].tobytes()
+        assert rounds in (None, 1)
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_reduce_scatter_block(any_comm, dtype, form):
+    comm = any_comm
+    size, rank = comm.Get_size(), comm.Get_rank()
+    for count in (0, 1, 5, 130):
+        send = _operand(rank, size * count, dtype)
+        want = np.sum([_operand(r, size * count, dtype) for r in range(size)], axis=0).astype(dtype)
+        out = np.full(count, 99, dtype)
+        rounds = _rounds(comm, comm.Reduce_scatter_block, _spec(send, form), _spec(out, form))
+        assert out.tobytes() == want[rank * count : (rank + 1) * count].tobytes()
+        assert rounds in (None, 1)
+        full = send.copy()
+        rounds = _rounds(comm, comm.Reduce_scatter_block, MPI.IN_PLACE, _spec(full, form), MPI.MIN)
+        least = np.min([_operand(r, size * count, dtype) for r in range(size)], axis=0)
+        assert full[:count].tobytes() == least[rank * count : (rank + 1) * count].tobytes()
+        assert full[count:].tobytes() == send[count:].tobytes()  # (the rest stays)
+        assert rounds in (None, 1)
+
+
+@pytest.mark.parametrize("in_place", [False, True], ids=["buffers", "IN_PLACE"])
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_scan_exscan(any_comm, dtype, form, in_place):
+    comm = any_comm
+    rank = comm.Get_rank()
+    for count in (0, 1, 7, 129):
+        mine = _operand(rank, count, dtype)
+        for call, upto in ((comm.Scan, rank + 1), (comm.Exscan, rank)):
+            for op, fold in ((MPI.SUM, np.add), (MPI.MAX, np.maximum), (MPI.PROD, np.multiply)):
+                out = mine.copy() if in_place else np.full(count, 99, dtype)
+                send = MPI.IN_PLACE if in_place else _spec(mine, form)
+                rounds = _rounds(comm, call, send, _spec(out, form), op)
+                if upto:
+                    want = _operand(0, count, dtype)
+                    for r in range(1, upto):
+                        want = fold(want, _operand(r, count, dtype)).astype(dtype)
+                    assert out.tobytes() == want.tobytes(), (call, op, count, out, want)
+                else:  # Exscan's rank 0: its recvbuf stays as it was
+                    assert (
+                        out.tobytes() == (mine if in_place else np.full(count, 99, dtype)).tobytes()
+                    )
+                assert rounds in (None, 1)
+
+
+@pytest.mark.parametrize("call", ["Scan", "Exscan", "Reduce_scatter", "Reduce_scatter_block"])
+def test_the_lanes_take_the_common_forms(comm, call):
+    """The lane itself runs the call (it is not handed to the collective's body): numpy
+    arrays and `[array.array, count, MPI.DOUBLE]`."""
+    comm.Barrier()  # (binds the area where it is not bound yet)
+    shared = area.current(comm)
+    if shared is None or not shared.ready():
+        return  # one rank (no area), or the Python steps only (IVSHMEM_COMM_PUREPYTHON)
+    size, rank = comm.Get_size(), comm.Get_rank()
+    lane = getattr(collectives, "_f_" + call.lower())
+    send = array.array("d", [1.0 + rank] * 2 * size)
+    out = array.array("d", [0.0] * 2 * size)
+    if call.startswith("Reduce_scatter"):
+        args: tuple[Any, ...] = ([send, 2 * size, MPI.DOUBLE], [out, 2, MPI.DOUBLE])
+        if call == "Reduce_scatter":
+            args += ([2] * size,)
+        want = [sum(1.0 + r for r in range(size))] * 2
+    else:
+        args = (np.frombuffer(send), np.frombuffer(out))
+        upto = rank + 1 if call == "Scan" else rank
+        want = [sum(1.0 + r for r in range(upto))] * 2 * size if upto else [0.0] * 2 * size
+    assert lane(comm, shared, *args) is not collectives._SLOW
+    assert list(out[: len(want)]) == want
+
+
+def test_gathered_counts_are_checked(comm):
+    """Reduce_scatter without recvcounts: counts that do not sum to the send count give
+    ValueError on the rank whose send count differs, ERR_OTHER naming it elsewhere, and
+    the communicator stays usable."""
+    size, rank = comm.Get_size(), comm.Get_rank()
+    send = np.ones(size + (rank == 0))
+    out = np.zeros(1)
+    with pytest.raises((ValueError, MPI.Exception)):
+        comm.Reduce_scatter(send, out, None, MPI.SUM)
+    comm.Reduce_scatter(np.ones(size), out, None, MPI.SUM)
+    assert out[0] == size
