@@ -1017,13 +1017,18 @@ class CollectiveGroup:
     # nothing. The C round stores and loads the same words in the same order as the steps.
     def _in_c(self, run: Callable[..., Any], *args: Any) -> bool:
         """Round k = this member's next of `run` (CollectiveRound.run or .fold) with `args`:
-        spin in C, block here (`_block`) when the spin ends first, resume. While `start`
-        tries it (`_deferring`), the round is not run but kept as steps (`_c_steps`, each
-        call of C a poll) in `_deferred`, for the started collective."""
+        spin in C, block here (`_block`) when the spin ends first, resume (a round that
+        completes within its spin costs one C call and no generator). While `start` tries
+        it (`_deferring`), the round is not run but kept as steps (`_c_steps`, each call of
+        C a poll) in `_deferred`, for the started collective."""
         if self._deferring is not None:
             self._deferred = self._c_steps(run, args, 0, self._deferring)
             return True
-        steps = self._c_steps(run, args, self._spin_ns)
+        k, result = self._c_first(run, args, self._spin_ns)
+        if result.__class__ is not tuple:
+            self.declined = result == 1
+            return True
+        steps = self._c_rest(k, result, self._spin_ns)
         for wait in steps:
             try:
                 self._block(*wait)
@@ -1038,25 +1043,35 @@ class CollectiveGroup:
         spin: int,
         refused: Callable[[], Steps] | None = None,
     ) -> Steps:
-        """Round k of `run` with `args` as steps: each call of C spins up to `spin` ns; a
-        wait it ends on is yielded (the caller blocks on it, or polls it), then C resumes
-        the round. The C call's checks of its arguments raise before it touches the slot
-        (ValueError, TypeError, BufferError), or with `refused` given run those steps
-        instead. Any other error, here or thrown in at a wait, marks round k failed
-        (`_c_failed`)."""
-        k = self._next_round()
+        """Round k of `run` with `args` as steps (`_c_first`, then `_c_rest`); with
+        `refused` given, arguments the C call refuses run those steps instead."""
         try:
-            result = run(k, spin, self._yield, *args)
+            k, result = self._c_first(run, args, spin)
         except (ValueError, TypeError, BufferError):
             if refused is None:
                 raise
             yield from refused()
             return
+        yield from self._c_rest(k, result, spin)
+
+    def _c_first(
+        self, run: Callable[..., Any], args: tuple[Any, ...], spin: int
+    ) -> tuple[int, Any]:
+        """The first C call of round k (this member's next) of `run` with `args`, spinning
+        up to `spin` ns on each wait: (k, its result: 0 / 1 the round done, see
+        `declined`; else the wait it ended on, for `_c_rest`). The C call's checks of its
+        arguments raise before it touches the slot (ValueError, TypeError, BufferError: the
+        round is not taken); any other error marks round k failed (`_c_failed`)."""
+        k = self._next_round()
+        try:
+            result = run(k, spin, self._yield, *args)
+        except (ValueError, TypeError, BufferError):
+            raise
         except BaseException as exc:
             self._c_failed(k, exc)
             raise
         self._round = k
-        yield from self._c_rest(k, result, spin)
+        return k, result
 
     def _next_round(self) -> int:
         """The number of this member's next round (the group broken: its error)."""
@@ -1332,15 +1347,10 @@ class CollectiveGroup:
         marked failed, see `_c_steps`)."""
         if self._pending or self._c is None:
             return None
-        k = self._next_round()
         try:
-            result = run(k, 0, self._yield, *args)
+            k, result = self._c_first(run, args, 0)
         except (ValueError, TypeError, BufferError):
             return None  # (refused before the round)
-        except BaseException as exc:
-            self._c_failed(k, exc)
-            raise
-        self._round = k
         if result.__class__ is not tuple:
             self.declined = declined = result == 1
             return self._done_rounds[declined]

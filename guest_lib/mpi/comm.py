@@ -39,7 +39,7 @@ from guest_lib.mpi import (
     persistent,
     ulfm,
 )
-from guest_lib.mpi.collectives import T_BARRIER, Collectives
+from guest_lib.mpi.collectives import T_BARRIER, Collectives, front_lanes
 from guest_lib.mpi.collectives_extra import ExtraCollectives
 from guest_lib.mpi.engine import Engine
 from guest_lib.mpi.handles import Handle
@@ -1263,6 +1263,7 @@ _RECEIVING = (
 for _name in _RECEIVING:
     if hasattr(Intracomm, _name):
         setattr(Intracomm, _name, buffers.unpacking(getattr(Intracomm, _name)))
+front_lanes(Intracomm)  # (outermost: the common case skips the wrappers)
 
 
 def _plain_array(buf: Any, writable: bool) -> bool:
