@@ -501,9 +501,11 @@ class Comm(attributes.Cached, Handle):
         MPI.Exception(ERR_RANK/ERR_TAG) for a bad destination or tag, ERR_COMM on COMM_NULL; to
         PROC_NULL the request is already complete.
         """
+        if dest in self._shm_peer and 0 <= tag <= constants.TAG_UB:  # Isend's fast path
+            return Comm.Isend(self, _dumps(obj), dest, tag)
         self._dest(dest)
         self._send_tag(tag)
-        return Request(self._isend_op(_dumps(obj), dest, tag, self._ctx, False), self._engine)
+        return request_of(self._isend_op(_dumps(obj), dest, tag, self._ctx, False), self._engine)
 
     def issend(self, obj: Any, dest: int, tag: int = 0) -> Request:
         """Send an object in synchronous mode without waiting; return the Request.
@@ -527,7 +529,7 @@ class Comm(attributes.Cached, Handle):
         self._source(source)
         self._recv_tag(tag)
         op = self._irecv_op(None, source, tag, self._ctx)
-        return Request(op, self._engine, self._rank_of, unpickle)
+        return request_of(op, self._engine, self._rank_of, unpickle)
 
     def _sendrecv_args(self, dest: int, source: int, sendtag: int, recvtag: int) -> Engine:
         """Check a send-receive's ranks and tags; return the engine to run it on.

@@ -132,3 +132,14 @@ def test_blocking_recv_of_every_size(comm, nbytes):
     assert comm.recv(source=source, tag=20) == source
     assert comm.recv(source=source, tag=21) == ("other tag", source)
     MPI.Request.waitall([first, *reqs])
+
+
+def test_isends_past_a_full_queue_keep_order(comm):
+    """Object isends on Isend's fast path: written at once while the queue has room, queued
+    behind the others after that (a large one among them), all in order."""
+    _, rank, dest, source = ring(comm)
+    sent = [(rank, i, b"x" * (300_000 if i == 150 else i % 50)) for i in range(400)]
+    reqs = [comm.isend(item, dest, tag=22) for item in sent]
+    got = [comm.recv(source=source, tag=22) for _ in sent]
+    assert MPI.Request.waitall(reqs) == [None] * len(sent)
+    assert got == [(source, i, b"x" * (300_000 if i == 150 else i % 50)) for i in range(400)]
