@@ -47,12 +47,13 @@ store->load pair that TSO may reorder, closed by full_fence: a waiter stores its
 then re-loads the word it waits for [F3]; a publisher stores its seq then loads the sleep
 flags [F4] and kicks the sleepers: one of the two always sees the other (no lost wake-up).
 
-Waiting spins for `spin_us`, calling os.sched_yield() between polls when the group has more
-members than this process has CPUs (spinning would steal the CPU from the peer it waits
-for), then blocks on the endpoint's doorbell in slices of WATCH_SLICE seconds, checking the
-awaited peer after each. Every collective is written once as steps that yield what they wait
-for: the blocking form waits for each here, the nonblocking form (CollectiveRequest) tests
-them when polled.
+Waiting spins for `spin_us` (by default the endpoint's: short where ranks outnumber CPUs),
+calling os.sched_yield() between polls when the group is crowded (`notify.crowded`: more
+members on this kernel than CPUs in their affinity masks; spinning would steal the CPU from
+the peer it waits for), then blocks on the endpoint's doorbell in slices of WATCH_SLICE
+seconds, checking the awaited peer after each. Every collective is written once as steps
+that yield what they wait for: the blocking form waits for each here, the nonblocking form
+(CollectiveRequest) tests them when polled.
 
 The C accelerator (ring.CollectiveRound, when built and not IVSHMEM_COMM_PUREPYTHON=1) runs
 a blocking collective that fits one round (a reduce-scatter: every block within a segment)
@@ -83,8 +84,9 @@ from typing import Any
 import numpy as np
 
 from ivshmem_comm import layout, ring
-from ivshmem_comm.endpoint import DEFAULT_SPIN_US, WATCH_SLICE, Endpoint
+from ivshmem_comm.endpoint import WATCH_SLICE, Endpoint
 from ivshmem_comm.errors import PeerLostError, RingCorruptError, TimeoutError
+from ivshmem_comm.notify import crowded
 from ivshmem_comm.region import Region
 from ivshmem_comm.ring import compare_exchange_u64, full_fence
 
@@ -333,7 +335,8 @@ class CollectiveGroup:
     wait, ValueError for buffers of the wrong size. `interrupt`, if given, is called while
     a wait is blocked, after each slice of WATCH_SLICE seconds no kick ended: whatever it
     raises ends the wait and breaks the group (the MPI layer checks there whether another
-    member abandoned the collective). Not thread-safe.
+    member abandoned the collective). `spin_us`: how long a wait polls before it sleeps
+    (None: as long as the endpoint's waits, `endpoint.spin_us`). Not thread-safe.
 
     Each collective has a blocking form (`bcast(...)`) and a nonblocking one
     (`start("bcast", ...)` -> CollectiveRequest). Members must start collectives in the same
@@ -347,7 +350,7 @@ class CollectiveGroup:
         generation: int,
         members: Sequence[int],
         *,
-        spin_us: float = DEFAULT_SPIN_US,
+        spin_us: float | None = None,
         timeout: float | None = None,
         interrupt: Callable[[], None] | None = None,
     ) -> None:
@@ -394,8 +397,10 @@ class CollectiveGroup:
         self._others = [r for r in range(self.size) if r != self.rank]
         self._incarnations = [0] * self.size  # of each member, recorded once it has bound
         self._broken: BaseException | None = None
+        if spin_us is None:
+            spin_us = endpoint.spin_us
         self._spin = spin_us * 1e-6
-        self._yield = self.size > len(os.sched_getaffinity(0))
+        self._yield = crowded(region, members, endpoint.peer_id)
         self._listening = False  # see listen()
         # True after a gatherv, scatterv or alltoallv that its members declined (see there).
         self.declined = False

@@ -18,9 +18,43 @@ from __future__ import annotations
 import os
 import select
 import time
-from typing import Protocol
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Protocol
 
 import posix_ipc
+
+if TYPE_CHECKING:
+    from ivshmem_comm.region import Region
+
+
+def crowded(region: Region, peers: Iterable[int], me: int) -> bool:
+    """Whether `peers` (peer ids of `region`, `me` among them: this process) that run on this
+    kernel outnumber the CPUs they may run on, the union of their affinity masks: then a peer
+    that spins takes the CPU from the one it waits for, and waits should block early.
+
+    A peer runs on this kernel unless its slot names another kernel's host id: peers there
+    (another VM) have CPUs of their own and are not counted. A peer whose mask cannot be read
+    (no pid in its slot yet, gone, not ours to look at) counts with this process's mask. A VM whose
+    vCPUs outnumber the host's cores cannot be seen from here. Slot fields are advice:
+    a hostile pid only changes this verdict, which only changes how long waits spin.
+    """
+    from ivshmem_comm.region import host_id
+
+    cpus = set(os.sched_getaffinity(0))
+    here = host_id()
+    count = 0
+    for p in peers:
+        if p != me:
+            info = region.peer(p)
+            if info.host_id not in (0, here):
+                continue
+            if info.host_id == here and info.pid > 0:
+                try:
+                    cpus |= os.sched_getaffinity(info.pid)
+                except OSError:
+                    pass
+        count += 1
+    return count > len(cpus)
 
 
 class Notifier(Protocol):

@@ -63,6 +63,7 @@ from guest_lib.mpi.wire import (
 )
 from ivshmem_comm.errors import PeerLostError
 from ivshmem_comm.errors import TimeoutError as CoreTimeout
+from ivshmem_comm.notify import crowded
 
 _CTX_SHIFT = wire.CTX_SHIFT  # a DATA message's core tag >> this is its context
 IDLE_TIMEOUT = 0.005  # s: the longest nap of the engine between progress passes
@@ -230,10 +231,13 @@ class Engine(Matching, FastPaths):
         if endpoint is not None:
             self.bell = endpoint.notifier = _Doorbell(endpoint.notifier, self.lock)
         self.has_mpi = any(not route.local for route in self.routes)
-        # Oversubscribed: more ranks on this region than CPUs this process may run on. A rank
-        # that spins then takes the CPU from the rank it waits for, so waits block on the
-        # doorbell almost at once and busy loops yield (unless IVSHMEM_COMM_SPIN_US is set).
-        self.crowded = sum(route.local for route in self.routes) > len(os.sched_getaffinity(0))
+        # Oversubscribed: more ranks of this region on this kernel than CPUs they may run on
+        # (notify.crowded). A rank that spins then takes the CPU from the rank it waits for,
+        # so waits (the endpoint's, and the collective area's, which spin as long) block on
+        # the doorbell almost at once and busy loops yield (unless IVSHMEM_COMM_SPIN_US is set).
+        self.crowded = endpoint is not None and crowded(
+            endpoint.region, {endpoint.peer_id, *self.world_of_peer}, endpoint.peer_id
+        )
         if self.crowded and endpoint is not None and "IVSHMEM_COMM_SPIN_US" not in os.environ:
             endpoint.spin_us = min(endpoint.spin_us, CROWDED_SPIN_US)
 

@@ -1,7 +1,8 @@
 """Oversubscription (issue #12 item 4): a job with more ranks on its region than CPUs in the
-ranks' affinity mask judges itself crowded, shortens the endpoint's spin so that waits block
-on the doorbell almost at once, and completes windows of small nonblocking messages in
-every buffer form with the data checked; a job with a CPU per rank keeps its spin."""
+ranks' affinity masks judges itself crowded, shortens the spin of the endpoint's and the
+collective area's waits so that they block on the doorbell almost at once (the area's
+yielding between polls), and completes windows of small nonblocking messages in every buffer
+form with the data checked; a job with a CPU per rank keeps its spin."""
 
 from __future__ import annotations
 
@@ -16,30 +17,46 @@ from tests.mpi.conftest import PYTHON, ROOT, run_job
 PROGRAM = str(ROOT / "tests" / "mpi" / "programs" / "crowded_rank.py")
 
 
-def job(ranks: int, cpus: set[int] | None) -> list[tuple[bool, float]]:
-    """Run the program on `ranks` ranks pinned to `cpus` (None: as we are); each rank's
-    (crowded, spin_us), after checking every rank finished its windows."""
+def job(
+    ranks: int, cpus: set[int] | None, pin_each: bool = False
+) -> list[tuple[bool, float, bool, float]]:
+    """Run the program on `ranks` ranks pinned to `cpus` (None: as we are; `pin_each`: each
+    rank then pins itself to one of them before MPI starts); each rank's (crowded, endpoint
+    spin_us, collective area yields, area spin_us), after checking every rank finished its
+    windows."""
     pin = ["taskset", "-c", ",".join(map(str, sorted(cpus)))] if cpus else []
     command = [*pin, PYTHON, "-m", "guest_lib.mpi.launcher", "-n", str(ranks),
-               "--timeout", "100", PROGRAM]  # fmt: skip
+               "--timeout", "100", PROGRAM, *(["--pin"] if pin_each else [])]  # fmt: skip
     out = run_job(command, 120).stdout
-    seen = {}
+    seen: dict[int, tuple[bool, float]] = {}
+    area: dict[int, tuple[bool, float]] = {}
     for line in out.splitlines():
         words = line.split()
-        if len(words) == 6 and words[2] == "crowded":
-            seen[int(words[1])] = (words[3] == "True", float(words[5]))
-    assert sorted(seen) == list(range(ranks)), out
+        if len(words) == 6 and words[2] in ("crowded", "area-yields"):
+            into = seen if words[2] == "crowded" else area
+            into[int(words[1])] = (words[3] == "True", float(words[5]))
+    assert sorted(seen) == sorted(area) == list(range(ranks)), out
     assert out.count(" ok ") == ranks, out
-    return [seen[r] for r in range(ranks)]
+    return [seen[r] + area[r] for r in range(ranks)]
 
 
 def test_crowded_job_blocks_early():
     cpu = min(os.sched_getaffinity(0))
-    assert job(3, {cpu}) == [(True, CROWDED_SPIN_US)] * 3
+    assert job(3, {cpu}) == [(True, CROWDED_SPIN_US, True, CROWDED_SPIN_US)] * 3
 
 
 def test_uncrowded_job_keeps_its_spin():
     cpus = os.sched_getaffinity(0)
     if len(cpus) < 2:
         pytest.skip("needs 2 CPUs")
-    assert job(2, set(sorted(cpus)[:2])) == [(False, DEFAULT_SPIN_US)] * 2
+    assert job(2, set(sorted(cpus)[:2])) == [(False, DEFAULT_SPIN_US, False, DEFAULT_SPIN_US)] * 2
+
+
+def test_ranks_pinned_to_a_cpu_each_are_not_crowded():
+    """Crowding counts the CPUs of every rank's mask: ranks pinned one per CPU (as benchmarks
+    and mpiexec's binding do) are not crowded though each one's own mask has one CPU."""
+    cpus = os.sched_getaffinity(0)
+    if len(cpus) < 2:
+        pytest.skip("needs 2 CPUs")
+    expect = (False, DEFAULT_SPIN_US, False, DEFAULT_SPIN_US)
+    assert job(2, set(sorted(cpus)[:2]), pin_each=True) == [expect] * 2

@@ -1,16 +1,24 @@
 """Rank program of the oversubscription test: prints whether its engine judged the job
-crowded (more ranks on the region than CPUs in its affinity mask) and its endpoint's spin,
-then runs windows of small Isend/Irecv (ring: each rank to its right, from its left) in the
-buffer forms real codes write, completed by Waitall, checking every byte, and prints "ok"
-with the wall time the windows took."""
+crowded (more ranks on the region than CPUs in their affinity masks) and its endpoint's spin,
+then (after a Barrier, which binds COMM_WORLD's collective area) whether the area's group
+yields while it spins and its spin, then runs windows of small Isend/Irecv (ring: each rank
+to its right, from its left) in the buffer forms real codes write, completed by Waitall,
+checking every byte, and prints "ok" with the wall time the windows took. `--pin`: each rank
+pins itself to a CPU of its own (round-robin over its mask) before MPI starts."""
 
 from __future__ import annotations
 
 import array
 import mmap
+import os
+import sys
 import time
 
 import numpy as np
+
+if sys.argv[1:] == ["--pin"]:  # each rank on a CPU of its own, before MPI starts
+    _cpus = sorted(os.sched_getaffinity(0))
+    os.sched_setaffinity(0, {_cpus[int(os.environ["IVSHMEM_MPI_RANK"]) % len(_cpus)]})
 
 from guest_lib.mpi import MPI
 
@@ -23,6 +31,9 @@ def main() -> None:
     rank, size = comm.Get_rank(), comm.Get_size()
     state = MPI._internal_state()
     print(f"rank {rank} crowded {state['engine'].crowded} spin {state['endpoint'].spin_us}")
+    comm.Barrier()
+    group = comm._area.group
+    print(f"rank {rank} area-yields {group._yield} spin {group._spin * 1e6:g}")
     right, left = (rank + 1) % size, (rank - 1) % size
     started = time.monotonic()
     for round_ in range(ROUNDS):
