@@ -1293,10 +1293,7 @@ class Collectives:
         does not, before anything moves (mpi4py's rule; Alltoallv splits such a spec as evenly as
         can be).
         """
-        size = len(self._group)
-        for spec in (sendbuf, recvbuf):  # (a numpy array of whole blocks passes: skipped)
-            if type(spec) is not np.ndarray or spec.nbytes % (size * spec.itemsize or 1):
-                buffers.check_blocks(spec, size)
+        _check_blocks(len(self._group), sendbuf, recvbuf)
         self.Alltoallv(sendbuf, recvbuf)
 
     @collective(fast=_f_alltoall)
@@ -1331,9 +1328,7 @@ class Collectives:
 
     def Ialltoall(self, sendbuf: Any, recvbuf: Any) -> Request:
         """Nonblocking Alltoall (its specs checked as Alltoall's, at the call)."""
-        size = len(self._group)
-        buffers.check_blocks(sendbuf, size)
-        buffers.check_blocks(recvbuf, size)
+        _check_blocks(len(self._group), sendbuf, recvbuf)
         return self.Ialltoallv(sendbuf, recvbuf)
 
     @started(_a_alltoall, _m_alltoall)
@@ -1826,6 +1821,14 @@ class Collectives:
             op.reduce_into(result, operands[r], datatype)
         assert out is not None
         out[...] = result
+
+
+def _check_blocks(size: int, *specs: Any) -> None:
+    """Alltoall's check of its specs (buffers.check_blocks), skipped for a numpy array of
+    whole blocks (which passes it)."""
+    for spec in specs:
+        if type(spec) is not np.ndarray or spec.nbytes % (size * spec.itemsize or 1):
+            buffers.check_blocks(spec, size)
 
 
 def _elements(acc: np.ndarray, offset: int, data: Any, source: int) -> tuple[int, np.ndarray]:
