@@ -41,7 +41,8 @@ A nonblocking area collective is an `AreaOp` whose completion is polled each tim
 read (by the engine's progress where a staged operation holds it; by its Request's
 Test/Wait where a lane started it, `begin`); while any is pending, this member's sleep flag
 stays raised so that every publication of the group rings its doorbell (the engine naps on
-it).
+it). A started gatherv, scatterv or alltoallv takes one round at most, as the blocking one:
+where its members decline it, the instance goes on over messages (`AreaOp.then`).
 
 Object collectives (lowercase bcast, gather, allgather and those built on them: reduce,
 allreduce, scan, exscan) put each pickle in its sender's slab when it fits one (`exchange`);
