@@ -71,8 +71,10 @@ def test_killed_member_gives_an_error_not_a_hang():
     _killed("kill", "PeerLostError")
 
 
-def test_killed_member_fails_a_started_collective():
-    """The same while the others Wait for an Iallreduce (a lane's request, polled): its Wait
-    raises MPI.Exception(ERR_OTHER) within seconds on both, and nothing else is reported."""
-    stderr = _killed("ikill", "MPI_ERR_OTHER")
+@pytest.mark.parametrize("mode", ["ikill", "igkill"])
+def test_killed_member_fails_a_started_collective(mode):
+    """The same while the others Wait for an Iallreduce (ikill), or for an Igather then an
+    Ialltoall (igkill: the lanes of block collectives): a lane's request, polled: its Wait
+    raises MPI.Exception(ERR_OTHER) within seconds on both, nothing else is reported."""
+    stderr = _killed(mode, "MPI_ERR_OTHER")
     assert "Traceback" not in stderr, stderr[-3000:]

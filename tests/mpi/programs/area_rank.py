@@ -5,8 +5,8 @@ all      every collective (blocking and nonblocking, buffer forms, IN_PLACE) on 
          and on a Dup, checked against numpy, and counted: the area's `completed` counter
          must grow by exactly the number of collectives run (so it fails if any of them
          took the message path; 0 at one rank, which has no area); then payloads over a
-         slab (Bcast/Allreduce on messages, Gather/Scatter/Alltoall in several area
-         rounds); prints "AREA OK <n>".
+         slab (Bcast/Allreduce on messages, Gather/Scatter/Alltoall and their nonblocking
+         forms declined in the area, then on messages); prints "AREA OK <n>".
 loop     200 Dup / collectives / Free: the slot is claimed and released each time (its claim
          word is 0 after Free, its generation grows); prints "LOOP OK <slot> <generations>".
 exhaust  Dups without Free until one finds no slot: that one runs its collectives on
@@ -14,6 +14,8 @@ exhaust  Dups without Free until one finds no slot: that one runs its collective
 kill     the last rank SIGKILLs itself instead of joining an Allreduce: the others raise
          MPI.Exception within seconds; prints "LOST <seconds>".
 ikill    the same with an Iallreduce the others Wait for: its Wait raises within seconds.
+igkill   the same with an Igather to rank 0 (the second rank's request completes at once:
+         it sends only; it then Waits for an Ialltoall).
 """
 
 from __future__ import annotations
@@ -328,7 +330,7 @@ def main() -> None:
         assert area.completed(again) == 1
         again.Free()
         print(f"EXHAUST OK {slots}", flush=True)
-    elif mode in ("kill", "ikill"):
+    elif mode in ("kill", "ikill", "igkill"):
         comm.Barrier()
         out = np.zeros(4)
         comm.Allreduce(np.ones(4), out)  # the area is bound and working
@@ -339,8 +341,12 @@ def main() -> None:
         try:
             if mode == "kill":
                 comm.Allreduce(np.ones(4), out)
-            else:
+            elif mode == "ikill":
                 comm.Iallreduce(np.ones(4), out).Wait()
+            else:
+                got = np.zeros(3 * size) if rank == 0 else None
+                comm.Igather(np.ones(3), got, 0).Wait()
+                comm.Ialltoall(np.ones(2 * size), np.zeros(2 * size)).Wait()
         except MPI.Exception as exc:
             print(f"LOST {time.monotonic() - t0:.2f} {exc}", flush=True)
         else:
