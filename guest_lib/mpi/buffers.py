@@ -1,7 +1,8 @@
 """Message specs: mpi4py's ways of naming a buffer, resolved to a flat byte view.
 
 Accepted forms (`buf` is anything with the buffer protocol: numpy array, bytes, bytearray,
-memoryview, array.array, mmap; or None for an empty message):
+memoryview, array.array, mmap; an object describing memory mapped in this process through
+DLPack or the CUDA array interface (see guest_lib.mpi.foreign); or None for an empty message):
     buf                                  datatype from the buffer's format, count = all of it
     [buf, datatype]                      datatype a Datatype or a typecode string ("d", "i4")
     [buf, count]                         datatype inferred
@@ -24,19 +25,16 @@ import ctypes
 import functools
 import sys
 import threading
-import weakref
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
 
-from guest_lib.mpi import constants, datatypes
+from guest_lib.mpi import constants, datatypes, foreign
 from guest_lib.mpi.datatypes import BYTE, Datatype
 from ivshmem_comm import ring
 
 _EMPTY = memoryview(bytearray(0))
-_DL_HOST = (1, 3)  # DLPack device types of host memory (CPU, CUDA pinned host)
-_KEEP: dict[int, Any] = {}  # DLPack capsules of the arrays made over their tensors
 _IMPLIED: dict[np.dtype, Datatype | None] = {}  # numpy dtype -> its datatype (a cache)
 _SWAPPED = Datatype._create("(byte-swapped)", None, "")  # what a non-native byte order implies
 _FOREIGN = ">!" if sys.byteorder == "little" else "<!"  # format prefixes of swapped data
@@ -91,11 +89,17 @@ def _as_bytes(buf: Any, writable: bool) -> tuple[memoryview, Datatype | None]:
     try:
         view = memoryview(buf)
     except TypeError:
-        if hasattr(buf, "__dlpack__"):
-            return _as_bytes(_from_dlpack(buf), writable)
-        if hasattr(buf, "__cuda_array_interface__"):
-            raise BufferError("message: device (CUDA) buffers are not supported") from None
-        raise TypeError(f"message: expecting a buffer, got {type(buf).__name__}") from None
+        found = foreign.describe(buf)  # DLPack, CUDA array interface: memory mapped here
+        if found is None:
+            raise TypeError(f"message: expecting a buffer, got {type(buf).__name__}") from None
+        view = foreign.host_view(found, writable)
+        if found.swapped:
+            return view, _SWAPPED
+        try:
+            return view, _IMPLIED[found.dtype]
+        except KeyError:
+            implied = _IMPLIED[found.dtype] = _implied_by(found.dtype)
+            return view, implied
     if writable and view.readonly:
         raise BufferError("message buffer is read-only")
     if not view.contiguous:
@@ -113,113 +117,6 @@ def _as_bytes(buf: Any, writable: bool) -> tuple[memoryview, Datatype | None]:
             datatype = None
     view = view.cast("B") if view.c_contiguous else np.asarray(view).data.cast("B")
     return view, datatype
-
-
-class _DLTensor(ctypes.Structure):
-    _fields_ = [
-        ("data", ctypes.c_void_p),
-        ("device_type", ctypes.c_int32),
-        ("device_id", ctypes.c_int32),
-        ("ndim", ctypes.c_int32),
-        ("code", ctypes.c_uint8),
-        ("bits", ctypes.c_uint8),
-        ("lanes", ctypes.c_uint16),
-        ("shape", ctypes.POINTER(ctypes.c_int64)),
-        ("strides", ctypes.POINTER(ctypes.c_int64)),
-        ("byte_offset", ctypes.c_uint64),
-    ]
-
-
-_DL_KINDS = {0: "i", 1: "u", 2: "f", 5: "c", 6: "b"}  # DLPack type codes -> numpy kinds
-_DL_VERSIONED_HEAD = 8 + 8 + 8 + 8  # version, manager_ctx, deleter, flags before the tensor
-_capsule_pointer = ctypes.pythonapi.PyCapsule_GetPointer
-_capsule_pointer.restype = ctypes.c_void_p
-_capsule_pointer.argtypes = [ctypes.py_object, ctypes.c_char_p]
-_capsule_name = ctypes.pythonapi.PyCapsule_GetName
-_capsule_name.restype = ctypes.c_char_p
-_capsule_name.argtypes = [ctypes.py_object]
-
-
-def _from_dlpack(buf: Any) -> np.ndarray:
-    """A DLPack tensor in host memory as a flat numpy array over its memory (zero-copy,
-    read-only when the tensor says so), as mpi4py reads one: the capsule is not consumed,
-    so its owner frees the tensor when the array (which holds the capsule) goes. Element
-    types numpy has no name for are taken as raw bytes. TypeError/ValueError for a
-    malformed __dlpack_device__ result; BufferError for a tensor in device memory, a
-    capsule that is not a live DLPack one, a version other than 1, a bad shape, or one
-    that is neither C- nor Fortran-contiguous."""
-    if hasattr(buf, "__dlpack_device__"):
-        device = buf.__dlpack_device__()
-        if not isinstance(device, tuple):
-            raise TypeError(f"message: __dlpack_device__ gave {type(device).__name__}")
-        if len(device) != 2:
-            raise ValueError(f"message: __dlpack_device__ gave {len(device)} items")
-        if not all(isinstance(item, int) for item in device):
-            raise TypeError("message: __dlpack_device__ gave a non-integer")
-        if device[0] not in _DL_HOST:
-            raise BufferError("message: DLPack buffers in device memory are not supported")
-    capsule = buf.__dlpack__()
-    if type(capsule).__name__ != "PyCapsule":
-        raise BufferError("message: __dlpack__ did not give a capsule")
-    name = _capsule_name(capsule)
-    readonly = False
-    if name == b"dltensor_versioned":
-        address = _capsule_pointer(capsule, name)
-        if ctypes.c_uint32.from_address(address).value != 1:  # DLPack's major version
-            raise BufferError("message: DLPack version is not 1")
-        flags = ctypes.c_uint64.from_address(address + _DL_VERSIONED_HEAD - 8).value
-        readonly = bool(flags & 1)  # DLPACK_FLAG_BITMASK_READ_ONLY
-        address += _DL_VERSIONED_HEAD
-    elif name == b"dltensor":
-        address = _capsule_pointer(capsule, name)
-    else:
-        raise BufferError(f"message: not a live DLPack capsule ({name!r})")
-    tensor = _DLTensor.from_address(address)
-    if tensor.device_type not in _DL_HOST:
-        raise BufferError("message: DLPack buffers in device memory are not supported")
-    if tensor.ndim < 0 or (tensor.ndim and not tensor.shape):
-        raise BufferError(f"message: DLPack tensor of {tensor.ndim} dimensions, no shape")
-    kind, size = _DL_KINDS.get(tensor.code), tensor.bits // 8
-    if kind == "f" and tensor.lanes == 2:  # a complex number as two lanes of floats
-        kind, size = "c", 2 * size
-    elif tensor.lanes != 1:
-        kind = None
-    itemsize = tensor.bits * tensor.lanes // 8
-    dtype: np.dtype
-    if kind is None:  # an element type numpy cannot name: its bytes
-        dtype = np.dtype((np.void, itemsize)) if itemsize else np.dtype("B")
-    else:
-        dtype = np.dtype(f"{kind}{size}") if kind != "b" else np.dtype("?")
-    shape = [tensor.shape[i] for i in range(tensor.ndim)]
-    if any(extent < 0 for extent in shape):
-        raise BufferError(f"message: DLPack shape {shape}")
-    count = 1
-    for extent in shape:
-        count *= extent
-    if tensor.strides and count > 1:
-        strides = [tensor.strides[i] for i in range(tensor.ndim)]
-        if not (_dense(shape, strides) or _dense(shape[::-1], strides[::-1])):
-            raise BufferError("message: DLPack buffer is not contiguous")
-    if count == 0 or not tensor.data:
-        return np.empty(0, dtype)
-    raw = (ctypes.c_char * (count * dtype.itemsize)).from_address(tensor.data + tensor.byte_offset)
-    array = np.frombuffer(memoryview(raw).cast("B"), dtype=dtype)
-    if readonly:
-        array.flags.writeable = False
-    _KEEP[id(raw)] = capsule  # the tensor lives while `raw` (the array's base) does
-    weakref.finalize(raw, _KEEP.pop, id(raw), None)
-    return array
-
-
-def _dense(shape: list[int], strides: list[int]) -> bool:
-    """True iff `strides` (in elements) are those of a C-order array of `shape`, axes of
-    extent 1 aside."""
-    expect = 1
-    for extent, stride in zip(reversed(shape), reversed(strides), strict=True):
-        if extent != 1 and stride != expect:
-            return False
-        expect *= extent
-    return True
 
 
 def _implied_by(dtype: np.dtype) -> Datatype | None:

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from guest_lib.mpi import constants, exceptions
+from guest_lib.mpi import constants, exceptions, foreign
 
 BSEND_OVERHEAD = 96  # MPICH's value (bytes of bookkeeping per buffered message)
 _NOTHING = object()
@@ -30,6 +30,7 @@ class buffer(np.ndarray):  # mpi4py's name, lower case
 
     _obj: Any
     _released: bool
+    _cpu: bool  # False for memory of a device type mpi4py's buffer does not read
 
     def __new__(cls, obj: Any = _NOTHING) -> buffer:
         if obj is _NOTHING:  # an empty buffer over no memory (address 0)
@@ -40,16 +41,26 @@ class buffer(np.ndarray):  # mpi4py's name, lower case
             raise TypeError(f"buffer: expecting a buffer object, got {type(obj).__name__}")
         try:
             view = memoryview(obj)
-        except TypeError:  # a DLPack tensor in host memory, as message buffers take them
-            from guest_lib.mpi.buffers import as_bytes
-
-            return _wrap(np.frombuffer(as_bytes(obj), np.uint8), obj)
+        except TypeError:  # DLPack or the CUDA array interface, as message buffers take them
+            found = foreign.describe(obj)
+            if found is None:
+                raise TypeError(f"buffer: expecting a buffer, got {type(obj).__name__}") from None
+            made = _wrap(np.frombuffer(foreign.host_view(found, False), np.uint8), obj)
+            made._cpu = found.device in foreign.CPU_ACCESSIBLE
+            return made
         flat = view.cast("B") if view.c_contiguous else memoryview(view.tobytes())
         return _wrap(np.frombuffer(flat, np.uint8), obj)
 
     def __array_finalize__(self, parent: Any) -> None:
         self._obj = getattr(parent, "_obj", None)
         self._released = False
+        self._cpu = getattr(parent, "_cpu", True)
+
+    def _host(self) -> None:
+        """BufferError (mpi4py's) for a buffer over memory its device type says the CPU
+        cannot read (a DLPack device, the CUDA array interface): items, cast, tobytes."""
+        if not self._cpu:
+            raise BufferError("buffer is not CPU-accessible")
 
     @classmethod
     def allocate(cls, nbytes: int, clear: bool = False) -> buffer:
@@ -130,10 +141,12 @@ class buffer(np.ndarray):  # mpi4py's name, lower case
 
     def tobytes(self, order: Any = None) -> bytes:
         """The bytes as a bytes object (`order` is ignored, as mpi4py: they are flat)."""
+        self._host()
         return self.view(np.ndarray).data.tobytes()
 
     def cast(self, format: str, shape: Any = None) -> memoryview:
         """A memoryview of the bytes as `format` items (in `shape`)."""
+        self._host()
         view: Any = self.view(np.ndarray).data
         return view.cast(format) if shape is None else view.cast(format, shape)
 
@@ -149,11 +162,13 @@ class buffer(np.ndarray):  # mpi4py's name, lower case
         raise TypeError(f"buffer: indices are integers or slices, not {type(key).__name__}")
 
     def __getitem__(self, key: Any) -> Any:
+        self._host()
         item = super().__getitem__(self._key(key))
         return int(item) if isinstance(item, np.integer) else item
 
     def __setitem__(self, key: Any, value: Any) -> None:
         key = self._key(key)
+        self._host()
         if not self.flags.writeable:
             raise TypeError("buffer is read-only")
         if not isinstance(value, int | np.integer | np.ndarray):
@@ -168,6 +183,7 @@ def _wrap(array: np.ndarray, obj: Any) -> buffer:
     made = array.view(buffer)
     made._obj = obj
     made._released = False
+    made._cpu = True
     return made
 
 
@@ -199,10 +215,13 @@ def Get_address(location: Any) -> int:
         return int(location)
     try:
         view = memoryview(location)
-    except TypeError:  # a DLPack tensor in host memory, as message buffers take them
-        from guest_lib.mpi.buffers import as_bytes
-
-        view = as_bytes(location)
+    except TypeError:  # DLPack, the CUDA array interface: the address they give (unread)
+        found = foreign.describe(location)
+        if found is None:
+            raise TypeError(
+                f"Get_address: expecting a buffer, got {type(location).__name__}"
+            ) from None
+        return found.address
     if view.nbytes == 0:
         return 0
     return int(np.frombuffer(view.cast("B") if view.c_contiguous else view, np.uint8).ctypes.data)
