@@ -554,8 +554,14 @@ class Comm(attributes.Cached, Handle):
     ) -> Any:
         """Send `sendobj` to `dest` and receive an object from `source`, deadlock-free."""
         engine = self._sendrecv_args(dest, source, sendtag, recvtag)
+        data = _dumps(sendobj)
+        peer = self._shm_peer.get(dest)
+        if peer is not None and engine.fast_send(  # written whole at once: recv's turn
+            peer, self._ctx << _CTX_SHIFT | sendtag, data, 0.0
+        ):
+            return self._recv_obj(source, recvtag, self._ctx, status)
         rop = self._irecv_op(None, source, recvtag, self._ctx)
-        sop = self._isend_op(_dumps(sendobj), dest, sendtag, self._ctx, False)
+        sop = self._isend_op(data, dest, sendtag, self._ctx, False)
         engine.wait_until(lambda: rop.done and sop.done)
         return Request(rop, engine, self._rank_of, unpickle)._fill(status)
 
