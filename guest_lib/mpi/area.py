@@ -444,12 +444,13 @@ class AreaRequest(Request):
     def Wait(self, status: Status | None = None) -> bool:
         if self._op is not None:
             self._complete()
-        return super().Wait(status)
+        self._fill(status)
+        return True
 
     def wait(self, status: Status | None = None) -> Any:
         if self._op is not None:
             self._complete()
-        return super().wait(status)
+        return self._fill(status)
 
 
 # ------------------------------------------------------------------ binding

@@ -616,7 +616,7 @@ def started(
                             then = functools.partial(_on_messages, engine, stages, failed)
                         if not request.done:
                             op = area.AreaOp(shared, request, failed, then)
-                            return area.AreaRequest(op, engine)
+                            return request_of(op, engine, kind=area.AreaRequest)
                         assert then is not None  # (declined: a declinable collective's)
                         try:
                             return Request(then(), engine)

@@ -13,7 +13,7 @@ status.
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from guest_lib.mpi import constants, exceptions, pickling
 from guest_lib.mpi.engine import Engine
@@ -459,6 +459,7 @@ class Request(Handle):
 
 
 _new_handle = object.__new__  # (Handle.__new__ and __init__ skipped: see request_of)
+R = TypeVar("R", bound=Request)
 
 
 def request_of(
@@ -466,10 +467,12 @@ def request_of(
     engine: Engine | None,
     rank_of: dict[int, int] | None = None,
     finish: Callable[[Op], Any] | None = None,
-) -> Request:
-    """Request(op, engine, rank_of, finish), the internal form, at a third of its cost:
-    the per-message calls (Isend, Irecv) make one per message. Same object, same fields."""
-    request = _new_handle(Request)
+    kind: type[R] = Request,  # type: ignore[assignment]
+) -> R:
+    """kind(op, engine, rank_of, finish) (`kind` Request or a subclass with no fields of
+    its own), the internal form, at a third of its cost: the per-message calls (Isend,
+    Irecv) make one per message. Same object, same fields."""
+    request = _new_handle(kind)
     request._cell = request._owner = None
     request._op = op
     request._engine = engine
