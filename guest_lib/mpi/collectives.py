@@ -50,7 +50,14 @@ from guest_lib.mpi.matching import DoneOp, Op
 from guest_lib.mpi.pickling import dumps as _dumps
 from guest_lib.mpi.pickling import loads as _loads
 from guest_lib.mpi.request import Request, request_of, unpickle
-from guest_lib.mpi.wire import COLL_SPAN, KIND_DATA, abandon_class, coll_base, core_tag
+from guest_lib.mpi.wire import (
+    COLL_INSTANCES,
+    COLL_SPAN,
+    KIND_DATA,
+    abandon_class,
+    coll_base,
+    core_tag,
+)
 from ivshmem_comm.collective import (
     C_ALLGATHERV,
     C_ALLTOALLV,
@@ -171,6 +178,12 @@ def front_lanes(cls: type) -> None:
 
 
 def _front(method: Callable[..., Any], fast: Callable[..., Any]) -> Callable[..., Any]:
+    """The front of `method` (see front_lanes). A lane made of C arguments (`_one_call`,
+    `_declining`) runs here without its own frame: arguments it does not take (None, or an
+    error: the method's body reports it) leave everything to the method."""
+    args_of = getattr(fast, "args_of", None)
+    then = getattr(fast, "then", None)
+
     @functools.wraps(method)
     def front(self: Any, *args: Any, **kwargs: Any) -> Any:
         shared = self._area
@@ -184,9 +197,26 @@ def _front(method: Callable[..., Any], fast: Callable[..., Any]) -> Callable[...
                 and not engine.revoked
                 and engine.quiet()
             ):
-                result = _laned(self, engine, shared, fast, args, kwargs)
-                if result is not _SLOW:
-                    return result
+                if args_of is None:
+                    result = _laned(self, engine, shared, fast, args, kwargs)
+                    if result is not _SLOW:
+                        return result
+                    return method(self, *args, **kwargs)
+                try:
+                    c_args = args_of(self, group, *args, **kwargs)
+                except Exception:
+                    c_args = None
+                if c_args is not None:
+                    seq = self._coll_seq
+                    self._coll_seq = seq + 1
+                    self._coll_base = seq % COLL_INSTANCES * COLL_SPAN  # (wire.coll_base)
+                    try:
+                        if _declinable(self, shared, c_args, then, args, kwargs):
+                            return None
+                    except Exception as exc:
+                        _abandon(self, engine, seq, exc)
+                        raise
+                    self._coll_seq = seq  # nothing moved: the method numbers it again
         return method(self, *args, **kwargs)
 
     return front
@@ -273,6 +303,8 @@ def _one_call(args_of: Callable[..., CArgs]) -> Callable[..., Any]:
         c_args = args_of(self, shared.group, *args, **kwargs)
         return None if c_args is not None and shared.call(*c_args) else _SLOW
 
+    lane.args_of = args_of  # type: ignore[attr-defined]  # (see _front)
+    lane.then = None  # type: ignore[attr-defined]
     return lane
 
 
@@ -453,15 +485,35 @@ def _declining(args_of: Callable[..., CArgs], messages: Messages, tag: int) -> C
     round (data over it that not every member can size): Area.call with `args_of`'s
     arguments, then, where declined, `messages`' stages on internal tag `tag`."""
 
+    then = (messages, tag)
+
     def lane(self: Any, shared: area.Area, *args: Any, **kwargs: Any) -> Any:
         c_args = args_of(self, shared.group, *args, **kwargs)
-        if c_args is None or not shared.call(*c_args):
+        if c_args is None or not _declinable(self, shared, c_args, then, args, kwargs):
             return _SLOW
-        if shared.group.declined:  # a member's data is more than one round: messages
-            self._run(messages(self, tag, *args, **kwargs))
         return None
 
+    lane.args_of = args_of  # type: ignore[attr-defined]  # (see _front)
+    lane.then = then  # type: ignore[attr-defined]
     return lane
+
+
+def _declinable(
+    self: Any,
+    shared: area.Area,
+    c_args: tuple[Any, ...],
+    then: tuple[Messages, int] | None,
+    args: Any,
+    kwargs: Any,
+) -> bool:
+    """Area.call with `c_args`; where it ran and a member declined the round (its data is
+    more than one round), the collective on messages: `then` = (its stages for the
+    arguments, its internal tag)."""
+    if not shared.call(*c_args):
+        return False
+    if then is not None and shared.group.declined:
+        self._run(then[0](self, then[1], *args, **kwargs))
+    return True
 
 
 def _a_scan(
