@@ -173,3 +173,33 @@ def test_gathered_counts_are_checked(comm):
         comm.Reduce_scatter(send, out, None, MPI.SUM)
     comm.Reduce_scatter(np.ones(size), out, None, MPI.SUM)
     assert out[0] == size
+
+
+def test_a_negative_gathered_count_is_named():
+    """Reduce_scatter without recvcounts reads every rank's count back from the area: a
+    member that announces a negative one (a hostile or broken process, here the last rank
+    calling the counts round itself) is named in MPI.Exception(ERR_COUNT) on the others,
+    which go on with the next communicator."""
+    world = MPI.COMM_WORLD
+    size, rank = world.Get_size(), world.Get_rank()
+    comm = world.Dup()
+    comm.Barrier()  # (binds the area)
+    shared = area.current(comm)
+    if shared is None or not shared.ready():
+        comm.Free()
+        return  # one rank (no area), or the Python steps only (IVSHMEM_COMM_PUREPYTHON)
+    if rank == size - 1:
+        comm._coll_seq += 1  # (the instance its peers number)
+        with pytest.raises(MPI.Exception) as err:
+            comm._all_counts(-3, shared, lane=True)
+        area.failed(comm)
+    else:
+        with pytest.raises(MPI.Exception) as err:
+            comm.Reduce_scatter(np.ones(size), np.zeros(1), None, MPI.SUM)
+    assert err.value.Get_error_class() == MPI.ERR_COUNT
+    assert f"rank {size - 1} gave receive count -3" in str(err.value)
+    comm.Free()
+    world.Barrier()
+    out = np.zeros(1)
+    world.Reduce_scatter(np.ones(size), out, None, MPI.SUM)
+    assert out[0] == size
