@@ -57,8 +57,11 @@ class buffer(np.ndarray):  # mpi4py's name, lower case
         self._cpu = getattr(parent, "_cpu", True)
 
     def _host(self) -> None:
-        """BufferError (mpi4py's) for a buffer over memory its device type says the CPU
-        cannot read (a DLPack device, the CUDA array interface): items, cast, tobytes."""
+        """Raise BufferError (mpi4py's) unless the CPU can read this buffer's memory.
+
+        For a buffer over memory its device type says the CPU cannot read (a DLPack device, the CUDA
+        array interface); item access, cast and tobytes call it first.
+        """
         if not self._cpu:
             raise BufferError("buffer is not CPU-accessible")
 
