@@ -69,7 +69,15 @@ from guest_lib.mpi.request import Request
 from guest_lib.mpi.status import Status
 from guest_lib.mpi.wire import COLL_TAGS
 from ivshmem_comm import layout
-from ivshmem_comm.collective import CollectiveGroup, CollectiveRequest, claim_slot, release_slot
+from ivshmem_comm.collective import (
+    C_ALLGATHER_BYTES,
+    C_BCAST_BYTES,
+    C_GATHER_BYTES,
+    CollectiveGroup,
+    CollectiveRequest,
+    claim_slot,
+    release_slot,
+)
 from ivshmem_comm.errors import PeerLostError, RingCorruptError, TimeoutError
 
 if TYPE_CHECKING:
@@ -80,6 +88,13 @@ T_AREA = 0  # internal tag (of the current blocking instance) of the binding bro
 _BIND = struct.Struct("<iIB")  # slot (-1: none), generation, objects (see Area.objects)
 _CORE_ERRORS = (PeerLostError, RingCorruptError, TimeoutError)
 _DECLINABLE = ("gatherv", "scatterv", "alltoallv")
+# `exchange`'s collectives as Area.call runs them
+_BYTES = {
+    "bcast_bytes": C_BCAST_BYTES,
+    "gather_bytes": C_GATHER_BYTES,
+    "allgather_bytes": C_ALLGATHER_BYTES,
+}
+_BYTES_CODES = frozenset(_BYTES.values())
 BIND_SLICE_S = 0.001  # s: a binding's wait between progress passes while the engine is busy
 NAP_S = 0.001  # longest nap of a Wait on an area request (messages it also waits for do not
 # ring the doorbell)
@@ -226,7 +241,7 @@ class Area:
             if error is exc:
                 raise
             raise error from exc
-        if not group.declined:
+        if not group.declined or which in _BYTES_CODES:  # (a declined pickle: its round ran)
             self.completed += 1
         return True
 
@@ -237,7 +252,15 @@ class Area:
         slab: `group.declined` is then set and the caller moves those by messages); None
         when the collective must run on messages (Fallback: the area is dropped). Errors
         as for `run`."""
-        taken: list[bytes | None] = [None] * self.group.size
+        group = self.group
+        comm = self.comm
+        if comm._coll_gone is None and self.ready() and not other_threads():
+            # one C call (see `call`); C's `taken` is a new list each round
+            if self.call(_BYTES[name], data, None, root, None, None, None, None):
+                return group._c.taken if group._c is not None else None
+            if comm._area is not self:
+                return None  # (dropped: Fallback)
+        taken: list[bytes | None] = [None] * group.size
         args = (data, taken) if name == "allgather_bytes" else (data, root, taken)
         return taken if self.run(name, *args) else None
 
