@@ -169,12 +169,15 @@ def front_lanes(cls: type) -> None:
     started area collective pending, no collective running, the engine quiet and holding no
     record of a revoked communicator or an abandoned collective (of any communicator: the
     method then decides, `Area.untroubled`). Anything else, and a lane's _SLOW, calls the
-    method as it is."""
+    method as it is. The nonblocking ones with a lane (`started`) alike (`_front_started`)."""
     for name in dir(cls):
         method = getattr(cls, name)
         fast = getattr(method, "lane", None)
+        begun = getattr(method, "begun", None)
         if fast is not None and callable(method):
             setattr(cls, name, _front(method, fast))
+        elif begun is not None and callable(method):
+            setattr(cls, name, _front_started(method, *begun))
 
 
 def _front(method: Callable[..., Any], fast: Callable[..., Any]) -> Callable[..., Any]:
@@ -217,6 +220,27 @@ def _front(method: Callable[..., Any], fast: Callable[..., Any]) -> Callable[...
                         _abandon(self, engine, seq, exc)
                         raise
                     self._coll_seq = seq  # nothing moved: the method numbers it again
+        return method(self, *args, **kwargs)
+
+    return front
+
+
+def _front_started(
+    method: Callable[..., Any], args_of: Callable[..., CArgs], messages: Messages | None
+) -> Callable[..., Any]:
+    """`_front` of a nonblocking collective with a lane (`started`): taken with the area
+    bound with its C accelerator and the engine holding no record of a revoked
+    communicator or an abandoned collective (of any communicator)."""
+
+    @functools.wraps(method)
+    def front(self: Any, *args: Any, **kwargs: Any) -> Any:
+        shared = self._area
+        if shared:
+            engine = self._engine
+            if shared.group._c is not None and not engine.abandoned and not engine.revoked:
+                request = _begun(self, engine, shared, args_of, messages, args, kwargs)
+                if request is not None:
+                    return request
         return method(self, *args, **kwargs)
 
     return front
@@ -647,39 +671,58 @@ def started(
             engine = self._live()
             shared = self._area
             if shared and shared.untroubled():
-                c_args = args_of(self, shared.group, *args, **kwargs)
-                if c_args is not None:
-                    seq = self._nb_seq
-                    try:
-                        request = shared.begin(*c_args)
-                    except Exception as exc:
-                        self._nb_seq = seq + 1
-                        _nb_abandon(self, engine, seq, f"{type(exc).__name__}: {exc}")
-                        raise
-                    if request is not None:  # (None: nothing moved, the body runs it)
-                        self._nb_seq = seq + 1
-                        if request.done and not request.declined:
-                            return request_of(DoneOp(constants.ANY_SOURCE), engine)
-                        failed = functools.partial(_nb_abandon, self, engine, seq)
-                        then = None
-                        if messages is not None:
-                            tag = T_NONBLOCKING + seq % NONBLOCKING_TAGS
-                            stages = functools.partial(messages, self, tag, *args, **kwargs)
-                            then = functools.partial(_on_messages, engine, stages, failed)
-                        if not request.done:
-                            op = area.AreaOp(shared, request, failed, then)
-                            return request_of(op, engine, kind=area.AreaRequest)
-                        assert then is not None  # (declined: a declinable collective's)
-                        try:
-                            return Request(then(), engine)
-                        except Exception as exc:
-                            failed(f"{type(exc).__name__}: {exc}")
-                            raise
+                request = _begun(self, engine, shared, args_of, messages, args, kwargs)
+                if request is not None:
+                    return request
             return method(self, *args, **kwargs)
 
+        run.begun = (args_of, messages)  # type: ignore[attr-defined]  # (see front_lanes)
         return run
 
     return wrap
+
+
+def _begun(
+    self: Any,
+    engine: Engine,
+    shared: area.Area,
+    args_of: Callable[..., CArgs],
+    messages: Messages | None,
+    args: Any,
+    kwargs: Any,
+) -> Request | None:
+    """A nonblocking collective's lane (see `started`): its Request, or None having moved
+    nothing (its body's job)."""
+    c_args = args_of(self, shared.group, *args, **kwargs)
+    if c_args is None:
+        return None
+    seq = self._nb_seq
+    try:
+        request = shared.begin(*c_args)
+    except Exception as exc:
+        self._nb_seq = seq + 1
+        _nb_abandon(self, engine, seq, f"{type(exc).__name__}: {exc}")
+        raise
+    if request is None:  # (nothing moved)
+        return None
+    self._nb_seq = seq + 1
+    if request.done and not request.declined:
+        return request_of(DoneOp(constants.ANY_SOURCE), engine)
+    failed = functools.partial(_nb_abandon, self, engine, seq)
+    then = None
+    if messages is not None:
+        tag = T_NONBLOCKING + seq % NONBLOCKING_TAGS
+        stages = functools.partial(messages, self, tag, *args, **kwargs)
+        then = functools.partial(_on_messages, engine, stages, failed)
+    if not request.done:
+        op = area.AreaOp(shared, request, failed, then)
+        return request_of(op, engine, kind=area.AreaRequest)
+    assert then is not None  # (declined: a declinable collective's)
+    try:
+        return Request(then(), engine)
+    except Exception as exc:
+        failed(f"{type(exc).__name__}: {exc}")
+        raise
 
 
 def _on_messages(
