@@ -1814,8 +1814,10 @@ class Collectives:
 
     @started(_a_barrier)
     def Ibarrier(self) -> Request:
-        """Nonblocking barrier (in the area, else dissemination: ceil(log2 size) rounds of
-        empty messages)."""
+        """Start a barrier; return the Request, complete once every rank has entered it.
+
+        In the collective area, else by dissemination: ceil(log2 size) rounds of empty messages.
+        """
         return self._nonblocking(self._barrier, lambda: ("barrier", ()))
 
     @started(_a_bcast)
