@@ -437,11 +437,24 @@ class Comm(attributes.Cached, Handle):
             engine.wait(op)
         Request(op, engine, self._rank_of)._fill(status)
 
+    def _sole_source(self) -> int:
+        """ANY_SOURCE as the blocking receives' fast paths may take it: the other rank of a
+        two-member communicator (this process one of them) whose other member is on shared
+        memory; else ANY_SOURCE. (A message from this process itself waits in the engine's
+        unexpected queue, and the fast paths run only while that queue is empty.)"""
+        peers, group = self._shm_peer, self._group
+        if len(peers) == 1 and len(group) == 2:  # (an engine: a peer; an Intercomm: not here)
+            for rank in peers:
+                if group[1 - rank] == self._engine.world_rank:  # type: ignore[union-attr]
+                    return rank
+        return constants.ANY_SOURCE
+
     def _recv_obj(self, source: int, tag: int, ctx: int, status: Status | None) -> Any:
         engine = self._live()
-        route = self._src_route.get(source)  # None: PROC_NULL
+        rank = source if source != constants.ANY_SOURCE else self._sole_source()
+        route = self._src_route.get(rank)  # None: PROC_NULL
         if route is not None:
-            data = route.recv_bytes(self, source, tag, ctx, status)
+            data = route.recv_bytes(self, rank, tag, ctx, status)
             if data is not None:
                 return _loads(data)
         op = self._irecv_op(None, source, tag, ctx)
@@ -625,15 +638,18 @@ class Comm(attributes.Cached, Handle):
         Raises MPI.Exception(ERR_TRUNCATE) if the message is longer than the buffer (the message is
         consumed; the buffer holds its prefix).
         """
-        peer = self._shm_peer.get(source)
+        rank = source if source != constants.ANY_SOURCE else self._sole_source()
+        peer = self._shm_peer.get(rank)
         if peer is not None and (0 <= tag <= constants.TAG_UB or tag == constants.ANY_TAG):
             # fast path: from a peer on shared memory straight into the buffer
             data = buf if _plain_array(buf, True) else buffers.quick(buf, True)
             if data is not None:  # (the route's recv_into, its common case inline)
                 got = self._engine.fast_recv(peer, self._ctx, tag, data)  # type: ignore[union-attr]
                 if got is not None:
-                    if got[2] is not None or status is not None:
-                        fast_done(self, got, source, status)
+                    if got[2] is not None:
+                        fast_done(self, got, rank, status)
+                    elif status is not None:
+                        status._set(rank, got[1], got[0])
                     return
         self._source(source)
         self._recv_tag(tag)

@@ -206,3 +206,38 @@ def test_sendrecv_bad_receive_buffer_sends_nothing(comm):
     comm.Sendrecv([sbuf, 4, MPI.INT], dest, 32, [rbuf, MPI.INT], source, 32, status)
     assert np.array_equal(rbuf, sbuf)
     assert (status.Get_source(), status.Get_tag(), status.Get_count(MPI.INT)) == (source, 32, 4)
+
+
+def test_any_source_on_a_pair(comm):
+    """ANY_SOURCE on a two-member communicator (the blocking receives' fast path takes it as
+    the other member): statuses name the sender, a message from this process itself waiting
+    first is still received, truncation raises ERR_TRUNCATE."""
+    pair = comm.Split(comm.Get_rank() // 2, comm.Get_rank())
+    try:
+        if pair.Get_size() != 2:
+            return
+        me, other = pair.Get_rank(), 1 - pair.Get_rank()
+        status = MPI.Status()
+        pair.Send(np.full(4, me, "i"), other, 3)
+        got = np.zeros(4, "i")
+        pair.Recv(got, MPI.ANY_SOURCE, 3, status)
+        assert np.array_equal(got, np.full(4, other, "i"))
+        assert (status.Get_source(), status.Get_tag(), status.Get_count(MPI.INT)) == (other, 3, 4)
+        pair.send(("obj", me), other, 4)
+        assert pair.recv(source=MPI.ANY_SOURCE, tag=MPI.ANY_TAG, status=status) == ("obj", other)
+        assert (status.Get_source(), status.Get_tag()) == (other, 4)
+        mine = pair.isend(("self", me), me, 5)
+        pair.send(("peer", me), other, 5)
+        got_both = set()
+        for _ in range(2):
+            item = pair.recv(source=MPI.ANY_SOURCE, tag=5, status=status)
+            assert item[1] == status.Get_source()
+            got_both.add(item)
+        assert got_both == {("self", me), ("peer", other)}
+        mine.wait()
+        pair.Send(np.zeros(8, "i"), other, 6)
+        with pytest.raises(MPI.Exception) as info:
+            pair.Recv(np.zeros(2, "i"), MPI.ANY_SOURCE, 6)
+        assert info.value.Get_error_class() == MPI.ERR_TRUNCATE
+    finally:
+        pair.Free()
