@@ -595,6 +595,27 @@ def _a_reduce_scatter_block(
     return _a_scatter_fold(self, group, send, recv, [recv.size] * size, op)
 
 
+def _a_reduce_scatter(
+    self: Any,
+    group: CollectiveGroup,
+    sendbuf: Any,
+    recvbuf: Any,
+    recvcounts: Any = None,
+    op: Any = ops.SUM,
+) -> CArgs:
+    """Reduce_scatter with recvcounts given (None without: see _f_reduce_scatter).
+    ValueError for bad recvcounts (reduce_scatter_counts), as the body."""
+    operand = _operand(recvbuf, True, units=True)
+    if operand is None or recvcounts is None:
+        return None
+    counts = reduce_scatter_counts(recvcounts, group.size, sendbuf)
+    assert counts is not None
+    recv = operand.reshape(-1)
+    if sendbuf is IN_PLACE:  # recvbuf holds the operand; the result is its first block
+        return _a_scatter_fold(self, group, recv, recv[: counts[self._rank]], counts, op)
+    return _a_scatter_fold(self, group, _operand(sendbuf, False, units=True), recv, counts, op)
+
+
 def _f_reduce_scatter(
     self: Any,
     shared: area.Area,
@@ -606,20 +627,13 @@ def _f_reduce_scatter(
     """Reduce_scatter's lane; without recvcounts, the counts first (`_all_counts`, as the
     body), where this rank's operand fits one segment whatever they are."""
     group = shared.group
+    if recvcounts is not None:
+        c_args = _a_reduce_scatter(self, group, sendbuf, recvbuf, recvcounts, op)
+        return None if c_args is not None and shared.call(*c_args) else _SLOW
     operand = _operand(recvbuf, True, units=True)
     if operand is None:
         return _SLOW
     recv = operand.reshape(-1)
-    send: np.ndarray | None
-    if recvcounts is not None:
-        counts = reduce_scatter_counts(recvcounts, group.size, sendbuf)
-        assert counts is not None
-        if sendbuf is IN_PLACE:
-            send, out = recv, recv[: counts[self._rank]]
-        else:
-            send, out = _operand(sendbuf, False, units=True), recv
-        c_args = _a_scatter_fold(self, group, send, out, counts, op)
-        return None if c_args is not None and shared.call(*c_args) else _SLOW
     send = _operand(sendbuf, False, units=True) if sendbuf is not IN_PLACE else None
     if (
         send is None

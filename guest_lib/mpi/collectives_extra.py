@@ -41,6 +41,7 @@ class ExtraCollectives(Collectives):
     _mirror: Any
 
     # ------------------------------------------------------------------ prefix folds
+    @collectives.started(collectives._a_scan)
     def Iscan(self, sendbuf: Any, recvbuf: Any, op: ops.Op = ops.SUM) -> Request:
         """Nonblocking Scan: rank r gets x0 op ... op xr (a chain along the ranks)."""
         return self._nonblocking(
@@ -48,6 +49,7 @@ class ExtraCollectives(Collectives):
             functools.partial(self._p_fold, "scan", sendbuf, recvbuf, op),
         )
 
+    @collectives.started(collectives._a_exscan)
     def Iexscan(self, sendbuf: Any, recvbuf: Any, op: ops.Op = ops.SUM) -> Request:
         """Start an Exscan; return the Request.
 
@@ -80,6 +82,7 @@ class ExtraCollectives(Collectives):
             yield [self._c_isend(_raw(passed_on), rank + 1, tag)]
 
     # ------------------------------------------------------------------ reduce-scatter
+    @collectives.started(collectives._a_reduce_scatter_block)
     def Ireduce_scatter_block(self, sendbuf: Any, recvbuf: Any, op: ops.Op = ops.SUM) -> Request:
         """Start a Reduce_scatter_block; return the Request.
 
@@ -98,6 +101,7 @@ class ExtraCollectives(Collectives):
 
         return self._nonblocking(steps, lambda: self._p_scatter_fold(sendbuf, *counts(), op))
 
+    @collectives.started(collectives._a_reduce_scatter)
     def Ireduce_scatter(
         self, sendbuf: Any, recvbuf: Any, recvcounts: Any = None, op: ops.Op = ops.SUM
     ) -> Request:

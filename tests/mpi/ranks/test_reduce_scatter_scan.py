@@ -1,5 +1,6 @@
 """Reduce_scatter, Reduce_scatter_block, Scan and Exscan through the collective area's one
-C round (guest_lib/mpi/collectives.py: their fast lanes, as Allreduce's).
+C round (guest_lib/mpi/collectives.py: their fast lanes, as Allreduce's; the nonblocking
+forms' started lanes).
 
 Data at odd counts (uneven blocks, empty ones), every buffer form the lanes take (numpy
 arrays, `[buf, count, datatype]`, `(buf, datatype)`), IN_PLACE, recvcounts given or not
@@ -12,7 +13,7 @@ lanes themselves must take the call rather than hand it to the collective's body
 from __future__ import annotations
 
 import array
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -56,11 +57,20 @@ def _counts(size: int, odd: int) -> list[int]:
     return [(q * odd + 1) % 5 + (odd if q == size - 1 else 0) for q in range(size)]
 
 
-def _rounds(comm: MPI.Intracomm, call: Callable[..., None], *args: Any) -> int | None:
-    """Area rounds `call(*args)` took on this rank, or None where the lanes cannot be seen
-    (one rank, no C accelerator, mpi4py between regions)."""
+# (dtype, nonblocking): every type blocking, a few through the nonblocking form (I...+Wait)
+KINDS = [(d, False) for d in DTYPES] + [(np.float64, True), (np.uint8, True)]
+KIND_IDS = [f"{np.dtype(d).str[1:]}-{'I' if nb else 'B'}" for d, nb in KINDS]
+
+
+def _rounds(comm: MPI.Intracomm, name: str, nonblocking: bool, *args: Any) -> int | None:
+    """Area rounds collective `name(*args)` (nonblocking: `Iname(*args)` then Wait) took on
+    this rank, or None where the lanes cannot be seen (one rank, no C accelerator, mpi4py
+    between regions)."""
     before = area.completed(comm)
-    call(*args)
+    if nonblocking:
+        getattr(comm, "I" + name[0].lower() + name[1:])(*args).Wait()
+    else:
+        getattr(comm, name)(*args)
     shared = area.current(comm)
     if shared is None or shared.group._c is None:
         return None
@@ -69,8 +79,8 @@ def _rounds(comm: MPI.Intracomm, call: Callable[..., None], *args: Any) -> int |
 
 @pytest.mark.parametrize("given", [True, False], ids=["recvcounts", "no-recvcounts"])
 @pytest.mark.parametrize("form", FORMS)
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_reduce_scatter(any_comm, dtype, form, given):
+@pytest.mark.parametrize(("dtype", "nb"), KINDS, ids=KIND_IDS)
+def test_reduce_scatter(any_comm, dtype, nb, form, given):
     comm = any_comm
     size, rank = comm.Get_size(), comm.Get_rank()
     for odd in (1, 3, 11):
@@ -80,12 +90,12 @@ def test_reduce_scatter(any_comm, dtype, form, given):
         out = np.full(counts[rank], 99, dtype)
         send = _spec(_operand(rank, total, dtype), form)
         recvcounts = counts if given else None
-        rounds = _rounds(comm, comm.Reduce_scatter, send, _spec(out, form), recvcounts)
+        rounds = _rounds(comm, "Reduce_scatter", nb, send, _spec(out, form), recvcounts)
         assert out.tobytes() == want[first : first + counts[rank]].tobytes(), (odd, out)
-        assert rounds in (None, 1 if given else 2)
+        assert rounds in (None, 1 if given else 0 if nb else 2)  # (I...: counts by messages)
         full = _operand(rank, total, dtype)
         rounds = _rounds(
-            comm, comm.Reduce_scatter, MPI.IN_PLACE, _spec(full, form), counts, MPI.MAX
+            comm, "Reduce_scatter", nb, MPI.IN_PLACE, _spec(full, form), counts, MPI.MAX
         )
         most = np.max([_operand(r, total, dtype) for r in range(size)], axis=0)
         assert full[: counts[rank]].tobytes() == most[first : first + counts[rank]].tobytes()
@@ -93,19 +103,19 @@ def test_reduce_scatter(any_comm, dtype, form, given):
 
 
 @pytest.mark.parametrize("form", FORMS)
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_reduce_scatter_block(any_comm, dtype, form):
+@pytest.mark.parametrize(("dtype", "nb"), KINDS, ids=KIND_IDS)
+def test_reduce_scatter_block(any_comm, dtype, nb, form):
     comm = any_comm
     size, rank = comm.Get_size(), comm.Get_rank()
     for count in (0, 1, 5, 130):
         send = _operand(rank, size * count, dtype)
         want = np.sum([_operand(r, size * count, dtype) for r in range(size)], axis=0).astype(dtype)
         out = np.full(count, 99, dtype)
-        rounds = _rounds(comm, comm.Reduce_scatter_block, _spec(send, form), _spec(out, form))
+        rounds = _rounds(comm, "Reduce_scatter_block", nb, _spec(send, form), _spec(out, form))
         assert out.tobytes() == want[rank * count : (rank + 1) * count].tobytes()
         assert rounds in (None, 1)
         full = send.copy()
-        rounds = _rounds(comm, comm.Reduce_scatter_block, MPI.IN_PLACE, _spec(full, form), MPI.MIN)
+        rounds = _rounds(comm, "Reduce_scatter_block", nb, MPI.IN_PLACE, _spec(full, form), MPI.MIN)
         least = np.min([_operand(r, size * count, dtype) for r in range(size)], axis=0)
         assert full[:count].tobytes() == least[rank * count : (rank + 1) * count].tobytes()
         assert full[count:].tobytes() == send[count:].tobytes()  # (the rest stays)
@@ -114,17 +124,17 @@ def test_reduce_scatter_block(any_comm, dtype, form):
 
 @pytest.mark.parametrize("in_place", [False, True], ids=["buffers", "IN_PLACE"])
 @pytest.mark.parametrize("form", FORMS)
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_scan_exscan(any_comm, dtype, form, in_place):
+@pytest.mark.parametrize(("dtype", "nb"), KINDS, ids=KIND_IDS)
+def test_scan_exscan(any_comm, dtype, nb, form, in_place):
     comm = any_comm
     rank = comm.Get_rank()
     for count in (0, 1, 7, 129):
         mine = _operand(rank, count, dtype)
-        for call, upto in ((comm.Scan, rank + 1), (comm.Exscan, rank)):
+        for call, upto in (("Scan", rank + 1), ("Exscan", rank)):
             for op, fold in ((MPI.SUM, np.add), (MPI.MAX, np.maximum), (MPI.PROD, np.multiply)):
                 out = mine.copy() if in_place else np.full(count, 99, dtype)
                 send = MPI.IN_PLACE if in_place else _spec(mine, form)
-                rounds = _rounds(comm, call, send, _spec(out, form), op)
+                rounds = _rounds(comm, call, nb, send, _spec(out, form), op)
                 if upto:
                     want = _operand(0, count, dtype)
                     for r in range(1, upto):
@@ -137,16 +147,17 @@ def test_scan_exscan(any_comm, dtype, form, in_place):
                 assert rounds in (None, 1)
 
 
+@pytest.mark.parametrize("nonblocking", [False, True], ids=["blocking", "started"])
 @pytest.mark.parametrize("call", ["Scan", "Exscan", "Reduce_scatter", "Reduce_scatter_block"])
-def test_the_lanes_take_the_common_forms(comm, call):
+def test_the_lanes_take_the_common_forms(comm, call, nonblocking):
     """The lane itself runs the call (it is not handed to the collective's body): numpy
-    arrays and `[array.array, count, MPI.DOUBLE]`."""
+    arrays and `[array.array, count, MPI.DOUBLE]`; the nonblocking form's lane (I`call`)
+    starts the same C round (its Request then completes it)."""
     comm.Barrier()  # (binds the area where it is not bound yet)
     shared = area.current(comm)
     if shared is None or not shared.ready():
         return  # one rank (no area), or the Python steps only (IVSHMEM_COMM_PUREPYTHON)
     size, rank = comm.Get_size(), comm.Get_rank()
-    lane = getattr(collectives, "_f_" + call.lower())
     send = array.array("d", [1.0 + rank] * 2 * size)
     out = array.array("d", [0.0] * 2 * size)
     if call.startswith("Reduce_scatter"):
@@ -158,7 +169,15 @@ def test_the_lanes_take_the_common_forms(comm, call):
         args = (np.frombuffer(send), np.frombuffer(out))
         upto = rank + 1 if call == "Scan" else rank
         want = [sum(1.0 + r for r in range(upto))] * 2 * size if upto else [0.0] * 2 * size
-    assert lane(comm, shared, *args) is not collectives._SLOW
+    if nonblocking:
+        args_of = getattr(collectives, "_a_" + call.lower())
+        engine = comm._engine
+        request = collectives._begun(comm, engine, shared, args_of, None, args, {})
+        assert request is not None
+        request.Wait()
+    else:
+        lane = getattr(collectives, "_f_" + call.lower())
+        assert lane(comm, shared, *args) is not collectives._SLOW
     assert list(out[: len(want)]) == want
 
 
