@@ -438,10 +438,13 @@ class Comm(attributes.Cached, Handle):
         Request(op, engine, self._rank_of)._fill(status)
 
     def _sole_source(self) -> int:
-        """ANY_SOURCE as the blocking receives' fast paths may take it: the other rank of a
-        two-member communicator (this process one of them) whose other member is on shared
-        memory; else ANY_SOURCE. (A message from this process itself waits in the engine's
-        unexpected queue, and the fast paths run only while that queue is empty.)"""
+        """Return the rank the blocking receives' fast paths may take ANY_SOURCE as.
+
+        That is the other rank of a two-member communicator (this process one of them) whose
+        other member is on shared memory; else ANY_SOURCE. A message from this process itself
+        waits in the engine's unexpected queue, and the fast paths run only while that queue
+        is empty.
+        """
         peers, group = self._shm_peer, self._group
         if len(peers) == 1 and len(group) == 2:  # (an engine: a peer; an Intercomm: not here)
             for rank in peers:
