@@ -1067,7 +1067,9 @@ class CollectiveGroup:
         `declined`; else the wait it ended on, for `_c_rest`). The C call's checks of its
         arguments raise before it touches the slot (ValueError, TypeError, BufferError: the
         round is not taken); any other error marks round k failed (`_c_failed`)."""
-        k = self._next_round()
+        k = self._round + 1
+        if self._broken is not None or k > layout.COLL_SEQ_MASK:
+            k = self._next_round()  # (raises)
         try:
             result = run(k, spin, self._yield, *args)
         except (ValueError, TypeError, BufferError):
