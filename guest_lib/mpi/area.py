@@ -364,13 +364,15 @@ class AreaOp(Op):
     area says it was declined (messages, started with the engine: `next`); this op is then
     done with that one, its error and reason taken from it (a failure there was told to the
     others by that operation's own `on_fail`). An exception of `then` fails this op as a
-    failure of the area does."""
+    failure of the area does. A failure's reason is its `why` too (Op's: a StagedOp
+    holding this op reports it)."""
 
     __slots__ = (
         "_area",
         "_finished",
         "_listening",
         "_request",
+        "_staged",
         "next",
         "on_fail",
         "reason",
@@ -393,6 +395,31 @@ class AreaOp(Op):
         self.next: Op | None = None
         self.reason = ""
         self._listening = False
+        self._staged = False
+
+    def stage(self) -> None:
+        """Have every progress pass of the engine poll this op (`advance`) until it
+        completes: where its members decline the round, the others wait for what `then`
+        starts while this member may block anywhere (a Recv), not in its Wait."""
+        engine = self._area.comm._engine
+        with engine.lock:
+            if not self._finished:
+                engine.staged.append(self)
+                self._staged = True
+
+    def advance(self, propagate: bool = False) -> bool:
+        """A progress pass over the staged op: poll it; True iff it completed."""
+        return self.done
+
+    def _end(self) -> None:
+        """Completed (under the engine's lock): out of the engine's staged operations, so
+        that the engine is quiet again at once (the blocking lanes look)."""
+        self._finished = True
+        if self._staged:
+            self._staged = False
+            staged = self._area.comm._engine.staged
+            if self in staged:
+                staged.remove(self)
 
     @property
     def done(self) -> bool:
@@ -422,10 +449,10 @@ class AreaOp(Op):
                 area.completed += 1
             except BaseException as exc:
                 self.error = exceptions.ERR_OTHER
-                self.reason = f"{type(exc).__name__}: {exc}"
+                self.reason = self.why = f"{type(exc).__name__}: {exc}"
                 if area.comm._area is area:
                     area.drop()
-            self._finished = True
+            self._end()
             if self._listening:
                 area.listen(-1)
         if self.error and self.on_fail is not None:
@@ -442,7 +469,9 @@ class AreaOp(Op):
         if not op.done:
             return False
         self.error, self.reason = op.error, getattr(op, "reason", "")
-        self._finished = True
+        if self.error:
+            self.why = self.reason  # (read by a staged operation that holds this one)
+        self._end()
         return True
 
 

@@ -677,7 +677,10 @@ def started(
     on a failure alike); anything else (no area, other forms, collectives of the area still
     pending, a record of an abandoned collective of this communicator) runs the method's
     body. `messages` (a gatherv, scatterv or alltoallv, see `_declining`): where the
-    members declined the round, the instance goes on with those stages on its own tag."""
+    members declined the round, the instance goes on with those stages on its own tag; its
+    pending round is then staged with the engine (AreaOp.stage), so that every progress
+    pass (a blocking Recv's too) polls it and starts those stages (the other members wait
+    for them), as MPI's progress rule asks."""
 
     def wrap(method: Callable[..., Any]) -> Any:
         @functools.wraps(method)
@@ -730,6 +733,8 @@ def _begun(
         then = functools.partial(_on_messages, engine, stages, failed)
     if not request.done:
         op = area.AreaOp(shared, request, failed, then)
+        if then is not None:  # (declinable: the engine's progress polls it, see `started`)
+            op.stage()
         return request_of(op, engine, kind=area.AreaRequest)
     assert then is not None  # (declined: a declinable collective's)
     try:

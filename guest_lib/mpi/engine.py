@@ -215,7 +215,9 @@ class Engine(Matching, FastPaths):
         self.mpi_messages = 0
         self.mpi_bytes = 0
         self.placing = -1  # the shm peer a placed message waits for (nothing else goes there)
-        self.staged: list[StagedOp] = []  # nonblocking collectives in flight
+        # nonblocking collectives in flight: StagedOps, and area.AreaOps a lane staged
+        # (anything with advance() and done)
+        self.staged: list[Any] = []
         # CONTROL messages of the services over the engine (see `dynproc`): CTRL_* tag ->
         # handler(sender's world rank, payload), run by the progress pass that takes one
         self.services: dict[int, Callable[[int, bytes], None]] = {}

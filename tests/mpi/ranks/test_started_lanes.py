@@ -11,6 +11,7 @@ rank, IVSHMEM_COMM_PUREPYTHON) the same checks hold for the other paths.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 
 import numpy as np
@@ -318,3 +319,28 @@ def test_mixed_with_blocking_collectives_and_a_subcommunicator(comm, call):
         inner_check()
     finally:
         half.Free()
+
+
+def test_declined_round_moves_in_a_blocking_receive(comm):
+    """A started Ialltoallv that rank 0's block to rank 1 (over a slab) makes the members
+    decline, pending on the others (rank 0 starts late) while they block in a Recv from
+    rank 0 that it sends only once its own Wait returned: their engine's progress in that
+    Recv must see the round declined and send their blocks by messages (MPI's progress
+    rule), or every rank waits for ever."""
+    if comm.Get_size() < 2:
+        pytest.skip("one member: nothing is declined")
+    size, rank = comm.Get_size(), comm.Get_rank()
+    _lane_ready(comm)
+    if rank == 0:
+        time.sleep(0.2)  # the others start first: their rounds are pending
+    request, check = _over_a_slab("Ialltoallv", comm, 8)
+    word = np.zeros(1, "i4")
+    if rank == 0:
+        request.Wait()
+        for r in range(1, size):
+            comm.Send(np.full(1, 77, "i4"), r, tag=12)
+    else:
+        comm.Recv(word, 0, tag=12)
+        request.Wait()
+        assert word[0] == 77
+    check()
