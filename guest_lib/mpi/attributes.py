@@ -79,6 +79,8 @@ class Keyvals:
 
     def copy(self, old: Any, new: Any) -> None:
         """Give `new` (a duplicate of `old`) the values copy_fn gives for `old`'s."""
+        if not self._values:  # no object of this kind has attributes (the common case)
+            return
         for keyval, value in list(self._values.get(old._key(), {}).items()):
             copy_fn = self._fns.get(keyval, (None, None))[0]
             if copy_fn is None or copy_fn is False:
@@ -89,6 +91,8 @@ class Keyvals:
 
     def drop(self, obj: Any) -> None:
         """Delete every value set on `obj` (it is being freed)."""
+        if not self._values:
+            return
         for keyval in list(self._values.get(obj._key(), {})):
             self.delete(obj, keyval)
 

@@ -155,7 +155,7 @@ class Datatype(attributes.Cached, Handle):
     @property
     def is_predefined(self) -> bool:
         """True for the named types, DATATYPE_NULL and the f90 types (as mpi4py)."""
-        return self._combiner in ("NAMED", "F90_INTEGER", "F90_REAL", "F90_COMPLEX")
+        return self._combiner in _PREDEFINED_COMBINERS
 
     @property
     def is_named(self) -> bool:
@@ -284,14 +284,17 @@ class Datatype(attributes.Cached, Handle):
         params = dict(self._params)
         if "datatypes" in params:
             params["datatypes"] = _keep(params["datatypes"])
-        return _keep([old])[0], self._combiner, params
+        return _kept(old), self._combiner, params
 
-    def _made_from(self, new: Datatype, combiner: str, **params: Any) -> Datatype:
+    def _made_from(self, new: Datatype, combiner: str, own: Datatype | None = None,
+                   **params: Any) -> Datatype:  # fmt: skip
         """Record `new` as made by `combiner` from this type with `params`; return `new`.
 
-        It holds its own handle on this type: see `_keep`.
+        It holds its own handle on this type (see `_keep`): `own` when given (the one its
+        blocks hold), else a new one.
         """
-        new._combiner, new._old, new._params = combiner, _keep([self])[0], params
+        new._combiner, new._params = combiner, params
+        new._old = own if own is not None else _kept(self)
         return new
 
     def Get_size(self) -> int:
@@ -364,7 +367,7 @@ class Datatype(attributes.Cached, Handle):
     def Dup(self) -> Datatype:
         """A new type with the same type map (a predefined type's Dup is not predefined)."""
         self._check_handle()
-        new = Datatype(self)
+        new = _clone(self)
         new._root = new
         made = self._made_from(new, "DUP")
         self._keyvals.copy(self, made)  # the attributes copy_fn copies (MPI_Type_dup)
@@ -425,25 +428,28 @@ class Datatype(attributes.Cached, Handle):
             whole = self.Create_vector(count // _INT_MAX, _INT_MAX, _INT_MAX)
             rest = self.Create_contiguous(count % _INT_MAX)
             return Datatype.Create_struct([1, 1], [0, whole._extent], [whole, rest])
-        new = _derived(f"CONTIGUOUS({self.name},{count})", [(0, count, self)])
-        return self._made_from(new, "CONTIGUOUS", count=count)
+        own = _kept(self)  # the new type's handle on this one (see _keep)
+        new = _derived(f"CONTIGUOUS({self.name},{count})", [(0, count, own)], keep=False)
+        return self._made_from(new, "CONTIGUOUS", own, count=count)
 
     def Create_hvector(self, count: int, blocklength: int, stride: int) -> Datatype:
         """Create `count` blocks of `blocklength` elements, block starts `stride` bytes apart."""
         _counts(count, blocklength)
-        blocks = [(i * int(stride), blocklength, self) for i in range(count)]
-        new = _derived(f"HVECTOR({self.name})", blocks)
+        own = _kept(self)  # the new type's handle on this one (see _keep)
+        blocks = [(i * int(stride), blocklength, own) for i in range(count)]
+        new = _derived(f"HVECTOR({self.name})", blocks, keep=False)
         return self._made_from(
-            new, "HVECTOR", count=count, blocklength=blocklength, stride=int(stride)
+            new, "HVECTOR", own, count=count, blocklength=blocklength, stride=int(stride)
         )
 
     def Create_vector(self, count: int, blocklength: int, stride: int) -> Datatype:
         """As Create_hvector with `stride` in extents of this type."""
         _counts(count, blocklength)
-        blocks = [(i * int(stride) * self._extent, blocklength, self) for i in range(count)]
-        new = _derived(f"VECTOR({self.name})", blocks)
+        own = _kept(self)  # the new type's handle on this one (see _keep)
+        blocks = [(i * int(stride) * self._extent, blocklength, own) for i in range(count)]
+        new = _derived(f"VECTOR({self.name})", blocks, keep=False)
         return self._made_from(
-            new, "VECTOR", count=count, blocklength=blocklength, stride=int(stride)
+            new, "VECTOR", own, count=count, blocklength=blocklength, stride=int(stride)
         )
 
     def Create_hindexed(self, blocklengths: Sequence[int], displacements: Sequence[int]
@@ -451,34 +457,38 @@ class Datatype(attributes.Cached, Handle):
         """Blocks of `blocklengths[i]` elements at `displacements[i]` bytes."""
         _same_length(blocklengths, displacements)
         _counts(*blocklengths)
-        blocks = [(int(d), int(n), self) for n, d in zip(blocklengths, displacements, strict=True)]
-        new = _derived(f"HINDEXED({self.name})", blocks)
-        return self._made_from(new, "HINDEXED", **_lists(blocklengths, displacements))
+        own = _kept(self)  # the new type's handle on this one (see _keep)
+        blocks = [(int(d), int(n), own) for n, d in zip(blocklengths, displacements, strict=True)]
+        new = _derived(f"HINDEXED({self.name})", blocks, keep=False)
+        return self._made_from(new, "HINDEXED", own, **_lists(blocklengths, displacements))
 
     def Create_indexed(self, blocklengths: Sequence[int], displacements: Sequence[int]
                        ) -> Datatype:  # fmt: skip
         """As Create_hindexed with displacements in extents of this type."""
         _same_length(blocklengths, displacements)
         _counts(*blocklengths)
-        blocks = [(int(d) * self._extent, int(n), self)
+        own = _kept(self)  # the new type's handle on this one (see _keep)
+        blocks = [(int(d) * self._extent, int(n), own)
                   for n, d in zip(blocklengths, displacements, strict=True)]  # fmt: skip
-        new = _derived(f"INDEXED({self.name})", blocks)
-        return self._made_from(new, "INDEXED", **_lists(blocklengths, displacements))
+        new = _derived(f"INDEXED({self.name})", blocks, keep=False)
+        return self._made_from(new, "INDEXED", own, **_lists(blocklengths, displacements))
 
     def Create_hindexed_block(self, blocklength: int, displacements: Sequence[int]) -> Datatype:
         """Blocks of `blocklength` elements at `displacements` bytes."""
         _counts(blocklength)
-        blocks = [(int(d), blocklength, self) for d in displacements]
-        new = _derived(f"HINDEXED_BLOCK({self.name})", blocks)
-        return self._made_from(new, "HINDEXED_BLOCK", blocklength=blocklength,
+        own = _kept(self)  # the new type's handle on this one (see _keep)
+        blocks = [(int(d), blocklength, own) for d in displacements]
+        new = _derived(f"HINDEXED_BLOCK({self.name})", blocks, keep=False)
+        return self._made_from(new, "HINDEXED_BLOCK", own, blocklength=blocklength,
                                displacements=[int(d) for d in displacements])  # fmt: skip
 
     def Create_indexed_block(self, blocklength: int, displacements: Sequence[int]) -> Datatype:
         """As Create_hindexed_block with displacements in extents of this type."""
         _counts(blocklength)
-        blocks = [(int(d) * self._extent, blocklength, self) for d in displacements]
-        new = _derived(f"INDEXED_BLOCK({self.name})", blocks)
-        return self._made_from(new, "INDEXED_BLOCK", blocklength=blocklength,
+        own = _kept(self)  # the new type's handle on this one (see _keep)
+        blocks = [(int(d) * self._extent, blocklength, own) for d in displacements]
+        new = _derived(f"INDEXED_BLOCK({self.name})", blocks, keep=False)
+        return self._made_from(new, "INDEXED_BLOCK", own, blocklength=blocklength,
                                displacements=[int(d) for d in displacements])  # fmt: skip
 
     @classmethod
@@ -531,9 +541,12 @@ class Datatype(attributes.Cached, Handle):
         stride = 1  # elements in the whole array
         for n in sizes:
             stride *= n
+        own = _kept(self)  # the new type's handle on this one (see _keep)
         if subsizes == sizes:  # the whole array, in either order: its elements in turn
-            new = _derived(f"SUBARRAY({self.name})", [(0, stride, self)])
-            return self._made_from(_resized(new, 0, stride * self._extent), "SUBARRAY", **params)
+            new = _derived(f"SUBARRAY({self.name})", [(0, stride, own)], keep=False)
+            return self._made_from(
+                _resized(new, 0, stride * self._extent), "SUBARRAY", own, **params
+            )
         if order == constants.ORDER_FORTRAN:
             sizes, subsizes, starts = sizes[::-1], subsizes[::-1], starts[::-1]
         index = np.zeros(1, dtype=np.int64)  # element offsets of the block, C order
@@ -541,13 +554,16 @@ class Datatype(attributes.Cached, Handle):
         for n, m, s in zip(reversed(sizes), reversed(subsizes), reversed(starts), strict=True):
             index = ((np.arange(s, s + m, dtype=np.int64) * step)[:, None] + index).ravel()
             step *= n
-        new = _derived(f"SUBARRAY({self.name})", [(index * self._extent, 1, self)])
-        return self._made_from(_resized(new, 0, stride * self._extent), "SUBARRAY", **params)
+        new = _derived(f"SUBARRAY({self.name})", [(index * self._extent, 1, own)], keep=False)
+        return self._made_from(_resized(new, 0, stride * self._extent), "SUBARRAY", own, **params)
 
     def Create_resized(self, lb: int, extent: int) -> Datatype:
         """This type with lower bound `lb` and extent `extent` (bytes)."""
-        new = _resized(_derived(f"RESIZED({self.name})", [(0, 1, self)]), int(lb), int(extent))
-        return self._made_from(new, "RESIZED", lb=int(lb), extent=int(extent))
+        own = _kept(self)  # the new type's handle on this one (see _keep)
+        new = _resized(
+            _derived(f"RESIZED({self.name})", [(0, 1, own)], keep=False), int(lb), int(extent)
+        )
+        return self._made_from(new, "RESIZED", own, lb=int(lb), extent=int(extent))
 
     Resized = Create_resized
 
@@ -585,8 +601,9 @@ class Datatype(attributes.Cached, Handle):
         for n, mine in zip(reversed(gsizes), reversed(owned), strict=True):
             offsets = ((mine * stride)[:, None] + offsets[None, :]).ravel()
             stride *= n
-        new = _derived(f"DARRAY({self.name})", [(offsets * self._extent, 1, self)])
-        return self._made_from(_resized(new, 0, stride * self._extent), "DARRAY", **params)
+        own = _kept(self)  # the new type's handle on this one (see _keep)
+        new = _derived(f"DARRAY({self.name})", [(offsets * self._extent, 1, own)], keep=False)
+        return self._made_from(_resized(new, 0, stride * self._extent), "DARRAY", own, **params)
 
     @classmethod
     def Create_f90_integer(cls, r: int) -> Datatype:
@@ -768,6 +785,8 @@ def _copy_slots(new: Datatype, old: Datatype) -> None:
 
 
 _INT_MAX = (1 << 31) - 1
+# the combiners of the types mpi4py calls predefined (is_predefined): MPI cannot free them
+_PREDEFINED_COMBINERS = frozenset({"NAMED", "F90_INTEGER", "F90_REAL", "F90_COMPLEX"})
 
 
 def _counts(*counts: int) -> None:
@@ -788,13 +807,28 @@ def _keep(types: Sequence[Datatype]) -> list[Datatype]:
     copies: dict[int, Datatype] = {}
     kept = []
     for old in types:
-        if not old.is_predefined:
+        if old._combiner not in _PREDEFINED_COMBINERS:
             copy = copies.get(id(old))
             if copy is None:
-                copy = copies[id(old)] = Datatype(old)
+                copy = copies[id(old)] = _clone(old)
             old = copy
         kept.append(old)
     return kept
+
+
+def _kept(old: Datatype) -> Datatype:
+    """`_keep([old])[0]`: a handle of a type's own on `old` (`old` if predefined)."""
+    return old if old._combiner in _PREDEFINED_COMBINERS else _clone(old)
+
+
+_new_handle = object.__new__  # (Handle.__new__ and __init__ cost more: handles are many)
+
+
+def _clone(old: Datatype) -> Datatype:
+    """A new handle (of class Datatype) on `old`'s type, as `Datatype(old)` makes."""
+    new = _new_handle(Datatype)
+    _copy_slots(new, old)
+    return new
 
 
 def _derived(name: str, blocks: list[tuple[Any, int, Datatype]], struct: bool = False,
@@ -813,7 +847,8 @@ def _derived(name: str, blocks: list[tuple[Any, int, Datatype]], struct: bool = 
     high: int | None = None
     align, size, plain = 1, 0, True
     for disp, count, old in blocks:
-        old._check_handle()
+        if old.dtype is None:
+            old._check_handle()  # (raises)
         many = isinstance(disp, np.ndarray)
         if count == 0 or (many and not len(disp)):
             continue
@@ -821,9 +856,13 @@ def _derived(name: str, blocks: list[tuple[Any, int, Datatype]], struct: bool = 
         plain = plain and not many and old._pending is None and old._blocks is None
         plain = plain and old._lb == 0 and disp == size
         plain = plain and (old._extent == old._size or count == 1)
-        if not any(old.base is b for b in bases):
-            bases.append(old.base)
-        block_lb, block_ub = first + old._lb, last + (count - 1) * old._extent + old.ub
+        base = old.base
+        for known in bases:  # (a loop: any() over a generator costs several times more)
+            if known is base:
+                break
+        else:
+            bases.append(base)
+        block_lb, block_ub = first + old._lb, last + old._lb + count * old._extent
         low = block_lb if low is None else min(low, block_lb)
         high = block_ub if high is None else max(high, block_ub)
         align = max(align, old._align)
@@ -960,7 +999,12 @@ def _set_layout(new: Datatype, pieces: np.ndarray, lb: int, extent: int) -> Data
 def _resized(old: Datatype, lb: int, extent: int) -> Datatype:
     """`old` (just made by `_derived`) with lower bound `lb` and extent `extent`."""
     if old._pending is None:
-        return _set_layout(old, old.pieces(), lb, extent)
+        if old._blocks is not None:
+            return _set_layout(old, old._blocks, lb, extent)
+        if lb == 0 and extent == old._size:
+            return old
+        # its bytes 0..size-1 as they were: the map is placed on first use, as _derived's
+        old._pending = [(0, 1, _clone(old))]
     old._lb, old._extent = lb, extent  # its map, made later, is judged with these
     return old
 

@@ -76,9 +76,10 @@ ENTRIES: list[tuple[str, str, str]] = [
         "test_util_dtlib.TestUtilDTLib.testStruct[12]",
         "skip",
         "slow: they pass, but their ~35,000 and ~72,000 numpy<->MPI struct round trips cost "
-        "~8 s of CPU each per rank (half in mpi4py.util.dtlib itself, the rest in the "
-        "datatype constructors, maps made lazily), past the 60 s per-test limit on a "
-        "loaded 2-CPU machine at any rank count",
+        "~7 s and ~10 s of CPU per rank (real mpi4py on MPICH: ~4 s and ~6 s, mpi4py.util."
+        "dtlib's own code and numpy; the rest here is this library's datatype constructors, "
+        "decode and Free in Python), past the 60 s per-test limit when the 2-CPU machine is "
+        "loaded (seen at 1, 2 and 4 ranks at load ~20; make test runs two jobs at once)",
     ),
     ("test_util_pool.TestProcessPool.test_[!aeu]*", "xfail@1", _NO_POOL),
     ("test_util_pool.TestProcessPool.test_a[!r]*", "xfail@1", _NO_POOL),
