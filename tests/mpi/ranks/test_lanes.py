@@ -11,9 +11,11 @@ the elements after the count stay as they were.
 from __future__ import annotations
 
 import array
+import mmap
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import pytest
 
 from guest_lib.mpi import MPI, area, collectives
@@ -201,3 +203,111 @@ def test_another_communicators_abandoned_collective_leaves_the_lanes_on(comm):
         return  # one rank (no area), or the Python steps only (IVSHMEM_COMM_PUREPYTHON)
     assert comm._engine.abandoned, "the failed Bcast left no record: nothing tested"
     assert shared.ready()
+
+
+def _form(form: str, count: int, fill: int) -> tuple[Any, Callable[[], list[int]]]:
+    """A buffer of `count` bytes (`double`: count // 8 doubles) holding `fill` in the form
+    `form`, and a reader of its values."""
+    if form == "numpy":
+        arr = np.full(count, fill, np.uint8)
+        return arr, lambda: arr.tolist()
+    if form == "mmap":
+        raw = mmap.mmap(-1, count)
+        raw.write(bytes([fill]) * count)
+        return [raw, count, MPI.BYTE], lambda: list(raw[:])
+    if form == "double":
+        dbl = array.array("d", [float(fill)] * (count // 8))
+        return (dbl, MPI.DOUBLE), lambda: [int(v) for v in dbl]
+    ba = array.array("B", [fill] * count)
+    return [ba, count, MPI.BYTE], lambda: list(ba)
+
+
+@pytest.mark.parametrize("form", ["numpy", "mmap", "array", "double", "in_place", "pickle"])
+@pytest.mark.parametrize("call", ["Bcast", "Gather", "Scatter", "Allgather"])
+def test_common_forms_take_one_area_call(comm, monkeypatch, call, form):
+    """Every buffer form a code passes on each call (and the pickle forms, and IN_PLACE, and
+    a keyword root) runs as one C round of the area (`Area.call`) without the area's general
+    entry (`Area.run`: its context manager and dispatch cost a few us per call; the pickle
+    rounds took it until the exchange went straight to Area.call)."""
+    size, rank = comm.Get_size(), comm.Get_rank()
+    comm.Barrier()  # (binds the area)
+    shared = area.current(comm)
+    if shared is None or not shared.ready():
+        pytest.skip("no area here (one rank) or the Python steps only (IVSHMEM_COMM_PUREPYTHON)")
+    if form == "in_place" and call == "Bcast":
+        pytest.skip("Bcast has no IN_PLACE")
+    entered: list[str] = []
+    general = area.Area.run
+
+    def run(self: area.Area, name: str, *args: Any) -> bool:
+        entered.append(name)
+        return general(self, name, *args)
+
+    monkeypatch.setattr(area.Area, "run", run)
+    root, n = size - 1, 16
+    before = area.completed(comm)
+    if form == "pickle":
+        method = {"Bcast": comm.bcast, "Gather": comm.gather, "Allgather": comm.allgather}
+        if call == "Scatter" or not shared.objects:
+            pytest.skip("pickles by messages (scatter; where ranks outnumber CPUs: Area.objects)")
+        if call == "Allgather":
+            assert comm.allgather(rank) == list(range(size))
+        else:
+            got = method[call](rank * 10, root=root)
+            want = (
+                (list(range(0, 10 * size, 10)) if rank == root else None)
+                if call == "Gather"
+                else root * 10
+            )
+            assert got == want
+    else:
+        base = "numpy" if form == "in_place" else form
+        if call == "Bcast":
+            buf, read = _form(base, n, 7 if rank == root else 0)
+            comm.Bcast(buf, root=root)
+            assert read() == [7] * len(read())
+        elif call in ("Gather", "Allgather"):
+            everyone = call == "Allgather" or rank == root
+            mine, _ = _form(base, n, rank + 1)
+            recv, read = _form(base, n * size, 0)
+            if form == "in_place" and everyone:
+                recv[rank * n : (rank + 1) * n] = rank + 1
+                mine = MPI.IN_PLACE
+            if form not in ("numpy", "in_place") and isinstance(recv, list):
+                recv[1] = n  # (a block form's count is one rank's block)
+            if call == "Allgather":
+                comm.Allgather(mine, recv)
+            else:
+                comm.Gather(mine, recv if everyone else None, root=root)
+            if everyone:
+                per = len(read()) // size
+                assert read() == [q + 1 for q in range(size) for _ in range(per)]
+        else:
+            every, _ = _form(base, n * size, 0)
+            if rank == root:
+                every = _filled(base, n, size)
+            if isinstance(every, list):
+                every[1] = n
+            mine, read = _form(base, n, 0)
+            if form == "in_place" and rank == root:
+                comm.Scatter(every, MPI.IN_PLACE, root=root)
+            else:
+                comm.Scatter(every if rank == root else None, mine, root=root)
+                per = len(read())
+                assert read() == [rank + 1] * per
+    assert not entered, f"{call} ({form}) took Area.run: {entered}"
+    assert area.completed(comm) == before + 1
+
+
+def _filled(form: str, n: int, size: int) -> Any:
+    """A scatter's send buffer: block q (n bytes) holds q + 1, in the form `form`."""
+    values = [q + 1 for q in range(size) for _ in range(n if form != "double" else n // 8)]
+    if form == "numpy":
+        return np.array(values, np.uint8)
+    if form == "double":
+        return (array.array("d", [float(v) for v in values]), MPI.DOUBLE)
+    if form == "mmap":
+        raw = mmap.mmap(-1, n * size)
+        raw.write(bytes(values))
+        return [raw, n, MPI.BYTE]
+    return [array.array("B", values), n, MPI.BYTE]
