@@ -61,7 +61,7 @@ class Datatype(attributes.Cached, Handle):
         `char` is mpi4py's character code ("" for none); the type is `count` `base` elements
         (itself, 1).
         """
-        datatype = cls.__new__(cls)
+        datatype = _new_handle(cls)
         datatype._setup(name, dtype, char, base, count)
         return datatype
 
@@ -388,7 +388,7 @@ class Datatype(attributes.Cached, Handle):
         handles of their own on its description (see `_keep`); other handles on it (Datatype(t))
         stay as they were. MPI.Exception(ERR_TYPE) for DATATYPE_NULL and predefined types (as MPI).
         """
-        if self.is_predefined:
+        if self._combiner in _PREDEFINED_COMBINERS:
             raise exceptions.Exception(exceptions.ERR_TYPE, f"Free of predefined {self.name}")
         self._keyvals.drop(self)
         _copy_slots(self, DATATYPE_NULL)
