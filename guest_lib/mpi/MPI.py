@@ -102,6 +102,7 @@ from guest_lib.mpi.file import (
 )
 from guest_lib.mpi.grequest import Grequest
 from guest_lib.mpi.group import GROUP_EMPTY, GROUP_NULL, Group
+from guest_lib.mpi.handles import _addressof, _handleof, _sizeof
 from guest_lib.mpi.info import INFO_ENV, INFO_NULL, Info
 from guest_lib.mpi.intercomm import Intercomm
 from guest_lib.mpi.locks import comm_lock as _lock_of
@@ -499,7 +500,8 @@ _unused = (  # names re-exported on purpose (mpi4py's MPI namespace), not used h
     COMM_TYPE_SHARED, INFO_ENV, INFO_NULL, Info, BSEND_OVERHEAD, Aint_add,
     Aint_diff,
     Alloc_mem, Attach_buffer, Detach_buffer, Free_mem, Get_address, buffer, Flush_buffer,
-    Iflush_buffer, ORDER_C, ORDER_F, _typealign, _typecode, BottomType, InPlaceType,
+    Iflush_buffer, ORDER_C, ORDER_F, _typealign, _typecode, _sizeof, _addressof, _handleof,
+    BottomType, InPlaceType,
     BufferAutomaticType,
     ORDER_FORTRAN, ERRHANDLER_NULL, ERRORS_ABORT, ERRORS_ARE_FATAL, ERRORS_RETURN, Errhandler,
     LOCK_EXCLUSIVE, LOCK_SHARED, MODE_NOCHECK, MODE_NOPRECEDE, MODE_NOPUT, MODE_NOSTORE,

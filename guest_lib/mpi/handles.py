@@ -8,11 +8,39 @@ numbers mean nothing in another process. Objects that were given a number stay k
 this process (as a C handle stays valid until freed); a freed object's number gives a
 null handle (the freed handle itself), until a live handle equal to the one numbered (the
 same group, a communicator with the same context) asks again: the number is its then.
+
+C handle cells (mpi4py's `MPI._sizeof`, `_addressof`, `_handleof`, for C code reached through
+ctypes or cffi): `_addressof(h)` gives the address of a 64-bit memory cell of the handle
+object `h` that holds its number (`_sizeof` is 8 for every handle object and class);
+`_handleof(h)` is that number. A cell is made the first time `_addressof` is asked for it
+(a ctypes c_uint64 kept as long as the object lives); handles never asked cost nothing.
+This module writes a handle's number in its cell at each `_addressof`/`_handleof` (a later
+Free or completion does not rewrite it: ask again); a value that differs from the one it
+wrote last was written by C, and is read:
+- on a null handle (watched from the `_addressof`/`_handleof` that found it null, through
+  a subclass of its class whose __getattribute__ reads the cell: only such handles pay for
+  it), at its next use (any attribute read: a method call, `bool`, `==`): the number of a
+  live handle of its kind (any communicator for a Comm, any request for a Request, ...)
+  makes it a handle on that object, keeping its own class, as
+  `handle_t.from_address(MPI._addressof(MPI.Comm())).value = h` does in mpi4py. 0 or a
+  number naming no live handle of its kind leaves it null (the next `_addressof` or
+  `_handleof` writes 0 back);
+- on a live handle, at its next `_addressof` or `_handleof` only (other calls never read
+  the cell: zero cost on the hot path): a live handle's number makes it a handle on that
+  object, 0 a null handle (its object is not freed), another number raises ValueError
+  there (the cell gets the handle's number back);
+- on a predefined handle (MPI.COMM_WORLD, MPI.COMM_NULL, ...) never: ValueError at its
+  next `_addressof`/`_handleof`, the cell restored.
+Equality of handles compares what they are, as before. A Status's cell is its five 64-bit
+fields themselves (count in bytes, cancelled, source, tag, error: `_sizeof` 40), read and
+written live both ways; `_handleof(status)` is its address, as in mpi4py.
 """
 
 from __future__ import annotations
 
+import ctypes
 import itertools
+import weakref
 from collections.abc import Hashable
 from typing import Any, TypeVar
 
@@ -24,6 +52,19 @@ _by_number: dict[int, Any] = {}  # number -> the handle it was given through (or
 _by_object: dict[Hashable, int] = {}  # keyed by Handle._key(): equal handles share a number
 _constants: dict[type, list[Any]] = {}  # library class -> the MPI namespace's handles of it
 _constant_ids: set[int] = set()  # (they live as long as the process: ids stay theirs)
+_cells: dict[int, _Cell] = {}  # id(handle) -> its C cell, while the handle lives
+_celled: dict[type, type] = {}  # handle class -> its subclass that reads the cell (see _watch)
+
+
+class _Cell:
+    """A handle's C cell: `c` the 64-bit memory C reads and writes, `written` the value this
+    module wrote there last (another value there was written by C)."""
+
+    __slots__ = ("c", "written")
+
+    def __init__(self, number: int) -> None:
+        self.c = ctypes.c_uint64(number)
+        self.written = number
 
 
 def argument(value: Any, kind: type[T]) -> T | None:
@@ -36,7 +77,18 @@ def argument(value: Any, kind: type[T]) -> T | None:
 
 def _library_class(handle: Any) -> type:
     """The class of this library that `handle`'s class is or derives from."""
-    return next(k for k in type(handle).__mro__ if k.__module__.startswith(_LIBRARY))
+    return next(
+        k
+        for k in type(handle).__mro__
+        if k.__module__.startswith(_LIBRARY) and "_watched" not in vars(k)
+    )
+
+
+def _kind(handle: Any) -> type:
+    """The handle class at the root of `handle`'s (Comm for every communicator, ...)."""
+    return next(
+        k for k in reversed(type(handle).__mro__) if k is not Handle and issubclass(k, Handle)
+    )
 
 
 def _index_constants() -> None:
@@ -125,17 +177,20 @@ class Handle:
         return any(self == constant for constant in _constants.get(_library_class(self), ()))
 
     def _nullify(self) -> None:
-        """Make this handle a null one of its class (other handles on its object stay).
+        """Make this handle a null one of its class (other handles on its object stay)."""
+        self._become(_library_class(self)())
 
-        The slots and the __dict__ of a new null handle (handles on one communicator share one
-        __dict__: this one gets its own).
+    def _become(self, other: Handle) -> None:
+        """Make this handle `other`, a new handle made for it.
+
+        It takes `other`'s slots and its __dict__ (handles on one communicator share one
+        __dict__, a null one gets its own).
         """
-        null = _library_class(self)()
-        for kind in type(null).__mro__:
+        for kind in type(other).__mro__:
             for name in vars(kind).get("__slots__", ()):
-                if name != "__weakref__" and hasattr(null, name):
-                    setattr(self, name, getattr(null, name))
-        self.__dict__ = vars(null)
+                if name != "__weakref__" and hasattr(other, name):
+                    setattr(self, name, getattr(other, name))
+        self.__dict__ = vars(other)
 
     def _release(self) -> None:
         """Release the object (MPI's Free); this handle is a null one after it."""
@@ -189,3 +244,155 @@ class Handle:
     def f2py(cls: type[T], value: int) -> T:
         """As fromhandle."""
         return cls.fromhandle(value)
+
+
+def _target(handle: Handle, number: int) -> Handle | None:
+    """The live handle numbered `number` if it is of `handle`'s kind, else None."""
+    found: Handle | None = _by_number.get(number)
+    return found if isinstance(found, _kind(handle)) and found else None
+
+
+def _adopt(handle: Any, found: Handle) -> None:
+    """Make `handle` a handle on `found`'s object (watched no more, see _watch)."""
+    if "_watched" in vars(type(handle)):
+        object.__setattr__(handle, "__class__", type(handle).__bases__[0])
+    handle._become(_library_class(found)(found))
+
+
+def _read_cell(handle: Any) -> None:
+    """A watched null handle's first step at any attribute read: become the handle its
+    cell names, if C wrote there the value of a live one of its kind (then it is watched no
+    more)."""
+    cell = _cells.get(id(handle))
+    if cell is not None and cell.c.value != cell.written:
+        found = _target(handle, cell.c.value)
+        if found is not None:
+            _adopt(handle, found)
+            cell.written = cell.c.value
+
+
+def _watch(handle: Handle) -> None:
+    """Make the null `handle` read its cell at every attribute read, until it names a live
+    handle (a subclass of its class, of the same layout, whose __getattribute__ does it:
+    only handles so watched pay for it)."""
+    base = type(handle)
+    watched = _celled.get(base)
+    if watched is None:
+
+        def __getattribute__(self: Any, name: str) -> Any:
+            _read_cell(self)
+            return base.__getattribute__(self, name)
+
+        def __reduce_ex__(self: Any, protocol: Any) -> Any:  # pickled as `base`
+            reduced = base.__reduce_ex__(self, protocol)
+            if isinstance(reduced, tuple):
+                if reduced[0] is type(self):
+                    reduced = (base, *reduced[1:])
+                elif reduced[1] and reduced[1][0] is type(self):  # copyreg.__newobj__ (cls, ...)
+                    reduced = (reduced[0], (base, *reduced[1][1:]), *reduced[2:])
+            return reduced
+
+        watched = type(
+            base.__name__,
+            (base,),
+            {
+                "__slots__": (),
+                "__getattribute__": __getattribute__,
+                "__reduce_ex__": __reduce_ex__,
+                "__module__": base.__module__,
+                "__qualname__": base.__qualname__,
+                "_watched": True,
+            },
+        )
+        _celled[base] = watched
+    object.__setattr__(handle, "__class__", watched)
+
+
+def _refresh(handle: Handle, cell: _Cell) -> int:
+    """Read what C wrote in `handle`'s cell, if anything (see the module docstring), then
+    write its number there; return that number. A null handle is watched from then on."""
+    if not _constant_ids:
+        _index_constants()
+    value = cell.c.value
+    if id(handle) in _constant_ids:  # MPI.COMM_WORLD, MPI.COMM_NULL, ... stay themselves
+        if value != cell.written:
+            cell.c.value = cell.written
+            raise ValueError(
+                f"{type(handle).__name__} cell: {value} written on a predefined handle"
+            )
+        return cell.written
+    if value != cell.written:  # (a watched null handle has adopted a live value by now)
+        found = _target(handle, value) if value else None
+        if found is not None:
+            _adopt(handle, found)
+        elif value == 0:
+            if handle:
+                handle._nullify()
+        elif handle:
+            cell.c.value = cell.written
+            raise ValueError(f"{type(handle).__name__} cell: {value} is no handle to adopt here")
+    number = handle.toint()
+    cell.c.value = cell.written = number
+    if not number and "_watched" not in vars(type(handle)):
+        _watch(handle)
+    return number
+
+
+def _status_cell(obj: Any) -> Any:
+    """`obj`'s fields array if it is a Status, else None."""
+    from guest_lib.mpi.status import Status
+
+    return obj._fields if isinstance(obj, Status) else None
+
+
+def _sizeof(arg: Any) -> int:
+    """Size in bytes of the C cell of a handle or Status, or of one of their classes.
+
+    8 for every handle (its number, see the module docstring), 40 for a Status (five 64-bit
+    fields). TypeError for anything else (None included).
+    """
+    from guest_lib.mpi.status import Status
+
+    kind = arg if isinstance(arg, type) else type(arg)
+    if issubclass(kind, Handle):
+        return ctypes.sizeof(ctypes.c_uint64)
+    if issubclass(kind, Status):
+        return 5 * 8
+    raise TypeError("expecting an MPI type or instance")
+
+
+def _addressof(arg: Any) -> int:
+    """Address of the C cell of a handle object or of a Status (see the module docstring).
+
+    The first call on a handle makes its cell (a null one is watched from then on); each call
+    reads a cell C may have written and writes the handle's number there. TypeError for
+    anything else (None, classes included); ValueError for a cell holding a number that is no
+    live handle of its kind on a live handle.
+    """
+    fields = _status_cell(arg)
+    if fields is not None:
+        return int(fields.buffer_info()[0])
+    if not isinstance(arg, Handle):
+        raise TypeError("expecting an MPI instance")
+    cell = _cells.get(id(arg))
+    if cell is None:
+        cell = _cells[id(arg)] = _Cell(arg.toint())
+        weakref.finalize(arg, _cells.pop, id(arg), None)
+    _refresh(arg, cell)
+    return ctypes.addressof(cell.c)
+
+
+def _handleof(arg: Any) -> int:
+    """Return the C handle value of a handle object or of a Status.
+
+    A handle's number (>= 0, 0 for a null one), written in its cell if it has one (after what
+    C wrote there is read, see the module docstring); a Status's address (as mpi4py).
+    TypeError for anything else; ValueError as `_addressof`.
+    """
+    fields = _status_cell(arg)
+    if fields is not None:
+        return int(fields.buffer_info()[0])
+    if not isinstance(arg, Handle):
+        raise TypeError("expecting an MPI instance")
+    cell = _cells.get(id(arg))
+    return arg.toint() if cell is None else _refresh(arg, cell)

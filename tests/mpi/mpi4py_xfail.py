@@ -18,13 +18,6 @@ _NO_POOL = (
     "real limit: MPIPoolExecutor outside `python -m mpi4py.futures` needs Spawn (it raises "
     "BrokenExecutor saying so)"
 )
-_NO_C_HANDLES = (
-    "design limit: MPI._sizeof/_addressof/_handleof give a handle's C memory, and "
-    "test_ctypes/test_cffi write a handle value there and expect the handle object to change; "
-    "handles here keep their state in the Python object (integer handles are numbers this "
-    "process gives them, see guest_lib/mpi/handles.py), so a cell holding the number would be "
-    "read-only in effect unless every call resolved its object from that cell"
-)
 ENTRIES: list[tuple[str, str, str]] = [
     ("test_spawn.TestSpawnSingle*", "xfail", _NO_SPAWN),
     (
@@ -46,21 +39,6 @@ ENTRIES: list[tuple[str, str, str]] = [
         "test_spawn.TestSpawnMultipleWorld*.testArgsBad",
         "xfail@1",
         _NO_SPAWN,
-    ),
-    (
-        "test_cffi.TestCFFI.testHandle*",
-        "xfail",
-        _NO_C_HANDLES + " (skipped where cffi is not installed)",
-    ),
-    (
-        "test_ctypes.TestCTYPES.testHandle*",
-        "xfail",
-        _NO_C_HANDLES,
-    ),
-    (
-        "test_objmodel.TestObjModel.test[AS]*Of",
-        "xfail",
-        _NO_C_HANDLES,
     ),
     (
         "test_package.TestMPIABI.testGetFromLibMPI",
