@@ -37,13 +37,6 @@ def objects(comm: MPI.Intracomm) -> bool:
     return bool(shared and shared.objects)
 
 
-def rooted(comm: MPI.Intracomm) -> bool:
-    """Whether comm's rooted buffer collectives (Bcast, Gather(v), Scatter(v), Reduce) run in
-    the area (not where ranks outnumber CPUs: Area.rooted)."""
-    shared = area.current(comm)
-    return bool(shared and shared.rooted)
-
-
 def check_all(comm: MPI.Intracomm) -> int:
     """Every collective once per size and form; returns how many ran (all in the area)."""
     size, rank = comm.Get_size(), comm.Get_rank()
@@ -70,7 +63,7 @@ def check_all(comm: MPI.Intracomm) -> int:
         arr = array.array("d", data.tolist() if rank == root else [0.0] * n)
         comm.Bcast((arr, MPI.DOUBLE), root)
         assert list(arr) == data.tolist()
-        counted(3 if rooted(comm) else 0)
+        counted(3)
         # Gather / Gatherv / Scatter / Scatterv
         mine = np.full(n, rank, "i4")
         every = np.repeat(np.arange(size, dtype="i4"), n)
@@ -86,7 +79,7 @@ def check_all(comm: MPI.Intracomm) -> int:
             assert np.array_equal(inplace, every_root)
         else:
             comm.Gather(mine, None, root)
-        counted(2 if rooted(comm) else 0)
+        counted(2)
         counts = [r + n for r in range(size)]
         displs = [sum(counts[:r]) for r in range(size)]
         vsend = np.full(counts[rank], rank * 10, "i8")
@@ -94,7 +87,7 @@ def check_all(comm: MPI.Intracomm) -> int:
         comm.Gatherv(vsend, [vrecv, (counts, displs), MPI.INT64_T] if rank == root else None, root)
         if rank == root:
             assert np.array_equal(vrecv, np.repeat(np.arange(size) * 10, counts))
-        counted(1 if rooted(comm) else 0)
+        counted()
         part = np.full(n, -1, "i4")
         comm.Scatter(every if rank == root else None, part, root)
         assert (part == rank).all()
@@ -106,7 +99,7 @@ def check_all(comm: MPI.Intracomm) -> int:
         comm.Scatterv([np.repeat(np.arange(size) * 10, counts), counts, displs, MPI.INT64_T]
                       if rank == root else None, vpart, root)  # fmt: skip
         assert (vpart == rank * 10).all()
-        counted(3 if rooted(comm) else 0)
+        counted(3)
         # Allgather(v), IN_PLACE, Alltoall(v)
         out = np.full(size * n, -1, "i4")
         comm.Allgather(mine, out)
@@ -166,7 +159,7 @@ def check_all(comm: MPI.Intracomm) -> int:
         rs = np.zeros(rcount[rank], "i8")
         comm.Reduce_scatter(np.ones(sum(rcount), "i8"), rs, rcount, MPI.SUM)
         assert (rs == size).all()
-        counted(7 if rooted(comm) else 6)  # (Reduce: rooted)
+        counted(7)
         # Nonblocking: several started, completed out of order, interleaved with messages
         ib = np.arange(n, dtype="f8") if rank == root else np.zeros(n)
         ia = np.zeros(n)
