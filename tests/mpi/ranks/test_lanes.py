@@ -236,8 +236,6 @@ def test_common_forms_take_one_area_call(comm, monkeypatch, call, form):
         pytest.skip("no area here (one rank) or the Python steps only (IVSHMEM_COMM_PUREPYTHON)")
     if form == "in_place" and call == "Bcast":
         pytest.skip("Bcast has no IN_PLACE")
-    if form != "pickle" and call != "Allgather" and not shared.rooted:
-        pytest.skip("rooted collectives by messages where ranks outnumber CPUs: Area.rooted")
     entered: list[str] = []
     general = area.Area.run
 
