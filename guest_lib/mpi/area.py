@@ -47,8 +47,7 @@ where its members decline it, the instance goes on over messages (`AreaOp.then`)
 Object collectives (lowercase bcast, gather, allgather and those built on them: reduce,
 allreduce, scan, exscan) put each pickle in its sender's slab when it fits one (`exchange`);
 a larger pickle goes by messages to the members that take it, in the same instance. Where
-ranks outnumber CPUs they keep to messages (`Area.objects`, agreed at the binding), and so
-do the rooted buffer collectives (Bcast, Gather(v), Scatter(v), Reduce: `Area.rooted`).
+ranks outnumber CPUs they keep to messages (`Area.objects`, agreed at the binding).
 
 Reductions go through the area for the predefined ops that are numpy ufuncs (SUM, PROD, MAX,
 MIN, BAND, BOR, BXOR) on numpy element types; other ops fall back to messages.
@@ -121,12 +120,6 @@ class Area:
         # CPUs (Engine.crowded): there the area's lockstep rounds measured slower for pickles
         # than eager messages (4 ranks on 2 CPUs: gather 0.2 -> 1-1.8x MPICH).
         self.objects = objects
-        # Whether rooted buffer collectives (Bcast, Gather(v), Scatter(v), Reduce) use the area:
-        # the same choice (rank 0's, not crowded). Crowded, their lockstep rounds cost a switch
-        # of CPU per round, while eager messages let the root run ahead (4 ranks on 2 CPUs,
-        # 1 KiB: Bcast ~0.5-1 ms -> ~0.1 ms, Scatter ~0.6 -> ~0.1 ms, Gather ~0.6-1.2 ->
-        # ~0.2 ms); the synchronizing ones keep to the area, 3-7x faster there than on messages.
-        self.rooted = objects
         self.completed = 0
         self.listeners = 0  # nonblocking collectives pending (sleep flag raised)
         self._ctx = comm._ctx + 1

@@ -98,10 +98,7 @@ _SLOW = object()  # what a fast lane returns when the collective's own body must
 
 
 def collective(
-    method: Callable[..., Any] | None = None,
-    *,
-    fast: Callable[..., Any] | None = None,
-    rooted: bool = False,
+    method: Callable[..., Any] | None = None, *, fast: Callable[..., Any] | None = None
 ) -> Any:
     """Decorator of a blocking collective: numbers the instance (its messages carry its tag
     base, see `_c_isend`), and abandons it when it raises here (see the module docstring).
@@ -110,10 +107,9 @@ def collective(
     `fast(self, area, *args)`: the collective's lane for the common case in the collective
     area (`area.Area.call`: one C call), tried first when the area is bound and ready; it
     returns the collective's result, or _SLOW having moved nothing (or after the area was
-    dropped) for the body to run it as usual. `rooted`: a rooted collective, whose lane is
-    left where the area keeps them to messages (`area.Area.rooted`)."""
+    dropped) for the body to run it as usual."""
     if method is None:
-        return functools.partial(collective, fast=fast, rooted=rooted)
+        return functools.partial(collective, fast=fast)
 
     @functools.wraps(method)
     def run(self: Any, *args: Any, **kwargs: Any) -> Any:
@@ -122,7 +118,7 @@ def collective(
             return method(self, *args, **kwargs)
         if fast is not None:
             shared = self._area
-            if shared and shared.ready() and (shared.rooted or not rooted):
+            if shared and shared.ready():
                 result = _laned(self, engine, shared, fast, args, kwargs)
                 if result is not _SLOW:
                     return result
@@ -144,7 +140,6 @@ def collective(
 
     if fast is not None:
         run.lane = fast  # type: ignore[attr-defined]  # (see front_lanes)
-        run.rooted = rooted  # type: ignore[attr-defined]
     return run
 
 
@@ -180,25 +175,22 @@ def front_lanes(cls: type) -> None:
         fast = getattr(method, "lane", None)
         begun = getattr(method, "begun", None)
         if fast is not None and callable(method):
-            setattr(cls, name, _front(method, fast, getattr(method, "rooted", False)))
+            setattr(cls, name, _front(method, fast))
         elif begun is not None and callable(method):
             setattr(cls, name, _front_started(method, *begun))
 
 
-def _front(
-    method: Callable[..., Any], fast: Callable[..., Any], rooted: bool
-) -> Callable[..., Any]:
+def _front(method: Callable[..., Any], fast: Callable[..., Any]) -> Callable[..., Any]:
     """The front of `method` (see front_lanes). A lane made of C arguments (`_one_call`,
     `_declining`) runs here without its own frame: arguments it does not take (None, or an
-    error: the method's body reports it) leave everything to the method. `rooted`: as in
-    `collective`."""
+    error: the method's body reports it) leave everything to the method."""
     args_of = getattr(fast, "args_of", None)
     then = getattr(fast, "then", None)
 
     @functools.wraps(method)
     def front(self: Any, *args: Any, **kwargs: Any) -> Any:
         shared = self._area
-        if shared and not self._coll_active and (shared.rooted or not rooted):
+        if shared and not self._coll_active:
             engine = self._engine
             group = shared.group
             if (
@@ -925,12 +917,11 @@ class Collectives:
                 self._c_wait([self._c_isend(_NOTHING, root, T_BCAST_ACK)])
 
     # ------------------------------------------------------------------ collective area
-    def _area_run(self, plan: Plan, rooted: bool = False) -> bool:
+    def _area_run(self, plan: Plan) -> bool:
         """Run a blocking collective in the area (bound first at the communicator's first
-        collective; see area.py): True when it ran there, False to run it on messages (a
-        `rooted` one too where the area keeps those to messages, area.Area.rooted)."""
+        collective; see area.py): True when it ran there, False to run it on messages."""
         shared = area.bound(self)
-        if shared is None or (rooted and not shared.rooted):
+        if shared is None:
             return False
         job = plan()
         return job is not None and shared.run(job[0], *job[1])
@@ -1177,7 +1168,7 @@ class Collectives:
             return obj
         return _loads(self._bcast_view(None, root, T_BCAST))
 
-    @collective(fast=_f_bcast, rooted=True)
+    @collective(fast=_f_bcast)
     def Bcast(self, buf: Any, root: int = 0) -> None:
         """Broadcast a buffer from `root` into `buf` on every rank.
 
@@ -1193,7 +1184,6 @@ class Collectives:
         spec = buffers.parse(buf, writable=rank != root)
         if (
             shared is not None
-            and shared.rooted
             and shared.fits(len(spec.view))
             and shared.run("bcast", spec.view, root)
         ):
@@ -1302,7 +1292,7 @@ class Collectives:
         for stage in stages:
             self._c_wait(stage)
 
-    @collective(fast=_f_gather, rooted=True)
+    @collective(fast=_f_gather)
     def Gather(self, sendbuf: Any, recvbuf: Any, root: int = 0) -> None:
         """Gather every rank's sendbuf into the root's recvbuf, in rank order (also Gatherv).
 
@@ -1310,7 +1300,7 @@ class Collectives:
         at the root sendbuf may be IN_PLACE (its own part is then left as it is).
         MPI.Exception(ERR_ROOT) for a root outside the communicator.
         """
-        if not self._area_run(lambda: self._p_gather(sendbuf, recvbuf, root), rooted=True):
+        if not self._area_run(lambda: self._p_gather(sendbuf, recvbuf, root)):
             self._run(self._gatherv(sendbuf, recvbuf, root, T_GATHER))
 
     Gatherv = Gather
@@ -1337,7 +1327,7 @@ class Collectives:
             spec.part(rank)[: len(own)] = own
         yield [self._c_irecv(spec.part(r), r, tag) for r in range(size) if r != rank]
 
-    @collective(fast=_f_scatter, rooted=True)
+    @collective(fast=_f_scatter)
     def Scatter(self, sendbuf: Any, recvbuf: Any, root: int = 0) -> None:
         """Scatter part r of the root's sendbuf into rank r's recvbuf (also Scatterv).
 
@@ -1345,7 +1335,7 @@ class Collectives:
         at the root recvbuf may be IN_PLACE (or None, as mpi4py). MPI.Exception(ERR_ROOT) for a root
         outside the communicator.
         """
-        if not self._area_run(lambda: self._p_scatter(sendbuf, recvbuf, root), rooted=True):
+        if not self._area_run(lambda: self._p_scatter(sendbuf, recvbuf, root)):
             self._run(self._scatterv(sendbuf, recvbuf, root, T_SCATTER))
 
     Scatterv = Scatter
@@ -1535,7 +1525,7 @@ class Collectives:
 
         return sink
 
-    @collective(fast=_f_reduce, rooted=True)
+    @collective(fast=_f_reduce)
     def Reduce(self, sendbuf: Any, recvbuf: Any, op: ops.Op = ops.SUM, root: int = 0) -> None:
         """Reduce to `root`: operands are folded there as they arrive, read in place.
         ValueError at the root (before any data moves; the other ranks then raise
@@ -1555,7 +1545,7 @@ class Collectives:
                 rspec = buffers.parse(recvbuf, writable=True)
                 rspec.view[:] = _raw(scratch)
             return
-        if self._area_run(lambda: self._p_reduce(sendbuf, recvbuf, op, root), rooted=True):
+        if self._area_run(lambda: self._p_reduce(sendbuf, recvbuf, op, root)):
             return
         if rank != root:
             self._c_wait([self._c_isend(buffers.parse(sendbuf).view, root, T_REDUCE)])
