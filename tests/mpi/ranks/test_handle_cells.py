@@ -88,6 +88,8 @@ def test_a_cell_naming_no_live_handle_leaves_the_handle_null():
         with pytest.raises(MPI.Exception):
             new.Get_size()
         assert MPI._handleof(new) == 0 == _cell(new).value  # written back
+        assert type(type(new).fromhandle(0)) is MPI.Comm  # (not the class that reads the cell)
+        assert type(type(new).fromhandle(MPI.COMM_WORLD.handle)) is MPI.Intracomm
 
 
 def test_a_live_handles_cell_is_read_at_handleof():
