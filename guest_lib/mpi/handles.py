@@ -339,11 +339,16 @@ def _refresh(handle: Handle, cell: _Cell) -> int:
     return number
 
 
-def _status_cell(obj: Any) -> Any:
-    """`obj`'s fields array if it is a Status, else None."""
+def _status_address(arg: Any) -> int | None:
+    """The address of `arg`'s fields if it is a Status, None if it is a handle object;
+    TypeError for anything else (None and classes included)."""
     from guest_lib.mpi.status import Status
 
-    return obj._fields if isinstance(obj, Status) else None
+    if isinstance(arg, Status):
+        return int(arg._fields.buffer_info()[0])
+    if not isinstance(arg, Handle):
+        raise TypeError("expecting an MPI instance")
+    return None
 
 
 def _sizeof(arg: Any) -> int:
@@ -370,11 +375,9 @@ def _addressof(arg: Any) -> int:
     anything else (None, classes included); ValueError for a cell holding a number that is no
     live handle of its kind on a live handle.
     """
-    fields = _status_cell(arg)
-    if fields is not None:
-        return int(fields.buffer_info()[0])
-    if not isinstance(arg, Handle):
-        raise TypeError("expecting an MPI instance")
+    address = _status_address(arg)
+    if address is not None:
+        return address
     cell = _cells.get(id(arg))
     if cell is None:
         cell = _cells[id(arg)] = _Cell(arg.toint())
@@ -390,10 +393,8 @@ def _handleof(arg: Any) -> int:
     C wrote there is read, see the module docstring); a Status's address (as mpi4py).
     TypeError for anything else; ValueError as `_addressof`.
     """
-    fields = _status_cell(arg)
-    if fields is not None:
-        return int(fields.buffer_info()[0])
-    if not isinstance(arg, Handle):
-        raise TypeError("expecting an MPI instance")
+    address = _status_address(arg)
+    if address is not None:
+        return address
     cell = _cells.get(id(arg))
     return arg.toint() if cell is None else _refresh(arg, cell)
