@@ -10,8 +10,8 @@ failed), xpass (a listed test that passed) or "listed-skip" (listed as not to ru
 or breaks the ranks). LIST is the expected-failure list (tests/mpi/mpi4py_xfail.py). A file
 that cannot be imported gives one line with id "<import>". A test that runs longer than
 TIMEOUT seconds makes faulthandler print every thread's Python stack and end the rank (its
-last line is then "started"). The suite's fake-GPU array backends (host memory behind the
-CUDA array interface) are left out: device buffers are a real limit of this MPI.
+last line is then "started"). The suite's array backends all run, as in mpi4py's own runs
+without cupy/numba: its fake-GPU ones (host memory behind the CUDA array interface) too.
 """
 
 from __future__ import annotations
@@ -125,15 +125,6 @@ def main() -> None:
     for absent in ("cupy", "numba"):  # as mpi4py's runner does without --cupy/--numba
         sys.modules[absent] = None  # type: ignore[assignment]
     sys.path.insert(0, suite_dir)
-    import arrayimpl  # the suite's array backends
-
-    # Buffers behind the CUDA array interface are device memory by definition: this MPI
-    # moves host memory only (a real limit), so the suite's fake-GPU backends are left out.
-    arrayimpl.ArrayBackends[:] = [
-        backend
-        for backend in arrayimpl.ArrayBackends
-        if not issubclass(backend, arrayimpl.BaseFakeGPUArray)
-    ]
     module_name = name.removesuffix(".py")
     with open(f"{out_path}.{rank}", "w") as out:
         recorder = Recorder(out, timeout, entries, size)
