@@ -643,10 +643,9 @@ def _f_reduce_scatter(
         or send.nbytes > group._segment()
     ):
         return _SLOW
-    counts = self._all_counts(recv.size, shared, lane=True)
+    counts = self._all_counts(recv.size, send.size, shared, lane=True)
     if counts is None:
         return _SLOW  # (the area was dropped: nothing moved)
-    _sum_of_counts(send.size, counts)
     c_args = _a_scatter_fold(self, group, send, recv, counts, op)
     if c_args is None or not shared.call(*c_args):  # (the area was dropped meanwhile)
         self._reduce_scatter(sendbuf, buffers.parse(recvbuf, writable=True), counts, op)
@@ -761,9 +760,17 @@ def _nb_abandon(comm: Any, engine: Engine, seq: int, reason: str) -> None:
     area.failed(comm)
 
 
+class AgreedValueError(ValueError):
+    """An argument error of a collective that every member raises alike, decided from data
+    all of them hold (gathered before any payload moves): no member waits for another, so
+    the instance is not abandoned and the area stays bound."""
+
+
 def _abandon(comm: Any, engine: Engine, seq: int, exc: Exception) -> None:
     """Collective instance `seq` of `comm` raised `exc` here: tell the other members, leave
-    the area (see the module docstring)."""
+    the area (see the module docstring); nothing for an AgreedValueError."""
+    if isinstance(exc, AgreedValueError):
+        return
     members = [w for w in comm._group if w != engine.world_rank]
     reason = f"{type(exc).__name__}: {exc}"
     error = abandon_class(exc)
@@ -1677,43 +1684,65 @@ class Collectives:
         """Reduce every rank's sendbuf with `op`; rank r gets `recvcounts[r]` elements of it.
 
         Like Reduce_scatter_block with `recvcounts[r]` elements for rank r. Without recvcounts, each
-        rank's is its recvbuf's count (gathered from every rank first, see `_all_counts`; not with
-        IN_PLACE). ValueError for counts that do not fit the buffers; MPI.Exception(ERR_COUNT)
-        naming a rank whose gathered count is negative.
+        rank's is its recvbuf's count (gathered from every rank first, with its send count, see
+        `_all_counts`; not with IN_PLACE). ValueError for counts that do not fit the buffers
+        (gathered ones: on every rank); MPI.Exception(ERR_COUNT) naming a rank whose gathered
+        count is negative.
         """
         size, _ = self._sizes()
         rspec = buffers.parse(recvbuf, writable=True)
         given = reduce_scatter_counts(recvcounts, size, sendbuf)
-        counts = self._all_counts(rspec.count, area.bound(self)) if given is None else given
+        if given is None:
+            sent = buffers.parse(sendbuf).count
+            counts = self._all_counts(rspec.count, sent, area.bound(self))
+        else:
+            counts = given
         assert counts is not None
         self._reduce_scatter(sendbuf, rspec, counts, op)
 
-    def _all_counts(self, count: int, shared: area.Area | None, lane: bool = False) -> Any:
-        """Every rank's `count` (Reduce_scatter without recvcounts): where the area is bound
-        (`shared`), an allgather of one int64 per rank there, whichever path each member
-        takes (`lane`: the fast lane's one C call; else Area.run), else the object
-        allgather. MPI.Exception(ERR_COUNT) naming a rank that gave a negative count (read
-        from shared memory). None where the lane's call did not run (nothing moved: the
-        body runs the collective)."""
-        counts: Any = None
+    def _all_counts(
+        self, count: int, sent: int, shared: area.Area | None, lane: bool = False
+    ) -> Any:
+        """Every rank's receive `count` (Reduce_scatter without recvcounts), gathered with
+        every rank's `sent` count, so that every member checks the same arguments: where the
+        area is bound (`shared`), an allgather of two int64 per rank there, whichever path
+        each member takes (`lane`: the fast lane's one C call; else Area.run), else the
+        object allgather. MPI.Exception(ERR_COUNT) naming a rank that gave a negative or
+        non-integer count (read from shared memory or another process); ValueError on every
+        rank, before any data moves, naming the ranks whose send count is not the sum of
+        the receive counts. None where the lane's call did not run (nothing moved: the body
+        runs the collective)."""
+        pairs: Any = None
         if shared is not None:
             size = shared.group.size
-            mine, counts_of = np.array([count], np.int64), np.empty(size, np.int64)
-            lengths, displs = _even(size, 8)
+            mine, pairs_of = np.array([count, sent], np.int64), np.empty(2 * size, np.int64)
+            lengths, displs = _even(size, 16)
             if lane:
-                ran = shared.call(C_ALLGATHERV, mine, counts_of, 0, lengths, displs, None, None)
+                ran = shared.call(C_ALLGATHERV, mine, pairs_of, 0, lengths, displs, None, None)
                 if not ran:
                     return None
             else:
-                ran = shared.run("allgatherv", mine, counts_of, lengths, displs)
-            counts = counts_of.tolist() if ran else None
-        if counts is None:
-            counts = self.allgather(count)
-        for r, c in enumerate(counts):
-            if type(c) is not int or c < 0:
+                ran = shared.run("allgatherv", mine, pairs_of, lengths, displs)
+            pairs = pairs_of.reshape(size, 2).tolist() if ran else None
+        if pairs is None:
+            pairs = self.allgather((count, sent))
+        for r, pair in enumerate(pairs):
+            if (
+                type(pair) not in (list, tuple)
+                or len(pair) != 2
+                or any(type(c) is not int or c < 0 for c in pair)
+            ):
                 raise exceptions.Exception(
-                    exceptions.ERR_COUNT, f"rank {r} gave receive count {c!r} to Reduce_scatter"
+                    exceptions.ERR_COUNT, f"rank {r} gave counts {pair!r} to Reduce_scatter"
                 )
+        counts = [pair[0] for pair in pairs]
+        total = sum(counts)
+        wrong = {r: pair[1] for r, pair in enumerate(pairs) if pair[1] != total}
+        if wrong:
+            raise AgreedValueError(
+                f"Reduce_scatter: the receive counts sum to {total}, "
+                f"but ranks send {wrong} elements (rank: count)"
+            )
         return counts
 
     def _reduce_scatter(
@@ -1978,12 +2007,6 @@ def _same_message(sspec: buffers.Spec, rspec: buffers.Spec, what: str = "receive
         raise ValueError("mismatch in send and receive MPI datatypes")
     if sspec.count != rspec.count:
         raise ValueError(f"mismatch in send count {sspec.count} and {what} {rspec.count}")
-
-
-def _sum_of_counts(total: int, counts: list[int]) -> None:
-    """ValueError, as mpi4py, where the gathered counts do not sum to the send count."""
-    if sum(counts) != total:
-        raise ValueError(f"mismatch in send count {total} and sum(recvcounts) {sum(counts)}")
 
 
 def reduce_scatter_counts(recvcounts: Any, size: int, sendbuf: Any) -> list[int] | None:
