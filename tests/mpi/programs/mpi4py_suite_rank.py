@@ -9,8 +9,9 @@ SUITE_DIR/test_x.py in mpi4py's order and writes one JSON line per test to OUT.<
 failed), xpass (a listed test that passed) or "listed-skip" (listed as not to run: it hangs
 or breaks the ranks). LIST is the expected-failure list (tests/mpi/mpi4py_xfail.py). A file
 that cannot be imported gives one line with id "<import>". A test that runs longer than
-TIMEOUT seconds makes faulthandler print every thread's Python stack and end the rank (its
-last line is then "started"). The suite's array backends all run, as in mpi4py's own runs
+TIMEOUT seconds (SLOW_FACTOR times that for one listed "slow": it must pass, in more time)
+makes faulthandler print every thread's Python stack and end the rank (its last line is
+then "started"). The suite's array backends all run, as in mpi4py's own runs
 without cupy/numba: its fake-GPU ones (host memory behind the CUDA array interface) too.
 """
 
@@ -26,6 +27,8 @@ import traceback
 import unittest
 from typing import Any
 
+SLOW_FACTOR = 4  # a test listed "slow" may run this many times the per-test limit
+
 
 def _load_list(path: str) -> list[tuple[str, str, str]]:
     spec = importlib.util.spec_from_file_location("mpi4py_xfail", path)
@@ -36,7 +39,8 @@ def _load_list(path: str) -> list[tuple[str, str, str]]:
 
 
 def _listed(entries: list[tuple[str, str, str]], test_id: str, size: int) -> tuple[str, str]:
-    """("xfail" | "skip", reason) of the first entry matching `test_id`, or ("", "")."""
+    """("xfail" | "skip" | "slow", reason) of the first entry matching `test_id`, or
+    ("", "")."""
     for pattern, action, reason in entries:
         kind, _, ranks = action.partition("@")
         if ranks and str(size) not in ranks.split(","):
@@ -64,7 +68,8 @@ class Recorder(unittest.TestResult):
         self._bad = None
         self.out.write(json.dumps({"id": test.id(), "outcome": "started"}) + "\n")
         self.out.flush()
-        faulthandler.dump_traceback_later(self.timeout, exit=True)
+        slow = _listed(self.entries, test.id(), self.size)[0] == "slow"
+        faulthandler.dump_traceback_later(self.timeout * (SLOW_FACTOR if slow else 1), exit=True)
 
     def stopTest(self, test: unittest.TestCase) -> None:
         faulthandler.cancel_dump_traceback_later()
