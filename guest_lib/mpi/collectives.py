@@ -2025,6 +2025,3 @@ def reduce_scatter_counts(recvcounts: Any, size: int, sendbuf: Any) -> list[int]
 def _M_IN_PLACE() -> Any:
     _M = native.MPI()
     return _M.IN_PLACE
-
-
-_unused = constants
