@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import socket
 import subprocess
 import sys
@@ -124,9 +125,13 @@ def raw_connect(path: str) -> socket.socket:
 
 
 def drain_eventfd(fd: int) -> None:
-    os.set_blocking(fd, False)
-    with contextlib.suppress(BlockingIOError):
-        os.eventfd_read(fd)
+    """Consume `fd`'s pending count, if it has one, without ever blocking. Polled, not made
+    non-blocking: O_NONBLOCK belongs to the open file description, which the eventfd's other
+    holders (it came through SCM_RIGHTS: the broker, QEMU) share and may change (a read
+    right after set_blocking(False) once waited 180 s, after a broker restart)."""
+    if select.select([fd], [], [], 0)[0]:
+        with contextlib.suppress(BlockingIOError):
+            os.eventfd_read(fd)
 
 
 def kill(proc: subprocess.Popen[str] | subprocess.Popen[bytes]) -> None:
