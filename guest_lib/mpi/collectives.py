@@ -51,7 +51,6 @@ from guest_lib.mpi.pickling import dumps as _dumps
 from guest_lib.mpi.pickling import loads as _loads
 from guest_lib.mpi.request import Request, request_of, unpickle
 from guest_lib.mpi.wire import (
-    COLL_INSTANCES,
     COLL_SPAN,
     KIND_DATA,
     abandon_class,
@@ -212,7 +211,7 @@ def _front(method: Callable[..., Any], fast: Callable[..., Any]) -> Callable[...
                 if c_args is not None:
                     seq = self._coll_seq
                     self._coll_seq = seq + 1
-                    self._coll_base = seq % COLL_INSTANCES * COLL_SPAN  # (wire.coll_base)
+                    self._coll_base = coll_base(seq)
                     try:
                         if _declinable(self, shared, c_args, then, args, kwargs):
                             return None
