@@ -355,9 +355,10 @@ class AreaOp(Op):
     abandonment records) each time it is read, under the engine's lock (a Wait or Test of
     another thread, or the engine's progress, may read it too); a failure completes it with
     ERR_OTHER, `reason` saying why, drops the area and tells `on_fail` (if given) the
-    reason. The first read that finds it pending raises the sleep flag (`Area.listen`) and
-    polls once more, so that no waiter naps before the flag is up (a collective completed
-    by its first polls never raises it, nor makes the others ring this doorbell).
+    error class and the reason. The first read that finds it pending raises the sleep flag
+    (`Area.listen`) and polls once more, so that no waiter naps before the flag is up (a
+    collective completed by its first polls never raises it, nor makes the others ring this
+    doorbell).
 
     `then`: for a collective its members may decline (a gatherv, scatterv or alltoallv over
     one round, see `Area.run`), what starts the operation that moves it otherwise once the
@@ -383,7 +384,7 @@ class AreaOp(Op):
         self,
         area: Area,
         request: CollectiveRequest,
-        on_fail: Callable[[str], None] | None = None,
+        on_fail: Callable[[int, str], None] | None = None,
         then: Callable[[], Op] | None = None,
     ) -> None:
         self._finished = False
@@ -456,7 +457,7 @@ class AreaOp(Op):
             if self._listening:
                 area.listen(-1)
         if self.error and self.on_fail is not None:
-            self.on_fail(self.reason)
+            self.on_fail(self.error, self.reason)
         return True
 
     @done.setter

@@ -716,7 +716,7 @@ def _begun(
         request = shared.begin(*c_args)
     except Exception as exc:
         self._nb_seq = seq + 1
-        _nb_abandon(self, engine, seq, f"{type(exc).__name__}: {exc}")
+        _nb_abandon(self, engine, seq, abandon_class(exc), f"{type(exc).__name__}: {exc}")
         raise
     if request is None:  # (nothing moved)
         return None
@@ -738,24 +738,27 @@ def _begun(
     try:
         return Request(then(), engine)
     except Exception as exc:
-        failed(f"{type(exc).__name__}: {exc}")
+        failed(abandon_class(exc), f"{type(exc).__name__}: {exc}")
         raise
 
 
 def _on_messages(
-    engine: Engine, stages: Callable[[], Stages], on_fail: Callable[[str], None] | None = None
+    engine: Engine,
+    stages: Callable[[], Stages],
+    on_fail: Callable[[int, str], None] | None = None,
 ) -> StagedOp:
     """Start a nonblocking collective's `stages()` with the engine (the first stage's
     errors propagate; a later failure tells `on_fail`)."""
     return engine.start_staged(StagedOp(stages(), on_fail))
 
 
-def _nb_abandon(comm: Any, engine: Engine, seq: int, reason: str) -> None:
-    """Nonblocking collective instance `seq` of `comm` failed here: tell the other members
-    (its requests there complete with ERR_OTHER), leave the area."""
+def _nb_abandon(comm: Any, engine: Engine, seq: int, error: int, reason: str) -> None:
+    """Nonblocking collective instance `seq` of `comm` failed here with error class `error`:
+    tell the other members (their requests complete with it where it is a fault-tolerance
+    class, else with ERR_OTHER: Matching.abandon), leave the area."""
     members = [w for w in comm._group if w != engine.world_rank]
     tag = T_NONBLOCKING + seq % NONBLOCKING_TAGS
-    engine.abandon(comm._ctx + 1, seq, tag, 1, reason, members)
+    engine.abandon(comm._ctx + 1, seq, tag, 1, reason, members, error)
     area.failed(comm)
 
 
@@ -1855,7 +1858,7 @@ class Collectives:
             op = StagedOp(stages(tag), abandon)
             engine.start_staged(op)
         except Exception as exc:
-            abandon(f"{type(exc).__name__}: {exc}")
+            abandon(abandon_class(exc), f"{type(exc).__name__}: {exc}")
             raise
         return Request(op, engine)
 

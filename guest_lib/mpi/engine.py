@@ -142,12 +142,12 @@ class StagedOp(Op):
     __slots__ = ("on_fail", "pending", "reason", "steps")
 
     def __init__(
-        self, steps: Iterator[list[Op]], on_fail: Callable[[str], None] | None = None
+        self, steps: Iterator[list[Op]], on_fail: Callable[[int, str], None] | None = None
     ) -> None:
         super().__init__()
         self.steps = steps
         self.pending: list[Op] = []
-        self.on_fail = on_fail  # told why, when the op fails here (see Collectives)
+        self.on_fail = on_fail  # told (error class, why) when the op fails here (Collectives)
         self.reason = ""  # why it failed ("" until then): the text of the request's error
 
     def advance(self, propagate: bool = False) -> bool:
@@ -177,7 +177,7 @@ class StagedOp(Op):
     def _fail(self, error: int, reason: str) -> None:
         self.error, self.done, self.reason = error, True, reason
         if self.on_fail is not None:
-            self.on_fail(reason)
+            self.on_fail(error, reason)
 
 
 class Engine(Matching, FastPaths):

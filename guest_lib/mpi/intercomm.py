@@ -366,8 +366,8 @@ class Intercomm(Comm):
         ctx = self._ctx + 1
         gone = engine.abandoned_already(ctx, tag, seq)
 
-        def abandon(reason: str) -> None:
-            engine.abandon(ctx, seq, tag, 1, reason, self._group)
+        def abandon(error: int, reason: str) -> None:
+            engine.abandon(ctx, seq, tag, 1, reason, self._group, error)
 
         op = StagedOp(stages(tag), abandon)
         try:

@@ -376,8 +376,10 @@ class Matching:
         collective context is `ctx` with an error (its messages carry tags base ..
         base+span-1): withdraw its receives, drop its messages (those here and those to
         come), and tell the other `members` (world ranks) why, so that they leave it too
-        instead of waiting for this rank, failing with `error` (one of
-        wire.ABANDON_CLASSES: see wire.abandon_class)."""
+        instead of waiting for this rank, failing with `error` where it is one of
+        wire.ABANDON_CLASSES (a fault-tolerance class), else with ERR_OTHER."""
+        if error not in wire.ABANDON_CLASSES:
+            error = exceptions.ERR_OTHER
         with self.lock:
             self.abandoned[(ctx, base)] = (seq, reason, error)
             self._fail_posted(ctx, base, span, 0)

@@ -216,9 +216,9 @@ class PartRecv:
             _route(board, source, got.obj, comm)
         board.running.discard(source)
 
-    def _failed(self, reason: str) -> None:
-        """The source's staged receive failed (the peer is gone): every started receive
-        from it fails."""
+    def _failed(self, error: int, reason: str) -> None:
+        """The source's staged receive failed (the peer is gone; StagedOp's `on_fail` gives
+        its error class and reason): every started receive from it fails, with ERR_OTHER."""
         self.board.running.discard(self.source)
         for recv in list(self.board.receives.values()):
             if recv.source == self.source and recv.op is not None and not recv.op.done:

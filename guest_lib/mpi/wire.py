@@ -130,9 +130,9 @@ ABANDON_CLASSES = frozenset(
 
 
 def abandon_class(exc: BaseException) -> int:
-    """The error class an ABANDON sent because of `exc` carries: its class if that is one of
-    ABANDON_CLASSES, else ERR_OTHER."""
-    if isinstance(exc, exceptions.Exception) and exc.Get_error_class() in ABANDON_CLASSES:
+    """The error class of `exc` (an MPI.Exception's, else ERR_OTHER), for an abandonment
+    (Matching.abandon passes on only ABANDON_CLASSES)."""
+    if isinstance(exc, exceptions.Exception):
         return exc.Get_error_class()
     return exceptions.ERR_OTHER
 
