@@ -46,8 +46,7 @@ where its members decline it, the instance goes on over messages (`AreaOp.then`)
 
 Object collectives (lowercase bcast, gather, allgather and those built on them: reduce,
 allreduce, scan, exscan) put each pickle in its sender's slab when it fits one (`exchange`);
-a larger pickle goes by messages to the members that take it, in the same instance. Where
-ranks outnumber CPUs they keep to messages (`Area.objects`, agreed at the binding).
+a larger pickle goes by messages to the members that take it, in the same instance.
 
 Reductions go through the area for the predefined ops that are numpy ufuncs (SUM, PROD, MAX,
 MIN, BAND, BOR, BXOR) on numpy element types; other ops fall back to messages.
@@ -85,7 +84,7 @@ if TYPE_CHECKING:
 
 C_FOLD = -1  # Area.call's code of a reduction (CollectiveRound.fold)
 T_AREA = 0  # internal tag (of the current blocking instance) of the binding broadcast
-_BIND = struct.Struct("<iIB")  # slot (-1: none), generation, objects (see Area.objects)
+_BIND = struct.Struct("<iI")  # slot (-1: none), generation
 _CORE_ERRORS = (PeerLostError, RingCorruptError, TimeoutError)
 _DECLINABLE = ("gatherv", "scatterv", "alltoallv")
 # `exchange`'s collectives as Area.call runs them
@@ -109,17 +108,10 @@ class Area:
     """The collective group of one communicator on this member. `completed` counts the
     collectives it ran to the end (tests read it to see that the area path is taken)."""
 
-    def __init__(
-        self, comm: Any, group: CollectiveGroup, claimed: bool, objects: bool = True
-    ) -> None:
+    def __init__(self, comm: Any, group: CollectiveGroup, claimed: bool) -> None:
         self.comm = comm
         self.group = group
         self.claimed = claimed
-        # Whether object collectives use `exchange` (else messages): rank 0's choice at the
-        # binding, so every member takes the same path. Not when ranks outnumber rank 0's
-        # CPUs (Engine.crowded): there the area's lockstep rounds measured slower for pickles
-        # than eager messages (4 ranks on 2 CPUs: gather 0.2 -> 1-1.8x MPICH).
-        self.objects = objects
         self.completed = 0
         self.listeners = 0  # nonblocking collectives pending (sleep flag raised)
         self._ctx = comm._ctx + 1
@@ -528,12 +520,6 @@ def bound(comm: Any) -> Area | None:
     return area or None
 
 
-def objects(comm: Any) -> Area | None:
-    """`bound(comm)` where its object collectives use the area (Area.objects), else None."""
-    shared = bound(comm)
-    return shared if shared is not None and shared.objects else None
-
-
 def current(comm: Any) -> Area | None:
     """The communicator's Area if bound (nonblocking collectives never bind)."""
     return comm._area or None
@@ -547,12 +533,11 @@ def _bind(comm: Any) -> Area | bool:
     if comm._rank == 0:
         claimed = claim_slot(ep.region, ep.peer_id, ep.incarnation)
         slot, generation = claimed or (-1, 0)
-        objects = not engine.crowded
-        comm._bcast_view(memoryview(_BIND.pack(slot, generation, objects)), 0, T_AREA)
+        comm._bcast_view(memoryview(_BIND.pack(slot, generation)), 0, T_AREA)
     else:
         raw = bytearray(_BIND.size)
         comm._bcast_view(memoryview(raw), 0, T_AREA)
-        slot, generation, objects = _BIND.unpack(raw)
+        slot, generation = _BIND.unpack(raw)
     if slot < 0:
         return False
     if slot >= ep.region.geometry.coll_slots or not 1 <= generation <= layout.COLL_GEN_MASK:
@@ -568,7 +553,7 @@ def _bind(comm: Any) -> Area | bool:
         group.wait_bound()
     except _CORE_ERRORS as exc:
         raise core_error(exc) from exc
-    return Area(comm, group, claimed is not None, bool(objects))
+    return Area(comm, group, claimed is not None)
 
 
 def _bound_within(group: CollectiveGroup, seconds: float) -> bool:

@@ -1167,7 +1167,7 @@ class Collectives:
             return obj
         if self._has_mpi:
             return self._h_bcast(obj, root, objects=True)
-        shared = area.objects(self)
+        shared = area.bound(self)
         data = _dumps(obj) if rank == root else None
         taken = shared.exchange("bcast_bytes", data, root) if shared is not None else None
         if taken is not None and not shared.group.declined:  # type: ignore[union-attr]
@@ -1215,7 +1215,7 @@ class Collectives:
         size, rank = self._sizes()
         self._root(root)
         data = _dumps(sendobj) if rank != root else None
-        shared = area.objects(self) if size > 1 else None
+        shared = area.bound(self) if size > 1 else None
         taken = shared.exchange("gather_bytes", data, root) if shared is not None else None
         if rank != root:
             if taken is None or shared.group.declined:  # type: ignore[union-attr]
@@ -1258,7 +1258,7 @@ class Collectives:
         size, rank = self._sizes()
         if size == 1:
             return [sendobj]
-        shared = area.objects(self)
+        shared = area.bound(self)
         if shared is None:
             return self._allgather_messages(sendobj)
         data = _dumps(sendobj)

@@ -2,7 +2,9 @@
 ranks' affinity masks judges itself crowded, shortens the spin of the endpoint's and the
 collective area's waits so that they block on the doorbell almost at once (the area's
 yielding between polls), and completes windows of small nonblocking messages in every buffer
-form with the data checked; a job with a CPU per rank keeps its spin."""
+form with the data checked; a job with a CPU per rank keeps its spin. Object collectives go
+through the collective area whether crowded or not (in the OSU loop the area took 0.4-0.7x
+the time of messages at 4 ranks on 2 CPUs)."""
 
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ def job(
     """Run the program on `ranks` ranks pinned to `cpus` (None: as we are; `pin_each`: each
     rank then pins itself to one of them before MPI starts); each rank's (crowded, endpoint
     spin_us, collective area yields, area spin_us), after checking every rank finished its
-    windows."""
+    windows and ran every object collective through the area."""
     pin = ["taskset", "-c", ",".join(map(str, sorted(cpus)))] if cpus else []
     command = [*pin, PYTHON, "-m", "guest_lib.mpi.launcher", "-n", str(ranks),
                "--timeout", "100", PROGRAM, *(["--pin"] if pin_each else [])]  # fmt: skip
@@ -37,6 +39,8 @@ def job(
             into[int(words[1])] = (words[3] == "True", float(words[5]))
     assert sorted(seen) == sorted(area) == list(range(ranks)), out
     assert out.count(" ok ") == ranks, out
+    rounds = [line.split()[3:] for line in out.splitlines() if " object-rounds " in line]
+    assert len(rounds) == ranks and all(r[0] == r[2] for r in rounds), out
     return [seen[r] + area[r] for r in range(ranks)]
 
 

@@ -31,12 +31,6 @@ import numpy as np
 from guest_lib.mpi import MPI, area
 
 
-def objects(comm: MPI.Intracomm) -> bool:
-    """Whether comm's object collectives run in the area (not where ranks outnumber CPUs)."""
-    shared = area.current(comm)
-    return bool(shared and shared.objects)
-
-
 def check_all(comm: MPI.Intracomm) -> int:
     """Every collective once per size and form; returns how many ran (all in the area)."""
     size, rank = comm.Get_size(), comm.Get_rank()
@@ -202,15 +196,14 @@ def check_all(comm: MPI.Intracomm) -> int:
         assert np.allclose(iscan, sres) and np.array_equal(iexscan, eres)
         assert np.array_equal(irsb, block) and (irs == size).all()
         counted(4)
-        # Objects: each pickle in its sender's slab (allreduce is an allgather), unless ranks
-        # outnumber CPUs (then on messages)
+        # Objects: each pickle in its sender's slab (allreduce is an allgather)
         for obj in ({"n": n, "root": root}, "x" * (3 * n + 600)):
             assert comm.bcast(obj if rank == root else None, root) == obj
         assert comm.allgather(rank) == list(range(size))
         assert comm.allreduce(rank + n) == sum(range(size)) + size * n
         gathered = comm.gather((rank, n), root)
         assert gathered == ([(r, n) for r in range(size)] if rank == root else None)
-        counted(5 if objects(comm) else 0)
+        counted(5)
     # Pickles over a slab go by messages within the same (area) collective
     bound = area.current(comm)
     if bound:
@@ -221,7 +214,7 @@ def check_all(comm: MPI.Intracomm) -> int:
         assert comm.gather(big if rank else 0, 0) == (
             [0] + [big] * (size - 1) if not rank else None
         )
-        counted(3 if objects(comm) else 0)
+        counted(3)
     got_count = area.completed(comm) - start
     assert got_count == ran if shared else got_count == 0, (got_count, ran)
     return got_count
@@ -297,7 +290,7 @@ def main() -> None:
             assert value == i * size
             total = np.zeros(1)
             dup.Allreduce(np.ones(1), total)
-            assert total[0] == size and area.completed(dup) == 1 + objects(dup)  # (allreduce)
+            assert total[0] == size and area.completed(dup) == 2  # (allreduce, Allreduce)
             slot = dup._area.group.slot
             slots.add(slot)
             offset = geometry.coll_slot_offset(slot) // 8

@@ -3,8 +3,10 @@ crowded (more ranks on the region than CPUs in their affinity masks) and its end
 then (after a Barrier, which binds COMM_WORLD's collective area) whether the area's group
 yields while it spins and its spin, then runs windows of small Isend/Irecv (ring: each rank
 to its right, from its left) in the buffer forms real codes write, completed by Waitall,
-checking every byte, and prints "ok" with the wall time the windows took. `--pin`: each rank
-pins itself to a CPU of its own (round-robin over its mask) before MPI starts."""
+checking every byte, and prints "ok" with the wall time the windows took; then runs the object
+collectives (checked) and prints how many of them went through the area ("object-rounds").
+`--pin`: each rank pins itself to a CPU of its own (round-robin over its mask) before MPI
+starts."""
 
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ if sys.argv[1:] == ["--pin"]:  # each rank on a CPU of its own, before MPI start
     _cpus = sorted(os.sched_getaffinity(0))
     os.sched_setaffinity(0, {_cpus[int(os.environ["IVSHMEM_MPI_RANK"]) % len(_cpus)]})
 
-from guest_lib.mpi import MPI
+from guest_lib.mpi import MPI, area
 
 WINDOW = 64
 ROUNDS = 20
@@ -59,6 +61,22 @@ def main() -> None:
         assert ins[2][0] == ins[3][0] == float(left * 1000 + round_), (ins, value)
     comm.Barrier()
     print(f"rank {rank} ok {time.monotonic() - started:.3f} s", flush=True)
+    print(f"rank {rank} object-rounds {objects(comm)} of {len(OBJECT_CALLS)}", flush=True)
+
+
+OBJECT_CALLS = ("bcast", "gather", "allgather")
+
+
+def objects(comm: MPI.Intracomm) -> int:
+    """Run OBJECT_CALLS on `comm` (data checked); how many went through its collective area."""
+    rank, size = comm.Get_rank(), comm.Get_size()
+    root = size - 1
+    before = area.completed(comm)
+    assert comm.bcast({"from": rank} if rank == root else None, root) == {"from": root}
+    got = comm.gather(b"g%d" % rank, root)
+    assert got == ([b"g%d" % r for r in range(size)] if rank == root else None)
+    assert comm.allgather((rank, "a")) == [(r, "a") for r in range(size)]
+    return area.completed(comm) - before
 
 
 if __name__ == "__main__":
