@@ -1697,13 +1697,16 @@ static PyTypeObject RxRingType = {
  * returns (rank, u64 index, round, field) and the caller blocks on its doorbell until the
  * word moves (CollectiveGroup._block), then calls resume(): the call's buffers and position
  * are kept here meanwhile. Returns 0 when the round completed, 1 when a member declined it
- * (gatherv / scatterv / alltoallv: rounds word 0).
+ * (gatherv / scatterv / alltoallv: rounds word 0). A declined alltoallv leaves recv as it
+ * was but for this rank's own block (copied first): it reads every member's rounds word
+ * before it writes any block (CP_ROUNDS), so that in place (send is recv) the caller still
+ * holds what it sends otherwise.
  * ------------------------------------------------------------------------------------------ */
 enum {
     CW_BARRIER, CW_BCAST, CW_GATHERV, CW_SCATTERV, CW_ALLGATHERV, CW_ALLTOALLV,
     CW_BCAST_BYTES, CW_GATHER_BYTES, CW_ALLGATHER_BYTES, CW_FOLD
 };
-enum { CP_ENTER, CP_PUBLISH, CP_TAKE, CP_END };
+enum { CP_ENTER, CP_PUBLISH, CP_ROUNDS, CP_TAKE, CP_END };
 /* Kinds: collective.KIND_*. */
 enum { CK_BARRIER = 1, CK_BCAST, CK_GATHER, CK_SCATTER, CK_ALLGATHER, CK_ALLTOALL };
 enum { CK_BCAST_BYTES = 12, CK_GATHER_BYTES, CK_ALLGATHER_BYTES };
@@ -2074,10 +2077,9 @@ static int coll_consume(CollRound *c, int r)
     case CW_ALLGATHERV:
         memcpy(recv + c->displs[r], theirs, (size_t)want_nbytes);
         break;
-    case CW_ALLTOALLV:
-        if (coll_rounds(c, r) < 0)
-            return -1;
-        memcpy(recv + c->rdispls[r], theirs + me * c->seg, (size_t)c->rcounts[r]);
+    case CW_ALLTOALLV: /* every rounds word read already (CP_ROUNDS) */
+        if (!c->declined)
+            memcpy(recv + c->rdispls[r], theirs + me * c->seg, (size_t)c->rcounts[r]);
         break;
     case CW_BCAST_BYTES:
     case CW_GATHER_BYTES:
@@ -2139,16 +2141,28 @@ static PyObject *coll_advance(CollRound *c, long long spin_ns, bool yield)
             break;
         case CP_PUBLISH:
             coll_publish(c);
-            c->phase = CP_TAKE;
+            c->phase = c->which == CW_ALLTOALLV ? CP_ROUNDS : CP_TAKE;
             c->pos = 0;
             if (coll_wake(c) < 0) {
                 coll_release_call(c);
                 return NULL;
             }
             break;
+        case CP_ROUNDS: /* alltoallv: every arrival and its rounds word before any block */
+            for (int r; (r = coll_taken(c, c->pos)) >= 0; c->pos++) {
+                uint64_t *line = coll_line(c, r, c->k);
+                int got = coll_spin(c, r, line, c->k, "arrive seq", spin_ns, yield);
+                if (got <= 0)
+                    return got < 0 ? NULL : coll_wait_tuple(c, r, line, c->k, "arrive seq");
+                if (coll_rounds(c, r) < 0)
+                    return NULL;
+            }
+            c->phase = CP_TAKE;
+            c->pos = 0;
+            break;
         case CP_TAKE:
             for (int r; (r = coll_taken(c, c->pos)) >= 0; c->pos++) {
-                if (r != me) {
+                if (r != me && c->which != CW_ALLTOALLV) { /* (alltoallv: seen in CP_ROUNDS) */
                     uint64_t *line = coll_line(c, r, c->k);
                     int got = coll_spin(c, r, line, c->k, "arrive seq", spin_ns, yield);
                     if (got <= 0)

@@ -420,15 +420,20 @@ def _a_allgather(self: Any, group: CollectiveGroup, sendbuf: Any, recvbuf: Any) 
 
 
 def _a_alltoall(self: Any, group: CollectiveGroup, sendbuf: Any, recvbuf: Any) -> CArgs:
+    """In place, recvbuf's blocks are the send blocks: the C round copies them all into
+    the slab before it writes any, and a round it declines leaves them as they were, for
+    the messages that then move them."""
     size = group.size
-    mine = _blocks(sendbuf, False, size)
-    if mine is None:
-        return None
     theirs = _blocks(recvbuf, True, size)
     if theirs is None:
         return None
-    send, scounts, sdispls = mine
     recv, rcounts, rdispls = theirs
+    if sendbuf is IN_PLACE:
+        return C_ALLTOALLV, recv, recv, 0, rcounts, rdispls, rcounts, rdispls
+    mine = _blocks(sendbuf, False, size)
+    if mine is None:
+        return None
+    send, scounts, sdispls = mine
     return C_ALLTOALLV, send, recv, 0, scounts, sdispls, rcounts, rdispls
 
 

@@ -1,0 +1,174 @@
+"""Alltoall, Alltoallv, Alltoallw and their started forms with IN_PLACE: recvbuf holds this
+rank's send blocks, which the received ones replace.
+
+Data checked at a few bytes, at one segment of the collective area (the most its one round
+moves per destination), above it (the members decline the round: messages move it), with
+zero counts, and with uneven counts at gapped displacements (the gaps stay as they were);
+Alltoallw with derived datatypes. In place, the area's C round reads its send blocks from
+recvbuf: a round that another member declines (its own block over a segment) must leave
+them unwritten, since the messages send them next. Small in-place calls take one C round of
+the area (`Area.call` / `Area.begin`), not its general entry (`Area.run`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pytest
+
+from guest_lib.mpi import MPI, area
+
+GAP = 0xEE  # bytes between the blocks of a vector spec, which no call may write
+SEG = 4096  # bytes of "one segment" where there is no area (one rank)
+
+
+def _segment(comm: MPI.Intracomm) -> int:
+    """Bytes of one destination's part of this communicator's area slab (SEG without one)."""
+    comm.Barrier()  # (binds the area)
+    shared = area.current(comm)
+    return shared.group._segment() if shared is not None else SEG
+
+
+def _lane_ready(comm: MPI.Intracomm) -> bool:
+    """Whether this communicator's blocking lanes run one C round (area bound, C built)."""
+    comm.Barrier()
+    shared = area.current(comm)
+    return shared is not None and shared.ready()
+
+
+def _block(frm: int, to: int, n: int) -> np.ndarray:
+    """The n bytes rank `frm` sends rank `to`."""
+    return ((np.arange(n) + 31 * frm + 7 * to) % 251).astype("u1")
+
+
+def _size_of(comm: MPI.Intracomm, which: str) -> int:
+    return {"few": 3, "kib": 1024, "segment": _segment(comm), "over": _segment(comm) + 1}[which]
+
+
+@pytest.mark.parametrize("which", ["few", "kib", "segment", "over", "zero"])
+@pytest.mark.parametrize("call", ["Alltoall", "Ialltoall", "Alltoallv", "Ialltoallv"])
+def test_even_blocks(comm, call, which):
+    """size blocks of n bytes each, in a numpy array (Alltoall(v)) or a [buf, count, BYTE]
+    spec (its count one block)."""
+    size, rank = comm.Get_size(), comm.Get_rank()
+    n = 0 if which == "zero" else _size_of(comm, which)
+    buf = np.concatenate([_block(rank, q, n) for q in range(size)])
+    want = np.concatenate([_block(r, rank, n) for r in range(size)])
+    spec: Any = buf if call.endswith("v") else [buf, n, MPI.BYTE]
+    request = getattr(comm, call)(MPI.IN_PLACE, spec)
+    if call.startswith("I"):
+        request.Wait()
+    assert np.array_equal(buf, want)
+
+
+def _uneven(comm: MPI.Intracomm, unit: int) -> tuple[list[int], list[int], int]:
+    """This rank's counts (bytes with each peer, the same both ways: in place the send and
+    receive counts are one list, so rank r's count with q is rank q's with r), gapped
+    displacements and the buffer's length. Counts are a multiple of `unit` (or 0)."""
+    size, rank = comm.Get_size(), comm.Get_rank()
+    counts = [((rank + q) % 3) * unit + (rank * q) % 2 for q in range(size)]
+    displs, at = [], 5
+    for q in range(size):
+        displs.append(at)
+        at += counts[q] + 3 + q
+    return counts, displs, at + 2
+
+
+@pytest.mark.parametrize("which", ["few", "segment"])
+@pytest.mark.parametrize("call", ["Alltoallv", "Ialltoallv"])
+def test_uneven_counts_and_gaps(comm, call, which):
+    """Counts that differ per peer (zeros among them), blocks in an order of their own
+    with gaps: the gaps stay, every block lands where its displacement says. "segment":
+    the largest count is two segments (the members decline the round)."""
+    size, rank = comm.Get_size(), comm.Get_rank()
+    unit = 5 if which == "few" else _segment(comm)
+    counts, displs, total = _uneven(comm, unit)
+    buf = np.full(total, GAP, "u1")
+    want = buf.copy()
+    for q in range(size):
+        buf[displs[q] : displs[q] + counts[q]] = _block(rank, q, counts[q])
+        want[displs[q] : displs[q] + counts[q]] = _block(q, rank, counts[q])
+    request = getattr(comm, call)(MPI.IN_PLACE, [buf, (counts, displs), MPI.BYTE])
+    if call.startswith("I"):
+        request.Wait()
+    assert np.array_equal(buf, want)
+
+
+@pytest.mark.parametrize("call", ["Alltoallv", "Ialltoallv"])
+def test_round_another_member_declines(comm, call):
+    """Rank 0's own block is over a segment (the C round refuses it: its steps decline the
+    round), every other count is 3 bytes: the other members run the C round with recvbuf
+    as their send blocks and learn there that it is declined. Their blocks must then still
+    be in recvbuf for the messages that move them (the round wrote rank 0's slab bytes over
+    them before CollectiveRound read every member's rounds word first)."""
+    size, rank = comm.Get_size(), comm.Get_rank()
+    if size < 2:
+        pytest.skip("one member: nothing is declined")
+    big = _segment(comm) + 1
+    for salt in range(2):  # (twice: the area stays on, and the next call takes it again)
+        counts = [big if rank == q == 0 else 3 for q in range(size)]
+        displs = [sum(counts[:q]) for q in range(size)]
+        buf = np.concatenate([_block(rank + salt, q, counts[q]) for q in range(size)])
+        want = np.concatenate([_block(r + salt, rank, counts[r]) for r in range(size)])
+        request = getattr(comm, call)(MPI.IN_PLACE, [buf, (counts, displs), MPI.BYTE])
+        if call.startswith("I"):
+            request.Wait()
+        assert np.array_equal(buf, want)
+
+
+@pytest.mark.parametrize("call", ["Alltoallw", "Ialltoallw"])
+def test_alltoallw_derived_datatypes(comm, call):
+    """Per peer its own datatype and byte displacement: a vector (ints 0 and 2 of 3) with
+    odd peers, two plain ints with even ones, the same both ways (in place one spec is both
+    sides); the int between a vector's two stays as it was."""
+    size, rank = comm.Get_size(), comm.Get_rank()
+    vector = MPI.INT.Create_vector(2, 1, 2).Commit()
+    try:
+        types = [vector if (rank + q) % 2 else MPI.INT for q in range(size)]
+        counts = [1 if (rank + q) % 2 else 2 for q in range(size)]
+        displs = [16 * q for q in range(size)]  # bytes: peer q's part at int 4q
+        buf = np.full(4 * size, -1, "i")
+        want = buf.copy()
+        for q in range(size):
+            at = [4 * q, 4 * q + 2] if (rank + q) % 2 else [4 * q, 4 * q + 1]
+            buf[at] = [1000 * rank + 10 * q, 1000 * rank + 10 * q + 1]
+            want[at] = [1000 * q + 10 * rank, 1000 * q + 10 * rank + 1]
+        request = getattr(comm, call)(MPI.IN_PLACE, [buf, (counts, displs), types])
+        if call.startswith("I"):
+            request.Wait()
+        assert buf.tolist() == want.tolist()
+    finally:
+        vector.Free()
+
+
+@pytest.mark.parametrize("call", ["Alltoall", "Alltoallv", "Ialltoall", "Ialltoallv"])
+def test_small_in_place_takes_one_area_call(comm, monkeypatch, call):
+    """IN_PLACE at 16 bytes a block runs as one C round of the area (blocking: Area.call;
+    started: Area.begin), without the area's general entry (Area.run / Area.start: a few us
+    more per call, and a copy of recvbuf), data checked."""
+    size, rank = comm.Get_size(), comm.Get_rank()
+    if not _lane_ready(comm):
+        pytest.skip("no area here (one rank) or the Python steps only (IVSHMEM_COMM_PUREPYTHON)")
+    entered: list[str] = []
+
+    def spy(name: str, general: Callable[..., Any]) -> Callable[..., Any]:
+        def entry(self: area.Area, *args: Any, **kwargs: Any) -> Any:
+            entered.append(name)
+            return general(self, *args, **kwargs)
+
+        return entry
+
+    monkeypatch.setattr(area.Area, "run", spy("run", area.Area.run))
+    monkeypatch.setattr(area.Area, "start", spy("start", area.Area.start))
+    n = 16
+    buf = np.concatenate([_block(rank, q, n) for q in range(size)])
+    want = np.concatenate([_block(r, rank, n) for r in range(size)])
+    before = area.completed(comm)
+    request = getattr(comm, call)(MPI.IN_PLACE, buf)
+    if call.startswith("I"):
+        request.Wait()
+    assert np.array_equal(buf, want)
+    assert not entered, f"{call} (in place) took Area.{entered}"
+    assert area.completed(comm) == before + 1
