@@ -42,6 +42,7 @@ import socket
 import threading
 from typing import Any
 
+from guest_lib.service_threads import service
 from ivshmem_comm import layout, protocol
 from ivshmem_comm.endpoint import Endpoint
 from ivshmem_comm.errors import RegionFormatError
@@ -151,7 +152,7 @@ class BrokerClient:
         self._decoder = decoder
         self.connected.set()
         self._thread = threading.Thread(
-            target=self._run, name=f"broker-client-{self.peer_id}", daemon=True
+            target=service(self._run), name=f"broker-client-{self.peer_id}", daemon=True
         )
         self._thread.start()
 

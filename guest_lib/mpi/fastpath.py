@@ -7,31 +7,32 @@ nothing in between); whatever else it got is handed to the engine's `dispatch`, 
 so nothing overtakes. The blocking-Send fast path is a single core `send` of a whole
 message when nothing is queued for that peer.
 
-Threads (see `engine`): in a process with no Python thread but the main one
-(`other_threads()` is 0) a fast path takes no lock: no other thread exists to meet, and none
-can start while this one runs the call. Otherwise it takes the engine lock once. The Send
-then only polls the core (timeout 0). The Recv waits in the core as a lone thread does when
-no other thread is the progress owner (`sleeping`, see `engine.Engine.idle`): it becomes
-the owner for the call, so its sleeps on the doorbell release the lock (its spin holds it,
-as the owner's does); else it only polls. Either way the caller then waits in the engine
-if it took nothing, which releases the lock while it sleeps. A message taken after another
-thread ran the engine meanwhile (the engine no longer `quiet`) goes to `dispatch`, behind
-what that thread took from the queues. (The core call of a small message is one C call
-that keeps the GIL, but the Python around it and another thread's operation of several
-calls on the same queue, e.g. a large message or a send waiting for room, are not atomic:
-hence the lock whenever threads exist.)
+Threads (see `engine`): in a process with no Python thread but the main one, not counting
+the library's service threads (`other_threads()` is 0), a fast path takes no lock: no other
+thread exists to meet, and none can start while this one runs the call. Otherwise it takes
+the engine lock once. The Send then only polls the core (timeout 0). The Recv waits in the
+core as a lone thread does when no other thread is the progress owner (`sleeping`, see
+`engine.Engine.idle`): it becomes the owner for the call, so its sleeps on the doorbell
+release the lock (its spin holds it, as the owner's does); else it only polls. Either way
+the caller then waits in the engine if it took nothing, which releases the lock while it
+sleeps. A message taken after another thread ran the engine meanwhile (the engine no longer
+`quiet`) goes to `dispatch`, behind what that thread took from the queues. (The core call of
+a small message is one C call that keeps the GIL, but the Python around it and another
+thread's operation of several calls on the same queue, e.g. a large message or a send
+waiting for room, are not atomic: hence the lock whenever threads exist.)
 """
 
 from __future__ import annotations
 
 import collections
-from _thread import _count as other_threads  # Python threads running besides the main one
-from _thread import get_ident
+from _thread import _count, get_ident
 from collections.abc import Callable
 from typing import Any
 
 from guest_lib.mpi import constants, exceptions, wire
 from guest_lib.mpi.matching import Inflow, RecvOp
+from guest_lib.service_threads import other_threads as other_threads  # (engine's, area's)
+from guest_lib.service_threads import running as _service
 from ivshmem_comm.errors import MessageTooLargeError, PeerLostError
 from ivshmem_comm.errors import TimeoutError as CoreTimeout
 
@@ -92,7 +93,7 @@ class FastPaths:
         Returns a FastRecv (see there) when it took the message; None if the caller must
         take the engine path (what was received meanwhile has been dispatched in order).
         """
-        threads = other_threads()
+        threads = _count() - _service[0]  # other_threads(), inline (every message)
         owner = False
         if threads:
             self.lock.acquire()
@@ -194,7 +195,7 @@ class FastPaths:
         """
         if data.nbytes > self.whole_max:
             return False
-        threads = other_threads()
+        threads = _count() - _service[0]  # other_threads(), inline (every message)
         if threads:
             self.lock.acquire()
         try:

@@ -19,11 +19,12 @@ instance are dropped, so they never match a later receive.
 from __future__ import annotations
 
 import threading
-from _thread import _count as _other_threads  # Python threads running besides the main one
+from _thread import _count
 from collections.abc import Callable
 from typing import Any
 
 from guest_lib.mpi import constants, exceptions, wire
+from guest_lib.service_threads import running as _service
 
 
 class Op:
@@ -232,7 +233,7 @@ class Matching:
     def post(self, op: RecvOp) -> RecvOp:
         """Match `op` against the unexpected messages, else queue it (an mpi4py side: also
         polled at once)."""
-        if not (self.unexpected or op.mpi is not None or _other_threads()):
+        if not (self.unexpected or op.mpi is not None or _count() - _service[0]):
             self.posted.append(op)  # (the main thread alone: nothing to lock out)
             return op
         with self.lock:
