@@ -1975,6 +1975,8 @@ static void coll_publish(CollRound *c)
             nbytes = 0;
             break;
         }
+        if (!c->rounds_out) /* declined: no block moves here */
+            break;
         for (int q = 0; q < c->size; q++)
             if (q != me)
                 memcpy(slab + q * c->seg, send + c->displs[q], (size_t)c->counts[q]);
@@ -2068,12 +2070,20 @@ static int coll_consume(CollRound *c, int r)
         else if (coll_rounds(c, r) < 0)
             return -1;
         break;
-    case CW_SCATTERV:
-        if (coll_rounds(c, r) < 0)
+    case CW_SCATTERV: {
+        int rounds = coll_rounds(c, r);
+        if (rounds < 0)
             return -1;
+        if (rounds && c->recv.len > c->seg) { /* (a block over a segment: declined) */
+            coll_corrupt(c, r, "rounds", PyLong_FromLong(rounds),
+                         PyUnicode_FromFormat("this member needs 2 or more (%zd bytes)",
+                                              c->recv.len));
+            return -1;
+        }
         if (!c->declined)
             memcpy(recv, theirs + me * c->seg, (size_t)c->recv.len);
         break;
+    }
     case CW_ALLGATHERV:
         memcpy(recv + c->displs[r], theirs, (size_t)want_nbytes);
         break;
@@ -2316,24 +2326,27 @@ static PyObject *coll_run(CollRound *c, PyObject *const *args, Py_ssize_t nargs)
             c->rounds_out = 1;
         }
         break;
-    case CW_SCATTERV:
-        ok = coll_buffer(recv, &c->recv, &c->has_recv, true) == 0 &&
-             (c->recv.len <= c->seg ||
-              (PyErr_SetString(PyExc_ValueError, "scatterv: more than one segment"), false));
+    case CW_SCATTERV: /* the root's recv None: in place (its block stays in send) */
+        ok = (recv == Py_None && is_root) || coll_buffer(recv, &c->recv, &c->has_recv, true) == 0;
         if (ok && is_root) {
             ok = coll_buffer(send, &c->send, &c->has_send, false) == 0 &&
                  coll_vector(c, args[7], c->counts, "send counts") == 0 &&
                  coll_vector(c, args[8], c->displs, "send displacements") == 0 &&
-                 coll_blocks(c, c->counts, c->displs, c->send.len, c->seg, "send") == 0;
-            if (ok && c->counts[me] != c->recv.len) {
+                 coll_blocks(c, c->counts, c->displs, c->send.len, PY_SSIZE_T_MAX, "send") == 0;
+            if (ok && c->has_recv && c->counts[me] != c->recv.len) {
                 PyErr_SetString(PyExc_ValueError, "scatterv: the root's count is not its recv");
                 ok = false;
             }
-            if (ok) {
+            /* A block over a segment: the root declines the round (rounds word 0, as the
+             * steps' max_rounds=1), for the caller to move the blocks otherwise. */
+            c->rounds_out = 1;
+            for (int q = 0; ok && q < c->size; q++)
+                if (c->counts[q] > c->seg)
+                    c->rounds_out = 0;
+            c->declined = ok && !c->rounds_out;
+            if (ok && c->rounds_out && c->has_recv)
                 memmove(c->recv.buf, (unsigned char *)c->send.buf + c->displs[me],
                         (size_t)c->recv.len);
-                c->rounds_out = 1;
-            }
         }
         break;
     case CW_ALLGATHERV: /* send None: in place */

@@ -385,18 +385,17 @@ def _a_scatter(
     in_place = recvbuf is IN_PLACE or recvbuf is None
     theirs = None if in_place and self._rank == root else _lane(recvbuf, True)
     if self._rank != root:
-        if theirs is None or theirs[1] > group._segment():
+        if theirs is None:
             return None
-        recv = theirs[0]
+        recv = theirs[0]  # (over a segment: the root declines the round, see _declining)
     else:
         blocks = _blocks(sendbuf, False, size)
         if blocks is None or (theirs is None and not in_place):
             return None
         send, counts, displs = blocks
-        n = counts[root]
-        if theirs is not None and theirs[1] != n:
+        if theirs is not None and theirs[1] != counts[root]:
             return None
-        recv = bytearray(n) if theirs is None else theirs[0]  # in place: the block stays
+        recv = None if theirs is None else theirs[0]  # None: in place, the block stays
     return C_SCATTERV, send, recv, root, counts, displs, None, None
 
 

@@ -314,3 +314,82 @@ def _filled(form: str, n: int, size: int) -> Any:
         raw.write(bytes(values))
         return [raw, n, MPI.BYTE]
     return [array.array("B", values), n, MPI.BYTE]
+
+
+def _bytes_form(form: str, data: np.ndarray, count: int | None = None) -> Any:
+    """`data` (uint8) in the form `form` (numpy, mmap, double: whole doubles), with `count`
+    elements in the spec where given (a block form's count: one block)."""
+    if form == "numpy":
+        return data
+    if form == "double":
+        dbl = array.array("d", data.tobytes())
+        return (dbl, MPI.DOUBLE) if count is None else [dbl, count // 8, MPI.DOUBLE]
+    raw = mmap.mmap(-1, max(1, len(data)))
+    raw.write(data.tobytes())
+    return [raw, len(data) if count is None else count, MPI.BYTE]
+
+
+def _read_form(buf: Any) -> bytes:
+    """The bytes of a buffer made by _bytes_form."""
+    if isinstance(buf, np.ndarray):
+        return buf.tobytes()
+    obj = buf[0]
+    nbytes = buf[1] * (8 if buf[-1] == MPI.DOUBLE else 1) if len(buf) == 3 else None
+    return (obj.tobytes() if isinstance(obj, array.array) else bytes(obj))[:nbytes]
+
+
+@pytest.mark.parametrize("form", ["numpy", "mmap", "double", "in_place"])
+@pytest.mark.parametrize("call", ["Scatter", "Scatterv"])
+def test_scatter_over_a_segment_declines_in_one_area_call(comm, monkeypatch, call, form):
+    """Scatter(v) whose blocks do not all fit one member's segment of a slab: the C round
+    declines it (the root says so, every member learns it in that one call: `Area.call`,
+    never the area's Python steps through `Area.run`) and the blocks go by messages, in
+    every buffer form and IN_PLACE at the root; Scatterv with uneven counts, the root's own
+    block empty and one block over the segment."""
+    size, rank = comm.Get_size(), comm.Get_rank()
+    comm.Barrier()  # (binds the area)
+    shared = area.current(comm)
+    lane = shared is not None and shared.ready()
+    seg = shared.group._segment() if shared is not None else 1 << 15
+    if call == "Scatter":
+        counts = [seg + 8] * size
+    else:  # rank 0 (the root) none (a double: one; an empty `(buf, DOUBLE)` takes the
+        # collective's body), then 8, 16, ... bytes more, the last rank over the segment
+        first = 8 if form == "double" else 0
+        counts = [first + 8 * q for q in range(size - 1)] + [seg + 8]
+    gap = 0 if call == "Scatter" else 8
+    displs = [sum(counts[:q]) + gap * q for q in range(size)]
+    every = np.zeros(displs[-1] + counts[-1], np.uint8)
+    for q in range(size):
+        every[displs[q] : displs[q] + counts[q]] = (np.arange(counts[q]) + 7 * q) % 251
+    want = every[displs[rank] : displs[rank] + counts[rank]].tobytes()
+    base = "numpy" if form == "in_place" else form
+    calls: list[str] = []
+    for name in ("run", "call"):
+        general = getattr(area.Area, name)
+        monkeypatch.setattr(
+            area.Area, name, lambda self, *a, _f=general, _n=name: calls.append(_n) or _f(self, *a)
+        )
+    if rank == 0:
+        send = _bytes_form(base, every, counts[0] if call == "Scatter" else None)
+        if call == "Scatterv":
+            unit = 8 if form == "double" else 1
+            obj = send[0] if isinstance(send, (list, tuple)) else send
+            kind = MPI.DOUBLE if form == "double" else MPI.BYTE
+            send = [obj, [c // unit for c in counts], [d // unit for d in displs], kind]
+        if form == "in_place":
+            getattr(comm, call)(send, MPI.IN_PLACE, root=0)
+            assert _read_form(send) == every.tobytes()  # (the root's block stays)
+        else:
+            recv = _bytes_form(base, np.zeros(counts[0], np.uint8))
+            getattr(comm, call)(send, recv, root=0)
+            assert _read_form(recv) == want
+    else:
+        recv = _bytes_form(base, np.zeros(counts[rank], np.uint8))
+        getattr(comm, call)(None, recv, root=0)
+        assert _read_form(recv) == want
+    if lane:
+        assert calls == ["call"], f"{call} ({form}) over a segment: {calls}"
+    comm.Barrier()
+    if lane:
+        assert area.current(comm) is shared  # (declining is no failure)
