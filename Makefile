@@ -1,13 +1,18 @@
 # Two entry points for a fresh machine: `make demo` and `make test` (`make check` is the quick
-# loop while working). Each creates .venv, installs the project with what it needs, and runs.
-# System packages (QEMU, Debian's kernel, busybox) come from `make system-deps`, which
-# `.ci/run` calls as root.
+# loop while working; `make test-all`, what CI runs, is `make test` plus the rest). Each creates
+# .venv, installs the project with what it needs, and runs. System packages (QEMU, Debian's
+# kernel, busybox) come from `make system-deps`, which `.ci/run` calls as root.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# pytest exits 5 when a selection collects nothing: every pass below fails then too.
+PYTEST := $(BIN)/python -m pytest -p no:cacheprovider
+ON_C := IVSHMEM_COMM_REQUIRE_FASTPATH=1
+ON_PURE := IVSHMEM_COMM_PUREPYTHON=1
 
-.PHONY: demo test check lint test-c test-pure system-deps maybe-system-deps clean
+.PHONY: demo test test-all test-rest check lint test-c test-pure-quick test-full \
+	test-pure-rest system-deps maybe-system-deps clean
 
 $(STAMP): pyproject.toml setup.py ivshmem_comm/_fastpath.c ivshmem_comm/_typepack.c ivshmem_comm/_memexport.c
 	$(PY) -m venv $(VENV)
@@ -27,20 +32,35 @@ lint: $(STAMP)
 	$(BIN)/mypy
 
 # The quick loop: lint and every test that boots no guest, starts no QEMU and is not marked
-# slow, on the C fast path, spread over the CPUs (pytest-xdist). pytest exits 5 when it
-# collects nothing: that fails too.
+# slow, on the C fast path, spread over the CPUs (pytest-xdist).
 check: lint
-	IVSHMEM_COMM_REQUIRE_FASTPATH=1 $(BIN)/python -m pytest -p no:cacheprovider -q -n auto \
-		-m "not vm and not qemu and not slow"
+	$(ON_C) $(PYTEST) -q -n auto -m "not vm and not qemu and not slow"
 
-# The whole suite runs twice: on the C fast path, then on the pure-Python reference.
-test: maybe-system-deps lint test-c test-pure
+# Under 10 minutes on 2 cores: the whole suite on the C fast path but the tests marked `full`
+# (mpi4py's suite at 1 and 4 ranks), then the quick set again on the pure-Python reference.
+# Tests that boot guests, start QEMU or are marked `serial` run alone, after the others have
+# run spread over the CPUs (pytest-xdist).
+test: maybe-system-deps lint test-c test-pure-quick
+
+# Everything (CI): `make test`, then the `full` tests and the pure-Python path's `slow` and
+# `qemu` tests, so that the whole suite runs on both paths.
+test-all: test test-rest
+
+test-rest: test-full test-pure-rest
 
 test-c: $(STAMP)
-	IVSHMEM_COMM_REQUIRE_FASTPATH=1 $(BIN)/python -m pytest -p no:cacheprovider
+	$(ON_C) $(PYTEST) -n auto --dist loadgroup -m "not (vm or qemu or serial or full)"
+	$(ON_C) $(PYTEST) -m "(vm or qemu or serial) and not full"
 
-test-pure: $(STAMP)
-	IVSHMEM_COMM_PUREPYTHON=1 $(BIN)/python -m pytest -p no:cacheprovider -m "not vm"
+test-pure-quick: $(STAMP)
+	$(ON_PURE) $(PYTEST) -n auto -m "not (vm or qemu or serial or slow)"
+
+test-full: $(STAMP)
+	$(ON_C) $(PYTEST) -m full
+
+test-pure-rest: $(STAMP)
+	$(ON_PURE) $(PYTEST) -n auto --dist loadgroup -m "slow and not (vm or qemu or serial or full)"
+	$(ON_PURE) $(PYTEST) -m "(qemu or serial or full) and not vm"
 
 maybe-system-deps:
 	@if ! command -v qemu-system-x86_64 >/dev/null && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \

@@ -144,6 +144,14 @@ def spawn() -> Iterator[Callable[..., multiprocessing.Process]]:
             proc.join()
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """In a pytest-xdist worker, the `slow` tests (whole jobs, up to minutes) go first, in their
+    order, so that no long job is left to end the run on one worker while the others idle.
+    Every worker collects the same order, as xdist requires."""
+    if hasattr(config, "workerinput"):
+        items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 def pytest_sessionstart(session: pytest.Session) -> None:
     """Under IVSHMEM_REQUIRE_VM=1 (CI), a machine that cannot boot lab guests is an error."""
     if os.environ.get("IVSHMEM_REQUIRE_VM") == "1":

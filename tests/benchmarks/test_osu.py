@@ -77,6 +77,7 @@ def quick2(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("osu_quick2")  # one worker, so quick2 is made once
 @pytest.mark.timeout(260)
 def test_quick_two_ranks_runs_every_test_and_form(quick2: Path) -> None:
     doc = json.loads((quick2 / "results.json").read_text())
@@ -99,6 +100,7 @@ def test_quick_two_ranks_runs_every_test_and_form(quick2: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.serial  # 4 ranks on 2 cores: nothing beside them
 @pytest.mark.timeout(250)
 def test_quick_four_ranks_oversubscribed_subset(tmp_path: Path) -> None:
     proc = _osu(
@@ -159,6 +161,7 @@ def test_wrong_data_raises() -> None:
 
 
 @pytest.mark.slow  # it reuses the quick two-rank run (quick2)
+@pytest.mark.xdist_group("osu_quick2")
 @pytest.mark.timeout(260)
 def test_update_readme_rewrites_only_its_section(quick2: Path, tmp_path: Path) -> None:
     readme = tmp_path / "README.md"

@@ -16,7 +16,7 @@ import pytest
 
 from tests.support.broker import ENV, ROOT
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.slow, pytest.mark.serial, pytest.mark.timeout(300)]  # timing-bound
 
 
 def run_tool(*args: str, timeout: float) -> str:

@@ -19,6 +19,7 @@ LAUNCHER = [PYTHON, "-m", "guest_lib.mpi.launcher"]
 pytestmark = pytest.mark.slow  # whole jobs of real ranks
 
 
+@pytest.mark.serial  # 3 and 4 ranks on 2 cores: nothing beside them
 @pytest.mark.parametrize("ranks", [3, 4])
 def test_futures_program_under_ivshmem_run(ranks, tmp_path):
     out = tmp_path / "summary.json"
@@ -45,7 +46,7 @@ def test_pool_executor_without_futures_main_fails_clearly(tmp_path):
     assert summary["seconds"] < 30
 
 
-@pytest.mark.parametrize("ranks", [1, 3])
+@pytest.mark.parametrize("ranks", [1, pytest.param(3, marks=pytest.mark.serial)])
 def test_mpi4py_own_futures_tests(ranks):
     """mpi4py's demo/futures/test_futures.py (its unittest suite of the executor, the shared
     pool, MPICommExecutor, ...) under `-m mpi4py.futures`: every test passes or skips."""

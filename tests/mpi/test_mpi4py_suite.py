@@ -8,8 +8,8 @@ MPI` gets this project's MPI. A test running longer than PER_TEST_S ends its ran
 thread's Python stack (faulthandler), reported here as a hang. tests/mpi/mpi4py_xfail.py is
 the expected-failure list: a test fails this check if it fails unlisted, or passes listed.
 
-`make test` (and so CI) runs every file of the suite, FILES, at 1, 2 and 4 ranks; one or a
-few by hand:
+`make test` runs every file of the suite, FILES, at 2 ranks; `make test-all` (and so CI) at
+1 and 4 ranks too (marked `full`); one or a few by hand:
 
     .venv/bin/python -m pytest tests/mpi/test_mpi4py_suite.py -k 'test_win.py or test_rma.py'
 
@@ -116,7 +116,8 @@ def run_file(name: str, ranks: int, out: Path) -> tuple[subprocess.CompletedProc
     return done, lines
 
 
-@pytest.mark.parametrize("ranks", [1, 2, 4])
+@pytest.mark.parametrize("ranks", [pytest.param(1, marks=pytest.mark.full), 2,
+                                   pytest.param(4, marks=pytest.mark.full)])  # fmt: skip
 @pytest.mark.parametrize("name", FILES)
 def test_mpi4py_suite_file(name, ranks, tmp_path):
     start = time.monotonic()

@@ -12,6 +12,7 @@ Every rank must report all tests passed.
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from tests.mpi.conftest import MPIEXEC, PYTEST_RANK_ARGS, PYTHON, run_job
 
 LAUNCHER = [PYTHON, "-m", "guest_lib.mpi.launcher"]
 pytestmark = pytest.mark.slow  # whole jobs of real ranks: 7 s to 3 min each
+FOUR = pytest.param(4, marks=pytest.mark.serial)  # 4 ranks on 2 cores: nothing beside them
 
 
 def passed_counts(output: str) -> list[int]:
@@ -33,13 +35,15 @@ def check_all_ranks(output: str, ranks: int) -> None:
     assert "failed" not in output and "error" not in output.lower().split("passed")[-1]
 
 
-@pytest.mark.parametrize("ranks", [1, 2, 4])
+@pytest.mark.parametrize("ranks", [1, 2, FOUR])
 def test_standalone(ranks):
     done = run_job([*LAUNCHER, "-n", str(ranks), "--timeout", "170", *PYTEST_RANK_ARGS], 180)
     check_all_ranks(done.stdout, ranks)
 
 
-@pytest.mark.parametrize("ranks", [2, 4])
+@pytest.mark.parametrize("ranks", [2, FOUR])
+@pytest.mark.skipif(os.environ.get("IVSHMEM_COMM_PUREPYTHON") == "1",
+                    reason="on the pure-Python pass, test_standalone is this very job")  # fmt: skip
 def test_standalone_pure_python(ranks):
     done = run_job([*LAUNCHER, "-n", str(ranks), "--timeout", "170", *PYTEST_RANK_ARGS], 180,
                    IVSHMEM_COMM_PUREPYTHON="1")  # fmt: skip
@@ -52,7 +56,7 @@ def test_standalone_broker():
     check_all_ranks(done.stdout, 2)
 
 
-@pytest.mark.parametrize("ranks", [1, 2, 4])
+@pytest.mark.parametrize("ranks", [1, 2, FOUR])
 def test_mpiexec_one_region(ranks, regions):
     name = regions(64 << 20 if ranks < 4 else 128 << 20, max(ranks, 2))
     done = run_job([MPIEXEC, "-n", str(ranks), "-env", "IVSHMEM_COMM_REGION", name,
@@ -66,11 +70,13 @@ def _two_regions(regions, *command: str) -> list[str]:
             "-n", "2", "-env", "IVSHMEM_COMM_REGION", b, *command]  # fmt: skip
 
 
+@pytest.mark.serial  # 4 ranks
 def test_mpiexec_hybrid_suite(regions):
     done = run_job(_two_regions(regions, PYTHON, *PYTEST_RANK_ARGS), 180)
     check_all_ranks(done.stdout, 4)
 
 
+@pytest.mark.serial  # 4 ranks
 def test_mpiexec_hybrid_traffic(regions, tmp_path: Path):
     out = str(tmp_path / "result")
     program = str(Path(__file__).with_name("programs") / "hybrid.py")
