@@ -1454,8 +1454,14 @@ class Collectives:
         return plan, stages
 
     def Ialltoall(self, sendbuf: Any, recvbuf: Any) -> Request:
-        """Nonblocking Alltoall (its specs checked as Alltoall's, at the call)."""
-        _check_blocks(len(self._group), sendbuf, recvbuf)
+        """Nonblocking Alltoall (its specs checked as Alltoall's, at the call). Blocks over
+        one round of the area (the same size at every member: Alltoall's rule) go on
+        messages at once, without the round in which the members would decline them."""
+        size = len(self._group)
+        _check_blocks(size, sendbuf, recvbuf)
+        shared = area.current(self)
+        if shared and _block_bytes(recvbuf, size) > shared.group._segment():
+            return self._nonblocking(self._alltoall_ways(sendbuf, recvbuf)[1])
         return self.Ialltoallv(sendbuf, recvbuf)
 
     @started(_a_alltoall, _m_alltoall)
@@ -1569,13 +1575,16 @@ class Collectives:
             acc[...] = _array(buffers.parse(sendbuf).view, rspec.datatype)
         self._fold_at_me(acc, op, rspec.datatype, T_REDUCE, range(size))
 
-    def _operands(self, sendbuf: Any, recvbuf: Any) -> tuple[buffers.Spec, np.ndarray, np.ndarray]:
-        """(recvbuf's spec, recvbuf as an array, this rank's operand: a copy of recvbuf for
-        IN_PLACE, else sendbuf as an array of recvbuf's type)."""
+    def _operands(
+        self, sendbuf: Any, recvbuf: Any, copy: bool = True
+    ) -> tuple[buffers.Spec, np.ndarray, np.ndarray]:
+        """(recvbuf's spec, recvbuf as an array, this rank's operand: for IN_PLACE a copy of
+        recvbuf, or recvbuf's array itself without `copy`; else sendbuf as an array of
+        recvbuf's type)."""
         rspec = buffers.parse(recvbuf, writable=True)
         out = _array(rspec.view, rspec.datatype)
         if sendbuf is IN_PLACE:
-            return rspec, out, out.copy()
+            return rspec, out, out.copy() if copy else out
         return rspec, out, _array(buffers.parse(sendbuf).view, rspec.datatype)
 
     def _fold_at_me(
@@ -1612,14 +1621,19 @@ class Collectives:
             return
         if size > 1 and self._area_run(lambda: self._p_fold("allreduce", sendbuf, recvbuf, op)):
             return
-        rspec, out, local = self._operands(sendbuf, recvbuf)
+        rspec, out, local = self._operands(sendbuf, recvbuf, copy=False)
         if size == 1:
             if sendbuf is not IN_PLACE:
                 out[...] = local
             return
-        if op.is_commutative and out.nbytes >= RSAG_MIN and len(out) >= size:
-            self._allreduce_blocks(out if sendbuf is IN_PLACE else local, out, op, rspec.datatype)
+        if _in_blocks(op, out, size):
+            datatype = rspec.datatype
+            self._run(
+                self._allreduce_blocks(local, out, op, datatype, T_ALLREDUCE, T_ALLREDUCE_GATHER)
+            )
             return
+        if local is out:
+            local = out.copy()
         if size == 2:
             peer = 1 - rank
             sink = self._combine_sink(out, local, op, rank == 0, peer)
@@ -1639,9 +1653,11 @@ class Collectives:
         self._bcast_view(rspec.view, 0, T_BCAST)
 
     def _allreduce_blocks(
-        self, local: np.ndarray, out: np.ndarray, op: ops.Op, datatype: Any
-    ) -> None:
-        """Allreduce of a large operand (commutative op): a reduce-scatter, then an allgather.
+        self, local: np.ndarray, out: np.ndarray, op: ops.Op, datatype: Any, tag: int, last: int
+    ) -> Stages:
+        """Stages of an Allreduce of a large operand (commutative op): a reduce-scatter on
+        `tag`, then an allgather on `last` (may be `tag`: each rank's fold message to a rank
+        goes before its gathered block, and the receives are posted in that order).
 
         Rank j folds block j of every operand (1/size of the data), reading the other ranks'
         blocks in place in its queues as they arrive, and sends the folded block to every
@@ -1660,15 +1676,12 @@ class Collectives:
             if local is not out:
                 mine[...] = local[blocks[rank]]
             sinks = [self._reduce_sink(mine, op, datatype, j) for j in others]
-        folds = [
-            self._c_irecv(None, j, T_ALLREDUCE, sink) for j, sink in zip(others, sinks, strict=True)
-        ]
-        gathers = [self._c_irecv(_raw(out[blocks[j]]), j, T_ALLREDUCE_GATHER) for j in others]
-        sends = [self._c_isend(_raw(local[blocks[j]]), j, T_ALLREDUCE) for j in others]
-        self._c_wait(folds)
+        folds = [self._c_irecv(None, j, tag, sink) for j, sink in zip(others, sinks, strict=True)]
+        gathers = [self._c_irecv(_raw(out[blocks[j]]), j, last) for j in others]
+        sends = [self._c_isend(_raw(local[blocks[j]]), j, tag) for j in others]
+        yield folds
         whole(zip(others, folds, strict=True), mine.nbytes, "rank")
-        sends += [self._c_isend(_raw(mine), j, T_ALLREDUCE_GATHER) for j in others]
-        self._c_wait(sends + gathers)
+        yield sends + gathers + [self._c_isend(_raw(mine), j, last) for j in others]
 
     @collective(fast=_f_reduce_scatter_block)
     def Reduce_scatter_block(self, sendbuf: Any, recvbuf: Any, op: ops.Op = ops.SUM) -> None:
@@ -1906,13 +1919,19 @@ class Collectives:
     def Iallreduce(self, sendbuf: Any, recvbuf: Any, op: ops.Op = ops.SUM) -> Request:
         """Start an Allreduce; return the Request.
 
-        Rank 0 folds every operand in rank order and sends the result to all (the same bits
-        everywhere).
+        Large operands of a commutative op as Allreduce's (a reduce-scatter, then an
+        allgather); others: rank 0 folds every operand in rank order and sends the result to
+        all. The same bits everywhere.
         """
         size, rank = self._sizes()
 
         def steps(tag: int) -> Iterator[list[Op]]:
-            rspec, out, local = self._operands(sendbuf, recvbuf)
+            rspec, out, local = self._operands(sendbuf, recvbuf, copy=False)
+            if _in_blocks(op, out, size):
+                yield from self._allreduce_blocks(local, out, op, rspec.datatype, tag, tag)
+                return
+            if local is out:
+                local = out.copy()
             result = [] if rank == 0 else [self._c_irecv(rspec.view, 0, tag)]
             yield from self._fold_at(local, out, op, rspec.datatype, 0, tag, result)
             if rank == 0:
@@ -1980,6 +1999,24 @@ def _check_blocks(size: int, *specs: Any) -> None:
     for spec in specs:
         if type(spec) is not np.ndarray or spec.nbytes % (size * spec.itemsize or 1):
             buffers.check_blocks(spec, size)
+
+
+def _block_bytes(buf: Any, size: int) -> int:
+    """The bytes of the largest of the `size` blocks of an Alltoall's receive buffer
+    argument (errors as buffers.parse_vector's)."""
+    if type(buf) is np.ndarray:
+        return buf.nbytes // size
+    lane = _lane(buf, True, size)
+    if lane is not None:
+        return lane[1] // size
+    spec = buffers.parse_vector(buf, size, writable=True)
+    return max(spec.counts, default=0) * spec.datatype.Get_size()
+
+
+def _in_blocks(op: ops.Op, out: np.ndarray, size: int) -> bool:
+    """Whether an Allreduce into `out` on messages is a reduce-scatter and an allgather
+    (Collectives._allreduce_blocks): a commutative op, a large operand, a block per rank."""
+    return op.is_commutative and out.nbytes >= RSAG_MIN and len(out) >= size
 
 
 def _elements(acc: np.ndarray, offset: int, data: Any, source: int) -> tuple[int, np.ndarray]:

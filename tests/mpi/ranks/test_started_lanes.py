@@ -344,3 +344,85 @@ def test_declined_round_moves_in_a_blocking_receive(comm):
         request.Wait()
         assert word[0] == 77
     check()
+
+
+def _large(call: str, comm: MPI.Intracomm, salt: int, form: str) -> tuple[MPI.Request, Check]:
+    """`call` (Ialltoall: blocks 5 bytes over a segment of the area; Iallreduce: 80 KiB of
+    float64, a reduce-scatter and an allgather on messages) in buffer form `form`:
+    "numpy", "spec" (`[buf, count, datatype]`, Ialltoall's count per block; Iallreduce
+    `(buf, MPI.DOUBLE)`), "in_place"; Iallreduce also "max" (MPI.MAX) and "user" (a
+    non-commutative user op: rank 0 folds in rank order)."""
+    size, rank = comm.Get_size(), comm.Get_rank()
+    if call == "Ialltoall":
+        shared = area.current(comm)
+        n = (shared.group._segment() if shared is not None else 1 << 16) + 5
+        send = ((rank * 31 + np.arange(n * size) + salt) % 251).astype("u1")
+        want = np.concatenate([(r * 31 + np.arange(n * rank, n * rank + n) + salt) % 251
+                               for r in range(size)]).astype("u1")  # fmt: skip
+        recv = send.copy() if form == "in_place" else np.zeros(n * size, "u1")
+        sendbuf = {"numpy": send, "spec": [send, n, MPI.BYTE], "in_place": MPI.IN_PLACE}[form]
+        recvbuf = [recv, n, MPI.BYTE] if form == "spec" else recv
+        return comm.Ialltoall(sendbuf, recvbuf), _expect(recv, want)
+    count = 10240 + 4
+    every = [np.arange(count, dtype="f8") % (r + 2) + salt for r in range(size)]
+    mine = every[rank]
+    recv = mine.copy() if form == "in_place" else np.zeros(count, "f8")
+    sendbuf: object = MPI.IN_PLACE if form == "in_place" else mine
+    recvbuf: object = (recv, MPI.DOUBLE) if form == "spec" else recv
+    op, want = MPI.SUM, sum(every)
+    if form == "max":
+        op, want = MPI.MAX, np.maximum.reduce(every)
+    elif form == "user":  # pairs (a, b): t -> a*t + b, composed (associative, not commutative)
+        op = MPI.Op.Create(_compose, commute=False)
+        want = every[0]
+        for x in every[1:]:
+            want = _composed(want, x)
+    return comm.Iallreduce(sendbuf, recvbuf, op), _expect(recv, want)
+
+
+def _composed(f: np.ndarray, g: np.ndarray) -> np.ndarray:
+    """Elementwise pairs (a, b) of f and g as maps t -> a*t + b: those of f after g."""
+    out = np.empty_like(g)
+    out[0::2] = f[0::2] * g[0::2]
+    out[1::2] = f[0::2] * g[1::2] + f[1::2]
+    return out
+
+
+def _compose(invec: object, inout: object, datatype: object) -> None:
+    """The user op of `_composed`: inout := invec after inout (MPI's order: in op inout)."""
+    x, y = np.frombuffer(invec, "f8"), np.frombuffer(inout, "f8")  # type: ignore[call-overload]
+    y[...] = _composed(x, y)
+
+
+@pytest.mark.parametrize(
+    "call,form",
+    [("Ialltoall", f) for f in ("numpy", "spec", "in_place")]
+    + [("Iallreduce", f) for f in ("numpy", "spec", "in_place", "max", "user")],
+)
+def test_large_sizes_on_messages(comm, call, form):
+    """Large Ialltoall (blocks over one round of the area: messages at once, the area's
+    round counter untouched) and Iallreduce (over a slab): alone, then two pending with
+    small ones of the same call between and point-to-point requests, completed by a Test
+    loop in reverse order and Waitall; every result checked."""
+    size, rank = comm.Get_size(), comm.Get_rank()
+    lane = _lane_ready(comm)
+    shared = area.current(comm)
+    before = shared.group._round if shared is not None else None
+    request, check = _large(call, comm, 1, form)
+    request.Wait()
+    check()
+    if call == "Ialltoall" and shared is not None:
+        assert shared.group._round == before  # (no round to decline them)
+    started = [_large(call, comm, 2, form), _start(call, comm, 3), _large(call, comm, 4, form)]
+    got = np.zeros(2, "i4")
+    p2p = [comm.Irecv(got, (rank - 1) % size, tag=9),
+           comm.Isend(np.full(2, rank, "i4"), (rank + 1) % size, tag=9)]  # fmt: skip
+    requests = [r for r, _ in reversed(started)] + p2p
+    deadline = time.monotonic() + 60
+    while not MPI.Request.Testall(requests):
+        assert time.monotonic() < deadline
+    for _, check in started:
+        check()
+    assert list(got) == [(rank - 1) % size] * 2
+    if lane:
+        assert area.current(comm) is not None
