@@ -1418,10 +1418,22 @@ class Collectives:
 
         A spec without counts must split into size blocks: ValueError on every rank given one that
         does not, before anything moves (mpi4py's rule; Alltoallv splits such a spec as evenly as
-        can be).
+        can be). Blocks over one round of the collective area (the same size at every member:
+        Alltoall's rule) go on messages at once, without the area round in which every member
+        would decline them.
         """
-        _check_blocks(len(self._group), sendbuf, recvbuf)
-        self.Alltoallv(sendbuf, recvbuf)
+        size = len(self._group)
+        _check_blocks(size, sendbuf, recvbuf)
+        shared = area.current(self)
+        if shared is not None and _over_a_round(shared, recvbuf, size):
+            self._alltoall_messages(sendbuf, recvbuf)
+        else:
+            self.Alltoallv(sendbuf, recvbuf)
+
+    @collective
+    def _alltoall_messages(self, sendbuf: Any, recvbuf: Any) -> None:
+        """Alltoall on messages (see there)."""
+        self._run(self._alltoallv(sendbuf, recvbuf, T_ALLTOALL))
 
     @collective(fast=_f_alltoall)
     def Alltoallv(self, sendbuf: Any, recvbuf: Any) -> None:
@@ -1460,7 +1472,7 @@ class Collectives:
         size = len(self._group)
         _check_blocks(size, sendbuf, recvbuf)
         shared = area.current(self)
-        if shared and _block_bytes(recvbuf, size) > shared.group._segment():
+        if shared is not None and _over_a_round(shared, recvbuf, size):
             return self._nonblocking(self._alltoall_ways(sendbuf, recvbuf)[1])
         return self.Ialltoallv(sendbuf, recvbuf)
 
@@ -2017,6 +2029,16 @@ def _in_blocks(op: ops.Op, out: np.ndarray, size: int) -> bool:
     """Whether an Allreduce into `out` on messages is a reduce-scatter and an allgather
     (Collectives._allreduce_blocks): a commutative op, a large operand, a block per rank."""
     return op.is_commutative and out.nbytes >= RSAG_MIN and len(out) >= size
+
+
+def _over_a_round(shared: area.Area, buf: Any, size: int) -> bool:
+    """Whether the blocks of an Alltoall's receive buffer argument are over one segment of
+    the area; False for an argument that does not resolve, whose error Alltoallv then raises
+    as the collective's (so that the other members learn of it, see the module docstring)."""
+    try:
+        return _block_bytes(buf, size) > shared.group._segment()
+    except Exception:
+        return False
 
 
 def _elements(acc: np.ndarray, offset: int, data: Any, source: int) -> tuple[int, np.ndarray]:

@@ -172,3 +172,26 @@ def test_small_in_place_takes_one_area_call(comm, monkeypatch, call):
     assert np.array_equal(buf, want)
     assert not entered, f"{call} (in place) took Area.{entered}"
     assert area.completed(comm) == before + 1
+
+
+@pytest.mark.parametrize("form", ["numpy", "spec", "in_place"])
+def test_alltoall_over_a_segment_takes_no_area_round(comm, form):
+    """Alltoall's blocks are one size at every member: over a segment every member knows
+    the area would be declined, and the call goes on messages at once (before, each took a
+    round that every member declined first), data checked."""
+    size, rank = comm.Get_size(), comm.Get_rank()
+    comm.Barrier()
+    shared = area.current(comm)
+    if shared is None:
+        pytest.skip("no area here (one rank)")
+    n = shared.group._segment() + 1
+    send = np.concatenate([_block(rank, q, n) for q in range(size)])
+    recv = send.copy() if form == "in_place" else np.zeros_like(send)
+    want = np.concatenate([_block(r, rank, n) for r in range(size)])
+    before = shared.group._round
+    if form == "spec":
+        comm.Alltoall([send, n, MPI.BYTE], [recv, n, MPI.BYTE])
+    else:
+        comm.Alltoall(MPI.IN_PLACE if form == "in_place" else send, recv)
+    assert np.array_equal(recv, want)
+    assert shared.group._round == before
