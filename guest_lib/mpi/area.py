@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import contextlib
 import struct
+import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -404,6 +405,29 @@ class AreaOp(Op):
         """A progress pass over the staged op: poll it; True iff it completed."""
         return self.done
 
+    def spin(self) -> None:
+        """Poll the round for up to the group's spin time (the endpoint's, as the blocking
+        waits spin before they sleep) without raising the sleep flag, until it completes or
+        fails (`done` then reads that): a round that completes within the spin makes no
+        member ring this doorbell. The engine's messages wait for `done`'s polls."""
+        if self._finished or self.next is not None:
+            return
+        request = self._request
+        lock = self._area.comm._engine.lock
+        end = 0.0
+        while True:
+            with lock:
+                try:
+                    if self._finished or request.test():
+                        return
+                except BaseException:
+                    return  # (`done` raises it again and fails the op)
+            now = time.monotonic()
+            if not end:
+                end = now + self._area.group._spin
+            elif now >= end:
+                return
+
     def _end(self) -> None:
         """Completed (under the engine's lock): out of the engine's staged operations, so
         that the engine is quiet again at once (the blocking lanes look)."""
@@ -469,9 +493,11 @@ class AreaOp(Op):
 
 
 class AreaRequest(Request):
-    """The Request of a nonblocking collective in the area. Wait naps on the doorbell,
-    which every publication of the group rings while the collective is pending (the
-    engine's own nap waits for a message and would sleep its whole slice)."""
+    """The Request of a nonblocking collective in the area. Wait polls a pending round
+    for the endpoint's spin time first (AreaOp.spin: no sleep flag, so no member rings),
+    then naps on the doorbell, which every publication of the group rings while the
+    collective is pending (the engine's own nap waits for a message and would sleep its
+    whole slice)."""
 
     __slots__ = ()
 
@@ -479,6 +505,8 @@ class AreaRequest(Request):
         op, engine = self._op, self._engine
         assert op is not None and engine is not None
         notifier = engine.ep.notifier
+        if op.__class__ is AreaOp:
+            op.spin()
         while not op.done:
             follow = getattr(op, "next", None)
             if follow is not None:  # (declined: messages, which the engine's wait serves)
