@@ -1697,10 +1697,10 @@ static PyTypeObject RxRingType = {
  * returns (rank, u64 index, round, field) and the caller blocks on its doorbell until the
  * word moves (CollectiveGroup._block), then calls resume(): the call's buffers and position
  * are kept here meanwhile. Returns 0 when the round completed, 1 when a member declined it
- * (gatherv / scatterv / alltoallv: rounds word 0). A declined alltoallv leaves recv as it
- * was but for this rank's own block (copied first): it reads every member's rounds word
- * before it writes any block (CP_ROUNDS), so that in place (send is recv) the caller still
- * holds what it sends otherwise.
+ * (gatherv / scatterv / alltoallv: rounds word 0). A declined alltoallv writes no block of
+ * another member into recv (it reads every member's rounds word first, CP_ROUNDS; its own
+ * block is copied at the start unless this member declines), so that in place (send is
+ * recv) the caller still holds what it sends otherwise.
  * ------------------------------------------------------------------------------------------ */
 enum {
     CW_BARRIER, CW_BCAST, CW_GATHERV, CW_SCATTERV, CW_ALLGATHERV, CW_ALLTOALLV,
@@ -1986,6 +1986,8 @@ static void coll_publish(CollRound *c)
                (size_t)nbytes);
         break;
     case CW_ALLTOALLV:
+        if (!c->rounds_out) /* declined: no block moves here */
+            break;
         for (int q = 0; q < c->size; q++)
             if (q != me)
                 memcpy(slab + q * c->seg, send + c->displs[q], (size_t)c->counts[q]);
@@ -2087,7 +2089,8 @@ static int coll_consume(CollRound *c, int r)
     case CW_ALLGATHERV:
         memcpy(recv + c->displs[r], theirs, (size_t)want_nbytes);
         break;
-    case CW_ALLTOALLV: /* every rounds word read already (CP_ROUNDS) */
+    case CW_ALLTOALLV: /* every rounds word read already (CP_ROUNDS); not declined: every
+                        * count of this member is within a segment */
         if (!c->declined)
             memcpy(recv + c->rdispls[r], theirs + me * c->seg, (size_t)c->rcounts[r]);
         break;
@@ -2370,17 +2373,23 @@ static PyObject *coll_run(CollRound *c, PyObject *const *args, Py_ssize_t nargs)
              coll_vector(c, args[8], c->displs, "send displacements") == 0 &&
              coll_vector(c, args[9], c->rcounts, "recv counts") == 0 &&
              coll_vector(c, args[10], c->rdispls, "recv displacements") == 0 &&
-             coll_blocks(c, c->counts, c->displs, c->send.len, c->seg, "send") == 0 &&
-             coll_blocks(c, c->rcounts, c->rdispls, c->recv.len, c->seg, "recv") == 0;
+             coll_blocks(c, c->counts, c->displs, c->send.len, PY_SSIZE_T_MAX, "send") == 0 &&
+             coll_blocks(c, c->rcounts, c->rdispls, c->recv.len, PY_SSIZE_T_MAX, "recv") == 0;
         if (ok && c->counts[me] != c->rcounts[me]) {
             PyErr_SetString(PyExc_ValueError, "alltoallv: this rank's own counts differ");
             ok = false;
         }
-        if (ok) {
+        /* A block over a segment (sent or received): this member declines the round (rounds
+         * word 0, as the steps' max_rounds=1), for the caller to move the blocks otherwise;
+         * nothing is written then (the caller's other way copies the own block too). */
+        c->rounds_out = 1;
+        for (int q = 0; ok && q < c->size; q++)
+            if (c->counts[q] > c->seg || c->rcounts[q] > c->seg)
+                c->rounds_out = 0;
+        c->declined = ok && !c->rounds_out;
+        if (ok && c->rounds_out)
             memmove((unsigned char *)c->recv.buf + c->rdispls[me],
                     (unsigned char *)c->send.buf + c->displs[me], (size_t)c->counts[me]);
-            c->rounds_out = 1;
-        }
         break;
     case CW_BCAST_BYTES:
     case CW_GATHER_BYTES:

@@ -195,3 +195,39 @@ def test_alltoall_over_a_segment_takes_no_area_round(comm, form):
         comm.Alltoall(MPI.IN_PLACE if form == "in_place" else send, recv)
     assert np.array_equal(recv, want)
     assert shared.group._round == before
+
+
+@pytest.mark.parametrize("form", ["numpy", "in_place"])
+def test_alltoallv_over_a_segment_declines_in_its_one_c_round(comm, monkeypatch, form):
+    """An Alltoallv whose block from rank 0 to the last rank is over a segment: the members
+    decline it in the C round of the lane (one round), without a refused C call and a
+    round of the area's Python steps (Area.run), then move it by messages; data checked."""
+    size, rank = comm.Get_size(), comm.Get_rank()
+    if size < 2 or not _lane_ready(comm):
+        pytest.skip("one member, or the Python steps only (IVSHMEM_COMM_PUREPYTHON)")
+    entered: list[str] = []
+    general = area.Area.run
+
+    def run(self: area.Area, name: str, *args: Any) -> bool:
+        entered.append(name)
+        return general(self, name, *args)
+
+    monkeypatch.setattr(area.Area, "run", run)
+    big, last = _segment(comm) + 1, size - 1
+    scounts = [big if (rank, q) == (0, last) else 3 for q in range(size)]
+    rcounts = [big if (r, rank) == (0, last) else 3 for r in range(size)]
+    if form == "in_place":  # one list both ways: the big block goes both ways
+        scounts = rcounts = [max(s, r) for s, r in zip(scounts, rcounts, strict=True)]
+    sd = [sum(scounts[:q]) for q in range(size)]
+    rd = [sum(rcounts[:r]) for r in range(size)]
+    send = np.concatenate([_block(rank, q, scounts[q]) for q in range(size)])
+    want = np.concatenate([_block(r, rank, rcounts[r]) for r in range(size)])
+    recv = send if form == "in_place" else np.zeros(sum(rcounts), "u1")
+    shared = area.current(comm)
+    assert shared is not None
+    before = shared.group._round
+    sendspec = MPI.IN_PLACE if form == "in_place" else [send, (scounts, sd), MPI.BYTE]
+    comm.Alltoallv(sendspec, [recv, (rcounts, rd), MPI.BYTE])
+    assert np.array_equal(recv, want)
+    assert not entered, f"Alltoallv over a segment took Area.run: {entered}"
+    assert shared.group._round == before + 1
