@@ -292,6 +292,15 @@ def _flat_view_py(spec: Any, writable: bool, sizes: dict[int, int]) -> memoryvie
 _flat_view = _flat_view_py if ring.flat_view is None else ring.flat_view
 
 
+FlatView = Callable[[Any, bool, dict[int, int]], memoryview | None]
+
+
+def quick_parts() -> tuple[FlatView, dict[int, int]]:
+    """quick's function and table, for the calls made on every message, which call them
+    straight (a Python frame less): quick(spec, writable) is f(spec, writable, sizes)."""
+    return _flat_view, _plain_sizes()
+
+
 def plain_vector(
     spec: Any, size: int, writable: bool = False
 ) -> tuple[memoryview, list[int], list[int]] | None:

@@ -56,6 +56,8 @@ from guest_lib.mpi.status import Status
 # takes buffers.quick, which decides the same from its buffer format.
 _PLAIN_DTYPES = {id(dtype): dtype for dtype in map(np.dtype, "?bBhHiIlLqQefdgFDG")}
 _CTX_SHIFT = constants.TAG_BITS
+_quick, _SIZES = buffers.quick_parts()  # buffers.quick(b, w) is _quick(b, w, _SIZES)
+_NDARRAY = np.ndarray  # (tested before _plain_array's call: the specs skip it)
 _DECLINE_BIT = constants.MAX_CONTEXT + 1  # in a context map: "not my turn, agree again"
 _CTX_BYTES = (_DECLINE_BIT + 8) // 8  # a bit map of every context and the decline bit
 T_GROUP = 1 << 16  # tags T_GROUP + n on a collective context: Create_group (tag n)
@@ -604,7 +606,11 @@ class Comm(attributes.Cached, Handle):
         """Send a buffer (message spec). Returns once the data is in the queue or MPI."""
         peer = self._shm_peer.get(dest)
         if peer is not None and 0 <= tag <= constants.TAG_UB:  # fast path: into the queue
-            data = buf if _plain_array(buf, False) else buffers.quick(buf)
+            data = (
+                buf
+                if type(buf) is _NDARRAY and _plain_array(buf, False)
+                else _quick(buf, False, _SIZES)
+            )
             if data is not None and self._engine.fast_send(  # type: ignore[union-attr]
                 peer, self._ctx << _CTX_SHIFT | tag, data
             ):
@@ -645,7 +651,11 @@ class Comm(attributes.Cached, Handle):
         peer = self._shm_peer.get(rank)
         if peer is not None and (0 <= tag <= constants.TAG_UB or tag == constants.ANY_TAG):
             # fast path: from a peer on shared memory straight into the buffer
-            data = buf if _plain_array(buf, True) else buffers.quick(buf, True)
+            data = (
+                buf
+                if type(buf) is _NDARRAY and _plain_array(buf, True)
+                else _quick(buf, True, _SIZES)
+            )
             if data is not None:  # (the route's recv_into, its common case inline)
                 got = self._engine.fast_recv(peer, self._ctx, tag, data)  # type: ignore[union-attr]
                 if got is not None:
@@ -674,7 +684,7 @@ class Comm(attributes.Cached, Handle):
         """
         peer = self._shm_peer.get(dest)  # None: not a rank on shared memory, or a freed comm
         if peer is not None and 0 <= tag <= constants.TAG_UB:
-            view = buffers.quick(buf)
+            view = _quick(buf, False, _SIZES)
             if view is not None:  # a plain spec to a peer on shared memory: no more checks
                 engine: Engine = self._engine  # type: ignore[assignment]  # a peer: an engine
                 if engine.fast_send(peer, self._ctx << _CTX_SHIFT | tag, view, 0.0):
@@ -719,7 +729,7 @@ class Comm(attributes.Cached, Handle):
             route = None
             self._source(source)
             self._recv_tag(tag)
-        view = None if route is None else buffers.quick(buf, True)
+        view = None if route is None else _quick(buf, True, _SIZES)
         finish = None  # a plain spec (quick's): no unpack to run at completion
         if view is None:
             spec = buffers.parse(buf, writable=True, deferred=True)
@@ -745,10 +755,10 @@ class Comm(attributes.Cached, Handle):
         engine = self._sendrecv_args(dest, source, sendtag, recvtag)
         peer = self._shm_peer.get(dest)
         if peer is not None:  # fast path: a send written whole at once, then Recv's
-            sview = sendbuf if _plain_array(sendbuf, False) else buffers.quick(sendbuf)
+            sview = sendbuf if _plain_array(sendbuf, False) else _quick(sendbuf, False, _SIZES)
             if (
                 sview is not None
-                and (_plain_array(recvbuf, True) or buffers.quick(recvbuf, True) is not None)
+                and (_plain_array(recvbuf, True) or _quick(recvbuf, True, _SIZES) is not None)
                 and engine.fast_send(peer, self._ctx << _CTX_SHIFT | sendtag, sview, 0.0)
             ):
                 self.Recv(recvbuf, source, recvtag, status)

@@ -283,14 +283,18 @@ class Request(Handle):
         cls, requests: Sequence[Request], statuses: list[Status] | None = None
     ) -> list[Any]:
         """Wait for every request; return their objects (None for sends)."""
+        plain = statuses is None  # (no status asked)
+        if plain and _null_done(requests, Request):  # (sends written at once, say)
+            return [None] * len(requests)
         engine = cls._engine_of(requests)
         if engine is not None:
             pending = [op for r in requests if (op := r._op) is not None and not op.done]
             if pending:
                 engine.wait_until(_all_done(pending))
+                if plain and _null_done(requests, Request):
+                    return [None] * len(requests)
         results: list[Any] = []
         failed: list[tuple[Any, exceptions.Exception]] = []
-        plain = statuses is None  # (no status asked)
         for index, request in enumerate(requests):
             op = request._op
             if (  # a plain request complete without error and no status asked: made null
@@ -479,6 +483,30 @@ def request_of(
     request._rank_of = rank_of
     request._finish = finish
     return request
+
+
+def _null_done(requests: Sequence[Request], kind: type[Request]) -> bool:
+    """Waitall's end when every request completed plainly, in one loop (no status asked):
+    True iff `requests` is a list or tuple whose every request is null or of exactly type
+    `kind` with no _finish and no _cell, its op done without error and not cancelled; then
+    each one is made null, as the general loop leaves such a request. False: nothing
+    changed."""
+    if type(requests) is not list and type(requests) is not tuple:
+        return False
+    for request in requests:
+        if type(request) is not kind:
+            return False
+        op = request._op
+        if op is not None and not (
+            op.done
+            and request._finish is None
+            and request._cell is None
+            and not (op.error or op.cancelled)
+        ):
+            return False
+    for request in requests:
+        request._op = None
+    return True
 
 
 def _fill_noting(

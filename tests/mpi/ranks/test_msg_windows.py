@@ -280,3 +280,31 @@ def test_windows_from_threads_interleave_in_one_posted_list():
     assert not errors, errors[0]
     assert not any(thread.is_alive() for thread in threads)
     comm.Barrier()
+
+
+@pytest.mark.parametrize("ahead", [False, True])
+def test_waitall_without_statuses_nulls_every_request(comm, ahead):
+    """Waitall with no statuses asked, over a tuple of Isend/Irecv requests (PROC_NULL ones,
+    a null one and sends written at once among them), complete before the call (`ahead`) or
+    not: every request ends null and the data is in place; a truncated receive among them
+    still raises ERR_IN_STATUS, and leaves every request null too."""
+    rank, dest, source = ring(comm)
+    got = [bytearray(8) for _ in range(WINDOW)]
+    rreqs = [comm.Irecv([buf, 8, MPI.BYTE], source, 11) for buf in got]
+    sreqs = [comm.Isend(pattern(rank + i, 8), dest, 11) for i in range(WINDOW)]
+    extra = [comm.Isend(b"", MPI.PROC_NULL, 11), comm.Irecv(bytearray(1), MPI.PROC_NULL, 11)]
+    reqs = (*rreqs, *sreqs, *extra, MPI.REQUEST_NULL)
+    if ahead:
+        while not all(r.Test() for r in rreqs):  # (Test nulls them: Waitall meets null ones)
+            pass
+    assert MPI.Request.Waitall(reqs) is True
+    assert all(r == MPI.REQUEST_NULL for r in reqs)
+    assert [bytes(buf) for buf in got] == [pattern(source + i, 8) for i in range(WINDOW)]
+    small = [bytearray(8), bytearray(4)]
+    rreqs = [comm.Irecv([buf, len(buf), MPI.BYTE], source, 12) for buf in small]
+    sreqs = [comm.Isend(pattern(rank + 7, 8), dest, 12) for _ in small]
+    with pytest.raises(MPI.Exception) as info:
+        MPI.Request.Waitall(rreqs + sreqs)
+    assert info.value.Get_error_class() == MPI.ERR_IN_STATUS
+    assert all(r == MPI.REQUEST_NULL for r in rreqs + sreqs)
+    assert small[0] == pattern(source + 7, 8) and small[1] == pattern(source + 7, 8)[:4]
