@@ -1723,6 +1723,7 @@ typedef struct {
     long long slot;
     uint64_t gen;
     Py_ssize_t slab_size, seg;
+    Py_ssize_t sseg; /* a scatterv's segment: the root's slab cut for the others only */
     long long *peers;               /* peer id of each member */
     uint64_t **arrive, **sleep;     /* arrive[r * COLL_CELLS + cell], sleep[r] */
     unsigned char **slab;           /* slab[r * COLL_CELLS + cell] */
@@ -1943,7 +1944,7 @@ static void coll_expect(CollRound *c, int r, uint64_t *kind, uint64_t *nbytes)
     case CW_BCAST: *nbytes = (uint64_t)c->recv.len; break;
     case CW_GATHERV: *nbytes = c->rank == c->root ? (uint64_t)c->counts[r] : 0; break;
     case CW_ALLGATHERV: *nbytes = (uint64_t)c->counts[r]; break;
-    case CW_SCATTERV:
+    case CW_SCATTERV: *nbytes = (uint64_t)(c->sseg * (c->size - 1)); break;
     case CW_ALLTOALLV: *nbytes = (uint64_t)(c->seg * c->size); break;
     case CW_FOLD: *nbytes = (uint64_t)c->nbytes; break;
     default: *nbytes = 0; break;
@@ -1977,9 +1978,10 @@ static void coll_publish(CollRound *c)
         }
         if (!c->rounds_out) /* declined: no block moves here */
             break;
-        for (int q = 0; q < c->size; q++)
+        for (int q = 0; q < c->size; q++) /* block q at (q - (q > root)) * sseg */
             if (q != me)
-                memcpy(slab + q * c->seg, send + c->displs[q], (size_t)c->counts[q]);
+                memcpy(slab + (q - (q > me)) * c->sseg, send + c->displs[q],
+                       (size_t)c->counts[q]);
         break;
     case CW_ALLGATHERV: /* in place (no send): this rank's block of recv */
         memcpy(slab, send != NULL ? send : (unsigned char *)c->recv.buf + c->displs[me],
@@ -2076,14 +2078,14 @@ static int coll_consume(CollRound *c, int r)
         int rounds = coll_rounds(c, r);
         if (rounds < 0)
             return -1;
-        if (rounds && c->recv.len > c->seg) { /* (a block over a segment: declined) */
+        if (rounds && c->recv.len > c->sseg) { /* (a block over a segment: declined) */
             coll_corrupt(c, r, "rounds", PyLong_FromLong(rounds),
                          PyUnicode_FromFormat("this member needs 2 or more (%zd bytes)",
                                               c->recv.len));
             return -1;
         }
         if (!c->declined)
-            memcpy(recv, theirs + me * c->seg, (size_t)c->recv.len);
+            memcpy(recv, theirs + (me - (me > c->root)) * c->sseg, (size_t)c->recv.len);
         break;
     }
     case CW_ALLGATHERV:
@@ -2340,11 +2342,11 @@ static PyObject *coll_run(CollRound *c, PyObject *const *args, Py_ssize_t nargs)
                 PyErr_SetString(PyExc_ValueError, "scatterv: the root's count is not its recv");
                 ok = false;
             }
-            /* A block over a segment: the root declines the round (rounds word 0, as the
-             * steps' max_rounds=1), for the caller to move the blocks otherwise. */
+            /* Another's block over a segment: the root declines the round (rounds word 0,
+             * as the steps' max_rounds=1), for the caller to move the blocks otherwise. */
             c->rounds_out = 1;
             for (int q = 0; ok && q < c->size; q++)
-                if (c->counts[q] > c->seg)
+                if (q != me && c->counts[q] > c->sseg)
                     c->rounds_out = 0;
             c->declined = ok && !c->rounds_out;
             if (ok && c->rounds_out && c->has_recv)
@@ -2555,6 +2557,8 @@ static int coll_init(CollRound *c, PyObject *args, PyObject *kwds)
     c->gen = gen;
     c->slab_size = slab_size;
     c->seg = seg;
+    c->sseg = size > 1 ? slab_size / (size - 1) / CACHE_LINE * CACHE_LINE : slab_size;
+    c->sseg = c->sseg ? c->sseg : 1; /* (as CollectiveGroup._scatter_segment) */
     c->kick = Py_NewRef(kick);
     c->peers = PyMem_Calloc((size_t)size, sizeof(long long));
     c->arrive = PyMem_Calloc((size_t)size * (COLL_CELLS + 1), sizeof(uint64_t *));

@@ -727,7 +727,9 @@ class CollectiveGroup:
         max_rounds: int | None = None,
     ) -> Steps:
         """Rank r's `recvbuf` gets counts[r] bytes at displs[r] of `sendbuf` at `root`;
-        `largest` and `max_rounds` as for gatherv."""
+        `largest` (here: of the blocks but the root's) and `max_rounds` as for gatherv. The
+        root's slab holds no block of its own: the others' take it all, block q at
+        (q - (q > root)) * `_scatter_segment()`."""
         self.declined = False
         recv = _flat(recvbuf, True)
         is_root = self.rank == root
@@ -739,10 +741,11 @@ class CollectiveGroup:
                     f"root receives {len(recv)} bytes, counts[{root}] is {counts[root]}"
                 )
             recv[:] = send[displs[root] : displs[root] + len(recv)]
-        seg = self._segment()
-        used = seg * self.size
+        seg = self._scatter_segment()
+        used = seg * (self.size - 1)
         if is_root:
-            rounds: int | None = _rounds(max(counts) if largest is None else largest, seg)
+            most = max((c for q, c in enumerate(counts) if q != root), default=0)
+            rounds: int | None = _rounds(most if largest is None else largest, seg)
         else:
             rounds = None if largest is None else _rounds(largest, seg)
         if is_root and max_rounds is not None and rounds is not None and rounds > max_rounds:
@@ -756,7 +759,8 @@ class CollectiveGroup:
             if is_root:
                 for r in self._others:
                     start, length = _pieces(counts[r], seg, i)
-                    slab[r * seg : r * seg + length] = send[displs[r] + start :][:length]
+                    at = (r - (r > root)) * seg
+                    slab[at : at + length] = send[displs[r] + start :][:length]
             self._publish(KIND_SCATTER, used if is_root else 0, rounds or 0)
             if not is_root:
                 start, length = _pieces(len(recv), seg, i)
@@ -766,7 +770,8 @@ class CollectiveGroup:
                     if not rounds:
                         self.declined = True
                         return
-                recv[start : start + length] = theirs[self.rank * seg :][:length]
+                at = (self.rank - (self.rank > root)) * seg
+                recv[start : start + length] = theirs[at:][:length]
             i += 1
 
     def _allgather(self, sendbuf: Any, recvbuf: Any) -> Steps:
@@ -1386,6 +1391,12 @@ class CollectiveGroup:
     def _segment(self) -> int:
         """Bytes of each destination's part of a slab split among all members."""
         return self.slab_size // self.size // layout.CACHE_LINE * layout.CACHE_LINE or 1
+
+    def _scatter_segment(self) -> int:
+        """Bytes of each destination's part of a scatterv root's slab, split among the
+        members but the root (which sends itself nothing through it)."""
+        parts = max(1, self.size - 1)
+        return self.slab_size // parts // layout.CACHE_LINE * layout.CACHE_LINE or 1
 
     def _check_layout(
         self, counts: Sequence[int], displs: Sequence[int], nbytes: int, what: str

@@ -350,7 +350,7 @@ def test_scatter_over_a_segment_declines_in_one_area_call(comm, monkeypatch, cal
     comm.Barrier()  # (binds the area)
     shared = area.current(comm)
     lane = shared is not None and shared.ready()
-    seg = shared.group._segment() if shared is not None else 1 << 15
+    seg = shared.group._scatter_segment() if shared is not None else 1 << 15
     if call == "Scatter":
         counts = [seg + 8] * size
     else:  # rank 0 (the root) none (a double: one; an empty `(buf, DOUBLE)` takes the
@@ -393,3 +393,33 @@ def test_scatter_over_a_segment_declines_in_one_area_call(comm, monkeypatch, cal
     comm.Barrier()
     if lane:
         assert area.current(comm) is shared  # (declining is no failure)
+
+
+@pytest.mark.parametrize("in_place", [False, True], ids=["recvbuf", "in_place"])
+def test_scatter_segment_leaves_out_the_root(comm, monkeypatch, in_place):
+    """Scatter's blocks fill the root's slab split among the others only (the root sends
+    itself nothing through it): blocks of a whole such segment (at 2 ranks: the whole slab,
+    twice what a split among all members gives) move in the area's one C round, not
+    declined (`Area.completed` counts it), the root's own block where it belongs."""
+    size, rank = comm.Get_size(), comm.Get_rank()
+    comm.Barrier()  # (binds the area)
+    shared = area.current(comm)
+    if shared is None or not shared.ready():
+        pytest.skip("no area here (one rank) or the Python steps only (IVSHMEM_COMM_PUREPYTHON)")
+    n = shared.group._scatter_segment()
+    assert n >= shared.group.slab_size * 9 // 10 // (size - 1)
+    root = size - 1
+    every = (np.arange(n * size) % 253).astype(np.uint8)
+    got = np.zeros(n, np.uint8)
+    general = area.Area.run
+    entered: list[str] = []
+    monkeypatch.setattr(
+        area.Area, "run", lambda self, *a: entered.append(a[0]) or general(self, *a)
+    )
+    before = area.completed(comm)
+    if rank == root and in_place:
+        comm.Scatter(every.copy(), MPI.IN_PLACE, root=root)
+    else:
+        comm.Scatter(every if rank == root else None, got, root=root)
+        assert np.array_equal(got, every[rank * n : (rank + 1) * n])
+    assert not entered and area.completed(comm) == before + 1
