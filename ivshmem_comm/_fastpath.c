@@ -1709,6 +1709,7 @@ enum {
 enum { CP_ENTER, CP_PUBLISH, CP_ROUNDS, CP_TAKE, CP_END };
 /* Kinds: collective.KIND_*. */
 enum { CK_BARRIER = 1, CK_BCAST, CK_GATHER, CK_SCATTER, CK_ALLGATHER, CK_ALLTOALL };
+enum { CK_REDUCE = 7, CK_ALLREDUCE, CK_REDUCE_SCATTER, CK_SCAN, CK_EXSCAN };
 enum { CK_BCAST_BYTES = 12, CK_GATHER_BYTES, CK_ALLGATHER_BYTES };
 /* Element types and ops of CW_FOLD: collective.FOLD_DTYPES / FOLD_OPS. */
 enum { CD_I1, CD_I2, CD_I4, CD_I8, CD_U1, CD_U2, CD_U4, CD_U8, CD_F4, CD_F8, CD_COUNT };
@@ -2280,6 +2281,56 @@ static int coll_spin_args(PyObject *spin_obj, PyObject *yield_obj, long long *sp
     return *yield < 0 ? -1 : 0;
 }
 
+/* The checks of a bcast, gatherv or allgatherv call (c->which, root c->root) whose buffers
+ * (send, recv) and vectors (bytes) are in place, then this member's own block copied where it
+ * stays (run() and front() share them; run checks the others inline): 0, or -1 with
+ * ValueError (before the round: the caller releases the call). */
+static int coll_prepare(CollRound *c)
+{
+    int me = c->rank;
+    bool is_root = me == c->root;
+    switch (c->which) {
+    case CW_BCAST:
+        if (c->recv.len > c->slab_size) {
+            PyErr_SetString(PyExc_ValueError, "bcast: more than one slab");
+            return -1;
+        }
+        break;
+    case CW_GATHERV: /* the root without send: in place (its block of recv is there) */
+        if (c->has_send && c->send.len > c->slab_size) {
+            PyErr_SetString(PyExc_ValueError, "gatherv: more than one slab");
+            return -1;
+        }
+        if (!is_root)
+            break;
+        if (coll_blocks(c, c->counts, c->displs, c->recv.len, c->slab_size, "recv") < 0)
+            return -1;
+        if (c->has_send && c->counts[me] != c->send.len) {
+            PyErr_SetString(PyExc_ValueError, "gatherv: the root's count is not its send");
+            return -1;
+        }
+        if (c->has_send)
+            memmove((unsigned char *)c->recv.buf + c->displs[me], c->send.buf,
+                    (size_t)c->send.len);
+        c->rounds_out = 1;
+        break;
+    case CW_ALLGATHERV: /* without send: in place */
+        if (coll_blocks(c, c->counts, c->displs, c->recv.len, c->slab_size, "recv") < 0)
+            return -1;
+        if (c->has_send && c->counts[me] != c->send.len) {
+            PyErr_SetString(PyExc_ValueError, "allgatherv: this rank's count is not its send");
+            return -1;
+        }
+        if (c->has_send)
+            memmove((unsigned char *)c->recv.buf + c->displs[me], c->send.buf,
+                    (size_t)c->send.len);
+        break;
+    default:
+        break;
+    }
+    return 0;
+}
+
 /* run(k, spin_ns, yield, which, send, recv, root, counts, displs, rcounts, rdispls) */
 static PyObject *coll_run(CollRound *c, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -2306,30 +2357,14 @@ static PyObject *coll_run(CollRound *c, PyObject *const *args, Py_ssize_t nargs)
     switch (which) {
     case CW_BCAST:
         ok = coll_buffer(send, &c->recv, &c->has_recv, !is_root) == 0;
-        if (ok && c->recv.len > c->slab_size) {
-            PyErr_SetString(PyExc_ValueError, "bcast: more than one slab");
-            ok = false;
-        }
         break;
-    case CW_GATHERV: /* the root's send None: in place (its block of recv is there) */
+    case CW_GATHERV:
         if (send != Py_None || !is_root)
-            ok = coll_buffer(send, &c->send, &c->has_send, false) == 0 &&
-                 (c->send.len <= c->slab_size ||
-                  (PyErr_SetString(PyExc_ValueError, "gatherv: more than one slab"), false));
-        if (ok && is_root) {
+            ok = coll_buffer(send, &c->send, &c->has_send, false) == 0;
+        if (ok && is_root)
             ok = coll_buffer(recv, &c->recv, &c->has_recv, true) == 0 &&
                  coll_vector(c, args[7], c->counts, "recv counts") == 0 &&
-                 coll_vector(c, args[8], c->displs, "recv displacements") == 0 &&
-                 coll_blocks(c, c->counts, c->displs, c->recv.len, c->slab_size, "recv") == 0;
-            if (ok && c->has_send && c->counts[me] != c->send.len) {
-                PyErr_SetString(PyExc_ValueError, "gatherv: the root's count is not its send");
-                ok = false;
-            }
-            if (ok && c->has_send)
-                memmove((unsigned char *)c->recv.buf + c->displs[me], c->send.buf,
-                        (size_t)c->send.len);
-            c->rounds_out = 1;
-        }
+                 coll_vector(c, args[8], c->displs, "recv displacements") == 0;
         break;
     case CW_SCATTERV: /* the root's recv None: in place (its block stays in send) */
         ok = (recv == Py_None && is_root) || coll_buffer(recv, &c->recv, &c->has_recv, true) == 0;
@@ -2354,19 +2389,11 @@ static PyObject *coll_run(CollRound *c, PyObject *const *args, Py_ssize_t nargs)
                         (size_t)c->recv.len);
         }
         break;
-    case CW_ALLGATHERV: /* send None: in place */
+    case CW_ALLGATHERV:
         ok = (send == Py_None || coll_buffer(send, &c->send, &c->has_send, false) == 0) &&
              coll_buffer(recv, &c->recv, &c->has_recv, true) == 0 &&
              coll_vector(c, args[7], c->counts, "recv counts") == 0 &&
-             coll_vector(c, args[8], c->displs, "recv displacements") == 0 &&
-             coll_blocks(c, c->counts, c->displs, c->recv.len, c->slab_size, "recv") == 0;
-        if (ok && c->has_send && c->counts[me] != c->send.len) {
-            PyErr_SetString(PyExc_ValueError, "allgatherv: this rank's count is not its send");
-            ok = false;
-        }
-        if (ok && c->has_send)
-            memmove((unsigned char *)c->recv.buf + c->displs[me], c->send.buf,
-                    (size_t)c->send.len);
+             coll_vector(c, args[8], c->displs, "recv displacements") == 0;
         break;
     case CW_ALLTOALLV:
         ok = coll_buffer(send, &c->send, &c->has_send, false) == 0 &&
@@ -2411,11 +2438,35 @@ static PyObject *coll_run(CollRound *c, PyObject *const *args, Py_ssize_t nargs)
     default:
         break;
     }
-    if (!ok) {
+    if (!ok || coll_prepare(c) < 0) {
         coll_release_call(c);
         return NULL;
     }
     return coll_advance(c, spin_ns, yield);
+}
+
+/* The checks of a fold whose fields (kind, dtype, op, upto, scatter, want; a reduce-scatter's
+ * counts and displs) and buffers (send; recv where it wants the result) are in place: the
+ * operand whole elements within a slab (a reduce-scatter's: `total` bytes, the sum of the
+ * counts), the result its size and aligned; sets nbytes and part. 0, or -1 with ValueError
+ * (before the round: the caller releases the call). */
+static int coll_fold_prepare(CollRound *c, Py_ssize_t total)
+{
+    Py_ssize_t itemsize = fold_itemsize[c->dtype];
+    bool scatter = c->scatter;
+    if (c->send.len > c->slab_size || c->send.len % itemsize ||
+        (scatter && c->send.len != total)) {
+        PyErr_SetString(PyExc_ValueError, scatter ? "fold: the operand is not sum(counts) bytes"
+                                                  : "fold: the operand does not fit one slab");
+        return -1;
+    }
+    c->nbytes = scatter ? c->seg * c->size : c->send.len;
+    c->part = scatter ? c->counts[c->rank] : c->send.len;
+    if (c->want && (c->recv.len != c->part || (c->part && (uintptr_t)c->recv.buf % itemsize))) {
+        PyErr_SetString(PyExc_ValueError, "fold: the result buffer differs or is unaligned");
+        return -1;
+    }
+    return 0;
 }
 
 /* fold(k, spin_ns, yield, kind, send, recv, upto, dtype, op[, counts]): recv (None: this
@@ -2470,24 +2521,9 @@ static PyObject *coll_fold(CollRound *c, PyObject *const *args, Py_ssize_t nargs
     c->upto = upto;
     c->scatter = scatter;
     c->want = args[5] != Py_None && upto > 0;
-    bool ok = coll_buffer(args[4], &c->send, &c->has_send, false) == 0;
-    if (ok && (c->send.len > c->slab_size || c->send.len % itemsize ||
-               (scatter && c->send.len != total))) {
-        PyErr_SetString(PyExc_ValueError, scatter ? "fold: the operand is not sum(counts) bytes"
-                                                  : "fold: the operand does not fit one slab");
-        ok = false;
-    }
-    c->nbytes = !ok ? 0 : scatter ? c->seg * c->size : c->send.len;
-    c->part = !ok ? 0 : scatter ? c->counts[c->rank] : c->send.len;
-    if (ok && c->want) {
-        ok = coll_buffer(args[5], &c->recv, &c->has_recv, true) == 0;
-        if (ok && (c->recv.len != c->part ||
-                   (c->part && (uintptr_t)c->recv.buf % itemsize))) {
-            PyErr_SetString(PyExc_ValueError, "fold: the result buffer differs or is unaligned");
-            ok = false;
-        }
-    }
-    if (!ok) {
+    if (coll_buffer(args[4], &c->send, &c->has_send, false) < 0 ||
+        (c->want && coll_buffer(args[5], &c->recv, &c->has_recv, true) < 0) ||
+        coll_fold_prepare(c, total) < 0) {
         coll_release_call(c);
         return NULL;
     }
@@ -2510,6 +2546,308 @@ static PyObject *coll_resume(CollRound *c, PyObject *const *args, Py_ssize_t nar
 static PyObject *coll_abort(CollRound *c, PyObject *Py_UNUSED(ignored))
 {
     coll_release_call(c);
+    Py_RETURN_NONE;
+}
+
+static bool flat_format(const char *format);
+
+/* ------------------------------------------------------------------------------------------
+ * CollectiveRound.front: a blocking collective's call as the user wrote it (the buffer forms
+ * codes pass on every call), its arguments parsed here by the rules of the Python lanes
+ * (guest_lib/mpi/collectives.py: _lane, _operand, _a_bcast, _a_gather, _a_allgather, _a_fold)
+ * and its round run as run() / fold() would, in one call. Anything those lanes would not take
+ * (another form, a derived datatype, a user op, a count past the end, a read-only receive
+ * buffer, more than a slab) returns None having touched nothing: the caller's Python path
+ * then decides and reports, so the errors stay its own.
+ * ------------------------------------------------------------------------------------------ */
+enum { CF_BCAST, CF_GATHER, CF_ALLGATHER, CF_REDUCE, CF_ALLREDUCE, CF_SCAN, CF_EXSCAN, CF_COUNT };
+
+/* set_front's tables: numpy.ndarray, MPI.IN_PLACE, and dicts keyed by id(): of a predefined
+ * datatype that does not pack its size (buffers._PLAIN_SIZE) and its FOLD_DTYPES code (where
+ * its numpy element is one whole unit of it); of a predefined op its FOLD_OPS code. NULL until
+ * set: front() then takes nothing. */
+static PyObject *front_ndarray, *front_in_place, *front_sizes, *front_folds, *front_ops;
+
+/* FOLD_DTYPES code of the elements of a numpy buffer (native numeric format, `itemsize`), or
+ * -1 (no fold in C for those). */
+static int front_fold_code(const char *format, Py_ssize_t itemsize)
+{
+    if (format == NULL)
+        return CD_U1;
+    if (format[0] == '\0' || format[1] != '\0')
+        return -1;
+    int at = itemsize == 1 ? 0 : itemsize == 2 ? 1 : itemsize == 4 ? 2 : itemsize == 8 ? 3 : -1;
+    if (at < 0)
+        return -1;
+    switch (format[0]) {
+    case 'b': case 'h': case 'i': case 'l': case 'q':
+        return CD_I1 + at;
+    case 'B': case 'H': case 'I': case 'L': case 'Q':
+        return CD_U1 + at;
+    case 'f':
+        return itemsize == 4 ? CD_F4 : -1;
+    case 'd':
+        return itemsize == 8 ? CD_F8 : -1;
+    default:
+        return -1;
+    }
+}
+
+/* Look `key` up in `table` by id(): its int value, 0 when absent, -1 on an error. */
+static long long front_lookup(PyObject *table, PyObject *key)
+{
+    PyObject *id = PyLong_FromVoidPtr(key);
+    if (id == NULL)
+        return -1;
+    PyObject *found = PyDict_GetItemWithError(table, id); /* borrowed */
+    Py_DECREF(id);
+    if (found == NULL)
+        return PyErr_Occurred() ? -1 : 0;
+    return PyLong_AsLongLong(found);
+}
+
+/* Whether an error of a buffer export is one that makes a form "not taken". */
+static bool front_declines(void)
+{
+    if (!PyErr_ExceptionMatches(PyExc_TypeError) && !PyErr_ExceptionMatches(PyExc_ValueError) &&
+        !PyErr_ExceptionMatches(PyExc_BufferError))
+        return false;
+    PyErr_Clear();
+    return true;
+}
+
+/* A buffer argument of a lane (collectives.py's _lane, and _operand's forms): a numpy array
+ * itself (C-contiguous, of a native numeric format, writable with `writable`), or a list or
+ * tuple [buf, count, datatype] (an int count >= 0) / (buf, datatype) naming a predefined
+ * datatype that does not pack, over a C-contiguous buffer (writable with `writable`) that
+ * holds count * blocks elements (without a count: whole elements, all of it). Held in `view`,
+ * its len cut to those bytes. 1 taken: *elems its elements, *code their FOLD_DTYPES code (-1:
+ * none); 0 not taken, nothing held (whatever else, errors of the spec included); -1 error. */
+static int front_buffer(PyObject *obj, bool writable, Py_ssize_t blocks, Py_buffer *view,
+                        Py_ssize_t *elems, int *code)
+{
+    PyObject *buf = obj, *key = NULL;
+    long long count = -1, size = 1;
+    bool bare = Py_TYPE(obj) == (PyTypeObject *)front_ndarray;
+    *code = -1;
+    if (!bare) {
+        if (!PyList_CheckExact(obj) && !PyTuple_CheckExact(obj))
+            return 0;
+        Py_ssize_t n = PySequence_Fast_GET_SIZE(obj);
+        PyObject **items = PySequence_Fast_ITEMS(obj);
+        if (n == 3) {
+            if (!PyLong_CheckExact(items[1]))
+                return 0;
+            count = PyLong_AsLongLong(items[1]);
+            if (count == -1 && PyErr_Occurred()) {
+                if (!PyErr_ExceptionMatches(PyExc_OverflowError))
+                    return -1;
+                PyErr_Clear();
+                return 0;
+            }
+            if (count < 0)
+                return 0;
+        } else if (n != 2)
+            return 0;
+        buf = items[0];
+        key = items[n - 1];
+        size = front_lookup(front_sizes, key);
+        if (size <= 0)
+            return size < 0 && PyErr_Occurred() ? -1 : 0;
+        long long fold = front_lookup(front_folds, key);
+        if (fold < 0 && PyErr_Occurred())
+            return -1;
+        *code = fold > 0 ? (int)fold - 1 : -1; /* (stored + 1: 0 is "none") */
+    }
+    Py_INCREF(buf); /* (held while its exporter runs) */
+    int got = PyObject_GetBuffer(buf, view, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT |
+                                                (writable ? PyBUF_WRITABLE : 0));
+    Py_DECREF(buf);
+    if (got < 0)
+        return front_declines() ? 0 : -1;
+    Py_ssize_t total = view->len;
+    if (bare) {
+        if (!flat_format(view->format) || view->itemsize <= 0)
+            goto none;
+        *code = front_fold_code(view->format, view->itemsize);
+        *elems = total / view->itemsize;
+        return 1;
+    }
+    /* (flat_view's cast of a view with a 0 in its shape fails) */
+    if (total == 0 && (view->ndim != 1 || (view->format != NULL && strcmp(view->format, "B"))))
+        goto none;
+    if (count < 0) {
+        if (total % size)
+            goto none;
+        *elems = total / size;
+        return 1;
+    }
+    if (count > total / size / blocks)
+        goto none;
+    *elems = count * blocks;
+    view->len = *elems * size;
+    return 1;
+none:
+    PyBuffer_Release(view);
+    return 0;
+}
+
+/* front(k, spin_ns, yield, which, a, b, op, root): round k of blocking collective `which`
+ * (CF_*) with the user's arguments: Bcast(a, root), Gather(a, b, root), Allgather(a, b),
+ * Reduce(a, b, op, root), Allreduce / Scan / Exscan(a, b, op); the others' unused ones are
+ * ignored. Results as run() / fold(); None having touched nothing where the Python lanes would
+ * not take the arguments (see above). */
+static PyObject *coll_front(CollRound *c, PyObject *const *args, Py_ssize_t nargs)
+{
+    long long spin_ns;
+    int yield;
+    if (check_nargs("front", nargs, 8) < 0 || coll_spin_args(args[1], args[2], &spin_ns, &yield) < 0)
+        return NULL;
+    int which = PyLong_AsLong(args[3]);
+    if (which == -1 && PyErr_Occurred())
+        return NULL;
+    if (front_ndarray == NULL || which < 0 || which >= CF_COUNT)
+        Py_RETURN_NONE;
+    PyObject *a = args[4], *b = args[5];
+    int me = c->rank, size = c->size, root = 0, got = 0, cw = CW_FOLD, kind = 0, upto = size;
+    int opcode = 0, cs = -1, cr = -1;
+    bool want = true;
+    if (which == CF_BCAST || which == CF_GATHER || which == CF_REDUCE) {
+        if (!PyLong_CheckExact(args[7]))
+            Py_RETURN_NONE;
+        long r = PyLong_AsLong(args[7]);
+        if (r == -1 && PyErr_Occurred()) {
+            if (!PyErr_ExceptionMatches(PyExc_OverflowError))
+                return NULL;
+            PyErr_Clear();
+            Py_RETURN_NONE;
+        }
+        if (r < 0 || r >= size)
+            Py_RETURN_NONE;
+        root = (int)r;
+    }
+    Py_buffer send, recv;
+    bool has_send = false, has_recv = false;
+    Py_ssize_t ns = 0, nr = 0, block = 0;
+    switch (which) {
+    case CF_BCAST:
+        cw = CW_BCAST;
+        if ((got = front_buffer(a, me != root, 1, &recv, &nr, &cr)) <= 0)
+            goto out;
+        has_recv = true;
+        if (recv.len > c->slab_size)
+            goto none;
+        break;
+    case CF_GATHER:
+    case CF_ALLGATHER: {
+        cw = which == CF_GATHER ? CW_GATHERV : CW_ALLGATHERV;
+        bool in_place = a == front_in_place || a == Py_None;
+        bool gathers = which == CF_ALLGATHER || me == root;
+        if (gathers) {
+            if ((got = front_buffer(b, true, size, &recv, &nr, &cr)) <= 0)
+                goto out;
+            has_recv = true;
+            if (nr % size)
+                goto none;
+            block = recv.len / size;
+            if (block > c->slab_size)
+                goto none;
+        }
+        if (!(in_place && gathers)) {
+            if ((got = front_buffer(a, false, 1, &send, &ns, &cs)) <= 0)
+                goto out;
+            has_send = true;
+            if (send.len > c->slab_size || (gathers && send.len != block))
+                goto none;
+        }
+        break;
+    }
+    default: { /* the folds */
+        long long found = front_lookup(front_ops, args[6]);
+        if (found <= 0) {
+            got = found < 0 && PyErr_Occurred() ? -1 : 0;
+            goto out;
+        }
+        opcode = (int)found - 1; /* (stored + 1) */
+        kind = which == CF_REDUCE ? CK_REDUCE : which == CF_ALLREDUCE ? CK_ALLREDUCE
+               : which == CF_SCAN ? CK_SCAN : CK_EXSCAN;
+        want = which == CF_REDUCE ? me == root : which == CF_EXSCAN ? me > 0 : true;
+        upto = which == CF_SCAN ? me + 1 : which == CF_EXSCAN ? me : size;
+        bool in_place = a == front_in_place;
+        if (which == CF_EXSCAN && me == 0) { /* its recvbuf is checked too (as the lane) */
+            if ((got = front_buffer(b, true, 1, &recv, &nr, &cr)) <= 0)
+                goto out;
+            has_recv = true;
+            if (!in_place) {
+                PyBuffer_Release(&recv);
+                has_recv = false;
+            }
+        } else if (want) {
+            if ((got = front_buffer(b, true, 1, &recv, &nr, &cr)) <= 0)
+                goto out;
+            has_recv = true;
+        }
+        if (in_place && !has_recv)
+            goto none;
+        /* in place: the operand is recvbuf (a second export of it, read-only) */
+        if ((got = front_buffer(in_place ? b : a, false, 1, &send, &ns, &cs)) <= 0)
+            goto out;
+        has_send = true;
+        if (in_place && !want) { /* (Exscan's rank 0: recvbuf read only) */
+            PyBuffer_Release(&recv);
+            has_recv = false;
+        }
+        if (cs < 0 || (cs >= CD_F4 && opcode >= CO_BAND) || send.len > c->slab_size ||
+            send.len % fold_itemsize[cs])
+            goto none;
+        if (has_recv && (cr != cs || nr != ns ||
+                         (recv.len && (uintptr_t)recv.buf % fold_itemsize[cs])))
+            goto none;
+        break;
+    }
+    }
+    if (coll_begin(c, args[0]) < 0) {
+        got = -1;
+        goto out;
+    }
+    c->which = cw;
+    c->root = root;
+    c->has_send = has_send;
+    c->has_recv = has_recv;
+    if (has_send)
+        c->send = send;
+    if (has_recv)
+        c->recv = recv;
+    int prepared;
+    if (cw == CW_FOLD) {
+        c->kind = kind;
+        c->dtype = cs;
+        c->op = opcode;
+        c->upto = upto;
+        c->scatter = false;
+        c->want = want && upto > 0;
+        prepared = coll_fold_prepare(c, 0);
+    } else {
+        for (int r = 0; r < size; r++) {
+            c->counts[r] = block;
+            c->displs[r] = block * r;
+        }
+        prepared = coll_prepare(c);
+    }
+    if (prepared < 0) {
+        coll_release_call(c);
+        return NULL;
+    }
+    return coll_advance(c, spin_ns, yield);
+none:
+    got = 0;
+out:
+    if (has_send)
+        PyBuffer_Release(&send);
+    if (has_recv)
+        PyBuffer_Release(&recv);
+    if (got < 0)
+        return NULL;
     Py_RETURN_NONE;
 }
 
@@ -2641,6 +2979,9 @@ static PyMethodDef coll_methods[] = {
      "reduction (with counts, bytes per member: a reduce-scatter); results as run()."},
     {"resume", (PyCFunction)(void (*)(void))coll_resume, METH_FASTCALL,
      "resume(spin_ns, yield_): go on with the round in progress; results as run()."},
+    {"front", (PyCFunction)(void (*)(void))coll_front, METH_FASTCALL,
+     "front(k, spin_ns, yield_, which, a, b, op, root): round k of a blocking collective "
+     "with the user's arguments; results as run(), None having touched nothing."},
     {"abort", (PyCFunction)coll_abort, METH_NOARGS,
      "Drop the round in progress (its buffers are released)."},
     {NULL, NULL, 0, NULL},
@@ -2837,10 +3178,30 @@ fail:
     return NULL;
 }
 
+/* set_front(ndarray, in_place, sizes, folds, ops): front()'s tables (see there). */
+static PyObject *set_front(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    if (check_nargs("set_front", nargs, 5) < 0)
+        return NULL;
+    if (!PyType_Check(args[0]) || !PyDict_Check(args[2]) || !PyDict_Check(args[3]) ||
+        !PyDict_Check(args[4])) {
+        PyErr_SetString(PyExc_TypeError, "set_front(type, object, dict, dict, dict)");
+        return NULL;
+    }
+    Py_XSETREF(front_ndarray, Py_NewRef(args[0]));
+    Py_XSETREF(front_in_place, Py_NewRef(args[1]));
+    Py_XSETREF(front_sizes, Py_NewRef(args[2]));
+    Py_XSETREF(front_folds, Py_NewRef(args[3]));
+    Py_XSETREF(front_ops, Py_NewRef(args[4]));
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef module_methods[] = {
     {"full_fence", full_fence, METH_NOARGS, "A full (sequentially consistent) memory barrier."},
     {"compare_exchange_u64", (PyCFunction)(void (*)(void))compare_exchange_u64, METH_FASTCALL,
      "compare_exchange_u64(buffer, offset, expected, desired): atomic CAS; True if swapped."},
+    {"set_front", (PyCFunction)(void (*)(void))set_front, METH_FASTCALL,
+     "set_front(ndarray, in_place, sizes, folds, ops): CollectiveRound.front's tables."},
     {"flat_view", (PyCFunction)(void (*)(void))flat_view, METH_FASTCALL,
      "flat_view(spec, writable, sizes): a plain message spec's flat byte view, or None."},
     {NULL, NULL, 0, NULL},

@@ -1038,13 +1038,19 @@ class CollectiveGroup:
         if result.__class__ is not tuple:
             self.declined = result == 1
             return True
-        steps = self._c_rest(k, result, self._spin_ns)
-        for wait in steps:
+        self._c_wait(k, result)
+        return True
+
+    def _c_wait(self, k: int, wait: tuple[int, int, int, str]) -> None:
+        """The rest of C round k (this member's current) after a call that returned `wait`:
+        block here (`_block`), resume in C, until it completes (`declined` set); errors as
+        `_c_rest`."""
+        steps = self._c_rest(k, wait, self._spin_ns)
+        for step in steps:
             try:
-                self._block(*wait)
+                self._block(*step)
             except BaseException as exc:
                 steps.throw(exc)  # (re-raised there, once the round is marked failed)
-        return True
 
     def _c_steps(
         self,

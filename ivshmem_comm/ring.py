@@ -29,8 +29,10 @@ CollectiveRound: Any = None
 #: C-only helpers of the MPI face, None on the pure-Python path: the per-call parser of
 #: buffer specs (guest_lib.mpi.buffers has its Python reference), the base type through
 #: which MPI windows export their memory (guest_lib.mpi.win) and the one through which
-#: MPI.BOTTOM, IN_PLACE and BUFFER_AUTOMATIC export an empty buffer (guest_lib.mpi.constants).
+#: MPI.BOTTOM, IN_PLACE and BUFFER_AUTOMATIC export an empty buffer (guest_lib.mpi.constants),
+#: and the tables of CollectiveRound.front (guest_lib.mpi.collectives sets them).
 flat_view: Any = None
+set_front: Any = None
 MemoryExporter: Any = None
 EmptyExporter: Any = None
 
@@ -68,6 +70,7 @@ else:
             compare_exchange_u64,
             flat_view,
             full_fence,
+            set_front,
         )
 
         IMPLEMENTATION = "c"
@@ -106,4 +109,5 @@ __all__ = [
     "compare_exchange_u64",
     "flat_view",
     "full_fence",
+    "set_front",
 ]

@@ -221,22 +221,51 @@ class Area:
                 group._in_c(c.fold, *args)
             else:
                 group._in_c(c.run, which, *args)
-        except (ValueError, TypeError, BufferError):
-            if group._round == before:
-                return False  # refused before the round (see _in_c): the area stays
-            self.drop()
-            raise
-        except Fallback:
-            self.drop()
-            return False
         except BaseException as exc:
-            error = self._leave(exc)
-            if error is exc:
-                raise
-            raise error from exc
+            return self._failed_call(exc, group._round == before)
         if not group.declined or which in _BYTES_CODES:  # (a declined pickle: its round ran)
             self.completed += 1
         return True
+
+    def settle(self, k: int, first: Any) -> bool:
+        """The rest of round k, whose first C call (CollectiveRound.front, see
+        collectives._c_front) returned `first`: a wait (blocked on and resumed as in
+        `call`), 1 (a member declined it), or the exception it raised (round k failed).
+        True when it ran (`group.declined` as for `call`); False when the area was dropped
+        (Fallback: run it on messages). Errors as for `call`."""
+        group = self.group
+        try:
+            if isinstance(first, BaseException):
+                group._c_failed(k, first)
+                raise first
+            group._round = k
+            if first.__class__ is tuple:
+                group._c_wait(k, first)
+            else:
+                group.declined = first == 1
+        except BaseException as exc:
+            return self._failed_call(exc, False)
+        if not group.declined:
+            self.completed += 1
+        return True
+
+    def _failed_call(self, exc: BaseException, untaken: bool) -> bool:
+        """`call`'s answer to `exc`, raised by its C round (`untaken`: before the round was
+        taken): False where the area stays (arguments refused before the round) or was
+        dropped for messages (Fallback); else the area is dropped and the error raised (a
+        core error as the MPI.Exception the message path gives)."""
+        if isinstance(exc, (ValueError, TypeError, BufferError)):
+            if untaken:
+                return False  # refused before the round (see _in_c): the area stays
+            self.drop()
+            raise exc
+        if isinstance(exc, Fallback):
+            self.drop()
+            return False
+        error = self._leave(exc)
+        if error is exc:
+            raise exc
+        raise error from exc
 
     def exchange(self, name: str, data: Any, root: int = 0) -> list[bytes | None] | None:
         """Byte-string collective `name` of the group ("bcast_bytes", "gather_bytes" or

@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from guest_lib.mpi import area, buffers, constants, exceptions, locks, native, ops
+from guest_lib.mpi import area, buffers, constants, datatypes, exceptions, locks, native, ops
 from guest_lib.mpi.constants import IN_PLACE
 from guest_lib.mpi.engine import StagedOp
 from guest_lib.mpi.matching import DoneOp, Op
@@ -57,6 +57,7 @@ from guest_lib.mpi.wire import (
     coll_base,
     core_tag,
 )
+from ivshmem_comm import ring
 from ivshmem_comm.collective import (
     C_ALLGATHERV,
     C_ALLTOALLV,
@@ -64,6 +65,8 @@ from ivshmem_comm.collective import (
     C_BCAST,
     C_GATHERV,
     C_SCATTERV,
+    FOLD_DTYPES,
+    FOLD_OPS,
     KIND_ALLREDUCE,
     KIND_EXSCAN,
     KIND_REDUCE,
@@ -168,7 +171,9 @@ def front_lanes(cls: type) -> None:
     started area collective pending, no collective running, the engine quiet and holding no
     record of a revoked communicator or an abandoned collective (of any communicator: the
     method then decides, `Area.untroubled`). Anything else, and a lane's _SLOW, calls the
-    method as it is. The nonblocking ones with a lane (`started`) alike (`_front_started`)."""
+    method as it is. The nonblocking ones with a lane (`started`) alike (`_front_started`).
+    With the C accelerator, the collectives of _C_FRONTS go first through the C front
+    (`_c_front`), in front of all that."""
     for name in dir(cls):
         method = getattr(cls, name)
         fast = getattr(method, "lane", None)
@@ -177,6 +182,10 @@ def front_lanes(cls: type) -> None:
             setattr(cls, name, _front(method, fast))
         elif begun is not None and callable(method):
             setattr(cls, name, _front_started(method, *begun))
+    if ring.set_front is not None:
+        _set_front_tables()
+        for name, make in _C_FRONTS.items():
+            setattr(cls, name, make(getattr(cls, name)))
 
 
 def _front(method: Callable[..., Any], fast: Callable[..., Any]) -> Callable[..., Any]:
@@ -666,6 +675,154 @@ _f_allreduce = _one_call(_a_allreduce)
 _f_scan = _one_call(_a_scan)
 _f_exscan = _one_call(_a_exscan)
 _f_reduce_scatter_block = _one_call(_a_reduce_scatter_block)
+
+
+# ------------------------------------------------------------------ the C front
+# CollectiveRound.front takes the user's arguments of these collectives as they come and
+# runs the lane's round in the same C call, where the lanes above would take them (the same
+# rules, in C); it takes nothing else, and the method (with its front) runs as before.
+F_BCAST, F_GATHER, F_ALLGATHER, F_REDUCE, F_ALLREDUCE, F_SCAN, F_EXSCAN = range(7)
+
+
+def _set_front_tables() -> None:
+    """Give CollectiveRound.front its tables: numpy.ndarray, IN_PLACE, and by id() the
+    predefined datatypes that do not pack (size; FOLD_DTYPES code + 1 where one numpy
+    element is one unit of it, as _operand reads them) and the predefined ops that fold in
+    C (FOLD_OPS code + 1). Predefined objects live as long as the process: ids name them."""
+    sizes = buffers._plain_sizes()
+    folds = {}
+    for datatype in datatypes.PREDEFINED.values():
+        dtype = datatype.base.dtype
+        if id(datatype) in sizes and dtype is not None and dtype.itemsize == datatype.size:
+            code = FOLD_DTYPES.get(dtype)
+            if code is not None:
+                folds[id(datatype)] = code + 1
+    codes = {}
+    for op in vars(ops).values():
+        if isinstance(op, ops.Op) and op.ufunc in FOLD_OPS:
+            codes[id(op)] = FOLD_OPS[op.ufunc] + 1
+    ring.set_front(np.ndarray, IN_PLACE, sizes, folds, codes)
+
+
+def _c_front(self: Any, which: int, a: Any, b: Any, op: Any, root: Any) -> bool:
+    """Collective `which` (F_*) with the user's arguments through CollectiveRound.front,
+    where `_front` would take its lane (the same conditions): True when it ran (its result
+    is None); False having moved nothing (the method's, with its front, to run as usual).
+    The instance is numbered, and abandoned on an error, as `_laned` does."""
+    shared = self._area
+    if not shared or self._coll_active:
+        return False
+    engine = self._engine
+    group = shared.group
+    c = group._c
+    if (
+        c is None
+        or group._pending
+        or group._broken is not None
+        or engine.abandoned
+        or engine.revoked
+        or not engine.quiet()
+    ):
+        return False
+    seq = self._coll_seq
+    self._coll_seq = seq + 1
+    base = self._coll_base = coll_base(seq)
+    shared._current = ((shared._ctx, base), seq)
+    k = group._round + 1
+    try:
+        result = c.front(k, group._spin_ns, group._yield, which, a, b, op, root)
+    except (ValueError, TypeError, BufferError):
+        result = None  # refused before the round (as Area.call): nothing moved
+    except BaseException as exc:
+        result = exc  # round k failed (settle says what that means)
+    if result is None:
+        self._coll_seq = seq
+        return False
+    if result == 0:  # (the common case: done within the spin)
+        group._round = k
+        group.declined = False
+        shared.completed += 1
+        return True
+    try:
+        ran = shared.settle(k, result)
+        if ran and which == F_GATHER and group.declined:  # (its data over a slab somewhere)
+            self._run(_m_gather(self, T_GATHER, a, b, root))
+    except Exception as exc:
+        _abandon(self, engine, seq, exc)
+        raise
+    if not ran:
+        self._coll_seq = seq  # (the area dropped, nothing moved: the method numbers it)
+    return ran
+
+
+def _c_bcast(method: Callable[..., Any]) -> Callable[..., Any]:
+    """The C front of Bcast (`_c_front`), then `method`."""
+
+    @functools.wraps(method)
+    def Bcast(self: Any, buf: Any, root: int = 0) -> None:
+        if not _c_front(self, F_BCAST, buf, None, None, root):
+            method(self, buf, root)
+
+    return Bcast
+
+
+def _c_gather(method: Callable[..., Any]) -> Callable[..., Any]:
+    """The C front of Gather (`_c_front`), then `method`."""
+
+    @functools.wraps(method)
+    def Gather(self: Any, sendbuf: Any, recvbuf: Any, root: int = 0) -> None:
+        if not _c_front(self, F_GATHER, sendbuf, recvbuf, None, root):
+            method(self, sendbuf, recvbuf, root)
+
+    return Gather
+
+
+def _c_allgather(method: Callable[..., Any]) -> Callable[..., Any]:
+    """The C front of Allgather (`_c_front`), then `method`."""
+
+    @functools.wraps(method)
+    def Allgather(self: Any, sendbuf: Any, recvbuf: Any) -> None:
+        if not _c_front(self, F_ALLGATHER, sendbuf, recvbuf, None, 0):
+            method(self, sendbuf, recvbuf)
+
+    return Allgather
+
+
+def _c_reduce(method: Callable[..., Any]) -> Callable[..., Any]:
+    """The C front of Reduce (`_c_front`), then `method`."""
+
+    @functools.wraps(method)
+    def Reduce(self: Any, sendbuf: Any, recvbuf: Any, op: Any = ops.SUM, root: int = 0) -> None:
+        if not _c_front(self, F_REDUCE, sendbuf, recvbuf, op, root):
+            method(self, sendbuf, recvbuf, op, root)
+
+    return Reduce
+
+
+def _c_folding(which: int) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """The C front (`_c_front`) of Allreduce, Scan or Exscan (`which`), then the method."""
+
+    def make(method: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(method)
+        def fold(self: Any, sendbuf: Any, recvbuf: Any, op: Any = ops.SUM) -> None:
+            if not _c_front(self, which, sendbuf, recvbuf, op, 0):
+                method(self, sendbuf, recvbuf, op)
+
+        return fold
+
+    return make
+
+
+# name -> the maker of its C front (see front_lanes)
+_C_FRONTS: dict[str, Callable[[Callable[..., Any]], Callable[..., Any]]] = {
+    "Bcast": _c_bcast,
+    "Gather": _c_gather,
+    "Allgather": _c_allgather,
+    "Reduce": _c_reduce,
+    "Allreduce": _c_folding(F_ALLREDUCE),
+    "Scan": _c_folding(F_SCAN),
+    "Exscan": _c_folding(F_EXSCAN),
+}
 
 
 def started(

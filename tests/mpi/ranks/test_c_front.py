@@ -1,0 +1,200 @@
+"""The C front of the small blocking collectives (collectives._c_front, CollectiveRound.front):
+every buffer form codes pass on each call runs in the one C call, with the right data, and
+whatever it does not take (other forms, bad arguments, more than a slab) gets the result and
+the error the Python path gives."""
+
+from __future__ import annotations
+
+import array
+import mmap
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pytest
+
+from guest_lib.mpi import MPI, area, collectives
+
+N = 5  # elements per rank
+
+
+def _form(form: str, values: list[float]) -> tuple[Any, Callable[[], list[float]]]:
+    """`values` as doubles in `form` (numpy, mmap: [buf, count, DOUBLE], double: (array('d'),
+    DOUBLE)), and a reader of the values it holds."""
+    if form == "mmap":
+        raw = mmap.mmap(-1, 8 * len(values))
+        raw[:] = np.array(values, np.float64).tobytes()
+        return [raw, len(values), MPI.DOUBLE], lambda: np.frombuffer(raw[:], np.float64).tolist()
+    if form == "double":
+        dbl = array.array("d", values)
+        return (dbl, MPI.DOUBLE), lambda: list(dbl)
+    arr = np.array(values, np.float64)
+    return arr, lambda: arr.tolist()
+
+
+def _blocks(form: str, values: list[float], size: int) -> Any:
+    """A receive buffer of `size` blocks (a block form's count is one rank's block)."""
+    buf, read = _form(form, values)
+    if isinstance(buf, list):
+        buf[1] = len(values) // size
+    return buf, read
+
+
+def _run(call: str, form: str, comm: MPI.Intracomm) -> None:
+    """`call` in `form` (in_place: numpy with IN_PLACE where the call takes it) with checked
+    data, at every root."""
+    size, rank = comm.Get_size(), comm.Get_rank()
+    base = "numpy" if form == "in_place" else form
+    place = form == "in_place"
+    mine = [float(rank + 1 + i) for i in range(N)]
+
+    def fold(upto: int, f: Callable[[list[float]], float] = sum) -> list[float]:
+        return [f([q + 1.0 + i for q in range(upto)]) for i in range(N)]
+
+    everyone = [float(q + 1) for q in range(size) for _ in range(N)]
+    for root in range(size):
+        if call == "Bcast":
+            buf, read = _form(base, [root + 0.5] * N if rank == root else [-1.0] * N)
+            comm.Bcast(buf, root)
+            assert read() == [root + 0.5] * N
+        elif call in ("Gather", "Allgather"):
+            gathers = call == "Allgather" or rank == root
+            own = [q == rank and place for q in range(size) for _ in range(N)]
+            start = [v if keep else -1.0 for v, keep in zip(everyone, own, strict=True)]
+            recv, read = _blocks(base, start, size)
+            send = MPI.IN_PLACE if place and gathers else _form(base, [rank + 1.0] * N)[0]
+            if call == "Allgather":
+                comm.Allgather(send, recv)
+            else:
+                comm.Gather(send, recv if gathers else None, root)
+            if gathers:
+                assert read() == everyone
+        elif call == "Reduce":
+            recv, read = _form(base, mine if place else [0.0] * N)
+            send = MPI.IN_PLACE if place and rank == root else _form(base, mine)[0]
+            comm.Reduce(send, recv, MPI.MAX, root=root)
+            if rank == root:
+                assert read() == fold(size, max)
+        else:
+            recv, read = _form(base, mine if place else [-7.0] * N)
+            send = MPI.IN_PLACE if place else _form(base, mine)[0]
+            getattr(comm, call)(send, recv, MPI.SUM)
+            want = {"Allreduce": size, "Scan": rank + 1, "Exscan": rank}[call]
+            if want:
+                assert read() == fold(want)
+            break  # (no root)
+
+
+CALLS = ["Bcast", "Gather", "Allgather", "Reduce", "Allreduce", "Scan", "Exscan"]
+
+
+@pytest.mark.parametrize("form", ["numpy", "mmap", "double", "in_place"])
+@pytest.mark.parametrize("call", CALLS)
+def test_every_form_is_one_c_call(comm, monkeypatch, call, form):
+    """Each call completes one area collective without Area.call or Area.run (the Python
+    lanes' entries): the C front took it, and the data are right."""
+    if form == "in_place" and call == "Bcast":
+        pytest.skip("Bcast has no IN_PLACE")
+    comm.Barrier()  # (binds the area)
+    shared = area.current(comm)
+    if shared is None or not shared.ready():
+        pytest.skip("no area here (one rank) or the Python steps only (IVSHMEM_COMM_PUREPYTHON)")
+    entered: list[str] = []
+
+    def entry(name: str) -> Callable[..., bool]:
+        general = getattr(area.Area, name)
+        return lambda self, *args: entered.append(name) or general(self, *args)
+
+    for name in ("call", "run"):
+        monkeypatch.setattr(area.Area, name, entry(name))
+    before = area.completed(comm)
+    _run(call, form, comm)
+    rounds = 1 if call in ("Allreduce", "Scan", "Exscan") else comm.Get_size()
+    assert (entered, area.completed(comm) - before) == ([], rounds)
+
+
+@pytest.mark.parametrize("call", CALLS)
+def test_over_a_slab_and_other_forms_take_the_python_path(comm, call):
+    """What the C front leaves (a payload over one slab, a derived datatype) still runs,
+    with the right data."""
+    size, rank = comm.Get_size(), comm.Get_rank()
+    comm.Barrier()
+    shared = area.current(comm)
+    n = shared.group.slab_size // 8 + 4 if shared else 8  # doubles: over one slab
+    pair = MPI.DOUBLE.Create_contiguous(2).Commit()
+    try:
+        for buf in (np.full(n, rank, np.float64), [np.full(2 * N, rank, np.float64), N, pair]):
+            send = buf if isinstance(buf, np.ndarray) else buf[0]
+            if call == "Bcast":
+                comm.Bcast(buf, size - 1)
+                assert (send == size - 1).all()
+            elif call in ("Gather", "Allgather"):
+                recv = np.zeros(send.size * size)
+                spec = recv if isinstance(buf, np.ndarray) else [recv, N, pair]
+                if call == "Gather":
+                    comm.Gather(buf, spec, 0)
+                else:
+                    comm.Allgather(buf, spec)
+                if call == "Allgather" or rank == 0:
+                    assert recv.tolist() == [float(q) for q in range(size) for _ in send]
+            else:
+                recv = np.zeros(send.size)
+                spec = recv if isinstance(buf, np.ndarray) else [recv, N, pair]
+                args = (buf, spec, MPI.SUM, 0) if call == "Reduce" else (buf, spec, MPI.SUM)
+                getattr(comm, call)(*args)
+                upto = {"Scan": rank + 1, "Exscan": rank}.get(call, size)
+                if (call != "Reduce" or rank == 0) and upto:
+                    assert (recv == sum(range(upto))).all()
+    finally:
+        pair.Free()
+
+
+def _outcome(f: Callable[[], None]) -> Any:
+    """What `f()` ended with: None, or the error (its class and message, an MPI error
+    class)."""
+    try:
+        f()
+    except MPI.Exception as exc:
+        return "MPI", exc.Get_error_class()
+    except Exception as exc:
+        return type(exc).__name__, str(exc)
+    return None
+
+
+def test_refused_arguments_give_the_python_paths_errors(monkeypatch):
+    """Bad arguments (a count past the end, a non-contiguous or read-only buffer, a bad root,
+    mismatched operands, an op C does not fold) end as they do without the C front, on every
+    rank; the communicator goes on working."""
+    comm = MPI.COMM_WORLD
+    size = comm.Get_size()
+    readonly = np.zeros(N)
+    readonly.flags.writeable = False
+    strided = np.zeros(2 * N)[::2]
+    cases: list[Callable[[], None]] = [
+        lambda: comm.Bcast([bytearray(4), 8, MPI.BYTE], 0),
+        lambda: comm.Bcast(strided, 0),
+        lambda: comm.Bcast(readonly, 0),
+        lambda: comm.Bcast(np.zeros(N), size),
+        lambda: comm.Allreduce(np.zeros(N), readonly),
+        lambda: comm.Allreduce(np.zeros(N), np.zeros(N + 1)),
+        lambda: comm.Allreduce(np.zeros(N), np.zeros(N, np.float32)),
+        lambda: comm.Reduce(np.zeros(N), np.zeros(N), MPI.SUM, -1),
+        lambda: comm.Reduce(np.zeros(N), readonly, MPI.SUM, 0),
+        lambda: comm.Gather(np.zeros(N), np.zeros(N * size - 1), 0),
+        lambda: comm.Allgather(np.zeros(N), np.zeros(N * size)[::-1]),
+        lambda: comm.Allgather([bytearray(8), 8, MPI.BYTE], [bytearray(8 * size), 16, MPI.BYTE]),
+        lambda: comm.Scan(np.zeros(N), np.zeros(N), MPI.BXOR),
+        lambda: comm.Exscan([bytearray(8), 9, MPI.BYTE], np.zeros(1), MPI.SUM),
+    ]
+    seen = []
+    for case in cases:
+        seen.append(_outcome(case))
+        comm.Barrier()
+    monkeypatch.setattr(collectives, "_c_front", lambda *args: False)
+    for case, got in zip(cases, seen, strict=True):
+        assert _outcome(case) == got
+        comm.Barrier()
+    monkeypatch.undo()
+    buf = np.full(N, comm.Get_rank(), np.float64)
+    comm.Bcast(buf, size - 1)
+    assert (buf == size - 1).all()
