@@ -1845,10 +1845,13 @@ class Collectives:
             if local is not out:
                 mine[...] = local[blocks[rank]]
             sinks = [self._reduce_sink(mine, op, datatype, j) for j in others]
-        folds = [self._c_irecv(None, j, tag, sink) for j, sink in zip(others, sinks, strict=True)]
+        errors: list[Exception] = []
+        folds = [self._c_irecv(None, j, tag, _kept(sink, errors))
+                 for j, sink in zip(others, sinks, strict=True)]  # fmt: skip
         gathers = [self._c_irecv(_raw(out[blocks[j]]), j, last) for j in others]
         sends = [self._c_isend(_raw(local[blocks[j]]), j, tag) for j in others]
         yield folds
+        _raise_first(errors)
         whole(zip(others, folds, strict=True), mine.nbytes, "rank")
         yield sends + gathers + [self._c_isend(_raw(mine), j, last) for j in others]
 
@@ -2089,7 +2092,7 @@ class Collectives:
         """Start an Allreduce; return the Request.
 
         Large operands of a commutative op as Allreduce's (a reduce-scatter, then an
-        allgather); others: rank 0 folds every operand in rank order and sends the result to
+        allgather); others: rank 0 folds every operand (`_fold_at`) and sends the result to
         all. The same bits everywhere.
         """
         size, rank = self._sizes()
@@ -2111,7 +2114,8 @@ class Collectives:
 
     @started(_a_reduce)
     def Ireduce(self, sendbuf: Any, recvbuf: Any, op: ops.Op = ops.SUM, root: int = 0) -> Request:
-        """Nonblocking Reduce: `root` folds every operand in rank order."""
+        """Nonblocking Reduce: `root` folds every operand (a commutative op as they arrive,
+        read in place; another in rank order)."""
         _, rank = self._sizes()
 
         def steps(tag: int) -> Iterator[list[Op]]:
@@ -2144,11 +2148,26 @@ class Collectives:
         tag: int,
         also: list[Op] | None = None,
     ) -> Iterator[list[Op]]:
-        """Stages of a fold of every rank's `local` at `root`, in rank order (x0 op x1 op
-        ...), into `out` there. `also`: operations this rank waits for with its first stage."""
+        """Stages of a fold of every rank's `local` at `root` into `out` there: a
+        commutative op folds each operand as it arrives, read in place (as Reduce); another
+        in rank order (x0 op x1 op ...). `also`: operations this rank waits for with its
+        first stage."""
         size, rank = self._sizes()
         if rank != root:
             yield [self._c_isend(_raw(local), root, tag), *(also or [])]
+            return
+        assert out is not None
+        if op.is_commutative:
+            out[...] = local
+            errors: list[Exception] = []
+            others = [r for r in range(size) if r != root]
+            folds = {}
+            for r in others:
+                sink = _kept(self._reduce_sink(out, op, datatype, r), errors)
+                folds[r] = self._c_irecv(None, r, tag, sink)
+            yield [*folds.values(), *(also or [])]
+            _raise_first(errors)
+            whole(folds.items(), out.nbytes, "rank")
             return
         operands = {r: np.empty_like(local) for r in range(size) if r != root}
         recvs = {r: self._c_irecv(_raw(operands[r]), r, tag) for r in operands}
@@ -2158,7 +2177,6 @@ class Collectives:
         result = operands[size - 1].copy()
         for r in reversed(range(size - 1)):
             op.reduce_into(result, operands[r], datatype)
-        assert out is not None
         out[...] = result
 
 
@@ -2180,6 +2198,27 @@ def _block_bytes(buf: Any, size: int) -> int:
         return lane[1] // size
     spec = buffers.parse_vector(buf, size, writable=True)
     return max(spec.counts, default=0) * spec.datatype.Get_size()
+
+
+def _kept(sink: Callable[[int, Any], None], errors: list[Exception]) -> Callable[..., None]:
+    """`sink` (a receive's, see RecvOp) that notes its error in `errors` and takes no more
+    pieces, where it would raise inside the engine's progress (which any call of the
+    process may run): the stage that waits for the receive raises it (`_raise_first`)."""
+
+    def kept(offset: int, data: Any) -> None:
+        if not errors:
+            try:
+                sink(offset, data)
+            except Exception as exc:
+                errors.append(exc)
+
+    return kept
+
+
+def _raise_first(errors: list[Exception]) -> None:
+    """Raise the first error a `_kept` sink noted, if any."""
+    if errors:
+        raise errors[0]
 
 
 def _in_blocks(op: ops.Op, out: np.ndarray, size: int) -> bool:

@@ -84,8 +84,9 @@ NONCOMMUTATIVE = MPI.Op.Create(lambda inbuf, inoutbuf, datatype: None, commute=F
      ("Reduce", 64, "sent 64 operand bytes at byte 0 of 32"),
      ("Reduce", 8, "sent 8 bytes where 32 are expected"),
      ("noncommutative", 8, "sent 8 bytes where 32 are expected"),
-     ("Ireduce", 8, "sent 8 bytes where 32 are expected")],
-    ids=["odd", "long", "short", "noncommutative-short", "Ireduce-short"],
+     ("Ireduce", 8, "sent 8 bytes where 32 are expected"),
+     ("Ireduce", 3, "sent 3 operand bytes at byte 0 of 32")],
+    ids=["odd", "long", "short", "noncommutative-short", "Ireduce-short", "Ireduce-odd"],
 )  # fmt: skip
 def test_operand_of_another_length_is_refused_naming_its_rank(comm, call, nbytes, what):
     """Reductions on messages (the collective area kept out): the last rank sends an
@@ -107,6 +108,35 @@ def test_operand_of_another_length_is_refused_naming_its_rank(comm, call, nbytes
     else:
         (dup.Ireduce(send, None, op, 0).Wait() if call == "Ireduce"
          else dup.Reduce(send, None, op, 0))  # fmt: skip
+    dup.Barrier()
+    assert dup.allreduce(1) == size  # the next collectives work
+    dup.Free()
+
+
+def test_operand_error_of_a_started_reduction_comes_at_its_wait(comm):
+    """Ireduce on messages (a commutative op: the root folds each operand as it arrives),
+    the last rank's operand cut mid-element: the root's blocking Recv, whose progress takes
+    that operand in before the message it waits for, completes; the error comes at the
+    Ireduce's Wait, naming the rank (before: the fold raised it out of the Recv)."""
+    size = comm.Get_size()
+    if size < 2 or any(route == 2 for route, _ in MPI._internal_state()["routes"]):
+        pytest.skip("needs two ranks on shared memory")
+    dup = comm.Dup()
+    dup._area = False
+    rank, hostile = dup.Get_rank(), size - 1
+    send = bytearray(3) if rank == hostile else np.ones(4, "i8")
+    if rank == 0:
+        request = dup.Ireduce(send, np.zeros(4, "i8"), MPI.MAX, 0)
+        word = np.zeros(1, "i4")
+        dup.Recv(word, hostile, tag=5)
+        assert word[0] == 7
+        with pytest.raises(MPI.Exception, match=f"rank {hostile} sent 3 operand bytes"):
+            request.Wait()
+    else:
+        request = dup.Ireduce(send, None, MPI.MAX, 0)
+        if rank == hostile:
+            dup.Send(np.full(1, 7, "i4"), 0, tag=5)
+        request.Wait()
     dup.Barrier()
     assert dup.allreduce(1) == size  # the next collectives work
     dup.Free()
