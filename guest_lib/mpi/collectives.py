@@ -1623,9 +1623,11 @@ class Collectives:
         return plan, stages
 
     def Ialltoall(self, sendbuf: Any, recvbuf: Any) -> Request:
-        """Nonblocking Alltoall (its specs checked as Alltoall's, at the call). Blocks over
-        one round of the area (the same size at every member: Alltoall's rule) go on
-        messages at once, without the round in which the members would decline them."""
+        """Start Alltoall (see there) without waiting; return the Request.
+
+        The specs are checked as Alltoall's, at the call. Blocks over one round of the area
+        (the same size at every member: Alltoall's rule) go on messages at once, without the
+        round in which the members would decline them."""
         size = len(self._group)
         _check_blocks(size, sendbuf, recvbuf)
         shared = area.current(self)
