@@ -101,6 +101,7 @@ def test_quick_two_ranks_runs_every_test_and_form(quick2: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.serial  # 4 ranks on 2 cores: nothing beside them
+@pytest.mark.full  # make test-all (CI); make test runs the two-rank quick run
 @pytest.mark.timeout(250)
 def test_quick_four_ranks_oversubscribed_subset(tmp_path: Path) -> None:
     proc = _osu(

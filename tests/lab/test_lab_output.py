@@ -20,7 +20,8 @@ from tests.support import vm_marks
 
 REPO = Path(__file__).resolve().parents[2]
 PROGRAM = "tests/mpi/programs/launcher_rank.py"
-pytestmark = vm_marks(240)
+# in make test-all (CI); make test boots guests for one test per module (not these)
+pytestmark = [*vm_marks(240), pytest.mark.full]
 
 
 @pytest.mark.parametrize("prepend", [False, True], ids=["plain", "prepend_rank"])

@@ -18,6 +18,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from ivshmem_lab.mpi import placement, region_size
 from tests.support import vm_test
 
@@ -77,6 +79,7 @@ def test_two_guests_p2p_and_collectives() -> None:
 
 
 @vm
+@pytest.mark.full  # in make test-all (CI); make test boots guests for one per module
 def test_failing_rank_fails_the_job() -> None:
     # rank 1 exits 3 at once; rank 0 then loses its peer (or times out joining) and fails too
     code = (
@@ -96,6 +99,7 @@ def test_failing_rank_fails_the_job() -> None:
 
 
 @vm
+@pytest.mark.full  # in make test-all (CI); make test boots guests for one per module
 def test_three_ranks_in_two_guests() -> None:
     # guest 0 runs ranks 0 and 2, each on its own doorbell device (IVSHMEM_COMM_DEVICE)
     proc, dt = _lab("--prepend-rank", "--vms", "2", "-n", "3", "--", sys.executable, PROGRAM)
@@ -111,6 +115,7 @@ def test_three_ranks_in_two_guests() -> None:
 
 
 @vm_test(420)
+@pytest.mark.full  # in make test-all (CI); make test boots guests for one per module
 def test_shared_window_between_two_guests() -> None:
     program = "tests/mpi/programs/win_shared_vm.py"
     proc, dt = _lab("--prepend-rank", "--vms", "2", "--timeout", "300", "-n", "2", "--",

@@ -23,6 +23,8 @@ from tests.mpi.conftest import MPIEXEC, PYTEST_RANK_ARGS, PYTHON, run_job
 LAUNCHER = [PYTHON, "-m", "guest_lib.mpi.launcher"]
 pytestmark = pytest.mark.slow  # whole jobs of real ranks: 7 s to 3 min each
 FOUR = pytest.param(4, marks=pytest.mark.serial)  # 4 ranks on 2 cores: nothing beside them
+# The same at 4 ranks in another mode: `make test-all` (CI); `make test` runs test_standalone's.
+FOUR_FULL = pytest.param(4, marks=[pytest.mark.serial, pytest.mark.full])
 
 
 def passed_counts(output: str) -> list[int]:
@@ -41,7 +43,7 @@ def test_standalone(ranks):
     check_all_ranks(done.stdout, ranks)
 
 
-@pytest.mark.parametrize("ranks", [2, FOUR])
+@pytest.mark.parametrize("ranks", [2, FOUR_FULL])
 @pytest.mark.skipif(os.environ.get("IVSHMEM_COMM_PUREPYTHON") == "1",
                     reason="on the pure-Python pass, test_standalone is this very job")  # fmt: skip
 def test_standalone_pure_python(ranks):
@@ -56,7 +58,7 @@ def test_standalone_broker():
     check_all_ranks(done.stdout, 2)
 
 
-@pytest.mark.parametrize("ranks", [1, 2, FOUR])
+@pytest.mark.parametrize("ranks", [1, 2, FOUR_FULL])
 def test_mpiexec_one_region(ranks, regions):
     name = regions(64 << 20 if ranks < 4 else 128 << 20, max(ranks, 2))
     done = run_job([MPIEXEC, "-n", str(ranks), "-env", "IVSHMEM_COMM_REGION", name,
