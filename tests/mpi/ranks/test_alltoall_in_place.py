@@ -12,6 +12,7 @@ the area (`Area.call` / `Area.begin`), not its general entry (`Area.run`).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -231,3 +232,38 @@ def test_alltoallv_over_a_segment_declines_in_its_one_c_round(comm, monkeypatch,
     assert np.array_equal(recv, want)
     assert not entered, f"Alltoallv over a segment took Area.run: {entered}"
     assert shared.group._round == before + 1
+
+
+@pytest.mark.parametrize("own", ["few", "over"])
+def test_members_on_the_lane_and_on_the_body(comm, monkeypatch, own):
+    """Rank 0 runs an in-place Alltoallv on its lane while the others, an Ibarrier still
+    pending, run it through the collective's body (Area.run after the pending round, a copy
+    of recvbuf sent): both ways meet in one round, declined where rank 0's own block is over
+    a segment ("over"); every block lands."""
+    size, rank = comm.Get_size(), comm.Get_rank()
+    big = _segment(comm) + 1 if own == "over" else 3  # (binds the area)
+    lane = _lane_ready(comm)
+    entered: list[str] = []
+    general = area.Area.run
+
+    def run(self: area.Area, name: str, *args: Any) -> bool:
+        entered.append(name)
+        return general(self, name, *args)
+
+    monkeypatch.setattr(area.Area, "run", run)
+    if rank == 0:
+        time.sleep(0.05)  # (the others' Ibarrier stays pending meanwhile)
+    request = comm.Ibarrier()
+    if rank == 0:
+        request.Wait()
+    shared = area.current(comm)
+    pending = shared is not None and bool(shared.group._pending)
+    counts = [big if rank == q == 0 else 3 for q in range(size)]
+    displs = [sum(counts[:q]) for q in range(size)]
+    buf = np.concatenate([_block(rank, q, counts[q]) for q in range(size)])
+    want = np.concatenate([_block(r, rank, counts[r]) for r in range(size)])
+    comm.Alltoallv(MPI.IN_PLACE, [buf, (counts, displs), MPI.BYTE])
+    request.Wait()
+    assert np.array_equal(buf, want)
+    if lane:
+        assert entered == (["alltoallv"] if pending else [])
