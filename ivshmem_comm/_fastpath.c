@@ -51,6 +51,8 @@
 #define HDR_F_FIRST 1u
 #define MAX_MESSAGE (1ULL << 48)
 #define CACHE_WINDOW (4 << 20) /* layout.CACHE_WINDOW */
+#define PIPE_SPAN_MIN (16 << 10)
+#define PIPE_PIECES 4
 #define TAG_MAX 0x7FFFFFFFL
 #define QUEUE_NUM_MAX 32768
 #define CACHE_LINE 64
@@ -124,6 +126,10 @@ typedef struct {
     uint16_t last_used;    /* next used-ring index to consume */
     Py_ssize_t head;       /* data-relative start of the next allocation */
     Py_ssize_t reserve_cursor, reserve_end; /* open reservation; reserve_end -1: none */
+    /* After a reservation found no room: the used index at which enough will be free (arm()
+     * asks to be kicked only then, not at every completion), valid while wake_set. */
+    uint16_t wake_at;
+    bool wake_set;
 } TxRing;
 
 typedef struct {
@@ -529,6 +535,7 @@ static int tx_init(TxRing *self, PyObject *args, PyObject *kwds)
     self->avail_shadow = self->last_used = 0;
     self->head = self->reserve_cursor = 0;
     self->reserve_end = -1;
+    self->wake_set = false;
     return 0;
 }
 
@@ -551,6 +558,7 @@ static PyObject *tx_reset(TxRing *self, PyObject *session)
     self->avail_shadow = self->last_used = 0;
     self->head = self->reserve_cursor = 0;
     self->reserve_end = -1;
+    self->wake_set = false;
     ring_reset_end(r);
     Py_RETURN_NONE;
 }
@@ -602,12 +610,26 @@ static PyObject *tx_reclaim(TxRing *self, PyObject *Py_UNUSED(ignored))
     return PyLong_FromLong(pending);
 }
 
-/* Data-relative start of a free contiguous run of `size` bytes, or -1. */
-static Py_ssize_t tx_find_space(TxRing *self, Py_ssize_t size)
+/* layout.pipe_span: the piece size a reservation of `nbytes` bytes is published in. */
+static long long pipe_span(const Ring *r, long long nbytes)
 {
-    if (tx_in_flight(self) == 0)
-        return 0;
-    Py_ssize_t tail = self->inflight[self->last_used & self->ring.mask].start;
+    long long max_span = (long long)r->max_span;
+    if (nbytes <= max_span)
+        return max_span;
+    long long half = r->num / 2 > 0 ? r->num / 2 : 1;
+    long long piece = align_up((Py_ssize_t)((nbytes + PIPE_PIECES - 1) / PIPE_PIECES), SPAN_ALIGN);
+    long long least = align_up((Py_ssize_t)((nbytes + half - 1) / half), SPAN_ALIGN);
+    if (piece < PIPE_SPAN_MIN)
+        piece = PIPE_SPAN_MIN;
+    if (piece < least)
+        piece = least;
+    return piece < max_span ? piece : max_span;
+}
+
+/* Data-relative start of a free contiguous run of `size` bytes, or -1, were the oldest span in
+ * flight to start at data-relative `tail`. */
+static Py_ssize_t tx_space_at(TxRing *self, Py_ssize_t tail, Py_ssize_t size)
+{
     Py_ssize_t head = self->head;
     if (head > tail) {
         /* past the cache window with the whole window free at the bottom: wrap early
@@ -621,6 +643,31 @@ static Py_ssize_t tx_find_space(TxRing *self, Py_ssize_t size)
     if (head < tail && tail - head >= size)
         return head;
     return -1;
+}
+
+/* Data-relative start of a free contiguous run of `size` bytes, or -1. */
+static Py_ssize_t tx_find_space(TxRing *self, Py_ssize_t size)
+{
+    if (tx_in_flight(self) == 0)
+        return 0;
+    return tx_space_at(self, self->inflight[self->last_used & self->ring.mask].start, size);
+}
+
+/* A reservation of `size` bytes in `pieces` descriptors found no room: remember the used index
+ * at which it will (the fewest completions of what is in flight that free both), for arm(). */
+static void tx_note_wait(TxRing *self, Py_ssize_t size, long long pieces)
+{
+    uint16_t in_flight = tx_in_flight(self);
+    uint16_t j = 1;
+    for (; j < in_flight; j++) {
+        if (in_flight - j + pieces > self->ring.num)
+            continue;
+        Py_ssize_t tail = self->inflight[(uint16_t)(self->last_used + j) & self->ring.mask].start;
+        if (tx_space_at(self, tail, size) >= 0)
+            break;
+    }
+    self->wake_at = (uint16_t)(self->last_used + (in_flight ? j : 1));
+    self->wake_set = true;
 }
 
 /* Open a reservation of `nbytes`: its region offset, -1 if no room (bytes, or descriptors for
@@ -642,12 +689,14 @@ static Py_ssize_t tx_reserve_impl(TxRing *self, long long nbytes)
         return -2;
     }
     Py_ssize_t size = align_up((Py_ssize_t)nbytes, SPAN_ALIGN);
-    long long pieces = (nbytes + r->max_span - 1) / r->max_span; /* descriptors it will take */
-    if (tx_in_flight(self) + pieces > r->num)
+    long long span = pipe_span(r, nbytes);
+    long long pieces = (nbytes + span - 1) / span; /* descriptors it will take */
+    Py_ssize_t start = tx_in_flight(self) + pieces > r->num ? -1 : tx_find_space(self, size);
+    if (start < 0) {
+        tx_note_wait(self, size, pieces);
         return -1;
-    Py_ssize_t start = tx_find_space(self, size);
-    if (start < 0)
-        return -1;
+    }
+    self->wake_set = false;
     self->head = start + size;
     self->reserve_cursor = start;
     self->reserve_end = start + size;
@@ -752,7 +801,7 @@ static int tx_check_write(TxRing *self, long long offset, Py_ssize_t n, int over
 
 /* The rest of a contiguous message whose reservation starts at region `start` (its header
  * written there), `published` bytes of it (header included) already out: the payload `data`
- * written and published in spans of at most max_span laid end to end, the first span carrying
+ * written and published in spans of pipe_span() bytes laid end to end, the first span carrying
  * the header. Stops when all is published or after a publication that must be kicked; returns
  * (published, kick) for the caller to kick and call again. */
 static PyObject *tx_publish_payload(TxRing *self, PyObject *const *args, Py_ssize_t nargs)
@@ -775,8 +824,9 @@ static PyObject *tx_publish_payload(TxRing *self, PyObject *const *args, Py_ssiz
         return NULL;
     }
     int kick = 0;
+    long long span = pipe_span(r, total);
     while (published < total && !kick) {
-        long long piece = total - published < r->max_span ? total - published : r->max_span;
+        long long piece = total - published < span ? total - published : span;
         long long skip = published < SPAN_HEADER_SIZE ? SPAN_HEADER_SIZE - published : 0;
         if (piece > skip) { /* the payload bytes of this piece (the header is written) */
             if (tx_check_write(self, start + published + skip, (Py_ssize_t)(piece - skip), 0) < 0)
@@ -889,11 +939,16 @@ static PyObject *tx_write_header(TxRing *self, PyObject *const *args, Py_ssize_t
 static PyObject *tx_arm(TxRing *self, PyObject *Py_UNUSED(ignored))
 {
     Ring *r = &self->ring;
+    /* Kicked at the completion that makes room for the reservation that found none
+     * (tx_note_wait), else at the next one: not once per span the device gives back. */
+    uint16_t ahead = self->wake_set ? (uint16_t)(self->wake_at - self->last_used) : 1;
+    if (ahead == 0 || ahead > tx_in_flight(self))
+        ahead = 1;
     /* used_event store: pairs with the device's load after its [F2] */
-    __atomic_store_n(r->used_event, self->last_used, __ATOMIC_RELEASE);
+    __atomic_store_n(r->used_event, (uint16_t)(self->last_used + ahead - 1), __ATOMIC_RELEASE);
     full_fence_impl(); /* [F2] our used_event store before the used.idx load below */
     uint16_t used_idx = __atomic_load_n(r->used_idx, __ATOMIC_ACQUIRE); /* [A2]; pairs with [R2] */
-    return PyBool_FromLong(used_idx != self->last_used || !ring_sync(r));
+    return PyBool_FromLong((uint16_t)(used_idx - self->last_used) >= ahead || !ring_sync(r));
 }
 
 static PyObject *tx_get_in_flight(TxRing *self, void *Py_UNUSED(closure))
@@ -1218,6 +1273,90 @@ static PyObject *rx_wait_header(RxRing *self, PyObject *spin_obj)
 
 static bool rx_complete_impl(RxRing *self, uint16_t n);
 
+/* Check a span of a message being taken (`left` of its bytes still to come; `expected`: the
+ * region offset it must start at, a contiguous message, or -1 for any): 0, or -1 with the
+ * ring broken ("span.len": it runs past the message; "span.addr": it lies elsewhere). */
+static int rx_check_span(RxRing *self, uint64_t addr, uint32_t length, uint64_t left,
+                         long long expected)
+{
+    Ring *r = &self->ring;
+    if (length > left) {
+        ring_corrupt(r, PyUnicode_FromString("span.len"), PyLong_FromUnsignedLong(length),
+                     PyUnicode_FromFormat("%llu bytes left", (unsigned long long)left));
+        return -1;
+    }
+    if (expected >= 0 && addr != (uint64_t)expected) {
+        ring_corrupt(r, PyUnicode_FromString("span.addr"), PyLong_FromUnsignedLongLong(addr),
+                     PyUnicode_FromFormat("expected contiguous %lld", expected));
+        return -1;
+    }
+    return 0;
+}
+
+/* layout.is_contiguous: whether a message of `total` bytes is one reservation, its spans laid
+ * end to end. */
+static bool rx_contiguous(RxRing *self, uint64_t total)
+{
+    Ring *r = &self->ring;
+    uint64_t bytes = SPAN_HEADER_SIZE + total;
+    return bytes <= (uint64_t)r->data_size &&
+           (bytes + (uint64_t)r->max_span - 1) / (uint64_t)r->max_span <= (uint64_t)(r->num / 2);
+}
+
+/* Whether every span of the message whose first span (polled: at region `addr`, `length`
+ * bytes) heads it is published: 1 yes, 0 not yet, -1 with the ring broken (a span that
+ * rx_check_span rejects, or the ring's own errors). Polls the spans to look, then puts them
+ * back: nothing is consumed. */
+static int rx_rest_ready(RxRing *self, uint64_t addr, uint32_t length, uint64_t total)
+{
+    uint16_t saved = self->next_avail;
+    uint64_t left = total - (length - SPAN_HEADER_SIZE);
+    long long expected = rx_contiguous(self, total) ? (long long)(addr + length) : -1;
+    int status = 1;
+    while (left > 0) {
+        uint32_t span;
+        if ((status = rx_poll_impl(self, &addr, &span)) <= 0)
+            break;
+        if (rx_check_span(self, addr, span, left, expected) < 0) {
+            status = -1;
+            break;
+        }
+        left -= span;
+        if (expected >= 0)
+            expected = (long long)(addr + span);
+    }
+    self->next_avail = saved;
+    return status;
+}
+
+/* Copy the whole message headed by the span just polled (region `addr`, `length` bytes;
+ * `total` bytes in all, every span published: rx_rest_ready) into `dest` (which holds it) and
+ * complete its spans (the caller holds no other). Returns whether the driver must be kicked
+ * (0 or 1), -1 with the ring broken. */
+static int rx_take_whole(RxRing *self, uint64_t addr, uint32_t length, uint64_t total,
+                         unsigned char *dest)
+{
+    uint64_t copied = length - SPAN_HEADER_SIZE;
+    long long expected = rx_contiguous(self, total) ? (long long)(addr + length) : -1;
+    copy_bytes(dest, self->ring.base + addr + SPAN_HEADER_SIZE, (Py_ssize_t)copied);
+    uint16_t spans = 1;
+    while (copied < total) {
+        uint32_t span;
+        int found = rx_poll_impl(self, &addr, &span);
+        if (found == 0) /* (rx_rest_ready saw it: the driver took a published span back) */
+            ring_corrupt(&self->ring, PyUnicode_FromString("avail.idx"), PyLong_FromLong(0),
+                         PyUnicode_FromString("a published span went away"));
+        if (found <= 0 || rx_check_span(self, addr, span, total - copied, expected) < 0)
+            return -1;
+        copy_bytes(dest + copied, self->ring.base + addr, (Py_ssize_t)span);
+        copied += span;
+        spans++;
+        if (expected >= 0)
+            expected = (long long)(addr + span);
+    }
+    return rx_complete_impl(self, spans);
+}
+
 /* The receive of a small message in one call: wait_header(spin_ns) and, when the message that
  * came is one span that fits `dest` and carries `want_tag` (any if negative), its copy into
  * `dest` and its completion. Returns None when no message came, else one shape,
@@ -1311,10 +1450,14 @@ static int posted_read(PyObject *entry, struct posted_entry *e)
     return 0;
 }
 
-/* Fill the receive `entry` with the single-span message of `total` bytes at region offset
- * `addr` (after its span header) if its view takes it whole: 1 (copied), 0 (it does not, or
- * its view is not a writable flat buffer: nothing done; the layer above explains it). */
-static int posted_fill(RxRing *self, PyObject *entry, uint64_t addr, uint64_t total)
+/* Fill the receive `entry` with the message of `total` bytes headed by the span just polled
+ * (region `addr`, `length` bytes) if its view takes it whole and, for a message of several
+ * spans, all of them are published (rx_rest_ready), completing its spans: 1 (copied; *kick
+ * set if the driver must be kicked), 0 (not so: nothing done, the head span still held; a
+ * view that is not a writable flat buffer is the layer above's to explain), -1 with the ring
+ * broken. */
+static int posted_fill(RxRing *self, PyObject *entry, uint64_t addr, uint32_t length,
+                       uint64_t total, bool *kick)
 {
     PyObject *view = PyObject_GetAttr(entry, posted_name[P_VIEW]);
     Py_buffer dest;
@@ -1324,11 +1467,18 @@ static int posted_fill(RxRing *self, PyObject *entry, uint64_t addr, uint64_t to
         PyErr_Clear();
         return 0;
     }
-    int fits = total <= (uint64_t)dest.len;
-    if (fits)
-        copy_bytes(dest.buf, self->ring.base + addr + SPAN_HEADER_SIZE, (Py_ssize_t)total);
+    int filled = total <= (uint64_t)dest.len;
+    if (filled && length - SPAN_HEADER_SIZE != total)
+        filled = rx_rest_ready(self, addr, length, total);
+    if (filled > 0) {
+        int kicked = rx_take_whole(self, addr, length, total, dest.buf);
+        if (kicked < 0)
+            filled = -1;
+        else
+            *kick = kicked || *kick;
+    }
     PyBuffer_Release(&dest);
-    return fits;
+    return filled;
 }
 
 /* Set the completion fields of a filled entry: 0, or -1 with an exception. */
@@ -1348,10 +1498,10 @@ static int posted_done(PyObject *entry, long long source, long long tag, uint64_
 
 /* take_posted(posted, source, tag_bits) -> (taken, kick, head)
  *
- * Takes, in queue order, the messages at the head of this queue that are one span each into
- * the receives of `posted` (a list, in post order) they match, and stops at the first message
- * that cannot be taken so (none there yet; none of `posted` matches; the first match is not
- * plain or its view is too small; a message of several spans). A message of core tag t
+ * Takes, in queue order, the messages at the head of this queue that are all published (every
+ * span) into the receives of `posted` (a list, in post order) they match, and stops at the
+ * first message that cannot be taken so (none there yet; none of `posted` matches; the first
+ * match is not plain or its view is too small; a message of several spans not all out yet). A message of core tag t
  * matches the first entry e with e.ctx == t >> tag_bits, e.src < 0 (any) or == `source`, and
  * e.want_tag < 0 (any) or == t & (2**tag_bits - 1) (its tag). A plain entry (sink and mpi
  * None, view a writable buffer) gets the bytes in its view, source = `source`, tag = the
@@ -1417,11 +1567,12 @@ static PyObject *rx_take_posted(RxRing *self, PyObject *const *args, Py_ssize_t 
                 break;
         }
         int filled = 0;
-        if (!unread && i < n && entries[i].plain && length - SPAN_HEADER_SIZE == total) {
+        if (!unread && i < n && entries[i].plain) {
             PyObject *entry = PyList_GET_ITEM(posted, i);
-            filled = posted_fill(self, entry, addr, total);
+            filled = posted_fill(self, entry, addr, length, total, &kick);
+            if (filled < 0)
+                goto error;
             if (filled) {
-                kick = rx_complete_impl(self, 1) || kick;
                 taken++;
                 Py_INCREF(entry);
                 int status = PyList_SetSlice(posted, i, i + 1, NULL);
@@ -1576,16 +1727,8 @@ static PyObject *rx_stream_into(RxRing *self, PyObject *const *args, Py_ssize_t 
             continue;
         }
         idle_since = 0;
-        if (length > (uint64_t)(total - copied)) {
-            ring_corrupt(r, PyUnicode_FromString("span.len"), PyLong_FromUnsignedLong(length),
-                         PyUnicode_FromFormat("%lld bytes left", total - copied));
+        if (rx_check_span(self, addr, length, (uint64_t)(total - copied), expected) < 0)
             goto fail;
-        }
-        if (expected >= 0 && addr != (uint64_t)expected) {
-            ring_corrupt(r, PyUnicode_FromString("span.addr"), PyLong_FromUnsignedLongLong(addr),
-                         PyUnicode_FromFormat("expected contiguous %lld", expected));
-            goto fail;
-        }
         if (bypass_cache)
             copy_bytes_streaming((unsigned char *)dest.buf + copied, r->base + addr,
                                  (Py_ssize_t)length);

@@ -116,10 +116,11 @@ class TxChannel:
         if self._placed is None:
             raise RuntimeError("no placed message to publish")
         (offset, total), self._placed = self._placed, None
-        ring, max_span = self.ring, self._geometry.max_span
+        ring, geometry = self.ring, self._geometry
         end = offset + layout.SPAN_HEADER_SIZE + total
+        span = layout.pipe_span(end - offset, geometry.max_span, geometry.queue_num)
         while offset < end:
-            length = min(max_span, end - offset)
+            length = min(span, end - offset)
             if ring.publish(offset, length, offset + length == end):
                 self._kick()
             offset += length

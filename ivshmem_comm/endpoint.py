@@ -750,7 +750,7 @@ class Endpoint:
         return nbytes, found.source, msg_tag
 
     def take_posted(self, source: int, posted: list[Any], world: int, tag_bits: int) -> int:
-        """Take the run of small messages at the head of peer `source`'s queue into the
+        """Take the run of whole messages at the head of peer `source`'s queue into the
         receives a layer above posted (`posted`, a list in post order): the ring's
         take_posted (virtqueue.RxRing.take_posted states the matching: core tag split at
         `tag_bits`, `world` the source the entries name and are told). Returns how many were

@@ -146,6 +146,9 @@ class TxRing(_RingBase):
         self._head = 0  # where the next allocation starts
         self._reserve_cursor = 0  # next unpublished byte of the open reservation
         self._reserve_end = -1  # end of the open reservation; -1: none open
+        # After a reservation found no room: the used index at which enough will be free
+        # (arm asks to be kicked only then, not at every completion); None: none waits.
+        self._wake_at: int | None = None
 
     # ---------------------------------------------------------------- session
     def reset(self, session: int) -> None:
@@ -163,6 +166,7 @@ class TxRing(_RingBase):
         self._inflight.clear()
         self._head = self._reserve_cursor = 0
         self._reserve_end = -1
+        self._wake_at = None
         self._broken = None
         self._synced = False
         self.session = session
@@ -227,8 +231,8 @@ class TxRing(_RingBase):
     def reserve(self, nbytes: int) -> int:
         """Reserve `nbytes` contiguous bytes of the data area; return their region offset.
 
-        Returns -1 if no such space, or not enough free descriptors for its pieces of at
-        most max_span bytes, is free now (reclaim, wait, retry). The reservation is then
+        Returns -1 if no such space, or not enough free descriptors for its pieces of
+        layout.pipe_span bytes, is free now (reclaim, wait, retry). The reservation is then
         published piece by piece with `publish`. Raises ValueError if `nbytes` can never
         fit, RuntimeError if a reservation is already open.
         """
@@ -239,22 +243,43 @@ class TxRing(_RingBase):
         size = layout.align_up(nbytes, layout.SPAN_ALIGN)
         if not 0 < size <= self.data_size:
             raise ValueError(f"{nbytes} bytes never fit a {self.data_size}-byte data area")
-        pieces = -(-nbytes // self.max_span)  # descriptors the reservation will publish
-        if self.in_flight + pieces > self.num:
-            return -1
-        start = self._find_space(size)
+        span = layout.pipe_span(nbytes, self.max_span, self.num)
+        pieces = -(-nbytes // span)  # descriptors the reservation will publish
+        start = -1 if self.in_flight + pieces > self.num else self._find_space(size)
         if start < 0:
+            self._note_wait(size, pieces)
             return -1
+        self._wake_at = None
         self._head = start + size
         self._reserve_cursor = start
         self._reserve_end = start + size
         return self.data_offset + start
 
+    def _note_wait(self, size: int, pieces: int) -> None:
+        """A reservation of `size` bytes in `pieces` descriptors found no room: remember the
+        used index at which it will (the fewest completions of what is in flight that free
+        both), for arm()."""
+        in_flight = self.in_flight
+        need = 1
+        for need in range(1, in_flight + 1):
+            if need == in_flight:
+                break
+            if (
+                in_flight - need + pieces <= self.num
+                and self._space_at(self._inflight[need][0], size) >= 0
+            ):
+                break
+        self._wake_at = (self._last_used + need) & 0xFFFF
+
     def _find_space(self, size: int) -> int:
         tail = self._tail()
-        head = self._head
         if tail < 0:
             return 0 if size <= self.data_size else -1
+        return self._space_at(tail, size)
+
+    def _space_at(self, tail: int, size: int) -> int:
+        """Where `size` bytes fit were the oldest span in flight to start at `tail`, or -1."""
+        head = self._head
         if head > tail:
             window = layout.CACHE_WINDOW
             if head >= window and tail >= window and tail >= size:  # wrap early: in cache
@@ -325,8 +350,8 @@ class TxRing(_RingBase):
         """Write and publish the rest of a contiguous message reserved at region `start`.
 
         The header is written at `start` and `published` bytes of the reservation (header
-        included) are out; the payload `data` goes in spans of at most max_span laid end to
-        end, the first span carrying the header. Stops when all is published or after a
+        included) are out; the payload `data` goes in spans of layout.pipe_span bytes laid
+        end to end, the first span carrying the header. Stops when all is published or after a
         publication that must be kicked: returns (published, kick) for the caller to kick and
         call again. ValueError for a bad `published`; otherwise errors as write()/publish().
         """
@@ -336,8 +361,9 @@ class TxRing(_RingBase):
         if not 0 <= published <= total:
             raise ValueError(f"{published} of {total} bytes published")
         kick = False
+        span = layout.pipe_span(total, self.max_span, self.num)
         while published < total and not kick:
-            piece = min(self.max_span, total - published)
+            piece = min(span, total - published)
             skip = max(header - published, 0)  # the header is written already
             if piece > skip:
                 at = published + skip - header  # where in the payload this piece starts
@@ -365,13 +391,20 @@ class TxRing(_RingBase):
 
     # ---------------------------------------------------------------- waiting
     def arm(self) -> bool:
-        """Ask to be kicked at the next completion; True if one already arrived (don't sleep).
+        """Ask to be kicked at the completion that makes room for the reservation that last
+        found none, else at the next one; True if it already arrived (don't sleep).
 
         [F2] pairs with the device's fence between its used.idx store and used_event load.
         """
-        self._u16[self._used_event_i] = self._last_used
+        ahead = 1
+        if self._wake_at is not None:
+            ahead = (self._wake_at - self._last_used) & 0xFFFF
+            if not 0 < ahead <= self.in_flight:
+                ahead = 1
+        self._u16[self._used_event_i] = (self._last_used + ahead - 1) & 0xFFFF
         full_fence()
-        return self._u16[self._used_idx_i] != self._last_used or not self.check_sync()
+        arrived = (self._u16[self._used_idx_i] - self._last_used) & 0xFFFF
+        return arrived >= ahead or not self.check_sync()
 
 
 class RxRing(_RingBase):
@@ -524,10 +557,11 @@ class RxRing(_RingBase):
     def take_posted(
         self, posted: list[Any], source: int, tag_bits: int
     ) -> tuple[int, bool, tuple[int, int, int, int] | None]:
-        """Take, in queue order, the messages at the head of this queue that are one span each
-        into the receives of `posted` (a list, in post order) they match; stop at the first
-        message that cannot be taken so (none there yet; no entry matches; the first match is
-        not plain or its view is too small; a message of several spans).
+        """Take, in queue order, the messages at the head of this queue that are all published
+        (every span) into the receives of `posted` (a list, in post order) they match; stop
+        at the first message that cannot be taken so (none there yet; no entry matches; the
+        first match is not plain or its view is too small; a message of several spans not
+        all out yet).
 
         A message of core tag t matches the first entry e with e.ctx == t >> tag_bits, e.src
         < 0 (any) or == `source`, and e.want_tag < 0 (any) or == t & (2**tag_bits - 1) (its
@@ -552,7 +586,7 @@ class RxRing(_RingBase):
                 break
             offset, length, total, coretag = head
             index = self._posted_match(posted, coretag >> tag_bits, source, coretag & mask)
-            if index < 0 or length - layout.SPAN_HEADER_SIZE != total:
+            if index < 0:
                 return taken, kick, head
             entry = posted[index]
             try:
@@ -561,13 +595,52 @@ class RxRing(_RingBase):
                 return taken, kick, head
             if view.readonly or not view.contiguous or total > view.nbytes:
                 return taken, kick, head
-            self.read_into(offset + layout.SPAN_HEADER_SIZE, view.cast("B"), 0, total)
-            kick = self.complete(1) or kick
+            spans = self._spans_ready(offset, length, total)
+            if spans is None:
+                return taken, kick, head
+            dest = view.cast("B")
+            copied = length - layout.SPAN_HEADER_SIZE
+            self.read_into(offset + layout.SPAN_HEADER_SIZE, dest, 0, copied)
+            for span_offset, span_length in spans:
+                self.read_into(span_offset, dest, copied, span_length)
+                copied += span_length
+            self._next_avail = (self._next_avail + len(spans)) & 0xFFFF
+            kick = self.complete(1 + len(spans)) or kick
             taken += 1
             del posted[index]  # (by place: entries need not be told apart by ==)
             entry.source, entry.tag, entry.count = source, coretag & mask, total
             entry.done = True
         return taken, kick, None
+
+    def _spans_ready(self, offset: int, length: int, total: int) -> list[tuple[int, int]] | None:
+        """The spans after the first (polled: at region `offset`, `length` bytes) of a message
+        of `total` bytes, as (offset, length), if every one is published; else None. Polls
+        them to look, then puts them back: nothing is consumed. Raises RingCorruptError
+        (ring broken) for a span that runs past the message ("span.len") or, in a contiguous
+        one, lies elsewhere than right after the previous ("span.addr"); the ring's errors."""
+        saved = self._next_avail
+        left = total - (length - layout.SPAN_HEADER_SIZE)
+        contiguous = (  # layout.is_contiguous
+            layout.SPAN_HEADER_SIZE + total <= self.data_size
+            and layout.span_count(total, self.max_span) <= self.num // 2
+        )
+        expected = offset + length
+        spans: list[tuple[int, int]] = []
+        try:
+            while left > 0:
+                span = self.poll()
+                if span is None:
+                    return None
+                if span[1] > left:
+                    raise self._corrupt("span.len", span[1], f"{left} bytes left")
+                if contiguous and span[0] != expected:
+                    raise self._corrupt("span.addr", span[0], f"expected contiguous {expected}")
+                spans.append(span)
+                left -= span[1]
+                expected = span[0] + span[1]
+        finally:
+            self._next_avail = saved
+        return spans
 
     @staticmethod
     def _posted_match(posted: list[Any], key: int, source: int, tag: int) -> int:

@@ -565,11 +565,11 @@ class Engine(Matching, FastPaths):
             return moved
 
     def _take_posted(self) -> bool:
-        """Take the runs of small messages waiting from each shm peer straight into the
-        posted receives they match, in C (the core's take_posted: what `arrived` and `_fill`
-        do, for DATA messages of one span matching a plain posted receive). A peer with a
-        synchronous send announced or a large message arriving is left to `dispatch`. True
-        iff anything was taken (lock held)."""
+        """Take the runs of messages waiting from each shm peer straight into the posted
+        receives they match, in C (the core's take_posted: what `arrived` and `_fill` do,
+        for DATA messages, every span out, matching a plain posted receive). A peer with a
+        synchronous send announced or a message arriving in pieces is left to `dispatch`.
+        True iff anything was taken (lock held)."""
         ep, posted = self.ep, self.posted
         taken = 0
         for peer, world in self.world_of_peer.items():

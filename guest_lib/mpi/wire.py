@@ -6,8 +6,8 @@ One core tag per message, 31 bits:
 - A message of n <= `whole_max` bytes (at most the core's 4 MiB cache window) is one DATA
   message carrying exactly its bytes: the core reserves it contiguously in the queue at once
   (so a send of it either goes whole or not at all: timeout 0 never leaves half a message)
-  and publishes it in max_span pieces that the receiver's `recv_into` copies while the
-  sender writes the next.
+  and publishes it in pieces (layout.pipe_span: a quarter of it, at most max_span) that the
+  receiver's `recv_into` copies while the sender writes the next.
 - A larger message is a FIRST message of `chunk` bytes followed by PIECE messages of at most
   `chunk` bytes, the last one with bit 0 of the tag field set (possibly empty). Pieces of one
   message are never interleaved with other data to the same peer (per-destination FIFO), so

@@ -80,6 +80,66 @@ def test_window_every_form_in_order(comm, form, nbytes):
                 assert status.Get_count(MPI.BYTE) == nbytes and not status.Is_cancelled()
 
 
+def big_pattern(seed: int, nbytes: int) -> bytes:
+    """pattern(), computed by numpy (these messages are large)."""
+    return (
+        ((np.arange(nbytes, dtype=np.uint32) * 11 + seed * 37 + 1) & 0xFF)
+        .astype(np.uint8)
+        .tobytes()
+    )
+
+
+# above one span (128 KiB): pieces pipelined and taken whole into posted receives; 1 MiB + 40:
+# several windows' worth of a queue, so the sender waits for room; odd sizes end mid-piece
+LARGE = [(128 << 10) + 8, 300_000, (1 << 20) + 40]
+
+
+@pytest.mark.parametrize("nbytes", LARGE)
+@pytest.mark.parametrize("form", FORMS)
+def test_window_of_large_messages_every_form(comm, form, nbytes):
+    """A window of 16 large messages each way (osu_bw / osu_bibw sizes), Waitall over both,
+    twice: every message lands whole in its receive, with its status."""
+    rank, dest, source = ring(comm)
+    window = 16
+    sends, recvs = Buffers(form, window, nbytes), Buffers(form, window, nbytes)
+    for turn in range(2):
+        for i in range(window):
+            sends.fill(i, big_pattern(rank * 1000 + turn * 100 + i, nbytes))
+        reqs = [comm.Irecv(recvs.spec(i), source, 7) for i in range(window)]
+        reqs += [comm.Isend(sends.spec(i), dest, 7) for i in range(window)]
+        statuses = [MPI.Status() for _ in reqs]
+        MPI.Request.Waitall(reqs, statuses)
+        for i in range(window):
+            want = big_pattern(source * 1000 + turn * 100 + i, nbytes)
+            assert recvs.data(i) == want, (turn, i)
+            status = statuses[i]
+            assert (status.Get_source(), status.Get_tag()) == (source, 7)
+            assert status.Get_count(MPI.BYTE) == nbytes
+
+
+@pytest.mark.parametrize("nbytes", LARGE)
+@pytest.mark.parametrize("form", FORMS)
+def test_large_send_recv_and_sendrecv_every_form(comm, form, nbytes):
+    """Blocking Send/Recv round the ring (even ranks first), then Sendrecv, of large messages:
+    the bytes and counts arrive whole, the receive posted before or after the message."""
+    rank, dest, source = ring(comm)
+    sends, recvs = Buffers(form, 1, nbytes), Buffers(form, 1, nbytes)
+    status = MPI.Status()
+    for turn in range(3):
+        sends.fill(0, big_pattern(rank * 7 + turn, nbytes))
+        if turn < 2 and comm.Get_size() > 1:
+            if (rank + turn) % 2 == 0:
+                comm.Send(sends.spec(0), dest, 8)
+                comm.Recv(recvs.spec(0), source, 8, status)
+            else:
+                comm.Recv(recvs.spec(0), source, 8, status)
+                comm.Send(sends.spec(0), dest, 8)
+        else:
+            comm.Sendrecv(sends.spec(0), dest, 8, recvs.spec(0), source, 8, status)
+        assert recvs.data(0) == big_pattern(source * 7 + turn, nbytes), turn
+        assert status.Get_count(MPI.BYTE) == nbytes and status.Get_source() == source
+
+
 def test_numpy_isends_past_a_full_queue_keep_order_and_data(comm):
     """Isend of plain numpy arrays far past what the queue holds, empty arrays among them:
     the ones the queue cannot take are queued (their requests pending), and every array
