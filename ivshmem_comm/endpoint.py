@@ -134,7 +134,8 @@ class Endpoint:
         for p in self._others:
             tx_ring = TxRing(buf, region.queue_offset(me, p), g, p)
             rx_ring = RxRing(buf, region.queue_offset(p, me), g, p)
-            self.tx[p] = TxChannel(tx_ring, g, self._kicker(p), self._waiter([tx_ring], p), p)
+            waiter = self._waiter([tx_ring], p, sending=True)
+            self.tx[p] = TxChannel(tx_ring, g, self._kicker(p), waiter, p)
             self.rx[p] = RxChannel(
                 rx_ring, p, buf, g, self._kicker(p), self._waiter([rx_ring], p), stall_timeout
             )
@@ -355,23 +356,28 @@ class Endpoint:
         notifier = self.notifier
         return lambda: notifier.kick(p)
 
-    def _waiter(self, rings: list[Any], p: int) -> Any:
-        return lambda deadline: self._idle(rings, p, deadline)
+    def _waiter(self, rings: list[Any], p: int, sending: bool = False) -> Any:
+        return lambda deadline: self._idle(rings, p, deadline, sending)
 
-    def _idle(self, rings: list[Any], watch: int, deadline: float | None) -> bool:
+    def _idle(
+        self, rings: list[Any], watch: int, deadline: float | None, sending: bool = False
+    ) -> bool:
         """Called after a poll found nothing: spin a while, then sleep until something moves.
 
         Returns True iff it slept. `watch` (a peer id or -1) is the peer whose loss aborts the
         wait. Raises PeerLostError if `watch` is lost, else TimeoutError past `deadline`
         (time.monotonic): the peer is judged before the deadline, so a poll (timeout 0) of a
-        lost peer says it is lost, never that it timed out.
+        lost peer says it is lost, never that it timed out. `sending`: a send waiting for
+        room, whose polls (a progress engine retries a full queue at every pass) look at the
+        holder's process (~0.1 ms) at most once per WATCH_SLICE (see _check_peer's `recent`):
+        one whose holder crashed without its slot marked says so within a slice.
         """
         if self._tailed:
             self._push_tails()
         now = time.monotonic()
         if deadline is not None and now >= deadline:
             if watch >= 0:
-                self._check_peer(watch, rings)
+                self._check_peer(watch, rings, recent=sending)
             raise TimeoutError("timed out waiting for a peer")
         if self._spin_end == 0.0:  # a new episode of waiting begins with spinning
             self._spin_end = now + self._spin

@@ -67,6 +67,39 @@ def test_tags_any_source_and_unexpected(make_region):
     r2.close()
 
 
+def test_polls_of_a_full_queue_look_at_the_holder_process_once_per_slice(make_region):
+    """A send polled again and again at a full queue (what a progress engine does at every
+    pass) reads the receiver's /proc entry at most once per WATCH_SLICE, not per poll."""
+    region = make_region(size=4 << 20)
+    with region.endpoint(0) as a, ic.Region.open(region.name) as r2, r2.endpoint(1) as b:
+        a.send(1, b"hello")
+        b.recv(0).release()
+        big = bytes(256 << 10)
+        with pytest.raises(ic.TimeoutError):
+            while True:  # fill the queue
+                a.send(1, big, timeout=0)
+        peer = region.peer(1)
+        looks = []
+        holder_alive = type(peer).holder_alive
+
+        def counted(self):
+            looks.append(time.monotonic())
+            return holder_alive(self)
+
+        type(peer).holder_alive = counted
+        try:
+            start = time.monotonic()
+            polls = 0
+            while time.monotonic() - start < 0.03:
+                with pytest.raises(ic.TimeoutError):
+                    a.send(1, big, timeout=0)
+                polls += 1
+        finally:
+            type(peer).holder_alive = holder_alive
+        assert polls >= 10 and len(looks) <= 1, (polls, len(looks))
+        del b
+
+
 def _send_hello_and_wait(ep: ic.Endpoint) -> None:
     ep.send(0, b"hello", tag=5, timeout=10)
     with ep.recv(0, timeout=20) as msg:
