@@ -25,8 +25,12 @@ from ivshmem_comm.ring import SEND_FULL, SEND_KICK, SEND_TOO_BIG
 
 Wait = Callable[[float | None], None]
 STALL_TIMEOUT = 10.0  # seconds a receiver waits for the next span inside a message
-MID_MESSAGE_SPIN = 200e-6  # seconds a receiver spins for the next span of a message
-STREAM_SPIN_NS = 200_000  # the same spin, inside the ring's stream_into
+# How long a receiver spins for the next span of a message before it sleeps on the doorbell
+# (RxChannel.mid_spin_ns): at most this long, and MID_SPIN_FACTOR times the endpoint's spin
+# (Endpoint.spin_us; short where ranks outnumber the CPUs: a receiver spinning mid-message
+# there takes the CPU from the very sender it waits for).
+STREAM_SPIN_NS = 200_000
+MID_SPIN_FACTOR = 4
 PREALLOC_MAX = 256 << 20  # largest streamed message given all its memory up front
 Kick = Callable[[], None]
 
@@ -298,6 +302,7 @@ class RxChannel:
         self._pending: collections.deque[list[int]] = collections.deque()
         self.head: tuple[int, int, int, int] | None = None  # offset, length, total, tag
         self.stall_timeout = stall_timeout
+        self.mid_spin_ns = STREAM_SPIN_NS  # the spin for the next span (see STREAM_SPIN_NS)
 
     def reset(self) -> None:
         """Forget the peeked header and held records (the ring was reset for a new session)."""
@@ -373,7 +378,7 @@ class RxChannel:
         deadline = now + self.stall_timeout
         # The next span is being written right now: spin for it rather than sleep and be
         # woken per span (the endpoint's spin phase was spent on the message's first span).
-        spin_end = now + MID_MESSAGE_SPIN
+        spin_end = now + self.mid_spin_ns * 1e-9
         while True:
             span = self.ring.poll()
             if span is not None:
@@ -468,7 +473,7 @@ class RxChannel:
                     copied,
                     total,
                     expected if contiguous else -1,
-                    STREAM_SPIN_NS,
+                    self.mid_spin_ns,
                     bypass_cache,
                 )
                 if kick:

@@ -34,7 +34,15 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from ivshmem_comm import layout, serialize
-from ivshmem_comm.channel import STALL_TIMEOUT, Message, RxChannel, TxChannel, byte_view
+from ivshmem_comm.channel import (
+    MID_SPIN_FACTOR,
+    STALL_TIMEOUT,
+    STREAM_SPIN_NS,
+    Message,
+    RxChannel,
+    TxChannel,
+    byte_view,
+)
 from ivshmem_comm.errors import (
     MessageTooLargeError,
     PeerLostError,
@@ -139,6 +147,7 @@ class Endpoint:
             self.rx[p] = RxChannel(
                 rx_ring, p, buf, g, self._kicker(p), self._waiter([rx_ring], p), stall_timeout
             )
+        self.spin_us = spin_us  # (and the channels' spin for the next span of a message)
         # The same channels by peer id, for the fast paths (a dict refuses bad ids for free).
         self._tx_by_peer = {p: self.tx[p] for p in self._others}
         self._rx_by_peer = {p: self.rx[p] for p in self._others}
@@ -161,6 +170,10 @@ class Endpoint:
             raise ValueError(f"spin_us must be >= 0, got {value}")
         self._spin = value * 1e-6
         self._spin_ns = int(value * 1000)
+        mid_spin_ns = min(STREAM_SPIN_NS, MID_SPIN_FACTOR * self._spin_ns)
+        for channel in self.rx:
+            if channel is not None:
+                channel.mid_spin_ns = mid_spin_ns
 
     # ------------------------------------------------------------------ lifecycle
     def _claim(self, broker_assigned: bool) -> int:

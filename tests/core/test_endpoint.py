@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 
 import numpy as np
@@ -98,6 +99,23 @@ def test_polls_of_a_full_queue_look_at_the_holder_process_once_per_slice(make_re
             type(peer).holder_alive = holder_alive
         assert polls >= 10 and len(looks) <= 1, (polls, len(looks))
         del b
+
+
+def test_a_short_spin_shortens_the_spin_for_the_next_span_of_a_message(make_region):
+    """Endpoint.spin_us (short where ranks outnumber the CPUs) bounds how long a receive
+    spins for the next span of a message too (4x it, at most 200 us), and a message in
+    pieces still arrives whole with it."""
+    region = make_region(size=4 << 20)
+    with region.endpoint(0) as a, ic.Region.open(region.name) as r2, r2.endpoint(1) as b:
+        assert {ch.mid_spin_ns for ch in b.rx if ch is not None} == {200_000}
+        b.spin_us = 2
+        assert {ch.mid_spin_ns for ch in b.rx if ch is not None} == {8000}
+        payload = os.urandom(3 << 20)  # more than the queue holds: streamed as it is taken
+        sender = threading.Thread(target=a.send, args=(1, payload))
+        sender.start()
+        dest = bytearray(len(payload))
+        assert b.recv_into(dest, 0, timeout=30)[0] == len(payload) and bytes(dest) == payload
+        sender.join(30)
 
 
 def _send_hello_and_wait(ep: ic.Endpoint) -> None:
