@@ -2116,8 +2116,10 @@ class Collectives:
 
     @started(_a_reduce)
     def Ireduce(self, sendbuf: Any, recvbuf: Any, op: ops.Op = ops.SUM, root: int = 0) -> Request:
-        """Nonblocking Reduce: `root` folds every operand (a commutative op as they arrive,
-        read in place; another in rank order)."""
+        """Nonblocking Reduce: `root` folds every operand.
+
+        A commutative op folds them as they arrive, read in place; another in rank order.
+        """
         _, rank = self._sizes()
 
         def steps(tag: int) -> Iterator[list[Op]]:
