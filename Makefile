@@ -11,7 +11,7 @@ PYTEST := $(BIN)/python -m pytest -p no:cacheprovider
 ON_C := IVSHMEM_COMM_REQUIRE_FASTPATH=1
 ON_PURE := IVSHMEM_COMM_PUREPYTHON=1
 
-.PHONY: demo test test-all test-rest check lint test-c test-pure-quick test-full \
+.PHONY: demo test test-all test-rest check lint test-c test-pure-core test-full \
 	test-pure-rest system-deps maybe-system-deps clean
 
 $(STAMP): pyproject.toml setup.py ivshmem_comm/_fastpath.c ivshmem_comm/_typepack.c ivshmem_comm/_memexport.c
@@ -37,30 +37,31 @@ check: lint
 	$(ON_C) $(PYTEST) -q -n auto -m "not vm and not qemu and not slow"
 
 # Under 10 minutes on 2 cores: the whole suite on the C fast path but the tests marked `full`
-# (mpi4py's suite at 1 and 4 ranks, 4-rank jobs but one, all VM tests but one per module:
-# variants of what runs), then the quick set again on the pure-Python reference.
-# Tests that boot guests, start QEMU or are marked `serial` run alone, after the others have
-# run spread over the CPUs (pytest-xdist).
-test: maybe-system-deps lint test-c test-pure-quick
+# (mpi4py's suite at 1 and 4 ranks, more 4-rank and mpiexec jobs, all VM tests but one per
+# module: variants of what runs), then the core's quick set again on the pure-Python reference (the
+# pure MPI face runs in test_suite_runs). Tests that boot guests, start QEMU or are marked
+# `serial` run alone, after the others have run spread over the CPUs (pytest-xdist).
+test: maybe-system-deps lint test-c test-pure-core
 
-# Everything (CI): `make test`, then the `full` tests and the pure-Python path's `slow` and
-# `qemu` tests, so that the whole suite runs on both paths.
+# Everything (CI): `make test`, then the `full` tests and the rest of the pure-Python path,
+# so that the whole suite runs on both paths.
 test-all: test test-rest
 
 test-rest: test-full test-pure-rest
 
 test-c: $(STAMP)
-	$(ON_C) $(PYTEST) -n auto --dist loadgroup -m "not (vm or qemu or serial or full)"
+	$(ON_C) $(PYTEST) -n auto --dist worksteal -m "not (vm or qemu or serial or full)"
 	$(ON_C) $(PYTEST) -m "(vm or qemu or serial) and not full"
 
-test-pure-quick: $(STAMP)
-	$(ON_PURE) $(PYTEST) -n auto -m "not (vm or qemu or serial or slow)"
+test-pure-core: $(STAMP)
+	$(ON_PURE) $(PYTEST) -n auto -m "not (vm or qemu or serial or slow)" tests/core
 
 test-full: $(STAMP)
 	$(ON_C) $(PYTEST) -m full
 
 test-pure-rest: $(STAMP)
-	$(ON_PURE) $(PYTEST) -n auto --dist loadgroup -m "slow and not (vm or qemu or serial or full)"
+	$(ON_PURE) $(PYTEST) -n auto -m "not (vm or qemu or serial or slow)" --ignore=tests/core
+	$(ON_PURE) $(PYTEST) -n auto --dist worksteal -m "slow and not (vm or qemu or serial or full)"
 	$(ON_PURE) $(PYTEST) -m "(qemu or serial or full) and not vm"
 
 maybe-system-deps:

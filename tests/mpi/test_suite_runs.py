@@ -58,7 +58,8 @@ def test_standalone_broker():
     check_all_ranks(done.stdout, 2)
 
 
-@pytest.mark.parametrize("ranks", [1, 2, FOUR_FULL])
+@pytest.mark.full  # make test-all (CI); make test runs mpiexec's jobs in the hybrid ones
+@pytest.mark.parametrize("ranks", [1, 2, FOUR])
 def test_mpiexec_one_region(ranks, regions):
     name = regions(64 << 20 if ranks < 4 else 128 << 20, max(ranks, 2))
     done = run_job([MPIEXEC, "-n", str(ranks), "-env", "IVSHMEM_COMM_REGION", name,
