@@ -437,7 +437,7 @@ class Comm(attributes.Cached, Handle):
         op = self._irecv_op(view, source, tag, ctx)
         if not op.done:
             engine.wait(op)
-        Request(op, engine, self._rank_of)._fill(status)
+        request_of(op, engine, self._rank_of)._fill(status)
 
     def _sole_source(self) -> int:
         """Return the rank the blocking receives' fast paths may take ANY_SOURCE as.
@@ -692,8 +692,10 @@ class Comm(attributes.Cached, Handle):
                 return request_of(engine.isend_shm(peer, self._ctx, tag, view, False), engine)
         self._dest(dest)
         self._send_tag(tag)
-        view = buffers.parse(buf).view
-        return Request(self._isend_op(view, dest, tag, self._ctx, False), self._engine)
+        view = _quick(buf, False, _SIZES)
+        if view is None:
+            view = buffers.parse(buf).view
+        return request_of(self._isend_op(view, dest, tag, self._ctx, False), self._engine)
 
     def Issend(self, buf: Any, dest: int, tag: int = 0) -> Request:
         """Send a buffer (message spec) in synchronous mode without waiting; return the Request.
@@ -703,7 +705,7 @@ class Comm(attributes.Cached, Handle):
         self._dest(dest)
         self._send_tag(tag)
         view = buffers.parse(buf).view
-        return Request(self._isend_op(view, dest, tag, self._ctx, True), self._engine)
+        return request_of(self._isend_op(view, dest, tag, self._ctx, True), self._engine)
 
     Ibsend = Isend
     Irsend = Isend
@@ -729,7 +731,7 @@ class Comm(attributes.Cached, Handle):
             route = None
             self._source(source)
             self._recv_tag(tag)
-        view = None if route is None else _quick(buf, True, _SIZES)
+        view = _quick(buf, True, _SIZES)
         finish = None  # a plain spec (quick's): no unpack to run at completion
         if view is None:
             spec = buffers.parse(buf, writable=True, deferred=True)
@@ -768,7 +770,7 @@ class Comm(attributes.Cached, Handle):
         rop = self._irecv_op(rview, source, recvtag, self._ctx)
         sop = self._isend_op(sview, dest, sendtag, self._ctx, False)
         engine.wait_until(lambda: rop.done and sop.done)
-        Request(rop, engine, self._rank_of)._fill(status)
+        request_of(rop, engine, self._rank_of)._fill(status)
 
     def Sendrecv_replace(
         self,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import array
+import mmap
 
 import numpy as np
 import pytest
@@ -154,6 +155,36 @@ def test_proc_null(comm):
     comm.Sendrecv(np.zeros(3), MPI.PROC_NULL, 0, np.zeros(3), MPI.PROC_NULL, 0)
     MPI.Request.Waitall([comm.Isend(np.zeros(3), MPI.PROC_NULL),
                          comm.Irecv(np.zeros(3), MPI.PROC_NULL)])  # fmt: skip
+
+
+@pytest.mark.parametrize("form", ["mmap", "bytearray", "double"])
+def test_proc_null_specs(comm, form):
+    """Isend/Irecv/Recv with PROC_NULL over the spec forms: complete at once, the status says
+    PROC_NULL, ANY_TAG and 0 bytes, the buffer is left alone; a spec that is wrong (a count
+    past the buffer's end, a read-only receive buffer) raises as to a real rank."""
+    if form == "double":
+        buf = array.array("d", [1.5, 2.5])
+        spec, bad = (buf, MPI.DOUBLE), [buf, 3, MPI.DOUBLE]
+    else:
+        buf = mmap.mmap(-1, 16) if form == "mmap" else bytearray(16)
+        buf[:] = bytes(range(16))
+        spec, bad = [buf, 16, MPI.BYTE], [buf, 17, MPI.BYTE]
+    before = bytes(buf)
+    for request in (comm.Isend(spec, MPI.PROC_NULL, 3), comm.Irecv(spec, MPI.PROC_NULL, 3)):
+        status = MPI.Status()
+        assert request.Test(status)
+        assert (status.Get_source(), status.Get_tag(), status.Get_count()) == (
+            MPI.PROC_NULL, MPI.ANY_TAG, 0)  # fmt: skip
+        assert request == MPI.REQUEST_NULL
+    status = MPI.Status()
+    comm.Recv(spec, MPI.PROC_NULL, 3, status)
+    assert (status.Get_source(), status.Get_count()) == (MPI.PROC_NULL, 0)
+    assert bytes(buf) == before
+    for call in (comm.Isend, comm.Irecv):
+        with pytest.raises(ValueError, match="runs past"):
+            call(bad, MPI.PROC_NULL, 3)
+    with pytest.raises(BufferError):
+        comm.Irecv([bytes(16), 16, MPI.BYTE], MPI.PROC_NULL, 3)
 
 
 def test_probe_count(comm):
