@@ -2703,7 +2703,10 @@ static bool flat_format(const char *format);
  * buffer, more than a slab) returns None having touched nothing: the caller's Python path
  * then decides and reports, so the errors stay its own.
  * ------------------------------------------------------------------------------------------ */
-enum { CF_BCAST, CF_GATHER, CF_ALLGATHER, CF_REDUCE, CF_ALLREDUCE, CF_SCAN, CF_EXSCAN, CF_COUNT };
+enum {
+    CF_BCAST, CF_GATHER, CF_ALLGATHER, CF_REDUCE, CF_ALLREDUCE, CF_SCAN, CF_EXSCAN,
+    CF_REDUCE_SCATTER_BLOCK, CF_REDUCE_SCATTER, CF_COUNT
+};
 
 /* set_front's tables: numpy.ndarray, MPI.IN_PLACE, and dicts keyed by id(): of a predefined
  * datatype that does not pack its size (buffers._PLAIN_SIZE) and its FOLD_DTYPES code (where
@@ -2837,8 +2840,8 @@ none:
 
 /* front(k, spin_ns, yield, which, a, b, op, root): round k of blocking collective `which`
  * (CF_*) with the user's arguments: Bcast(a, root), Gather(a, b, root), Allgather(a, b),
- * Reduce(a, b, op, root), Allreduce / Scan / Exscan(a, b, op); the others' unused ones are
- * ignored. Results as run() / fold(); None having touched nothing where the Python lanes would
+ * Reduce(a, b, op, root), Allreduce / Scan / Exscan / Reduce_scatter_block(a, b, op),
+ * Reduce_scatter(a, b, root = recvcounts, op); the others' unused ones are ignored. Results as run() / fold(); None having touched nothing where the Python lanes would
  * not take the arguments (see above). */
 static PyObject *coll_front(CollRound *c, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -2905,6 +2908,67 @@ static PyObject *coll_front(CollRound *c, PyObject *const *args, Py_ssize_t narg
         }
         break;
     }
+    case CF_REDUCE_SCATTER_BLOCK:
+    case CF_REDUCE_SCATTER: { /* (as _a_reduce_scatter(_block) and _a_scatter_fold) */
+        long long found = front_lookup(front_ops, args[6]);
+        if (found <= 0 || c->active) { /* (active: its counts are in use; begin refuses) */
+            got = found < 0 && PyErr_Occurred() ? -1 : 0;
+            goto out;
+        }
+        opcode = (int)found - 1; /* (stored + 1) */
+        kind = CK_REDUCE_SCATTER;
+        bool in_place = a == front_in_place;
+        if ((got = front_buffer(b, true, 1, &recv, &nr, &cr)) <= 0)
+            goto out;
+        has_recv = true;
+        if (cr < 0)
+            goto none;
+        Py_ssize_t itemsize = fold_itemsize[cr], sum = 0, most = 0; /* elements */
+        if (which == CF_REDUCE_SCATTER) { /* recvcounts: `size` ints >= 0 */
+            PyObject *counts = args[7];
+            if ((!PyList_CheckExact(counts) && !PyTuple_CheckExact(counts)) ||
+                PySequence_Fast_GET_SIZE(counts) != size)
+                goto none;
+            for (int q = 0; q < size; q++) {
+                PyObject *item = PySequence_Fast_ITEMS(counts)[q];
+                if (!PyLong_CheckExact(item))
+                    goto none;
+                c->counts[q] = PyLong_AsSsize_t(item);
+                if (c->counts[q] == -1 && PyErr_Occurred()) {
+                    PyErr_Clear(); /* (an overflow: not a count taken here) */
+                    goto none;
+                }
+                if (c->counts[q] < 0 || c->counts[q] > c->seg / itemsize)
+                    goto none;
+            }
+        } else {
+            if (in_place && nr % size)
+                goto none;
+            for (int q = 0; q < size; q++)
+                c->counts[q] = in_place ? nr / size : nr;
+        }
+        for (int q = 0; q < size; q++) {
+            sum += c->counts[q];
+            most = c->counts[q] > most ? c->counts[q] : most;
+        }
+        /* the result: recv (not in place: all of it) or its first counts[rank] elements */
+        if (in_place ? c->counts[me] > nr : c->counts[me] != nr)
+            goto none;
+        if ((got = front_buffer(in_place ? b : a, false, 1, &send, &ns, &cs)) <= 0)
+            goto out;
+        has_send = true;
+        if (cs != cr || (cs >= CD_F4 && opcode >= CO_BAND) || ns != sum ||
+            most > c->seg / itemsize || (uintptr_t)recv.buf % itemsize)
+            goto none;
+        recv.len = c->counts[me] * itemsize;
+        block = 0; /* (the counts in bytes, displacements: coll_fold's) */
+        for (int q = 0; q < size; q++) {
+            c->counts[q] *= itemsize;
+            c->displs[q] = block;
+            block += c->counts[q];
+        }
+        break;
+    }
     default: { /* the folds */
         long long found = front_lookup(front_ops, args[6]);
         if (found <= 0) {
@@ -2967,9 +3031,9 @@ static PyObject *coll_front(CollRound *c, PyObject *const *args, Py_ssize_t narg
         c->dtype = cs;
         c->op = opcode;
         c->upto = upto;
-        c->scatter = false;
+        c->scatter = kind == CK_REDUCE_SCATTER;
         c->want = want && upto > 0;
-        prepared = coll_fold_prepare(c, 0);
+        prepared = coll_fold_prepare(c, c->scatter ? block : 0);
     } else {
         for (int r = 0; r < size; r++) {
             c->counts[r] = block;

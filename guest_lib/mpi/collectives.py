@@ -682,6 +682,7 @@ _f_reduce_scatter_block = _one_call(_a_reduce_scatter_block)
 # runs the lane's round in the same C call, where the lanes above would take them (the same
 # rules, in C); it takes nothing else, and the method (with its front) runs as before.
 F_BCAST, F_GATHER, F_ALLGATHER, F_REDUCE, F_ALLREDUCE, F_SCAN, F_EXSCAN = range(7)
+F_REDUCE_SCATTER_BLOCK, F_REDUCE_SCATTER = 7, 8
 
 
 def _set_front_tables() -> None:
@@ -799,8 +800,24 @@ def _c_reduce(method: Callable[..., Any]) -> Callable[..., Any]:
     return Reduce
 
 
+def _c_reduce_scatter(method: Callable[..., Any]) -> Callable[..., Any]:
+    """The C front of Reduce_scatter with recvcounts (`_c_front`), then `method`."""
+
+    @functools.wraps(method)
+    def Reduce_scatter(
+        self: Any, sendbuf: Any, recvbuf: Any, recvcounts: Any = None, op: Any = ops.SUM
+    ) -> None:
+        if recvcounts is None or not _c_front(
+            self, F_REDUCE_SCATTER, sendbuf, recvbuf, op, recvcounts
+        ):
+            method(self, sendbuf, recvbuf, recvcounts, op)
+
+    return Reduce_scatter
+
+
 def _c_folding(which: int) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """The C front (`_c_front`) of Allreduce, Scan or Exscan (`which`), then the method."""
+    """The C front (`_c_front`) of Allreduce, Scan, Exscan or Reduce_scatter_block (`which`),
+    then the method."""
 
     def make(method: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(method)
@@ -822,6 +839,8 @@ _C_FRONTS: dict[str, Callable[[Callable[..., Any]], Callable[..., Any]]] = {
     "Allreduce": _c_folding(F_ALLREDUCE),
     "Scan": _c_folding(F_SCAN),
     "Exscan": _c_folding(F_EXSCAN),
+    "Reduce_scatter_block": _c_folding(F_REDUCE_SCATTER_BLOCK),
+    "Reduce_scatter": _c_reduce_scatter,
 }
 
 

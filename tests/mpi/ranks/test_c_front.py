@@ -75,6 +75,19 @@ def _run(call: str, form: str, comm: MPI.Intracomm) -> None:
             comm.Reduce(send, recv, MPI.MAX, root=root)
             if rank == root:
                 assert read() == fold(size, max)
+        elif call.startswith("Reduce_scatter"):
+            counts = [N] * size if call == "Reduce_scatter_block" else list(range(1, size + 1))
+            operand = [rank + 1.0 + j for j in range(sum(counts))]
+            first = sum(counts[:rank])
+            want = [sum(q + 1.0 + first + i for q in range(size)) for i in range(counts[rank])]
+            recv, read = _form(base, operand if place else [0.0] * counts[rank])
+            send = MPI.IN_PLACE if place else _form(base, operand)[0]
+            if call == "Reduce_scatter":
+                comm.Reduce_scatter(send, recv, counts, MPI.SUM)
+            else:
+                comm.Reduce_scatter_block(send, recv, op=MPI.SUM)
+            assert read()[: counts[rank]] == want
+            break  # (no root)
         else:
             recv, read = _form(base, mine if place else [-7.0] * N)
             send = MPI.IN_PLACE if place else _form(base, mine)[0]
@@ -89,7 +102,7 @@ CALLS = ["Bcast", "Gather", "Allgather", "Reduce", "Allreduce", "Scan", "Exscan"
 
 
 @pytest.mark.parametrize("form", ["numpy", "mmap", "double", "in_place"])
-@pytest.mark.parametrize("call", CALLS)
+@pytest.mark.parametrize("call", [*CALLS, "Reduce_scatter_block", "Reduce_scatter"])
 def test_every_form_is_one_c_call(comm, monkeypatch, call, form):
     """Each call completes one area collective without Area.call or Area.run (the Python
     lanes' entries): the C front took it, and the data are right."""
@@ -109,7 +122,7 @@ def test_every_form_is_one_c_call(comm, monkeypatch, call, form):
         monkeypatch.setattr(area.Area, name, entry(name))
     before = area.completed(comm)
     _run(call, form, comm)
-    rounds = 1 if call in ("Allreduce", "Scan", "Exscan") else comm.Get_size()
+    rounds = comm.Get_size() if call in ("Bcast", "Gather", "Allgather", "Reduce") else 1
     assert (entered, area.completed(comm) - before) == ([], rounds)
 
 
@@ -185,6 +198,12 @@ def test_refused_arguments_give_the_python_paths_errors(monkeypatch):
         lambda: comm.Allgather([bytearray(8), 8, MPI.BYTE], [bytearray(8 * size), 16, MPI.BYTE]),
         lambda: comm.Scan(np.zeros(N), np.zeros(N), MPI.BXOR),
         lambda: comm.Exscan([bytearray(8), 9, MPI.BYTE], np.zeros(1), MPI.SUM),
+        lambda: comm.Reduce_scatter(np.zeros(N * size), np.zeros(N), [N] * (size + 1)),
+        lambda: comm.Reduce_scatter(np.zeros(N * size), np.zeros(N), [N] * (size - 1) + [-1]),
+        lambda: comm.Reduce_scatter(MPI.IN_PLACE, np.zeros(N * size)),
+        lambda: comm.Reduce_scatter_block(MPI.IN_PLACE, np.zeros(N * size + 1)),
+        lambda: comm.Reduce_scatter_block(np.zeros(N * size), np.zeros(N + 1)),
+        lambda: comm.Reduce_scatter_block(np.zeros(N * size), readonly),
     ]
     seen = []
     for case in cases:
