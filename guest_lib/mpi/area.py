@@ -47,6 +47,9 @@ where its members decline it, the instance goes on over messages (`AreaOp.then`)
 Object collectives (lowercase bcast, gather, allgather and those built on them: reduce,
 allreduce, scan, exscan) put each pickle in its sender's slab when it fits one (`exchange`);
 a larger pickle goes by messages to the members that take it, in the same instance.
+Lowercase scatter and alltoall put a bundle of the sender's pickles (one per member,
+pickling.bundle) in its slab alike (a bcast and an allgather of bytes); every member reads
+its own piece of it.
 
 Reductions go through the area for the predefined ops that are numpy ufuncs (SUM, PROD, MAX,
 MIN, BAND, BOR, BXOR) on numpy element types; other ops fall back to messages.
@@ -115,6 +118,7 @@ class Area:
         self.claimed = claimed
         self.completed = 0
         self.listeners = 0  # nonblocking collectives pending (sleep flag raised)
+        self._over: np.ndarray | None = None  # (see `declining`)
         self._ctx = comm._ctx + 1
         # Abandonment records of collectives started before the binding are not about the
         # area: the first blocking and nonblocking instance numbers that are.
@@ -319,6 +323,15 @@ class Area:
                         notifier.wait(NAP_S)  # the group rings it (listening); messages may not
         finally:
             self.listen(-1)
+
+    def declining(self) -> np.ndarray:
+        """A payload one byte over a slab, for a sender whose data is larger (a scatter's or
+        an alltoall's bundle of pickles, not made then): a byte-string round declines it
+        unread, as it would the data. Made once per area, its pages never touched."""
+        over = self._over
+        if over is None:
+            over = self._over = np.empty(self.group.slab_size + 1, np.uint8)
+        return over
 
     def fits(self, nbytes: int, split: bool = False) -> bool:
         """Whether `nbytes` move in one round (one slab; `split`: one member's segment of

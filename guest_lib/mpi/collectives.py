@@ -47,8 +47,10 @@ from guest_lib.mpi import area, buffers, constants, datatypes, exceptions, locks
 from guest_lib.mpi.constants import IN_PLACE
 from guest_lib.mpi.engine import StagedOp
 from guest_lib.mpi.matching import DoneOp, Op
+from guest_lib.mpi.pickling import bundle as _bundle
 from guest_lib.mpi.pickling import dumps as _dumps
 from guest_lib.mpi.pickling import loads as _loads
+from guest_lib.mpi.pickling import piece as _piece
 from guest_lib.mpi.request import Request, request_of, unpickle
 from guest_lib.mpi.wire import (
     COLL_SPAN,
@@ -88,6 +90,15 @@ RSAG_MIN = 64 << 10  # bytes from which Allreduce is a reduce-scatter and an all
 BCAST_ONCE_MIN = 256 << 10  # bytes from which a broadcast to >= 2 others is written once
 _PLACED = struct.Struct("<QQ")  # where a placed broadcast piece lies: region offset, bytes
 _NOTHING = memoryview(bytearray(0))
+
+
+def _bundled(shared: area.Area, pickles: list[memoryview]) -> bytes | None:
+    """The bundle of `pickles` (`pickling.bundle`: a scatter's or an alltoall's slab
+    payload) where it fits a slab, else None (the caller then declines the round:
+    `Area.declining`)."""
+    if 8 * len(pickles) + sum(len(p) for p in pickles) > shared.group.slab_size:
+        return None
+    return _bundle(pickles)
 
 
 # What a collective runs in the collective area: (CollectiveGroup method name, its arguments),
@@ -1394,8 +1405,8 @@ class Collectives:
         or for a pickle over a slab), at `root`; None elsewhere."""
         size, rank = self._sizes()
         self._root(root)
+        shared = area.bound(self) if size > 1 else None  # (bound before any argument check)
         data = _dumps(sendobj) if rank != root else None
-        shared = area.bound(self) if size > 1 else None
         taken = shared.exchange("gather_bytes", data, root) if shared is not None else None
         if rank != root:
             if taken is None or shared.group.declined:  # type: ignore[union-attr]
@@ -1420,15 +1431,31 @@ class Collectives:
     @locks.locked("scatter")
     @collective
     def scatter(self, sendobj: Any = None, root: int = 0) -> Any:
+        """Send item r of `root`'s sequence `sendobj` to rank r; return this rank's.
+
+        The root's pickles go bundled into its slab of the area (`pickling.bundle`), each
+        rank unpickling its own; by messages without an area, or for a bundle over a slab.
+        """
         size, rank = self._sizes()
         self._root(root)
+        shared = area.bound(self) if size > 1 else None
         if rank != root:
-            return self._c_recv_obj(root, T_SCATTER)
+            taken = shared.exchange("bcast_bytes", None, root) if shared is not None else None
+            if taken is None or shared.group.declined:  # type: ignore[union-attr]
+                return self._c_recv_obj(root, T_SCATTER)
+            return _loads(_piece(taken[root], rank, size, root))  # type: ignore[arg-type]
         items = list(sendobj) if sendobj is not None else [None] * size
         if len(items) != size:
             raise ValueError(f"scatter: expecting {size} items, got {len(items)}")
-        sends = [self._c_isend(_dumps(items[r]), r, T_SCATTER) for r in range(size) if r != rank]
-        self._c_wait(sends)
+        data = [_dumps(items[r]) if r != rank else _NOTHING for r in range(size)]
+        if shared is not None:
+            bundle = _bundled(shared, data)
+            taken = shared.exchange(
+                "bcast_bytes", bundle if bundle is not None else shared.declining(), root
+            )
+            if taken is not None and not shared.group.declined:
+                return items[rank]
+        self._c_wait([self._c_isend(data[r], r, T_SCATTER) for r in range(size) if r != rank])
         return items[rank]
 
     @locks.locked("allgather")
@@ -1464,14 +1491,36 @@ class Collectives:
     @locks.locked("alltoall")
     @collective
     def alltoall(self, sendobj: Any) -> list[Any]:
+        """Send item q of `sendobj` to rank q; return the list of what each rank sent here.
+
+        Each rank's pickles go bundled into its slab of the area (`pickling.bundle`, an
+        allgather of bytes), every rank unpickling its own pieces; by messages without an
+        area, and from (and to) a rank whose bundle is over a slab.
+        """
         size, rank = self._sizes()
+        shared = area.bound(self) if size > 1 else None  # (bound before any argument check)
         items = [None] * size if sendobj is None else list(sendobj)
         if len(items) != size:
             raise ValueError(f"alltoall: expecting {size} items, got {len(items)}")
-        recvs = {r: self._c_irecv(None, r, T_ALLTOALL) for r in range(size) if r != rank}
-        sends = [self._c_isend(_dumps(items[r]), r, T_ALLTOALL) for r in range(size) if r != rank]
-        self._c_wait([*recvs.values(), *sends])
-        return [items[rank] if r == rank else unpickle(recvs[r]) for r in range(size)]
+        data = [_dumps(items[r]) if r != rank else _NOTHING for r in range(size)]
+        taken = bundle = None
+        if shared is not None:
+            bundle = _bundled(shared, data)
+            taken = shared.exchange(
+                "allgather_bytes", bundle if bundle is not None else shared.declining()
+            )
+        others = [r for r in range(size) if r != rank]
+        got = taken or [None] * size
+        recvs = {r: self._c_irecv(None, r, T_ALLTOALL) for r in others if got[r] is None}
+        sends = others if taken is None or bundle is None else []  # (no area; over a slab)
+        ops = [*recvs.values(), *(self._c_isend(data[r], r, T_ALLTOALL) for r in sends)]
+        self._c_wait(ops)  # (receives posted first: none unexpected)
+        return [
+            items[r] if r == rank
+            else unpickle(recvs[r]) if r in recvs
+            else _loads(_piece(got[r], rank, size, r))  # type: ignore[arg-type]
+            for r in range(size)
+        ]  # fmt: skip
 
     # The collectives below are written once as stages (each a list of the operations the
     # next one waits for): their blocking form runs the stages here (`_run`), their

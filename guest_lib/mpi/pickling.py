@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import os
 import pickle as _pickle
+import struct
 from collections.abc import Callable, Iterable
 from typing import Any
+
+from guest_lib.mpi import exceptions
 
 DEFAULT_PROTOCOL: int = int(os.environ.get("MPI4PY_PICKLE_PROTOCOL", str(_pickle.HIGHEST_PROTOCOL)))
 DEFAULT_THRESHOLD: int = int(os.environ.get("MPI4PY_PICKLE_THRESHOLD", str(256 << 10)))
@@ -103,11 +106,47 @@ PICKLE = Pickle()
 
 def dumps(obj: Any) -> memoryview:
     """`obj` as `MPI.pickle` serialises it, as a flat byte view (what the engine sends)."""
-    return memoryview(PICKLE.dumps(obj)).cast("B")
+    pickle = PICKLE  # (its attributes read here: the call is Pickle.dumps without its frame)
+    protocol = pickle._protocol
+    data = pickle._dumps(obj) if protocol is None else pickle._dumps(obj, protocol)
+    return memoryview(data) if type(data) is bytes else memoryview(data).cast("B")
 
 
 def loads(data: Any) -> Any:
     """The object of a received message; None for an empty one (as mpi4py)."""
     if data is None or not len(data):
         return None
-    return PICKLE.loads(data)
+    return PICKLE._loads(data)
+
+
+_END = struct.Struct("<Q")
+
+
+def bundle(pieces: list[memoryview]) -> bytes:
+    """One byte string of `pieces` (pickles, one per member of a scatter or an alltoall):
+    their end offsets (uint64 little-endian each, counted from the end of that header),
+    then the pieces back to back. `piece` reads one of them back."""
+    ends = []
+    end = 0
+    for item in pieces:
+        end += len(item)
+        ends.append(end)
+    return b"".join([struct.pack(f"<{len(ends)}Q", *ends), *pieces])
+
+
+def piece(data: bytes, index: int, count: int, sender: int) -> memoryview:
+    """Piece `index` of a `bundle` of `count` pieces that member `sender` made (a view into
+    `data`; `data` is this member's own copy, so that no one changes it while it is read).
+    MPI.Exception(ERR_OTHER) naming the sender when the bundle is not one: too short for
+    its header, or the piece's offsets out of order or past its end."""
+    head = 8 * count
+    size = len(data) - head
+    start = _END.unpack_from(data, 8 * (index - 1))[0] if index and size >= 0 else 0
+    end = _END.unpack_from(data, 8 * index)[0] if size >= 0 else -1
+    if not 0 <= start <= end <= size:
+        raise exceptions.Exception(
+            exceptions.ERR_OTHER,
+            f"rank {sender} sent a malformed bundle of {count} pickles ({len(data)} bytes: "
+            f"piece {index} at {start}..{end} of {max(size, 0)})",
+        )
+    return memoryview(data)[head + start : head + end]

@@ -64,7 +64,7 @@ def main() -> None:
     print(f"rank {rank} object-rounds {objects(comm)} of {len(OBJECT_CALLS)}", flush=True)
 
 
-OBJECT_CALLS = ("bcast", "gather", "allgather")
+OBJECT_CALLS = ("bcast", "gather", "allgather", "scatter", "alltoall")
 
 
 def objects(comm: MPI.Intracomm) -> int:
@@ -76,6 +76,9 @@ def objects(comm: MPI.Intracomm) -> int:
     got = comm.gather(b"g%d" % rank, root)
     assert got == ([b"g%d" % r for r in range(size)] if rank == root else None)
     assert comm.allgather((rank, "a")) == [(r, "a") for r in range(size)]
+    items = [{"to": r} for r in range(size)] if rank == root else None
+    assert comm.scatter(items, root) == {"to": rank}
+    assert comm.alltoall([(rank, q) for q in range(size)]) == [(r, rank) for r in range(size)]
     return area.completed(comm) - before
 
 

@@ -39,6 +39,61 @@ def test_allgather_alltoall(comm):
     assert got == [(src, rank) for src in range(size)]
 
 
+def test_scatter_alltoall_of_every_size(comm):
+    """Pickles from empty to over a collective slab (bundled in the area up to a slab, by
+    messages above), mixed within one alltoall (odd ranks send large items, even ones
+    small); every item is checked and of its own length."""
+    size, rank = comm.Get_size(), comm.Get_rank()
+    for n in (0, 1, 1000, 40_000, 300_000):
+        for root in range(size):
+            items = [bytes([r % 251]) * (n + r) for r in range(size)] if rank == root else None
+            assert comm.scatter(items, root) == bytes([rank % 251]) * (n + rank)
+        items = [bytes([(rank * 7 + q) % 251]) * (n * (rank % 2) + q) for q in range(size)]
+        got = comm.alltoall(items)
+        assert got == [bytes([(r * 7 + rank) % 251]) * (n * (r % 2) + rank) for r in range(size)]
+    assert comm.alltoall(None) == [None] * size
+    assert comm.scatter(None, 0) is None
+
+
+def test_scatter_alltoall_lengths_checked(comm):
+    """A sequence of the wrong length is an error on the rank that passes it (MPI.Exception
+    on the others, which that rank's abandonment tells), and the next calls work."""
+    size, rank = comm.Get_size(), comm.Get_rank()
+    with pytest.raises((ValueError, MPI.Exception)):
+        comm.alltoall([0] * (size + 1) if rank == 0 else [0] * size)
+    with pytest.raises((ValueError, MPI.Exception)):
+        comm.scatter([0] * (size + 1), 0)
+    assert comm.alltoall(list(range(size))) == [rank] * size
+    assert comm.scatter(list(range(size)) if rank == 0 else None, 0) == rank
+
+
+@pytest.mark.parametrize("call", ["gather", "alltoall"])
+def test_bad_argument_of_one_rank_in_a_first_collective(comm, call):
+    """A communicator's first collective binds its collective area on every member before
+    any argument is looked at: an argument only one rank gets wrong (an unpicklable object,
+    a sequence of the wrong length) fails that call on that rank and on those that wait for
+    it (gather: the root; alltoall: all), and the members still agree on the path of the
+    next ones (they hung when the bad rank raised before binding)."""
+    size, rank = comm.Get_size(), comm.Get_rank()
+    if size < 2:
+        pytest.skip("one rank")
+    fresh = comm.Dup()
+    bad = rank == size - 1
+    try:
+        if call == "gather":
+            fresh.gather((lambda: None) if bad else rank, 0)
+        else:
+            fresh.alltoall([0] * (size + 1) if bad else [0] * size)
+    except (ValueError, TypeError, AttributeError, MPI.Exception):
+        pass
+    else:
+        assert call == "gather" and not bad and rank != 0, "no error"
+    assert fresh.allgather(rank) == list(range(size))
+    assert fresh.gather(rank, 0) == (list(range(size)) if rank == 0 else None)
+    assert fresh.alltoall([rank] * size) == list(range(size))
+    fresh.Free()
+
+
 @pytest.mark.parametrize("op", [MPI.SUM, MPI.PROD, MPI.MAX, MPI.MIN])
 def test_reduce_allreduce(comm, op):
     size, rank = comm.Get_size(), comm.Get_rank()

@@ -226,10 +226,10 @@ def _form(form: str, count: int, fill: int) -> tuple[Any, Callable[[], list[int]
 @pytest.mark.parametrize("form", ["numpy", "mmap", "array", "double", "in_place", "pickle"])
 @pytest.mark.parametrize("call", ["Bcast", "Gather", "Scatter", "Allgather"])
 def test_common_forms_take_one_area_call(comm, monkeypatch, call, form):
-    """Every buffer form a code passes on each call (and the pickle forms, and IN_PLACE, and
-    a keyword root) runs as one C round of the area (`Area.call`) without the area's general
-    entry (`Area.run`: its context manager and dispatch cost a few us per call; the pickle
-    rounds took it until the exchange went straight to Area.call)."""
+    """Every buffer form a code passes on each call (and the pickle forms, scatter's too,
+    and IN_PLACE, and a keyword root) runs as one C round of the area (`Area.call`) without
+    the area's general entry (`Area.run`: its context manager and dispatch cost a few us per
+    call; the pickle rounds took it until the exchange went straight to Area.call)."""
     size, rank = comm.Get_size(), comm.Get_rank()
     comm.Barrier()  # (binds the area)
     shared = area.current(comm)
@@ -249,12 +249,13 @@ def test_common_forms_take_one_area_call(comm, monkeypatch, call, form):
     before = area.completed(comm)
     if form == "pickle":
         method = {"Bcast": comm.bcast, "Gather": comm.gather, "Allgather": comm.allgather}
-        if call == "Scatter":
-            pytest.skip("scatter's pickles go by messages")
         if other_threads():
             pytest.skip("another thread runs (e.g. --broker's client): Area.exchange locks")
         if call == "Allgather":
             assert comm.allgather(rank) == list(range(size))
+        elif call == "Scatter":
+            items = [(q, "s" * q) for q in range(size)] if rank == root else None
+            assert comm.scatter(items, root=root) == (rank, "s" * rank)
         else:
             got = method[call](rank * 10, root=root)
             want = (
