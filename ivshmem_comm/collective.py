@@ -823,8 +823,10 @@ class CollectiveGroup:
         """sendcounts[q] bytes at senddispls[q] of rank r's `sendbuf` land at recvdispls[r]
         of rank q's `recvbuf` (recvcounts[r] bytes). `max_rounds` (the same at every
         member): a member whose data needs more rounds declines (its first arrival says 0
-        rounds); after one round every member returns with `declined` set (what that round
-        wrote into recvbuf is to be overwritten by the caller's other way)."""
+        rounds); after one round every member returns with `declined` set, having written
+        no other member's block into recvbuf (a round reads every arrival before it writes
+        any, so that in place, sendbuf over recvbuf, the caller still holds what it sends
+        its other way)."""
         self.declined = False
         send, recv = _flat(sendbuf, False), _flat(recvbuf, True)
         self._check_layout(sendcounts, senddispls, len(send), "send")
@@ -847,17 +849,20 @@ class CollectiveGroup:
                 start, length = _pieces(sendcounts[q], seg, i)
                 slab[q * seg : q * seg + length] = send[senddispls[q] + start :][:length]
             self._publish(KIND_ALLTOALL, used, 0 if declined else mine)
+            taken = []
             for r in self._others:
-                start, length = _pieces(recvcounts[r], seg, i)
                 theirs = yield from self._take(r, KIND_ALLTOALL, used)
                 if i == 0:
                     word = self._rounds_of(r, 1, max_rounds)
                     declined = declined or not word
                     rounds = max(rounds, word)
-                recv[recvdispls[r] + start :][:length] = theirs[me * seg :][:length]
+                taken.append((r, theirs))
             if declined:
                 self.declined = True
                 return
+            for r, theirs in taken:  # (their cells stay until this member publishes again)
+                start, length = _pieces(recvcounts[r], seg, i)
+                recv[recvdispls[r] + start :][:length] = theirs[me * seg :][:length]
             i += 1
 
     # ------------------------------------------------------------------ byte strings

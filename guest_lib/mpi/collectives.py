@@ -1191,12 +1191,11 @@ class Collectives:
         return "allgatherv", (send, spec.view, counts, displs)
 
     def _p_alltoall(self, sendbuf: Any, recvbuf: Any) -> tuple[str, tuple[Any, ...]]:
+        """In place, recvbuf's blocks are sent from where they are: the group's round reads
+        them all before it writes any, and one it declines leaves them for the messages."""
         size, _ = self._sizes()
         rspec = buffers.parse_vector(recvbuf, size, writable=True)
-        if sendbuf is IN_PLACE:
-            sspec = rspec._replace(view=memoryview(bytes(rspec.view)))
-        else:
-            sspec = buffers.parse_vector(sendbuf, size)
+        sspec = rspec if sendbuf is IN_PLACE else buffers.parse_vector(sendbuf, size)
         return "alltoallv", (sspec.view, *self._bytes(sspec), rspec.view, *self._bytes(rspec))
 
     def _p_reduce(
@@ -1667,28 +1666,8 @@ class Collectives:
         The specs give each part's count and displacement (a spec without them is split as evenly as
         can be); sendbuf may be IN_PLACE (recvbuf's parts are sent, then replaced).
         """
-        plan, stages = self._alltoall_ways(sendbuf, recvbuf)
-        if not self._area_run(plan):
-            self._run(stages(T_ALLTOALL))
-
-    def _alltoall_ways(
-        self, sendbuf: Any, recvbuf: Any
-    ) -> tuple[Callable[[], tuple[str, tuple[Any, ...]]], Callable[[int], Stages]]:
-        """(plan, stages(tag)) of an Alltoallv: through the area, and on messages after it
-        (the area declined it) or without it. An area call declined after its first round
-        has written into recvbuf: in place, the messages send the copy the plan took before
-        it (its first argument)."""
-        planned: list[tuple[str, tuple[Any, ...]]] = []
-
-        def plan() -> tuple[str, tuple[Any, ...]]:
-            planned.append(self._p_alltoall(sendbuf, recvbuf))
-            return planned[0]
-
-        def stages(tag: int) -> Stages:
-            before = planned[0][1][0] if planned and sendbuf is IN_PLACE else None
-            return self._alltoallv(sendbuf, recvbuf, tag, before)
-
-        return plan, stages
+        if not self._area_run(lambda: self._p_alltoall(sendbuf, recvbuf)):
+            self._run(self._alltoallv(sendbuf, recvbuf, T_ALLTOALL))
 
     def Ialltoall(self, sendbuf: Any, recvbuf: Any) -> Request:
         """Start Alltoall (see there) without waiting; return the Request.
@@ -1700,25 +1679,24 @@ class Collectives:
         _check_blocks(size, sendbuf, recvbuf)
         shared = area.current(self)
         if shared is not None and _over_a_round(shared, recvbuf, size):
-            return self._nonblocking(self._alltoall_ways(sendbuf, recvbuf)[1])
+            return self._nonblocking(functools.partial(self._alltoallv, sendbuf, recvbuf))
         return self.Ialltoallv(sendbuf, recvbuf)
 
     @started(_a_alltoall, _m_alltoall)
     def Ialltoallv(self, sendbuf: Any, recvbuf: Any) -> Request:
         """Start Alltoallv (see there) without waiting; return the Request."""
-        plan, stages = self._alltoall_ways(sendbuf, recvbuf)
-        return self._nonblocking(stages, plan)
+        return self._nonblocking(
+            functools.partial(self._alltoallv, sendbuf, recvbuf),
+            lambda: self._p_alltoall(sendbuf, recvbuf),
+        )
 
-    def _alltoallv(
-        self, sendbuf: Any, recvbuf: Any, tag: int, before: memoryview | None = None
-    ) -> Iterator[list[Op]]:
-        """In place, the data sent is a copy of recvbuf, or `before` (that copy, taken
-        earlier) when given."""
+    def _alltoallv(self, sendbuf: Any, recvbuf: Any, tag: int) -> Iterator[list[Op]]:
+        """In place, the data sent is a copy of recvbuf (a round of the area declined
+        before leaves it as it was: see CollectiveGroup.alltoallv)."""
         size, rank = self._sizes()
         rspec = buffers.parse_vector(recvbuf, size, writable=True)
         if sendbuf is IN_PLACE:
-            sent = memoryview(bytes(rspec.view)) if before is None else before
-            sspec = rspec._replace(view=sent)
+            sspec = rspec._replace(view=memoryview(bytes(rspec.view)))
         else:
             sspec = buffers.parse_vector(sendbuf, size)
         own = sspec.part(rank)
