@@ -38,6 +38,7 @@ MODULE_NAMES = {
     "MemoryExporter",
     "EmptyExporter",
     "CollectiveRound",
+    "set_front",
 } | {n for n in ring.__all__ if n.startswith("SEND_")}
 
 
