@@ -1080,9 +1080,11 @@ class CollectiveGroup:
     ) -> tuple[int, Any]:
         """The first C call of round k (this member's next) of `run` with `args`, spinning
         up to `spin` ns on each wait: (k, its result: 0 / 1 the round done, see
-        `declined`; else the wait it ended on, for `_c_rest`). The C call's checks of its
-        arguments raise before it touches the slot (ValueError, TypeError, BufferError: the
-        round is not taken); any other error marks round k failed (`_c_failed`)."""
+        `declined`; else the wait it ended on, for `_c_rest`; None where `run` is
+        CollectiveRound.front and does not take the arguments: the round is not taken). The
+        C call's checks of its arguments raise before it touches the slot (ValueError,
+        TypeError, BufferError: the round is not taken); any other error marks round k
+        failed (`_c_failed`)."""
         k = self._round + 1
         if self._broken is not None or k > layout.COLL_SEQ_MASK:
             k = self._next_round()  # (raises)
@@ -1093,7 +1095,8 @@ class CollectiveGroup:
         except BaseException as exc:
             self._c_failed(k, exc)
             raise
-        self._round = k
+        if result is not None:
+            self._round = k
         return k, result
 
     def _next_round(self) -> int:
@@ -1360,19 +1363,22 @@ class CollectiveGroup:
 
     def start_round(self, run: Callable[..., Any], *args: Any) -> CollectiveRequest | None:
         """`start` for a collective of one round whose C arguments the caller made: round
-        k of `run` (CollectiveRound.run or .fold) with `args`, polled once now. Returns the
-        request (done already where that poll completed the round: one of two shared done
-        requests, by `declined`; pending in the group otherwise, as a started one), or None
-        having moved nothing where other started collectives are pending, the C accelerator
-        is not built, or the C call refused the arguments before its round (the caller
-        starts the collective otherwise). An error of the first poll propagates (round k is
-        marked failed, see `_c_steps`)."""
+        k of `run` (CollectiveRound.run or .fold; or .front with the user's arguments) with
+        `args`, polled once now. Returns the request (done already where that poll completed
+        the round: one of two shared done requests, by `declined`; pending in the group
+        otherwise, as a started one), or None having moved nothing where other started
+        collectives are pending, the C accelerator is not built, or the C call refused the
+        arguments before its round (.front: did not take them; the caller starts the
+        collective otherwise). An error of the first poll propagates (round k is marked
+        failed, see `_c_steps`)."""
         if self._pending or self._c is None:
             return None
         try:
             k, result = self._c_first(run, args, 0)
         except (ValueError, TypeError, BufferError):
             return None  # (refused before the round)
+        if result is None:
+            return None  # (not taken)
         if result.__class__ is not tuple:
             self.declined = declined = result == 1
             return self._done_rounds[declined]

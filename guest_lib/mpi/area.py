@@ -348,19 +348,23 @@ class Area:
         self.listeners += delta
         self.group.listen(self.listeners > 0)
 
-    def begin(self, which: int, *args: Any) -> CollectiveRequest | None:
+    def begin(self, which: int, *args: Any, front: bool = False) -> CollectiveRequest | None:
         """`call`'s nonblocking form (`start` of a collective of one round whose arguments
-        the caller checked, see `call`): the started round, polled once (`done` already
-        where that completed it; else the group's pending request); None having moved
-        nothing where the group has started collectives pending or the C call refused the
-        arguments (start it otherwise). Errors of the first poll as for `run` (the area is
-        dropped)."""
+        the caller checked, see `call`; with `front`, the user's arguments of collective
+        `which` (collectives.F_*) through CollectiveRound.front, which takes them or not by
+        the lanes' rules): the started round, polled once (`done` already where that
+        completed it; else the group's pending request); None having moved nothing where
+        the group has started collectives pending or the C call refused (or did not take)
+        the arguments (start it otherwise). Errors of the first poll as for `run` (the area
+        is dropped)."""
         group = self.group
         c = group._c
         if c is None:
             return None
         try:
-            if which == C_FOLD:
+            if front:
+                request = group.start_round(c.front, which, *args)
+            elif which == C_FOLD:
                 request = group.start_round(c.fold, *args)
             else:
                 request = group.start_round(c.run, which, *args)

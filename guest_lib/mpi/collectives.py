@@ -192,7 +192,8 @@ def front_lanes(cls: type) -> None:
         if fast is not None and callable(method):
             setattr(cls, name, _front(method, fast))
         elif begun is not None and callable(method):
-            setattr(cls, name, _front_started(method, *begun))
+            c_front = _C_STARTED.get(name) if ring.set_front is not None else None
+            setattr(cls, name, _front_started(method, begun[0], begun[1], c_front))
     if ring.set_front is not None:
         _set_front_tables()
         for name, make in _C_FRONTS.items():
@@ -245,7 +246,10 @@ def _front(method: Callable[..., Any], fast: Callable[..., Any]) -> Callable[...
 
 
 def _front_started(
-    method: Callable[..., Any], args_of: Callable[..., CArgs], messages: Messages | None
+    method: Callable[..., Any],
+    args_of: Callable[..., CArgs],
+    messages: Messages | None,
+    c_front: CFront | None = None,
 ) -> Callable[..., Any]:
     """`_front` of a nonblocking collective with a lane (`started`): taken with the area
     bound with its C accelerator and the engine holding no record of a revoked
@@ -257,7 +261,7 @@ def _front_started(
         if shared:
             engine = self._engine
             if shared.group._c is not None and not engine.abandoned and not engine.revoked:
-                request = _begun(self, engine, shared, args_of, messages, args, kwargs)
+                request = _begun(self, engine, shared, args_of, messages, args, kwargs, c_front)
                 if request is not None:
                     return request
         return method(self, *args, **kwargs)
@@ -855,6 +859,21 @@ _C_FRONTS: dict[str, Callable[[Callable[..., Any]], Callable[..., Any]]] = {
 }
 
 
+# A nonblocking collective's way through CollectiveRound.front: (F_* code, its arguments ->
+# the front's (a, b, op, root)); see `_begun`. Not the declinable ones (a gather's round
+# declined goes on over messages: their lane's `then`).
+CFront = tuple[int, Callable[..., tuple[Any, Any, Any, Any]]]
+_C_STARTED: dict[str, CFront] = {
+    "Ibcast": (F_BCAST, lambda buf, root=0: (buf, None, None, root)),
+    "Iallgather": (F_ALLGATHER, lambda sendbuf, recvbuf: (sendbuf, recvbuf, None, 0)),
+    "Ireduce": (
+        F_REDUCE,
+        lambda sendbuf, recvbuf, op=ops.SUM, root=0: (sendbuf, recvbuf, op, root),
+    ),
+    "Iallreduce": (F_ALLREDUCE, lambda sendbuf, recvbuf, op=ops.SUM: (sendbuf, recvbuf, op, 0)),
+}
+
+
 def started(
     args_of: Callable[..., CArgs], messages: Messages | None = None
 ) -> Callable[[Callable[..., Any]], Any]:
@@ -896,15 +915,41 @@ def _begun(
     messages: Messages | None,
     args: Any,
     kwargs: Any,
+    front: CFront | None = None,
 ) -> Request | None:
     """A nonblocking collective's lane (see `started`): its Request, or None having moved
-    nothing (its body's job)."""
-    c_args = args_of(self, shared.group, *args, **kwargs)
-    if c_args is None:
-        return None
+    nothing (its body's job). With `front` (_C_STARTED's entry of the method), its
+    arguments go to CollectiveRound.front first (the lane's rules, in C), then, where it
+    does not take them, to `args_of`."""
+    request = None
+    if front is not None:
+        try:
+            c_args: CArgs = (front[0], *front[1](*args, **kwargs))
+        except TypeError:
+            c_args = None  # (the body reports it)
+        if c_args is not None:
+            request = _begin(self, engine, shared, messages, args, kwargs, c_args, True)
+    if request is None:
+        c_args = args_of(self, shared.group, *args, **kwargs)
+        if c_args is not None:
+            request = _begin(self, engine, shared, messages, args, kwargs, c_args, False)
+    return request
+
+
+def _begin(
+    self: Any,
+    engine: Engine,
+    shared: area.Area,
+    messages: Messages | None,
+    args: Any,
+    kwargs: Any,
+    c_args: tuple[Any, ...],
+    front: bool,
+) -> Request | None:
+    """`_begun` with the C arguments `c_args` (Area.begin's; `front`: through the front)."""
     seq = self._nb_seq
     try:
-        request = shared.begin(*c_args)
+        request = shared.begin(*c_args, front=front)
     except Exception as exc:
         self._nb_seq = seq + 1
         _nb_abandon(self, engine, seq, abandon_class(exc), f"{type(exc).__name__}: {exc}")

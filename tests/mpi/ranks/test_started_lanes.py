@@ -10,14 +10,16 @@ rank, IVSHMEM_COMM_PUREPYTHON) the same checks hold for the other paths.
 
 from __future__ import annotations
 
+import array
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import pytest
 
-from guest_lib.mpi import MPI, area
+from guest_lib.mpi import MPI, area, collectives
 from guest_lib.mpi.engine import StagedOp
 
 Check = Callable[[], None]
@@ -426,3 +428,67 @@ def test_large_sizes_on_messages(comm, call, form):
     assert list(got) == [(rank - 1) % size] * 2
     if lane:
         assert area.current(comm) is not None
+
+
+def _doubles(form: str, values: list[float]) -> tuple[Any, Callable[[], list[float]]]:
+    """`values` as doubles in `form` (numpy; spec: [bytearray, count, DOUBLE]; double:
+    (array('d'), DOUBLE)), and a reader of the values it holds."""
+    if form == "spec":
+        raw = bytearray(np.array(values, "f8").tobytes())
+        return [raw, len(values), MPI.DOUBLE], lambda: np.frombuffer(raw, "f8").tolist()
+    if form == "double":
+        dbl = array.array("d", values)
+        return (dbl, MPI.DOUBLE), lambda: list(dbl)
+    arr = np.array(values, "f8")
+    return arr, lambda: arr.tolist()
+
+
+@pytest.mark.parametrize("form", ["numpy", "spec", "double", "in_place"])
+@pytest.mark.parametrize("call", ["Ibcast", "Iallgather", "Ireduce", "Iallreduce"])
+def test_started_through_the_c_front(comm, monkeypatch, call, form):
+    """Ibcast, Iallgather, Ireduce and Iallreduce in the forms codes pass on every call
+    start their round through CollectiveRound.front (Area.begin(front=True): no Python lane
+    builder), at every root, with the right data."""
+    if form == "in_place" and call == "Ibcast":
+        pytest.skip("Ibcast has no IN_PLACE")
+    if not _lane_ready(comm) or collectives.ring.set_front is None:
+        pytest.skip("no area with its C accelerator here")
+    size, rank = comm.Get_size(), comm.Get_rank()
+    fronts: list[bool] = []
+    begin = area.Area.begin
+
+    def spy(self: area.Area, *args: Any, front: bool = False) -> Any:
+        fronts.append(front)
+        return begin(self, *args, front=front)
+
+    monkeypatch.setattr(area.Area, "begin", spy)
+    base = "numpy" if form == "in_place" else form
+    mine = [rank + 1.0, rank + 2.0]
+    for root in range(size):
+        if call == "Ibcast":
+            buf, read = _doubles(base, [root + 0.5] * 2 if rank == root else [-1.0] * 2)
+            comm.Ibcast(buf, root).Wait()
+            assert read() == [root + 0.5] * 2
+        elif call == "Iallgather":
+            every = [q + 1.0 + i for q in range(size) for i in range(2)]
+            recv, read = _doubles(base, every if form == "in_place" else [0.0] * 2 * size)
+            if isinstance(recv, list):
+                recv[1] = 2  # (one rank's block)
+            send = MPI.IN_PLACE if form == "in_place" else _doubles(base, mine)[0]
+            comm.Iallgather(send, recv).Wait()
+            assert read() == every
+            break
+        else:
+            total = [sum(q + 1.0 + i for q in range(size)) for i in range(2)]
+            recv, read = _doubles(base, mine if form == "in_place" else [0.0] * 2)
+            send = MPI.IN_PLACE if form == "in_place" else _doubles(base, mine)[0]
+            if call == "Iallreduce":
+                comm.Iallreduce(send, recv, MPI.SUM).Wait()
+                assert read() == total
+                break
+            if form == "in_place" and rank != root:
+                send = _doubles(base, mine)[0]  # (IN_PLACE is the root's)
+            comm.Ireduce(send, recv, MPI.SUM, root).Wait()
+            if rank == root:
+                assert read() == total
+    assert fronts and all(fronts), fronts
