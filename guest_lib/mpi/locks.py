@@ -46,7 +46,13 @@ def locked(key: str) -> Callable[[F], F]:
     def decorate(method: F) -> F:
         @functools.wraps(method)
         def run(self: Any, *args: Any, **kwargs: Any) -> Any:
-            with comm_lock(self, key):
+            # A lock, once in the table, stays there: read without the guard (a dict's get
+            # is atomic); comm_lock makes the table or the lock on first use.
+            table = self.__dict__.get("_lock_table")
+            lock = None if table is None else table.get(key)
+            if lock is None:
+                lock = comm_lock(self, key)
+            with lock:
                 return method(self, *args, **kwargs)
 
         return run  # type: ignore[return-value]
