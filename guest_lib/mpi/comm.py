@@ -507,6 +507,15 @@ class Comm(attributes.Cached, Handle):
         """
         if buf is not None and not isinstance(buf, int):
             warnings.warn("recv() ignores its buffer argument", UserWarning, stacklevel=2)
+        rank = source if source != constants.ANY_SOURCE else self._sole_source()
+        peer = self._shm_peer.get(rank)
+        if peer is not None and (0 <= tag <= constants.TAG_UB or tag == constants.ANY_TAG):
+            # fast path, as Recv's: a whole message from a peer on shared memory
+            got = self._engine.fast_recv(peer, self._ctx, tag, None)  # type: ignore[union-attr]
+            if got is not None:
+                if status is not None:
+                    status._set(rank, got[1], got[0])
+                return _loads(got[2])
         self._source(source)
         self._recv_tag(tag)
         return self._recv_obj(source, tag, self._ctx, status)
