@@ -37,8 +37,8 @@ check: lint
 	$(ON_C) $(PYTEST) -q -n auto -m "not vm and not qemu and not slow"
 
 # Under 10 minutes on 2 cores: the whole suite on the C fast path but the tests marked `full`
-# (mpi4py's suite at 1 and 4 ranks, more 4-rank and mpiexec jobs, all VM tests but one per
-# module: variants of what runs), then the core's quick set again on the pure-Python reference (the
+# (mpi4py's suite at 1 and 4 ranks, more 4-rank and mpiexec jobs, all VM tests but two:
+# variants of what runs), then the core's quick set again on the pure-Python reference (the
 # pure MPI face runs in test_suite_runs). Tests that boot guests, start QEMU or are marked
 # `serial` run alone, after the others have run spread over the CPUs (pytest-xdist).
 test: maybe-system-deps lint test-c test-pure-core

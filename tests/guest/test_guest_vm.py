@@ -118,7 +118,7 @@ def _exchange_line(output: str) -> str:
     return m.group(0)
 
 
-@pytest.mark.full  # in make test-all (CI); make test boots guests for one per module
+@pytest.mark.full  # CI (test-all) only; make test boots guests in test_mpi_vm and test_lab
 def test_two_guests_exchange_mixed_sizes(lab: L.Lab, broker: BrokerProcess) -> None:
     results = lab.run(
         _py(EXCHANGE, str(EXCHANGE_COUNT)),
@@ -134,6 +134,7 @@ def test_two_guests_exchange_mixed_sizes(lab: L.Lab, broker: BrokerProcess) -> N
     assert sorted(re.search(r"attached (\d)", r.output)[1] for r in results) == ["0", "1"]
 
 
+@pytest.mark.full  # CI (test-all) only; make test boots guests in test_mpi_vm and test_lab
 def test_guest_and_host_process_exchange(lab: L.Lab, broker: BrokerProcess) -> None:
     host = subprocess.Popen(
         _py(EXCHANGE, str(EXCHANGE_COUNT)),
@@ -226,7 +227,7 @@ def _proc_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-@pytest.mark.full  # in make test-all (CI); make test boots guests for one per module
+@pytest.mark.full  # CI (test-all) only; make test boots guests in test_mpi_vm and test_lab
 def test_blocked_guest_uses_no_cpu_and_wakes_on_doorbells(
     lab: L.Lab, broker: BrokerProcess
 ) -> None:
@@ -350,7 +351,7 @@ NEWCOMER = """
 """
 
 
-@pytest.mark.full  # in make test-all (CI); make test boots guests for one per module
+@pytest.mark.full  # CI (test-all) only; make test boots guests in test_mpi_vm and test_lab
 def test_guest_power_off_mid_stream(lab: L.Lab, broker: BrokerProcess) -> None:
     dev = [L.DoorbellDevice(broker.socket, 2)]
     seen: dict[str, float] = {}
@@ -422,7 +423,7 @@ ISOLATION = """
 """
 
 
-@pytest.mark.full  # in make test-all (CI); make test boots guests for one per module
+@pytest.mark.full  # CI (test-all) only; make test boots guests in test_mpi_vm and test_lab
 def test_two_jobs_see_only_their_own_region(lab: L.Lab, tmp_path: Path) -> None:
     jobs = [
         BrokerProcess(tmp_path / "job1", size="4M", max_peers=2, vectors=1),

@@ -239,7 +239,7 @@ def test_module_order_and_initramfs_contents() -> None:
 # Real guests
 
 
-@pytest.mark.full  # in make test-all (CI); make test boots guests for one per module
+@pytest.mark.full  # CI (test-all) only; make test boots guests in test_mpi_vm and test_lab
 @pytest.mark.vm
 @needs_vm
 def test_two_guests_run_venv_python(lab: L.Lab) -> None:
@@ -272,7 +272,7 @@ def test_two_guests_run_venv_python(lab: L.Lab) -> None:
     assert _lab_tempdirs() == before
 
 
-@pytest.mark.full  # in make test-all (CI); make test boots guests for one per module
+@pytest.mark.full  # CI (test-all) only; make test boots guests in test_mpi_vm and test_lab
 @pytest.mark.vm
 @needs_vm
 def test_ivshmem_plain_via_sysfs_resource2(lab: L.Lab, shm_file) -> None:
@@ -318,7 +318,7 @@ def _uio_or_skip(lab: L.Lab) -> None:
         pytest.skip(f"uio_ivshmem did not build: {ird.uio_build_log.strip()[-500:]}")
 
 
-@pytest.mark.full  # in make test-all (CI); make test boots guests for one per module
+@pytest.mark.full  # CI (test-all) only; make test boots guests in test_mpi_vm and test_lab
 @pytest.mark.vm
 @needs_vm
 def test_uio_driver_plain_maps(lab: L.Lab, shm_file) -> None:
@@ -457,7 +457,7 @@ def test_uio_driver_msix_interrupts(lab: L.Lab) -> None:
     assert "vector0 1\n" in r.output
 
 
-@pytest.mark.full  # in make test-all (CI); make test boots guests for one per module
+@pytest.mark.full  # CI (test-all) only; make test boots guests in test_mpi_vm and test_lab
 @pytest.mark.vm
 @needs_vm
 def test_kill_timeout_and_nothing_left_behind(lab: L.Lab) -> None:
@@ -512,7 +512,7 @@ def _comm(pid: str) -> str:
         return ""
 
 
-@pytest.mark.full  # in make test-all (CI); make test boots guests for one per module
+@pytest.mark.full  # CI (test-all) only; make test boots guests in test_mpi_vm and test_lab
 @pytest.mark.vm
 @needs_vm
 def test_setup_failure_is_reported(lab: L.Lab) -> None:
@@ -521,7 +521,7 @@ def test_setup_failure_is_reported(lab: L.Lab) -> None:
     assert "not visible in the guest" in r.output
 
 
-@pytest.mark.full  # in make test-all (CI); make test boots guests for one per module
+@pytest.mark.full  # CI (test-all) only; make test boots guests in test_mpi_vm and test_lab
 @pytest.mark.vm
 @needs_vm
 def test_cli_run(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:

@@ -20,7 +20,7 @@ from tests.support import vm_marks
 
 REPO = Path(__file__).resolve().parents[2]
 PROGRAM = "tests/mpi/programs/launcher_rank.py"
-# in make test-all (CI); make test boots guests for one test per module (not these)
+# CI (test-all) only; make test boots guests in test_mpi_vm and test_lab
 pytestmark = [*vm_marks(240), pytest.mark.full]
 
 

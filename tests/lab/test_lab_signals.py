@@ -41,7 +41,6 @@ COMMANDS = {
     "mpiexec": ["mpiexec", "--vms", "1", "-n", "2", "--memory", "384M"],
 }
 # Two simulated hosts of one guest each: two brokers, two regions, all left to the guardian.
-MAKE_TEST = ("run", signal.SIGTERM)  # the one case `make test` runs (one test per VM module)
 KILLED = {**COMMANDS, "mpiexec-2-hosts": ["mpiexec", "--hosts", "2", "--vms", "2", "--memory",
                                           "384M"]}  # fmt: skip
 
@@ -112,7 +111,7 @@ class LabJob:
         self.proc.wait()
 
 
-@pytest.mark.full  # in make test-all (CI); make test boots guests for one per module
+@pytest.mark.full  # CI (test-all) only; make test boots guests in test_mpi_vm and test_lab
 @pytest.mark.parametrize("command", sorted(KILLED))
 def test_a_killed_lab_leaves_nothing(command: str) -> None:
     job = LabJob(command)
@@ -125,10 +124,11 @@ def test_a_killed_lab_leaves_nothing(command: str) -> None:
         job.close()
 
 
+@pytest.mark.full  # CI (test-all) only; make test boots guests in test_mpi_vm and test_lab
 @pytest.mark.parametrize(
     ("command", "sig"),
-    [  # make test boots guests for `run` SIGTERM only, make test-all (CI) for all
-        pytest.param(command, sig, marks=() if (command, sig) == MAKE_TEST else pytest.mark.full)
+    [
+        (command, sig)
         for command in sorted(COMMANDS)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
     ],

@@ -79,7 +79,7 @@ def test_two_guests_p2p_and_collectives() -> None:
 
 
 @vm
-@pytest.mark.full  # in make test-all (CI); make test boots guests for one per module
+@pytest.mark.full  # CI (test-all) only; make test boots guests in test_mpi_vm and test_lab
 def test_failing_rank_fails_the_job() -> None:
     # rank 1 exits 3 at once; rank 0 then loses its peer (or times out joining) and fails too
     code = (
@@ -99,7 +99,7 @@ def test_failing_rank_fails_the_job() -> None:
 
 
 @vm
-@pytest.mark.full  # in make test-all (CI); make test boots guests for one per module
+@pytest.mark.full  # CI (test-all) only; make test boots guests in test_mpi_vm and test_lab
 def test_three_ranks_in_two_guests() -> None:
     # guest 0 runs ranks 0 and 2, each on its own doorbell device (IVSHMEM_COMM_DEVICE)
     proc, dt = _lab("--prepend-rank", "--vms", "2", "-n", "3", "--", sys.executable, PROGRAM)
@@ -115,7 +115,7 @@ def test_three_ranks_in_two_guests() -> None:
 
 
 @vm_test(420)
-@pytest.mark.full  # in make test-all (CI); make test boots guests for one per module
+@pytest.mark.full  # CI (test-all) only; make test boots guests in test_mpi_vm and test_lab
 def test_shared_window_between_two_guests() -> None:
     program = "tests/mpi/programs/win_shared_vm.py"
     proc, dt = _lab("--prepend-rank", "--vms", "2", "--timeout", "300", "-n", "2", "--",

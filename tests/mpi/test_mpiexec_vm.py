@@ -129,6 +129,7 @@ def _check_results(out: str, ranks: int = 2, slots: int = 1) -> list[dict]:
     return results
 
 
+@pytest.mark.full  # CI (test-all) only; make test boots guests in test_mpi_vm and test_lab
 def test_mpiexec_runs_ranks_in_two_guests() -> None:
     shm_before = _shm_regions()
     out, _, argv = _lab_mpiexec(["--vms", "2"], PROGRAM, 150)
@@ -141,7 +142,7 @@ def test_mpiexec_runs_ranks_in_two_guests() -> None:
     print(f"shm bytes sent {sent}")
 
 
-@pytest.mark.full  # in make test-all (CI); make test boots guests for one per module
+@pytest.mark.full  # CI (test-all) only; make test boots guests in test_mpi_vm and test_lab
 def test_mpiexec_two_ranks_in_each_of_two_guests() -> None:
     """-n 4 over two guests: hydra puts ranks 0-1 in vm0 and 2-3 in vm1; each takes its own
     doorbell device (slot) by its local rank, and all four share one region."""
@@ -200,7 +201,7 @@ def _check_two_hosts_phases(results: list[dict], n: int, m: int, slack: int) -> 
             assert least <= got <= least + slack, (name, r)
 
 
-@pytest.mark.full  # in make test-all (CI); make test boots guests for one per module
+@pytest.mark.full  # CI (test-all) only; make test boots guests in test_mpi_vm and test_lab
 @pytest.mark.timeout(600)  # four TCG guests on 2 cores: 52 s idle, 185 s at load 11, 431 at 16
 def test_mpiexec_one_job_over_two_hosts() -> None:
     shm_before = _shm_regions()
@@ -251,7 +252,7 @@ ATTACH = (  # in a guest: how many ivshmem-doorbell devices it has, the region i
 )
 
 
-@pytest.mark.full  # in make test-all (CI); make test boots guests for one per module
+@pytest.mark.full  # CI (test-all) only; make test boots guests in test_mpi_vm and test_lab
 def test_up_exec_down() -> None:
     """(Two simulated hosts of one guest each: what a single host does too, plus a region
     per host.)"""

@@ -58,7 +58,7 @@ def test_standalone_broker():
     check_all_ranks(done.stdout, 2)
 
 
-@pytest.mark.full  # make test-all (CI); make test runs mpiexec's jobs in the hybrid ones
+@pytest.mark.full  # make test-all (CI); make test runs an mpiexec job in the hybrid traffic
 @pytest.mark.parametrize("ranks", [1, 2, FOUR])
 def test_mpiexec_one_region(ranks, regions):
     name = regions(64 << 20 if ranks < 4 else 128 << 20, max(ranks, 2))
@@ -74,6 +74,7 @@ def _two_regions(regions, *command: str) -> list[str]:
 
 
 @pytest.mark.serial  # 4 ranks
+@pytest.mark.full  # make test-all (CI); make test runs the suite at 4 ranks in test_standalone
 def test_mpiexec_hybrid_suite(regions):
     done = run_job(_two_regions(regions, PYTHON, *PYTEST_RANK_ARGS), 180)
     check_all_ranks(done.stdout, 4)
