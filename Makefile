@@ -57,7 +57,8 @@ test-pure-core: $(STAMP)
 	$(ON_PURE) $(PYTEST) -n auto -m "not (vm or qemu or serial or slow)" tests/core
 
 test-full: $(STAMP)
-	$(ON_C) $(PYTEST) -m full
+	$(ON_C) $(PYTEST) -n auto --dist worksteal -m "full and not (vm or qemu or serial)"
+	$(ON_C) $(PYTEST) -m "full and (vm or qemu or serial)"
 
 test-pure-rest: $(STAMP)
 	$(ON_PURE) $(PYTEST) -n auto -m "not (vm or qemu or serial or slow)" --ignore=tests/core

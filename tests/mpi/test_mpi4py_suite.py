@@ -58,6 +58,7 @@ FILES = [  # every test file of the pinned sdist (test_suite_files_are_the_sdist
     "test_util_dtlib.py", "test_util_pkl5.py", "test_util_pool.py", "test_util_sync.py",
     "test_win.py",
 ]  # fmt: skip
+FOUR = pytest.param(4, marks=[pytest.mark.full, pytest.mark.serial])  # alone: 4 ranks, 2 cores
 pytestmark = [
     pytest.mark.slow,  # whole jobs of 5-70 s each: out of `make check`, in `make test`
     pytest.mark.skipif(
@@ -116,8 +117,7 @@ def run_file(name: str, ranks: int, out: Path) -> tuple[subprocess.CompletedProc
     return done, lines
 
 
-@pytest.mark.parametrize("ranks", [pytest.param(1, marks=pytest.mark.full), 2,
-                                   pytest.param(4, marks=pytest.mark.full)])  # fmt: skip
+@pytest.mark.parametrize("ranks", [pytest.param(1, marks=pytest.mark.full), 2, FOUR])
 @pytest.mark.parametrize("name", FILES)
 def test_mpi4py_suite_file(name, ranks, tmp_path):
     start = time.monotonic()

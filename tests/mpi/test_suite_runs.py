@@ -21,6 +21,7 @@ import pytest
 from tests.mpi.conftest import MPIEXEC, PYTEST_RANK_ARGS, PYTHON, run_job
 
 LAUNCHER = [PYTHON, "-m", "guest_lib.mpi.launcher"]
+PURE = os.environ.get("IVSHMEM_COMM_PUREPYTHON") == "1"  # the pure-Python pass
 pytestmark = pytest.mark.slow  # whole jobs of real ranks: 7 s to 3 min each
 FOUR = pytest.param(4, marks=pytest.mark.serial)  # 4 ranks on 2 cores: nothing beside them
 # The same at 4 ranks in another mode: `make test-all` (CI); `make test` runs test_standalone's.
@@ -39,13 +40,14 @@ def check_all_ranks(output: str, ranks: int) -> None:
 
 @pytest.mark.parametrize("ranks", [1, 2, FOUR])
 def test_standalone(ranks):
+    if ranks > 1 and PURE:
+        pytest.skip("test_standalone_pure_python runs this job (on the C pass)")
     done = run_job([*LAUNCHER, "-n", str(ranks), "--timeout", "170", *PYTEST_RANK_ARGS], 180)
     check_all_ranks(done.stdout, ranks)
 
 
 @pytest.mark.parametrize("ranks", [2, FOUR_FULL])
-@pytest.mark.skipif(os.environ.get("IVSHMEM_COMM_PUREPYTHON") == "1",
-                    reason="on the pure-Python pass, test_standalone is this very job")  # fmt: skip
+@pytest.mark.skipif(PURE, reason="the C pass runs it: the job chooses its path itself")
 def test_standalone_pure_python(ranks):
     done = run_job([*LAUNCHER, "-n", str(ranks), "--timeout", "170", *PYTEST_RANK_ARGS], 180,
                    IVSHMEM_COMM_PUREPYTHON="1")  # fmt: skip
