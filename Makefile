@@ -54,16 +54,16 @@ test-c: $(STAMP)
 	$(ON_C) $(PYTEST) -m "(vm or qemu or serial) and not full"
 
 test-pure-core: $(STAMP)
-	$(ON_PURE) $(PYTEST) -n auto -m "not (vm or qemu or serial or slow)" tests/core
+	$(ON_PURE) $(PYTEST) -n auto -m "not (vm or qemu or serial or slow or full)" tests/core
 
 test-full: $(STAMP)
 	$(ON_C) $(PYTEST) -n auto --dist worksteal -m "full and not (vm or qemu or serial)"
 	$(ON_C) $(PYTEST) -m "full and (vm or qemu or serial)"
 
 test-pure-rest: $(STAMP)
-	$(ON_PURE) $(PYTEST) -n auto -m "not (vm or qemu or serial or slow)" --ignore=tests/core
-	$(ON_PURE) $(PYTEST) -n auto --dist worksteal -m "slow and not (vm or qemu or serial or full)"
-	$(ON_PURE) $(PYTEST) -m "(qemu or serial or full) and not vm"
+	$(ON_PURE) $(PYTEST) -n auto -m "not (vm or qemu or serial or slow or full)" --ignore=tests/core
+	$(ON_PURE) $(PYTEST) -n auto --dist worksteal -m "(slow or full) and not (vm or qemu or serial)"
+	$(ON_PURE) $(PYTEST) -m "(qemu or serial) and not vm"
 
 maybe-system-deps:
 	@if ! command -v qemu-system-x86_64 >/dev/null && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
