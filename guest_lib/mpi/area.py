@@ -70,7 +70,7 @@ from guest_lib.mpi.fastpath import core_error, other_threads
 from guest_lib.mpi.matching import Op
 from guest_lib.mpi.request import Request
 from guest_lib.mpi.status import Status
-from guest_lib.mpi.wire import COLL_TAGS
+from guest_lib.mpi.wire import COLL_TAGS, FT_TAGS_FROM
 from ivshmem_comm import layout
 from ivshmem_comm.collective import (
     C_ALLGATHER_BYTES,
@@ -87,7 +87,12 @@ if TYPE_CHECKING:
     from guest_lib.mpi import ops
 
 C_FOLD = -1  # Area.call's code of a reduction (CollectiveRound.fold)
-T_AREA = 0  # internal tag (of the current blocking instance) of the binding broadcast
+# The binding broadcast's tag on the collective context: outside every blocking instance's
+# tags (wire.coll_base) and every other internal range (nonblocking from 1 << 17, Agree /
+# Shrink from wire.FT_TAGS_FROM for 1 << 15 tags), so that a member abandoning the instance
+# that binds (an argument error, checked after the binding) never fails or drops another
+# member's binding; one binding per communicator, so one tag serves.
+T_AREA = FT_TAGS_FROM + (1 << 15)
 _BIND = struct.Struct("<iI")  # slot (-1: none), generation
 _CORE_ERRORS = (PeerLostError, RingCorruptError, TimeoutError)
 _DECLINABLE = ("gatherv", "scatterv", "alltoallv")
@@ -604,14 +609,20 @@ def _bind(comm: Any) -> Area | bool:
     ep = engine.ep
     claimed = None
     comm._area = False  # a failure while binding leaves messages for good (on every rank)
-    if comm._rank == 0:
-        claimed = claim_slot(ep.region, ep.peer_id, ep.incarnation)
-        slot, generation = claimed or (-1, 0)
-        comm._bcast_view(memoryview(_BIND.pack(slot, generation)), 0, T_AREA)
-    else:
-        raw = bytearray(_BIND.size)
-        comm._bcast_view(memoryview(raw), 0, T_AREA)
-        slot, generation = _BIND.unpack(raw)
+    # Every member completes the binding before it checks its arguments (see `bound`): an
+    # abandonment of the instance already on record here is not the binding's to raise.
+    gone, comm._coll_gone = comm._coll_gone, None
+    try:
+        if comm._rank == 0:
+            claimed = claim_slot(ep.region, ep.peer_id, ep.incarnation)
+            slot, generation = claimed or (-1, 0)
+            comm._bcast_view(memoryview(_BIND.pack(slot, generation)), 0, T_AREA)
+        else:
+            raw = bytearray(_BIND.size)
+            comm._bcast_view(memoryview(raw), 0, T_AREA)
+            slot, generation = _BIND.unpack(raw)
+    finally:
+        comm._coll_gone = gone
     if slot < 0:
         return False
     if slot >= ep.region.geometry.coll_slots or not 1 <= generation <= layout.COLL_GEN_MASK:

@@ -78,3 +78,20 @@ def test_killed_member_fails_a_started_collective(mode):
     raises MPI.Exception(ERR_OTHER) within seconds on both, nothing else is reported."""
     stderr = _killed(mode, "MPI_ERR_OTHER")
     assert "Traceback" not in stderr, stderr[-3000:]
+
+
+def test_binding_tag_outside_every_other_internal_tag():
+    """The area's binding broadcast uses a tag no collective instance, nonblocking
+    collective, Create_group or Agree/Shrink uses: an instance a member abandons (an
+    argument error, checked after the binding) must never fail or drop another member's
+    binding (seen: a 4-rank job's late member raised ERR_OTHER for its own ValueError)."""
+    from guest_lib.mpi import area, collectives, comm, constants, ulfm, wire
+
+    taken = [
+        range(0, wire.COLL_TAGS),
+        range(comm.T_GROUP, comm.T_GROUP * 2),
+        range(collectives.T_NONBLOCKING, collectives.T_NONBLOCKING + collectives.NONBLOCKING_TAGS),
+        range(ulfm.T_FT, ulfm.T_FT + ulfm.FT_BLOCKS * ulfm.FT_SPAN),
+    ]
+    assert area.T_AREA <= constants.TAG_UB
+    assert not any(area.T_AREA in used for used in taken)
