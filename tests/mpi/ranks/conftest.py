@@ -9,11 +9,31 @@ failing rank leave at once, which fails its peers instead of hanging them.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
-from guest_lib.mpi import MPI
+from guest_lib.mpi import MPI, area
+
+
+@pytest.fixture
+def area_runs(monkeypatch: pytest.MonkeyPatch) -> Callable[[], list[str]]:
+    """Call it to start recording: returns the list that gets the name of every collective
+    run through Area.run (the area's Python steps) from then on, this test only."""
+
+    def watch() -> list[str]:
+        entered: list[str] = []
+        general = area.Area.run
+
+        def run(self: area.Area, name: str, *args: Any) -> bool:
+            entered.append(name)
+            return general(self, name, *args)
+
+        monkeypatch.setattr(area.Area, "run", run)
+        return entered
+
+    return watch
 
 
 @pytest.fixture(params=["COMM_SELF", "COMM_WORLD", "Dup"])

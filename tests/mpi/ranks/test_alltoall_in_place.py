@@ -199,21 +199,14 @@ def test_alltoall_over_a_segment_takes_no_area_round(comm, form):
 
 
 @pytest.mark.parametrize("form", ["numpy", "in_place"])
-def test_alltoallv_over_a_segment_declines_in_its_one_c_round(comm, monkeypatch, form):
+def test_alltoallv_over_a_segment_declines_in_its_one_c_round(comm, area_runs, form):
     """An Alltoallv whose block from rank 0 to the last rank is over a segment: the members
     decline it in the C round of the lane (one round), without a refused C call and a
     round of the area's Python steps (Area.run), then move it by messages; data checked."""
     size, rank = comm.Get_size(), comm.Get_rank()
     if size < 2 or not _lane_ready(comm):
         pytest.skip("one member, or the Python steps only (IVSHMEM_COMM_PUREPYTHON)")
-    entered: list[str] = []
-    general = area.Area.run
-
-    def run(self: area.Area, name: str, *args: Any) -> bool:
-        entered.append(name)
-        return general(self, name, *args)
-
-    monkeypatch.setattr(area.Area, "run", run)
+    entered = area_runs()
     big, last = _segment(comm) + 1, size - 1
     scounts = [big if (rank, q) == (0, last) else 3 for q in range(size)]
     rcounts = [big if (r, rank) == (0, last) else 3 for r in range(size)]
@@ -235,7 +228,7 @@ def test_alltoallv_over_a_segment_declines_in_its_one_c_round(comm, monkeypatch,
 
 
 @pytest.mark.parametrize("own", ["few", "over"])
-def test_members_on_the_lane_and_on_the_body(comm, monkeypatch, own):
+def test_members_on_the_lane_and_on_the_body(comm, area_runs, own):
     """Rank 0 runs an in-place Alltoallv on its lane while the others, an Ibarrier still
     pending, run it through the collective's body (Area.run after the pending round, a copy
     of recvbuf sent): both ways meet in one round, declined where rank 0's own block is over
@@ -243,14 +236,7 @@ def test_members_on_the_lane_and_on_the_body(comm, monkeypatch, own):
     size, rank = comm.Get_size(), comm.Get_rank()
     big = _segment(comm) + 1 if own == "over" else 3  # (binds the area)
     lane = _lane_ready(comm)
-    entered: list[str] = []
-    general = area.Area.run
-
-    def run(self: area.Area, name: str, *args: Any) -> bool:
-        entered.append(name)
-        return general(self, name, *args)
-
-    monkeypatch.setattr(area.Area, "run", run)
+    entered = area_runs()
     if rank == 0:
         time.sleep(0.05)  # (the others' Ibarrier stays pending meanwhile)
     request = comm.Ibarrier()

@@ -225,7 +225,7 @@ def _form(form: str, count: int, fill: int) -> tuple[Any, Callable[[], list[int]
 
 @pytest.mark.parametrize("form", ["numpy", "mmap", "array", "double", "in_place", "pickle"])
 @pytest.mark.parametrize("call", ["Bcast", "Gather", "Scatter", "Allgather"])
-def test_common_forms_take_one_area_call(comm, monkeypatch, call, form):
+def test_common_forms_take_one_area_call(comm, area_runs, call, form):
     """Every buffer form a code passes on each call (and the pickle forms, scatter's too,
     and IN_PLACE, and a keyword root) runs as one C round of the area (`Area.call`) without
     the area's general entry (`Area.run`: its context manager and dispatch cost a few us per
@@ -237,14 +237,7 @@ def test_common_forms_take_one_area_call(comm, monkeypatch, call, form):
         pytest.skip("no area here (one rank) or the Python steps only (IVSHMEM_COMM_PUREPYTHON)")
     if form == "in_place" and call == "Bcast":
         pytest.skip("Bcast has no IN_PLACE")
-    entered: list[str] = []
-    general = area.Area.run
-
-    def run(self: area.Area, name: str, *args: Any) -> bool:
-        entered.append(name)
-        return general(self, name, *args)
-
-    monkeypatch.setattr(area.Area, "run", run)
+    entered = area_runs()
     root, n = size - 1, 16
     before = area.completed(comm)
     if form == "pickle":
