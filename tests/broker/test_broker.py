@@ -361,7 +361,16 @@ def test_restart_adopts_region_clients_reclaim_ids(broker: BrokerProcess, client
 
     start = time.monotonic()
     broker.start()
-    wait_for(lambda: a.reconnects == 1 and b.reconnects == 1, timeout=5)
+    try:
+        # Liveness, not speed (the time is printed): a client whose first reclaim lands on a
+        # socket nobody answers waits out its 5 s handshake timeout before it tries again.
+        wait_for(lambda: a.reconnects == 1 and b.reconnects == 1, timeout=30)
+    except AssertionError:
+        tail = "\n".join(broker.log().splitlines()[-20:])
+        raise AssertionError(
+            f"reconnects a={a.reconnects} b={b.reconnects} connected "
+            f"a={a.connected.is_set()} b={b.connected.is_set()}; broker log tail:\n{tail}"
+        ) from None
     ready, reclaimed = (
         [line for line in broker.log().splitlines() if what in line][-1][:23]
         for what in (" ready", "reclaimed its slot")
