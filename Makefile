@@ -14,7 +14,7 @@ ON_PURE := IVSHMEM_COMM_PUREPYTHON=1
 .PHONY: demo test test-all test-rest check lint test-c test-pure-core test-full \
 	test-pure-rest system-deps maybe-system-deps clean
 
-$(STAMP): pyproject.toml setup.py ivshmem_comm/_fastpath.c ivshmem_comm/_typepack.c ivshmem_comm/_memexport.c
+$(STAMP): pyproject.toml setup.py ivshmem_comm/_fastpath.c ivshmem_comm/_typepack.c ivshmem_comm/_memexport.c ivshmem_comm/_p2preq.c
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[test]'

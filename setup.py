@@ -14,8 +14,13 @@ setup(
                 "ivshmem_comm/_fastpath.c",
                 "ivshmem_comm/_typepack.c",
                 "ivshmem_comm/_memexport.c",
+                "ivshmem_comm/_p2preq.c",
             ],
-            depends=["ivshmem_comm/_typepack.h", "ivshmem_comm/_memexport.h"],
+            depends=[
+                "ivshmem_comm/_typepack.h",
+                "ivshmem_comm/_memexport.h",
+                "ivshmem_comm/_p2preq.h",
+            ],
             extra_compile_args=["-O2", "-std=c11", "-Wall", "-Wextra", "-Werror"],
         )
     ]

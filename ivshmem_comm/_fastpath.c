@@ -28,6 +28,7 @@
 
 #include "_typepack.h" /* part 2: derived-datatype pack/unpack */
 #include "_memexport.h" /* part 3: MemoryExporter (MPI.Win's buffer) */
+#include "_p2preq.h"    /* part 4: the MPI face's request objects */
 
 #include <stdbool.h>
 #include <stdint.h>
@@ -3447,7 +3448,8 @@ PyMODINIT_FUNC PyInit__fastpath(void)
         PyModule_AddIntConstant(m, "SEND_KICK", SEND_KICK) < 0 ||
         PyModule_AddIntConstant(m, "SEND_FULL", SEND_FULL) < 0 ||
         PyModule_AddIntConstant(m, "SEND_TOO_BIG", SEND_TOO_BIG) < 0 ||
-        typepack_add_functions(m) < 0 || memexport_add_type(m) < 0) {
+        typepack_add_functions(m) < 0 || memexport_add_type(m) < 0 ||
+        p2preq_add_functions(m) < 0) {
         Py_DECREF(m);
         return NULL;
     }

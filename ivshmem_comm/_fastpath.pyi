@@ -20,6 +20,20 @@ def flat_view(spec: Any, writable: bool, sizes: dict[int, int]) -> memoryview | 
 def set_front(
     ndarray: type, in_place: Any, sizes: dict[int, int], folds: dict[int, int], ops: dict[int, int]
 ) -> None: ...
+def p2p_types(request: type, recv_op: type, template: Any) -> None: ...
+def new_request(op: Any, engine: Any, rank_of: Any, finish: Any) -> Any: ...
+def post_recv(
+    posted: list[Any],
+    view: Any,
+    ctx: int,
+    src: int,
+    tag: int,
+    peer: int,
+    engine: Any,
+    rank_of: Any,
+    finish: Any,
+) -> Any: ...
+def null_done(requests: Any) -> bool: ...
 def typed_copy(
     gather: bool, user: Any, start: int, count: int, extent: int, runs: Any, packed: Any, limit: int
 ) -> int: ...

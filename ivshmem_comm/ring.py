@@ -33,6 +33,13 @@ CollectiveRound: Any = None
 #: and the tables of CollectiveRound.front (guest_lib.mpi.collectives sets them).
 flat_view: Any = None
 set_front: Any = None
+#: The MPI face's per-message request objects made and read in C (guest_lib.mpi.request
+#: registers its classes with p2p_types and has the Python reference of each), None on the
+#: pure-Python path.
+p2p_types: Any = None
+new_request: Any = None
+post_recv: Any = None
+null_done: Any = None
 MemoryExporter: Any = None
 EmptyExporter: Any = None
 
@@ -70,6 +77,10 @@ else:
             compare_exchange_u64,
             flat_view,
             full_fence,
+            new_request,
+            null_done,
+            p2p_types,
+            post_recv,
             set_front,
         )
 
@@ -109,5 +120,9 @@ __all__ = [
     "compare_exchange_u64",
     "flat_view",
     "full_fence",
+    "new_request",
+    "null_done",
+    "p2p_types",
+    "post_recv",
     "set_front",
 ]

@@ -20,6 +20,7 @@ import sys
 import time
 import warnings
 import zlib
+from _thread import _count
 from collections.abc import Callable, Hashable
 from typing import TYPE_CHECKING, Any
 
@@ -46,9 +47,11 @@ from guest_lib.mpi.handles import Handle
 from guest_lib.mpi.matching import DoneOp, Op, RecvOp
 from guest_lib.mpi.pickling import dumps as _dumps
 from guest_lib.mpi.pickling import loads as _loads
-from guest_lib.mpi.request import Request, request_of, unpickle
+from guest_lib.mpi.request import Request, new_request, request_of, unpickle
 from guest_lib.mpi.routes import ANY, Route, fast_done
 from guest_lib.mpi.status import Status
+from guest_lib.service_threads import running as _service
+from ivshmem_comm import ring
 
 # numpy's own dtype objects of the arrays the fast paths hand to the core as they are (plain
 # numbers in the machine's byte order), by id (the dict holds them: the ids stay theirs). An
@@ -62,6 +65,8 @@ _DECLINE_BIT = constants.MAX_CONTEXT + 1  # in a context map: "not my turn, agre
 _CTX_BYTES = (_DECLINE_BIT + 8) // 8  # a bit map of every context and the decline bit
 T_GROUP = 1 << 16  # tags T_GROUP + n on a collective context: Create_group (tag n)
 _EMPTY = memoryview(b"")
+_post_recv = ring.post_recv  # Irecv's post in C (None on the pure-Python path)
+_ROUTE_POST = Route.post  # the routes whose post is the engine's (not mpi4py's)
 # The op of every nonblocking send written whole at once (Isend's fast path): complete, and
 # no field of a complete op is written again (Cancel and Free leave it), so one serves all.
 _SENT = DoneOp(constants.ANY_SOURCE, constants.ANY_TAG)
@@ -697,8 +702,10 @@ class Comm(attributes.Cached, Handle):
             if view is not None:  # a plain spec to a peer on shared memory: no more checks
                 engine: Engine = self._engine  # type: ignore[assignment]  # a peer: an engine
                 if engine.fast_send(peer, self._ctx << _CTX_SHIFT | tag, view, 0.0):
-                    return request_of(_SENT, engine)
-                return request_of(engine.isend_shm(peer, self._ctx, tag, view, False), engine)
+                    return new_request(_SENT, engine, None, None)
+                return new_request(
+                    engine.isend_shm(peer, self._ctx, tag, view, False), engine, None, None
+                )
         self._dest(dest)
         self._send_tag(tag)
         view = _quick(buf, False, _SIZES)
@@ -749,6 +756,16 @@ class Comm(attributes.Cached, Handle):
             op = self._irecv_op(view, source, tag, self._ctx)
         else:  # post at once: the route lookup was the rank check
             src = source if source == constants.ANY_SOURCE else self._group[source]
+            engine: Engine = self._engine  # type: ignore[assignment]  # (checked above)
+            if (  # Route.post's engine.post, its lone-thread case (queued as it is) in C
+                _post_recv is not None
+                and type(route).post is _ROUTE_POST
+                and not (engine.unexpected or _count() - _service[0])
+            ):
+                return _post_recv(
+                    engine.posted, view, self._ctx, src, tag, route.peer, engine,
+                    self._rank_of, finish,
+                )  # fmt: skip
             op = route.post(self, RecvOp(self._ctx, src, tag, view, None, route.peer), source)
         return request_of(op, self._engine, self._rank_of, finish)
 

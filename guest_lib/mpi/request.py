@@ -18,8 +18,9 @@ from typing import Any, TypeVar
 from guest_lib.mpi import constants, exceptions, pickling
 from guest_lib.mpi.engine import Engine
 from guest_lib.mpi.handles import Handle, Same
-from guest_lib.mpi.matching import Op
+from guest_lib.mpi.matching import Op, RecvOp
 from guest_lib.mpi.status import Status
+from ivshmem_comm import ring
 
 
 class Request(Handle):
@@ -284,14 +285,14 @@ class Request(Handle):
     ) -> list[Any]:
         """Wait for every request; return their objects (None for sends)."""
         plain = statuses is None  # (no status asked)
-        if plain and _null_done(requests, Request):  # (sends written at once, say)
+        if plain and _nulled(requests):  # (sends written at once, say)
             return [None] * len(requests)
         engine = cls._engine_of(requests)
         if engine is not None:
             pending = [op for r in requests if (op := r._op) is not None and not op.done]
             if pending:
                 engine.wait_until(_all_done(pending))
-                if plain and _null_done(requests, Request):
+                if plain and _nulled(requests):
                     return [None] * len(requests)
         results: list[Any] = []
         failed: list[tuple[Any, exceptions.Exception]] = []
@@ -485,16 +486,16 @@ def request_of(
     return request
 
 
-def _null_done(requests: Sequence[Request], kind: type[Request]) -> bool:
+def _null_done(requests: Sequence[Request]) -> bool:
     """Waitall's end when every request completed plainly, in one loop (no status asked):
     True iff `requests` is a list or tuple whose every request is null or of exactly type
-    `kind` with no _finish and no _cell, its op done without error and not cancelled; then
+    Request with no _finish and no _cell, its op done without error and not cancelled; then
     each one is made null, as the general loop leaves such a request. False: nothing
-    changed."""
+    changed. The Python reference of the C ring.null_done (`_nulled` is the one used)."""
     if type(requests) is not list and type(requests) is not tuple:
         return False
     for request in requests:
-        if type(request) is not kind:
+        if type(request) is not Request:
             return False
         op = request._op
         if op is not None and not (
@@ -555,6 +556,15 @@ def unpickle(op: Op) -> Any:
 
 
 REQUEST_NULL = Request()
+
+# The C path's request objects (ivshmem_comm/_p2preq.c): made and read at the slots of the
+# classes registered here; their Python references on the pure-Python path.
+if ring.p2p_types is not None:
+    ring.p2p_types(Request, RecvOp, RecvOp(0, constants.ANY_SOURCE, constants.ANY_TAG, None))
+new_request: Callable[[Op, Engine | None, dict[int, int] | None, Callable[[Op], Any] | None], Any]
+new_request = ring.new_request or request_of
+"""request_of(op, engine, rank_of, finish) for a Request, in C on the C path."""
+_nulled: Callable[[Sequence[Request]], bool] = ring.null_done or _null_done
 
 
 def _all_done(ops: list[Op]) -> Callable[[], bool]:

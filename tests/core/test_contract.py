@@ -39,6 +39,10 @@ MODULE_NAMES = {
     "EmptyExporter",
     "CollectiveRound",
     "set_front",
+    "p2p_types",
+    "new_request",
+    "post_recv",
+    "null_done",
 } | {n for n in ring.__all__ if n.startswith("SEND_")}
 
 

@@ -21,7 +21,12 @@ from pathlib import Path
 
 _CORE = Path(__file__).resolve().parents[2] / "ivshmem_comm"
 # the module's sources (setup.py's)
-SOURCES = [_CORE / "_fastpath.c", _CORE / "_typepack.c", _CORE / "_memexport.c"]
+SOURCES = [
+    _CORE / "_fastpath.c",
+    _CORE / "_typepack.c",
+    _CORE / "_memexport.c",
+    _CORE / "_p2preq.c",
+]
 MODULE = "ivshmem_comm._fastpath"
 BUILD_ENV = "IVSHMEM_FUZZ_NATIVE_BUILD"  # set in the child: the instrumented module's path
 ASAN_OPTIONS = "detect_leaks=0:allocator_may_return_null=1:quarantine_size_mb=64"

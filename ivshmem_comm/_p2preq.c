@@ -1,0 +1,322 @@
+/* ivshmem_comm._fastpath, part 4: the per-message objects of the MPI face's nonblocking
+ * point-to-point calls (guest_lib.mpi: Request, RecvOp), made and read in C.
+ *
+ * Compiled into the _fastpath module with _fastpath.c (which calls p2preq_add_functions from
+ * its module init). The MPI face hands its classes over once (p2p_types); the functions
+ * here then set and read their __slots__ straight at the offsets of the slots' member
+ * descriptors, as the interpreter's own slot access does, instead of one attribute lookup
+ * per field. Each function has its Python reference in guest_lib.mpi (request_of,
+ * _null_done, Irecv's post), which gives the same objects and results; the MPI face uses
+ * these only on the C path.
+ *
+ * Layout safety: an offset is taken only from a member descriptor of an object slot
+ * (T_OBJECT_EX) defined by the registered class or one of its bases, found by the type's
+ * own lookup (a property or any other descriptor of that name refuses the registration).
+ * An object is written or read at those offsets only when its type is exactly the
+ * registered class, or (an Op's done/error/cancelled) when the type's lookup of each of the
+ * three names finds the very descriptor registered: an Op subclass that redefines one (a
+ * property) is read through getattr, as Python reads it.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <structmember.h>
+
+#include <stdbool.h>
+
+#include "_p2preq.h"
+
+enum { R_CELL, R_ENGINE, R_FINISH, R_OP, R_OWNER, R_RANK_OF, R_N };
+static const char *const request_text[R_N] = {"_cell",  "_engine", "_finish",
+                                              "_op",    "_owner",  "_rank_of"};
+
+/* RecvOp's slots: the first O_SET are given per receive, O_MPI_WORLD gets a new list, the
+ * rest are copied from the template RecvOp given to p2p_types (RecvOp.__init__'s values). */
+enum {
+    O_CTX, O_SRC, O_WANT_TAG, O_VIEW, O_PEER, O_SET, O_MPI_WORLD = O_SET,
+    O_DONE, O_ERROR, O_CANCELLED, O_TAG, O_SOURCE, O_COUNT, O_OBJ, O_SINK, O_PARTS, O_MPI,
+    O_MPI_SRC, O_N
+}; /* (O_DONE..O_CANCELLED: Op's, read by null_done on any Op) */
+static const char *const recv_text[O_N] = {
+    "ctx",  "src",   "want_tag",  "view", "peer",   "mpi_world", "done", "error", "cancelled",
+    "tag",  "source", "count",    "obj",  "sink",   "parts",     "mpi",  "mpi_src"};
+
+static PyTypeObject *request_type, *recv_type; /* registered by p2p_types; NULL before */
+static Py_ssize_t request_off[R_N], recv_off[O_N];
+static PyObject *recv_default[O_N]; /* the template's values (from O_DONE on) */
+static PyObject *op_descr[3];       /* the descriptors of done, error, cancelled */
+static PyObject *op_name[3];        /* their names, interned */
+
+/* Op types whose done/error/cancelled are the registered slots (checked once each). */
+#define KNOWN_OPS 16
+static PyTypeObject *known_op[KNOWN_OPS];
+static int known_ops;
+
+#define SLOT(obj, off) (*(PyObject **)((char *)(obj) + (off)))
+
+/* Set slot `off` of `obj` to a new reference to `value`. */
+static inline void slot_set(PyObject *obj, Py_ssize_t off, PyObject *value)
+{
+    Py_XSETREF(SLOT(obj, off), Py_NewRef(value));
+}
+
+/* The offset of object slot `name` of `type` into *off (and its descriptor into *descr,
+ * borrowed): 0, or -1 with TypeError when the type's lookup finds no such slot. */
+static int slot_offset(PyTypeObject *type, const char *name, Py_ssize_t *off, PyObject **descr)
+{
+    PyObject *key = PyUnicode_InternFromString(name);
+    if (key == NULL)
+        return -1;
+    PyObject *found = _PyType_Lookup(type, key); /* borrowed */
+    Py_DECREF(key);
+    if (found == NULL || !Py_IS_TYPE(found, &PyMemberDescr_Type) ||
+        ((PyMemberDescrObject *)found)->d_member->type != T_OBJECT_EX ||
+        (((PyMemberDescrObject *)found)->d_member->flags & READONLY) ||
+        !PyType_IsSubtype(type, PyDescr_TYPE(found))) {
+        PyErr_Format(PyExc_TypeError, "p2p_types: %s.%s is not an object slot", type->tp_name,
+                     name);
+        return -1;
+    }
+    *off = ((PyMemberDescrObject *)found)->d_member->offset;
+    if (descr != NULL)
+        *descr = found;
+    return 0;
+}
+
+/* p2p_types(Request, RecvOp, template): register the classes (see the file's comment);
+ * `template` is a RecvOp whose field values new receives copy. TypeError for a class
+ * without the slots named above (nothing registered then). */
+static PyObject *p2p_types(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3 || !PyType_Check(args[0]) || !PyType_Check(args[1]) ||
+        !Py_IS_TYPE(args[2], (PyTypeObject *)args[1])) {
+        PyErr_SetString(PyExc_TypeError, "p2p_types(Request, RecvOp, a RecvOp)");
+        return NULL;
+    }
+    PyTypeObject *request = (PyTypeObject *)args[0], *recv = (PyTypeObject *)args[1];
+    Py_ssize_t roff[R_N], ooff[O_N];
+    PyObject *descr[O_N], *values[O_N];
+    for (int i = 0; i < R_N; i++)
+        if (slot_offset(request, request_text[i], &roff[i], NULL) < 0)
+            return NULL;
+    for (int i = 0; i < O_N; i++)
+        if (slot_offset(recv, recv_text[i], &ooff[i], &descr[i]) < 0)
+            return NULL;
+    for (int i = O_DONE; i < O_N; i++) {
+        values[i] = SLOT(args[2], ooff[i]);
+        if (values[i] == NULL) {
+            PyErr_Format(PyExc_TypeError, "p2p_types: the template has no %s", recv_text[i]);
+            return NULL;
+        }
+    }
+    for (int i = 0; i < 3; i++)
+        if (op_name[i] == NULL &&
+            (op_name[i] = PyUnicode_InternFromString(recv_text[O_DONE + i])) == NULL)
+            return NULL;
+    Py_XSETREF(request_type, (PyTypeObject *)Py_NewRef(request));
+    Py_XSETREF(recv_type, (PyTypeObject *)Py_NewRef(recv));
+    memcpy(request_off, roff, sizeof roff);
+    memcpy(recv_off, ooff, sizeof ooff);
+    for (int i = O_DONE; i < O_N; i++)
+        Py_XSETREF(recv_default[i], Py_NewRef(values[i]));
+    for (int i = 0; i < 3; i++)
+        Py_XSETREF(op_descr[i], Py_NewRef(descr[O_DONE + i]));
+    for (int i = 0; i < known_ops; i++)
+        Py_CLEAR(known_op[i]);
+    known_ops = 0;
+    Py_RETURN_NONE;
+}
+
+static int check_registered(const char *call)
+{
+    if (request_type != NULL)
+        return 0;
+    PyErr_Format(PyExc_RuntimeError, "%s: p2p_types was not called", call);
+    return -1;
+}
+
+/* A new Request on `op` (all six fields set, _cell and _owner None); NULL with an error. */
+static PyObject *make_request(PyObject *op, PyObject *engine, PyObject *rank_of, PyObject *finish)
+{
+    PyObject *request = request_type->tp_alloc(request_type, 0);
+    if (request == NULL)
+        return NULL;
+    slot_set(request, request_off[R_CELL], Py_None);
+    slot_set(request, request_off[R_OWNER], Py_None);
+    slot_set(request, request_off[R_OP], op);
+    slot_set(request, request_off[R_ENGINE], engine);
+    slot_set(request, request_off[R_RANK_OF], rank_of);
+    slot_set(request, request_off[R_FINISH], finish);
+    return request;
+}
+
+/* new_request(op, engine, rank_of, finish): Request(op, engine, rank_of, finish), as
+ * guest_lib.mpi.request.request_of makes it. */
+static PyObject *new_request(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "new_request takes 4 arguments");
+        return NULL;
+    }
+    if (check_registered("new_request") < 0)
+        return NULL;
+    return make_request(args[0], args[1], args[2], args[3]);
+}
+
+/* post_recv(posted, view, ctx, src, tag, peer, engine, rank_of, finish): a RecvOp(ctx, src,
+ * tag, view, None, peer) appended to the list `posted`, and a Request on it
+ * (request_of(op, engine, rank_of, finish)), returned. The caller has checked that the
+ * receive is to be queued as it is (matching.Matching.post's lone-thread case). */
+static PyObject *post_recv(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 9) {
+        PyErr_SetString(PyExc_TypeError, "post_recv takes 9 arguments");
+        return NULL;
+    }
+    if (check_registered("post_recv") < 0)
+        return NULL;
+    if (!PyList_CheckExact(args[0])) {
+        PyErr_SetString(PyExc_TypeError, "post_recv: posted must be a list");
+        return NULL;
+    }
+    PyObject *world = PyList_New(0);
+    if (world == NULL)
+        return NULL;
+    PyObject *op = recv_type->tp_alloc(recv_type, 0);
+    if (op == NULL) {
+        Py_DECREF(world);
+        return NULL;
+    }
+    slot_set(op, recv_off[O_CTX], args[2]);
+    slot_set(op, recv_off[O_SRC], args[3]);
+    slot_set(op, recv_off[O_WANT_TAG], args[4]);
+    slot_set(op, recv_off[O_VIEW], args[1]);
+    slot_set(op, recv_off[O_PEER], args[5]);
+    Py_XSETREF(SLOT(op, recv_off[O_MPI_WORLD]), world);
+    for (int i = O_DONE; i < O_N; i++)
+        slot_set(op, recv_off[i], recv_default[i]);
+    PyObject *request = make_request(op, args[6], args[7], args[8]);
+    if (request == NULL || PyList_Append(args[0], op) < 0) {
+        Py_XDECREF(request);
+        Py_DECREF(op);
+        return NULL;
+    }
+    Py_DECREF(op);
+    return request;
+}
+
+/* Whether the type of `op` reads done/error/cancelled from the registered slots: 1 or 0. */
+static int plain_op(PyTypeObject *type)
+{
+    for (int i = 0; i < known_ops; i++)
+        if (known_op[i] == type)
+            return 1;
+    for (int i = 0; i < 3; i++) /* (the descriptor alone could sit on an unrelated class) */
+        if (_PyType_Lookup(type, op_name[i]) != op_descr[i] ||
+            !PyType_IsSubtype(type, PyDescr_TYPE(op_descr[i])))
+            return 0;
+    if (known_ops < KNOWN_OPS)
+        known_op[known_ops++] = (PyTypeObject *)Py_NewRef(type);
+    return 1;
+}
+
+/* Field i (0 done, 1 error, 2 cancelled) of `op`, as a truth value: 1 or 0, -1 with an
+ * error (a slot not set, or what getattr raised). */
+static int op_flag(PyObject *op, bool plain, int i)
+{
+    if (plain) {
+        PyObject *value = SLOT(op, recv_off[O_DONE + i]);
+        if (value == Py_True)
+            return 1;
+        if (value == Py_False)
+            return 0;
+        if (value == NULL) {
+            PyErr_SetObject(PyExc_AttributeError, op_name[i]);
+            return -1;
+        }
+        return PyObject_IsTrue(value);
+    }
+    PyObject *value = PyObject_GetAttr(op, op_name[i]);
+    if (value == NULL)
+        return -1;
+    int truth = PyObject_IsTrue(value);
+    Py_DECREF(value);
+    return truth;
+}
+
+/* Whether `request` (of the registered Request type) completed plainly: 1, 0, -1 with an
+ * error. The order of the reads is _null_done's. */
+static int done_plainly(PyObject *request)
+{
+    PyObject *op = SLOT(request, request_off[R_OP]);
+    if (op == NULL) {
+        PyErr_SetString(PyExc_AttributeError, "_op");
+        return -1;
+    }
+    if (op == Py_None)
+        return 1;
+    Py_INCREF(op); /* (a getattr below may run code) */
+    bool plain = plain_op(Py_TYPE(op));
+    int ok = op_flag(op, plain, 0);
+    if (ok > 0) {
+        PyObject *finish = SLOT(request, request_off[R_FINISH]);
+        PyObject *cell = SLOT(request, request_off[R_CELL]);
+        if (finish == NULL || cell == NULL) {
+            PyErr_SetString(PyExc_AttributeError, finish == NULL ? "_finish" : "_cell");
+            ok = -1;
+        } else
+            ok = finish == Py_None && cell == Py_None;
+    }
+    for (int i = 1; i < 3 && ok > 0; i++) {
+        int flag = op_flag(op, plain, i);
+        ok = flag < 0 ? -1 : !flag;
+    }
+    Py_DECREF(op);
+    return ok;
+}
+
+/* null_done(requests): guest_lib.mpi.request._null_done(requests, Request): True iff
+ * `requests` is a list or tuple whose every item is null or of exactly the Request type
+ * with no _finish and no _cell, its op done without error and not cancelled; every one is
+ * then made null (_op None). False: nothing changed. Errors of the reads raise as there. */
+static PyObject *null_done(PyObject *Py_UNUSED(module), PyObject *requests)
+{
+    if (check_registered("null_done") < 0)
+        return NULL;
+    if (!PyList_CheckExact(requests) && !PyTuple_CheckExact(requests))
+        Py_RETURN_FALSE;
+    for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(requests); i++) {
+        PyObject *request = PySequence_Fast_GET_ITEM(requests, i);
+        if (!Py_IS_TYPE(request, request_type))
+            Py_RETURN_FALSE;
+        Py_INCREF(request);
+        int ok = done_plainly(request);
+        Py_DECREF(request);
+        if (ok < 0)
+            return NULL;
+        if (!ok)
+            Py_RETURN_FALSE;
+    }
+    for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(requests); i++) {
+        PyObject *request = PySequence_Fast_GET_ITEM(requests, i);
+        if (Py_IS_TYPE(request, request_type)) /* (a list changed by a getattr above) */
+            slot_set(request, request_off[R_OP], Py_None);
+    }
+    Py_RETURN_TRUE;
+}
+
+static PyMethodDef p2preq_methods[] = {
+    {"p2p_types", (PyCFunction)(void (*)(void))p2p_types, METH_FASTCALL,
+     "p2p_types(Request, RecvOp, template): the MPI face's request classes."},
+    {"new_request", (PyCFunction)(void (*)(void))new_request, METH_FASTCALL,
+     "new_request(op, engine, rank_of, finish): a Request on op, as request_of."},
+    {"post_recv", (PyCFunction)(void (*)(void))post_recv, METH_FASTCALL,
+     "post_recv(posted, view, ctx, src, tag, peer, engine, rank_of, finish): a receive posted."},
+    {"null_done", (PyCFunction)null_done, METH_O,
+     "null_done(requests): Waitall's pass over plainly completed requests."},
+    {NULL, NULL, 0, NULL},
+};
+
+int p2preq_add_functions(PyObject *module)
+{
+    return PyModule_AddFunctions(module, p2preq_methods);
+}

@@ -1,0 +1,218 @@
+"""The C request objects of Isend/Irecv/Waitall (ivshmem_comm/_p2preq.c) against their Python
+references in guest_lib.mpi.request: new_request == request_of, post_recv == a RecvOp queued
+with a Request on it, null_done == _null_done on every case of its rule (which requests it
+nulls, which make it refuse, which errors it raises), Op subclasses whose `done` is a
+property read as Python reads them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from guest_lib.mpi import constants, exceptions
+from guest_lib.mpi.matching import DoneOp, Op, RecvOp
+from guest_lib.mpi.request import Request, _null_done, request_of
+from ivshmem_comm import ring
+
+try:
+    from ivshmem_comm import _fastpath
+except ImportError:
+    _fastpath = None  # type: ignore[assignment]
+
+needs_c = pytest.mark.skipif(_fastpath is None, reason="ivshmem_comm._fastpath is not built")
+if _fastpath is not None and ring.p2p_types is None:  # the pure-Python pass: registered here
+    _fastpath.p2p_types(Request, RecvOp, RecvOp(0, constants.ANY_SOURCE, constants.ANY_TAG, None))
+
+REQUEST_SLOTS = ("_cell", "_engine", "_finish", "_op", "_owner", "_rank_of")
+OP_SLOTS = [n for kind in (Op, RecvOp) for n in kind.__slots__ if n != "why"]
+
+
+def _slots(obj: Any, names: Any) -> dict[str, Any]:
+    return {name: getattr(obj, name, "<unset>") for name in names}
+
+
+@needs_c
+def test_new_request_is_request_of() -> None:
+    op, engine, rank_of = DoneOp(3, 4), object(), {1: 0}
+    got = _fastpath.new_request(op, engine, rank_of, len)
+    want = request_of(op, engine, rank_of, len)  # type: ignore[arg-type]
+    assert type(got) is Request
+    assert _slots(got, REQUEST_SLOTS) == _slots(want, REQUEST_SLOTS)
+    assert got == want and got._op is op and vars(got) == {}
+
+
+@needs_c
+def test_post_recv_queues_the_receive_python_makes() -> None:
+    view = memoryview(bytearray(8))
+    posted: list[Any] = [RecvOp(0, 1, 2, None)]
+    engine, rank_of = object(), {4: 1}
+    request = _fastpath.post_recv(posted, view, 6, 4, 9, 2, engine, rank_of, None)
+    assert len(posted) == 2 and request._op is posted[1]
+    op, want = posted[1], RecvOp(6, 4, 9, view, None, 2)
+    assert type(op) is RecvOp
+    assert _slots(op, OP_SLOTS) == _slots(want, OP_SLOTS)
+    assert not hasattr(op, "why") and op.mpi_world is not posted[0].mpi_world
+    assert _slots(request, REQUEST_SLOTS) == _slots(
+        request_of(op, engine, rank_of),
+        REQUEST_SLOTS,  # type: ignore[arg-type]
+    )
+    assert op.matches(6, 4, 9) and not op.matches(6, 5, 9)
+    with pytest.raises(TypeError):
+        _fastpath.post_recv((), view, 6, 4, 9, 2, engine, rank_of, None)
+    with pytest.raises(TypeError):
+        _fastpath.post_recv(posted, view, 6, 4, 9, 2, engine, rank_of)
+
+
+class _LazyOp(Op):
+    """An op whose done is a property (as area.AreaOp's and ulfm.Exchange's)."""
+
+    __slots__ = ("asked", "ready")
+
+    def __init__(self, ready: bool) -> None:
+        super().__init__()
+        self.ready = ready
+        self.asked = 0
+
+    @property  # type: ignore[override]
+    def done(self) -> bool:
+        self.asked += 1
+        return self.ready
+
+    @done.setter
+    def done(self, value: bool) -> None:
+        self.ready = value
+
+
+class _BadOp(Op):
+    __slots__ = ()
+
+    @property  # type: ignore[override]
+    def done(self) -> bool:
+        raise RuntimeError("no done here")
+
+    @done.setter
+    def done(self, value: bool) -> None:
+        pass
+
+
+def _sent() -> DoneOp:
+    return DoneOp(constants.ANY_SOURCE, constants.ANY_TAG)
+
+
+def _cases() -> list[tuple[str, Any]]:
+    """(name, a function making a fresh `requests` argument)."""
+
+    def failed() -> Op:
+        op = RecvOp(0, 0, 0, None)
+        op.done, op.error = True, exceptions.ERR_TRUNCATE
+        return op
+
+    def cancelled() -> Op:
+        op = RecvOp(0, 0, 0, None)
+        op.done = op.cancelled = True
+        return op
+
+    def pending() -> Op:
+        return RecvOp(0, 0, 0, None)
+
+    def with_finish() -> Request:
+        return request_of(_sent(), None, None, len)  # type: ignore[arg-type]
+
+    def with_cell() -> Request:
+        request = request_of(_sent(), None)
+        request._cell = object()
+        return request
+
+    class Sub(Request):
+        __slots__ = ()
+
+    def unset() -> Request:
+        request = request_of(_sent(), None)
+        del request._finish
+        return request
+
+    def unset_done() -> Request:
+        op = _sent()
+        del op.done
+        return request_of(op, None)
+
+    def plain(op: Op) -> Request:
+        return request_of(op, None)
+
+    return [
+        ("empty list", lambda: []),
+        ("empty tuple", lambda: ()),
+        ("done list", lambda: [plain(_sent()) for _ in range(5)]),
+        ("done tuple", lambda: tuple(plain(_sent()) for _ in range(3))),
+        ("null ones", lambda: [Request(), plain(_sent()), request_of(None, None)]),  # type: ignore[arg-type]
+        ("not a list", lambda: iter([plain(_sent())])),
+        ("a list subclass", lambda: type("L", (list,), {})([plain(_sent())])),
+        ("a subclass", lambda: [plain(_sent()), Sub(_sent())]),
+        ("not a request", lambda: [plain(_sent()), None]),
+        ("pending", lambda: [plain(_sent()), plain(pending())]),
+        ("failed", lambda: [plain(failed()), plain(_sent())]),
+        ("cancelled", lambda: [plain(cancelled())]),
+        ("finish", lambda: [with_finish()]),
+        ("cell", lambda: [plain(_sent()), with_cell()]),
+        ("lazy done", lambda: [plain(_sent()), plain(_LazyOp(True))]),
+        ("lazy pending", lambda: [plain(_LazyOp(False)), plain(_sent())]),
+        ("lazy raises", lambda: [plain(_BadOp())]),
+        ("unset _finish", lambda: [unset()]),
+        ("unset done", lambda: [unset_done()]),
+    ]
+
+
+def _run(func: Any, requests: Any) -> tuple[Any, list[Any]]:
+    try:
+        result: Any = func(requests)
+    except Exception as exc:  # the same error class either way
+        result = type(exc)
+    items = list(requests) if isinstance(requests, (list, tuple)) else []
+    return result, [
+        (r._op is None, getattr(r._op, "asked", None)) if isinstance(r, Request) else r
+        for r in items
+    ]
+
+
+@needs_c
+@pytest.mark.parametrize(("name", "make"), _cases(), ids=[c[0] for c in _cases()])
+def test_null_done_is_the_python_rule(name: str, make: Any) -> None:
+    assert _run(_fastpath.null_done, make()) == _run(_null_done, make()), name
+
+
+def test_null_done_nulls_only_when_all_completed_plainly() -> None:
+    """The reference's rule itself (both paths): True nulls every one, False none."""
+    requests = [request_of(_sent(), None) for _ in range(3)]
+    assert _null_done(requests) and all(r._op is None for r in requests)
+    pending = RecvOp(0, 0, 0, None)
+    requests = [request_of(_sent(), None), request_of(pending, None)]
+    assert not _null_done(requests) and requests[0]._op is not None
+    if ring.null_done is not None:
+        assert not ring.null_done(requests) and requests[1]._op is pending
+
+
+@needs_c
+def test_p2p_types_refuses_classes_without_the_slots() -> None:
+    class NoSlots:
+        pass
+
+    class Prop(Request):
+        __slots__ = ()
+
+        @property
+        def _op(self) -> Any:  # type: ignore[override]
+            return None
+
+    template = RecvOp(0, constants.ANY_SOURCE, constants.ANY_TAG, None)
+    for args in [
+        (NoSlots, RecvOp, template),
+        (Prop, RecvOp, template),
+        (Request, Op, template),
+        (Request, RecvOp, None),
+        (Request, RecvOp),
+    ]:
+        with pytest.raises(TypeError):
+            _fastpath.p2p_types(*args)
+    # nothing was registered by the refused calls: still Request and RecvOp
+    assert type(_fastpath.new_request(None, None, None, None)) is Request
