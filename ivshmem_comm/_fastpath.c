@@ -2425,6 +2425,24 @@ static int coll_spin_args(PyObject *spin_obj, PyObject *yield_obj, long long *sp
     return *yield < 0 ? -1 : 0;
 }
 
+/* A gatherv's root or an allgatherv's member (`what`): every block of recv within it and
+ * within a slab, this member's send (where it has one; none: in place) its count, copied to
+ * its block of recv. 0, or -1 with ValueError (nothing copied). */
+static int coll_own_block(CollRound *c, const char *what)
+{
+    int me = c->rank;
+    if (coll_blocks(c, c->counts, c->displs, c->recv.len, c->slab_size, "recv") < 0)
+        return -1;
+    if (!c->has_send)
+        return 0;
+    if (c->counts[me] != c->send.len) {
+        PyErr_Format(PyExc_ValueError, "%s: this rank's count is not its send", what);
+        return -1;
+    }
+    memmove((unsigned char *)c->recv.buf + c->displs[me], c->send.buf, (size_t)c->send.len);
+    return 0;
+}
+
 /* The checks of a bcast, gatherv or allgatherv call (c->which, root c->root) whose buffers
  * (send, recv) and vectors (bytes) are in place, then this member's own block copied where it
  * stays (run() and front() share them; run checks the others inline): 0, or -1 with
@@ -2447,28 +2465,12 @@ static int coll_prepare(CollRound *c)
         }
         if (!is_root)
             break;
-        if (coll_blocks(c, c->counts, c->displs, c->recv.len, c->slab_size, "recv") < 0)
+        if (coll_own_block(c, "gatherv") < 0)
             return -1;
-        if (c->has_send && c->counts[me] != c->send.len) {
-            PyErr_SetString(PyExc_ValueError, "gatherv: the root's count is not its send");
-            return -1;
-        }
-        if (c->has_send)
-            memmove((unsigned char *)c->recv.buf + c->displs[me], c->send.buf,
-                    (size_t)c->send.len);
         c->rounds_out = 1;
         break;
     case CW_ALLGATHERV: /* without send: in place */
-        if (coll_blocks(c, c->counts, c->displs, c->recv.len, c->slab_size, "recv") < 0)
-            return -1;
-        if (c->has_send && c->counts[me] != c->send.len) {
-            PyErr_SetString(PyExc_ValueError, "allgatherv: this rank's count is not its send");
-            return -1;
-        }
-        if (c->has_send)
-            memmove((unsigned char *)c->recv.buf + c->displs[me], c->send.buf,
-                    (size_t)c->send.len);
-        break;
+        return coll_own_block(c, "allgatherv");
     default:
         break;
     }
@@ -2839,6 +2841,117 @@ none:
     return 0;
 }
 
+/* An int item of a vector spec (an exact int, not a bool) >= 0 and <= `most`: 1 with *out,
+ * 0 not so (no error), -1 error. */
+static int front_count(PyObject *item, Py_ssize_t most, Py_ssize_t *out)
+{
+    if (!PyLong_CheckExact(item))
+        return 0;
+    *out = PyLong_AsSsize_t(item);
+    if (*out == -1 && PyErr_Occurred()) {
+        if (!PyErr_ExceptionMatches(PyExc_OverflowError))
+            return -1;
+        PyErr_Clear();
+        return 0;
+    }
+    return *out >= 0 && *out <= most;
+}
+
+/* A vector spec with explicit counts (buffers.plain_vector's forms and rules): [buf, counts,
+ * displs, datatype], [buf, (counts, displs), datatype] or [buf, counts, datatype]
+ * (displacements contiguous; so is a displs of None), counts and displacements lists or
+ * tuples of `size` ints >= 0 (not bools) in units of a predefined datatype that does not pack,
+ * over a C-contiguous buffer (writable with `writable`) that holds every block. Held in
+ * `view`; counts[r] and displs[r] are block r's bytes and byte offset. 1 taken; 0 not taken,
+ * nothing held (whatever else: parse_vector decides and reports); -1 error. */
+static int front_vector(PyObject *obj, int size, bool writable, Py_buffer *view,
+                        Py_ssize_t *counts, Py_ssize_t *displs)
+{
+    if (!PyList_CheckExact(obj) && !PyTuple_CheckExact(obj))
+        return 0;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(obj);
+    PyObject **items = PySequence_Fast_ITEMS(obj);
+    PyObject *cnt = n == 3 || n == 4 ? items[1] : NULL, *dsp = n == 4 ? items[2] : Py_None;
+    if (cnt == NULL)
+        return 0;
+    if (n == 3 && PyTuple_CheckExact(cnt) && PyTuple_GET_SIZE(cnt) == 2) {
+        dsp = PyTuple_GET_ITEM(cnt, 1);
+        cnt = PyTuple_GET_ITEM(cnt, 0);
+    }
+    if ((!PyList_CheckExact(cnt) && !PyTuple_CheckExact(cnt)) ||
+        PySequence_Fast_GET_SIZE(cnt) != size)
+        return 0;
+    if (dsp != Py_None && ((!PyList_CheckExact(dsp) && !PyTuple_CheckExact(dsp)) ||
+                           PySequence_Fast_GET_SIZE(dsp) != size))
+        return 0;
+    long long extent = front_lookup(front_sizes, items[n - 1]);
+    if (extent <= 0)
+        return extent < 0 && PyErr_Occurred() ? -1 : 0;
+    /* counts and displacements in elements first (no Python code runs while the list items
+     * are read; the buffer's exporter may run some), then the buffer, then the bounds */
+    Py_ssize_t running = 0, most = PY_SSIZE_T_MAX / (Py_ssize_t)extent / 2;
+    for (int r = 0; r < size; r++) {
+        int ok = front_count(PySequence_Fast_ITEMS(cnt)[r], most, &counts[r]);
+        if (ok > 0 && dsp != Py_None)
+            ok = front_count(PySequence_Fast_ITEMS(dsp)[r], most, &displs[r]);
+        else if (ok > 0) {
+            displs[r] = running;
+            ok = running <= most; /* (past it: no buffer holds the block) */
+        }
+        if (ok <= 0)
+            return ok;
+        running = displs[r] + counts[r];
+    }
+    PyObject *buf = Py_NewRef(items[0]); /* (held while its exporter runs) */
+    int got = PyObject_GetBuffer(buf, view, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT |
+                                                (writable ? PyBUF_WRITABLE : 0));
+    Py_DECREF(buf);
+    if (got < 0)
+        return front_declines() ? 0 : -1;
+    /* (buffers._contiguous: an empty view of another shape or format is not cast) */
+    if (view->len == 0 && (view->ndim != 1 || (view->format != NULL && strcmp(view->format, "B"))))
+        goto none;
+    for (int r = 0; r < size; r++) {
+        counts[r] *= (Py_ssize_t)extent;
+        displs[r] *= (Py_ssize_t)extent;
+        if (displs[r] > view->len - counts[r]) /* (each at most PY_SSIZE_T_MAX / 2) */
+            goto none;
+    }
+    return 1;
+none:
+    PyBuffer_Release(view);
+    return 0;
+}
+
+/* A buffer argument that holds one block per member (collectives._blocks): c->size equal
+ * blocks of a block form (front_buffer with blocks = size; its explicit count is one block),
+ * or a vector spec's (front_vector). Held in `view`; counts[r] and displs[r] are block r's
+ * bytes and byte offset (c->size entries each); *code the elements' FOLD_DTYPES code (-1:
+ * none, or a vector spec). 1 taken; 0 not taken, nothing held; -1 error. */
+static int front_blocks(CollRound *c, PyObject *obj, bool writable, Py_buffer *view,
+                        Py_ssize_t *counts, Py_ssize_t *displs, int *code)
+{
+    int size = c->size;
+    Py_ssize_t elems;
+    int got = front_buffer(obj, writable, size, view, &elems, code);
+    if (got == 0) {
+        *code = -1;
+        return front_vector(obj, size, writable, view, counts, displs);
+    }
+    if (got < 0)
+        return -1;
+    if (elems % size) {
+        PyBuffer_Release(view);
+        return 0;
+    }
+    Py_ssize_t block = view->len / size;
+    for (int r = 0; r < size; r++) {
+        counts[r] = block;
+        displs[r] = block * r;
+    }
+    return 1;
+}
+
 /* front(k, spin_ns, yield, which, a, b, op, root): round k of blocking collective `which`
  * (CF_*) with the user's arguments: Bcast(a, root), Gather(a, b, root), Allgather(a, b),
  * Reduce(a, b, op, root), Allreduce / Scan / Exscan / Reduce_scatter_block(a, b, op),
@@ -2890,21 +3003,21 @@ static PyObject *coll_front(CollRound *c, PyObject *const *args, Py_ssize_t narg
         cw = which == CF_GATHER ? CW_GATHERV : CW_ALLGATHERV;
         bool in_place = a == front_in_place || a == Py_None;
         bool gathers = which == CF_ALLGATHER || me == root;
-        if (gathers) {
-            if ((got = front_buffer(b, true, size, &recv, &nr, &cr)) <= 0)
+        if (gathers) { /* (active: its counts are in use; begin refuses) */
+            if (c->active)
+                goto none;
+            if ((got = front_blocks(c, b, true, &recv, c->counts, c->displs, &cr)) <= 0)
                 goto out;
             has_recv = true;
-            if (nr % size)
-                goto none;
-            block = recv.len / size;
-            if (block > c->slab_size)
-                goto none;
+            for (int q = 0; q < size; q++)
+                if (c->counts[q] > c->slab_size)
+                    goto none;
         }
         if (!(in_place && gathers)) {
             if ((got = front_buffer(a, false, 1, &send, &ns, &cs)) <= 0)
                 goto out;
             has_send = true;
-            if (send.len > c->slab_size || (gathers && send.len != block))
+            if (send.len > c->slab_size || (gathers && send.len != c->counts[me]))
                 goto none;
         }
         break;
@@ -3035,11 +3148,7 @@ static PyObject *coll_front(CollRound *c, PyObject *const *args, Py_ssize_t narg
         c->scatter = kind == CK_REDUCE_SCATTER;
         c->want = want && upto > 0;
         prepared = coll_fold_prepare(c, c->scatter ? block : 0);
-    } else {
-        for (int r = 0; r < size; r++) {
-            c->counts[r] = block;
-            c->displs[r] = block * r;
-        }
+    } else { /* (a gather's counts and displs: set by front_blocks above) */
         prepared = coll_prepare(c);
     }
     if (prepared < 0) {

@@ -849,7 +849,9 @@ def _c_folding(which: int) -> Callable[[Callable[..., Any]], Callable[..., Any]]
 _C_FRONTS: dict[str, Callable[[Callable[..., Any]], Callable[..., Any]]] = {
     "Bcast": _c_bcast,
     "Gather": _c_gather,
+    "Gatherv": _c_gather,
     "Allgather": _c_allgather,
+    "Allgatherv": _c_allgather,
     "Reduce": _c_reduce,
     "Allreduce": _c_folding(F_ALLREDUCE),
     "Scan": _c_folding(F_SCAN),

@@ -40,6 +40,55 @@ def _blocks(form: str, values: list[float], size: int) -> Any:
     return buf, read
 
 
+def _vector(form: str, values: list[float], counts: list[int], displs: list[int]) -> Any:
+    """A vector receive spec over `values` (doubles) in `form`: numpy [buf, counts, displs,
+    DOUBLE], mmap [buf, (counts, displs), DOUBLE], double [array('d'), counts, DOUBLE] (its
+    displacements then contiguous: `displs` must be), and a reader of the values it holds."""
+    buf, read = _form(form, values)
+    raw = buf[0] if isinstance(buf, list | tuple) else buf
+    if form == "mmap":
+        return [raw, (counts, displs), MPI.DOUBLE], read
+    if form == "double":
+        return [raw, counts, MPI.DOUBLE], read
+    return [raw, counts, displs, MPI.DOUBLE], read
+
+
+def _gather(comm: MPI.Intracomm, call: str, send: Any, recv: Any, root: int) -> None:
+    """Allgather(v) (send, recv), or Gather(v) (send, recv at the root, else None, root)."""
+    if call.startswith("Allgather"):
+        getattr(comm, call)(send, recv)
+    else:
+        getattr(comm, call)(send, recv if comm.Get_rank() == root else None, root)
+
+
+def _run_v(call: str, form: str, comm: MPI.Intracomm) -> None:
+    """Gatherv / Allgatherv in `form` (see _vector; in_place: numpy with IN_PLACE where the
+    call takes it), rank q's block q + 1 doubles (q + 1.0 each), at every root; the blocks
+    one element apart (contiguous for the double form), the elements between them kept."""
+    size, rank = comm.Get_size(), comm.Get_rank()
+    base = "numpy" if form == "in_place" else form
+    place = form == "in_place"
+    gap = 0 if base == "double" else 1
+    counts = [q + 1 for q in range(size)]
+    displs = [sum(counts[:q]) + gap * q for q in range(size)]
+    want = [-1.0] * (displs[-1] + counts[-1] + gap)
+    for q in range(size):
+        want[displs[q] : displs[q] + counts[q]] = [q + 1.0] * counts[q]
+    for root in range(size):
+        gathers = call == "Allgatherv" or rank == root
+        start = [
+            v if place and displs[rank] <= i < displs[rank] + counts[rank] else -1.0
+            for i, v in enumerate(want)
+        ]
+        recv, read = _vector(base, start, counts, displs)
+        send = MPI.IN_PLACE if place and gathers else _form(base, [rank + 1.0] * (rank + 1))[0]
+        _gather(comm, call, send, recv, root)
+        if gathers:
+            assert read() == want
+        if call == "Allgatherv":
+            break  # (no root)
+
+
 def _run(call: str, form: str, comm: MPI.Intracomm) -> None:
     """`call` in `form` (in_place: numpy with IN_PLACE where the call takes it) with checked
     data, at every root."""
@@ -63,10 +112,7 @@ def _run(call: str, form: str, comm: MPI.Intracomm) -> None:
             start = [v if keep else -1.0 for v, keep in zip(everyone, own, strict=True)]
             recv, read = _blocks(base, start, size)
             send = MPI.IN_PLACE if place and gathers else _form(base, [rank + 1.0] * N)[0]
-            if call == "Allgather":
-                comm.Allgather(send, recv)
-            else:
-                comm.Gather(send, recv if gathers else None, root)
+            _gather(comm, call, send, recv, root)
             if gathers:
                 assert read() == everyone
         elif call == "Reduce":
@@ -102,7 +148,9 @@ CALLS = ["Bcast", "Gather", "Allgather", "Reduce", "Allreduce", "Scan", "Exscan"
 
 
 @pytest.mark.parametrize("form", ["numpy", "mmap", "double", "in_place"])
-@pytest.mark.parametrize("call", [*CALLS, "Reduce_scatter_block", "Reduce_scatter"])
+@pytest.mark.parametrize(
+    "call", [*CALLS, "Reduce_scatter_block", "Reduce_scatter", "Gatherv", "Allgatherv"]
+)
 def test_every_form_is_one_c_call(comm, monkeypatch, call, form):
     """Each call completes one area collective without Area.call or Area.run (the Python
     lanes' entries): the C front took it, and the data are right."""
@@ -121,8 +169,9 @@ def test_every_form_is_one_c_call(comm, monkeypatch, call, form):
     for name in ("call", "run"):
         monkeypatch.setattr(area.Area, name, entry(name))
     before = area.completed(comm)
-    _run(call, form, comm)
-    rounds = comm.Get_size() if call in ("Bcast", "Gather", "Allgather", "Reduce") else 1
+    (_run_v if call.endswith("v") else _run)(call, form, comm)
+    rooted = ("Bcast", "Gather", "Gatherv", "Allgather", "Reduce")
+    rounds = comm.Get_size() if call in rooted else 1
     assert (entered, area.completed(comm) - before) == ([], rounds)
 
 
@@ -198,6 +247,15 @@ def test_refused_arguments_give_the_python_paths_errors(monkeypatch):
         lambda: comm.Gather(np.zeros(N), np.zeros(N * size - 1), 0),
         lambda: comm.Allgather(np.zeros(N), np.zeros(N * size)[::-1]),
         lambda: comm.Allgather([bytearray(8), 8, MPI.BYTE], [bytearray(8 * size), 16, MPI.BYTE]),
+        lambda: comm.Gatherv(np.zeros(1), [np.zeros(size), [1] * (size + 1), MPI.DOUBLE], 0),
+        lambda: comm.Gatherv(np.zeros(1), [np.zeros(size), [1] * size, [-1] * size, MPI.DOUBLE]),
+        lambda: comm.Gatherv(np.zeros(1), [readonly, ([1] * size, [0] * size), MPI.DOUBLE], 0),
+        lambda: comm.Allgatherv(np.zeros(1), [np.zeros(size), [True] * size, MPI.DOUBLE]),
+        lambda: comm.Allgatherv(np.zeros(2), [np.zeros(size), [1] * size, MPI.DOUBLE]),
+        lambda: comm.Allgatherv(
+            np.zeros(1), [np.zeros(size), [1] * size, [0] * (size - 1) + [size], MPI.DOUBLE]
+        ),
+        lambda: comm.Allgatherv(MPI.IN_PLACE, [strided, [1] * size, MPI.DOUBLE]),
         lambda: comm.Scan(np.zeros(N), np.zeros(N), MPI.BXOR),
         lambda: comm.Exscan([bytearray(8), 9, MPI.BYTE], np.zeros(1), MPI.SUM),
         lambda: comm.Reduce_scatter(np.zeros(N * size), np.zeros(N), [N] * (size + 1)),
