@@ -1441,6 +1441,9 @@ static int posted_none(PyObject *entry, int name)
  * exception. */
 static int posted_read(PyObject *entry, struct posted_entry *e)
 {
+    int slots = p2preq_recv_fields(entry, &e->ctx, &e->src, &e->want_tag, &e->plain);
+    if (slots != 0) /* the MPI face's RecvOp, read at its slots */
+        return slots < 0 ? -1 : 0;
     int sink, mpi, view;
     if (posted_long(entry, P_CTX, &e->ctx) < 0 || posted_long(entry, P_SRC, &e->src) < 0 ||
         posted_long(entry, P_WANT_TAG, &e->want_tag) < 0 ||
@@ -1460,7 +1463,7 @@ static int posted_read(PyObject *entry, struct posted_entry *e)
 static int posted_fill(RxRing *self, PyObject *entry, uint64_t addr, uint32_t length,
                        uint64_t total, bool *kick)
 {
-    PyObject *view = PyObject_GetAttr(entry, posted_name[P_VIEW]);
+    PyObject *view = p2preq_recv_view(entry);
     Py_buffer dest;
     int status = view == NULL ? -1 : PyObject_GetBuffer(view, &dest, PyBUF_WRITABLE);
     Py_XDECREF(view);
@@ -1488,13 +1491,15 @@ static int posted_done(PyObject *entry, long long source, long long tag, uint64_
     PyObject *values[3] = {PyLong_FromLongLong(source), PyLong_FromLongLong(tag),
                            PyLong_FromUnsignedLongLong(total)};
     int status = values[0] && values[1] && values[2] ? 0 : -1;
+    if (status == 0 && p2preq_recv_done(entry, values)) /* the MPI face's RecvOp: its slots */
+        status = 1;
     for (int i = 0; i < 3 && status == 0; i++)
         status = PyObject_SetAttr(entry, posted_name[P_SOURCE + i], values[i]);
     for (int i = 0; i < 3; i++)
         Py_XDECREF(values[i]);
     if (status == 0)
         status = PyObject_SetAttr(entry, posted_name[P_DONE], Py_True);
-    return status;
+    return status < 0 ? -1 : 0;
 }
 
 /* take_posted(posted, source, tag_bits) -> (taken, kick, head)

@@ -304,6 +304,57 @@ static PyObject *null_done(PyObject *Py_UNUSED(module), PyObject *requests)
     Py_RETURN_TRUE;
 }
 
+/* The object in slot i of RecvOp `entry` (borrowed), or NULL with AttributeError. */
+static PyObject *recv_slot(PyObject *entry, int i)
+{
+    PyObject *value = SLOT(entry, recv_off[i]);
+    if (value == NULL)
+        PyErr_SetString(PyExc_AttributeError, recv_text[i]);
+    return value;
+}
+
+int p2preq_recv_fields(PyObject *entry, long long *ctx, long long *src, long long *want_tag,
+                       bool *plain)
+{
+    if (recv_type == NULL || !Py_IS_TYPE(entry, recv_type))
+        return 0;
+    const int ints[3] = {O_CTX, O_SRC, O_WANT_TAG};
+    long long *out[3] = {ctx, src, want_tag};
+    for (int k = 0; k < 3; k++) {
+        PyObject *value = recv_slot(entry, ints[k]);
+        if (value == NULL)
+            return -1;
+        *out[k] = PyLong_AsLongLong(value);
+        if (*out[k] == -1 && PyErr_Occurred())
+            return -1;
+    }
+    PyObject *sink = recv_slot(entry, O_SINK), *mpi = recv_slot(entry, O_MPI);
+    PyObject *view = recv_slot(entry, O_VIEW);
+    if (sink == NULL || mpi == NULL || view == NULL)
+        return -1;
+    *plain = sink == Py_None && mpi == Py_None && view != Py_None;
+    return 1;
+}
+
+PyObject *p2preq_recv_view(PyObject *entry)
+{
+    if (recv_type == NULL || !Py_IS_TYPE(entry, recv_type))
+        return PyObject_GetAttrString(entry, "view");
+    PyObject *view = recv_slot(entry, O_VIEW);
+    return view == NULL ? NULL : Py_NewRef(view);
+}
+
+int p2preq_recv_done(PyObject *entry, PyObject *values[3])
+{
+    if (recv_type == NULL || !Py_IS_TYPE(entry, recv_type))
+        return 0;
+    const int fields[3] = {O_SOURCE, O_TAG, O_COUNT};
+    for (int k = 0; k < 3; k++)
+        slot_set(entry, recv_off[fields[k]], values[k]);
+    slot_set(entry, recv_off[O_DONE], Py_True);
+    return 1;
+}
+
 static PyMethodDef p2preq_methods[] = {
     {"p2p_types", (PyCFunction)(void (*)(void))p2p_types, METH_FASTCALL,
      "p2p_types(Request, RecvOp, template): the MPI face's request classes."},

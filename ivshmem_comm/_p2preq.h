@@ -4,8 +4,27 @@
 
 #include <Python.h>
 
+#include <stdbool.h>
+
 /* Add p2p_types, new_request, post_recv and null_done to the module; 0 on success, -1 with
  * an exception set. */
 int p2preq_add_functions(PyObject *module);
+
+/* For the ring's take_posted (_fastpath.c), which matches messages to the MPI face's posted
+ * receives: an entry of exactly the registered RecvOp type is read and written at its slots,
+ * any other through getattr/setattr as before. */
+
+/* The fields take_posted matches on, of a RecvOp `entry`: its ctx, src and want_tag, and
+ * `plain` (sink and mpi None, view not None): 1; 0 when `entry` is not a registered RecvOp
+ * (nothing read); -1 with an exception (a field unset or not an int). */
+int p2preq_recv_fields(PyObject *entry, long long *ctx, long long *src, long long *want_tag,
+                       bool *plain);
+
+/* entry.view: a new reference, or NULL with an exception. */
+PyObject *p2preq_recv_view(PyObject *entry);
+
+/* Complete a RecvOp `entry`: source, tag, count = values[0..2], then done = True: 1; 0 when
+ * `entry` is not a registered RecvOp (nothing written). */
+int p2preq_recv_done(PyObject *entry, PyObject *values[3]);
 
 #endif

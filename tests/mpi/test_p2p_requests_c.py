@@ -216,3 +216,49 @@ def test_p2p_types_refuses_classes_without_the_slots() -> None:
             _fastpath.p2p_types(*args)
     # nothing was registered by the refused calls: still Request and RecvOp
     assert type(_fastpath.new_request(None, None, None, None)) is Request
+
+
+@needs_c
+def test_take_posted_fills_and_stops_at_recv_ops_as_at_any_entry() -> None:
+    """The C ring's take_posted reads and completes the MPI face's RecvOps at their slots: a
+    plain one is filled as test_ring's entries are; one with a sink, an mpi side, no view or
+    an unset field stops the run with the message held; a RecvOp subclass is read by name."""
+    from tests.core.test_ring import make_pair, new_region, payload, small_geometry
+
+    g = small_geometry()
+    tx, rx = make_pair(new_region(g), g, "c", "c")
+
+    def recv(view: Any = None, **fields: Any) -> RecvOp:
+        op = RecvOp(3, constants.ANY_SOURCE, constants.ANY_TAG, view)
+        for name, value in fields.items():
+            setattr(op, name, value)
+        return op
+
+    class Sub(RecvOp):
+        __slots__ = ()
+
+    first, sub = recv(memoryview(bytearray(64))), Sub(3, 2, 6, memoryview(bytearray(64)))
+    assert tx.send_small(3 << 8 | 5, payload(1, 20)) != _fastpath.SEND_FULL
+    assert tx.send_small(3 << 8 | 6, payload(2, 9)) != _fastpath.SEND_FULL
+    posted: list[Any] = [first, sub]
+    assert rx.take_posted(posted, 2, 8)[0] == 2 and posted == []
+    assert (first.source, first.tag, first.count, first.done, first.error) == (2, 5, 20, True, 0)
+    assert bytes(first.view[:20]) == payload(1, 20) and not hasattr(first, "why")
+    assert (sub.source, sub.tag, sub.count, sub.done) == (2, 6, 9, True)
+    unset = recv(memoryview(bytearray(64)))
+    del unset.want_tag
+    for entry in (
+        recv(memoryview(bytearray(64)), sink=print),
+        recv(memoryview(bytearray(64)), mpi=object()),
+        recv(None),
+        recv(memoryview(bytearray(4))),  # too small
+        recv(memoryview(bytes(64))),  # read-only
+        unset,
+    ):
+        tx.reclaim()
+        assert tx.send_small(3 << 8 | 1, payload(3, 30)) != _fastpath.SEND_FULL
+        posted = [entry]
+        taken, _kick, head = rx.take_posted(posted, 2, 8)
+        assert taken == 0 and head[2:] == (30, 3 << 8 | 1) and posted == [entry]
+        assert not entry.done and rx.held == 1
+        rx.complete(1)
