@@ -609,20 +609,14 @@ def _bind(comm: Any) -> Area | bool:
     ep = engine.ep
     claimed = None
     comm._area = False  # a failure while binding leaves messages for good (on every rank)
-    # Every member completes the binding before it checks its arguments (see `bound`): an
-    # abandonment of the instance already on record here is not the binding's to raise.
-    gone, comm._coll_gone = comm._coll_gone, None
-    try:
-        if comm._rank == 0:
-            claimed = claim_slot(ep.region, ep.peer_id, ep.incarnation)
-            slot, generation = claimed or (-1, 0)
-            comm._bcast_view(memoryview(_BIND.pack(slot, generation)), 0, T_AREA)
-        else:
-            raw = bytearray(_BIND.size)
-            comm._bcast_view(memoryview(raw), 0, T_AREA)
-            slot, generation = _BIND.unpack(raw)
-    finally:
-        comm._coll_gone = gone
+    if comm._rank == 0:
+        claimed = claim_slot(ep.region, ep.peer_id, ep.incarnation)
+        slot, generation = claimed or (-1, 0)
+        comm._bcast_view(memoryview(_BIND.pack(slot, generation)), 0, T_AREA)
+    else:
+        raw = bytearray(_BIND.size)
+        comm._bcast_view(memoryview(raw), 0, T_AREA)
+        slot, generation = _BIND.unpack(raw)
     if slot < 0:
         return False
     if slot >= ep.region.geometry.coll_slots or not 1 <= generation <= layout.COLL_GEN_MASK:

@@ -46,7 +46,7 @@ import numpy as np
 from guest_lib.mpi import area, buffers, constants, datatypes, exceptions, locks, native, ops
 from guest_lib.mpi.constants import IN_PLACE
 from guest_lib.mpi.engine import StagedOp
-from guest_lib.mpi.matching import DoneOp, Op
+from guest_lib.mpi.matching import DoneOp, Op, merge_offers
 from guest_lib.mpi.pickling import bundle as _bundle
 from guest_lib.mpi.pickling import dumps as _dumps
 from guest_lib.mpi.pickling import loads as _loads
@@ -996,7 +996,7 @@ def _nb_abandon(comm: Any, engine: Engine, seq: int, error: int, reason: str) ->
     class, else with ERR_OTHER: Matching.abandon), leave the area."""
     members = [w for w in comm._group if w != engine.world_rank]
     tag = T_NONBLOCKING + seq % NONBLOCKING_TAGS
-    engine.abandon(comm._ctx + 1, seq, tag, 1, reason, members, error)
+    engine.abandon(comm._ctx + 1, comm._gen, seq, tag, 1, reason, members, error)
     area.failed(comm)
 
 
@@ -1014,7 +1014,8 @@ def _abandon(comm: Any, engine: Engine, seq: int, exc: Exception) -> None:
     members = [w for w in comm._group if w != engine.world_rank]
     reason = f"{type(exc).__name__}: {exc}"
     error = abandon_class(exc)
-    engine.abandon(comm._ctx + 1, seq, coll_base(seq), COLL_SPAN, reason, members, error)
+    base = coll_base(seq)
+    engine.abandon(comm._ctx + 1, comm._gen, seq, base, COLL_SPAN, reason, members, error)
     area.failed(comm)
 
 
@@ -1093,11 +1094,13 @@ class Collectives:
         return len(self._group), self._rank
 
     def _allreduce_int_or(self, value: int) -> int:
-        """Bitwise OR of `value` over the members, by messages (never the area: a context
-        agreement must come after every message a member sent before it; see _alloc_ctx)."""
+        """Bitwise OR of `value` over the members (of context offers, from
+        matching.CLOCK_SHIFT up, the highest: matching.merge_offers), by messages (never the
+        area: a context agreement must come after every message a member sent before it;
+        see _alloc_ctx)."""
         result = 0
         for item in self._allgather_messages(value):
-            result |= item
+            result = merge_offers(result, item)
         return result
 
     def _bcast_view(self, view: memoryview | None, root: int, tag: int) -> memoryview | bytes:

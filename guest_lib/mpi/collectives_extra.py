@@ -26,7 +26,7 @@ from guest_lib.mpi.collectives import (
     reduce_scatter_counts,
 )
 from guest_lib.mpi.constants import IN_PLACE
-from guest_lib.mpi.matching import Op
+from guest_lib.mpi.matching import CLOCK_SHIFT, OFFER_BYTES, Op, merge_offers
 from guest_lib.mpi.request import Request
 
 Exchanger = Callable[[bytes, int], Generator[list[Op], None, list[bytes]]]
@@ -284,13 +284,13 @@ class ExtraCollectives(Collectives):
         if exchange is None:
             exchange = self._exchange_bytes
         while True:
-            with engine.lock:
-                used = sum(1 << ctx for ctx in engine.used_ctx)
-            parts = yield from exchange(used.to_bytes(constants.CTX_MAP_BYTES, "little"), tag)
+            with engine.lock:  # an offer (see matching.CLOCK_SHIFT)
+                used = sum(1 << ctx for ctx in engine.used_ctx) | engine.ctx_clock << CLOCK_SHIFT
+            parts = yield from exchange(used.to_bytes(OFFER_BYTES, "little"), tag)
             for part in parts:
-                if len(part) != constants.CTX_MAP_BYTES:
+                if len(part) != OFFER_BYTES:
                     raise exceptions.Exception(exceptions.ERR_INTERN, "Idup: bad context map")
-                used |= int.from_bytes(part, "little")
+                used = merge_offers(used, int.from_bytes(part, "little"))
             # the highest free pair: blocking agreements (Comm._alloc_ctx) take the lowest,
             # so one running here meanwhile, from a map taken before this reservation, does
             # not take this one unless no other pair is left
@@ -309,7 +309,7 @@ class ExtraCollectives(Collectives):
                 # Messages on the freed context that had it came before these parts: they
                 # were dropped. A last exchange, sent once the context is taken again here,
                 # keeps every member from sending on it before all of them have taken it.
-                engine.reuse_context(pair)
+                engine.reuse_context(pair, used)
                 yield from exchange(b"", tag)
                 return ctx
             if free_here:

@@ -44,7 +44,7 @@ from guest_lib.mpi.collectives import T_BARRIER, Collectives, front_lanes
 from guest_lib.mpi.collectives_extra import ExtraCollectives
 from guest_lib.mpi.engine import Engine
 from guest_lib.mpi.handles import Handle
-from guest_lib.mpi.matching import DoneOp, Op, RecvOp
+from guest_lib.mpi.matching import CLOCK_SHIFT, OFFER_BYTES, DoneOp, Op, RecvOp, merge_offers
 from guest_lib.mpi.pickling import dumps as _dumps
 from guest_lib.mpi.pickling import loads as _loads
 from guest_lib.mpi.request import Request, new_request, request_of, unpickle
@@ -62,7 +62,6 @@ _CTX_SHIFT = constants.TAG_BITS
 _quick, _SIZES = buffers.quick_parts()  # buffers.quick(b, w) is _quick(b, w, _SIZES)
 _NDARRAY = np.ndarray  # (tested before _plain_array's call: the specs skip it)
 _DECLINE_BIT = constants.MAX_CONTEXT + 1  # in a context map: "not my turn, agree again"
-_CTX_BYTES = (_DECLINE_BIT + 8) // 8  # a bit map of every context and the decline bit
 T_GROUP = 1 << 16  # tags T_GROUP + n on a collective context: Create_group (tag n)
 _EMPTY = memoryview(b"")
 _post_recv = ring.post_recv  # Irecv's post in C (None on the pure-Python path)
@@ -142,6 +141,8 @@ class Comm(attributes.Cached, Handle):
         self._coll_base = 0  # the tag base of the blocking collective running
         self._coll_active = False
         self._coll_gone: tuple[int, str] | None = None
+        # the generation of its contexts (matching.Matching.reuse_context): its ABANDONs name it
+        self._gen = engine.ctx_gen.get(ctx, 0) if engine is not None else 0
         self._area: Any = None  # its collective area: see area.py (None: not bound yet)
 
     def _bind(self, comm: Comm) -> None:
@@ -932,7 +933,8 @@ class Comm(attributes.Cached, Handle):
     def agreed_ctx(self, key: tuple[int, int], union_of: Callable[[int], int]) -> int:
         """Return the context pair agreed on by the processes `union_of` reaches.
 
-        `union_of` ORs a context map over them, collectively, under the threads protocol of
+        `union_of` merges context offers (matching.merge_offers: the context maps ORed, the
+        highest context clock) over them, collectively, under the threads protocol of
         _alloc_ctx; `key` orders the agreements waiting in this process. Also the
         intercommunicators' (see `intercomm`), whose maps span two groups.
         """
@@ -957,7 +959,7 @@ class Comm(attributes.Cached, Handle):
             mine = engine.ctx_owner is None and key == min(engine.ctx_waiting)
             if mine:
                 engine.ctx_owner = key
-                used = 0
+                used = engine.ctx_clock << CLOCK_SHIFT  # (an offer: see matching.CLOCK_SHIFT)
                 for ctx in engine.used_ctx:
                     used |= 1 << ctx
             else:
@@ -971,7 +973,7 @@ class Comm(attributes.Cached, Handle):
                 ctx += 2
             if ctx + 1 > constants.MAX_CONTEXT:
                 raise exceptions.Exception(exceptions.ERR_INTERN, "out of communicator contexts")
-            engine.reuse_context((ctx, ctx + 1))
+            engine.reuse_context((ctx, ctx + 1), union)
             return ctx
         finally:
             if mine:
@@ -1149,7 +1151,8 @@ class Comm(attributes.Cached, Handle):
         return Intracomm(engine, members, ctx, mirror, mirror_coll)
 
     def _members_or(self, members: list[int], value: int, tag: int) -> int:
-        """Return the bitwise OR of `value` over the world ranks `members`.
+        """Return the context offers `value` merged over the world ranks `members`
+        (matching.merge_offers: the bitwise OR of the maps, the highest clock).
 
         `members` is a part of this communicator that this process belongs to; by messages on its
         collective context with tags no collective of the whole communicator uses (T_GROUP + tag).
@@ -1157,15 +1160,15 @@ class Comm(attributes.Cached, Handle):
         engine = self._check()
         ranks = [self._rank_of[w] for w in members if w != engine.world_rank]
         tag = T_GROUP + tag % T_GROUP
-        data = memoryview(value.to_bytes(_CTX_BYTES, "little"))
+        data = memoryview(value.to_bytes(OFFER_BYTES, "little"))
         recvs = [self._irecv_op(None, r, tag, self._ctx + 1) for r in ranks]
         sends = [self._isend_op(data, r, tag, self._ctx + 1, False) for r in ranks]
         pending = recvs + sends
         engine.wait_until(lambda: all(op.done for op in pending))
         for op in recvs:
-            if op.error or len(op.obj) != _CTX_BYTES:
+            if op.error or len(op.obj) != OFFER_BYTES:
                 raise exceptions.Exception(exceptions.ERR_INTERN, "Create_group: bad context map")
-            value |= int.from_bytes(op.obj, "little")
+            value = merge_offers(value, int.from_bytes(op.obj, "little"))
         return value
 
     @classmethod

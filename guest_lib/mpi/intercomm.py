@@ -45,7 +45,7 @@ from guest_lib.mpi.collectives import NONBLOCKING_TAGS, T_NONBLOCKING, whole
 from guest_lib.mpi.comm import COMM_NULL, Comm, Intracomm, same_class
 from guest_lib.mpi.constants import IN_PLACE, PROC_NULL, ROOT
 from guest_lib.mpi.engine import Engine, StagedOp
-from guest_lib.mpi.matching import Op
+from guest_lib.mpi.matching import Op, merge_offers
 from guest_lib.mpi.pickling import dumps as _dumps
 from guest_lib.mpi.request import Request, unpickle
 
@@ -210,7 +210,7 @@ class Intercomm(Comm):
             union = 0
             mine = used | (_ASKED if flag else 0)
             for value in self._local.allgather(mine) + Intercomm.allgather(self, mine):
-                union |= value
+                union = merge_offers(union, value)
             asked[0] = bool(union & _ASKED)
             return union & ~_ASKED
 
@@ -367,7 +367,7 @@ class Intercomm(Comm):
         gone = engine.abandoned_already(ctx, tag, seq)
 
         def abandon(error: int, reason: str) -> None:
-            engine.abandon(ctx, seq, tag, 1, reason, self._group, error)
+            engine.abandon(ctx, self._gen, seq, tag, 1, reason, self._group, error)
 
         op = StagedOp(stages(tag), abandon)
         try:
@@ -830,7 +830,8 @@ def create_intercomm(
     def union_of(used: int) -> int:  # (both groups' contexts in use, through the leaders)
         union = local._allreduce_int_or(used)
         if leads:
-            union |= peer_comm.sendrecv(union, remote_leader, tag, None, remote_leader, tag)
+            theirs = peer_comm.sendrecv(union, remote_leader, tag, None, remote_leader, tag)
+            union = merge_offers(union, theirs)
         result: int = local.bcast(union, local_leader)
         return result
 

@@ -13,7 +13,11 @@ mpi4py route's matched probe (`improbe`) on the communicator's mirror, in post o
 Freed contexts and abandoned collectives: messages of a context freed by Free (until the
 context is agreed on again: the agreement is a collective over a communicator that holds
 every sender, whose earlier messages therefore arrive first) and of an abandoned collective
-instance are dropped, so they never match a later receive.
+instance are dropped, so they never match a later receive. An ABANDON notice names the
+generation of the communicator it is about (see `reuse_context`): one about an earlier
+holder of its context (sent by a process outside the agreement that took the context again,
+or after it, by a nonblocking collective failing late) is ignored, and one about a
+communicator not taken here yet waits for it.
 """
 
 from __future__ import annotations
@@ -25,6 +29,18 @@ from typing import Any
 
 from guest_lib.mpi import constants, exceptions, wire
 from guest_lib.service_threads import running as _service
+
+# A context offer in an agreement (comm.Comm.agreed_ctx): the contexts in use in a process (a
+# bit map, with the agreement's flag bits just above it) and, from CLOCK_SHIFT up, that
+# process's context clock (Matching.ctx_clock). Offers merge with merge_offers.
+CLOCK_SHIFT = 8 * (constants.CTX_MAP_BYTES + 1)
+OFFER_BYTES = CLOCK_SHIFT // 8 + 8  # an offer as bytes (clocks stay far below 2**64)
+_MAP_MASK = (1 << CLOCK_SHIFT) - 1
+
+
+def merge_offers(a: int, b: int) -> int:
+    """Two context offers in one: the union of their maps and flags, the higher clock."""
+    return (a | b) & _MAP_MASK | max(a >> CLOCK_SHIFT, b >> CLOCK_SHIFT) << CLOCK_SHIFT
 
 
 class Op:
@@ -203,6 +219,13 @@ class Matching:
         self.ctx_waiting: set[tuple[int, int]] = set()
         self.ctx_owner: tuple[int, int] | None = None
         self.dropped_ctx: set[int] = set()  # freed contexts not agreed on again yet
+        # Context generations (see reuse_context): the highest taken here, and that of the
+        # communicator holding (or that last held) each context (absent: 0, the built-in ones)
+        self.ctx_clock = 0
+        self.ctx_gen: dict[int, int] = {}
+        # ABANDON notices about a communicator not taken here yet: (context, tag base) ->
+        # (notice, who sent it), applied by the reuse_context that takes it
+        self.early: dict[tuple[int, int], tuple[wire.Abandon, str]] = {}
         # (collective context, tag base) of abandoned collective instances -> (number, why,
         # error class the members fail with)
         self.abandoned: dict[tuple[int, int], tuple[int, str, int]] = {}
@@ -323,14 +346,27 @@ class Matching:
                 self.revoked.pop(ctx, None)
             self._purge(lambda entry: entry.ctx in ctxs)
 
-    def reuse_context(self, ctxs: tuple[int, ...]) -> None:
-        """The members agreed on these contexts for a new communicator: take them again
-        (what the old communicator's collectives left on record goes)."""
+    def reuse_context(self, ctxs: tuple[int, ...], offers: int) -> int:
+        """The members agreed on these contexts for a new communicator, their offers merged
+        into `offers` (merge_offers): take them again (what the old communicator's
+        collectives left on record goes) and return the new communicator's generation.
+
+        The generation is one above the highest context clock of the members, so the same on
+        each, and above every generation any of them took before: an ABANDON notice about an
+        earlier holder of the context carries a lower one (its sender and this process both
+        held that communicator), one about a communicator not taken here yet a higher one."""
+        gen = (offers >> CLOCK_SHIFT) + 1
         with self.lock:
             self.dropped_ctx.difference_update(ctxs)
             self.used_ctx.update(ctxs)
+            self.ctx_clock = max(self.ctx_clock, gen)
+            for ctx in ctxs:
+                self.ctx_gen[ctx] = gen
             for key in [key for key in self.abandoned if key[0] in ctxs]:
                 del self.abandoned[key]
+            for key in [key for key in self.early if key[0] in ctxs]:
+                self.abandoned_by(*self.early.pop(key))  # (those still early go back)
+        return gen
 
     def revoke(self, ctx: int, reason: str) -> bool:
         """Revoke the communicator whose point-to-point context is `ctx` (even) in this
@@ -366,6 +402,7 @@ class Matching:
     def abandon(
         self,
         ctx: int,
+        gen: int,
         seq: int,
         base: int,
         span: int,
@@ -374,18 +411,19 @@ class Matching:
         error: int = exceptions.ERR_OTHER,
     ) -> None:
         """This rank left collective instance number `seq` of the communicator whose
-        collective context is `ctx` with an error (its messages carry tags base ..
-        base+span-1): withdraw its receives, drop its messages (those here and those to
-        come), and tell the other `members` (world ranks) why, so that they leave it too
-        instead of waiting for this rank, failing with `error` where it is one of
-        wire.ABANDON_CLASSES (a fault-tolerance class), else with ERR_OTHER."""
+        collective context is `ctx` (of generation `gen`, see reuse_context) with an error
+        (its messages carry tags base .. base+span-1): withdraw its receives, drop its
+        messages (those here and those to come), and tell the other `members` (world ranks)
+        why (naming `gen`), so that they leave it too instead of waiting for this rank,
+        failing with `error` where it is one of wire.ABANDON_CLASSES (a fault-tolerance
+        class), else with ERR_OTHER."""
         if error not in wire.ABANDON_CLASSES:
             error = exceptions.ERR_OTHER
         with self.lock:
             self.abandoned[(ctx, base)] = (seq, reason, error)
             self._fail_posted(ctx, base, span, 0)
             self._purge(lambda entry: entry.ctx == ctx and base <= entry.tag < base + span)
-            payload = wire.encode_abandon(ctx, seq, base, span, error, reason)
+            payload = wire.encode_abandon(ctx, gen, seq, base, span, error, reason)
             for world in members:
                 peer = self.routes[world].peer
                 if peer >= 0:
@@ -397,9 +435,14 @@ class Matching:
     def abandoned_by(self, notice: wire.Abandon, who: str) -> None:
         """Another member (`who`, for the reason) left a collective instance (its ABANDON
         `notice`): fail the receives of that instance (with the error class the notice
-        carries) and drop its messages."""
-        if notice.ctx in self.dropped_ctx:
-            return  # about a freed communicator
+        carries) and drop its messages. A notice about another generation of the context
+        (see reuse_context) is ignored (an earlier one, or the one in use here freed), or
+        kept for reuse_context (a later one, not taken here yet)."""
+        gen = self.ctx_gen.get(notice.ctx, 0)
+        if notice.gen != gen or notice.ctx in self.dropped_ctx:
+            if notice.gen > gen:
+                self.early[(notice.ctx, notice.base)] = (notice, who)
+            return
         reason = f"{who} left this collective: {notice.reason}"
         self.abandoned[(notice.ctx, notice.base)] = (notice.seq, reason, notice.error)
         self._fail_posted(notice.ctx, notice.base, notice.span, notice.error, reason)

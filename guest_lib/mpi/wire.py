@@ -18,9 +18,12 @@ One core tag per message, 31 bits:
 - CONTROL messages (context 0; the tag field says which): ACK (payload: sequence number)
   completes a synchronous send; SYNC (same payload) announces that the next DATA message
   from that peer is synchronous; HELLO carries bootstrap data; ABANDON (payload: context,
-  instance number, tag base, tag count, error class, then the reason in UTF-8) says that
-  the sender left one instance of a collective with an error (the class is ERR_OTHER, or
-  the fault-tolerance class the sender met: the others fail with it too); REVOKE (payload:
+  the context's generation, instance number, tag base, tag count, error class, then the
+  reason in UTF-8) says that the sender left one instance of a collective with an error
+  (the class is ERR_OTHER, or the fault-tolerance class the sender met: the others fail
+  with it too); the generation tells which communicator holding that context it is about
+  (matching.Matching.reuse_context): a late notice about a freed one is ignored by the
+  next one that reuses the context; REVOKE (payload:
   a context) says that the sender revoked the communicator of that point-to-point context
   (see `ulfm`); NAME and NAMED carry a request to the job's name service and its answer
   (see `dynproc`; the payload is theirs, decoded and validated there).
@@ -51,7 +54,8 @@ CTRL_NAME = 5
 CTRL_NAMED = 6
 PIECE_LAST = 1  # tag field of the last PIECE of a message
 SEQ = struct.Struct("<Q")  # ACK and SYNC payload: a sequence number
-ABANDON = struct.Struct("<IQIHi")  # collective context, instance number, first tag, tags, class
+# collective context, its generation, instance number, first tag, tags, class
+ABANDON = struct.Struct("<IQQIHi")
 ABANDON_REASON_MAX = 512  # bytes of the reason an ABANDON carries at most
 REVOKE = struct.Struct("<I")  # REVOKE payload: the point-to-point context revoked
 
@@ -109,6 +113,7 @@ class Abandon(NamedTuple):
     """A decoded ABANDON payload."""
 
     ctx: int  # the collective context
+    gen: int  # the generation of the communicator holding it (Matching.reuse_context)
     seq: int  # the instance number
     base: int  # its first tag
     span: int  # its number of tags
@@ -137,10 +142,12 @@ def abandon_class(exc: BaseException) -> int:
     return exceptions.ERR_OTHER
 
 
-def encode_abandon(ctx: int, seq: int, base: int, span: int, error: int, reason: str) -> bytes:
+def encode_abandon(
+    ctx: int, gen: int, seq: int, base: int, span: int, error: int, reason: str
+) -> bytes:
     """The ABANDON payload (the reason cut to ABANDON_REASON_MAX bytes); `error` is one of
     ABANDON_CLASSES."""
-    head = ABANDON.pack(ctx, seq, base, span, error)
+    head = ABANDON.pack(ctx, gen, seq, base, span, error)
     return head + reason.encode()[:ABANDON_REASON_MAX]
 
 
@@ -164,13 +171,13 @@ def decode_abandon(payload: bytes, who: str) -> Abandon:
     of ABANDON_CLASSES."""
     if len(payload) < ABANDON.size:
         raise _bad(who, f"an ABANDON of {len(payload)} bytes, under {ABANDON.size}")
-    ctx, seq, base, span, error = ABANDON.unpack_from(payload)
+    ctx, gen, seq, base, span, error = ABANDON.unpack_from(payload)
     if ctx > constants.MAX_CONTEXT or base + span > constants.TAG_UB + 1:
         raise _bad(who, f"an ABANDON of context {ctx}, tags {base}+{span}")
     if error not in ABANDON_CLASSES:
         raise _bad(who, f"an ABANDON of error class {error}")
     why = payload[ABANDON.size :].decode(errors="replace")
-    return Abandon(ctx, seq, base, span, error, why)
+    return Abandon(ctx, gen, seq, base, span, error, why)
 
 
 def decode_revoke(payload: bytes, who: str) -> int:

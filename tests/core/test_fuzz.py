@@ -144,7 +144,7 @@ def test_abandon_carries_its_error_class_and_a_foreign_class_names_its_rank(make
     from guest_lib.mpi.routes import SelfRoute, ShmRoute
 
     base = wire.coll_base(0)
-    good = wire.encode_abandon(3, 0, base, wire.COLL_SPAN, mpi_exceptions.ERR_PROC_FAILED, "x")
+    good = wire.encode_abandon(3, 0, 0, base, wire.COLL_SPAN, mpi_exceptions.ERR_PROC_FAILED, "x")
     assert wire.decode_abandon(good, "rank 1").error == mpi_exceptions.ERR_PROC_FAILED
     region = make_region(1 << 20, 2)
     with region.endpoint(0) as ep0, region.endpoint(1) as ep1:
@@ -155,7 +155,7 @@ def test_abandon_carries_its_error_class_and_a_foreign_class_names_its_rank(make
         for _ in range(100):
             engine.progress()
         assert waiting.done and waiting.error == mpi_exceptions.ERR_PROC_FAILED
-        bad = wire.encode_abandon(3, 1, base, wire.COLL_SPAN, mpi_exceptions.ERR_TRUNCATE, "x")
+        bad = wire.encode_abandon(3, 0, 1, base, wire.COLL_SPAN, mpi_exceptions.ERR_TRUNCATE, "x")
         ep1.send(0, bad, tag=tag)
         with pytest.raises(mpi_exceptions.Exception, match=r"world rank 1 .*error class 14"):
             for _ in range(100):

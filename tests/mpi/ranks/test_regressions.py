@@ -8,6 +8,7 @@ next collective on the same communicator is correct.
 from __future__ import annotations
 
 import pickle
+import time
 
 import numpy as np
 import pytest
@@ -147,6 +148,48 @@ def test_message_on_freed_comm_not_on_next_dup(comm):
         second.Barrier()  # (before anyone sends the fresh one)
         second.send("fresh", (rank + 1) % size, 7)
         assert second.recv(None, (rank - 1) % size, 7) == "fresh"
+    finally:
+        second.Free()
+
+
+def test_late_abandon_not_on_next_dup():
+    """A nonblocking collective of ranks 0 and 1 that fails on rank 1 (a receive buffer
+    too small) after rank 1 freed the communicator and took part in the next Dup of the
+    world, which reuses the context: its ABANDON notice reaches rank 0 after rank 0 took the
+    context again, and is about the freed communicator only (its generation, not the new
+    one's): the new communicator's collectives, blocking and nonblocking, run right."""
+    world = MPI.COMM_WORLD
+    size, rank = world.Get_size(), world.Get_rank()
+    if size == 1 or _across_regions():
+        pytest.skip("needs ranks that share a region (an abandonment is told over shared memory)")
+    first = world.Split(0 if rank < 2 else MPI.UNDEFINED, rank)
+    ctx = world.bcast(first._ctx if rank == 0 else None, 0)
+    if rank == 0:
+        time.sleep(0.3)  # rank 1 is in the next Dup when the data comes
+        first.Ibcast(np.arange(8, dtype="i"), 0).Wait()
+    elif rank == 1:
+        request = first.Ibcast(np.zeros(2, "i"), 0)
+    if rank < 2:
+        first.Free()
+    second = world.Dup()
+    try:
+        assert second._ctx == ctx  # (the context is reused: what this test is about)
+        if rank == 1:
+            with pytest.raises(MPI.Exception) as failed:
+                request.Wait()
+            assert failed.value.Get_error_class() == MPI.ERR_TRUNCATE
+        buf = np.arange(4, dtype="i") if rank == 0 else np.zeros(4, "i")
+        second.Ibcast(buf, 0).Wait()  # (the freed communicator's failed one had this number)
+        assert list(buf) == [0, 1, 2, 3]
+        buf = np.full(3, rank, "d")
+        second.Bcast(buf, size - 1)
+        assert list(buf) == [size - 1] * 3
+        assert second.allreduce(rank) == size * (size - 1) // 2
+        out = np.zeros(1, "i")
+        second.Iallreduce(np.full(1, rank + 1, "i"), out).Wait()
+        assert out[0] == size * (size + 1) // 2
+        second.Barrier()
+        assert not _engine_posted()
     finally:
         second.Free()
 
