@@ -279,14 +279,20 @@ class CollectiveRequest:
             raise self._error
         if self._steps is None:
             return True
+        return self._poll()
+
+    def _poll(self) -> bool:
+        """`_advance` of the pending collective (its steps)."""
         group = self._group
+        steps = self._steps
+        assert steps is not None
         try:
             while True:
                 wait = self._wait
                 if wait is not None and group._seq(*wait) < wait[2]:
                     group._watch(wait[0])
                     return False
-                self._wait = next(self._steps)
+                self._wait = next(steps)
         except StopIteration:
             self._steps = None
             self.declined = group.declined
@@ -320,6 +326,60 @@ class CollectiveRequest:
             self._group._complete_pending(self)
         if self._error is not None:
             raise self._error
+
+
+class RoundRequest(CollectiveRequest):
+    """A started round of the C accelerator (CollectiveGroup.start_round) pending in its
+    group: each poll is one call of CollectiveRound.resume (spin 0), which loads and checks
+    the word the round waits for itself (no generator, no Python load first); `_wait` is
+    what the last call ended on (for `_finish`'s blocking waits). An error of a poll marks
+    round `_k` failed (`_c_failed`) and fails this request and those started after it."""
+
+    __slots__ = ("_k",)
+
+    def __init__(self, group: CollectiveGroup, k: int, wait: Wait) -> None:
+        # CollectiveRequest's fields, set here without a call to its __init__ (one per
+        # started round)
+        self._group = group
+        self._steps = _IN_C
+        self._wait = wait
+        self._error = None
+        self.declined = False
+        self._k = k
+
+    def _poll(self) -> bool:
+        """One poll; True iff the round completed (`declined` then set, as the group's)."""
+        group = self._group
+        try:
+            c = group._c
+            if c is None:
+                raise group._broken or RuntimeError("collective group closed")
+            result = c.resume(0, group._yield)
+            if result.__class__ is tuple:
+                self._wait = result
+                group._watch(result[0])
+                return False
+        except BaseException as exc:
+            group._c_failed(self._k, exc)
+            self._fail(exc)
+            raise
+        self._steps = None
+        self.declined = group.declined = result == 1
+        return True
+
+    def _finish(self) -> None:
+        """CollectiveRequest's, and a failure of a wait between polls marks the round
+        failed too (the C call holds its buffers until then)."""
+        pending = self._error is None and self._steps is not None
+        try:
+            super()._finish()
+        except BaseException as exc:
+            if pending:
+                self._group._c_failed(self._k, exc)
+            raise
+
+
+_IN_C: Any = object()  # a RoundRequest's `_steps` while its round is pending (C holds it)
 
 
 class CollectiveGroup:
@@ -1382,9 +1442,7 @@ class CollectiveGroup:
         if result.__class__ is not tuple:
             self.declined = declined = result == 1
             return self._done_rounds[declined]
-        steps = self._c_rest(k, result, 0)
-        request = CollectiveRequest(self, steps)
-        request._wait = next(steps)  # (the wait `result` names)
+        request = RoundRequest(self, k, result)
         self._pending.append(request)
         return request
 

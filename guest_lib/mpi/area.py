@@ -65,7 +65,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from guest_lib.mpi import exceptions
+from guest_lib.mpi import constants, exceptions
 from guest_lib.mpi.fastpath import core_error, other_threads
 from guest_lib.mpi.matching import Op
 from guest_lib.mpi.request import Request
@@ -353,23 +353,19 @@ class Area:
         self.listeners += delta
         self.group.listen(self.listeners > 0)
 
-    def begin(self, which: int, *args: Any, front: bool = False) -> CollectiveRequest | None:
+    def begin(self, which: int, *args: Any) -> CollectiveRequest | None:
         """`call`'s nonblocking form (`start` of a collective of one round whose arguments
-        the caller checked, see `call`; with `front`, the user's arguments of collective
-        `which` (collectives.F_*) through CollectiveRound.front, which takes them or not by
-        the lanes' rules): the started round, polled once (`done` already where that
-        completed it; else the group's pending request); None having moved nothing where
-        the group has started collectives pending or the C call refused (or did not take)
-        the arguments (start it otherwise). Errors of the first poll as for `run` (the area
-        is dropped)."""
+        the caller checked, see `call`): the started round, polled once (`done` already
+        where that completed it; else the group's pending request); None having moved
+        nothing where the group has started collectives pending or the C call refused the
+        arguments (start it otherwise). Errors of the first poll as for `run` (the area is
+        dropped)."""
         group = self.group
         c = group._c
         if c is None:
             return None
         try:
-            if front:
-                request = group.start_round(c.front, which, *args)
-            elif which == C_FOLD:
+            if which == C_FOLD:
                 request = group.start_round(c.fold, *args)
             else:
                 request = group.start_round(c.run, which, *args)
@@ -431,8 +427,11 @@ class AreaOp(Op):
         on_fail: Callable[[int, str], None] | None = None,
         then: Callable[[], Op] | None = None,
     ) -> None:
+        # Op's fields, set here without a call to Op.__init__ (one per started collective;
+        # `done` is this class's property)
+        self.error, self.source, self.tag = 0, constants.ANY_SOURCE, constants.ANY_TAG
+        self.count, self.cancelled, self.obj = 0, False, None
         self._finished = False
-        super().__init__()
         self._area = area
         self._request = request
         self.on_fail = on_fail
@@ -459,20 +458,13 @@ class AreaOp(Op):
     def spin(self) -> None:
         """Poll the round for up to the group's spin time (the endpoint's, as the blocking
         waits spin before they sleep) without raising the sleep flag, until it completes or
-        fails (`done` then reads that): a round that completes within the spin makes no
-        member ring this doorbell. The engine's messages wait for `done`'s polls."""
+        fails (completing this op then, as `done` would): a round that completes within the
+        spin makes no member ring this doorbell. The engine's messages wait for `done`'s
+        polls."""
         if self._finished or self.next is not None:
             return
-        request = self._request
-        lock = self._area.comm._engine.lock
         end = 0.0
-        while True:
-            with lock:
-                try:
-                    if self._finished or request.test():
-                        return
-                except BaseException:
-                    return  # (`done` raises it again and fails the op)
+        while not self._poll(False):
             now = time.monotonic()
             if not end:
                 end = now + self._area.group._spin
@@ -491,8 +483,15 @@ class AreaOp(Op):
 
     @property
     def done(self) -> bool:
-        if self._finished:
-            return True
+        return self._finished or self._poll(True)
+
+    @done.setter
+    def done(self, value: bool) -> None:
+        pass  # (a write of `done` changes nothing: completion is the collective's)
+
+    def _poll(self, listen: bool) -> bool:
+        """`done`'s poll (`listen`: raise the sleep flag once the round is found pending, and
+        look for abandonment; `spin`'s polls do neither): True iff this op completed."""
         area = self._area
         with area.comm._engine.lock:
             if self._finished:  # (another thread's read completed it)
@@ -500,18 +499,20 @@ class AreaOp(Op):
             if self.next is not None:
                 return self._followed(self.next)
             try:
-                pending = not self._request.test()
-                if pending and not self._listening:
+                request = self._request
+                pending = not request.test()
+                if pending and listen and not self._listening:
                     self._listening = True
                     area.listen(1)  # (its fence orders the flag before the next poll's loads)
-                    pending = not self._request.test()
+                    pending = not request.test()
                 if pending:
-                    area.check_abandoned()
+                    if listen:
+                        area.check_abandoned()
                     return False
                 if self._listening:
                     self._listening = False
                     area.listen(-1)
-                if self._request.declined and self.then is not None:
+                if request.declined and self.then is not None:
                     self.next = self.then()
                     return self._followed(self.next)
                 area.completed += 1
@@ -526,10 +527,6 @@ class AreaOp(Op):
         if self.error and self.on_fail is not None:
             self.on_fail(self.error, self.reason)
         return True
-
-    @done.setter
-    def done(self, value: bool) -> None:
-        pass  # Op.__init__ sets it; completion is the collective's
 
     def _followed(self, op: Op) -> bool:
         """`done` once `next` carries the collective: whether it completed (its outcome

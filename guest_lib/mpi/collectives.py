@@ -184,7 +184,7 @@ def front_lanes(cls: type) -> None:
     method then decides, `Area.untroubled`). Anything else, and a lane's _SLOW, calls the
     method as it is. The nonblocking ones with a lane (`started`) alike (`_front_started`).
     With the C accelerator, the collectives of _C_FRONTS go first through the C front
-    (`_c_front`), in front of all that."""
+    (`_c_front`; the nonblocking ones `_c_start`), in front of all that."""
     for name in dir(cls):
         method = getattr(cls, name)
         fast = getattr(method, "lane", None)
@@ -192,8 +192,7 @@ def front_lanes(cls: type) -> None:
         if fast is not None and callable(method):
             setattr(cls, name, _front(method, fast))
         elif begun is not None and callable(method):
-            c_front = _C_STARTED.get(name) if ring.set_front is not None else None
-            setattr(cls, name, _front_started(method, begun[0], begun[1], c_front))
+            setattr(cls, name, _front_started(method, begun[0], begun[1]))
     if ring.set_front is not None:
         _set_front_tables()
         for name, make in _C_FRONTS.items():
@@ -246,10 +245,7 @@ def _front(method: Callable[..., Any], fast: Callable[..., Any]) -> Callable[...
 
 
 def _front_started(
-    method: Callable[..., Any],
-    args_of: Callable[..., CArgs],
-    messages: Messages | None,
-    c_front: CFront | None = None,
+    method: Callable[..., Any], args_of: Callable[..., CArgs], messages: Messages | None
 ) -> Callable[..., Any]:
     """`_front` of a nonblocking collective with a lane (`started`): taken with the area
     bound with its C accelerator and the engine holding no record of a revoked
@@ -261,7 +257,7 @@ def _front_started(
         if shared:
             engine = self._engine
             if shared.group._c is not None and not engine.abandoned and not engine.revoked:
-                request = _begun(self, engine, shared, args_of, messages, args, kwargs, c_front)
+                request = _begun(self, engine, shared, args_of, messages, args, kwargs)
                 if request is not None:
                     return request
         return method(self, *args, **kwargs)
@@ -845,6 +841,109 @@ def _c_folding(which: int) -> Callable[[Callable[..., Any]], Callable[..., Any]]
     return make
 
 
+# The op of every started collective whose first poll completed it: complete, and no field
+# of a complete op is written again (Cancel and Free leave it), so one serves all.
+_STARTED_DONE = DoneOp(constants.ANY_SOURCE)
+
+
+def _c_start(self: Any, front: bool, *args: Any) -> Request | None:
+    """A nonblocking collective's round started in one C call, where `_front_started` would
+    start its lane (and no started collective of the area is pending): with `front`,
+    CollectiveRound.front with `args` (F_* code and the user's arguments, taken or not by
+    the lanes' rules in C), else CollectiveRound.run with `args`. Returns its Request
+    (a plain done one where the first poll completed the round; else an AreaRequest on
+    the pending round, whose Wait polls it in C), or None having moved nothing (the
+    method's, with its front, to run as usual). The instance is numbered, and abandoned on
+    an error, as `_begin` does."""
+    shared = self._area
+    if not shared:
+        return None
+    engine = self._engine
+    group = shared.group
+    c = group._c
+    if c is None or group._pending or engine.abandoned or engine.revoked:
+        return None
+    seq = self._nb_seq
+    try:
+        request = group.start_round(c.front if front else c.run, *args)
+    except BaseException as exc:
+        self._nb_seq = seq + 1
+        error = shared._leave(exc)
+        if isinstance(error, Exception):
+            reason = f"{type(error).__name__}: {error}"
+            _nb_abandon(self, engine, seq, abandon_class(error), reason)
+        if error is exc:
+            raise
+        raise error from exc
+    if request is None:
+        return None
+    self._nb_seq = seq + 1
+    if request.done:  # (none of these is declined)
+        shared.completed += 1
+        return request_of(_STARTED_DONE, engine)
+    op = area.AreaOp(shared, request, functools.partial(_nb_abandon, self, engine, seq))
+    return request_of(op, engine, kind=area.AreaRequest)
+
+
+def _s_barrier(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Ibarrier's round in one C call (`_c_start`), then `method`."""
+
+    @functools.wraps(method)
+    def Ibarrier(self: Any) -> Request:
+        request = _c_start(self, False, *_BARRIER)
+        return method(self) if request is None else request
+
+    return Ibarrier
+
+
+def _s_bcast(method: Callable[..., Any]) -> Callable[..., Any]:
+    """The C front of Ibcast (`_c_start`), then `method`."""
+
+    @functools.wraps(method)
+    def Ibcast(self: Any, buf: Any, root: int = 0) -> Request:
+        request = _c_start(self, True, F_BCAST, buf, None, None, root)
+        return method(self, buf, root) if request is None else request
+
+    return Ibcast
+
+
+def _s_allgather(method: Callable[..., Any]) -> Callable[..., Any]:
+    """The C front of Iallgather (`_c_start`), then `method`."""
+
+    @functools.wraps(method)
+    def Iallgather(self: Any, sendbuf: Any, recvbuf: Any) -> Request:
+        request = _c_start(self, True, F_ALLGATHER, sendbuf, recvbuf, None, 0)
+        return method(self, sendbuf, recvbuf) if request is None else request
+
+    return Iallgather
+
+
+def _s_reduce(method: Callable[..., Any]) -> Callable[..., Any]:
+    """The C front of Ireduce (`_c_start`), then `method`."""
+
+    @functools.wraps(method)
+    def Ireduce(self: Any, sendbuf: Any, recvbuf: Any, op: Any = ops.SUM, root: int = 0) -> Any:
+        request = _c_start(self, True, F_REDUCE, sendbuf, recvbuf, op, root)
+        return method(self, sendbuf, recvbuf, op, root) if request is None else request
+
+    return Ireduce
+
+
+def _s_folding(which: int) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """The C front (`_c_start`) of Iallreduce, Iscan, Iexscan or Ireduce_scatter_block
+    (`which`), then the method."""
+
+    def make(method: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(method)
+        def fold(self: Any, sendbuf: Any, recvbuf: Any, op: Any = ops.SUM) -> Any:
+            request = _c_start(self, True, which, sendbuf, recvbuf, op, 0)
+            return method(self, sendbuf, recvbuf, op) if request is None else request
+
+        return fold
+
+    return make
+
+
 # name -> the maker of its C front (see front_lanes)
 _C_FRONTS: dict[str, Callable[[Callable[..., Any]], Callable[..., Any]]] = {
     "Bcast": _c_bcast,
@@ -858,21 +957,14 @@ _C_FRONTS: dict[str, Callable[[Callable[..., Any]], Callable[..., Any]]] = {
     "Exscan": _c_folding(F_EXSCAN),
     "Reduce_scatter_block": _c_folding(F_REDUCE_SCATTER_BLOCK),
     "Reduce_scatter": _c_reduce_scatter,
-}
-
-
-# A nonblocking collective's way through CollectiveRound.front: (F_* code, its arguments ->
-# the front's (a, b, op, root)); see `_begun`. Not the declinable ones (a gather's round
-# declined goes on over messages: their lane's `then`).
-CFront = tuple[int, Callable[..., tuple[Any, Any, Any, Any]]]
-_C_STARTED: dict[str, CFront] = {
-    "Ibcast": (F_BCAST, lambda buf, root=0: (buf, None, None, root)),
-    "Iallgather": (F_ALLGATHER, lambda sendbuf, recvbuf: (sendbuf, recvbuf, None, 0)),
-    "Ireduce": (
-        F_REDUCE,
-        lambda sendbuf, recvbuf, op=ops.SUM, root=0: (sendbuf, recvbuf, op, root),
-    ),
-    "Iallreduce": (F_ALLREDUCE, lambda sendbuf, recvbuf, op=ops.SUM: (sendbuf, recvbuf, op, 0)),
+    "Ibarrier": _s_barrier,
+    "Ibcast": _s_bcast,
+    "Iallgather": _s_allgather,
+    "Ireduce": _s_reduce,
+    "Iallreduce": _s_folding(F_ALLREDUCE),
+    "Iscan": _s_folding(F_SCAN),
+    "Iexscan": _s_folding(F_EXSCAN),
+    "Ireduce_scatter_block": _s_folding(F_REDUCE_SCATTER_BLOCK),
 }
 
 
@@ -917,25 +1009,13 @@ def _begun(
     messages: Messages | None,
     args: Any,
     kwargs: Any,
-    front: CFront | None = None,
 ) -> Request | None:
     """A nonblocking collective's lane (see `started`): its Request, or None having moved
-    nothing (its body's job). With `front` (_C_STARTED's entry of the method), its
-    arguments go to CollectiveRound.front first (the lane's rules, in C), then, where it
-    does not take them, to `args_of`."""
-    request = None
-    if front is not None:
-        try:
-            c_args: CArgs = (front[0], *front[1](*args, **kwargs))
-        except TypeError:
-            c_args = None  # (the body reports it)
-        if c_args is not None:
-            request = _begin(self, engine, shared, messages, args, kwargs, c_args, True)
-    if request is None:
-        c_args = args_of(self, shared.group, *args, **kwargs)
-        if c_args is not None:
-            request = _begin(self, engine, shared, messages, args, kwargs, c_args, False)
-    return request
+    nothing (its body's job)."""
+    c_args = args_of(self, shared.group, *args, **kwargs)
+    if c_args is None:
+        return None
+    return _begin(self, engine, shared, messages, args, kwargs, c_args)
 
 
 def _begin(
@@ -946,12 +1026,11 @@ def _begin(
     args: Any,
     kwargs: Any,
     c_args: tuple[Any, ...],
-    front: bool,
 ) -> Request | None:
-    """`_begun` with the C arguments `c_args` (Area.begin's; `front`: through the front)."""
+    """`_begun` with the C arguments `c_args` (Area.begin's)."""
     seq = self._nb_seq
     try:
-        request = shared.begin(*c_args, front=front)
+        request = shared.begin(*c_args)
     except Exception as exc:
         self._nb_seq = seq + 1
         _nb_abandon(self, engine, seq, abandon_class(exc), f"{type(exc).__name__}: {exc}")

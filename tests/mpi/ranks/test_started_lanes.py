@@ -21,6 +21,7 @@ import pytest
 
 from guest_lib.mpi import MPI, area, collectives
 from guest_lib.mpi.engine import StagedOp
+from ivshmem_comm.collective import CollectiveGroup
 
 Check = Callable[[], None]
 
@@ -444,24 +445,30 @@ def _doubles(form: str, values: list[float]) -> tuple[Any, Callable[[], list[flo
 
 
 @pytest.mark.parametrize("form", ["numpy", "spec", "double", "in_place"])
-@pytest.mark.parametrize("call", ["Ibcast", "Iallgather", "Ireduce", "Iallreduce"])
+@pytest.mark.parametrize(
+    "call", ["Ibcast", "Iallgather", "Ireduce", "Iallreduce", "Iscan", "Iexscan", "Ibarrier"]
+)
 def test_started_through_the_c_front(comm, monkeypatch, call, form):
-    """Ibcast, Iallgather, Ireduce and Iallreduce in the forms codes pass on every call
-    start their round through CollectiveRound.front (Area.begin(front=True): no Python lane
-    builder), at every root, with the right data."""
-    if form == "in_place" and call == "Ibcast":
-        pytest.skip("Ibcast has no IN_PLACE")
+    """Ibcast, Iallgather, Ireduce, Iallreduce, Iscan and Iexscan in the forms codes pass on
+    every call start their round through CollectiveRound.front (collectives._c_start: no
+    Python lane builder, no Area.begin), at every root, with the right data; Ibarrier
+    through CollectiveRound.run."""
+    if form == "in_place" and call in ("Ibcast", "Iexscan"):
+        pytest.skip(f"{call} has no IN_PLACE here")
+    if call == "Ibarrier" and form != "numpy":
+        pytest.skip("Ibarrier has no buffers")
     if not _lane_ready(comm) or collectives.ring.set_front is None:
         pytest.skip("no area with its C accelerator here")
     size, rank = comm.Get_size(), comm.Get_rank()
     fronts: list[bool] = []
-    begin = area.Area.begin
+    start_round = CollectiveGroup.start_round
 
-    def spy(self: area.Area, *args: Any, front: bool = False) -> Any:
-        fronts.append(front)
-        return begin(self, *args, front=front)
+    def spy(self: CollectiveGroup, run: Any, *args: Any) -> Any:
+        fronts.append(run.__name__ == "front")
+        return start_round(self, run, *args)
 
-    monkeypatch.setattr(area.Area, "begin", spy)
+    monkeypatch.setattr(CollectiveGroup, "start_round", spy)
+    monkeypatch.setattr(area.Area, "begin", None)  # (a lane builder's start would fail)
     base = "numpy" if form == "in_place" else form
     mine = [rank + 1.0, rank + 2.0]
     for root in range(size):
@@ -478,6 +485,18 @@ def test_started_through_the_c_front(comm, monkeypatch, call, form):
             comm.Iallgather(send, recv).Wait()
             assert read() == every
             break
+        elif call == "Ibarrier":
+            comm.Ibarrier().Wait()
+            break
+        elif call in ("Iscan", "Iexscan"):
+            upto = rank + 1 if call == "Iscan" else rank
+            want = [sum(q + 1.0 + i for q in range(upto)) for i in range(2)]
+            recv, read = _doubles(base, mine if form == "in_place" else [0.0] * 2)
+            send = MPI.IN_PLACE if form == "in_place" else _doubles(base, mine)[0]
+            getattr(comm, call)(send, recv, MPI.SUM).Wait()
+            if upto:
+                assert read() == want
+            break
         else:
             total = [sum(q + 1.0 + i for q in range(size)) for i in range(2)]
             recv, read = _doubles(base, mine if form == "in_place" else [0.0] * 2)
@@ -491,4 +510,4 @@ def test_started_through_the_c_front(comm, monkeypatch, call, form):
             comm.Ireduce(send, recv, MPI.SUM, root).Wait()
             if rank == root:
                 assert read() == total
-    assert fronts and all(fronts), fronts
+    assert fronts and all(fronts) == (call != "Ibarrier") and any(fronts) == all(fronts), fronts
