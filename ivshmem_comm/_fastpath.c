@@ -52,6 +52,7 @@
 #define HDR_F_FIRST 1u
 #define MAX_MESSAGE (1ULL << 48)
 #define CACHE_WINDOW (4 << 20) /* layout.CACHE_WINDOW */
+#define LIVE_RECEIVER_NS 500000
 #define PIPE_SPAN_MIN (16 << 10)
 #define PIPE_PIECES 4
 #define TAG_MAX 0x7FFFFFFFL
@@ -73,6 +74,9 @@
 #define SEND_KICK 1
 #define SEND_FULL (-1)
 #define SEND_TOO_BIG (-2)
+/* TxRing.reserve: room only past the cache window while the receiver keeps up
+ * (virtqueue.RESERVE_LATER). */
+#define RESERVE_LATER (-3)
 
 /* Counter words of a control line, after the session word (layout.COUNTER_NAMES_*). */
 enum { CNT_MESSAGES = 1, CNT_BYTES = 2, CNT_WAITS = 3, CNT_KICKS = 4 };
@@ -131,7 +135,15 @@ typedef struct {
      * asks to be kicked only then, not at every completion), valid while wake_set. */
     uint16_t wake_at;
     bool wake_set;
+    /* monotonic_ns() of the last reclaim that took completions back: the receiver keeps up
+     * for LIVE_RECEIVER_NS after it; since later_ns (0: none) reservations got RESERVE_LATER,
+     * once for that long the queue is `cooled` until the head is back at the bottom
+     * (virtqueue.TxRing: same fields). */
+    uint64_t live_ns, later_ns;
+    bool cooled;
 } TxRing;
+
+static uint64_t monotonic_ns(void);
 
 typedef struct {
     Ring ring;
@@ -537,6 +549,8 @@ static int tx_init(TxRing *self, PyObject *args, PyObject *kwds)
     self->head = self->reserve_cursor = 0;
     self->reserve_end = -1;
     self->wake_set = false;
+    self->live_ns = self->later_ns = 0;
+    self->cooled = false;
     return 0;
 }
 
@@ -560,6 +574,8 @@ static PyObject *tx_reset(TxRing *self, PyObject *session)
     self->head = self->reserve_cursor = 0;
     self->reserve_end = -1;
     self->wake_set = false;
+    self->live_ns = self->later_ns = 0;
+    self->cooled = false;
     ring_reset_end(r);
     Py_RETURN_NONE;
 }
@@ -606,6 +622,7 @@ static PyObject *tx_reclaim(TxRing *self, PyObject *Py_UNUSED(ignored))
                                 PyUnicode_FromFormat("span is %u bytes", span_bytes));
         self->last_used++;
     }
+    self->live_ns = monotonic_ns();
     if (self->last_used == self->avail_shadow && self->reserve_end < 0)
         self->head = 0; /* empty: restart at the bottom, so big messages stay contiguous */
     return PyLong_FromLong(pending);
@@ -628,10 +645,13 @@ static long long pipe_span(const Ring *r, long long nbytes)
 }
 
 /* Data-relative start of a free contiguous run of `size` bytes, or -1, were the oldest span in
- * flight to start at data-relative `tail`. */
-static Py_ssize_t tx_space_at(TxRing *self, Py_ssize_t tail, Py_ssize_t size)
+ * flight to start at data-relative `tail`; `soft` (the receiver keeps up): only within the
+ * cache window once the head is in it (virtqueue.TxRing._space_at). */
+static Py_ssize_t tx_space_at(TxRing *self, Py_ssize_t tail, Py_ssize_t size, bool soft)
 {
     Py_ssize_t head = self->head;
+    if (soft && head + size > CACHE_WINDOW)
+        return head > tail && tail >= size ? 0 : -1;
     if (head > tail) {
         /* past the cache window with the whole window free at the bottom: wrap early
          * (layout.CACHE_WINDOW) */
@@ -646,17 +666,9 @@ static Py_ssize_t tx_space_at(TxRing *self, Py_ssize_t tail, Py_ssize_t size)
     return -1;
 }
 
-/* Data-relative start of a free contiguous run of `size` bytes, or -1. */
-static Py_ssize_t tx_find_space(TxRing *self, Py_ssize_t size)
-{
-    if (tx_in_flight(self) == 0)
-        return 0;
-    return tx_space_at(self, self->inflight[self->last_used & self->ring.mask].start, size);
-}
-
 /* A reservation of `size` bytes in `pieces` descriptors found no room: remember the used index
  * at which it will (the fewest completions of what is in flight that free both), for arm(). */
-static void tx_note_wait(TxRing *self, Py_ssize_t size, long long pieces)
+static void tx_note_wait(TxRing *self, Py_ssize_t size, long long pieces, bool soft)
 {
     uint16_t in_flight = tx_in_flight(self);
     uint16_t j = 1;
@@ -664,7 +676,7 @@ static void tx_note_wait(TxRing *self, Py_ssize_t size, long long pieces)
         if (in_flight - j + pieces > self->ring.num)
             continue;
         Py_ssize_t tail = self->inflight[(uint16_t)(self->last_used + j) & self->ring.mask].start;
-        if (tx_space_at(self, tail, size) >= 0)
+        if (tx_space_at(self, tail, size, soft) >= 0)
             break;
     }
     self->wake_at = (uint16_t)(self->last_used + (in_flight ? j : 1));
@@ -672,7 +684,8 @@ static void tx_note_wait(TxRing *self, Py_ssize_t size, long long pieces)
 }
 
 /* Open a reservation of `nbytes`: its region offset, -1 if no room (bytes, or descriptors for
- * its pieces of at most max_span) now, -2 with an error set. */
+ * its pieces of at most max_span) now, RESERVE_LATER if room only past the cache window while
+ * the receiver keeps up (virtqueue.TxRing.reserve), -2 with an error set. */
 static Py_ssize_t tx_reserve_impl(TxRing *self, long long nbytes)
 {
     Ring *r = &self->ring;
@@ -692,11 +705,35 @@ static Py_ssize_t tx_reserve_impl(TxRing *self, long long nbytes)
     Py_ssize_t size = align_up((Py_ssize_t)nbytes, SPAN_ALIGN);
     long long span = pipe_span(r, nbytes);
     long long pieces = (nbytes + span - 1) / span; /* descriptors it will take */
-    Py_ssize_t start = tx_in_flight(self) + pieces > r->num ? -1 : tx_find_space(self, size);
-    if (start < 0) {
-        tx_note_wait(self, size, pieces);
-        return -1;
+    uint16_t in_flight = tx_in_flight(self);
+    Py_ssize_t start = 0;
+    if (in_flight) {
+        Py_ssize_t tail = self->inflight[self->last_used & r->mask].start;
+        bool soft = false;
+        uint64_t now = 0;
+        if (2 * size <= CACHE_WINDOW && CACHE_WINDOW < r->data_size && !self->cooled) {
+            now = monotonic_ns();
+            soft = now - self->live_ns < LIVE_RECEIVER_NS;
+            if (soft && self->later_ns && now - self->later_ns >= LIVE_RECEIVER_NS) {
+                soft = false;
+                self->cooled = true;
+            }
+        }
+        bool descriptors = in_flight + pieces <= r->num;
+        start = descriptors ? tx_space_at(self, tail, size, soft) : -1;
+        if (start < 0) {
+            tx_note_wait(self, size, pieces, soft);
+            if (soft && descriptors && tx_space_at(self, tail, size, false) >= 0) {
+                if (!self->later_ns)
+                    self->later_ns = now;
+                return RESERVE_LATER;
+            }
+            return -1;
+        }
     }
+    self->later_ns = 0;
+    if (start == 0)
+        self->cooled = false;
     self->wake_set = false;
     self->head = start + size;
     self->reserve_cursor = start;
@@ -874,7 +911,7 @@ static PyObject *tx_send_small(TxRing *self, PyObject *const *args, Py_ssize_t n
     Py_ssize_t offset = tx_reserve_impl(self, length);
     if (offset < 0) {
         PyBuffer_Release(&data);
-        return offset == -1 ? PyLong_FromLong(SEND_FULL) : NULL;
+        return offset == -2 ? NULL : PyLong_FromLong(SEND_FULL);
     }
     tx_store_header(r, offset, (uint64_t)data.len, (uint32_t)tag);
     memcpy(r->base + offset + SPAN_HEADER_SIZE, data.buf, (size_t)data.len);
@@ -967,7 +1004,8 @@ static PyMethodDef tx_methods[] = {
     {"reclaim", (PyCFunction)tx_reclaim, METH_NOARGS,
      "Consume the used ring: free every completed descriptor's span. Returns how many."},
     {"reserve", (PyCFunction)tx_reserve, METH_O,
-     "Reserve `nbytes` contiguous bytes of the data area; return their region offset or -1."},
+     "Reserve `nbytes` contiguous bytes of the data area; return their region offset, -1 (no "
+     "room) or RESERVE_LATER (virtqueue.TxRing.reserve)."},
     {"publish", (PyCFunction)(void (*)(void))tx_publish, METH_FASTCALL,
      "publish(offset, length, last): publish a piece of the open reservation; True: kick."},
     {"publish_payload", (PyCFunction)(void (*)(void))tx_publish_payload, METH_FASTCALL,

@@ -21,7 +21,7 @@ from typing import Any
 
 from ivshmem_comm import layout
 from ivshmem_comm.errors import RingCorruptError, SendIncompleteError, TimeoutError
-from ivshmem_comm.ring import SEND_FULL, SEND_KICK, SEND_TOO_BIG
+from ivshmem_comm.ring import RESERVE_LATER, SEND_FULL, SEND_KICK, SEND_TOO_BIG
 
 Wait = Callable[[float | None], None]
 STALL_TIMEOUT = 10.0  # seconds a receiver waits for the next span inside a message
@@ -135,12 +135,25 @@ class TxChannel:
             offset = self.ring.reserve(nbytes)
             if offset >= 0:
                 return offset
-            self._wait_space(deadline)
+            self._wait_space(deadline, offset == RESERVE_LATER)
 
-    def _wait_space(self, deadline: float | None) -> None:
+    def _wait_space(self, deadline: float | None, later: bool = False) -> None:
+        """Wait for room after a failed reservation. `later` (RESERVE_LATER: room is there
+        further up, the ring waits for room in the cache window while the receiver keeps up):
+        wait at most layout.LIVE_RECEIVER_NS, after which the ring gives the room up there."""
         if self.ring.reclaim() == 0:
             self.ring.count_full_wait()
-            self._wait(deadline)
+            if not later:
+                self._wait(deadline)
+                return
+            soon = time.monotonic() + layout.LIVE_RECEIVER_NS * 1e-9
+            if deadline is not None and deadline <= soon:
+                self._wait(deadline)
+                return
+            try:
+                self._wait(soon)
+            except TimeoutError:
+                pass  # the receiver stopped keeping up: the next reservation goes further up
 
     def _send_contiguous(self, data: memoryview, tag: int, deadline: float | None) -> None:
         ring = self.ring

@@ -103,9 +103,11 @@ SEND_OK = virtqueue.SEND_OK
 SEND_KICK = virtqueue.SEND_KICK
 SEND_FULL = virtqueue.SEND_FULL
 SEND_TOO_BIG = virtqueue.SEND_TOO_BIG
+RESERVE_LATER = virtqueue.RESERVE_LATER
 
 __all__ = [
     "IMPLEMENTATION",
+    "RESERVE_LATER",
     "RX_API",
     "SEND_FULL",
     "SEND_KICK",

@@ -40,6 +40,9 @@ SEND_OK = 0  # published; no kick needed
 SEND_KICK = 1  # published; the device asked to be notified
 SEND_FULL = -1  # no descriptor or no contiguous data space: reclaim/wait and retry
 SEND_TOO_BIG = -2  # the message needs more than one span: nothing was written
+# TxRing.reserve: no room within the cache window while the receiver keeps up, though there
+# is room further up (layout.LIVE_RECEIVER_NS): wait for a completion (at most that long).
+RESERVE_LATER = -3
 
 
 def full_fence() -> None:
@@ -149,6 +152,13 @@ class TxRing(_RingBase):
         # After a reservation found no room: the used index at which enough will be free
         # (arm asks to be kicked only then, not at every completion); None: none waits.
         self._wake_at: int | None = None
+        # time.monotonic_ns() of the last reclaim that took completions back: the receiver
+        # is live (keeping up) for layout.LIVE_RECEIVER_NS after it (see reserve). Since
+        # `_later_ns` reservations get RESERVE_LATER (0: none); once that lasted that long,
+        # the queue is `_cooled`: no more waiting for the window until the head is back at
+        # the bottom (a receiver that takes in bursts costs one such wait per pass).
+        self._live_ns = self._later_ns = 0
+        self._cooled = False
 
     # ---------------------------------------------------------------- session
     def reset(self, session: int) -> None:
@@ -167,6 +177,8 @@ class TxRing(_RingBase):
         self._head = self._reserve_cursor = 0
         self._reserve_end = -1
         self._wake_at = None
+        self._live_ns = self._later_ns = 0
+        self._cooled = False
         self._broken = None
         self._synced = False
         self.session = session
@@ -211,6 +223,7 @@ class TxRing(_RingBase):
             if used_len > end - start:
                 raise self._corrupt("used.ring.len", used_len, f"span is {end - start} bytes")
             self._last_used = (self._last_used + 1) & 0xFFFF
+        self._live_ns = time.monotonic_ns()
         if not self._inflight and self._reserve_end < 0:
             self._head = 0  # empty: restart at the bottom, so big messages stay contiguous
         return pending
@@ -232,9 +245,11 @@ class TxRing(_RingBase):
         """Reserve `nbytes` contiguous bytes of the data area; return their region offset.
 
         Returns -1 if no such space, or not enough free descriptors for its pieces of
-        layout.pipe_span bytes, is free now (reclaim, wait, retry). The reservation is then
-        published piece by piece with `publish`. Raises ValueError if `nbytes` can never
-        fit, RuntimeError if a reservation is already open.
+        layout.pipe_span bytes, is free now (reclaim, wait, retry); RESERVE_LATER if there is
+        room only past the cache window while the receiver keeps up (layout.LIVE_RECEIVER_NS:
+        reclaim, wait at most that long, retry: past it the room further up is given). The
+        reservation is then published piece by piece with `publish`. Raises ValueError if
+        `nbytes` can never fit, RuntimeError if a reservation is already open.
         """
         if self._broken is not None:  # a broken queue fails fast: nothing more is published
             raise self._broken
@@ -245,20 +260,36 @@ class TxRing(_RingBase):
             raise ValueError(f"{nbytes} bytes never fit a {self.data_size}-byte data area")
         span = layout.pipe_span(nbytes, self.max_span, self.num)
         pieces = -(-nbytes // span)  # descriptors the reservation will publish
-        start = -1 if self.in_flight + pieces > self.num else self._find_space(size)
-        if start < 0:
-            self._note_wait(size, pieces)
-            return -1
+        tail = self._tail()
+        start = 0
+        if tail >= 0:
+            soft = False
+            if 2 * size <= layout.CACHE_WINDOW < self.data_size and not self._cooled:
+                now = time.monotonic_ns()
+                soft = now - self._live_ns < layout.LIVE_RECEIVER_NS
+                if soft and self._later_ns and now - self._later_ns >= layout.LIVE_RECEIVER_NS:
+                    soft, self._cooled = False, True
+            descriptors = self.in_flight + pieces <= self.num
+            start = self._space_at(tail, size, soft) if descriptors else -1
+            if start < 0:
+                self._note_wait(size, pieces, soft)
+                if soft and descriptors and self._space_at(tail, size) >= 0:
+                    self._later_ns = self._later_ns or now
+                    return RESERVE_LATER
+                return -1
+        self._later_ns = 0
+        if start == 0:
+            self._cooled = False
         self._wake_at = None
         self._head = start + size
         self._reserve_cursor = start
         self._reserve_end = start + size
         return self.data_offset + start
 
-    def _note_wait(self, size: int, pieces: int) -> None:
-        """A reservation of `size` bytes in `pieces` descriptors found no room: remember the
-        used index at which it will (the fewest completions of what is in flight that free
-        both), for arm()."""
+    def _note_wait(self, size: int, pieces: int, soft: bool) -> None:
+        """A reservation of `size` bytes in `pieces` descriptors found no room (`soft`: within
+        the cache window): remember the used index at which it will (the fewest completions
+        of what is in flight that free both), for arm()."""
         in_flight = self.in_flight
         need = 1
         for need in range(1, in_flight + 1):
@@ -266,20 +297,17 @@ class TxRing(_RingBase):
                 break
             if (
                 in_flight - need + pieces <= self.num
-                and self._space_at(self._inflight[need][0], size) >= 0
+                and self._space_at(self._inflight[need][0], size, soft) >= 0
             ):
                 break
         self._wake_at = (self._last_used + need) & 0xFFFF
 
-    def _find_space(self, size: int) -> int:
-        tail = self._tail()
-        if tail < 0:
-            return 0 if size <= self.data_size else -1
-        return self._space_at(tail, size)
-
-    def _space_at(self, tail: int, size: int) -> int:
-        """Where `size` bytes fit were the oldest span in flight to start at `tail`, or -1."""
+    def _space_at(self, tail: int, size: int, soft: bool = False) -> int:
+        """Where `size` bytes fit were the oldest span in flight to start at `tail`, or -1.
+        `soft` (the receiver keeps up): only within the cache window, once the head is in it."""
         head = self._head
+        if soft and head + size > layout.CACHE_WINDOW:
+            return 0 if head > tail >= size else -1
         if head > tail:
             window = layout.CACHE_WINDOW
             if head >= window and tail >= window and tail >= size:  # wrap early: in cache

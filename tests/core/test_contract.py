@@ -198,7 +198,7 @@ def test_c_layout_constants_are_layouts() -> None:
 
 
 def test_c_send_codes_and_counters() -> None:
-    for code in ("SEND_OK", "SEND_KICK", "SEND_FULL", "SEND_TOO_BIG"):
+    for code in ("SEND_OK", "SEND_KICK", "SEND_FULL", "SEND_TOO_BIG", "RESERVE_LATER"):
         m = re.search(rf"^#define {code} (.+)$", C_SOURCE, re.M)
         assert m and _c_value(m.group(1)) == getattr(virtqueue, code), code
     m = re.search(r"enum \{ (CNT_\w+ = \d+(?:, CNT_\w+ = \d+)*) \};", C_SOURCE)

@@ -71,6 +71,26 @@ def test_data_area_full_times_out_then_resumes(pair):
     assert ep1.recv_into(buf, 0, timeout=5) == (len(big), 0, sent)
 
 
+def test_a_receiver_that_stops_taking_leaves_the_whole_data_area(make_region):
+    """A sender keeps a receiver that keeps up within the cache window (layout.CACHE_WINDOW),
+    but one that stops taking leaves it the whole data area: each send of the fill takes
+    far less than its timeout, none waits for room that is not coming."""
+    region = make_region(64 << 20, 2)
+    data_size = region.geometry.data_size
+    assert data_size >= 3 * layout.CACHE_WINDOW
+    mib = bytes(range(256)) * 4096
+    with region.endpoint(0) as ep0, region.endpoint(1) as ep1:
+        buf = bytearray(len(mib))
+        for tag in range(8):  # the receiver keeps up
+            ep0.send(1, mib, tag=tag, timeout=5)
+            assert ep1.recv_into(buf, 0, timeout=5) == (len(mib), 0, tag)
+        sent, _ = _fill(ep0, 1, mib, timeout=0.5)  # then stops taking
+        assert sent == data_size // (len(mib) + layout.SPAN_HEADER_SIZE)
+        for tag in range(sent):
+            assert ep1.recv_into(buf, 0, timeout=5) == (len(mib), 0, tag)
+            assert buf == mib
+
+
 def test_receive_timeout_on_an_idle_peer(pair):
     _, _, ep1 = pair
     start = time.monotonic()

@@ -15,6 +15,8 @@ import dataclasses
 import itertools
 import os
 import struct
+import time
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -258,31 +260,118 @@ def test_stream_into_bypassing_the_cache_copies_every_byte(
     assert copied == len(data) and bytes(room) == data
 
 
-@pytest.mark.parametrize(("tx_impl", "rx_impl"), PAIRS)
-def test_allocation_wraps_early_past_the_cache_window(tx_impl: str, rx_impl: str) -> None:
-    mib = 1 << 20
-    g = small_geometry(queue_num=64, data_size=3 * layout.CACHE_WINDOW, max_span=mib)
-    buf = new_region(g)
-    tx, rx = make_pair(buf, g, tx_impl, rx_impl)
+MIB = 1 << 20
+# Past this, a receiver counts as not keeping up (layout.LIVE_RECEIVER_NS, with a margin).
+IDLE_S = 2 * layout.LIVE_RECEIVER_NS * 1e-9
 
-    def send_mib() -> int:
-        offset = tx.reserve(mib)
-        assert offset >= 0
-        tx.publish(offset, mib, True)
+
+def window_pair(tx_impl: str, rx_impl: str) -> tuple[Any, Any, Any]:
+    """A pair whose data area is three cache windows, and `send(n)`: reserve and publish n
+    bytes, returning their data-relative offset (asserting there was room)."""
+    g = small_geometry(queue_num=64, data_size=3 * layout.CACHE_WINDOW, max_span=MIB)
+    tx, rx = make_pair(new_region(g), g, tx_impl, rx_impl)
+
+    def send(nbytes: int = MIB) -> int:
+        offset = tx.reserve(nbytes)
+        assert offset >= 0, offset
+        tx.publish(offset, nbytes, True)
         return offset - tx.data_offset
 
-    window = layout.CACHE_WINDOW // mib
-    assert [send_mib() for _ in range(window + 1)] == [i * mib for i in range(window + 1)]
-    rx.poll()
-    rx.complete(1)  # only the bottom MiB is free: on past the window
+    return tx, rx, send
+
+
+def take(rx: Any, count: int = 1) -> None:
+    for _ in range(count):
+        assert rx.poll() is not None
+    rx.complete(count)
+
+
+@pytest.mark.parametrize(("tx_impl", "rx_impl"), PAIRS)
+def test_allocation_wraps_early_past_the_cache_window(tx_impl: str, rx_impl: str) -> None:
+    """A receiver not keeping up (nothing completed for LIVE_RECEIVER_NS): the head goes on
+    past the window while only part of it is free, and wraps early once all of it is."""
+    tx, rx, send = window_pair(tx_impl, rx_impl)
+    window = layout.CACHE_WINDOW // MIB
+    assert [send() for _ in range(window + 1)] == [i * MIB for i in range(window + 1)]
+    take(rx)  # only the bottom MiB is free: on past the window
     tx.reclaim()
-    assert send_mib() == (window + 1) * mib
-    for _ in range(window - 1):
-        rx.poll()
-    rx.complete(window - 1)  # the whole window is free, the head is past it: wrap early
+    time.sleep(IDLE_S)
+    assert send() == (window + 1) * MIB
+    take(rx, window - 1)  # the whole window is free, the head is past it: wrap early
     tx.reclaim()
-    assert send_mib() == 0
-    assert send_mib() == mib
+    time.sleep(IDLE_S)
+    assert send() == 0
+    assert send() == MIB
+
+
+def live_attempts() -> Iterator[None]:
+    """Retry a sequence that must run within LIVE_RECEIVER_NS of a completion (a loaded
+    machine may stall it): the caller breaks out when it did."""
+    for _ in range(50):
+        yield
+    raise AssertionError("50 tries each took longer than LIVE_RECEIVER_NS")
+
+
+@pytest.mark.parametrize(("tx_impl", "rx_impl"), PAIRS)
+def test_a_live_receiver_keeps_the_stream_in_the_cache_window(tx_impl: str, rx_impl: str) -> None:
+    """While completions come back, a reservation that would end past the cache window gets
+    RESERVE_LATER though there is room above; the first completion that frees the bottom
+    wraps it there. Once the receiver stops keeping up, the room above is given."""
+    window = layout.CACHE_WINDOW // MIB
+    for _ in live_attempts():
+        tx, rx, send = window_pair(tx_impl, rx_impl)
+        send()
+        take(rx)
+        began = time.monotonic_ns()
+        tx.reclaim()  # the receiver keeps up; the queue is empty: back at the bottom
+        offsets = [send() for _ in range(window)]
+        later = tx.reserve(MIB)  # past the window: room above, none at the bottom yet
+        take(rx)
+        tx.reclaim()
+        wrapped = send()  # the bottom MiB is free: there
+        if time.monotonic_ns() - began < layout.LIVE_RECEIVER_NS:
+            break
+    assert offsets == [i * MIB for i in range(window)]
+    assert later == virtqueue.RESERVE_LATER and wrapped == 0
+    tx, rx, send = window_pair(tx_impl, rx_impl)
+    send()
+    take(rx)
+    tx.reclaim()
+    offsets = [send() for _ in range(window)]
+    time.sleep(IDLE_S)  # no completion for that long: the room above
+    assert send() == window * MIB
+
+
+@pytest.mark.parametrize(("tx_impl", "rx_impl"), PAIRS)
+def test_a_queue_waited_on_too_long_stops_waiting_until_back_at_the_bottom(
+    tx_impl: str, rx_impl: str
+) -> None:
+    """A receiver that takes in bursts: reservations that got RESERVE_LATER for
+    LIVE_RECEIVER_NS go above though completions keep coming, and so do the next ones until
+    the head is back at the bottom (one such wait per pass through the data area)."""
+    small = 64 << 10
+    window = layout.CACHE_WINDOW // MIB
+    for _ in live_attempts():
+        tx, rx, send = window_pair(tx_impl, rx_impl)
+        send()
+        take(rx)
+        tx.reclaim()  # the receiver keeps up
+        first = [send(small)] + [send() for _ in range(window - 1)]
+        began = time.monotonic_ns()
+        later = tx.reserve(MIB)
+        time.sleep(IDLE_S)
+        take(rx)  # the small message: a completion, but no MiB free at the bottom
+        began = time.monotonic_ns()
+        tx.reclaim()
+        above = send()
+        take(rx)  # the bottom MiB and more are free now: no wrap, the queue is cooled
+        tx.reclaim()
+        further = send()
+        if time.monotonic_ns() - began < layout.LIVE_RECEIVER_NS:
+            break
+    assert first[0] == 0 and later == virtqueue.RESERVE_LATER
+    head = small + (window - 1) * MIB
+    assert (above, further) == (head, head + MIB)
 
 
 @pytest.mark.parametrize(("tx_impl", "rx_impl"), PAIRS)
