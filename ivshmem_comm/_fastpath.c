@@ -2486,10 +2486,10 @@ static int coll_own_block(CollRound *c, const char *what)
     return 0;
 }
 
-/* The checks of a bcast, gatherv or allgatherv call (c->which, root c->root) whose buffers
- * (send, recv) and vectors (bytes) are in place, then this member's own block copied where it
- * stays (run() and front() share them; run checks the others inline): 0, or -1 with
- * ValueError (before the round: the caller releases the call). */
+/* The checks of a bcast, gatherv, scatterv or allgatherv call (c->which, root c->root) whose
+ * buffers (send, recv) and vectors (bytes; a scatterv's blocks inside send) are in place, then
+ * this member's own block copied where it stays (run() and front() share them; run checks the
+ * others inline): 0, or -1 with ValueError (before the round: the caller releases the call). */
 static int coll_prepare(CollRound *c)
 {
     int me = c->rank;
@@ -2511,6 +2511,24 @@ static int coll_prepare(CollRound *c)
         if (coll_own_block(c, "gatherv") < 0)
             return -1;
         c->rounds_out = 1;
+        break;
+    case CW_SCATTERV: /* the root's recv None: in place (its block stays in send) */
+        if (!is_root)
+            break;
+        if (c->has_recv && c->counts[me] != c->recv.len) {
+            PyErr_SetString(PyExc_ValueError, "scatterv: the root's count is not its recv");
+            return -1;
+        }
+        /* Another's block over a segment: the root declines the round (rounds word 0, as
+         * the steps' max_rounds=1), for the caller to move the blocks otherwise. */
+        c->rounds_out = 1;
+        for (int q = 0; q < c->size; q++)
+            if (q != me && c->counts[q] > c->sseg)
+                c->rounds_out = 0;
+        c->declined = !c->rounds_out;
+        if (c->rounds_out && c->has_recv)
+            memmove(c->recv.buf, (unsigned char *)c->send.buf + c->displs[me],
+                    (size_t)c->recv.len);
         break;
     case CW_ALLGATHERV: /* without send: in place */
         return coll_own_block(c, "allgatherv");
@@ -2562,20 +2580,6 @@ static PyObject *coll_run(CollRound *c, PyObject *const *args, Py_ssize_t nargs)
                  coll_vector(c, args[7], c->counts, "send counts") == 0 &&
                  coll_vector(c, args[8], c->displs, "send displacements") == 0 &&
                  coll_blocks(c, c->counts, c->displs, c->send.len, PY_SSIZE_T_MAX, "send") == 0;
-            if (ok && c->has_recv && c->counts[me] != c->recv.len) {
-                PyErr_SetString(PyExc_ValueError, "scatterv: the root's count is not its recv");
-                ok = false;
-            }
-            /* Another's block over a segment: the root declines the round (rounds word 0,
-             * as the steps' max_rounds=1), for the caller to move the blocks otherwise. */
-            c->rounds_out = 1;
-            for (int q = 0; ok && q < c->size; q++)
-                if (q != me && c->counts[q] > c->sseg)
-                    c->rounds_out = 0;
-            c->declined = ok && !c->rounds_out;
-            if (ok && c->rounds_out && c->has_recv)
-                memmove(c->recv.buf, (unsigned char *)c->send.buf + c->displs[me],
-                        (size_t)c->recv.len);
         }
         break;
     case CW_ALLGATHERV:
@@ -2751,7 +2755,7 @@ static bool flat_format(const char *format);
  * ------------------------------------------------------------------------------------------ */
 enum {
     CF_BCAST, CF_GATHER, CF_ALLGATHER, CF_REDUCE, CF_ALLREDUCE, CF_SCAN, CF_EXSCAN,
-    CF_REDUCE_SCATTER_BLOCK, CF_REDUCE_SCATTER, CF_COUNT
+    CF_REDUCE_SCATTER_BLOCK, CF_REDUCE_SCATTER, CF_SCATTER, CF_COUNT
 };
 
 /* set_front's tables: numpy.ndarray, MPI.IN_PLACE, and dicts keyed by id(): of a predefined
@@ -2997,6 +3001,7 @@ static int front_blocks(CollRound *c, PyObject *obj, bool writable, Py_buffer *v
 
 /* front(k, spin_ns, yield, which, a, b, op, root): round k of blocking collective `which`
  * (CF_*) with the user's arguments: Bcast(a, root), Gather(a, b, root), Allgather(a, b),
+ * Scatter(v)(a, b, root),
  * Reduce(a, b, op, root), Allreduce / Scan / Exscan / Reduce_scatter_block(a, b, op),
  * Reduce_scatter(a, b, root = recvcounts, op); the others' unused ones are ignored. Results as run() / fold(); None having touched nothing where the Python lanes would
  * not take the arguments (see above). */
@@ -3015,7 +3020,7 @@ static PyObject *coll_front(CollRound *c, PyObject *const *args, Py_ssize_t narg
     int me = c->rank, size = c->size, root = 0, got = 0, cw = CW_FOLD, kind = 0, upto = size;
     int opcode = 0, cs = -1, cr = -1;
     bool want = true;
-    if (which == CF_BCAST || which == CF_GATHER || which == CF_REDUCE) {
+    if (which == CF_BCAST || which == CF_GATHER || which == CF_REDUCE || which == CF_SCATTER) {
         if (!PyLong_CheckExact(args[7]))
             Py_RETURN_NONE;
         long r = PyLong_AsLong(args[7]);
@@ -3061,6 +3066,25 @@ static PyObject *coll_front(CollRound *c, PyObject *const *args, Py_ssize_t narg
                 goto out;
             has_send = true;
             if (send.len > c->slab_size || (gathers && send.len != c->counts[me]))
+                goto none;
+        }
+        break;
+    }
+    case CF_SCATTER: { /* (as _a_scatter; a non-root's block over a segment: declined) */
+        cw = CW_SCATTERV;
+        if (c->active) /* (its counts are in use; begin refuses) */
+            goto none;
+        bool in_place = b == front_in_place || b == Py_None;
+        if (me != root || !in_place) {
+            if ((got = front_buffer(b, true, 1, &recv, &nr, &cr)) <= 0)
+                goto out;
+            has_recv = true;
+        }
+        if (me == root) {
+            if ((got = front_blocks(c, a, false, &send, c->counts, c->displs, &cs)) <= 0)
+                goto out;
+            has_send = true;
+            if (has_recv && recv.len != c->counts[me])
                 goto none;
         }
         break;
@@ -3191,7 +3215,7 @@ static PyObject *coll_front(CollRound *c, PyObject *const *args, Py_ssize_t narg
         c->scatter = kind == CK_REDUCE_SCATTER;
         c->want = want && upto > 0;
         prepared = coll_fold_prepare(c, c->scatter ? block : 0);
-    } else { /* (a gather's counts and displs: set by front_blocks above) */
+    } else { /* (a gather's or scatter's counts and displs: set by front_blocks above) */
         prepared = coll_prepare(c);
     }
     if (prepared < 0) {

@@ -693,7 +693,7 @@ _f_reduce_scatter_block = _one_call(_a_reduce_scatter_block)
 # runs the lane's round in the same C call, where the lanes above would take them (the same
 # rules, in C); it takes nothing else, and the method (with its front) runs as before.
 F_BCAST, F_GATHER, F_ALLGATHER, F_REDUCE, F_ALLREDUCE, F_SCAN, F_EXSCAN = range(7)
-F_REDUCE_SCATTER_BLOCK, F_REDUCE_SCATTER = 7, 8
+F_REDUCE_SCATTER_BLOCK, F_REDUCE_SCATTER, F_SCATTER = 7, 8, 9
 
 
 def _set_front_tables() -> None:
@@ -757,8 +757,9 @@ def _c_front(self: Any, which: int, a: Any, b: Any, op: Any, root: Any) -> bool:
         return True
     try:
         ran = shared.settle(k, result)
-        if ran and which == F_GATHER and group.declined:  # (its data over a slab somewhere)
-            self._run(_m_gather(self, T_GATHER, a, b, root))
+        if ran and group.declined:  # (a gather's or scatter's data over its round somewhere)
+            then = _F_MESSAGES[which]
+            self._run(then[0](self, then[1], a, b, root))
     except Exception as exc:
         _abandon(self, engine, seq, exc)
         raise
@@ -787,6 +788,17 @@ def _c_gather(method: Callable[..., Any]) -> Callable[..., Any]:
             method(self, sendbuf, recvbuf, root)
 
     return Gather
+
+
+def _c_scatter(method: Callable[..., Any]) -> Callable[..., Any]:
+    """The C front of Scatter and Scatterv (`_c_front`), then `method`."""
+
+    @functools.wraps(method)
+    def Scatter(self: Any, sendbuf: Any, recvbuf: Any, root: int = 0) -> None:
+        if not _c_front(self, F_SCATTER, sendbuf, recvbuf, None, root):
+            method(self, sendbuf, recvbuf, root)
+
+    return Scatter
 
 
 def _c_allgather(method: Callable[..., Any]) -> Callable[..., Any]:
@@ -957,6 +969,8 @@ _C_FRONTS: dict[str, Callable[[Callable[..., Any]], Callable[..., Any]]] = {
     "Exscan": _c_folding(F_EXSCAN),
     "Reduce_scatter_block": _c_folding(F_REDUCE_SCATTER_BLOCK),
     "Reduce_scatter": _c_reduce_scatter,
+    "Scatter": _c_scatter,
+    "Scatterv": _c_scatter,
     "Ibarrier": _s_barrier,
     "Ibcast": _s_bcast,
     "Iallgather": _s_allgather,
@@ -965,6 +979,13 @@ _C_FRONTS: dict[str, Callable[[Callable[..., Any]], Callable[..., Any]]] = {
     "Iscan": _s_folding(F_SCAN),
     "Iexscan": _s_folding(F_EXSCAN),
     "Ireduce_scatter_block": _s_folding(F_REDUCE_SCATTER_BLOCK),
+}
+
+# F_* code of a declinable collective -> its way on messages, where a member declined its
+# round (see `_declining`): (stages maker, internal tag)
+_F_MESSAGES: dict[int, tuple[Messages, int]] = {
+    F_GATHER: (_m_gather, T_GATHER),
+    F_SCATTER: (_m_scatter, T_SCATTER),
 }
 
 

@@ -115,6 +115,32 @@ def _run(call: str, form: str, comm: MPI.Intracomm) -> None:
             _gather(comm, call, send, recv, root)
             if gathers:
                 assert read() == everyone
+        elif call in ("Scatter", "Scatterv"):
+            # Scatterv: the blocks in reverse order, counts and displacements in each vector
+            # form ([buf, counts, displs, dt] / [buf, (counts, displs), dt]), in place
+            # [buf, counts, dt] (contiguous)
+            order = list(range(size)) if call == "Scatter" else list(range(size))[::-1]
+            every = [q + 0.5 + i for q in order for i in range(N)]
+            send, spec = None, None
+            if rank == root:
+                send, _ = _blocks(base, every, size)
+            if rank == root and call == "Scatterv":
+                counts, displs = [N] * size, [(size - 1 - q) * N for q in range(size)]
+                obj = send[0] if isinstance(send, (list, tuple)) else send
+                spec = {
+                    "numpy": [obj, counts, displs, MPI.DOUBLE],
+                    "mmap": [obj, tuple(counts), displs, MPI.DOUBLE],
+                    "double": (obj, (counts, displs), MPI.DOUBLE),
+                }.get(form, [obj, counts, MPI.DOUBLE])
+                if place:  # (contiguous: block q at q * N)
+                    obj[:] = np.array([q + 0.5 + i for q in range(size) for i in range(N)])
+                send = spec
+            if rank == root and place:
+                getattr(comm, call)(send, MPI.IN_PLACE, root)
+                continue
+            recv, read = _form(base, [-1.0] * N)
+            getattr(comm, call)(send, recv, root)
+            assert read() == [rank + 0.5 + i for i in range(N)]
         elif call == "Reduce":
             recv, read = _form(base, mine if place else [0.0] * N)
             send = MPI.IN_PLACE if place and rank == root else _form(base, mine)[0]
@@ -144,12 +170,13 @@ def _run(call: str, form: str, comm: MPI.Intracomm) -> None:
             break  # (no root)
 
 
-CALLS = ["Bcast", "Gather", "Allgather", "Reduce", "Allreduce", "Scan", "Exscan"]
+CALLS = ["Bcast", "Gather", "Allgather", "Scatter", "Reduce", "Allreduce", "Scan", "Exscan"]
 
 
 @pytest.mark.parametrize("form", ["numpy", "mmap", "double", "in_place"])
 @pytest.mark.parametrize(
-    "call", [*CALLS, "Reduce_scatter_block", "Reduce_scatter", "Gatherv", "Allgatherv"]
+    "call",
+    [*CALLS, "Scatterv", "Reduce_scatter_block", "Reduce_scatter", "Gatherv", "Allgatherv"],
 )
 def test_every_form_is_one_c_call(comm, monkeypatch, call, form):
     """Each call completes one area collective without Area.call or Area.run (the Python
@@ -169,8 +196,8 @@ def test_every_form_is_one_c_call(comm, monkeypatch, call, form):
     for name in ("call", "run"):
         monkeypatch.setattr(area.Area, name, entry(name))
     before = area.completed(comm)
-    (_run_v if call.endswith("v") else _run)(call, form, comm)
-    rooted = ("Bcast", "Gather", "Gatherv", "Allgather", "Reduce")
+    (_run_v if call in ("Gatherv", "Allgatherv") else _run)(call, form, comm)
+    rooted = ("Bcast", "Gather", "Gatherv", "Allgather", "Reduce", "Scatter", "Scatterv")
     rounds = comm.Get_size() if call in rooted else 1
     assert (entered, area.completed(comm) - before) == ([], rounds)
 
@@ -199,6 +226,12 @@ def test_over_a_slab_and_other_forms_take_the_python_path(comm, call):
                     comm.Allgather(buf, spec)
                 if call == "Allgather" or rank == 0:
                     assert recv.tolist() == [float(q) for q in range(size) for _ in send]
+            elif call == "Scatter":  # (over a slab: more than the segment of each member)
+                every = np.repeat(np.arange(size, dtype=np.float64), send.size)
+                spec = every if isinstance(buf, np.ndarray) else [every, N, pair]
+                send[:] = -1.0
+                comm.Scatter(spec if rank == 0 else None, buf, 0)
+                assert (send == rank).all()
             else:
                 recv = np.zeros(send.size)
                 spec = recv if isinstance(buf, np.ndarray) else [recv, N, pair]
@@ -230,7 +263,7 @@ def test_refused_arguments_give_the_python_paths_errors(monkeypatch):
     if any(route == 2 for route, _ in MPI._internal_state()["routes"]):
         pytest.skip("an abandoned collective is told over shared memory only (issue #11)")
     comm = MPI.COMM_WORLD
-    size = comm.Get_size()
+    size, rank = comm.Get_size(), comm.Get_rank()
     readonly = np.zeros(N)
     readonly.flags.writeable = False
     strided = np.zeros(2 * N)[::2]
@@ -256,6 +289,23 @@ def test_refused_arguments_give_the_python_paths_errors(monkeypatch):
             np.zeros(1), [np.zeros(size), [1] * size, [0] * (size - 1) + [size], MPI.DOUBLE]
         ),
         lambda: comm.Allgatherv(MPI.IN_PLACE, [strided, [1] * size, MPI.DOUBLE]),
+        lambda: comm.Scatter(np.zeros(N * size - 1), np.zeros(N), 0),
+        lambda: comm.Scatter(np.zeros(N * size), np.zeros(N + 1), 0),
+        lambda: comm.Scatter(np.zeros(N * size), readonly, 0),
+        lambda: comm.Scatter(np.zeros(N * size), np.zeros(N), size),
+        lambda: comm.Scatter([bytearray(8 * size), 9, MPI.BYTE], bytearray(8), 0),
+        lambda: comm.Scatterv([np.zeros(N * size), [N + 1] * size, MPI.DOUBLE], np.zeros(N), 0),
+        lambda: comm.Scatterv(
+            [np.zeros(N * size), [N] * (size - 1) + [-1], MPI.DOUBLE], np.zeros(N), 0
+        ),
+        lambda: comm.Scatterv(
+            [np.zeros(N * size), [N] * size, [0] * size, MPI.DOUBLE], np.zeros(N + rank), 0
+        ),
+        lambda: comm.Scatterv([np.zeros(N * size), [N] * (size + 1), MPI.DOUBLE], np.zeros(N), 0),
+        lambda: comm.Scatterv([np.zeros(N * size), (N,) * size, MPI.DOUBLE], np.zeros(N), 0),
+        lambda: comm.Scatterv(
+            [np.zeros(N * size), [N] * size, [2**70] * size, MPI.DOUBLE], np.zeros(N), 0
+        ),
         lambda: comm.Scan(np.zeros(N), np.zeros(N), MPI.BXOR),
         lambda: comm.Exscan([bytearray(8), 9, MPI.BYTE], np.zeros(1), MPI.SUM),
         lambda: comm.Reduce_scatter(np.zeros(N * size), np.zeros(N), [N] * (size + 1)),
