@@ -355,6 +355,48 @@ int p2preq_recv_done(PyObject *entry, PyObject *values[3])
     return 1;
 }
 
+/* first_pending(requests, start): the index of the first item of `requests` (a list or
+ * tuple) from `start` on whose _op is not None and not done, len(requests) if none: as
+ * guest_lib.mpi.request._first_pending_py (an exact Request read at its slot, any other item
+ * by getattr; done as null_done reads it). Errors of the reads raise. */
+static PyObject *first_pending(PyObject *Py_UNUSED(module), PyObject *const *args,
+                               Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "first_pending takes 2 arguments");
+        return NULL;
+    }
+    if (check_registered("first_pending") < 0)
+        return NULL;
+    PyObject *requests = args[0];
+    if (!PyList_CheckExact(requests) && !PyTuple_CheckExact(requests)) {
+        PyErr_SetString(PyExc_TypeError, "first_pending: requests must be a list or tuple");
+        return NULL;
+    }
+    Py_ssize_t i = PyLong_AsSsize_t(args[1]);
+    if (i == -1 && PyErr_Occurred())
+        return NULL;
+    for (i = i < 0 ? 0 : i; i < PySequence_Fast_GET_SIZE(requests); i++) {
+        PyObject *request = PySequence_Fast_GET_ITEM(requests, i), *op;
+        if (Py_IS_TYPE(request, request_type)) {
+            op = SLOT(request, request_off[R_OP]);
+            if (op == NULL) {
+                PyErr_SetString(PyExc_AttributeError, "_op");
+                return NULL;
+            }
+            Py_INCREF(op);
+        } else if ((op = PyObject_GetAttrString(request, "_op")) == NULL)
+            return NULL;
+        int done = op == Py_None ? 1 : op_flag(op, plain_op(Py_TYPE(op)), 0);
+        Py_DECREF(op);
+        if (done < 0)
+            return NULL;
+        if (!done)
+            return PyLong_FromSsize_t(i);
+    }
+    return PyLong_FromSsize_t(PySequence_Fast_GET_SIZE(requests));
+}
+
 static PyMethodDef p2preq_methods[] = {
     {"p2p_types", (PyCFunction)(void (*)(void))p2p_types, METH_FASTCALL,
      "p2p_types(Request, RecvOp, template): the MPI face's request classes."},
@@ -362,6 +404,8 @@ static PyMethodDef p2preq_methods[] = {
      "new_request(op, engine, rank_of, finish): a Request on op, as request_of."},
     {"post_recv", (PyCFunction)(void (*)(void))post_recv, METH_FASTCALL,
      "post_recv(posted, view, ctx, src, tag, peer, engine, rank_of, finish): a receive posted."},
+    {"first_pending", (PyCFunction)(void (*)(void))first_pending, METH_FASTCALL,
+     "first_pending(requests, start): the first request from start not complete."},
     {"null_done", (PyCFunction)null_done, METH_O,
      "null_done(requests): Waitall's pass over plainly completed requests."},
     {NULL, NULL, 0, NULL},

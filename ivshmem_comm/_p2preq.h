@@ -6,7 +6,7 @@
 
 #include <stdbool.h>
 
-/* Add p2p_types, new_request, post_recv and null_done to the module; 0 on success, -1 with
+/* Add p2p_types, new_request, post_recv, first_pending and null_done to the module; 0 on success, -1 with
  * an exception set. */
 int p2preq_add_functions(PyObject *module);
 

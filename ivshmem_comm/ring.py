@@ -39,6 +39,7 @@ set_front: Any = None
 p2p_types: Any = None
 new_request: Any = None
 post_recv: Any = None
+first_pending: Any = None
 null_done: Any = None
 MemoryExporter: Any = None
 EmptyExporter: Any = None
@@ -75,6 +76,7 @@ else:
             RxRing,
             TxRing,
             compare_exchange_u64,
+            first_pending,
             flat_view,
             full_fence,
             new_request,
@@ -120,6 +122,7 @@ __all__ = [
     "RxRing",
     "TxRing",
     "compare_exchange_u64",
+    "first_pending",
     "flat_view",
     "full_fence",
     "new_request",

@@ -289,9 +289,9 @@ class Request(Handle):
             return [None] * len(requests)
         engine = cls._engine_of(requests)
         if engine is not None:
-            pending = [op for r in requests if (op := r._op) is not None and not op.done]
-            if pending:
-                engine.wait_until(_all_done(pending))
+            all_done = _all_done(requests)
+            if not all_done():
+                engine.wait_until(all_done)
                 if plain and _nulled(requests):
                     return [None] * len(requests)
         results: list[Any] = []
@@ -567,19 +567,31 @@ new_request = ring.new_request or request_of
 _nulled: Callable[[Sequence[Request]], bool] = ring.null_done or _null_done
 
 
-def _all_done(ops: list[Op]) -> Callable[[], bool]:
-    """A predicate: every op of `ops` (the ops not done yet) is done. It remembers how far
-    the ops are known done, so the engine's progress pass, which asks before taking each
-    message, costs O(1) per ask on a window completing in order (not O(len(ops)) per
-    message taken)."""
+def _first_pending_py(requests: Sequence[Request], start: int) -> int:
+    """The index of the first request of `requests` from `start` on whose op is not None
+    and not done; len(requests) if none. The Python reference of the C ring.first_pending
+    (which takes a list or tuple)."""
+    for index in range(max(start, 0), len(requests)):
+        op = requests[index]._op
+        if op is not None and not op.done:
+            return index
+    return len(requests)
+
+
+def _all_done(requests: Sequence[Request]) -> Callable[[], bool]:
+    """A predicate: every request of `requests` is complete (its op done, or null). It
+    remembers how far the requests are known complete, so the engine's progress pass, which
+    asks before taking each message, costs O(1) per ask on a window completing in order (not
+    O(len(requests)) per message taken)."""
     first = 0
+    size = len(requests)
+    pending = _first_pending_py
+    if ring.first_pending is not None and type(requests) in (list, tuple):
+        pending = ring.first_pending
 
     def all_done() -> bool:
         nonlocal first
-        while first < len(ops):
-            if not ops[first].done:
-                return False
-            first += 1
-        return True
+        first = pending(requests, first)
+        return first >= size
 
     return all_done

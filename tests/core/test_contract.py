@@ -43,6 +43,7 @@ MODULE_NAMES = {
     "new_request",
     "post_recv",
     "null_done",
+    "first_pending",
 } | {n for n in ring.__all__ if n.startswith("SEND_")}
 
 

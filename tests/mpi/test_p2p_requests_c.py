@@ -12,7 +12,7 @@ import pytest
 
 from guest_lib.mpi import constants, exceptions
 from guest_lib.mpi.matching import DoneOp, Op, RecvOp
-from guest_lib.mpi.request import Request, _null_done, request_of
+from guest_lib.mpi.request import Request, _all_done, _first_pending_py, _null_done, request_of
 from ivshmem_comm import ring
 
 try:
@@ -179,6 +179,41 @@ def _run(func: Any, requests: Any) -> tuple[Any, list[Any]]:
 @pytest.mark.parametrize(("name", "make"), _cases(), ids=[c[0] for c in _cases()])
 def test_null_done_is_the_python_rule(name: str, make: Any) -> None:
     assert _run(_fastpath.null_done, make()) == _run(_null_done, make()), name
+
+
+@needs_c
+@pytest.mark.parametrize(("name", "make"), _cases(), ids=[c[0] for c in _cases()])
+def test_first_pending_is_the_python_rule(name: str, make: Any) -> None:
+    for start in (-1, 0, 1, 2, 9):
+        first = make()
+        if type(first) not in (list, tuple) or not all(isinstance(r, Request) for r in first):
+            continue  # (Waitall's items are requests; not a list or tuple: Python's)
+        assert _run(lambda r, s=start: _fastpath.first_pending(r, s), first) == _run(
+            lambda r, s=start: _first_pending_py(r, s), make()
+        ), (name, start)
+
+
+def test_all_done_follows_the_requests_as_they_complete() -> None:
+    """Waitall's predicate (C or Python): complete once every op is done or null, asking
+    each op past the first pending one only once it is reached."""
+    ops = [RecvOp(0, 0, 0, None) for _ in range(3)]
+    lazy = _LazyOp(False)
+    requests = [request_of(ops[0], None), Request(), request_of(lazy, None)] + [
+        request_of(op, None) for op in ops[1:]
+    ]
+    for kind in (list, tuple):
+        lazy.asked, lazy.ready = 0, False
+        for op in ops:
+            op.done = False
+        all_done = _all_done(kind(requests))
+        assert not all_done() and lazy.asked == 0
+        ops[0].done = True
+        assert not all_done() and lazy.asked == 1
+        lazy.ready = True
+        ops[2].done = True
+        assert not all_done() and lazy.asked == 2
+        ops[1].done = True
+        assert all_done() and lazy.asked == 2
 
 
 def test_null_done_nulls_only_when_all_completed_plainly() -> None:
