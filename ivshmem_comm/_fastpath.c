@@ -2486,10 +2486,11 @@ static int coll_own_block(CollRound *c, const char *what)
     return 0;
 }
 
-/* The checks of a bcast, gatherv, scatterv or allgatherv call (c->which, root c->root) whose
- * buffers (send, recv) and vectors (bytes; a scatterv's blocks inside send) are in place, then
- * this member's own block copied where it stays (run() and front() share them; run checks the
- * others inline): 0, or -1 with ValueError (before the round: the caller releases the call). */
+/* The checks of a bcast, gatherv, scatterv, allgatherv or alltoallv call (c->which, root
+ * c->root) whose buffers (send, recv) and vectors (bytes; a scatterv's blocks inside send) are
+ * in place, then this member's own block copied where it stays (run() and front() share them;
+ * run checks the others inline): 0, or -1 with ValueError (before the round: the caller
+ * releases the call). */
 static int coll_prepare(CollRound *c)
 {
     int me = c->rank;
@@ -2532,6 +2533,26 @@ static int coll_prepare(CollRound *c)
         break;
     case CW_ALLGATHERV: /* without send: in place */
         return coll_own_block(c, "allgatherv");
+    case CW_ALLTOALLV:
+        if (coll_blocks(c, c->counts, c->displs, c->send.len, PY_SSIZE_T_MAX, "send") < 0 ||
+            coll_blocks(c, c->rcounts, c->rdispls, c->recv.len, PY_SSIZE_T_MAX, "recv") < 0)
+            return -1;
+        if (c->counts[me] != c->rcounts[me]) {
+            PyErr_SetString(PyExc_ValueError, "alltoallv: this rank's own counts differ");
+            return -1;
+        }
+        /* A block over a segment (sent or received): this member declines the round (rounds
+         * word 0, as the steps' max_rounds=1), for the caller to move the blocks otherwise;
+         * nothing is written then (the caller's other way copies the own block too). */
+        c->rounds_out = 1;
+        for (int q = 0; q < c->size; q++)
+            if (c->counts[q] > c->seg || c->rcounts[q] > c->seg)
+                c->rounds_out = 0;
+        c->declined = !c->rounds_out;
+        if (c->rounds_out)
+            memmove((unsigned char *)c->recv.buf + c->rdispls[me],
+                    (unsigned char *)c->send.buf + c->displs[me], (size_t)c->counts[me]);
+        break;
     default:
         break;
     }
@@ -2594,24 +2615,7 @@ static PyObject *coll_run(CollRound *c, PyObject *const *args, Py_ssize_t nargs)
              coll_vector(c, args[7], c->counts, "send counts") == 0 &&
              coll_vector(c, args[8], c->displs, "send displacements") == 0 &&
              coll_vector(c, args[9], c->rcounts, "recv counts") == 0 &&
-             coll_vector(c, args[10], c->rdispls, "recv displacements") == 0 &&
-             coll_blocks(c, c->counts, c->displs, c->send.len, PY_SSIZE_T_MAX, "send") == 0 &&
-             coll_blocks(c, c->rcounts, c->rdispls, c->recv.len, PY_SSIZE_T_MAX, "recv") == 0;
-        if (ok && c->counts[me] != c->rcounts[me]) {
-            PyErr_SetString(PyExc_ValueError, "alltoallv: this rank's own counts differ");
-            ok = false;
-        }
-        /* A block over a segment (sent or received): this member declines the round (rounds
-         * word 0, as the steps' max_rounds=1), for the caller to move the blocks otherwise;
-         * nothing is written then (the caller's other way copies the own block too). */
-        c->rounds_out = 1;
-        for (int q = 0; ok && q < c->size; q++)
-            if (c->counts[q] > c->seg || c->rcounts[q] > c->seg)
-                c->rounds_out = 0;
-        c->declined = ok && !c->rounds_out;
-        if (ok && c->rounds_out)
-            memmove((unsigned char *)c->recv.buf + c->rdispls[me],
-                    (unsigned char *)c->send.buf + c->displs[me], (size_t)c->counts[me]);
+             coll_vector(c, args[10], c->rdispls, "recv displacements") == 0;
         break;
     case CW_BCAST_BYTES:
     case CW_GATHER_BYTES:
@@ -2755,7 +2759,7 @@ static bool flat_format(const char *format);
  * ------------------------------------------------------------------------------------------ */
 enum {
     CF_BCAST, CF_GATHER, CF_ALLGATHER, CF_REDUCE, CF_ALLREDUCE, CF_SCAN, CF_EXSCAN,
-    CF_REDUCE_SCATTER_BLOCK, CF_REDUCE_SCATTER, CF_SCATTER, CF_COUNT
+    CF_REDUCE_SCATTER_BLOCK, CF_REDUCE_SCATTER, CF_SCATTER, CF_ALLTOALL, CF_ALLTOALLV, CF_COUNT
 };
 
 /* set_front's tables: numpy.ndarray, MPI.IN_PLACE, and dicts keyed by id(): of a predefined
@@ -3003,8 +3007,9 @@ static int front_blocks(CollRound *c, PyObject *obj, bool writable, Py_buffer *v
  * (CF_*) with the user's arguments: Bcast(a, root), Gather(a, b, root), Allgather(a, b),
  * Scatter(v)(a, b, root),
  * Reduce(a, b, op, root), Allreduce / Scan / Exscan / Reduce_scatter_block(a, b, op),
- * Reduce_scatter(a, b, root = recvcounts, op); the others' unused ones are ignored. Results as run() / fold(); None having touched nothing where the Python lanes would
- * not take the arguments (see above). */
+ * Reduce_scatter(a, b, root = recvcounts, op), Alltoall / Alltoallv(a, b); the others'
+ * unused ones are ignored. Results as run() / fold(); None having touched nothing where the
+ * Python lanes would not take the arguments (see above). */
 static PyObject *coll_front(CollRound *c, PyObject *const *args, Py_ssize_t nargs)
 {
     long long spin_ns;
@@ -3087,6 +3092,24 @@ static PyObject *coll_front(CollRound *c, PyObject *const *args, Py_ssize_t narg
             if (has_recv && recv.len != c->counts[me])
                 goto none;
         }
+        break;
+    }
+    case CF_ALLTOALL:
+    case CF_ALLTOALLV: { /* (as _a_alltoall; Alltoall's blocks over a segment: its messages) */
+        cw = CW_ALLTOALLV;
+        if (c->active) /* (its vectors are in use; begin refuses) */
+            goto none;
+        if ((got = front_blocks(c, b, true, &recv, c->rcounts, c->rdispls, &cr)) <= 0)
+            goto out;
+        has_recv = true;
+        for (int q = 0; which == CF_ALLTOALL && q < size; q++)
+            if (c->rcounts[q] > c->seg)
+                goto none;
+        /* in place: recv's blocks are the send blocks (a second export, read-only) */
+        if ((got = front_blocks(c, a == front_in_place ? b : a, false, &send, c->counts,
+                                c->displs, &cs)) <= 0)
+            goto out;
+        has_send = true;
         break;
     }
     case CF_REDUCE_SCATTER_BLOCK:
@@ -3215,7 +3238,7 @@ static PyObject *coll_front(CollRound *c, PyObject *const *args, Py_ssize_t narg
         c->scatter = kind == CK_REDUCE_SCATTER;
         c->want = want && upto > 0;
         prepared = coll_fold_prepare(c, c->scatter ? block : 0);
-    } else { /* (a gather's or scatter's counts and displs: set by front_blocks above) */
+    } else { /* (the vectors of a gather, scatter or alltoall: set by front_blocks above) */
         prepared = coll_prepare(c);
     }
     if (prepared < 0) {

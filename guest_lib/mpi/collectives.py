@@ -693,7 +693,7 @@ _f_reduce_scatter_block = _one_call(_a_reduce_scatter_block)
 # runs the lane's round in the same C call, where the lanes above would take them (the same
 # rules, in C); it takes nothing else, and the method (with its front) runs as before.
 F_BCAST, F_GATHER, F_ALLGATHER, F_REDUCE, F_ALLREDUCE, F_SCAN, F_EXSCAN = range(7)
-F_REDUCE_SCATTER_BLOCK, F_REDUCE_SCATTER, F_SCATTER = 7, 8, 9
+F_REDUCE_SCATTER_BLOCK, F_REDUCE_SCATTER, F_SCATTER, F_ALLTOALL, F_ALLTOALLV = 7, 8, 9, 10, 11
 
 
 def _set_front_tables() -> None:
@@ -757,9 +757,9 @@ def _c_front(self: Any, which: int, a: Any, b: Any, op: Any, root: Any) -> bool:
         return True
     try:
         ran = shared.settle(k, result)
-        if ran and group.declined:  # (a gather's or scatter's data over its round somewhere)
-            then = _F_MESSAGES[which]
-            self._run(then[0](self, then[1], a, b, root))
+        then = _F_MESSAGES.get(which)
+        if ran and then is not None and group.declined:  # (data over its round somewhere)
+            self._run(then(self, a, b, root))
     except Exception as exc:
         _abandon(self, engine, seq, exc)
         raise
@@ -801,15 +801,18 @@ def _c_scatter(method: Callable[..., Any]) -> Callable[..., Any]:
     return Scatter
 
 
-def _c_allgather(method: Callable[..., Any]) -> Callable[..., Any]:
-    """The C front of Allgather (`_c_front`), then `method`."""
+def _c_pair(which: int) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """The C front (`_c_front`) of Allgather(v) or Alltoall(v) (`which`), then `method`."""
 
-    @functools.wraps(method)
-    def Allgather(self: Any, sendbuf: Any, recvbuf: Any) -> None:
-        if not _c_front(self, F_ALLGATHER, sendbuf, recvbuf, None, 0):
-            method(self, sendbuf, recvbuf)
+    def make(method: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(method)
+        def pair(self: Any, sendbuf: Any, recvbuf: Any) -> None:
+            if not _c_front(self, which, sendbuf, recvbuf, None, 0):
+                method(self, sendbuf, recvbuf)
 
-    return Allgather
+        return pair
+
+    return make
 
 
 def _c_reduce(method: Callable[..., Any]) -> Callable[..., Any]:
@@ -961,8 +964,10 @@ _C_FRONTS: dict[str, Callable[[Callable[..., Any]], Callable[..., Any]]] = {
     "Bcast": _c_bcast,
     "Gather": _c_gather,
     "Gatherv": _c_gather,
-    "Allgather": _c_allgather,
-    "Allgatherv": _c_allgather,
+    "Allgather": _c_pair(F_ALLGATHER),
+    "Allgatherv": _c_pair(F_ALLGATHER),
+    "Alltoall": _c_pair(F_ALLTOALL),
+    "Alltoallv": _c_pair(F_ALLTOALLV),
     "Reduce": _c_reduce,
     "Allreduce": _c_folding(F_ALLREDUCE),
     "Scan": _c_folding(F_SCAN),
@@ -981,11 +986,14 @@ _C_FRONTS: dict[str, Callable[[Callable[..., Any]], Callable[..., Any]]] = {
     "Ireduce_scatter_block": _s_folding(F_REDUCE_SCATTER_BLOCK),
 }
 
-# F_* code of a declinable collective -> its way on messages, where a member declined its
-# round (see `_declining`): (stages maker, internal tag)
-_F_MESSAGES: dict[int, tuple[Messages, int]] = {
-    F_GATHER: (_m_gather, T_GATHER),
-    F_SCATTER: (_m_scatter, T_SCATTER),
+# F_* code of a declinable collective -> its way on messages where a member declined its
+# round (its lane's `then`, see `_declining`): stages for the user's (a, b, root) as given to
+# _c_front
+_F_MESSAGES: dict[int, Callable[[Any, Any, Any, Any], Stages]] = {
+    F_GATHER: lambda comm, a, b, root: _m_gather(comm, T_GATHER, a, b, root),
+    F_SCATTER: lambda comm, a, b, root: _m_scatter(comm, T_SCATTER, a, b, root),
+    F_ALLTOALL: lambda comm, a, b, root: _m_alltoall(comm, T_ALLTOALL, a, b),
+    F_ALLTOALLV: lambda comm, a, b, root: _m_alltoall(comm, T_ALLTOALL, a, b),
 }
 
 

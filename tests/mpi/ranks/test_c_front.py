@@ -89,6 +89,44 @@ def _run_v(call: str, form: str, comm: MPI.Intracomm) -> None:
             break  # (no root)
 
 
+def _alltoall(call: str, form: str, comm: MPI.Intracomm) -> None:
+    """Alltoall (block forms) or Alltoallv (vector specs, see _vector: rank r sends rank q
+    1 + (r + q) % 3 elements, the same both ways so that IN_PLACE's counts are its own; the
+    blocks in reverse order one element apart, contiguous for the double form) in `form`
+    (in_place: IN_PLACE over a numpy buffer), data checked."""
+    size, rank = comm.Get_size(), comm.Get_rank()
+    base = "numpy" if form == "in_place" else form
+    place = form == "in_place"
+
+    def block(sender: int, receiver: int, n: int) -> list[float]:
+        return [sender * 100.0 + receiver * 10.0 + i for i in range(n)]
+
+    if call == "Alltoall":
+        mine = [v for q in range(size) for v in block(rank, q, N)]
+        want = [v for q in range(size) for v in block(q, rank, N)]
+        recv, read = _blocks(base, mine if place else [-1.0] * N * size, size)
+        comm.Alltoall(MPI.IN_PLACE if place else _blocks(base, mine, size)[0], recv)
+        assert read() == want
+        return
+    gap = 0 if base == "double" else 1
+    counts = [1 + (rank + q) % 3 for q in range(size)]
+    displs = [sum(counts[q + 1 :]) + gap * (size - q) for q in range(size)]
+    if gap == 0:
+        displs = [sum(counts[:q]) for q in range(size)]
+
+    def spread(sender: Callable[[int], int], receiver: Callable[[int], int]) -> list[float]:
+        values = [-1.0] * (max(d + c for d, c in zip(displs, counts, strict=True)) + gap)
+        for q in range(size):
+            values[displs[q] : displs[q] + counts[q]] = block(sender(q), receiver(q), counts[q])
+        return values
+
+    mine = spread(lambda q: rank, lambda q: q)
+    want = spread(lambda q: q, lambda q: rank)
+    recv, read = _vector(base, mine if place else [-1.0] * len(want), counts, displs)
+    comm.Alltoallv(MPI.IN_PLACE if place else _vector(base, mine, counts, displs)[0], recv)
+    assert read() == want
+
+
 def _run(call: str, form: str, comm: MPI.Intracomm) -> None:
     """`call` in `form` (in_place: numpy with IN_PLACE where the call takes it) with checked
     data, at every root."""
@@ -173,10 +211,17 @@ def _run(call: str, form: str, comm: MPI.Intracomm) -> None:
 CALLS = ["Bcast", "Gather", "Allgather", "Scatter", "Reduce", "Allreduce", "Scan", "Exscan"]
 
 
+EXCHANGES = ["Alltoall", "Alltoallv"]
+
+
 @pytest.mark.parametrize("form", ["numpy", "mmap", "double", "in_place"])
 @pytest.mark.parametrize(
     "call",
-    [*CALLS, "Scatterv", "Reduce_scatter_block", "Reduce_scatter", "Gatherv", "Allgatherv"],
+    [
+        *CALLS,
+        *("Scatterv", "Reduce_scatter_block", "Reduce_scatter", "Gatherv", "Allgatherv"),
+        *EXCHANGES,
+    ],
 )
 def test_every_form_is_one_c_call(comm, monkeypatch, call, form):
     """Each call completes one area collective without Area.call or Area.run (the Python
@@ -196,7 +241,10 @@ def test_every_form_is_one_c_call(comm, monkeypatch, call, form):
     for name in ("call", "run"):
         monkeypatch.setattr(area.Area, name, entry(name))
     before = area.completed(comm)
-    (_run_v if call in ("Gatherv", "Allgatherv") else _run)(call, form, comm)
+    if call in EXCHANGES:
+        _alltoall(call, form, comm)
+    else:
+        (_run_v if call in ("Gatherv", "Allgatherv") else _run)(call, form, comm)
     rooted = ("Bcast", "Gather", "Gatherv", "Allgather", "Reduce", "Scatter", "Scatterv")
     rounds = comm.Get_size() if call in rooted else 1
     assert (entered, area.completed(comm) - before) == ([], rounds)
@@ -267,6 +315,9 @@ def test_refused_arguments_give_the_python_paths_errors(monkeypatch):
     readonly = np.zeros(N)
     readonly.flags.writeable = False
     strided = np.zeros(2 * N)[::2]
+    whole = np.zeros(N * size)  # (N doubles per rank)
+    readonly_blocks = np.zeros(N * size)
+    readonly_blocks.flags.writeable = False
     cases: list[Callable[[], None]] = [
         lambda: comm.Bcast([bytearray(4), 8, MPI.BYTE], 0),
         lambda: comm.Bcast(strided, 0),
@@ -314,6 +365,27 @@ def test_refused_arguments_give_the_python_paths_errors(monkeypatch):
         lambda: comm.Reduce_scatter_block(MPI.IN_PLACE, np.zeros(N * size + 1)),
         lambda: comm.Reduce_scatter_block(np.zeros(N * size), np.zeros(N + 1)),
         lambda: comm.Reduce_scatter_block(np.zeros(N * size), readonly),
+        lambda: comm.Alltoall((array.array("d", bytes(8 * N * size + 8)), MPI.DOUBLE), whole),
+        lambda: comm.Alltoall(whole, np.zeros(N * size + 1)),
+        lambda: comm.Alltoall(whole, readonly_blocks),
+        lambda: comm.Alltoall(np.zeros(2 * N * size)[::2], whole),
+        lambda: comm.Alltoall(
+            [bytearray(8 * size), 9, MPI.BYTE], [bytearray(8 * size), 8, MPI.BYTE]
+        ),
+        lambda: comm.Alltoallv(whole, readonly_blocks),
+        lambda: comm.Alltoallv(MPI.IN_PLACE, [readonly_blocks, [N] * size, MPI.DOUBLE]),
+        lambda: comm.Alltoallv(
+            [whole, [N] * size, MPI.DOUBLE], [whole, [N] * (size + 1), MPI.DOUBLE]
+        ),
+        lambda: comm.Alltoallv(whole, [whole, [N] * (size - 1) + [-1], MPI.DOUBLE]),
+        lambda: comm.Alltoallv(
+            whole, [whole, [N] * size, [0] * (size - 1) + [N * size], MPI.DOUBLE]
+        ),
+        lambda: comm.Alltoallv(whole, [whole, ([N] * size, [0] * size), MPI.INT]),
+        lambda: comm.Alltoallv([whole, [N] * size, [True] * size, MPI.DOUBLE], whole),
+        lambda: comm.Alltoallv(
+            [whole, [N] * size, MPI.DOUBLE], [np.zeros((N + 1) * size), N + 1, MPI.DOUBLE]
+        ),
     ]
     seen = []
     for case in cases:
