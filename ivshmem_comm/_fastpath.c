@@ -2101,7 +2101,9 @@ static int coll_taken(CollRound *c, int pos)
     case CW_BCAST:
     case CW_SCATTERV:
         return (me == c->root || pos > 0) ? -1 : c->root;
-    case CW_GATHERV:
+    case CW_GATHERV: /* declined before the round (a block over a slab): nothing to take */
+        if (c->declined)
+            return -1;
         if (me != c->root)
             return pos > 0 ? -1 : c->root;
         break;
@@ -2155,9 +2157,10 @@ static void coll_publish(CollRound *c)
         else
             memcpy(slab, c->recv.buf, (size_t)nbytes);
         break;
-    case CW_GATHERV:
+    case CW_GATHERV: /* declined (over a slab): its size, and the data go by messages */
         nbytes = me == c->root ? 0 : (uint64_t)c->send.len;
-        memcpy(slab, send, (size_t)nbytes);
+        if (!c->declined)
+            memcpy(slab, send, (size_t)nbytes);
         break;
     case CW_SCATTERV:
         if (me != c->root) {
@@ -2469,12 +2472,13 @@ static int coll_spin_args(PyObject *spin_obj, PyObject *yield_obj, long long *sp
 }
 
 /* A gatherv's root or an allgatherv's member (`what`): every block of recv within it and
- * within a slab, this member's send (where it has one; none: in place) its count, copied to
- * its block of recv. 0, or -1 with ValueError (nothing copied). */
-static int coll_own_block(CollRound *c, const char *what)
+ * within `limit` bytes, this member's send (where it has one; none: in place) its count,
+ * copied to its block of recv unless the round is declined (the messages copy it then).
+ * 0, or -1 with ValueError (nothing copied). */
+static int coll_own_block(CollRound *c, Py_ssize_t limit, const char *what)
 {
     int me = c->rank;
-    if (coll_blocks(c, c->counts, c->displs, c->recv.len, c->slab_size, "recv") < 0)
+    if (coll_blocks(c, c->counts, c->displs, c->recv.len, limit, "recv") < 0)
         return -1;
     if (!c->has_send)
         return 0;
@@ -2482,7 +2486,9 @@ static int coll_own_block(CollRound *c, const char *what)
         PyErr_Format(PyExc_ValueError, "%s: this rank's count is not its send", what);
         return -1;
     }
-    memmove((unsigned char *)c->recv.buf + c->displs[me], c->send.buf, (size_t)c->send.len);
+    if (!c->declined)
+        memmove((unsigned char *)c->recv.buf + c->displs[me], c->send.buf,
+                (size_t)c->send.len);
     return 0;
 }
 
@@ -2503,15 +2509,21 @@ static int coll_prepare(CollRound *c)
         }
         break;
     case CW_GATHERV: /* the root without send: in place (its block of recv is there) */
-        if (c->has_send && c->send.len > c->slab_size) {
-            PyErr_SetString(PyExc_ValueError, "gatherv: more than one slab");
-            return -1;
-        }
-        if (!is_root)
+        /* A block over a slab declines the round, as the steps' max_rounds=1 (the data then
+         * go by messages, the caller's): the root's rounds word 0, for every member whose
+         * block fits; a member whose own block is over a slab knows the root declines (its
+         * counts say so, or it raises on the nbytes this member announces: its size) and
+         * neither copies nor waits for the root's word. */
+        if (!is_root) {
+            c->declined = c->has_send && c->send.len > c->slab_size;
             break;
-        if (coll_own_block(c, "gatherv") < 0)
+        }
+        for (int q = 0; q < c->size; q++)
+            if (c->counts[q] > c->slab_size)
+                c->declined = true;
+        if (coll_own_block(c, PY_SSIZE_T_MAX, "gatherv") < 0)
             return -1;
-        c->rounds_out = 1;
+        c->rounds_out = !c->declined;
         break;
     case CW_SCATTERV: /* the root's recv None: in place (its block stays in send) */
         if (!is_root)
@@ -2532,7 +2544,7 @@ static int coll_prepare(CollRound *c)
                     (size_t)c->recv.len);
         break;
     case CW_ALLGATHERV: /* without send: in place */
-        return coll_own_block(c, "allgatherv");
+        return coll_own_block(c, c->slab_size, "allgatherv");
     case CW_ALLTOALLV:
         if (coll_blocks(c, c->counts, c->displs, c->send.len, PY_SSIZE_T_MAX, "send") < 0 ||
             coll_blocks(c, c->rcounts, c->rdispls, c->recv.len, PY_SSIZE_T_MAX, "recv") < 0)
@@ -3062,15 +3074,17 @@ static PyObject *coll_front(CollRound *c, PyObject *const *args, Py_ssize_t narg
             if ((got = front_blocks(c, b, true, &recv, c->counts, c->displs, &cr)) <= 0)
                 goto out;
             has_recv = true;
-            for (int q = 0; q < size; q++)
+            for (int q = 0; q < size && which == CF_ALLGATHER; q++)
                 if (c->counts[q] > c->slab_size)
                     goto none;
         }
+        /* (a gather's block over a slab: its round declined, then messages: _c_front) */
         if (!(in_place && gathers)) {
             if ((got = front_buffer(a, false, 1, &send, &ns, &cs)) <= 0)
                 goto out;
             has_send = true;
-            if (send.len > c->slab_size || (gathers && send.len != c->counts[me]))
+            if ((which == CF_ALLGATHER && send.len > c->slab_size) ||
+                (gathers && send.len != c->counts[me]))
                 goto none;
         }
         break;

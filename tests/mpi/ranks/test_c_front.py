@@ -214,6 +214,19 @@ CALLS = ["Bcast", "Gather", "Allgather", "Scatter", "Reduce", "Allreduce", "Scan
 EXCHANGES = ["Alltoall", "Alltoallv"]
 
 
+def _entries(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The names of the Python lanes' entries (Area.call, Area.run) entered from now on."""
+    entered: list[str] = []
+
+    def entry(name: str) -> Callable[..., bool]:
+        general = getattr(area.Area, name)
+        return lambda self, *args: entered.append(name) or general(self, *args)
+
+    for name in ("call", "run"):
+        monkeypatch.setattr(area.Area, name, entry(name))
+    return entered
+
+
 @pytest.mark.parametrize("form", ["numpy", "mmap", "double", "in_place"])
 @pytest.mark.parametrize(
     "call",
@@ -232,14 +245,7 @@ def test_every_form_is_one_c_call(comm, monkeypatch, call, form):
     shared = area.current(comm)
     if shared is None or not shared.ready():
         pytest.skip("no area here (one rank) or the Python steps only (IVSHMEM_COMM_PUREPYTHON)")
-    entered: list[str] = []
-
-    def entry(name: str) -> Callable[..., bool]:
-        general = getattr(area.Area, name)
-        return lambda self, *args: entered.append(name) or general(self, *args)
-
-    for name in ("call", "run"):
-        monkeypatch.setattr(area.Area, name, entry(name))
+    entered = _entries(monkeypatch)
     before = area.completed(comm)
     if call in EXCHANGES:
         _alltoall(call, form, comm)
@@ -250,10 +256,40 @@ def test_every_form_is_one_c_call(comm, monkeypatch, call, form):
     assert (entered, area.completed(comm) - before) == ([], rounds)
 
 
+@pytest.mark.parametrize("call", ["Gather", "Gatherv"])
+def test_a_gather_over_a_slab_is_declined_in_c(comm, monkeypatch, call):
+    """A Gather(v) with a block over one slab: every member declines its round in the C
+    front (no Area.call or Area.run, no round completed) and the messages move it, right, at
+    every root. Gather: every block over the slab (its member declines without the root's
+    word); Gatherv: one rank's block over it, the others' small (they learn it from the
+    root's word)."""
+    comm.Barrier()
+    shared = area.current(comm)
+    if shared is None or not shared.ready():
+        pytest.skip("no area here (one rank) or the Python steps only (IVSHMEM_COMM_PUREPYTHON)")
+    size, rank = comm.Get_size(), comm.Get_rank()
+    big = shared.group.slab_size // 8 + 1  # doubles
+    entered = _entries(monkeypatch)
+    before = area.completed(comm)
+    for root in range(size):
+        if call == "Gather":
+            counts = [big] * size
+        else:
+            counts = [big if q == (root + 1) % size else q + 1 for q in range(size)]
+        displs = [sum(counts[:q]) for q in range(size)]
+        recv = np.full(sum(counts), -1.0)
+        spec = recv if call == "Gather" else [recv, counts, displs, MPI.DOUBLE]
+        getattr(comm, call)(np.full(counts[rank], rank + 1.0), spec if rank == root else None, root)
+        assert shared.group.declined
+        if rank == root:
+            assert recv.tolist() == [q + 1.0 for q in range(size) for _ in range(counts[q])]
+    assert (entered, area.completed(comm) - before) == ([], 0)
+
+
 @pytest.mark.parametrize("call", CALLS)
 def test_over_a_slab_and_other_forms_take_the_python_path(comm, call):
-    """What the C front leaves (a payload over one slab, a derived datatype) still runs,
-    with the right data."""
+    """What the C front leaves (a payload over one slab but a gather's, a derived
+    datatype) still runs, with the right data."""
     size, rank = comm.Get_size(), comm.Get_rank()
     comm.Barrier()
     shared = area.current(comm)
