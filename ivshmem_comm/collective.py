@@ -347,14 +347,16 @@ class RoundRequest(CollectiveRequest):
         self.declined = False
         self._k = k
 
-    def _poll(self) -> bool:
-        """One poll; True iff the round completed (`declined` then set, as the group's)."""
+    def _poll(self, spin: int = 0) -> bool:
+        """One poll (spinning up to `spin` ns in C, yielding the CPU between loads where the
+        group is crowded); True iff the round completed (`declined` then set, as the
+        group's)."""
         group = self._group
         try:
             c = group._c
             if c is None:
                 raise group._broken or RuntimeError("collective group closed")
-            result = c.resume(0, group._yield)
+            result = c.resume(spin, group._yield)
             if result.__class__ is tuple:
                 self._wait = result
                 group._watch(result[0])
@@ -368,14 +370,23 @@ class RoundRequest(CollectiveRequest):
         return True
 
     def _finish(self) -> None:
-        """CollectiveRequest's, and a failure of a wait between polls marks the round
-        failed too (the C call holds its buffers until then)."""
-        pending = self._error is None and self._steps is not None
+        """Complete the round here as a blocking collective's C round waits (`_c_wait`):
+        spin in C for the group's spin time, then block on the word it waits for, resume;
+        a failure of a wait marks the round failed too (the C call holds its buffers until
+        then)."""
+        if self._error is not None:
+            raise self._error
+        group = self._group
+        spin = group._spin_ns
         try:
-            super()._finish()
+            while not self._poll(spin):
+                wait = self._wait
+                assert wait is not None  # (set by the poll that found it pending)
+                group._block(*wait)
         except BaseException as exc:
-            if pending:
-                self._group._c_failed(self._k, exc)
+            if self._error is None:  # (a poll's error failed it already)
+                group._c_failed(self._k, exc)
+                self._fail(exc)
             raise
 
 

@@ -78,6 +78,7 @@ from ivshmem_comm.collective import (
     C_GATHER_BYTES,
     CollectiveGroup,
     CollectiveRequest,
+    RoundRequest,
     claim_slot,
     release_slot,
 )
@@ -460,14 +461,25 @@ class AreaOp(Op):
         waits spin before they sleep) without raising the sleep flag, until it completes or
         fails (completing this op then, as `done` would): a round that completes within the
         spin makes no member ring this doorbell. The engine's messages wait for `done`'s
-        polls."""
-        if self._finished or self.next is not None:
+        polls. A round of the C accelerator (RoundRequest) whose engine is quiet, in a
+        process with no other thread, is completed here as a blocking collective's round
+        (RoundRequest._finish: the spin in C, yielding the CPU between loads where the
+        group is crowded, then a sleep on the word it waits for, the engine's messages and
+        abandonment looked at every watch slice by the group's interrupt hook)."""
+        if self._finished or self.next is not None or self._poll(False):
+            return
+        area = self._area
+        request = self._request
+        if request.__class__ is RoundRequest and area.comm._engine.quiet() and not other_threads():
+            with contextlib.suppress(Exception):  # (`_poll` raises it again: the op fails)
+                request.wait()
+            self._poll(False)
             return
         end = 0.0
         while not self._poll(False):
             now = time.monotonic()
             if not end:
-                end = now + self._area.group._spin
+                end = now + area.group._spin
             elif now >= end:
                 return
 
