@@ -464,8 +464,8 @@ class Engine(Matching, FastPaths):
                 notice = wire.decode_abandon(payload, self.who(peer))
                 self.abandoned_by(notice, f"world rank {self.world_of_peer[peer]}")
             elif tag == CTRL_REVOKE:
-                ctx = wire.decode_revoke(payload, self.who(peer))
-                self.revoke(ctx, f"revoked by world rank {self.world_of_peer[peer]}")
+                ctx, gen = wire.decode_revoke(payload, self.who(peer))
+                self.revoked_by(ctx, gen, f"revoked by world rank {self.world_of_peer[peer]}")
             else:
                 handler = self.services.get(tag)
                 if handler is None:

@@ -226,6 +226,8 @@ class Matching:
         # ABANDON notices about a communicator not taken here yet: (context, tag base) ->
         # (notice, who sent it), applied by the reuse_context that takes it
         self.early: dict[tuple[int, int], tuple[wire.Abandon, str]] = {}
+        # REVOKE notices alike: point-to-point context -> (generation, reason)
+        self.early_revoke: dict[int, tuple[int, str]] = {}
         # (collective context, tag base) of abandoned collective instances -> (number, why,
         # error class the members fail with)
         self.abandoned: dict[tuple[int, int], tuple[int, str, int]] = {}
@@ -366,6 +368,9 @@ class Matching:
                 del self.abandoned[key]
             for key in [key for key in self.early if key[0] in ctxs]:
                 self.abandoned_by(*self.early.pop(key))  # (those still early go back)
+            for ctx in ctxs:
+                if ctx in self.early_revoke:
+                    self.revoked_by(ctx, *self.early_revoke.pop(ctx))
         return gen
 
     def revoke(self, ctx: int, reason: str) -> bool:
@@ -388,6 +393,18 @@ class Matching:
                 self.withdraw(op)
                 op.error, op.done = exceptions.ERR_REVOKED, True
             return True
+
+    def revoked_by(self, ctx: int, gen: int, reason: str) -> None:
+        """A REVOKE notice (`reason` names its sender) about the communicator of
+        point-to-point context `ctx` and generation `gen`: `revoke` it where it is the one
+        holding `ctx` here; ignored for an earlier generation, kept for reuse_context for a
+        later one (a communicator not taken here yet)."""
+        with self.lock:
+            held = self.ctx_gen.get(ctx, 0)
+            if gen == held:
+                self.revoke(ctx, reason)
+            elif gen > held:
+                self.early_revoke[ctx] = (gen, reason)
 
     def _dropped(self, ctx: int, tag: int) -> bool:
         """True for a message of a freed context or of an abandoned collective instance."""

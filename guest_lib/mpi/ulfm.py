@@ -14,10 +14,11 @@ are never seen failed: their slots are not in this region.
   naming its point-to-point context) to every other member on shared memory; a member
   that takes one marks it revoked too. Revoked: receives posted on it complete with
   ERR_REVOKED, and every later call on it (point-to-point, probes, collectives) raises
-  ERR_REVOKED, except these fault-tolerance calls, Free and queries. A notice about a
-  context that is no longer in use (a freed communicator) is ignored; one about a
-  context in use arrives before any message of a later communicator with that context
-  (the agreement of a new context fences every earlier message, see comm._alloc_ctx).
+  ERR_REVOKED, except these fault-tolerance calls, Free and queries. The notice names the
+  communicator's generation too (matching.Matching.reuse_context): one about a freed
+  communicator is ignored, also where a later communicator holds its context now (its
+  sender may be outside the agreement that took the context again), and one about a
+  communicator not taken here yet waits for it.
 - `Agree(flag)` / `Iagree(buf)`: the bitwise AND of the flags (C ints) of the members
   that are alive, on a revoked communicator too. Every member sends its flag to every
   other one it does not know failed (tags from T_FT on the collective context, a block
@@ -188,7 +189,7 @@ def revoke(comm: Comm) -> None:
     me = engine.world_rank
     if not engine.revoke(comm._ctx, f"revoked by world rank {me}"):
         return
-    payload = wire.REVOKE.pack(comm._ctx)
+    payload = wire.REVOKE.pack(comm._ctx, comm._gen)
     for w in _everyone(comm):
         peer = engine.routes[w].peer
         if w != me and peer >= 0:

@@ -23,10 +23,10 @@ One core tag per message, 31 bits:
   (the class is ERR_OTHER, or the fault-tolerance class the sender met: the others fail
   with it too); the generation tells which communicator holding that context it is about
   (matching.Matching.reuse_context): a late notice about a freed one is ignored by the
-  next one that reuses the context; REVOKE (payload:
-  a context) says that the sender revoked the communicator of that point-to-point context
-  (see `ulfm`); NAME and NAMED carry a request to the job's name service and its answer
-  (see `dynproc`; the payload is theirs, decoded and validated there).
+  next one that reuses the context; REVOKE (payload: a context and its generation, read
+  alike) says that the sender revoked the communicator of that point-to-point context (see
+  `ulfm`); NAME and NAMED carry a request to the job's name service and its answer (see
+  `dynproc`; the payload is theirs, decoded and validated there).
 
 Collective tags: blocking collective instance `seq` of a communicator uses the tags
 `coll_base(seq)` .. + COLL_SPAN - 1 on its collective context; nonblocking ones use tags
@@ -57,7 +57,7 @@ SEQ = struct.Struct("<Q")  # ACK and SYNC payload: a sequence number
 # collective context, its generation, instance number, first tag, tags, class
 ABANDON = struct.Struct("<IQQIHi")
 ABANDON_REASON_MAX = 512  # bytes of the reason an ABANDON carries at most
-REVOKE = struct.Struct("<I")  # REVOKE payload: the point-to-point context revoked
+REVOKE = struct.Struct("<IQ")  # REVOKE payload: the point-to-point context revoked, its generation
 
 TAG_MASK = constants.TAG_UB
 CTX_SHIFT = constants.TAG_BITS
@@ -180,15 +180,16 @@ def decode_abandon(payload: bytes, who: str) -> Abandon:
     return Abandon(ctx, gen, seq, base, span, error, why)
 
 
-def decode_revoke(payload: bytes, who: str) -> int:
-    """The context a REVOKE names: an even one (a communicator's point-to-point context).
-    MPI.Exception(ERR_INTERN) naming `who` for a payload of another size or context."""
+def decode_revoke(payload: bytes, who: str) -> tuple[int, int]:
+    """The context a REVOKE names (an even one: a communicator's point-to-point context) and
+    its generation (matching.Matching.reuse_context). MPI.Exception(ERR_INTERN) naming `who`
+    for a payload of another size or context."""
     if len(payload) != REVOKE.size:
         raise _bad(who, f"a REVOKE of {len(payload)} bytes, not {REVOKE.size}")
-    ctx: int = REVOKE.unpack(payload)[0]
+    ctx, gen = REVOKE.unpack(payload)
     if ctx > constants.MAX_CONTEXT or ctx & 1:
         raise _bad(who, f"a REVOKE of context {ctx}")
-    return ctx
+    return ctx, gen
 
 
 def piece_outside(coretag: int, peer_name: str) -> exceptions.Exception:

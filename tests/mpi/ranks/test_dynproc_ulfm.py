@@ -153,6 +153,37 @@ def test_revoke_reaches_a_waiting_member_then_shrink():
     comm.Free()
 
 
+def test_late_revoke_not_on_the_next_communicator():
+    """Rank 2 revokes a freed communicator after ranks 0 and 1 made a new one that reuses
+    its context (Create_group: rank 2 is not in that agreement): the notice names the
+    freed communicator's generation, so the new one is not revoked. Rank 2's message after
+    its Revoke makes sure the notice has arrived before the new one is used."""
+    rank, size = WORLD.Get_rank(), WORLD.Get_size()
+    if size < 3:
+        pytest.skip("needs a third rank outside the new communicator")
+    if 2 in _routes():
+        pytest.skip("REVOKE notices travel over shared memory only (guest_lib/mpi/ulfm.py)")
+    comm = WORLD.Dup()
+    ctx = comm._ctx
+    if rank == 2:
+        for r in (0, 1):
+            WORLD.recv(source=r, tag=31)  # they made theirs
+        comm.Revoke()
+        for r in (0, 1):
+            WORLD.send("revoked", r, 32)  # (after the notice, from the same sender)
+    comm.Free()
+    if rank < 2:
+        pair = WORLD.Create_group(WORLD.Get_group().Incl([0, 1]))
+        assert pair._ctx == ctx  # (the context is reused: what this test is about)
+        WORLD.send("made", 2, 31)
+        assert WORLD.recv(source=2, tag=32) == "revoked"
+        assert not pair.Is_revoked()
+        pair.Barrier()
+        assert pair.allreduce(rank + 1) == 3
+        pair.Free()
+    WORLD.Barrier()
+
+
 def test_a_revoke_arriving_during_agree_spares_it():
     """Rank 0 revokes, then agrees, while the others wait in Agree already: the notice
     must not fail their Agree's receives (Agree runs on revoked communicators), so every
