@@ -53,6 +53,7 @@
 #define MAX_MESSAGE (1ULL << 48)
 #define CACHE_WINDOW (4 << 20) /* layout.CACHE_WINDOW */
 #define LIVE_RECEIVER_NS 500000
+#define RECLAIM_FIRST (16 << 10)
 #define PIPE_SPAN_MIN (16 << 10)
 #define PIPE_PIECES 4
 #define TAG_MAX 0x7FFFFFFFL
@@ -907,6 +908,14 @@ static PyObject *tx_send_small(TxRing *self, PyObject *const *args, Py_ssize_t n
     if (length > r->max_span) {
         PyBuffer_Release(&data);
         return PyLong_FromLong(SEND_TOO_BIG);
+    }
+    if (data.len >= RECLAIM_FIRST && tx_in_flight(self)) { /* layout.RECLAIM_FIRST */
+        PyObject *taken = tx_reclaim(self, NULL);
+        if (taken == NULL) {
+            PyBuffer_Release(&data);
+            return NULL;
+        }
+        Py_DECREF(taken);
     }
     Py_ssize_t offset = tx_reserve_impl(self, length);
     if (offset < 0) {

@@ -466,6 +466,9 @@ class Endpoint:
                 status = tx.ring.send_small(tag, data)
             except (BufferError, TypeError, ValueError):
                 status = SEND_FULL  # a bad tag or not a flat buffer: the general path explains
+            except PeerLostError:  # (its reclaim, for a large one-span message) as _send
+                self._lost(dest)
+                raise
             if status == SEND_OK:
                 return
             if status == SEND_KICK:

@@ -358,13 +358,16 @@ class TxRing(_RingBase):
 
         Returns SEND_OK or SEND_KICK when published, SEND_FULL when there is no room now
         (nothing was written; reclaim, wait and retry), SEND_TOO_BIG when the header and
-        `data` exceed max_span (nothing was written; send it in pieces).
+        `data` exceed max_span (nothing was written; send it in pieces). A message of at least
+        layout.RECLAIM_FIRST bytes reclaims first (and raises what reclaim raises).
         """
         _check_tag(tag)
         data = memoryview(data).cast("B")  # any C-contiguous buffer, as the C path takes
         length = layout.SPAN_HEADER_SIZE + len(data)
         if length > self.max_span:
             return SEND_TOO_BIG
+        if len(data) >= layout.RECLAIM_FIRST and self.in_flight:
+            self.reclaim()  # an emptied queue restarts at the bottom: in cache
         offset = self.reserve(length)
         if offset < 0:
             return SEND_FULL

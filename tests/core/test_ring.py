@@ -375,6 +375,29 @@ def test_a_queue_waited_on_too_long_stops_waiting_until_back_at_the_bottom(
 
 
 @pytest.mark.parametrize(("tx_impl", "rx_impl"), PAIRS)
+def test_a_large_one_span_message_takes_completions_back_first(tx_impl: str, rx_impl: str) -> None:
+    """send_small of at least RECLAIM_FIRST bytes reclaims first: in a ping-pong the queue is
+    empty again and the message goes to the bottom, in cache; a smaller one does not read
+    the used ring and goes after what it has not taken back."""
+    big = layout.RECLAIM_FIRST
+    g = small_geometry(queue_num=8, data_size=8 * big, max_span=2 * big)
+    tx, rx = make_pair(new_region(g), g, tx_impl, rx_impl)
+
+    def exchange(data: bytes) -> int:
+        assert tx.send_small(7, data) in (virtqueue.SEND_OK, virtqueue.SEND_KICK)
+        span = rx.poll()
+        assert span is not None
+        rx.complete(1)
+        return span[0] - tx.data_offset
+
+    assert [exchange(payload(i, big)) for i in range(3)] == [0, 0, 0]
+    small = payload(3, 64)
+    room = layout.align_up(layout.SPAN_HEADER_SIZE + len(small), layout.SPAN_ALIGN)
+    after = layout.align_up(layout.SPAN_HEADER_SIZE + big, layout.SPAN_ALIGN)  # the last big
+    assert [exchange(small) for _ in range(3)] == [after, after + room, after + 2 * room]
+
+
+@pytest.mark.parametrize(("tx_impl", "rx_impl"), PAIRS)
 def test_recv_small_into_takes_only_what_fits(tx_impl: str, rx_impl: str) -> None:
     g = small_geometry()
     buf = new_region(g)
