@@ -78,6 +78,7 @@
 /* TxRing.reserve: room only past the cache window while the receiver keeps up
  * (virtqueue.RESERVE_LATER). */
 #define RESERVE_LATER (-3)
+#define SEND_ERROR (-4) /* (internal: tx_send_bytes failed, an error set) */
 
 /* Counter words of a control line, after the session word (layout.COUNTER_NAMES_*). */
 enum { CNT_MESSAGES = 1, CNT_BYTES = 2, CNT_WAITS = 3, CNT_KICKS = 4 };
@@ -895,40 +896,43 @@ static void tx_store_header(Ring *r, Py_ssize_t offset, uint64_t total, uint32_t
     memcpy(h + 12, &flags, 4);
 }
 
-static PyObject *tx_send_small(TxRing *self, PyObject *const *args, Py_ssize_t nargs)
+/* A message of `len` bytes at `buf` written whole into one span and published: SEND_OK or
+ * SEND_KICK (the device must be kicked); SEND_TOO_BIG (more than one span) or SEND_FULL (no
+ * room now), nothing written; SEND_ERROR with an error set (the ring's). Shared by
+ * send_small and P2PLane.send. */
+static int tx_send_bytes(TxRing *self, uint32_t tag, const void *buf, Py_ssize_t len)
 {
     Ring *r = &self->ring;
+    Py_ssize_t length = SPAN_HEADER_SIZE + len;
+    if (length > r->max_span)
+        return SEND_TOO_BIG;
+    if (len >= RECLAIM_FIRST && tx_in_flight(self)) { /* layout.RECLAIM_FIRST */
+        PyObject *taken = tx_reclaim(self, NULL);
+        if (taken == NULL)
+            return SEND_ERROR;
+        Py_DECREF(taken);
+    }
+    Py_ssize_t offset = tx_reserve_impl(self, length);
+    if (offset < 0)
+        return offset == -2 ? SEND_ERROR : SEND_FULL;
+    tx_store_header(r, offset, (uint64_t)len, tag);
+    memcpy(r->base + offset + SPAN_HEADER_SIZE, buf, (size_t)len);
+    count(r, CNT_MESSAGES, 1);
+    count(r, CNT_BYTES, (uint64_t)len);
+    return tx_publish_span(self, offset - r->data_offset, length, true) ? SEND_KICK : SEND_OK;
+}
+
+static PyObject *tx_send_small(TxRing *self, PyObject *const *args, Py_ssize_t nargs)
+{
     long tag;
     Py_buffer data;
     if (check_nargs("send_small", nargs, 2) < 0 || as_tag(args[0], &tag) < 0)
         return NULL;
     if (PyObject_GetBuffer(args[1], &data, PyBUF_SIMPLE) < 0)
         return NULL;
-    Py_ssize_t length = SPAN_HEADER_SIZE + data.len;
-    if (length > r->max_span) {
-        PyBuffer_Release(&data);
-        return PyLong_FromLong(SEND_TOO_BIG);
-    }
-    if (data.len >= RECLAIM_FIRST && tx_in_flight(self)) { /* layout.RECLAIM_FIRST */
-        PyObject *taken = tx_reclaim(self, NULL);
-        if (taken == NULL) {
-            PyBuffer_Release(&data);
-            return NULL;
-        }
-        Py_DECREF(taken);
-    }
-    Py_ssize_t offset = tx_reserve_impl(self, length);
-    if (offset < 0) {
-        PyBuffer_Release(&data);
-        return offset == -2 ? NULL : PyLong_FromLong(SEND_FULL);
-    }
-    tx_store_header(r, offset, (uint64_t)data.len, (uint32_t)tag);
-    memcpy(r->base + offset + SPAN_HEADER_SIZE, data.buf, (size_t)data.len);
-    count(r, CNT_MESSAGES, 1);
-    count(r, CNT_BYTES, (uint64_t)data.len);
+    int status = tx_send_bytes(self, (uint32_t)tag, data.buf, data.len);
     PyBuffer_Release(&data);
-    bool kick = tx_publish_span(self, offset - r->data_offset, length, true);
-    return PyLong_FromLong(kick ? SEND_KICK : SEND_OK);
+    return status == SEND_ERROR ? NULL : PyLong_FromLong(status);
 }
 
 /* Check that [offset, offset + n) lies in the open reservation's unpublished part. */
@@ -1412,6 +1416,34 @@ static int rx_take_whole(RxRing *self, uint64_t addr, uint32_t length, uint64_t 
  * taken, head is the header as poll_header() gives it (the caller keeps it as the peeked
  * head, holding its span) and kick is False. BufferError (nothing taken) if `dest` is not a
  * writable contiguous buffer. */
+/* rx_spin_poll() and the header of the span it peeked: 1 with *addr, *length (the span),
+ * *total and *tag (its message) set, 0 if no span came within `spin_ns`, -1 with the ring
+ * broken. The span stays held (peeked). */
+static int rx_spin_header(RxRing *self, long long spin_ns, uint64_t *addr, uint32_t *length,
+                          uint64_t *total, int32_t *tag)
+{
+    int found = rx_spin_poll(self, spin_ns, addr, length);
+    if (found <= 0)
+        return found;
+    return rx_header(self, *addr, *length, total, tag) < 0 ? -1 : 1;
+}
+
+/* Take the message whose one span (region `addr`, `total` bytes after its header) is the
+ * only one held: copy its bytes into `dest` and complete the span. Returns whether the
+ * driver must be kicked. */
+static bool rx_take_one(RxRing *self, uint64_t addr, uint64_t total, void *dest)
+{
+    copy_bytes(dest, self->ring.base + addr + SPAN_HEADER_SIZE, (Py_ssize_t)total);
+    return rx_complete_impl(self, 1);
+}
+
+/* The receive of a small message in one call: wait_header(spin_ns) and, when the message that
+ * came is one span that fits `dest` and carries `want_tag` (any if negative), its copy into
+ * `dest` and its completion. Returns None when no message came, else one shape,
+ * (nbytes, tag, kick, head): head None when taken (the caller then holds no span); when not
+ * taken, head is the header as poll_header() gives it (the caller keeps it as the peeked
+ * head, holding its span) and kick is False. BufferError (nothing taken) if `dest` is not a
+ * writable contiguous buffer. */
 static PyObject *rx_recv_small_into(RxRing *self, PyObject *const *args, Py_ssize_t nargs)
 {
     long long want_tag, spin_ns;
@@ -1428,14 +1460,13 @@ static PyObject *rx_recv_small_into(RxRing *self, PyObject *const *args, Py_ssiz
     uint32_t length;
     int32_t tag;
     PyObject *result = NULL;
-    int found = rx_spin_poll(self, spin_ns, &addr, &length);
+    int found = rx_spin_header(self, spin_ns, &addr, &length, &total, &tag);
     if (found == 0)
         result = Py_NewRef(Py_None);
-    else if (found > 0 && rx_header(self, addr, length, &total, &tag) == 0) {
+    else if (found > 0) {
         if (length - SPAN_HEADER_SIZE == total && total <= (uint64_t)dest.len &&
             (want_tag < 0 || tag == want_tag)) {
-            copy_bytes(dest.buf, self->ring.base + addr + SPAN_HEADER_SIZE, (Py_ssize_t)total);
-            bool kick = rx_complete_impl(self, 1);
+            bool kick = rx_take_one(self, addr, total, dest.buf);
             result = Py_BuildValue("(KiOO)", (unsigned long long)total, (int)tag,
                                    kick ? Py_True : Py_False, Py_None);
         } else {
@@ -3447,6 +3478,526 @@ static PyTypeObject CollRoundType = {
 };
 
 /* ------------------------------------------------------------------------------------------
+ * P2PLane: the blocking point-to-point fast paths of the MPI face (guest_lib/mpi/fastpath.py,
+ * FastPaths.fast_send / fast_recv and the endpoint's fast paths under them) in one call each,
+ * for a process whose only Python thread is the main one. It reads the Python state those
+ * paths read, where they keep it, on every call:
+ *   the engine's queues, posted / unexpected lists, pieces in flow, mpi4py requests, staged
+ *   collectives and sync_next (containers the engine never rebinds: held here) and its
+ *   `placing`; the endpoint's `_unexpected_count`, `_spin_ns` and `_expect` (a list it never
+ *   rebinds), the peer slot words (region.u64[_word_i[p]], loaded once), each TxChannel's
+ *   `tail` and `_kick`, each RxChannel's `_kick` (and `head`, set when a message is left
+ *   peeked); the held spans of a receive ring stand for RxChannel.busy (a peeked head or a
+ *   held message holds one);
+ *   other_threads() as `_thread._count() - service[0]` (guest_lib.service_threads).
+ * Whatever those paths would not take (another thread, anything queued or pending, a peer not
+ * ready, a form of buffer spec flat_view does not take, a message that is not this call's)
+ * returns having moved nothing, or with the message left peeked as the channel's head (as
+ * recv_small_into does), for the Python paths to decide and report as ever.
+ * ------------------------------------------------------------------------------------------ */
+typedef struct {
+    PyObject_HEAD
+    PyObject *endpoint, *engine;
+    PyObject *quiet;     /* tuple: the engine's containers that must all be empty (receive) */
+    PyObject *sendq;     /* the engine's send queues by peer (a send needs none for its peer) */
+    PyObject *sync_next; /* the engine's peers owing a synchronous message (receive: none) */
+    PyObject *expect;    /* endpoint._expect */
+    PyObject *count_fn;  /* _thread._count */
+    PyObject *fault;     /* fault(peer, exc): a ring error's bookkeeping (raises, or None) */
+    PyObject *service;   /* service_threads.running: [service threads running] */
+    Py_ssize_t npeers;
+    PyObject **txch, **rxch; /* by peer id: the endpoint's channels (NULL: this endpoint) */
+    PyObject **txr, **rxr;   /* by peer id: their rings (C TxRing / RxRing, never rebound) */
+    uint64_t **word;         /* by peer id: its peer slot word in the region */
+    long long tag_ub, any_tag, whole_max, max_spin_ns;
+    int ctx_shift;
+} P2PLane;
+
+static PyObject *lane_name_tail, *lane_name_kick, *lane_name_head, *lane_name_placing,
+    *lane_name_unexpected, *lane_name_spin; /* interned by the type's first instance */
+
+static int lane_clear(P2PLane *self)
+{
+    Py_CLEAR(self->endpoint);
+    Py_CLEAR(self->engine);
+    Py_CLEAR(self->quiet);
+    Py_CLEAR(self->sendq);
+    Py_CLEAR(self->sync_next);
+    Py_CLEAR(self->expect);
+    Py_CLEAR(self->count_fn);
+    Py_CLEAR(self->fault);
+    Py_CLEAR(self->service);
+    for (Py_ssize_t p = 0; p < self->npeers; p++) {
+        if (self->txch != NULL)
+            Py_CLEAR(self->txch[p]);
+        if (self->rxch != NULL)
+            Py_CLEAR(self->rxch[p]);
+        if (self->txr != NULL)
+            Py_CLEAR(self->txr[p]);
+        if (self->rxr != NULL)
+            Py_CLEAR(self->rxr[p]);
+    }
+    return 0;
+}
+
+static int lane_traverse(P2PLane *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->endpoint);
+    Py_VISIT(self->engine);
+    Py_VISIT(self->quiet);
+    Py_VISIT(self->sendq);
+    Py_VISIT(self->sync_next);
+    Py_VISIT(self->expect);
+    Py_VISIT(self->count_fn);
+    Py_VISIT(self->fault);
+    Py_VISIT(self->service);
+    for (Py_ssize_t p = 0; p < self->npeers; p++) {
+        if (self->txch != NULL)
+            Py_VISIT(self->txch[p]);
+        if (self->rxch != NULL)
+            Py_VISIT(self->rxch[p]);
+        if (self->txr != NULL)
+            Py_VISIT(self->txr[p]);
+        if (self->rxr != NULL)
+            Py_VISIT(self->rxr[p]);
+    }
+    return 0;
+}
+
+static void lane_dealloc(P2PLane *self)
+{
+    PyObject_GC_UnTrack(self);
+    lane_clear(self);
+    PyMem_Free(self->txch);
+    PyMem_Free(self->rxch);
+    PyMem_Free(self->txr);
+    PyMem_Free(self->rxr);
+    PyMem_Free(self->word);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* Item p of the endpoint's list of channels `channels` in *out and its `ring`, of `type`, in
+ * *ring (new references; both NULL for None: this endpoint). 0, or -1 on an error. */
+static int lane_channel(PyObject *channels, Py_ssize_t p, PyTypeObject *type, PyObject **out,
+                        PyObject **ring_out)
+{
+    PyObject *channel = PySequence_GetItem(channels, p);
+    if (channel == NULL)
+        return -1;
+    *out = *ring_out = NULL;
+    if (channel == Py_None) {
+        Py_DECREF(channel);
+        return 0;
+    }
+    PyObject *ring = PyObject_GetAttrString(channel, "ring");
+    if (ring == NULL || !PyObject_TypeCheck(ring, type)) {
+        if (ring != NULL)
+            PyErr_Format(PyExc_TypeError, "P2PLane: channel of peer %zd has no C ring", p);
+        Py_XDECREF(ring);
+        Py_DECREF(channel);
+        return -1;
+    }
+    *out = channel;
+    *ring_out = ring;
+    return 0;
+}
+
+static int lane_init(P2PLane *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"endpoint", "engine", "quiet", "sendq", "sync_next", "count",
+                             "service", "fault", "tag_bits", "any_tag", "whole_max",
+                             "max_spin_ns", NULL};
+    PyObject *endpoint, *engine, *quiet, *sendq, *sync_next, *count_fn, *service, *fault;
+    int tag_bits;
+    long long any_tag, whole_max, max_spin_ns;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOO!O!O!OO!OiLLL", kwlist, &endpoint, &engine,
+                                     &PyTuple_Type, &quiet, &PyDict_Type, &sendq, &PyDict_Type,
+                                     &sync_next, &count_fn, &PyList_Type, &service, &fault,
+                                     &tag_bits, &any_tag, &whole_max, &max_spin_ns))
+        return -1;
+    if (self->npeers != 0 || self->endpoint != NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "P2PLane: already initialized");
+        return -1;
+    }
+    if (tag_bits < 1 || tag_bits > 30 || PyList_GET_SIZE(service) < 1) {
+        PyErr_SetString(PyExc_ValueError, "P2PLane: tag_bits in 1..30, service [count]");
+        return -1;
+    }
+    if (lane_name_tail == NULL) {
+        if ((lane_name_tail = PyUnicode_InternFromString("tail")) == NULL ||
+            (lane_name_kick = PyUnicode_InternFromString("_kick")) == NULL ||
+            (lane_name_head = PyUnicode_InternFromString("head")) == NULL ||
+            (lane_name_placing = PyUnicode_InternFromString("placing")) == NULL ||
+            (lane_name_unexpected = PyUnicode_InternFromString("_unexpected_count")) == NULL ||
+            (lane_name_spin = PyUnicode_InternFromString("_spin_ns")) == NULL)
+            return -1;
+    }
+    PyObject *tx = PyObject_GetAttrString(endpoint, "tx");
+    PyObject *rx = tx == NULL ? NULL : PyObject_GetAttrString(endpoint, "rx");
+    PyObject *words = rx == NULL ? NULL : PyObject_GetAttrString(endpoint, "_word_i");
+    PyObject *expect = words == NULL ? NULL : PyObject_GetAttrString(endpoint, "_expect");
+    int status = -1;
+    if (expect == NULL)
+        goto done;
+    Py_ssize_t n = PySequence_Size(tx);
+    if (n < 0)
+        goto done;
+    if (!PyList_CheckExact(expect) || PyList_GET_SIZE(expect) != n ||
+        PySequence_Size(rx) != n || PySequence_Size(words) != n) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_ValueError, "P2PLane: the endpoint's per-peer lists differ");
+        goto done;
+    }
+    self->txch = PyMem_Calloc((size_t)n + 1, sizeof(PyObject *));
+    self->rxch = PyMem_Calloc((size_t)n + 1, sizeof(PyObject *));
+    self->txr = PyMem_Calloc((size_t)n + 1, sizeof(PyObject *));
+    self->rxr = PyMem_Calloc((size_t)n + 1, sizeof(PyObject *));
+    self->word = PyMem_Calloc((size_t)n + 1, sizeof(uint64_t *));
+    if (self->txch == NULL || self->rxch == NULL || self->txr == NULL || self->rxr == NULL ||
+        self->word == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    self->npeers = n;
+    for (Py_ssize_t p = 0; p < n; p++) {
+        if (lane_channel(tx, p, &TxRingType, &self->txch[p], &self->txr[p]) < 0 ||
+            lane_channel(rx, p, &RxRingType, &self->rxch[p], &self->rxr[p]) < 0)
+            goto done;
+        if ((self->txch[p] == NULL) != (self->rxch[p] == NULL)) {
+            PyErr_Format(PyExc_ValueError, "P2PLane: peer %zd has one channel of two", p);
+            goto done;
+        }
+        if (self->txch[p] == NULL)
+            continue;
+        Ring *r = (Ring *)self->txr[p];
+        PyObject *word_obj = PySequence_GetItem(words, p);
+        Py_ssize_t w = word_obj == NULL ? -1 : PyLong_AsSsize_t(word_obj);
+        Py_XDECREF(word_obj);
+        if (w < 0 && PyErr_Occurred())
+            goto done;
+        if (w < 0 || w > r->view.len / 8 - 1) {
+            PyErr_Format(PyExc_ValueError, "P2PLane: slot word %zd outside the region", w);
+            goto done;
+        }
+        self->word[p] = (uint64_t *)r->base + w;
+    }
+    self->endpoint = Py_NewRef(endpoint);
+    self->engine = Py_NewRef(engine);
+    self->quiet = Py_NewRef(quiet);
+    self->sendq = Py_NewRef(sendq);
+    self->sync_next = Py_NewRef(sync_next);
+    self->expect = Py_NewRef(expect);
+    self->count_fn = Py_NewRef(count_fn);
+    self->fault = Py_NewRef(fault);
+    self->service = Py_NewRef(service);
+    self->tag_ub = (1LL << tag_bits) - 1;
+    self->ctx_shift = tag_bits;
+    self->any_tag = any_tag;
+    self->whole_max = whole_max;
+    self->max_spin_ns = max_spin_ns;
+    status = 0;
+done:
+    Py_XDECREF(tx);
+    Py_XDECREF(rx);
+    Py_XDECREF(words);
+    Py_XDECREF(expect);
+    return status;
+}
+
+/* An int attribute of `obj` (one the lane reads on each call): its value; -1 on an error. */
+static long long lane_int_attr(PyObject *obj, PyObject *name)
+{
+    PyObject *value = PyObject_GetAttr(obj, name);
+    if (value == NULL)
+        return -1;
+    long long v = PyLong_AsLongLong(value);
+    Py_DECREF(value);
+    return v;
+}
+
+/* 1 when other threads run (other_threads() != 0: the lane is not for them), 0 when not, -1
+ * on an error. */
+static int lane_threads(P2PLane *self)
+{
+    PyObject *n = PyObject_CallNoArgs(self->count_fn);
+    if (n == NULL)
+        return -1;
+    int cmp = PyObject_RichCompareBool(n, PyList_GET_ITEM(self->service, 0), Py_NE);
+    Py_DECREF(n);
+    return cmp;
+}
+
+/* Peer `peer_obj` as an index of the lane's tables with a channel: 1 (*peer set), 0 when it
+ * is not one, -1 on an error. */
+static int lane_peer(P2PLane *self, PyObject *peer_obj, Py_ssize_t *peer)
+{
+    if (!PyLong_CheckExact(peer_obj))
+        return 0;
+    Py_ssize_t p = PyLong_AsSsize_t(peer_obj);
+    if (p == -1 && PyErr_Occurred()) {
+        if (!PyErr_ExceptionMatches(PyExc_OverflowError))
+            return -1;
+        PyErr_Clear();
+        return 0;
+    }
+    if (p < 0 || p >= self->npeers || self->txch[p] == NULL)
+        return 0;
+    *peer = p;
+    return 1;
+}
+
+/* A buffer spec as the lane takes it (flat_view's rules, guest_lib.mpi.buffers.quick): a
+ * numpy array or [buf, count, datatype] / (buf, datatype) as front_buffer takes them; else a
+ * buffer object itself, not empty, C-contiguous, of a native numeric format. Writable with
+ * `writable`. 1 held in `view` (its len the message's bytes), 0 not taken, -1 error. */
+static int lane_buffer(PyObject *spec, bool writable, Py_buffer *view)
+{
+    if (front_sizes == NULL || front_ndarray == NULL)
+        return 0; /* (front's tables not set: guest_lib.mpi.collectives not imported) */
+    if (PyList_CheckExact(spec) || PyTuple_CheckExact(spec) ||
+        Py_TYPE(spec) == (PyTypeObject *)front_ndarray) {
+        Py_ssize_t elems;
+        int code;
+        return front_buffer(spec, writable, 1, view, &elems, &code);
+    }
+    if (PyObject_GetBuffer(spec, view, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT |
+                                           (writable ? PyBUF_WRITABLE : 0)) < 0)
+        return front_declines() ? 0 : -1;
+    if (view->len > 0 && flat_format(view->format))
+        return 1;
+    PyBuffer_Release(view);
+    return 0;
+}
+
+/* With an error set by a ring of peer `peer_obj` (PeerLostError, RingCorruptError): its
+ * bookkeeping, fault(peer, exc) (FastPaths.lane_fault). 0 when that returned (the error
+ * dealt with: the call declines), -1 with an error set (any other, or what fault raised). */
+static int lane_fault(P2PLane *self, PyObject *peer_obj)
+{
+    if (!PyErr_ExceptionMatches(PeerLostError) && !PyErr_ExceptionMatches(RingCorruptError))
+        return -1;
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    PyErr_NormalizeException(&type, &value, &tb);
+    if (tb != NULL)
+        PyException_SetTraceback(value, tb);
+    PyObject *done = PyObject_CallFunctionObjArgs(self->fault, peer_obj, value, NULL);
+    Py_XDECREF(type);
+    Py_XDECREF(value);
+    Py_XDECREF(tb);
+    Py_XDECREF(done);
+    return done == NULL ? -1 : 0;
+}
+
+/* Call channel._kick(): the peer waits for a doorbell. 0, or -1 on an error. */
+static int lane_kick(PyObject *channel)
+{
+    PyObject *done = PyObject_CallMethodNoArgs(channel, lane_name_kick);
+    Py_XDECREF(done);
+    return done == NULL ? -1 : 0;
+}
+
+/* The completions the receiver gave back, taken (TxChannel.send's reclaim, so that a queue
+ * of sends only ever written here does not fill with completed ones): whether any came;
+ * -1 with an error (the ring's: PeerLostError, RingCorruptError, for lane_fault). */
+static int lane_reclaim(TxRing *tx)
+{
+    PyObject *n = tx_reclaim(tx, NULL);
+    if (n == NULL)
+        return -1;
+    int got = PyObject_IsTrue(n);
+    Py_DECREF(n);
+    return got;
+}
+
+/* send(peer, ctx, tag, spec): FastPaths.fast_send(peer, ctx << tag_bits | tag, spec's
+ * bytes, 0.0) of a plain spec (lane_buffer), with the endpoint's fast path: True once the
+ * message is in the queue to core peer `peer` (whole, one span), the peer kicked if it must
+ * be; False having moved nothing when the Python paths must decide (see P2PLane). When the
+ * queue is full it takes the completions back first (an error of the ring then: lane_fault,
+ * False if that returns). */
+static PyObject *lane_send(P2PLane *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (check_nargs("send", nargs, 4) < 0)
+        return NULL;
+    Py_ssize_t p;
+    int ok = lane_peer(self, args[0], &p);
+    if (ok <= 0)
+        return ok < 0 ? NULL : Py_NewRef(Py_False);
+    long long ctx, tag;
+    if (!PyLong_CheckExact(args[1]) || !PyLong_CheckExact(args[2]) ||
+        as_long_long(args[1], &ctx) != 0 || as_long_long(args[2], &tag) != 0) {
+        if (PyErr_Occurred())
+            return NULL;
+        Py_RETURN_FALSE;
+    }
+    if (tag < 0 || tag > self->tag_ub || ctx < 0 || ctx > (TAG_MAX >> self->ctx_shift))
+        Py_RETURN_FALSE;
+    if ((ok = lane_threads(self)) != 0)
+        return ok < 0 ? NULL : Py_NewRef(Py_False);
+    if ((ok = PyDict_Contains(self->sendq, args[0])) != 0)
+        return ok < 0 ? NULL : Py_NewRef(Py_False);
+    long long placing = lane_int_attr(self->engine, lane_name_placing);
+    if (placing == -1 && PyErr_Occurred())
+        return NULL;
+    TxRing *tx = (TxRing *)self->txr[p];
+    long long expect = PyLong_AsLongLong(PyList_GET_ITEM(self->expect, p));
+    if (expect == -1 && PyErr_Occurred())
+        return NULL;
+    /* the peer bound and READY in the slot word seen (endpoint.send's check) */
+    uint64_t word = __atomic_load_n(self->word[p], __ATOMIC_ACQUIRE);
+    if (placing == p || tx->ring.broken != NULL || expect < 0 || word != (uint64_t)expect)
+        Py_RETURN_FALSE;
+    PyObject *tail = PyObject_GetAttr(self->txch[p], lane_name_tail);
+    if (tail == NULL)
+        return NULL;
+    Py_DECREF(tail);
+    if (tail != Py_None)
+        Py_RETURN_FALSE;
+    Py_buffer view;
+    if ((ok = lane_buffer(args[3], false, &view)) <= 0)
+        return ok < 0 ? NULL : Py_NewRef(Py_False);
+    uint32_t coretag = (uint32_t)(ctx << self->ctx_shift | tag);
+    int status = view.len > self->whole_max ? SEND_TOO_BIG
+                                            : tx_send_bytes(tx, coretag, view.buf, view.len);
+    if (status == SEND_FULL && (ok = lane_reclaim(tx)) != 0)
+        status = ok < 0 ? SEND_ERROR : tx_send_bytes(tx, coretag, view.buf, view.len);
+    PyBuffer_Release(&view);
+    if (status == SEND_ERROR)
+        return lane_fault(self, args[0]) < 0 ? NULL : Py_NewRef(Py_False);
+    if (status == SEND_KICK && lane_kick(self->txch[p]) < 0)
+        return NULL;
+    return PyBool_FromLong(status == SEND_OK || status == SEND_KICK);
+}
+
+/* recv(peer, ctx, tag, buf, want) and recv_obj(peer, ctx, tag, want) (`into` false, `buf`
+ * NULL): FastPaths.fast_recv(peer, ctx, tag, buf) of a message that comes whole in one span,
+ * with the endpoint's fast path (a spin of at most min(_spin_ns, max_spin_ns)). recv: `buf` a
+ * plain spec (lane_buffer, writable), True, or (nbytes, tag) with `want`, once the message is
+ * in it; recv_obj: the message's bytes, or (nbytes, tag, bytes) with `want`. None having
+ * taken nothing, when the Python paths must decide (see P2PLane; a message that came and is
+ * not this call's is left peeked, the channel's head). An error of the ring: lane_fault,
+ * None if that returns. */
+static PyObject *lane_take(P2PLane *self, PyObject *const *args, bool into, PyObject *buf,
+                           PyObject *want_obj)
+{
+    Py_ssize_t p;
+    int ok = lane_peer(self, args[0], &p);
+    if (ok <= 0)
+        return ok < 0 ? NULL : Py_NewRef(Py_None);
+    long long ctx, tag;
+    if (!PyLong_CheckExact(args[1]) || !PyLong_CheckExact(args[2]) ||
+        as_long_long(args[1], &ctx) != 0 || as_long_long(args[2], &tag) != 0) {
+        if (PyErr_Occurred())
+            return NULL;
+        Py_RETURN_NONE;
+    }
+    int want = PyObject_IsTrue(want_obj);
+    if (want < 0)
+        return NULL;
+    if ((tag != self->any_tag && (tag < 0 || tag > self->tag_ub)) || ctx < 0)
+        Py_RETURN_NONE;
+    if ((ok = lane_threads(self)) != 0)
+        return ok < 0 ? NULL : Py_NewRef(Py_None);
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(self->quiet); i++) /* engine.quiet() */
+        if ((ok = PyObject_IsTrue(PyTuple_GET_ITEM(self->quiet, i))) != 0)
+            return ok < 0 ? NULL : Py_NewRef(Py_None);
+    if ((ok = PyDict_Contains(self->sync_next, args[0])) != 0)
+        return ok < 0 ? NULL : Py_NewRef(Py_None);
+    long long unexpected = lane_int_attr(self->endpoint, lane_name_unexpected);
+    long long spin_ns = unexpected != 0 ? 0 : lane_int_attr(self->endpoint, lane_name_spin);
+    if ((unexpected == -1 || spin_ns == -1) && PyErr_Occurred())
+        return NULL;
+    RxRing *rx = (RxRing *)self->rxr[p];
+    if (unexpected != 0 || rx->ring.broken != NULL || rx_held(rx) != 0)
+        Py_RETURN_NONE;
+    Py_buffer view;
+    if (into && (ok = lane_buffer(buf, true, &view)) <= 0)
+        return ok < 0 ? NULL : Py_NewRef(Py_None);
+    if (spin_ns > self->max_spin_ns)
+        spin_ns = self->max_spin_ns;
+    uint64_t addr, total;
+    uint32_t length;
+    int32_t coretag;
+    PyObject *result = NULL, *data = NULL;
+    int found = rx_spin_header(rx, spin_ns, &addr, &length, &total, &coretag);
+    if (found <= 0) {
+        result = found < 0 && lane_fault(self, args[0]) < 0 ? NULL : Py_NewRef(Py_None);
+        goto done;
+    }
+    uint32_t bits = (uint32_t)coretag;
+    long long got_tag = (long long)(bits & (uint32_t)self->tag_ub);
+    if (length - SPAN_HEADER_SIZE != total || (bits >> self->ctx_shift) != (uint64_t)ctx ||
+        (tag != self->any_tag && got_tag != tag) || (into && total > (uint64_t)view.len)) {
+        /* not this call's (or not whole in one span): left peeked, the channel's head */
+        PyObject *head = Py_BuildValue("(KIKi)", (unsigned long long)addr, (unsigned int)length,
+                                       (unsigned long long)total, (int)coretag);
+        if (head != NULL && PyObject_SetAttr(self->rxch[p], lane_name_head, head) == 0)
+            result = Py_NewRef(Py_None);
+        Py_XDECREF(head);
+        goto done;
+    }
+    if (!into && (data = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)total)) == NULL)
+        goto done; /* (the span stays held: RxChannel.busy sees it, the Python paths go on) */
+    void *dest = into ? view.buf : PyBytes_AS_STRING(data);
+    if (rx_take_one(rx, addr, total, dest) && lane_kick(self->rxch[p]) < 0)
+        goto done;
+    if (!want)
+        result = into ? Py_NewRef(Py_True) : Py_NewRef(data);
+    else if (into)
+        result = Py_BuildValue("(KL)", (unsigned long long)total, got_tag);
+    else
+        result = Py_BuildValue("(KLO)", (unsigned long long)total, got_tag, data);
+done:
+    Py_XDECREF(data);
+    if (into)
+        PyBuffer_Release(&view);
+    return result;
+}
+
+static PyObject *lane_recv(P2PLane *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (check_nargs("recv", nargs, 5) < 0)
+        return NULL;
+    return lane_take(self, args, true, args[3], args[4]);
+}
+
+static PyObject *lane_recv_obj(P2PLane *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (check_nargs("recv_obj", nargs, 4) < 0)
+        return NULL;
+    return lane_take(self, args, false, NULL, args[3]);
+}
+
+static PyMethodDef lane_methods[] = {
+    {"send", (PyCFunction)(void (*)(void))lane_send, METH_FASTCALL,
+     "send(peer, ctx, tag, spec): a blocking send's fast path in one call; True when sent."},
+    {"recv", (PyCFunction)(void (*)(void))lane_recv, METH_FASTCALL,
+     "recv(peer, ctx, tag, buf, want): a blocking receive's fast path in one call; None: not "
+     "taken."},
+    {"recv_obj", (PyCFunction)(void (*)(void))lane_recv_obj, METH_FASTCALL,
+     "recv_obj(peer, ctx, tag, want): an object receive's fast path in one call (its bytes); "
+     "None: not taken."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject P2PLaneType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "ivshmem_comm._fastpath.P2PLane",
+    .tp_doc = "The blocking point-to-point fast paths of the MPI face in one call each.\n\n"
+              "P2PLane(endpoint, engine, quiet, sendq, sync_next, count, service, fault, "
+              "tag_bits, any_tag, whole_max, max_spin_ns).",
+    .tp_basicsize = sizeof(P2PLane),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)lane_init,
+    .tp_dealloc = (destructor)lane_dealloc,
+    .tp_traverse = (traverseproc)lane_traverse,
+    .tp_clear = (inquiry)lane_clear,
+    .tp_methods = lane_methods,
+};
+
+/* ------------------------------------------------------------------------------------------
  * Module
  * ------------------------------------------------------------------------------------------ */
 
@@ -3657,7 +4208,7 @@ PyMODINIT_FUNC PyInit__fastpath(void)
     if (RingCorruptError == NULL || PeerLostError == NULL)
         return NULL;
     if (PyType_Ready(&TxRingType) < 0 || PyType_Ready(&RxRingType) < 0 ||
-        PyType_Ready(&CollRoundType) < 0)
+        PyType_Ready(&CollRoundType) < 0 || PyType_Ready(&P2PLaneType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&fastpath_module);
     if (m == NULL)
@@ -3665,6 +4216,7 @@ PyMODINIT_FUNC PyInit__fastpath(void)
     if (PyModule_AddObjectRef(m, "TxRing", (PyObject *)&TxRingType) < 0 ||
         PyModule_AddObjectRef(m, "RxRing", (PyObject *)&RxRingType) < 0 ||
         PyModule_AddObjectRef(m, "CollectiveRound", (PyObject *)&CollRoundType) < 0 ||
+        PyModule_AddObjectRef(m, "P2PLane", (PyObject *)&P2PLaneType) < 0 ||
         PyModule_AddIntConstant(m, "SEND_OK", SEND_OK) < 0 ||
         PyModule_AddIntConstant(m, "CACHE_WINDOW", CACHE_WINDOW) < 0 ||
         PyModule_AddIntConstant(m, "SEND_KICK", SEND_KICK) < 0 ||

@@ -35,6 +35,28 @@ def post_recv(
 ) -> Any: ...
 def first_pending(requests: Any, start: int) -> int: ...
 def null_done(requests: Any) -> bool: ...
+
+class P2PLane:
+    # The blocking point-to-point fast paths of the MPI face (guest_lib.mpi.fastpath), C only.
+    def __init__(
+        self,
+        endpoint: Any,
+        engine: Any,
+        quiet: tuple[Any, ...],
+        sendq: dict[int, Any],
+        sync_next: dict[int, int],
+        count: Any,
+        service: list[int],
+        fault: Any,
+        tag_bits: int,
+        any_tag: int,
+        whole_max: int,
+        max_spin_ns: int,
+    ) -> None: ...
+    def send(self, peer: int, ctx: int, tag: int, spec: Any) -> bool: ...
+    def recv(self, peer: int, ctx: int, tag: int, buf: Any, want: bool) -> Any: ...
+    def recv_obj(self, peer: int, ctx: int, tag: int, want: bool) -> Any: ...
+
 def typed_copy(
     gather: bool, user: Any, start: int, count: int, extent: int, runs: Any, packed: Any, limit: int
 ) -> int: ...

@@ -30,8 +30,10 @@ CollectiveRound: Any = None
 #: buffer specs (guest_lib.mpi.buffers has its Python reference), the base type through
 #: which MPI windows export their memory (guest_lib.mpi.win) and the one through which
 #: MPI.BOTTOM, IN_PLACE and BUFFER_AUTOMATIC export an empty buffer (guest_lib.mpi.constants),
-#: and the tables of CollectiveRound.front (guest_lib.mpi.collectives sets them).
+#: and the tables of CollectiveRound.front (guest_lib.mpi.collectives sets them), and the
+#: one-call blocking point-to-point fast paths (guest_lib.mpi.fastpath.make_lane).
 flat_view: Any = None
+P2PLane: Any = None
 set_front: Any = None
 #: The MPI face's per-message request objects made and read in C (guest_lib.mpi.request
 #: registers its classes with p2p_types and has the Python reference of each), None on the
@@ -73,6 +75,7 @@ else:
             CollectiveRound,
             EmptyExporter,
             MemoryExporter,
+            P2PLane,
             RxRing,
             TxRing,
             compare_exchange_u64,
@@ -119,6 +122,7 @@ __all__ = [
     "CollectiveRound",
     "EmptyExporter",
     "MemoryExporter",
+    "P2PLane",
     "RxRing",
     "TxRing",
     "compare_exchange_u64",

@@ -479,9 +479,11 @@ class Comm(attributes.Cached, Handle):
         peer = self._shm_peer.get(dest)
         if peer is not None and 0 <= tag <= constants.TAG_UB:  # fast path, as Send's
             data = _dumps(obj)
-            if self._engine.fast_send(  # type: ignore[union-attr]
-                peer, self._ctx << _CTX_SHIFT | tag, data
-            ):
+            engine: Engine = self._engine  # type: ignore[assignment]  # a peer: an engine
+            lane = engine.lane
+            if lane is not None and lane.send(peer, self._ctx, tag, data):
+                return
+            if engine.fast_send(peer, self._ctx << _CTX_SHIFT | tag, data):
                 return
         else:
             self._dest(dest)
@@ -517,7 +519,16 @@ class Comm(attributes.Cached, Handle):
         peer = self._shm_peer.get(rank)
         if peer is not None and (0 <= tag <= constants.TAG_UB or tag == constants.ANY_TAG):
             # fast path, as Recv's: a whole message from a peer on shared memory
-            got = self._engine.fast_recv(peer, self._ctx, tag, None)  # type: ignore[union-attr]
+            engine: Engine = self._engine  # type: ignore[assignment]  # a peer: an engine
+            lane = engine.lane
+            if lane is not None:
+                got = lane.recv_obj(peer, self._ctx, tag, status is not None)
+                if got is not None:
+                    if status is None:
+                        return _loads(got)
+                    status._set(rank, got[1], got[0])
+                    return _loads(got[2])
+            got = engine.fast_recv(peer, self._ctx, tag, None)
             if got is not None:
                 if status is not None:
                     status._set(rank, got[1], got[0])
@@ -620,6 +631,10 @@ class Comm(attributes.Cached, Handle):
     def Send(self, buf: Any, dest: int, tag: int = 0) -> None:
         """Send a buffer (message spec). Returns once the data is in the queue or MPI."""
         peer = self._shm_peer.get(dest)
+        if peer is not None:
+            lane = self._engine.lane  # type: ignore[union-attr]  # a peer: an engine
+            if lane is not None and lane.send(peer, self._ctx, tag, buf):  # all in one C call
+                return
         if peer is not None and 0 <= tag <= constants.TAG_UB:  # fast path: into the queue
             data = (
                 buf
@@ -664,6 +679,15 @@ class Comm(attributes.Cached, Handle):
         """
         rank = source if source != constants.ANY_SOURCE else self._sole_source()
         peer = self._shm_peer.get(rank)
+        if peer is not None:
+            engine: Engine = self._engine  # type: ignore[assignment]  # a peer: an engine
+            lane = engine.lane
+            if lane is not None:  # a whole message in one C call
+                got = lane.recv(peer, self._ctx, tag, buf, status is not None)
+                if got is not None:
+                    if status is not None:
+                        status._set(rank, got[1], got[0])
+                    return
         if peer is not None and (0 <= tag <= constants.TAG_UB or tag == constants.ANY_TAG):
             # fast path: from a peer on shared memory straight into the buffer
             data = (
@@ -783,12 +807,16 @@ class Comm(attributes.Cached, Handle):
         """Send and receive at once (deadlock-free however large the messages)."""
         engine = self._sendrecv_args(dest, source, sendtag, recvtag)
         peer = self._shm_peer.get(dest)
-        if peer is not None:  # fast path: a send written whole at once, then Recv's
+        if peer is not None and (  # fast path: a send written whole at once, then Recv's
+            _plain_array(recvbuf, True) or _quick(recvbuf, True, _SIZES) is not None
+        ):
+            lane = engine.lane
+            if lane is not None and lane.send(peer, self._ctx, sendtag, sendbuf):  # one C call
+                self.Recv(recvbuf, source, recvtag, status)
+                return
             sview = sendbuf if _plain_array(sendbuf, False) else _quick(sendbuf, False, _SIZES)
-            if (
-                sview is not None
-                and (_plain_array(recvbuf, True) or _quick(recvbuf, True, _SIZES) is not None)
-                and engine.fast_send(peer, self._ctx << _CTX_SHIFT | sendtag, sview, 0.0)
+            if sview is not None and engine.fast_send(
+                peer, self._ctx << _CTX_SHIFT | sendtag, sview, 0.0
             ):
                 self.Recv(recvbuf, source, recvtag, status)
                 return

@@ -205,6 +205,8 @@ class Engine(Matching, FastPaths):
         geometry = endpoint.region.geometry if endpoint else None
         self.chunk = wire.chunk_size(geometry.data_size) if geometry else 3 << 20
         self.whole_max = wire.whole_max(geometry) if geometry else 3 << 20
+        # (sendq, sync_next, mpi_active, staged and Matching's posted, unexpected, inflow are
+        # never rebound: the C lane holds them, see FastPaths.make_lane)
         self.sendq: dict[int, collections.deque[SendOp]] = {}
         self.sync_next: dict[int, int] = {}  # peer -> seq of its next (synchronous) message
         self.await_ack: dict[tuple[int, int], SendOp] = {}
@@ -242,6 +244,7 @@ class Engine(Matching, FastPaths):
         )
         if self.crowded and endpoint is not None and "IVSHMEM_COMM_SPIN_US" not in os.environ:
             endpoint.spin_us = min(endpoint.spin_us, CROWDED_SPIN_US)
+        self.lane = self.make_lane()  # (last: it reads the endpoint's settings as they end up)
 
     # ------------------------------------------------------------------ state
     def quiet(self) -> bool:

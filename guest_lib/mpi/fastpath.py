@@ -20,6 +20,12 @@ sleeps. A message taken after another thread ran the engine meanwhile (the engin
 a small message is one C call that keeps the GIL, but the Python around it and another
 thread's operation of several calls on the same queue, e.g. a large message or a send
 waiting for room, are not atomic: hence the lock whenever threads exist.)
+
+With the C accelerator, the lone thread's common case of both runs first in one C call
+(`lane`, a ring.P2PLane: see make_lane): a plain buffer spec or pickled bytes, sent whole
+into an idle queue or received whole from one span of this call's context and tag. It reads
+the state these paths read and takes nothing they would not; anything else comes back to them
+untouched.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from guest_lib.mpi import constants, exceptions, wire
 from guest_lib.mpi.matching import Inflow, RecvOp
 from guest_lib.service_threads import other_threads as other_threads  # (engine's, area's)
 from guest_lib.service_threads import running as _service
+from ivshmem_comm import ring
 from ivshmem_comm.errors import MessageTooLargeError, PeerLostError
 from ivshmem_comm.errors import TimeoutError as CoreTimeout
 
@@ -68,6 +75,47 @@ def _bytes_of(buf: Any) -> memoryview:
 
 class FastPaths:
     """The fast paths, mixed into the Engine (which supplies the attributes below)."""
+
+    lane: Any  # the ring.P2PLane of make_lane, or None (then the Python paths alone)
+    posted: list[Any]
+    unexpected: list[Any]
+    mpi_active: list[Any]
+    staged: list[Any]
+
+    def make_lane(self) -> Any:
+        """Return the P2PLane over this engine and its endpoint, or None without the C
+        accelerator or an endpoint. The lane holds the engine's containers below (never
+        rebound: the engine only changes what they hold) and reads the rest where it lives
+        (see ring.P2PLane in _fastpath.c)."""
+        if ring.P2PLane is None or self.ep is None:
+            return None
+        return ring.P2PLane(
+            endpoint=self.ep,
+            engine=self,
+            quiet=(self.sendq, self.posted, self.unexpected, self.inflow, self.mpi_active,
+                   self.staged),
+            sendq=self.sendq,
+            sync_next=self.sync_next,
+            count=_count,
+            service=_service,
+            fault=self.lane_fault,
+            tag_bits=_CTX_SHIFT,
+            any_tag=constants.ANY_TAG,
+            whole_max=self.whole_max,
+            max_spin_ns=int(FAST_TIMEOUT * 1e9),
+        )  # fmt: skip
+
+    def lane_fault(self, peer: int, exc: BaseException) -> None:
+        """The bookkeeping of `exc` (PeerLostError or RingCorruptError), raised by a queue
+        to or from `peer` inside a lane call, as the endpoint's fast path does it
+        (Endpoint._fault): a lost peer raises MPI.Exception(ERR_PROC_FAILED) as fast_recv
+        and fast_send would; a broken queue raises RingCorruptError, unless the peer came
+        back as a new incarnation: then it returns (None) and the lane call declines (the
+        Python paths go on)."""
+        try:
+            self.ep._fault(self.ep.rx[peer], exc)
+        except PeerLostError as lost:
+            raise core_error(lost) from lost
 
     ep: Any
     lock: Any  # the engine lock (see `engine`)

@@ -44,6 +44,7 @@ MODULE_NAMES = {
     "post_recv",
     "null_done",
     "first_pending",
+    "P2PLane",
 } | {n for n in ring.__all__ if n.startswith("SEND_")}
 
 
