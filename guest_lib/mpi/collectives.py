@@ -51,7 +51,7 @@ from guest_lib.mpi.pickling import bundle as _bundle
 from guest_lib.mpi.pickling import dumps as _dumps
 from guest_lib.mpi.pickling import loads as _loads
 from guest_lib.mpi.pickling import piece as _piece
-from guest_lib.mpi.request import Request, request_of, unpickle
+from guest_lib.mpi.request import Request, new_request, request_of, unpickle
 from guest_lib.mpi.wire import (
     COLL_SPAN,
     KIND_DATA,
@@ -75,6 +75,7 @@ from ivshmem_comm.collective import (
     KIND_REDUCE_SCATTER,
     KIND_SCAN,
     CollectiveGroup,
+    CollectiveRequest,
     fold_codes,
 )
 
@@ -861,15 +862,22 @@ def _c_folding(which: int) -> Callable[[Callable[..., Any]], Callable[..., Any]]
 _STARTED_DONE = DoneOp(constants.ANY_SOURCE)
 
 
-def _c_start(self: Any, front: bool, *args: Any) -> Request | None:
+def _c_start(
+    self: Any,
+    front: bool,
+    *args: Any,
+    messages: Messages | None = None,
+    stage: bool = True,
+) -> Request | None:
     """A nonblocking collective's round started in one C call, where `_front_started` would
     start its lane (and no started collective of the area is pending): with `front`,
     CollectiveRound.front with `args` (F_* code and the user's arguments, taken or not by
     the lanes' rules in C), else CollectiveRound.run with `args`. Returns its Request
     (a plain done one where the first poll completed the round; else an AreaRequest on
-    the pending round, whose Wait polls it in C), or None having moved nothing (the
-    method's, with its front, to run as usual). The instance is numbered, and abandoned on
-    an error, as `_begin` does."""
+    the pending round, whose Wait polls it in C: `_request_for`, `messages` its stages for
+    (args[1], args[2]) where the round is declined, `stage` as there), or None having
+    moved nothing (the method's, with its front, to run as usual). The instance is
+    numbered, and abandoned on an error, as `_begin` does."""
     shared = self._area
     if not shared:
         return None
@@ -892,12 +900,11 @@ def _c_start(self: Any, front: bool, *args: Any) -> Request | None:
         raise error from exc
     if request is None:
         return None
-    self._nb_seq = seq + 1
-    if request.done:  # (none of these is declined)
+    if request.done and not request.declined:  # (the common case for a root or the last)
+        self._nb_seq = seq + 1
         shared.completed += 1
-        return request_of(_STARTED_DONE, engine)
-    op = area.AreaOp(shared, request, functools.partial(_nb_abandon, self, engine, seq))
-    return request_of(op, engine, kind=area.AreaRequest)
+        return new_request(_STARTED_DONE, engine, None, None)
+    return _request_for(self, engine, shared, seq, request, messages, args[1:3], {}, stage)
 
 
 def _s_barrier(method: Callable[..., Any]) -> Callable[..., Any]:
@@ -959,6 +966,27 @@ def _s_folding(which: int) -> Callable[[Callable[..., Any]], Callable[..., Any]]
     return make
 
 
+def _s_alltoall(which: int) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """The C front (`_c_start`) of Ialltoall or Ialltoallv (`which`), then the method. A round
+    its members decline (Ialltoallv: a block over a segment somewhere) goes on over messages
+    (`_m_alltoall`), its pending round staged with the engine; Ialltoall's is not staged: the
+    front takes no block over a segment, and its blocks are the same size everywhere, so
+    its members never decline it."""
+    stage = which == F_ALLTOALLV
+
+    def make(method: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(method)
+        def pair(self: Any, sendbuf: Any, recvbuf: Any) -> Any:
+            request = _c_start(
+                self, True, which, sendbuf, recvbuf, None, 0, messages=_m_alltoall, stage=stage
+            )
+            return method(self, sendbuf, recvbuf) if request is None else request
+
+        return pair
+
+    return make
+
+
 # name -> the maker of its C front (see front_lanes)
 _C_FRONTS: dict[str, Callable[[Callable[..., Any]], Callable[..., Any]]] = {
     "Bcast": _c_bcast,
@@ -984,6 +1012,8 @@ _C_FRONTS: dict[str, Callable[[Callable[..., Any]], Callable[..., Any]]] = {
     "Iscan": _s_folding(F_SCAN),
     "Iexscan": _s_folding(F_EXSCAN),
     "Ireduce_scatter_block": _s_folding(F_REDUCE_SCATTER_BLOCK),
+    "Ialltoall": _s_alltoall(F_ALLTOALL),
+    "Ialltoallv": _s_alltoall(F_ALLTOALLV),
 }
 
 # F_* code of a declinable collective -> its way on messages where a member declined its
@@ -1066,9 +1096,28 @@ def _begin(
         raise
     if request is None:  # (nothing moved)
         return None
+    return _request_for(self, engine, shared, seq, request, messages, args, kwargs)
+
+
+def _request_for(
+    self: Any,
+    engine: Engine,
+    shared: area.Area,
+    seq: int,
+    request: CollectiveRequest,
+    messages: Messages | None,
+    args: Any,
+    kwargs: Any,
+    stage: bool = True,
+) -> Request:
+    """The Request of nonblocking collective instance `seq` (numbered here) whose round
+    `request` started: a plain done one where its first poll completed it, else one on an
+    AreaOp. `messages` (a collective its members may decline): stages for `args` on the
+    instance's tag, started where the round is declined (`AreaOp.then`); with `stage`, the
+    pending round is staged with the engine (see `started`)."""
     self._nb_seq = seq + 1
     if request.done and not request.declined:
-        return request_of(DoneOp(constants.ANY_SOURCE), engine)
+        return new_request(_STARTED_DONE, engine, None, None)
     failed = functools.partial(_nb_abandon, self, engine, seq)
     then = None
     if messages is not None:
@@ -1077,7 +1126,7 @@ def _begin(
         then = functools.partial(_on_messages, engine, stages, failed)
     if not request.done:
         op = area.AreaOp(shared, request, failed, then)
-        if then is not None:  # (declinable: the engine's progress polls it, see `started`)
+        if then is not None and stage:  # (the engine's progress polls it, see `started`)
             op.stage()
         return request_of(op, engine, kind=area.AreaRequest)
     assert then is not None  # (declined: a declinable collective's)

@@ -446,13 +446,17 @@ def _doubles(form: str, values: list[float]) -> tuple[Any, Callable[[], list[flo
 
 @pytest.mark.parametrize("form", ["numpy", "spec", "double", "in_place"])
 @pytest.mark.parametrize(
-    "call", ["Ibcast", "Iallgather", "Ireduce", "Iallreduce", "Iscan", "Iexscan", "Ibarrier"]
-)
+    "call",
+    [
+        "Ibcast", "Iallgather", "Ireduce", "Iallreduce", "Iscan", "Iexscan", "Ibarrier",
+        "Ialltoall", "Ialltoallv",
+    ],
+)  # fmt: skip
 def test_started_through_the_c_front(comm, monkeypatch, call, form):
-    """Ibcast, Iallgather, Ireduce, Iallreduce, Iscan and Iexscan in the forms codes pass on
-    every call start their round through CollectiveRound.front (collectives._c_start: no
-    Python lane builder, no Area.begin), at every root, with the right data; Ibarrier
-    through CollectiveRound.run."""
+    """Ibcast, Iallgather, Ireduce, Iallreduce, Iscan, Iexscan, Ialltoall and Ialltoallv
+    (uneven counts, a gap) in the forms codes pass on every call start their round through
+    CollectiveRound.front (collectives._c_start: no Python lane builder, no Area.begin), at
+    every root, with the right data; Ibarrier through CollectiveRound.run."""
     if form == "in_place" and call in ("Ibcast", "Iexscan"):
         pytest.skip(f"{call} has no IN_PLACE here")
     if call == "Ibarrier" and form != "numpy":
@@ -487,6 +491,38 @@ def test_started_through_the_c_front(comm, monkeypatch, call, form):
             break
         elif call == "Ibarrier":
             comm.Ibarrier().Wait()
+            break
+        elif call == "Ialltoall":
+            mine = [rank * 10.0 + q + i / 2 for q in range(size) for i in range(2)]
+            want = [q * 10.0 + rank + i / 2 for q in range(size) for i in range(2)]
+            recv, read = _doubles(base, mine if form == "in_place" else [0.0] * 2 * size)
+            send = MPI.IN_PLACE if form == "in_place" else _doubles(base, mine)[0]
+            for spec in (send, recv):
+                if isinstance(spec, list):
+                    spec[1] = 2  # (one rank's block)
+            comm.Ialltoall(send, recv).Wait()
+            assert read() == want
+            break
+        elif call == "Ialltoallv":  # rank r sends q + 1 doubles to rank q, then a gap of 1
+            counts = [q + 1 for q in range(size)]
+            displs = [sum(counts[:q]) + q for q in range(size)]
+            rcounts, rdispls = [rank + 1] * size, [(rank + 2) * q for q in range(size)]
+            mine = [-1.0] * (displs[-1] + counts[-1])
+            for q in range(size):
+                mine[displs[q] : displs[q] + counts[q]] = [rank * 10.0 + q] * counts[q]
+            recv, read = _doubles("numpy", [0.0] * (rdispls[-1] + rank + 1))
+            if form in ("in_place", "double"):
+                pytest.skip("Ialltoallv: vector specs only (numpy and spec cases)")
+            sbuf, _ = _doubles("numpy", mine)
+            if form == "numpy":
+                rspec = [recv, rcounts, rdispls, MPI.DOUBLE]
+            else:
+                rspec = [recv, (rcounts, rdispls), MPI.DOUBLE]
+            comm.Ialltoallv([sbuf, (counts, displs), MPI.DOUBLE], rspec).Wait()
+            got = read()
+            for q in range(size):
+                block = got[rdispls[q] : rdispls[q] + rank + 1]
+                assert block == [q * 10.0 + rank] * (rank + 1)
             break
         elif call in ("Iscan", "Iexscan"):
             upto = rank + 1 if call == "Iscan" else rank
