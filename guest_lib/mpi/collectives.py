@@ -1801,6 +1801,7 @@ class Collectives:
             yield [self._c_irecv(buffers.parse(recvbuf, writable=True).view, root, tag)]
             return
         spec = buffers.parse_vector(sendbuf, size)
+        own = part = None
         if recvbuf is not IN_PLACE and recvbuf is not None:  # (None: in place, as mpi4py)
             own = buffers.parse(recvbuf, writable=True).view
             part = spec.part(rank)
@@ -1809,8 +1810,10 @@ class Collectives:
                     exceptions.ERR_TRUNCATE,
                     f"scatter: {len(part)} bytes for the root into a {len(own)}-byte buffer",
                 )
+        sends = [self._c_isend(spec.part(r), r, tag) for r in range(size) if r != rank]
+        if own is not None and part is not None:  # (the others' blocks on their way first)
             own[: len(part)] = part
-        yield [self._c_isend(spec.part(r), r, tag) for r in range(size) if r != rank]
+        yield sends
 
     @collective(fast=_f_allgather)
     def Allgather(self, sendbuf: Any, recvbuf: Any) -> None:

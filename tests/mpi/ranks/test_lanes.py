@@ -420,3 +420,35 @@ def test_scatter_segment_leaves_out_the_root(comm, monkeypatch, in_place):
         comm.Scatter(every if rank == root else None, got, root=root)
         assert np.array_equal(got, every[rank * n : (rank + 1) * n])
     assert not entered and area.completed(comm) == before + 1
+
+
+@pytest.mark.parametrize("in_place", [False, True], ids=["recvbuf", "in_place"])
+def test_scatter_streamed_blocks_arrive_whole(comm, in_place):
+    """Scatterv blocks of 16 KiB and more go into the root's slab with stores that bypass the
+    caches (_fastpath.c COLL_STREAM_MIN), the root's own block copied after the others'
+    are out: blocks of odd lengths just under, at and over that size, at odd offsets of the
+    send buffer, arrive whole at every member (the bytes after each stay), the root's where
+    it belongs, at every root (the Python steps move the same blocks)."""
+    size, rank = comm.Get_size(), comm.Get_rank()
+    comm.Barrier()  # (binds the area)
+    shared = area.current(comm)
+    seg = shared.group._scatter_segment() if shared is not None else 1 << 16
+    rng = np.random.default_rng(7)
+    for root in range(size):
+        counts = [min(seg, (1 << 14) - 1 + 29 * ((q + root) % size)) for q in range(size)]
+        displs = [sum(counts[:q]) + 3 * (q + 1) for q in range(size)]
+        every = rng.integers(0, 256, displs[-1] + counts[-1] + 5, dtype=np.uint8)
+        got = np.full(counts[rank] + 9, 77, np.uint8)
+        if rank == root:
+            send = [every, counts, displs, MPI.BYTE]
+            if in_place:
+                before = every.copy()
+                comm.Scatterv(send, MPI.IN_PLACE, root=root)
+                assert np.array_equal(every, before)
+                continue
+            comm.Scatterv(send, [got, counts[rank], MPI.BYTE], root=root)
+        else:
+            comm.Scatterv(None, [got, counts[rank], MPI.BYTE], root=root)
+        mine = every[displs[rank] : displs[rank] + counts[rank]]
+        assert np.array_equal(got[: counts[rank]], mine)
+        assert (got[counts[rank] :] == 77).all()
