@@ -645,12 +645,20 @@ class Comm(attributes.Cached, Handle):
                 peer, self._ctx << _CTX_SHIFT | tag, data
             ):
                 return
+        self._send_spec(buf, dest, tag, False)
+
+    def _send_spec(self, buf: Any, dest: int, tag: int, sync: bool) -> None:
+        """Send message spec `buf` (blocking, synchronous with `sync`) the general way.
+
+        MPI.Exception(ERR_RANK/ERR_TAG) for a bad destination or tag; the spec's errors as
+        buffers.parse gives them (a plain spec takes buffers.quick: no full parse).
+        """
         self._dest(dest)
         self._send_tag(tag)
-        view = buffers.quick(buf)
+        view = _quick(buf, False, _SIZES)
         if view is None:
             view = buffers.parse(buf).view
-        self._send_bytes(view, dest, tag, self._ctx, False)
+        self._send_bytes(view, dest, tag, self._ctx, sync)
 
     def Ssend(self, buf: Any, dest: int, tag: int = 0) -> None:
         """Send a buffer (message spec) in synchronous mode.
@@ -658,9 +666,7 @@ class Comm(attributes.Cached, Handle):
         Returns once the receiver has matched the message. MPI.Exception(ERR_RANK/ERR_TAG) for a bad
         destination or tag; to PROC_NULL it returns at once.
         """
-        self._dest(dest)
-        self._send_tag(tag)
-        self._send_bytes(buffers.parse(buf).view, dest, tag, self._ctx, True)
+        self._send_spec(buf, dest, tag, True)
 
     Bsend = Send
     Rsend = Send
