@@ -743,7 +743,9 @@ class CollectiveGroup:
         every rank knows it (else the root's first arrival says how many rounds).
         `max_rounds` (the same at every member): the root declines a gatherv that needs more
         rounds (its first arrival says 0 rounds); after one round every member returns with
-        `declined` set and nothing moved, for the caller to move it otherwise."""
+        `declined` set and nothing moved, for the caller to move it otherwise. A member whose
+        own block needs more knows the root declines: its arrival announces its size
+        (nbytes, no data, rounds 0) and it does not wait for the root's word."""
         self.declined = False
         send = _flat(sendbuf, False)
         chunk = self.slab_size
@@ -756,6 +758,11 @@ class CollectiveGroup:
             rounds: int | None = _rounds(max(counts) if largest is None else largest, chunk)
         else:
             rounds = None if largest is None else _rounds(largest, chunk)
+            if max_rounds is not None and _rounds(len(send), chunk) > max_rounds:
+                yield from self._enter()
+                self._publish(KIND_GATHER, len(send))
+                self.declined = True
+                return
         if is_root and max_rounds is not None and rounds is not None and rounds > max_rounds:
             yield from self._begin(KIND_GATHER, b"", 0)  # rounds word 0: declined
             self.declined = True
@@ -1260,10 +1267,9 @@ class CollectiveGroup:
         if self.rank == root:
             recv = _flat(recvbuf, True)
             self._check_layout(counts, displs, len(recv), "recv")
-            if counts[root] != len(send) or max(counts) > self.slab_size:
+            if counts[root] != len(send):
                 return False
-        elif len(send) > self.slab_size:
-            return False
+        # (a block over a slab: the C round declines it, as the steps do)
         return self._c_run(C_GATHERV, send, recv, root, counts, displs)
 
     def _c_scatterv(

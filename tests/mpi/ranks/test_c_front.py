@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import array
 import mmap
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -284,6 +285,33 @@ def test_a_gather_over_a_slab_is_declined_in_c(comm, monkeypatch, call):
         if rank == root:
             assert recv.tolist() == [q + 1.0 for q in range(size) for _ in range(counts[q])]
     assert (entered, area.completed(comm) - before) == ([], 0)
+
+
+@pytest.mark.parametrize("call", ["Gather", "Gatherv"])
+def test_a_block_over_a_slab_leaves_without_the_root(comm, call):
+    """A member whose Gather(v) block is over a slab knows the root declines the round: its
+    call returns (the block on its way by messages) without waiting for the root to enter,
+    on the C round and on the steps alike (it waited for the root's word before); the root
+    then gets every block."""
+    size, rank = comm.Get_size(), comm.Get_rank()
+    comm.Barrier()
+    shared = area.current(comm)
+    if shared is None or any(route == 2 for route, _ in MPI._internal_state()["routes"]):
+        pytest.skip("no area here (one rank, or members in several regions)")
+    late = 1.0  # seconds the root enters after the others
+    n = shared.group.slab_size // 8 + 1  # doubles
+    recv = np.zeros(n * size)
+    spec = recv if call == "Gather" else [recv, [n] * size, MPI.DOUBLE]
+    comm.Barrier()
+    if rank == 0:
+        time.sleep(late)
+    began = time.monotonic()
+    getattr(comm, call)(np.full(n, rank + 1.0), spec, 0)
+    took = time.monotonic() - began
+    if rank == 0:
+        assert recv.tolist() == [q + 1.0 for q in range(size) for _ in range(n)]
+    else:
+        assert took < late / 2, f"rank {rank} waited {took:.3f} s for the root"
 
 
 @pytest.mark.parametrize("call", CALLS)
