@@ -729,9 +729,12 @@ class Comm(attributes.Cached, Handle):
         """
         peer = self._shm_peer.get(dest)  # None: not a rank on shared memory, or a freed comm
         if peer is not None and 0 <= tag <= constants.TAG_UB:
+            engine: Engine = self._engine  # type: ignore[assignment]  # a peer: an engine
+            lane = engine.lane
+            if lane is not None and lane.send(peer, self._ctx, tag, buf):  # (one C call)
+                return new_request(_SENT, engine, None, None)
             view = _quick(buf, False, _SIZES)
             if view is not None:  # a plain spec to a peer on shared memory: no more checks
-                engine: Engine = self._engine  # type: ignore[assignment]  # a peer: an engine
                 if engine.fast_send(peer, self._ctx << _CTX_SHIFT | tag, view, 0.0):
                     return new_request(_SENT, engine, None, None)
                 return new_request(
