@@ -139,7 +139,7 @@ class Area:
         that abandoned it sent: ERR_OTHER, or the fault-tolerance class it met), else
         Fallback."""
         engine = self.comm._engine
-        if not engine.abandoned:
+        if self._ctx not in engine.abandoned_in:  # (no record of this communicator)
             return
         with engine.lock:  # (other threads' progress adds records)
             records = list(engine.abandoned.items())
@@ -152,12 +152,9 @@ class Area:
 
     def untroubled(self) -> bool:
         """Whether the engine holds no record of an abandoned collective of this
-        communicator (other communicators' records do not concern its area)."""
-        engine = self.comm._engine
-        if not engine.abandoned:
-            return True
-        with engine.lock:  # (other threads' progress adds records)
-            return all(key[0] != self._ctx for key in engine.abandoned)
+        communicator (other communicators' records do not concern its area): one lookup in
+        Matching.abandoned_in."""
+        return self._ctx not in self.comm._engine.abandoned_in
 
     def _interrupt(self) -> None:
         """The group's hook while a wait is blocked: move messages, look for abandonment."""

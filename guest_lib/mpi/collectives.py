@@ -180,9 +180,10 @@ def front_lanes(cls: type) -> None:
     """Put in front of every method of `cls` that has a lane (`collective(fast=...)`, as
     the class has it at the end: wrapped by buffers.unpacking too) the shortest way to that
     lane, taken when nothing else needs a look: the area bound with its C accelerator, no
-    started area collective pending, no collective running, the engine quiet and holding no
-    record of a revoked communicator or an abandoned collective (of any communicator: the
-    method then decides, `Area.untroubled`). Anything else, and a lane's _SLOW, calls the
+    started area collective pending, no collective running, the engine quiet, this
+    communicator not revoked and no record of an abandoned collective of it
+    (`Area.untroubled`: other communicators' records and revocations do not concern it; the
+    method decides where they do). Anything else, and a lane's _SLOW, calls the
     method as it is. The nonblocking ones with a lane (`started`) alike (`_front_started`).
     With the C accelerator, the collectives of _C_FRONTS go first through the C front
     (`_c_front`; the nonblocking ones `_c_start`), in front of all that."""
@@ -216,8 +217,8 @@ def _front(method: Callable[..., Any], fast: Callable[..., Any]) -> Callable[...
             if (
                 group._c is not None
                 and not group._pending
-                and not engine.abandoned
-                and not engine.revoked
+                and shared._ctx not in engine.abandoned_in
+                and self._ctx not in engine.revoked
                 and engine.quiet()
             ):
                 if args_of is None:
@@ -249,15 +250,19 @@ def _front_started(
     method: Callable[..., Any], args_of: Callable[..., CArgs], messages: Messages | None
 ) -> Callable[..., Any]:
     """`_front` of a nonblocking collective with a lane (`started`): taken with the area
-    bound with its C accelerator and the engine holding no record of a revoked
-    communicator or an abandoned collective (of any communicator)."""
+    bound with its C accelerator, this communicator not revoked and no record of an
+    abandoned collective of it (`Area.untroubled`)."""
 
     @functools.wraps(method)
     def front(self: Any, *args: Any, **kwargs: Any) -> Any:
         shared = self._area
         if shared:
             engine = self._engine
-            if shared.group._c is not None and not engine.abandoned and not engine.revoked:
+            if (
+                shared.group._c is not None
+                and shared._ctx not in engine.abandoned_in
+                and self._ctx not in engine.revoked
+            ):
                 request = _begun(self, engine, shared, args_of, messages, args, kwargs)
                 if request is not None:
                     return request
@@ -732,8 +737,8 @@ def _c_front(self: Any, which: int, a: Any, b: Any, op: Any, root: Any) -> bool:
         c is None
         or group._pending
         or group._broken is not None
-        or engine.abandoned
-        or engine.revoked
+        or shared._ctx in engine.abandoned_in
+        or self._ctx in engine.revoked
         or not engine.quiet()
     ):
         return False
@@ -884,7 +889,12 @@ def _c_start(
     engine = self._engine
     group = shared.group
     c = group._c
-    if c is None or group._pending or engine.abandoned or engine.revoked:
+    if (
+        c is None
+        or group._pending
+        or shared._ctx in engine.abandoned_in
+        or self._ctx in engine.revoked
+    ):
         return None
     seq = self._nb_seq
     try:

@@ -231,6 +231,9 @@ class Matching:
         # (collective context, tag base) of abandoned collective instances -> (number, why,
         # error class the members fail with)
         self.abandoned: dict[tuple[int, int], tuple[int, str, int]] = {}
+        # collective context -> how many records of `abandoned` are about it (absent: none),
+        # kept by _record/_forget: the collectives' fast paths look here, one lookup per call
+        self.abandoned_in: dict[int, int] = {}
         # point-to-point contexts of revoked communicators (see `ulfm`) -> who revoked them
         self.revoked: dict[int, str] = {}
 
@@ -365,7 +368,7 @@ class Matching:
             for ctx in ctxs:
                 self.ctx_gen[ctx] = gen
             for key in [key for key in self.abandoned if key[0] in ctxs]:
-                del self.abandoned[key]
+                self._forget(key)
             for key in [key for key in self.early if key[0] in ctxs]:
                 self.abandoned_by(*self.early.pop(key))  # (those still early go back)
             for ctx in ctxs:
@@ -437,7 +440,7 @@ class Matching:
         if error not in wire.ABANDON_CLASSES:
             error = exceptions.ERR_OTHER
         with self.lock:
-            self.abandoned[(ctx, base)] = (seq, reason, error)
+            self._record((ctx, base), (seq, reason, error))
             self._fail_posted(ctx, base, span, 0)
             self._purge(lambda entry: entry.ctx == ctx and base <= entry.tag < base + span)
             payload = wire.encode_abandon(ctx, gen, seq, base, span, error, reason)
@@ -461,10 +464,28 @@ class Matching:
                 self.early[(notice.ctx, notice.base)] = (notice, who)
             return
         reason = f"{who} left this collective: {notice.reason}"
-        self.abandoned[(notice.ctx, notice.base)] = (notice.seq, reason, notice.error)
+        self._record((notice.ctx, notice.base), (notice.seq, reason, notice.error))
         self._fail_posted(notice.ctx, notice.base, notice.span, notice.error, reason)
         end = notice.base + notice.span
         self._purge(lambda e: e.ctx == notice.ctx and notice.base <= e.tag < end)
+
+    def _record(self, key: tuple[int, int], record: tuple[int, str, int]) -> None:
+        """Put `record` (number, why, error class) in `abandoned` at `key` (collective
+        context, tag base), replacing any there, and count it in `abandoned_in`. Callers hold
+        the lock."""
+        if key not in self.abandoned:
+            self.abandoned_in[key[0]] = self.abandoned_in.get(key[0], 0) + 1
+        self.abandoned[key] = record
+
+    def _forget(self, key: tuple[int, int]) -> None:
+        """Remove the record at `key` from `abandoned` (if any) and from `abandoned_in`'s
+        count (its context leaves it with its last record). Callers hold the lock."""
+        if self.abandoned.pop(key, None) is not None:
+            left = self.abandoned_in[key[0]] - 1
+            if left:
+                self.abandoned_in[key[0]] = left
+            else:
+                del self.abandoned_in[key[0]]
 
     def _fail_posted(self, ctx: int, base: int, span: int, error: int, why: str = "") -> None:
         """Complete the posted receives of one collective instance: with `error` (and `why`
@@ -483,7 +504,7 @@ class Matching:
         if not self.abandoned:
             return None
         with self.lock:
-            self.abandoned.pop((ctx, wire.coll_base(seq + wire.COLL_INSTANCES // 2)), None)
+            self._forget((ctx, wire.coll_base(seq + wire.COLL_INSTANCES // 2)))
             return self.abandoned_already(ctx, wire.coll_base(seq), seq)
 
     def abandoned_already(self, ctx: int, base: int, seq: int) -> tuple[int, str] | None:
@@ -495,6 +516,6 @@ class Matching:
             if record is None:
                 return None
             if record[0] != seq:
-                del self.abandoned[(ctx, base)]
+                self._forget((ctx, base))
                 return None
             return record[2], record[1]

@@ -257,6 +257,39 @@ def test_every_form_is_one_c_call(comm, monkeypatch, call, form):
     assert (entered, area.completed(comm) - before) == ([], rounds)
 
 
+def test_another_communicators_abandoned_collective_leaves_the_c_front_on(comm, monkeypatch):
+    """A collective abandoned on another communicator (a bad root on every rank) leaves a
+    record in the engine (COMM_WORLD's stay for good); this communicator's Bcast and Ibcast
+    still run in the C front, right, at every root (the fronts stepped aside while the engine
+    held any record, of any communicator: one argument error slowed every later collective)."""
+    other = MPI.COMM_WORLD.Dup()
+    try:
+        with pytest.raises(MPI.Exception):
+            other.Bcast(np.zeros(N), root=other.Get_size() + 5)
+        comm.Barrier()  # (binds the area)
+        shared = area.current(comm)
+        if shared is None or not shared.ready():
+            pytest.skip("no area here (one rank) or the Python steps only (PUREPYTHON)")
+        assert comm._engine.abandoned, "the failed Bcast left no record: nothing tested"
+        entered = _entries(monkeypatch)
+        general = collectives._begun
+        monkeypatch.setattr(
+            collectives, "_begun", lambda *args: entered.append("_begun") or general(*args)
+        )
+        size, rank = comm.Get_size(), comm.Get_rank()
+        before = area.completed(comm)
+        for root in range(size):
+            buf = np.full(N, float(root) if rank == root else -1.0)
+            comm.Bcast(buf, root)
+            assert buf.tolist() == [float(root)] * N
+            buf = np.full(N, root + 0.5 if rank == root else -1.0)
+            comm.Ibcast(buf, root).Wait()
+            assert buf.tolist() == [root + 0.5] * N
+        assert (entered, area.completed(comm) - before) == ([], 2 * size)
+    finally:
+        other.Free()
+
+
 @pytest.mark.parametrize("call", ["Gather", "Gatherv"])
 def test_a_gather_over_a_slab_is_declined_in_c(comm, monkeypatch, call):
     """A Gather(v) with a block over one slab: every member declines its round in the C
