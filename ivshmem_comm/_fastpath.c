@@ -904,8 +904,8 @@ static void tx_store_header(Ring *r, Py_ssize_t offset, uint64_t total, uint32_t
 }
 
 /* A message of `len` bytes at `buf` written whole into one span and published: SEND_OK or
- * SEND_KICK (the device must be kicked); SEND_TOO_BIG (more than one span) or SEND_FULL (no
- * room now), nothing written; SEND_ERROR with an error set (the ring's). Shared by
+ * SEND_KICK (the device must be kicked); SEND_TOO_BIG (more than one span), SEND_FULL (no
+ * room now) or RESERVE_LATER (tx_reserve_impl's), nothing written; SEND_ERROR with an error set (the ring's). Shared by
  * send_small and P2PLane.send. */
 static int tx_send_bytes(TxRing *self, uint32_t tag, const void *buf, Py_ssize_t len)
 {
@@ -921,7 +921,7 @@ static int tx_send_bytes(TxRing *self, uint32_t tag, const void *buf, Py_ssize_t
     }
     Py_ssize_t offset = tx_reserve_impl(self, length);
     if (offset < 0)
-        return offset == -2 ? SEND_ERROR : SEND_FULL;
+        return offset == -2 ? SEND_ERROR : offset == RESERVE_LATER ? RESERVE_LATER : SEND_FULL;
     tx_store_header(r, offset, (uint64_t)len, tag);
     memcpy(r->base + offset + SPAN_HEADER_SIZE, buf, (size_t)len);
     count(r, CNT_MESSAGES, 1);
@@ -1031,7 +1031,8 @@ static PyMethodDef tx_methods[] = {
     {"publish_payload", (PyCFunction)(void (*)(void))tx_publish_payload, METH_FASTCALL,
      "publish_payload(start, data, published) -> (published, kick)"},
     {"send_small", (PyCFunction)(void (*)(void))tx_send_small, METH_FASTCALL,
-     "send_small(tag, data): one-span message; SEND_OK, SEND_KICK, SEND_FULL or SEND_TOO_BIG."},
+     "send_small(tag, data): one-span message; SEND_OK, SEND_KICK, SEND_FULL, RESERVE_LATER or "
+     "SEND_TOO_BIG."},
     {"write", (PyCFunction)(void (*)(void))tx_write, METH_FASTCALL,
      "write(offset, data): copy `data` into the open reservation at region `offset`."},
     {"write_header", (PyCFunction)(void (*)(void))tx_write_header, METH_FASTCALL,

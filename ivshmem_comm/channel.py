@@ -82,8 +82,8 @@ class TxChannel:
             self._send_tail(deadline)
         ring = self.ring
         status = ring.send_small(tag, data)
-        while status == SEND_FULL:
-            self._wait_space(deadline)
+        while status in (SEND_FULL, RESERVE_LATER):
+            self._wait_space(deadline, status == RESERVE_LATER)
             status = ring.send_small(tag, data)
         if status == SEND_KICK:
             self._kick()

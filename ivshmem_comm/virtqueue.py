@@ -357,8 +357,10 @@ class TxRing(_RingBase):
         """Send one message that fits one span: header + `data` (any C-contiguous buffer).
 
         Returns SEND_OK or SEND_KICK when published, SEND_FULL when there is no room now
-        (nothing was written; reclaim, wait and retry), SEND_TOO_BIG when the header and
-        `data` exceed max_span (nothing was written; send it in pieces). A message of at least
+        (nothing was written; reclaim, wait and retry), RESERVE_LATER when reserve says so
+        (nothing was written; as SEND_FULL, but wait at most layout.LIVE_RECEIVER_NS),
+        SEND_TOO_BIG when the header and `data` exceed max_span (nothing was written; send it
+        in pieces). A message of at least
         layout.RECLAIM_FIRST bytes reclaims first (and raises what reclaim raises).
         """
         _check_tag(tag)
@@ -370,7 +372,7 @@ class TxRing(_RingBase):
             self.reclaim()  # an emptied queue restarts at the bottom: in cache
         offset = self.reserve(length)
         if offset < 0:
-            return SEND_FULL
+            return RESERVE_LATER if offset == RESERVE_LATER else SEND_FULL
         layout.SPAN_HEADER.pack_into(self._buf, offset, len(data), tag, layout.HDR_F_FIRST)
         start = offset + layout.SPAN_HEADER_SIZE
         self._buf[start : start + len(data)] = data

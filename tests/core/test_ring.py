@@ -343,6 +343,32 @@ def test_a_live_receiver_keeps_the_stream_in_the_cache_window(tx_impl: str, rx_i
 
 
 @pytest.mark.parametrize(("tx_impl", "rx_impl"), PAIRS)
+def test_send_small_says_reserve_later_as_reserve_does(tx_impl: str, rx_impl: str) -> None:
+    """A one-span message past the cache window while the receiver keeps up: RESERVE_LATER,
+    nothing written; once the receiver has not kept up for LIVE_RECEIVER_NS, the room above."""
+    one = payload(0, 1 << 17) * 8  # one span: MIB with its header
+    one = one[: MIB - layout.SPAN_HEADER_SIZE]
+    window = layout.CACHE_WINDOW // MIB
+    sent = (virtqueue.SEND_OK, virtqueue.SEND_KICK)
+    for _ in live_attempts():
+        tx, rx, _ = window_pair(tx_impl, rx_impl)
+        assert tx.send_small(1, one) in sent
+        take(rx)
+        began = time.monotonic_ns()
+        statuses = [tx.send_small(2, one) for _ in range(window + 1)]  # (the first reclaims)
+        if time.monotonic_ns() - began < layout.LIVE_RECEIVER_NS:
+            break
+    assert all(status in sent for status in statuses[:-1])
+    assert statuses[-1] == virtqueue.RESERVE_LATER and tx.in_flight == window
+    time.sleep(IDLE_S)
+    assert tx.send_small(3, one) in sent
+    spans = [rx.poll() for _ in range(window + 1)]
+    assert [span[0] - tx.data_offset for span in spans if span] == [
+        i * MIB for i in range(window + 1)
+    ]
+
+
+@pytest.mark.parametrize(("tx_impl", "rx_impl"), PAIRS)
 def test_a_queue_waited_on_too_long_stops_waiting_until_back_at_the_bottom(
     tx_impl: str, rx_impl: str
 ) -> None:
