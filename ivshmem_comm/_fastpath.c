@@ -4064,8 +4064,8 @@ static bool flat_format(const char *format)
 {
     if (format == NULL)
         return true; /* unsigned bytes */
-    for (int i = 0; flat_formats[i] != NULL; i++)
-        if (strcmp(format, flat_formats[i]) == 0)
+    for (int i = 0; flat_formats[i] != NULL; i++) /* (first letters first: no call mostly) */
+        if (format[0] == flat_formats[i][0] && strcmp(format, flat_formats[i]) == 0)
             return true;
     return false;
 }
