@@ -1934,8 +1934,8 @@ static PyTypeObject RxRingType = {
  * are kept here meanwhile. Returns 0 when the round completed, 1 when a member declined it
  * (gatherv / scatterv / alltoallv: rounds word 0). A declined alltoallv writes no block of
  * another member into recv (it reads every member's rounds word first, CP_ROUNDS; its own
- * block is copied at the start unless this member declines), so that in place (send is
- * recv) the caller still holds what it sends otherwise.
+ * block is copied once the others are published, unless it declines), so that in place (send
+ * is recv) the caller still holds what it sends otherwise.
  * ------------------------------------------------------------------------------------------ */
 enum {
     CW_BARRIER, CW_BCAST, CW_GATHERV, CW_SCATTERV, CW_ALLGATHERV, CW_ALLTOALLV,
@@ -2234,9 +2234,14 @@ static void coll_publish(CollRound *c)
     case CW_ALLTOALLV:
         if (!c->rounds_out) /* declined: no block moves here */
             break;
-        for (int q = 0; q < c->size; q++)
-            if (q != me)
+        for (int q = 0; q < c->size; q++) {
+            if (q == me)
+                continue;
+            if (c->counts[q] >= COLL_STREAM_MIN) /* (see there: as a scatterv's) */
+                copy_bytes_streaming(slab + q * c->seg, send + c->displs[q], c->counts[q]);
+            else
                 memcpy(slab + q * c->seg, send + c->displs[q], (size_t)c->counts[q]);
+        }
         break;
     case CW_FOLD: /* a reduce-scatter: block q (at displs[q] of send) at q * seg */
         if (!c->scatter)
@@ -2406,11 +2411,14 @@ static PyObject *coll_advance(CollRound *c, long long spin_ns, bool yield)
                 coll_release_call(c);
                 return NULL;
             }
-            /* a scatterv root's own block, once the others' are published (they need not
-             * wait for this copy) */
+            /* a scatterv root's or an alltoallv member's own block, once the others' are
+             * published (they need not wait for this copy; in place it stays where it is) */
             if (c->which == CW_SCATTERV && me == c->root && c->rounds_out && c->has_recv)
                 memmove(c->recv.buf, (unsigned char *)c->send.buf + c->displs[me],
                         (size_t)c->recv.len);
+            if (c->which == CW_ALLTOALLV && c->rounds_out)
+                memmove((unsigned char *)c->recv.buf + c->rdispls[me],
+                        (unsigned char *)c->send.buf + c->displs[me], (size_t)c->counts[me]);
             break;
         case CP_ROUNDS: /* alltoallv: every arrival and its rounds word before any block */
             for (int r; (r = coll_taken(c, c->pos)) >= 0; c->pos++) {
@@ -2615,10 +2623,7 @@ static int coll_prepare(CollRound *c)
         for (int q = 0; q < c->size; q++)
             if (c->counts[q] > c->seg || c->rcounts[q] > c->seg)
                 c->rounds_out = 0;
-        c->declined = !c->rounds_out;
-        if (c->rounds_out)
-            memmove((unsigned char *)c->recv.buf + c->rdispls[me],
-                    (unsigned char *)c->send.buf + c->displs[me], (size_t)c->counts[me]);
+        c->declined = !c->rounds_out; /* (its own block: copied once the others' are out) */
         break;
     default:
         break;
