@@ -872,6 +872,7 @@ def _c_start(
     front: bool,
     *args: Any,
     messages: Messages | None = None,
+    margs: tuple[Any, ...] = (),
     stage: bool = True,
 ) -> Request | None:
     """A nonblocking collective's round started in one C call, where `_front_started` would
@@ -880,7 +881,7 @@ def _c_start(
     the lanes' rules in C), else CollectiveRound.run with `args`. Returns its Request
     (a plain done one where the first poll completed the round; else an AreaRequest on
     the pending round, whose Wait polls it in C: `_request_for`, `messages` its stages for
-    (args[1], args[2]) where the round is declined, `stage` as there), or None having
+    `margs` where the round is declined, `stage` as there), or None having
     moved nothing (the method's, with its front, to run as usual). The instance is
     numbered, and abandoned on an error, as `_begin` does."""
     shared = self._area
@@ -914,7 +915,7 @@ def _c_start(
         self._nb_seq = seq + 1
         shared.completed += 1
         return new_request(_STARTED_DONE, engine, None, None)
-    return _request_for(self, engine, shared, seq, request, messages, args[1:3], {}, stage)
+    return _request_for(self, engine, shared, seq, request, messages, margs, {}, stage)
 
 
 def _s_barrier(method: Callable[..., Any]) -> Callable[..., Any]:
@@ -976,6 +977,22 @@ def _s_folding(which: int) -> Callable[[Callable[..., Any]], Callable[..., Any]]
     return make
 
 
+def _s_gather(method: Callable[..., Any]) -> Callable[..., Any]:
+    """The C front of Igather(v) (`_c_start`), then `method`. A round its members decline (a
+    block over a slab somewhere) goes on over messages (`_m_gather`), its pending round
+    staged with the engine."""
+
+    @functools.wraps(method)
+    def Igather(self: Any, sendbuf: Any, recvbuf: Any, root: int = 0) -> Request:
+        request = _c_start(
+            self, True, F_GATHER, sendbuf, recvbuf, None, root,
+            messages=_m_gather, margs=(sendbuf, recvbuf, root),
+        )  # fmt: skip
+        return method(self, sendbuf, recvbuf, root) if request is None else request
+
+    return Igather
+
+
 def _s_alltoall(which: int) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """The C front (`_c_start`) of Ialltoall or Ialltoallv (`which`), then the method. A round
     its members decline (Ialltoallv: a block over a segment somewhere) goes on over messages
@@ -988,8 +1005,9 @@ def _s_alltoall(which: int) -> Callable[[Callable[..., Any]], Callable[..., Any]
         @functools.wraps(method)
         def pair(self: Any, sendbuf: Any, recvbuf: Any) -> Any:
             request = _c_start(
-                self, True, which, sendbuf, recvbuf, None, 0, messages=_m_alltoall, stage=stage
-            )
+                self, True, which, sendbuf, recvbuf, None, 0,
+                messages=_m_alltoall, margs=(sendbuf, recvbuf), stage=stage,
+            )  # fmt: skip
             return method(self, sendbuf, recvbuf) if request is None else request
 
         return pair
@@ -1022,6 +1040,8 @@ _C_FRONTS: dict[str, Callable[[Callable[..., Any]], Callable[..., Any]]] = {
     "Iscan": _s_folding(F_SCAN),
     "Iexscan": _s_folding(F_EXSCAN),
     "Ireduce_scatter_block": _s_folding(F_REDUCE_SCATTER_BLOCK),
+    "Igather": _s_gather,
+    "Igatherv": _s_gather,
     "Ialltoall": _s_alltoall(F_ALLTOALL),
     "Ialltoallv": _s_alltoall(F_ALLTOALLV),
 }

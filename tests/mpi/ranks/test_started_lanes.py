@@ -449,14 +449,15 @@ def _doubles(form: str, values: list[float]) -> tuple[Any, Callable[[], list[flo
     "call",
     [
         "Ibcast", "Iallgather", "Ireduce", "Iallreduce", "Iscan", "Iexscan", "Ibarrier",
-        "Ialltoall", "Ialltoallv",
+        "Ialltoall", "Ialltoallv", "Igather",
     ],
 )  # fmt: skip
 def test_started_through_the_c_front(comm, monkeypatch, call, form):
-    """Ibcast, Iallgather, Ireduce, Iallreduce, Iscan, Iexscan, Ialltoall and Ialltoallv
-    (uneven counts, a gap) in the forms codes pass on every call start their round through
-    CollectiveRound.front (collectives._c_start: no Python lane builder, no Area.begin), at
-    every root, with the right data; Ibarrier through CollectiveRound.run."""
+    """Ibcast, Iallgather, Ireduce, Iallreduce, Iscan, Iexscan, Igather, Ialltoall and
+    Ialltoallv (uneven counts, a gap) in the forms codes pass on every call start their
+    round through CollectiveRound.front (collectives._c_start: no Python lane builder, no
+    Area.begin), at every root, with the right data; Ibarrier through
+    CollectiveRound.run."""
     if form == "in_place" and call in ("Ibcast", "Iexscan"):
         pytest.skip(f"{call} has no IN_PLACE here")
     if call == "Ibarrier" and form != "numpy":
@@ -492,6 +493,17 @@ def test_started_through_the_c_front(comm, monkeypatch, call, form):
         elif call == "Ibarrier":
             comm.Ibarrier().Wait()
             break
+        elif call == "Igather":
+            every = [q + 1.0 + i for q in range(size) for i in range(2)]
+            recv, read = _doubles(base, every if form == "in_place" else [0.0] * 2 * size)
+            if isinstance(recv, list):
+                recv[1] = 2  # (one rank's block)
+            send = _doubles(base, mine)[0]
+            if form == "in_place" and rank == root:
+                send = MPI.IN_PLACE
+            comm.Igather(send, recv if rank == root else None, root).Wait()
+            if rank == root:
+                assert read() == every
         elif call == "Ialltoall":
             mine = [rank * 10.0 + q + i / 2 for q in range(size) for i in range(2)]
             want = [q * 10.0 + rank + i / 2 for q in range(size) for i in range(2)]
