@@ -1015,6 +1015,22 @@ def _s_alltoall(which: int) -> Callable[[Callable[..., Any]], Callable[..., Any]
     return make
 
 
+def _s_scatter(method: Callable[..., Any]) -> Callable[..., Any]:
+    """The C front (`_c_start`) of Iscatter and Iscatterv, then the method. A round the
+    root declines (a block over a segment) goes on over messages (`_m_scatter`), its pending
+    round staged with the engine (a member other than the root cannot tell beforehand)."""
+
+    @functools.wraps(method)
+    def Iscatter(self: Any, sendbuf: Any, recvbuf: Any, root: int = 0) -> Request:
+        request = _c_start(
+            self, True, F_SCATTER, sendbuf, recvbuf, None, root,
+            messages=_m_scatter, margs=(sendbuf, recvbuf, root),
+        )  # fmt: skip
+        return method(self, sendbuf, recvbuf, root) if request is None else request
+
+    return Iscatter
+
+
 # name -> the maker of its C front (see front_lanes)
 _C_FRONTS: dict[str, Callable[[Callable[..., Any]], Callable[..., Any]]] = {
     "Bcast": _c_bcast,
@@ -1044,6 +1060,8 @@ _C_FRONTS: dict[str, Callable[[Callable[..., Any]], Callable[..., Any]]] = {
     "Igatherv": _s_gather,
     "Ialltoall": _s_alltoall(F_ALLTOALL),
     "Ialltoallv": _s_alltoall(F_ALLTOALLV),
+    "Iscatter": _s_scatter,
+    "Iscatterv": _s_scatter,
 }
 
 # F_* code of a declinable collective -> its way on messages where a member declined its

@@ -235,12 +235,13 @@ def test_waited_in_another_thread(comm, call):
 def _over_a_slab(call: str, comm: MPI.Intracomm, salt: int) -> tuple[MPI.Request, Check]:
     """`call` (Igatherv, Iscatterv, Ialltoallv) where one member's block is over a slab of
     the area (7 bytes past it; the other blocks 1-3 bytes): the members decline the round
-    (not every member can size it) and the instance goes on over messages."""
+    (not every member can size it) and the instance goes on over messages (Iscatterv: from
+    the last rank, the big block rank 0's)."""
     size, rank = comm.Get_size(), comm.Get_rank()
     shared = area.current(comm)
     big = (shared.group.slab_size if shared is not None else 1 << 16) + 7
-    root = 0
-    counts = [big if r == 1 else r + 1 for r in range(size)]
+    root, far = (size - 1, 0) if call == "Iscatterv" else (0, 1)
+    counts = [big if r == far else r + 1 for r in range(size)]
     displs = [sum(counts[:r]) for r in range(size)]
     every = np.concatenate([np.full(counts[r], r + salt, "u1") for r in range(size)])
     mine = np.full(counts[rank], rank + salt, "u1")
@@ -449,14 +450,14 @@ def _doubles(form: str, values: list[float]) -> tuple[Any, Callable[[], list[flo
     "call",
     [
         "Ibcast", "Iallgather", "Ireduce", "Iallreduce", "Iscan", "Iexscan", "Ibarrier",
-        "Ialltoall", "Ialltoallv", "Igather",
+        "Ialltoall", "Ialltoallv", "Igather", "Iscatter", "Iscatterv",
     ],
 )  # fmt: skip
 def test_started_through_the_c_front(comm, monkeypatch, call, form):
-    """Ibcast, Iallgather, Ireduce, Iallreduce, Iscan, Iexscan, Igather, Ialltoall and
-    Ialltoallv (uneven counts, a gap) in the forms codes pass on every call start their
-    round through CollectiveRound.front (collectives._c_start: no Python lane builder, no
-    Area.begin), at every root, with the right data; Ibarrier through
+    """Ibcast, Iallgather, Ireduce, Iallreduce, Iscan, Iexscan, Igather, Iscatter(v),
+    Ialltoall and Ialltoallv (uneven counts, a gap) in the forms codes pass on every call
+    start their round through CollectiveRound.front (collectives._c_start: no Python lane
+    builder, no Area.begin), at every root, with the right data; Ibarrier through
     CollectiveRound.run."""
     if form == "in_place" and call in ("Ibcast", "Iexscan"):
         pytest.skip(f"{call} has no IN_PLACE here")
@@ -536,6 +537,24 @@ def test_started_through_the_c_front(comm, monkeypatch, call, form):
                 block = got[rdispls[q] : rdispls[q] + rank + 1]
                 assert block == [q * 10.0 + rank] * (rank + 1)
             break
+        elif call in ("Iscatter", "Iscatterv"):  # Iscatterv: the blocks in reverse order
+            every = [q + 0.5 + i for q in range(size) for i in range(2)]
+            send = None
+            if rank == root:
+                order = range(size) if call == "Iscatter" else reversed(range(size))
+                send, _ = _doubles(base, [q + 0.5 + i for q in order for i in range(2)])
+                if isinstance(send, list):
+                    send[1] = 2  # (one rank's block)
+                if call == "Iscatterv":
+                    obj = send if isinstance(send, np.ndarray) else send[0]
+                    displs = [2 * (size - 1 - q) for q in range(size)]
+                    send = [obj, ([2] * size, displs), MPI.DOUBLE]
+            if rank == root and form == "in_place":
+                getattr(comm, call)(send, MPI.IN_PLACE, root).Wait()
+                continue
+            recv, read = _doubles(base, [-1.0] * 2)
+            getattr(comm, call)(send, recv, root).Wait()
+            assert read() == every[2 * rank : 2 * rank + 2]
         elif call in ("Iscan", "Iexscan"):
             upto = rank + 1 if call == "Iscan" else rank
             want = [sum(q + 1.0 + i for q in range(upto)) for i in range(2)]
