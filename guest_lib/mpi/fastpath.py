@@ -77,6 +77,7 @@ class FastPaths:
     """The fast paths, mixed into the Engine (which supplies the attributes below)."""
 
     lane: Any  # the ring.P2PLane of make_lane, or None (then the Python paths alone)
+    crowded: bool  # ranks outnumber CPUs (see engine.Engine.crowded)
     posted: list[Any]
     unexpected: list[Any]
     mpi_active: list[Any]
@@ -102,7 +103,10 @@ class FastPaths:
             tag_bits=_CTX_SHIFT,
             any_tag=constants.ANY_TAG,
             whole_max=self.whole_max,
-            max_spin_ns=int(FAST_TIMEOUT * 1e9),
+            # crowded (ranks outnumber CPUs): no spin of its own, only a look; else the Python
+            # path, which spins again before it sleeps, would spin twice as long with the CPU
+            # the awaited rank needs
+            max_spin_ns=0 if self.crowded else int(FAST_TIMEOUT * 1e9),
         )  # fmt: skip
 
     def lane_fault(self, peer: int, exc: BaseException) -> None:
