@@ -1188,8 +1188,9 @@ class Comm(attributes.Cached, Handle):
         return Intracomm(engine, members, ctx, mirror, mirror_coll)
 
     def _members_or(self, members: list[int], value: int, tag: int) -> int:
-        """Return the context offers `value` merged over the world ranks `members`
-        (matching.merge_offers: the bitwise OR of the maps, the highest clock).
+        """Return the context offers `value` merged over the world ranks `members`.
+
+        The merge is matching.merge_offers: the bitwise OR of the maps, the highest clock.
 
         `members` is a part of this communicator that this process belongs to; by messages on its
         collective context with tags no collective of the whole communicator uses (T_GROUP + tag).
