@@ -21,6 +21,14 @@ def _echo(ep, count):
             ep.send(msg.source, msg.data, tag=msg.tag)
 
 
+def _echo_late(ep, count):
+    """_echo, each answer 1 ms late: the sender's receive has gone to sleep by then."""
+    for _ in range(count):
+        with ep.recv() as msg:
+            time.sleep(0.001)
+            ep.send(msg.source, msg.data, tag=msg.tag)
+
+
 @pytest.mark.parametrize("size", [0, 1, 8, 4079, 4096, 1 << 20, 3 << 20, 9 << 20])
 def test_echo_sizes(make_region, spawn, size):
     region = make_region(size=8 << 20)
@@ -301,7 +309,10 @@ def test_a_wait_woken_per_message_looks_at_the_peer_process_once_a_slice(
     monkeypatch.setattr(region_mod, "pid_alive", counted)
     region = make_region()
     rounds = 200
-    proc = spawn(run_peer, _echo, region.name, 1, rounds)
+    # The answers come late: an echo that answers at once can beat this process from its send
+    # to its receive (the peer spinning, or run first by the scheduler on a busy machine), and
+    # the receive then never blocks (CI: 3 sleeps in 199 rounds)
+    proc = spawn(run_peer, _echo_late, region.name, 1, rounds)
     with region.endpoint(0, spin_us=0) as ep:
         ep.send(1, b"x")
         with ep.recv(1, timeout=30):
