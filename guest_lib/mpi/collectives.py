@@ -977,20 +977,24 @@ def _s_folding(which: int) -> Callable[[Callable[..., Any]], Callable[..., Any]]
     return make
 
 
-def _s_gather(method: Callable[..., Any]) -> Callable[..., Any]:
-    """The C front of Igather(v) (`_c_start`), then `method`. A round its members decline (a
-    block over a slab somewhere) goes on over messages (`_m_gather`), its pending round
-    staged with the engine."""
+def _s_rooted(which: int, messages: Messages) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """The C front (`_c_start`) of Igather(v) or Iscatter(v) (`which`), then the method. A
+    round declined (Igather(v): a block over a slab somewhere; Iscatter(v): the root's block
+    over a segment) goes on over `messages` from the same root, its pending round staged
+    with the engine (a member cannot tell beforehand)."""
 
-    @functools.wraps(method)
-    def Igather(self: Any, sendbuf: Any, recvbuf: Any, root: int = 0) -> Request:
-        request = _c_start(
-            self, True, F_GATHER, sendbuf, recvbuf, None, root,
-            messages=_m_gather, margs=(sendbuf, recvbuf, root),
-        )  # fmt: skip
-        return method(self, sendbuf, recvbuf, root) if request is None else request
+    def make(method: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(method)
+        def rooted(self: Any, sendbuf: Any, recvbuf: Any, root: int = 0) -> Request:
+            request = _c_start(
+                self, True, which, sendbuf, recvbuf, None, root,
+                messages=messages, margs=(sendbuf, recvbuf, root),
+            )  # fmt: skip
+            return method(self, sendbuf, recvbuf, root) if request is None else request
 
-    return Igather
+        return rooted
+
+    return make
 
 
 def _s_alltoall(which: int) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -1013,22 +1017,6 @@ def _s_alltoall(which: int) -> Callable[[Callable[..., Any]], Callable[..., Any]
         return pair
 
     return make
-
-
-def _s_scatter(method: Callable[..., Any]) -> Callable[..., Any]:
-    """The C front (`_c_start`) of Iscatter and Iscatterv, then the method. A round the
-    root declines (a block over a segment) goes on over messages (`_m_scatter`), its pending
-    round staged with the engine (a member other than the root cannot tell beforehand)."""
-
-    @functools.wraps(method)
-    def Iscatter(self: Any, sendbuf: Any, recvbuf: Any, root: int = 0) -> Request:
-        request = _c_start(
-            self, True, F_SCATTER, sendbuf, recvbuf, None, root,
-            messages=_m_scatter, margs=(sendbuf, recvbuf, root),
-        )  # fmt: skip
-        return method(self, sendbuf, recvbuf, root) if request is None else request
-
-    return Iscatter
 
 
 # name -> the maker of its C front (see front_lanes)
@@ -1056,12 +1044,12 @@ _C_FRONTS: dict[str, Callable[[Callable[..., Any]], Callable[..., Any]]] = {
     "Iscan": _s_folding(F_SCAN),
     "Iexscan": _s_folding(F_EXSCAN),
     "Ireduce_scatter_block": _s_folding(F_REDUCE_SCATTER_BLOCK),
-    "Igather": _s_gather,
-    "Igatherv": _s_gather,
+    "Igather": _s_rooted(F_GATHER, _m_gather),
+    "Igatherv": _s_rooted(F_GATHER, _m_gather),
     "Ialltoall": _s_alltoall(F_ALLTOALL),
     "Ialltoallv": _s_alltoall(F_ALLTOALLV),
-    "Iscatter": _s_scatter,
-    "Iscatterv": _s_scatter,
+    "Iscatter": _s_rooted(F_SCATTER, _m_scatter),
+    "Iscatterv": _s_rooted(F_SCATTER, _m_scatter),
 }
 
 # F_* code of a declinable collective -> its way on messages where a member declined its
