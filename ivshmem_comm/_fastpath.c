@@ -2831,7 +2831,8 @@ static bool flat_format(const char *format);
  * ------------------------------------------------------------------------------------------ */
 enum {
     CF_BCAST, CF_GATHER, CF_ALLGATHER, CF_REDUCE, CF_ALLREDUCE, CF_SCAN, CF_EXSCAN,
-    CF_REDUCE_SCATTER_BLOCK, CF_REDUCE_SCATTER, CF_SCATTER, CF_ALLTOALL, CF_ALLTOALLV, CF_COUNT
+    CF_REDUCE_SCATTER_BLOCK, CF_REDUCE_SCATTER, CF_SCATTER, CF_ALLTOALL, CF_ALLTOALLV,
+    CF_BCAST_BYTES, CF_GATHER_BYTES, CF_ALLGATHER_BYTES, CF_COUNT
 };
 
 /* set_front's tables: numpy.ndarray, MPI.IN_PLACE, and dicts keyed by id(): of a predefined
@@ -3079,7 +3080,9 @@ static int front_blocks(CollRound *c, PyObject *obj, bool writable, Py_buffer *v
  * (CF_*) with the user's arguments: Bcast(a, root), Gather(a, b, root), Allgather(a, b),
  * Scatter(v)(a, b, root),
  * Reduce(a, b, op, root), Allreduce / Scan / Exscan / Reduce_scatter_block(a, b, op),
- * Reduce_scatter(a, b, root = recvcounts, op), Alltoall / Alltoallv(a, b); the others'
+ * Reduce_scatter(a, b, root = recvcounts, op), Alltoall / Alltoallv(a, b), and the
+ * lowercase collectives' byte-string rounds (CF_*_BYTES: a this member's bytes or None, root;
+ * run()'s rounds of the same name); the others'
  * unused ones are ignored. Results as run() / fold(); None having touched nothing where the
  * Python lanes would not take the arguments (see above). */
 static PyObject *coll_front(CollRound *c, PyObject *const *args, Py_ssize_t nargs)
@@ -3097,7 +3100,8 @@ static PyObject *coll_front(CollRound *c, PyObject *const *args, Py_ssize_t narg
     int me = c->rank, size = c->size, root = 0, got = 0, cw = CW_FOLD, kind = 0, upto = size;
     int opcode = 0, cs = -1, cr = -1;
     bool want = true;
-    if (which == CF_BCAST || which == CF_GATHER || which == CF_REDUCE || which == CF_SCATTER) {
+    if (which == CF_BCAST || which == CF_GATHER || which == CF_REDUCE || which == CF_SCATTER ||
+        which == CF_BCAST_BYTES || which == CF_GATHER_BYTES) {
         if (!PyLong_CheckExact(args[7]))
             Py_RETURN_NONE;
         long r = PyLong_AsLong(args[7]);
@@ -3110,6 +3114,20 @@ static PyObject *coll_front(CollRound *c, PyObject *const *args, Py_ssize_t narg
         if (r < 0 || r >= size)
             Py_RETURN_NONE;
         root = (int)r;
+    }
+    if (which >= CF_BCAST_BYTES) {
+        /* a lowercase collective's pickles (a the bytes of this member, None where it
+         * publishes none): run()'s byte-string round, its results in `taken` */
+        PyObject *run_args[11] = {args[0], args[1], args[2], NULL, a, Py_None, NULL,
+                                  Py_None, Py_None, Py_None, Py_None};
+        run_args[3] = PyLong_FromLong(CW_BCAST_BYTES + which - CF_BCAST_BYTES);
+        run_args[6] = PyLong_FromLong(root);
+        PyObject *result = NULL;
+        if (run_args[3] != NULL && run_args[6] != NULL)
+            result = coll_run(c, run_args, 11);
+        Py_XDECREF(run_args[3]);
+        Py_XDECREF(run_args[6]);
+        return result;
     }
     Py_buffer send, recv;
     bool has_send = false, has_recv = false;

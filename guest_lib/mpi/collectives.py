@@ -46,6 +46,7 @@ import numpy as np
 from guest_lib.mpi import area, buffers, constants, datatypes, exceptions, locks, native, ops
 from guest_lib.mpi.constants import IN_PLACE
 from guest_lib.mpi.engine import StagedOp
+from guest_lib.mpi.fastpath import other_threads
 from guest_lib.mpi.matching import DoneOp, Op, merge_offers
 from guest_lib.mpi.pickling import bundle as _bundle
 from guest_lib.mpi.pickling import dumps as _dumps
@@ -700,6 +701,7 @@ _f_reduce_scatter_block = _one_call(_a_reduce_scatter_block)
 # rules, in C); it takes nothing else, and the method (with its front) runs as before.
 F_BCAST, F_GATHER, F_ALLGATHER, F_REDUCE, F_ALLREDUCE, F_SCAN, F_EXSCAN = range(7)
 F_REDUCE_SCATTER_BLOCK, F_REDUCE_SCATTER, F_SCATTER, F_ALLTOALL, F_ALLTOALLV = 7, 8, 9, 10, 11
+F_BCAST_BYTES, F_GATHER_BYTES, F_ALLGATHER_BYTES = 12, 13, 14  # the lowercase ones' rounds
 
 
 def _set_front_tables() -> None:
@@ -772,6 +774,33 @@ def _c_front(self: Any, which: int, a: Any, b: Any, op: Any, root: Any) -> bool:
     if not ran:
         self._coll_seq = seq  # (the area dropped, nothing moved: the method numbers it)
     return ran
+
+
+def _o_round(self: Any, which: int, data: Any, root: int) -> list[bytes | None] | None:
+    """Byte-string round `which` (F_*_BYTES) of a lowercase collective with this member's
+    pickle(s) `data` (None where it publishes none) through CollectiveRound.front
+    (`_c_front`), where no other thread runs (the lock of the collective's name, see
+    locks.locked, then has nothing to order): per member the bytes taken from it (None where
+    nothing is, or where it declined, data over a slab: `group.declined` is then set and the
+    caller moves those by messages in the instance numbered here, abandoning it on an
+    error); None having moved nothing (the collective's body to run it)."""
+    if other_threads() or not _c_front(self, which, data, None, None, root):
+        return None
+    shared = self._area
+    group = shared.group
+    if group.declined:
+        shared.completed += 1  # (its round ran, as Area.call counts it)
+    return group._c.taken  # (C's: a new list each round)
+
+
+def _o_finish(self: Any, rest: Callable[..., Any], *args: Any) -> Any:
+    """`rest(*args)`: a lowercase collective after `_o_round` ran its round, in the instance
+    numbered there; an error abandons that instance (as `collective` does)."""
+    try:
+        return rest(*args)
+    except Exception as exc:
+        _abandon(self, self._engine, self._coll_seq - 1, exc)
+        raise
 
 
 def _c_bcast(method: Callable[..., Any]) -> Callable[..., Any]:
@@ -1250,6 +1279,7 @@ class Collectives:
     _coll_seq: int  # blocking collective instances started (the same on every member)
     _coll_base: int  # the tag base of the current one
     _coll_active: bool
+    _area: Any  # area.Area once bound; False: messages; None: not yet
     _coll_gone: tuple[int, str] | None  # (class, why) another member abandoned it with
 
     # ------------------------------------------------------------------ internals
@@ -1590,10 +1620,28 @@ class Collectives:
         self.Barrier()
 
     # ------------------------------------------------------------------ broadcast
-    @locks.locked("bcast")
-    @collective
+    # The lowercase (object) collectives: a front (bcast, gather, ...) that runs the common
+    # case, the area bound with its C accelerator and no other thread, as one byte-string
+    # round in one C call (`_o_round`), then the rest of its body (`_*_rest`, shared with the
+    # body); anything else takes the body (`_bcast`, ...: the lock of mpi4py's name, a
+    # collective instance, `Area.exchange`).
     def bcast(self, obj: Any = None, root: int = 0) -> Any:
         """Broadcast a picklable object from `root`; every rank returns it."""
+        if self._area:
+            try:
+                data = _dumps(obj) if self._rank == root else None
+            except Exception:
+                return self._bcast(obj, root)  # (its error raised there, in its instance)
+            taken = _o_round(self, F_BCAST_BYTES, data, root)
+            if taken is not None:
+                return _o_finish(self, self._bcast_rest, obj, data, taken, root)
+            return self._bcast(obj, root, data)
+        return self._bcast(obj, root)
+
+    @locks.locked("bcast")
+    @collective
+    def _bcast(self, obj: Any, root: int, data: memoryview | None = None) -> Any:
+        """bcast's body (`data`: the root's pickle of `obj` where the front made it)."""
         size, rank = self._sizes()
         self._root(root)
         if size == 1:
@@ -1601,9 +1649,18 @@ class Collectives:
         if self._has_mpi:
             return self._h_bcast(obj, root, objects=True)
         shared = area.bound(self)
-        data = _dumps(obj) if rank == root else None
+        if rank == root and data is None:
+            data = _dumps(obj)
         taken = shared.exchange("bcast_bytes", data, root) if shared is not None else None
-        if taken is not None and not shared.group.declined:  # type: ignore[union-attr]
+        return self._bcast_rest(obj, data, taken, root)
+
+    def _bcast_rest(
+        self, obj: Any, data: memoryview | None, taken: list[bytes | None] | None, root: int
+    ) -> Any:
+        """bcast after its area round (`taken`; None: none): the root's pickle by messages
+        where the round was declined (over a slab) or there was none."""
+        rank = self._rank
+        if taken is not None and not self._area.group.declined:
             return obj if rank == root else _loads(taken[root])
         if rank == root:  # no area, or a pickle over a slab
             self._bcast_view(data, root, T_BCAST)
@@ -1640,18 +1697,39 @@ class Collectives:
             raise exceptions.Exception(exceptions.ERR_ROOT, f"root {root}")
 
     # ------------------------------------------------------------------ gather / scatter
-    @locks.locked("gather")
-    @collective
     def gather(self, sendobj: Any, root: int = 0) -> list[Any] | None:
         """Each rank's object, pickled into its slab of the area (by messages without one,
         or for a pickle over a slab), at `root`; None elsewhere."""
+        if self._area:
+            try:
+                data = _dumps(sendobj) if self._rank != root else None
+            except Exception:
+                return self._gather(sendobj, root)  # (its error raised there, in its instance)
+            taken = _o_round(self, F_GATHER_BYTES, data, root)
+            if taken is not None:
+                return _o_finish(self, self._gather_rest, sendobj, data, taken, root)
+            return self._gather(sendobj, root, data)
+        return self._gather(sendobj, root)
+
+    @locks.locked("gather")
+    @collective
+    def _gather(self, sendobj: Any, root: int, data: memoryview | None = None) -> list[Any] | None:
+        """gather's body (`data`: a non-root's pickle of `sendobj` where the front made it)."""
         size, rank = self._sizes()
         self._root(root)
         shared = area.bound(self) if size > 1 else None  # (bound before any argument check)
-        data = _dumps(sendobj) if rank != root else None
+        if rank != root and data is None:
+            data = _dumps(sendobj)
         taken = shared.exchange("gather_bytes", data, root) if shared is not None else None
-        if rank != root:
-            if taken is None or shared.group.declined:  # type: ignore[union-attr]
+        return self._gather_rest(sendobj, data, taken, root)
+
+    def _gather_rest(
+        self, sendobj: Any, data: memoryview | None, taken: list[bytes | None] | None, root: int
+    ) -> list[Any] | None:
+        """gather after its area round (`taken`; None: none): a non-root's pickle by
+        messages where it declined it (over a slab) or there was no round."""
+        if self._rank != root:
+            if taken is None or self._area.group.declined:
                 self._c_wait([self._c_isend(data, root, T_GATHER)])  # type: ignore[arg-type]
             return None
         return self._gathered(sendobj, taken, T_GATHER)
@@ -1670,51 +1748,113 @@ class Collectives:
             for r in range(size)
         ]
 
-    @locks.locked("scatter")
-    @collective
     def scatter(self, sendobj: Any = None, root: int = 0) -> Any:
         """Send item r of `root`'s sequence `sendobj` to rank r; return this rank's.
 
         The root's pickles go bundled into its slab of the area (`pickling.bundle`), each
         rank unpickling its own; by messages without an area, or for a bundle over a slab.
         """
+        shared = self._area
+        if shared:
+            items = data = payload = None
+            if self._rank == root:
+                try:
+                    items, data = self._pickles(sendobj, "scatter")
+                except Exception:
+                    return self._scatter(sendobj, root)  # (its error raised there)
+                payload = _bundled(shared, data)
+                payload = shared.declining() if payload is None else payload
+            taken = _o_round(self, F_BCAST_BYTES, payload, root)
+            if taken is not None:
+                return _o_finish(self, self._scatter_rest, items, data, taken, root)
+        return self._scatter(sendobj, root)
+
+    @locks.locked("scatter")
+    @collective
+    def _scatter(self, sendobj: Any, root: int) -> Any:
+        """scatter's body."""
         size, rank = self._sizes()
         self._root(root)
         shared = area.bound(self) if size > 1 else None
         if rank != root:
             taken = shared.exchange("bcast_bytes", None, root) if shared is not None else None
-            if taken is None or shared.group.declined:  # type: ignore[union-attr]
-                return self._c_recv_obj(root, T_SCATTER)
-            return _loads(_piece(taken[root], rank, size, root))  # type: ignore[arg-type]
-        items = list(sendobj) if sendobj is not None else [None] * size
-        if len(items) != size:
-            raise ValueError(f"scatter: expecting {size} items, got {len(items)}")
-        data = [_dumps(items[r]) if r != rank else _NOTHING for r in range(size)]
+            return self._scatter_rest(None, None, taken, root)
+        items, data = self._pickles(sendobj, "scatter")
+        taken = None
         if shared is not None:
             bundle = _bundled(shared, data)
             taken = shared.exchange(
                 "bcast_bytes", bundle if bundle is not None else shared.declining(), root
             )
-            if taken is not None and not shared.group.declined:
-                return items[rank]
-        self._c_wait([self._c_isend(data[r], r, T_SCATTER) for r in range(size) if r != rank])
+        return self._scatter_rest(items, data, taken, root)
+
+    def _scatter_rest(
+        self,
+        items: list[Any] | None,
+        data: list[memoryview] | None,
+        taken: list[bytes | None] | None,
+        root: int,
+    ) -> Any:
+        """scatter after its area round (`taken`; None: none), `items` and their pickles
+        `data` at the root: each pickle by messages where the root's bundle was declined
+        (over a slab) or there was no round."""
+        size, rank = len(self._group), self._rank
+        moved = taken is not None and not self._area.group.declined
+        if rank != root:
+            if not moved:
+                return self._c_recv_obj(root, T_SCATTER)
+            return _loads(_piece(taken[root], rank, size, root))  # type: ignore[arg-type, index]
+        assert items is not None and data is not None
+        if not moved:
+            self._c_wait([self._c_isend(data[r], r, T_SCATTER) for r in range(size) if r != rank])
         return items[rank]
+
+    def _pickles(self, sendobj: Any, name: str) -> tuple[list[Any], list[memoryview]]:
+        """(items, their pickles: _NOTHING for this rank's own) of a scatter's or an
+        alltoall's `sendobj` (None: size Nones). ValueError where it has not one item per
+        member."""
+        size, rank = len(self._group), self._rank
+        items = list(sendobj) if sendobj is not None else [None] * size
+        if len(items) != size:
+            raise ValueError(f"{name}: expecting {size} items, got {len(items)}")
+        return items, [_dumps(items[r]) if r != rank else _NOTHING for r in range(size)]
+
+    def allgather(self, sendobj: Any) -> list[Any]:
+        """Every rank gets every rank's object, pickled into the area (see gather)."""
+        if self._area:
+            try:
+                data = _dumps(sendobj)
+            except Exception:
+                return self._allgather(sendobj)  # (its error raised there, in its instance)
+            taken = _o_round(self, F_ALLGATHER_BYTES, data, 0)
+            if taken is not None:
+                return _o_finish(self, self._allgather_rest, sendobj, data, taken)
+            return self._allgather(sendobj, data)
+        return self._allgather(sendobj)
 
     @locks.locked("allgather")
     @collective
-    def allgather(self, sendobj: Any) -> list[Any]:
-        """Every rank gets every rank's object, pickled into the area (see gather)."""
-        size, rank = self._sizes()
-        if size == 1:
+    def _allgather(self, sendobj: Any, data: memoryview | None = None) -> list[Any]:
+        """allgather's body (`data`: the pickle of `sendobj` where the front made it)."""
+        if self._sizes()[0] == 1:
             return [sendobj]
         shared = area.bound(self)
         if shared is None:
             return self._allgather_messages(sendobj)
-        data = _dumps(sendobj)
+        if data is None:
+            data = _dumps(sendobj)
         taken = shared.exchange("allgather_bytes", data)
         if taken is None:
             return self._allgather_messages(sendobj)
-        if len(data) > shared.group.slab_size:  # declined: it goes to each by messages
+        return self._allgather_rest(sendobj, data, taken)
+
+    def _allgather_rest(
+        self, sendobj: Any, data: memoryview, taken: list[bytes | None]
+    ) -> list[Any]:
+        """allgather after its area round (`taken`): this rank's pickle to each by messages
+        where it declined it (over a slab), the others' so declined from each."""
+        size, rank = len(self._group), self._rank
+        if len(data) > self._area.group.slab_size:  # declined: it goes to each by messages
             self._c_wait([self._c_isend(data, r, T_ALLGATHER) for r in range(size) if r != rank])
         return self._gathered(sendobj, taken, T_ALLGATHER)
 
@@ -1730,8 +1870,6 @@ class Collectives:
         self._c_wait([*recvs.values(), *sends])  # (receives posted first: none unexpected)
         return [sendobj if r == rank else unpickle(recvs[r]) for r in range(size)]
 
-    @locks.locked("alltoall")
-    @collective
     def alltoall(self, sendobj: Any) -> list[Any]:
         """Send item q of `sendobj` to rank q; return the list of what each rank sent here.
 
@@ -1739,22 +1877,50 @@ class Collectives:
         allgather of bytes), every rank unpickling its own pieces; by messages without an
         area, and from (and to) a rank whose bundle is over a slab.
         """
-        size, rank = self._sizes()
+        shared = self._area
+        if shared:
+            try:
+                items, data = self._pickles(sendobj, "alltoall")
+            except Exception:
+                return self._alltoall(sendobj)  # (its error raised there, in its instance)
+            bundle = _bundled(shared, data)
+            taken = _o_round(
+                self, F_ALLGATHER_BYTES, bundle if bundle is not None else shared.declining(), 0
+            )
+            if taken is not None:
+                return _o_finish(self, self._alltoall_rest, items, data, taken, bundle is not None)
+        return self._alltoall(sendobj)
+
+    @locks.locked("alltoall")
+    @collective
+    def _alltoall(self, sendobj: Any) -> list[Any]:
+        """alltoall's body."""
+        size = len(self._group)
         shared = area.bound(self) if size > 1 else None  # (bound before any argument check)
-        items = [None] * size if sendobj is None else list(sendobj)
-        if len(items) != size:
-            raise ValueError(f"alltoall: expecting {size} items, got {len(items)}")
-        data = [_dumps(items[r]) if r != rank else _NOTHING for r in range(size)]
+        items, data = self._pickles(sendobj, "alltoall")
         taken = bundle = None
         if shared is not None:
             bundle = _bundled(shared, data)
             taken = shared.exchange(
                 "allgather_bytes", bundle if bundle is not None else shared.declining()
             )
+        return self._alltoall_rest(items, data, taken, bundle is not None)
+
+    def _alltoall_rest(
+        self,
+        items: list[Any],
+        data: list[memoryview],
+        taken: list[bytes | None] | None,
+        bundled: bool,
+    ) -> list[Any]:
+        """alltoall after its area round (`taken`; None: none; `bundled`: this rank's
+        pickles went in its bundle): by messages from each rank whose bundle was declined
+        (over a slab), and to each where this rank's was or there was no round."""
+        size, rank = len(self._group), self._rank
         others = [r for r in range(size) if r != rank]
         got = taken or [None] * size
         recvs = {r: self._c_irecv(None, r, T_ALLTOALL) for r in others if got[r] is None}
-        sends = others if taken is None or bundle is None else []  # (no area; over a slab)
+        sends = others if taken is None or not bundled else []  # (no area; over a slab)
         ops = [*recvs.values(), *(self._c_isend(data[r], r, T_ALLTOALL) for r in sends)]
         self._c_wait(ops)  # (receives posted first: none unexpected)
         return [

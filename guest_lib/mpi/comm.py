@@ -1042,7 +1042,7 @@ class Comm(attributes.Cached, Handle):
 
     def Split(self, color: int = 0, key: int = 0) -> Intracomm:
         """Partition by `color` (UNDEFINED: COMM_NULL), order by (key, rank). Collective."""
-        pairs = Collectives.allgather(self, (color, key))  # (not a subclass's allgather)
+        pairs = Collectives._allgather(self, (color, key))  # (not a subclass's allgather)
         ctx = self._alloc_ctx()
         mirror = mirror_coll = None
         if self._has_mpi:
