@@ -2412,7 +2412,7 @@ class Collectives:
                 raise ValueError(
                     f"mismatch in receive count {rspec.count} and sum(recvcounts) {total}"
                 )
-            full = _array(rspec.view, datatype).copy()  # the result overwrites the operand
+            full = _array(rspec.view, datatype)  # (the result lands on its first block)
         else:
             sspec = buffers.parse(sendbuf)
             _same_message(sspec, rspec._replace(count=total), "sum(recvcounts)")
@@ -2435,10 +2435,25 @@ class Collectives:
             return
         starts = [sum(counts[:r]) for r in range(size)]
         blocks = [full[starts[r] : starts[r] + counts[r]] for r in range(size)]
-        out[...] = blocks[rank]
-        sends = [self._c_isend(_raw(blocks[r]), r, T_RSB) for r in range(size) if r != rank]
-        self._fold_at_me(out, op, datatype, T_RSB, range(size))
+        own, others = blocks[rank], [r for r in range(size) if r != rank]
+        sends = [self._c_isend(_raw(blocks[r]), r, T_RSB) for r in others]
+        # IN_PLACE: the result's place (recvbuf's first block) is this rank's operand at rank
+        # 0, else it holds blocks sent to lower ranks, theirs until the sends complete: the
+        # fold goes to a block of its own then.
+        acc = np.empty_like(out) if sendbuf is IN_PLACE and rank and len(out) else out
+        if np.may_share_memory(acc, own) or size != 2:
+            if not np.may_share_memory(acc, own):
+                acc[...] = own
+            self._fold_at_me(acc, op, datatype, T_RSB, range(size))
+        else:  # one pass: acc = the lower rank's block op the higher rank's, read in place
+            peer = others[0]
+            sink = self._combine_sink(acc, own, op, rank == 0, peer)
+            recv = self._c_irecv(None, peer, T_RSB, sink)
+            self._c_wait([recv])
+            whole([(peer, recv)], acc.nbytes, "rank")
         self._c_wait(sends)
+        if acc is not out:
+            out[...] = acc
 
     @collective(fast=_f_scan)
     def Scan(self, sendbuf: Any, recvbuf: Any, op: ops.Op = ops.SUM) -> None:
