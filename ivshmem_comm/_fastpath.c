@@ -37,6 +37,7 @@
 #include <time.h>
 #if defined(__SSE2__)
 #include <emmintrin.h>
+#include <x86intrin.h> /* __rdtsc: copy_to_reader's cost of a copy */
 #endif
 
 #if !defined(__BYTE_ORDER__) || __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
@@ -195,16 +196,13 @@ static void copy_bytes(unsigned char *dest, const unsigned char *src, Py_ssize_t
     }
 }
 
-/* copy_bytes() with stores that bypass the caches, for a receiver copying out a message too
- * large to stay there: no read for ownership of `dest`, and the queue's data and the sender's
- * next bytes are not evicted for bytes nobody reads soon (16 MiB MPI ping-pong in pieces:
- * ~830 -> ~720 us one way). The buffers do not overlap. */
-static void copy_bytes_streaming(unsigned char *dest, const unsigned char *src, Py_ssize_t n)
+/* memcpy with stores that bypass the caches (x86 with SSE2; elsewhere a plain memcpy), the
+ * stores done (sfence) on return. The buffers do not overlap. Callers hold or released the GIL
+ * as they need. */
+static void stream_raw(unsigned char *dest, const unsigned char *src, size_t left)
 {
 #if defined(__SSE2__)
-    Py_BEGIN_ALLOW_THREADS
     size_t lead = (16 - ((uintptr_t)dest & 15)) & 15;
-    size_t left = (size_t)n;
     if (lead > left)
         lead = left;
     memcpy(dest, src, lead);
@@ -223,7 +221,110 @@ static void copy_bytes_streaming(unsigned char *dest, const unsigned char *src, 
     }
     memcpy(dest, src, left);
     _mm_sfence(); /* the streamed stores are done before the span is completed */
+#else
+    memcpy(dest, src, left);
+#endif
+}
+
+/* copy_bytes() with stores that bypass the caches, for a receiver copying out a message too
+ * large to stay there: no read for ownership of `dest`, and the queue's data and the sender's
+ * next bytes are not evicted for bytes nobody reads soon (16 MiB MPI ping-pong in pieces:
+ * ~830 -> ~720 us one way). The buffers do not overlap. */
+static void copy_bytes_streaming(unsigned char *dest, const unsigned char *src, Py_ssize_t n)
+{
+    Py_BEGIN_ALLOW_THREADS
+    stream_raw(dest, src, (size_t)n);
     Py_END_ALLOW_THREADS
+}
+
+/* Copies into shared memory that another process reads next (a message into a queue, a
+ * broadcast into the root's slab) of at least SHARED_COPY_MIN bytes choose between plain
+ * stores and stores that bypass the caches (copy_to_reader) by what each cost on this process
+ * lately. Why: the cost of plain stores to lines the reader's core read swings with where the
+ * host runs the two vCPUs, seconds apart in one launch. On a 2-vCPU EPYC guest, 1 MiB copies
+ * into a 4 MiB ring window that the other process then copies out (xr2.c in the session notes,
+ * writer / reader us): plain 22-26 / 22 in one mode, 370-420 / 80-90 in the other (a local
+ * copy stays 22-24 in both); streaming 37-38 / 37-45 in both. The cost of a method is TSC
+ * ticks per KiB, the lower of its last two copies (one preempted copy never decides).
+ * Streaming is used when its cost times SHARED_STREAM_WEIGHT is below the plain one's: the
+ * writer's cost undercounts it (its reader then reads from memory, not from a cache), and a
+ * plain copy right after streamed ones pays for lines no cache holds (MPI ping-pong, one
+ * launch, the ways interleaved per block of 20, p10 / p50 one-way us at 1 MiB: plain 40 / 59,
+ * streaming 65 / 74, weight 1: 45 / 63, 2: 42 / 56, 4: 40 / 47). The method not chosen is
+ * tried again after `probe_every` copies (from SHARED_PROBE_MIN, doubling while it stays the
+ * dearer, up to SHARED_PROBE_MAX), so that a change of mode is followed within a few copies
+ * one way and SHARED_PROBE_MAX copies the other. State of the process, read and written with
+ * the GIL held. */
+#define SHARED_COPY_MIN (16 << 10)
+#define SHARED_PROBE_MIN 4
+#define SHARED_PROBE_MAX 256
+#define SHARED_STREAM_WEIGHT 4
+enum { SC_PLAIN = 0, SC_STREAM = 1 };
+static struct {
+    uint64_t cost[2][2]; /* [method][newest, older]: ticks per KiB; 0: not measured yet */
+    unsigned probe_in, probe_every;
+} shared_copy = {{{0, 0}, {0, 0}}, SHARED_PROBE_MIN, SHARED_PROBE_MIN};
+
+static uint64_t shared_copy_cost(int method)
+{
+    uint64_t a = shared_copy.cost[method][0], b = shared_copy.cost[method][1];
+    return a == 0 || b == 0 ? 0 : a < b ? a : b; /* unmeasured: tried first */
+}
+
+static int shared_copy_choice(void)
+{
+    return shared_copy_cost(SC_STREAM) * SHARED_STREAM_WEIGHT < shared_copy_cost(SC_PLAIN)
+               ? SC_STREAM
+               : SC_PLAIN;
+}
+
+static PyObject *shared_copy_costs(PyObject *module, PyObject *unused)
+{
+    (void)module;
+    (void)unused;
+    return Py_BuildValue("((KK)(KK))", (unsigned long long)shared_copy.cost[SC_PLAIN][0],
+                         (unsigned long long)shared_copy.cost[SC_PLAIN][1],
+                         (unsigned long long)shared_copy.cost[SC_STREAM][0],
+                         (unsigned long long)shared_copy.cost[SC_STREAM][1]);
+}
+
+/* Copy `n` bytes that another process reads next from `src` into shared memory at `dest` (see
+ * above; below SHARED_COPY_MIN a plain copy), with the GIL released when the copy is large (as
+ * copy_bytes). Called with the GIL held. The buffers do not overlap. */
+static void copy_to_reader(unsigned char *dest, const unsigned char *src, Py_ssize_t n)
+{
+#if defined(__SSE2__)
+    if (n < SHARED_COPY_MIN) {
+        memcpy(dest, src, (size_t)n);
+        return;
+    }
+    int chosen = shared_copy_choice();
+    int probe = --shared_copy.probe_in == 0;
+    int method = probe ? !chosen : chosen;
+    uint64_t began = __rdtsc();
+    if (n >= NOGIL_COPY_MIN) {
+        Py_BEGIN_ALLOW_THREADS
+        if (method == SC_STREAM)
+            stream_raw(dest, src, (size_t)n);
+        else
+            memcpy(dest, src, (size_t)n);
+        Py_END_ALLOW_THREADS
+    } else if (method == SC_STREAM) {
+        stream_raw(dest, src, (size_t)n);
+    } else {
+        memcpy(dest, src, (size_t)n);
+    }
+    uint64_t ticks = __rdtsc() - began; /* (a migration between CPUs: one odd sample) */
+    uint64_t *cost = shared_copy.cost[method];
+    cost[1] = cost[0];
+    cost[0] = ticks * 1024 / (uint64_t)n + 1;
+    int now = shared_copy_choice();
+    if (now != chosen) /* a change of mode: watch the other closely again */
+        shared_copy.probe_every = SHARED_PROBE_MIN;
+    else if (probe && shared_copy.probe_every < SHARED_PROBE_MAX)
+        shared_copy.probe_every *= 2;
+    if (probe || now != chosen)
+        shared_copy.probe_in = shared_copy.probe_every;
 #else
     copy_bytes(dest, src, n);
 #endif
@@ -878,9 +979,9 @@ static PyObject *tx_publish_payload(TxRing *self, PyObject *const *args, Py_ssiz
         if (piece > skip) { /* the payload bytes of this piece (the header is written) */
             if (tx_check_write(self, start + published + skip, (Py_ssize_t)(piece - skip), 0) < 0)
                 goto fail;
-            copy_bytes(r->base + start + published + skip,
-                       (const unsigned char *)data.buf + published + skip - SPAN_HEADER_SIZE,
-                       (Py_ssize_t)(piece - skip));
+            copy_to_reader(r->base + start + published + skip,
+                           (const unsigned char *)data.buf + published + skip - SPAN_HEADER_SIZE,
+                           (Py_ssize_t)(piece - skip));
         }
         kick = tx_publish_checked(self, start + published, piece, 0, published + piece == total);
         if (kick < 0)
@@ -923,7 +1024,7 @@ static int tx_send_bytes(TxRing *self, uint32_t tag, const void *buf, Py_ssize_t
     if (offset < 0)
         return offset == -2 ? SEND_ERROR : offset == RESERVE_LATER ? RESERVE_LATER : SEND_FULL;
     tx_store_header(r, offset, (uint64_t)len, tag);
-    memcpy(r->base + offset + SPAN_HEADER_SIZE, buf, (size_t)len);
+    copy_to_reader(r->base + offset + SPAN_HEADER_SIZE, buf, len);
     count(r, CNT_MESSAGES, 1);
     count(r, CNT_BYTES, (uint64_t)len);
     return tx_publish_span(self, offset - r->data_offset, length, true) ? SEND_KICK : SEND_OK;
@@ -2203,7 +2304,7 @@ static void coll_publish(CollRound *c)
         if (me != c->root)
             nbytes = 0;
         else
-            memcpy(slab, c->recv.buf, (size_t)nbytes);
+            copy_to_reader(slab, c->recv.buf, (Py_ssize_t)nbytes);
         break;
     case CW_GATHERV: /* declined (over a slab): its size, and the data go by messages */
         nbytes = me == c->root ? 0 : (uint64_t)c->send.len;
@@ -4216,6 +4317,10 @@ static PyObject *set_front(PyObject *Py_UNUSED(module), PyObject *const *args, P
 }
 
 static PyMethodDef module_methods[] = {
+    {"shared_copy_costs", shared_copy_costs, METH_NOARGS,
+     "shared_copy_costs() -> ((plain, plain_before), (streaming, streaming_before)): this "
+     "process's last two costs (TSC ticks per KiB + 1; 0: not measured yet) of each way of "
+     "copying a large message into shared memory (plain or cache-bypassing stores)."},
     {"full_fence", full_fence, METH_NOARGS, "A full (sequentially consistent) memory barrier."},
     {"compare_exchange_u64", (PyCFunction)(void (*)(void))compare_exchange_u64, METH_FASTCALL,
      "compare_exchange_u64(buffer, offset, expected, desired): atomic CAS; True if swapped."},

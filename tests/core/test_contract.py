@@ -31,6 +31,7 @@ MODULE_NAMES = {
     "TxRing",
     "RxRing",
     "full_fence",
+    "shared_copy_costs",
     "compare_exchange_u64",
     "flat_view",
     "CACHE_WINDOW",
