@@ -746,8 +746,6 @@ def _c_front(self: Any, which: int, a: Any, b: Any, op: Any, root: Any) -> bool:
         return False
     seq = self._coll_seq
     self._coll_seq = seq + 1
-    base = self._coll_base = coll_base(seq)
-    shared._current = ((shared._ctx, base), seq)
     k = group._round + 1
     try:
         result = c.front(k, group._spin_ns, group._yield, which, a, b, op, root)
@@ -759,10 +757,16 @@ def _c_front(self: Any, which: int, a: Any, b: Any, op: Any, root: Any) -> bool:
         self._coll_seq = seq
         return False
     if result == 0:  # (the common case: done within the spin)
+        # Nothing reads the instance's tag base or the area's current instance after a
+        # round done here: they are set below, where a wait (its abandonment checks), an
+        # error or the messages of a declined round follow, as every other path sets them.
         group._round = k
         group.declined = False
         shared.completed += 1
+        shared._current = None
         return True
+    base = self._coll_base = coll_base(seq)
+    shared._current = ((shared._ctx, base), seq)
     try:
         ran = shared.settle(k, result)
         then = _F_MESSAGES.get(which)
