@@ -2076,6 +2076,7 @@ typedef struct {
     Py_buffer send, recv;
     bool has_send, has_recv;
     PyObject *taken; /* the *_BYTES calls: a list, per member its bytes or None */
+    bool pieces;     /* a *_BYTES call taking from each slab this member's piece of a bundle */
 } CollRound;
 
 static void coll_release_call(CollRound *c)
@@ -2382,6 +2383,32 @@ static int coll_rounds(CollRound *c, int r)
     return (int)value;
 }
 
+/* A bundle's piece for this member (pickling.bundle's layout: `size` uint64 little-endian
+ * end offsets counted from the end of that header, then the pieces) in member r's slab of
+ * `*nbytes` bytes at `*data`: both set to the piece. Each offset is read once and checked (a
+ * peer may be hostile); -1 with RingCorruptError naming r where they do not fit. */
+static int coll_piece(CollRound *c, int r, const unsigned char **data, uint64_t *nbytes)
+{
+    int me = c->rank;
+    uint64_t head = 8 * (uint64_t)c->size, start = 0, end = 0;
+    if (*nbytes >= head) {
+        if (me)
+            memcpy(&start, *data + 8 * (me - 1), 8);
+        memcpy(&end, *data + 8 * me, 8);
+        start = le64toh(start);
+        end = le64toh(end);
+    }
+    if (*nbytes < head || start > end || end > *nbytes - head) {
+        coll_corrupt(c, r, "bundle", PyLong_FromUnsignedLongLong(*nbytes),
+                     PyUnicode_FromFormat("piece %d of %d at %llu..%llu past its end", me, c->size,
+                                          (unsigned long long)start, (unsigned long long)end));
+        return -1;
+    }
+    *data += head + start;
+    *nbytes = end - start;
+    return 0;
+}
+
 /* Step 3 for member r, whose arrival is published: check it, then consume its slab. */
 static int coll_consume(CollRound *c, int r)
 {
@@ -2454,6 +2481,8 @@ static int coll_consume(CollRound *c, int r)
             return -1;
         if (rounds == 0) /* r sends it otherwise; its entry stays None */
             break;
+        if (c->pieces && coll_piece(c, r, &theirs, &want_nbytes) < 0)
+            return -1;
         PyObject *data = PyBytes_FromStringAndSize((const char *)theirs, (Py_ssize_t)want_nbytes);
         if (data == NULL) {
             coll_release_call(c);
@@ -2627,6 +2656,7 @@ static int coll_begin(CollRound *c, PyObject *k_obj)
     c->pos = 0;
     c->rounds_out = 0;
     c->want = true;
+    c->pieces = false;
     return 0;
 }
 
@@ -2732,8 +2762,18 @@ static int coll_prepare(CollRound *c)
     return 0;
 }
 
+static PyObject *coll_run_pieces(CollRound *c, PyObject *const *args, Py_ssize_t nargs,
+                                 bool pieces);
+
 /* run(k, spin_ns, yield, which, send, recv, root, counts, displs, rcounts, rdispls) */
 static PyObject *coll_run(CollRound *c, PyObject *const *args, Py_ssize_t nargs)
+{
+    return coll_run_pieces(c, args, nargs, false);
+}
+
+/* run(), a *_BYTES round taking each member's piece of its bundle where `pieces` */
+static PyObject *coll_run_pieces(CollRound *c, PyObject *const *args, Py_ssize_t nargs,
+                                 bool pieces)
 {
     long long spin_ns;
     int yield, which, root;
@@ -2751,6 +2791,7 @@ static PyObject *coll_run(CollRound *c, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     c->which = which;
     c->root = root;
+    c->pieces = pieces;
     int me = c->rank;
     bool is_root = me == root;
     PyObject *send = args[4], *recv = args[5];
@@ -2933,7 +2974,8 @@ static bool flat_format(const char *format);
 enum {
     CF_BCAST, CF_GATHER, CF_ALLGATHER, CF_REDUCE, CF_ALLREDUCE, CF_SCAN, CF_EXSCAN,
     CF_REDUCE_SCATTER_BLOCK, CF_REDUCE_SCATTER, CF_SCATTER, CF_ALLTOALL, CF_ALLTOALLV,
-    CF_BCAST_BYTES, CF_GATHER_BYTES, CF_ALLGATHER_BYTES, CF_COUNT
+    CF_BCAST_BYTES, CF_GATHER_BYTES, CF_ALLGATHER_BYTES, CF_SCATTER_BYTES, CF_ALLTOALL_BYTES,
+    CF_COUNT
 };
 
 /* set_front's tables: numpy.ndarray, MPI.IN_PLACE, and dicts keyed by id(): of a predefined
@@ -3183,7 +3225,9 @@ static int front_blocks(CollRound *c, PyObject *obj, bool writable, Py_buffer *v
  * Reduce(a, b, op, root), Allreduce / Scan / Exscan / Reduce_scatter_block(a, b, op),
  * Reduce_scatter(a, b, root = recvcounts, op), Alltoall / Alltoallv(a, b), and the
  * lowercase collectives' byte-string rounds (CF_*_BYTES: a this member's bytes or None, root;
- * run()'s rounds of the same name); the others'
+ * run()'s rounds of the same name; CF_SCATTER_BYTES and CF_ALLTOALL_BYTES: the bcast and
+ * allgather rounds of pickling.bundle's bundles, `taken` holding this member's piece of
+ * each); the others'
  * unused ones are ignored. Results as run() / fold(); None having touched nothing where the
  * Python lanes would not take the arguments (see above). */
 static PyObject *coll_front(CollRound *c, PyObject *const *args, Py_ssize_t nargs)
@@ -3202,7 +3246,7 @@ static PyObject *coll_front(CollRound *c, PyObject *const *args, Py_ssize_t narg
     int opcode = 0, cs = -1, cr = -1;
     bool want = true;
     if (which == CF_BCAST || which == CF_GATHER || which == CF_REDUCE || which == CF_SCATTER ||
-        which == CF_BCAST_BYTES || which == CF_GATHER_BYTES) {
+        which == CF_BCAST_BYTES || which == CF_GATHER_BYTES || which == CF_SCATTER_BYTES) {
         if (!PyLong_CheckExact(args[7]))
             Py_RETURN_NONE;
         long r = PyLong_AsLong(args[7]);
@@ -3221,11 +3265,15 @@ static PyObject *coll_front(CollRound *c, PyObject *const *args, Py_ssize_t narg
          * publishes none): run()'s byte-string round, its results in `taken` */
         PyObject *run_args[11] = {args[0], args[1], args[2], NULL, a, Py_None, NULL,
                                   Py_None, Py_None, Py_None, Py_None};
-        run_args[3] = PyLong_FromLong(CW_BCAST_BYTES + which - CF_BCAST_BYTES);
+        bool pieces = which >= CF_SCATTER_BYTES; /* a bundle: the bcast / allgather round */
+        int cw = which == CF_SCATTER_BYTES    ? CW_BCAST_BYTES
+                 : which == CF_ALLTOALL_BYTES ? CW_ALLGATHER_BYTES
+                                              : CW_BCAST_BYTES + which - CF_BCAST_BYTES;
+        run_args[3] = PyLong_FromLong(cw);
         run_args[6] = PyLong_FromLong(root);
         PyObject *result = NULL;
         if (run_args[3] != NULL && run_args[6] != NULL)
-            result = coll_run(c, run_args, 11);
+            result = coll_run_pieces(c, run_args, 11, pieces);
         Py_XDECREF(run_args[3]);
         Py_XDECREF(run_args[6]);
         return result;

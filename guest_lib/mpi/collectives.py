@@ -701,7 +701,9 @@ _f_reduce_scatter_block = _one_call(_a_reduce_scatter_block)
 # rules, in C); it takes nothing else, and the method (with its front) runs as before.
 F_BCAST, F_GATHER, F_ALLGATHER, F_REDUCE, F_ALLREDUCE, F_SCAN, F_EXSCAN = range(7)
 F_REDUCE_SCATTER_BLOCK, F_REDUCE_SCATTER, F_SCATTER, F_ALLTOALL, F_ALLTOALLV = 7, 8, 9, 10, 11
-F_BCAST_BYTES, F_GATHER_BYTES, F_ALLGATHER_BYTES = 12, 13, 14  # the lowercase ones' rounds
+# the lowercase ones' rounds; F_SCATTER_BYTES and F_ALLTOALL_BYTES: the bcast and allgather
+# rounds of bundles (pickling.bundle), each member taking its piece in C
+F_BCAST_BYTES, F_GATHER_BYTES, F_ALLGATHER_BYTES, F_SCATTER_BYTES, F_ALLTOALL_BYTES = range(12, 17)
 
 
 def _set_front_tables() -> None:
@@ -1743,6 +1745,8 @@ class Collectives:
         by messages on `tag` where it has none (no area, or a pickle over a slab)."""
         size, rank = self._sizes()
         got = taken or [None] * size
+        if taken is not None and taken.count(None) == (taken[rank] is None):  # (all here)
+            return [own if r == rank else _loads(data) for r, data in enumerate(taken)]
         recvs = {
             r: self._c_irecv(None, r, tag) for r in range(size) if r != rank and got[r] is None
         }
@@ -1768,9 +1772,9 @@ class Collectives:
                     return self._scatter(sendobj, root)  # (its error raised there)
                 payload = _bundled(shared, data)
                 payload = shared.declining() if payload is None else payload
-            taken = _o_round(self, F_BCAST_BYTES, payload, root)
+            taken = _o_round(self, F_SCATTER_BYTES, payload, root)
             if taken is not None:
-                return _o_finish(self, self._scatter_rest, items, data, taken, root)
+                return _o_finish(self, self._scatter_rest, items, data, taken, root, True)
         return self._scatter(sendobj, root)
 
     @locks.locked("scatter")
@@ -1798,16 +1802,19 @@ class Collectives:
         data: list[memoryview] | None,
         taken: list[bytes | None] | None,
         root: int,
+        cut: bool = False,
     ) -> Any:
-        """scatter after its area round (`taken`; None: none), `items` and their pickles
-        `data` at the root: each pickle by messages where the root's bundle was declined
-        (over a slab) or there was no round."""
+        """scatter after its area round (`taken`: the root's bundle, or with `cut` this
+        rank's piece of it; None: no round), `items` and their pickles `data` at the root:
+        each pickle by messages where the root's bundle was declined (over a slab) or there
+        was no round."""
         size, rank = len(self._group), self._rank
         moved = taken is not None and not self._area.group.declined
         if rank != root:
             if not moved:
                 return self._c_recv_obj(root, T_SCATTER)
-            return _loads(_piece(taken[root], rank, size, root))  # type: ignore[arg-type, index]
+            mine = taken[root]  # type: ignore[index]  # (moved: taken)
+            return _loads(mine if cut else _piece(mine, rank, size, root))  # type: ignore[arg-type]
         assert items is not None and data is not None
         if not moved:
             self._c_wait([self._c_isend(data[r], r, T_SCATTER) for r in range(size) if r != rank])
@@ -1889,10 +1896,12 @@ class Collectives:
                 return self._alltoall(sendobj)  # (its error raised there, in its instance)
             bundle = _bundled(shared, data)
             taken = _o_round(
-                self, F_ALLGATHER_BYTES, bundle if bundle is not None else shared.declining(), 0
+                self, F_ALLTOALL_BYTES, bundle if bundle is not None else shared.declining(), 0
             )
             if taken is not None:
-                return _o_finish(self, self._alltoall_rest, items, data, taken, bundle is not None)
+                return _o_finish(
+                    self, self._alltoall_rest, items, data, taken, bundle is not None, True
+                )
         return self._alltoall(sendobj)
 
     @locks.locked("alltoall")
@@ -1916,10 +1925,12 @@ class Collectives:
         data: list[memoryview],
         taken: list[bytes | None] | None,
         bundled: bool,
+        cut: bool = False,
     ) -> list[Any]:
-        """alltoall after its area round (`taken`; None: none; `bundled`: this rank's
-        pickles went in its bundle): by messages from each rank whose bundle was declined
-        (over a slab), and to each where this rank's was or there was no round."""
+        """alltoall after its area round (`taken`: per rank its bundle, or with `cut` this
+        rank's piece of it; None: no round; `bundled`: this rank's pickles went in its
+        bundle): by messages from each rank whose bundle was declined (over a slab), and to
+        each where this rank's was or there was no round."""
         size, rank = len(self._group), self._rank
         others = [r for r in range(size) if r != rank]
         got = taken or [None] * size
@@ -1930,7 +1941,7 @@ class Collectives:
         return [
             items[r] if r == rank
             else unpickle(recvs[r]) if r in recvs
-            else _loads(_piece(got[r], rank, size, r))  # type: ignore[arg-type]
+            else _loads(got[r] if cut else _piece(got[r], rank, size, r))  # type: ignore[arg-type]
             for r in range(size)
         ]  # fmt: skip
 

@@ -10,6 +10,7 @@ defaults, as with mpi4py.
 
 from __future__ import annotations
 
+import functools
 import os
 import pickle as _pickle
 import struct
@@ -120,6 +121,13 @@ def loads(data: Any) -> Any:
 
 
 _END = struct.Struct("<Q")
+_ENDS = struct.Struct("<QQ")  # a piece's start and end (the end of the one before it)
+
+
+@functools.lru_cache(maxsize=64)
+def _header(count: int) -> struct.Struct:
+    """The header of a bundle of `count` pieces: their end offsets."""
+    return struct.Struct(f"<{count}Q")
 
 
 def bundle(pieces: list[memoryview]) -> bytes:
@@ -131,7 +139,7 @@ def bundle(pieces: list[memoryview]) -> bytes:
     for item in pieces:
         end += len(item)
         ends.append(end)
-    return b"".join([struct.pack(f"<{len(ends)}Q", *ends), *pieces])
+    return b"".join([_header(len(ends)).pack(*ends), *pieces])
 
 
 def piece(data: bytes, index: int, count: int, sender: int) -> memoryview:
@@ -141,8 +149,12 @@ def piece(data: bytes, index: int, count: int, sender: int) -> memoryview:
     its header, or the piece's offsets out of order or past its end."""
     head = 8 * count
     size = len(data) - head
-    start = _END.unpack_from(data, 8 * (index - 1))[0] if index and size >= 0 else 0
-    end = _END.unpack_from(data, 8 * index)[0] if size >= 0 else -1
+    if size < 0:
+        start, end = 0, -1
+    elif index:
+        start, end = _ENDS.unpack_from(data, 8 * (index - 1))
+    else:
+        start, end = 0, _END.unpack_from(data)[0]
     if not 0 <= start <= end <= size:
         raise exceptions.Exception(
             exceptions.ERR_OTHER,

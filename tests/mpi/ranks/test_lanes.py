@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import array
 import mmap
+import struct
 from collections.abc import Callable
 from typing import Any
 
@@ -329,6 +330,28 @@ def test_object_collectives_take_the_c_front(comm, monkeypatch, call):
         assert comm.alltoall([(rank, q) for q in range(size)]) == [(q, rank) for q in range(size)]
     assert not entered, f"{call} took Area.exchange: {entered}"
     assert area.completed(comm) == before + 1
+
+
+def test_a_malformed_bundle_in_the_area_names_its_sender(comm):
+    """A scatter's bundle whose offsets run past its end (a hostile root: here its bytes
+    published as they are) raises, on the members taking their piece of it in C, an
+    MPI.Exception naming the collective slot's bundle; the communicator goes on (messages)."""
+    size, rank = comm.Get_size(), comm.Get_rank()
+    dup = comm.Dup()
+    dup.Barrier()  # (binds its area)
+    shared = area.current(dup)
+    if shared is None or not shared.ready() or other_threads():
+        dup.Free()
+        pytest.skip("no area, the Python steps only, or another thread (the body's way)")
+    if rank == 0:
+        forged = memoryview(struct.pack(f"<{size}Q", *[1 << 40] * size) + b"x")
+        assert collectives._o_round(dup, collectives.F_BCAST_BYTES, forged, 0) is not None
+    else:
+        with pytest.raises(MPI.Exception, match="bundle"):
+            dup.scatter(None, 0)
+    comm.Barrier()
+    assert dup.allgather(rank) == list(range(size))
+    dup.Free()
 
 
 def _filled(form: str, n: int, size: int) -> Any:
