@@ -1417,6 +1417,36 @@ static int rx_spin_poll(RxRing *self, long long spin_ns, uint64_t *addr, uint32_
     }
 }
 
+/* The yield phase of a crowded wait (Endpoint.yield_us; ranks outnumber CPUs): rx_poll_impl
+ * repeated with sched_yield() between polls for up to `yield_ns`, unless now < *calm (both
+ * monotonic_ns): where the awaited rank shares this CPU, each yield hands the CPU to it and its
+ * answer comes without a doorbell (this side never arms, so no kick), as MPICH's polling waits
+ * do. A yield longer than YIELD_LONG_NS handed the CPU to another process for long: it sets
+ * *calm to YIELD_CALM_NS from then, and the phase ends (Endpoint.yield_cpu's rule, same
+ * values). 1/0/-1 as rx_spin_poll. */
+#define YIELD_LONG_NS 200000ULL
+#define YIELD_CALM_NS 50000000ULL
+static int rx_yield_poll(RxRing *rx, long long yield_ns, uint64_t *calm, uint64_t *addr,
+                         uint32_t *length)
+{
+    int found = rx_poll_impl(rx, addr, length);
+    uint64_t now = found == 0 ? monotonic_ns() : 0;
+    if (found != 0 || now < *calm)
+        return found;
+    for (uint64_t end = now + (uint64_t)yield_ns; now < end;) {
+        sched_yield();
+        uint64_t after = monotonic_ns();
+        if ((found = rx_poll_impl(rx, addr, length)) != 0)
+            return found;
+        if (after - now > YIELD_LONG_NS) {
+            *calm = after + YIELD_CALM_NS;
+            return 0;
+        }
+        now = after;
+    }
+    return 0;
+}
+
 /* poll_header() repeated for up to `spin_ns` nanoseconds: the spin phase of a receive without
  * a trip through the interpreter per probe. */
 static PyObject *rx_wait_header(RxRing *self, PyObject *spin_obj)
@@ -2132,7 +2162,14 @@ static int coll_seq(CollRound *c, int r, uint64_t *word_p, uint64_t target, cons
     return 0;
 }
 
-/* Spin up to spin_ns until member r's word reaches `target`: 1 reached, 0 not yet, -1 error. */
+/* monotonic_ns() before which crowded collective waits do not yield (rx_yield_poll's rule:
+ * a yield longer than YIELD_LONG_NS handed the CPU to another process for long). Advice
+ * only, so relaxed atomics: a lost update costs one more long yield. */
+static uint64_t coll_calm_until;
+
+/* Spin up to spin_ns until member r's word reaches `target`: 1 reached, 0 not yet, -1 error.
+ * `yield` (crowded): sched_yield() between loads, and 0 at once while calm (see
+ * coll_calm_until). */
 static int coll_spin(CollRound *c, int r, uint64_t *word_p, uint64_t target, const char *field,
                      long long spin_ns, bool yield)
 {
@@ -2143,6 +2180,18 @@ static int coll_spin(CollRound *c, int r, uint64_t *word_p, uint64_t target, con
             return -1;
         if (value >= target)
             return 1;
+        if (yield) {
+            uint64_t now = monotonic_ns();
+            if (end == 0)
+                end = now + (uint64_t)(spin_ns > 0 ? spin_ns : 0);
+            if (now >= end || now < __atomic_load_n(&coll_calm_until, __ATOMIC_RELAXED))
+                return 0;
+            sched_yield();
+            uint64_t after = monotonic_ns();
+            if (after - now > YIELD_LONG_NS)
+                __atomic_store_n(&coll_calm_until, after + YIELD_CALM_NS, __ATOMIC_RELAXED);
+            continue;
+        }
         if ((i & 15) == 0) {
             uint64_t now = monotonic_ns();
             if (end == 0)
@@ -2150,11 +2199,8 @@ static int coll_spin(CollRound *c, int r, uint64_t *word_p, uint64_t target, con
             if (now >= end)
                 return 0;
         }
-        if (yield)
-            sched_yield();
 #if defined(__x86_64__) || defined(__i386__)
-        else
-            __builtin_ia32_pause();
+        __builtin_ia32_pause();
 #endif
     }
 }
@@ -3671,7 +3717,8 @@ static PyTypeObject CollRoundType = {
  * paths read, where they keep it, on every call:
  *   the engine's queues, posted / unexpected lists, pieces in flow, mpi4py requests, staged
  *   collectives and sync_next (containers the engine never rebinds: held here) and its
- *   `placing`; the endpoint's `_unexpected_count`, `_spin_ns` and `_expect` (a list it never
+ *   `placing`; the endpoint's `_unexpected_count`, `_spin_ns`, `_yield_ns`, `_calm_until`
+ *   (read, and written after a long yield: see rx_yield_poll) and `_expect` (a list it never
  *   rebinds), the peer slot words (region.u64[_word_i[p]], loaded once), each TxChannel's
  *   `tail` and `_kick`, each RxChannel's `_kick` (and `head`, set when a message is left
  *   peeked); the held spans of a receive ring stand for RxChannel.busy (a peeked head or a
@@ -3701,7 +3748,8 @@ typedef struct {
 } P2PLane;
 
 static PyObject *lane_name_tail, *lane_name_kick, *lane_name_head, *lane_name_placing,
-    *lane_name_unexpected, *lane_name_spin; /* interned by the type's first instance */
+    *lane_name_unexpected, *lane_name_spin, *lane_name_yield,
+    *lane_name_calm; /* interned by the type's first instance */
 
 static int lane_clear(P2PLane *self)
 {
@@ -3816,7 +3864,9 @@ static int lane_init(P2PLane *self, PyObject *args, PyObject *kwds)
             (lane_name_head = PyUnicode_InternFromString("head")) == NULL ||
             (lane_name_placing = PyUnicode_InternFromString("placing")) == NULL ||
             (lane_name_unexpected = PyUnicode_InternFromString("_unexpected_count")) == NULL ||
-            (lane_name_spin = PyUnicode_InternFromString("_spin_ns")) == NULL)
+            (lane_name_spin = PyUnicode_InternFromString("_spin_ns")) == NULL ||
+            (lane_name_yield = PyUnicode_InternFromString("_yield_ns")) == NULL ||
+            (lane_name_calm = PyUnicode_InternFromString("_calm_until")) == NULL)
             return -1;
     }
     PyObject *tx = PyObject_GetAttrString(endpoint, "tx");
@@ -4059,7 +4109,8 @@ static PyObject *lane_send(P2PLane *self, PyObject *const *args, Py_ssize_t narg
 
 /* recv(peer, ctx, tag, buf, want) and recv_obj(peer, ctx, tag, want) (`into` false, `buf`
  * NULL): FastPaths.fast_recv(peer, ctx, tag, buf) of a message that comes whole in one span,
- * with the endpoint's fast path (a spin of at most min(_spin_ns, max_spin_ns)). recv: `buf` a
+ * with the endpoint's fast path (a spin of at most min(_spin_ns, max_spin_ns); with no spin,
+ * the endpoint's yield phase, rx_yield_poll). recv: `buf` a
  * plain spec (lane_buffer, writable), True, or (nbytes, tag) with `want`, once the message is
  * in it; recv_obj: the message's bytes, or (nbytes, tag, bytes) with `want`. None having
  * taken nothing, when the Python paths must decide (see P2PLane; a message that came and is
@@ -4098,16 +4149,31 @@ static PyObject *lane_take(P2PLane *self, PyObject *const *args, bool into, PyOb
     RxRing *rx = (RxRing *)self->rxr[p];
     if (unexpected != 0 || rx->ring.broken != NULL || rx_held(rx) != 0)
         Py_RETURN_NONE;
+    if (spin_ns > self->max_spin_ns)
+        spin_ns = self->max_spin_ns;
+    /* no spin (crowded): the endpoint's yield phase instead, if it has one (Endpoint.yield_us) */
+    long long yield_ns = spin_ns > 0 ? 0 : lane_int_attr(self->endpoint, lane_name_yield);
+    long long calm = yield_ns > 0 ? lane_int_attr(self->endpoint, lane_name_calm) : 0;
+    if ((yield_ns == -1 || calm == -1) && PyErr_Occurred())
+        return NULL;
     Py_buffer view;
     if (into && (ok = lane_buffer(buf, true, &view)) <= 0)
         return ok < 0 ? NULL : Py_NewRef(Py_None);
-    if (spin_ns > self->max_spin_ns)
-        spin_ns = self->max_spin_ns;
-    uint64_t addr, total;
+    uint64_t addr, total, calm_until = (uint64_t)calm;
     uint32_t length;
     int32_t coretag;
     PyObject *result = NULL, *data = NULL;
-    int found = rx_spin_header(rx, spin_ns, &addr, &length, &total, &coretag);
+    int found = yield_ns > 0 ? rx_yield_poll(rx, yield_ns, &calm_until, &addr, &length)
+                             : rx_spin_poll(rx, spin_ns, &addr, &length);
+    if (calm_until != (uint64_t)calm) { /* a long yield: the endpoint's waits calm down too */
+        PyObject *value = PyLong_FromUnsignedLongLong(calm_until);
+        int set = value == NULL ? -1 : PyObject_SetAttr(self->endpoint, lane_name_calm, value);
+        Py_XDECREF(value);
+        if (set < 0)
+            goto done;
+    }
+    if (found > 0 && rx_header(rx, addr, length, &total, &coretag) < 0)
+        found = -1;
     if (found <= 0) {
         result = found < 0 && lane_fault(self, args[0]) < 0 ? NULL : Py_NewRef(Py_None);
         goto done;

@@ -48,12 +48,13 @@ then re-loads the word it waits for [F3]; a publisher stores its seq then loads 
 flags [F4] and kicks the sleepers: one of the two always sees the other (no lost wake-up).
 
 Waiting spins for `spin_us` (by default the endpoint's: short where ranks outnumber CPUs),
-calling os.sched_yield() between polls when the group is crowded (`notify.crowded`: more
-members on this kernel than CPUs in their affinity masks; spinning would steal the CPU from
-the peer it waits for), then blocks on the endpoint's doorbell in slices of WATCH_SLICE
-seconds, checking the awaited peer after each. Every collective is written once as steps
-that yield what they wait for: the blocking form waits for each here, the nonblocking form
-(CollectiveRequest) tests them when polled.
+yielding the CPU between polls when the group is crowded (`notify.crowded`: more members on
+this kernel than CPUs in their affinity masks; spinning would steal the CPU from the peer it
+waits for), then for as long as the endpoint's yield phase (Endpoint.yield_us, and its rule:
+none while waits are calm after a long yield), then blocks on the endpoint's doorbell in
+slices of WATCH_SLICE seconds, checking the awaited peer after each. Every collective is
+written once as steps that yield what they wait for: the blocking form waits for each here,
+the nonblocking form (CollectiveRequest) tests them when polled.
 
 The C accelerator (ring.CollectiveRound, when built and not IVSHMEM_COMM_PUREPYTHON=1) runs
 a blocking collective that fits one round (a reduce-scatter: every block within a segment)
@@ -75,7 +76,6 @@ from __future__ import annotations
 
 import collections
 import functools
-import os
 import platform
 import time
 from collections.abc import Callable, Generator, Sequence
@@ -470,8 +470,10 @@ class CollectiveGroup:
         self._broken: BaseException | None = None
         if spin_us is None:
             spin_us = endpoint.spin_us
-        self._spin = spin_us * 1e-6
         self._yield = crowded(region, members, endpoint.peer_id)
+        if self._yield:  # the spin yields between loads, as long as the endpoint's yield phase
+            spin_us += endpoint.yield_us
+        self._spin = spin_us * 1e-6
         self._listening = False  # see listen()
         # True after a gatherv, scatterv or alltoallv that its members declined (see there).
         self.declined = False
@@ -579,8 +581,8 @@ class CollectiveGroup:
         while time.monotonic() < spin_end:
             if self._seq(r, index, target, field) >= target:
                 return
-            if self._yield:
-                os.sched_yield()
+            if self._yield and not self.endpoint.yield_cpu():
+                break  # (waits are calm: yields handed the CPU away for long)
         self._block(r, index, target, field)
 
     def _block(self, r: int, index: int, target: int, field: str) -> None:

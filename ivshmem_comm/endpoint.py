@@ -66,6 +66,11 @@ ANY_TAG = -1
 JOIN_GRACE_NS = 5_000_000_000  # a JOINING slot is someone's for this long after its heartbeat
 WATCH_SLICE = 0.05  # seconds: bound on the time to notice a lost peer while blocked
 DEFAULT_SPIN_US = float(os.environ.get("IVSHMEM_COMM_SPIN_US", "50"))
+# The yield phase of a wait (Endpoint.yield_us): a yield that took longer than YIELD_LONG_NS
+# handed the CPU to another process for long (a time slice: ms), so waits then skip the phase
+# for YIELD_CALM_NS and sleep on the doorbell at once (the C lane's rx_yield_poll: same values).
+YIELD_LONG_NS = 200_000
+YIELD_CALM_NS = 50_000_000
 _STATE_MASK = 0xFFFFFFFF
 
 
@@ -80,8 +85,9 @@ class Endpoint:
     `notifier`: how to sleep and kick (default: POSIX semaphores for a region opened by name on
     this host, polling with backoff otherwise). `broker_assigned`: the broker already claimed
     the slot (state JOINING); otherwise the endpoint claims it. `spin_us`: how long to spin
-    before blocking. `stall_timeout`: how long a receive waits for the next span inside a
-    message before it declares the sender's queue broken.
+    before blocking (`yield_us`: how long it then yields the CPU between polls; none by
+    default). `stall_timeout`: how long a receive waits for the next span inside a message
+    before it declares the sender's queue broken.
     """
 
     def __init__(
@@ -131,6 +137,8 @@ class Endpoint:
         self._others = [p for p in range(n) if p != me]
         self._rotation = 0
         self._spin_end = 0.0  # end of the current spin phase; 0: the next wait starts one
+        self._yield_ns = 0  # the yield phase after the spin (see yield_us)
+        self._calm_until = 0  # time.monotonic_ns() before which waits skip the yield phase
         # Peers whose queue holds the rest of a timed-out send (TxChannel.tail): every wait
         # pushes it on, so a sender that only receives afterwards still delivers it.
         self._tailed: set[int] = set()
@@ -174,6 +182,23 @@ class Endpoint:
         for channel in self.rx:
             if channel is not None:
                 channel.mid_spin_ns = mid_spin_ns
+
+    @property
+    def yield_us(self) -> float:
+        """How long (microseconds) a wait, its spin over, polls with a sched_yield() between
+        polls before it blocks on the doorbell (0: it blocks at once)."""
+        return self._yield_ns / 1000
+
+    @yield_us.setter
+    def yield_us(self, value: float) -> None:
+        """Set the yield phase of later waits (>= 0): for ranks that outnumber the CPUs,
+        where a yield hands the CPU to the awaited rank when it shares this CPU, and its
+        answer then comes without a doorbell sleep and wake. A yield that took longer than
+        YIELD_LONG_NS (another process ran a time slice) ends the phase, and waits skip it for
+        YIELD_CALM_NS."""
+        if not value >= 0:
+            raise ValueError(f"yield_us must be >= 0, got {value}")
+        self._yield_ns = int(value * 1000)
 
     # ------------------------------------------------------------------ lifecycle
     def _claim(self, broker_assigned: bool) -> int:
@@ -396,6 +421,8 @@ class Endpoint:
             self._spin_end = now + self._spin
         if now < self._spin_end:
             return False
+        if self._yield_ns and now < self._spin_end + self._yield_ns * 1e-9 and self.yield_cpu():
+            return False  # (the yield phase: poll again)
         for ring in rings:
             if ring.arm():  # EVENT_IDX handshake: something arrived while arming
                 return False
@@ -411,6 +438,19 @@ class Endpoint:
         self.region.heartbeat(self.peer_id)
         if self.notifier.wait(slice_s):
             self._spin_end = 0.0  # kicked: work is likely there, spin again before sleeping
+        return True
+
+    def yield_cpu(self) -> bool:
+        """One yield of a wait's yield phase (see yield_us): False, nothing done, while waits
+        are calm; else yield the CPU and return True (a yield longer than YIELD_LONG_NS makes
+        waits calm for YIELD_CALM_NS from then)."""
+        start = time.monotonic_ns()
+        if start < self._calm_until:
+            return False
+        os.sched_yield()
+        end = time.monotonic_ns()
+        if end - start > YIELD_LONG_NS:
+            self._calm_until = end + YIELD_CALM_NS
         return True
 
     def _push_tails(self) -> None:

@@ -68,6 +68,7 @@ from ivshmem_comm.notify import crowded
 _CTX_SHIFT = wire.CTX_SHIFT  # a DATA message's core tag >> this is its context
 IDLE_TIMEOUT = 0.005  # s: the longest nap of the engine between progress passes
 CROWDED_SPIN_US = 2.0  # the endpoint's spin when ranks outnumber CPUs (see Engine.crowded)
+CROWDED_YIELD_US = 1000.0  # and its yield phase after the spin (Endpoint.yield_us)
 MAX_PULL = 64  # messages taken from shared memory per progress pass
 PAUSE_S = 50e-6  # s: a busy-waiting thread's nap with other threads about (Engine._pause)
 # A wait yields the lock (Engine._yield) after this many progress passes that moved
@@ -237,13 +238,17 @@ class Engine(Matching, FastPaths):
         self.has_mpi = any(not route.local for route in self.routes)
         # Oversubscribed: more ranks of this region on this kernel than CPUs they may run on
         # (notify.crowded). A rank that spins then takes the CPU from the rank it waits for,
-        # so waits (the endpoint's, and the collective area's, which spin as long) block on
-        # the doorbell almost at once and busy loops yield (unless IVSHMEM_COMM_SPIN_US is set).
+        # so waits (the endpoint's, and the collective area's, which spin as long) spin only
+        # briefly and busy loops yield (unless IVSHMEM_COMM_SPIN_US is set).
         self.crowded = endpoint is not None and crowded(
             endpoint.region, {endpoint.peer_id, *self.world_of_peer}, endpoint.peer_id
         )
         if self.crowded and endpoint is not None and "IVSHMEM_COMM_SPIN_US" not in os.environ:
             endpoint.spin_us = min(endpoint.spin_us, CROWDED_SPIN_US)
+            # then poll yielding the CPU (to the awaited rank where it shares ours: its answer
+            # comes without a doorbell sleep and wake, as MPICH's waits poll) before they
+            # sleep, unless yields hand the CPU away for long (see Endpoint.yield_us)
+            endpoint.yield_us = CROWDED_YIELD_US
         self.lane = self.make_lane()  # (last: it reads the endpoint's settings as they end up)
 
     # ------------------------------------------------------------------ state
