@@ -3068,6 +3068,33 @@ static long long front_lookup(PyObject *table, PyObject *key)
     return PyLong_AsLongLong(found);
 }
 
+/* front_lookup's memo, one per table, by the key's address: a key found in a table is a
+ * predefined datatype or op, which lives as long as the process (set_front's tables name
+ * them by id()), so its address names it for good; a key not found is not kept (it may die
+ * and its address be reused). Direct-mapped; emptied by set_front. The GIL guards it. */
+#define FRONT_MEMO 16
+typedef struct {
+    PyObject *key;
+    long long value;
+} FrontMemo;
+static FrontMemo front_memo_sizes[FRONT_MEMO], front_memo_folds[FRONT_MEMO],
+    front_memo_ops[FRONT_MEMO];
+
+/* front_lookup(table, key) through `memo`. `lives`: the key is known to live for good (found
+ * in front_sizes), so that its absence from this table (0) is kept too. */
+static long long front_memo_lookup(FrontMemo *memo, PyObject *table, PyObject *key, bool lives)
+{
+    FrontMemo *slot = &memo[((uintptr_t)key >> 4) % FRONT_MEMO];
+    if (slot->key == key)
+        return slot->value;
+    long long value = front_lookup(table, key);
+    if (value > 0 || (value == 0 && lives && !PyErr_Occurred())) {
+        slot->key = key;
+        slot->value = value;
+    }
+    return value;
+}
+
 /* Whether an error of a buffer export is one that makes a form "not taken". */
 static bool front_declines(void)
 {
@@ -3113,10 +3140,10 @@ static int front_buffer(PyObject *obj, bool writable, Py_ssize_t blocks, Py_buff
             return 0;
         buf = items[0];
         key = items[n - 1];
-        size = front_lookup(front_sizes, key);
+        size = front_memo_lookup(front_memo_sizes, front_sizes, key, false);
         if (size <= 0)
             return size < 0 && PyErr_Occurred() ? -1 : 0;
-        long long fold = front_lookup(front_folds, key);
+        long long fold = front_memo_lookup(front_memo_folds, front_folds, key, true);
         if (fold < 0 && PyErr_Occurred())
             return -1;
         *code = fold > 0 ? (int)fold - 1 : -1; /* (stored + 1: 0 is "none") */
@@ -3197,7 +3224,7 @@ static int front_vector(PyObject *obj, int size, bool writable, Py_buffer *view,
     if (dsp != Py_None && ((!PyList_CheckExact(dsp) && !PyTuple_CheckExact(dsp)) ||
                            PySequence_Fast_GET_SIZE(dsp) != size))
         return 0;
-    long long extent = front_lookup(front_sizes, items[n - 1]);
+    long long extent = front_memo_lookup(front_memo_sizes, front_sizes, items[n - 1], false);
     if (extent <= 0)
         return extent < 0 && PyErr_Occurred() ? -1 : 0;
     /* counts and displacements in elements first (no Python code runs while the list items
@@ -3401,7 +3428,7 @@ static PyObject *coll_front(CollRound *c, PyObject *const *args, Py_ssize_t narg
     }
     case CF_REDUCE_SCATTER_BLOCK:
     case CF_REDUCE_SCATTER: { /* (as _a_reduce_scatter(_block) and _a_scatter_fold) */
-        long long found = front_lookup(front_ops, args[6]);
+        long long found = front_memo_lookup(front_memo_ops, front_ops, args[6], false);
         if (found <= 0 || c->active) { /* (active: its counts are in use; begin refuses) */
             got = found < 0 && PyErr_Occurred() ? -1 : 0;
             goto out;
@@ -3461,7 +3488,7 @@ static PyObject *coll_front(CollRound *c, PyObject *const *args, Py_ssize_t narg
         break;
     }
     default: { /* the folds */
-        long long found = front_lookup(front_ops, args[6]);
+        long long found = front_memo_lookup(front_memo_ops, front_ops, args[6], false);
         if (found <= 0) {
             got = found < 0 && PyErr_Occurred() ? -1 : 0;
             goto out;
@@ -4427,6 +4454,9 @@ static PyObject *set_front(PyObject *Py_UNUSED(module), PyObject *const *args, P
     Py_XSETREF(front_sizes, Py_NewRef(args[2]));
     Py_XSETREF(front_folds, Py_NewRef(args[3]));
     Py_XSETREF(front_ops, Py_NewRef(args[4]));
+    memset(front_memo_sizes, 0, sizeof front_memo_sizes); /* (their keys: the old tables') */
+    memset(front_memo_folds, 0, sizeof front_memo_folds);
+    memset(front_memo_ops, 0, sizeof front_memo_ops);
     Py_RETURN_NONE;
 }
 
