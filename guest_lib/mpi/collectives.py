@@ -1234,10 +1234,18 @@ class AgreedValueError(ValueError):
     the instance is not abandoned and the area stays bound."""
 
 
+class StandInValueError(ValueError):
+    """An argument error of a collective found at one member before anything moved there,
+    the instance then run by that member with a stand-in for the wrong argument (the user's
+    buffer untouched), as the other members run it: every member finished the instance, so
+    it is not abandoned and the area stays bound (Gather's root, see _gather_recv)."""
+
+
 def _abandon(comm: Any, engine: Engine, seq: int, exc: Exception) -> None:
     """Collective instance `seq` of `comm` raised `exc` here: tell the other members, leave
-    the area (see the module docstring); nothing for an AgreedValueError."""
-    if isinstance(exc, AgreedValueError):
+    the area (see the module docstring); nothing for an AgreedValueError or a
+    StandInValueError (no member waits for this one)."""
+    if isinstance(exc, AgreedValueError | StandInValueError):
         return
     members = [w for w in comm._group if w != engine.world_rank]
     reason = f"{type(exc).__name__}: {exc}"
@@ -1429,15 +1437,54 @@ class Collectives:
         view = buffers.parse(buf, writable=self._rank != root).view
         return ("bcast", (view, root)) if self._fits(len(view)) else None
 
-    def _p_gather(self, sendbuf: Any, recvbuf: Any, root: int) -> tuple[str, tuple[Any, ...]]:
+    def _p_gather(
+        self,
+        sendbuf: Any,
+        recvbuf: Any,
+        root: int,
+        blocks: bool = False,
+        refused: list[ValueError] | None = None,
+    ) -> tuple[str, tuple[Any, ...]]:
         size, rank = self._sizes()
         self._root(root)
         if rank != root:
             return "gatherv", (buffers.parse(sendbuf).view, None, [0] * size, [0] * size, root)
-        spec = buffers.parse_vector(recvbuf, size, writable=True)
-        in_place = sendbuf is IN_PLACE or sendbuf is None  # None: in place, as on messages
-        send = spec.part(rank) if in_place else buffers.parse(sendbuf).view
+        spec, send = self._gather_recv(sendbuf, recvbuf, blocks, refused)
         return "gatherv", (send, spec.view, *self._bytes(spec), root)
+
+    def _gather_recv(
+        self, sendbuf: Any, recvbuf: Any, blocks: bool, refused: list[ValueError] | None
+    ) -> tuple[buffers.VSpec, memoryview]:
+        """At a Gather(v)'s root: (the vector spec of recvbuf, this rank's send: its block
+        of recvbuf in place), checked: `size` blocks, equal ones with `blocks` (Gather's
+        rule, as mpi4py's), this rank's as long as its send. ValueError where not; for
+        Gather (`blocks`) with a `refused` list and a send (not in place: every member sends
+        as many bytes) the error is put there instead, and a stand-in spec over a buffer of
+        its own comes back, of the send's length per member, for this rank to run the
+        instance as the others do (the caller raises the error then: StandInValueError).
+        Errors of sendbuf itself are raised as they come."""
+        size, rank = self._sizes()
+        in_place = sendbuf is IN_PLACE or sendbuf is None  # None: in place, as on messages
+        send = None if in_place else buffers.parse(sendbuf).view
+        try:
+            spec = buffers.parse_vector(recvbuf, size, writable=True)
+            counts = self._bytes(spec)[0]
+            if blocks and min(counts) != max(counts):
+                raise ValueError(
+                    f"message: cannot infer count, {sum(counts)} bytes of recvbuf do not "
+                    f"split into {size} equal blocks"
+                )
+            if send is None:
+                return spec, spec.part(rank)
+            if len(send) != counts[rank]:
+                raise ValueError(f"root sends {len(send)} bytes, counts[{rank}] is {counts[rank]}")
+            return spec, send
+        except ValueError as exc:
+            if refused is None or send is None or not blocks:
+                raise
+            refused.append(exc)
+        stand_in = [bytearray(len(send) * size), len(send)]
+        return buffers.parse_vector(stand_in, size, writable=True), send
 
     def _p_scatter(self, sendbuf: Any, recvbuf: Any, root: int) -> tuple[str, tuple[Any, ...]]:
         size, rank = self._sizes()
@@ -1955,16 +2002,30 @@ class Collectives:
 
     @collective(fast=_f_gather)
     def Gather(self, sendbuf: Any, recvbuf: Any, root: int = 0) -> None:
-        """Gather every rank's sendbuf into the root's recvbuf, in rank order (also Gatherv).
+        """Gather every rank's sendbuf into the root's recvbuf, in rank order.
 
-        recvbuf is a message spec of size parts (with counts and displacements for the vector form);
-        at the root sendbuf may be IN_PLACE (its own part is then left as it is).
-        MPI.Exception(ERR_ROOT) for a root outside the communicator.
+        recvbuf is a message spec of size equal parts (Gatherv: with counts and displacements
+        for the vector form); at the root sendbuf may be IN_PLACE (its own part is then left as
+        it is). MPI.Exception(ERR_ROOT) for a root outside the communicator. ValueError at the
+        root for a recvbuf that does not split so or whose own part is not as long as its
+        sendbuf: raised after the others' data went to a stand-in (recvbuf untouched), so the
+        other ranks return as usual and the communicator goes on working.
         """
-        if not self._area_run(lambda: self._p_gather(sendbuf, recvbuf, root)):
-            self._run(self._gatherv(sendbuf, recvbuf, root, T_GATHER))
+        self._gather_buf(sendbuf, recvbuf, root, True)
 
-    Gatherv = Gather
+    @collective(fast=_f_gather)
+    def Gatherv(self, sendbuf: Any, recvbuf: Any, root: int = 0) -> None:
+        """Gather by the counts and displacements of the root's recvbuf (see Gather)."""
+        self._gather_buf(sendbuf, recvbuf, root, False)
+
+    def _gather_buf(self, sendbuf: Any, recvbuf: Any, root: int, blocks: bool) -> None:
+        """The body of Gather (`blocks`: equal blocks) and Gatherv. A root whose receive side
+        is wrong (see _gather_recv) runs the instance with a stand-in, then raises."""
+        refused: list[ValueError] = []
+        if not self._area_run(lambda: self._p_gather(sendbuf, recvbuf, root, blocks, refused)):
+            self._run(self._gatherv(sendbuf, recvbuf, root, T_GATHER, blocks, refused))
+        if refused:
+            raise StandInValueError(str(refused[0])) from refused[0]
 
     @started(_a_gather, _m_gather)
     def Igather(self, sendbuf: Any, recvbuf: Any, root: int = 0) -> Request:
@@ -1976,16 +2037,25 @@ class Collectives:
 
     Igatherv = Igather
 
-    def _gatherv(self, sendbuf: Any, recvbuf: Any, root: int, tag: int) -> Iterator[list[Op]]:
+    def _gatherv(
+        self,
+        sendbuf: Any,
+        recvbuf: Any,
+        root: int,
+        tag: int,
+        blocks: bool = False,
+        refused: list[ValueError] | None = None,
+    ) -> Iterator[list[Op]]:
         size, rank = self._sizes()
         self._root(root)
         if rank != root:
             yield [self._c_isend(buffers.parse(sendbuf).view, root, tag)]
             return
-        spec = buffers.parse_vector(recvbuf, size, writable=True)
-        if sendbuf is not IN_PLACE:
-            own = buffers.parse(sendbuf).view
-            spec.part(rank)[: len(own)] = own
+        if refused:  # (the area's plan refused them already: its stand-in again)
+            refused = []
+        spec, own = self._gather_recv(sendbuf, recvbuf, blocks, refused)
+        if sendbuf is not IN_PLACE and sendbuf is not None:
+            spec.part(rank)[:] = own
         yield [self._c_irecv(spec.part(r), r, tag) for r in range(size) if r != rank]
 
     @collective(fast=_f_scatter)

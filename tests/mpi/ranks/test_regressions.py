@@ -13,7 +13,7 @@ import time
 import numpy as np
 import pytest
 
-from guest_lib.mpi import MPI
+from guest_lib.mpi import MPI, area
 
 
 def _engine_posted() -> list:
@@ -360,3 +360,45 @@ def test_mpi_exception_pickles_as_itself(comm):
         dup = comm.Dup()
         assert dup.allgather(rank) == list(range(size))
         dup.Free()
+
+
+@pytest.mark.parametrize("block", [5, 40000])  # doubles per rank: within a slab, and over one
+def test_gather_root_argument_errors_keep_the_area(block):
+    """A Gather whose recvbuf is wrong at the root (does not split into equal blocks, too
+    short for its count, blocks not as long as the root's send) raises ValueError there
+    with the reason, the other ranks return from it, and the communicator's collective area
+    stays bound: the next collectives run there with the right data (they used to raise
+    RingCorruptError at the root, or 'left this collective' elsewhere, and lose the area)."""
+    if _across_regions():
+        pytest.skip("an argument error on one rank only: mpi4py between regions")
+    world = MPI.COMM_WORLD
+    size, rank = world.Get_size(), world.Get_rank()
+    if size < 2:
+        pytest.skip("needs 2 ranks or more")
+    comm = world.Dup()
+    try:
+        root = size - 1
+        wrong = {
+            "do not split into": np.zeros(block * size - 1),
+            "run past the buffer": [bytearray(8 * block * size - 8), block, MPI.DOUBLE],
+            f"root sends {8 * block} bytes": np.zeros((block - 1) * size),
+            f"root sends {8 * block} bytes,": np.zeros((block + 1) * size),
+        }
+        for reason, recv in wrong.items():
+            before = area.completed(comm)
+            send = np.full(block, rank, np.float64)
+            if rank == root:
+                with pytest.raises(ValueError, match=reason):
+                    comm.Gather(send, recv, root)
+            else:
+                comm.Gather(send, None, root)
+            out = np.zeros(block * size)
+            comm.Gather(send, out, root)
+            if rank == root:
+                assert (out.reshape(size, block) == np.arange(size)[:, None]).all()
+            data = np.full(4, rank, np.float64)  # (within a slab: in the area once bound)
+            comm.Bcast(data, 0)
+            assert (data == 0).all()
+            assert area.completed(comm) > before  # (the area bound: they ran there)
+    finally:
+        comm.Free()
