@@ -369,6 +369,23 @@ class RoundRequest(CollectiveRequest):
         self.declined = group.declined = result == 1
         return True
 
+    def test(self) -> bool:
+        """Advance the group's started collectives; True iff this round completed (as
+        CollectiveRequest.test, read from `_steps`: a subclass may give `done` another
+        meaning)."""
+        self._group.progress()
+        if self._error is not None:
+            raise self._error
+        return self._steps is None
+
+    def wait(self) -> None:
+        """Complete this round (and the collectives started before it) here (as
+        CollectiveRequest.wait, read from `_steps`)."""
+        if self._steps is not None:  # (pending: the group's first, see start_round)
+            self._group._complete_pending(self)
+        if self._error is not None:
+            raise self._error
+
     def _finish(self) -> None:
         """Complete the round here as a blocking collective's C round waits (`_c_wait`):
         spin in C for the group's spin time, then block on the word it waits for, resume;
@@ -1441,11 +1458,19 @@ class CollectiveGroup:
         return request
 
     def start_round(self, run: Callable[..., Any], *args: Any) -> CollectiveRequest | None:
+        """`start_round_as` with a RoundRequest for the pending round."""
+        return self.start_round_as(RoundRequest, run, *args)
+
+    def start_round_as(
+        self, pending: type[RoundRequest], run: Callable[..., Any], *args: Any
+    ) -> CollectiveRequest | None:
         """`start` for a collective of one round whose C arguments the caller made: round
         k of `run` (CollectiveRound.run or .fold; or .front with the user's arguments) with
         `args`, polled once now. Returns the request (done already where that poll completed
         the round: one of two shared done requests, by `declined`; pending in the group
-        otherwise, as a started one), or None having moved nothing where other started
+        otherwise, as a started one: `pending(group, k, wait)`, a RoundRequest or a subclass
+        made the same way; it is the group's first pending request until its round ends,
+        since no other was pending), or None having moved nothing where other started
         collectives are pending, the C accelerator is not built, or the C call refused the
         arguments before its round (.front: did not take them; the caller starts the
         collective otherwise). An error of the first poll propagates (round k is marked
@@ -1461,7 +1486,7 @@ class CollectiveGroup:
         if result.__class__ is not tuple:
             self.declined = declined = result == 1
             return self._done_rounds[declined]
-        request = RoundRequest(self, k, result)
+        request = pending(self, k, result)
         self._pending.append(request)
         return request
 

@@ -388,70 +388,47 @@ class Area:
         return AreaOp(self, request, then=then if declinable else None)
 
 
-class AreaOp(Op):
-    """A nonblocking collective of the area as an engine operation: `done` polls it (and the
-    abandonment records) each time it is read, under the engine's lock (a Wait or Test of
-    another thread, or the engine's progress, may read it too); a failure completes it with
-    ERR_OTHER, `reason` saying why, drops the area and tells `on_fail` (if given) the
-    error class and the reason. The first read that finds it pending raises the sleep flag
-    (`Area.listen`) and polls once more, so that no waiter naps before the flag is up (a
-    collective completed by its first polls never raises it, nor makes the others ring this
-    doorbell).
+class _Polled:
+    """The engine-operation side of a nonblocking collective of the area (AreaOp,
+    StartedRound): `done` polls the collective (and the abandonment records) each time it
+    is read, under the engine's lock (a Wait or Test of another thread, or the engine's
+    progress, may read it too); a failure completes it with ERR_OTHER, `reason` saying
+    why, drops the area and tells `on_fail(*fail_args, error class, reason)` (if given).
+    The first read that finds it pending raises the sleep flag (`Area.listen`) and polls
+    once more, so that no waiter naps before the flag is up (a collective completed by its
+    first polls never raises it, nor makes the others ring this doorbell).
 
-    `then`: for a collective its members may decline (a gatherv, scatterv or alltoallv over
-    one round, see `Area.run`), what starts the operation that moves it otherwise once the
-    area says it was declined (messages, started with the engine: `next`); this op is then
-    done with that one, its error and reason taken from it (a failure there was told to the
-    others by that operation's own `on_fail`). An exception of `then` fails this op as a
-    failure of the area does. A failure's reason is its `why` too (Op's: a StagedOp
-    holding this op reports it)."""
+    `then`: for a collective its members may decline (a gatherv, scatterv or alltoall(v)
+    over one round, see `Area.run`), what starts the operation that moves it otherwise once
+    the area says it was declined (messages, started with the engine: `next`); this op is
+    then done with that one, its error and reason taken from it (a failure there was told
+    to the others by that operation's own `on_fail`). An exception of `then` fails this op
+    as a failure of the area does. A failure's reason is its `why` too (Op's: a StagedOp
+    holding this op reports it). A class using this sets the fields annotated here and
+    gives `_round_test` and `_round`."""
 
-    __slots__ = (
-        "_area",
-        "_finished",
-        "_listening",
-        "_request",
-        "_staged",
-        "next",
-        "on_fail",
-        "reason",
-        "then",
-    )
+    if not TYPE_CHECKING:  # (the fields below: each class using this has them as slots)
+        __slots__ = ()
+    _area: Area
+    _finished: bool
+    _listening: bool
+    _staged: bool
+    next: Op | None
+    then: Callable[[], Op] | None
+    on_fail: Callable[..., None] | None
+    fail_args: tuple[Any, ...]
+    error: int
+    reason: str
+    why: str
 
-    def __init__(
-        self,
-        area: Area,
-        request: CollectiveRequest,
-        on_fail: Callable[[int, str], None] | None = None,
-        then: Callable[[], Op] | None = None,
-    ) -> None:
-        # Op's fields, set here without a call to Op.__init__ (one per started collective;
-        # `done` is this class's property)
-        self.error, self.source, self.tag = 0, constants.ANY_SOURCE, constants.ANY_TAG
-        self.count, self.cancelled, self.obj = 0, False, None
-        self._finished = False
-        self._area = area
-        self._request = request
-        self.on_fail = on_fail
-        self.then = then
-        self.next: Op | None = None
-        self.reason = ""
-        self._listening = False
-        self._staged = False
+    def _round_test(self) -> bool:
+        """Advance the collective without waiting: True iff it completed (its error
+        raised)."""
+        raise NotImplementedError
 
-    def stage(self) -> None:
-        """Have every progress pass of the engine poll this op (`advance`) until it
-        completes: where its members decline the round, the others wait for what `then`
-        starts while this member may block anywhere (a Recv), not in its Wait."""
-        engine = self._area.comm._engine
-        with engine.lock:
-            if not self._finished:
-                engine.staged.append(self)
-                self._staged = True
-
-    def advance(self, propagate: bool = False) -> bool:
-        """A progress pass over the staged op: poll it; True iff it completed."""
-        return self.done
+    def _round(self) -> CollectiveRequest:
+        """The group's request of the collective."""
+        raise NotImplementedError
 
     def spin(self) -> None:
         """Poll the round for up to the group's spin time (the endpoint's, as the blocking
@@ -461,21 +438,21 @@ class AreaOp(Op):
         `Endpoint.yield_cpu` does). The engine's messages wait for `done`'s
         polls. A round of the C accelerator (RoundRequest) whose engine is quiet, in a
         process with no other thread, is completed here as a blocking collective's round
-        (RoundRequest._finish: the spin in C, yielding the CPU between loads where the
-        group is crowded, then a sleep on the word it waits for, the engine's messages and
+        (RoundRequest.wait: the spin in C, yielding the CPU between loads where the group
+        is crowded, then a sleep on the word it waits for, the engine's messages and
         abandonment looked at every watch slice by the group's interrupt hook)."""
-        if self._finished or self.next is not None or self._poll(False):
+        if self._finished or self.next is not None or self._look(False):
             return
         area = self._area
-        request = self._request
-        if request.__class__ is RoundRequest and area.comm._engine.quiet() and not other_threads():
-            with contextlib.suppress(Exception):  # (`_poll` raises it again: the op fails)
+        request = self._round()
+        if isinstance(request, RoundRequest) and area.comm._engine.quiet() and not other_threads():
+            with contextlib.suppress(Exception):  # (`_look` raises it again: the op fails)
                 request.wait()
-            self._poll(False)
+            self._look(False)
             return
         group = area.group
         end = 0.0
-        while not self._poll(False):
+        while not self._look(False):
             now = time.monotonic()
             if not end:
                 end = now + group._spin
@@ -494,13 +471,13 @@ class AreaOp(Op):
 
     @property
     def done(self) -> bool:
-        return self._finished or self._poll(True)
+        return self._finished or self._look(True)
 
     @done.setter
     def done(self, value: bool) -> None:
         pass  # (a write of `done` changes nothing: completion is the collective's)
 
-    def _poll(self, listen: bool) -> bool:
+    def _look(self, listen: bool) -> bool:
         """`done`'s poll (`listen`: raise the sleep flag once the round is found pending, and
         look for abandonment; `spin`'s polls do neither): True iff this op completed."""
         area = self._area
@@ -510,12 +487,11 @@ class AreaOp(Op):
             if self.next is not None:
                 return self._followed(self.next)
             try:
-                request = self._request
-                pending = not request.test()
+                pending = not self._round_test()
                 if pending and listen and not self._listening:
                     self._listening = True
                     area.listen(1)  # (its fence orders the flag before the next poll's loads)
-                    pending = not request.test()
+                    pending = not self._round_test()
                 if pending:
                     if listen:
                         area.check_abandoned()
@@ -523,7 +499,7 @@ class AreaOp(Op):
                 if self._listening:
                     self._listening = False
                     area.listen(-1)
-                if request.declined and self.then is not None:
+                if self._round().declined and self.then is not None:
                     self.next = self.then()
                     return self._followed(self.next)
                 area.completed += 1
@@ -536,7 +512,7 @@ class AreaOp(Op):
             if self._listening:
                 area.listen(-1)
         if self.error and self.on_fail is not None:
-            self.on_fail(self.error, self.reason)
+            self.on_fail(*self.fail_args, self.error, self.reason)
         return True
 
     def _followed(self, op: Op) -> bool:
@@ -551,9 +527,136 @@ class AreaOp(Op):
         return True
 
 
+class AreaOp(_Polled, Op):
+    """A nonblocking collective of the area as an engine operation (see _Polled) on the
+    group's request `request` (started by Area.start or Area.begin)."""
+
+    __slots__ = (
+        "_area",
+        "_finished",
+        "_listening",
+        "_request",
+        "_staged",
+        "fail_args",
+        "next",
+        "on_fail",
+        "reason",
+        "then",
+    )
+
+    def __init__(
+        self,
+        area: Area,
+        request: CollectiveRequest,
+        on_fail: Callable[..., None] | None = None,
+        then: Callable[[], Op] | None = None,
+    ) -> None:
+        # Op's fields, set here without a call to Op.__init__ (one per started collective;
+        # `done` is _Polled's property)
+        self.error, self.source, self.tag = 0, constants.ANY_SOURCE, constants.ANY_TAG
+        self.count, self.cancelled, self.obj = 0, False, None
+        self._finished = False
+        self._area = area
+        self._request = request
+        self.on_fail = on_fail
+        self.fail_args = ()
+        self.then = then
+        self.next = None
+        self.reason = ""
+        self._listening = False
+        self._staged = False
+
+    def _round_test(self) -> bool:
+        return self._request.test()
+
+    def _round(self) -> CollectiveRequest:
+        return self._request
+
+    def stage(self) -> None:
+        """Have every progress pass of the engine poll this op (`advance`) until it
+        completes: where its members decline the round, the others wait for what `then`
+        starts while this member may block anywhere (a Recv), not in its Wait."""
+        engine = self._area.comm._engine
+        with engine.lock:
+            if not self._finished:
+                engine.staged.append(self)
+                self._staged = True
+
+    def advance(self, propagate: bool = False) -> bool:
+        """A progress pass over the staged op: poll it; True iff it completed."""
+        return self.done
+
+    @property
+    def home_ctx(self) -> int:
+        """The context of the communicator whose collective this is (StagedOp's field)."""
+        return self._area.comm._ctx
+
+
+class StartedRound(_Polled, RoundRequest):
+    """A nonblocking collective's round pending in the C accelerator as ONE object: the
+    group's pending request (a RoundRequest: CollectiveGroup.start_round_as(StartedRound,
+    ...)) and the engine operation its Request waits on (see _Polled),
+    where AreaOp would be a second object around the round. Its reads of `done` poll the
+    round in C directly (CollectiveRound.resume, not through the group's progress: it is
+    the group's first pending request while pending). The status fields of an operation
+    are those of a collective (empty) and never written; `_area`, `on_fail`, `fail_args`
+    and `then` are set by the caller right after the start (never staged: an instance the
+    engine's progress must poll, see AreaOp.stage, takes an AreaOp)."""
+
+    __slots__ = (
+        "_area",
+        "_finished",
+        "_listening",
+        "error",
+        "fail_args",
+        "next",
+        "on_fail",
+        "reason",
+        "then",
+        "why",
+    )
+    source = constants.ANY_SOURCE
+    tag = constants.ANY_TAG
+    count = 0
+    cancelled = False
+    obj = None
+    _staged = False
+
+    def __init__(self, group: CollectiveGroup, k: int, wait: Any) -> None:
+        RoundRequest.__init__(self, group, k, wait)
+        # this op's fields (Op.__init__'s are the class's: never written)
+        self._finished = self._listening = False
+        self.error, self.reason = 0, ""
+        self.next = self.then = self.on_fail = None
+        self.fail_args = ()
+
+    def _round_test(self) -> bool:
+        if self._steps is None:  # (ended by the group's progress, or failed)
+            if self._error is not None:
+                raise self._error
+            return True
+        if not self._poll():
+            return False
+        pending = self._group._pending
+        if pending and pending[0] is self:
+            pending.popleft()
+        return True
+
+    def _round(self) -> CollectiveRequest:
+        return self
+
+    def cancel(self, engine: Any) -> bool:
+        """A collective is not withdrawn (Op.cancel's answer): False."""
+        return False
+
+    def watch(self) -> int:
+        """No single peer (Op.watch's answer): -1."""
+        return -1
+
+
 class AreaRequest(Request):
     """The Request of a nonblocking collective in the area. Wait polls a pending round
-    for the endpoint's spin time first (AreaOp.spin: no sleep flag, so no member rings),
+    for the endpoint's spin time first (_Polled.spin: no sleep flag, so no member rings),
     then naps on the doorbell, which every publication of the group rings while the
     collective is pending (the engine's own nap waits for a message and would sleep its
     whole slice)."""
@@ -564,7 +667,7 @@ class AreaRequest(Request):
         op, engine = self._op, self._engine
         assert op is not None and engine is not None
         notifier = engine.ep.notifier
-        if op.__class__ is AreaOp:
+        if isinstance(op, _Polled):
             op.spin()
         while not op.done:
             follow = getattr(op, "next", None)

@@ -77,6 +77,7 @@ from ivshmem_comm.collective import (
     KIND_SCAN,
     CollectiveGroup,
     CollectiveRequest,
+    RoundRequest,
     fold_codes,
 )
 
@@ -933,8 +934,10 @@ def _c_start(
     ):
         return None
     seq = self._nb_seq
+    # (a pending round not staged with the engine is one object, area.StartedRound)
+    pending = area.StartedRound if messages is None or not stage else RoundRequest
     try:
-        request = group.start_round(c.front if front else c.run, *args)
+        request = group.start_round_as(pending, c.front if front else c.run, *args)
     except BaseException as exc:
         self._nb_seq = seq + 1
         error = shared._leave(exc)
@@ -946,10 +949,19 @@ def _c_start(
         raise error from exc
     if request is None:
         return None
-    if request.done and not request.declined:  # (the common case for a root or the last)
+    if request._steps is None and not request.declined:  # (the common case: root, last)
         self._nb_seq = seq + 1
         shared.completed += 1
         return new_request(_STARTED_DONE, engine, None, None)
+    if request.__class__ is area.StartedRound:
+        self._nb_seq = seq + 1
+        request._area = shared
+        request.on_fail = _nb_abandon
+        request.fail_args = (self, engine, seq)
+        if messages is not None:  # (Ialltoall: declined only where a member misbehaves)
+            request.then = functools.partial(_on_declined, self, engine, seq, messages, margs, {})
+        # (an engine operation as Op is: area.StartedRound's fields and `done`)
+        return request_of(request, engine, kind=area.AreaRequest)  # type: ignore[arg-type]
     return _request_for(self, engine, shared, seq, request, messages, margs, {}, stage)
 
 
@@ -1192,9 +1204,7 @@ def _request_for(
     failed = functools.partial(_nb_abandon, self, engine, seq)
     then = None
     if messages is not None:
-        tag = T_NONBLOCKING + seq % NONBLOCKING_TAGS
-        stages = functools.partial(messages, self, tag, *args, **kwargs)
-        then = functools.partial(_on_messages, engine, stages, failed)
+        then = functools.partial(_on_declined, self, engine, seq, messages, args, kwargs)
     if not request.done:
         op = area.AreaOp(shared, request, failed, then)
         if then is not None and stage:  # (the engine's progress polls it, see `started`)
@@ -1208,14 +1218,50 @@ def _request_for(
         raise
 
 
+def _on_declined(
+    comm: Any,
+    engine: Engine,
+    seq: int,
+    messages: Messages,
+    args: Any,
+    kwargs: Any,
+) -> StagedOp:
+    """Nonblocking collective instance `seq` of `comm`, whose members declined its round,
+    on messages: `messages` for `args`, `kwargs` on the instance's tag, started with the
+    engine (`_on_messages`; a failure there abandons the instance, `_nb_abandon`)."""
+    tag = T_NONBLOCKING + seq % NONBLOCKING_TAGS
+    stages = functools.partial(messages, comm, tag, *args, **kwargs)
+    failed = functools.partial(_nb_abandon, comm, engine, seq)
+    return _on_messages(engine, stages, failed, comm._ctx)
+
+
 def _on_messages(
     engine: Engine,
     stages: Callable[[], Stages],
     on_fail: Callable[[int, str], None] | None = None,
+    home_ctx: int = -1,
 ) -> StagedOp:
     """Start a nonblocking collective's `stages()` with the engine (the first stage's
-    errors propagate; a later failure tells `on_fail`)."""
-    return engine.start_staged(StagedOp(stages(), on_fail))
+    errors propagate; a later failure tells `on_fail`; `home_ctx`: StagedOp's)."""
+    return engine.start_staged(StagedOp(stages(), on_fail, home_ctx))
+
+
+def complete_started(comm: Any) -> None:
+    """Free of `comm`: complete its nonblocking collectives still pending with the engine
+    (StagedOp.home_ctx, AreaOp's), as MPI releases a communicator only once its pending
+    operations completed: their stages use it, and its contexts must not go to the next
+    communicator while their messages may still come. Their errors stay with their
+    requests. (Its started rounds in the area complete in area.free's barrier.)"""
+    engine = comm._engine
+    if engine is None or not engine.staged:
+        return
+    ctx = comm._ctx
+
+    def settled() -> bool:
+        return not any(op.home_ctx == ctx and not op.done for op in engine.staged)
+
+    if not settled():
+        engine.wait_until(settled)
 
 
 def _nb_abandon(comm: Any, engine: Engine, seq: int, error: int, reason: str) -> None:
@@ -2589,7 +2635,7 @@ class Collectives:
         seq, self._nb_seq = self._nb_seq, self._nb_seq + 1
         tag = T_NONBLOCKING + seq % NONBLOCKING_TAGS
         if len(self._group) < 2:
-            return Request(engine.start_staged(StagedOp(stages(tag))), engine)
+            return Request(engine.start_staged(StagedOp(stages(tag), None, self._ctx)), engine)
         abandon = functools.partial(_nb_abandon, self, engine, seq)
         gone = engine.abandoned_already(self._ctx + 1, tag, seq)
         if gone is not None:
@@ -2601,10 +2647,10 @@ class Collectives:
             if shared is not None and job is not None:
                 # (declined: its messages fail through this op, which abandons it)
                 then = functools.partial(_on_messages, engine, functools.partial(stages, tag))
-                op = StagedOp(self._area_stages(shared, job, then), abandon)
+                op = StagedOp(self._area_stages(shared, job, then), abandon, self._ctx)
                 engine.start_staged(op)
                 return area.AreaRequest(op, engine)
-            op = StagedOp(stages(tag), abandon)
+            op = StagedOp(stages(tag), abandon, self._ctx)
             engine.start_staged(op)
         except Exception as exc:
             abandon(abandon_class(exc), f"{type(exc).__name__}: {exc}")

@@ -40,7 +40,7 @@ from guest_lib.mpi import (
     persistent,
     ulfm,
 )
-from guest_lib.mpi.collectives import T_BARRIER, Collectives, front_lanes
+from guest_lib.mpi.collectives import T_BARRIER, Collectives, complete_started, front_lanes
 from guest_lib.mpi.collectives_extra import ExtraCollectives
 from guest_lib.mpi.engine import Engine
 from guest_lib.mpi.handles import Handle
@@ -1063,7 +1063,9 @@ class Comm(attributes.Cached, Handle):
     def Free(self) -> None:
         """Free the communicator and release its context.
 
-        Collective in MPI; local bookkeeping here. Messages sent on this communicator and not
+        Collective in MPI; local bookkeeping here, but for its nonblocking collectives still
+        pending, which complete first (MPI releases it once they did; their errors stay with
+        their requests). Messages sent on this communicator and not
         received are dropped, here and when they arrive later: they never show up on a communicator
         that gets the context next. MPI.Exception(ERR_COMM) for COMM_WORLD and COMM_SELF (and
         handles on them), which stay as they are, and for COMM_NULL. Its attributes are deleted
@@ -1073,6 +1075,7 @@ class Comm(attributes.Cached, Handle):
         if 0 <= self._ctx < 4:
             raise exceptions.Exception(exceptions.ERR_COMM, f"cannot free {self.Get_name()}")
         self._keyvals.drop(self)
+        complete_started(self)  # (MPI: released once its pending operations completed)
         area.free(self)
         if self._engine is not None and self._ctx >= 4:
             self._engine.drop_context((self._ctx, self._ctx + 1))  # (no longer in use)

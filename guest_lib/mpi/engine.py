@@ -138,15 +138,21 @@ class ControlOp(SendOp):
 class StagedOp(Op):
     """A nonblocking collective: `steps` yields, stage by stage, the operations the next stage
     waits for (having started them); the op is done when it returns. Every progress pass
-    advances it, so it moves on whatever call of the process is making progress."""
+    advances it, so it moves on whatever call of the process is making progress.
+    `home_ctx`: the context of the communicator whose collective it is (-1: none given), whose
+    Free completes it first."""
 
-    __slots__ = ("on_fail", "pending", "reason", "steps")
+    __slots__ = ("home_ctx", "on_fail", "pending", "reason", "steps")
 
     def __init__(
-        self, steps: Iterator[list[Op]], on_fail: Callable[[int, str], None] | None = None
+        self,
+        steps: Iterator[list[Op]],
+        on_fail: Callable[[int, str], None] | None = None,
+        home_ctx: int = -1,
     ) -> None:
         super().__init__()
         self.steps = steps
+        self.home_ctx = home_ctx
         self.pending: list[Op] = []
         self.on_fail = on_fail  # told (error class, why) when the op fails here (Collectives)
         self.reason = ""  # why it failed ("" until then): the text of the request's error

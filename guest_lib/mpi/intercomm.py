@@ -369,7 +369,7 @@ class Intercomm(Comm):
         def abandon(error: int, reason: str) -> None:
             engine.abandon(ctx, self._gen, seq, tag, 1, reason, self._group, error)
 
-        op = StagedOp(stages(tag), abandon)
+        op = StagedOp(stages(tag), abandon, self._ctx)
         try:
             engine.start_staged(op)  # (this process's own argument errors first)
             if gone is not None:  # a remote process left it already: do not wait for it

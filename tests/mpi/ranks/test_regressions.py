@@ -402,3 +402,51 @@ def test_gather_root_argument_errors_keep_the_area(block):
             assert area.completed(comm) > before  # (the area bound: they ran there)
     finally:
         comm.Free()
+
+
+def _add_ints(inbuf, inoutbuf, datatype):
+    """SUM of int32 as a user op (whose reductions go on messages, not the area)."""
+    np.frombuffer(inoutbuf, dtype="i")[...] += np.frombuffer(inbuf, dtype="i")
+
+
+ADD_INTS = MPI.Op.Create(_add_ints, commute=True)
+
+
+def _completed_within(request: MPI.Request, seconds: float) -> bool:
+    """Test `request` until it completes (True) or `seconds` pass (False: it hangs)."""
+    deadline = time.monotonic() + seconds
+    while not request.Test():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.001)
+    return True
+
+
+def test_pending_collective_of_a_freed_comm_keeps_its_context():
+    """MPI's rule for Comm.Free: a communicator is deallocated once its pending operations
+    complete. Rank 0 frees a communicator while its Iallreduce (on messages: a user op) is
+    still pending, the others start theirs late, free it too, and every rank takes the next
+    Dup of the world, which gets the same context: the freed one's Iallreduce completes with
+    its own data and the new communicator's with its own (before, Free released the
+    communicator at once: the pending one's next stage failed, MPI_ERR_COMM "null
+    communicator", and its late data could meet the next holder's receives)."""
+    world = MPI.COMM_WORLD
+    size, rank = world.Get_size(), world.Get_rank()
+    if size == 1:
+        pytest.skip("needs two ranks")
+    first = world.Dup()
+    if rank != 0:
+        time.sleep(0.3)  # rank 0 frees `first` with its collective pending
+    old = np.zeros(1, "i")
+    request = first.Iallreduce(np.full(1, rank + 1, "i"), old, ADD_INTS)
+    first.Free()
+    second = world.Dup()
+    try:
+        new = np.zeros(1, "i")
+        late = second.Iallreduce(np.full(1, 10 * (rank + 1), "i"), new, ADD_INTS)
+        assert _completed_within(request, 10.0), "the freed communicator's Iallreduce hangs"
+        assert _completed_within(late, 10.0), "the next communicator's Iallreduce hangs"
+        assert (old[0], new[0]) == (size * (size + 1) // 2, 10 * size * (size + 1) // 2)
+        second.Barrier()
+    finally:
+        second.Free()
