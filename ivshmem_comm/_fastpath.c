@@ -238,7 +238,8 @@ static void copy_bytes_streaming(unsigned char *dest, const unsigned char *src, 
 }
 
 /* Copies into shared memory that another process reads next (a message into a queue, a
- * broadcast into the root's slab) of at least SHARED_COPY_MIN bytes choose between plain
+ * broadcast into the root's slab; TxRing.send_small, publish_payload and write, and the C
+ * Bcast's root) of at least SHARED_COPY_MIN bytes choose between plain
  * stores and stores that bypass the caches (copy_to_reader) by what each cost on this process
  * lately. Why: the cost of plain stores to lines the reader's core read swings with where the
  * host runs the two vCPUs, seconds apart in one launch. On a 2-vCPU EPYC guest, 1 MiB copies
@@ -1068,7 +1069,7 @@ static PyObject *tx_write(TxRing *self, PyObject *const *args, Py_ssize_t nargs)
         PyBuffer_Release(&data);
         return NULL;
     }
-    copy_bytes(self->ring.base + offset, data.buf, data.len);
+    copy_to_reader(self->ring.base + offset, data.buf, data.len);
     PyBuffer_Release(&data);
     Py_RETURN_NONE;
 }

@@ -426,19 +426,26 @@ def test_a_large_one_span_message_takes_completions_back_first(tx_impl: str, rx_
 @needs_c
 @pytest.mark.parametrize("rx_impl", ["py", "c"])
 def test_large_copies_into_the_queue_choose_their_stores_and_keep_every_byte(rx_impl: str) -> None:
-    """The C sender copies a message of at least 16 KiB (send_small's one span, each piece of
-    publish_payload) with plain or cache-bypassing stores, whichever cost less lately, and
-    tries the other every 256 copies at most (_fastpath.c, copy_to_reader): over 600 messages
-    of odd lengths from unaligned sources both ways run, every byte arrives, and both costs
-    are measured."""
+    """The C sender copies a message of at least 16 KiB (send_small's one span, write's
+    bytes, each piece of publish_payload) with plain or cache-bypassing stores, whichever cost
+    less lately, and tries the other every 256 copies at most (_fastpath.c, copy_to_reader):
+    over 600 messages of odd lengths from unaligned sources both ways run, every byte
+    arrives, and both costs are measured."""
     g = small_geometry(queue_num=64, data_size=1 << 20, max_span=64 << 10)
     tx, rx = make_pair(new_region(g), g, "c", rx_impl)
     for i in range(600):
         size = (16 << 10) + 1 + 997 * (i % 40)  # 16 KiB + 1 .. ~55 KiB: one span
         raw = bytearray(payload(i, size + 7))
         data = memoryview(raw)[i % 7 : i % 7 + size]  # an unaligned source
-        if i % 3:
+        if i % 3 == 1:
             assert tx.send_small(5, data) in (virtqueue.SEND_OK, virtqueue.SEND_KICK)
+            spans = 1
+        elif i % 3 == 2:  # written into a reservation, then published as one span
+            offset = tx.reserve(16 + len(data))
+            assert offset >= 0
+            tx.write_header(offset, len(data), 5)
+            tx.write(offset + 16, data)
+            tx.publish(offset, 16 + len(data), True)
             spans = 1
         else:  # several pieces of at least 16 KiB (layout.pipe_span)
             data = memoryview(raw * 3)[i % 7 : i % 7 + 3 * size]
