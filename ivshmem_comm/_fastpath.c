@@ -2064,7 +2064,9 @@ static PyTypeObject RxRingType = {
  * returns (rank, u64 index, round, field) and the caller blocks on its doorbell until the
  * word moves (CollectiveGroup._block), then calls resume(): the call's buffers and position
  * are kept here meanwhile. Returns 0 when the round completed, 1 when a member declined it
- * (gatherv / scatterv / alltoallv: rounds word 0). A declined alltoallv writes no block of
+ * (gatherv / scatterv / alltoallv: rounds word 0). A crowded scatterv root may take two
+ * rounds (blocks of up to two segments, see coll_prepare): one call then runs rounds k and
+ * k+1 (`round` says where it is). A declined alltoallv writes no block of
  * another member into recv (it reads every member's rounds word first, CP_ROUNDS; its own
  * block is copied once the others are published, unless it declines), so that in place (send
  * is recv) the caller still holds what it sends otherwise.
@@ -2101,6 +2103,12 @@ typedef struct {
     int which, phase, pos, root, kind, dtype, op, upto;
     bool want;
     uint64_t k, rounds_out, rounds_seen;
+    /* a scatterv of several rounds (its blocks over a segment, the root's choice where the
+     * group is crowded): which round of it this is (0 ..: the piece of every block it moves),
+     * and how many
+     * (the root's rounds word; 0 until a member has read it) */
+    uint64_t sround, srounds;
+    bool crowded; /* the call's `yield`: ranks outnumber CPUs (a scatterv root's choice) */
     Py_ssize_t nbytes; /* fold: bytes of each operand (a reduce-scatter: seg * size) */
     bool scatter;      /* fold: a reduce-scatter (counts: each member's block, bytes) */
     Py_ssize_t part;   /* fold: bytes of the result (a reduce-scatter: counts[rank]) */
@@ -2338,6 +2346,21 @@ static void coll_expect(CollRound *c, int r, uint64_t *kind, uint64_t *nbytes)
     }
 }
 
+/* A scatterv's piece of a block of `count` bytes this round (c->sround): its length (0 past
+ * the block's end) and, in *at, its offset in the block. */
+static Py_ssize_t scatter_piece(CollRound *c, Py_ssize_t count, Py_ssize_t *at)
+{
+    Py_ssize_t start = (Py_ssize_t)c->sround * c->sseg;
+    *at = start < count ? start : count;
+    return count - *at < c->sseg ? count - *at : c->sseg;
+}
+
+/* The rounds a scatterv block of `count` bytes takes, a segment each (at least one). */
+static uint64_t scatter_rounds(CollRound *c, Py_ssize_t count)
+{
+    return count > c->sseg ? (uint64_t)((count - 1) / c->sseg + 1) : 1;
+}
+
 /* Step 2: this member's slab, then nbytes, kind, rounds, then the seq [R5]. */
 static void coll_publish(CollRound *c)
 {
@@ -2366,14 +2389,15 @@ static void coll_publish(CollRound *c)
         }
         if (!c->rounds_out) /* declined: no block moves here */
             break;
-        for (int q = 0; q < c->size; q++) { /* block q at (q - (q > root)) * sseg */
+        for (int q = 0; q < c->size; q++) { /* piece of block q at (q - (q > root)) * sseg */
             if (q == me)
                 continue;
             unsigned char *block = slab + (q - (q > me)) * c->sseg;
-            if (c->counts[q] >= COLL_STREAM_MIN) /* (see there) */
-                copy_bytes_streaming(block, send + c->displs[q], c->counts[q]);
+            Py_ssize_t at, len = scatter_piece(c, c->counts[q], &at);
+            if (len >= COLL_STREAM_MIN) /* (see there) */
+                copy_bytes_streaming(block, send + c->displs[q] + at, len);
             else
-                memcpy(block, send + c->displs[q], (size_t)c->counts[q]);
+                memcpy(block, send + c->displs[q] + at, (size_t)len);
         }
         break;
     case CW_ALLGATHERV: /* in place (no send): this rank's block of recv */
@@ -2498,18 +2522,27 @@ static int coll_consume(CollRound *c, int r)
         else if (coll_rounds(c, r) < 0)
             return -1;
         break;
-    case CW_SCATTERV: {
-        int rounds = coll_rounds(c, r);
-        if (rounds < 0)
-            return -1;
-        if (rounds && c->recv.len > c->sseg) { /* (a block over a segment: declined) */
-            coll_corrupt(c, r, "rounds", PyLong_FromLong(rounds),
-                         PyUnicode_FromFormat("this member needs 2 or more (%zd bytes)",
-                                              c->recv.len));
+    case CW_SCATTERV: { /* the root's rounds word: 0 (declined), else every round's count */
+        uint64_t rounds = __atomic_load_n(coll_line(c, r, c->k) + 3, __ATOMIC_RELAXED);
+        uint64_t least = scatter_rounds(c, c->recv.len);
+        uint64_t most = scatter_rounds(c, (Py_ssize_t)MAX_MESSAGE);
+        if (c->sround == 0 ? rounds != 0 && (rounds < least || rounds > most)
+                          : rounds != c->srounds) {
+            coll_corrupt(c, r, "rounds", PyLong_FromUnsignedLongLong(rounds),
+                         c->sround == 0 ? PyUnicode_FromFormat("this member needs %llu..%llu",
+                                                              (unsigned long long)least,
+                                                              (unsigned long long)most)
+                                       : PyUnicode_FromFormat("its first round said %llu",
+                                                              (unsigned long long)c->srounds));
             return -1;
         }
-        if (!c->declined)
-            memcpy(recv, theirs + (me - (me > c->root)) * c->sseg, (size_t)c->recv.len);
+        if (rounds == 0) {
+            c->declined = true;
+            break;
+        }
+        c->srounds = rounds;
+        Py_ssize_t at, len = scatter_piece(c, c->recv.len, &at);
+        memcpy(recv + at, theirs + (me - (me > c->root)) * c->sseg, (size_t)len);
         break;
     }
     case CW_ALLGATHERV:
@@ -2590,7 +2623,8 @@ static PyObject *coll_advance(CollRound *c, long long spin_ns, bool yield)
             }
             /* a scatterv root's or an alltoallv member's own block, once the others' are
              * published (they need not wait for this copy; in place it stays where it is) */
-            if (c->which == CW_SCATTERV && me == c->root && c->rounds_out && c->has_recv)
+            if (c->which == CW_SCATTERV && me == c->root && c->rounds_out && c->has_recv &&
+                c->sround == 0)
                 memmove(c->recv.buf, (unsigned char *)c->send.buf + c->displs[me],
                         (size_t)c->recv.len);
             if (c->which == CW_ALLTOALLV && c->rounds_out)
@@ -2624,6 +2658,19 @@ static PyObject *coll_advance(CollRound *c, long long spin_ns, bool yield)
             break;
         default: { /* CP_END: the reads are over; nothing to store (see collective.py) */
             bool declined = c->declined;
+            if (c->which == CW_SCATTERV && !declined && c->sround + 1 < c->srounds) {
+                if (c->k >= COLL_SEQ_MASK) { /* (as CollectiveGroup._enter) */
+                    coll_release_call(c);
+                    PyErr_SetString(PyExc_OverflowError,
+                                    "collective slot rounds exhausted; rebind the group");
+                    return NULL;
+                }
+                c->sround++; /* the next round of this scatterv: its next pieces */
+                c->k++;
+                c->phase = CP_ENTER;
+                c->pos = 0;
+                break;
+            }
             coll_release_call(c);
             return PyLong_FromLong(declined);
         }
@@ -2702,6 +2749,7 @@ static int coll_begin(CollRound *c, PyObject *k_obj)
     c->phase = CP_ENTER;
     c->pos = 0;
     c->rounds_out = 0;
+    c->sround = c->srounds = 0;
     c->want = true;
     c->pieces = false;
     return 0;
@@ -2776,12 +2824,20 @@ static int coll_prepare(CollRound *c)
             PyErr_SetString(PyExc_ValueError, "scatterv: the root's count is not its recv");
             return -1;
         }
-        /* Another's block over a segment: the root declines the round (rounds word 0, as
-         * the steps' max_rounds=1), for the caller to move the blocks otherwise. */
+        /* Another's block over a segment: where the group is crowded and the largest takes
+         * no more rounds than there are cells, that many rounds (rounds word: their count;
+         * each moves a segment of every block; the root never waits for a reader's copy,
+         * while messages would wake each reader once per piece on CPUs they share; more
+         * rounds would make each a rendezvous of all members, slower than messages under
+         * load); else the root declines the round (rounds word 0, as the steps'
+         * max_rounds=1), for the caller to move the blocks otherwise. */
         c->rounds_out = 1;
         for (int q = 0; q < c->size; q++)
-            if (q != me && c->counts[q] > c->sseg)
-                c->rounds_out = 0;
+            if (q != me && scatter_rounds(c, c->counts[q]) > c->rounds_out)
+                c->rounds_out = scatter_rounds(c, c->counts[q]);
+        if (c->rounds_out > 1 && (!c->crowded || c->rounds_out > COLL_CELLS))
+            c->rounds_out = 0;
+        c->srounds = c->rounds_out;
         c->declined = !c->rounds_out; /* (its own block: copied once the others' are out) */
         break;
     case CW_ALLGATHERV: /* without send: in place */
@@ -2839,6 +2895,7 @@ static PyObject *coll_run_pieces(CollRound *c, PyObject *const *args, Py_ssize_t
     c->which = which;
     c->root = root;
     c->pieces = pieces;
+    c->crowded = yield;
     int me = c->rank;
     bool is_root = me == root;
     PyObject *send = args[4], *recv = args[5];
@@ -3538,6 +3595,7 @@ static PyObject *coll_front(CollRound *c, PyObject *const *args, Py_ssize_t narg
     }
     c->which = cw;
     c->root = root;
+    c->crowded = yield;
     c->has_send = has_send;
     c->has_recv = has_recv;
     if (has_send)
@@ -3694,8 +3752,8 @@ static PyObject *coll_get_broken(CollRound *c, void *Py_UNUSED(closure))
 static PyMethodDef coll_methods[] = {
     {"run", (PyCFunction)(void (*)(void))coll_run, METH_FASTCALL,
      "run(k, spin_ns, yield_, which, send, recv, root, counts, displs, rcounts, rdispls): "
-     "round k of a one-round collective; 0 done, 1 declined, or (rank, index, round, field) "
-     "to block on before resume()."},
+     "round k of a one-round collective (a scatterv of several: rounds k .. `round`); 0 "
+     "done, 1 declined, or (rank, index, round, field) to block on before resume()."},
     {"fold", (PyCFunction)(void (*)(void))coll_fold, METH_FASTCALL,
      "fold(k, spin_ns, yield_, kind, send, recv, upto, dtype, op[, counts]): round k of a "
      "reduction (with counts, bytes per member: a reduce-scatter); results as run()."},
@@ -3714,8 +3772,16 @@ static PyObject *coll_get_taken(CollRound *c, void *Py_UNUSED(closure))
     return Py_NewRef(c->taken != NULL ? c->taken : Py_None);
 }
 
+static PyObject *coll_get_round(CollRound *c, void *Py_UNUSED(closure))
+{
+    return PyLong_FromUnsignedLongLong(c->k);
+}
+
 static PyGetSetDef coll_getset[] = {
     {"broken", (getter)coll_get_broken, NULL, "the error that broke the group, or None", NULL},
+    {"round", (getter)coll_get_round, NULL,
+     "the round the last call is at (or ended on): its k, later for a scatterv of several "
+     "rounds", NULL},
     {"taken", (getter)coll_get_taken, NULL,
      "after a *_BYTES call: per member, the bytes taken from its slab, or None", NULL},
     {NULL, NULL, NULL, NULL, NULL},

@@ -366,6 +366,7 @@ class RoundRequest(CollectiveRequest):
             self._fail(exc)
             raise
         self._steps = None
+        group._round = group._c_round(self._k)
         self.declined = group.declined = result == 1
         return True
 
@@ -824,9 +825,13 @@ class CollectiveGroup:
         max_rounds: int | None = None,
     ) -> Steps:
         """Rank r's `recvbuf` gets counts[r] bytes at displs[r] of `sendbuf` at `root`;
-        `largest` (here: of the blocks but the root's) and `max_rounds` as for gatherv. The
-        root's slab holds no block of its own: the others' take it all, block q at
-        (q - (q > root)) * `_scatter_segment()`."""
+        `largest` (here: of the blocks but the root's) and `max_rounds` as for gatherv, but
+        the root alone applies max_rounds, and not where the group is crowded and its
+        largest block takes no more rounds than there are cells: it takes them then (it
+        never waits for a reader's copy, while messages would wake each reader once per
+        piece on CPUs the members share); the others take its first rounds word for the
+        count (0: declined). The root's slab holds no block of its own: the others'
+        take it all, piece i of block q at (q - (q > root)) * `_scatter_segment()`."""
         self.declined = False
         recv = _flat(recvbuf, True)
         is_root = self.rank == root
@@ -845,7 +850,13 @@ class CollectiveGroup:
             rounds: int | None = _rounds(most if largest is None else largest, seg)
         else:
             rounds = None if largest is None else _rounds(largest, seg)
-        if is_root and max_rounds is not None and rounds is not None and rounds > max_rounds:
+        if (
+            is_root
+            and max_rounds is not None
+            and rounds is not None
+            and rounds > max_rounds
+            and not (self._yield and rounds <= layout.COLL_CELLS)
+        ):
             yield from self._enter()
             self._publish(KIND_SCATTER, used, 0)  # rounds word 0: declined
             self.declined = True
@@ -862,8 +873,9 @@ class CollectiveGroup:
             if not is_root:
                 start, length = _pieces(len(recv), seg, i)
                 theirs = yield from self._take(root, KIND_SCATTER, used)
-                if rounds is None:  # the root says how many rounds
-                    rounds = self._rounds_of(root, _rounds(len(recv), seg), max_rounds)
+                if rounds is None:  # the root says how many rounds (0: declined)
+                    top = None if max_rounds is None else _rounds(layout.MAX_MESSAGE, seg)
+                    rounds = self._rounds_of(root, _rounds(len(recv), seg), top)
                     if not rounds:
                         self.declined = True
                         return
@@ -1193,8 +1205,14 @@ class CollectiveGroup:
             self._c_failed(k, exc)
             raise
         if result is not None:
-            self._round = k
+            self._round = self._c_round(k)
         return k, result
+
+    def _c_round(self, k: int) -> int:
+        """The round C's call of round k is at (or ended on): k, or later for a scatterv of
+        several rounds (CollectiveRound.round)."""
+        c = self._c
+        return k if c is None else max(k, c.round)
 
     def _next_round(self) -> int:
         """The number of this member's next round (the group broken: its error)."""
@@ -1219,6 +1237,7 @@ class CollectiveGroup:
         except BaseException as exc:  # (GeneratorExit too: a failed group drops its requests)
             self._c_failed(k, exc)
             raise
+        self._round = self._c_round(k)
         self.declined = result == 1
 
     def _c_bytes(self, which: int, data: Any, root: int, taken: list[bytes | None]) -> bool:
@@ -1240,9 +1259,10 @@ class CollectiveGroup:
         return self._c_bytes(C_ALLGATHER_BYTES, data, 0, taken)
 
     def _c_failed(self, k: int, exc: BaseException) -> None:
-        """Round k failed in C (or while blocked): it was taken; a corrupt member breaks the
-        group as in `_corrupt`."""
-        self._round = k
+        """Round k failed in C (or while blocked): it was taken (and the later ones of a
+        scatterv of several rounds that C reached); a corrupt member breaks the group as in
+        `_corrupt`."""
+        self._round = self._c_round(k)
         if self._c is not None:  # (None: closed, e.g. a dropped request's steps closed late)
             self._c.abort()
         if isinstance(exc, RingCorruptError):

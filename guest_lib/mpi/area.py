@@ -245,7 +245,7 @@ class Area:
             if isinstance(first, BaseException):
                 group._c_failed(k, first)
                 raise first
-            group._round = k
+            group._round = group._c_round(k)  # (k, or later: a scatterv of several rounds)
             if first.__class__ is tuple:
                 group._c_wait(k, first)
             else:

@@ -759,11 +759,11 @@ def _c_front(self: Any, which: int, a: Any, b: Any, op: Any, root: Any) -> bool:
     if result is None:
         self._coll_seq = seq
         return False
-    if result == 0:  # (the common case: done within the spin)
+    if result == 0:  # (the common case: done within the spin; a scatterv may take more)
         # Nothing reads the instance's tag base or the area's current instance after a
         # round done here: they are set below, where a wait (its abandonment checks), an
         # error or the messages of a declined round follow, as every other path sets them.
-        group._round = k
+        group._round = c.round
         group.declined = False
         shared.completed += 1
         shared._current = None

@@ -30,6 +30,7 @@ from ivshmem_comm.collective import (
     FOLD_DTYPES,
     FOLD_OPS,
     KIND_REDUCE_SCATTER,
+    KIND_SCATTER,
     CollectiveGroup,
     claim_slot,
     release_slot,
@@ -428,6 +429,11 @@ def _bind_then(ep, slot, generation, members, action):
         u64[arrive + 2] = BCAST_BYTES
         u64[arrive + 3] = 1 if action == "bytes_nbytes" else 2
         u64[arrive] = base | 1
+    elif action == "scatter_rounds":  # a scatterv root's arrival: more rounds than any data
+        u64[arrive + 1] = ep.region.geometry.coll_slab // 64 * 64  # (its one segment: 2 ranks)
+        u64[arrive + 2] = KIND_SCATTER
+        u64[arrive + 3] = 1 << 60
+        u64[arrive] = base | 1
     elif action == "scatter_nbytes":  # a reduce-scatter arrival of one segment, not all
         u64[arrive + 1] = 64
         u64[arrive + 2] = KIND_REDUCE_SCATTER
@@ -452,6 +458,7 @@ def _bind_then(ep, slot, generation, members, action):
         ("bytes_nbytes", ic.RingCorruptError, "nbytes"),
         ("bytes_rounds", ic.RingCorruptError, "rounds"),
         ("scatter_nbytes", ic.RingCorruptError, "nbytes"),
+        ("scatter_rounds", ic.RingCorruptError, "rounds"),
         ("die", ic.PeerLostError, None),
     ],
 )
@@ -460,8 +467,9 @@ def test_hostile_or_dead_member_is_named_not_waited_for(
     make_region, spawn, action, error, field, impl
 ):
     """The victim's bcast (reduce_scatter for an arrival of its kind; gatherv for the rounds
-    word; with max_rounds=1, the C path's case, for too many) on the C accelerator and on
-    the Python steps."""
+    word; with max_rounds=1, the C path's case, for too many; scatterv with max_rounds=1,
+    whose root alone may take more rounds, for more than any message) on the C accelerator
+    and on the Python steps."""
     region = make_region(8 << 20, 2)
     with region.endpoint(0) as ep:
         slot, generation = claim_slot(region, 0, ep.incarnation)
@@ -477,6 +485,8 @@ def test_hostile_or_dead_member_is_named_not_waited_for(
                 group.gatherv(buf, None, [], [], root=1, max_rounds=1)
             elif action.startswith("bytes"):
                 group.bcast_bytes(b"", 1, [None, None])
+            elif action == "scatter_rounds":
+                group.scatterv(None, [], [], buf, root=1, max_rounds=1)
             elif action == "scatter_nbytes":
                 group.reduce_scatter(np.arange(3.0), np.zeros(1), [1, 2], np.add)
             else:

@@ -398,7 +398,9 @@ def test_scatter_over_a_segment_declines_in_one_area_call(comm, monkeypatch, cal
     collectives._c_front, or `Area.call` where an abandoned collective of another
     communicator is on record; never the area's Python steps through `Area.run`) and the
     blocks go by messages, in every buffer form and IN_PLACE at the root; Scatterv with
-    uneven counts, the root's own block empty and one block over the segment."""
+    uneven counts, the root's own block empty and one block over the segment. Where the
+    group is crowded (ranks outnumber CPUs) these blocks of two segments take two rounds of
+    that C call instead (see test_crowded_scatter_takes_the_cells_rounds)."""
     size, rank = comm.Get_size(), comm.Get_rank()
     comm.Barrier()  # (binds the area)
     shared = area.current(comm)
@@ -444,7 +446,10 @@ def test_scatter_over_a_segment_declines_in_one_area_call(comm, monkeypatch, cal
         assert _read_form(recv) == want
     if lane:
         assert calls in ([], ["call"]), f"{call} ({form}) over a segment: {calls}"
-        assert (shared.group._round - before, shared.group.declined) == (1, True)
+        crowded = shared.group._yield
+        assert (shared.group._round - before, shared.group.declined) == (
+            (2, False) if crowded else (1, True)
+        )
     comm.Barrier()
     if lane:
         assert area.current(comm) is shared  # (declining is no failure)
@@ -480,6 +485,68 @@ def test_scatter_segment_leaves_out_the_root(comm, monkeypatch, in_place):
     assert not entered and area.completed(comm) == before + 1
 
 
+def _odd_scatterv(
+    comm: Any, counts: list[int], root: int, in_place: bool, rng: np.random.Generator
+) -> None:
+    """Scatterv of random bytes from `root`, block q counts[q] bytes at an odd offset (3
+    bytes more before each); every member checks that its block arrived whole and that the
+    9 bytes after it stayed, the root IN_PLACE that its send buffer stayed."""
+    rank = comm.Get_rank()
+    displs = [sum(counts[:q]) + 3 * (q + 1) for q in range(len(counts))]
+    every = rng.integers(0, 256, displs[-1] + counts[-1] + 5, dtype=np.uint8)
+    got = np.full(counts[rank] + 9, 77, np.uint8)
+    if rank == root:
+        send = [every, counts, displs, MPI.BYTE]
+        if in_place:
+            kept = every.copy()
+            comm.Scatterv(send, MPI.IN_PLACE, root=root)
+            assert np.array_equal(every, kept)
+            return
+        comm.Scatterv(send, [got, counts[rank], MPI.BYTE], root=root)
+    else:
+        comm.Scatterv(None, [got, counts[rank], MPI.BYTE], root=root)
+    mine = every[displs[rank] : displs[rank] + counts[rank]]
+    assert np.array_equal(got[: counts[rank]], mine), (root, counts)
+    assert (got[counts[rank] :] == 77).all()
+
+
+@pytest.mark.parametrize("in_place", [False, True], ids=["recvbuf", "in_place"])
+def test_crowded_scatter_takes_the_cells_rounds(comm, monkeypatch, in_place):
+    """Where the group is crowded (CollectiveGroup._yield: ranks outnumber CPUs, set here
+    on every member), a Scatterv whose largest block (but the root's) takes two segments
+    moves in two rounds of the area, a segment of every block each (the root never waits
+    for a reader's copy; messages would wake each reader once per piece), not declined:
+    blocks of odd lengths from one byte over a segment to two whole segments, at odd
+    offsets, arrive whole (the bytes after each stay), the root's own block (over two
+    segments: it never goes through the slab) where it belongs, at every root, on the C
+    round and on the Python steps, blocking and started (Iscatterv); a block of more than
+    two segments still declines the round and goes by messages."""
+    size, rank = comm.Get_size(), comm.Get_rank()
+    comm.Barrier()  # (binds the area)
+    shared = area.current(comm)
+    if shared is not None:
+        monkeypatch.setattr(shared.group, "_yield", True)
+    seg = shared.group._scatter_segment() if shared is not None else 1 << 15
+    rng = np.random.default_rng(11)
+    for root in range(size):
+        for extra in (1, seg, seg + 1):  # the largest: two segments and a byte = 3 rounds
+            counts = [seg + (extra if q == (root + 1) % size else 1 + 37 * q) for q in range(size)]
+            counts[root] = 2 * seg + 5
+            before = shared.group._round if shared is not None else 0
+            _odd_scatterv(comm, counts, root, in_place, rng)
+            if shared is not None:  # (declined: one round, then the messages)
+                rounds = (shared.group._round - before, shared.group.declined)
+                assert rounds == ((1, True) if extra > seg else (2, False)), (root, extra)
+    counts = [2 * seg - q for q in range(size)]  # Iscatterv: the same two rounds, started
+    displs = [sum(counts[:q]) for q in range(size)]
+    every = rng.integers(0, 256, sum(counts), dtype=np.uint8)
+    got = np.zeros(counts[rank], np.uint8)
+    comm.Iscatterv([every, counts, displs, MPI.BYTE] if rank == 0 else None, got, root=0).Wait()
+    assert np.array_equal(got, every[displs[rank] : displs[rank] + counts[rank]])
+    comm.Barrier()
+    assert area.current(comm) is shared  # (neither way is a failure)
+
+
 @pytest.mark.parametrize("in_place", [False, True], ids=["recvbuf", "in_place"])
 def test_scatter_streamed_blocks_arrive_whole(comm, in_place):
     """Scatterv blocks of 16 KiB and more go into the root's slab with stores that bypass the
@@ -487,29 +554,14 @@ def test_scatter_streamed_blocks_arrive_whole(comm, in_place):
     are out: blocks of odd lengths just under, at and over that size, at odd offsets of the
     send buffer, arrive whole at every member (the bytes after each stay), the root's where
     it belongs, at every root (the Python steps move the same blocks)."""
-    size, rank = comm.Get_size(), comm.Get_rank()
+    size = comm.Get_size()
     comm.Barrier()  # (binds the area)
     shared = area.current(comm)
     seg = shared.group._scatter_segment() if shared is not None else 1 << 16
     rng = np.random.default_rng(7)
     for root in range(size):
         counts = [min(seg, (1 << 14) - 1 + 29 * ((q + root) % size)) for q in range(size)]
-        displs = [sum(counts[:q]) + 3 * (q + 1) for q in range(size)]
-        every = rng.integers(0, 256, displs[-1] + counts[-1] + 5, dtype=np.uint8)
-        got = np.full(counts[rank] + 9, 77, np.uint8)
-        if rank == root:
-            send = [every, counts, displs, MPI.BYTE]
-            if in_place:
-                before = every.copy()
-                comm.Scatterv(send, MPI.IN_PLACE, root=root)
-                assert np.array_equal(every, before)
-                continue
-            comm.Scatterv(send, [got, counts[rank], MPI.BYTE], root=root)
-        else:
-            comm.Scatterv(None, [got, counts[rank], MPI.BYTE], root=root)
-        mine = every[displs[rank] : displs[rank] + counts[rank]]
-        assert np.array_equal(got[: counts[rank]], mine)
-        assert (got[counts[rank] :] == 77).all()
+        _odd_scatterv(comm, counts, root, in_place, rng)
 
 
 @pytest.mark.parametrize("in_place", [False, True], ids=["recvbuf", "in_place"])
