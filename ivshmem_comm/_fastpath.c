@@ -2377,10 +2377,11 @@ static void coll_publish(CollRound *c)
         else
             copy_to_reader(slab, c->recv.buf, (Py_ssize_t)nbytes);
         break;
-    case CW_GATHERV: /* declined (over a slab): its size, and the data go by messages */
+    case CW_GATHERV: /* declined (over a slab): its size, and the data go by messages; the
+                      * root reads the block next (copy_to_reader's stores, as a bcast's) */
         nbytes = me == c->root ? 0 : (uint64_t)c->send.len;
         if (!c->declined)
-            memcpy(slab, send, (size_t)nbytes);
+            copy_to_reader(slab, send, (Py_ssize_t)nbytes);
         break;
     case CW_SCATTERV:
         if (me != c->root) {
