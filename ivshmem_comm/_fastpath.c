@@ -2869,6 +2869,50 @@ static int coll_prepare(CollRound *c)
 static PyObject *coll_run_pieces(CollRound *c, PyObject *const *args, Py_ssize_t nargs,
                                  bool pieces);
 
+/* pickling.bundle of `list` (one buffer per member: its pickles) as a new bytes object: the
+ * pieces' end offsets (uint64 little-endian, counted from the end of that header), then the
+ * pieces; Py_None (a new reference) where that is over a slab (nothing copied); NULL with
+ * ValueError / TypeError (before any round) for another length or an item that is no
+ * buffer. */
+static PyObject *coll_bundle(CollRound *c, PyObject *list)
+{
+    Py_ssize_t n = PyList_GET_SIZE(list), got = 0, total = 8 * n;
+    if (n != c->size) {
+        PyErr_SetString(PyExc_ValueError, "a bundle holds one piece per member");
+        return NULL;
+    }
+    Py_buffer *views = PyMem_Calloc((size_t)n, sizeof(Py_buffer));
+    if (views == NULL)
+        return PyErr_NoMemory();
+    PyObject *bundle = NULL;
+    for (; got < n; got++) {
+        if (PyObject_GetBuffer(PyList_GET_ITEM(list, got), &views[got], PyBUF_SIMPLE) < 0)
+            goto out;
+        total += views[got].len;
+    }
+    if (total > c->slab_size) {
+        bundle = Py_NewRef(Py_None);
+        goto out;
+    }
+    if ((bundle = PyBytes_FromStringAndSize(NULL, total)) == NULL)
+        goto out;
+    unsigned char *head = (unsigned char *)PyBytes_AS_STRING(bundle), *at = head + 8 * n;
+    uint64_t end = 0;
+    for (Py_ssize_t q = 0; q < n; q++) {
+        end += (uint64_t)views[q].len;
+        uint64_t word = htole64(end);
+        memcpy(head + 8 * q, &word, 8);
+        if (views[q].len)
+            memcpy(at, views[q].buf, (size_t)views[q].len);
+        at += views[q].len;
+    }
+out:
+    while (got > 0)
+        PyBuffer_Release(&views[--got]);
+    PyMem_Free(views);
+    return bundle;
+}
+
 /* run(k, spin_ns, yield, which, send, recv, root, counts, displs, rcounts, rdispls) */
 static PyObject *coll_run(CollRound *c, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -2944,7 +2988,10 @@ static PyObject *coll_run_pieces(CollRound *c, PyObject *const *args, Py_ssize_t
         ok = c->taken != NULL;
         for (int r = 0; ok && r < c->size; r++)
             PyList_SET_ITEM(c->taken, r, Py_NewRef(Py_None));
-        if (ok && publishes) {
+        if (ok && publishes && pieces && send == Py_None) { /* coll_bundle's: over a slab */
+            c->rounds_out = 0;
+            c->declined = true; /* the caller sends the pieces otherwise */
+        } else if (ok && publishes) {
             ok = coll_buffer(send, &c->send, &c->has_send, false) == 0;
             c->rounds_out = ok && c->send.len <= c->slab_size;
             c->declined = !c->rounds_out; /* too large: the caller sends it otherwise */
@@ -3398,6 +3445,12 @@ static PyObject *coll_front(CollRound *c, PyObject *const *args, Py_ssize_t narg
         PyObject *run_args[11] = {args[0], args[1], args[2], NULL, a, Py_None, NULL,
                                   Py_None, Py_None, Py_None, Py_None};
         bool pieces = which >= CF_SCATTER_BYTES; /* a bundle: the bcast / allgather round */
+        PyObject *bundle = NULL;
+        if (pieces && PyList_CheckExact(a)) { /* the pieces: bundled here (None: declined) */
+            if ((bundle = coll_bundle(c, a)) == NULL)
+                return NULL;
+            run_args[4] = bundle;
+        }
         int cw = which == CF_SCATTER_BYTES    ? CW_BCAST_BYTES
                  : which == CF_ALLTOALL_BYTES ? CW_ALLGATHER_BYTES
                                               : CW_BCAST_BYTES + which - CF_BCAST_BYTES;
@@ -3406,6 +3459,7 @@ static PyObject *coll_front(CollRound *c, PyObject *const *args, Py_ssize_t narg
         PyObject *result = NULL;
         if (run_args[3] != NULL && run_args[6] != NULL)
             result = coll_run_pieces(c, run_args, 11, pieces);
+        Py_XDECREF(bundle); /* (a round that goes on holds its buffer) */
         Py_XDECREF(run_args[3]);
         Py_XDECREF(run_args[6]);
         return result;

@@ -95,13 +95,16 @@ _PLACED = struct.Struct("<QQ")  # where a placed broadcast piece lies: region of
 _NOTHING = memoryview(bytearray(0))
 
 
+def _fits(shared: area.Area, pickles: list[memoryview]) -> bool:
+    """Whether the bundle of `pickles` (`pickling.bundle`: a scatter's or an alltoall's
+    slab payload) fits a slab (CollectiveRound.front bundles them alike)."""
+    return 8 * len(pickles) + sum(map(len, pickles)) <= shared.group.slab_size
+
+
 def _bundled(shared: area.Area, pickles: list[memoryview]) -> bytes | None:
-    """The bundle of `pickles` (`pickling.bundle`: a scatter's or an alltoall's slab
-    payload) where it fits a slab, else None (the caller then declines the round:
-    `Area.declining`)."""
-    if 8 * len(pickles) + sum(len(p) for p in pickles) > shared.group.slab_size:
-        return None
-    return _bundle(pickles)
+    """The bundle of `pickles` where it fits a slab (`_fits`), else None (the caller then
+    declines the round: `Area.declining`)."""
+    return _bundle(pickles) if _fits(shared, pickles) else None
 
 
 # What a collective runs in the collective area: (CollectiveGroup method name, its arguments),
@@ -1857,15 +1860,13 @@ class Collectives:
         """
         shared = self._area
         if shared:
-            items = data = payload = None
+            items = data = None
             if self._rank == root:
                 try:
                     items, data = self._pickles(sendobj, "scatter")
                 except Exception:
                     return self._scatter(sendobj, root)  # (its error raised there)
-                payload = _bundled(shared, data)
-                payload = shared.declining() if payload is None else payload
-            taken = _o_round(self, F_SCATTER_BYTES, payload, root)
+            taken = _o_round(self, F_SCATTER_BYTES, data, root)  # (bundled in C)
             if taken is not None:
                 return _o_finish(self, self._scatter_rest, items, data, taken, root, True)
         return self._scatter(sendobj, root)
@@ -1987,14 +1988,10 @@ class Collectives:
                 items, data = self._pickles(sendobj, "alltoall")
             except Exception:
                 return self._alltoall(sendobj)  # (its error raised there, in its instance)
-            bundle = _bundled(shared, data)
-            taken = _o_round(
-                self, F_ALLTOALL_BYTES, bundle if bundle is not None else shared.declining(), 0
-            )
+            taken = _o_round(self, F_ALLTOALL_BYTES, data, 0)  # (bundled in C)
             if taken is not None:
-                return _o_finish(
-                    self, self._alltoall_rest, items, data, taken, bundle is not None, True
-                )
+                bundled = not shared.group.declined or _fits(shared, data)
+                return _o_finish(self, self._alltoall_rest, items, data, taken, bundled, True)
         return self._alltoall(sendobj)
 
     @locks.locked("alltoall")
