@@ -139,6 +139,9 @@ class Endpoint:
         self._spin_end = 0.0  # end of the current spin phase; 0: the next wait starts one
         self._yield_ns = 0  # the yield phase after the spin (see yield_us)
         self._calm_until = 0  # time.monotonic_ns() before which waits skip the yield phase
+        # Whether a wait may yield now (None: always): a caller whose lock other threads may
+        # wait for while this one yields (the yield phase holds it up to yield_us) says no.
+        self.may_yield: Callable[[], bool] | None = None
         # Peers whose queue holds the rest of a timed-out send (TxChannel.tail): every wait
         # pushes it on, so a sender that only receives afterwards still delivers it.
         self._tailed: set[int] = set()
@@ -442,10 +445,10 @@ class Endpoint:
 
     def yield_cpu(self) -> bool:
         """One yield of a wait's yield phase (see yield_us): False, nothing done, while waits
-        are calm; else yield the CPU and return True (a yield longer than YIELD_LONG_NS makes
-        waits calm for YIELD_CALM_NS from then)."""
+        are calm or `may_yield` says no; else yield the CPU and return True (a yield longer
+        than YIELD_LONG_NS makes waits calm for YIELD_CALM_NS from then)."""
         start = time.monotonic_ns()
-        if start < self._calm_until:
+        if start < self._calm_until or (self.may_yield is not None and not self.may_yield()):
             return False
         os.sched_yield()
         end = time.monotonic_ns()

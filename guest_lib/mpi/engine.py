@@ -78,6 +78,11 @@ PAUSE_S = 50e-6  # s: a busy-waiting thread's nap with other threads about (Engi
 YIELD_PASSES = 16
 
 
+def _alone() -> bool:
+    """Whether this process runs no Python thread but the main one and service threads."""
+    return not other_threads()
+
+
 class _Doorbell:
     """The endpoint's notifier as the engine installs it: `wait` by the thread named in
     `releaser` (the progress owner napping in Engine.idle) releases the engine lock, all its
@@ -255,6 +260,8 @@ class Engine(Matching, FastPaths):
             # comes without a doorbell sleep and wake, as MPICH's waits poll) before they
             # sleep, unless yields hand the CPU away for long (see Endpoint.yield_us)
             endpoint.yield_us = CROWDED_YIELD_US
+            # (not while other threads run: a wait holds the engine lock they may need)
+            endpoint.may_yield = _alone
         self.lane = self.make_lane()  # (last: it reads the endpoint's settings as they end up)
 
     # ------------------------------------------------------------------ state

@@ -126,6 +126,44 @@ def test_a_short_spin_shortens_the_spin_for_the_next_span_of_a_message(make_regi
         sender.join(30)
 
 
+def test_the_yield_phase_yields_unless_refused_or_calm(make_region, monkeypatch):
+    """Endpoint.yield_us: a wait past its spin polls with a sched_yield() between polls (for
+    that long) before it sleeps; none where `may_yield` says no, and none after a yield that
+    took longer than YIELD_LONG_NS (another process ran: waits are calm for a while)."""
+    from ivshmem_comm import endpoint
+
+    calls = []
+    pause = [0.0]
+
+    def counted():
+        calls.append(1)
+        if pause[0]:
+            time.sleep(pause[0])
+
+    monkeypatch.setattr(endpoint.os, "sched_yield", counted)
+    region = make_region()
+    with region.endpoint(0) as a, ic.Region.open(region.name) as r2, r2.endpoint(1) as b:
+        b.spin_us = 0
+        b.yield_us = 2000
+        assert b.yield_us == 2000 and a.yield_us == 0
+        with pytest.raises(ic.TimeoutError):
+            b.recv(0, timeout=0.02)
+        assert len(calls) > 10
+        calls.clear()
+        b.may_yield = lambda: False
+        with pytest.raises(ic.TimeoutError):
+            b.recv(0, timeout=0.02)
+        assert calls == []
+        b.may_yield = None
+        pause[0] = endpoint.YIELD_LONG_NS * 2e-9
+        with pytest.raises(ic.TimeoutError):
+            b.recv(0, timeout=0.02)
+        assert len(calls) == 1  # (then calm: the doorbell at once)
+        a.send(1, b"x")
+        with b.recv(0, timeout=5) as message:
+            assert bytes(message.data) == b"x"
+
+
 def _send_hello_and_wait(ep: ic.Endpoint) -> None:
     ep.send(0, b"hello", tag=5, timeout=10)
     with ep.recv(0, timeout=20) as msg:
