@@ -238,43 +238,54 @@ static void copy_bytes_streaming(unsigned char *dest, const unsigned char *src, 
 }
 
 /* Copies into shared memory that another process reads next (a message into a queue, a
- * broadcast into the root's slab; TxRing.send_small, publish_payload and write, and the C
- * Bcast's root) of at least SHARED_COPY_MIN bytes choose between plain
- * stores and stores that bypass the caches (copy_to_reader) by what each cost on this process
- * lately. Why: the cost of plain stores to lines the reader's core read swings with where the
- * host runs the two vCPUs, seconds apart in one launch. On a 2-vCPU EPYC guest, 1 MiB copies
- * into a 4 MiB ring window that the other process then copies out (xr2.c in the session notes,
- * writer / reader us): plain 22-26 / 22 in one mode, 370-420 / 80-90 in the other (a local
- * copy stays 22-24 in both); streaming 37-38 / 37-45 in both. The cost of a method is TSC
- * ticks per KiB, the lower of its last two copies (one preempted copy never decides).
- * Streaming is used when its cost times SHARED_STREAM_WEIGHT is below the plain one's: the
- * writer's cost undercounts it (its reader then reads from memory, not from a cache), and a
- * plain copy right after streamed ones pays for lines no cache holds (MPI ping-pong, one
- * launch, the ways interleaved per block of 20, p10 / p50 one-way us at 1 MiB: plain 40 / 59,
- * streaming 65 / 74, weight 1: 45 / 63, 2: 42 / 56, 4: 40 / 47). The method not chosen is
- * tried again after `probe_every` copies (from SHARED_PROBE_MIN, doubling while it stays the
- * dearer, up to SHARED_PROBE_MAX), so that a change of mode is followed within a few copies
- * one way and SHARED_PROBE_MAX copies the other. State of the process, read and written with
- * the GIL held. */
+ * broadcast into the root's slab, a member's block into its slab for a gather or an
+ * allgather; TxRing.send_small, publish_payload and write, and the C rounds) of at least
+ * SHARED_COPY_MIN bytes choose between plain stores and stores that bypass the caches
+ * (copy_to_reader) by what each cost on this process lately. Why: the cost of plain stores
+ * to lines the reader's core read swings with where the host runs the two vCPUs, seconds
+ * apart in one launch. On a 2-vCPU EPYC guest, 1 MiB copies into a 4 MiB ring window that the
+ * other process then copies out (xr2.c in the session notes, writer / reader us): plain 22-26
+ * / 22 in one mode, 370-420 / 80-90 in the other (a local copy stays 22-24 in both);
+ * streaming 37-38 / 37-45 in both. The cost of a method is TSC ticks per KiB, the lower of
+ * its last two copies (one preempted copy never decides). Streaming is used when its cost
+ * times the class's weight is below the plain one's; two classes by the size of the whole
+ * message (a piece of a large one is timed with it): below SHARED_LARGE_MIN the lines the
+ * reader read sit in its own cache, and streaming won in both modes (2 ranks, ways
+ * interleaved per block of 20 in one launch, p10 us plain / streaming: fast mode gather 64
+ * KiB 8.8 / 5.4, Bcast 64 KiB 8.8 / 4.4, ping-pong 256 KiB 27.9 / 23.9; slow mode 31.6 /
+ * 5.4, 31.4 / 4.7, 117.7 / 23.2), weight 1; from SHARED_LARGE_MIN on they sit in the shared
+ * L3 in the fast mode, where plain won (ping-pong 1 MiB 38.4 / 69.2; slow mode 595 / 58),
+ * and the writer's cost undercounts streaming (its reader reads from memory) while a plain
+ * copy right after streamed ones pays for lines no cache holds: weight 4 (ping-pong 1 MiB,
+ * p10 / p50: weight 1 45 / 63, 2 42 / 56, 4 40 / 47). The method not chosen is tried again
+ * after `probe_every` copies of the class (from SHARED_PROBE_MIN, doubling while it stays
+ * the dearer, up to SHARED_PROBE_MAX), so that a change of mode is followed within a few
+ * copies one way and SHARED_PROBE_MAX copies the other. State of the process, read and
+ * written with the GIL held. */
 #define SHARED_COPY_MIN (16 << 10)
+#define SHARED_LARGE_MIN (512 << 10)
 #define SHARED_PROBE_MIN 4
 #define SHARED_PROBE_MAX 256
-#define SHARED_STREAM_WEIGHT 4
 enum { SC_PLAIN = 0, SC_STREAM = 1 };
-static struct {
+typedef struct {
     uint64_t cost[2][2]; /* [method][newest, older]: ticks per KiB; 0: not measured yet */
     unsigned probe_in, probe_every;
-} shared_copy = {{{0, 0}, {0, 0}}, SHARED_PROBE_MIN, SHARED_PROBE_MIN};
+    uint64_t weight; /* of the streaming cost */
+} SharedCopy;
+static SharedCopy shared_copy[2] = { /* [whole message >= SHARED_LARGE_MIN] */
+    {{{0, 0}, {0, 0}}, SHARED_PROBE_MIN, SHARED_PROBE_MIN, 1},
+    {{{0, 0}, {0, 0}}, SHARED_PROBE_MIN, SHARED_PROBE_MIN, 4},
+};
 
-static uint64_t shared_copy_cost(int method)
+static uint64_t shared_copy_cost(const SharedCopy *sc, int method)
 {
-    uint64_t a = shared_copy.cost[method][0], b = shared_copy.cost[method][1];
+    uint64_t a = sc->cost[method][0], b = sc->cost[method][1];
     return a == 0 || b == 0 ? 0 : a < b ? a : b; /* unmeasured: tried first */
 }
 
-static int shared_copy_choice(void)
+static int shared_copy_choice(const SharedCopy *sc)
 {
-    return shared_copy_cost(SC_STREAM) * SHARED_STREAM_WEIGHT < shared_copy_cost(SC_PLAIN)
+    return shared_copy_cost(sc, SC_STREAM) * sc->weight < shared_copy_cost(sc, SC_PLAIN)
                ? SC_STREAM
                : SC_PLAIN;
 }
@@ -283,24 +294,36 @@ static PyObject *shared_copy_costs(PyObject *module, PyObject *unused)
 {
     (void)module;
     (void)unused;
-    return Py_BuildValue("((KK)(KK))", (unsigned long long)shared_copy.cost[SC_PLAIN][0],
-                         (unsigned long long)shared_copy.cost[SC_PLAIN][1],
-                         (unsigned long long)shared_copy.cost[SC_STREAM][0],
-                         (unsigned long long)shared_copy.cost[SC_STREAM][1]);
+    PyObject *classes[2];
+    for (int k = 0; k < 2; k++) {
+        uint64_t(*c)[2] = shared_copy[k].cost;
+        classes[k] = Py_BuildValue("((KK)(KK))", (unsigned long long)c[SC_PLAIN][0],
+                                   (unsigned long long)c[SC_PLAIN][1],
+                                   (unsigned long long)c[SC_STREAM][0],
+                                   (unsigned long long)c[SC_STREAM][1]);
+        if (classes[k] == NULL) {
+            Py_XDECREF(classes[0]);
+            return NULL;
+        }
+    }
+    return Py_BuildValue("(NN)", classes[0], classes[1]);
 }
 
-/* Copy `n` bytes that another process reads next from `src` into shared memory at `dest` (see
- * above; below SHARED_COPY_MIN a plain copy), with the GIL released when the copy is large (as
- * copy_bytes). Called with the GIL held. The buffers do not overlap. */
-static void copy_to_reader(unsigned char *dest, const unsigned char *src, Py_ssize_t n)
+/* Copy `n` bytes that another process reads next from `src` into shared memory at `dest`, a
+ * piece of a message of `whole` bytes (see above; below SHARED_COPY_MIN a plain copy), with
+ * the GIL released when the copy is large (as copy_bytes). Called with the GIL held. The
+ * buffers do not overlap. */
+static void copy_to_reader(unsigned char *dest, const unsigned char *src, Py_ssize_t n,
+                           long long whole)
 {
 #if defined(__SSE2__)
     if (n < SHARED_COPY_MIN) {
         memcpy(dest, src, (size_t)n);
         return;
     }
-    int chosen = shared_copy_choice();
-    int probe = --shared_copy.probe_in == 0;
+    SharedCopy *sc = &shared_copy[whole >= SHARED_LARGE_MIN];
+    int chosen = shared_copy_choice(sc);
+    int probe = --sc->probe_in == 0;
     int method = probe ? !chosen : chosen;
     uint64_t began = __rdtsc();
     if (n >= NOGIL_COPY_MIN) {
@@ -316,17 +339,18 @@ static void copy_to_reader(unsigned char *dest, const unsigned char *src, Py_ssi
         memcpy(dest, src, (size_t)n);
     }
     uint64_t ticks = __rdtsc() - began; /* (a migration between CPUs: one odd sample) */
-    uint64_t *cost = shared_copy.cost[method];
+    uint64_t *cost = sc->cost[method];
     cost[1] = cost[0];
     cost[0] = ticks * 1024 / (uint64_t)n + 1;
-    int now = shared_copy_choice();
+    int now = shared_copy_choice(sc);
     if (now != chosen) /* a change of mode: watch the other closely again */
-        shared_copy.probe_every = SHARED_PROBE_MIN;
-    else if (probe && shared_copy.probe_every < SHARED_PROBE_MAX)
-        shared_copy.probe_every *= 2;
+        sc->probe_every = SHARED_PROBE_MIN;
+    else if (probe && sc->probe_every < SHARED_PROBE_MAX)
+        sc->probe_every *= 2;
     if (probe || now != chosen)
-        shared_copy.probe_in = shared_copy.probe_every;
+        sc->probe_in = sc->probe_every;
 #else
+    (void)whole;
     copy_bytes(dest, src, n);
 #endif
 }
@@ -982,7 +1006,7 @@ static PyObject *tx_publish_payload(TxRing *self, PyObject *const *args, Py_ssiz
                 goto fail;
             copy_to_reader(r->base + start + published + skip,
                            (const unsigned char *)data.buf + published + skip - SPAN_HEADER_SIZE,
-                           (Py_ssize_t)(piece - skip));
+                           (Py_ssize_t)(piece - skip), data.len);
         }
         kick = tx_publish_checked(self, start + published, piece, 0, published + piece == total);
         if (kick < 0)
@@ -1025,7 +1049,7 @@ static int tx_send_bytes(TxRing *self, uint32_t tag, const void *buf, Py_ssize_t
     if (offset < 0)
         return offset == -2 ? SEND_ERROR : offset == RESERVE_LATER ? RESERVE_LATER : SEND_FULL;
     tx_store_header(r, offset, (uint64_t)len, tag);
-    copy_to_reader(r->base + offset + SPAN_HEADER_SIZE, buf, len);
+    copy_to_reader(r->base + offset + SPAN_HEADER_SIZE, buf, len, len);
     count(r, CNT_MESSAGES, 1);
     count(r, CNT_BYTES, (uint64_t)len);
     return tx_publish_span(self, offset - r->data_offset, length, true) ? SEND_KICK : SEND_OK;
@@ -1069,7 +1093,7 @@ static PyObject *tx_write(TxRing *self, PyObject *const *args, Py_ssize_t nargs)
         PyBuffer_Release(&data);
         return NULL;
     }
-    copy_to_reader(self->ring.base + offset, data.buf, data.len);
+    copy_to_reader(self->ring.base + offset, data.buf, data.len, data.len);
     PyBuffer_Release(&data);
     Py_RETURN_NONE;
 }
@@ -2375,13 +2399,13 @@ static void coll_publish(CollRound *c)
         if (me != c->root)
             nbytes = 0;
         else
-            copy_to_reader(slab, c->recv.buf, (Py_ssize_t)nbytes);
+            copy_to_reader(slab, c->recv.buf, (Py_ssize_t)nbytes, (long long)nbytes);
         break;
     case CW_GATHERV: /* declined (over a slab): its size, and the data go by messages; the
                       * root reads the block next (copy_to_reader's stores, as a bcast's) */
         nbytes = me == c->root ? 0 : (uint64_t)c->send.len;
         if (!c->declined)
-            copy_to_reader(slab, send, (Py_ssize_t)nbytes);
+            copy_to_reader(slab, send, (Py_ssize_t)nbytes, (long long)nbytes);
         break;
     case CW_SCATTERV:
         if (me != c->root) {
@@ -2402,8 +2426,8 @@ static void coll_publish(CollRound *c)
         }
         break;
     case CW_ALLGATHERV: /* in place (no send): this rank's block of recv */
-        memcpy(slab, send != NULL ? send : (unsigned char *)c->recv.buf + c->displs[me],
-               (size_t)nbytes);
+        copy_to_reader(slab, send != NULL ? send : (unsigned char *)c->recv.buf + c->displs[me],
+                       (Py_ssize_t)nbytes, (long long)nbytes);
         break;
     case CW_ALLTOALLV:
         if (!c->rounds_out) /* declined: no block moves here */
@@ -4584,9 +4608,9 @@ static PyObject *set_front(PyObject *Py_UNUSED(module), PyObject *const *args, P
 
 static PyMethodDef module_methods[] = {
     {"shared_copy_costs", shared_copy_costs, METH_NOARGS,
-     "shared_copy_costs() -> ((plain, plain_before), (streaming, streaming_before)): this "
-     "process's last two costs (TSC ticks per KiB + 1; 0: not measured yet) of each way of "
-     "copying a large message into shared memory (plain or cache-bypassing stores)."},
+     "shared_copy_costs() -> (below_512k, from_512k), each ((plain, plain_before), (streaming, "
+     "streaming_before)): this process's last two costs (TSC ticks per KiB + 1; 0: not "
+     "measured yet) of each way of copying a message of that size into shared memory."},
     {"full_fence", full_fence, METH_NOARGS, "A full (sequentially consistent) memory barrier."},
     {"compare_exchange_u64", (PyCFunction)(void (*)(void))compare_exchange_u64, METH_FASTCALL,
      "compare_exchange_u64(buffer, offset, expected, desired): atomic CAS; True if swapped."},
