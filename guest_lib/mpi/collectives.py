@@ -1839,7 +1839,7 @@ class Collectives:
     def _gathered(self, own: Any, taken: list[bytes | None] | None, tag: int) -> list[Any]:
         """Every rank's object: `own` here, the others' from `taken` (an area exchange's) or
         by messages on `tag` where it has none (no area, or a pickle over a slab)."""
-        size, rank = self._sizes()
+        size, rank = len(self._group), self._rank  # (its callers checked the communicator)
         got = taken or [None] * size
         if taken is not None and taken.count(None) == (taken[rank] is None):  # (all here)
             return [own if r == rank else _loads(data) for r, data in enumerate(taken)]
