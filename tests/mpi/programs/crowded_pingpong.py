@@ -20,8 +20,8 @@ import numpy as np
 
 from guest_lib.mpi import MPI
 
-BATCH = 200
-BATCHES = 40
+BATCH = 100
+BATCHES = 30
 
 
 def forms(
