@@ -3292,8 +3292,8 @@ static int front_buffer(PyObject *obj, bool writable, Py_ssize_t blocks, Py_buff
         *elems = total / view->itemsize;
         return 1;
     }
-    /* (flat_view's cast of a view with a 0 in its shape fails) */
-    if (total == 0 && (view->ndim != 1 || (view->format != NULL && strcmp(view->format, "B"))))
+    /* (flat_view's cast of a view of 2 dimensions or more with a 0 in its shape fails) */
+    if (total == 0 && view->ndim != 1)
         goto none;
     if (count < 0) {
         if (total % size)
@@ -3613,7 +3613,7 @@ static PyObject *coll_front(CollRound *c, PyObject *const *args, Py_ssize_t narg
             goto out;
         has_send = true;
         if (cs != cr || (cs >= CD_F4 && opcode >= CO_BAND) || ns != sum ||
-            most > c->seg / itemsize || (uintptr_t)recv.buf % itemsize)
+            most > c->seg / itemsize || (c->counts[me] && (uintptr_t)recv.buf % itemsize))
             goto none;
         recv.len = c->counts[me] * itemsize;
         block = 0; /* (the counts in bytes, displacements: coll_fold's) */
@@ -4550,7 +4550,7 @@ static PyObject *flat_view(PyObject *Py_UNUSED(module), PyObject *const *args, P
         (bare && (info->len == 0 || !flat_format(info->format))))
         goto none;
     if (info->ndim != 1 || (info->format != NULL && strcmp(info->format, "B") != 0)) {
-        if (info->len == 0) /* (a view with a 0 in its shape does not cast) */
+        if (info->len == 0 && info->ndim != 1) /* (cast fails: a 0 in a shape of 2 or more) */
             goto none;
         static PyObject *cast_name, *byte_format; /* interned on first use */
         if (cast_name == NULL && (cast_name = PyUnicode_InternFromString("cast")) == NULL)

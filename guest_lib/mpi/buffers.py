@@ -156,7 +156,7 @@ def _is_datatype(value: Any) -> bool:
 
 def _contiguous(buf: Any, writable: bool) -> memoryview | None:
     """The bytes of a C-contiguous buffer (writable when asked), or None (also for an empty
-    one of another shape or format, which memoryview cannot cast: the full parse takes it)."""
+    one of two dimensions or more, which memoryview cannot cast: the full parse takes it)."""
     try:
         view = memoryview(buf)
     except (TypeError, ValueError, BufferError):
@@ -166,7 +166,7 @@ def _contiguous(buf: Any, writable: bool) -> memoryview | None:
     if not view.c_contiguous:  # (a strided 1-d byte view too)
         return None
     if view.ndim != 1 or view.format != "B":
-        if not view.nbytes:  # (a 0 in the shape: cast raises)
+        if not view.nbytes and view.ndim != 1:  # (a 0 in a shape of 2 or more: cast raises)
             return None
         view = view.cast("B")
     return view
@@ -276,7 +276,7 @@ def _flat_view_py(spec: Any, writable: bool, sizes: dict[int, int]) -> memoryvie
     if bare and (not view.nbytes or view.format not in _FLAT_FORMATS):
         return None
     if view.ndim != 1 or view.format != "B":
-        if not view.nbytes:  # (a view with a 0 in its shape does not cast)
+        if not view.nbytes and view.ndim != 1:  # (cast fails: a 0 in a shape of 2 or more)
             return None
         view = view.cast("B")
     total = len(view)

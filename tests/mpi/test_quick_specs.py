@@ -42,6 +42,9 @@ def specs() -> list:
         [mm, (1, 2), MPI.BYTE], [mm, 8, 0, MPI.BYTE], [mm], [mm, 1, MPI.BYTE, 0, 0],
         mm, ba, ar, bytes(4), np.arange(4.0), np.zeros(0), np.zeros((0, 3)),
         [np.zeros((0, 3)), 0, MPI.DOUBLE], np.arange(6, dtype=np.int16).reshape(2, 3),
+        (array.array("d"), MPI.DOUBLE), [array.array("d"), 0, MPI.DOUBLE],  # empty, typed
+        (np.zeros(0), MPI.DOUBLE), [np.zeros(0, np.int32), 0, MPI.INT],
+        (np.zeros((2, 0)), MPI.DOUBLE),
         np.zeros(3, ">f8"),  # byte-swapped: parse's BufferError
         np.array([1 + 2j, 3j]), np.zeros(2, "M8[s]"), np.zeros(2, "U2"), np.zeros(4)[::2],
         5, None,
@@ -111,3 +114,18 @@ def test_empty_buffer_of_another_shape_in_a_spec_is_zero_bytes():
     spec = buffers.parse([empty, 0, MPI.DOUBLE])
     assert (len(spec.view), spec.count) == (0, 0)
     assert len(buffers.parse_vector([empty, ([0], [0]), MPI.DOUBLE], 1).view) == 0
+
+
+@pytest.mark.parametrize("writable", [False, True])
+def test_an_empty_typed_buffer_takes_the_fast_paths(writable):
+    """An empty 1-d buffer of a typed format (array.array("d"), a numpy array) in a spec is 0
+    bytes on the fast paths (quick: the C flat_view and its Python reference; plain), as an
+    empty byte buffer is: a reduce-scatter block of no elements (`(buf, MPI.DOUBLE)` at a
+    rank that receives none) takes the lanes, not the full parse (they declined it before)."""
+    sizes = buffers._PLAIN_SIZE or buffers._plain_sizes()
+    for spec in ((array.array("d"), MPI.DOUBLE), [array.array("d"), 0, MPI.DOUBLE],
+                 (np.zeros(0), MPI.DOUBLE), [np.zeros(0, np.int32), 0, MPI.INT]):  # fmt: skip
+        for view in (buffers.quick(spec, writable), buffers._flat_view_py(spec, writable, sizes),
+                     buffers.plain(spec, writable).view):  # fmt: skip
+            assert type(view) is memoryview and len(view) == 0 and view.format == "B", spec
+    assert buffers.plain((np.zeros((2, 0)), MPI.DOUBLE)) is None  # (2-d: the full parse)

@@ -223,6 +223,35 @@ def test_the_lanes_take_the_common_forms(comm, call, nonblocking):
     assert list(out[: len(want)]) == want
 
 
+def test_ranks_with_empty_blocks_take_the_lane(comm):
+    """Reduce_scatter where some ranks receive no element (OSU's 8 B at 2 ranks: recvcounts
+    [1, 0]) and Reduce_scatter_block of empty blocks, in the `(buf, MPI.DOUBLE)` form: the
+    C front runs Reduce_scatter and the lanes take both at every rank (an empty array.array
+    went to the collective's body before: buffers.plain declined it, and the front took its
+    1-aligned address for a misaligned block), and the results are right."""
+    size, rank = comm.Get_size(), comm.Get_rank()
+    counts = [1] + [0] * (size - 1)
+    send = (array.array("d", [1.0 + rank]), MPI.DOUBLE)
+    out = array.array("d", [0.0] * counts[rank])
+    recv = (out, MPI.DOUBLE)
+    empty = (array.array("d"), MPI.DOUBLE)
+    comm.Barrier()  # (binds the area where it is not bound yet)
+    shared = area.current(comm)
+    fronted = None  # (no C area: the method runs it)
+    if shared is not None and shared.ready():
+        group = shared.group
+        assert collectives._a_reduce_scatter(comm, group, send, recv, counts) is not None
+        assert collectives._a_reduce_scatter_block(comm, group, empty, empty) is not None
+        fronted = collectives._c_front(
+            comm, collectives.F_REDUCE_SCATTER, send, recv, MPI.SUM, counts
+        )
+    if not fronted:  # (where the front declined, the method takes the others' round)
+        comm.Reduce_scatter(send, recv, counts, MPI.SUM)
+    assert list(out) == ([sum(1.0 + r for r in range(size))] if rank == 0 else [])
+    assert fronted in (None, True)
+    comm.Reduce_scatter_block(empty, empty, MPI.SUM)
+
+
 def test_gathered_counts_are_checked(comm):
     """Reduce_scatter without recvcounts: counts that do not sum to a rank's send count give
     ValueError naming that rank on every rank (the send counts are gathered with the
