@@ -1557,7 +1557,7 @@ class Collectives:
 
     def _p_allgather(self, sendbuf: Any, recvbuf: Any) -> tuple[str, tuple[Any, ...]] | None:
         size, rank = self._sizes()
-        spec = buffers.parse_vector(recvbuf, size, writable=True)
+        spec = _received_parts(recvbuf, size)
         in_place = sendbuf is IN_PLACE or sendbuf is None  # None: in place, as on messages
         send = spec.part(rank) if in_place else buffers.parse(sendbuf).view
         counts, displs = self._bytes(spec)
@@ -2152,8 +2152,11 @@ class Collectives:
         recvbuf is a message spec of size parts (with counts and displacements for the vector form);
         sendbuf may be IN_PLACE (each rank's part of recvbuf is then its contribution).
         """
-        if not self._area_run(lambda: self._p_allgather(sendbuf, recvbuf)):
-            self._run(self._allgatherv(sendbuf, recvbuf, T_ALLGATHER))
+        size, _ = self._sizes()
+        area.bound(self)  # (every member binds before an argument error: see area.bound)
+        spec = buffers.parse_vector(recvbuf, size, writable=True)  # (once: area or messages)
+        if not self._area_run(lambda: self._p_allgather(sendbuf, spec)):
+            self._run(self._allgatherv(sendbuf, spec, T_ALLGATHER))
 
     Allgatherv = Allgather
 
@@ -2169,7 +2172,7 @@ class Collectives:
 
     def _allgatherv(self, sendbuf: Any, recvbuf: Any, tag: int) -> Iterator[list[Op]]:
         size, rank = self._sizes()
-        spec = buffers.parse_vector(recvbuf, size, writable=True)
+        spec = _received_parts(recvbuf, size)
         mine = spec.part(rank)
         if sendbuf is not IN_PLACE:
             own = buffers.parse(sendbuf).view
@@ -2873,6 +2876,14 @@ def _same_message(sspec: buffers.Spec, rspec: buffers.Spec, what: str = "receive
         raise ValueError("mismatch in send and receive MPI datatypes")
     if sspec.count != rspec.count:
         raise ValueError(f"mismatch in send count {sspec.count} and {what} {rspec.count}")
+
+
+def _received_parts(recvbuf: Any, size: int) -> buffers.VSpec:
+    """An Allgather(v)'s writable recvbuf as parsed (`buffers.parse_vector`), where the
+    caller parsed it already (a VSpec, never a user's argument) or not."""
+    if type(recvbuf) is buffers.VSpec:
+        return recvbuf
+    return buffers.parse_vector(recvbuf, size, writable=True)
 
 
 def reduce_scatter_counts(recvcounts: Any, size: int, sendbuf: Any) -> list[int] | None:

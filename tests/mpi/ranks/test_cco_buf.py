@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from guest_lib.mpi import MPI, area
+from guest_lib.mpi import MPI, area, buffers
 
 TYPECODES = "ilfd"
 
@@ -139,6 +139,38 @@ def test_reduce_allreduce(comm, typecode, op):
         rbuf = sbuf.copy()
         comm.Allreduce(MPI.IN_PLACE, rbuf, op)
         assert np.all(rbuf == expect)
+
+
+def _blocks(counts: list[int]) -> list[np.ndarray]:
+    return [np.arange(c, dtype="d") + 1000 * r for r, c in enumerate(counts)]
+
+
+@pytest.mark.parametrize("vector", [False, True], ids=["array", "vector"])
+@pytest.mark.parametrize("in_place", [False, True], ids=["buffers", "IN_PLACE"])
+def test_allgather_over_a_slab_parses_its_spec_once(comm, in_place, vector, monkeypatch):
+    """Allgather(v) of blocks over a slab of the area (messages): the right blocks, for a
+    plain array (equal blocks) and a vector spec, IN_PLACE or not; the receive spec parsed
+    once per call (the area's plan and the messages share it: it was parsed twice)."""
+    size, rank = comm.Get_size(), comm.Get_rank()
+    parses = []
+    parse_vector = buffers.parse_vector
+
+    def counted(*args, **kwargs):
+        parses.append(args)
+        return parse_vector(*args, **kwargs)
+
+    monkeypatch.setattr(buffers, "parse_vector", counted)
+    n = 70_000  # float64 per block: 560 KB, over any slab
+    counts = [n + 7 * r for r in range(size)] if vector else [n] * size
+    displs = [sum(counts[:r]) for r in range(size)]
+    blocks = _blocks(counts)
+    rbuf = np.zeros(sum(counts))
+    if in_place:
+        rbuf[displs[rank] :][: counts[rank]] = blocks[rank]
+    send = MPI.IN_PLACE if in_place else blocks[rank]
+    comm.Allgather(send, [rbuf, (counts, displs), MPI.DOUBLE] if vector else rbuf)
+    assert np.array_equal(rbuf, np.concatenate(blocks))
+    assert len(parses) <= 1, len(parses)
 
 
 def test_allreduce_large(comm):
