@@ -1869,19 +1869,23 @@ class Collectives:
             taken = _o_round(self, F_SCATTER_BYTES, data, root)  # (bundled in C)
             if taken is not None:
                 return _o_finish(self, self._scatter_rest, items, data, taken, root, True)
+            if data is not None:
+                return self._scatter(sendobj, root, (items, data))
         return self._scatter(sendobj, root)
 
     @locks.locked("scatter")
     @collective
-    def _scatter(self, sendobj: Any, root: int) -> Any:
-        """scatter's body."""
+    def _scatter(
+        self, sendobj: Any, root: int, pickled: tuple[list[Any], list[memoryview]] | None = None
+    ) -> Any:
+        """scatter's body (`pickled`: the root's `_pickles` where the front made them)."""
         size, rank = self._sizes()
         self._root(root)
         shared = area.bound(self) if size > 1 else None
         if rank != root:
             taken = shared.exchange("bcast_bytes", None, root) if shared is not None else None
             return self._scatter_rest(None, None, taken, root)
-        items, data = self._pickles(sendobj, "scatter")
+        items, data = self._pickles(sendobj, "scatter") if pickled is None else pickled
         taken = None
         if shared is not None:
             bundle = _bundled(shared, data)
@@ -1992,15 +1996,18 @@ class Collectives:
             if taken is not None:
                 bundled = not shared.group.declined or _fits(shared, data)
                 return _o_finish(self, self._alltoall_rest, items, data, taken, bundled, True)
+            return self._alltoall(sendobj, (items, data))
         return self._alltoall(sendobj)
 
     @locks.locked("alltoall")
     @collective
-    def _alltoall(self, sendobj: Any) -> list[Any]:
-        """alltoall's body."""
+    def _alltoall(
+        self, sendobj: Any, pickled: tuple[list[Any], list[memoryview]] | None = None
+    ) -> list[Any]:
+        """alltoall's body (`pickled`: its `_pickles` where the front made them)."""
         size = len(self._group)
         shared = area.bound(self) if size > 1 else None  # (bound before any argument check)
-        items, data = self._pickles(sendobj, "alltoall")
+        items, data = self._pickles(sendobj, "alltoall") if pickled is None else pickled
         taken = bundle = None
         if shared is not None:
             bundle = _bundled(shared, data)

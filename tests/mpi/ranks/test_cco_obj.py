@@ -129,3 +129,51 @@ def test_user_op_noncommutative(comm):
     size = comm.Get_size()
     concat = MPI.Op.Create(lambda a, b, _datatype: a + b, commute=False)
     assert comm.allreduce([comm.Get_rank()], op=concat) == list(range(size))
+
+
+@pytest.mark.parametrize("thread", [False, True], ids=["alone", "with_a_thread"])
+@pytest.mark.parametrize("call", ["bcast", "gather", "scatter", "allgather", "alltoall"])
+def test_each_object_pickled_once(comm, call, thread):
+    """An object collective pickles each object once, on its front's way (one C call) and on
+    its body's (taken with another thread alive: the lock of mpi4py's name) alike."""
+    import pickle
+    import threading
+
+    size, rank = comm.Get_size(), comm.Get_rank()
+    calls = []
+
+    def counting(obj, *protocol):
+        calls.append(obj)
+        return pickle.dumps(obj, *protocol)
+
+    comm.Barrier()
+    stop = threading.Event()
+    other = threading.Thread(target=stop.wait) if thread else None
+    if other is not None:
+        other.start()
+    MPI.pickle.__init__(counting, pickle.loads)
+    try:
+        root = size - 1
+        if call == "bcast":
+            assert comm.bcast("b" if rank == root else None, root) == "b"
+            want = int(rank == root)
+        elif call == "gather":
+            assert comm.gather(rank, root) == (list(range(size)) if rank == root else None)
+            want = int(rank != root)
+        elif call == "scatter":
+            items = [("s", q) for q in range(size)] if rank == root else None
+            assert comm.scatter(items, root) == ("s", rank)
+            want = size - 1 if rank == root else 0
+        elif call == "allgather":
+            assert comm.allgather(rank) == list(range(size))
+            want = 1
+        else:
+            got = comm.alltoall([(rank, q) for q in range(size)])
+            assert got == [(q, rank) for q in range(size)]
+            want = size - 1
+    finally:
+        MPI.pickle.__init__(pickle.dumps, pickle.loads)
+        stop.set()
+        if other is not None:
+            other.join()
+    assert len(calls) == (want if size > 1 else 0), calls
