@@ -1290,11 +1290,17 @@ class StandInValueError(ValueError):
     it is not abandoned and the area stays bound (Gather's root, see _gather_recv)."""
 
 
+class StandInTruncation(exceptions.Exception):
+    """MPI_ERR_TRUNCATE of a Scatter(v) root whose recvbuf is shorter than its part, raised
+    after the instance ran with a stand-in for it (the others got their parts): not
+    abandoned, as StandInValueError (see _scatter_own)."""
+
+
 def _abandon(comm: Any, engine: Engine, seq: int, exc: Exception) -> None:
     """Collective instance `seq` of `comm` raised `exc` here: tell the other members, leave
     the area (see the module docstring); nothing for an AgreedValueError or a
-    StandInValueError (no member waits for this one)."""
-    if isinstance(exc, AgreedValueError | StandInValueError):
+    StandInValueError or StandInTruncation (no member waits for this one)."""
+    if isinstance(exc, AgreedValueError | StandInValueError | StandInTruncation):
         return
     members = [w for w in comm._group if w != engine.world_rank]
     reason = f"{type(exc).__name__}: {exc}"
@@ -1535,7 +1541,9 @@ class Collectives:
         stand_in = [bytearray(len(send) * size), len(send)]
         return buffers.parse_vector(stand_in, size, writable=True), send
 
-    def _p_scatter(self, sendbuf: Any, recvbuf: Any, root: int) -> tuple[str, tuple[Any, ...]]:
+    def _p_scatter(
+        self, sendbuf: Any, recvbuf: Any, root: int, refused: list[Exception] | None = None
+    ) -> tuple[str, tuple[Any, ...]]:
         size, rank = self._sizes()
         self._root(root)
         if rank != root:
@@ -1543,17 +1551,29 @@ class Collectives:
             return "scatterv", (None, [0] * size, [0] * size, recv, root)
         spec = buffers.parse_vector(sendbuf, size)
         part = spec.part(rank)
-        if recvbuf is IN_PLACE or recvbuf is None:  # (None: in place, as mpi4py)
-            own = memoryview(bytearray(len(part)))  # the root's part stays where it is
-        else:
-            own = buffers.parse(recvbuf, writable=True).view
-            if len(part) > len(own):
-                raise exceptions.Exception(
-                    exceptions.ERR_TRUNCATE,
-                    f"scatter: {len(part)} bytes for the root into a {len(own)}-byte buffer",
-                )
-            own = own[: len(part)]
+        own = self._scatter_own(recvbuf, part, refused)
+        if own is None:  # in place: the root's part stays where it is
+            own = memoryview(bytearray(len(part)))
         return "scatterv", (spec.view, *self._bytes(spec), own, root)
+
+    def _scatter_own(
+        self, recvbuf: Any, part: memoryview, refused: list[Exception] | None
+    ) -> memoryview | None:
+        """At a Scatter(v)'s root: the bytes of recvbuf its own `part` goes to (None: in
+        place; IN_PLACE or None, as mpi4py). MPI.Exception(ERR_TRUNCATE) where recvbuf is
+        shorter; with a `refused` list that error (a StandInTruncation) is put there instead
+        and a stand-in of the part's length comes back, for the root to run the instance as
+        the others do (the caller raises it then)."""
+        if recvbuf is IN_PLACE or recvbuf is None:
+            return None
+        own = buffers.parse(recvbuf, writable=True).view
+        if len(part) <= len(own):
+            return own[: len(part)]
+        detail = f"scatter: {len(part)} bytes for the root into a {len(own)}-byte buffer"
+        if refused is None:
+            raise exceptions.Exception(exceptions.ERR_TRUNCATE, detail)
+        refused.append(StandInTruncation(exceptions.ERR_TRUNCATE, detail))
+        return memoryview(bytearray(len(part)))
 
     def _p_allgather(self, sendbuf: Any, recvbuf: Any) -> tuple[str, tuple[Any, ...]] | None:
         size, rank = self._sizes()
@@ -2114,10 +2134,14 @@ class Collectives:
 
         sendbuf is a message spec of size parts (with counts and displacements for the vector form);
         at the root recvbuf may be IN_PLACE (or None, as mpi4py). MPI.Exception(ERR_ROOT) for a root
-        outside the communicator.
+        outside the communicator; MPI.Exception(ERR_TRUNCATE) at the root for a recvbuf shorter
+        than its part, raised after the others got theirs (the communicator goes on working).
         """
-        if not self._area_run(lambda: self._p_scatter(sendbuf, recvbuf, root)):
-            self._run(self._scatterv(sendbuf, recvbuf, root, T_SCATTER))
+        refused: list[Exception] = []
+        if not self._area_run(lambda: self._p_scatter(sendbuf, recvbuf, root, refused)):
+            self._run(self._scatterv(sendbuf, recvbuf, root, T_SCATTER, refused))
+        if refused:
+            raise refused[0]
 
     Scatterv = Scatter
 
@@ -2131,25 +2155,27 @@ class Collectives:
 
     Iscatterv = Iscatter
 
-    def _scatterv(self, sendbuf: Any, recvbuf: Any, root: int, tag: int) -> Iterator[list[Op]]:
+    def _scatterv(
+        self,
+        sendbuf: Any,
+        recvbuf: Any,
+        root: int,
+        tag: int,
+        refused: list[Exception] | None = None,
+    ) -> Iterator[list[Op]]:
         size, rank = self._sizes()
         self._root(root)
         if rank != root:
             yield [self._c_irecv(buffers.parse(recvbuf, writable=True).view, root, tag)]
             return
         spec = buffers.parse_vector(sendbuf, size)
-        own = part = None
-        if recvbuf is not IN_PLACE and recvbuf is not None:  # (None: in place, as mpi4py)
-            own = buffers.parse(recvbuf, writable=True).view
-            part = spec.part(rank)
-            if len(part) > len(own):
-                raise exceptions.Exception(
-                    exceptions.ERR_TRUNCATE,
-                    f"scatter: {len(part)} bytes for the root into a {len(own)}-byte buffer",
-                )
+        if refused:  # (the area's plan refused it already: its stand-in again)
+            refused = []
+        part = spec.part(rank)
+        own = self._scatter_own(recvbuf, part, refused)
         sends = [self._c_isend(spec.part(r), r, tag) for r in range(size) if r != rank]
-        if own is not None and part is not None:  # (the others' blocks on their way first)
-            own[: len(part)] = part
+        if own is not None:  # (the others' blocks on their way first)
+            own[:] = part
         yield sends
 
     @collective(fast=_f_allgather)
