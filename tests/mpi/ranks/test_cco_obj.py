@@ -139,6 +139,8 @@ def test_each_object_pickled_once(comm, call, thread):
     import pickle
     import threading
 
+    if any(route == 2 for route, _ in MPI._internal_state()["routes"]):
+        pytest.skip("ranks across regions (a hybrid job): the hierarchy pickles per level")
     size, rank = comm.Get_size(), comm.Get_rank()
     calls = []
 
