@@ -663,6 +663,10 @@ class AreaRequest(Request):
 
     __slots__ = ()
 
+    def _complete_alone(self) -> None:
+        """Complete the operation here for Waitall (`_complete`; Waitall fills its errors)."""
+        self._complete()
+
     def _complete(self) -> None:
         op, engine = self._op, self._engine
         assert op is not None and engine is not None

@@ -106,6 +106,14 @@ class Request(Handle):
         if self._engine is not None:
             self._engine.progress()
 
+    def _complete_alone(self) -> None:
+        """Complete the operation here if it waits best on its own, for Waitall.
+
+        area.AreaRequest's does (a collective's round, spun on and slept on in C, where the
+        engine would nap on the doorbell), nothing filled nor raised; a plain request waits
+        with the others (the engine's wait_until): nothing here.
+        """
+
     # ------------------------------------------------------------------ single
     def Wait(self, status: Status | None = None) -> bool:
         """Block until complete; always True. Raises MPI.Exception (e.g. ERR_TRUNCATE)."""
@@ -291,6 +299,7 @@ class Request(Handle):
         if engine is not None:
             all_done = _all_done(requests)
             if not all_done():
+                _complete_alone(requests)
                 engine.wait_until(all_done)
                 if plain and _nulled(requests):
                     return [None] * len(requests)
@@ -578,6 +587,24 @@ def _first_pending_py(requests: Sequence[Request], start: int) -> int:
     return len(requests)
 
 
+def _pending_of(requests: Sequence[Request]) -> Callable[[Sequence[Request], int], int]:
+    """The first_pending function for `requests`: the C one for a list or tuple."""
+    if ring.first_pending is not None and type(requests) in (list, tuple):
+        return ring.first_pending
+    return _first_pending_py
+
+
+def _complete_alone(requests: Sequence[Request]) -> None:
+    """Waitall's waits, in order, for the first pending requests while each is one that
+    waits best on its own (Request._complete_alone: a nonblocking collective of the area);
+    the others wait together with the engine after (a plain list costs one look)."""
+    pending = _pending_of(requests)
+    index = pending(requests, 0)
+    while index < len(requests) and requests[index].__class__ is not Request:
+        requests[index]._complete_alone()
+        index = pending(requests, index + 1)
+
+
 def _all_done(requests: Sequence[Request]) -> Callable[[], bool]:
     """A predicate: every request of `requests` is complete (its op done, or null). It
     remembers how far the requests are known complete, so the engine's progress pass, which
@@ -585,9 +612,7 @@ def _all_done(requests: Sequence[Request]) -> Callable[[], bool]:
     O(len(requests)) per message taken)."""
     first = 0
     size = len(requests)
-    pending = _first_pending_py
-    if ring.first_pending is not None and type(requests) in (list, tuple):
-        pending = ring.first_pending
+    pending = _pending_of(requests)
 
     def all_done() -> bool:
         nonlocal first
