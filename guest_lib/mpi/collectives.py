@@ -1523,16 +1523,17 @@ class Collectives:
         send = None if in_place else buffers.parse(sendbuf).view
         try:
             spec = buffers.parse_vector(recvbuf, size, writable=True)
-            counts = self._bytes(spec)[0]
+            counts = spec.counts  # (in elements: equal ones are equal bytes)
             if blocks and min(counts) != max(counts):
                 raise ValueError(
-                    f"message: cannot infer count, {sum(counts)} bytes of recvbuf do not "
+                    f"message: cannot infer count, {sum(counts)} entries of recvbuf do not "
                     f"split into {size} equal blocks"
                 )
             if send is None:
                 return spec, spec.part(rank)
-            if len(send) != counts[rank]:
-                raise ValueError(f"root sends {len(send)} bytes, counts[{rank}] is {counts[rank]}")
+            own = counts[rank] * spec.datatype.Get_size()
+            if len(send) != own:
+                raise ValueError(f"root sends {len(send)} bytes, counts[{rank}] is {own}")
             return spec, send
         except ValueError as exc:
             if refused is None or send is None or not blocks:
