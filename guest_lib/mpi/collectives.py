@@ -2606,19 +2606,49 @@ class Collectives:
         # 0, else it holds blocks sent to lower ranks, theirs until the sends complete: the
         # fold goes to a block of its own then.
         acc = np.empty_like(out) if sendbuf is IN_PLACE and rank and len(out) else out
-        if np.may_share_memory(acc, own) or size != 2:
+        if np.may_share_memory(acc, own) or size == 1 or (size > 2 and not op.is_commutative):
             if not np.may_share_memory(acc, own):
                 acc[...] = own
             self._fold_at_me(acc, op, datatype, T_RSB, range(size))
-        else:  # one pass: acc = the lower rank's block op the higher rank's, read in place
-            peer = others[0]
-            sink = self._combine_sink(acc, own, op, rank == 0, peer)
-            recv = self._c_irecv(None, peer, T_RSB, sink)
-            self._c_wait([recv])
-            whole([(peer, recv)], acc.nbytes, "rank")
+        else:  # one pass over own: at 2 ranks acc = the lower rank's block op the higher's
+            sinks = (
+                [self._combine_sink(acc, own, op, rank == 0, others[0])]
+                if size == 2
+                else self._first_combine_sinks(acc, own, op, datatype, others)
+            )
+            recvs = [self._c_irecv(None, r, T_RSB, sink)
+                     for r, sink in zip(others, sinks, strict=True)]  # fmt: skip
+            self._c_wait(recvs)
+            whole(zip(others, recvs, strict=True), acc.nbytes, "rank")
         self._c_wait(sends)
         if acc is not out:
             out[...] = acc
+
+    def _first_combine_sinks(
+        self, acc: np.ndarray, own: np.ndarray, op: ops.Op, datatype: Any, sources: list[int]
+    ) -> list[Callable[..., None]]:
+        """The sinks of the `sources`' operands (a commutative op) folded into acc, which
+        does not hold this rank's operand `own` yet: each source's pieces come in order
+        from its first byte, so the elements that some source reached already
+        ([0, reached)) hold own op what came there; a piece's elements past them are
+        combined with own in one pass (acc = own op them), the rest folded in. MPI.Exception
+        naming the rank for a piece outside acc (`_elements`)."""
+        reached = [0]
+
+        def sink_of(source: int) -> Callable[..., None]:
+            def sink(offset: int, data: Any) -> None:
+                start, operand = _elements(acc, offset, data, source)
+                stop = start + len(operand)
+                mid = max(start, min(reached[0], stop))
+                if mid > start:
+                    op.reduce_into(acc[start:mid], operand[: mid - start], datatype)
+                if stop > mid:
+                    op.combine_to(acc[mid:stop], own[mid:stop], operand[mid - start :])
+                    reached[0] = stop
+
+            return sink
+
+        return [sink_of(r) for r in sources]
 
     @collective(fast=_f_scan)
     def Scan(self, sendbuf: Any, recvbuf: Any, op: ops.Op = ops.SUM) -> None:

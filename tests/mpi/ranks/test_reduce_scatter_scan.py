@@ -129,25 +129,26 @@ def _first(inbuf: Any, inoutbuf: Any, _datatype: Any) -> None:
 
 
 FIRST = MPI.Op.Create(_first, commute=False)
-LARGE = 40_000  # float64 per block: 320 KB, over a slab of the area (messages)
 
 
+@pytest.mark.parametrize("large", [40_000, 600_000], ids=["320KB", "4.8MB"])
 @pytest.mark.parametrize("in_place", [False, True], ids=["buffers", "IN_PLACE"])
 @pytest.mark.parametrize("op", ["SUM", "FIRST"])
-def test_reduce_scatter_of_large_blocks(any_comm, op, in_place):
-    """Blocks over a slab go on messages (each block folded at its owner as it arrives):
-    the same results, in rank order for a non-commutative op, uneven blocks (one empty),
-    IN_PLACE at every rank (the result lands on recvbuf's first block, which at ranks > 0
-    holds blocks sent to lower ranks: they must leave unchanged; the rest of recvbuf stays)."""
+def test_reduce_scatter_of_large_blocks(any_comm, op, in_place, large):
+    """Blocks over a slab go on messages (each block folded at its owner as it arrives; of
+    `large` float64: whole messages, or over one so in pieces): the same results, in rank
+    order for a non-commutative op, uneven blocks (one empty), IN_PLACE at every rank (the
+    result lands on recvbuf's first block, which at ranks > 0 holds blocks sent to lower
+    ranks: they must leave unchanged; the rest of recvbuf stays)."""
     comm = any_comm
     size, rank = comm.Get_size(), comm.Get_rank()
     mpi_op = FIRST if op == "FIRST" else MPI.SUM
     for call in ("Reduce_scatter", "Reduce_scatter_block"):
         if call == "Reduce_scatter":
-            counts = [LARGE + 3 * q if q != 1 else 0 for q in range(size)]
+            counts = [large + 3 * q if q != 1 else 0 for q in range(size)]
             recvcounts: tuple[Any, ...] = (counts,)
         else:
-            counts, recvcounts = [LARGE + 5] * size, ()
+            counts, recvcounts = [large + 5] * size, ()
         at, length = sum(counts[:rank]), counts[rank]
         every = [_operand(r, sum(counts), np.float64) + r for r in range(size)]
         want = every[0] if op == "FIRST" else np.sum(every, axis=0)
