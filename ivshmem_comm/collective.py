@@ -50,11 +50,11 @@ flags [F4] and kicks the sleepers: one of the two always sees the other (no lost
 Waiting spins for `spin_us` (by default the endpoint's: short where ranks outnumber CPUs),
 yielding the CPU between polls when the group is crowded (`notify.crowded`: more members on
 this kernel than CPUs in their affinity masks; spinning would steal the CPU from the peer it
-waits for), then for as long as the endpoint's yield phase (Endpoint.yield_us, and its rule:
-none while waits are calm after a long yield), then blocks on the endpoint's doorbell in
-slices of WATCH_SLICE seconds, checking the awaited peer after each. Every collective is
-written once as steps that yield what they wait for: the blocking form waits for each here,
-the nonblocking form (CollectiveRequest) tests them when polled.
+waits for; no yield while waits are calm after a long yield: Endpoint.yield_cpu), then
+blocks on the endpoint's doorbell in slices of WATCH_SLICE seconds, checking the awaited peer
+after each. Every collective is written once as steps that yield what they wait for: the
+blocking form waits for each here, the nonblocking form (CollectiveRequest) tests them when
+polled.
 
 The C accelerator (ring.CollectiveRound, when built and not IVSHMEM_COMM_PUREPYTHON=1) runs
 a blocking collective that fits one round (a reduce-scatter: every block within a segment)
@@ -489,8 +489,6 @@ class CollectiveGroup:
         if spin_us is None:
             spin_us = endpoint.spin_us
         self._yield = crowded(region, members, endpoint.peer_id)
-        if self._yield:  # the spin yields between loads, as long as the endpoint's yield phase
-            spin_us += endpoint.yield_us
         self._spin = spin_us * 1e-6
         self._listening = False  # see listen()
         # True after a gatherv, scatterv or alltoallv that its members declined (see there).

@@ -434,8 +434,7 @@ class _Polled:
         """Poll the round for up to the group's spin time (the endpoint's, as the blocking
         waits spin before they sleep) without raising the sleep flag, until it completes or
         fails (completing this op then, as `done` would): a round that completes within the
-        spin makes no member ring this doorbell (crowded: the CPU yielded between polls, as
-        `Endpoint.yield_cpu` does). The engine's messages wait for `done`'s
+        spin makes no member ring this doorbell. The engine's messages wait for `done`'s
         polls. A round of the C accelerator (RoundRequest) whose engine is quiet, in a
         process with no other thread, is completed here as a blocking collective's round
         (RoundRequest.wait: the spin in C, yielding the CPU between loads where the group
@@ -450,14 +449,13 @@ class _Polled:
                 request.wait()
             self._look(False)
             return
-        group = area.group
         end = 0.0
         while not self._look(False):
             now = time.monotonic()
             if not end:
-                end = now + group._spin
-            elif now >= end or (group._yield and not group.endpoint.yield_cpu()):
-                return  # (crowded: each poll after a yield of the CPU, while waits are not calm)
+                end = now + area.group._spin
+            elif now >= end:
+                return
 
     def _end(self) -> None:
         """Completed (under the engine's lock): out of the engine's staged operations, so
