@@ -2195,14 +2195,11 @@ static int coll_seq(CollRound *c, int r, uint64_t *word_p, uint64_t target, cons
     return 0;
 }
 
-/* monotonic_ns() before which crowded collective waits do not yield (rx_yield_poll's rule:
- * a yield longer than YIELD_LONG_NS handed the CPU to another process for long). Advice
- * only, so relaxed atomics: a lost update costs one more long yield. */
-static uint64_t coll_calm_until;
-
 /* Spin up to spin_ns until member r's word reaches `target`: 1 reached, 0 not yet, -1 error.
- * `yield` (crowded): sched_yield() between loads, and 0 at once while calm (see
- * coll_calm_until). */
+ * `yield` (crowded): sched_yield() between loads, so that a member sharing this CPU runs.
+ * No "calm" rule here (rx_yield_poll's): where ranks outnumber CPUs nearly every yield hands
+ * the CPU to another rank for a while, and skipping the yields then sent every wait to the
+ * doorbell (4 ranks on 2 CPUs: small Bcast/Scatter/Gather 3-4x slower). */
 static int coll_spin(CollRound *c, int r, uint64_t *word_p, uint64_t target, const char *field,
                      long long spin_ns, bool yield)
 {
@@ -2213,18 +2210,6 @@ static int coll_spin(CollRound *c, int r, uint64_t *word_p, uint64_t target, con
             return -1;
         if (value >= target)
             return 1;
-        if (yield) {
-            uint64_t now = monotonic_ns();
-            if (end == 0)
-                end = now + (uint64_t)(spin_ns > 0 ? spin_ns : 0);
-            if (now >= end || now < __atomic_load_n(&coll_calm_until, __ATOMIC_RELAXED))
-                return 0;
-            sched_yield();
-            uint64_t after = monotonic_ns();
-            if (after - now > YIELD_LONG_NS)
-                __atomic_store_n(&coll_calm_until, after + YIELD_CALM_NS, __ATOMIC_RELAXED);
-            continue;
-        }
         if ((i & 15) == 0) {
             uint64_t now = monotonic_ns();
             if (end == 0)
@@ -2232,8 +2217,11 @@ static int coll_spin(CollRound *c, int r, uint64_t *word_p, uint64_t target, con
             if (now >= end)
                 return 0;
         }
+        if (yield)
+            sched_yield();
 #if defined(__x86_64__) || defined(__i386__)
-        __builtin_ia32_pause();
+        else
+            __builtin_ia32_pause();
 #endif
     }
 }
