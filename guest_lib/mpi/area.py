@@ -162,8 +162,12 @@ class Area:
         self.check_abandoned()
 
     def drop(self) -> None:
-        """Leave the area for good (the slot stays claimed until Free)."""
+        """Leave the area for good (the slot stays claimed until Free: `free` releases it,
+        once every member left it; a dropped area used to keep its slot for the process's
+        life, and a region has few: COLL_SLOTS_DEFAULT)."""
         self.comm._area = False
+        if self.claimed:
+            self.comm._area_claim = self
         self.group.close()
 
     # ------------------------------------------------------------------ running
@@ -767,19 +771,21 @@ def failed(comm: Any) -> None:
 
 def free(comm: Any) -> None:
     """Free of `comm` (collective): a last area barrier, then the claimer releases the slot."""
-    area = comm._area
+    area, dropped = comm._area, comm._area_claim
     comm._area = False
-    if not area:
-        return
-    group = area.group
-    try:
-        area.run("barrier")  # (with the engine progressing, if it has work)
-    except Exception:  # a broken group or a lost member: release anyway
-        pass
-    ep = group.endpoint
-    if area.claimed:
-        release_slot(ep.region, group.slot, ep.peer_id, ep.incarnation)
-    group.close()
+    comm._area_claim = None
+    if area:
+        try:
+            area.run("barrier")  # (with the engine progressing, if it has work)
+        except Exception:  # a broken group or a lost member: release anyway
+            pass
+        area.group.close()
+    # A dropped area's members left it when it was dropped (each on its own error or on the
+    # abandonment notice); Free being collective, none of them uses the slot after it.
+    held = area if area and area.claimed else dropped
+    if held is not None:
+        ep = held.group.endpoint
+        release_slot(ep.region, held.group.slot, ep.peer_id, ep.incarnation)
 
 
 def completed(comm: Any) -> int:

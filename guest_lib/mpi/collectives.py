@@ -1349,6 +1349,7 @@ class Collectives:
     _coll_base: int  # the tag base of the current one
     _coll_active: bool
     _area: Any  # area.Area once bound; False: messages; None: not yet
+    _area_claim: Any  # area.Area dropped, its slot claimed here: released at Free
     _coll_gone: tuple[int, str] | None  # (class, why) another member abandoned it with
 
     # ------------------------------------------------------------------ internals

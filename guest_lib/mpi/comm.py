@@ -144,6 +144,7 @@ class Comm(attributes.Cached, Handle):
         # the generation of its contexts (matching.Matching.reuse_context): its ABANDONs name it
         self._gen = engine.ctx_gen.get(ctx, 0) if engine is not None else 0
         self._area: Any = None  # its collective area: see area.py (None: not bound yet)
+        self._area_claim: Any = None  # a dropped area whose slot this rank holds until Free
 
     def _bind(self, comm: Comm) -> None:
         """Make this new handle another handle on `comm`'s communicator.

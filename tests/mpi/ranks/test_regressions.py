@@ -7,6 +7,7 @@ next collective on the same communicator is correct.
 
 from __future__ import annotations
 
+import contextlib
 import pickle
 import time
 
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 
 from guest_lib.mpi import MPI, area
+from ivshmem_comm import layout
 
 
 def _engine_posted() -> list:
@@ -485,5 +487,31 @@ def test_scatter_root_short_recvbuf_keeps_the_area(block):
             comm.Bcast(data, 0)
             assert (data == 0).all()
             assert area.completed(comm) > before
+    finally:
+        comm.Free()
+
+
+def test_free_of_a_comm_whose_area_was_dropped_releases_its_slot():
+    """A communicator whose collective failed leaves its collective area (area.failed); its
+    Free releases the area's slot. It used to keep the slot for the process's life, so after a
+    few failed collectives (a region has COLL_SLOTS_DEFAULT slots) every new communicator ran
+    its collectives on messages."""
+    if _across_regions():
+        pytest.skip("an argument error on one rank only: mpi4py between regions")
+    world = MPI.COMM_WORLD
+    size, rank = world.Get_size(), world.Get_rank()
+    if size < 2:
+        pytest.skip("needs 2 ranks or more")
+    for _ in range(layout.COLL_SLOTS_DEFAULT + 2):
+        comm = world.Dup()
+        comm.Barrier()  # (binds the area)
+        assert area.completed(comm) > 0
+        with contextlib.suppress(ValueError, MPI.Exception):
+            comm.alltoall([0] * (size + 1) if rank == size - 1 else [0] * size)
+        comm.Free()
+    comm = world.Dup()
+    try:
+        comm.Barrier()
+        assert area.completed(comm) > 0, "no collective slot left: a dropped area kept its own"
     finally:
         comm.Free()
