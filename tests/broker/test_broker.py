@@ -349,7 +349,15 @@ def test_destroy_force(broker: BrokerProcess, clients: list) -> None:
 def test_restart_adopts_region_clients_reclaim_ids(broker: BrokerProcess, clients: list) -> None:
     a = join(broker, clients)
     b = join(broker, clients)
-    wait_for(lambda: 1 in a.peer_eventfds() and 0 in b.peer_eventfds())
+    # Fully joined before the kill: each holds its own eventfds (the fixture's 2 vectors), which
+    # the broker sends after the peers' (b seen with 1 of its 2 reclaimed in vain for good)
+    wait_for(
+        lambda: (
+            1 in a.peer_eventfds()
+            and 0 in b.peer_eventfds()
+            and len(a.own_eventfds()) == len(b.own_eventfds()) == 2
+        )
+    )
     uuid_before = a.region.uuid
     broker.signal(signal.SIGKILL)
     wait_for(lambda: not a.connected.is_set() and not b.connected.is_set(), timeout=2)
