@@ -27,6 +27,17 @@ def _across_regions() -> bool:
     return any(route == 2 for route, _ in MPI._internal_state()["routes"])
 
 
+def _one_region_world() -> tuple[MPI.Intracomm, int, int]:
+    """COMM_WORLD, its size and this rank, for a test of an argument error on one rank only:
+    skipped between regions (mpi4py carries those collectives) and below 2 ranks."""
+    if _across_regions():
+        pytest.skip("an argument error on one rank only: mpi4py between regions")
+    world = MPI.COMM_WORLD
+    if world.Get_size() < 2:
+        pytest.skip("needs 2 ranks or more")
+    return world, world.Get_size(), world.Get_rank()
+
+
 @pytest.mark.parametrize("counts", ["given", "none"])
 def test_reduce_scatter(comm, counts):
     """Reduce_scatter with per-rank counts, and with recvcounts=None (each rank's recvbuf
@@ -371,12 +382,7 @@ def test_gather_root_argument_errors_keep_the_area(block):
     with the reason, the other ranks return from it, and the communicator's collective area
     stays bound: the next collectives run there with the right data (they used to raise
     RingCorruptError at the root, or 'left this collective' elsewhere, and lose the area)."""
-    if _across_regions():
-        pytest.skip("an argument error on one rank only: mpi4py between regions")
-    world = MPI.COMM_WORLD
-    size, rank = world.Get_size(), world.Get_rank()
-    if size < 2:
-        pytest.skip("needs 2 ranks or more")
+    world, size, rank = _one_region_world()
     comm = world.Dup()
     try:
         root = size - 1
@@ -459,12 +465,7 @@ def test_scatter_root_short_recvbuf_keeps_the_area(block):
     """A Scatter(v) whose root's recvbuf is shorter than its part raises MPI_ERR_TRUNCATE at
     the root after the others got their parts right, and the communicator's area stays bound
     (it used to be abandoned: 'left this collective' at the others, the area lost)."""
-    if _across_regions():
-        pytest.skip("an argument error on one rank only: mpi4py between regions")
-    world = MPI.COMM_WORLD
-    size, rank = world.Get_size(), world.Get_rank()
-    if size < 2:
-        pytest.skip("needs 2 ranks or more")
+    world, size, rank = _one_region_world()
     comm = world.Dup()
     try:
         root = size - 1
@@ -496,12 +497,7 @@ def test_free_of_a_comm_whose_area_was_dropped_releases_its_slot():
     Free releases the area's slot. It used to keep the slot for the process's life, so after a
     few failed collectives (a region has COLL_SLOTS_DEFAULT slots) every new communicator ran
     its collectives on messages."""
-    if _across_regions():
-        pytest.skip("an argument error on one rank only: mpi4py between regions")
-    world = MPI.COMM_WORLD
-    size, rank = world.Get_size(), world.Get_rank()
-    if size < 2:
-        pytest.skip("needs 2 ranks or more")
+    world, size, rank = _one_region_world()
     for _ in range(layout.COLL_SLOTS_DEFAULT + 2):
         comm = world.Dup()
         comm.Barrier()  # (binds the area)
