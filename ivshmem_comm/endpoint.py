@@ -139,9 +139,10 @@ class Endpoint:
         self._spin_end = 0.0  # end of the current spin phase; 0: the next wait starts one
         self._yield_ns = 0  # the yield phase after the spin (see yield_us)
         self._calm_until = 0  # time.monotonic_ns() before which waits skip the yield phase
-        # Whether a wait may yield now (None: always): a caller whose lock other threads may
-        # wait for while this one yields (the yield phase holds it up to yield_us) says no.
-        self.may_yield: Callable[[], bool] | None = None
+        # One yield of the yield phase in place of os.sched_yield() (None: that): returns
+        # True when it yielded, False (nothing done) to skip the phase now. A caller whose
+        # lock other threads may wait for releases it around the yield, or says no.
+        self.yielder: Callable[[], bool] | None = None
         # Peers whose queue holds the rest of a timed-out send (TxChannel.tail): every wait
         # pushes it on, so a sender that only receives afterwards still delivers it.
         self._tailed: set[int] = set()
@@ -445,12 +446,16 @@ class Endpoint:
 
     def yield_cpu(self) -> bool:
         """One yield of a wait's yield phase (see yield_us): False, nothing done, while waits
-        are calm or `may_yield` says no; else yield the CPU and return True (a yield longer
-        than YIELD_LONG_NS makes waits calm for YIELD_CALM_NS from then)."""
+        are calm or `yielder` says no; else yield the CPU (os.sched_yield(), or `yielder`)
+        and return True (a yield longer than YIELD_LONG_NS makes waits calm for YIELD_CALM_NS
+        from then)."""
         start = time.monotonic_ns()
-        if start < self._calm_until or (self.may_yield is not None and not self.may_yield()):
+        if start < self._calm_until:
             return False
-        os.sched_yield()
+        if self.yielder is None:
+            os.sched_yield()
+        elif not self.yielder():
+            return False
         end = time.monotonic_ns()
         if end - start > YIELD_LONG_NS:
             self._calm_until = end + YIELD_CALM_NS

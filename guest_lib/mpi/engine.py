@@ -80,15 +80,17 @@ YIELD_PASSES = 16
 
 class _Doorbell:
     """The endpoint's notifier as the engine installs it: `wait` by the thread named in
-    `releaser` (the progress owner napping in Engine.idle) releases the engine lock, all its
-    levels, while it sleeps, and takes it back before the endpoint goes on; any other wait
-    (a fast path, a stalled piece, the collective area) is the notifier's own."""
+    `releaser` (the progress owner: napping in Engine.idle, or in a blocking receive's fast
+    path) releases the engine lock, all its levels, while it sleeps, and takes it back before
+    the endpoint goes on, as `yield_cpu` does around one yield of the yield phase; any other
+    wait (a stalled piece, the collective area) is the notifier's own."""
 
     def __init__(self, inner: Any, lock: Any) -> None:
         self.inner = inner
         self.lock = lock
         self.blocking = inner.blocking
         self.releaser = 0  # threading.get_ident() of the owner, 0: none
+        self.receiving = False  # the owner waits in a blocking receive (see Engine._yield_cpu)
         self.slept = 0  # waits that released the lock (the engine's state may have changed)
 
     def kick(self, peer: int) -> None:
@@ -101,6 +103,16 @@ class _Doorbell:
         saved = self.lock._release_save()
         try:
             return bool(self.inner.wait(timeout))
+        finally:
+            self.lock._acquire_restore(saved)
+
+    def yield_cpu(self) -> None:
+        """One sched_yield() by the owner, the lock released around it (counted in `slept`:
+        another thread may have taken from the queues meanwhile)."""
+        self.slept += 1
+        saved = self.lock._release_save()
+        try:
+            os.sched_yield()
         finally:
             self.lock._acquire_restore(saved)
 
@@ -255,16 +267,26 @@ class Engine(Matching, FastPaths):
             # comes without a doorbell sleep and wake, as MPICH's waits poll) before they
             # sleep, unless yields hand the CPU away for long (see Endpoint.yield_us)
             endpoint.yield_us = CROWDED_YIELD_US
-            endpoint.may_yield = self._may_yield
+            endpoint.yielder = self._yield_cpu
         self.lane = self.make_lane()  # (last: it reads the endpoint's settings as they end up)
 
     # ------------------------------------------------------------------ state
-    def _may_yield(self) -> bool:
-        """Whether an endpoint wait may run its yield phase (Endpoint.may_yield): in a
-        blocking receive, not in the progress owner's nap (`sleeping`: nonblocking operations
-        waited for; measured with the phase there, ibarrier at 4 ranks on 2 CPUs took 2-5x as
-        long under others' load) nor while other threads run (the wait holds the lock)."""
-        return not self.sleeping and not other_threads()
+    def _yield_cpu(self) -> bool:
+        """One yield of an endpoint wait's yield phase (Endpoint.yielder), or False (none):
+        in a blocking receive, a lone thread's or the progress owner's in the fast path (with
+        other threads: the lock released around the yield, see _Doorbell.yield_cpu; without
+        the phase such a receive slept on the doorbell whenever the answer took longer than
+        the crowded spin, 2 us: 7-18x the lone thread's latency in CI), not in the progress
+        owner's nap (`sleeping`: nonblocking operations waited for; measured with the phase
+        there, ibarrier at 4 ranks on 2 CPUs took 2-5x as long under others' load)."""
+        bell = self.bell
+        if bell is not None and bell.receiving and bell.releaser == threading.get_ident():
+            bell.yield_cpu()
+            return True
+        if self.sleeping or other_threads():
+            return False
+        os.sched_yield()
+        return True
 
     def quiet(self) -> bool:
         """True when nothing is queued, posted, unexpected or in flight."""

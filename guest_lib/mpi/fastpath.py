@@ -12,8 +12,9 @@ the library's service threads (`other_threads()` is 0), a fast path takes no loc
 thread exists to meet, and none can start while this one runs the call. Otherwise it takes
 the engine lock once. The Send then only polls the core (timeout 0). The Recv waits in the
 core as a lone thread does when no other thread is the progress owner (`sleeping`, see
-`engine.Engine.idle`): it becomes the owner for the call, so its sleeps on the doorbell
-release the lock (its spin holds it, as the owner's does); else it only polls. Either way
+`engine.Engine.idle`): it becomes the owner for the call, so its sleeps on the doorbell and
+the yields of a crowded wait release the lock (its spin holds it, as the owner's does); else
+it only polls. Either way
 the caller then waits in the engine if it took nothing, which releases the lock while it
 sleeps. A message taken after another thread ran the engine meanwhile (the engine no longer
 `quiet`) goes to `dispatch`, behind what that thread took from the queues. (The core call of
@@ -154,6 +155,7 @@ class FastPaths:
             if owner:
                 self.sleeping = True
                 bell.releaser = get_ident()
+                bell.receiving = True
                 slept = bell.slept
         try:
             if not self.quiet():
@@ -202,6 +204,7 @@ class FastPaths:
             if owner:
                 self.sleeping = False
                 self.bell.releaser = 0
+                self.bell.receiving = False
             if threads:
                 if self.napping:  # (another thread's message, or a waiter takes over)
                     self.wakeup.notify_all()

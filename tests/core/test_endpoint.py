@@ -128,7 +128,7 @@ def test_a_short_spin_shortens_the_spin_for_the_next_span_of_a_message(make_regi
 
 def test_the_yield_phase_yields_unless_refused_or_calm(make_region, monkeypatch):
     """Endpoint.yield_us: a wait past its spin polls with a sched_yield() between polls (for
-    that long) before it sleeps; none where `may_yield` says no, and none after a yield that
+    that long) before it sleeps; none where `yielder` says no, and none after a yield that
     took longer than YIELD_LONG_NS (another process ran: waits are calm for a while)."""
     from ivshmem_comm import endpoint
 
@@ -150,11 +150,11 @@ def test_the_yield_phase_yields_unless_refused_or_calm(make_region, monkeypatch)
             b.recv(0, timeout=0.02)
         assert len(calls) > 10
         calls.clear()
-        b.may_yield = lambda: False
+        b.yielder = lambda: False
         with pytest.raises(ic.TimeoutError):
             b.recv(0, timeout=0.02)
         assert calls == []
-        b.may_yield = None
+        b.yielder = None
         pause[0] = endpoint.YIELD_LONG_NS * 2e-9
         with pytest.raises(ic.TimeoutError):
             b.recv(0, timeout=0.02)

@@ -310,9 +310,14 @@ def test_windows_from_threads():
         win.Free()
 
 
+THINK_S = 10e-6  # rank 1's work before each answer
+
+
 def _pingpong_best(comm: MPI.Intracomm, chunks: int = 5, iters: int = 50) -> float:
     """Seconds of the fastest of `chunks` runs of `iters` blocking Send/Recv round trips of
-    4 bytes between ranks 0 and 1 (the others wait at the barriers)."""
+    4 bytes between ranks 0 and 1 (the others wait at the barriers), rank 1 computing for
+    THINK_S before each answer: rank 0's receive waits longer than a crowded wait's spin
+    (2 us), as a real code's does, so a receive that then slept on the doorbell shows."""
     rank = comm.Get_rank()
     out, got = np.zeros(1, "i"), np.zeros(1, "i")
     best = float("inf")
@@ -325,6 +330,9 @@ def _pingpong_best(comm: MPI.Intracomm, chunks: int = 5, iters: int = 50) -> flo
                 comm.Recv(got, 1, 5)
             else:
                 comm.Recv(got, 0, 5)
+                busy_until = time.perf_counter() + THINK_S
+                while time.perf_counter() < busy_until:
+                    pass
                 comm.Send(out, 0, 5)
         best = min(best, time.perf_counter() - start)
     return best
@@ -334,7 +342,9 @@ def test_idle_thread_keeps_blocking_latency():
     """A second Python thread that never calls MPI (a logger, a pool's idle worker) turns
     the engine lock on, but blocking Send/Recv latency stays that of a lone thread: the
     receive still waits in the core (before: it only polled, then slept on the doorbell
-    through the engine for every message: 500x slower on a loaded machine). Best-of-chunks
+    through the engine for every message: 500x slower on a loaded machine; and where ranks
+    outnumber CPUs it skipped the crowded wait's yield phase, so it slept whenever the answer
+    took longer than the 2 us spin: 6x slower with THINK_S, 7-18x in CI). Best-of-chunks
     figures, states interleaved, up to 3 attempts: a loaded machine only ever adds time."""
     comm = MPI.COMM_WORLD
     if comm.Get_size() < 2:
