@@ -332,13 +332,32 @@ class Area:
             self.listen(-1)
 
     def declining(self) -> np.ndarray:
-        """A payload one byte over a slab, for a sender whose data is larger (a scatter's or
-        an alltoall's bundle of pickles, not made then): a byte-string round declines it
-        unread, as it would the data. Made once per area, its pages never touched."""
+        """A payload over what one round moves anywhere (a slab; a crowded scatterv root's
+        COLL_CELLS segments), for a sender whose data is larger (a scatter's or an alltoall's
+        bundle of pickles, not made then): a byte-string round declines it unread, as it
+        would the data; so does a gatherv or scatterv round of blocks this long (`refusal`).
+        Made once per area, its pages never touched."""
         over = self._over
         if over is None:
-            over = self._over = np.empty(self.group.slab_size + 1, np.uint8)
+            over = self._over = np.empty(layout.COLL_CELLS * self.group.slab_size + 1, np.uint8)
         return over
+
+    def refusal(self, name: str, root: int) -> tuple[str, tuple[Any, ...]]:
+        """The round (`name`: "gatherv" or "scatterv", as collectives' plans give it) that
+        a root whose own arguments are wrong runs in its instance instead: the others' blocks
+        as long as `declining`, none of its own, all over one buffer that is never read or
+        written, so that the root declines the round (rounds word 0) and every member goes
+        on to the instance's messages with the area's rounds in step. The root then moves
+        what lets the others finish (collectives.py: blocks taken into nothing, empty parts
+        sent) and raises its error without abandoning the instance."""
+        over = self.declining()
+        size = self.group.size
+        counts = [len(over)] * size
+        counts[root] = 0
+        displs = [0] * size
+        if name == "gatherv":
+            return name, (memoryview(b""), over, counts, displs, root)
+        return name, (over, counts, displs, memoryview(bytearray(0)), root)
 
     def fits(self, nbytes: int, split: bool = False) -> bool:
         """Whether `nbytes` move in one round (one slab; `split`: one member's segment of

@@ -1505,20 +1505,23 @@ class Collectives:
         self._root(root)
         if rank != root:
             return "gatherv", (buffers.parse(sendbuf).view, None, [0] * size, [0] * size, root)
-        spec, send = self._gather_recv(sendbuf, recvbuf, blocks, refused)
+        checked = self._gather_recv(sendbuf, recvbuf, blocks, refused)
+        if checked is None:  # (refused: the round declined, see _gather_recv)
+            return self._area.refusal("gatherv", root)
+        spec, send = checked
         return "gatherv", (send, spec.view, *self._bytes(spec), root)
 
     def _gather_recv(
         self, sendbuf: Any, recvbuf: Any, blocks: bool, refused: list[ValueError] | None
-    ) -> tuple[buffers.VSpec, memoryview]:
+    ) -> tuple[buffers.VSpec, memoryview] | None:
         """At a Gather(v)'s root: (the vector spec of recvbuf, this rank's send: its block
         of recvbuf in place), checked: `size` blocks, equal ones with `blocks` (Gather's
-        rule, as mpi4py's), this rank's as long as its send. ValueError where not; for
-        Gather (`blocks`) with a `refused` list and a send (not in place: every member sends
-        as many bytes) the error is put there instead, and a stand-in spec over a buffer of
-        its own comes back, of the send's length per member, for this rank to run the
-        instance as the others do (the caller raises the error then: StandInValueError).
-        Errors of sendbuf itself are raised as they come."""
+        rule, as mpi4py's), this rank's as long as its send. ValueError where not; with a
+        `refused` list the error is put there instead and None comes back: the root then
+        runs the instance in step with the others without recvbuf (its area round declined,
+        area.Area.refusal; on messages the others' blocks taken into nothing), and the
+        caller raises the error (StandInValueError). Errors of sendbuf itself are raised
+        as they come."""
         size, rank = self._sizes()
         in_place = sendbuf is IN_PLACE or sendbuf is None  # None: in place, as on messages
         send = None if in_place else buffers.parse(sendbuf).view
@@ -1537,26 +1540,53 @@ class Collectives:
                 raise ValueError(f"root sends {len(send)} bytes, counts[{rank}] is {own}")
             return spec, send
         except ValueError as exc:
-            if refused is None or send is None or not blocks:
+            if refused is None:
                 raise
             refused.append(exc)
-        stand_in = [bytearray(len(send) * size), len(send)]
-        return buffers.parse_vector(stand_in, size, writable=True), send
+            return None
 
     def _p_scatter(
-        self, sendbuf: Any, recvbuf: Any, root: int, refused: list[Exception] | None = None
+        self,
+        sendbuf: Any,
+        recvbuf: Any,
+        root: int,
+        refused: list[Exception] | None = None,
+        blocks: bool = False,
     ) -> tuple[str, tuple[Any, ...]]:
         size, rank = self._sizes()
         self._root(root)
         if rank != root:
             recv = buffers.parse(recvbuf, writable=True).view
             return "scatterv", (None, [0] * size, [0] * size, recv, root)
-        spec = buffers.parse_vector(sendbuf, size)
+        spec = self._scatter_send(sendbuf, blocks, refused)
+        if spec is None:  # (refused: the round declined, see _scatter_send)
+            return self._area.refusal("scatterv", root)
         part = spec.part(rank)
         own = self._scatter_own(recvbuf, part, refused)
         if own is None:  # in place: the root's part stays where it is
             own = memoryview(bytearray(len(part)))
         return "scatterv", (spec.view, *self._bytes(spec), own, root)
+
+    def _scatter_send(
+        self, sendbuf: Any, blocks: bool, refused: list[Exception] | None
+    ) -> buffers.VSpec | None:
+        """At a Scatter(v)'s root: the vector spec of sendbuf. With `blocks` (Scatter) a
+        count left to infer must split into `size` equal parts (buffers.check_blocks,
+        mpi4py's rule): ValueError where not; with a `refused` list that error (a
+        StandInValueError) is put there instead and None comes back: the root then runs the
+        instance in step with the others without sendbuf (its area round declined,
+        area.Area.refusal; on messages an empty part sent to each, their recvbufs left as
+        they are), and the caller raises it."""
+        size = len(self._group)
+        if blocks:
+            try:
+                buffers.check_blocks(sendbuf, size)
+            except ValueError as exc:
+                if refused is None:
+                    raise
+                refused.append(StandInValueError(str(exc)))
+                return None
+        return buffers.parse_vector(sendbuf, size)
 
     def _scatter_own(
         self, recvbuf: Any, part: memoryview, refused: list[Exception] | None
@@ -2079,15 +2109,17 @@ class Collectives:
         recvbuf is a message spec of size equal parts (Gatherv: with counts and displacements
         for the vector form); at the root sendbuf may be IN_PLACE (its own part is then left as
         it is). MPI.Exception(ERR_ROOT) for a root outside the communicator. ValueError at the
-        root for a recvbuf that does not split so or whose own part is not as long as its
-        sendbuf: raised after the others' data went to a stand-in (recvbuf untouched), so the
-        other ranks return as usual and the communicator goes on working.
+        root for a recvbuf that does not split so, that is too short, or whose own part is not
+        as long as its sendbuf: raised after the others' data was taken and dropped (recvbuf
+        untouched), so the other ranks return as usual and the communicator goes on working,
+        its collective area kept.
         """
         self._gather_buf(sendbuf, recvbuf, root, True)
 
     @collective(fast=_f_gather)
     def Gatherv(self, sendbuf: Any, recvbuf: Any, root: int = 0) -> None:
-        """Gather by the counts and displacements of the root's recvbuf (see Gather)."""
+        """Gather by the counts and displacements of the root's recvbuf (see Gather; its root's
+        own count must match its sendbuf)."""
         self._gather_buf(sendbuf, recvbuf, root, False)
 
     def _gather_buf(self, sendbuf: Any, recvbuf: Any, root: int, blocks: bool) -> None:
@@ -2123,29 +2155,48 @@ class Collectives:
         if rank != root:
             yield [self._c_isend(buffers.parse(sendbuf).view, root, tag)]
             return
-        if refused:  # (the area's plan refused them already: its stand-in again)
+        if refused:  # (the area's plan refused them already: refused again here)
             refused = []
-        spec, own = self._gather_recv(sendbuf, recvbuf, blocks, refused)
+        checked = self._gather_recv(sendbuf, recvbuf, blocks, refused)
+        if checked is None:  # the others' blocks into nothing (their sends complete)
+            yield [self._c_irecv(None, r, tag) for r in range(size) if r != rank]
+            return
+        spec, own = checked
         if sendbuf is not IN_PLACE and sendbuf is not None:
             spec.part(rank)[:] = own
         yield [self._c_irecv(spec.part(r), r, tag) for r in range(size) if r != rank]
 
     @collective(fast=_f_scatter)
     def Scatter(self, sendbuf: Any, recvbuf: Any, root: int = 0) -> None:
-        """Scatter part r of the root's sendbuf into rank r's recvbuf (also Scatterv).
+        """Scatter part r of the root's sendbuf into rank r's recvbuf.
 
-        sendbuf is a message spec of size parts (with counts and displacements for the vector form);
-        at the root recvbuf may be IN_PLACE (or None, as mpi4py). MPI.Exception(ERR_ROOT) for a root
-        outside the communicator; MPI.Exception(ERR_TRUNCATE) at the root for a recvbuf shorter
-        than its part, raised after the others got theirs (the communicator goes on working).
+        sendbuf is a message spec of size equal parts (Scatterv: with counts and displacements for
+        the vector form); at the root recvbuf may be IN_PLACE (or None, as mpi4py).
+        MPI.Exception(ERR_ROOT) for a root outside the communicator. At the root, ValueError for
+        a sendbuf whose count, left to infer, does not split into size equal parts (mpi4py's
+        rule; the others return with their recvbuf as it was) and MPI.Exception(ERR_TRUNCATE)
+        for a recvbuf shorter than its part (the others got theirs): both raised once the
+        instance ran in step on every rank, so the communicator goes on working, its collective
+        area kept.
         """
+        self._scatter_buf(sendbuf, recvbuf, root, True)
+
+    @collective(fast=_f_scatter)
+    def Scatterv(self, sendbuf: Any, recvbuf: Any, root: int = 0) -> None:
+        """Scatter by the counts and displacements of the root's sendbuf (see Scatter; one
+        without them is split as evenly as can be)."""
+        self._scatter_buf(sendbuf, recvbuf, root, False)
+
+    def _scatter_buf(self, sendbuf: Any, recvbuf: Any, root: int, blocks: bool) -> None:
+        """The body of Scatter (`blocks`: equal parts) and Scatterv. A root whose own
+        arguments are wrong (see _scatter_send, _scatter_own) runs the instance with a
+        stand-in, then raises."""
         refused: list[Exception] = []
-        if not self._area_run(lambda: self._p_scatter(sendbuf, recvbuf, root, refused)):
-            self._run(self._scatterv(sendbuf, recvbuf, root, T_SCATTER, refused))
+        plan = functools.partial(self._p_scatter, sendbuf, recvbuf, root, refused, blocks)
+        if not self._area_run(plan):
+            self._run(self._scatterv(sendbuf, recvbuf, root, T_SCATTER, refused, blocks))
         if refused:
             raise refused[0]
-
-    Scatterv = Scatter
 
     @started(_a_scatter, _m_scatter)
     def Iscatter(self, sendbuf: Any, recvbuf: Any, root: int = 0) -> Request:
@@ -2164,15 +2215,19 @@ class Collectives:
         root: int,
         tag: int,
         refused: list[Exception] | None = None,
+        blocks: bool = False,
     ) -> Iterator[list[Op]]:
         size, rank = self._sizes()
         self._root(root)
         if rank != root:
             yield [self._c_irecv(buffers.parse(recvbuf, writable=True).view, root, tag)]
             return
-        spec = buffers.parse_vector(sendbuf, size)
-        if refused:  # (the area's plan refused it already: its stand-in again)
+        if refused:  # (the area's plan refused it already: refused again here)
             refused = []
+        spec = self._scatter_send(sendbuf, blocks, refused)
+        if spec is None:  # an empty part to each (their receives complete, buffers untouched)
+            yield [self._c_isend(_NOTHING, r, tag) for r in range(size) if r != rank]
+            return
         part = spec.part(rank)
         own = self._scatter_own(recvbuf, part, refused)
         sends = [self._c_isend(spec.part(r), r, tag) for r in range(size) if r != rank]

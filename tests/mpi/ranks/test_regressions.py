@@ -511,3 +511,88 @@ def test_free_of_a_comm_whose_area_was_dropped_releases_its_slot():
         assert area.completed(comm) > 0, "no collective slot left: a dropped area kept its own"
     finally:
         comm.Free()
+
+
+def _bcast_in_the_area(comm: MPI.Intracomm, before: int) -> None:
+    """A Bcast after an argument error: right data, and run in the collective area (the area
+    stayed bound: its count of completed collectives went on from `before`)."""
+    data = np.full(4, comm.Get_rank(), np.float64)  # (within a slab: in the area once bound)
+    comm.Bcast(data, 0)
+    assert (data == 0).all()
+    assert area.completed(comm) > before
+
+
+@pytest.mark.parametrize("block", [5, 40000])  # doubles per rank: within a slab, and over one
+def test_gather_root_in_place_and_gatherv_errors_keep_the_area(block):
+    """A root given IN_PLACE and a recvbuf that does not split into equal blocks or runs past
+    its buffer (Gather), or whose own count is not its sendbuf's (Gatherv), raises ValueError
+    with the reason; the others return, the root's recvbuf is untouched, and the area stays
+    bound (these errors used to abandon the instance: the area was dropped on every rank and
+    later collectives went to messages)."""
+    world, size, rank = _one_region_world()
+    comm = world.Dup()
+    try:
+        root = size - 1
+        send = np.full(block, rank, np.float64)
+        wrong = {
+            "do not split into": ("Gather", MPI.IN_PLACE, np.full(block * size - 1, -1.0)),
+            "run past the buffer": (
+                "Gather",
+                MPI.IN_PLACE,
+                [bytearray(b"\xff" * (8 * block * size - 8)), block, MPI.DOUBLE],
+            ),
+            f"root sends {8 * block + 8} bytes": (
+                "Gatherv",
+                np.zeros(block + 1),
+                [np.full(block * size, -1.0), [block] * size, MPI.DOUBLE],
+            ),
+        }
+        for reason, (call, mine, recv) in wrong.items():
+            before = area.completed(comm)
+            if rank == root:
+                memory = recv if isinstance(recv, np.ndarray) else recv[0]
+                was = bytes(memory)
+                with pytest.raises(ValueError, match=reason):
+                    getattr(comm, call)(mine, recv, root)
+                assert bytes(memory) == was  # (untouched)
+            else:
+                getattr(comm, call)(send, None, root)
+            out = np.zeros(block * size)
+            comm.Gather(send, out, root)
+            if rank == root:
+                assert (out.reshape(size, block) == np.arange(size)[:, None]).all()
+            _bcast_in_the_area(comm, before)
+    finally:
+        comm.Free()
+
+
+@pytest.mark.parametrize("block", [5, 40000])  # doubles per rank: within a slab, and over one
+def test_scatter_uneven_root_sendbuf_raises_and_keeps_the_area(block):
+    """Scatter (not Scatterv) of a root sendbuf whose count does not split into size equal
+    parts raises ValueError at the root, as mpi4py does (it used to run as Scatterv: uneven
+    parts, no error); the others return with their recvbuf as it was, and the area stays
+    bound. Scatterv of the same buffer still splits it as evenly as can be."""
+    world, size, rank = _one_region_world()
+    comm = world.Dup()
+    try:
+        root = size - 1
+        uneven = np.arange(block * size - 1, dtype=np.float64)
+        before = area.completed(comm)
+        recv = np.full(block, -1.0)
+        if rank == root:
+            with pytest.raises(ValueError, match="cannot infer count"):
+                comm.Scatter(uneven, recv, root)
+        else:
+            comm.Scatter(None, recv, root)
+        assert (recv == -1).all()
+        _bcast_in_the_area(comm, before)
+        mine = block - 1 if rank == size - 1 else block  # (the first ranks get one more)
+        recv = np.full(mine, -1.0)
+        comm.Scatterv(uneven if rank == root else None, recv, root)
+        assert (recv == np.arange(rank * block, rank * block + mine)).all()
+        everything = np.repeat(np.arange(size, dtype=np.float64), block)
+        recv = np.full(block, -1.0)
+        comm.Scatter(everything if rank == root else None, recv, root)
+        assert (recv == rank).all()
+    finally:
+        comm.Free()
