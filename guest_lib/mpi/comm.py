@@ -45,7 +45,9 @@ from guest_lib.mpi.collectives_extra import ExtraCollectives
 from guest_lib.mpi.engine import Engine
 from guest_lib.mpi.handles import Handle
 from guest_lib.mpi.matching import CLOCK_SHIFT, OFFER_BYTES, DoneOp, Op, RecvOp, merge_offers
+from guest_lib.mpi.pickling import PICKLE as _PICKLE
 from guest_lib.mpi.pickling import dumps as _dumps
+from guest_lib.mpi.pickling import flat as _flat_bytes
 from guest_lib.mpi.pickling import loads as _loads
 from guest_lib.mpi.request import Request, new_request, request_of, unpickle
 from guest_lib.mpi.routes import ANY, Route, fast_done
@@ -479,11 +481,18 @@ class Comm(attributes.Cached, Handle):
         """Send a picklable object (blocking; returns once the bytes are in the queue)."""
         peer = self._shm_peer.get(dest)
         if peer is not None and 0 <= tag <= constants.TAG_UB:  # fast path, as Send's
-            data = _dumps(obj)
+            pickle = _PICKLE  # (pickling.dumps inline, without its view: the lane takes bytes)
+            protocol = pickle._protocol
+            pickled = pickle._dumps(obj) if protocol is None else pickle._dumps(obj, protocol)
             engine: Engine = self._engine  # type: ignore[assignment]  # a peer: an engine
             lane = engine.lane
-            if lane is not None and lane.send(peer, self._ctx, tag, data):
+            if (
+                lane is not None
+                and type(pickled) is bytes
+                and lane.send(peer, self._ctx, tag, pickled)
+            ):
                 return
+            data = _flat_bytes(pickled)
             if engine.fast_send(peer, self._ctx << _CTX_SHIFT | tag, data):
                 return
         else:
@@ -525,8 +534,8 @@ class Comm(attributes.Cached, Handle):
             if lane is not None:
                 got = lane.recv_obj(peer, self._ctx, tag, status is not None)
                 if got is not None:
-                    if status is None:
-                        return _loads(got)
+                    if status is None:  # (pickling.loads inline: bytes, None when empty)
+                        return _PICKLE._loads(got) if got else None
                     status._set(rank, got[1], got[0])
                     return _loads(got[2])
             got = engine.fast_recv(peer, self._ctx, tag, None)
@@ -546,8 +555,20 @@ class Comm(attributes.Cached, Handle):
         MPI.Exception(ERR_RANK/ERR_TAG) for a bad destination or tag, ERR_COMM on COMM_NULL; to
         PROC_NULL the request is already complete.
         """
-        if dest in self._shm_peer and 0 <= tag <= constants.TAG_UB:  # Isend's fast path
-            return Comm.Isend(self, _dumps(obj), dest, tag)
+        peer = self._shm_peer.get(dest)
+        if peer is not None and 0 <= tag <= constants.TAG_UB:  # Isend's fast path
+            pickle = _PICKLE  # (pickling.dumps inline, without its view: the lane takes bytes)
+            protocol = pickle._protocol
+            pickled = pickle._dumps(obj) if protocol is None else pickle._dumps(obj, protocol)
+            engine: Engine = self._engine  # type: ignore[assignment]  # a peer: an engine
+            lane = engine.lane
+            if (
+                lane is not None
+                and type(pickled) is bytes
+                and lane.send(peer, self._ctx, tag, pickled)
+            ):
+                return new_request(_SENT, engine, None, None)  # (in the queue: complete)
+            return Comm.Isend(self, _flat_bytes(pickled), dest, tag)
         self._dest(dest)
         self._send_tag(tag)
         return request_of(self._isend_op(_dumps(obj), dest, tag, self._ctx, False), self._engine)

@@ -113,6 +113,11 @@ def dumps(obj: Any) -> memoryview:
     return memoryview(data) if type(data) is bytes else memoryview(data).cast("B")
 
 
+def flat(data: Any) -> memoryview:
+    """A flat byte view of what `MPI.pickle`'s dumps returned (bytes, or another buffer)."""
+    return memoryview(data) if type(data) is bytes else memoryview(data).cast("B")
+
+
 def loads(data: Any) -> Any:
     """The object of a received message; None for an empty one (as mpi4py)."""
     if data is None or not len(data):

@@ -160,3 +160,84 @@ def test_sendrecv_of_an_unpicklable_object_posts_nothing(comm):
     while not done and time.monotonic() < deadline:
         done, got = request.test()
     assert got == ("after", source)
+
+
+@pytest.mark.parametrize("made", ["bytearray", "empty"])
+def test_custom_dumps_of_other_than_bytes(comm, made):
+    """A custom `MPI.pickle` whose dumps returns a bytearray (or an empty stream, which loads
+    as None) goes through send, isend and recv whole: the fast paths that take pickled bytes
+    as they are hand anything else to the buffer paths."""
+    import pickle
+
+    _, rank, dest, source = ring(comm)
+
+    def dumps(obj, protocol=None):
+        return bytearray(pickle.dumps(obj, protocol)) if made == "bytearray" else b""
+
+    try:
+        MPI.pickle.__init__(dumps, pickle.loads)
+        want = None if made == "empty" else ("from", source)
+        comm.send(("from", rank), dest, tag=40)
+        status = MPI.Status()
+        assert comm.recv(source=source, tag=40, status=status) == want
+        assert status.Get_source() == source and status.Get_tag() == 40
+        requests = [comm.isend(("from", rank, i), dest, tag=41) for i in range(3)]
+        got = [comm.recv(source=source, tag=41) for _ in range(3)]
+        assert MPI.Request.waitall(requests) == [None] * 3
+        assert got == [None if made == "empty" else ("from", source, i) for i in range(3)]
+    finally:
+        MPI.pickle.__init__()
+
+
+def test_irecv_window_of_mixed_sizes(comm):
+    """A window of object irecvs posted before the messages come: sizes around the engine's
+    scratch size and of a large message in pieces, a status for each (source, tag, the
+    pickle's bytes), one receive of ANY_SOURCE / ANY_TAG among them, and buffer receives of
+    the same source and tag interleaved, each getting its own message in order."""
+    import pickle
+
+    _, rank, dest, source = ring(comm)
+    sizes = [0, 8, 1000, 16_300, 16_500, 70_000, 3, 2_000_000, 5, 40]
+    comm.Barrier()
+    posted = []
+    for index in range(len(sizes)):
+        if index == 3:
+            posted.append(comm.irecv(source=MPI.ANY_SOURCE, tag=MPI.ANY_TAG))
+        else:
+            posted.append(comm.irecv(source=source, tag=50))
+        if index == 5:
+            posted.append(comm.Irecv(array := np.zeros(4, np.int64), source, 50))
+    comm.Barrier()
+    objs = [bytes([(rank + i) % 256]) * nbytes for i, nbytes in enumerate(sizes)]
+    sends = []
+    for index, obj in enumerate(objs):
+        sends.append(comm.isend(obj, dest, tag=50))
+        if index == 5:
+            sends.append(comm.Isend(np.arange(4, dtype=np.int64) + rank, dest, 50))
+    statuses = [MPI.Status() for _ in posted]
+    got = MPI.Request.waitall(posted, statuses)
+    MPI.Request.waitall(sends)
+    want = [bytes([(source + i) % 256]) * n for i, n in enumerate(sizes)]
+    assert got[:6] + got[7:] == want
+    assert got[6] is None and list(array) == [source, source + 1, source + 2, source + 3]
+    for status, obj in zip(statuses[:6] + statuses[7:], want, strict=True):
+        assert status.Get_source() == source and status.Get_tag() == 50
+        assert status.Get_count() == len(pickle.dumps(obj, MPI.pickle.PROTOCOL))
+
+
+def test_irecv_cancelled_in_a_window(comm):
+    """An object irecv cancelled before its message comes is cancelled (its status says so)
+    and the message goes to the next matching receive, after those posted before."""
+    _, rank, dest, source = ring(comm)
+    comm.Barrier()
+    first = comm.irecv(source=source, tag=60)
+    dropped = comm.irecv(source=source, tag=60)
+    dropped.Cancel()
+    last = comm.irecv(source=source, tag=60)
+    comm.Barrier()
+    comm.send(("a", rank), dest, tag=60)
+    comm.send(("b", rank), dest, tag=60)
+    status = MPI.Status()
+    dropped.Wait(status)
+    assert status.Is_cancelled()
+    assert MPI.Request.waitall([first, last]) == [("a", source), ("b", source)]
