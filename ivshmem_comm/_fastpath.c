@@ -1647,14 +1647,17 @@ static PyObject *rx_recv_small_into(RxRing *self, PyObject *const *args, Py_ssiz
  * take_posted: a run of small messages taken straight into receives posted by the layer above
  * (the MPI face's matching), without a trip through the interpreter per message.
  * ------------------------------------------------------------------------------------------ */
-enum { P_CTX, P_SRC, P_WANT_TAG, P_VIEW, P_SINK, P_MPI, P_SOURCE, P_TAG, P_COUNT, P_DONE, P_N };
-static const char *const posted_text[P_N] = {"ctx",  "src",    "want_tag", "view",  "sink",
-                                             "mpi",  "source", "tag",      "count", "done"};
+enum {
+    P_CTX, P_SRC, P_WANT_TAG, P_VIEW, P_SINK, P_MPI, P_SOURCE, P_TAG, P_COUNT, P_OBJ, P_DONE, P_N
+};
+static const char *const posted_text[P_N] = {"ctx",  "src",    "want_tag", "view",
+                                             "sink", "mpi",    "source",   "tag",
+                                             "count", "obj",   "done"};
 static PyObject *posted_name[P_N]; /* interned on first use */
 
 struct posted_entry {
     long long ctx, src, want_tag;
-    bool plain; /* sink and mpi None, view not None: take_posted may fill it */
+    int form; /* what take_posted may fill (POSTED_*, _p2preq.h): its view, its obj, nothing */
 };
 
 /* An integer attribute of a posted entry: 0, or -1 with an exception. */
@@ -1683,7 +1686,7 @@ static int posted_none(PyObject *entry, int name)
  * exception. */
 static int posted_read(PyObject *entry, struct posted_entry *e)
 {
-    int slots = p2preq_recv_fields(entry, &e->ctx, &e->src, &e->want_tag, &e->plain);
+    int slots = p2preq_recv_fields(entry, &e->ctx, &e->src, &e->want_tag, &e->form);
     if (slots != 0) /* the MPI face's RecvOp, read at its slots */
         return slots < 0 ? -1 : 0;
     int sink, mpi, view;
@@ -1692,7 +1695,7 @@ static int posted_read(PyObject *entry, struct posted_entry *e)
         (sink = posted_none(entry, P_SINK)) < 0 || (mpi = posted_none(entry, P_MPI)) < 0 ||
         (view = posted_none(entry, P_VIEW)) < 0)
         return -1;
-    e->plain = sink && mpi && !view;
+    e->form = !(sink && mpi) ? POSTED_OTHER : view ? POSTED_OBJECT : POSTED_VIEW;
     return 0;
 }
 
@@ -1727,16 +1730,45 @@ static int posted_fill(RxRing *self, PyObject *entry, uint64_t addr, uint32_t le
     return filled;
 }
 
-/* Set the completion fields of a filled entry: 0, or -1 with an exception. */
-static int posted_done(PyObject *entry, long long source, long long tag, uint64_t total)
+/* Take the message of `total` bytes headed by the span just polled (region `addr`, `length`
+ * bytes) as a new bytes object, for an object entry, once every span of it is published
+ * (rx_rest_ready), completing its spans: 1 with *data set (*kick set if the driver must be
+ * kicked), 0 (not yet, or no memory for it: nothing done, the head span still held, the layer
+ * above's to take or explain), -1 with the ring broken. */
+static int posted_take_bytes(RxRing *self, uint64_t addr, uint32_t length, uint64_t total,
+                             bool *kick, PyObject **data)
+{
+    int ready = length - SPAN_HEADER_SIZE == total ? 1 : rx_rest_ready(self, addr, length, total);
+    if (ready <= 0)
+        return ready;
+    if (total > (uint64_t)PY_SSIZE_T_MAX ||
+        (*data = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)total)) == NULL) {
+        PyErr_Clear();
+        return 0;
+    }
+    int kicked = rx_take_whole(self, addr, length, total, (unsigned char *)PyBytes_AS_STRING(*data));
+    if (kicked < 0) {
+        Py_CLEAR(*data);
+        return -1;
+    }
+    *kick = kicked || *kick;
+    return 1;
+}
+
+/* Set the completion fields of a filled entry (`obj`: its obj too, unless NULL): 0, or -1
+ * with an exception. */
+static int posted_done(PyObject *entry, long long source, long long tag, uint64_t total,
+                       PyObject *obj)
 {
     PyObject *values[3] = {PyLong_FromLongLong(source), PyLong_FromLongLong(tag),
                            PyLong_FromUnsignedLongLong(total)};
     int status = values[0] && values[1] && values[2] ? 0 : -1;
-    if (status == 0 && p2preq_recv_done(entry, values)) /* the MPI face's RecvOp: its slots */
+    if (status == 0 && p2preq_recv_done(entry, values, obj)) /* the MPI face's RecvOp */
         status = 1;
     for (int i = 0; i < 3 && status == 0; i++)
         status = PyObject_SetAttr(entry, posted_name[P_SOURCE + i], values[i]);
+    if (status == 0 && obj != NULL)
+        status = PyObject_SetAttr(entry, posted_name[P_OBJ], obj);
     for (int i = 0; i < 3; i++)
         Py_XDECREF(values[i]);
     if (status == 0)
@@ -1749,11 +1781,13 @@ static int posted_done(PyObject *entry, long long source, long long tag, uint64_
  * Takes, in queue order, the messages at the head of this queue that are all published (every
  * span) into the receives of `posted` (a list, in post order) they match, and stops at the
  * first message that cannot be taken so (none there yet; none of `posted` matches; the first
- * match is not plain or its view is too small; a message of several spans not all out yet). A message of core tag t
- * matches the first entry e with e.ctx == t >> tag_bits, e.src < 0 (any) or == `source`, and
- * e.want_tag < 0 (any) or == t & (2**tag_bits - 1) (its tag). A plain entry (sink and mpi
- * None, view a writable buffer) gets the bytes in its view, source = `source`, tag = the
- * message's tag, count = its length, done = True, and leaves `posted`. Returns the number
+ * match is neither plain nor an object entry, or its view is too small; a message of several
+ * spans not all out yet). A message of core tag t matches the first entry e with e.ctx == t >>
+ * tag_bits, e.src < 0 (any) or == `source`, and e.want_tag < 0 (any) or == t &
+ * (2**tag_bits - 1) (its tag). A plain entry (sink and mpi None, view a writable buffer) gets
+ * the bytes in its view, an object entry (sink, mpi and view None) a new bytes object of them
+ * as its obj; either then gets source = `source`, tag = the message's tag, count = its length,
+ * done = True, and leaves `posted`. Returns the number
  * taken, whether the sender must be kicked (the spans given back), and the header of the
  * message it stopped at, as poll_header() gives it (the caller then keeps it as the peeked
  * head, holding its span), or None. Entries are read as the matching reaches them; one
@@ -1815,9 +1849,11 @@ static PyObject *rx_take_posted(RxRing *self, PyObject *const *args, Py_ssize_t 
                 break;
         }
         int filled = 0;
-        if (!unread && i < n && entries[i].plain) {
-            PyObject *entry = PyList_GET_ITEM(posted, i);
-            filled = posted_fill(self, entry, addr, length, total, &kick);
+        if (!unread && i < n && entries[i].form != POSTED_OTHER) {
+            PyObject *entry = PyList_GET_ITEM(posted, i), *data = NULL;
+            filled = entries[i].form == POSTED_VIEW
+                         ? posted_fill(self, entry, addr, length, total, &kick)
+                         : posted_take_bytes(self, addr, length, total, &kick, &data);
             if (filled < 0)
                 goto error;
             if (filled) {
@@ -1825,8 +1861,9 @@ static PyObject *rx_take_posted(RxRing *self, PyObject *const *args, Py_ssize_t 
                 Py_INCREF(entry);
                 int status = PyList_SetSlice(posted, i, i + 1, NULL);
                 if (status == 0)
-                    status = posted_done(entry, source, tag, total);
+                    status = posted_done(entry, source, tag, total, data);
                 Py_DECREF(entry);
+                Py_XDECREF(data);
                 if (status < 0)
                     goto error;
                 memmove(&entries[i], &entries[i + 1], (size_t)(read - i - 1) * sizeof *entries);
@@ -4268,6 +4305,29 @@ static PyObject *lane_send(P2PLane *self, PyObject *const *args, Py_ssize_t narg
     return PyBool_FromLong(status == SEND_OK || status == SEND_KICK);
 }
 
+/* send_obj(peer, ctx, tag, obj, dumps, protocol): an object send's fast path (the lowercase
+ * send / isend of the MPI face): obj pickled, dumps(obj) with protocol None, else
+ * dumps(obj, protocol), then, when that made bytes, lane_send of them. True once sent; else the
+ * pickle (bytes or whatever dumps returned), sent nowhere, for the Python paths. What dumps
+ * raises propagates (nothing sent), as do lane_send's errors. */
+static PyObject *lane_send_obj(P2PLane *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (check_nargs("send_obj", nargs, 6) < 0)
+        return NULL;
+    PyObject *call[2] = {args[3], args[5]};
+    PyObject *data = PyObject_Vectorcall(args[4], call, args[5] == Py_None ? 1 : 2, NULL);
+    if (data == NULL || !PyBytes_CheckExact(data))
+        return data;
+    PyObject *send[4] = {args[0], args[1], args[2], data};
+    PyObject *sent = lane_send(self, send, 4);
+    if (sent != Py_False) { /* True, or NULL with an error */
+        Py_DECREF(data);
+        return sent;
+    }
+    Py_DECREF(sent);
+    return data;
+}
+
 /* recv(peer, ctx, tag, buf, want) and recv_obj(peer, ctx, tag, want) (`into` false, `buf`
  * NULL): FastPaths.fast_recv(peer, ctx, tag, buf) of a message that comes whole in one span,
  * with the endpoint's fast path (a spin of at most min(_spin_ns, max_spin_ns); with no spin,
@@ -4386,6 +4446,9 @@ static PyObject *lane_recv_obj(P2PLane *self, PyObject *const *args, Py_ssize_t 
 static PyMethodDef lane_methods[] = {
     {"send", (PyCFunction)(void (*)(void))lane_send, METH_FASTCALL,
      "send(peer, ctx, tag, spec): a blocking send's fast path in one call; True when sent."},
+    {"send_obj", (PyCFunction)(void (*)(void))lane_send_obj, METH_FASTCALL,
+     "send_obj(peer, ctx, tag, obj, dumps, protocol): an object send's fast path in one call; "
+     "True when sent, else the pickle."},
     {"recv", (PyCFunction)(void (*)(void))lane_recv, METH_FASTCALL,
      "recv(peer, ctx, tag, buf, want): a blocking receive's fast path in one call; None: not "
      "taken."},

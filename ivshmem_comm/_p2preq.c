@@ -314,7 +314,7 @@ static PyObject *recv_slot(PyObject *entry, int i)
 }
 
 int p2preq_recv_fields(PyObject *entry, long long *ctx, long long *src, long long *want_tag,
-                       bool *plain)
+                       int *form)
 {
     if (recv_type == NULL || !Py_IS_TYPE(entry, recv_type))
         return 0;
@@ -332,7 +332,9 @@ int p2preq_recv_fields(PyObject *entry, long long *ctx, long long *src, long lon
     PyObject *view = recv_slot(entry, O_VIEW);
     if (sink == NULL || mpi == NULL || view == NULL)
         return -1;
-    *plain = sink == Py_None && mpi == Py_None && view != Py_None;
+    *form = sink != Py_None || mpi != Py_None ? POSTED_OTHER
+            : view == Py_None                   ? POSTED_OBJECT
+                                                : POSTED_VIEW;
     return 1;
 }
 
@@ -344,13 +346,15 @@ PyObject *p2preq_recv_view(PyObject *entry)
     return view == NULL ? NULL : Py_NewRef(view);
 }
 
-int p2preq_recv_done(PyObject *entry, PyObject *values[3])
+int p2preq_recv_done(PyObject *entry, PyObject *values[3], PyObject *obj)
 {
     if (recv_type == NULL || !Py_IS_TYPE(entry, recv_type))
         return 0;
     const int fields[3] = {O_SOURCE, O_TAG, O_COUNT};
     for (int k = 0; k < 3; k++)
         slot_set(entry, recv_off[fields[k]], values[k]);
+    if (obj != NULL)
+        slot_set(entry, recv_off[O_OBJ], obj);
     slot_set(entry, recv_off[O_DONE], Py_True);
     return 1;
 }

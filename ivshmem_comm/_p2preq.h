@@ -14,17 +14,22 @@ int p2preq_add_functions(PyObject *module);
  * receives: an entry of exactly the registered RecvOp type is read and written at its slots,
  * any other through getattr/setattr as before. */
 
+/* What a posted receive takes, as take_posted sees it: nothing (a sink or an mpi side: the
+ * layer above's), a message into its view (sink, mpi None, view not None), or a message as
+ * bytes in its obj (an object receive: sink, mpi and view None). */
+enum { POSTED_OTHER, POSTED_VIEW, POSTED_OBJECT };
+
 /* The fields take_posted matches on, of a RecvOp `entry`: its ctx, src and want_tag, and
- * `plain` (sink and mpi None, view not None): 1; 0 when `entry` is not a registered RecvOp
- * (nothing read); -1 with an exception (a field unset or not an int). */
+ * `form` (POSTED_*): 1; 0 when `entry` is not a registered RecvOp (nothing read); -1 with an
+ * exception (a field unset or not an int). */
 int p2preq_recv_fields(PyObject *entry, long long *ctx, long long *src, long long *want_tag,
-                       bool *plain);
+                       int *form);
 
 /* entry.view: a new reference, or NULL with an exception. */
 PyObject *p2preq_recv_view(PyObject *entry);
 
-/* Complete a RecvOp `entry`: source, tag, count = values[0..2], then done = True: 1; 0 when
- * `entry` is not a registered RecvOp (nothing written). */
-int p2preq_recv_done(PyObject *entry, PyObject *values[3]);
+/* Complete a RecvOp `entry`: source, tag, count = values[0..2], obj = `obj` unless NULL,
+ * then done = True: 1; 0 when `entry` is not a registered RecvOp (nothing written). */
+int p2preq_recv_done(PyObject *entry, PyObject *values[3], PyObject *obj);
 
 #endif

@@ -593,16 +593,18 @@ class RxRing(_RingBase):
         """Take, in queue order, the messages at the head of this queue that are all published
         (every span) into the receives of `posted` (a list, in post order) they match; stop
         at the first message that cannot be taken so (none there yet; no entry matches; the
-        first match is not plain or its view is too small; a message of several spans not
-        all out yet).
+        first match is neither plain nor an object entry, or its view is too small; a message
+        of several spans not all out yet).
 
         A message of core tag t matches the first entry e with e.ctx == t >> tag_bits, e.src
         < 0 (any) or == `source`, and e.want_tag < 0 (any) or == t & (2**tag_bits - 1) (its
         tag). A plain entry (sink and mpi None, view a writable buffer) gets the bytes in its
-        view, source = `source`, tag = the message's tag, count = its length, done = True,
-        and leaves `posted`. Returns (taken, kick, head): the number taken, whether the
-        sender must be kicked, and the header of the message it stopped at as poll_header()
-        gives it (the caller keeps it as the peeked head, holding its span), or None.
+        view, an object entry (sink, mpi and view None) a new bytes object of them as its
+        obj; either then gets source = `source`, tag = the message's tag, count = its length,
+        done = True, and leaves `posted`. Returns (taken, kick, head): the number taken,
+        whether the sender must be kicked, and the header of the message it stopped at as
+        poll_header() gives it (the caller keeps it as the peeked head, holding its span), or
+        None.
         Entries are read as the matching reaches them; one lacking a field stops the run
         there (the caller's own matching then meets it). TypeError or ValueError for bad
         arguments (nothing taken); the ring's errors.
@@ -622,16 +624,18 @@ class RxRing(_RingBase):
             if index < 0:
                 return taken, kick, head
             entry = posted[index]
-            try:
-                view = memoryview(entry.view)
-            except TypeError:
-                return taken, kick, head
-            if view.readonly or not view.contiguous or total > view.nbytes:
-                return taken, kick, head
+            obj = entry.view is None  # (an object entry: _posted_match took no other)
+            if not obj:
+                try:
+                    view = memoryview(entry.view)
+                except TypeError:
+                    return taken, kick, head
+                if view.readonly or not view.contiguous or total > view.nbytes:
+                    return taken, kick, head
             spans = self._spans_ready(offset, length, total)
             if spans is None:
                 return taken, kick, head
-            dest = view.cast("B")
+            dest = memoryview(bytearray(total)) if obj else view.cast("B")
             copied = length - layout.SPAN_HEADER_SIZE
             self.read_into(offset + layout.SPAN_HEADER_SIZE, dest, 0, copied)
             for span_offset, span_length in spans:
@@ -642,6 +646,8 @@ class RxRing(_RingBase):
             taken += 1
             del posted[index]  # (by place: entries need not be told apart by ==)
             entry.source, entry.tag, entry.count = source, coretag & mask, total
+            if obj:
+                entry.obj = bytes(dest)
             entry.done = True
         return taken, kick, None
 
@@ -678,8 +684,8 @@ class RxRing(_RingBase):
     @staticmethod
     def _posted_match(posted: list[Any], key: int, source: int, tag: int) -> int:
         """take_posted's match: the index of the first entry of `posted` matching (key,
-        source, tag) if it is plain, else -1 (none matches, it is not plain, or an entry
-        lacks a field)."""
+        source, tag) if it is plain or an object entry, else -1 (none matches, it is
+        neither, or an entry lacks a field)."""
         try:
             for index, entry in enumerate(posted):
                 if (
@@ -687,8 +693,8 @@ class RxRing(_RingBase):
                     and (entry.src < 0 or entry.src == source)
                     and (entry.want_tag < 0 or entry.want_tag == tag)
                 ):
-                    plain = entry.sink is None and entry.mpi is None and entry.view is not None
-                    return index if plain else -1
+                    sink, mpi, _view = entry.sink, entry.mpi, entry.view  # (all read, as in C)
+                    return index if sink is None and mpi is None else -1
         except AttributeError:
             pass
         return -1

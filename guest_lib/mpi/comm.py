@@ -481,18 +481,15 @@ class Comm(attributes.Cached, Handle):
         """Send a picklable object (blocking; returns once the bytes are in the queue)."""
         peer = self._shm_peer.get(dest)
         if peer is not None and 0 <= tag <= constants.TAG_UB:  # fast path, as Send's
-            pickle = _PICKLE  # (pickling.dumps inline, without its view: the lane takes bytes)
-            protocol = pickle._protocol
-            pickled = pickle._dumps(obj) if protocol is None else pickle._dumps(obj, protocol)
             engine: Engine = self._engine  # type: ignore[assignment]  # a peer: an engine
-            lane = engine.lane
-            if (
-                lane is not None
-                and type(pickled) is bytes
-                and lane.send(peer, self._ctx, tag, pickled)
-            ):
-                return
-            data = _flat_bytes(pickled)
+            lane, pickle = engine.lane, _PICKLE
+            if lane is None:
+                data = _dumps(obj)
+            else:  # pickled and sent in one C call, else its pickle back
+                sent = lane.send_obj(peer, self._ctx, tag, obj, pickle._dumps, pickle._protocol)
+                if sent is True:
+                    return
+                data = _flat_bytes(sent)
             if engine.fast_send(peer, self._ctx << _CTX_SHIFT | tag, data):
                 return
         else:
@@ -557,18 +554,14 @@ class Comm(attributes.Cached, Handle):
         """
         peer = self._shm_peer.get(dest)
         if peer is not None and 0 <= tag <= constants.TAG_UB:  # Isend's fast path
-            pickle = _PICKLE  # (pickling.dumps inline, without its view: the lane takes bytes)
-            protocol = pickle._protocol
-            pickled = pickle._dumps(obj) if protocol is None else pickle._dumps(obj, protocol)
             engine: Engine = self._engine  # type: ignore[assignment]  # a peer: an engine
-            lane = engine.lane
-            if (
-                lane is not None
-                and type(pickled) is bytes
-                and lane.send(peer, self._ctx, tag, pickled)
-            ):
-                return new_request(_SENT, engine, None, None)  # (in the queue: complete)
-            return Comm.Isend(self, _flat_bytes(pickled), dest, tag)
+            lane, pickle = engine.lane, _PICKLE
+            if lane is None:
+                return Comm.Isend(self, _dumps(obj), dest, tag)
+            sent = lane.send_obj(peer, self._ctx, tag, obj, pickle._dumps, pickle._protocol)
+            if sent is True:  # in the queue: complete
+                return new_request(_SENT, engine, None, None)
+            return Comm.Isend(self, _flat_bytes(sent), dest, tag)
         self._dest(dest)
         self._send_tag(tag)
         return request_of(self._isend_op(_dumps(obj), dest, tag, self._ctx, False), self._engine)
@@ -592,10 +585,25 @@ class Comm(attributes.Cached, Handle):
         tag: int = constants.ANY_TAG,
     ) -> Request:
         """Post an object receive; `wait()` returns the object."""
+        route = self._src_route.get(source)  # None: PROC_NULL or not a rank (checked below)
+        engine = self._engine
+        if (  # a rank (or ANY_SOURCE) of shared memory, a good tag, one thread: Irecv's post
+            route is not None
+            and engine is not None
+            and (0 <= tag <= constants.TAG_UB or tag == constants.ANY_TAG)
+            and _post_recv is not None
+            and type(route).post is _ROUTE_POST
+            and not (engine.unexpected or _count() - _service[0])
+        ):
+            src = source if source == constants.ANY_SOURCE else self._group[source]
+            return _post_recv(  # (no view: the bytes are kept in its obj, unpickled at wait)
+                engine.posted, None, self._ctx, src, tag, route.peer, engine, self._rank_of,
+                unpickle,
+            )  # fmt: skip
         self._source(source)
         self._recv_tag(tag)
         op = self._irecv_op(None, source, tag, self._ctx)
-        return request_of(op, self._engine, self._rank_of, unpickle)
+        return request_of(op, engine, self._rank_of, unpickle)
 
     def _sendrecv_args(self, dest: int, source: int, sendtag: int, recvtag: int) -> Engine:
         """Check a send-receive's ranks and tags; return the engine to run it on.

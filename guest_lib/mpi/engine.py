@@ -611,7 +611,8 @@ class Engine(Matching, FastPaths):
     def _take_posted(self) -> bool:
         """Take the runs of messages waiting from each shm peer straight into the posted
         receives they match, in C (the core's take_posted: what `arrived` and `_fill` do,
-        for DATA messages, every span out, matching a plain posted receive). A peer with a
+        for DATA messages, every span out, matching a plain posted receive or an object
+        receive, which gets the bytes as its obj). A peer with a
         synchronous send announced or a message arriving in pieces is left to `dispatch`.
         True iff anything was taken (lock held)."""
         ep, posted = self.ep, self.posted

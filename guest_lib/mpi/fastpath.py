@@ -23,7 +23,8 @@ thread's operation of several calls on the same queue, e.g. a large message or a
 waiting for room, are not atomic: hence the lock whenever threads exist.)
 
 With the C accelerator, the lone thread's common case of both runs first in one C call
-(`lane`, a ring.P2PLane: see make_lane): a plain buffer spec or pickled bytes, sent whole
+(`lane`, a ring.P2PLane: see make_lane): a plain buffer spec or pickled bytes (an object send
+pickles in the same call: send_obj), sent whole
 into an idle queue or received whole from one span of this call's context and tag. It reads
 the state these paths read and takes nothing they would not; anything else comes back to them
 untouched.

@@ -311,13 +311,18 @@ class Request(Handle):
                 plain
                 and op is not None
                 and type(request) is Request
-                and request._finish is None
                 and request._cell is None
                 and not (op.error or op.cancelled)
             ):
-                request._op = None
-                results.append(None)
-                continue
+                finish = request._finish
+                if finish is None:
+                    request._op = None
+                    results.append(None)
+                    continue
+                if finish is unpickle:  # an object receive: _fill's end, without its calls
+                    request._op = None
+                    results.append(pickling.loads(op.obj))
+                    continue
             results.append(_fill_noting(request, _status_at(statuses, index), failed))
         if failed:
             _failed(failed, len(requests), "Waitall")

@@ -506,6 +506,7 @@ class Posted:
     source: int = -9
     tag: int = -9
     count: int = -9
+    obj: Any = None
     done: bool = False
 
 
@@ -542,10 +543,12 @@ def test_take_posted_matches_in_post_order_and_stops_where_it_must(
     assert taken == 0 and head[2:] == (10, 5 << 8 | 1) and rx.held == 1
     assert rx.read_header(head[0], head[1]) == (10, 5 << 8 | 1)
     rx.complete(1)
-    # ... a first match that is too small, or not plain (a sink, an mpi side, no view)
+    # ... a first match that is too small, or neither plain nor an object entry (a sink, an
+    # mpi side, with or without a view)
     for entry in (short, Posted(3, 2, -1, memoryview(bytearray(64)), sink=print),
                   Posted(3, 2, -1, memoryview(bytearray(64)), mpi=object()),
-                  Posted(3, 2, -1, None)):  # fmt: skip
+                  Posted(3, 2, -1, None, sink=print),
+                  Posted(3, 2, -1, None, mpi=object())):  # fmt: skip
         tx.reclaim()
         assert tx.send_small(3 << 8 | 1, payload(5, 30)) != virtqueue.SEND_FULL
         posted = [entry, anything]
@@ -563,6 +566,57 @@ def test_take_posted_matches_in_post_order_and_stops_where_it_must(
         rx.take_posted((anything,), 2, 8)
     with pytest.raises(ValueError):
         rx.take_posted([anything], 2, 40)
+
+
+def queue_of_one_message(
+    g: Any, tx_impl: str, rx_impl: str, data: bytes, coretag: int
+) -> tuple[Any, Any]:
+    """A fresh queue pair holding one message, `data` with `coretag`, every span published
+    (publish_payload)."""
+    tx, rx = make_pair(new_region(g), g, tx_impl, rx_impl)
+    offset = tx.reserve(16 + len(data))
+    tx.write_header(offset, len(data), coretag)
+    published = 0
+    while published < 16 + len(data):
+        published, _ = tx.publish_payload(offset, data, published)
+    return tx, rx
+
+
+@pytest.mark.parametrize(("tx_impl", "rx_impl"), PAIRS)
+def test_take_posted_gives_an_object_entry_the_bytes(tx_impl: str, rx_impl: str) -> None:
+    """An object entry (no view, sink or mpi side) gets each message it matches as a new
+    bytes object in its obj, of any length (empty, one span, several once all are out), in
+    post order among plain entries; a message of several spans not all out stops the run."""
+    g = small_geometry(queue_num=16, data_size=16384)
+    tx, rx = make_pair(new_region(g), g, tx_impl, rx_impl)
+    empty, plain, one = (
+        Posted(3, 2, 1, None),
+        Posted(3, -2, -1, memoryview(bytearray(8))),
+        (Posted(3, -2, 1, None)),
+    )
+    big = Posted(3, 2, -1, None)
+    data = payload(3, 3000)
+    for tag, body in ((1, b""), (2, payload(1, 8)), (1, payload(2, 40))):
+        assert tx.send_small(3 << 8 | tag, body) != virtqueue.SEND_FULL
+    offset = tx.reserve(16 + len(data))
+    tx.write_header(offset, len(data), 3 << 8 | 4)
+    tx.write(offset + 16, data)
+    tx.publish(offset, 1024, False)
+    posted = [empty, plain, one, big]
+    taken, _kick, head = rx.take_posted(posted, 2, 8)
+    assert taken == 3 and head == (offset, 1024, 3000, 3 << 8 | 4) and posted == [big]
+    assert (empty.obj, empty.source, empty.tag, empty.count, empty.done) == (b"", 2, 1, 0, True)
+    assert type(one.obj) is bytes and one.obj == payload(2, 40) and one.count == 40
+    assert bytes(plain.view) == payload(1, 8) and plain.obj is None and plain.tag == 2
+    assert big.obj is None and not big.done and rx.held == 1
+    # All out (a fresh queue: the stopped one's head is its caller's): taken whole at once.
+    tx2, rx2 = queue_of_one_message(g, tx_impl, rx_impl, data, 3 << 8 | 4)
+    big = Posted(3, 2, -1, None)
+    posted = [big]
+    taken, _kick, head = rx2.take_posted(posted, 2, 8)
+    assert (taken, head, posted, rx2.held) == (1, None, [], 0)
+    assert (big.obj, big.tag, big.count, big.done) == (data, 4, 3000, True)
+    assert tx2.reclaim() == 3
 
 
 @pytest.mark.parametrize(("tx_impl", "rx_impl"), PAIRS)
@@ -589,12 +643,7 @@ def test_take_posted_takes_a_message_of_several_spans_once_all_are_out(
     assert taken == 1 and small.done and head == (offset, 1024, 3000, 3 << 8 | 4)
     assert posted == [big] and not big.done and rx.held == 1
     # The rest published: a fresh queue gets the whole message (publish_payload) at once.
-    tx2, rx2 = make_pair(new_region(g), g, tx_impl, rx_impl)
-    offset = tx2.reserve(16 + len(data))
-    tx2.write_header(offset, len(data), 3 << 8 | 4)
-    published = 0
-    while published < 16 + len(data):
-        published, _ = tx2.publish_payload(offset, data, published)
+    tx2, rx2 = queue_of_one_message(g, tx_impl, rx_impl, data, 3 << 8 | 4)
     big = Posted(3, 2, 4, memoryview(bytearray(4000)))
     posted = [big]
     taken, _kick, head = rx2.take_posted(posted, 2, 8)

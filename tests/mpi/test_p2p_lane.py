@@ -141,6 +141,34 @@ def check_lane_objects_and_status(pair: Pair) -> None:
     assert (status.Get_source(), status.Get_tag(), status.Get_count(MPI.DOUBLE)) == (0, 9, 3)
 
 
+def check_lane_send_obj_pickles_and_sends_or_hands_back(pair: Pair) -> None:
+    """send_obj pickles with the dumps and protocol given (None: dumps(obj) alone) and sends
+    the bytes in the same call (True); a pickle that is not bytes, or a send the lane
+    declines, comes back unsent; what dumps raises propagates, nothing sent."""
+    import pickle
+
+    a, b = pair
+    lane = a._engine.lane
+    assert lane.send_obj(1, 0, TAG, {"k": 1}, pickle.dumps, 2) is True
+    status = MPI.Status()
+    assert b.recv(None, 0, TAG, status) == {"k": 1}
+    assert status.Get_count() == len(pickle.dumps({"k": 1}, 2))
+    called = []
+
+    def dumps(*args: Any) -> Any:
+        called.append(args)
+        return bytearray(b"not bytes") if args[0] == "array" else pickle.dumps(args[0])
+
+    assert lane.send_obj(1, 0, TAG, "plain", dumps, None) is True and called == [("plain",)]
+    assert b.recv(None, 0, TAG) == "plain"
+    assert lane.send_obj(1, 0, TAG, "array", dumps, None) == bytearray(b"not bytes")
+    assert lane.send_obj(1, 0, MPI.TAG_UB + 1, 7, pickle.dumps, 5) == pickle.dumps(7, 5)
+    with pytest.raises(AttributeError, match="pickle local object"):
+        lane.send_obj(1, 0, TAG, lambda: 0, pickle.dumps, 5)
+    assert b._engine.lane.recv_obj(0, 0, MPI.ANY_TAG, False) is None  # nothing was sent
+    assert b._engine.quiet() and not b._engine.ep.rx[0].busy
+
+
 def check_lane_leaves_other_messages_in_order(pair: Pair) -> None:
     """A message of another tag or context that comes first is left peeked for the Python
     paths (unexpected, matched later); a longer one truncates as ever."""
@@ -218,6 +246,11 @@ def test_lane_receives_into_what_the_python_paths_take() -> None:
 @needs_c
 def test_lane_objects_and_status() -> None:
     _in_own_process("check_lane_objects_and_status")
+
+
+@needs_c
+def test_lane_send_obj_pickles_and_sends_or_hands_back() -> None:
+    _in_own_process("check_lane_send_obj_pickles_and_sends_or_hands_back")
 
 
 @needs_c

@@ -241,3 +241,15 @@ def test_irecv_cancelled_in_a_window(comm):
     dropped.Wait(status)
     assert status.Is_cancelled()
     assert MPI.Request.waitall([first, last]) == [("a", source), ("b", source)]
+
+
+def test_send_and_isend_of_an_unpicklable_object_send_nothing(comm):
+    """send and isend of an object that does not pickle raise the pickler's error and send
+    nothing: the next message is the first the receiver gets."""
+    _, rank, dest, source = ring(comm)
+    for call in (comm.send, comm.isend):
+        with pytest.raises(Exception, match="pickle"):
+            call(lambda: rank, dest, 42)
+    request = comm.isend(("after", rank), dest, tag=42)
+    assert comm.recv(source=source, tag=42) == ("after", source)
+    request.wait()
