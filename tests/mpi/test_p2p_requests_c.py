@@ -256,8 +256,9 @@ def test_p2p_types_refuses_classes_without_the_slots() -> None:
 @needs_c
 def test_take_posted_fills_and_stops_at_recv_ops_as_at_any_entry() -> None:
     """The C ring's take_posted reads and completes the MPI face's RecvOps at their slots: a
-    plain one is filled as test_ring's entries are; one with a sink, an mpi side, no view or
-    an unset field stops the run with the message held; a RecvOp subclass is read by name."""
+    plain one is filled as test_ring's entries are, an object one (no view) gets the bytes as
+    its obj; one with a sink, an mpi side or an unset field stops the run with the message
+    held; a RecvOp subclass is read by name."""
     from tests.core.test_ring import make_pair, new_region, payload, small_geometry
 
     g = small_geometry()
@@ -273,19 +274,22 @@ def test_take_posted_fills_and_stops_at_recv_ops_as_at_any_entry() -> None:
         __slots__ = ()
 
     first, sub = recv(memoryview(bytearray(64))), Sub(3, 2, 6, memoryview(bytearray(64)))
-    assert tx.send_small(3 << 8 | 5, payload(1, 20)) != _fastpath.SEND_FULL
-    assert tx.send_small(3 << 8 | 6, payload(2, 9)) != _fastpath.SEND_FULL
-    posted: list[Any] = [first, sub]
-    assert rx.take_posted(posted, 2, 8)[0] == 2 and posted == []
+    obj, sub_obj = recv(None), Sub(3, 2, 8, None)
+    for tag, size in ((5, 20), (6, 9), (7, 0), (8, 11)):
+        assert tx.send_small(3 << 8 | tag, payload(tag, size)) != _fastpath.SEND_FULL
+    posted: list[Any] = [first, sub, obj, sub_obj]
+    assert rx.take_posted(posted, 2, 8)[0] == 4 and posted == []
     assert (first.source, first.tag, first.count, first.done, first.error) == (2, 5, 20, True, 0)
-    assert bytes(first.view[:20]) == payload(1, 20) and not hasattr(first, "why")
-    assert (sub.source, sub.tag, sub.count, sub.done) == (2, 6, 9, True)
+    assert bytes(first.view[:20]) == payload(5, 20) and not hasattr(first, "why")
+    assert first.obj is None and (sub.source, sub.tag, sub.count, sub.done) == (2, 6, 9, True)
+    assert (obj.source, obj.tag, obj.count, obj.done, obj.obj) == (2, 7, 0, True, b"")
+    assert (sub_obj.tag, sub_obj.count, sub_obj.obj) == (8, 11, payload(8, 11))
     unset = recv(memoryview(bytearray(64)))
     del unset.want_tag
     for entry in (
         recv(memoryview(bytearray(64)), sink=print),
         recv(memoryview(bytearray(64)), mpi=object()),
-        recv(None),
+        recv(None, sink=print),
         recv(memoryview(bytearray(4))),  # too small
         recv(memoryview(bytes(64))),  # read-only
         unset,
