@@ -519,12 +519,16 @@ def test_older_collective_formats_are_refused_with_a_clear_error(version):
 def test_small_region_has_no_collective_area_and_validates():
     g = layout.Geometry.fit(64 << 10, 2, 16)
     assert g.coll_slots == 0 and g.coll_slab == 0
-    g = layout.Geometry.fit(64 << 20, 2)
-    # two cells per member share the slot: each slab a little under COLL_SLAB_MAX
-    assert g.coll_slots == layout.COLL_SLOTS_DEFAULT and not g.coll_slab % layout.PAGE_SIZE
-    assert layout.COLL_SLAB_MAX // 2 < g.coll_slab <= layout.COLL_SLAB_MAX
-    assert g.required_size <= 64 << 20
-    assert g.coll_slot_stride * g.coll_slots <= (64 << 20) // layout.COLL_AREA_SHARE
+    budget = (64 << 20) // layout.COLL_AREA_SHARE
+    for peers, slab in ((2, layout.COLL_SLAB_MAX), (4, layout.COLL_SLAB_MAX // 2)):
+        g = layout.Geometry.fit(64 << 20, peers)
+        # the slabs take the budget whole (a power of two: so do they), the slot's header
+        # line, control lines and page rounding come on top
+        assert g.coll_slots == layout.COLL_SLOTS_DEFAULT and g.coll_slab == slab
+        assert g.coll_slots * peers * layout.COLL_CELLS * g.coll_slab <= budget
+        lines = layout.PAGE_SIZE + peers * layout.COLL_SLAB_OFFSET
+        assert g.coll_slot_stride * g.coll_slots <= budget + g.coll_slots * lines
+        assert g.required_size <= 64 << 20
     bad = layout.Geometry(64 << 20, 2, 256, 64, g.data_size, g.max_span, 2, 1000)
     with pytest.raises(ValueError, match="coll_slab"):
         bad.validate()
