@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from guest_lib.mpi import MPI, area, buffers
+from ivshmem_comm import layout
 
 TYPECODES = "ilfd"
 
@@ -53,6 +54,64 @@ def test_bcast_large_is_written_once(comm):
                 assert expect.nbytes <= sent < expect.nbytes + 4096, sent
             else:
                 assert sent < 4096, sent
+
+
+@pytest.mark.parametrize("extra", [0, 8])
+@pytest.mark.parametrize("call", ["Bcast", "Allgather", "Scatter", "Alltoall"])
+def test_payloads_at_the_slab_limit(comm, call, extra):
+    """Payloads of exactly what one round of the area holds (a Bcast or an Allgather block of
+    a slab, a Scatter or Alltoall block of a segment) run in the area with nothing through the
+    queues; 8 bytes more take messages (a Scatter: 8 more than a crowded root takes in the
+    area, see CollectiveGroup.scatterv); the data is right either way (1, 2 and 4 ranks).
+    Fit gives slabs of a power of two for a region of a power of two (test_collective_area),
+    so such payloads are where the limit lies."""
+    size, rank = comm.Get_size(), comm.Get_rank()
+    shared = area.current(comm)
+    if shared is None:
+        comm.Barrier()  # (binds the area at the first collective)
+        shared = area.current(comm)
+    group = shared.group if shared else None
+    limit = {
+        "Bcast": group.slab_size if group else 1 << 18,
+        "Allgather": group.slab_size if group else 1 << 18,
+        "Scatter": group._scatter_segment() if group else 1 << 17,
+        "Alltoall": group._segment() if group else 1 << 17,
+    }[call]
+    if call == "Scatter" and extra:  # (a crowded root takes up to COLL_CELLS rounds)
+        limit *= layout.COLL_CELLS
+    n = limit + extra
+    blocks = size if call in ("Allgather", "Alltoall") or rank == 0 else 1
+    send = (np.arange(n * blocks, dtype=np.uint64) * 7 + rank).astype(np.uint8)
+    before, in_area = _shm_bytes_sent(), area.completed(comm)
+    if call == "Bcast":
+        buf = send[:n].copy() if rank == 0 else np.zeros(n, np.uint8)
+        comm.Bcast(buf, 0)
+        want = (np.arange(n, dtype=np.uint64) * 7).astype(np.uint8)
+    elif call == "Allgather":
+        buf = np.zeros(n * size, np.uint8)
+        comm.Allgather(send[:n], buf)
+        want = np.concatenate([(np.arange(n, dtype=np.uint64) * 7 + r).astype(np.uint8)
+                               for r in range(size)])  # fmt: skip
+    elif call == "Scatter":
+        buf = np.zeros(n, np.uint8)
+        comm.Scatter(send if rank == 0 else None, buf, 0)
+        want = (np.arange(n * rank, n * (rank + 1), dtype=np.uint64) * 7).astype(np.uint8)
+    else:
+        buf = np.zeros(n * size, np.uint8)
+        comm.Alltoall(send, buf)
+        want = np.concatenate([
+            (np.arange(n * rank, n * (rank + 1), dtype=np.uint64) * 7 + r).astype(np.uint8)
+            for r in range(size)
+        ])  # fmt: skip
+    assert np.array_equal(buf, want)
+    sent = _shm_bytes_sent() - before
+    if group is None or size == 1:
+        return
+    if extra == 0:
+        assert area.completed(comm) == in_area + 1
+        assert sent < 4096, sent  # the payload went through the slabs alone
+    elif rank == 0 or call in ("Allgather", "Alltoall"):  # a sender: on messages
+        assert sent >= n, sent
 
 
 @pytest.mark.parametrize("typecode", TYPECODES)
