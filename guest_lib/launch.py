@@ -63,6 +63,7 @@ __all__ = [
     "forward_signals",
     "guard",
     "job_environ",
+    "rank_session",
     "signal_group",
     "supervise",
 ]
@@ -103,8 +104,8 @@ def job_environ(base: Mapping[str, str] | None = None) -> dict[str, str]:
 
 
 def signal_group(proc: subprocess.Popen[bytes], sig: int) -> None:
-    """Send `sig` to the process group `proc` leads (a rank started with
-    ``start_new_session=True``: the rank and whatever it started). A group that is gone, or
+    """Send `sig` to the process group `proc` leads (a rank started by
+    :meth:`OutputRelay.start`: the rank and whatever it started). A group that is gone, or
     that this user may not signal, is left alone."""
     try:
         os.killpg(proc.pid, sig)
@@ -202,6 +203,16 @@ def forward_signals(
             signal.signal(sig, handler)
 
 
+def rank_session() -> bool:
+    """Whether a rank needs a session of its own (:meth:`OutputRelay.start`): True iff our
+    stdin is a terminal whose foreground process group is ours (a rank outside that group
+    but in our session would be stopped reading it)."""
+    try:
+        return os.isatty(0) and os.tcgetpgrp(0) == os.getpgrp()
+    except OSError:
+        return False
+
+
 def die_with(parent: int) -> Callable[[], None]:
     """A ``preexec_fn`` that makes the child get SIGKILL when `parent` (the process, i.e.
     the thread, that starts it: call from the main thread) dies, however it dies; a child
@@ -245,18 +256,29 @@ class OutputRelay:
         preexec_fn: Callable[[], None] | None = None,
         keep_fds: bool = False,
     ) -> subprocess.Popen[bytes]:
-        """Start a rank: `command` with `env` in its own session (so that its process group,
-        see :func:`signal_group`, holds what it starts), its stdout relayed to ours and its
+        """Start a rank: `command` with `env` leading a process group of its own (which holds
+        what it starts, see :func:`signal_group`), its stdout relayed to ours and its
         stderr to ours (to our stdout with `merge_stderr`), each line after `prefix`; this
         process's :class:`Guardian`, if any, is told its group. `keep_fds`: the rank
         inherits our inheritable fds (a PMI_FD from hydra). Returns the Popen; raises what
-        Popen raises (OSError for a command that cannot start)."""
+        Popen raises (OSError for a command that cannot start).
+
+        The group is in our session (see :func:`rank_session`), so that a job's ranks share
+        one scheduler autogroup: Linux (CONFIG_SCHED_AUTOGROUP, on by default) schedules
+        each session as one group, and a sched_yield() hardly ever hands the CPU to a task
+        of another group. A rank per session made every yield of a crowded wait (4
+        ranks on 2 CPUs) return at once, the rank it waits for left unrun, and the wait
+        fell to a doorbell sleep. Where our stdin is the terminal we run in the foreground
+        of, each rank still gets a session of its own: in ours, a rank that read the
+        terminal (pdb, input()) would be stopped by SIGTTIN."""
+        own_session = rank_session()
         proc = subprocess.Popen(
             command,
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT if merge_stderr else subprocess.PIPE,
-            start_new_session=True,
+            start_new_session=own_session,
+            process_group=None if own_session else 0,
             preexec_fn=preexec_fn,
             close_fds=not keep_fds,
         )

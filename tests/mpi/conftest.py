@@ -29,10 +29,12 @@ def job_env(**extra: str) -> dict[str, str]:
 
 
 def run_job(command: list[str], timeout: float, **env: str) -> subprocess.CompletedProcess[str]:
-    """Run a job to completion; fail the test with its output if it does not exit 0."""
+    """Run a job to completion (stdin: /dev/null, as in CI, wherever pytest runs: a launcher
+    reading a terminal starts its ranks otherwise, see guest_lib.launch.rank_session); fail the
+    test with its output if it does not exit 0."""
     try:
         done = subprocess.run(command, cwd=ROOT, env=job_env(**env), capture_output=True,
-                              text=True, timeout=timeout)  # fmt: skip
+                              stdin=subprocess.DEVNULL, text=True, timeout=timeout)  # fmt: skip
     except subprocess.TimeoutExpired as exc:
         pytest.fail(f"job timed out: {command}\n{exc.stdout}\n{exc.stderr}")
     if done.returncode != 0:

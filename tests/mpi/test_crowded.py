@@ -19,6 +19,7 @@ from tests.mpi.conftest import PYTHON, ROOT, run_job
 
 PROGRAM = str(ROOT / "tests" / "mpi" / "programs" / "crowded_rank.py")
 PINGPONG = str(ROOT / "tests" / "mpi" / "programs" / "crowded_pingpong.py")
+COLLECTIVES = str(ROOT / "tests" / "mpi" / "programs" / "crowded_collectives.py")
 
 
 def job(
@@ -97,3 +98,33 @@ def test_crowded_pingpong_hands_the_cpu_over_without_sleeping():
         if not clear:
             pytest.skip(f"{form}: every batch met a long yield (others' processes ran on the CPU)")
         assert min(clear) < 0.1, (form, sorted(clear))
+
+
+@pytest.mark.serial  # scheduling-bound: another test's processes on the CPU take its yields
+def test_crowded_collectives_hand_the_cpu_over_without_sleeping():
+    """Two ranks on one CPU run small Bcast and Gather calls: the ranks share the launcher's
+    session (one scheduler autogroup, see guest_lib.launch.OutputRelay.start), so a member
+    waiting in the collective area's yielding spin hands the CPU to the one it waits for
+    instead of sleeping on the doorbell: next to no voluntary context switch per call in
+    some batch of calls (others' processes on the CPU may spoil a batch). A rank per session
+    (the yields then return at once) slept every other call: 0.5 switches per call. The
+    C accelerator's spin only: the pure-Python wait (CollectiveGroup._await) polls for its
+    2 us and stops yielding while waits are calm, so it sleeps after a yield or two."""
+    if os.environ.get("IVSHMEM_COMM_PUREPYTHON") == "1":
+        pytest.skip("the pure-Python wait sleeps after a yield or two (see the docstring)")
+    cpu = min(os.sched_getaffinity(0))
+    command = ["taskset", "-c", str(cpu), PYTHON, "-m", "guest_lib.mpi.launcher", "-n", "2",
+               "--timeout", "100", COLLECTIVES]  # fmt: skip
+    out = run_job(command, 120).stdout
+    sessions = [line.split()[3] for line in out.splitlines() if " session " in line]
+    assert sessions == ["True", "True"], out
+    worst: dict[tuple[str, int], float] = {}
+    for line in out.splitlines():
+        words = line.split()
+        if len(words) == 6 and words[2] == "switches":
+            key = (words[3], int(words[4]))
+            worst[key] = max(worst.get(key, 0.0), float(words[5]))
+    for name in ("bcast", "gather"):
+        batches = [v for (n, _), v in worst.items() if n == name]
+        assert len(batches) == 20, out
+        assert min(batches) < 0.1, (name, sorted(batches))
