@@ -3176,6 +3176,7 @@ enum {
     CF_BCAST, CF_GATHER, CF_ALLGATHER, CF_REDUCE, CF_ALLREDUCE, CF_SCAN, CF_EXSCAN,
     CF_REDUCE_SCATTER_BLOCK, CF_REDUCE_SCATTER, CF_SCATTER, CF_ALLTOALL, CF_ALLTOALLV,
     CF_BCAST_BYTES, CF_GATHER_BYTES, CF_ALLGATHER_BYTES, CF_SCATTER_BYTES, CF_ALLTOALL_BYTES,
+    CF_BARRIER, /* (no arguments: Barrier's round, run()'s barrier) */
     CF_COUNT
 };
 
@@ -3455,7 +3456,7 @@ static int front_blocks(CollRound *c, PyObject *obj, bool writable, Py_buffer *v
  * lowercase collectives' byte-string rounds (CF_*_BYTES: a this member's bytes or None, root;
  * run()'s rounds of the same name; CF_SCATTER_BYTES and CF_ALLTOALL_BYTES: the bcast and
  * allgather rounds of pickling.bundle's bundles, `taken` holding this member's piece of
- * each); the others'
+ * each), and Barrier (CF_BARRIER: no arguments, run()'s barrier round); the others'
  * unused ones are ignored. Results as run() / fold(); None having touched nothing where the
  * Python lanes would not take the arguments (see above). */
 static PyObject *coll_front(CollRound *c, PyObject *const *args, Py_ssize_t nargs)
@@ -3488,7 +3489,7 @@ static PyObject *coll_front(CollRound *c, PyObject *const *args, Py_ssize_t narg
             Py_RETURN_NONE;
         root = (int)r;
     }
-    if (which >= CF_BCAST_BYTES) {
+    if (which >= CF_BCAST_BYTES && which <= CF_ALLTOALL_BYTES) {
         /* a lowercase collective's pickles (a the bytes of this member, None where it
          * publishes none): run()'s byte-string round, its results in `taken` */
         PyObject *run_args[11] = {args[0], args[1], args[2], NULL, a, Py_None, NULL,
@@ -3517,6 +3518,9 @@ static PyObject *coll_front(CollRound *c, PyObject *const *args, Py_ssize_t narg
     bool has_send = false, has_recv = false;
     Py_ssize_t ns = 0, nr = 0, block = 0;
     switch (which) {
+    case CF_BARRIER:
+        cw = CW_BARRIER;
+        break;
     case CF_BCAST:
         cw = CW_BCAST;
         if ((got = front_buffer(a, me != root, 1, &recv, &nr, &cr)) <= 0)

@@ -708,6 +708,7 @@ F_REDUCE_SCATTER_BLOCK, F_REDUCE_SCATTER, F_SCATTER, F_ALLTOALL, F_ALLTOALLV = 7
 # the lowercase ones' rounds; F_SCATTER_BYTES and F_ALLTOALL_BYTES: the bcast and allgather
 # rounds of bundles (pickling.bundle), each member taking its piece in C
 F_BCAST_BYTES, F_GATHER_BYTES, F_ALLGATHER_BYTES, F_SCATTER_BYTES, F_ALLTOALL_BYTES = range(12, 17)
+F_BARRIER = 17  # Barrier's round (no arguments: a, b, op None, root 0)
 
 
 def _set_front_tables() -> None:
@@ -811,6 +812,17 @@ def _o_finish(self: Any, rest: Callable[..., Any], *args: Any) -> Any:
     except Exception as exc:
         _abandon(self, self._engine, self._coll_seq - 1, exc)
         raise
+
+
+def _c_barrier(method: Callable[..., Any]) -> Callable[..., Any]:
+    """The C front of Barrier and barrier (`_c_front`), then `method`."""
+
+    @functools.wraps(method)
+    def barrier(self: Any) -> None:
+        if not _c_front(self, F_BARRIER, None, None, None, 0):
+            method(self)
+
+    return barrier
 
 
 def _c_bcast(method: Callable[..., Any]) -> Callable[..., Any]:
@@ -1071,6 +1083,8 @@ def _s_alltoall(which: int) -> Callable[[Callable[..., Any]], Callable[..., Any]
 
 # name -> the maker of its C front (see front_lanes)
 _C_FRONTS: dict[str, Callable[[Callable[..., Any]], Callable[..., Any]]] = {
+    "Barrier": _c_barrier,
+    "barrier": _c_barrier,
     "Bcast": _c_bcast,
     "Gather": _c_gather,
     "Gatherv": _c_gather,

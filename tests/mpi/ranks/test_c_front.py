@@ -257,6 +257,27 @@ def test_every_form_is_one_c_call(comm, monkeypatch, call, form):
     assert (entered, area.completed(comm) - before) == ([], rounds)
 
 
+@pytest.mark.parametrize("call", ["Barrier", "barrier"])
+def test_a_barrier_is_one_c_call_and_waits_for_the_last(comm, monkeypatch, call):
+    """Barrier and barrier complete one area round each without Area.call or Area.run (the C
+    front took them), and no rank leaves one before the last rank came: rank 0 comes 0.2 s
+    late, and every other rank's barrier lasts at least half of that."""
+    comm.Barrier()  # (binds the area)
+    shared = area.current(comm)
+    if shared is None or not shared.ready():
+        pytest.skip("no area here (one rank) or the Python steps only (IVSHMEM_COMM_PUREPYTHON)")
+    entered = _entries(monkeypatch)
+    before = area.completed(comm)
+    getattr(comm, call)()
+    start = time.monotonic()
+    if comm.Get_rank() == 0:
+        time.sleep(0.2)
+    getattr(comm, call)()
+    waited = time.monotonic() - start
+    assert (entered, area.completed(comm) - before) == ([], 2)
+    assert comm.Get_rank() == 0 or waited >= 0.1
+
+
 def test_another_communicators_abandoned_collective_leaves_the_c_front_on(comm, monkeypatch):
     """A collective abandoned on another communicator (a bad root on every rank) leaves a
     record in the engine (COMM_WORLD's stay for good); this communicator's Bcast and Ibcast
