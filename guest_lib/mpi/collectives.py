@@ -751,18 +751,18 @@ def _c_front(self: Any, which: int, a: Any, b: Any, op: Any, root: Any) -> bool:
         or not engine.quiet()
     ):
         return False
-    seq = self._coll_seq
-    self._coll_seq = seq + 1
     k = group._round + 1
     try:
         result = c.front(k, group._spin_ns, group._yield, which, a, b, op, root)
     except (ValueError, TypeError, BufferError):
-        result = None  # refused before the round (as Area.call): nothing moved
+        return False  # refused before the round (as Area.call): nothing moved
     except BaseException as exc:
         result = exc  # round k failed (settle says what that means)
     if result is None:
-        self._coll_seq = seq
         return False
+    # (numbered once taken: nothing the C call runs reads the instance number)
+    seq = self._coll_seq
+    self._coll_seq = seq + 1
     if result == 0:  # (the common case: done within the spin; a scatterv may take more)
         # Nothing reads the instance's tag base or the area's current instance after a
         # round done here: they are set below, where a wait (its abandonment checks), an
@@ -1802,7 +1802,9 @@ class Collectives:
                 return self._bcast(obj, root)  # (its error raised there, in its instance)
             taken = _o_round(self, F_BCAST_BYTES, data, root)
             if taken is not None:
-                return _o_finish(self, self._bcast_rest, obj, data, taken, root)
+                if self._area.group.declined:  # (a pickle over a slab: messages)
+                    return _o_finish(self, self._bcast_rest, obj, data, taken, root)
+                return obj if self._rank == root else _o_finish(self, _loads, taken[root])
             return self._bcast(obj, root, data)
         return self._bcast(obj, root)
 
