@@ -3448,7 +3448,7 @@ static int front_blocks(CollRound *c, PyObject *obj, bool writable, Py_buffer *v
     return 1;
 }
 
-/* front(k, spin_ns, yield, which, a, b, op, root): round k of blocking collective `which`
+/* front(k, spin_ns, yield, which, a, b, op, root[, quiet]): round k of blocking collective `which`
  * (CF_*) with the user's arguments: Bcast(a, root), Gather(a, b, root), Allgather(a, b),
  * Scatter(v)(a, b, root),
  * Reduce(a, b, op, root), Allreduce / Scan / Exscan / Reduce_scatter_block(a, b, op),
@@ -3458,18 +3458,34 @@ static int front_blocks(CollRound *c, PyObject *obj, bool writable, Py_buffer *v
  * allgather rounds of pickling.bundle's bundles, `taken` holding this member's piece of
  * each), and Barrier (CF_BARRIER: no arguments, run()'s barrier round); the others'
  * unused ones are ignored. Results as run() / fold(); None having touched nothing where the
- * Python lanes would not take the arguments (see above). */
+ * Python lanes would not take the arguments (see above), or where a container of the tuple
+ * `quiet` (given: the engine's queues, Engine.queues) holds anything. */
 static PyObject *coll_front(CollRound *c, PyObject *const *args, Py_ssize_t nargs)
 {
     long long spin_ns;
     int yield;
-    if (check_nargs("front", nargs, 8) < 0 || coll_spin_args(args[1], args[2], &spin_ns, &yield) < 0)
+    if (nargs != 9 && check_nargs("front", nargs, 8) < 0)
+        return NULL;
+    if (coll_spin_args(args[1], args[2], &spin_ns, &yield) < 0)
         return NULL;
     int which = PyLong_AsLong(args[3]);
     if (which == -1 && PyErr_Occurred())
         return NULL;
     if (front_ndarray == NULL || which < 0 || which >= CF_COUNT)
         Py_RETURN_NONE;
+    if (nargs == 9) { /* quiet: containers that must all be empty (as engine.quiet reads them) */
+        if (!PyTuple_CheckExact(args[8])) {
+            PyErr_SetString(PyExc_TypeError, "front(): quiet must be a tuple");
+            return NULL;
+        }
+        for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(args[8]); i++) {
+            int busy = PyObject_IsTrue(PyTuple_GET_ITEM(args[8], i));
+            if (busy < 0)
+                return NULL;
+            if (busy)
+                Py_RETURN_NONE;
+        }
+    }
     PyObject *a = args[4], *b = args[5];
     int me = c->rank, size = c->size, root = 0, got = 0, cw = CW_FOLD, kind = 0, upto = size;
     int opcode = 0, cs = -1, cr = -1;
@@ -3868,8 +3884,9 @@ static PyMethodDef coll_methods[] = {
     {"resume", (PyCFunction)(void (*)(void))coll_resume, METH_FASTCALL,
      "resume(spin_ns, yield_): go on with the round in progress; results as run()."},
     {"front", (PyCFunction)(void (*)(void))coll_front, METH_FASTCALL,
-     "front(k, spin_ns, yield_, which, a, b, op, root): round k of a blocking collective "
-     "with the user's arguments; results as run(), None having touched nothing."},
+     "front(k, spin_ns, yield_, which, a, b, op, root[, quiet]): round k of a blocking "
+     "collective with the user's arguments; results as run(), None having touched nothing "
+     "(also where a container of the tuple quiet holds anything)."},
     {"abort", (PyCFunction)coll_abort, METH_NOARGS,
      "Drop the round in progress (its buffers are released)."},
     {NULL, NULL, 0, NULL},

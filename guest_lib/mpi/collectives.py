@@ -748,12 +748,11 @@ def _c_front(self: Any, which: int, a: Any, b: Any, op: Any, root: Any) -> bool:
         or group._broken is not None
         or shared._ctx in engine.abandoned_in
         or self._ctx in engine.revoked
-        or not engine.quiet()
     ):
         return False
     k = group._round + 1
-    try:
-        result = c.front(k, group._spin_ns, group._yield, which, a, b, op, root)
+    try:  # (engine.quiet(), read in C: None where it is not)
+        result = c.front(k, group._spin_ns, group._yield, which, a, b, op, root, engine.queues)
     except (ValueError, TypeError, BufferError):
         return False  # refused before the round (as Area.call): nothing moved
     except BaseException as exc:

@@ -239,6 +239,11 @@ class Engine(Matching, FastPaths):
         # nonblocking collectives in flight: StagedOps, and area.AreaOps a lane staged
         # (anything with advance() and done)
         self.staged: list[Any] = []
+        # the containers `quiet` reads (never rebound): the C lane and the C front of the
+        # blocking collectives hold them and read their truth as `quiet` does
+        self.queues = (
+            self.sendq, self.posted, self.unexpected, self.inflow, self.mpi_active, self.staged
+        )  # fmt: skip
         # CONTROL messages of the services over the engine (see `dynproc`): CTRL_* tag ->
         # handler(sender's world rank, payload), run by the progress pass that takes one
         self.services: dict[int, Callable[[int, bytes], None]] = {}
@@ -289,7 +294,8 @@ class Engine(Matching, FastPaths):
         return True
 
     def quiet(self) -> bool:
-        """True when nothing is queued, posted, unexpected or in flight."""
+        """True when nothing is queued, posted, unexpected or in flight (none of `queues`
+        holds anything)."""
         return not (
             self.sendq
             or self.posted

@@ -84,6 +84,7 @@ class FastPaths:
     unexpected: list[Any]
     mpi_active: list[Any]
     staged: list[Any]
+    queues: tuple[Any, ...]  # the containers engine.Engine.quiet reads
 
     def make_lane(self) -> Any:
         """Return the P2PLane over this engine and its endpoint, or None without the C
@@ -95,8 +96,7 @@ class FastPaths:
         return ring.P2PLane(
             endpoint=self.ep,
             engine=self,
-            quiet=(self.sendq, self.posted, self.unexpected, self.inflow, self.mpi_active,
-                   self.staged),
+            quiet=self.queues,
             sendq=self.sendq,
             sync_next=self.sync_next,
             count=_count,

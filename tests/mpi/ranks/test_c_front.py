@@ -278,6 +278,30 @@ def test_a_barrier_is_one_c_call_and_waits_for_the_last(comm, monkeypatch, call)
     assert comm.Get_rank() == 0 or waited >= 0.1
 
 
+def test_a_receive_posted_leaves_the_c_front_for_the_python_path(comm, monkeypatch):
+    """With a receive posted (the engine not quiet: the C front reads Engine.queues), Bcast,
+    Barrier and bcast step aside to the Python path (Area.call or Area.run, which move the
+    engine's messages while they wait), right; then the receive completes."""
+    comm.Barrier()  # (binds the area)
+    shared = area.current(comm)
+    if shared is None or not shared.ready():
+        pytest.skip("no area here (one rank) or the Python steps only (IVSHMEM_COMM_PUREPYTHON)")
+    size, rank = comm.Get_size(), comm.Get_rank()
+    got = np.zeros(1)
+    request = comm.Irecv(got, source=(rank - 1) % size, tag=77)
+    assert not comm._engine.quiet(), "the posted receive left the engine quiet: nothing tested"
+    entered = _entries(monkeypatch)
+    buf = np.full(N, 3.0 if rank == 0 else -1.0)
+    comm.Bcast(buf, 0)
+    comm.Barrier()
+    obj = comm.bcast({"rank": rank} if rank == 0 else None, 0)
+    assert (buf.tolist(), obj) == ([3.0] * N, {"rank": 0})
+    assert len(entered) == 3, entered
+    comm.Send(np.full(1, rank + 0.5), dest=(rank + 1) % size, tag=77)
+    request.Wait()
+    assert got[0] == (rank - 1) % size + 0.5
+
+
 def test_another_communicators_abandoned_collective_leaves_the_c_front_on(comm, monkeypatch):
     """A collective abandoned on another communicator (a bad root on every rank) leaves a
     record in the engine (COMM_WORLD's stay for good); this communicator's Bcast and Ibcast
