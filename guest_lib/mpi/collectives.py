@@ -1794,14 +1794,15 @@ class Collectives:
     # collective instance, `Area.exchange`).
     def bcast(self, obj: Any = None, root: int = 0) -> Any:
         """Broadcast a picklable object from `root`; every rank returns it."""
-        if self._area:
+        shared = self._area
+        if shared:
             try:
                 data = _dumps(obj) if self._rank == root else None
             except Exception:
                 return self._bcast(obj, root)  # (its error raised there, in its instance)
             taken = _o_round(self, F_BCAST_BYTES, data, root)
             if taken is not None:
-                if self._area.group.declined:  # (a pickle over a slab: messages)
+                if shared.group.declined:  # (a pickle over a slab: messages)
                     return _o_finish(self, self._bcast_rest, obj, data, taken, root)
                 return obj if self._rank == root else _o_finish(self, _loads, taken[root])
             return self._bcast(obj, root, data)
@@ -1935,7 +1936,11 @@ class Collectives:
                     return self._scatter(sendobj, root)  # (its error raised there)
             taken = _o_round(self, F_SCATTER_BYTES, data, root)  # (bundled in C)
             if taken is not None:
-                return _o_finish(self, self._scatter_rest, items, data, taken, root, True)
+                if shared.group.declined:  # (a bundle over a slab: messages)
+                    return _o_finish(self, self._scatter_rest, items, data, taken, root, True)
+                if items is not None:  # (the root: its own item)
+                    return items[root]
+                return _o_finish(self, _loads, taken[root])  # (this rank's piece, cut in C)
             if data is not None:
                 return self._scatter(sendobj, root, (items, data))
         return self._scatter(sendobj, root)
