@@ -228,6 +228,15 @@ def _entries(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return entered
 
 
+def _c_front_on(comm: MPI.Intracomm) -> None:
+    """Bind `comm`'s collective area (a Barrier); skip the test where no C front runs there
+    (no area: one rank; or the Python steps only: IVSHMEM_COMM_PUREPYTHON)."""
+    comm.Barrier()
+    shared = area.current(comm)
+    if shared is None or not shared.ready():
+        pytest.skip("no area here (one rank) or the Python steps only (IVSHMEM_COMM_PUREPYTHON)")
+
+
 @pytest.mark.parametrize("form", ["numpy", "mmap", "double", "in_place"])
 @pytest.mark.parametrize(
     "call",
@@ -242,10 +251,7 @@ def test_every_form_is_one_c_call(comm, monkeypatch, call, form):
     lanes' entries): the C front took it, and the data are right."""
     if form == "in_place" and call == "Bcast":
         pytest.skip("Bcast has no IN_PLACE")
-    comm.Barrier()  # (binds the area)
-    shared = area.current(comm)
-    if shared is None or not shared.ready():
-        pytest.skip("no area here (one rank) or the Python steps only (IVSHMEM_COMM_PUREPYTHON)")
+    _c_front_on(comm)
     entered = _entries(monkeypatch)
     before = area.completed(comm)
     if call in EXCHANGES:
@@ -262,10 +268,7 @@ def test_a_barrier_is_one_c_call_and_waits_for_the_last(comm, monkeypatch, call)
     """Barrier and barrier complete one area round each without Area.call or Area.run (the C
     front took them), and no rank leaves one before the last rank came: rank 0 comes 0.2 s
     late, and every other rank's barrier lasts at least half of that."""
-    comm.Barrier()  # (binds the area)
-    shared = area.current(comm)
-    if shared is None or not shared.ready():
-        pytest.skip("no area here (one rank) or the Python steps only (IVSHMEM_COMM_PUREPYTHON)")
+    _c_front_on(comm)
     entered = _entries(monkeypatch)
     before = area.completed(comm)
     getattr(comm, call)()
@@ -282,10 +285,7 @@ def test_a_receive_posted_leaves_the_c_front_for_the_python_path(comm, monkeypat
     """With a receive posted (the engine not quiet: the C front reads Engine.queues), Bcast,
     Barrier and bcast step aside to the Python path (Area.call or Area.run, which move the
     engine's messages while they wait), right; then the receive completes."""
-    comm.Barrier()  # (binds the area)
-    shared = area.current(comm)
-    if shared is None or not shared.ready():
-        pytest.skip("no area here (one rank) or the Python steps only (IVSHMEM_COMM_PUREPYTHON)")
+    _c_front_on(comm)
     size, rank = comm.Get_size(), comm.Get_rank()
     got = np.zeros(1)
     request = comm.Irecv(got, source=(rank - 1) % size, tag=77)
