@@ -366,7 +366,7 @@ class RoundRequest(CollectiveRequest):
             self._fail(exc)
             raise
         self._steps = None
-        group._round = group._c_round(self._k)
+        group._round = c.round  # (the round the call ended on: k, or later; see _c_round)
         self.declined = group.declined = result == 1
         return True
 
@@ -387,17 +387,19 @@ class RoundRequest(CollectiveRequest):
         if self._error is not None:
             raise self._error
 
-    def _finish(self) -> None:
+    def _finish(self, spun: bool = False) -> None:
         """Complete the round here as a blocking collective's C round waits (`_c_wait`):
-        spin in C for the group's spin time, then block on the word it waits for, resume;
-        a failure of a wait marks the round failed too (the C call holds its buffers until
-        then)."""
+        spin in C for the group's spin time (`spun`: a poll of that spin just found the
+        round pending, `_wait` set: block first), then block on the word it waits for,
+        resume; a failure of a wait marks the round failed too (the C call holds its
+        buffers until then)."""
         if self._error is not None:
             raise self._error
         group = self._group
         spin = group._spin_ns
         try:
-            while not self._poll(spin):
+            while spun or not self._poll(spin):
+                spun = False
                 wait = self._wait
                 assert wait is not None  # (set by the poll that found it pending)
                 group._block(*wait)

@@ -60,6 +60,7 @@ from __future__ import annotations
 import contextlib
 import struct
 import time
+from _thread import _count
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -71,6 +72,7 @@ from guest_lib.mpi.matching import Op
 from guest_lib.mpi.request import Request
 from guest_lib.mpi.status import Status
 from guest_lib.mpi.wire import COLL_TAGS, FT_TAGS_FROM
+from guest_lib.service_threads import running
 from ivshmem_comm import layout
 from ivshmem_comm.collective import (
     C_ALLGATHER_BYTES,
@@ -666,6 +668,44 @@ class StartedRound(_Polled, RoundRequest):
     def _round(self) -> CollectiveRequest:
         return self
 
+    def complete_here(self, wait: bool) -> bool:
+        """The common case of a Wait (`wait`) or a Test of this op's Request in a process
+        with no other thread: the pending round polled by one C call, which spins up to the
+        group's spin time for a Wait (yielding the CPU between loads where the group is
+        crowded; the engine's messages wait for `done`'s polls meanwhile, as in `spin`),
+        not at all for a Test; a Wait whose spin ended first, the engine quiet, then
+        completes it as a blocking collective's round (RoundRequest._finish: a sleep on the
+        word it waits for, the engine's messages and abandonment looked at every watch
+        slice by the group's interrupt hook). True iff this op is now complete without
+        error (its Request has nothing but its end to do). False, nothing decided: the op
+        was not pending here (complete already, a Test raised the sleep flag, messages
+        carry a declined round), another thread exists (polls go through `done`, under
+        the engine's lock), the round is still pending, it was declined (`done` starts
+        what `then` gives), or it failed (the round keeps its error: `done`'s next read
+        fails this op with it); the Request's general path then goes on from there."""
+        if (
+            self._finished
+            or self._listening
+            or self.next is not None
+            or self._steps is None
+            or _count() != running[0]  # (other_threads(), inline)
+        ):
+            return False
+        group = self._group
+        try:
+            if not self._poll(group._spin_ns if wait else 0):
+                if not wait or not self._area.comm._engine.quiet():
+                    return False
+                self._finish(spun=True)
+        except Exception:
+            return False
+        group._pending.popleft()  # (the group's first pending request while pending)
+        if self.declined:
+            return False
+        self._area.completed += 1
+        self._finished = True  # (_end's whole work: a StartedRound is never staged)
+        return True
+
     def cancel(self, engine: Any) -> bool:
         """A collective is not withdrawn (Op.cancel's answer): False."""
         return False
@@ -676,17 +716,26 @@ class StartedRound(_Polled, RoundRequest):
 
 
 class AreaRequest(Request):
-    """The Request of a nonblocking collective in the area. Wait polls a pending round
-    for the endpoint's spin time first (_Polled.spin: no sleep flag, so no member rings),
-    then naps on the doorbell, which every publication of the group rings while the
-    collective is pending (the engine's own nap waits for a message and would sleep its
-    whole slice)."""
+    """The Request of a nonblocking collective in the area. Wait and Test of a pending
+    StartedRound in a process with no other thread first poll its round in one C call
+    (StartedRound.complete_here: a round found complete ends there). Otherwise Wait polls
+    a pending round for the endpoint's spin time first (_Polled.spin: no sleep flag, so
+    no member rings), then naps on the doorbell, which every publication of the group
+    rings while the collective is pending (the engine's own nap waits for a message and
+    would sleep its whole slice)."""
 
     __slots__ = ()
 
     def _complete_alone(self) -> None:
-        """Complete the operation here for Waitall (`_complete`; Waitall fills its errors)."""
-        self._complete()
+        """Complete the operation here for Waitall (`_waited`; Waitall fills its errors)."""
+        self._waited()
+
+    def _waited(self) -> None:
+        """Complete the (not null) operation here: a pending StartedRound through its
+        common case first (complete_here), else or then `_complete`."""
+        op: Any = self._op  # (an Op, or a StartedRound standing for one)
+        if op.__class__ is not StartedRound or not op.complete_here(True):
+            self._complete()
 
     def _complete(self) -> None:
         op, engine = self._op, self._engine
@@ -703,14 +752,36 @@ class AreaRequest(Request):
 
     def Wait(self, status: Status | None = None) -> bool:
         if self._op is not None:
-            self._complete()
+            self._waited()
         self._fill(status)
         return True
 
     def wait(self, status: Status | None = None) -> Any:
         if self._op is not None:
-            self._complete()
+            self._waited()
         return self._fill(status)
+
+    def Test(self, status: Status | None = None) -> bool:
+        if not self._tested():
+            return False
+        self._fill(status)
+        return True
+
+    def test(self, status: Status | None = None) -> tuple[bool, Any]:
+        if not self._tested():
+            return False, None
+        return True, self._fill(status)
+
+    def _tested(self) -> bool:
+        """Test's poll: whether the operation is complete (null: True), a pending
+        StartedRound polled first through its common case (complete_here), then as
+        Request.Test polls (`done`, the engine's progress)."""
+        op: Any = self._op  # (an Op, or a StartedRound standing for one)
+        if op is None or (op.__class__ is StartedRound and op.complete_here(False)):
+            return True
+        if not op.done:
+            self._progress()
+        return op.done
 
 
 # ------------------------------------------------------------------ binding

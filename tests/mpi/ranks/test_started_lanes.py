@@ -11,6 +11,7 @@ rank, IVSHMEM_COMM_PUREPYTHON) the same checks hold for the other paths.
 from __future__ import annotations
 
 import array
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -605,3 +606,47 @@ def test_wait_for_late_members_sleeps(comm, call, wait):
         (comm.Ibarrier() if call == "Ibarrier" else comm.Ibcast(buf, root)).Wait()
     if call == "Ibcast":
         assert buf.tolist() == [1] * 4
+
+
+@pytest.mark.parametrize("how", ["Wait", "Test", "wait", "test"])
+def test_round_found_complete_ends_in_one_poll(comm, how):
+    """A Wait or a Test (and the lowercase ones) of a started round that every member has
+    entered ends it in one C poll of the round (StartedRound.complete_here): no poll
+    through the engine operation's `done` (its lock, the spin loop), the request null, the
+    collective counted as completed by the area."""
+    if not _lane_ready(comm):
+        pytest.skip("no area with its C accelerator here")
+    size, rank = comm.Get_size(), comm.Get_rank()
+    token = np.zeros(1, "i4")
+    if rank != 0:
+        comm.Recv(token, 0, tag=3)
+        request = comm.Ibarrier()  # (rank 0 is there: pending at most on the others)
+        comm.Send(token, 0, tag=4)
+        request.Wait()
+        return
+    shared = area.current(comm)
+    assert shared is not None
+    request = comm.Ibarrier()
+    assert type(request._op) is area.StartedRound  # pending: the others are not there yet
+    for peer in range(1, size):
+        comm.Send(token, peer, tag=3)
+    for peer in range(1, size):
+        comm.Recv(token, peer, tag=4)  # (peer entered the round)
+    completed = shared.completed
+    called: list[str] = []
+
+    def record(frame: Any, event: str, arg: Any) -> None:
+        if event == "call":
+            called.append(frame.f_code.co_name)
+        elif event == "c_call":
+            called.append(arg.__name__)
+
+    sys.setprofile(record)
+    try:
+        result = getattr(request, how)()
+    finally:
+        sys.setprofile(None)
+    assert result == {"Wait": True, "Test": True, "wait": None, "test": (True, None)}[how]
+    assert not request
+    assert called.count("resume") == 1 and "_look" not in called and "spin" not in called, called
+    assert shared.completed == completed + 1
