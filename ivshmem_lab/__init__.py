@@ -6,6 +6,7 @@ Modules, one idea each, lowest first:
 
 - ``errors``: LabError, LabUnavailable;
 - ``host``: can guests boot here (QEMU, kernel, busybox), the cache, KVM verdicts;
+- ``kernel_image``: the kernel QEMU boots (its uncompressed ELF, through PVH, when it can);
 - ``devices``: the ivshmem devices a guest gets and their QEMU options;
 - ``initramfs``: the guest's initramfs (busybox, modules, ``init.sh``, the UIO driver);
 - ``net``: guest networks (slirp to the host, a LAN between guests);

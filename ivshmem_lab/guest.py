@@ -324,7 +324,7 @@ class Guest:
             *accel,
             "-m", lab.memory,
             "-smp", str(lab.smp),
-            "-kernel", str(lab.kernel.image),
+            "-kernel", str(lab.boot_image()),
             "-initrd", str(initrd),
             "-append", append,
             "-nographic", "-nodefaults", "-no-reboot",

@@ -1,7 +1,8 @@
 """VM lab: boot throw-away QEMU guests that run a command in the host's own file system.
 
-Each guest boots the host's Debian kernel (``/boot/vmlinuz-<ver>``) with a tiny initramfs
-built here on the fly (:mod:`ivshmem_lab.initramfs`: busybox-static, the kernel's
+Each guest boots the host's Debian kernel (``/boot/vmlinuz-<ver>``, started through its
+uncompressed ELF when it has a PVH entry: :mod:`ivshmem_lab.kernel_image`) with a tiny
+initramfs built here on the fly (:mod:`ivshmem_lab.initramfs`: busybox-static, the kernel's
 virtio-pci / 9p / uio modules and the project's ``uio_ivshmem`` driver). Its ``/init`` mounts
 the host root read-only over 9p, chroots into it and runs the command in the caller's
 working directory with the caller's environment plus ``IVSHMEM_LAB_GUEST=<index>`` and
@@ -55,6 +56,7 @@ from ivshmem_lab.host import (
     save_kvm_probe,
 )
 from ivshmem_lab.initramfs import Initramfs, build_initramfs
+from ivshmem_lab.kernel_image import boot_image
 
 __all__ = ["Accel", "Lab", "RunOptions"]
 
@@ -112,6 +114,7 @@ class Lab:
         self.with_uio = with_uio
         self.cache = Path(cache) if cache else cache_dir()
         self._initramfs: Initramfs | None = None
+        self._boot_image: Path | None = None
         self._accel_resolved: str | None = None
         self._probe: KvmProbe | None = None
         self._lock = threading.RLock()
@@ -137,6 +140,15 @@ class Lab:
                     self.kernel, with_uio=self.with_uio, rebuild=rebuild, cache=self.cache
                 )
             return self._initramfs
+
+    def boot_image(self) -> Path:
+        """What QEMU's ``-kernel`` gets: the kernel's uncompressed PVH-bootable ELF when it has
+        one (extracted into the cache on first use; see :mod:`ivshmem_lab.kernel_image`),
+        else the kernel image itself."""
+        with self._lock:
+            if self._boot_image is None:
+                self._boot_image = boot_image(self.kernel, self.cache)
+            return self._boot_image
 
     def probe_kvm(self, force: bool = False) -> KvmProbe:
         """Boot a guest under KVM running ``true``; ok if it exits 0 within the timeout.
