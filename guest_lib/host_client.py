@@ -20,9 +20,11 @@ the slot, `ivshmem_id` the id on the wire.
 Broker restarts: when the socket closes while the client is open, the thread reconnects
 (backoff 10 ms doubling to 0.25 s, forever, until close()) and sends a reclaim request with
 its peer id, incarnation and own eventfds, so it keeps its id and its doorbells (see
-host_broker/broker.py). The data path never waits for this: the endpoint keeps working on
-the shared memory and the eventfds it already holds. If its slot is no longer its own (the
-restarted broker found it dead, or another incarnation holds it) the client stops trying.
+host_broker/broker.py); cut off in its first handshake, it sends the eventfds it got and
+takes the rest from the reclaim's handshake. The data path never waits for this: the
+endpoint keeps working on the shared memory and the eventfds it already holds. If its slot
+is no longer its own (the restarted broker found it dead, or another incarnation holds it),
+or the broker refuses the reclaim (it says why), the client stops trying and sets `failure`.
 
 Closing: `close()` (or closing the endpoint) marks the slot LEFT (the Endpoint does it, or the
 client itself when no endpoint was made), then closes the socket; the broker announces it.
@@ -75,11 +77,15 @@ class BrokerClient:
     Attributes: `peer_id` (the peer-table slot), `ivshmem_id` (the id on the wire),
     `incarnation`, `region` (a Region over the received shm fd),
     `socket_path`, `connected` (threading.Event, set while a broker connection is up),
-    `reconnects` (how many times it reclaimed its slot).
+    `reconnects` (how many times it reclaimed its slot), `failure` (None, or why the client
+    stopped reconnecting: ReclaimRefusedError carrying the broker's reason, ProtocolError
+    when its slot is no longer its own or the broker answered with another slot or region;
+    the endpoint goes on with the peers it knows).
 
     Construction raises OSError if the socket cannot be reached, socket.timeout (an OSError)
     if the broker does not complete the handshake in `timeout` seconds, ProtocolError if it
-    speaks something else, RegionFormatError if the memory holds no region.
+    speaks something else or sends memory that cannot be mapped, RegionFormatError if the
+    memory holds no region.
     """
 
     def __init__(self, socket_path: str, *, timeout: float = 5.0, reconnect: bool = True) -> None:
@@ -91,13 +97,14 @@ class BrokerClient:
         self._closed = False
         self.connected = threading.Event()
         self.reconnects = 0
+        self.failure: Exception | None = None  # why the client gave up reconnecting, if it did
         self._own: list[int] = []  # own eventfds, vector order (owned: see module doc)
         self._peers: dict[int, list[int]] = {}  # other peers' eventfds by ivshmem id
         self._slot_of: dict[int, int] = {}  # ivshmem id -> slot, for peers in _peers
         self._id_at: dict[int, int] = {}  # slot -> ivshmem id (the inverse of _slot_of)
         self._notifier: _ClientNotifier | None = None
         self._endpoint: Endpoint | None = None
-        self._session = 0  # 0: the first connection; n: the n-th reclaim
+        self._own_run = 0  # the vector of the last own eventfd received (its place in the run)
 
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -116,7 +123,13 @@ class BrokerClient:
         try:
             st = os.fstat(handshake.shm_fd)
             self._shm_id = (st.st_dev, st.st_ino)
-            mapping = mmap.mmap(handshake.shm_fd, st.st_size)
+            try:
+                mapping = mmap.mmap(handshake.shm_fd, st.st_size)
+            except (OSError, ValueError) as exc:  # a pipe, an empty file, ...: no region
+                raise protocol.ProtocolError(
+                    f"the memory the broker at {socket_path} sent cannot be mapped "
+                    f"(mode {st.st_mode:o}, {st.st_size} bytes): {exc}"
+                ) from None
         except BaseException:
             sock.close()
             self._close_fds([handshake.shm_fd] + [a.fd for a in announcements if a.fd])
@@ -280,9 +293,10 @@ class BrokerClient:
             notifier = self._notifier
             if item.kind == "own":
                 assert item.fd is not None
-                if self._session == 0 and not self._closed:
-                    self._own.append(item.fd)
-                else:  # after a reclaim: a duplicate of what we already hold
+                self._own_run = 0 if item.new_run else self._own_run + 1
+                if self._own_run == len(self._own) and not self._closed:
+                    self._own.append(item.fd)  # the notifier, if made, holds this same list
+                else:  # after a reclaim: a duplicate of a vector we already hold
                     self._close_fds([item.fd])
             elif item.kind == "vector":
                 assert item.fd is not None
@@ -343,7 +357,12 @@ class BrokerClient:
         delay = RECONNECT_MIN_S
         while not self._closing.is_set():
             if not self._still_member():
-                log.warning("peer %d: slot no longer ours; not reconnecting", self.peer_id)
+                info = self.region.peer(self.peer_id)
+                self.failure = protocol.ProtocolError(
+                    f"peer {self.peer_id}: slot no longer ours (now {info.state_name}, "
+                    f"incarnation {info.incarnation}; ours was {self.incarnation})"
+                )
+                log.warning("%s; not reconnecting", self.failure)
                 return False
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
@@ -354,6 +373,12 @@ class BrokerClient:
                 request = protocol.pack_reclaim(self.ivshmem_id, self.incarnation, len(own))
                 socket.send_fds(sock, [request], own)
                 handshake, decoder, announcements = protocol.read_handshake(sock)
+            except protocol.ReclaimRefusedError as exc:
+                sock.close()
+                self.failure = exc
+                log.error("peer %d: the broker refused our reclaim (%s); not reconnecting",
+                          self.peer_id, exc)  # fmt: skip
+                return False
             except (OSError, protocol.ProtocolError) as exc:
                 sock.close()
                 log.debug("peer %d: reconnect failed: %s", self.peer_id, exc)
@@ -363,8 +388,11 @@ class BrokerClient:
             st = os.fstat(handshake.shm_fd)
             os.close(handshake.shm_fd)
             if handshake.peer != self.ivshmem_id or (st.st_dev, st.st_ino) != self._shm_id:
-                log.error("peer %d: broker answered the reclaim with another slot or region",
-                          self.peer_id)  # fmt: skip
+                self.failure = protocol.ProtocolError(
+                    f"peer {self.peer_id}: the broker answered the reclaim with another slot "
+                    "or region"
+                )
+                log.error("%s", self.failure)
                 sock.close()
                 self._close_fds([a.fd for a in announcements if a.fd is not None])
                 return False
@@ -372,8 +400,6 @@ class BrokerClient:
             old, self._sock = self._sock, sock
             old.close()
             self._decoder = decoder
-            with self._lock:
-                self._session += 1
             for item in announcements:
                 self._apply(item)
             self.reconnects += 1

@@ -27,8 +27,11 @@ line says which broker generation serves it. A restarted broker re-adopts a regi
 * a host client of this project (guest_lib.host_client) reconnects on its own, sends a
   reclaim request (peer id + incarnation + its own eventfds, see protocol.py) and keeps its
   id; the broker checks the request against the peer table and SO_PEERCRED (same pid,
-  same incarnation, slot still live) before it believes it, then sends the usual handshake
-  and re-announces the peer to everyone connected;
+  same incarnation, slot still live, 1 to `vectors` eventfds) before it believes it, then
+  sends the usual handshake and re-announces the peer to everyone connected. A client cut
+  off in its first handshake holds only its first eventfds: the broker makes the missing
+  ones, and the handshake and the announcements carry them. A refused request is answered
+  with the reason (protocol.send_reclaim_refusal), so the client stops asking;
 * QEMU cannot reconnect. Its guest keeps the memory and the eventfds of the peers it knew,
   so traffic with those peers goes on; the broker still sees its death (pidfd). What is
   lost: peers that join after the restart cannot interrupt it, and it cannot interrupt
@@ -189,12 +192,15 @@ class Peer:
 
 @dataclasses.dataclass
 class Pending:
-    """A connection from an orphan's pid, waiting up to RECLAIM_WAIT_S for a reclaim."""
+    """A connection from an orphan's pid, waiting up to RECLAIM_WAIT_S for a reclaim: if it
+    says nothing by then it joins afresh; a request begun and not finished is dropped. The
+    request is read as it comes (`reader`, which owns the fds received so far)."""
 
     sock: socket.socket
     pid: int
     uid: int
     deadline: float
+    reader: protocol.ReclaimReader = dataclasses.field(default_factory=protocol.ReclaimReader)
 
 
 class RegionServer:
@@ -662,18 +668,20 @@ class RegionServer:
         return broken
 
     def _reclaim(self, pending: Pending) -> None:
-        """A connection from an orphan's pid spoke: it must be a valid reclaim request."""
+        """A connection from an orphan's pid spoke: it must be a valid reclaim request. Reads
+        what came (never waits: the socket is non-blocking); acts once the request is whole."""
         conn = pending.sock
-        self.broker.unwatch(conn)
-        self.pending.pop(conn.fileno(), None)
-        conn.settimeout(0.2)
         try:
-            request = protocol.recv_reclaim(conn)
+            request = pending.reader.feed(conn)
         except (protocol.ProtocolError, OSError) as exc:
+            self._end_pending(pending)
             log.warning("region %s: pid %d: bad reclaim request (%s); dropped", self.name,
                         pending.pid, exc)  # fmt: skip
             conn.close()
             return
+        if request is None:
+            return  # more to come, until the deadline (expire_pending)
+        self._end_pending(pending)
         peer = self.peers.get(request.peer)
         reason = None
         if peer is None or peer.sock is not None:
@@ -682,7 +690,7 @@ class RegionServer:
             reason = f"peer {request.peer} belongs to pid {peer.pid}"
         elif peer.incarnation != request.incarnation:
             reason = f"peer {request.peer} is incarnation {peer.incarnation}"
-        elif len(request.eventfds) != self.cfg.vectors:
+        elif not 1 <= len(request.eventfds) <= self.cfg.vectors:
             reason = f"{len(request.eventfds)} eventfds, the region has {self.cfg.vectors}"
         elif self.region is not None and (
             self.region.peer_state(peer.slot) not in ((s, peer.incarnation) for s in LIVE_STATES)
@@ -693,16 +701,29 @@ class RegionServer:
             log.warning("region %s: pid %d: reclaim refused: %s", self.name, pending.pid, reason)
             for fd in request.eventfds:
                 _close(fd)
+            with contextlib.suppress(OSError):  # it may be gone: nobody left to tell
+                protocol.send_reclaim_refusal(conn, f"region {self.name}: {reason}")
             conn.close()
             return
-        conn.setblocking(False)
         if peer.pidfd is not None:
             self.broker.unwatch(peer.pidfd)
             _close(peer.pidfd)
             peer.pidfd = None
         peer.uid = pending.uid
         peer.sock = conn
-        peer.eventfds = request.eventfds  # the broker's copies from now on
+        held = len(request.eventfds)
+        # A client cut off in its handshake holds the first of its eventfds only (they come
+        # last, in vector order): the rest are made again here, and the handshake below and
+        # the announcement to everyone connected carry them (a peer replaces a whole run).
+        missing = [
+            os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(self.cfg.vectors - held)
+        ]
+        peer.eventfds = request.eventfds + missing  # the broker's copies from now on
+        if missing:
+            log.info(
+                "region %s: %s reclaims with %d of its %d eventfds; completed with new ones",
+                self.name, peer.describe(), held, self.cfg.vectors,
+            )  # fmt: skip
         broken: list[tuple[Peer, str]] = []
         try:
             assert self.shm_fd is not None
@@ -724,14 +745,28 @@ class RegionServer:
         for other, why in broken:
             self._drop(other, why)
 
+    def _end_pending(self, pending: Pending) -> None:
+        """Stop waiting for `pending`'s request (its socket stays open)."""
+        self.broker.unwatch(pending.sock)
+        self.pending.pop(pending.sock.fileno(), None)
+
     def expire_pending(self, now: float) -> float | None:
-        """Turn reclaim waits past their deadline into fresh joins; return the next deadline."""
+        """Turn reclaim waits past their deadline into fresh joins (a connection that said
+        nothing) or drops (one that began a request and did not finish it); return the next
+        deadline."""
         next_deadline = None
-        for key, pending in list(self.pending.items()):
+        for pending in list(self.pending.values()):
             if pending.deadline <= now:
-                del self.pending[key]
-                self.broker.unwatch(pending.sock)
-                self._join(pending.sock, pending.pid, pending.uid)
+                self._end_pending(pending)
+                if pending.reader.started:
+                    log.warning(
+                        "region %s: pid %d: reclaim request unfinished after %.1f s; dropped",
+                        self.name, pending.pid, RECLAIM_WAIT_S,
+                    )  # fmt: skip
+                    pending.reader.close()
+                    pending.sock.close()
+                else:
+                    self._join(pending.sock, pending.pid, pending.uid)
             elif next_deadline is None or pending.deadline < next_deadline:
                 next_deadline = pending.deadline
         return next_deadline
@@ -822,6 +857,7 @@ class RegionServer:
                     os.unlink(self.socket_path)
         for pending in list(self.pending.values()):
             self.broker.unwatch(pending.sock)
+            pending.reader.close()
             pending.sock.close()
         self.pending.clear()
         for peer in list(self.peers.values()):

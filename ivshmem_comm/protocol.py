@@ -22,9 +22,13 @@ peer's id is announced again soon.
 Clients never send. The one exception is this project's *reclaim* request (see
 `pack_reclaim`): after a broker restart, a client of this project that already holds a peer
 id reconnects and, before the broker says anything, sends one 32-byte request carrying its
-own N eventfds, so that it keeps its id. The broker only waits for such a request from a
+own eventfds (all it holds: N, or fewer if a broker died in the middle of its first
+handshake), so that it keeps its id. The broker only waits for such a request from a
 process that, according to the peer table, holds a slot nobody is connected for; QEMU never
-sends it and never sees a difference.
+sends it and never sees a difference. The broker answers with the usual handshake, or, if it
+refuses the request, with `RECLAIM_REFUSED` (-2) followed by its reason in UTF-8 (at most
+`REFUSAL_MAX` bytes) and end of stream (`send_reclaim_refusal`); `read_handshake` raises
+that as `ReclaimRefusedError`.
 
 Functions here raise `ProtocolError` for a malformed message and `ConnectionClosedError`
 (a subclass) at end of stream; sockets may be blocking or have a timeout (socket.timeout
@@ -51,6 +55,8 @@ RECLAIM = struct.Struct("<QqQQ")
 RECLAIM_SIZE = RECLAIM.size  # 32
 FD_SIZE = array.array("i").itemsize
 MAX_VECTORS = 64  # the most eventfds per peer the broker hands out or accepts
+RECLAIM_REFUSED = -2  # the broker's first message to a reclaim request it refuses
+REFUSAL_MAX = 1024  # the most bytes of reason after RECLAIM_REFUSED
 
 
 class ProtocolError(Exception):
@@ -59,6 +65,11 @@ class ProtocolError(Exception):
 
 class ConnectionClosedError(ProtocolError):
     """End of stream: the other side closed its socket."""
+
+
+class ReclaimRefusedError(ProtocolError):
+    """The broker refused a reclaim request; the message is the broker's reason. Retrying
+    the same request gets the same answer."""
 
 
 # ------------------------------------------------------------------------------ primitives
@@ -148,6 +159,28 @@ def pack_reclaim(peer: int, incarnation: int, vectors: int) -> bytes:
     return RECLAIM.pack(RECLAIM_MAGIC, peer, incarnation, vectors)
 
 
+def send_reclaim_refusal(sock: socket.socket, reason: str) -> None:
+    """Answer a refused reclaim request: RECLAIM_REFUSED, then `reason` (UTF-8, cut to
+    REFUSAL_MAX bytes). The caller closes the socket after. Raises OSError from the socket."""
+    send_message(sock, RECLAIM_REFUSED)
+    sock.sendall(reason.encode()[:REFUSAL_MAX])
+
+
+def _recv_refusal(sock: socket.socket) -> str:
+    """The reason after RECLAIM_REFUSED: bytes up to end of stream or REFUSAL_MAX (a stream
+    that stops early, e.g. the socket's timeout, gives what came)."""
+    reason = b""
+    try:
+        while len(reason) < REFUSAL_MAX:
+            chunk = sock.recv(REFUSAL_MAX - len(reason))
+            if not chunk:
+                break
+            reason += chunk
+    except OSError:
+        pass
+    return reason.decode(errors="replace") or "no reason given"
+
+
 @dataclasses.dataclass
 class ReclaimRequest:
     """A decoded reclaim request; `eventfds` are owned by whoever received them."""
@@ -157,38 +190,77 @@ class ReclaimRequest:
     eventfds: list[int]
 
 
-def recv_reclaim(sock: socket.socket) -> ReclaimRequest:
-    """Read one reclaim request (32 bytes, fds attached to the first byte).
+class ReclaimReader:
+    """One reclaim request (32 bytes, fds attached to the first byte), read as its bytes
+    come: `feed` does one recvmsg, so a broker serving many sockets from one thread calls
+    it at each readable event and never waits for a slow or hostile sender.
 
-    Raises ConnectionClosedError at end of stream, ProtocolError (closing any fds received)
-    for a wrong magic, a size or fd count that does not match, or fds that are not eventfds.
+    Ownership: fds received before the request is whole are the reader's (closed by
+    `close` or by a failing `feed`); those of the returned request are the caller's.
     """
-    data = b""
-    fds: list[int] = []
-    try:
-        while len(data) < RECLAIM_SIZE:
-            chunk, got, flags = _recv_fds(sock, RECLAIM_SIZE - len(data), MAX_VECTORS)
-            if got and data:
-                fds.extend(got)
+
+    def __init__(self) -> None:
+        self._data = b""
+        self._fds: list[int] = []
+
+    @property
+    def started(self) -> bool:
+        """True once part of a request came (and not all of it)."""
+        return bool(self._data)
+
+    def feed(self, sock: socket.socket) -> ReclaimRequest | None:
+        """Receive once; return the request when whole, None while more is to come (also
+        when a non-blocking `sock` had nothing). Raises ConnectionClosedError at end of stream,
+        ProtocolError for fds after the first byte, more than MAX_VECTORS fds, a wrong
+        magic, a count that does not match the fds, or fds that are not eventfds; OSError
+        from the socket (socket.timeout included). Every raise closes the fds held first."""
+        try:
+            chunk, got, flags = _recv_fds(sock, RECLAIM_SIZE - len(self._data), MAX_VECTORS)
+        except (BlockingIOError, InterruptedError):
+            return None
+        except BaseException:
+            self.close()
+            raise
+        try:
+            had_data = bool(self._data)
+            self._fds.extend(got)
+            if got and had_data:
                 raise ProtocolError("file descriptors in the middle of a reclaim request")
-            fds.extend(got)
             if flags & socket.MSG_CTRUNC:
                 raise ProtocolError(f"more than {MAX_VECTORS} file descriptors")
             if not chunk:
                 raise ConnectionClosedError("end of stream")
-            data += chunk
-        magic, peer, incarnation, count = RECLAIM.unpack(data)
-        if magic != RECLAIM_MAGIC:
-            raise ProtocolError(f"bad reclaim magic {magic:#x}")
-        if count != len(fds):
-            raise ProtocolError(f"reclaim says {count} eventfds, {len(fds)} attached")
-        for fd in fds:
-            if not is_eventfd(fd):
-                raise ProtocolError(f"reclaim fd {fd} is not an eventfd")
+            self._data += chunk
+            if len(self._data) < RECLAIM_SIZE:
+                return None
+            magic, peer, incarnation, count = RECLAIM.unpack(self._data)
+            if magic != RECLAIM_MAGIC:
+                raise ProtocolError(f"bad reclaim magic {magic:#x}")
+            if count != len(self._fds):
+                raise ProtocolError(f"reclaim says {count} eventfds, {len(self._fds)} attached")
+            for fd in self._fds:
+                if not is_eventfd(fd):
+                    raise ProtocolError(f"reclaim fd {fd} is not an eventfd")
+        except BaseException:
+            self.close()
+            raise
+        fds, self._fds, self._data = self._fds, [], b""
         return ReclaimRequest(peer, incarnation, fds)
-    except BaseException:
+
+    def close(self) -> None:
+        """Close the fds of the unfinished request, if any; the reader starts over."""
+        fds, self._fds, self._data = self._fds, [], b""
         _close_fds(fds)
-        raise
+
+
+def recv_reclaim(sock: socket.socket) -> ReclaimRequest:
+    """Read one reclaim request from a blocking socket (or one with a timeout): ReclaimReader's
+    feed until it is whole, with the same errors."""
+    reader = ReclaimReader()
+    while True:
+        request = reader.feed(sock)
+        if request is not None:
+            return request
 
 
 def is_eventfd(fd: int) -> bool:
@@ -264,7 +336,8 @@ def read_handshake(
     announcements read so far (the caller owns their fds; more own vectors may follow, as
     the protocol never says how many). Raises ProtocolError (closing all it received) if
     the version is not 0, the id is out of range, the third message is not -1 with an fd,
-    or the stream ends first.
+    or the stream ends first; ReclaimRefusedError (a ProtocolError) with the broker's reason
+    if the first message is RECLAIM_REFUSED (the answer to a refused reclaim request).
     """
     received: list[int] = []
     announcements: list[Announcement] = []
@@ -273,6 +346,8 @@ def read_handshake(
         if fd is not None:
             received.append(fd)
             raise ProtocolError("fd attached to the version message")
+        if version == RECLAIM_REFUSED:
+            raise ReclaimRefusedError(_recv_refusal(sock))
         if version != PROTOCOL_VERSION:
             raise ProtocolError(f"server speaks version {version}, expected {PROTOCOL_VERSION}")
         peer, fd = recv_message(sock)

@@ -349,8 +349,8 @@ def test_destroy_force(broker: BrokerProcess, clients: list) -> None:
 def test_restart_adopts_region_clients_reclaim_ids(broker: BrokerProcess, clients: list) -> None:
     a = join(broker, clients)
     b = join(broker, clients)
-    # Fully joined before the kill: each holds its own eventfds (the fixture's 2 vectors), which
-    # the broker sends after the peers' (b seen with 1 of its 2 reclaimed in vain for good)
+    # Fully joined before the kill, so that both reclaim with all their eventfds (the broker
+    # sends them after the peers'; a client cut off holding some: test_reclaim_edges.py)
     wait_for(
         lambda: (
             1 in a.peer_eventfds()
@@ -507,6 +507,8 @@ def test_reclaim_with_wrong_incarnation_is_refused(broker: BrokerProcess) -> Non
     fd = os.eventfd(0)
     try:
         socket.send_fds(sock, [protocol.pack_reclaim(hs.peer, 99, 2)], [fd, fd])
+        with pytest.raises(protocol.ReclaimRefusedError, match=f"peer {hs.peer} is incarnation 1"):
+            protocol.read_handshake(sock)  # the broker says why, then hangs up
         assert sock.recv(8) == b""
         assert "reclaim refused" in broker.log() and "incarnation 1" in broker.log()
     finally:

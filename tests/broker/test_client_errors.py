@@ -1,9 +1,13 @@
 """What a host client is told when it gets the broker wrong: a socket path that is not there
 or cannot be one, and a broker whose peer table is full (it hangs up, as QEMU's protocol has
-no way to say why; the client looks at the region to tell)."""
+no way to say why; the client looks at the region to tell), and a server that is no broker
+handing out memory that cannot be a region."""
 
 from __future__ import annotations
 
+import os
+import socket
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,7 +17,7 @@ from tests.support.broker import BrokerProcess
 
 pytest.importorskip("ivshmem_comm.endpoint")
 
-from guest_lib.host_client import attach
+from guest_lib.host_client import BrokerClient, attach
 from ivshmem_comm import protocol
 
 pytestmark = pytest.mark.timeout(60)
@@ -50,3 +54,45 @@ def test_a_full_peer_table_is_named_with_its_size(broker: BrokerProcess) -> None
     finally:
         first.close()
         second.close()
+
+
+def serve_one_handshake(path: str, shm_fd: int) -> threading.Thread:
+    """A server on `path` that is no broker: it answers one connection with a handshake
+    (`shm_fd` as the memory, one own eventfd) and hangs up when the client does."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(1)
+
+    def serve() -> None:
+        with listener:
+            conn, _ = listener.accept()
+            doorbell = os.eventfd(0)
+            with conn:
+                protocol.send_initial_info(conn, 1, shm_fd)
+                protocol.send_peer_vectors(conn, 1, [doorbell])
+                conn.recv(1)
+            os.close(doorbell)
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    return thread
+
+
+@pytest.mark.parametrize("memory", ["pipe", "empty memfd"])
+def test_memory_that_cannot_be_mapped_is_named_with_the_socket(tmp_path: Path, memory: str) -> None:
+    """A server that hands out a pipe, or an empty shared-memory object, as the region."""
+    if memory == "pipe":
+        shm, other = os.pipe()
+    else:
+        shm, other = os.memfd_create("empty"), None
+    path = str(tmp_path / "not-a-broker.sock")
+    thread = serve_one_handshake(path, shm)
+    try:
+        with pytest.raises(protocol.ProtocolError, match="cannot be mapped") as err:
+            BrokerClient(path)
+        assert path in str(err.value)
+    finally:
+        thread.join(timeout=10)
+        for fd in (shm, other):
+            if fd is not None:
+                os.close(fd)
