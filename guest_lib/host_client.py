@@ -26,6 +26,10 @@ endpoint keeps working on the shared memory and the eventfds it already holds. I
 is no longer its own (the restarted broker found it dead, or another incarnation holds it),
 or the broker refuses the reclaim (it says why), the client stops trying and sets `failure`.
 
+A handshake cut before the client's first eventfd (the broker stopped or crashed) fails the
+construction with ConnectionClosedError saying so; the slot being handed out is marked LEFT
+first, so that no broker keeps it for this process.
+
 Closing: `close()` (or closing the endpoint) marks the slot LEFT (the Endpoint does it, or the
 client itself when no endpoint was made), then closes the socket; the broker announces it.
 
@@ -111,6 +115,18 @@ class BrokerClient:
             sock.settimeout(timeout)
             _connect(sock, socket_path)
             handshake, decoder, announcements = protocol.read_handshake(sock)
+        except protocol.HandshakeCutError as cut:
+            sock.close()
+            slot = _leave_cut_slot(cut.shm_fd, cut.peer)
+            raise protocol.ConnectionClosedError(
+                f"the broker at {socket_path} hung up in the middle of our handshake, after "
+                f"giving us ivshmem id {cut.peer} (did it stop or crash? its log says); "
+                + (
+                    "nothing was written to the region"
+                    if slot is None
+                    else f"our slot {slot} is marked LEFT, free for the next join"
+                )
+            ) from None
         except protocol.ConnectionClosedError:
             sock.close()
             raise protocol.ConnectionClosedError(
@@ -381,6 +397,8 @@ class BrokerClient:
                 return False
             except (OSError, protocol.ProtocolError) as exc:
                 sock.close()
+                if isinstance(exc, protocol.HandshakeCutError):  # the broker went again
+                    os.close(exc.shm_fd)
                 log.debug("peer %d: reconnect failed: %s", self.peer_id, exc)
                 self._closing.wait(delay)
                 delay = min(delay * 2, RECONNECT_MAX_S)
@@ -422,6 +440,30 @@ def _connect(sock: socket.socket, path: str) -> None:
                 "AF_UNIX takes at most 107"
             ) from None
         raise type(exc)(exc.errno, f"{exc.strerror} (is a broker serving it?)", path) from None
+
+
+def _leave_cut_slot(shm_fd: int, ivshmem_id: int) -> int | None:
+    """After a handshake cut before our first eventfd: mark LEFT the slot the broker was
+    handing us (JOINING, our pid, `ivshmem_id` in its doorbell), so that neither this broker
+    nor a restarted one keeps it for a process that will never use it. Returns the slot, or
+    None (no such slot, or the memory is no region). Closes `shm_fd`.
+
+    Ownership: as in close() without an endpoint, the slot is this process's own once the
+    broker handed it out; the client records the leave itself."""
+    try:
+        mapping = mmap.mmap(shm_fd, os.fstat(shm_fd).st_size)
+        with Region(mapping, owner=mapping) as region:
+            for info in region.peers():
+                if (info.state, info.doorbell, info.pid) == (
+                    layout.PEER_JOINING, ivshmem_id, os.getpid()
+                ):  # fmt: skip
+                    region.write_peer(info.peer, state=layout.PEER_LEFT)
+                    return info.peer
+    except (OSError, ValueError, RegionFormatError):
+        pass
+    finally:
+        os.close(shm_fd)
+    return None
 
 
 def _refusal(socket_path: str) -> str:

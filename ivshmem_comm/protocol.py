@@ -67,6 +67,17 @@ class ConnectionClosedError(ProtocolError):
     """End of stream: the other side closed its socket."""
 
 
+class HandshakeCutError(ConnectionClosedError):
+    """End of stream in a handshake after the server gave a peer id and the memory, before
+    the first own eventfd: `peer` is that id, `shm_fd` the memory (the catcher owns it and
+    must close it), so that the client can tell which slot was being handed out."""
+
+    def __init__(self, peer: int, shm_fd: int) -> None:
+        super().__init__(f"end of stream in the handshake, after peer id {peer}")
+        self.peer = peer
+        self.shm_fd = shm_fd
+
+
 class ReclaimRefusedError(ProtocolError):
     """The broker refused a reclaim request; the message is the broker's reason. Retrying
     the same request gets the same answer."""
@@ -336,7 +347,8 @@ def read_handshake(
     announcements read so far (the caller owns their fds; more own vectors may follow, as
     the protocol never says how many). Raises ProtocolError (closing all it received) if
     the version is not 0, the id is out of range, the third message is not -1 with an fd,
-    or the stream ends first; ReclaimRefusedError (a ProtocolError) with the broker's reason
+    or the stream ends first (HandshakeCutError, carrying the id and the memory, when it ends
+    after both); ReclaimRefusedError (a ProtocolError) with the broker's reason
     if the first message is RECLAIM_REFUSED (the answer to a refused reclaim request).
     """
     received: list[int] = []
@@ -362,14 +374,18 @@ def read_handshake(
         if value != SHM_MESSAGE or shm_fd is None:
             raise ProtocolError(f"expected -1 with the shm fd, got {value} (fd {shm_fd})")
         decoder = ClientDecoder(peer)
-        while True:
-            value, fd = recv_message(sock)
-            if fd is not None:
-                received.append(fd)
-            item = decoder.feed(value, fd)
-            announcements.append(item)
-            if item.kind == "own":
-                break
+        try:
+            while True:
+                value, fd = recv_message(sock)
+                if fd is not None:
+                    received.append(fd)
+                item = decoder.feed(value, fd)
+                announcements.append(item)
+                if item.kind == "own":
+                    break
+        except ConnectionClosedError:
+            received.remove(shm_fd)  # the catcher's now
+            raise HandshakeCutError(peer, shm_fd) from None
         return Handshake(version, peer, shm_fd), decoder, announcements
     except BaseException:
         _close_fds(received)

@@ -88,6 +88,32 @@ def test_client_cut_off_holding_one_of_its_eventfds_reclaims_and_gets_the_rest(
             a.close()
 
 
+def test_client_cut_off_before_its_eventfds_says_so_and_frees_its_slot(
+    broker: BrokerProcess, tmp_path: Path
+) -> None:
+    """Cut right after the memory: the client has an id but no doorbell, so it cannot be a
+    member. It says where the handshake stopped and marks its slot LEFT, so that a restarted
+    broker does not keep the slot for it (an orphan, until this process exits)."""
+
+    def cut(number: int, seen: list[tuple[int, bool]]) -> bool:
+        if number == 0 and seen[-1] == (protocol.SHM_MESSAGE, True):
+            broker.signal(signal.SIGKILL)
+            return True
+        return False
+
+    with (
+        ProtocolProxy(str(tmp_path / "proxy.sock"), broker.socket, cut) as proxy,
+        pytest.raises(protocol.ConnectionClosedError) as err,
+    ):
+        BrokerClient(proxy.path)
+    assert f"the broker at {proxy.path} hung up in the middle of our handshake" in str(err.value)
+    assert "ivshmem id 1" in str(err.value) and "slot 0 is marked LEFT" in str(err.value)
+    broker.start()
+    with BrokerClient(broker.socket) as again:
+        assert again.peer_id == 0  # the slot it was being given, free again
+    assert "waiting for it to reclaim" not in broker.log()
+
+
 def test_a_refused_reclaim_is_answered_with_why_and_the_client_stops_asking(
     broker: BrokerProcess, tmp_path: Path
 ) -> None:

@@ -137,7 +137,11 @@ def protocol_target(data: bytes) -> None:
         _write_stream(theirs, r)
         theirs.shutdown(socket.SHUT_WR)
         if side == 0:  # a client reading the broker
-            handshake, decoder, items = protocol.read_handshake(ours)
+            try:
+                handshake, decoder, items = protocol.read_handshake(ours)
+            except protocol.HandshakeCutError as cut:
+                received.append(cut.shm_fd)  # the memory is the catcher's to close
+                raise
             received.append(handshake.shm_fd)
             received += [item.fd for item in items if item.fd is not None]
             while True:
