@@ -73,7 +73,7 @@ system-deps:
 	apt-get update -qq
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
 		qemu-system-x86 busybox-static linux-image-amd64 linux-headers-amd64 build-essential kmod \
-		systemd libvirt-daemon-system libvirt-clients clang iproute2
+		systemd libvirt-daemon-system libvirt-clients clang libclang-rt-dev iproute2
 
 clean:
 	rm -rf $(VENV) build *.egg-info ivshmem_comm/*.so
