@@ -63,6 +63,7 @@
 /* A member's block of a collective slot (layout.py, "Collective area"): per cell c an
  * arrive line at c * COLL_LINE_STRIDE, the sleep line, then the cells' slabs. */
 #define COLL_CELLS 2
+#define COLL_SCATTER_LENGTHS 12 /* collective.SCATTER_LENGTHS */
 /* A scatterv block of at least this many bytes goes into the root's slab with stores that
  * bypass the caches (copy_bytes_streaming): its reader read those lines two rounds ago, so each
  * plain store would first fetch its line from the reader's cache (a read for ownership). On a
@@ -2125,7 +2126,10 @@ static PyTypeObject RxRingType = {
  * returns (rank, u64 index, round, field) and the caller blocks on its doorbell until the
  * word moves (CollectiveGroup._block), then calls resume(): the call's buffers and position
  * are kept here meanwhile. Returns 0 when the round completed, 1 when a member declined it
- * (gatherv / scatterv / alltoallv: rounds word 0). A crowded scatterv root may take two
+ * (gatherv / scatterv / alltoallv: rounds word 0), 2 when it completed at a scatterv member
+ * whose block (the root's arrival says its length) is longer than recv: recv holds its first
+ * bytes, the caller reports the truncation (a shorter block leaves the rest of recv as it
+ * was). A crowded scatterv root may take two
  * rounds (blocks of up to two segments, see coll_prepare): one call then runs rounds k and
  * k+1 (`round` says where it is). A declined alltoallv writes no block of
  * another member into recv (it reads every member's rounds word first, CP_ROUNDS; its own
@@ -2169,6 +2173,11 @@ typedef struct {
      * and how many
      * (the root's rounds word; 0 until a member has read it) */
     uint64_t sround, srounds;
+    /* a scatterv member's block (bytes, from the root's first arrival) and
+     * whether it is longer than recv (only recv's length of it is copied; run/front/resume
+     * then return 2) */
+    Py_ssize_t sblock;
+    bool truncated;
     bool crowded; /* the call's `yield`: ranks outnumber CPUs (a scatterv root's choice) */
     Py_ssize_t nbytes; /* fold: bytes of each operand (a reduce-scatter: seg * size) */
     bool scatter;      /* fold: a reduce-scatter (counts: each member's block, bytes) */
@@ -2410,6 +2419,14 @@ static uint64_t scatter_rounds(CollRound *c, Py_ssize_t count)
     return count > c->sseg ? (uint64_t)((count - 1) / c->sseg + 1) : 1;
 }
 
+/* Where a scatterv root's first arrival (member r = root, round k) holds the bytes of the
+ * others' blocks, q at entry q - (q > root): the words after its rounds word in the arrive
+ * line and its spare line (collective.SCATTER_LENGTHS of them); NULL in a larger group. */
+static uint64_t *scatter_lengths(CollRound *c, int r, uint64_t k)
+{
+    return c->size - 1 <= COLL_SCATTER_LENGTHS ? coll_line(c, r, k) + 4 : NULL;
+}
+
 /* Step 2: this member's slab, then nbytes, kind, rounds, then the seq [R5]. */
 static void coll_publish(CollRound *c)
 {
@@ -2439,6 +2456,10 @@ static void coll_publish(CollRound *c)
         }
         if (!c->rounds_out) /* declined: no block moves here */
             break;
+        uint64_t *lengths = c->sround == 0 ? scatter_lengths(c, me, c->k) : NULL;
+        for (int q = 0; lengths != NULL && q < c->size; q++) /* (for each reader's check) */
+            if (q != me)
+                __atomic_store_n(lengths + q - (q > me), (uint64_t)c->counts[q], __ATOMIC_RELAXED);
         for (int q = 0; q < c->size; q++) { /* piece of block q at (q - (q > root)) * sseg */
             if (q == me)
                 continue;
@@ -2574,13 +2595,10 @@ static int coll_consume(CollRound *c, int r)
         break;
     case CW_SCATTERV: { /* the root's rounds word: 0 (declined), else every round's count */
         uint64_t rounds = __atomic_load_n(coll_line(c, r, c->k) + 3, __ATOMIC_RELAXED);
-        uint64_t least = scatter_rounds(c, c->recv.len);
         uint64_t most = scatter_rounds(c, (Py_ssize_t)MAX_MESSAGE);
-        if (c->sround == 0 ? rounds != 0 && (rounds < least || rounds > most)
-                          : rounds != c->srounds) {
+        if (c->sround == 0 ? rounds > most : rounds != c->srounds) {
             coll_corrupt(c, r, "rounds", PyLong_FromUnsignedLongLong(rounds),
-                         c->sround == 0 ? PyUnicode_FromFormat("this member needs %llu..%llu",
-                                                              (unsigned long long)least,
+                         c->sround == 0 ? PyUnicode_FromFormat("this member needs 1..%llu",
                                                               (unsigned long long)most)
                                        : PyUnicode_FromFormat("its first round said %llu",
                                                               (unsigned long long)c->srounds));
@@ -2590,8 +2608,21 @@ static int coll_consume(CollRound *c, int r)
             c->declined = true;
             break;
         }
+        if (c->sround == 0) { /* this member's block: loaded once, within the root's rounds */
+            uint64_t *lengths = scatter_lengths(c, r, c->k);
+            uint64_t block = lengths == NULL ? (uint64_t)c->recv.len /* (a larger group) */
+                : __atomic_load_n(lengths + me - (me > r), __ATOMIC_RELAXED); /* (after [A5]) */
+            if (block > rounds * (uint64_t)c->sseg) {
+                coll_corrupt(c, r, "block", PyLong_FromUnsignedLongLong(block),
+                             PyUnicode_FromFormat("more than its %llu rounds of %zd bytes",
+                                                  (unsigned long long)rounds, c->sseg));
+                return -1;
+            }
+            c->sblock = (Py_ssize_t)block;
+            c->truncated = c->sblock > c->recv.len;
+        }
         c->srounds = rounds;
-        Py_ssize_t at, len = scatter_piece(c, c->recv.len, &at);
+        Py_ssize_t at, len = scatter_piece(c, c->truncated ? c->recv.len : c->sblock, &at);
         memcpy(recv + at, theirs + (me - (me > c->root)) * c->sseg, (size_t)len);
         break;
     }
@@ -2722,7 +2753,7 @@ static PyObject *coll_advance(CollRound *c, long long spin_ns, bool yield)
                 break;
             }
             coll_release_call(c);
-            return PyLong_FromLong(declined);
+            return PyLong_FromLong(declined ? 1 : c->which == CW_SCATTERV && c->truncated ? 2 : 0);
         }
         }
     }
@@ -2800,6 +2831,8 @@ static int coll_begin(CollRound *c, PyObject *k_obj)
     c->pos = 0;
     c->rounds_out = 0;
     c->sround = c->srounds = 0;
+    c->sblock = 0;
+    c->truncated = false;
     c->want = true;
     c->pieces = false;
     return 0;

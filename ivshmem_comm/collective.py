@@ -116,6 +116,9 @@ ReduceOp = Callable[..., Any]  # op(acc, x, out=acc): numpy ufunc semantics, acc
 # word, round to reach, field name for errors). The blocking driver spins then sleeps on it,
 # a nonblocking request tests it once per progress call.
 Wait = tuple[int, int, int, str]
+# Block lengths a scatterv root's first arrival holds (one u64 per other member: the arrive
+# line's words after the rounds word, then its spare line; _fastpath.c COLL_SCATTER_LENGTHS)
+SCATTER_LENGTHS = (layout.COLL_LINE_STRIDE - layout.COLL_ARRIVE.size) // 8
 ARRIVE_SEQ = "arrive seq"  # the field a wait names (the C accelerator names it alike)
 Steps = Generator[Wait, None, None]
 _WORD_MASK = 0xFFFFFFFF
@@ -368,6 +371,7 @@ class RoundRequest(CollectiveRequest):
         self._steps = None
         group._round = c.round  # (the round the call ended on: k, or later; see _c_round)
         self.declined = group.declined = result == 1
+        group.truncated = result == 2
         return True
 
     def test(self) -> bool:
@@ -495,6 +499,9 @@ class CollectiveGroup:
         self._listening = False  # see listen()
         # True after a gatherv, scatterv or alltoallv that its members declined (see there).
         self.declined = False
+        # True after a scatterv whose block for this member was longer than its recvbuf
+        # (the round completed; see _scatterv).
+        self.truncated = False
         # What start_round returns for a round its first poll completed: (not declined,
         # declined), done requests shared by every such call (nothing changes a done one).
         self._done_rounds = tuple(CollectiveRequest(self, None, flag) for flag in (False, True))
@@ -831,8 +838,12 @@ class CollectiveGroup:
         never waits for a reader's copy, while messages would wake each reader once per
         piece on CPUs the members share); the others take its first rounds word for the
         count (0: declined). The root's slab holds no block of its own: the others'
-        take it all, piece i of block q at (q - (q > root)) * `_scatter_segment()`."""
-        self.declined = False
+        take it all, piece i of block q at (q - (q > root)) * `_scatter_segment()`. Its
+        first arrival also holds the others' block lengths (`_scatter_lengths`, in groups of
+        up to SCATTER_LENGTHS + 1), from which a member learns its own: only that much of
+        its recvbuf is written, and where the block is longer the round still completes,
+        recvbuf holding its first bytes, with `truncated` set for the caller to report."""
+        self.declined = self.truncated = False
         recv = _flat(recvbuf, True)
         is_root = self.rank == root
         if is_root:
@@ -865,20 +876,33 @@ class CollectiveGroup:
         while rounds is None or i < rounds:
             slab = yield from self._enter()
             if is_root:
+                lengths = self._scatter_lengths(self.rank) if i == 0 else None
+                if lengths is not None:
+                    for r in self._others:
+                        self._u64[lengths + r - (r > root)] = counts[r]
                 for r in self._others:
                     start, length = _pieces(counts[r], seg, i)
                     at = (r - (r > root)) * seg
                     slab[at : at + length] = send[displs[r] + start :][:length]
             self._publish(KIND_SCATTER, used if is_root else 0, rounds or 0)
             if not is_root:
-                start, length = _pieces(len(recv), seg, i)
                 theirs = yield from self._take(root, KIND_SCATTER, used)
                 if rounds is None:  # the root says how many rounds (0: declined)
                     top = None if max_rounds is None else _rounds(layout.MAX_MESSAGE, seg)
-                    rounds = self._rounds_of(root, _rounds(len(recv), seg), top)
+                    rounds = self._rounds_of(root, 1, top)
                     if not rounds:
                         self.declined = True
                         return
+                if i == 0:  # this member's block: loaded once, within the root's rounds
+                    lengths = self._scatter_lengths(root)
+                    me = self.rank
+                    block = len(recv) if lengths is None else self._u64[lengths + me - (me > root)]
+                    if block > rounds * seg:
+                        raise self._corrupt(
+                            root, "block", block, f"more than its {rounds} rounds of {seg} bytes"
+                        )
+                    self.truncated = block > len(recv)
+                start, length = _pieces(min(block, len(recv)), seg, i)
                 at = (self.rank - (self.rank > root)) * seg
                 recv[start : start + length] = theirs[at:][:length]
             i += 1
@@ -1151,6 +1175,7 @@ class CollectiveGroup:
         k, result = self._c_first(run, args, self._spin_ns)
         if result.__class__ is not tuple:
             self.declined = result == 1
+            self.truncated = result == 2
             return True
         self._c_wait(k, result)
         return True
@@ -1239,6 +1264,7 @@ class CollectiveGroup:
             raise
         self._round = self._c_round(k)
         self.declined = result == 1
+        self.truncated = result == 2
 
     def _c_bytes(self, which: int, data: Any, root: int, taken: list[bytes | None]) -> bool:
         c = self._c
@@ -1505,6 +1531,7 @@ class CollectiveGroup:
             return None  # (not taken)
         if result.__class__ is not tuple:
             self.declined = declined = result == 1
+            self.truncated = result == 2
             return self._done_rounds[declined]
         request = pending(self, k, result)
         self._pending.append(request)
@@ -1536,6 +1563,16 @@ class CollectiveGroup:
         members but the root (which sends itself nothing through it)."""
         parts = max(1, self.size - 1)
         return self.slab_size // parts // layout.CACHE_LINE * layout.CACHE_LINE or 1
+
+    def _scatter_lengths(self, r: int) -> int | None:
+        """The u64 index of the block lengths in scatterv root r's arrival of this round
+        (its first: the others' blocks, q's at q - (q > r)), the words after its rounds word
+        in its arrive line and that line's spare; None in a group of more than
+        SCATTER_LENGTHS + 1 members (a member's block is then taken as long as its
+        recvbuf: no truncation is seen)."""
+        if self.size - 1 > SCATTER_LENGTHS:
+            return None
+        return self._arrive_i[r][self._round % layout.COLL_CELLS] + 4
 
     def _check_layout(
         self, counts: Sequence[int], displs: Sequence[int], nbytes: int, what: str

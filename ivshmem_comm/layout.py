@@ -170,7 +170,9 @@ TAG_MAX = (1 << 31) - 1
 #     +0                      header line (the claimer writes): claim word, generation
 #     +CACHE_LINE + p * coll_peer_stride   peer p's block (peer p alone writes all of it):
 #         +c * COLL_LINE_STRIDE   arrive line of cell c (c < COLL_CELLS): seq, nbytes, kind,
-#                                 rounds (seq stored last)
+#                                 rounds (seq stored last); a scatterv root's first round
+#                                 adds the others' block lengths after them, into the spare
+#                                 line (collective.SCATTER_LENGTHS u64)
 #         +COLL_SLEEP_OFFSET      sleep line: nonzero while the peer blocks on its doorbell
 #         +COLL_SLAB_OFFSET + c * coll_slab   slab of cell c: coll_slab bytes of payload
 #

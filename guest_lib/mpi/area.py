@@ -256,6 +256,7 @@ class Area:
                 group._c_wait(k, first)
             else:
                 group.declined = first == 1
+                group.truncated = first == 2
         except BaseException as exc:
             return self._failed_call(exc, False)
         if not group.declined:

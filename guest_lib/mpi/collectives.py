@@ -569,7 +569,10 @@ def _declinable(
     arguments, its internal tag)."""
     if not shared.call(*c_args):
         return False
-    if then is not None and shared.group.declined:
+    group = shared.group
+    if group.truncated:
+        raise _short_recvbuf(self)
+    if then is not None and group.declined:
         self._run(then[0](self, then[1], *args, **kwargs))
     return True
 
@@ -778,6 +781,8 @@ def _c_front(self: Any, which: int, a: Any, b: Any, op: Any, root: Any) -> bool:
         then = _F_MESSAGES.get(which)
         if ran and then is not None and group.declined:  # (data over its round somewhere)
             self._run(then(self, a, b, root))
+        if ran and which == F_SCATTER and group.truncated:
+            raise _short_recvbuf(self)
     except Exception as exc:
         _abandon(self, engine, seq, exc)
         raise
@@ -1305,8 +1310,20 @@ class StandInValueError(ValueError):
 
 class StandInTruncation(exceptions.Exception):
     """MPI_ERR_TRUNCATE of a Scatter(v) root whose recvbuf is shorter than its part, raised
-    after the instance ran with a stand-in for it (the others got their parts): not
-    abandoned, as StandInValueError (see _scatter_own)."""
+    after the instance ran with a stand-in for it (the others got their parts; see
+    _scatter_own), or of a member whose part from the root is longer than its recvbuf,
+    raised after the area's round completed (`_short_recvbuf`): not abandoned, as
+    StandInValueError."""
+
+
+def _short_recvbuf(comm: Any) -> StandInTruncation:
+    """The error of a Scatter(v) member whose area round completed with `truncated` set
+    (collective.CollectiveGroup._scatterv: its part, as long as the root's block table
+    says, is longer than its recvbuf, which holds the part's first bytes)."""
+    return StandInTruncation(
+        exceptions.ERR_TRUNCATE,
+        f"scatter: rank {comm._rank}'s part from the root is longer than its recvbuf",
+    )
 
 
 def _abandon(comm: Any, engine: Engine, seq: int, exc: Exception) -> None:
@@ -2215,6 +2232,8 @@ class Collectives:
         plan = functools.partial(self._p_scatter, sendbuf, recvbuf, root, refused, blocks)
         if not self._area_run(plan):
             self._run(self._scatterv(sendbuf, recvbuf, root, T_SCATTER, refused, blocks))
+        elif self._area.group.truncated:
+            raise _short_recvbuf(self)
         if refused:
             raise refused[0]
 

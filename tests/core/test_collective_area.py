@@ -429,10 +429,12 @@ def _bind_then(ep, slot, generation, members, action):
         u64[arrive + 2] = BCAST_BYTES
         u64[arrive + 3] = 1 if action == "bytes_nbytes" else 2
         u64[arrive] = base | 1
-    elif action == "scatter_rounds":  # a scatterv root's arrival: more rounds than any data
+    elif action in ("scatter_rounds", "scatter_block"):  # a scatterv root's arrival: more
+        # rounds than any data / one round whose block length for the victim is more than it
         u64[arrive + 1] = ep.region.geometry.coll_slab // 64 * 64  # (its one segment: 2 ranks)
         u64[arrive + 2] = KIND_SCATTER
-        u64[arrive + 3] = 1 << 60
+        u64[arrive + 3] = 1 << 60 if action == "scatter_rounds" else 1
+        u64[arrive + 4] = 1 << 40  # (the victim's block length: see CollectiveGroup.scatterv)
         u64[arrive] = base | 1
     elif action == "scatter_nbytes":  # a reduce-scatter arrival of one segment, not all
         u64[arrive + 1] = 64
@@ -459,6 +461,7 @@ def _bind_then(ep, slot, generation, members, action):
         ("bytes_rounds", ic.RingCorruptError, "rounds"),
         ("scatter_nbytes", ic.RingCorruptError, "nbytes"),
         ("scatter_rounds", ic.RingCorruptError, "rounds"),
+        ("scatter_block", ic.RingCorruptError, "block"),
         ("die", ic.PeerLostError, None),
     ],
 )
@@ -468,8 +471,8 @@ def test_hostile_or_dead_member_is_named_not_waited_for(
 ):
     """The victim's bcast (reduce_scatter for an arrival of its kind; gatherv for the rounds
     word; with max_rounds=1, the C path's case, for too many; scatterv with max_rounds=1,
-    whose root alone may take more rounds, for more than any message) on the C accelerator
-    and on the Python steps."""
+    whose root alone may take more rounds, for more than any message, and for a block length
+    over the rounds it announced) on the C accelerator and on the Python steps."""
     region = make_region(8 << 20, 2)
     with region.endpoint(0) as ep:
         slot, generation = claim_slot(region, 0, ep.incarnation)
@@ -485,7 +488,7 @@ def test_hostile_or_dead_member_is_named_not_waited_for(
                 group.gatherv(buf, None, [], [], root=1, max_rounds=1)
             elif action.startswith("bytes"):
                 group.bcast_bytes(b"", 1, [None, None])
-            elif action == "scatter_rounds":
+            elif action in ("scatter_rounds", "scatter_block"):
                 group.scatterv(None, [], [], buf, root=1, max_rounds=1)
             elif action == "scatter_nbytes":
                 group.reduce_scatter(np.arange(3.0), np.zeros(1), [1, 2], np.add)

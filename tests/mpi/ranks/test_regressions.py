@@ -596,3 +596,36 @@ def test_scatter_uneven_root_sendbuf_raises_and_keeps_the_area(block):
         assert (recv == rank).all()
     finally:
         comm.Free()
+
+
+@pytest.mark.parametrize("call", ["Scatter", "Scatterv"])
+def test_scatter_member_recvbuf_shorter_or_longer_than_its_part(call):
+    """A Scatter(v) rank (not the root) whose recvbuf is shorter than its part raises
+    MPI_ERR_TRUNCATE, as on messages and in MPICH (through the collective area it used to
+    get the part's first bytes and no error: the root published no block lengths); the
+    others get their parts and the area stays bound. A recvbuf longer than the part gets the
+    part and keeps the rest as it was (the area used to write slab bytes past the part)."""
+    world, size, rank = _one_region_world()
+    comm = world.Dup()
+    try:
+        root, short, block = 0, size - 1, 5
+        everything = np.repeat(np.arange(size, dtype=np.float64), block)
+        send = everything if rank == root else None
+        if call == "Scatterv" and rank == root:
+            send = [everything, [block] * size, MPI.DOUBLE]
+        before = area.completed(comm)
+        recv = np.full(block - 1 if rank == short else block, -1.0)
+        if rank == short:
+            with pytest.raises(MPI.Exception) as caught:
+                getattr(comm, call)(send, recv, root)
+            assert caught.value.Get_error_class() == MPI.ERR_TRUNCATE
+        else:
+            getattr(comm, call)(send, recv, root)
+            assert (recv == rank).all()
+        _bcast_in_the_area(comm, before)
+        recv = np.full(block if rank == root else block + 2, -1.0)
+        getattr(comm, call)(send, recv, root)
+        assert (recv[:block] == rank).all() and (recv[block:] == -1).all()
+        _bcast_in_the_area(comm, before)
+    finally:
+        comm.Free()
