@@ -817,14 +817,23 @@ def _bind(comm: Any) -> Area | bool:
     ep = engine.ep
     claimed = None
     comm._area = False  # a failure while binding leaves messages for good (on every rank)
-    if comm._rank == 0:
-        claimed = claim_slot(ep.region, ep.peer_id, ep.incarnation)
-        slot, generation = claimed or (-1, 0)
-        comm._bcast_view(memoryview(_BIND.pack(slot, generation)), 0, T_AREA)
-    else:
-        raw = bytearray(_BIND.size)
-        comm._bcast_view(memoryview(raw), 0, T_AREA)
-        slot, generation = _BIND.unpack(raw)
+    # Every member runs the binding broadcast to its end, even where another member has
+    # abandoned the instance already (`_coll_gone`: which makes a wait raise at once): a
+    # member in the middle of the tree forwards to others, who wait for it on T_AREA, outside
+    # the instance's tags, so no abandonment fails their receive (before: a member that saw
+    # the abandonment first left without forwarding and its subtree waited for ever).
+    gone, comm._coll_gone = comm._coll_gone, None
+    try:
+        if comm._rank == 0:
+            claimed = claim_slot(ep.region, ep.peer_id, ep.incarnation)
+            slot, generation = claimed or (-1, 0)
+            comm._bcast_view(memoryview(_BIND.pack(slot, generation)), 0, T_AREA)
+        else:
+            raw = bytearray(_BIND.size)
+            comm._bcast_view(memoryview(raw), 0, T_AREA)
+            slot, generation = _BIND.unpack(raw)
+    finally:
+        comm._coll_gone = gone
     if slot < 0:
         return False
     if slot >= ep.region.geometry.coll_slots or not 1 <= generation <= layout.COLL_GEN_MASK:
