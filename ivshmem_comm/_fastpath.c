@@ -2158,7 +2158,7 @@ typedef struct {
     long long slot;
     uint64_t gen;
     Py_ssize_t slab_size, seg;
-    Py_ssize_t sseg; /* a scatterv's segment: the root's slab cut for the others only */
+    Py_ssize_t sseg; /* a scatterv's and an alltoallv's segment: a slab cut for the others only */
     long long *peers;               /* peer id of each member */
     uint64_t **arrive, **sleep;     /* arrive[r * COLL_CELLS + cell], sleep[r] */
     unsigned char **slab;           /* slab[r * COLL_CELLS + cell] */
@@ -2398,7 +2398,7 @@ static void coll_expect(CollRound *c, int r, uint64_t *kind, uint64_t *nbytes)
     case CW_GATHERV: *nbytes = c->rank == c->root ? (uint64_t)c->counts[r] : 0; break;
     case CW_ALLGATHERV: *nbytes = (uint64_t)c->counts[r]; break;
     case CW_SCATTERV: *nbytes = (uint64_t)(c->sseg * (c->size - 1)); break;
-    case CW_ALLTOALLV: *nbytes = (uint64_t)(c->seg * c->size); break;
+    case CW_ALLTOALLV: *nbytes = (uint64_t)(c->sseg * (c->size - 1)); break;
     case CW_FOLD: *nbytes = (uint64_t)c->nbytes; break;
     default: *nbytes = 0; break;
     }
@@ -2481,10 +2481,12 @@ static void coll_publish(CollRound *c)
         for (int q = 0; q < c->size; q++) {
             if (q == me)
                 continue;
+            /* block q at (q - (q > me)) * sseg: the slab is cut for the others only */
+            unsigned char *block = slab + (q - (q > me)) * c->sseg;
             if (c->counts[q] >= COLL_STREAM_MIN) /* (see there: as a scatterv's) */
-                copy_bytes_streaming(slab + q * c->seg, send + c->displs[q], c->counts[q]);
+                copy_bytes_streaming(block, send + c->displs[q], c->counts[q]);
             else
-                memcpy(slab + q * c->seg, send + c->displs[q], (size_t)c->counts[q]);
+                memcpy(block, send + c->displs[q], (size_t)c->counts[q]);
         }
         break;
     case CW_FOLD: /* a reduce-scatter: block q (at displs[q] of send) at q * seg */
@@ -2630,9 +2632,10 @@ static int coll_consume(CollRound *c, int r)
         memcpy(recv + c->displs[r], theirs, (size_t)want_nbytes);
         break;
     case CW_ALLTOALLV: /* every rounds word read already (CP_ROUNDS); not declined: every
-                        * count of this member is within a segment */
+                        * count of this member is within a segment (sseg) */
         if (!c->declined)
-            memcpy(recv + c->rdispls[r], theirs + me * c->seg, (size_t)c->rcounts[r]);
+            memcpy(recv + c->rdispls[r], theirs + (me - (me > r)) * c->sseg,
+                   (size_t)c->rcounts[r]);
         break;
     case CW_BCAST_BYTES:
     case CW_GATHER_BYTES:
@@ -2938,7 +2941,7 @@ static int coll_prepare(CollRound *c)
          * nothing is written then (the caller's other way copies the own block too). */
         c->rounds_out = 1;
         for (int q = 0; q < c->size; q++)
-            if (c->counts[q] > c->seg || c->rcounts[q] > c->seg)
+            if (c->counts[q] > c->sseg || c->rcounts[q] > c->sseg)
                 c->rounds_out = 0;
         c->declined = !c->rounds_out; /* (its own block: copied once the others' are out) */
         break;
@@ -3632,7 +3635,7 @@ static PyObject *coll_front(CollRound *c, PyObject *const *args, Py_ssize_t narg
             goto out;
         has_recv = true;
         for (int q = 0; which == CF_ALLTOALL && q < size; q++)
-            if (c->rcounts[q] > c->seg)
+            if (c->rcounts[q] > c->sseg)
                 goto none;
         /* in place: recv's blocks are the send blocks (a second export, read-only) */
         if ((got = front_blocks(c, a == front_in_place ? b : a, false, &send, c->counts,

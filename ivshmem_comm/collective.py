@@ -970,8 +970,8 @@ class CollectiveGroup:
                 f"rank {me} sends itself {sendcounts[me]} bytes, expects {recvcounts[me]}"
             )
         recv[recvdispls[me] :][: recvcounts[me]] = send[senddispls[me] :][: sendcounts[me]]
-        seg = self._segment()
-        used = seg * self.size
+        seg = self._scatter_segment()  # (the slab holds no block of this member's own)
+        used = seg * (self.size - 1)
         mine = _rounds(max(*sendcounts, *recvcounts), seg)
         rounds = mine  # the most any member needs: known after the first round
         declined = max_rounds is not None and mine > max_rounds
@@ -980,7 +980,8 @@ class CollectiveGroup:
             slab = yield from self._enter()
             for q in self._others:
                 start, length = _pieces(sendcounts[q], seg, i)
-                slab[q * seg : q * seg + length] = send[senddispls[q] + start :][:length]
+                at = (q - (q > me)) * seg
+                slab[at : at + length] = send[senddispls[q] + start :][:length]
             self._publish(KIND_ALLTOALL, used, 0 if declined else mine)
             taken = []
             for r in self._others:
@@ -995,7 +996,7 @@ class CollectiveGroup:
                 return
             for r, theirs in taken:  # (their cells stay until this member publishes again)
                 start, length = _pieces(recvcounts[r], seg, i)
-                recv[recvdispls[r] + start :][:length] = theirs[me * seg :][:length]
+                recv[recvdispls[r] + start :][:length] = theirs[(me - (me > r)) * seg :][:length]
             i += 1
 
     # ------------------------------------------------------------------ byte strings
@@ -1559,8 +1560,9 @@ class CollectiveGroup:
         return self.slab_size // self.size // layout.CACHE_LINE * layout.CACHE_LINE or 1
 
     def _scatter_segment(self) -> int:
-        """Bytes of each destination's part of a scatterv root's slab, split among the
-        members but the root (which sends itself nothing through it)."""
+        """Bytes of each destination's part of a scatterv root's or an alltoallv member's
+        slab, split among the members but its writer (which sends itself nothing through it:
+        at 2 members a 256 KiB slab takes 256 KiB Alltoall blocks, not 128 KiB)."""
         parts = max(1, self.size - 1)
         return self.slab_size // parts // layout.CACHE_LINE * layout.CACHE_LINE or 1
 

@@ -2999,7 +2999,7 @@ def _over_a_round(shared: area.Area, buf: Any, size: int) -> bool:
     the area; False for an argument that does not resolve, whose error Alltoallv then raises
     as the collective's (so that the other members learn of it, see the module docstring)."""
     try:
-        return _block_bytes(buf, size) > shared.group._segment()
+        return _block_bytes(buf, size) > shared.group._scatter_segment()
     except Exception:
         return False
 

@@ -26,10 +26,10 @@ SEG = 4096  # bytes of "one segment" where there is no area (one rank)
 
 
 def _segment(comm: MPI.Intracomm) -> int:
-    """Bytes of one destination's part of this communicator's area slab (SEG without one)."""
+    """Bytes of one destination's part of an alltoall's area slab (SEG without one)."""
     comm.Barrier()  # (binds the area)
     shared = area.current(comm)
-    return shared.group._segment() if shared is not None else SEG
+    return shared.group._scatter_segment() if shared is not None else SEG
 
 
 def _lane_ready(comm: MPI.Intracomm) -> bool:
@@ -185,7 +185,7 @@ def test_alltoall_over_a_segment_takes_no_area_round(comm, form):
     shared = area.current(comm)
     if shared is None:
         pytest.skip("no area here (one rank)")
-    n = shared.group._segment() + 1
+    n = shared.group._scatter_segment() + 1
     send = np.concatenate([_block(rank, q, n) for q in range(size)])
     recv = send.copy() if form == "in_place" else np.zeros_like(send)
     want = np.concatenate([_block(r, rank, n) for r in range(size)])

@@ -75,7 +75,7 @@ def test_payloads_at_the_slab_limit(comm, call, extra):
         "Bcast": group.slab_size if group else 1 << 18,
         "Allgather": group.slab_size if group else 1 << 18,
         "Scatter": group._scatter_segment() if group else 1 << 17,
-        "Alltoall": group._segment() if group else 1 << 17,
+        "Alltoall": group._scatter_segment() if group else 1 << 17,
     }[call]
     if call == "Scatter" and extra:  # (a crowded root takes up to COLL_CELLS rounds)
         limit *= layout.COLL_CELLS

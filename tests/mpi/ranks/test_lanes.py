@@ -574,7 +574,7 @@ def test_alltoallv_streamed_blocks_arrive_whole(comm, in_place):
     size, rank = comm.Get_size(), comm.Get_rank()
     comm.Barrier()  # (binds the area)
     shared = area.current(comm)
-    seg = shared.group._segment() if shared is not None else 1 << 16
+    seg = shared.group._scatter_segment() if shared is not None else 1 << 16
 
     def count(r: int, q: int) -> int:
         return min(seg, (1 << 14) - 1 + 29 * ((r + q) % 3))

@@ -360,7 +360,7 @@ def _large(call: str, comm: MPI.Intracomm, salt: int, form: str) -> tuple[MPI.Re
     size, rank = comm.Get_size(), comm.Get_rank()
     if call == "Ialltoall":
         shared = area.current(comm)
-        n = (shared.group._segment() if shared is not None else 1 << 16) + 5
+        n = (shared.group._scatter_segment() if shared is not None else 1 << 16) + 5
         send = ((rank * 31 + np.arange(n * size) + salt) % 251).astype("u1")
         want = np.concatenate([(r * 31 + np.arange(n * rank, n * rank + n) + salt) % 251
                                for r in range(size)]).astype("u1")  # fmt: skip
