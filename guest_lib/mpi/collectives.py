@@ -1801,6 +1801,7 @@ class Collectives:
             dist <<= 1
 
     def barrier(self) -> None:
+        """Barrier under mpi4py's lowercase name: return once every member has entered it."""
         self.Barrier()
 
     # ------------------------------------------------------------------ broadcast
@@ -2155,8 +2156,9 @@ class Collectives:
 
     @collective(fast=_f_gather)
     def Gatherv(self, sendbuf: Any, recvbuf: Any, root: int = 0) -> None:
-        """Gather by the counts and displacements of the root's recvbuf (see Gather; its root's
-        own count must match its sendbuf)."""
+        """Gather by the counts and displacements of the root's recvbuf.
+
+        As Gather otherwise; the root's own count must match its sendbuf."""
         self._gather_buf(sendbuf, recvbuf, root, False)
 
     def _gather_buf(self, sendbuf: Any, recvbuf: Any, root: int, blocks: bool) -> None:
@@ -2220,8 +2222,9 @@ class Collectives:
 
     @collective(fast=_f_scatter)
     def Scatterv(self, sendbuf: Any, recvbuf: Any, root: int = 0) -> None:
-        """Scatter by the counts and displacements of the root's sendbuf (see Scatter; one
-        without them is split as evenly as can be)."""
+        """Scatter by the counts and displacements of the root's sendbuf.
+
+        As Scatter otherwise; a sendbuf without them is split as evenly as can be."""
         self._scatter_buf(sendbuf, recvbuf, root, False)
 
     def _scatter_buf(self, sendbuf: Any, recvbuf: Any, root: int, blocks: bool) -> None:

@@ -21,6 +21,7 @@ only: the pure-Python path repeats the rank-side suite of this project instead.
 from __future__ import annotations
 
 import collections
+import fcntl
 import importlib.metadata
 import json
 import os
@@ -75,6 +76,17 @@ def sdist_part(part: str, marker: str) -> Path:
     if (target / marker).exists():
         return target
     CACHE.mkdir(parents=True, exist_ok=True)
+    # one process at a time (xdist workers): a second one's os.replace onto the first's
+    # directory failed with ENOTEMPTY in a dry run; the one that waited finds it there
+    with open(CACHE / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (target / marker).exists():
+            _download_part(part, target)
+    return target
+
+
+def _download_part(part: str, target: Path) -> None:
+    """Download the sdist and extract its directory `part` to `target` (see sdist_part)."""
     with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
         subprocess.run(
             [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
@@ -88,7 +100,6 @@ def sdist_part(part: str, marker: str) -> Path:
             archive.extractall(tmp, members=members, filter="data")
         target.parent.mkdir(parents=True, exist_ok=True)
         os.replace(Path(tmp) / f"mpi4py-{VERSION}" / part, target)
-    return target
 
 
 def suite_dir() -> Path:
