@@ -4693,6 +4693,64 @@ fail:
     return NULL;
 }
 
+/* irecv_post(buf, source, tag, at): Irecv's post of a plain receive in one call, with `at` the
+ * tuple (posted, ctx, src, peer, engine, rank_of, unexpected, count, service, sizes, tag_ub,
+ * any_tag) a communicator keeps for one source (guest_lib.mpi.comm: Comm._irecv_at, made
+ * where Irecv found the source's route posting with the engine, Route.post): when `source` is
+ * an int (not a subclass: the key it was found by may be an equal float) and `tag` one in
+ * 0..tag_ub or any_tag, the engine's `unexpected` list is empty, no other thread runs
+ * (count() == service[0], as the P2PLane reads other_threads()) and flat_view(buf, True,
+ * sizes) takes `buf`, post_recv(posted, that view, ctx, src, tag, peer, engine, rank_of,
+ * None): the Request. None (nothing done) for anything else, for Irecv's Python path to
+ * decide; TypeError for an `at` of another shape; what flat_view, count() or the post raise. */
+enum {
+    IR_POSTED, IR_CTX, IR_SRC, IR_PEER, IR_ENGINE, IR_RANK_OF, IR_UNEXPECTED, IR_COUNT,
+    IR_SERVICE, IR_SIZES, IR_TAG_UB, IR_ANY_TAG, IR_N
+};
+
+static PyObject *irecv_post(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (check_nargs("irecv_post", nargs, 4) < 0)
+        return NULL;
+    PyObject *at = args[3], *tag = args[2];
+    if (!PyTuple_CheckExact(at) || PyTuple_GET_SIZE(at) != IR_N ||
+        !PyList_CheckExact(PyTuple_GET_ITEM(at, IR_UNEXPECTED)) ||
+        !PyList_CheckExact(PyTuple_GET_ITEM(at, IR_SERVICE)) ||
+        PyList_GET_SIZE(PyTuple_GET_ITEM(at, IR_SERVICE)) < 1) {
+        PyErr_SetString(PyExc_TypeError, "irecv_post: at must be a tuple of 12 (see there)");
+        return NULL;
+    }
+    long long value, tag_ub, any_tag;
+    if (!PyLong_CheckExact(args[1]) || !PyLong_CheckExact(tag) || as_long_long(tag, &value) != 0 ||
+        as_long_long(PyTuple_GET_ITEM(at, IR_TAG_UB), &tag_ub) != 0 ||
+        as_long_long(PyTuple_GET_ITEM(at, IR_ANY_TAG), &any_tag) != 0) {
+        if (PyErr_Occurred())
+            return NULL;
+        Py_RETURN_NONE;
+    }
+    if (!((value >= 0 && value <= tag_ub) || value == any_tag) ||
+        PyList_GET_SIZE(PyTuple_GET_ITEM(at, IR_UNEXPECTED)) != 0)
+        Py_RETURN_NONE;
+    PyObject *n = PyObject_CallNoArgs(PyTuple_GET_ITEM(at, IR_COUNT));
+    if (n == NULL)
+        return NULL;
+    int threads =
+        PyObject_RichCompareBool(n, PyList_GET_ITEM(PyTuple_GET_ITEM(at, IR_SERVICE), 0), Py_NE);
+    Py_DECREF(n);
+    if (threads != 0)
+        return threads < 0 ? NULL : Py_NewRef(Py_None);
+    PyObject *view_args[3] = {args[0], Py_True, PyTuple_GET_ITEM(at, IR_SIZES)};
+    PyObject *view = flat_view(module, view_args, 3);
+    if (view == NULL || view == Py_None)
+        return view;
+    PyObject *request = p2preq_post(
+        PyTuple_GET_ITEM(at, IR_POSTED), view, PyTuple_GET_ITEM(at, IR_CTX),
+        PyTuple_GET_ITEM(at, IR_SRC), tag, PyTuple_GET_ITEM(at, IR_PEER),
+        PyTuple_GET_ITEM(at, IR_ENGINE), PyTuple_GET_ITEM(at, IR_RANK_OF), Py_None);
+    Py_DECREF(view);
+    return request;
+}
+
 /* set_front(ndarray, in_place, sizes, folds, ops): front()'s tables (see there). */
 static PyObject *set_front(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
 {
@@ -4726,6 +4784,8 @@ static PyMethodDef module_methods[] = {
      "set_front(ndarray, in_place, sizes, folds, ops): CollectiveRound.front's tables."},
     {"flat_view", (PyCFunction)(void (*)(void))flat_view, METH_FASTCALL,
      "flat_view(spec, writable, sizes): a plain message spec's flat byte view, or None."},
+    {"irecv_post", (PyCFunction)(void (*)(void))irecv_post, METH_FASTCALL,
+     "irecv_post(buf, source, tag, at): Irecv's post of a plain receive in one call, or None."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -162,19 +162,13 @@ static PyObject *new_request(PyObject *Py_UNUSED(module), PyObject *const *args,
     return make_request(args[0], args[1], args[2], args[3]);
 }
 
-/* post_recv(posted, view, ctx, src, tag, peer, engine, rank_of, finish): a RecvOp(ctx, src,
- * tag, view, None, peer) appended to the list `posted`, and a Request on it
- * (request_of(op, engine, rank_of, finish)), returned. The caller has checked that the
- * receive is to be queued as it is (matching.Matching.post's lone-thread case). */
-static PyObject *post_recv(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+PyObject *p2preq_post(PyObject *posted, PyObject *view, PyObject *ctx, PyObject *src,
+                      PyObject *tag, PyObject *peer, PyObject *engine, PyObject *rank_of,
+                      PyObject *finish)
 {
-    if (nargs != 9) {
-        PyErr_SetString(PyExc_TypeError, "post_recv takes 9 arguments");
-        return NULL;
-    }
     if (check_registered("post_recv") < 0)
         return NULL;
-    if (!PyList_CheckExact(args[0])) {
+    if (!PyList_CheckExact(posted)) {
         PyErr_SetString(PyExc_TypeError, "post_recv: posted must be a list");
         return NULL;
     }
@@ -186,22 +180,33 @@ static PyObject *post_recv(PyObject *Py_UNUSED(module), PyObject *const *args, P
         Py_DECREF(world);
         return NULL;
     }
-    slot_set(op, recv_off[O_CTX], args[2]);
-    slot_set(op, recv_off[O_SRC], args[3]);
-    slot_set(op, recv_off[O_WANT_TAG], args[4]);
-    slot_set(op, recv_off[O_VIEW], args[1]);
-    slot_set(op, recv_off[O_PEER], args[5]);
+    slot_set(op, recv_off[O_CTX], ctx);
+    slot_set(op, recv_off[O_SRC], src);
+    slot_set(op, recv_off[O_WANT_TAG], tag);
+    slot_set(op, recv_off[O_VIEW], view);
+    slot_set(op, recv_off[O_PEER], peer);
     Py_XSETREF(SLOT(op, recv_off[O_MPI_WORLD]), world);
     for (int i = O_DONE; i < O_N; i++)
         slot_set(op, recv_off[i], recv_default[i]);
-    PyObject *request = make_request(op, args[6], args[7], args[8]);
-    if (request == NULL || PyList_Append(args[0], op) < 0) {
+    PyObject *request = make_request(op, engine, rank_of, finish);
+    if (request == NULL || PyList_Append(posted, op) < 0) {
         Py_XDECREF(request);
         Py_DECREF(op);
         return NULL;
     }
     Py_DECREF(op);
     return request;
+}
+
+/* post_recv(posted, view, ctx, src, tag, peer, engine, rank_of, finish): p2preq_post. */
+static PyObject *post_recv(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 9) {
+        PyErr_SetString(PyExc_TypeError, "post_recv takes 9 arguments");
+        return NULL;
+    }
+    return p2preq_post(args[0], args[1], args[2], args[3], args[4], args[5], args[6], args[7],
+                       args[8]);
 }
 
 /* Whether the type of `op` reads done/error/cancelled from the registered slots: 1 or 0. */

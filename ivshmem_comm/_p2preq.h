@@ -10,6 +10,15 @@
  * an exception set. */
 int p2preq_add_functions(PyObject *module);
 
+/* A RecvOp(ctx, src, tag, view, None, peer) appended to the list `posted`, and a Request on
+ * it (request_of(op, engine, rank_of, finish)), returned (new reference); NULL with an
+ * exception (TypeError: `posted` not a list, or the types not registered). The caller has
+ * checked that the receive is to be queued as it is (matching.Matching.post's lone-thread
+ * case). The C side of ring.post_recv and of ring.irecv_post (_fastpath.c). */
+PyObject *p2preq_post(PyObject *posted, PyObject *view, PyObject *ctx, PyObject *src,
+                      PyObject *tag, PyObject *peer, PyObject *engine, PyObject *rank_of,
+                      PyObject *finish);
+
 /* For the ring's take_posted (_fastpath.c), which matches messages to the MPI face's posted
  * receives: an entry of exactly the registered RecvOp type is read and written at its slots,
  * any other through getattr/setattr as before. */

@@ -41,6 +41,7 @@ set_front: Any = None
 p2p_types: Any = None
 new_request: Any = None
 post_recv: Any = None
+irecv_post: Any = None
 first_pending: Any = None
 null_done: Any = None
 MemoryExporter: Any = None
@@ -82,6 +83,7 @@ else:
             first_pending,
             flat_view,
             full_fence,
+            irecv_post,
             new_request,
             null_done,
             p2p_types,
@@ -129,6 +131,7 @@ __all__ = [
     "first_pending",
     "flat_view",
     "full_fence",
+    "irecv_post",
     "new_request",
     "null_done",
     "p2p_types",

@@ -67,6 +67,7 @@ _DECLINE_BIT = constants.MAX_CONTEXT + 1  # in a context map: "not my turn, agre
 T_GROUP = 1 << 16  # tags T_GROUP + n on a collective context: Create_group (tag n)
 _EMPTY = memoryview(b"")
 _post_recv = ring.post_recv  # Irecv's post in C (None on the pure-Python path)
+_irecv_post = ring.irecv_post  # Irecv's checks and post in one C call (see Comm._irecv_at)
 _ROUTE_POST = Route.post  # the routes whose post is the engine's (not mpi4py's)
 # The op of every nonblocking send written whole at once (Isend's fast path): complete, and
 # no field of a complete op is written again (Cancel and Free leave it), so one serves all.
@@ -147,6 +148,10 @@ class Comm(attributes.Cached, Handle):
         self._gen = engine.ctx_gen.get(ctx, 0) if engine is not None else 0
         self._area: Any = None  # its collective area: see area.py (None: not bound yet)
         self._area_claim: Any = None  # a dropped area whose slot this rank holds until Free
+        # Irecv's one-call post (ring.irecv_post) by source: the tuple of what its Python path
+        # looked up for a source whose route posts with the engine (Route.post), made there on
+        # the first such Irecv; emptied where that path changes (Free, a revoke)
+        self._irecv_at: dict[int, tuple[Any, ...]] = {}
 
     def _bind(self, comm: Comm) -> None:
         """Make this new handle another handle on `comm`'s communicator.
@@ -195,6 +200,7 @@ class Comm(attributes.Cached, Handle):
         if engine.revoked and self._ctx in engine.revoked:
             self._shm_peer = {}  # (the fast paths of Send and Recv: off, so they raise too)
             self._src_route = {}  # (Irecv's direct post: off)
+            self._irecv_at = {}
             reason = engine.revoked[self._ctx]
             raise exceptions.Exception(exceptions.ERR_REVOKED, f"{self!r} is {reason}")
         return engine
@@ -802,6 +808,11 @@ class Comm(attributes.Cached, Handle):
         message longer than the buffer fails the request with ERR_TRUNCATE. MPI.Exception(ERR_RANK/
         ERR_TAG) for a bad source or tag; from PROC_NULL the request is already complete.
         """
+        at = self._irecv_at.get(source)
+        if at is not None:  # what the post below does, checks and all, in one C call
+            request = _irecv_post(buf, source, tag, at)
+            if request is not None:
+                return request
         route = self._src_route.get(source)  # None: PROC_NULL or not a rank (checked below)
         if (  # not a rank (or ANY_SOURCE), a bad tag or a freed comm: the checks and errors
             route is None
@@ -821,15 +832,19 @@ class Comm(attributes.Cached, Handle):
         else:  # post at once: the route lookup was the rank check
             src = source if source == constants.ANY_SOURCE else self._group[source]
             engine: Engine = self._engine  # type: ignore[assignment]  # (checked above)
-            if (  # Route.post's engine.post, its lone-thread case (queued as it is) in C
-                _post_recv is not None
-                and type(route).post is _ROUTE_POST
-                and not (engine.unexpected or _count() - _service[0])
-            ):
-                return _post_recv(
-                    engine.posted, view, self._ctx, src, tag, route.peer, engine,
-                    self._rank_of, finish,
-                )  # fmt: skip
+            if _post_recv is not None and type(route).post is _ROUTE_POST:
+                if _irecv_post is not None:
+                    self._irecv_at[source] = (
+                        engine.posted, self._ctx, src, route.peer, engine, self._rank_of,
+                        engine.unexpected, _count, _service, _SIZES, constants.TAG_UB,
+                        constants.ANY_TAG,
+                    )  # fmt: skip
+                if not (engine.unexpected or _count() - _service[0]):
+                    # Route.post's engine.post, its lone-thread case (queued as it is) in C
+                    return _post_recv(
+                        engine.posted, view, self._ctx, src, tag, route.peer, engine,
+                        self._rank_of, finish,
+                    )  # fmt: skip
             op = route.post(self, RecvOp(self._ctx, src, tag, view, None, route.peer), source)
         return request_of(op, self._engine, self._rank_of, finish)
 
@@ -1113,6 +1128,7 @@ class Comm(attributes.Cached, Handle):
                 native.free_mirrors((self._mirror, self._mirror_coll))
         self._engine = None
         self._shm_peer = {}
+        self._irecv_at = {}
         self._null = True
 
     def Disconnect(self) -> None:

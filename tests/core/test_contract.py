@@ -43,6 +43,7 @@ MODULE_NAMES = {
     "p2p_types",
     "new_request",
     "post_recv",
+    "irecv_post",
     "null_done",
     "first_pending",
     "P2PLane",

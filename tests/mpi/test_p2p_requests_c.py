@@ -1,8 +1,8 @@
 """The C request objects of Isend/Irecv/Waitall (ivshmem_comm/_p2preq.c) against their Python
 references in guest_lib.mpi.request: new_request == request_of, post_recv == a RecvOp queued
-with a Request on it, null_done == _null_done on every case of its rule (which requests it
-nulls, which make it refuse, which errors it raises), Op subclasses whose `done` is a
-property read as Python reads them."""
+with a Request on it, irecv_post == post_recv of a plain spec's view or None, null_done ==
+_null_done on every case of its rule (which requests it nulls, which make it refuse, which
+errors it raises), Op subclasses whose `done` is a property read as Python reads them."""
 
 from __future__ import annotations
 
@@ -62,6 +62,57 @@ def test_post_recv_queues_the_receive_python_makes() -> None:
         _fastpath.post_recv((), view, 6, 4, 9, 2, engine, rank_of, None)
     with pytest.raises(TypeError):
         _fastpath.post_recv(posted, view, 6, 4, 9, 2, engine, rank_of)
+
+
+def _irecv_at(posted: list[Any], unexpected: list[Any], count: Any, running: list[int]) -> Any:
+    """An irecv_post `at` tuple (Comm._irecv_at's shape) with these lists and thread count."""
+    from guest_lib.mpi.buffers import quick_parts
+
+    engine, rank_of = object(), {4: 1}
+    return (posted, 6, 4, 2, engine, rank_of, unexpected, count, running, quick_parts()[1],
+            constants.TAG_UB, constants.ANY_TAG)  # fmt: skip
+
+
+@needs_c
+def test_irecv_post_posts_as_post_recv_or_declines() -> None:
+    """irecv_post(buf, source, tag, at) queues what post_recv queues for the spec's flat
+    view, and declines (None, nothing queued) a source not an int, a bad tag, a spec quick
+    does not take, a non-empty unexpected list and other threads; a malformed `at` is a
+    TypeError."""
+    posted: list[Any] = []
+    unexpected: list[Any] = []
+    running = [0]
+    at = _irecv_at(posted, unexpected, lambda: running[0], running)
+    buf = bytearray(8)
+    for tag in (9, constants.ANY_TAG, constants.TAG_UB):
+        request = _fastpath.irecv_post(buf, 4, tag, at)
+        op = posted[-1]
+        assert request._op is op and type(op) is RecvOp and op.want_tag == tag
+        want = RecvOp(6, 4, tag, op.view, None, 2)
+        assert _slots(op, OP_SLOTS) == _slots(want, OP_SLOTS)
+        assert bytes(op.view) == bytes(8) and op.view.nbytes == 8 and not op.view.readonly
+        assert request._engine is at[4] and request._rank_of is at[5] and request._finish is None
+    assert len(posted) == 3
+    declined = [
+        (buf, -5), (buf, constants.TAG_UB + 1), (buf, True), (buf, 2**70), (buf, "1"),
+        (bytes(8), 1), (bytearray(), 1), ([buf, 9, None], 1), (object(), 1),
+    ]  # fmt: skip
+    for spec, tag in declined:
+        assert _fastpath.irecv_post(spec, 4, tag, at) is None, (spec, tag)
+    for source in (4.0, True, "4"):
+        assert _fastpath.irecv_post(buf, source, 1, at) is None
+    unexpected.append(object())
+    assert _fastpath.irecv_post(buf, 4, 1, at) is None
+    unexpected.clear()
+    at_threads = _irecv_at(posted, unexpected, lambda: 1, running)  # a thread not a service's
+    assert _fastpath.irecv_post(buf, 4, 1, at_threads) is None
+    assert len(posted) == 3
+    with pytest.raises(TypeError):
+        _fastpath.irecv_post(buf, 4, 1, at[:-1])
+    with pytest.raises(TypeError):
+        _fastpath.irecv_post(buf, 4, 1, list(at))
+    with pytest.raises(TypeError):
+        _fastpath.irecv_post(buf, 4, 1)
 
 
 class _LazyOp(Op):
