@@ -4693,6 +4693,38 @@ fail:
     return NULL;
 }
 
+/* isend_post(buf, dest, tag, at): Isend's send of a plain spec written whole at once, in one
+ * call, with `at` the tuple (lane, peer, ctx, sent) a communicator keeps for one destination
+ * on shared memory (guest_lib.mpi.comm: Comm._isend_at): when `dest` is an int (not a
+ * subclass: the key it was found by may be an equal float), lane.send(peer, ctx, tag, buf)
+ * and, when that sent it, Request(sent, the lane's engine, None, None): the complete
+ * request Isend returns. None (nothing sent) for anything else, for Isend's Python path to
+ * decide; TypeError for an `at` of another shape; what lane.send or the request raise. */
+static PyObject *isend_post(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    if (check_nargs("isend_post", nargs, 4) < 0)
+        return NULL;
+    PyObject *at = args[3];
+    if (!PyTuple_CheckExact(at) || PyTuple_GET_SIZE(at) != 4 ||
+        !PyObject_TypeCheck(PyTuple_GET_ITEM(at, 0), &P2PLaneType)) {
+        PyErr_SetString(PyExc_TypeError, "isend_post: at must be (lane, peer, ctx, sent)");
+        return NULL;
+    }
+    if (!PyLong_CheckExact(args[1]))
+        Py_RETURN_NONE;
+    P2PLane *lane = (P2PLane *)PyTuple_GET_ITEM(at, 0);
+    PyObject *send[4] = {PyTuple_GET_ITEM(at, 1), PyTuple_GET_ITEM(at, 2), args[2], args[0]};
+    PyObject *sent = lane_send(lane, send, 4);
+    if (sent != Py_True) {
+        if (sent == NULL)
+            return NULL;
+        Py_DECREF(sent);
+        Py_RETURN_NONE;
+    }
+    Py_DECREF(sent);
+    return p2preq_request(PyTuple_GET_ITEM(at, 3), lane->engine, Py_None, Py_None);
+}
+
 /* irecv_post(buf, source, tag, at): Irecv's post of a plain receive in one call, with `at` the
  * tuple (posted, ctx, src, peer, engine, rank_of, unexpected, count, service, sizes, tag_ub,
  * any_tag) a communicator keeps for one source (guest_lib.mpi.comm: Comm._irecv_at, made
@@ -4784,6 +4816,8 @@ static PyMethodDef module_methods[] = {
      "set_front(ndarray, in_place, sizes, folds, ops): CollectiveRound.front's tables."},
     {"flat_view", (PyCFunction)(void (*)(void))flat_view, METH_FASTCALL,
      "flat_view(spec, writable, sizes): a plain message spec's flat byte view, or None."},
+    {"isend_post", (PyCFunction)(void (*)(void))isend_post, METH_FASTCALL,
+     "isend_post(buf, dest, tag, at): Isend's send written whole at once, in one call, or None."},
     {"irecv_post", (PyCFunction)(void (*)(void))irecv_post, METH_FASTCALL,
      "irecv_post(buf, source, tag, at): Irecv's post of a plain receive in one call, or None."},
     {NULL, NULL, 0, NULL},

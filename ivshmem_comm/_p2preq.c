@@ -157,9 +157,14 @@ static PyObject *new_request(PyObject *Py_UNUSED(module), PyObject *const *args,
         PyErr_SetString(PyExc_TypeError, "new_request takes 4 arguments");
         return NULL;
     }
+    return p2preq_request(args[0], args[1], args[2], args[3]);
+}
+
+PyObject *p2preq_request(PyObject *op, PyObject *engine, PyObject *rank_of, PyObject *finish)
+{
     if (check_registered("new_request") < 0)
         return NULL;
-    return make_request(args[0], args[1], args[2], args[3]);
+    return make_request(op, engine, rank_of, finish);
 }
 
 PyObject *p2preq_post(PyObject *posted, PyObject *view, PyObject *ctx, PyObject *src,

@@ -10,6 +10,11 @@
  * an exception set. */
 int p2preq_add_functions(PyObject *module);
 
+/* Request(op, engine, rank_of, finish), as request_of makes it (new reference); NULL with an
+ * exception (RuntimeError: the types not registered). The C side of ring.new_request and of
+ * ring.isend_post (_fastpath.c). */
+PyObject *p2preq_request(PyObject *op, PyObject *engine, PyObject *rank_of, PyObject *finish);
+
 /* A RecvOp(ctx, src, tag, view, None, peer) appended to the list `posted`, and a Request on
  * it (request_of(op, engine, rank_of, finish)), returned (new reference); NULL with an
  * exception (TypeError: `posted` not a list, or the types not registered). The caller has

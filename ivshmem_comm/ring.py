@@ -42,6 +42,7 @@ p2p_types: Any = None
 new_request: Any = None
 post_recv: Any = None
 irecv_post: Any = None
+isend_post: Any = None
 first_pending: Any = None
 null_done: Any = None
 MemoryExporter: Any = None
@@ -84,6 +85,7 @@ else:
             flat_view,
             full_fence,
             irecv_post,
+            isend_post,
             new_request,
             null_done,
             p2p_types,
@@ -132,6 +134,7 @@ __all__ = [
     "flat_view",
     "full_fence",
     "irecv_post",
+    "isend_post",
     "new_request",
     "null_done",
     "p2p_types",

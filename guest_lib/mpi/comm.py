@@ -68,6 +68,7 @@ T_GROUP = 1 << 16  # tags T_GROUP + n on a collective context: Create_group (tag
 _EMPTY = memoryview(b"")
 _post_recv = ring.post_recv  # Irecv's post in C (None on the pure-Python path)
 _irecv_post = ring.irecv_post  # Irecv's checks and post in one C call (see Comm._irecv_at)
+_isend_post = ring.isend_post  # Isend's lane send and request in one C call (Comm._isend_at)
 _ROUTE_POST = Route.post  # the routes whose post is the engine's (not mpi4py's)
 # The op of every nonblocking send written whole at once (Isend's fast path): complete, and
 # no field of a complete op is written again (Cancel and Free leave it), so one serves all.
@@ -152,6 +153,9 @@ class Comm(attributes.Cached, Handle):
         # looked up for a source whose route posts with the engine (Route.post), made there on
         # the first such Irecv; emptied where that path changes (Free, a revoke)
         self._irecv_at: dict[int, tuple[Any, ...]] = {}
+        # Isend's one-call send (ring.isend_post) by destination: (lane, peer, ctx, _SENT) of
+        # a destination on shared memory, made on the first Isend to it; emptied with _shm_peer
+        self._isend_at: dict[int, tuple[Any, ...]] = {}
 
     def _bind(self, comm: Comm) -> None:
         """Make this new handle another handle on `comm`'s communicator.
@@ -200,7 +204,7 @@ class Comm(attributes.Cached, Handle):
         if engine.revoked and self._ctx in engine.revoked:
             self._shm_peer = {}  # (the fast paths of Send and Recv: off, so they raise too)
             self._src_route = {}  # (Irecv's direct post: off)
-            self._irecv_at = {}
+            self._irecv_at, self._isend_at = {}, {}
             reason = engine.revoked[self._ctx]
             raise exceptions.Exception(exceptions.ERR_REVOKED, f"{self!r} is {reason}")
         return engine
@@ -763,12 +767,20 @@ class Comm(attributes.Cached, Handle):
         is in the queue, in MPI, or copied). MPI.Exception(ERR_RANK/ERR_TAG) for a bad destination
         or tag; to PROC_NULL the request is already complete.
         """
+        at = self._isend_at.get(dest)
+        if at is not None:  # the lane's send below and its request, in one C call
+            request = _isend_post(buf, dest, tag, at)
+            if request is not None:
+                return request
         peer = self._shm_peer.get(dest)  # None: not a rank on shared memory, or a freed comm
         if peer is not None and 0 <= tag <= constants.TAG_UB:
             engine: Engine = self._engine  # type: ignore[assignment]  # a peer: an engine
             lane = engine.lane
-            if lane is not None and lane.send(peer, self._ctx, tag, buf):  # (one C call)
-                return new_request(_SENT, engine, None, None)
+            if lane is not None:
+                if _isend_post is not None:
+                    self._isend_at[dest] = (lane, peer, self._ctx, _SENT)
+                if lane.send(peer, self._ctx, tag, buf):  # (one C call)
+                    return new_request(_SENT, engine, None, None)
             view = _quick(buf, False, _SIZES)
             if view is not None:  # a plain spec to a peer on shared memory: no more checks
                 if engine.fast_send(peer, self._ctx << _CTX_SHIFT | tag, view, 0.0):
@@ -1128,7 +1140,7 @@ class Comm(attributes.Cached, Handle):
                 native.free_mirrors((self._mirror, self._mirror_coll))
         self._engine = None
         self._shm_peer = {}
-        self._irecv_at = {}
+        self._irecv_at, self._isend_at = {}, {}
         self._null = True
 
     def Disconnect(self) -> None:

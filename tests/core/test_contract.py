@@ -44,6 +44,7 @@ MODULE_NAMES = {
     "new_request",
     "post_recv",
     "irecv_post",
+    "isend_post",
     "null_done",
     "first_pending",
     "P2PLane",

@@ -1,8 +1,9 @@
 """The C request objects of Isend/Irecv/Waitall (ivshmem_comm/_p2preq.c) against their Python
 references in guest_lib.mpi.request: new_request == request_of, post_recv == a RecvOp queued
-with a Request on it, irecv_post == post_recv of a plain spec's view or None, null_done ==
-_null_done on every case of its rule (which requests it nulls, which make it refuse, which
-errors it raises), Op subclasses whose `done` is a property read as Python reads them."""
+with a Request on it, irecv_post == post_recv of a plain spec's view or None, isend_post's
+checks, null_done == _null_done on every case of its rule (which requests it nulls, which
+make it refuse, which errors it raises), Op subclasses whose `done` is a property read as
+Python reads them."""
 
 from __future__ import annotations
 
@@ -113,6 +114,22 @@ def test_irecv_post_posts_as_post_recv_or_declines() -> None:
         _fastpath.irecv_post(buf, 4, 1, list(at))
     with pytest.raises(TypeError):
         _fastpath.irecv_post(buf, 4, 1)
+
+
+@needs_c
+def test_isend_post_checks_its_tuple_and_dest() -> None:
+    """isend_post(buf, dest, tag, at) refuses an `at` not (P2PLane, peer, ctx, sent)
+    (TypeError) and declines (None) a dest not an int before it sends anything (the lane's
+    own rule, a send written whole, is test_p2p_lane's; the rank tests send through it)."""
+    with pytest.raises(TypeError):
+        _fastpath.isend_post(bytearray(8), 1, 0, (object(), 1, 0, None))
+    with pytest.raises(TypeError):
+        _fastpath.isend_post(bytearray(8), 1, 0, ())
+    with pytest.raises(TypeError):
+        _fastpath.isend_post(bytearray(8), 1, 0)
+    lane = _fastpath.P2PLane.__new__(_fastpath.P2PLane)  # (never initialised: never reached)
+    for dest in (1.0, True, "1", None):
+        assert _fastpath.isend_post(bytearray(8), dest, 0, (lane, 1, 0, None)) is None
 
 
 class _LazyOp(Op):

@@ -274,27 +274,36 @@ def test_any_source_on_a_pair(comm):
         pair.Free()
 
 
-def test_irecv_one_call_post_keeps_irecv_rules(comm):
-    """Irecv's later posts from a source take the one-call post (ring.irecv_post, C) and
-    keep the rules of its first: the data and status arrive, a float source and a bad tag
-    raise as on the first call, and a freed communicator's Irecv raises ERR_COMM."""
+def test_one_call_isend_irecv_keep_their_rules(comm):
+    """Irecv's later posts from a source and Isend's later sends to a destination take their
+    one-call paths (ring.irecv_post, ring.isend_post: C) and keep the rules of the first: the
+    data and status arrive, a float source and bad tags raise as on the first call, and a
+    freed communicator's Irecv and Isend raise ERR_COMM."""
     _, rank, dest, source = ring(comm)
     dup = comm.Dup()
     for _ in range(3):  # (the first post makes the one-call entry, the others take it)
         got = np.zeros(4, "i")
         request = dup.Irecv(got, source, 5)
-        dup.Send(np.arange(4, dtype="i") + rank, dest, 5)
+        sent = dup.Isend(np.arange(4, dtype="i") + rank, dest, 5)
         status = MPI.Status()
         request.Wait(status)
+        sent.Wait()
         assert list(got) == [source, source + 1, source + 2, source + 3]
         assert status.Get_source() == source and status.Get_tag() == 5
     if ring_post := getattr(dup, "_irecv_at", None):  # (C path: the entry was made)
         assert source in ring_post
+    if send_post := getattr(dup, "_isend_at", None):
+        assert dest in send_post
     with pytest.raises((TypeError, MPI.Exception)):
         dup.Irecv(np.zeros(4, "i"), float(source), 5)
+    with pytest.raises(MPI.Exception):
+        dup.Isend(np.zeros(4, "i"), dest, -7)
     with pytest.raises(MPI.Exception):
         dup.Irecv(np.zeros(4, "i"), source, -7)
     dup.Free()
     with pytest.raises(MPI.Exception) as info:
         dup.Irecv(np.zeros(4, "i"), source, 5)
+    assert info.value.Get_error_class() == MPI.ERR_COMM
+    with pytest.raises(MPI.Exception) as info:
+        dup.Isend(np.zeros(4, "i"), dest, 5)
     assert info.value.Get_error_class() == MPI.ERR_COMM
