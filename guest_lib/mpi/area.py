@@ -646,13 +646,23 @@ class StartedRound(_Polled, RoundRequest):
     obj = None
     _staged = False
 
-    def __init__(self, group: CollectiveGroup, k: int, wait: Any) -> None:
+    def __init__(
+        self,
+        group: CollectiveGroup,
+        k: int,
+        wait: Any,
+        area: Area,
+        on_fail: Callable[..., None],
+        fail_args: tuple[Any, ...],
+    ) -> None:
         RoundRequest.__init__(self, group, k, wait)
         # this op's fields (Op.__init__'s are the class's: never written)
+        self._area = area
+        self.on_fail = on_fail
+        self.fail_args = fail_args
         self._finished = self._listening = False
         self.error, self.reason = 0, ""
-        self.next = self.then = self.on_fail = None
-        self.fail_args = ()
+        self.next = self.then = None
 
     def _round_test(self) -> bool:
         if self._steps is None:  # (ended by the group's progress, or failed)
@@ -752,8 +762,13 @@ class AreaRequest(Request):
                 notifier.wait(NAP_S)
 
     def Wait(self, status: Status | None = None) -> bool:
-        if self._op is not None:
-            self._waited()
+        op: Any = self._op  # (an Op, or a StartedRound standing for one)
+        if op is not None:
+            if op.__class__ is not StartedRound or not op.complete_here(True):
+                self._complete()
+            elif status is None and self._cell is None:
+                self._op = None  # (_fill's whole work: complete without error, no status)
+                return True
         self._fill(status)
         return True
 

@@ -80,6 +80,7 @@ from ivshmem_comm.collective import (
     RoundRequest,
     fold_codes,
 )
+from ivshmem_comm.layout import COLL_SEQ_MASK
 
 if TYPE_CHECKING:
     from guest_lib.mpi.engine import Engine
@@ -917,6 +918,8 @@ def _c_folding(which: int) -> Callable[[Callable[..., Any]], Callable[..., Any]]
     return make
 
 
+_new_handle = object.__new__  # (a Request's fields set by hand: see _c_start)
+
 # The op of every started collective whose first poll completed it: complete, and no field
 # of a complete op is written again (Cancel and Free leave it), so one serves all.
 _STARTED_DONE = DoneOp(constants.ANY_SOURCE)
@@ -924,21 +927,26 @@ _STARTED_DONE = DoneOp(constants.ANY_SOURCE)
 
 def _c_start(
     self: Any,
-    front: bool,
-    *args: Any,
+    which: int,
+    a: Any,
+    b: Any,
+    op: Any,
+    root: Any,
     messages: Messages | None = None,
     margs: tuple[Any, ...] = (),
     stage: bool = True,
 ) -> Request | None:
     """A nonblocking collective's round started in one C call, where `_front_started` would
-    start its lane (and no started collective of the area is pending): with `front`,
-    CollectiveRound.front with `args` (F_* code and the user's arguments, taken or not by
-    the lanes' rules in C), else CollectiveRound.run with `args`. Returns its Request
-    (a plain done one where the first poll completed the round; else an AreaRequest on
-    the pending round, whose Wait polls it in C: `_request_for`, `messages` its stages for
-    `margs` where the round is declined, `stage` as there), or None having
-    moved nothing (the method's, with its front, to run as usual). The instance is
-    numbered, and abandoned on an error, as `_begin` does."""
+    start its lane (and no started collective of the area is pending): CollectiveRound.front
+    with collective `which` (F_*) and the user's arguments (taken or not by the lanes' rules
+    in C), polled once, as CollectiveGroup.start_round_as starts a round, inline (one
+    Python frame between the method and C). Returns its Request (a plain done one where
+    the first poll completed the round; else an AreaRequest on the group's pending round,
+    an area.StartedRound whose Wait polls it in C, or, with `messages` and `stage`, an
+    AreaRequest on an AreaOp staged with the engine: `_request_for`, `messages` the
+    instance's stages for `margs` where the round is declined), or None having moved
+    nothing (refused before the round, not taken: the method's, with its front, to run as
+    usual). The instance is numbered, and abandoned on an error, as `_begin` does."""
     shared = self._area
     if not shared:
         return None
@@ -953,11 +961,17 @@ def _c_start(
     ):
         return None
     seq = self._nb_seq
-    # (a pending round not staged with the engine is one object, area.StartedRound)
-    pending = area.StartedRound if messages is None or not stage else RoundRequest
+    k = group._round + 1
+    usable = group._broken is None and k <= COLL_SEQ_MASK
     try:
-        request = group.start_round_as(pending, c.front if front else c.run, *args)
+        if not usable:
+            group._next_round()  # (raises: the group's error, or its rounds exhausted)
+        result = c.front(k, 0, group._yield, which, a, b, op, root)
+    except (ValueError, TypeError, BufferError):
+        return None  # (refused before the round: nothing moved)
     except BaseException as exc:
+        if usable:
+            group._c_failed(k, exc)  # (round k taken: marked failed)
         self._nb_seq = seq + 1
         error = shared._leave(exc)
         if isinstance(error, Exception):
@@ -966,21 +980,33 @@ def _c_start(
         if error is exc:
             raise
         raise error from exc
-    if request is None:
-        return None
-    if request._steps is None and not request.declined:  # (the common case: root, last)
+    if result is None:
+        return None  # (not taken)
+    now = c.round  # (the round C ended on: k, or later for a scatterv of several)
+    group._round = now if now > k else k
+    if result.__class__ is not tuple:  # (done by this first poll)
+        declined = group.declined = result == 1
+        group.truncated = result == 2
+        if not declined:  # (the common case: root, last)
+            self._nb_seq = seq + 1
+            shared.completed += 1
+            return new_request(_STARTED_DONE, engine, None, None)
+        request: CollectiveRequest = group._done_rounds[True]
+    elif messages is None or not stage:  # (a pending round not staged: one object)
+        started = area.StartedRound(group, k, result, shared, _nb_abandon, (self, engine, seq))
+        group._pending.append(started)
         self._nb_seq = seq + 1
-        shared.completed += 1
-        return new_request(_STARTED_DONE, engine, None, None)
-    if request.__class__ is area.StartedRound:
-        self._nb_seq = seq + 1
-        request._area = shared
-        request.on_fail = _nb_abandon
-        request.fail_args = (self, engine, seq)
         if messages is not None:  # (Ialltoall: declined only where a member misbehaves)
-            request.then = functools.partial(_on_declined, self, engine, seq, messages, margs, {})
-        # (an engine operation as Op is: area.StartedRound's fields and `done`)
-        return request_of(request, engine, kind=area.AreaRequest)  # type: ignore[arg-type]
+            started.then = functools.partial(_on_declined, self, engine, seq, messages, margs, {})
+        handle = _new_handle(area.AreaRequest)  # (request_of's fields, inline)
+        handle._cell = handle._owner = handle._rank_of = handle._finish = None
+        # (an engine operation as Op is: its fields and `done`)
+        handle._op = started  # type: ignore[assignment]
+        handle._engine = engine
+        return handle
+    else:
+        request = RoundRequest(group, k, result)
+        group._pending.append(request)
     return _request_for(self, engine, shared, seq, request, messages, margs, {}, stage)
 
 
@@ -989,7 +1015,7 @@ def _s_barrier(method: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(method)
     def Ibarrier(self: Any) -> Request:
-        request = _c_start(self, False, *_BARRIER)
+        request = _c_start(self, F_BARRIER, None, None, None, 0)
         return method(self) if request is None else request
 
     return Ibarrier
@@ -1000,7 +1026,7 @@ def _s_bcast(method: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(method)
     def Ibcast(self: Any, buf: Any, root: int = 0) -> Request:
-        request = _c_start(self, True, F_BCAST, buf, None, None, root)
+        request = _c_start(self, F_BCAST, buf, None, None, root)
         return method(self, buf, root) if request is None else request
 
     return Ibcast
@@ -1011,7 +1037,7 @@ def _s_allgather(method: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(method)
     def Iallgather(self: Any, sendbuf: Any, recvbuf: Any) -> Request:
-        request = _c_start(self, True, F_ALLGATHER, sendbuf, recvbuf, None, 0)
+        request = _c_start(self, F_ALLGATHER, sendbuf, recvbuf, None, 0)
         return method(self, sendbuf, recvbuf) if request is None else request
 
     return Iallgather
@@ -1022,7 +1048,7 @@ def _s_reduce(method: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(method)
     def Ireduce(self: Any, sendbuf: Any, recvbuf: Any, op: Any = ops.SUM, root: int = 0) -> Any:
-        request = _c_start(self, True, F_REDUCE, sendbuf, recvbuf, op, root)
+        request = _c_start(self, F_REDUCE, sendbuf, recvbuf, op, root)
         return method(self, sendbuf, recvbuf, op, root) if request is None else request
 
     return Ireduce
@@ -1035,7 +1061,7 @@ def _s_folding(which: int) -> Callable[[Callable[..., Any]], Callable[..., Any]]
     def make(method: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(method)
         def fold(self: Any, sendbuf: Any, recvbuf: Any, op: Any = ops.SUM) -> Any:
-            request = _c_start(self, True, which, sendbuf, recvbuf, op, 0)
+            request = _c_start(self, which, sendbuf, recvbuf, op, 0)
             return method(self, sendbuf, recvbuf, op) if request is None else request
 
         return fold
@@ -1053,7 +1079,7 @@ def _s_rooted(which: int, messages: Messages) -> Callable[[Callable[..., Any]], 
         @functools.wraps(method)
         def rooted(self: Any, sendbuf: Any, recvbuf: Any, root: int = 0) -> Request:
             request = _c_start(
-                self, True, which, sendbuf, recvbuf, None, root,
+                self, which, sendbuf, recvbuf, None, root,
                 messages=messages, margs=(sendbuf, recvbuf, root),
             )  # fmt: skip
             return method(self, sendbuf, recvbuf, root) if request is None else request
@@ -1075,7 +1101,7 @@ def _s_alltoall(which: int) -> Callable[[Callable[..., Any]], Callable[..., Any]
         @functools.wraps(method)
         def pair(self: Any, sendbuf: Any, recvbuf: Any) -> Any:
             request = _c_start(
-                self, True, which, sendbuf, recvbuf, None, 0,
+                self, which, sendbuf, recvbuf, None, 0,
                 messages=_m_alltoall, margs=(sendbuf, recvbuf), stage=stage,
             )  # fmt: skip
             return method(self, sendbuf, recvbuf) if request is None else request

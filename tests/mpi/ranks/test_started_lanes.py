@@ -458,8 +458,8 @@ def test_started_through_the_c_front(comm, monkeypatch, call, form):
     """Ibcast, Iallgather, Ireduce, Iallreduce, Iscan, Iexscan, Igather, Iscatter(v),
     Ialltoall and Ialltoallv (uneven counts, a gap) in the forms codes pass on every call
     start their round through CollectiveRound.front (collectives._c_start: no Python lane
-    builder, no Area.begin), at every root, with the right data; Ibarrier through
-    CollectiveRound.run."""
+    builder, no Area.begin, no CollectiveGroup.start_round_as), at every root, with the
+    right data; Ibarrier too (its barrier round)."""
     if form == "in_place" and call in ("Ibcast", "Iexscan"):
         pytest.skip(f"{call} has no IN_PLACE here")
     if call == "Ibarrier" and form != "numpy":
@@ -467,14 +467,24 @@ def test_started_through_the_c_front(comm, monkeypatch, call, form):
     if not _lane_ready(comm) or collectives.ring.set_front is None:
         pytest.skip("no area with its C accelerator here")
     size, rank = comm.Get_size(), comm.Get_rank()
-    fronts: list[bool] = []
-    start_round_as = CollectiveGroup.start_round_as
+    fronts: list[int] = []  # (the F_* code of each front call)
 
-    def spy(self: CollectiveGroup, pending: Any, run: Any, *args: Any) -> Any:
-        fronts.append(run.__name__ == "front")
-        return start_round_as(self, pending, run, *args)
+    class Spy:
+        """The group's C round, its front calls noted."""
 
-    monkeypatch.setattr(CollectiveGroup, "start_round_as", spy)
+        def __init__(self, real: Any) -> None:
+            self._real = real
+
+        def front(self, *args: Any) -> Any:
+            fronts.append(args[3])
+            return self._real.front(*args)
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self._real, name)
+
+    group = comm._area.group
+    monkeypatch.setattr(group, "_c", Spy(group._c))
+    monkeypatch.setattr(CollectiveGroup, "start_round_as", None)  # (the general start)
     monkeypatch.setattr(area.Area, "begin", None)  # (a lane builder's start would fail)
     base = "numpy" if form == "in_place" else form
     mine = [rank + 1.0, rank + 2.0]
@@ -578,7 +588,9 @@ def test_started_through_the_c_front(comm, monkeypatch, call, form):
             comm.Ireduce(send, recv, MPI.SUM, root).Wait()
             if rank == root:
                 assert read() == total
-    assert fronts and all(fronts) == (call != "Ibarrier") and any(fronts) == all(fronts), fronts
+    barrier = call == "Ibarrier"
+    assert fronts and all((f == collectives.F_BARRIER) == barrier for f in fronts), fronts
+    monkeypatch.undo()  # (the group's own C round again before the next test)
 
 
 @pytest.mark.parametrize("wait", ["Wait", "Waitall"])
@@ -649,4 +661,35 @@ def test_round_found_complete_ends_in_one_poll(comm, how):
     assert result == {"Wait": True, "Test": True, "wait": None, "test": (True, None)}[how]
     assert not request
     assert called.count("resume") == 1 and "_look" not in called and "spin" not in called, called
+    if how == "Wait":  # (no status: nothing of _fill's is left to do)
+        assert "_fill" not in called, called
     assert shared.completed == completed + 1
+
+
+def test_wait_status_of_a_round_found_complete(comm):
+    """Wait(status) of a started round that every member has entered (ended in one C poll,
+    StartedRound.complete_here) fills the status of a collective: no source, no tag, no
+    data, no error; the request null."""
+    if not _lane_ready(comm):
+        pytest.skip("no area with its C accelerator here")
+    size, rank = comm.Get_size(), comm.Get_rank()
+    token = np.zeros(1, "i4")
+    buf = np.full(2, rank, "f8")
+    if rank != 0:
+        comm.Recv(token, 0, tag=3)
+        request = comm.Ibcast(buf, 0)
+        comm.Send(token, 0, tag=4)
+        request.Wait()
+        assert buf.tolist() == [0.0, 0.0]
+        return
+    request = comm.Ibcast(buf, 0)
+    for peer in range(1, size):
+        comm.Send(token, peer, tag=3)
+    for peer in range(1, size):
+        comm.Recv(token, peer, tag=4)
+    status = MPI.Status()
+    status.source, status.tag, status.error = 5, 7, 3
+    assert request.Wait(status) is True
+    assert not request
+    assert (status.source, status.tag, status.error) == (MPI.ANY_SOURCE, MPI.ANY_TAG, 0)
+    assert status.Get_count(MPI.BYTE) == 0
