@@ -833,10 +833,11 @@ class CollectiveGroup:
     ) -> Steps:
         """Rank r's `recvbuf` gets counts[r] bytes at displs[r] of `sendbuf` at `root`;
         `largest` (here: of the blocks but the root's) and `max_rounds` as for gatherv, but
-        the root alone applies max_rounds, and not where the group is crowded and its
-        largest block takes no more rounds than there are cells: it takes them then (it
-        never waits for a reader's copy, while messages would wake each reader once per
-        piece on CPUs the members share); the others take its first rounds word for the
+        the root alone applies max_rounds, and not where its largest block takes no more
+        rounds than there are cells: it takes them then (it never waits for a reader's copy,
+        a reader copies one cell while the root fills the next; where the group is crowded
+        messages would also wake each reader once per piece on CPUs the members share); the
+        others take its first rounds word for the
         count (0: declined). The root's slab holds no block of its own: the others'
         take it all, piece i of block q at (q - (q > root)) * `_scatter_segment()`. Its
         first arrival also holds the others' block lengths (`_scatter_lengths`, in groups of
@@ -865,8 +866,7 @@ class CollectiveGroup:
             is_root
             and max_rounds is not None
             and rounds is not None
-            and rounds > max_rounds
-            and not (self._yield and rounds <= layout.COLL_CELLS)
+            and rounds > max(max_rounds, layout.COLL_CELLS)
         ):
             yield from self._enter()
             self._publish(KIND_SCATTER, used, 0)  # rounds word 0: declined

@@ -335,8 +335,8 @@ class Area:
             self.listen(-1)
 
     def declining(self) -> np.ndarray:
-        """A payload over what one round moves anywhere (a slab; a crowded scatterv root's
-        COLL_CELLS segments), for a sender whose data is larger (a scatter's or an alltoall's
+        """A payload over what one round moves anywhere (a slab; a scatterv root's COLL_CELLS
+        segments), for a sender whose data is larger (a scatter's or an alltoall's
         bundle of pickles, not made then): a byte-string round declines it unread, as it
         would the data; so does a gatherv or scatterv round of blocks this long (`refusal`).
         Made once per area, its pages never touched."""

@@ -1071,9 +1071,9 @@ def _s_folding(which: int) -> Callable[[Callable[..., Any]], Callable[..., Any]]
 
 def _s_rooted(which: int, messages: Messages) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """The C front (`_c_start`) of Igather(v) or Iscatter(v) (`which`), then the method. A
-    round declined (Igather(v): a block over a slab somewhere; Iscatter(v): the root's block
-    over a segment) goes on over `messages` from the same root, its pending round staged
-    with the engine (a member cannot tell beforehand)."""
+    round declined (Igather(v): a block over a slab somewhere; Iscatter(v): a block of the
+    root's over COLL_CELLS segments) goes on over `messages` from the same root, its pending
+    round staged with the engine (a member cannot tell beforehand)."""
 
     def make(method: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(method)

@@ -61,7 +61,7 @@ def test_bcast_large_is_written_once(comm):
 def test_payloads_at_the_slab_limit(comm, call, extra):
     """Payloads of exactly what one round of the area holds (a Bcast or an Allgather block of
     a slab, a Scatter or Alltoall block of a segment) run in the area with nothing through the
-    queues; 8 bytes more take messages (a Scatter: 8 more than a crowded root takes in the
+    queues; 8 bytes more take messages (a Scatter: 8 more than a root takes in the
     area, see CollectiveGroup.scatterv); the data is right either way (1, 2 and 4 ranks).
     Fit gives slabs of a power of two for a region of a power of two (test_collective_area),
     so such payloads are where the limit lies."""
@@ -77,7 +77,7 @@ def test_payloads_at_the_slab_limit(comm, call, extra):
         "Scatter": group._scatter_segment() if group else 1 << 17,
         "Alltoall": group._scatter_segment() if group else 1 << 17,
     }[call]
-    if call == "Scatter" and extra:  # (a crowded root takes up to COLL_CELLS rounds)
+    if call == "Scatter" and extra:  # (a root takes up to COLL_CELLS rounds)
         limit *= layout.COLL_CELLS
     n = limit + extra
     blocks = size if call in ("Allgather", "Alltoall") or rank == 0 else 1

@@ -393,25 +393,25 @@ def _read_form(buf: Any) -> bytes:
 @pytest.mark.parametrize("form", ["numpy", "mmap", "double", "in_place"])
 @pytest.mark.parametrize("call", ["Scatter", "Scatterv"])
 def test_scatter_over_a_segment_declines_in_one_area_call(comm, monkeypatch, call, form):
-    """Scatter(v) whose blocks do not all fit one member's segment of a slab: the C round
-    declines it (the root says so, every member learns it in that one round: the C front's,
-    collectives._c_front, or `Area.call` where an abandoned collective of another
-    communicator is on record; never the area's Python steps through `Area.run`) and the
-    blocks go by messages, in every buffer form and IN_PLACE at the root; Scatterv with
-    uneven counts, the root's own block empty and one block over the segment. Where the
-    group is crowded (ranks outnumber CPUs) these blocks of two segments take two rounds of
-    that C call instead (see test_crowded_scatter_takes_the_cells_rounds)."""
+    """Scatter(v) whose blocks do not all fit two of one member's segments of a slab (one
+    per cell; up to two they take two rounds of the C call, see
+    test_scatter_takes_the_cells_rounds): the C round declines it (the root says so, every
+    member learns it in that one round: the C front's, collectives._c_front, or `Area.call`
+    where an abandoned collective of another communicator is on record; never the area's
+    Python steps through `Area.run`) and the blocks go by messages, in every buffer form and
+    IN_PLACE at the root; Scatterv with uneven counts, the root's own block empty and one
+    block over two segments."""
     size, rank = comm.Get_size(), comm.Get_rank()
     comm.Barrier()  # (binds the area)
     shared = area.current(comm)
     lane = shared is not None and shared.ready()
     seg = shared.group._scatter_segment() if shared is not None else 1 << 15
     if call == "Scatter":
-        counts = [seg + 8] * size
+        counts = [2 * seg + 8] * size
     else:  # rank 0 (the root) none (a double: one; an empty `(buf, DOUBLE)` takes the
-        # collective's body), then 8, 16, ... bytes more, the last rank over the segment
+        # collective's body), then 8, 16, ... bytes more, the last rank over two segments
         first = 8 if form == "double" else 0
-        counts = [first + 8 * q for q in range(size - 1)] + [seg + 8]
+        counts = [first + 8 * q for q in range(size - 1)] + [2 * seg + 8]
     gap = 0 if call == "Scatter" else 8
     displs = [sum(counts[:q]) + gap * q for q in range(size)]
     every = np.zeros(displs[-1] + counts[-1], np.uint8)
@@ -445,11 +445,8 @@ def test_scatter_over_a_segment_declines_in_one_area_call(comm, monkeypatch, cal
         getattr(comm, call)(None, recv, root=0)
         assert _read_form(recv) == want
     if lane:
-        assert calls in ([], ["call"]), f"{call} ({form}) over a segment: {calls}"
-        crowded = shared.group._yield
-        assert (shared.group._round - before, shared.group.declined) == (
-            (2, False) if crowded else (1, True)
-        )
+        assert calls in ([], ["call"]), f"{call} ({form}) over two segments: {calls}"
+        assert (shared.group._round - before, shared.group.declined) == (1, True)
     comm.Barrier()
     if lane:
         assert area.current(comm) is shared  # (declining is no failure)
@@ -510,12 +507,14 @@ def _odd_scatterv(
     assert (got[counts[rank] :] == 77).all()
 
 
+@pytest.mark.parametrize("crowded", [False, True], ids=["spare_cpus", "crowded"])
 @pytest.mark.parametrize("in_place", [False, True], ids=["recvbuf", "in_place"])
-def test_crowded_scatter_takes_the_cells_rounds(comm, monkeypatch, in_place):
-    """Where the group is crowded (CollectiveGroup._yield: ranks outnumber CPUs, set here
-    on every member), a Scatterv whose largest block (but the root's) takes two segments
-    moves in two rounds of the area, a segment of every block each (the root never waits
-    for a reader's copy; messages would wake each reader once per piece), not declined:
+def test_scatter_takes_the_cells_rounds(comm, monkeypatch, in_place, crowded):
+    """Whether or not the group is crowded (CollectiveGroup._yield: ranks outnumber CPUs,
+    set here on every member), a Scatterv whose largest block (but the root's) takes two
+    segments moves in two rounds of the area, a segment of every block each (the root never
+    waits for a reader's copy, a reader copies one cell while the root fills the next;
+    crowded, messages would also wake each reader once per piece), not declined:
     blocks of odd lengths from one byte over a segment to two whole segments, at odd
     offsets, arrive whole (the bytes after each stay), the root's own block (over two
     segments: it never goes through the slab) where it belongs, at every root, on the C
@@ -525,7 +524,7 @@ def test_crowded_scatter_takes_the_cells_rounds(comm, monkeypatch, in_place):
     comm.Barrier()  # (binds the area)
     shared = area.current(comm)
     if shared is not None:
-        monkeypatch.setattr(shared.group, "_yield", True)
+        monkeypatch.setattr(shared.group, "_yield", crowded)
     seg = shared.group._scatter_segment() if shared is not None else 1 << 15
     rng = np.random.default_rng(11)
     for root in range(size):
