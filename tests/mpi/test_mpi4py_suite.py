@@ -2,11 +2,13 @@
 
 The suite is the `test/` directory of the sdist of the installed (pinned) mpi4py, fetched
 once with `pip download` and kept under .venv/mpi4py-suite (IVSHMEM_MPI4PY_SUITE_CACHE
-elsewhere). Each file runs as one `ivshmem-run -n N` job of tests/mpi/programs/
+elsewhere). Each file runs in an `ivshmem-run -n N` job of tests/mpi/programs/
 mpi4py_suite_rank.py, i.e. through the zero-change mode: the suite's `from mpi4py import
-MPI` gets this project's MPI. A test running longer than PER_TEST_S ends its rank with every
-thread's Python stack (faulthandler), reported here as a hang. tests/mpi/mpi4py_xfail.py is
-the expected-failure list: a test fails this check if it fails unlisted, or passes listed.
+MPI` gets this project's MPI; at 4 ranks outside xdist workers, up to BATCH files in turn
+share one job (each still its own test here, with its own outcome). A test running longer
+than PER_TEST_S ends its rank with every thread's Python stack (faulthandler), reported here
+as a hang. tests/mpi/mpi4py_xfail.py is the expected-failure list: a test fails this check
+if it fails unlisted, or passes listed.
 
 `make test` runs every file of the suite, FILES, at 2 ranks; `make test-all` (and so CI) at
 1 and 4 ranks too (marked `full`); one or a few by hand:
@@ -14,13 +16,15 @@ the expected-failure list: a test fails this check if it fails unlisted, or pass
     .venv/bin/python -m pytest tests/mpi/test_mpi4py_suite.py -k 'test_win.py or test_rma.py'
 
 and IVSHMEM_MPI4PY_SUITE_REPORT=FILE appends one JSON line per (file, ranks) with the
-counts of each outcome (how /work/notes-style summaries are made). It runs on the C path
-only: the pure-Python path repeats the rank-side suite of this project instead.
+counts of each outcome (how /work/notes-style summaries are made), its time and the files
+that ran before it in its job. It runs on the C path only: the pure-Python path repeats
+the rank-side suite of this project instead.
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import fcntl
 import importlib.metadata
 import json
@@ -113,30 +117,52 @@ def test_suite_files_are_the_sdists() -> None:
     assert sorted(p.name for p in suite_dir().glob("test_*.py")) == FILES
 
 
-def run_file(name: str, ranks: int, out: Path) -> tuple[subprocess.CompletedProcess[str], list]:
-    """Run one file of the suite at `ranks` ranks: (the job, each rank's outcome lines)."""
+@dataclasses.dataclass
+class FileRun:
+    """One file's part of a job of the suite (run_files)."""
+
+    per_rank: list[list[dict] | None]  # each rank's lines (None: it wrote no file)
+    job: subprocess.CompletedProcess[str] | None  # the job, if it ended in (or after) this file
+    before: list[str]  # the files run in the same job before this one
+    seconds: float  # the job's time, or (in a job of several files that ended it) rank 0's
+
+
+def run_files(names: list[str], ranks: int, out: Path) -> dict[str, FileRun]:
+    """Run files of the suite in turn in one job at `ranks` ranks, each rank's lines under
+    `out`. Returns each file's run up to the first one some rank did not end (a hang or a
+    crash ends the job there: the job's status and stderr go with that file); the files
+    after it are left out (the caller runs them again)."""
+    out.mkdir(parents=True, exist_ok=True)
     command = [PYTHON, "-m", "guest_lib.mpi.launcher", "-n", str(ranks), "--timeout",
-               str(JOB_S), RANK_PROGRAM, str(suite_dir()), name, str(out), str(PER_TEST_S),
-               XFAIL]  # fmt: skip
-    done = subprocess.run(command, cwd=ROOT, env=job_env(), capture_output=True, text=True,
-                          timeout=JOB_S + 60)  # fmt: skip
-    lines = []
-    for rank in range(ranks):
-        path = Path(f"{out}.{rank}")
-        lines.append([json.loads(line) for line in path.read_text().splitlines()]
-                     if path.exists() else None)  # fmt: skip
-    return done, lines
-
-
-@pytest.mark.parametrize("ranks", [pytest.param(1, marks=pytest.mark.full), 2, FOUR])
-@pytest.mark.parametrize("name", FILES)
-def test_mpi4py_suite_file(name, ranks, tmp_path):
+               str(JOB_S * len(names)), RANK_PROGRAM, str(suite_dir()), ",".join(names),
+               str(out), str(PER_TEST_S), XFAIL]  # fmt: skip
     start = time.monotonic()
-    done, per_rank = run_file(name, ranks, tmp_path / "out")
-    seconds = round(time.monotonic() - start, 1)
+    done = subprocess.run(command, cwd=ROOT, env=job_env(), capture_output=True, text=True,
+                          timeout=JOB_S * len(names) + 60)  # fmt: skip
+    job_seconds = round(time.monotonic() - start, 1)
+    runs = {}
+    for index, name in enumerate(names):
+        per_rank = []
+        for rank in range(ranks):
+            path = out / f"{name}.{rank}"
+            per_rank.append([json.loads(line) for line in path.read_text().splitlines()]
+                            if path.exists() else None)  # fmt: skip
+        ended = all(lines and lines[-1]["outcome"] == "end" for lines in per_rank)
+        last = not ended or index == len(names) - 1
+        seconds = job_seconds  # the job's time; in a job of several files, rank 0's own time
+        if ended and len(names) > 1:
+            seconds = float(per_rank[0][-1]["detail"])  # type: ignore[index]
+        runs[name] = FileRun(per_rank, done if last else None, names[:index], seconds)
+        if not ended:
+            break
+    return runs
+
+
+def problems_of(run: FileRun) -> tuple[list[str], collections.Counter[str]]:
+    """What is wrong in a file's run (empty: it passed) and the count of each outcome."""
     problems = []
     counts: collections.Counter[str] = collections.Counter()
-    for rank, lines in enumerate(per_rank):
+    for rank, lines in enumerate(run.per_rank):
         if lines is None:
             problems.append(f"rank {rank}: no result file")
             continue
@@ -148,18 +174,62 @@ def test_mpi4py_suite_file(name, ranks, tmp_path):
                     problems.append(f"rank {rank}: {test_id} did not end (hang or crash)")
                     counts["hang"] += 1
                 continue
+            if outcome == "end":
+                continue
             counts[outcome] += 1
             if outcome in ("fail", "error"):
                 problems.append(f"rank {rank}: {test_id} {outcome}:\n{line['detail']}")
             elif outcome == "xpass":
                 problems.append(f"rank {rank}: {test_id} passes but is listed: {line['detail']}")
+    if run.job is not None and run.job.returncode != 0 and not problems:
+        problems.append(f"the job exited {run.job.returncode}")
+    return problems, counts
+
+
+# Files per job at 4 ranks in a run without xdist workers (CI's serial pass): a 4-rank launch
+# on 2 CPUs costs seconds, and mpi4py's own runtests.py runs the whole suite in one process
+# too. A file that fails after others in its job runs again alone to say whether it needs
+# them to fail; a job ended by a hang or crash is run again from the file after that one.
+# IVSHMEM_MPI4PY_SUITE_BATCH=1 runs every file in a job of its own.
+BATCH = int(os.environ.get("IVSHMEM_MPI4PY_SUITE_BATCH", "8"))
+_done: dict[tuple[str, int], FileRun] = {}  # runs of files of a job, not yet reported
+
+
+def run_file(name: str, ranks: int, out: Path, request: pytest.FixtureRequest) -> FileRun:
+    """This file's run: from a job run earlier for several files, or a new job for it and
+    (at 4 ranks in a serial run) up to BATCH - 1 of the selected files that follow it."""
+    if (name, ranks) in _done:
+        return _done.pop((name, ranks))
+    names = [name]
+    if ranks == 4 and "PYTEST_XDIST_WORKER" not in os.environ:
+        selected = [item.callspec.params["name"] for item in request.session.items
+                    if isinstance(item, pytest.Function)
+                    and item.originalname == "test_mpi4py_suite_file"
+                    and item.callspec.params["ranks"] == ranks]  # fmt: skip
+        first = selected.index(name)
+        names = selected[first : first + BATCH]
+    runs = run_files(names, ranks, out)
+    _done.update(((other, ranks), run) for other, run in runs.items() if other != name)
+    return runs[name]
+
+
+@pytest.mark.timeout(JOB_S * (BATCH + 1) + 120)  # its job's files, and itself again alone
+@pytest.mark.parametrize("ranks", [pytest.param(1, marks=pytest.mark.full), 2, FOUR])
+@pytest.mark.parametrize("name", FILES)
+def test_mpi4py_suite_file(name, ranks, tmp_path, request):
+    run = run_file(name, ranks, tmp_path / "out", request)
+    problems, counts = problems_of(run)
     report = os.environ.get("IVSHMEM_MPI4PY_SUITE_REPORT")
     if report:
         with open(report, "a") as sink:
-            entry = {"file": name, "ranks": ranks, "counts": dict(counts),
-                     "status": done.returncode, "seconds": seconds}  # fmt: skip
+            status = None if run.job is None else run.job.returncode
+            entry = {"file": name, "ranks": ranks, "counts": dict(counts), "status": status,
+                     "seconds": run.seconds, "after": run.before}  # fmt: skip
             sink.write(json.dumps(entry) + "\n")
-    if done.returncode != 0 and not problems:
-        problems.append(f"the job exited {done.returncode}")
+    if problems and run.before:
+        alone = problems_of(run_files([name], ranks, tmp_path / "alone")[name])[0]
+        problems.insert(0, f"(in one job after {', '.join(run.before)}; alone, in a job of its "
+                           f"own, it {'fails too' if alone else 'passes'})")  # fmt: skip
     if problems:
-        pytest.fail("\n".join(problems)[:20000] + "\n--- job stderr ---\n" + done.stderr[-8000:])
+        stderr = "" if run.job is None else run.job.stderr[-8000:]
+        pytest.fail("\n".join(problems)[:20000] + "\n--- job stderr ---\n" + stderr)

@@ -1,17 +1,21 @@
-"""One rank of a run of mpi4py's own test suite (a file of it) on guest_lib.mpi.
+"""One rank of a run of mpi4py's own test suite (some files of it) on guest_lib.mpi.
 
-    ivshmem-run -n N mpi4py_suite_rank.py SUITE_DIR test_x.py OUT TIMEOUT [LIST]
+    ivshmem-run -n N mpi4py_suite_rank.py SUITE_DIR test_x.py[,test_y.py...] OUT TIMEOUT [LIST]
 
 Started through the zero-change mode (ivshmem-run runs Python programs that way), so the
-suite's `from mpi4py import MPI` gets this project's MPI. Runs the unittest cases of
-SUITE_DIR/test_x.py in mpi4py's order and writes one JSON line per test to OUT.<rank>:
+suite's `from mpi4py import MPI` gets this project's MPI. Runs the unittest cases of each
+named file of SUITE_DIR in turn, in one process (as mpi4py's runtests.py runs the whole
+suite), each in mpi4py's order, and writes one JSON line per test to OUT/test_x.py.<rank>:
 {"id", "outcome", "detail"} with outcome pass, fail, error, skip, xfail (a listed test that
 failed), xpass (a listed test that passed) or "listed-skip" (listed as not to run: it hangs
-or breaks the ranks). LIST is the expected-failure list (tests/mpi/mpi4py_xfail.py). A file
-that cannot be imported gives one line with id "<import>". A test that runs longer than
+or breaks the ranks); the file's last line, once all its tests ran, is {"id": "<end>",
+"outcome": "end", "detail": seconds}. LIST is the expected-failure list
+(tests/mpi/mpi4py_xfail.py). A file that cannot be imported gives one line with id
+"test_x.<import>". A test that runs longer than
 TIMEOUT seconds (SLOW_FACTOR times that for one listed "slow": it must pass, in more time)
 makes faulthandler print every thread's Python stack and end the rank (its last line is
-then "started"). The suite's array backends all run, as in mpi4py's own runs
+then "started", and the files after it have no "end" line or no file). The suite's array
+backends all run, as in mpi4py's own runs
 without cupy/numba: its fake-GPU ones (host memory behind the CUDA array interface) too.
 """
 
@@ -23,6 +27,7 @@ import importlib.util
 import json
 import os
 import sys
+import time
 import traceback
 import unittest
 from typing import Any
@@ -120,18 +125,14 @@ def _filter(suite: unittest.TestSuite, keep: Any) -> unittest.TestSuite:
     return out
 
 
-def main() -> None:
-    faulthandler.enable()  # a crash prints every thread's stack too
-    suite_dir, name, out_path, timeout = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
-    entries = _load_list(sys.argv[5]) if len(sys.argv) > 5 else []
+def run_module(name: str, out_path: str, timeout: float, entries: list) -> None:
+    """Run the suite's file `name` on this rank, writing its lines to out_path (see above)."""
     from mpi4py import MPI
 
-    rank, size = MPI.COMM_WORLD.Get_rank(), MPI.COMM_WORLD.Get_size()
-    for absent in ("cupy", "numba"):  # as mpi4py's runner does without --cupy/--numba
-        sys.modules[absent] = None  # type: ignore[assignment]
-    sys.path.insert(0, suite_dir)
+    size = MPI.COMM_WORLD.Get_size()
     module_name = name.removesuffix(".py")
-    with open(f"{out_path}.{rank}", "w") as out:
+    start = time.monotonic()
+    with open(out_path, "w") as out:
         recorder = Recorder(out, timeout, entries, size)
         faulthandler.dump_traceback_later(timeout, exit=True)
         try:
@@ -142,17 +143,32 @@ def main() -> None:
             kind, reason = _listed(entries, f"{module_name}.<import>", size)
             outcome = "xfail" if kind == "xfail" else "error"
             recorder._write(f"{module_name}.<import>", outcome, reason or traceback.format_exc())
-            return
-        faulthandler.cancel_dump_traceback_later()
+        else:
+            faulthandler.cancel_dump_traceback_later()
 
-        def keep(test: unittest.TestCase) -> bool:
-            kind, reason = _listed(entries, test.id(), size)
-            if kind == "skip":
-                recorder._write(test.id(), "listed-skip", reason)
-                return False
-            return True
+            def keep(test: unittest.TestCase) -> bool:
+                kind, reason = _listed(entries, test.id(), size)
+                if kind == "skip":
+                    recorder._write(test.id(), "listed-skip", reason)
+                    return False
+                return True
 
-        _filter(tests, keep).run(recorder)
+            _filter(tests, keep).run(recorder)
+        recorder._write("<end>", "end", str(round(time.monotonic() - start, 1)))
+
+
+def main() -> None:
+    faulthandler.enable()  # a crash prints every thread's stack too
+    suite_dir, names, out_dir, timeout = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
+    entries = _load_list(sys.argv[5]) if len(sys.argv) > 5 else []
+    from mpi4py import MPI
+
+    rank = MPI.COMM_WORLD.Get_rank()
+    for absent in ("cupy", "numba"):  # as mpi4py's runner does without --cupy/--numba
+        sys.modules[absent] = None  # type: ignore[assignment]
+    sys.path.insert(0, suite_dir)
+    for name in names.split(","):
+        run_module(name, os.path.join(out_dir, f"{name}.{rank}"), timeout, entries)
     sys.stdout.flush()
     os.sys.stderr.flush()
 
