@@ -15,9 +15,11 @@ import pytest
 
 from guest_lib.host_client import BrokerClient
 from ivshmem_comm import layout
+from tests.support import queue_free
 from tests.support.broker import BrokerProcess, cli, drain_eventfd, kill, wait_for
 
 pytestmark = [
+    queue_free,
     pytest.mark.qemu,
     pytest.mark.timeout(120),
     pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None, reason="no qemu-system-x86"),

@@ -28,6 +28,7 @@ import pytest
 from guest_lib.host_client import BrokerClient
 from ivshmem_comm import layout
 from ivshmem_comm.region import Region
+from tests.support import queue_free
 from tests.support.broker import (
     ENV,
     RAW_PEER,
@@ -40,6 +41,7 @@ from tests.support.broker import (
 )
 
 pytestmark = [
+    queue_free,
     pytest.mark.qemu,
     pytest.mark.timeout(180),
     pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None, reason="no qemu-system-x86"),

@@ -16,9 +16,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.support import queue_free
 from tests.support.broker import BrokerProcess, cli, unique_name, wait_for
 
-pytestmark = [pytest.mark.qemu, pytest.mark.timeout(300)]
+pytestmark = [queue_free, pytest.mark.qemu, pytest.mark.timeout(300)]
 
 URI = "qemu:///system"
 QEMU_GROUP = "libvirt-qemu"  # Debian's libvirt: QEMU runs as libvirt-qemu:libvirt-qemu

@@ -36,6 +36,7 @@ from ivshmem_lab.initramfs import (
     modname,
     module_load_order,
 )
+from tests.support import queue_free
 
 REPO = Path(__file__).resolve().parents[2]
 PY = sys.executable  # the project's venv python: visible in the guest (host root over 9p)
@@ -118,6 +119,7 @@ def test_device_args() -> None:
     ]
 
 
+@queue_free
 @pytest.mark.qemu
 @pytest.mark.timeout(120)
 @pytest.mark.skipif(not shutil.which("qemu-system-x86_64"), reason="no qemu-system-x86")

@@ -26,6 +26,15 @@ def vm_marks(timeout: float) -> list[pytest.MarkDecorator]:
     ]
 
 
+# IVSHMEM_COMM_PUREPYTHON=1 swaps the queue code alone (ivshmem_comm.ring: the rings under
+# channels, endpoints and collectives). A test that runs none of it (the broker, QEMU and the
+# broker's clients only) runs the same code on both paths: once, on the C pass.
+queue_free = pytest.mark.skipif(
+    os.environ.get("IVSHMEM_COMM_PUREPYTHON") == "1",
+    reason="runs no queue code (broker, QEMU, broker clients): the C pass runs the same",
+)
+
+
 def vm_test(timeout: float) -> Callable[[Any], Any]:
     """A decorator giving one test the marks of `vm_marks(timeout)`."""
 
