@@ -97,6 +97,19 @@ def send_message(sock: socket.socket, value: int, fd: int | None = None) -> None
         raise ProtocolError(f"short send: {sent} of {MESSAGE_SIZE} bytes")
 
 
+def send_passing(sock: socket.socket, data: bytes, fds: list[int]) -> None:
+    """Send all of `data`, with `fds` (if any) in SCM_RIGHTS on its first byte, then close
+    these fds here (passed: the receiver holds its own copies; closed on an error too).
+
+    Raises OSError from the socket (BlockingIOError on a full non-blocking socket, part of
+    `data` possibly sent)."""
+    try:
+        sent = socket.send_fds(sock, [data], fds) if fds else 0
+        sock.sendall(data[sent:])
+    finally:
+        _close_fds(fds)
+
+
 def _close_fds(fds: list[int]) -> None:
     for fd in fds:
         try:

@@ -99,16 +99,10 @@ class ProtocolProxy:
         try:
             while True:
                 data, fds, _ = protocol._recv_fds(client, 4096, protocol.MAX_VECTORS)
-                try:
-                    if not data:
-                        return
-                    if fds:
-                        socket.send_fds(server, [data], fds)
-                    else:
-                        server.sendall(data)
-                finally:
-                    for fd in fds:
-                        os.close(fd)
+                if not data:
+                    protocol._close_fds(fds)
+                    return
+                protocol.send_passing(server, data, fds)
         except OSError:
             return
         finally:

@@ -115,15 +115,7 @@ def _write_items(sock: socket.socket, r: Reader) -> None:
             sock.send(r.take((op >> 2) % 16 or 1))
             continue
         fds = [_make_fd((op >> 4) % 3) for _ in range(((op >> 2) & 3) if op & 3 == 2 else 0)]
-        try:
-            payload = r.take(8 if op & 3 != 3 else 32)
-            if fds:
-                socket.send_fds(sock, [payload], fds)
-            else:
-                sock.send(payload)
-        finally:
-            for fd in fds:
-                os.close(fd)
+        protocol.send_passing(sock, r.take(8 if op & 3 != 3 else 32), fds)
 
 
 def protocol_target(data: bytes) -> None:
