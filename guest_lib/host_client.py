@@ -28,7 +28,11 @@ or the broker refuses the reclaim (it says why), the client stops trying and set
 
 A handshake cut before the client's first eventfd (the broker stopped or crashed) fails the
 construction with ConnectionClosedError saying so; the slot being handed out is marked LEFT
-first, so that no broker keeps it for this process.
+first, so that no broker keeps it for this process. A server that breaks the protocol (see
+protocol.ClientDecoder and read_handshake for the bounds on what it may send: eventfds per
+peer, peers, handshake length) fails the construction with ProtocolError naming its socket;
+later, it costs the connection (a warning naming the socket; the client reconnects as after
+a broker restart).
 
 Closing: `close()` (or closing the endpoint) marks the slot LEFT (the Endpoint does it, or the
 client itself when no endpoint was made), then closes the socket; the broker announces it.
@@ -132,6 +136,11 @@ class BrokerClient:
             raise protocol.ConnectionClosedError(
                 f"the broker at {socket_path} hung up before giving us a peer slot: "
                 + _refusal(socket_path)
+            ) from None
+        except protocol.ProtocolError as exc:  # (all it sent is closed: read_handshake)
+            sock.close()
+            raise protocol.ProtocolError(
+                f"the server at {socket_path} broke the broker protocol in our handshake: {exc}"
             ) from None
         except BaseException:
             sock.close()
@@ -362,7 +371,13 @@ class BrokerClient:
                 if self._closing.is_set():
                     return
                 self.connected.clear()
-                log.info("peer %d: broker connection lost (%s)", self.peer_id, exc)
+                if isinstance(exc, protocol.ProtocolError) and not isinstance(
+                    exc, protocol.ConnectionClosedError
+                ):  # (the decoder closed what it refused; the connection is dropped)
+                    log.warning("peer %d: the server at %s broke the broker protocol (%s)",
+                                self.peer_id, self.socket_path, exc)  # fmt: skip
+                else:
+                    log.info("peer %d: broker connection lost (%s)", self.peer_id, exc)
                 if not self._reconnect_enabled or not self._reconnect():
                     return
                 continue

@@ -130,6 +130,7 @@ SPAN_HEADER_SIZE = SPAN_HEADER.size  # 16
 SPAN_ALIGN = 16
 HDR_F_FIRST = 1  # the only defined header flag; a header always carries it
 MAX_MESSAGE = 1 << 48  # larger total lengths are rejected as corrupt
+MAX_PEERS = 256  # the most peer slots a region has (Geometry.validate)
 # Sender-side placement, not part of the format: once a queue's allocation head is past this
 # many bytes of its data area and that many bytes at the bottom are free, the next reservation
 # wraps to the bottom early (so at least this much stays usable after the wrap): a stream of
@@ -333,8 +334,8 @@ class Geometry:
         return self.coll_slot_offset(slot) + CACHE_LINE + peer * self.coll_peer_stride
 
     def validate(self) -> None:
-        if not 2 <= self.max_peers <= 256:
-            raise ValueError(f"max_peers must be 2..256, got {self.max_peers}")
+        if not 2 <= self.max_peers <= MAX_PEERS:
+            raise ValueError(f"max_peers must be 2..{MAX_PEERS}, got {self.max_peers}")
         q = self.queue_num
         if q < 2 or q > QUEUE_NUM_MAX or q & (q - 1):
             raise ValueError(f"queue_num must be a power of two in 2..{QUEUE_NUM_MAX}, got {q}")

@@ -43,6 +43,8 @@ import os
 import socket
 import struct
 
+from ivshmem_comm.layout import MAX_PEERS
+
 PROTOCOL_VERSION = 0
 SHM_MESSAGE = -1  # the value that carries the shared-memory fd
 MESSAGE = struct.Struct("<q")
@@ -57,6 +59,9 @@ FD_SIZE = array.array("i").itemsize
 MAX_VECTORS = 64  # the most eventfds per peer the broker hands out or accepts
 RECLAIM_REFUSED = -2  # the broker's first message to a reclaim request it refuses
 REFUSAL_MAX = 1024  # the most bytes of reason after RECLAIM_REFUSED
+# The most messages a handshake holds before the client's first own eventfd: every other
+# peer a region can have, each with all its vectors, and as many departures.
+HANDSHAKE_MAX = (MAX_PEERS - 1) * (MAX_VECTORS + 1)
 
 
 class ProtocolError(Exception):
@@ -326,16 +331,23 @@ class ClientDecoder:
     """Per-connection decoder of announcements; tracks runs of fd messages (see Announcement).
 
     The protocol never states N (vectors per peer): a client learns its own eventfds as the
-    run of messages carrying its own id, and every other peer's as a run of its id.
+    run of messages carrying its own id, and every other peer's as a run of its id. What a
+    server may send is bounded all the same, so that a hostile or broken one cannot make
+    the client hold fds without end: a run holds at most MAX_VECTORS fds (the most a
+    broker hands out), and at most MAX_PEERS - 1 other peers (the most a region has) hold
+    fds at once (from their first fd to their departure).
     """
 
     def __init__(self, own_peer: int) -> None:
         self.own_peer = own_peer
         self._run: int | None = None  # peer id of the current run of fd messages
+        self._run_length = 0  # fds in the current run
+        self._holding: set[int] = set()  # other peers announced with fds, not gone since
 
     def feed(self, value: int, fd: int | None) -> Announcement:
-        """Decode one message. Raises ProtocolError (closing `fd`) for an id out of range or
-        the announcement of our own departure."""
+        """Decode one message. Raises ProtocolError (closing `fd`) for an id out of range,
+        the announcement of our own departure, a run of more than MAX_VECTORS fds, or a
+        MAX_PEERS-th other peer holding fds."""
         if not 0 <= value <= 0xFFFF:
             if fd is not None:
                 _close_fds([fd])
@@ -344,8 +356,23 @@ class ClientDecoder:
             self._run = None
             if value == self.own_peer:
                 raise ProtocolError("broker announced our own departure")
+            self._holding.discard(value)
             return Announcement("gone", value, None, False)
         new_run = self._run != value
+        self._run_length = 1 if new_run else self._run_length + 1
+        if self._run_length > MAX_VECTORS:
+            _close_fds([fd])
+            raise ProtocolError(
+                f"peer {value}: more than {MAX_VECTORS} eventfds in a row (the most a peer has)"
+            )
+        if value != self.own_peer and value not in self._holding:
+            if len(self._holding) >= MAX_PEERS - 1:
+                _close_fds([fd])
+                raise ProtocolError(
+                    f"peer {value}: eventfds of more than {MAX_PEERS - 1} other peers at once "
+                    f"(a region has at most {MAX_PEERS} peers)"
+                )
+            self._holding.add(value)
         self._run = value
         kind = "own" if value == self.own_peer else "vector"
         return Announcement(kind, value, fd, new_run)
@@ -360,9 +387,11 @@ def read_handshake(
     announcements read so far (the caller owns their fds; more own vectors may follow, as
     the protocol never says how many). Raises ProtocolError (closing all it received) if
     the version is not 0, the id is out of range, the third message is not -1 with an fd,
-    or the stream ends first (HandshakeCutError, carrying the id and the memory, when it ends
-    after both); ReclaimRefusedError (a ProtocolError) with the broker's reason
-    if the first message is RECLAIM_REFUSED (the answer to a refused reclaim request).
+    the decoder refuses a message (see ClientDecoder), more than HANDSHAKE_MAX messages
+    come before the first own eventfd, or the stream ends first (HandshakeCutError,
+    carrying the id and the memory, when it ends after both); ReclaimRefusedError (a
+    ProtocolError) with the broker's reason if the first message is RECLAIM_REFUSED (the
+    answer to a refused reclaim request).
     """
     received: list[int] = []
     announcements: list[Announcement] = []
@@ -390,12 +419,17 @@ def read_handshake(
         try:
             while True:
                 value, fd = recv_message(sock)
+                item = decoder.feed(value, fd)  # (on a ProtocolError it closed fd itself)
                 if fd is not None:
                     received.append(fd)
-                item = decoder.feed(value, fd)
                 announcements.append(item)
                 if item.kind == "own":
                     break
+                if len(announcements) >= HANDSHAKE_MAX:
+                    raise ProtocolError(
+                        f"{len(announcements)} messages in the handshake and still no eventfd "
+                        f"of our own (peer id {peer}); a region has at most {MAX_PEERS} peers"
+                    )
         except ConnectionClosedError:
             received.remove(shm_fd)  # the catcher's now
             raise HandshakeCutError(peer, shm_fd) from None
