@@ -2487,12 +2487,15 @@ static void coll_publish(CollRound *c)
                 memcpy(block, send + c->displs[q], (size_t)c->counts[q]);
         }
         break;
-    case CW_FOLD: /* a reduce-scatter: block q (at displs[q] of send) at q * seg */
+    case CW_FOLD: /* a reduce-scatter: block q (at displs[q] of send) at q * seg. The other
+                   * members read the operand next (copy_to_reader's stores, as a gather's
+                   * block); this member reads its own from send (coll_fold_own) */
         if (!c->scatter)
-            memcpy(slab, send, (size_t)nbytes);
+            copy_to_reader(slab, send, (Py_ssize_t)nbytes, (long long)nbytes);
         else
             for (int q = 0; q < c->size; q++)
-                memcpy(slab + q * c->seg, send + c->displs[q], (size_t)c->counts[q]);
+                copy_to_reader(slab + q * c->seg, send + c->displs[q], c->counts[q],
+                               (long long)nbytes);
         break;
     case CW_BCAST_BYTES:
     case CW_GATHER_BYTES:
@@ -2549,6 +2552,23 @@ static int coll_piece(CollRound *c, int r, const unsigned char **data, uint64_t 
     *data += head + start;
     *nbytes = end - start;
     return 0;
+}
+
+/* Where a fold member reads its own operand (c->part bytes; `slab`: its copy in its own
+ * slab): from send itself, in this CPU's cache, where copy_to_reader's streaming stores left
+ * the slab's copy in memory only; the slab's copy where send overlaps recv, which the fold
+ * overwrites from the first operand on (in place: recv is the operand), except for rank 0's
+ * operand in place, which is recv itself (its copy is then skipped). */
+static const unsigned char *coll_fold_own(CollRound *c, const unsigned char *slab)
+{
+    if (!c->has_send)
+        return slab;
+    const unsigned char *own = (const unsigned char *)c->send.buf;
+    if (c->scatter)
+        own += c->displs[c->rank];
+    uintptr_t at = (uintptr_t)own, recv = (uintptr_t)c->recv.buf, n = (uintptr_t)c->part;
+    bool apart = at + n <= recv || recv + n <= at;
+    return apart || (at == recv && c->rank == 0) ? own : slab;
 }
 
 /* Step 3 for member r, whose arrival is published: check it, then consume its slab. */
@@ -2658,10 +2678,12 @@ static int coll_consume(CollRound *c, int r)
             theirs += me * c->seg;
         if (c->part == 0)
             break;
-        if (r == 0)
-            memcpy(recv, theirs, (size_t)c->part);
-        else
+        if (r == me)
+            theirs = coll_fold_own(c, theirs);
+        if (r != 0)
             fold_into(c->dtype, c->op, recv, theirs, c->part / fold_itemsize[c->dtype]);
+        else if (theirs != recv) /* (in place, rank 0's operand is recv itself) */
+            memcpy(recv, theirs, (size_t)c->part);
         break;
     default:
         break;
