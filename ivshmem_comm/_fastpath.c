@@ -4025,7 +4025,8 @@ typedef struct {
 
 static PyObject *lane_name_tail, *lane_name_kick, *lane_name_head, *lane_name_placing,
     *lane_name_unexpected, *lane_name_spin, *lane_name_yield,
-    *lane_name_calm; /* interned by the type's first instance */
+    *lane_name_calm;              /* interned by the type's first instance */
+static PyObject *lane_std_dumps; /* _pickle.dumps (pickle.dumps), by the first instance */
 
 static int lane_clear(P2PLane *self)
 {
@@ -4143,6 +4144,13 @@ static int lane_init(P2PLane *self, PyObject *args, PyObject *kwds)
             (lane_name_spin = PyUnicode_InternFromString("_spin_ns")) == NULL ||
             (lane_name_yield = PyUnicode_InternFromString("_yield_ns")) == NULL ||
             (lane_name_calm = PyUnicode_InternFromString("_calm_until")) == NULL)
+            return -1;
+    }
+    if (lane_std_dumps == NULL) {
+        PyObject *pickle = PyImport_ImportModule("_pickle");
+        lane_std_dumps = pickle == NULL ? NULL : PyObject_GetAttrString(pickle, "dumps");
+        Py_XDECREF(pickle);
+        if (lane_std_dumps == NULL)
             return -1;
     }
     PyObject *tx = PyObject_GetAttrString(endpoint, "tx");
@@ -4383,15 +4391,55 @@ static PyObject *lane_send(P2PLane *self, PyObject *const *args, Py_ssize_t narg
     return PyBool_FromLong(status == SEND_OK || status == SEND_KICK);
 }
 
+/* The least data of a "bulky" object: the standard pickler writes a payload this large
+ * straight to a file (CPython's FRAME_SIZE_TARGET; see pickling.parts). */
+#define BULKY_BYTES (64 << 10)
+
+/* Whether `obj` is bulky: exact bytes, bytearray or str of `least` or more (bytes, or
+ * characters), or another object that exports a buffer of as many bytes (a numpy array, an
+ * array.array). 1 or 0; never an error (a buffer that cannot be had: 0). */
+static int lane_bulky(PyObject *obj, Py_ssize_t least)
+{
+    if (PyBytes_CheckExact(obj))
+        return PyBytes_GET_SIZE(obj) >= least;
+    if (PyByteArray_CheckExact(obj))
+        return PyByteArray_GET_SIZE(obj) >= least;
+    if (PyUnicode_CheckExact(obj))
+        return PyUnicode_GET_LENGTH(obj) >= least;
+    if (!PyObject_CheckBuffer(obj))
+        return 0;
+    Py_buffer view;
+    if (PyObject_GetBuffer(obj, &view, PyBUF_RECORDS_RO) < 0) {
+        PyErr_Clear();
+        return 0;
+    }
+    int bulky = view.len >= least;
+    PyBuffer_Release(&view);
+    return bulky;
+}
+
 /* send_obj(peer, ctx, tag, obj, dumps, protocol): an object send's fast path (the lowercase
  * send / isend of the MPI face): obj pickled, dumps(obj) with protocol None, else
  * dumps(obj, protocol), then, when that made bytes, lane_send of them. True once sent; else the
- * pickle (bytes or whatever dumps returned), sent nowhere, for the Python paths. What dumps
- * raises propagates (nothing sent), as do lane_send's errors. */
+ * pickle (bytes or whatever dumps returned), sent nowhere, for the Python paths. None, having
+ * pickled nothing, for a bulky object (lane_bulky) too large for one span of the queue to
+ * `peer` when dumps is the standard pickle.dumps: the Python paths pickle it in parts
+ * (pickling.parts). What dumps raises propagates (nothing
+ * sent), as do lane_send's errors. */
 static PyObject *lane_send_obj(P2PLane *self, PyObject *const *args, Py_ssize_t nargs)
 {
     if (check_nargs("send_obj", nargs, 6) < 0)
         return NULL;
+    if (args[4] == lane_std_dumps) {
+        Py_ssize_t p;
+        int ok = lane_peer(self, args[0], &p);
+        if (ok < 0)
+            return NULL;
+        /* bulky, and more than one span of the queue holds (lane_send sends one span) */
+        Py_ssize_t span = ok ? ((Ring *)self->txr[p])->max_span - SPAN_HEADER_SIZE : 0;
+        if (ok && lane_bulky(args[3], span > BULKY_BYTES ? span : BULKY_BYTES))
+            Py_RETURN_NONE;
+    }
     PyObject *call[2] = {args[3], args[5]};
     PyObject *data = PyObject_Vectorcall(args[4], call, args[5] == Py_None ? 1 : 2, NULL);
     if (data == NULL || !PyBytes_CheckExact(data))
@@ -4526,7 +4574,7 @@ static PyMethodDef lane_methods[] = {
      "send(peer, ctx, tag, spec): a blocking send's fast path in one call; True when sent."},
     {"send_obj", (PyCFunction)(void (*)(void))lane_send_obj, METH_FASTCALL,
      "send_obj(peer, ctx, tag, obj, dumps, protocol): an object send's fast path in one call; "
-     "True when sent, else the pickle."},
+     "True when sent, else the pickle (None: a bulky object, not pickled)."},
     {"recv", (PyCFunction)(void (*)(void))lane_recv, METH_FASTCALL,
      "recv(peer, ctx, tag, buf, want): a blocking receive's fast path in one call; None: not "
      "taken."},

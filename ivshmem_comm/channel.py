@@ -102,16 +102,7 @@ class TxChannel:
         reservation), so other peers told the offset may read them in place meanwhile.
         Raises ValueError if the message cannot be one reservation, TimeoutError (nothing
         placed), PeerLostError, RingCorruptError."""
-        if not layout.is_contiguous(len(data), self._geometry):
-            raise ValueError(f"{len(data)} bytes do not fit one reservation of this queue")
-        if self.tail is not None:
-            self._send_tail(deadline)
-        ring = self.ring
-        if ring.in_flight:
-            ring.reclaim()  # as _send_contiguous: an emptied queue restarts at the bottom
-        offset = self._reserve(layout.SPAN_HEADER_SIZE + len(data), deadline)
-        ring.write_header(offset, len(data), tag)
-        ring.write(offset + layout.SPAN_HEADER_SIZE, data)
+        offset = self._write_whole([data], len(data), tag, deadline)
         self._placed = (offset, len(data))
         return offset + layout.SPAN_HEADER_SIZE
 
@@ -120,6 +111,44 @@ class TxChannel:
         if self._placed is None:
             raise RuntimeError("no placed message to publish")
         (offset, total), self._placed = self._placed, None
+        self._publish_written(offset, total)
+
+    def send_parts(self, parts: list[Any], tag: int, deadline: float | None) -> None:
+        """Send the bytes of `parts` (buffer-protocol objects, each C-contiguous), laid end
+        to end, as one message with `tag`: each part is copied once, straight into the
+        queue (no joined copy of them is made). Blocks while the queue is full; `deadline` as
+        send's (TimeoutError: nothing of this message sent). Raises ValueError if the
+        message cannot be one contiguous reservation (see `place`; send a joined copy
+        instead), PeerLostError, RingCorruptError."""
+        views = [byte_view(part) for part in parts]
+        total = sum(len(view) for view in views)
+        self._publish_written(self._write_whole(views, total, tag, deadline), total)
+
+    def _write_whole(
+        self, views: list[memoryview], total: int, tag: int, deadline: float | None
+    ) -> int:
+        """Write a message of `total` bytes, `views` laid end to end, with its header into
+        one contiguous reservation (the unsent rest of an earlier message first), unpublished:
+        return the reservation's region offset. ValueError if it cannot be one, TimeoutError
+        (nothing written), PeerLostError, RingCorruptError."""
+        if not layout.is_contiguous(total, self._geometry):
+            raise ValueError(f"{total} bytes do not fit one reservation of this queue")
+        if self.tail is not None:
+            self._send_tail(deadline)
+        ring = self.ring
+        if ring.in_flight:
+            ring.reclaim()  # as _send_contiguous: an emptied queue restarts at the bottom
+        offset = self._reserve(layout.SPAN_HEADER_SIZE + total, deadline)
+        ring.write_header(offset, total, tag)
+        at = offset + layout.SPAN_HEADER_SIZE
+        for view in views:
+            ring.write(at, view)
+            at += len(view)
+        return offset
+
+    def _publish_written(self, offset: int, total: int) -> None:
+        """Publish the reservation at `offset` holding a whole message of `total` bytes (its
+        header and payload written) in spans of layout.pipe_span, kicking as the ring asks."""
         ring, geometry = self.ring, self._geometry
         end = offset + layout.SPAN_HEADER_SIZE + total
         span = layout.pipe_span(end - offset, geometry.max_span, geometry.queue_num)

@@ -539,6 +539,16 @@ class Endpoint:
         assert offset is not None
         return offset
 
+    def send_parts(
+        self, dest: int, parts: list[Any], tag: int = 0, timeout: float | None = None
+    ) -> None:
+        """Send the bytes of `parts` (buffer-protocol objects, each C-contiguous) laid end to
+        end as one message to peer `dest` with `tag`, each copied once straight into the
+        queue (TxChannel.send_parts). Raises ValueError if the message does not fit one
+        contiguous reservation of the queue (send their join instead); otherwise the errors
+        of send() (TimeoutError: nothing sent)."""
+        self._send(dest, parts, tag, timeout, parts=True)
+
     def publish_placed(self, dest: int) -> None:
         """Send the message placed for `dest` (see `place`). RuntimeError if there is none."""
         tx = self.tx[self._peer_arg(dest)]
@@ -571,9 +581,16 @@ class Endpoint:
         dest[:] = self.region.buf[offset : offset + len(dest)]
 
     def _send(
-        self, dest: int, data: Any, tag: int, timeout: float | None, place: bool = False
+        self,
+        dest: int,
+        data: Any,
+        tag: int,
+        timeout: float | None,
+        place: bool = False,
+        parts: bool = False,
     ) -> int | None:
-        """send() past its fast path, or (`place`) place(): the offset of the placed bytes."""
+        """send() past its fast path, or (`place`) place(): the offset of the placed bytes,
+        or (`parts`) send_parts() of `data`, a list of parts."""
         if not layout.TAG_MIN <= tag <= layout.TAG_MAX:
             raise ValueError(f"tag {tag} outside {layout.TAG_MIN}..{layout.TAG_MAX}")
         tx = self.tx[self._peer_arg(dest)]
@@ -585,7 +602,10 @@ class Endpoint:
         try:
             if place:
                 return tx.place(byte_view(data), tag, deadline)
-            tx.send(byte_view(data), tag, deadline)
+            if parts:
+                tx.send_parts(data, tag, deadline)
+            else:
+                tx.send(byte_view(data), tag, deadline)
         except PeerLostError:
             self._lost(dest)
             raise

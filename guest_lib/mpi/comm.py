@@ -48,7 +48,9 @@ from guest_lib.mpi.matching import CLOCK_SHIFT, OFFER_BYTES, DoneOp, Op, RecvOp,
 from guest_lib.mpi.pickling import PICKLE as _PICKLE
 from guest_lib.mpi.pickling import dumps as _dumps
 from guest_lib.mpi.pickling import flat as _flat_bytes
+from guest_lib.mpi.pickling import load_view as _load_view
 from guest_lib.mpi.pickling import loads as _loads
+from guest_lib.mpi.pickling import parts as _pickle_parts
 from guest_lib.mpi.request import Request, new_request, request_of, unpickle
 from guest_lib.mpi.routes import ANY, Route, fast_done
 from guest_lib.mpi.status import Status
@@ -499,6 +501,11 @@ class Comm(attributes.Cached, Handle):
                 sent = lane.send_obj(peer, self._ctx, tag, obj, pickle._dumps, pickle._protocol)
                 if sent is True:
                     return
+                if sent is None:  # bulky: its parts copied once, straight into the queue
+                    parts, nbytes = _pickle_parts(obj)
+                    if engine.fast_send_parts(peer, self._ctx << _CTX_SHIFT | tag, parts, nbytes):
+                        return
+                    sent = b"".join(parts)
                 data = _flat_bytes(sent)
             if engine.fast_send(peer, self._ctx << _CTX_SHIFT | tag, data):
                 return
@@ -545,11 +552,11 @@ class Comm(attributes.Cached, Handle):
                         return _PICKLE._loads(got) if got else None
                     status._set(rank, got[1], got[0])
                     return _loads(got[2])
-            got = engine.fast_recv(peer, self._ctx, tag, None)
+            got = engine.fast_recv(peer, self._ctx, tag, None, _load_view)
             if got is not None:
                 if status is not None:
                     status._set(rank, got[1], got[0])
-                return _loads(got[2])
+                return got[2]
         self._source(source)
         self._recv_tag(tag)
         return self._recv_obj(source, tag, self._ctx, status)
@@ -569,6 +576,12 @@ class Comm(attributes.Cached, Handle):
             if lane is None:
                 return Comm.Isend(self, _dumps(obj), dest, tag)
             sent = lane.send_obj(peer, self._ctx, tag, obj, pickle._dumps, pickle._protocol)
+            if sent is None:  # bulky: its parts copied once into the queue if it has room now
+                parts, nbytes = _pickle_parts(obj)
+                if engine.fast_send_parts(peer, self._ctx << _CTX_SHIFT | tag, parts, nbytes, 0.0):
+                    sent = True
+                else:  # (queued: a copy of its own, the object may change meanwhile)
+                    sent = b"".join(parts)
             if sent is True:  # in the queue: complete
                 return new_request(_SENT, engine, None, None)
             return Comm.Isend(self, _flat_bytes(sent), dest, tag)

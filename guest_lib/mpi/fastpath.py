@@ -138,11 +138,16 @@ class FastPaths:
     quiet: Callable[[], bool]  # nothing queued, posted, unexpected or in flight
     dispatch: Callable[[int, int, int, Any], None]  # (peer, coretag, nbytes, data taken)
 
-    def fast_recv(self, peer: int, ctx: int, tag: int, buf: Any) -> FastRecv | None:
+    def fast_recv(
+        self, peer: int, ctx: int, tag: int, buf: Any, load: Callable[[Any], Any] | None = None
+    ) -> FastRecv | None:
         """Blocking receive from shm peer `peer` straight into `buf` when nothing else is
         pending. `buf` is a writable flat byte view or a writable C-contiguous numpy array,
         or None: a whole message (one DATA message, not a large one in pieces) is taken as
-        bytes (object receives).
+        bytes (object receives), or with `load` (pickling.load_view) as load(its bytes)
+        (then the FastRecv's rest is that object): a lone thread's message held in the queue
+        (larger than the scratch buffer) is read there, in place, before its spans are given
+        back (one copy fewer).
 
         Returns a FastRecv (see there) when it took the message; None if the caller must
         take the engine path (what was received meanwhile has been dispatched in order).
@@ -173,8 +178,16 @@ class FastPaths:
                             pass  # (its header is peeked: the recv below takes it)
                     if data is None:
                         with self.ep.recv(peer, -1, timeout) as message:
+                            nbytes, coretag = message.nbytes, message.tag
+                            if (  # (a lone thread's: `mine` below, without the bell)
+                                load is not None
+                                and not threads
+                                and coretag >> _CTX_SHIFT == ctx
+                                and (tag == constants.ANY_TAG or coretag & _TAG_MASK == tag)
+                                and peer not in self.sync_next
+                            ):
+                                return nbytes, coretag & _TAG_MASK, load(message.data)
                             data = bytes(message.data)
-                        nbytes, coretag = len(data), message.tag
                 else:
                     nbytes, _, coretag = self.ep.recv_into(
                         buf, peer, -1, timeout, bypass_cache=buf.nbytes >= BYPASS_CACHE_MIN
@@ -191,7 +204,7 @@ class FastPaths:
             )
             head = coretag >> _CTX_SHIFT
             if mine and head == ctx:  # kind DATA (a whole message) and this context
-                return nbytes, coretag & _TAG_MASK, data
+                return nbytes, coretag & _TAG_MASK, data if load is None else load(data)
             if data is None:
                 if mine and head == wire.head_of(wire.KIND_FIRST, ctx):
                     return self._fast_pieces(
@@ -251,13 +264,30 @@ class FastPaths:
         """
         if data.nbytes > self.whole_max:
             return False
+        return self._fast_write(self.ep.send, peer, coretag, data, timeout)
+
+    def fast_send_parts(
+        self, peer: int, coretag: int, parts: list[Any], nbytes: int, timeout: float = FAST_TIMEOUT
+    ) -> bool:
+        """fast_send of the message made of `parts` laid end to end (`nbytes` in all;
+        buffer-protocol objects, each C-contiguous), each copied once into the queue
+        (Endpoint.send_parts): True once it is there, False if the engine must take it (then
+        join them)."""
+        if nbytes > self.whole_max:
+            return False
+        return self._fast_write(self.ep.send_parts, peer, coretag, parts, timeout)
+
+    def _fast_write(
+        self, send: Callable[..., None], peer: int, coretag: int, data: Any, timeout: float
+    ) -> bool:
+        """The rest of fast_send: `send(peer, data, coretag, timeout)` of the endpoint."""
         threads = _count() - _service[0]  # other_threads(), inline (every message)
         if threads:
             self.lock.acquire()
         try:
             if peer in self.sendq or peer == self.placing:
                 return False
-            self.ep.send(peer, data, coretag, 0.0 if threads else timeout)
+            send(peer, data, coretag, 0.0 if threads else timeout)
         except CoreTimeout:
             return False
         except PeerLostError as exc:

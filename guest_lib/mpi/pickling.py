@@ -125,6 +125,39 @@ def loads(data: Any) -> Any:
     return PICKLE._loads(data)
 
 
+def load_view(data: memoryview) -> Any:
+    """`loads` of a message read where it lies (`data`: a view of memory that is reused once
+    this returns): the standard pickle.loads reads it in place (what it returns holds no
+    reference to it); a custom loads gets a copy of its own."""
+    if not len(data):
+        return None
+    load = PICKLE._loads
+    return load(data) if load is _pickle.loads else load(bytes(data))
+
+
+class _Sink:
+    """The file a parts() pickler writes to: `write` is its list's append."""
+
+    __slots__ = ("write",)
+
+    def __init__(self, write: Callable[[Any], None]) -> None:
+        self.write = write
+
+
+def parts(obj: Any) -> tuple[list[Any], int]:
+    """`obj` pickled as MPI.pickle's dumps does (the standard pickle.dumps only: `bulky` said
+    so): (the stream's parts in order, their bytes in all). The parts are the pickler's own
+    bytes and, not copied, the large payloads it writes straight out to a file (bytes,
+    bytearrays, pickle.PickleBuffers of the object's own memory: sent before the object may
+    change). Laid end to end they are the stream dumps returns, without its copy of the
+    payloads and the reallocations of a growing buffer (on large objects, most of dumps'
+    time)."""
+    out: list[Any] = []
+    _pickle.Pickler(_Sink(out.append), PICKLE._protocol).dump(obj)
+    flat = [item.raw() if type(item) is _pickle.PickleBuffer else item for item in out]
+    return flat, sum(memoryview(item).nbytes for item in flat)
+
+
 _END = struct.Struct("<Q")
 _ENDS = struct.Struct("<QQ")  # a piece's start and end (the end of the one before it)
 

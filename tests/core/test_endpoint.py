@@ -470,3 +470,30 @@ def test_a_placed_message_is_read_in_place_by_others_then_sent(make_region):
             root.place(1, bytes(region.geometry.data_size), tag=4)
     r1.close()
     r2.close()
+
+
+def test_send_parts_sends_one_message_of_its_parts_in_order(make_region):
+    """send_parts(): the parts (bytes, bytearray, memoryview, numpy) laid end to end arrive
+    as one message, one span or several (read whole in place), in order with plain sends;
+    a message too large for one reservation is refused (ValueError), nothing sent."""
+    region = make_region(size=8 << 20)
+    with region.endpoint(0) as a, ic.Region.open(region.name) as r2, r2.endpoint(1) as b:
+        span = region.geometry.max_span
+        for total in (0, 100, span - layout.SPAN_HEADER_SIZE, span, 1 << 20):
+            body = os.urandom(total)
+            third = total // 3
+            parts = [
+                body[:third],
+                bytearray(body[third : 2 * third]),
+                np.frombuffer(body[2 * third : total - 1], np.uint8),
+                memoryview(body)[total - 1 :] if total else b"",
+            ]
+            a.send_parts(1, parts, tag=6)
+            a.send(1, b"after", tag=7)
+            with b.recv(0, timeout=5) as msg:
+                assert (msg.tag, msg.nbytes, bytes(msg.data)) == (6, total, body)
+            with b.recv(0, timeout=5) as msg:
+                assert (msg.tag, bytes(msg.data)) == (7, b"after")
+        with pytest.raises(ValueError):
+            a.send_parts(1, [b"x", bytes(region.geometry.data_size)], tag=6)
+        assert b.iprobe(0) is None

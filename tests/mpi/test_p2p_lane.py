@@ -169,6 +169,28 @@ def check_lane_send_obj_pickles_and_sends_or_hands_back(pair: Pair) -> None:
     assert b._engine.quiet() and not b._engine.ep.rx[0].busy
 
 
+def check_lane_send_obj_leaves_bulky_objects_to_parts(pair: Pair) -> None:
+    """With the standard pickle.dumps, an object of more data than one span of the queue
+    holds (bytes, bytearray, str, a numpy array) comes back None, pickled nothing and sent
+    nothing (pickling.parts' turn); one that fits a span, and any object under a custom
+    dumps, is pickled and sent as ever."""
+    import pickle
+
+    import numpy as np
+
+    a, b = pair
+    lane = a._engine.lane
+    span = a._engine.ep.tx[1].ring.max_span
+    for obj in (b"x" * span, bytearray(span), "s" * span, np.zeros(span // 8 + 1)):
+        assert lane.send_obj(1, 0, TAG, obj, pickle.dumps, 5) is None
+    assert b._engine.lane.recv_obj(0, 0, MPI.ANY_TAG, False) is None  # nothing was sent
+    small = b"x" * (span // 2)
+    assert lane.send_obj(1, 0, TAG, small, pickle.dumps, 5) is True
+    assert b.recv(None, 0, TAG) == small
+    sent = lane.send_obj(1, 0, TAG, b"x" * span, lambda obj, protocol: pickle.dumps(obj), 5)
+    assert sent == pickle.dumps(b"x" * span)  # (a custom dumps: its pickle, too big to send)
+
+
 def check_lane_leaves_other_messages_in_order(pair: Pair) -> None:
     """A message of another tag or context that comes first is left peeked for the Python
     paths (unexpected, matched later); a longer one truncates as ever."""
@@ -251,6 +273,11 @@ def test_lane_objects_and_status() -> None:
 @needs_c
 def test_lane_send_obj_pickles_and_sends_or_hands_back() -> None:
     _in_own_process("check_lane_send_obj_pickles_and_sends_or_hands_back")
+
+
+@needs_c
+def test_lane_send_obj_leaves_bulky_objects_to_parts() -> None:
+    _in_own_process("check_lane_send_obj_leaves_bulky_objects_to_parts")
 
 
 @needs_c

@@ -253,3 +253,69 @@ def test_send_and_isend_of_an_unpicklable_object_send_nothing(comm):
     request = comm.isend(("after", rank), dest, tag=42)
     assert comm.recv(source=source, tag=42) == ("after", source)
     request.wait()
+
+
+def _bulky(rank: int) -> list:
+    """Objects whose data the lane leaves to pickling.parts (bulky, past one span of the
+    queue), and some just below that: bytes, bytearray, str, numpy arrays (C, Fortran and
+    strided), a container of arrays, one of whole_max's size and one in pieces."""
+    big = 200_000 + rank
+    return [
+        bytes([rank % 256]) * big,
+        bytearray(b"b" * big),
+        "s" * big + str(rank),
+        np.arange(big // 8, dtype=np.float64) + rank,
+        np.asfortranarray(np.arange(200 * 300, dtype=np.int64).reshape(200, 300) + rank),
+        (np.arange(2 * big // 8) + rank)[::2],
+        [np.zeros(20_000) + rank, b"x" * 100_000, {"k": rank}],
+        bytes(70_000),
+        bytes((1 << 20) + rank),
+        bytes((4 << 20) + rank),
+    ]
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, np.ndarray):
+        return (
+            type(b) is np.ndarray and a.dtype == b.dtype and a.shape == b.shape and (a == b).all()
+        )
+    if isinstance(a, list):
+        return type(b) is list and len(a) == len(b) and all(map(_same, a, b))
+    return type(a) is type(b) and a == b
+
+
+def test_bulky_objects_send_isend_recv(comm):
+    """Bulky objects (sent in pickled parts, each copied once into the queue; received and
+    read in place where the message lies whole in the queue) through send, isend and recv of
+    a source and tag, of ANY_SOURCE / ANY_TAG and with a status (the pickle's bytes), and
+    the same under a custom MPI.pickle (dumps and loads of its own: no parts, a copy)."""
+    import pickle
+
+    _, rank, dest, source = ring(comm)
+    calls = []
+
+    def loads(data):
+        calls.append(type(data))
+        return pickle.loads(data)
+
+    for custom in (False, True):
+        if custom:
+            MPI.pickle.__init__(lambda obj, protocol=None: pickle.dumps(obj, protocol), loads)
+        try:
+            for i, obj in enumerate(_bulky(rank)):
+                want = _bulky(source)[i]
+                comm.send(obj, dest, tag=50)
+                request = comm.isend(obj, dest, tag=51)
+                status = MPI.Status()
+                got = comm.recv(source=source, tag=50, status=status)
+                assert _same(want, got), (i, custom)
+                assert status.Get_source() == source and status.Get_tag() == 50
+                assert status.Get_count() == len(pickle.dumps(want, MPI.pickle.PROTOCOL))
+                got = comm.recv(source=MPI.ANY_SOURCE, tag=MPI.ANY_TAG, status=status)
+                assert _same(want, got), (i, custom)
+                assert status.Get_tag() == 51
+                assert request.wait() is None
+                comm.Barrier()
+        finally:
+            MPI.pickle.__init__()
+    assert calls and all(kind is bytes for kind in calls)  # (a custom loads: its own copy)
