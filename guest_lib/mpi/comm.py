@@ -43,6 +43,7 @@ from guest_lib.mpi import (
 from guest_lib.mpi.collectives import T_BARRIER, Collectives, complete_started, front_lanes
 from guest_lib.mpi.collectives_extra import ExtraCollectives
 from guest_lib.mpi.engine import Engine
+from guest_lib.mpi.fastpath import FAST_TIMEOUT
 from guest_lib.mpi.handles import Handle
 from guest_lib.mpi.matching import CLOCK_SHIFT, OFFER_BYTES, DoneOp, Op, RecvOp, merge_offers
 from guest_lib.mpi.pickling import PICKLE as _PICKLE
@@ -71,6 +72,7 @@ _EMPTY = memoryview(b"")
 _post_recv = ring.post_recv  # Irecv's post in C (None on the pure-Python path)
 _irecv_post = ring.irecv_post  # Irecv's checks and post in one C call (see Comm._irecv_at)
 _isend_post = ring.isend_post  # Isend's lane send and request in one C call (Comm._isend_at)
+_WAIT = FAST_TIMEOUT  # s: how long a blocking send's fast path waits for room in the queue
 _ROUTE_POST = Route.post  # the routes whose post is the engine's (not mpi4py's)
 # The op of every nonblocking send written whole at once (Isend's fast path): complete, and
 # no field of a complete op is written again (Cancel and Free leave it), so one serves all.
@@ -499,13 +501,11 @@ class Comm(attributes.Cached, Handle):
                 data = _dumps(obj)
             else:  # pickled and sent in one C call, else its pickle back
                 sent = lane.send_obj(peer, self._ctx, tag, obj, pickle._dumps, pickle._protocol)
-                if sent is True:
+                if (
+                    sent is True
+                    or (sent := self._unsent(engine, peer, tag, obj, sent, _WAIT)) is True
+                ):
                     return
-                if sent is None:  # bulky: its parts copied once, straight into the queue
-                    parts, nbytes = _pickle_parts(obj)
-                    if engine.fast_send_parts(peer, self._ctx << _CTX_SHIFT | tag, parts, nbytes):
-                        return
-                    sent = b"".join(parts)
                 data = _flat_bytes(sent)
             if engine.fast_send(peer, self._ctx << _CTX_SHIFT | tag, data):
                 return
@@ -514,6 +514,21 @@ class Comm(attributes.Cached, Handle):
             self._send_tag(tag)
             data = _dumps(obj)
         self._send_bytes(data, dest, tag, self._ctx, False)
+
+    def _unsent(
+        self, engine: Engine, peer: int, tag: int, obj: Any, sent: Any, timeout: float
+    ) -> Any:
+        """What the lane's send_obj of `obj` to shm peer `peer` left unsent (`sent`, not
+        True): True once a bulky object (None: not pickled) went into the queue in its parts
+        (pickling.parts, each copied once; waiting at most `timeout` s for room); else the
+        pickle for the Python paths (bytes, or what a custom dumps made; a bulky object's
+        parts joined, a copy of its own)."""
+        if sent is not None:
+            return sent
+        parts, nbytes = _pickle_parts(obj)
+        if engine.fast_send_parts(peer, self._ctx << _CTX_SHIFT | tag, parts, nbytes, timeout):
+            return True
+        return b"".join(parts)
 
     def ssend(self, obj: Any, dest: int, tag: int = 0) -> None:
         """Synchronous send: returns once the matching receive has started."""
@@ -576,13 +591,8 @@ class Comm(attributes.Cached, Handle):
             if lane is None:
                 return Comm.Isend(self, _dumps(obj), dest, tag)
             sent = lane.send_obj(peer, self._ctx, tag, obj, pickle._dumps, pickle._protocol)
-            if sent is None:  # bulky: its parts copied once into the queue if it has room now
-                parts, nbytes = _pickle_parts(obj)
-                if engine.fast_send_parts(peer, self._ctx << _CTX_SHIFT | tag, parts, nbytes, 0.0):
-                    sent = True
-                else:  # (queued: a copy of its own, the object may change meanwhile)
-                    sent = b"".join(parts)
-            if sent is True:  # in the queue: complete
+            if sent is True or (sent := self._unsent(engine, peer, tag, obj, sent, 0.0)) is True:
+                # in the queue: complete
                 return new_request(_SENT, engine, None, None)
             return Comm.Isend(self, _flat_bytes(sent), dest, tag)
         self._dest(dest)
@@ -651,8 +661,18 @@ class Comm(attributes.Cached, Handle):
     ) -> Any:
         """Send `sendobj` to `dest` and receive an object from `source`, deadlock-free."""
         engine = self._sendrecv_args(dest, source, sendtag, recvtag)
-        data = _dumps(sendobj)
         peer = self._shm_peer.get(dest)
+        lane, pickle = engine.lane, _PICKLE
+        if peer is None or lane is None:
+            data = _dumps(sendobj)
+        else:  # pickled and written whole at once (as isend's), else its pickle back
+            sent = lane.send_obj(peer, self._ctx, sendtag, sendobj, pickle._dumps, pickle._protocol)
+            if (
+                sent is True
+                or (sent := self._unsent(engine, peer, sendtag, sendobj, sent, 0.0)) is True
+            ):
+                return self._recv_obj(source, recvtag, self._ctx, status)
+            data = _flat_bytes(sent)
         if peer is not None and engine.fast_send(  # written whole at once: recv's turn
             peer, self._ctx << _CTX_SHIFT | sendtag, data, 0.0
         ):

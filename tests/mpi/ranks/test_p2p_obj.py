@@ -286,9 +286,10 @@ def _same(a, b) -> bool:
 
 def test_bulky_objects_send_isend_recv(comm):
     """Bulky objects (sent in pickled parts, each copied once into the queue; received and
-    read in place where the message lies whole in the queue) through send, isend and recv of
-    a source and tag, of ANY_SOURCE / ANY_TAG and with a status (the pickle's bytes), and
-    the same under a custom MPI.pickle (dumps and loads of its own: no parts, a copy)."""
+    read in place where the message lies whole in the queue) through send, isend, sendrecv
+    and recv of a source and tag, of ANY_SOURCE / ANY_TAG and with a status (the pickle's
+    bytes), and the same under a custom MPI.pickle (dumps and loads of its own: no parts,
+    a copy)."""
     import pickle
 
     _, rank, dest, source = ring(comm)
@@ -315,6 +316,8 @@ def test_bulky_objects_send_isend_recv(comm):
                 assert _same(want, got), (i, custom)
                 assert status.Get_tag() == 51
                 assert request.wait() is None
+                got = comm.sendrecv(obj, dest, 52, None, source, 52, status)
+                assert _same(want, got) and status.Get_source() == source, (i, custom)
                 comm.Barrier()
         finally:
             MPI.pickle.__init__()
