@@ -252,18 +252,26 @@ COLLECTIVES = (
 class CollectiveRequest:
     """A started collective (CollectiveGroup.start). `test()` advances it without waiting and
     says whether it completed; `wait()` completes it (and those started before it). Both
-    raise the collective's error, again on every later call. `declined`, once it completed:
-    the group's `declined` as this collective left it (a gatherv, scatterv or alltoallv its
-    members declined; the group's flag belongs to the collective that ended last)."""
+    raise the collective's error, again on every later call. `declined` and `truncated`,
+    once it completed: the group's flags as this collective left them (a gatherv, scatterv
+    or alltoallv its members declined; a scatterv whose block for this member was longer
+    than its recvbuf; the group's flags belong to the collective that ended last)."""
 
-    __slots__ = ("_error", "_group", "_steps", "_wait", "declined")
+    __slots__ = ("_error", "_group", "_steps", "_wait", "declined", "truncated")
 
-    def __init__(self, group: CollectiveGroup, steps: Steps | None, declined: bool = False) -> None:
+    def __init__(
+        self,
+        group: CollectiveGroup,
+        steps: Steps | None,
+        declined: bool = False,
+        truncated: bool = False,
+    ) -> None:
         self._group = group
         self._steps: Steps | None = steps  # (None: done)
         self._wait: Wait | None = None
         self._error: BaseException | None = None
         self.declined = declined
+        self.truncated = truncated
 
     @property
     def done(self) -> bool:
@@ -299,6 +307,7 @@ class CollectiveRequest:
         except StopIteration:
             self._steps = None
             self.declined = group.declined
+            self.truncated = group.truncated
             return True
         except BaseException as exc:
             self._fail(exc)
@@ -347,13 +356,13 @@ class RoundRequest(CollectiveRequest):
         self._steps = _IN_C
         self._wait = wait
         self._error = None
-        self.declined = False
+        self.declined = self.truncated = False
         self._k = k
 
     def _poll(self, spin: int = 0) -> bool:
         """One poll (spinning up to `spin` ns in C, yielding the CPU between loads where the
-        group is crowded); True iff the round completed (`declined` then set, as the
-        group's)."""
+        group is crowded); True iff the round completed (`declined` and `truncated` then
+        set, as the group's)."""
         group = self._group
         try:
             c = group._c
@@ -371,7 +380,7 @@ class RoundRequest(CollectiveRequest):
         self._steps = None
         group._round = c.round  # (the round the call ended on: k, or later; see _c_round)
         self.declined = group.declined = result == 1
-        group.truncated = result == 2
+        self.truncated = group.truncated = result == 2
         return True
 
     def test(self) -> bool:
@@ -502,9 +511,14 @@ class CollectiveGroup:
         # True after a scatterv whose block for this member was longer than its recvbuf
         # (the round completed; see _scatterv).
         self.truncated = False
-        # What start_round returns for a round its first poll completed: (not declined,
-        # declined), done requests shared by every such call (nothing changes a done one).
-        self._done_rounds = tuple(CollectiveRequest(self, None, flag) for flag in (False, True))
+        # What start_round returns for a round its first poll completed: (neither, declined,
+        # truncated), by the C round's result; done requests shared by every such call
+        # (nothing changes a done one).
+        self._done_rounds = (
+            CollectiveRequest(self, None),
+            CollectiveRequest(self, None, declined=True),
+            CollectiveRequest(self, None, truncated=True),
+        )
         me = self.rank
         u64 = self._u64
         u64[self._sleep_i[me]] = 0
@@ -1514,10 +1528,10 @@ class CollectiveGroup:
         """`start` for a collective of one round whose C arguments the caller made: round
         k of `run` (CollectiveRound.run or .fold; or .front with the user's arguments) with
         `args`, polled once now. Returns the request (done already where that poll completed
-        the round: one of two shared done requests, by `declined`; pending in the group
-        otherwise, as a started one: `pending(group, k, wait)`, a RoundRequest or a subclass
-        made the same way; it is the group's first pending request until its round ends,
-        since no other was pending), or None having moved nothing where other started
+        the round: one of three shared done requests, by `declined` and `truncated`; pending
+        in the group otherwise, as a started one: `pending(group, k, wait)`, a RoundRequest or
+        a subclass made the same way; it is the group's first pending request until its
+        round ends, since no other was pending), or None having moved nothing where other started
         collectives are pending, the C accelerator is not built, or the C call refused the
         arguments before its round (.front: did not take them; the caller starts the
         collective otherwise). An error of the first poll propagates (round k is marked
@@ -1531,9 +1545,9 @@ class CollectiveGroup:
         if result is None:
             return None  # (not taken)
         if result.__class__ is not tuple:
-            self.declined = declined = result == 1
-            self.truncated = result == 2
-            return self._done_rounds[declined]
+            self.declined = result == 1
+            self.truncated = truncated = result == 2
+            return self._done_rounds[2 if truncated else self.declined]
         request = pending(self, k, result)
         self._pending.append(request)
         return request

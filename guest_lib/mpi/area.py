@@ -414,6 +414,13 @@ class Area:
         return AreaOp(self, request, then=then if declinable else None)
 
 
+def truncated_part(comm: Any) -> str:
+    """The reason of the MPI_ERR_TRUNCATE of a Scatter(v) member (not the root) of `comm`
+    whose round completed with its part longer than its recvbuf (which holds the part's
+    first bytes; CollectiveRequest.truncated, CollectiveGroup.truncated)."""
+    return f"scatter: rank {comm._rank}'s part from the root is longer than its recvbuf"
+
+
 class _Polled:
     """The engine-operation side of a nonblocking collective of the area (AreaOp,
     StartedRound): `done` polls the collective (and the abandonment records) each time it
@@ -430,14 +437,19 @@ class _Polled:
     then done with that one, its error and reason taken from it (a failure there was told
     to the others by that operation's own `on_fail`). An exception of `then` fails this op
     as a failure of the area does. A failure's reason is its `why` too (Op's: a StagedOp
-    holding this op reports it). A class using this sets the fields annotated here and
-    gives `_round_test` and `_round`."""
+    holding this op reports it). A scatterv round that completed with this member's block
+    longer than its recvbuf (the request's `truncated`) completes the op with
+    ERR_TRUNCATE (`reason`: `truncated_part`) and `in_step` set: every member ran the
+    round, so nobody is told and the area stays (a StagedOp holding the op fails alike,
+    see engine.StagedOp). A class using this sets the fields annotated here and gives
+    `_round_test` and `_round`."""
 
     if not TYPE_CHECKING:  # (the fields below: each class using this has them as slots)
         __slots__ = ()
     _area: Area
     _finished: bool
     _listening: bool
+    in_step: bool
     _staged: bool
     next: Op | None
     then: Callable[[], Op] | None
@@ -523,10 +535,15 @@ class _Polled:
                 if self._listening:
                     self._listening = False
                     area.listen(-1)
-                if self._round().declined and self.then is not None:
+                request = self._round()
+                if request.declined and self.then is not None:
                     self.next = self.then()
                     return self._followed(self.next)
                 area.completed += 1
+                if request.truncated:  # (ran in step at every member: the area stays)
+                    self.error = exceptions.ERR_TRUNCATE
+                    self.reason = self.why = truncated_part(area.comm)
+                    self.in_step = True
             except BaseException as exc:
                 self.error = exceptions.ERR_OTHER
                 self.reason = self.why = f"{type(exc).__name__}: {exc}"
@@ -535,7 +552,7 @@ class _Polled:
             self._end()
             if self._listening:
                 area.listen(-1)
-        if self.error and self.on_fail is not None:
+        if self.error and not self.in_step and self.on_fail is not None:
             self.on_fail(*self.fail_args, self.error, self.reason)
         return True
 
@@ -562,6 +579,7 @@ class AreaOp(_Polled, Op):
         "_request",
         "_staged",
         "fail_args",
+        "in_step",
         "next",
         "on_fail",
         "reason",
@@ -579,7 +597,7 @@ class AreaOp(_Polled, Op):
         # `done` is _Polled's property)
         self.error, self.source, self.tag = 0, constants.ANY_SOURCE, constants.ANY_TAG
         self.count, self.cancelled, self.obj = 0, False, None
-        self._finished = False
+        self._finished = self.in_step = False
         self._area = area
         self._request = request
         self.on_fail = on_fail
@@ -633,6 +651,7 @@ class StartedRound(_Polled, RoundRequest):
         "_listening",
         "error",
         "fail_args",
+        "in_step",
         "next",
         "on_fail",
         "reason",
@@ -660,7 +679,7 @@ class StartedRound(_Polled, RoundRequest):
         self._area = area
         self.on_fail = on_fail
         self.fail_args = fail_args
-        self._finished = self._listening = False
+        self._finished = self._listening = self.in_step = False
         self.error, self.reason = 0, ""
         self.next = self.then = None
 
@@ -711,7 +730,7 @@ class StartedRound(_Polled, RoundRequest):
         except Exception:
             return False
         group._pending.popleft()  # (the group's first pending request while pending)
-        if self.declined:
+        if self.declined or self.truncated:
             return False
         self._area.completed += 1
         self._finished = True  # (_end's whole work: a StartedRound is never staged)

@@ -986,10 +986,12 @@ def _c_start(
     group._round = now if now > k else k
     if result.__class__ is not tuple:  # (done by this first poll)
         declined = group.declined = result == 1
-        group.truncated = result == 2
+        truncated = group.truncated = result == 2
         if not declined:  # (the common case: root, last)
             self._nb_seq = seq + 1
             shared.completed += 1
+            if truncated:
+                return new_request(_TruncatedDone(self), engine, None, None)
             return new_request(_STARTED_DONE, engine, None, None)
         request: CollectiveRequest = group._done_rounds[True]
     elif messages is None or not stage:  # (a pending round not staged: one object)
@@ -1247,7 +1249,7 @@ def _request_for(
     pending round is staged with the engine (see `started`)."""
     self._nb_seq = seq + 1
     if request.done and not request.declined:
-        return new_request(_STARTED_DONE, engine, None, None)
+        return _done_request(self, engine, request)
     failed = functools.partial(_nb_abandon, self, engine, seq)
     then = None
     if messages is not None:
@@ -1346,10 +1348,28 @@ def _short_recvbuf(comm: Any) -> StandInTruncation:
     """The error of a Scatter(v) member whose area round completed with `truncated` set
     (collective.CollectiveGroup._scatterv: its part, as long as the root's block table
     says, is longer than its recvbuf, which holds the part's first bytes)."""
-    return StandInTruncation(
-        exceptions.ERR_TRUNCATE,
-        f"scatter: rank {comm._rank}'s part from the root is longer than its recvbuf",
-    )
+    return StandInTruncation(exceptions.ERR_TRUNCATE, area.truncated_part(comm))
+
+
+class _TruncatedDone(DoneOp):
+    """The op of a started Scatter(v) member whose round its first poll completed with the
+    member's part longer than its recvbuf (the request's `truncated`): complete, with
+    MPI_ERR_TRUNCATE and `reason` (area.truncated_part); the instance ran in step at every
+    member, so nothing is abandoned and the area stays."""
+
+    __slots__ = ("reason",)
+
+    def __init__(self, comm: Any) -> None:
+        super().__init__(constants.ANY_SOURCE)
+        self.error = exceptions.ERR_TRUNCATE
+        self.reason = area.truncated_part(comm)
+
+
+def _done_request(comm: Any, engine: Engine, request: CollectiveRequest) -> Request:
+    """The Request of a started collective whose first poll completed its round (not
+    declined): a plain done one, or one failing with MPI_ERR_TRUNCATE (_TruncatedDone)."""
+    op = _TruncatedDone(comm) if request.truncated else _STARTED_DONE
+    return new_request(op, engine, None, None)
 
 
 def _abandon(comm: Any, engine: Engine, seq: int, exc: Exception) -> None:

@@ -173,7 +173,10 @@ class StagedOp(Op):
         """Start the next stages while the current one is complete. True iff it moved.
 
         A stage whose operation failed, or that raises, fails the op (error ERR_OTHER for an
-        exception, re-raised instead when `propagate`: the first stage, run by the call)."""
+        exception, re-raised instead when `propagate`: the first stage, run by the call);
+        `on_fail` is told, except for an operation that failed with `in_step` set (a
+        collective area's round that every member ran, failing at this one only: see
+        area._Polled), which no other member waits for."""
         moved = False
         while not self.done and all(op.done for op in self.pending):
             moved = True
@@ -181,7 +184,11 @@ class StagedOp(Op):
             if failed is not None:
                 why = getattr(failed, "why", "")  # (an abandoned collective's reason)
                 error = failed.error
-                self._fail(error, why or f"{exceptions.Get_error_string(error)} in a stage")
+                why = why or f"{exceptions.Get_error_string(error)} in a stage"
+                if getattr(failed, "in_step", False):
+                    self.error, self.done, self.reason = error, True, why
+                else:
+                    self._fail(error, why)
                 break
             try:
                 self.pending = next(self.steps)

@@ -629,3 +629,53 @@ def test_scatter_member_recvbuf_shorter_or_longer_than_its_part(call):
         _bcast_in_the_area(comm, before)
     finally:
         comm.Free()
+
+
+@pytest.mark.parametrize("wait", ["Wait", "Test", "Waitall"])
+@pytest.mark.parametrize("call", ["Iscatter", "Iscatterv"])
+def test_iscatter_member_recvbuf_shorter_than_its_part_raises_at_wait(call, wait):
+    """Iscatter(v) as Scatter(v): a rank (not the root) whose recvbuf is shorter than its part
+    gets MPI_ERR_TRUNCATE from Wait (through the collective area the request completed
+    without it, the recvbuf holding the part's first bytes); the others get their parts and
+    the area stays bound. Twice: the second round finds the area kept."""
+    block = 5  # doubles per rank: within a slab
+    world, size, rank = _one_region_world()
+    comm = world.Dup()
+    try:
+        root, short = 0, size - 1
+        everything = np.repeat(np.arange(size, dtype=np.float64), block)
+        send = everything if rank == root else None
+        if call == "Iscatterv" and rank == root:
+            send = [everything, [block] * size, MPI.DOUBLE]
+        comm.Barrier()  # (binds the area: the first collectives of a Dup run on messages)
+        before = area.completed(comm)
+        for _ in range(2):
+            recv = np.full(block - 1 if rank == short else block, -1.0)
+            request = getattr(comm, call)(send, recv, root)
+            statuses = [MPI.Status()]
+            if rank == short:
+                with pytest.raises(MPI.Exception) as caught:
+                    _complete(request, wait, statuses)
+                if wait == "Waitall":  # (MPI: the error of each request in its status)
+                    assert caught.value.Get_error_class() == MPI.ERR_IN_STATUS
+                    assert statuses[0].Get_error() == MPI.ERR_TRUNCATE
+                else:
+                    assert caught.value.Get_error_class() == MPI.ERR_TRUNCATE
+                assert (recv == rank).all()  # (the part's first bytes)
+            else:
+                _complete(request, wait, statuses)
+                assert (recv == rank).all()
+            _bcast_in_the_area(comm, before)
+    finally:
+        comm.Free()
+
+
+def _complete(request: MPI.Request, how: str, statuses: list[MPI.Status]) -> None:
+    """Complete `request` by `how`: Wait, Waitall (`statuses` for it) or Test until done."""
+    if how == "Wait":
+        request.Wait()
+    elif how == "Waitall":
+        MPI.Request.Waitall([request], statuses)
+    else:
+        while not request.Test():
+            pass
