@@ -49,6 +49,48 @@ def test_forged_area_binding_is_refused_naming_rank_0(comm, monkeypatch, forged)
     dup.Free()
 
 
+def test_forged_binding_seen_abandoned_before_its_arrival_still_forwards_it(comm, monkeypatch):
+    """The forged binding, with the member in the middle of the binding broadcast's tree
+    (rank 2 of 4: it forwards rank 0's binding to rank 3) made to take in rank 1's
+    abandonment of the instance before rank 0's binding reaches it, as load made it now and
+    then (0ba00cc): rank 0 sends rank 1's binding first and rank 2's only once rank 2 says
+    it holds the abandonment. Rank 2 must still receive and forward the binding, so that
+    rank 3 raises too (before 0ba00cc: rank 2 raised at once and rank 3 waited for ever)."""
+    if comm.Get_size() != 4:
+        pytest.skip("the binding broadcast's tree has a forwarding member at 4 ranks")
+    dup = comm.Dup()
+    if not area.eligible(dup):
+        dup.Free()
+        pytest.skip("this communicator does not use the collective area")
+    rank = dup.Get_rank()
+    world_0, world_2 = dup.Get_group().Translate_ranks([0, 2], WORLD.Get_group())
+    signal = 0x5A5A  # (a WORLD tag no other test uses)
+    if rank == 0:
+        monkeypatch.setattr(area, "claim_slot", lambda *_: (1 << 20, 1))
+
+        def late_to_rank_2(view: memoryview, root: int, tag: int) -> memoryview:
+            dup._c_wait([dup._c_isend(view, 1, tag)])
+            WORLD.Recv(bytearray(1), world_2, signal)
+            dup._c_wait([dup._c_isend(view, 2, tag)])
+            return view
+
+        monkeypatch.setattr(dup, "_bcast_view", late_to_rank_2)
+    if rank == 2:
+        engine = MPI._internal_state()["engine"]
+        deadline = time.monotonic() + 60
+        while dup._ctx + 1 not in engine.abandoned_in and time.monotonic() < deadline:
+            WORLD.Iprobe(MPI.ANY_SOURCE, MPI.ANY_TAG)  # (progress: takes the record in)
+            time.sleep(0.001)
+        assert dup._ctx + 1 in engine.abandoned_in
+        WORLD.Send(b"x", world_0, signal)
+    with pytest.raises(MPI.Exception, match="rank 0 bound"):
+        dup.Barrier()
+    monkeypatch.undo()
+    dup.Barrier()
+    assert dup.allreduce(1) == 4 and area.current(dup) is None
+    dup.Free()
+
+
 def _forged_into(solo: MPI.Intracomm) -> None:
     """World rank 1 sends world rank 0 a message on the context of rank 0's `solo` (a
     communicator of rank 0 alone)."""
