@@ -425,7 +425,11 @@ class Endpoint:
             self._spin_end = now + self._spin
         if now < self._spin_end:
             return False
-        if self._yield_ns and now < self._spin_end + self._yield_ns * 1e-9 and self.yield_cpu():
+        if (
+            self._yield_ns
+            and now < self._spin_end + self._yield_ns * 1e-9
+            and self.yield_cpu(rings)
+        ):
             return False  # (the yield phase: poll again)
         for ring in rings:
             if ring.arm():  # EVENT_IDX handshake: something arrived while arming
@@ -444,11 +448,15 @@ class Endpoint:
             self._spin_end = 0.0  # kicked: work is likely there, spin again before sleeping
         return True
 
-    def yield_cpu(self) -> bool:
+    def yield_cpu(self, rings: Sequence[Any] = ()) -> bool:
         """One yield of a wait's yield phase (see yield_us): False, nothing done, while waits
         are calm or `yielder` says no; else yield the CPU (os.sched_yield(), or `yielder`)
-        and return True (a yield longer than YIELD_LONG_NS makes waits calm for YIELD_CALM_NS
-        from then)."""
+        and return True. A yield longer than YIELD_LONG_NS makes waits calm for YIELD_CALM_NS
+        from then, unless what the wait waits for came meanwhile (one of `rings`, the wait's,
+        armed as before a sleep, says so): that yield went to the awaited peer, which answered
+        (a sender sharing this CPU that copied a large message meanwhile), as the C lane's
+        rx_yield_poll judges it. (Arming early costs at most one kick the peer makes and a
+        later doorbell wait that returns at once.)"""
         start = time.monotonic_ns()
         if start < self._calm_until:
             return False
@@ -457,7 +465,7 @@ class Endpoint:
         elif not self.yielder():
             return False
         end = time.monotonic_ns()
-        if end - start > YIELD_LONG_NS:
+        if end - start > YIELD_LONG_NS and not any(ring.arm() for ring in rings):
             self._calm_until = end + YIELD_CALM_NS
         return True
 

@@ -164,6 +164,36 @@ def test_the_yield_phase_yields_unless_refused_or_calm(make_region, monkeypatch)
             assert bytes(message.data) == b"x"
 
 
+def test_a_long_yield_the_awaited_peer_answered_in_keeps_waits_yielding(make_region):
+    """A yield of the yield phase that took longer than YIELD_LONG_NS but during which the
+    awaited message came went to the awaited peer (a sender sharing this CPU copying a large
+    message): the wait takes the message and waits stay out of calm (as the C lane's
+    rx_yield_poll), so the next wait yields again instead of sleeping on the doorbell. A long
+    yield after which nothing came still makes them calm."""
+    from ivshmem_comm import endpoint
+
+    region = make_region()
+    with region.endpoint(0) as a, ic.Region.open(region.name) as r2, r2.endpoint(1) as b:
+        b.spin_us = 0
+        b.yield_us = 100_000
+        yields: list[bool] = []
+
+        def answered_meanwhile() -> bool:
+            time.sleep(endpoint.YIELD_LONG_NS * 2e-9)
+            if not yields:
+                a.send(1, b"x" * 70_000)  # (several spans: the multi-span receive's waits too)
+            yields.append(True)
+            return True
+
+        b.yielder = answered_meanwhile
+        with b.recv(0, timeout=5) as message:
+            assert bytes(message.data) == b"x" * 70_000
+        assert yields and b._calm_until == 0
+        with pytest.raises(ic.TimeoutError):
+            b.recv(0, timeout=0.02)
+        assert b._calm_until > 0
+
+
 def _send_hello_and_wait(ep: ic.Endpoint) -> None:
     ep.send(0, b"hello", tag=5, timeout=10)
     with ep.recv(0, timeout=20) as msg:
