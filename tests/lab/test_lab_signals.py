@@ -27,7 +27,9 @@ import pytest
 from tests.support import cmdline, descendants, gone, vm_marks
 
 REPO = Path(__file__).resolve().parents[2]
-pytestmark = vm_marks(240)
+# vm_pair: each test looks only at what its own CLI made (its pids, its /dev/shm names), and its
+# waits are generous limits, not measurements: CI runs two of them at once
+pytestmark = [*vm_marks(240), pytest.mark.vm_pair]
 
 # One token per rank, found even where hydra mixes two ranks' writes within a line.
 RANK = (
