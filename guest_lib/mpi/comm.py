@@ -518,8 +518,10 @@ class Comm(attributes.Cached, Handle):
     def _unsent(
         self, engine: Engine, peer: int, tag: int, obj: Any, sent: Any, timeout: float
     ) -> Any:
-        """What the lane's send_obj of `obj` to shm peer `peer` left unsent (`sent`, not
-        True): True once a bulky object (None: not pickled) went into the queue in its parts
+        """Finish what the lane's send_obj left unsent.
+
+        `sent` is send_obj's result for `obj` to shm peer `peer` (not True). Returns True
+        once a bulky object (`sent` None: not pickled) went into the queue in its parts
         (pickling.parts, each copied once; waiting at most `timeout` s for room); else the
         pickle for the Python paths (bytes, or what a custom dumps made; a bulky object's
         parts joined, a copy of its own)."""

@@ -223,10 +223,11 @@ def check_all(comm: MPI.Intracomm) -> int:
 def check_large(comm: MPI.Intracomm) -> None:
     """Payloads larger than a slab: Bcast and Allreduce take messages (every member knows
     the size), so do Gather, Scatter and Alltoall (the area declines them in its first
-    round); their nonblocking forms alike (declined in the area, then over messages in the
-    same instance)."""
+    round; a Scatter block takes up to two segments in two rounds, so the blocks here are
+    over two slabs: 800 KB against 2 ranks' 256 KiB slab); their nonblocking forms alike
+    (declined in the area, then over messages in the same instance)."""
     size, rank = comm.Get_size(), comm.Get_rank()
-    n = 100_000
+    n = 200_000
     comm.Barrier()
     before = area.completed(comm)
     buf = np.arange(n, dtype="f8") if rank == 0 else np.zeros(n)
