@@ -38,7 +38,7 @@ def run_job(command: list[str], timeout: float, **env: str) -> subprocess.Comple
     except subprocess.TimeoutExpired as exc:
         pytest.fail(f"job timed out: {command}\n{exc.stdout}\n{exc.stderr}")
     if done.returncode != 0:
-        pytest.fail(f"job exited {done.returncode}: {command}\n{done.stdout[-6000:]}\n"
+        pytest.fail(f"job exited {done.returncode}: {command}\n{done.stdout[-20000:]}\n"
                     f"{done.stderr[-4000:]}")  # fmt: skip
     return done
 

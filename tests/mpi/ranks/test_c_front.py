@@ -284,7 +284,11 @@ def test_a_barrier_is_one_c_call_and_waits_for_the_last(comm, monkeypatch, call)
 def test_a_receive_posted_leaves_the_c_front_for_the_python_path(comm, monkeypatch):
     """With a receive posted (the engine not quiet: the C front reads Engine.queues), Bcast,
     Barrier and bcast step aside to the Python path (Area.call or Area.run, which move the
-    engine's messages while they wait), right; then the receive completes."""
+    engine's messages while they wait), right; then the receive completes. The sends wait
+    for a second Barrier, entered once every rank checked its entries: a message sent as
+    soon as its sender's bcast returned (a root does not wait) could complete the receive
+    inside a slow member's first Barrier, and its bcast then rightly took the C front (a CI
+    dry run under load failed so)."""
     _c_front_on(comm)
     size, rank = comm.Get_size(), comm.Get_rank()
     got = np.zeros(1)
@@ -297,6 +301,7 @@ def test_a_receive_posted_leaves_the_c_front_for_the_python_path(comm, monkeypat
     obj = comm.bcast({"rank": rank} if rank == 0 else None, 0)
     assert (buf.tolist(), obj) == ([3.0] * N, {"rank": 0})
     assert len(entered) == 3, entered
+    comm.Barrier()
     comm.Send(np.full(1, rank + 0.5), dest=(rank + 1) % size, tag=77)
     request.Wait()
     assert got[0] == (rank - 1) % size + 0.5
