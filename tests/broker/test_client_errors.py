@@ -9,7 +9,7 @@ import contextlib
 import os
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -57,9 +57,9 @@ def test_a_full_peer_table_is_named_with_its_size(broker: BrokerProcess) -> None
         second.close()
 
 
-def serve_one_handshake(path: str, shm_fd: int) -> threading.Thread:
-    """A server on `path` that is no broker: it answers one connection with a handshake
-    (`shm_fd` as the memory, one own eventfd) and hangs up when the client does."""
+def serve_one_connection(path: str, answer: Callable[[socket.socket], None]) -> threading.Thread:
+    """A server on `path` that is no broker: a thread that accepts one connection and runs
+    `answer` on it (which closes nothing: the connection is closed after it)."""
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path)
     listener.listen(1)
@@ -67,16 +67,28 @@ def serve_one_handshake(path: str, shm_fd: int) -> threading.Thread:
     def serve() -> None:
         with listener:
             conn, _ = listener.accept()
-            doorbell = os.eventfd(0)
             with conn:
-                protocol.send_initial_info(conn, 1, shm_fd)
-                protocol.send_peer_vectors(conn, 1, [doorbell])
-                conn.recv(1)
-            os.close(doorbell)
+                answer(conn)
 
     thread = threading.Thread(target=serve)
     thread.start()
     return thread
+
+
+def serve_one_handshake(path: str, shm_fd: int) -> threading.Thread:
+    """A server on `path` that is no broker: it answers one connection with a handshake
+    (`shm_fd` as the memory, one own eventfd) and hangs up when the client does."""
+
+    def answer(conn: socket.socket) -> None:
+        doorbell = os.eventfd(0)
+        try:
+            protocol.send_initial_info(conn, 1, shm_fd)
+            protocol.send_peer_vectors(conn, 1, [doorbell])
+            conn.recv(1)
+        finally:
+            os.close(doorbell)
+
+    return serve_one_connection(path, answer)
 
 
 @pytest.mark.parametrize("memory", ["pipe", "empty memfd"])
@@ -103,30 +115,23 @@ def serve_messages(path: str, messages: list[tuple[int, bool]]) -> threading.Thr
     """A server on `path` that is no broker: to one connection it sends the handshake's first
     three messages (peer id 1, a memfd as the memory), then `messages` ((value, with a fresh
     eventfd)), then waits until the client hangs up (or stops reading: a full socket)."""
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(path)
-    listener.listen(1)
 
-    def serve() -> None:
-        with listener:
-            conn, _ = listener.accept()
-            memory = os.memfd_create("not-a-region")
-            conn.settimeout(10)
-            with conn, contextlib.suppress(OSError):
-                protocol.send_initial_info(conn, 1, memory)
-                for value, with_fd in messages:
-                    fd = os.eventfd(0) if with_fd else None
-                    try:
-                        protocol.send_message(conn, value, fd)
-                    finally:
-                        if fd is not None:
-                            os.close(fd)
-                conn.recv(1)
-            os.close(memory)
+    def answer(conn: socket.socket) -> None:
+        memory = os.memfd_create("not-a-region")
+        conn.settimeout(10)
+        with contextlib.suppress(OSError):
+            protocol.send_initial_info(conn, 1, memory)
+            for value, with_fd in messages:
+                fd = os.eventfd(0) if with_fd else None
+                try:
+                    protocol.send_message(conn, value, fd)
+                finally:
+                    if fd is not None:
+                        os.close(fd)
+            conn.recv(1)
+        os.close(memory)
 
-    thread = threading.Thread(target=serve)
-    thread.start()
-    return thread
+    return serve_one_connection(path, answer)
 
 
 def _server_sent_fds() -> set[tuple[int, str]]:
