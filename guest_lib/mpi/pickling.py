@@ -128,7 +128,9 @@ def loads(data: Any) -> Any:
 def load_view(data: memoryview) -> Any:
     """`loads` of a message read where it lies (`data`: a view of memory that is reused once
     this returns): the standard pickle.loads reads it in place (what it returns holds no
-    reference to it); a custom loads gets a copy of its own."""
+    reference to it); a custom loads gets a copy of its own. (A peer that rewrites its spans
+    while they are read gains nothing it lacks: an object receive runs whatever pickle the
+    peer sent, as mpi4py's does; the queue's offsets and lengths were validated before.)"""
     if not len(data):
         return None
     load = PICKLE._loads
