@@ -4658,6 +4658,28 @@ static bool flat_format(const char *format)
     return false;
 }
 
+/* Make `view`, a memoryview just made by PyMemoryView_FromObject and seen by no one else yet,
+ * over a C-contiguous buffer of one dimension or more, the view of its bytes that
+ * view.cast("B") returns: the same fields (as CPython's cast_to_1D sets them: unsigned bytes,
+ * one dimension of len items, stride 1, contiguous both ways), set in this memoryview's own
+ * copy of the export, where cast makes a second memoryview (an allocation and a format parse:
+ * ~40 ns of an Irecv of a float64 array or of (array('d'), MPI.DOUBLE), ~300 ns in all).
+ * Its shape and strides (never NULL in a memoryview of ndim >= 1; checked by the caller) lie
+ * in the view's own ob_array, with room for the exporter's ndim entries each; the managed buffer (the export, released with the view) keeps the
+ * exporter's format. */
+static void flat_bytes_in_place(PyObject *view)
+{
+    PyMemoryViewObject *mv = (PyMemoryViewObject *)view;
+    Py_buffer *info = &mv->view;
+    info->format = (char *)"B";
+    info->itemsize = 1;
+    info->ndim = 1;
+    info->shape[0] = info->len;
+    info->strides[0] = 1;
+    info->suboffsets = NULL;
+    mv->flags = _Py_MEMORYVIEW_C | _Py_MEMORYVIEW_FORTRAN;
+}
+
 /* flat_view(spec, writable, sizes): the flat byte view of the message spec `spec` when it is
  * a list or tuple (buf, count, key) with an int count >= 0 or (buf, key), `sizes` (a dict)
  * gives the element size of key by id(key), and buf is a C-contiguous buffer (writable when
@@ -4729,6 +4751,10 @@ static PyObject *flat_view(PyObject *Py_UNUSED(module), PyObject *const *args, P
     if (info->ndim != 1 || (info->format != NULL && strcmp(info->format, "B") != 0)) {
         if (info->len == 0 && info->ndim != 1) /* (cast fails: a 0 in a shape of 2 or more) */
             goto none;
+        if (info->ndim >= 1 && info->shape != NULL && info->strides != NULL) {
+            flat_bytes_in_place(view);
+            goto flat;
+        }
         static PyObject *cast_name, *byte_format; /* interned on first use */
         if (cast_name == NULL && (cast_name = PyUnicode_InternFromString("cast")) == NULL)
             goto fail;
@@ -4741,6 +4767,7 @@ static PyObject *flat_view(PyObject *Py_UNUSED(module), PyObject *const *args, P
         view = flat;
         info = PyMemoryView_GET_BUFFER(view);
     }
+flat:;
     Py_ssize_t total = info->len;
     if (count < 0) {
         if (total % size)

@@ -57,6 +57,41 @@ def _same(got, want) -> None:
     else:
         assert type(got) is memoryview and got.format == "B" and got.ndim == 1
         assert bytes(got) == bytes(want) and got.readonly == want.readonly
+        assert _layout(got) == _layout(want)
+
+
+def _layout(view: memoryview) -> tuple:
+    """Every field of a memoryview's buffer info that Python shows."""
+    shape = (view.format, view.itemsize, view.ndim, view.shape, view.strides, view.suboffsets)
+    return (*shape, view.nbytes, len(view), view.c_contiguous, view.f_contiguous, view.contiguous)
+
+
+@needs_c
+def test_a_typed_buffer_is_flattened_as_cast_flattens_it():
+    """flat_view turns the memoryview of a typed buffer of one dimension or more into its byte
+    view in place (no second memoryview): what memoryview.cast("B") gives, field for field; the
+    view writes through to the buffer, slices and casts as any byte view, and its export ends
+    with it (the buffer can be resized again)."""
+    sizes = buffers._PLAIN_SIZE or buffers._plain_sizes()
+    two = np.arange(12, dtype=np.float64).reshape(3, 4)
+    grow = array.array("d", [1.0, 2.0, 3.0])
+    for spec in (two, (two, MPI.DOUBLE), [two, 5, MPI.DOUBLE], (grow, MPI.DOUBLE),
+                 [grow, 2, MPI.DOUBLE], np.arange(3, dtype=np.int32)):  # fmt: skip
+        view = flat_view(spec, True, sizes)
+        buf = spec if isinstance(spec, np.ndarray) else spec[0]
+        cast = memoryview(buf).cast("B")[: len(view)]
+        assert _layout(view) == _layout(cast) and bytes(view) == bytes(cast), spec
+        assert view[8:16].tobytes() == cast[8:16].tobytes()
+        typed = memoryview(buf).format
+        assert view[:8].cast(typed).tolist() == cast[:8].cast(typed).tolist()
+        view[0] = 0xFF
+        assert memoryview(buf).cast("B")[0] == 0xFF
+        view.release()
+    view = flat_view((grow, MPI.DOUBLE), True, sizes)
+    with pytest.raises(BufferError):
+        grow.append(4.0)  # exported while the view lives
+    del view
+    grow.append(4.0)
 
 
 @needs_c
