@@ -29,8 +29,9 @@ enum { R_CELL, R_ENGINE, R_FINISH, R_OP, R_OWNER, R_RANK_OF, R_N };
 static const char *const request_text[R_N] = {"_cell",  "_engine", "_finish",
                                               "_op",    "_owner",  "_rank_of"};
 
-/* RecvOp's slots: the first O_SET are given per receive, O_MPI_WORLD gets a new list, the
- * rest are copied from the template RecvOp given to p2p_types (RecvOp.__init__'s values). */
+/* RecvOp's slots: the first O_SET are given per receive, the rest are copied from the
+ * template RecvOp given to p2p_types (RecvOp.__init__'s values; mpi_world's is the empty
+ * tuple, immutable, so one object serves every receive). */
 enum {
     O_CTX, O_SRC, O_WANT_TAG, O_VIEW, O_PEER, O_SET, O_MPI_WORLD = O_SET,
     O_DONE, O_ERROR, O_CANCELLED, O_TAG, O_SOURCE, O_COUNT, O_OBJ, O_SINK, O_PARTS, O_MPI,
@@ -42,7 +43,7 @@ static const char *const recv_text[O_N] = {
 
 static PyTypeObject *request_type, *recv_type; /* registered by p2p_types; NULL before */
 static Py_ssize_t request_off[R_N], recv_off[O_N];
-static PyObject *recv_default[O_N]; /* the template's values (from O_DONE on) */
+static PyObject *recv_default[O_N]; /* the template's values (from O_SET on) */
 static PyObject *op_descr[3];       /* the descriptors of done, error, cancelled */
 static PyObject *op_name[3];        /* their names, interned */
 
@@ -101,7 +102,7 @@ static PyObject *p2p_types(PyObject *Py_UNUSED(module), PyObject *const *args, P
     for (int i = 0; i < O_N; i++)
         if (slot_offset(recv, recv_text[i], &ooff[i], &descr[i]) < 0)
             return NULL;
-    for (int i = O_DONE; i < O_N; i++) {
+    for (int i = O_SET; i < O_N; i++) {
         values[i] = SLOT(args[2], ooff[i]);
         if (values[i] == NULL) {
             PyErr_Format(PyExc_TypeError, "p2p_types: the template has no %s", recv_text[i]);
@@ -116,7 +117,7 @@ static PyObject *p2p_types(PyObject *Py_UNUSED(module), PyObject *const *args, P
     Py_XSETREF(recv_type, (PyTypeObject *)Py_NewRef(recv));
     memcpy(request_off, roff, sizeof roff);
     memcpy(recv_off, ooff, sizeof ooff);
-    for (int i = O_DONE; i < O_N; i++)
+    for (int i = O_SET; i < O_N; i++)
         Py_XSETREF(recv_default[i], Py_NewRef(values[i]));
     for (int i = 0; i < 3; i++)
         Py_XSETREF(op_descr[i], Py_NewRef(descr[O_DONE + i]));
@@ -177,21 +178,15 @@ PyObject *p2preq_post(PyObject *posted, PyObject *view, PyObject *ctx, PyObject 
         PyErr_SetString(PyExc_TypeError, "post_recv: posted must be a list");
         return NULL;
     }
-    PyObject *world = PyList_New(0);
-    if (world == NULL)
-        return NULL;
     PyObject *op = recv_type->tp_alloc(recv_type, 0);
-    if (op == NULL) {
-        Py_DECREF(world);
+    if (op == NULL)
         return NULL;
-    }
     slot_set(op, recv_off[O_CTX], ctx);
     slot_set(op, recv_off[O_SRC], src);
     slot_set(op, recv_off[O_WANT_TAG], tag);
     slot_set(op, recv_off[O_VIEW], view);
     slot_set(op, recv_off[O_PEER], peer);
-    Py_XSETREF(SLOT(op, recv_off[O_MPI_WORLD]), world);
-    for (int i = O_DONE; i < O_N; i++)
+    for (int i = O_SET; i < O_N; i++)
         slot_set(op, recv_off[i], recv_default[i]);
     PyObject *request = make_request(op, engine, rank_of, finish);
     if (request == NULL || PyList_Append(posted, op) < 0) {

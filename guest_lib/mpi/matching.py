@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import threading
 from _thread import _count
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from guest_lib.mpi import constants, exceptions, wire
@@ -111,7 +111,7 @@ class RecvOp(Op):
         self.parts: list[bytes] | None = None
         self.mpi: Any = None
         self.mpi_src = 0
-        self.mpi_world: list[int] = []
+        self.mpi_world: Sequence[int] = ()  # (immutable: one empty tuple for every receive)
         self.peer = peer
 
     def matches(self, ctx: int, src: int, tag: int) -> bool:
