@@ -75,8 +75,11 @@ pytestmark = [
 
 def sdist_part(part: str, marker: str) -> Path:
     """The directory `part` (e.g. "test", "demo/futures") of the sdist of the installed
-    mpi4py version, downloaded and extracted on first use (`marker`: a file it holds)."""
-    target = CACHE / f"mpi4py-{VERSION}" / part
+    mpi4py version, extracted on first use (`marker`: a file it holds) from the sdist, which
+    is downloaded once and kept beside the parts (see _sdist). Each part has its own
+    directory, named after it with "/" -> "_": "demo" and "demo/futures" never nest (moving
+    "demo" into place would fail on a "demo/futures" extracted before it)."""
+    target = CACHE / f"mpi4py-{VERSION}" / part.replace("/", "_")
     if (target / marker).exists():
         return target
     CACHE.mkdir(parents=True, exist_ok=True)
@@ -85,19 +88,30 @@ def sdist_part(part: str, marker: str) -> Path:
     with open(CACHE / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (target / marker).exists():
-            _download_part(part, target)
+            _extract_part(_sdist(), part, target)
     return target
 
 
-def _download_part(part: str, target: Path) -> None:
-    """Download the sdist and extract its directory `part` to `target` (see sdist_part)."""
+def _sdist() -> Path:
+    """The sdist (CACHE/mpi4py-VERSION.tar.gz), downloaded by pip if it is not there yet: a
+    download prepares the sdist's metadata in a fresh build environment (seconds of CPU), so
+    every part comes from one download. The caller holds the cache's lock."""
+    sdist = CACHE / f"mpi4py-{VERSION}.tar.gz"
+    if not sdist.exists():
+        with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
+            subprocess.run(
+                [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+                 f"mpi4py=={VERSION}", "-d", tmp],
+                check=True, capture_output=True, timeout=900,
+            )  # fmt: skip
+            (downloaded,) = Path(tmp).glob("mpi4py-*.tar.gz")
+            os.replace(downloaded, sdist)
+    return sdist
+
+
+def _extract_part(sdist: Path, part: str, target: Path) -> None:
+    """Extract the sdist's directory `part` to `target` (see sdist_part)."""
     with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
-        subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-             f"mpi4py=={VERSION}", "-d", tmp],
-            check=True, capture_output=True, timeout=900,
-        )  # fmt: skip
-        (sdist,) = Path(tmp).glob("mpi4py-*.tar.gz")
         prefix = f"mpi4py-{VERSION}/{part}/"
         with tarfile.open(sdist) as archive:
             members = [m for m in archive.getmembers() if m.name.startswith(prefix)]
