@@ -64,6 +64,11 @@
  * arrive line at c * COLL_LINE_STRIDE, the sleep line, then the cells' slabs. */
 #define COLL_CELLS 2
 #define COLL_SCATTER_LENGTHS 12 /* collective.SCATTER_LENGTHS */
+/* A broadcast of at most this many bytes rides in the root's arrive line too, in the words
+ * after its rounds word (collective.BCAST_INLINE): a member reads it from the line whose
+ * seq it just loaded instead of taking the slab's line next, one dependent transfer between
+ * the CPUs fewer (the root still fills its slab, which the Python steps read). */
+#define COLL_BCAST_INLINE 32
 /* A scatterv block of at least this many bytes goes into the root's slab with stores that
  * bypass the caches (copy_bytes_streaming): its reader read those lines two rounds ago, so each
  * plain store would first fetch its line from the reader's cache (a read for ownership). On a
@@ -2508,6 +2513,8 @@ static void coll_publish(CollRound *c)
         break;
     }
     uint64_t *line = c->arrive[me * COLL_CELLS + cell];
+    if (c->which == CW_BCAST && me == c->root && nbytes <= COLL_BCAST_INLINE)
+        memcpy(line + 4, c->recv.buf, (size_t)nbytes); /* (before the seq store [R5]) */
     __atomic_store_n(line + 1, nbytes, __ATOMIC_RELAXED);
     __atomic_store_n(line + 2, kind, __ATOMIC_RELAXED);
     __atomic_store_n(line + 3, c->rounds_out, __ATOMIC_RELAXED);
@@ -2604,7 +2611,9 @@ static int coll_consume(CollRound *c, int r)
     const unsigned char *theirs = c->slab[r * COLL_CELLS + (int)(c->k % COLL_CELLS)];
     unsigned char *recv = c->has_recv ? c->recv.buf : NULL;
     switch (c->which) {
-    case CW_BCAST:
+    case CW_BCAST: /* (r is the root, not this member: its line, after [A5]) */
+        if (want_nbytes <= COLL_BCAST_INLINE)
+            theirs = (const unsigned char *)(coll_line(c, r, c->k) + 4);
         memcpy(recv, theirs, (size_t)want_nbytes);
         break;
     case CW_GATHERV:

@@ -119,6 +119,11 @@ Wait = tuple[int, int, int, str]
 # Block lengths a scatterv root's first arrival holds (one u64 per other member: the arrive
 # line's words after the rounds word, then its spare line; _fastpath.c COLL_SCATTER_LENGTHS)
 SCATTER_LENGTHS = (layout.COLL_LINE_STRIDE - layout.COLL_ARRIVE.size) // 8
+# A broadcast round of at most this many bytes: the root puts them in its arrive line too,
+# after the rounds word, where the C accelerator's members read them (one transfer of a
+# line between CPUs fewer than the slab's); these steps read the slab (_fastpath.c
+# COLL_BCAST_INLINE).
+BCAST_INLINE = 32
 ARRIVE_SEQ = "arrive seq"  # the field a wait names (the C accelerator names it alike)
 Steps = Generator[Wait, None, None]
 _WORD_MASK = 0xFFFFFFFF
@@ -756,7 +761,12 @@ class CollectiveGroup:
         for i in range(_rounds(len(view), chunk)):
             start, length = _pieces(len(view), chunk, i)
             if self.rank == root:
-                yield from self._begin(KIND_BCAST, view[start : start + length])
+                slab = yield from self._enter()
+                slab[:length] = view[start : start + length]
+                if length <= BCAST_INLINE:  # (see there; before the seq store [R5])
+                    at = (self._arrive_i[root][self._round % layout.COLL_CELLS] + 4) * 8
+                    self.region.buf[at : at + length] = view[start : start + length]
+                self._publish(KIND_BCAST, length)
             else:
                 yield from self._begin(KIND_BCAST)
                 view[start : start + length] = yield from self._take(root, KIND_BCAST, length)

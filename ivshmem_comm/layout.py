@@ -173,7 +173,8 @@ TAG_MAX = (1 << 31) - 1
 #         +c * COLL_LINE_STRIDE   arrive line of cell c (c < COLL_CELLS): seq, nbytes, kind,
 #                                 rounds (seq stored last); a scatterv root's first round
 #                                 adds the others' block lengths after them, into the spare
-#                                 line (collective.SCATTER_LENGTHS u64)
+#                                 line (collective.SCATTER_LENGTHS u64); a bcast root its
+#                                 bytes, up to collective.BCAST_INLINE (also in its slab)
 #         +COLL_SLEEP_OFFSET      sleep line: nonzero while the peer blocks on its doorbell
 #         +COLL_SLAB_OFFSET + c * coll_slab   slab of cell c: coll_slab bytes of payload
 #

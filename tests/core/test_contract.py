@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 import ivshmem_comm as ic
-from ivshmem_comm import layout, ring, virtqueue
+from ivshmem_comm import collective, layout, ring, virtqueue
 
 PKG = Path(ic.__file__).resolve().parent
 C_SOURCE = (PKG / "_fastpath.c").read_text()
@@ -200,6 +200,16 @@ def test_c_layout_constants_are_layouts() -> None:
         assert value == getattr(layout, name), (
             f"{name}: C {value}, layout.py {getattr(layout, name)}"
         )
+
+
+def test_c_collective_line_words_are_collectives() -> None:
+    """The arrive line's words after the rounds word (the first 4, ARRIVE's) as the C round
+    and the Python steps both use them: a scatterv root's lengths, a small bcast's bytes,
+    which stay within the seq's cache line."""
+    for name in ("SCATTER_LENGTHS", "BCAST_INLINE"):
+        m = re.search(rf"^#define COLL_{name} (\d+)", C_SOURCE, re.M)
+        assert m and int(m.group(1)) == getattr(collective, name), name
+    assert layout.COLL_ARRIVE.size + collective.BCAST_INLINE <= layout.CACHE_LINE
 
 
 def test_c_send_codes_and_counters() -> None:

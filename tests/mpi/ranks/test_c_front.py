@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from guest_lib.mpi import MPI, area, collectives
+from ivshmem_comm import collective
 
 N = 5  # elements per rank
 
@@ -338,6 +339,30 @@ def test_another_communicators_abandoned_collective_leaves_the_c_front_on(comm, 
         assert (entered, area.completed(comm) - before) == ([], 2 * size)
     finally:
         other.Free()
+
+
+def test_small_broadcasts_between_the_c_round_and_the_python_steps(comm, monkeypatch):
+    """A broadcast of at most collective.BCAST_INLINE bytes rides in the root's arrive line
+    too, where the C round's members read it: it arrives right whichever side runs the
+    group's Python steps (here one rank at a time, its C round set aside) and which the C
+    round, at every root, for every size up to a little past that bound, Bcast and Ibcast."""
+    _c_front_on(comm)
+    size, rank = comm.Get_size(), comm.Get_rank()
+    group = area.current(comm).group
+    lengths = [*range(collective.BCAST_INLINE + 2), 64, 100]
+    for steps in range(size):
+        if rank == steps:
+            monkeypatch.setattr(group, "_c", None)
+        for root in range(size):
+            for n in lengths:
+                want = (np.arange(n) * (root + 3) + n + steps).astype(np.uint8)
+                buf = want.copy() if rank == root else np.zeros(n, np.uint8)
+                comm.Bcast(buf, root)
+                raw = bytearray(want.tobytes() if rank == root else n)
+                comm.Ibcast([raw, n, MPI.BYTE], root).Wait()
+                assert (buf.tobytes(), bytes(raw)) == (want.tobytes(),) * 2, (steps, root, n)
+        monkeypatch.undo()
+        comm.Barrier()
 
 
 @pytest.mark.parametrize("call", ["Gather", "Gatherv"])
