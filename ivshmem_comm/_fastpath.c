@@ -45,9 +45,11 @@
 #endif
 
 /* Mirrors of layout.py. */
-#define CONTROL_SIZE 128
+#define CONTROL_SIZE 256
 #define DRIVER_LINE_OFFSET 0
 #define DEVICE_LINE_OFFSET 64
+#define DRIVER_COUNTERS_OFFSET 128
+#define DEVICE_COUNTERS_OFFSET 192
 #define SPAN_HEADER_SIZE 16
 #define SPAN_ALIGN 16
 #define HDR_F_FIRST 1u
@@ -94,8 +96,8 @@
 #define RESERVE_LATER (-3)
 #define SEND_ERROR (-4) /* (internal: tx_send_bytes failed, an error set) */
 
-/* Counter words of a control line, after the session word (layout.COUNTER_NAMES_*). */
-enum { CNT_MESSAGES = 1, CNT_BYTES = 2, CNT_WAITS = 3, CNT_KICKS = 4 };
+/* Counter words of a counters line (layout.COUNTER_NAMES_*). */
+enum { CNT_MESSAGES = 0, CNT_BYTES = 1, CNT_WAITS = 2, CNT_KICKS = 3 };
 
 static PyObject *RingCorruptError;
 static PyObject *PeerLostError;
@@ -130,7 +132,8 @@ typedef struct {
     uint16_t *avail_flags, *avail_idx, *avail_ring, *used_event;
     uint16_t *used_flags, *used_idx, *avail_event;
     struct vring_used_elem_le *used_ring;
-    uint64_t *own_line;  /* the control line this half writes */
+    uint64_t *own_line;  /* the control line this half writes (its session word) */
+    uint64_t *own_counters; /* the counters line this half writes (layout.COUNTERS) */
     uint64_t *peer_line; /* the control line the other half writes */
     unsigned char *base; /* region start */
     Py_ssize_t data_offset, data_end, data_size, max_span;
@@ -186,7 +189,7 @@ static inline void full_fence_impl(void)
 static void count(Ring *r, int index, uint64_t amount)
 {
     /* Statistics only: single writer (this half owns the line), read by `status` unordered. */
-    uint64_t *word = r->own_line + index;
+    uint64_t *word = r->own_counters + index;
     __atomic_store_n(word, __atomic_load_n(word, __ATOMIC_RELAXED) + amount, __ATOMIC_RELAXED);
 }
 
@@ -553,6 +556,8 @@ static int ring_init(Ring *r, PyObject *args, PyObject *kwds, bool driver)
     uint64_t *driver_line = (uint64_t *)(queue + DRIVER_LINE_OFFSET);
     uint64_t *device_line = (uint64_t *)(queue + DEVICE_LINE_OFFSET);
     r->own_line = driver ? driver_line : device_line;
+    r->own_counters =
+        (uint64_t *)(queue + (driver ? DRIVER_COUNTERS_OFFSET : DEVICE_COUNTERS_OFFSET));
     r->peer_line = driver ? device_line : driver_line;
     r->data_offset = queue_offset + data_rel;
     r->data_end = r->data_offset + data_size;

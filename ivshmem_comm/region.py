@@ -312,10 +312,10 @@ class Region:
     def queue_counters(self, src: int, dst: int) -> dict[str, int]:
         """The counters of queue src -> dst (sent/received messages and bytes, waits, kicks)."""
         base = self.queue_offset(src, dst)
-        drv = layout.DRIVER_LINE.unpack_from(self.buf, base + layout.DRIVER_LINE_OFFSET)
-        dev = layout.DEVICE_LINE.unpack_from(self.buf, base + layout.DEVICE_LINE_OFFSET)
-        counters = dict(zip(layout.COUNTER_NAMES_DRIVER, drv[1:], strict=True))
-        counters.update(zip(layout.COUNTER_NAMES_DEVICE, dev[1:], strict=True))
+        drv = layout.COUNTERS.unpack_from(self.buf, base + layout.DRIVER_COUNTERS_OFFSET)
+        dev = layout.COUNTERS.unpack_from(self.buf, base + layout.DEVICE_COUNTERS_OFFSET)
+        counters = dict(zip(layout.COUNTER_NAMES_DRIVER, drv, strict=True))
+        counters.update(zip(layout.COUNTER_NAMES_DEVICE, dev, strict=True))
         return counters
 
     def describe(self) -> dict[str, Any]:

@@ -107,6 +107,8 @@ class _RingBase:
         self._avail_event_i = (used + 4 + layout.VRING_USED_ELEM.size * q) // 2
         self._driver_line_i = (queue_offset + layout.DRIVER_LINE_OFFSET) // 8
         self._device_line_i = (queue_offset + layout.DEVICE_LINE_OFFSET) // 8
+        self._driver_counters_i = (queue_offset + layout.DRIVER_COUNTERS_OFFSET) // 8
+        self._device_counters_i = (queue_offset + layout.DEVICE_COUNTERS_OFFSET) // 8
         self.data_offset = queue_offset + geometry.data_rel_offset
         self.data_size = geometry.data_size
         self.max_span = geometry.max_span
@@ -126,9 +128,10 @@ class _RingBase:
         """The error that broke this ring for good, or None while it is sound."""
         return self._broken
 
-    def _count(self, line_i: int, index: int, amount: int) -> None:
+    def _count(self, counters_i: int, index: int, amount: int) -> None:
         # Statistics only: single writer (the line's owner), read by `status` without ordering.
-        self._u64[line_i + index] = (self._u64[line_i + index] + amount) & 0xFFFFFFFFFFFFFFFF
+        word = counters_i + index
+        self._u64[word] = (self._u64[word] + amount) & 0xFFFFFFFFFFFFFFFF
 
 
 class TxRing(_RingBase):
@@ -350,7 +353,7 @@ class TxRing(_RingBase):
         avail_event = self._u16[self._avail_event_i]
         kick = layout.need_event(avail_event, new, old) or not self._synced
         if kick:
-            self._count(self._driver_line_i, 4, 1)
+            self._count(self._driver_counters_i, 3, 1)
         return kick
 
     def send_small(self, tag: int, data: Any) -> int:
@@ -416,11 +419,11 @@ class TxRing(_RingBase):
 
     def count_message(self, nbytes: int) -> None:
         """Add one message of `nbytes` to the driver line's counters (owner: this driver)."""
-        self._count(self._driver_line_i, 1, 1)
-        self._count(self._driver_line_i, 2, nbytes)
+        self._count(self._driver_counters_i, 0, 1)
+        self._count(self._driver_counters_i, 1, nbytes)
 
     def count_full_wait(self) -> None:
-        self._count(self._driver_line_i, 3, 1)
+        self._count(self._driver_counters_i, 2, 1)
 
     # ---------------------------------------------------------------- waiting
     def arm(self) -> bool:
@@ -763,16 +766,16 @@ class RxRing(_RingBase):
         full_fence()  # [F2] our used.idx store before the used_event load below
         kick = layout.need_event(self._u16[self._used_event_i], new, old)
         if kick:
-            self._count(self._device_line_i, 4, 1)
+            self._count(self._device_counters_i, 3, 1)
         return kick
 
     def count_message(self, nbytes: int) -> None:
         """Add one message of `nbytes` to the device line's counters (owner: this device)."""
-        self._count(self._device_line_i, 1, 1)
-        self._count(self._device_line_i, 2, nbytes)
+        self._count(self._device_counters_i, 0, 1)
+        self._count(self._device_counters_i, 1, nbytes)
 
     def count_sleep(self) -> None:
-        self._count(self._device_line_i, 3, 1)
+        self._count(self._device_counters_i, 2, 1)
 
     def arm(self) -> bool:
         """Ask to be kicked at the next publication; True if one already arrived (don't sleep).

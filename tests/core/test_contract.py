@@ -219,11 +219,11 @@ def test_c_send_codes_and_counters() -> None:
     m = re.search(r"enum \{ (CNT_\w+ = \d+(?:, CNT_\w+ = \d+)*) \};", C_SOURCE)
     assert m
     counters = {k: int(v) for k, v in (x.split(" = ") for x in m.group(1).split(", "))}
-    # Counter word i (after the session word) of the driver line is COUNTER_NAMES_DRIVER[i-1].
-    assert set(counters.values()) == set(range(1, len(layout.COUNTER_NAMES_DRIVER) + 1))
+    # Counter word i of the driver counters line is COUNTER_NAMES_DRIVER[i].
+    assert set(counters.values()) == set(range(len(layout.COUNTER_NAMES_DRIVER)))
     for name, index in counters.items():
         word = name.removeprefix("CNT_").lower()
-        assert layout.COUNTER_NAMES_DRIVER[index - 1].endswith(word), name
+        assert layout.COUNTER_NAMES_DRIVER[index].endswith(word), name
 
 
 _C_TYPES = {"uint64_t": "Q", "uint32_t": "I", "uint16_t": "H"}

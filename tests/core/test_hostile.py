@@ -40,9 +40,11 @@ def _owned_areas(region: ic.Region) -> list[tuple[int, int]]:
     ring_out, ring_in = q_out + g.ring_rel_offset, q_in + g.ring_rel_offset
     return [
         (q_out, q_out + layout.CACHE_LINE),  # driver line
+        (q_out + layout.DRIVER_COUNTERS_OFFSET, q_out + layout.DEVICE_COUNTERS_OFFSET),
         (ring_out, ring_out + used),  # descriptors + available ring + used_event
         (q_out + g.data_rel_offset, q_out + g.data_rel_offset + 4096),  # data area start
-        (q_in + layout.DEVICE_LINE_OFFSET, q_in + layout.CONTROL_SIZE),  # device line
+        (q_in + layout.DEVICE_LINE_OFFSET, q_in + layout.DRIVER_COUNTERS_OFFSET),  # device line
+        (q_in + layout.DEVICE_COUNTERS_OFFSET, q_in + layout.CONTROL_SIZE),
         (ring_in + used, ring_in + layout.vring_size(g.queue_num, g.vring_align)),  # used ring
     ]
 
@@ -50,7 +52,7 @@ def _owned_areas(region: ic.Region) -> list[tuple[int, int]]:
 SPECIAL = [0, 1, 0x7FFF, 0x8000, 0xFFFF, 0xFFFFFFFF, 1 << 63, (1 << 64) - 1]
 scribble = st.lists(
     st.tuples(
-        st.integers(0, 4),  # which owned area
+        st.integers(0, 6),  # which owned area
         st.integers(0, 1 << 20),  # offset inside it (wrapped)
         st.sampled_from([1, 2, 4, 8]),  # width of the store
         st.one_of(st.sampled_from(SPECIAL), st.integers(0, (1 << 64) - 1)),

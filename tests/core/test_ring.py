@@ -107,7 +107,8 @@ class Queue:
 
     def driver_fields(self) -> list[tuple[int, str]]:
         """(offset, struct format) of every field the driver owns, data area aside."""
-        fields = [(self.base + 8 * i, "<Q") for i in range(5)]
+        counters = self.base + layout.DRIVER_COUNTERS_OFFSET
+        fields = [(self.base, "<Q")] + [(counters + 8 * i, "<Q") for i in range(4)]
         for slot in range(self.num):
             d = self.ring + 16 * slot
             fields += [(d, "<Q"), (d + 8, "<I"), (d + 12, "<H"), (d + 14, "<H")]
@@ -116,7 +117,9 @@ class Queue:
 
     def device_fields(self) -> list[tuple[int, str]]:
         """(offset, struct format) of every field the device owns."""
-        fields = [(self.base + layout.DEVICE_LINE_OFFSET + 8 * i, "<Q") for i in range(5)]
+        counters = self.base + layout.DEVICE_COUNTERS_OFFSET
+        fields = [(self.base + layout.DEVICE_LINE_OFFSET, "<Q")]
+        fields += [(counters + 8 * i, "<Q") for i in range(4)]
         fields += [(self.used, "<H"), (self.used + 2, "<H")]
         for slot in range(self.num):
             fields += [(self.used + 4 + 8 * slot, "<I"), (self.used + 8 + 8 * slot, "<I")]
@@ -206,8 +209,10 @@ def test_small_messages_round_trip(tx_impl: str, rx_impl: str) -> None:
     tx, rx = make_pair(buf, g, tx_impl, rx_impl)
     assert rx.poll() is None and rx.poll_header() is None
     roundtrip(tx, rx, buf, count=20)
-    counters = struct.unpack_from("<QQQQQ", buf, g.queue_offset(0, 1))
-    assert counters[:3] == (SESSION, 20, sum(40 + i for i in range(20)))
+    q = g.queue_offset(0, 1)
+    session = struct.unpack_from("<Q", buf, q + layout.DRIVER_LINE_OFFSET)
+    counters = layout.COUNTERS.unpack_from(buf, q + layout.DRIVER_COUNTERS_OFFSET)
+    assert (*session, *counters[:2]) == (SESSION, 20, sum(40 + i for i in range(20)))
 
 
 @pytest.mark.parametrize(("tx_impl", "rx_impl"), PAIRS)

@@ -218,11 +218,13 @@ def _owned(src: int, dst: int, driver: bool) -> list[tuple[int, int]]:
     if driver:
         return [
             (q, q + layout.CACHE_LINE),
+            (q + layout.DRIVER_COUNTERS_OFFSET, q + layout.DEVICE_COUNTERS_OFFSET),
             (ring, ring + used),
             (q + g.data_rel_offset, q + g.data_rel_offset + g.data_size),
         ]
     return [
-        (q + layout.DEVICE_LINE_OFFSET, q + layout.CONTROL_SIZE),
+        (q + layout.DEVICE_LINE_OFFSET, q + layout.DRIVER_COUNTERS_OFFSET),
+        (q + layout.DEVICE_COUNTERS_OFFSET, q + layout.CONTROL_SIZE),
         (ring + used, ring + layout.vring_size(g.queue_num, g.vring_align)),
     ]
 
