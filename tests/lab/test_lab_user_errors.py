@@ -67,6 +67,7 @@ ATTACH = "import guest_lib; ep = guest_lib.attach(); print('attached', ep.region
 
 @vm_test(300)
 @pytest.mark.full  # CI (test-all) only; make test boots guests in test_mpi_vm and test_lab
+@pytest.mark.vm_pair  # one guest; looks only at its own output and its own region
 def test_run_serves_the_guests_a_region_by_default() -> None:
     """Without --socket/--shm the guests get a region a broker serves for the run: attach()
     works in them; the broker and the region are gone after."""
@@ -79,6 +80,7 @@ def test_run_serves_the_guests_a_region_by_default() -> None:
 
 @vm_test(300)
 @pytest.mark.full  # CI (test-all) only; make test boots guests in test_mpi_vm and test_lab
+@pytest.mark.vm_pair  # one guest; looks only at its own output
 def test_attach_in_a_guest_without_a_region_names_the_flags() -> None:
     done = _lab("run", "--vms", "1", "--no-region", "--", sys.executable, "-c", ATTACH)
     assert done.returncode == 1

@@ -157,6 +157,7 @@ def test_mistakes_are_one_line_errors(args, says):
 
 @vm_test(300)
 @pytest.mark.full  # CI (test-all) only; make test boots guests in test_mpi_vm and test_lab
+@pytest.mark.vm_pair  # one guest; looks only at its own CLI's QEMU and directories
 @pytest.mark.parametrize("sig", [signal.SIGHUP, signal.SIGQUIT], ids=lambda s: s.name)
 def test_lab_run_unwinds_on_hangup_and_quit(sig):
     """`ivshmem-lab run` stopped by SIGHUP or SIGQUIT (SIGTERM and Ctrl-C already were) kills
