@@ -6,8 +6,9 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-# pytest exits 5 when a selection collects nothing: every pass below fails then too.
-PYTEST := $(BIN)/python -m pytest -p no:cacheprovider
+# pytest exits 5 when a selection collects nothing: every pass below fails then too. Each pass
+# ends with its 15 slowest tests, so that CI's log tells where its time goes.
+PYTEST := $(BIN)/python -m pytest -p no:cacheprovider --durations=15
 ON_C := IVSHMEM_COMM_REQUIRE_FASTPATH=1
 ON_PURE := IVSHMEM_COMM_PUREPYTHON=1
 # Python writes its bytecode (and pytest its assertion-rewritten test modules) into
