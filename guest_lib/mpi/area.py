@@ -433,7 +433,8 @@ class _Polled:
 
     `then`: for a collective its members may decline (a gatherv, scatterv or alltoall(v)
     over one round, see `Area.run`), what starts the operation that moves it otherwise once
-    the area says it was declined (messages, started with the engine: `next`); this op is
+    the area says it was declined (`then(*then_args)`: messages, started with the engine:
+    `next`); this op is
     then done with that one, its error and reason taken from it (a failure there was told
     to the others by that operation's own `on_fail`). An exception of `then` fails this op
     as a failure of the area does. A failure's reason is its `why` too (Op's: a StagedOp
@@ -452,7 +453,8 @@ class _Polled:
     in_step: bool
     _staged: bool
     next: Op | None
-    then: Callable[[], Op] | None
+    then: Callable[..., Op] | None
+    then_args: tuple[Any, ...]
     on_fail: Callable[..., None] | None
     fail_args: tuple[Any, ...]
     error: int
@@ -537,7 +539,7 @@ class _Polled:
                     area.listen(-1)
                 request = self._round()
                 if request.declined and self.then is not None:
-                    self.next = self.then()
+                    self.next = self.then(*self.then_args)
                     return self._followed(self.next)
                 area.completed += 1
                 if request.truncated:  # (ran in step at every member: the area stays)
@@ -570,7 +572,8 @@ class _Polled:
 
 class AreaOp(_Polled, Op):
     """A nonblocking collective of the area as an engine operation (see _Polled) on the
-    group's request `request` (started by Area.start or Area.begin)."""
+    group's request `request` (started by Area.start or Area.begin); its `then` takes no
+    arguments."""
 
     __slots__ = (
         "_area",
@@ -585,6 +588,7 @@ class AreaOp(_Polled, Op):
         "reason",
         "then",
     )
+    then_args: tuple[Any, ...] = ()
 
     def __init__(
         self,
@@ -642,8 +646,10 @@ class StartedRound(_Polled, RoundRequest):
     round in C directly (CollectiveRound.resume, not through the group's progress: it is
     the group's first pending request while pending). The status fields of an operation
     are those of a collective (empty) and never written; `_area`, `on_fail`, `fail_args`
-    and `then` are set by the caller right after the start (never staged: an instance the
-    engine's progress must poll, see AreaOp.stage, takes an AreaOp)."""
+    and `then` are set by the caller right after the start, `then_args` with a `then` only
+    (a function and its arguments: no object per start where the round is never declined;
+    never staged: an instance the engine's progress must poll, see AreaOp.stage, takes an
+    AreaOp)."""
 
     __slots__ = (
         "_area",
@@ -656,6 +662,7 @@ class StartedRound(_Polled, RoundRequest):
         "on_fail",
         "reason",
         "then",
+        "then_args",
         "why",
     )
     source = constants.ANY_SOURCE

@@ -38,7 +38,8 @@ from __future__ import annotations
 
 import functools
 import struct
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -919,6 +920,7 @@ def _c_folding(which: int) -> Callable[[Callable[..., Any]], Callable[..., Any]]
 
 
 _new_handle = object.__new__  # (a Request's fields set by hand: see _c_start)
+_NO_KWARGS: Mapping[str, Any] = MappingProxyType({})  # (_c_start's `then`: no keywords)
 
 # The op of every started collective whose first poll completed it: complete, and no field
 # of a complete op is written again (Cancel and Free leave it), so one serves all.
@@ -999,7 +1001,8 @@ def _c_start(
         group._pending.append(started)
         self._nb_seq = seq + 1
         if messages is not None:  # (Ialltoall: declined only where a member misbehaves)
-            started.then = functools.partial(_on_declined, self, engine, seq, messages, margs, {})
+            started.then = _on_declined
+            started.then_args = (self, engine, seq, messages, margs, _NO_KWARGS)
         handle = _new_handle(area.AreaRequest)  # (request_of's fields, inline)
         handle._cell = handle._owner = handle._rank_of = handle._finish = None
         # (an engine operation as Op is: its fields and `done`)
