@@ -15,6 +15,7 @@ into the core when the engine has nothing else in flight (see `engine`).
 
 from __future__ import annotations
 
+import operator
 import os
 import sys
 import time
@@ -397,17 +398,25 @@ class Comm(attributes.Cached, Handle):
         return f"<Intracomm {self._name or 'ctx=' + str(self._ctx)} rank {self._rank}/{self.size}>"
 
     # ------------------------------------------------------------------ argument checks
-    def _dest(self, rank: int) -> None:
+    def _dest(self, rank: Any) -> int:
+        """Return destination `rank` as an int (rank_arg); MPI.Exception(ERR_RANK) unless it is
+        a rank of this communicator or PROC_NULL."""
+        rank = rank_arg(rank)
         if not 0 <= rank < len(self._group) and rank != constants.PROC_NULL:
             raise exceptions.Exception(exceptions.ERR_RANK, f"rank {rank} of {len(self._group)}")
+        return rank
 
-    def _source(self, rank: int) -> None:
+    def _source(self, rank: Any) -> int:
+        """Return source `rank` as an int (rank_arg); MPI.Exception(ERR_RANK) unless it is a
+        rank of this communicator, ANY_SOURCE or PROC_NULL."""
+        rank = rank_arg(rank)
         if (
             not 0 <= rank < len(self._group)
             and rank != constants.ANY_SOURCE
             and rank != constants.PROC_NULL
         ):
             raise exceptions.Exception(exceptions.ERR_RANK, f"rank {rank} of {len(self._group)}")
+        return rank
 
     @staticmethod
     def _send_tag(tag: int) -> None:
@@ -510,7 +519,7 @@ class Comm(attributes.Cached, Handle):
             if engine.fast_send(peer, self._ctx << _CTX_SHIFT | tag, data):
                 return
         else:
-            self._dest(dest)
+            dest = self._dest(dest)
             self._send_tag(tag)
             data = _dumps(obj)
         self._send_bytes(data, dest, tag, self._ctx, False)
@@ -534,7 +543,7 @@ class Comm(attributes.Cached, Handle):
 
     def ssend(self, obj: Any, dest: int, tag: int = 0) -> None:
         """Synchronous send: returns once the matching receive has started."""
-        self._dest(dest)
+        dest = self._dest(dest)
         self._send_tag(tag)
         self._send_bytes(_dumps(obj), dest, tag, self._ctx, True)
 
@@ -567,14 +576,14 @@ class Comm(attributes.Cached, Handle):
                 if got is not None:
                     if status is None:  # (pickling.loads inline: bytes, None when empty)
                         return _PICKLE._loads(got) if got else None
-                    status._set(rank, got[1], got[0])
+                    status._set(rank_arg(rank), got[1], got[0])
                     return _loads(got[2])
             got = engine.fast_recv(peer, self._ctx, tag, None, _load_view)
             if got is not None:
                 if status is not None:
-                    status._set(rank, got[1], got[0])
+                    status._set(rank_arg(rank), got[1], got[0])
                 return got[2]
-        self._source(source)
+        source = self._source(source)
         self._recv_tag(tag)
         return self._recv_obj(source, tag, self._ctx, status)
 
@@ -597,7 +606,7 @@ class Comm(attributes.Cached, Handle):
                 # in the queue: complete
                 return new_request(_SENT, engine, None, None)
             return Comm.Isend(self, _flat_bytes(sent), dest, tag)
-        self._dest(dest)
+        dest = self._dest(dest)
         self._send_tag(tag)
         return request_of(self._isend_op(_dumps(obj), dest, tag, self._ctx, False), self._engine)
 
@@ -606,7 +615,7 @@ class Comm(attributes.Cached, Handle):
 
         As isend, but the request completes only once the receiver has matched the message.
         """
-        self._dest(dest)
+        dest = self._dest(dest)
         self._send_tag(tag)
         return Request(self._isend_op(_dumps(obj), dest, tag, self._ctx, True), self._engine)
 
@@ -629,27 +638,31 @@ class Comm(attributes.Cached, Handle):
             and _post_recv is not None
             and type(route).post is _ROUTE_POST
             and not (engine.unexpected or _count() - _service[0])
+            and type(source) is int  # (a float rank equal to one finds its route too)
         ):
             src = source if source == constants.ANY_SOURCE else self._group[source]
             return _post_recv(  # (no view: the bytes are kept in its obj, unpickled at wait)
                 engine.posted, None, self._ctx, src, tag, route.peer, engine, self._rank_of,
                 unpickle,
             )  # fmt: skip
-        self._source(source)
+        source = self._source(source)
         self._recv_tag(tag)
         op = self._irecv_op(None, source, tag, self._ctx)
         return request_of(op, engine, self._rank_of, unpickle)
 
-    def _sendrecv_args(self, dest: int, source: int, sendtag: int, recvtag: int) -> Engine:
-        """Check a send-receive's ranks and tags; return the engine to run it on.
+    def _sendrecv_args(
+        self, dest: Any, source: Any, sendtag: int, recvtag: int
+    ) -> tuple[Engine, int, int]:
+        """Check a send-receive's ranks and tags; return the engine to run it on, and dest and
+        source as ints (rank_arg).
 
         MPI.Exception naming the bad rank or tag, ERR_COMM on COMM_NULL.
         """
-        self._dest(dest)
-        self._source(source)
+        dest = self._dest(dest)
+        source = self._source(source)
         self._send_tag(sendtag)
         self._recv_tag(recvtag)
-        return self._check()
+        return self._check(), dest, source
 
     def sendrecv(
         self,
@@ -662,7 +675,7 @@ class Comm(attributes.Cached, Handle):
         status: Status | None = None,
     ) -> Any:
         """Send `sendobj` to `dest` and receive an object from `source`, deadlock-free."""
-        engine = self._sendrecv_args(dest, source, sendtag, recvtag)
+        engine, dest, source = self._sendrecv_args(dest, source, sendtag, recvtag)
         peer = self._shm_peer.get(dest)
         lane, pickle = engine.lane, _PICKLE
         if peer is None or lane is None:
@@ -728,7 +741,7 @@ class Comm(attributes.Cached, Handle):
         MPI.Exception(ERR_RANK/ERR_TAG) for a bad destination or tag; the spec's errors as
         buffers.parse gives them (a plain spec takes buffers.quick: no full parse).
         """
-        self._dest(dest)
+        dest = self._dest(dest)
         self._send_tag(tag)
         view = _quick(buf, False, _SIZES)
         if view is None:
@@ -767,7 +780,7 @@ class Comm(attributes.Cached, Handle):
                 got = lane.recv(peer, self._ctx, tag, buf, status is not None)
                 if got is not None:
                     if status is not None:
-                        status._set(rank, got[1], got[0])
+                        status._set(rank_arg(rank), got[1], got[0])
                     return
         if peer is not None and (0 <= tag <= constants.TAG_UB or tag == constants.ANY_TAG):
             # fast path: from a peer on shared memory straight into the buffer
@@ -780,11 +793,11 @@ class Comm(attributes.Cached, Handle):
                 got = self._engine.fast_recv(peer, self._ctx, tag, data)  # type: ignore[union-attr]
                 if got is not None:
                     if got[2] is not None:
-                        fast_done(self, got, rank, status)
+                        fast_done(self, got, rank_arg(rank), status)
                     elif status is not None:
-                        status._set(rank, got[1], got[0])
+                        status._set(rank_arg(rank), got[1], got[0])
                     return
-        self._source(source)
+        source = self._source(source)
         self._recv_tag(tag)
         view = buffers.quick(buf, True)
         if view is not None:  # a plain spec: no unpack to run
@@ -823,7 +836,7 @@ class Comm(attributes.Cached, Handle):
                 return new_request(
                     engine.isend_shm(peer, self._ctx, tag, view, False), engine, None, None
                 )
-        self._dest(dest)
+        dest = self._dest(dest)
         self._send_tag(tag)
         view = _quick(buf, False, _SIZES)
         if view is None:
@@ -835,7 +848,7 @@ class Comm(attributes.Cached, Handle):
 
         As Isend, but the request completes only once the receiver has matched the message.
         """
-        self._dest(dest)
+        dest = self._dest(dest)
         self._send_tag(tag)
         view = buffers.parse(buf).view
         return request_of(self._isend_op(view, dest, tag, self._ctx, True), self._engine)
@@ -865,9 +878,10 @@ class Comm(attributes.Cached, Handle):
             route is None
             or self._engine is None
             or not (0 <= tag <= constants.TAG_UB or tag == constants.ANY_TAG)
+            or type(source) is not int  # (a float rank equal to one finds its route too)
         ):
             route = None
-            self._source(source)
+            source = self._source(source)
             self._recv_tag(tag)
         view = _quick(buf, True, _SIZES)
         finish = None  # a plain spec (quick's): no unpack to run at completion
@@ -906,7 +920,7 @@ class Comm(attributes.Cached, Handle):
         status: Status | None = None,
     ) -> None:
         """Send and receive at once (deadlock-free however large the messages)."""
-        engine = self._sendrecv_args(dest, source, sendtag, recvtag)
+        engine, dest, source = self._sendrecv_args(dest, source, sendtag, recvtag)
         peer = self._shm_peer.get(dest)
         if peer is not None and (  # fast path: a send written whole at once, then Recv's
             _plain_array(recvbuf, True) or _quick(recvbuf, True, _SIZES) is not None
@@ -971,7 +985,7 @@ class Comm(attributes.Cached, Handle):
         status: Status | None = None,
     ) -> bool:
         """Block until a matching message can be received; fill `status`. True."""
-        self._source(source)
+        source = self._source(source)
         self._recv_tag(tag)
         engine = self._live()
         watch = self._route[source].peer if source >= 0 else -1
@@ -985,7 +999,7 @@ class Comm(attributes.Cached, Handle):
         status: Status | None = None,
     ) -> bool:
         """True (status filled) iff a matching message can be received now."""
-        self._source(source)
+        source = self._source(source)
         self._recv_tag(tag)
         engine = self._live()
         if self._iprobe(source, tag, status):
@@ -1466,6 +1480,22 @@ for _name in _RECEIVING:
     if hasattr(Intracomm, _name):
         setattr(Intracomm, _name, buffers.unpacking(getattr(Intracomm, _name)))
 front_lanes(Intracomm)  # (outermost: the common case skips the wrappers)
+
+
+def rank_arg(value: Any) -> int:
+    """Return a rank argument as mpi4py's C `int` parameters take it: an int as is, an object
+    with __index__ (a numpy integer) as its index, another number with __int__ (a float, e.g.
+    osu_multi_lat's `nprocs / 2`) truncated, as Cython's conversion does. TypeError("an
+    integer is required") for anything else (a str, None), as mpi4py raises."""
+    if type(value) is int:
+        return value
+    try:
+        return operator.index(value)
+    except TypeError:
+        pass
+    if isinstance(value, (str, bytes, bytearray)) or not hasattr(type(value), "__int__"):
+        raise TypeError("an integer is required")
+    return int(value)
 
 
 def _plain_array(buf: Any, writable: bool) -> bool:

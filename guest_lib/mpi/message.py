@@ -231,7 +231,7 @@ def mprobe(
     status: Status | None = None,
 ) -> Message:
     """Comm.Mprobe: block until a message matching (source, tag) can be taken; take it."""
-    comm._source(source)
+    source = comm._source(source)
     comm._recv_tag(tag)
     engine = comm._check()
     found: list[Message] = []
@@ -259,7 +259,7 @@ def improbe(
 
     A progress pass runs first.
     """
-    comm._source(source)
+    source = comm._source(source)
     comm._recv_tag(tag)
     engine = comm._check()
     message = _take(comm, source, tag, status)

@@ -85,7 +85,7 @@ class PartSend:
     """The sending side of a partitioned pair (a Prequest's `_cell.part`)."""
 
     def __init__(self, comm: Comm, buf: Any, partitions: int, dest: int, tag: int) -> None:
-        comm._dest(dest)
+        dest = comm._dest(dest)
         comm._send_tag(tag)
         self.engine = comm._check()
         self.comm, self.buf, self.dest, self.tag = comm, buf, dest, tag
@@ -166,7 +166,7 @@ class PartRecv:
             raise exceptions.Exception(
                 exceptions.ERR_TAG, "a partitioned receive takes no ANY_TAG (MPI-4)"
             )
-        comm._source(source)
+        source = comm._source(source)
         comm._recv_tag(tag)
         self.engine = comm._check()
         self.comm, self.source, self.tag = comm, source, tag
