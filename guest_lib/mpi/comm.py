@@ -399,16 +399,20 @@ class Comm(attributes.Cached, Handle):
 
     # ------------------------------------------------------------------ argument checks
     def _dest(self, rank: Any) -> int:
-        """Return destination `rank` as an int (rank_arg); MPI.Exception(ERR_RANK) unless it is
-        a rank of this communicator or PROC_NULL."""
+        """Return destination `rank` as an int (rank_arg).
+
+        MPI.Exception(ERR_RANK) unless it is a rank of this communicator or PROC_NULL.
+        """
         rank = rank_arg(rank)
         if not 0 <= rank < len(self._group) and rank != constants.PROC_NULL:
             raise exceptions.Exception(exceptions.ERR_RANK, f"rank {rank} of {len(self._group)}")
         return rank
 
     def _source(self, rank: Any) -> int:
-        """Return source `rank` as an int (rank_arg); MPI.Exception(ERR_RANK) unless it is a
-        rank of this communicator, ANY_SOURCE or PROC_NULL."""
+        """Return source `rank` as an int (rank_arg).
+
+        MPI.Exception(ERR_RANK) unless it is a rank of this communicator, ANY_SOURCE or PROC_NULL.
+        """
         rank = rank_arg(rank)
         if (
             not 0 <= rank < len(self._group)
@@ -653,10 +657,10 @@ class Comm(attributes.Cached, Handle):
     def _sendrecv_args(
         self, dest: Any, source: Any, sendtag: int, recvtag: int
     ) -> tuple[Engine, int, int]:
-        """Check a send-receive's ranks and tags; return the engine to run it on, and dest and
-        source as ints (rank_arg).
+        """Check a send-receive's ranks and tags; return its engine, dest and source (ints).
 
-        MPI.Exception naming the bad rank or tag, ERR_COMM on COMM_NULL.
+        dest and source as rank_arg gives them. MPI.Exception naming the bad rank or tag,
+        ERR_COMM on COMM_NULL.
         """
         dest = self._dest(dest)
         source = self._source(source)
