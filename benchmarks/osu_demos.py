@@ -164,16 +164,12 @@ def expected_sizes(name: str, max_msg_size: int) -> list[int]:
 
 
 def run_launch(
-    impl: str,
-    ranks: int,
-    directory: Path,
-    names: Sequence[str],
-    scale: float | None,
-    max_size: int | None,
-) -> tuple[dict[str, dict[int, float]], subprocess.CompletedProcess[str]]:
-    """One launch (see command); returns its parsed output and the finished process.
-    RuntimeError if it fails (with its stderr) or its output does not parse."""
-    argv, env = command(impl, ranks, directory, names, scale, max_size)
+    impl: str, ranks: int, directory: Path, name: str, args: argparse.Namespace
+) -> dict[int, float]:
+    """One launch of program `name` (see command; args.scale and args.max_size); returns its
+    size lines. RuntimeError if it fails (with its stderr) or its output does not parse."""
+    names = [name]
+    argv, env = command(impl, ranks, directory, names, args.scale, args.max_size)
     done = subprocess.run(
         argv,
         cwd=ROOT,
@@ -189,7 +185,7 @@ def run_launch(
             f"{done.stdout[-4000:]}\n{done.stderr[-8000:]}"
         )
     try:
-        return parse(done.stdout), done
+        return parse(done.stdout).get(name, {})
     except ValueError as error:
         raise RuntimeError(f"{impl} {','.join(names)}: {error}\n{done.stdout}") from error
 
@@ -226,10 +222,8 @@ def measure(args: argparse.Namespace, log: Any = sys.stderr) -> dict[str, Any]:
                 turn += 1
                 for impl in order:
                     start = time.monotonic()
-                    out, _ = run_launch(
-                        impl, args.ranks, dirs[impl], [name], args.scale, args.max_size
-                    )
-                    for size, figure in out.get(name, {}).items():
+                    out = run_launch(impl, args.ranks, dirs[impl], name, args)
+                    for size, figure in out.items():
                         figures[name][impl].setdefault(size, []).append(figure)
                     print(
                         f"round {rnd + 1} {name} {impl}: {time.monotonic() - start:.1f} s",
