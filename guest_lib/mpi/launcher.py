@@ -29,6 +29,7 @@ import argparse
 import contextlib
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -55,9 +56,33 @@ def default_size(n: int) -> int:
     return max(64 << 20, n * (n - 1) * (8 << 20))
 
 
+_PYTHON_NAME = re.compile(r"python[0-9.]*")
+
+
+def _script_python(command: str) -> str | None:
+    """The Python interpreter that runs `command` when it is a Python script by its `#!` line
+    (a console script such as `dask-mpi`: `#!/venv/bin/python` or `#!/usr/bin/env python3`),
+    else None (no such file on PATH, unreadable, or another interpreter)."""
+    path = shutil.which(command)
+    if path is None:
+        return None
+    try:
+        with open(path, "rb") as script:
+            first = script.readline(512)
+    except OSError:
+        return None
+    words = first[2:].decode(errors="replace").split() if first.startswith(b"#!") else []
+    if len(words) >= 2 and os.path.basename(words[0]) == "env":
+        words = words[1:]  # `#!/usr/bin/env python3`: the interpreter is found on PATH
+    if not words or not _PYTHON_NAME.fullmatch(os.path.basename(words[0])):
+        return None
+    return words[0]
+
+
 def _command(args: argparse.Namespace) -> list[str]:
-    """The command line of every rank. Python programs (prog.py, -m module, or a command
-    `python prog.py|-m mod|-c cmd ...`) run through `python -m guest_lib.mpi`, so that
+    """The command line of every rank. Python programs (prog.py, -m module, a command
+    `python prog.py|-m mod|-c cmd ...`, or a Python script by its `#!` line, such as a
+    package's console script) run through `python -m guest_lib.mpi`, so that
     `from mpi4py import MPI` in them gets this project's MPI (zero-change mode), unless
     IVSHMEM_MPI_ZERO_CHANGE=0; any other command runs as given."""
     from guest_lib.mpi import mpi4py_shim
@@ -71,9 +96,12 @@ def _command(args: argparse.Namespace) -> list[str]:
     if first.endswith(".py"):
         return [sys.executable, *shim, *args.args]
     rest = args.args[1:]
-    python = re.fullmatch(r"python[0-9.]*", os.path.basename(first))
+    python = _PYTHON_NAME.fullmatch(os.path.basename(first))
     if shim and python and rest and (rest[0].endswith(".py") or rest[0] in ("-m", "-c")):
         return [first, *shim, *rest]
+    interpreter = _script_python(first) if shim and not python else None
+    if interpreter is not None:  # as the kernel would run it, with the shim in between
+        return [interpreter, *shim, str(shutil.which(first)), *rest]
     return list(args.args)
 
 

@@ -50,6 +50,33 @@ def test_ivshmem_run_python_command(tmp_path):
     check(results(out, 2), "guest_lib.mpi.MPI")
 
 
+def test_ivshmem_run_console_script(tmp_path):
+    """A Python script named by its `#!` line, as a package's console script (`ivshmem-run -n 4
+    dask-mpi ...`), takes the zero-change route: it ran on the real mpi4py before, every rank
+    a world of one."""
+    script = tmp_path / "console-prog"
+    script.write_text(f"#!{PYTHON}\n{Path(UNMODIFIED).read_text()}")
+    script.chmod(0o755)
+    out = tmp_path / "r"
+    run_job([*LAUNCHER, "-n", "2", "--timeout", "100", str(script), str(out)], 120)
+    check(results(out, 2), "guest_lib.mpi.MPI")
+
+
+@pytest.mark.parametrize(
+    ("first_line", "interpreter"),
+    [("#!/venv/bin/python3.11", "/venv/bin/python3.11"), ("#!/usr/bin/env python3 -u", "python3"),
+     ("#!/bin/sh", None), ("#!/usr/bin/env bash", None), ("no shebang", None)],
+)  # fmt: skip
+def test_script_python_reads_the_shebang(tmp_path, first_line, interpreter):
+    from guest_lib.mpi.launcher import _script_python
+
+    script = tmp_path / "tool"
+    script.write_text(f"{first_line}\nprint()\n")
+    script.chmod(0o755)
+    assert _script_python(str(script)) == interpreter
+    assert _script_python(str(tmp_path / "absent")) is None
+
+
 def test_switch_off_gives_mpi4py_back(tmp_path):
     out = tmp_path / "r"
     run_job([PYTHON, "-m", "guest_lib.mpi", UNMODIFIED, str(out)], 120,
