@@ -3334,7 +3334,10 @@ static bool front_declines(void)
 }
 
 /* A buffer argument of a lane (collectives.py's _lane, and _operand's forms): a numpy array
- * itself (C-contiguous, of a native numeric format, writable with `writable`), or a list or
+ * itself (C-contiguous, of a native numeric format, writable with `writable`), any other
+ * buffer object itself (bytearray, array.array, mmap, memoryview: as a numpy array, but not
+ * empty, and no FOLD_DTYPES code: _operand folds numpy arrays alone, and a bare bytearray
+ * is BYTE there, not a number), or a list or
  * tuple [buf, count, datatype] (an int count >= 0) / (buf, datatype) naming a predefined
  * datatype that does not pack, over a C-contiguous buffer (writable with `writable`) that
  * holds count * blocks elements (without a count: whole elements, all of it). Held in `view`,
@@ -3345,11 +3348,12 @@ static int front_buffer(PyObject *obj, bool writable, Py_ssize_t blocks, Py_buff
 {
     PyObject *buf = obj, *key = NULL;
     long long count = -1, size = 1;
-    bool bare = Py_TYPE(obj) == (PyTypeObject *)front_ndarray;
+    bool array = Py_TYPE(obj) == (PyTypeObject *)front_ndarray;
+    bool bare = array || (!PyList_CheckExact(obj) && !PyTuple_CheckExact(obj));
     *code = -1;
+    if (bare && !array && !PyObject_CheckBuffer(obj))
+        return 0;
     if (!bare) {
-        if (!PyList_CheckExact(obj) && !PyTuple_CheckExact(obj))
-            return 0;
         Py_ssize_t n = PySequence_Fast_GET_SIZE(obj);
         PyObject **items = PySequence_Fast_ITEMS(obj);
         if (n == 3) {
@@ -3384,9 +3388,9 @@ static int front_buffer(PyObject *obj, bool writable, Py_ssize_t blocks, Py_buff
         return front_declines() ? 0 : -1;
     Py_ssize_t total = view->len;
     if (bare) {
-        if (!flat_format(view->format) || view->itemsize <= 0)
-            goto none;
-        *code = front_fold_code(view->format, view->itemsize);
+        if (!flat_format(view->format) || view->itemsize <= 0 || (!array && total == 0))
+            goto none; /* (an empty one: MPI.IN_PLACE and BOTTOM export one too) */
+        *code = array ? front_fold_code(view->format, view->itemsize) : -1;
         *elems = total / view->itemsize;
         return 1;
     }

@@ -285,12 +285,14 @@ def _front_started(
 # which checks and reports as always.
 def _lane(buf: Any, writable: bool, blocks: int = 1) -> tuple[Any, int, int] | None:
     """(what the C round takes, bytes, elements) of a buffer argument: a numpy array as it
-    is (C-contiguous, plain element type, native byte order, writable for a receive), or the
+    is (C-contiguous, plain element type, native byte order, writable for a receive), the
     byte view of a `[buf, count, datatype]` / `(buf, datatype)` spec that buffers.plain
-    resolves; None: the body's job. `blocks`: the members' count where the argument holds
-    one block per member (a block collective's receive side of Gather/Allgather, send side
-    of Scatter, both of Alltoall), whose explicit count is one block, as mpi4py reads it;
-    1 elsewhere (an explicit count is the whole message)."""
+    resolves, or of any other buffer on its own that buffers.quick takes (not empty, of a
+    native numeric format: elements of its itemsize); None: the body's job. `blocks`: the
+    members' count where the argument holds one block per member (a block collective's
+    receive side of Gather/Allgather, send side of Scatter, both of Alltoall), whose
+    explicit count is one block, as mpi4py reads it; 1 elsewhere (an explicit count is the
+    whole message)."""
     kind = type(buf)
     if kind is np.ndarray:
         flags = buf.flags
@@ -319,6 +321,12 @@ def _lane(buf: Any, writable: bool, blocks: int = 1) -> tuple[Any, int, int] | N
         spec = buffers.plain(buf, writable, blocks)
         if spec is not None:
             return spec.view, len(spec.view), spec.count
+        return None
+    # any other buffer on its own (bytearray, array.array, mmap, memoryview), as the C lane
+    # takes it: not empty (IN_PLACE and BOTTOM export an empty one), its format's elements
+    view = buffers.quick(buf, writable)
+    if view is not None:
+        return view, len(view), len(view) // memoryview(buf).itemsize
     return None
 
 

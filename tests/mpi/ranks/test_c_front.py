@@ -264,6 +264,68 @@ def test_every_form_is_one_c_call(comm, monkeypatch, call, form):
     assert (entered, area.completed(comm) - before) == ([], rounds)
 
 
+def _mmap_of(data: bytes) -> mmap.mmap:
+    raw = mmap.mmap(-1, len(data))
+    raw[:] = data
+    return raw
+
+
+# buffers on their own that are not numpy arrays, over given bytes (their datatype their
+# format's: BYTE, DOUBLE)
+BARE: dict[str, Callable[[bytes], Any]] = {
+    "bytearray": bytearray,
+    "array": lambda data: array.array("d", data),
+    "mmap": _mmap_of,
+    "memoryview": lambda data: memoryview(bytearray(data)),
+}
+
+
+@pytest.mark.parametrize("form", sorted(BARE))
+@pytest.mark.parametrize("call", ["Bcast", "Gather", "Allgather", "Scatter", "Alltoall"])
+def test_a_bare_buffer_moves_in_one_c_call(comm, monkeypatch, call, form):
+    """A buffer on its own that is not a numpy array (bytearray, array.array, mmap,
+    memoryview) takes the moving collectives' C front as a numpy array does: one area round
+    a root, without Area.call or Area.run (where the C front runs), and the data are right
+    (on every path)."""
+    size, rank = comm.Get_size(), comm.Get_rank()
+    make = BARE[form]
+
+    def block(sender: int, receiver: int = 0) -> bytes:  # 8 bytes: one double
+        return bytes(sender * 10 + receiver + i for i in range(8))
+
+    comm.Barrier()
+    shared = area.current(comm)
+    c_front = shared is not None and shared.ready()
+    entered = _entries(monkeypatch)
+    before = area.completed(comm)
+    for root in range(size) if call in ("Bcast", "Gather", "Scatter") else [0]:
+        if call == "Bcast":
+            buf = make(block(root) if rank == root else bytes(8))
+            comm.Bcast(buf, root)
+            assert bytes(buf) == block(root)
+        elif call in ("Gather", "Allgather"):
+            gathers = call == "Allgather" or rank == root
+            recv = make(bytes(8 * size)) if gathers else None
+            if call == "Gather":
+                comm.Gather(make(block(rank)), recv, root)
+            else:
+                comm.Allgather(make(block(rank)), recv)
+            if gathers:
+                assert bytes(recv) == b"".join(block(q) for q in range(size))
+        elif call == "Scatter":
+            every = make(b"".join(block(q) for q in range(size))) if rank == root else None
+            recv = make(bytes(8))
+            comm.Scatter(every, recv, root)
+            assert bytes(recv) == block(rank)
+        else:
+            recv = make(bytes(8 * size))
+            comm.Alltoall(make(b"".join(block(rank, q) for q in range(size))), recv)
+            assert bytes(recv) == b"".join(block(q, rank) for q in range(size))
+    if c_front:
+        rounds = size if call in ("Bcast", "Gather", "Scatter") else 1
+        assert (entered, area.completed(comm) - before) == ([], rounds)
+
+
 @pytest.mark.parametrize("call", ["Barrier", "barrier"])
 def test_a_barrier_is_one_c_call_and_waits_for_the_last(comm, monkeypatch, call):
     """Barrier and barrier complete one area round each without Area.call or Area.run (the C
