@@ -4619,6 +4619,339 @@ static PyTypeObject P2PLaneType = {
 };
 
 /* ------------------------------------------------------------------------------------------
+ * The object point-to-point methods' C front (guest_lib.mpi.comm: Comm.send, Comm.isend and
+ * Comm.recv, made by obj_methods): method descriptors of the communicator class that run the
+ * common case of each in C, without the Python method's frame (~200 ns a call), and hand
+ * anything else to the Python method or its continuation, which then decides and reports as
+ * ever. The way to a rank on shared memory is the communicator's `_isend_at[rank]`, (lane,
+ * peer, ctx, done op) as Isend keeps it (emptied with _shm_peer); where it is missing, it is
+ * looked up as the Python methods do (rank a key of `_shm_peer`, the engine's `lane` a
+ * P2PLane, the context `_ctx`) and stored there, as Isend stores it.
+ *   send(obj, dest, tag=0) and isend(obj, dest, tag=0): `dest` an int with a way, `tag` an
+ *     int in 0..tag_ub: lane.send_obj(peer, ctx, tag, obj, pickle._dumps, pickle._protocol)
+ *     (pickle: MPI.pickle, its attributes read on each call, so that a user's dumps and
+ *     PROTOCOL hold); sent: None, or isend's complete request (the done op's, as Isend's);
+ *     else send_unsent / isend_unsent(self, obj, dest, tag, peer, what send_obj returned).
+ *   recv(buf=None, source=ANY_SOURCE, tag=ANY_TAG, status=None): no buf, `source` an int with
+ *     a way (ANY_SOURCE: the other rank of a two-member communicator whose other member is
+ *     on shared memory, Comm._sole_source), `tag` in 0..tag_ub or ANY_TAG:
+ *     lane.recv_obj(peer, ctx, tag, want status), the status set (status._set(rank, tag,
+ *     nbytes)) and pickle._loads of the bytes (an empty message: None, mpi4py's rule);
+ *     nothing taken there: recv_left(self, rank, tag, status, peer, source).
+ * Any other form of call (other arguments, an unknown keyword, a name given twice) calls the
+ * Python method with the same arguments, for it to take or to raise what it raises.
+ * ------------------------------------------------------------------------------------------ */
+enum { OBJ_SEND, OBJ_ISEND, OBJ_RECV, OBJ_N };
+static PyObject *obj_python_of[OBJ_N]; /* the Python methods */
+static PyObject *obj_left_of[OBJ_N];   /* their continuations (see above) */
+static PyObject *obj_pickle, *obj_done, *obj_any_source;
+static PyObject *obj_name_shm_peer, *obj_name_engine, *obj_name_lane, *obj_name_ctx,
+    *obj_name_at, *obj_name_group, *obj_name_world, *obj_name_set, *obj_name_dumps,
+    *obj_name_protocol, *obj_name_loads;
+static PyObject *obj_kw_send[3], *obj_kw_recv[4]; /* the methods' parameter names, interned */
+
+/* The arguments of a call with `names` (n parameters, positional or keyword) in out[i]
+ * (borrowed; NULL where not given): 1; 0 for a call the front does not read (more than n
+ * positional arguments, a keyword not among `names` by identity, a parameter given twice:
+ * the Python method reports it). Keyword names of a call site are interned, so identity
+ * finds them; a name that is not (a **kwargs built at run time) just takes the Python way. */
+static int obj_args(PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames,
+                    PyObject *const *names, int n, PyObject **out)
+{
+    if (nargs > n)
+        return 0;
+    for (int i = 0; i < n; i++)
+        out[i] = i < nargs ? args[i] : NULL;
+    Py_ssize_t nkw = kwnames == NULL ? 0 : PyTuple_GET_SIZE(kwnames);
+    for (Py_ssize_t k = 0; k < nkw; k++) {
+        PyObject *key = PyTuple_GET_ITEM(kwnames, k);
+        int i = 0;
+        while (i < n && key != names[i])
+            i++;
+        if (i == n || out[i] != NULL)
+            return 0;
+        out[i] = args[nargs + k];
+    }
+    return 1;
+}
+
+/* `func(self, *args, **kw)` of a vectorcall's arguments (the Python method). */
+static PyObject *obj_python(PyObject *func, PyObject *self, PyObject *const *args,
+                            Py_ssize_t nargs, PyObject *kwnames)
+{
+    Py_ssize_t total = nargs + (kwnames == NULL ? 0 : PyTuple_GET_SIZE(kwnames));
+    PyObject *small[8], **all = small;
+    if (total >= 8 && (all = PyMem_Malloc((size_t)(total + 1) * sizeof(PyObject *))) == NULL)
+        return PyErr_NoMemory();
+    all[0] = self;
+    if (total > 0)
+        memcpy(all + 1, args, (size_t)total * sizeof(PyObject *));
+    PyObject *result = PyObject_Vectorcall(func, all, nargs + 1, kwnames);
+    if (all != small)
+        PyMem_Free(all);
+    return result;
+}
+
+/* The rank a receive from `source` (an exact int) takes: `source` itself (new reference), or
+ * for ANY_SOURCE (-2) the other rank of a two-member communicator, this process one of them,
+ * whose other member is on shared memory (Comm._sole_source); NULL, no error set, where there
+ * is none (the Python method decides). */
+static PyObject *obj_source(PyObject *self, PyObject *source)
+{
+    int overflow;
+    if (PyLong_AsLongLongAndOverflow(source, &overflow) != -2 || overflow != 0)
+        return Py_NewRef(source);
+    PyObject *peers = PyObject_GetAttr(self, obj_name_shm_peer);
+    PyObject *group = peers == NULL ? NULL : PyObject_GetAttr(self, obj_name_group);
+    PyObject *engine = group == NULL ? NULL : PyObject_GetAttr(self, obj_name_engine);
+    PyObject *world = engine == NULL ? NULL : PyObject_GetAttr(engine, obj_name_world);
+    PyObject *rank = NULL;
+    Py_ssize_t at = 0;
+    PyObject *key, *value;
+    if (world != NULL && PyDict_CheckExact(peers) && PyDict_GET_SIZE(peers) == 1 &&
+        PyList_CheckExact(group) && PyList_GET_SIZE(group) == 2 &&
+        PyDict_Next(peers, &at, &key, &value) && PyLong_CheckExact(key)) {
+        long long r = PyLong_AsLongLongAndOverflow(key, &overflow);
+        if (overflow == 0 && (r == 0 || r == 1) &&
+            PyObject_RichCompareBool(PyList_GET_ITEM(group, 1 - r), world, Py_EQ) == 1)
+            rank = Py_NewRef(key);
+    }
+    PyErr_Clear();
+    Py_XDECREF(peers);
+    Py_XDECREF(group);
+    Py_XDECREF(engine);
+    Py_XDECREF(world);
+    return rank;
+}
+
+/* The way to communicator rank `rank` of `self` (see above): the tuple (lane, peer, ctx, done)
+ * (new reference); NULL, no error set, where there is none (not a key of an exact-dict
+ * _shm_peer, no lane, an attribute missing, an unhashable rank: the Python method decides
+ * and raises). */
+static PyObject *obj_way(PyObject *self, PyObject *rank)
+{
+    PyObject *cache = PyObject_GetAttr(self, obj_name_at);
+    PyObject *at = cache != NULL && PyDict_CheckExact(cache) ? PyDict_GetItemWithError(cache, rank)
+                                                             : NULL;
+    if (at != NULL && PyTuple_CheckExact(at) && PyTuple_GET_SIZE(at) == 4 &&
+        PyObject_TypeCheck(PyTuple_GET_ITEM(at, 0), &P2PLaneType)) {
+        Py_INCREF(at);
+        Py_DECREF(cache);
+        return at;
+    }
+    at = NULL;
+    PyObject *peers = cache == NULL || PyErr_Occurred()
+                          ? NULL : PyObject_GetAttr(self, obj_name_shm_peer);
+    PyObject *peer = peers != NULL && PyDict_CheckExact(peers) ? PyDict_GetItemWithError(peers, rank)
+                                                               : NULL;
+    PyObject *engine = peer == NULL ? NULL : PyObject_GetAttr(self, obj_name_engine);
+    PyObject *lane = engine == NULL ? NULL : PyObject_GetAttr(engine, obj_name_lane);
+    PyObject *ctx = lane == NULL ? NULL : PyObject_GetAttr(self, obj_name_ctx);
+    if (ctx != NULL && PyObject_TypeCheck(lane, &P2PLaneType) && PyDict_CheckExact(cache) &&
+        (at = PyTuple_Pack(4, lane, peer, ctx, obj_done)) != NULL &&
+        PyDict_SetItem(cache, rank, at) < 0)
+        Py_CLEAR(at);
+    PyErr_Clear();
+    Py_XDECREF(cache);
+    Py_XDECREF(peers);
+    Py_XDECREF(engine);
+    Py_XDECREF(lane);
+    Py_XDECREF(ctx);
+    return at;
+}
+
+/* A tag as the lane takes it: an exact int in 0..tag_ub, or any_tag with `any`. */
+static bool obj_tag(P2PLane *lane, PyObject *tag, bool any)
+{
+    if (!PyLong_CheckExact(tag))
+        return false;
+    int overflow;
+    long long value = PyLong_AsLongLongAndOverflow(tag, &overflow);
+    return overflow == 0 &&
+           ((value >= 0 && value <= lane->tag_ub) || (any && value == lane->any_tag));
+}
+
+/* send and isend (`which`), see above. */
+static PyObject *obj_send_impl(int which, PyObject *self, PyObject *const *args,
+                               Py_ssize_t nargs, PyObject *kwnames)
+{
+    PyObject *a[3], *at;
+    if (!obj_args(args, nargs, kwnames, obj_kw_send, 3, a) || a[0] == NULL || a[1] == NULL ||
+        !PyLong_CheckExact(a[1]) || (at = obj_way(self, a[1])) == NULL)
+        return obj_python(obj_python_of[which], self, args, nargs, kwnames);
+    P2PLane *lane = (P2PLane *)PyTuple_GET_ITEM(at, 0);
+    PyObject *peer = PyTuple_GET_ITEM(at, 1);
+    PyObject *result = NULL, *dumps = NULL, *protocol = NULL, *sent = NULL;
+    PyObject *tag = a[2] != NULL ? Py_NewRef(a[2]) : PyLong_FromLong(0);
+    if (tag == NULL)
+        goto done;
+    if (!obj_tag(lane, tag, false)) {
+        result = obj_python(obj_python_of[which], self, args, nargs, kwnames);
+        goto done;
+    }
+    if ((dumps = PyObject_GetAttr(obj_pickle, obj_name_dumps)) == NULL ||
+        (protocol = PyObject_GetAttr(obj_pickle, obj_name_protocol)) == NULL)
+        goto done;
+    PyObject *call[6] = {peer, PyTuple_GET_ITEM(at, 2), tag, a[0], dumps, protocol};
+    if ((sent = lane_send_obj(lane, call, 6)) == NULL)
+        goto done;
+    if (sent == Py_True)
+        result = which == OBJ_SEND ? Py_NewRef(Py_None)
+                                   : p2preq_request(PyTuple_GET_ITEM(at, 3), lane->engine,
+                                                    Py_None, Py_None);
+    else {
+        PyObject *rest[6] = {self, a[0], a[1], tag, peer, sent};
+        result = PyObject_Vectorcall(obj_left_of[which], rest, 6, NULL);
+    }
+done:
+    Py_XDECREF(tag);
+    Py_XDECREF(sent);
+    Py_XDECREF(dumps);
+    Py_XDECREF(protocol);
+    Py_DECREF(at);
+    return result;
+}
+
+static PyObject *obj_send(PyObject *self, PyObject *const *args, Py_ssize_t nargs,
+                          PyObject *kwnames)
+{
+    return obj_send_impl(OBJ_SEND, self, args, nargs, kwnames);
+}
+
+static PyObject *obj_isend(PyObject *self, PyObject *const *args, Py_ssize_t nargs,
+                           PyObject *kwnames)
+{
+    return obj_send_impl(OBJ_ISEND, self, args, nargs, kwnames);
+}
+
+static PyObject *obj_recv(PyObject *self, PyObject *const *args, Py_ssize_t nargs,
+                          PyObject *kwnames)
+{
+    PyObject *a[4], *rank = NULL, *at = NULL;
+    if (!obj_args(args, nargs, kwnames, obj_kw_recv, 4, a) ||
+        (a[0] != NULL && a[0] != Py_None) || (a[1] != NULL && !PyLong_CheckExact(a[1])))
+        return obj_python(obj_python_of[OBJ_RECV], self, args, nargs, kwnames);
+    PyObject *source = a[1] != NULL ? a[1] : obj_any_source;
+    PyObject *status = a[3] != NULL ? a[3] : Py_None;
+    if ((rank = obj_source(self, source)) == NULL || (at = obj_way(self, rank)) == NULL) {
+        Py_XDECREF(rank);
+        return obj_python(obj_python_of[OBJ_RECV], self, args, nargs, kwnames);
+    }
+    P2PLane *lane = (P2PLane *)PyTuple_GET_ITEM(at, 0);
+    PyObject *peer = PyTuple_GET_ITEM(at, 1);
+    PyObject *result = NULL, *got = NULL, *loads = NULL, *data;
+    PyObject *tag = a[2] != NULL ? Py_NewRef(a[2]) : PyLong_FromLongLong(lane->any_tag);
+    if (tag == NULL)
+        goto done;
+    if (!obj_tag(lane, tag, true)) {
+        result = obj_python(obj_python_of[OBJ_RECV], self, args, nargs, kwnames);
+        goto done;
+    }
+    PyObject *take[3] = {peer, PyTuple_GET_ITEM(at, 2), tag};
+    if ((got = lane_take(lane, take, false, NULL, status != Py_None ? Py_True : Py_False)) == NULL)
+        goto done;
+    if (got == Py_None) {
+        PyObject *rest[6] = {self, rank, tag, status, peer, source};
+        result = PyObject_Vectorcall(obj_left_of[OBJ_RECV], rest, 6, NULL);
+        goto done;
+    }
+    data = got;
+    if (status != Py_None) { /* (nbytes, tag, bytes) */
+        PyObject *set = PyObject_CallMethodObjArgs(status, obj_name_set, rank,
+                                                   PyTuple_GET_ITEM(got, 1),
+                                                   PyTuple_GET_ITEM(got, 0), NULL);
+        if (set == NULL)
+            goto done;
+        Py_DECREF(set);
+        data = PyTuple_GET_ITEM(got, 2);
+    }
+    if (PyBytes_GET_SIZE(data) == 0)
+        result = Py_NewRef(Py_None);
+    else if ((loads = PyObject_GetAttr(obj_pickle, obj_name_loads)) != NULL)
+        result = PyObject_CallOneArg(loads, data);
+done:
+    Py_XDECREF(tag);
+    Py_XDECREF(got);
+    Py_XDECREF(loads);
+    Py_DECREF(rank);
+    Py_DECREF(at);
+    return result;
+}
+
+static PyMethodDef obj_defs[OBJ_N] = {
+    {"send", (PyCFunction)(void (*)(void))obj_send, METH_FASTCALL | METH_KEYWORDS, NULL},
+    {"isend", (PyCFunction)(void (*)(void))obj_isend, METH_FASTCALL | METH_KEYWORDS, NULL},
+    {"recv", (PyCFunction)(void (*)(void))obj_recv, METH_FASTCALL | METH_KEYWORDS, NULL},
+};
+
+/* obj_methods(cls, send, send_unsent, isend, isend_unsent, recv, recv_left, pickle, done):
+ * the C fronts of cls.send, cls.isend and cls.recv (method descriptors of `cls`, see above,
+ * each with the Python method's docstring) over the Python methods and their continuations;
+ * (send, isend, recv). `done`: the complete op of the ways stored in _isend_at. A later call
+ * replaces what an earlier one set. */
+static PyObject *obj_methods(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    if (check_nargs("obj_methods", nargs, 9) < 0)
+        return NULL;
+    if (!PyType_Check(args[0])) {
+        PyErr_SetString(PyExc_TypeError, "obj_methods: cls must be a type");
+        return NULL;
+    }
+    if (obj_name_shm_peer == NULL) {
+        static const char *const send_names[3] = {"obj", "dest", "tag"};
+        static const char *const recv_names[4] = {"buf", "source", "tag", "status"};
+        if ((obj_name_shm_peer = PyUnicode_InternFromString("_shm_peer")) == NULL ||
+            (obj_name_engine = PyUnicode_InternFromString("_engine")) == NULL ||
+            (obj_name_lane = PyUnicode_InternFromString("lane")) == NULL ||
+            (obj_name_ctx = PyUnicode_InternFromString("_ctx")) == NULL ||
+            (obj_name_at = PyUnicode_InternFromString("_isend_at")) == NULL ||
+            (obj_name_group = PyUnicode_InternFromString("_group")) == NULL ||
+            (obj_name_world = PyUnicode_InternFromString("world_rank")) == NULL ||
+            (obj_name_set = PyUnicode_InternFromString("_set")) == NULL ||
+            (obj_name_dumps = PyUnicode_InternFromString("_dumps")) == NULL ||
+            (obj_name_protocol = PyUnicode_InternFromString("_protocol")) == NULL ||
+            (obj_name_loads = PyUnicode_InternFromString("_loads")) == NULL ||
+            (obj_any_source = PyLong_FromLong(-2)) == NULL)
+            return NULL;
+        for (int i = 0; i < 3; i++)
+            if ((obj_kw_send[i] = PyUnicode_InternFromString(send_names[i])) == NULL)
+                return NULL;
+        for (int i = 0; i < 4; i++)
+            if ((obj_kw_recv[i] = PyUnicode_InternFromString(recv_names[i])) == NULL)
+                return NULL;
+    }
+    PyObject *fronts = PyTuple_New(OBJ_N);
+    for (int i = 0; fronts != NULL && i < OBJ_N; i++) {
+        if (obj_defs[i].ml_doc == NULL) { /* the Python method's, once (the def outlives it) */
+            PyObject *doc = PyObject_GetAttrString(args[1 + 2 * i], "__doc__");
+            const char *text = doc != NULL && PyUnicode_Check(doc) ? PyUnicode_AsUTF8(doc) : NULL;
+            char *copy = text == NULL ? NULL : PyMem_RawMalloc(strlen(text) + 1);
+            Py_XDECREF(doc);
+            if (copy == NULL) {
+                PyErr_Clear();
+            } else {
+                strcpy(copy, text);
+                obj_defs[i].ml_doc = copy;
+            }
+        }
+        PyObject *front = PyDescr_NewMethod((PyTypeObject *)args[0], &obj_defs[i]);
+        if (front == NULL)
+            Py_CLEAR(fronts);
+        else
+            PyTuple_SET_ITEM(fronts, i, front);
+    }
+    if (fronts == NULL)
+        return NULL;
+    for (int i = 0; i < OBJ_N; i++) {
+        Py_XSETREF(obj_python_of[i], Py_NewRef(args[1 + 2 * i]));
+        Py_XSETREF(obj_left_of[i], Py_NewRef(args[2 + 2 * i]));
+    }
+    Py_XSETREF(obj_pickle, Py_NewRef(args[7]));
+    Py_XSETREF(obj_done, Py_NewRef(args[8]));
+    return fronts;
+}
+
+/* ------------------------------------------------------------------------------------------
  * Module
  * ------------------------------------------------------------------------------------------ */
 
@@ -4934,6 +5267,9 @@ static PyMethodDef module_methods[] = {
      "isend_post(buf, dest, tag, at): Isend's send written whole at once, in one call, or None."},
     {"irecv_post", (PyCFunction)(void (*)(void))irecv_post, METH_FASTCALL,
      "irecv_post(buf, source, tag, at): Irecv's post of a plain receive in one call, or None."},
+    {"obj_methods", (PyCFunction)(void (*)(void))obj_methods, METH_FASTCALL,
+     "obj_methods(cls, send, send_unsent, isend, isend_unsent, recv, recv_left, pickle, done): "
+     "(send, isend, recv), the C fronts of the object send and receive methods of cls."},
     {NULL, NULL, 0, NULL},
 };
 

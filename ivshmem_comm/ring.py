@@ -43,6 +43,9 @@ new_request: Any = None
 post_recv: Any = None
 irecv_post: Any = None
 isend_post: Any = None
+#: The C fronts of the MPI face's object send and receive methods (guest_lib.mpi.comm), None
+#: on the pure-Python path.
+obj_methods: Any = None
 first_pending: Any = None
 null_done: Any = None
 MemoryExporter: Any = None
@@ -88,6 +91,7 @@ else:
             isend_post,
             new_request,
             null_done,
+            obj_methods,
             p2p_types,
             post_recv,
             set_front,
@@ -137,6 +141,7 @@ __all__ = [
     "isend_post",
     "new_request",
     "null_done",
+    "obj_methods",
     "p2p_types",
     "post_recv",
     "set_front",

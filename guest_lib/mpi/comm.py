@@ -159,7 +159,9 @@ class Comm(attributes.Cached, Handle):
         # the first such Irecv; emptied where that path changes (Free, a revoke)
         self._irecv_at: dict[int, tuple[Any, ...]] = {}
         # Isend's one-call send (ring.isend_post) by destination: (lane, peer, ctx, _SENT) of
-        # a destination on shared memory, made on the first Isend to it; emptied with _shm_peer
+        # a rank on shared memory, made on the first Isend to it (or the first send, isend or
+        # recv of an object, whose C fronts read it too: ring.obj_methods); emptied with
+        # _shm_peer
         self._isend_at: dict[int, tuple[Any, ...]] = {}
 
     def _bind(self, comm: Comm) -> None:
@@ -510,16 +512,12 @@ class Comm(attributes.Cached, Handle):
         if peer is not None and 0 <= tag <= constants.TAG_UB:  # fast path, as Send's
             engine: Engine = self._engine  # type: ignore[assignment]  # a peer: an engine
             lane, pickle = engine.lane, _PICKLE
-            if lane is None:
-                data = _dumps(obj)
-            else:  # pickled and sent in one C call, else its pickle back
+            if lane is not None:  # pickled and sent in one C call, else its pickle back
                 sent = lane.send_obj(peer, self._ctx, tag, obj, pickle._dumps, pickle._protocol)
-                if (
-                    sent is True
-                    or (sent := self._unsent(engine, peer, tag, obj, sent, _WAIT)) is True
-                ):
-                    return
-                data = _flat_bytes(sent)
+                if sent is not True:
+                    self._send_unsent(obj, dest, tag, peer, sent)
+                return
+            data = _dumps(obj)
             if engine.fast_send(peer, self._ctx << _CTX_SHIFT | tag, data):
                 return
         else:
@@ -527,6 +525,20 @@ class Comm(attributes.Cached, Handle):
             self._send_tag(tag)
             data = _dumps(obj)
         self._send_bytes(data, dest, tag, self._ctx, False)
+
+    def _send_unsent(self, obj: Any, dest: int, tag: int, peer: int, sent: Any) -> None:
+        """Finish a send that the lane's send_obj left unsent.
+
+        send(obj, dest, tag) to shm peer `peer` (of rank `dest`, `tag` a good one), where
+        send_obj returned `sent` (not True: see _unsent), as send does: in the queue at once
+        if it can be, else by the engine's paths. What those raise.
+        """
+        engine: Engine = self._engine  # type: ignore[assignment]  # a peer: an engine
+        if (sent := self._unsent(engine, peer, tag, obj, sent, _WAIT)) is True:
+            return
+        data = _flat_bytes(sent)
+        if not engine.fast_send(peer, self._ctx << _CTX_SHIFT | tag, data):
+            self._send_bytes(data, dest, tag, self._ctx, False)
 
     def _unsent(
         self, engine: Engine, peer: int, tag: int, obj: Any, sent: Any, timeout: float
@@ -573,8 +585,7 @@ class Comm(attributes.Cached, Handle):
         peer = self._shm_peer.get(rank)
         if peer is not None and (0 <= tag <= constants.TAG_UB or tag == constants.ANY_TAG):
             # fast path, as Recv's: a whole message from a peer on shared memory
-            engine: Engine = self._engine  # type: ignore[assignment]  # a peer: an engine
-            lane = engine.lane
+            lane = self._engine.lane  # type: ignore[union-attr]  # a peer: an engine
             if lane is not None:
                 got = lane.recv_obj(peer, self._ctx, tag, status is not None)
                 if got is not None:
@@ -582,11 +593,27 @@ class Comm(attributes.Cached, Handle):
                         return _PICKLE._loads(got) if got else None
                     status._set(rank_arg(rank), got[1], got[0])
                     return _loads(got[2])
-            got = engine.fast_recv(peer, self._ctx, tag, None, _load_view)
-            if got is not None:
-                if status is not None:
-                    status._set(rank_arg(rank), got[1], got[0])
-                return got[2]
+            return self._recv_left(rank, tag, status, peer, source)
+        source = self._source(source)
+        self._recv_tag(tag)
+        return self._recv_obj(source, tag, self._ctx, status)
+
+    def _recv_left(
+        self, rank: int, tag: int, status: Status | None, peer: int, source: int | None = None
+    ) -> Any:
+        """Finish a receive that the lane did not take; return the object.
+
+        recv(source=`source`, tag=`tag`, status=`status`) from shm peer `peer` (of rank
+        `rank`, what `source` stands for; `source` None: `rank` itself; `tag` a good one),
+        as recv does: the endpoint's fast path, else the engine's. What those raise.
+        """
+        engine: Engine = self._engine  # type: ignore[assignment]  # a peer: an engine
+        got = engine.fast_recv(peer, self._ctx, tag, None, _load_view)
+        if got is not None:
+            if status is not None:
+                status._set(rank_arg(rank), got[1], got[0])
+            return got[2]
+        source = rank if source is None else source
         source = self._source(source)
         self._recv_tag(tag)
         return self._recv_obj(source, tag, self._ctx, status)
@@ -606,13 +633,24 @@ class Comm(attributes.Cached, Handle):
             if lane is None:
                 return Comm.Isend(self, _dumps(obj), dest, tag)
             sent = lane.send_obj(peer, self._ctx, tag, obj, pickle._dumps, pickle._protocol)
-            if sent is True or (sent := self._unsent(engine, peer, tag, obj, sent, 0.0)) is True:
-                # in the queue: complete
+            if sent is True:  # in the queue: complete
                 return new_request(_SENT, engine, None, None)
-            return Comm.Isend(self, _flat_bytes(sent), dest, tag)
+            return self._isend_unsent(obj, dest, tag, peer, sent)
         dest = self._dest(dest)
         self._send_tag(tag)
         return request_of(self._isend_op(_dumps(obj), dest, tag, self._ctx, False), self._engine)
+
+    def _isend_unsent(self, obj: Any, dest: int, tag: int, peer: int, sent: Any) -> Request:
+        """Finish an isend that the lane's send_obj left unsent; return its Request.
+
+        isend(obj, dest, tag) to shm peer `peer` (of rank `dest`, `tag` a good one), where
+        send_obj returned `sent` (not True: see _unsent), as isend does: the Request is
+        complete where the object went into the queue at once. What Isend raises.
+        """
+        engine: Engine = self._engine  # type: ignore[assignment]  # a peer: an engine
+        if (sent := self._unsent(engine, peer, tag, obj, sent, 0.0)) is True:
+            return new_request(_SENT, engine, None, None)
+        return Comm.Isend(self, _flat_bytes(sent), dest, tag)
 
     def issend(self, obj: Any, dest: int, tag: int = 0) -> Request:
         """Send an object in synchronous mode without waiting; return the Request.
@@ -1484,6 +1522,16 @@ for _name in _RECEIVING:
     if hasattr(Intracomm, _name):
         setattr(Intracomm, _name, buffers.unpacking(getattr(Intracomm, _name)))
 front_lanes(Intracomm)  # (outermost: the common case skips the wrappers)
+if ring.obj_methods is not None:  # send, isend and recv's common case in C, without a frame
+    for _name, _front in zip(
+        ("send", "isend", "recv"),
+        ring.obj_methods(
+            Comm, Comm.send, Comm._send_unsent, Comm.isend, Comm._isend_unsent, Comm.recv,
+            Comm._recv_left, _PICKLE, _SENT,
+        ),
+        strict=True,
+    ):  # fmt: skip
+        setattr(Comm, _name, _front)
 
 
 def rank_arg(value: Any) -> int:

@@ -45,6 +45,7 @@ MODULE_NAMES = {
     "post_recv",
     "irecv_post",
     "isend_post",
+    "obj_methods",
     "null_done",
     "first_pending",
     "P2PLane",
