@@ -71,7 +71,7 @@ from guest_lib.mpi.fastpath import core_error, other_threads
 from guest_lib.mpi.matching import Op
 from guest_lib.mpi.request import Request
 from guest_lib.mpi.status import Status
-from guest_lib.mpi.wire import COLL_TAGS, FT_TAGS_FROM
+from guest_lib.mpi.wire import COLL_SPAN, COLL_TAGS, FT_TAGS_FROM, coll_base
 from guest_lib.service_threads import running
 from ivshmem_comm import layout
 from ivshmem_comm.collective import (
@@ -133,24 +133,74 @@ class Area:
         self._since = (comm._coll_seq - 1, comm._nb_seq)
         group.interrupt = self._interrupt
         self._current: tuple[tuple[int, int], int] | None = None
+        # (blocking instance, this member's round count) at that instance's `bound`: an
+        # instance that fails with the count unchanged failed before its round (`untaken`)
+        self._entry = (-1, 0)
 
     # ------------------------------------------------------------------ errors
     def check_abandoned(self) -> None:
         """Raise if another member abandoned a collective of this communicator since the
         binding: MPI.Exception for the one running (`_current`; of the class the member
         that abandoned it sent: ERR_OTHER, or the fault-tolerance class it met), else
-        Fallback."""
-        engine = self.comm._engine
+        Fallback for an earlier one (a blocking one: the others are told that this member
+        took it, `took`). A record of a blocking instance this member has not started yet
+        (a member ahead left it) waits for that instance (`_coll_gone` fails it there)."""
+        comm = self.comm
+        engine = comm._engine
         if self._ctx not in engine.abandoned_in:  # (no record of this communicator)
             return
         with engine.lock:  # (other threads' progress adds records)
             records = list(engine.abandoned.items())
+        earlier = []
         for key, (seq, reason, error) in records:
-            if key[0] != self._ctx or seq < self._since[key[1] >= COLL_TAGS]:
+            blocking = key[1] < COLL_TAGS
+            if key[0] != self._ctx or seq < self._since[not blocking]:
                 continue
             if (key, seq) == self._current:
                 raise exceptions.Exception(error, reason)
-            raise Fallback(reason)
+            if blocking and seq >= comm._coll_seq:
+                continue
+            earlier.append((key[1], seq, reason))
+        if earlier:
+            if comm._area is self:  # (in doubt or dropped: it took none of them)
+                for base, seq, reason in earlier:
+                    self.took(base, seq, reason)
+            raise Fallback(earlier[0][2])
+
+    def took(self, base: int, seq: int, reason: str) -> None:
+        """Tell the other members that this member took a round of instance `seq` (tag
+        base `base`), which another member abandoned (`reason`): an ABANDON of it, not
+        untaken, which settles a member in doubt about it (Doubt.resolve) or a blocking
+        one (a nonblocking instance's are ignored)."""
+        comm = self.comm
+        engine = comm._engine
+        if base >= COLL_TAGS:
+            return
+        members = [w for w in comm._group if w != engine.world_rank]
+        engine.abandon(self._ctx, comm._gen, seq, base, COLL_SPAN, reason, members)
+
+    def earlier(self, seq: int) -> list[tuple[int, int, str]]:
+        """(tag base, instance, reason) of each record of a blocking instance of this
+        communicator from the binding (or the last doubt kept) up to before `seq`."""
+        engine = self.comm._engine
+        if self._ctx not in engine.abandoned_in:
+            return []
+        with engine.lock:
+            records = list(engine.abandoned.items())
+        return [(key[1], record[0], record[1]) for key, record in records
+                if key[0] == self._ctx and key[1] < COLL_TAGS
+                and self._since[0] <= record[0] < seq]  # fmt: skip
+
+    def untaken(self, seq: int) -> bool:
+        """Whether blocking instance `seq` fails here before this member took its round:
+        the area still bound, `bound` called in that instance (every collective's body
+        calls it before it checks its arguments) and no round taken since."""
+        return self.comm._area is self and self._entry == (seq, self.group._round)
+
+    def suspend(self, seq: int) -> None:
+        """Blocking instance `seq` failed here before this member took its round
+        (`untaken`; the others told so by its ABANDON): hold the area in doubt (Doubt)."""
+        self.comm._area = Doubt(self, seq)
 
     def untroubled(self) -> bool:
         """Whether the engine holds no record of an abandoned collective of this
@@ -187,10 +237,16 @@ class Area:
         # group decline one that needs more than one slab round (messages are faster
         # there, see `fits`): every member learns it in the first round.
         kwargs = {"max_rounds": 1} if name in _DECLINABLE else {}
+        gone = comm._coll_gone
+        if gone is not None:
+            if gone[0] != exceptions.ERR_OTHER:  # (a process failed: no doubt to resolve)
+                self.drop()
+                return False  # (run it as the message path does)
+            # another member left it already: fail as its messages would, before taking its
+            # round (the area stays, in doubt: see Doubt)
+            raise exceptions.Exception(*gone)
         try:
-            with self._leaving():
-                if comm._coll_gone is not None:
-                    raise Fallback(comm._coll_gone[1])  # run it as the message path does
+            with self._leaving(self.group._round):
                 if engine.quiet() and not other_threads():  # (see the module docstring)
                     getattr(self.group, name)(*args, **kwargs)
                 else:
@@ -301,11 +357,18 @@ class Area:
         return taken if self.run(name, *args) else None
 
     @contextlib.contextmanager
-    def _leaving(self) -> Iterator[None]:
-        """Drop the area if the block raises (Fallback included); a core error becomes the
-        MPI.Exception the message path gives for it."""
+    def _leaving(self, untaken: int = -1) -> Iterator[None]:
+        """Drop the area if the block raises (Fallback included), but for an argument error
+        (ValueError, TypeError, BufferError) of the group's while its round count is still
+        `untaken` (no round taken: the caller abandons the instance as one this member left
+        before its round, collectives._abandon); a core error becomes the MPI.Exception the
+        message path gives for it."""
         try:
             yield
+        except (ValueError, TypeError, BufferError):
+            if self.group._round != untaken:
+                self.drop()
+            raise
         except BaseException as exc:
             error = self._leave(exc)
             if error is exc:
@@ -841,11 +904,66 @@ def eligible(comm: Any) -> bool:
 
 def bound(comm: Any) -> Area | None:
     """The communicator's Area, bound now if this is its first blocking collective (called
-    by every member inside one, before its arguments are checked); None: messages."""
+    by every member inside one, before its arguments are checked), or its doubt resolved
+    (Doubt.resolve); None: messages."""
     area = comm._area
-    if area is None:
-        area = comm._area = _bind(comm) if eligible(comm) else False
-    return area or None
+    if not area:
+        if area is None:
+            area = comm._area = _bind(comm) if eligible(comm) else False
+        elif area.__class__ is Doubt:
+            area = comm._area = area.resolve()
+        if not area:
+            return None
+    area._entry = (comm._coll_seq - 1, area.group._round)
+    return area
+
+
+class Doubt:
+    """`comm._area` while it is in doubt: blocking instance `seq` failed on this member
+    before it took the instance's round (Area.suspend), and another member may have taken
+    it, putting the group's rounds out of step. False as a test (every path reads it as no
+    area: nonblocking collectives keep to messages meanwhile, as members that dropped the
+    area do) until the next blocking collective's `bound` resolves it, every member there
+    alike: the area stays only where every member left `seq` before its round."""
+
+    __slots__ = ("area", "seq")
+
+    def __init__(self, area: Area, seq: int) -> None:
+        self.area = area
+        self.seq = seq
+
+    def __bool__(self) -> bool:
+        return False
+
+    def resolve(self) -> Area | bool:
+        """Wait until each other member said how it left instance `seq` (its ABANDON's
+        `untaken`, in Matching.leavers: one sent at its failure there, or when it finds the
+        record of `seq` after taking its round, Area.took); the area where every one left
+        before its round (its rounds in step: records of `seq` and before no longer concern
+        it), else dropped (False: messages for good), as also when a record of an earlier
+        blocking instance turns up (one this member took: the others are told, Area.took)."""
+        area, seq = self.area, self.seq
+        comm = area.comm
+        engine = comm._engine
+        others = [w for w in comm._group if w != engine.world_rank]
+        key = (area._ctx, coll_base(seq))
+
+        def told() -> bool:
+            seen = engine.leavers.get(key)
+            if seen is not None and seen[0] == seq and all(w in seen[1] for w in others):
+                return True
+            return bool(area.earlier(seq))
+
+        engine.wait_until(told)  # (a failure here drops it: `failed`)
+        earlier = area.earlier(seq)
+        seen = engine.leavers.get(key)
+        if earlier or seen is None or not all(seen[1].get(w) for w in others):
+            for base, number, reason in earlier:
+                area.took(base, number, reason)
+            area.drop()
+            return False
+        area._since = (seq + 1, area._since[1])
+        return area
 
 
 def current(comm: Any) -> Area | None:
@@ -903,15 +1021,21 @@ def _bound_within(group: CollectiveGroup, seconds: float) -> bool:
 
 
 def failed(comm: Any) -> None:
-    """A collective of `comm` raised on this rank: leave the area for good. (Not bound yet:
-    nothing changes; a failure inside the binding left messages for good already.)"""
+    """A collective of `comm` raised on this rank: leave the area for good (one in doubt
+    too). (Not bound yet: nothing changes; a failure inside the binding left messages for
+    good already.)"""
     area = comm._area
+    if area.__class__ is Doubt:
+        area = area.area
     if area:
         area.drop()
 
 
 def free(comm: Any) -> None:
-    """Free of `comm` (collective): a last area barrier, then the claimer releases the slot."""
+    """Free of `comm` (collective): a last area barrier, then the claimer releases the slot
+    (an area in doubt resolved first: Doubt.resolve)."""
+    if comm._area.__class__ is Doubt:
+        comm._area = comm._area.resolve()
     area, dropped = comm._area, comm._area_claim
     comm._area = False
     comm._area_claim = None

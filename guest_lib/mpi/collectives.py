@@ -55,6 +55,7 @@ from guest_lib.mpi.pickling import loads as _loads
 from guest_lib.mpi.pickling import piece as _piece
 from guest_lib.mpi.request import Request, new_request, request_of, unpickle
 from guest_lib.mpi.wire import (
+    ABANDON_CLASSES,
     COLL_SPAN,
     KIND_DATA,
     abandon_class,
@@ -1385,16 +1386,25 @@ def _done_request(comm: Any, engine: Engine, request: CollectiveRequest) -> Requ
 
 def _abandon(comm: Any, engine: Engine, seq: int, exc: Exception) -> None:
     """Collective instance `seq` of `comm` raised `exc` here: tell the other members, leave
-    the area (see the module docstring); nothing for an AgreedValueError or a
-    StandInValueError or StandInTruncation (no member waits for this one)."""
+    the area (see the module docstring), or hold it in doubt where this member had not taken
+    the instance's round (area.Doubt: kept if no member took it); nothing for an
+    AgreedValueError or a StandInValueError or StandInTruncation (no member waits for this
+    one)."""
     if isinstance(exc, AgreedValueError | StandInValueError | StandInTruncation):
         return
     members = [w for w in comm._group if w != engine.world_rank]
     reason = f"{type(exc).__name__}: {exc}"
     error = abandon_class(exc)
     base = coll_base(seq)
-    engine.abandon(comm._ctx + 1, comm._gen, seq, base, COLL_SPAN, reason, members, error)
-    area.failed(comm)
+    shared = comm._area
+    # (a fault-tolerance class: a member may be gone, and never say how it left: no doubt)
+    untaken = error == exceptions.ERR_OTHER or error not in ABANDON_CLASSES
+    untaken = untaken and bool(shared) and shared.untaken(seq)
+    engine.abandon(comm._ctx + 1, comm._gen, seq, base, COLL_SPAN, reason, members, error, untaken)
+    if untaken:
+        shared.suspend(seq)
+    else:
+        area.failed(comm)
 
 
 def _op_func(op: Any) -> Callable[[Any, Any], Any]:
@@ -2379,12 +2389,25 @@ class Collectives:
         would decline them.
         """
         size = len(self._group)
-        _check_blocks(size, sendbuf, recvbuf)
+        try:
+            _check_blocks(size, sendbuf, recvbuf)
+        except ValueError as exc:
+            self._refused(exc)
         shared = area.current(self)
         if shared is not None and _over_a_round(shared, recvbuf, size):
             self._alltoall_messages(sendbuf, recvbuf)
         else:
             self.Alltoallv(sendbuf, recvbuf)
+
+    @collective
+    def _refused(self, exc: Exception) -> None:
+        """Raise `exc`, an argument error found before a blocking collective took its
+        instance, in an instance of its own: bound to the area first (area.bound), the
+        instance abandoned by `collective` (the members whose arguments are right, waiting in
+        the collective's instance, are told; where every member fails alike the area stays:
+        area.Doubt)."""
+        area.bound(self)
+        raise exc
 
     @collective
     def _alltoall_messages(self, sendbuf: Any, recvbuf: Any) -> None:

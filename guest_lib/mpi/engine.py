@@ -519,7 +519,8 @@ class Engine(Matching, FastPaths):
                 self.hello[peer] = payload
             elif tag == CTRL_ABANDON:
                 notice = wire.decode_abandon(payload, self.who(peer))
-                self.abandoned_by(notice, f"world rank {self.world_of_peer[peer]}")
+                world = self.world_of_peer[peer]
+                self.abandoned_by(notice, f"world rank {world}", world)
             elif tag == CTRL_REVOKE:
                 ctx, gen = wire.decode_revoke(payload, self.who(peer))
                 self.revoked_by(ctx, gen, f"revoked by world rank {self.world_of_peer[peer]}")

@@ -224,8 +224,8 @@ class Matching:
         self.ctx_clock = 0
         self.ctx_gen: dict[int, int] = {}
         # ABANDON notices about a communicator not taken here yet: (context, tag base) ->
-        # (notice, who sent it), applied by the reuse_context that takes it
-        self.early: dict[tuple[int, int], tuple[wire.Abandon, str]] = {}
+        # (notice, who sent it, its world rank), applied by the reuse_context that takes it
+        self.early: dict[tuple[int, int], tuple[wire.Abandon, str, int]] = {}
         # REVOKE notices alike: point-to-point context -> (generation, reason)
         self.early_revoke: dict[int, tuple[int, str]] = {}
         # (collective context, tag base) of abandoned collective instances -> (number, why,
@@ -234,6 +234,11 @@ class Matching:
         # collective context -> how many records of `abandoned` are about it (absent: none),
         # kept by _record/_forget: the collectives' fast paths look here, one lookup per call
         self.abandoned_in: dict[int, int] = {}
+        # (collective context, tag base) of abandoned blocking instances -> (number, world
+        # rank -> whether that member left before taking the instance's area round: the
+        # ABANDON's `untaken`), read by area.Doubt; kept and dropped with `abandoned`'s
+        # record at the same key
+        self.leavers: dict[tuple[int, int], tuple[int, dict[int, bool]]] = {}
         # point-to-point contexts of revoked communicators (see `ulfm`) -> who revoked them
         self.revoked: dict[int, str] = {}
 
@@ -429,6 +434,7 @@ class Matching:
         reason: str,
         members: list[int],
         error: int = exceptions.ERR_OTHER,
+        untaken: bool = False,
     ) -> None:
         """This rank left collective instance number `seq` of the communicator whose
         collective context is `ctx` (of generation `gen`, see reuse_context) with an error
@@ -436,14 +442,15 @@ class Matching:
         messages (those here and those to come), and tell the other `members` (world ranks)
         why (naming `gen`), so that they leave it too instead of waiting for this rank,
         failing with `error` where it is one of wire.ABANDON_CLASSES (a fault-tolerance
-        class), else with ERR_OTHER."""
+        class), else with ERR_OTHER. `untaken`: this rank left before taking the instance's
+        round in the collective area (wire.Abandon)."""
         if error not in wire.ABANDON_CLASSES:
             error = exceptions.ERR_OTHER
         with self.lock:
             self._record((ctx, base), (seq, reason, error))
             self._fail_posted(ctx, base, span, 0)
             self._purge(lambda entry: entry.ctx == ctx and base <= entry.tag < base + span)
-            payload = wire.encode_abandon(ctx, gen, seq, base, span, error, reason)
+            payload = wire.encode_abandon(ctx, gen, seq, base, span, error, reason, untaken)
             for world in members:
                 peer = self.routes[world].peer
                 if peer >= 0:
@@ -452,19 +459,26 @@ class Matching:
                     except exceptions.Exception:
                         pass  # that peer is gone: it waits for nothing
 
-    def abandoned_by(self, notice: wire.Abandon, who: str) -> None:
-        """Another member (`who`, for the reason) left a collective instance (its ABANDON
-        `notice`): fail the receives of that instance (with the error class the notice
-        carries) and drop its messages. A notice about another generation of the context
-        (see reuse_context) is ignored (an earlier one, or the one in use here freed), or
-        kept for reuse_context (a later one, not taken here yet)."""
+    def abandoned_by(self, notice: wire.Abandon, who: str, world: int) -> None:
+        """Another member (`who`, for the reason; world rank `world`) left a collective
+        instance (its ABANDON `notice`): fail the receives of that instance (with the error
+        class the notice carries) and drop its messages; for a blocking instance, note in
+        `leavers` whether it left before taking the area's round. A notice about another
+        generation of the context (see reuse_context) is ignored (an earlier one, or the one
+        in use here freed), or kept for reuse_context (a later one, not taken here yet)."""
         gen = self.ctx_gen.get(notice.ctx, 0)
         if notice.gen != gen or notice.ctx in self.dropped_ctx:
             if notice.gen > gen:
-                self.early[(notice.ctx, notice.base)] = (notice, who)
+                self.early[(notice.ctx, notice.base)] = (notice, who, world)
             return
         reason = f"{who} left this collective: {notice.reason}"
-        self._record((notice.ctx, notice.base), (notice.seq, reason, notice.error))
+        key = (notice.ctx, notice.base)
+        self._record(key, (notice.seq, reason, notice.error))
+        if notice.base < wire.COLL_TAGS:
+            seen = self.leavers.get(key)
+            if seen is None or seen[0] != notice.seq:
+                seen = self.leavers[key] = (notice.seq, {})
+            seen[1][world] = notice.untaken
         self._fail_posted(notice.ctx, notice.base, notice.span, notice.error, reason)
         end = notice.base + notice.span
         self._purge(lambda e: e.ctx == notice.ctx and notice.base <= e.tag < end)
@@ -480,6 +494,7 @@ class Matching:
     def _forget(self, key: tuple[int, int]) -> None:
         """Remove the record at `key` from `abandoned` (if any) and from `abandoned_in`'s
         count (its context leaves it with its last record). Callers hold the lock."""
+        self.leavers.pop(key, None)
         if self.abandoned.pop(key, None) is not None:
             left = self.abandoned_in[key[0]] - 1
             if left:

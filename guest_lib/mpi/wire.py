@@ -54,8 +54,9 @@ CTRL_NAME = 5
 CTRL_NAMED = 6
 PIECE_LAST = 1  # tag field of the last PIECE of a message
 SEQ = struct.Struct("<Q")  # ACK and SYNC payload: a sequence number
-# collective context, its generation, instance number, first tag, tags, class
-ABANDON = struct.Struct("<IQQIHi")
+# collective context, its generation, instance number, first tag, tags, class, flags
+ABANDON = struct.Struct("<IQQIHiB")
+ABANDON_UNTAKEN = 1  # ABANDON flag: the sender left before taking the instance's area round
 ABANDON_REASON_MAX = 512  # bytes of the reason an ABANDON carries at most
 REVOKE = struct.Struct("<IQ")  # REVOKE payload: the point-to-point context revoked, its generation
 
@@ -119,6 +120,9 @@ class Abandon(NamedTuple):
     span: int  # its number of tags
     error: int  # the error class the others fail with (one of ABANDON_CLASSES)
     reason: str
+    # the sender left before taking the instance's round in the collective area (its area
+    # kept, in doubt: area.Doubt); False: it took the round, or has no area
+    untaken: bool = False
 
 
 # The error classes an ABANDON may carry: a member that left a collective because a process
@@ -143,11 +147,18 @@ def abandon_class(exc: BaseException) -> int:
 
 
 def encode_abandon(
-    ctx: int, gen: int, seq: int, base: int, span: int, error: int, reason: str
+    ctx: int,
+    gen: int,
+    seq: int,
+    base: int,
+    span: int,
+    error: int,
+    reason: str,
+    untaken: bool = False,
 ) -> bytes:
     """The ABANDON payload (the reason cut to ABANDON_REASON_MAX bytes); `error` is one of
-    ABANDON_CLASSES."""
-    head = ABANDON.pack(ctx, gen, seq, base, span, error)
+    ABANDON_CLASSES; `untaken`: see Abandon."""
+    head = ABANDON.pack(ctx, gen, seq, base, span, error, ABANDON_UNTAKEN if untaken else 0)
     return head + reason.encode()[:ABANDON_REASON_MAX]
 
 
@@ -171,13 +182,13 @@ def decode_abandon(payload: bytes, who: str) -> Abandon:
     of ABANDON_CLASSES."""
     if len(payload) < ABANDON.size:
         raise _bad(who, f"an ABANDON of {len(payload)} bytes, under {ABANDON.size}")
-    ctx, gen, seq, base, span, error = ABANDON.unpack_from(payload)
+    ctx, gen, seq, base, span, error, flags = ABANDON.unpack_from(payload)
     if ctx > constants.MAX_CONTEXT or base + span > constants.TAG_UB + 1:
         raise _bad(who, f"an ABANDON of context {ctx}, tags {base}+{span}")
     if error not in ABANDON_CLASSES:
         raise _bad(who, f"an ABANDON of error class {error}")
     why = payload[ABANDON.size :].decode(errors="replace")
-    return Abandon(ctx, gen, seq, base, span, error, why)
+    return Abandon(ctx, gen, seq, base, span, error, why, bool(flags & ABANDON_UNTAKEN))
 
 
 def decode_revoke(payload: bytes, who: str) -> tuple[int, int]:
