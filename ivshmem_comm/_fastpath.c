@@ -3429,10 +3429,69 @@ static int front_count(PyObject *item, Py_ssize_t most, Py_ssize_t *out)
     return *out >= 0 && *out <= most;
 }
 
+/* `size` ints >= 0 and <= `most` of a vector spec's counts or displacements into out[] (in
+ * elements): a list or tuple of exact ints (not bools), or a buffer of one dimension and a
+ * native integer format "hHiIlLqQ" (array.array('i'), a numpy integer array: as
+ * buffers._int_sequence). 1 read; 0 not so (no error); -1 error. */
+static int front_ints(PyObject *obj, int size, Py_ssize_t most, Py_ssize_t *out)
+{
+    if (PyList_CheckExact(obj) || PyTuple_CheckExact(obj)) {
+        if (PySequence_Fast_GET_SIZE(obj) != size)
+            return 0;
+        for (int r = 0; r < size; r++) {
+            int ok = front_count(PySequence_Fast_ITEMS(obj)[r], most, &out[r]);
+            if (ok <= 0)
+                return ok;
+        }
+        return 1;
+    }
+    if (!PyObject_CheckBuffer(obj))
+        return 0;
+    Py_buffer ints;
+    if (PyObject_GetBuffer(obj, &ints, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0)
+        return front_declines() ? 0 : -1;
+    const char *f = ints.format;
+    int ok = ints.ndim == 1 && f != NULL && f[0] != '\0' && f[1] == '\0' &&
+             strchr("hHiIlLqQ", f[0]) != NULL && ints.len == (Py_ssize_t)size * ints.itemsize;
+    for (int r = 0; ok && r < size; r++) {
+        const char *at = (const char *)ints.buf + (Py_ssize_t)r * ints.itemsize;
+        long long value = -1; /* (an unsigned one over `most`: -1, refused) */
+#define FRONT_INT(type, is_signed)                                                          \
+    do {                                                                                   \
+        type item;                                                                         \
+        if (ints.itemsize != (Py_ssize_t)sizeof item) {                                    \
+            ok = 0;                                                                        \
+            break;                                                                         \
+        }                                                                                  \
+        memcpy(&item, at, sizeof item);                                                    \
+        if (is_signed || (unsigned long long)item <= (unsigned long long)most)             \
+            value = (long long)item;                                                       \
+    } while (0)
+        switch (f[0]) {
+        case 'h': FRONT_INT(short, true); break;
+        case 'H': FRONT_INT(unsigned short, false); break;
+        case 'i': FRONT_INT(int, true); break;
+        case 'I': FRONT_INT(unsigned int, false); break;
+        case 'l': FRONT_INT(long, true); break;
+        case 'L': FRONT_INT(unsigned long, false); break;
+        case 'q': FRONT_INT(long long, true); break;
+        default: FRONT_INT(unsigned long long, false); break;
+        }
+#undef FRONT_INT
+        if (value < 0 || value > most)
+            ok = 0;
+        else
+            out[r] = (Py_ssize_t)value;
+    }
+    PyBuffer_Release(&ints);
+    return ok;
+}
+
 /* A vector spec with explicit counts (buffers.plain_vector's forms and rules): [buf, counts,
  * displs, datatype], [buf, (counts, displs), datatype] or [buf, counts, datatype]
- * (displacements contiguous; so is a displs of None), counts and displacements lists or
- * tuples of `size` ints >= 0 (not bools) in units of a predefined datatype that does not pack,
+ * (displacements contiguous; so is a displs of None), counts and displacements `size` ints
+ * >= 0 each (front_ints: lists or tuples of ints, integer arrays) in units of a predefined
+ * datatype that does not pack,
  * over a C-contiguous buffer (writable with `writable`) that holds every block. Held in
  * `view`; counts[r] and displs[r] are block r's bytes and byte offset. 1 taken; 0 not taken,
  * nothing held (whatever else: parse_vector decides and reports); -1 error. */
@@ -3450,29 +3509,23 @@ static int front_vector(PyObject *obj, int size, bool writable, Py_buffer *view,
         dsp = PyTuple_GET_ITEM(cnt, 1);
         cnt = PyTuple_GET_ITEM(cnt, 0);
     }
-    if ((!PyList_CheckExact(cnt) && !PyTuple_CheckExact(cnt)) ||
-        PySequence_Fast_GET_SIZE(cnt) != size)
-        return 0;
-    if (dsp != Py_None && ((!PyList_CheckExact(dsp) && !PyTuple_CheckExact(dsp)) ||
-                           PySequence_Fast_GET_SIZE(dsp) != size))
-        return 0;
     long long extent = front_memo_lookup(front_memo_sizes, front_sizes, items[n - 1], false);
     if (extent <= 0)
         return extent < 0 && PyErr_Occurred() ? -1 : 0;
-    /* counts and displacements in elements first (no Python code runs while the list items
-     * are read; the buffer's exporter may run some), then the buffer, then the bounds */
+    /* counts and displacements in elements first (copied out of the lists or arrays once:
+     * an array's exporter is the only Python code that may run, before any is read), then
+     * the buffer, then the bounds */
     Py_ssize_t running = 0, most = PY_SSIZE_T_MAX / (Py_ssize_t)extent / 2;
-    for (int r = 0; r < size; r++) {
-        int ok = front_count(PySequence_Fast_ITEMS(cnt)[r], most, &counts[r]);
-        if (ok > 0 && dsp != Py_None)
-            ok = front_count(PySequence_Fast_ITEMS(dsp)[r], most, &displs[r]);
-        else if (ok > 0) {
-            displs[r] = running;
-            ok = running <= most; /* (past it: no buffer holds the block) */
-        }
-        if (ok <= 0)
-            return ok;
-        running = displs[r] + counts[r];
+    int ok = front_ints(cnt, size, most, counts);
+    if (ok > 0 && dsp != Py_None)
+        ok = front_ints(dsp, size, most, displs);
+    if (ok <= 0)
+        return ok;
+    for (int r = 0; r < size && dsp == Py_None; r++) {
+        displs[r] = running;
+        if (running > most) /* (past it: no buffer holds the block) */
+            return 0;
+        running += counts[r];
     }
     PyObject *buf = Py_NewRef(items[0]); /* (held while its exporter runs) */
     int got = PyObject_GetBuffer(buf, view, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT |

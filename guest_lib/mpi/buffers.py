@@ -307,9 +307,10 @@ def plain_vector(
     """parse_vector's fast path alone: (the buffer's bytes, byte counts, byte displacements)
     of a vector spec with explicit per-rank counts, `[buf, (counts, displs), datatype]`,
     `[buf, counts, displs, datatype]` or `[buf, counts, datatype]` (displacements then
-    contiguous), counts and displacements lists or tuples of `size` ints (not bools), a
-    datatype that does not pack, over a C-contiguous buffer, every part inside it. None for
-    anything else (other forms, errors: parse_vector decides and raises those)."""
+    contiguous), counts and displacements `size` ints each (_int_sequence: lists or tuples
+    of ints, not bools, or integer arrays), a datatype that does not pack, over a
+    C-contiguous buffer, every part inside it. None for anything else (other forms, errors:
+    parse_vector decides and raises those)."""
     if type(spec) is not list and type(spec) is not tuple:
         return None
     n = len(spec)
@@ -324,12 +325,12 @@ def plain_vector(
         return None
     if not isinstance(datatype, Datatype) or datatype.packs:
         return None
-    kind = type(counts)
-    if (kind is not list and kind is not tuple) or len(counts) != size:
+    counts = _int_sequence(counts, size)
+    if counts is None:
         return None
     if displs is not None:
-        kind = type(displs)
-        if (kind is not list and kind is not tuple) or len(displs) != size:
+        displs = _int_sequence(displs, size)
+        if displs is None:
             return None
     view = _contiguous(buf, writable)
     if view is None:
@@ -351,6 +352,26 @@ def plain_vector(
         byte_displs.append(start)
         running = displ + count
     return view, byte_counts, byte_displs
+
+
+_INT_FORMATS = frozenset("hHiIlLqQ")  # native integer formats of counts (not bytes: b, B)
+
+
+def _int_sequence(value: Any, size: int) -> Any:
+    """`value`, a vector spec's counts or displacements, as `size` ints: a list or tuple of
+    that length as it is (its items checked by the caller), an integer array (a buffer of
+    one dimension and a format of _INT_FORMATS: array.array('i'), a numpy int array) as the
+    list of its values; None for anything else. The C front's front_ints takes the same."""
+    kind = type(value)
+    if kind is list or kind is tuple:
+        return value if len(value) == size else None
+    try:
+        view = memoryview(value)
+    except TypeError:
+        return None
+    if view.ndim != 1 or view.format not in _INT_FORMATS or len(view) != size:
+        return None
+    return view.tolist()
 
 
 def parse(spec: Any, *, writable: bool = False, deferred: bool = False) -> Spec:

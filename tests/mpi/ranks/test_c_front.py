@@ -326,6 +326,60 @@ def test_a_bare_buffer_moves_in_one_c_call(comm, monkeypatch, call, form):
         assert (entered, area.completed(comm) - before) == ([], rounds)
 
 
+# counts and displacements as codes pass them (mpi4py's demo osu_alltoallv.py: array('i'))
+INTS: dict[str, Callable[[list[int]], Any]] = {
+    "list": list,
+    "array": lambda values: array.array("i", values),
+    "numpy": lambda values: np.array(values, np.int64),
+}
+
+
+@pytest.mark.parametrize("ints", sorted(INTS))
+@pytest.mark.parametrize("call", ["Alltoallv", "Allgatherv", "Gatherv", "Scatterv"])
+def test_vector_counts_of_every_kind_are_one_c_call(comm, monkeypatch, call, ints):
+    """A vector collective whose counts and displacements are a list, an array.array('i') or
+    a numpy integer array (as `[buf, (counts, displs), MPI.BYTE]`) runs in one C call and one
+    area round a root where the C front runs, with the right data (on every path)."""
+    size, rank = comm.Get_size(), comm.Get_rank()
+    n = 3  # bytes of each block
+
+    def block(sender: int, receiver: int) -> bytes:
+        return bytes((sender * 16 + receiver * 4 + i) % 256 for i in range(n))
+
+    def spec(data: bytes) -> list[Any]:
+        displs = INTS[ints]([q * n for q in range(size)])
+        return [bytearray(data), (INTS[ints]([n] * size), displs), MPI.BYTE]
+
+    comm.Barrier()
+    shared = area.current(comm)
+    c_front = shared is not None and shared.ready()
+    entered = _entries(monkeypatch)
+    before = area.completed(comm)
+    roots = range(size) if call in ("Gatherv", "Scatterv") else [0]
+    for root in roots:
+        if call == "Alltoallv":
+            recv = spec(bytes(n * size))
+            comm.Alltoallv(spec(b"".join(block(rank, q) for q in range(size))), recv)
+            want = b"".join(block(q, rank) for q in range(size))
+        elif call == "Allgatherv":
+            recv = spec(bytes(n * size))
+            comm.Allgatherv([bytearray(block(rank, 0)), MPI.BYTE], recv)
+            want = b"".join(block(q, 0) for q in range(size))
+        elif call == "Gatherv":
+            recv = spec(bytes(n * size)) if rank == root else None
+            comm.Gatherv([bytearray(block(rank, root)), MPI.BYTE], recv, root)
+            want = b"".join(block(q, root) for q in range(size))
+        else:
+            every = spec(b"".join(block(root, q) for q in range(size))) if rank == root else None
+            recv = [bytearray(n), MPI.BYTE]
+            comm.Scatterv(every, recv, root)
+            want = block(root, rank)
+        if recv is not None:
+            assert bytes(recv[0]) == want
+    if c_front:
+        assert (entered, area.completed(comm) - before) == ([], len(roots))
+
+
 @pytest.mark.parametrize("call", ["Barrier", "barrier"])
 def test_a_barrier_is_one_c_call_and_waits_for_the_last(comm, monkeypatch, call):
     """Barrier and barrier complete one area round each without Area.call or Area.run (the C
