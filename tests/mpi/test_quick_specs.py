@@ -95,12 +95,49 @@ def test_a_typed_buffer_is_flattened_as_cast_flattens_it():
 
 
 @needs_c
+def test_a_count_short_of_the_buffer_is_cut_as_a_slice_cuts_it():
+    """flat_view cuts the byte view of [buf, count, datatype] over a longer buffer (mpi4py's
+    demo/osu_bw.py: [mmap(MAX_MSG_SIZE), size, MPI.BYTE]) to count elements in place (no
+    second memoryview): what view[:bytes] gives, field for field; it writes through to the
+    buffer's start, slices and casts as any byte view, and its export ends with it."""
+    sizes = buffers._PLAIN_SIZE or buffers._plain_sizes()
+    grow = bytearray(range(32))
+    two = np.arange(12, dtype=np.float64).reshape(3, 4)
+    for spec, cut in (([mmap.mmap(-1, 4096), 8, MPI.BYTE], 8), ([grow, 5, MPI.BYTE], 5),
+                      ([grow, 3, MPI.INT], 12), ([two, 5, MPI.DOUBLE], 40),
+                      ([array.array("d", [1.0, 2.0, 3.0]), 1, MPI.DOUBLE], 8),
+                      ([np.zeros(64, np.uint8), 0, MPI.BYTE], 0)):  # fmt: skip
+        view = flat_view(spec, True, sizes)
+        whole = memoryview(spec[0]).cast("B")
+        assert _layout(view) == _layout(whole[:cut]) and bytes(view) == bytes(whole[:cut])
+        assert view[1:4].tobytes() == whole[1:4].tobytes()[: max(0, min(cut, 4) - 1)]
+        if cut >= 8:
+            assert view[:8].cast("d").tolist() == whole[:8].cast("d").tolist()
+        if cut:
+            view[cut - 1] = 0xEE
+            assert whole[cut - 1] == 0xEE and bytes(whole[cut:]) == bytes(whole)[cut:]
+        with pytest.raises(IndexError):
+            view[cut]
+        whole.release()
+        view.release()
+    view = flat_view([grow, 5, MPI.BYTE], True, sizes)
+    with pytest.raises(BufferError):
+        grow.append(0)  # exported while the view lives
+    del view
+    grow.append(0)
+
+
+@needs_c
 @pytest.mark.parametrize("writable", [False, True])
 def test_c_and_python_flat_views_agree(writable):
+    """The C flat_view gives what its Python reference gives for every spec, through the
+    sizes table the C front memoizes (buffers._PLAIN_SIZE, set_front's) and through any other
+    dict of the same entries."""
     sizes = buffers._PLAIN_SIZE or buffers._plain_sizes()
     for index, spec in enumerate(specs()):
         want = buffers._flat_view_py(spec, writable, sizes)
         _same(flat_view(spec, writable, sizes), want)
+        _same(flat_view(spec, writable, dict(sizes)), want)
         if want is not None:  # the same memory, not a copy
             assert (
                 np.shares_memory(
