@@ -1836,7 +1836,9 @@ class Collectives:
                 out[...] = result
         local.Bcast(rspec.view, 0)
 
+    @collective
     def _h_allreduce_obj(self, sendobj: Any, op: Any) -> Any:
+        """Object allreduce over the hierarchy (the members' native MPI between leads)."""
         local, lead, _, _, _ = self._hierarchy()
         pairs = local.gather((self._rank, sendobj), 0)
         result = None
@@ -2460,7 +2462,11 @@ class Collectives:
         yield recvs + [self._c_isend(sspec.part(r), r, tag) for r in range(size) if r != rank]
 
     # ------------------------------------------------------------------ reductions (objects)
-    @collective
+    # The object reductions are a gather or an allgather (their fronts: one C call in the
+    # common case, see bcast) and a fold here: not a collective of their own (`collective`),
+    # which would run that gather inside its instance, by the gather's body (`_gather`: the
+    # area round in Python). The fold runs after the gather's instance completed: an error
+    # of `op` (raised where it folds) leaves no instance to abandon.
     def reduce(self, sendobj: Any, op: Any = ops.SUM, root: int = 0) -> Any:
         """Fold the objects in rank order at `root`; None elsewhere."""
         if self._has_mpi:
@@ -2471,20 +2477,20 @@ class Collectives:
             return None
         return functools.reduce(_op_func(op), items)
 
-    @collective
     def allreduce(self, sendobj: Any, op: Any = ops.SUM) -> Any:
         """Fold the objects in rank order; every rank gets the same result."""
         if self._has_mpi:
             return self._h_allreduce_obj(sendobj, op)
         return functools.reduce(_op_func(op), self.allgather(sendobj))
 
-    @collective
     def scan(self, sendobj: Any, op: Any = ops.SUM) -> Any:
+        """Fold the objects of ranks 0..this one in rank order (inclusive prefix)."""
         items = self.allgather(sendobj)
         return functools.reduce(_op_func(op), items[: self._rank + 1])
 
-    @collective
     def exscan(self, sendobj: Any, op: Any = ops.SUM) -> Any:
+        """Fold the objects of ranks 0..this one's predecessor in rank order (exclusive
+        prefix); None at rank 0."""
         items = self.allgather(sendobj)
         if self._rank == 0:
             return None

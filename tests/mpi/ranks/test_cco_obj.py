@@ -125,6 +125,39 @@ def test_scan_exscan(comm):
     assert got == (None if rank == 0 else sum(range(1, rank + 1)))
 
 
+@pytest.mark.parametrize("call", ["reduce", "allreduce", "scan", "exscan"])
+def test_error_of_a_reduction_op_then_more(comm, call):
+    """An error of an object reduction's op is raised where it folds (after its gather moved
+    every object); the ranks that fold nothing return; the communicator's next collectives
+    run as before."""
+    size, rank = comm.Get_size(), comm.Get_rank()
+
+    def failing(a, b):
+        raise ZeroDivisionError("op")
+
+    runs = {
+        "reduce": (lambda op: comm.reduce(rank, op, 0), rank == 0 and size > 1),
+        "allreduce": (lambda op: comm.allreduce(rank, op), size > 1),
+        "scan": (lambda op: comm.scan(rank, op), rank > 0),
+        "exscan": (lambda op: comm.exscan(rank, op), rank > 1),
+    }
+    run, folds = runs[call]
+    if folds:
+        with pytest.raises(ZeroDivisionError):
+            run(failing)
+    else:
+        run(failing)
+    wants = {
+        "reduce": sum(range(size)) if rank == 0 else None,
+        "allreduce": sum(range(size)),
+        "scan": sum(range(rank + 1)),
+        "exscan": sum(range(rank)) if rank else None,
+    }
+    assert run(MPI.SUM) == wants[call]
+    assert comm.allgather(rank) == list(range(size))
+    assert comm.bcast(rank, 0) == 0
+
+
 def test_user_op_noncommutative(comm):
     size = comm.Get_size()
     concat = MPI.Op.Create(lambda a, b, _datatype: a + b, commute=False)
