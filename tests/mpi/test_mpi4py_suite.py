@@ -4,11 +4,11 @@ The suite is the `test/` directory of the sdist of the installed (pinned) mpi4py
 once with `pip download` and kept under .venv/mpi4py-suite (IVSHMEM_MPI4PY_SUITE_CACHE
 elsewhere). Each file runs in an `ivshmem-run -n N` job of tests/mpi/programs/
 mpi4py_suite_rank.py, i.e. through the zero-change mode: the suite's `from mpi4py import
-MPI` gets this project's MPI; at 4 ranks outside xdist workers, up to BATCH files in turn
-share one job (each still its own test here, with its own outcome). A test running longer
-than PER_TEST_S ends its rank with every thread's Python stack (faulthandler), reported here
-as a hang. tests/mpi/mpi4py_xfail.py is the expected-failure list: a test fails this check
-if it fails unlisted, or passes listed.
+MPI` gets this project's MPI; up to BATCH files in turn share one job (in an xdist
+worker, two: a file and the next; each still its own test here, with its own outcome). A
+test running longer than PER_TEST_S ends its rank with every thread's Python stack
+(faulthandler), reported here as a hang. tests/mpi/mpi4py_xfail.py is the expected-failure
+list: a test fails this check if it fails unlisted, or passes listed.
 
 `make test` runs every file of the suite, FILES, at 2 ranks; `make test-all` (and so CI) at
 1 and 4 ranks too (marked `full`); one or a few by hand:
@@ -200,28 +200,51 @@ def problems_of(run: FileRun) -> tuple[list[str], collections.Counter[str]]:
     return problems, counts
 
 
-# Files per job at 4 ranks in a run without xdist workers (CI's serial pass): a 4-rank launch
-# on 2 CPUs costs seconds, and mpi4py's own runtests.py runs the whole suite in one process
-# too. A file that fails after others in its job runs again alone to say whether it needs
-# them to fail; a job ended by a hang or crash is run again from the file after that one.
-# IVSHMEM_MPI4PY_SUITE_BATCH=1 runs every file in a job of its own.
+# Files per job: a launch costs ~0.4 s of CPU at 1 rank, ~0.7 s at 2 and seconds at 4 on 2
+# CPUs, and mpi4py's own runtests.py runs the whole suite in one process too. In a run without
+# xdist workers (CI's serial pass: 4 ranks) up to BATCH files in turn share one job; in an
+# xdist worker (make test: 2 ranks, test-full: 1) a file and the test this worker runs next,
+# if that is a file at the same rank count (_next_here). A file that fails after others in
+# its job runs again alone to say whether it needs them to fail; a job ended by a hang or
+# crash is run again from the file after that one. IVSHMEM_MPI4PY_SUITE_BATCH=1 runs every
+# file in a job of its own.
 BATCH = int(os.environ.get("IVSHMEM_MPI4PY_SUITE_BATCH", "8"))
 _done: dict[tuple[str, int], FileRun] = {}  # runs of files of a job, not yet reported
 
 
+def _next_here(config: pytest.Config) -> int | None:
+    """In a pytest-xdist worker, the index (into session.items) of the test it runs after
+    this one, or None (none, outside a worker, or where xdist keeps it otherwise). The only
+    queued test no other worker can take: --dist worksteal's idle worker takes the tail of
+    another's pending tests but always leaves it two, the running test and that next one,
+    so a file run ahead in a job here is never run again elsewhere."""
+    if not hasattr(config, "workerinput"):
+        return None
+    for plugin in config.pluginmanager.get_plugins():
+        following = getattr(plugin, "nextitem_index", None)
+        if isinstance(following, int) and hasattr(plugin, "torun"):
+            return following
+    return None
+
+
 def run_file(name: str, ranks: int, out: Path, request: pytest.FixtureRequest) -> FileRun:
     """This file's run: from a job run earlier for several files, or a new job for it and
-    (at 4 ranks in a serial run) up to BATCH - 1 of the selected files that follow it."""
+    up to BATCH - 1 of the selected files at the same rank count that follow it (in an xdist
+    worker: the one it runs next, _next_here)."""
     if (name, ranks) in _done:
         return _done.pop((name, ranks))
-    names = [name]
-    if ranks == 4 and "PYTEST_XDIST_WORKER" not in os.environ:
-        selected = [item.callspec.params["name"] for item in request.session.items
-                    if isinstance(item, pytest.Function)
-                    and item.originalname == "test_mpi4py_suite_file"
-                    and item.callspec.params["ranks"] == ranks]  # fmt: skip
-        first = selected.index(name)
-        names = selected[first : first + BATCH]
+    selected = [(index, item.callspec.params["name"])
+                for index, item in enumerate(request.session.items)
+                if isinstance(item, pytest.Function)
+                and item.originalname == "test_mpi4py_suite_file"
+                and item.callspec.params["ranks"] == ranks]  # fmt: skip
+    first = [other for _, other in selected].index(name)
+    following = [(index, other) for index, other in selected[first + 1 :]
+                 if (other, ranks) not in _done]  # fmt: skip
+    if "PYTEST_XDIST_WORKER" in os.environ:
+        here = _next_here(request.config)
+        following = [(index, other) for index, other in following if index == here]
+    names = [name, *(other for _, other in following[: BATCH - 1])]
     runs = run_files(names, ranks, out)
     _done.update(((other, ranks), run) for other, run in runs.items() if other != name)
     return runs[name]
