@@ -2372,11 +2372,11 @@ static int coll_taken(CollRound *c, int pos)
     case CW_BCAST:
     case CW_SCATTERV:
         return (me == c->root || pos > 0) ? -1 : c->root;
-    case CW_GATHERV: /* declined before the round (a block over a slab): nothing to take */
-        if (c->declined)
-            return -1;
+    case CW_GATHERV: /* a member sends: takes nothing (never waits for the root); the root
+                      * takes every other member's arrival, its block's too where that goes
+                      * by messages (over a slab: the arrival says so, see coll_consume) */
         if (me != c->root)
-            return pos > 0 ? -1 : c->root;
+            return -1;
         break;
     case CW_BCAST_BYTES:
         return (me == c->root || pos > 0) ? -1 : c->root;
@@ -2621,11 +2621,11 @@ static int coll_consume(CollRound *c, int r)
             theirs = (const unsigned char *)(coll_line(c, r, c->k) + 4);
         memcpy(recv, theirs, (size_t)want_nbytes);
         break;
-    case CW_GATHERV:
-        if (me == c->root)
+    case CW_GATHERV: /* (the root: nbytes checked to be counts[r] above) a block within a
+                      * slab is in it; a longer one comes by messages (its member declined
+                      * itself, this root's round is declined: coll_prepare) */
+        if (want_nbytes <= (uint64_t)c->slab_size)
             memcpy(recv + c->displs[r], theirs, (size_t)want_nbytes);
-        else if (coll_rounds(c, r) < 0)
-            return -1;
         break;
     case CW_SCATTERV: { /* the root's rounds word: 0 (declined), else every round's count */
         uint64_t rounds = __atomic_load_n(coll_line(c, r, c->k) + 3, __ATOMIC_RELAXED);
@@ -2922,11 +2922,15 @@ static int coll_prepare(CollRound *c)
         }
         break;
     case CW_GATHERV: /* the root without send: in place (its block of recv is there) */
-        /* A block over a slab declines the round, as the steps' max_rounds=1 (the data then
-         * go by messages, the caller's): the root's rounds word 0, for every member whose
-         * block fits; a member whose own block is over a slab knows the root declines (its
-         * counts say so, or it raises on the nbytes this member announces: its size) and
-         * neither copies nor waits for the root's word. */
+        /* Each member's block on its own, as the steps' max_rounds=1: one within a slab goes
+         * in its member's slab, and that member returns once it published it (it never
+         * waits for the root: a gather's non-root is done when its block is out, as an eager
+         * send; step 1 of its next round waits until the root published this one, so the
+         * root has read the slab before the member's round after next overwrites it); a
+         * longer one is announced (nbytes: its length, no data) and goes by messages, the
+         * caller's: its member declines itself, and the root, whose counts say which, takes
+         * the announcement, checks its length and declines the round (those blocks and its
+         * own then move by messages: rounds word 0). */
         if (!is_root) {
             c->declined = c->has_send && c->send.len > c->slab_size;
             break;

@@ -248,9 +248,9 @@ _ONE_ROUND: dict[str, Callable[..., bool]] = {}
 
 
 COLLECTIVES = (
-    "barrier", "bcast", "gather", "gatherv", "scatter", "scatterv", "allgather", "allgatherv",
-    "alltoall", "alltoallv", "reduce", "allreduce", "scan", "exscan", "reduce_scatter_block",
-    "reduce_scatter", "bcast_bytes", "gather_bytes", "allgather_bytes",
+    "barrier", "bcast", "gather", "gatherv", "gatherv_refused", "scatter", "scatterv",
+    "allgather", "allgatherv", "alltoall", "alltoallv", "reduce", "allreduce", "scan", "exscan",
+    "reduce_scatter_block", "reduce_scatter", "bcast_bytes", "gather_bytes", "allgather_bytes",
 )  # fmt: skip
 
 
@@ -513,6 +513,9 @@ class CollectiveGroup:
         self._listening = False  # see listen()
         # True after a gatherv, scatterv or alltoallv that its members declined (see there).
         self.declined = False
+        # After a refused gatherv at its root (see there): the members whose blocks go
+        # otherwise (longer than a slab), the others' having been dropped from their slabs.
+        self.by_messages: list[int] = []
         # True after a scatterv whose block for this member was longer than its recvbuf
         # (the round completed; see _scatterv).
         self.truncated = False
@@ -796,7 +799,17 @@ class CollectiveGroup:
         rounds (its first arrival says 0 rounds); after one round every member returns with
         `declined` set and nothing moved, for the caller to move it otherwise. A member whose
         own block needs more knows the root declines: its arrival announces its size
-        (nbytes, no data, rounds 0) and it does not wait for the root's word."""
+        (nbytes, no data, rounds 0) and it does not wait for the root's word.
+
+        `max_rounds` 1 (the area's, and the C round's): each block on its own. One within a
+        slab goes in its member's slab, and that member returns once it published it: it
+        never waits for the root (a gather's sender is done when its block is out, as an
+        eager send; step 1 of its next round waits until the root published this one, so the
+        root has read the slab before it is overwritten two rounds on). A longer one is
+        announced (its length, no data) and its member returns with `declined` set, to send
+        it otherwise; the root takes every arrival, checks each length against its counts,
+        copies the blocks within a slab and, where any is longer, returns with `declined`
+        set (those blocks, and its own, to move otherwise)."""
         self.declined = False
         send = _flat(sendbuf, False)
         chunk = self.slab_size
@@ -806,6 +819,10 @@ class CollectiveGroup:
             self._check_layout(counts, displs, len(recv), "recv")
             if counts[root] != len(send):
                 raise ValueError(f"root sends {len(send)} bytes, counts[{root}] is {counts[root]}")
+        if max_rounds == 1:
+            yield from self._gather_slabs(send, recv if is_root else None, counts, displs, root)
+            return
+        if is_root:
             rounds: int | None = _rounds(max(counts) if largest is None else largest, chunk)
         else:
             rounds = None if largest is None else _rounds(largest, chunk)
@@ -837,6 +854,57 @@ class CollectiveGroup:
                     self.declined = True
                     return
             i += 1
+
+    def _gather_slabs(
+        self,
+        send: memoryview,
+        recv: memoryview | None,
+        counts: Sequence[int],
+        displs: Sequence[int],
+        root: int,
+    ) -> Steps:
+        """A gatherv of one round, each block on its own (see `_gatherv`, max_rounds 1);
+        `recv` None at a member that sends."""
+        if recv is None:
+            slab = yield from self._enter()
+            fits = len(send) <= self.slab_size
+            if fits:
+                slab[: len(send)] = send
+            self._publish(KIND_GATHER, len(send), 1 if fits else 0)
+            self.declined = not fits  # (its block, announced, goes otherwise)
+            return
+        declined = any(counts[r] > self.slab_size for r in self._others)
+        yield from self._begin(KIND_GATHER, b"", 0 if declined else 1)
+        if not declined:
+            recv[displs[root] : displs[root] + len(send)] = send
+        for r in self._others:  # (nbytes checked to be counts[r]: no data where longer)
+            theirs = yield from self._take(r, KIND_GATHER, counts[r])
+            if counts[r] <= self.slab_size:
+                recv[displs[r] : displs[r] + counts[r]] = theirs
+        self.declined = declined
+
+    def _gatherv_refused(self, root: int, max_rounds: int | None = None) -> Steps:
+        """A gatherv's round at a `root` whose own arguments are wrong (it takes no block):
+        every other member's arrival taken, its block (where in its slab) dropped, and the
+        members whose blocks go otherwise (longer than a slab: announced without data) in
+        `by_messages`; `declined` set, for the caller to take those into nothing.
+        `max_rounds`: 1, as `_gatherv`'s (accepted for the callers' uniform call)."""
+        if max_rounds != 1:
+            raise ValueError("a refused gatherv is one round (max_rounds=1)")
+        yield from self._begin(KIND_GATHER, b"", 0)
+        senders = []
+        for r in self._others:
+            index = self._arrive_i[r][self._round % layout.COLL_CELLS]
+            yield from self._until(r, index, self._round, ARRIVE_SEQ)
+            found, found_kind = self._u64[index + 1], self._u64[index + 2]  # after [A5]
+            if found_kind != KIND_GATHER:
+                raise self._corrupt(r, "kind", found_kind, f"this member runs kind {KIND_GATHER}")
+            if found > layout.MAX_MESSAGE:
+                raise self._corrupt(r, "nbytes", found, f"more than {layout.MAX_MESSAGE}")
+            if found > self.slab_size:
+                senders.append(r)
+        self.by_messages = senders
+        self.declined = True
 
     def _scatter(self, sendbuf: Any, recvbuf: Any, root: int) -> Steps:
         """Rank r's `recvbuf` gets bytes r*n .. (r+1)*n of `sendbuf` at `root`, n =
@@ -1490,6 +1558,7 @@ class CollectiveGroup:
     bcast = _blocking(_bcast, _c_bcast)
     gather = _blocking(_gather)
     gatherv = _blocking(_gatherv, _c_gatherv)
+    gatherv_refused = _blocking(_gatherv_refused)
     scatter = _blocking(_scatter)
     scatterv = _blocking(_scatterv, _c_scatterv)
     allgather = _blocking(_allgather, _c_allgather)

@@ -98,7 +98,7 @@ C_FOLD = -1  # Area.call's code of a reduction (CollectiveRound.fold)
 T_AREA = FT_TAGS_FROM + (1 << 15)
 _BIND = struct.Struct("<iI")  # slot (-1: none), generation
 _CORE_ERRORS = (PeerLostError, RingCorruptError, TimeoutError)
-_DECLINABLE = ("gatherv", "scatterv", "alltoallv")
+_DECLINABLE = ("gatherv", "gatherv_refused", "scatterv", "alltoallv")
 # `exchange`'s collectives as Area.call runs them
 _BYTES = {
     "bcast_bytes": C_BCAST_BYTES,
@@ -401,7 +401,7 @@ class Area:
         """A payload over what one round moves anywhere (a slab; a scatterv root's COLL_CELLS
         segments), for a sender whose data is larger (a scatter's or an alltoall's
         bundle of pickles, not made then): a byte-string round declines it unread, as it
-        would the data; so does a gatherv or scatterv round of blocks this long (`refusal`).
+        would the data; so does a scatterv round of blocks this long (`refusal`).
         Made once per area, its pages never touched."""
         over = self._over
         if over is None:
@@ -410,19 +410,21 @@ class Area:
 
     def refusal(self, name: str, root: int) -> tuple[str, tuple[Any, ...]]:
         """The round (`name`: "gatherv" or "scatterv", as collectives' plans give it) that
-        a root whose own arguments are wrong runs in its instance instead: the others' blocks
-        as long as `declining`, none of its own, all over one buffer that is never read or
-        written, so that the root declines the round (rounds word 0) and every member goes
-        on to the instance's messages with the area's rounds in step. The root then moves
-        what lets the others finish (collectives.py: blocks taken into nothing, empty parts
-        sent) and raises its error without abandoning the instance."""
+        a root whose own arguments are wrong runs in its instance instead, with the area's
+        rounds in step; the root then moves what lets the others finish and raises its
+        error without abandoning the instance. A gatherv: "gatherv_refused" (its members do
+        not wait for the root: each block within a slab is taken there and dropped, the
+        longer ones, `group.by_messages`, are taken into nothing by messages). A scatterv:
+        the others' blocks as long as `declining`, none of its own, all over one buffer
+        that is never read or written, so that the root declines the round (rounds word 0)
+        and every member goes on to the instance's messages (empty parts sent)."""
+        if name == "gatherv":
+            return "gatherv_refused", (root,)
         over = self.declining()
         size = self.group.size
         counts = [len(over)] * size
         counts[root] = 0
         displs = [0] * size
-        if name == "gatherv":
-            return name, (memoryview(b""), over, counts, displs, root)
         return name, (over, counts, displs, memoryview(bytearray(0)), root)
 
     def fits(self, nbytes: int, split: bool = False) -> bool:

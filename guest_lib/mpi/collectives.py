@@ -414,7 +414,11 @@ def _a_gather(
 
 
 def _m_gather(self: Any, tag: int, sendbuf: Any, recvbuf: Any, root: int = 0) -> Stages:
-    return self._gatherv(sendbuf, recvbuf, root, tag)
+    """The way on messages of a Gather(v) whose area round this member declined (its
+    block, or at the root some block, over a slab): the root takes only the blocks its
+    round left (Intracomm._gatherv's `group`)."""
+    shared = self._area  # (read now, while the round's area is current)
+    return self._gatherv(sendbuf, recvbuf, root, tag, group=shared.group if shared else None)
 
 
 def _a_scatter(
@@ -2235,7 +2239,9 @@ class Collectives:
         is wrong (see _gather_recv) runs the instance with a stand-in, then raises."""
         refused: list[ValueError] = []
         if not self._area_run(lambda: self._p_gather(sendbuf, recvbuf, root, blocks, refused)):
-            self._run(self._gatherv(sendbuf, recvbuf, root, T_GATHER, blocks, refused))
+            shared = self._area  # (an Area: its round declined; else none, or dropped)
+            group = shared.group if shared else None
+            self._run(self._gatherv(sendbuf, recvbuf, root, T_GATHER, blocks, refused, group))
         if refused:
             raise StandInValueError(str(refused[0])) from refused[0]
 
@@ -2245,6 +2251,7 @@ class Collectives:
         return self._nonblocking(
             functools.partial(self._gatherv, sendbuf, recvbuf, root),
             functools.partial(self._p_gather, sendbuf, recvbuf, root),
+            lambda tag: _m_gather(self, tag, sendbuf, recvbuf, root),
         )
 
     Igatherv = Igather
@@ -2257,7 +2264,12 @@ class Collectives:
         tag: int,
         blocks: bool = False,
         refused: list[ValueError] | None = None,
+        group: CollectiveGroup | None = None,
     ) -> Iterator[list[Op]]:
+        """Gather(v)'s stages on messages. `group`: the area's, whose gatherv round this
+        instance continues (declined at this member): at the root only the blocks that
+        round left come by messages, those over its slab (a refused root's round:
+        `group.by_messages`); the others came through the area (and were dropped)."""
         size, rank = self._sizes()
         self._root(root)
         if rank != root:
@@ -2265,14 +2277,18 @@ class Collectives:
             return
         if refused:  # (the area's plan refused them already: refused again here)
             refused = []
+        others = [r for r in range(size) if r != rank]
         checked = self._gather_recv(sendbuf, recvbuf, blocks, refused)
         if checked is None:  # the others' blocks into nothing (their sends complete)
-            yield [self._c_irecv(None, r, tag) for r in range(size) if r != rank]
+            senders = others if group is None else group.by_messages
+            yield [self._c_irecv(None, r, tag) for r in senders]
             return
         spec, own = checked
         if sendbuf is not IN_PLACE and sendbuf is not None:
             spec.part(rank)[:] = own
-        yield [self._c_irecv(spec.part(r), r, tag) for r in range(size) if r != rank]
+        if group is not None:
+            others = [r for r in others if len(spec.part(r)) > group.slab_size]
+        yield [self._c_irecv(spec.part(r), r, tag) for r in others]
 
     @collective(fast=_f_scatter)
     def Scatter(self, sendbuf: Any, recvbuf: Any, root: int = 0) -> None:
@@ -2871,9 +2887,13 @@ class Collectives:
 
     # ------------------------------------------------------------------ nonblocking
     def _nonblocking(
-        self, stages: Callable[[int], Iterator[list[Op]]], plan: Plan | None = None
+        self,
+        stages: Callable[[int], Iterator[list[Op]]],
+        plan: Plan | None = None,
+        declined: Callable[[int], Iterator[list[Op]]] | None = None,
     ) -> Request:
-        """A Request for a nonblocking collective whose stages `stages(tag)` yields. The
+        """A Request for a nonblocking collective whose stages `stages(tag)` yields (those of
+        `declined(tag)`, where given, after an area round this member declined). The
         instance takes its number (and tag: its own, so that its messages never match those
         of another collective) before anything can fail, so every member numbers it alike.
         If it fails on this rank (at the call, or later in a stage), it is abandoned as a
@@ -2894,7 +2914,8 @@ class Collectives:
             job = plan() if shared is not None and plan is not None else None  # (args checked)
             if shared is not None and job is not None:
                 # (declined: its messages fail through this op, which abandons it)
-                then = functools.partial(_on_messages, engine, functools.partial(stages, tag))
+                rest = functools.partial(stages if declined is None else declined, tag)
+                then = functools.partial(_on_messages, engine, rest)
                 op = StagedOp(self._area_stages(shared, job, then), abandon, self._ctx)
                 engine.start_staged(op)
                 return area.AreaRequest(op, engine)

@@ -417,10 +417,19 @@ def _bind_then(ep, slot, generation, members, action):
     elif action == "kind":
         u64[arrive + 2] = 99
         u64[arrive] = base | 1
-    elif action in ("rounds", "rounds_many"):  # a gatherv root's arrival: too few / too many
+    elif action == "rounds":  # a gatherv root's arrival: too few
         u64[arrive + 1] = 0
         u64[arrive + 2] = 3
-        u64[arrive + 3] = 0 if action == "rounds" else 5
+        u64[arrive + 3] = 0
+        u64[arrive] = base | 1
+    elif action in (
+        "gather_nbytes",
+        "gather_refused",
+    ):  # a gatherv member's arrival (max_rounds=1): a block
+        # longer than any message (the root's counts, or a refused root's any length)
+        u64[arrive + 1] = 1 << 50
+        u64[arrive + 2] = 3
+        u64[arrive + 3] = 1
         u64[arrive] = base | 1
     elif action in ("bytes_nbytes", "bytes_rounds"):  # a bcast_bytes root's arrival: a
         # pickle longer than its slab / a rounds word neither 0 (declined) nor 1
@@ -456,7 +465,8 @@ def _bind_then(ep, slot, generation, members, action):
         ("kind", ic.RingCorruptError, "kind"),
         ("ahead", ic.RingCorruptError, "arrive seq"),
         ("rounds", ic.RingCorruptError, "rounds"),
-        ("rounds_many", ic.RingCorruptError, "rounds"),
+        ("gather_nbytes", ic.RingCorruptError, "nbytes"),
+        ("gather_refused", ic.RingCorruptError, "nbytes"),
         ("bytes_nbytes", ic.RingCorruptError, "nbytes"),
         ("bytes_rounds", ic.RingCorruptError, "rounds"),
         ("scatter_nbytes", ic.RingCorruptError, "nbytes"),
@@ -470,7 +480,8 @@ def test_hostile_or_dead_member_is_named_not_waited_for(
     make_region, spawn, action, error, field, impl
 ):
     """The victim's bcast (reduce_scatter for an arrival of its kind; gatherv for the rounds
-    word; with max_rounds=1, the C path's case, for too many; scatterv with max_rounds=1,
+    word; with max_rounds=1, the C path's case, as the root, for a block longer than any
+    message, and so as a refused root (gatherv_refused); scatterv with max_rounds=1,
     whose root alone may take more rounds, for more than any message, and for a block length
     over the rounds it announced) on the C accelerator and on the Python steps."""
     region = make_region(8 << 20, 2)
@@ -484,8 +495,10 @@ def test_hostile_or_dead_member_is_named_not_waited_for(
         with pytest.raises(error) as err:
             if action == "rounds":
                 group.gatherv(buf, None, [], [], root=1)
-            elif action == "rounds_many":
-                group.gatherv(buf, None, [], [], root=1, max_rounds=1)
+            elif action == "gather_nbytes":
+                group.gatherv(buf, bytearray(32), [16, 16], [0, 16], root=0, max_rounds=1)
+            elif action == "gather_refused":
+                group.gatherv_refused(0, max_rounds=1)
             elif action.startswith("bytes"):
                 group.bcast_bytes(b"", 1, [None, None])
             elif action in ("scatter_rounds", "scatter_block"):
