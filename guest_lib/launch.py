@@ -18,6 +18,9 @@ every variable that would point it at another job's region or rank (see ``SCRUB_
 a grace period; a timeout kills them all); :func:`signal_group` signals one rank's process
 group; :func:`forward_signals` passes SIGTERM, SIGINT, SIGHUP and SIGQUIT on to the ranks (as
 hydra does); :func:`die_with` makes a child die with the process that started it.
+:class:`AbortChannel` is the pipe on which a rank reports MPI_Abort's errorcode to its
+launcher (:func:`report_abort`), so that the job ends at once with that status, 0 included,
+as under mpiexec.
 
 :class:`OutputRelay` relays the ranks' output pipes to ours in whole lines (optionally each
 line prefixed, e.g. with the rank: hydra's ``-prepend-rank``), so that two ranks printing at
@@ -51,9 +54,11 @@ from ivshmem_comm.records import record_path
 from ivshmem_comm.region import Region
 
 __all__ = [
+    "ABORT_FD_VAR",
     "FORWARDED_SIGNALS",
     "GRACE_S",
     "SCRUB_VARS",
+    "AbortChannel",
     "BrokerProcess",
     "BrokerStartError",
     "Guardian",
@@ -64,6 +69,7 @@ __all__ = [
     "guard",
     "job_environ",
     "rank_session",
+    "report_abort",
     "signal_group",
     "supervise",
 ]
@@ -75,6 +81,9 @@ MAX_PARTIAL_LINE = 1 << 20  # OutputRelay passes a longer line on in pieces of t
 
 #: Seconds the other ranks of a job may run on after one failed, before they are stopped.
 GRACE_S = 2.0
+
+#: The variable holding the fd (inherited from the launcher) on which a rank reports MPI_Abort.
+ABORT_FD_VAR = "IVSHMEM_MPI_ABORT_FD"
 
 #: Variables a job's process must not inherit from whoever started the job: where to attach
 #: (guest_lib.attach, guest_lib.mpi.bootstrap) and which rank it is (ours, and those of the
@@ -92,6 +101,7 @@ SCRUB_VARS = (
     "PMI_PORT",
     "OMPI_COMM_WORLD_RANK",
     "PMIX_RANK",
+    ABORT_FD_VAR,
 )
 
 
@@ -118,6 +128,57 @@ def exit_status(code: int) -> int:
     return 128 - code if code < 0 else code
 
 
+class AbortChannel:
+    """A pipe on which the ranks of one job report MPI_Abort to their launcher.
+
+    The launcher makes one per job, starts each rank with :attr:`write_fd` inherited
+    (``pass_fds``) and :meth:`environ` in its environment, and passes :meth:`code` to
+    :func:`supervise` as `aborted`. A rank's :func:`report_abort` writes its errorcode as one
+    line (one write of a few bytes: atomic on a pipe) before the rank exits, so a launcher that
+    has seen the rank's exit finds the line. The read end is non-blocking and never inherited.
+    """
+
+    def __init__(self) -> None:
+        self.read_fd, self.write_fd = os.pipe()
+        os.set_blocking(self.read_fd, False)
+        self._code: int | None = None
+
+    def environ(self) -> dict[str, str]:
+        """The variable a rank needs to find :attr:`write_fd`."""
+        return {ABORT_FD_VAR: str(self.write_fd)}
+
+    def code(self) -> int | None:
+        """The errorcode of the first MPI_Abort reported (it stays), or None if none yet."""
+        if self._code is None:
+            try:
+                data = os.read(self.read_fd, 4096)
+            except BlockingIOError:
+                return None
+            first = data.split(b"\n", 1)[0]
+            if first.lstrip(b"-").isdigit():
+                self._code = int(first)
+        return self._code
+
+    def close(self) -> None:
+        """Close both ends (after the ranks have exited)."""
+        os.close(self.read_fd)
+        os.close(self.write_fd)
+
+
+def report_abort(errorcode: int) -> bool:
+    """Tell this rank's launcher (through its :class:`AbortChannel`) that the job aborts with
+    `errorcode`. Returns False, having done nothing, where the launcher gave no channel (not
+    started by ivshmem-run, or the fd was closed)."""
+    fd = os.environ.get(ABORT_FD_VAR, "")
+    if not fd.isdigit():
+        return False
+    try:
+        os.write(int(fd), b"%d\n" % errorcode)
+    except OSError:
+        return False
+    return True
+
+
 def supervise(
     procs: Sequence[subprocess.Popen[bytes]],
     timeout: float | None,
@@ -126,9 +187,14 @@ def supervise(
     who: str = "ivshmem-run",
     signalled: Sequence[int] = (),
     idle: Callable[[float], None] = time.sleep,
+    aborted: Callable[[], int | None] = lambda: None,
 ) -> int:
     """Wait until every rank in `procs` (each leading its own process group) has exited;
     return the job's status: 0 if all exited 0, else the first failure's :func:`exit_status`.
+
+    When `aborted()` (e.g. :meth:`AbortChannel.code`) returns a code, a rank has called
+    MPI_Abort: every group gets SIGKILL at once and the result is that code (masked to 0-255),
+    whatever the ranks' own statuses, as mpiexec does.
 
     After the first failure the others run on for `grace` seconds, then their groups get
     SIGTERM and, 0.2 s later, SIGKILL. `signalled`: signals the caller forwarded to the ranks
@@ -141,6 +207,11 @@ def supervise(
     fail_time = signal_time = 0.0
     while True:
         codes = [p.poll() for p in procs]
+        abort_code = aborted()  # after the polls: a reporter seen exited has written its code
+        if abort_code is not None:
+            for proc in procs:
+                signal_group(proc, signal.SIGKILL)
+            return abort_code & 0xFF
         if all(c is not None for c in codes):
             if failed is not None:
                 return failed
@@ -255,12 +326,14 @@ class OutputRelay:
         merge_stderr: bool = False,
         preexec_fn: Callable[[], None] | None = None,
         keep_fds: bool = False,
+        pass_fds: Sequence[int] = (),
     ) -> subprocess.Popen[bytes]:
         """Start a rank: `command` with `env` leading a process group of its own (which holds
         what it starts, see :func:`signal_group`), its stdout relayed to ours and its
         stderr to ours (to our stdout with `merge_stderr`), each line after `prefix`; this
         process's :class:`Guardian`, if any, is told its group. `keep_fds`: the rank
-        inherits our inheritable fds (a PMI_FD from hydra). Returns the Popen; raises what
+        inherits our inheritable fds (a PMI_FD from hydra); `pass_fds`: these fds only (not
+        with `keep_fds`; e.g. an :class:`AbortChannel`'s write end). Returns the Popen; raises what
         Popen raises (OSError for a command that cannot start).
 
         The group is in our session (see :func:`rank_session`), so that a job's ranks share
@@ -281,6 +354,7 @@ class OutputRelay:
             process_group=None if own_session else 0,
             preexec_fn=preexec_fn,
             close_fds=not keep_fds,
+            pass_fds=pass_fds,
         )
         guard(group=proc.pid)
         assert proc.stdout is not None

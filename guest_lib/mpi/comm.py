@@ -1261,13 +1261,18 @@ class Comm(attributes.Cached, Handle):
     def Abort(self, errorcode: int = 0) -> None:
         """Terminate every process of the job; does not return.
 
-        MPI_Abort through mpi4py's own module under mpiexec, else this process (ivshmem-run then
-        ends the other ranks).
+        MPI_Abort through mpi4py's own module under mpiexec, else this process after reporting
+        `errorcode` to ivshmem-run (guest_lib.launch.report_abort), which then ends the other
+        ranks and exits with `errorcode`, 0 included, as mpiexec does. This process exits with
+        `errorcode or 1`: a launcher without the report still sees a failure.
         """
+        from guest_lib.launch import report_abort
+
         engine = self._engine
         if engine is not None and engine.has_mpi:
             native.abort(errorcode)
         sys.stderr.flush()
+        report_abort(errorcode)
         os._exit(errorcode or 1)
 
     # Bsend buffer of the communicator (MPI-4.1)

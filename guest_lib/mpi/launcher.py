@@ -9,7 +9,9 @@ starts `python -m host_broker serve` for it (peers then get eventfd doorbells an
 assigned peer ids), starts N processes with IVSHMEM_MPI_RANK, IVSHMEM_MPI_SIZE and
 IVSHMEM_COMM_REGION (or IVSHMEM_COMM_SOCKET) set, waits for them, and removes the region
 (and its doorbell semaphores) and stops the broker afterwards. If a rank fails (non-zero exit
-or signal), the others are terminated after a grace period of 2 s, as mpiexec does.
+or signal), the others are terminated after a grace period of 2 s, as mpiexec does. A rank
+calling MPI_Abort(comm, code) ends the job at once with status `code` (0 included), as
+mpiexec does: it reports the code on a pipe (guest_lib.launch.AbortChannel) before exiting.
 
 Signals, as MPICH's mpiexec (hydra) does: SIGTERM, SIGINT, SIGHUP and SIGQUIT sent to the
 launcher are forwarded to every rank's process group; ranks still running 2 s after the first
@@ -19,8 +21,8 @@ that outlives the launcher then removes the region, its semaphores and the broke
 stdout and stderr pass through the launcher in whole lines, so two ranks printing at once
 never mix within a line; --prepend-rank puts "[rank] " before each line.
 
-Exit status: 0 if every rank exited 0, else the first failing rank's status (128+signal for a
-signal), 124 after --timeout, 128+N after forwarding signal N.
+Exit status: the code of an MPI_Abort, else 0 if every rank exited 0, else the first failing
+rank's status (128+signal for a signal), 124 after --timeout, 128+N after forwarding signal N.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ import uuid
 from collections.abc import Sequence
 
 from guest_lib.launch import (
+    AbortChannel,
     BrokerProcess,
     BrokerStartError,
     Guardian,
@@ -171,6 +174,8 @@ def run(argv: Sequence[str] | None = None) -> int:
     procs: list[subprocess.Popen[bytes]] = []
     made = False  # the region is ours to remove (never one that existed before)
     output = OutputRelay()
+    abort = AbortChannel()
+    env.update(abort.environ())
     with Guardian(), forward_signals(procs) as received:
         try:
             if args.broker:
@@ -201,14 +206,21 @@ def run(argv: Sequence[str] | None = None) -> int:
                     break
                 rank_env = dict(env, IVSHMEM_MPI_RANK=str(rank), IVSHMEM_MPI_SIZE=str(n))
                 prefix = b"[%d] " % rank if args.prepend_rank else b""
-                procs.append(output.start(command, rank_env, prefix, preexec_fn=die_with_us))
-            status = supervise(procs, args.timeout, signalled=received, idle=output.pump)
+                procs.append(
+                    output.start(
+                        command, rank_env, prefix, preexec_fn=die_with_us, pass_fds=[abort.write_fd]
+                    )
+                )
+            status = supervise(
+                procs, args.timeout, signalled=received, idle=output.pump, aborted=abort.code
+            )
             return 128 + received[0] if received else status
         finally:
             for proc in procs:
                 signal_group(proc, signal.SIGKILL)
                 proc.wait()
             output.drain(1.0)
+            abort.close()
             if broker is not None:
                 broker.close()
             if region is not None:
