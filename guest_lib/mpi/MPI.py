@@ -47,7 +47,6 @@ from guest_lib.mpi.constants import (
     ROOT,
     SIMILAR,
     SUBVERSION,
-    TAG_UB,
     THREAD_FUNNELED,
     THREAD_MULTIPLE,
     THREAD_SERIALIZED,
@@ -60,6 +59,7 @@ from guest_lib.mpi.constants import (
     InPlaceType,
 )
 from guest_lib.mpi.constants import KEY_TAG_UB as _KEY_TAG_UB
+from guest_lib.mpi.constants import TAG_UB as TAG_UB_VALUE
 from guest_lib.mpi.datatypes import *  # noqa: F403 - every predefined datatype name
 from guest_lib.mpi.datatypes import Datatype, TypeDict, _typealign, _typecode
 from guest_lib.mpi.docsig import embed as _embed_signatures
@@ -184,7 +184,9 @@ from guest_lib.mpi.win import (
 __TypeDict__ = TypeDict
 memory = buffer  # mpi4py's older name
 _typedict = TypeDict
-TAG_UB_VALUE = TAG_UB
+# mpi4py's MPI.TAG_UB is the attribute key (`comm.Get_attr(MPI.TAG_UB)` gives the largest
+# tag, as mpi4py's demos and suite ask it), not the largest tag: TAG_UB_VALUE is that.
+TAG_UB = _KEY_TAG_UB
 
 _world = _bootstrap.init()
 _engine = _world.engine
@@ -401,7 +403,8 @@ def _commctx_intra(comm: Intracomm) -> tuple[Intracomm, int]:
 def _commctx(comm: Any) -> tuple[Any, int]:
     """Return (the library duplicate of `comm`, the next tag on it).
 
-    The duplicate is made by the collective Dup on the first call; tags count modulo TAG_UB + 1.
+    The duplicate is made by the collective Dup on the first call; tags count modulo
+    TAG_UB_VALUE + 1.
     """
     with _lock_guard:
         ctx = getattr(comm, "_commctx", None)
@@ -409,7 +412,7 @@ def _commctx(comm: Any) -> tuple[Any, int]:
         ctx = [comm.Dup(), 0]
         comm._commctx = ctx
     dup, tag = ctx
-    ctx[1] = (tag + 1) % (TAG_UB + 1)
+    ctx[1] = (tag + 1) % (TAG_UB_VALUE + 1)
     return dup, tag
 
 

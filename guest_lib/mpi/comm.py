@@ -425,18 +425,30 @@ class Comm(attributes.Cached, Handle):
         return rank
 
     @staticmethod
-    def _send_tag(tag: int) -> None:
+    def _send_tag(tag: Any) -> int:
+        """Return send `tag` as an int (rank_arg: mpi4py takes a float tag, truncated).
+
+        MPI.Exception(ERR_TAG) unless it is in 0..TAG_UB; TypeError for a non-number.
+        """
+        tag = rank_arg(tag)
         if not 0 <= tag <= constants.TAG_UB:
             raise exceptions.Exception(
                 exceptions.ERR_TAG, f"tag {tag} outside 0..{constants.TAG_UB}"
             )
+        return tag
 
     @staticmethod
-    def _recv_tag(tag: int) -> None:
+    def _recv_tag(tag: Any) -> int:
+        """Return receive `tag` as an int (rank_arg).
+
+        MPI.Exception(ERR_TAG) unless it is in 0..TAG_UB or ANY_TAG; TypeError for a non-number.
+        """
+        tag = rank_arg(tag)
         if not 0 <= tag <= constants.TAG_UB and tag != constants.ANY_TAG:
             raise exceptions.Exception(
                 exceptions.ERR_TAG, f"tag {tag} outside 0..{constants.TAG_UB}"
             )
+        return tag
 
     # ------------------------------------------------------------------ p2p internals
     def _isend_op(self, data: memoryview, dest: int, tag: int, ctx: int, sync: bool) -> Op:
@@ -509,7 +521,9 @@ class Comm(attributes.Cached, Handle):
     def send(self, obj: Any, dest: int, tag: int = 0) -> None:
         """Send a picklable object (blocking; returns once the bytes are in the queue)."""
         peer = self._shm_peer.get(dest)
-        if peer is not None and 0 <= tag <= constants.TAG_UB:  # fast path, as Send's
+        if (
+            peer is not None and type(tag) is int and 0 <= tag <= constants.TAG_UB
+        ):  # fast path, as Send's
             engine: Engine = self._engine  # type: ignore[assignment]  # a peer: an engine
             lane, pickle = engine.lane, _PICKLE
             if lane is not None:  # pickled and sent in one C call, else its pickle back
@@ -522,7 +536,7 @@ class Comm(attributes.Cached, Handle):
                 return
         else:
             dest = self._dest(dest)
-            self._send_tag(tag)
+            tag = self._send_tag(tag)
             data = _dumps(obj)
         self._send_bytes(data, dest, tag, self._ctx, False)
 
@@ -560,7 +574,7 @@ class Comm(attributes.Cached, Handle):
     def ssend(self, obj: Any, dest: int, tag: int = 0) -> None:
         """Synchronous send: returns once the matching receive has started."""
         dest = self._dest(dest)
-        self._send_tag(tag)
+        tag = self._send_tag(tag)
         self._send_bytes(_dumps(obj), dest, tag, self._ctx, True)
 
     bsend = send
@@ -583,7 +597,11 @@ class Comm(attributes.Cached, Handle):
             warnings.warn("recv() ignores its buffer argument", UserWarning, stacklevel=2)
         rank = source if source != constants.ANY_SOURCE else self._sole_source()
         peer = self._shm_peer.get(rank)
-        if peer is not None and (0 <= tag <= constants.TAG_UB or tag == constants.ANY_TAG):
+        if (
+            peer is not None
+            and type(tag) is int
+            and (0 <= tag <= constants.TAG_UB or tag == constants.ANY_TAG)
+        ):
             # fast path, as Recv's: a whole message from a peer on shared memory
             lane = self._engine.lane  # type: ignore[union-attr]  # a peer: an engine
             if lane is not None:
@@ -595,7 +613,7 @@ class Comm(attributes.Cached, Handle):
                     return _loads(got[2])
             return self._recv_left(rank, tag, status, peer, source)
         source = self._source(source)
-        self._recv_tag(tag)
+        tag = self._recv_tag(tag)
         return self._recv_obj(source, tag, self._ctx, status)
 
     def _recv_left(
@@ -615,7 +633,7 @@ class Comm(attributes.Cached, Handle):
             return got[2]
         source = rank if source is None else source
         source = self._source(source)
-        self._recv_tag(tag)
+        tag = self._recv_tag(tag)
         return self._recv_obj(source, tag, self._ctx, status)
 
     def isend(self, obj: Any, dest: int, tag: int = 0) -> Request:
@@ -627,7 +645,9 @@ class Comm(attributes.Cached, Handle):
         PROC_NULL the request is already complete.
         """
         peer = self._shm_peer.get(dest)
-        if peer is not None and 0 <= tag <= constants.TAG_UB:  # Isend's fast path
+        if (
+            peer is not None and type(tag) is int and 0 <= tag <= constants.TAG_UB
+        ):  # Isend's fast path
             engine: Engine = self._engine  # type: ignore[assignment]  # a peer: an engine
             lane, pickle = engine.lane, _PICKLE
             if lane is None:
@@ -637,7 +657,7 @@ class Comm(attributes.Cached, Handle):
                 return new_request(_SENT, engine, None, None)
             return self._isend_unsent(obj, dest, tag, peer, sent)
         dest = self._dest(dest)
-        self._send_tag(tag)
+        tag = self._send_tag(tag)
         return request_of(self._isend_op(_dumps(obj), dest, tag, self._ctx, False), self._engine)
 
     def _isend_unsent(self, obj: Any, dest: int, tag: int, peer: int, sent: Any) -> Request:
@@ -658,7 +678,7 @@ class Comm(attributes.Cached, Handle):
         As isend, but the request completes only once the receiver has matched the message.
         """
         dest = self._dest(dest)
-        self._send_tag(tag)
+        tag = self._send_tag(tag)
         return Request(self._isend_op(_dumps(obj), dest, tag, self._ctx, True), self._engine)
 
     ibsend = isend
@@ -676,6 +696,7 @@ class Comm(attributes.Cached, Handle):
         if (  # a rank (or ANY_SOURCE) of shared memory, a good tag, one thread: Irecv's post
             route is not None
             and engine is not None
+            and type(tag) is int  # (a float tag: converted by the general path)
             and (0 <= tag <= constants.TAG_UB or tag == constants.ANY_TAG)
             and _post_recv is not None
             and type(route).post is _ROUTE_POST
@@ -688,23 +709,23 @@ class Comm(attributes.Cached, Handle):
                 unpickle,
             )  # fmt: skip
         source = self._source(source)
-        self._recv_tag(tag)
+        tag = self._recv_tag(tag)
         op = self._irecv_op(None, source, tag, self._ctx)
         return request_of(op, engine, self._rank_of, unpickle)
 
     def _sendrecv_args(
         self, dest: Any, source: Any, sendtag: int, recvtag: int
-    ) -> tuple[Engine, int, int]:
-        """Check a send-receive's ranks and tags; return its engine, dest and source (ints).
+    ) -> tuple[Engine, int, int, int, int]:
+        """Check a send-receive's ranks and tags; return (engine, dest, source, sendtag, recvtag).
 
-        dest and source as rank_arg gives them. MPI.Exception naming the bad rank or tag,
+        Ranks and tags are ints, as rank_arg gives them. MPI.Exception naming the bad rank or tag,
         ERR_COMM on COMM_NULL.
         """
         dest = self._dest(dest)
         source = self._source(source)
-        self._send_tag(sendtag)
-        self._recv_tag(recvtag)
-        return self._check(), dest, source
+        sendtag = self._send_tag(sendtag)
+        recvtag = self._recv_tag(recvtag)
+        return self._check(), dest, source, sendtag, recvtag
 
     def sendrecv(
         self,
@@ -717,7 +738,7 @@ class Comm(attributes.Cached, Handle):
         status: Status | None = None,
     ) -> Any:
         """Send `sendobj` to `dest` and receive an object from `source`, deadlock-free."""
-        engine, dest, source = self._sendrecv_args(dest, source, sendtag, recvtag)
+        engine, dest, source, sendtag, recvtag = self._sendrecv_args(dest, source, sendtag, recvtag)
         peer = self._shm_peer.get(dest)
         lane, pickle = engine.lane, _PICKLE
         if peer is None or lane is None:
@@ -765,7 +786,9 @@ class Comm(attributes.Cached, Handle):
             lane = self._engine.lane  # type: ignore[union-attr]  # a peer: an engine
             if lane is not None and lane.send(peer, self._ctx, tag, buf):  # all in one C call
                 return
-        if peer is not None and 0 <= tag <= constants.TAG_UB:  # fast path: into the queue
+        if (
+            peer is not None and type(tag) is int and 0 <= tag <= constants.TAG_UB
+        ):  # fast path: into the queue
             data = (
                 buf
                 if type(buf) is _NDARRAY and _plain_array(buf, False)
@@ -784,7 +807,7 @@ class Comm(attributes.Cached, Handle):
         buffers.parse gives them (a plain spec takes buffers.quick: no full parse).
         """
         dest = self._dest(dest)
-        self._send_tag(tag)
+        tag = self._send_tag(tag)
         view = _quick(buf, False, _SIZES)
         if view is None:
             view = buffers.parse(buf).view
@@ -824,7 +847,11 @@ class Comm(attributes.Cached, Handle):
                     if status is not None:
                         status._set(rank_arg(rank), got[1], got[0])
                     return
-        if peer is not None and (0 <= tag <= constants.TAG_UB or tag == constants.ANY_TAG):
+        if (
+            peer is not None
+            and type(tag) is int
+            and (0 <= tag <= constants.TAG_UB or tag == constants.ANY_TAG)
+        ):
             # fast path: from a peer on shared memory straight into the buffer
             data = (
                 buf
@@ -840,7 +867,7 @@ class Comm(attributes.Cached, Handle):
                         status._set(rank_arg(rank), got[1], got[0])
                     return
         source = self._source(source)
-        self._recv_tag(tag)
+        tag = self._recv_tag(tag)
         view = buffers.quick(buf, True)
         if view is not None:  # a plain spec: no unpack to run
             self._recv_bytes(view, source, tag, self._ctx, status)
@@ -863,7 +890,7 @@ class Comm(attributes.Cached, Handle):
             if request is not None:
                 return request
         peer = self._shm_peer.get(dest)  # None: not a rank on shared memory, or a freed comm
-        if peer is not None and 0 <= tag <= constants.TAG_UB:
+        if peer is not None and type(tag) is int and 0 <= tag <= constants.TAG_UB:
             engine: Engine = self._engine  # type: ignore[assignment]  # a peer: an engine
             lane = engine.lane
             if lane is not None:
@@ -879,7 +906,7 @@ class Comm(attributes.Cached, Handle):
                     engine.isend_shm(peer, self._ctx, tag, view, False), engine, None, None
                 )
         dest = self._dest(dest)
-        self._send_tag(tag)
+        tag = self._send_tag(tag)
         view = _quick(buf, False, _SIZES)
         if view is None:
             view = buffers.parse(buf).view
@@ -891,7 +918,7 @@ class Comm(attributes.Cached, Handle):
         As Isend, but the request completes only once the receiver has matched the message.
         """
         dest = self._dest(dest)
-        self._send_tag(tag)
+        tag = self._send_tag(tag)
         view = buffers.parse(buf).view
         return request_of(self._isend_op(view, dest, tag, self._ctx, True), self._engine)
 
@@ -919,12 +946,13 @@ class Comm(attributes.Cached, Handle):
         if (  # not a rank (or ANY_SOURCE), a bad tag or a freed comm: the checks and errors
             route is None
             or self._engine is None
+            or type(tag) is not int  # (a float tag: converted by the general path)
             or not (0 <= tag <= constants.TAG_UB or tag == constants.ANY_TAG)
             or type(source) is not int  # (a float rank equal to one finds its route too)
         ):
             route = None
             source = self._source(source)
-            self._recv_tag(tag)
+            tag = self._recv_tag(tag)
         view = _quick(buf, True, _SIZES)
         finish = None  # a plain spec (quick's): no unpack to run at completion
         if view is None:
@@ -962,7 +990,7 @@ class Comm(attributes.Cached, Handle):
         status: Status | None = None,
     ) -> None:
         """Send and receive at once (deadlock-free however large the messages)."""
-        engine, dest, source = self._sendrecv_args(dest, source, sendtag, recvtag)
+        engine, dest, source, sendtag, recvtag = self._sendrecv_args(dest, source, sendtag, recvtag)
         peer = self._shm_peer.get(dest)
         if peer is not None and (  # fast path: a send written whole at once, then Recv's
             _plain_array(recvbuf, True) or _quick(recvbuf, True, _SIZES) is not None
@@ -1028,7 +1056,7 @@ class Comm(attributes.Cached, Handle):
     ) -> bool:
         """Block until a matching message can be received; fill `status`. True."""
         source = self._source(source)
-        self._recv_tag(tag)
+        tag = self._recv_tag(tag)
         engine = self._live()
         watch = self._route[source].peer if source >= 0 else -1
         engine.wait_until(lambda: self._iprobe(source, tag, status), watch)
@@ -1042,7 +1070,7 @@ class Comm(attributes.Cached, Handle):
     ) -> bool:
         """True (status filled) iff a matching message can be received now."""
         source = self._source(source)
-        self._recv_tag(tag)
+        tag = self._recv_tag(tag)
         engine = self._live()
         if self._iprobe(source, tag, status):
             return True
@@ -1336,7 +1364,7 @@ class Comm(attributes.Cached, Handle):
             raise exceptions.Exception(exceptions.ERR_GROUP, f"world ranks {outside} not here")
         if engine.world_rank not in members:
             return COMM_NULL
-        self._send_tag(tag)
+        tag = self._send_tag(tag)
         ctx = self._alloc_ctx(members, tag)
         mirror = mirror_coll = None
         if self._has_mpi and not all(engine.routes[w].local for w in members):

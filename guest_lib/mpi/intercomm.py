@@ -803,7 +803,7 @@ def create_intercomm(
     size = comm.Get_size()
     if not 0 <= local_leader < size:
         raise exceptions.Exception(exceptions.ERR_RANK, f"local leader {local_leader}")
-    comm._send_tag(tag)
+    tag = comm._send_tag(tag)
     local = comm.Dup()
     mpi = local._allreduce_int_or(1 if engine.has_mpi else 0)
     mine = list(comm._group)

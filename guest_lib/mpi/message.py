@@ -232,7 +232,7 @@ def mprobe(
 ) -> Message:
     """Comm.Mprobe: block until a message matching (source, tag) can be taken; take it."""
     source = comm._source(source)
-    comm._recv_tag(tag)
+    tag = comm._recv_tag(tag)
     engine = comm._check()
     found: list[Message] = []
 
@@ -260,7 +260,7 @@ def improbe(
     A progress pass runs first.
     """
     source = comm._source(source)
-    comm._recv_tag(tag)
+    tag = comm._recv_tag(tag)
     engine = comm._check()
     message = _take(comm, source, tag, status)
     if message is None:

@@ -86,7 +86,7 @@ class PartSend:
 
     def __init__(self, comm: Comm, buf: Any, partitions: int, dest: int, tag: int) -> None:
         dest = comm._dest(dest)
-        comm._send_tag(tag)
+        tag = comm._send_tag(tag)
         self.engine = comm._check()
         self.comm, self.buf, self.dest, self.tag = comm, buf, dest, tag
         view = buffers.parse(buf).view
@@ -167,7 +167,7 @@ class PartRecv:
                 exceptions.ERR_TAG, "a partitioned receive takes no ANY_TAG (MPI-4)"
             )
         source = comm._source(source)
-        comm._recv_tag(tag)
+        tag = comm._recv_tag(tag)
         self.engine = comm._check()
         self.comm, self.source, self.tag = comm, source, tag
         self.spec = buffers.parse(buf, writable=True, deferred=True)

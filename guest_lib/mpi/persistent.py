@@ -203,7 +203,7 @@ class Prequest(Request):
 
 def _send_init(comm: Comm, buf: Any, dest: int, tag: int, sync: bool) -> Prequest:
     dest = comm._dest(dest)
-    comm._send_tag(tag)
+    tag = comm._send_tag(tag)
     engine = comm._check()
     view = buffers.parse(buf).view
     if not isinstance(buf, list | tuple):  # a plain buffer: the view is its memory
@@ -235,7 +235,7 @@ def recv_init(
     the buffer (as Irecv).
     """
     source = comm._source(source)
-    comm._recv_tag(tag)
+    tag = comm._recv_tag(tag)
     engine = comm._check()
     spec = buffers.parse(buf, writable=True, deferred=True)
     finish = unpacker(spec.unpack)
@@ -271,7 +271,7 @@ def isendrecv(
     It completes when both the send and the receive are; its status is the receive's (ERR_TRUNCATE
     from Wait/Test as Irecv).
     """
-    _, dest, source = comm._sendrecv_args(dest, source, sendtag, recvtag)
+    _, dest, source, sendtag, recvtag = comm._sendrecv_args(dest, source, sendtag, recvtag)
     rview = buffers.parse(recvbuf, writable=True).view
     sview = buffers.parse(sendbuf).view
     return _pair(comm, rview, sview, dest, sendtag, source, recvtag)
@@ -289,7 +289,7 @@ def isendrecv_replace(
 
     `buf` is sent, then receives the message (the data to send is copied at the call).
     """
-    _, dest, source = comm._sendrecv_args(dest, source, sendtag, recvtag)
+    _, dest, source, sendtag, recvtag = comm._sendrecv_args(dest, source, sendtag, recvtag)
     view = buffers.parse(buf, writable=True).view
     return _pair(comm, view, memoryview(bytes(view)), dest, sendtag, source, recvtag)
 

@@ -162,7 +162,7 @@ def check_lane_send_obj_pickles_and_sends_or_hands_back(pair: Pair) -> None:
     assert lane.send_obj(1, 0, TAG, "plain", dumps, None) is True and called == [("plain",)]
     assert b.recv(None, 0, TAG) == "plain"
     assert lane.send_obj(1, 0, TAG, "array", dumps, None) == bytearray(b"not bytes")
-    assert lane.send_obj(1, 0, MPI.TAG_UB + 1, 7, pickle.dumps, 5) == pickle.dumps(7, 5)
+    assert lane.send_obj(1, 0, MPI.TAG_UB_VALUE + 1, 7, pickle.dumps, 5) == pickle.dumps(7, 5)
     with pytest.raises(AttributeError, match="pickle local object"):
         lane.send_obj(1, 0, TAG, lambda: 0, pickle.dumps, 5)
     assert b._engine.lane.recv_obj(0, 0, MPI.ANY_TAG, False) is None  # nothing was sent
@@ -234,7 +234,7 @@ def check_lane_declines_what_is_not_its_own(pair: Pair) -> None:
     status = MPI.Status()
     b.Recv([small, 8, MPI.BYTE], 0, 1, status)
     assert bytes(small[: status.Get_count()]) == b"behind"
-    assert ea.lane.send(1, 0, MPI.TAG_UB + 1, b"x") is False
+    assert ea.lane.send(1, 0, MPI.TAG_UB_VALUE + 1, b"x") is False
     assert eb.lane.recv(0, 0, -3, small, False) is None
     with pytest.raises(exceptions.Exception) as info:
         a.Send(b"x", 1, -3)

@@ -77,7 +77,7 @@ def test_errors_are_the_python_methods(comm):
     for call in (
         lambda: comm.send(1, size, 0),
         lambda: comm.send(1, dest, -5),
-        lambda: comm.send(1, dest, MPI.TAG_UB + 1),
+        lambda: comm.send(1, dest, MPI.TAG_UB_VALUE + 1),
         lambda: comm.isend(1, dest, -5),
         lambda: comm.recv(source=size),
         lambda: comm.recv(source=dest, tag=-7),

@@ -109,7 +109,7 @@ def test_bad_rank_and_tag(comm):
         comm.send(1, comm.Get_size())
     assert info.value.Get_error_class() == MPI.ERR_RANK
     with pytest.raises(MPI.Exception) as info:
-        comm.send(1, 0, tag=MPI.TAG_UB + 1)
+        comm.send(1, 0, tag=MPI.TAG_UB_VALUE + 1)
     assert info.value.Get_error_class() == MPI.ERR_TAG
 
 
