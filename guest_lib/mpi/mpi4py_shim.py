@@ -17,7 +17,9 @@ rank 0 runs the program, the other ranks are the workers) runs as with mpi4py. A
 to a service), which this MPI does not offer: its manager thread would die and every
 `result()` wait for ever. Once `mpi4py.futures._core` is imported, its spawn and service
 managers are wrapped so that the executor is marked broken instead: `submit` and the
-futures raise `BrokenExecutor` with the reason.
+futures raise `BrokenExecutor` with the reason, which also goes to stderr at once (mpi4py's
+demo/futures/run_cpi.py asks `executor.num_workers` first, which is then None, and fails
+with a TypeError that says nothing of Spawn).
 """
 
 from __future__ import annotations
@@ -78,7 +80,9 @@ def _guard_managers(core: types.ModuleType) -> None:
             try:
                 _manager(pool, options)
             except Exception as exc:
-                pool.broken(f"{_NO_POOL} ({type(exc).__name__}: {exc})")
+                reason = f"{_NO_POOL} ({type(exc).__name__}: {exc})"
+                print(f"mpi4py.futures: {reason}", file=sys.stderr, flush=True)
+                pool.broken(reason)
 
         guarded._guarded = True  # type: ignore[attr-defined]
         setattr(core, name, guarded)

@@ -39,7 +39,8 @@ def test_pool_executor_without_futures_main_fails_clearly(tmp_path):
     """No `-m mpi4py.futures`: the executor is broken at once with a message that says what
     to do, instead of waiting for ever for workers that Spawn cannot start."""
     out = tmp_path / "summary.json"
-    run_job([*LAUNCHER, "-n", "1", "--timeout", "60", PROGRAM, str(out)], 90)
+    done = run_job([*LAUNCHER, "-n", "1", "--timeout", "60", PROGRAM, str(out)], 90)
+    assert "mpi4py.futures: MPIPoolExecutor needs Spawn" in done.stderr, done.stderr
     summary = json.loads(out.read_text())
     assert summary["error"].startswith("BrokenExecutor: MPIPoolExecutor needs Spawn")
     assert "python -m mpi4py.futures" in summary["error"] and "ERR_SPAWN" in summary["error"]
