@@ -15,7 +15,8 @@
  * An object is written or read at those offsets only when its type is exactly the
  * registered class, or (an Op's done/error/cancelled) when the type's lookup of each of the
  * three names finds the very descriptor registered: an Op subclass that redefines one (a
- * property) is read through getattr, as Python reads it.
+ * property) is read through getattr, as Python reads it. copy_slots (a template's copy)
+ * needs no registration: it copies the slots its object's own type defines.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -406,6 +407,35 @@ static PyObject *first_pending(PyObject *Py_UNUSED(module), PyObject *const *arg
     return PyLong_FromSsize_t(PySequence_Fast_GET_SIZE(requests));
 }
 
+/* copy_slots(obj): a new object of obj's exact type (a class defined in Python) whose object
+ * slots (__slots__ of every Python class in its MRO) hold what obj's hold, an unset one
+ * unset; no __init__ call, no __dict__ (a new, empty one where the type has one). The C
+ * side of a template's copy: one call instead of object.__new__ and a store per field, for
+ * objects made per call with the same fields but a few (the MPI face's started collective
+ * rounds and their requests). TypeError for an object of a static type. */
+static PyObject *copy_slots(PyObject *Py_UNUSED(module), PyObject *obj)
+{
+    PyTypeObject *type = Py_TYPE(obj);
+    if (!(type->tp_flags & Py_TPFLAGS_HEAPTYPE) || type->tp_alloc == NULL) {
+        PyErr_Format(PyExc_TypeError, "copy_slots: %s is not a class defined in Python",
+                     type->tp_name);
+        return NULL;
+    }
+    PyObject *copy = type->tp_alloc(type, 0);
+    if (copy == NULL)
+        return NULL;
+    PyObject *mro = type->tp_mro;
+    for (Py_ssize_t i = 0; mro != NULL && i < PyTuple_GET_SIZE(mro); i++) {
+        PyTypeObject *base = (PyTypeObject *)PyTuple_GET_ITEM(mro, i);
+        if (!(base->tp_flags & Py_TPFLAGS_HEAPTYPE) || base->tp_members == NULL)
+            continue;
+        for (PyMemberDef *m = base->tp_members; m->name != NULL; m++)
+            if (m->type == T_OBJECT_EX && !(m->flags & READONLY))
+                Py_XSETREF(SLOT(copy, m->offset), Py_XNewRef(SLOT(obj, m->offset)));
+    }
+    return copy;
+}
+
 static PyMethodDef p2preq_methods[] = {
     {"p2p_types", (PyCFunction)(void (*)(void))p2p_types, METH_FASTCALL,
      "p2p_types(Request, RecvOp, template): the MPI face's request classes."},
@@ -417,6 +447,8 @@ static PyMethodDef p2preq_methods[] = {
      "first_pending(requests, start): the first request from start not complete."},
     {"null_done", (PyCFunction)null_done, METH_O,
      "null_done(requests): Waitall's pass over plainly completed requests."},
+    {"copy_slots", (PyCFunction)copy_slots, METH_O,
+     "copy_slots(obj): a new object of obj's class with the values of obj's slots."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -6,8 +6,8 @@
 
 #include <stdbool.h>
 
-/* Add p2p_types, new_request, post_recv, first_pending and null_done to the module; 0 on success, -1 with
- * an exception set. */
+/* Add p2p_types, new_request, post_recv, first_pending, null_done and copy_slots to the
+ * module; 0 on success, -1 with an exception set. */
 int p2preq_add_functions(PyObject *module);
 
 /* Request(op, engine, rank_of, finish), as request_of makes it (new reference); NULL with an

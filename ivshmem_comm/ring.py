@@ -48,6 +48,9 @@ isend_post: Any = None
 obj_methods: Any = None
 first_pending: Any = None
 null_done: Any = None
+#: A new object with a template's slot values (guest_lib.mpi.collectives' started rounds and
+#: their requests), None on the pure-Python path.
+copy_slots: Any = None
 MemoryExporter: Any = None
 EmptyExporter: Any = None
 
@@ -84,6 +87,7 @@ else:
             RxRing,
             TxRing,
             compare_exchange_u64,
+            copy_slots,
             first_pending,
             flat_view,
             full_fence,
@@ -134,6 +138,7 @@ __all__ = [
     "RxRing",
     "TxRing",
     "compare_exchange_u64",
+    "copy_slots",
     "first_pending",
     "flat_view",
     "full_fence",

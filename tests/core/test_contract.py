@@ -48,6 +48,7 @@ MODULE_NAMES = {
     "obj_methods",
     "null_done",
     "first_pending",
+    "copy_slots",
     "P2PLane",
 } | {n for n in ring.__all__ if n.startswith("SEND_")}
 

@@ -369,3 +369,47 @@ def test_take_posted_fills_and_stops_at_recv_ops_as_at_any_entry() -> None:
         assert taken == 0 and head[2:] == (30, 3 << 8 | 1) and posted == [entry]
         assert not entry.done and rx.held == 1
         rx.complete(1)
+
+
+class _Base:
+    __slots__ = ("a", "b")
+
+
+class _Slotted(_Base):
+    __slots__ = ("c", "d")
+
+
+class _WithDict(_Slotted):
+    pass
+
+
+@needs_c
+def test_copy_slots_copies_every_slot_of_the_mro_and_nothing_else() -> None:
+    template = _WithDict()
+    template.a, template.c = [1], "x"  # (b and d unset)
+    template.extra = 5  # type: ignore[attr-defined]
+    copy = _fastpath.copy_slots(template)
+    assert type(copy) is _WithDict and copy is not template
+    assert copy.a is template.a and copy.c == "x"
+    assert not hasattr(copy, "b") and not hasattr(copy, "d") and vars(copy) == {}
+    copy.b = 2  # (its own slots: the template's stay as they were)
+    assert not hasattr(template, "b")
+    with pytest.raises(TypeError, match="not a class defined in Python"):
+        _fastpath.copy_slots(DoneOp)
+    with pytest.raises(TypeError):
+        _fastpath.copy_slots(3)
+
+
+@needs_c
+def test_a_started_rounds_copy_is_what_its_constructor_makes() -> None:
+    from guest_lib.mpi import area, collectives
+
+    group, wait, shared, args = object(), (0, 1, 2, 3), object(), (1, 2, 3)
+    want = area.StartedRound(group, 7, wait, shared, collectives._nb_abandon, args)  # type: ignore[arg-type]
+    got = _fastpath.copy_slots(collectives._STARTED_ROUND)
+    got._group, got._k, got._wait, got._area, got.fail_args = group, 7, wait, shared, args
+    names = [n for kind in type(want).__mro__ for n in getattr(kind, "__slots__", ())]
+    assert _slots(got, names) == _slots(want, names)
+    request = _fastpath.copy_slots(collectives._AREA_REQUEST)
+    assert type(request) is area.AreaRequest
+    assert _slots(request, REQUEST_SLOTS) == _slots(area.AreaRequest(), REQUEST_SLOTS)
