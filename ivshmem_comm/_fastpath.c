@@ -3255,6 +3255,13 @@ enum {
     CF_BARRIER, /* (no arguments: Barrier's round, run()'s barrier) */
     CF_COUNT
 };
+/* A flag or-ed into front()'s `which` of a block collective (Bcast, Gather, Scatter, Allgather,
+ * Alltoall and the folds but Reduce_scatter; never a vector one): a call whose message is no
+ * byte on this member (a block form's, front_blocks' vectors not counted) is none on any (the
+ * type signatures match), and returns E_EMPTY having taken no round, as MPICH returns from it
+ * without a word (guest_lib.mpi.collectives: `_skip`, whose rules take every such form too). */
+#define CF_EMPTY 64
+#define E_EMPTY 3
 
 /* set_front's tables: numpy.ndarray, MPI.IN_PLACE, and dicts keyed by id(): of a predefined
  * datatype that does not pack its size (buffers._PLAIN_SIZE) and its FOLD_DTYPES code (where
@@ -3554,15 +3561,16 @@ none:
 
 /* A buffer argument that holds one block per member (collectives._blocks): c->size equal
  * blocks of a block form (front_buffer with blocks = size; its explicit count is one block),
- * or a vector spec's (front_vector). Held in `view`; counts[r] and displs[r] are block r's
- * bytes and byte offset (c->size entries each); *code the elements' FOLD_DTYPES code (-1:
- * none, or a vector spec). 1 taken; 0 not taken, nothing held; -1 error. */
+ * or a vector spec's (front_vector: *vector set). Held in `view`; counts[r] and displs[r] are
+ * block r's bytes and byte offset (c->size entries each); *code the elements' FOLD_DTYPES
+ * code (-1: none, or a vector spec). 1 taken; 0 not taken, nothing held; -1 error. */
 static int front_blocks(CollRound *c, PyObject *obj, bool writable, Py_buffer *view,
-                        Py_ssize_t *counts, Py_ssize_t *displs, int *code)
+                        Py_ssize_t *counts, Py_ssize_t *displs, int *code, bool *vector)
 {
     int size = c->size;
     Py_ssize_t elems;
     int got = front_buffer(obj, writable, size, view, &elems, code);
+    *vector = got == 0;
     if (got == 0) {
         *code = -1;
         return front_vector(obj, size, writable, view, counts, displs);
@@ -3590,7 +3598,8 @@ static int front_blocks(CollRound *c, PyObject *obj, bool writable, Py_buffer *v
  * run()'s rounds of the same name; CF_SCATTER_BYTES and CF_ALLTOALL_BYTES: the bcast and
  * allgather rounds of pickling.bundle's bundles, `taken` holding this member's piece of
  * each), and Barrier (CF_BARRIER: no arguments, run()'s barrier round); the others'
- * unused ones are ignored. Results as run() / fold(); None having touched nothing where the
+ * unused ones are ignored. Results as run() / fold(), or E_EMPTY (3) for a call of no byte
+ * with CF_EMPTY in `which` (no round taken); None having touched nothing where the
  * Python lanes would not take the arguments (see above), or where a container of the tuple
  * `quiet` (given: the engine's queues, Engine.queues) holds anything. */
 static PyObject *coll_front(CollRound *c, PyObject *const *args, Py_ssize_t nargs)
@@ -3604,6 +3613,8 @@ static PyObject *coll_front(CollRound *c, PyObject *const *args, Py_ssize_t narg
     int which = PyLong_AsLong(args[3]);
     if (which == -1 && PyErr_Occurred())
         return NULL;
+    bool empty_ok = which >= 0 && (which & CF_EMPTY) != 0;
+    which &= ~CF_EMPTY;
     if (front_ndarray == NULL || which < 0 || which >= CF_COUNT)
         Py_RETURN_NONE;
     if (nargs == 9) { /* quiet: containers that must all be empty (as engine.quiet reads them) */
@@ -3664,7 +3675,7 @@ static PyObject *coll_front(CollRound *c, PyObject *const *args, Py_ssize_t narg
         return result;
     }
     Py_buffer send, recv;
-    bool has_send = false, has_recv = false;
+    bool has_send = false, has_recv = false, vs = false, vr = false; /* (vr, vs: vectors) */
     Py_ssize_t ns = 0, nr = 0, block = 0;
     switch (which) {
     case CF_BARRIER:
@@ -3675,6 +3686,8 @@ static PyObject *coll_front(CollRound *c, PyObject *const *args, Py_ssize_t narg
         if ((got = front_buffer(a, me != root, 1, &recv, &nr, &cr)) <= 0)
             goto out;
         has_recv = true;
+        if (empty_ok && recv.len == 0)
+            goto empty;
         if (recv.len > c->slab_size)
             goto none;
         break;
@@ -3686,7 +3699,7 @@ static PyObject *coll_front(CollRound *c, PyObject *const *args, Py_ssize_t narg
         if (gathers) { /* (active: its counts are in use; begin refuses) */
             if (c->active)
                 goto none;
-            if ((got = front_blocks(c, b, true, &recv, c->counts, c->displs, &cr)) <= 0)
+            if ((got = front_blocks(c, b, true, &recv, c->counts, c->displs, &cr, &vr)) <= 0)
                 goto out;
             has_recv = true;
             for (int q = 0; q < size && which == CF_ALLGATHER; q++)
@@ -3702,6 +3715,8 @@ static PyObject *coll_front(CollRound *c, PyObject *const *args, Py_ssize_t narg
                 (gathers && send.len != c->counts[me]))
                 goto none;
         }
+        if (empty_ok && (!has_send || send.len == 0) && (!gathers || (!vr && recv.len == 0)))
+            goto empty;
         break;
     }
     case CF_SCATTER: { /* (as _a_scatter; a non-root's block over a segment: declined) */
@@ -3715,12 +3730,14 @@ static PyObject *coll_front(CollRound *c, PyObject *const *args, Py_ssize_t narg
             has_recv = true;
         }
         if (me == root) {
-            if ((got = front_blocks(c, a, false, &send, c->counts, c->displs, &cs)) <= 0)
+            if ((got = front_blocks(c, a, false, &send, c->counts, c->displs, &cs, &vs)) <= 0)
                 goto out;
             has_send = true;
             if (has_recv && recv.len != c->counts[me])
                 goto none;
         }
+        if (empty_ok && (!has_recv || recv.len == 0) && (!has_send || (!vs && send.len == 0)))
+            goto empty;
         break;
     }
     case CF_ALLTOALL:
@@ -3728,7 +3745,7 @@ static PyObject *coll_front(CollRound *c, PyObject *const *args, Py_ssize_t narg
         cw = CW_ALLTOALLV;
         if (c->active) /* (its vectors are in use; begin refuses) */
             goto none;
-        if ((got = front_blocks(c, b, true, &recv, c->rcounts, c->rdispls, &cr)) <= 0)
+        if ((got = front_blocks(c, b, true, &recv, c->rcounts, c->rdispls, &cr, &vr)) <= 0)
             goto out;
         has_recv = true;
         for (int q = 0; which == CF_ALLTOALL && q < size; q++)
@@ -3736,9 +3753,11 @@ static PyObject *coll_front(CollRound *c, PyObject *const *args, Py_ssize_t narg
                 goto none;
         /* in place: recv's blocks are the send blocks (a second export, read-only) */
         if ((got = front_blocks(c, a == front_in_place ? b : a, false, &send, c->counts,
-                                c->displs, &cs)) <= 0)
+                                c->displs, &cs, &vs)) <= 0)
             goto out;
         has_send = true;
+        if (empty_ok && !vr && !vs && recv.len == 0 && send.len == 0)
+            goto empty;
         break;
     }
     case CF_REDUCE_SCATTER_BLOCK:
@@ -3793,6 +3812,8 @@ static PyObject *coll_front(CollRound *c, PyObject *const *args, Py_ssize_t narg
         if (cs != cr || (cs >= CD_F4 && opcode >= CO_BAND) || ns != sum ||
             most > c->seg / itemsize || (c->counts[me] && (uintptr_t)recv.buf % itemsize))
             goto none;
+        if (empty_ok && ns == 0)
+            goto empty;
         recv.len = c->counts[me] * itemsize;
         block = 0; /* (the counts in bytes, displacements: coll_fold's) */
         for (int q = 0; q < size; q++) {
@@ -3843,6 +3864,9 @@ static PyObject *coll_front(CollRound *c, PyObject *const *args, Py_ssize_t narg
         if (has_recv && (cr != cs || nr != ns ||
                          (recv.len && (uintptr_t)recv.buf % fold_itemsize[cs])))
             goto none;
+        /* (a receive side parsed and let go, Exscan's rank 0's, is of the same elements too) */
+        if (empty_ok && ns == 0 && nr == 0 && (cr == cs || (which == CF_REDUCE && me != root)))
+            goto empty;
         break;
     }
     }
@@ -3875,6 +3899,9 @@ static PyObject *coll_front(CollRound *c, PyObject *const *args, Py_ssize_t narg
         return NULL;
     }
     return coll_advance(c, spin_ns, yield);
+empty: /* (no round taken: nothing is read or written) */
+    got = E_EMPTY;
+    goto out;
 none:
     got = 0;
 out:
@@ -3884,6 +3911,8 @@ out:
         PyBuffer_Release(&recv);
     if (got < 0)
         return NULL;
+    if (got == E_EMPTY)
+        return PyLong_FromLong(E_EMPTY);
     Py_RETURN_NONE;
 }
 

@@ -120,7 +120,10 @@ _SLOW = object()  # what a fast lane returns when the collective's own body must
 
 
 def collective(
-    method: Callable[..., Any] | None = None, *, fast: Callable[..., Any] | None = None
+    method: Callable[..., Any] | None = None,
+    *,
+    fast: Callable[..., Any] | None = None,
+    empty: Callable[..., bool] | None = None,
 ) -> Any:
     """Decorator of a blocking collective: numbers the instance (its messages carry its tag
     base, see `_c_isend`), and abandons it when it raises here (see the module docstring).
@@ -129,15 +132,20 @@ def collective(
     `fast(self, area, *args)`: the collective's lane for the common case in the collective
     area (`area.Area.call`: one C call), tried first when the area is bound and ready; it
     returns the collective's result, or _SLOW having moved nothing (or after the area was
-    dropped) for the body to run it as usual."""
+    dropped) for the body to run it as usual.
+
+    `empty(self, *args)` (see `_e_bcast`): True where the call moves no byte, which every
+    member then decides alike: the instance is numbered and nothing else runs (`_skip`)."""
     if method is None:
-        return functools.partial(collective, fast=fast)
+        return functools.partial(collective, fast=fast, empty=empty)
 
     @functools.wraps(method)
     def run(self: Any, *args: Any, **kwargs: Any) -> Any:
         engine = self._live()
         if self._coll_active or len(self._group) < 2:
             return method(self, *args, **kwargs)
+        if empty is not None and _empty(empty, self, args, kwargs):
+            return _skip(self)
         if fast is not None:
             shared = self._area
             if shared and shared.ready():
@@ -162,7 +170,115 @@ def collective(
 
     if fast is not None:
         run.lane = fast  # type: ignore[attr-defined]  # (see front_lanes)
+    run.empty = empty  # type: ignore[attr-defined]  # (see _front)
     return run
+
+
+# ------------------------------------------------------------------ collectives of no bytes
+# A block collective (not a vector one) whose message is no byte on this member is none on
+# any (the members' type signatures match), and MPICH returns from it without a word: so do
+# we, on every path alike (the C front: CollectiveRound.front's E_EMPTY; the Python lanes and
+# bodies: `collective`'s `empty` rules below, which take at least every form the C front
+# takes), so that no member waits for another that skipped. The instance is still numbered
+# (`_skip`), as a member that raises on its arguments numbers it: the members stay in step.
+# Argument errors (a bad root or op, a spec buffers.parse refuses) are not skipped: the
+# collective's body raises them as before.
+def _skip(self: Any) -> None:
+    """A collective instance that moves no byte (see above): numbered, nothing run."""
+    self._coll_seq += 1
+
+
+def _skip_started(self: Any, engine: Engine) -> Request:
+    """`_skip` of a nonblocking one: numbered as `_nonblocking` numbers it, and complete."""
+    self._nb_seq += 1
+    return new_request(_STARTED_DONE, engine, None, None)
+
+
+def _empty(rule: Callable[..., bool], self: Any, args: Any, kwargs: Any) -> bool:
+    """`rule(self, *args, **kwargs)`, False where it raises (the body reports it)."""
+    try:
+        return rule(self, *args, **kwargs)
+    except Exception:
+        return False
+
+
+def _nothing(spec: Any, writable: bool) -> Any:
+    """The datatype of message spec `spec` (not IN_PLACE, BOTTOM or None) where buffers.parse
+    takes it (a receive's `writable`) and it holds no byte; else None."""
+    kind = type(spec)
+    if kind is np.ndarray:
+        if spec.size:
+            return None
+    elif kind is list or kind is tuple:
+        if len(spec) == 3 and type(spec[1]) is int and spec[1]:
+            return None  # (the common case of a count: no parse)
+    elif spec is None or isinstance(spec, constants.BufferConstant):
+        return None
+    try:
+        parsed = buffers.parse(spec, writable=writable, deferred=True)
+    except Exception:
+        return None
+    return None if parsed.view.nbytes else parsed.datatype
+
+
+def _rooted(self: Any, root: Any) -> bool:
+    return type(root) is int and 0 <= root < len(self._group)
+
+
+def _e_bcast(self: Any, buf: Any, root: int = 0) -> bool:
+    """Bcast's `empty` rule: a valid root and no byte in buf."""
+    return _rooted(self, root) and _nothing(buf, self._rank != root) is not None
+
+
+def _e_gather(self: Any, sendbuf: Any, recvbuf: Any, root: int = 0) -> bool:
+    """Gather's: a valid root; no byte in sendbuf (but IN_PLACE at the root) and, at the
+    root, none in recvbuf."""
+    if not _rooted(self, root):
+        return False
+    if self._rank != root:
+        return _nothing(sendbuf, False) is not None
+    own = sendbuf is IN_PLACE or sendbuf is None or _nothing(sendbuf, False) is not None
+    return own and _nothing(recvbuf, True) is not None
+
+
+def _e_scatter(self: Any, sendbuf: Any, recvbuf: Any, root: int = 0) -> bool:
+    """Scatter's: a valid root; no byte in recvbuf (but IN_PLACE at the root) and, at the
+    root, none in sendbuf."""
+    if not _rooted(self, root):
+        return False
+    if self._rank != root:
+        return _nothing(recvbuf, True) is not None
+    own = recvbuf is IN_PLACE or recvbuf is None or _nothing(recvbuf, True) is not None
+    return own and _nothing(sendbuf, False) is not None
+
+
+def _e_pair(self: Any, sendbuf: Any, recvbuf: Any) -> bool:
+    """Allgather's and Alltoall's: no byte in recvbuf, nor in sendbuf (but IN_PLACE)."""
+    if _nothing(recvbuf, True) is None:
+        return False
+    return sendbuf is IN_PLACE or _nothing(sendbuf, False) is not None
+
+
+def _e_fold(self: Any, sendbuf: Any, recvbuf: Any, op: Any = ops.SUM) -> bool:
+    """Allreduce's, Scan's, Exscan's and Reduce_scatter_block's: an Op, and no byte in
+    recvbuf nor in sendbuf (but IN_PLACE), of the same datatype (mpi4py's check, which
+    raises on a mismatch: the body's `_same_message` then does)."""
+    if not isinstance(op, ops.Op):
+        return False
+    received = _nothing(recvbuf, True)
+    if received is None:
+        return False
+    return sendbuf is IN_PLACE or _nothing(sendbuf, False) == received
+
+
+def _e_reduce(self: Any, sendbuf: Any, recvbuf: Any, op: Any = ops.SUM, root: int = 0) -> bool:
+    """Reduce's: a valid root, an Op, no byte in sendbuf (but IN_PLACE at the root) and, at
+    the root, none in recvbuf, of the same datatype (as `_e_fold`)."""
+    if not _rooted(self, root) or not isinstance(op, ops.Op):
+        return False
+    if self._rank != root:
+        return _nothing(sendbuf, False) is not None
+    return _e_fold(self, sendbuf, recvbuf, op)
 
 
 def _laned(
@@ -215,11 +331,14 @@ def _front(method: Callable[..., Any], fast: Callable[..., Any]) -> Callable[...
     error: the method's body reports it) leave everything to the method."""
     args_of = getattr(fast, "args_of", None)
     then = getattr(fast, "then", None)
+    empty = getattr(method, "empty", None)
 
     @functools.wraps(method)
     def front(self: Any, *args: Any, **kwargs: Any) -> Any:
         shared = self._area
         if shared and not self._coll_active:
+            if empty is not None and _empty(empty, self, args, kwargs):
+                return method(self, *args, **kwargs)  # (which skips it: `collective`)
             engine = self._engine
             group = shared.group
             if (
@@ -260,11 +379,14 @@ def _front_started(
     """`_front` of a nonblocking collective with a lane (`started`): taken with the area
     bound with its C accelerator, this communicator not revoked and no record of an
     abandoned collective of it (`Area.untroubled`)."""
+    empty = getattr(method, "empty", None)
 
     @functools.wraps(method)
     def front(self: Any, *args: Any, **kwargs: Any) -> Any:
         shared = self._area
         if shared:
+            if empty is not None and _empty(empty, self, args, kwargs):
+                return method(self, *args, **kwargs)  # (which skips it: `started`)
             engine = self._engine
             if (
                 shared.group._c is not None
@@ -727,6 +849,9 @@ F_REDUCE_SCATTER_BLOCK, F_REDUCE_SCATTER, F_SCATTER, F_ALLTOALL, F_ALLTOALLV = 7
 # rounds of bundles (pickling.bundle), each member taking its piece in C
 F_BCAST_BYTES, F_GATHER_BYTES, F_ALLGATHER_BYTES, F_SCATTER_BYTES, F_ALLTOALL_BYTES = range(12, 17)
 F_BARRIER = 17  # Barrier's round (no arguments: a, b, op None, root 0)
+# or-ed into a block collective's code: a call of no byte returns E_EMPTY, no round taken
+# (see `_skip`; never a vector collective's: a member cannot tell the others' counts)
+F_EMPTY, E_EMPTY = 64, 3
 
 
 def _set_front_tables() -> None:
@@ -780,6 +905,9 @@ def _c_front(self: Any, which: int, a: Any, b: Any, op: Any, root: Any) -> bool:
     # (numbered once taken: nothing the C call runs reads the instance number)
     seq = self._coll_seq
     self._coll_seq = seq + 1
+    if result == E_EMPTY:  # (no byte: no round taken, see `_skip`)
+        return True
+    which &= ~F_EMPTY
     if result == 0:  # (the common case: done within the spin; a scatterv may take more)
         # Nothing reads the instance's tag base or the area's current instance after a
         # round done here: they are set below, where a wait (its abandonment checks), an
@@ -849,32 +977,24 @@ def _c_bcast(method: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(method)
     def Bcast(self: Any, buf: Any, root: int = 0) -> None:
-        if not _c_front(self, F_BCAST, buf, None, None, root):
+        if not _c_front(self, F_BCAST | F_EMPTY, buf, None, None, root):
             method(self, buf, root)
 
     return Bcast
 
 
-def _c_gather(method: Callable[..., Any]) -> Callable[..., Any]:
-    """The C front of Gather (`_c_front`), then `method`."""
+def _c_rooted(which: int) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """The C front (`_c_front`) of Gather(v) or Scatter(v) (`which`), then `method`."""
 
-    @functools.wraps(method)
-    def Gather(self: Any, sendbuf: Any, recvbuf: Any, root: int = 0) -> None:
-        if not _c_front(self, F_GATHER, sendbuf, recvbuf, None, root):
-            method(self, sendbuf, recvbuf, root)
+    def make(method: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(method)
+        def rooted(self: Any, sendbuf: Any, recvbuf: Any, root: int = 0) -> None:
+            if not _c_front(self, which, sendbuf, recvbuf, None, root):
+                method(self, sendbuf, recvbuf, root)
 
-    return Gather
+        return rooted
 
-
-def _c_scatter(method: Callable[..., Any]) -> Callable[..., Any]:
-    """The C front of Scatter and Scatterv (`_c_front`), then `method`."""
-
-    @functools.wraps(method)
-    def Scatter(self: Any, sendbuf: Any, recvbuf: Any, root: int = 0) -> None:
-        if not _c_front(self, F_SCATTER, sendbuf, recvbuf, None, root):
-            method(self, sendbuf, recvbuf, root)
-
-    return Scatter
+    return make
 
 
 def _c_pair(which: int) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -896,7 +1016,7 @@ def _c_reduce(method: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(method)
     def Reduce(self: Any, sendbuf: Any, recvbuf: Any, op: Any = ops.SUM, root: int = 0) -> None:
-        if not _c_front(self, F_REDUCE, sendbuf, recvbuf, op, root):
+        if not _c_front(self, F_REDUCE | F_EMPTY, sendbuf, recvbuf, op, root):
             method(self, sendbuf, recvbuf, op, root)
 
     return Reduce
@@ -996,6 +1116,8 @@ def _c_start(
         raise error from exc
     if result is None:
         return None  # (not taken)
+    if result == E_EMPTY:  # (no byte: no round taken, see `_skip`)
+        return _skip_started(self, engine)
     now = c.round  # (the round C ended on: k, or later for a scatterv of several)
     group._round = now if now > k else k
     if result.__class__ is not tuple:  # (done by this first poll)
@@ -1047,21 +1169,24 @@ def _s_bcast(method: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(method)
     def Ibcast(self: Any, buf: Any, root: int = 0) -> Request:
-        request = _c_start(self, F_BCAST, buf, None, None, root)
+        request = _c_start(self, F_BCAST | F_EMPTY, buf, None, None, root)
         return method(self, buf, root) if request is None else request
 
     return Ibcast
 
 
-def _s_allgather(method: Callable[..., Any]) -> Callable[..., Any]:
-    """The C front of Iallgather (`_c_start`), then `method`."""
+def _s_allgather(which: int) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """The C front (`_c_start`) of Iallgather or Iallgatherv (`which`), then the method."""
 
-    @functools.wraps(method)
-    def Iallgather(self: Any, sendbuf: Any, recvbuf: Any) -> Request:
-        request = _c_start(self, F_ALLGATHER, sendbuf, recvbuf, None, 0)
-        return method(self, sendbuf, recvbuf) if request is None else request
+    def make(method: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(method)
+        def Iallgather(self: Any, sendbuf: Any, recvbuf: Any) -> Request:
+            request = _c_start(self, which, sendbuf, recvbuf, None, 0)
+            return method(self, sendbuf, recvbuf) if request is None else request
 
-    return Iallgather
+        return Iallgather
+
+    return make
 
 
 def _s_reduce(method: Callable[..., Any]) -> Callable[..., Any]:
@@ -1069,7 +1194,7 @@ def _s_reduce(method: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(method)
     def Ireduce(self: Any, sendbuf: Any, recvbuf: Any, op: Any = ops.SUM, root: int = 0) -> Any:
-        request = _c_start(self, F_REDUCE, sendbuf, recvbuf, op, root)
+        request = _c_start(self, F_REDUCE | F_EMPTY, sendbuf, recvbuf, op, root)
         return method(self, sendbuf, recvbuf, op, root) if request is None else request
 
     return Ireduce
@@ -1116,7 +1241,7 @@ def _s_alltoall(which: int) -> Callable[[Callable[..., Any]], Callable[..., Any]
     (`_m_alltoall`), its pending round staged with the engine; Ialltoall's is not staged: the
     front takes no block over a segment, and its blocks are the same size everywhere, so
     its members never decline it."""
-    stage = which == F_ALLTOALLV
+    stage = which == F_ALLTOALLV  # (its code without F_EMPTY: a vector one)
 
     def make(method: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(method)
@@ -1137,33 +1262,34 @@ _C_FRONTS: dict[str, Callable[[Callable[..., Any]], Callable[..., Any]]] = {
     "Barrier": _c_barrier,
     "barrier": _c_barrier,
     "Bcast": _c_bcast,
-    "Gather": _c_gather,
-    "Gatherv": _c_gather,
-    "Allgather": _c_pair(F_ALLGATHER),
+    "Gather": _c_rooted(F_GATHER | F_EMPTY),
+    "Gatherv": _c_rooted(F_GATHER),
+    "Allgather": _c_pair(F_ALLGATHER | F_EMPTY),
     "Allgatherv": _c_pair(F_ALLGATHER),
-    "Alltoall": _c_pair(F_ALLTOALL),
+    "Alltoall": _c_pair(F_ALLTOALL | F_EMPTY),
     "Alltoallv": _c_pair(F_ALLTOALLV),
     "Reduce": _c_reduce,
-    "Allreduce": _c_folding(F_ALLREDUCE),
-    "Scan": _c_folding(F_SCAN),
-    "Exscan": _c_folding(F_EXSCAN),
-    "Reduce_scatter_block": _c_folding(F_REDUCE_SCATTER_BLOCK),
+    "Allreduce": _c_folding(F_ALLREDUCE | F_EMPTY),
+    "Scan": _c_folding(F_SCAN | F_EMPTY),
+    "Exscan": _c_folding(F_EXSCAN | F_EMPTY),
+    "Reduce_scatter_block": _c_folding(F_REDUCE_SCATTER_BLOCK | F_EMPTY),
     "Reduce_scatter": _c_reduce_scatter,
-    "Scatter": _c_scatter,
-    "Scatterv": _c_scatter,
+    "Scatter": _c_rooted(F_SCATTER | F_EMPTY),
+    "Scatterv": _c_rooted(F_SCATTER),
     "Ibarrier": _s_barrier,
     "Ibcast": _s_bcast,
-    "Iallgather": _s_allgather,
+    "Iallgather": _s_allgather(F_ALLGATHER | F_EMPTY),
+    "Iallgatherv": _s_allgather(F_ALLGATHER),
     "Ireduce": _s_reduce,
-    "Iallreduce": _s_folding(F_ALLREDUCE),
-    "Iscan": _s_folding(F_SCAN),
-    "Iexscan": _s_folding(F_EXSCAN),
-    "Ireduce_scatter_block": _s_folding(F_REDUCE_SCATTER_BLOCK),
-    "Igather": _s_rooted(F_GATHER, _m_gather),
+    "Iallreduce": _s_folding(F_ALLREDUCE | F_EMPTY),
+    "Iscan": _s_folding(F_SCAN | F_EMPTY),
+    "Iexscan": _s_folding(F_EXSCAN | F_EMPTY),
+    "Ireduce_scatter_block": _s_folding(F_REDUCE_SCATTER_BLOCK | F_EMPTY),
+    "Igather": _s_rooted(F_GATHER | F_EMPTY, _m_gather),
     "Igatherv": _s_rooted(F_GATHER, _m_gather),
-    "Ialltoall": _s_alltoall(F_ALLTOALL),
+    "Ialltoall": _s_alltoall(F_ALLTOALL | F_EMPTY),
     "Ialltoallv": _s_alltoall(F_ALLTOALLV),
-    "Iscatter": _s_rooted(F_SCATTER, _m_scatter),
+    "Iscatter": _s_rooted(F_SCATTER | F_EMPTY, _m_scatter),
     "Iscatterv": _s_rooted(F_SCATTER, _m_scatter),
 }
 
@@ -1179,7 +1305,9 @@ _F_MESSAGES: dict[int, Callable[[Any, Any, Any, Any], Stages]] = {
 
 
 def started(
-    args_of: Callable[..., CArgs], messages: Messages | None = None
+    args_of: Callable[..., CArgs],
+    messages: Messages | None = None,
+    empty: Callable[..., bool] | None = None,
 ) -> Callable[[Callable[..., Any]], Any]:
     """Decorator of a nonblocking collective: its lane in the collective area, as the
     blocking lanes (`collective`): where the communicator's area is bound, no member
@@ -1192,12 +1320,15 @@ def started(
     members declined the round, the instance goes on with those stages on its own tag; its
     pending round is then staged with the engine (AreaOp.stage), so that every progress
     pass (a blocking Recv's too) polls it and starts those stages (the other members wait
-    for them), as MPI's progress rule asks."""
+    for them), as MPI's progress rule asks. `empty`: the blocking form's rule (see `_skip`):
+    a call of no byte returns a complete Request (`_skip_started`)."""
 
     def wrap(method: Callable[..., Any]) -> Any:
         @functools.wraps(method)
         def run(self: Any, *args: Any, **kwargs: Any) -> Any:
             engine = self._live()
+            if empty is not None and len(self._group) > 1 and _empty(empty, self, args, kwargs):
+                return _skip_started(self, engine)
             shared = self._area
             if shared and shared.untroubled():
                 request = _begun(self, engine, shared, args_of, messages, args, kwargs)
@@ -1206,6 +1337,7 @@ def started(
             return method(self, *args, **kwargs)
 
         run.begun = (args_of, messages)  # type: ignore[attr-defined]  # (see front_lanes)
+        run.empty = empty  # type: ignore[attr-defined]  # (see _front_started)
         return run
 
     return wrap
@@ -1940,7 +2072,7 @@ class Collectives:
             return obj
         return _loads(self._bcast_view(None, root, T_BCAST))
 
-    @collective(fast=_f_bcast)
+    @collective(fast=_f_bcast, empty=_e_bcast)
     def Bcast(self, buf: Any, root: int = 0) -> None:
         """Broadcast a buffer from `root` into `buf` on every rank.
 
@@ -2225,7 +2357,7 @@ class Collectives:
         for stage in stages:
             self._c_wait(stage)
 
-    @collective(fast=_f_gather)
+    @collective(fast=_f_gather, empty=_e_gather)
     def Gather(self, sendbuf: Any, recvbuf: Any, root: int = 0) -> None:
         """Gather every rank's sendbuf into the root's recvbuf, in rank order.
 
@@ -2257,16 +2389,23 @@ class Collectives:
         if refused:
             raise StandInValueError(str(refused[0])) from refused[0]
 
-    @started(_a_gather, _m_gather)
+    @started(_a_gather, _m_gather, _e_gather)
     def Igather(self, sendbuf: Any, recvbuf: Any, root: int = 0) -> Request:
-        """Start Gather (see there) without waiting; return the Request (also Igatherv)."""
+        """Start Gather (see there) without waiting; return the Request."""
+        return self._igather(sendbuf, recvbuf, root)
+
+    @started(_a_gather, _m_gather)
+    def Igatherv(self, sendbuf: Any, recvbuf: Any, root: int = 0) -> Request:
+        """Start Gatherv (see there) without waiting; return the Request."""
+        return self._igather(sendbuf, recvbuf, root)
+
+    def _igather(self, sendbuf: Any, recvbuf: Any, root: int) -> Request:
+        """The body of Igather and Igatherv."""
         return self._nonblocking(
             functools.partial(self._gatherv, sendbuf, recvbuf, root),
             functools.partial(self._p_gather, sendbuf, recvbuf, root),
             lambda tag: _m_gather(self, tag, sendbuf, recvbuf, root),
         )
-
-    Igatherv = Igather
 
     def _gatherv(
         self,
@@ -2302,7 +2441,7 @@ class Collectives:
             others = [r for r in others if len(spec.part(r)) > group.slab_size]
         yield [self._c_irecv(spec.part(r), r, tag) for r in others]
 
-    @collective(fast=_f_scatter)
+    @collective(fast=_f_scatter, empty=_e_scatter)
     def Scatter(self, sendbuf: Any, recvbuf: Any, root: int = 0) -> None:
         """Scatter part r of the root's sendbuf into rank r's recvbuf.
 
@@ -2337,15 +2476,22 @@ class Collectives:
         if refused:
             raise refused[0]
 
-    @started(_a_scatter, _m_scatter)
+    @started(_a_scatter, _m_scatter, _e_scatter)
     def Iscatter(self, sendbuf: Any, recvbuf: Any, root: int = 0) -> Request:
-        """Start Scatter (see there) without waiting; return the Request (also Iscatterv)."""
+        """Start Scatter (see there) without waiting; return the Request."""
+        return self._iscatter(sendbuf, recvbuf, root)
+
+    @started(_a_scatter, _m_scatter)
+    def Iscatterv(self, sendbuf: Any, recvbuf: Any, root: int = 0) -> Request:
+        """Start Scatterv (see there) without waiting; return the Request."""
+        return self._iscatter(sendbuf, recvbuf, root)
+
+    def _iscatter(self, sendbuf: Any, recvbuf: Any, root: int) -> Request:
+        """The body of Iscatter and Iscatterv."""
         return self._nonblocking(
             functools.partial(self._scatterv, sendbuf, recvbuf, root),
             functools.partial(self._p_scatter, sendbuf, recvbuf, root),
         )
-
-    Iscatterv = Iscatter
 
     def _scatterv(
         self,
@@ -2374,30 +2520,46 @@ class Collectives:
             own[:] = part
         yield sends
 
-    @collective(fast=_f_allgather)
+    @collective(fast=_f_allgather, empty=_e_pair)
     def Allgather(self, sendbuf: Any, recvbuf: Any) -> None:
-        """Gather every rank's sendbuf into every rank's recvbuf, in rank order (also Allgatherv).
+        """Gather every rank's sendbuf into every rank's recvbuf, in rank order.
 
         recvbuf is a message spec of size parts (with counts and displacements for the vector form);
         sendbuf may be IN_PLACE (each rank's part of recvbuf is then its contribution).
         """
+        self._allgather_buf(sendbuf, recvbuf)
+
+    @collective(fast=_f_allgather)
+    def Allgatherv(self, sendbuf: Any, recvbuf: Any) -> None:
+        """Allgather by the counts and displacements of recvbuf.
+
+        As Allgather otherwise; a vector collective: one of no byte still runs (`_skip`)."""
+        self._allgather_buf(sendbuf, recvbuf)
+
+    def _allgather_buf(self, sendbuf: Any, recvbuf: Any) -> None:
+        """The body of Allgather and Allgatherv."""
         size, _ = self._sizes()
         area.bound(self)  # (every member binds before an argument error: see area.bound)
         spec = buffers.parse_vector(recvbuf, size, writable=True)  # (once: area or messages)
         if not self._area_run(lambda: self._p_allgather(sendbuf, spec)):
             self._run(self._allgatherv(sendbuf, spec, T_ALLGATHER))
 
-    Allgatherv = Allgather
+    @started(_a_allgather, None, _e_pair)
+    def Iallgather(self, sendbuf: Any, recvbuf: Any) -> Request:
+        """Start Allgather (see there) without waiting; return the Request."""
+        return self._iallgather(sendbuf, recvbuf)
 
     @started(_a_allgather)
-    def Iallgather(self, sendbuf: Any, recvbuf: Any) -> Request:
-        """Start Allgather (see there) without waiting; return the Request (also Iallgatherv)."""
+    def Iallgatherv(self, sendbuf: Any, recvbuf: Any) -> Request:
+        """Start Allgatherv (see there) without waiting; return the Request."""
+        return self._iallgather(sendbuf, recvbuf)
+
+    def _iallgather(self, sendbuf: Any, recvbuf: Any) -> Request:
+        """The body of Iallgather and Iallgatherv."""
         return self._nonblocking(
             functools.partial(self._allgatherv, sendbuf, recvbuf),
             functools.partial(self._p_allgather, sendbuf, recvbuf),
         )
-
-    Iallgatherv = Iallgather
 
     def _allgatherv(self, sendbuf: Any, recvbuf: Any, tag: int) -> Iterator[list[Op]]:
         size, rank = self._sizes()
@@ -2419,6 +2581,9 @@ class Collectives:
         would decline them.
         """
         size = len(self._group)
+        if not self._coll_active and size > 1 and _e_pair(self, sendbuf, recvbuf):
+            self._live()
+            return _skip(self)
         try:
             _check_blocks(size, sendbuf, recvbuf)
         except ValueError as exc:
@@ -2461,6 +2626,8 @@ class Collectives:
         (the same size at every member: Alltoall's rule) go on messages at once, without the
         round in which the members would decline them."""
         size = len(self._group)
+        if size > 1 and _e_pair(self, sendbuf, recvbuf):
+            return _skip_started(self, self._live())
         _check_blocks(size, sendbuf, recvbuf)
         shared = area.current(self)
         if shared is not None and _over_a_round(shared, recvbuf, size):
@@ -2550,7 +2717,7 @@ class Collectives:
 
         return sink
 
-    @collective(fast=_f_reduce)
+    @collective(fast=_f_reduce, empty=_e_reduce)
     def Reduce(self, sendbuf: Any, recvbuf: Any, op: ops.Op = ops.SUM, root: int = 0) -> None:
         """Reduce to `root`: operands are folded there as they arrive, read in place.
         ValueError at the root (before any data moves; the other ranks then raise
@@ -2618,7 +2785,7 @@ class Collectives:
             op.reduce_into(result, temps[r], datatype)
         acc[...] = result
 
-    @collective(fast=_f_allreduce)
+    @collective(fast=_f_allreduce, empty=_e_fold)
     def Allreduce(self, sendbuf: Any, recvbuf: Any, op: ops.Op = ops.SUM) -> None:
         """Every rank gets the fold of all operands (the same bits on every rank)."""
         size, rank = self._sizes()
@@ -2692,7 +2859,7 @@ class Collectives:
         whole(zip(others, folds, strict=True), mine.nbytes, "rank")
         yield sends + gathers + [self._c_isend(_raw(mine), j, last) for j in others]
 
-    @collective(fast=_f_reduce_scatter_block)
+    @collective(fast=_f_reduce_scatter_block, empty=_e_fold)
     def Reduce_scatter_block(self, sendbuf: Any, recvbuf: Any, op: ops.Op = ops.SUM) -> None:
         """Reduce every rank's sendbuf with `op` and scatter equal blocks of the result.
 
@@ -2862,12 +3029,12 @@ class Collectives:
 
         return [sink_of(r) for r in sources]
 
-    @collective(fast=_f_scan)
+    @collective(fast=_f_scan, empty=_e_fold)
     def Scan(self, sendbuf: Any, recvbuf: Any, op: ops.Op = ops.SUM) -> None:
         """Inclusive prefix fold along the ranks (a chain)."""
         self._scan(sendbuf, recvbuf, op, inclusive=True)
 
-    @collective(fast=_f_exscan)
+    @collective(fast=_f_exscan, empty=_e_fold)
     def Exscan(self, sendbuf: Any, recvbuf: Any, op: ops.Op = ops.SUM) -> None:
         """Exclusive prefix fold; rank 0's recvbuf is left as it was."""
         self._scan(sendbuf, recvbuf, op, inclusive=False)
@@ -2946,7 +3113,7 @@ class Collectives:
         """
         return self._nonblocking(self._barrier, lambda: ("barrier", ()))
 
-    @started(_a_bcast)
+    @started(_a_bcast, None, _e_bcast)
     def Ibcast(self, buf: Any, root: int = 0) -> Request:
         """Start a broadcast of a buffer from `root`; return the Request.
 
@@ -2974,7 +3141,7 @@ class Collectives:
 
         return self._nonblocking(steps, functools.partial(self._p_bcast, buf, root))
 
-    @started(_a_allreduce)
+    @started(_a_allreduce, None, _e_fold)
     def Iallreduce(self, sendbuf: Any, recvbuf: Any, op: ops.Op = ops.SUM) -> Request:
         """Start an Allreduce; return the Request.
 
@@ -2999,7 +3166,7 @@ class Collectives:
         plan = functools.partial(self._p_fold, "allreduce", sendbuf, recvbuf, op)
         return self._nonblocking(steps, plan)
 
-    @started(_a_reduce)
+    @started(_a_reduce, None, _e_reduce)
     def Ireduce(self, sendbuf: Any, recvbuf: Any, op: ops.Op = ops.SUM, root: int = 0) -> Request:
         """Nonblocking Reduce: `root` folds every operand.
 

@@ -41,7 +41,7 @@ class ExtraCollectives(Collectives):
     _mirror: Any
 
     # ------------------------------------------------------------------ prefix folds
-    @collectives.started(collectives._a_scan)
+    @collectives.started(collectives._a_scan, None, collectives._e_fold)
     def Iscan(self, sendbuf: Any, recvbuf: Any, op: ops.Op = ops.SUM) -> Request:
         """Nonblocking Scan: rank r gets x0 op ... op xr (a chain along the ranks)."""
         return self._nonblocking(
@@ -49,7 +49,7 @@ class ExtraCollectives(Collectives):
             functools.partial(self._p_fold, "scan", sendbuf, recvbuf, op),
         )
 
-    @collectives.started(collectives._a_exscan)
+    @collectives.started(collectives._a_exscan, None, collectives._e_fold)
     def Iexscan(self, sendbuf: Any, recvbuf: Any, op: ops.Op = ops.SUM) -> Request:
         """Start an Exscan; return the Request.
 
@@ -82,7 +82,7 @@ class ExtraCollectives(Collectives):
             yield [self._c_isend(_raw(passed_on), rank + 1, tag)]
 
     # ------------------------------------------------------------------ reduce-scatter
-    @collectives.started(collectives._a_reduce_scatter_block)
+    @collectives.started(collectives._a_reduce_scatter_block, None, collectives._e_fold)
     def Ireduce_scatter_block(self, sendbuf: Any, recvbuf: Any, op: ops.Op = ops.SUM) -> Request:
         """Start a Reduce_scatter_block; return the Request.
 
