@@ -253,10 +253,15 @@ def _e_scatter(self: Any, sendbuf: Any, recvbuf: Any, root: int = 0) -> bool:
 
 
 def _e_pair(self: Any, sendbuf: Any, recvbuf: Any) -> bool:
-    """Allgather's and Alltoall's: no byte in recvbuf, nor in sendbuf (but IN_PLACE)."""
+    """Alltoall's: no byte in recvbuf, nor in sendbuf (but IN_PLACE)."""
     if _nothing(recvbuf, True) is None:
         return False
     return sendbuf is IN_PLACE or _nothing(sendbuf, False) is not None
+
+
+def _e_allgather(self: Any, sendbuf: Any, recvbuf: Any) -> bool:
+    """Allgather's: `_e_pair`, a sendbuf of None in place too (as its lanes and body)."""
+    return _e_pair(self, IN_PLACE if sendbuf is None else sendbuf, recvbuf)
 
 
 def _e_fold(self: Any, sendbuf: Any, recvbuf: Any, op: Any = ops.SUM) -> bool:
@@ -2520,7 +2525,7 @@ class Collectives:
             own[:] = part
         yield sends
 
-    @collective(fast=_f_allgather, empty=_e_pair)
+    @collective(fast=_f_allgather, empty=_e_allgather)
     def Allgather(self, sendbuf: Any, recvbuf: Any) -> None:
         """Gather every rank's sendbuf into every rank's recvbuf, in rank order.
 
@@ -2544,7 +2549,7 @@ class Collectives:
         if not self._area_run(lambda: self._p_allgather(sendbuf, spec)):
             self._run(self._allgatherv(sendbuf, spec, T_ALLGATHER))
 
-    @started(_a_allgather, None, _e_pair)
+    @started(_a_allgather, None, _e_allgather)
     def Iallgather(self, sendbuf: Any, recvbuf: Any) -> Request:
         """Start Allgather (see there) without waiting; return the Request."""
         return self._iallgather(sendbuf, recvbuf)

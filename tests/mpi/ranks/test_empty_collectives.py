@@ -190,6 +190,9 @@ def test_empty_on_mixed_paths(world: MPI.Intracomm, monkeypatch: pytest.MonkeyPa
                 call()
             MPI.Request.Waitall([start() for start in _started(world, form, place)])
             _data_round(world)
+    world.Allgather(None, np.zeros(0))  # (None: in place, on the C front as in Python)
+    world.Iallgather(None, np.zeros(0)).Wait()
+    _data_round(world)
 
 
 def test_empty_argument_errors(world: MPI.Intracomm) -> None:
