@@ -230,26 +230,26 @@ def _e_bcast(self: Any, buf: Any, root: int = 0) -> bool:
     return _rooted(self, root) and _nothing(buf, self._rank != root) is not None
 
 
-def _e_gather(self: Any, sendbuf: Any, recvbuf: Any, root: int = 0) -> bool:
-    """Gather's: a valid root; no byte in sendbuf (but IN_PLACE at the root) and, at the
-    root, none in recvbuf."""
+def _e_rooted(self: Any, root: Any, own: Any, writable: bool, blocks: Any) -> bool:
+    """Gather's and Scatter's rule: a valid root; no byte in `own` (this member's block, a
+    receive where `writable`; IN_PLACE or None at the root) and, at the root, none in
+    `blocks` (its side of every member's block)."""
     if not _rooted(self, root):
         return False
     if self._rank != root:
-        return _nothing(sendbuf, False) is not None
-    own = sendbuf is IN_PLACE or sendbuf is None or _nothing(sendbuf, False) is not None
-    return own and _nothing(recvbuf, True) is not None
+        return _nothing(own, writable) is not None
+    placed = own is IN_PLACE or own is None or _nothing(own, writable) is not None
+    return placed and _nothing(blocks, not writable) is not None
+
+
+def _e_gather(self: Any, sendbuf: Any, recvbuf: Any, root: int = 0) -> bool:
+    """Gather's: `_e_rooted` of sendbuf, recvbuf at the root."""
+    return _e_rooted(self, root, sendbuf, False, recvbuf)
 
 
 def _e_scatter(self: Any, sendbuf: Any, recvbuf: Any, root: int = 0) -> bool:
-    """Scatter's: a valid root; no byte in recvbuf (but IN_PLACE at the root) and, at the
-    root, none in sendbuf."""
-    if not _rooted(self, root):
-        return False
-    if self._rank != root:
-        return _nothing(recvbuf, True) is not None
-    own = recvbuf is IN_PLACE or recvbuf is None or _nothing(recvbuf, True) is not None
-    return own and _nothing(sendbuf, False) is not None
+    """Scatter's: `_e_rooted` of recvbuf, sendbuf at the root."""
+    return _e_rooted(self, root, recvbuf, True, sendbuf)
 
 
 def _e_pair(self: Any, sendbuf: Any, recvbuf: Any) -> bool:
