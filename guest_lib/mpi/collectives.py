@@ -184,8 +184,16 @@ def collective(
 # Argument errors (a bad root or op, a spec buffers.parse refuses) are not skipped: the
 # collective's body raises them as before.
 def _skip(self: Any) -> None:
-    """A collective instance that moves no byte (see above): numbered, nothing run."""
-    self._coll_seq += 1
+    """A collective instance that moves no byte (see above): numbered, nothing run. It
+    enters the engine's numbering as every instance run does (`Engine.entering`: the
+    abandonment records of instances half the numbering ago go), so that a record left
+    there never outlives its tag base and drops the messages of the instance that comes
+    to it next."""
+    seq = self._coll_seq
+    self._coll_seq = seq + 1
+    engine = self._engine
+    if engine.abandoned:
+        engine.entering(self._ctx + 1, seq)
 
 
 def _skip_started(self: Any, engine: Engine) -> Request:
