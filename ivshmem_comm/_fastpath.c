@@ -100,6 +100,7 @@
 enum { CNT_MESSAGES = 0, CNT_BYTES = 1, CNT_WAITS = 2, CNT_KICKS = 3 };
 
 static PyObject *RingCorruptError;
+static PyObject *CollectiveTruncatedError; /* (a RingCorruptError: see coll_take) */
 static PyObject *PeerLostError;
 
 struct vring_desc_le {
@@ -2206,14 +2207,13 @@ static void coll_release_call(CollRound *c)
     c->active = false;
 }
 
-static PyObject *coll_corrupt(CollRound *c, int r, const char *field, PyObject *value,
-                              PyObject *detail)
+static PyObject *coll_corrupt_as(PyObject *type, CollRound *c, int r, const char *field,
+                                 PyObject *value, PyObject *detail)
 {
     /* The field as CollectiveGroup._corrupt names it: "collective slot S FIELD". */
     PyObject *name = PyUnicode_FromFormat("collective slot %lld %s", c->slot, field);
     if (name != NULL && value != NULL && detail != NULL) {
-        PyObject *err = PyObject_CallFunction(RingCorruptError, "LOOO", c->peers[r], name, value,
-                                              detail);
+        PyObject *err = PyObject_CallFunction(type, "LOOO", c->peers[r], name, value, detail);
         if (err != NULL) {
             Py_XSETREF(c->broken, err);
             PyErr_SetObject((PyObject *)Py_TYPE(err), err);
@@ -2224,6 +2224,12 @@ static PyObject *coll_corrupt(CollRound *c, int r, const char *field, PyObject *
     Py_XDECREF(detail);
     coll_release_call(c);
     return NULL;
+}
+
+static PyObject *coll_corrupt(CollRound *c, int r, const char *field, PyObject *value,
+                              PyObject *detail)
+{
+    return coll_corrupt_as(RingCorruptError, c, r, field, value, detail);
 }
 
 /* Member r's seq word of the cell it publishes round `target` in, loaded once [A5] and
@@ -2607,7 +2613,9 @@ static int coll_consume(CollRound *c, int r)
             }
             want_nbytes = nbytes;
         } else if (nbytes != want_nbytes) {
-            coll_corrupt(c, r, "nbytes", PyLong_FromUnsignedLongLong(nbytes),
+            /* more than this call takes: MPI's truncation (CollectiveTruncatedError) */
+            coll_corrupt_as(nbytes > want_nbytes ? CollectiveTruncatedError : RingCorruptError,
+                            c, r, "nbytes", PyLong_FromUnsignedLongLong(nbytes),
                          PyUnicode_FromFormat("this call expects %llu bytes",
                                               (unsigned long long)want_nbytes));
             return -1;
@@ -5391,9 +5399,10 @@ PyMODINIT_FUNC PyInit__fastpath(void)
     if (errors == NULL)
         return NULL;
     RingCorruptError = PyObject_GetAttrString(errors, "RingCorruptError");
+    CollectiveTruncatedError = PyObject_GetAttrString(errors, "CollectiveTruncatedError");
     PeerLostError = PyObject_GetAttrString(errors, "PeerLostError");
     Py_DECREF(errors);
-    if (RingCorruptError == NULL || PeerLostError == NULL)
+    if (RingCorruptError == NULL || CollectiveTruncatedError == NULL || PeerLostError == NULL)
         return NULL;
     if (PyType_Ready(&TxRingType) < 0 || PyType_Ready(&RxRingType) < 0 ||
         PyType_Ready(&CollRoundType) < 0 || PyType_Ready(&P2PLaneType) < 0)

@@ -85,7 +85,12 @@ import numpy as np
 
 from ivshmem_comm import layout, ring
 from ivshmem_comm.endpoint import WATCH_SLICE, Endpoint
-from ivshmem_comm.errors import PeerLostError, RingCorruptError, TimeoutError
+from ivshmem_comm.errors import (
+    CollectiveTruncatedError,
+    PeerLostError,
+    RingCorruptError,
+    TimeoutError,
+)
 from ivshmem_comm.notify import crowded
 from ivshmem_comm.region import Region
 from ivshmem_comm.ring import compare_exchange_u64, full_fence
@@ -579,10 +584,11 @@ class CollectiveGroup:
         self._u64[self._sleep_i[self.rank]] = int(on)
         full_fence()  # [F3] the flag before the caller's next load of a word it waits for
 
-    def _corrupt(self, r: int, field: str, value: object, detail: str) -> RingCorruptError:
-        error = RingCorruptError(
-            self.members[r], f"collective slot {self.slot} {field}", value, detail
-        )
+    def _corrupt(
+        self, r: int, field: str, value: object, detail: str, truncated: bool = False
+    ) -> RingCorruptError:
+        kind = CollectiveTruncatedError if truncated else RingCorruptError
+        error = kind(self.members[r], f"collective slot {self.slot} {field}", value, detail)
         self._broken = error
         return error
 
@@ -734,7 +740,9 @@ class CollectiveGroup:
                 )
             nbytes = found
         elif found != nbytes:
-            raise self._corrupt(r, "nbytes", found, f"this call expects {nbytes} bytes")
+            raise self._corrupt(
+                r, "nbytes", found, f"this call expects {nbytes} bytes", found > nbytes
+            )
         return self._slabs[r][cell][:nbytes]
 
     def _rounds_of(self, r: int, least: int, most: int | None = None) -> int:

@@ -38,6 +38,13 @@ class RingCorruptError(IvshmemError):
         self.detail = detail
 
 
+class CollectiveTruncatedError(RingCorruptError):
+    """A member's collective round announces more bytes than this member's call takes (a
+    Bcast root's buffer longer than this member's: MPI's truncation, an argument error of
+    the job or a lying peer). The group is marked broken as for any RingCorruptError; the
+    MPI layer reports it as MPI_ERR_TRUNCATE."""
+
+
 class PeerLostError(IvshmemError):
     """The peer an operation depends on died, left, or came back as a new incarnation."""
 

@@ -42,7 +42,7 @@ from guest_lib.mpi.matching import Inflow, RecvOp
 from guest_lib.service_threads import other_threads as other_threads  # (engine's, area's)
 from guest_lib.service_threads import running as _service
 from ivshmem_comm import ring
-from ivshmem_comm.errors import MessageTooLargeError, PeerLostError
+from ivshmem_comm.errors import CollectiveTruncatedError, MessageTooLargeError, PeerLostError
 from ivshmem_comm.errors import TimeoutError as CoreTimeout
 
 BYPASS_CACHE_MIN = 8 << 20  # a receive buffer this large takes pieces with cache-bypassing stores
@@ -64,8 +64,15 @@ far). Without a buffer, `rest` is the message's bytes."""
 
 def core_error(exc: BaseException) -> exceptions.Exception:
     """The MPI.Exception for a core error: ERR_PROC_FAILED for a lost peer (the process
-    failed, as ULFM says: see `ulfm`), ERR_OTHER for a corrupt ring or a timeout."""
-    error = exceptions.ERR_PROC_FAILED if isinstance(exc, PeerLostError) else exceptions.ERR_OTHER
+    failed, as ULFM says: see `ulfm`), ERR_TRUNCATE for a collective round longer than this
+    member's buffer (as MPICH's Bcast or Gather says), ERR_OTHER for a corrupt ring or a
+    timeout."""
+    if isinstance(exc, PeerLostError):
+        error = exceptions.ERR_PROC_FAILED
+    elif isinstance(exc, CollectiveTruncatedError):
+        error = exceptions.ERR_TRUNCATE
+    else:
+        error = exceptions.ERR_OTHER
     return exceptions.Exception(error, f"{type(exc).__name__}: {exc}")
 
 
