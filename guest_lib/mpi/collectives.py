@@ -40,7 +40,7 @@ import functools
 import struct
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import numpy as np
 
@@ -1509,6 +1509,12 @@ class StandInValueError(ValueError):
     it is not abandoned and the area stays bound (Gather's root, see _gather_recv)."""
 
 
+class RootBlockShort(ValueError):
+    """A Gather(v) root's own block of recvbuf shorter than its sendbuf: its blocking forms
+    raise it as MPI.Exception (StandInTruncation: ERR_TRUNCATE for Gather, ERR_IN_STATUS for
+    Gatherv, as MPICH's), its nonblocking ones at the call as the ValueError it is."""
+
+
 class StandInTruncation(exceptions.Exception):
     """MPI_ERR_TRUNCATE of a Scatter(v) root whose recvbuf is shorter than its part, raised
     after the instance ran with a stand-in for it (the others got their parts; see
@@ -1795,7 +1801,8 @@ class Collectives:
                 return spec, spec.part(rank)
             own = counts[rank] * spec.datatype.Get_size()
             if len(send) != own:
-                raise ValueError(f"root sends {len(send)} bytes, counts[{rank}] is {own}")
+                short = RootBlockShort if len(send) > own else ValueError
+                raise short(f"root sends {len(send)} bytes, counts[{rank}] is {own}")
             return spec, send
         except ValueError as exc:
             if refused is None:
@@ -2400,6 +2407,11 @@ class Collectives:
             group = shared.group if shared else None
             self._run(self._gatherv(sendbuf, recvbuf, root, T_GATHER, blocks, refused, group))
         if refused:
+            if isinstance(refused[0], RootBlockShort):
+                # (MPICH's classes: Gather's local copy truncates, Gatherv's self-receive fails
+                # its Waitall)
+                error = exceptions.ERR_TRUNCATE if blocks else exceptions.ERR_IN_STATUS
+                raise StandInTruncation(error, str(refused[0])) from refused[0]
             raise StandInValueError(str(refused[0])) from refused[0]
 
     @started(_a_gather, _m_gather, _e_gather)
@@ -2617,6 +2629,18 @@ class Collectives:
         area.bound(self)
         raise exc
 
+    def _refused_started(self, exc: Exception) -> NoReturn:
+        """Raise `exc`, an argument error found before a nonblocking collective took its
+        instance number, in a nonblocking instance of its own, abandoned (_nb_abandon): the
+        members whose arguments are right, their requests pending in that instance, complete
+        with MPI.Exception(ERR_OTHER) instead of waiting (this member raises its own error,
+        even where another member abandoned that instance already)."""
+        engine = self._live()
+        if len(self._group) > 1:
+            seq, self._nb_seq = self._nb_seq, self._nb_seq + 1
+            _nb_abandon(self, engine, seq, abandon_class(exc), f"{type(exc).__name__}: {exc}")
+        raise exc
+
     @collective
     def _alltoall_messages(self, sendbuf: Any, recvbuf: Any) -> None:
         """Alltoall on messages (see there)."""
@@ -2641,7 +2665,10 @@ class Collectives:
         size = len(self._group)
         if size > 1 and _e_pair(self, sendbuf, recvbuf):
             return _skip_started(self, self._live())
-        _check_blocks(size, sendbuf, recvbuf)
+        try:
+            _check_blocks(size, sendbuf, recvbuf)
+        except ValueError as exc:
+            self._refused_started(exc)
         shared = area.current(self)
         if shared is not None and _over_a_round(shared, recvbuf, size):
             return self._nonblocking(functools.partial(self._alltoallv, sendbuf, recvbuf))

@@ -70,6 +70,18 @@ def _bcast_in_the_area(comm: MPI.Intracomm, before: int) -> None:
     assert comm.allgather(comm.Get_rank()) == list(range(comm.Get_size()))
 
 
+def _next_collectives_right(comm: MPI.Intracomm) -> None:
+    """A Bcast, an allgather and an Allreduce after the error: right data on every rank."""
+    size, rank = comm.Get_size(), comm.Get_rank()
+    data = np.full(4, rank, np.float64)
+    comm.Bcast(data, 0)
+    assert (data == 0).all()
+    assert comm.allgather(rank) == list(range(size))
+    out = np.zeros(4)
+    comm.Allreduce(np.full(4, 1.0), out)
+    assert (out == size).all()
+
+
 @pytest.mark.parametrize("name", list(CALLS))
 def test_an_argument_error_on_every_rank_keeps_the_area(name):
     """Every rank raises its own argument error (ValueError, TypeError, AttributeError or
@@ -131,12 +143,56 @@ def test_ranks_that_took_the_round_and_ranks_that_did_not_all_drop_the_area():
         except ValueError:
             assert wrong
         for _ in range(3):
-            data = np.full(4, rank, np.float64)
-            comm.Bcast(data, 0)
-            assert (data == 0).all()
-            assert comm.allgather(rank) == list(range(size))
-            out = np.zeros(4)
-            comm.Allreduce(np.full(4, 1.0), out)
-            assert (out == size).all()
+            _next_collectives_right(comm)
+    finally:
+        comm.Free()
+
+
+@pytest.mark.parametrize("name", ["Gather", "Gatherv"])
+def test_gather_root_block_shorter_than_its_send_raises_mpich_class(name):
+    """The root's recvbuf holds half a block per rank: the root raises MPI.Exception with
+    MPICH's class (Gather ERR_TRUNCATE, Gatherv ERR_IN_STATUS; it was ValueError), the others
+    complete, and the area stays bound (the instance ran in step everywhere)."""
+    comm = _one_region_dup()
+    size, rank = comm.Get_size(), comm.Get_rank()
+    try:
+        for _ in range(2):
+            before = area.completed(comm)
+            recvbuf = np.zeros(2 * size) if rank == 0 else None
+            if name == "Gatherv" and rank == 0:
+                recvbuf = [recvbuf, [2] * size, MPI.DOUBLE]
+            try:
+                getattr(comm, name)(np.ones(4), recvbuf, 0)
+                assert rank != 0
+            except MPI.Exception as exc:
+                assert rank == 0
+                want = MPI.ERR_TRUNCATE if name == "Gather" else MPI.ERR_IN_STATUS
+                assert exc.Get_error_class() == want, exc
+            _bcast_in_the_area(comm, before)
+        _next_collectives_right(comm)
+    finally:
+        comm.Free()
+
+
+def test_ialltoall_uneven_blocks_on_one_rank_fail_the_others():
+    """Only the last rank's Ialltoall sendbuf does not split into size blocks: it raises
+    ValueError at the call (mpi4py's rule), the others' requests complete with
+    MPI.Exception(ERR_OTHER) naming it instead of waiting (they waited for good), and the
+    next collectives are right."""
+    comm = _one_region_dup()
+    size, rank = comm.Get_size(), comm.Get_rank()
+    try:
+        wrong = rank == size - 1
+        try:
+            comm.Ialltoall(np.ones(4 * size + wrong), np.zeros(4 * size)).Wait()
+            raise AssertionError("Ialltoall completed")
+        except ValueError:
+            assert wrong
+        except MPI.Exception as exc:
+            assert not wrong and exc.Get_error_class() == MPI.ERR_OTHER, exc
+        _next_collectives_right(comm)
+        out = np.zeros(4 * size)
+        comm.Ialltoall(np.full(4 * size, float(rank)), out).Wait()
+        assert (out == np.repeat(np.arange(size, dtype=np.float64), 4)).all()
     finally:
         comm.Free()

@@ -138,13 +138,15 @@ def test_blocks_on_both_sides_of_a_slab(comm, call):
 
 
 def test_a_refused_root_leaves_the_communicator_working(comm):
-    """A Gather root whose recvbuf is too short raises ValueError; the senders (blocks within
-    and over a slab) return as usual, and the next Gathers are right."""
+    """A Gather root whose recvbuf is too short raises ValueError (alone: ERR_TRUNCATE);
+    the senders (blocks within and over a slab) return as usual, and the next Gathers are
+    right."""
     size, rank = comm.Get_size(), comm.Get_rank()
     slab = _slab(comm) // 8  # doubles
     for n in (2, slab + 1):
         if rank == 0:
-            with pytest.raises(ValueError):
+            # (alone, its one block is shorter than its send: MPICH's ERR_TRUNCATE)
+            with pytest.raises(ValueError if size > 1 else MPI.Exception):
                 comm.Gather(np.full(n, 1.0), np.zeros(n * size - 1), 0)
         else:
             comm.Gather(np.full(n, rank + 1.0), None, 0)
