@@ -333,9 +333,13 @@ class PersistentCollectives:
     Ibarrier: Callable[..., Request]
     Ibcast: Callable[..., Request]
     Igather: Callable[..., Request]
+    Igatherv: Callable[..., Request]
     Iscatter: Callable[..., Request]
+    Iscatterv: Callable[..., Request]
     Iallgather: Callable[..., Request]
+    Iallgatherv: Callable[..., Request]
     Ialltoall: Callable[..., Request]
+    Ialltoallv: Callable[..., Request]
     Ialltoallw: Callable[..., Request]
     Ireduce: Callable[..., Request]
     Iallreduce: Callable[..., Request]
@@ -359,28 +363,42 @@ class PersistentCollectives:
         return self._init(self.Ibcast, buf, root)
 
     def Gather_init(self, sendbuf: Any, recvbuf: Any, root: int = 0, info: Any = None) -> Prequest:
-        """A persistent Gather (Gatherv_init: the vector form of recvbuf)."""
+        """A persistent Gather."""
         return self._init(self.Igather, sendbuf, recvbuf, root)
 
-    Gatherv_init = Gather_init
+    def Gatherv_init(self, sendbuf: Any, recvbuf: Any, root: int = 0, info: Any = None) -> Prequest:
+        """A persistent Gatherv (a vector collective: one of no byte still runs, as
+        Igatherv's)."""
+        return self._init(self.Igatherv, sendbuf, recvbuf, root)
 
     def Scatter_init(self, sendbuf: Any, recvbuf: Any, root: int = 0, info: Any = None) -> Prequest:
-        """A persistent Scatter (Scatterv_init: the vector form of sendbuf)."""
+        """A persistent Scatter."""
         return self._init(self.Iscatter, sendbuf, recvbuf, root)
 
-    Scatterv_init = Scatter_init
+    def Scatterv_init(
+        self, sendbuf: Any, recvbuf: Any, root: int = 0, info: Any = None
+    ) -> Prequest:
+        """A persistent Scatterv (a vector collective: one of no byte still runs, as
+        Iscatterv's)."""
+        return self._init(self.Iscatterv, sendbuf, recvbuf, root)
 
     def Allgather_init(self, sendbuf: Any, recvbuf: Any, info: Any = None) -> Prequest:
-        """A persistent Allgather (Allgatherv_init: the vector form of recvbuf)."""
+        """A persistent Allgather."""
         return self._init(self.Iallgather, sendbuf, recvbuf)
 
-    Allgatherv_init = Allgather_init
+    def Allgatherv_init(self, sendbuf: Any, recvbuf: Any, info: Any = None) -> Prequest:
+        """A persistent Allgatherv (a vector collective: one of no byte still runs, as
+        Iallgatherv's)."""
+        return self._init(self.Iallgatherv, sendbuf, recvbuf)
 
     def Alltoall_init(self, sendbuf: Any, recvbuf: Any, info: Any = None) -> Prequest:
-        """A persistent Alltoall (Alltoallv_init: the vector forms)."""
+        """A persistent Alltoall."""
         return self._init(self.Ialltoall, sendbuf, recvbuf)
 
-    Alltoallv_init = Alltoall_init
+    def Alltoallv_init(self, sendbuf: Any, recvbuf: Any, info: Any = None) -> Prequest:
+        """A persistent Alltoallv (a vector collective: one of no byte still runs, as
+        Ialltoallv's)."""
+        return self._init(self.Ialltoallv, sendbuf, recvbuf)
 
     def Alltoallw_init(self, sendbuf: Any, recvbuf: Any, info: Any = None) -> Prequest:
         """A persistent Alltoallw."""

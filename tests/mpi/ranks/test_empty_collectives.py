@@ -230,6 +230,35 @@ def test_empty_vector_collectives_run(world: MPI.Intracomm) -> None:
     _data_round(world)
 
 
+def test_empty_persistent_vector_collectives_run(world: MPI.Intracomm) -> None:
+    """The persistent vector forms of no byte run as the nonblocking ones (a sender whose
+    own part holds no byte while the root's vector spec, counts of zero over a buffer that
+    holds some, runs it: mpi4py's test_cco_pr_vec.py, where a sender of Gatherv_init with
+    count 0 skipped the round its root took), in step with the calls of data around them."""
+    size, rank = world.Get_size(), world.Get_rank()
+    zeros, displs = [0] * size, list(range(size))
+
+    def vector() -> list[Any]:
+        return [np.full(size, -1.0), zeros, displs, MPI.DOUBLE]
+
+    for root in range(size):
+        here = rank == root
+        starts = [
+            world.Gatherv_init(np.zeros(0), vector() if here else None, root),
+            world.Scatterv_init(vector() if here else None, np.zeros(0), root),
+            world.Allgatherv_init(np.zeros(0), vector()),
+            world.Alltoallv_init(vector(), vector()),
+        ]
+        for request in starts:
+            request.Start()
+            request.Wait()
+            request.Free()
+            got = np.zeros(size) if here else None
+            world.Gatherv(np.array([rank + 0.5]), got, root)
+            if here:
+                assert got.tolist() == [q + 0.5 for q in range(size)]
+
+
 def test_empty_instances_retire_abandonment_records() -> None:
     """An instance of no byte enters the numbering as a run one does: the record of an
     instance every member abandoned goes half the numbering later, skipped or not, and the
