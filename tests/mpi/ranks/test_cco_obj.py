@@ -130,6 +130,10 @@ def test_error_of_a_reduction_op_then_more(comm, call):
     """An error of an object reduction's op is raised where it folds (after its gather moved
     every object); the ranks that fold nothing return; the communicator's next collectives
     run as before."""
+    if any(route == 2 for route, _ in MPI._internal_state()["routes"]):
+        pytest.skip(
+            "ranks across regions (a hybrid job): each region's lead folds, inside the instance"
+        )
     size, rank = comm.Get_size(), comm.Get_rank()
 
     def failing(a, b):
