@@ -265,6 +265,10 @@ def test_empty_instances_retire_abandonment_records() -> None:
     instance that comes to its tag base next takes its messages (a member on the messages
     path that sends early, before the late root enters: was dropped as the abandoned
     instance's, the root waited for good)."""
+    if any(route == 2 for route, _ in MPI._internal_state()["routes"]):
+        pytest.skip(
+            "ranks across regions (a hybrid job): ABANDON notices come through mpi4py, late"
+        )
     comm = MPI.COMM_WORLD.Dup()
     size, rank = comm.Get_size(), comm.Get_rank()
     if size == 1:
